@@ -1,0 +1,56 @@
+# ruyi-pipeline: `make run` (set up + the whole tiny pipeline) and `make test` (set up + the suite).
+SHELL := /bin/bash
+.ONESHELL:
+.SHELLFLAGS := -eu -o pipefail -c
+
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# The venv is rebuilt only when what it is made from changes, so a second `make setup` takes seconds.
+DEPS   := pyproject.toml constraints.txt
+
+# Offline by contract: nothing is fetched from a model hub at run time; tools keep their state local.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+export TOKENIZERS_PARALLELISM := false
+export DVC_NO_ANALYTICS := 1
+export GX_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export RAY_AUTH_MODE := disabled
+export RAY_USAGE_STATS_ENABLED := 0
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup run test test-fast lint server clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(STAMP): $(DEPS)
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
+	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	# torch is named explicitly so pip takes the local CPU wheel, never a CUDA build.
+	$(PY) -m pip install -q -c constraints.txt "torch==2.13.0" -e ".[dev]" 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	$(PY) -m pip check
+	$(PY) -c "import ruyi_model, tasks, torch, transformers; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv with every pinned dependency (idempotent)
+
+run: setup  ## set up, then run the whole pipeline on the tiny default
+	$(VENV)/bin/ruyi run
+
+test: setup  ## set up, then run the whole test suite (slow end-to-end tests included)
+	$(PY) -m pytest -q
+
+test-fast: setup  ## the suite without the slow end-to-end tests
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup  ## static checks
+	$(VENV)/bin/ruff check ruyi_model triton_kernels tasks flows data_contracts tests benchmarks
+
+server: setup  ## a Prefect server on 127.0.0.1:4200 serving the deployments (UI reruns)
+	$(VENV)/bin/ruyi server
+
+clean:  ## remove the venv and every generated artifact
+	rm -rf $(VENV) .pytest_cache .ruff_cache

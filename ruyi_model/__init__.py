@@ -1,0 +1,26 @@
+"""ruyi_model: the familial (early-exit, shared-backbone) Qwen3 model of Ruyi2, Hugging Face compatible.
+
+Public API:
+    FamilialConfig, FamilialForCausalLM     the config and the model (registered with the Auto classes)
+    expand, dae_trainable_parameters        DaE expansion (zero-residual blocks on one member)
+    decompose                               DaE decomposition (activation-aware SVD of the added blocks)
+    export_exits                            each member as a stock Qwen3ForCausalLM checkpoint
+    train_tokenizer, load_tokenizer         byte-level BPE tokenizer with a chat template
+
+This package never imports Prefect, DVC or Ray.
+"""
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from ruyi_model.config import FamilialConfig
+from ruyi_model.modeling import FamilialCausalLMOutput, FamilialForCausalLM, LowRankLinear
+
+AutoConfig.register(FamilialConfig.model_type, FamilialConfig, exist_ok=True)
+AutoModelForCausalLM.register(FamilialConfig, FamilialForCausalLM, exist_ok=True)
+
+__all__ = [
+    "FamilialConfig",
+    "FamilialForCausalLM",
+    "FamilialCausalLMOutput",
+    "LowRankLinear",
+]

@@ -1,0 +1,1 @@
+"""ruyi-pipeline: tasks."""

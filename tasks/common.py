@@ -1,0 +1,232 @@
+"""Helpers every stage shares: its command line, atomic outputs, metrics files, seeding, logging.
+
+Stage contract (see README): `python -m tasks.<stage> [--params FILE] [--set key=value ...]` reads its
+section of the params file, reads inputs from files and writes outputs, `metrics/<stage>.json` and
+plots. Outputs are published atomically: written under a temporary sibling, then renamed into place,
+so an interrupted stage never leaves a half-written output that looks complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import random
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from tasks.params import ParamsError, Params, load_params
+
+log = logging.getLogger("ruyi")
+
+
+class StageError(RuntimeError):
+    """A stage cannot proceed: bad input, a missing artifact. The message names the file/row/key."""
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yields a fresh temporary directory that replaces `final` only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = None
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            final.rename(old)
+        tmp.rename(final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(final: str | Path, mode: str = "w") -> Iterator[Any]:
+    """Opens a temporary sibling of `final` for writing and renames it into place on success."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    with atomic_file(path) as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+        f.write("\n")
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Reads a JSONL file; a malformed line or a missing field is an error naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"input file not found: {path}")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise StageError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise StageError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise StageError(f"{path}:{lineno}: missing field(s) {missing}")
+            rows.append(row)
+    if not rows:
+        raise StageError(f"{path}: no rows (empty file)")
+    return rows
+
+
+def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    with atomic_file(path) as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def write_metrics(params: Params, stage: str, metrics: dict[str, Any]) -> Path:
+    path = Path(params.paths.metrics_dir) / f"{stage}.json"
+    write_json(path, metrics)
+    return path
+
+
+def require_dir(path: str | Path, what: str, marker: str | None = None) -> Path:
+    """Checks that an input directory (e.g. a checkpoint) exists, naming the stage that makes it."""
+    path = Path(path)
+    if not path.is_dir() or (marker and not (path / marker).exists()):
+        raise StageError(f"{what} not found at {path}" + (f" (expected {marker} inside)" if marker else ""))
+    return path
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Parses `key=value` pairs; values are read as YAML scalars (so 1e-3, true, [2, 4] work)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ParamsError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def stage_main(name: str, doc: str, run: Callable[[Params], dict[str, Any] | None], argv: list[str] | None = None) -> int:
+    """The command line of every stage: parse, validate params, run, report errors clearly."""
+    parser = argparse.ArgumentParser(prog=f"python -m tasks.{name}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a parameter, e.g. --set cpt.max_steps=10 (repeatable)")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        params = load_params(args.params, parse_overrides(args.overrides))
+        t0 = time.perf_counter()
+        run(params)
+        log.info("stage %s finished in %.1f s", name, time.perf_counter() - t0)
+        return 0
+    except (ParamsError, StageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+# --- model artifacts -------------------------------------------------------------------------
+# Every model-producing stage writes `artifacts/<stage>/`: a FamilialForCausalLM `save_pretrained`
+# directory plus the tokenizer files, so each directory is self-contained and loads offline with
+# `load_family` (or transformers' Auto classes after `import ruyi_model`).
+
+
+def stage_dir(params: Params, stage: str) -> Path:
+    return Path(params.paths.artifacts_dir) / stage
+
+
+def checkpoint_dir(params: Params, stage: str) -> Path:
+    """Resumable checkpoints of a stage (DVC: persist: true, cache: false)."""
+    return Path(params.paths.artifacts_dir) / "checkpoints" / stage
+
+
+def plots_dir(params: Params, stage: str) -> Path:
+    path = Path(params.paths.plots_dir) / stage
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def load_family(path: str | Path, dtype: str = "float32"):
+    """Loads `(model, tokenizer)` from a stage directory; errors name the directory and the problem."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from ruyi_model import FamilialForCausalLM
+
+    path = require_dir(path, "model checkpoint", marker="config.json")
+    if not any((path / f).exists() for f in ("model.safetensors", "model.safetensors.index.json")):
+        raise StageError(f"model checkpoint at {path} has no model.safetensors")
+    try:
+        model = FamilialForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    except (ValueError, OSError) as e:
+        raise StageError(f"cannot load the model at {path}: {e}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (ValueError, OSError) as e:
+        raise StageError(f"cannot load the tokenizer at {path}: {e}") from None
+    check_tokenizer_matches(model, tokenizer, path)
+    return model, tokenizer
+
+
+def check_tokenizer_matches(model, tokenizer, where: str | Path) -> None:
+    if len(tokenizer) > model.config.vocab_size:
+        raise StageError(f"{where}: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                         f"{model.config.vocab_size} (tokenizer/model mismatch)")
+
+
+def save_family(model, tokenizer, path: str | Path) -> Path:
+    """Writes model + tokenizer atomically to `path` (replacing any previous version)."""
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return Path(path)

@@ -1,0 +1,311 @@
+"""The schema of `params.yaml`: every hyperparameter of every stage, validated before any work starts.
+
+One pydantic model per section; every model forbids unknown keys, so a typo is an error that names
+the key instead of a silently ignored setting. `load_params()` is the one entry point the stages use.
+
+Two complete profiles ship with the repo and share this schema:
+- `params.yaml`: the tiny default (the whole chain on 2 CPU cores in about 10 minutes);
+- `params.paper.yaml`: paper scale (Qwen3-14B shapes, members 3/22/40, DaE N=3) for clusters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+PositiveFloat = Annotated[float, Field(gt=0.0)]
+
+
+class ParamsError(ValueError):
+    """A params file that cannot be used; the message names the file and every bad key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsParams(_Section):
+    data_dir: str = "data"
+    artifacts_dir: str = "artifacts"
+    metrics_dir: str = "metrics"
+    plots_dir: str = "plots"
+    reports_dir: str = "reports"
+
+
+class ModelParams(_Section):
+    """Architecture of the family (a Qwen3 backbone with exits)."""
+
+    hidden_size: PositiveInt = 128
+    intermediate_size: PositiveInt = 384
+    num_hidden_layers: PositiveInt = 8
+    num_attention_heads: PositiveInt = 4
+    num_key_value_heads: PositiveInt = 2
+    head_dim: PositiveInt = 32
+    max_position_embeddings: PositiveInt = 512
+    rope_theta: PositiveFloat = 10000.0
+    rms_norm_eps: PositiveFloat = 1e-6
+    exit_layers: list[PositiveInt] = [2, 4, 8]
+    exit_branch_layers: NonNegInt = 1
+    shared_heads: bool = False
+    # Optional stock Qwen3 checkpoint directory to start the family from (Ruyi2's recipe);
+    # null trains the tiny family from scratch.
+    init_from: str | None = None
+    # Multi-exit loss implementation: auto | naive | chunked | triton (see triton_kernels).
+    loss_impl: Literal["auto", "naive", "chunked", "triton"] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelParams:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"model.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"model.num_key_value_heads ({self.num_key_value_heads})"
+            )
+        exits = self.exit_layers
+        if not exits or exits != sorted(set(exits)) or exits[-1] != self.num_hidden_layers:
+            raise ValueError(
+                f"model.exit_layers must be strictly increasing and end at num_hidden_layers "
+                f"({self.num_hidden_layers}); got {exits}"
+            )
+        return self
+
+
+class DataParams(_Section):
+    """Where the data comes from and how it is split."""
+
+    # Local paths or s3:// URIs of JSONL/Parquet files. Empty: the embedded default (Python's own
+    # documentation and docstrings + generated GSM8K-style math problems), built without a network.
+    sources: list[str] = []
+    max_corpus_docs: PositiveInt = 3000
+    min_doc_chars: PositiveInt = 200
+    max_doc_chars: PositiveInt = 4000
+    num_sft: PositiveInt = 1500
+    num_rl: PositiveInt = 400
+    num_eval: PositiveInt = 100
+    math_levels: list[Annotated[int, Field(ge=1, le=5)]] = [1, 2, 3]
+    val_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.05
+
+
+class ValidateParams(_Section):
+    """Great Expectations data contracts (data_contracts/)."""
+
+    on_violation: Literal["fail", "quarantine"] = "fail"
+    # With quarantine: continue only while the bad rows are at most this fraction of a dataset.
+    max_quarantine_fraction: Fraction = 0.05
+
+
+class TokenizerParams(_Section):
+    vocab_size: Annotated[int, Field(ge=300)] = 2048
+    min_frequency: PositiveInt = 2
+
+
+class ExitWeightSchedule(_Section):
+    """Ruyi2 Eq. 1 weights w_k(t): shallower members decay from `start` to `floor` over training.
+
+    Ruyi2 gives no formula; ours: the deepest member always has weight `deepest`; every other member
+    goes from `start` at step 0 to `floor` at the last step along `kind` (linear or cosine).
+    """
+
+    kind: Literal["constant", "linear", "cosine"] = "cosine"
+    start: Annotated[float, Field(ge=0.0)] = 1.0
+    floor: Annotated[float, Field(ge=0.0)] = 0.3
+    deepest: PositiveFloat = 1.0
+
+
+class TrainParams(_Section):
+    """Optimisation settings shared by the training stages (cpt, expand, sft)."""
+
+    seq_len: PositiveInt = 256
+    batch_size: PositiveInt = 8
+    grad_accum: PositiveInt = 1
+    max_steps: PositiveInt = 300
+    lr: PositiveFloat = 3e-3
+    min_lr_ratio: Fraction = 0.1
+    warmup_steps: NonNegInt = 20
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
+    grad_clip: Annotated[float, Field(ge=0.0)] = 1.0
+    bf16: bool = False
+    checkpoint_every: PositiveInt = 100
+    eval_every: PositiveInt = 50
+    eval_batches: PositiveInt = 4
+
+
+class CPTParams(TrainParams):
+    exit_weights: ExitWeightSchedule = ExitWeightSchedule()
+
+
+class ExpandParams(TrainParams):
+    """DaE expansion (Ruyi2 section 4.4)."""
+
+    # Member to expand; null = the smallest member (as in the paper).
+    exit_layer: PositiveInt | None = None
+    num_blocks: PositiveInt = 2
+    init: Literal["random", "clone"] = "random"
+    # Share of general (non-math) text replayed during DaE CPT (the paper: 10%).
+    replay_fraction: Fraction = 0.1
+    max_steps: PositiveInt = 200
+
+
+class SFTParams(TrainParams):
+    # family: joint multi-exit tuning of the whole family; dae: only the DaE member's trainable
+    # parameters (the paper tunes the family before expansion and the DaE member after it).
+    scope: Literal["family", "dae"] = "dae"
+    max_steps: PositiveInt = 200
+    lr: PositiveFloat = 1e-3
+
+
+class BPPOParams(_Section):
+    # Which prefix of the two selected responses carries gradient.
+    prefix_rule: Literal["fraction", "first_k", "common"] = "fraction"
+    prefix_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+    prefix_k: PositiveInt = 16
+    # Adaptive completion schedule: the generation budget follows recent shortest-correct lengths.
+    adaptive_budget: bool = True
+    budget_margin: Annotated[float, Field(ge=1.0)] = 1.5
+    budget_min_tokens: PositiveInt = 8
+
+
+class RLParams(_Section):
+    algorithm: Literal["grpo", "bppo"] = "bppo"
+    # Which members are sampled and trained: "dae" (the DaE member, as in the paper), "all", or a
+    # list of exit layers.
+    members: Literal["dae", "all"] | list[PositiveInt] = "dae"
+    steps: PositiveInt = 30
+    prompts_per_step: PositiveInt = 4
+    group_size: Annotated[int, Field(ge=2)] = 8
+    max_new_tokens: PositiveInt = 48
+    temperature: PositiveFloat = 1.0
+    lr: PositiveFloat = 5e-4
+    epsilon: PositiveFloat = 0.2
+    epsilon_high: PositiveFloat = 0.28
+    beta: Annotated[float, Field(ge=0.0)] = 0.0
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    format_reward: Annotated[float, Field(ge=0.0)] = 0.1
+    bppo: BPPOParams = BPPOParams()
+
+
+class CompressParams(_Section):
+    ratio: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.4
+    allocation: Literal["uniform", "loss_aware"] = "loss_aware"
+    include_head: bool = True
+    calibration_batches: PositiveInt = 8
+    heal_steps: NonNegInt = 20
+    # Quality budget: relative loss increase allowed on every exit.
+    max_relative_loss_increase: Fraction = 0.02
+
+
+class EvaluateParams(_Section):
+    num_problems: PositiveInt = 100
+    max_new_tokens: PositiveInt = 64
+    loss_batches: PositiveInt = 8
+    speed_new_tokens: PositiveInt = 32
+
+
+class GatesParams(_Section):
+    """Model quality gates (data_contracts), checked before export/deploy."""
+
+    max_loss: PositiveFloat = 8.0
+    # A deeper exit may be worse than a shallower one by at most this (relative) tolerance.
+    depth_tolerance: Fraction = 0.05
+
+
+class StoreParams(_Section):
+    backend: Literal["local", "s3"] = "local"
+    root: str = "store"  # local backend: a directory
+    bucket: str | None = None  # s3 backend
+    prefix: str = "ruyi"
+    endpoint_url: str | None = None
+
+
+class DeployParams(_Section):
+    model_name: str = "ruyi-tiny"
+    store: StoreParams = StoreParams()
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1024, le=65535)] = 8124
+    max_tokens_limit: PositiveInt = 128
+    smoke_prompts: PositiveInt = 4
+
+
+class Params(_Section):
+    seed: NonNegInt = 1234
+    paths: PathsParams = PathsParams()
+    model: ModelParams = ModelParams()
+    data: DataParams = DataParams()
+    validate_data: ValidateParams = ValidateParams()
+    tokenizer: TokenizerParams = TokenizerParams()
+    cpt: CPTParams = CPTParams()
+    expand: ExpandParams = ExpandParams()
+    sft: SFTParams = SFTParams()
+    rl: RLParams = RLParams()
+    compress: CompressParams = CompressParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    gates: GatesParams = GatesParams()
+    deploy: DeployParams = DeployParams()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Params:
+        exits = self.model.exit_layers
+        if self.expand.exit_layer is not None and self.expand.exit_layer not in exits:
+            raise ValueError(f"expand.exit_layer {self.expand.exit_layer} is not one of model.exit_layers {exits}")
+        if isinstance(self.rl.members, list):
+            bad = [m for m in self.rl.members if m not in exits]
+            if bad:
+                raise ValueError(f"rl.members {bad} are not in model.exit_layers {exits}")
+        if self.tokenizer.vocab_size > 1 << 20:
+            raise ValueError("tokenizer.vocab_size is unreasonably large")
+        return self
+
+    @property
+    def dae_exit(self) -> int:
+        """The member DaE expands: `expand.exit_layer`, or the smallest member."""
+        return self.expand.exit_layer if self.expand.exit_layer is not None else self.model.exit_layers[0]
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling and section)"
+        lines.append(f"  {key}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" else ""))
+    return "\n".join(lines)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Returns a copy of `raw` with dotted-key `overrides` applied ({"cpt.lr": 1e-3})."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for dotted, value in (overrides or {}).items():
+        node = out
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.setdefault(part, {}), dict):
+                raise ParamsError(f"override {dotted!r}: {part!r} is not a section")
+            node = node[part]
+        node[parts[-1]] = value
+    return out
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Reads and validates a params file; raises ParamsError naming the file and every bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: the top level must be a mapping of sections")
+    raw = apply_overrides(raw, overrides)
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ParamsError(f"{path}: invalid parameters:\n{_format_errors(e)}") from None

@@ -1,0 +1,284 @@
+"""Early-exit head loss: RMSNorm -> LM head -> cross-entropy for K exits, weighted sum.
+
+Three implementations with one contract (see :func:`exit_head_loss`):
+
+- ``"naive"`` (:func:`exit_head_loss_reference`): the reference. Materialises the N x V logits of each
+  exit and uses ``F.cross_entropy``; autograd does the backward. Memory O(K * N * V).
+- ``"chunked"`` (:class:`ChunkedExitHeadLoss`): pure torch, tokens in chunks of ``chunk_size``. Per
+  chunk only a K x chunk x V fp32 buffer exists; the forward keeps the log-sum-exp (K x N fp32) and the
+  backward recomputes each chunk's logits from the saved inputs (4 head matmuls instead of the
+  reference's 3, for ~K*N*V*4 bytes less memory). The CPU default.
+- ``"triton"`` (``exit_head_loss_triton.py``): the same recompute scheme with vocabulary tiles held in
+  registers (online log-sum-exp), fp32 accumulation everywhere. The CUDA default; runs on CPU under
+  ``TRITON_INTERPRET=1`` (slowly: tests only).
+
+Semantics shared by all three: the exit norm is transformers' ``Qwen3RMSNorm`` (normalise in fp32, cast
+to the input dtype, multiply by the weight), the logits are the head matmul in the input dtype upcast
+to fp32 (as transformers' ``ForCausalLMLoss`` does; the Triton path keeps the fp32 accumulator and
+skips that rounding), each exit's loss is the mean over non-ignored tokens, and a batch whose tokens
+are all ignored gives loss 0 and zero gradients (``F.cross_entropy(reduction="mean")`` would give NaN).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from triton_kernels.ops.utils import (
+    check_exit_head_loss_args,
+    check_label_range,
+    check_triton_usable,
+    exit_weights_tensor,
+    resolve_impl,
+    rms_norm_reference,
+)
+
+#: Target size, in fp32 elements, of the per-chunk logits buffer of the chunked path (K x chunk x V).
+#: 2**23 elements = 32 MiB; see benchmarks/RESULTS.md for the measured memory/time trade-off.
+DEFAULT_CHUNK_ELEMENTS = 2**23
+
+
+def default_chunk_size(num_exits: int, vocab_size: int) -> int:
+    """Tokens per chunk so that a K x chunk x V fp32 logits buffer holds about DEFAULT_CHUNK_ELEMENTS."""
+    return max(16, DEFAULT_CHUNK_ELEMENTS // (num_exits * vocab_size))
+
+
+def exit_head_loss(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    norm_weights: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    exit_weights: Sequence[float] | torch.Tensor | None = None,
+    ignore_index: int = -100,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted sum of the per-exit cross-entropy losses of K early exits, without N x V logits.
+
+    For each exit k: ``CE_k = mean over non-ignored tokens of cross_entropy(rmsnorm_k(hidden[k]) @ W_k.T,
+    labels)``; the loss is ``sum_k exit_weights[k] * CE_k``.
+
+    Args:
+        hidden: ``(K, N, D)`` hidden states, one slice per exit, *before* the exit norm. fp32, fp16 or bf16.
+        lm_head_weight: ``(V, D)`` head shared by all exits, or ``(K, V, D)`` one head per exit. Same
+            dtype as ``hidden``.
+        labels: ``(N,)`` integer target ids, already shifted by the caller; ``ignore_index`` marks
+            tokens without a target.
+        norm_weights: ``(K, D)`` RMSNorm weights of the exits, or None to use ``hidden`` as is (no norm).
+        eps: RMSNorm epsilon.
+        exit_weights: K floats (list or tensor), the weight of each exit's loss; default all 1.
+            Treated as constants (no gradient).
+        ignore_index: label value that contributes neither loss nor gradient.
+        impl: ``"triton"``, ``"chunked"``, ``"naive"`` or ``"auto"`` (triton on CUDA, chunked elsewhere).
+
+    Returns:
+        ``(loss, per_exit_losses)``: a scalar fp32 tensor and a ``(K,)`` fp32 tensor; both are
+        differentiable w.r.t. ``hidden``, ``norm_weights`` and ``lm_head_weight``.
+
+    Raises:
+        ValueError: unknown ``impl``; shapes that disagree (K, D, N), mismatched dtypes or devices;
+            labels outside ``[0, V)`` that are not ``ignore_index``.
+        RuntimeError: ``impl="triton"`` on CPU without ``TRITON_INTERPRET=1``.
+    """
+    check_exit_head_loss_args(hidden, lm_head_weight, labels, norm_weights)
+    chosen = resolve_impl(impl, hidden.device)
+    weights = exit_weights_tensor(exit_weights, hidden.shape[0], hidden.device)
+    check_label_range(labels, lm_head_weight.shape[-2], ignore_index)
+    if chosen == "naive":
+        return exit_head_loss_reference(hidden, lm_head_weight, labels, norm_weights, eps, weights, ignore_index)
+    if chosen == "chunked":
+        return exit_head_loss_chunked(hidden, lm_head_weight, labels, norm_weights, eps, weights, ignore_index)
+    check_triton_usable(hidden.device)
+    from triton_kernels.ops.exit_head_loss_triton import exit_head_loss_triton
+
+    return exit_head_loss_triton(hidden, lm_head_weight, labels, norm_weights, eps, weights, ignore_index)
+
+
+def exit_head_loss_reference(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    norm_weights: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    exit_weights: Sequence[float] | torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference (``impl="naive"``): per exit, full logits and ``F.cross_entropy``; autograd backward.
+
+    Shapes and semantics as :func:`exit_head_loss`. Memory: a K x N x V fp32 logits tensor plus the
+    softmax saved for backward.
+    """
+    num_exits = hidden.shape[0]
+    weights = exit_weights_tensor(exit_weights, num_exits, hidden.device)
+    count = (labels != ignore_index).sum().clamp_min(1).float()
+    per_exit = []
+    for k in range(num_exits):
+        y = hidden[k] if norm_weights is None else rms_norm_reference(hidden[k], norm_weights[k], eps)
+        head = lm_head_weight if lm_head_weight.dim() == 2 else lm_head_weight[k]
+        logits = F.linear(y, head).float()
+        ce_sum = F.cross_entropy(logits, labels.long(), ignore_index=ignore_index, reduction="sum")
+        per_exit.append(ce_sum / count)
+    per_exit_losses = torch.stack(per_exit)
+    return (per_exit_losses * weights).sum(), per_exit_losses
+
+
+def exit_head_loss_chunked(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    norm_weights: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    exit_weights: Sequence[float] | torch.Tensor | None = None,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked pure-torch path (``impl="chunked"``); shapes and semantics as :func:`exit_head_loss`.
+
+    Args:
+        chunk_size: tokens per chunk (all K exits of those tokens are processed together); default
+            :func:`default_chunk_size`. Peak extra memory is about ``2 * K * chunk_size * V * 4`` bytes.
+    """
+    num_exits, _, _ = hidden.shape
+    vocab_size = lm_head_weight.shape[-2]
+    weights = exit_weights_tensor(exit_weights, num_exits, hidden.device)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(num_exits, vocab_size)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return ChunkedExitHeadLoss.apply(hidden, lm_head_weight, labels, norm_weights, weights, eps, ignore_index,
+                                     chunk_size)
+
+
+def _normed_chunk(h: torch.Tensor, norm_weights: torch.Tensor | None, eps: float):
+    """RMSNorm of a K x C x D chunk; returns (y, x32, rstd, normed) (the last three None without norm)."""
+    if norm_weights is None:
+        return h, None, None, None
+    x32 = h.float()
+    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    normed = (x32 * rstd).to(h.dtype)  # Qwen3RMSNorm: cast back to the input dtype before the weight
+    return norm_weights[:, None, :] * normed, x32, rstd, normed
+
+
+def _chunk_logits(y: torch.Tensor, lm_head_weight: torch.Tensor) -> torch.Tensor:
+    """K x C x D normalised states -> K x C x V fp32 logits (a fresh tensor the caller may overwrite)."""
+    num_exits, chunk, dim = y.shape
+    if lm_head_weight.dim() == 2:
+        # Shared head: one matmul for all K exits, so the weight streams through the cache once.
+        logits = torch.mm(y.reshape(num_exits * chunk, dim), lm_head_weight.t()).view(num_exits, chunk, -1)
+    else:
+        logits = torch.bmm(y, lm_head_weight.transpose(1, 2))
+    return logits.float()
+
+
+class ChunkedExitHeadLoss(torch.autograd.Function):
+    """Autograd Function of the chunked path: forward keeps only lse (K x N), backward recomputes logits.
+
+    Inputs (positional): hidden ``(K, N, D)``, lm_head_weight ``(V, D)`` or ``(K, V, D)``, labels ``(N,)``,
+    norm_weights ``(K, D)`` or None, exit_weights ``(K,)`` fp32, eps, ignore_index, chunk_size.
+    Outputs: loss (scalar fp32), per_exit_losses ``(K,)`` fp32; both may receive gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, lm_head_weight, labels, norm_weights, exit_weights, eps, ignore_index, chunk_size):
+        num_exits, num_tokens, _ = hidden.shape
+        valid = labels != ignore_index
+        safe_labels = torch.where(valid, labels, 0).long()
+        count = valid.sum().clamp_min(1).float()
+        loss_sums = torch.zeros(num_exits, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(num_exits, num_tokens, dtype=torch.float32, device=hidden.device)
+        with torch.no_grad():
+            for start in range(0, num_tokens, chunk_size):
+                stop = min(num_tokens, start + chunk_size)
+                y = _normed_chunk(hidden[:, start:stop], norm_weights, eps)[0]
+                logits = _chunk_logits(y, lm_head_weight)
+                target = logits.gather(2, safe_labels[start:stop].view(1, -1, 1).expand(num_exits, -1, 1))
+                row_max = logits.amax(2, keepdim=True)
+                # In place: the chunk buffer becomes exp(z - max); no second K x C x V tensor.
+                chunk_lse = (row_max + logits.sub_(row_max).exp_().sum(2, keepdim=True).log()).squeeze(2)
+                lse[:, start:stop] = chunk_lse
+                loss_sums += ((chunk_lse - target.squeeze(2)) * valid[start:stop]).sum(1)
+        per_exit_losses = loss_sums / count
+        loss = (per_exit_losses * exit_weights).sum()
+        ctx.save_for_backward(hidden, lm_head_weight, labels, norm_weights, exit_weights, lse, count)
+        ctx.eps, ctx.ignore_index, ctx.chunk_size = eps, ignore_index, chunk_size
+        return loss, per_exit_losses
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_per_exit):
+        hidden, lm_head_weight, labels, norm_weights, exit_weights, lse, count = ctx.saved_tensors
+        need_hidden, need_head, _, need_norm = ctx.needs_input_grad[:4]
+        num_exits, num_tokens, dim = hidden.shape
+        vocab_size = lm_head_weight.shape[-2]
+        dtype = hidden.dtype
+        shared = lm_head_weight.dim() == 2
+
+        # d loss / d CE_k, then d CE_k / d (row loss) = 1 / count.
+        upstream = torch.zeros_like(exit_weights)
+        if grad_loss is not None:
+            upstream = upstream + grad_loss.float() * exit_weights
+        if grad_per_exit is not None:
+            upstream = upstream + grad_per_exit.float()
+        scale = upstream / count
+
+        valid = labels != ctx.ignore_index
+        safe_labels = torch.where(valid, labels, 0).long()
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_head32 = torch.zeros(lm_head_weight.shape, dtype=torch.float32, device=hidden.device) if need_head else None
+        grad_norm32 = (torch.zeros(num_exits, dim, dtype=torch.float32, device=hidden.device)
+                       if need_norm and norm_weights is not None else None)
+        norm32 = norm_weights.float()[:, None, :] if norm_weights is not None else None
+
+        for start in range(0, num_tokens, ctx.chunk_size):
+            stop = min(num_tokens, start + ctx.chunk_size)
+            chunk = stop - start
+            y, x32, rstd, normed = _normed_chunk(hidden[:, start:stop], norm_weights, ctx.eps)
+            # dlogits = scale_k * (softmax - onehot) on valid rows, 0 elsewhere; built in place in the
+            # recomputed logits buffer.
+            dlogits = _chunk_logits(y, lm_head_weight).sub_(lse[:, start:stop, None]).exp_()
+            row_valid = valid[start:stop].float()
+            dlogits.scatter_add_(2, safe_labels[start:stop].view(1, -1, 1).expand(num_exits, -1, 1),
+                                 (-row_valid).view(1, -1, 1).expand(num_exits, -1, 1).contiguous())
+            dlogits.mul_((scale[:, None] * row_valid[None, :])[:, :, None])
+            dlogits_in = dlogits if dtype == torch.float32 else dlogits.to(dtype)
+
+            if grad_head32 is not None:
+                # fp32 accumulation across chunks; per chunk the matmul runs in the input dtype.
+                if shared:
+                    flat_d = dlogits_in.reshape(num_exits * chunk, vocab_size).t()
+                    flat_y = y.reshape(num_exits * chunk, dim)
+                    if dtype == torch.float32:
+                        grad_head32.addmm_(flat_d, flat_y)
+                    else:
+                        grad_head32.add_(torch.mm(flat_d, flat_y))
+                elif dtype == torch.float32:
+                    grad_head32.baddbmm_(dlogits_in.transpose(1, 2), y)
+                else:
+                    grad_head32.add_(torch.bmm(dlogits_in.transpose(1, 2), y))
+
+            if grad_hidden is None and grad_norm32 is None:
+                continue
+            if shared:
+                grad_y = torch.mm(dlogits_in.reshape(num_exits * chunk, vocab_size), lm_head_weight)
+                grad_y = grad_y.view(num_exits, chunk, dim)
+            else:
+                grad_y = torch.bmm(dlogits_in, lm_head_weight)
+            del dlogits, dlogits_in
+            if norm_weights is None:
+                if grad_hidden is not None:
+                    grad_hidden[:, start:stop] = grad_y
+                continue
+            grad_y32 = grad_y.float()
+            if grad_norm32 is not None:
+                grad_norm32 += (grad_y32 * normed.float()).sum(1)
+            if grad_hidden is not None:
+                # RMSNorm backward: dx = rstd * (g - xn * mean(g * xn)), g = dy * w, xn = x * rstd.
+                grad_normed = grad_y32 * norm32
+                xn = x32 * rstd
+                mean_gx = (grad_normed * xn).mean(-1, keepdim=True)
+                grad_hidden[:, start:stop] = (rstd * (grad_normed - xn * mean_gx)).to(dtype)
+
+        grad_head = grad_head32.to(lm_head_weight.dtype) if grad_head32 is not None else None
+        grad_norm = grad_norm32.to(norm_weights.dtype) if grad_norm32 is not None else None
+        return grad_hidden, grad_head, None, grad_norm, None, None, None, None
