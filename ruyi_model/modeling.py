@@ -320,6 +320,9 @@ class FamilialForCausalLM(PreTrainedModel, GenerationMixin):
         """As `PreTrainedModel.from_pretrained`, but a checkpoint with missing, extra or mismatched
         tensors is an error (transformers only logs it and initialises missing weights randomly)."""
         want_info = kwargs.pop("output_loading_info", False)
+        if strict:
+            # Load mismatched shapes instead of raising transformers' generic error, so that ours names them.
+            kwargs.setdefault("ignore_mismatched_sizes", True)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
         problems = {k: v for k, v in problems.items() if v}
