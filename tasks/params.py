@@ -190,20 +190,44 @@ class RLParams(_Section):
 
 
 class CompressParams(_Section):
+    """DaE decomposition (Ruyi2 4.4) of the DaE member's added blocks and head; see tasks/compress.py."""
+
+    # Fraction of the added parameters (DaE blocks + the DaE member's head) removed.
     ratio: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.4
     allocation: Literal["uniform", "loss_aware"] = "loss_aware"
     include_head: bool = True
+    # Activation-aware calibration: this many batches of `batch_size` packed `seq_len`-token blocks.
     calibration_batches: PositiveInt = 8
+    # Share of the calibration blocks packed from SFT chat text (the rest: corpus_train).
+    calibration_sft_fraction: Fraction = 0.5
+    seq_len: PositiveInt = 256
+    batch_size: PositiveInt = 4
+    # Healing fine-tune of the low-rank factors + the DaE member's norm on SFT chat data (0 = none).
     heal_steps: NonNegInt = 20
-    # Quality budget: relative loss increase allowed on every exit.
+    heal_lr: PositiveFloat = 1e-3
+    # Held-out batches (corpus_val blocks; eval solutions) for the before/after losses.
+    loss_batches: PositiveInt = 4
+    # Quality budget: relative loss increase allowed on every exit (reported, not enforced here).
     max_relative_loss_increase: Fraction = 0.02
 
 
 class EvaluateParams(_Section):
+    """Per-exit quality, speed and size of one checkpoint; see tasks/evaluate.py."""
+
+    # Family checkpoint directory to evaluate; null = <artifacts_dir>/compress.
+    checkpoint: str | None = None
+    # Math accuracy and solution loss on the first `num_problems` rows of eval.jsonl.
     num_problems: PositiveInt = 100
     max_new_tokens: PositiveInt = 64
+    # Held-out corpus loss: this many batches of `batch_size` packed `seq_len`-token blocks.
     loss_batches: PositiveInt = 8
+    seq_len: PositiveInt = 256
+    # Blocks per loss batch and prompts per (left-padded) decoding batch.
+    batch_size: PositiveInt = 8
+    # Decoding speed: batch 1, exactly this many new tokens, after `speed_warmup` untimed runs.
     speed_new_tokens: PositiveInt = 32
+    speed_warmup: NonNegInt = 1
+    speed_repeats: PositiveInt = 3
 
 
 class GatesParams(_Section):
