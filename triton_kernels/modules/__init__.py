@@ -1,0 +1,1 @@
+"""Thin ``nn.Module`` wrappers over :mod:`triton_kernels.ops` (configuration held, no parameters)."""

@@ -1,0 +1,131 @@
+"""Exit confidence: RMSNorm -> LM head -> (argmax, max softmax probability, entropy) at one exit.
+
+Early-exit decoding asks, for each token, "is this exit confident enough to stop here?". That needs
+softmax statistics over the whole vocabulary, not the logits themselves, so the fused paths never keep
+a B x V logits tensor:
+
+- ``"naive"`` (:func:`exit_confidence_reference`): full logits, ``log_softmax``, ``argmax``.
+- ``"chunked"`` (:func:`exit_confidence_chunked`): the same in chunks of rows; only a chunk x V fp32
+  buffer exists at a time. The CPU default.
+- ``"triton"`` (``exit_confidence_triton.py``): one pass over vocabulary tiles with online statistics
+  (running max ``m``, ``l = sum exp(z - m)``, ``t = sum exp(z - m) * (z - m)``, argmax), then
+  ``max_prob = 1 / l`` and ``entropy = log(l) - t / l``. The vocabulary is split across programs so a
+  small decode batch still fills the GPU; the per-split statistics are merged in torch.
+
+All paths use transformers' Qwen3RMSNorm numerics and return fp32 statistics; argmax ties resolve to
+the lowest token id (as ``torch.argmax``). No gradients: this is an inference-time op.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from triton_kernels.ops.utils import (
+    check_exit_confidence_args,
+    check_triton_usable,
+    resolve_impl,
+    rms_norm_reference,
+)
+
+#: Target size, in fp32 elements, of the per-chunk logits buffer of the chunked path (chunk x V).
+DEFAULT_CHUNK_ELEMENTS = 2**23
+
+
+def exit_confidence(
+    hidden: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    lm_head_weight: torch.Tensor,
+    eps: float = 1e-6,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy token, max softmax probability and entropy of one exit's head, without B x V logits.
+
+    Args:
+        hidden: ``(B, D)`` hidden states at the exit, *before* the exit norm. fp32, fp16 or bf16.
+        norm_weight: ``(D,)`` the exit's RMSNorm weight, or None to use ``hidden`` as is (no norm).
+        lm_head_weight: ``(V, D)`` head weight, same dtype as ``hidden``.
+        eps: RMSNorm epsilon.
+        impl: ``"triton"``, ``"chunked"``, ``"naive"`` or ``"auto"`` (triton on CUDA, chunked elsewhere).
+
+    Returns:
+        ``(token_ids, max_prob, entropy)``: ``(B,)`` int64 argmax ids (ties: lowest id), ``(B,)`` fp32
+        max softmax probability, ``(B,)`` fp32 softmax entropy in nats.
+
+    Raises:
+        ValueError: unknown ``impl``, shapes that disagree (D), mismatched dtypes or devices.
+        RuntimeError: ``impl="triton"`` on CPU without ``TRITON_INTERPRET=1``.
+    """
+    check_exit_confidence_args(hidden, norm_weight, lm_head_weight)
+    chosen = resolve_impl(impl, hidden.device)
+    if chosen == "naive":
+        return exit_confidence_reference(hidden, norm_weight, lm_head_weight, eps)
+    if chosen == "chunked":
+        return exit_confidence_chunked(hidden, norm_weight, lm_head_weight, eps)
+    check_triton_usable(hidden.device)
+    from triton_kernels.ops.exit_confidence_triton import exit_confidence_triton
+
+    return exit_confidence_triton(hidden, norm_weight, lm_head_weight, eps)
+
+
+def _stats_from_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    log_probs = torch.log_softmax(logits, dim=-1)
+    token_ids = logits.argmax(-1)
+    max_prob = log_probs.amax(-1).exp()
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return token_ids, max_prob, entropy
+
+
+@torch.no_grad()
+def exit_confidence_reference(
+    hidden: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    lm_head_weight: torch.Tensor,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference (``impl="naive"``): ``(B, V)`` fp32 logits, ``log_softmax``, ``argmax``.
+
+    Shapes and semantics as :func:`exit_confidence`.
+    """
+    y = hidden if norm_weight is None else rms_norm_reference(hidden, norm_weight, eps)
+    return _stats_from_logits(F.linear(y, lm_head_weight).float())
+
+
+@torch.no_grad()
+def exit_confidence_chunked(
+    hidden: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    lm_head_weight: torch.Tensor,
+    eps: float = 1e-6,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chunked pure-torch path (``impl="chunked"``); shapes and semantics as :func:`exit_confidence`.
+
+    Args:
+        chunk_size: rows per chunk; default about ``DEFAULT_CHUNK_ELEMENTS / V``. Peak extra memory is
+            a few ``chunk_size x V`` fp32 buffers.
+    """
+    num_rows = hidden.shape[0]
+    vocab_size = lm_head_weight.shape[0]
+    if chunk_size is None:
+        chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // vocab_size)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    token_ids = torch.empty(num_rows, dtype=torch.long, device=hidden.device)
+    max_prob = torch.empty(num_rows, dtype=torch.float32, device=hidden.device)
+    entropy = torch.empty(num_rows, dtype=torch.float32, device=hidden.device)
+    for start in range(0, num_rows, chunk_size):
+        stop = min(num_rows, start + chunk_size)
+        h = hidden[start:stop]
+        y = h if norm_weight is None else rms_norm_reference(h, norm_weight, eps)
+        logits = F.linear(y, lm_head_weight).float()
+        token_ids[start:stop] = logits.argmax(-1)
+        row_max = logits.amax(-1, keepdim=True)
+        shifted = logits.sub_(row_max)  # in place: z - max, the logits buffer is reused
+        exp_shifted = shifted.exp()
+        sum_exp = exp_shifted.sum(-1)
+        # entropy = log(l) - sum(exp(z - m) * (z - m)) / l, l = sum exp(z - m); max prob = 1 / l
+        weighted = exp_shifted.mul_(shifted).sum(-1)
+        max_prob[start:stop] = sum_exp.reciprocal()
+        entropy[start:stop] = sum_exp.log() - weighted / sum_exp
+    return token_ids, max_prob, entropy
