@@ -29,6 +29,73 @@ def stage(ctx: typer.Context, name: str = typer.Argument(..., help=f"one of: {',
     raise typer.Exit(module.main(list(ctx.args)))
 
 
+def _parse_sets(items: list[str]) -> dict:
+    from tasks.common import parse_overrides
+
+    return parse_overrides(items)
+
+
+@app.command()
+def run(
+    from_stage: str = typer.Option(None, "--from-stage", help="first stage to run (upstream is not recomputed)"),
+    to_stage: str = typer.Option(None, "--to-stage", help="last stage to run"),
+    overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE",
+                                        help="parameter override written to params.yaml, e.g. cpt.max_steps=50"),
+    push: bool = typer.Option(True, "--push/--no-push", help="push results to the DVC remote"),
+) -> None:
+    """Run the whole pipeline through Prefect (embedded API, no server needed), then print a summary."""
+    from flows.pipeline import StageFailed, ruyi_pipeline
+    from tasks.params import ParamsError
+    from tasks.report import print_summary
+
+    try:
+        ruyi_pipeline(from_stage=from_stage, to_stage=to_stage, overrides=_parse_sets(overrides), push=push)
+    except (StageFailed, ParamsError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    print_summary()
+
+
+@app.command()
+def deployments(cron: str = typer.Option("0 2 * * *", help="schedule of the nightly deployment")) -> None:
+    """Serve the `nightly` and `rerun` deployments against PREFECT_API_URL (blocks)."""
+    from flows.deployments import serve_deployments
+
+    serve_deployments(cron=cron)
+
+
+@app.command()
+def server(port: int = typer.Option(4200, help="Prefect server port on 127.0.0.1"),
+           cron: str = typer.Option("0 2 * * *", help="schedule of the nightly deployment")) -> None:
+    """Start a Prefect server on 127.0.0.1 and serve the deployments: open the UI and rerun any stage."""
+    import os
+    import subprocess
+    import time
+    import urllib.request
+
+    api = f"http://127.0.0.1:{port}/api"
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)])
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{api}/health", timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    typer.echo(f"error: prefect server exited with {proc.returncode}", err=True)
+                    raise typer.Exit(1) from None
+                time.sleep(0.5)
+        typer.echo(f"Prefect UI: http://127.0.0.1:{port}  (deployments: ruyi-pipeline/nightly, ruyi-pipeline/rerun)")
+        os.environ["PREFECT_API_URL"] = api
+        from flows.deployments import serve_deployments
+
+        serve_deployments(cron=cron)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def main() -> None:
     app(prog_name="ruyi")
 

@@ -1,0 +1,282 @@
+"""The Prefect flow that chains the DVC stages: what `make run`, the deployments and the UI run.
+
+    ruyi run [--from-stage S] [--to-stage S] [--set key=value ...] [--no-push]
+
+Design (DVC owns "is this stage up to date", Prefect owns "when and where"):
+- one Prefect task per DVC stage, in `dvc dag` order, each running `dvc repro <stage> --single-item`;
+  no Prefect result caching (`cache_policy=NONE`): DVC decides what is up to date, so an unchanged
+  stage is a no-op taking about a second, and a changed parameter reruns only that stage and those
+  downstream of it;
+- retries only for infrastructure errors (DVC's repository lock, a process killed by a signal, a
+  network error while pushing): a failed data contract or a bad parameter is never retried;
+- runs in one workspace are serialized by a Prefect global concurrency limit named after the
+  workspace (limit 1), since DVC cannot run two repros in one workspace;
+- parameter overrides from a deployment/UI run are validated and written into params.yaml before
+  any stage runs (parameters flow one way: deployment parameters -> params.yaml -> stage), so
+  dvc.lock records exactly what ran;
+- per-stage metrics are published as table artifacts, lineage (git revision, dvc.lock hashes,
+  flow run id) as a markdown artifact; finally the results are pushed to the DVC remote.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NONE
+
+# Exit code of `python -m tasks.<stage>` for bad input (StageError/ParamsError/ContractViolation):
+# a property of the data or parameters, so never retried.
+USER_ERROR_EXIT_CODE = 2
+_INFRA_PATTERNS = (
+    r"Unable to acquire lock",
+    r"is locked by another process",
+    r"Connection (refused|reset|aborted)",
+    r"EndpointConnectionError",
+    r"Could not connect to the endpoint URL",
+    r"Temporary failure in name resolution",
+    r"timed out",
+)
+
+
+class StageFailed(RuntimeError):
+    """A stage failed because of its input, parameters or code: retrying would not help."""
+
+
+class InfrastructureError(RuntimeError):
+    """A transient failure around a stage (lock, signal, network): retried."""
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("GX_ANALYTICS_ENABLED", "false")
+    # Stages are `python -m tasks.<stage>`: make sure it is this interpreter's environment.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _dvc(args: list[str], workspace: Path, check: bool = True) -> subprocess.CompletedProcess:
+    dvc = Path(sys.executable).parent / "dvc"
+    cmd = [str(dvc) if dvc.exists() else "dvc", *args]
+    proc = subprocess.run(cmd, cwd=workspace, env=_env(), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"`dvc {' '.join(args)}` failed in {workspace}:\n{proc.stderr.strip() or proc.stdout.strip()}")
+    return proc
+
+
+def dvc_stage_order(workspace: str | Path) -> list[str]:
+    """The stages of `dvc.yaml` in `dvc dag` order (a topological order; ties in dvc.yaml order)."""
+    import yaml
+
+    workspace = Path(workspace)
+    declared = list((yaml.safe_load((workspace / "dvc.yaml").read_text()) or {}).get("stages", {}))
+    dot = _dvc(["dag", "--dot"], workspace).stdout
+    edges = re.findall(r'"([^"]+)"\s*->\s*"([^"]+)"', dot)
+    nodes = set(re.findall(r'^\s*"([^"]+)"\s*;?\s*$', dot, flags=re.M)) | {n for e in edges for n in e}
+    unknown = nodes - set(declared)
+    if unknown:
+        raise RuntimeError(f"`dvc dag` lists stages that dvc.yaml does not: {sorted(unknown)}")
+    preds: dict[str, set[str]] = {s: set() for s in declared}
+    for a, b in edges:
+        preds[b].add(a)
+    order: list[str] = []
+    while len(order) < len(declared):
+        ready = [s for s in declared if s not in order and preds[s] <= set(order)]
+        if not ready:
+            raise RuntimeError("dvc.yaml has a dependency cycle")
+        order.append(ready[0])
+    return order
+
+
+def select_stages(order: list[str], from_stage: str | None, to_stage: str | None) -> list[str]:
+    for name, value in (("from_stage", from_stage), ("to_stage", to_stage)):
+        if value is not None and value not in order:
+            raise ValueError(f"{name}={value!r} is not a stage; stages: {', '.join(order)}")
+    lo = order.index(from_stage) if from_stage else 0
+    hi = order.index(to_stage) if to_stage else len(order) - 1
+    if lo > hi:
+        raise ValueError(f"from_stage={from_stage!r} comes after to_stage={to_stage!r} in the pipeline")
+    return order[lo : hi + 1]
+
+
+def apply_param_overrides(workspace: Path, overrides: dict[str, Any]) -> list[str]:
+    """Validates dotted-key overrides and writes them into params.yaml, keeping its comments."""
+    if not overrides:
+        return []
+    from ruamel.yaml import YAML
+
+    from tasks.params import apply_overrides, load_params
+
+    path = workspace / "params.yaml"
+    # Validate the result first: a bad override is an error naming the key, and nothing is written.
+    import yaml as pyyaml
+
+    merged = apply_overrides(pyyaml.safe_load(path.read_text()) or {}, overrides)
+    tmp = path.with_name(".params.override-check.yaml")
+    try:
+        tmp.write_text(pyyaml.safe_dump(merged))
+        load_params(tmp)
+    finally:
+        tmp.unlink(missing_ok=True)
+    ry = YAML()
+    ry.preserve_quotes = True
+    doc = ry.load(path.read_text())
+    changed = []
+    for dotted, value in overrides.items():
+        node = doc
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            if part not in node or node[part] is None:
+                node[part] = {}
+            node = node[part]
+        if node.get(leaf) != value:
+            node[leaf] = value
+            changed.append(dotted)
+    from tasks.common import atomic_file
+
+    with atomic_file(path) as f:
+        ry.dump(doc, f)
+    return changed
+
+
+def _stage_metrics(workspace: Path, stage: str) -> dict[str, Any]:
+    import yaml
+
+    spec = (yaml.safe_load((workspace / "dvc.yaml").read_text()) or {})["stages"][stage]
+    out: dict[str, Any] = {}
+    for entry in spec.get("metrics", []):
+        name = next(iter(entry)) if isinstance(entry, dict) else entry
+        path = workspace / name
+        if path.is_file():
+            out[name] = json.loads(path.read_text())
+    return out
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _retry_only_infrastructure(task_obj, task_run, state) -> bool:
+    try:
+        state.result()
+    except InfrastructureError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@task(name="dvc-stage", task_run_name="{stage}", cache_policy=NONE, retries=2, retry_delay_seconds=3,
+      retry_condition_fn=_retry_only_infrastructure)
+def run_stage(stage: str, workspace: str) -> dict[str, Any]:
+    """`dvc repro <stage> --single-item`; publishes the stage's metrics as a table artifact."""
+    logger = get_run_logger()
+    ws = Path(workspace)
+    t0 = time.perf_counter()
+    proc = _dvc(["repro", stage, "--single-item"], ws, check=False)
+    elapsed = time.perf_counter() - t0
+    output = (proc.stdout or "") + (proc.stderr or "")
+    if proc.returncode != 0:
+        tail = "\n".join(output.strip().splitlines()[-25:])
+        stage_code = re.search(r"exited with (-?\d+)", output)
+        code = int(stage_code.group(1)) if stage_code else None
+        killed_by_signal = code is not None and code < 0
+        transient = code != USER_ERROR_EXIT_CODE and any(re.search(p, output) for p in _INFRA_PATTERNS)
+        if killed_by_signal or transient:
+            raise InfrastructureError(f"stage {stage} hit an infrastructure error (will retry):\n{tail}")
+        raise StageFailed(f"stage {stage} failed (not retried):\n{tail}")
+    skipped = "didn't change, skipping" in output or "is cached - skipping" in output
+    logger.info("stage %s %s in %.1f s", stage, "up to date" if skipped else "ran", elapsed)
+    metrics = _stage_metrics(ws, stage)
+    rows = [{"metric": k, "value": v} for name, m in metrics.items() for k, v in _flatten(m, Path(name).stem).items()
+            if isinstance(v, (int, float, str, bool))]
+    if rows:
+        create_table_artifact(key=f"metrics-{stage.replace('_', '-')}", table=rows,
+                              description=f"metrics of stage {stage}")
+    return {"stage": stage, "skipped": skipped, "seconds": round(elapsed, 2), "metrics": metrics}
+
+
+def _lineage_markdown(workspace: Path, results: list[dict[str, Any]]) -> str:
+    import yaml
+    from prefect.runtime import flow_run
+
+    def git(*args: str) -> str:
+        p = subprocess.run(["git", *args], cwd=workspace, capture_output=True, text=True)
+        return p.stdout.strip() if p.returncode == 0 else "n/a"
+
+    lock_path = workspace / "dvc.lock"
+    lock = yaml.safe_load(lock_path.read_text()) if lock_path.is_file() else {}
+    lines = ["# Lineage", "", f"- flow run id: `{flow_run.id}`", f"- git revision: `{git('rev-parse', 'HEAD')}`"
+             + (" (uncommitted changes)" if git("status", "--porcelain") not in ("", "n/a") else ""),
+             "", "| stage | ran | seconds | outputs (md5) |", "|---|---|---|---|"]
+    for r in results:
+        outs = (lock.get("stages", {}).get(r["stage"], {}) or {}).get("outs", [])
+        hashes = ", ".join(f"`{o['path']}`: `{o.get('md5', '')[:12]}`" for o in outs)
+        lines.append(f"| {r['stage']} | {'no (up to date)' if r['skipped'] else 'yes'} | {r['seconds']} | {hashes} |")
+    return "\n".join(lines)
+
+
+def _workspace_limit_name(workspace: Path) -> str:
+    return "ruyi-workspace-" + hashlib.sha1(str(workspace.resolve()).encode()).hexdigest()[:10]
+
+
+@flow(name="ruyi-pipeline", log_prints=True)
+def ruyi_pipeline(from_stage: str | None = None, to_stage: str | None = None,
+                  overrides: dict[str, Any] | None = None, push: bool = True,
+                  workspace: str | None = None) -> list[dict[str, Any]]:
+    """Runs the pipeline's DVC stages from `from_stage` to `to_stage` (default: all).
+
+    Args:
+        from_stage: first stage to run (upstream stages are not recomputed; their outputs must exist).
+        to_stage: last stage to run.
+        overrides: parameter overrides as dotted keys, e.g. {"cpt.max_steps": 50}; written to params.yaml.
+        push: push the results to the DVC remote when one is configured.
+        workspace: the repository to run in (default: $RUYI_WORKSPACE or the current directory).
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency.sync import concurrency
+
+    logger = get_run_logger()
+    ws = Path(workspace or os.environ.get("RUYI_WORKSPACE") or os.getcwd()).resolve()
+    if not (ws / "dvc.yaml").is_file():
+        raise ValueError(f"workspace {ws} has no dvc.yaml")
+    stages = select_stages(dvc_stage_order(ws), from_stage, to_stage)
+    limit = _workspace_limit_name(ws)
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(limit, 1)
+    results: list[dict[str, Any]] = []
+    with concurrency(limit, occupy=1, strict=True, lease_duration=3600):
+        changed = apply_param_overrides(ws, overrides or {})
+        if changed:
+            logger.info("parameters overridden in params.yaml: %s", ", ".join(changed))
+        logger.info("stages to run in %s: %s", ws, " -> ".join(stages))
+        for stage in stages:
+            results.append(run_stage(stage, str(ws)))
+        create_markdown_artifact(key="lineage", markdown=_lineage_markdown(ws, results),
+                                 description="git revision, dvc.lock hashes and flow run of this pipeline run")
+        if push and _dvc(["remote", "list"], ws).stdout.strip():
+            proc = _dvc(["push"], ws, check=False)
+            if proc.returncode != 0:
+                raise InfrastructureError(f"dvc push failed:\n{proc.stderr.strip()[-2000:]}")
+            logger.info("pushed the results to the DVC remote")
+    return results
+
+
+__all__ = ["ruyi_pipeline", "dvc_stage_order", "select_stages", "apply_param_overrides", "StageFailed",
+           "InfrastructureError"]

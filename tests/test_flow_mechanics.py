@@ -1,0 +1,180 @@
+"""The Prefect flow's mechanics on a real DVC repo and a real (ephemeral) Prefect API.
+
+The pipeline's own stages are exercised end to end in test_pipeline_e2e.py (slow); here a small real
+DVC repository with three quick stages checks ordering, up-to-date skipping, partial reruns,
+parameter overrides, retry classification and the published artifacts in seconds.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.pipeline import (
+    InfrastructureError,
+    StageFailed,
+    apply_param_overrides,
+    dvc_stage_order,
+    ruyi_pipeline,
+    select_stages,
+)
+from tasks.params import ParamsError
+
+REPO = Path(__file__).resolve().parents[1]
+DVC = str(Path(sys.executable).parent / "dvc")
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+def git(ws: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ws, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture()
+def mini_ws(tmp_path: Path) -> Path:
+    """A real git + DVC repo: a -> b -> c, where b reads `seed` and c fails on demand."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    shutil.copy(REPO / "params.yaml", ws / "params.yaml")
+    (ws / "stage.py").write_text(textwrap.dedent("""
+        import json, os, sys, pathlib, yaml
+        name = sys.argv[1]
+        p = yaml.safe_load(open("params.yaml"))
+        if name == "c" and p["evaluate"]["num_problems"] == 13:
+            print("error: contract violated in data/x.jsonl row 3", file=sys.stderr); sys.exit(2)
+        if name == "c" and p["evaluate"]["num_problems"] == 17:
+            os.kill(os.getpid(), 9)
+        src = {"a": None, "b": "out/a.txt", "c": "out/b.txt"}[name]
+        text = (open(src).read() if src else "") + f"{name}:{p['seed']};"
+        pathlib.Path("out").mkdir(exist_ok=True)
+        open(f"out/{name}.txt", "w").write(text)
+        pathlib.Path("metrics").mkdir(exist_ok=True)
+        json.dump({"len": len(text), "stage": name}, open(f"metrics/{name}.json", "w"))
+        with open("runs.log", "a") as f: f.write(name + "\\n")
+    """))
+    stages = {}
+    for name, dep in (("a", None), ("b", "out/a.txt"), ("c", "out/b.txt")):
+        stages[name] = {"cmd": f"python stage.py {name}", "deps": ["stage.py"] + ([dep] if dep else []),
+                        "outs": [f"out/{name}.txt"], "metrics": [{f"metrics/{name}.json": {"cache": False}}]}
+    stages["b"]["params"] = ["seed"]
+    stages["c"]["params"] = ["evaluate.num_problems"]
+    # declared out of dependency order on purpose: the flow must follow `dvc dag`, not the file
+    (ws / "dvc.yaml").write_text(yaml.safe_dump({"stages": {k: stages[k] for k in ("c", "a", "b")}}, sort_keys=False))
+    (ws / ".gitignore").write_text("runs.log\n")
+    git(ws, "init", "-q")
+    subprocess.run([DVC, "init", "-q"], cwd=ws, check=True)
+    git(ws, "add", "-A")
+    git(ws, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init")
+    return ws
+
+
+def runs(ws: Path) -> list[str]:
+    log = ws / "runs.log"
+    return log.read_text().split() if log.exists() else []
+
+
+def test_stage_order_follows_dvc_dag(mini_ws):
+    assert dvc_stage_order(mini_ws) == ["a", "b", "c"]
+
+
+def test_repository_pipeline_order_is_dvc_dag_order():
+    order = dvc_stage_order(REPO)
+    assert order[0] == "prepare_data" and order[-1] == "deploy"
+    assert set(order) == set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
+    dot = subprocess.run([DVC, "dag", "--dot"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    import re
+
+    for a, b in re.findall(r'"([^"]+)"\s*->\s*"([^"]+)"', dot):
+        assert order.index(a) < order.index(b), (a, b)
+    expected_chain = ["prepare_data", "validate_data", "tokenizer", "cpt", "expand", "sft", "rl", "compress",
+                      "evaluate", "gates", "export", "deploy"]
+    assert order == expected_chain
+
+
+def test_select_stages_errors_name_the_stage():
+    order = ["a", "b", "c"]
+    assert select_stages(order, "b", None) == ["b", "c"]
+    assert select_stages(order, None, "b") == ["a", "b"]
+    with pytest.raises(ValueError, match="from_stage='x' is not a stage"):
+        select_stages(order, "x", None)
+    with pytest.raises(ValueError, match="comes after"):
+        select_stages(order, "c", "a")
+
+
+def test_overrides_are_validated_and_keep_comments(mini_ws):
+    before = (mini_ws / "params.yaml").read_text()
+    with pytest.raises(ParamsError, match="cpt.max_stepz"):
+        apply_param_overrides(mini_ws, {"cpt.max_stepz": 3})
+    with pytest.raises(ParamsError, match="cpt.lr"):
+        apply_param_overrides(mini_ws, {"cpt.lr": -1})
+    assert (mini_ws / "params.yaml").read_text() == before  # nothing written on error
+    assert apply_param_overrides(mini_ws, {"cpt.max_steps": 7, "seed": 5}) == ["cpt.max_steps", "seed"]
+    after = (mini_ws / "params.yaml").read_text()
+    assert "# every stage derives its RNG seeds from this" in after
+    loaded = yaml.safe_load(after)
+    assert loaded["cpt"]["max_steps"] == 7 and loaded["seed"] == 5
+
+
+def test_flow_runs_in_dag_order_skips_up_to_date_and_reruns_downstream_only(mini_ws, prefect_api):
+    results = ruyi_pipeline(workspace=str(mini_ws), push=False)
+    assert [r["stage"] for r in results] == ["a", "b", "c"]
+    assert runs(mini_ws) == ["a", "b", "c"]
+    assert not any(r["skipped"] for r in results)
+    assert results[2]["metrics"]["metrics/c.json"]["stage"] == "c"
+    status = subprocess.run([DVC, "status"], cwd=mini_ws, capture_output=True, text=True).stdout
+    assert "up to date" in status
+
+    again = ruyi_pipeline(workspace=str(mini_ws), push=False)
+    assert all(r["skipped"] for r in again) and runs(mini_ws) == ["a", "b", "c"]
+
+    # a parameter of b changes: b and c rerun, a does not
+    ruyi_pipeline(workspace=str(mini_ws), overrides={"seed": 99}, push=False)
+    assert runs(mini_ws) == ["a", "b", "c", "b", "c"]
+    assert "b:99;" in (mini_ws / "out/c.txt").read_text()
+
+    # from_stage: only c and nothing upstream, even when forced by a changed parameter of c
+    ruyi_pipeline(workspace=str(mini_ws), from_stage="c", overrides={"evaluate.num_problems": 5}, push=False)
+    assert runs(mini_ws) == ["a", "b", "c", "b", "c", "c"]
+
+
+def test_user_errors_are_not_retried_and_stop_the_flow(mini_ws, prefect_api):
+    with pytest.raises(StageFailed, match="contract violated in data/x.jsonl row 3"):
+        ruyi_pipeline(workspace=str(mini_ws), overrides={"evaluate.num_problems": 13}, push=False)
+    assert runs(mini_ws) == ["a", "b"]  # c failed once, was not retried, wrote nothing
+    assert not (mini_ws / "out/c.txt").exists()
+
+
+def test_a_stage_killed_by_a_signal_is_retried_as_infrastructure(mini_ws, prefect_api):
+    with pytest.raises(InfrastructureError, match="infrastructure error"):
+        ruyi_pipeline(workspace=str(mini_ws), overrides={"evaluate.num_problems": 17}, push=False)
+
+
+def test_artifacts_published(mini_ws, prefect_api):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    ruyi_pipeline(workspace=str(mini_ws), push=False)
+    with get_client(sync_client=True) as client:
+        lineage = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["lineage"])))
+        table = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["metrics-c"])))
+    assert lineage and "git revision" in lineage[-1].data and "| c |" in lineage[-1].data
+    assert table and "c.len" in str(table[-1].data)
+
+
+def test_push_to_a_local_dvc_remote(mini_ws, tmp_path, prefect_api):
+    remote = tmp_path / "remote"
+    subprocess.run([DVC, "remote", "add", "-d", "store", str(remote)], cwd=mini_ws, check=True)
+    ruyi_pipeline(workspace=str(mini_ws), push=True)
+    assert remote.is_dir() and any(p.is_file() for p in remote.rglob("*"))
