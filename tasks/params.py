@@ -239,20 +239,81 @@ class GatesParams(_Section):
 
 
 class StoreParams(_Section):
+    """The artifact store for releases (tasks/store.py): a local directory or any S3 endpoint."""
+
     backend: Literal["local", "s3"] = "local"
-    root: str = "store"  # local backend: a directory
-    bucket: str | None = None  # s3 backend
+    # local backend: the store directory (releases under <root>/<model>/<version>/).
+    root: str = "store"
+    # s3 backend: an existing bucket and a key prefix inside it. Credentials come from the standard
+    # AWS chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profiles), never from this file.
+    bucket: str | None = None
     prefix: str = "ruyi"
+    # null: AWS; e.g. http://127.0.0.1:8333 for SeaweedFS or MinIO.
     endpoint_url: str | None = None
+    # Signing region; null: from the AWS config, else us-east-1.
+    region: str | None = None
+    # auto: path-style with an endpoint_url (SeaweedFS/MinIO need it), botocore's default on AWS.
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    # Files of at least this size go up in parts of multipart_chunksize_mib (S3 minimum part: 5 MiB).
+    multipart_threshold_mib: PositiveFloat = 64.0
+    multipart_chunksize_mib: Annotated[float, Field(ge=5.0)] = 16.0
+    max_concurrency: PositiveInt = 4
+    # Fail fast on a dead endpoint: botocore retry mode "standard" with this many attempts in all.
+    connect_timeout_s: PositiveFloat = 5.0
+    read_timeout_s: PositiveFloat = 60.0
+    max_attempts: PositiveInt = 5
+    # How an upload is verified: checksum = the server's SHA-256 of what it stored (no extra
+    # traffic); download = read every object back and hash it (for endpoints without checksums).
+    verify: Literal["checksum", "download"] = "checksum"
+    # Where fetched releases are kept; null = <paths.artifacts_dir>/releases.
+    cache_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> StoreParams:
+        if self.backend == "s3" and not self.bucket:
+            raise ValueError("store.bucket is required when store.backend is s3")
+        if self.endpoint_url is not None and not self.endpoint_url.startswith(("http://", "https://")):
+            raise ValueError(f"store.endpoint_url must start with http:// or https://, got {self.endpoint_url!r}")
+        return self
+
+
+# Ray reserves worker ports 10002-19999 on every node (RL_SERVE_NOTES B4): serving there collides.
+_RAY_WORKER_PORTS = range(10002, 20000)
 
 
 class DeployParams(_Section):
-    model_name: str = "ruyi-tiny"
+    """Publishing `artifacts/export/` as a release and serving it (tasks/deploy.py, tasks/serving.py)."""
+
+    # Release name in the store (letters, digits, '.', '_', '-').
+    model_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")] = "ruyi-tiny"
+    # null: v0001, v0002, ... (an export identical to the latest release reuses it); or a fixed name.
+    version: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")] | None = None
     store: StoreParams = StoreParams()
+    # HTTP address of the Ray Serve application (deploy's smoke test and `ruyi serve`).
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1024, le=65535)] = 8124
+    # Requests asking for more new tokens get HTTP 400.
     max_tokens_limit: PositiveInt = 128
+    # Default confidence threshold of the dynamic early-exit tier (model "dynamic").
+    dynamic_threshold: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9
+    # Smoke test: the first smoke_prompts eval.jsonl questions, greedy, at every tier.
     smoke_prompts: PositiveInt = 4
+    smoke_max_tokens: PositiveInt = 32
+    # Logical CPUs of the one serving replica, and of the local Ray instance deploy/serve start.
+    replica_num_cpus: Annotated[float, Field(gt=0.0, le=64.0)] = 0.5
+    ray_num_cpus: PositiveInt = 2
+    ray_object_store_mib: Annotated[int, Field(ge=80)] = 256
+    # null: start a local Ray instance; else the address of a running cluster (e.g. "auto").
+    ray_address: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> DeployParams:
+        if self.port in _RAY_WORKER_PORTS:
+            raise ValueError(f"deploy.port {self.port} is in Ray's worker port range 10002-19999; pick another")
+        if self.replica_num_cpus > self.ray_num_cpus and self.ray_address is None:
+            raise ValueError(f"deploy.replica_num_cpus ({self.replica_num_cpus}) exceeds deploy.ray_num_cpus "
+                             f"({self.ray_num_cpus}): the replica could never be scheduled")
+        return self
 
 
 class Params(_Section):

@@ -1,0 +1,72 @@
+"""Tiny exports in the layout the export stage writes, for the store, serving and deploy tests.
+
+`build_tiny_export(dir)` makes a 4-layer stock Qwen3 (random weights, seeded), turns it into a family
+with exits 2 and 4 (`FamilialForCausalLM.from_qwen3`, Ruyi2's recipe) and writes it with the real
+`ruyi_model.export.export_exits`: `exit_2/`, `exit_4/` (stock Qwen3ForCausalLM checkpoints with the
+tokenizer), `family/` and `manifest.json`. The tokenizer is a byte-level BPE trained on a few lines,
+with the project's special tokens and Qwen-style chat template, so chat prompts work end to end.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_TEXTS = [
+    "Tom has 3 apples and buys 4 more. How many apples does he have now?",
+    "He has 3 + 4 = 7 apples.\n#### 7",
+    "A train travels 60 miles in 2 hours. What is its speed in miles per hour?",
+    "The speed is 60 / 2 = 30 miles per hour.\n#### 30",
+    "The quick brown fox jumps over the lazy dog. Python is a programming language.",
+] * 4
+
+
+def tiny_tokenizer():
+    """A byte-level BPE (~300 tokens) with the special tokens and chat template of the project."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, min_frequency=1, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_TEXTS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>",
+                                   bos_token=None, unk_token=None)
+    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_family(tokenizer, seed: int = 0, exit_layers=(2, 4)):
+    """`(family, source_qwen3)`: a random stock Qwen3 of 4 layers and the family made from it."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from ruyi_model import FamilialForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=max(exit_layers),
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    source = Qwen3ForCausalLM(config).eval()
+    family = FamilialForCausalLM.from_qwen3(source, exit_layers=list(exit_layers)).eval()
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    family.generation_config.eos_token_id = [im_end, tokenizer.eos_token_id]
+    family.generation_config.pad_token_id = tokenizer.pad_token_id
+    return family, source
+
+
+def build_tiny_export(out_dir: str | Path, seed: int = 0, exit_layers=(2, 4)) -> Path:
+    """Writes a tiny export (exit_<d>/, family/, manifest.json) to `out_dir` and returns it."""
+    from ruyi_model.export import export_exits
+
+    tokenizer = tiny_tokenizer()
+    family, _ = build_tiny_family(tokenizer, seed=seed, exit_layers=exit_layers)
+    export_exits(family, out_dir, tokenizer=tokenizer)
+    return Path(out_dir)
