@@ -160,17 +160,25 @@ class SFTParams(TrainParams):
 
 
 class BPPOParams(_Section):
-    # Which prefix of the two selected responses carries gradient.
+    """Binary Prefix Policy Optimization (Ruyi2.5); the rules the papers leave open are ours (tasks/rl_algos.py)."""
+
+    # Which prefix of the two selected responses carries gradient: a fraction of each response's
+    # length, its first k tokens, or the pair's common prefix plus the first diverging token.
     prefix_rule: Literal["fraction", "first_k", "common"] = "fraction"
     prefix_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
     prefix_k: PositiveInt = 16
-    # Adaptive completion schedule: the generation budget follows recent shortest-correct lengths.
+    # Adaptive completion schedule: the generation budget follows recent shortest-correct lengths,
+    # budget = clamp(ceil(budget_margin * EMA), budget_min_tokens, rl.max_new_tokens).
     adaptive_budget: bool = True
     budget_margin: Annotated[float, Field(ge=1.0)] = 1.5
     budget_min_tokens: PositiveInt = 8
+    # Weight of the past in the EMA of the per-step shortest-correct length.
+    budget_ema: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
 
 
 class RLParams(_Section):
+    """On-policy RL with a verifiable reward (tasks/rl.py): GRPO as TRL computes it, or BPPO."""
+
     algorithm: Literal["grpo", "bppo"] = "bppo"
     # Which members are sampled and trained: "dae" (the DaE member, as in the paper), "all", or a
     # list of exit layers.
@@ -181,12 +189,29 @@ class RLParams(_Section):
     max_new_tokens: PositiveInt = 48
     temperature: PositiveFloat = 1.0
     lr: PositiveFloat = 5e-4
+    grad_clip: Annotated[float, Field(ge=0.0)] = 1.0
+    # Optimizer steps per generation batch (TRL's num_iterations); > 1 reuses the batch with
+    # importance ratios against the sampling policy, so the PPO clip becomes active.
+    num_iterations: PositiveInt = 1
     epsilon: PositiveFloat = 0.2
     epsilon_high: PositiveFloat = 0.28
     beta: Annotated[float, Field(ge=0.0)] = 0.0
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    # Advantage scaling as TRL's scale_rewards: group std, batch std or none.
+    scale_rewards: Literal["group", "batch", "none"] = "group"
     format_reward: Annotated[float, Field(ge=0.0)] = 0.1
+    # The last eval_prompts rows of rl.jsonl are held out: greedy reward/accuracy before and after.
+    eval_prompts: PositiveInt = 32
+    # Resumable checkpoints every n steps into artifacts/checkpoints/rl (0 = none).
+    checkpoint_every: NonNegInt = 10
     bppo: BPPOParams = BPPOParams()
+
+    @model_validator(mode="after")
+    def _check(self) -> RLParams:
+        if self.bppo.budget_min_tokens > self.max_new_tokens:
+            raise ValueError(f"rl.bppo.budget_min_tokens ({self.bppo.budget_min_tokens}) must be <= "
+                             f"rl.max_new_tokens ({self.max_new_tokens})")
+        return self
 
 
 class CompressParams(_Section):
