@@ -1,13 +1,13 @@
 """Greedy decoding speed at each exit of one family, side by side, as a ratio to the deepest member.
 
-    python benchmarks/exit_speed.py [--layers 16 --hidden 512 --exits 2,4,8,16 --new-tokens 64]
+    python benchmarks/exit_speed.py [--layers 16 --hidden 1024 --exits 2,4,8,16 --new-tokens 64]
 
 A member of depth d runs d of the family's L layers, so its decoding should be about L/d times
 faster than the deepest member's; the target is at least 0.8 x (L/d). Members are timed
 interleaved (round-robin over several repeats, best-of) in one process, because this machine is
 noisy. Per-token fixed costs (embedding, the LM head, Python and `generate` overhead) do not shrink
-with depth, so small models fall short of L/d; the default shape (16 layers of width 512) is large
-enough for the layers to dominate on a CPU.
+with depth, so small models fall short of L/d: the shallowest member is hit hardest. The default
+shape (16 layers of width 1024, FFN 4096, vocabulary 2048) makes a layer cost several times the head.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def build_family(layers: int, hidden: int, exits: list[int], vocab: int):
     from ruyi_model import FamilialConfig, FamilialForCausalLM
 
     heads = max(1, hidden // 64)
-    cfg = FamilialConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+    cfg = FamilialConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), head_dim=64,
                          max_position_embeddings=2048, exit_layers=exits)
     torch.manual_seed(0)
@@ -43,9 +43,9 @@ def time_member(model, ids: torch.Tensor, exit_layer: int, new_tokens: int) -> f
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--exits", default="2,4,8,16", help="comma-separated member depths (last = --layers)")
-    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
