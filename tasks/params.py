@@ -107,8 +107,9 @@ class TokenizerParams(_Section):
 class ExitWeightSchedule(_Section):
     """Ruyi2 Eq. 1 weights w_k(t): shallower members decay from `start` to `floor` over training.
 
-    Ruyi2 gives no formula; ours: the deepest member always has weight `deepest`; every other member
-    goes from `start` at step 0 to `floor` at the last step along `kind` (linear or cosine).
+    Ruyi2 gives no formula; ours (tasks/training.py `exit_weights_at`): the deepest member always has
+    weight `deepest`; every other member goes from `start` at the first step to `floor` at the last
+    step along `kind`: constant (stays at `start`), linear, or cosine (half cosine).
     """
 
     kind: Literal["constant", "linear", "cosine"] = "cosine"
@@ -116,47 +117,75 @@ class ExitWeightSchedule(_Section):
     floor: Annotated[float, Field(ge=0.0)] = 0.3
     deepest: PositiveFloat = 1.0
 
+    @model_validator(mode="after")
+    def _check(self) -> ExitWeightSchedule:
+        if self.kind != "constant" and self.floor > self.start:
+            raise ValueError(f"exit_weights.floor ({self.floor}) must be <= exit_weights.start ({self.start}): "
+                             f"the shallower members' weights decay")
+        return self
+
 
 class TrainParams(_Section):
-    """Optimisation settings shared by the training stages (cpt, expand, sft)."""
+    """Optimisation settings shared by the training stages (cpt, expand, sft); see tasks/training.py."""
 
-    seq_len: PositiveInt = 256
+    seq_len: PositiveInt = 128
     batch_size: PositiveInt = 8
+    # Micro-batches per optimizer step (the effective batch is batch_size * grad_accum).
     grad_accum: PositiveInt = 1
-    max_steps: PositiveInt = 300
+    max_steps: PositiveInt = 200
+    # Peak learning rate of AdamW (betas 0.9/0.95; decay on matrices only).
     lr: PositiveFloat = 3e-3
+    # Cosine decay floor, as a fraction of lr, reached at max_steps.
     min_lr_ratio: Fraction = 0.1
     warmup_steps: NonNegInt = 20
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
+    # Gradient-norm clipping (0 = off).
     grad_clip: Annotated[float, Field(ge=0.0)] = 1.0
     bf16: bool = False
-    checkpoint_every: PositiveInt = 100
-    eval_every: PositiveInt = 50
+    # Resumable checkpoint interval into artifacts/checkpoints/<stage>/ (one is always written at the end).
+    checkpoint_every: PositiveInt = 50
+    eval_every: PositiveInt = 25
+    # Validation batches (of batch_size rows) per evaluation.
     eval_batches: PositiveInt = 4
+
+    @model_validator(mode="after")
+    def _check_train(self) -> TrainParams:
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < max_steps ({self.max_steps})")
+        return self
 
 
 class CPTParams(TrainParams):
+    """Joint multi-exit continued pre-training of the family (tasks/cpt.py)."""
+
     exit_weights: ExitWeightSchedule = ExitWeightSchedule()
 
 
 class ExpandParams(TrainParams):
-    """DaE expansion (Ruyi2 section 4.4)."""
+    """DaE expansion (Ruyi2 section 4.4) and the expanded member's CPT (tasks/expand.py)."""
 
     # Member to expand; null = the smallest member (as in the paper).
     exit_layer: PositiveInt | None = None
     num_blocks: PositiveInt = 2
     init: Literal["random", "clone"] = "random"
-    # Share of general (non-math) text replayed during DaE CPT (the paper: 10%).
+    # Share of general (source != "math") documents replayed among the STEM (source == "math")
+    # documents during DaE CPT (the paper: 10%).
     replay_fraction: Fraction = 0.1
-    max_steps: PositiveInt = 200
+    max_steps: PositiveInt = 100
 
 
 class SFTParams(TrainParams):
-    # family: joint multi-exit tuning of the whole family; dae: only the DaE member's trainable
-    # parameters (the paper tunes the family before expansion and the DaE member after it).
+    """Supervised fine-tuning on chat-formatted math pairs (tasks/sft.py)."""
+
+    # family: joint multi-exit tuning of every parameter of the family; dae: only the DaE member's
+    # trainable parameters (the paper tunes the family before expansion and the DaE member after it).
     scope: Literal["family", "dae"] = "dae"
-    max_steps: PositiveInt = 200
+    max_steps: PositiveInt = 100
     lr: PositiveFloat = 1e-3
+    # Share of sft.jsonl held out (chosen by a hash of the row id) for the before/after loss.
+    holdout_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.05
+    # Exit weights of the multi-exit loss with scope=family (constant 1.0 by default).
+    exit_weights: ExitWeightSchedule = ExitWeightSchedule(kind="constant")
 
 
 class BPPOParams(_Section):

@@ -1,0 +1,192 @@
+"""cpt: joint (multi-exit) continued pre-training of the whole family (Ruyi2 section 3.1, Eq. 1).
+
+    python -m tasks.cpt [--params params.yaml] [--set cpt.max_steps=100 ...]
+    ruyi stage cpt ...
+
+Reads   data/validated/corpus_train.jsonl, corpus_val.jsonl ({"id", "text", "source"}), artifacts/tokenizer/
+Writes  artifacts/cpt/ (model + tokenizer, `tasks.common.save_family`), resumable checkpoints in
+        artifacts/checkpoints/cpt/step_<n>/, metrics/cpt.json, plots/cpt/loss.png + loss.csv
+
+The model: built from `params.model` (vocab_size = len(tokenizer) rounded up to a multiple of 64, pad
+and eos ids from the tokenizer; generation stops at `<|im_end|>` or `<|endoftext|>`), or, with
+`model.init_from`, `FamilialForCausalLM.from_qwen3(path, exit_layers, ...)` (Ruyi2's recipe: branch
+layers copied from the layer after each exit, heads from the source head).
+
+The loss: `sum_k w_k(t) CE_k` over every member from one backbone pass, the weights following
+`cpt.exit_weights` (tasks/training.py `exit_weights_at`; default: the deepest member 1.0, the
+shallower members cosine-decayed from 1.0 to 0.3 over the run; the paper gives no formula).
+Everything of the training machinery (packing, AdamW + warmup/cosine, accumulation, bf16, clipping,
+exact resume, fingerprinted checkpoints, curves) is in tasks/training.py and documented there.
+
+Deviations from the paper: Ruyi2 trains the 14B family on ~800B tokens with Megatron 3D parallelism;
+here one process trains the tiny family on the embedded corpus (all of it: general text and the
+SFT problems' worked solutions that prepare_data adds as `source: "math"` documents). Validation
+packs `corpus_val.jsonl` the same way and evaluates the first `eval_batches` batches of it.
+
+Metrics (`metrics/cpt.json`): `exit_<d>` -> {train_loss (mean of the last 10 steps), val_loss (final),
+val_loss_initial}, steps, tokens, tokens_per_s, resumed_from_step, wall_s, the final exit weights,
+parameter counts, block counts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tasks.common import (
+    StageError,
+    check_tokenizer_matches,
+    checkpoint_dir,
+    log,
+    plots_dir,
+    require_dir,
+    save_family,
+    seed_everything,
+    stage_dir,
+    stage_main,
+    write_metrics,
+)
+from tasks.params import ParamsError, Params
+from tasks import training
+
+STAGE = "cpt"
+VOCAB_MULTIPLE = 64
+
+
+def validated_dir(params: Params) -> Path:
+    return Path(params.paths.data_dir) / "validated"
+
+
+def tokenizer_dir(params: Params) -> Path:
+    return Path(params.paths.artifacts_dir) / "tokenizer"
+
+
+def check_seq_len(params: Params, section: str, seq_len: int, max_positions: int) -> None:
+    if seq_len > max_positions:
+        raise ParamsError(f"{section}.seq_len={seq_len} exceeds the model's max_position_embeddings={max_positions}")
+
+
+def set_generation_tokens(model, tokenizer) -> None:
+    """Generation stops at `<|im_end|>` (end of an assistant turn) or `<|endoftext|>`."""
+    im_end = tokenizer.convert_tokens_to_ids(training.IM_END_TOKEN)
+    model.generation_config.eos_token_id = [im_end, tokenizer.eos_token_id]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = None
+
+
+def build_family(params: Params, tokenizer):
+    """A fresh FamilialForCausalLM from `params.model` (or `from_qwen3` with `model.init_from`).
+
+    Call `seed_everything` first: the random initialisation uses torch's global RNG.
+    """
+    from ruyi_model import FamilialConfig, FamilialForCausalLM
+
+    m = params.model
+    if m.init_from:
+        src = require_dir(m.init_from, "model.init_from (a stock Qwen3 checkpoint directory)", marker="config.json")
+        try:
+            model = FamilialForCausalLM.from_qwen3(src, m.exit_layers, exit_branch_layers=m.exit_branch_layers,
+                                                   shared_heads=m.shared_heads, loss_impl=m.loss_impl)
+        except (ValueError, OSError) as e:
+            raise StageError(f"model.init_from={src}: cannot build the family from it: {e}") from None
+        check_tokenizer_matches(model, tokenizer, src)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.config.eos_token_id = tokenizer.eos_token_id
+    else:
+        vocab = math.ceil(len(tokenizer) / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+        config = FamilialConfig(
+            vocab_size=vocab, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+            num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
+            num_key_value_heads=m.num_key_value_heads, head_dim=m.head_dim,
+            max_position_embeddings=m.max_position_embeddings, rms_norm_eps=m.rms_norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+            tie_word_embeddings=False, exit_layers=list(m.exit_layers), exit_branch_layers=m.exit_branch_layers,
+            shared_heads=m.shared_heads, loss_impl=m.loss_impl)
+        model = FamilialForCausalLM(config)
+    set_generation_tokens(model, tokenizer)
+    return model
+
+
+def corpus_inputs(params: Params) -> tuple[Path, Path]:
+    data = validated_dir(params)
+    return data / "corpus_train.jsonl", data / "corpus_val.jsonl"
+
+
+def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict[str, Any]:
+    """Trains the family jointly and writes artifacts/cpt, metrics and plots.
+
+    Args:
+        params: validated parameters.
+        callbacks: called with the completed step count after each step (tests use one to stop a run
+            mid-way, as a kill would).
+    """
+    import torch
+
+    cfg = params.cpt
+    seed_everything(params.seed)
+    train_path, val_path = corpus_inputs(params)
+    tok_dir = tokenizer_dir(params)
+    tokenizer = training.load_tokenizer(tok_dir)
+    train_rows = training.read_corpus(train_path)
+    val_rows = training.read_corpus(val_path)
+
+    model = build_family(params, tokenizer)
+    check_seq_len(params, STAGE, cfg.seq_len, model.config.max_position_embeddings)
+    device = training.device_for_training()
+    model.to(device)
+    train_blocks = training.pack_corpus(tokenizer, [r["text"] for r in train_rows], cfg.seq_len, str(train_path),
+                                        desc="pack train")
+    val_blocks = training.pack_corpus(tokenizer, [r["text"] for r in val_rows], cfg.seq_len, str(val_path),
+                                      desc="pack val")
+    log.info("cpt: %d train blocks, %d val blocks of %d tokens; %d parameters; members %s",
+             train_blocks.shape[0], val_blocks.shape[0], cfg.seq_len, training.count_params(model.parameters()),
+             model.config.exit_layers)
+
+    stream = training.BlockStream({"input_ids": train_blocks}, params.seed, "cpt/train")
+    val_batches = training.fixed_batches({"input_ids": val_blocks}, cfg.batch_size, cfg.eval_batches)
+    exits = list(model.config.exit_layers)
+
+    def weights(step: int) -> list[float]:
+        return training.exit_weights_at(cfg.exit_weights, exits, step, cfg.max_steps)
+
+    inputs = {"corpus_train": training.file_sha256(train_path), "corpus_val": training.file_sha256(val_path),
+              "tokenizer": training.dir_sha256(tok_dir)}
+    if params.model.init_from:
+        inputs["init_from"] = training.dir_sha256(params.model.init_from)
+    info = training.fingerprint_info(STAGE, cfg, seed=params.seed, model=params.model, inputs=inputs)
+    checkpointer = training.Checkpointer(checkpoint_dir(params, STAGE), info)
+    named = list(model.named_parameters())
+    result = training.train_loop(stage=STAGE, model=model, cfg=cfg, named_params=named, stream=stream,
+                                 loss_fn=training.multi_exit_loss_fn(weights), val_batches=val_batches,
+                                 eval_fn=training.multi_exit_eval, checkpointer=checkpointer, callbacks=callbacks)
+
+    initial, final, train = result.val_losses(0), result.val_losses(), result.final_train_losses()
+    metrics: dict[str, Any] = {
+        f"exit_{d}": {"train_loss": round(train.get(d, float("nan")), 6), "val_loss": round(final[d], 6),
+                      "val_loss_initial": round(initial[d], 6)} for d in exits}
+    metrics.update(result.summary())
+    metrics.update({
+        "exit_weights_final": weights(cfg.max_steps - 1), "exit_weight_schedule": cfg.exit_weights.model_dump(),
+        "params_total": training.count_params(model.parameters()), "vocab_size": model.config.vocab_size,
+        "ln_vocab": round(math.log(model.config.vocab_size), 4), "train_blocks": int(train_blocks.shape[0]),
+        "val_blocks": int(val_blocks.shape[0]), "seq_len": cfg.seq_len, "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+    })
+    training.write_loss_curves(result.history, plots_dir(params, STAGE),
+                               title="cpt: joint multi-exit training, loss per member")
+    save_family(model.to("cpu"), tokenizer, stage_dir(params, STAGE))
+    write_metrics(params, STAGE, metrics)
+    log.info("cpt: val loss per member %s (ln V = %.2f)", {d: round(v, 3) for d, v in final.items()},
+             math.log(model.config.vocab_size))
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(STAGE, __doc__, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,145 @@
+"""The cpt stage on a micro workspace: it learns, resumes bitwise, and refuses bad input clearly."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from training_helpers import load, make_workspace
+
+from tasks import cpt
+from tasks.common import StageError, load_family
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return make_workspace(tmp_path_factory.mktemp("cpt"))
+
+
+@pytest.fixture(scope="module")
+def straight_run(workspace):
+    """One uninterrupted cpt run (12 steps, checkpoints every 4)."""
+    params = load(workspace)
+    return params, cpt.run(params)
+
+
+def test_cpt_learns_and_writes_its_outputs(straight_run):
+    params, metrics = straight_run
+    for d in (2, 4):
+        m = metrics[f"exit_{d}"]
+        assert m["val_loss"] < m["val_loss_initial"] - 0.05, m
+        assert m["val_loss"] < metrics["ln_vocab"]
+    assert metrics["steps"] == 12 and metrics["resumed_from_step"] is None
+    assert metrics["tokens"] == 12 * 4 * 32 and metrics["tokens_per_s"] > 0
+    assert metrics["exit_weights_final"] == pytest.approx([0.3, 1.0])
+    on_disk = json.loads((Path(params.paths.metrics_dir) / "cpt.json").read_text())
+    assert on_disk["exit_2"] == metrics["exit_2"]
+    model, tokenizer = load_family(f"{params.paths.artifacts_dir}/cpt")
+    assert model.config.exit_layers == [2, 4]
+    assert model.config.vocab_size % 64 == 0 and model.config.vocab_size >= len(tokenizer)
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in model.generation_config.eos_token_id
+    with open(f"{params.paths.plots_dir}/cpt/loss.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["exit"], r["split"]) for r in rows} == {("2", "train"), ("4", "train"), ("2", "val"), ("4", "val")}
+    assert sum(r["split"] == "train" for r in rows) == 24
+    assert Path(params.paths.plots_dir, "cpt", "loss.png").read_bytes()[:4] == b"\x89PNG"
+    steps = sorted(p.name for p in Path(params.paths.artifacts_dir, "checkpoints", "cpt").iterdir())
+    assert steps == ["step_12", "step_8"]
+
+
+class Killed(Exception):
+    pass
+
+
+def test_killed_and_resumed_run_equals_the_uninterrupted_one(straight_run, workspace, tmp_path):
+    params_a, _ = straight_run
+    # A second workspace with the same input files, other output paths.
+    other = tmp_path / "b"
+    params_b = _copy_ws(workspace, other)
+
+    def kill(done):
+        if done == 6:
+            raise Killed
+
+    with pytest.raises(Killed):
+        cpt.run(params_b, callbacks=[kill])
+    assert not (other / "artifacts" / "cpt").exists()  # no half-written output
+    assert not (other / "metrics" / "cpt.json").exists()
+    assert sorted(p.name for p in (other / "artifacts" / "checkpoints" / "cpt").iterdir()) == ["step_4"]
+
+    metrics = cpt.run(params_b)
+    assert metrics["resumed_from_step"] == 4
+    a, _ = load_family(f"{params_a.paths.artifacts_dir}/cpt")
+    b, _ = load_family(other / "artifacts" / "cpt")
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert torch.equal(sa[name], sb[name]), name
+    straight = json.loads((Path(params_a.paths.metrics_dir) / "cpt.json").read_text())
+    assert metrics["exit_4"] == straight["exit_4"]
+
+
+def _copy_ws(workspace, dest):
+    shutil.copytree(workspace.parent / "data", dest / "data")
+    shutil.copytree(workspace.parent / "artifacts" / "tokenizer", dest / "artifacts" / "tokenizer")
+    return load(workspace, paths__data_dir=str(dest / "data"), paths__artifacts_dir=str(dest / "artifacts"),
+                paths__metrics_dir=str(dest / "metrics"), paths__plots_dir=str(dest / "plots"))
+
+
+def test_empty_corpus_is_an_error_naming_the_file(workspace, tmp_path):
+    params = _copy_ws(workspace, tmp_path)
+    path = tmp_path / "data" / "validated" / "corpus_train.jsonl"
+    path.write_text("")
+    with pytest.raises(StageError, match=f"{path}: no rows"):
+        cpt.run(params)
+
+
+def test_malformed_corpus_row_is_an_error_naming_file_and_line(workspace, tmp_path):
+    params = _copy_ws(workspace, tmp_path)
+    path = tmp_path / "data" / "validated" / "corpus_val.jsonl"
+    lines = path.read_text().splitlines()
+    lines[2] = '{"id": "x", "text": "unterminated'
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(StageError, match=f"{path}:3: not valid JSON"):
+        cpt.run(params)
+    lines[2] = json.dumps({"id": "x", "text": "", "source": "docs"})
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(StageError, match=f"{path}: row 3 .*'text' must be a non-empty string"):
+        cpt.run(params)
+
+
+def test_missing_tokenizer_is_an_error_naming_the_directory(workspace, tmp_path):
+    params = _copy_ws(workspace, tmp_path)
+    shutil.rmtree(tmp_path / "artifacts" / "tokenizer")
+    with pytest.raises(StageError, match=f"tokenizer .*{tmp_path / 'artifacts' / 'tokenizer'}"):
+        cpt.run(params)
+    assert not (tmp_path / "artifacts" / "cpt").exists()
+
+
+def test_cli_help_and_bad_params(workspace, capsys):
+    with pytest.raises(SystemExit) as e:
+        cpt.main(["--help"])
+    assert e.value.code == 0
+    assert "python -m tasks.cpt" in capsys.readouterr().out
+    assert cpt.main(["--params", str(workspace), "--set", "cpt.seq_len=1000"]) == 2
+    assert "cpt.seq_len=1000 exceeds" in capsys.readouterr().err
+
+
+def test_exit_loss_weights_reach_the_model(straight_run):
+    """The schedule is what the model receives: the multi-exit loss equals sum_k w_k CE_k."""
+    params, _ = straight_run
+    model, _ = load_family(f"{params.paths.artifacts_dir}/cpt")
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    from tasks import training
+
+    weights = training.exit_weights_at(params.cpt.exit_weights, [2, 4], 5, 12)
+    out = training.multi_exit_loss_fn(lambda step: weights)(model, {"input_ids": ids}, 5)
+    per_exit = {d: model(ids, labels=ids, exit_layer=d, use_cache=False).loss.item() for d in (2, 4)}
+    expected = weights[0] * per_exit[2] + weights[1] * per_exit[4]
+    assert math.isclose(out[0].item(), expected, rel_tol=1e-5)

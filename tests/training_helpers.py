@@ -1,0 +1,116 @@
+"""A micro workspace for the training-stage tests (cpt, expand, sft): real files, real tokenizer.
+
+`make_workspace(root)` writes what the stages read, following the data contract:
+data/validated/{corpus_train,corpus_val,sft}.jsonl (general text = docstrings of standard-library
+modules, math = `tasks.mathgen` problems, also added to the corpus as `source: "math"` documents,
+as prepare_data does) and artifacts/tokenizer/ (a byte-level BPE trained here with
+`ruyi_model.tokenizer.train_tokenizer`), plus a params file with a micro model (hidden 32, 4 layers,
+members 2 and 4), seq_len 32 and a dozen steps per stage, so each stage runs in seconds.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+GENERAL_MODULES = ["json", "csv", "argparse", "pathlib", "collections", "functools", "textwrap", "logging",
+                   "random", "shutil", "string", "heapq", "bisect", "fractions", "decimal", "statistics",
+                   "tempfile", "zipfile", "difflib", "calendar"]
+
+
+def general_documents() -> list[str]:
+    docs = []
+    for name in GENERAL_MODULES:
+        module = importlib.import_module(name)
+        text = " ".join((module.__doc__ or "").split())
+        for start in range(0, len(text), 600):
+            piece = text[start:start + 600]
+            if len(piece) > 120:
+                docs.append(piece)
+    return docs
+
+
+def micro_params(root: Path) -> dict[str, Any]:
+    train = dict(seq_len=32, batch_size=4, grad_accum=1, max_steps=12, lr=3e-3, min_lr_ratio=0.1, warmup_steps=2,
+                 weight_decay=0.01, grad_clip=1.0, checkpoint_every=4, eval_every=4, eval_batches=2)
+    return {
+        "seed": 7,
+        "paths": {"data_dir": str(root / "data"), "artifacts_dir": str(root / "artifacts"),
+                  "metrics_dir": str(root / "metrics"), "plots_dir": str(root / "plots"),
+                  "reports_dir": str(root / "reports")},
+        "model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 2,
+                  "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 64,
+                  "exit_layers": [2, 4], "loss_impl": "chunked"},
+        "tokenizer": {"vocab_size": 400},
+        "cpt": {**train, "exit_weights": {"kind": "cosine", "start": 1.0, "floor": 0.3}},
+        "expand": {**train, "num_blocks": 2, "init": "random", "replay_fraction": 0.25, "max_steps": 8},
+        "sft": {**train, "scope": "dae", "max_steps": 10, "holdout_fraction": 0.1, "seq_len": 64},
+    }
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def make_workspace(root: Path, num_problems: int = 80) -> Path:
+    """Writes the micro workspace under `root`; returns the params file."""
+    from tasks.mathgen import generate_problems
+
+    root.mkdir(parents=True, exist_ok=True)
+    general = general_documents()
+    problems = generate_problems(num_problems, [1, 2], seed=3)
+    math_docs = [f"{p.question}\n{p.solution}" for p in problems]
+    corpus = [{"id": f"g{i}", "text": t, "source": "docs"} for i, t in enumerate(general)]
+    corpus += [{"id": f"m{i}", "text": t, "source": "math"} for i, t in enumerate(math_docs)]
+    corpus.sort(key=lambda r: r["id"])
+    val = [r for k, r in enumerate(corpus) if k % 8 == 0]
+    train = [r for k, r in enumerate(corpus) if k % 8 != 0]
+    data = root / "data" / "validated"
+    write_jsonl(data / "corpus_train.jsonl", train)
+    write_jsonl(data / "corpus_val.jsonl", val)
+    write_jsonl(data / "sft.jsonl", [{"id": f"s{i}", "prompt": p.question, "response": p.solution,
+                                      "answer": p.answer, "level": p.level} for i, p in enumerate(problems)])
+    params = micro_params(root)
+    tokenizer = _train_tokenizer([r["text"] for r in train], vocab_size=params["tokenizer"]["vocab_size"],
+                                min_frequency=2)
+    tokenizer.save_pretrained(root / "artifacts" / "tokenizer")
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def load(params_path: Path, **overrides):
+    """`load_params` with dotted overrides given as keyword arguments (`cpt__max_steps=3`)."""
+    from tasks.params import load_params
+
+    return load_params(params_path, {k.replace("__", "."): v for k, v in overrides.items()})
+
+
+def _train_tokenizer(texts, vocab_size, min_frequency):
+    """TEMPORARY until ruyi_model.tokenizer lands: byte-level BPE with the contract's special tokens."""
+    try:
+        from ruyi_model.tokenizer import train_tokenizer
+    except ImportError:
+        pass
+    else:
+        return train_tokenizer(texts, vocab_size=vocab_size, min_frequency=min_frequency)
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                                       special_tokens=special,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=special[0], pad_token=special[1],
+                                  additional_special_tokens=special[2:])
+    out.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return out
