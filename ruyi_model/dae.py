@@ -70,7 +70,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -120,6 +119,13 @@ def _rebuild(model: FamilialForCausalLM, config: FamilialConfig) -> tuple[Famili
     device = next(model.parameters()).device
     new = FamilialForCausalLM._from_config(config, dtype=model.dtype).to(device)
     result = new.load_state_dict(model.state_dict(), strict=False)
+    # Non-persistent buffers (rotary inv_freq) too, dtype included: `.to(bfloat16)` casts them, a fresh model
+    # keeps them fp32, and the rebuilt model must compute exactly what the source computes.
+    old_buffers = dict(model.named_buffers())
+    for name, _ in list(new.named_buffers()):
+        if name in old_buffers:
+            owner, _, attr = name.rpartition(".")
+            setattr(new.get_submodule(owner), attr, old_buffers[name].clone())
     new.generation_config = copy.deepcopy(model.generation_config)
     new.train(model.training)
     return new, set(result.missing_keys), set(result.unexpected_keys)
@@ -140,7 +146,8 @@ def expand(model: FamilialForCausalLM, exit_layer: int, num_blocks: int, init: s
             "clone" (copies of the member's last layer, low-rank factors multiplied back).
 
     Returns:
-        A new FamilialForCausalLM with `config.dae_blocks` increased for that member.
+        A new FamilialForCausalLM with `config.dae_blocks` increased for that member (every parameter
+        requires grad, as in any fresh model: call `freeze_for_dae` before DaE training).
     """
     model = _check_model(model)
     cfg = model.config

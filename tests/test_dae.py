@@ -91,6 +91,14 @@ def test_expand_keeps_every_member_identical(exits, branch, shared, shape, which
         assert torch.equal(new_sd[name], tensor), name
 
 
+def test_expand_is_exact_for_a_bf16_family_cast_with_to():
+    fam = make_family([2, 5]).to(torch.bfloat16)     # `.to` also casts the rotary buffers: they are carried over
+    ids = torch.randint(0, VOCAB, (2, 6))
+    big = expand(fam, 2, 1)
+    assert big.dtype == torch.bfloat16 and big.model.rotary_emb.inv_freq.dtype == torch.bfloat16
+    assert_same_logits(all_logits(fam, ids), all_logits(big, ids))
+
+
 def test_expand_random_init_follows_the_global_seed():
     fam = make_family([2, 5])
     torch.manual_seed(7)
@@ -332,14 +340,13 @@ def test_whitened_decomposition_beats_plain_svd_on_real_activations():
     assert plain.decompose_report.allocation == "uniform" and not plain.decompose_report.calibrated
     paths = {m.path: 2 for m in plain.decompose_report.matrices}
     grams, _ = collect_input_grams(big, paths, cal)
-    for path, gram in grams.items():
-        w = big.get_submodule(path).weight.double()
 
-        def act_err(model):
-            diff = w - model.get_submodule(path).dense_weight().double()
-            return torch.trace(diff @ gram @ diff.T).clamp_min(0).sqrt().item()
+    def act_err(model, path):   # ||(W - W') X^T||_F from the Gram matrix of the original model's inputs
+        diff = big.get_submodule(path).weight.double() - model.get_submodule(path).dense_weight().double()
+        return torch.trace(diff @ grams[path] @ diff.T).clamp_min(0).sqrt().item()
 
-        assert act_err(whitened) <= act_err(plain) * (1 + 1e-6), path
+    for path in grams:
+        assert act_err(whitened, path) <= act_err(plain, path) * (1 + 1e-6), path
     ids = torch.cat(cal)
     ref = all_logits(big, ids)[2]
     err_w = (all_logits(whitened, ids)[2] - ref).pow(2).mean()
@@ -387,3 +394,12 @@ def test_decompose_rejects_bad_input():
     again = decompose(big, include_head=False)
     with pytest.raises(ValueError, match="already low rank"):
         decompose(again, include_head=False)
+
+
+def test_decompose_one_member_without_dae_blocks_compresses_only_its_head():
+    big = expand(make_family([2, 5]), 2, 1)
+    ids = torch.randint(0, VOCAB, (2, 6))
+    small = decompose(big, ratio=0.5, exit_layer=5)
+    assert list(small.config.lowrank_ranks) == ["exits.5.lm_head"]
+    assert small.config.lowrank_ranks["exits.5.lm_head"] == rank_for_ratio(VOCAB, 32, 0.5)
+    assert_same_logits(all_logits(big, ids), all_logits(small, ids), members=[2])

@@ -10,12 +10,18 @@ tile is accumulated over D chunks with ``tl.dot`` in fp32 and folded into an onl
 (running max ``m``, sum ``l`` rescaled by ``exp(m_old - m_new)``), picking up the target logit when the
 label falls in the tile. Writes ``lse`` and the per-row loss (``lse - z_target``, 0 for ignored rows).
 
-``_exit_ce_bwd_kernel`` (grid: token tiles x vocab tiles x exit groups). Recomputes its logits tile,
+``_exit_ce_bwd_kernel`` (grid: token tiles x vocab tiles in grouped order, x exit groups). Recomputes its logits tile,
 forms ``dz = scale_k * (exp(z - lse) - onehot)`` (0 on ignored rows and padding), and contracts it at
 once into ``grad_y += dz @ W_tile`` and ``grad_W_tile += dz^T @ y`` with fp32 atomic adds (the
 "Cut Cross-Entropy" scheme): neither kernel needs a tile larger than ``BLOCK_M x BLOCK_V``, so memory is
 O(K*N) beyond the inputs and the fp32 gradient buffers. The atomics make the summation order, and so
 the last bits of the gradients, run-to-run nondeterministic on GPU.
+
+Performance caveat (not yet measured on a GPU): the atomic traffic is (V / BLOCK_V) x |grad_y| +
+(K*N / BLOCK_M) x |grad_W|, terabytes at N=16384, D=4096, V=128256. The grouped launch order keeps
+the target rows in L2, but if the atomics still dominate on an H100, the next step is to write ``dz``
+for a chunk of tokens (bf16, chunk x V) and hand the two contractions to cuBLAS (Liger-Kernel's
+fused-linear-cross-entropy scheme), trading chunk x V memory for GEMM-speed backward.
 
 Numerics: every load is upcast to fp32 right away (also required by the interpreter, whose bf16 is
 wrong). On GPU, fp16/bf16 operands go back to the input dtype just before ``tl.dot`` (exact: they
@@ -90,12 +96,20 @@ def _exit_ce_bwd_kernel(
     Y, W, LABELS, LSE, EXIT_SCALE, GRAD_Y, GRAD_W,
     K, N, V, D, stride_w_exit, ignore_index,
     EXITS_PER_PROGRAM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    COMPUTE_GRAD_Y: tl.constexpr, COMPUTE_GRAD_W: tl.constexpr,
+    GROUP_N: tl.constexpr, COMPUTE_GRAD_Y: tl.constexpr, COMPUTE_GRAD_W: tl.constexpr,
     DOT_IN_INPUT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    pid_k = tl.program_id(2)
+    # Grouped launch order (as in Triton's matmul tutorial): consecutive programs cover GROUP_N token
+    # tiles x a run of vocab tiles, so the grad_y rows and grad_W rows they add into stay in L2.
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_v = tl.cdiv(V, BLOCK_V)
+    pids_per_group = GROUP_N * num_pid_v
+    first_pid_n = (pid // pids_per_group) * GROUP_N
+    group_size_n = tl.minimum(num_pid_n - first_pid_n, GROUP_N)
+    pid_n = first_pid_n + (pid % pids_per_group) % group_size_n
+    pid_v = (pid % pids_per_group) // group_size_n
     BLOCK_M: tl.constexpr = EXITS_PER_PROGRAM * BLOCK_N
     r = tl.arange(0, BLOCK_M)
     exits = pid_k * EXITS_PER_PROGRAM + r // BLOCK_N
@@ -156,13 +170,13 @@ def _exit_ce_bwd_kernel(
 
 
 def _config(num_exits: int, shared: bool, config: dict | None) -> dict:
-    """Tile sizes. GPU defaults are reasonable starting points, not tuned on hardware yet."""
+    """Tile sizes (+ GROUP_N, the backward launch grouping). GPU defaults are starting points, untuned."""
     exits_per_program = triton.next_power_of_2(num_exits) if shared else 1
     if triton_interpreting():
         # The interpreter pays per op, not per element: few, large tiles.
-        out = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=64)
+        out = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=64, GROUP_N=2)
     else:
-        out = dict(BLOCK_N=max(16, 64 // exits_per_program), BLOCK_V=128, BLOCK_D=64)
+        out = dict(BLOCK_N=max(16, 64 // exits_per_program), BLOCK_V=128, BLOCK_D=64, GROUP_N=8)
     out.update(config or {})
     out["EXITS_PER_PROGRAM"] = exits_per_program
     for name in ("BLOCK_N", "BLOCK_V", "BLOCK_D"):
@@ -190,7 +204,7 @@ def head_ce_forward(y: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch
         lm_head_weight: ``(V, D)`` or ``(K, V, D)``, contiguous.
         labels: ``(N,)`` contiguous integer ids.
         ignore_index: label value to skip.
-        config: optional tile-size overrides (``BLOCK_N``, ``BLOCK_V``, ``BLOCK_D``, ``num_warps``).
+        config: optional overrides (``BLOCK_N``, ``BLOCK_V``, ``BLOCK_D``, ``GROUP_N``, ``num_warps``).
 
     Returns:
         ``(lse, row_loss)``: both ``(K, N)`` fp32.
@@ -199,6 +213,7 @@ def head_ce_forward(y: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch
     shared = lm_head_weight.dim() == 2
     vocab_size = lm_head_weight.shape[-2]
     cfg = _config(num_exits, shared, config)
+    cfg.pop("GROUP_N")
     lse = torch.empty(num_exits, num_tokens, dtype=torch.float32, device=y.device)
     row_loss = torch.empty_like(lse)
     grid = (triton.cdiv(num_tokens, cfg["BLOCK_N"]), 1 if shared else num_exits)
@@ -228,18 +243,19 @@ def head_ce_backward(y: torch.Tensor, lm_head_weight: torch.Tensor, labels: torc
     shared = lm_head_weight.dim() == 2
     vocab_size = lm_head_weight.shape[-2]
     cfg = _config(num_exits, shared, config)
+    group_n = cfg.pop("GROUP_N")
     grad_y = torch.zeros(y.shape, dtype=torch.float32, device=y.device) if compute_grad_y else None
     grad_w = torch.zeros(lm_head_weight.shape, dtype=torch.float32, device=y.device) if compute_grad_w else None
     if not (compute_grad_y or compute_grad_w):
         return grad_y, grad_w
     dummy = lse  # never dereferenced when the matching COMPUTE_* flag is off
-    grid = (triton.cdiv(num_tokens, cfg["BLOCK_N"]), triton.cdiv(vocab_size, cfg["BLOCK_V"]),
+    grid = (triton.cdiv(num_tokens, cfg["BLOCK_N"]) * triton.cdiv(vocab_size, cfg["BLOCK_V"]),
             1 if shared else num_exits)
     _exit_ce_bwd_kernel[grid](
         y, lm_head_weight, labels, lse, exit_scale,
         grad_y if grad_y is not None else dummy, grad_w if grad_w is not None else dummy,
         num_exits, num_tokens, vocab_size, dim, 0 if shared else vocab_size * dim, ignore_index,
-        COMPUTE_GRAD_Y=compute_grad_y, COMPUTE_GRAD_W=compute_grad_w,
+        GROUP_N=group_n, COMPUTE_GRAD_Y=compute_grad_y, COMPUTE_GRAD_W=compute_grad_w,
         **cfg, **_dot_mode(y.dtype),
     )
     return grad_y, grad_w

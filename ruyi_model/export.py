@@ -1,0 +1,252 @@
+"""Export: every member of a family as a stock `Qwen3ForCausalLM` checkpoint, plus the family itself.
+
+Used by the export stage (`python -m tasks.export`); callable on any `FamilialForCausalLM`:
+
+    manifest = export_exits(model, "artifacts/export", tokenizer=tok)
+    verify_export("artifacts/export")          # re-hash every file against manifest.json
+
+Layout written (atomically: everything goes into a temporary sibling directory that is renamed onto
+`out_dir` only when complete, so a crash never leaves a directory that looks like a finished export):
+
+    out_dir/exit_<d>/     one per member: config.json, model.safetensors, generation_config.json,
+                          tokenizer files (if a tokenizer is given). Loads with plain transformers:
+                          `Qwen3ForCausalLM.from_pretrained(out_dir / "exit_<d>")`, no ruyi_model needed
+                          (so vLLM, SGLang, llama.cpp converters take it as is).
+    out_dir/family/       the familial checkpoint (`FamilialForCausalLM.save_pretrained`; low-rank factors
+                          kept, dynamic early exit possible) with the tokenizer.
+    out_dir/manifest.json members (exit layer, layer count, DaE blocks, parameter count), the family's
+                          structure, and the sha256 and size of every other file; written last.
+
+Member `d` as a stock model (see `member_state_dict`): `model.layers` are the member's backbone layers,
+then its branch layer(s), then its DaE blocks as ordinary layers; `model.norm` is the exit norm and
+`lm_head` the exit head (or the shared head). Low-rank factors are multiplied back to dense weights
+(W = B A, in float32, cast to the model dtype): a stock Qwen3 has no low-rank layers, so the export of a
+decomposed member is as large as the dense member (the family checkpoint keeps the saving). The
+config keeps every stock Qwen3 field of the family config, with `num_hidden_layers` set to the
+member's layer count, `tie_word_embeddings=False` (the heads are untied) and `layer_types` recomputed
+by Qwen3Config. Loading is checked strictly (every stock key filled, no extra key).
+
+This module imports neither `tasks` nor any orchestration library; the atomic directory and hashing
+helpers are local.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from ruyi_model.modeling import FamilialForCausalLM, LowRankLinear
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT = "ruyi-export/1"
+FAMILY_DIR = "family"
+
+
+def member_dir_name(exit_layer: int) -> str:
+    return f"exit_{exit_layer}"
+
+
+# --- member -> stock Qwen3 ----------------------------------------------------------------------
+def member_qwen3_config(model: FamilialForCausalLM, exit_layer: int) -> Qwen3Config:
+    """The stock `Qwen3Config` of member `exit_layer` (stock fields only, layer count of the member)."""
+    cfg = model.config
+    d = cfg.check_exit(int(exit_layer))
+    stock_fields = set(Qwen3Config().to_dict())
+    fields = {k: v for k, v in cfg.to_dict().items() if k in stock_fields}
+    for key in ("model_type", "architectures", "layer_types", "transformers_version", "_name_or_path", "auto_map",
+                "dtype"):
+        fields.pop(key, None)
+    fields.update(num_hidden_layers=cfg.member_num_layers(d), tie_word_embeddings=False)
+    qcfg = Qwen3Config(**fields)
+    qcfg._attn_implementation = cfg._attn_implementation
+    return qcfg
+
+
+def _dense(module: torch.nn.Module) -> torch.Tensor:
+    return module.dense_weight() if isinstance(module, LowRankLinear) else module.weight
+
+
+def member_state_dict(model: FamilialForCausalLM, exit_layer: int) -> dict[str, torch.Tensor]:
+    """Member `exit_layer`'s weights under stock `Qwen3ForCausalLM` names, low rank multiplied back.
+
+    Returns:
+        `{stock key: tensor}` (detached; dense tensors are shared with `model`, not copied).
+    """
+    d = model.config.check_exit(int(exit_layer))
+    sd = {"model.embed_tokens.weight": model.model.embed_tokens.weight.detach(),
+          "model.norm.weight": model.exits[str(d)].norm.weight.detach(),
+          "lm_head.weight": _dense(model.exit_head(d)).detach()}
+    for i, layer in enumerate(model.member_layers(d)):
+        for name, module in layer.named_modules():
+            if isinstance(module, LowRankLinear):
+                sd[f"model.layers.{i}.{name}.weight"] = module.dense_weight().detach()
+        for name, tensor in layer.state_dict().items():
+            if not name.endswith((".weight_a", ".weight_b")):
+                sd[f"model.layers.{i}.{name}"] = tensor.detach()
+    return sd
+
+
+def member_to_qwen3(model: FamilialForCausalLM, exit_layer: int) -> Qwen3ForCausalLM:
+    """Member `exit_layer` as a standalone stock `Qwen3ForCausalLM` (same dtype and device, eval mode).
+
+    Raises:
+        RuntimeError: if the member's weights do not fill the stock model exactly (strict load).
+    """
+    qcfg = member_qwen3_config(model, exit_layer)
+    device = next(model.parameters()).device
+    q = Qwen3ForCausalLM._from_config(qcfg, dtype=model.dtype).to(device)
+    q.load_state_dict(member_state_dict(model, exit_layer), strict=True)
+    q.generation_config = copy.deepcopy(model.generation_config)
+    return q.eval()
+
+
+# --- files ---------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _atomic_dir(final: Path) -> Iterator[Path]:
+    """A fresh temporary sibling of `final` that replaces `final` only if the block succeeds."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = None
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            final.rename(old)
+        tmp.rename(final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _list_files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def export_exits(model: FamilialForCausalLM, out_dir: str | Path, tokenizer=None) -> dict:
+    """Writes every member as a stock Qwen3 checkpoint, the family checkpoint and a manifest.
+
+    Args:
+        model: the family (any dtype/device; DaE blocks and low-rank factors allowed).
+        out_dir: the export directory; replaced atomically if it exists.
+        tokenizer: saved next to every member and the family if given (a `save_pretrained`-able object).
+
+    Returns:
+        The manifest (also written to `out_dir/manifest.json`).
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(model, FamilialForCausalLM):
+        raise TypeError(f"export_exits expects a FamilialForCausalLM, got {type(model).__name__}")
+    if tokenizer is not None and not hasattr(tokenizer, "save_pretrained"):
+        raise TypeError(f"export_exits: tokenizer must have save_pretrained, got {type(tokenizer).__name__}")
+    cfg = model.config
+    out_dir = Path(out_dir)
+    members = {}
+    with _atomic_dir(out_dir) as tmp:
+        for d in tqdm(cfg.exit_layers, desc="export: members", unit="member", disable=None):
+            target = tmp / member_dir_name(d)
+            q = member_to_qwen3(model, d)
+            q.save_pretrained(target)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(target)
+            members[str(d)] = {
+                "dir": member_dir_name(d),
+                "exit_layer": d,
+                "num_hidden_layers": q.config.num_hidden_layers,
+                "dae_blocks": cfg.num_dae_blocks(d),
+                "num_parameters": sum(p.numel() for p in q.parameters()),
+                "architecture": "Qwen3ForCausalLM",
+            }
+            del q
+        model.save_pretrained(tmp / FAMILY_DIR)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / FAMILY_DIR)
+        files = {}
+        for rel in _list_files(tmp):
+            files[rel] = {"sha256": _sha256(tmp / rel), "bytes": (tmp / rel).stat().st_size}
+        manifest = {
+            "format": FORMAT,
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "exit_layers": list(cfg.exit_layers),
+            "members": members,
+            "family": {
+                "dir": FAMILY_DIR,
+                "architecture": type(model).__name__,
+                "model_type": cfg.model_type,
+                "num_hidden_layers": cfg.num_hidden_layers,
+                "exit_branch_layers": cfg.exit_branch_layers,
+                "shared_heads": cfg.shared_heads,
+                "dae_blocks": list(cfg.dae_blocks),
+                "lowrank_ranks": dict(cfg.lowrank_ranks),
+                "num_parameters": sum(p.numel() for p in model.parameters()),
+            },
+            "tokenizer": tokenizer is not None,
+            "files": files,
+        }
+        with open(tmp / MANIFEST, "w") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+    log.info("export: %d members + family -> %s (%d files)", len(members), out_dir, len(files))
+    return manifest
+
+
+def verify_export(out_dir: str | Path) -> None:
+    """Re-hashes every file of an export against its manifest.
+
+    Raises:
+        ValueError: naming the manifest if it is missing or unreadable, or the first file that is missing,
+            has another size or sha256, or is not listed in the manifest.
+    """
+    out_dir = Path(out_dir)
+    manifest_path = out_dir / MANIFEST
+    if not manifest_path.is_file():
+        raise ValueError(f"{manifest_path}: no export manifest (incomplete or not an export directory)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+        if manifest.get("format") != FORMAT or not isinstance(files, dict):
+            raise KeyError("format")
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{manifest_path}: not a {FORMAT} manifest ({e})") from None
+    for rel, meta in sorted(files.items()):
+        path = out_dir / rel
+        if not path.is_file():
+            raise ValueError(f"{path}: listed in {MANIFEST} but missing")
+        size = path.stat().st_size
+        if size != meta["bytes"]:
+            raise ValueError(f"{path}: corrupted ({size} bytes, manifest says {meta['bytes']})")
+        digest = _sha256(path)
+        if digest != meta["sha256"]:
+            raise ValueError(f"{path}: corrupted (sha256 {digest[:12]}..., manifest says {meta['sha256'][:12]}...)")
+    extra = sorted(set(_list_files(out_dir)) - set(files) - {MANIFEST})
+    if extra:
+        raise ValueError(f"{out_dir / extra[0]}: not listed in {MANIFEST} (unexpected file in the export)")
+
+
+__all__ = ["export_exits", "verify_export", "member_to_qwen3", "member_state_dict", "member_qwen3_config"]

@@ -1,0 +1,200 @@
+"""Export of every member as a stock Qwen3ForCausalLM (ruyi_model.export), with transformers as the oracle.
+
+Each exported `exit_<d>/` is loaded by plain `transformers.Qwen3ForCausalLM.from_pretrained` (strictly:
+no missing/unexpected/mismatched keys) and must give the family member's logits and greedy tokens,
+also after DaE expansion and decomposition. The manifest must hash every file; tampering is detected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen3ForCausalLM
+
+from ruyi_model import FamilialConfig, FamilialForCausalLM
+from ruyi_model.dae import BLOCK_LINEARS, decompose, expand
+from ruyi_model.export import export_exits, member_to_qwen3, verify_export
+
+VOCAB = 97
+
+
+def make_family(exits, branch=1, shared=False, seed=0, num_layers=5, heads=4, kv=2, hidden=32, head_dim=8,
+                dtype=torch.float32):
+    torch.manual_seed(seed)
+    cfg = FamilialConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden + 3,
+                         num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=kv,
+                         head_dim=head_dim, max_position_embeddings=128,
+                         exit_layers=exits, exit_branch_layers=branch, shared_heads=shared)
+    return FamilialForCausalLM._from_config(cfg, dtype=dtype).eval()
+
+
+def load_stock(path) -> Qwen3ForCausalLM:
+    q, info = Qwen3ForCausalLM.from_pretrained(path, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
+    assert type(q) is Qwen3ForCausalLM
+    return q.eval()
+
+
+def assert_export_matches(fam: FamilialForCausalLM, out, ids, new_tokens=0):
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["exit_layers"] == fam.config.exit_layers
+    for d in fam.config.exit_layers:
+        q = load_stock(out / f"exit_{d}")
+        assert q.config.num_hidden_layers == fam.config.member_num_layers(d) == manifest["members"][str(d)]["num_hidden_layers"]
+        assert q.config.tie_word_embeddings is False
+        assert len(q.config.layer_types) == q.config.num_hidden_layers
+        assert manifest["members"][str(d)]["num_parameters"] == sum(p.numel() for p in q.parameters())
+        with torch.no_grad():
+            ref = fam(ids, exit_layer=d).logits
+            got = q(ids).logits
+            assert (got - ref).abs().max().item() <= 1e-4, d
+            if new_tokens:
+                g_fam = fam.generate(ids, max_new_tokens=new_tokens, do_sample=False, exit_layer=d)
+                g_q = q.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+                assert torch.equal(g_fam, g_q), d
+
+
+SHAPES = [
+    # (exits, branch layers, shared heads, shape kwargs)
+    ([1, 3, 5], 1, False, {}),                                                   # GQA, exit at layer 1
+    ([2, 5], 0, False, {}),                                                      # norm+head exits
+    ([1, 2, 3, 4, 5], 1, True, {}),                                              # shared head
+    ([3, 7], 1, False, {"num_layers": 7, "heads": 6, "kv": 3, "hidden": 48}),    # odd layer count
+    ([1, 6], 0, True, {"num_layers": 6, "heads": 4, "kv": 1}),                   # MQA, exit 1 without branch
+]
+
+
+@pytest.mark.parametrize("exits,branch,shared,shape", SHAPES)
+def test_every_exported_member_is_a_stock_qwen3(tmp_path, exits, branch, shared, shape):
+    fam = make_family(exits, branch, shared, **shape)
+    ids = torch.randint(0, VOCAB, (2, 7))
+    manifest = export_exits(fam, tmp_path / "export")
+    assert sorted(manifest["members"]) == sorted(str(d) for d in exits)
+    assert_export_matches(fam, tmp_path / "export", ids)
+    verify_export(tmp_path / "export")
+    # the family checkpoint round-trips exactly
+    loaded = FamilialForCausalLM.from_pretrained(tmp_path / "export" / "family")
+    with torch.no_grad():
+        for d in exits:
+            assert torch.equal(loaded(ids, exit_layer=d).logits, fam(ids, exit_layer=d).logits)
+
+
+def test_export_after_expand_and_decompose_matches_and_generates_the_same_tokens(tmp_path):
+    fam = expand(make_family([1, 3, 5]), 1, 2)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():   # give the DaE blocks a function (fresh ones are the identity)
+        for block in list(fam.exits["1"].layers)[1:]:
+            for path in BLOCK_LINEARS:
+                w = block.get_submodule(path).weight
+                w.copy_(torch.randn(w.shape, generator=g) * 0.1)
+    cal = [torch.randint(0, VOCAB, (2, 16), generator=g) for _ in range(3)]
+    small = decompose(fam, ratio=0.4, calibration=cal)
+    assert len(small.config.lowrank_ranks) == 2 * 7 + 1
+    ids = torch.randint(0, VOCAB, (1, 6), generator=g)
+    manifest = export_exits(small, tmp_path / "export")
+    assert manifest["members"]["1"]["num_hidden_layers"] == 3 and manifest["members"]["1"]["dae_blocks"] == 2
+    assert manifest["family"]["lowrank_ranks"] == small.config.lowrank_ranks
+    assert_export_matches(small, tmp_path / "export", ids, new_tokens=5)
+    # the family keeps the saving, the stock export is dense
+    family_params = manifest["family"]["num_parameters"]
+    assert family_params == sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in fam.parameters())
+    loaded = FamilialForCausalLM.from_pretrained(tmp_path / "export" / "family")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, exit_layer=1).logits, small(ids, exit_layer=1).logits)
+
+
+def test_member_to_qwen3_in_memory_and_bf16(tmp_path):
+    # bf16 as from_pretrained / from_config build it (rotary inv_freq stays fp32): bit-identical logits
+    fam = expand(make_family([2, 5], dtype=torch.bfloat16), 5, 1)
+    q = member_to_qwen3(fam, 5)
+    assert q.dtype == torch.bfloat16 and q.config.num_hidden_layers == 6
+    ids = torch.randint(0, VOCAB, (2, 5))
+    with torch.no_grad():
+        assert torch.equal(q(ids).logits, fam(ids, exit_layer=5).logits)
+    export_exits(fam, tmp_path / "export")
+    reloaded = Qwen3ForCausalLM.from_pretrained(tmp_path / "export" / "exit_5")
+    assert reloaded.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, fam(ids, exit_layer=5).logits)
+    with pytest.raises(ValueError, match="exit_layer=4"):
+        member_to_qwen3(fam, 4)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<|endoftext|>": 0, "<|pad|>": 1} | {f"w{i}": i + 2 for i in range(VOCAB - 2)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
+
+
+def test_tokenizer_is_saved_with_every_member_and_the_family(tmp_path):
+    fam = make_family([2, 5])
+    export_exits(fam, tmp_path / "export", tokenizer=tiny_tokenizer())
+    for sub in ("exit_2", "exit_5", "family"):
+        tok = AutoTokenizer.from_pretrained(tmp_path / "export" / sub)
+        assert tok("w3 w10 w94")["input_ids"] == [5, 12, 96]
+        assert tok.pad_token == "<|pad|>"
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_manifest_hashes_every_file_and_tampering_is_detected(tmp_path):
+    out = tmp_path / "export"
+    export_exits(make_family([2, 5]), out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert sorted(manifest["files"]) + ["manifest.json"] == sorted(on_disk)
+    assert {"exit_2/model.safetensors", "exit_2/config.json", "exit_2/generation_config.json",
+            "family/model.safetensors", "family/config.json"} <= set(manifest["files"])
+    for rel, meta in manifest["files"].items():
+        assert meta["sha256"] == sha256(out / rel) and meta["bytes"] == (out / rel).stat().st_size
+    verify_export(out)
+
+    weights = out / "exit_2" / "model.safetensors"
+    original = weights.read_bytes()
+    data = bytearray(original)
+    data[-3] ^= 0xFF                                  # same size, different content
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"exit_2/model.safetensors: corrupted \(sha256"):
+        verify_export(out)
+    weights.write_bytes(original[:-1])
+    with pytest.raises(ValueError, match=r"exit_2/model.safetensors: corrupted \(\d+ bytes"):
+        verify_export(out)
+    weights.unlink()
+    with pytest.raises(ValueError, match="exit_2/model.safetensors: listed in manifest.json but missing"):
+        verify_export(out)
+    weights.write_bytes(original)
+    verify_export(out)
+    (out / "family" / "stray.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="family/stray.bin: not listed"):
+        verify_export(out)
+    (out / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="no export manifest"):
+        verify_export(out)
+
+
+class _FailingTokenizer:
+    def save_pretrained(self, path):
+        raise OSError("disk full")
+
+
+def test_export_is_atomic(tmp_path):
+    out = tmp_path / "export"
+    export_exits(make_family([2, 5]), out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(OSError, match="disk full"):
+        export_exits(make_family([1, 5], seed=1), out, tokenizer=_FailingTokenizer())
+    # the previous export is intact and no temporary directory is left behind
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+    verify_export(out)
+    # a successful export replaces the old one completely
+    export_exits(make_family([1, 5], seed=1), out)
+    assert sorted(p.name for p in out.iterdir()) == ["exit_1", "exit_5", "family", "manifest.json"]
+    verify_export(out)
