@@ -110,10 +110,11 @@ def test_triton_matches_reference(num_exits, shared, with_norm, dtype):
 
 def test_triton_small_tiles_and_large_logits():
     # Many vocab/D tiles and logits around +-100: exp without the running max would overflow fp32.
-    inputs = make_inputs(3, 21, 45, 101, torch.float32, shared=True, with_norm=True, seed=7, logit_scale=60.0)
+    # 4 token tiles in launch groups of 3: a partial last group in the backward's grouped order.
+    inputs = make_inputs(3, 53, 45, 101, torch.float32, shared=True, with_norm=True, seed=7, logit_scale=60.0)
     expected = run(exit_head_loss_reference, *inputs, [0.7, 1.3, 1.0])
     assert expected[0] > 20  # the logits really are large
-    actual = run(triton_fn, *inputs, [0.7, 1.3, 1.0], config=dict(BLOCK_N=16, BLOCK_V=16, BLOCK_D=16))
+    actual = run(triton_fn, *inputs, [0.7, 1.3, 1.0], config=dict(BLOCK_N=16, BLOCK_V=16, BLOCK_D=16, GROUP_N=3))
     assert_matches(actual, expected, torch.float32)
 
 
@@ -168,6 +169,16 @@ def test_frozen_head_and_norm_get_no_grad():
         exit_head_loss(ref_hidden, head, labels, norm, impl="naive")[0].backward()
         torch.testing.assert_close(hidden.grad, ref_hidden.grad, atol=2e-5, rtol=2e-5)
         assert head.grad is None and norm.grad is None
+
+
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+def test_negative_and_zero_exit_weights(impl):
+    # The chunked backward folds |scale| into the exponent; signs and zeros must survive.
+    inputs = make_inputs(3, 23, 40, 67, torch.float32, shared=True, with_norm=True, seed=5)
+    expected = run(exit_head_loss_reference, *inputs, [1.0, -0.5, 0.0], per_exit_coef=-0.7)
+    fn = triton_fn if impl == "triton" else exit_head_loss_chunked
+    actual = run(fn, *inputs, [1.0, -0.5, 0.0], per_exit_coef=-0.7)
+    assert_matches(actual, expected, torch.float32)
 
 
 # --- chunked path at larger shapes ---------------------------------------------------------------

@@ -36,8 +36,8 @@ from triton_kernels.ops.utils import (
 )
 
 #: Target size, in fp32 elements, of the per-chunk logits buffer of the chunked path (K x chunk x V).
-#: 2**23 elements = 32 MiB; see benchmarks/RESULTS.md for the measured memory/time trade-off.
-DEFAULT_CHUNK_ELEMENTS = 2**23
+#: 2**24 elements = 64 MiB; see benchmarks/RESULTS.md for the measured memory/time trade-off.
+DEFAULT_CHUNK_ELEMENTS = 2**24
 
 
 def default_chunk_size(num_exits: int, vocab_size: int) -> int:
@@ -234,13 +234,16 @@ class ChunkedExitHeadLoss(torch.autograd.Function):
             stop = min(num_tokens, start + ctx.chunk_size)
             chunk = stop - start
             y, x32, rstd, normed = _normed_chunk(hidden[:, start:stop], norm_weights, ctx.eps)
-            # dlogits = scale_k * (softmax - onehot) on valid rows, 0 elsewhere; built in place in the
-            # recomputed logits buffer.
-            dlogits = _chunk_logits(y, lm_head_weight).sub_(lse[:, start:stop, None]).exp_()
-            row_valid = valid[start:stop].float()
+            # dlogits = s * (softmax - onehot), s = scale_k on valid rows and 0 elsewhere, built in place
+            # in the recomputed logits buffer. |s| is folded into the exponent, exp(z - lse + log|s|),
+            # which saves a pass over the buffer; log 0 = -inf gives exact zeros on ignored rows.
+            row_scale = scale[:, None] * valid[start:stop].float()[None, :]  # K x C
+            shift = lse[:, start:stop] - row_scale.abs().log()
+            dlogits = _chunk_logits(y, lm_head_weight).sub_(shift[:, :, None]).exp_()
+            if bool((row_scale < 0).any()):
+                dlogits.mul_(row_scale.sign()[:, :, None])
             dlogits.scatter_add_(2, safe_labels[start:stop].view(1, -1, 1).expand(num_exits, -1, 1),
-                                 (-row_valid).view(1, -1, 1).expand(num_exits, -1, 1).contiguous())
-            dlogits.mul_((scale[:, None] * row_valid[None, :])[:, :, None])
+                                 (-row_scale)[:, :, None])
             dlogits_in = dlogits if dtype == torch.float32 else dlogits.to(dtype)
 
             if grad_head32 is not None:
