@@ -81,6 +81,9 @@ class DataParams(_Section):
     # Local paths or s3:// URIs of JSONL/Parquet files. Empty: the embedded default (Python's own
     # documentation and docstrings + generated GSM8K-style math problems), built without a network.
     sources: list[str] = []
+    # What the embedded data adds to user sources: auto = the kinds (corpus, math) the user files
+    # lack; always = both; never = nothing (a missing kind is an error).
+    embedded: Literal["auto", "always", "never"] = "auto"
     max_corpus_docs: PositiveInt = 3000
     min_doc_chars: PositiveInt = 200
     max_doc_chars: PositiveInt = 4000
