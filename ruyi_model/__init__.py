@@ -13,7 +13,10 @@ This package never imports Prefect, DVC or Ray.
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ruyi_model.config import FamilialConfig
+from ruyi_model.dae import DecomposeReport, dae_trainable_parameters, decompose, expand, freeze_for_dae
+from ruyi_model.export import export_exits, member_to_qwen3, verify_export
 from ruyi_model.modeling import FamilialCausalLMOutput, FamilialForCausalLM, LowRankLinear
+from ruyi_model.tokenizer import load_tokenizer, train_tokenizer
 
 AutoConfig.register(FamilialConfig.model_type, FamilialConfig, exist_ok=True)
 AutoModelForCausalLM.register(FamilialConfig, FamilialForCausalLM, exist_ok=True)
@@ -23,4 +26,14 @@ __all__ = [
     "FamilialForCausalLM",
     "FamilialCausalLMOutput",
     "LowRankLinear",
+    "expand",
+    "dae_trainable_parameters",
+    "freeze_for_dae",
+    "decompose",
+    "DecomposeReport",
+    "export_exits",
+    "verify_export",
+    "member_to_qwen3",
+    "train_tokenizer",
+    "load_tokenizer",
 ]

@@ -58,9 +58,10 @@ class FamilialConfig(Qwen3Config):
             self.exit_loss_weights = [1.0] * len(self.exit_layers)
         if self.lowrank_ranks is None:
             self.lowrank_ranks = {}
-        self._check_family()
+        self.validate_family()
 
-    def _check_family(self) -> None:
+    def validate_family(self) -> None:
+        """Checks the family fields; raises ValueError naming the field and the bad value."""
         num_layers, exits = self.num_hidden_layers, self.exit_layers
 
         def bad(field: str, value, why: str) -> ValueError:

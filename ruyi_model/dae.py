@@ -115,7 +115,7 @@ def _dense_weight(module: nn.Module) -> torch.Tensor:
 def _rebuild(model: FamilialForCausalLM, config: FamilialConfig) -> tuple[FamilialForCausalLM, set[str], set[str]]:
     """Builds a model from `config` (same dtype/device/mode as `model`) and copies every tensor whose
     name matches. Returns the new model, the new keys that were not filled and the old keys not used."""
-    config._check_family()
+    config.validate_family()
     device = next(model.parameters()).device
     new = FamilialForCausalLM._from_config(config, dtype=model.dtype).to(device)
     result = new.load_state_dict(model.state_dict(), strict=False)
