@@ -5,8 +5,8 @@
     python benchmarks/benchmark_exit_confidence.py --device cuda      # + triton, GPU shapes
 
 CPU: each (impl, chunk size) runs in a fresh subprocess; peak memory is the child's ``ru_maxrss``
-minus its RSS just before the measured calls (inputs built), time the median of ``--repeats`` calls
-after one warm-up. CUDA: ``torch.cuda.max_memory_allocated`` above the inputs, CUDA events, for a
+minus its RSS just before the measured calls (inputs built), time the best of ``--rounds`` processes
+x ``--repeats`` calls (one warm-up each; rounds interleaved across impls). CUDA: ``torch.cuda.max_memory_allocated`` above the inputs, CUDA events, for a
 prefill-like batch and a decode-like batch (``--B``). Ratios are against naive from the same run.
 """
 
@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -81,7 +80,7 @@ def worker(args) -> None:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
-    print(json.dumps(dict(impl=args.worker, B=rows, chunk_size=chunk, time_s=statistics.median(times),
+    print(json.dumps(dict(impl=args.worker, B=rows, chunk_size=chunk, time_s=min(times),
                           times_s=times, peak_extra_bytes=peak, mean_entropy=out[2].float().mean().item(),
                           mean_max_prob=out[1].float().mean().item(), threads=torch.get_num_threads())))
 
@@ -111,7 +110,9 @@ def main(argv=None) -> None:
     parser.add_argument("--impls", nargs="+", default=None, help="default: naive chunked, + triton on CUDA")
     parser.add_argument("--chunk-sizes", nargs="+", type=int, default=[0],
                         help="chunked path: rows per chunk to try (0 = library default)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls after one warm-up (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per process, after one warm-up")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="processes per configuration, interleaved across impls; time = best call")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--chunk-size", type=int, default=None, help=argparse.SUPPRESS)
@@ -136,14 +137,22 @@ def main(argv=None) -> None:
           f"host={platform.processor() or platform.machine()} cpus={os.cpu_count()}")
     all_rows = []
     for rows in args.B:
+        configs = [(impl, chunk_size or None) for impl in impls
+                   for chunk_size in (args.chunk_sizes if impl == "chunked" else [None])]
+        runs = {config: [] for config in configs}
+        for _ in range(args.rounds):  # interleaved, so load changes hit every impl alike
+            for config in configs:
+                runs[config].append(_spawn(args, config[0], rows, config[1]))
         results = []
-        for impl in impls:
-            for chunk_size in (args.chunk_sizes if impl == "chunked" else [None]):
-                r = _spawn(args, impl, rows, chunk_size or None)
-                results.append(r)
-                print(f"  B={rows:<6d} {impl:8s} chunk={str(r['chunk_size'] or '-'):>6s}  time {r['time_s'] * 1e3:9.1f} ms"
-                      f"  peak extra {r['peak_extra_bytes'] / 2**20:8.1f} MiB  mean entropy {r['mean_entropy']:.5f}",
-                      flush=True)
+        for config in configs:
+            r = dict(runs[config][0])
+            r["time_s"] = min(x["time_s"] for x in runs[config])
+            r["times_s"] = [t for x in runs[config] for t in x["times_s"]]
+            r["peak_extra_bytes"] = max(x["peak_extra_bytes"] for x in runs[config])
+            results.append(r)
+            print(f"  B={rows:<6d} {r['impl']:8s} chunk={str(r['chunk_size'] or '-'):>6s}  time {r['time_s'] * 1e3:9.1f} ms"
+                  f"  peak extra {r['peak_extra_bytes'] / 2**20:8.1f} MiB  mean entropy {r['mean_entropy']:.5f}",
+                  flush=True)
         naive = next((r for r in results if r["impl"] == "naive"), None)
         if naive:
             for r in results:

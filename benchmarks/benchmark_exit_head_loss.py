@@ -6,8 +6,9 @@
 
 CPU: every (impl, chunk size) runs in a fresh subprocess, because torch's CPU allocator is not
 tracked: the peak is the child's ``ru_maxrss`` minus its RSS just before the measured work (inputs
-already built), i.e. the extra memory the loss needs. Time is the median of ``--repeats`` runs after
-one warm-up run. CUDA: in process, ``torch.cuda.max_memory_allocated`` above the inputs, CUDA events.
+already built), i.e. the extra memory the loss needs. Time is the best of ``--rounds`` processes x
+``--repeats`` runs (each process warms up once; rounds are interleaved across impls so a busy machine
+slows all alike). CUDA: in process, ``torch.cuda.max_memory_allocated`` above the inputs, CUDA events.
 Ratios are printed against naive measured in the same invocation.
 """
 
@@ -18,7 +19,6 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -108,7 +108,7 @@ def worker(args) -> None:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = _maxrss_bytes() - rss_before
-    print(json.dumps(dict(impl=args.worker, chunk_size=args.chunk_size, time_s=statistics.median(times),
+    print(json.dumps(dict(impl=args.worker, chunk_size=args.chunk_size, time_s=min(times),
                           times_s=times, peak_extra_bytes=peak, loss=loss, threads=torch.get_num_threads())))
 
 
@@ -127,6 +127,14 @@ def _spawn(args, impl, chunk_size) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _merge(runs: list[dict]) -> dict:
+    merged = dict(runs[0])
+    merged["time_s"] = min(r["time_s"] for r in runs)
+    merged["times_s"] = [t for r in runs for t in r["times_s"]]
+    merged["peak_extra_bytes"] = max(r["peak_extra_bytes"] for r in runs)
+    return merged
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -140,7 +148,9 @@ def main(argv=None) -> None:
                         help="impls to run (default: naive chunked, + triton on CUDA)")
     parser.add_argument("--chunk-sizes", nargs="+", type=int, default=[0],
                         help="chunked path: tokens per chunk to try (0 = library default)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up (median)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per process, after one warm-up")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="processes per configuration, interleaved across impls; time = best run")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     parser.add_argument("--per-exit-heads", action="store_true", help="K x V x D heads instead of a shared V x D")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -165,13 +175,21 @@ def main(argv=None) -> None:
     print(f"exit_head_loss forward+backward  K={args.K} N={args.N} D={args.D} V={args.V} {args.dtype} "
           f"{'per-exit heads' if args.per_exit_heads else 'shared head'}  device={args.device}  "
           f"host={platform.processor() or platform.machine()} cpus={os.cpu_count()}")
-    rows = []
-    for impl in impls:
-        for chunk_size in (args.chunk_sizes if impl == "chunked" else [None]):
-            rows.append(_spawn(args, impl, chunk_size or None))
-            r = rows[-1]
-            print(f"  {impl:8s} chunk={str(r['chunk_size'] or '-'):>6s}  time {r['time_s']:8.3f} s  "
-                  f"peak extra {r['peak_extra_bytes'] / 2**20:9.1f} MiB  loss {r['loss']:.6f}", flush=True)
+    configs = [(impl, chunk_size or None) for impl in impls
+               for chunk_size in (args.chunk_sizes if impl == "chunked" else [None])]
+    runs = {config: [] for config in configs}
+    for round_index in range(args.rounds):  # interleaved, so load changes hit every impl alike
+        for config in configs:
+            r = _spawn(args, *config)
+            runs[config].append(r)
+            print(f"  round {round_index}  {r['impl']:8s} chunk={str(r['chunk_size'] or '-'):>6s}  "
+                  f"time {r['time_s']:8.3f} s  peak extra {r['peak_extra_bytes'] / 2**20:9.1f} MiB  "
+                  f"loss {r['loss']:.6f}", flush=True)
+    rows = [_merge(runs[config]) for config in configs]
+    print(f"summary (time: best of {args.rounds} x {args.repeats} runs; memory: largest peak)")
+    for r in rows:
+        print(f"  {r['impl']:8s} chunk={str(r['chunk_size'] or '-'):>6s}  time {r['time_s']:8.3f} s  "
+              f"peak extra {r['peak_extra_bytes'] / 2**20:9.1f} MiB")
     naive = next((r for r in rows if r["impl"] == "naive"), None)
     if naive:
         print("ratios vs naive (memory: naive / impl, higher is better; time: impl / naive, lower is better)")

@@ -102,8 +102,8 @@ def exit_confidence_chunked(
     """Chunked pure-torch path (``impl="chunked"``); shapes and semantics as :func:`exit_confidence`.
 
     Args:
-        chunk_size: rows per chunk; default about ``DEFAULT_CHUNK_ELEMENTS / V``. Peak extra memory is
-            a few ``chunk_size x V`` fp32 buffers.
+        chunk_size: rows per chunk; default about ``DEFAULT_CHUNK_ELEMENTS / V``. Extra memory: two
+            reused ``chunk_size x V`` fp32 buffers.
     """
     num_rows = hidden.shape[0]
     vocab_size = lm_head_weight.shape[0]
@@ -114,15 +114,22 @@ def exit_confidence_chunked(
     token_ids = torch.empty(num_rows, dtype=torch.long, device=hidden.device)
     max_prob = torch.empty(num_rows, dtype=torch.float32, device=hidden.device)
     entropy = torch.empty(num_rows, dtype=torch.float32, device=hidden.device)
+    # Two reused chunk x V fp32 buffers (no per-chunk allocation): shifted logits and their exp.
+    rows = min(chunk_size, num_rows)
+    shifted_buf = torch.empty(rows * vocab_size, dtype=torch.float32, device=hidden.device)
+    exp_buf = torch.empty_like(shifted_buf)
     for start in range(0, num_rows, chunk_size):
         stop = min(num_rows, start + chunk_size)
         h = hidden[start:stop]
         y = h if norm_weight is None else rms_norm_reference(h, norm_weight, eps)
-        logits = F.linear(y, lm_head_weight).float()
-        token_ids[start:stop] = logits.argmax(-1)
-        row_max = logits.amax(-1, keepdim=True)
-        shifted = logits.sub_(row_max)  # in place: z - max, the logits buffer is reused
-        exp_shifted = shifted.exp()
+        shifted = shifted_buf[:(stop - start) * vocab_size].view(stop - start, vocab_size)
+        if hidden.dtype == torch.float32:
+            torch.mm(y, lm_head_weight.t(), out=shifted)
+        else:
+            shifted.copy_(F.linear(y, lm_head_weight))
+        token_ids[start:stop] = shifted.argmax(-1)
+        shifted.sub_(shifted.amax(-1, keepdim=True))  # z - max
+        exp_shifted = torch.exp(shifted, out=exp_buf[:shifted.numel()].view_as(shifted))
         sum_exp = exp_shifted.sum(-1)
         # entropy = log(l) - sum(exp(z - m) * (z - m)) / l, l = sum exp(z - m); max prob = 1 / l
         weighted = exp_shifted.mul_(shifted).sum(-1)

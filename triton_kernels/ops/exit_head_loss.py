@@ -138,7 +138,8 @@ def exit_head_loss_chunked(
 
     Args:
         chunk_size: tokens per chunk (all K exits of those tokens are processed together); default
-            :func:`default_chunk_size`. Peak extra memory is about ``2 * K * chunk_size * V * 4`` bytes.
+            :func:`default_chunk_size`. Beyond the gradients themselves, the extra memory is one reused
+            ``K * chunk_size * V`` fp32 buffer (plus one in the input dtype when that is not fp32).
     """
     num_exits, _, _ = hidden.shape
     vocab_size = lm_head_weight.shape[-2]
@@ -161,15 +162,40 @@ def _normed_chunk(h: torch.Tensor, norm_weights: torch.Tensor | None, eps: float
     return norm_weights[:, None, :] * normed, x32, rstd, normed
 
 
-def _chunk_logits(y: torch.Tensor, lm_head_weight: torch.Tensor) -> torch.Tensor:
-    """K x C x D normalised states -> K x C x V fp32 logits (a fresh tensor the caller may overwrite)."""
-    num_exits, chunk, dim = y.shape
-    if lm_head_weight.dim() == 2:
-        # Shared head: one matmul for all K exits, so the weight streams through the cache once.
-        logits = torch.mm(y.reshape(num_exits * chunk, dim), lm_head_weight.t()).view(num_exits, chunk, -1)
-    else:
-        logits = torch.bmm(y, lm_head_weight.transpose(1, 2))
-    return logits.float()
+class _LogitsBuffer:
+    """One reusable K x chunk x V fp32 buffer (plus one in the input dtype when that is not fp32).
+
+    Reusing it keeps the chunk loop from allocating, and page-faulting in, a fresh multi-MiB tensor
+    per chunk (large CPU allocations are mmap-ed and returned to the OS on free).
+    """
+
+    def __init__(self, num_exits: int, chunk_size: int, vocab_size: int, dtype: torch.dtype, device):
+        size = num_exits * chunk_size * vocab_size
+        self.fp32 = torch.empty(size, dtype=torch.float32, device=device)
+        self.native = None if dtype == torch.float32 else torch.empty(size, dtype=dtype, device=device)
+
+    def logits(self, y: torch.Tensor, lm_head_weight: torch.Tensor) -> torch.Tensor:
+        """K x C x D normalised states -> K x C x V fp32 logits, written into the buffer."""
+        num_exits, chunk, dim = y.shape
+        vocab_size = lm_head_weight.shape[-2]
+        size = num_exits * chunk * vocab_size
+        target = self.fp32 if self.native is None else self.native
+        out = target[:size].view(num_exits, chunk, vocab_size)
+        if lm_head_weight.dim() == 2:
+            # Shared head: one matmul for all K exits, so the weight streams through the cache once.
+            torch.mm(y.reshape(num_exits * chunk, dim), lm_head_weight.t(),
+                     out=out.view(num_exits * chunk, vocab_size))
+        else:
+            torch.bmm(y, lm_head_weight.transpose(1, 2), out=out)
+        if self.native is None:
+            return out
+        return self.fp32[:size].view(num_exits, chunk, vocab_size).copy_(out)
+
+    def to_native(self, values: torch.Tensor) -> torch.Tensor:
+        """fp32 chunk -> the input dtype, in the second buffer (identity for fp32 inputs)."""
+        if self.native is None:
+            return values
+        return self.native[:values.numel()].view(values.shape).copy_(values)
 
 
 class ChunkedExitHeadLoss(torch.autograd.Function):
@@ -188,11 +214,13 @@ class ChunkedExitHeadLoss(torch.autograd.Function):
         count = valid.sum().clamp_min(1).float()
         loss_sums = torch.zeros(num_exits, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(num_exits, num_tokens, dtype=torch.float32, device=hidden.device)
+        buffer = _LogitsBuffer(num_exits, min(chunk_size, num_tokens), lm_head_weight.shape[-2], hidden.dtype,
+                               hidden.device)
         with torch.no_grad():
             for start in range(0, num_tokens, chunk_size):
                 stop = min(num_tokens, start + chunk_size)
                 y = _normed_chunk(hidden[:, start:stop], norm_weights, eps)[0]
-                logits = _chunk_logits(y, lm_head_weight)
+                logits = buffer.logits(y, lm_head_weight)
                 target = logits.gather(2, safe_labels[start:stop].view(1, -1, 1).expand(num_exits, -1, 1))
                 row_max = logits.amax(2, keepdim=True)
                 # In place: the chunk buffer becomes exp(z - max); no second K x C x V tensor.
@@ -229,6 +257,7 @@ class ChunkedExitHeadLoss(torch.autograd.Function):
         grad_norm32 = (torch.zeros(num_exits, dim, dtype=torch.float32, device=hidden.device)
                        if need_norm and norm_weights is not None else None)
         norm32 = norm_weights.float()[:, None, :] if norm_weights is not None else None
+        buffer = _LogitsBuffer(num_exits, min(ctx.chunk_size, num_tokens), vocab_size, dtype, hidden.device)
 
         for start in range(0, num_tokens, ctx.chunk_size):
             stop = min(num_tokens, start + ctx.chunk_size)
@@ -239,12 +268,12 @@ class ChunkedExitHeadLoss(torch.autograd.Function):
             # which saves a pass over the buffer; log 0 = -inf gives exact zeros on ignored rows.
             row_scale = scale[:, None] * valid[start:stop].float()[None, :]  # K x C
             shift = lse[:, start:stop] - row_scale.abs().log()
-            dlogits = _chunk_logits(y, lm_head_weight).sub_(shift[:, :, None]).exp_()
+            dlogits = buffer.logits(y, lm_head_weight).sub_(shift[:, :, None]).exp_()
             if bool((row_scale < 0).any()):
                 dlogits.mul_(row_scale.sign()[:, :, None])
             dlogits.scatter_add_(2, safe_labels[start:stop].view(1, -1, 1).expand(num_exits, -1, 1),
                                  (-row_scale)[:, :, None])
-            dlogits_in = dlogits if dtype == torch.float32 else dlogits.to(dtype)
+            dlogits_in = buffer.to_native(dlogits)
 
             if grad_head32 is not None:
                 # fp32 accumulation across chunks; per chunk the matmul runs in the input dtype.
