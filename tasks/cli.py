@@ -96,6 +96,20 @@ def server(port: int = typer.Option(4200, help="Prefect server port on 127.0.0.1
         proc.wait(timeout=30)
 
 
+@app.command()
+def serve(
+    version: str = typer.Option(None, "--version", help="release version to serve (default: the latest)"),
+    host: str = typer.Option(None, "--host", help="HTTP host (default: deploy.host)"),
+    port: int = typer.Option(None, "--port", help="HTTP port (default: deploy.port)"),
+    params: str = typer.Option("params.yaml", "--params", help="params file (store and serving settings)"),
+    overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="parameter override (repeatable)"),
+) -> None:
+    """Serve a release from the artifact store with Ray Serve (OpenAI-style API) until Ctrl-C."""
+    from tasks.deploy import serve_main
+
+    raise typer.Exit(serve_main(params, overrides, version=version, host=host, port=port))
+
+
 def main() -> None:
     app(prog_name="ruyi")
 

@@ -1,0 +1,325 @@
+"""Stage `deploy`: publish the export as a versioned release, serve it, smoke-test every tier, stop.
+
+Command lines:
+    python -m tasks.deploy [--params params.yaml] [--set deploy.version=v7] [--set ...]
+    (or `ruyi stage deploy ...`); an S3 store, e.g. SeaweedFS on this machine:
+    AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=... python -m tasks.deploy --set deploy.store.backend=s3 \\
+        --set deploy.store.bucket=releases --set deploy.store.endpoint_url=http://127.0.0.1:8333
+    ruyi serve [--version V] [--host H] [--port P]   keeps a release running for users (`serve_release`)
+
+Reads:
+    artifacts/export/                  the export stage's output: exit_<d>/ (stock Qwen3 checkpoints with
+                                       tokenizer), family/ (familial checkpoint), manifest.json
+    data/validated/eval.jsonl          the first `deploy.smoke_prompts` questions (and gold answers)
+Writes:
+    <store>/<model>/<version>/         the release (tasks/store.py: verified, visible only when complete)
+    <artifacts_dir>/releases/<model>/<version>/   the release as fetched back from the store and served
+    metrics/deploy.json                version, store and release URIs, files/bytes, and per tier the
+                                       smoke results (requests, ok, accuracy, completion tokens) and
+                                       latency (p50/max ms), plus stage timings
+    metrics/deploy_smoke.json          the reproducible part only: the release's content digest and, per
+                                       tier, accuracy, token counts and the sha256 of the greedy completions
+    reports/deploy/smoke.jsonl         every smoke request: tier, question, completion, answer, latency
+    plots/deploy/latency.png + latency.csv   smoke latency per tier
+
+Steps and design choices:
+1. Publish `artifacts/export/` with `deploy.version` or the next `vNNNN`. An export identical (every
+   path, size and sha256) to the latest release is not published twice: that release is reused
+   (`reused_release: true`), so re-running the stage is idempotent. A fixed `deploy.version` that
+   exists is reused only if identical, otherwise it is an error (releases are immutable).
+2. Fetch the release back from the store into the release cache (hash-verified) and serve *that*
+   copy: the smoke test exercises exactly what `ruyi serve` will serve.
+3. Start Ray Serve (tasks/serving.py: one deployment holding every tier) on `deploy.host:port`, check
+   `/healthz` and `/v1/models`, then send every question, greedy, `smoke_max_tokens` new tokens, to
+   `/v1/chat/completions` at every tier `exit_<d>` and at `dynamic` (the family with confidence-based
+   early exit) when the installed ruyi_model provides it (otherwise recorded as unavailable). Any
+   non-200 answer fails the stage (after shutting down). Accuracy uses tasks.mathgen's
+   extract_answer/answers_match; at tiny scale it is informational, not a gate (gates run earlier).
+4. Shut Serve and Ray down (also on errors).
+Reproducibility: the release version depends on the store's history, the URIs on the configuration,
+and latencies on the machine, so they live in deploy.json only; deploy_smoke.json (content digest,
+greedy completions and accuracy; the replica decodes on one thread) is bitwise reproducible on CPU and
+is what an audit compares (dvc.yaml: both files `cache: false`; deploy.json is a record of the
+deployment, never compared bit for bit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import signal
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tasks.common import (
+    StageError,
+    atomic_file,
+    plots_dir,
+    read_jsonl,
+    require_dir,
+    setup_logging,
+    stage_dir,
+    stage_main,
+    write_jsonl,
+    write_metrics,
+)
+from tasks.params import Params, ParamsError
+from tasks.store import ArtifactStore, FileEntry, Release, open_store, scan_dir
+
+log = logging.getLogger("ruyi.deploy")
+
+
+def release_cache_dir(params: Params) -> Path:
+    """Where fetched releases are kept: `deploy.store.cache_dir` or `<artifacts_dir>/releases`."""
+    return Path(params.deploy.store.cache_dir or Path(params.paths.artifacts_dir) / "releases")
+
+
+def content_digest(files: tuple[FileEntry, ...] | list[FileEntry]) -> str:
+    """sha256 over the sorted `path size sha256` lines of a release: its identity, version aside."""
+    lines = "".join(f"{f.path} {f.size} {f.sha256}\n" for f in sorted(files, key=lambda f: f.path))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def _git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+def publish_export(params: Params, store: ArtifactStore) -> tuple[Release, bool]:
+    """Publishes `artifacts/export/` (step 1 of the module docstring). Returns `(release, reused)`."""
+    cfg = params.deploy
+    export_dir = require_dir(stage_dir(params, "export"), "export (run the export stage first)", marker="manifest.json")
+    files = scan_dir(export_dir)
+    known = store.list_versions(cfg.model_name)
+    if cfg.version is not None and cfg.version in known:
+        release = store.get_release(cfg.model_name, cfg.version)
+        if sorted(release.files, key=lambda f: f.path) != sorted(files, key=lambda f: f.path):
+            raise StageError(f"deploy.version {cfg.version} already exists in {store.uri} with different content: "
+                             "releases are immutable; choose a new version (or null for the next vNNNN)")
+        log.info("release %s already holds this export: reusing it", release.uri)
+        return release, True
+    if cfg.version is None:
+        same = store.find_identical(cfg.model_name, files)
+        if same is not None and same == (known[-1] if known else None):
+            log.info("the latest release %s/%s already holds this export: reusing it", cfg.model_name, same)
+            return store.get_release(cfg.model_name, same), True
+    export_manifest = json.loads((export_dir / "manifest.json").read_text())
+    metadata = {"git_revision": _git_revision(), "seed": params.seed,
+                "exit_layers": export_manifest.get("exit_layers"),
+                "export_manifest_sha256": next(f.sha256 for f in files if f.path == "manifest.json"),
+                "content_sha256": content_digest(files)}
+    return store.publish(cfg.model_name, export_dir, cfg.version, metadata=metadata), False
+
+
+def smoke_test(url: str, questions: list[dict[str, Any]], max_tokens: int) -> tuple[dict[str, Any], list[dict]]:
+    """Sends every question to every tier of the app at `url`.
+
+    Returns:
+        `(per_tier, rows)`: per tier `{requests, ok, accuracy, answered, completion_tokens_mean,
+        latency_ms_p50, latency_ms_max, completions_sha256}` (or `{"available": false}` for an
+        unavailable dynamic tier) and one row per request.
+    """
+    from tasks.mathgen import answers_match, extract_answer
+    from tasks.serving import DYNAMIC_TIER, http_json
+
+    status, health = http_json(f"{url}/healthz")
+    if status != 200:
+        raise StageError(f"smoke test: {url}/healthz answered {status}: {health}")
+    status, models = http_json(f"{url}/v1/models")
+    if status != 200:
+        raise StageError(f"smoke test: {url}/v1/models answered {status}: {models}")
+    tiers = [m["id"] for m in models["data"] if m.get("exit_layer") is not None]
+    dynamic = [m for m in models["data"] if m["id"] == DYNAMIC_TIER]
+    if dynamic and dynamic[0].get("available"):
+        tiers.append(DYNAMIC_TIER)
+    per_tier: dict[str, Any] = {}
+    rows: list[dict] = []
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(tiers) * len(questions), desc="deploy: smoke test", unit="req", disable=None) as bar:
+        for tier in tiers:
+            latencies, tokens, correct, answered, texts = [], [], 0, 0, []
+            for q in questions:
+                body = {"model": tier, "messages": [{"role": "user", "content": q["question"]}],
+                        "max_tokens": max_tokens, "temperature": 0}
+                t0 = time.perf_counter()
+                status, answer = http_json(f"{url}/v1/chat/completions", body)
+                latency = 1000 * (time.perf_counter() - t0)
+                bar.update(1)
+                if status != 200:
+                    raise StageError(f"smoke test: tier {tier} answered HTTP {status} to question {q['id']}: {answer}")
+                text = answer["choices"][0]["message"]["content"]
+                pred = extract_answer(text)
+                ok = answers_match(pred, str(q["answer"]))
+                correct += ok
+                answered += pred is not None
+                latencies.append(latency)
+                tokens.append(answer["usage"]["completion_tokens"])
+                texts.append(text)
+                rows.append({"tier": tier, "id": q["id"], "question": q["question"], "completion": text,
+                             "answer": pred, "gold": str(q["answer"]), "correct": ok,
+                             "finish_reason": answer["choices"][0]["finish_reason"],
+                             "completion_tokens": answer["usage"]["completion_tokens"], "latency_ms": round(latency, 3)})
+            per_tier[tier] = {
+                "requests": len(questions), "ok": len(questions), "accuracy": correct / len(questions),
+                "answered": answered / len(questions), "completion_tokens_mean": statistics.fmean(tokens),
+                "latency_ms_p50": round(statistics.median(latencies), 3), "latency_ms_max": round(max(latencies), 3),
+                "completions_sha256": hashlib.sha256(json.dumps(texts).encode()).hexdigest(),
+            }
+    if dynamic and DYNAMIC_TIER not in per_tier:
+        per_tier[DYNAMIC_TIER] = {"available": False,
+                                  "reason": "ruyi_model.generation.dynamic_generate is missing (HTTP 501)"}
+    return per_tier, rows
+
+
+def _plot_latency(per_tier: dict[str, Any], out_dir: Path) -> None:
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [{"tier": t, "latency_ms_p50": r["latency_ms_p50"], "latency_ms_max": r["latency_ms_max"],
+             "accuracy": r["accuracy"]} for t, r in per_tier.items() if "latency_ms_p50" in r]
+    with atomic_file(out_dir / "latency.csv") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["tier"])
+        writer.writeheader()
+        writer.writerows(rows)
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.bar([r["tier"] for r in rows], [r["latency_ms_p50"] for r in rows], label="p50")
+    ax.scatter([r["tier"] for r in rows], [r["latency_ms_max"] for r in rows], color="black", marker="_", s=200,
+               label="max", zorder=3)
+    ax.set_ylabel("chat completion latency (ms)")
+    ax.set_title("deploy smoke test")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_file(out_dir / "latency.png", "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+
+
+def _serving_kwargs(params: Params, host: str | None = None, port: int | None = None) -> dict[str, Any]:
+    cfg = params.deploy
+    return {"host": host or cfg.host, "port": port or cfg.port, "model_name": cfg.model_name,
+            "max_tokens_limit": cfg.max_tokens_limit, "dynamic_threshold": cfg.dynamic_threshold,
+            "replica_num_cpus": cfg.replica_num_cpus, "ray_num_cpus": cfg.ray_num_cpus,
+            "object_store_mib": cfg.ray_object_store_mib, "ray_address": cfg.ray_address}
+
+
+def run(params: Params) -> dict[str, Any]:
+    from tasks.serving import start_serving
+
+    cfg = params.deploy
+    eval_path = Path(params.paths.data_dir) / "validated" / "eval.jsonl"
+    questions = read_jsonl(eval_path, required=("id", "question", "answer"))[:cfg.smoke_prompts]
+    store = open_store(cfg.store, cache_dir=release_cache_dir(params))
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    release, reused = publish_export(params, store)
+    timings["publish_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    release_dir = store.fetch(cfg.model_name, release.version)
+    timings["fetch_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    session = start_serving(release_dir, **_serving_kwargs(params))
+    try:
+        timings["serve_start_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        per_tier, rows = smoke_test(session.url, questions, cfg.smoke_max_tokens)
+        timings["smoke_s"] = time.perf_counter() - t0
+    finally:
+        t0 = time.perf_counter()
+        session.stop()
+        timings["serve_stop_s"] = time.perf_counter() - t0
+
+    digest = content_digest(release.files)
+    reproducible = {"model": cfg.model_name, "content_sha256": digest, "smoke_prompts": len(questions),
+                    "smoke_max_tokens": cfg.smoke_max_tokens,
+                    "tiers": {t: {k: v for k, v in r.items() if not k.startswith("latency")} for t, r in per_tier.items()}}
+    metrics = {"model": cfg.model_name, "version": release.version, "release_uri": release.uri, "store_uri": store.uri,
+               "reused_release": reused, "created": release.created, "files": len(release.files),
+               "bytes": release.total_bytes, "content_sha256": digest, "serving_url": session.url,
+               "smoke_prompts": len(questions), "smoke_max_tokens": cfg.smoke_max_tokens, "tiers": per_tier,
+               "timings": {k: round(v, 3) for k, v in timings.items()}}
+    write_jsonl(Path(params.paths.reports_dir) / "deploy" / "smoke.jsonl", rows)
+    _plot_latency(per_tier, plots_dir(params, "deploy"))
+    write_metrics(params, "deploy_smoke", reproducible)
+    write_metrics(params, "deploy", metrics)
+    log.info("deployed %s (%s): %s", release.uri, "reused" if reused else "new",
+             ", ".join(f"{t} p50 {r['latency_ms_p50']:.0f} ms" for t, r in per_tier.items() if "latency_ms_p50" in r))
+    return metrics
+
+
+def serve_release(params: Params, version: str | None = None, host: str | None = None, port: int | None = None,
+                  on_ready: Callable[[str], None] | None = None, stop_event: threading.Event | None = None) -> str:
+    """`ruyi serve`: fetches a release (default the latest) and serves it until Ctrl-C/SIGTERM.
+
+    Args:
+        on_ready: called with the base URL once the app answers (in this thread).
+        stop_event: stops serving when set (besides SIGINT/SIGTERM).
+
+    Returns:
+        The URL it served at.
+    """
+    from tasks.serving import start_serving
+
+    cfg = params.deploy
+    store = open_store(cfg.store, cache_dir=release_cache_dir(params))
+    release = store.get_release(cfg.model_name, version)
+    release_dir = store.fetch(cfg.model_name, release.version)
+    stop_event = stop_event or threading.Event()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop_event.set())
+    session = start_serving(release_dir, **_serving_kwargs(params, host, port))
+    try:
+        print(f"serving {release.uri} at {session.url}  (OpenAI-style: /v1/completions, /v1/chat/completions, "
+              "/v1/models, /healthz; Ctrl-C stops)", flush=True)
+        if on_ready is not None:
+            on_ready(session.url)
+        while not stop_event.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        session.stop()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return session.url
+
+
+def serve_main(params_path: str = "params.yaml", overrides: list[str] | None = None, **kwargs) -> int:
+    """The `ruyi serve` command: errors are printed (not raised) and give exit code 2."""
+    import sys
+
+    from tasks.common import parse_overrides
+    from tasks.params import load_params
+
+    setup_logging()
+    try:
+        params = load_params(params_path, parse_overrides(overrides or []))
+        serve_release(params, **kwargs)
+        return 0
+    except (ParamsError, StageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("deploy", __doc__, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
