@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_helpers import load, make_workspace
+from training_helpers import copy_workspace, load, make_workspace
 
 from tasks import cpt
 from tasks.common import StageError, load_family
@@ -61,7 +61,7 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(straight_run, works
     params_a, _ = straight_run
     # A second workspace with the same input files, other output paths.
     other = tmp_path / "b"
-    params_b = _copy_ws(workspace, other)
+    params_b = copy_workspace(workspace, other)
 
     def kill(done):
         if done == 6:
@@ -85,15 +85,8 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(straight_run, works
     assert metrics["exit_4"] == straight["exit_4"]
 
 
-def _copy_ws(workspace, dest):
-    shutil.copytree(workspace.parent / "data", dest / "data")
-    shutil.copytree(workspace.parent / "artifacts" / "tokenizer", dest / "artifacts" / "tokenizer")
-    return load(workspace, paths__data_dir=str(dest / "data"), paths__artifacts_dir=str(dest / "artifacts"),
-                paths__metrics_dir=str(dest / "metrics"), paths__plots_dir=str(dest / "plots"))
-
-
 def test_empty_corpus_is_an_error_naming_the_file(workspace, tmp_path):
-    params = _copy_ws(workspace, tmp_path)
+    params = copy_workspace(workspace, tmp_path)
     path = tmp_path / "data" / "validated" / "corpus_train.jsonl"
     path.write_text("")
     with pytest.raises(StageError, match=f"{path}: no rows"):
@@ -101,7 +94,7 @@ def test_empty_corpus_is_an_error_naming_the_file(workspace, tmp_path):
 
 
 def test_malformed_corpus_row_is_an_error_naming_file_and_line(workspace, tmp_path):
-    params = _copy_ws(workspace, tmp_path)
+    params = copy_workspace(workspace, tmp_path)
     path = tmp_path / "data" / "validated" / "corpus_val.jsonl"
     lines = path.read_text().splitlines()
     lines[2] = '{"id": "x", "text": "unterminated'
@@ -115,7 +108,7 @@ def test_malformed_corpus_row_is_an_error_naming_file_and_line(workspace, tmp_pa
 
 
 def test_missing_tokenizer_is_an_error_naming_the_directory(workspace, tmp_path):
-    params = _copy_ws(workspace, tmp_path)
+    params = copy_workspace(workspace, tmp_path)
     shutil.rmtree(tmp_path / "artifacts" / "tokenizer")
     with pytest.raises(StageError, match=f"tokenizer .*{tmp_path / 'artifacts' / 'tokenizer'}"):
         cpt.run(params)

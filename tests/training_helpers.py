@@ -5,7 +5,7 @@ data/validated/{corpus_train,corpus_val,sft}.jsonl (general text = docstrings of
 modules, math = `tasks.mathgen` problems, also added to the corpus as `source: "math"` documents,
 as prepare_data does) and artifacts/tokenizer/ (a byte-level BPE trained here with
 `ruyi_model.tokenizer.train_tokenizer`), plus a params file with a micro model (hidden 32, 4 layers,
-members 2 and 4), seq_len 32 and a dozen steps per stage, so each stage runs in seconds.
+members 2 and 4), seq_len 32 (sft: 128) and about ten steps per stage, so each stage runs in seconds.
 """
 
 from __future__ import annotations
@@ -43,12 +43,12 @@ def micro_params(root: Path) -> dict[str, Any]:
                   "metrics_dir": str(root / "metrics"), "plots_dir": str(root / "plots"),
                   "reports_dir": str(root / "reports")},
         "model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 2,
-                  "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 64,
+                  "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 128,
                   "exit_layers": [2, 4], "loss_impl": "chunked"},
         "tokenizer": {"vocab_size": 400},
         "cpt": {**train, "exit_weights": {"kind": "cosine", "start": 1.0, "floor": 0.3}},
         "expand": {**train, "num_blocks": 2, "init": "random", "replay_fraction": 0.25, "max_steps": 8},
-        "sft": {**train, "scope": "dae", "max_steps": 10, "holdout_fraction": 0.1, "seq_len": 64},
+        "sft": {**train, "scope": "dae", "max_steps": 10, "holdout_fraction": 0.1, "seq_len": 128},
     }
 
 
@@ -82,6 +82,19 @@ def make_workspace(root: Path, num_problems: int = 80) -> Path:
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
+
+
+def copy_workspace(params_path: Path, dest: Path, artifacts: tuple[str, ...] = ("tokenizer",), **overrides):
+    """Copies the data and the named artifact directories of a workspace to `dest`; returns params
+    (from the same file, with `overrides` as in `load`) whose paths point at `dest`."""
+    import shutil
+
+    src = params_path.parent
+    shutil.copytree(src / "data", dest / "data")
+    for name in artifacts:
+        shutil.copytree(src / "artifacts" / name, dest / "artifacts" / name)
+    return load(params_path, paths__data_dir=str(dest / "data"), paths__artifacts_dir=str(dest / "artifacts"),
+                paths__metrics_dir=str(dest / "metrics"), paths__plots_dir=str(dest / "plots"), **overrides)
 
 
 def load(params_path: Path, **overrides):

@@ -1,0 +1,289 @@
+"""expand: DaE expansion of one member and its continued pre-training (Ruyi2 section 4.4, stage 1).
+
+    python -m tasks.expand [--params params.yaml] [--set expand.num_blocks=3 --set expand.init=clone ...]
+    ruyi stage expand ...
+
+Reads   artifacts/cpt/ (the jointly trained family), data/validated/corpus_train.jsonl, corpus_val.jsonl
+Writes  artifacts/expand/ (the expanded, trained family), checkpoints in artifacts/checkpoints/expand/,
+        metrics/expand.json, plots/expand/loss.png + loss.csv
+
+What it does:
+1. `ruyi_model.dae.expand(model, d, expand.num_blocks, expand.init)` on the member `d =
+   params.dae_exit` (`expand.exit_layer`, default the smallest member): zero-residual blocks after
+   its branch layer, so every member is unchanged at first (`init=random`: Gaussian q/k/v/gate/up,
+   the paper; `init=clone`: LLaMA-Pro-style copies, the paper's ablation). The RNG is seeded with
+   `params.seed` right before, so the new blocks are reproducible.
+2. `ruyi_model.dae.freeze_for_dae(model, d)`: only the new blocks, the member's norm and its head
+   train; everything else (embedding, backbone, every other member, the member's own branch layer)
+   is frozen. Single-member loss (`exit_layer=d`).
+3. Continued pre-training on a STEM-heavy stream with general replay. From the data contract:
+   the STEM stream is the corpus documents with `source == "math"` (the SFT problems' worked
+   solutions that prepare_data adds to the corpus), the replay stream the other documents
+   (general text), mixed at exactly `expand.replay_fraction` of the samples (the paper: 10%; see
+   `tasks.training.MixedStream`). Both are packed like cpt's corpus. Validation: the DaE member's loss
+   on the `source == "math"` part of corpus_val (the curve) and, before/after, on its general part.
+4. Check that the other members are bit-identical to the input family (every frozen tensor by
+   sha256 of its bytes, and every other member's logits on a validation batch with torch.equal);
+   a difference is an error, not a flag in the metrics.
+
+Same training machinery as cpt (tasks/training.py: AdamW + warmup/cosine, accumulation, bf16,
+clipping, fingerprinted checkpoints with exact resume, curves).
+
+Deviations from the paper: Ruyi2 runs 600B tokens on its 1.7B member with N=3 blocks; the tiny
+default uses `expand.num_blocks` (2) and a few hundred steps. The paper trains the member's "Norm &
+LM Head" with the blocks (Fig. 4), and so do we.
+
+Metrics (`metrics/expand.json`): `exit_<d>` -> {stem_val_loss_before/after, general_val_loss_before/
+after, train_loss}, trainable vs total parameters (and the added ones), other_members_unchanged,
+the replay share actually drawn, steps, tokens, tokens/s, resumed_from_step, wall time.
+`benchmarks/dae_ablation.py` compares `init=random` with `init=clone` using `train_dae`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tasks import training
+from tasks.common import (
+    StageError,
+    checkpoint_dir,
+    load_family,
+    log,
+    plots_dir,
+    save_family,
+    seed_everything,
+    stage_dir,
+    stage_main,
+    write_metrics,
+)
+from tasks.params import Params
+
+STAGE = "expand"
+STEM_SOURCE = "math"
+
+
+@dataclass
+class DaEData:
+    """The DaE CPT stream and its validation sets (see module docstring)."""
+
+    stream: Any
+    stem_val: list[dict]
+    general_val: list[dict]
+    counts: dict[str, int]
+    inputs: dict[str, str]
+
+
+def load_dae_data(params: Params, tokenizer) -> DaEData:
+    """Reads and packs the STEM and replay streams from the validated corpus files.
+
+    Raises:
+        StageError: a missing/malformed file, or a stream that the parameters need is empty.
+    """
+    from tasks.cpt import corpus_inputs
+
+    cfg = params.expand
+    train_path, val_path = corpus_inputs(params)
+    train_rows, val_rows = training.read_corpus(train_path), training.read_corpus(val_path)
+
+    def split(rows):
+        stem = [r["text"] for r in rows if r["source"] == STEM_SOURCE]
+        return stem, [r["text"] for r in rows if r["source"] != STEM_SOURCE]
+
+    stem_train, general_train = split(train_rows)
+    stem_val, general_val = split(val_rows)
+    if cfg.replay_fraction < 1 and not stem_train:
+        raise StageError(f"{train_path}: no documents with source == {STEM_SOURCE!r}; DaE CPT needs the STEM stream")
+    if cfg.replay_fraction > 0 and not general_train:
+        raise StageError(f"{train_path}: no general documents (source != {STEM_SOURCE!r}) for "
+                         f"expand.replay_fraction={cfg.replay_fraction}")
+    if not stem_val:
+        raise StageError(f"{val_path}: no documents with source == {STEM_SOURCE!r} to validate the DaE member on")
+    seq = cfg.seq_len
+    main = replay = None
+    counts = {}
+    if cfg.replay_fraction < 1:
+        blocks = training.pack_corpus(tokenizer, stem_train, seq, f"{train_path} (source={STEM_SOURCE})", "pack stem")
+        main = training.BlockStream({"input_ids": blocks}, params.seed, "expand/stem")
+        counts["stem_blocks"] = int(blocks.shape[0])
+    if cfg.replay_fraction > 0:
+        blocks = training.pack_corpus(tokenizer, general_train, seq, f"{train_path} (general)", "pack replay")
+        replay = training.BlockStream({"input_ids": blocks}, params.seed, "expand/replay")
+        counts["replay_blocks"] = int(blocks.shape[0])
+    stem_val_blocks = training.pack_corpus(tokenizer, stem_val, seq, f"{val_path} (source={STEM_SOURCE})", "pack val")
+    general_val_batches: list[dict] = []
+    if general_val:
+        general_blocks = training.pack_corpus(tokenizer, general_val, seq, f"{val_path} (general)", "pack val")
+        general_val_batches = training.fixed_batches({"input_ids": general_blocks}, cfg.batch_size, cfg.eval_batches)
+    counts["stem_val_blocks"] = int(stem_val_blocks.shape[0])
+    return DaEData(stream=training.MixedStream(main, replay, cfg.replay_fraction),
+                   stem_val=training.fixed_batches({"input_ids": stem_val_blocks}, cfg.batch_size, cfg.eval_batches),
+                   general_val=general_val_batches, counts=counts,
+                   inputs={"corpus_train": training.file_sha256(train_path),
+                           "corpus_val": training.file_sha256(val_path)})
+
+
+def tensor_digest(t) -> str:
+    """sha256 of a tensor's bytes (any dtype): compares frozen tensors without keeping copies."""
+    import torch
+
+    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+@dataclass
+class FrozenSnapshot:
+    """Digests of every frozen tensor and the other members' logits on one batch."""
+
+    digests: dict[str, str]
+    logits: dict[int, Any]
+    batch: Any
+
+    @classmethod
+    def take(cls, model, trainable: set[str], members: Sequence[int], batch) -> FrozenSnapshot:
+        import torch
+
+        digests = {n: tensor_digest(p) for n, p in model.named_parameters() if n not in trainable}
+        model.eval()
+        with torch.no_grad():
+            logits = {d: model(batch, exit_layer=d, use_cache=False).logits.clone() for d in members}
+        return cls(digests, logits, batch)
+
+    def changes(self, model) -> list[str]:
+        """What differs now (empty when the frozen part and the other members are bit-identical)."""
+        import torch
+
+        params = dict(model.named_parameters())
+        changed = [n for n, h in self.digests.items() if tensor_digest(params[n]) != h]
+        model.eval()
+        with torch.no_grad():
+            changed += [f"logits of member {d}" for d, ref in self.logits.items()
+                        if not torch.equal(model(self.batch, exit_layer=d, use_cache=False).logits, ref)]
+        return changed
+
+
+def resolve_dae_exit(params: Params, model, where: str | Path) -> int:
+    d = params.dae_exit
+    if d not in model.config.exit_layers:
+        raise StageError(f"expand.exit_layer={d} is not a member of the family at {where} "
+                         f"(exit_layers {model.config.exit_layers})")
+    return d
+
+
+def train_dae(base, params: Params, data: DaEData, *, init: str | None = None,
+              checkpointer: training.Checkpointer | None = None,
+              callbacks: Sequence[Callable[[int], None]] = ()) -> tuple[Any, training.TrainResult, dict[str, Any]]:
+    """Expands member `params.dae_exit` of `base` and trains what DaE trains (see module docstring).
+
+    Args:
+        base: the family (left unchanged; `expand` returns a new model).
+        params: validated parameters (`params.expand` for the optimisation).
+        data: `load_dae_data(...)`.
+        init: overrides `params.expand.init` ("random" | "clone"; the ablation uses both).
+        checkpointer: resume/save (None: no checkpoints).
+
+    Returns:
+        (expanded trained model, TrainResult, info: trainable/total/added parameter counts and the
+        general-text loss of the member before/after).
+    """
+    from ruyi_model.dae import expand, freeze_for_dae
+
+    cfg = params.expand
+    d = params.dae_exit
+    seed_everything(params.seed)  # expand(init="random") draws the new blocks from torch's global RNG
+    try:
+        model = expand(base, d, cfg.num_blocks, init or cfg.init)
+        trainable = freeze_for_dae(model, d)
+    except ValueError as e:
+        raise StageError(f"expand: {e}") from None
+    device = training.device_for_training()
+    model.to(device)
+    info: dict[str, Any] = {
+        "trainable_params": training.count_params(p for _, p in trainable),
+        "total_params": training.count_params(model.parameters()),
+        "added_params": training.count_params(model.parameters()) - training.count_params(base.parameters()),
+    }
+    if data.general_val:
+        info["general_val_loss_before"] = training.evaluate(model, data.general_val, training.member_eval(d),
+                                                            cfg.bf16)[d]
+    result = training.train_loop(stage=STAGE, model=model, cfg=cfg, named_params=trainable, stream=data.stream,
+                                 loss_fn=training.member_loss_fn(d), val_batches=data.stem_val,
+                                 eval_fn=training.member_eval(d), checkpointer=checkpointer, callbacks=callbacks)
+    if data.general_val:
+        info["general_val_loss_after"] = training.evaluate(model, data.general_val, training.member_eval(d),
+                                                           cfg.bf16)[d]
+    return model, result, info
+
+
+def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict[str, Any]:
+    """Expands and trains the DaE member; writes artifacts/expand, metrics and plots."""
+    import torch
+
+    from tasks.cpt import check_seq_len
+
+    cfg = params.expand
+    src = stage_dir(params, "cpt")
+    base, tokenizer = load_family(src)
+    training.check_tokenizer(tokenizer, src)
+    d = resolve_dae_exit(params, base, src)
+    check_seq_len(params, STAGE, cfg.seq_len, base.config.max_position_embeddings)
+    data = load_dae_data(params, tokenizer)
+
+    others = [e for e in base.config.exit_layers if e != d]
+    probe = data.stem_val[0]["input_ids"][:2]
+    # Digests are taken on the input family: the frozen tensors and the other members must leave
+    # this stage exactly as they came from cpt.
+    snapshot = FrozenSnapshot.take(base, set(), others, probe)
+
+    info = training.fingerprint_info(STAGE, cfg, seed=params.seed, model=params.model,
+                                     inputs={**data.inputs, "cpt": training.dir_sha256(src)},
+                                     extra={"dae_exit": d})
+    checkpointer = training.Checkpointer(checkpoint_dir(params, STAGE), info)
+    model, result, dae_info = train_dae(base, params, data, checkpointer=checkpointer, callbacks=callbacks)
+
+    model.to("cpu")
+    trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
+    snapshot.digests = {n: h for n, h in snapshot.digests.items() if n not in trainable_names}
+    changed = snapshot.changes(model)
+    if changed:
+        raise StageError(f"expand: training changed tensors outside the DaE member's trainable set: {changed[:8]} "
+                         f"(nothing was written)")
+    before, after = result.val_losses(0), result.val_losses()
+    entry = {"stem_val_loss_before": round(before[d], 6), "stem_val_loss_after": round(after[d], 6),
+             "train_loss": round(result.final_train_losses()[d], 6)}
+    for key in ("general_val_loss_before", "general_val_loss_after"):
+        if key in dae_info:
+            entry[key] = round(dae_info[key], 6)
+    replay_drawn = data.stream.replay_count(0, result.samples)
+    metrics: dict[str, Any] = {
+        f"exit_{d}": entry, "dae_exit": d, "init": cfg.init, "num_blocks": cfg.num_blocks,
+        "dae_blocks": list(model.config.dae_blocks),
+        "trainable_params": dae_info["trainable_params"], "total_params": dae_info["total_params"],
+        "added_params": dae_info["added_params"],
+        "trainable_fraction": round(dae_info["trainable_params"] / dae_info["total_params"], 4),
+        "other_members": others, "other_members_unchanged": True,
+        "replay_fraction": cfg.replay_fraction,
+        "replay_share_drawn": round(replay_drawn / max(result.samples, 1), 4),
+        **data.counts, **result.summary(), "seq_len": cfg.seq_len, "torch_threads": torch.get_num_threads(),
+        "ln_vocab": round(math.log(model.config.vocab_size), 4),
+    }
+    training.write_loss_curves(result.history, plots_dir(params, STAGE), exits=[d],
+                               title=f"expand: DaE member {d} (+{cfg.num_blocks} {cfg.init} blocks), STEM loss")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    save_family(model, tokenizer, stage_dir(params, STAGE))
+    write_metrics(params, STAGE, metrics)
+    log.info("expand: member %d STEM val loss %.3f -> %.3f; %d of %d parameters trained; other members unchanged",
+             d, before[d], after[d], dae_info["trainable_params"], dae_info["total_params"])
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(STAGE, __doc__, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
