@@ -100,6 +100,20 @@ class ValidateParams(_Section):
     on_violation: Literal["fail", "quarantine"] = "fail"
     # With quarantine: continue only while the bad rows are at most this fraction of a dataset.
     max_quarantine_fraction: Fraction = 0.05
+    # Length bounds (characters) of math questions/prompts and of SFT responses / eval solutions.
+    # Corpus documents use data.min_doc_chars..data.max_doc_chars.
+    min_question_chars: PositiveInt = 10
+    max_question_chars: PositiveInt = 2000
+    max_solution_chars: PositiveInt = 4000
+    # Failing rows quoted (line + value) per violated expectation in the error message.
+    sample_rows: PositiveInt = 5
+
+    @model_validator(mode="after")
+    def _check(self) -> ValidateParams:
+        if self.min_question_chars > self.max_question_chars:
+            raise ValueError(f"validate_data.min_question_chars ({self.min_question_chars}) exceeds "
+                             f"max_question_chars ({self.max_question_chars})")
+        return self
 
 
 class TokenizerParams(_Section):
@@ -293,6 +307,8 @@ class GatesParams(_Section):
     max_loss: PositiveFloat = 8.0
     # A deeper exit may be worse than a shallower one by at most this (relative) tolerance.
     depth_tolerance: Fraction = 0.05
+    # Minimum math accuracy of every exit (0.0: not gated; the tiny model barely solves problems).
+    min_accuracy: Fraction = 0.0
 
 
 class StoreParams(_Section):

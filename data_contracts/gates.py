@@ -1,0 +1,122 @@
+"""Model quality gates as a Great Expectations suite over one row per exit.
+
+The orchestration checks them before export/deploy (`tasks/gates.py`, `python -m tasks.gates`).
+`gates_frame` builds the frame from the evaluate and compress metrics; `gates_suite` holds the gates:
+
+    row (index "exit_<d>")   exit   loss   accuracy   relative_loss_change   loss_vs_shallower
+    exit_2                   2      3.10   0.02       0.013                  NaN (no shallower exit)
+    exit_4                   4      2.80   0.05       0.0                    0.903 (= 2.80 / 3.10)
+
+- every member of `model.exit_layers` was evaluated (exact set of exits);
+- loss present and finite, below `gates.max_loss` (a NaN loss fails "not null");
+- deeper exits not worse than shallower ones beyond `gates.depth_tolerance`:
+  `loss_vs_shallower = loss / min(loss of every shallower exit) <= 1 + depth_tolerance`;
+- compression within its budget: `relative_loss_change <= compress.max_relative_loss_increase`
+  (compress reports 0.0 for the members it did not touch);
+- accuracy present and at least `gates.min_accuracy`.
+
+Inputs (written by the evaluate and compress stages): `metrics/eval.json` maps `exit_<d>` to at least
+`loss` and `accuracy`; `metrics/compress.json` maps `exit_<d>` to at least `relative_loss_change`.
+A value that is missing or not a number becomes null in the frame, so the row fails its "not null"
+expectation and is named; a file without any `exit_<d>` entry is malformed (ValueError).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import great_expectations as gx
+import great_expectations.expectations as gxe
+
+SUITE = "model_gates"
+_EXIT_KEY = re.compile(r"exit_(\d+)")
+
+
+def _exit_entries(metrics: Any, where: str) -> dict[int, dict[str, Any]]:
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{where}: expected a JSON object mapping exit_<d> to metrics")
+    entries = {}
+    for key, value in metrics.items():
+        match = _EXIT_KEY.fullmatch(str(key))
+        if match is None:
+            continue
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: {key} must be an object of metrics, got {type(value).__name__}")
+        entries[int(match.group(1))] = value
+    if not entries:
+        raise ValueError(f"{where}: no exit_<d> entries")
+    return entries
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return None if math.isnan(value) else float(value)
+
+
+def gates_frame(eval_metrics: dict[str, Any], compress_metrics: dict[str, Any],
+                where: tuple[str, str] = ("metrics/eval.json", "metrics/compress.json")):
+    """One row per exit (index "exit_<d>", sorted by depth) with the gated quantities.
+
+    Args:
+        eval_metrics: the evaluate stage's metrics (`exit_<d>` -> {"loss", "accuracy", ...}).
+        compress_metrics: the compress stage's metrics (`exit_<d>` -> {"relative_loss_change", ...}).
+        where: the files they came from, for error messages.
+
+    Returns:
+        DataFrame of shape (exits, 5): exit (int), loss, accuracy, relative_loss_change,
+        loss_vs_shallower (float; NaN where missing or for the shallowest exit).
+
+    Raises:
+        ValueError: a file is not an object or has no exit entries (message names the file).
+    """
+    import pandas as pd
+
+    evals = _exit_entries(eval_metrics, where[0])
+    compress = _exit_entries(compress_metrics, where[1])
+    exits = sorted(set(evals) | set(compress))
+    rows = []
+    best: float | None = None
+    for d in exits:
+        loss = _number(evals.get(d, {}).get("loss"))
+        ratio = None if best is None or loss is None or best <= 0 else loss / best
+        rows.append({"exit": d, "loss": loss, "accuracy": _number(evals.get(d, {}).get("accuracy")),
+                     "relative_loss_change": _number(compress.get(d, {}).get("relative_loss_change")),
+                     "loss_vs_shallower": ratio})
+        if loss is not None:
+            best = loss if best is None else min(best, loss)
+    frame = pd.DataFrame(rows, index=pd.Index([f"exit_{d}" for d in exits], dtype=object))
+    for column in ("loss", "accuracy", "relative_loss_change", "loss_vs_shallower"):
+        frame[column] = frame[column].astype("float64")
+    return frame
+
+
+def gates_suite(exit_layers: list[int], max_loss: float, depth_tolerance: float,
+                max_relative_loss_increase: float, min_accuracy: float) -> gx.ExpectationSuite:
+    """The gates as an expectation suite (see the module docstring for each gate)."""
+    expectations = [
+        gxe.ExpectColumnDistinctValuesToEqualSet(
+            column="exit", value_set=list(exit_layers),
+            description=f"every member of model.exit_layers {list(exit_layers)} was evaluated and compressed"),
+        gxe.ExpectColumnValuesToNotBeNull(column="loss", description="loss reported and not NaN"),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="loss", min_value=0.0, max_value=max_loss, strict_max=True,
+            description=f"held-out loss below gates.max_loss={max_loss}"),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="loss_vs_shallower", max_value=1.0 + depth_tolerance,
+            description=f"not worse than any shallower exit by more than gates.depth_tolerance={depth_tolerance} "
+                        "(loss / best shallower loss)"),
+        gxe.ExpectColumnValuesToNotBeNull(
+            column="relative_loss_change", description="compression's relative loss change reported"),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="relative_loss_change", max_value=max_relative_loss_increase,
+            description=f"compression within budget: relative loss increase <= "
+                        f"compress.max_relative_loss_increase={max_relative_loss_increase}"),
+        gxe.ExpectColumnValuesToNotBeNull(column="accuracy", description="accuracy reported"),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="accuracy", min_value=min_accuracy, max_value=1.0,
+            description=f"accuracy at least gates.min_accuracy={min_accuracy}"),
+    ]
+    return gx.ExpectationSuite(name=SUITE, expectations=expectations)

@@ -1,0 +1,302 @@
+"""The dataset contracts of ruyi-pipeline as Great Expectations 1.x suites, defined in code.
+
+Datasets (the data contract of prepare_data; every field required, no others allowed):
+    corpus  corpus_train.jsonl + corpus_val.jsonl   {"id": str, "text": str, "source": str}
+    sft     sft.jsonl   {"id": str, "prompt": str, "response": str, "answer": str, "level": int}
+    rl      rl.jsonl    {"id": str, "question": str, "answer": str, "level": int}
+    eval    eval.jsonl  {"id": str, "question": str, "solution": str, "answer": str, "level": int}
+
+What every suite checks (one expectation each, so an error names exactly what was violated):
+- schema: the exact field set of every row (`_fields` in {the contract's set}); every field not
+  null and of its type (`str`/`int`; note that GX, like Python, counts a JSON `true` as an int);
+- ids: printable ASCII without spaces, at most 128 characters, unique;
+- free text (corpus text, prompts, questions, responses, solutions): length within bounds, no
+  control characters (C0 except tab/newline/CR, DEL, C1, zero-width and bidi controls, BOM,
+  U+FFFD from bad decoding), no e-mail addresses, no API keys (AWS `AKIA`/`ASIA`, `sk-...`,
+  GitHub `ghp_...`, Slack `xox.-`), no private key headers, no phone numbers;
+- duplicates: ids unique and the main text unique (corpus texts over train and val together, so a
+  validation document cannot also be a training one; SFT prompts; RL and eval questions);
+- math datasets: `answer` is a plain number (`-?digits[.digits]`), `level` in `data.math_levels`,
+  SFT responses and eval solutions end with the line `#### <answer>` whose number is exactly the
+  row's `answer` (string equality: the generator writes canonical numbers);
+- eval only: zero overlap with training: the normalized question (`tasks.mathgen.normalize_question`)
+  of an eval row is not the normalized prompt/question of any SFT or RL row, as
+  `ExpectColumnValuesToNotBeInSet` over their keys; and it does not occur in the (normalized) CPT
+  corpus, which holds the SFT problems as math documents (contamination).
+- corpus lengths: prose documents within `data.min_doc_chars`..`data.max_doc_chars`; the math
+  documents prepare_data adds (`source: "math"`, shorter) within
+  `validate_data.min_question_chars`..`data.max_doc_chars` (GX `row_condition` on `source`).
+
+Derived columns: GX checks columns, so four checks run on columns computed from the raw row by
+`build_frame` (their names start with "_"; the raw data must not use those names):
+    _fields         sorted field names of the raw row, comma-joined (exact field set, row-level)
+    _final_answer   what follows "#### " on the last non-empty line of the response/solution
+    _question_key   sha1 of the normalized question, 16 hex digits (overlap keys: a value set of
+                    short hashes keeps the suite JSON and the Data Docs small; collisions at 64 bits
+                    are negligible for these sizes)
+    _in_corpus      (eval) whether the normalized question occurs in the normalized CPT corpus
+
+Design choices and limits:
+- Row-level expectations only (plus the row count): every failure names its rows, so the
+  validate_data stage can quarantine exactly those rows. A missing or extra field fails `_fields`
+  for that row instead of a table-level column check that could not name rows.
+- Phone numbers need separators (`555-123-4567`, `(555) 123 4567`, `+44 20 7946 0958` style); plain
+  digit runs are numbers in math problems, not phone numbers.
+- Secret patterns are a short list of well-known formats, not an entropy scanner.
+- Overlap is exact on normalized text (lower case, single spaces); prepare_data additionally rejects
+  problems that share a number pattern (`mathgen.number_pattern`) with training when it generates
+  data; the contract checks the property the issue defines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import great_expectations as gx
+import great_expectations.expectations as gxe
+
+FIELDS_COLUMN = "_fields"
+FINAL_ANSWER_COLUMN = "_final_answer"
+QUESTION_KEY_COLUMN = "_question_key"
+IN_CORPUS_COLUMN = "_in_corpus"
+DERIVED_COLUMNS = (FIELDS_COLUMN, FINAL_ANSWER_COLUMN, QUESTION_KEY_COLUMN, IN_CORPUS_COLUMN)
+# The `source` of the math documents prepare_data adds to the CPT corpus (SFT question + solution):
+# shorter than prose documents, so their lower length bound is the question's.
+MATH_SOURCE = "math"
+
+ID_REGEX = r"^[\x21-\x7e]{1,128}\Z"
+ANSWER_REGEX = r"^-?\d+(?:\.\d+)?\Z"
+FINAL_LINE_REGEX = r"(?:\A|\n)#### [^\n]*\S[^\n]*\s*\Z"
+# C0 controls except \t \n \r, DEL, C1 controls, zero-width and bidi controls, BOM, replacement char.
+CONTROL_CHARS_REGEX = "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff\ufffd]"
+
+# (expectation name suffix, regex, description): text that must not appear in any free-text field.
+SENSITIVE_PATTERNS: tuple[tuple[str, str, str], ...] = (
+    ("email", r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",
+     "no e-mail addresses (personal data)"),
+    ("api_key", r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|\bsk-[A-Za-z0-9_-]{20,}|\bgh[pousr]_[A-Za-z0-9]{36}\b"
+                r"|\bxox[abprs]-[A-Za-z0-9-]{10,}",
+     "no API keys (AWS AKIA/ASIA, sk-..., GitHub ghp_..., Slack xox.-...)"),
+    ("private_key", r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----", "no private key headers"),
+    ("phone", r"(?<![\w.])(?:\+\d{1,3}[ .-]?)?(?:\(\d{3}\) ?|\d{3}[ .-])\d{3}[ .-]\d{4}(?![\w.])",
+     "no phone numbers (personal data)"),
+)
+
+
+@dataclass(frozen=True)
+class DatasetContract:
+    """The contract of one dataset.
+
+    Attributes:
+        name: suite name ("corpus", "sft", "rl", "eval").
+        files: JSONL files (in data/raw and data/validated) validated together as one batch.
+        fields: exact field set with GX type names ("str" or "int").
+        text_fields: free-text fields: lengths, allowed characters, secrets and personal data.
+        unique_fields: fields whose values must be unique over all files of the dataset.
+        question_field: the field whose normalized text is the train/eval overlap key.
+        final_answer_field: the field that must end with `#### <answer>` (None: no such field).
+    """
+
+    name: str
+    files: tuple[str, ...]
+    fields: dict[str, str]
+    text_fields: tuple[str, ...]
+    unique_fields: tuple[str, ...]
+    question_field: str | None = None
+    final_answer_field: str | None = None
+
+    @property
+    def is_math(self) -> bool:
+        return "answer" in self.fields
+
+
+CONTRACTS: dict[str, DatasetContract] = {
+    "corpus": DatasetContract(
+        name="corpus", files=("corpus_train.jsonl", "corpus_val.jsonl"),
+        fields={"id": "str", "text": "str", "source": "str"},
+        text_fields=("text",), unique_fields=("id", "text")),
+    "sft": DatasetContract(
+        name="sft", files=("sft.jsonl",),
+        fields={"id": "str", "prompt": "str", "response": "str", "answer": "str", "level": "int"},
+        text_fields=("prompt", "response"), unique_fields=("id", "prompt"),
+        question_field="prompt", final_answer_field="response"),
+    "rl": DatasetContract(
+        name="rl", files=("rl.jsonl",),
+        fields={"id": "str", "question": "str", "answer": "str", "level": "int"},
+        text_fields=("question",), unique_fields=("id", "question"), question_field="question"),
+    "eval": DatasetContract(
+        name="eval", files=("eval.jsonl",),
+        fields={"id": "str", "question": "str", "solution": "str", "answer": "str", "level": "int"},
+        text_fields=("question", "solution"), unique_fields=("id", "question"),
+        question_field="question", final_answer_field="solution"),
+}
+# Validation order: eval's overlap check needs the validated training questions (sft, rl) first.
+ORDER = ("corpus", "sft", "rl", "eval")
+TRAINING = ("sft", "rl")
+
+
+def question_key(text: Any) -> str | None:
+    """The overlap key of a question: sha1 of `mathgen.normalize_question(text)`, 16 hex digits.
+
+    Returns None for a non-string (that row fails its type expectation instead).
+    """
+    from tasks.mathgen import normalize_question
+
+    if not isinstance(text, str):
+        return None
+    return hashlib.sha1(normalize_question(text).encode("utf-8")).hexdigest()[:16]
+
+
+def final_answer(text: Any) -> str | None:
+    """What follows "#### " on the last non-empty line of `text`; None if that line is not one."""
+    if not isinstance(text, str):
+        return None
+    lines = [line for line in text.strip().split("\n") if line.strip()]
+    if not lines:
+        return None
+    match = re.fullmatch(r"#### (.*)", lines[-1].strip())
+    return match.group(1).strip() if match else None
+
+
+def normalized_corpus(texts: Iterable[Any]) -> str:
+    """The corpus as one normalized string (documents joined by newlines) for contamination checks."""
+    from tasks.mathgen import normalize_question
+
+    return "\n".join(normalize_question(t) for t in texts if isinstance(t, str))
+
+
+def build_frame(contract: DatasetContract, rows: Sequence[dict[str, Any]], labels: Sequence[str],
+                corpus: str | None = None):
+    """The pandas DataFrame a suite validates: raw fields (as objects) plus the derived columns.
+
+    Args:
+        contract: the dataset's contract.
+        rows: raw JSON objects, one per data row.
+        labels: one label per row ("sft.jsonl:17"); the frame's index, so failures name rows.
+        corpus: for the eval contract, `normalized_corpus(...)` of the CPT corpus: `_in_corpus`
+            is True when a row's normalized question occurs in it (contamination).
+
+    Returns:
+        DataFrame of shape (len(rows), fields + extra fields + derived), dtype object. A field a row
+        lacks is NaN (null); every contract field exists as a column even if no row has it.
+
+    Raises:
+        ValueError: a row uses a reserved derived column name.
+    """
+    import pandas as pd
+
+    if len(rows) != len(labels):
+        raise ValueError(f"{len(rows)} rows but {len(labels)} labels")
+    extra: list[str] = []
+    for row, label in zip(rows, labels):
+        reserved = [k for k in row if k in DERIVED_COLUMNS]
+        if reserved:
+            raise ValueError(f"{label}: field(s) {reserved} are reserved for derived contract columns")
+        extra.extend(k for k in row if k not in contract.fields and k not in extra)
+    columns = list(contract.fields) + extra
+    frame = pd.DataFrame(list(rows), columns=columns, dtype=object, index=pd.Index(list(labels), dtype=object))
+    frame[FIELDS_COLUMN] = [",".join(sorted(row)) for row in rows]
+    if contract.final_answer_field:
+        frame[FINAL_ANSWER_COLUMN] = [final_answer(row.get(contract.final_answer_field)) for row in rows]
+    if contract.question_field:
+        frame[QUESTION_KEY_COLUMN] = [question_key(row.get(contract.question_field)) for row in rows]
+    if contract.name == "eval":
+        if corpus is None:
+            raise ValueError("the eval contract needs the normalized corpus (contamination check)")
+        from tasks.mathgen import normalize_question
+
+        frame[IN_CORPUS_COLUMN] = [isinstance(q, str) and normalize_question(q) in corpus
+                                   for q in (row.get(contract.question_field) for row in rows)]
+    return frame
+
+
+def text_bounds(contract: DatasetContract, field: str, params) -> tuple[int, int]:
+    """Length bounds (characters) of a free-text field, from params.data and params.validate_data."""
+    v = params.validate_data
+    if contract.name == "corpus":  # prose documents; math documents: see build_suite
+        return params.data.min_doc_chars, params.data.max_doc_chars
+    if field in ("response", "solution"):
+        return 1, v.max_solution_chars
+    return v.min_question_chars, v.max_question_chars
+
+
+def build_suite(contract: DatasetContract, params, training_keys: Iterable[str] | None = None) -> gx.ExpectationSuite:
+    """The expectation suite of `contract` for the bounds in `params`.
+
+    Args:
+        contract: the dataset's contract.
+        params: a `tasks.params.Params` (uses `data.*` bounds and levels, `validate_data.*` bounds).
+        training_keys: `_question_key`s of the training questions (SFT prompts + RL questions);
+            required for the eval contract (the zero-overlap expectation).
+
+    Returns:
+        A `gx.ExpectationSuite` named `contract.name` (not yet added to a context).
+    """
+    if contract.name == "eval" and training_keys is None:
+        raise ValueError("the eval contract needs training_keys (the overlap check)")
+    expectations: list = []
+    add = expectations.append
+    add(gxe.ExpectTableRowCountToBeBetween(min_value=1, description="at least one row"))
+    add(gxe.ExpectColumnValuesToBeInSet(
+        column=FIELDS_COLUMN, value_set=[",".join(sorted(contract.fields))],
+        description=f"exactly the fields {sorted(contract.fields)} in every row"))
+    for name, type_ in contract.fields.items():
+        add(gxe.ExpectColumnValuesToNotBeNull(column=name, description=f"{name} present and not null"))
+        add(gxe.ExpectColumnValuesToBeOfType(column=name, type_=type_, description=f"{name} is a JSON {_json_type(type_)}"))
+    add(gxe.ExpectColumnValuesToMatchRegex(
+        column="id", regex=ID_REGEX, description="id is 1-128 printable ASCII characters without spaces"))
+    for name in contract.unique_fields:
+        add(gxe.ExpectColumnValuesToBeUnique(column=name, description=f"{name} unique (no duplicate rows)"))
+    for name in contract.text_fields:
+        low, high = text_bounds(contract, name, params)
+        if contract.name == "corpus":
+            add(gxe.ExpectColumnValueLengthsToBeBetween(
+                column=name, min_value=low, max_value=high, row_condition=f'source!="{MATH_SOURCE}"',
+                condition_parser="pandas", description=f"{name} has {low}-{high} characters (prose documents)"))
+            low = params.validate_data.min_question_chars
+            add(gxe.ExpectColumnValueLengthsToBeBetween(
+                column=name, min_value=low, max_value=high, row_condition=f'source=="{MATH_SOURCE}"',
+                condition_parser="pandas",
+                description=f"{name} has {low}-{high} characters (math documents, source '{MATH_SOURCE}')"))
+        else:
+            add(gxe.ExpectColumnValueLengthsToBeBetween(
+                column=name, min_value=low, max_value=high, description=f"{name} has {low}-{high} characters"))
+        add(gxe.ExpectColumnValuesToNotMatchRegex(
+            column=name, regex=CONTROL_CHARS_REGEX,
+            description=f"{name} has no control characters (C0/C1, zero-width, bidi, BOM, U+FFFD)"))
+        for _, regex, what in SENSITIVE_PATTERNS:
+            add(gxe.ExpectColumnValuesToNotMatchRegex(column=name, regex=regex, description=f"{name}: {what}"))
+    if contract.name == "corpus":
+        add(gxe.ExpectColumnValueLengthsToBeBetween(
+            column="source", min_value=1, max_value=200, description="source has 1-200 characters"))
+    if contract.is_math:
+        add(gxe.ExpectColumnValuesToMatchRegex(
+            column="answer", regex=ANSWER_REGEX, description='answer is a plain number ("42", "-3", "2.5")'))
+        add(gxe.ExpectColumnValuesToBeInSet(
+            column="level", value_set=list(params.data.math_levels),
+            description=f"level is one of data.math_levels {list(params.data.math_levels)}"))
+    if contract.final_answer_field:
+        field = contract.final_answer_field
+        add(gxe.ExpectColumnValuesToMatchRegex(
+            column=field, regex=FINAL_LINE_REGEX, description=f"{field} ends with a line '#### <answer>'"))
+        add(gxe.ExpectColumnPairValuesToBeEqual(
+            column_A="answer", column_B=FINAL_ANSWER_COLUMN, ignore_row_if="both_values_are_missing",
+            description=f"the number after '#### ' at the end of {field} equals answer"))
+    if contract.name == "eval":
+        add(gxe.ExpectColumnValuesToNotBeInSet(
+            column=QUESTION_KEY_COLUMN, value_set=sorted(set(training_keys or [])),
+            description="question does not overlap training: its normalized text is no SFT prompt or RL question"))
+        add(gxe.ExpectColumnValuesToBeInSet(
+            column=IN_CORPUS_COLUMN, value_set=[False],
+            description="question does not occur in the CPT corpus (normalized substring search)"))
+    # Built from a list, not with suite.add_expectation: that saves the whole suite to the store on
+    # every call once a suite of the same name exists there (quadratic; seconds per suite).
+    return gx.ExpectationSuite(name=contract.name, expectations=expectations)
+
+
+def _json_type(type_: str) -> str:
+    return {"str": "string", "int": "integer"}.get(type_, type_)

@@ -1,0 +1,113 @@
+"""gates: the model quality gates, checked by the orchestration before export/deploy.
+
+    python -m tasks.gates [--params params.yaml] [--set gates.max_loss=6.0]
+    ruyi stage gates ...        (when the CLI lists it)
+
+Reads `metrics/eval.json` (evaluate) and `metrics/compress.json` (compress), builds one row per exit
+(`data_contracts.gates.gates_frame`) and validates it with the gates suite (Great Expectations):
+every member evaluated; loss finite and below `gates.max_loss`; deeper exits not worse than any
+shallower one by more than `gates.depth_tolerance` (relative); compression's relative loss change
+within `compress.max_relative_loss_increase`; accuracy at least `gates.min_accuracy`.
+
+Writes `metrics/gates.json` (passed, thresholds, the per-exit values, failed expectations with the
+failing exits) and the Data Docs under `reports/contracts/data_docs/` (suite "model_gates"), in both
+outcomes; a failed gate then raises `ContractViolation` (a `StageError`) listing every failing
+expectation and exit. Like a data contract failure it is deterministic: the orchestration must not
+retry it.
+
+Design choices:
+- The metrics are the interface: gates never load a model, so they take about a second plus the
+  GX import, and they judge exactly the figures that are published.
+- A missing metrics file or one without `exit_<d>` entries is a plain `StageError` (a stage did not
+  run); a missing or non-numeric value for one exit is a gate failure naming that exit.
+- The gates are relative to each exit's own shallower siblings, not to a fixed ranking, so they
+  hold for any `model.exit_layers`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tasks.common import StageError, log, stage_main, write_metrics
+from tasks.params import Params
+from tasks.validate_data import ContractViolation
+
+STAGE = "gates"
+
+
+def _read_metrics(path: Path, stage: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise StageError(f"{path} not found (run the {stage} stage first)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise StageError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def check_gates(params: Params) -> dict[str, Any]:
+    """Validates the evaluate/compress metrics against the gates; returns the gates metrics.
+
+    Returns:
+        The content of `metrics/gates.json` (with "passed": True).
+
+    Raises:
+        StageError: a metrics file is missing or malformed.
+        ContractViolation: a gate failed (after `metrics/gates.json` and the Data Docs are written).
+    """
+    from data_contracts.context import ContractContext
+    from data_contracts.gates import SUITE, gates_frame, gates_suite
+
+    metrics_dir = Path(params.paths.metrics_dir)
+    eval_path, compress_path = metrics_dir / "eval.json", metrics_dir / "compress.json"
+    evals = _read_metrics(eval_path, "evaluate")
+    compress = _read_metrics(compress_path, "compress")
+    try:
+        frame = gates_frame(evals, compress, where=(str(eval_path), str(compress_path)))
+    except ValueError as e:
+        raise StageError(str(e)) from None
+
+    thresholds = {"max_loss": params.gates.max_loss, "depth_tolerance": params.gates.depth_tolerance,
+                  "max_relative_loss_increase": params.compress.max_relative_loss_increase,
+                  "min_accuracy": params.gates.min_accuracy, "exit_layers": list(params.model.exit_layers)}
+    suite = gates_suite(params.model.exit_layers, params.gates.max_loss, params.gates.depth_tolerance,
+                        params.compress.max_relative_loss_increase, params.gates.min_accuracy)
+    ctx = ContractContext(Path(params.paths.reports_dir) / "contracts")
+    ctx.forget(SUITE)
+    result = ctx.validate(SUITE, frame, suite, run_name="gates")
+    ctx.build_docs()
+
+    failures = [f.to_dict() for f in result.failures]
+    exits = {label: {k: (None if v != v else v) for k, v in row.items()}  # NaN -> null in JSON
+             for label, row in frame.to_dict(orient="index").items()}
+    metrics = {
+        "passed": result.success,
+        "thresholds": thresholds,
+        "exits": exits,
+        "expectations_evaluated": result.evaluated,
+        "expectations_failed": len(result.failures),
+        "failures": failures,
+        "failing_exits": sorted({str(r) for f in result.failures for r in f.rows}),
+        "data_docs": str(Path(params.paths.reports_dir) / "contracts" / "data_docs" / "index.html"),
+    }
+    write_metrics(params, STAGE, metrics)
+    if not result.success:
+        raise ContractViolation(
+            f"model quality gates failed ({len(result.failures)} of {result.evaluated} expectations; "
+            f"{eval_path}, {compress_path}); Data Docs: {metrics['data_docs']}\n" + result.describe(),
+            [{"suite": SUITE, **f} for f in failures])
+    log.info("gates passed: %d expectations over exits %s", result.evaluated, list(exits))
+    return metrics
+
+
+def run(params: Params) -> dict[str, Any]:
+    return check_gates(params)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(STAGE, __doc__, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,374 @@
+"""validate_data: checks `data/raw/` against the data contracts and publishes `data/validated/`.
+
+    python -m tasks.validate_data [--params params.yaml] [--set validate_data.on_violation=quarantine]
+    ruyi stage validate_data ...
+
+Reads `data/raw/` (corpus_train.jsonl, corpus_val.jsonl, sft.jsonl, rl.jsonl, eval.jsonl and
+manifest.json, written by prepare_data) and validates every dataset with its Great Expectations
+suite (`data_contracts/suites.py`: schema and types, nulls, lengths, duplicates, allowed characters,
+answer format, train/eval overlap, secrets and personal data). Writes:
+    data/validated/      the same files (rows that passed) + manifest.json with the validated counts
+    data/quarantine/     <file stem>.jsonl: every quarantined row with the expectation(s) it failed,
+                         and summary.json (counts per file); empty lists when nothing was quarantined
+    reports/contracts/   the GX project (gx/) and its Data Docs (data_docs/index.html)
+    metrics/validate_data.json, plots/validate_data/rows.{png,csv}
+
+On a violation (`validate_data.on_violation`):
+- `fail` (default): the stage raises `ContractViolation` naming every failed expectation, the file
+  and sample rows (`file:line: value`, from GX's `unexpected_index_list` / `unexpected_list`);
+  nothing is published, the Data Docs show every failing row.
+- `quarantine`: exactly the rows that failed row-level expectations go to `data/quarantine/` with
+  their reasons; every other row is published. The stage still fails when the bad rows of a file
+  exceed `max_quarantine_fraction`, or a failure cannot be attributed to rows (the row count).
+`ContractViolation` subclasses `StageError`: contract failures are deterministic, so the
+orchestration must never retry them (unlike infrastructure errors).
+
+Design choices:
+- Integrity first: every raw file must match its manifest entry (rows, sha256); a mismatch means
+  the data changed after prepare_data and is a `ContractViolation`. A malformed JSON line is a
+  `StageError` naming `file:line` (`tasks.common.read_jsonl`); it is not quarantined, since it is
+  not a row at all.
+- Rows are labelled `<data_dir>/raw/<file>:<line>` (the DataFrame index), so errors, quarantine
+  records and Data Docs name the same line numbers an editor shows.
+- The two corpus files are validated as one batch, so duplicates between train and val are found.
+  Datasets are validated in the order corpus, sft, rl, eval: eval's overlap checks use the rows of
+  the training sets (and of the corpus) that passed.
+- Duplicates under quarantine: GX flags every occurrence of a duplicated value; the first occurrence
+  that is otherwise valid is kept and the later ones are quarantined ("duplicate of file:line"),
+  because the first copy is good data. After quarantining, the kept rows are validated again (run
+  "validated" in the Data Docs) and must pass: the published data always satisfies its contract.
+- Published rows are the raw lines, byte for byte (a file without quarantined rows is copied), so
+  validation never re-serialises data; the validated manifest keeps prepare_data's entries and
+  replaces the `files` entries (rows, sha256, bytes) with those of the published files.
+- Only the latest validation of each suite is kept in the GX store, so the Data Docs describe the
+  data on disk (git/DVC keep the history).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tasks.common import (StageError, atomic_dir, atomic_file, log, plots_dir, read_jsonl, stage_main, write_json,
+                          write_jsonl, write_metrics)
+from tasks.params import Params
+
+STAGE = "validate_data"
+UNIQUE_EXPECTATION = "expect_column_values_to_be_unique"
+
+
+class ContractViolation(StageError):
+    """Data (or a model's metrics) violate a contract; deterministic, so never worth a retry.
+
+    Attributes:
+        failures: JSON-able records of the failed expectations (suite, expectation, column,
+            description, rows, values).
+    """
+
+    def __init__(self, message: str, failures: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.failures = failures or []
+
+
+@dataclass
+class _Row:
+    file: str
+    line: int
+    text: str  # the raw line, newline included
+    data: dict[str, Any]
+
+
+@dataclass
+class _Dataset:
+    """The rows of one contract (all its files), in file order, keyed by label."""
+
+    name: str
+    files: tuple[str, ...]
+    rows: dict[str, _Row] = field(default_factory=dict)
+    reasons: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # quarantined label -> reasons
+
+    @property
+    def kept(self) -> list[str]:
+        return [label for label in self.rows if label not in self.reasons]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(raw_dir: Path, files: list[str]) -> dict[str, Any]:
+    """Reads `raw_dir/manifest.json` and checks every file against it (rows and sha256).
+
+    Raises:
+        StageError: the manifest is missing or unreadable.
+        ContractViolation: a file is missing from the manifest or does not match it.
+    """
+    path = raw_dir / "manifest.json"
+    if not path.is_file():
+        raise StageError(f"{path} not found (run the prepare_data stage first)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise StageError(f"{path}: not valid JSON ({e.msg})") from None
+    entries = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(entries, dict):
+        raise StageError(f"{path}: expected an object with a 'files' mapping")
+    problems = []
+    for name in files:
+        entry = entries.get(name)
+        file = raw_dir / name
+        if not file.is_file():
+            raise StageError(f"input file not found: {file} (run the prepare_data stage first)")
+        if not isinstance(entry, dict) or "sha256" not in entry or "rows" not in entry:
+            problems.append(f"{path}: no 'rows'/'sha256' entry for {name}")
+        elif _sha256(file) != entry["sha256"]:
+            problems.append(f"{file}: sha256 differs from {path} (the file changed after prepare_data)")
+    if problems:
+        raise ContractViolation("raw data does not match its manifest:\n  " + "\n  ".join(problems),
+                                [{"suite": "manifest", "expectation": "sha256 and rows match manifest.json",
+                                  "rows": problems}])
+    return manifest
+
+
+def load_rows(raw_dir: Path, name: str, manifest: dict[str, Any]) -> list[_Row]:
+    """Rows of one JSONL file with their line numbers and raw text.
+
+    Parsing (and its errors, naming file:line) is `tasks.common.read_jsonl`; a second pass pairs
+    each row with its non-blank line.
+    """
+    path = raw_dir / name
+    data = read_jsonl(path)
+    with open(path, encoding="utf-8") as f:
+        lines = [(n, text if text.endswith("\n") else text + "\n") for n, text in enumerate(f, 1) if text.strip()]
+    if len(lines) != len(data):  # read_jsonl skips exactly the blank lines
+        raise StageError(f"{path}: {len(data)} rows but {len(lines)} non-blank lines")
+    expected = manifest["files"][name]["rows"]
+    if expected != len(data):
+        raise ContractViolation(f"{path}: {len(data)} rows but manifest.json says {expected}",
+                                [{"suite": "manifest", "expectation": "rows match manifest.json", "rows": [str(path)]}])
+    return [_Row(file=name, line=n, text=text, data=row) for (n, text), row in zip(lines, data)]
+
+
+def _reason(failure, detail: str | None = None) -> dict[str, Any]:
+    reason = {"expectation": failure.expectation, "column": failure.column, "description": failure.description}
+    if detail:
+        reason["detail"] = detail
+    return reason
+
+
+def _value_key(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=repr)
+
+
+def quarantine_rows(dataset: _Dataset, failures: list) -> None:
+    """Records in `dataset.reasons` the rows to quarantine for the row-level `failures`.
+
+    Every failing row of a non-uniqueness expectation is bad. For a uniqueness expectation, the
+    first occurrence of each value that is not bad for another reason is kept and the later ones
+    are quarantined as duplicates of it.
+    """
+    for f in failures:
+        if f.expectation != UNIQUE_EXPECTATION:
+            for label in f.rows:
+                dataset.reasons.setdefault(label, []).append(_reason(f))
+    for f in failures:
+        if f.expectation != UNIQUE_EXPECTATION:
+            continue
+        groups: dict[str, list[str]] = {}
+        for label, value in zip(f.rows, f.values):
+            groups.setdefault(_value_key(value), []).append(label)
+        order = {label: i for i, label in enumerate(dataset.rows)}
+        for labels in groups.values():
+            labels.sort(key=order.__getitem__)
+            keep = next((label for label in labels if label not in dataset.reasons), None)
+            for label in labels:
+                if label != keep:
+                    dataset.reasons.setdefault(label, []).append(_reason(f, f"duplicate of {keep or labels[0]}"))
+
+
+def _failure_records(suite: str, result, limit: int) -> list[dict[str, Any]]:
+    return [{"suite": suite, **f.to_dict(max_rows=limit)} for f in result.failures]
+
+
+def run(params: Params) -> dict[str, Any]:
+    """Validates data/raw, publishes data/validated and data/quarantine; returns the metrics."""
+    from tqdm import tqdm
+
+    from data_contracts.context import ContractContext
+    from data_contracts.suites import (CONTRACTS, ORDER, TRAINING, build_frame, build_suite, normalized_corpus,
+                                       question_key)
+
+    settings = params.validate_data
+    data_dir = Path(params.paths.data_dir)
+    raw_dir = data_dir / "raw"
+    if not raw_dir.is_dir():
+        raise StageError(f"{raw_dir} not found (run the prepare_data stage first)")
+    all_files = [name for name in ORDER for name in CONTRACTS[name].files]
+    manifest = read_manifest(raw_dir, all_files)
+
+    ctx = ContractContext(Path(params.paths.reports_dir) / "contracts")
+    datasets: dict[str, _Dataset] = {}
+    suites: dict[str, dict[str, Any]] = {}
+    errors: list[str] = []
+    records: list[dict[str, Any]] = []
+    sample = settings.sample_rows
+    try:
+        for name in tqdm(ORDER, desc="validate_data", unit="dataset"):
+            contract = CONTRACTS[name]
+            dataset = _Dataset(name=name, files=contract.files)
+            for file in contract.files:
+                for row in load_rows(raw_dir, file, manifest):
+                    dataset.rows[f"{raw_dir / file}:{row.line}"] = row
+            datasets[name] = dataset
+            ctx.forget(name)
+
+            def validate(labels: list[str], run_name: str, contract=contract, dataset=dataset):
+                training_keys = corpus = None
+                if contract.name == "eval":  # overlap with what passed in the training sets and corpus
+                    keys = (question_key(datasets[t].rows[label].data.get(CONTRACTS[t].question_field))
+                            for t in TRAINING for label in datasets[t].kept)
+                    training_keys = [k for k in keys if k is not None]
+                    corpus = normalized_corpus(datasets["corpus"].rows[label].data.get("text")
+                                               for label in datasets["corpus"].kept)
+                try:
+                    frame = build_frame(contract, [dataset.rows[label].data for label in labels], labels, corpus)
+                except ValueError as e:
+                    raise ContractViolation(f"{contract.name}: {e}") from None
+                suite = build_suite(contract, params, training_keys)
+                return ctx.validate(contract.name, frame, suite, run_name=run_name)
+
+            result = validate(list(dataset.rows), "raw")
+            suites[name] = {"expectations_evaluated": result.evaluated,
+                            "expectations_failed": len(result.failures),
+                            "failed": sorted({f.name for f in result.failures})}
+            if result.success:
+                continue
+            files = ", ".join(contract.files)
+            table_level = [f for f in result.failures if not f.row_level]
+            if settings.on_violation == "fail" or table_level:
+                failures = result.failures if settings.on_violation == "fail" else table_level
+                result.failures = failures
+                errors.append(f"{name} ({files}): {len(failures)} of {result.evaluated} expectations failed\n"
+                              + result.describe(sample))
+                records += _failure_records(name, result, sample)
+                continue
+            quarantine_rows(dataset, result.failures)
+            over = []
+            for file in contract.files:
+                total = sum(1 for r in dataset.rows.values() if r.file == file)
+                bad = sum(1 for label in dataset.reasons if dataset.rows[label].file == file)
+                if bad > settings.max_quarantine_fraction * total:
+                    over.append(f"{raw_dir / file}: {bad} of {total} rows ({bad / total:.1%}) would be quarantined, "
+                                f"over validate_data.max_quarantine_fraction={settings.max_quarantine_fraction}")
+            if over:
+                errors.append(f"{name} ({files}): too many bad rows to quarantine\n  " + "\n  ".join(over)
+                              + "\n" + result.describe(sample))
+                records += _failure_records(name, result, sample)
+                continue
+            log.info("%s: quarantining %d of %d rows", name, len(dataset.reasons), len(dataset.rows))
+            recheck = validate(dataset.kept, "validated")
+            if not recheck.success:
+                errors.append(f"{name} ({files}): the rows kept after quarantine still fail\n" + recheck.describe(sample))
+                records += _failure_records(name, recheck, sample)
+    finally:
+        try:  # the docs show what was validated, also when the stage fails
+            docs = ctx.build_docs()
+        except Exception as e:  # never mask the stage's own error
+            log.warning("could not build the Data Docs: %s", e)
+            docs = ctx.docs_dir / "index.html"
+
+    if errors:
+        raise ContractViolation(
+            f"data contract violated (validate_data.on_violation={settings.on_violation}); Data Docs: {docs}\n"
+            + "\n".join(errors), records)
+    return _publish(params, raw_dir, manifest, datasets, suites, docs)
+
+
+def _publish(params: Params, raw_dir: Path, manifest: dict[str, Any], datasets: dict[str, _Dataset],
+             suites: dict[str, dict[str, Any]], docs: Path) -> dict[str, Any]:
+    data_dir = Path(params.paths.data_dir)
+    per_file: dict[str, dict[str, int]] = {}
+    with atomic_dir(data_dir / "validated") as out, atomic_dir(data_dir / "quarantine") as qdir:
+        files_entry = {}
+        summary = {}
+        for dataset in datasets.values():
+            for file in dataset.files:
+                labels = [label for label, row in dataset.rows.items() if row.file == file]
+                bad = [label for label in labels if label in dataset.reasons]
+                if bad:
+                    with open(out / file, "w", encoding="utf-8") as f:
+                        f.writelines(dataset.rows[label].text for label in labels if label not in dataset.reasons)
+                else:
+                    shutil.copyfile(raw_dir / file, out / file)
+                write_jsonl(qdir / f"{Path(file).stem}.jsonl", [
+                    {"file": file, "line": dataset.rows[label].line, "reasons": dataset.reasons[label],
+                     "row": dataset.rows[label].data} for label in bad])
+                kept = len(labels) - len(bad)
+                files_entry[file] = {"rows": kept, "sha256": _sha256(out / file), "bytes": (out / file).stat().st_size}
+                per_file[file] = {"rows_checked": len(labels), "rows_passed": kept, "rows_quarantined": len(bad)}
+                summary[file] = len(bad)
+        validated = dict(manifest)
+        validated["raw_files"] = manifest["files"]
+        validated["files"] = files_entry
+        validated["validation"] = {"on_violation": params.validate_data.on_violation,
+                                   "quarantined": summary, "suites": sorted(suites)}
+        write_json(out / "manifest.json", validated)
+        write_json(qdir / "summary.json", {"quarantined": summary, "on_violation": params.validate_data.on_violation})
+    metrics = {
+        "passed": True,
+        "on_violation": params.validate_data.on_violation,
+        "datasets": per_file,
+        "suites": suites,
+        "rows_checked": sum(v["rows_checked"] for v in per_file.values()),
+        "rows_quarantined": sum(v["rows_quarantined"] for v in per_file.values()),
+        "expectations_evaluated": sum(s["expectations_evaluated"] for s in suites.values()),
+        "expectations_failed": sum(s["expectations_failed"] for s in suites.values()),
+        # As configured (not resolved), so the metrics do not depend on where the workspace lives.
+        "data_docs": str(Path(params.paths.reports_dir) / "contracts" / "data_docs" / "index.html"),
+    }
+    write_metrics(params, STAGE, metrics)
+    _plot(params, per_file)
+    log.info("validate_data: %d rows checked, %d quarantined, %d expectations evaluated; Data Docs: %s",
+             metrics["rows_checked"], metrics["rows_quarantined"], metrics["expectations_evaluated"], docs)
+    return metrics
+
+
+def _plot(params: Params, per_file: dict[str, dict[str, int]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = plots_dir(params, STAGE)
+    names = list(per_file)
+    with atomic_file(out / "rows.csv") as f:
+        f.write("file,rows_passed,rows_quarantined\n")
+        for name in names:
+            f.write(f"{name},{per_file[name]['rows_passed']},{per_file[name]['rows_quarantined']}\n")
+    fig, ax = plt.subplots(figsize=(6, 3))
+    passed = [per_file[n]["rows_passed"] for n in names]
+    bad = [per_file[n]["rows_quarantined"] for n in names]
+    ax.bar(names, passed, label="passed")
+    ax.bar(names, bad, bottom=passed, label="quarantined", color="tab:red")
+    ax.set(ylabel="rows", title="validate_data: rows per file")
+    ax.legend()
+    ax.tick_params(axis="x", labelrotation=20)
+    fig.tight_layout()
+    fig.savefig(out / "rows.png", dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(STAGE, __doc__, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
