@@ -20,12 +20,14 @@ Writes:
     plots/evaluate/tradeoff.png + tradeoff.csv  accuracy and loss against ms/token per exit
 
 Definitions and design choices:
-- Held-out loss: token-mean next-token cross-entropy of member d on `loss_batches` x `batch_size`
-  blocks of `seq_len` tokens, packed in file order from corpus_val (each document followed by
-  `<|endoftext|>`, the remainder dropped; no randomness, so the numbers are reproducible). perplexity =
-  exp(loss). Fewer blocks than asked is logged and reported (`loss_tokens`), zero is an error.
-- Solution loss: the same cross-entropy on the assistant turn only (solution + `<|im_end|>\\n`) of the
-  first `num_problems` eval rows under the chat template (prompt tokens masked, truncated to `seq_len`).
+- Held-out loss: token-mean next-token cross-entropy of member d (run alone, `exit_layer=d`) on
+  `loss_batches` x `batch_size` blocks of `seq_len` tokens, packed in file order from corpus_val by
+  `tasks.training.pack_documents` (each document followed by `<|endoftext|>`, the remainder dropped;
+  no randomness, so the numbers are reproducible). perplexity = exp(loss). Fewer blocks than asked
+  is logged and visible in `loss_tokens`; none is an error naming the file.
+- Solution loss: the same cross-entropy on the assistant turn (solution + closing `<|im_end|>`) of
+  the first `num_problems` eval rows under the chat template, encoded exactly as SFT encodes its
+  data (`tasks.training.build_sft_examples`: prompt masked, cut to `seq_len`).
 - Accuracy: greedy decoding (tasks/decoding.py: left-padded batches of `batch_size`, stop at
   `<|im_end|>`, at most `max_new_tokens`) of the first `num_problems` questions, scored with
   `tasks.mathgen.extract_answer` + `answers_match` (exact numeric match of the `#### <answer>` line).
@@ -60,10 +62,9 @@ from tasks.common import (
     write_metrics,
 )
 from tasks.params import Params
+from tasks.training import read_corpus
 
 log = logging.getLogger("ruyi.evaluate")
-
-IGNORE_INDEX = -100
 
 
 # --- data helpers (also used by tasks.compress) -------------------------------------------------
@@ -72,136 +73,52 @@ def validated_path(params: Params, name: str) -> Path:
     return Path(params.paths.data_dir) / "validated" / name
 
 
-def pack_blocks(tokenizer, texts: Sequence[str], seq_len: int, max_blocks: int):
-    """Packs documents into consecutive fixed-length blocks (no padding), in order.
-
-    Each document's tokens are followed by the eos token (`<|endoftext|>`, the document separator); the
-    stream is cut into `seq_len`-token blocks and the incomplete remainder is dropped.
-
-    Args:
-        tokenizer: the family's tokenizer.
-        texts: documents, in the order they are packed.
-        seq_len: tokens per block.
-        max_blocks: stop after this many blocks.
+def first_blocks(tokenizer, texts: Sequence[str], seq_len: int, max_blocks: int, where: str | Path):
+    """The first `max_blocks` packed blocks of `texts` (`tasks.training.pack_documents`), tokenizing
+    only as many documents as needed (calibration draws a few blocks from a large corpus).
 
     Returns:
-        LongTensor N x seq_len with N <= max_blocks (N = 0 when the text is too short).
+        LongTensor N x seq_len, 1 <= N <= max_blocks (fewer is logged); none is an error naming `where`.
     """
-    import torch
+    from tasks.training import pack_documents, tokenize_texts
 
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos token (<|endoftext|>) to separate packed documents")
-    stream: list[int] = []
-    need = seq_len * max_blocks
-    for text in texts:
-        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        stream.append(tokenizer.eos_token_id)
-        if len(stream) >= need:
+    token_lists: list[list[int]] = []
+    tokens, chunk = 0, 256
+    for start in range(0, len(texts), chunk):
+        new = tokenize_texts(tokenizer, texts[start:start + chunk], desc=f"tokenize {Path(where).name}")
+        token_lists.extend(new)
+        tokens += sum(len(ids) + 1 for ids in new)
+        if tokens >= seq_len * max_blocks:
             break
-    n = min(len(stream) // seq_len, max_blocks)
-    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    blocks = pack_documents(token_lists, tokenizer.eos_token_id, seq_len)[:max_blocks]
+    if blocks.shape[0] == 0:
+        raise StageError(f"{where}: too little text for one {seq_len}-token block")
+    if blocks.shape[0] < max_blocks:
+        log.warning("%s: only %d of the %d requested %d-token blocks", where, blocks.shape[0], max_blocks, seq_len)
+    return blocks
 
 
-def chat_example(tokenizer, prompt: str, response: str, max_len: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels of one user/assistant exchange under the chat template.
+def solution_examples(tokenizer, rows: Sequence[dict[str, Any]], seq_len: int, where: str | Path) -> dict:
+    """Eval rows as SFT chat examples (question -> user, solution -> assistant), masked and padded by
+    `tasks.training.build_sft_examples` (the loss covers the solution and its closing `<|im_end|>`)."""
+    from tasks.training import build_sft_examples
 
-    The prompt part (`<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n`) is masked with
-    -100; the assistant part (`{response}<|im_end|>\\n`) is the target. Prompt and response are
-    tokenized separately so the boundary is exact. Truncated to `max_len` tokens.
-
-    Returns:
-        (input_ids, labels), two lists of equal length <= max_len.
-    """
-    user = {"role": "user", "content": prompt}
-    prompt_text = tokenizer.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
-    full_text = tokenizer.apply_chat_template([user, {"role": "assistant", "content": response}], tokenize=False)
-    if not full_text.startswith(prompt_text):
-        raise ValueError("the tokenizer's chat template does not extend the generation prompt with the answer")
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
-    ids = (prompt_ids + response_ids)[:max_len]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_len]
-    return ids, labels
+    pairs = [{"id": r.get("id"), "prompt": str(r["question"]), "response": str(r["solution"])} for r in rows]
+    return build_sft_examples(tokenizer, pairs, seq_len, str(where))[0]
 
 
-def chat_examples(tokenizer, rows: Sequence[dict[str, Any]], prompt_key: str, response_key: str, max_len: int,
-                  path: str | Path) -> list[tuple[list[int], list[int]]]:
-    """`chat_example` of every row; a row whose answer is cut off entirely by `max_len` is an error
-    naming the file and row (a loss over fewer examples than asked would be silently different)."""
-    out = []
-    for i, row in enumerate(rows, 1):
-        ids, labels = chat_example(tokenizer, str(row[prompt_key]), str(row[response_key]), max_len)
-        if all(x == IGNORE_INDEX for x in labels[1:]):
-            raise StageError(f"{path}: row {i}: the prompt alone fills the {max_len}-token window (seq_len); "
-                             "raise seq_len")
-        out.append((ids, labels))
-    return out
+def target_tokens(batches) -> int:
+    """Supervised (next-token) targets in `batches` (dicts with input_ids and optional labels)."""
+    from tasks.training import IGNORE_INDEX
+
+    return sum(int((b.get("labels", b["input_ids"])[:, 1:] != IGNORE_INDEX).sum()) for b in batches)
 
 
-def collate_chat(examples: Sequence[tuple[list[int], list[int]]], pad_id: int):
-    """Right-pads chat examples into (input_ids, attention_mask, labels), each B x T_max."""
-    import torch
+def member_losses(model, exits: Sequence[int], batches) -> dict[int, float]:
+    """Token-mean next-token cross-entropy of each member (run alone, `exit_layer=d`) over `batches`."""
+    from tasks.training import evaluate, member_eval
 
-    width = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    for row, (ids, lab) in enumerate(examples):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention_mask[row, : len(ids)] = 1
-        labels[row, : len(lab)] = torch.tensor(lab)
-    return input_ids, attention_mask, labels
-
-
-def _sum_token_ce(model, exit_layer: int, input_ids, attention_mask, labels) -> tuple[float, int]:
-    """Sum of next-token cross-entropy over the positions whose (shifted) label is not -100."""
-    import torch
-
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, exit_layer=exit_layer,
-                   use_cache=False).logits
-    targets = labels[:, 1:]
-    ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                           targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-    return float(ce), int((targets != IGNORE_INDEX).sum())
-
-
-def member_loss(model, exit_layer: int, batches) -> tuple[float, int]:
-    """Token-mean next-token cross-entropy of member `exit_layer` over `batches`.
-
-    Args:
-        model: a `FamilialForCausalLM`.
-        exit_layer: the member.
-        batches: iterable of (input_ids B x T, attention_mask B x T or None, labels B x T).
-
-    Returns:
-        (mean loss over all target tokens, number of target tokens).
-    """
-    import torch
-
-    total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for input_ids, attention_mask, labels in batches:
-                s, n = _sum_token_ce(model, exit_layer, input_ids, attention_mask, labels)
-                total += s
-                count += n
-    finally:
-        model.train(was_training)
-    if count == 0:
-        raise ValueError("no target tokens to compute a loss on")
-    return total / count, count
-
-
-def block_batches(blocks, batch_size: int):
-    """(input_ids, None, labels=input_ids) batches of packed blocks (N x T)."""
-    return [(b, None, b) for b in blocks.split(batch_size)]
-
-
-def chat_batches(examples: Sequence[tuple[list[int], list[int]]], batch_size: int, pad_id: int):
-    """Right-padded (input_ids, attention_mask, labels) batches of chat examples."""
-    return [collate_chat(examples[k:k + batch_size], pad_id) for k in range(0, len(examples), batch_size)]
+    return {d: evaluate(model, batches, member_eval(d))[d] for d in exits}
 
 
 def member_params(model, exit_layer: int) -> int:
@@ -211,32 +128,16 @@ def member_params(model, exit_layer: int) -> int:
     return sum(p.numel() for module in modules for p in module.parameters())
 
 
-def check_chat_tokenizer(tokenizer, where: str | Path) -> None:
-    """The tokenizer must have a chat template, a pad token and `<|im_end|>` (errors name `where`)."""
+def check_family_inputs(model, tokenizer, where: str | Path, seq_len: int, seq_len_key: str) -> None:
+    """The tokenizer has the contract's special tokens and a chat template; seq_len fits the model."""
+    from tasks.training import check_tokenizer
+
+    check_tokenizer(tokenizer, where)
     if not getattr(tokenizer, "chat_template", None):
-        raise StageError(f"{where}: the tokenizer has no chat template (build it with the tokenizer stage)")
-    if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
-        raise StageError(f"{where}: the tokenizer needs <|pad|> and <|endoftext|> tokens")
-    if tokenizer.convert_tokens_to_ids("<|im_end|>") in (None, tokenizer.unk_token_id):
-        raise StageError(f"{where}: the tokenizer has no <|im_end|> token")
-
-
-def corpus_blocks(path: Path, tokenizer, seq_len: int, max_blocks: int):
-    """Packed blocks of a validated corpus file; an error names the file when not one block fits."""
-    rows = read_jsonl(path, required=("text",))
-    blocks = pack_blocks(tokenizer, [str(r["text"]) for r in rows], seq_len, max_blocks)
-    if blocks.shape[0] == 0:
-        raise StageError(f"{path}: too little text for one {seq_len}-token block")
-    if blocks.shape[0] < max_blocks:
-        log.warning("%s: only %d of the %d requested %d-token blocks", path, blocks.shape[0],
-                    max_blocks, seq_len)
-    return blocks
-
-
-def check_seq_len(model, seq_len: int, key: str) -> None:
+        raise StageError(f"tokenizer at {where}: no chat template (build it with the tokenizer stage)")
     if seq_len > model.config.max_position_embeddings:
-        raise StageError(f"{key}={seq_len} exceeds the model's max_position_embeddings="
-                         f"{model.config.max_position_embeddings}")
+        raise StageError(f"{seq_len_key}={seq_len} exceeds the max_position_embeddings="
+                         f"{model.config.max_position_embeddings} of the model at {where}")
 
 
 # --- the stage -------------------------------------------------------------------------------
@@ -257,12 +158,16 @@ def evaluate_family(model, tokenizer, corpus, problems: list[dict[str, Any]], cf
     """
     from tasks.decoding import greedy_generate
     from tasks.mathgen import answers_match, extract_answer
+    from tasks.training import fixed_batches
 
-    examples = chat_examples(tokenizer, problems, "question", "solution", cfg.seq_len, eval_file)
+    exits = list(model.config.exit_layers)
+    corpus_batches = fixed_batches({"input_ids": corpus}, cfg.batch_size, cfg.loss_batches)
+    solutions = solution_examples(tokenizer, problems, cfg.seq_len, eval_file)
+    solution_batches = fixed_batches(solutions, cfg.batch_size, len(problems))
+    losses = member_losses(model, exits, corpus_batches)
+    solution_losses = member_losses(model, exits, solution_batches)
     results, generations = {}, []
-    for d in model.config.exit_layers:
-        loss, loss_tokens = member_loss(model, d, block_batches(corpus, cfg.batch_size))
-        sol_loss, sol_tokens = member_loss(model, d, chat_batches(examples, cfg.batch_size, tokenizer.pad_token_id))
+    for d in exits:
         completions = greedy_generate(model, tokenizer, [str(p["question"]) for p in problems], d,
                                       cfg.max_new_tokens, batch_size=cfg.batch_size, progress=f"decode exit {d}")
         correct, answered, by_level = 0, 0, {}
@@ -276,9 +181,11 @@ def evaluate_family(model, tokenizer, corpus, problems: list[dict[str, Any]], cf
             level[1] += 1
             generations.append({"id": p["id"], "exit": d, "level": p.get("level"), "answer": str(p["answer"]),
                                 "predicted": pred, "correct": ok, "completion": text})
+        loss, sol_loss = losses[d], solution_losses[d]
         results[f"exit_{d}"] = {
-            "loss": loss, "perplexity": math.exp(loss), "loss_tokens": loss_tokens,
-            "solution_loss": sol_loss, "solution_perplexity": math.exp(sol_loss), "solution_tokens": sol_tokens,
+            "loss": loss, "perplexity": math.exp(loss), "loss_tokens": target_tokens(corpus_batches),
+            "solution_loss": sol_loss, "solution_perplexity": math.exp(sol_loss),
+            "solution_tokens": target_tokens(solution_batches),
             "accuracy": correct / len(problems), "answered": answered / len(problems),
             "accuracy_by_level": {k: c / n for k, (c, n) in sorted(by_level.items())},
             "params": member_params(model, d), "layers": len(model.member_layers(d)),
@@ -335,11 +242,11 @@ def run(params: Params) -> dict:
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else stage_dir(params, "compress")
     model, tokenizer = load_family(checkpoint)
     model.eval()
-    check_chat_tokenizer(tokenizer, checkpoint)
-    check_seq_len(model, cfg.seq_len, "evaluate.seq_len")
+    check_family_inputs(model, tokenizer, checkpoint, cfg.seq_len, "evaluate.seq_len")
 
-    corpus = corpus_blocks(validated_path(params, "corpus_val.jsonl"), tokenizer, cfg.seq_len,
-                           cfg.loss_batches * cfg.batch_size)
+    val_file = validated_path(params, "corpus_val.jsonl")
+    corpus = first_blocks(tokenizer, [r["text"] for r in read_corpus(val_file)], cfg.seq_len,
+                          cfg.loss_batches * cfg.batch_size, val_file)
     eval_file = validated_path(params, "eval.jsonl")
     problems = read_jsonl(eval_file, required=("id", "question", "solution", "answer"))[: cfg.num_problems]
     if len(problems) < cfg.num_problems:

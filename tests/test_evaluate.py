@@ -20,9 +20,6 @@ import pytest
 import torch
 import yaml
 
-TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-SPECIALS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
 EXITS = [1, 2, 4]
 DAE_EXIT = 1
 
@@ -53,26 +50,18 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def _train_tokenizer(texts: list[str], out: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from ruyi_model.tokenizer import train_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=360, special_tokens=SPECIALS,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>",
-                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
-    fast.chat_template = TEMPLATE
-    fast.save_pretrained(out)
-    return fast
+    tokenizer = train_tokenizer(texts, vocab_size=360, min_frequency=2)
+    tokenizer.save_pretrained(out)
+    return tokenizer
 
 
 def _train_family(tokenizer, sft_rows: list[dict], steps: int):
     """A micro family with DaE blocks on exit 1, trained for a few steps on `sft_rows` (all members)."""
     from ruyi_model import FamilialConfig, FamilialForCausalLM
     from ruyi_model.dae import expand
-    from tasks.evaluate import chat_batches, chat_example
+    from tasks.training import build_sft_examples, fixed_batches
 
     torch.manual_seed(0)
     cfg = FamilialConfig(vocab_size=384, hidden_size=48, intermediate_size=96, num_hidden_layers=4,
@@ -82,13 +71,13 @@ def _train_family(tokenizer, sft_rows: list[dict], steps: int):
     model = expand(FamilialForCausalLM(cfg), DAE_EXIT, 2)
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    examples = [chat_example(tokenizer, r["prompt"], r["response"], 64) for r in sft_rows]
-    batches = chat_batches(examples, 10, tokenizer.pad_token_id)
+    examples = build_sft_examples(tokenizer, sft_rows, 64, "sft")[0]
+    batches = fixed_batches(examples, 10, 100)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
     for step in range(steps):
-        ids, mask, labels = batches[step % len(batches)]
-        loss = sum(model(input_ids=ids, attention_mask=mask, labels=labels, exit_layer=d).loss for d in EXITS)
+        batch = batches[step % len(batches)]
+        loss = sum(model(**batch, exit_layer=d).loss for d in EXITS)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -241,7 +230,7 @@ def test_solution_loss_matches_stock_qwen3(evaluated):
         total, count = 0.0, 0
         for r in rows:
             prompt = f"<|im_start|>user\n{r['question']}<|im_end|>\n<|im_start|>assistant\n"
-            answer = f"{r['solution']}<|im_end|>\n"
+            answer = f"{r['solution']}<|im_end|>"   # the "\n" after <|im_end|> is not a target
             p_ids = tokenizer.encode(prompt, add_special_tokens=False)
             a_ids = tokenizer.encode(answer, add_special_tokens=False)
             ids = torch.tensor([p_ids + a_ids])

@@ -1,0 +1,339 @@
+"""Stage `compress`: DaE "Decompose" (Ruyi2 4.4) of the DaE member's added blocks and head.
+
+Command line:
+    python -m tasks.compress [--params params.yaml] [--set compress.ratio=0.5] [--set compress.heal_steps=0]
+    (or `ruyi stage compress ...`)
+
+Reads:
+    artifacts/rl/                      the trained family (save_family directory) with DaE blocks
+    data/validated/corpus_train.jsonl  calibration text
+    data/validated/sft.jsonl           calibration and healing data (chat format)
+    data/validated/corpus_val.jsonl    held-out loss before/after
+    data/validated/eval.jsonl          held-out solution loss before/after
+Writes:
+    artifacts/compress/                the compressed family (low-rank factors in config.lowrank_ranks)
+    metrics/compress.json              added_params_before/after/reduction, ratio, per exit `exit_<d>`
+                                       losses before/after and relative changes, within_budget
+    reports/compress/decompose_report.json  per-matrix rank, allocated ratio and truncation loss
+    plots/compress/compress.png + allocation.csv + heal_loss.csv
+
+What happens, in order:
+1. The DaE member is `params.dae_exit` (`expand.exit_layer`, default the smallest member); it must have
+   DaE blocks (`config.dae_blocks`), otherwise the stage stops naming the checkpoint.
+2. Held-out losses of every member before compression: next-token CE on `loss_batches` x `batch_size`
+   packed `seq_len`-token blocks of corpus_val, and on the assistant turns of the first
+   `loss_batches` x `batch_size` eval problems under the chat template (tasks/evaluate.py helpers).
+3. `ruyi_model.dae.decompose(model, ratio, calibration, allocation, include_head, exit_layer=d)`:
+   activation-aware (whitened) SVD of every linear of the DaE blocks and, with `include_head`, the
+   member's head, ranks allocated per matrix type from each matrix's truncation loss (loss_aware).
+   Calibration: `calibration_batches` batches of `batch_size` blocks of `seq_len` tokens; a share
+   `calibration_sft_fraction` of the blocks is packed from SFT chat text (the member was SFT/RL-tuned
+   on math chat, so its activations on that format are what the truncation should preserve; the paper
+   does not say what it calibrated on), the rest from corpus_train (general text, the CPT
+   distribution). Documents are taken in a seeded random order (`seed`).
+4. Optional healing (`heal_steps` > 0): AdamW (`heal_lr`, no weight decay, grad clip 1.0) on the CE of
+   the DaE member on SFT chat examples (assistant tokens only), batches of `batch_size` drawn with a
+   seeded generator. Trainable: the low-rank factors of the DaE member and its final norm, nothing
+   else (a subset of `ruyi_model.dae.dae_trainable_parameters`): every other member, and the member's
+   own branch layer, backbone and embedding, stay bit-identical. This is checked after the stage
+   (`tasks.training.members_unchanged`: every parameter outside the DaE member's blocks, norm and head,
+   and the other members' logits on a calibration batch, with torch.equal; a violation is an error),
+   and the other members' relative loss changes are 0.0 exactly.
+5. Losses after; per exit the relative change (after - before) / before on each held-out set
+   (`loss_relative_change`: corpus_val, `solution_loss_relative_change`: eval solutions) and
+   `relative_loss_change` = the larger of the two (what the quality gates check). The DaE member also
+   reports `loss_decomposed` / `solution_loss_decomposed`: after the decomposition, before healing.
+   `within_budget` = every exit's `relative_loss_change` <= `max_relative_loss_increase` (Ruyi2
+   reports < 2% at -40%). The budget is reported, not enforced: the quality gates decide.
+
+"Added parameters" are the parameters of the DaE blocks plus the DaE member's head: the blocks are
+what expansion added, and the head is counted because Ruyi2 decomposes it together with them.
+`added_params_reduction` = 1 - after / before; `ratio` is the requested fraction of the decomposed
+matrices; `achieved_ratio` the fraction the decomposition removed from them (ranks are integers, and
+matrices whose factors would not be smaller stay dense).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+from tasks.common import (
+    StageError,
+    atomic_file,
+    load_family,
+    plots_dir,
+    read_jsonl,
+    save_family,
+    seed_everything,
+    stage_dir,
+    stage_main,
+    write_json,
+    write_metrics,
+)
+from tasks.evaluate import check_family_inputs, first_blocks, member_losses, solution_examples, validated_path
+from tasks.params import Params
+from tasks.training import read_corpus, read_sft
+
+log = logging.getLogger("ruyi.compress")
+
+
+def added_parameters(model, exit_layer: int) -> int:
+    """Parameters of member `exit_layer`'s DaE blocks plus its head (low-rank: the two factors)."""
+    cfg = model.config
+    n_branch = cfg.branch_layers(exit_layer)
+    blocks = list(model.exits[str(exit_layer)].layers)[n_branch:n_branch + cfg.num_dae_blocks(exit_layer)]
+    modules = [*blocks, model.exit_head(exit_layer)]
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+def healing_parameters(model, exit_layer: int) -> list[tuple[str, object]]:
+    """What healing trains: the low-rank factors of member `exit_layer` and its final norm (a subset of
+    `ruyi_model.dae.dae_trainable_parameters`)."""
+    from ruyi_model.dae import dae_trainable_parameters
+    from ruyi_model.modeling import LowRankLinear
+
+    lowrank = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, LowRankLinear)
+               for p in ("weight_a", "weight_b")}
+    norm = f"exits.{exit_layer}.norm.weight"
+    chosen = [(n, p) for n, p in dae_trainable_parameters(model, exit_layer) if n in lowrank or n == norm]
+    if len(chosen) < 2:
+        raise RuntimeError(f"no low-rank factors found on member {exit_layer} after decomposition")
+    return chosen
+
+
+def calibration_data(params: Params, tokenizer) -> list:
+    """`calibration_batches` LongTensor batches (batch_size x seq_len) mixing corpus_train and SFT chat text."""
+    import torch
+
+    cfg = params.compress
+    total = cfg.calibration_batches * cfg.batch_size
+    n_sft = round(total * cfg.calibration_sft_fraction)
+    rng = random.Random(params.seed)
+    parts = []
+    if total - n_sft > 0:
+        path = validated_path(params, "corpus_train.jsonl")
+        texts = [r["text"] for r in read_corpus(path)]
+        rng.shuffle(texts)
+        parts.append((path, total - n_sft, texts))
+    if n_sft > 0:
+        path = validated_path(params, "sft.jsonl")
+        rows = read_sft(path)
+        rng.shuffle(rows)
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]},
+                                                {"role": "assistant", "content": r["response"]}], tokenize=False)
+                 for r in rows]
+        parts.append((path, n_sft, texts))
+    blocks = []
+    for path, wanted, texts in parts:
+        got = first_blocks(tokenizer, texts, cfg.seq_len, wanted, path)
+        if got.shape[0] < wanted:
+            raise StageError(f"{path}: too little text for {wanted} calibration blocks of {cfg.seq_len} tokens "
+                             f"(got {got.shape[0]}); lower compress.calibration_batches or compress.seq_len")
+        blocks.append(got)
+    return list(torch.cat(blocks).split(cfg.batch_size))
+
+
+def heldout_losses(model, exits, corpus_batches, solution_batches) -> dict[int, dict[str, float]]:
+    """`{d: {"loss": corpus CE, "solution_loss": eval-solution CE}}` of every member in `exits`."""
+    corpus = member_losses(model, exits, corpus_batches)
+    solutions = member_losses(model, exits, solution_batches)
+    return {d: {"loss": corpus[d], "solution_loss": solutions[d]} for d in exits}
+
+
+def heal(model, exit_layer: int, examples: dict, cfg, seed: int) -> list[float]:
+    """Short fine-tune of the DaE member's low-rank factors + norm on SFT chat examples.
+
+    Args:
+        model: the decomposed family (trained in place; every other parameter is frozen meanwhile).
+        exit_layer: the DaE member.
+        examples: `tasks.training.build_sft_examples` tensors (N x T input_ids, attention_mask, labels).
+        cfg: `CompressParams` (heal_steps, heal_lr, batch_size).
+        seed: seeds the batch sampler.
+
+    Returns:
+        The training loss of every step.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from tasks.training import member_loss_fn, trim_batch
+
+    trainable = healing_parameters(model, exit_layer)
+    names = {n for n, _ in trainable}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in names)
+    optimizer = torch.optim.AdamW([p for _, p in trainable], lr=cfg.heal_lr, weight_decay=0.0)
+    loss_fn = member_loss_fn(exit_layer)
+    generator = torch.Generator().manual_seed(seed)
+    n = examples["input_ids"].shape[0]
+    losses = []
+    model.train()
+    try:
+        for step in tqdm(range(cfg.heal_steps), desc="compress: heal", unit="step"):
+            idx = torch.randint(n, (min(cfg.batch_size, n),), generator=generator)
+            loss, _ = loss_fn(model, trim_batch({k: v[idx] for k, v in examples.items()}), step)
+            if not torch.isfinite(loss):
+                raise StageError(f"healing step {step}: the loss is {float(loss)}; lower compress.heal_lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for _, p in trainable], 1.0)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    finally:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(True)
+    return losses
+
+
+def _plot(report: dict, heal_losses: list[float], out_dir: Path) -> None:
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["matrices"]
+    with atomic_file(out_dir / "allocation.csv") as f:
+        writer = csv.writer(f)
+        writer.writerow(["matrix", "group", "rank", "allocated_ratio", "params_before", "params_after",
+                         "relative_loss"])
+        for m in rows:
+            writer.writerow([m["path"], m["group"], m["rank"], m["allocated_ratio"], m["params_before"],
+                             m["params_after"], m["relative_loss"]])
+    with atomic_file(out_dir / "heal_loss.csv") as f:
+        writer = csv.writer(f)
+        writer.writerow(["step", "loss"])
+        writer.writerows(enumerate(heal_losses, 1))
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    labels = [m["path"].split(".", 2)[-1] for m in rows]
+    kept = [m["params_after"] / m["params_before"] for m in rows]
+    axes[0].bar(range(len(rows)), kept, color=["C1" if m["group"].endswith("lm_head") else "C0" for m in rows])
+    axes[0].set_xticks(range(len(rows)), labels, rotation=90, fontsize=6)
+    axes[0].set_ylabel("kept parameter fraction")
+    axes[0].set_title("allocation per matrix")
+    if heal_losses:
+        axes[1].plot(range(1, len(heal_losses) + 1), heal_losses)
+    axes[1].set_xlabel("healing step")
+    axes[1].set_ylabel("SFT loss (DaE member)")
+    axes[1].set_title("healing fine-tune")
+    fig.tight_layout()
+    tmp = out_dir / ".compress.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(out_dir / "compress.png")
+
+
+def run(params: Params) -> dict:
+    """Decomposes the DaE member of artifacts/rl, heals it, writes artifacts/compress; returns the metrics."""
+    from ruyi_model.dae import dae_trainable_parameters, decompose
+    from tasks.training import build_sft_examples, fixed_batches, members_unchanged, snapshot_members
+
+    cfg = params.compress
+    seed_everything(params.seed)
+    source = stage_dir(params, "rl")
+    model, tokenizer = load_family(source)
+    model.eval()
+    check_family_inputs(model, tokenizer, source, cfg.seq_len, "compress.seq_len")
+    mcfg = model.config
+    d = params.dae_exit
+    if d not in mcfg.exit_layers:
+        raise StageError(f"{source}: the DaE member exit_layer={d} (expand.exit_layer) is not an exit of this "
+                         f"family {mcfg.exit_layers}")
+    if mcfg.num_dae_blocks(d) == 0:
+        raise StageError(f"{source}: member {d} has no DaE blocks (config.dae_blocks={mcfg.dae_blocks}); "
+                         "run the expand stage first")
+    if cfg.include_head and mcfg.shared_heads:
+        raise StageError(f"{source}: compress.include_head=true but the family shares one head among all members "
+                         "(decomposing it would change every member); set compress.include_head=false")
+    exits = list(mcfg.exit_layers)
+
+    # Held-out sets (the same batches before and after).
+    val_file, eval_file = validated_path(params, "corpus_val.jsonl"), validated_path(params, "eval.jsonl")
+    n_heldout = cfg.loss_batches * cfg.batch_size
+    corpus = first_blocks(tokenizer, [r["text"] for r in read_corpus(val_file)], cfg.seq_len, n_heldout, val_file)
+    corpus_batches = fixed_batches({"input_ids": corpus}, cfg.batch_size, cfg.loss_batches)
+    eval_rows = read_jsonl(eval_file, required=("id", "question", "solution"))[:n_heldout]
+    solution_batches = fixed_batches(solution_examples(tokenizer, eval_rows, cfg.seq_len, eval_file),
+                                     cfg.batch_size, cfg.loss_batches)
+    calibration = calibration_data(params, tokenizer)
+
+    before = heldout_losses(model, exits, corpus_batches, solution_batches)
+    owned = [n for n, _ in dae_trainable_parameters(model, d)]
+    snapshot = snapshot_members(model, [e for e in exits if e != d], calibration[0], exclude=owned)
+    added_before = added_parameters(model, d)
+
+    try:
+        model = decompose(model, ratio=cfg.ratio, calibration=calibration, allocation=cfg.allocation,
+                          include_head=cfg.include_head, exit_layer=d)
+    except ValueError as e:
+        raise StageError(f"{source}: cannot decompose member {d}: {e}") from None
+    report = model.decompose_report.to_dict()
+    model.eval()
+    decomposed = heldout_losses(model, [d], corpus_batches, solution_batches)[d]
+
+    heal_losses = []
+    if cfg.heal_steps > 0:
+        sft_file = validated_path(params, "sft.jsonl")
+        examples, _ = build_sft_examples(tokenizer, read_sft(sft_file), cfg.seq_len, str(sft_file))
+        heal_losses = heal(model, d, examples, cfg, params.seed)
+    unchanged, changed = members_unchanged(model, snapshot, calibration[0])
+    if not unchanged:
+        raise RuntimeError(f"compress changed tensors or members outside the DaE member {d}: {changed[:8]}")
+
+    after = heldout_losses(model, exits, corpus_batches, solution_batches)
+    added_after = added_parameters(model, d)
+
+    metrics = {
+        "dae_exit": d,
+        "ratio": cfg.ratio,
+        "allocation": report["allocation"],
+        "achieved_ratio": report["achieved_ratio"],
+        "calibration_tokens": report["calibration_tokens"],
+        "added_params_before": added_before,
+        "added_params_after": added_after,
+        "added_params_reduction": 1.0 - added_after / added_before,
+        "heal_steps": cfg.heal_steps,
+        "heal_loss_first": heal_losses[0] if heal_losses else None,
+        "heal_loss_last": heal_losses[-1] if heal_losses else None,
+        "max_relative_loss_increase": cfg.max_relative_loss_increase,
+    }
+    for e in exits:
+        entry = {"changed": e == d}
+        for key in ("loss", "solution_loss"):
+            b, a = before[e][key], after[e][key]
+            if e != d and a != b:
+                raise RuntimeError(f"member {e} is not the DaE member but its {key} changed: {b} -> {a}")
+            entry.update({f"{key}_before": b, f"{key}_after": a, f"{key}_relative_change": (a - b) / b})
+        entry["relative_loss_change"] = max(entry["loss_relative_change"], entry["solution_loss_relative_change"])
+        if e == d:
+            entry.update({f"{key}_decomposed": decomposed[key] for key in ("loss", "solution_loss")})
+        metrics[f"exit_{e}"] = entry
+        log.info("exit %d: loss %.4f -> %.4f (%+.2f%%), solution loss %.4f -> %.4f (%+.2f%%)", e,
+                 entry["loss_before"], entry["loss_after"], 100 * entry["loss_relative_change"],
+                 entry["solution_loss_before"], entry["solution_loss_after"],
+                 100 * entry["solution_loss_relative_change"])
+    worst = max(metrics[f"exit_{e}"]["relative_loss_change"] for e in exits)
+    metrics["max_relative_loss_change"] = worst
+    metrics["within_budget"] = worst <= cfg.max_relative_loss_increase
+    log.info("added parameters %d -> %d (-%.1f%%); worst relative loss change %+.2f%% (budget %.1f%%: %s)",
+             added_before, added_after, 100 * metrics["added_params_reduction"], 100 * worst,
+             100 * cfg.max_relative_loss_increase, "met" if metrics["within_budget"] else "NOT met")
+
+    save_family(model, tokenizer, stage_dir(params, "compress"))
+    write_json(Path(params.paths.reports_dir) / "compress" / "decompose_report.json", report)
+    _plot(report, heal_losses, plots_dir(params, "compress"))
+    write_metrics(params, "compress", metrics)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("compress", __doc__, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
