@@ -6,7 +6,8 @@ Modules:
                 and personal data, as code (the versioned source of truth).
     gates       the model quality gates: `gates_frame(...)` (one row per exit from the metrics files)
                 and `gates_suite(...)`.
-    context     `ContractContext`: a file-mode GX project whose Data Docs go to `reports/contracts/`,
+    context     `ContractContext`: a file-mode GX project with its Data Docs (`reports/contracts/` for
+                the data, `reports/gates/` for the gates),
                 and `SuiteResult` / `ExpectationFailure`, the plain-Python view of a validation.
 
 Importing a submodule imports Great Expectations (~2.5 s): `tasks/` modules import them lazily.

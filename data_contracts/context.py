@@ -1,7 +1,8 @@
 """A Great Expectations 1.x project for the contracts, and a plain-Python view of its results.
 
 `ContractContext(root)` opens (or creates) a file-mode GX project at `<root>/gx/` and points its Data
-Docs site at `<root>/data_docs/` (the stages use `reports/contracts/`, a gitignored output):
+Docs site at `<root>/data_docs/` (validate_data uses `reports/contracts/`, the gates `reports/gates/`;
+both gitignored outputs):
 
     ctx = ContractContext("reports/contracts")
     result = ctx.validate("sft", frame, suite, run_name="raw")   # -> SuiteResult

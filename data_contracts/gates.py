@@ -15,8 +15,8 @@ The orchestration checks them before export/deploy (`tasks/gates.py`, `python -m
   (compress reports 0.0 for the members it did not touch);
 - accuracy present and at least `gates.min_accuracy`.
 
-Inputs (written by the evaluate and compress stages): `metrics/eval.json` maps `exit_<d>` to at least
-`loss` and `accuracy`; `metrics/compress.json` maps `exit_<d>` to at least `relative_loss_change`.
+Inputs (written by the evaluate and compress stages): `metrics/eval_quality.json` (or eval.json) maps
+`exit_<d>` to at least `loss` and `accuracy`; `metrics/compress.json` maps `exit_<d>` to at least `relative_loss_change`.
 A value that is missing or not a number becomes null in the frame, so the row fails its "not null"
 expectation and is named; a file without any `exit_<d>` entry is malformed (ValueError).
 """
@@ -57,7 +57,7 @@ def _number(value: Any) -> float | None:
 
 
 def gates_frame(eval_metrics: dict[str, Any], compress_metrics: dict[str, Any],
-                where: tuple[str, str] = ("metrics/eval.json", "metrics/compress.json")):
+                where: tuple[str, str] = ("metrics/eval_quality.json", "metrics/compress.json")):
     """One row per exit (index "exit_<d>", sorted by depth) with the gated quantities.
 
     Args:

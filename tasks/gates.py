@@ -3,19 +3,26 @@
     python -m tasks.gates [--params params.yaml] [--set gates.max_loss=6.0]
     ruyi stage gates ...        (when the CLI lists it)
 
-Reads `metrics/eval.json` (evaluate) and `metrics/compress.json` (compress), builds one row per exit
+Reads `metrics/eval_quality.json` (evaluate) and `metrics/compress.json` (compress), builds one row per exit
 (`data_contracts.gates.gates_frame`) and validates it with the gates suite (Great Expectations):
 every member evaluated; loss finite and below `gates.max_loss`; deeper exits not worse than any
 shallower one by more than `gates.depth_tolerance` (relative); compression's relative loss change
 within `compress.max_relative_loss_increase`; accuracy at least `gates.min_accuracy`.
 
 Writes `metrics/gates.json` (passed, thresholds, the per-exit values, failed expectations with the
-failing exits) and the Data Docs under `reports/contracts/data_docs/` (suite "model_gates"), in both
+failing exits) and the Data Docs under `reports/gates/data_docs/` (suite "model_gates"), in both
 outcomes; a failed gate then raises `ContractViolation` (a `StageError`) listing every failing
 expectation and exit. Like a data contract failure it is deterministic: the orchestration must not
 retry it.
 
 Design choices:
+- `eval_quality.json`, not `eval.json`: evaluate writes the same `exit_<d>` loss/accuracy to both,
+  but only eval_quality.json is bitwise reproducible (eval.json adds measured tokens/s), and it is
+  what dvc.yaml declares as this stage's dependency, so `dvc repro` re-runs the gates exactly when
+  what they read changes.
+- Its own GX project and Data Docs (`reports/gates/`, a DVC output of this stage), apart from the
+  data contracts' (`reports/contracts/`, an output of validate_data): a stage never writes into
+  another stage's outputs.
 - The metrics are the interface: gates never load a model, so they take about a second plus the
   GX import, and they judge exactly the figures that are published.
 - A missing metrics file or one without `exit_<d>` entries is a plain `StageError` (a stage did not
@@ -35,6 +42,7 @@ from tasks.params import Params
 from tasks.validate_data import ContractViolation
 
 STAGE = "gates"
+EVAL_METRICS = "eval_quality.json"  # the reproducible subset of eval.json (same exit_<d> loss/accuracy)
 
 
 def _read_metrics(path: Path, stage: str) -> dict[str, Any]:
@@ -60,7 +68,7 @@ def check_gates(params: Params) -> dict[str, Any]:
     from data_contracts.gates import SUITE, gates_frame, gates_suite
 
     metrics_dir = Path(params.paths.metrics_dir)
-    eval_path, compress_path = metrics_dir / "eval.json", metrics_dir / "compress.json"
+    eval_path, compress_path = metrics_dir / EVAL_METRICS, metrics_dir / "compress.json"
     evals = _read_metrics(eval_path, "evaluate")
     compress = _read_metrics(compress_path, "compress")
     try:
@@ -73,7 +81,8 @@ def check_gates(params: Params) -> dict[str, Any]:
                   "min_accuracy": params.gates.min_accuracy, "exit_layers": list(params.model.exit_layers)}
     suite = gates_suite(params.model.exit_layers, params.gates.max_loss, params.gates.depth_tolerance,
                         params.compress.max_relative_loss_increase, params.gates.min_accuracy)
-    ctx = ContractContext(Path(params.paths.reports_dir) / "contracts")
+    reports = Path(params.paths.reports_dir) / STAGE
+    ctx = ContractContext(reports)
     ctx.forget(SUITE)
     result = ctx.validate(SUITE, frame, suite, run_name="gates")
     ctx.build_docs()
@@ -89,7 +98,7 @@ def check_gates(params: Params) -> dict[str, Any]:
         "expectations_failed": len(result.failures),
         "failures": failures,
         "failing_exits": sorted({str(r) for f in result.failures for r in f.rows}),
-        "data_docs": str(Path(params.paths.reports_dir) / "contracts" / "data_docs" / "index.html"),
+        "data_docs": str(reports / "data_docs" / "index.html"),
     }
     write_metrics(params, STAGE, metrics)
     if not result.success:

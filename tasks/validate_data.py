@@ -53,8 +53,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.common import (StageError, atomic_dir, atomic_file, log, plots_dir, read_jsonl, stage_main, write_json,
-                          write_jsonl, write_metrics)
+from tasks.common import (
+    StageError,
+    atomic_dir,
+    atomic_file,
+    log,
+    plots_dir,
+    read_jsonl,
+    stage_main,
+    write_json,
+    write_jsonl,
+    write_metrics,
+)
 from tasks.params import Params
 
 STAGE = "validate_data"
@@ -203,8 +213,15 @@ def run(params: Params) -> dict[str, Any]:
     from tqdm import tqdm
 
     from data_contracts.context import ContractContext
-    from data_contracts.suites import (CONTRACTS, ORDER, TRAINING, build_frame, build_suite, normalized_corpus,
-                                       question_key)
+    from data_contracts.suites import (
+        CONTRACTS,
+        ORDER,
+        TRAINING,
+        build_frame,
+        build_suite,
+        normalized_corpus,
+        question_key,
+    )
 
     settings = params.validate_data
     data_dir = Path(params.paths.data_dir)

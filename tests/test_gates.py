@@ -6,11 +6,11 @@ import json
 import math
 
 import pytest
+from test_data_contracts import params_for_tests
 
 from tasks.common import StageError
 from tasks.gates import check_gates, main
 from tasks.validate_data import ContractViolation
-from test_data_contracts import params_for_tests
 
 
 def _eval(losses: dict[int, float], accuracy: float = 0.1) -> dict:
@@ -32,7 +32,7 @@ def _write(tmp_path, evals, compress):
     metrics = tmp_path / "metrics"
     metrics.mkdir(exist_ok=True)
     if evals is not None:
-        (metrics / "eval.json").write_text(json.dumps(evals))
+        (metrics / "eval_quality.json").write_text(json.dumps(evals))
     if compress is not None:
         (metrics / "compress.json").write_text(json.dumps(compress))
 
@@ -46,7 +46,7 @@ def test_gates_pass(tmp_path):
     assert metrics["exits"]["exit_2"]["loss_vs_shallower"] is None
     saved = json.loads((tmp_path / "metrics" / "gates.json").read_text())
     assert saved["passed"] and saved["thresholds"]["max_loss"] == 8.0
-    assert (tmp_path / "reports" / "contracts" / "data_docs" / "index.html").is_file()
+    assert (tmp_path / "reports" / "gates" / "data_docs" / "index.html").is_file()
 
 
 def test_each_failing_gate_is_named_with_its_exit(tmp_path):
@@ -71,7 +71,7 @@ def test_each_failing_gate_is_named_with_its_exit(tmp_path):
     saved = json.loads((tmp_path / "metrics" / "gates.json").read_text())
     assert not saved["passed"] and saved["expectations_failed"] == 4
     assert saved["failing_exits"] == ["exit_2", "exit_4", "exit_8"]
-    pages = list((tmp_path / "reports" / "contracts" / "data_docs" / "validations" / "model_gates").rglob("*.html"))
+    pages = list((tmp_path / "reports" / "gates" / "data_docs" / "validations" / "model_gates").rglob("*.html"))
     assert len(pages) == 1 and "exit_8" in pages[0].read_text()
 
 
@@ -94,11 +94,11 @@ def test_exit_set_must_match_the_model(tmp_path):
 
 def test_missing_or_malformed_metrics_are_stage_errors(tmp_path, capsys):
     _write(tmp_path, None, _compress({2: 0.0}))
-    with pytest.raises(StageError, match=r"eval.json not found \(run the evaluate stage first\)") as err:
+    with pytest.raises(StageError, match=r"eval_quality.json not found \(run the evaluate stage first\)") as err:
         check_gates(params_for_tests(tmp_path))
     assert not isinstance(err.value, ContractViolation)
     _write(tmp_path, {"loss": 3.0}, _compress({2: 0.0}))
-    with pytest.raises(StageError, match=r"eval.json: no exit_<d> entries"):
+    with pytest.raises(StageError, match=r"eval_quality.json: no exit_<d> entries"):
         check_gates(params_for_tests(tmp_path))
     (tmp_path / "metrics" / "compress.json").write_text("{not json")
     sets = [f"paths.{k}_dir={tmp_path / k}" for k in ("data", "metrics", "plots", "reports")]

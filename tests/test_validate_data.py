@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+from test_data_contracts import params_for_tests, valid_datasets
 
 from tasks.common import StageError
 from tasks.validate_data import ContractViolation, main, run
-from test_data_contracts import params_for_tests, valid_datasets
 
 
 def write_raw(tmp_path: Path, files: dict[str, list[dict]], extra_lines: dict[str, str] | None = None) -> Path:
