@@ -1,0 +1,176 @@
+"""Stage `export`: every member of the compressed family as a stock Qwen3 checkpoint, plus the family.
+
+Command line:
+    python -m tasks.export [--params params.yaml] [--set paths.artifacts_dir=...]
+    (or `ruyi stage export ...`)
+
+Reads:
+    artifacts/compress/     the compressed family (save_family directory)
+Writes:
+    artifacts/export/       `ruyi_model.export.export_exits`: exit_<d>/ (stock `Qwen3ForCausalLM`
+                            safetensors + tokenizer, loadable by plain transformers, vLLM, SGLang,
+                            llama.cpp converters), family/ (the FamilialForCausalLM checkpoint, low-rank
+                            factors kept) and manifest.json (sha256 and size of every file), written
+                            atomically by export_exits
+    metrics/export.json     members, per member params / bytes / layers / logit parity, family bytes,
+                            total bytes, sha256 of manifest.json
+    plots/export/sizes.png + sizes.csv   parameters and bytes per member
+
+Steps and choices:
+- Before exporting, the family's generation config gets `eos_token_id = <|im_end|>` and
+  `pad_token_id = <|pad|>` (the ids from the checkpoint's tokenizer), so every exported member stops
+  at the end of its chat turn with stock `generate`; export_exits copies it into every export (it is
+  hashed in the manifest, so it is set first, never patched afterwards). Each export's
+  generation_config.json is read back and checked.
+- `verify_export` re-hashes every file against the manifest; a mismatch stops the stage naming the file.
+- Parity: each exit_<d>/ is loaded back from disk with `transformers.Qwen3ForCausalLM.from_pretrained`
+  (missing/unexpected/mismatched keys are an error) and its logits on a fixed chat prompt are compared
+  with the family member's (`max_abs_logit_diff`, must be <= 1e-4 in float32: low-rank factors are
+  multiplied back into dense weights, so only float rounding differs). This costs one forward per
+  member; it proves that what ships is the member that was evaluated.
+- Sizes: stock exports hold dense weights (a stock Qwen3 has no low-rank layers), so the DaE member's
+  export is as large as its dense member; the family checkpoint keeps the compressed factors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from tasks.common import StageError, atomic_dir, atomic_file, load_family, plots_dir, stage_dir, stage_main, write_metrics
+from tasks.params import Params
+
+log = logging.getLogger("ruyi.export")
+
+PROBE = "What is 12 + 30? Show your work."
+PARITY_ATOL = 1e-4
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def set_chat_generation_config(model, tokenizer) -> tuple[int, int]:
+    """Sets the family's generation config to stop at `<|im_end|>` and pad with `<|pad|>`; returns the ids."""
+    from tasks.training import IM_END_TOKEN
+
+    im_end = tokenizer.convert_tokens_to_ids(IM_END_TOKEN)
+    model.generation_config.eos_token_id = im_end
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return im_end, tokenizer.pad_token_id
+
+
+def member_parity(model, exit_layer: int, export_dir: Path, input_ids) -> float:
+    """Max |logit difference| between member `exit_layer` and its export loaded from `export_dir`."""
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    stock, info = Qwen3ForCausalLM.from_pretrained(export_dir, dtype=torch.float32, output_loading_info=True)
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:
+        raise StageError(f"{export_dir}: the export does not load cleanly as Qwen3ForCausalLM: {problems}")
+    with torch.inference_mode():
+        ours = model(input_ids=input_ids, exit_layer=exit_layer, use_cache=False).logits
+        theirs = stock.eval()(input_ids=input_ids, use_cache=False).logits
+    return float((ours - theirs).abs().max())
+
+
+def _plot(metrics: dict[str, Any], out_dir: Path) -> None:
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fields = ["params", "bytes", "num_hidden_layers"]
+    rows = [{"exit": d, **{k: metrics[f"exit_{d}"][k] for k in fields}} for d in metrics["members"]]
+    with atomic_file(out_dir / "sizes.csv") as f:
+        writer = csv.DictWriter(f, fieldnames=["exit", *fields])
+        writer.writeheader()
+        writer.writerows(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    labels = [f"exit {r['exit']}" for r in rows]
+    axes[0].bar(labels, [r["params"] / 1e6 for r in rows])
+    axes[0].set_ylabel("parameters (M)")
+    axes[1].bar(labels, [r["bytes"] / 2**20 for r in rows], color="C1")
+    axes[1].set_ylabel("checkpoint size (MiB)")
+    fig.suptitle("Exported members (stock Qwen3ForCausalLM)")
+    fig.tight_layout()
+    tmp = out_dir / ".sizes.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(out_dir / "sizes.png")
+
+
+def check_export(model, tokenizer, out: Path, manifest: dict, eos_id: int, pad_id: int) -> dict[str, Any]:
+    """Verifies an export (hashes, generation configs, logit parity per member); returns its metrics."""
+    import json
+
+    import torch
+
+    from ruyi_model.export import MANIFEST, member_dir_name, verify_export
+
+    try:
+        verify_export(out)
+    except ValueError as e:
+        raise StageError(f"export verification failed: {e}") from None
+
+    probe = tokenizer.apply_chat_template([{"role": "user", "content": PROBE}], add_generation_prompt=True,
+                                          tokenize=False)
+    input_ids = torch.tensor([tokenizer(probe, add_special_tokens=False)["input_ids"]])
+    files = manifest["files"]
+    metrics: dict[str, Any] = {"members": list(model.config.exit_layers), "dtype": manifest["dtype"],
+                               "eos_token_id": eos_id, "pad_token_id": pad_id}
+    for d in model.config.exit_layers:
+        name = member_dir_name(d)
+        member = manifest["members"][str(d)]
+        gen = json.loads((out / name / "generation_config.json").read_text())
+        if gen.get("eos_token_id") != eos_id or gen.get("pad_token_id") != pad_id:
+            raise StageError(f"{out / name / 'generation_config.json'}: eos/pad ids {gen.get('eos_token_id')}/"
+                             f"{gen.get('pad_token_id')}, expected {eos_id}/{pad_id}")
+        diff = member_parity(model, d, out / name, input_ids)
+        if not diff <= PARITY_ATOL:
+            raise StageError(f"{out / name}: logits differ from the family member {d} by {diff:.3g} "
+                             f"(> {PARITY_ATOL}); the export is not the evaluated member")
+        size = sum(meta["bytes"] for rel, meta in files.items() if rel.startswith(f"{name}/"))
+        metrics[f"exit_{d}"] = {"params": member["num_parameters"], "bytes": size,
+                                "num_hidden_layers": member["num_hidden_layers"], "dae_blocks": member["dae_blocks"],
+                                "max_abs_logit_diff": diff}
+        log.info("exit %d: %d params, %.2f MiB, max |logit diff| %.2e", d, member["num_parameters"], size / 2**20, diff)
+    metrics["family_params"] = manifest["family"]["num_parameters"]
+    metrics["family_bytes"] = sum(meta["bytes"] for rel, meta in files.items() if rel.startswith("family/"))
+    metrics["total_bytes"] = sum(meta["bytes"] for meta in files.values())
+    metrics["manifest_sha256"] = _sha256(out / MANIFEST)
+    return metrics
+
+
+def run(params: Params) -> dict:
+    """Exports artifacts/compress to artifacts/export, verifies it; returns the metrics."""
+    from ruyi_model.export import export_exits
+    from tasks.training import check_tokenizer
+
+    source = stage_dir(params, "compress")
+    model, tokenizer = load_family(source)
+    model.eval()
+    check_tokenizer(tokenizer, source)
+    eos_id, pad_id = set_chat_generation_config(model, tokenizer)
+
+    # Exported and checked in a temporary sibling, renamed onto artifacts/export only when every check
+    # passed: a failed check never leaves an export that looks complete.
+    with atomic_dir(stage_dir(params, "export")) as out:
+        manifest = export_exits(model, out, tokenizer=tokenizer)
+        metrics = check_export(model, tokenizer, out, manifest, eos_id, pad_id)
+    _plot(metrics, plots_dir(params, "export"))
+    write_metrics(params, "export", metrics)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("export", __doc__, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
