@@ -208,14 +208,11 @@ def _failure_records(suite: str, result, limit: int) -> list[dict[str, Any]]:
     return [{"suite": suite, **f.to_dict(max_rows=limit)} for f in result.failures]
 
 
-def run(params: Params) -> dict[str, Any]:
-    """Validates data/raw, publishes data/validated and data/quarantine; returns the metrics."""
-    from tqdm import tqdm
-
-    from data_contracts.context import ContractContext
+def _validate(ctx, params: Params, dataset: _Dataset, datasets: dict[str, _Dataset], labels: list[str],
+              run_name: str):
+    """Runs the suite of `dataset` on the rows `labels`; eval is checked against the kept training rows."""
     from data_contracts.suites import (
         CONTRACTS,
-        ORDER,
         TRAINING,
         build_frame,
         build_suite,
@@ -223,13 +220,33 @@ def run(params: Params) -> dict[str, Any]:
         question_key,
     )
 
+    contract = CONTRACTS[dataset.name]
+    training_keys = corpus = None
+    if contract.name == "eval":  # overlap with what passed in the training sets and the corpus
+        keys = (question_key(datasets[t].rows[label].data.get(CONTRACTS[t].question_field))
+                for t in TRAINING for label in datasets[t].kept)
+        training_keys = [k for k in keys if k is not None]
+        corpus = normalized_corpus(datasets["corpus"].rows[label].data.get("text") for label in datasets["corpus"].kept)
+    try:
+        frame = build_frame(contract, [dataset.rows[label].data for label in labels], labels, corpus)
+    except ValueError as e:
+        raise ContractViolation(f"{contract.name}: {e}") from None
+    return ctx.validate(contract.name, frame, build_suite(contract, params, training_keys), run_name=run_name)
+
+
+def run(params: Params) -> dict[str, Any]:
+    """Validates data/raw, publishes data/validated and data/quarantine; returns the metrics."""
+    from tqdm import tqdm
+
+    from data_contracts.context import ContractContext
+    from data_contracts.suites import CONTRACTS, ORDER
+
     settings = params.validate_data
     data_dir = Path(params.paths.data_dir)
     raw_dir = data_dir / "raw"
     if not raw_dir.is_dir():
         raise StageError(f"{raw_dir} not found (run the prepare_data stage first)")
-    all_files = [name for name in ORDER for name in CONTRACTS[name].files]
-    manifest = read_manifest(raw_dir, all_files)
+    manifest = read_manifest(raw_dir, [file for name in ORDER for file in CONTRACTS[name].files])
 
     ctx = ContractContext(Path(params.paths.reports_dir) / "contracts")
     datasets: dict[str, _Dataset] = {}
@@ -239,61 +256,43 @@ def run(params: Params) -> dict[str, Any]:
     sample = settings.sample_rows
     try:
         for name in tqdm(ORDER, desc="validate_data", unit="dataset"):
-            contract = CONTRACTS[name]
-            dataset = _Dataset(name=name, files=contract.files)
-            for file in contract.files:
+            files = CONTRACTS[name].files
+            dataset = datasets[name] = _Dataset(name=name, files=files)
+            for file in files:
                 for row in load_rows(raw_dir, file, manifest):
                     dataset.rows[f"{raw_dir / file}:{row.line}"] = row
-            datasets[name] = dataset
             ctx.forget(name)
-
-            def validate(labels: list[str], run_name: str, contract=contract, dataset=dataset):
-                training_keys = corpus = None
-                if contract.name == "eval":  # overlap with what passed in the training sets and corpus
-                    keys = (question_key(datasets[t].rows[label].data.get(CONTRACTS[t].question_field))
-                            for t in TRAINING for label in datasets[t].kept)
-                    training_keys = [k for k in keys if k is not None]
-                    corpus = normalized_corpus(datasets["corpus"].rows[label].data.get("text")
-                                               for label in datasets["corpus"].kept)
-                try:
-                    frame = build_frame(contract, [dataset.rows[label].data for label in labels], labels, corpus)
-                except ValueError as e:
-                    raise ContractViolation(f"{contract.name}: {e}") from None
-                suite = build_suite(contract, params, training_keys)
-                return ctx.validate(contract.name, frame, suite, run_name=run_name)
-
-            result = validate(list(dataset.rows), "raw")
+            result = _validate(ctx, params, dataset, datasets, list(dataset.rows), "raw")
             suites[name] = {"expectations_evaluated": result.evaluated,
                             "expectations_failed": len(result.failures),
                             "failed": sorted({f.name for f in result.failures})}
             if result.success:
                 continue
-            files = ", ".join(contract.files)
-            table_level = [f for f in result.failures if not f.row_level]
+            where = f"{name} ({', '.join(files)})"
+            table_level = [f.name for f in result.failures if not f.row_level]
             if settings.on_violation == "fail" or table_level:
-                failures = result.failures if settings.on_violation == "fail" else table_level
-                result.failures = failures
-                errors.append(f"{name} ({files}): {len(failures)} of {result.evaluated} expectations failed\n"
+                why = "" if settings.on_violation == "fail" else f"; not attributable to rows: {', '.join(table_level)}"
+                errors.append(f"{where}: {len(result.failures)} of {result.evaluated} expectations failed{why}\n"
                               + result.describe(sample))
                 records += _failure_records(name, result, sample)
                 continue
             quarantine_rows(dataset, result.failures)
             over = []
-            for file in contract.files:
+            for file in files:
                 total = sum(1 for r in dataset.rows.values() if r.file == file)
                 bad = sum(1 for label in dataset.reasons if dataset.rows[label].file == file)
                 if bad > settings.max_quarantine_fraction * total:
                     over.append(f"{raw_dir / file}: {bad} of {total} rows ({bad / total:.1%}) would be quarantined, "
                                 f"over validate_data.max_quarantine_fraction={settings.max_quarantine_fraction}")
             if over:
-                errors.append(f"{name} ({files}): too many bad rows to quarantine\n  " + "\n  ".join(over)
+                errors.append(f"{where}: too many bad rows to quarantine\n  " + "\n  ".join(over)
                               + "\n" + result.describe(sample))
                 records += _failure_records(name, result, sample)
                 continue
             log.info("%s: quarantining %d of %d rows", name, len(dataset.reasons), len(dataset.rows))
-            recheck = validate(dataset.kept, "validated")
+            recheck = _validate(ctx, params, dataset, datasets, dataset.kept, "validated")
             if not recheck.success:
-                errors.append(f"{name} ({files}): the rows kept after quarantine still fail\n" + recheck.describe(sample))
+                errors.append(f"{where}: the rows kept after quarantine still fail\n" + recheck.describe(sample))
                 records += _failure_records(name, recheck, sample)
     finally:
         try:  # the docs show what was validated, also when the stage fails
