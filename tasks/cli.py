@@ -12,7 +12,7 @@ import sys
 import typer
 
 STAGES = ["prepare_data", "validate_data", "tokenizer", "cpt", "expand", "sft", "rl", "compress",
-          "evaluate", "export", "deploy"]
+          "evaluate", "gates", "export", "deploy"]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="ruyi-pipeline: train once, deploy many (familial Ruyi2-style models).")
