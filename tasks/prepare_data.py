@@ -22,7 +22,10 @@ Embedded default (`data.sources: []`), deterministic given `seed` and the Python
 2. Cleaning, in order (each drop is counted in the manifest):
    - non-printable characters removed (`\\t` becomes a space), reST roles (":class:`X`" -> "X") and
      double backquotes unwrapped;
-   - split into paragraphs at blank lines; a paragraph is CODE when under 60% of its whitespace
+   - split into paragraphs at blank lines; paragraphs with personal data or secrets (the data
+     contract's `data_contracts.suites.SENSITIVE_PATTERNS`: e-mail addresses of stdlib authors,
+     phone numbers, API keys) are removed;
+   - a paragraph is CODE when under 60% of its whitespace
      tokens are plain words (doctests, signatures, tables, underlines), and is removed;
    - a document that lost more than half its characters that way is dropped as code-heavy;
    - remaining paragraphs are reflowed (whitespace collapsed to single spaces), joined by "\\n\\n";
@@ -78,7 +81,16 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tasks.common import StageError, atomic_dir, log, plots_dir, stage_main, write_json, write_jsonl, write_metrics
+from tasks.common import (
+    StageError,
+    atomic_dir,
+    log,
+    plots_dir,
+    stage_main,
+    write_json,
+    write_jsonl,
+    write_metrics,
+)
 from tasks.mathgen import Problem, generate_problems, normalize_question, number_pattern
 from tasks.params import DataParams, Params
 from tasks.sources import Document, load_source, map_rows
@@ -154,13 +166,16 @@ def _is_english(text: str) -> bool:
     return bool(words) and sum(1 for w in words if w in _FUNCTION_WORDS) >= _MIN_FUNCTION_WORDS * len(words)
 
 
-def clean_document(text: str, *, prose_only: bool) -> tuple[list[str], str | None]:
+def clean_document(text: str, *, prose_only: bool, sensitive: re.Pattern[str] | None = None,
+                   stats: Counter[str] | None = None) -> tuple[list[str], str | None]:
     """Cleans one raw text into paragraphs.
 
     Args:
         text: the raw text.
         prose_only: also remove code paragraphs and reject code-heavy / non-English text
             (the embedded corpus); False keeps every paragraph (user text).
+        sensitive: paragraphs matching it (personal data, secrets) are removed.
+        stats: if given, counts the removed paragraphs ("paragraphs_sensitive").
 
     Returns:
         (paragraphs, reason): the cleaned, reflowed paragraphs, and None or the reason the whole
@@ -168,6 +183,13 @@ def clean_document(text: str, *, prose_only: bool) -> tuple[list[str], str | Non
     """
     text = _LITERAL_RE.sub(r"\1", _ROLE_RE.sub(r"\1", _printable(text)))
     paragraphs = [p for p in re.split(r"\n\s*\n", text) if p.strip()]
+    if sensitive is not None:
+        clean = [p for p in paragraphs if not sensitive.search(p)]
+        if stats is not None:
+            stats["paragraphs_sensitive"] += len(paragraphs) - len(clean)
+        paragraphs = clean
+    if not paragraphs:
+        return [], "empty"
     if prose_only:
         kept = [p for p in paragraphs if _is_prose(p)]
         if sum(map(len, kept)) < (1 - _MAX_CODE_LOSS) * sum(map(len, paragraphs)):
@@ -270,14 +292,15 @@ def deduplicate(docs: list[Document]) -> tuple[list[Document], dict[str, int]]:
     return kept, {"exact_duplicates": exact, "near_duplicates": near}
 
 
-def build_corpus(raw: Iterable[tuple[str, str]], data: DataParams, *, prose_only: bool) -> tuple[list[Document], dict[str, Any]]:
+def build_corpus(raw: Iterable[tuple[str, str]], data: DataParams, *, prose_only: bool,
+                 sensitive: re.Pattern[str] | None = None) -> tuple[list[Document], dict[str, Any]]:
     """Cleans, cuts and de-duplicates raw `(source, text)` pairs into corpus documents (in order)."""
     stats: Counter[str] = Counter()
     per_source: Counter[str] = Counter()
     docs: list[Document] = []
     for source, text in raw:
         stats["raw_texts"] += 1
-        paragraphs, reason = clean_document(text, prose_only=prose_only)
+        paragraphs, reason = clean_document(text, prose_only=prose_only, sensitive=sensitive, stats=stats)
         if reason:
             stats[f"dropped_{reason}"] += 1
             continue
@@ -293,8 +316,12 @@ def build_corpus(raw: Iterable[tuple[str, str]], data: DataParams, *, prose_only
 
 @functools.lru_cache(maxsize=2)
 def _embedded_corpus_cached(min_doc_chars: int, max_doc_chars: int) -> tuple[tuple[Document, ...], str]:
+    # The data contract's own patterns (one home): its checks would reject these paragraphs later.
+    from data_contracts.suites import SENSITIVE_PATTERNS
+
+    sensitive = re.compile("|".join(f"(?:{regex})" for _, regex, _ in SENSITIVE_PATTERNS))
     limits = DataParams(min_doc_chars=min_doc_chars, max_doc_chars=max_doc_chars)
-    docs, stats = build_corpus(stdlib_texts(), limits, prose_only=True)
+    docs, stats = build_corpus(stdlib_texts(), limits, prose_only=True, sensitive=sensitive)
     return tuple(docs), json.dumps(stats)
 
 
@@ -456,7 +483,7 @@ def run(params: Params) -> dict[str, Any]:
     user_stats: dict[str, Any] = {}
     if data.sources:
         sources = [load_source(uri) for uri in data.sources]
-        user_docs, user_problems, user_stats = map_rows(sources)
+        user_docs, user_problems, user_stats = map_rows(sources, data.math_levels)
     embed_corpus = data.embedded == "always" or (data.embedded == "auto" and not user_docs)
     embed_math = data.embedded == "always" or (data.embedded == "auto" and not user_problems)
     if not embed_corpus and not user_docs:

@@ -13,7 +13,8 @@ How rows map into the datasets (`map_rows`):
   ending in `#### 72`. An optional `solution` holds the worked solution; a solution without a final
   `#### <answer>` line gets one appended; a row with no worked solution anywhere gets the one-line
   solution `#### <answer>` (answer-only SFT), counted in the manifest as `math_without_solution`.
-  Optional `level` (int 1..5); without it: the number of solution lines before `####`, clipped to 1..5.
+  Optional `level` (int in `data.math_levels`, else an error naming the row); without it, the level
+  of `data.math_levels` nearest to the number of solution lines before `####` (ties: the lower).
 - otherwise a row with `text` is a CORPUS document; its `source` field (if a string) is kept, else
   the source is `user:<file name>`.
 - any other row, a non-string field, an answer that is not a number, or a solution whose `####`
@@ -167,7 +168,7 @@ def _string(record: Record, key: str, required: bool = True) -> str | None:
     return value
 
 
-def _math_problem(record: Record, origin: str) -> tuple[Problem, bool]:
+def _math_problem(record: Record, origin: str, levels: list[int]) -> tuple[Problem, bool]:
     question = _string(record, "question").strip()
     raw_answer = record.row.get("answer")
     if isinstance(raw_answer, (int, float)) and not isinstance(raw_answer, bool):
@@ -203,9 +204,11 @@ def _math_problem(record: Record, origin: str) -> tuple[Problem, bool]:
         solution = _normalize_final_line(solution, answer)
     level = record.row.get("level")
     if level is None:
-        level = min(5, max(1, len(solution.split("####")[0].strip().splitlines())))
-    elif isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= 5:
-        raise StageError(f"{record.where}: field 'level' must be an integer 1..5, got {level!r}")
+        steps = len(solution.split("####")[0].strip().splitlines())
+        level = min(sorted(levels), key=lambda lvl: abs(lvl - steps))
+    elif isinstance(level, bool) or not isinstance(level, int) or level not in levels:
+        raise StageError(f"{record.where}: field 'level' must be one of data.math_levels {sorted(levels)}, "
+                         f"got {level!r} (add the level to data.math_levels or drop the row)")
     return Problem(question=question, solution=solution, answer=answer, level=level, origin=origin), had_solution
 
 
@@ -215,8 +218,12 @@ def _normalize_final_line(solution: str, answer: str) -> str:
     return f"{head}\n#### {answer}" if head else f"#### {answer}"
 
 
-def map_rows(sources: list[Source]) -> tuple[list[Document], list[Problem], dict[str, Any]]:
+def map_rows(sources: list[Source], levels: list[int]) -> tuple[list[Document], list[Problem], dict[str, Any]]:
     """Maps user rows to corpus documents and math problems (see the module docstring).
+
+    Args:
+        sources: the loaded user files.
+        levels: the allowed difficulty levels (`data.math_levels`).
 
     Returns:
         (documents, problems, stats) where stats counts rows per kind and per source file.
@@ -230,7 +237,7 @@ def map_rows(sources: list[Source]) -> tuple[list[Document], list[Problem], dict
         counts = {"corpus": 0, "math": 0}
         for record in source.records:
             if "question" in record.row:
-                problem, had_solution = _math_problem(record, origin)
+                problem, had_solution = _math_problem(record, origin, levels)
                 problems.append(problem)
                 stats["math_without_solution"] += int(not had_solution)
                 counts["math"] += 1

@@ -134,6 +134,7 @@ def _check_problem(problem) -> None:
 @pytest.mark.parametrize("template", sorted(TEMPLATES))
 def test_every_template_and_level_is_correct(template):
     rng = random.Random(f"test:{template}")
+    prev_mean = 0.0
     for level in LEVELS:
         steps = []
         for _ in range(25):

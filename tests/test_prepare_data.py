@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
 from s3server import s3_server  # noqa: F401  (module-scoped real S3 server fixture)
+
 from tasks.common import StageError, read_jsonl
-from tasks.mathgen import Problem, answers_match, extract_answer, generate_problems, normalize_question, number_pattern
+from tasks.mathgen import (
+    Problem,
+    answers_match,
+    extract_answer,
+    generate_problems,
+    normalize_question,
+    number_pattern,
+)
 from tasks.params import load_params
 from tasks.prepare_data import FILES, check_no_overlap, clean_document, deduplicate, pieces, run, split_math
 from tasks.sources import Document, load_source, map_rows
@@ -117,8 +124,6 @@ def test_check_no_overlap_raises_on_violations():
 
 
 def _renumber(question: str) -> str:
-    import re
-
     return re.sub(r"\d+", lambda m: str(int(m.group()) + 1), question)
 
 
@@ -146,6 +151,16 @@ def test_cleaning_and_near_duplicate_removal():
     assert clean_document("Ceci n'est pas une phrase anglaise, mais une phrase française très longue " * 3,
                           prose_only=True)[1] == "not_english"
     assert clean_document(code, prose_only=False)[0] == [" ".join(code.split())]  # user text: kept
+    from collections import Counter
+
+    from data_contracts.suites import SENSITIVE_PATTERNS
+
+    sensitive = re.compile("|".join(f"(?:{regex})" for _, regex, _ in SENSITIVE_PATTERNS))
+    counts: Counter[str] = Counter()
+    author = "Written by Jane Doe <jane.doe@example.org>; call 555-123-4567 with questions about it."
+    paragraphs, reason = clean_document(f"{prose}\n\n{author}", prose_only=True, sensitive=sensitive, stats=counts)
+    assert reason is None and paragraphs == [prose] and counts["paragraphs_sensitive"] == 1
+    assert clean_document(author, prose_only=True, sensitive=sensitive)[1] == "empty"
     out, dropped = pieces(["a" * 150, "b" * 150, "c" * 500, "d" * 50], min_chars=100, max_chars=400)
     assert out == ["a" * 150 + "\n\n" + "b" * 150] and dropped == 2  # "c" too long, "d" too short
     long_doc = " ".join(f"word{i} is followed by another word in this sentence" for i in range(40))
@@ -196,7 +211,8 @@ def test_user_sources_jsonl_and_parquet(tmp_path):
         original = user_questions[row["prompt"]]
         assert row["response"] == original["answer"].replace("#### $", "#### ")  # canonical final line
         assert answers_match(extract_answer(original["answer"]), row["answer"])
-        assert row["level"] == min(5, len(row["response"].splitlines()) - 1)  # no level given: solution steps
+        steps = len(row["response"].splitlines()) - 1  # no level given: the math level nearest the step count
+        assert row["level"] == min(3, max(1, steps))
     assert {r["question"] for r in ev} <= set(user_questions)
     corpus = read_jsonl(raw / "corpus_train.jsonl") + read_jsonl(raw / "corpus_val.jsonl")
     general = [r for r in corpus if r["source"] != "math"]
@@ -223,21 +239,21 @@ def test_malformed_rows_name_file_and_row(tmp_path):
         load_source(str(bad_json))
     no_kind = _write_jsonl(tmp_path / "nokind.jsonl", [{"text": "ok"}, {"title": "what is this"}])
     with pytest.raises(StageError, match=r"nokind\.jsonl:2: a row needs 'text'"):
-        map_rows([load_source(str(no_kind))])
+        map_rows([load_source(str(no_kind))], [1, 2, 3])
     not_number = _write_jsonl(tmp_path / "answer.jsonl", [{"question": "How many?", "answer": "many"}])
     with pytest.raises(StageError, match=r"answer\.jsonl:1: answer 'many' is not a number"):
-        map_rows([load_source(str(not_number))])
+        map_rows([load_source(str(not_number))], [1, 2, 3])
     disagree = _write_jsonl(tmp_path / "disagree.jsonl",
                             [{"question": "2+2?", "answer": "4", "solution": "2+2 = 5\n#### 5"}])
     with pytest.raises(StageError, match=r"disagree\.jsonl:1: the solution's final answer 5 differs"):
-        map_rows([load_source(str(disagree))])
+        map_rows([load_source(str(disagree))], [1, 2, 3])
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.Table.from_pylist([{"question": "q1", "answer": "3", "level": 2},
                                          {"question": "q2", "answer": "4", "level": 9}]), tmp_path / "lv.parquet")
-    with pytest.raises(StageError, match=r"lv\.parquet:row 2: field 'level' must be an integer 1\.\.5"):
-        map_rows([load_source(str(tmp_path / "lv.parquet"))])
+    with pytest.raises(StageError, match=r"lv\.parquet:row 2: field 'level' must be one of data.math_levels \[1, 2, 3\]"):
+        map_rows([load_source(str(tmp_path / "lv.parquet"))], [1, 2, 3])
     (tmp_path / "notparquet.parquet").write_text("hello")
     with pytest.raises(StageError, match=r"notparquet\.parquet: not a readable Parquet file"):
         load_source(str(tmp_path / "notparquet.parquet"))
@@ -259,7 +275,7 @@ def test_empty_missing_and_unsupported_files(tmp_path):
     assert not (tmp_path / "data" / "raw").exists()
 
 
-def test_s3_source(s3_server, monkeypatch, tmp_path):
+def test_s3_source(s3_server, monkeypatch, tmp_path):  # noqa: F811 (the imported fixture)
     bucket = s3_server.create_bucket("user-data")
     body = "".join(json.dumps(r) + "\n" for r in _user_text(3) + _user_math(2, seed=4))
     s3_server.client().put_object(Bucket=bucket, Key="in/mixed.jsonl", Body=body.encode())
@@ -267,7 +283,7 @@ def test_s3_source(s3_server, monkeypatch, tmp_path):
         monkeypatch.setenv(key, value)
     source = load_source("s3://user-data/in/mixed.jsonl")
     assert source.sha256 == hashlib.sha256(body.encode()).hexdigest()
-    docs, problems, stats = map_rows([source])
+    docs, problems, stats = map_rows([source], [1, 2, 3])
     assert len(docs) == 3 and len(problems) == 2 and problems[0].origin == "user:mixed.jsonl"
     assert source.records[4].where == "s3://user-data/in/mixed.jsonl:5"
     with pytest.raises(StageError, match=r"cannot read s3://user-data/in/missing\.jsonl: NoSuchKey"):
