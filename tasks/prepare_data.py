@@ -125,10 +125,12 @@ def stdlib_texts() -> Iterator[tuple[str, str]]:
     Sources: "python_docstrings" (module/class/function docstrings of the stdlib .py files, files
     sorted by their path relative to the stdlib root) then "python_reference" (pydoc topics, sorted).
     """
+    from tqdm.auto import tqdm
+
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted((p for p in root.rglob("*.py") if not _SKIP_DIRS.intersection(p.relative_to(root).parts[:-1])),
                    key=lambda p: p.relative_to(root).as_posix())
-    for path in files:
+    for path in tqdm(files, desc="prepare_data: stdlib docstrings", unit="file", leave=False):
         try:
             tree = ast.parse(path.read_bytes(), filename=str(path))
         except (SyntaxError, ValueError, OSError):
@@ -254,6 +256,7 @@ def _hash64(data: bytes) -> int:
 def deduplicate(docs: list[Document]) -> tuple[list[Document], dict[str, int]]:
     """Removes exact and near duplicates (see the module docstring); keeps the first occurrence."""
     import numpy as np
+    from tqdm.auto import tqdm
 
     seen: set[str] = set()
     unique: list[Document] = []
@@ -273,7 +276,7 @@ def deduplicate(docs: list[Document]) -> tuple[list[Document], dict[str, int]]:
     shingle_sets: list[set[str]] = []
     kept: list[Document] = []
     near = 0
-    for doc in unique:
+    for doc in tqdm(unique, desc="prepare_data: near-duplicates", unit="doc", leave=False):
         shingles = _shingles(doc.text)
         hashes = np.fromiter((_hash64(s.encode()) for s in shingles), dtype=np.uint64, count=len(shingles))
         with np.errstate(over="ignore"):
@@ -502,7 +505,7 @@ def run(params: Params) -> dict[str, Any]:
         docs.extend(kept)
     if embed_corpus:
         kept, corpus_stats["embedded"] = embedded_corpus(data.min_doc_chars, data.max_doc_chars)
-        known = {_doc_key(d.text) for d in docs}
+        known = {_doc_key(d.text) for d in docs}  # user vs embedded: exact duplicates only
         docs.extend(d for d in kept if _doc_key(d.text) not in known)
     if not docs:
         raise StageError("the corpus is empty after cleaning: check data.min_doc_chars / data.max_doc_chars and the sources")
