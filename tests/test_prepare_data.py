@@ -291,3 +291,20 @@ def test_s3_source(s3_server, monkeypatch, tmp_path):  # noqa: F811 (the importe
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
     with pytest.raises(StageError, match=r"cannot read s3://user-data/in/mixed\.jsonl: SignatureDoesNotMatch"):
         load_source("s3://user-data/in/mixed.jsonl")
+
+
+def test_gzipped_jsonl_and_gsm8k_rows_without_solution(tmp_path):
+    import gzip
+
+    rows = [{"question": "Tom has 3 apples and buys 4 more. How many apples does he have?", "answer": "7"},
+            {"question": "A pen costs $1.50. How much do 2 pens cost?", "answer": 3.0, "level": 2},
+            {"text": "A plain corpus line that is long enough to be a document of its own, hopefully."}]
+    path = tmp_path / "mixed.jsonl.gz"
+    path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    docs, problems, stats = map_rows([load_source(str(path))], [1, 2, 3])
+    assert [p.solution for p in problems] == ["#### 7", "#### 3"]  # answer-only rows: one-line solution
+    assert [p.level for p in problems] == [1, 2] and stats["math_without_solution"] == 2
+    assert docs == [Document(rows[2]["text"], "user:mixed.jsonl.gz")]
+    (tmp_path / "broken.jsonl.gz").write_bytes(b"not gzip")
+    with pytest.raises(StageError, match=r"broken\.jsonl\.gz: not a valid gzip file"):
+        load_source(str(tmp_path / "broken.jsonl.gz"))
