@@ -125,8 +125,8 @@ def smoke_test(url: str, questions: list[dict[str, Any]], max_tokens: int) -> tu
 
     Returns:
         `(per_tier, rows)`: per tier `{requests, ok, accuracy, answered, completion_tokens_mean,
-        latency_ms_p50, latency_ms_max, completions_sha256}` (or `{"available": false}` for an
-        unavailable dynamic tier) and one row per request.
+        latency_ms_p50, latency_ms_max, completions_sha256}` (the dynamic tier also `mean_exit_layer`;
+        `{"available": false}` if it is unavailable) and one row per request.
     """
     from tasks.mathgen import answers_match, extract_answer
     from tasks.serving import DYNAMIC_TIER, http_json
@@ -147,7 +147,7 @@ def smoke_test(url: str, questions: list[dict[str, Any]], max_tokens: int) -> tu
 
     with tqdm(total=len(tiers) * len(questions), desc="deploy: smoke test", unit="req", disable=None) as bar:
         for tier in tiers:
-            latencies, tokens, correct, answered, texts = [], [], 0, 0, []
+            latencies, tokens, correct, answered, texts, exit_means = [], [], 0, 0, [], []
             for q in questions:
                 body = {"model": tier, "messages": [{"role": "user", "content": q["question"]}],
                         "max_tokens": max_tokens, "temperature": 0}
@@ -165,6 +165,8 @@ def smoke_test(url: str, questions: list[dict[str, Any]], max_tokens: int) -> tu
                 latencies.append(latency)
                 tokens.append(answer["usage"]["completion_tokens"])
                 texts.append(text)
+                if tier == DYNAMIC_TIER and answer["ruyi"]["choices"][0].get("mean_exit_layer") is not None:
+                    exit_means.append(answer["ruyi"]["choices"][0]["mean_exit_layer"])
                 rows.append({"tier": tier, "id": q["id"], "question": q["question"], "completion": text,
                              "answer": pred, "gold": str(q["answer"]), "correct": ok,
                              "finish_reason": answer["choices"][0]["finish_reason"],
@@ -175,6 +177,8 @@ def smoke_test(url: str, questions: list[dict[str, Any]], max_tokens: int) -> tu
                 "latency_ms_p50": round(statistics.median(latencies), 3), "latency_ms_max": round(max(latencies), 3),
                 "completions_sha256": hashlib.sha256(json.dumps(texts).encode()).hexdigest(),
             }
+            if exit_means:  # dynamic early exit: the average member depth that emitted the tokens
+                per_tier[tier]["mean_exit_layer"] = statistics.fmean(exit_means)
     if dynamic and DYNAMIC_TIER not in per_tier:
         per_tier[DYNAMIC_TIER] = {"available": False,
                                   "reason": "ruyi_model.generation.dynamic_generate is missing (HTTP 501)"}

@@ -16,8 +16,10 @@ Endpoints (JSON over HTTP, 127.0.0.1 by default):
 Tiers: `exit_<d>` for every member of the release (the stock Qwen3 checkpoints `exit_<d>/`, loaded with
 plain transformers), the release's model name (e.g. `ruyi-tiny`) as an alias of the deepest member,
 and `dynamic`: the family checkpoint (`family/`) decoding with confidence-based early exit through
-`ruyi_model.generation.dynamic_generate` (per request `threshold`, default `deploy.dynamic_threshold`).
-If that function is missing from the installed `ruyi_model`, `dynamic` answers 501 saying so.
+`ruyi_model.generation.dynamic_generate` (greedy; each token from the shallowest member whose max
+softmax probability reaches `threshold`, per request, default `deploy.dynamic_threshold`; exact KV by
+recomputation). Its answers carry `ruyi.choices[i]`: tokens per member, mean exit layer, mean layers
+run. If that function is missing from the installed `ruyi_model`, `dynamic` answers 501 saying so.
 
 Design choices:
 - One deployment holds every tier (RL_SERVE_NOTES B1, design B): on 2 CPU cores it starts in ~4 s
@@ -31,11 +33,13 @@ Design choices:
   leak in); `temperature: 0` (the default) is greedy, otherwise sampling with `temperature`/`top_p` and
   no top-k; `seed` makes sampling repeatable. A completion ends at `<|im_end|>`/`<|endoftext|>`
   (finish_reason "stop"), at a `stop` string (excluded from the text, as OpenAI does; "stop") or after
-  `max_tokens` ("length"). Prompts are decoded one at a time under a lock: on CPU, batching tiny
+  `max_tokens` ("length"); the dynamic tier applies `stop` strings to the finished text (no early
+  stop). Prompts are decoded one at a time under a lock: on CPU, batching tiny
   models buys little and the lock keeps `seed` meaningful with concurrent requests.
 - Validation (RL_SERVE_NOTES B2): schema errors (bad JSON, wrong types, unknown fields, `max_tokens` < 1)
   are 422; an unknown tier is 404; `max_tokens` above `deploy.max_tokens_limit`, `stream: true`,
-  `n` > 1, a prompt longer than the context, or `threshold` on a fixed tier are 400. Errors have the
+  `n` > 1, a prompt longer than the context, `threshold` on a fixed tier, or `temperature` > 0 on the
+  dynamic tier are 400. An unexpected failure is a 500 with the same error shape. Errors have the
   OpenAI shape `{"error": {"message", "type", "param", "code"}}`; the app stays up after any of them.
 - Ray: started with `num_cpus`, a small object store, no dashboard, `RAY_AUTH_MODE=disabled`, usage stats
   off, and `RAY_TMPDIR` under a short temporary directory (unix socket paths are limited to 107 bytes)
@@ -156,14 +160,20 @@ class CompletionService:
         max_tokens_limit: requests asking for more new tokens get 400.
         dynamic_threshold: the default `threshold` of the dynamic tier.
         torch_threads: intra-op threads for this process (1 on shared CPUs).
+        device: "cpu", "cuda", "cuda:1", or "auto" (cuda when available).
+        dtype: weights dtype ("float32"; "bfloat16" for large members on GPUs).
     """
 
     def __init__(self, release_dir: str | Path, *, model_name: str | None = None, max_tokens_limit: int = 128,
-                 dynamic_threshold: float = 0.9, torch_threads: int | None = 1):
+                 dynamic_threshold: float = 0.9, torch_threads: int | None = 1, device: str = "cpu",
+                 dtype: str = "float32"):
         import torch
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
         self.release_dir = Path(release_dir)
         exits = release_exits(self.release_dir)
         if not exits:
@@ -177,13 +187,13 @@ class CompletionService:
         self.dynamic_threshold = dynamic_threshold
         self.tiers: dict[str, Tier] = {}
         for d in exits:
-            model, tokenizer = load_member(self.release_dir, d)
-            self.tiers[f"exit_{d}"] = Tier(f"exit_{d}", d, model, tokenizer)
+            model, tokenizer = load_member(self.release_dir, d, dtype=dtype)
+            self.tiers[f"exit_{d}"] = Tier(f"exit_{d}", d, model.to(self.device), tokenizer)
         self.aliases = {self.model_name: f"exit_{exits[-1]}"}
         self.family: Tier | None = None
         if (self.release_dir / "family").is_dir():
-            model, tokenizer = load_member(self.release_dir, None)
-            self.family = Tier(DYNAMIC_TIER, None, model, tokenizer)
+            model, tokenizer = load_member(self.release_dir, None, dtype=dtype)
+            self.family = Tier(DYNAMIC_TIER, None, model.to(self.device), tokenizer)
         self.dynamic_generate = find_dynamic_generate()
         self._lock = threading.Lock()
         log.info("serving %s: tiers %s%s", self.release, ", ".join(self.tiers),
@@ -210,7 +220,7 @@ class CompletionService:
         return {"object": "list", "data": data}
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "release": self.release, "tiers": self.tier_names(),
+        return {"status": "ok", "release": self.release, "tiers": self.tier_names(), "device": str(self.device),
                 "dynamic_available": self.family is not None and self.dynamic_generate is not None}
 
     def resolve(self, name: str) -> Tier:
@@ -235,6 +245,9 @@ class CompletionService:
         if req.max_tokens > self.max_tokens_limit:
             raise APIError(400, f"max_tokens={req.max_tokens} exceeds this server's limit of {self.max_tokens_limit}",
                            "max_tokens_too_large", "max_tokens")
+        if tier.exit_layer is None and req.temperature > 0:
+            raise APIError(400, f"the '{DYNAMIC_TIER}' model decodes greedily (each token is the argmax of the "
+                           "emitting member); send temperature: 0", "unsupported_parameter", "temperature")
         if req.threshold is not None and tier.exit_layer is not None:
             raise APIError(400, f"threshold only applies to the '{DYNAMIC_TIER}' model, not {tier.name!r}",
                            "unsupported_parameter", "threshold")
@@ -303,7 +316,7 @@ class CompletionService:
                            f"{context} tokens", "context_length_exceeded", "max_tokens")
         tokenizer = tier.tokenizer
         stop_ids = self._stop_ids(tokenizer)
-        input_ids = torch.tensor([ids], dtype=torch.long)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         with self._lock, torch.no_grad():
             if req.seed is not None:
                 torch.manual_seed(req.seed)
@@ -337,24 +350,16 @@ class CompletionService:
 
     def _generate_dynamic(self, tier: Tier, input_ids, req: _GenerationFields, stop_ids: list[int]):
         threshold = req.threshold if req.threshold is not None else self.dynamic_threshold
-        result = self.dynamic_generate(tier.model, input_ids, max_new_tokens=req.max_tokens, threshold=threshold,
-                                       eos_token_id=stop_ids, temperature=req.temperature, top_p=req.top_p)
-        return _dynamic_tokens_and_stats(result, input_ids.shape[1])
-
-
-def _dynamic_tokens_and_stats(result: Any, prompt_len: int) -> tuple[list[int], dict[str, Any]]:
-    """New token ids and per-request exit statistics from `dynamic_generate`'s result."""
-    sequences = getattr(result, "sequences", result)
-    tokens = sequences[0, prompt_len:].tolist()
-    exits = getattr(result, "exit_layers", None)
-    stats: dict[str, Any] = {}
-    if exits is not None:
-        layers = [int(x) for x in (exits[0].tolist() if hasattr(exits, "tolist") else exits[0])][:len(tokens)]
-        counts: dict[str, int] = {}
-        for d in layers:
-            counts[str(d)] = counts.get(str(d), 0) + 1
-        stats = {"exit_counts": counts, "mean_exit_layer": sum(layers) / len(layers) if layers else None}
-    return tokens, stats
+        try:
+            result = self.dynamic_generate(tier.model, input_ids, max_new_tokens=req.max_tokens, threshold=threshold,
+                                           eos_token_id=stop_ids)
+        except ValueError as e:  # the library's own argument checks
+            raise APIError(400, f"dynamic decoding rejected the request: {e}", "invalid_request", None) from None
+        exits = [int(d) for d in result.exit_layers[0].tolist()]
+        stats = {"tokens_per_member": {str(d): n for d, n in result.tokens_per_member.items()},
+                 "mean_exit_layer": sum(exits) / len(exits) if exits else None,
+                 "mean_layers_run": float(result.layers_run.float().mean()) if exits else None}
+        return result.sequences[0, input_ids.shape[1]:].tolist(), stats
 
 
 # --- HTTP -------------------------------------------------------------------------------------
@@ -380,6 +385,12 @@ def create_app(service: CompletionService):
         body = APIError(422, message or "invalid request", "invalid_request", param).body()
         body["detail"] = json.loads(json.dumps(errors, default=str))
         return JSONResponse(body, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        log.exception("request to %s failed", request.url.path)
+        body = APIError(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error").body()
+        return JSONResponse(body, status_code=500)
 
     @app.get("/healthz")
     def healthz() -> dict:
@@ -443,14 +454,20 @@ def build_app(args: dict[str, Any]):
     """Ray Serve application builder (`import_path: tasks.serving:build_app` in a Serve config).
 
     Args (`args:` in the config): `release_dir` or `store` + `model_name` (+ `version`, `cache_dir`),
-    and optionally `max_tokens_limit`, `dynamic_threshold`, `num_cpus` (of the replica), `num_replicas`.
+    and optionally `max_tokens_limit`, `dynamic_threshold`, `device`, `dtype` (CompletionService), and the
+    replica's `num_cpus` (default 0.5), `num_gpus` (default 0) and `num_replicas` (default 1).
     """
+    known = {"release_dir", "store", "model_name", "version", "cache_dir", "max_tokens_limit", "dynamic_threshold",
+             "device", "dtype", "num_cpus", "num_gpus", "num_replicas"}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise StageError(f"serving app args: unknown key(s) {unknown}; known: {sorted(known)}")
     source = {k: args[k] for k in ("release_dir", "store", "model_name", "version", "cache_dir") if k in args}
-    options = {k: args[k] for k in ("max_tokens_limit", "dynamic_threshold") if k in args}
+    options = {k: args[k] for k in ("max_tokens_limit", "dynamic_threshold", "device", "dtype") if k in args}
     if "model_name" in args:
         options["model_name"] = args["model_name"]
-    deployment = _deployment_class().options(ray_actor_options={"num_cpus": float(args.get("num_cpus", 0.5))},
-                                             num_replicas=int(args.get("num_replicas", 1)))
+    actor = {"num_cpus": float(args.get("num_cpus", 0.5)), "num_gpus": float(args.get("num_gpus", 0))}
+    deployment = _deployment_class().options(ray_actor_options=actor, num_replicas=int(args.get("num_replicas", 1)))
     return deployment.bind(source, options)
 
 

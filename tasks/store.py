@@ -572,9 +572,16 @@ class S3Store(ArtifactStore):
     def _errors(self, what: str) -> Iterator[None]:
         """Translates boto errors into a StoreError that says what went wrong and where."""
         from boto3.exceptions import Boto3Error
-        from botocore.exceptions import (BotoCoreError, ClientError, ConnectionClosedError, ConnectTimeoutError,
-                                         EndpointConnectionError, NoCredentialsError, PartialCredentialsError,
-                                         ReadTimeoutError)
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            ConnectionClosedError,
+            ConnectTimeoutError,
+            EndpointConnectionError,
+            NoCredentialsError,
+            PartialCredentialsError,
+            ReadTimeoutError,
+        )
 
         try:
             yield

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from tiny_export import build_tiny_export
+from tiny_export import build_tiny_export, private_tmpdir
 
 from tasks.common import StageError
 from tasks.params import load_params
@@ -29,8 +29,9 @@ PROMPT = "Tom has 3 apples and buys 4 more."
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory) -> Path:
-    return build_tiny_export(tmp_path_factory.mktemp("export") / "export")
+def export_dir():
+    with private_tmpdir("ruyi-serving-export-") as tmp:
+        yield build_tiny_export(tmp / "export")
 
 
 @pytest.fixture(scope="module")
@@ -173,16 +174,28 @@ def test_malformed_json_and_bad_chat(client):
 
 
 def test_dynamic_tier(client):
-    r = client.post("/v1/completions", json={"model": "dynamic", "prompt": PROMPT, "max_tokens": 8, "threshold": 0.5})
-    if find_dynamic_generate() is None:
+    """Dynamic early exit: threshold 1 never exits early (= the deepest member), a tiny one always does."""
+    body = {"model": "dynamic", "prompt": PROMPT, "max_tokens": 10}
+    r = client.post("/v1/completions", json={**body, "threshold": 1.0})
+    if find_dynamic_generate() is None:  # an installation without ruyi_model.generation.dynamic_generate
         assert r.status_code == 501
         assert "ruyi_model.generation.dynamic_generate" in r.json()["error"]["message"]
         assert client.get("/healthz").json()["dynamic_available"] is False
-    else:
-        assert r.status_code == 200, r.text
-        body = r.json()
-        assert body["model"] == "dynamic" and body["ruyi"]["threshold"] == 0.5
-        assert body["usage"]["completion_tokens"] >= 1
+        return
+    assert r.status_code == 200, r.text
+    deep = r.json()
+    assert deep["model"] == "dynamic" and deep["ruyi"]["threshold"] == 1.0
+    fixed = {d: client.post("/v1/completions", json={**body, "model": f"exit_{d}"}).json() for d in (2, 4)}
+    n_new = deep["usage"]["completion_tokens"] + (deep["choices"][0]["finish_reason"] == "stop")
+    assert deep["choices"][0]["text"] == fixed[4]["choices"][0]["text"]
+    assert deep["ruyi"]["choices"][0]["tokens_per_member"] == {"2": 0, "4": n_new}
+    shallow = client.post("/v1/completions", json={**body, "threshold": 1e-6}).json()
+    assert shallow["choices"][0]["text"] == fixed[2]["choices"][0]["text"]
+    assert shallow["ruyi"]["choices"][0]["mean_exit_layer"] == 2.0
+    default = client.post("/v1/completions", json=body).json()
+    assert default["ruyi"]["threshold"] == 0.9  # deploy.dynamic_threshold's default
+    r = client.post("/v1/completions", json={**body, "temperature": 0.7})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
 
 
 def test_resolve_release(tmp_path, export_dir):
@@ -250,6 +263,34 @@ def test_ruyi_serve_on_ray(tmp_path, export_dir, client):
     assert seen["too_long"][0] == 400
     assert seen["chat"][0] == 200 and seen["chat"][1]["model"] == "exit_4"
     assert _ray_processes() == ""  # ... and nothing of it is left
-    with socket.socket() as s:  # the HTTP port is free again
+    with socket.socket() as s:  # nothing listens on the HTTP port any more (TIME_WAIT sockets may remain)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
+        s.listen()
 
+
+
+def test_serve_config_builds_the_app(tmp_path):
+    """infra/serve_config.yaml passes Ray's schema, and its args build the application (no cluster needed)."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from tasks.params import StoreParams
+    from tasks.serving import DEPLOYMENT_NAME, build_app
+
+    config = yaml.safe_load((REPO / "infra" / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(config)
+    assert not 10002 <= schema.http_options.port <= 19999
+    (spec,) = config["applications"]
+    assert spec["import_path"] == "tasks.serving:build_app"
+    assert [d["name"] for d in spec["deployments"]] == [DEPLOYMENT_NAME]
+    StoreParams(**spec["args"]["store"])  # the store section is a valid deploy.store
+    deployment = build_app(spec["args"])._bound_deployment
+    assert deployment.name == DEPLOYMENT_NAME
+    assert deployment.ray_actor_options == {"num_cpus": 4.0, "num_gpus": 1.0}
+    source, options = deployment.init_args
+    assert source["model_name"] == "ruyi-tiny" and source["store"]["backend"] == "s3"
+    assert options == {"max_tokens_limit": 512, "dynamic_threshold": 0.9, "device": "auto", "dtype": "bfloat16",
+                       "model_name": "ruyi-tiny"}
+    with pytest.raises(StageError, match=r"unknown key\(s\) \['num_gpu'\]"):
+        build_app({**spec["args"], "num_gpu": 1})

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from s3server import s3_server  # noqa: F401  (module-scoped SeaweedFS fixture)
-from tiny_export import build_tiny_export
+from tiny_export import build_tiny_export, private_tmpdir
 
 from tasks.params import ParamsError, load_params
 from tasks.store import (
@@ -35,17 +35,19 @@ BLOB_MIB = 11  # > 2 parts of 5 MiB: exercises multipart with a 1 MiB threshold
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory) -> Path:
-    return build_tiny_export(tmp_path_factory.mktemp("export") / "export")
+def export_dir():
+    with private_tmpdir("ruyi-store-export-") as tmp:
+        yield build_tiny_export(tmp / "export")
 
 
 @pytest.fixture(scope="module")
-def blob_export(tmp_path_factory, export_dir) -> Path:
+def blob_export(export_dir):
     """The export plus an 11 MiB file sorted last (`zz_blob.bin`), so it is uploaded after the rest."""
-    out = tmp_path_factory.mktemp("blob") / "export"
-    shutil.copytree(export_dir, out)
-    (out / "zz_blob.bin").write_bytes(random.Random(0).randbytes(BLOB_MIB << 20))
-    return out
+    with private_tmpdir("ruyi-store-blob-") as tmp:
+        out = tmp / "export"
+        shutil.copytree(export_dir, out)
+        (out / "zz_blob.bin").write_bytes(random.Random(0).randbytes(BLOB_MIB << 20))
+        yield out
 
 
 def _ids(n: int = 12) -> torch.Tensor:

@@ -9,6 +9,10 @@ with the project's special tokens and Qwen-style chat template, so chat prompts 
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
@@ -70,3 +74,17 @@ def build_tiny_export(out_dir: str | Path, seed: int = 0, exit_layers=(2, 4)) ->
     family, _ = build_tiny_family(tokenizer, seed=seed, exit_layers=exit_layers)
     export_exits(family, out_dir, tokenizer=tokenizer)
     return Path(out_dir)
+
+
+@contextlib.contextmanager
+def private_tmpdir(prefix: str) -> Iterator[Path]:
+    """A fresh temporary directory, removed afterwards, for module-scoped fixtures.
+
+    Not pytest's tmp_path_factory: concurrent pytest runs of the same user prune each other's
+    /tmp/pytest-of-<user> trees, which can remove a module fixture's files while its tests run.
+    """
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
