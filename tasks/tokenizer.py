@@ -30,8 +30,17 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tasks.common import (StageError, atomic_dir, atomic_file, log, plots_dir, read_jsonl, stage_dir, stage_main,
-                          write_metrics)
+from tasks.common import (
+    StageError,
+    atomic_dir,
+    atomic_file,
+    log,
+    plots_dir,
+    read_jsonl,
+    stage_dir,
+    stage_main,
+    write_metrics,
+)
 from tasks.params import Params
 
 
@@ -100,7 +109,10 @@ def run(params: Params) -> dict[str, Any]:
     bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
     if bad is not None:
         raise StageError(f"training text {bad} is not a string ({type(texts[bad]).__name__}): check the validated data")
-    from ruyi_model.tokenizer import load_tokenizer, train_tokenizer  # heavy (transformers): after input checks
+    from ruyi_model.tokenizer import (  # heavy (transformers): after input checks
+        load_tokenizer,
+        train_tokenizer,
+    )
 
     log.info("training a byte-level BPE of %d tokens on %d texts (%d characters)",
              params.tokenizer.vocab_size, len(texts), sum(map(len, texts)))

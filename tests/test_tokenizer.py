@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ruyi_model.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, load_tokenizer, train_tokenizer
-from tasks.common import StageError, write_jsonl
+from tasks.common import write_jsonl
 from tasks.mathgen import generate_problems
 from tasks.params import load_params
 
