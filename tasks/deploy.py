@@ -304,8 +304,13 @@ def serve_release(params: Params, version: str | None = None, host: str | None =
     return session.url
 
 
-def serve_main(params_path: str = "params.yaml", overrides: list[str] | None = None, **kwargs) -> int:
-    """The `ruyi serve` command: errors are printed (not raised) and give exit code 2."""
+def serve_main(params_path: str = "params.yaml", overrides: list[str] | None = None, version: str | None = None,
+               host: str | None = None, port: int | None = None) -> int:
+    """The `ruyi serve` command: errors are printed (not raised) and give exit code 2.
+
+    `host`/`port` are applied as `deploy.host`/`deploy.port` overrides, so they are validated like
+    params.yaml values (e.g. a port in Ray's worker range is refused before anything starts).
+    """
     import sys
 
     from tasks.common import parse_overrides
@@ -313,8 +318,13 @@ def serve_main(params_path: str = "params.yaml", overrides: list[str] | None = N
 
     setup_logging()
     try:
-        params = load_params(params_path, parse_overrides(overrides or []))
-        serve_release(params, **kwargs)
+        sets = parse_overrides(overrides or [])
+        if host is not None:
+            sets["deploy.host"] = host
+        if port is not None:
+            sets["deploy.port"] = port
+        params = load_params(params_path, sets)
+        serve_release(params, version=version)
         return 0
     except (ParamsError, StageError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -147,3 +147,17 @@ def test_local_store_is_the_default(tmp_path):
     params = load_params(REPO / "params.yaml")
     assert params.deploy.store.backend == "local"
     assert isinstance(open_store(params.deploy.store), LocalStore)
+
+
+def test_ruyi_serve_command_reports_store_errors(tmp_path):
+    """`ruyi serve` wiring: options reach serve_release; a store without the release is a clear error."""
+    from typer.testing import CliRunner
+
+    from tasks.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--params", str(REPO / "params.yaml"), "--version", "v0003",
+                                      "--set", f"deploy.store.root={tmp_path / 'empty-store'}"])
+    assert result.exit_code == 2
+    assert "release ruyi-tiny/v0003 not found" in result.output
+    result = CliRunner().invoke(app, ["serve", "--params", str(REPO / "params.yaml"), "--port", "15000"])
+    assert result.exit_code == 2 and "worker port range" in result.output  # checked before anything starts

@@ -329,3 +329,9 @@ def test_s3_detects_tampering_and_download_verify(aws_env, tmp_path, export_dir)
     with pytest.raises(StoreError, match=r"exit_2/config.json: 2 bytes, the release manifest says"):
         store.fetch("fam", "v0002", dest=tmp_path / "tampered")
     assert not (tmp_path / "tampered").exists()
+    # A same-named object with other content left by an earlier attempt is uploaded again, not kept.
+    client.put_object(Bucket="rel-verify", Key="releases/fam/v0003/exit_4/config.json", Body=b"stale")
+    assert store.publish("fam", export_dir).version == "v0003"
+    got = _tree_hashes(store.fetch("fam", "v0003"))
+    got.pop(MANIFEST_NAME)
+    assert got == _tree_hashes(export_dir)
