@@ -107,11 +107,11 @@ def publish_export(params: Params, store: ArtifactStore) -> tuple[Release, bool]
                              "releases are immutable; choose a new version (or null for the next vNNNN)")
         log.info("release %s already holds this export: reusing it", release.uri)
         return release, True
-    if cfg.version is None:
-        same = store.find_identical(cfg.model_name, files)
-        if same is not None and same == (known[-1] if known else None):
-            log.info("the latest release %s/%s already holds this export: reusing it", cfg.model_name, same)
-            return store.get_release(cfg.model_name, same), True
+    if cfg.version is None and known:
+        latest = store.get_release(cfg.model_name, known[-1])
+        if sorted(latest.files, key=lambda f: f.path) == sorted(files, key=lambda f: f.path):
+            log.info("the latest release %s already holds this export: reusing it", latest.uri)
+            return latest, True
     export_manifest = json.loads((export_dir / "manifest.json").read_text())
     metadata = {"git_revision": _git_revision(), "seed": params.seed,
                 "exit_layers": export_manifest.get("exit_layers"),
