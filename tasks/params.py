@@ -149,12 +149,12 @@ class TrainParams(_Section):
     batch_size: PositiveInt = 8
     # Micro-batches per optimizer step (the effective batch is batch_size * grad_accum).
     grad_accum: PositiveInt = 1
-    max_steps: PositiveInt = 200
+    max_steps: PositiveInt = 150
     # Peak learning rate of AdamW (betas 0.9/0.95; decay on matrices only).
     lr: PositiveFloat = 3e-3
     # Cosine decay floor, as a fraction of lr, reached at max_steps.
     min_lr_ratio: Fraction = 0.1
-    warmup_steps: NonNegInt = 20
+    warmup_steps: NonNegInt = 15
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
     # Gradient-norm clipping (0 = off).
     grad_clip: Annotated[float, Field(ge=0.0)] = 1.0
@@ -188,7 +188,9 @@ class ExpandParams(TrainParams):
     # Share of general (source != "math") documents replayed among the STEM (source == "math")
     # documents during DaE CPT (the paper: 10%).
     replay_fraction: Fraction = 0.1
-    max_steps: PositiveInt = 100
+    max_steps: PositiveInt = 80
+    warmup_steps: NonNegInt = 8
+    eval_every: PositiveInt = 20
 
 
 class SFTParams(TrainParams):
@@ -197,12 +199,15 @@ class SFTParams(TrainParams):
     # family: joint multi-exit tuning of every parameter of the family; dae: only the DaE member's
     # trainable parameters (the paper tunes the family before expansion and the DaE member after it).
     scope: Literal["family", "dae"] = "dae"
-    max_steps: PositiveInt = 100
-    lr: PositiveFloat = 1e-3
+    seq_len: PositiveInt = 256
+    max_steps: PositiveInt = 80
+    lr: PositiveFloat = 2e-3
+    warmup_steps: NonNegInt = 8
+    eval_every: PositiveInt = 20
     # Share of sft.jsonl held out (chosen by a hash of the row id) for the before/after loss.
     holdout_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.05
     # Exit weights of the multi-exit loss with scope=family (constant 1.0 by default).
-    exit_weights: ExitWeightSchedule = ExitWeightSchedule(kind="constant")
+    exit_weights: ExitWeightSchedule = ExitWeightSchedule(kind="constant", floor=1.0)
 
 
 class BPPOParams(_Section):
