@@ -216,7 +216,8 @@ def _serving_kwargs(params: Params, host: str | None = None, port: int | None = 
     cfg = params.deploy
     return {"host": host or cfg.host, "port": port or cfg.port, "model_name": cfg.model_name,
             "max_tokens_limit": cfg.max_tokens_limit, "dynamic_threshold": cfg.dynamic_threshold,
-            "replica_num_cpus": cfg.replica_num_cpus, "ray_num_cpus": cfg.ray_num_cpus,
+            "replica_num_cpus": cfg.replica_num_cpus, "replica_num_gpus": cfg.replica_num_gpus,
+            "device": cfg.device, "dtype": cfg.dtype, "ray_num_cpus": cfg.ray_num_cpus,
             "object_store_mib": cfg.ray_object_store_mib, "ray_address": cfg.ray_address}
 
 

@@ -377,8 +377,13 @@ class DeployParams(_Section):
     # Smoke test: the first smoke_prompts eval.jsonl questions, greedy, at every tier.
     smoke_prompts: PositiveInt = 4
     smoke_max_tokens: PositiveInt = 32
-    # Logical CPUs of the one serving replica, and of the local Ray instance deploy/serve start.
+    # Resources of the one serving replica (a GPU per replica at paper scale), where it puts the
+    # models ("auto": cuda when the replica has one) and in which dtype.
     replica_num_cpus: Annotated[float, Field(gt=0.0, le=64.0)] = 0.5
+    replica_num_gpus: Annotated[float, Field(ge=0.0, le=8.0)] = 0.0
+    device: Annotated[str, Field(pattern=r"^(cpu|auto|cuda(:\d+)?)$")] = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # The local Ray instance deploy / `ruyi serve` start (ignored with ray_address).
     ray_num_cpus: PositiveInt = 2
     ray_object_store_mib: Annotated[int, Field(ge=80)] = 256
     # null: start a local Ray instance; else the address of a running cluster (e.g. "auto").

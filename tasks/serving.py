@@ -534,7 +534,8 @@ class ServingSession:
 
 def start_serving(source: dict[str, Any] | str | Path, *, host: str = "127.0.0.1", port: int = 8124,
                   model_name: str | None = None, max_tokens_limit: int = 128, dynamic_threshold: float = 0.9,
-                  replica_num_cpus: float = 0.5, ray_num_cpus: int = 2, object_store_mib: int = 256,
+                  replica_num_cpus: float = 0.5, replica_num_gpus: float = 0.0, device: str = "cpu",
+                  dtype: str = "float32", ray_num_cpus: int = 2, object_store_mib: int = 256,
                   ray_address: str | None = None, ready_timeout_s: float = 180.0) -> ServingSession:
     """Starts Ray (unless one runs or `ray_address` is given), Serve on host:port, and the application.
 
@@ -543,6 +544,7 @@ def start_serving(source: dict[str, Any] | str | Path, *, host: str = "127.0.0.1
 
     Returns:
         A `ServingSession` whose `url` answers once every tier is loaded; call `stop()` (or use `with`).
+        With host 0.0.0.0 (every interface) the URL names 127.0.0.1.
     """
     if not isinstance(source, dict):
         source = {"release_dir": str(Path(source).resolve())}
@@ -571,11 +573,13 @@ def start_serving(source: dict[str, Any] | str | Path, *, host: str = "127.0.0.1
             ray.init(address=ray_address, log_to_driver=False, configure_logging=False)
         owns_ray = True
         log.info("ray started in %.1f s", time.perf_counter() - t0)
-    session = ServingSession(f"http://{host}:{port}", owns_ray, created_tmp)
+    client_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    session = ServingSession(f"http://{client_host}:{port}", owns_ray, created_tmp)
     try:
         serve.start(http_options={"host": host, "port": port})
-        options = {"max_tokens_limit": max_tokens_limit, "dynamic_threshold": dynamic_threshold}
-        args = {**source, **options, "num_cpus": replica_num_cpus}
+        options = {"max_tokens_limit": max_tokens_limit, "dynamic_threshold": dynamic_threshold, "device": device,
+                   "dtype": dtype}
+        args = {**source, **options, "num_cpus": replica_num_cpus, "num_gpus": replica_num_gpus}
         if model_name:
             args["model_name"] = model_name
         t0 = time.perf_counter()

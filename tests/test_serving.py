@@ -254,6 +254,7 @@ def test_ruyi_serve_on_ray(tmp_path, export_dir, client):
     url = serve_release(params, host="127.0.0.1", port=port, on_ready=check, stop_event=stop)
     assert url == f"http://127.0.0.1:{port}"
     assert seen["health"][0] == 200 and seen["health"][1]["release"] == "ruyi-tiny/v0001"
+    assert seen["health"][1]["device"] == "cpu"
     assert seen["processes"]  # Ray was running under this session's RAY_TMPDIR ...
     status, body = seen["completion"]
     assert status == 200
