@@ -38,3 +38,9 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def session_tmp() -> Path:
     return _SESSION_TMP
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+
+    shutil.rmtree(_SESSION_TMP, ignore_errors=True)
