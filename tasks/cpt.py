@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tasks import training
 from tasks.common import (
     StageError,
     check_tokenizer_matches,
@@ -48,8 +49,7 @@ from tasks.common import (
     stage_main,
     write_metrics,
 )
-from tasks.params import ParamsError, Params
-from tasks import training
+from tasks.params import Params, ParamsError
 
 STAGE = "cpt"
 VOCAB_MULTIPLE = 64
@@ -70,7 +70,9 @@ def check_seq_len(params: Params, section: str, seq_len: int, max_positions: int
 
 def set_generation_tokens(model, tokenizer) -> None:
     """Generation stops at `<|im_end|>` (end of an assistant turn) or `<|endoftext|>`."""
-    im_end = tokenizer.convert_tokens_to_ids(training.IM_END_TOKEN)
+    from ruyi_model.tokenizer import IM_END
+
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
     model.generation_config.eos_token_id = [im_end, tokenizer.eos_token_id]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = None

@@ -23,7 +23,8 @@ What it does:
    `tasks.training.MixedStream`). Both are packed like cpt's corpus. Validation: the DaE member's loss
    on the `source == "math"` part of corpus_val (the curve) and, before/after, on its general part.
 4. Check that the other members are bit-identical to the input family (every frozen tensor by
-   sha256 of its bytes, and every other member's logits on a validation batch with torch.equal);
+   sha256 of its bytes, and every other member's logits on a validation batch with torch.equal,
+   `tasks.training.snapshot_members` / `members_unchanged`);
    a difference is an error, not a flag in the metrics.
 
 Same training machinery as cpt (tasks/training.py: AdamW + warmup/cosine, accumulation, bf16,
@@ -41,7 +42,6 @@ the replay share actually drawn, steps, tokens, tokens/s, resumed_from_step, wal
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -127,44 +127,6 @@ def load_dae_data(params: Params, tokenizer) -> DaEData:
                            "corpus_val": training.file_sha256(val_path)})
 
 
-def tensor_digest(t) -> str:
-    """sha256 of a tensor's bytes (any dtype): compares frozen tensors without keeping copies."""
-    import torch
-
-    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
-@dataclass
-class FrozenSnapshot:
-    """Digests of every frozen tensor and the other members' logits on one batch."""
-
-    digests: dict[str, str]
-    logits: dict[int, Any]
-    batch: Any
-
-    @classmethod
-    def take(cls, model, trainable: set[str], members: Sequence[int], batch) -> FrozenSnapshot:
-        import torch
-
-        digests = {n: tensor_digest(p) for n, p in model.named_parameters() if n not in trainable}
-        model.eval()
-        with torch.no_grad():
-            logits = {d: model(batch, exit_layer=d, use_cache=False).logits.clone() for d in members}
-        return cls(digests, logits, batch)
-
-    def changes(self, model) -> list[str]:
-        """What differs now (empty when the frozen part and the other members are bit-identical)."""
-        import torch
-
-        params = dict(model.named_parameters())
-        changed = [n for n, h in self.digests.items() if tensor_digest(params[n]) != h]
-        model.eval()
-        with torch.no_grad():
-            changed += [f"logits of member {d}" for d, ref in self.logits.items()
-                        if not torch.equal(model(self.batch, exit_layer=d, use_cache=False).logits, ref)]
-        return changed
-
-
 def resolve_dae_exit(params: Params, model, where: str | Path) -> int:
     d = params.dae_exit
     if d not in model.config.exit_layers:
@@ -236,7 +198,7 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
     probe = data.stem_val[0]["input_ids"][:2]
     # Digests are taken on the input family: the frozen tensors and the other members must leave
     # this stage exactly as they came from cpt.
-    snapshot = FrozenSnapshot.take(base, set(), others, probe)
+    snapshot = training.snapshot_members(base, others, probe)
 
     info = training.fingerprint_info(STAGE, cfg, seed=params.seed, model=params.model,
                                      inputs={**data.inputs, "cpt": training.dir_sha256(src)},
@@ -245,10 +207,9 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
     model, result, dae_info = train_dae(base, params, data, checkpointer=checkpointer, callbacks=callbacks)
 
     model.to("cpu")
-    trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
-    snapshot.digests = {n: h for n, h in snapshot.digests.items() if n not in trainable_names}
-    changed = snapshot.changes(model)
-    if changed:
+    trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
+    unchanged, changed = training.members_unchanged(model, snapshot, probe, exclude=trainable_names)
+    if not unchanged:
         raise StageError(f"expand: training changed tensors outside the DaE member's trainable set: {changed[:8]} "
                          f"(nothing was written)")
     before, after = result.val_losses(0), result.val_losses()

@@ -71,7 +71,6 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
 
     from ruyi_model.dae import freeze_for_dae
     from tasks.cpt import check_seq_len
-    from tasks.expand import FrozenSnapshot
 
     cfg = params.sft
     src = stage_dir(params, "expand")
@@ -94,7 +93,8 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
                              f"stage first or set sft.scope=family")
         named = freeze_for_dae(model, d)
         others = [e for e in exits if e != d]
-        snapshot = FrozenSnapshot.take(model, {n for n, _ in named}, others, held_ex["input_ids"][:2, :32])
+        probe = held_ex["input_ids"][:2, :32]
+        snapshot = training.snapshot_members(model, others, probe, exclude=[n for n, _ in named])
         loss_fn = training.member_loss_fn(d)
         trained_members = [d]
     else:
@@ -123,8 +123,8 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
 
     metrics: dict[str, Any] = {}
     if snapshot is not None:
-        changed = snapshot.changes(model)
-        if changed:
+        unchanged, changed = training.members_unchanged(model, snapshot, probe)
+        if not unchanged:
             raise StageError(f"sft: training changed tensors outside the DaE member's trainable set: {changed[:8]} "
                              f"(nothing was written)")
         metrics["other_members_unchanged"] = True

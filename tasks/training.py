@@ -79,7 +79,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.common import StageError, atomic_dir, read_jsonl, require_dir, write_json
+from tasks.common import StageError, atomic_dir, read_jsonl, write_json
 
 if TYPE_CHECKING:  # heavy imports stay inside the functions (the `ruyi` CLI must start instantly)
     import torch
@@ -89,8 +89,7 @@ if TYPE_CHECKING:  # heavy imports stay inside the functions (the `ruyi` CLI mus
 log = logging.getLogger("ruyi")
 
 IGNORE_INDEX = -100
-EOS_TOKEN = "<|endoftext|>"
-PAD_TOKEN = "<|pad|>"
+#: The end-of-turn token (as `ruyi_model.tokenizer.IM_END`; repeated here so importers stay light).
 IM_END_TOKEN = "<|im_end|>"
 #: Train-loss rows averaged for the "final" train loss reported in the metrics.
 FINAL_TRAIN_WINDOW = 10
@@ -114,31 +113,31 @@ def dir_sha256(path: str | Path) -> dict[str, str]:
 
 
 def load_tokenizer(path: str | Path):
-    """Loads the pipeline tokenizer from a directory (the tokenizer stage's output).
+    """Loads the pipeline tokenizer (the tokenizer stage's output) with `ruyi_model.tokenizer.load_tokenizer`.
 
     Raises:
-        StageError: the directory is missing or lacks the special tokens the training stages need.
+        StageError: the directory is missing or its special tokens / chat template are not the contract's.
     """
-    from transformers import AutoTokenizer
+    from ruyi_model.tokenizer import load_tokenizer as load
 
-    path = require_dir(path, "tokenizer (run the tokenizer stage first)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load(path)
     except (ValueError, OSError) as e:
-        raise StageError(f"cannot load the tokenizer at {path}: {e}") from None
+        raise StageError(f"tokenizer: {e}") from None
     check_tokenizer(tokenizer, path)
     return tokenizer
 
 
 def check_tokenizer(tokenizer, where: str | Path) -> None:
-    """The special tokens of the data contract must exist: eos, pad and `<|im_end|>`."""
-    if tokenizer.eos_token_id is None or tokenizer.eos_token != EOS_TOKEN:
-        raise StageError(f"tokenizer at {where}: eos token must be {EOS_TOKEN!r}, got {tokenizer.eos_token!r}")
-    if tokenizer.pad_token_id is None:
-        raise StageError(f"tokenizer at {where}: no pad token (expected {PAD_TOKEN!r})")
-    im_end = tokenizer.convert_tokens_to_ids(IM_END_TOKEN)
+    """The special tokens of the data contract must exist (tokenizers stored with a model directory)."""
+    from ruyi_model.tokenizer import EOS_TOKEN, IM_END, PAD_TOKEN
+
+    if tokenizer.eos_token != EOS_TOKEN or tokenizer.pad_token != PAD_TOKEN:
+        raise StageError(f"tokenizer at {where}: eos/pad must be {EOS_TOKEN!r}/{PAD_TOKEN!r}, got "
+                         f"{tokenizer.eos_token!r}/{tokenizer.pad_token!r}")
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
     if im_end is None or im_end == tokenizer.unk_token_id:
-        raise StageError(f"tokenizer at {where}: no {IM_END_TOKEN!r} token")
+        raise StageError(f"tokenizer at {where}: no {IM_END!r} token")
 
 
 def read_corpus(path: str | Path) -> list[dict[str, Any]]:
@@ -248,7 +247,9 @@ def build_sft_examples(tokenizer, rows: Sequence[dict[str, Any]], seq_len: int,
     """
     import torch
 
-    im_end = tokenizer.convert_tokens_to_ids(IM_END_TOKEN)
+    from ruyi_model.tokenizer import IM_END
+
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
     pad = tokenizer.pad_token_id
     prompts, fulls = [], []
     for i, row in enumerate(rows, 1):
@@ -272,7 +273,7 @@ def build_sft_examples(tokenizer, rows: Sequence[dict[str, Any]], seq_len: int,
         try:
             end = f.index(im_end, len(p)) + 1  # supervise up to and including the closing <|im_end|>
         except ValueError:
-            raise StageError(f"{where}: row {i} (id={rows[i - 1].get('id')!r}): no {IM_END_TOKEN} after the "
+            raise StageError(f"{where}: row {i} (id={rows[i - 1].get('id')!r}): no {IM_END} after the "
                              f"response; the chat template must close the assistant turn") from None
         labels = [IGNORE_INDEX] * len(p) + f[len(p):end] + [IGNORE_INDEX] * (len(f) - end)
         if len(f) > seq_len:
@@ -879,34 +880,45 @@ def device_for_training():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes (any dtype): compares tensors bit for bit without keeping copies."""
+    import torch
+
+    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
 def snapshot_members(model, exit_layers: Sequence[int], batch: torch.Tensor,
-                     exclude: Sequence[str] = ()) -> tuple[dict[str, torch.Tensor], dict[int, torch.Tensor]]:
-    """Copies of every parameter not named in `exclude` and the logits of `exit_layers` on `batch`,
-    to check later that training left those members bit-identical (`members_unchanged`)."""
+                     exclude: Sequence[str] = ()) -> tuple[dict[str, str], dict[int, torch.Tensor]]:
+    """Digests of every parameter not named in `exclude` and the logits of `exit_layers` on `batch`
+    (B x T ids), to check later that training left those members bit-identical (`members_unchanged`)."""
     import torch
 
     excluded = set(exclude)
-    tensors = {n: p.detach().clone() for n, p in model.named_parameters() if n not in excluded}
+    digests = {n: tensor_digest(p) for n, p in model.named_parameters() if n not in excluded}
     was_training = model.training
     model.eval()
     with torch.no_grad():
         logits = {d: model(batch, exit_layer=d, use_cache=False).logits.clone() for d in exit_layers}
     model.train(was_training)
-    return tensors, logits
+    return digests, logits
 
 
-def members_unchanged(model, snapshot: tuple[dict[str, torch.Tensor], dict[int, torch.Tensor]],
-                      batch: torch.Tensor) -> tuple[bool, list[str]]:
-    """Compares against `snapshot_members` with torch.equal; returns (all equal, what differs)."""
+def members_unchanged(model, snapshot: tuple[dict[str, str], dict[int, torch.Tensor]], batch: torch.Tensor,
+                      exclude: Sequence[str] = ()) -> tuple[bool, list[str]]:
+    """Compares `model` with `snapshot_members(...)`: every snapshotted parameter not in `exclude` by
+    digest, the members' logits on `batch` with torch.equal. Returns (all equal, what differs)."""
     import torch
 
-    tensors, logits = snapshot
+    digests, logits = snapshot
+    excluded = set(exclude)
     current = dict(model.named_parameters())
-    changed = [n for n, t in tensors.items() if not torch.equal(current[n].detach(), t)]
+    changed = [n for n, h in digests.items() if n not in excluded and (n not in current or tensor_digest(current[n]) != h)]
+    was_training = model.training
     model.eval()
     with torch.no_grad():
         changed += [f"logits of exit {d}" for d, ref in logits.items()
                     if not torch.equal(model(batch, exit_layer=d, use_cache=False).logits, ref)]
+    model.train(was_training)
     return not changed, changed
 
 

@@ -59,6 +59,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def make_workspace(root: Path, num_problems: int = 80) -> Path:
     """Writes the micro workspace under `root`; returns the params file."""
+    from ruyi_model.tokenizer import train_tokenizer
     from tasks.mathgen import generate_problems
 
     root.mkdir(parents=True, exist_ok=True)
@@ -76,7 +77,7 @@ def make_workspace(root: Path, num_problems: int = 80) -> Path:
     write_jsonl(data / "sft.jsonl", [{"id": f"s{i}", "prompt": p.question, "response": p.solution,
                                       "answer": p.answer, "level": p.level} for i, p in enumerate(problems)])
     params = micro_params(root)
-    tokenizer = _train_tokenizer([r["text"] for r in train], vocab_size=params["tokenizer"]["vocab_size"],
+    tokenizer = train_tokenizer([r["text"] for r in train], vocab_size=params["tokenizer"]["vocab_size"],
                                 min_frequency=2)
     tokenizer.save_pretrained(root / "artifacts" / "tokenizer")
     path = root / "params.yaml"
@@ -103,27 +104,3 @@ def load(params_path: Path, **overrides):
 
     return load_params(params_path, {k.replace("__", "."): v for k, v in overrides.items()})
 
-
-def _train_tokenizer(texts, vocab_size, min_frequency):
-    """TEMPORARY until ruyi_model.tokenizer lands: byte-level BPE with the contract's special tokens."""
-    try:
-        from ruyi_model.tokenizer import train_tokenizer
-    except ImportError:
-        pass
-    else:
-        return train_tokenizer(texts, vocab_size=vocab_size, min_frequency=min_frequency)
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    special = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                                       special_tokens=special,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    out = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=special[0], pad_token=special[1],
-                                  additional_special_tokens=special[2:])
-    out.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    return out
