@@ -76,6 +76,7 @@ Other design choices and deviations:
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass
 
@@ -99,7 +100,8 @@ class DynamicGenerationOutput:
         sequences: 1 x (T + n) LongTensor: the input (left padding included) and the new tokens.
         exit_layers: 1 x n LongTensor: the member (exit depth) that emitted each new token.
         confidences: 1 x n float32: the emitting member's criterion value (max probability or entropy).
-        layers_run: 1 x n LongTensor: decoder layers run for the current position at each step.
+        layers_run: 1 x n LongTensor: decoder layers run for the current position at each step (the
+            first step of "copy" prefills every layer of every member).
         layer_rows: 1 x n LongTensor: layer-position forwards of each step (pending positions included).
         copied_kv: 1 x n LongTensor: skipped layers whose K/V were filled by projection ("copy").
         tokens_per_member: `{exit_layer: count}` for every member of the family (zeros included).
@@ -173,7 +175,7 @@ class _DynamicDecoder:
             self.cache.layers.append(DynamicLayer())
         self.stash: torch.Tensor | None = None
         self.stash_start = 0
-        self._context_memo: dict[int, tuple] = {}
+        self._context_memo: dict[tuple[str, int], object] = {}  # per step: positions, rotary, masks
         self._rows = 0
         self._calls = 0
 
@@ -322,7 +324,7 @@ class _DynamicDecoder:
 
 
 def _check_threshold(threshold, criterion: str) -> float:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
         raise ValueError(f"threshold must be a number, got {threshold!r}")
     threshold = float(threshold)
     if math.isnan(threshold) or threshold < 0:
