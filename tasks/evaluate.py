@@ -28,7 +28,7 @@ Definitions and design choices:
 - Solution loss: the same cross-entropy on the assistant turn (solution + closing `<|im_end|>`) of
   the first `num_problems` eval rows under the chat template, encoded exactly as SFT encodes its
   data (`tasks.training.build_sft_examples`: prompt masked, cut to `seq_len`).
-- Accuracy: greedy decoding (tasks/decoding.py: left-padded batches of `batch_size`, stop at
+- Accuracy: greedy decoding (tasks/decoding.py: left-padded batches of `decode_batch_size`, stop at
   `<|im_end|>`, at most `max_new_tokens`) of the first `num_problems` questions, scored with
   `tasks.mathgen.extract_answer` + `answers_match` (exact numeric match of the `#### <answer>` line).
   `answered` is the share of completions with an extractable answer.
@@ -169,7 +169,8 @@ def evaluate_family(model, tokenizer, corpus, problems: list[dict[str, Any]], cf
     results, generations = {}, []
     for d in exits:
         completions = greedy_generate(model, tokenizer, [str(p["question"]) for p in problems], d,
-                                      cfg.max_new_tokens, batch_size=cfg.batch_size, progress=f"decode exit {d}")
+                                      cfg.max_new_tokens, batch_size=cfg.decode_batch_size,
+                                      progress=f"decode exit {d}")
         correct, answered, by_level = 0, 0, {}
         for p, text in zip(problems, completions):
             pred = extract_answer(text)

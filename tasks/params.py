@@ -294,11 +294,14 @@ class EvaluateParams(_Section):
     checkpoint: str | None = None
     # Math accuracy and solution loss on the first `num_problems` rows of eval.jsonl.
     num_problems: PositiveInt = 100
-    max_new_tokens: PositiveInt = 64
+    # Greedy budget per problem (the tiny data's solutions: median 50 tokens, p95 114).
+    max_new_tokens: PositiveInt = 128
+    # Prompts per left-padded greedy decoding batch.
+    decode_batch_size: PositiveInt = 32
     # Held-out corpus loss: this many batches of `batch_size` packed `seq_len`-token blocks.
-    loss_batches: PositiveInt = 8
+    loss_batches: PositiveInt = 4
     seq_len: PositiveInt = 256
-    # Blocks per loss batch and prompts per (left-padded) decoding batch.
+    # Blocks (corpus) or examples (eval solutions) per loss batch.
     batch_size: PositiveInt = 8
     # Decoding speed: batch 1, exactly this many new tokens, after `speed_warmup` untimed runs.
     speed_new_tokens: PositiveInt = 32

@@ -115,6 +115,7 @@ def write_params(root: Path, **sections) -> Path:
         "compress": {"calibration_batches": 2, "batch_size": 4, "seq_len": 64, "heal_steps": 3,
                      "loss_batches": 2},
         "evaluate": {"num_problems": 8, "max_new_tokens": 20, "loss_batches": 2, "seq_len": 64, "batch_size": 3,
+                     "decode_batch_size": 3,
                      "speed_new_tokens": 4, "speed_warmup": 1, "speed_repeats": 2},
     }
     for section, values in sections.items():
