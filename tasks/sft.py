@@ -13,7 +13,10 @@ Data: each row becomes the chat `<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_st
 (the response and its `<|im_end|>`; the prompt, the trailing newline and the padding are -100), see
 `tasks.training.build_sft_examples`. Rows are right-padded to `sft.seq_len`, longer ones cut (counted
 in the metrics); each batch is trimmed to its longest row. `sft.holdout_fraction` of the rows
-(chosen by a hash of the id) are held out for the before/after loss of every member.
+(chosen by a hash of the id) are held out for the before/after loss of every member. Note: prepare_data
+also puts every SFT problem with its solution into the CPT corpus as plain text (so the `####` format
+is seen in pre-training), so the held-out loss measures learning the chat format and the assistant
+turn, not generalisation to unseen problems; that is evaluate's job on eval.jsonl.
 
 Scope (`sft.scope`):
 - `dae` (default): only what DaE trains on member `params.dae_exit` (its added blocks, norm and

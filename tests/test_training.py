@@ -195,3 +195,14 @@ def test_loss_curves_csv_and_png(tmp_path):
     assert lines[0] == "step,exit,split,loss" and len(lines) == 21
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert math.isclose(float(lines[1].split(",")[3]), 5.0)
+
+
+def test_stage_modules_import_no_heavy_library():
+    """`python -m tasks.cpt --help` must answer instantly: torch/transformers are imported lazily."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tasks.cpt, tasks.expand, tasks.sft, tasks.training; "
+            "print([m for m in ('torch', 'transformers', 'ruyi_model', 'prefect', 'dvc', 'ray') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
