@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                 s["scored"] += 1
                 s["correct"] += bool(verdict)
     reference = stats[f"generate@{deepest}"]
-    for name, s in stats.items():
+    for s in stats.values():
         s["agree"] = sum(a == b for a, b in zip(s["outputs"], reference["outputs"])) / len(workload.prompts)
         s["accuracy"] = s["correct"] / s["scored"] if s["scored"] else s["agree"]
         s["tok_s"] = s["tokens"] / s["seconds"]

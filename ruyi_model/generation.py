@@ -237,7 +237,9 @@ class _DynamicDecoder:
         first = self.filled(member.layers[0].self_attn.layer_idx)
         # The inputs are the backbone hidden states at depth b: positions [first, t] must have
         # passed backbone layer b-1 and not yet layer b (member layers always run together).
-        if first < self.stash_start or (b > 0 and self.filled(b - 1) <= t) or (b < self.num_layers and self.filled(b) > first):
+        passed_b_minus_1 = b == 0 or self.filled(b - 1) > t
+        not_past_b = b == self.num_layers or self.filled(b) <= first
+        if first < self.stash_start or not passed_b_minus_1 or not not_past_b:
             raise RuntimeError(f"internal error: inputs of member {member.exit_layer} at depth {b} are not available")
         x = self.stash[:, first - self.stash_start:]
         for layer in member.layers:
