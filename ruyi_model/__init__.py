@@ -5,6 +5,7 @@ Public API:
     expand, dae_trainable_parameters        DaE expansion (zero-residual blocks on one member)
     decompose                               DaE decomposition (activation-aware SVD of the added blocks)
     export_exits                            each member as a stock Qwen3ForCausalLM checkpoint
+    dynamic_generate                        confidence-based dynamic early exit (decoding)
     train_tokenizer, load_tokenizer         byte-level BPE tokenizer with a chat template
 
 This package never imports Prefect, DVC or Ray.
@@ -15,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from ruyi_model.config import FamilialConfig
 from ruyi_model.dae import DecomposeReport, dae_trainable_parameters, decompose, expand, freeze_for_dae
 from ruyi_model.export import export_exits, member_to_qwen3, verify_export
+from ruyi_model.generation import DynamicGenerationOutput, dynamic_generate
 from ruyi_model.modeling import FamilialCausalLMOutput, FamilialForCausalLM, LowRankLinear
 from ruyi_model.tokenizer import load_tokenizer, train_tokenizer
 
@@ -36,4 +38,6 @@ __all__ = [
     "member_to_qwen3",
     "train_tokenizer",
     "load_tokenizer",
+    "dynamic_generate",
+    "DynamicGenerationOutput",
 ]
