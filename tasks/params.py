@@ -237,7 +237,7 @@ class RLParams(_Section):
     steps: PositiveInt = 30
     prompts_per_step: PositiveInt = 4
     group_size: Annotated[int, Field(ge=2)] = 8
-    max_new_tokens: PositiveInt = 48
+    max_new_tokens: PositiveInt = 128
     temperature: PositiveFloat = 1.0
     lr: PositiveFloat = 5e-4
     grad_clip: Annotated[float, Field(ge=0.0)] = 1.0

@@ -1,0 +1,360 @@
+"""BPPO vs GRPO from the same SFT checkpoint: wall-clock time and optimizer steps to reach the same
+reward, mean response length, final accuracy, and the adaptive completion schedule's share.
+
+Usage:
+    python benchmarks/bppo_vs_grpo.py                      # artifacts/sft + data/validated/rl.jsonl
+    python benchmarks/bppo_vs_grpo.py --sft DIR --data FILE --steps 80 --target 1.0
+    python benchmarks/bppo_vs_grpo.py --synthetic          # force the built-in synthetic task
+
+Three runs share the SFT weights, the seed and therefore the prompt order: `grpo`, `bppo` (adaptive
+completion schedule on) and `bppo-fixed` (schedule off: BPPO's selection and prefixes only). All
+other settings are those of `params.yaml`'s `rl` section (or `--params`), overridable by flags.
+
+Method:
+- The runs advance round-robin, one step each in turn, so a busy phase of a shared machine slows
+  all of them alike; each step's own time is measured (rollouts, loss, optimizer, KL metric; not the
+  evaluations), and a run's clock is the sum of its step times.
+- Reward = the mean sampled reward of a step (exact answer 1 + format bonus); it is smoothed by a
+  moving average over `--window` steps. The target is `--target`, or by default `--target-frac`
+  (0.8) of the way from GRPO's first full window to the best moving average that every run
+  reaches (so the target is a reward all runs attain). A run "reaches" the target at the first step
+  whose moving average is >= target: its optimizer steps and clock there. Single-seed RL curves are
+  noisy: the table also says whether each run still holds the target at the end, and a speedup
+  only counts together with equal final accuracy (a run can touch the target on a noisy peak and
+  then degrade).
+- Speedup = GRPO's time-to-target / the other run's. The adaptive schedule's share is the factor
+  bppo-fixed -> bppo, i.e. speedup(bppo) = speedup(bppo-fixed) x schedule factor, also written as
+  the share of the log-speedup.
+- Final greedy accuracy and reward on a held-out slice (the last `eval_prompts` rows), before and
+  after, per run: "equal final accuracy" is checked there.
+
+Without a trained SFT checkpoint (or with `--synthetic`) the script builds a learnable synthetic
+task and says so: single-digit additions ("what is 3 plus 4 ?"), a word-level chat tokenizer, a
+small family (exits [2, 4], one zero-initialised DaE block on member 2) and a short supervised
+warm-up on worked answers `so^k a plus b is c #### c` with k uniform in 0..`--filler` (default 12)
+filler tokens, so responses vary in length (7 to 19 tokens plus the stop token) and accuracy starts
+well below 1. The filler is redundant by construction: shortening it never costs accuracy, unlike
+real reasoning. Its figures speak for this micro setting only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SPECIALS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
+SYN_WORDS = ["[UNK]", "user", "assistant", "what", "is", "plus", "?", "so", "####"] + [str(i) for i in range(19)]
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+# --- the synthetic task --------------------------------------------------------------------------
+
+
+def synthetic_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIALS + SYN_WORDS)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|pad|>",
+                                  unk_token="[UNK]", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tok.chat_template = TEMPLATE
+    return tok
+
+
+def synthetic_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        rows.append({"id": f"syn-{i}", "question": f"what is {a} plus {b} ?", "answer": str(a + b), "level": 1})
+    return rows
+
+
+def synthetic_sft(steps: int, seed: int, filler: int = 12, batch: int = 32):
+    """A small family supervised on worked answers with 0..`filler` filler tokens; returns (model, tokenizer)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from ruyi_model import FamilialConfig, FamilialForCausalLM
+
+    tok = synthetic_tokenizer()
+    cfg = FamilialConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, exit_layers=[2, 4],
+                         dae_blocks=[1, 0], pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), max_position_embeddings=128)
+    torch.manual_seed(seed)
+    model = FamilialForCausalLM(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rng = random.Random(seed + 1)
+    for _ in (bar := tqdm(range(steps), desc="synthetic SFT")):
+        ids_l, lab_l = [], []
+        for _ in range(batch):
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            prompt = tok.apply_chat_template([{"role": "user", "content": f"what is {a} plus {b} ?"}],
+                                             tokenize=False, add_generation_prompt=True)
+            p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+            resp = " ".join(["so"] * rng.randint(0, filler) + [str(a), "plus", str(b), "is", str(a + b), "####",
+                                                                 str(a + b)])
+            full = p_ids + tok(resp + "<|im_end|>", add_special_tokens=False)["input_ids"]
+            ids_l.append(full)
+            lab_l.append([-100] * len(p_ids) + full[len(p_ids):])
+        width = max(map(len, ids_l))
+        ids = torch.full((batch, width), tok.pad_token_id)
+        labels = torch.full((batch, width), -100)
+        attn = torch.zeros((batch, width), dtype=torch.long)
+        for i, (x, y) in enumerate(zip(ids_l, lab_l)):
+            ids[i, :len(x)], labels[i, :len(y)], attn[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+        loss = sum(model(input_ids=ids, attention_mask=attn, labels=labels, exit_layer=d).loss
+                   for d in cfg.exit_layers)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+    model.eval()
+    return model, tok
+
+
+# --- measurement -----------------------------------------------------------------------------------
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    out = []
+    for i in range(len(values)):
+        chunk = values[max(0, i - window + 1): i + 1]
+        out.append(sum(chunk) / len(chunk))
+    return out
+
+
+def first_reach(ma: list[float], target: float, window: int) -> int | None:
+    """Index of the first step whose moving average (over a full window) is >= target."""
+    for i in range(window - 1, len(ma)):
+        if ma[i] >= target:
+            return i
+    return None
+
+
+def run_all(base_model, tok, rows: list[dict], cfg, configs: dict[str, dict], steps: int, seed: int,
+            members_spec) -> dict[str, dict]:
+    """Trains one copy of `base_model` per config, round-robin; returns histories and evaluations."""
+    from tqdm.auto import tqdm
+
+    from tasks.rl import RLTrainer, evaluate_members, resolve_members, split_rows, trainable_parameters
+
+    train_rows, eval_rows = split_rows(rows, cfg.eval_prompts, Path("<rl rows>"))
+    runs = {}
+    for name, overrides in configs.items():
+        model = copy.deepcopy(base_model)
+        run_cfg = cfg.model_copy(update=overrides)
+        members = resolve_members(model.config, members_spec)
+        trainable = trainable_parameters(model, members_spec, members)
+        runs[name] = {"trainer": RLTrainer(model, tok, train_rows, run_cfg, members=members, trainable=trainable,
+                                           seed=seed), "model": model, "members": members}
+    first = next(iter(runs.values()))
+    before = evaluate_members(first["model"], tok, eval_rows, first["members"], cfg.max_new_tokens,
+                              cfg.format_reward)
+    for _ in tqdm(range(steps), desc="steps (round-robin over runs)"):
+        for run in runs.values():
+            run["trainer"].step()
+    out = {}
+    for name, run in runs.items():
+        d = run["members"][0]
+        after = evaluate_members(run["model"], tok, eval_rows, run["members"], cfg.max_new_tokens, cfg.format_reward)
+        out[name] = {"history": run["trainer"].history[d], "before": before[d], "after": after[d], "member": d}
+    return out
+
+
+def summarize(results: dict[str, dict], window: int, target: float | None, target_frac: float = 0.8) -> dict:
+    ma = {name: moving_average([h["reward"] for h in r["history"]], window) for name, r in results.items()}
+    start = ma["grpo"][window - 1]
+    if target is None:
+        # The same reward for every run: `target_frac` of the way from the first full window to the
+        # best moving average that EVERY run reaches (the minimum over runs of their best).
+        common_best = min(max(m[window - 1:]) for m in ma.values())
+        target = start + target_frac * (common_best - start)
+    table = {}
+    for name, r in results.items():
+        hist = r["history"]
+        idx = first_reach(ma[name], target, window)
+        table[name] = {
+            "steps_to_target": None if idx is None else idx + 1,
+            "time_to_target_s": None if idx is None else hist[idx]["time_s"],
+            "total_time_s": hist[-1]["time_s"],
+            "mean_step_s": hist[-1]["time_s"] / len(hist),
+            "rollout_s_per_step": sum(h["rollout_s"] for h in hist) / len(hist),
+            "train_s_per_step": sum(h["train_s"] for h in hist) / len(hist),
+            "mean_length": sum(h["length"] for h in hist) / len(hist),
+            "final_length": sum(h["length"] for h in hist[-window:]) / min(window, len(hist)),
+            "tokens_generated": sum(h["tokens_generated"] for h in hist),
+            "trained_tokens": sum(h["trained_tokens"] for h in hist),
+            "final_ma_reward": ma[name][-1],
+            "holds_target_at_end": ma[name][-1] >= target,
+            "eval_before": r["before"], "eval_after": r["after"],
+        }
+    g = table["grpo"]
+    for row in table.values():
+        ok = row["time_to_target_s"] is not None and g["time_to_target_s"] is not None
+        row["speedup_time"] = g["time_to_target_s"] / row["time_to_target_s"] if ok else None
+        row["speedup_steps"] = g["steps_to_target"] / row["steps_to_target"] if ok else None
+        row["length_change"] = row["mean_length"] / g["mean_length"] - 1.0
+    schedule = None
+    full, fixed = table.get("bppo", {}).get("speedup_time"), table.get("bppo-fixed", {}).get("speedup_time")
+    if full and fixed:
+        factor = full / fixed
+        schedule = {"factor": factor,
+                    "share_of_log_speedup": math.log(factor) / math.log(full) if full > 1 else None}
+    return {"target": target, "window": window, "start_ma": start, "runs": table, "schedule": schedule}
+
+
+def fmt(x, spec=".2f", none="not reached"):
+    return none if x is None else format(x, spec)
+
+
+def print_report(summary: dict, setting: str) -> None:
+    runs = summary["runs"]
+    names = list(runs)
+    print(f"\nBPPO vs GRPO ({setting})")
+    print(f"target: moving-average reward >= {summary['target']:.3f} (window {summary['window']}; "
+          f"GRPO starts at {summary['start_ma']:.3f})\n")
+    rows = [
+        ("steps to target", lambda r: fmt(r["steps_to_target"], "d")),
+        ("time to target (s)", lambda r: fmt(r["time_to_target_s"])),
+        ("speedup vs GRPO, time", lambda r: "-" if r["speedup_time"] is None else f"{r['speedup_time']:.2f}x"),
+        ("speedup vs GRPO, steps", lambda r: "-" if r["speedup_steps"] is None else f"{r['speedup_steps']:.2f}x"),
+        ("mean step time (s)", lambda r: f"{r['mean_step_s']:.3f}"),
+        ("  rollout / train (s)", lambda r: f"{r['rollout_s_per_step']:.3f} / {r['train_s_per_step']:.3f}"),
+        ("mean response length", lambda r: f"{r['mean_length']:.1f}"),
+        ("length vs GRPO", lambda r: f"{100 * r['length_change']:+.0f}%"),
+        ("final-window length", lambda r: f"{r['final_length']:.1f}"),
+        ("tokens generated", lambda r: f"{int(r['tokens_generated'])}"),
+        ("tokens trained", lambda r: f"{int(r['trained_tokens'])}"),
+        ("final MA reward", lambda r: f"{r['final_ma_reward']:.3f}"),
+        ("still >= target at the end", lambda r: "yes" if r["holds_target_at_end"] else "NO"),
+        ("greedy acc before -> after", lambda r: f"{r['eval_before']['accuracy']:.3f} -> {r['eval_after']['accuracy']:.3f}"),
+    ]
+    width = 28
+    print("| " + "metric".ljust(width) + " | " + " | ".join(n.ljust(14) for n in names) + " |")
+    print("|" + "-" * (width + 2) + "|" + "|".join("-" * 16 for _ in names) + "|")
+    for label, fn in rows:
+        print("| " + label.ljust(width) + " | " + " | ".join(fn(runs[n]).ljust(14) for n in names) + " |")
+    sched = summary["schedule"]
+    if sched:
+        share = sched["share_of_log_speedup"]
+        print(f"\nadaptive completion schedule: x{sched['factor']:.2f} of BPPO's speedup"
+              + (f" ({100 * share:.0f}% of the log-speedup)" if share is not None else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sft", default="artifacts/sft", help="SFT checkpoint directory (default: artifacts/sft)")
+    parser.add_argument("--data", default="data/validated/rl.jsonl", help="RL prompts (default: data/validated/rl.jsonl)")
+    parser.add_argument("--params", default="params.yaml", help="params file whose rl section is the base setting")
+    parser.add_argument("--synthetic", action="store_true", help="use the built-in synthetic task even if --sft exists")
+    parser.add_argument("--sft-steps", type=int, default=160, help="supervised warm-up steps of the synthetic task")
+    parser.add_argument("--filler", type=int, default=12, help="synthetic task: at most this many filler tokens")
+    parser.add_argument("--save-synthetic", default=None, metavar="DIR",
+                        help="save the synthetic SFT family to DIR (and its prompts to DIR/rl.jsonl) for reuse "
+                        "with --sft DIR --data DIR/rl.jsonl")
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
+    parser.add_argument("--window", type=int, default=10, help="moving-average window of the reward")
+    parser.add_argument("--target", type=float, default=None, help="target moving-average reward (default: see "
+                        "--target-frac)")
+    parser.add_argument("--target-frac", type=float, default=0.8, help="default target: this fraction of the way "
+                        "from GRPO's first window to the best moving average every run reaches")
+    parser.add_argument("--from-json", default=None, metavar="FILE",
+                        help="re-summarise the curves saved by an earlier --json run (no training)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--members", default=None, help="rl.members override (dae | all)")
+    parser.add_argument("--prompts-per-step", type=int, default=None)
+    parser.add_argument("--group-size", type=int, default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--prefix-rule", choices=["fraction", "first_k", "common"], default=None)
+    parser.add_argument("--prefix-fraction", type=float, default=None)
+    parser.add_argument("--prefix-k", type=int, default=None)
+    parser.add_argument("--eval-prompts", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--json", default=None, help="also write the summary as JSON to this file")
+    args = parser.parse_args(argv)
+
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        results = {name: {"history": hist, "before": saved["runs"][name]["eval_before"],
+                          "after": saved["runs"][name]["eval_after"]} for name, hist in saved["curves"].items()}
+        summary = summarize(results, args.window, args.target, args.target_frac)
+        print_report(summary, saved["setting"] + f" (re-summarised from {args.from_json})")
+        return 0
+
+    import torch
+
+    from tasks.common import load_family, seed_everything
+    from tasks.params import load_params
+    from tasks.rl import load_rl_rows
+
+    torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    cfg = load_params(args.params).rl if Path(args.params).is_file() else None
+    if cfg is None:
+        from tasks.params import RLParams
+
+        cfg = RLParams()
+    use_synthetic = args.synthetic or not (Path(args.sft) / "config.json").is_file() or not Path(args.data).is_file()
+    t0 = time.perf_counter()
+    if use_synthetic:
+        why = "--synthetic" if args.synthetic else f"no trained SFT checkpoint at {args.sft} (or no {args.data})"
+        print(f"using the built-in synthetic task ({why}): single-digit additions, micro family, "
+              f"{args.sft_steps} supervised warm-up steps")
+        base, tok = synthetic_sft(args.sft_steps, args.seed, filler=args.filler)
+        rows = synthetic_rows(400, args.seed + 2)
+        if args.save_synthetic:
+            from tasks.common import save_family, write_jsonl
+
+            save_family(base, tok, args.save_synthetic)
+            write_jsonl(Path(args.save_synthetic) / "rl.jsonl", rows)
+        setting = (f"synthetic additions, micro family hidden 64, member 2 (+1 DaE block), "
+                   f"{args.sft_steps} SFT steps, filler 0-{args.filler}")
+        cfg = cfg.model_copy(update={"max_new_tokens": 32, "eval_prompts": 64, "lr": 2e-3,
+                                     "bppo": cfg.bppo.model_copy(update={"budget_min_tokens": 8})})
+    else:
+        base, tok = load_family(args.sft)
+        rows = load_rl_rows(Path(args.data))
+        setting = f"{args.sft}, {args.data}"
+    print(f"setup took {time.perf_counter() - t0:.1f} s")
+    update = {k: v for k, v in {"prompts_per_step": args.prompts_per_step, "group_size": args.group_size,
+                                "max_new_tokens": args.max_new_tokens, "lr": args.lr,
+                                "eval_prompts": args.eval_prompts}.items() if v is not None}
+    bppo_update = {k: v for k, v in {"prefix_rule": args.prefix_rule, "prefix_fraction": args.prefix_fraction,
+                                     "prefix_k": args.prefix_k}.items() if v is not None}
+    cfg = cfg.model_copy(update={**update, "bppo": cfg.bppo.model_copy(update=bppo_update)})
+    members = args.members or cfg.members
+    configs = {
+        "grpo": {"algorithm": "grpo"},
+        "bppo": {"algorithm": "bppo", "bppo": cfg.bppo.model_copy(update={"adaptive_budget": True})},
+        "bppo-fixed": {"algorithm": "bppo", "bppo": cfg.bppo.model_copy(update={"adaptive_budget": False})},
+    }
+    print(f"rl settings: G={cfg.group_size}, prompts/step={cfg.prompts_per_step}, max_new_tokens={cfg.max_new_tokens}, "
+          f"lr={cfg.lr}, loss={cfg.loss_type}, prefix={cfg.bppo.prefix_rule}, members={members}, steps={args.steps}, "
+          f"threads={args.threads}")
+    results = run_all(base, tok, rows, cfg, configs, args.steps, args.seed, members)
+    summary = summarize(results, args.window, args.target, args.target_frac)
+    summary.update(setting=setting, steps=args.steps, seed=args.seed, rl=cfg.model_dump(), members=members,
+                   threads=args.threads, curves={n: r["history"] for n, r in results.items()})
+    print_report(summary, setting)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
