@@ -10,7 +10,9 @@ Writes  artifacts/cpt/ (model + tokenizer, `tasks.common.save_family`), resumabl
 The model: built from `params.model` (vocab_size = len(tokenizer) rounded up to a multiple of 64, pad
 and eos ids from the tokenizer; generation stops at `<|im_end|>` or `<|endoftext|>`), or, with
 `model.init_from`, `FamilialForCausalLM.from_qwen3(path, exit_layers, ...)` (Ruyi2's recipe: branch
-layers copied from the layer after each exit, heads from the source head).
+layers copied from the layer after each exit, heads from the source head); the architecture then
+comes from the checkpoint (the shape fields of `params.model` are not used; `exit_layers`,
+`exit_branch_layers`, `shared_heads` and `loss_impl` are), and its vocabulary must cover the tokenizer.
 
 The loss: `sum_k w_k(t) CE_k` over every member from one backbone pass, the weights following
 `cpt.exit_weights` (tasks/training.py `exit_weights_at`; default: the deepest member 1.0, the

@@ -136,3 +136,31 @@ def test_exit_loss_weights_reach_the_model(straight_run):
     per_exit = {d: model(ids, labels=ids, exit_layer=d, use_cache=False).loss.item() for d in (2, 4)}
     expected = weights[0] * per_exit[2] + weights[1] * per_exit[4]
     assert math.isclose(out[0].item(), expected, rel_tol=1e-5)
+
+
+def test_init_from_a_stock_qwen3_checkpoint(workspace, tmp_path):
+    """model.init_from: the family starts as the stock model (its deepest member equals it exactly)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from tasks import training
+
+    params = copy_workspace(workspace, tmp_path, cpt__max_steps=2, cpt__warmup_steps=1,
+                            model__init_from=str(tmp_path / "qwen3"))
+    tokenizer = training.load_tokenizer(tmp_path / "artifacts" / "tokenizer")
+    torch.manual_seed(0)
+    stock = Qwen3ForCausalLM(Qwen3Config(vocab_size=448, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                         max_position_embeddings=128, tie_word_embeddings=True)).eval()
+    stock.save_pretrained(tmp_path / "qwen3")
+    metrics = cpt.run(params)
+    # The stock model's loss on the same validation batches is the family's deepest member's initial loss.
+    val = training.read_corpus(tmp_path / "data" / "validated" / "corpus_val.jsonl")
+    blocks = training.pack_corpus(tokenizer, [r["text"] for r in val], 32, "val")
+    batches = training.fixed_batches({"input_ids": blocks}, 4, 2)
+    with torch.no_grad():
+        losses = [stock(b["input_ids"], labels=b["input_ids"]).loss.item() for b in batches]
+    assert metrics["exit_4"]["val_loss_initial"] == pytest.approx(sum(losses) / len(losses), abs=1e-4)
+    model, _ = load_family(tmp_path / "artifacts" / "cpt")
+    assert model.config.exit_layers == [2, 4] and model.config.vocab_size == 448
+    with pytest.raises(StageError, match="model.init_from"):
+        cpt.run(copy_workspace(workspace, tmp_path / "x", model__init_from=str(tmp_path / "missing")))
