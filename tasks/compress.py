@@ -46,6 +46,8 @@ What happens, in order:
    `within_budget` = every exit's `relative_loss_change` <= `max_relative_loss_increase` (Ruyi2
    reports < 2% at -40%). The budget is reported, not enforced: the quality gates decide.
 
+Runs on CUDA when available (`tasks.training.device_for_training`), else CPU (bitwise reproducible).
+
 "Added parameters" are the parameters of the DaE blocks plus the DaE member's head: the blocks are
 what expansion added, and the head is counted because Ruyi2 decomposes it together with them.
 `added_params_reduction` = 1 - after / before; `ratio` is the requested fraction of the decomposed
@@ -173,7 +175,8 @@ def heal(model, exit_layer: int, examples: dict, cfg, seed: int) -> list[float]:
     try:
         for step in tqdm(range(cfg.heal_steps), desc="compress: heal", unit="step"):
             idx = torch.randint(n, (min(cfg.batch_size, n),), generator=generator)
-            loss, _ = loss_fn(model, trim_batch({k: v[idx] for k, v in examples.items()}), step)
+            batch = trim_batch({k: v[idx].to(model.device) for k, v in examples.items()})
+            loss, _ = loss_fn(model, batch, step)
             if not torch.isfinite(loss):
                 raise StageError(f"healing step {step}: the loss is {float(loss)}; lower compress.heal_lr")
             optimizer.zero_grad(set_to_none=True)
@@ -231,13 +234,20 @@ def _plot(report: dict, heal_losses: list[float], out_dir: Path) -> None:
 def run(params: Params) -> dict:
     """Decomposes the DaE member of artifacts/rl, heals it, writes artifacts/compress; returns the metrics."""
     from ruyi_model.dae import dae_trainable_parameters, decompose
-    from tasks.training import build_sft_examples, fixed_batches, members_unchanged, snapshot_members
+    from tasks.training import (
+        build_sft_examples,
+        device_for_training,
+        fixed_batches,
+        members_unchanged,
+        snapshot_members,
+    )
 
     cfg = params.compress
     seed_everything(params.seed)
     source = stage_dir(params, "rl")
     model, tokenizer = load_family(source)
-    model.eval()
+    device = device_for_training()
+    model.to(device).eval()
     check_family_inputs(model, tokenizer, source, cfg.seq_len, "compress.seq_len")
     mcfg = model.config
     d = params.dae_exit
@@ -264,7 +274,8 @@ def run(params: Params) -> dict:
 
     before = heldout_losses(model, exits, corpus_batches, solution_batches)
     owned = [n for n, _ in dae_trainable_parameters(model, d)]
-    snapshot = snapshot_members(model, [e for e in exits if e != d], calibration[0], exclude=owned)
+    probe = calibration[0].to(device)
+    snapshot = snapshot_members(model, [e for e in exits if e != d], probe, exclude=owned)
     added_before = added_parameters(model, d)
 
     try:
@@ -281,7 +292,7 @@ def run(params: Params) -> dict:
         sft_file = validated_path(params, "sft.jsonl")
         examples, _ = build_sft_examples(tokenizer, read_sft(sft_file), cfg.seq_len, str(sft_file))
         heal_losses = heal(model, d, examples, cfg, params.seed)
-    unchanged, changed = members_unchanged(model, snapshot, calibration[0])
+    unchanged, changed = members_unchanged(model, snapshot, probe)
     if not unchanged:
         raise RuntimeError(f"compress changed tensors or members outside the DaE member {d}: {changed[:8]}")
 

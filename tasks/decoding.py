@@ -18,8 +18,9 @@ Design choices:
   tokens/s = new_tokens / wall time of the whole `generate` call, which includes the prefill of the
   (short) prompt. When several members are measured (`measure_family_tokens_per_s`) the timed runs
   are interleaved round-robin over the members, so a slow phase of a shared machine hits them all
-  alike; the median over `repeats` runs is reported. Timings are measurements, not reproducible
-  numbers: callers keep them apart from the bitwise-reproducible metrics.
+  alike; the median over `repeats` runs is reported (on CUDA, synchronized before and after each run).
+  Timings are measurements, not reproducible numbers: callers keep them apart from the
+  bitwise-reproducible metrics. Inputs are created on the model's device.
 
 Usage:
     texts = greedy_generate(model, tokenizer, ["What is 2 + 3?"], exit_layer=2, max_new_tokens=64)
@@ -124,7 +125,8 @@ def greedy_generate_ids(model, prompt_ids: Sequence[Sequence[int]], exit_layer: 
         with torch.inference_mode():
             for batch in tqdm(batches, desc=progress, disable=progress is None, leave=False):
                 input_ids, attention_mask = _pad_left([list(prompt_ids[i]) for i in batch], pad_id)
-                out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                out = model.generate(input_ids=input_ids.to(model.device),
+                                     attention_mask=attention_mask.to(model.device),
                                      generation_config=gen_config, exit_layer=exit_layer)
                 for row, i in enumerate(batch):
                     new = out[row, input_ids.shape[1]:].tolist()
@@ -163,9 +165,12 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], exit_layer: int, m
 def _time_decode(model, exit_layer: int, input_ids, gen_config) -> float:
     import torch
 
+    sync = torch.cuda.synchronize if input_ids.device.type == "cuda" else (lambda: None)
+    sync()
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(input_ids=input_ids, generation_config=gen_config, exit_layer=exit_layer)
+    sync()
     elapsed = time.perf_counter() - start
     produced = out.shape[1] - input_ids.shape[1]
     if produced != gen_config.max_new_tokens:
@@ -198,7 +203,7 @@ def measure_family_tokens_per_s(model, exit_layers: Sequence[int], prompt_ids: S
         raise ValueError(f"need new_tokens >= 1, repeats >= 1, warmup >= 0 (got {new_tokens}, {repeats}, {warmup})")
     if not prompt_ids:
         raise ValueError("the speed prompt has no tokens")
-    input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long)
+    input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=model.device)
     gen_config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                   num_beams=1, eos_token_id=None, pad_token_id=pad_id)
     was_training = model.training

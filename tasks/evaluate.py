@@ -37,6 +37,9 @@ Definitions and design choices:
   (side by side in one process; see tasks/decoding.py). ms_per_token = 1000 / tokens_per_s.
 - Params: member d as a standalone model: token embedding + its decoder layers (backbone part, branch,
   DaE blocks) + its norm + its head; low-rank matrices count their two factors.
+- Device: CUDA when available (`tasks.training.device_for_training`), else CPU; eval_speed.json records
+  the device and torch's thread count (on a shared CPU, more threads than free cores makes every
+  small op slower: set OMP_NUM_THREADS accordingly).
 - Timings appear in eval.json (the issue's contract) and in eval_speed.json; eval_quality.json holds
   everything else so that a reproduction can be compared bit for bit.
 """
@@ -216,7 +219,7 @@ def plot_tradeoff(rows: list[dict[str, Any]], out_dir: Path) -> None:
     x = [r["ms_per_token"] for r in rows]
     for ax, key, label in ((axes[0], "accuracy", "math accuracy (exact match)"),
                            (axes[1], "loss", "held-out loss (corpus_val)")):
-        ax.plot(x, [r[key] for r in rows], "o-")
+        ax.plot(x, [r[key] for r in rows], "o--", lw=0.8)  # in exit order
         for r in rows:
             ax.annotate(f"exit {r['exit']}\n{r['params'] / 1e6:.2f}M", (r["ms_per_token"], r[key]),
                         textcoords="offset points", xytext=(5, 5), fontsize=8)
@@ -237,12 +240,13 @@ def run(params: Params) -> dict:
     import torch
 
     from tasks.decoding import encode_prompts, measure_family_tokens_per_s
+    from tasks.training import device_for_training
 
     cfg = params.evaluate
     seed_everything(params.seed)
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else stage_dir(params, "compress")
     model, tokenizer = load_family(checkpoint)
-    model.eval()
+    model.to(device_for_training()).eval()
     check_family_inputs(model, tokenizer, checkpoint, cfg.seq_len, "evaluate.seq_len")
 
     val_file = validated_path(params, "corpus_val.jsonl")
@@ -261,7 +265,7 @@ def run(params: Params) -> dict:
     speed_prompt = encode_prompts(tokenizer, [str(problems[0]["question"])])[0]
     speed = measure_family_tokens_per_s(model, exits, speed_prompt, cfg.speed_new_tokens, warmup=cfg.speed_warmup,
                                         repeats=cfg.speed_repeats, pad_id=tokenizer.pad_token_id)
-    speed_metrics = {**common, "torch_threads": torch.get_num_threads(), "device": "cpu",
+    speed_metrics = {**common, "torch_threads": torch.get_num_threads(), "device": str(model.device),
                      **{f"exit_{d}": speed[d] for d in exits}}
     for d in exits:
         log.info("exit %d: %.1f tokens/s (%.2f ms/token)", d, speed[d]["tokens_per_s"], speed[d]["ms_per_token"])
