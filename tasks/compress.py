@@ -100,7 +100,7 @@ def healing_parameters(model, exit_layer: int) -> list[tuple[str, object]]:
                for p in ("weight_a", "weight_b")}
     norm = f"exits.{exit_layer}.norm.weight"
     chosen = [(n, p) for n, p in dae_trainable_parameters(model, exit_layer) if n in lowrank or n == norm]
-    if len(chosen) < 2:
+    if not any(n in lowrank for n, _ in chosen):
         raise RuntimeError(f"no low-rank factors found on member {exit_layer} after decomposition")
     return chosen
 
@@ -225,10 +225,9 @@ def _plot(report: dict, heal_losses: list[float], out_dir: Path) -> None:
     axes[1].set_ylabel("SFT loss (DaE member)")
     axes[1].set_title("healing fine-tune")
     fig.tight_layout()
-    tmp = out_dir / ".compress.tmp.png"
-    fig.savefig(tmp, dpi=100)
+    with atomic_file(out_dir / "compress.png", "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
-    tmp.replace(out_dir / "compress.png")
 
 
 def run(params: Params) -> dict:

@@ -175,9 +175,12 @@ def evaluate_family(model, tokenizer, corpus, problems: list[dict[str, Any]], cf
                                       cfg.max_new_tokens, batch_size=cfg.decode_batch_size,
                                       progress=f"decode exit {d}")
         correct, answered, by_level = 0, 0, {}
-        for p, text in zip(problems, completions):
+        for row, (p, text) in enumerate(zip(problems, completions), 1):
             pred = extract_answer(text)
-            ok = answers_match(pred, str(p["answer"]))
+            try:
+                ok = answers_match(pred, str(p["answer"]))
+            except ValueError as e:
+                raise StageError(f"{eval_file}: row {row} (id={p['id']!r}): {e}") from None
             correct += ok
             answered += pred is not None
             level = by_level.setdefault(str(p.get("level", "?")), [0, 0])
@@ -228,11 +231,9 @@ def plot_tradeoff(rows: list[dict[str, Any]], out_dir: Path) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle("Family trade-off: quality vs decoding latency per exit")
     fig.tight_layout()
-    png = out_dir / "tradeoff.png"
-    tmp_png = out_dir / ".tradeoff.tmp.png"
-    fig.savefig(tmp_png, dpi=100)
+    with atomic_file(out_dir / "tradeoff.png", "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
-    tmp_png.replace(png)
 
 
 def run(params: Params) -> dict:

@@ -39,7 +39,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from tasks.common import StageError, atomic_dir, atomic_file, load_family, plots_dir, stage_dir, stage_main, write_metrics
+from tasks.common import (
+    StageError,
+    atomic_dir,
+    atomic_file,
+    load_family,
+    plots_dir,
+    stage_dir,
+    stage_main,
+    write_metrics,
+)
 from tasks.params import Params
 
 log = logging.getLogger("ruyi.export")
@@ -99,10 +108,9 @@ def _plot(metrics: dict[str, Any], out_dir: Path) -> None:
     axes[1].set_ylabel("checkpoint size (MiB)")
     fig.suptitle("Exported members (stock Qwen3ForCausalLM)")
     fig.tight_layout()
-    tmp = out_dir / ".sizes.tmp.png"
-    fig.savefig(tmp, dpi=100)
+    with atomic_file(out_dir / "sizes.png", "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
-    tmp.replace(out_dir / "sizes.png")
 
 
 def check_export(model, tokenizer, out: Path, manifest: dict, eos_id: int, pad_id: int) -> dict[str, Any]:

@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_evaluate import DAE_EXIT, EXITS, build_workspace, independent_blocks, stock_loss, stock_member, write_params
+from test_evaluate import (
+    DAE_EXIT,
+    EXITS,
+    build_workspace,
+    independent_blocks,
+    stock_loss,
+    stock_member,
+    write_params,
+)
 
 DAE_PREFIX = f"exits.{DAE_EXIT}."
 

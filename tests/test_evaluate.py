@@ -333,7 +333,12 @@ def test_bad_inputs_are_named(evaluated, tmp_path, capsys):
 
 def test_batched_greedy_equals_unbatched_and_speed_helper(evaluated):
     from tasks.common import load_family
-    from tasks.decoding import encode_prompts, greedy_generate, measure_family_tokens_per_s, measure_tokens_per_s
+    from tasks.decoding import (
+        encode_prompts,
+        greedy_generate,
+        measure_family_tokens_per_s,
+        measure_tokens_per_s,
+    )
 
     model, tokenizer = load_family(evaluated / "artifacts" / "compress")
     prompts = ["Tom has 3 apples and gets 4 more. How many apples does Tom have?", "cats", "the sun sets on rivers"]
