@@ -26,6 +26,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TMPDIR", str(_SESSION_TMP / "ray"))
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Stage subprocesses started by tests (DVC, Prefect) share 2 cores with the test process and servers:
+# one intra-op thread each avoids oversubscription, which slows torch on CPU by an order of magnitude.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
