@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tasks.params import ParamsError, Params, load_params
+from tasks.params import Params, ParamsError, load_params
 
 log = logging.getLogger("ruyi")
 

@@ -269,6 +269,14 @@ def test_malformed_raw_rows_stop_the_flow_at_validate_data(workspace, first_run,
     bad2 = dict(json.loads(rows[1]), id="bad-answer", answer="four")
     raw.chmod(0o644)
     raw.write_text("\n".join(rows + [json.dumps(bad), json.dumps(bad2)]) + "\n")
+    # as if an upstream producer wrote the bad rows: the manifest agrees with the files, the contracts do not
+    import hashlib
+
+    manifest_path = workspace / "data/raw/manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["sft.jsonl"].update(rows=len(rows) + 2, sha256=hashlib.sha256(raw.read_bytes()).hexdigest())
+    manifest_path.chmod(0o644)
+    manifest_path.write_text(json.dumps(manifest, indent=2))
     with pytest.raises(StageFailed) as info:
         ruyi_pipeline(workspace=str(workspace), from_stage="validate_data", push=False)
     message = str(info.value)
