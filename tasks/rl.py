@@ -23,6 +23,12 @@ What one step does (`RLTrainer.step`), for every trained member d:
    or `num_iterations` steps reusing it with importance ratios against the sampling policy.
 The losses of several members (`members: all`) are summed into one optimizer step.
 
+Why not TRL's GRPOTrainer: it samples with `generate()` under the checkpoint's generation config
+(no member selection, top-k etc. leaking in), owns the training loop and batching, and BPPO's
+row/prefix selection would mean overriding most of it. We keep TRL's loss exactly (the parity test
+compares loss and gradients with `GRPOTrainer.compute_loss`) and write the loop around our
+member-aware sampler.
+
 Design choices and deviations:
 - Members: `dae` trains every member with DaE blocks (normally one: the expanded smallest member),
   and only `ruyi_model.dae.dae_trainable_parameters` (its DaE blocks, norm and head), so the other
@@ -43,11 +49,16 @@ Design choices and deviations:
   (seed, step, member); no other randomness. Resume is automatic and logged (`resumed_from_step`):
   a checkpoint holds the weights, the optimizer, the adaptive budgets, the curves and the
   evaluation before training, so a resumed run equals an uninterrupted one bitwise on CPU (tested).
-  Checkpoints carry a fingerprint of `params.rl`, the seed, rl.jsonl and the SFT checkpoint; one
-  made from different inputs is moved aside to `artifacts/checkpoints/rl.stale-<time>/` with a
+  Checkpoints carry a fingerprint of `params.rl` (but `steps`, `checkpoint_every`), the seed,
+  rl.jsonl, the SFT checkpoint and the stage's code (tasks/rl.py, tasks/rl_algos.py); one made
+  from different inputs is moved aside to `artifacts/checkpoints/rl.stale-<time>/` with a
   warning, never resumed.
-- Timing: `time_s` in the curves counts training steps only (rollouts, losses, optimizer, the KL
-  metric), not evaluation or checkpointing; `wall_time_s` is the whole stage.
+- Timing: `time_s`, `rollout_s`, `train_s` in the curves count training steps only (rollouts,
+  losses, optimizer, the KL metric), not evaluation or checkpointing; `wall_time_s` is the whole
+  stage. They are measurements; every other number in metrics/rl.json is reproducible bitwise on
+  CPU with the same torch thread count.
+- A checkpoint stores the whole model (simple and robust; with `members: dae` only the DaE
+  parameters change, so a paper-scale run could store just those).
 """
 
 from __future__ import annotations
@@ -403,13 +414,15 @@ class RLTrainer:
 
 
 def fingerprint(params: Params, rl_path: Path, sft_dir: Path) -> str:
-    """Hash of what a checkpoint depends on: params.rl, the seed, rl.jsonl and the SFT checkpoint."""
+    """Hash of what a checkpoint depends on: params.rl, the seed, rl.jsonl, the SFT checkpoint and the
+    code of this stage (tasks/rl.py, tasks/rl_algos.py)."""
     h = hashlib.sha256()
     # `steps` and `checkpoint_every` are left out: extending a run resumes it (the lr is constant, so
     # nothing before step n depends on the total).
     rl = params.rl.model_dump(exclude={"steps", "checkpoint_every"})
     h.update(json.dumps({"rl": rl, "seed": params.seed}, sort_keys=True).encode())
-    for path in [rl_path, *sorted(sft_dir.glob("*.json")), *sorted(sft_dir.glob("*.safetensors"))]:
+    code = [Path(__file__), Path(__file__).with_name("rl_algos.py")]
+    for path in [*code, rl_path, *sorted(sft_dir.glob("*.json")), *sorted(sft_dir.glob("*.safetensors"))]:
         h.update(path.name.encode())
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -447,7 +460,7 @@ def try_resume(root: Path, trainer: RLTrainer, fp: str) -> dict[str, Any] | None
     state = json.loads((latest / "state.json").read_text())
     if state.get("fingerprint") != fp:
         stale = root.with_name(f"{root.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
-        log.warning("checkpoint %s was made from different params/data/SFT model; moving %s aside to %s and "
+        log.warning("checkpoint %s was made from different params, data, SFT model or code; moving %s aside to %s and "
                     "starting from scratch", latest, root, stale)
         root.rename(stale)
         return None

@@ -124,7 +124,8 @@ def test_sampler_equals_uncached_sampling_with_left_padding(micro):
         for _ in range(comp.shape[1]):
             logits = model(input_ids=ids, attention_mask=attn, position_ids=A.positions_from_mask(attn),
                            exit_layer=1, use_cache=False).logits[:, -1].float()
-            tok_next = torch.multinomial(torch.softmax(logits / 0.8, -1), 1, generator=gen).squeeze(1)
+            probs = torch.softmax(logits / 0.8, -1)
+            tok_next = (probs / torch.empty_like(probs).exponential_(1.0, generator=gen)).argmax(-1)
             tok_next = torch.where(done, torch.full_like(tok_next, tok.pad_token_id), tok_next)
             expected.append(tok_next)
             done |= torch.isin(tok_next, torch.tensor(stops))
@@ -136,6 +137,23 @@ def test_sampler_equals_uncached_sampling_with_left_padding(micro):
         n = stop_at[0] + 1 if stop_at else comp.shape[1]
         assert cmask[row].tolist() == [1] * n + [0] * (comp.shape[1] - n)
         assert bool(truncated[row]) == (not stop_at)
+
+
+def test_sampler_draws_from_the_softmax_distribution(micro):
+    """The sampler's first tokens follow softmax(logits / T) of the member empirically."""
+    tok = micro[0]
+    model = fresh_model(micro).eval()
+    ids, mask = A.encode_chat_prompts(tok, ["what is the answer to 3 ?"])
+    n = 20000
+    comp, _, _ = A.sample_completions(model, ids.expand(n, -1), mask.expand(n, -1), exit_layer=1, max_new_tokens=1,
+                                      stop_ids=[tok.convert_tokens_to_ids("<|im_end|>")], pad_id=tok.pad_token_id,
+                                      temperature=4.0, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask, exit_layer=1).logits[0, -1]
+    want = torch.softmax(logits / 4.0, -1)
+    freq = torch.bincount(comp[:, 0], minlength=want.numel()).float() / n
+    assert (want > 0.02).sum() >= 3  # a spread-out distribution, or the check proves little
+    assert torch.allclose(freq, want, atol=0.012), (freq, want)
 
 
 def test_greedy_sampler_matches_generate(micro):
