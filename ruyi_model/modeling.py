@@ -252,7 +252,7 @@ class FamilialForCausalLM(PreTrainedModel, GenerationMixin):
                                          exit_loss_weights, **kwargs)
         d = self.config.exit_layers[-1] if exit_layer is None else self.config.check_exit(int(exit_layer))
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if self.is_activation_checkpointing and self.training:
+        if self.training and self.is_activation_checkpointing:  # (the property scans every module)
             use_cache = False
         cache = self._prepare_cache(past_key_values, bool(use_cache), d)
         layers = self.member_layers(d)
