@@ -215,7 +215,7 @@ class BPPOParams(_Section):
 
     # Which prefix of the two selected responses carries gradient: a fraction of each response's
     # length, its first k tokens, or the pair's common prefix plus the first diverging token.
-    prefix_rule: Literal["fraction", "first_k", "common"] = "fraction"
+    prefix_rule: Literal["fraction", "first_k", "common"] = "common"
     prefix_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
     prefix_k: PositiveInt = 16
     # Adaptive completion schedule: the generation budget follows recent shortest-correct lengths,

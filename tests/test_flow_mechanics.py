@@ -120,11 +120,11 @@ def test_overrides_are_validated_and_keep_comments(mini_ws):
     with pytest.raises(ParamsError, match="cpt.lr"):
         apply_param_overrides(mini_ws, {"cpt.lr": -1})
     assert (mini_ws / "params.yaml").read_text() == before  # nothing written on error
-    assert apply_param_overrides(mini_ws, {"cpt.max_steps": 7, "seed": 5}) == ["cpt.max_steps", "seed"]
+    assert apply_param_overrides(mini_ws, {"cpt.max_steps": 70, "seed": 5}) == ["cpt.max_steps", "seed"]
     after = (mini_ws / "params.yaml").read_text()
     assert "# every stage derives its RNG seeds from this" in after
     loaded = yaml.safe_load(after)
-    assert loaded["cpt"]["max_steps"] == 7 and loaded["seed"] == 5
+    assert loaded["cpt"]["max_steps"] == 70 and loaded["seed"] == 5
 
 
 def test_flow_runs_in_dag_order_skips_up_to_date_and_reruns_downstream_only(mini_ws, prefect_api):

@@ -87,8 +87,8 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 def test_overrides_apply_dotted_keys(tmp_path):
-    p = load_params(REPO / "params.yaml", {"cpt.max_steps": 7, "rl.bppo.prefix_k": 3})
-    assert p.cpt.max_steps == 7 and p.rl.bppo.prefix_k == 3
+    p = load_params(REPO / "params.yaml", {"cpt.max_steps": 70, "rl.bppo.prefix_k": 3})
+    assert p.cpt.max_steps == 70 and p.rl.bppo.prefix_k == 3
 
 
 def test_stage_cli_reports_bad_parameter_before_any_work(tmp_path):
