@@ -32,20 +32,16 @@ helpers are local.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import hashlib
 import json
 import logging
 import os
-import shutil
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from ruyi_model.fileio import atomic_dir, sha256_file
 from ruyi_model.modeling import FamilialForCausalLM, LowRankLinear
 
 log = logging.getLogger(__name__)
@@ -114,34 +110,6 @@ def member_to_qwen3(model: FamilialForCausalLM, exit_layer: int) -> Qwen3ForCaus
 
 
 # --- files ---------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _atomic_dir(final: Path) -> Iterator[Path]:
-    """A fresh temporary sibling of `final` that replaces `final` only if the block succeeds."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        old = None
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-            final.rename(old)
-        tmp.rename(final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _list_files(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
@@ -166,7 +134,7 @@ def export_exits(model: FamilialForCausalLM, out_dir: str | Path, tokenizer=None
     cfg = model.config
     out_dir = Path(out_dir)
     members = {}
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         for d in tqdm(cfg.exit_layers, desc="export: members", unit="member", disable=None):
             target = tmp / member_dir_name(d)
             q = member_to_qwen3(model, d)
@@ -187,7 +155,7 @@ def export_exits(model: FamilialForCausalLM, out_dir: str | Path, tokenizer=None
             tokenizer.save_pretrained(tmp / FAMILY_DIR)
         files = {}
         for rel in _list_files(tmp):
-            files[rel] = {"sha256": _sha256(tmp / rel), "bytes": (tmp / rel).stat().st_size}
+            files[rel] = {"sha256": sha256_file(tmp / rel), "bytes": (tmp / rel).stat().st_size}
         manifest = {
             "format": FORMAT,
             "dtype": str(model.dtype).removeprefix("torch."),
@@ -241,7 +209,7 @@ def verify_export(out_dir: str | Path) -> None:
         size = path.stat().st_size
         if size != meta["bytes"]:
             raise ValueError(f"{path}: corrupted ({size} bytes, manifest says {meta['bytes']})")
-        digest = _sha256(path)
+        digest = sha256_file(path)
         if digest != meta["sha256"]:
             raise ValueError(f"{path}: corrupted (sha256 {digest[:12]}..., manifest says {meta['sha256'][:12]}...)")
     extra = sorted(set(_list_files(out_dir)) - set(files) - {MANIFEST})

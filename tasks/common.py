@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import random
-import shutil
 import sys
 import time
 import uuid
@@ -45,25 +44,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@contextlib.contextmanager
-def atomic_dir(final: str | Path) -> Iterator[Path]:
-    """Yields a fresh temporary directory that replaces `final` only if the block succeeds."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        old = None
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-            final.rename(old)
-        tmp.rename(final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+def atomic_dir(final: str | Path):
+    """`ruyi_model.fileio.atomic_dir` (its one home; imported lazily: importing ruyi_model loads torch)."""
+    from ruyi_model.fileio import atomic_dir as _atomic_dir
+
+    return _atomic_dir(final)
+
+
+def sha256_file(path: str | Path) -> str:
+    """`ruyi_model.fileio.sha256_file` (imported lazily, see atomic_dir)."""
+    from ruyi_model.fileio import sha256_file as _sha256_file
+
+    return _sha256_file(path)
 
 
 @contextlib.contextmanager

@@ -34,7 +34,6 @@ Steps and choices:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from tasks.common import (
     atomic_file,
     load_family,
     plots_dir,
+    sha256_file,
     stage_dir,
     stage_main,
     write_metrics,
@@ -55,10 +55,6 @@ log = logging.getLogger("ruyi.export")
 
 PROBE = "What is 12 + 30? Show your work."
 PARITY_ATOL = 1e-4
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def set_chat_generation_config(model, tokenizer) -> tuple[int, int]:
@@ -151,7 +147,7 @@ def check_export(model, tokenizer, out: Path, manifest: dict, eos_id: int, pad_i
     metrics["family_params"] = manifest["family"]["num_parameters"]
     metrics["family_bytes"] = sum(meta["bytes"] for rel, meta in files.items() if rel.startswith("family/"))
     metrics["total_bytes"] = sum(meta["bytes"] for meta in files.values())
-    metrics["manifest_sha256"] = _sha256(out / MANIFEST)
+    metrics["manifest_sha256"] = sha256_file(out / MANIFEST)
     return metrics
 
 

@@ -86,6 +86,7 @@ from tasks.common import (
     atomic_dir,
     log,
     plots_dir,
+    sha256_file,
     stage_main,
     write_json,
     write_jsonl,
@@ -433,10 +434,6 @@ def _shuffled(docs: list[Document], seed: str) -> list[Document]:
     return docs
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _plot(params: Params, train: list[Document], splits: dict[str, list[Problem]]) -> None:
     import matplotlib
 
@@ -547,7 +544,7 @@ def run(params: Params) -> dict[str, Any]:
     with atomic_dir(raw_dir) as tmp:
         for name in FILES:
             write_jsonl(tmp / name, rows[name])
-        files = {name: {"rows": len(rows[name]), "sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+        files = {name: {"rows": len(rows[name]), "sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
                  for name in FILES}
         manifest = {
             "seed": params.seed,

@@ -77,7 +77,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.common import StageError, atomic_dir
+from tasks.common import StageError, atomic_dir, sha256_file
 
 if TYPE_CHECKING:
     from tasks.params import StoreParams
@@ -170,14 +170,6 @@ def check_name(kind: str, name: str) -> str:
 def natural_key(version: str) -> tuple:
     """Sort key putting `v2` before `v10` (digit runs compare as numbers)."""
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", version) if p)
-
-
-def sha256_file(path: str | Path, chunk: int = MIB) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def scan_dir(src: str | Path) -> list[FileEntry]:

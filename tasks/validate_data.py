@@ -46,7 +46,6 @@ Design choices:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -60,6 +59,7 @@ from tasks.common import (
     log,
     plots_dir,
     read_jsonl,
+    sha256_file,
     stage_main,
     write_json,
     write_jsonl,
@@ -106,14 +106,6 @@ class _Dataset:
         return [label for label in self.rows if label not in self.reasons]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_manifest(raw_dir: Path, files: list[str]) -> dict[str, Any]:
     """Reads `raw_dir/manifest.json` and checks every file against it (rows and sha256).
 
@@ -139,7 +131,7 @@ def read_manifest(raw_dir: Path, files: list[str]) -> dict[str, Any]:
             raise StageError(f"input file not found: {file} (run the prepare_data stage first)")
         if not isinstance(entry, dict) or "sha256" not in entry or "rows" not in entry:
             problems.append(f"{path}: no 'rows'/'sha256' entry for {name}")
-        elif _sha256(file) != entry["sha256"]:
+        elif sha256_file(file) != entry["sha256"]:
             problems.append(f"{file}: sha256 differs from {path} (the file changed after prepare_data)")
     if problems:
         raise ContractViolation("raw data does not match its manifest:\n  " + "\n  ".join(problems),
@@ -328,7 +320,7 @@ def _publish(params: Params, raw_dir: Path, manifest: dict[str, Any], datasets: 
                     {"file": file, "line": dataset.rows[label].line, "reasons": dataset.reasons[label],
                      "row": dataset.rows[label].data} for label in bad])
                 kept = len(labels) - len(bad)
-                files_entry[file] = {"rows": kept, "sha256": _sha256(out / file), "bytes": (out / file).stat().st_size}
+                files_entry[file] = {"rows": kept, "sha256": sha256_file(out / file), "bytes": (out / file).stat().st_size}
                 per_file[file] = {"rows_checked": len(labels), "rows_passed": kept, "rows_quarantined": len(bad)}
                 summary[file] = len(bad)
         validated = dict(manifest)
