@@ -75,6 +75,27 @@ def _dvc(args: list[str], workspace: Path, check: bool = True) -> subprocess.Com
     return proc
 
 
+def _dvc_streamed(args: list[str], workspace: Path, keep_bytes: int = 64 * 1024) -> tuple[int, str]:
+    """Runs dvc with its output (stage logs, progress bars) shown live; returns (code, output tail).
+
+    Raw chunks are passed through so that carriage-return progress bars render; the last
+    `keep_bytes` are kept for the error message of a failed stage.
+    """
+    dvc = Path(sys.executable).parent / "dvc"
+    cmd = [str(dvc) if dvc.exists() else "dvc", *args]
+    proc = subprocess.Popen(cmd, cwd=workspace, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    tail = bytearray()
+    out = getattr(sys.stderr, "buffer", None)
+    assert proc.stdout is not None
+    while chunk := os.read(proc.stdout.fileno(), 65536):
+        if out is not None and os.environ.get("RUYI_QUIET_STAGES") != "1":
+            out.write(chunk)
+            out.flush()
+        tail += chunk
+        del tail[:-keep_bytes]
+    return proc.wait(), tail.decode("utf-8", errors="replace")
+
+
 def dvc_stage_order(workspace: str | Path) -> list[str]:
     """The stages of `dvc.yaml` in `dvc dag` order (a topological order; ties in dvc.yaml order)."""
     import yaml
@@ -189,10 +210,9 @@ def run_stage(stage: str, workspace: str) -> dict[str, Any]:
     logger = get_run_logger()
     ws = Path(workspace)
     t0 = time.perf_counter()
-    proc = _dvc(["repro", stage, "--single-item"], ws, check=False)
+    returncode, output = _dvc_streamed(["repro", stage, "--single-item"], ws)
     elapsed = time.perf_counter() - t0
-    output = (proc.stdout or "") + (proc.stderr or "")
-    if proc.returncode != 0:
+    if returncode != 0:
         tail = "\n".join(output.strip().splitlines()[-25:])
         stage_code = re.search(r"exited with (-?\d+)", output)
         code = int(stage_code.group(1)) if stage_code else None
