@@ -38,7 +38,11 @@ What happens, in order:
    own branch layer, backbone and embedding, stay bit-identical. This is checked after the stage
    (`tasks.training.members_unchanged`: every parameter outside the DaE member's blocks, norm and head,
    and the other members' logits on a calibration batch, with torch.equal; a violation is an error),
-   and the other members' relative loss changes are 0.0 exactly.
+   and the other members' relative loss changes are 0.0 exactly. Healing is kept only if it does not
+   make the member worse on the held-out data (corpus and eval solutions, worst case); otherwise the
+   decomposed factors are restored (`heal_kept` in the metrics). In the tiny chain, 20 steps at
+   `heal_lr` 1e-3 on SFT text raised the general-text loss by 22% while the decomposition alone cost
+   +0.004%: an unconditional fine-tune would have been the wrong default.
 5. Losses after; per exit the relative change (after - before) / before on each held-out set
    (`loss_relative_change`: corpus_val, `solution_loss_relative_change`: eval solutions) and
    `relative_loss_change` = the larger of the two (what the quality gates check). The DaE member also
@@ -287,10 +291,24 @@ def run(params: Params) -> dict:
     decomposed = heldout_losses(model, [d], corpus_batches, solution_batches)[d]
 
     heal_losses = []
+    heal_kept = None
     if cfg.heal_steps > 0:
         sft_file = validated_path(params, "sft.jsonl")
         examples, _ = build_sft_examples(tokenizer, read_sft(sft_file), cfg.seq_len, str(sft_file))
+        import torch
+
+        saved = {n: p.detach().clone() for n, p in healing_parameters(model, d)}
         heal_losses = heal(model, d, examples, cfg, params.seed)
+        model.eval()
+        healed = heldout_losses(model, [d], corpus_batches, solution_batches)[d]
+        # Healing is kept only if it helps on the held-out data (both corpus and solutions, worst case):
+        # a short fine-tune of the factors on SFT text can also pull the member away from general text.
+        heal_kept = max(healed[k] / decomposed[k] for k in ("loss", "solution_loss")) <= 1.0
+        if not heal_kept:
+            with torch.no_grad():
+                for n, p in healing_parameters(model, d):
+                    p.copy_(saved[n])
+            log.warning("healing made member %d worse on held-out data (%s -> %s): discarded", d, decomposed, healed)
     unchanged, changed = members_unchanged(model, snapshot, probe)
     if not unchanged:
         raise RuntimeError(f"compress changed tensors or members outside the DaE member {d}: {changed[:8]}")
@@ -310,6 +328,7 @@ def run(params: Params) -> dict:
         "heal_steps": cfg.heal_steps,
         "heal_loss_first": heal_losses[0] if heal_losses else None,
         "heal_loss_last": heal_losses[-1] if heal_losses else None,
+        "heal_kept": heal_kept,
         "max_relative_loss_increase": cfg.max_relative_loss_increase,
     }
     for e in exits:

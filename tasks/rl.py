@@ -564,6 +564,8 @@ def run(params: Params) -> dict[str, Any]:
         if cfg.checkpoint_every and trainer.step_index % cfg.checkpoint_every == 0 and trainer.step_index < cfg.steps:
             save_checkpoint(ckpt_root, trainer, {"fingerprint": fp,
                                                  "eval_before": {str(d): v for d, v in before.items()}})
+    # DVC declares the checkpoint directory as an output: it exists even when no checkpoint was due.
+    ckpt_root.mkdir(parents=True, exist_ok=True)
     after = evaluate_members(model, tokenizer, eval_rows, members, cfg.max_new_tokens, cfg.format_reward)
     save_family(model, tokenizer, stage_dir(params, "rl"))
     write_curves(trainer.history, plots_dir(params, "rl"), cfg.algorithm)

@@ -826,6 +826,10 @@ def train_loop(*, stage: str, model, cfg: TrainParams, named_params: Sequence[tu
     result.steps = cfg.max_steps
     result.wall_seconds = time.perf_counter() - t_wall
     model.eval()
+    if checkpointer is not None:
+        # DVC declares the checkpoint directory as an output: it must exist even when no
+        # checkpoint was due (checkpoint_every > max_steps) or a stale one was set aside.
+        checkpointer.root.mkdir(parents=True, exist_ok=True)
     return result
 
 
