@@ -576,7 +576,18 @@ def start_serving(source: dict[str, Any] | str | Path, *, host: str = "127.0.0.1
     client_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
     session = ServingSession(f"http://{client_host}:{port}", owns_ray, created_tmp)
     try:
-        serve.start(http_options={"host": host, "port": port})
+        for attempt in range(3):
+            try:
+                serve.start(http_options={"host": host, "port": port})
+                break
+            except ray.exceptions.RayActorError as e:
+                # Seen on a loaded 2-core box right after a previous Serve instance in the same process shut
+                # down: its controller's retried graceful shutdown kills the new proxy before it starts.
+                if attempt == 2:
+                    raise StageError(f"Ray Serve could not start its HTTP proxy on {host}:{port}: {e}") from None
+                log.warning("Ray Serve proxy died while starting (%s); retrying", type(e).__name__)
+                serve.shutdown()
+                time.sleep(2.0)
         options = {"max_tokens_limit": max_tokens_limit, "dynamic_threshold": dynamic_threshold, "device": device,
                    "dtype": dtype}
         args = {**source, **options, "num_cpus": replica_num_cpus, "num_gpus": replica_num_gpus}
