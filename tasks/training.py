@@ -48,8 +48,9 @@ Checkpoints (`Checkpointer`), in `artifacts/checkpoints/<stage>/step_<n>/`, each
   and logs it (`resumed_from_step` in the metrics). A run killed and resumed ends with bitwise the
   same weights on CPU as an uninterrupted one (tested).
 - The fingerprint hashes the stage's parameters (except `checkpoint_every`, `eval_every` and
-  `eval_batches`, which do not change the weights), the model section, the seed and the sha256 of
-  every input file (data, tokenizer, input model). Our call on a mismatch: the stale checkpoint
+  `eval_batches`, which do not change the weights), the model section, the seed, the sha256 of
+  every input file (data, tokenizer, input model) and of the code that trains (the stage module,
+  this file, the model and the loss kernels' entry point). Our call on a mismatch: the stale checkpoint
   directory is set aside to `artifacts/checkpoints/<stage>.stale/` (replacing an older one) with a
   warning that names every differing key, and training starts from scratch; the metrics record it
   (`stale_checkpoint`). An error would block every `dvc repro` after a parameter change, while
@@ -520,13 +521,25 @@ def _autocast(device, enabled: bool):
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
+def _code_fingerprint(stage: str) -> dict[str, str]:
+    """sha256 of the code a stage's training depends on: a checkpoint written by other code is stale
+    (DVC reruns a stage when its code changes; resuming the old code's checkpoint would mix the two)."""
+    from tasks.common import sha256_file
+
+    root = Path(__file__).resolve().parents[1]
+    files = [f"tasks/{stage}.py", "tasks/training.py", "ruyi_model/config.py", "ruyi_model/modeling.py",
+             "ruyi_model/dae.py", "triton_kernels/ops/exit_head_loss.py"]
+    return {f: sha256_file(root / f) for f in files if (root / f).is_file()}
+
+
 def fingerprint_info(stage: str, section: Any, *, seed: int, model: Any = None, inputs: dict[str, Any],
                      extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a checkpoint must agree on to be resumed (see module docstring)."""
     params = section.model_dump() if hasattr(section, "model_dump") else dict(section)
     for key in NON_FINGERPRINT_KEYS:
         params.pop(key, None)
-    info: dict[str, Any] = {"stage": stage, "seed": seed, "params": params, "inputs": inputs}
+    info: dict[str, Any] = {"stage": stage, "seed": seed, "params": params, "inputs": inputs,
+                            "code": _code_fingerprint(stage)}
     if model is not None:
         info["model"] = model.model_dump() if hasattr(model, "model_dump") else model
     if extra:
