@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -166,11 +167,20 @@ def test_changing_one_parameter_reruns_only_that_stage_and_downstream(workspace,
     git(workspace, "commit", "-qam", "evaluate.num_problems=5")
 
 
-def _http(method: str, url: str, body: dict | None = None) -> dict | list:
-    req = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body is not None else None,
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        return json.loads(resp.read() or b"null")
+def _http(method: str, url: str, body: dict | None = None, attempts: int = 20) -> dict | list:
+    """One REST call; 503 (the server's SQLite busy under load, which Prefect's own client retries) is
+    retried with a short pause, every other error is raised."""
+    for attempt in range(attempts):
+        req = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as e:
+            if e.code != 503 or attempt == attempts - 1:
+                raise
+            time.sleep(1.0)
+    raise AssertionError("unreachable")
 
 
 def test_rerun_from_compress_through_a_real_prefect_server(workspace, first_run, tmp_path):
