@@ -89,6 +89,20 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
+def iter_jsonl(lines, where: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yields `(line number, object)` for each non-blank JSONL line; a bad line is an error naming where:line."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise StageError(f"{where}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise StageError(f"{where}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        yield lineno, row
+
+
 def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Reads a JSONL file; a malformed line or a missing field is an error naming file and line."""
     path = Path(path)
@@ -96,15 +110,7 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict[st
         raise StageError(f"input file not found: {path}")
     rows = []
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise StageError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise StageError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        for lineno, row in iter_jsonl(f, path):
             missing = [k for k in required if k not in row]
             if missing:
                 raise StageError(f"{path}:{lineno}: missing field(s) {missing}")

@@ -27,14 +27,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.common import StageError, log
+from tasks.common import StageError, iter_jsonl, log
 from tasks.mathgen import Problem, extract_answer, format_number, parse_number
 
 
@@ -120,15 +119,7 @@ def _jsonl_records(uri: str, data: bytes) -> Iterator[Record]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise StageError(f"{uri}: not UTF-8 text ({e})") from None
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise StageError(f"{uri}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise StageError(f"{uri}:{lineno}: expected a JSON object, got {type(row).__name__}")
+    for lineno, row in iter_jsonl(text.splitlines(), uri):
         yield Record(f"{uri}:{lineno}", row)
 
 
