@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -193,6 +194,25 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _killing_signal(code: int | None) -> str | None:
+    """The signal that ended a stage, from the exit code DVC reports, or None.
+
+    A shell that execs the command reports the child's own status (`-9`); one that forks first
+    (dash, or bash running a compound command) reports `128 + 9 = 137` and prints "Killed". Both are
+    the same event: an OOM kill, a preempted node, a `kill` from outside. No stage exits with 129-192
+    on its own (Python re-raises SIGINT as a signal death too), so the range is unambiguous.
+    """
+    if code is None:
+        return None
+    number = -code if code < 0 else code - 128 if 128 < code <= 128 + 64 else None
+    if number is None:
+        return None
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 def _retry_only_infrastructure(task_obj, task_run, state) -> bool:
     try:
         state.result()
@@ -216,10 +236,14 @@ def run_stage(stage: str, workspace: str) -> dict[str, Any]:
         tail = "\n".join(output.strip().splitlines()[-25:])
         stage_code = re.search(r"exited with (-?\d+)", output)
         code = int(stage_code.group(1)) if stage_code else None
-        killed_by_signal = code is not None and code < 0
+        killer = _killing_signal(code)
         transient = code != USER_ERROR_EXIT_CODE and any(re.search(p, output) for p in _INFRA_PATTERNS)
-        if killed_by_signal or transient:
-            raise InfrastructureError(f"stage {stage} hit an infrastructure error (will retry):\n{tail}")
+        if killer or transient:
+            if killer:
+                why = f"killed by {killer}" + (" (out of memory?)" if killer == "SIGKILL" else "")
+            else:
+                why = "a transient error"
+            raise InfrastructureError(f"stage {stage} hit an infrastructure error, {why} (will retry):\n{tail}")
         raise StageFailed(f"stage {stage} failed (not retried):\n{tail}")
     skipped = "didn't change, skipping" in output or "is cached - skipping" in output
     logger.info("stage %s %s in %.1f s", stage, "up to date" if skipped else "ran", elapsed)

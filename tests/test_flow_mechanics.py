@@ -19,6 +19,7 @@ import yaml
 from flows.pipeline import (
     InfrastructureError,
     StageFailed,
+    _killing_signal,
     apply_param_overrides,
     dvc_stage_order,
     ruyi_pipeline,
@@ -156,9 +157,23 @@ def test_user_errors_are_not_retried_and_stop_the_flow(mini_ws, prefect_api):
     assert not (mini_ws / "out/c.txt").exists()
 
 
-def test_a_stage_killed_by_a_signal_is_retried_as_infrastructure(mini_ws, prefect_api):
-    with pytest.raises(InfrastructureError, match="infrastructure error"):
+@pytest.mark.parametrize("shell_forks", [False, True], ids=["exec", "fork"])
+def test_a_stage_killed_by_a_signal_is_retried_as_infrastructure(mini_ws, prefect_api, shell_forks):
+    # A shell that execs the stage reports the signal itself (-9); one that forks first (dash, or any
+    # shell running a compound command) exits 128 + 9 = 137 and prints "Killed". Both are retried.
+    if shell_forks:
+        spec = yaml.safe_load((mini_ws / "dvc.yaml").read_text())
+        spec["stages"]["c"]["cmd"] = "python stage.py c && :"
+        (mini_ws / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    with pytest.raises(InfrastructureError, match="infrastructure error, killed by SIGKILL"):
         ruyi_pipeline(workspace=str(mini_ws), overrides={"evaluate.num_problems": 17}, push=False)
+    assert runs(mini_ws) == ["a", "b"]  # c never completed, in any of its three tries
+
+
+@pytest.mark.parametrize(("code", "name"), [(-9, "SIGKILL"), (137, "SIGKILL"), (143, "SIGTERM"), (-11, "SIGSEGV"),
+                                            (1, None), (2, None), (128, None), (255, None), (None, None)])
+def test_killing_signal_reads_both_shell_conventions(code, name):
+    assert _killing_signal(code) == name
 
 
 def test_artifacts_published(mini_ws, prefect_api):
