@@ -201,14 +201,15 @@ class FamilialForCausalLM(PreTrainedModel, GenerationMixin):
         setattr(cache, _CACHE_OWNER_ATTR, exit_layer)
         return cache
 
-    def _embed_and_mask(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, first_slot):
+    def _embed_and_mask(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, first_slot, labels):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if isinstance(attention_mask, dict):
             raise ValueError("static/compiled caches are not supported by FamilialForCausalLM; use DynamicCache")
+        past = cache.layers[first_slot].get_seq_length() if cache is not None else 0
+        _check_shapes(input_ids, inputs_embeds, attention_mask, labels, past)
         h = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if position_ids is None:
-            past = cache.layers[first_slot].get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(h.shape[1], device=h.device) + past).unsqueeze(0)
         # The mask is sized from the member's own first cache slot: the shallowest member may never
         # fill slot 0, and the default would silently build a wrong mask under left padding.
@@ -236,21 +237,28 @@ class FamilialForCausalLM(PreTrainedModel, GenerationMixin):
 
         Args:
             input_ids: B x T token ids (or `inputs_embeds`: B x T x D).
-            attention_mask: B x (past + T) 0/1 padding mask.
-            labels: B x T; shifted inside (pass `labels=input_ids`); -100 is ignored.
-            exit_layer: the member to run; None = the deepest (so `generate()` works unchanged), except
-                with `labels`, where None means the multi-exit loss over every member.
+            attention_mask: B x (past + T) 0/1 padding mask (past = tokens already in the member's KV
+                cache), or an already prepared 4D mask, passed through as in transformers.
+            labels: B x T (the shape of `input_ids`); shifted inside (pass `labels=input_ids`); -100 is ignored.
+            exit_layer: the member to run (an int; numpy / 0-d torch integers are accepted, floats and
+                bools are errors); None = the deepest (so `generate()` works unchanged), except with
+                `labels`, where None means the multi-exit loss over every member.
             exit_loss_weights: per-exit weights of the multi-exit loss (default `config.exit_loss_weights`).
             logits_to_keep: as in transformers (`generate` passes 1).
 
         Returns:
             FamilialCausalLMOutput: `loss`, `logits` (B x T' x V, of member `exit_layer`),
             `past_key_values`, and in multi-exit training `exit_losses`.
+
+        `labels` without `exit_layer` gives the multi-exit result in eval mode too, not the deepest
+        member's loss: `loss` is the weighted `sum_k w_k * CE_k`, `exit_losses` maps each member to its
+        CE_k and `logits` is None. For one member's loss (and logits), pass `exit_layer=d`.
         """
         if labels is not None and exit_layer is None:
             return self._multi_exit_loss(input_ids, inputs_embeds, attention_mask, position_ids, labels,
                                          exit_loss_weights, **kwargs)
-        d = self.config.exit_layers[-1] if exit_layer is None else self.config.check_exit(int(exit_layer))
+        # check_exit, not int(): int(2.9) or int(True) would silently run another member.
+        d = self.config.exit_layers[-1] if exit_layer is None else self.config.check_exit(exit_layer)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.training and self.is_activation_checkpointing:  # (the property scans every module)
             use_cache = False
@@ -258,7 +266,7 @@ class FamilialForCausalLM(PreTrainedModel, GenerationMixin):
         layers = self.member_layers(d)
         first_slot = layers[0].self_attn.layer_idx
         h, mask, position_ids, pos_emb = self._embed_and_mask(input_ids, inputs_embeds, attention_mask,
-                                                              position_ids, cache, first_slot)
+                                                              position_ids, cache, first_slot, labels)
         for layer in layers:
             h = layer(h, attention_mask=mask, position_embeddings=pos_emb, position_ids=position_ids,
                       past_key_values=cache, use_cache=use_cache, **kwargs)
@@ -280,7 +288,7 @@ class FamilialForCausalLM(PreTrainedModel, GenerationMixin):
 
         cfg = self.config
         h, mask, position_ids, pos_emb = self._embed_and_mask(input_ids, inputs_embeds, attention_mask,
-                                                              position_ids, None, 0)
+                                                              position_ids, None, 0, labels)
         layer_kw = dict(attention_mask=mask, position_embeddings=pos_emb, position_ids=position_ids,
                         past_key_values=None, use_cache=False, **kwargs)
         # Members are computed from one backbone pass: each branches off where its backbone part ends.
@@ -301,10 +309,9 @@ class FamilialForCausalLM(PreTrainedModel, GenerationMixin):
         hidden = torch.stack([finals[d].reshape(-1, cfg.hidden_size) for d in cfg.exit_layers])
         norm_w = torch.stack([self.exits[str(d)].norm.weight for d in cfg.exit_layers])
         if cfg.shared_heads:
-            head_w = self.lm_head.weight
+            head_w = _dense_weight(self.lm_head)  # one V x D head for every member
         else:
-            heads = [self.exit_head(d) for d in cfg.exit_layers]
-            head_w = torch.stack([hd.dense_weight() if isinstance(hd, LowRankLinear) else hd.weight for hd in heads])
+            head_w = torch.stack([_dense_weight(self.exit_head(d)) for d in cfg.exit_layers])
         weights = cfg.exit_loss_weights if exit_loss_weights is None else exit_loss_weights
         weights = torch.as_tensor(weights, dtype=torch.float32, device=hidden.device)
         if weights.numel() != len(cfg.exit_layers):
@@ -355,9 +362,15 @@ class FamilialForCausalLM(PreTrainedModel, GenerationMixin):
         cfg_dict.update(exit_layers=list(exit_layers), exit_branch_layers=exit_branch_layers, shared_heads=shared_heads,
                         exit_loss_weights=exit_loss_weights, tie_word_embeddings=False, **config_overrides)
         config = FamilialConfig(**cfg_dict)
-        model = cls(config).to(src.dtype)
+        # Built directly in the source dtype, as from_pretrained does: `cls(config).to(bf16)` would also
+        # cast the rotary inv_freq buffers, which the stock model keeps in fp32 (~3e-3 logit drift).
+        model = cls._from_config(config, dtype=src.dtype)
         src_sd = src.state_dict()
         with torch.no_grad():
+            # The rotary buffers are not in the state dict: take the source's as they are (dtype included),
+            # so the RoPE tables, and therefore the deepest member, are the source's exactly.
+            for name, buf in src.model.rotary_emb.named_buffers(recurse=False):
+                setattr(model.model.rotary_emb, name, buf.detach().clone())
             model.model.embed_tokens.weight.copy_(src_sd["model.embed_tokens.weight"])
             for i, layer in enumerate(model.model.layers):
                 layer.load_state_dict(src.model.layers[i].state_dict())
@@ -374,6 +387,29 @@ class FamilialForCausalLM(PreTrainedModel, GenerationMixin):
                 model.lm_head.weight.copy_(head)
         model.generation_config = copy.deepcopy(src.generation_config)
         return model
+
+
+def _dense_weight(head: nn.Linear | LowRankLinear) -> torch.Tensor:
+    """The out x in weight of a head, dense or low rank (the multi-exit loss kernel takes dense heads)."""
+    return head.dense_weight() if isinstance(head, LowRankLinear) else head.weight
+
+
+def _check_shapes(input_ids, inputs_embeds, attention_mask, labels, past: int) -> None:
+    """attention_mask must be B x (past + T) and labels B x T: a wrong size would otherwise be broadcast
+    or sliced by the mask builder / loss without an error."""
+    name, x = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", inputs_embeds)
+    if x.ndim != (2 if input_ids is not None else 3):
+        raise ValueError(f"{name} has shape {tuple(x.shape)}: expected B x T" + (" x D" if input_ids is None else ""))
+    batch, seq = x.shape[0], x.shape[1]
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim != 4:  # 4D: prepared, passed through
+        want = (batch, past + seq)
+        if tuple(attention_mask.shape) != want:
+            cached = f" plus {past} cached tokens" if past else ""
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but {name} has shape "
+                             f"{tuple(x.shape)}{cached}: it must be B x (past + T) = {want}")
+    if labels is not None and tuple(labels.shape) != (batch, seq):
+        raise ValueError(f"labels has shape {tuple(labels.shape)} but {name} has shape {tuple(x.shape)}: "
+                         f"labels must be B x T = {(batch, seq)}")
 
 
 __all__ = ["FamilialForCausalLM", "FamilialCausalLMOutput", "LowRankLinear"]

@@ -7,9 +7,14 @@ cache must equal no-cache decoding; save/load, Auto classes and from_qwen3 round
 
 from __future__ import annotations
 
+import json
+import re
+
+import numpy as np
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, Qwen3Config, Qwen3ForCausalLM
+from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
 
 from ruyi_model import FamilialConfig, FamilialForCausalLM
 from ruyi_model.modeling import LowRankLinear
@@ -223,18 +228,76 @@ def test_exit_layer_that_is_not_an_exit_is_an_error():
     ("exit_layers", [2, 4], "last must equal"),
     ("exit_layers", [0, 5], r"1\.\.5"),
     ("exit_layers", [], "at least one exit"),
+    ("exit_layers", [2.5, 5], "list of integers"),         # was silently truncated to [2, 5]
+    ("exit_layers", [1.0, 3, 5], "list of integers"),      # an integral float is still a float
+    ("exit_layers", [True, 3, 5], "list of integers"),     # bool is an int subclass in Python
+    ("exit_layers", "1,3,5", "list of integers"),
     ("exit_branch_layers", -1, ">= 0"),
+    ("exit_branch_layers", 2, "member of depth 1 cannot own 2 branch layers"),
+    ("exit_branch_layers", 1.5, "must be an integer"),
+    ("exit_branch_layers", True, "must be an integer"),
+    ("shared_heads", "yes", "must be a bool"),
+    ("shared_heads", 1, "must be a bool"),
     ("exit_loss_weights", [1.0, 2.0], "one weight per exit"),
+    ("exit_loss_weights", [1.0, -0.5, 1.0], "finite and >= 0"),
+    ("exit_loss_weights", [1.0, float("nan"), 1.0], "finite and >= 0"),
+    ("exit_loss_weights", [1.0, True, 1.0], "list of numbers"),
+    ("exit_loss_weights", ["1", 1.0, 1.0], "list of numbers"),
     ("dae_blocks", [0, -1, 0], "one count >= 0"),
+    ("dae_blocks", [0, 1.5, 0], "list of integers"),
     ("lowrank_ranks", {"exits.1.lm_head": 0}, "ranks must be >= 1"),
+    ("lowrank_ranks", {"exits.1.lm_head": 2.5}, "integer ranks"),
+    ("lowrank_ranks", {"exits.1.lm_head": True}, "integer ranks"),
     ("loss_impl", "fast", "must be one of"),
+    ("loss_impl", 3, "must be one of"),
     ("tie_word_embeddings", True, "untied"),
+    ("use_sliding_window", True, "not supported"),
 ])
 def test_bad_config_names_the_field(field, value, match):
     kwargs = dict(qwen3_fields(), exit_layers=[1, 3, 5])
     kwargs[field] = value
-    with pytest.raises(ValueError, match=rf"FamilialConfig\.{field}=.*{match}"):
+    with pytest.raises(ValueError, match=rf"FamilialConfig\.{field}={re.escape(repr(value))}: .*{match}"):
         FamilialConfig(**kwargs)
+
+
+def test_valid_config_values_keep_their_meaning_and_canonical_types():
+    # numpy integers and tuples are integers and sequences; int weights are numbers. Stored as plain JSON types.
+    cfg = FamilialConfig(**qwen3_fields(), exit_layers=(np.int64(2), 5), exit_branch_layers=np.int32(1),
+                         exit_loss_weights=[1, 2], dae_blocks=[np.int64(1), 0])
+    assert cfg.exit_layers == [2, 5] and all(type(d) is int for d in cfg.exit_layers)
+    assert type(cfg.exit_branch_layers) is int and cfg.dae_blocks == [1, 0]
+    assert cfg.exit_loss_weights == [1.0, 2.0] and all(type(w) is float for w in cfg.exit_loss_weights)
+    json.dumps(cfg.to_dict())
+
+
+def test_config_json_of_an_earlier_version_still_loads(tmp_path):
+    # Earlier versions stored whatever was passed, e.g. JSON ints for the loss weights.
+    fam = make_family([1, 3, 5])
+    fam.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw.update(exit_layers=[1, 3, 5], exit_branch_layers=1, shared_heads=False, exit_loss_weights=[1, 2, 1],
+               dae_blocks=[0, 0, 0], lowrank_ranks={})
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    cfg = FamilialConfig.from_pretrained(tmp_path)
+    assert (cfg.exit_layers, cfg.exit_loss_weights) == ([1, 3, 5], [1.0, 2.0, 1.0])
+    loaded = FamilialForCausalLM.from_pretrained(tmp_path)
+    ids = torch.randint(0, VOCAB, (1, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, exit_layer=3).logits, fam(ids, exit_layer=3).logits, atol=0, rtol=0)
+
+
+def test_shared_low_rank_head_is_rejected_and_per_member_low_rank_heads_train():
+    # decompose(include_head=True) refuses shared heads (the shared head is every member's head); a config
+    # asking for it is refused too, instead of crashing in the multi-exit loss.
+    with pytest.raises(ValueError, match=r"FamilialConfig\.lowrank_ranks=\{'lm_head': 4\}: .*shared_heads=True"):
+        FamilialConfig(**qwen3_fields(), exit_layers=[2, 5], shared_heads=True, lowrank_ranks={"lm_head": 4})
+    torch.manual_seed(4)
+    cfg = FamilialConfig(**qwen3_fields(), exit_layers=[2, 5], lowrank_ranks={"exits.2.lm_head": 4})
+    fam = FamilialForCausalLM(cfg).eval()
+    ids = torch.randint(0, VOCAB, (2, 7))
+    out = fam(ids, labels=ids)
+    ref = naive_member_losses(fam, ids, ids)
+    torch.testing.assert_close(out.loss, ref[2] + ref[5], atol=1e-5, rtol=1e-5)
 
 
 def test_lowrank_path_that_is_not_a_module_is_an_error():
@@ -294,3 +357,111 @@ def test_gradient_checkpointing_matches_plain_backward():
     for n, p in fam.named_parameters():
         if n in plain:
             torch.testing.assert_close(p.grad, plain[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("mask_shape", [(2, 5), (2, 7), (1, 6), (3, 6)])
+def test_attention_mask_of_another_shape_is_an_error(mask_shape):
+    # Stock Qwen3 silently slices or broadcasts most of these; a wrong mask must not run.
+    fam = make_family([1, 3, 5])
+    ids = torch.randint(0, VOCAB, (2, 6))
+    mask = torch.ones(mask_shape, dtype=torch.long)
+    want = re.escape(f"attention_mask has shape {mask_shape} but input_ids has shape (2, 6)")
+    for kwargs in ({}, {"exit_layer": 1}, {"labels": ids}):  # deepest, a member, multi-exit training
+        with pytest.raises(ValueError, match=want):
+            fam(ids, attention_mask=mask, **kwargs)
+
+
+def test_attention_mask_with_a_cache_covers_past_and_current_tokens():
+    fam = make_family([1, 3, 5])
+    ids = torch.randint(1, VOCAB, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    for d in (1, 5):  # member 1 never fills slot 0: its past length comes from its own cache slot
+        with torch.no_grad():
+            cache = DynamicCache()
+            fam(ids[:, :5], attention_mask=mask[:, :5], exit_layer=d, past_key_values=cache, use_cache=True)
+            with pytest.raises(ValueError, match=re.escape("(2, 1) but input_ids has shape (2, 1) plus 5 cached")):
+                fam(ids[:, 5:], attention_mask=mask[:, 5:], exit_layer=d, past_key_values=cache, use_cache=True)
+            step = fam(ids[:, 5:], attention_mask=mask, exit_layer=d, past_key_values=cache, use_cache=True).logits
+            full = fam(ids, attention_mask=mask, exit_layer=d, use_cache=False).logits
+        torch.testing.assert_close(step[:, -1], full[:, -1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("labels_shape", [(2, 5), (1, 6), (2, 7)])
+def test_labels_of_another_shape_are_an_error(labels_shape):
+    fam = make_family([1, 3, 5])
+    ids = torch.randint(0, VOCAB, (2, 6))
+    labels = torch.zeros(labels_shape, dtype=torch.long)
+    want = re.escape(f"labels has shape {labels_shape} but input_ids has shape (2, 6)")
+    for kwargs in ({}, {"exit_layer": 3}):  # multi-exit training, one member
+        with pytest.raises(ValueError, match=want):
+            fam(ids, labels=labels, **kwargs)
+
+
+@pytest.mark.parametrize("bad", [2.9, 3.0, True, torch.tensor(3.0), torch.tensor([3])])
+def test_exit_layer_must_be_an_integer(bad):
+    # int() would truncate 2.9 or 3.0 and turn True into member 1: another member would run silently.
+    fam = make_family([1, 3, 5])
+    with pytest.raises(ValueError, match=r"exit_layer=.* must be an integer"):
+        fam(torch.randint(0, VOCAB, (1, 4)), exit_layer=bad)
+
+
+@pytest.mark.parametrize("good", [np.int64(3), torch.tensor(3)])
+def test_exit_layer_accepts_numpy_and_torch_integers(good):
+    fam = make_family([1, 3, 5])
+    ids = torch.randint(0, VOCAB, (1, 4))
+    with torch.no_grad():
+        out = fam(ids, exit_layer=good)
+        assert out.exit_layer == 3 and type(out.exit_layer) is int
+        torch.testing.assert_close(out.logits, fam(ids, exit_layer=3).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("make_source", ["from_pretrained", "to_bf16"])
+@pytest.mark.parametrize("branch,shared", [(1, False), (1, True), (0, False), (0, True)])
+def test_from_qwen3_bf16_source_deepest_member_equals_it_exactly(tmp_path, make_source, branch, shared):
+    torch.manual_seed(5)
+    src = Qwen3ForCausalLM(Qwen3Config(**qwen3_fields(num_layers=4)))
+    if make_source == "from_pretrained":  # the stock way: bf16 weights, rotary inv_freq kept in fp32
+        src.save_pretrained(tmp_path)
+        src = Qwen3ForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    else:  # .to() casts the rotary buffers as well; the family must then reproduce that source too
+        src = src.to(torch.bfloat16)
+    src.eval()
+    fam = FamilialForCausalLM.from_qwen3(src, exit_layers=[2, 4], exit_branch_layers=branch, shared_heads=shared).eval()
+    assert fam.dtype == torch.bfloat16
+    assert fam.model.rotary_emb.inv_freq.dtype == src.model.rotary_emb.inv_freq.dtype
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        ref = src(ids).logits
+        torch.testing.assert_close(src(ids).logits, ref, atol=0, rtol=0)  # the stock model is exact against itself
+        torch.testing.assert_close(fam(ids).logits, ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("exits,branch,shared,dae", [([1, 3, 5], 1, False, [0, 1, 0]), ([2, 5], 0, True, [0, 0])])
+def test_multi_exit_loss_is_one_backbone_pass_and_equals_stock_member_losses(exits, branch, shared, dae):
+    torch.manual_seed(6)
+    cfg = FamilialConfig(**qwen3_fields(), exit_layers=exits, exit_branch_layers=branch, shared_heads=shared,
+                         dae_blocks=dae, exit_loss_weights=[0.25 + k for k in range(len(exits))])
+    fam = FamilialForCausalLM(cfg).train()
+    for d in exits:  # DaE blocks start as identities; give them weights so that they matter
+        for layer in list(fam.exits[str(d)].layers)[cfg.branch_layers(d):]:
+            torch.nn.init.normal_(layer.self_attn.o_proj.weight, std=0.02)
+            torch.nn.init.normal_(layer.mlp.down_proj.weight, std=0.02)
+    calls: dict[str, int] = {}
+    for name, module in fam.named_modules():
+        if isinstance(module, Qwen3DecoderLayer):
+            calls[name] = 0
+            module.register_forward_hook(lambda *a, name=name: calls.__setitem__(name, calls[name] + 1))
+    ids = torch.randint(0, VOCAB, (2, 8))
+    labels = ids.clone()
+    labels[1, :3] = -100
+    out = fam(ids, labels=labels)
+    # every backbone layer and every member's own layer ran exactly once: one pass, branching at each exit
+    assert calls == dict.fromkeys(calls, 1), calls
+    assert len(calls) == 5 + sum(len(fam.exits[str(d)].layers) for d in exits)
+    with torch.no_grad():
+        stock = {d: member_as_stock_qwen3(fam, d)(ids, labels=labels).loss for d in exits}
+    for d in exits:
+        torch.testing.assert_close(out.exit_losses[d], stock[d], atol=1e-5, rtol=1e-5)
+    expected = sum(w * stock[d] for w, d in zip(cfg.exit_loss_weights, exits))
+    torch.testing.assert_close(out.loss.detach(), expected, atol=1e-5, rtol=1e-5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -100,12 +101,16 @@ def test_stage_cli_reports_bad_parameter_before_any_work(tmp_path):
 
 
 def test_ruyi_help_is_fast():
-    import time
-
-    t0 = time.perf_counter()
-    proc = subprocess.run([str(Path(sys.executable).parent / "ruyi"), "--help"], capture_output=True, text=True)
-    assert proc.returncode == 0 and "stage" in proc.stdout
-    assert time.perf_counter() - t0 < 5  # typically ~0.5 s: heavy imports are lazy
+    # Requirement: `ruyi --help` answers in well under a second (heavy imports are lazy; ~0.2 s here).
+    # Best of 3 runs, so that one run slowed by a busy shared CPU does not decide it.
+    ruyi = str(Path(sys.executable).parent / "ruyi")
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        proc = subprocess.run([ruyi, "--help"], capture_output=True, text=True, timeout=60)
+        times.append(time.perf_counter() - t0)
+        assert proc.returncode == 0 and "stage" in proc.stdout, proc.stderr
+    assert min(times) < 1.0, f"ruyi --help took {min(times):.2f} s at best (runs: {[round(t, 2) for t in times]})"
     out = subprocess.run([sys.executable, "-X", "importtime", "-c", "import tasks.cli"], capture_output=True,
                          text=True).stderr
     for heavy in ("torch", "transformers", "prefect", "ray", "great_expectations"):
