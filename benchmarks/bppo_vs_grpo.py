@@ -18,7 +18,11 @@ Method:
   moving average over `--window` steps. The target is `--target`, or by default `--target-frac`
   (0.8) of the way from GRPO's first full window to the best moving average that every run
   reaches (so the target is a reward all runs attain). A run "reaches" the target at the first step
-  whose moving average is >= target: its optimizer steps and clock there. Single-seed RL curves are
+  whose moving average is >= target: its optimizer steps and clock there. Optimizer steps count only
+  steps that carried gradient (`has_gradient` in the curves): a BPPO step where no group has a
+  correct/incorrect pair takes no optimizer step and is not progress; such steps are listed
+  ("steps without gradient") and their time stays in the clock. A `--window` longer than `--steps`
+  is capped at `--steps` (said in the report). Single-seed RL curves are
   noisy: the table also says whether each run still holds the target at the end, and a speedup
   only counts together with equal final accuracy (a run can touch the target on a noisy peak and
   then degrade).
@@ -26,7 +30,11 @@ Method:
   bppo-fixed -> bppo, i.e. speedup(bppo) = speedup(bppo-fixed) x schedule factor, also written as
   the share of the log-speedup.
 - Final greedy accuracy and reward on a held-out slice (the last `eval_prompts` rows), before and
-  after, per run: "equal final accuracy" is checked there.
+  after, per run: "equal final accuracy" is checked there, as |accuracy - GRPO's| <= `--acc-tol`
+  (default 0.02, absolute), and printed next to the speedup together with the issue's target
+  (>= 3x faster in time with equal final accuracy: met / NOT met).
+- Every trained member is reported (`--members all` or a list: one table per member, each with
+  its own target; the runs' clocks are shared by the members, which train in the same steps).
 
 Without a trained SFT checkpoint (or with `--synthetic`) the script builds a learnable synthetic
 task and says so: single-digit additions ("what is 3 plus 4 ?"), a word-level chat tokenizer, a
@@ -146,7 +154,8 @@ def first_reach(ma: list[float], target: float, window: int) -> int | None:
 
 def run_all(base_model, tok, rows: list[dict], cfg, configs: dict[str, dict], steps: int, seed: int,
             members_spec) -> dict[str, dict]:
-    """Trains one copy of `base_model` per config, round-robin; returns histories and evaluations."""
+    """Trains one copy of `base_model` per config, round-robin; returns, per run, every member's history
+    and greedy evaluation before/after: `{run: {"members": {d: {"history", "before", "after"}}}}`."""
     from tqdm.auto import tqdm
 
     from tasks.rl import RLTrainer, evaluate_members, resolve_members, split_rows, trainable_parameters
@@ -168,13 +177,20 @@ def run_all(base_model, tok, rows: list[dict], cfg, configs: dict[str, dict], st
             run["trainer"].step()
     out = {}
     for name, run in runs.items():
-        d = run["members"][0]
         after = evaluate_members(run["model"], tok, eval_rows, run["members"], cfg.max_new_tokens, cfg.format_reward)
-        out[name] = {"history": run["trainer"].history[d], "before": before[d], "after": after[d], "member": d}
+        out[name] = {"members": {d: {"history": run["trainer"].history[d], "before": before[d], "after": after[d]}
+                                 for d in run["members"]}}
     return out
 
 
-def summarize(results: dict[str, dict], window: int, target: float | None, target_frac: float = 0.8) -> dict:
+def summarize_member(results: dict[str, dict], window: int, target: float | None, target_frac: float = 0.8,
+                     acc_tol: float = 0.02) -> dict:
+    """The comparison for one member: `results` maps run name -> {"history", "before", "after"}."""
+    n_steps = min(len(r["history"]) for r in results.values())
+    if n_steps == 0:
+        raise ValueError("no training steps recorded; run with --steps >= 1")
+    requested = window
+    window = min(window, n_steps)   # a window longer than the run: one window over all steps
     ma = {name: moving_average([h["reward"] for h in r["history"]], window) for name, r in results.items()}
     start = ma["grpo"][window - 1]
     if target is None:
@@ -186,8 +202,13 @@ def summarize(results: dict[str, dict], window: int, target: float | None, targe
     for name, r in results.items():
         hist = r["history"]
         idx = first_reach(ma[name], target, window)
+        # Only steps that carried gradient are optimizer steps: a BPPO step without any correct/incorrect
+        # pair (has_gradient 0) takes none and is not progress (curves from before the flag: all count).
+        grad = [h.get("has_gradient", 1.0) for h in hist]
         table[name] = {
-            "steps_to_target": None if idx is None else idx + 1,
+            "steps_to_target": None if idx is None else int(sum(grad[:idx + 1])),
+            "sampled_steps_to_target": None if idx is None else idx + 1,
+            "skipped_steps": int(len(hist) - sum(grad)),
             "time_to_target_s": None if idx is None else hist[idx]["time_s"],
             "total_time_s": hist[-1]["time_s"],
             "mean_step_s": hist[-1]["time_s"] / len(hist),
@@ -205,15 +226,31 @@ def summarize(results: dict[str, dict], window: int, target: float | None, targe
     for row in table.values():
         ok = row["time_to_target_s"] is not None and g["time_to_target_s"] is not None
         row["speedup_time"] = g["time_to_target_s"] / row["time_to_target_s"] if ok else None
-        row["speedup_steps"] = g["steps_to_target"] / row["steps_to_target"] if ok else None
-        row["length_change"] = row["mean_length"] / g["mean_length"] - 1.0
+        ok_steps = ok and row["steps_to_target"] and g["steps_to_target"]
+        row["speedup_steps"] = g["steps_to_target"] / row["steps_to_target"] if ok_steps else None
+        row["length_change"] = row["mean_length"] / g["mean_length"] - 1.0 if g["mean_length"] else None
+        diff = row["eval_after"]["accuracy"] - g["eval_after"]["accuracy"]
+        row["final_accuracy_diff"] = diff
+        row["equal_final_accuracy"] = abs(diff) <= acc_tol + 1e-12
+        row["target_met"] = bool(row["speedup_time"] is not None and row["speedup_time"] >= 3.0
+                                 and row["equal_final_accuracy"])
     schedule = None
     full, fixed = table.get("bppo", {}).get("speedup_time"), table.get("bppo-fixed", {}).get("speedup_time")
     if full and fixed:
         factor = full / fixed
         schedule = {"factor": factor,
                     "share_of_log_speedup": math.log(factor) / math.log(full) if full > 1 else None}
-    return {"target": target, "window": window, "start_ma": start, "runs": table, "schedule": schedule}
+    return {"target": target, "window": window, "requested_window": requested, "start_ma": start,
+            "acc_tol": acc_tol, "runs": table, "schedule": schedule}
+
+
+def summarize(results: dict[str, dict], window: int, target: float | None, target_frac: float = 0.8,
+              acc_tol: float = 0.02) -> dict:
+    """Per member (`exit_<d>`), the comparison of `summarize_member`; `results` as `run_all` returns it."""
+    names = list(results)
+    members = list(results[names[0]]["members"])
+    return {"members": {f"exit_{d}": summarize_member({n: results[n]["members"][d] for n in names}, window,
+                                                      target, target_frac, acc_tol) for d in members}}
 
 
 def fmt(x, spec=".2f", none="not reached"):
@@ -221,26 +258,36 @@ def fmt(x, spec=".2f", none="not reached"):
 
 
 def print_report(summary: dict, setting: str) -> None:
+    for member, msum in summary["members"].items():
+        print_member(msum, f"{setting}; member {member}")
+
+
+def print_member(summary: dict, setting: str) -> None:
     runs = summary["runs"]
-    names = list(runs)
+    names = sorted(runs, key=lambda n: (n != "grpo", list(runs).index(n)))   # GRPO first (a JSON file sorts keys)
     print(f"\nBPPO vs GRPO ({setting})")
-    print(f"target: moving-average reward >= {summary['target']:.3f} (window {summary['window']}; "
+    note = ("" if summary["window"] == summary["requested_window"] else
+            f"; --window {summary['requested_window']} is longer than the run, so one window of all steps")
+    print(f"target: moving-average reward >= {summary['target']:.3f} (window {summary['window']}{note}; "
           f"GRPO starts at {summary['start_ma']:.3f})\n")
     rows = [
-        ("steps to target", lambda r: fmt(r["steps_to_target"], "d")),
+        ("steps to target (w/ grad)", lambda r: fmt(r["steps_to_target"], "d")),
+        ("  sampled steps to target", lambda r: fmt(r["sampled_steps_to_target"], "d")),
+        ("steps without gradient", lambda r: f"{r['skipped_steps']}"),
         ("time to target (s)", lambda r: fmt(r["time_to_target_s"])),
         ("speedup vs GRPO, time", lambda r: "-" if r["speedup_time"] is None else f"{r['speedup_time']:.2f}x"),
         ("speedup vs GRPO, steps", lambda r: "-" if r["speedup_steps"] is None else f"{r['speedup_steps']:.2f}x"),
         ("mean step time (s)", lambda r: f"{r['mean_step_s']:.3f}"),
         ("  rollout / train (s)", lambda r: f"{r['rollout_s_per_step']:.3f} / {r['train_s_per_step']:.3f}"),
         ("mean response length", lambda r: f"{r['mean_length']:.1f}"),
-        ("length vs GRPO", lambda r: f"{100 * r['length_change']:+.0f}%"),
+        ("length vs GRPO", lambda r: "-" if r["length_change"] is None else f"{100 * r['length_change']:+.0f}%"),
         ("final-window length", lambda r: f"{r['final_length']:.1f}"),
         ("tokens generated", lambda r: f"{int(r['tokens_generated'])}"),
         ("tokens trained", lambda r: f"{int(r['trained_tokens'])}"),
         ("final MA reward", lambda r: f"{r['final_ma_reward']:.3f}"),
         ("still >= target at the end", lambda r: "yes" if r["holds_target_at_end"] else "NO"),
         ("greedy acc before -> after", lambda r: f"{r['eval_before']['accuracy']:.3f} -> {r['eval_after']['accuracy']:.3f}"),
+        ("final acc = GRPO's?", lambda r: f"{'yes' if r['equal_final_accuracy'] else 'NO'} ({r['final_accuracy_diff']:+.3f})"),
     ]
     width = 28
     print("| " + "metric".ljust(width) + " | " + " | ".join(n.ljust(14) for n in names) + " |")
@@ -252,6 +299,19 @@ def print_report(summary: dict, setting: str) -> None:
         share = sched["share_of_log_speedup"]
         print(f"\nadaptive completion schedule: x{sched['factor']:.2f} of BPPO's speedup"
               + (f" ({100 * share:.0f}% of the log-speedup)" if share is not None else ""))
+    tol = summary["acc_tol"]
+    for name in names:
+        if name == "grpo":
+            continue
+        r = runs[name]
+        speed = "not measurable (a run did not reach the target)" if r["speedup_time"] is None else \
+            f"{r['speedup_time']:.2f}x faster in time"
+        acc = (f"final greedy accuracy {r['eval_after']['accuracy']:.3f} vs GRPO "
+               f"{runs['grpo']['eval_after']['accuracy']:.3f}: |diff| {abs(r['final_accuracy_diff']):.3f} "
+               f"{'<=' if r['equal_final_accuracy'] else '>'} tolerance {tol:.3f} -> "
+               f"{'equal' if r['equal_final_accuracy'] else 'NOT equal'}")
+        print(f"{name}: {speed}; {acc}; target (>= 3x with equal final accuracy): "
+              f"{'met' if r['target_met'] else 'NOT met'}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,16 +325,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-synthetic", default=None, metavar="DIR",
                         help="save the synthetic SFT family to DIR (and its prompts to DIR/rl.jsonl) for reuse "
                         "with --sft DIR --data DIR/rl.jsonl")
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
-    parser.add_argument("--window", type=int, default=10, help="moving-average window of the reward")
+    parser.add_argument("--steps", type=int, default=60, help="training steps (generation batches) per run; steps "
+                        "without gradient are not counted as optimizer steps to the target")
+    parser.add_argument("--window", type=int, default=10, help="moving-average window of the reward (capped at "
+                        "--steps)")
     parser.add_argument("--target", type=float, default=None, help="target moving-average reward (default: see "
                         "--target-frac)")
     parser.add_argument("--target-frac", type=float, default=0.8, help="default target: this fraction of the way "
                         "from GRPO's first window to the best moving average every run reaches")
+    parser.add_argument("--acc-tol", type=float, default=0.02, help="final greedy accuracies within this absolute "
+                        "difference of GRPO's count as equal (default 0.02)")
     parser.add_argument("--from-json", default=None, metavar="FILE",
                         help="re-summarise the curves saved by an earlier --json run (no training)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--members", default=None, help="rl.members override (dae | all)")
+    parser.add_argument("--members", default=None, help="rl.members override: dae | all | comma-separated exit "
+                        "layers (e.g. 2,4); every trained member is reported")
     parser.add_argument("--prompts-per-step", type=int, default=None)
     parser.add_argument("--group-size", type=int, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=None)
@@ -286,12 +351,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--json", default=None, help="also write the summary as JSON to this file")
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.window < 1:
+        parser.error(f"--steps ({args.steps}) and --window ({args.window}) must be >= 1")
+    if args.acc_tol < 0:
+        parser.error(f"--acc-tol ({args.acc_tol}) must be >= 0")
 
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())
-        results = {name: {"history": hist, "before": saved["runs"][name]["eval_before"],
-                          "after": saved["runs"][name]["eval_after"]} for name, hist in saved["curves"].items()}
-        summary = summarize(results, args.window, args.target, args.target_frac)
+        results = {}
+        for name, curves in saved["curves"].items():
+            if isinstance(curves, list):   # a file from before per-member reports: one member
+                results[name] = {"members": {"?": {"history": curves, "before": saved["runs"][name]["eval_before"],
+                                                   "after": saved["runs"][name]["eval_after"]}}}
+            else:
+                results[name] = {"members": {key.removeprefix("exit_"): {
+                    "history": hist, "before": saved["members"][key]["runs"][name]["eval_before"],
+                    "after": saved["members"][key]["runs"][name]["eval_after"]} for key, hist in curves.items()}}
+        summary = summarize(results, args.window, args.target, args.target_frac, args.acc_tol)
         print_report(summary, saved["setting"] + f" (re-summarised from {args.from_json})")
         return 0
 
@@ -321,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
 
             save_family(base, tok, args.save_synthetic)
             write_jsonl(Path(args.save_synthetic) / "rl.jsonl", rows)
-        setting = (f"synthetic additions, micro family hidden 64, member 2 (+1 DaE block), "
+        setting = (f"synthetic additions, micro family hidden 64, exits [2, 4], DaE member 2 (+1 block), "
                    f"{args.sft_steps} SFT steps, filler 0-{args.filler}")
         cfg = cfg.model_copy(update={"max_new_tokens": 32, "eval_prompts": 64, "lr": 2e-3,
                                      "bppo": cfg.bppo.model_copy(update={"budget_min_tokens": 8})})
@@ -337,6 +413,11 @@ def main(argv: list[str] | None = None) -> int:
                                      "prefix_k": args.prefix_k}.items() if v is not None}
     cfg = cfg.model_copy(update={**update, "bppo": cfg.bppo.model_copy(update=bppo_update)})
     members = args.members or cfg.members
+    if isinstance(members, str) and members not in ("dae", "all"):
+        try:
+            members = [int(x) for x in members.split(",")]
+        except ValueError:
+            parser.error(f"--members {args.members!r}: expected dae, all or comma-separated exit layers")
     configs = {
         "grpo": {"algorithm": "grpo"},
         "bppo": {"algorithm": "bppo", "bppo": cfg.bppo.model_copy(update={"adaptive_budget": True})},
@@ -346,13 +427,15 @@ def main(argv: list[str] | None = None) -> int:
           f"lr={cfg.lr}, loss={cfg.loss_type}, prefix={cfg.bppo.prefix_rule}, members={members}, steps={args.steps}, "
           f"threads={args.threads}")
     results = run_all(base, tok, rows, cfg, configs, args.steps, args.seed, members)
-    summary = summarize(results, args.window, args.target, args.target_frac)
-    summary.update(setting=setting, steps=args.steps, seed=args.seed, rl=cfg.model_dump(), members=members,
-                   threads=args.threads, curves={n: r["history"] for n, r in results.items()})
+    summary = summarize(results, args.window, args.target, args.target_frac, args.acc_tol)
+    summary.update(setting=setting, steps=args.steps, seed=args.seed, rl=cfg.model_dump(), members_spec=members,
+                   threads=args.threads,
+                   curves={n: {f"exit_{d}": m["history"] for d, m in r["members"].items()} for n, r in results.items()})
     print_report(summary, setting)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=2, default=float) + "\n")
+        from tasks.common import write_json
+
+        write_json(args.json, summary)
     return 0
 
 

@@ -6,15 +6,18 @@ Command line:
 
 Reads:
     artifacts/rl/                      the trained family (save_family directory) with DaE blocks
-    data/validated/corpus_train.jsonl  calibration text
-    data/validated/sft.jsonl           calibration and healing data (chat format)
-    data/validated/corpus_val.jsonl    held-out loss before/after
-    data/validated/eval.jsonl          held-out solution loss before/after
+    data/validated/corpus_train.jsonl  calibration text; a carved-out slice decides on healing (step 3)
+    data/validated/sft.jsonl           calibration and healing data (chat format); a carved-out slice
+                                       decides on healing
+    data/validated/corpus_val.jsonl    held-out loss before/after (reported)
+    data/validated/eval.jsonl          held-out solution loss before/after (reported)
 Writes:
     artifacts/compress/                the compressed family (low-rank factors in config.lowrank_ranks)
     metrics/compress.json              added_params_before/after/reduction, ratio, per exit `exit_<d>`
                                        losses before/after and relative changes, within_budget
     reports/compress/decompose_report.json  per-matrix rank, allocated ratio and truncation loss
+    reports/compress/heal_selection.json    ids of the documents/rows of the healing-decision set
+                                            and of the healing rows (checked disjoint)
     plots/compress/compress.png + allocation.csv + heal_loss.csv
 
 What happens, in order:
@@ -23,27 +26,45 @@ What happens, in order:
 2. Held-out losses of every member before compression: next-token CE on `loss_batches` x `batch_size`
    packed `seq_len`-token blocks of corpus_val, and on the assistant turns of the first
    `loss_batches` x `batch_size` eval problems under the chat template (tasks/evaluate.py helpers).
-3. `ruyi_model.dae.decompose(model, ratio, calibration, allocation, include_head, exit_layer=d)`:
+   These are the reported figures; they never influence what the stage publishes.
+3. The healing-decision ("selection") set, carved deterministically out of the training data and
+   used for nothing else: (a) corpus_train documents whose text is not in corpus_val, taken in
+   the order of sha256(text) until they fill `loss_batches` x `batch_size` packed `seq_len`-token
+   blocks; (b) the first `loss_batches` x `batch_size` sft.jsonl rows, in the order of
+   sha256(id), whose question (`tasks.mathgen.normalize_question`) and id are not in eval.jsonl.
+   Both are removed from the calibration data and from the healing data, so the decision is made on
+   text that neither the decomposition, nor the fine-tune, nor the reported evaluation sees
+   (`reports/compress/heal_selection.json` lists the ids; disjoint by construction, tested). The
+   slice is carved whether or not healing runs, so the decomposition does not depend on heal_steps.
+4. `ruyi_model.dae.decompose(model, matrix_ratio, calibration, allocation, include_head, exit_layer=d)`:
    activation-aware (whitened) SVD of every linear of the DaE blocks and, with `include_head`, the
    member's head, ranks allocated per matrix type from each matrix's truncation loss (loss_aware).
+   `ratio` is the fraction of the *added parameters* to remove (the paper's "-40% of the added
+   parameters"); the norms of the DaE blocks (and the head with `include_head: false`) stay dense,
+   so the decomposed matrices are asked for `matrix_ratio = ratio * added / decomposable` (at most
+   the largest removable share, else an error naming compress.ratio). Each matrix's integer rank is
+   rounded down, so `added_params_reduction >= ratio` holds; the stage checks it.
    Calibration: `calibration_batches` batches of `batch_size` blocks of `seq_len` tokens; a share
    `calibration_sft_fraction` of the blocks is packed from SFT chat text (the member was SFT/RL-tuned
    on math chat, so its activations on that format are what the truncation should preserve; the paper
    does not say what it calibrated on), the rest from corpus_train (general text, the CPT
-   distribution). Documents are taken in a seeded random order (`seed`).
-4. Optional healing (`heal_steps` > 0): AdamW (`heal_lr`, no weight decay, grad clip 1.0) on the CE of
-   the DaE member on SFT chat examples (assistant tokens only), batches of `batch_size` drawn with a
-   seeded generator. Trainable: the low-rank factors of the DaE member and its final norm, nothing
-   else (a subset of `ruyi_model.dae.dae_trainable_parameters`): every other member, and the member's
-   own branch layer, backbone and embedding, stay bit-identical. This is checked after the stage
-   (`tasks.training.members_unchanged`: every parameter outside the DaE member's blocks, norm and head,
-   and the other members' logits on a calibration batch, with torch.equal; a violation is an error),
-   and the other members' relative loss changes are 0.0 exactly. Healing is kept only if it does not
-   make the member worse on the held-out data (corpus and eval solutions, worst case); otherwise the
-   decomposed factors are restored (`heal_kept` in the metrics). In the tiny chain, 20 steps at
-   `heal_lr` 1e-3 on SFT text raised the general-text loss by 22% while the decomposition alone cost
-   +0.004%: an unconditional fine-tune would have been the wrong default.
-5. Losses after; per exit the relative change (after - before) / before on each held-out set
+   distribution), both without the selection slice. Documents are taken in a seeded random order
+   (`seed`).
+5. Optional healing (`heal_steps` > 0): AdamW (`heal_lr`, no weight decay, grad clip 1.0) on the CE of
+   the DaE member on SFT chat examples (assistant tokens only; the selection rows excluded), batches
+   of `batch_size` drawn with a seeded generator. Trainable: the low-rank factors of the DaE member
+   and its final norm, nothing else (a subset of `ruyi_model.dae.dae_trainable_parameters`): every
+   other member, and the member's own branch layer, backbone and embedding, stay bit-identical. This
+   is checked after the stage (`tasks.training.members_unchanged`: every parameter outside the DaE
+   member's blocks, norm and head, and the other members' logits on a calibration batch, with
+   torch.equal; a violation is an error), and the other members' relative loss changes are 0.0
+   exactly. Healing is kept only if it does not make the member worse on the selection set (its
+   corpus and SFT-solution losses, worst case: `heal_selection` in the metrics holds both losses
+   before and after healing); otherwise the decomposed factors are restored (`heal_kept`). In the
+   tiny chain an unconditional 20-step fine-tune at `heal_lr` 1e-3 on SFT text raised the
+   general-text loss by about 22%, far more than the decomposition itself cost (benchmarks/RESULTS.md
+   has the figures of the recorded run): an unconditional fine-tune would have been the wrong default.
+6. Losses after; per exit the relative change (after - before) / before on each held-out set
    (`loss_relative_change`: corpus_val, `solution_loss_relative_change`: eval solutions) and
    `relative_loss_change` = the larger of the two (what the quality gates check). The DaE member also
    reports `loss_decomposed` / `solution_loss_decomposed`: after the decomposition, before healing.
@@ -54,16 +75,20 @@ Runs on CUDA when available (`tasks.training.device_for_training`), else CPU (bi
 
 "Added parameters" are the parameters of the DaE blocks plus the DaE member's head: the blocks are
 what expansion added, and the head is counted because Ruyi2 decomposes it together with them.
-`added_params_reduction` = 1 - after / before; `ratio` is the requested fraction of the decomposed
-matrices; `achieved_ratio` the fraction the decomposition removed from them (ranks are integers, and
-matrices whose factors would not be smaller stay dense).
+`added_params_reduction` = 1 - after / before (>= `ratio`, the requested fraction of the added
+parameters); `matrix_ratio` is what the decomposed matrices were asked for and `achieved_ratio` the
+fraction the decomposition removed from them (ranks are integers, and matrices whose factors would not
+be smaller stay dense).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tasks.common import (
     StageError,
@@ -109,8 +134,99 @@ def healing_parameters(model, exit_layer: int) -> list[tuple[str, object]]:
     return chosen
 
 
-def calibration_data(params: Params, tokenizer) -> list:
-    """`calibration_batches` LongTensor batches (batch_size x seq_len) mixing corpus_train and SFT chat text."""
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class SelectionSplit:
+    """The healing-decision ("selection") slice carved out of the training data (module docstring, step 3).
+
+    Attributes:
+        corpus_texts: corpus_train texts for calibration (the selection documents removed), file order.
+        sft_rows: sft.jsonl rows for calibration and healing (the selection rows removed), file order.
+        selection_corpus: the selection documents, in packing order.
+        selection_sft: the selection SFT rows, in order.
+        corpus_blocks: the selection documents packed into `loss_batches` x `batch_size` blocks.
+    """
+
+    corpus_texts: list[str]
+    sft_rows: list[dict[str, Any]]
+    selection_corpus: list[dict[str, Any]]
+    selection_sft: list[dict[str, Any]]
+    corpus_blocks: Any = None
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def carve_selection(params: Params, tokenizer, corpus_rows: list[dict], sft_rows: list[dict],
+                    val_rows: list[dict], eval_rows: list[dict]) -> SelectionSplit:
+    """Carves the healing-decision set out of corpus_train and sft.jsonl (deterministic, order-independent).
+
+    Documents whose text is in corpus_val and SFT rows whose id or normalised question is in eval.jsonl
+    are never chosen, so the set is disjoint from the reported held-out sets by construction; what is
+    chosen is removed from the calibration and healing data. Errors name the file and the parameters.
+    """
+    from tasks.mathgen import normalize_question
+    from tasks.training import pack_documents, tokenize_texts
+
+    cfg = params.compress
+    n = cfg.loss_batches * cfg.batch_size
+    train_file, sft_file = validated_path(params, "corpus_train.jsonl"), validated_path(params, "sft.jsonl")
+
+    val_texts = {r["text"].strip() for r in val_rows}
+    order = sorted((i for i, r in enumerate(corpus_rows) if r["text"].strip() not in val_texts),
+                   key=lambda i: (_sha(corpus_rows[i]["text"]), i))
+    chosen, token_lists, tokens, need = [], [], 0, n * cfg.seq_len
+    for start in range(0, len(order), 64):
+        part = order[start:start + 64]
+        ids = tokenize_texts(tokenizer, [corpus_rows[i]["text"] for i in part], desc="tokenize selection")
+        for i, t in zip(part, ids):
+            if tokens >= need:
+                break
+            chosen.append(i)
+            token_lists.append(t)
+            tokens += len(t) + 1
+        if tokens >= need:
+            break
+    blocks = pack_documents(token_lists, tokenizer.eos_token_id, cfg.seq_len)
+    if blocks.shape[0] < n or len(chosen) >= len(corpus_rows):
+        raise StageError(f"{train_file}: too little text outside corpus_val for the healing-decision set "
+                         f"({n} blocks of {cfg.seq_len} tokens = compress.loss_batches x compress.batch_size) "
+                         "plus calibration text; lower compress.loss_batches, compress.batch_size or compress.seq_len")
+    blocks = blocks[:n]
+
+    eval_ids = {str(r["id"]) for r in eval_rows}
+    eval_questions = {normalize_question(str(r["question"])) for r in eval_rows}
+    candidates = sorted((i for i, r in enumerate(sft_rows)
+                         if str(r["id"]) not in eval_ids and normalize_question(r["prompt"]) not in eval_questions),
+                        key=lambda i: (_sha(str(sft_rows[i]["id"])), i))
+    sft_chosen = candidates[:n]
+    if len(sft_chosen) < n or len(sft_chosen) >= len(sft_rows):
+        raise StageError(f"{sft_file}: {len(candidates)} of {len(sft_rows)} rows are not eval.jsonl problems; the "
+                         f"healing-decision set needs {n} (compress.loss_batches x compress.batch_size) and "
+                         "calibration/healing needs at least one more; lower compress.loss_batches or "
+                         "compress.batch_size")
+    sel_corpus, sel_sft = set(chosen), set(sft_chosen)
+    split = SelectionSplit(
+        corpus_texts=[r["text"] for i, r in enumerate(corpus_rows) if i not in sel_corpus],
+        sft_rows=[r for i, r in enumerate(sft_rows) if i not in sel_sft],
+        selection_corpus=[corpus_rows[i] for i in chosen],
+        selection_sft=[sft_rows[i] for i in sft_chosen],
+        corpus_blocks=blocks)
+    split.report = {
+        "rule": "corpus_train docs not in corpus_val, by sha256(text); sft rows not in eval.jsonl (id or "
+                "normalised question), by sha256(id); both excluded from calibration and healing",
+        "corpus_train_ids": [str(r["id"]) for r in split.selection_corpus],
+        "sft_ids": [str(r["id"]) for r in split.selection_sft],
+        "healing_sft_ids": [str(r["id"]) for r in split.sft_rows],
+        "calibration_corpus_documents": len(split.corpus_texts),
+    }
+    return split
+
+
+def calibration_data(params: Params, tokenizer, corpus_texts: list[str], sft_rows: list[dict]) -> list:
+    """`calibration_batches` LongTensor batches (batch_size x seq_len) mixing corpus_train and SFT chat text
+    (`corpus_texts`, `sft_rows`: what `carve_selection` left for calibration)."""
     import torch
 
     cfg = params.compress
@@ -120,12 +236,12 @@ def calibration_data(params: Params, tokenizer) -> list:
     parts = []
     if total - n_sft > 0:
         path = validated_path(params, "corpus_train.jsonl")
-        texts = [r["text"] for r in read_corpus(path)]
+        texts = list(corpus_texts)
         rng.shuffle(texts)
         parts.append((path, total - n_sft, texts))
     if n_sft > 0:
         path = validated_path(params, "sft.jsonl")
-        rows = read_sft(path)
+        rows = list(sft_rows)
         rng.shuffle(rows)
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]},
                                                 {"role": "assistant", "content": r["response"]}], tokenize=False)
@@ -133,12 +249,32 @@ def calibration_data(params: Params, tokenizer) -> list:
         parts.append((path, n_sft, texts))
     blocks = []
     for path, wanted, texts in parts:
+        if not texts:
+            raise StageError(f"{path}: no text left for calibration after the healing-decision set; lower "
+                             "compress.loss_batches or compress.batch_size")
         got = first_blocks(tokenizer, texts, cfg.seq_len, wanted, path)
         if got.shape[0] < wanted:
             raise StageError(f"{path}: too little text for {wanted} calibration blocks of {cfg.seq_len} tokens "
-                             f"(got {got.shape[0]}); lower compress.calibration_batches or compress.seq_len")
+                             f"(got {got.shape[0]}; the healing-decision set is excluded); lower "
+                             "compress.calibration_batches or compress.seq_len")
         blocks.append(got)
     return list(torch.cat(blocks).split(cfg.batch_size))
+
+
+def matrix_ratio_for(model, exit_layer: int, ratio: float, include_head: bool, added: int) -> tuple[float, float]:
+    """(ratio to ask `decompose` for, the largest removable share) so that `ratio` of the `added`
+    parameters go: the decomposable matrices carry the whole reduction (the norms stay dense)."""
+    from ruyi_model.dae import _targets
+    from ruyi_model.modeling import LowRankLinear
+
+    shapes = [tuple(model.get_submodule(p).weight.shape) for p in _targets(model, exit_layer, include_head)
+              if not isinstance(model.get_submodule(p), LowRankLinear)]
+    dense = sum(m * n for m, n in shapes)
+    if dense == 0:
+        return 1.0, 0.0
+    removable = sum(m * n - (m + n) for m, n in shapes) / dense      # every matrix at rank 1
+    # 1e-6 absorbs float noise in the allocation's bisection and the rank epsilon (see ruyi_model.dae).
+    return ratio * added / dense + 1e-6, removable
 
 
 def heldout_losses(model, exits, corpus_batches, solution_batches) -> dict[int, dict[str, float]]:
@@ -265,50 +401,74 @@ def run(params: Params) -> dict:
                          "(decomposing it would change every member); set compress.include_head=false")
     exits = list(mcfg.exit_layers)
 
-    # Held-out sets (the same batches before and after).
+    # Reported held-out sets (the same batches before and after; they decide nothing).
     val_file, eval_file = validated_path(params, "corpus_val.jsonl"), validated_path(params, "eval.jsonl")
+    train_file, sft_file = validated_path(params, "corpus_train.jsonl"), validated_path(params, "sft.jsonl")
     n_heldout = cfg.loss_batches * cfg.batch_size
-    corpus = first_blocks(tokenizer, [r["text"] for r in read_corpus(val_file)], cfg.seq_len, n_heldout, val_file)
+    val_rows = read_corpus(val_file)
+    corpus = first_blocks(tokenizer, [r["text"] for r in val_rows], cfg.seq_len, n_heldout, val_file)
     corpus_batches = fixed_batches({"input_ids": corpus}, cfg.batch_size, cfg.loss_batches)
-    eval_rows = read_jsonl(eval_file, required=("id", "question", "solution"))[:n_heldout]
+    all_eval_rows = read_jsonl(eval_file, required=("id", "question", "solution"))
+    eval_rows = all_eval_rows[:n_heldout]
     solution_batches = fixed_batches(solution_examples(tokenizer, eval_rows, cfg.seq_len, eval_file),
                                      cfg.batch_size, cfg.loss_batches)
-    calibration = calibration_data(params, tokenizer)
+    # The healing-decision set: carved out of the training data, used for nothing else (docstring, step 3).
+    split = carve_selection(params, tokenizer, read_corpus(train_file), read_sft(sft_file), val_rows, all_eval_rows)
+    sel_corpus_batches = fixed_batches({"input_ids": split.corpus_blocks}, cfg.batch_size, cfg.loss_batches)
+    sel_solution_batches = fixed_batches(
+        build_sft_examples(tokenizer, split.selection_sft, cfg.seq_len, str(sft_file))[0], cfg.batch_size,
+        cfg.loss_batches)
+    calibration = calibration_data(params, tokenizer, split.corpus_texts, split.sft_rows)
 
     before = heldout_losses(model, exits, corpus_batches, solution_batches)
     owned = [n for n, _ in dae_trainable_parameters(model, d)]
     probe = calibration[0].to(device)
     snapshot = snapshot_members(model, [e for e in exits if e != d], probe, exclude=owned)
     added_before = added_parameters(model, d)
+    matrix_ratio, removable = matrix_ratio_for(model, d, cfg.ratio, cfg.include_head, added_before)
+    if matrix_ratio >= removable:
+        raise StageError(f"compress.ratio={cfg.ratio}: removing that share of member {d}'s {added_before} added "
+                         f"parameters needs {matrix_ratio:.3f} of its decomposable matrices, but at most "
+                         f"{removable:.3f} can go (include_head={cfg.include_head}); lower compress.ratio"
+                         + ("" if cfg.include_head else " or set compress.include_head=true"))
 
     try:
-        model = decompose(model, ratio=cfg.ratio, calibration=calibration, allocation=cfg.allocation,
+        model = decompose(model, ratio=matrix_ratio, calibration=calibration, allocation=cfg.allocation,
                           include_head=cfg.include_head, exit_layer=d)
     except ValueError as e:
         raise StageError(f"{source}: cannot decompose member {d}: {e}") from None
     report = model.decompose_report.to_dict()
     model.eval()
+    added_after = added_parameters(model, d)
+    if 1.0 - added_after / added_before < cfg.ratio:
+        raise RuntimeError(f"compress: added parameters {added_before} -> {added_after} remove less than "
+                           f"compress.ratio={cfg.ratio} (matrix ratio {matrix_ratio})")
     decomposed = heldout_losses(model, [d], corpus_batches, solution_batches)[d]
 
     heal_losses = []
     heal_kept = None
+    selection = {"corpus_blocks": int(split.corpus_blocks.shape[0]), "sft_rows": len(split.selection_sft),
+                 "decomposed": heldout_losses(model, [d], sel_corpus_batches, sel_solution_batches)[d],
+                 "healed": None, "worst_ratio": None}
     if cfg.heal_steps > 0:
-        sft_file = validated_path(params, "sft.jsonl")
-        examples, _ = build_sft_examples(tokenizer, read_sft(sft_file), cfg.seq_len, str(sft_file))
+        examples, _ = build_sft_examples(tokenizer, split.sft_rows, cfg.seq_len, str(sft_file))
         import torch
 
         saved = {n: p.detach().clone() for n, p in healing_parameters(model, d)}
         heal_losses = heal(model, d, examples, cfg, params.seed)
         model.eval()
-        healed = heldout_losses(model, [d], corpus_batches, solution_batches)[d]
-        # Healing is kept only if it helps on the held-out data (both corpus and solutions, worst case):
-        # a short fine-tune of the factors on SFT text can also pull the member away from general text.
-        heal_kept = max(healed[k] / decomposed[k] for k in ("loss", "solution_loss")) <= 1.0
+        healed = heldout_losses(model, [d], sel_corpus_batches, sel_solution_batches)[d]
+        # Kept only if it does not hurt on the selection set (corpus and SFT solutions, worst case): a short
+        # fine-tune of the factors on SFT text can also pull the member away from general text.
+        worst_ratio = max(healed[k] / selection["decomposed"][k] for k in ("loss", "solution_loss"))
+        heal_kept = worst_ratio <= 1.0
+        selection.update(healed=healed, worst_ratio=worst_ratio)
         if not heal_kept:
             with torch.no_grad():
                 for n, p in healing_parameters(model, d):
                     p.copy_(saved[n])
-            log.warning("healing made member %d worse on held-out data (%s -> %s): discarded", d, decomposed, healed)
+            log.warning("healing made member %d worse on the healing-decision set (%s -> %s): discarded", d,
+                        selection["decomposed"], healed)
     unchanged, changed = members_unchanged(model, snapshot, probe)
     if not unchanged:
         raise RuntimeError(f"compress changed tensors or members outside the DaE member {d}: {changed[:8]}")
@@ -319,6 +479,7 @@ def run(params: Params) -> dict:
     metrics = {
         "dae_exit": d,
         "ratio": cfg.ratio,
+        "matrix_ratio": matrix_ratio,
         "allocation": report["allocation"],
         "achieved_ratio": report["achieved_ratio"],
         "calibration_tokens": report["calibration_tokens"],
@@ -329,6 +490,7 @@ def run(params: Params) -> dict:
         "heal_loss_first": heal_losses[0] if heal_losses else None,
         "heal_loss_last": heal_losses[-1] if heal_losses else None,
         "heal_kept": heal_kept,
+        "heal_selection": selection,
         "max_relative_loss_increase": cfg.max_relative_loss_increase,
     }
     for e in exits:
@@ -355,6 +517,7 @@ def run(params: Params) -> dict:
 
     save_family(model, tokenizer, stage_dir(params, "compress"))
     write_json(Path(params.paths.reports_dir) / "compress" / "decompose_report.json", report)
+    write_json(Path(params.paths.reports_dir) / "compress" / "heal_selection.json", split.report)
     _plot(report, heal_losses, plots_dir(params, "compress"))
     write_metrics(params, "compress", metrics)
     return metrics

@@ -42,12 +42,23 @@ Definitions and design choices:
   small op slower: set OMP_NUM_THREADS accordingly).
 - Timings appear in eval.json (the issue's contract) and in eval_speed.json; eval_quality.json holds
   everything else so that a reproduction can be compared bit for bit.
+- The three metric files are one set: each carries the same `run_id` (eval_quality.json's is the
+  sha256 of its own content without the id, so it stays bitwise reproducible; the other two copy
+  it). They are written as temporary siblings first, then eval.json is removed, eval_quality.json and
+  eval_speed.json are renamed into place and eval.json is renamed last. Whatever point a crash
+  interrupts, eval.json is either absent or belongs to the same run as the other two, and
+  `metric_set_consistent` (all three present with one run_id) tells a complete set from a partial
+  one; DVC reruns the stage when any of them is missing or differs from dvc.lock.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -62,7 +73,6 @@ from tasks.common import (
     stage_dir,
     stage_main,
     write_jsonl,
-    write_metrics,
 )
 from tasks.params import Params
 from tasks.training import read_corpus
@@ -236,6 +246,50 @@ def plot_tradeoff(rows: list[dict[str, Any]], out_dir: Path) -> None:
     plt.close(fig)
 
 
+METRIC_SET = ("eval_quality.json", "eval_speed.json", "eval.json")   # in the order they are put in place
+
+
+def _dump(obj: dict) -> str:
+    from tasks.common import _json_default
+
+    return json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
+
+
+def write_metric_set(metrics_dir: Path, quality: dict, speed: dict, combined: dict) -> str:
+    """Writes eval_quality.json, eval_speed.json and eval.json as one set (see the module docstring);
+    returns the set's run_id."""
+    run_id = hashlib.sha256(_dump(quality).encode()).hexdigest()[:16]
+    texts = [_dump({**obj, "run_id": run_id}) for obj in (quality, speed, combined)]
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmps = [metrics_dir / f".{name}.tmp-{tag}" for name in METRIC_SET]
+    try:
+        for tmp, text in zip(tmps, texts):
+            with open(tmp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        (metrics_dir / "eval.json").unlink(missing_ok=True)      # from here on, no eval.json of another run
+        for tmp, name in zip(tmps, METRIC_SET):
+            os.replace(tmp, metrics_dir / name)                     # eval.json last
+    finally:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+    return run_id
+
+
+def metric_set_consistent(metrics_dir: str | Path) -> bool:
+    """True when eval_quality.json, eval_speed.json and eval.json are all present and from one run."""
+    ids = set()
+    for name in METRIC_SET:
+        path = Path(metrics_dir) / name
+        try:
+            ids.add(json.loads(path.read_text()).get("run_id"))
+        except (OSError, ValueError, AttributeError):
+            return False
+    return len(ids) == 1 and None not in ids
+
+
 def run(params: Params) -> dict:
     """Evaluates every exit of `evaluate.checkpoint`; returns the content of metrics/eval.json."""
     import torch
@@ -274,9 +328,7 @@ def run(params: Params) -> dict:
     metrics = {**quality, **{f"exit_{d}": {**quality[f"exit_{d}"],
                                            "tokens_per_s": speed[d]["tokens_per_s"],
                                            "ms_per_token": speed[d]["ms_per_token"]} for d in exits}}
-    write_metrics(params, "eval_quality", quality)
-    write_metrics(params, "eval_speed", speed_metrics)
-    write_metrics(params, "eval", metrics)
+    metrics["run_id"] = write_metric_set(Path(params.paths.metrics_dir), quality, speed_metrics, metrics)
     write_jsonl(Path(params.paths.reports_dir) / "evaluate" / "generations.jsonl", generations)
     rows = [{"exit": d, **metrics[f"exit_{d}"]} for d in exits]
     plot_tradeoff(rows, plots_dir(params, "evaluate"))

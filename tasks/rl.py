@@ -51,12 +51,20 @@ Design choices and deviations:
   evaluation before training, so a resumed run equals an uninterrupted one bitwise on CPU (tested).
   Checkpoints carry a fingerprint of `params.rl` (but `steps`, `checkpoint_every`), the seed,
   rl.jsonl, the SFT checkpoint and the stage's code (tasks/rl.py, tasks/rl_algos.py); one made
-  from different inputs is moved aside to `artifacts/checkpoints/rl.stale-<time>/` with a
-  warning, never resumed.
+  from different inputs is moved aside to `artifacts/checkpoints/rl.stale-<time>-<random hex>/`
+  (unique even for two set-asides within one second) with a warning, never resumed.
 - Timing: `time_s`, `rollout_s`, `train_s` in the curves count training steps only (rollouts,
   losses, optimizer, the KL metric), not evaluation or checkpointing; `wall_time_s` is the whole
-  stage. They are measurements; every other number in metrics/rl.json is reproducible bitwise on
-  CPU with the same torch thread count.
+  stage, cumulative over resumes like `train_time_s` (the earlier processes' time up to the checkpoint
+  resumed from, stored in it, plus this process; work done after that checkpoint by a killed process
+  was redone and is not counted), and `wall_time_this_run_s` this process alone. They are
+  measurements; every other number in metrics/rl.json is reproducible bitwise on CPU with the same
+  torch thread count.
+- Steps without gradient: a BPPO step where no group has a correct/incorrect pair (or a GRPO step
+  where every group's rewards are equal) carries no learning signal; BPPO then takes no optimizer
+  step. The curves' `has_gradient` (1/0) marks them, and every member's metrics count
+  `steps_with_gradient` and `skipped_steps`. `benchmarks/bppo_vs_grpo.py` counts only steps with
+  gradient as optimizer steps to the target.
 - A checkpoint stores the whole model (simple and robust; with `members: dae` only the DaE
   parameters change, so a paper-scale run could store just those).
 """
@@ -69,6 +77,7 @@ import json
 import logging
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,7 +100,8 @@ from tasks.params import Params, RLParams
 log = logging.getLogger("ruyi.rl")
 
 CURVE_KEYS = ("reward", "accuracy", "length", "kl", "budget", "tokens_generated", "trained_tokens",
-              "loss", "clip_ratio", "pairs", "skipped_groups", "truncated", "rollout_s", "train_s", "time_s")
+              "loss", "clip_ratio", "pairs", "skipped_groups", "has_gradient", "truncated", "rollout_s", "train_s",
+              "time_s")
 
 
 # --- members and parameters ------------------------------------------------------------------
@@ -294,10 +304,14 @@ class RLTrainer:
         shortest_correct: list[int] = []
         if cfg.algorithm == "grpo":
             batch = TrainBatch(prompt_ids, prompt_mask, comp, cmask, cmask, adv, float(cmask.sum()))
+            # Every group degenerate (all rewards equal): no advantage signal, the loss carries no gradient.
+            r = rewards.view(-1, g)
+            stats["has_gradient"] = float(bool((r.max(1).values != r.min(1).values).any()))
         else:
             sel = bppo_select(correct, lengths, g)
             shortest_correct = sel.shortest_correct
-            stats.update(pairs=float(len(sel.pairs)), skipped_groups=float(sel.skipped))
+            stats.update(pairs=float(len(sel.pairs)), skipped_groups=float(sel.skipped),
+                         has_gradient=float(bool(sel.pairs)))
             if not sel.pairs:
                 return None, stats, shortest_correct
             rows_idx = torch.tensor(sel.rows)
@@ -459,7 +473,8 @@ def try_resume(root: Path, trainer: RLTrainer, fp: str) -> dict[str, Any] | None
     latest = ckpts[-1]
     state = json.loads((latest / "state.json").read_text())
     if state.get("fingerprint") != fp:
-        stale = root.with_name(f"{root.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+        # Time for the reader, a random suffix for uniqueness (two set-asides within one second).
+        stale = root.with_name(f"{root.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
         log.warning("checkpoint %s was made from different params, data, SFT model or code; moving %s aside to %s and "
                     "starting from scratch", latest, root, stale)
         root.rename(stale)
@@ -551,6 +566,8 @@ def run(params: Params) -> dict[str, Any]:
     fp = fingerprint(params, rl_path, sft_dir)
     state = try_resume(ckpt_root, trainer, fp)
     resumed_from = trainer.step_index if state is not None else None
+    # Wall time of the earlier processes up to the checkpoint resumed from (work after it was redone).
+    prior_wall_s = float(state.get("wall_time_s", 0.0)) if state is not None else 0.0
     if state is not None:
         before = {int(d): v for d, v in state["eval_before"].items()}
     else:
@@ -563,7 +580,8 @@ def run(params: Params) -> dict[str, Any]:
         bar.set_postfix(reward=f"{first['reward']:.3f}", len=f"{first['length']:.1f}", kl=f"{first['kl']:.4f}")
         if cfg.checkpoint_every and trainer.step_index % cfg.checkpoint_every == 0 and trainer.step_index < cfg.steps:
             save_checkpoint(ckpt_root, trainer, {"fingerprint": fp,
-                                                 "eval_before": {str(d): v for d, v in before.items()}})
+                                                 "eval_before": {str(d): v for d, v in before.items()},
+                                                 "wall_time_s": prior_wall_s + time.perf_counter() - t_start})
     # DVC declares the checkpoint directory as an output: it exists even when no checkpoint was due.
     ckpt_root.mkdir(parents=True, exist_ok=True)
     after = evaluate_members(model, tokenizer, eval_rows, members, cfg.max_new_tokens, cfg.format_reward)
@@ -583,8 +601,11 @@ def run(params: Params) -> dict[str, Any]:
             "train_reward_last": hist[-1]["reward"] if hist else None,
             "mean_response_length": mean([h["length"] for h in hist]) if hist else None,
             "tokens_generated": sum(h["tokens_generated"] for h in hist),
+            "steps_with_gradient": int(sum(h["has_gradient"] for h in hist)),
+            "skipped_steps": int(sum(1 - h["has_gradient"] for h in hist)),
             "curves": {k: [h[k] for h in hist] for k in ("step", *CURVE_KEYS)},
         }
+    this_run_s = time.perf_counter() - t_start
     metrics = {
         "algorithm": cfg.algorithm,
         "members": members,
@@ -597,7 +618,8 @@ def run(params: Params) -> dict[str, Any]:
         "eval_prompts": len(eval_rows),
         "train_time_s": trainer.elapsed_s,
         "resumed_from_step": resumed_from,
-        "wall_time_s": time.perf_counter() - t_start,
+        "wall_time_s": prior_wall_s + this_run_s,
+        "wall_time_this_run_s": this_run_s,
         **per_member,
     }
     write_metrics(params, "rl", metrics)

@@ -290,6 +290,41 @@ def test_speed_plot_and_reproducible_quality(evaluated):
     assert (root / "metrics/eval_quality.json").read_bytes() == before
 
 
+def test_metric_files_are_one_consistent_set(evaluated, tmp_path):
+    from tasks.evaluate import METRIC_SET, main, metric_set_consistent
+
+    root = evaluated
+    metrics_dir = root / "metrics"
+    ids = {_read(root, name)["run_id"] for name in METRIC_SET}
+    assert len(ids) == 1 and metric_set_consistent(metrics_dir)
+    assert not list(metrics_dir.glob(".*tmp*"))   # no temporary siblings left behind
+
+    # A partial set is told apart from a complete one.
+    partial = tmp_path / "partial"
+    shutil.copytree(metrics_dir, partial)
+    speed = json.loads((partial / "eval_speed.json").read_text())
+    (partial / "eval_speed.json").write_text(json.dumps({**speed, "run_id": "another run"}))
+    assert not metric_set_consistent(partial)
+    (partial / "eval.json").unlink()
+    assert not metric_set_consistent(partial)
+
+    # A run that fails while putting the set in place (here: eval.json cannot be replaced) leaves no
+    # eval.json of its own and no temporaries; the next run writes a complete set again.
+    out = tmp_path / "m"
+    (out / "eval.json").mkdir(parents=True)
+    (out / "eval.json" / "blocker").write_text("x")
+    args = ["--params", str(root / "params.yaml"), "--set", f"paths.metrics_dir={out}",
+            "--set", "evaluate.num_problems=2"]
+    with pytest.raises(IsADirectoryError):
+        main(args)
+    assert not metric_set_consistent(out) and not list(out.glob(".*tmp*"))
+    shutil.rmtree(out / "eval.json")
+    assert main(args) == 0
+    assert metric_set_consistent(out)
+    run_ids = [json.loads((out / name).read_text())["run_id"] for name in METRIC_SET]
+    assert len(set(run_ids)) == 1
+
+
 def test_checkpoint_parameter_selects_another_stage(evaluated):
     from tasks.evaluate import main
 

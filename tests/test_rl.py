@@ -462,3 +462,138 @@ def test_bad_inputs_name_the_file(micro, tmp_path):
     with pytest.raises(Exception, match="budget_min_tokens"):
         load_params(write_workspace(tmp_path / "p", None, [], {"rl.bppo.budget_min_tokens": 9}))
     assert not (tmp_path / "bad" / "artifacts" / "rl").exists()
+
+
+# --- members, skipped steps, timing, set-asides -------------------------------------------------------
+
+
+def _check_member_curves(metrics: dict, d: int, steps: int, format_reward: float) -> dict:
+    """Every per-step curve has one value per step; the sampled accuracy is consistent with the reward
+    (reward = accuracy + format_reward * share of well-formed responses)."""
+    curves = metrics[f"exit_{d}"]["curves"]
+    for key in ("reward", "accuracy", "length", "kl", "has_gradient"):
+        assert len(curves[key]) == steps, key
+    for acc, reward in zip(curves["accuracy"], curves["reward"]):
+        assert 0.0 <= acc <= 1.0 and acc - 1e-6 <= reward <= acc + format_reward + 1e-6
+    assert metrics[f"exit_{d}"]["steps_with_gradient"] == sum(curves["has_gradient"])
+    assert metrics[f"exit_{d}"]["skipped_steps"] == steps - sum(curves["has_gradient"])
+    if metrics["algorithm"] == "bppo":
+        assert curves["has_gradient"] == [float(p > 0) for p in curves["pairs"]]
+        assert all(t == 0 for t, g in zip(curves["trained_tokens"], curves["has_gradient"]) if not g)
+    return curves
+
+
+def test_stage_bppo_all_members_records_accuracy_per_member(micro, tmp_path):
+    from tasks.rl import main
+
+    params_file = write_workspace(tmp_path, micro[2], rl_rows(20), {"rl.members": "all", "rl.steps": 3})
+    assert main(["--params", str(params_file)]) == 0
+    metrics = json.loads((tmp_path / "metrics" / "rl.json").read_text())
+    assert metrics["algorithm"] == "bppo" and metrics["members"] == [1, 2]
+    curves = {d: _check_member_curves(metrics, d, 3, 0.1) for d in (1, 2)}
+    # Each member samples its own rollouts: the two accuracy curves are recorded separately.
+    assert curves[1]["length"] != curves[2]["length"]
+    lines = (tmp_path / "plots" / "rl" / "curves.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    assert "accuracy" in header and "has_gradient" in header and len(lines) == 1 + 2 * 3
+    acc_col = header.index("accuracy")
+    for d in (1, 2):
+        rows = [line.split(",") for line in lines[1:] if line.split(",")[1] == f"exit_{d}"]
+        assert [float(r[acc_col]) for r in rows] == pytest.approx(curves[d]["accuracy"], abs=1e-6)
+    assert metrics["trainable_params"] == sum(p.numel() for p in load_family(micro[2])[0].parameters())
+
+
+def test_stage_members_as_a_list_of_exits(micro, tmp_path):
+    from tasks.rl import main
+
+    params_file = write_workspace(tmp_path, micro[2], rl_rows(20), {"rl.members": [2], "rl.steps": 2})
+    assert main(["--params", str(params_file)]) == 0
+    metrics = json.loads((tmp_path / "metrics" / "rl.json").read_text())
+    assert metrics["members"] == [2] and "exit_1" not in metrics
+    _check_member_curves(metrics, 2, 2, 0.1)
+    from tasks.params import ParamsError
+
+    with pytest.raises(ParamsError, match=r"rl\.members \[3\] are not in model\.exit_layers"):
+        load_params(write_workspace(tmp_path / "bad", micro[2], rl_rows(20), {"rl.members": [3]}))
+
+
+def test_bppo_steps_without_a_pair_are_counted_and_take_no_optimizer_step(micro):
+    """An answer the model never produces: no group has a correct response, so every BPPO step is
+    skipped (no pair, no optimizer step, weights unchanged) and the metrics say so."""
+    from tasks.rl import RLTrainer, resolve_members, trainable_parameters
+
+    tok = micro[0]
+    model = fresh_model(micro)
+    rows = [{**r, "answer": "12345"} for r in rl_rows(12)]
+    cfg = RLParams(algorithm="bppo", steps=3, prompts_per_step=2, group_size=4, max_new_tokens=8, eval_prompts=1)
+    members = resolve_members(model.config, "dae")
+    trainer = RLTrainer(model, tok, rows, cfg, members=members, trainable=trainable_parameters(model, "dae", members),
+                        seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for _ in range(3):
+        trainer.step()
+    hist = trainer.history[1]
+    assert [h["has_gradient"] for h in hist] == [0.0, 0.0, 0.0]
+    assert all(h["pairs"] == 0 and h["skipped_groups"] == 2 and h["trained_tokens"] == 0 for h in hist)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_benchmark_steps_to_target_skip_steps_without_gradient_and_short_runs():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bppo_vs_grpo", Path(__file__).parents[1] / "benchmarks/bppo_vs_grpo.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def hist(rewards, grads):
+        return [{"reward": r, "has_gradient": g, "time_s": 1.0 * (i + 1), "rollout_s": 0.5, "train_s": 0.5,
+                 "length": 10.0, "tokens_generated": 40.0, "trained_tokens": 8.0} for i, (r, g) in
+                enumerate(zip(rewards, grads))]
+
+    ev = {"reward": 0.5, "accuracy": 0.5}
+    results = {"grpo": {"history": hist([0.0, 0.2, 0.4, 0.6, 1.0], [1] * 5), "before": ev, "after": ev},
+               "bppo": {"history": hist([0.0, 0.0, 0.0, 0.6, 1.0], [0, 0, 0, 1, 1]), "before": ev,
+                        "after": {"reward": 0.5, "accuracy": 0.47}}}
+    out = bench.summarize_member(results, window=1, target=0.6, acc_tol=0.02)
+    g, b = out["runs"]["grpo"], out["runs"]["bppo"]
+    assert g["steps_to_target"] == 4 and b["sampled_steps_to_target"] == 4
+    assert b["steps_to_target"] == 1 and b["skipped_steps"] == 3   # three steps without gradient: no progress
+    assert b["speedup_steps"] == 4.0 and b["speedup_time"] == 1.0
+    assert b["equal_final_accuracy"] is False and b["final_accuracy_diff"] == pytest.approx(-0.03)
+    assert bench.summarize_member(results, 1, 0.6, acc_tol=0.05)["runs"]["bppo"]["equal_final_accuracy"] is True
+    # A window longer than the run (--steps < --window) is capped instead of raising IndexError.
+    short = bench.summarize_member(results, window=10, target=None)
+    assert short["window"] == 5 and short["requested_window"] == 10
+    # Every member is summarised.
+    both = bench.summarize({n: {"members": {1: r, 2: r}} for n, r in results.items()}, 1, 0.6)
+    assert sorted(both["members"]) == ["exit_1", "exit_2"]
+
+
+def test_stale_set_aside_is_unique_within_one_second(tmp_path):
+    from tasks.rl import try_resume
+
+    root = tmp_path / "checkpoints" / "rl"
+    for _ in range(3):
+        (root / "step_000001").mkdir(parents=True)
+        (root / "step_000001" / "state.json").write_text(json.dumps({"fingerprint": "old"}))
+        assert try_resume(root, None, "new") is None   # stale: moved aside before the trainer is touched
+        assert not root.exists()
+    assert len(list((tmp_path / "checkpoints").glob("rl.stale-*"))) == 3
+
+
+def test_wall_time_is_cumulative_across_resumes(micro, tmp_path):
+    from tasks.rl import main
+
+    params = write_workspace(tmp_path, micro[2], rl_rows(20), {"rl.steps": 3, "rl.checkpoint_every": 2})
+    assert main(["--params", str(params)]) == 0
+    first = json.loads((tmp_path / "metrics" / "rl.json").read_text())
+    assert first["wall_time_s"] == first["wall_time_this_run_s"]
+    state = json.loads((tmp_path / "artifacts/checkpoints/rl/step_000002/state.json").read_text())
+    assert 0 < state["wall_time_s"] < first["wall_time_s"]
+    assert main(["--params", str(params), "--set", "rl.steps=4"]) == 0
+    resumed = json.loads((tmp_path / "metrics" / "rl.json").read_text())
+    assert resumed["resumed_from_step"] == 2
+    assert resumed["wall_time_s"] == pytest.approx(state["wall_time_s"] + resumed["wall_time_this_run_s"], abs=1e-9)
+    assert resumed["wall_time_s"] > resumed["wall_time_this_run_s"]
+    assert resumed["train_time_s"] > state["elapsed_s"]   # train time: cumulative too
