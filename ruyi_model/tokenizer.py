@@ -21,12 +21,35 @@ Design (follows Qwen2/Qwen3's tokenizer where it matters, at a tiny vocabulary):
   `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, and `<|im_start|>assistant\\n` when
   `add_generation_prompt=True`.
 - Padding side stays "right" (training); batched generation sets `tokenizer.padding_side = "left"`.
+
+Adopting a checkpoint's tokenizer (`adopt_tokenizer(path)`, used when `model.init_from` starts the
+family from a stock checkpoint, whose embeddings and heads are indexed by *its* token ids): the
+source's own tokenizer is loaded offline and kept as is (vocabulary, merges, normalizer,
+pre-tokenizer, ids); only what the pipeline needs and the source lacks is added: any of the four
+special tokens (new ids after the source's vocabulary; Qwen3 lacks only `<|pad|>`), the eos/pad
+roles (`<|endoftext|>` / `<|pad|>`), and our chat template when the source has none. The special
+tokens of an adopted tokenizer are therefore not at ids 0..3; the contract `load_tokenizer` checks
+is by name (present, special, distinct), never by id.
+
+Fingerprint (`tokenizer_fingerprint`): sha256 of the canonical JSON of what maps text to ids and
+back: the BPE model (vocabulary by id, merges, options), the added tokens (id, content, special),
+normalizer, pre-tokenizer, decoder, and the eos/pad/bos/unk roles. Computed from the loaded tokenizer
+itself (not from file bytes), so it is the same before and after `save_pretrained` + reload, and
+differs for any tokenizer that maps some text to other ids (a different vocabulary of the same size
+included). The chat template is not part of it (it changes the text rendered, not the ids). The
+training stages record it in the model config (`tokenizer_fingerprint`, see `tasks.common`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("ruyi")
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -47,6 +70,8 @@ SPLIT_PATTERN = (
 )
 
 _MIN_VOCAB = len(SPECIAL_TOKENS) + 256
+#: Files one of which a checkpoint directory needs for `adopt_tokenizer` (fast, BPE, SentencePiece).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2):
@@ -119,8 +144,12 @@ def _wrap(tokenizer):
 def load_tokenizer(path: str | Path):
     """Loads a saved tokenizer directory with `AutoTokenizer` (offline) and checks its contract.
 
+    The contract: the four special tokens exist, are special (added) tokens with distinct ids,
+    eos/pad are `<|endoftext|>`/`<|pad|>`, and there is a chat template. Trained tokenizers have
+    them at ids 0..3 (`train_tokenizer`); adopted ones (`adopt_tokenizer`) wherever the source has them.
+
     Returns:
-        The tokenizer `AutoTokenizer.from_pretrained(path)` gives (`TokenizersBackend`).
+        The tokenizer `AutoTokenizer.from_pretrained(path)` gives (`TokenizersBackend` or a subclass).
 
     Raises:
         ValueError: the directory is missing or its special tokens / chat template are not ours.
@@ -130,14 +159,121 @@ def load_tokenizer(path: str | Path):
     path = Path(path)
     if not (path / "tokenizer.json").is_file():
         raise ValueError(f"no tokenizer at {path} (tokenizer.json missing): run the tokenizer stage")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    for expected_id, token in enumerate(SPECIAL_TOKENS):
-        if tokenizer.convert_tokens_to_ids(token) != expected_id:
-            raise ValueError(f"{path}: special token {token} has id {tokenizer.convert_tokens_to_ids(token)}, "
-                             f"expected {expected_id}")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    check_special_tokens(tokenizer, path)
     if tokenizer.eos_token != EOS_TOKEN or tokenizer.pad_token != PAD_TOKEN:
         raise ValueError(f"{path}: eos/pad are {tokenizer.eos_token!r}/{tokenizer.pad_token!r}, "
                          f"expected {EOS_TOKEN!r}/{PAD_TOKEN!r}")
     if not tokenizer.chat_template:
         raise ValueError(f"{path}: the tokenizer has no chat template")
     return tokenizer
+
+
+def _special_ids(tokenizer) -> dict[str, int]:
+    """content -> id of the tokenizer's added tokens marked special."""
+    return {t.content: i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+
+
+def check_special_tokens(tokenizer, where: str | Path) -> None:
+    """Each of SPECIAL_TOKENS must be a special (added, never split) token, with distinct ids.
+
+    Raises:
+        ValueError: naming `where` and the token.
+    """
+    special = _special_ids(tokenizer)
+    vocab = tokenizer.get_vocab()
+    for token in SPECIAL_TOKENS:
+        if token not in vocab:
+            raise ValueError(f"{where}: special token {token} is missing")
+        if token not in special:
+            raise ValueError(f"{where}: {token} (id {vocab[token]}) is not a special token: text containing it "
+                             f"would be split by the BPE")
+    ids = [special[t] for t in SPECIAL_TOKENS]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{where}: special tokens {list(SPECIAL_TOKENS)} share ids {ids}")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 (hex) of the tokenizer's canonical text<->id mapping (see the module docstring)."""
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = dict(state.get("model") or {})
+    vocab = model.pop("vocab", {})
+    if isinstance(vocab, dict):  # BPE/WordPiece: token -> id; ordered by id for a canonical form
+        vocab = sorted(((i, t) for t, i in vocab.items()))
+    merges = model.pop("merges", None)
+    if merges is not None:  # older files store "a b" strings, newer ones ["a", "b"] pairs
+        merges = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in merges]
+    canonical = {
+        "model": model, "vocab": vocab, "merges": merges,
+        "added_tokens": sorted((t["id"], t["content"], bool(t.get("special"))) for t in state.get("added_tokens", [])),
+        "normalizer": state.get("normalizer"), "pre_tokenizer": state.get("pre_tokenizer"),
+        "decoder": state.get("decoder"),
+        "roles": {r: getattr(tokenizer, f"{r}_token", None) for r in ("eos", "pad", "bos", "unk")},
+    }
+    blob = json.dumps(canonical, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def adopt_tokenizer(path: str | Path) -> tuple[Any, dict[str, Any]]:
+    """The tokenizer of a checkpoint directory (`model.init_from`), made to meet the pipeline's contract.
+
+    Loads `AutoTokenizer.from_pretrained(path)` offline, then adds only what it lacks (see the module
+    docstring): missing special tokens, the eos/pad roles, our chat template if it has none.
+    Deterministic: the same source gives the same tokenizer (and fingerprint).
+
+    Returns:
+        (tokenizer, info) with info = {"init_from", "source_class", "source_fingerprint", "source_size",
+        "added_tokens", "roles_set", "chat_template" ("source" or "ruyi")}.
+
+    Raises:
+        ValueError: no loadable tokenizer at `path` (the message names it).
+    """
+    from transformers import AddedToken, AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"model.init_from={path}: not a directory")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        # AutoTokenizer would build an empty tokenizer of the config's model type instead of failing
+        raise ValueError(f"model.init_from={path}: cannot load the checkpoint's tokenizer: none of "
+                         f"{', '.join(TOKENIZER_FILES)} is there; the family must keep the checkpoint's token ids")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # transformers raises OSError/ValueError/TypeError/KeyError for bad or missing files
+        raise ValueError(f"model.init_from={path}: cannot load the checkpoint's tokenizer with AutoTokenizer "
+                         f"({type(e).__name__}: {e}); the family must keep the checkpoint's token ids") from None
+    if not getattr(tokenizer, "is_fast", False) or not hasattr(tokenizer, "backend_tokenizer"):
+        raise ValueError(f"model.init_from={path}: the tokenizer ({type(tokenizer).__name__}) is not a fast "
+                         f"(tokenizers) tokenizer")
+    if len(tokenizer) < 256:
+        raise ValueError(f"model.init_from={path}: its tokenizer has only {len(tokenizer)} tokens: empty or "
+                         f"truncated tokenizer files")
+    info: dict[str, Any] = {"init_from": str(path), "source_class": type(tokenizer).__name__,
+                            "source_fingerprint": tokenizer_fingerprint(tokenizer), "source_size": len(tokenizer)}
+    vocab = tokenizer.get_vocab()
+    special = _special_ids(tokenizer)
+    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+    plain = [t for t in SPECIAL_TOKENS if t in vocab and t not in special]
+    if plain:
+        raise ValueError(f"model.init_from={path}: {plain} are ordinary tokens of its tokenizer, not special ones; "
+                         f"the pipeline cannot use them as control tokens")
+    if missing:
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
+    roles = {}
+    if tokenizer.eos_token != EOS_TOKEN:
+        roles["eos"] = [tokenizer.eos_token, EOS_TOKEN]
+        tokenizer.eos_token = EOS_TOKEN
+    if tokenizer.pad_token != PAD_TOKEN:
+        roles["pad"] = [tokenizer.pad_token, PAD_TOKEN]
+        tokenizer.pad_token = PAD_TOKEN
+    source_template = bool(tokenizer.chat_template)
+    if not source_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.padding_side = "right"
+    check_special_tokens(tokenizer, path)
+    info.update({"added_tokens": {t: tokenizer.convert_tokens_to_ids(t) for t in missing}, "roles_set": roles,
+                 "chat_template": "source" if source_template else "ruyi"})
+    if missing or roles:
+        log.info("adopted the tokenizer of %s (%d tokens): added %s, set roles %s", path, info["source_size"],
+                 info["added_tokens"] or "nothing", roles or "none")
+    return tokenizer, info

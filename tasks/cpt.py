@@ -13,6 +13,10 @@ and eos ids from the tokenizer; generation stops at `<|im_end|>` or `<|endoftext
 layers copied from the layer after each exit, heads from the source head); the architecture then
 comes from the checkpoint (the shape fields of `params.model` are not used; `exit_layers`,
 `exit_branch_layers`, `shared_heads` and `loss_impl` are), and its vocabulary must cover the tokenizer.
+With `model.init_from`, `artifacts/tokenizer` must be that checkpoint's own tokenizer as the tokenizer
+stage adopts it (`check_source_tokenizer`, by fingerprint): a tokenizer trained here would index the
+checkpoint's embeddings and heads under other ids. The saved model records the tokenizer's
+fingerprint in its config (`tasks.common.save_family`).
 
 The loss: `sum_k w_k(t) CE_k` over every member from one backbone pass, the weights following
 `cpt.exit_weights` (tasks/training.py `exit_weights_at`; default: the deepest member 1.0, the
@@ -40,7 +44,7 @@ from typing import Any
 from tasks import training
 from tasks.common import (
     StageError,
-    check_tokenizer_matches,
+    check_tokenizer_size,
     checkpoint_dir,
     log,
     plots_dir,
@@ -49,6 +53,7 @@ from tasks.common import (
     seed_everything,
     stage_dir,
     stage_main,
+    tokenizer_fingerprint,
     write_metrics,
 )
 from tasks.params import Params, ParamsError
@@ -80,6 +85,28 @@ def set_generation_tokens(model, tokenizer) -> None:
     model.generation_config.bos_token_id = None
 
 
+def check_source_tokenizer(tokenizer, src: Path, tok_dir: Path) -> None:
+    """With `model.init_from`, the pipeline tokenizer must be the checkpoint's own (as the tokenizer stage
+    adopts it), or its embeddings and heads would be read under other token ids.
+
+    Raises:
+        StageError: no loadable tokenizer at `src`, or `tokenizer` (from `tok_dir`) is another one; the
+            message names both directories and both fingerprints.
+    """
+    from ruyi_model.tokenizer import adopt_tokenizer
+
+    try:
+        expected, info = adopt_tokenizer(src)
+    except ValueError as e:
+        raise StageError(str(e)) from None
+    want, got = tokenizer_fingerprint(expected), tokenizer_fingerprint(tokenizer)
+    if want != got:
+        raise StageError(f"{tok_dir} is not the tokenizer of model.init_from={src} (fingerprint {got}, expected "
+                         f"{want} = the checkpoint's tokenizer, {info['source_size']} tokens, as the tokenizer stage "
+                         f"adopts it): rerun the tokenizer stage with the same model.init_from so the token ids "
+                         f"match the checkpoint's embeddings")
+
+
 def build_family(params: Params, tokenizer):
     """A fresh FamilialForCausalLM from `params.model` (or `from_qwen3` with `model.init_from`).
 
@@ -95,7 +122,8 @@ def build_family(params: Params, tokenizer):
                                                    shared_heads=m.shared_heads, loss_impl=m.loss_impl)
         except (ValueError, OSError) as e:
             raise StageError(f"model.init_from={src}: cannot build the family from it: {e}") from None
-        check_tokenizer_matches(model, tokenizer, src)
+        check_source_tokenizer(tokenizer, src, tokenizer_dir(params))
+        check_tokenizer_size(model, tokenizer, src)
         model.config.pad_token_id = tokenizer.pad_token_id
         model.config.eos_token_id = tokenizer.eos_token_id
     else:

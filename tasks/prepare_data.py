@@ -86,6 +86,7 @@ from tasks.common import (
     atomic_dir,
     log,
     plots_dir,
+    save_figure,
     sha256_file,
     stage_main,
     write_json,
@@ -458,8 +459,7 @@ def _plot(params: Params, train: list[Document], splits: dict[str, list[Problem]
     ax2.set(xlabel="level", ylabel="problems", title="math problems per level", xticks=levels)
     ax2.legend()
     fig.tight_layout()
-    fig.savefig(out / "prepare_data.png", dpi=80)
-    plt.close(fig)
+    save_figure(fig, out / "prepare_data.png", dpi=80)
 
 
 def _write_csv(path: Path, header: list[str], rows: list[tuple]) -> None:

@@ -1,4 +1,5 @@
-"""tokenizer: trains the family's byte-level BPE tokenizer on the validated data.
+"""tokenizer: trains the family's byte-level BPE tokenizer on the validated data, or adopts the tokenizer
+of the checkpoint the family starts from (`model.init_from`).
 
     python -m tasks.tokenizer [--params params.yaml] [--set tokenizer.vocab_size=4096 ...]
     ruyi stage tokenizer ...
@@ -17,6 +18,22 @@ Metrics (`metrics/tokenizer.json`): vocabulary size, merges, tokens per document
 token on the training corpus and on the held-out `corpus_val.jsonl`, and the token length of the
 SFT chat sequences (mean, p95, max; the sequence length of SFT should cover them).
 Plot: `plots/tokenizer/sft_chat_tokens.png` + `.csv` (histogram of SFT chat sequence lengths).
+
+With `model.init_from` (a stock checkpoint, e.g. Qwen3-14B-Base): nothing is trained. The checkpoint's
+embeddings and heads are indexed by its own token ids, so a new BPE would silently scramble them; the
+stage adopts the source's tokenizer instead (`ruyi_model.tokenizer.adopt_tokenizer`: loaded offline
+with AutoTokenizer from that directory, adding only what the pipeline needs and it lacks: `<|pad|>`
+and any other of the four special tokens, the eos/pad roles, our chat template if it has none).
+`tokenizer.vocab_size` / `min_frequency` are not used. A missing or unloadable tokenizer there is an
+error naming the path. The metrics record where it came from (`source`: init_from, the source's class,
+size and fingerprint, the tokens added). The round-trip check becomes a count
+(`round_trip_failures`, warned): a source tokenizer may normalize text (Qwen's applies NFC), and it
+cannot be changed without breaking its ids; more than 10% of the texts of a file failing is still an
+error (that is a broken tokenizer, not normalization). `cpt` checks that `artifacts/tokenizer` is this
+tokenizer of the same `model.init_from` (by fingerprint).
+
+Every run records `fingerprint` (`ruyi_model.tokenizer.tokenizer_fingerprint`) in the metrics; the
+model-producing stages record it in the model config, and `load_family` checks it.
 
 Training text: the corpus documents first, then each SFT prompt and response as separate texts
 (the chat special tokens are added as whole tokens, never learnt). The validation corpus is not
@@ -37,11 +54,15 @@ from tasks.common import (
     log,
     plots_dir,
     read_jsonl,
+    save_figure,
     stage_dir,
     stage_main,
     write_metrics,
 )
 from tasks.params import Params
+
+#: Share of texts an adopted tokenizer may fail to reproduce exactly (normalization) before it is an error.
+MAX_ROUND_TRIP_FAILURES = 0.1
 
 
 def _validated(params: Params, name: str) -> Path:
@@ -59,6 +80,20 @@ def _chat_lengths(tokenizer, sft: list[dict[str, Any]]) -> list[int]:
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
+def _check_chat_contract(tokenizer, row: dict[str, Any], where: str) -> None:
+    """What SFT needs of the chat template (tasks/training.py build_sft_examples): the generation prompt
+    is a prefix of the rendered conversation and `<|im_end|>` closes the assistant turn."""
+    from ruyi_model.tokenizer import IM_END
+
+    user = {"role": "user", "content": row["prompt"]}
+    prompt = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template([user, {"role": "assistant", "content": row["response"]}], tokenize=False)
+    if not full.startswith(prompt) or IM_END not in full[len(prompt):]:
+        raise StageError(f"the chat template of {where} does not render the generation prompt as a prefix of the "
+                         f"conversation followed by the response and {IM_END}; SFT cannot mask the prompt "
+                         f"(rendered: {full[:200]!r})")
+
+
 def _percentile(values: list[int], q: float) -> int:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
@@ -71,12 +106,25 @@ def _compression(tokenizer, texts: list[str]) -> dict[str, float]:
             "chars_per_token": round(chars / max(1, sum(counts)), 4), "tokens": sum(counts)}
 
 
-def _check_round_trip(tokenizer, texts: list[str], where: str) -> None:
+def _check_round_trip(tokenizer, texts: list[str], where: str, strict: bool = True) -> int:
+    """Encodes and decodes `texts`; a difference is an error (`strict`) or counted and warned (adopted
+    tokenizers, which may normalize). Returns the number of texts that did not round-trip."""
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     decoded = tokenizer.batch_decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    for index, (text, back) in enumerate(zip(texts, decoded)):
-        if back != text:
-            raise StageError(f"tokenizer does not round-trip {where} item {index}: {text[:80]!r} -> {back[:80]!r}")
+    failures = [(i, t, b) for i, (t, b) in enumerate(zip(texts, decoded)) if b != t]
+    if failures and strict:
+        index, text, back = failures[0]
+        raise StageError(f"tokenizer does not round-trip {where} item {index}: {text[:80]!r} -> {back[:80]!r}")
+    if len(failures) > MAX_ROUND_TRIP_FAILURES * len(texts):
+        index, text, back = failures[0]
+        raise StageError(f"the adopted tokenizer does not reproduce {len(failures)} of {len(texts)} {where} items "
+                         f"(more than {MAX_ROUND_TRIP_FAILURES:.0%}: more than normalization): first item {index} "
+                         f"{text[:80]!r} -> {back[:80]!r}")
+    if failures:
+        index, text, back = failures[0]
+        log.warning("the adopted tokenizer does not reproduce %d of %d %s items exactly (it normalizes text); "
+                    "first: item %d %r -> %r", len(failures), len(texts), where, index, text[:80], back[:80])
+    return len(failures)
 
 
 def _plot(params: Params, lengths: list[int]) -> None:
@@ -97,8 +145,7 @@ def _plot(params: Params, lengths: list[int]) -> None:
     ax.set(xlabel="tokens per SFT chat sequence", ylabel="sequences", title="SFT chat sequence lengths")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "sft_chat_tokens.png", dpi=80)
-    plt.close(fig)
+    save_figure(fig, out / "sft_chat_tokens.png", dpi=80)
 
 
 def run(params: Params) -> dict[str, Any]:
@@ -110,16 +157,30 @@ def run(params: Params) -> dict[str, Any]:
     if bad is not None:
         raise StageError(f"training text {bad} is not a string ({type(texts[bad]).__name__}): check the validated data")
     from ruyi_model.tokenizer import (  # heavy (transformers): after input checks
+        adopt_tokenizer,
         load_tokenizer,
+        tokenizer_fingerprint,
         train_tokenizer,
     )
 
-    log.info("training a byte-level BPE of %d tokens on %d texts (%d characters)",
-             params.tokenizer.vocab_size, len(texts), sum(map(len, texts)))
-    try:
-        tokenizer = train_tokenizer(texts, params.tokenizer.vocab_size, params.tokenizer.min_frequency)
-    except ValueError as e:
-        raise StageError(f"tokenizer training failed: {e}") from None
+    source: dict[str, Any]
+    if params.model.init_from:
+        log.info("model.init_from=%s: adopting that checkpoint's tokenizer (tokenizer.vocab_size and "
+                 "min_frequency are not used)", params.model.init_from)
+        try:
+            tokenizer, source = adopt_tokenizer(params.model.init_from)
+        except ValueError as e:
+            raise StageError(str(e)) from None
+        source = {"kind": "init_from", **source}
+    else:
+        log.info("training a byte-level BPE of %d tokens on %d texts (%d characters)",
+                 params.tokenizer.vocab_size, len(texts), sum(map(len, texts)))
+        try:
+            tokenizer = train_tokenizer(texts, params.tokenizer.vocab_size, params.tokenizer.min_frequency)
+        except ValueError as e:
+            raise StageError(f"tokenizer training failed: {e}") from None
+        source = {"kind": "trained"}
+    strict = source["kind"] == "trained"
 
     out = stage_dir(params, "tokenizer")
     with atomic_dir(out) as tmp:
@@ -128,20 +189,29 @@ def run(params: Params) -> dict[str, Any]:
             loaded = load_tokenizer(tmp)  # what every later stage will get from AutoTokenizer
         except ValueError as e:
             raise StageError(f"the saved tokenizer does not load correctly: {e}") from None
-        _check_round_trip(loaded, [r["text"] for r in val], "corpus_val.jsonl")
-        _check_round_trip(loaded, [t for r in sft for t in (r["prompt"], r["response"])], "sft.jsonl")
+        fingerprint = tokenizer_fingerprint(loaded)
+        if fingerprint != tokenizer_fingerprint(tokenizer):
+            raise StageError(f"the tokenizer saved to {out} reloads as a different tokenizer (fingerprint "
+                             f"{tokenizer_fingerprint(tokenizer)} -> {fingerprint})")
+        failures = _check_round_trip(loaded, [r["text"] for r in val], "corpus_val.jsonl", strict)
+        failures += _check_round_trip(loaded, [t for r in sft for t in (r["prompt"], r["response"])], "sft.jsonl",
+                                      strict)
+        _check_chat_contract(loaded, sft[0], params.model.init_from or "the trained tokenizer")
         vocab = json.loads((tmp / "tokenizer.json").read_text())["model"]
         lengths = _chat_lengths(loaded, sft)
 
     metrics = {
         "vocab_size": len(loaded),
-        "merges": len(vocab["merges"]),
+        "merges": len(vocab.get("merges") or []),
+        "fingerprint": fingerprint,
+        "source": source,
+        "round_trip_failures": failures,
         "train": _compression(loaded, [r["text"] for r in corpus]),
         "val": _compression(loaded, [r["text"] for r in val]),
         "sft_chat_tokens": {"mean": round(sum(lengths) / len(lengths), 2), "p95": _percentile(lengths, 0.95),
                             "max": max(lengths), "over_seq_len": sum(1 for n in lengths if n > params.sft.seq_len)},
     }
-    if metrics["vocab_size"] < params.tokenizer.vocab_size:
+    if strict and metrics["vocab_size"] < params.tokenizer.vocab_size:
         log.warning("the tokenizer has %d tokens, fewer than tokenizer.vocab_size=%d: the text has too few "
                     "pairs occurring >= %d times", metrics["vocab_size"], params.tokenizer.vocab_size,
                     params.tokenizer.min_frequency)

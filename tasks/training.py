@@ -27,8 +27,12 @@ Optimisation
 - AdamW (torch) over the trainable parameters only; weight decay on matrices (dim >= 2), none on
   norms, as in nanoGPT/HF. Linear warmup over `warmup_steps`, then cosine decay to
   `min_lr_ratio * lr` at `max_steps` (`lr_factor`, driven by `torch.optim.lr_scheduler.LambdaLR`).
-  Gradient accumulation over `grad_accum` micro-batches (each loss divided by `grad_accum`),
-  optional bf16 autocast, gradient-norm clipping (0 = off). A non-finite loss stops the stage with
+  Gradient accumulation over `grad_accum` micro-batches: each micro-batch's loss (a mean over its
+  supervised tokens) is weighted by its share of the step's supervised tokens, so the step's gradient
+  is that of the token mean over the whole effective batch, as one batch of `grad_accum * batch_size`
+  rows gives (packed blocks: 1 / grad_accum each; SFT micro-batches differ; tested). Optional bf16
+  autocast (CUDA or CPU; the weights, gradients and optimizer state stay fp32; tested),
+  gradient-norm clipping (0 = off). A non-finite loss stops the stage with
   an error naming the step (never a silent skip).
 - `exit_weights_at`: the time-dependent weights w_k(t) of Ruyi2 Eq. 1. The paper gives no formula;
   ours (`params.cpt.exit_weights`): the deepest member has the constant weight `deepest`; every
@@ -802,20 +806,32 @@ def train_loop(*, stage: str, model, cfg: TrainParams, named_params: Sequence[tu
         optimizer.zero_grad(set_to_none=True)
         step_losses: dict[int, float] = {}
         total = 0.0
+        micro = []
         for _ in range(cfg.grad_accum):
             batch = {k: v.to(device) for k, v in stream.batch(result.samples, cfg.batch_size).items()}
             result.samples += cfg.batch_size
             mask = batch.get("attention_mask")
             result.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+            micro.append(batch)
+        # Each micro-batch loss is a mean over its supervised tokens: weighting it by its share of the
+        # step's supervised tokens makes the accumulated gradient that of the token mean over the whole
+        # effective batch (as one big batch would give), also when SFT micro-batches supervise
+        # different numbers of tokens (1 / grad_accum each when they are equal, as packed blocks are).
+        targets = [_targets(b) for b in micro]
+        all_targets = sum(targets)
+        for batch, n in zip(micro, targets):
+            if all_targets and not n:
+                continue  # nothing supervised: no loss, no gradient
+            share = n / all_targets if all_targets else 1.0 / cfg.grad_accum
             with _autocast(device, cfg.bf16):
                 loss, per_exit = loss_fn(model, batch, step)
             if not torch.isfinite(loss):
                 raise StageError(f"{stage}: the loss is {float(loss.detach())} at step {step + 1}; lower {stage}.lr or "
                                  f"check the data (nothing was saved for this run)")
-            (loss / cfg.grad_accum).backward()
-            total += float(loss.detach()) / cfg.grad_accum
+            (loss * share).backward()
+            total += float(loss.detach()) * share
             for d, v in per_exit.items():
-                step_losses[d] = step_losses.get(d, 0.0) + v / cfg.grad_accum
+                step_losses[d] = step_losses.get(d, 0.0) + v * share
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
@@ -863,7 +879,7 @@ def write_loss_curves(history: Sequence[dict[str, Any]], out_dir: str | Path, ti
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tasks.common import atomic_file
+    from tasks.common import atomic_file, save_figure
 
     out_dir = Path(out_dir)
     rows = [r for r in history if exits is None or r["exit"] in exits]
@@ -889,9 +905,7 @@ def write_loss_curves(history: Sequence[dict[str, Any]], out_dir: str | Path, ti
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    with atomic_file(png_path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, png_path, dpi=110)
     return png_path, csv_path
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_helpers import copy_workspace, load, make_workspace
+from training_helpers import copy_workspace, load, make_workspace, save_qwen_like_tokenizer
 
 from tasks import cpt
 from tasks.common import StageError, load_family
@@ -138,29 +138,112 @@ def test_exit_loss_weights_reach_the_model(straight_run):
     assert math.isclose(out[0].item(), expected, rel_tol=1e-5)
 
 
-def test_init_from_a_stock_qwen3_checkpoint(workspace, tmp_path):
-    """model.init_from: the family starts as the stock model (its deepest member equals it exactly)."""
+def _stock_qwen3(path: Path, texts: list[str]):
+    """A tiny stock Qwen3ForCausalLM saved at `path` with its own Qwen-style tokenizer (ids of its own)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from tasks import training
-
-    params = copy_workspace(workspace, tmp_path, cpt__max_steps=2, cpt__warmup_steps=1,
-                            model__init_from=str(tmp_path / "qwen3"))
-    tokenizer = training.load_tokenizer(tmp_path / "artifacts" / "tokenizer")
     torch.manual_seed(0)
     stock = Qwen3ForCausalLM(Qwen3Config(vocab_size=448, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                                          num_attention_heads=2, num_key_value_heads=1, head_dim=16,
                                          max_position_embeddings=128, tie_word_embeddings=True)).eval()
-    stock.save_pretrained(tmp_path / "qwen3")
+    stock.save_pretrained(path)
+    save_qwen_like_tokenizer(path, texts, vocab_size=380)
+    return stock
+
+
+def test_init_from_a_stock_qwen3_checkpoint(workspace, tmp_path):
+    """model.init_from: the tokenizer stage adopts the checkpoint's tokenizer, and the family starts as the
+    stock model (its deepest member equals it exactly, on the checkpoint's own token ids)."""
+    from transformers import AutoTokenizer
+
+    from tasks import tokenizer as tokenizer_stage
+    from tasks import training
+    from tasks.common import tokenizer_fingerprint
+
+    src = tmp_path / "qwen3"
+    params = copy_workspace(workspace, tmp_path, artifacts=(), cpt__max_steps=2, cpt__warmup_steps=1,
+                            model__init_from=str(src))
+    train = training.read_corpus(tmp_path / "data" / "validated" / "corpus_train.jsonl")
+    stock = _stock_qwen3(src, [r["text"] for r in train])
+    tok_metrics = tokenizer_stage.run(params)
+    assert tok_metrics["source"]["init_from"] == str(src)
+    tokenizer = training.load_tokenizer(tmp_path / "artifacts" / "tokenizer")
+    source = AutoTokenizer.from_pretrained(src)
+    assert all(tokenizer.convert_tokens_to_ids(t) == i for t, i in source.get_vocab().items())
     metrics = cpt.run(params)
     # The stock model's loss on the same validation batches is the family's deepest member's initial loss.
     val = training.read_corpus(tmp_path / "data" / "validated" / "corpus_val.jsonl")
     blocks = training.pack_corpus(tokenizer, [r["text"] for r in val], 32, "val")
+    assert int(blocks.max()) < len(source)  # packed with the checkpoint's own ids (eos included)
     batches = training.fixed_batches({"input_ids": blocks}, 4, 2)
     with torch.no_grad():
         losses = [stock(b["input_ids"], labels=b["input_ids"]).loss.item() for b in batches]
     assert metrics["exit_4"]["val_loss_initial"] == pytest.approx(sum(losses) / len(losses), abs=1e-4)
-    model, _ = load_family(tmp_path / "artifacts" / "cpt")
+    model, loaded = load_family(tmp_path / "artifacts" / "cpt")
     assert model.config.exit_layers == [2, 4] and model.config.vocab_size == 448
+    assert model.config.pad_token_id == loaded.pad_token_id == len(source)
+    assert model.config.tokenizer_fingerprint == tokenizer_fingerprint(loaded) == tok_metrics["fingerprint"]
+
+
+def test_init_from_refuses_a_tokenizer_that_is_not_the_checkpoints(workspace, tmp_path):
+    """A BPE trained here (the workspace's) with a stock checkpoint would scramble its embeddings: refused."""
+    src = tmp_path / "qwen3"
+    _stock_qwen3(src, [r["text"] for r in json_rows(workspace.parent / "data" / "validated" / "corpus_train.jsonl")])
+    params = copy_workspace(workspace, tmp_path / "w", cpt__max_steps=2, cpt__warmup_steps=1, model__init_from=str(src))
+    tok_dir = tmp_path / "w" / "artifacts" / "tokenizer"
+    with pytest.raises(StageError, match=rf"{tok_dir} is not the tokenizer of model.init_from={src} "
+                                         rf"\(fingerprint [0-9a-f]{{64}}, expected [0-9a-f]{{64}}"):
+        cpt.run(params)
+    assert not (tmp_path / "w" / "artifacts" / "cpt").exists()
+    # A checkpoint without tokenizer files: an error naming it (not an empty tokenizer).
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (src / name).unlink()
+    with pytest.raises(StageError, match=f"model.init_from={src}: cannot load the checkpoint's tokenizer"):
+        cpt.run(params)
     with pytest.raises(StageError, match="model.init_from"):
         cpt.run(copy_workspace(workspace, tmp_path / "x", model__init_from=str(tmp_path / "missing")))
+
+
+def json_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_model_dir_with_a_swapped_same_size_tokenizer_is_refused(straight_run, tmp_path, caplog):
+    from ruyi_model.tokenizer import train_tokenizer
+    from tasks.common import save_family, tokenizer_fingerprint
+
+    params, _ = straight_run
+    good = Path(params.paths.artifacts_dir) / "cpt"
+    model, tokenizer = load_family(good)
+    recorded = json.loads((good / "config.json").read_text())["tokenizer_fingerprint"]
+    assert recorded == tokenizer_fingerprint(tokenizer)
+    # Another BPE of exactly the same size (trained on other text): the size check alone would pass.
+    texts = [r["text"] for r in json_rows(Path(params.paths.data_dir) / "validated" / "corpus_train.jsonl")]
+    other = train_tokenizer(list(reversed(texts)) + ["qqq zzz xxx www"] * 50, vocab_size=len(tokenizer))
+    assert len(other) == len(tokenizer) and other.get_vocab() != tokenizer.get_vocab()
+    swapped = tmp_path / "swapped"
+    shutil.copytree(good, swapped)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (swapped / name).unlink(missing_ok=True)
+    other.save_pretrained(swapped)
+    with pytest.raises(StageError, match=rf"{swapped}: the tokenizer is not the one the model was trained with .*"
+                                         rf"records tokenizer fingerprint {recorded}, the tokenizer files there have "
+                                         rf"fingerprint {tokenizer_fingerprint(other)}"):
+        load_family(swapped)
+    # save_family pairing the model with another tokenizer says so, and records the new fingerprint.
+    with caplog.at_level("WARNING", logger="ruyi"):
+        save_family(model, other, tmp_path / "resaved")
+    assert f"trained with tokenizer fingerprint {recorded} and is saved with a tokenizer of" in caplog.text
+    assert json.loads((tmp_path / "resaved" / "config.json").read_text())["tokenizer_fingerprint"] == \
+        tokenizer_fingerprint(other)
+    caplog.clear()
+    # An old artifact without a recorded fingerprint still loads, with a warning.
+    old = tmp_path / "old"
+    shutil.copytree(good, old)
+    config = json.loads((old / "config.json").read_text())
+    del config["tokenizer_fingerprint"]
+    (old / "config.json").write_text(json.dumps(config))
+    with caplog.at_level("WARNING", logger="ruyi"):
+        model_old, _ = load_family(old)
+    assert "records no tokenizer fingerprint" in caplog.text and str(old) in caplog.text
+    assert getattr(model_old.config, "tokenizer_fingerprint", None) is None

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from training_helpers import save_qwen_like_tokenizer
 
 from ruyi_model.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, load_tokenizer, train_tokenizer
 from tasks.common import write_jsonl
@@ -106,8 +107,42 @@ def test_load_tokenizer_rejects_foreign_tokenizer(tmp_path):
     raw.pre_tokenizer = pre_tokenizers.ByteLevel()
     raw.train_from_iterator(ENGLISH, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|pad|>", "<|endoftext|>"]))
     PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>", pad_token="<|pad|>").save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"special token <\|endoftext\|> has id 1, expected 0"):
+    with pytest.raises(ValueError, match=r"special token <\|im_start\|> is missing"):
         load_tokenizer(tmp_path)
+
+
+def test_load_tokenizer_rejects_a_control_token_that_is_not_special(tmp_path):
+    """`<|im_end|>` as an ordinary vocabulary entry would not be kept whole in text: not our contract."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel()
+    raw.train_from_iterator(ENGLISH, trainers.BpeTrainer(vocab_size=300, special_tokens=list(SPECIAL_TOKENS[:3])))
+    raw.add_tokens(["<|im_end|>"])  # added, but not special
+    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>", pad_token="<|pad|>",
+                            chat_template=CHAT_TEMPLATE).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"<\|im_end\|> \(id \d+\) is not a special token"):
+        load_tokenizer(tmp_path)
+
+
+def test_fingerprint_is_stable_and_tells_same_size_tokenizers_apart(saved, tmp_path):
+    from ruyi_model.tokenizer import tokenizer_fingerprint
+
+    loaded = load_tokenizer(saved)
+    fp = tokenizer_fingerprint(loaded)
+    assert len(fp) == 64 and fp == tokenizer_fingerprint(load_tokenizer(saved))
+    # Retrained on the same text: the same tokenizer, the same fingerprint (computed from content, not files).
+    assert tokenizer_fingerprint(train_tokenizer(_texts(), vocab_size=400)) == fp
+    loaded.save_pretrained(tmp_path / "resaved")
+    assert tokenizer_fingerprint(load_tokenizer(tmp_path / "resaved")) == fp
+    # Same size, other merges (trained on other text): another fingerprint.
+    other = train_tokenizer(list(reversed(_texts())) + ["zzzz qqqq xxxx"] * 40, vocab_size=400)
+    assert len(other) == len(loaded) and other.get_vocab() != loaded.get_vocab()
+    assert tokenizer_fingerprint(other) != fp
+    # A role change alone (another pad token) changes it too.
+    loaded.pad_token = "<|endoftext|>"
+    assert tokenizer_fingerprint(loaded) != fp
 
 
 # --- the stage ---------------------------------------------------------------------------------
@@ -141,6 +176,10 @@ def test_stage_writes_tokenizer_metrics_and_plot(tmp_path):
     tok = load_tokenizer(out)
     assert len(tok) == metrics["vocab_size"] == 420
     assert metrics["merges"] == 420 - 260
+    assert metrics["source"] == {"kind": "trained"} and metrics["round_trip_failures"] == 0
+    from ruyi_model.tokenizer import tokenizer_fingerprint
+
+    assert metrics["fingerprint"] == tokenizer_fingerprint(tok)
     assert json.loads((tmp_path / "metrics" / "tokenizer.json").read_text()) == metrics
     held_out = "Held-out text: the ids decode to 42 again."
     n_tokens = len(tok(held_out, add_special_tokens=False)["input_ids"])
@@ -165,3 +204,72 @@ def test_stage_errors_name_the_missing_input(tmp_path):
     assert not (tmp_path / "artifacts" / "tokenizer").exists()
     proc = subprocess.run(cmd + ["--set", "tokenizer.vocab_size=100"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "tokenizer.vocab_size" in proc.stderr
+
+
+def test_stage_adopts_the_tokenizer_of_model_init_from(tmp_path):
+    """model.init_from: the checkpoint's own tokenizer, ids unchanged, only <|pad|> (and our chat template,
+    which it lacks) added; its provenance in the metrics; no BPE is trained."""
+    from transformers import AutoTokenizer
+
+    from ruyi_model.tokenizer import tokenizer_fingerprint
+    from tasks.tokenizer import run
+
+    _validated(tmp_path)
+    src = tmp_path / "qwen3"
+    save_qwen_like_tokenizer(src, _texts(), vocab_size=330)
+    source = AutoTokenizer.from_pretrained(src)
+    assert source.convert_tokens_to_ids("<|endoftext|>") > 3 and source.pad_token == "<|endoftext|>"
+    metrics = run(_params(tmp_path, **{"model.init_from": str(src)}))
+    out = tmp_path / "artifacts" / "tokenizer"
+    tok = load_tokenizer(out)
+    assert type(tok).__name__ == "Qwen2Tokenizer" and len(tok) == len(source) + 1
+    for token, i in source.get_vocab().items():  # every id of the checkpoint means what it meant
+        assert tok.convert_tokens_to_ids(token) == i, token
+    assert (tok.eos_token, tok.pad_token, tok.pad_token_id) == ("<|endoftext|>", "<|pad|>", len(source))
+    assert tok.chat_template == CHAT_TEMPLATE
+    assert metrics["vocab_size"] == len(source) + 1 != 420  # tokenizer.vocab_size is not used
+    assert metrics["fingerprint"] == tokenizer_fingerprint(tok)
+    assert metrics["source"] == {
+        "kind": "init_from", "init_from": str(src), "source_class": "Qwen2Tokenizer", "source_size": len(source),
+        "source_fingerprint": tokenizer_fingerprint(source), "added_tokens": {"<|pad|>": len(source)},
+        "roles_set": {"pad": ["<|endoftext|>", "<|pad|>"]}, "chat_template": "ruyi"}
+    text = "Held-out text: the ids decode to 42 again."
+    assert tok(text, add_special_tokens=False)["input_ids"] == source(text, add_special_tokens=False)["input_ids"]
+    # The Ünïcödé training line is NFC already: nothing failed to round-trip.
+    assert metrics["round_trip_failures"] == 0
+
+
+def test_stage_keeps_the_source_chat_template_and_counts_normalized_text(tmp_path):
+    from tasks.common import StageError
+    from tasks.tokenizer import run
+
+    _validated(tmp_path)
+    val = tmp_path / "data" / "validated" / "corpus_val.jsonl"
+    write_jsonl(val, [{"id": "v0", "text": "e\u0301 is not NFC", "source": "test"}]
+                + [{"id": f"v{i}", "text": f"plain text number {i}", "source": "test"} for i in range(1, 11)])
+    template = CHAT_TEMPLATE.replace("{% endfor %}", "{% endfor %}{# source template #}")
+    src = tmp_path / "qwen3"
+    save_qwen_like_tokenizer(src, _texts(), chat_template=template)
+    metrics = run(_params(tmp_path, **{"model.init_from": str(src)}))
+    assert load_tokenizer(tmp_path / "artifacts" / "tokenizer").chat_template == template
+    assert metrics["source"]["chat_template"] == "source"
+    assert metrics["round_trip_failures"] == 1  # NFC turns e + U+0301 into é: counted, not fatal
+    # A tokenizer that changes more than 10% of a file's texts is an error (here: all 4 are not NFC).
+    write_jsonl(val, [{"id": f"v{i}", "text": f"e\u0301 number {i}", "source": "test"} for i in range(4)])
+    with pytest.raises(StageError, match="does not reproduce 4 of 4 corpus_val.jsonl items"):
+        run(_params(tmp_path, **{"model.init_from": str(src)}))
+
+
+def test_stage_with_init_from_lacking_a_tokenizer_names_the_path(tmp_path):
+    from tasks.common import StageError
+    from tasks.tokenizer import run
+
+    _validated(tmp_path)
+    src = tmp_path / "qwen3"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    with pytest.raises(StageError, match=f"model.init_from={src}: cannot load the checkpoint's tokenizer"):
+        run(_params(tmp_path, **{"model.init_from": str(src)}))
+    with pytest.raises(StageError, match=f"model.init_from={tmp_path / 'nope'}: not a directory"):
+        run(_params(tmp_path, **{"model.init_from": str(tmp_path / "nope")}))
+    assert not (tmp_path / "artifacts" / "tokenizer").exists()

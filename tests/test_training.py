@@ -187,6 +187,88 @@ def test_non_finite_loss_stops_with_an_error(tmp_path):
         _loop(tmp_path, max_steps=3, lr=1e30, ckpt=False)
 
 
+def _sft_like_rows(n=12, seq_len=12, seed=1):
+    """Right-padded rows whose supervised spans (labels != -100) have very different lengths, as SFT
+    examples do: row i has length 4 + i % 8 and a prompt of 1 + (i * 5) % 3 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, 64, (n, seq_len), generator=g)
+    mask = torch.zeros(n, seq_len, dtype=torch.long)
+    labels = torch.full((n, seq_len), training.IGNORE_INDEX)
+    for i in range(n):
+        length, prompt = 4 + i % 8, 1 + (i * 5) % 3
+        mask[i, :length] = 1
+        ids[i, length:] = 1  # pad
+        labels[i, prompt:length] = ids[i, prompt:length]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _accum_run(tensors, batch_size, grad_accum, steps=2, bf16=False, lr=1e-2):
+    """`train_loop` without checkpoints; returns (model, result). grad_clip/weight decay off, so the
+    gradient left in `.grad` after the run is exactly the last step's accumulated gradient."""
+    model = _micro_family()
+    cfg = TrainParams(seq_len=12, batch_size=batch_size, grad_accum=grad_accum, max_steps=steps, lr=lr,
+                      warmup_steps=0, weight_decay=0.0, grad_clip=0.0, bf16=bf16, eval_every=1000, eval_batches=1)
+    stream = training.BlockStream(tensors, 0, "accum")
+    weights = lambda step: [0.5, 1.0]  # noqa: E731
+    result = training.train_loop(stage="t", model=model, cfg=cfg, named_params=list(model.named_parameters()),
+                                 stream=stream, loss_fn=training.multi_exit_loss_fn(weights),
+                                 val_batches=[training.trim_batch({k: v[:4] for k, v in tensors.items()})])
+    return model, result, stream
+
+
+@pytest.mark.parametrize("data", ["packed", "sft"])
+def test_grad_accumulation_equals_one_full_batch(data):
+    """grad_accum=2 over micro-batches of 2 rows = grad_accum=1 over the same 4 rows: the same gradient
+    (the token mean over the effective batch), the same weights after two steps, the same losses."""
+    if data == "packed":
+        tensors = {"input_ids": torch.randint(0, 64, (12, 12), generator=torch.Generator().manual_seed(3))}
+    else:
+        tensors = _sft_like_rows()
+    full, res_full, stream = _accum_run(tensors, batch_size=4, grad_accum=1)
+    accum, res_accum, _ = _accum_run(tensors, batch_size=2, grad_accum=2)
+    if data == "sft":  # the case a plain mean of micro-batch means gets wrong: unequal supervised tokens
+        for step in range(2):
+            halves = [training._targets(stream.batch(4 * step + 2 * h, 2)) for h in range(2)]
+            assert halves[0] != halves[1], halves
+    assert res_full.samples == res_accum.samples == 8 and res_full.tokens == res_accum.tokens
+    for (name, a), (_, b) in zip(full.named_parameters(), accum.named_parameters()):
+        assert a.grad is not None and b.grad is not None, name
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"grad {n}: {m}")
+        # Adam divides by sqrt(v): elements with a near-zero gradient amplify fp32 rounding, so the weights
+        # agree to a small fraction of one lr step (1e-2) rather than to rounding.
+        torch.testing.assert_close(b, a, rtol=0, atol=5e-5, msg=lambda m, n=name: f"weight {n}: {m}")
+    train = lambda res: [(r["step"], r["exit"], r["loss"]) for r in res.history if r["split"] == "train"]  # noqa: E731
+    assert [x[:2] for x in train(res_accum)] == [x[:2] for x in train(res_full)]
+    assert [x[2] for x in train(res_accum)] == pytest.approx([x[2] for x in train(res_full)], rel=1e-5)
+
+
+def test_bf16_autocast_trains_with_fp32_weights():
+    """bf16=True: the matmuls run in bf16 (seen by a hook), losses stay finite and fall, and the weights,
+    gradients and optimizer state stay fp32."""
+    tensors = {"input_ids": torch.randint(0, 64, (8, 12), generator=torch.Generator().manual_seed(4))}
+    model = _micro_family()
+    seen: set[torch.dtype] = set()
+    proj = model.model.layers[0].self_attn.q_proj
+    proj.register_forward_hook(lambda module, args, out: seen.add(out.dtype) if module.training else None)
+    cfg = TrainParams(seq_len=12, batch_size=4, max_steps=12, lr=1e-2, warmup_steps=1, bf16=True, eval_every=6,
+                      eval_batches=1)
+    result = training.train_loop(stage="t", model=model, cfg=cfg, named_params=list(model.named_parameters()),
+                                 stream=training.BlockStream(tensors, 0, "bf16"),
+                                 loss_fn=training.multi_exit_loss_fn(lambda step: [0.5, 1.0]),
+                                 val_batches=[{"input_ids": tensors["input_ids"][:4]}])
+    assert seen == {torch.bfloat16}
+    for d in (1, 3):
+        train = [r["loss"] for r in result.history if r["split"] == "train" and r["exit"] == d]
+        val = [r["loss"] for r in result.history if r["split"] == "val" and r["exit"] == d]
+        assert len(train) == 12 and all(math.isfinite(v) for v in train + val)
+        assert sum(train[-3:]) / 3 < sum(train[:3]) / 3 - 0.1, train
+        assert val[-1] < val[0], val
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert {p.grad.dtype for p in model.parameters() if p.grad is not None} == {torch.float32}
+    out = model(tensors["input_ids"][:2], use_cache=False)
+    assert out.logits.dtype == torch.float32  # outside autocast the model is plain fp32
+
+
 def test_loss_curves_csv_and_png(tmp_path):
     history = [{"step": s, "exit": d, "split": sp, "loss": 5.0 - 0.1 * s}
                for s in range(5) for d in (2, 4) for sp in ("train", "val")]

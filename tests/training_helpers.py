@@ -6,6 +6,11 @@ modules, math = `tasks.mathgen` problems, also added to the corpus as `source: "
 as prepare_data does) and artifacts/tokenizer/ (a byte-level BPE trained here with
 `ruyi_model.tokenizer.train_tokenizer`), plus a params file with a micro model (hidden 32, 4 layers,
 members 2 and 4), seq_len 32 (sft: 128) and about ten steps per stage, so each stage runs in seconds.
+
+`save_qwen_like_tokenizer(path, texts)` writes a stock-checkpoint-style tokenizer (transformers'
+`Qwen2Tokenizer`: NFC normalizer, Qwen2 split, byte-level BPE, `<|endoftext|>`, `<|im_start|>`,
+`<|im_end|>` added *after* the vocabulary, pad = eos, no `<|pad|>`), as the one shipped with a Qwen3
+checkpoint, for the `model.init_from` tests.
 """
 
 from __future__ import annotations
@@ -104,3 +109,28 @@ def load(params_path: Path, **overrides):
 
     return load_params(params_path, {k.replace("__", "."): v for k, v in overrides.items()})
 
+
+
+def save_qwen_like_tokenizer(path: Path, texts: list[str], vocab_size: int = 330, chat_template: str | None = None):
+    """Trains a small BPE on `texts` and saves it at `path` as a Qwen2Tokenizer (see the module docstring).
+
+    Returns the tokenizer (its ids: the BPE vocabulary, then <|endoftext|> <|im_start|> <|im_end|>).
+    """
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    from ruyi_model.tokenizer import SPLIT_PATTERN
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    raw.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    state = json.loads(raw.to_str())["model"]
+    tokenizer = Qwen2Tokenizer(vocab=state["vocab"], merges=[tuple(m) for m in state["merges"]],
+                               extra_special_tokens=["<|im_start|>", "<|im_end|>"])
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(path)
+    return tokenizer
