@@ -3,13 +3,25 @@
     python benchmarks/benchmark_exit_head_loss.py                      # CPU shape, naive vs chunked
     python benchmarks/benchmark_exit_head_loss.py --chunk-sizes 64 128 256   # tune the chunk size
     python benchmarks/benchmark_exit_head_loss.py --device cuda        # + triton, GPU shape
+    python benchmarks/benchmark_exit_head_loss.py --device cpu --K 2 --N 256 --D 64 --V 1000 --rounds 1
 
-CPU: every (impl, chunk size) runs in a fresh subprocess, because torch's CPU allocator is not
-tracked: the peak is the child's ``ru_maxrss`` minus its RSS just before the measured work (inputs
-already built), i.e. the extra memory the loss needs. Time is the best of ``--rounds`` processes x
-``--repeats`` runs (each process warms up once; rounds are interleaved across impls so a busy machine
-slows all alike). CUDA: in process, ``torch.cuda.max_memory_allocated`` above the inputs, CUDA events.
-Ratios are printed against naive measured in the same invocation.
+Impls: ``naive``, ``chunked``, ``triton`` (``--impls``), and ``one-head``: the naive loss with K=1 at
+the same N, D, V, i.e. one materialised N x V head, the baseline of the GPU target ("the fused kernel
+for 4 exits uses no more peak memory than one materialised head and is not slower than the naive torch
+loss"). It runs by default; the summary prints every impl's memory and time against naive and its
+memory against one-head side by side, then a target line for each fused impl.
+
+Every (impl, chunk size) runs in a fresh subprocess (so a crash or an out-of-memory error stays in
+that worker). A worker that fails is recorded, not fatal: its row says ``OOM`` (CUDA out-of-memory,
+or killed by a signal such as the kernel's OOM killer on CPU) or ``failed: <reason>``, in the table
+and in the JSON (``status``, ``error``; ``time_s`` and ``peak_extra_bytes`` null), and the ratios
+against a failed baseline are left out. The exit status is 0 unless every worker failed.
+
+CPU: torch's CPU allocator is not tracked, so the peak is the child's ``ru_maxrss`` minus its RSS just
+before the measured work (inputs already built), i.e. the extra memory the loss needs. Time is the best
+of ``--rounds`` processes x ``--repeats`` runs (each process warms up once; rounds are interleaved
+across impls so a busy machine slows all alike). CUDA: ``torch.cuda.max_memory_allocated`` above the
+inputs, CUDA events. Ratios are against naive and one-head measured in the same invocation.
 """
 
 from __future__ import annotations
@@ -27,6 +39,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CPU_SHAPE = dict(K=4, N=4096, D=512, V=32000)
 GPU_SHAPE = dict(K=4, N=16384, D=4096, V=128256)
+IMPLS = ("naive", "chunked", "triton", "one-head")
+ONE_HEAD = "one-head"  # the naive loss with K=1: one materialised N x V head
 
 
 def _rss_bytes() -> int:
@@ -82,7 +96,7 @@ def worker(args) -> None:
         from triton_kernels.ops.exit_head_loss import default_chunk_size
 
         args.chunk_size = default_chunk_size(args.K, args.V)
-    step = _step_fn(args.worker, args.chunk_size)
+    step = _step_fn("naive" if args.worker == ONE_HEAD else args.worker, args.chunk_size)
     if device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -90,49 +104,152 @@ def worker(args) -> None:
     rss_before = _rss_bytes()
     times = []
     loss = None
-    for i in range(args.repeats + 1):
-        if device.type == "cuda":
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            loss = step(*inputs)
-            stop.record()
-            torch.cuda.synchronize()
-            elapsed = start.elapsed_time(stop) / 1e3
-        else:
-            t0 = time.perf_counter()
-            loss = step(*inputs)
-            elapsed = time.perf_counter() - t0
-        if i:  # the first run is a warm-up
-            times.append(elapsed)
+    try:
+        for i in range(args.repeats + 1):
+            if device.type == "cuda":
+                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                loss = step(*inputs)
+                stop.record()
+                torch.cuda.synchronize()
+                elapsed = start.elapsed_time(stop) / 1e3
+            else:
+                t0 = time.perf_counter()
+                loss = step(*inputs)
+                elapsed = time.perf_counter() - t0
+            if i:  # the first run is a warm-up
+                times.append(elapsed)
+    except (torch.OutOfMemoryError, RuntimeError) as exc:  # CPU allocation failures are RuntimeErrors
+        if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
+            raise
+        print(json.dumps(dict(_failure_row(args.worker, args.chunk_size, args.K, "OOM",
+                                           str(exc).strip().splitlines()[0][:300]),
+                              threads=torch.get_num_threads())))
+        return
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = _maxrss_bytes() - rss_before
-    print(json.dumps(dict(impl=args.worker, chunk_size=args.chunk_size, time_s=min(times),
-                          times_s=times, peak_extra_bytes=peak, loss=loss, threads=torch.get_num_threads())))
+    print(json.dumps(dict(impl=args.worker, chunk_size=args.chunk_size, K=args.K, status="ok", error=None,
+                          time_s=min(times), times_s=times, peak_extra_bytes=peak, loss=loss,
+                          threads=torch.get_num_threads())))
+
+
+def _failure_row(impl, chunk_size, num_exits, status, error) -> dict:
+    return dict(impl=impl, chunk_size=chunk_size, K=num_exits, status=status, error=error, time_s=None,
+                times_s=[], peak_extra_bytes=None, loss=None)
+
+
+def _classify_failure(returncode: int, stderr: str) -> tuple[str, str]:
+    """(status, error) of a worker that exited with ``returncode``: "OOM" or "failed"."""
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    last = lines[-1][:300] if lines else f"exit status {returncode}, no output"
+    lowered = stderr.lower()
+    if "outofmemoryerror" in lowered or "out of memory" in lowered or "can't allocate memory" in lowered:
+        return "OOM", last
+    if returncode == -9:  # SIGKILL: on CPU almost always the kernel's OOM killer
+        return "OOM", "killed by SIGKILL (likely the OOM killer)"
+    if returncode < 0:
+        return "failed", f"killed by signal {-returncode}"
+    return "failed", last
 
 
 def _spawn(args, impl, chunk_size) -> dict:
+    """Runs one worker; returns its row (``status`` "ok", "OOM" or "failed"), never raises on failure."""
+    num_exits = 1 if impl == ONE_HEAD else args.K
     cmd = [sys.executable, __file__, "--worker", impl, "--device", args.device, "--dtype", args.dtype,
-           "--K", str(args.K), "--N", str(args.N), "--D", str(args.D), "--V", str(args.V),
+           "--K", str(num_exits), "--N", str(args.N), "--D", str(args.D), "--V", str(args.V),
            "--repeats", str(args.repeats), "--threads", str(args.threads)]
     if chunk_size:
         cmd += ["--chunk-size", str(chunk_size)]
     if args.per_exit_heads:
         cmd.append("--per-exit-heads")
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False,
+                             timeout=args.worker_timeout or None)
+    except subprocess.TimeoutExpired:
+        return _failure_row(impl, chunk_size, num_exits, "failed", f"timeout after {args.worker_timeout} s")
     if out.returncode != 0:
-        raise SystemExit(f"worker {impl} failed:\n{out.stderr}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        return _failure_row(impl, chunk_size, num_exits, *_classify_failure(out.returncode, out.stderr))
+    try:
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        return _failure_row(impl, chunk_size, num_exits, "failed", f"no result line in the output: {out.stdout[-200:]!r}")
 
 
 def _merge(runs: list[dict]) -> dict:
-    merged = dict(runs[0])
-    merged["time_s"] = min(r["time_s"] for r in runs)
-    merged["times_s"] = [t for r in runs for t in r["times_s"]]
-    merged["peak_extra_bytes"] = max(r["peak_extra_bytes"] for r in runs)
+    """One row per configuration: best time and largest peak over the rounds that succeeded."""
+    ok = [r for r in runs if r["status"] == "ok"]
+    if not ok:
+        return dict(runs[0])
+    merged = dict(ok[0])
+    merged["time_s"] = min(r["time_s"] for r in ok)
+    merged["times_s"] = [t for r in ok for t in r["times_s"]]
+    merged["peak_extra_bytes"] = max(r["peak_extra_bytes"] for r in ok)
+    failed = [r for r in runs if r["status"] != "ok"]
+    if failed:  # e.g. an OOM in one round only: keep the figures, say so
+        merged["error"] = f"{len(failed)} of {len(runs)} rounds failed: {failed[0]['status']} {failed[0]['error']}"
     return merged
+
+
+def _label(r: dict) -> str:
+    chunk = str(r["chunk_size"] or "-")
+    return f"{r['impl']:8s} K={r['K']} chunk={chunk:>6s}"
+
+
+def _status_text(r: dict) -> str:
+    return "OOM" if r["status"] == "OOM" else f"failed: {r['error']}"
+
+
+def _ratio(numerator, denominator) -> float | None:
+    if numerator is None or denominator is None:
+        return None
+    return numerator / max(denominator, 1e-12)
+
+
+def _fmt(value: float | None, spec: str, missing: str = "n/a") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Adds the ratios to each row (in place) and prints the summary table; returns the rows.
+
+    ``mem_vs_naive`` = naive peak / impl peak (higher is better), ``time_vs_naive`` = impl time / naive
+    time (lower is better), ``mem_vs_one_head`` = impl peak / one-head peak (<= 1 meets the GPU target).
+    A ratio is None when either side failed or is not measured.
+    """
+    naive = next((r for r in rows if r["impl"] == "naive" and r["status"] == "ok"), None)
+    one = next((r for r in rows if r["impl"] == ONE_HEAD and r["status"] == "ok"), None)
+    for r in rows:
+        ok = r["status"] == "ok"
+        r["mem_vs_naive"] = _ratio(naive["peak_extra_bytes"], r["peak_extra_bytes"]) if naive and ok else None
+        r["time_vs_naive"] = _ratio(r["time_s"], naive["time_s"]) if naive and ok else None
+        r["mem_vs_one_head"] = _ratio(r["peak_extra_bytes"], one["peak_extra_bytes"]) if one and ok else None
+    print("summary (time: best run; memory: largest peak; vs naive: naive peak / impl peak and impl time / "
+          "naive time; vs one-head: impl peak / one-head peak, <= 1 meets the GPU target)")
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"  {_label(r)}  {_status_text(r)}")
+            continue
+        print(f"  {_label(r)}  time {r['time_s']:8.3f} s  peak extra {r['peak_extra_bytes'] / 2**20:9.1f} MiB  "
+              f"| vs naive: memory {_fmt(r['mem_vs_naive'], '6.1f')}x less, time {_fmt(r['time_vs_naive'], '5.2f')}x "
+              f"| vs one-head: memory {_fmt(r['mem_vs_one_head'], '5.2f')}x"
+              + (f"  ({r['error']})" if r.get("error") else ""))
+    for r in rows:
+        if r["impl"] not in ("triton", "chunked"):
+            continue
+        if r["status"] != "ok":
+            print(f"  target ({r['impl']}, K={r['K']}): not measured, {_status_text(r)}")
+            continue
+        mem = r["mem_vs_one_head"]
+        speed = r["time_vs_naive"]
+        mem_txt = ("one-head not measured" if mem is None
+                   else f"peak {mem:.2f}x one materialised head ({'met' if mem <= 1 else 'missed'})")
+        speed_txt = ("naive not measured" if speed is None
+                     else f"time {speed:.2f}x naive ({'met' if speed <= 1 else 'missed'})")
+        print(f"  target ({r['impl']}, chunk={r['chunk_size'] or '-'}): {mem_txt}; {speed_txt}")
+    return rows
 
 
 def main(argv=None) -> None:
@@ -144,8 +261,9 @@ def main(argv=None) -> None:
     parser.add_argument("--N", type=int, default=None, help="tokens (default: 4096 CPU, 16384 CUDA)")
     parser.add_argument("--D", type=int, default=None, help="hidden size (default: 512 CPU, 4096 CUDA)")
     parser.add_argument("--V", type=int, default=None, help="vocabulary (default: 32000 CPU, 128256 CUDA)")
-    parser.add_argument("--impls", nargs="+", default=None,
-                        help="impls to run (default: naive chunked, + triton on CUDA)")
+    parser.add_argument("--impls", nargs="+", default=None, choices=IMPLS,
+                        help="impls to run (default: naive chunked one-head, + triton on CUDA); one-head = "
+                             "naive with K=1, the 'one materialised head' baseline")
     parser.add_argument("--chunk-sizes", nargs="+", type=int, default=[0],
                         help="chunked path: tokens per chunk to try (0 = library default)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per process, after one warm-up")
@@ -153,6 +271,8 @@ def main(argv=None) -> None:
                         help="processes per configuration, interleaved across impls; time = best run")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     parser.add_argument("--per-exit-heads", action="store_true", help="K x V x D heads instead of a shared V x D")
+    parser.add_argument("--worker-timeout", type=float, default=0,
+                        help="seconds per worker process before it is recorded as failed (0: no limit)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--chunk-size", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -170,7 +290,8 @@ def main(argv=None) -> None:
     if args.worker:
         worker(args)
         return
-    impls = args.impls or (["naive", "chunked", "triton"] if args.device == "cuda" else ["naive", "chunked"])
+    impls = args.impls or (["naive", "chunked", "triton", ONE_HEAD] if args.device == "cuda"
+                           else ["naive", "chunked", ONE_HEAD])
 
     print(f"exit_head_loss forward+backward  K={args.K} N={args.N} D={args.D} V={args.V} {args.dtype} "
           f"{'per-exit heads' if args.per_exit_heads else 'shared head'}  device={args.device}  "
@@ -182,24 +303,15 @@ def main(argv=None) -> None:
         for config in configs:
             r = _spawn(args, *config)
             runs[config].append(r)
-            print(f"  round {round_index}  {r['impl']:8s} chunk={str(r['chunk_size'] or '-'):>6s}  "
-                  f"time {r['time_s']:8.3f} s  peak extra {r['peak_extra_bytes'] / 2**20:9.1f} MiB  "
-                  f"loss {r['loss']:.6f}", flush=True)
-    rows = [_merge(runs[config]) for config in configs]
-    print(f"summary (time: best of {args.rounds} x {args.repeats} runs; memory: largest peak)")
-    for r in rows:
-        print(f"  {r['impl']:8s} chunk={str(r['chunk_size'] or '-'):>6s}  time {r['time_s']:8.3f} s  "
-              f"peak extra {r['peak_extra_bytes'] / 2**20:9.1f} MiB")
-    naive = next((r for r in rows if r["impl"] == "naive"), None)
-    if naive:
-        print("ratios vs naive (memory: naive / impl, higher is better; time: impl / naive, lower is better)")
-        for r in rows:
-            if r is naive:
+            if r["status"] != "ok":
+                print(f"  round {round_index}  {_label(r)}  {_status_text(r)}", flush=True)
                 continue
-            mem_ratio = naive["peak_extra_bytes"] / max(r["peak_extra_bytes"], 1)
-            print(f"  {r['impl']:8s} chunk={str(r['chunk_size'] or '-'):>6s}  memory {mem_ratio:6.1f}x less  "
-                  f"time {r['time_s'] / naive['time_s']:5.2f}x")
+            print(f"  round {round_index}  {_label(r)}  time {r['time_s']:8.3f} s  "
+                  f"peak extra {r['peak_extra_bytes'] / 2**20:9.1f} MiB  loss {r['loss']:.6f}", flush=True)
+    rows = summarize([_merge(runs[config]) for config in configs])
     print("JSON " + json.dumps(dict(args=vars(args), results=rows)))
+    if all(r["status"] != "ok" for r in rows):
+        raise SystemExit("every worker failed")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
 Checks argmax, max softmax probability and entropy on odd shapes, with and without the exit norm,
 across vocabulary splits (the merge), exact ties (lowest id wins), large logits, uniform logits (known
 answers), and argument errors.
+
+Markers (tests/conftest.py): ``triton_interpreter`` tests run Triton on CPU tensors and need
+``TRITON_INTERPRET=1``; ``triton_cuda`` tests run the compiled kernels and need CUDA without it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from triton_kernels.ops.exit_confidence import (
     exit_confidence_reference,
 )
 from triton_kernels.ops.utils import rms_norm_reference
+
+INTERP = pytest.mark.triton_interpreter
+IMPL_PARAMS = [pytest.param("triton", marks=INTERP), "chunked", "naive"]
 
 
 def make_inputs(rows, dim, vocab, dtype, with_norm=True, seed=0, logit_scale=3.0):
@@ -50,6 +56,7 @@ def assert_stats_close(actual, expected, atol):
     torch.testing.assert_close(entropy, expected[2], atol=atol, rtol=atol)
 
 
+@INTERP
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("with_norm", [True, False], ids=["norm", "no-norm"])
 @pytest.mark.parametrize("config", [{}, dict(splits=3, BLOCK_V=32, BLOCK_D=16)], ids=["default", "3-splits"])
@@ -68,6 +75,7 @@ def test_triton_matches_reference(dtype, with_norm, config):
         assert torch.equal(actual[0], ref[0])
 
 
+@INTERP
 def test_triton_large_logits_are_stable():
     hidden, norm, head = make_inputs(20, 40, 150, torch.float32, seed=2, logit_scale=80.0)
     expected = exit_confidence_reference(hidden, norm, head)
@@ -76,7 +84,7 @@ def test_triton_large_logits_are_stable():
     assert_stats_close(exit_confidence_chunked(hidden, norm, head, chunk_size=3), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["triton", "chunked", "naive"])
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
 def test_ties_pick_the_lowest_token_id(impl):
     # Small integers: every logit is exact, so ties are exact. With BLOCK_V=32 the triton path has two
     # splits (ids 0-63, 64-100): ids 3 and 40 tie across tiles of one split, 90 across splits, and
@@ -100,7 +108,7 @@ def test_ties_pick_the_lowest_token_id(impl):
     assert token_ids.tolist() == [3, 7, 3, 0]
 
 
-@pytest.mark.parametrize("impl", ["triton", "chunked", "naive"])
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
 def test_uniform_logits_have_known_statistics(impl):
     vocab = 97
     hidden, norm, head = make_inputs(5, 24, vocab, torch.float32)
@@ -149,7 +157,7 @@ def test_bad_arguments_raise_value_error(change, pattern):
         exit_confidence(**kwargs)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the interpreter's bf16 casts truncate)")
+@pytest.mark.triton_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 300])
 def test_triton_cuda_matches_oracle(dtype, rows):

@@ -28,6 +28,36 @@ wrong). On GPU, fp16/bf16 operands go back to the input dtype just before ``tl.d
 came from that dtype; tensor cores, fp32 accumulation); fp32 operands use TF32 only if
 ``torch.backends.cuda.matmul.allow_tf32`` is set, as torch's own matmul does.
 
+GPU review notes (the kernels have only run in the interpreter so far)
+-------------------------------------------------------------------------
+Changed because it could be verified under the interpreter:
+
+- ``dz`` scaling: the backward casts ``(softmax - onehot) * scale / max|scale|`` (entries in [-1, 1])
+  to the input dtype and multiplies the fp32 dot results by ``max|scale|`` (max over the program's
+  rows). Folding ``scale = upstream * w_k / count`` into the fp16 operand flushed every ``p ~ 1/V``
+  entry to zero at realistic N (6e-5 * 8e-6 is below fp16's smallest subnormal) and overflowed fp16
+  for a loss-scaled upstream over few tokens. The interpreter's fp16 ``tl.dot`` is faithful, so the
+  GPU's fp16 operand path is tested there (``DOT_IN_INPUT_DTYPE=True`` via ``config``) against an fp32
+  oracle at scales 1e-7 .. 2e5. bf16 has fp32's exponent range (no underflow) and is unchanged in
+  effect.
+- RMSNorm uses ``tl.rsqrt`` (one approximate reciprocal square root, like ``torch.rsqrt`` on CUDA)
+  instead of ``1.0 / tl.sqrt`` (approximate sqrt plus a division); identical in the interpreter.
+
+Not changed (cannot be verified without a GPU; check with ``benchmarks/benchmark_exit_head_loss.py
+--device cuda`` and the ``triton_cuda`` tests):
+
+- ``num_warps`` / ``num_stages`` are Triton's defaults (4 warps, 3 stages on NVIDIA). Both kernels hold
+  a ``BLOCK_M x BLOCK_V = 64 x 128`` fp32 accumulator (32 KiB: 64 registers per thread at 4 warps) and
+  the backward a ``dz`` tile of the same shape next to it, so 4 warps will likely spill; try
+  ``num_warps=8`` first. Shared memory per pipeline stage is ``(64 + 128) x 64`` operands: 24 KiB in
+  bf16, 48 KiB in fp32, i.e. 144 KiB for fp32 at 3 stages, which fits H100/H200 (228 KiB) and A100
+  (164 KiB) but not 100 KiB parts (sm_86/sm_89): use ``num_stages=2`` there for fp32. Both are
+  accepted as ``config`` overrides (``config=dict(num_warps=8, num_stages=2)``, exercised in the tests).
+- ``tl.exp`` lowers to ``ex2.approx`` (a few ulp); the fp32 oracles' tolerances allow for it.
+- fp32 inputs use ``input_precision="ieee"`` unless ``torch.backends.cuda.matmul.allow_tf32`` (torch's
+  default is off): correct but without tensor cores, far slower than bf16 at the GPU shape.
+- ``EXITS_PER_PROGRAM = next_power_of_2(K)`` wastes a quarter of the rows for K = 3 (shared heads).
+
 Imports triton: loaded only for ``impl="triton"``.
 """
 
@@ -142,7 +172,14 @@ def _exit_ce_bwd_kernel(
 
     probs = tl.where(vocab_mask[None, :], tl.exp(acc - lse[:, None]), 0.0)
     onehot = tl.where(vocab[None, :] == labels[:, None], 1.0, 0.0)
-    dz = (probs - onehot) * scale[:, None]
+    # dz = scale * (probs - onehot), but what goes to tl.dot is dz / max|scale| (entries in [-1, 1]) and
+    # the fp32 dot results are multiplied by max|scale| afterwards: folding scale (upstream * w_k / count,
+    # ~6e-5 at 16k tokens) into the fp16 operand would flush probs ~ 1/V to zero, and a loss-scaled
+    # upstream (65536 * w_k / few tokens) would overflow fp16. With one exit per program (per-exit heads,
+    # or K = 1) the ratio is exactly 1 on valid rows.
+    max_scale = tl.max(tl.abs(scale), axis=0)
+    max_scale = tl.where(max_scale > 0, max_scale, 1.0)
+    dz = (probs - onehot) * (scale / max_scale)[:, None]
     if DOT_IN_INPUT_DTYPE:
         dz = dz.to(Y.dtype.element_ty)
 
@@ -156,7 +193,7 @@ def _exit_ce_bwd_kernel(
                 grad_y = tl.dot(dz, w.to(W.dtype.element_ty))
             else:
                 grad_y = tl.dot(dz, w, input_precision=INPUT_PRECISION)
-            tl.atomic_add(GRAD_Y + rows[:, None] * D + cols[None, :], grad_y,
+            tl.atomic_add(GRAD_Y + rows[:, None] * D + cols[None, :], grad_y * max_scale,
                           mask=row_mask[:, None] & col_mask[None, :])
         if COMPUTE_GRAD_W:
             y = tl.load(Y + rows[:, None] * D + cols[None, :],
@@ -165,7 +202,7 @@ def _exit_ce_bwd_kernel(
                 grad_w = tl.dot(tl.trans(dz), y.to(Y.dtype.element_ty))
             else:
                 grad_w = tl.dot(tl.trans(dz), y, input_precision=INPUT_PRECISION)
-            tl.atomic_add(gw_base + vocab[:, None].to(tl.int64) * D + cols[None, :], grad_w,
+            tl.atomic_add(gw_base + vocab[:, None].to(tl.int64) * D + cols[None, :], grad_w * max_scale,
                           mask=vocab_mask[:, None] & col_mask[None, :])
 
 
@@ -204,7 +241,8 @@ def head_ce_forward(y: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch
         lm_head_weight: ``(V, D)`` or ``(K, V, D)``, contiguous.
         labels: ``(N,)`` contiguous integer ids.
         ignore_index: label value to skip.
-        config: optional overrides (``BLOCK_N``, ``BLOCK_V``, ``BLOCK_D``, ``GROUP_N``, ``num_warps``).
+        config: optional overrides (``BLOCK_N``, ``BLOCK_V``, ``BLOCK_D``, ``GROUP_N``, ``num_warps``,
+            ``num_stages``; for tests also ``DOT_IN_INPUT_DTYPE`` / ``INPUT_PRECISION``, the dot mode).
 
     Returns:
         ``(lse, row_loss)``: both ``(K, N)`` fp32.
@@ -220,7 +258,7 @@ def head_ce_forward(y: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch
     _exit_ce_fwd_kernel[grid](
         y, lm_head_weight, labels, lse, row_loss,
         num_exits, num_tokens, vocab_size, dim, 0 if shared else vocab_size * dim, ignore_index,
-        **cfg, **_dot_mode(y.dtype),
+        **{**_dot_mode(y.dtype), **cfg},
     )
     return lse, row_loss
 
@@ -256,7 +294,7 @@ def head_ce_backward(y: torch.Tensor, lm_head_weight: torch.Tensor, labels: torc
         grad_y if grad_y is not None else dummy, grad_w if grad_w is not None else dummy,
         num_exits, num_tokens, vocab_size, dim, 0 if shared else vocab_size * dim, ignore_index,
         GROUP_N=group_n, COMPUTE_GRAD_Y=compute_grad_y, COMPUTE_GRAD_W=compute_grad_w,
-        **cfg, **_dot_mode(y.dtype),
+        **{**_dot_mode(y.dtype), **cfg},
     )
     return grad_y, grad_w
 
