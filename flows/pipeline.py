@@ -8,26 +8,32 @@ Design (DVC owns "is this stage up to date", Prefect owns "when and where"):
   stage is a no-op taking about a second, and a changed parameter reruns only that stage and those
   downstream of it;
 - retries only for infrastructure errors (DVC's repository lock, a process killed by a signal, a
-  network error while pushing): a failed data contract or a bad parameter is never retried;
+  stage's TransientError such as an unreachable S3 endpoint, a failed `dvc push`): a failed data
+  contract or a bad parameter is never retried;
+- `force=True` reruns the selected stages even when DVC finds them up to date;
 - runs in one workspace are serialized by a Prefect global concurrency limit named after the
   workspace (limit 1), since DVC cannot run two repros in one workspace;
 - parameter overrides from a deployment/UI run are validated and written into params.yaml before
   any stage runs (parameters flow one way: deployment parameters -> params.yaml -> stage), so
   dvc.lock records exactly what ran;
 - per-stage metrics are published as table artifacts, lineage (git revision, dvc.lock hashes,
-  flow run id) as a markdown artifact; finally the results are pushed to the DVC remote.
+  flow run id; also for a failed run, naming the stage that failed) as a markdown artifact; each
+  stage's output lines go to the task run's log (progress in the UI); finally the results are
+  pushed to the DVC remote.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +41,11 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
-# Exit code of `python -m tasks.<stage>` for bad input (StageError/ParamsError/ContractViolation):
-# a property of the data or parameters, so never retried.
-USER_ERROR_EXIT_CODE = 2
+from tasks.common import TRANSIENT_EXIT_CODE, USER_ERROR_EXIT_CODE
+
+# Exit codes of `python -m tasks.<stage>` (tasks.common.stage_main): USER_ERROR_EXIT_CODE for bad input
+# (StageError/ParamsError/ContractViolation), a property of the data or parameters, never retried;
+# TRANSIENT_EXIT_CODE for a TransientError (an unreachable or timed-out server), retried.
 _INFRA_PATTERNS = (
     r"Unable to acquire lock",
     r"is locked by another process",
@@ -76,16 +84,20 @@ def _dvc(args: list[str], workspace: Path, check: bool = True) -> subprocess.Com
     return proc
 
 
-def _dvc_streamed(args: list[str], workspace: Path, keep_bytes: int = 64 * 1024) -> tuple[int, str]:
+def _dvc_streamed(args: list[str], workspace: Path, keep_bytes: int = 64 * 1024,
+                  on_line: Callable[[str], None] | None = None) -> tuple[int, str]:
     """Runs dvc with its output (stage logs, progress bars) shown live; returns (code, output tail).
 
-    Raw chunks are passed through so that carriage-return progress bars render; the last
+    Raw chunks are passed through to stderr so that carriage-return progress bars render in a
+    terminal; each completed line (for a progress bar: its last state) also goes to `on_line`, which
+    the flow sends to the Prefect run logger, so the stage's progress shows in the UI. The last
     `keep_bytes` are kept for the error message of a failed stage.
     """
     dvc = Path(sys.executable).parent / "dvc"
     cmd = [str(dvc) if dvc.exists() else "dvc", *args]
     proc = subprocess.Popen(cmd, cwd=workspace, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     tail = bytearray()
+    pending = bytearray()
     out = getattr(sys.stderr, "buffer", None)
     assert proc.stdout is not None
     while chunk := os.read(proc.stdout.fileno(), 65536):
@@ -94,7 +106,35 @@ def _dvc_streamed(args: list[str], workspace: Path, keep_bytes: int = 64 * 1024)
             out.flush()
         tail += chunk
         del tail[:-keep_bytes]
+        if on_line is not None:
+            pending += chunk
+            *lines, rest = pending.split(b"\n")
+            pending = bytearray(rest[-keep_bytes:])
+            for raw in lines:
+                line = raw.split(b"\r")[-1].decode("utf-8", errors="replace").rstrip()
+                if line:
+                    on_line(line)
+    if on_line is not None and (line := pending.split(b"\r")[-1].decode("utf-8", errors="replace").rstrip()):
+        on_line(line)
     return proc.wait(), tail.decode("utf-8", errors="replace")
+
+
+def _failure_summary(output: str, tail_lines: int = 25, max_error_lines: int = 60) -> str:
+    """What to show of a failed stage: its own error message whole (from the first `error` line that
+    tasks.common.stage_main prints up to DVC's closing ERROR), then the output tail if that adds
+    anything. A data-contract failure lists several expectations: keeping only the tail would cut off
+    the line that names the dataset and the Data Docs."""
+    lines = output.strip().splitlines()
+    tail = lines[-tail_lines:]
+    start = next((i for i, line in enumerate(lines) if line.startswith(("error: ", "error (transient"))), None)
+    if start is None:
+        return "\n".join(tail)
+    end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("ERROR: failed to reproduce")), len(lines))
+    message = lines[start:end]
+    if len(message) > max_error_lines:
+        message = message[:max_error_lines] + [f"... ({end - start - max_error_lines} more lines in the stage output)"]
+    rest = [line for line in lines[end:] if line not in message][-tail_lines:]
+    return "\n".join(message + rest)
 
 
 def dvc_stage_order(workspace: str | Path) -> list[str]:
@@ -213,6 +253,19 @@ def _killing_signal(code: int | None) -> str | None:
         return f"signal {number}"
 
 
+def _api_only_logger(run_logger: logging.LoggerAdapter) -> logging.LoggerAdapter:
+    """A logger for the run's log in the Prefect UI only: the console already shows the stage's raw
+    output (progress bars included), so its lines must not be printed a second time there."""
+    from prefect.logging.handlers import APILogHandler
+
+    base = logging.getLogger("ruyi.stage_output")
+    if not any(isinstance(h, APILogHandler) for h in base.handlers):
+        base.addHandler(APILogHandler())
+        base.setLevel(logging.INFO)
+        base.propagate = False
+    return logging.LoggerAdapter(base, dict(run_logger.extra or {}))
+
+
 def _retry_only_infrastructure(task_obj, task_run, state) -> bool:
     try:
         state.result()
@@ -225,26 +278,29 @@ def _retry_only_infrastructure(task_obj, task_run, state) -> bool:
 
 @task(name="dvc-stage", task_run_name="{stage}", cache_policy=NONE, retries=2, retry_delay_seconds=3,
       retry_condition_fn=_retry_only_infrastructure)
-def run_stage(stage: str, workspace: str) -> dict[str, Any]:
-    """`dvc repro <stage> --single-item`; publishes the stage's metrics as a table artifact."""
+def run_stage(stage: str, workspace: str, force: bool = False) -> dict[str, Any]:
+    """`dvc repro <stage> --single-item [--force]`; publishes the stage's metrics as a table artifact."""
     logger = get_run_logger()
     ws = Path(workspace)
     t0 = time.perf_counter()
-    returncode, output = _dvc_streamed(["repro", stage, "--single-item"], ws)
+    ui_log = _api_only_logger(logger)
+    returncode, output = _dvc_streamed(["repro", stage, "--single-item", *(["--force"] if force else [])], ws,
+                                       on_line=lambda line: ui_log.info("%s | %s", stage, line))
     elapsed = time.perf_counter() - t0
     if returncode != 0:
-        tail = "\n".join(output.strip().splitlines()[-25:])
+        summary = _failure_summary(output)
         stage_code = re.search(r"exited with (-?\d+)", output)
         code = int(stage_code.group(1)) if stage_code else None
         killer = _killing_signal(code)
-        transient = code != USER_ERROR_EXIT_CODE and any(re.search(p, output) for p in _INFRA_PATTERNS)
+        transient = code == TRANSIENT_EXIT_CODE or (
+            code != USER_ERROR_EXIT_CODE and any(re.search(p, output) for p in _INFRA_PATTERNS))
         if killer or transient:
             if killer:
                 why = f"killed by {killer}" + (" (out of memory?)" if killer == "SIGKILL" else "")
             else:
                 why = "a transient error"
-            raise InfrastructureError(f"stage {stage} hit an infrastructure error, {why} (will retry):\n{tail}")
-        raise StageFailed(f"stage {stage} failed (not retried):\n{tail}")
+            raise InfrastructureError(f"stage {stage} hit an infrastructure error, {why} (will retry):\n{summary}")
+        raise StageFailed(f"stage {stage} failed (not retried):\n{summary}")
     skipped = "didn't change, skipping" in output or "is cached - skipping" in output
     logger.info("stage %s %s in %.1f s", stage, "up to date" if skipped else "ran", elapsed)
     metrics = _stage_metrics(ws, stage)
@@ -256,7 +312,7 @@ def run_stage(stage: str, workspace: str) -> dict[str, Any]:
     return {"stage": stage, "skipped": skipped, "seconds": round(elapsed, 2), "metrics": metrics}
 
 
-def _lineage_markdown(workspace: Path, results: list[dict[str, Any]]) -> str:
+def _lineage_markdown(workspace: Path, results: list[dict[str, Any]], failed: str | None = None) -> str:
     import yaml
     from prefect.runtime import flow_run
 
@@ -273,6 +329,8 @@ def _lineage_markdown(workspace: Path, results: list[dict[str, Any]]) -> str:
         outs = (lock.get("stages", {}).get(r["stage"], {}) or {}).get("outs", [])
         hashes = ", ".join(f"`{o['path']}`: `{o.get('md5', '')[:12]}`" for o in outs)
         lines.append(f"| {r['stage']} | {'no (up to date)' if r['skipped'] else 'yes'} | {r['seconds']} | {hashes} |")
+    if failed is not None:
+        lines.append(f"| {failed} | **failed** | | (no outputs recorded) |")
     return "\n".join(lines)
 
 
@@ -280,10 +338,19 @@ def _workspace_limit_name(workspace: Path) -> str:
     return "ruyi-workspace-" + hashlib.sha1(str(workspace.resolve()).encode()).hexdigest()[:10]
 
 
+@task(name="dvc-push", cache_policy=NONE, retries=2, retry_delay_seconds=5,
+      retry_condition_fn=_retry_only_infrastructure)
+def push_results(workspace: str) -> None:
+    """`dvc push` to the default remote; a failure (unreachable remote, throttling) is retried."""
+    proc = _dvc(["push"], Path(workspace), check=False)
+    if proc.returncode != 0:
+        raise InfrastructureError(f"dvc push failed:\n{(proc.stderr.strip() or proc.stdout.strip())[-2000:]}")
+
+
 @flow(name="ruyi-pipeline", log_prints=True)
 def ruyi_pipeline(from_stage: str | None = None, to_stage: str | None = None,
                   overrides: dict[str, Any] | None = None, push: bool = True,
-                  workspace: str | None = None) -> list[dict[str, Any]]:
+                  workspace: str | None = None, force: bool = False) -> list[dict[str, Any]]:
     """Runs the pipeline's DVC stages from `from_stage` to `to_stage` (default: all).
 
     Args:
@@ -292,6 +359,8 @@ def ruyi_pipeline(from_stage: str | None = None, to_stage: str | None = None,
         overrides: parameter overrides as dotted keys, e.g. {"cpt.max_steps": 50}; written to params.yaml.
         push: push the results to the DVC remote when one is configured.
         workspace: the repository to run in (default: $RUYI_WORKSPACE or the current directory).
+        force: recompute the selected stages even when DVC finds them up to date (`dvc repro --force`),
+            e.g. to rerun from a stage in the UI after a change that DVC does not track.
     """
     from prefect.client.orchestration import get_client
     from prefect.concurrency.sync import concurrency
@@ -309,18 +378,22 @@ def ruyi_pipeline(from_stage: str | None = None, to_stage: str | None = None,
         changed = apply_param_overrides(ws, overrides or {})
         if changed:
             logger.info("parameters overridden in params.yaml: %s", ", ".join(changed))
-        logger.info("stages to run in %s: %s", ws, " -> ".join(stages))
-        for stage in stages:
-            results.append(run_stage(stage, str(ws)))
-        create_markdown_artifact(key="lineage", markdown=_lineage_markdown(ws, results),
-                                 description="git revision, dvc.lock hashes and flow run of this pipeline run")
+        logger.info("stages to run in %s: %s%s", ws, " -> ".join(stages), " (forced)" if force else "")
+        failed: str | None = None
+        try:
+            for stage in stages:
+                failed = stage
+                results.append(run_stage(stage, str(ws), force=force))
+            failed = None
+        finally:
+            # Published for failed runs too: which stages ran, with which outputs, and where it stopped.
+            create_markdown_artifact(key="lineage", markdown=_lineage_markdown(ws, results, failed),
+                                     description="git revision, dvc.lock hashes and flow run of this pipeline run")
         if push and _dvc(["remote", "list"], ws).stdout.strip():
-            proc = _dvc(["push"], ws, check=False)
-            if proc.returncode != 0:
-                raise InfrastructureError(f"dvc push failed:\n{proc.stderr.strip()[-2000:]}")
+            push_results(str(ws))
             logger.info("pushed the results to the DVC remote")
     return results
 
 
 __all__ = ["ruyi_pipeline", "dvc_stage_order", "select_stages", "apply_param_overrides", "StageFailed",
-           "InfrastructureError"]
+           "InfrastructureError", "push_results"]

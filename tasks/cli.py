@@ -22,6 +22,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                                "help_option_names": []})
 def stage(ctx: typer.Context, name: str = typer.Argument(..., help=f"one of: {', '.join(STAGES)}")) -> None:
     """Run one pipeline stage without Prefect or DVC (`ruyi stage cpt --help` for its options)."""
+    if name in ("--help", "-h"):  # help_option_names is empty so that `ruyi stage cpt --help` reaches the stage
+        typer.echo("Usage: ruyi stage NAME [--params FILE] [--set KEY=VALUE ...]\n\n"
+                   "Run one pipeline stage without Prefect or DVC; `ruyi stage NAME --help` lists its options.\n\n"
+                   f"Stages, in pipeline order: {', '.join(STAGES)}")
+        raise typer.Exit(0)
     if name not in STAGES:
         typer.echo(f"error: unknown stage {name!r}; stages: {', '.join(STAGES)}", err=True)
         raise typer.Exit(2)
@@ -42,17 +47,26 @@ def run(
     overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE",
                                         help="parameter override written to params.yaml, e.g. cpt.max_steps=50"),
     push: bool = typer.Option(True, "--push/--no-push", help="push results to the DVC remote"),
+    force: bool = typer.Option(False, "--force", help="recompute the selected stages even if DVC finds them up to date"),
 ) -> None:
-    """Run the whole pipeline through Prefect (embedded API, no server needed), then print a summary."""
-    from flows.pipeline import StageFailed, ruyi_pipeline
+    """Run the whole pipeline through Prefect (embedded API, no server needed), then print a summary.
+
+    Exit codes: 0 done; 2 a stage failed on its input or parameters (not retried); 1 an infrastructure error that persisted through the retries (a killed stage, an unreachable server, a failed push).
+    """
+    from flows.pipeline import InfrastructureError, StageFailed, ruyi_pipeline
     from tasks.params import ParamsError
     from tasks.report import print_summary
 
     try:
-        ruyi_pipeline(from_stage=from_stage, to_stage=to_stage, overrides=_parse_sets(overrides), push=push)
+        ruyi_pipeline(from_stage=from_stage, to_stage=to_stage, overrides=_parse_sets(overrides), push=push,
+                      force=force)
     except (StageFailed, ParamsError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    except InfrastructureError as e:
+        typer.echo(f"error: {e}\n(the retries did not help; fix the cause and run again: finished stages are kept)",
+                   err=True)
+        raise typer.Exit(1) from None
     print_summary()
 
 

@@ -30,6 +30,17 @@ class StageError(RuntimeError):
     """A stage cannot proceed: bad input, a missing artifact. The message names the file/row/key."""
 
 
+class TransientError(StageError):
+    """A failure outside the stage's inputs that the same command may not hit again: an unreachable or
+    timed-out server, a throttled endpoint. The stage exits with TRANSIENT_EXIT_CODE, which the flow
+    retries; every other StageError exits with USER_ERROR_EXIT_CODE and is never retried."""
+
+
+# Exit codes of `python -m tasks.<stage>` (the flow's retry policy reads them; see flows/pipeline.py).
+USER_ERROR_EXIT_CODE = 2  # bad input or parameters: retrying cannot help
+TRANSIENT_EXIT_CODE = 75  # EX_TEMPFAIL from sysexits.h: try again later
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -168,9 +179,12 @@ def stage_main(name: str, doc: str, run: Callable[[Params], dict[str, Any] | Non
         run(params)
         log.info("stage %s finished in %.1f s", name, time.perf_counter() - t0)
         return 0
+    except TransientError as e:
+        print(f"error (transient, may be retried): {e}", file=sys.stderr)
+        return TRANSIENT_EXIT_CODE
     except (ParamsError, StageError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return USER_ERROR_EXIT_CODE
 
 
 # --- model artifacts -------------------------------------------------------------------------

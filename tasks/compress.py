@@ -97,6 +97,7 @@ from tasks.common import (
     plots_dir,
     read_jsonl,
     save_family,
+    save_figure,
     seed_everything,
     stage_dir,
     stage_main,
@@ -365,9 +366,7 @@ def _plot(report: dict, heal_losses: list[float], out_dir: Path) -> None:
     axes[1].set_ylabel("SFT loss (DaE member)")
     axes[1].set_title("healing fine-tune")
     fig.tight_layout()
-    with atomic_file(out_dir / "compress.png", "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, out_dir / "compress.png")
 
 
 def run(params: Params) -> dict:

@@ -63,6 +63,7 @@ from tasks.common import (
     plots_dir,
     read_jsonl,
     require_dir,
+    save_figure,
     setup_logging,
     stage_dir,
     stage_main,
@@ -207,9 +208,7 @@ def _plot_latency(per_tier: dict[str, Any], out_dir: Path) -> None:
     ax.set_title("deploy smoke test")
     ax.legend()
     fig.tight_layout()
-    with atomic_file(out_dir / "latency.png", "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, out_dir / "latency.png")
 
 
 def _serving_kwargs(params: Params, host: str | None = None, port: int | None = None) -> dict[str, Any]:

@@ -69,6 +69,7 @@ from tasks.common import (
     load_family,
     plots_dir,
     read_jsonl,
+    save_figure,
     seed_everything,
     stage_dir,
     stage_main,
@@ -241,9 +242,7 @@ def plot_tradeoff(rows: list[dict[str, Any]], out_dir: Path) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle("Family trade-off: quality vs decoding latency per exit")
     fig.tight_layout()
-    with atomic_file(out_dir / "tradeoff.png", "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, out_dir / "tradeoff.png")
 
 
 METRIC_SET = ("eval_quality.json", "eval_speed.json", "eval.json")   # in the order they are put in place

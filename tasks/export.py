@@ -44,6 +44,7 @@ from tasks.common import (
     atomic_file,
     load_family,
     plots_dir,
+    save_figure,
     sha256_file,
     stage_dir,
     stage_main,
@@ -104,9 +105,7 @@ def _plot(metrics: dict[str, Any], out_dir: Path) -> None:
     axes[1].set_ylabel("checkpoint size (MiB)")
     fig.suptitle("Exported members (stock Qwen3ForCausalLM)")
     fig.tight_layout()
-    with atomic_file(out_dir / "sizes.png", "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, out_dir / "sizes.png")
 
 
 def check_export(model, tokenizer, out: Path, manifest: dict, eos_id: int, pad_id: int) -> dict[str, Any]:

@@ -49,16 +49,28 @@ def print_summary(params_path: str | Path = "params.yaml") -> None:
         table.add_row(r["exit"], fmt(r["loss"], ".3f"), fmt(r["accuracy"], ".1%"), fmt(r["tokens_per_s"], ".1f"),
                       fmt(r["params"], ","), fmt(r["compress_change"], "+.2%"))
     console.print(table)
-    deploy = _read(Path(params.paths.metrics_dir) / "deploy.json")
-    paths = {
-        "metrics": params.paths.metrics_dir,
-        "plots": params.paths.plots_dir,
-        "data contracts (Data Docs)": str(Path(params.paths.reports_dir) / "contracts"),
-        "exports (stock Qwen3 per exit)": str(Path(params.paths.artifacts_dir) / "export"),
-        "release": deploy.get("release_uri") or deploy.get("store_uri") or "-",
-    }
-    for name, where in paths.items():
+    for name, where in result_paths(params).items():
         console.print(f"[bold]{name}[/bold]: {where}")
+
+
+def result_paths(params) -> dict[str, str]:
+    """Where a person finds each result of the run; what a partial run has not written is marked."""
+    deploy = _read(Path(params.paths.metrics_dir) / "deploy.json")
+    reports, plots = Path(params.paths.reports_dir), Path(params.paths.plots_dir)
+    local = {
+        "metrics": Path(params.paths.metrics_dir),
+        "plots (PNG + CSV per stage)": plots,
+        "trade-off plot (quality vs latency per exit)": plots / "evaluate" / "tradeoff.png",
+        "data contracts (Data Docs)": reports / "contracts",
+        "quality gates (Data Docs)": reports / "gates",
+        "evaluation report": reports / "evaluate",
+        "compression report": reports / "compress",
+        "deploy smoke test": reports / "deploy",
+        "exports (stock Qwen3 per exit)": Path(params.paths.artifacts_dir) / "export",
+    }
+    out = {name: str(path) + ("" if path.exists() else " (not written yet)") for name, path in local.items()}
+    out["release"] = deploy.get("release_uri") or deploy.get("store_uri") or "- (not deployed yet)"
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -89,6 +89,7 @@ from tasks.common import (
     plots_dir,
     read_jsonl,
     save_family,
+    save_figure,
     seed_everything,
     stage_dir,
     stage_main,
@@ -528,9 +529,7 @@ def write_curves(history: dict[int, list[dict[str, float]]], out_dir: Path, algo
         ax.legend(fontsize=8)
     fig.suptitle(f"rl ({algorithm})")
     fig.tight_layout()
-    with atomic_file(out_dir / "curves.png", mode="wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, out_dir / "curves.png")
 
 
 # --- the stage -------------------------------------------------------------------------------------

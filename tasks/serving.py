@@ -524,6 +524,10 @@ class ServingSession:
             ray.shutdown()
         if self._ray_tmpdir:
             shutil.rmtree(self._ray_tmpdir, ignore_errors=True)
+            # The variable was set by start_serving for this session only: a later session in the same
+            # process must get a fresh directory, not this deleted one.
+            if os.environ.get("RAY_TMPDIR") == self._ray_tmpdir:
+                del os.environ["RAY_TMPDIR"]
 
     def __enter__(self) -> ServingSession:
         return self

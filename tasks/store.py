@@ -77,7 +77,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.common import StageError, atomic_dir, sha256_file
+from tasks.common import StageError, TransientError, atomic_dir, sha256_file
 
 if TYPE_CHECKING:
     from tasks.params import StoreParams
@@ -96,6 +96,12 @@ ProgressCallback = Callable[[str, int], None]
 
 class StoreError(StageError):
     """The store cannot do what was asked; the message names the store, release, file or setting."""
+
+
+class TransientStoreError(StoreError, TransientError):
+    """The S3 endpoint could not be reached, timed out or asked to slow down: the same call may succeed
+    later, so a stage failing with it exits with TRANSIENT_EXIT_CODE and the flow retries it (a partial
+    upload stays invisible, and the retry resumes it)."""
 
 
 # --- releases ----------------------------------------------------------------------------------
@@ -484,6 +490,9 @@ class LocalStore(ArtifactStore):
 
 
 # --- S3 ---------------------------------------------------------------------------------------
+# Server-side conditions that pass (botocore's own retries already gave up on them): retried by the flow.
+_TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Throttling",
+                    "ThrottlingException", "RequestTimeTooSkewed", "500", "502", "503", "504"}
 _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
                      "AuthorizationHeaderMalformed"}
 
@@ -597,12 +606,16 @@ class S3Store(ArtifactStore):
                 if code in ("AccessDenied", "403"):
                     raise StoreError(f"{what}: access denied to s3://{self.bucket} at {self.endpoint} ({code}); "
                                      "the credentials lack permission") from None
+                if code in _TRANSIENT_CODES:
+                    raise TransientStoreError(f"{what}: the S3 endpoint {self.endpoint} is unavailable right now "
+                                              f"({code}: {err.get('Message', '')})") from None
                 raise StoreError(f"{what}: S3 error at {self.endpoint} ({code}: {err.get('Message', cause)})") from None
             if isinstance(cause, (EndpointConnectionError, ConnectTimeoutError, ConnectionClosedError)):
-                raise StoreError(f"{what}: cannot reach the S3 endpoint {self.endpoint} ({cause}); is the server "
-                                 "running and deploy.store.endpoint_url right?") from None
+                raise TransientStoreError(f"{what}: cannot reach the S3 endpoint {self.endpoint} ({cause}); is the "
+                                          "server running and deploy.store.endpoint_url right?") from None
             if isinstance(cause, ReadTimeoutError):
-                raise StoreError(f"{what}: the S3 endpoint {self.endpoint} did not answer in time ({cause})") from None
+                raise TransientStoreError(f"{what}: the S3 endpoint {self.endpoint} did not answer in time "
+                                          f"({cause})") from None
             if isinstance(cause, (NoCredentialsError, PartialCredentialsError)):
                 raise StoreError(f"{what}: no usable AWS credentials for {self.endpoint} ({cause}); set "
                                  "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or an AWS profile") from None

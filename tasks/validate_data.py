@@ -59,6 +59,7 @@ from tasks.common import (
     log,
     plots_dir,
     read_jsonl,
+    save_figure,
     sha256_file,
     stage_main,
     write_json,
@@ -370,8 +371,7 @@ def _plot(params: Params, per_file: dict[str, dict[str, int]]) -> None:
     ax.legend()
     ax.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
-    fig.savefig(out / "rows.png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, out / "rows.png")
 
 
 def main(argv: list[str] | None = None) -> int:

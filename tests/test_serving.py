@@ -8,10 +8,13 @@ process is left afterwards.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -220,15 +223,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ray_processes() -> str:
-    """Processes that belong to this test session's Ray (their command lines name RAY_TMPDIR)."""
-    out = subprocess.run(["pgrep", "-af", os.environ["RAY_TMPDIR"]], capture_output=True, text=True).stdout
+def _ray_processes(ray_tmpdir: str) -> str:
+    """Processes of the Ray instance that runs under `ray_tmpdir` (their command lines name it)."""
+    out = subprocess.run(["pgrep", "-af", ray_tmpdir], capture_output=True, text=True).stdout
     return "\n".join(line for line in out.splitlines() if "pgrep" not in line)
 
 
-def test_ruyi_serve_on_ray(tmp_path, export_dir, client):
-    """`ruyi serve` (serve_release): fetch the latest release from the store, serve it, answer, stop cleanly."""
+def _post_raw(url: str, data: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_ruyi_serve_on_ray(tmp_path, export_dir, client, monkeypatch):
+    """`ruyi serve` (serve_release): fetch the latest release from the store, serve it, answer, stop cleanly.
+
+    RAY_TMPDIR is unset, as for a user: the session makes its own short temporary directory, and
+    removes it (and the variable) when it stops, so a second session in the process starts clean.
+    """
     from tasks.deploy import serve_release
+
+    monkeypatch.delenv("RAY_TMPDIR")
 
     LocalStore(tmp_path / "store").publish("ruyi-tiny", export_dir)
     port = _free_port()
@@ -247,7 +265,9 @@ def test_ruyi_serve_on_ray(tmp_path, export_dir, client):
             seen["too_long"] = http_json(f"{url}/v1/completions", {**request, "max_tokens": 65})
             seen["chat"] = http_json(f"{url}/v1/chat/completions",
                                      {"model": "ruyi-tiny", "messages": [{"role": "user", "content": "2+2?"}]})
-            seen["processes"] = _ray_processes()
+            seen["bad_json"] = _post_raw(f"{url}/v1/completions", b'{"model": "exit_2", "prompt": ')
+            seen["ray_tmpdir"] = os.environ["RAY_TMPDIR"]
+            seen["processes"] = _ray_processes(seen["ray_tmpdir"])
         finally:
             stop.set()
 
@@ -263,7 +283,9 @@ def test_ruyi_serve_on_ray(tmp_path, export_dir, client):
     assert seen["unknown"][0] == 404 and seen["unknown"][1]["error"]["code"] == "model_not_found"
     assert seen["too_long"][0] == 400
     assert seen["chat"][0] == 200 and seen["chat"][1]["model"] == "exit_4"
-    assert _ray_processes() == ""  # ... and nothing of it is left
+    assert seen["bad_json"][0] == 422 and "JSON" in seen["bad_json"][1]["error"]["message"]  # via the real proxy
+    assert _ray_processes(seen["ray_tmpdir"]) == ""  # ... and nothing of it is left
+    assert not Path(seen["ray_tmpdir"]).exists() and "RAY_TMPDIR" not in os.environ
     with socket.socket() as s:  # nothing listens on the HTTP port any more (TIME_WAIT sockets may remain)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))

@@ -19,18 +19,21 @@ import torch
 from s3server import s3_server  # noqa: F401  (module-scoped SeaweedFS fixture)
 from tiny_export import build_tiny_export, private_tmpdir
 
+from tasks.common import TRANSIENT_EXIT_CODE, USER_ERROR_EXIT_CODE, TransientError, stage_main
 from tasks.params import ParamsError, load_params
 from tasks.store import (
     MANIFEST_NAME,
     LocalStore,
     S3Store,
     StoreError,
+    TransientStoreError,
     natural_key,
     open_store,
     scan_dir,
     sha256_file,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 BLOB_MIB = 11  # > 2 parts of 5 MiB: exercises multipart with a 1 MiB threshold
 
 
@@ -259,8 +262,9 @@ def test_s3_clear_errors(aws_env, tmp_path, export_dir):
     server.create_bucket("rel-errors")
     bad_key = S3Store("rel-errors", endpoint_url=server.endpoint, access_key="nobody", secret_key=server.secret_key,
                       connect_timeout_s=1, max_attempts=1)
-    with pytest.raises(StoreError, match=r"credentials were rejected by http://127\.0\.0\.1:\d+ \(InvalidAccessKeyId"):
+    with pytest.raises(StoreError, match=r"credentials were rejected by http://127\.0\.0\.1:\d+ \(InvalidAccessKeyId") as info:
         bad_key.list_versions("fam")
+    assert not isinstance(info.value, TransientError)  # a wrong key is the user's to fix: never retried
     bad_secret = S3Store("rel-errors", endpoint_url=server.endpoint, access_key=server.access_key,
                          secret_key="wrong-secret", connect_timeout_s=1, max_attempts=1)
     with pytest.raises(StoreError, match=r"credentials were rejected .*SignatureDoesNotMatch"):
@@ -271,7 +275,7 @@ def test_s3_clear_errors(aws_env, tmp_path, export_dir):
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
     t0 = time.monotonic()
-    with pytest.raises(StoreError, match=f"cannot reach the S3 endpoint {dead}"):
+    with pytest.raises(TransientStoreError, match=f"cannot reach the S3 endpoint {dead}"):
         S3Store("rel-errors", endpoint_url=dead, connect_timeout_s=1, max_attempts=2).fetch("fam")
     assert time.monotonic() - t0 < 15
     assert _s3_store(server, "rel-errors", tmp_path).list_versions("fam") == []  # nothing was written
@@ -291,7 +295,7 @@ def test_s3_server_killed_mid_upload_then_retry(aws_env, tmp_path, blob_export):
             if blob_bytes[0] >= 5 << 20 and server.is_running():  # after the first part
                 server.kill()
 
-    with pytest.raises(StoreError, match="cannot reach the S3 endpoint"):
+    with pytest.raises(TransientStoreError, match="cannot reach the S3 endpoint"):  # the flow retries this
         store.publish("fam", blob_export, callback=kill_in_blob)
     assert not server.is_running()
     server.restart()
@@ -335,3 +339,16 @@ def test_s3_detects_tampering_and_download_verify(aws_env, tmp_path, export_dir)
     got = _tree_hashes(store.fetch("fam", "v0003"))
     got.pop(MANIFEST_NAME)
     assert got == _tree_hashes(export_dir)
+
+
+@pytest.mark.parametrize(("error", "code"), [
+    (TransientStoreError("s3 down"), TRANSIENT_EXIT_CODE),
+    (StoreError("credentials were rejected"), USER_ERROR_EXIT_CODE),
+])
+def test_stage_exit_code_tells_transient_from_user_errors(error, code, capsys):
+    """The flow retries exactly the stages that exit with TRANSIENT_EXIT_CODE (flows/pipeline.py)."""
+    def failing(params):
+        raise error
+
+    assert stage_main("deploy", "doc", failing, ["--params", str(REPO / "params.yaml")]) == code
+    assert str(error) in capsys.readouterr().err
