@@ -281,7 +281,8 @@ class CompressParams(_Section):
     # Healing fine-tune of the low-rank factors + the DaE member's norm on SFT chat data (0 = none).
     heal_steps: NonNegInt = 20
     heal_lr: PositiveFloat = 1e-3
-    # Held-out batches (corpus_val blocks; eval solutions) for the before/after losses.
+    # Held-out batches (corpus_val blocks; eval solutions) for the reported before/after losses, and as
+    # many for the keep-healing decision, carved from corpus_train/sft and kept out of calibration/healing.
     loss_batches: PositiveInt = 4
     # Quality budget: relative loss increase allowed on every exit (reported, not enforced here).
     max_relative_loss_increase: Fraction = 0.02

@@ -4,7 +4,8 @@ One workspace (a copy of this repository, made a git + DVC repo) is shared by th
 module, in order: the full run; `dvc status` up to date and a fast second run; a parameter change
 that reruns only what depends on it; a rerun from `compress` created through a real Prefect
 server's REST API; the audit (clean clone + dvc pull + forced repro reproduces weights and quality
-metrics exactly); malformed raw rows that stop the flow at validate_data.
+metrics exactly); a failed quality gate that stops the flow before export and deploy; malformed raw
+rows that stop the flow at validate_data.
 """
 
 from __future__ import annotations
@@ -161,7 +162,9 @@ def test_changing_one_parameter_reruns_only_that_stage_and_downstream(workspace,
     before = (workspace / "artifacts/compress/model.safetensors").stat().st_mtime_ns
     results = ruyi_pipeline(workspace=str(workspace), overrides={"evaluate.num_problems": 5}, push=False)
     ran = [r["stage"] for r in results if not r["skipped"]]
-    assert ran[0] == "evaluate"
+    # evaluate reruns, and gates since evaluate's quality metrics (its input) changed; export and deploy
+    # rerun only if the gates' verdict file changed, which fewer problems need not do
+    assert ran[:2] == ["evaluate", "gates"], ran
     assert set(ran) <= {"evaluate", "gates", "export", "deploy"}
     assert (workspace / "artifacts/compress/model.safetensors").stat().st_mtime_ns == before
     git(workspace, "commit", "-qam", "evaluate.num_problems=5")
@@ -213,8 +216,11 @@ def test_rerun_from_compress_through_a_real_prefect_server(workspace, first_run,
                 time.sleep(0.5)
         assert dep, "rerun deployment never registered"
         rl_mtime = (workspace / "artifacts/rl/model.safetensors").stat().st_mtime_ns
+        compress_metrics = (workspace / "metrics/compress.json").read_text()
+        # as a person would in the dashboard: rerun from compress with one of its parameters changed
         run_ = _http("POST", f"{api}/deployments/{dep['id']}/create_flow_run",
-                     {"parameters": {"from_stage": "compress", "push": False}})
+                     {"parameters": {"from_stage": "compress", "overrides": {"compress.heal_steps": 3},
+                                     "push": False}})
         state = None
         for _ in range(1200):
             state = _http("GET", f"{api}/flow_runs/{run_['id']}")["state"]["type"]
@@ -226,13 +232,17 @@ def test_rerun_from_compress_through_a_real_prefect_server(workspace, first_run,
                       {"task_runs": {"flow_run_id": {"any_": [run_["id"]]}}})
         names = sorted(t["name"] for t in tasks)
         assert names == sorted(["compress", "evaluate", "gates", "export", "deploy"]), names
-        assert (workspace / "artifacts/rl/model.safetensors").stat().st_mtime_ns == rl_mtime
+        assert (workspace / "artifacts/rl/model.safetensors").stat().st_mtime_ns == rl_mtime  # upstream untouched
+        assert json.loads((workspace / "metrics/compress.json").read_text()) != json.loads(compress_metrics)  # reran
+        assert yaml.safe_load((workspace / "params.yaml").read_text())["compress"]["heal_steps"] == 3
+        assert "compress:" not in run([DVC, "status"], workspace).stdout  # and dvc.lock records what ran
         artifacts = _http("POST", f"{api}/artifacts/filter",
                           {"artifacts": {"flow_run_id": {"any_": [run_["id"]]}}})
         keys = {a["key"] for a in artifacts}
         assert "lineage" in keys and "metrics-compress" in keys, keys
         lineage = next(a for a in artifacts if a["key"] == "lineage")
-        assert run_["id"] in lineage["data"]
+        assert run_["id"] in lineage["data"] and "| compress | yes |" in lineage["data"]
+        git(workspace, "commit", "-qam", "compress.heal_steps=3 (rerun from the dashboard)")
     finally:
         for proc in (served, server):
             if proc is not None and proc.poll() is None:
@@ -241,6 +251,38 @@ def test_rerun_from_compress_through_a_real_prefect_server(workspace, first_run,
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, 9)
+
+
+def _task_runs(flow_run_id) -> list[tuple[str, int]]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return sorted((t.name, t.run_count) for t in runs)
+
+
+def test_a_failed_quality_gate_stops_the_flow_before_export_and_deploy(workspace, first_run, prefect_api):
+    from flows.pipeline import StageFailed, apply_param_overrides, ruyi_pipeline
+
+    versions = store_versions(workspace)
+    exported = (workspace / "artifacts/export/manifest.json").read_bytes()
+    before = yaml.safe_load((workspace / "params.yaml").read_text())["gates"]["max_loss"]
+    try:
+        state = ruyi_pipeline(workspace=str(workspace), from_stage="gates", overrides={"gates.max_loss": 0.01},
+                              push=False, return_state=True)
+        assert state.is_failed()
+        with pytest.raises(StageFailed) as info:
+            state.result()
+        message = str(info.value)
+        assert "stage gates failed (not retried)" in message and "gates.max_loss" in message, message
+        assert _task_runs(state.state_details.flow_run_id) == [("gates", 1)]  # no retry, export/deploy never ran
+        assert (workspace / "artifacts/export/manifest.json").read_bytes() == exported
+        assert store_versions(workspace) == versions
+    finally:
+        apply_param_overrides(workspace, {"gates.max_loss": before})
+        ruyi_pipeline(workspace=str(workspace), from_stage="gates", to_stage="gates", push=False)
+    assert "up to date" in run([DVC, "status"], workspace).stdout
 
 
 def test_audit_clean_clone_pull_and_forced_repro_reproduce_weights_and_quality(workspace, first_run, tmp_path):
@@ -287,11 +329,19 @@ def test_malformed_raw_rows_stop_the_flow_at_validate_data(workspace, first_run,
     manifest["files"]["sft.jsonl"].update(rows=len(rows) + 2, sha256=hashlib.sha256(raw.read_bytes()).hexdigest())
     manifest_path.chmod(0o644)
     manifest_path.write_text(json.dumps(manifest, indent=2))
+    state = ruyi_pipeline(workspace=str(workspace), from_stage="validate_data", push=False, return_state=True)
+    assert state.is_failed()
     with pytest.raises(StageFailed) as info:
-        ruyi_pipeline(workspace=str(workspace), from_stage="validate_data", push=False)
+        state.result()
     message = str(info.value)
-    assert "validate_data" in message and "sft" in message
+    print(message)
+    assert "stage validate_data failed (not retried)" in message and "data contract violated" in message
+    assert "Data Docs:" in message and "sft.jsonl" in message  # where to look, and which file
+    assert "expect_" in message  # the expectation that failed
+    assert "leak.me@example.com" in message and "four" in message  # sample rows, both of them
+    # one attempt (contract failures are never retried) and no later stage ran
+    assert _task_runs(state.state_details.flow_run_id) == [("validate_data", 1)]
     assert store_versions(workspace) == versions
     assert (workspace / "metrics/tokenizer.json").stat().st_mtime_ns == tok_metrics
     docs = "\n".join(p.read_text(errors="replace") for p in (workspace / "reports/contracts").rglob("*.html"))
-    assert "leak.me@example.com" in docs or "bad-email" in docs
+    assert "leak.me@example.com" in docs and "four" in docs  # the Data Docs list both bad rows
