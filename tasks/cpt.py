@@ -25,7 +25,8 @@ Everything of the training machinery (packing, AdamW + warmup/cosine, accumulati
 exact resume, fingerprinted checkpoints, curves) is in tasks/training.py and documented there.
 
 Deviations from the paper: Ruyi2 trains the 14B family on ~800B tokens with Megatron 3D parallelism;
-here one process trains the tiny family on the embedded corpus (all of it: general text and the
+here one process (or `distributed.backend: ray`: data-parallel Ray Train workers, tasks/distributed.py)
+trains the tiny family on the embedded corpus (all of it: general text and the
 SFT problems' worked solutions that prepare_data adds as `source: "math"` documents). Validation
 packs `corpus_val.jsonl` the same way and evaluates the first `eval_batches` batches of it.
 
@@ -41,7 +42,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks import training
+from tasks import distributed, training
 from tasks.common import (
     StageError,
     check_tokenizer_size,
@@ -155,6 +156,8 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
         callbacks: called with the completed step count after each step (tests use one to stop a run
             mid-way, as a kill would).
     """
+    if params.distributed.backend == "ray" and not distributed.in_worker():
+        return distributed.launch(STAGE, params, callbacks)  # this same function on every worker
     import torch
 
     cfg = params.cpt
@@ -207,10 +210,11 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
         "val_blocks": int(val_blocks.shape[0]), "seq_len": cfg.seq_len, "device": str(device),
         "torch_threads": torch.get_num_threads(),
     })
-    training.write_loss_curves(result.history, plots_dir(params, STAGE),
-                               title="cpt: joint multi-exit training, loss per member")
-    save_family(model.to("cpu"), tokenizer, stage_dir(params, STAGE))
-    write_metrics(params, STAGE, metrics)
+    if distributed.is_main():  # a data-parallel run writes from rank 0 alone
+        training.write_loss_curves(result.history, plots_dir(params, STAGE),
+                                   title="cpt: joint multi-exit training, loss per member")
+        save_family(model.to("cpu"), tokenizer, stage_dir(params, STAGE))
+        write_metrics(params, STAGE, metrics)
     log.info("cpt: val loss per member %s (ln V = %.2f)", {d: round(v, 3) for d, v in final.items()},
              math.log(model.config.vocab_size))
     return metrics

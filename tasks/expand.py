@@ -28,7 +28,8 @@ What it does:
    a difference is an error, not a flag in the metrics.
 
 Same training machinery as cpt (tasks/training.py: AdamW + warmup/cosine, accumulation, bf16,
-clipping, fingerprinted checkpoints with exact resume, curves).
+clipping, fingerprinted checkpoints with exact resume, curves; data-parallel Ray Train workers with
+`distributed.backend: ray`, tasks/distributed.py).
 
 Deviations from the paper: Ruyi2 runs 600B tokens on its 1.7B member with N=3 blocks; the tiny
 default uses `expand.num_blocks` (2) and a few hundred steps. The paper trains the member's "Norm &
@@ -48,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks import training
+from tasks import distributed, training
 from tasks.common import (
     StageError,
     checkpoint_dir,
@@ -182,6 +183,8 @@ def train_dae(base, params: Params, data: DaEData, *, init: str | None = None,
 
 def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict[str, Any]:
     """Expands and trains the DaE member; writes artifacts/expand, metrics and plots."""
+    if params.distributed.backend == "ray" and not distributed.in_worker():
+        return distributed.launch(STAGE, params, callbacks)  # this same function on every worker
     import torch
 
     from tasks.cpt import check_seq_len
@@ -231,12 +234,14 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
         **data.counts, **result.summary(), "seq_len": cfg.seq_len, "torch_threads": torch.get_num_threads(),
         "ln_vocab": round(math.log(model.config.vocab_size), 4),
     }
-    training.write_loss_curves(result.history, plots_dir(params, STAGE), exits=[d],
-                               title=f"expand: DaE member {d} (+{cfg.num_blocks} {cfg.init} blocks), STEM loss")
+    if distributed.is_main():  # a data-parallel run writes from rank 0 alone
+        training.write_loss_curves(result.history, plots_dir(params, STAGE), exits=[d],
+                                   title=f"expand: DaE member {d} (+{cfg.num_blocks} {cfg.init} blocks), STEM loss")
     for p in model.parameters():
         p.requires_grad_(True)
-    save_family(model, tokenizer, stage_dir(params, STAGE))
-    write_metrics(params, STAGE, metrics)
+    if distributed.is_main():
+        save_family(model, tokenizer, stage_dir(params, STAGE))
+        write_metrics(params, STAGE, metrics)
     log.info("expand: member %d STEM val loss %.3f -> %.3f; %d of %d parameters trained; other members unchanged",
              d, before[d], after[d], dae_info["trainable_params"], dae_info["total_params"])
     return metrics

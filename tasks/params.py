@@ -359,6 +359,29 @@ class StoreParams(_Section):
         return self
 
 
+class DistributedParams(_Section):
+    """Data parallelism of the training stages cpt, expand and sft (tasks/distributed.py)."""
+
+    # local: one process (the default); ray: Ray Train TorchTrainer workers with DistributedDataParallel.
+    backend: Literal["local", "ray"] = "local"
+    # Data-parallel workers; each takes 1/num_workers of every global batch (batch_size * grad_accum rows).
+    num_workers: PositiveInt = 2
+    # One GPU per worker (nccl); false: CPU workers (gloo).
+    use_gpu: bool = False
+    # Logical CPUs reserved per worker (Ray sets each worker's OMP_NUM_THREADS from it).
+    cpus_per_worker: PositiveFloat = 1.0
+    # Ray cluster address ("auto", "host:port", "ray://host:port"); null: the Ray already running in this
+    # process, else a local Ray started with num_workers * cpus_per_worker CPUs.
+    address: str | None = None
+    # Object store of the local Ray started here (unused with an address).
+    object_store_mib: Annotated[int, Field(ge=80)] = 512
+    # Ray Train's run directory (reachable from every node; an s3:// URI works);
+    # null: <paths.artifacts_dir>/checkpoints/.ray_train (removed after each run).
+    storage_path: str | None = None
+    # Timeout of the process group's collectives.
+    timeout_s: PositiveInt = 1800
+
+
 # Ray reserves worker ports 10002-19999 on every node (RL_SERVE_NOTES B4): serving there collides.
 _RAY_WORKER_PORTS = range(10002, 20000)
 
@@ -418,9 +441,18 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     gates: GatesParams = GatesParams()
     deploy: DeployParams = DeployParams()
+    distributed: DistributedParams = DistributedParams()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Params:
+        if self.distributed.backend == "ray":
+            for name in ("cpt", "expand", "sft"):
+                section = getattr(self, name)
+                rows = section.batch_size * section.grad_accum
+                if rows < self.distributed.num_workers:
+                    raise ValueError(f"distributed.num_workers ({self.distributed.num_workers}) exceeds the global "
+                                     f"batch of {name} ({name}.batch_size x {name}.grad_accum = {rows} rows): every "
+                                     f"worker needs at least one row of each step")
         exits = self.model.exit_layers
         if self.expand.exit_layer is not None and self.expand.exit_layer not in exits:
             raise ValueError(f"expand.exit_layer {self.expand.exit_layer} is not one of model.exit_layers {exits}")

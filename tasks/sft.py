@@ -32,7 +32,8 @@ Scope (`sft.scope`):
 
 Deviations from the paper: Ruyi2's SFT uses ~4M instruction examples in two curriculum stages, batch
 128, seq 8192, 3 epochs, lr 1e-4 with 1000 warmup steps; here a few hundred steps on generated
-GSM8K-style problems with the tiny model's settings from params.yaml.
+GSM8K-style problems with the tiny model's settings from params.yaml (one process, or data-parallel
+Ray Train workers with `distributed.backend: ray`, tasks/distributed.py).
 
 Metrics (`metrics/sft.json`): `exit_<d>` -> {heldout_loss_before, heldout_loss_after, train_loss}
 (train_loss only for the trained members), scope, trained/total parameters, example counts
@@ -47,7 +48,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks import training
+from tasks import distributed, training
 from tasks.common import (
     StageError,
     checkpoint_dir,
@@ -70,6 +71,8 @@ def sft_path(params: Params) -> Path:
 
 def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict[str, Any]:
     """Fine-tunes the family (or the DaE member) on the SFT chats; writes artifacts/sft, metrics, plots."""
+    if params.distributed.backend == "ray" and not distributed.in_worker():
+        return distributed.launch(STAGE, params, callbacks)  # this same function on every worker
     import torch
 
     from ruyi_model.dae import freeze_for_dae
@@ -146,12 +149,14 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
         **result.summary(), "seq_len": cfg.seq_len, "torch_threads": torch.get_num_threads(),
         "ln_vocab": round(math.log(model.config.vocab_size), 4),
     })
-    training.write_loss_curves(result.history, plots_dir(params, STAGE),
-                               title=f"sft (scope={cfg.scope}): assistant-token loss per member")
+    if distributed.is_main():  # a data-parallel run writes from rank 0 alone
+        training.write_loss_curves(result.history, plots_dir(params, STAGE),
+                                   title=f"sft (scope={cfg.scope}): assistant-token loss per member")
     for p in model.parameters():
         p.requires_grad_(True)
-    save_family(model, tokenizer, stage_dir(params, STAGE))
-    write_metrics(params, STAGE, metrics)
+    if distributed.is_main():
+        save_family(model, tokenizer, stage_dir(params, STAGE))
+        write_metrics(params, STAGE, metrics)
     log.info("sft: held-out loss per member %s -> %s", {e: round(v, 3) for e, v in before.items()},
              {e: round(v, 3) for e, v in after.items()})
     return metrics

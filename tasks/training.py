@@ -69,6 +69,12 @@ per-step train loss per member, per-eval validation loss per member, `loss.png` 
 (no dropout in the model; data order seeded). The per-step train loss of a mixed stream has a
 visible period (a batch with or without its replay sample); the validation curve is the smooth one.
 
+Data parallelism (`distributed.backend: ray`, tasks/distributed.py): inside a Ray Train worker
+`train_loop` wraps the model in DistributedDataParallel, trains this rank's rows of the same global
+batch with the same token normalisation (`_data_parallel_backward`), shards the evaluation, and
+writes checkpoints from rank 0 alone; every rank resumes from the checkpoint rank 0 chose. The local
+path (no context) is unchanged.
+
 Threads: `torch.set_num_threads` is left to the caller (`OMP_NUM_THREADS`). Measured on the
 project's 2-core machine while ~7 other jobs ran: one thread trained the tiny family at about
 700 tokens/s, while two threads made no visible progress in 10 minutes (OpenMP threads spinning
@@ -93,6 +99,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tasks import distributed
 from tasks.common import StageError, atomic_dir, read_jsonl, write_json
 
 if TYPE_CHECKING:  # heavy imports stay inside the functions (the `ruyi` CLI must start instantly)
@@ -531,7 +538,7 @@ def _code_fingerprint(stage: str) -> dict[str, str]:
     from tasks.common import sha256_file
 
     root = Path(__file__).resolve().parents[1]
-    files = [f"tasks/{stage}.py", "tasks/training.py", "ruyi_model/config.py", "ruyi_model/modeling.py",
+    files = [f"tasks/{stage}.py", "tasks/training.py", "tasks/distributed.py", "ruyi_model/config.py", "ruyi_model/modeling.py",
              "ruyi_model/dae.py", "triton_kernels/ops/exit_head_loss.py"]
     return {f: sha256_file(root / f) for f in files if (root / f).is_file()}
 
@@ -773,8 +780,14 @@ def train_loop(*, stage: str, model, cfg: TrainParams, named_params: Sequence[tu
     params = [p for _, p in named_params if p.requires_grad]
     result = TrainResult()
     start = 0
+    dist_ctx = distributed.context()  # None: one process (see tasks/distributed.py for the data-parallel run)
+    main = dist_ctx is None or dist_ctx.rank == 0
     if checkpointer is not None:
-        latest = checkpointer.find_resumable()
+        if dist_ctx is None:
+            latest = checkpointer.find_resumable()
+        else:  # rank 0 alone looks (it may set a stale directory aside); every rank loads what it found
+            latest, checkpointer.stale = distributed.broadcast_object(
+                (checkpointer.find_resumable(), checkpointer.stale) if main else None)
         result.stale_checkpoint = checkpointer.stale
         if latest is not None:
             state = checkpointer.load(latest, model, optimizer, scheduler)
@@ -791,8 +804,13 @@ def train_loop(*, stage: str, model, cfg: TrainParams, named_params: Sequence[tu
     if start > cfg.max_steps:
         raise StageError(f"{stage}: checkpoint is at step {start}, beyond max_steps={cfg.max_steps}")
 
+    train_model = model if dist_ctx is None else distributed.wrap_model(model)
+
     def record_eval(step: int) -> dict[int, float]:
-        losses = evaluate(model, val_batches, eval_fn, cfg.bf16)
+        if dist_ctx is None:
+            losses = evaluate(model, val_batches, eval_fn, cfg.bf16)
+        else:
+            losses = _sharded_evaluate(model, val_batches, eval_fn, cfg.bf16, dist_ctx)
         result.history.extend({"step": step, "exit": d, "split": "val", "loss": v} for d, v in losses.items())
         return losses
 
@@ -800,7 +818,7 @@ def train_loop(*, stage: str, model, cfg: TrainParams, named_params: Sequence[tu
         record_eval(0)
     model.train()
     bar = tqdm(range(start, cfg.max_steps), desc=stage, unit="step", initial=start, total=cfg.max_steps,
-               mininterval=1.0, dynamic_ncols=True)
+               mininterval=1.0, dynamic_ncols=True, disable=not main)
     for step in bar:
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -819,19 +837,23 @@ def train_loop(*, stage: str, model, cfg: TrainParams, named_params: Sequence[tu
         # different numbers of tokens (1 / grad_accum each when they are equal, as packed blocks are).
         targets = [_targets(b) for b in micro]
         all_targets = sum(targets)
-        for batch, n in zip(micro, targets):
-            if all_targets and not n:
-                continue  # nothing supervised: no loss, no gradient
-            share = n / all_targets if all_targets else 1.0 / cfg.grad_accum
-            with _autocast(device, cfg.bf16):
-                loss, per_exit = loss_fn(model, batch, step)
-            if not torch.isfinite(loss):
-                raise StageError(f"{stage}: the loss is {float(loss.detach())} at step {step + 1}; lower {stage}.lr or "
-                                 f"check the data (nothing was saved for this run)")
-            (loss * share).backward()
-            total += float(loss.detach()) * share
-            for d, v in per_exit.items():
-                step_losses[d] = step_losses.get(d, 0.0) + v * share
+        if dist_ctx is not None:  # this rank's shard of the same global batch (tasks/distributed.py)
+            total, step_losses = _data_parallel_backward(
+                train_model, stream, result.samples - cfg.grad_accum * cfg.batch_size, cfg, all_targets, loss_fn,
+                step, stage, device, dist_ctx)
+        else:
+            for batch, n in zip(micro, targets):
+                if all_targets and not n:
+                    continue  # nothing supervised: no loss, no gradient
+                share = n / all_targets if all_targets else 1.0 / cfg.grad_accum
+                with _autocast(device, cfg.bf16):
+                    loss, per_exit = loss_fn(model, batch, step)
+                if not torch.isfinite(loss):
+                    raise StageError(_non_finite_message(stage, loss, step))
+                (loss * share).backward()
+                total += float(loss.detach()) * share
+                for d, v in per_exit.items():
+                    step_losses[d] = step_losses.get(d, 0.0) + v * share
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
@@ -845,7 +867,7 @@ def train_loop(*, stage: str, model, cfg: TrainParams, named_params: Sequence[tu
             val = record_eval(done)
             postfix["val"] = "/".join(f"{v:.2f}" for v in val.values())
         bar.set_postfix(postfix, refresh=False)
-        if checkpointer is not None and (done % cfg.checkpoint_every == 0 or done == cfg.max_steps):
+        if checkpointer is not None and main and (done % cfg.checkpoint_every == 0 or done == cfg.max_steps):
             checkpointer.save(done, model, optimizer, scheduler,
                               {"samples": result.samples, "tokens": result.tokens, "history": result.history,
                                "train_seconds": result.train_seconds})
@@ -855,11 +877,89 @@ def train_loop(*, stage: str, model, cfg: TrainParams, named_params: Sequence[tu
     result.steps = cfg.max_steps
     result.wall_seconds = time.perf_counter() - t_wall
     model.eval()
-    if checkpointer is not None:
+    if checkpointer is not None and main:
         # DVC declares the checkpoint directory as an output: it must exist even when no
         # checkpoint was due (checkpoint_every > max_steps) or a stale one was set aside.
         checkpointer.root.mkdir(parents=True, exist_ok=True)
     return result
+
+
+def _non_finite_message(stage: str, loss, step: int) -> str:
+    return (f"{stage}: the loss is {float(loss.detach())} at step {step + 1}; lower {stage}.lr or "
+            f"check the data (nothing was saved for this run)")
+
+
+def _data_parallel_backward(model, stream, start: int, cfg: TrainParams, all_targets: int, loss_fn: LossFn,
+                            step: int, stage: str, device, ctx) -> tuple[float, dict[int, float]]:
+    """One step's forwards/backwards of rank `ctx.rank` (see tasks/distributed.py): rows [lo, hi) of the
+    global batch that starts at stream position `start`, in forwards of at most `batch_size` rows, each
+    weighted by (its supervised tokens / the global batch's `all_targets`) * world_size, DDP's gradient
+    all-reduce (a mean) on the last one. Returns the step's loss and per-member losses (all ranks summed)."""
+    import contextlib
+
+    import torch
+
+    rows = cfg.grad_accum * cfg.batch_size
+    lo, hi = distributed.shard_bounds(rows, ctx.rank, ctx.world_size)
+    pieces = []
+    for s in range(lo, hi, cfg.batch_size):
+        batch = {k: v.to(device) for k, v in stream.batch(start + s, min(cfg.batch_size, hi - s)).items()}
+        pieces.append((batch, _targets(batch)))
+    # Forwards without a supervised token are skipped (as the local loop skips such micro-batches), except
+    # the last: its backward carries the all-reduce that every rank must join.
+    run = [i for i, (_, n) in enumerate(pieces) if n or not all_targets or i == len(pieces) - 1]
+    total, step_losses = 0.0, {}
+    for i in run:
+        batch, n = pieces[i]
+        share = n / all_targets if all_targets else int(batch["input_ids"].shape[0]) / rows
+        if share == 0:
+            batch = _one_target(batch)  # a finite loss with weight 0: an exactly zero gradient
+        with contextlib.nullcontext() if i == run[-1] else model.no_sync():
+            with _autocast(device, cfg.bf16):
+                loss, per_exit = loss_fn(model, batch, step)
+            if not torch.isfinite(loss):
+                raise StageError(_non_finite_message(stage, loss, step))
+            (loss * (share * ctx.world_size)).backward()
+        total += float(loss.detach()) * share
+        for d, v in per_exit.items():
+            step_losses[d] = step_losses.get(d, 0.0) + v * share
+    keys = sorted(step_losses)
+    sums = distributed.all_reduce_sum([total] + [step_losses[d] for d in keys])
+    return sums[0], dict(zip(keys, sums[1:]))
+
+
+def _one_target(batch: dict) -> dict:
+    labels = batch.get("labels", batch["input_ids"]).clone()
+    if labels.shape[1] < 2:
+        raise StageError("data-parallel step: a shard without any supervised token is too short to stand in "
+                         "for the gradient all-reduce")
+    labels[0, 1] = batch["input_ids"][0, 1]
+    return {**batch, "labels": labels}
+
+
+def _sharded_evaluate(model, batches: Sequence[dict], eval_fn: EvalFn, bf16: bool, ctx) -> dict[int, float]:
+    """`evaluate` with the batches dealt round-robin to the ranks; the per-batch sums are gathered and
+    added in batch order (the local order)."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    mine: dict[int, dict[int, tuple[float, int]]] = {}
+    with torch.no_grad(), _autocast(device, bf16):
+        for i in range(ctx.rank, len(batches), ctx.world_size):
+            mine[i] = eval_fn(model, {k: v.to(device) for k, v in batches[i].items()})
+    model.train(was_training)
+    parts: dict[int, dict[int, tuple[float, int]]] = {}
+    for part in distributed.all_gather_object(mine):
+        parts.update(part)
+    sums: dict[int, list[float]] = {}
+    for i in sorted(parts):
+        for d, (s, n) in parts[i].items():
+            acc = sums.setdefault(d, [0.0, 0])
+            acc[0] += s
+            acc[1] += n
+    return {d: s / max(n, 1) for d, (s, n) in sorted(sums.items())}
 
 
 # --- plots ----------------------------------------------------------------------------------------
@@ -917,6 +1017,9 @@ def count_params(params: Iterable[Any]) -> int:
 def device_for_training():
     import torch
 
+    ctx = distributed.context()
+    if ctx is not None:  # a data-parallel worker: its own device (tasks/distributed.py)
+        return torch.device(ctx.device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
