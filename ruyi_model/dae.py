@@ -151,7 +151,7 @@ def expand(model: FamilialForCausalLM, exit_layer: int, num_blocks: int, init: s
     """
     model = _check_model(model)
     cfg = model.config
-    d = cfg.check_exit(int(exit_layer))
+    d = cfg.check_exit(exit_layer)
     if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
         raise ValueError(f"expand(num_blocks={num_blocks!r}): must be an integer >= 1")
     if init not in EXPAND_INITS:
@@ -204,7 +204,7 @@ def dae_trainable_parameters(model: FamilialForCausalLM, exit_layer: int) -> lis
     """
     model = _check_model(model)
     cfg = model.config
-    d = cfg.check_exit(int(exit_layer))
+    d = cfg.check_exit(exit_layer)
     if cfg.shared_heads:
         raise ValueError("DaE trains the member's LM head, but this family has shared_heads=True: the head is "
                          "used by every member, so training it would change all of them. Use a family with "
@@ -366,7 +366,7 @@ def _targets(model: FamilialForCausalLM, exit_layer: int | None, include_head: b
     """`{module path: (member, group type)}` of the matrices to decompose."""
     cfg = model.config
     if exit_layer is not None:
-        members = [cfg.check_exit(int(exit_layer))]
+        members = [cfg.check_exit(exit_layer)]
     else:
         members = [d for d in cfg.exit_layers if cfg.num_dae_blocks(d) > 0]
         if not members:

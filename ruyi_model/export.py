@@ -59,7 +59,7 @@ def member_dir_name(exit_layer: int) -> str:
 def member_qwen3_config(model: FamilialForCausalLM, exit_layer: int) -> Qwen3Config:
     """The stock `Qwen3Config` of member `exit_layer` (stock fields only, layer count of the member)."""
     cfg = model.config
-    d = cfg.check_exit(int(exit_layer))
+    d = cfg.check_exit(exit_layer)
     stock_fields = set(Qwen3Config().to_dict())
     fields = {k: v for k, v in cfg.to_dict().items() if k in stock_fields}
     for key in ("model_type", "architectures", "layer_types", "transformers_version", "_name_or_path", "auto_map",
@@ -81,7 +81,7 @@ def member_state_dict(model: FamilialForCausalLM, exit_layer: int) -> dict[str, 
     Returns:
         `{stock key: tensor}` (detached; dense tensors are shared with `model`, not copied).
     """
-    d = model.config.check_exit(int(exit_layer))
+    d = model.config.check_exit(exit_layer)
     sd = {"model.embed_tokens.weight": model.model.embed_tokens.weight.detach(),
           "model.norm.weight": model.exits[str(d)].norm.weight.detach(),
           "lm_head.weight": _dense(model.exit_head(d)).detach()}

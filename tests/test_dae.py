@@ -153,6 +153,10 @@ def test_expand_rejects_bad_arguments():
     fam = make_family([2, 5])
     with pytest.raises(ValueError, match="exit_layer=3"):
         expand(fam, 3, 1)
+    with pytest.raises(ValueError, match="exit_layer=2.9 must be an integer"):  # never truncated to member 2
+        expand(fam, 2.9, 1)
+    with pytest.raises(ValueError, match="exit_layer=True must be an integer"):
+        dae_trainable_parameters(fam, True)
     with pytest.raises(ValueError, match="num_blocks"):
         expand(fam, 2, 0)
     with pytest.raises(ValueError, match="init"):

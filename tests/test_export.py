@@ -122,6 +122,8 @@ def test_member_to_qwen3_in_memory_and_bf16(tmp_path):
         assert torch.equal(reloaded(ids).logits, fam(ids, exit_layer=5).logits)
     with pytest.raises(ValueError, match="exit_layer=4"):
         member_to_qwen3(fam, 4)
+    with pytest.raises(ValueError, match="exit_layer=5.0 must be an integer"):  # a float is refused, not truncated
+        member_to_qwen3(fam, 5.0)
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
