@@ -80,18 +80,36 @@ def deployments(cron: str = typer.Option("0 2 * * *", help="schedule of the nigh
 
 @app.command()
 def server(port: int = typer.Option(4200, help="Prefect server port on 127.0.0.1"),
-           cron: str = typer.Option("0 2 * * *", help="schedule of the nightly deployment")) -> None:
-    """Start a Prefect server on 127.0.0.1 and serve the deployments: open the UI and rerun any stage."""
+           cron: str = typer.Option("0 2 * * *", help="schedule of the nightly deployment"),
+           startup_timeout: float = typer.Option(120.0, help="seconds to wait for the Prefect server to be healthy")) -> None:
+    """Start a Prefect server on 127.0.0.1 and serve the deployments: open the UI and rerun any stage.
+
+    Stops on Ctrl-C or SIGTERM, taking the Prefect server (its whole process group) down with it.
+    """
     import os
+    import signal
+    import socket
     import subprocess
     import time
     import urllib.request
 
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            typer.echo(f"error: port {port} on 127.0.0.1 is already in use (another Prefect server?); "
+                       "choose another with --port", err=True)
+            raise typer.Exit(2)
     api = f"http://127.0.0.1:{port}/api"
+    # Its own process group: the server's uvicorn workers go with it however this command is stopped.
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)])
+                             "--port", str(port)], start_new_session=True)
+
+    def on_sigterm(signum, frame):  # as Ctrl-C: unwind through `finally`, which stops the server
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        for _ in range(120):
+        deadline = time.monotonic() + startup_timeout
+        while True:
             try:
                 urllib.request.urlopen(f"{api}/health", timeout=1)
                 break
@@ -99,15 +117,27 @@ def server(port: int = typer.Option(4200, help="Prefect server port on 127.0.0.1
                 if proc.poll() is not None:
                     typer.echo(f"error: prefect server exited with {proc.returncode}", err=True)
                     raise typer.Exit(1) from None
+                if time.monotonic() > deadline:
+                    typer.echo(f"error: the Prefect server on port {port} was not healthy after {startup_timeout:.0f} s",
+                               err=True)
+                    raise typer.Exit(1) from None
                 time.sleep(0.5)
         typer.echo(f"Prefect UI: http://127.0.0.1:{port}  (deployments: ruyi-pipeline/nightly, ruyi-pipeline/rerun)")
         os.environ["PREFECT_API_URL"] = api
         from flows.deployments import serve_deployments
 
         serve_deployments(cron=cron)
+    except KeyboardInterrupt:
+        typer.echo("stopping the deployments and the Prefect server", err=True)
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        signal.signal(signal.SIGTERM, previous)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
 
 
 @app.command()
