@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_helpers import copy_workspace, load, make_workspace
+from training_helpers import copy_workspace, load, make_workspace, sft_like_rows
 
 from tasks import cpt, distributed, training
 from tasks.common import StageError, TransientError, load_family
@@ -92,23 +92,10 @@ def _micro_family():
     return FamilialForCausalLM(cfg)
 
 
-def _sft_like_rows(n=18, seq_len=12):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(2, 64, (n, seq_len), generator=g)
-    mask = torch.zeros(n, seq_len, dtype=torch.long)
-    labels = torch.full((n, seq_len), training.IGNORE_INDEX)
-    for i in range(n):
-        length, prompt = 4 + i % 8, 1 + (i * 5) % 3
-        mask[i, :length] = 1
-        ids[i, length:] = 1
-        labels[i, prompt:length] = ids[i, prompt:length]
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
 def _loop_run(ckpt_dir: Path):
     """3 rows per micro-batch, 2 micro-batches: 2 ranks take rows 0-2 and 3-5, i.e. one micro-batch each,
     whose supervised token counts differ."""
-    tensors = _sft_like_rows()
+    tensors = sft_like_rows(n=18)
     model = _micro_family()
     cfg = TrainParams(seq_len=12, batch_size=3, grad_accum=2, max_steps=4, lr=1e-2, warmup_steps=1,
                       checkpoint_every=2, eval_every=2, eval_batches=3)
@@ -145,7 +132,7 @@ def _free_port() -> int:
 def test_train_loop_under_ddp_equals_the_local_loop(tmp_path):
     import torch.multiprocessing as mp
 
-    stream = training.BlockStream(_sft_like_rows(), 0, "ddp")
+    stream = training.BlockStream(sft_like_rows(n=18), 0, "ddp")
     shards = [training._targets(stream.batch(3 * h, 3)) for h in range(2)]
     assert shards[0] != shards[1], shards  # the ranks supervise different numbers of tokens
     local, res_local = _loop_run(tmp_path / "local")

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from training_helpers import sft_like_rows
 
 from tasks import training
 from tasks.common import StageError
@@ -187,21 +188,6 @@ def test_non_finite_loss_stops_with_an_error(tmp_path):
         _loop(tmp_path, max_steps=3, lr=1e30, ckpt=False)
 
 
-def _sft_like_rows(n=12, seq_len=12, seed=1):
-    """Right-padded rows whose supervised spans (labels != -100) have very different lengths, as SFT
-    examples do: row i has length 4 + i % 8 and a prompt of 1 + (i * 5) % 3 tokens."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, 64, (n, seq_len), generator=g)
-    mask = torch.zeros(n, seq_len, dtype=torch.long)
-    labels = torch.full((n, seq_len), training.IGNORE_INDEX)
-    for i in range(n):
-        length, prompt = 4 + i % 8, 1 + (i * 5) % 3
-        mask[i, :length] = 1
-        ids[i, length:] = 1  # pad
-        labels[i, prompt:length] = ids[i, prompt:length]
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
 def _accum_run(tensors, batch_size, grad_accum, steps=2, bf16=False, lr=1e-2):
     """`train_loop` without checkpoints; returns (model, result). grad_clip/weight decay off, so the
     gradient left in `.grad` after the run is exactly the last step's accumulated gradient."""
@@ -223,7 +209,7 @@ def test_grad_accumulation_equals_one_full_batch(data):
     if data == "packed":
         tensors = {"input_ids": torch.randint(0, 64, (12, 12), generator=torch.Generator().manual_seed(3))}
     else:
-        tensors = _sft_like_rows()
+        tensors = sft_like_rows()
     full, res_full, stream = _accum_run(tensors, batch_size=4, grad_accum=1)
     accum, res_accum, _ = _accum_run(tensors, batch_size=2, grad_accum=2)
     if data == "sft":  # the case a plain mean of micro-batch means gets wrong: unequal supervised tokens

@@ -134,3 +134,22 @@ def save_qwen_like_tokenizer(path: Path, texts: list[str], vocab_size: int = 330
         tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(path)
     return tokenizer
+
+
+def sft_like_rows(n: int = 12, seq_len: int = 12, seed: int = 1) -> dict:
+    """Right-padded rows whose supervised spans (labels != -100) have very different lengths, as SFT
+    examples do: row i has length 4 + i % 8 and a prompt of 1 + (i * 5) % 3 tokens."""
+    import torch
+
+    from tasks.training import IGNORE_INDEX
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, 64, (n, seq_len), generator=g)
+    mask = torch.zeros(n, seq_len, dtype=torch.long)
+    labels = torch.full((n, seq_len), IGNORE_INDEX)
+    for i in range(n):
+        length, prompt = 4 + i % 8, 1 + (i * 5) % 3
+        mask[i, :length] = 1
+        ids[i, length:] = 1  # pad
+        labels[i, prompt:length] = ids[i, prompt:length]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
