@@ -86,7 +86,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -155,8 +155,19 @@ class SelectionSplit:
     sft_rows: list[dict[str, Any]]
     selection_corpus: list[dict[str, Any]]
     selection_sft: list[dict[str, Any]]
-    corpus_blocks: Any = None
-    report: dict[str, Any] = field(default_factory=dict)
+    corpus_blocks: Any
+
+    @property
+    def report(self) -> dict[str, Any]:
+        """What reports/compress/heal_selection.json records: the rule and the ids on each side."""
+        return {
+            "rule": "corpus_train docs not in corpus_val, by sha256(text); sft rows not in eval.jsonl (id or "
+                    "normalised question), by sha256(id); both excluded from calibration and healing",
+            "corpus_train_ids": [str(r["id"]) for r in self.selection_corpus],
+            "sft_ids": [str(r["id"]) for r in self.selection_sft],
+            "healing_sft_ids": [str(r["id"]) for r in self.sft_rows],
+            "calibration_corpus_documents": len(self.corpus_texts),
+        }
 
 
 def carve_selection(params: Params, tokenizer, corpus_rows: list[dict], sft_rows: list[dict],
@@ -208,21 +219,12 @@ def carve_selection(params: Params, tokenizer, corpus_rows: list[dict], sft_rows
                          "calibration/healing needs at least one more; lower compress.loss_batches or "
                          "compress.batch_size")
     sel_corpus, sel_sft = set(chosen), set(sft_chosen)
-    split = SelectionSplit(
+    return SelectionSplit(
         corpus_texts=[r["text"] for i, r in enumerate(corpus_rows) if i not in sel_corpus],
         sft_rows=[r for i, r in enumerate(sft_rows) if i not in sel_sft],
         selection_corpus=[corpus_rows[i] for i in chosen],
         selection_sft=[sft_rows[i] for i in sft_chosen],
         corpus_blocks=blocks)
-    split.report = {
-        "rule": "corpus_train docs not in corpus_val, by sha256(text); sft rows not in eval.jsonl (id or "
-                "normalised question), by sha256(id); both excluded from calibration and healing",
-        "corpus_train_ids": [str(r["id"]) for r in split.selection_corpus],
-        "sft_ids": [str(r["id"]) for r in split.selection_sft],
-        "healing_sft_ids": [str(r["id"]) for r in split.sft_rows],
-        "calibration_corpus_documents": len(split.corpus_texts),
-    }
-    return split
 
 
 def calibration_data(params: Params, tokenizer, corpus_texts: list[str], sft_rows: list[dict]) -> list:
