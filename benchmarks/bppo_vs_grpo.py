@@ -158,7 +158,13 @@ def run_all(base_model, tok, rows: list[dict], cfg, configs: dict[str, dict], st
     and greedy evaluation before/after: `{run: {"members": {d: {"history", "before", "after"}}}}`."""
     from tqdm.auto import tqdm
 
-    from tasks.rl import RLTrainer, evaluate_members, resolve_members, split_rows, trainable_parameters
+    from tasks.training.rl_trainer import (
+        RLTrainer,
+        evaluate_members,
+        resolve_members,
+        split_rows,
+        trainable_parameters,
+    )
 
     train_rows, eval_rows = split_rows(rows, cfg.eval_prompts, Path("<rl rows>"))
     runs = {}
@@ -373,15 +379,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from tasks.common import load_family, seed_everything
-    from tasks.params import load_params
-    from tasks.rl import load_rl_rows
+    from tasks.core.artifacts import load_family
+    from tasks.core.params import load_params
+    from tasks.core.stage import seed_everything
+    from tasks.training.rl_trainer import load_rl_rows
 
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     cfg = load_params(args.params).rl if Path(args.params).is_file() else None
     if cfg is None:
-        from tasks.params import RLParams
+        from tasks.core.params import RLParams
 
         cfg = RLParams()
     use_synthetic = args.synthetic or not (Path(args.sft) / "config.json").is_file() or not Path(args.data).is_file()
@@ -393,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         base, tok = synthetic_sft(args.sft_steps, args.seed, filler=args.filler)
         rows = synthetic_rows(400, args.seed + 2)
         if args.save_synthetic:
-            from tasks.common import save_family, write_jsonl
+            from tasks.core.artifacts import save_family
+            from tasks.core.files import write_jsonl
 
             save_family(base, tok, args.save_synthetic)
             write_jsonl(Path(args.save_synthetic) / "rl.jsonl", rows)
@@ -433,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
                    curves={n: {f"exit_{d}": m["history"] for d, m in r["members"].items()} for n, r in results.items()})
     print_report(summary, setting)
     if args.json:
-        from tasks.common import write_json
+        from tasks.core.files import write_json
 
         write_json(args.json, summary)
     return 0

@@ -31,6 +31,9 @@ import sys
 import time
 from pathlib import Path
 
+from tasks.training.batches import BlockStream, fixed_batches, load_tokenizer, pack_corpus, read_corpus
+from tasks.training.loop import exit_weights_at, multi_exit_loss_fn, train_loop
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PAPER = {"random": 2.83, "clone": 2.89, "steps": 3000}
@@ -38,25 +41,25 @@ PAPER = {"random": 2.83, "clone": 2.89, "steps": 3000}
 
 def fresh_family(params, steps: int):
     """A tiny family trained with params.cpt (no checkpoints), from the validated corpus."""
-    from tasks import cpt, training
-    from tasks.common import seed_everything
+    from tasks import cpt
+    from tasks.core.stage import seed_everything
 
-    tokenizer = training.load_tokenizer(cpt.tokenizer_dir(params))
+    tokenizer = load_tokenizer(cpt.tokenizer_dir(params))
     train_path, val_path = cpt.corpus_inputs(params)
     cfg = params.cpt.model_copy(update={"max_steps": steps, "warmup_steps": min(params.cpt.warmup_steps, steps - 1),
                                         "eval_every": steps})
     seed_everything(params.seed)
     model = cpt.build_family(params, tokenizer)
-    texts = [r["text"] for r in training.read_corpus(train_path)]
-    blocks = training.pack_corpus(tokenizer, texts, cfg.seq_len, str(train_path))
-    val = training.pack_corpus(tokenizer, [r["text"] for r in training.read_corpus(val_path)], cfg.seq_len,
+    texts = [r["text"] for r in read_corpus(train_path)]
+    blocks = pack_corpus(tokenizer, texts, cfg.seq_len, str(train_path))
+    val = pack_corpus(tokenizer, [r["text"] for r in read_corpus(val_path)], cfg.seq_len,
                                str(val_path))
     exits = model.config.exit_layers
-    result = training.train_loop(
+    result = train_loop(
         stage="cpt (fresh family)", model=model, cfg=cfg, named_params=list(model.named_parameters()),
-        stream=training.BlockStream({"input_ids": blocks}, params.seed, "cpt/train"),
-        loss_fn=training.multi_exit_loss_fn(lambda s: training.exit_weights_at(cfg.exit_weights, exits, s, steps)),
-        val_batches=training.fixed_batches({"input_ids": val}, cfg.batch_size, cfg.eval_batches))
+        stream=BlockStream({"input_ids": blocks}, params.seed, "cpt/train"),
+        loss_fn=multi_exit_loss_fn(lambda s: exit_weights_at(cfg.exit_weights, exits, s, steps)),
+        val_batches=fixed_batches({"input_ids": val}, cfg.batch_size, cfg.eval_batches))
     print(f"fresh family: {steps} cpt steps, val loss per member {result.val_losses()}")
     return model.to("cpu"), tokenizer
 
@@ -90,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from tasks import expand
-    from tasks.common import StageError, load_family, parse_overrides, setup_logging
-    from tasks.params import ParamsError, load_params
+    from tasks.core.artifacts import load_family
+    from tasks.core.params import ParamsError, load_params
+    from tasks.core.stage import StageError, parse_overrides, setup_logging
 
     setup_logging()
     if args.threads > 0:

@@ -3,7 +3,7 @@
     python benchmarks/early_exit.py [--checkpoint artifacts/compress] [--thresholds 0.5,0.8,0.9,0.95,0.99,0.999]
                                     [--num-prompts 100] [--kv-fills recompute,copy] [--synthetic]
 
-Model: `--checkpoint` (a family saved by `tasks.common.save_family`), by default the pipeline's
+Model: `--checkpoint` (a family saved by `tasks.core.save_family`), by default the pipeline's
 `artifacts/compress`, else `artifacts/sft`. When neither exists (or with `--synthetic`) the script
 trains a quick tiny family itself (L=8, width 64, exits 1/4/8, Ruyi2 layout with one branch layer per
 member; 400 AdamW steps, a few minutes on 2 busy cores) on a learnable synthetic task, and says so:
@@ -14,7 +14,7 @@ layer alone) gets under 10% of the strings right, members 4 and 8 all of them.
 
 Prompts and accuracy: with a pipeline checkpoint, the first `--num-prompts` questions of
 `data/validated/eval.jsonl` under the chat template, decoded until `<|im_end|>`/`<|endoftext|>`,
-scored with `tasks.mathgen.extract_answer` + `answers_match` (exact numeric match); without that file,
+scored with `tasks.data.mathgen.extract_answer` + `answers_match` (exact numeric match); without that file,
 accuracy is agreement with the deepest member's greedy output. Synthetic: fresh digit strings (another
 seed than training), exact match of the reversed string. Every row also reports `agree`: the share of
 prompts whose whole completion equals the deepest member's greedy completion.
@@ -70,7 +70,7 @@ def train_synthetic_family(steps: int, batch_size: int, hidden: int, seed: int, 
     from tqdm.auto import tqdm
 
     from ruyi_model import FamilialConfig, FamilialForCausalLM
-    from tasks.training import lr_factor
+    from tasks.training.loop import lr_factor
 
     torch.manual_seed(seed)
     heads = max(2, hidden // 16)
@@ -123,12 +123,12 @@ def synthetic_workload(num_prompts: int, seed: int) -> Workload:
 
 
 def pipeline_workload(checkpoint: Path, tokenizer, num_prompts: int, eval_file: Path) -> Workload:
-    from tasks.decoding import encode_prompts, stop_token_ids
+    from ruyi_model.decoding import encode_prompts, stop_token_ids
 
     stops = stop_token_ids(tokenizer)
     if eval_file.exists():
-        from tasks.common import read_jsonl
-        from tasks.mathgen import answers_match, extract_answer
+        from tasks.core.files import read_jsonl
+        from tasks.data.mathgen import answers_match, extract_answer
 
         rows = read_jsonl(eval_file, required=("question", "answer"))[:num_prompts]
         if not rows:
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         workload = synthetic_workload(args.num_prompts, args.seed)
         source = "synthetic"
     else:
-        from tasks.common import load_family
+        from tasks.core.artifacts import load_family
 
         model, tokenizer = load_family(checkpoint)
         model.eval()

@@ -19,7 +19,7 @@ What every suite checks (one expectation each, so an error names exactly what wa
 - math datasets: `answer` is a plain number (`-?digits[.digits]`), `level` in `data.math_levels`,
   SFT responses and eval solutions end with the line `#### <answer>` whose number is exactly the
   row's `answer` (string equality: the generator writes canonical numbers);
-- eval only: zero overlap with training: the normalized question (`tasks.mathgen.normalize_question`)
+- eval only: zero overlap with training: the normalized question (`tasks.data.mathgen.normalize_question`)
   of an eval row is not the normalized prompt/question of any SFT or RL row, as
   `ExpectColumnValuesToNotBeInSet` over their keys; and it does not occur in the (normalized) CPT
   corpus, which holds the SFT problems as math documents (contamination).
@@ -144,7 +144,7 @@ def question_key(text: Any) -> str | None:
 
     Returns None for a non-string (that row fails its type expectation instead).
     """
-    from tasks.mathgen import normalize_question
+    from tasks.data.mathgen import normalize_question
 
     if not isinstance(text, str):
         return None
@@ -164,7 +164,7 @@ def final_answer(text: Any) -> str | None:
 
 def normalized_corpus(texts: Iterable[Any]) -> str:
     """The corpus as one normalized string (documents joined by newlines) for contamination checks."""
-    from tasks.mathgen import normalize_question
+    from tasks.data.mathgen import normalize_question
 
     return "\n".join(normalize_question(t) for t in texts if isinstance(t, str))
 
@@ -207,7 +207,7 @@ def build_frame(contract: DatasetContract, rows: Sequence[dict[str, Any]], label
     if contract.name == "eval":
         if corpus is None:
             raise ValueError("the eval contract needs the normalized corpus (contamination check)")
-        from tasks.mathgen import normalize_question
+        from tasks.data.mathgen import normalize_question
 
         frame[IN_CORPUS_COLUMN] = [isinstance(q, str) and normalize_question(q) in corpus
                                    for q in (row.get(contract.question_field) for row in rows)]
@@ -229,7 +229,7 @@ def build_suite(contract: DatasetContract, params, training_keys: Iterable[str] 
 
     Args:
         contract: the dataset's contract.
-        params: a `tasks.params.Params` (uses `data.*` bounds and levels, `validate_data.*` bounds).
+        params: a `tasks.core.params.Params` (uses `data.*` bounds and levels, `validate_data.*` bounds).
         training_keys: `_question_key`s of the training questions (SFT prompts + RL questions);
             required for the eval contract (the zero-overlap expectation).
 

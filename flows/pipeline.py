@@ -41,9 +41,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
-from tasks.common import TRANSIENT_EXIT_CODE, USER_ERROR_EXIT_CODE
+from tasks.core.stage import TRANSIENT_EXIT_CODE, USER_ERROR_EXIT_CODE
 
-# Exit codes of `python -m tasks.<stage>` (tasks.common.stage_main): USER_ERROR_EXIT_CODE for bad input
+# Exit codes of `python -m tasks.<stage>` (tasks.core.stage_main): USER_ERROR_EXIT_CODE for bad input
 # (StageError/ParamsError/ContractViolation), a property of the data or parameters, never retried;
 # TRANSIENT_EXIT_CODE for a TransientError (an unreachable or timed-out server), retried.
 _INFRA_PATTERNS = (
@@ -121,7 +121,7 @@ def _dvc_streamed(args: list[str], workspace: Path, keep_bytes: int = 64 * 1024,
 
 def _failure_summary(output: str, tail_lines: int = 25, max_error_lines: int = 60) -> str:
     """What to show of a failed stage: its own error message whole (from the first `error` line that
-    tasks.common.stage_main prints up to DVC's closing ERROR), then the output tail if that adds
+    tasks.core.stage_main prints up to DVC's closing ERROR), then the output tail if that adds
     anything. A data-contract failure lists several expectations: keeping only the tail would cut off
     the line that names the dataset and the Data Docs."""
     lines = output.strip().splitlines()
@@ -178,7 +178,7 @@ def apply_param_overrides(workspace: Path, overrides: dict[str, Any]) -> list[st
         return []
     from ruamel.yaml import YAML
 
-    from tasks.params import apply_overrides, load_params
+    from tasks.core.params import apply_overrides, load_params
 
     path = workspace / "params.yaml"
     # Validate the result first: a bad override is an error naming the key, and nothing is written.
@@ -205,7 +205,7 @@ def apply_param_overrides(workspace: Path, overrides: dict[str, Any]) -> list[st
         if node.get(leaf) != value:
             node[leaf] = value
             changed.append(dotted)
-    from tasks.common import atomic_file
+    from tasks.core.files import atomic_file
 
     with atomic_file(path) as f:
         ry.dump(doc, f)

@@ -37,7 +37,7 @@ normalizer, pre-tokenizer, decoder, and the eos/pad/bos/unk roles. Computed from
 itself (not from file bytes), so it is the same before and after `save_pretrained` + reload, and
 differs for any tokenizer that maps some text to other ids (a different vocabulary of the same size
 included). The chat template is not part of it (it changes the text rendered, not the ids). The
-training stages record it in the model config (`tokenizer_fingerprint`, see `tasks.common`).
+training stages record it in the model config (`tokenizer_fingerprint`, see `tasks.core`).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ What happens, in order:
    used for nothing else: (a) corpus_train documents whose text is not in corpus_val, taken in
    the order of sha256(text) until they fill `loss_batches` x `batch_size` packed `seq_len`-token
    blocks; (b) the first `loss_batches` x `batch_size` sft.jsonl rows, in the order of
-   sha256(id), whose question (`tasks.mathgen.normalize_question`) and id are not in eval.jsonl.
+   sha256(id), whose question (`tasks.data.mathgen.normalize_question`) and id are not in eval.jsonl.
    Both are removed from the calibration data and from the healing data, so the decision is made on
    text that neither the decomposition, nor the fine-tune, nor the reported evaluation sees
    (`reports/compress/heal_selection.json` lists the ids; disjoint by construction, tested). The
@@ -90,23 +90,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.common import (
-    StageError,
-    atomic_file,
-    load_family,
-    plots_dir,
-    read_jsonl,
-    save_family,
-    save_figure,
-    seed_everything,
-    stage_dir,
-    stage_main,
-    write_json,
-    write_metrics,
-)
-from tasks.evaluate import check_family_inputs, first_blocks, member_losses, solution_examples, validated_path
-from tasks.params import Params
-from tasks.training import read_corpus, read_sft
+from tasks.core.artifacts import load_family, save_family
+from tasks.core.files import atomic_file, read_jsonl, save_figure, write_json, write_metrics
+from tasks.core.params import Params
+from tasks.core.paths import plots_dir, stage_dir, validated_path
+from tasks.core.stage import StageError, seed_everything, stage_main
+from tasks.training.batches import read_corpus, read_sft
+from tasks.training.heldout import check_family_inputs, first_blocks, member_losses, solution_examples
 
 log = logging.getLogger("ruyi.compress")
 
@@ -178,8 +168,8 @@ def carve_selection(params: Params, tokenizer, corpus_rows: list[dict], sft_rows
     are never chosen, so the set is disjoint from the reported held-out sets by construction; what is
     chosen is removed from the calibration and healing data. Errors name the file and the parameters.
     """
-    from tasks.mathgen import normalize_question
-    from tasks.training import pack_documents, tokenize_texts
+    from tasks.data.mathgen import normalize_question
+    from tasks.training.batches import pack_documents, tokenize_texts
 
     cfg = params.compress
     n = cfg.loss_batches * cfg.batch_size
@@ -303,7 +293,8 @@ def heal(model, exit_layer: int, examples: dict, cfg, seed: int) -> list[float]:
     import torch
     from tqdm.auto import tqdm
 
-    from tasks.training import member_loss_fn, trim_batch
+    from tasks.training.batches import trim_batch
+    from tasks.training.loop import member_loss_fn
 
     trainable = healing_parameters(model, exit_layer)
     names = {n for n, _ in trainable}
@@ -374,13 +365,8 @@ def _plot(report: dict, heal_losses: list[float], out_dir: Path) -> None:
 def run(params: Params) -> dict:
     """Decomposes the DaE member of artifacts/rl, heals it, writes artifacts/compress; returns the metrics."""
     from ruyi_model.dae import dae_trainable_parameters, decompose
-    from tasks.training import (
-        build_sft_examples,
-        device_for_training,
-        fixed_batches,
-        members_unchanged,
-        snapshot_members,
-    )
+    from tasks.training.batches import build_sft_examples, fixed_batches
+    from tasks.training.members import device_for_training, members_unchanged, snapshot_members
 
     cfg = params.compress
     seed_everything(params.seed)

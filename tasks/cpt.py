@@ -4,7 +4,7 @@
     ruyi stage cpt ...
 
 Reads   data/validated/corpus_train.jsonl, corpus_val.jsonl ({"id", "text", "source"}), artifacts/tokenizer/
-Writes  artifacts/cpt/ (model + tokenizer, `tasks.common.save_family`), resumable checkpoints in
+Writes  artifacts/cpt/ (model + tokenizer, `tasks.core.save_family`), resumable checkpoints in
         artifacts/checkpoints/cpt/step_<n>/, metrics/cpt.json, plots/cpt/loss.png + loss.csv
 
 The model: built from `params.model` (vocab_size = len(tokenizer) rounded up to a multiple of 64, pad
@@ -16,16 +16,16 @@ comes from the checkpoint (the shape fields of `params.model` are not used; `exi
 With `model.init_from`, `artifacts/tokenizer` must be that checkpoint's own tokenizer as the tokenizer
 stage adopts it (`check_source_tokenizer`, by fingerprint): a tokenizer trained here would index the
 checkpoint's embeddings and heads under other ids. The saved model records the tokenizer's
-fingerprint in its config (`tasks.common.save_family`).
+fingerprint in its config (`tasks.core.save_family`).
 
 The loss: `sum_k w_k(t) CE_k` over every member from one backbone pass, the weights following
-`cpt.exit_weights` (tasks/training.py `exit_weights_at`; default: the deepest member 1.0, the
+`cpt.exit_weights` (tasks/training/ `exit_weights_at`; default: the deepest member 1.0, the
 shallower members cosine-decayed from 1.0 to 0.3 over the run; the paper gives no formula).
 Everything of the training machinery (packing, AdamW + warmup/cosine, accumulation, bf16, clipping,
-exact resume, fingerprinted checkpoints, curves) is in tasks/training.py and documented there.
+exact resume, fingerprinted checkpoints, curves) is in tasks/training/ and documented there.
 
 Deviations from the paper: Ruyi2 trains the 14B family on ~800B tokens with Megatron 3D parallelism;
-here one process (or `distributed.backend: ray`: data-parallel Ray Train workers, tasks/distributed.py)
+here one process (or `distributed.backend: ray`: data-parallel Ray Train workers, tasks/training/distributed.py)
 trains the tiny family on the embedded corpus (all of it: general text and the
 SFT problems' worked solutions that prepare_data adds as `source: "math"` documents). Validation
 packs `corpus_val.jsonl` the same way and evaluates the first `eval_batches` batches of it.
@@ -42,38 +42,27 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks import distributed, training
-from tasks.common import (
-    StageError,
-    check_tokenizer_size,
-    checkpoint_dir,
-    log,
-    plots_dir,
-    require_dir,
-    save_family,
-    seed_everything,
-    stage_dir,
-    stage_main,
-    tokenizer_fingerprint,
-    write_metrics,
+from tasks.core.artifacts import check_tokenizer_size, save_family, tokenizer_fingerprint
+from tasks.core.files import require_dir, write_metrics
+from tasks.core.params import Params
+from tasks.core.paths import checkpoint_dir, corpus_inputs, plots_dir, stage_dir, tokenizer_dir
+from tasks.core.stage import StageError, log, seed_everything, stage_main
+from tasks.training import distributed
+from tasks.training.batches import (
+    BlockStream,
+    check_seq_len,
+    fixed_batches,
+    load_tokenizer,
+    pack_corpus,
+    read_corpus,
 )
-from tasks.params import Params, ParamsError
+from tasks.training.checkpoint import Checkpointer, dir_sha256, file_sha256, fingerprint_info
+from tasks.training.curves import write_loss_curves
+from tasks.training.loop import exit_weights_at, multi_exit_eval, multi_exit_loss_fn, train_loop
+from tasks.training.members import count_params, device_for_training
 
 STAGE = "cpt"
 VOCAB_MULTIPLE = 64
-
-
-def validated_dir(params: Params) -> Path:
-    return Path(params.paths.data_dir) / "validated"
-
-
-def tokenizer_dir(params: Params) -> Path:
-    return Path(params.paths.artifacts_dir) / "tokenizer"
-
-
-def check_seq_len(params: Params, section: str, seq_len: int, max_positions: int) -> None:
-    if seq_len > max_positions:
-        raise ParamsError(f"{section}.seq_len={seq_len} exceeds the model's max_position_embeddings={max_positions}")
 
 
 def set_generation_tokens(model, tokenizer) -> None:
@@ -143,11 +132,6 @@ def build_family(params: Params, tokenizer):
     return model
 
 
-def corpus_inputs(params: Params) -> tuple[Path, Path]:
-    data = validated_dir(params)
-    return data / "corpus_train.jsonl", data / "corpus_val.jsonl"
-
-
 def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict[str, Any]:
     """Trains the family jointly and writes artifacts/cpt, metrics and plots.
 
@@ -164,39 +148,39 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
     seed_everything(params.seed)
     train_path, val_path = corpus_inputs(params)
     tok_dir = tokenizer_dir(params)
-    tokenizer = training.load_tokenizer(tok_dir)
-    train_rows = training.read_corpus(train_path)
-    val_rows = training.read_corpus(val_path)
+    tokenizer = load_tokenizer(tok_dir)
+    train_rows = read_corpus(train_path)
+    val_rows = read_corpus(val_path)
 
     model = build_family(params, tokenizer)
     check_seq_len(params, STAGE, cfg.seq_len, model.config.max_position_embeddings)
-    device = training.device_for_training()
+    device = device_for_training()
     model.to(device)
-    train_blocks = training.pack_corpus(tokenizer, [r["text"] for r in train_rows], cfg.seq_len, str(train_path),
+    train_blocks = pack_corpus(tokenizer, [r["text"] for r in train_rows], cfg.seq_len, str(train_path),
                                         desc="pack train")
-    val_blocks = training.pack_corpus(tokenizer, [r["text"] for r in val_rows], cfg.seq_len, str(val_path),
+    val_blocks = pack_corpus(tokenizer, [r["text"] for r in val_rows], cfg.seq_len, str(val_path),
                                       desc="pack val")
     log.info("cpt: %d train blocks, %d val blocks of %d tokens; %d parameters; members %s",
-             train_blocks.shape[0], val_blocks.shape[0], cfg.seq_len, training.count_params(model.parameters()),
+             train_blocks.shape[0], val_blocks.shape[0], cfg.seq_len, count_params(model.parameters()),
              model.config.exit_layers)
 
-    stream = training.BlockStream({"input_ids": train_blocks}, params.seed, "cpt/train")
-    val_batches = training.fixed_batches({"input_ids": val_blocks}, cfg.batch_size, cfg.eval_batches)
+    stream = BlockStream({"input_ids": train_blocks}, params.seed, "cpt/train")
+    val_batches = fixed_batches({"input_ids": val_blocks}, cfg.batch_size, cfg.eval_batches)
     exits = list(model.config.exit_layers)
 
     def weights(step: int) -> list[float]:
-        return training.exit_weights_at(cfg.exit_weights, exits, step, cfg.max_steps)
+        return exit_weights_at(cfg.exit_weights, exits, step, cfg.max_steps)
 
-    inputs = {"corpus_train": training.file_sha256(train_path), "corpus_val": training.file_sha256(val_path),
-              "tokenizer": training.dir_sha256(tok_dir)}
+    inputs = {"corpus_train": file_sha256(train_path), "corpus_val": file_sha256(val_path),
+              "tokenizer": dir_sha256(tok_dir)}
     if params.model.init_from:
-        inputs["init_from"] = training.dir_sha256(params.model.init_from)
-    info = training.fingerprint_info(STAGE, cfg, seed=params.seed, model=params.model, inputs=inputs)
-    checkpointer = training.Checkpointer(checkpoint_dir(params, STAGE), info)
+        inputs["init_from"] = dir_sha256(params.model.init_from)
+    info = fingerprint_info(STAGE, cfg, seed=params.seed, model=params.model, inputs=inputs)
+    checkpointer = Checkpointer(checkpoint_dir(params, STAGE), info)
     named = list(model.named_parameters())
-    result = training.train_loop(stage=STAGE, model=model, cfg=cfg, named_params=named, stream=stream,
-                                 loss_fn=training.multi_exit_loss_fn(weights), val_batches=val_batches,
-                                 eval_fn=training.multi_exit_eval, checkpointer=checkpointer, callbacks=callbacks)
+    result = train_loop(stage=STAGE, model=model, cfg=cfg, named_params=named, stream=stream,
+                                 loss_fn=multi_exit_loss_fn(weights), val_batches=val_batches,
+                                 eval_fn=multi_exit_eval, checkpointer=checkpointer, callbacks=callbacks)
 
     initial, final, train = result.val_losses(0), result.val_losses(), result.final_train_losses()
     metrics: dict[str, Any] = {
@@ -205,13 +189,13 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
     metrics.update(result.summary())
     metrics.update({
         "exit_weights_final": weights(cfg.max_steps - 1), "exit_weight_schedule": cfg.exit_weights.model_dump(),
-        "params_total": training.count_params(model.parameters()), "vocab_size": model.config.vocab_size,
+        "params_total": count_params(model.parameters()), "vocab_size": model.config.vocab_size,
         "ln_vocab": round(math.log(model.config.vocab_size), 4), "train_blocks": int(train_blocks.shape[0]),
         "val_blocks": int(val_blocks.shape[0]), "seq_len": cfg.seq_len, "device": str(device),
         "torch_threads": torch.get_num_threads(),
     })
     if distributed.is_main():  # a data-parallel run writes from rank 0 alone
-        training.write_loss_curves(result.history, plots_dir(params, STAGE),
+        write_loss_curves(result.history, plots_dir(params, STAGE),
                                    title="cpt: joint multi-exit training, loss per member")
         save_family(model.to("cpu"), tokenizer, stage_dir(params, STAGE))
         write_metrics(params, STAGE, metrics)

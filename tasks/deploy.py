@@ -12,7 +12,7 @@ Reads:
                                        tokenizer), family/ (familial checkpoint), manifest.json
     data/validated/eval.jsonl          the first `deploy.smoke_prompts` questions (and gold answers)
 Writes:
-    <store>/<model>/<version>/         the release (tasks/store.py: verified, visible only when complete)
+    <store>/<model>/<version>/         the release (tasks/release/store.py: verified, visible only when complete)
     <artifacts_dir>/releases/<model>/<version>/   the release as fetched back from the store and served
     metrics/deploy.json                version, store and release URIs, files/bytes, and per tier the
                                        smoke results (requests, ok, accuracy, completion tokens) and
@@ -29,11 +29,11 @@ Steps and design choices:
    exists is reused only if identical, otherwise it is an error (releases are immutable).
 2. Fetch the release back from the store into the release cache (hash-verified) and serve *that*
    copy: the smoke test exercises exactly what `ruyi serve` will serve.
-3. Start Ray Serve (tasks/serving.py: one deployment holding every tier) on `deploy.host:port`, check
+3. Start Ray Serve (tasks/release/serving.py: one deployment holding every tier) on `deploy.host:port`, check
    `/healthz` and `/v1/models`, then send every question, greedy, `smoke_max_tokens` new tokens, to
    `/v1/chat/completions` at every tier `exit_<d>` and at `dynamic` (the family with confidence-based
    early exit) when the installed ruyi_model provides it (otherwise recorded as unavailable). Any
-   non-200 answer fails the stage (after shutting down). Accuracy uses tasks.mathgen's
+   non-200 answer fails the stage (after shutting down). Accuracy uses tasks.data.mathgen's
    extract_answer/answers_match; at tiny scale it is informational, not a gate (gates run earlier).
 4. Shut Serve and Ray down (also on errors).
 Reproducibility: the release version depends on the store's history, the URIs on the configuration,
@@ -57,21 +57,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tasks.common import (
-    StageError,
-    atomic_file,
-    plots_dir,
-    read_jsonl,
-    require_dir,
-    save_figure,
-    setup_logging,
-    stage_dir,
-    stage_main,
-    write_jsonl,
-    write_metrics,
-)
-from tasks.params import Params, ParamsError
-from tasks.store import ArtifactStore, FileEntry, Release, open_store, scan_dir
+from tasks.core.files import atomic_file, read_jsonl, require_dir, save_figure, write_jsonl, write_metrics
+from tasks.core.params import Params, ParamsError
+from tasks.core.paths import plots_dir, stage_dir
+from tasks.core.stage import StageError, setup_logging, stage_main
+from tasks.release.store import ArtifactStore, FileEntry, Release, open_store, scan_dir
 
 log = logging.getLogger("ruyi.deploy")
 
@@ -129,8 +119,8 @@ def smoke_test(url: str, questions: list[dict[str, Any]], max_tokens: int) -> tu
         latency_ms_p50, latency_ms_max, completions_sha256}` (the dynamic tier also `mean_exit_layer`;
         `{"available": false}` if it is unavailable) and one row per request.
     """
-    from tasks.mathgen import answers_match, extract_answer
-    from tasks.serving import DYNAMIC_TIER, http_json
+    from tasks.data.mathgen import answers_match, extract_answer
+    from tasks.release.serving import DYNAMIC_TIER, http_json
 
     status, health = http_json(f"{url}/healthz")
     if status != 200:
@@ -221,7 +211,7 @@ def _serving_kwargs(params: Params, host: str | None = None, port: int | None = 
 
 
 def run(params: Params) -> dict[str, Any]:
-    from tasks.serving import start_serving
+    from tasks.release.serving import start_serving
 
     cfg = params.deploy
     eval_path = Path(params.paths.data_dir) / "validated" / "eval.jsonl"
@@ -277,7 +267,7 @@ def serve_release(params: Params, version: str | None = None, host: str | None =
     Returns:
         The URL it served at.
     """
-    from tasks.serving import start_serving
+    from tasks.release.serving import start_serving
 
     cfg = params.deploy
     store = open_store(cfg.store, cache_dir=release_cache_dir(params))
@@ -313,8 +303,8 @@ def serve_main(params_path: str = "params.yaml", overrides: list[str] | None = N
     """
     import sys
 
-    from tasks.common import parse_overrides
-    from tasks.params import load_params
+    from tasks.core.params import load_params
+    from tasks.core.stage import parse_overrides
 
     setup_logging()
     try:

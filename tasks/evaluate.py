@@ -28,13 +28,13 @@ Definitions and design choices:
 - Solution loss: the same cross-entropy on the assistant turn (solution + closing `<|im_end|>`) of
   the first `num_problems` eval rows under the chat template, encoded exactly as SFT encodes its
   data (`tasks.training.build_sft_examples`: prompt masked, cut to `seq_len`).
-- Accuracy: greedy decoding (tasks/decoding.py: left-padded batches of `decode_batch_size`, stop at
+- Accuracy: greedy decoding (ruyi_model/decoding.py: left-padded batches of `decode_batch_size`, stop at
   `<|im_end|>`, at most `max_new_tokens`) of the first `num_problems` questions, scored with
-  `tasks.mathgen.extract_answer` + `answers_match` (exact numeric match of the `#### <answer>` line).
+  `tasks.data.mathgen.extract_answer` + `answers_match` (exact numeric match of the `#### <answer>` line).
   `answered` is the share of completions with an extractable answer.
 - Speed: tokens/s of greedy decoding at batch 1 with the KV cache, exactly `speed_new_tokens` new
   tokens after `speed_warmup` untimed runs, median of `speed_repeats` runs interleaved across the exits
-  (side by side in one process; see tasks/decoding.py). ms_per_token = 1000 / tokens_per_s.
+  (side by side in one process; see ruyi_model/decoding.py). ms_per_token = 1000 / tokens_per_s.
 - Params: member d as a standalone model: token embedding + its decoder layers (backbone part, branch,
   DaE blocks) + its norm + its head; low-rank matrices count their two factors.
 - Device: CUDA when available (`tasks.training.device_for_training`), else CPU; eval_speed.json records
@@ -59,99 +59,25 @@ import logging
 import math
 import os
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.common import (
-    StageError,
-    atomic_file,
-    load_family,
-    plots_dir,
-    read_jsonl,
-    save_figure,
-    seed_everything,
-    stage_dir,
-    stage_main,
-    write_jsonl,
+from tasks.core.artifacts import load_family
+from tasks.core.files import atomic_file, read_jsonl, save_figure, write_jsonl
+from tasks.core.params import Params
+from tasks.core.paths import plots_dir, stage_dir, validated_path
+from tasks.core.stage import StageError, seed_everything, stage_main
+from tasks.training.batches import read_corpus
+from tasks.training.heldout import (
+    check_family_inputs,
+    first_blocks,
+    member_losses,
+    member_params,
+    solution_examples,
+    target_tokens,
 )
-from tasks.params import Params
-from tasks.training import read_corpus
 
 log = logging.getLogger("ruyi.evaluate")
-
-
-# --- data helpers (also used by tasks.compress) -------------------------------------------------
-def validated_path(params: Params, name: str) -> Path:
-    """A file of the validated data set (`<data_dir>/validated/<name>`)."""
-    return Path(params.paths.data_dir) / "validated" / name
-
-
-def first_blocks(tokenizer, texts: Sequence[str], seq_len: int, max_blocks: int, where: str | Path):
-    """The first `max_blocks` packed blocks of `texts` (`tasks.training.pack_documents`), tokenizing
-    only as many documents as needed (calibration draws a few blocks from a large corpus).
-
-    Returns:
-        LongTensor N x seq_len, 1 <= N <= max_blocks (fewer is logged); none is an error naming `where`.
-    """
-    from tasks.training import pack_documents, tokenize_texts
-
-    token_lists: list[list[int]] = []
-    tokens, chunk = 0, 256
-    for start in range(0, len(texts), chunk):
-        new = tokenize_texts(tokenizer, texts[start:start + chunk], desc=f"tokenize {Path(where).name}")
-        token_lists.extend(new)
-        tokens += sum(len(ids) + 1 for ids in new)
-        if tokens >= seq_len * max_blocks:
-            break
-    blocks = pack_documents(token_lists, tokenizer.eos_token_id, seq_len)[:max_blocks]
-    if blocks.shape[0] == 0:
-        raise StageError(f"{where}: too little text for one {seq_len}-token block")
-    if blocks.shape[0] < max_blocks:
-        log.warning("%s: only %d of the %d requested %d-token blocks", where, blocks.shape[0], max_blocks, seq_len)
-    return blocks
-
-
-def solution_examples(tokenizer, rows: Sequence[dict[str, Any]], seq_len: int, where: str | Path) -> dict:
-    """Eval rows as SFT chat examples (question -> user, solution -> assistant), masked and padded by
-    `tasks.training.build_sft_examples` (the loss covers the solution and its closing `<|im_end|>`)."""
-    from tasks.training import build_sft_examples
-
-    pairs = [{"id": r.get("id"), "prompt": str(r["question"]), "response": str(r["solution"])} for r in rows]
-    return build_sft_examples(tokenizer, pairs, seq_len, str(where))[0]
-
-
-def target_tokens(batches) -> int:
-    """Supervised (next-token) targets in `batches` (dicts with input_ids and optional labels)."""
-    from tasks.training import IGNORE_INDEX
-
-    return sum(int((b.get("labels", b["input_ids"])[:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-
-
-def member_losses(model, exits: Sequence[int], batches) -> dict[int, float]:
-    """Token-mean next-token cross-entropy of each member (run alone, `exit_layer=d`) over `batches`."""
-    from tasks.training import evaluate, member_eval
-
-    return {d: evaluate(model, batches, member_eval(d))[d] for d in exits}
-
-
-def member_params(model, exit_layer: int) -> int:
-    """Parameters of member `exit_layer` as a standalone model (embedding + layers + norm + head)."""
-    modules = [model.get_input_embeddings(), *model.member_layers(exit_layer),
-               model.exits[str(exit_layer)].norm, model.exit_head(exit_layer)]
-    return sum(p.numel() for module in modules for p in module.parameters())
-
-
-def check_family_inputs(model, tokenizer, where: str | Path, seq_len: int, seq_len_key: str) -> None:
-    """The tokenizer has the contract's special tokens and a chat template; seq_len fits the model."""
-    from tasks.training import check_tokenizer
-
-    check_tokenizer(tokenizer, where)
-    if not getattr(tokenizer, "chat_template", None):
-        raise StageError(f"tokenizer at {where}: no chat template (build it with the tokenizer stage)")
-    if seq_len > model.config.max_position_embeddings:
-        raise StageError(f"{seq_len_key}={seq_len} exceeds the max_position_embeddings="
-                         f"{model.config.max_position_embeddings} of the model at {where}")
 
 
 # --- the stage -------------------------------------------------------------------------------
@@ -170,9 +96,9 @@ def evaluate_family(model, tokenizer, corpus, problems: list[dict[str, Any]], cf
     Returns:
         ({"exit_<d>": metrics}, generation rows).
     """
-    from tasks.decoding import greedy_generate
-    from tasks.mathgen import answers_match, extract_answer
-    from tasks.training import fixed_batches
+    from ruyi_model.decoding import greedy_generate
+    from tasks.data.mathgen import answers_match, extract_answer
+    from tasks.training.batches import fixed_batches
 
     exits = list(model.config.exit_layers)
     corpus_batches = fixed_batches({"input_ids": corpus}, cfg.batch_size, cfg.loss_batches)
@@ -249,7 +175,7 @@ METRIC_SET = ("eval_quality.json", "eval_speed.json", "eval.json")   # in the or
 
 
 def _dump(obj: dict) -> str:
-    from tasks.common import _json_default
+    from tasks.core.files import _json_default
 
     return json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
 
@@ -293,8 +219,8 @@ def run(params: Params) -> dict:
     """Evaluates every exit of `evaluate.checkpoint`; returns the content of metrics/eval.json."""
     import torch
 
-    from tasks.decoding import encode_prompts, measure_family_tokens_per_s
-    from tasks.training import device_for_training
+    from ruyi_model.decoding import encode_prompts, measure_family_tokens_per_s
+    from tasks.training.members import device_for_training
 
     cfg = params.evaluate
     seed_everything(params.seed)

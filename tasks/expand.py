@@ -27,9 +27,9 @@ What it does:
    `tasks.training.snapshot_members` / `members_unchanged`);
    a difference is an error, not a flag in the metrics.
 
-Same training machinery as cpt (tasks/training.py: AdamW + warmup/cosine, accumulation, bf16,
+Same training machinery as cpt (tasks/training/: AdamW + warmup/cosine, accumulation, bf16,
 clipping, fingerprinted checkpoints with exact resume, curves; data-parallel Ray Train workers with
-`distributed.backend: ray`, tasks/distributed.py).
+`distributed.backend: ray`, tasks/training/distributed.py).
 
 Deviations from the paper: Ruyi2 runs 600B tokens on its 1.7B member with N=3 blocks; the tiny
 default uses `expand.num_blocks` (2) and a few hundred steps. The paper trains the member's "Norm &
@@ -49,20 +49,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks import distributed, training
-from tasks.common import (
-    StageError,
-    checkpoint_dir,
-    load_family,
-    log,
-    plots_dir,
-    save_family,
-    seed_everything,
-    stage_dir,
-    stage_main,
-    write_metrics,
+from tasks.core.artifacts import load_family, save_family
+from tasks.core.files import write_metrics
+from tasks.core.params import Params
+from tasks.core.paths import checkpoint_dir, plots_dir, stage_dir
+from tasks.core.stage import StageError, log, seed_everything, stage_main
+from tasks.training import distributed
+from tasks.training.batches import (
+    BlockStream,
+    MixedStream,
+    check_tokenizer,
+    fixed_batches,
+    pack_corpus,
+    read_corpus,
 )
-from tasks.params import Params
+from tasks.training.checkpoint import Checkpointer, dir_sha256, file_sha256, fingerprint_info
+from tasks.training.curves import write_loss_curves
+from tasks.training.loop import TrainResult, evaluate, member_eval, member_loss_fn, train_loop
+from tasks.training.members import count_params, device_for_training, members_unchanged, snapshot_members
 
 STAGE = "expand"
 STEM_SOURCE = "math"
@@ -85,11 +89,11 @@ def load_dae_data(params: Params, tokenizer) -> DaEData:
     Raises:
         StageError: a missing/malformed file, or a stream that the parameters need is empty.
     """
-    from tasks.cpt import corpus_inputs
+    from tasks.core.paths import corpus_inputs
 
     cfg = params.expand
     train_path, val_path = corpus_inputs(params)
-    train_rows, val_rows = training.read_corpus(train_path), training.read_corpus(val_path)
+    train_rows, val_rows = read_corpus(train_path), read_corpus(val_path)
 
     def split(rows):
         stem = [r["text"] for r in rows if r["source"] == STEM_SOURCE]
@@ -108,24 +112,24 @@ def load_dae_data(params: Params, tokenizer) -> DaEData:
     main = replay = None
     counts = {}
     if cfg.replay_fraction < 1:
-        blocks = training.pack_corpus(tokenizer, stem_train, seq, f"{train_path} (source={STEM_SOURCE})", "pack stem")
-        main = training.BlockStream({"input_ids": blocks}, params.seed, "expand/stem")
+        blocks = pack_corpus(tokenizer, stem_train, seq, f"{train_path} (source={STEM_SOURCE})", "pack stem")
+        main = BlockStream({"input_ids": blocks}, params.seed, "expand/stem")
         counts["stem_blocks"] = int(blocks.shape[0])
     if cfg.replay_fraction > 0:
-        blocks = training.pack_corpus(tokenizer, general_train, seq, f"{train_path} (general)", "pack replay")
-        replay = training.BlockStream({"input_ids": blocks}, params.seed, "expand/replay")
+        blocks = pack_corpus(tokenizer, general_train, seq, f"{train_path} (general)", "pack replay")
+        replay = BlockStream({"input_ids": blocks}, params.seed, "expand/replay")
         counts["replay_blocks"] = int(blocks.shape[0])
-    stem_val_blocks = training.pack_corpus(tokenizer, stem_val, seq, f"{val_path} (source={STEM_SOURCE})", "pack val")
+    stem_val_blocks = pack_corpus(tokenizer, stem_val, seq, f"{val_path} (source={STEM_SOURCE})", "pack val")
     general_val_batches: list[dict] = []
     if general_val:
-        general_blocks = training.pack_corpus(tokenizer, general_val, seq, f"{val_path} (general)", "pack val")
-        general_val_batches = training.fixed_batches({"input_ids": general_blocks}, cfg.batch_size, cfg.eval_batches)
+        general_blocks = pack_corpus(tokenizer, general_val, seq, f"{val_path} (general)", "pack val")
+        general_val_batches = fixed_batches({"input_ids": general_blocks}, cfg.batch_size, cfg.eval_batches)
     counts["stem_val_blocks"] = int(stem_val_blocks.shape[0])
-    return DaEData(stream=training.MixedStream(main, replay, cfg.replay_fraction),
-                   stem_val=training.fixed_batches({"input_ids": stem_val_blocks}, cfg.batch_size, cfg.eval_batches),
+    return DaEData(stream=MixedStream(main, replay, cfg.replay_fraction),
+                   stem_val=fixed_batches({"input_ids": stem_val_blocks}, cfg.batch_size, cfg.eval_batches),
                    general_val=general_val_batches, counts=counts,
-                   inputs={"corpus_train": training.file_sha256(train_path),
-                           "corpus_val": training.file_sha256(val_path)})
+                   inputs={"corpus_train": file_sha256(train_path),
+                           "corpus_val": file_sha256(val_path)})
 
 
 def resolve_dae_exit(params: Params, model, where: str | Path) -> int:
@@ -137,8 +141,8 @@ def resolve_dae_exit(params: Params, model, where: str | Path) -> int:
 
 
 def train_dae(base, params: Params, data: DaEData, *, init: str | None = None,
-              checkpointer: training.Checkpointer | None = None,
-              callbacks: Sequence[Callable[[int], None]] = ()) -> tuple[Any, training.TrainResult, dict[str, Any]]:
+              checkpointer: Checkpointer | None = None,
+              callbacks: Sequence[Callable[[int], None]] = ()) -> tuple[Any, TrainResult, dict[str, Any]]:
     """Expands member `params.dae_exit` of `base` and trains what DaE trains (see module docstring).
 
     Args:
@@ -162,21 +166,21 @@ def train_dae(base, params: Params, data: DaEData, *, init: str | None = None,
         trainable = freeze_for_dae(model, d)
     except ValueError as e:
         raise StageError(f"expand: {e}") from None
-    device = training.device_for_training()
+    device = device_for_training()
     model.to(device)
     info: dict[str, Any] = {
-        "trainable_params": training.count_params(p for _, p in trainable),
-        "total_params": training.count_params(model.parameters()),
-        "added_params": training.count_params(model.parameters()) - training.count_params(base.parameters()),
+        "trainable_params": count_params(p for _, p in trainable),
+        "total_params": count_params(model.parameters()),
+        "added_params": count_params(model.parameters()) - count_params(base.parameters()),
     }
     if data.general_val:
-        info["general_val_loss_before"] = training.evaluate(model, data.general_val, training.member_eval(d),
+        info["general_val_loss_before"] = evaluate(model, data.general_val, member_eval(d),
                                                             cfg.bf16)[d]
-    result = training.train_loop(stage=STAGE, model=model, cfg=cfg, named_params=trainable, stream=data.stream,
-                                 loss_fn=training.member_loss_fn(d), val_batches=data.stem_val,
-                                 eval_fn=training.member_eval(d), checkpointer=checkpointer, callbacks=callbacks)
+    result = train_loop(stage=STAGE, model=model, cfg=cfg, named_params=trainable, stream=data.stream,
+                                 loss_fn=member_loss_fn(d), val_batches=data.stem_val,
+                                 eval_fn=member_eval(d), checkpointer=checkpointer, callbacks=callbacks)
     if data.general_val:
-        info["general_val_loss_after"] = training.evaluate(model, data.general_val, training.member_eval(d),
+        info["general_val_loss_after"] = evaluate(model, data.general_val, member_eval(d),
                                                            cfg.bf16)[d]
     return model, result, info
 
@@ -187,12 +191,12 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
         return distributed.launch(STAGE, params, callbacks)  # this same function on every worker
     import torch
 
-    from tasks.cpt import check_seq_len
+    from tasks.training.batches import check_seq_len
 
     cfg = params.expand
     src = stage_dir(params, "cpt")
     base, tokenizer = load_family(src)
-    training.check_tokenizer(tokenizer, src)
+    check_tokenizer(tokenizer, src)
     d = resolve_dae_exit(params, base, src)
     check_seq_len(params, STAGE, cfg.seq_len, base.config.max_position_embeddings)
     data = load_dae_data(params, tokenizer)
@@ -201,17 +205,17 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
     probe = data.stem_val[0]["input_ids"][:2]
     # Digests are taken on the input family: the frozen tensors and the other members must leave
     # this stage exactly as they came from cpt.
-    snapshot = training.snapshot_members(base, others, probe)
+    snapshot = snapshot_members(base, others, probe)
 
-    info = training.fingerprint_info(STAGE, cfg, seed=params.seed, model=params.model,
-                                     inputs={**data.inputs, "cpt": training.dir_sha256(src)},
+    info = fingerprint_info(STAGE, cfg, seed=params.seed, model=params.model,
+                                     inputs={**data.inputs, "cpt": dir_sha256(src)},
                                      extra={"dae_exit": d})
-    checkpointer = training.Checkpointer(checkpoint_dir(params, STAGE), info)
+    checkpointer = Checkpointer(checkpoint_dir(params, STAGE), info)
     model, result, dae_info = train_dae(base, params, data, checkpointer=checkpointer, callbacks=callbacks)
 
     model.to("cpu")
     trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
-    unchanged, changed = training.members_unchanged(model, snapshot, probe, exclude=trainable_names)
+    unchanged, changed = members_unchanged(model, snapshot, probe, exclude=trainable_names)
     if not unchanged:
         raise StageError(f"expand: training changed tensors outside the DaE member's trainable set: {changed[:8]} "
                          f"(nothing was written)")
@@ -235,7 +239,7 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
         "ln_vocab": round(math.log(model.config.vocab_size), 4),
     }
     if distributed.is_main():  # a data-parallel run writes from rank 0 alone
-        training.write_loss_curves(result.history, plots_dir(params, STAGE), exits=[d],
+        write_loss_curves(result.history, plots_dir(params, STAGE), exits=[d],
                                    title=f"expand: DaE member {d} (+{cfg.num_blocks} {cfg.init} blocks), STEM loss")
     for p in model.parameters():
         p.requires_grad_(True)

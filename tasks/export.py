@@ -38,19 +38,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from tasks.common import (
-    StageError,
-    atomic_dir,
-    atomic_file,
-    load_family,
-    plots_dir,
-    save_figure,
-    sha256_file,
-    stage_dir,
-    stage_main,
-    write_metrics,
-)
-from tasks.params import Params
+from tasks.core.artifacts import load_family
+from tasks.core.files import atomic_dir, atomic_file, save_figure, sha256_file, write_metrics
+from tasks.core.params import Params
+from tasks.core.paths import plots_dir, stage_dir
+from tasks.core.stage import StageError, stage_main
 
 log = logging.getLogger("ruyi.export")
 
@@ -60,7 +52,7 @@ PARITY_ATOL = 1e-4
 
 def set_chat_generation_config(model, tokenizer) -> tuple[int, int]:
     """Sets the family's generation config to stop at `<|im_end|>` and pad with `<|pad|>`; returns the ids."""
-    from tasks.training import IM_END_TOKEN
+    from tasks.training.batches import IM_END_TOKEN
 
     im_end = tokenizer.convert_tokens_to_ids(IM_END_TOKEN)
     model.generation_config.eos_token_id = im_end
@@ -153,7 +145,7 @@ def check_export(model, tokenizer, out: Path, manifest: dict, eos_id: int, pad_i
 def run(params: Params) -> dict:
     """Exports artifacts/compress to artifacts/export, verifies it; returns the metrics."""
     from ruyi_model.export import export_exits
-    from tasks.training import check_tokenizer
+    from tasks.training.batches import check_tokenizer
 
     source = stage_dir(params, "compress")
     model, tokenizer = load_family(source)

@@ -37,9 +37,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tasks.common import StageError, log, stage_main, write_metrics
-from tasks.params import Params
-from tasks.validate_data import ContractViolation
+from tasks.core.files import write_metrics
+from tasks.core.params import Params
+from tasks.core.stage import ContractViolation, StageError, log, stage_main
 
 STAGE = "gates"
 EVAL_METRICS = "eval_quality.json"  # the reproducible subset of eval.json (same exit_<d> loss/accuracy)

@@ -33,7 +33,7 @@ Scope (`sft.scope`):
 Deviations from the paper: Ruyi2's SFT uses ~4M instruction examples in two curriculum stages, batch
 128, seq 8192, 3 epochs, lr 1e-4 with 1000 warmup steps; here a few hundred steps on generated
 GSM8K-style problems with the tiny model's settings from params.yaml (one process, or data-parallel
-Ray Train workers with `distributed.backend: ray`, tasks/distributed.py).
+Ray Train workers with `distributed.backend: ray`, tasks/training/distributed.py).
 
 Metrics (`metrics/sft.json`): `exit_<d>` -> {heldout_loss_before, heldout_loss_after, train_loss}
 (train_loss only for the trained members), scope, trained/total parameters, example counts
@@ -48,19 +48,30 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks import distributed, training
-from tasks.common import (
-    StageError,
-    checkpoint_dir,
-    load_family,
-    log,
-    plots_dir,
-    save_family,
-    stage_dir,
-    stage_main,
-    write_metrics,
+from tasks.core.artifacts import load_family, save_family
+from tasks.core.files import write_metrics
+from tasks.core.params import Params
+from tasks.core.paths import checkpoint_dir, plots_dir, stage_dir
+from tasks.core.stage import StageError, log, stage_main
+from tasks.training import distributed
+from tasks.training.batches import (
+    BlockStream,
+    build_sft_examples,
+    check_tokenizer,
+    fixed_batches,
+    read_sft,
+    sft_holdout_split,
 )
-from tasks.params import Params
+from tasks.training.checkpoint import Checkpointer, dir_sha256, file_sha256, fingerprint_info
+from tasks.training.curves import write_loss_curves
+from tasks.training.loop import (
+    exit_weights_at,
+    member_loss_fn,
+    multi_exit_eval,
+    multi_exit_loss_fn,
+    train_loop,
+)
+from tasks.training.members import count_params, device_for_training, members_unchanged, snapshot_members
 
 STAGE = "sft"
 
@@ -76,18 +87,18 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
     import torch
 
     from ruyi_model.dae import freeze_for_dae
-    from tasks.cpt import check_seq_len
+    from tasks.training.batches import check_seq_len
 
     cfg = params.sft
     src = stage_dir(params, "expand")
     model, tokenizer = load_family(src)
-    training.check_tokenizer(tokenizer, src)
+    check_tokenizer(tokenizer, src)
     check_seq_len(params, STAGE, cfg.seq_len, model.config.max_position_embeddings)
     path = sft_path(params)
-    rows = training.read_sft(path)
-    train_rows, held_rows = training.sft_holdout_split(rows, cfg.holdout_fraction)
-    train_ex, train_stats = training.build_sft_examples(tokenizer, train_rows, cfg.seq_len, str(path))
-    held_ex, held_stats = training.build_sft_examples(tokenizer, held_rows, cfg.seq_len, f"{path} (held-out rows)")
+    rows = read_sft(path)
+    train_rows, held_rows = sft_holdout_split(rows, cfg.holdout_fraction)
+    train_ex, train_stats = build_sft_examples(tokenizer, train_rows, cfg.seq_len, str(path))
+    held_ex, held_stats = build_sft_examples(tokenizer, held_rows, cfg.seq_len, f"{path} (held-out rows)")
     exits = list(model.config.exit_layers)
 
     snapshot = None
@@ -100,8 +111,8 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
         named = freeze_for_dae(model, d)
         others = [e for e in exits if e != d]
         probe = held_ex["input_ids"][:2, :32]
-        snapshot = training.snapshot_members(model, others, probe, exclude=[n for n, _ in named])
-        loss_fn = training.member_loss_fn(d)
+        snapshot = snapshot_members(model, others, probe, exclude=[n for n, _ in named])
+        loss_fn = member_loss_fn(d)
         trained_members = [d]
     else:
         for p in model.parameters():
@@ -109,27 +120,27 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
         named = list(model.named_parameters())
 
         def weights(step: int) -> list[float]:
-            return training.exit_weights_at(cfg.exit_weights, exits, step, cfg.max_steps)
+            return exit_weights_at(cfg.exit_weights, exits, step, cfg.max_steps)
 
-        loss_fn = training.multi_exit_loss_fn(weights)
+        loss_fn = multi_exit_loss_fn(weights)
         trained_members = exits
 
-    device = training.device_for_training()
+    device = device_for_training()
     model.to(device)
-    stream = training.BlockStream(train_ex, params.seed, "sft/train")
-    held_batches = training.fixed_batches(held_ex, cfg.batch_size, cfg.eval_batches)
-    info = training.fingerprint_info(STAGE, cfg, seed=params.seed, model=params.model,
-                                     inputs={"sft": training.file_sha256(path), "expand": training.dir_sha256(src)},
+    stream = BlockStream(train_ex, params.seed, "sft/train")
+    held_batches = fixed_batches(held_ex, cfg.batch_size, cfg.eval_batches)
+    info = fingerprint_info(STAGE, cfg, seed=params.seed, model=params.model,
+                                     inputs={"sft": file_sha256(path), "expand": dir_sha256(src)},
                                      extra={"dae_exit": params.dae_exit})
-    checkpointer = training.Checkpointer(checkpoint_dir(params, STAGE), info)
-    result = training.train_loop(stage=STAGE, model=model, cfg=cfg, named_params=named, stream=stream,
-                                 loss_fn=loss_fn, val_batches=held_batches, eval_fn=training.multi_exit_eval,
+    checkpointer = Checkpointer(checkpoint_dir(params, STAGE), info)
+    result = train_loop(stage=STAGE, model=model, cfg=cfg, named_params=named, stream=stream,
+                                 loss_fn=loss_fn, val_batches=held_batches, eval_fn=multi_exit_eval,
                                  checkpointer=checkpointer, callbacks=callbacks)
     model.to("cpu")
 
     metrics: dict[str, Any] = {}
     if snapshot is not None:
-        unchanged, changed = training.members_unchanged(model, snapshot, probe)
+        unchanged, changed = members_unchanged(model, snapshot, probe)
         if not unchanged:
             raise StageError(f"sft: training changed tensors outside the DaE member's trainable set: {changed[:8]} "
                              f"(nothing was written)")
@@ -142,15 +153,15 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
         metrics[f"exit_{e}"] = entry
     metrics.update({
         "scope": cfg.scope, "trained_members": trained_members,
-        "trainable_params": training.count_params(p for _, p in named),
-        "total_params": training.count_params(model.parameters()),
+        "trainable_params": count_params(p for _, p in named),
+        "total_params": count_params(model.parameters()),
         "examples": train_stats.to_dict(), "heldout_examples": held_stats.to_dict(),
         "heldout_rows": len(held_rows), "heldout_evaluated": sum(int(b["input_ids"].shape[0]) for b in held_batches),
         **result.summary(), "seq_len": cfg.seq_len, "torch_threads": torch.get_num_threads(),
         "ln_vocab": round(math.log(model.config.vocab_size), 4),
     })
     if distributed.is_main():  # a data-parallel run writes from rank 0 alone
-        training.write_loss_curves(result.history, plots_dir(params, STAGE),
+        write_loss_curves(result.history, plots_dir(params, STAGE),
                                    title=f"sft (scope={cfg.scope}): assistant-token loss per member")
     for p in model.parameters():
         p.requires_grad_(True)

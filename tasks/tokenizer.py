@@ -47,19 +47,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tasks.common import (
-    StageError,
-    atomic_dir,
-    atomic_file,
-    log,
-    plots_dir,
-    read_jsonl,
-    save_figure,
-    stage_dir,
-    stage_main,
-    write_metrics,
-)
-from tasks.params import Params
+from tasks.core.files import atomic_dir, atomic_file, read_jsonl, save_figure, write_metrics
+from tasks.core.params import Params
+from tasks.core.paths import plots_dir, stage_dir
+from tasks.core.stage import StageError, log, stage_main
 
 #: Share of texts an adopted tokenizer may fail to reproduce exactly (normalization) before it is an error.
 MAX_ROUND_TRIP_FAILURES = 0.1
@@ -81,7 +72,7 @@ def _chat_lengths(tokenizer, sft: list[dict[str, Any]]) -> list[int]:
 
 
 def _check_chat_contract(tokenizer, row: dict[str, Any], where: str) -> None:
-    """What SFT needs of the chat template (tasks/training.py build_sft_examples): the generation prompt
+    """What SFT needs of the chat template (tasks/training/ build_sft_examples): the generation prompt
     is a prefix of the rendered conversation and `<|im_end|>` closes the assistant turn."""
     from ruyi_model.tokenizer import IM_END
 

@@ -26,7 +26,7 @@ orchestration must never retry them (unlike infrastructure errors).
 Design choices:
 - Integrity first: every raw file must match its manifest entry (rows, sha256); a mismatch means
   the data changed after prepare_data and is a `ContractViolation`. A malformed JSON line is a
-  `StageError` naming `file:line` (`tasks.common.read_jsonl`); it is not quarantined, since it is
+  `StageError` naming `file:line` (`tasks.core.read_jsonl`); it is not quarantined, since it is
   not a row at all.
 - Rows are labelled `<data_dir>/raw/<file>:<line>` (the DataFrame index), so errors, quarantine
   records and Data Docs name the same line numbers an editor shows.
@@ -52,37 +52,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.common import (
-    StageError,
+from tasks.core.files import (
     atomic_dir,
     atomic_file,
-    log,
-    plots_dir,
     read_jsonl,
     save_figure,
     sha256_file,
-    stage_main,
     write_json,
     write_jsonl,
     write_metrics,
 )
-from tasks.params import Params
+from tasks.core.params import Params
+from tasks.core.paths import plots_dir
+from tasks.core.stage import ContractViolation, StageError, log, stage_main
 
 STAGE = "validate_data"
 UNIQUE_EXPECTATION = "expect_column_values_to_be_unique"
-
-
-class ContractViolation(StageError):
-    """Data (or a model's metrics) violate a contract; deterministic, so never worth a retry.
-
-    Attributes:
-        failures: JSON-able records of the failed expectations (suite, expectation, column,
-            description, rows, values).
-    """
-
-    def __init__(self, message: str, failures: list[dict[str, Any]] | None = None) -> None:
-        super().__init__(message)
-        self.failures = failures or []
 
 
 @dataclass
@@ -144,7 +129,7 @@ def read_manifest(raw_dir: Path, files: list[str]) -> dict[str, Any]:
 def load_rows(raw_dir: Path, name: str, manifest: dict[str, Any]) -> list[_Row]:
     """Rows of one JSONL file with their line numbers and raw text.
 
-    Parsing (and its errors, naming file:line) is `tasks.common.read_jsonl`; a second pass pairs
+    Parsing (and its errors, naming file:line) is `tasks.core.read_jsonl`; a second pass pairs
     each row with its non-blank line.
     """
     path = raw_dir / name

@@ -47,8 +47,14 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # one intra-op thread each avoids oversubscription, which slows torch on CPU by an order of magnitude.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# Shared test helpers (training_helpers, tiny_export, s3server) live beside this file, above the tiers.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+#: Test tiers, one folder each; every test gets the marker of its folder (`pytest -m unit`).
+TIERS = ("unit", "integration", "e2e")
 
 
 def decide_triton_interpret(environ, cuda_available: bool, triton_imported: bool = False) -> None:
@@ -92,6 +98,9 @@ def pytest_collection_modifyitems(config, items):
         cuda_reason = "TRITON_INTERPRET=1 is set: the CUDA tests need the compiled kernels, not the interpreter"
     skip_cuda = pytest.mark.skip(reason=cuda_reason)
     for item in items:
+        tier = next((t for t in TIERS if t in Path(str(item.fspath)).parent.parts[-1:]), None)
+        if tier:
+            item.add_marker(getattr(pytest.mark, tier))
         if "triton_interpreter" in item.keywords and not TRITON_INTERPRETING:
             item.add_marker(skip_interp)
         if "triton_cuda" in item.keywords and not (CUDA_AVAILABLE and not TRITON_INTERPRETING):

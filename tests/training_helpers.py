@@ -2,7 +2,7 @@
 
 `make_workspace(root)` writes what the stages read, following the data contract:
 data/validated/{corpus_train,corpus_val,sft}.jsonl (general text = docstrings of standard-library
-modules, math = `tasks.mathgen` problems, also added to the corpus as `source: "math"` documents,
+modules, math = `tasks.data.mathgen` problems, also added to the corpus as `source: "math"` documents,
 as prepare_data does) and artifacts/tokenizer/ (a byte-level BPE trained here with
 `ruyi_model.tokenizer.train_tokenizer`), plus a params file with a micro model (hidden 32, 4 layers,
 members 2 and 4), seq_len 32 (sft: 128) and about ten steps per stage, so each stage runs in seconds.
@@ -65,7 +65,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def make_workspace(root: Path, num_problems: int = 80) -> Path:
     """Writes the micro workspace under `root`; returns the params file."""
     from ruyi_model.tokenizer import train_tokenizer
-    from tasks.mathgen import generate_problems
+    from tasks.data.mathgen import generate_problems
 
     root.mkdir(parents=True, exist_ok=True)
     general = general_documents()
@@ -105,7 +105,7 @@ def copy_workspace(params_path: Path, dest: Path, artifacts: tuple[str, ...] = (
 
 def load(params_path: Path, **overrides):
     """`load_params` with dotted overrides given as keyword arguments (`cpt__max_steps=3`)."""
-    from tasks.params import load_params
+    from tasks.core.params import load_params
 
     return load_params(params_path, {k.replace("__", "."): v for k, v in overrides.items()})
 
@@ -141,7 +141,7 @@ def sft_like_rows(n: int = 12, seq_len: int = 12, seed: int = 1) -> dict:
     examples do: row i has length 4 + i % 8 and a prompt of 1 + (i * 5) % 3 tokens."""
     import torch
 
-    from tasks.training import IGNORE_INDEX
+    from tasks.training.batches import IGNORE_INDEX
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, 64, (n, seq_len), generator=g)

@@ -1,0 +1,162 @@
+"""`ruyi`: the command line of ruyi-pipeline.
+
+Heavy libraries (torch, transformers, prefect, ray) are imported inside the commands, so
+`ruyi --help` answers instantly.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+STAGES = ["prepare_data", "validate_data", "tokenizer", "cpt", "expand", "sft", "rl", "compress",
+          "evaluate", "gates", "export", "deploy"]
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="ruyi-pipeline: train once, deploy many (familial Ruyi2-style models).")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                               "help_option_names": []})
+def stage(ctx: typer.Context, name: str = typer.Argument(..., help=f"one of: {', '.join(STAGES)}")) -> None:
+    """Run one pipeline stage without Prefect or DVC (`ruyi stage cpt --help` for its options)."""
+    if name in ("--help", "-h"):  # help_option_names is empty so that `ruyi stage cpt --help` reaches the stage
+        typer.echo("Usage: ruyi stage NAME [--params FILE] [--set KEY=VALUE ...]\n\n"
+                   "Run one pipeline stage without Prefect or DVC; `ruyi stage NAME --help` lists its options.\n\n"
+                   f"Stages, in pipeline order: {', '.join(STAGES)}")
+        raise typer.Exit(0)
+    if name not in STAGES:
+        typer.echo(f"error: unknown stage {name!r}; stages: {', '.join(STAGES)}", err=True)
+        raise typer.Exit(2)
+    module = importlib.import_module(f"tasks.{name}")
+    raise typer.Exit(module.main(list(ctx.args)))
+
+
+def _parse_sets(items: list[str]) -> dict:
+    from tasks.core.stage import parse_overrides
+
+    return parse_overrides(items)
+
+
+@app.command()
+def run(
+    from_stage: str = typer.Option(None, "--from-stage", help="first stage to run (upstream is not recomputed)"),
+    to_stage: str = typer.Option(None, "--to-stage", help="last stage to run"),
+    overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE",
+                                        help="parameter override written to params.yaml, e.g. cpt.max_steps=50"),
+    push: bool = typer.Option(True, "--push/--no-push", help="push results to the DVC remote"),
+    force: bool = typer.Option(False, "--force", help="recompute the selected stages even if DVC finds them up to date"),
+) -> None:
+    """Run the whole pipeline through Prefect (embedded API, no server needed), then print a summary.
+
+    Exit codes: 0 done; 2 a stage failed on its input or parameters (not retried); 1 an infrastructure error that persisted through the retries (a killed stage, an unreachable server, a failed push).
+    """
+    from flows.pipeline import InfrastructureError, StageFailed, ruyi_pipeline
+    from flows.report import print_summary
+    from tasks.core.params import ParamsError
+
+    try:
+        ruyi_pipeline(from_stage=from_stage, to_stage=to_stage, overrides=_parse_sets(overrides), push=push,
+                      force=force)
+    except (StageFailed, ParamsError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    except InfrastructureError as e:
+        typer.echo(f"error: {e}\n(the retries did not help; fix the cause and run again: finished stages are kept)",
+                   err=True)
+        raise typer.Exit(1) from None
+    print_summary()
+
+
+@app.command()
+def deployments(cron: str = typer.Option("0 2 * * *", help="schedule of the nightly deployment")) -> None:
+    """Serve the `nightly` and `rerun` deployments against PREFECT_API_URL (blocks)."""
+    from flows.deployments import serve_deployments
+
+    serve_deployments(cron=cron)
+
+
+@app.command()
+def server(port: int = typer.Option(4200, help="Prefect server port on 127.0.0.1"),
+           cron: str = typer.Option("0 2 * * *", help="schedule of the nightly deployment"),
+           startup_timeout: float = typer.Option(120.0, help="seconds to wait for the Prefect server to be healthy")) -> None:
+    """Start a Prefect server on 127.0.0.1 and serve the deployments: open the UI and rerun any stage.
+
+    Stops on Ctrl-C or SIGTERM, taking the Prefect server (its whole process group) down with it.
+    """
+    import os
+    import signal
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            typer.echo(f"error: port {port} on 127.0.0.1 is already in use (another Prefect server?); "
+                       "choose another with --port", err=True)
+            raise typer.Exit(2)
+    api = f"http://127.0.0.1:{port}/api"
+    # Its own process group: the server's uvicorn workers go with it however this command is stopped.
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], start_new_session=True)
+
+    def on_sigterm(signum, frame):  # as Ctrl-C: unwind through `finally`, which stops the server
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"{api}/health", timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    typer.echo(f"error: prefect server exited with {proc.returncode}", err=True)
+                    raise typer.Exit(1) from None
+                if time.monotonic() > deadline:
+                    typer.echo(f"error: the Prefect server on port {port} was not healthy after {startup_timeout:.0f} s",
+                               err=True)
+                    raise typer.Exit(1) from None
+                time.sleep(0.5)
+        typer.echo(f"Prefect UI: http://127.0.0.1:{port}  (deployments: ruyi-pipeline/nightly, ruyi-pipeline/rerun)")
+        os.environ["PREFECT_API_URL"] = api
+        from flows.deployments import serve_deployments
+
+        serve_deployments(cron=cron)
+    except KeyboardInterrupt:
+        typer.echo("stopping the deployments and the Prefect server", err=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+@app.command()
+def serve(
+    version: str = typer.Option(None, "--version", help="release version to serve (default: the latest)"),
+    host: str = typer.Option(None, "--host", help="HTTP host (default: deploy.host)"),
+    port: int = typer.Option(None, "--port", help="HTTP port (default: deploy.port)"),
+    params: str = typer.Option("params.yaml", "--params", help="params file (store and serving settings)"),
+    overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="parameter override (repeatable)"),
+) -> None:
+    """Serve a release from the artifact store with Ray Serve (OpenAI-style API) until Ctrl-C."""
+    from tasks.deploy import serve_main
+
+    raise typer.Exit(serve_main(params, overrides, version=version, host=host, port=port))
+
+
+def main() -> None:
+    app(prog_name="ruyi")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

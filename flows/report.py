@@ -1,0 +1,86 @@
+"""The summary `ruyi run` prints after the pipeline: one row per exit, then where the results are.
+
+    python -m flows.report [--params params.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from tasks.core.params import load_params
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def summary_rows(metrics_dir: str | Path) -> list[dict[str, Any]]:
+    """One row per exit from metrics/eval.json (quality, speed, parameters) and compress.json."""
+    metrics_dir = Path(metrics_dir)
+    ev = _read(metrics_dir / "eval.json")
+    comp = _read(metrics_dir / "compress.json")
+    rows = []
+    for key in sorted((k for k in ev if k.startswith("exit_")), key=lambda k: int(k.split("_")[1])):
+        m = ev[key]
+        rows.append({"exit": key, "loss": m.get("loss"), "accuracy": m.get("accuracy"),
+                     "tokens_per_s": m.get("tokens_per_s"), "params": m.get("params"),
+                     "compress_change": (comp.get(key) or {}).get("relative_loss_change")})
+    return rows
+
+
+def print_summary(params_path: str | Path = "params.yaml") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    params = load_params(params_path)
+    console = Console()
+    rows = summary_rows(params.paths.metrics_dir)
+    table = Table(title="ruyi family: one row per exit (member)")
+    for col in ("exit", "held-out loss", "math accuracy", "tokens/s", "params", "compression loss change"):
+        table.add_column(col, justify="right")
+
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    for r in rows:
+        table.add_row(r["exit"], fmt(r["loss"], ".3f"), fmt(r["accuracy"], ".1%"), fmt(r["tokens_per_s"], ".1f"),
+                      fmt(r["params"], ","), fmt(r["compress_change"], "+.2%"))
+    console.print(table)
+    for name, where in result_paths(params).items():
+        console.print(f"[bold]{name}[/bold]: {where}")
+
+
+def result_paths(params) -> dict[str, str]:
+    """Where a person finds each result of the run; what a partial run has not written is marked."""
+    deploy = _read(Path(params.paths.metrics_dir) / "deploy.json")
+    reports, plots = Path(params.paths.reports_dir), Path(params.paths.plots_dir)
+    local = {
+        "metrics": Path(params.paths.metrics_dir),
+        "plots (PNG + CSV per stage)": plots,
+        "trade-off plot (quality vs latency per exit)": plots / "evaluate" / "tradeoff.png",
+        "data contracts (Data Docs)": reports / "contracts",
+        "quality gates (Data Docs)": reports / "gates",
+        "evaluation report": reports / "evaluate",
+        "compression report": reports / "compress",
+        "deploy smoke test": reports / "deploy",
+        "exports (stock Qwen3 per exit)": Path(params.paths.artifacts_dir) / "export",
+    }
+    out = {name: str(path) + ("" if path.exists() else " (not written yet)") for name, path in local.items()}
+    out["release"] = deploy.get("release_uri") or deploy.get("store_uri") or "- (not deployed yet)"
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m flows.report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    print_summary(args.params)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

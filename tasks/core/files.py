@@ -1,0 +1,126 @@
+"""tasks.core.files: moved from tasks.core (docstring to be written)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tasks.core.params import Params
+from tasks.core.stage import StageError
+
+log = logging.getLogger("ruyi")
+
+
+def atomic_dir(final: str | Path):
+    """`ruyi_model.fileio.atomic_dir` (its one home; imported lazily: importing ruyi_model loads torch)."""
+    from ruyi_model.fileio import atomic_dir as _atomic_dir
+
+    return _atomic_dir(final)
+
+
+def sha256_file(path: str | Path) -> str:
+    """`ruyi_model.fileio.sha256_file` (imported lazily, see atomic_dir)."""
+    from ruyi_model.fileio import sha256_file as _sha256_file
+
+    return _sha256_file(path)
+
+
+@contextlib.contextmanager
+def atomic_file(final: str | Path, mode: str = "w") -> Iterator[Any]:
+    """Opens a temporary sibling of `final` for writing and renames it into place on success."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    with atomic_file(path) as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+        f.write("\n")
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def iter_jsonl(lines, where: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yields `(line number, object)` for each non-blank JSONL line; a bad line is an error naming where:line."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise StageError(f"{where}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise StageError(f"{where}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        yield lineno, row
+
+
+def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Reads a JSONL file; a malformed line or a missing field is an error naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"input file not found: {path}")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, row in iter_jsonl(f, path):
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise StageError(f"{path}:{lineno}: missing field(s) {missing}")
+            rows.append(row)
+    if not rows:
+        raise StageError(f"{path}: no rows (empty file)")
+    return rows
+
+
+def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    with atomic_file(path) as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def write_metrics(params: Params, stage: str, metrics: dict[str, Any]) -> Path:
+    path = Path(params.paths.metrics_dir) / f"{stage}.json"
+    write_json(path, metrics)
+    return path
+
+
+def require_dir(path: str | Path, what: str, marker: str | None = None) -> Path:
+    """Checks that an input directory (e.g. a checkpoint) exists, naming the stage that makes it."""
+    path = Path(path)
+    if not path.is_dir() or (marker and not (path / marker).exists()):
+        raise StageError(f"{what} not found at {path}" + (f" (expected {marker} inside)" if marker else ""))
+    return path
+
+
+def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
+    """Saves a matplotlib figure as PNG atomically (temporary sibling, then rename) and closes it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    try:
+        with atomic_file(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+    return path

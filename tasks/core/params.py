@@ -1,0 +1,515 @@
+"""The schema of `params.yaml`: every hyperparameter of every stage, validated before any work starts.
+
+One pydantic model per section; every model forbids unknown keys, so a typo is an error that names
+the key instead of a silently ignored setting. `load_params()` is the one entry point the stages use.
+
+Two complete profiles ship with the repo and share this schema:
+- `params.yaml`: the tiny default (the whole chain on 2 CPU cores in about 10 minutes);
+- `params.paper.yaml`: paper scale (Qwen3-14B shapes, members 3/22/40, DaE N=3) for clusters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+PositiveFloat = Annotated[float, Field(gt=0.0)]
+
+
+class ParamsError(ValueError):
+    """A params file that cannot be used; the message names the file and every bad key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsParams(_Section):
+    data_dir: str = "data"
+    artifacts_dir: str = "artifacts"
+    metrics_dir: str = "metrics"
+    plots_dir: str = "plots"
+    reports_dir: str = "reports"
+
+
+class ModelParams(_Section):
+    """Architecture of the family (a Qwen3 backbone with exits)."""
+
+    hidden_size: PositiveInt = 128
+    intermediate_size: PositiveInt = 384
+    num_hidden_layers: PositiveInt = 8
+    num_attention_heads: PositiveInt = 4
+    num_key_value_heads: PositiveInt = 2
+    head_dim: PositiveInt = 32
+    max_position_embeddings: PositiveInt = 512
+    rope_theta: PositiveFloat = 10000.0
+    rms_norm_eps: PositiveFloat = 1e-6
+    exit_layers: list[PositiveInt] = [2, 4, 8]
+    exit_branch_layers: NonNegInt = 1
+    shared_heads: bool = False
+    # Optional stock Qwen3 checkpoint directory to start the family from (Ruyi2's recipe);
+    # null trains the tiny family from scratch.
+    init_from: str | None = None
+    # Multi-exit loss implementation: auto | naive | chunked | triton (see triton_kernels).
+    loss_impl: Literal["auto", "naive", "chunked", "triton"] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelParams:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"model.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"model.num_key_value_heads ({self.num_key_value_heads})"
+            )
+        exits = self.exit_layers
+        if not exits or exits != sorted(set(exits)) or exits[-1] != self.num_hidden_layers:
+            raise ValueError(
+                f"model.exit_layers must be strictly increasing and end at num_hidden_layers "
+                f"({self.num_hidden_layers}); got {exits}"
+            )
+        return self
+
+
+class DataParams(_Section):
+    """Where the data comes from and how it is split."""
+
+    # Local paths or s3:// URIs of JSONL/Parquet files. Empty: the embedded default (Python's own
+    # documentation and docstrings + generated GSM8K-style math problems), built without a network.
+    sources: list[str] = []
+    # What the embedded data adds to user sources: auto = the kinds (corpus, math) the user files
+    # lack; always = both; never = nothing (a missing kind is an error).
+    embedded: Literal["auto", "always", "never"] = "auto"
+    max_corpus_docs: PositiveInt = 3000
+    min_doc_chars: PositiveInt = 200
+    max_doc_chars: PositiveInt = 4000
+    num_sft: PositiveInt = 1500
+    num_rl: PositiveInt = 400
+    num_eval: PositiveInt = 100
+    math_levels: list[Annotated[int, Field(ge=1, le=5)]] = [1, 2, 3]
+    val_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.05
+
+
+class ValidateParams(_Section):
+    """Great Expectations data contracts (data_contracts/)."""
+
+    on_violation: Literal["fail", "quarantine"] = "fail"
+    # With quarantine: continue only while the bad rows are at most this fraction of a dataset.
+    max_quarantine_fraction: Fraction = 0.05
+    # Length bounds (characters) of math questions/prompts and of SFT responses / eval solutions.
+    # Corpus documents use data.min_doc_chars..data.max_doc_chars.
+    min_question_chars: PositiveInt = 10
+    max_question_chars: PositiveInt = 2000
+    max_solution_chars: PositiveInt = 4000
+    # Failing rows quoted (line + value) per violated expectation in the error message.
+    sample_rows: PositiveInt = 5
+
+    @model_validator(mode="after")
+    def _check(self) -> ValidateParams:
+        if self.min_question_chars > self.max_question_chars:
+            raise ValueError(f"validate_data.min_question_chars ({self.min_question_chars}) exceeds "
+                             f"max_question_chars ({self.max_question_chars})")
+        return self
+
+
+class TokenizerParams(_Section):
+    vocab_size: Annotated[int, Field(ge=300)] = 2048
+    min_frequency: PositiveInt = 2
+
+
+class ExitWeightSchedule(_Section):
+    """Ruyi2 Eq. 1 weights w_k(t): shallower members decay from `start` to `floor` over training.
+
+    Ruyi2 gives no formula; ours (tasks/training/ `exit_weights_at`): the deepest member always has
+    weight `deepest`; every other member goes from `start` at the first step to `floor` at the last
+    step along `kind`: constant (stays at `start`), linear, or cosine (half cosine).
+    """
+
+    kind: Literal["constant", "linear", "cosine"] = "cosine"
+    start: Annotated[float, Field(ge=0.0)] = 1.0
+    floor: Annotated[float, Field(ge=0.0)] = 0.3
+    deepest: PositiveFloat = 1.0
+
+    @model_validator(mode="after")
+    def _check(self) -> ExitWeightSchedule:
+        if self.kind != "constant" and self.floor > self.start:
+            raise ValueError(f"exit_weights.floor ({self.floor}) must be <= exit_weights.start ({self.start}): "
+                             f"the shallower members' weights decay")
+        return self
+
+
+class TrainParams(_Section):
+    """Optimisation settings shared by the training stages (cpt, expand, sft); see tasks/training/."""
+
+    seq_len: PositiveInt = 128
+    batch_size: PositiveInt = 8
+    # Micro-batches per optimizer step (the effective batch is batch_size * grad_accum).
+    grad_accum: PositiveInt = 1
+    max_steps: PositiveInt = 150
+    # Peak learning rate of AdamW (betas 0.9/0.95; decay on matrices only).
+    lr: PositiveFloat = 3e-3
+    # Cosine decay floor, as a fraction of lr, reached at max_steps.
+    min_lr_ratio: Fraction = 0.1
+    warmup_steps: NonNegInt = 15
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
+    # Gradient-norm clipping (0 = off).
+    grad_clip: Annotated[float, Field(ge=0.0)] = 1.0
+    bf16: bool = False
+    # Resumable checkpoint interval into artifacts/checkpoints/<stage>/ (one is always written at the end).
+    checkpoint_every: PositiveInt = 50
+    eval_every: PositiveInt = 25
+    # Validation batches (of batch_size rows) per evaluation.
+    eval_batches: PositiveInt = 4
+
+    @model_validator(mode="after")
+    def _check_train(self) -> TrainParams:
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < max_steps ({self.max_steps})")
+        return self
+
+
+class CPTParams(TrainParams):
+    """Joint multi-exit continued pre-training of the family (tasks/cpt.py)."""
+
+    exit_weights: ExitWeightSchedule = ExitWeightSchedule()
+
+
+class ExpandParams(TrainParams):
+    """DaE expansion (Ruyi2 section 4.4) and the expanded member's CPT (tasks/expand.py)."""
+
+    # Member to expand; null = the smallest member (as in the paper).
+    exit_layer: PositiveInt | None = None
+    num_blocks: PositiveInt = 2
+    init: Literal["random", "clone"] = "random"
+    # Share of general (source != "math") documents replayed among the STEM (source == "math")
+    # documents during DaE CPT (the paper: 10%).
+    replay_fraction: Fraction = 0.1
+    max_steps: PositiveInt = 80
+    warmup_steps: NonNegInt = 8
+    eval_every: PositiveInt = 20
+
+
+class SFTParams(TrainParams):
+    """Supervised fine-tuning on chat-formatted math pairs (tasks/sft.py)."""
+
+    # family: joint multi-exit tuning of every parameter of the family; dae: only the DaE member's
+    # trainable parameters (the paper tunes the family before expansion and the DaE member after it).
+    scope: Literal["family", "dae"] = "dae"
+    seq_len: PositiveInt = 256
+    max_steps: PositiveInt = 80
+    lr: PositiveFloat = 2e-3
+    warmup_steps: NonNegInt = 8
+    eval_every: PositiveInt = 20
+    # Share of sft.jsonl held out (chosen by a hash of the row id) for the before/after loss.
+    holdout_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.05
+    # Exit weights of the multi-exit loss with scope=family (constant 1.0 by default).
+    exit_weights: ExitWeightSchedule = ExitWeightSchedule(kind="constant", floor=1.0)
+
+
+class BPPOParams(_Section):
+    """Binary Prefix Policy Optimization (Ruyi2.5); the rules the papers leave open are ours (tasks/training/rl_algos.py)."""
+
+    # Which prefix of the two selected responses carries gradient: a fraction of each response's
+    # length, its first k tokens, or the pair's common prefix plus the first diverging token.
+    prefix_rule: Literal["fraction", "first_k", "common"] = "common"
+    prefix_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+    prefix_k: PositiveInt = 16
+    # Adaptive completion schedule: the generation budget follows recent shortest-correct lengths,
+    # budget = clamp(ceil(budget_margin * EMA), budget_min_tokens, rl.max_new_tokens).
+    adaptive_budget: bool = True
+    budget_margin: Annotated[float, Field(ge=1.0)] = 1.5
+    budget_min_tokens: PositiveInt = 8
+    # Weight of the past in the EMA of the per-step shortest-correct length.
+    budget_ema: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
+
+
+class RLParams(_Section):
+    """On-policy RL with a verifiable reward (tasks/rl.py): GRPO as TRL computes it, or BPPO."""
+
+    algorithm: Literal["grpo", "bppo"] = "bppo"
+    # Which members are sampled and trained: "dae" (the DaE member, as in the paper), "all", or a
+    # list of exit layers.
+    members: Literal["dae", "all"] | list[PositiveInt] = "dae"
+    steps: PositiveInt = 30
+    prompts_per_step: PositiveInt = 4
+    group_size: Annotated[int, Field(ge=2)] = 8
+    max_new_tokens: PositiveInt = 128
+    temperature: PositiveFloat = 1.0
+    lr: PositiveFloat = 5e-4
+    grad_clip: Annotated[float, Field(ge=0.0)] = 1.0
+    # Optimizer steps per generation batch (TRL's num_iterations); > 1 reuses the batch with
+    # importance ratios against the sampling policy, so the PPO clip becomes active.
+    num_iterations: PositiveInt = 1
+    epsilon: PositiveFloat = 0.2
+    epsilon_high: PositiveFloat = 0.28
+    beta: Annotated[float, Field(ge=0.0)] = 0.0
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    # Advantage scaling as TRL's scale_rewards: group std, batch std or none.
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    format_reward: Annotated[float, Field(ge=0.0)] = 0.1
+    # The last eval_prompts rows of rl.jsonl are held out: greedy reward/accuracy before and after.
+    eval_prompts: PositiveInt = 32
+    # Resumable checkpoints every n steps into artifacts/checkpoints/rl (0 = none).
+    checkpoint_every: NonNegInt = 10
+    bppo: BPPOParams = BPPOParams()
+
+    @model_validator(mode="after")
+    def _check(self) -> RLParams:
+        if self.bppo.budget_min_tokens > self.max_new_tokens:
+            raise ValueError(f"rl.bppo.budget_min_tokens ({self.bppo.budget_min_tokens}) must be <= "
+                             f"rl.max_new_tokens ({self.max_new_tokens})")
+        return self
+
+
+class CompressParams(_Section):
+    """DaE decomposition (Ruyi2 4.4) of the DaE member's added blocks and head; see tasks/compress.py."""
+
+    # Fraction of the added parameters (DaE blocks + the DaE member's head) removed.
+    ratio: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.4
+    allocation: Literal["uniform", "loss_aware"] = "loss_aware"
+    include_head: bool = True
+    # Activation-aware calibration: this many batches of `batch_size` packed `seq_len`-token blocks.
+    calibration_batches: PositiveInt = 8
+    # Share of the calibration blocks packed from SFT chat text (the rest: corpus_train).
+    calibration_sft_fraction: Fraction = 0.5
+    seq_len: PositiveInt = 256
+    batch_size: PositiveInt = 4
+    # Healing fine-tune of the low-rank factors + the DaE member's norm on SFT chat data (0 = none).
+    heal_steps: NonNegInt = 20
+    heal_lr: PositiveFloat = 1e-3
+    # Held-out batches (corpus_val blocks; eval solutions) for the reported before/after losses, and as
+    # many for the keep-healing decision, carved from corpus_train/sft and kept out of calibration/healing.
+    loss_batches: PositiveInt = 4
+    # Quality budget: relative loss increase allowed on every exit (reported, not enforced here).
+    max_relative_loss_increase: Fraction = 0.02
+
+
+class EvaluateParams(_Section):
+    """Per-exit quality, speed and size of one checkpoint; see tasks/evaluate.py."""
+
+    # Family checkpoint directory to evaluate; null = <artifacts_dir>/compress.
+    checkpoint: str | None = None
+    # Math accuracy and solution loss on the first `num_problems` rows of eval.jsonl.
+    num_problems: PositiveInt = 100
+    # Greedy budget per problem (the tiny data's solutions: median 50 tokens, p95 114).
+    max_new_tokens: PositiveInt = 128
+    # Prompts per left-padded greedy decoding batch.
+    decode_batch_size: PositiveInt = 32
+    # Held-out corpus loss: this many batches of `batch_size` packed `seq_len`-token blocks.
+    loss_batches: PositiveInt = 4
+    seq_len: PositiveInt = 256
+    # Blocks (corpus) or examples (eval solutions) per loss batch.
+    batch_size: PositiveInt = 8
+    # Decoding speed: batch 1, exactly this many new tokens, after `speed_warmup` untimed runs.
+    speed_new_tokens: PositiveInt = 32
+    speed_warmup: NonNegInt = 1
+    speed_repeats: PositiveInt = 3
+
+
+class GatesParams(_Section):
+    """Model quality gates (data_contracts), checked before export/deploy."""
+
+    max_loss: PositiveFloat = 8.0
+    # A deeper exit may be worse than a shallower one by at most this (relative) tolerance.
+    depth_tolerance: Fraction = 0.05
+    # Minimum math accuracy of every exit (0.0: not gated; the tiny model barely solves problems).
+    min_accuracy: Fraction = 0.0
+
+
+class StoreParams(_Section):
+    """The artifact store for releases (tasks/release/store.py): a local directory or any S3 endpoint."""
+
+    backend: Literal["local", "s3"] = "local"
+    # local backend: the store directory (releases under <root>/<model>/<version>/).
+    root: str = "store"
+    # s3 backend: an existing bucket and a key prefix inside it. Credentials come from the standard
+    # AWS chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profiles), never from this file.
+    bucket: str | None = None
+    prefix: str = "ruyi"
+    # null: AWS; e.g. http://127.0.0.1:8333 for SeaweedFS or MinIO.
+    endpoint_url: str | None = None
+    # Signing region; null: from the AWS config, else us-east-1.
+    region: str | None = None
+    # auto: path-style with an endpoint_url (SeaweedFS/MinIO need it), botocore's default on AWS.
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    # Files of at least this size go up in parts of multipart_chunksize_mib (S3 minimum part: 5 MiB).
+    multipart_threshold_mib: PositiveFloat = 64.0
+    multipart_chunksize_mib: Annotated[float, Field(ge=5.0)] = 16.0
+    max_concurrency: PositiveInt = 4
+    # Fail fast on a dead endpoint: botocore retry mode "standard" with this many attempts in all.
+    connect_timeout_s: PositiveFloat = 5.0
+    read_timeout_s: PositiveFloat = 60.0
+    max_attempts: PositiveInt = 5
+    # How an upload is verified: checksum = the server's SHA-256 of what it stored (no extra
+    # traffic); download = read every object back and hash it (for endpoints without checksums).
+    verify: Literal["checksum", "download"] = "checksum"
+    # Where fetched releases are kept; null = <paths.artifacts_dir>/releases.
+    cache_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> StoreParams:
+        if self.backend == "s3" and not self.bucket:
+            raise ValueError("store.bucket is required when store.backend is s3")
+        if self.endpoint_url is not None and not self.endpoint_url.startswith(("http://", "https://")):
+            raise ValueError(f"store.endpoint_url must start with http:// or https://, got {self.endpoint_url!r}")
+        return self
+
+
+class DistributedParams(_Section):
+    """Data parallelism of the training stages cpt, expand and sft (tasks/training/distributed.py)."""
+
+    # local: one process (the default); ray: Ray Train TorchTrainer workers with DistributedDataParallel.
+    backend: Literal["local", "ray"] = "local"
+    # Data-parallel workers; each takes 1/num_workers of every global batch (batch_size * grad_accum rows).
+    num_workers: PositiveInt = 2
+    # One GPU per worker (nccl); false: CPU workers (gloo).
+    use_gpu: bool = False
+    # Logical CPUs reserved per worker (Ray sets each worker's OMP_NUM_THREADS from it).
+    cpus_per_worker: PositiveFloat = 1.0
+    # Ray cluster address ("auto", "host:port", "ray://host:port"); null: the Ray already running in this
+    # process, else a local Ray started with num_workers * cpus_per_worker CPUs.
+    address: str | None = None
+    # Object store of the local Ray started here (unused with an address).
+    object_store_mib: Annotated[int, Field(ge=80)] = 512
+    # Ray Train's run directory (reachable from every node; an s3:// URI works);
+    # null: <paths.artifacts_dir>/checkpoints/.ray_train (removed after each run).
+    storage_path: str | None = None
+    # Timeout of the process group's collectives.
+    timeout_s: PositiveInt = 1800
+
+
+# Ray reserves worker ports 10002-19999 on every node (RL_SERVE_NOTES B4): serving there collides.
+_RAY_WORKER_PORTS = range(10002, 20000)
+
+
+class DeployParams(_Section):
+    """Publishing `artifacts/export/` as a release and serving it (tasks/deploy.py, tasks/release/serving.py)."""
+
+    # Release name in the store (letters, digits, '.', '_', '-').
+    model_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")] = "ruyi-tiny"
+    # null: v0001, v0002, ... (an export identical to the latest release reuses it); or a fixed name.
+    version: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")] | None = None
+    store: StoreParams = StoreParams()
+    # HTTP address of the Ray Serve application (deploy's smoke test and `ruyi serve`).
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1024, le=65535)] = 8124
+    # Requests asking for more new tokens get HTTP 400.
+    max_tokens_limit: PositiveInt = 128
+    # Default confidence threshold of the dynamic early-exit tier (model "dynamic").
+    dynamic_threshold: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9
+    # Smoke test: the first smoke_prompts eval.jsonl questions, greedy, at every tier.
+    smoke_prompts: PositiveInt = 4
+    smoke_max_tokens: PositiveInt = 32
+    # Resources of the one serving replica (a GPU per replica at paper scale), where it puts the
+    # models ("auto": cuda when the replica has one) and in which dtype.
+    replica_num_cpus: Annotated[float, Field(gt=0.0, le=64.0)] = 0.5
+    replica_num_gpus: Annotated[float, Field(ge=0.0, le=8.0)] = 0.0
+    device: Annotated[str, Field(pattern=r"^(cpu|auto|cuda(:\d+)?)$")] = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # The local Ray instance deploy / `ruyi serve` start (ignored with ray_address).
+    ray_num_cpus: PositiveInt = 2
+    ray_object_store_mib: Annotated[int, Field(ge=80)] = 256
+    # null: start a local Ray instance; else the address of a running cluster (e.g. "auto").
+    ray_address: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> DeployParams:
+        if self.port in _RAY_WORKER_PORTS:
+            raise ValueError(f"deploy.port {self.port} is in Ray's worker port range 10002-19999; pick another")
+        if self.replica_num_cpus > self.ray_num_cpus and self.ray_address is None:
+            raise ValueError(f"deploy.replica_num_cpus ({self.replica_num_cpus}) exceeds deploy.ray_num_cpus "
+                             f"({self.ray_num_cpus}): the replica could never be scheduled")
+        return self
+
+
+class Params(_Section):
+    seed: NonNegInt = 1234
+    paths: PathsParams = PathsParams()
+    model: ModelParams = ModelParams()
+    data: DataParams = DataParams()
+    validate_data: ValidateParams = ValidateParams()
+    tokenizer: TokenizerParams = TokenizerParams()
+    cpt: CPTParams = CPTParams()
+    expand: ExpandParams = ExpandParams()
+    sft: SFTParams = SFTParams()
+    rl: RLParams = RLParams()
+    compress: CompressParams = CompressParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    gates: GatesParams = GatesParams()
+    deploy: DeployParams = DeployParams()
+    distributed: DistributedParams = DistributedParams()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Params:
+        if self.distributed.backend == "ray":
+            for name in ("cpt", "expand", "sft"):
+                section = getattr(self, name)
+                rows = section.batch_size * section.grad_accum
+                if rows < self.distributed.num_workers:
+                    raise ValueError(f"distributed.num_workers ({self.distributed.num_workers}) exceeds the global "
+                                     f"batch of {name} ({name}.batch_size x {name}.grad_accum = {rows} rows): every "
+                                     f"worker needs at least one row of each step")
+        exits = self.model.exit_layers
+        if self.expand.exit_layer is not None and self.expand.exit_layer not in exits:
+            raise ValueError(f"expand.exit_layer {self.expand.exit_layer} is not one of model.exit_layers {exits}")
+        if isinstance(self.rl.members, list):
+            bad = [m for m in self.rl.members if m not in exits]
+            if bad:
+                raise ValueError(f"rl.members {bad} are not in model.exit_layers {exits}")
+        if self.tokenizer.vocab_size > 1 << 20:
+            raise ValueError("tokenizer.vocab_size is unreasonably large")
+        return self
+
+    @property
+    def dae_exit(self) -> int:
+        """The member DaE expands: `expand.exit_layer`, or the smallest member."""
+        return self.expand.exit_layer if self.expand.exit_layer is not None else self.model.exit_layers[0]
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling and section)"
+        lines.append(f"  {key}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" else ""))
+    return "\n".join(lines)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Returns a copy of `raw` with dotted-key `overrides` applied ({"cpt.lr": 1e-3})."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for dotted, value in (overrides or {}).items():
+        node = out
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.setdefault(part, {}), dict):
+                raise ParamsError(f"override {dotted!r}: {part!r} is not a section")
+            node = node[part]
+        node[parts[-1]] = value
+    return out
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Reads and validates a params file; raises ParamsError naming the file and every bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: the top level must be a mapping of sections")
+    raw = apply_overrides(raw, overrides)
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ParamsError(f"{path}: invalid parameters:\n{_format_errors(e)}") from None

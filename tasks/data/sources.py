@@ -1,0 +1,247 @@
+"""User-supplied data for prepare_data: JSONL or Parquet files at local paths or `s3://bucket/key` URIs.
+
+Used by `python -m tasks.prepare_data --set 'data.sources=[corpus.jsonl, s3://bucket/gsm8k.parquet]'`.
+
+Formats: the file name decides: `*.jsonl` / `*.jsonl.gz` (one JSON object per line) or `*.parquet`.
+S3 is read with boto3 and the standard AWS configuration: credentials from `AWS_ACCESS_KEY_ID` /
+`AWS_SECRET_ACCESS_KEY` (or a profile), endpoint from `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`
+(SeaweedFS, MinIO; path-style addressing is used with a custom endpoint), botocore "standard" retries.
+
+How rows map into the datasets (`map_rows`):
+- a row with `question` and `answer` is a MATH problem (pooled, then split into sft/rl/eval by
+  prepare_data). `answer` may be a plain number ("72", "$1,000") or, GSM8K style, a worked solution
+  ending in `#### 72`. An optional `solution` holds the worked solution; a solution without a final
+  `#### <answer>` line gets one appended; a row with no worked solution anywhere gets the one-line
+  solution `#### <answer>` (answer-only SFT), counted in the manifest as `math_without_solution`.
+  Optional `level` (int in `data.math_levels`, else an error naming the row); without it, the level
+  of `data.math_levels` nearest to the number of solution lines before `####` (ties: the lower).
+- otherwise a row with `text` is a CORPUS document; its `source` field (if a string) is kept, else
+  the source is `user:<file name>`.
+- any other row, a non-string field, an answer that is not a number, or a solution whose `####`
+  answer disagrees with `answer`, is a StageError naming the file and line (JSONL) or row (Parquet).
+Empty files are errors too: a source that contributes nothing is almost always a wrong path.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tasks.core.files import iter_jsonl
+from tasks.core.stage import StageError, log
+from tasks.data.mathgen import Problem, extract_answer, format_number, parse_number
+
+
+@dataclass(frozen=True)
+class Record:
+    """One row of a user file and where it came from ("data.jsonl:12", "s3://b/k.parquet:row 3")."""
+
+    where: str
+    row: dict[str, Any]
+
+
+@dataclass
+class Source:
+    """One user file: its URI, format, content hash and rows."""
+
+    uri: str
+    format: str
+    sha256: str
+    records: list[Record] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Document:
+    """A corpus document (the data contract's corpus row without its id)."""
+
+    text: str
+    source: str
+
+
+def _format_of(uri: str) -> str:
+    name = uri.lower()
+    if name.endswith(".jsonl") or name.endswith(".jsonl.gz"):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    raise StageError(f"data.sources: {uri}: unsupported file type (expected .jsonl, .jsonl.gz or .parquet)")
+
+
+def _read_bytes(uri: str) -> bytes:
+    if uri.startswith("s3://"):
+        return _read_s3(uri)
+    path = Path(uri)
+    if not path.is_file():
+        raise StageError(f"data.sources: file not found: {uri}")
+    return path.read_bytes()
+
+
+def s3_client():
+    """A boto3 S3 client from the standard AWS environment (path-style with a custom endpoint)."""
+    import boto3
+    from botocore.config import Config
+
+    custom_endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    config = Config(retries={"mode": "standard", "max_attempts": 5},
+                    s3={"addressing_style": "path" if custom_endpoint else "auto"})
+    # A fresh session, not boto3's module-level default: that one caches the credentials it saw
+    # first, so a changed environment (rotated keys, another endpoint) would be silently ignored.
+    return boto3.session.Session().client("s3", config=config)
+
+
+def _read_s3(uri: str) -> bytes:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not bucket or not key:
+        raise StageError(f"data.sources: {uri}: expected s3://bucket/key")
+    try:
+        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "?")
+        raise StageError(f"data.sources: cannot read {uri}: {code} ({e})") from None
+    except BotoCoreError as e:
+        raise StageError(f"data.sources: cannot read {uri}: {e}") from None
+
+
+def _jsonl_records(uri: str, data: bytes) -> Iterator[Record]:
+    if uri.lower().endswith(".gz"):
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as e:
+            raise StageError(f"{uri}: not a valid gzip file ({e})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise StageError(f"{uri}: not UTF-8 text ({e})") from None
+    for lineno, row in iter_jsonl(text.splitlines(), uri):
+        yield Record(f"{uri}:{lineno}", row)
+
+
+def _parquet_records(uri: str, data: bytes) -> Iterator[Record]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except (pa.ArrowException, OSError) as e:
+        raise StageError(f"{uri}: not a readable Parquet file ({e})") from None
+    for index, row in enumerate(table.to_pylist(), 1):
+        yield Record(f"{uri}:row {index}", row)
+
+
+def load_source(uri: str) -> Source:
+    """Reads one user file (local path or s3:// URI; JSONL or Parquet).
+
+    Raises:
+        StageError: missing/unreadable file, malformed line (naming file:line), or no rows.
+    """
+    fmt = _format_of(uri)
+    data = _read_bytes(uri)
+    records = list(_jsonl_records(uri, data) if fmt == "jsonl" else _parquet_records(uri, data))
+    if not records:
+        raise StageError(f"{uri}: no rows (empty file)")
+    log.info("source %s: %d rows (%s)", uri, len(records), fmt)
+    return Source(uri=uri, format=fmt, sha256=hashlib.sha256(data).hexdigest(), records=records)
+
+
+def _string(record: Record, key: str, required: bool = True) -> str | None:
+    value = record.row.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise StageError(f"{record.where}: field {key!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _math_problem(record: Record, origin: str, levels: list[int]) -> tuple[Problem, bool]:
+    question = _string(record, "question").strip()
+    raw_answer = record.row.get("answer")
+    if isinstance(raw_answer, (int, float)) and not isinstance(raw_answer, bool):
+        raw_answer = str(raw_answer)
+    if not isinstance(raw_answer, str) or not raw_answer.strip():
+        raise StageError(f"{record.where}: field 'answer' must be a number or a solution ending in "
+                         f"'#### <number>', got {raw_answer!r}")
+    solution = _string(record, "solution", required=False)
+    if "####" in raw_answer:  # GSM8K style: the answer field is the worked solution
+        if solution is not None:
+            raise StageError(f"{record.where}: both 'solution' and a worked solution in 'answer'; keep one")
+        solution, answer = raw_answer, extract_answer(raw_answer)
+        if answer is None:
+            raise StageError(f"{record.where}: no number after '####' in 'answer'")
+    else:
+        value = parse_number(raw_answer)
+        if value is None:
+            raise StageError(f"{record.where}: answer {raw_answer!r} is not a number")
+        answer = format_number(value)
+    if "/" in answer:
+        raise StageError(f"{record.where}: answer {answer} has no finite decimal form (the contract "
+                         "needs plain numbers)")
+    had_solution = solution is not None
+    if solution is None:
+        solution = f"#### {answer}"
+    else:
+        solution = solution.strip()
+        final = extract_answer(solution)
+        if final is None:
+            solution = f"{solution}\n#### {answer}"
+        elif parse_number(final) != parse_number(answer):
+            raise StageError(f"{record.where}: the solution's final answer {final} differs from answer {answer}")
+        solution = _normalize_final_line(solution, answer)
+    level = record.row.get("level")
+    if level is None:
+        steps = len(solution.split("####")[0].strip().splitlines())
+        level = min(sorted(levels), key=lambda lvl: abs(lvl - steps))
+    elif isinstance(level, bool) or not isinstance(level, int) or level not in levels:
+        raise StageError(f"{record.where}: field 'level' must be one of data.math_levels {sorted(levels)}, "
+                         f"got {level!r} (add the level to data.math_levels or drop the row)")
+    return Problem(question=question, solution=solution, answer=answer, level=level, origin=origin), had_solution
+
+
+def _normalize_final_line(solution: str, answer: str) -> str:
+    """Rewrites the text after the last `####` as the canonical answer ("#### $1,000." -> "#### 1000")."""
+    head = solution[: solution.rfind("####")].rstrip()
+    return f"{head}\n#### {answer}" if head else f"#### {answer}"
+
+
+def map_rows(sources: list[Source], levels: list[int]) -> tuple[list[Document], list[Problem], dict[str, Any]]:
+    """Maps user rows to corpus documents and math problems (see the module docstring).
+
+    Args:
+        sources: the loaded user files.
+        levels: the allowed difficulty levels (`data.math_levels`).
+
+    Returns:
+        (documents, problems, stats) where stats counts rows per kind and per source file.
+    """
+    documents: list[Document] = []
+    problems: list[Problem] = []
+    stats: dict[str, Any] = {"files": {}, "math_without_solution": 0}
+    for source in sources:
+        name = source.uri.rstrip("/").rsplit("/", 1)[-1]
+        origin = f"user:{name}"
+        counts = {"corpus": 0, "math": 0}
+        for record in source.records:
+            if "question" in record.row:
+                problem, had_solution = _math_problem(record, origin, levels)
+                problems.append(problem)
+                stats["math_without_solution"] += int(not had_solution)
+                counts["math"] += 1
+            elif "text" in record.row:
+                text = _string(record, "text")
+                doc_source = record.row.get("source")
+                documents.append(Document(text=text, source=doc_source if isinstance(doc_source, str) and doc_source
+                                          else origin))
+                counts["corpus"] += 1
+            else:
+                raise StageError(f"{record.where}: a row needs 'text' (corpus) or 'question' + 'answer' (math); "
+                                 f"got keys {sorted(record.row)}")
+        stats["files"][source.uri] = {"format": source.format, "sha256": source.sha256,
+                                      "rows": len(source.records), **counts}
+    return documents, problems, stats

@@ -1,0 +1,623 @@
+"""Serving a release with Ray Serve: an OpenAI-style API in which the `model` field picks the exit tier.
+
+Command lines:
+    ruyi serve [--version V] [--host H] [--port P]   # fetch a release from the store, serve until Ctrl-C
+    python -m tasks.deploy                           # publish, serve, smoke-test, stop (tasks/deploy.py)
+    serve deploy infra/serve_config.yaml             # on a running Ray cluster (infra/README.md)
+
+Endpoints (JSON over HTTP, 127.0.0.1 by default):
+    GET  /healthz               {"status": "ok", "release": "ruyi-tiny/v0001", "tiers": [...]}
+    GET  /v1/models             OpenAI model list: one entry per tier, with layers and parameters
+    POST /v1/completions        {"model": "exit_2", "prompt": "...", "max_tokens": 16, "temperature": 0,
+                                 "top_p": 1, "stop": ["\\n"], "seed": 1}
+    POST /v1/chat/completions   {"model": "exit_8", "messages": [{"role": "user", "content": "..."}], ...}
+                                (the release's chat template is applied on the server)
+
+Tiers: `exit_<d>` for every member of the release (the stock Qwen3 checkpoints `exit_<d>/`, loaded with
+plain transformers), the release's model name (e.g. `ruyi-tiny`) as an alias of the deepest member,
+and `dynamic`: the family checkpoint (`family/`) decoding with confidence-based early exit through
+`ruyi_model.generation.dynamic_generate` (greedy; each token from the shallowest member whose max
+softmax probability reaches `threshold`, per request, default `deploy.dynamic_threshold`; exact KV by
+recomputation). Its answers carry `ruyi.choices[i]`: tokens per member, mean exit layer, mean layers
+run. If that function is missing from the installed `ruyi_model`, `dynamic` answers 501 saying so.
+
+Design choices:
+- One deployment holds every tier (RL_SERVE_NOTES B1, design B): on 2 CPU cores it starts in ~4 s
+  instead of ~8-14 s, uses 0.5 logical CPU instead of 1.0 and skips a handle hop per request. The
+  cost: tiers cannot scale separately. On a cluster, the one-deployment-per-tier design of DESIGN.md
+  section 4 is the same `CompletionService` behind one router; `num_replicas` scales this one.
+- The HTTP layer is a plain FastAPI app built by `create_app(service)`, so tests exercise every route
+  with FastAPI's TestClient and no Ray; the Ray deployment builds that same app in each replica
+  (`@serve.ingress()` with `__serve_build_asgi_app__`).
+- Decoding: `generate` with a fresh `GenerationConfig` per request (checkpoint sampling defaults never
+  leak in); `temperature: 0` (the default) is greedy, otherwise sampling with `temperature`/`top_p` and
+  no top-k; `seed` makes sampling repeatable. A completion ends at `<|im_end|>`/`<|endoftext|>`
+  (finish_reason "stop"), at a `stop` string (excluded from the text, as OpenAI does; "stop") or after
+  `max_tokens` ("length"); the dynamic tier applies `stop` strings to the finished text (no early
+  stop). Prompts are decoded one at a time under a lock: on CPU, batching tiny
+  models buys little and the lock keeps `seed` meaningful with concurrent requests.
+- Validation (RL_SERVE_NOTES B2): schema errors (bad JSON, wrong types, unknown fields, `max_tokens` < 1)
+  are 422; an unknown tier is 404; `max_tokens` above `deploy.max_tokens_limit`, `stream: true`,
+  `n` > 1, a prompt longer than the context, `threshold` on a fixed tier, or `temperature` > 0 on the
+  dynamic tier are 400. An unexpected failure is a 500 with the same error shape. Errors have the
+  OpenAI shape `{"error": {"message", "type", "param", "code"}}`; the app stays up after any of them.
+- Ray: started with `num_cpus`, a small object store, no dashboard, `RAY_AUTH_MODE=disabled`, usage stats
+  off, and `RAY_TMPDIR` under a short temporary directory (unix socket paths are limited to 107 bytes)
+  that is removed afterwards; HTTP on 127.0.0.1 unless configured. `ServingSession.stop()` shuts Serve
+  and Ray down (no raylet or worker processes are left; the tests check with pgrep).
+- Each replica calls `torch.set_num_threads(1)`: Ray already sets OMP_NUM_THREADS from num_cpus, and
+  one thread per replica keeps 2-core machines responsive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.core.stage import StageError
+from tasks.release.store import MANIFEST_NAME, load_member, release_exits
+
+log = logging.getLogger("ruyi.serving")
+
+DYNAMIC_TIER = "dynamic"
+APP_NAME = "ruyi"
+DEPLOYMENT_NAME = "RuyiFamily"
+
+
+# --- request and response models ---------------------------------------------------------------
+class _GenerationFields(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="the tier: exit_<d>, the release name (deepest member) or 'dynamic'")
+    max_tokens: int = Field(16, ge=1, description="new tokens at most (<= deploy.max_tokens_limit)")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0: greedy; > 0: sampling")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = Field(None, description="up to 4 strings that end the completion")
+    seed: int | None = Field(None, ge=0, description="makes sampling repeatable")
+    n: int = Field(1, ge=1, description="completions per prompt (only 1 is supported)")
+    stream: bool = False
+    threshold: float | None = Field(None, gt=0.0, le=1.0, description="dynamic tier: exit confidence threshold")
+    user: str | None = None
+
+
+class CompletionRequest(_GenerationFields):
+    """`POST /v1/completions`: raw prompt text (one string or a list)."""
+
+    prompt: str | list[str] = Field(min_length=1)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionRequest(_GenerationFields):
+    """`POST /v1/chat/completions`: messages rendered with the release's chat template."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class APIError(Exception):
+    """An invalid request: HTTP `status` with an OpenAI-shaped error body."""
+
+    def __init__(self, status: int, message: str, code: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+    def body(self) -> dict[str, Any]:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+# --- the model side ----------------------------------------------------------------------------
+@dataclass
+class Tier:
+    name: str
+    exit_layer: int | None  # None: the dynamic tier (the family)
+    model: Any
+    tokenizer: Any
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def find_dynamic_generate():
+    """`ruyi_model.generation.dynamic_generate`, or None if this installation does not have it."""
+    try:
+        module = importlib.import_module("ruyi_model.generation")
+    except ModuleNotFoundError as e:
+        if e.name != "ruyi_model.generation":
+            raise
+        return None
+    return getattr(module, "dynamic_generate", None)
+
+
+class CompletionService:
+    """Loads every tier of a release directory and answers completion requests (no HTTP, no Ray).
+
+    Args:
+        release_dir: a fetched release (or an export directory): `exit_<d>/`, optionally `family/`.
+        model_name: the release's name (an alias of the deepest member); default from its MANIFEST.json.
+        max_tokens_limit: requests asking for more new tokens get 400.
+        dynamic_threshold: the default `threshold` of the dynamic tier.
+        torch_threads: intra-op threads for this process (1 on shared CPUs).
+        device: "cpu", "cuda", "cuda:1", or "auto" (cuda when available).
+        dtype: weights dtype ("float32"; "bfloat16" for large members on GPUs).
+    """
+
+    def __init__(self, release_dir: str | Path, *, model_name: str | None = None, max_tokens_limit: int = 128,
+                 dynamic_threshold: float = 0.9, torch_threads: int | None = 1, device: str = "cpu",
+                 dtype: str = "float32"):
+        import torch
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.release_dir = Path(release_dir)
+        exits = release_exits(self.release_dir)
+        if not exits:
+            raise StageError(f"{self.release_dir}: no exit_<d>/ member checkpoints to serve")
+        manifest_path = self.release_dir / MANIFEST_NAME
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+        self.model_name = model_name or manifest.get("model") or self.release_dir.name
+        self.version = manifest.get("version")
+        self.release = f"{self.model_name}/{self.version}" if self.version else self.model_name
+        self.max_tokens_limit = max_tokens_limit
+        self.dynamic_threshold = dynamic_threshold
+        self.tiers: dict[str, Tier] = {}
+        for d in exits:
+            model, tokenizer = load_member(self.release_dir, d, dtype=dtype)
+            self.tiers[f"exit_{d}"] = Tier(f"exit_{d}", d, model.to(self.device), tokenizer)
+        self.aliases = {self.model_name: f"exit_{exits[-1]}"}
+        self.family: Tier | None = None
+        if (self.release_dir / "family").is_dir():
+            model, tokenizer = load_member(self.release_dir, None, dtype=dtype)
+            self.family = Tier(DYNAMIC_TIER, None, model.to(self.device), tokenizer)
+        self.dynamic_generate = find_dynamic_generate()
+        self._lock = threading.Lock()
+        log.info("serving %s: tiers %s%s", self.release, ", ".join(self.tiers),
+                 f", {DYNAMIC_TIER}" if self.family is not None else "")
+
+    # catalogue --------------------------------------------------------------------------------
+    def tier_names(self) -> list[str]:
+        return list(self.tiers) + ([DYNAMIC_TIER] if self.family is not None else [])
+
+    def models(self) -> dict[str, Any]:
+        data = []
+        for tier in [*self.tiers.values(), *([self.family] if self.family is not None else [])]:
+            cfg = tier.model.config
+            entry = {"id": tier.name, "object": "model", "owned_by": "ruyi", "root": self.release,
+                     "exit_layer": tier.exit_layer, "num_parameters": tier.num_parameters,
+                     "num_hidden_layers": cfg.num_hidden_layers,
+                     "max_context": cfg.max_position_embeddings}
+            if tier.exit_layer is None:
+                entry["exit_layers"] = list(cfg.exit_layers)
+                entry["available"] = self.dynamic_generate is not None
+            data.append(entry)
+        for alias, target in self.aliases.items():
+            data.append({"id": alias, "object": "model", "owned_by": "ruyi", "root": self.release, "alias_of": target})
+        return {"object": "list", "data": data}
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "release": self.release, "tiers": self.tier_names(), "device": str(self.device),
+                "dynamic_available": self.family is not None and self.dynamic_generate is not None}
+
+    def resolve(self, name: str) -> Tier:
+        name = self.aliases.get(name, name)
+        if name == DYNAMIC_TIER and self.family is not None:
+            if self.dynamic_generate is None:
+                raise APIError(501, "dynamic early exit is not available: this installation of ruyi_model has no "
+                               "ruyi_model.generation.dynamic_generate", "not_implemented", "model")
+            return self.family
+        if name in self.tiers:
+            return self.tiers[name]
+        raise APIError(404, f"the model {name!r} does not exist; available: {', '.join(self.tier_names())} "
+                       f"(and {', '.join(self.aliases)})", "model_not_found", "model")
+
+    # requests ---------------------------------------------------------------------------------
+    def _check(self, req: _GenerationFields, tier: Tier) -> list[str]:
+        if req.stream:
+            raise APIError(400, "streaming is not supported; send stream: false", "unsupported_parameter", "stream")
+        if req.n != 1:
+            raise APIError(400, f"n={req.n} is not supported; only one completion per prompt (n: 1)",
+                           "unsupported_parameter", "n")
+        if req.max_tokens > self.max_tokens_limit:
+            raise APIError(400, f"max_tokens={req.max_tokens} exceeds this server's limit of {self.max_tokens_limit}",
+                           "max_tokens_too_large", "max_tokens")
+        if tier.exit_layer is None and req.temperature > 0:
+            raise APIError(400, f"the '{DYNAMIC_TIER}' model decodes greedily (each token is the argmax of the "
+                           "emitting member); send temperature: 0", "unsupported_parameter", "temperature")
+        if req.threshold is not None and tier.exit_layer is not None:
+            raise APIError(400, f"threshold only applies to the '{DYNAMIC_TIER}' model, not {tier.name!r}",
+                           "unsupported_parameter", "threshold")
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise APIError(400, "stop: at most 4 non-empty strings", "invalid_stop", "stop")
+        return stops
+
+    def complete(self, req: CompletionRequest) -> dict[str, Any]:
+        tier = self.resolve(req.model)
+        stops = self._check(req, tier)
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if not prompts or any(not p for p in prompts):
+            raise APIError(400, "prompt: every prompt must be a non-empty string", "invalid_prompt", "prompt")
+        t0 = time.perf_counter()
+        choices, usage, extras = [], {"prompt_tokens": 0, "completion_tokens": 0}, []
+        for index, prompt in enumerate(prompts):
+            ids = list(tier.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            text, finish, n_new, extra = self._generate(tier, ids, req, stops)
+            choices.append({"text": text, "index": index, "finish_reason": finish, "logprobs": None})
+            usage["prompt_tokens"] += len(ids)
+            usage["completion_tokens"] += n_new
+            extras.append(extra)
+        return self._response("text_completion", "cmpl", tier, req, choices, usage, extras, t0)
+
+    def chat(self, req: ChatCompletionRequest) -> dict[str, Any]:
+        tier = self.resolve(req.model)
+        stops = self._check(req, tier)
+        messages = [m.model_dump() for m in req.messages]
+        try:
+            text = tier.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # a template that rejects the conversation (e.g. roles out of order)
+            raise APIError(400, f"messages cannot be rendered with the chat template: {e}", "invalid_messages",
+                           "messages") from None
+        t0 = time.perf_counter()
+        ids = list(tier.tokenizer(text, add_special_tokens=False)["input_ids"])
+        content, finish, n_new, extra = self._generate(tier, ids, req, stops)
+        choices = [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}]
+        usage = {"prompt_tokens": len(ids), "completion_tokens": n_new}
+        return self._response("chat.completion", "chatcmpl", tier, req, choices, usage, [extra], t0)
+
+    def _response(self, obj, id_prefix, tier, req, choices, usage, extras, t0) -> dict[str, Any]:
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        ruyi = {"release": self.release, "tier": tier.name, "exit_layer": tier.exit_layer,
+                "processing_ms": round(1000 * (time.perf_counter() - t0), 3)}
+        if tier.exit_layer is None:
+            ruyi["threshold"] = req.threshold if req.threshold is not None else self.dynamic_threshold
+            ruyi["choices"] = extras
+        return {"id": f"{id_prefix}-{uuid.uuid4().hex[:24]}", "object": obj, "created": int(time.time()),
+                "model": tier.name, "choices": choices, "usage": usage, "ruyi": ruyi}
+
+    def _stop_ids(self, tokenizer) -> list[int]:
+        from ruyi_model.decoding import stop_token_ids
+
+        return stop_token_ids(tokenizer)
+
+    def _generate(self, tier: Tier, ids: list[int], req: _GenerationFields, stops: list[str]):
+        """Decodes one prompt. Returns `(text, finish_reason, completion_tokens, extra)`."""
+        import torch
+
+        if not ids:
+            raise APIError(400, "the prompt encodes to no tokens", "invalid_prompt", "prompt")
+        context = tier.model.config.max_position_embeddings
+        if len(ids) + req.max_tokens > context:
+            raise APIError(400, f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the context of "
+                           f"{context} tokens", "context_length_exceeded", "max_tokens")
+        tokenizer = tier.tokenizer
+        stop_ids = self._stop_ids(tokenizer)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        with self._lock, torch.no_grad():
+            if req.seed is not None:
+                torch.manual_seed(req.seed)
+            if tier.exit_layer is None:
+                new, extra = self._generate_dynamic(tier, input_ids, req, stop_ids)
+            else:
+                new, extra = self._generate_fixed(tier, input_ids, req, stop_ids, stops)
+        finish = "length"
+        if new and new[-1] in stop_ids:
+            new, finish = new[:-1], "stop"
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+        if cut >= 0:
+            text, finish = text[:cut], "stop"
+        return text, finish, len(new), extra
+
+    def _generate_fixed(self, tier: Tier, input_ids, req: _GenerationFields, stop_ids: list[int], stops: list[str]):
+        import torch
+        from transformers import GenerationConfig
+
+        kwargs: dict[str, Any] = {"max_new_tokens": req.max_tokens, "eos_token_id": stop_ids,
+                                  "pad_token_id": tier.tokenizer.pad_token_id, "do_sample": req.temperature > 0}
+        if req.temperature > 0:
+            kwargs.update(temperature=req.temperature, top_p=req.top_p, top_k=0)
+        if stops:
+            kwargs["stop_strings"] = stops
+        config = GenerationConfig(**kwargs)
+        out = tier.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config,
+                                  tokenizer=tier.tokenizer if stops else None)
+        return out[0, input_ids.shape[1]:].tolist(), {}
+
+    def _generate_dynamic(self, tier: Tier, input_ids, req: _GenerationFields, stop_ids: list[int]):
+        threshold = req.threshold if req.threshold is not None else self.dynamic_threshold
+        try:
+            result = self.dynamic_generate(tier.model, input_ids, max_new_tokens=req.max_tokens, threshold=threshold,
+                                           eos_token_id=stop_ids)
+        except ValueError as e:  # the library's own argument checks
+            raise APIError(400, f"dynamic decoding rejected the request: {e}", "invalid_request", None) from None
+        exits = [int(d) for d in result.exit_layers[0].tolist()]
+        stats = {"tokens_per_member": {str(d): n for d, n in result.tokens_per_member.items()},
+                 "mean_exit_layer": sum(exits) / len(exits) if exits else None,
+                 "mean_layers_run": float(result.layers_run.float().mean()) if exits else None}
+        return result.sequences[0, input_ids.shape[1]:].tolist(), stats
+
+
+# --- HTTP -------------------------------------------------------------------------------------
+def create_app(service: CompletionService):
+    """The FastAPI application over a `CompletionService` (used as is by tests and inside Ray Serve)."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    app = FastAPI(title="ruyi serving", description=f"OpenAI-style completions for {service.release}")
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", ())[1:]]
+        param = ".".join(loc) if loc and first.get("type") != "json_invalid" else None
+        message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}" for e in errors)
+        body = APIError(422, message or "invalid request", "invalid_request", param).body()
+        body["detail"] = json.loads(json.dumps(errors, default=str))
+        return JSONResponse(body, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        log.exception("request to %s failed", request.url.path)
+        body = APIError(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error").body()
+        return JSONResponse(body, status_code=500)
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return service.health()
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        return service.models()
+
+    @app.post("/v1/completions")
+    def completions(req: CompletionRequest) -> dict:
+        return service.complete(req)
+
+    @app.post("/v1/chat/completions")
+    def chat_completions(req: ChatCompletionRequest) -> dict:
+        return service.chat(req)
+
+    return app
+
+
+# --- Ray Serve --------------------------------------------------------------------------------
+def resolve_release(source: dict[str, Any]) -> Path:
+    """The local release directory described by `source` (in the replica that serves it).
+
+    `{"release_dir": path}` (already on this machine) or `{"store": <StoreParams fields>,
+    "model_name": name, "version": v or None, "cache_dir": dir or None}` (fetched, verified, here).
+    """
+    if source.get("release_dir"):
+        path = Path(source["release_dir"])
+        if not path.is_dir():
+            raise StageError(f"release directory not found: {path}")
+        return path
+    if "store" in source and "model_name" in source:
+        from tasks.core.params import StoreParams
+        from tasks.release.store import open_store
+
+        store = open_store(StoreParams(**source["store"]), cache_dir=source.get("cache_dir"))
+        return store.fetch(source["model_name"], source.get("version"))
+    raise StageError(f"serving source needs 'release_dir' or 'store' + 'model_name', got keys {sorted(source)}")
+
+
+def _deployment_class():
+    from ray import serve
+
+    @serve.deployment(name=DEPLOYMENT_NAME, max_constructor_retry_count=1, max_ongoing_requests=16,
+                      health_check_period_s=10)
+    @serve.ingress()
+    class RuyiFamily:
+        """One replica: every tier of the release (see CompletionService)."""
+
+        def __init__(self, source: dict[str, Any], options: dict[str, Any]):
+            self.service = CompletionService(resolve_release(source), **options)
+
+        def __serve_build_asgi_app__(self):
+            return create_app(self.service)
+
+    return RuyiFamily
+
+
+def build_app(args: dict[str, Any]):
+    """Ray Serve application builder (`import_path: tasks.release.serving:build_app` in a Serve config).
+
+    Args (`args:` in the config): `release_dir` or `store` + `model_name` (+ `version`, `cache_dir`),
+    and optionally `max_tokens_limit`, `dynamic_threshold`, `device`, `dtype` (CompletionService), and the
+    replica's `num_cpus` (default 0.5), `num_gpus` (default 0) and `num_replicas` (default 1).
+    """
+    known = {"release_dir", "store", "model_name", "version", "cache_dir", "max_tokens_limit", "dynamic_threshold",
+             "device", "dtype", "num_cpus", "num_gpus", "num_replicas"}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise StageError(f"serving app args: unknown key(s) {unknown}; known: {sorted(known)}")
+    source = {k: args[k] for k in ("release_dir", "store", "model_name", "version", "cache_dir") if k in args}
+    options = {k: args[k] for k in ("max_tokens_limit", "dynamic_threshold", "device", "dtype") if k in args}
+    if "model_name" in args:
+        options["model_name"] = args["model_name"]
+    actor = {"num_cpus": float(args.get("num_cpus", 0.5)), "num_gpus": float(args.get("num_gpus", 0))}
+    deployment = _deployment_class().options(ray_actor_options=actor, num_replicas=int(args.get("num_replicas", 1)))
+    return deployment.bind(source, options)
+
+
+def _short_tmpdir() -> str:
+    base = tempfile.gettempdir()
+    return tempfile.mkdtemp(prefix="ruyi-ray-", dir=base if len(base) <= 20 else "/tmp")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise StageError(f"cannot serve on {host}:{port}: {e.strerror} (deploy.port / --port)") from None
+
+
+def http_json(url: str, body: dict | None = None, timeout: float = 60.0) -> tuple[int, dict]:
+    """GET (or POST `body` as JSON) and return `(status, parsed JSON body)`; never raises on HTTP errors."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
+                                     method="GET" if body is None else "POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            return e.code, json.loads(raw or b"{}")
+        except json.JSONDecodeError:
+            return e.code, {"raw": raw.decode(errors="replace")}
+
+
+class ServingSession:
+    """A running Serve application (and the Ray instance it started); `stop()` ends both."""
+
+    def __init__(self, url: str, owns_ray: bool, ray_tmpdir: str | None):
+        self.url = url
+        self._owns_ray = owns_ray
+        self._ray_tmpdir = ray_tmpdir
+        self.stopped = False
+
+    def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        from ray import serve
+
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        if self._owns_ray:
+            import ray
+
+            ray.shutdown()
+        if self._ray_tmpdir:
+            shutil.rmtree(self._ray_tmpdir, ignore_errors=True)
+            # The variable was set by start_serving for this session only: a later session in the same
+            # process must get a fresh directory, not this deleted one.
+            if os.environ.get("RAY_TMPDIR") == self._ray_tmpdir:
+                del os.environ["RAY_TMPDIR"]
+
+    def __enter__(self) -> ServingSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_serving(source: dict[str, Any] | str | Path, *, host: str = "127.0.0.1", port: int = 8124,
+                  model_name: str | None = None, max_tokens_limit: int = 128, dynamic_threshold: float = 0.9,
+                  replica_num_cpus: float = 0.5, replica_num_gpus: float = 0.0, device: str = "cpu",
+                  dtype: str = "float32", ray_num_cpus: int = 2, object_store_mib: int = 256,
+                  ray_address: str | None = None, ready_timeout_s: float = 180.0) -> ServingSession:
+    """Starts Ray (unless one runs or `ray_address` is given), Serve on host:port, and the application.
+
+    Args:
+        source: a release directory, or a `resolve_release` source dict.
+
+    Returns:
+        A `ServingSession` whose `url` answers once every tier is loaded; call `stop()` (or use `with`).
+        With host 0.0.0.0 (every interface) the URL names 127.0.0.1.
+    """
+    if not isinstance(source, dict):
+        source = {"release_dir": str(Path(source).resolve())}
+    elif source.get("release_dir"):
+        source = {**source, "release_dir": str(Path(source["release_dir"]).resolve())}
+    if source.get("release_dir"):
+        resolve_release(source)  # a clear error here instead of a replica crash loop
+        if not release_exits(source["release_dir"]):
+            raise StageError(f"{source['release_dir']}: no exit_<d>/ member checkpoints to serve")
+    _check_port_free(host, port)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    created_tmp = None
+    if ray_address is None and not os.environ.get("RAY_TMPDIR"):
+        created_tmp = os.environ["RAY_TMPDIR"] = _short_tmpdir()
+    import ray
+    from ray import serve
+
+    owns_ray = False
+    if not ray.is_initialized():
+        t0 = time.perf_counter()
+        if ray_address is None:
+            ray.init(num_cpus=ray_num_cpus, include_dashboard=False, object_store_memory=object_store_mib << 20,
+                     log_to_driver=False, configure_logging=False)
+        else:
+            ray.init(address=ray_address, log_to_driver=False, configure_logging=False)
+        owns_ray = True
+        log.info("ray started in %.1f s", time.perf_counter() - t0)
+    client_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    session = ServingSession(f"http://{client_host}:{port}", owns_ray, created_tmp)
+    try:
+        for attempt in range(3):
+            try:
+                serve.start(http_options={"host": host, "port": port})
+                break
+            except ray.exceptions.RayActorError as e:
+                # Seen on a loaded 2-core box right after a previous Serve instance in the same process shut
+                # down: its controller's retried graceful shutdown kills the new proxy before it starts.
+                if attempt == 2:
+                    raise StageError(f"Ray Serve could not start its HTTP proxy on {host}:{port}: {e}") from None
+                log.warning("Ray Serve proxy died while starting (%s); retrying", type(e).__name__)
+                serve.shutdown()
+                time.sleep(2.0)
+        options = {"max_tokens_limit": max_tokens_limit, "dynamic_threshold": dynamic_threshold, "device": device,
+                   "dtype": dtype}
+        args = {**source, **options, "num_cpus": replica_num_cpus, "num_gpus": replica_num_gpus}
+        if model_name:
+            args["model_name"] = model_name
+        t0 = time.perf_counter()
+        serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            try:
+                status, body = http_json(f"{session.url}/healthz", timeout=5)
+                if status == 200 and body.get("status") == "ok":
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise StageError(f"the serving application did not become healthy at {session.url} in "
+                                 f"{ready_timeout_s:.0f} s")
+            time.sleep(0.3)
+        log.info("serving %s at %s (ready in %.1f s)", body.get("release"), session.url, time.perf_counter() - t0)
+    except BaseException:
+        session.stop()
+        raise
+    return session
+
+
+__all__ = ["CompletionRequest", "ChatCompletionRequest", "ChatMessage", "APIError", "CompletionService",
+           "create_app", "build_app", "start_serving", "ServingSession", "resolve_release", "http_json",
+           "find_dynamic_generate", "DYNAMIC_TIER"]

@@ -1,0 +1,804 @@
+"""The artifact store: immutable, verified, versioned releases of exported model families.
+
+One interface (`ArtifactStore`), two backends:
+- `LocalStore(root)`: a directory (the embedded default, `store/` in the workspace);
+- `S3Store(bucket, prefix, endpoint_url=...)`: any S3 endpoint through boto3 (AWS, SeaweedFS, MinIO).
+`open_store(params.deploy.store)` builds the configured one. Used by `python -m tasks.deploy` (publish
+`artifacts/export/`) and `ruyi serve` (fetch a release and serve it); from Python:
+
+    store = open_store(params.deploy.store)
+    release = store.publish("ruyi-tiny", "artifacts/export")      # -> Release(version="v0001", ...)
+    store.list_versions("ruyi-tiny")                              # ["v0001"]
+    path = store.fetch("ruyi-tiny", dest="/tmp/rel")              # latest version, hashes verified
+    model, tokenizer = store.load("ruyi-tiny", "v0001", exit_layer=2)   # a stock Qwen3ForCausalLM
+
+Layout: `<model>/<version>/<the export's files>` and `<model>/<version>/MANIFEST.json` (under the
+S3 `prefix`; directly under `root` for the local backend). The manifest (format `ruyi-release/1`)
+lists every file with its size and sha256, the creation time and caller metadata.
+
+Design choices:
+- **Visible only when complete.** The manifest is written last, after every file has been uploaded
+  and verified; `list_versions`/`fetch`/`load` only see versions that have one. Local: files are
+  copied into a hidden `.<version>.tmp-*` directory inside the model directory, verified, the
+  manifest written, then the directory is renamed into place (an atomic rename that fails if the
+  version exists). S3: the manifest is `PutObject`ed with `If-None-Match: *`, so two publishers can
+  never both publish one version.
+- **Immutable versions.** Publishing an existing version is a `StoreError`. Versions are `v0001`,
+  `v0002`, ... (one more than the highest published `v<digits>`) unless the caller names one (letters,
+  digits, `.`, `_`, `-`). `list_versions` sorts in natural order (`v2` < `v10`); "latest" is the last.
+- **Verified.** Local copies are re-hashed after copying. S3 uploads carry a SHA-256 checksum
+  (`ChecksumAlgorithm=SHA256`): the server checks every part on receipt, and after the upload the
+  object's size and server-side checksum (`HeadObject`, `ChecksumMode=ENABLED`; for multipart objects
+  the composite checksum, the SHA-256 of the parts' SHA-256s, computed locally with the same part
+  size as s3transfer) must match the local file. Endpoints that return no checksum are an error
+  unless `verify="download"`, which reads every object back and hashes it. The file's plain sha256 is
+  also stored as object metadata (`x-amz-meta-sha256`). Downloads (`fetch`) are verified against the
+  manifest (size + sha256) before the destination directory appears (written to a temporary sibling,
+  then renamed: `tasks.core.atomic_dir`).
+- **Multipart** through `boto3.s3.transfer.TransferConfig` (threshold and part size configurable;
+  S3 requires parts of at least 5 MiB), always the classic (non-CRT) transfer manager so part sizes
+  are predictable for the checksum check.
+- **Crash and retry.** A publish interrupted at any point (a dead server, a killed process) leaves no
+  visible release. A retry of the same version is idempotent: stale multipart uploads under the
+  version's prefix are aborted, objects already uploaded and verified are kept (resume at file
+  granularity), objects that do not belong to the new file list are deleted, and the manifest comes
+  last. An automatic version number is computed from *published* versions only, so a retry after a
+  crash resumes the same `vNNNN`. This assumes one writer per model at a time (the deploy stage runs
+  serialized under DVC/Prefect); fetched files are always hash-checked, so a violation is detected,
+  never served.
+- **Errors** are `StoreError` (a `tasks.core.StageError`, so stages report them cleanly): rejected
+  credentials (InvalidAccessKeyId / SignatureDoesNotMatch) say so, a missing bucket names the bucket,
+  an unreachable endpoint names the URL (retries: botocore `standard` mode with `max_attempts`; small
+  `connect_timeout` in tests so a dead endpoint fails in seconds).
+- Credentials come from the standard AWS chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profiles,
+  instance roles); they are never read from params.yaml. Addressing is path-style when an
+  `endpoint_url` is given (SeaweedFS/MinIO need it), botocore's default otherwise.
+
+Our own code (no library does it): the release layout, manifest and visibility protocol on top of
+boto3's transfer manager.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tasks.core.files import atomic_dir, sha256_file
+from tasks.core.stage import StageError, TransientError
+
+if TYPE_CHECKING:
+    from tasks.core.params import StoreParams
+
+log = logging.getLogger("ruyi.store")
+
+MANIFEST_NAME = "MANIFEST.json"
+MANIFEST_FORMAT = "ruyi-release/1"
+MIB = 1 << 20
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_AUTO_VERSION_RE = re.compile(r"^v(\d+)$")
+
+#: `callback(relative_path, bytes_transferred_since_last_call)` during publish/fetch.
+ProgressCallback = Callable[[str, int], None]
+
+
+class StoreError(StageError):
+    """The store cannot do what was asked; the message names the store, release, file or setting."""
+
+
+class TransientStoreError(StoreError, TransientError):
+    """The S3 endpoint could not be reached, timed out or asked to slow down: the same call may succeed
+    later, so a stage failing with it exits with TRANSIENT_EXIT_CODE and the flow retries it (a partial
+    upload stays invisible, and the retry resumes it)."""
+
+
+# --- releases ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a release: its path relative to the release root (POSIX), size and sha256."""
+
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Release:
+    """A published (complete) release, as its manifest describes it."""
+
+    model: str
+    version: str
+    uri: str
+    files: tuple[FileEntry, ...]
+    created: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {
+            "format": MANIFEST_FORMAT,
+            "model": self.model,
+            "version": self.version,
+            "created": self.created,
+            "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in self.files],
+            "total_bytes": self.total_bytes,
+            "metadata": self.metadata,
+        }
+
+    @classmethod
+    def from_manifest(cls, manifest: Any, uri: str, where: str) -> Release:
+        """Parses and checks a manifest; `where` names it in errors (a path or URI)."""
+        try:
+            if manifest.get("format") != MANIFEST_FORMAT:
+                raise ValueError(f"format is {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+            files = tuple(FileEntry(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in manifest["files"])
+            release = cls(model=str(manifest["model"]), version=str(manifest["version"]), uri=uri, files=files,
+                          created=str(manifest["created"]), metadata=dict(manifest.get("metadata") or {}))
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise StoreError(f"{where}: not a valid release manifest ({e})") from None
+        for f in files:
+            _check_relative_path(f.path, where)
+        return release
+
+    def manifest_bytes(self) -> bytes:
+        return (json.dumps(self.to_manifest(), indent=2, sort_keys=True) + "\n").encode()
+
+
+def _check_relative_path(path: str, where: str) -> None:
+    parts = path.split("/")
+    if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in path:
+        raise StoreError(f"{where}: unsafe file path {path!r} in the manifest")
+
+
+def check_name(kind: str, name: str) -> str:
+    """Checks a model or version name (used as a path component and an S3 key part)."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise StoreError(f"invalid {kind} name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit")
+    return name
+
+
+def natural_key(version: str) -> tuple:
+    """Sort key putting `v2` before `v10` (digit runs compare as numbers)."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", version) if p)
+
+
+def scan_dir(src: str | Path) -> list[FileEntry]:
+    """Every regular file under `src` (sorted, relative POSIX paths) with its size and sha256.
+
+    Raises:
+        StoreError: if `src` is not a directory, is empty, or contains a symlink or a release manifest.
+    """
+    src = Path(src)
+    if not src.is_dir():
+        raise StoreError(f"cannot publish {src}: not a directory")
+    entries = []
+    for path in sorted(src.rglob("*")):
+        rel = path.relative_to(src).as_posix()
+        if path.is_symlink():
+            raise StoreError(f"cannot publish {src}: {rel} is a symlink (releases hold regular files only)")
+        if path.is_dir():
+            continue
+        if rel == MANIFEST_NAME:
+            raise StoreError(f"cannot publish {src}: it already contains a release {MANIFEST_NAME} "
+                             "(publish the export directory, not a fetched release)")
+        entries.append(FileEntry(rel, path.stat().st_size, sha256_file(path)))
+    if not entries:
+        raise StoreError(f"cannot publish {src}: the directory is empty")
+    return entries
+
+
+def verify_tree(root: str | Path, files: tuple[FileEntry, ...] | list[FileEntry]) -> None:
+    """Checks that every listed file exists under `root` with its size and sha256 (StoreError if not)."""
+    root = Path(root)
+    for entry in files:
+        path = root / entry.path
+        if not path.is_file():
+            raise StoreError(f"{path}: missing (listed in the release manifest)")
+        size = path.stat().st_size
+        if size != entry.size:
+            raise StoreError(f"{path}: {size} bytes, the release manifest says {entry.size} (corrupted or truncated)")
+        digest = sha256_file(path)
+        if digest != entry.sha256:
+            raise StoreError(f"{path}: sha256 {digest[:16]}... does not match the manifest's "
+                             f"{entry.sha256[:16]}... (corrupted)")
+
+
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=None, leave=False)
+
+
+def _utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --- the interface -----------------------------------------------------------------------------
+class ArtifactStore(ABC):
+    """Versioned releases `<model>/<version>/`; see the module docstring for the guarantees."""
+
+    #: Where the store lives, e.g. `file:///abs/store` or `s3://bucket/prefix`.
+    uri: str
+
+    def __init__(self, cache_dir: str | Path | None = None):
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else Path("artifacts") / "releases"
+
+    # backend primitives ---------------------------------------------------------------------
+    @abstractmethod
+    def _published_versions(self, model: str) -> list[str]:
+        """Versions of `model` that have a manifest (unsorted)."""
+
+    @abstractmethod
+    def _read_manifest(self, model: str, version: str) -> dict | None:
+        """The parsed manifest of a version, or None if it has none (absent or incomplete)."""
+
+    @abstractmethod
+    def _write_release(self, release: Release, src: Path, callback: ProgressCallback | None) -> None:
+        """Uploads/copies every file of `release` from `src`, verifies them, then the manifest, last."""
+
+    @abstractmethod
+    def _download(self, release: Release, entry: FileEntry, dest: Path, callback: ProgressCallback | None) -> None:
+        """Writes one file of a release to `dest` (verified by the caller)."""
+
+    def release_uri(self, model: str, version: str) -> str:
+        return f"{self.uri}/{model}/{version}"
+
+    # public API -----------------------------------------------------------------------------
+    def list_versions(self, model: str) -> list[str]:
+        """The published versions of `model` in natural order (oldest first); [] if none."""
+        check_name("model", model)
+        return sorted(self._published_versions(model), key=natural_key)
+
+    def latest_version(self, model: str) -> str:
+        versions = self.list_versions(model)
+        if not versions:
+            raise StoreError(f"no published release of model {model!r} in {self.uri}")
+        return versions[-1]
+
+    def get_release(self, model: str, version: str | None = None) -> Release:
+        """The release `model/version` (None: the latest); StoreError if it is not published."""
+        check_name("model", model)
+        version = self.latest_version(model) if version is None else check_name("version", version)
+        manifest = self._read_manifest(model, version)
+        if manifest is None:
+            known = self.list_versions(model)
+            raise StoreError(f"release {model}/{version} not found in {self.uri} (published versions: "
+                             f"{', '.join(known) if known else 'none'})")
+        release = Release.from_manifest(manifest, self.release_uri(model, version),
+                                        f"{self.release_uri(model, version)}/{MANIFEST_NAME}")
+        if (release.model, release.version) != (model, version):
+            raise StoreError(f"{self.release_uri(model, version)}/{MANIFEST_NAME} describes "
+                             f"{release.model}/{release.version}, not {model}/{version}")
+        return release
+
+    def next_version(self, model: str) -> str:
+        """`v0001` or one more than the highest published `vNNNN` of `model`."""
+        numbers = [int(m.group(1)) for v in self.list_versions(model) if (m := _AUTO_VERSION_RE.match(v))]
+        return f"v{max(numbers, default=0) + 1:04d}"
+
+    def find_identical(self, model: str, files: list[FileEntry]) -> str | None:
+        """The latest published version whose files are exactly `files` (paths, sizes, sha256), or None."""
+        want = sorted(files, key=lambda f: f.path)
+        for version in reversed(self.list_versions(model)):
+            if sorted(self.get_release(model, version).files, key=lambda f: f.path) == want:
+                return version
+        return None
+
+    def publish(self, model: str, src_dir: str | Path, version: str | None = None, *,
+                metadata: dict[str, Any] | None = None, callback: ProgressCallback | None = None) -> Release:
+        """Publishes every file under `src_dir` as the release `model/version`.
+
+        Args:
+            model: the model name (e.g. `ruyi-tiny`).
+            src_dir: the directory to publish (e.g. `artifacts/export`).
+            version: the version name; None: the next `vNNNN`.
+            metadata: JSON-serializable facts stored in the manifest (git revision, source manifest).
+            callback: called as `callback(path, nbytes)` while bytes are transferred.
+
+        Returns:
+            The published release.
+
+        Raises:
+            StoreError: the version exists (releases are immutable), bad names or source, or any
+                backend failure (nothing becomes visible then; a retry resumes).
+        """
+        check_name("model", model)
+        version = self.next_version(model) if version is None else check_name("version", version)
+        if self._read_manifest(model, version) is not None:
+            raise StoreError(f"release {self.release_uri(model, version)} already exists: releases are "
+                             "immutable; publish a new version")
+        files = scan_dir(src_dir)
+        try:
+            json.dumps(metadata or {})
+        except (TypeError, ValueError) as e:
+            raise StoreError(f"release metadata is not JSON-serializable: {e}") from None
+        release = Release(model=model, version=version, uri=self.release_uri(model, version), files=tuple(files),
+                          created=_utc_now(), metadata=dict(metadata or {}))
+        t0 = time.perf_counter()
+        self._write_release(release, Path(src_dir), callback)
+        log.info("published %s (%d files, %.1f MiB) in %.1f s", release.uri, len(files),
+                 release.total_bytes / MIB, time.perf_counter() - t0)
+        return release
+
+    def fetch(self, model: str, version: str | None = None, dest: str | Path | None = None, *,
+              callback: ProgressCallback | None = None) -> Path:
+        """Downloads a release into `dest` (default `<cache_dir>/<model>/<version>`), verified.
+
+        The destination appears only once every file matches the manifest (size + sha256); a
+        destination that already holds this exact, intact release is reused without downloading.
+
+        Returns:
+            The release directory (its files plus `MANIFEST.json`).
+        """
+        release = self.get_release(model, version)
+        dest = Path(dest) if dest is not None else self.cache_dir / model / release.version
+        if (dest / MANIFEST_NAME).is_file():
+            try:
+                cached = Release.from_manifest(json.loads((dest / MANIFEST_NAME).read_text()), release.uri, str(dest))
+                if cached.files == release.files and cached.created == release.created:
+                    verify_tree(dest, release.files)
+                    log.info("fetch: %s already in %s (verified)", release.uri, dest)
+                    return dest
+            except (StoreError, json.JSONDecodeError) as e:
+                log.warning("fetch: replacing %s (%s)", dest, e)
+        t0 = time.perf_counter()
+        with atomic_dir(dest) as tmp, _progress(release.total_bytes, f"fetch {model}/{release.version}") as bar:
+            def progress(path: str, n: int) -> None:
+                bar.update(n)
+                if callback is not None:
+                    callback(path, n)
+
+            for entry in release.files:
+                target = tmp / entry.path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self._download(release, entry, target, progress)
+            verify_tree(tmp, release.files)
+            (tmp / MANIFEST_NAME).write_bytes(release.manifest_bytes())
+        log.info("fetched %s -> %s (%.1f MiB, %.1f s)", release.uri, dest, release.total_bytes / MIB,
+                 time.perf_counter() - t0)
+        return dest
+
+    def load(self, model: str, version: str | None = None, exit_layer: int | None = None, *,
+             dest: str | Path | None = None, dtype: str = "float32"):
+        """Fetches a release and loads one member (or the family) with its tokenizer.
+
+        Args:
+            exit_layer: `d` loads `exit_<d>/`, a stock `Qwen3ForCausalLM`; None loads `family/`
+                (a `FamilialForCausalLM`, every member and dynamic early exit).
+
+        Returns:
+            `(model, tokenizer)`, the model in eval mode.
+        """
+        return load_member(self.fetch(model, version, dest), exit_layer, dtype=dtype)
+
+
+def release_exits(release_dir: str | Path) -> list[int]:
+    """Exit layers that a release/export directory has a stock checkpoint for (`exit_<d>/`), sorted."""
+    root = Path(release_dir)
+    return sorted(int(p.name[5:]) for p in root.glob("exit_*") if p.is_dir() and p.name[5:].isdigit())
+
+
+def load_member(release_dir: str | Path, exit_layer: int | None, dtype: str = "float32"):
+    """`(model, tokenizer)` of member `exit_layer` (`exit_<d>/`, stock Qwen3) or the family (`family/`)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.core.artifacts import load_family
+
+    root = Path(release_dir)
+    if exit_layer is None:
+        if not (root / "family").is_dir():
+            raise StoreError(f"{root}: no family/ checkpoint in this release")
+        model, tokenizer = load_family(root / "family", dtype=dtype)
+        return model.eval(), tokenizer
+    path = root / f"exit_{int(exit_layer)}"
+    if not path.is_dir():
+        raise StoreError(f"{root}: no member exit_{exit_layer} (members: "
+                         f"{', '.join(f'exit_{d}' for d in release_exits(root)) or 'none'})")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise StoreError(f"cannot load {path}: {e}") from None
+    return model.eval(), tokenizer
+
+
+# --- local directory ---------------------------------------------------------------------------
+class LocalStore(ArtifactStore):
+    """Releases under a local directory: `<root>/<model>/<version>/`."""
+
+    def __init__(self, root: str | Path, cache_dir: str | Path | None = None):
+        super().__init__(cache_dir)
+        self.root = Path(root)
+        self.uri = self.root.resolve().as_uri()
+
+    def _published_versions(self, model: str) -> list[str]:
+        model_dir = self.root / model
+        if not model_dir.is_dir():
+            return []
+        return [p.name for p in model_dir.iterdir()
+                if not p.name.startswith(".") and (p / MANIFEST_NAME).is_file()]
+
+    def _read_manifest(self, model: str, version: str) -> dict | None:
+        path = self.root / model / version / MANIFEST_NAME
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise StoreError(f"{path}: unreadable release manifest ({e})") from None
+
+    def _write_release(self, release: Release, src: Path, callback: ProgressCallback | None) -> None:
+        model_dir = self.root / release.model
+        final = model_dir / release.version
+        if final.exists():
+            # A directory without a manifest is not ours (ours appear by rename, complete).
+            raise StoreError(f"{final} exists but is not a published release; remove it or choose another version")
+        model_dir.mkdir(parents=True, exist_ok=True)
+        for stale in model_dir.glob(f".{release.version}.tmp-*"):  # left by a crashed publish of this version
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = model_dir / f".{release.version}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            with _progress(release.total_bytes, f"publish {release.model}/{release.version}") as bar:
+                for entry in release.files:
+                    target = tmp / entry.path
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(src / entry.path, target)
+                    with open(target, "rb+") as f:
+                        os.fsync(f.fileno())
+                    bar.update(entry.size)
+                    if callback is not None:
+                        callback(entry.path, entry.size)
+            verify_tree(tmp, release.files)  # the copies, re-read from disk
+            with open(tmp / MANIFEST_NAME, "wb") as f:
+                f.write(release.manifest_bytes())
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.rename(tmp, final)  # atomic; fails if another publisher created the version meanwhile
+            except OSError as e:
+                raise StoreError(f"cannot publish {final}: {e} (was it published concurrently?)") from None
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _download(self, release: Release, entry: FileEntry, dest: Path, callback: ProgressCallback | None) -> None:
+        source = self.root / release.model / release.version / entry.path
+        try:
+            shutil.copyfile(source, dest)
+        except OSError as e:
+            raise StoreError(f"cannot read {source}: {e}") from None
+        if callback is not None:
+            callback(entry.path, entry.size)
+
+
+# --- S3 ---------------------------------------------------------------------------------------
+# Server-side conditions that pass (botocore's own retries already gave up on them): retried by the flow.
+_TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Throttling",
+                    "ThrottlingException", "RequestTimeTooSkewed", "500", "502", "503", "504"}
+_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
+                     "AuthorizationHeaderMalformed"}
+
+
+class S3Store(ArtifactStore):
+    """Releases in an S3 bucket: `s3://<bucket>/<prefix>/<model>/<version>/`.
+
+    Args:
+        bucket: an existing bucket.
+        prefix: key prefix of the store inside the bucket ("" for the bucket root).
+        endpoint_url: the S3 endpoint (None: AWS, from the AWS config).
+        region: the signing region (None: from the AWS config, else us-east-1).
+        multipart_threshold_mib / multipart_chunksize_mib / max_concurrency: `TransferConfig`.
+        connect_timeout_s / read_timeout_s / max_attempts: botocore `Config` (retry mode standard).
+        verify: "checksum" (server-side SHA-256, no extra traffic) or "download" (read back and hash).
+        addressing_style: "auto" (path-style with an endpoint_url, botocore's default otherwise),
+            "path" or "virtual".
+        cache_dir: where `fetch`/`load` put releases by default.
+        access_key / secret_key: explicit credentials (None: the standard AWS chain; prefer that).
+    """
+
+    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, region: str | None = None,
+                 multipart_threshold_mib: float = 64.0, multipart_chunksize_mib: float = 16.0, max_concurrency: int = 4,
+                 connect_timeout_s: float = 5.0, read_timeout_s: float = 60.0, max_attempts: int = 5,
+                 verify: str = "checksum", addressing_style: str = "auto", cache_dir: str | Path | None = None,
+                 access_key: str | None = None, secret_key: str | None = None):
+        super().__init__(cache_dir)
+        if not bucket:
+            raise StoreError("S3 store: no bucket given (deploy.store.bucket)")
+        if verify not in ("checksum", "download"):
+            raise StoreError(f"S3 store: verify must be 'checksum' or 'download', got {verify!r}")
+        if multipart_chunksize_mib < 5:
+            raise StoreError(f"S3 store: multipart_chunksize_mib must be >= 5 (S3's minimum part size), "
+                             f"got {multipart_chunksize_mib}")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.endpoint_url = endpoint_url
+        self.endpoint = endpoint_url or "AWS S3"
+        self.region = region
+        self.verify = verify
+        self.multipart_threshold = max(1, int(multipart_threshold_mib * MIB))
+        self.multipart_chunksize = int(multipart_chunksize_mib * MIB)
+        self.max_concurrency = max_concurrency
+        self._client_kwargs = dict(connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s,
+                                   max_attempts=max_attempts, addressing_style=addressing_style,
+                                   access_key=access_key, secret_key=secret_key)
+        self._client_obj = None
+        self.uri = f"s3://{bucket}" + (f"/{self.prefix}" if self.prefix else "")
+
+    # clients and errors ---------------------------------------------------------------------
+    @property
+    def _client(self):
+        if self._client_obj is None:
+            import boto3
+            from botocore.config import Config
+
+            kw = self._client_kwargs
+            style = kw["addressing_style"]
+            if style == "auto":
+                style = "path" if self.endpoint_url else None
+            session = boto3.session.Session(aws_access_key_id=kw["access_key"], aws_secret_access_key=kw["secret_key"],
+                                            region_name=self.region)
+            config = Config(connect_timeout=kw["connect_timeout_s"], read_timeout=kw["read_timeout_s"],
+                            retries={"mode": "standard", "max_attempts": kw["max_attempts"]},
+                            s3={"addressing_style": style} if style else None,
+                            region_name=None if session.region_name else "us-east-1")
+            self._client_obj = session.client("s3", endpoint_url=self.endpoint_url, config=config)
+        return self._client_obj
+
+    def _transfer_config(self):
+        from boto3.s3.transfer import TransferConfig
+
+        return TransferConfig(multipart_threshold=self.multipart_threshold, multipart_chunksize=self.multipart_chunksize,
+                              max_concurrency=self.max_concurrency, use_threads=self.max_concurrency > 1,
+                              preferred_transfer_client="classic")
+
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        """Translates boto errors into a StoreError that says what went wrong and where."""
+        from boto3.exceptions import Boto3Error
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            ConnectionClosedError,
+            ConnectTimeoutError,
+            EndpointConnectionError,
+            NoCredentialsError,
+            PartialCredentialsError,
+            ReadTimeoutError,
+        )
+
+        try:
+            yield
+        except StoreError:
+            raise
+        except (Boto3Error, BotoCoreError, ClientError) as e:
+            cause: BaseException | None = e
+            while cause is not None and not isinstance(cause, (ClientError, BotoCoreError)):
+                cause = cause.__cause__ or cause.__context__  # S3UploadFailedError wraps the real error
+            cause = cause or e
+            if isinstance(cause, ClientError):
+                err = cause.response.get("Error", {})
+                code = str(err.get("Code", ""))
+                if code in _CREDENTIAL_CODES:
+                    raise StoreError(f"{what}: the S3 credentials were rejected by {self.endpoint} ({code}: "
+                                     f"{err.get('Message', '')}); check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+                                     "or the AWS profile") from None
+                if code == "NoSuchBucket":
+                    raise StoreError(f"{what}: the bucket {self.bucket!r} does not exist at {self.endpoint}; "
+                                     "create it first (see infra/README.md) or fix deploy.store.bucket") from None
+                if code in ("AccessDenied", "403"):
+                    raise StoreError(f"{what}: access denied to s3://{self.bucket} at {self.endpoint} ({code}); "
+                                     "the credentials lack permission") from None
+                if code in _TRANSIENT_CODES:
+                    raise TransientStoreError(f"{what}: the S3 endpoint {self.endpoint} is unavailable right now "
+                                              f"({code}: {err.get('Message', '')})") from None
+                raise StoreError(f"{what}: S3 error at {self.endpoint} ({code}: {err.get('Message', cause)})") from None
+            if isinstance(cause, (EndpointConnectionError, ConnectTimeoutError, ConnectionClosedError)):
+                raise TransientStoreError(f"{what}: cannot reach the S3 endpoint {self.endpoint} ({cause}); is the "
+                                          "server running and deploy.store.endpoint_url right?") from None
+            if isinstance(cause, ReadTimeoutError):
+                raise TransientStoreError(f"{what}: the S3 endpoint {self.endpoint} did not answer in time "
+                                          f"({cause})") from None
+            if isinstance(cause, (NoCredentialsError, PartialCredentialsError)):
+                raise StoreError(f"{what}: no usable AWS credentials for {self.endpoint} ({cause}); set "
+                                 "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or an AWS profile") from None
+            raise StoreError(f"{what}: S3 failure at {self.endpoint}: {cause}") from None
+
+    def _key(self, *parts: str) -> str:
+        return "/".join(p.strip("/") for p in (self.prefix, *parts) if p)
+
+    def _check_bucket(self, what: str) -> None:
+        # ListObjectsV2 (not HeadBucket): its error body tells rejected credentials from a missing bucket.
+        with self._errors(what):
+            self._client.list_objects_v2(Bucket=self.bucket, Prefix=self._key(""), MaxKeys=1)
+
+    def _list_keys(self, prefix: str) -> Iterator[dict]:
+        for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            yield from page.get("Contents", [])
+
+    # primitives ------------------------------------------------------------------------------
+    def _published_versions(self, model: str) -> list[str]:
+        self._check_bucket(f"listing {self.uri}/{model}")
+        base = self._key(model) + "/"
+        versions = []
+        with self._errors(f"listing {self.uri}/{model}"):
+            for obj in self._list_keys(base):
+                rest = obj["Key"][len(base):]
+                version, _, name = rest.partition("/")
+                if name == MANIFEST_NAME:
+                    versions.append(version)
+        return versions
+
+    def _read_manifest(self, model: str, version: str) -> dict | None:
+        from botocore.exceptions import ClientError
+
+        key = self._key(model, version, MANIFEST_NAME)
+        self._check_bucket(f"reading s3://{self.bucket}/{key}")
+        with self._errors(f"reading s3://{self.bucket}/{key}"):
+            try:
+                body = self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    return None
+                raise
+        try:
+            return json.loads(body)
+        except json.JSONDecodeError as e:
+            raise StoreError(f"s3://{self.bucket}/{key}: unreadable release manifest ({e})") from None
+
+    def expected_checksum(self, path: Path, size: int, sha256_hex: str) -> str:
+        """The `ChecksumSHA256` S3 reports for `path` uploaded with our TransferConfig (base64).
+
+        Single-part: the SHA-256 of the file. Multipart: the SHA-256 of the concatenated part
+        SHA-256s, suffixed `-<number of parts>`, with s3transfer's part size for this file size.
+        """
+        if size < self.multipart_threshold:
+            return base64.b64encode(bytes.fromhex(sha256_hex)).decode()
+        from s3transfer.utils import ChunksizeAdjuster
+
+        part_size = ChunksizeAdjuster().adjust_chunksize(self.multipart_chunksize, size)
+        digests = []
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(part_size), b""):
+                digests.append(hashlib.sha256(block).digest())
+        return base64.b64encode(hashlib.sha256(b"".join(digests)).digest()).decode() + f"-{len(digests)}"
+
+    def _object_ok(self, key: str, entry: FileEntry, src: Path) -> tuple[bool, str]:
+        """Whether the object at `key` holds exactly `src` (size, sha256); the reason if not."""
+        from botocore.exceptions import ClientError
+
+        try:
+            head = self._client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return False, "missing"
+            raise
+        if head["ContentLength"] != entry.size:
+            return False, f"{head['ContentLength']} bytes instead of {entry.size}"
+        if self.verify == "download":
+            h = hashlib.sha256()
+            for block in self._client.get_object(Bucket=self.bucket, Key=key)["Body"].iter_chunks(MIB):
+                h.update(block)
+            return (h.hexdigest() == entry.sha256), f"read back sha256 {h.hexdigest()[:16]}..."
+        got = head.get("ChecksumSHA256")
+        if not got:
+            raise StoreError(f"s3://{self.bucket}/{key}: the endpoint {self.endpoint} returned no SHA-256 checksum, so "
+                             "the upload cannot be verified server-side; set deploy.store.verify: download")
+        want = self.expected_checksum(src, entry.size, entry.sha256)
+        return got == want, f"server checksum {got} instead of {want}"
+
+    def _abort_stale_uploads(self, prefix: str) -> int:
+        aborted = 0
+        for page in self._client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=prefix):
+            for upload in page.get("Uploads", []):
+                self._client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                aborted += 1
+        if aborted:
+            log.info("aborted %d stale multipart upload(s) under s3://%s/%s", aborted, self.bucket, prefix)
+        return aborted
+
+    def _write_release(self, release: Release, src: Path, callback: ProgressCallback | None) -> None:
+        what = f"publishing {release.uri}"
+        self._check_bucket(what)
+        base = self._key(release.model, release.version) + "/"
+        manifest_key = base + MANIFEST_NAME
+        wanted = {base + f.path for f in release.files}
+        transfer = self._transfer_config()
+        with self._errors(what):
+            self._abort_stale_uploads(base)
+            existing = {obj["Key"] for obj in self._list_keys(base)}
+            if manifest_key in existing:
+                raise StoreError(f"release {release.uri} already exists: releases are immutable")
+            stale = sorted(existing - wanted)
+            for i in range(0, len(stale), 1000):  # objects of an earlier, different attempt
+                self._client.delete_objects(Bucket=self.bucket,
+                                            Delete={"Objects": [{"Key": k} for k in stale[i:i + 1000]], "Quiet": True})
+            resumed = 0
+            with _progress(release.total_bytes, f"publish {release.model}/{release.version}") as bar:
+                for entry in release.files:
+                    key, path = base + entry.path, src / entry.path
+                    if key in existing and self._object_ok(key, entry, path)[0]:
+                        resumed += 1
+                        bar.update(entry.size)
+                        continue
+
+                    def progress(n: int, _path: str = entry.path) -> None:
+                        bar.update(n)
+                        if callback is not None:
+                            callback(_path, n)
+
+                    self._client.upload_file(str(path), self.bucket, key, Config=transfer, Callback=progress,
+                                             ExtraArgs={"ChecksumAlgorithm": "SHA256",
+                                                        "Metadata": {"sha256": entry.sha256}})
+                    ok, why = self._object_ok(key, entry, path)
+                    if not ok:
+                        raise StoreError(f"{what}: s3://{self.bucket}/{key} failed verification after upload ({why})")
+            if resumed:
+                log.info("%s: %d file(s) already uploaded and verified by an earlier attempt", what, resumed)
+            self._put_manifest(manifest_key, release)
+
+    def _put_manifest(self, key: str, release: Release) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=key, Body=release.manifest_bytes(),
+                                    ContentType="application/json", ChecksumAlgorithm="SHA256", IfNoneMatch="*")
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise StoreError(f"release {release.uri} was published concurrently by another writer") from None
+            raise
+
+    def _download(self, release: Release, entry: FileEntry, dest: Path, callback: ProgressCallback | None) -> None:
+        key = self._key(release.model, release.version, entry.path)
+        with self._errors(f"downloading s3://{self.bucket}/{key}"):
+            self._client.download_file(self.bucket, key, str(dest), Config=self._transfer_config(),
+                                       Callback=(lambda n: callback(entry.path, n)) if callback else None)
+
+    def fetch(self, model: str, version: str | None = None, dest: str | Path | None = None, *,
+              callback: ProgressCallback | None = None) -> Path:
+        self._check_bucket(f"fetching {self.uri}/{model}")
+        return super().fetch(model, version, dest, callback=callback)
+
+    def abort_incomplete(self, model: str) -> int:
+        """Aborts every pending multipart upload of `model` (e.g. after a crash); returns the count."""
+        with self._errors(f"aborting uploads under {self.uri}/{model}"):
+            return self._abort_stale_uploads(self._key(model) + "/")
+
+
+# --- from params --------------------------------------------------------------------------------
+def open_store(cfg: StoreParams, cache_dir: str | Path | None = None) -> ArtifactStore:
+    """The store configured by a `StoreParams` section (`params.deploy.store`)."""
+    cache = cache_dir if cache_dir is not None else cfg.cache_dir
+    if cfg.backend == "local":
+        return LocalStore(cfg.root, cache_dir=cache)
+    if cfg.backend == "s3":
+        return S3Store(cfg.bucket or "", cfg.prefix, endpoint_url=cfg.endpoint_url, region=cfg.region,
+                       multipart_threshold_mib=cfg.multipart_threshold_mib,
+                       multipart_chunksize_mib=cfg.multipart_chunksize_mib, max_concurrency=cfg.max_concurrency,
+                       connect_timeout_s=cfg.connect_timeout_s, read_timeout_s=cfg.read_timeout_s,
+                       max_attempts=cfg.max_attempts, verify=cfg.verify, addressing_style=cfg.addressing_style,
+                       cache_dir=cache)
+    raise StoreError(f"unknown store backend {cfg.backend!r} (deploy.store.backend: local or s3)")
+
+
+__all__ = ["ArtifactStore", "LocalStore", "S3Store", "StoreError", "Release", "FileEntry", "open_store",
+           "scan_dir", "verify_tree", "sha256_file", "natural_key", "check_name", "load_member", "release_exits",
+           "MANIFEST_NAME"]

@@ -1,0 +1,477 @@
+"""The training library shared by the `cpt`, `expand` and `sft` stages (one home for the loop).
+
+Not a stage itself; the stages are `python -m tasks.cpt`, `python -m tasks.expand`,
+`python -m tasks.sft`. What lives here, and the design choices:
+
+Data
+- `pack_documents`: documents are tokenized without special tokens, each followed by `<|endoftext|>`
+  (the document separator), concatenated in file order and cut into `seq_len` blocks; the last
+  partial block is dropped (fewer than `seq_len` tokens). Attention runs across document
+  boundaries inside a block (as GPT-2/nanoGPT packing does; no per-document mask): cheap, standard,
+  and the eos token marks the boundary for the model.
+- `build_sft_examples`: Qwen-style chat (`apply_chat_template` of [user: prompt, assistant:
+  response]); labels are -100 on the prompt (everything up to and including
+  `<|im_start|>assistant\\n`), supervised on the response and its closing `<|im_end|>`, -100 on the
+  `\\n` after it and on padding. Examples longer than `seq_len` are cut on the right; an example with
+  no supervised token left is dropped. Both are counted, logged and reported in the metrics.
+- `sft_holdout_split`: the held-out SFT slice is chosen by a hash of each row's `id` (stable under
+  re-ordering and additions), so reruns and other stages agree on it without a shared file.
+- `BlockStream` / `MixedStream`: the sample at global position p of a stream of N rows is row
+  `perm_e[p mod N]` of epoch `e = p // N`, where `perm_e` is a permutation drawn from a generator
+  seeded by (seed, stream name, epoch). The batch of any step is therefore a pure function of the
+  step, which makes resume exact without saving any iterator state (the checkpoint still records the
+  data position, checked on resume). `MixedStream` interleaves a replay stream at an exact long-run
+  share: position p is a replay sample iff floor((p+1) f) > floor(p f) (integer arithmetic).
+
+Optimisation
+- AdamW (torch) over the trainable parameters only; weight decay on matrices (dim >= 2), none on
+  norms, as in nanoGPT/HF. Linear warmup over `warmup_steps`, then cosine decay to
+  `min_lr_ratio * lr` at `max_steps` (`lr_factor`, driven by `torch.optim.lr_scheduler.LambdaLR`).
+  Gradient accumulation over `grad_accum` micro-batches: each micro-batch's loss (a mean over its
+  supervised tokens) is weighted by its share of the step's supervised tokens, so the step's gradient
+  is that of the token mean over the whole effective batch, as one batch of `grad_accum * batch_size`
+  rows gives (packed blocks: 1 / grad_accum each; SFT micro-batches differ; tested). Optional bf16
+  autocast (CUDA or CPU; the weights, gradients and optimizer state stay fp32; tested),
+  gradient-norm clipping (0 = off). A non-finite loss stops the stage with
+  an error naming the step (never a silent skip).
+- `exit_weights_at`: the time-dependent weights w_k(t) of Ruyi2 Eq. 1. The paper gives no formula;
+  ours (`params.cpt.exit_weights`): the deepest member has the constant weight `deepest`; every
+  shallower member goes from `start` at the first step to `floor` at the last step, along
+  `kind` = constant (stays at `start`), linear, or cosine (half cosine). Default cosine 1.0 -> 0.3:
+  strong deep supervision early, then the backbone is left mostly to the deepest member, with a
+  floor above 0 so the shallow members keep training (Ruyi2 section 3.1's description).
+
+Checkpoints (`Checkpointer`), in `artifacts/checkpoints/<stage>/step_<n>/`, each written atomically
+(`tasks.core.atomic_dir`), the last `keep` (2) kept, always one at the final step:
+  model.safetensors    every tensor of the model (the frozen ones too: simple, and exact)
+  optimizer.pt         AdamW state (torch.save; loaded with weights_only=True)
+  scheduler.pt         LambdaLR state (weights_only=True)
+  rng.pt               python / numpy / torch (and CUDA) RNG states (weights_only=True)
+  trainer_state.json   step, data position (samples), tokens, loss history, train time, fingerprint
+- Resume is automatic: a stage starts from the latest complete checkpoint whose fingerprint matches
+  and logs it (`resumed_from_step` in the metrics). A run killed and resumed ends with bitwise the
+  same weights on CPU as an uninterrupted one (tested).
+- The fingerprint hashes the stage's parameters (except `checkpoint_every`, `eval_every` and
+  `eval_batches`, which do not change the weights), the model section, the seed, the sha256 of
+  every input file (data, tokenizer, input model) and of the code that trains (the stage module,
+  this file, the model and the loss kernels' entry point). Our call on a mismatch: the stale checkpoint
+  directory is set aside to `artifacts/checkpoints/<stage>.stale/` (replacing an older one) with a
+  warning that names every differing key, and training starts from scratch; the metrics record it
+  (`stale_checkpoint`). An error would block every `dvc repro` after a parameter change, while
+  resuming would silently mix two configurations.
+- A checkpoint directory that is incomplete or unreadable is an error naming the file, never a
+  silent restart.
+
+Loop (`train_loop`): evaluation before the first step and every `eval_every` steps (held-out loss per
+member, each batch weighted by its supervised tokens), a tqdm bar with the loss in the postfix,
+per-step train loss per member, per-eval validation loss per member, `loss.png` + `loss.csv`
+(step, exit, split, loss) for `dvc plots` (`write_loss_curves`). Deterministic given `params.seed`
+(no dropout in the model; data order seeded). The per-step train loss of a mixed stream has a
+visible period (a batch with or without its replay sample); the validation curve is the smooth one.
+
+Data parallelism (`distributed.backend: ray`, tasks/training/distributed.py): inside a Ray Train worker
+`train_loop` wraps the model in DistributedDataParallel, trains this rank's rows of the same global
+batch with the same token normalisation (`_data_parallel_backward`), shards the evaluation, and
+writes checkpoints from rank 0 alone; every rank resumes from the checkpoint rank 0 chose. The local
+path (no context) is unchanged.
+
+Threads: `torch.set_num_threads` is left to the caller (`OMP_NUM_THREADS`). Measured on the
+project's 2-core machine while ~7 other jobs ran: one thread trained the tiny family at about
+700 tokens/s, while two threads made no visible progress in 10 minutes (OpenMP threads spinning
+against the other jobs); on a shared machine run the stages with OMP_NUM_THREADS=1.
+Tiny defaults (params.yaml) on the embedded data, one thread: cpt 150 steps 101 CPU-s (val loss
+5.4 per member against ln V = 7.6), expand 80 steps 25 CPU-s (DaE member STEM loss 3.46 -> 2.38),
+sft 80 steps 34 CPU-s (DaE member held-out assistant loss 2.64 -> 1.84).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tasks.core.stage import StageError
+from tasks.training import distributed
+from tasks.training.batches import IGNORE_INDEX
+from tasks.training.checkpoint import Checkpointer
+
+if TYPE_CHECKING:  # heavy imports stay inside the functions (the `ruyi` CLI must start instantly)
+    import torch
+
+    from tasks.core.params import ExitWeightSchedule, TrainParams
+
+log = logging.getLogger("ruyi")
+#: Train-loss rows averaged for the "final" train loss reported in the metrics.
+FINAL_TRAIN_WINDOW = 10
+
+
+# --- optimisation ----------------------------------------------------------------------------------
+def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, cosine to the floor."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, max_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(named_params: Sequence[tuple[str, torch.nn.Parameter]], cfg: TrainParams):
+    """AdamW with weight decay on matrices only, and its warmup + cosine LambdaLR scheduler."""
+    import functools
+
+    import torch
+
+    params = [(n, p) for n, p in named_params if p.requires_grad]
+    if not params:
+        raise StageError("nothing to train: no parameter requires grad")
+    decay = [p for n, p in params if p.dim() >= 2]
+    no_decay = [p for n, p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    schedule = functools.partial(lr_factor, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
+                                 min_lr_ratio=cfg.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return optimizer, scheduler
+
+
+def exit_weights_at(schedule: ExitWeightSchedule, exit_layers: Sequence[int], step: int, max_steps: int) -> list[float]:
+    """w_k(t) of Ruyi2 Eq. 1 at 0-based step `step` of `max_steps` (see module docstring).
+
+    Returns:
+        One weight per exit, in `exit_layers` order; the last (deepest) is `schedule.deepest`.
+    """
+    t = min(1.0, step / (max_steps - 1)) if max_steps > 1 else 0.0
+    if schedule.kind == "constant":
+        shallow = schedule.start
+    elif schedule.kind == "linear":
+        shallow = schedule.start + (schedule.floor - schedule.start) * t
+    else:
+        shallow = schedule.floor + (schedule.start - schedule.floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+    return [float(shallow)] * (len(exit_layers) - 1) + [float(schedule.deepest)]
+
+
+# --- loss and evaluation functions -------------------------------------------------------------------
+LossFn = Callable[[Any, dict, int], tuple["torch.Tensor", dict[int, float]]]
+EvalFn = Callable[[Any, dict], dict[int, tuple[float, int]]]
+
+
+def _targets(batch: dict) -> int:
+    labels = batch.get("labels", batch["input_ids"])
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def multi_exit_loss_fn(weights: Callable[[int], Sequence[float]]) -> LossFn:
+    """Joint training of every member: `sum_k w_k(step) CE_k` (the model's multi-exit loss)."""
+    def fn(model, batch: dict, step: int):
+        out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                    labels=batch.get("labels", batch["input_ids"]), exit_loss_weights=list(weights(step)))
+        return out.loss, {d: float(v) for d, v in out.exit_losses.items()}
+    return fn
+
+
+def member_loss_fn(exit_layer: int) -> LossFn:
+    """Training of one member alone (`exit_layer=d`)."""
+    def fn(model, batch: dict, step: int):
+        out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                    labels=batch.get("labels", batch["input_ids"]), exit_layer=exit_layer, use_cache=False)
+        return out.loss, {exit_layer: float(out.loss.detach())}
+    return fn
+
+
+def multi_exit_eval(model, batch: dict) -> dict[int, tuple[float, int]]:
+    """Per-member (sum of token losses, tokens) of one batch, every member from one backbone pass."""
+    out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                labels=batch.get("labels", batch["input_ids"]))
+    n = _targets(batch)
+    return {d: (float(v) * n, n) for d, v in out.exit_losses.items()}
+
+
+def member_eval(exit_layer: int) -> EvalFn:
+    def fn(model, batch: dict) -> dict[int, tuple[float, int]]:
+        out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                    labels=batch.get("labels", batch["input_ids"]), exit_layer=exit_layer, use_cache=False)
+        n = _targets(batch)
+        return {exit_layer: (float(out.loss) * n, n)}
+    return fn
+
+
+def evaluate(model, batches: Sequence[dict], eval_fn: EvalFn = multi_exit_eval, bf16: bool = False) -> dict[int, float]:
+    """Mean loss per member over `batches` (token-weighted), in eval mode, without gradients."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    sums: dict[int, list[float]] = {}
+    device = next(model.parameters()).device
+    with torch.no_grad(), _autocast(device, bf16):
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            for d, (s, n) in eval_fn(model, batch).items():
+                acc = sums.setdefault(d, [0.0, 0])
+                acc[0] += s
+                acc[1] += n
+    model.train(was_training)
+    return {d: s / max(n, 1) for d, (s, n) in sorted(sums.items())}
+
+
+def _autocast(device, enabled: bool):
+    import torch
+
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+# --- the loop --------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    """What `train_loop` did. `history` rows: {"step", "exit", "split" ("train"|"val"), "loss"}."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    steps: int = 0
+    resumed_from_step: int | None = None
+    samples: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    stale_checkpoint: dict[str, Any] | None = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.train_seconds if self.train_seconds > 0 else 0.0
+
+    def val_losses(self, step: int | None = None) -> dict[int, float]:
+        """Validation loss per member at `step` (default: the last evaluation)."""
+        rows = [r for r in self.history if r["split"] == "val"]
+        if not rows:
+            return {}
+        step = max(r["step"] for r in rows) if step is None else step
+        return {r["exit"]: r["loss"] for r in rows if r["step"] == step}
+
+    def final_train_losses(self, window: int = FINAL_TRAIN_WINDOW) -> dict[int, float]:
+        """Mean train loss per member over the last `window` steps."""
+        out: dict[int, list[float]] = {}
+        for r in self.history:
+            if r["split"] == "train" and r["step"] > self.steps - window:
+                out.setdefault(r["exit"], []).append(r["loss"])
+        return {d: sum(v) / len(v) for d, v in sorted(out.items())}
+
+    def summary(self) -> dict[str, Any]:
+        return {"steps": self.steps, "resumed_from_step": self.resumed_from_step, "samples": self.samples,
+                "tokens": self.tokens, "tokens_per_s": round(self.tokens_per_s, 1),
+                "train_seconds": round(self.train_seconds, 2), "wall_s": round(self.wall_seconds, 2),
+                "stale_checkpoint": self.stale_checkpoint}
+
+
+def train_loop(*, stage: str, model, cfg: TrainParams, named_params: Sequence[tuple[str, Any]], stream,
+               loss_fn: LossFn, val_batches: Sequence[dict], eval_fn: EvalFn = multi_exit_eval,
+               checkpointer: Checkpointer | None = None,
+               callbacks: Sequence[Callable[[int], None]] = ()) -> TrainResult:
+    """Trains `model` for `cfg.max_steps` optimizer steps, resuming from `checkpointer` if possible.
+
+    Args:
+        stage: name for logs and the progress bar.
+        model: the FamilialForCausalLM, on its device; only `named_params` are optimised (the caller sets
+            `requires_grad`).
+        cfg: a TrainParams section (steps, batch, lr schedule, accumulation, bf16, clipping, intervals).
+        named_params: (name, parameter) pairs to optimise.
+        stream: `.batch(position, batch_size) -> dict` (BlockStream / MixedStream); position counts samples.
+        loss_fn: `(model, batch, step) -> (loss, {exit: loss})` for one micro-batch.
+        val_batches: fixed validation batches, evaluated with `eval_fn` before step 1, every
+            `eval_every` steps and at the end.
+        checkpointer: None disables checkpoints (benchmarks); else resume + save every `checkpoint_every`.
+        callbacks: called with the number of completed steps after each step (after any checkpoint).
+
+    Returns:
+        TrainResult (the history includes the steps of earlier, resumed-from runs).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    t_wall = time.perf_counter()
+    device = next(model.parameters()).device
+    optimizer, scheduler = build_optimizer(named_params, cfg)
+    params = [p for _, p in named_params if p.requires_grad]
+    result = TrainResult()
+    start = 0
+    dist_ctx = distributed.context()  # None: one process (see tasks/training/distributed.py for the data-parallel run)
+    main = dist_ctx is None or dist_ctx.rank == 0
+    if checkpointer is not None:
+        if dist_ctx is None:
+            latest = checkpointer.find_resumable()
+        else:  # rank 0 alone looks (it may set a stale directory aside); every rank loads what it found
+            latest, checkpointer.stale = distributed.broadcast_object(
+                (checkpointer.find_resumable(), checkpointer.stale) if main else None)
+        result.stale_checkpoint = checkpointer.stale
+        if latest is not None:
+            state = checkpointer.load(latest, model, optimizer, scheduler)
+            start = int(state["step"])
+            expected = start * cfg.grad_accum * cfg.batch_size
+            if int(state["samples"]) != expected:
+                raise StageError(f"{latest / 'trainer_state.json'}: data position {state['samples']} does not "
+                                 f"match step {start} x {cfg.grad_accum} x {cfg.batch_size}")
+            result.history = list(state["history"])
+            result.samples, result.tokens = int(state["samples"]), int(state["tokens"])
+            result.train_seconds = float(state["train_seconds"])
+            result.resumed_from_step = start
+            log.info("%s: resumed from %s (step %d of %d)", stage, latest, start, cfg.max_steps)
+    if start > cfg.max_steps:
+        raise StageError(f"{stage}: checkpoint is at step {start}, beyond max_steps={cfg.max_steps}")
+
+    train_model = model if dist_ctx is None else distributed.wrap_model(model)
+
+    def record_eval(step: int) -> dict[int, float]:
+        if dist_ctx is None:
+            losses = evaluate(model, val_batches, eval_fn, cfg.bf16)
+        else:
+            losses = _sharded_evaluate(model, val_batches, eval_fn, cfg.bf16, dist_ctx)
+        result.history.extend({"step": step, "exit": d, "split": "val", "loss": v} for d, v in losses.items())
+        return losses
+
+    if start == 0:
+        record_eval(0)
+    model.train()
+    bar = tqdm(range(start, cfg.max_steps), desc=stage, unit="step", initial=start, total=cfg.max_steps,
+               mininterval=1.0, dynamic_ncols=True, disable=not main)
+    for step in bar:
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        step_losses: dict[int, float] = {}
+        total = 0.0
+        micro = []
+        for _ in range(cfg.grad_accum):
+            batch = {k: v.to(device) for k, v in stream.batch(result.samples, cfg.batch_size).items()}
+            result.samples += cfg.batch_size
+            mask = batch.get("attention_mask")
+            result.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+            micro.append(batch)
+        # Each micro-batch loss is a mean over its supervised tokens: weighting it by its share of the
+        # step's supervised tokens makes the accumulated gradient that of the token mean over the whole
+        # effective batch (as one big batch would give), also when SFT micro-batches supervise
+        # different numbers of tokens (1 / grad_accum each when they are equal, as packed blocks are).
+        targets = [_targets(b) for b in micro]
+        all_targets = sum(targets)
+        if dist_ctx is not None:  # this rank's shard of the same global batch (tasks/training/distributed.py)
+            total, step_losses = _data_parallel_backward(
+                train_model, stream, result.samples - cfg.grad_accum * cfg.batch_size, cfg, all_targets, loss_fn,
+                step, stage, device, dist_ctx)
+        else:
+            for batch, n in zip(micro, targets):
+                if all_targets and not n:
+                    continue  # nothing supervised: no loss, no gradient
+                share = n / all_targets if all_targets else 1.0 / cfg.grad_accum
+                with _autocast(device, cfg.bf16):
+                    loss, per_exit = loss_fn(model, batch, step)
+                if not torch.isfinite(loss):
+                    raise StageError(_non_finite_message(stage, loss, step))
+                (loss * share).backward()
+                total += float(loss.detach()) * share
+                for d, v in per_exit.items():
+                    step_losses[d] = step_losses.get(d, 0.0) + v * share
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        result.train_seconds += time.perf_counter() - t0
+        done = step + 1
+        result.history.extend({"step": done, "exit": d, "split": "train", "loss": v}
+                              for d, v in sorted(step_losses.items()))
+        postfix = {"loss": f"{total:.3f}", "lr": f"{scheduler.get_last_lr()[0]:.2e}"}
+        if done % cfg.eval_every == 0 or done == cfg.max_steps:
+            val = record_eval(done)
+            postfix["val"] = "/".join(f"{v:.2f}" for v in val.values())
+        bar.set_postfix(postfix, refresh=False)
+        if checkpointer is not None and main and (done % cfg.checkpoint_every == 0 or done == cfg.max_steps):
+            checkpointer.save(done, model, optimizer, scheduler,
+                              {"samples": result.samples, "tokens": result.tokens, "history": result.history,
+                               "train_seconds": result.train_seconds})
+        for callback in callbacks:
+            callback(done)
+    bar.close()
+    result.steps = cfg.max_steps
+    result.wall_seconds = time.perf_counter() - t_wall
+    model.eval()
+    if checkpointer is not None and main:
+        # DVC declares the checkpoint directory as an output: it must exist even when no
+        # checkpoint was due (checkpoint_every > max_steps) or a stale one was set aside.
+        checkpointer.root.mkdir(parents=True, exist_ok=True)
+    return result
+
+
+def _non_finite_message(stage: str, loss, step: int) -> str:
+    return (f"{stage}: the loss is {float(loss.detach())} at step {step + 1}; lower {stage}.lr or "
+            f"check the data (nothing was saved for this run)")
+
+
+def _data_parallel_backward(model, stream, start: int, cfg: TrainParams, all_targets: int, loss_fn: LossFn,
+                            step: int, stage: str, device, ctx) -> tuple[float, dict[int, float]]:
+    """One step's forwards/backwards of rank `ctx.rank` (see tasks/training/distributed.py): rows [lo, hi) of the
+    global batch that starts at stream position `start`, in forwards of at most `batch_size` rows, each
+    weighted by (its supervised tokens / the global batch's `all_targets`) * world_size, DDP's gradient
+    all-reduce (a mean) on the last one. Returns the step's loss and per-member losses (all ranks summed)."""
+    import contextlib
+
+    import torch
+
+    rows = cfg.grad_accum * cfg.batch_size
+    lo, hi = distributed.shard_bounds(rows, ctx.rank, ctx.world_size)
+    pieces = []
+    for s in range(lo, hi, cfg.batch_size):
+        batch = {k: v.to(device) for k, v in stream.batch(start + s, min(cfg.batch_size, hi - s)).items()}
+        pieces.append((batch, _targets(batch)))
+    # Forwards without a supervised token are skipped (as the local loop skips such micro-batches), except
+    # the last: its backward carries the all-reduce that every rank must join.
+    run = [i for i, (_, n) in enumerate(pieces) if n or not all_targets or i == len(pieces) - 1]
+    total, step_losses = 0.0, {}
+    for i in run:
+        batch, n = pieces[i]
+        share = n / all_targets if all_targets else int(batch["input_ids"].shape[0]) / rows
+        if share == 0:
+            batch = _one_target(batch)  # a finite loss with weight 0: an exactly zero gradient
+        with contextlib.nullcontext() if i == run[-1] else model.no_sync():
+            with _autocast(device, cfg.bf16):
+                loss, per_exit = loss_fn(model, batch, step)
+            if not torch.isfinite(loss):
+                raise StageError(_non_finite_message(stage, loss, step))
+            (loss * (share * ctx.world_size)).backward()
+        total += float(loss.detach()) * share
+        for d, v in per_exit.items():
+            step_losses[d] = step_losses.get(d, 0.0) + v * share
+    keys = sorted(step_losses)
+    sums = distributed.all_reduce_sum([total] + [step_losses[d] for d in keys])
+    return sums[0], dict(zip(keys, sums[1:]))
+
+
+def _one_target(batch: dict) -> dict:
+    labels = batch.get("labels", batch["input_ids"]).clone()
+    if labels.shape[1] < 2:
+        raise StageError("data-parallel step: a shard without any supervised token is too short to stand in "
+                         "for the gradient all-reduce")
+    labels[0, 1] = batch["input_ids"][0, 1]
+    return {**batch, "labels": labels}
+
+
+def _sharded_evaluate(model, batches: Sequence[dict], eval_fn: EvalFn, bf16: bool, ctx) -> dict[int, float]:
+    """`evaluate` with the batches dealt round-robin to the ranks; the per-batch sums are gathered and
+    added in batch order (the local order)."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    mine: dict[int, dict[int, tuple[float, int]]] = {}
+    with torch.no_grad(), _autocast(device, bf16):
+        for i in range(ctx.rank, len(batches), ctx.world_size):
+            mine[i] = eval_fn(model, {k: v.to(device) for k, v in batches[i].items()})
+    model.train(was_training)
+    parts: dict[int, dict[int, tuple[float, int]]] = {}
+    for part in distributed.all_gather_object(mine):
+        parts.update(part)
+    sums: dict[int, list[float]] = {}
+    for i in sorted(parts):
+        for d, (s, n) in parts[i].items():
+            acc = sums.setdefault(d, [0.0, 0])
+            acc[0] += s
+            acc[1] += n
+    return {d: s / max(n, 1) for d, (s, n) in sorted(sums.items())}

@@ -1,0 +1,461 @@
+"""The RL algorithms of the `rl` stage as plain functions: rollouts, rewards, advantages, the GRPO and
+BPPO losses and BPPO's adaptive completion schedule. The stage loop lives in `tasks/rl.py`.
+
+Nothing here reads params or files, so every piece is unit-testable on a micro model; torch is the
+only heavy import (callers import this module lazily).
+
+GRPO (as TRL 1.16 `GRPOTrainer._compute_loss`; `tests/test_grpo_trl_parity.py` checks loss and
+gradients against TRL itself at atol 1e-6, see /work/shared/RL_SERVE_NOTES.md A1-A2):
+- per-token log-probs: `log_softmax(logits / temperature)[next token]` on the completion, 0 where
+  the completion mask is 0;
+- advantages: `(r - mean_group) / (std_group + 1e-4)` with the unbiased (n-1) std ("group" scaling;
+  "batch" divides by the std of the whole batch, "none" does not divide);
+- ratio `exp(logp - old_logp)` per token, PPO clip to `[1 - epsilon, 1 + epsilon_high]`,
+  `loss_t = -min(ratio * A, clip(ratio) * A)`; with `beta > 0` plus `beta * k3 * ratio` where
+  `k3 = exp(ref - logp) - (ref - logp) - 1` (TRL's `use_bias_correction_kl`);
+- aggregation `loss_type`: grpo (mean over sequences of the per-sequence token mean), bnpo (mean over
+  the batch's active tokens), dr_grpo (sum / (rows * max_completion_length)), dapo (sum /
+  num_items_in_batch: the active tokens of the whole generation batch). With one process, no
+  gradient accumulation and one optimizer step per generation batch, dapo equals bnpo.
+- old log-probs default to the current ones detached (TRL with `num_iterations=1`: ratio 1, the
+  clip never fires, the gradient is the plain policy gradient); with reuse of a generation batch
+  (`num_iterations > 1`) the stage passes the log-probs measured right after sampling.
+
+BPPO (Binary Prefix Policy Optimization, Ruyi2.5 / the BPPO paper; PAPERS.md 7.2). Published: full
+group sampled and scored, advantages normalised over the full group, gradient only from the shortest
+correct and the shortest incorrect response, and only through their prefixes; plus an "adaptive
+completion scheduling". Not published, so these are our choices:
+- "correct" is the exact-answer check (`answers_match`), not the shaped reward: the format bonus
+  never makes a wrong answer count as correct. Ties in length go to the earlier sample.
+- Degenerate groups (all correct or all wrong) are skipped: their advantages are 0 anyway.
+- The two selected responses are trained with the same clipped objective, KL term and `loss_type`
+  aggregation as GRPO, over the prefix tokens only. With the default dapo/bnpo this is exactly the
+  reference loss of PAPERS.md 7.2, `-(1 / sum_i P_i) * sum_i sum_{t<P_i} min(...)`.
+- Prefix rules (`prefix_lengths`), P_i for a response of length L_i (stop token included):
+  `fraction`: `ceil(rho * L_i)`; `first_k`: `min(K, L_i)`; `common`: the common token prefix c of the
+  pair plus the first token where they diverge, `min(c + 1, L_i)`. Why the +1: on the shared prefix
+  the two responses have identical tokens and contexts, so their terms combine into
+  `(A_correct + A_incorrect) * grad logp` and the contrast between them lives in the divergence
+  token; an empty common prefix therefore still trains 1 token (the first, where they already
+  differ). Every rule keeps at least 1 token.
+- Only the selected rows are scored, and only up to their longest prefix (causal attention makes the
+  truncation exact); columns that are padding in every selected prompt are dropped too.
+- Adaptive completion schedule (`AdaptiveBudget`): the generation budget (max_new_tokens of the next
+  rollout) is `clamp(ceil(margin * ema), min_tokens, max_new_tokens)`, where `ema` is an exponential
+  moving average (weight `ema_decay` on the past) of the per-step maximum over groups of the
+  shortest-correct length (the max so that the budget still covers the prompt whose shortest correct
+  answer is longest). A step without a single correct response multiplies the budget by `margin`
+  (bounded by max_new_tokens) so a budget that turned out too short cannot lock training in a state
+  with no correct samples. The schedule starts at max_new_tokens. Responses cut by the budget count
+  as sampled (no stop token): they are scored as they are, exactly like GRPO's truncated responses.
+
+Rollouts use our own batched sampler with the member's KV cache (`sample_completions`) rather than
+`GenerationMixin.generate`: generate merges a saved `generation_config` (top_k, min_p, ...) into the
+call, which would make the sampling distribution differ from `softmax(logits / temperature)` that
+the loss assumes; our sampler draws from exactly that distribution (tested against the loss's
+log-probs) and uses an explicit `torch.Generator`, so a run is reproducible per step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from tasks.data.mathgen import answers_match, extract_answer, parse_number
+
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+PrefixRule = Literal["fraction", "first_k", "common"]
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+PREFIX_RULES = ("fraction", "first_k", "common")
+ADV_EPS = 1e-4  # TRL's constant in (r - mean) / (std + eps)
+
+
+# --- prompts and sampling ----------------------------------------------------------------------
+
+
+def encode_chat_prompts(tokenizer, questions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chat-templated prompts (`ruyi_model.decoding.encode_prompts`: user turn + `<|im_start|>assistant\\n`),
+    left-padded with the tokenizer's pad token.
+
+    Returns:
+        ids: N x P LongTensor (pad on the left), mask: N x P LongTensor (1 on real tokens).
+    """
+    from ruyi_model.decoding import encode_prompts
+
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token (<|pad|>); left-padded batches need one")
+    rows = encode_prompts(tokenizer, questions, chat=True)
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def _member_kwargs(exit_layer: int | None) -> dict:
+    # Stock transformers models (the TRL parity test) have no exit_layer argument.
+    return {} if exit_layer is None else {"exit_layer": exit_layer}
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on each row's first real token (left padding), B x T."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def sample_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, exit_layer: int | None,
+                       max_new_tokens: int, stop_ids: Sequence[int], pad_id: int, temperature: float = 1.0,
+                       do_sample: bool = True, generator: torch.Generator | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batched sampling (or greedy decoding) at one member with its own KV cache.
+
+    Tokens are drawn from `softmax(logits / temperature)` (no top-k/top-p), so the sampling policy is
+    exactly the policy whose log-probs `per_token_logps` computes (drawn by an exponential race, which
+    is exact and cheaper than `torch.multinomial`; tested against the empirical distribution). A row stops at its first stop id
+    (kept in the completion); the loop ends when every row stopped or after `max_new_tokens`.
+
+    Args:
+        prompt_ids, prompt_mask: N x P, left-padded.
+        exit_layer: the member to decode with (None for a stock causal LM).
+
+    Returns:
+        completion_ids: N x C (C <= max_new_tokens), `pad_id` after a row's stop token;
+        completion_mask: N x C, 1 up to and including the stop token;
+        truncated: N bool, rows that never produced a stop id.
+    """
+    from transformers.cache_utils import DynamicCache
+
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    was_training = model.training
+    model.eval()
+    n = prompt_ids.shape[0]
+    device = prompt_ids.device
+    stops = torch.tensor(list(stop_ids), device=device)
+    attn = prompt_mask.clone()
+    positions = positions_from_mask(attn)
+    cache = DynamicCache()
+    out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=positions, past_key_values=cache,
+                use_cache=True, logits_to_keep=1, **_member_kwargs(exit_layer))
+    next_pos = positions[:, -1:] + 1
+    finished = torch.zeros(n, dtype=torch.bool, device=device)
+    tokens, live = [], []
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1, :].float()
+        if do_sample:
+            # Exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) i.i.d. draws i with probability
+            # p_i exactly (the Gumbel-max trick in another form); ~10x cheaper than torch.multinomial
+            # over a vocabulary on CPU.
+            probs = torch.softmax(logits / temperature, dim=-1)
+            race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+            tok = (probs / race).argmax(-1)
+        else:
+            tok = logits.argmax(-1)
+        live.append(~finished)
+        tok = torch.where(finished, torch.full_like(tok, pad_id), tok)
+        tokens.append(tok)
+        finished = finished | torch.isin(tok, stops)
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        attn = torch.cat([attn, torch.ones((n, 1), dtype=attn.dtype, device=device)], dim=1)
+        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=cache,
+                    use_cache=True, **_member_kwargs(exit_layer))
+        next_pos = next_pos + 1
+    model.train(was_training)
+    completion_ids = torch.stack(tokens, dim=1)
+    completion_mask = torch.stack(live, dim=1).long()
+    return completion_ids, completion_mask, ~finished
+
+
+def decode_completions(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:
+    """Text of each completion (special tokens such as the stop token dropped)."""
+    return [tokenizer.decode(ids[m.bool()].tolist(), skip_special_tokens=True)
+            for ids, m in zip(completion_ids, completion_mask)]
+
+
+# --- rewards and advantages --------------------------------------------------------------------
+
+
+def is_well_formed(text: str) -> bool:
+    """True when `text` ends with a final-answer line: `#### <number>` and nothing after the number.
+
+    ("Step 1 ...\\n#### 42" and "so #### 42" are well formed; "#### 42 apples", "#### 42\\nmore" are not.)
+    """
+    text = text.rstrip()
+    idx = text.rfind("####")
+    if idx < 0 or "\n" in text[idx:]:
+        return False
+    return parse_number(text[idx + 4:]) is not None
+
+
+def score_responses(texts: Sequence[str], golds: Sequence[str], format_reward: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Verifiable reward: 1 for the exact final answer (`answers_match` on `extract_answer`), plus
+    `format_reward` when the response ends with a well-formed `#### <number>` line (`is_well_formed`).
+
+    Returns:
+        rewards: N float32, correct: N bool.
+    """
+    if len(texts) != len(golds):
+        raise ValueError(f"{len(texts)} responses but {len(golds)} gold answers")
+    correct = torch.tensor([answers_match(extract_answer(t), g) for t, g in zip(texts, golds)], dtype=torch.bool)
+    formed = torch.tensor([is_well_formed(t) for t in texts], dtype=torch.float32)
+    return correct.float() + format_reward * formed, correct
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int,
+                     scale: Literal["group", "batch", "none"] = "group") -> torch.Tensor:
+    """GRPO advantages as TRL: `(r - mean_g) / (std + 1e-4)`, std unbiased (n-1).
+
+    Args:
+        rewards: N = groups * group_size rewards, each group's responses consecutive.
+        scale: "group" (the group's std), "batch" (the std of all N), "none" (no division).
+
+    Returns:
+        N advantages (float32).
+    """
+    if group_size < 2 or rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size} (group_size >= 2)")
+    r = rewards.float().view(-1, group_size)
+    centered = r - r.mean(dim=1, keepdim=True)
+    if scale == "group":
+        centered = centered / (r.std(dim=1, keepdim=True) + ADV_EPS)
+    elif scale == "batch":
+        centered = centered / (rewards.float().std() + ADV_EPS)
+    elif scale != "none":
+        raise ValueError(f"scale must be group, batch or none; got {scale!r}")
+    return centered.reshape(-1)
+
+
+# --- log-probs and the clipped objective -------------------------------------------------------
+
+
+def per_token_logps(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                    completion_mask: torch.Tensor, *, exit_layer: int | None = None,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """Log-probabilities of the completion tokens under `softmax(logits / temperature)`.
+
+    Args:
+        prompt_ids, prompt_mask: B x P (left-padded); completion_ids, completion_mask: B x C.
+        exit_layer: the member (None for a stock causal LM).
+
+    Returns:
+        B x C float32 log-probs, 0 where `completion_mask` is 0 (as TRL).
+    """
+    ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attn = torch.cat([prompt_mask, completion_mask], dim=1)
+    c = completion_ids.shape[1]
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=positions_from_mask(attn), use_cache=False,
+                   logits_to_keep=c + 1, **_member_kwargs(exit_layer)).logits[:, :-1, :]
+    logps = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logps = logps.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    return logps * completion_mask.to(logps.dtype)
+
+
+def policy_loss(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                old_logps: torch.Tensor | None = None, ref_logps: torch.Tensor | None = None,
+                beta: float = 0.0, epsilon: float = 0.2, epsilon_high: float | None = None,
+                loss_type: LossType = "dapo", max_completion_length: int | None = None,
+                num_items_in_batch: float | torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The clipped GRPO objective with TRL's aggregation (see the module docstring).
+
+    Args:
+        logps: B x T per-token log-probs of the current policy (with grad).
+        advantages: B (or B x T) advantages.
+        mask: B x T 0/1 tokens that carry loss (completion mask, or BPPO's prefix mask).
+        old_logps: B x T log-probs of the sampling policy; None = `logps.detach()` (ratio 1).
+        ref_logps: B x T log-probs of the frozen reference; required when `beta > 0`.
+        epsilon, epsilon_high: clip range `[1 - epsilon, 1 + epsilon_high]` (epsilon_high None = epsilon).
+        max_completion_length: the dr_grpo constant (required for dr_grpo).
+        num_items_in_batch: the dapo normaliser (active tokens of the generation batch); None = mask.sum().
+
+    Returns:
+        (loss scalar, stats): stats has `clip_ratio` (share of active tokens whose ratio was clipped in
+        the direction that matters), `kl` (mean k3 to the reference over active tokens, 0 if beta == 0).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    m = mask.to(logps.dtype)
+    old = logps.detach() if old_logps is None else old_logps
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    ratio = torch.exp(logps - old)
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    kl_mean = 0.0
+    if beta != 0.0:
+        if ref_logps is None:
+            raise ValueError("beta > 0 needs ref_logps (log-probs of the frozen reference policy)")
+        diff = ref_logps - logps
+        kl = torch.exp(diff) - diff - 1
+        per_token = per_token + beta * kl * ratio
+        kl_mean = float((kl.detach() * m).sum() / m.sum().clamp(min=1.0))
+    s = per_token * m
+    if loss_type == "grpo":
+        loss = (s.sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = s.sum() / m.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("loss_type dr_grpo needs max_completion_length")
+        loss = s.sum() / (s.shape[0] * max_completion_length)
+    else:  # dapo
+        n_items = m.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=s.dtype)
+        loss = s.sum() / n_items.clamp(min=1.0)
+    with torch.no_grad():
+        is_clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
+        clip_ratio = float((is_clipped.to(m.dtype) * m).sum() / m.sum().clamp(min=1.0))
+    return loss, {"clip_ratio": clip_ratio, "kl": kl_mean}
+
+
+def k3_kl(logps_p: torch.Tensor, logps_q: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean k3 estimate of KL(p_sample || q) over active tokens, from samples of the first policy:
+    `exp(q - p) - (q - p) - 1` (the estimator of the KL penalty)."""
+    diff = logps_q - logps_p
+    m = mask.to(diff.dtype)
+    return float(((torch.exp(diff) - diff - 1) * m).sum() / m.sum().clamp(min=1.0))
+
+
+# --- BPPO ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class BPPOSelection:
+    """The rows BPPO trains: per non-degenerate group, (shortest correct, shortest incorrect).
+
+    Attributes:
+        pairs: global row indices `(correct_row, incorrect_row)`, one per used group.
+        groups: the group index of each pair.
+        skipped: groups skipped because all their responses were correct or all wrong.
+        shortest_correct: per group with a correct response, its shortest correct length (tokens).
+    """
+
+    pairs: list[tuple[int, int]] = field(default_factory=list)
+    groups: list[int] = field(default_factory=list)
+    skipped: int = 0
+    shortest_correct: list[int] = field(default_factory=list)
+
+    @property
+    def rows(self) -> list[int]:
+        """Selected row indices, correct then incorrect for each pair."""
+        return [r for pair in self.pairs for r in pair]
+
+
+def bppo_select(correct: torch.Tensor, lengths: torch.Tensor, group_size: int) -> BPPOSelection:
+    """Picks the shortest correct and the shortest incorrect response of every group.
+
+    Args:
+        correct: N bool (N = groups * group_size, groups consecutive).
+        lengths: N response lengths in tokens (stop token included).
+
+    Returns:
+        BPPOSelection (ties go to the earlier response; all-correct/all-wrong groups are skipped).
+    """
+    if correct.numel() != lengths.numel() or correct.numel() % group_size:
+        raise ValueError(f"correct ({correct.numel()}) and lengths ({lengths.numel()}) must both hold "
+                         f"groups of {group_size}")
+    sel = BPPOSelection()
+    big = int(lengths.max()) + 1
+    for g, (ok, ln) in enumerate(zip(correct.view(-1, group_size), lengths.view(-1, group_size))):
+        if bool(ok.any()):
+            # argmin returns the first minimum: the earlier response wins ties.
+            sel.shortest_correct.append(int(ln[ok].min()))
+        if bool(ok.all()) or not bool(ok.any()):
+            sel.skipped += 1
+            continue
+        c = int(torch.where(ok, ln, torch.full_like(ln, big)).argmin())
+        w = int(torch.where(~ok, ln, torch.full_like(ln, big)).argmin())
+        sel.pairs.append((g * group_size + c, g * group_size + w))
+        sel.groups.append(g)
+    return sel
+
+
+def prefix_lengths(completion_ids: torch.Tensor, lengths: torch.Tensor, pairs: Sequence[tuple[int, int]],
+                   rule: PrefixRule, *, fraction: float = 0.5, k: int = 16) -> torch.Tensor:
+    """How many leading tokens of each selected response carry gradient (see the module docstring).
+
+    Args:
+        completion_ids: N x C completions; lengths: N lengths (stop token included, >= 1).
+        pairs: `(correct_row, incorrect_row)` pairs from `bppo_select`.
+        rule: "fraction" (`ceil(fraction * L)`), "first_k" (`min(k, L)`) or "common" (common prefix of
+            the pair plus the first diverging token, `min(c + 1, L)`).
+
+    Returns:
+        LongTensor of 2 * len(pairs) prefix lengths, in `BPPOSelection.rows` order, each in [1, L].
+    """
+    if rule not in PREFIX_RULES:
+        raise ValueError(f"prefix rule must be one of {PREFIX_RULES}, got {rule!r}")
+    if not 0.0 < fraction <= 1.0 or k < 1:
+        raise ValueError(f"prefix fraction must be in (0, 1] and k >= 1; got {fraction}, {k}")
+    out = []
+    for a, b in pairs:
+        la, lb = int(lengths[a]), int(lengths[b])
+        if min(la, lb) < 1:
+            raise ValueError(f"responses {a}, {b} have lengths {la}, {lb}: every response has >= 1 token")
+        if rule == "fraction":
+            out += [max(1, math.ceil(fraction * la)), max(1, math.ceil(fraction * lb))]
+        elif rule == "first_k":
+            out += [min(k, la), min(k, lb)]
+        else:
+            n = min(la, lb)
+            same = (completion_ids[a, :n] == completion_ids[b, :n]).long()
+            common = int(same.cumprod(0).sum())
+            out += [min(common + 1, la), min(common + 1, lb)]
+    return torch.tensor(out, dtype=torch.long)
+
+
+def prefix_mask(prefix_lens: torch.Tensor, width: int) -> torch.Tensor:
+    """M x width 0/1 mask with the first `prefix_lens[i]` positions of row i set."""
+    return (torch.arange(width).unsqueeze(0) < prefix_lens.unsqueeze(1)).long()
+
+
+def trim_left_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drops leading columns that are padding in every row (exact: masked keys are never attended)."""
+    keep = int(mask.any(dim=0).long().argmax()) if bool(mask.any()) else 0
+    return ids[:, keep:], mask[:, keep:]
+
+
+class AdaptiveBudget:
+    """BPPO's adaptive completion schedule: the next rollout's max_new_tokens follows the recent
+    shortest-correct lengths (see the module docstring for the rule).
+
+    Args:
+        max_new_tokens: the ceiling (and the starting budget).
+        min_tokens: the floor.
+        margin: headroom factor over the smoothed shortest-correct length (>= 1).
+        ema_decay: weight of the past in the moving average, in [0, 1).
+    """
+
+    def __init__(self, max_new_tokens: int, min_tokens: int, margin: float, ema_decay: float = 0.5):
+        if not 1 <= min_tokens <= max_new_tokens:
+            raise ValueError(f"need 1 <= min_tokens ({min_tokens}) <= max_new_tokens ({max_new_tokens})")
+        if margin < 1.0 or not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"need margin >= 1 and ema_decay in [0, 1); got {margin}, {ema_decay}")
+        self.max_new_tokens, self.min_tokens = max_new_tokens, min_tokens
+        self.margin, self.ema_decay = margin, ema_decay
+        self.ema: float | None = None
+        self.budget = max_new_tokens
+
+    def update(self, shortest_correct: Sequence[int]) -> int:
+        """Feeds one step's shortest-correct lengths (one per group with a correct response) and
+        returns the budget for the next rollout."""
+        if shortest_correct:
+            step_len = float(max(shortest_correct))
+            self.ema = step_len if self.ema is None else self.ema_decay * self.ema + (1 - self.ema_decay) * step_len
+            target = math.ceil(self.margin * self.ema)
+        else:
+            target = math.ceil(self.margin * self.budget)
+        self.budget = int(min(self.max_new_tokens, max(self.min_tokens, target)))
+        return self.budget
+
+    def state_dict(self) -> dict:
+        return {"ema": self.ema, "budget": self.budget}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema, self.budget = state["ema"], int(state["budget"])

@@ -1,0 +1,337 @@
+"""tasks.training.rl_trainer: moved from tasks.rl (docstring to be written)."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tasks.core.files import read_jsonl
+from tasks.core.params import RLParams
+from tasks.core.stage import StageError
+
+log = logging.getLogger("ruyi.rl")
+
+
+# --- members and parameters ------------------------------------------------------------------
+
+
+def resolve_members(config, spec: str | list[int]) -> list[int]:
+    """The exit layers RL samples and trains for `rl.members` (see the module docstring)."""
+    exits = list(config.exit_layers)
+    if spec == "all":
+        return exits
+    if spec == "dae":
+        dae = [d for d in exits if config.num_dae_blocks(d) > 0]
+        return dae or [exits[0]]
+    bad = [d for d in spec if d not in exits]
+    if bad:
+        raise StageError(f"rl.members {bad} are not exits of the SFT checkpoint (exits: {exits})")
+    return sorted(set(spec))
+
+
+def trainable_parameters(model, spec: str | list[int], members: list[int]) -> list[tuple[str, Any]]:
+    """`(name, parameter)` pairs RL trains; sets `requires_grad` True on them and False elsewhere."""
+    if spec == "dae":
+        from ruyi_model.dae import dae_trainable_parameters
+
+        pairs: list[tuple[str, Any]] = []
+        for d in members:
+            if model.config.num_dae_blocks(d) > 0:
+                try:
+                    pairs += dae_trainable_parameters(model, d)
+                except ValueError as e:
+                    raise StageError(f"rl.members=dae: {e}") from None
+            else:
+                log.warning("rl.members=dae but the family has no DaE blocks: training member %d's own "
+                            "parameters (branch layers, norm, head); the other members stay unchanged", d)
+                pairs += [(f"exits.{d}.{n}", p) for n, p in model.exits[str(d)].named_parameters()]
+    else:
+        pairs = list(model.named_parameters())
+    chosen = {id(p) for _, p in pairs}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in chosen)
+    if not pairs:
+        raise StageError(f"rl.members={spec!r}: no trainable parameters")
+    return pairs
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+def load_rl_rows(path: Path) -> list[dict[str, Any]]:
+    """Reads rl.jsonl; an empty question or a non-numeric answer is an error naming file and row."""
+    from tasks.data.mathgen import parse_number
+
+    rows = read_jsonl(path, required=("id", "question", "answer"))
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row["question"], str) or not row["question"].strip():
+            raise StageError(f"{path}: row {i} (id={row['id']!r}): empty question")
+        if parse_number(str(row["answer"])) is None:
+            raise StageError(f"{path}: row {i} (id={row['id']!r}): answer {row['answer']!r} is not a number")
+    return rows
+
+
+def split_rows(rows: list[dict], eval_prompts: int, path: Path) -> tuple[list[dict], list[dict]]:
+    """(train, eval): the last `eval_prompts` rows are the fixed held-out evaluation slice."""
+    if len(rows) <= eval_prompts:
+        raise StageError(f"{path}: {len(rows)} rows, but rl.eval_prompts={eval_prompts} of them are held out "
+                         "for evaluation; need more rows (or lower rl.eval_prompts)")
+    return rows[:-eval_prompts], rows[-eval_prompts:]
+
+
+def evaluate_members(model, tokenizer, rows: list[dict], members: list[int], max_new_tokens: int,
+                     format_reward: float, batch_size: int = 16) -> dict[int, dict[str, float]]:
+    """Greedy reward and accuracy of each member on `rows` (`ruyi_model.decoding.greedy_generate`)."""
+    from ruyi_model.decoding import greedy_generate
+    from tasks.training.rl_algos import score_responses
+
+    out = {}
+    for d in members:
+        texts = greedy_generate(model, tokenizer, [r["question"] for r in rows], exit_layer=d,
+                                max_new_tokens=max_new_tokens, batch_size=batch_size)
+        rewards, correct = score_responses(texts, [str(r["answer"]) for r in rows], format_reward)
+        out[d] = {"reward": float(rewards.mean()), "accuracy": float(correct.float().mean())}
+    return out
+
+
+# --- the trainer ---------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainBatch:
+    """What one member's loss needs (rows already restricted to those carrying gradient).
+
+    Shapes: prompt B x P, completion/mask B x C; advantages B; log-probs B x C (or None).
+    """
+
+    prompt_ids: Any
+    prompt_mask: Any
+    completion_ids: Any
+    completion_mask: Any
+    loss_mask: Any
+    advantages: Any
+    num_items: float
+    old_logps: Any = None
+    ref_logps: Any = None
+    start_logps: Any = None
+
+
+def _seed_for(*parts: int) -> int:
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class RLTrainer:
+    """GRPO/BPPO training of a family's members, one generation batch per `step()`.
+
+    Args:
+        model: a FamilialForCausalLM (trained in place).
+        tokenizer: its chat tokenizer.
+        train_rows: rl.jsonl rows ({"question", "answer"}) to sample prompts from.
+        cfg: the `rl` params section.
+        members: exit layers to sample and train (`resolve_members`).
+        trainable: `(name, parameter)` pairs to optimize (`trainable_parameters`).
+        seed: base seed of the prompt order and the rollouts.
+    """
+
+    def __init__(self, model, tokenizer, train_rows: list[dict], cfg: RLParams, *, members: list[int],
+                 trainable: list[tuple[str, Any]], seed: int):
+        import torch
+
+        from ruyi_model.decoding import stop_token_ids
+        from tasks.training.rl_algos import AdaptiveBudget
+
+        if not train_rows:
+            raise ValueError("RLTrainer needs at least one training prompt")
+        self.model, self.tokenizer, self.rows, self.cfg = model, tokenizer, train_rows, cfg
+        self.members, self.seed = list(members), seed
+        self.params = [p for _, p in trainable]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0)
+        self.stop_ids = stop_token_ids(tokenizer)
+        self.ref_model = None
+        if cfg.beta > 0:
+            self.ref_model = copy.deepcopy(model).eval()
+            for p in self.ref_model.parameters():
+                p.requires_grad_(False)
+        use_budget = cfg.algorithm == "bppo" and cfg.bppo.adaptive_budget
+        self.budgets = {d: AdaptiveBudget(cfg.max_new_tokens, cfg.bppo.budget_min_tokens, cfg.bppo.budget_margin,
+                                          cfg.bppo.budget_ema) if use_budget else None for d in self.members}
+        self.history: dict[int, list[dict[str, float]]] = {d: [] for d in self.members}
+        self.step_index = 0
+        self.elapsed_s = 0.0
+        self._perms: dict[int, list[int]] = {}
+
+    # -- prompts --
+    def prompts_for_step(self, step: int) -> list[dict]:
+        """The `prompts_per_step` rows of step `step`: consecutive slices of per-epoch permutations."""
+        import torch
+
+        n, per = len(self.rows), self.cfg.prompts_per_step
+        out = []
+        for k in range(step * per, (step + 1) * per):
+            epoch = k // n
+            if epoch not in self._perms:
+                gen = torch.Generator().manual_seed(_seed_for(self.seed, "epoch", epoch))
+                self._perms = {epoch: torch.randperm(n, generator=gen).tolist()}
+            out.append(self.rows[self._perms[epoch][k % n]])
+        return out
+
+    # -- one member's rollouts --
+    def _rollout(self, rows: list[dict], d: int, step: int) -> tuple[TrainBatch | None, dict[str, float], list[int]]:
+        import torch
+
+        from tasks.training.rl_algos import (
+            bppo_select,
+            decode_completions,
+            encode_chat_prompts,
+            group_advantages,
+            per_token_logps,
+            prefix_lengths,
+            prefix_mask,
+            sample_completions,
+            score_responses,
+            trim_left_padding,
+        )
+
+        cfg, g = self.cfg, self.cfg.group_size
+        budget = self.budgets[d].budget if self.budgets[d] is not None else cfg.max_new_tokens
+        prompt_ids, prompt_mask = encode_chat_prompts(self.tokenizer, [r["question"] for r in rows])
+        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(g, 0), prompt_mask.repeat_interleave(g, 0)
+        gen = torch.Generator().manual_seed(_seed_for(self.seed, "rollout", step, d))
+        comp, cmask, truncated = sample_completions(
+            self.model, prompt_ids, prompt_mask, exit_layer=d, max_new_tokens=budget, stop_ids=self.stop_ids,
+            pad_id=self.tokenizer.pad_token_id, temperature=cfg.temperature, generator=gen)
+        texts = decode_completions(self.tokenizer, comp, cmask)
+        golds = [str(r["answer"]) for r in rows for _ in range(g)]
+        rewards, correct = score_responses(texts, golds, cfg.format_reward)
+        adv = group_advantages(rewards, g, scale=cfg.scale_rewards)
+        lengths = cmask.sum(1)
+        stats = {"reward": float(rewards.mean()), "accuracy": float(correct.float().mean()),
+                 "length": float(lengths.float().mean()), "budget": float(budget),
+                 "tokens_generated": float(lengths.sum()), "truncated": float(truncated.float().mean())}
+        shortest_correct: list[int] = []
+        if cfg.algorithm == "grpo":
+            batch = TrainBatch(prompt_ids, prompt_mask, comp, cmask, cmask, adv, float(cmask.sum()))
+            # Every group degenerate (all rewards equal): no advantage signal, the loss carries no gradient.
+            r = rewards.view(-1, g)
+            stats["has_gradient"] = float(bool((r.max(1).values != r.min(1).values).any()))
+        else:
+            sel = bppo_select(correct, lengths, g)
+            shortest_correct = sel.shortest_correct
+            stats.update(pairs=float(len(sel.pairs)), skipped_groups=float(sel.skipped),
+                         has_gradient=float(bool(sel.pairs)))
+            if not sel.pairs:
+                return None, stats, shortest_correct
+            rows_idx = torch.tensor(sel.rows)
+            plen = prefix_lengths(comp, lengths, sel.pairs, cfg.bppo.prefix_rule,
+                                  fraction=cfg.bppo.prefix_fraction, k=cfg.bppo.prefix_k)
+            width = int(plen.max())
+            pm = prefix_mask(plen, width) * cmask[rows_idx, :width]
+            p_ids, p_mask = trim_left_padding(prompt_ids[rows_idx], prompt_mask[rows_idx])
+            batch = TrainBatch(p_ids, p_mask, comp[rows_idx, :width], cmask[rows_idx, :width], pm, adv[rows_idx],
+                               float(pm.sum()))
+        with torch.no_grad():
+            if cfg.num_iterations > 1:
+                batch.old_logps = per_token_logps(self.model, batch.prompt_ids, batch.prompt_mask,
+                                                  batch.completion_ids, batch.completion_mask, exit_layer=d,
+                                                  temperature=cfg.temperature)
+            if self.ref_model is not None:
+                batch.ref_logps = per_token_logps(self.ref_model, batch.prompt_ids, batch.prompt_mask,
+                                                  batch.completion_ids, batch.completion_mask, exit_layer=d,
+                                                  temperature=cfg.temperature)
+        return batch, stats, shortest_correct
+
+    def _loss(self, batch: TrainBatch, d: int):
+        from tasks.training.rl_algos import per_token_logps, policy_loss
+
+        cfg = self.cfg
+        logps = per_token_logps(self.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                                batch.completion_mask, exit_layer=d, temperature=cfg.temperature)
+        loss, st = policy_loss(logps, batch.advantages, batch.loss_mask, old_logps=batch.old_logps,
+                               ref_logps=batch.ref_logps, beta=cfg.beta, epsilon=cfg.epsilon,
+                               epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
+                               max_completion_length=cfg.max_new_tokens, num_items_in_batch=batch.num_items)
+        return loss, logps, st
+
+    def step(self) -> dict[int, dict[str, float]]:
+        """One generation batch per member and `num_iterations` optimizer steps; returns the step's
+        metrics per member (also appended to `history`)."""
+        import torch
+
+        from tasks.training.rl_algos import k3_kl, per_token_logps
+
+        t_step = time.perf_counter()
+        step, cfg = self.step_index, self.cfg
+        rows = self.prompts_for_step(step)
+        batches: dict[int, TrainBatch | None] = {}
+        stats: dict[int, dict[str, float]] = {}
+        for d in self.members:
+            t0 = time.perf_counter()
+            batch, st, shortest_correct = self._rollout(rows, d, step)
+            if self.budgets[d] is not None:
+                self.budgets[d].update(shortest_correct)
+            st.update(rollout_s=time.perf_counter() - t0, train_s=0.0, loss=0.0, clip_ratio=0.0, kl=0.0,
+                      trained_tokens=0.0 if batch is None else batch.num_items)
+            batches[d], stats[d] = batch, st
+        self.model.train()
+        for it in range(cfg.num_iterations):
+            self.optimizer.zero_grad(set_to_none=True)
+            stepped = False
+            for d, batch in batches.items():
+                if batch is None:
+                    continue
+                t0 = time.perf_counter()
+                loss, logps, st = self._loss(batch, d)
+                loss.backward()
+                stepped = True
+                stats[d]["train_s"] += time.perf_counter() - t0
+                if it == 0:
+                    batch.start_logps = logps.detach()
+                    stats[d].update(loss=float(loss.detach()), clip_ratio=st["clip_ratio"], kl=st["kl"])
+            if stepped:
+                t0 = time.perf_counter()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+                self.optimizer.step()
+                share = (time.perf_counter() - t0) / max(1, sum(b is not None for b in batches.values()))
+                for d, batch in batches.items():
+                    if batch is not None:
+                        stats[d]["train_s"] += share
+        self.optimizer.zero_grad(set_to_none=True)
+        if cfg.beta == 0:
+            with torch.no_grad():
+                for d, batch in batches.items():
+                    if batch is None:
+                        continue
+                    t0 = time.perf_counter()
+                    new = per_token_logps(self.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                                          batch.completion_mask, exit_layer=d, temperature=cfg.temperature)
+                    stats[d]["kl"] = k3_kl(batch.start_logps, new, batch.loss_mask)
+                    stats[d]["train_s"] += time.perf_counter() - t0
+        self.elapsed_s += time.perf_counter() - t_step
+        for d in self.members:
+            stats[d].setdefault("pairs", 0.0)
+            stats[d].setdefault("skipped_groups", 0.0)
+            stats[d].update(step=float(step + 1), time_s=self.elapsed_s)
+            self.history[d].append(stats[d])
+        self.step_index += 1
+        return stats
+
+    # -- resume --
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the weights and the optimizer tensors (JSON-serializable)."""
+        return {"step": self.step_index, "elapsed_s": self.elapsed_s,
+                "budgets": {str(d): b.state_dict() for d, b in self.budgets.items() if b is not None},
+                "history": {str(d): h for d, h in self.history.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_index, self.elapsed_s = int(state["step"]), float(state["elapsed_s"])
+        for d, b in self.budgets.items():
+            if b is not None:
+                b.load_state_dict(state["budgets"][str(d)])
+        self.history = {d: list(state["history"][str(d)]) for d in self.members}

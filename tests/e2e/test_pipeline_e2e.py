@@ -1,0 +1,347 @@
+"""The whole pipeline end to end on a micro profile: Prefect -> DVC -> every stage (slow).
+
+One workspace (a copy of this repository, made a git + DVC repo) is shared by the tests of this
+module, in order: the full run; `dvc status` up to date and a fast second run; a parameter change
+that reruns only what depends on it; a rerun from `compress` created through a real Prefect
+server's REST API; the audit (clean clone + dvc pull + forced repro reproduces weights and quality
+metrics exactly); a failed quality gate that stops the flow before export and deploy; malformed raw
+rows that stop the flow at validate_data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+DVC = str(BIN / "dvc")
+
+
+def free_port() -> int:
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < 50000:  # keep port + 10000 free-able and clear of Ray's 10002-19999 worker range
+            if not 10002 <= port <= 19999:
+                return port
+
+
+MICRO = {
+    "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_hidden_layers": 4,
+    "model.num_attention_heads": 2, "model.num_key_value_heads": 1, "model.head_dim": 16,
+    "model.exit_layers": [2, 4],
+    "data.max_corpus_docs": 150, "data.num_sft": 60, "data.num_rl": 24, "data.num_eval": 12,
+    "tokenizer.vocab_size": 400,
+    "cpt.max_steps": 6, "cpt.seq_len": 64, "cpt.batch_size": 4, "cpt.checkpoint_every": 3, "cpt.eval_every": 3,
+    "cpt.eval_batches": 1, "cpt.warmup_steps": 1,
+    "expand.max_steps": 4, "expand.num_blocks": 1, "expand.seq_len": 64, "expand.batch_size": 4,
+    "expand.checkpoint_every": 2, "expand.eval_every": 2, "expand.eval_batches": 1, "expand.warmup_steps": 1,
+    "sft.max_steps": 4, "sft.seq_len": 96, "sft.batch_size": 4, "sft.checkpoint_every": 2, "sft.eval_every": 2,
+    "sft.eval_batches": 1, "sft.warmup_steps": 1,
+    "rl.steps": 2, "rl.prompts_per_step": 2, "rl.group_size": 4, "rl.max_new_tokens": 12, "rl.eval_prompts": 6,
+    "compress.calibration_batches": 2, "compress.heal_steps": 2,
+    "evaluate.num_problems": 6, "evaluate.max_new_tokens": 12, "evaluate.loss_batches": 2,
+    "evaluate.speed_new_tokens": 4,
+    "gates.max_loss": 50.0, "gates.depth_tolerance": 1.0,
+    "compress.max_relative_loss_increase": 1.0,
+    "deploy.smoke_prompts": 2,
+}
+
+
+def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def git(ws: Path, *args: str) -> str:
+    return run(["git", "-c", "user.email=ci@ruyi", "-c", "user.name=ci", *args], ws).stdout
+
+
+def copy_repository(dest: Path) -> None:
+    """The repository as a clean clone would have it (tracked + untracked-not-ignored files)."""
+    files = run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], REPO).stdout.split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    ws = tmp_path_factory.mktemp("e2e") / "ws"
+    ws.mkdir()
+    copy_repository(ws)
+    git(ws, "init", "-q")
+    git(ws, "add", "-A")
+    git(ws, "commit", "-qm", "snapshot")
+    remote = ws.parent / "dvc-remote"
+    run([DVC, "remote", "add", "-f", "-d", "local", str(remote)], ws)
+    overrides = dict(MICRO, **{"deploy.port": free_port(), "deploy.store.root": str(ws.parent / "store")})
+    from flows.pipeline import apply_param_overrides
+
+    apply_param_overrides(ws, overrides)
+    git(ws, "commit", "-qam", "micro profile")
+    return ws
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture(scope="module")
+def first_run(workspace, prefect_api):
+    from flows.pipeline import ruyi_pipeline
+
+    t0 = time.perf_counter()
+    results = ruyi_pipeline(workspace=str(workspace), push=True)
+    return results, time.perf_counter() - t0
+
+
+def store_versions(ws: Path) -> list[str]:
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    root = Path(params["deploy"]["store"]["root"]) / params["deploy"]["model_name"]
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.exists() else []
+
+
+def test_full_pipeline_runs_every_stage(workspace, first_run):
+    results, seconds = first_run
+    stages = [r["stage"] for r in results]
+    assert stages == ["prepare_data", "validate_data", "tokenizer", "cpt", "expand", "sft", "rl", "compress",
+                      "evaluate", "gates", "export", "deploy"]
+    assert not any(r["skipped"] for r in results)
+    ev = json.loads((workspace / "metrics/eval.json").read_text())
+    for d in (2, 4):
+        assert {"loss", "accuracy", "tokens_per_s", "params"} <= set(ev[f"exit_{d}"])
+    comp = json.loads((workspace / "metrics/compress.json").read_text())
+    assert comp["added_params_after"] < comp["added_params_before"]
+    rl = json.loads((workspace / "metrics/rl.json").read_text())
+    assert rl["algorithm"] in ("grpo", "bppo")
+    assert len(store_versions(workspace)) == 1
+    for d in (2, 4):
+        assert (workspace / f"artifacts/export/exit_{d}/model.safetensors").is_file()
+    print(f"micro pipeline: {seconds:.0f} s")
+
+
+def test_status_up_to_date_and_second_run_is_fast(workspace, first_run, prefect_api):
+    from flows.pipeline import ruyi_pipeline
+
+    status = run([DVC, "status"], workspace).stdout
+    assert "up to date" in status, status
+    t0 = time.perf_counter()
+    again = ruyi_pipeline(workspace=str(workspace), push=False)
+    assert all(r["skipped"] for r in again)
+    assert time.perf_counter() - t0 < 120
+    assert len(store_versions(workspace)) == 1  # nothing redeployed
+
+
+def test_changing_one_parameter_reruns_only_that_stage_and_downstream(workspace, first_run, prefect_api):
+    from flows.pipeline import ruyi_pipeline
+
+    before = (workspace / "artifacts/compress/model.safetensors").stat().st_mtime_ns
+    results = ruyi_pipeline(workspace=str(workspace), overrides={"evaluate.num_problems": 5}, push=False)
+    ran = [r["stage"] for r in results if not r["skipped"]]
+    # evaluate reruns, and gates since evaluate's quality metrics (its input) changed; export and deploy
+    # rerun only if the gates' verdict file changed, which fewer problems need not do
+    assert ran[:2] == ["evaluate", "gates"], ran
+    assert set(ran) <= {"evaluate", "gates", "export", "deploy"}
+    assert (workspace / "artifacts/compress/model.safetensors").stat().st_mtime_ns == before
+    git(workspace, "commit", "-qam", "evaluate.num_problems=5")
+
+
+def _http(method: str, url: str, body: dict | None = None, attempts: int = 20) -> dict | list:
+    """One REST call; 503 (the server's SQLite busy under load, which Prefect's own client retries) is
+    retried with a short pause, every other error is raised."""
+    for attempt in range(attempts):
+        req = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as e:
+            if e.code != 503 or attempt == attempts - 1:
+                raise
+            time.sleep(1.0)
+    raise AssertionError("unreachable")
+
+
+def test_rerun_from_compress_through_a_real_prefect_server(workspace, first_run, tmp_path):
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=api,
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING")
+    env.pop("PREFECT_API_KEY", None)
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    served = None
+    try:
+        for _ in range(240):
+            try:
+                _http("GET", f"{api}/health")
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("prefect server did not become healthy")
+        served = subprocess.Popen([str(BIN / "ruyi"), "deployments"], cwd=workspace, env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        dep = None
+        for _ in range(240):
+            try:
+                dep = _http("GET", f"{api}/deployments/name/ruyi-pipeline/rerun")
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert dep, "rerun deployment never registered"
+        rl_mtime = (workspace / "artifacts/rl/model.safetensors").stat().st_mtime_ns
+        compress_metrics = (workspace / "metrics/compress.json").read_text()
+        # as a person would in the dashboard: rerun from compress with one of its parameters changed
+        run_ = _http("POST", f"{api}/deployments/{dep['id']}/create_flow_run",
+                     {"parameters": {"from_stage": "compress", "overrides": {"compress.heal_steps": 3},
+                                     "push": False}})
+        state = None
+        for _ in range(1200):
+            state = _http("GET", f"{api}/flow_runs/{run_['id']}")["state"]["type"]
+            if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                break
+            time.sleep(0.5)
+        assert state == "COMPLETED", state
+        tasks = _http("POST", f"{api}/task_runs/filter",
+                      {"task_runs": {"flow_run_id": {"any_": [run_["id"]]}}})
+        names = sorted(t["name"] for t in tasks)
+        assert names == sorted(["compress", "evaluate", "gates", "export", "deploy"]), names
+        assert (workspace / "artifacts/rl/model.safetensors").stat().st_mtime_ns == rl_mtime  # upstream untouched
+        assert json.loads((workspace / "metrics/compress.json").read_text()) != json.loads(compress_metrics)  # reran
+        assert yaml.safe_load((workspace / "params.yaml").read_text())["compress"]["heal_steps"] == 3
+        assert "compress:" not in run([DVC, "status"], workspace).stdout  # and dvc.lock records what ran
+        artifacts = _http("POST", f"{api}/artifacts/filter",
+                          {"artifacts": {"flow_run_id": {"any_": [run_["id"]]}}})
+        keys = {a["key"] for a in artifacts}
+        assert "lineage" in keys and "metrics-compress" in keys, keys
+        lineage = next(a for a in artifacts if a["key"] == "lineage")
+        assert run_["id"] in lineage["data"] and "| compress | yes |" in lineage["data"]
+        git(workspace, "commit", "-qam", "compress.heal_steps=3 (rerun from the dashboard)")
+    finally:
+        for proc in (served, server):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, 15)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, 9)
+
+
+def _task_runs(flow_run_id) -> list[tuple[str, int]]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return sorted((t.name, t.run_count) for t in runs)
+
+
+def test_a_failed_quality_gate_stops_the_flow_before_export_and_deploy(workspace, first_run, prefect_api):
+    from flows.pipeline import StageFailed, apply_param_overrides, ruyi_pipeline
+
+    versions = store_versions(workspace)
+    exported = (workspace / "artifacts/export/manifest.json").read_bytes()
+    before = yaml.safe_load((workspace / "params.yaml").read_text())["gates"]["max_loss"]
+    try:
+        state = ruyi_pipeline(workspace=str(workspace), from_stage="gates", overrides={"gates.max_loss": 0.01},
+                              push=False, return_state=True)
+        assert state.is_failed()
+        with pytest.raises(StageFailed) as info:
+            state.result()
+        message = str(info.value)
+        assert "stage gates failed (not retried)" in message and "gates.max_loss" in message, message
+        assert _task_runs(state.state_details.flow_run_id) == [("gates", 1)]  # no retry, export/deploy never ran
+        assert (workspace / "artifacts/export/manifest.json").read_bytes() == exported
+        assert store_versions(workspace) == versions
+    finally:
+        apply_param_overrides(workspace, {"gates.max_loss": before})
+        ruyi_pipeline(workspace=str(workspace), from_stage="gates", to_stage="gates", push=False)
+    assert "up to date" in run([DVC, "status"], workspace).stdout
+
+
+def test_audit_clean_clone_pull_and_forced_repro_reproduce_weights_and_quality(workspace, first_run, tmp_path):
+    run([DVC, "push"], workspace)
+    git(workspace, "add", "-A")
+    git(workspace, "commit", "-qm", "results", "--allow-empty")
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(workspace), str(clone)], tmp_path)
+    run([DVC, "pull"], clone)
+    recorded = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
+    # the pulled weights are the recorded ones (resumable checkpoints, plots and reports are not cached,
+    # so `dvc status` lists them as missing in a fresh clone and `dvc repro` rebuilds them)
+    weights = "artifacts/compress/model.safetensors"
+    assert (clone / weights).read_bytes() == (workspace / weights).read_bytes()
+    quality = (clone / "metrics/eval_quality.json").read_text()
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    run([DVC, "repro", "--force", "evaluate"], clone, env=env)
+    redone = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
+    for stage in ("prepare_data", "validate_data", "tokenizer", "cpt", "expand", "sft", "rl", "compress"):
+        for out_rec, out_new in zip(recorded[stage]["outs"], redone[stage]["outs"]):
+            if out_rec["path"].startswith(("artifacts/", "data/raw", "data/validated")) and "checkpoints" not in out_rec["path"]:
+                assert out_rec["md5"] == out_new["md5"], f"{stage}: {out_rec['path']} did not reproduce"
+    assert (clone / "metrics/eval_quality.json").read_text() == quality
+
+
+def test_malformed_raw_rows_stop_the_flow_at_validate_data(workspace, first_run, prefect_api):
+    from flows.pipeline import StageFailed, ruyi_pipeline
+
+    versions = store_versions(workspace)
+    tok_metrics = (workspace / "metrics/tokenizer.json").stat().st_mtime_ns
+    raw = workspace / "data/raw/sft.jsonl"
+    rows = raw.read_text().splitlines()
+    bad = json.loads(rows[0])
+    bad.update(id="bad-email", prompt="Write to leak.me@example.com and compute 2+2.",
+               response="2+2=4\n#### 4", answer="4")
+    bad2 = dict(json.loads(rows[1]), id="bad-answer", answer="four")
+    raw.chmod(0o644)
+    raw.write_text("\n".join(rows + [json.dumps(bad), json.dumps(bad2)]) + "\n")
+    # as if an upstream producer wrote the bad rows: the manifest agrees with the files, the contracts do not
+    import hashlib
+
+    manifest_path = workspace / "data/raw/manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["sft.jsonl"].update(rows=len(rows) + 2, sha256=hashlib.sha256(raw.read_bytes()).hexdigest())
+    manifest_path.chmod(0o644)
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    state = ruyi_pipeline(workspace=str(workspace), from_stage="validate_data", push=False, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(StageFailed) as info:
+        state.result()
+    message = str(info.value)
+    print(message)
+    assert "stage validate_data failed (not retried)" in message and "data contract violated" in message
+    assert "Data Docs:" in message and "sft.jsonl" in message  # where to look, and which file
+    assert "expect_" in message  # the expectation that failed
+    assert "leak.me@example.com" in message and "four" in message  # sample rows, both of them
+    # one attempt (contract failures are never retried) and no later stage ran
+    assert _task_runs(state.state_details.flow_run_id) == [("validate_data", 1)]
+    assert store_versions(workspace) == versions
+    assert (workspace / "metrics/tokenizer.json").stat().st_mtime_ns == tok_metrics
+    docs = "\n".join(p.read_text(errors="replace") for p in (workspace / "reports/contracts").rglob("*.html"))
+    assert "leak.me@example.com" in docs and "four" in docs  # the Data Docs list both bad rows

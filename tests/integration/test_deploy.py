@@ -1,0 +1,164 @@
+"""The deploy stage (tasks/deploy.py): publish, fetch, serve on Ray, smoke-test, metrics; and its errors.
+
+The end-to-end test publishes to a real S3 server (SeaweedFS) and serves with real Ray Serve; the
+others stop before Ray starts (bad inputs must fail fast and clearly).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from s3server import s3_server  # noqa: F401  (module-scoped SeaweedFS fixture)
+from tiny_export import build_tiny_export, private_tmpdir
+
+from tasks.core.files import write_jsonl
+from tasks.core.params import load_params
+from tasks.core.stage import StageError
+from tasks.deploy import content_digest, main, publish_export, run
+from tasks.release.store import LocalStore, S3Store, open_store, scan_dir
+
+REPO = Path(__file__).resolve().parents[2]
+EVAL_ROWS = [
+    {"id": "e1", "question": "Tom has 3 apples and buys 4 more. How many apples does he have?",
+     "solution": "3 + 4 = 7\n#### 7", "answer": "7", "level": 1},
+    {"id": "e2", "question": "A train travels 60 miles in 2 hours. What is its speed?",
+     "solution": "60 / 2 = 30\n#### 30", "answer": "30", "level": 1},
+    {"id": "e3", "question": "Not used: smoke_prompts is 2.", "solution": "#### 1", "answer": "1", "level": 1},
+]
+
+
+@pytest.fixture(scope="module")
+def export_src():
+    with private_tmpdir("ruyi-deploy-export-") as tmp:
+        yield build_tiny_export(tmp / "export")
+
+
+def _workspace(root: Path, export_src: Path) -> dict:
+    """A workspace with artifacts/export and data/validated/eval.jsonl; returns params overrides."""
+    shutil.copytree(export_src, root / "artifacts" / "export")
+    write_jsonl(root / "data" / "validated" / "eval.jsonl", EVAL_ROWS)
+    return {"paths.data_dir": str(root / "data"), "paths.artifacts_dir": str(root / "artifacts"),
+            "paths.metrics_dir": str(root / "metrics"), "paths.plots_dir": str(root / "plots"),
+            "paths.reports_dir": str(root / "reports"), "deploy.store.root": str(root / "store"),
+            "deploy.smoke_prompts": 2, "deploy.smoke_max_tokens": 8}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_publish_export_reuses_identical_releases(tmp_path, export_src):
+    overrides = _workspace(tmp_path, export_src)
+    params = load_params(REPO / "params.yaml", overrides)
+    store = open_store(params.deploy.store)
+    first, reused = publish_export(params, store)
+    assert (first.version, reused) == ("v0001", False)
+    assert first.metadata["content_sha256"] == content_digest(scan_dir(tmp_path / "artifacts" / "export"))
+    assert first.metadata["exit_layers"] == [2, 4]
+    again, reused = publish_export(params, store)  # same export: idempotent
+    assert (again.version, reused) == ("v0001", True)
+    fixed = load_params(REPO / "params.yaml", {**overrides, "deploy.version": "v0001"})
+    assert publish_export(fixed, store)[1] is True
+    (tmp_path / "artifacts" / "export" / "NOTES.txt").write_text("a changed export\n")
+    changed, reused = publish_export(params, store)
+    assert (changed.version, reused) == ("v0002", False)
+    with pytest.raises(StageError, match="v0001 already exists .* with different content"):
+        publish_export(fixed, store)
+    assert store.list_versions("ruyi-tiny") == ["v0001", "v0002"]
+
+
+def test_deploy_fails_fast_and_clearly(tmp_path, export_src, capsys):
+    overrides = _workspace(tmp_path, export_src)
+    sets = [f"--set={k}={v}" for k, v in overrides.items()]
+    params_file = str(REPO / "params.yaml")
+
+    (tmp_path / "data" / "validated" / "eval.jsonl").unlink()
+    assert main(["--params", params_file, *sets]) == 2
+    assert "eval.jsonl" in capsys.readouterr().err
+    write_jsonl(tmp_path / "data" / "validated" / "eval.jsonl", EVAL_ROWS)
+
+    shutil.rmtree(tmp_path / "artifacts" / "export")
+    assert main(["--params", params_file, *sets]) == 2
+    assert "export (run the export stage first) not found" in capsys.readouterr().err
+
+    shutil.copytree(export_src, tmp_path / "artifacts" / "export")
+    assert main(["--params", params_file, *sets, "--set", "deploy.store.backend=s3"]) == 2
+    assert "store.bucket is required" in capsys.readouterr().err
+    assert not (tmp_path / "metrics").exists()
+
+
+def test_deploy_stage_s3_end_to_end(tmp_path, export_src, s3_server, monkeypatch):  # noqa: F811
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    s3_server.create_bucket("releases")
+    overrides = {**_workspace(tmp_path, export_src), "deploy.store.backend": "s3", "deploy.store.bucket": "releases",
+                 "deploy.store.endpoint_url": s3_server.endpoint, "deploy.store.connect_timeout_s": 2,
+                 "deploy.store.max_attempts": 2, "deploy.port": _free_port()}
+    params = load_params(REPO / "params.yaml", overrides)
+
+    # Wrong credentials: a clear error, before Ray is started.
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    with pytest.raises(StageError, match="credentials were rejected"):
+        run(params)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+
+    metrics = run(params)
+    assert metrics["version"] == "v0001" and metrics["reused_release"] is False
+    assert metrics["store_uri"] == "s3://releases/ruyi" and metrics["release_uri"] == "s3://releases/ruyi/ruyi-tiny/v0001"
+    assert metrics["serving_url"] == f"http://127.0.0.1:{params.deploy.port}"
+    tiers = metrics["tiers"]
+    for tier in ("exit_2", "exit_4"):
+        assert tiers[tier]["requests"] == tiers[tier]["ok"] == 2
+        assert 0 <= tiers[tier]["accuracy"] <= 1 and tiers[tier]["latency_ms_p50"] > 0
+        assert tiers[tier]["completion_tokens_mean"] <= 8
+    assert "dynamic" in tiers  # served, or recorded as unavailable
+    if tiers["dynamic"].get("available", True):
+        assert tiers["dynamic"]["ok"] == 2 and 2 <= tiers["dynamic"]["mean_exit_layer"] <= 4
+    on_disk = json.loads((tmp_path / "metrics" / "deploy.json").read_text())
+    assert on_disk["version"] == "v0001" and on_disk["tiers"] == json.loads(json.dumps(tiers))
+    smoke = json.loads((tmp_path / "metrics" / "deploy_smoke.json").read_text())
+    assert smoke["content_sha256"] == content_digest(scan_dir(tmp_path / "artifacts" / "export"))
+    assert "version" not in smoke and all("latency_ms_p50" not in t for t in smoke["tiers"].values())
+    rows = [json.loads(line) for line in (tmp_path / "reports" / "deploy" / "smoke.jsonl").read_text().splitlines()]
+    assert {(r["tier"], r["id"]) for r in rows} >= {("exit_2", "e1"), ("exit_4", "e2")}
+    assert (tmp_path / "plots" / "deploy" / "latency.png").stat().st_size > 0
+    assert (tmp_path / "plots" / "deploy" / "latency.csv").read_text().startswith("tier,")
+
+    # The release is in S3 and complete; what was served is the verified copy fetched back.
+    store = open_store(params.deploy.store)
+    assert isinstance(store, S3Store) and store.list_versions("ruyi-tiny") == ["v0001"]
+    served = tmp_path / "artifacts" / "releases" / "ruyi-tiny" / "v0001"
+    assert (served / "MANIFEST.json").is_file() and (served / "exit_2" / "model.safetensors").is_file()
+    # Nothing of Ray is left (its processes carry this session's RAY_TMPDIR in their command lines).
+    out = subprocess.run(["pgrep", "-af", os.environ["RAY_TMPDIR"]], capture_output=True, text=True).stdout
+    assert [line for line in out.splitlines() if "pgrep" not in line] == []
+
+
+def test_local_store_is_the_default(tmp_path):
+    params = load_params(REPO / "params.yaml")
+    assert params.deploy.store.backend == "local"
+    assert isinstance(open_store(params.deploy.store), LocalStore)
+
+
+def test_ruyi_serve_command_reports_store_errors(tmp_path):
+    """`ruyi serve` wiring: options reach serve_release; a store without the release is a clear error."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--params", str(REPO / "params.yaml"), "--version", "v0003",
+                                      "--set", f"deploy.store.root={tmp_path / 'empty-store'}"])
+    assert result.exit_code == 2
+    assert "release ruyi-tiny/v0003 not found" in result.output
+    result = CliRunner().invoke(app, ["serve", "--params", str(REPO / "params.yaml"), "--port", "15000"])
+    assert result.exit_code == 2 and "worker port range" in result.output  # checked before anything starts

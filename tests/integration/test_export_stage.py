@@ -1,0 +1,105 @@
+"""The export stage on a micro compressed family: stock Qwen3 members, manifest, generation configs.
+
+Oracle: plain transformers (`AutoModelForCausalLM` / `AutoTokenizer`, no ruyi_model code involved in
+loading) must load every exit_<d>/ and generate exactly what the family member generates; the
+manifest hashes are recomputed here from the files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import pytest
+import torch
+from test_evaluate import DAE_EXIT, EXITS, build_workspace
+
+
+@pytest.fixture(scope="module")
+def exported(session_tmp, tmp_path_factory):
+    from tasks.export import main
+
+    root = build_workspace(session_tmp, tmp_path_factory.mktemp("export") / "ws", compressed=True)
+    assert main(["--params", str(root / "params.yaml")]) == 0
+    return root
+
+
+def test_metrics_and_manifest(exported):
+    root = exported
+    out = root / "artifacts/export"
+    m = json.loads((root / "metrics/export.json").read_text())
+    manifest_bytes = (out / "manifest.json").read_bytes()
+    assert m["manifest_sha256"] == hashlib.sha256(manifest_bytes).hexdigest()
+    manifest = json.loads(manifest_bytes)
+    assert m["members"] == EXITS
+    total = 0
+    for rel, meta in manifest["files"].items():
+        data = (out / rel).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == meta["sha256"] and len(data) == meta["bytes"]
+        total += len(data)
+    assert m["total_bytes"] == total
+    for d in EXITS:
+        files = [p for p in (out / f"exit_{d}").rglob("*") if p.is_file()]
+        assert m[f"exit_{d}"]["bytes"] == sum(p.stat().st_size for p in files)
+        assert m[f"exit_{d}"]["max_abs_logit_diff"] <= 1e-4
+    assert m["family_bytes"] == sum(p.stat().st_size for p in (out / "family").rglob("*") if p.is_file())
+    assert not list(root.glob("artifacts/.export*")), "temporary export directories left behind"
+    assert (root / "plots/export/sizes.png").stat().st_size > 0
+    assert (root / "plots/export/sizes.csv").read_text().count("\n") == len(EXITS) + 1
+
+
+def test_members_load_with_plain_transformers_and_generate_like_the_family(exported):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.core.artifacts import load_family
+
+    root = exported
+    family, _ = load_family(root / "artifacts/compress")
+    m = json.loads((root / "metrics/export.json").read_text())
+    for d in EXITS:
+        path = root / f"artifacts/export/exit_{d}"
+        config = json.loads((path / "config.json").read_text())
+        assert config["model_type"] == "qwen3" and config["architectures"] == ["Qwen3ForCausalLM"]
+        stock = AutoModelForCausalLM.from_pretrained(path).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        assert stock.generation_config.eos_token_id == im_end == m["eos_token_id"]
+        assert stock.generation_config.pad_token_id == tokenizer.pad_token_id == m["pad_token_id"]
+        assert m[f"exit_{d}"]["params"] == stock.num_parameters()
+        # Only the DaE member was decomposed; its export is dense again (stock Qwen3 has no low-rank layers).
+        assert any(k.startswith(f"exits.{d}.") for k in family.config.lowrank_ranks) == (d == DAE_EXIT)
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": "Tom has 3 apples and gets 4 more."}],
+                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+        with torch.no_grad():
+            # Stock generate with the exported generation config (greedy by default) vs the family member.
+            theirs = stock.generate(ids, max_new_tokens=12, do_sample=False)
+            ours = family.generate(ids, max_new_tokens=12, do_sample=False, exit_layer=d, eos_token_id=im_end,
+                                   pad_token_id=tokenizer.pad_token_id)
+        assert torch.equal(theirs, ours)
+
+
+def test_bad_inputs_are_named(exported, tmp_path, capsys):
+    from tasks.export import main
+
+    params = str(exported / "params.yaml")
+    empty = tmp_path / "artifacts"
+    assert main(["--params", params, "--set", f"paths.artifacts_dir={empty}"]) == 2
+    assert str(empty / "compress") in capsys.readouterr().err
+
+    # A checkpoint whose tokenizer lacks <|im_end|>: named, and no export appears.
+    broken = tmp_path / "broken"
+    shutil.copytree(exported / "artifacts/compress", broken / "compress")
+    tok_file = broken / "compress/tokenizer.json"
+    tok = json.loads(tok_file.read_text())
+    tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] != "<|im_end|>"]
+    tok["model"]["vocab"].pop("<|im_end|>", None)
+    tok_file.write_text(json.dumps(tok))
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = broken / "compress" / name
+        if path.exists():
+            path.write_text(path.read_text().replace('"<|im_end|>"', '"<|im_start|>"'))
+    assert main(["--params", params, "--set", f"paths.artifacts_dir={broken}"]) == 2
+    err = capsys.readouterr().err
+    assert str(broken / "compress") in err and "<|im_end|>" in err
+    assert not (broken / "export").exists()

@@ -1,0 +1,310 @@
+"""The Prefect flow's mechanics on a real DVC repo and a real (ephemeral) Prefect API.
+
+The pipeline's own stages are exercised end to end in test_pipeline_e2e.py (slow); here a small real
+DVC repository with three quick stages checks ordering, up-to-date skipping, partial reruns,
+parameter overrides, retry classification and the published artifacts in seconds.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.pipeline import (
+    InfrastructureError,
+    StageFailed,
+    _failure_summary,
+    _killing_signal,
+    apply_param_overrides,
+    dvc_stage_order,
+    ruyi_pipeline,
+    select_stages,
+)
+from tasks.core.params import ParamsError
+
+REPO = Path(__file__).resolve().parents[2]
+DVC = str(Path(sys.executable).parent / "dvc")
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+def git(ws: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ws, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture()
+def mini_ws(tmp_path: Path) -> Path:
+    """A real git + DVC repo: a -> b -> c, where b reads `seed` and c fails on demand."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    shutil.copy(REPO / "params.yaml", ws / "params.yaml")
+    (ws / "stage.py").write_text(textwrap.dedent("""
+        import json, os, sys, pathlib, yaml
+        import time
+        name = sys.argv[1]
+        p = yaml.safe_load(open("params.yaml"))
+        t0 = time.time()
+        with open("attempts.log", "a") as f: f.write(name + "\\n")
+        if name == "c" and p["evaluate"]["num_problems"] == 13:
+            print("error: contract violated in data/x.jsonl row 3", file=sys.stderr)
+            for i in range(40): print(f"  expectation {i}: unexpected rows [{i}]", file=sys.stderr)
+            sys.exit(2)
+        if name == "c" and p["evaluate"]["num_problems"] == 17:
+            os.kill(os.getpid(), 9)
+        if name == "c" and p["evaluate"]["num_problems"] == 19:
+            print("error (transient, may be retried): cannot reach the S3 endpoint", file=sys.stderr); sys.exit(75)
+        if name == "b":
+            time.sleep(float(os.environ.get("MINI_B_SLEEP", "0")))
+            with open("b_intervals.log", "a") as f: f.write(f"{t0} {time.time()}\\n")
+        src = {"a": None, "b": "out/a.txt", "c": "out/b.txt"}[name]
+        text = (open(src).read() if src else "") + f"{name}:{p['seed']};"
+        pathlib.Path("out").mkdir(exist_ok=True)
+        open(f"out/{name}.txt", "w").write(text)
+        pathlib.Path("metrics").mkdir(exist_ok=True)
+        json.dump({"len": len(text), "stage": name}, open(f"metrics/{name}.json", "w"))
+        with open("runs.log", "a") as f: f.write(name + "\\n")
+    """))
+    stages = {}
+    for name, dep in (("a", None), ("b", "out/a.txt"), ("c", "out/b.txt")):
+        stages[name] = {"cmd": f"python stage.py {name}", "deps": ["stage.py"] + ([dep] if dep else []),
+                        "outs": [f"out/{name}.txt"], "metrics": [{f"metrics/{name}.json": {"cache": False}}]}
+    stages["b"]["params"] = ["seed"]
+    stages["c"]["params"] = ["evaluate.num_problems"]
+    # declared out of dependency order on purpose: the flow must follow `dvc dag`, not the file
+    (ws / "dvc.yaml").write_text(yaml.safe_dump({"stages": {k: stages[k] for k in ("c", "a", "b")}}, sort_keys=False))
+    (ws / ".gitignore").write_text("runs.log\nattempts.log\nb_intervals.log\n")
+    git(ws, "init", "-q")
+    subprocess.run([DVC, "init", "-q"], cwd=ws, check=True)
+    git(ws, "add", "-A")
+    git(ws, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init")
+    return ws
+
+
+def runs(ws: Path) -> list[str]:
+    """Stages that completed, in order."""
+    log = ws / "runs.log"
+    return log.read_text().split() if log.exists() else []
+
+
+def attempts(ws: Path) -> list[str]:
+    """Stages that started (a retried stage appears once per attempt)."""
+    log = ws / "attempts.log"
+    return log.read_text().split() if log.exists() else []
+
+
+def test_stage_order_follows_dvc_dag(mini_ws):
+    assert dvc_stage_order(mini_ws) == ["a", "b", "c"]
+
+
+def test_repository_pipeline_order_is_dvc_dag_order():
+    order = dvc_stage_order(REPO)
+    assert order[0] == "prepare_data" and order[-1] == "deploy"
+    assert set(order) == set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
+    dot = subprocess.run([DVC, "dag", "--dot"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    import re
+
+    for a, b in re.findall(r'"([^"]+)"\s*->\s*"([^"]+)"', dot):
+        assert order.index(a) < order.index(b), (a, b)
+    expected_chain = ["prepare_data", "validate_data", "tokenizer", "cpt", "expand", "sft", "rl", "compress",
+                      "evaluate", "gates", "export", "deploy"]
+    assert order == expected_chain
+
+
+def test_select_stages_errors_name_the_stage():
+    order = ["a", "b", "c"]
+    assert select_stages(order, "b", None) == ["b", "c"]
+    assert select_stages(order, None, "b") == ["a", "b"]
+    with pytest.raises(ValueError, match="from_stage='x' is not a stage"):
+        select_stages(order, "x", None)
+    with pytest.raises(ValueError, match="comes after"):
+        select_stages(order, "c", "a")
+
+
+def test_overrides_are_validated_and_keep_comments(mini_ws):
+    before = (mini_ws / "params.yaml").read_text()
+    with pytest.raises(ParamsError, match="cpt.max_stepz"):
+        apply_param_overrides(mini_ws, {"cpt.max_stepz": 3})
+    with pytest.raises(ParamsError, match="cpt.lr"):
+        apply_param_overrides(mini_ws, {"cpt.lr": -1})
+    assert (mini_ws / "params.yaml").read_text() == before  # nothing written on error
+    assert apply_param_overrides(mini_ws, {"cpt.max_steps": 70, "seed": 5}) == ["cpt.max_steps", "seed"]
+    after = (mini_ws / "params.yaml").read_text()
+    assert "# every stage derives its RNG seeds from this" in after
+    loaded = yaml.safe_load(after)
+    assert loaded["cpt"]["max_steps"] == 70 and loaded["seed"] == 5
+
+
+def test_flow_runs_in_dag_order_skips_up_to_date_and_reruns_downstream_only(mini_ws, prefect_api):
+    results = ruyi_pipeline(workspace=str(mini_ws), push=False)
+    assert [r["stage"] for r in results] == ["a", "b", "c"]
+    assert runs(mini_ws) == ["a", "b", "c"]
+    assert not any(r["skipped"] for r in results)
+    assert results[2]["metrics"]["metrics/c.json"]["stage"] == "c"
+    status = subprocess.run([DVC, "status"], cwd=mini_ws, capture_output=True, text=True).stdout
+    assert "up to date" in status
+
+    again = ruyi_pipeline(workspace=str(mini_ws), push=False)
+    assert all(r["skipped"] for r in again) and runs(mini_ws) == ["a", "b", "c"]
+
+    # a parameter of b changes: b and c rerun, a does not
+    ruyi_pipeline(workspace=str(mini_ws), overrides={"seed": 99}, push=False)
+    assert runs(mini_ws) == ["a", "b", "c", "b", "c"]
+    assert "b:99;" in (mini_ws / "out/c.txt").read_text()
+
+    # from_stage: only c and nothing upstream, even when forced by a changed parameter of c
+    ruyi_pipeline(workspace=str(mini_ws), from_stage="c", overrides={"evaluate.num_problems": 5}, push=False)
+    assert runs(mini_ws) == ["a", "b", "c", "b", "c", "c"]
+
+
+def test_user_errors_are_not_retried_and_stop_the_flow(mini_ws, prefect_api):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    state = ruyi_pipeline(workspace=str(mini_ws), overrides={"evaluate.num_problems": 13}, push=False,
+                          return_state=True)
+    with pytest.raises(StageFailed) as info:
+        state.result()
+    # the stage's own message is kept whole even though its 40 detail lines would push it out of a tail
+    message = str(info.value)
+    assert "contract violated in data/x.jsonl row 3" in message and "expectation 39" in message
+    assert runs(mini_ws) == ["a", "b"] and attempts(mini_ws) == ["a", "b", "c"]  # c tried once, not retried
+    assert not (mini_ws / "out/c.txt").exists()
+    with get_client(sync_client=True) as client:
+        lineage = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["lineage"]), flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    assert len(lineage) == 1 and "| c | **failed** |" in lineage[0].data and "| b | yes |" in lineage[0].data
+
+
+def test_a_transient_stage_error_is_retried_then_reported(mini_ws, prefect_api):
+    with pytest.raises(InfrastructureError, match="(?s)a transient error.*cannot reach the S3 endpoint"):
+        ruyi_pipeline(workspace=str(mini_ws), overrides={"evaluate.num_problems": 19}, push=False)
+    assert attempts(mini_ws) == ["a", "b", "c", "c", "c"]  # one try and two retries
+
+
+def test_force_recomputes_up_to_date_stages(mini_ws, prefect_api):
+    ruyi_pipeline(workspace=str(mini_ws), push=False)
+    results = ruyi_pipeline(workspace=str(mini_ws), from_stage="b", force=True, push=False)
+    assert [r["skipped"] for r in results] == [False, False]
+    assert runs(mini_ws) == ["a", "b", "c", "b", "c"]
+
+
+def test_stage_output_reaches_the_run_logs(mini_ws, prefect_api):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    state = ruyi_pipeline(workspace=str(mini_ws), push=False, return_state=True)
+    APILogHandler().flush()  # send the queued run logs before reading them back
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    messages = [log.message for log in logs]
+    assert any(m.startswith("b | ") and "python stage.py b" in m for m in messages), messages
+
+
+def test_two_runs_in_one_workspace_are_serialized(mini_ws, prefect_api, monkeypatch):
+    """Two flow runs at once in one workspace: the workspace's concurrency limit makes the second wait
+    (DVC could not run two repros there anyway), so stage b's two runs never overlap and both finish."""
+    import threading
+
+    # b holds DVC's repository lock for 8 s, longer than a stage's retries wait in all (2 x 3 s): without
+    # the limit the second run would fail on the lock; with it, it waits its turn.
+    monkeypatch.setenv("MINI_B_SLEEP", "8")
+    errors: list[BaseException] = []
+
+    def one(seed: int) -> None:
+        try:
+            ruyi_pipeline(workspace=str(mini_ws), overrides={"seed": seed}, push=False)
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(seed,)) for seed in (101, 202)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert not errors, errors
+    intervals = sorted(tuple(map(float, line.split())) for line in (mini_ws / "b_intervals.log").read_text().splitlines())
+    assert len(intervals) == 2
+    (s1, e1), (s2, e2) = intervals
+    assert e1 <= s2, f"stage b ran twice at once: {intervals}"
+    final_seed = (mini_ws / "out/c.txt").read_text().split("b:")[1].split(";")[0]
+    assert final_seed in ("101", "202") and yaml.safe_load((mini_ws / "params.yaml").read_text())["seed"] == int(final_seed)
+
+
+def test_failure_summary_keeps_the_stage_message_and_the_tail():
+    out = "\n".join(["Running stage 'x':", "> python -m tasks.x", *[f"log {i}" for i in range(30)],
+                     "error: data contract violated for sft", *[f"  row {i}" for i in range(100)],
+                     "ERROR: failed to reproduce 'x': failed to run: python -m tasks.x, exited with 2"])
+    summary = _failure_summary(out)
+    assert summary.splitlines()[0] == "error: data contract violated for sft"
+    assert "more lines in the stage output" in summary and "exited with 2" in summary and "log 3" not in summary
+    assert _failure_summary("just\nsome\noutput") == "just\nsome\noutput"  # no error line: the tail
+
+
+@pytest.mark.parametrize("shell_forks", [False, True], ids=["exec", "fork"])
+def test_a_stage_killed_by_a_signal_is_retried_as_infrastructure(mini_ws, prefect_api, shell_forks):
+    # A shell that execs the stage reports the signal itself (-9); one that forks first (dash, or any
+    # shell running a compound command) exits 128 + 9 = 137 and prints "Killed". Both are retried.
+    if shell_forks:
+        spec = yaml.safe_load((mini_ws / "dvc.yaml").read_text())
+        spec["stages"]["c"]["cmd"] = "python stage.py c && :"
+        (mini_ws / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    with pytest.raises(InfrastructureError, match="infrastructure error, killed by SIGKILL"):
+        ruyi_pipeline(workspace=str(mini_ws), overrides={"evaluate.num_problems": 17}, push=False)
+    assert runs(mini_ws) == ["a", "b"] and attempts(mini_ws) == ["a", "b", "c", "c", "c"]  # 3 tries, none done
+
+
+@pytest.mark.parametrize(("code", "name"), [(-9, "SIGKILL"), (137, "SIGKILL"), (143, "SIGTERM"), (-11, "SIGSEGV"),
+                                            (1, None), (2, None), (128, None), (255, None), (None, None)])
+def test_killing_signal_reads_both_shell_conventions(code, name):
+    assert _killing_signal(code) == name
+
+
+def test_artifacts_published(mini_ws, prefect_api):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    ruyi_pipeline(workspace=str(mini_ws), push=False)
+    with get_client(sync_client=True) as client:
+        lineage = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["lineage"])))
+        table = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["metrics-c"])))
+    assert lineage and "git revision" in lineage[-1].data and "| c |" in lineage[-1].data
+    assert table and "c.len" in str(table[-1].data)
+
+
+def test_push_to_a_local_dvc_remote(mini_ws, tmp_path, prefect_api):
+    remote = tmp_path / "remote"
+    subprocess.run([DVC, "remote", "add", "-d", "store", str(remote)], cwd=mini_ws, check=True)
+    ruyi_pipeline(workspace=str(mini_ws), push=True)
+    assert remote.is_dir() and any(p.is_file() for p in remote.rglob("*"))
+
+
+def test_a_failed_push_is_retried_and_reported(mini_ws, tmp_path, prefect_api):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the remote's directory should be")
+    subprocess.run([DVC, "remote", "add", "-d", "store", str(blocker / "remote")], cwd=mini_ws, check=True)
+    state = ruyi_pipeline(workspace=str(mini_ws), push=True, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(InfrastructureError, match="dvc push failed"):
+        state.result()
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    push = [t for t in task_runs if t.name.startswith("dvc-push")]
+    assert len(push) == 1 and push[0].run_count == 3, [(t.name, t.run_count) for t in task_runs]
+    assert runs(mini_ws) == ["a", "b", "c"]  # the stages themselves completed

@@ -1,0 +1,117 @@
+"""Model quality gates (tasks/gates.py, data_contracts/gates.py) on crafted metrics files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from test_data_contracts import params_for_tests
+
+from tasks.core.stage import ContractViolation, StageError
+from tasks.gates import check_gates, main
+
+
+def _eval(losses: dict[int, float], accuracy: float = 0.1) -> dict:
+    out = {f"exit_{d}": {"loss": loss, "perplexity": math.exp(loss) if loss == loss else loss,
+                         "accuracy": accuracy, "tokens_per_s": 100.0, "params": 1000 * d}
+           for d, loss in losses.items()}
+    out["checkpoint"] = "artifacts/compress"  # non-exit keys are ignored
+    return out
+
+
+def _compress(changes: dict[int, float]) -> dict:
+    out = {f"exit_{d}": {"loss_before": 3.0, "loss_after": 3.0 * (1 + c), "relative_loss_change": c}
+           for d, c in changes.items()}
+    out.update({"ratio": 0.4, "within_budget": all(c <= 0.02 for c in changes.values())})
+    return out
+
+
+def _write(tmp_path, evals, compress):
+    metrics = tmp_path / "metrics"
+    metrics.mkdir(exist_ok=True)
+    if evals is not None:
+        (metrics / "eval_quality.json").write_text(json.dumps(evals))
+    if compress is not None:
+        (metrics / "compress.json").write_text(json.dumps(compress))
+
+
+def test_gates_pass(tmp_path):
+    # exit_8 is 3% worse than exit_4: inside the 5% depth tolerance.
+    _write(tmp_path, _eval({2: 4.0, 4: 3.0, 8: 3.09}), _compress({2: 0.015, 4: 0.0, 8: 0.0}))
+    metrics = check_gates(params_for_tests(tmp_path))
+    assert metrics["passed"] and metrics["expectations_failed"] == 0 and metrics["expectations_evaluated"] == 8
+    assert metrics["exits"]["exit_8"]["loss_vs_shallower"] == pytest.approx(1.03)
+    assert metrics["exits"]["exit_2"]["loss_vs_shallower"] is None
+    saved = json.loads((tmp_path / "metrics" / "gates.json").read_text())
+    assert saved["passed"] and saved["thresholds"]["max_loss"] == 8.0
+    assert (tmp_path / "reports" / "gates" / "data_docs" / "index.html").is_file()
+
+
+def test_each_failing_gate_is_named_with_its_exit(tmp_path):
+    # exit_2 over max_loss; exit_8 10% worse than exit_4 (tolerance 5%); exit_4 over its compression
+    # budget (5% > 2%); every exit's accuracy (0.1) below the minimum (0.2).
+    _write(tmp_path, _eval({2: 9.0, 4: 3.0, 8: 3.3}), _compress({2: 0.0, 4: 0.05, 8: 0.0}))
+    params = params_for_tests(tmp_path, **{"gates.min_accuracy": 0.2})
+    with pytest.raises(ContractViolation) as err:
+        check_gates(params)
+    message = str(err.value)
+    assert "model quality gates failed" in message
+    by_column = {(f["expectation"], f["column"]): set(f["rows"]) for f in err.value.failures}
+    assert by_column == {
+        ("expect_column_values_to_be_between", "loss"): {"exit_2"},
+        ("expect_column_values_to_be_between", "loss_vs_shallower"): {"exit_8"},
+        ("expect_column_values_to_be_between", "relative_loss_change"): {"exit_4"},
+        ("expect_column_values_to_be_between", "accuracy"): {"exit_2", "exit_4", "exit_8"},
+    }
+    assert "held-out loss below gates.max_loss=8.0" in message and "exit_2: 9\n" in message
+    assert "gates.depth_tolerance=0.05" in message and "exit_8: 1.1" in message
+    assert "compress.max_relative_loss_increase=0.02" in message and "exit_4: 0.05" in message
+    saved = json.loads((tmp_path / "metrics" / "gates.json").read_text())
+    assert not saved["passed"] and saved["expectations_failed"] == 4
+    assert saved["failing_exits"] == ["exit_2", "exit_4", "exit_8"]
+    pages = list((tmp_path / "reports" / "gates" / "data_docs" / "validations" / "model_gates").rglob("*.html"))
+    assert len(pages) == 1 and "exit_8" in pages[0].read_text()
+
+
+def test_nan_loss_and_missing_exit_fail(tmp_path):
+    evals = _eval({2: 4.0, 4: float("nan")})        # exit_8 not evaluated, exit_4 diverged
+    _write(tmp_path, evals, _compress({2: 0.0, 4: 0.0, 8: 0.0}))
+    with pytest.raises(ContractViolation) as err:
+        check_gates(params_for_tests(tmp_path))
+    names = {f"{f['expectation']}({f['column']})": set(f["rows"]) for f in err.value.failures}
+    assert names["expect_column_values_to_not_be_null(loss)"] == {"exit_4", "exit_8"}
+    assert names["expect_column_values_to_not_be_null(accuracy)"] == {"exit_8"}
+    assert "expect_column_distinct_values_to_equal_set(exit)" not in names  # compress has every exit
+
+
+def test_exit_set_must_match_the_model(tmp_path):
+    _write(tmp_path, _eval({2: 4.0, 8: 3.0}), _compress({2: 0.0, 8: 0.0}))
+    with pytest.raises(ContractViolation, match=r"expect_column_distinct_values_to_equal_set\(exit\).*observed: "):
+        check_gates(params_for_tests(tmp_path))
+
+
+def test_missing_or_malformed_metrics_are_stage_errors(tmp_path, capsys):
+    _write(tmp_path, None, _compress({2: 0.0}))
+    with pytest.raises(StageError, match=r"eval_quality.json not found \(run the evaluate stage first\)") as err:
+        check_gates(params_for_tests(tmp_path))
+    assert not isinstance(err.value, ContractViolation)
+    _write(tmp_path, {"loss": 3.0}, _compress({2: 0.0}))
+    with pytest.raises(StageError, match=r"eval_quality.json: no exit_<d> entries"):
+        check_gates(params_for_tests(tmp_path))
+    (tmp_path / "metrics" / "compress.json").write_text("{not json")
+    sets = [f"paths.{k}_dir={tmp_path / k}" for k in ("data", "metrics", "plots", "reports")]
+    assert main([arg for s in sets for arg in ("--set", s)]) == 2
+    assert "compress.json: not valid JSON" in capsys.readouterr().err
+
+
+def test_gates_frame_ratios():
+    from data_contracts.gates import gates_frame
+
+    frame = gates_frame(_eval({2: 4.0, 4: 3.0, 8: 3.6}), _compress({2: 0.0, 4: 0.0, 8: 0.0}))
+    assert list(frame.index) == ["exit_2", "exit_4", "exit_8"]
+    assert math.isnan(frame.loc["exit_2", "loss_vs_shallower"])
+    assert frame.loc["exit_4", "loss_vs_shallower"] == pytest.approx(0.75)
+    assert frame.loc["exit_8", "loss_vs_shallower"] == pytest.approx(1.2)  # vs the best shallower (3.0)
+    with pytest.raises(ValueError, match="compress.json: exit_2 must be an object"):
+        gates_frame(_eval({2: 1.0}), {"exit_2": 0.5})

@@ -1,0 +1,312 @@
+"""prepare_data and tasks.data.sources: the embedded default, user files (local, Parquet, S3), the held-out checks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from s3server import s3_server  # noqa: F401  (module-scoped real S3 server fixture)
+
+from tasks.core.files import read_jsonl
+from tasks.core.params import load_params
+from tasks.core.stage import StageError
+from tasks.data.corpus import clean_document, deduplicate, pieces
+from tasks.data.mathgen import (
+    Problem,
+    answers_match,
+    extract_answer,
+    generate_problems,
+    normalize_question,
+    number_pattern,
+)
+from tasks.data.sources import Document, load_source, map_rows
+from tasks.prepare_data import FILES, check_no_overlap, run, split_math
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = {"data.num_sft": 120, "data.num_rl": 30, "data.num_eval": 20, "data.max_corpus_docs": 300}
+
+
+def _overrides(tmp: Path, extra: dict | None = None) -> dict:
+    return {"paths.data_dir": str(tmp / "data"), "paths.metrics_dir": str(tmp / "metrics"),
+            "paths.plots_dir": str(tmp / "plots"), **SMALL, **(extra or {})}
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory) -> Path:
+    """The stage's command line, as DVC runs it, on the repo's params.yaml (smaller counts)."""
+    tmp = tmp_path_factory.mktemp("prepare_cli")
+    cmd = [sys.executable, "-m", "tasks.prepare_data", "--params", str(REPO / "params.yaml")]
+    for key, value in _overrides(tmp).items():
+        cmd += ["--set", f"{key}={value}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp
+
+
+def test_outputs_follow_the_data_contract(cli_run):
+    raw = cli_run / "data" / "raw"
+    assert sorted(p.name for p in raw.iterdir()) == sorted([*FILES, "manifest.json"])
+    train = read_jsonl(raw / "corpus_train.jsonl", required=("id", "text", "source"))
+    val = read_jsonl(raw / "corpus_val.jsonl", required=("id", "text", "source"))
+    sft = read_jsonl(raw / "sft.jsonl", required=("id", "prompt", "response", "answer", "level"))
+    rl = read_jsonl(raw / "rl.jsonl", required=("id", "question", "answer", "level"))
+    ev = read_jsonl(raw / "eval.jsonl", required=("id", "question", "solution", "answer", "level"))
+    assert (len(sft), len(rl), len(ev)) == (120, 30, 20)
+    for rows in (train, val, sft, rl, ev):
+        assert len({r["id"] for r in rows}) == len(rows)
+    for row in sft:
+        assert extract_answer(row["response"]) == row["answer"] and row["level"] in (1, 2, 3)
+    for row in ev:
+        assert answers_match(extract_answer(row["solution"]), row["answer"])
+    assert set(rl[0]) == {"id", "question", "answer", "level"}  # RL prompts carry no solution
+    # General documents respect the length limits and are unique; math documents are the SFT problems.
+    general = [r for r in train + val if r["source"] != "math"]
+    math_docs = [r for r in train + val if r["source"] == "math"]
+    assert 0 < len(general) <= 300 and {r["source"] for r in general} <= {"python_docstrings", "python_reference"}
+    assert all(200 <= len(r["text"]) <= 4000 for r in general)
+    assert len({normalize_question(r["text"]) for r in general}) == len(general)
+    assert sorted(r["text"] for r in math_docs) == sorted(f"{r['prompt']}\n{r['response']}" for r in sft)
+    assert {"math", "python_docstrings"} <= {r["source"] for r in val}  # val holds both kinds of text
+    assert not {r["text"] for r in val} & {r["text"] for r in train}
+    manifest = json.loads((raw / "manifest.json").read_text())
+    for name in FILES:
+        data = (raw / name).read_bytes()
+        assert manifest["files"][name]["sha256"] == hashlib.sha256(data).hexdigest()
+        assert manifest["files"][name]["rows"] == len(data.splitlines())
+    assert manifest["seed"] == 1234 and manifest["embedded"] == {"mode": "auto", "corpus": True, "math": True}
+    embedded = manifest["sources"]["corpus"]["embedded"]
+    assert embedded["raw_texts"] > 1000 and embedded["per_source"]["python_reference"] > 0
+    metrics = json.loads((cli_run / "metrics" / "prepare_data.json").read_text())
+    assert metrics["sft"] == 120 and metrics["corpus_train_docs"] == len(train)
+    assert (cli_run / "plots" / "prepare_data" / "prepare_data.png").stat().st_size > 1000
+
+
+def test_no_train_eval_overlap(cli_run):
+    raw = cli_run / "data" / "raw"
+    sft = read_jsonl(raw / "sft.jsonl")
+    rl = read_jsonl(raw / "rl.jsonl")
+    ev = read_jsonl(raw / "eval.jsonl")
+    train_questions = [r["prompt"] for r in sft] + [r["question"] for r in rl]
+    for key in (normalize_question, number_pattern):
+        assert not {key(r["question"]) for r in ev} & {key(q) for q in train_questions}
+    assert not {normalize_question(r["question"]) for r in rl} & {normalize_question(r["prompt"]) for r in sft}
+    corpus = " ".join(r["text"].lower() for r in read_jsonl(raw / "corpus_train.jsonl"))
+    assert not any(normalize_question(r["question"]) in " ".join(corpus.split()) for r in ev)
+
+
+def test_same_seed_gives_identical_files_in_another_process(cli_run, tmp_path):
+    """In-process run (another PYTHONHASHSEED than the CLI's subprocess) -> bitwise identical files."""
+    run(load_params(REPO / "params.yaml", _overrides(tmp_path)))
+    for name in (*FILES, "manifest.json"):
+        assert (tmp_path / "data" / "raw" / name).read_bytes() == (cli_run / "data" / "raw" / name).read_bytes(), name
+    other = load_params(REPO / "params.yaml", _overrides(tmp_path / "other", {"seed": 99, "data.embedded": "always",
+                                                                               "data.sources": []}))
+    run(other)
+    assert (tmp_path / "other/data/raw/sft.jsonl").read_bytes() != (tmp_path / "data/raw/sft.jsonl").read_bytes()
+
+
+def test_check_no_overlap_raises_on_violations():
+    problems = generate_problems(12, [1, 2], seed=3)
+    splits = {"eval": problems[:2], "rl": problems[2:5], "sft": problems[5:]}
+    assert check_no_overlap(splits, [])["eval_checked"] == 2
+    twin = Problem(_renumber(problems[0].question), "#### 1", "1", 1, "test")  # eval's question, new numbers
+    with pytest.raises(StageError, match="number pattern is in sft/rl"):
+        check_no_overlap({**splits, "sft": splits["sft"] + [twin]}, [])
+    with pytest.raises(StageError, match="eval questions also in sft/rl"):
+        check_no_overlap({**splits, "rl": splits["rl"] + [problems[1]]}, [])
+    with pytest.raises(StageError, match="rl questions also in sft"):
+        check_no_overlap({**splits, "sft": splits["sft"] + [problems[2]]}, [])
+    with pytest.raises(StageError, match="found in the CPT corpus"):
+        check_no_overlap(splits, [Document(f"Some text. {problems[1].question.upper()} More.", "user:x")])
+
+
+def _renumber(question: str) -> str:
+    return re.sub(r"\d+", lambda m: str(int(m.group()) + 1), question)
+
+
+def test_split_math_keeps_number_pattern_groups_together():
+    base = generate_problems(40, [1, 2, 3], seed=5)
+    twins = [Problem(_renumber(p.question), p.solution, p.answer, p.level, p.origin) for p in base[:20]]
+    splits = split_math(base + twins, num_eval=10, num_rl=10, num_sft=15, seed=1)
+    where = {}
+    for name, rows in splits.items():
+        for p in rows:
+            where.setdefault(number_pattern(p.question), set()).add(name)
+    assert all(len(s) == 1 for s in where.values())
+    assert [len(splits[k]) for k in ("eval", "rl", "sft")] == [10, 10, 15]
+    with pytest.raises(StageError, match="data.num_sft=100"):
+        split_math(base, num_eval=10, num_rl=10, num_sft=100, seed=1)
+
+
+def test_cleaning_and_near_duplicate_removal():
+    prose = ("The parser reads the configuration file and returns a mapping of section names to "
+             "dictionaries of options. Each value is a string unless a converter is given.")
+    code = ">>> parser = ConfigParser()\n>>> parser.read('example.ini')\n['example.ini']"
+    paragraphs, reason = clean_document(f"{prose}\n\n{code}\n\n:class:`Foo` is used\tby ``bar``.\x07", prose_only=True)
+    assert reason is None and paragraphs == [prose, "Foo is used by bar."]
+    assert clean_document(f"{code}\n\n{code}\n\n{code}\n\n{prose}", prose_only=True)[1] == "code_heavy"
+    assert clean_document("Ceci n'est pas une phrase anglaise, mais une phrase française très longue " * 3,
+                          prose_only=True)[1] == "not_english"
+    assert clean_document(code, prose_only=False)[0] == [" ".join(code.split())]  # user text: kept
+    from collections import Counter
+
+    from data_contracts.suites import SENSITIVE_PATTERNS
+
+    sensitive = re.compile("|".join(f"(?:{regex})" for _, regex, _ in SENSITIVE_PATTERNS))
+    counts: Counter[str] = Counter()
+    author = "Written by Jane Doe <jane.doe@example.org>; call 555-123-4567 with questions about it."
+    paragraphs, reason = clean_document(f"{prose}\n\n{author}", prose_only=True, sensitive=sensitive, stats=counts)
+    assert reason is None and paragraphs == [prose] and counts["paragraphs_sensitive"] == 1
+    assert clean_document(author, prose_only=True, sensitive=sensitive)[1] == "empty"
+    out, dropped = pieces(["a" * 150, "b" * 150, "c" * 500, "d" * 50], min_chars=100, max_chars=400)
+    assert out == ["a" * 150 + "\n\n" + "b" * 150] and dropped == 2  # "c" too long, "d" too short
+    long_doc = " ".join(f"word{i} is followed by another word in this sentence" for i in range(40))
+    near = long_doc.replace("word7 ", "wordseven ", 1)
+    different = " ".join(f"token{i} appears in a different sentence entirely here" for i in range(40))
+    kept, stats = deduplicate([Document(long_doc, "a"), Document(long_doc.upper(), "b"), Document(near, "c"),
+                               Document(different, "d")])
+    assert [d.source for d in kept] == ["a", "d"]
+    assert stats == {"exact_duplicates": 1, "near_duplicates": 1}
+
+
+# --- user data ---------------------------------------------------------------------------------
+
+
+def _user_math(count: int, seed: int) -> list[dict]:
+    """GSM8K-format rows: the answer field is the worked solution ending in '#### n'."""
+    return [{"question": p.question, "answer": p.solution.replace("#### ", "#### $", 1)}
+            for p in generate_problems(count, [2, 4], seed=seed)]
+
+
+def _user_text(count: int) -> list[dict]:
+    return [{"text": f"Document {i}: " + " ".join(f"user sentence {i}-{j} talks about topic {j * i}." for j in range(30)),
+             "source": "wiki" if i % 2 else None} for i in range(count)]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_user_sources_jsonl_and_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    text_file = _write_jsonl(tmp_path / "corpus.jsonl", _user_text(12))
+    math_rows = _user_math(40, seed=11)
+    pq.write_table(pa.Table.from_pylist(math_rows), tmp_path / "math.parquet")
+    params = load_params(REPO / "params.yaml", _overrides(tmp_path, {
+        "data.sources": [str(text_file), str(tmp_path / "math.parquet")], "data.embedded": "never",
+        "data.num_sft": 20, "data.num_rl": 8, "data.num_eval": 6, "data.val_fraction": 0.2}))
+    metrics = run(params)
+    raw = tmp_path / "data" / "raw"
+    sft = read_jsonl(raw / "sft.jsonl")
+    ev = read_jsonl(raw / "eval.jsonl")
+    assert (metrics["sft"], metrics["rl"], metrics["eval"]) == (20, 8, 6)
+    user_questions = {r["question"]: r for r in math_rows}
+    for row in sft:
+        original = user_questions[row["prompt"]]
+        assert row["response"] == original["answer"].replace("#### $", "#### ")  # canonical final line
+        assert answers_match(extract_answer(original["answer"]), row["answer"])
+        steps = len(row["response"].splitlines()) - 1  # no level given: the math level nearest the step count
+        assert row["level"] == min(3, max(1, steps))
+    assert {r["question"] for r in ev} <= set(user_questions)
+    corpus = read_jsonl(raw / "corpus_train.jsonl") + read_jsonl(raw / "corpus_val.jsonl")
+    general = [r for r in corpus if r["source"] != "math"]
+    assert len(general) == 12 and {r["source"] for r in general} == {"wiki", "user:corpus.jsonl"}
+    manifest = json.loads((raw / "manifest.json").read_text())
+    files = manifest["sources"]["user"]["files"]
+    assert files[str(text_file)]["corpus"] == 12 and files[str(tmp_path / "math.parquet")]["math"] == 40
+    assert files[str(text_file)]["sha256"] == hashlib.sha256(text_file.read_bytes()).hexdigest()
+    assert manifest["embedded"] == {"mode": "never", "corpus": False, "math": False}
+
+    # auto: the math-only user file gets the embedded corpus, and nothing is generated.
+    auto = load_params(REPO / "params.yaml", _overrides(tmp_path / "auto", {
+        "data.sources": [str(tmp_path / "math.parquet")], "data.num_sft": 20, "data.num_rl": 8, "data.num_eval": 6}))
+    run(auto)
+    auto_manifest = json.loads((tmp_path / "auto/data/raw/manifest.json").read_text())
+    assert auto_manifest["embedded"] == {"mode": "auto", "corpus": True, "math": False}
+    assert set(auto_manifest["sources"]["math_per_origin"]) == {"user:math.parquet"}
+
+
+def test_malformed_rows_name_file_and_row(tmp_path):
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"text": "fine"}\n\n{"text": broken}\n')
+    with pytest.raises(StageError, match=r"bad\.jsonl:3: not valid JSON"):
+        load_source(str(bad_json))
+    no_kind = _write_jsonl(tmp_path / "nokind.jsonl", [{"text": "ok"}, {"title": "what is this"}])
+    with pytest.raises(StageError, match=r"nokind\.jsonl:2: a row needs 'text'"):
+        map_rows([load_source(str(no_kind))], [1, 2, 3])
+    not_number = _write_jsonl(tmp_path / "answer.jsonl", [{"question": "How many?", "answer": "many"}])
+    with pytest.raises(StageError, match=r"answer\.jsonl:1: answer 'many' is not a number"):
+        map_rows([load_source(str(not_number))], [1, 2, 3])
+    disagree = _write_jsonl(tmp_path / "disagree.jsonl",
+                            [{"question": "2+2?", "answer": "4", "solution": "2+2 = 5\n#### 5"}])
+    with pytest.raises(StageError, match=r"disagree\.jsonl:1: the solution's final answer 5 differs"):
+        map_rows([load_source(str(disagree))], [1, 2, 3])
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"question": "q1", "answer": "3", "level": 2},
+                                         {"question": "q2", "answer": "4", "level": 9}]), tmp_path / "lv.parquet")
+    with pytest.raises(StageError, match=r"lv\.parquet:row 2: field 'level' must be one of data.math_levels \[1, 2, 3\]"):
+        map_rows([load_source(str(tmp_path / "lv.parquet"))], [1, 2, 3])
+    (tmp_path / "notparquet.parquet").write_text("hello")
+    with pytest.raises(StageError, match=r"notparquet\.parquet: not a readable Parquet file"):
+        load_source(str(tmp_path / "notparquet.parquet"))
+
+
+def test_empty_missing_and_unsupported_files(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(StageError, match=r"empty\.jsonl: no rows \(empty file\)"):
+        load_source(str(tmp_path / "empty.jsonl"))
+    with pytest.raises(StageError, match="file not found"):
+        load_source(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(StageError, match="unsupported file type"):
+        load_source(str(tmp_path / "data.csv"))
+    # The stage's command line reports it as an error naming the file, exit code 2, no output.
+    cmd = [sys.executable, "-m", "tasks.prepare_data", "--params", str(REPO / "params.yaml"),
+           "--set", f"paths.data_dir={tmp_path / 'data'}", "--set", f"data.sources=[{tmp_path / 'empty.jsonl'}]"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "empty.jsonl: no rows" in proc.stderr
+    assert not (tmp_path / "data" / "raw").exists()
+
+
+def test_s3_source(s3_server, monkeypatch, tmp_path):  # noqa: F811 (the imported fixture)
+    bucket = s3_server.create_bucket("user-data")
+    body = "".join(json.dumps(r) + "\n" for r in _user_text(3) + _user_math(2, seed=4))
+    s3_server.client().put_object(Bucket=bucket, Key="in/mixed.jsonl", Body=body.encode())
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    source = load_source("s3://user-data/in/mixed.jsonl")
+    assert source.sha256 == hashlib.sha256(body.encode()).hexdigest()
+    docs, problems, stats = map_rows([source], [1, 2, 3])
+    assert len(docs) == 3 and len(problems) == 2 and problems[0].origin == "user:mixed.jsonl"
+    assert source.records[4].where == "s3://user-data/in/mixed.jsonl:5"
+    with pytest.raises(StageError, match=r"cannot read s3://user-data/in/missing\.jsonl: NoSuchKey"):
+        load_source("s3://user-data/in/missing.jsonl")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    with pytest.raises(StageError, match=r"cannot read s3://user-data/in/mixed\.jsonl: SignatureDoesNotMatch"):
+        load_source("s3://user-data/in/mixed.jsonl")
+
+
+def test_gzipped_jsonl_and_gsm8k_rows_without_solution(tmp_path):
+    import gzip
+
+    rows = [{"question": "Tom has 3 apples and buys 4 more. How many apples does he have?", "answer": "7"},
+            {"question": "A pen costs $1.50. How much do 2 pens cost?", "answer": 3.0, "level": 2},
+            {"text": "A plain corpus line that is long enough to be a document of its own, hopefully."}]
+    path = tmp_path / "mixed.jsonl.gz"
+    path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    docs, problems, stats = map_rows([load_source(str(path))], [1, 2, 3])
+    assert [p.solution for p in problems] == ["#### 7", "#### 3"]  # answer-only rows: one-line solution
+    assert [p.level for p in problems] == [1, 2] and stats["math_without_solution"] == 2
+    assert docs == [Document(rows[2]["text"], "user:mixed.jsonl.gz")]
+    (tmp_path / "broken.jsonl.gz").write_bytes(b"not gzip")
+    with pytest.raises(StageError, match=r"broken\.jsonl\.gz: not a valid gzip file"):
+        load_source(str(tmp_path / "broken.jsonl.gz"))

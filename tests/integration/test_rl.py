@@ -1,0 +1,600 @@
+"""The rl stage and its algorithms (tasks/rl.py, tasks/training/rl_algos.py) on a micro family.
+
+The micro task: a word-level chat tokenizer, a 2-layer family with exits [1, 2] and one DaE block on
+member 1, briefly supervised to answer "#### <digit>" with a random digit; the RL prompts' answer
+is always 7, so RL has to move the DaE member from ~10% to most answers correct.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+import yaml
+
+from tasks.core.artifacts import load_family, save_family
+from tasks.core.params import RLParams, load_params
+from tasks.core.stage import StageError
+from tasks.training import rl_algos as A
+
+SPECIALS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
+WORDS = ["[UNK]", "user", "assistant", "what", "is", "the", "answer", "to", "?", "####", "so"] + [str(i) for i in range(10)]
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|pad|>",
+                                  unk_token="[UNK]", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tok.chat_template = TEMPLATE
+    return tok
+
+
+def make_model(tok, seed: int = 0):
+    from ruyi_model import FamilialConfig, FamilialForCausalLM
+
+    cfg = FamilialConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, exit_layers=[1, 2],
+                         dae_blocks=[1, 0], pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), max_position_embeddings=64)
+    torch.manual_seed(seed)
+    return FamilialForCausalLM(cfg)
+
+
+def questions(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [f"what is the answer to {rng.randint(0, 9)} ?" for _ in range(n)]
+
+
+def sft_warmup(model, tok, steps: int = 40) -> None:
+    """Teaches both members the format `so* #### <digit>`; the digit is 3 in 30% of the answers and
+    uniform over 0-9 otherwise, so greedy decoding answers 3 and sampling finds 7 about 7% of the time."""
+    rng = random.Random(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for s in range(steps):
+        ids_list, label_list = [], []
+        for q in questions(16, 1000 + s):
+            prompt = tok(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                 add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+            digit = 3 if rng.random() < 0.3 else rng.randint(0, 9)
+            resp = " ".join(["so"] * rng.randint(0, 3) + ["####", str(digit)]) + "<|im_end|>"
+            full = prompt + tok(resp, add_special_tokens=False)["input_ids"]
+            ids_list.append(full)
+            label_list.append([-100] * len(prompt) + full[len(prompt):])
+        width = max(map(len, ids_list))
+        ids = torch.full((16, width), tok.pad_token_id)
+        labels = torch.full((16, width), -100)
+        attn = torch.zeros((16, width), dtype=torch.long)
+        for i, (x, y) in enumerate(zip(ids_list, label_list)):
+            ids[i, :len(x)], labels[i, :len(y)], attn[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+        loss = sum(model(input_ids=ids, attention_mask=attn, labels=labels, exit_layer=d).loss for d in (1, 2))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    """(tokenizer, SFT-warmed model state dict, saved SFT dir)."""
+    tok = make_tokenizer()
+    model = make_model(tok)
+    sft_warmup(model, tok)
+    sft_dir = tmp_path_factory.mktemp("sft") / "sft"
+    save_family(model, tok, sft_dir)
+    return tok, {k: v.clone() for k, v in model.state_dict().items()}, sft_dir
+
+
+def fresh_model(micro):
+    tok, state, _ = micro
+    model = make_model(tok)
+    model.load_state_dict(state)
+    return model
+
+
+def rl_rows(n: int, seed: int = 7) -> list[dict]:
+    return [{"id": f"rl-{i}", "question": q, "answer": "7", "level": 1} for i, q in enumerate(questions(n, seed))]
+
+
+# --- sampling, rewards, advantages --------------------------------------------------------------
+
+
+def test_sampler_equals_uncached_sampling_with_left_padding(micro):
+    """The KV-cached batched sampler draws exactly what a no-cache loop over softmax(logits/T) draws."""
+    tok = micro[0]
+    model = fresh_model(micro).eval()
+    prompt_ids, prompt_mask = A.encode_chat_prompts(tok, ["what is the answer to 3 ?", "what is 5 ?"])
+    assert prompt_mask[1, 0] == 0  # the second prompt is left-padded
+    stops = [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
+    comp, cmask, truncated = A.sample_completions(model, prompt_ids, prompt_mask, exit_layer=1, max_new_tokens=6,
+                                                  stop_ids=stops, pad_id=tok.pad_token_id, temperature=0.8,
+                                                  generator=torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    ids, attn = prompt_ids.clone(), prompt_mask.clone()
+    done = torch.zeros(2, dtype=torch.bool)
+    expected = []
+    with torch.no_grad():
+        for _ in range(comp.shape[1]):
+            logits = model(input_ids=ids, attention_mask=attn, position_ids=A.positions_from_mask(attn),
+                           exit_layer=1, use_cache=False).logits[:, -1].float()
+            probs = torch.softmax(logits / 0.8, -1)
+            tok_next = (probs / torch.empty_like(probs).exponential_(1.0, generator=gen)).argmax(-1)
+            tok_next = torch.where(done, torch.full_like(tok_next, tok.pad_token_id), tok_next)
+            expected.append(tok_next)
+            done |= torch.isin(tok_next, torch.tensor(stops))
+            ids = torch.cat([ids, tok_next[:, None]], 1)
+            attn = torch.cat([attn, torch.ones(2, 1, dtype=torch.long)], 1)
+    assert torch.equal(comp, torch.stack(expected, 1))
+    for row in range(2):  # the mask covers the tokens up to and including the stop token
+        stop_at = [k for k, t in enumerate(comp[row].tolist()) if t in stops]
+        n = stop_at[0] + 1 if stop_at else comp.shape[1]
+        assert cmask[row].tolist() == [1] * n + [0] * (comp.shape[1] - n)
+        assert bool(truncated[row]) == (not stop_at)
+
+
+def test_sampler_draws_from_the_softmax_distribution(micro):
+    """The sampler's first tokens follow softmax(logits / T) of the member empirically."""
+    tok = micro[0]
+    model = fresh_model(micro).eval()
+    ids, mask = A.encode_chat_prompts(tok, ["what is the answer to 3 ?"])
+    n = 20000
+    comp, _, _ = A.sample_completions(model, ids.expand(n, -1), mask.expand(n, -1), exit_layer=1, max_new_tokens=1,
+                                      stop_ids=[tok.convert_tokens_to_ids("<|im_end|>")], pad_id=tok.pad_token_id,
+                                      temperature=4.0, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask, exit_layer=1).logits[0, -1]
+    want = torch.softmax(logits / 4.0, -1)
+    freq = torch.bincount(comp[:, 0], minlength=want.numel()).float() / n
+    assert (want > 0.02).sum() >= 3  # a spread-out distribution, or the check proves little
+    assert torch.allclose(freq, want, atol=0.012), (freq, want)
+
+
+def test_greedy_sampler_matches_generate(micro):
+    tok = micro[0]
+    model = fresh_model(micro).eval()
+    ids, mask = A.encode_chat_prompts(tok, ["what is the answer to 3 ?", "what is 5 ?"])
+    stops = [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
+    comp, cmask, _ = A.sample_completions(model, ids, mask, exit_layer=1, max_new_tokens=5, stop_ids=stops,
+                                          pad_id=tok.pad_token_id, do_sample=False)
+    ref = model.generate(ids, attention_mask=mask, exit_layer=1, do_sample=False, max_new_tokens=5,
+                         eos_token_id=stops, pad_token_id=tok.pad_token_id)[:, ids.shape[1]:]
+    width = min(ref.shape[1], comp.shape[1])
+    assert torch.equal((comp * cmask)[:, :width], (ref[:, :width] * cmask[:, :width]))
+
+
+def test_rewards_exact_answer_and_format():
+    texts = ["so #### 7", "#### 7 apples", "#### 3", "7", "#### 7.0\n", "####", "#### 7\nso"]
+    rewards, correct = A.score_responses(texts, ["7"] * 7, format_reward=0.1)
+    assert correct.tolist() == [True, True, False, False, True, False, True]
+    assert torch.allclose(rewards, torch.tensor([1.1, 1.0, 0.1, 0.0, 1.1, 0.0, 1.0]))
+    with pytest.raises(ValueError, match="2 responses but 1"):
+        A.score_responses(["a", "b"], ["1"], 0.1)
+
+
+def test_group_advantages_formula():
+    # TRL's own numbers (RL_SERVE_NOTES.md A1): unbiased std + 1e-4.
+    adv = A.group_advantages(torch.tensor([1.0, 0.0, 0.5, 2.0]), 2)
+    assert torch.allclose(adv, torch.tensor([0.707007, -0.707007, -0.707040, 0.707040]), atol=1e-6)
+    r = torch.tensor([0.0, 1.1, 0.1, 1.0, 0.0, 0.0, 0.0, 0.0])
+    for g in (4, 2):
+        groups = r.view(-1, g)
+        want = ((groups - groups.mean(1, keepdim=True)) /
+                (torch.tensor([statistics_std(row) for row in groups.tolist()])[:, None] + 1e-4)).view(-1)
+        assert torch.allclose(A.group_advantages(r, g), want, atol=1e-6)
+    assert torch.equal(A.group_advantages(torch.zeros(4), 4), torch.zeros(4))  # degenerate group: no signal
+    groups = r.view(-1, 4)
+    assert torch.allclose(A.group_advantages(r, 4, scale="none"), (groups - groups.mean(1, keepdim=True)).view(-1))
+    assert torch.allclose(A.group_advantages(r, 4, scale="batch"),
+                          (groups - groups.mean(1, keepdim=True)).view(-1) / (statistics_std(r.tolist()) + 1e-4))
+    with pytest.raises(ValueError, match="groups of 3"):
+        A.group_advantages(r, 3)
+
+
+def statistics_std(values: list[float]) -> float:
+    import statistics
+
+    return statistics.stdev(values)
+
+
+# --- the loss -------------------------------------------------------------------------------------
+
+
+def test_bppo_loss_is_the_reference_formula():
+    """dapo over the prefix mask = -(1/sum P_i) sum_i sum_{t<P_i} min(r A, clip(r) A) (PAPERS.md 7.2)."""
+    gen = torch.Generator().manual_seed(0)
+    logps = torch.randn(4, 6, generator=gen, requires_grad=True)
+    old = (logps.detach() + 0.4 * torch.randn(4, 6, generator=gen))
+    adv = torch.tensor([1.2, -0.4, 0.8, -1.1])
+    plen = torch.tensor([3, 1, 6, 2])
+    mask = A.prefix_mask(plen, 6)
+    loss, _ = A.policy_loss(logps, adv, mask, old_logps=old, epsilon=0.2, epsilon_high=0.28, loss_type="dapo")
+    total = 0.0
+    for i in range(4):
+        for t in range(int(plen[i])):
+            r = math.exp(float(logps[i, t].detach()) - float(old[i, t]))
+            total += min(r * float(adv[i]), min(max(r, 0.8), 1.28) * float(adv[i]))
+    assert abs(float(loss.detach()) - (-total / int(plen.sum()))) < 1e-5
+    loss.backward()
+    assert torch.all(logps.grad[mask == 0] == 0)  # no gradient beyond the prefixes
+
+
+def test_policy_loss_errors():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="ref_logps"):
+        A.policy_loss(x, torch.zeros(2), x, beta=0.1)
+    with pytest.raises(ValueError, match="max_completion_length"):
+        A.policy_loss(x, torch.zeros(2), x, loss_type="dr_grpo")
+    with pytest.raises(ValueError, match="loss_type"):
+        A.policy_loss(x, torch.zeros(2), x, loss_type="ppo")
+
+
+# --- BPPO selection, prefixes, adaptive budget ----------------------------------------------------
+
+
+def test_bppo_selects_shortest_correct_and_incorrect_and_skips_degenerate_groups():
+    correct = torch.tensor([0, 1, 1, 0,   1, 1, 1, 1,   0, 0, 0, 0,   1, 0, 0, 1], dtype=torch.bool)
+    lengths = torch.tensor([5, 9, 4, 3,   2, 3, 4, 5,   1, 2, 3, 4,   7, 6, 6, 7])
+    sel = A.bppo_select(correct, lengths, 4)
+    # group 0: shortest correct row 2 (len 4), shortest incorrect row 3 (len 3); group 3: ties -> earlier.
+    assert sel.pairs == [(2, 3), (12, 13)]
+    assert sel.groups == [0, 3]
+    assert sel.skipped == 2  # all correct (group 1) and all wrong (group 2)
+    assert sel.shortest_correct == [4, 2, 7]
+    assert sel.rows == [2, 3, 12, 13]
+    with pytest.raises(ValueError, match="groups of 4"):
+        A.bppo_select(correct[:6], lengths[:6], 4)
+
+
+def test_prefix_rules_and_mask():
+    comp = torch.tensor([[5, 6, 7, 8, 9, 1],    # correct, length 6
+                         [5, 6, 2, 2, 1, 0],    # incorrect, length 5: common prefix with row 0 = 2 tokens
+                         [3, 4, 1, 0, 0, 0],    # correct, length 3
+                         [9, 4, 4, 4, 4, 1],    # incorrect, length 6: empty common prefix
+                         [3, 4, 1, 0, 0, 0],    # correct, length 3 (a prefix of row 5)
+                         [3, 4, 1, 5, 5, 5]])   # incorrect, length 6
+    lengths = torch.tensor([6, 5, 3, 6, 3, 6])
+    pairs = [(0, 1), (2, 3), (4, 5)]
+    frac = A.prefix_lengths(comp, lengths, pairs, "fraction", fraction=0.5)
+    assert frac.tolist() == [3, 3, 2, 3, 2, 3]  # ceil(0.5 * L)
+    assert A.prefix_lengths(comp, lengths, pairs, "fraction", fraction=0.01).tolist() == [1] * 6  # >= 1 token
+    assert A.prefix_lengths(comp, lengths, pairs, "first_k", k=4).tolist() == [4, 4, 3, 4, 3, 4]
+    # common: shared prefix + the first diverging token; empty shared prefix -> 1 token; capped at L.
+    assert A.prefix_lengths(comp, lengths, pairs, "common").tolist() == [3, 3, 1, 1, 3, 4]
+    mask = A.prefix_mask(torch.tensor([3, 1, 6]), 6)
+    assert mask.tolist() == [[1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]]
+    with pytest.raises(ValueError, match="prefix rule"):
+        A.prefix_lengths(comp, lengths, pairs, "suffix")
+
+
+def test_adaptive_budget_follows_shortest_correct_lengths():
+    b = A.AdaptiveBudget(max_new_tokens=48, min_tokens=8, margin=1.5, ema_decay=0.5)
+    assert b.budget == 48
+    assert b.update([10, 20, 12]) == 30           # ema = 20 (max of the step), ceil(1.5 * 20)
+    assert b.update([10]) == 23                    # ema = 0.5*20 + 0.5*10 = 15 -> 22.5 -> 23
+    assert b.update([4, 2]) == 15                  # ema = 9.5 -> 14.25 -> 15
+    for _ in range(10):
+        b.update([2])
+    assert b.budget == 8                           # floor
+    assert b.update([]) == 12                      # no correct response: grow by the margin
+    assert b.update([]) == 18
+    assert b.update([100]) == 48                   # ceiling
+    state = b.state_dict()
+    c = A.AdaptiveBudget(48, 8, 1.5, 0.5)
+    c.load_state_dict(state)
+    assert c.update([30]) == b.update([30])
+    with pytest.raises(ValueError):
+        A.AdaptiveBudget(max_new_tokens=8, min_tokens=9, margin=1.5)
+
+
+# --- training ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "bppo"])
+def test_rl_raises_reward_and_only_the_dae_member_changes(micro, algorithm):
+    from tasks.training.rl_trainer import RLTrainer, evaluate_members, resolve_members, trainable_parameters
+
+    tok = micro[0]
+    model = fresh_model(micro)
+    rows = rl_rows(48)
+    eval_rows, train_rows = rows[:16], rows[16:]
+    cfg = RLParams(algorithm=algorithm, steps=25, prompts_per_step=4, group_size=8, max_new_tokens=8, lr=5e-3,
+                   eval_prompts=16)
+    members = resolve_members(model.config, "dae")
+    assert members == [1]
+    trainable = trainable_parameters(model, "dae", members)
+    names = {n for n, _ in trainable}
+    assert names and all(n.startswith(("exits.1.layers.1.", "exits.1.norm.", "exits.1.lm_head.")) for n in names)
+    probe = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        other_before = model(probe, exit_layer=2).logits.clone()
+        dae_before = model(probe, exit_layer=1).logits.clone()
+    before = evaluate_members(model, tok, eval_rows, members, 8, 0.1)[1]
+    trainer = RLTrainer(model, tok, train_rows, cfg, members=members, trainable=trainable, seed=0)
+    for _ in range(cfg.steps):
+        trainer.step()
+    after = evaluate_members(model, tok, eval_rows, members, 8, 0.1)[1]
+    hist = trainer.history[1]
+    first = sum(h["reward"] for h in hist[:5]) / 5
+    last = sum(h["reward"] for h in hist[-5:]) / 5
+    assert last > first + 0.2, (first, last)
+    assert after["reward"] > before["reward"] and after["accuracy"] > before["accuracy"], (before, after)
+    with torch.no_grad():
+        assert torch.equal(model(probe, exit_layer=2).logits, other_before)  # other member bit-identical
+        assert not torch.equal(model(probe, exit_layer=1).logits, dae_before)
+    if algorithm == "bppo":
+        assert sum(h["pairs"] for h in hist) > 0
+        assert all(h["trained_tokens"] <= 2 * h["pairs"] * cfg.max_new_tokens for h in hist)
+
+
+def test_adaptive_budget_cuts_generation_in_bppo(micro):
+    from tasks.training.rl_trainer import RLTrainer, resolve_members, trainable_parameters
+
+    tok = micro[0]
+    model = fresh_model(micro)
+    cfg = RLParams(algorithm="bppo", steps=6, prompts_per_step=4, group_size=8, max_new_tokens=24, lr=5e-3,
+                   eval_prompts=1, bppo={"adaptive_budget": True, "budget_min_tokens": 4, "budget_margin": 1.25})
+    members = resolve_members(model.config, "dae")
+    trainer = RLTrainer(model, tok, rl_rows(40), cfg, members=members,
+                        trainable=trainable_parameters(model, "dae", members), seed=1)
+    for _ in range(cfg.steps):
+        trainer.step()
+    budgets = [h["budget"] for h in trainer.history[1]]
+    assert budgets[0] == 24 and min(budgets[1:]) < 12, budgets  # responses are ~2-6 tokens long
+    assert all(h["length"] <= h["budget"] for h in trainer.history[1])
+
+
+# --- the stage ---------------------------------------------------------------------------------------
+
+
+def write_workspace(root, sft_dir, rows, overrides: dict | None = None):
+    """A params file whose paths live under `root`, the SFT checkpoint and rl.jsonl in place."""
+    import shutil
+
+    (root / "data" / "validated").mkdir(parents=True, exist_ok=True)
+    with open(root / "data" / "validated" / "rl.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    if sft_dir is not None:
+        shutil.copytree(sft_dir, root / "artifacts" / "sft")
+    raw = {"seed": 3,
+           "paths": {k: str(root / v) for k, v in [("data_dir", "data"), ("artifacts_dir", "artifacts"),
+                                                    ("metrics_dir", "metrics"), ("plots_dir", "plots"),
+                                                    ("reports_dir", "reports")]},
+           "model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                     "num_key_value_heads": 2, "head_dim": 8, "exit_layers": [1, 2]},
+           "rl": {"steps": 4, "prompts_per_step": 2, "group_size": 4, "max_new_tokens": 8, "lr": 5e-3,
+                  "eval_prompts": 4, "checkpoint_every": 0, "bppo": {"budget_min_tokens": 4}}}
+    for key, value in (overrides or {}).items():
+        node = raw
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_stage_writes_model_metrics_and_plots(micro, tmp_path):
+    from tasks.rl import main
+
+    params_file = write_workspace(tmp_path, micro[2], rl_rows(20))
+    assert main(["--params", str(params_file)]) == 0
+    metrics = json.loads((tmp_path / "metrics" / "rl.json").read_text())
+    for key in ("algorithm", "reward_start", "reward_end", "accuracy_start", "accuracy_end", "wall_time_s"):
+        assert key in metrics
+    assert metrics["algorithm"] == "bppo" and metrics["members"] == [1]
+    curves = metrics["exit_1"]["curves"]
+    assert len(curves["reward"]) == 4 and len(curves["length"]) == 4 and len(curves["kl"]) == 4
+    assert (tmp_path / "plots" / "rl" / "curves.png").stat().st_size > 0
+    lines = (tmp_path / "plots" / "rl" / "curves.csv").read_text().splitlines()
+    assert lines[0].startswith("step,member,reward") and len(lines) == 5
+    model, tok = load_family(tmp_path / "artifacts" / "rl")
+    assert model.config.exit_layers == [1, 2]
+
+
+def test_stage_grpo_all_members_with_kl_and_reuse(micro, tmp_path):
+    from tasks.rl import main
+
+    params_file = write_workspace(tmp_path, micro[2], rl_rows(20), {
+        "rl.algorithm": "grpo", "rl.members": "all", "rl.beta": 0.04, "rl.num_iterations": 2, "rl.steps": 2,
+        "rl.loss_type": "grpo"})
+    assert main(["--params", str(params_file)]) == 0
+    metrics = json.loads((tmp_path / "metrics" / "rl.json").read_text())
+    assert metrics["members"] == [1, 2] and metrics["algorithm"] == "grpo"
+    assert all(k > 0 for k in metrics["exit_2"]["curves"]["kl"][1:])  # KL to the reference once the policy moved
+    assert metrics["trainable_params"] == sum(p.numel() for p in load_family(micro[2])[0].parameters())
+
+
+def test_resume_equals_uninterrupted_run(micro, tmp_path):
+    from safetensors.torch import load_file
+
+    from tasks.rl import main
+
+    rows = rl_rows(20)
+    straight = write_workspace(tmp_path / "straight", micro[2], rows, {"rl.steps": 4})
+    assert main(["--params", str(straight)]) == 0
+    # An interrupted run: 3 steps with a checkpoint at step 2, then the same run asked for 4 steps.
+    resumed = write_workspace(tmp_path / "resumed", micro[2], rows, {"rl.steps": 3, "rl.checkpoint_every": 2})
+    assert main(["--params", str(resumed)]) == 0
+    assert (tmp_path / "resumed" / "artifacts" / "checkpoints" / "rl" / "step_000002").is_dir()
+    assert main(["--params", str(resumed), "--set", "rl.steps=4"]) == 0
+    m_straight = json.loads((tmp_path / "straight" / "metrics" / "rl.json").read_text())
+    m_resumed = json.loads((tmp_path / "resumed" / "metrics" / "rl.json").read_text())
+    assert m_resumed["resumed_from_step"] == 2 and m_straight["resumed_from_step"] is None
+    for key in ("reward", "length", "loss", "kl", "budget"):
+        assert m_resumed["exit_1"]["curves"][key] == m_straight["exit_1"]["curves"][key], key
+    a = load_file(tmp_path / "straight" / "artifacts" / "rl" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "artifacts" / "rl" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # A checkpoint made with other params is set aside, not resumed.
+    assert main(["--params", str(resumed), "--set", "rl.steps=4", "--set", "rl.lr=0.001"]) == 0
+    m_other = json.loads((tmp_path / "resumed" / "metrics" / "rl.json").read_text())
+    assert m_other["resumed_from_step"] is None
+    assert list((tmp_path / "resumed" / "artifacts" / "checkpoints").glob("rl.stale-*"))
+
+
+def test_bad_inputs_name_the_file(micro, tmp_path):
+    from tasks.rl import run
+
+    params = load_params(write_workspace(tmp_path / "nosft", None, rl_rows(20)))
+    with pytest.raises(StageError, match="artifacts/sft"):
+        run(params)
+    empty = tmp_path / "empty"
+    params = load_params(write_workspace(empty, micro[2], []))
+    with pytest.raises(StageError, match=r"rl\.jsonl: no rows"):
+        run(params)
+    bad = rl_rows(20)
+    bad[5]["answer"] = "seven"
+    params = load_params(write_workspace(tmp_path / "bad", micro[2], bad))
+    with pytest.raises(StageError, match=r"rl\.jsonl: row 6 .*'seven' is not a number"):
+        run(params)
+    params = load_params(write_workspace(tmp_path / "few", micro[2], rl_rows(4)))
+    with pytest.raises(StageError, match=r"rl\.jsonl: 4 rows, but rl\.eval_prompts=4"):
+        run(params)
+    with pytest.raises(Exception, match="budget_min_tokens"):
+        load_params(write_workspace(tmp_path / "p", None, [], {"rl.bppo.budget_min_tokens": 9}))
+    assert not (tmp_path / "bad" / "artifacts" / "rl").exists()
+
+
+# --- members, skipped steps, timing, set-asides -------------------------------------------------------
+
+
+def _check_member_curves(metrics: dict, d: int, steps: int, format_reward: float) -> dict:
+    """Every per-step curve has one value per step; the sampled accuracy is consistent with the reward
+    (reward = accuracy + format_reward * share of well-formed responses)."""
+    curves = metrics[f"exit_{d}"]["curves"]
+    for key in ("reward", "accuracy", "length", "kl", "has_gradient"):
+        assert len(curves[key]) == steps, key
+    for acc, reward in zip(curves["accuracy"], curves["reward"]):
+        assert 0.0 <= acc <= 1.0 and acc - 1e-6 <= reward <= acc + format_reward + 1e-6
+    assert metrics[f"exit_{d}"]["steps_with_gradient"] == sum(curves["has_gradient"])
+    assert metrics[f"exit_{d}"]["skipped_steps"] == steps - sum(curves["has_gradient"])
+    if metrics["algorithm"] == "bppo":
+        assert curves["has_gradient"] == [float(p > 0) for p in curves["pairs"]]
+        assert all(t == 0 for t, g in zip(curves["trained_tokens"], curves["has_gradient"]) if not g)
+    return curves
+
+
+def test_stage_bppo_all_members_records_accuracy_per_member(micro, tmp_path):
+    from tasks.rl import main
+
+    params_file = write_workspace(tmp_path, micro[2], rl_rows(20), {"rl.members": "all", "rl.steps": 3})
+    assert main(["--params", str(params_file)]) == 0
+    metrics = json.loads((tmp_path / "metrics" / "rl.json").read_text())
+    assert metrics["algorithm"] == "bppo" and metrics["members"] == [1, 2]
+    curves = {d: _check_member_curves(metrics, d, 3, 0.1) for d in (1, 2)}
+    # Each member samples its own rollouts: the two accuracy curves are recorded separately.
+    assert curves[1]["length"] != curves[2]["length"]
+    lines = (tmp_path / "plots" / "rl" / "curves.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    assert "accuracy" in header and "has_gradient" in header and len(lines) == 1 + 2 * 3
+    acc_col = header.index("accuracy")
+    for d in (1, 2):
+        rows = [line.split(",") for line in lines[1:] if line.split(",")[1] == f"exit_{d}"]
+        assert [float(r[acc_col]) for r in rows] == pytest.approx(curves[d]["accuracy"], abs=1e-6)
+    assert metrics["trainable_params"] == sum(p.numel() for p in load_family(micro[2])[0].parameters())
+
+
+def test_stage_members_as_a_list_of_exits(micro, tmp_path):
+    from tasks.rl import main
+
+    params_file = write_workspace(tmp_path, micro[2], rl_rows(20), {"rl.members": [2], "rl.steps": 2})
+    assert main(["--params", str(params_file)]) == 0
+    metrics = json.loads((tmp_path / "metrics" / "rl.json").read_text())
+    assert metrics["members"] == [2] and "exit_1" not in metrics
+    _check_member_curves(metrics, 2, 2, 0.1)
+    from tasks.core.params import ParamsError
+
+    with pytest.raises(ParamsError, match=r"rl\.members \[3\] are not in model\.exit_layers"):
+        load_params(write_workspace(tmp_path / "bad", micro[2], rl_rows(20), {"rl.members": [3]}))
+
+
+def test_bppo_steps_without_a_pair_are_counted_and_take_no_optimizer_step(micro):
+    """An answer the model never produces: no group has a correct response, so every BPPO step is
+    skipped (no pair, no optimizer step, weights unchanged) and the metrics say so."""
+    from tasks.training.rl_trainer import RLTrainer, resolve_members, trainable_parameters
+
+    tok = micro[0]
+    model = fresh_model(micro)
+    rows = [{**r, "answer": "12345"} for r in rl_rows(12)]
+    cfg = RLParams(algorithm="bppo", steps=3, prompts_per_step=2, group_size=4, max_new_tokens=8, eval_prompts=1)
+    members = resolve_members(model.config, "dae")
+    trainer = RLTrainer(model, tok, rows, cfg, members=members, trainable=trainable_parameters(model, "dae", members),
+                        seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for _ in range(3):
+        trainer.step()
+    hist = trainer.history[1]
+    assert [h["has_gradient"] for h in hist] == [0.0, 0.0, 0.0]
+    assert all(h["pairs"] == 0 and h["skipped_groups"] == 2 and h["trained_tokens"] == 0 for h in hist)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_benchmark_steps_to_target_skip_steps_without_gradient_and_short_runs():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bppo_vs_grpo", Path(__file__).parents[2] / "benchmarks/bppo_vs_grpo.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def hist(rewards, grads):
+        return [{"reward": r, "has_gradient": g, "time_s": 1.0 * (i + 1), "rollout_s": 0.5, "train_s": 0.5,
+                 "length": 10.0, "tokens_generated": 40.0, "trained_tokens": 8.0} for i, (r, g) in
+                enumerate(zip(rewards, grads))]
+
+    ev = {"reward": 0.5, "accuracy": 0.5}
+    results = {"grpo": {"history": hist([0.0, 0.2, 0.4, 0.6, 1.0], [1] * 5), "before": ev, "after": ev},
+               "bppo": {"history": hist([0.0, 0.0, 0.0, 0.6, 1.0], [0, 0, 0, 1, 1]), "before": ev,
+                        "after": {"reward": 0.5, "accuracy": 0.47}}}
+    out = bench.summarize_member(results, window=1, target=0.6, acc_tol=0.02)
+    g, b = out["runs"]["grpo"], out["runs"]["bppo"]
+    assert g["steps_to_target"] == 4 and b["sampled_steps_to_target"] == 4
+    assert b["steps_to_target"] == 1 and b["skipped_steps"] == 3   # three steps without gradient: no progress
+    assert b["speedup_steps"] == 4.0 and b["speedup_time"] == 1.0
+    assert b["equal_final_accuracy"] is False and b["final_accuracy_diff"] == pytest.approx(-0.03)
+    assert bench.summarize_member(results, 1, 0.6, acc_tol=0.05)["runs"]["bppo"]["equal_final_accuracy"] is True
+    # A window longer than the run (--steps < --window) is capped instead of raising IndexError.
+    short = bench.summarize_member(results, window=10, target=None)
+    assert short["window"] == 5 and short["requested_window"] == 10
+    # Every member is summarised.
+    both = bench.summarize({n: {"members": {1: r, 2: r}} for n, r in results.items()}, 1, 0.6)
+    assert sorted(both["members"]) == ["exit_1", "exit_2"]
+
+
+def test_stale_set_aside_is_unique_within_one_second(tmp_path):
+    from tasks.rl import try_resume
+
+    root = tmp_path / "checkpoints" / "rl"
+    for _ in range(3):
+        (root / "step_000001").mkdir(parents=True)
+        (root / "step_000001" / "state.json").write_text(json.dumps({"fingerprint": "old"}))
+        assert try_resume(root, None, "new") is None   # stale: moved aside before the trainer is touched
+        assert not root.exists()
+    assert len(list((tmp_path / "checkpoints").glob("rl.stale-*"))) == 3
+
+
+def test_wall_time_is_cumulative_across_resumes(micro, tmp_path):
+    from tasks.rl import main
+
+    params = write_workspace(tmp_path, micro[2], rl_rows(20), {"rl.steps": 3, "rl.checkpoint_every": 2})
+    assert main(["--params", str(params)]) == 0
+    first = json.loads((tmp_path / "metrics" / "rl.json").read_text())
+    assert first["wall_time_s"] == first["wall_time_this_run_s"]
+    state = json.loads((tmp_path / "artifacts/checkpoints/rl/step_000002/state.json").read_text())
+    assert 0 < state["wall_time_s"] < first["wall_time_s"]
+    assert main(["--params", str(params), "--set", "rl.steps=4"]) == 0
+    resumed = json.loads((tmp_path / "metrics" / "rl.json").read_text())
+    assert resumed["resumed_from_step"] == 2
+    assert resumed["wall_time_s"] == pytest.approx(state["wall_time_s"] + resumed["wall_time_this_run_s"], abs=1e-9)
+    assert resumed["wall_time_s"] > resumed["wall_time_this_run_s"]
+    assert resumed["train_time_s"] > state["elapsed_s"]   # train time: cumulative too

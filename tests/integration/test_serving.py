@@ -1,0 +1,325 @@
+"""Serving (tasks/release/serving.py): the OpenAI-style app over a tiny real export, and `ruyi serve` on Ray.
+
+Most tests drive the FastAPI app in-process (FastAPI's TestClient, no Ray); the oracle for every
+completion is plain transformers `generate` on the stock `exit_<d>` checkpoint. One test starts Ray
+Serve for real through `tasks.deploy.serve_release` (the `ruyi serve` command) and checks that no Ray
+process is left afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from tiny_export import build_tiny_export, private_tmpdir
+
+from tasks.core.params import load_params
+from tasks.core.stage import StageError
+from tasks.release.serving import (
+    CompletionService,
+    create_app,
+    find_dynamic_generate,
+    http_json,
+    resolve_release,
+)
+from tasks.release.store import LocalStore
+
+REPO = Path(__file__).resolve().parents[2]
+PROMPT = "Tom has 3 apples and buys 4 more."
+
+
+@pytest.fixture(scope="module")
+def export_dir():
+    with private_tmpdir("ruyi-serving-export-") as tmp:
+        yield build_tiny_export(tmp / "export")
+
+
+@pytest.fixture(scope="module")
+def service(export_dir) -> CompletionService:
+    return CompletionService(export_dir, model_name="tiny", max_tokens_limit=64)
+
+
+@pytest.fixture(scope="module")
+def client(service) -> TestClient:
+    return TestClient(create_app(service))
+
+
+def _oracle(export_dir: Path, exit_layer: int, prompt: str, max_new_tokens: int) -> tuple[str, int]:
+    """Greedy completion of `prompt` by plain transformers on the stock checkpoint `exit_<d>/`."""
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+    path = export_dir / f"exit_{exit_layer}"
+    model = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    stops = [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
+                             eos_token_id=stops, pad_token_id=tok.pad_token_id)
+    new = out[0, ids.shape[1]:].tolist()
+    if new and new[-1] in stops:
+        new = new[:-1]
+    return tok.decode(new, skip_special_tokens=True), len(new)
+
+
+def test_health_and_models(client, service):
+    health = client.get("/healthz").json()
+    assert health["status"] == "ok" and health["release"] == "tiny"
+    assert health["tiers"] == ["exit_2", "exit_4", "dynamic"]
+    models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert set(models) == {"exit_2", "exit_4", "dynamic", "tiny"}
+    assert models["tiny"]["alias_of"] == "exit_4"
+    assert models["exit_2"]["num_hidden_layers"] == 2 and models["exit_4"]["num_hidden_layers"] == 4
+    assert models["exit_2"]["num_parameters"] == sum(p.numel() for p in service.tiers["exit_2"].model.parameters())
+    assert models["exit_2"]["num_parameters"] < models["exit_4"]["num_parameters"]
+    assert models["dynamic"]["exit_layers"] == [2, 4]
+
+
+@pytest.mark.parametrize("exit_layer", [2, 4])
+def test_greedy_completion_matches_transformers(client, export_dir, exit_layer):
+    want, n_tokens = _oracle(export_dir, exit_layer, PROMPT, 12)
+    r = client.post("/v1/completions", json={"model": f"exit_{exit_layer}", "prompt": PROMPT, "max_tokens": 12})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["model"] == f"exit_{exit_layer}"
+    assert body["choices"][0]["text"] == want
+    assert body["choices"][0]["finish_reason"] == ("length" if n_tokens == 12 else "stop")
+    assert body["usage"]["completion_tokens"] == n_tokens
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + n_tokens
+    assert body["ruyi"]["exit_layer"] == exit_layer
+    # The release name is the deepest member; a list of prompts gives one choice each, in order.
+    many = client.post("/v1/completions", json={"model": "tiny", "prompt": [PROMPT, "A train"], "max_tokens": 12}).json()
+    assert [c["index"] for c in many["choices"]] == [0, 1]
+    if exit_layer == 4:
+        assert many["choices"][0]["text"] == want
+
+
+def test_chat_completion_applies_the_template(client, export_dir, service):
+    messages = [{"role": "user", "content": "What is 3 + 4?"}]
+    r = client.post("/v1/chat/completions", json={"model": "exit_2", "messages": messages, "max_tokens": 10})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
+    text = service.tiers["exit_2"].tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text.endswith("<|im_start|>assistant\n")
+    assert body["choices"][0]["message"]["content"] == _oracle(export_dir, 2, text, 10)[0]
+
+
+def test_stop_strings_and_stop_tokens(client, export_dir):
+    full = client.post("/v1/completions", json={"model": "exit_4", "prompt": PROMPT, "max_tokens": 16}).json()
+    text = full["choices"][0]["text"]
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    cut = text.find(stop)
+    r = client.post("/v1/completions", json={"model": "exit_4", "prompt": PROMPT, "max_tokens": 16, "stop": [stop]})
+    choice = r.json()["choices"][0]
+    assert (choice["text"], choice["finish_reason"]) == (text[:cut], "stop")
+    assert r.json()["usage"]["completion_tokens"] <= full["usage"]["completion_tokens"]
+    # A member whose head can only say <|im_end|> or <|endoftext|> stops at once: finish_reason "stop".
+    service = CompletionService(export_dir, model_name="tiny")
+    model = service.tiers["exit_2"].model
+    tok = service.tiers["exit_2"].tokenizer
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+        model.model.norm.weight[0] = 1.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[tok.convert_tokens_to_ids("<|im_end|>"), 0] = 5.0
+        model.lm_head.weight[tok.eos_token_id, 0] = -5.0
+    body = TestClient(create_app(service)).post("/v1/completions", json={"model": "exit_2", "prompt": PROMPT}).json()
+    assert body["choices"][0] == {"text": "", "index": 0, "finish_reason": "stop", "logprobs": None}
+    assert body["usage"]["completion_tokens"] == 0
+
+
+def test_sampling_is_seeded(client):
+    def sample(seed):
+        body = {"model": "exit_4", "prompt": PROMPT, "max_tokens": 12, "temperature": 1.0, "top_p": 0.95, "seed": seed}
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    assert sample(7) == sample(7)
+    assert len({sample(s) for s in (1, 2, 3)}) > 1
+
+
+@pytest.mark.parametrize(("body", "status", "code"), [
+    ({"model": "gpt-9", "prompt": "hi"}, 404, "model_not_found"),
+    ({"model": "exit_2", "prompt": "hi", "max_tokens": 65}, 400, "max_tokens_too_large"),
+    ({"model": "exit_2", "prompt": "hi", "stream": True}, 400, "unsupported_parameter"),
+    ({"model": "exit_2", "prompt": "hi", "n": 2}, 400, "unsupported_parameter"),
+    ({"model": "exit_2", "prompt": "hi", "threshold": 0.5}, 400, "unsupported_parameter"),
+    ({"model": "exit_2", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_stop"),
+    ({"model": "exit_2", "prompt": "hi " * 250, "max_tokens": 64}, 400, "context_length_exceeded"),
+    ({"model": "exit_2", "prompt": ["ok", ""]}, 400, "invalid_prompt"),
+    ({"prompt": "hi"}, 422, "invalid_request"),
+    ({"model": "exit_2", "prompt": "hi", "max_tokens": "lots"}, 422, "invalid_request"),
+    ({"model": "exit_2", "prompt": "hi", "max_tokens": 0}, 422, "invalid_request"),
+    ({"model": "exit_2", "prompt": "hi", "temperature": -1}, 422, "invalid_request"),
+    ({"model": "exit_2", "prompt": "hi", "logit_bias": {}}, 422, "invalid_request"),
+    ({"model": "exit_2", "prompt": []}, 422, "invalid_request"),
+])
+def test_invalid_requests(client, body, status, code):
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["code"] == code and error["message"]
+    assert client.post("/v1/completions", json={"model": "exit_2", "prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_malformed_json_and_bad_chat(client):
+    r = client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "JSON" in r.json()["error"]["message"]
+    r = client.post("/v1/chat/completions", json={"model": "exit_2", "messages": [{"role": "robot", "content": "x"}]})
+    assert r.status_code == 422 and r.json()["error"]["param"].startswith("messages")
+    r = client.post("/v1/chat/completions", json={"model": "exit_2", "messages": []})
+    assert r.status_code == 422
+
+
+def test_dynamic_tier(client):
+    """Dynamic early exit: threshold 1 never exits early (= the deepest member), a tiny one always does."""
+    body = {"model": "dynamic", "prompt": PROMPT, "max_tokens": 10}
+    r = client.post("/v1/completions", json={**body, "threshold": 1.0})
+    if find_dynamic_generate() is None:  # an installation without ruyi_model.generation.dynamic_generate
+        assert r.status_code == 501
+        assert "ruyi_model.generation.dynamic_generate" in r.json()["error"]["message"]
+        assert client.get("/healthz").json()["dynamic_available"] is False
+        return
+    assert r.status_code == 200, r.text
+    deep = r.json()
+    assert deep["model"] == "dynamic" and deep["ruyi"]["threshold"] == 1.0
+    fixed = {d: client.post("/v1/completions", json={**body, "model": f"exit_{d}"}).json() for d in (2, 4)}
+    n_new = deep["usage"]["completion_tokens"] + (deep["choices"][0]["finish_reason"] == "stop")
+    assert deep["choices"][0]["text"] == fixed[4]["choices"][0]["text"]
+    assert deep["ruyi"]["choices"][0]["tokens_per_member"] == {"2": 0, "4": n_new}
+    shallow = client.post("/v1/completions", json={**body, "threshold": 1e-6}).json()
+    assert shallow["choices"][0]["text"] == fixed[2]["choices"][0]["text"]
+    assert shallow["ruyi"]["choices"][0]["mean_exit_layer"] == 2.0
+    default = client.post("/v1/completions", json=body).json()
+    assert default["ruyi"]["threshold"] == 0.9  # deploy.dynamic_threshold's default
+    r = client.post("/v1/completions", json={**body, "temperature": 0.7})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+
+
+def test_resolve_release(tmp_path, export_dir):
+    store = LocalStore(tmp_path / "store")
+    store.publish("tiny", export_dir)
+    source = {"store": {"backend": "local", "root": str(tmp_path / "store")}, "model_name": "tiny",
+              "cache_dir": str(tmp_path / "cache")}
+    path = resolve_release(source)
+    assert path == tmp_path / "cache" / "tiny" / "v0001" and (path / "exit_2" / "model.safetensors").is_file()
+    assert resolve_release({"release_dir": str(export_dir)}) == export_dir
+    with pytest.raises(StageError, match="release directory not found"):
+        resolve_release({"release_dir": str(tmp_path / "nope")})
+    with pytest.raises(StageError, match="needs 'release_dir' or 'store'"):
+        resolve_release({"version": "v1"})
+    with pytest.raises(StageError, match="no exit_<d>/ member checkpoints"):
+        CompletionService(tmp_path / "store")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_processes(ray_tmpdir: str) -> str:
+    """Processes of the Ray instance that runs under `ray_tmpdir` (their command lines name it)."""
+    out = subprocess.run(["pgrep", "-af", ray_tmpdir], capture_output=True, text=True).stdout
+    return "\n".join(line for line in out.splitlines() if "pgrep" not in line)
+
+
+def _post_raw(url: str, data: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_ruyi_serve_on_ray(tmp_path, export_dir, client, monkeypatch):
+    """`ruyi serve` (serve_release): fetch the latest release from the store, serve it, answer, stop cleanly.
+
+    RAY_TMPDIR is unset, as for a user: the session makes its own short temporary directory, and
+    removes it (and the variable) when it stops, so a second session in the process starts clean.
+    """
+    from tasks.deploy import serve_release
+
+    monkeypatch.delenv("RAY_TMPDIR")
+
+    LocalStore(tmp_path / "store").publish("ruyi-tiny", export_dir)
+    port = _free_port()
+    params = load_params(REPO / "params.yaml", {
+        "paths.artifacts_dir": str(tmp_path / "artifacts"), "deploy.store.root": str(tmp_path / "store"),
+        "deploy.max_tokens_limit": 64})
+    stop = threading.Event()
+    seen: dict = {}
+
+    def check(url: str) -> None:
+        try:
+            seen["health"] = http_json(f"{url}/healthz")
+            request = {"model": "exit_2", "prompt": PROMPT, "max_tokens": 12}
+            seen["completion"] = http_json(f"{url}/v1/completions", request)
+            seen["unknown"] = http_json(f"{url}/v1/completions", {**request, "model": "exit_3"})
+            seen["too_long"] = http_json(f"{url}/v1/completions", {**request, "max_tokens": 65})
+            seen["chat"] = http_json(f"{url}/v1/chat/completions",
+                                     {"model": "ruyi-tiny", "messages": [{"role": "user", "content": "2+2?"}]})
+            seen["bad_json"] = _post_raw(f"{url}/v1/completions", b'{"model": "exit_2", "prompt": ')
+            seen["ray_tmpdir"] = os.environ["RAY_TMPDIR"]
+            seen["processes"] = _ray_processes(seen["ray_tmpdir"])
+        finally:
+            stop.set()
+
+    url = serve_release(params, host="127.0.0.1", port=port, on_ready=check, stop_event=stop)
+    assert url == f"http://127.0.0.1:{port}"
+    assert seen["health"][0] == 200 and seen["health"][1]["release"] == "ruyi-tiny/v0001"
+    assert seen["health"][1]["device"] == "cpu"
+    assert seen["processes"]  # Ray was running under this session's RAY_TMPDIR ...
+    status, body = seen["completion"]
+    assert status == 200
+    local = client.post("/v1/completions", json={"model": "exit_2", "prompt": PROMPT, "max_tokens": 12}).json()
+    assert body["choices"] == local["choices"] and body["usage"] == local["usage"]
+    assert seen["unknown"][0] == 404 and seen["unknown"][1]["error"]["code"] == "model_not_found"
+    assert seen["too_long"][0] == 400
+    assert seen["chat"][0] == 200 and seen["chat"][1]["model"] == "exit_4"
+    assert seen["bad_json"][0] == 422 and "JSON" in seen["bad_json"][1]["error"]["message"]  # via the real proxy
+    assert _ray_processes(seen["ray_tmpdir"]) == ""  # ... and nothing of it is left
+    assert not Path(seen["ray_tmpdir"]).exists() and "RAY_TMPDIR" not in os.environ
+    with socket.socket() as s:  # nothing listens on the HTTP port any more (TIME_WAIT sockets may remain)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen()
+
+
+
+def test_serve_config_builds_the_app(tmp_path):
+    """infra/serve_config.yaml passes Ray's schema, and its args build the application (no cluster needed)."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from tasks.core.params import StoreParams
+    from tasks.release.serving import DEPLOYMENT_NAME, build_app
+
+    config = yaml.safe_load((REPO / "infra" / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(config)
+    assert not 10002 <= schema.http_options.port <= 19999
+    (spec,) = config["applications"]
+    assert spec["import_path"] == "tasks.release.serving:build_app"
+    assert [d["name"] for d in spec["deployments"]] == [DEPLOYMENT_NAME]
+    StoreParams(**spec["args"]["store"])  # the store section is a valid deploy.store
+    deployment = build_app(spec["args"])._bound_deployment
+    assert deployment.name == DEPLOYMENT_NAME
+    assert deployment.ray_actor_options == {"num_cpus": 4.0, "num_gpus": 1.0}
+    source, options = deployment.init_args
+    assert source["model_name"] == "ruyi-tiny" and source["store"]["backend"] == "s3"
+    assert options == {"max_tokens_limit": 512, "dynamic_threshold": 0.9, "device": "auto", "dtype": "bfloat16",
+                       "model_name": "ruyi-tiny"}
+    with pytest.raises(StageError, match=r"unknown key\(s\) \['num_gpu'\]"):
+        build_app({**spec["args"], "num_gpu": 1})

@@ -1,0 +1,177 @@
+"""Answer extraction/matching and the math problem generator (tasks/data/mathgen.py)."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import pytest
+
+from tasks.data.mathgen import answers_match, extract_answer, format_number, parse_number
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("He pays 3*4=12 dollars.\n#### 12", "12"),
+        ("#### 1,000", "1000"),
+        ("#### $5.00", "5"),
+        ("#### -3", "-3"),
+        ("#### 2.50", "2.5"),
+        ("#### 3/4", "0.75"),
+        ("#### 1/3", "1/3"),
+        ("first #### 4\nthen #### 7 apples.", "7"),
+        ("#### \u22125", "-5"),
+        ("#### .5", "0.5"),
+        ("no answer line 42", None),
+        ("#### no number", None),
+        ("####\n5", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("pred", "gold", "ok"),
+    [
+        ("5", "5", True),
+        ("5.0", "5", True),
+        ("$5", "5", True),
+        ("1,000", "1000", True),
+        ("2.50", "2.5", True),
+        ("-3", "-3", True),
+        ("3", "-3", False),
+        ("5 apples", "5", True),
+        ("6", "5", False),
+        (None, "5", False),
+        ("banana", "5", False),
+        ("0.75", "3/4", True),
+        ("0.3333", "1/3", False),
+    ],
+)
+def test_answers_match(pred, gold, ok):
+    assert answers_match(pred, gold) is ok
+
+
+def test_answers_match_rejects_non_numeric_gold():
+    with pytest.raises(ValueError, match="gold answer 'abc'"):
+        answers_match("5", "abc")
+
+
+def test_format_and_parse_roundtrip():
+    for value in [Fraction(0), Fraction(42), Fraction(-3), Fraction(5, 2), Fraction(-1, 8), Fraction(1, 3),
+                  Fraction(123456789, 1000)]:
+        assert parse_number(format_number(value)) == value
+    assert format_number(Fraction(-1, 8)) == "-0.125"
+    assert format_number(Fraction(7, 20)) == "0.35"
+    assert parse_number("5 apples") is None
+
+
+# --- the generator ---------------------------------------------------------------------------
+
+import ast  # noqa: E402
+import operator  # noqa: E402
+import random  # noqa: E402
+import re  # noqa: E402
+
+from tasks.data.mathgen import LEVELS, TEMPLATES, generate_problem, generate_problems, number_pattern  # noqa: E402
+
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+_ANNOTATION = re.compile(r"<<([^=<>]+)=([^<>]+)>>")
+_WORD_NUMBERS = {"three": 3}
+
+
+def _evaluate(expr: str) -> tuple[Fraction, list[Fraction]]:
+    """Evaluates `3*4+2.5` exactly, independently of tasks.data.mathgen; returns (value, operands)."""
+    operands: list[Fraction] = []
+
+    def walk(node):
+        if isinstance(node, ast.Expression):
+            return walk(node.body)
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](walk(node.left), walk(node.right))
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            value = Fraction(ast.get_source_segment(expr, node))  # exact: from the literal's text
+            operands.append(value)
+            return value
+        raise AssertionError(f"unexpected syntax in solution expression {expr!r}: {ast.dump(node)}")
+
+    return walk(ast.parse(expr, mode="eval")), operands
+
+
+def _question_numbers(question: str) -> set[Fraction]:
+    numbers = {Fraction(m.replace(",", "")) for m in re.findall(r"\d[\d,]*(?:\.\d+)?", question)}
+    numbers |= {Fraction(v) for w, v in _WORD_NUMBERS.items() if w in question.lower()}
+    return numbers
+
+
+def _check_problem(problem) -> None:
+    """Recomputes every step of the worked solution and checks it is grounded in the question."""
+    lines = problem.solution.splitlines()
+    assert lines[-1] == f"#### {problem.answer}", problem.solution
+    known = _question_numbers(problem.question) | {Fraction(60), Fraction(100)}  # minutes/hour, percent
+    last = None
+    for line in lines[:-1]:
+        found = _ANNOTATION.findall(line)
+        assert len(found) == 1, f"one <<expr=value>> per line expected: {line!r}"
+        expr, shown = found[0]
+        value, operands = _evaluate(expr)
+        assert value == Fraction(shown), f"wrong arithmetic in {line!r}: {expr} = {value}"
+        assert line.count(f">>{shown}") == 1
+        unknown = [o for o in operands if o not in known]
+        assert not unknown, f"operands {unknown} of {expr!r} come from neither the question nor earlier steps:\n{problem}"
+        known.add(value)
+        last = value
+    if last is None:  # zero-step problems do not exist: every template computes something
+        raise AssertionError(f"no solution steps: {problem}")
+    assert parse_number(problem.answer) == last, f"answer {problem.answer} is not the last result {last}"
+    assert "/" not in problem.answer and last >= 0
+    assert extract_answer(problem.solution) == problem.answer
+
+
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
+def test_every_template_and_level_is_correct(template):
+    rng = random.Random(f"test:{template}")
+    prev_mean = 0.0
+    for level in LEVELS:
+        steps = []
+        for _ in range(25):
+            problem = generate_problem(rng, level, template)
+            assert problem.level == level and problem.origin == f"mathgen:{template}"
+            _check_problem(problem)
+            steps.append(len(problem.solution.splitlines()) - 1)
+        # Difficulty grows with the level: more steps on average than the level below.
+        if level > 1:
+            assert sum(steps) / len(steps) >= prev_mean, (template, level)
+        prev_mean = sum(steps) / len(steps)
+
+
+def test_generate_problems_is_deterministic_distinct_and_balanced():
+    a = generate_problems(300, [1, 2, 3, 4, 5], seed=7)
+    b = generate_problems(300, [1, 2, 3, 4, 5], seed=7)
+    c = generate_problems(300, [1, 2, 3, 4, 5], seed=8)
+    assert a == b
+    assert a != c
+    assert len({p.question for p in a}) == 300
+    assert {p.level: sum(1 for q in a if q.level == p.level) for p in a} == {lvl: 60 for lvl in LEVELS}
+    assert {p.origin for p in a} == {f"mathgen:{t}" for t in TEMPLATES}
+    for p in a:
+        _check_problem(p)
+
+
+def test_checker_catches_a_wrong_solution():
+    problem = generate_problem(random.Random(0), 2, "shopping")
+    broken = problem.solution.replace("<<", "<<1+", 1)
+    with pytest.raises(AssertionError):
+        _check_problem(type(problem)(problem.question, broken, problem.answer, problem.level, problem.origin))
+
+
+def test_number_pattern_and_bad_arguments():
+    assert number_pattern("Ava buys 12 pens for $2.50 each.") == number_pattern("ava buys 3  pens for $1,000 each.")
+    assert number_pattern("Ava buys 12 pens.") != number_pattern("Ben buys 12 pens.")
+    with pytest.raises(ValueError, match="unknown template"):
+        generate_problem(random.Random(0), 1, "geometry")
+    with pytest.raises(ValueError, match="level"):
+        generate_problem(random.Random(0), 6, "ages")

@@ -1,0 +1,40 @@
+"""The summary `ruyi run` prints: rows from the metric files, and where each result is."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flows.report import print_summary, result_paths, summary_rows
+from tasks.core.params import load_params
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_summary_rows_follow_the_metric_files_in_exit_order(tmp_path, capsys):
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    ev = {"exit_8": {"loss": 5.5, "accuracy": 0.25, "tokens_per_s": 100.0, "params": 2000},
+          "exit_2": {"loss": 7.25, "accuracy": 0.0, "tokens_per_s": 300.0, "params": 1000}, "run_id": "x"}
+    (metrics / "eval.json").write_text(json.dumps(ev))
+    (metrics / "compress.json").write_text(json.dumps({"exit_2": {"relative_loss_change": 0.0125}}))
+    rows = summary_rows(metrics)
+    assert [r["exit"] for r in rows] == ["exit_2", "exit_8"]
+    assert rows[0]["compress_change"] == 0.0125 and rows[1]["compress_change"] is None
+
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text((REPO / "params.yaml").read_text())
+    import yaml
+
+    doc = yaml.safe_load(params_file.read_text())
+    doc["paths"].update(metrics_dir=str(metrics), reports_dir=str(tmp_path / "reports"),
+                        plots_dir=str(tmp_path / "plots"), artifacts_dir=str(tmp_path / "artifacts"))
+    params_file.write_text(yaml.safe_dump(doc))
+    (tmp_path / "reports" / "gates").mkdir(parents=True)
+    paths = result_paths(load_params(params_file))
+    assert paths["quality gates (Data Docs)"] == str(tmp_path / "reports" / "gates")
+    assert paths["evaluation report"].endswith("(not written yet)")
+    assert paths["release"] == "- (not deployed yet)"
+    print_summary(params_file)
+    out = capsys.readouterr().out
+    assert "7.250" in out and "25.0%" in out and "+1.25%" in out and "quality gates" in out

@@ -1,0 +1,279 @@
+"""Unit tests of the shared training library (tasks/training/): packing, streams, schedules,
+checkpoint fingerprints and the train loop on a micro family (real model, real optimizer)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from training_helpers import sft_like_rows
+
+from tasks.core.params import CPTParams, ExitWeightSchedule, ParamsError, TrainParams
+from tasks.core.stage import StageError
+from tasks.training.batches import BlockStream, MixedStream, pack_documents, sft_holdout_split, trim_batch
+from tasks.training.checkpoint import Checkpointer, fingerprint_info
+from tasks.training.curves import write_loss_curves
+from tasks.training.loop import _targets, exit_weights_at, lr_factor, multi_exit_loss_fn, train_loop
+
+
+def test_pack_documents_joins_with_eos_and_drops_the_partial_block():
+    blocks = pack_documents([[1, 2, 3], [4], [5, 6, 7, 8, 9]], eos_id=0, seq_len=4)
+    # stream: 1 2 3 0 | 4 0 5 6 | 7 8 9 0  -> 3 full blocks, nothing left over
+    assert blocks.tolist() == [[1, 2, 3, 0], [4, 0, 5, 6], [7, 8, 9, 0]]
+    blocks = pack_documents([[1, 2, 3], [4, 5]], eos_id=0, seq_len=4)
+    assert blocks.tolist() == [[1, 2, 3, 0]]  # "4 5 0" is dropped
+    assert pack_documents([[1]], eos_id=0, seq_len=4).shape == (0, 4)
+
+
+def test_lr_schedule_warmup_then_cosine_to_the_floor():
+    f = lambda s: lr_factor(s, warmup_steps=4, max_steps=20, min_lr_ratio=0.1)  # noqa: E731
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == pytest.approx(1.0)
+    assert f(12) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the decay
+    assert f(20) == pytest.approx(0.1)
+    values = [f(s) for s in range(4, 21)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+@pytest.mark.parametrize("kind,mid", [("constant", 1.0), ("linear", 0.6), ("cosine", 0.6)])
+def test_exit_weight_schedule_values(kind, mid):
+    sched = ExitWeightSchedule(kind=kind, start=1.0, floor=0.2, deepest=2.0)
+    exits = [2, 4, 8]
+    first = exit_weights_at(sched, exits, 0, 11)
+    middle = exit_weights_at(sched, exits, 5, 11)
+    last = exit_weights_at(sched, exits, 10, 11)
+    assert first == [1.0, 1.0, 2.0]
+    assert middle == pytest.approx([mid, mid, 2.0])
+    assert last == pytest.approx([1.0 if kind == "constant" else 0.2] * 2 + [2.0])
+    if kind == "cosine":  # cosine stays above linear in the first half
+        assert exit_weights_at(sched, exits, 2, 11)[0] > 1.0 - 0.8 * 0.2
+
+
+def test_exit_weight_schedule_rejects_a_rising_floor_and_long_warmup():
+    with pytest.raises(ParamsError, match="floor"):
+        _validate({"cpt": {"exit_weights": {"kind": "linear", "start": 0.5, "floor": 0.9}}})
+    with pytest.raises(ParamsError, match="warmup_steps"):
+        _validate({"sft": {"warmup_steps": 50, "max_steps": 50}})
+
+
+def _validate(raw):
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    from tasks.core.params import load_params
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "p.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return load_params(path)
+
+
+def test_block_stream_is_a_pure_function_of_the_position_and_covers_each_epoch():
+    rows = torch.arange(10).view(10, 1)
+    a = BlockStream({"input_ids": rows}, seed=1, name="x")
+    b = BlockStream({"input_ids": rows}, seed=1, name="x")
+    epoch0 = torch.cat([a.batch(p, 2)["input_ids"] for p in range(0, 10, 2)]).flatten().tolist()
+    assert sorted(epoch0) == list(range(10))  # a permutation
+    epoch1 = a.batch(10, 10)["input_ids"].flatten().tolist()
+    assert sorted(epoch1) == list(range(10)) and epoch1 != epoch0  # reshuffled
+    # Random access equals sequential access (what makes resume exact without iterator state).
+    assert b.batch(13, 4)["input_ids"].tolist() == a.batch(13, 4)["input_ids"].tolist()
+    other = BlockStream({"input_ids": rows}, seed=2, name="x")
+    assert other.batch(0, 10)["input_ids"].flatten().tolist() != epoch0
+
+
+def test_mixed_stream_has_the_exact_replay_share():
+    main = BlockStream({"input_ids": torch.zeros(7, 2, dtype=torch.long)}, 0, "main")
+    replay = BlockStream({"input_ids": torch.ones(5, 2, dtype=torch.long)}, 0, "replay")
+    mixed = MixedStream(main, replay, 0.1)
+    rows = torch.cat([mixed.batch(p, 8)["input_ids"][:, 0] for p in range(0, 800, 8)])
+    assert int(rows.sum()) == 80  # exactly 10% of 800 samples
+    assert sum(mixed.replay_count(p, 8) for p in range(0, 800, 8)) == 80
+    only_main = MixedStream(main, None, 0.0)
+    assert int(only_main.batch(0, 50)["input_ids"].sum()) == 0
+    with pytest.raises(ValueError):
+        MixedStream(main, None, 0.1)
+
+
+def test_trim_batch_cuts_common_right_padding():
+    batch = {"input_ids": torch.tensor([[5, 6, 0, 0], [7, 0, 0, 0]]),
+             "attention_mask": torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]])}
+    out = trim_batch(batch)
+    assert out["input_ids"].tolist() == [[5, 6], [7, 0]]
+
+
+def test_sft_holdout_split_is_stable_and_disjoint():
+    rows = [{"id": f"r{i}"} for i in range(200)]
+    train, held = sft_holdout_split(rows, 0.1)
+    assert 5 <= len(held) <= 40 and len(train) + len(held) == 200
+    assert not {r["id"] for r in train} & {r["id"] for r in held}
+    _, held_rev = sft_holdout_split(list(reversed(rows)), 0.1)
+    assert {r["id"] for r in held_rev} == {r["id"] for r in held}  # order-independent
+    _, tiny = sft_holdout_split(rows[:3], 0.01)
+    assert len(tiny) == 1
+
+
+# --- the loop and checkpoints on a micro family -------------------------------------------------------
+def _micro_family(seed=0):
+    from ruyi_model import FamilialConfig, FamilialForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = FamilialConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=32,
+                         exit_layers=[1, 3], tie_word_embeddings=False, loss_impl="chunked")
+    return FamilialForCausalLM(cfg)
+
+
+def _loop(tmp_path, max_steps=8, callbacks=(), ckpt=True, lr=1e-2, **info_extra):
+    model = _micro_family()
+    cfg = TrainParams(seq_len=8, batch_size=2, max_steps=max_steps, lr=lr, warmup_steps=1, checkpoint_every=3,
+                      eval_every=4, eval_batches=1)
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 64, (20, 8), generator=g)
+    stream = BlockStream({"input_ids": blocks}, 0, "t")
+    info = fingerprint_info("cpt", cfg, seed=0, inputs={"data": "x", **info_extra})
+    ckpt_obj = Checkpointer(tmp_path / "ckpt", info) if ckpt else None
+    weights = lambda step: exit_weights_at(CPTParams().exit_weights, [1, 3], step, max_steps)  # noqa: E731
+    result = train_loop(stage="t", model=model, cfg=cfg, named_params=list(model.named_parameters()),
+                                  stream=stream, loss_fn=multi_exit_loss_fn(weights),
+                                  val_batches=[{"input_ids": blocks[:2]}], checkpointer=ckpt_obj, callbacks=callbacks)
+    return model, result, ckpt_obj
+
+
+class Kill(Exception):
+    pass
+
+
+def _kill_at(step):
+    def cb(done):
+        if done == step:
+            raise Kill(done)
+    return cb
+
+
+def test_train_loop_resume_is_bitwise_identical(tmp_path):
+    straight, res_straight, _ = _loop(tmp_path / "a", ckpt=False)
+    with pytest.raises(Kill):
+        _loop(tmp_path / "b", callbacks=[_kill_at(5)])
+    assert sorted(p.name for p in (tmp_path / "b" / "ckpt").iterdir()) == ["step_3"]
+    torch.manual_seed(999)  # the RNG state is restored from the checkpoint, whatever it is now
+    resumed, res_resumed, _ = _loop(tmp_path / "b")
+    assert res_resumed.resumed_from_step == 3
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert res_resumed.history == res_straight.history  # the curves survive the resume too
+    assert sorted(p.name for p in (tmp_path / "b" / "ckpt").iterdir()) == ["step_6", "step_8"]  # keep 2
+
+
+def test_stale_checkpoint_is_set_aside_naming_the_difference(tmp_path):
+    _loop(tmp_path, max_steps=3)
+    _, result, ckpt = _loop(tmp_path, max_steps=3, lr=5e-3)
+    assert result.resumed_from_step is None
+    assert any("params.lr: 0.01 -> 0.005" in d for d in result.stale_checkpoint["differences"])
+    assert (tmp_path / "ckpt.stale" / "step_3").is_dir()
+    # Same configuration again: resumes from the finished run (nothing left to train).
+    _, again, _ = _loop(tmp_path, max_steps=3, lr=5e-3)
+    assert again.resumed_from_step == 3 and again.stale_checkpoint is None
+
+
+def test_incomplete_checkpoint_is_an_error_naming_the_file(tmp_path):
+    _loop(tmp_path, max_steps=3)
+    (tmp_path / "ckpt" / "step_3" / "optimizer.pt").unlink()
+    with pytest.raises(StageError, match=r"step_3/optimizer.pt is missing"):
+        _loop(tmp_path, max_steps=3)
+
+
+def test_non_finite_loss_stops_with_an_error(tmp_path):
+    with pytest.raises(StageError, match="loss is"):
+        _loop(tmp_path, max_steps=3, lr=1e30, ckpt=False)
+
+
+def _accum_run(tensors, batch_size, grad_accum, steps=2, bf16=False, lr=1e-2):
+    """`train_loop` without checkpoints; returns (model, result). grad_clip/weight decay off, so the
+    gradient left in `.grad` after the run is exactly the last step's accumulated gradient."""
+    model = _micro_family()
+    cfg = TrainParams(seq_len=12, batch_size=batch_size, grad_accum=grad_accum, max_steps=steps, lr=lr,
+                      warmup_steps=0, weight_decay=0.0, grad_clip=0.0, bf16=bf16, eval_every=1000, eval_batches=1)
+    stream = BlockStream(tensors, 0, "accum")
+    weights = lambda step: [0.5, 1.0]  # noqa: E731
+    result = train_loop(stage="t", model=model, cfg=cfg, named_params=list(model.named_parameters()),
+                                 stream=stream, loss_fn=multi_exit_loss_fn(weights),
+                                 val_batches=[trim_batch({k: v[:4] for k, v in tensors.items()})])
+    return model, result, stream
+
+
+@pytest.mark.parametrize("data", ["packed", "sft"])
+def test_grad_accumulation_equals_one_full_batch(data):
+    """grad_accum=2 over micro-batches of 2 rows = grad_accum=1 over the same 4 rows: the same gradient
+    (the token mean over the effective batch), the same weights after two steps, the same losses."""
+    if data == "packed":
+        tensors = {"input_ids": torch.randint(0, 64, (12, 12), generator=torch.Generator().manual_seed(3))}
+    else:
+        tensors = sft_like_rows()
+    full, res_full, stream = _accum_run(tensors, batch_size=4, grad_accum=1)
+    accum, res_accum, _ = _accum_run(tensors, batch_size=2, grad_accum=2)
+    if data == "sft":  # the case a plain mean of micro-batch means gets wrong: unequal supervised tokens
+        for step in range(2):
+            halves = [_targets(stream.batch(4 * step + 2 * h, 2)) for h in range(2)]
+            assert halves[0] != halves[1], halves
+    assert res_full.samples == res_accum.samples == 8 and res_full.tokens == res_accum.tokens
+    for (name, a), (_, b) in zip(full.named_parameters(), accum.named_parameters()):
+        assert a.grad is not None and b.grad is not None, name
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"grad {n}: {m}")
+        # Adam divides by sqrt(v): elements with a near-zero gradient amplify fp32 rounding, so the weights
+        # agree to a small fraction of one lr step (1e-2) rather than to rounding.
+        torch.testing.assert_close(b, a, rtol=0, atol=5e-5, msg=lambda m, n=name: f"weight {n}: {m}")
+    train = lambda res: [(r["step"], r["exit"], r["loss"]) for r in res.history if r["split"] == "train"]  # noqa: E731
+    assert [x[:2] for x in train(res_accum)] == [x[:2] for x in train(res_full)]
+    assert [x[2] for x in train(res_accum)] == pytest.approx([x[2] for x in train(res_full)], rel=1e-5)
+
+
+def test_bf16_autocast_trains_with_fp32_weights():
+    """bf16=True: the matmuls run in bf16 (seen by a hook), losses stay finite and fall, and the weights,
+    gradients and optimizer state stay fp32."""
+    tensors = {"input_ids": torch.randint(0, 64, (8, 12), generator=torch.Generator().manual_seed(4))}
+    model = _micro_family()
+    seen: set[torch.dtype] = set()
+    proj = model.model.layers[0].self_attn.q_proj
+    proj.register_forward_hook(lambda module, args, out: seen.add(out.dtype) if module.training else None)
+    cfg = TrainParams(seq_len=12, batch_size=4, max_steps=12, lr=1e-2, warmup_steps=1, bf16=True, eval_every=6,
+                      eval_batches=1)
+    result = train_loop(stage="t", model=model, cfg=cfg, named_params=list(model.named_parameters()),
+                                 stream=BlockStream(tensors, 0, "bf16"),
+                                 loss_fn=multi_exit_loss_fn(lambda step: [0.5, 1.0]),
+                                 val_batches=[{"input_ids": tensors["input_ids"][:4]}])
+    assert seen == {torch.bfloat16}
+    for d in (1, 3):
+        train = [r["loss"] for r in result.history if r["split"] == "train" and r["exit"] == d]
+        val = [r["loss"] for r in result.history if r["split"] == "val" and r["exit"] == d]
+        assert len(train) == 12 and all(math.isfinite(v) for v in train + val)
+        assert sum(train[-3:]) / 3 < sum(train[:3]) / 3 - 0.1, train
+        assert val[-1] < val[0], val
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert {p.grad.dtype for p in model.parameters() if p.grad is not None} == {torch.float32}
+    out = model(tensors["input_ids"][:2], use_cache=False)
+    assert out.logits.dtype == torch.float32  # outside autocast the model is plain fp32
+
+
+def test_loss_curves_csv_and_png(tmp_path):
+    history = [{"step": s, "exit": d, "split": sp, "loss": 5.0 - 0.1 * s}
+               for s in range(5) for d in (2, 4) for sp in ("train", "val")]
+    png, csv_path = write_loss_curves(history, tmp_path, "t")
+    lines = csv_path.read_text().splitlines()
+    assert lines[0] == "step,exit,split,loss" and len(lines) == 21
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert math.isclose(float(lines[1].split(",")[3]), 5.0)
+
+
+def test_stage_modules_import_no_heavy_library():
+    """`python -m tasks.cpt --help` must answer instantly: torch/transformers are imported lazily."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tasks.cpt, tasks.expand, tasks.sft, tasks.training; "
+            "print([m for m in ('torch', 'transformers', 'ruyi_model', 'prefect', 'dvc', 'ray') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
