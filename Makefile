@@ -40,14 +40,16 @@ setup: $(STAMP)  ## create .venv with every pinned dependency (idempotent)
 run: setup  ## set up, then run the whole pipeline on the tiny default
 	$(VENV)/bin/ruyi run
 
-test: setup  ## set up, then run the whole test suite (slow end-to-end tests included)
+test: setup lint  ## set up, lint, then run every test tier (unit, integration, slow end-to-end)
 	$(PY) -m pytest -q
 
-test-fast: setup  ## the suite without the slow end-to-end tests
-	$(PY) -m pytest -q -m "not slow"
+test-fast: setup  ## the unit tier only (no servers, no stage runs; under 3 minutes on 2 cores)
+	$(PY) -m pytest -q tests/unit
 
-lint: setup  ## static checks
+lint: setup  ## ruff, the import contracts (pyproject.toml [tool.importlinter]), dvc.yaml code deps
 	$(VENV)/bin/ruff check ruyi_model triton_kernels tasks flows data_contracts tests benchmarks
+	$(VENV)/bin/lint-imports --no-cache
+	$(PY) -m tasks.core.codedeps --check
 
 server: setup  ## a Prefect server on 127.0.0.1:4200 serving the deployments (UI reruns)
 	$(VENV)/bin/ruyi server
