@@ -71,6 +71,38 @@ def run(
 
 
 @app.command()
+def audit(
+    rev: str = typer.Option("HEAD", "--rev", help="the git revision whose recorded run (dvc.lock) is audited"),
+    remote: str = typer.Option(None, "--remote", help="DVC remote to pull the recorded outputs from "
+                               "(default: the configured default remote, if it answers)"),
+    pull: bool = typer.Option(True, "--pull/--no-pull", help="pull the recorded outputs before reproducing"),
+    keep: bool = typer.Option(False, "--keep", help="keep the temporary clean clone (its path is printed)"),
+    json_out: str = typer.Option(None, "--json", help="also write the verdicts to this JSON file"),
+) -> None:
+    """Reproduce a recorded run in a clean clone and compare every output with dvc.lock.
+
+    Prints one row per output: reproduced (bitwise), differs (files named), measured (not compared) or missing.
+    Exit codes: 0 every reproducible output matched; 1 something differs, is missing, stale or corrupt;
+    2 the audit could not run (no recording at the revision, a failed pull or stage).
+    """
+    from flows.audit import AuditError, print_report
+    from flows.audit import audit as run_audit
+
+    try:
+        report = run_audit(".", rev=rev, remote=remote, pull=pull, keep=keep, log=lambda line: typer.echo(line))
+    except AuditError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    print_report(report)
+    if json_out:
+        import json
+
+        with open(json_out, "w") as f:
+            json.dump(report.to_dict(), f, indent=2)
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command()
 def deployments(cron: str = typer.Option("0 2 * * *", help="schedule of the nightly deployment")) -> None:
     """Serve the `nightly` and `rerun` deployments against PREFECT_API_URL (blocks)."""
     from flows.deployments import serve_deployments

@@ -1,4 +1,4 @@
-"""Prefect deployments of the pipeline: `nightly` (cron) and `rerun` (parameters set in the UI).
+"""Prefect deployments: `nightly` (cron), `rerun` (parameters set in the UI) and `audit` (weekly).
 
     ruyi server                 # a Prefect server on 127.0.0.1 + both deployments served (UI reruns)
     ruyi deployments [--cron]   # serve both deployments against an existing PREFECT_API_URL
@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 NIGHTLY_CRON = "0 2 * * *"
+AUDIT_CRON = "0 4 * * 0"  # Sundays, after the nightly run
 
 
 def build_deployments(workspace: str | Path | None = None, cron: str = NIGHTLY_CRON):
@@ -27,11 +28,17 @@ def build_deployments(workspace: str | Path | None = None, cron: str = NIGHTLY_C
         name="rerun", parameters={"workspace": ws, "from_stage": None, "to_stage": None, "overrides": {}, "push": True},
         description="Rerun from any stage with parameter overrides (set from_stage/overrides in the UI).",
         tags=["ruyi", "rerun"])
-    return [nightly, rerun]
+    from flows.audit import ruyi_audit
+
+    audit = ruyi_audit.to_deployment(
+        name="audit", cron=AUDIT_CRON, parameters={"workspace": ws, "rev": "HEAD", "remote": None, "pull": True},
+        description="Reproduce the recorded run (dvc.lock at rev) in a clean clone; fails on any difference.",
+        tags=["ruyi", "audit"])
+    return [nightly, rerun, audit]
 
 
 def serve_deployments(workspace: str | Path | None = None, cron: str = NIGHTLY_CRON) -> None:
-    """Blocks, serving both deployments (scheduled runs and UI-triggered reruns execute here)."""
+    """Blocks, serving the deployments (scheduled runs and UI-triggered reruns execute here)."""
     from prefect import serve
 
     serve(*build_deployments(workspace, cron), limit=1)

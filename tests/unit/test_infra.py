@@ -23,7 +23,7 @@ def test_prefect_deployments_use_declared_pools_and_the_flow_entrypoint():
     pools = {p["name"] for p in yaml.safe_load((INFRA / "prefect/work-pool.yaml").read_text())["pools"]}
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     names = {d["name"] for d in spec["deployments"]}
-    assert names == {"nightly", "rerun"}
+    assert names == {"nightly", "rerun", "audit"}
     for dep in spec["deployments"]:
         assert dep["work_pool"]["name"] in pools
         module, func = dep["entrypoint"].split(":")

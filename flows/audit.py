@@ -1,0 +1,325 @@
+"""`ruyi audit`: reproduce a recorded run in a clean clone and compare it, output by output.
+
+    ruyi audit [--rev REV] [--remote NAME] [--no-pull] [--keep]
+
+The recorded run is what git holds at REV: `dvc.lock` (every output's hash, the params and code deps it was
+made from) and the small metric files. In a temporary clean clone at REV the audit
+1. pulls the recorded outputs from the DVC remote (when one is configured or named) and checks that what
+   it pulled is what `dvc.lock` records (`dvc status`: a modified output is a corrupt remote copy);
+2. checks that the recording is current: a stage whose code, params or inputs changed after it ran
+   (`dvc status` lists it as changed) is reported as stale, and fails the audit;
+3. forces every stage (`dvc repro --force`) and compares each output's hash with the recording.
+
+Each output is then `reproduced` (bitwise), `differs` (with the differing files of a directory when both
+versions are in the DVC cache), `measured` (declared with `labels: [measured]` in dvc.yaml: wall times,
+timestamps, run ids; not compared) or `missing`. The exit code is 0 only when every reproducible output
+matched and nothing was stale or corrupt. The same audit runs as the Prefect deployment `audit`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+#: dvc.yaml label that declares an output measured (timings, timestamps): reported, never compared.
+MEASURED_LABEL = "measured"
+STATUSES = ("reproduced", "differs", "measured", "missing")
+
+
+class AuditError(RuntimeError):
+    """The audit could not run (no recording at the revision, a failed clone, pull or stage run)."""
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    """One output of one stage: its recorded and reproduced hashes and the verdict."""
+
+    stage: str
+    path: str
+    status: str  # one of STATUSES
+    recorded: str | None = None
+    reproduced: str | None = None
+    files: tuple[str, ...] = ()  # differing files inside a directory output, when known
+
+
+@dataclass
+class AuditReport:
+    rev: str
+    commit: str
+    pulled: bool
+    checks: list[OutputCheck] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)  # "stage: what changed"
+    corrupt: list[str] = field(default_factory=list)  # pulled outputs that do not match dvc.lock
+
+    @property
+    def ok(self) -> bool:
+        return not self.stale and not self.corrupt and all(
+            c.status in ("reproduced", "measured") for c in self.checks)
+
+    def counts(self) -> dict[str, int]:
+        return {s: sum(c.status == s for c in self.checks) for s in STATUSES}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rev": self.rev, "commit": self.commit, "pulled": self.pulled, "ok": self.ok,
+                "stale": self.stale, "corrupt": self.corrupt, "counts": self.counts(),
+                "outputs": [c.__dict__ | {"files": list(c.files)} for c in self.checks]}
+
+
+def _bin(name: str) -> str:
+    """A tool of this environment (dvc, git): beside the interpreter first, then PATH."""
+    local = Path(sys.executable).with_name(name)
+    return str(local) if local.exists() else name
+
+
+def _run(cmd: list[str], cwd: Path, what: str, log: Callable[[str], None] | None = None,
+         check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if log is None:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    else:  # stream (stage progress) while keeping the output for the error message
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            log(line.rstrip("\n"))
+        proc.wait()
+        proc = subprocess.CompletedProcess(cmd, proc.returncode, "".join(lines), "")
+    if check and proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr)[-3000:]
+        raise AuditError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
+    return proc
+
+
+def _outs(lock: dict[str, Any]) -> dict[tuple[str, str], str | None]:
+    """(stage, path) -> recorded hash (md5, '<md5>.dir' for a directory) of every output in a dvc.lock."""
+    found = {}
+    for stage, entry in lock.get("stages", {}).items():
+        for out in entry.get("outs", []):
+            found[(stage, out["path"])] = out.get("md5") or out.get("etag") or out.get("checksum")
+    return found
+
+
+def measured_outputs(dvc_yaml: dict[str, Any]) -> set[tuple[str, str]]:
+    """(stage, path) of every output labelled `measured` in a parsed dvc.yaml (outs, metrics, plots)."""
+    found = set()
+    for stage, spec in dvc_yaml.get("stages", {}).items():
+        for kind in ("outs", "metrics", "plots"):
+            for item in spec.get(kind, []):
+                if isinstance(item, dict):
+                    ((path, opts),) = item.items()
+                    if MEASURED_LABEL in ((opts or {}).get("labels") or []):
+                        found.add((stage, path))
+    return found
+
+
+def _dir_files(cache: Path, digest: str | None) -> dict[str, str] | None:
+    """relpath -> md5 of a directory output from its `.dir` object in the DVC cache, if there."""
+    if not digest or not digest.endswith(".dir"):
+        return None
+    obj = cache / "files" / "md5" / digest[:2] / digest[2:]
+    if not obj.is_file():
+        return None
+    return {e["relpath"]: e["md5"] for e in json.loads(obj.read_text())}
+
+
+def _differing_files(cache: Path, old: str | None, new: str | None) -> tuple[str, ...]:
+    a, b = _dir_files(cache, old), _dir_files(cache, new)
+    if a is None or b is None:
+        return ()
+    return tuple(sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)))
+
+
+def compare(recorded: dict[str, Any], reproduced: dict[str, Any], measured: set[tuple[str, str]],
+            cache: Path | None = None) -> list[OutputCheck]:
+    """Verdicts for every recorded output, from two parsed dvc.lock files."""
+    old, new = _outs(recorded), _outs(reproduced)
+    checks = []
+    for key, digest in old.items():
+        stage, path = key
+        now = new.get(key)
+        if key in measured:
+            status = "measured"
+        elif now is None:
+            status = "missing"
+        else:
+            status = "reproduced" if now == digest else "differs"
+        files = _differing_files(cache, digest, now) if status == "differs" and cache else ()
+        checks.append(OutputCheck(stage, path, status, digest, now, files))
+    return checks
+
+
+def _md5(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_pulled(clone: Path, recorded: dict[str, Any]) -> list[str]:
+    """`stage: path (file)` for every pulled output file whose bytes do not hash to what dvc.lock records.
+
+    DVC trusts the remote on pull (its state database records the expected hash), so a corrupt remote
+    object would pass `dvc status`; this re-hashes what is on disk: a file output against its md5, a
+    directory output file by file against its `.dir` listing (itself checked against the recorded hash).
+    """
+    bad = []
+    cache = clone / ".dvc" / "cache"
+    for (stage, path), digest in _outs(recorded).items():
+        target = clone / path
+        if not digest or not target.exists():
+            continue  # not pulled (e.g. cache: false outputs live in git or are rebuilt)
+        if not digest.endswith(".dir"):
+            if target.is_file() and _md5(target) != digest:
+                bad.append(f"{stage}: {path}")
+            continue
+        obj = cache / "files" / "md5" / digest[:2] / digest[2:]
+        if not obj.is_file() or _md5(obj) != digest.removesuffix(".dir"):
+            bad.append(f"{stage}: {path} (directory listing)")
+            continue
+        for entry in json.loads(obj.read_text()):
+            file = target / entry["relpath"]
+            if not file.is_file() or _md5(file) != entry["md5"]:
+                bad.append(f"{stage}: {path}/{entry['relpath']}")
+    return bad
+
+
+def _status(clone: Path) -> dict[str, Any]:
+    proc = _run([_bin("dvc"), "status", "--json"], clone, "dvc status")
+    return json.loads(proc.stdout or "{}")
+
+
+def _stale_and_corrupt(status: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """From `dvc status --json`: stages whose deps/params/command changed since the recording (stale), and
+    outputs whose files do not match their recorded hash (corrupt)."""
+    stale, corrupt = [], []
+    for stage, changes in status.items():
+        for change in changes:
+            if not isinstance(change, dict):
+                stale.append(f"{stage}: {change}")
+                continue
+            # a dep that is another stage's output not pulled yet is "deleted"/"not in cache": not staleness;
+            # a params file is a dep whose value maps each changed key to its state
+            deps, params = [], []
+            for dep, state in (change.get("changed deps") or {}).items():
+                if isinstance(state, dict):
+                    params.extend(f"{dep}:{key}" for key in state)
+                elif state == "modified":
+                    deps.append(dep)
+            if deps:
+                stale.append(f"{stage}: changed deps: {', '.join(sorted(deps))}")
+            if params:
+                stale.append(f"{stage}: changed params: {', '.join(sorted(params))}")
+            if change.get("changed command"):
+                stale.append(f"{stage}: changed command")
+            for out, state in (change.get("changed outs") or {}).items():
+                if state == "modified":
+                    corrupt.append(f"{stage}: {out}")
+    return stale, corrupt
+
+
+def audit(repo: str | Path = ".", rev: str = "HEAD", remote: str | None = None, pull: bool = True,
+          workdir: str | Path | None = None, keep: bool = False,
+          log: Callable[[str], None] = print) -> AuditReport:
+    """Reproduces the run recorded at `rev` of `repo` in a clean clone (module docstring).
+
+    Raises:
+        AuditError: no recording at `rev`, a failed clone/pull (with `remote` named)/stage.
+    """
+    import yaml
+
+    repo = Path(repo).resolve()
+    commit = _run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], repo, f"git: revision {rev!r}").stdout.strip()
+    tmp = Path(tempfile.mkdtemp(prefix="ruyi-audit-", dir=workdir))
+    clone = tmp / "clone"
+    try:
+        _run(["git", "clone", "-q", "--no-checkout", str(repo), str(clone)], tmp, "git clone")
+        _run(["git", "checkout", "-q", commit], clone, f"git checkout {commit}")
+        if not (clone / "dvc.lock").is_file():
+            raise AuditError(f"no recorded run at {rev} ({commit[:12]}): dvc.lock is not committed there "
+                             "(record one: make run, then git add dvc.lock metrics and commit)")
+        local_config = repo / ".dvc" / "config.local"  # remote credentials/endpoints kept out of git
+        if local_config.is_file():
+            shutil.copy(local_config, clone / ".dvc" / "config.local")
+        recorded = yaml.safe_load((clone / "dvc.lock").read_text())
+        measured = measured_outputs(yaml.safe_load((clone / "dvc.yaml").read_text()))
+        pulled = False
+        if pull:
+            cmd = [_bin("dvc"), "pull"] + (["-r", remote] if remote else [])
+            proc = _run(cmd, clone, "dvc pull", check=remote is not None)
+            pulled = proc.returncode == 0
+            if not pulled:
+                log(f"audit: no recorded outputs could be pulled (exit {proc.returncode}); every output is "
+                    "reproduced from scratch and compared with dvc.lock")
+        report = AuditReport(rev=rev, commit=commit, pulled=pulled)
+        report.stale, corrupt = _stale_and_corrupt(_status(clone))
+        report.corrupt = sorted(set(corrupt) | set(verify_pulled(clone, recorded))) if pulled else []
+        log(f"audit: {rev} ({commit[:12]}): dvc repro --force in {clone}")
+        _run([_bin("dvc"), "repro", "--force"], clone, "dvc repro --force", log=log)
+        reproduced = yaml.safe_load((clone / "dvc.lock").read_text())
+        report.checks = compare(recorded, reproduced, measured, clone / ".dvc" / "cache")
+        return report
+    finally:
+        if keep:
+            log(f"audit: clone kept at {clone}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def print_report(report: AuditReport) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"audit of {report.rev} ({report.commit[:12]})"
+                        + (", outputs pulled from the remote" if report.pulled else ", reproduced from scratch"))
+    for col in ("stage", "output", "verdict", "detail"):
+        table.add_column(col)
+    style = {"reproduced": "green", "measured": "cyan", "differs": "red", "missing": "red"}
+    for c in report.checks:
+        detail = {"reproduced": "bitwise", "measured": "not compared (labels: [measured])",
+                  "missing": "not produced by the reproduction"}.get(c.status)
+        if c.status == "differs":
+            detail = ("files: " + ", ".join(c.files[:8]) + (" ..." if len(c.files) > 8 else "")) if c.files \
+                else f"{c.recorded} -> {c.reproduced}"
+        table.add_row(c.stage, c.path, f"[{style[c.status]}]{c.status}[/]", detail)
+    console = Console()
+    console.print(table)
+    for line in report.stale:
+        console.print(f"[red]stale recording[/] {line}")
+    for line in report.corrupt:
+        console.print(f"[red]pulled output does not match dvc.lock[/] {line}")
+    counts = report.counts()
+    console.print(", ".join(f"{n} {s}" for s, n in counts.items())
+                  + f": audit {'[green]passed[/]' if report.ok else '[red]FAILED[/]'}")
+
+
+@flow(name="ruyi-audit", log_prints=True)
+def ruyi_audit(workspace: str = ".", rev: str = "HEAD", remote: str | None = None, pull: bool = True) -> dict:
+    """Reproduce the run recorded at `rev` in a clean clone; the run fails unless every reproducible output
+    matched. The verdicts are published as a markdown artifact (`ruyi-audit`)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    report = audit(workspace, rev=rev, remote=remote, pull=pull)
+    rows = "\n".join(f"| {c.stage} | {c.path} | {c.status} | {', '.join(c.files[:5])} |" for c in report.checks)
+    create_markdown_artifact(
+        key="ruyi-audit", description=f"audit of {rev}",
+        markdown=(f"# Audit of {rev} ({report.commit[:12]}): {'passed' if report.ok else 'FAILED'}\n\n"
+                  + "".join(f"- stale: {s}\n" for s in report.stale)
+                  + "".join(f"- corrupt: {s}\n" for s in report.corrupt)
+                  + "\n| stage | output | verdict | files |\n|---|---|---|---|\n" + rows))
+    if not report.ok:
+        raise AuditError(f"audit of {rev} failed: {report.counts()}; stale {report.stale}; corrupt {report.corrupt}")
+    return report.to_dict()

@@ -1,0 +1,135 @@
+"""`ruyi audit` on a real git + DVC repository of small deterministic stages (seconds, not the pipeline).
+
+The repository has a deterministic file output, a deterministic directory output, a measured output
+(`labels: [measured]`, a timestamp) and a local DVC remote. The audit of its recorded run passes; a
+nondeterministic output, a parameter changed without rerunning, and a corrupt object in the remote each
+make it fail, naming the output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.audit import AuditError, audit, compare, measured_outputs
+
+BIN = Path(sys.executable).parent
+DVC = str(BIN / "dvc")
+
+GEN = """
+import json, pathlib, sys, time, yaml
+p = yaml.safe_load(open("params.yaml"))
+pathlib.Path("out").mkdir(exist_ok=True)
+pathlib.Path("out/value.txt").write_text(str(p["scale"] * 7) + "\\n")
+d = pathlib.Path("out/dir"); d.mkdir(exist_ok=True)
+for i in range(3):
+    (d / f"part{i}.txt").write_text(f"{i * p['scale']}\\n")
+pathlib.Path("out/when.json").write_text(json.dumps({"time": time.time()}))
+"""
+
+
+def _run(cmd, cwd, check=True):
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and proc.returncode:
+        raise AssertionError(f"{cmd}: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    return proc
+
+
+def _git(repo, *args):
+    return _run(["git", "-c", "user.email=ci@ruyi", "-c", "user.name=ci", *args], repo)
+
+
+@pytest.fixture()
+def recorded(tmp_path) -> Path:
+    """A git + DVC repo whose run is recorded (dvc.lock committed) and pushed to a local remote."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    _run([DVC, "init", "-q"], repo)
+    (repo / "gen.py").write_text(GEN)
+    (repo / "params.yaml").write_text("scale: 3\n")
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"gen": {
+        "cmd": f"{sys.executable} gen.py", "deps": ["gen.py"], "params": ["scale"],
+        "outs": ["out/value.txt", "out/dir", {"out/when.json": {"labels": ["measured"]}}]}}}))
+    _run([DVC, "remote", "add", "-d", "local", str(tmp_path / "remote")], repo)
+    _run([DVC, "repro"], repo)
+    _run([DVC, "push"], repo)
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "recorded run")
+    return repo
+
+
+def test_a_recorded_run_reproduces(recorded, tmp_path):
+    report = audit(recorded, log=lambda _: None, workdir=tmp_path)
+    assert report.pulled and report.ok, report.to_dict()
+    verdicts = {c.path: c.status for c in report.checks}
+    assert verdicts == {"out/value.txt": "reproduced", "out/dir": "reproduced", "out/when.json": "measured"}
+
+
+def test_from_scratch_without_a_remote(recorded, tmp_path):
+    report = audit(recorded, pull=False, log=lambda _: None, workdir=tmp_path)
+    assert not report.pulled and report.ok, report.to_dict()
+
+
+def test_a_nondeterministic_output_differs_naming_the_files(recorded, tmp_path):
+    (recorded / "gen.py").write_text(GEN.replace("i * p['scale']", "i * p['scale'] + (i == 1)"))
+    assert "i == 1" in (recorded / "gen.py").read_text()
+    _git(recorded, "commit", "-qam", "code changed, run not re-recorded")
+    report = audit(recorded, log=lambda _: None, workdir=tmp_path)
+    assert not report.ok
+    assert any("gen: changed deps: gen.py" in s for s in report.stale), report.stale
+    by_path = {c.path: c for c in report.checks}
+    assert by_path["out/dir"].status == "differs" and by_path["out/dir"].files == ("part1.txt",)
+    assert by_path["out/value.txt"].status == "reproduced"
+
+
+def test_a_parameter_changed_without_rerunning_fails(recorded, tmp_path):
+    (recorded / "params.yaml").write_text("scale: 4\n")
+    _git(recorded, "commit", "-qam", "param changed, run not re-recorded")
+    report = audit(recorded, log=lambda _: None, workdir=tmp_path)
+    assert not report.ok
+    assert any(s.startswith("gen: changed params") and "scale" in s for s in report.stale), report.stale
+    assert {c.path for c in report.checks if c.status == "differs"} == {"out/value.txt", "out/dir"}
+
+
+def test_a_corrupt_object_in_the_remote_is_caught(recorded, tmp_path):
+    lock = yaml.safe_load((recorded / "dvc.lock").read_text())
+    md5 = next(o["md5"] for o in lock["stages"]["gen"]["outs"] if o["path"] == "out/value.txt")
+    obj = tmp_path / "remote" / "files" / "md5" / md5[:2] / md5[2:]
+    data = bytearray(obj.read_bytes())
+    data[0] ^= 0x01
+    obj.write_bytes(bytes(data))
+    report = audit(recorded, log=lambda _: None, workdir=tmp_path)
+    assert not report.ok
+    assert report.corrupt == ["gen: out/value.txt"], report.corrupt
+
+
+def test_a_revision_without_a_recording_is_an_error(tmp_path):
+    repo = tmp_path / "empty"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    (repo / "README").write_text("x\n")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "nothing recorded")
+    with pytest.raises(AuditError, match="dvc.lock is not committed"):
+        audit(repo, log=lambda _: None, workdir=tmp_path)
+
+
+def test_compare_and_measured_labels_on_parsed_files():
+    spec = {"stages": {"s": {"outs": ["a", {"b": {"labels": ["measured"]}}],
+                             "metrics": [{"m.json": {"cache": False}}, {"t.json": {"labels": ["measured"]}}]}}}
+    assert measured_outputs(spec) == {("s", "b"), ("s", "t.json")}
+    old = {"stages": {"s": {"outs": [{"path": "a", "md5": "1"}, {"path": "b", "md5": "2"},
+                                     {"path": "m.json", "md5": "3"}, {"path": "gone", "md5": "4"}]}}}
+    new = {"stages": {"s": {"outs": [{"path": "a", "md5": "1"}, {"path": "b", "md5": "9"},
+                                     {"path": "m.json", "md5": "8"}]}}}
+    verdicts = {c.path: c.status for c in compare(old, new, measured_outputs(spec))}
+    assert verdicts == {"a": "reproduced", "b": "measured", "m.json": "differs", "gone": "missing"}
+    json.dumps([c.__dict__ for c in compare(old, new, set())])  # JSON-able
