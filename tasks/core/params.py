@@ -382,7 +382,7 @@ class DistributedParams(_Section):
     timeout_s: PositiveInt = 1800
 
 
-# Ray reserves worker ports 10002-19999 on every node (RL_SERVE_NOTES B4): serving there collides.
+# Ray reserves worker ports 10002-19999 on every node for its workers: serving there collides.
 _RAY_WORKER_PORTS = range(10002, 20000)
 
 

@@ -543,7 +543,7 @@ def test_benchmark_steps_to_target_skip_steps_without_gradient_and_short_runs():
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("bppo_vs_grpo", Path(__file__).parents[2] / "benchmarks/bppo_vs_grpo.py")
+    spec = importlib.util.spec_from_file_location("bppo_vs_grpo", Path(__file__).parents[2] / "benchmarks/experiments/bppo_vs_grpo.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
 

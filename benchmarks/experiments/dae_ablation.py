@@ -1,7 +1,7 @@
 """DaE ablation: random vs clone initialisation of the expanded blocks, at equal steps (Ruyi2 Fig. 6).
 
-    python benchmarks/dae_ablation.py [--params params.yaml] [--cpt artifacts/cpt] [--steps 400]
-        [--every 50] [--set expand.num_blocks=3 ...] [--out benchmarks/dae_ablation.png] [--threads 1]
+    python benchmarks/experiments/dae_ablation.py [--params params.yaml] [--cpt artifacts/cpt] [--steps 400]
+        [--every 50] [--set expand.num_blocks=3 ...] [--out benchmarks/experiments/dae_ablation.png] [--threads 1]
 
 Ruyi2 (section 4.4, Fig. 6) compares its random zero-residual initialisation of the DaE blocks
 with LLaMA-Pro-style cloning ("Identity Copy") over the first 3k CPT steps and reports loss 2.83
@@ -34,7 +34,7 @@ from pathlib import Path
 from tasks.training.batches import BlockStream, fixed_batches, load_tokenizer, pack_corpus, read_corpus
 from tasks.training.loop import exit_weights_at, multi_exit_loss_fn, train_loop
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 PAPER = {"random": 2.83, "clone": 2.89, "steps": 3000}
 
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpt-steps", type=int, default=None, help="steps of the fresh family (default: cpt.max_steps)")
     parser.add_argument("--steps", type=int, default=400, help="DaE CPT steps per initialisation (default: 400)")
     parser.add_argument("--every", type=int, default=50, help="report/evaluation interval in steps (default: 50)")
-    parser.add_argument("--out", default="benchmarks/dae_ablation.png", help="PNG path (the .json goes beside it)")
+    parser.add_argument("--out", default="benchmarks/experiments/dae_ablation.png", help="PNG path (the .json goes beside it)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
     if args.steps < 2 or args.every < 1 or args.every > args.steps:

@@ -1,6 +1,6 @@
 """Dynamic (confidence-based) early exit against the deepest member: tokens/s and accuracy, side by side.
 
-    python benchmarks/early_exit.py [--checkpoint artifacts/compress] [--thresholds 0.5,0.8,0.9,0.95,0.99,0.999]
+    python benchmarks/experiments/early_exit.py [--checkpoint artifacts/compress] [--thresholds 0.5,0.8,0.9,0.95,0.99,0.999]
                                     [--num-prompts 100] [--kv-fills recompute,copy] [--synthetic]
 
 Model: `--checkpoint` (a family saved by `tasks.core.save_family`), by default the pipeline's
@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 

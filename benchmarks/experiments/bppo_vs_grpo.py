@@ -2,9 +2,9 @@
 reward, mean response length, final accuracy, and the adaptive completion schedule's share.
 
 Usage:
-    python benchmarks/bppo_vs_grpo.py                      # artifacts/sft + data/validated/rl.jsonl
-    python benchmarks/bppo_vs_grpo.py --sft DIR --data FILE --steps 80 --target 1.0
-    python benchmarks/bppo_vs_grpo.py --synthetic          # force the built-in synthetic task
+    python benchmarks/experiments/bppo_vs_grpo.py                      # artifacts/sft + data/validated/rl.jsonl
+    python benchmarks/experiments/bppo_vs_grpo.py --sft DIR --data FILE --steps 80 --target 1.0
+    python benchmarks/experiments/bppo_vs_grpo.py --synthetic          # force the built-in synthetic task
 
 Three runs share the SFT weights, the seed and therefore the prompt order: `grpo`, `bppo` (adaptive
 completion schedule on) and `bppo-fixed` (schedule off: BPPO's selection and prefixes only). All
@@ -56,7 +56,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 SPECIALS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
 SYN_WORDS = ["[UNK]", "user", "assistant", "what", "is", "plus", "?", "so", "####"] + [str(i) for i in range(19)]

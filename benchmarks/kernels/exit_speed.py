@@ -1,6 +1,6 @@
 """Greedy decoding speed at each exit of one family, side by side, as a ratio to the deepest member.
 
-    python benchmarks/exit_speed.py [--layers 16 --hidden 1024 --exits 2,4,8,16 --new-tokens 64]
+    python benchmarks/kernels/exit_speed.py [--layers 16 --hidden 1024 --exits 2,4,8,16 --new-tokens 64]
 
 A member of depth d runs d of the family's L layers, so its decoding should be about L/d times
 faster than the deepest member's; the target is at least 0.8 x (L/d). Members are timed

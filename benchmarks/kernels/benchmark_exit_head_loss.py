@@ -1,9 +1,9 @@
 """Benchmark exit_head_loss forward+backward: peak memory and time of naive, chunked and triton.
 
-    python benchmarks/benchmark_exit_head_loss.py                      # CPU shape, naive vs chunked
-    python benchmarks/benchmark_exit_head_loss.py --chunk-sizes 64 128 256   # tune the chunk size
-    python benchmarks/benchmark_exit_head_loss.py --device cuda        # + triton, GPU shape
-    python benchmarks/benchmark_exit_head_loss.py --device cpu --K 2 --N 256 --D 64 --V 1000 --rounds 1
+    python benchmarks/kernels/benchmark_exit_head_loss.py                      # CPU shape, naive vs chunked
+    python benchmarks/kernels/benchmark_exit_head_loss.py --chunk-sizes 64 128 256   # tune the chunk size
+    python benchmarks/kernels/benchmark_exit_head_loss.py --device cuda        # + triton, GPU shape
+    python benchmarks/kernels/benchmark_exit_head_loss.py --device cpu --K 2 --N 256 --D 64 --V 1000 --rounds 1
 
 Impls: ``naive``, ``chunked``, ``triton`` (``--impls``), and ``one-head``: the naive loss with K=1 at
 the same N, D, V, i.e. one materialised N x V head, the baseline of the GPU target ("the fused kernel
@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CPU_SHAPE = dict(K=4, N=4096, D=512, V=32000)
 GPU_SHAPE = dict(K=4, N=16384, D=4096, V=128256)
 IMPLS = ("naive", "chunked", "triton", "one-head")

@@ -1,8 +1,8 @@
 """Benchmark exit_confidence (inference): peak memory and time of naive, chunked and triton.
 
-    python benchmarks/benchmark_exit_confidence.py                    # CPU shape, naive vs chunked
-    python benchmarks/benchmark_exit_confidence.py --chunk-sizes 64 256
-    python benchmarks/benchmark_exit_confidence.py --device cuda      # + triton, GPU shapes
+    python benchmarks/kernels/benchmark_exit_confidence.py                    # CPU shape, naive vs chunked
+    python benchmarks/kernels/benchmark_exit_confidence.py --chunk-sizes 64 256
+    python benchmarks/kernels/benchmark_exit_confidence.py --device cuda      # + triton, GPU shapes
 
 CPU: each (impl, chunk size) runs in a fresh subprocess; peak memory is the child's ``ru_maxrss``
 minus its RSS just before the measured calls (inputs built), time the best of ``--rounds`` processes
@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CPU_SHAPE = dict(B=[4096], D=512, V=32000)
 GPU_SHAPE = dict(B=[4096, 64], D=4096, V=128256)
 
