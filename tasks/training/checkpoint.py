@@ -1,4 +1,9 @@
-"""tasks.training.checkpoint: moved from tasks.training (docstring to be written)."""
+"""Resumable, fingerprinted training checkpoints (`Checkpointer`).
+
+Library module. A checkpoint in `artifacts/checkpoints/<stage>/step_<n>/` holds the model, optimizer,
+scheduler, RNG states and trainer state, written atomically; one whose fingerprint (params, seed,
+inputs, code) differs is set aside, never resumed. Policy and why: docs/choices.md#training.
+"""
 
 from __future__ import annotations
 
