@@ -80,7 +80,7 @@ def gates_frame(eval_metrics: dict[str, Any], compress_metrics: dict[str, Any],
 
 def gates_suite(exit_layers: list[int], max_loss: float, depth_tolerance: float,
                 max_relative_loss_increase: float, min_accuracy: float) -> gx.ExpectationSuite:
-    """The gates as an expectation suite (see the module docstring for each gate)."""
+    """The gates as an expectation suite (docs/choices.md#gates lists each gate)."""
     expectations = [
         gxe.ExpectColumnDistinctValuesToEqualSet(
             column="exit", value_set=list(exit_layers),

@@ -81,7 +81,7 @@ def expand(model: FamilialForCausalLM, exit_layer: int, num_blocks: int, init: s
     """Appends `num_blocks` zero-residual decoder blocks to member `exit_layer` (DaE expansion).
 
     The blocks go after the member's existing layers (branch layer(s) and earlier DaE blocks) and before
-    its norm and head; every member's function is unchanged (see module docstring for the init).
+    its norm and head; every member's function is unchanged (docs/choices.md#expand for the init).
 
     Args:
         model: the family; left unchanged.

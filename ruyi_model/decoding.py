@@ -209,6 +209,6 @@ def measure_family_tokens_per_s(model, exit_layers: Sequence[int], prompt_ids: S
 
 def measure_tokens_per_s(model, exit_layer: int, prompt_ids: Sequence[int], new_tokens: int = 32,
                          warmup: int = 1, repeats: int = 3, pad_id: int = 0) -> float:
-    """Greedy decoding speed (tokens/s, median of `repeats`) of one member; see the module docstring."""
+    """Greedy decoding speed (tokens/s, median of `repeats`) of one member; docs/choices.md#decoding."""
     return measure_family_tokens_per_s(model, [exit_layer], prompt_ids, new_tokens, warmup, repeats,
                                        pad_id)[int(exit_layer)]["tokens_per_s"]

@@ -313,7 +313,7 @@ def dynamic_generate(
 ) -> DynamicGenerationOutput:
     """Greedy decoding where each token comes from the shallowest member confident enough.
 
-    See the module docstring for the algorithm and both KV fill strategies.
+    The algorithm and both KV fill strategies: docs/choices.md#dynamic-exit.
 
     Args:
         model: a `FamilialForCausalLM` (any family shape: branch layers, DaE blocks, low-rank or

@@ -96,7 +96,7 @@ class FamilialCausalLMOutput(CausalLMOutputWithPast):
 
 
 class FamilialForCausalLM(PreTrainedModel, GenerationMixin):
-    """A Hugging Face causal LM holding a whole family of Qwen3 members (see module docstring)."""
+    """A Hugging Face causal LM holding a whole family of Qwen3 members (docs/choices.md#model)."""
 
     config_class = FamilialConfig
     config: FamilialConfig

@@ -160,7 +160,7 @@ def check_special_tokens(tokenizer, where: str | Path) -> None:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 (hex) of the tokenizer's canonical text<->id mapping (see the module docstring)."""
+    """sha256 (hex) of the tokenizer's canonical text<->id mapping (docs/choices.md#tokenizer-design)."""
     state = json.loads(tokenizer.backend_tokenizer.to_str())
     model = dict(state.get("model") or {})
     vocab = model.pop("vocab", {})
@@ -183,8 +183,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def adopt_tokenizer(path: str | Path) -> tuple[Any, dict[str, Any]]:
     """The tokenizer of a checkpoint directory (`model.init_from`), made to meet the pipeline's contract.
 
-    Loads `AutoTokenizer.from_pretrained(path)` offline, then adds only what it lacks (see the module
-    docstring): missing special tokens, the eos/pad roles, our chat template if it has none.
+    Loads `AutoTokenizer.from_pretrained(path)` offline, then adds only what it lacks
+    (docs/choices.md#tokenizer-design): missing special tokens, the eos/pad roles, our chat template if
+    it has none.
     Deterministic: the same source gives the same tokenizer (and fingerprint).
 
     Returns:

@@ -59,7 +59,7 @@ def _sha(text: str) -> str:
 
 @dataclass
 class SelectionSplit:
-    """The healing-decision ("selection") slice carved out of the training data (module docstring, step 3).
+    """The healing-decision ("selection") slice carved out of the training data (docs/choices.md#compress).
 
     Attributes:
         corpus_texts: corpus_train texts for calibration (the selection documents removed), file order.
@@ -327,7 +327,7 @@ def run(params: Params) -> dict:
     eval_rows = all_eval_rows[:n_heldout]
     solution_batches = fixed_batches(solution_examples(tokenizer, eval_rows, cfg.seq_len, eval_file),
                                      cfg.batch_size, cfg.loss_batches)
-    # The healing-decision set: carved out of the training data, used for nothing else (docstring, step 3).
+    # Healing-decision set, carved from the training data, used for nothing else: docs/choices.md#compress.
     split = carve_selection(params, tokenizer, read_corpus(train_file), read_sft(sft_file), val_rows, all_eval_rows)
     sel_corpus_batches = fixed_batches({"input_ids": split.corpus_blocks}, cfg.batch_size, cfg.loss_batches)
     sel_solution_batches = fixed_batches(

@@ -52,7 +52,7 @@ def _git_revision() -> str | None:
 
 
 def publish_export(params: Params, store: ArtifactStore) -> tuple[Release, bool]:
-    """Publishes `artifacts/export/` (step 1 of the module docstring). Returns `(release, reused)`."""
+    """Publishes `artifacts/export/` (docs/choices.md#deploy). Returns `(release, reused)`."""
     cfg = params.deploy
     export_dir = require_dir(stage_dir(params, "export"), "export (run the export stage first)", marker="manifest.json")
     files = scan_dir(export_dir)

@@ -139,7 +139,7 @@ def _dump(obj: dict) -> str:
 
 
 def write_metric_set(metrics_dir: Path, quality: dict, speed: dict, combined: dict) -> str:
-    """Writes eval_quality.json, eval_speed.json and eval.json as one set (see the module docstring);
+    """Writes eval_quality.json, eval_speed.json and eval.json as one set (see docs/choices.md#evaluate);
     returns the set's run_id."""
     run_id = hashlib.sha256(_dump(quality).encode()).hexdigest()[:16]
     texts = [_dump({**obj, "run_id": run_id}) for obj in (quality, speed, combined)]

@@ -42,7 +42,7 @@ STEM_SOURCE = "math"
 
 @dataclass
 class DaEData:
-    """The DaE CPT stream and its validation sets (see module docstring)."""
+    """The DaE CPT stream and its validation sets (see docs/choices.md#expand)."""
 
     stream: Any
     stem_val: list[dict]
@@ -111,7 +111,7 @@ def resolve_dae_exit(params: Params, model, where: str | Path) -> int:
 def train_dae(base, params: Params, data: DaEData, *, init: str | None = None,
               checkpointer: Checkpointer | None = None,
               callbacks: Sequence[Callable[[int], None]] = ()) -> tuple[Any, TrainResult, dict[str, Any]]:
-    """Expands member `params.dae_exit` of `base` and trains what DaE trains (see module docstring).
+    """Expands member `params.dae_exit` of `base` and trains what DaE trains (see docs/choices.md#expand).
 
     Args:
         base: the family (left unchanged; `expand` returns a new model).

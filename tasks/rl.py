@@ -152,7 +152,7 @@ def write_curves(history: dict[int, list[dict[str, float]]], out_dir: Path, algo
 
 
 def run(params: Params) -> dict[str, Any]:
-    """Runs the rl stage (see the module docstring); returns its metrics."""
+    """Runs the rl stage (see docs/choices.md#rl); returns its metrics."""
     from tqdm.auto import tqdm
 
     from tasks.training.rl_algos import encode_chat_prompts

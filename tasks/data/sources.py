@@ -196,7 +196,7 @@ def _normalize_final_line(solution: str, answer: str) -> str:
 
 
 def map_rows(sources: list[Source], levels: list[int]) -> tuple[list[Document], list[Problem], dict[str, Any]]:
-    """Maps user rows to corpus documents and math problems (see the module docstring).
+    """Maps user rows to corpus documents and math problems (see docs/choices.md#prepare_data).
 
     Args:
         sources: the loaded user files.

@@ -186,7 +186,7 @@ def _utc_now() -> str:
 
 # --- the interface -----------------------------------------------------------------------------
 class ArtifactStore(ABC):
-    """Versioned releases `<model>/<version>/`; see the module docstring for the guarantees."""
+    """Versioned releases `<model>/<version>/`; see docs/choices.md#store for the guarantees."""
 
     #: Where the store lives, e.g. `file:///abs/store` or `s3://bucket/prefix`.
     uri: str

@@ -239,7 +239,7 @@ def trim_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class BlockStream:
-    """An endless, epoch-shuffled stream over the rows of equal-length tensors (see module docstring).
+    """An endless, epoch-shuffled stream over the rows of equal-length tensors (see docs/choices.md#training).
 
     Args:
         tensors: name -> N x T tensors (e.g. {"input_ids": blocks}).

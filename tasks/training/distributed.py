@@ -105,7 +105,7 @@ def _collective_device():
 
 
 def wrap_model(model):
-    """`DistributedDataParallel` over the parameters that require grad (see module docstring)."""
+    """`DistributedDataParallel` over the parameters that require grad (see docs/choices.md#distributed)."""
     import torch
     from torch.nn.parallel import DistributedDataParallel
 
@@ -282,7 +282,7 @@ def _worker_error(stage: str, failures: dict[int, BaseException], ray_error: typ
 
 
 def _worker_main(config: dict[str, Any]) -> dict[str, Any]:
-    """One Ray Train worker: the stage's own `run` as rank r of the group (see module docstring)."""
+    """One Ray Train worker: the stage's own `run` as rank r of the group (docs/choices.md#distributed)."""
     import importlib
 
     import ray.train

@@ -61,7 +61,7 @@ def build_optimizer(named_params: Sequence[tuple[str, torch.nn.Parameter]], cfg:
 
 
 def exit_weights_at(schedule: ExitWeightSchedule, exit_layers: Sequence[int], step: int, max_steps: int) -> list[float]:
-    """w_k(t) of Ruyi2 Eq. 1 at 0-based step `step` of `max_steps` (see module docstring).
+    """w_k(t) of Ruyi2 Eq. 1 at 0-based step `step` of `max_steps` (see docs/choices.md#training).
 
     Returns:
         One weight per exit, in `exit_layers` order; the last (deepest) is `schedule.deepest`.

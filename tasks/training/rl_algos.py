@@ -214,7 +214,7 @@ def policy_loss(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tenso
                 beta: float = 0.0, epsilon: float = 0.2, epsilon_high: float | None = None,
                 loss_type: LossType = "dapo", max_completion_length: int | None = None,
                 num_items_in_batch: float | torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The clipped GRPO objective with TRL's aggregation (see the module docstring).
+    """The clipped GRPO objective with TRL's aggregation (see docs/choices.md#rl).
 
     Args:
         logps: B x T per-token log-probs of the current policy (with grad).
@@ -329,7 +329,7 @@ def bppo_select(correct: torch.Tensor, lengths: torch.Tensor, group_size: int) -
 
 def prefix_lengths(completion_ids: torch.Tensor, lengths: torch.Tensor, pairs: Sequence[tuple[int, int]],
                    rule: PrefixRule, *, fraction: float = 0.5, k: int = 16) -> torch.Tensor:
-    """How many leading tokens of each selected response carry gradient (see the module docstring).
+    """How many leading tokens of each selected response carry gradient (see docs/choices.md#rl).
 
     Args:
         completion_ids: N x C completions; lengths: N lengths (stop token included, >= 1).
@@ -374,7 +374,7 @@ def trim_left_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tens
 
 class AdaptiveBudget:
     """BPPO's adaptive completion schedule: the next rollout's max_new_tokens follows the recent
-    shortest-correct lengths (see the module docstring for the rule).
+    shortest-correct lengths (docs/choices.md#rl has the rule).
 
     Args:
         max_new_tokens: the ceiling (and the starting budget).

@@ -26,7 +26,7 @@ log = logging.getLogger("ruyi.rl")
 
 
 def resolve_members(config, spec: str | list[int]) -> list[int]:
-    """The exit layers RL samples and trains for `rl.members` (see the module docstring)."""
+    """The exit layers RL samples and trains for `rl.members` (see docs/choices.md#rl)."""
     exits = list(config.exit_layers)
     if spec == "all":
         return exits
