@@ -1,17 +1,12 @@
 """ruyi-pipeline data contracts: Great Expectations suites for every dataset and the model quality gates.
 
-Modules:
-    suites      the dataset contracts (`CONTRACTS`) and `build_suite(...)`: schema, types, nulls,
-                lengths, duplicates, allowed characters, answer format, train/eval overlap, secrets
-                and personal data, as code (the versioned source of truth).
-    gates       the model quality gates: `gates_frame(...)` (one row per exit from the metrics files)
-                and `gates_suite(...)`.
-    context     `ContractContext`: a file-mode GX project with its Data Docs (`reports/contracts/` for
-                the data, `reports/gates/` for the gates),
-                and `SuiteResult` / `ExpectationFailure`, the plain-Python view of a validation.
+    suites      the dataset contracts (`CONTRACTS`, `build_suite`, `build_frame`), as code
+    gates       the model quality gates (`gates_frame`, `gates_suite`)
+    context     `ContractContext` (a file-mode GX project with Data Docs), `SuiteResult`, `ExpectationFailure`
 
-Importing a submodule imports Great Expectations (~2.5 s): `tasks/` modules import them lazily.
-GX's usage statistics are switched off here, before anything imports GX, and its INFO logs muted.
+Importing a submodule imports Great Expectations (~2.5 s): `tasks/` modules import them lazily. GX's usage
+statistics are switched off here, before anything imports GX, and its INFO logs muted.
+Choices: docs/choices.md#validate_data and #gates.
 """
 
 import logging

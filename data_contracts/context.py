@@ -1,29 +1,11 @@
 """A Great Expectations 1.x project for the contracts, and a plain-Python view of its results.
 
-`ContractContext(root)` opens (or creates) a file-mode GX project at `<root>/gx/` and points its Data
-Docs site at `<root>/data_docs/` (validate_data uses `reports/contracts/`, the gates `reports/gates/`;
-both gitignored outputs):
-
     ctx = ContractContext("reports/contracts")
     result = ctx.validate("sft", frame, suite, run_name="raw")   # -> SuiteResult
     index_html = ctx.build_docs()
 
-Design choices:
-- The suites are code (`data_contracts/suites.py`, `data_contracts/gates.py`); the GX project is an
-  output that every run rewrites from that code (`add_or_update`), never a second source of truth.
-  This is why the project lives under `reports/` and not in the repository: the eval suite's
-  overlap expectation carries the current training set's question keys, which would dirty git on
-  every run.
-- One pandas data source, one dataframe asset and one validation definition per suite; validation
-  results are stored, so Data Docs show them. Only the latest run of a suite is kept
-  (`forget(suite)` removes older results and `build_docs` rebuilds the site from scratch), so the
-  docs describe the data on disk, not a history of past runs (git/DVC keep the history).
-- Results use GX's COMPLETE format: `unexpected_index_list` holds every failing row's frame index.
-  Callers index their frames by a row label ("sft.jsonl:17", "exit_2"), so errors and Data Docs
-  name rows without bookkeeping columns in the data.
-- GX progress bars are off (a stage has its own tqdm bar over the datasets); usage statistics are
-  off (`GX_ANALYTICS_ENABLED=false`, set in `data_contracts/__init__.py` before GX is imported).
-  Nothing is written outside `root`.
+A file-mode GX project at `<root>/gx/` with its Data Docs at `<root>/data_docs/`, rewritten from the suites
+in code on every run; only the latest run of each suite is kept. Why: docs/choices.md#validate_data.
 """
 
 from __future__ import annotations

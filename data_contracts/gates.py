@@ -1,24 +1,9 @@
 """Model quality gates as a Great Expectations suite over one row per exit.
 
-The orchestration checks them before export/deploy (`tasks/gates.py`, `python -m tasks.gates`).
-`gates_frame` builds the frame from the evaluate and compress metrics; `gates_suite` holds the gates:
-
-    row (index "exit_<d>")   exit   loss   accuracy   relative_loss_change   loss_vs_shallower
-    exit_2                   2      3.10   0.02       0.013                  NaN (no shallower exit)
-    exit_4                   4      2.80   0.05       0.0                    0.903 (= 2.80 / 3.10)
-
-- every member of `model.exit_layers` was evaluated (exact set of exits);
-- loss present and finite, below `gates.max_loss` (a NaN loss fails "not null");
-- deeper exits not worse than shallower ones beyond `gates.depth_tolerance`:
-  `loss_vs_shallower = loss / min(loss of every shallower exit) <= 1 + depth_tolerance`;
-- compression within its budget: `relative_loss_change <= compress.max_relative_loss_increase`
-  (compress reports 0.0 for the members it did not touch);
-- accuracy present and at least `gates.min_accuracy`.
-
-Inputs (written by the evaluate and compress stages): `metrics/eval_quality.json` (or eval.json) maps
-`exit_<d>` to at least `loss` and `accuracy`; `metrics/compress.json` maps `exit_<d>` to at least `relative_loss_change`.
-A value that is missing or not a number becomes null in the frame, so the row fails its "not null"
-expectation and is named; a file without any `exit_<d>` entry is malformed (ValueError).
+`gates_frame` builds the frame (index `exit_<d>`: exit, loss, accuracy, relative_loss_change,
+loss_vs_shallower) from `metrics/eval_quality.json` (or eval.json) and `metrics/compress.json`; a value
+that is missing or not a number becomes null and fails its row; a file without `exit_<d>` entries is a
+ValueError. `gates_suite` holds the gates. Run by `python -m tasks.gates`. The gates: docs/choices.md#gates.
 """
 
 from __future__ import annotations
@@ -95,7 +80,7 @@ def gates_frame(eval_metrics: dict[str, Any], compress_metrics: dict[str, Any],
 
 def gates_suite(exit_layers: list[int], max_loss: float, depth_tolerance: float,
                 max_relative_loss_increase: float, min_accuracy: float) -> gx.ExpectationSuite:
-    """The gates as an expectation suite (see the module docstring for each gate)."""
+    """The gates as an expectation suite (docs/choices.md#gates lists each gate)."""
     expectations = [
         gxe.ExpectColumnDistinctValuesToEqualSet(
             column="exit", value_set=list(exit_layers),

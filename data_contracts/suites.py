@@ -1,51 +1,13 @@
 """The dataset contracts of ruyi-pipeline as Great Expectations 1.x suites, defined in code.
 
-Datasets (the data contract of prepare_data; every field required, no others allowed):
     corpus  corpus_train.jsonl + corpus_val.jsonl   {"id": str, "text": str, "source": str}
     sft     sft.jsonl   {"id": str, "prompt": str, "response": str, "answer": str, "level": int}
     rl      rl.jsonl    {"id": str, "question": str, "answer": str, "level": int}
     eval    eval.jsonl  {"id": str, "question": str, "solution": str, "answer": str, "level": int}
 
-What every suite checks (one expectation each, so an error names exactly what was violated):
-- schema: the exact field set of every row (`_fields` in {the contract's set}); every field not
-  null and of its type (`str`/`int`; note that GX, like Python, counts a JSON `true` as an int);
-- ids: printable ASCII without spaces, at most 128 characters, unique;
-- free text (corpus text, prompts, questions, responses, solutions): length within bounds, no
-  control characters (C0 except tab/newline/CR, DEL, C1, zero-width and bidi controls, BOM,
-  U+FFFD from bad decoding), no e-mail addresses, no API keys (AWS `AKIA`/`ASIA`, `sk-...`,
-  GitHub `ghp_...`, Slack `xox.-`), no private key headers, no phone numbers;
-- duplicates: ids unique and the main text unique (corpus texts over train and val together, so a
-  validation document cannot also be a training one; SFT prompts; RL and eval questions);
-- math datasets: `answer` is a plain number (`-?digits[.digits]`), `level` in `data.math_levels`,
-  SFT responses and eval solutions end with the line `#### <answer>` whose number is exactly the
-  row's `answer` (string equality: the generator writes canonical numbers);
-- eval only: zero overlap with training: the normalized question (`tasks.data.mathgen.normalize_question`)
-  of an eval row is not the normalized prompt/question of any SFT or RL row, as
-  `ExpectColumnValuesToNotBeInSet` over their keys; and it does not occur in the (normalized) CPT
-  corpus, which holds the SFT problems as math documents (contamination).
-- corpus lengths: prose documents within `data.min_doc_chars`..`data.max_doc_chars`; the math
-  documents prepare_data adds (`source: "math"`, shorter) within
-  `validate_data.min_question_chars`..`data.max_doc_chars` (GX `row_condition` on `source`).
-
-Derived columns: GX checks columns, so four checks run on columns computed from the raw row by
-`build_frame` (their names start with "_"; the raw data must not use those names):
-    _fields         sorted field names of the raw row, comma-joined (exact field set, row-level)
-    _final_answer   what follows "#### " on the last non-empty line of the response/solution
-    _question_key   sha1 of the normalized question, 16 hex digits (overlap keys: a value set of
-                    short hashes keeps the suite JSON and the Data Docs small; collisions at 64 bits
-                    are negligible for these sizes)
-    _in_corpus      (eval) whether the normalized question occurs in the normalized CPT corpus
-
-Design choices and limits:
-- Row-level expectations only (plus the row count): every failure names its rows, so the
-  validate_data stage can quarantine exactly those rows. A missing or extra field fails `_fields`
-  for that row instead of a table-level column check that could not name rows.
-- Phone numbers need separators (`555-123-4567`, `(555) 123 4567`, `+44 20 7946 0958` style); plain
-  digit runs are numbers in math problems, not phone numbers.
-- Secret patterns are a short list of well-known formats, not an entropy scanner.
-- Overlap is exact on normalized text (lower case, single spaces); prepare_data additionally rejects
-  problems that share a number pattern (`mathgen.number_pattern`) with training when it generates
-  data; the contract checks the property the issue defines.
+Every field required, no others allowed. `build_frame` adds the derived columns the row-level checks need
+(`_fields`, `_final_answer`, `_question_key`, `_in_corpus`; the raw data must not use these names).
+What every suite checks, and why: docs/choices.md#validate_data.
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""ruyi-pipeline: flows."""
+"""Orchestration: the Prefect flow over `dvc repro`, its deployments, the `ruyi` CLI and the run summary."""

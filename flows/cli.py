@@ -1,7 +1,6 @@
-"""`ruyi`: the command line of ruyi-pipeline.
+"""`ruyi`: the command line of ruyi-pipeline (run, stage, server, deployments, serve).
 
-Heavy libraries (torch, transformers, prefect, ray) are imported inside the commands, so
-`ruyi --help` answers instantly.
+Heavy libraries are imported inside the commands, so `ruyi --help` answers instantly.
 """
 
 from __future__ import annotations

@@ -3,9 +3,7 @@
     ruyi server                 # a Prefect server on 127.0.0.1 + both deployments served (UI reruns)
     ruyi deployments [--cron]   # serve both deployments against an existing PREFECT_API_URL
 
-The same two deployments are declared in prefect.yaml for `prefect deploy` onto a work pool (a
-cluster). Served here, runs execute in this process' workspace, one at a time (the flow's own
-workspace concurrency limit serializes them anyway).
+The same deployments are declared in prefect.yaml for `prefect deploy`. Why: docs/choices.md#orchestration.
 """
 
 from __future__ import annotations

@@ -1,25 +1,10 @@
 """The Prefect flow that chains the DVC stages: what `make run`, the deployments and the UI run.
 
-    ruyi run [--from-stage S] [--to-stage S] [--set key=value ...] [--no-push]
+    ruyi run [--from-stage S] [--to-stage S] [--set key=value ...] [--no-push] [--force]
 
-Design (DVC owns "is this stage up to date", Prefect owns "when and where"):
-- one Prefect task per DVC stage, in `dvc dag` order, each running `dvc repro <stage> --single-item`;
-  no Prefect result caching (`cache_policy=NONE`): DVC decides what is up to date, so an unchanged
-  stage is a no-op taking about a second, and a changed parameter reruns only that stage and those
-  downstream of it;
-- retries only for infrastructure errors (DVC's repository lock, a process killed by a signal, a
-  stage's TransientError such as an unreachable S3 endpoint, a failed `dvc push`): a failed data
-  contract or a bad parameter is never retried;
-- `force=True` reruns the selected stages even when DVC finds them up to date;
-- runs in one workspace are serialized by a Prefect global concurrency limit named after the
-  workspace (limit 1), since DVC cannot run two repros in one workspace;
-- parameter overrides from a deployment/UI run are validated and written into params.yaml before
-  any stage runs (parameters flow one way: deployment parameters -> params.yaml -> stage), so
-  dvc.lock records exactly what ran;
-- per-stage metrics are published as table artifacts, lineage (git revision, dvc.lock hashes,
-  flow run id; also for a failed run, naming the stage that failed) as a markdown artifact; each
-  stage's output lines go to the task run's log (progress in the UI); finally the results are
-  pushed to the DVC remote.
+One task per stage running `dvc repro <stage> --single-item` in `dvc dag` order, retries for
+infrastructure errors only, one run per workspace, overrides written to params.yaml first, metrics and
+lineage as Prefect artifacts, then `dvc push`. Why: docs/choices.md#orchestration.
 """
 
 from __future__ import annotations

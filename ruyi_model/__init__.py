@@ -8,7 +8,7 @@ Public API:
     dynamic_generate                        confidence-based dynamic early exit (decoding)
     train_tokenizer, load_tokenizer         byte-level BPE tokenizer with a chat template
 
-This package never imports Prefect, DVC or Ray.
+This package never imports the pipeline, Prefect, DVC or Ray. Choices: docs/choices.md#model.
 """
 
 from transformers import AutoConfig, AutoModelForCausalLM

@@ -1,68 +1,13 @@
 """DaE, Decompose-after-Expansion (Ruyi2 section 4.4): grow one member, train it alone, then shrink it.
 
-Three functions, used by the `expand` and `compress` stages (`python -m tasks.expand`,
-`python -m tasks.compress`) and usable on any `FamilialForCausalLM`:
-
-- `expand(model, exit_layer, num_blocks, init="random")`: appends `num_blocks` decoder blocks to member
-  `exit_layer`, after its branch layer(s) and before its norm and head (Ruyi2 Eq. 2). Zero-residual
-  (Eq. 3-4): each new block's attention output projection `o_proj` and MLP down projection `down_proj`
-  are zero, so the block is the identity and every member's logits are bit-identical right after
-  expansion. `init="random"` (the paper) draws q/k/v/gate/up from N(0, config.initializer_range^2)
-  with torch's global RNG (seed it with `torch.manual_seed`); `init="clone"` (the paper's "Identity
-  Copy" ablation, LLaMA-Pro style) copies the member's last layer into every new block instead, but
-  still zeroes `o_proj`/`down_proj`, so the function is preserved there too (LLaMA-Pro also zeroes the
-  output projections of its copies). The new blocks' RMSNorm weights are 1 (not stated in the paper).
-- `dae_trainable_parameters(model, exit_layer)` / `freeze_for_dae(model, exit_layer)`: what DaE trains,
-  the member's DaE blocks, its norm and its head (Ruyi2 Fig. 4: "Norm & LM Head" trainable, the original
-  branch frozen). Nothing else of that member is trained, and no other member uses these tensors, so
-  every other member stays bit-identical. A shared head (`shared_heads=True`) is refused: training it
-  would change every member.
-- `decompose(model, ratio=0.4, calibration=None, ...)`: the "Decompose" step, after SVD-LLM v2 as
-  Ruyi2 does. Every linear weight of the DaE blocks (and, with `include_head`, the member's head) is
-  replaced by a `LowRankLinear` (`y = x A^T B^T`, A: rank x in, B: out x rank) whose ranks are stored
-  in `config.lowrank_ranks`, so `from_pretrained` rebuilds the compressed model.
-
-Decomposition, exactly:
-  * Whitening (Eq. 7): with calibration token ids, forward pre-hooks collect each target matrix's input
-    activations X (N tokens x in) while its member runs (`exit_layer=d`), as the Gram matrix
-    C = X^T X (accumulated in float64; X itself is never stored). C = U S U^T by a symmetric
-    eigendecomposition (the paper uses an SVD of C for stability; for a symmetric PSD matrix `eigh`
-    is the same decomposition and cheaper). Negative round-off eigenvalues are clipped to 0 and a
-    damping `damping * mean(S)` is added to every eigenvalue, so a rank-deficient C (fewer tokens than
-    features, dead features) stays invertible. Then SVD of W U S^1/2 = U_w diag(s) V_w^T, truncation to
-    rank k, and the factors B = U_w[:, :k] diag(sqrt s_k), A = diag(sqrt s_k) V_w^T[:k] S^-1/2 U^T.
-    In this basis the activation-weighted error ||W X^T - W' X^T||_F equals sqrt(sum_{i>k} s_i^2)
-    (SVD-LLM's theorem; exact up to the damping), which is the truncation loss L_min of Eq. 5.
-    A weight whose rank is <= k is reproduced exactly (up to float rounding).
-  * Without calibration: plain SVD of W at a uniform ratio (truncation loss = weight-space Frobenius).
-  * Rank from a removed fraction r of an out x in matrix (m x n): k = floor((1-r) m n / (m+n)), clipped
-    to [1, min(m, n)]. A matrix whose factors would not be smaller than the dense matrix
-    (k (m+n) >= m n) is left dense and reported in `DecomposeReport.matrices` with `skipped` set.
-  * Loss-aware allocation (Eq. 5-6), with calibration only: matrices are grouped by type per member
-    (q, k, v, o, gate, up, down, lm_head); each matrix's L_min at the uniform ratio is transformed to
-    1/log(L) and the ratios within a group are proportional to it: r_i = c * L'_i with c chosen so
-    that the parameter-weighted mean ratio of the group equals `ratio` (Eq. 6 is the equal-size case,
-    R * Len(L_G) * L'_i / Sum(L_G)). Costly-to-truncate matrices thus lose fewer parameters.
-    Deviations, needed to make Eq. 6 well defined: L is clamped to >= e before the log (1/log blows up
-    or turns negative for L <= 1, and L scales with the number of calibration tokens: the paper's
-    Frobenius norm sums over them), and each r_i is clamped to [0, ratio of rank 1] with c re-solved by
-    bisection so the group mean is still `ratio` (when that is feasible). A single-matrix group (the
-    head) gets exactly `ratio`.
-  * All activations are collected in one pass over the calibration data with the original model (not
-    layer by layer on the partly compressed one), as SVD-LLM v2 does. `allocation="loss_aware"`
-    without calibration is an error-free, logged switch to `"uniform"` recorded in the report (the
-    allocation needs activation losses).
-
-`decompose` returns a NEW model (the input is left unchanged) with its `DecomposeReport` attached as
-`model.decompose_report` (params before/after of the decomposed matrices, achieved ratio, per-matrix
-rank, allocated ratio and truncation loss, per-group achieved ratio; `.to_dict()` for metrics files).
-`expand` also returns a new model. Both rebuild the model from a new config (so cache slots and
-`from_pretrained` agree with the structure) and copy every existing tensor; low-rank modules already
-present are kept.
-
-Written here, not taken from a library: no library implements zero-residual block insertion into an
-early-exit family or SVD-LLM v2's whitened truncation with its ratio allocation; the linear algebra is
-`torch.linalg` (eigh, svd) in float64.
+Used by the `expand` and `compress` stages; callable on any `FamilialForCausalLM`:
+- `expand(model, exit_layer, num_blocks, init="random")`: zero-residual decoder blocks appended to one
+  member (every member's logits bit-identical right after); returns a new model.
+- `dae_trainable_parameters` / `freeze_for_dae`: what DaE trains (the member's blocks, norm and head).
+- `decompose(model, ratio=0.4, calibration=None, ...)`: activation-whitened SVD (after SVD-LLM v2) of
+  the DaE blocks' linears (and head) into `LowRankLinear`s with loss-aware rank allocation; returns a
+  new model with its `DecomposeReport` as `model.decompose_report`.
+Maths and deviations from the paper: docs/choices.md#expand and #compress.
 """
 
 from __future__ import annotations
@@ -136,7 +81,7 @@ def expand(model: FamilialForCausalLM, exit_layer: int, num_blocks: int, init: s
     """Appends `num_blocks` zero-residual decoder blocks to member `exit_layer` (DaE expansion).
 
     The blocks go after the member's existing layers (branch layer(s) and earlier DaE blocks) and before
-    its norm and head; every member's function is unchanged (see module docstring for the init).
+    its norm and head; every member's function is unchanged (docs/choices.md#expand for the init).
 
     Args:
         model: the family; left unchanged.

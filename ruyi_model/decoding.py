@@ -1,30 +1,10 @@
 """Batched greedy decoding and decoding-speed measurement at a fixed member of a family.
 
-Shared by `tasks.evaluate` (accuracy and tokens/s per exit) and any stage that needs plain greedy
-answers from one member (`FamilialForCausalLM.generate(..., exit_layer=d)` underneath).
-
-Design choices:
-- Prompts are user messages put through the tokenizer's chat template with the generation prompt
-  (`<|im_start|>assistant\\n`), unless `chat=False` (then they are encoded as given). Decoding stops
-  at `<|im_end|>` or `<|endoftext|>`; the returned text is the completion only, special tokens removed.
-- Batches are left-padded (the model builds its causal mask from its own first cache slot, so left
-  padding is exact: a batched greedy decode gives the same tokens as decoding each prompt alone; the
-  tests check it). Prompts are sorted by length before batching to keep padding small, and the
-  results are returned in the caller's order.
-- A fresh `GenerationConfig` is passed to every call, so sampling settings stored in a checkpoint's
-  `generation_config.json` never leak into a "greedy" decode.
-- Speed: batch 1, KV cache, greedy, exactly `new_tokens` new tokens (`min_new_tokens` and no stop
-  token, so every member decodes the same number of tokens), after `warmup` untimed runs.
-  tokens/s = new_tokens / wall time of the whole `generate` call, which includes the prefill of the
-  (short) prompt. When several members are measured (`measure_family_tokens_per_s`) the timed runs
-  are interleaved round-robin over the members, so a slow phase of a shared machine hits them all
-  alike; the median over `repeats` runs is reported (on CUDA, synchronized before and after each run).
-  Timings are measurements, not reproducible numbers: callers keep them apart from the
-  bitwise-reproducible metrics. Inputs are created on the model's device.
-
-Usage:
     texts = greedy_generate(model, tokenizer, ["What is 2 + 3?"], exit_layer=2, max_new_tokens=64)
     speed = measure_tokens_per_s(model, exit_layer=2, prompt_ids=[1, 2, 3], new_tokens=32)
+
+Used by `tasks.evaluate` (accuracy and tokens/s per exit) and the RL evaluation. Left padding, fresh
+generation configs and interleaved timing: docs/choices.md#decoding.
 """
 
 from __future__ import annotations
@@ -229,6 +209,6 @@ def measure_family_tokens_per_s(model, exit_layers: Sequence[int], prompt_ids: S
 
 def measure_tokens_per_s(model, exit_layer: int, prompt_ids: Sequence[int], new_tokens: int = 32,
                          warmup: int = 1, repeats: int = 3, pad_id: int = 0) -> float:
-    """Greedy decoding speed (tokens/s, median of `repeats`) of one member; see the module docstring."""
+    """Greedy decoding speed (tokens/s, median of `repeats`) of one member; docs/choices.md#decoding."""
     return measure_family_tokens_per_s(model, [exit_layer], prompt_ids, new_tokens, warmup, repeats,
                                        pad_id)[int(exit_layer)]["tokens_per_s"]

@@ -1,33 +1,10 @@
 """Export: every member of a family as a stock `Qwen3ForCausalLM` checkpoint, plus the family itself.
 
-Used by the export stage (`python -m tasks.export`); callable on any `FamilialForCausalLM`:
-
     manifest = export_exits(model, "artifacts/export", tokenizer=tok)
     verify_export("artifacts/export")          # re-hash every file against manifest.json
 
-Layout written (atomically: everything goes into a temporary sibling directory that is renamed onto
-`out_dir` only when complete, so a crash never leaves a directory that looks like a finished export):
-
-    out_dir/exit_<d>/     one per member: config.json, model.safetensors, generation_config.json,
-                          tokenizer files (if a tokenizer is given). Loads with plain transformers:
-                          `Qwen3ForCausalLM.from_pretrained(out_dir / "exit_<d>")`, no ruyi_model needed
-                          (so vLLM, SGLang, llama.cpp converters take it as is).
-    out_dir/family/       the familial checkpoint (`FamilialForCausalLM.save_pretrained`; low-rank factors
-                          kept, dynamic early exit possible) with the tokenizer.
-    out_dir/manifest.json members (exit layer, layer count, DaE blocks, parameter count), the family's
-                          structure, and the sha256 and size of every other file; written last.
-
-Member `d` as a stock model (see `member_state_dict`): `model.layers` are the member's backbone layers,
-then its branch layer(s), then its DaE blocks as ordinary layers; `model.norm` is the exit norm and
-`lm_head` the exit head (or the shared head). Low-rank factors are multiplied back to dense weights
-(W = B A, in float32, cast to the model dtype): a stock Qwen3 has no low-rank layers, so the export of a
-decomposed member is as large as the dense member (the family checkpoint keeps the saving). The
-config keeps every stock Qwen3 field of the family config, with `num_hidden_layers` set to the
-member's layer count, `tie_word_embeddings=False` (the heads are untied) and `layer_types` recomputed
-by Qwen3Config. Loading is checked strictly (every stock key filled, no extra key).
-
-This module imports neither `tasks` nor any orchestration library; the atomic directory and hashing
-helpers are local.
+Writes `exit_<d>/` (loadable by plain transformers, vLLM, SGLang, llama.cpp converters), `family/` and
+`manifest.json` (written last), atomically. Used by the export stage. Layout: docs/choices.md#export-layout.
 """
 
 from __future__ import annotations

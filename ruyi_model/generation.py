@@ -1,76 +1,11 @@
 """Confidence-based dynamic early exit: each new token comes from the shallowest confident member.
 
-Usage (library; the serving app calls it with `model: "dynamic"` and a `threshold`):
-
     from ruyi_model.generation import dynamic_generate
     out = dynamic_generate(model, input_ids, max_new_tokens=64, threshold=0.9)   # input_ids: 1 x T
     out.sequences, out.exit_layers, out.tokens_per_member, out.tokens_per_second
 
-Benchmark (quality and speed against the deepest member, both KV fill strategies side by side):
-
-    python benchmarks/early_exit.py --help
-
-Decoding at one fixed member is `model.generate(..., exit_layer=d)` (the model's own `generate`); this
-module adds what Ruyi2 lists as future work (section 5.3) and no serving engine offers for familial
-models: per-token dynamic exit across the members of one family.
-
-Algorithm (greedy, batch size 1). For each new token the members are computed from the shallowest up;
-member `d` is evaluated as: continue the shared BACKBONE from where the previous (shallower) member
-branched off, up to `config.backbone_depth(d)` (the hidden state after backbone layers
-`[0, backbone_depth(d1))` is reused, never recomputed), then run member `d`'s own layers
-(`model.exits[str(d)].layers`: branch layer(s), then DaE blocks), then its confidence with
-`triton_kernels.exit_confidence` (fused RMSNorm -> LM head -> argmax / max softmax probability /
-entropy, no vocabulary-sized logits kept). The token of the first member whose confidence passes
-(`max_prob >= threshold`, or `entropy <= threshold` in nats) is emitted; the deepest member always
-emits if reached. So the backbone KV slots are genuinely shared (identical for every member: backbone
-layer i -> slot i) and only the members' own layers have member-specific slots (slots from L on, see
-modeling.py). All slots live in one `DynamicCache` whose slots may hold different lengths.
-
-KV of skipped layers (`kv_fill`), both implemented and measured by `benchmarks/early_exit.py`:
-- "recompute" (exact; "state propagation" as in DEED, the lazy variant of CALM's alternative): a
-  position whose deeper layers were skipped stays *pending*: its hidden state at the depth it reached
-  is kept. The next time a token goes deeper, every layer it runs first processes the pending
-  positions together with the current one (one batched pass per layer over the positions that layer
-  has not seen), so every layer's KV is exactly what a full pass of the deepest member would hold.
-  The same holds for each member's own layers: they run over every position since the member was last
-  evaluated, fed with the backbone hidden state at the member's branch point. Consequences: a
-  threshold that never triggers reproduces greedy decoding of the deepest member token for token; one
-  that always triggers reproduces the shallowest member; and for ANY threshold the decode equals the
-  oracle that reads every member's logits off a full forward pass (tests check all three). The prompt
-  is pending at depth 0 at the start (lazy prefill): the first token pays only for the depth it needs.
-  Cost: a pending position is computed once per layer, as in a full pass, but later, in batches.
-- "copy" (approximate; CALM's hidden-state propagation, Schuster et al. 2022): when a token exits at
-  member d, the hidden state at d's branch point (the backbone hidden after `backbone_depth(d)`
-  layers, i.e. the exact input of backbone layer `backbone_depth(d)`) is copied as the input of every
-  skipped layer (the remaining backbone layers, and the own layers of every deeper member), and only
-  their K/V are computed from it: input RMSNorm -> k_proj -> k_norm -> RoPE, and v_proj (one cheap
-  projection per skipped layer, no attention, no MLP). The first skipped backbone layer's KV is exact
-  (its input is exact), the rest are approximations. Design choice: the prompt is prefilled exactly
-  through every layer of every member in the first step (one batched pass, as any serving engine
-  prefills), so the approximation only touches generated tokens. Why the branch point and not the
-  member's output: the branch point is on the backbone's residual stream, which the skipped layers were
-  trained to read; the member's output went through its own branch and DaE blocks.
-
-Other design choices and deviations:
-- Batch size 1 only (a clear ValueError otherwise): rows of a batch would exit at different members
-  and need different layers; call once per sequence (the serving app decodes one request at a time).
-  Left padding in `attention_mask` is stripped (the pad tokens are kept in `sequences`), so positions
-  start at 0 at the first real token, exactly as `generate` with a left-padded batch; any other zero
-  in the mask is an error.
-- Greedy only (argmax of the emitting member; ties: lowest token id, as `torch.argmax`). Sampling with
-  early exit would need the emitting member's full distribution; not offered.
-- One scalar threshold for every non-deepest member, fixed by the caller (CALM calibrates per-layer
-  thresholds with Learn-then-Test; we report the quality/speed curve instead: benchmarks/early_exit.py).
-  Ranges: threshold >= 0. With "max_prob", 0 always exits at the shallowest member and any value > 1
-  never exits early; with "entropy", `inf` always exits at the shallowest member.
-- The confidence is read at the member's own output (after its branch layer(s) and DaE blocks), i.e.
-  from exactly the logits the member would emit. A low-rank (decomposed) head `B @ A` is evaluated as
-  the model does: `exit_confidence(norm(h) @ A.T, None, B)`, so the token equals the member's
-  `generate` token.
-- Cost accounting per token: `layers_run` (decoder layers run for the current position: the emitting
-  member's backbone part plus the own layers of every member evaluated), `layer_rows` (all
-  layer-position forwards of that step, i.e. `layers_run` plus recomputed pending positions and, in the
-  first step, the prompt) and `copied_kv` (skipped layers whose K/V were projected, "copy" only).
+Greedy, batch 1; `kv_fill="recompute"` (exact) or `"copy"` (CALM-style). Served as the `dynamic` tier;
+measured by `benchmarks/experiments/early_exit.py`. Algorithm and choices: docs/choices.md#dynamic-exit.
 """
 
 from __future__ import annotations
@@ -378,7 +313,7 @@ def dynamic_generate(
 ) -> DynamicGenerationOutput:
     """Greedy decoding where each token comes from the shallowest member confident enough.
 
-    See the module docstring for the algorithm and both KV fill strategies.
+    The algorithm and both KV fill strategies: docs/choices.md#dynamic-exit.
 
     Args:
         model: a `FamilialForCausalLM` (any family shape: branch layers, DaE blocks, low-rank or

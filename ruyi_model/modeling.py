@@ -1,19 +1,10 @@
 """`FamilialForCausalLM`: one Qwen3 backbone, a family of members, one per exit (Ruyi2).
 
-Layout (see `FamilialConfig`): the member of depth `d` runs backbone layers `[0, d-b)` (b branch
-layers, 0 for the deepest member), then `exits[d].layers` (its b branch layers followed by any DaE
-blocks), then `exits[d].norm` and its head (`exits[d].lm_head`, or the shared `lm_head`). The token
-embedding is shared. Decoder layers, norms and rotary embeddings are the stock `transformers` Qwen3
-classes, so every member is exactly a stock `Qwen3ForCausalLM` of `d + dae_blocks` layers.
-
-KV cache: every decoder layer owns a unique cache slot (backbone layer i -> slot i; exit layers
--> L, L+1, ... in exit order). A cache is bound to the member that first filled it: reusing it for
-another member is an error, never a silent mix of entries (switching members mid-sequence would
-leave the new member's branch slots without the earlier tokens).
-
-Multi-exit training (`labels` given, `exit_layer=None`): one backbone pass that branches at each
-exit, and `loss = sum_k w_k * CE_k` (Ruyi2 Eq. 1) computed by `triton_kernels.exit_head_loss`
-without materialising the K logits tensors (`config.loss_impl`).
+The member of depth `d` runs backbone layers `[0, d-b)`, then its own branch layer(s) and DaE blocks,
+then its norm and head: exactly a stock `Qwen3ForCausalLM` of `d + dae_blocks` layers. Training
+(`labels`, `exit_layer=None`) computes `sum_k w_k CE_k` in one backbone pass through
+`triton_kernels.exit_head_loss`; `exit_layer=d` runs one member. Layout, KV-cache slots and why:
+docs/choices.md#model.
 """
 
 from __future__ import annotations
@@ -105,7 +96,7 @@ class FamilialCausalLMOutput(CausalLMOutputWithPast):
 
 
 class FamilialForCausalLM(PreTrainedModel, GenerationMixin):
-    """A Hugging Face causal LM holding a whole family of Qwen3 members (see module docstring)."""
+    """A Hugging Face causal LM holding a whole family of Qwen3 members (docs/choices.md#model)."""
 
     config_class = FamilialConfig
     config: FamilialConfig

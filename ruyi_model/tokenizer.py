@@ -1,43 +1,9 @@
 """Byte-level BPE tokenizer of the family, with a Qwen-style chat template.
 
-`train_tokenizer(texts, vocab_size)` trains it with the `tokenizers` library and wraps it as a
-transformers fast tokenizer; `tokenizer.save_pretrained(dir)` writes a directory that loads offline
-with `transformers.AutoTokenizer.from_pretrained(dir)` (a `TokenizersBackend` in transformers 5) or
-with `load_tokenizer(dir)`, which also checks the special tokens and the chat template.
-
-Design (follows Qwen2/Qwen3's tokenizer where it matters, at a tiny vocabulary):
-- Special tokens at fixed ids: 0 `<|endoftext|>` (eos; also the document separator in packed
-  pre-training), 1 `<|pad|>` (padding), 2 `<|im_start|>`, 3 `<|im_end|>` (chat turns; generation
-  stops at `<|im_end|>`, set as eos in saved models' generation config by the training stages).
-  There is no bos token, as in Qwen.
-- Pre-tokenizer: Qwen2's split regex (contractions, letter runs with one leading non-letter,
-  SINGLE DIGITS, punctuation runs, newlines, spaces) then GPT-2 byte-level mapping. One token per
-  digit keeps arithmetic learnable by a tiny model (numbers are not merged into arbitrary chunks).
-- No normalizer (no NFC/NFKC): every string, including arbitrary Unicode and control characters,
-  round-trips exactly through encode/decode (`clean_up_tokenization_spaces=False`).
-- Vocabulary: `vocab_size` counts everything (4 special tokens + 256 byte symbols + merges);
-  merges need `min_frequency` occurrences. Training is deterministic for the same input.
-- Chat template (Jinja, as Qwen without the default system prompt or tool calls):
-  `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, and `<|im_start|>assistant\\n` when
-  `add_generation_prompt=True`.
-- Padding side stays "right" (training); batched generation sets `tokenizer.padding_side = "left"`.
-
-Adopting a checkpoint's tokenizer (`adopt_tokenizer(path)`, used when `model.init_from` starts the
-family from a stock checkpoint, whose embeddings and heads are indexed by *its* token ids): the
-source's own tokenizer is loaded offline and kept as is (vocabulary, merges, normalizer,
-pre-tokenizer, ids); only what the pipeline needs and the source lacks is added: any of the four
-special tokens (new ids after the source's vocabulary; Qwen3 lacks only `<|pad|>`), the eos/pad
-roles (`<|endoftext|>` / `<|pad|>`), and our chat template when the source has none. The special
-tokens of an adopted tokenizer are therefore not at ids 0..3; the contract `load_tokenizer` checks
-is by name (present, special, distinct), never by id.
-
-Fingerprint (`tokenizer_fingerprint`): sha256 of the canonical JSON of what maps text to ids and
-back: the BPE model (vocabulary by id, merges, options), the added tokens (id, content, special),
-normalizer, pre-tokenizer, decoder, and the eos/pad/bos/unk roles. Computed from the loaded tokenizer
-itself (not from file bytes), so it is the same before and after `save_pretrained` + reload, and
-differs for any tokenizer that maps some text to other ids (a different vocabulary of the same size
-included). The chat template is not part of it (it changes the text rendered, not the ids). The
-training stages record it in the model config (`tokenizer_fingerprint`, see `tasks.core`).
+`train_tokenizer(texts, vocab_size)` trains one (loadable offline with `AutoTokenizer`); `load_tokenizer`
+loads and checks one; `adopt_tokenizer(path)` takes a stock checkpoint's tokenizer, adding only what the
+pipeline needs; `tokenizer_fingerprint` identifies what maps text to ids. Used by the tokenizer stage.
+Design: docs/choices.md#tokenizer-design.
 """
 
 from __future__ import annotations
@@ -194,7 +160,7 @@ def check_special_tokens(tokenizer, where: str | Path) -> None:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 (hex) of the tokenizer's canonical text<->id mapping (see the module docstring)."""
+    """sha256 (hex) of the tokenizer's canonical text<->id mapping (docs/choices.md#tokenizer-design)."""
     state = json.loads(tokenizer.backend_tokenizer.to_str())
     model = dict(state.get("model") or {})
     vocab = model.pop("vocab", {})
@@ -217,8 +183,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def adopt_tokenizer(path: str | Path) -> tuple[Any, dict[str, Any]]:
     """The tokenizer of a checkpoint directory (`model.init_from`), made to meet the pipeline's contract.
 
-    Loads `AutoTokenizer.from_pretrained(path)` offline, then adds only what it lacks (see the module
-    docstring): missing special tokens, the eos/pad roles, our chat template if it has none.
+    Loads `AutoTokenizer.from_pretrained(path)` offline, then adds only what it lacks
+    (docs/choices.md#tokenizer-design): missing special tokens, the eos/pad roles, our chat template if
+    it has none.
     Deterministic: the same source gives the same tokenizer (and fingerprint).
 
     Returns:

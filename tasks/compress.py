@@ -1,84 +1,12 @@
-"""Stage `compress`: DaE "Decompose" (Ruyi2 4.4) of the DaE member's added blocks and head.
+"""Stage `compress`: DaE "Decompose" (Ruyi2 4.4), low-rank SVD of the DaE member's added blocks and head.
 
-Command line:
     python -m tasks.compress [--params params.yaml] [--set compress.ratio=0.5] [--set compress.heal_steps=0]
-    (or `ruyi stage compress ...`)
 
-Reads:
-    artifacts/rl/                      the trained family (save_family directory) with DaE blocks
-    data/validated/corpus_train.jsonl  calibration text; a carved-out slice decides on healing (step 3)
-    data/validated/sft.jsonl           calibration and healing data (chat format); a carved-out slice
-                                       decides on healing
-    data/validated/corpus_val.jsonl    held-out loss before/after (reported)
-    data/validated/eval.jsonl          held-out solution loss before/after (reported)
-Writes:
-    artifacts/compress/                the compressed family (low-rank factors in config.lowrank_ranks)
-    metrics/compress.json              added_params_before/after/reduction, ratio, per exit `exit_<d>`
-                                       losses before/after and relative changes, within_budget
-    reports/compress/decompose_report.json  per-matrix rank, allocated ratio and truncation loss
-    reports/compress/heal_selection.json    ids of the documents/rows of the healing-decision set
-                                            and of the healing rows (checked disjoint)
-    plots/compress/compress.png + allocation.csv + heal_loss.csv
-
-What happens, in order:
-1. The DaE member is `params.dae_exit` (`expand.exit_layer`, default the smallest member); it must have
-   DaE blocks (`config.dae_blocks`), otherwise the stage stops naming the checkpoint.
-2. Held-out losses of every member before compression: next-token CE on `loss_batches` x `batch_size`
-   packed `seq_len`-token blocks of corpus_val, and on the assistant turns of the first
-   `loss_batches` x `batch_size` eval problems under the chat template (tasks/evaluate.py helpers).
-   These are the reported figures; they never influence what the stage publishes.
-3. The healing-decision ("selection") set, carved deterministically out of the training data and
-   used for nothing else: (a) corpus_train documents whose text is not in corpus_val, taken in
-   the order of sha256(text) until they fill `loss_batches` x `batch_size` packed `seq_len`-token
-   blocks; (b) the first `loss_batches` x `batch_size` sft.jsonl rows, in the order of
-   sha256(id), whose question (`tasks.data.mathgen.normalize_question`) and id are not in eval.jsonl.
-   Both are removed from the calibration data and from the healing data, so the decision is made on
-   text that neither the decomposition, nor the fine-tune, nor the reported evaluation sees
-   (`reports/compress/heal_selection.json` lists the ids; disjoint by construction, tested). The
-   slice is carved whether or not healing runs, so the decomposition does not depend on heal_steps.
-4. `ruyi_model.dae.decompose(model, matrix_ratio, calibration, allocation, include_head, exit_layer=d)`:
-   activation-aware (whitened) SVD of every linear of the DaE blocks and, with `include_head`, the
-   member's head, ranks allocated per matrix type from each matrix's truncation loss (loss_aware).
-   `ratio` is the fraction of the *added parameters* to remove (the paper's "-40% of the added
-   parameters"); the norms of the DaE blocks (and the head with `include_head: false`) stay dense,
-   so the decomposed matrices are asked for `matrix_ratio = ratio * added / decomposable` (at most
-   the largest removable share, else an error naming compress.ratio). Each matrix's integer rank is
-   rounded down, so `added_params_reduction >= ratio` holds; the stage checks it.
-   Calibration: `calibration_batches` batches of `batch_size` blocks of `seq_len` tokens; a share
-   `calibration_sft_fraction` of the blocks is packed from SFT chat text (the member was SFT/RL-tuned
-   on math chat, so its activations on that format are what the truncation should preserve; the paper
-   does not say what it calibrated on), the rest from corpus_train (general text, the CPT
-   distribution), both without the selection slice. Documents are taken in a seeded random order
-   (`seed`).
-5. Optional healing (`heal_steps` > 0): AdamW (`heal_lr`, no weight decay, grad clip 1.0) on the CE of
-   the DaE member on SFT chat examples (assistant tokens only; the selection rows excluded), batches
-   of `batch_size` drawn with a seeded generator. Trainable: the low-rank factors of the DaE member
-   and its final norm, nothing else (a subset of `ruyi_model.dae.dae_trainable_parameters`): every
-   other member, and the member's own branch layer, backbone and embedding, stay bit-identical. This
-   is checked after the stage (`tasks.training.members_unchanged`: every parameter outside the DaE
-   member's blocks, norm and head, and the other members' logits on a calibration batch, with
-   torch.equal; a violation is an error), and the other members' relative loss changes are 0.0
-   exactly. Healing is kept only if it does not make the member worse on the selection set (its
-   corpus and SFT-solution losses, worst case: `heal_selection` in the metrics holds both losses
-   before and after healing); otherwise the decomposed factors are restored (`heal_kept`). In the
-   tiny chain an unconditional 20-step fine-tune at `heal_lr` 1e-3 on SFT text raised the
-   general-text loss by about 22%, far more than the decomposition itself cost (benchmarks/RESULTS.md
-   has the figures of the recorded run): an unconditional fine-tune would have been the wrong default.
-6. Losses after; per exit the relative change (after - before) / before on each held-out set
-   (`loss_relative_change`: corpus_val, `solution_loss_relative_change`: eval solutions) and
-   `relative_loss_change` = the larger of the two (what the quality gates check). The DaE member also
-   reports `loss_decomposed` / `solution_loss_decomposed`: after the decomposition, before healing.
-   `within_budget` = every exit's `relative_loss_change` <= `max_relative_loss_increase` (Ruyi2
-   reports < 2% at -40%). The budget is reported, not enforced: the quality gates decide.
-
-Runs on CUDA when available (`tasks.training.device_for_training`), else CPU (bitwise reproducible).
-
-"Added parameters" are the parameters of the DaE blocks plus the DaE member's head: the blocks are
-what expansion added, and the head is counted because Ruyi2 decomposes it together with them.
-`added_params_reduction` = 1 - after / before (>= `ratio`, the requested fraction of the added
-parameters); `matrix_ratio` is what the decomposed matrices were asked for and `achieved_ratio` the
-fraction the decomposition removed from them (ranks are integers, and matrices whose factors would not
-be smaller stay dense).
+Reads `artifacts/rl/` and the validated corpus_train, corpus_val, sft and eval files (calibration, a
+healing-decision slice, reported held-out losses). Writes `artifacts/compress/`, `metrics/compress.json`
+(added parameters before/after, per exit relative loss changes, `within_budget`, healing decision),
+`reports/compress/` (per-matrix ranks, healing-selection ids) and `plots/compress/`.
+Choices (added parameters, allocation, calibration, healing): docs/choices.md#compress.
 """
 
 from __future__ import annotations
@@ -131,7 +59,7 @@ def _sha(text: str) -> str:
 
 @dataclass
 class SelectionSplit:
-    """The healing-decision ("selection") slice carved out of the training data (module docstring, step 3).
+    """The healing-decision ("selection") slice carved out of the training data (docs/choices.md#compress).
 
     Attributes:
         corpus_texts: corpus_train texts for calibration (the selection documents removed), file order.
@@ -399,7 +327,7 @@ def run(params: Params) -> dict:
     eval_rows = all_eval_rows[:n_heldout]
     solution_batches = fixed_batches(solution_examples(tokenizer, eval_rows, cfg.seq_len, eval_file),
                                      cfg.batch_size, cfg.loss_batches)
-    # The healing-decision set: carved out of the training data, used for nothing else (docstring, step 3).
+    # Healing-decision set, carved from the training data, used for nothing else: docs/choices.md#compress.
     split = carve_selection(params, tokenizer, read_corpus(train_file), read_sft(sft_file), val_rows, all_eval_rows)
     sel_corpus_batches = fixed_batches({"input_ids": split.corpus_blocks}, cfg.batch_size, cfg.loss_batches)
     sel_solution_batches = fixed_batches(

@@ -1,38 +1,12 @@
-"""cpt: joint (multi-exit) continued pre-training of the whole family (Ruyi2 section 3.1, Eq. 1).
+"""Stage `cpt`: joint multi-exit continued pre-training of the whole family (Ruyi2 section 3.1, Eq. 1).
 
     python -m tasks.cpt [--params params.yaml] [--set cpt.max_steps=100 ...]
-    ruyi stage cpt ...
 
-Reads   data/validated/corpus_train.jsonl, corpus_val.jsonl ({"id", "text", "source"}), artifacts/tokenizer/
-Writes  artifacts/cpt/ (model + tokenizer, `tasks.core.save_family`), resumable checkpoints in
-        artifacts/checkpoints/cpt/step_<n>/, metrics/cpt.json, plots/cpt/loss.png + loss.csv
-
-The model: built from `params.model` (vocab_size = len(tokenizer) rounded up to a multiple of 64, pad
-and eos ids from the tokenizer; generation stops at `<|im_end|>` or `<|endoftext|>`), or, with
-`model.init_from`, `FamilialForCausalLM.from_qwen3(path, exit_layers, ...)` (Ruyi2's recipe: branch
-layers copied from the layer after each exit, heads from the source head); the architecture then
-comes from the checkpoint (the shape fields of `params.model` are not used; `exit_layers`,
-`exit_branch_layers`, `shared_heads` and `loss_impl` are), and its vocabulary must cover the tokenizer.
-With `model.init_from`, `artifacts/tokenizer` must be that checkpoint's own tokenizer as the tokenizer
-stage adopts it (`check_source_tokenizer`, by fingerprint): a tokenizer trained here would index the
-checkpoint's embeddings and heads under other ids. The saved model records the tokenizer's
-fingerprint in its config (`tasks.core.save_family`).
-
-The loss: `sum_k w_k(t) CE_k` over every member from one backbone pass, the weights following
-`cpt.exit_weights` (tasks/training/ `exit_weights_at`; default: the deepest member 1.0, the
-shallower members cosine-decayed from 1.0 to 0.3 over the run; the paper gives no formula).
-Everything of the training machinery (packing, AdamW + warmup/cosine, accumulation, bf16, clipping,
-exact resume, fingerprinted checkpoints, curves) is in tasks/training/ and documented there.
-
-Deviations from the paper: Ruyi2 trains the 14B family on ~800B tokens with Megatron 3D parallelism;
-here one process (or `distributed.backend: ray`: data-parallel Ray Train workers, tasks/training/distributed.py)
-trains the tiny family on the embedded corpus (all of it: general text and the
-SFT problems' worked solutions that prepare_data adds as `source: "math"` documents). Validation
-packs `corpus_val.jsonl` the same way and evaluates the first `eval_batches` batches of it.
-
-Metrics (`metrics/cpt.json`): `exit_<d>` -> {train_loss (mean of the last 10 steps), val_loss (final),
-val_loss_initial}, steps, tokens, tokens_per_s, resumed_from_step, wall_s, the final exit weights,
-parameter counts, block counts.
+Reads `data/validated/corpus_train.jsonl`, `corpus_val.jsonl` and `artifacts/tokenizer/` (and
+`model.init_from` if set). Writes `artifacts/cpt/` (`tasks.core.artifacts.save_family`), resumable
+checkpoints in `artifacts/checkpoints/cpt/`, `metrics/cpt.json` (per exit train/val loss, steps, tokens,
+exit weights, parameter counts) and `plots/cpt/`. The loss is `sum_k w_k(t) CE_k`; the training machinery
+is tasks/training. Choices: docs/choices.md#cpt and #training.
 """
 
 from __future__ import annotations

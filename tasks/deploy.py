@@ -1,46 +1,12 @@
 """Stage `deploy`: publish the export as a versioned release, serve it, smoke-test every tier, stop.
 
-Command lines:
-    python -m tasks.deploy [--params params.yaml] [--set deploy.version=v7] [--set ...]
-    (or `ruyi stage deploy ...`); an S3 store, e.g. SeaweedFS on this machine:
-    AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=... python -m tasks.deploy --set deploy.store.backend=s3 \\
-        --set deploy.store.bucket=releases --set deploy.store.endpoint_url=http://127.0.0.1:8333
-    ruyi serve [--version V] [--host H] [--port P]   keeps a release running for users (`serve_release`)
+    python -m tasks.deploy [--params params.yaml] [--set deploy.version=v7] [--set deploy.store.backend=s3]
 
-Reads:
-    artifacts/export/                  the export stage's output: exit_<d>/ (stock Qwen3 checkpoints with
-                                       tokenizer), family/ (familial checkpoint), manifest.json
-    data/validated/eval.jsonl          the first `deploy.smoke_prompts` questions (and gold answers)
-Writes:
-    <store>/<model>/<version>/         the release (tasks/release/store.py: verified, visible only when complete)
-    <artifacts_dir>/releases/<model>/<version>/   the release as fetched back from the store and served
-    metrics/deploy.json                version, store and release URIs, files/bytes, and per tier the
-                                       smoke results (requests, ok, accuracy, completion tokens) and
-                                       latency (p50/max ms), plus stage timings
-    metrics/deploy_smoke.json          the reproducible part only: the release's content digest and, per
-                                       tier, accuracy, token counts and the sha256 of the greedy completions
-    reports/deploy/smoke.jsonl         every smoke request: tier, question, completion, answer, latency
-    plots/deploy/latency.png + latency.csv   smoke latency per tier
-
-Steps and design choices:
-1. Publish `artifacts/export/` with `deploy.version` or the next `vNNNN`. An export identical (every
-   path, size and sha256) to the latest release is not published twice: that release is reused
-   (`reused_release: true`), so re-running the stage is idempotent. A fixed `deploy.version` that
-   exists is reused only if identical, otherwise it is an error (releases are immutable).
-2. Fetch the release back from the store into the release cache (hash-verified) and serve *that*
-   copy: the smoke test exercises exactly what `ruyi serve` will serve.
-3. Start Ray Serve (tasks/release/serving.py: one deployment holding every tier) on `deploy.host:port`, check
-   `/healthz` and `/v1/models`, then send every question, greedy, `smoke_max_tokens` new tokens, to
-   `/v1/chat/completions` at every tier `exit_<d>` and at `dynamic` (the family with confidence-based
-   early exit) when the installed ruyi_model provides it (otherwise recorded as unavailable). Any
-   non-200 answer fails the stage (after shutting down). Accuracy uses tasks.data.mathgen's
-   extract_answer/answers_match; at tiny scale it is informational, not a gate (gates run earlier).
-4. Shut Serve and Ray down (also on errors).
-Reproducibility: the release version depends on the store's history, the URIs on the configuration,
-and latencies on the machine, so they live in deploy.json only; deploy_smoke.json (content digest,
-greedy completions and accuracy; the replica decodes on one thread) is bitwise reproducible on CPU and
-is what an audit compares (dvc.yaml: both files `cache: false`; deploy.json is a record of the
-deployment, never compared bit for bit).
+Reads `artifacts/export/` and the first `deploy.smoke_prompts` rows of `data/validated/eval.jsonl`.
+Writes the release to the store (`tasks.release.store`), its fetched copy under
+`<artifacts_dir>/releases/`, `metrics/deploy.json` (version, URIs, per-tier smoke results and latency),
+`metrics/deploy_smoke.json` (the reproducible part), `reports/deploy/smoke.jsonl` and
+`plots/deploy/latency.{png,csv}`. `ruyi serve` keeps a release running. Choices: docs/choices.md#deploy.
 """
 
 from __future__ import annotations
@@ -86,7 +52,7 @@ def _git_revision() -> str | None:
 
 
 def publish_export(params: Params, store: ArtifactStore) -> tuple[Release, bool]:
-    """Publishes `artifacts/export/` (step 1 of the module docstring). Returns `(release, reused)`."""
+    """Publishes `artifacts/export/` (docs/choices.md#deploy). Returns `(release, reused)`."""
     cfg = params.deploy
     export_dir = require_dir(stage_dir(params, "export"), "export (run the export stage first)", marker="manifest.json")
     files = scan_dir(export_dir)

@@ -1,54 +1,12 @@
 """Stage `evaluate`: quality, speed and size of every member of one family checkpoint.
 
-Command line:
     python -m tasks.evaluate [--params params.yaml] [--set evaluate.checkpoint=artifacts/sft] [--set ...]
-    (or `ruyi stage evaluate ...`)
 
-Reads:
-    <checkpoint>                      a family (save_family) directory; `evaluate.checkpoint`, default
-                                      <artifacts_dir>/compress
-    data/validated/corpus_val.jsonl   held-out text ({"text"})
-    data/validated/eval.jsonl         held-out math problems ({"question", "solution", "answer", "level"})
-Writes:
-    metrics/eval.json          per exit `exit_<d>`: loss, perplexity, solution_loss, solution_perplexity,
-                               accuracy, answered, accuracy_by_level, params, layers, tokens_per_s,
-                               ms_per_token (what the issue asks for in one file)
-    metrics/eval_quality.json  the same without the timings: bitwise reproducible on CPU, the file
-                               `dvc repro` audits compare
-    metrics/eval_speed.json    the timings alone (runs, median, threads): measured, not reproducible
-    reports/evaluate/generations.jsonl  every greedy completion with its extracted and gold answer
-    plots/evaluate/tradeoff.png + tradeoff.csv  accuracy and loss against ms/token per exit
-
-Definitions and design choices:
-- Held-out loss: token-mean next-token cross-entropy of member d (run alone, `exit_layer=d`) on
-  `loss_batches` x `batch_size` blocks of `seq_len` tokens, packed in file order from corpus_val by
-  `tasks.training.pack_documents` (each document followed by `<|endoftext|>`, the remainder dropped;
-  no randomness, so the numbers are reproducible). perplexity = exp(loss). Fewer blocks than asked
-  is logged and visible in `loss_tokens`; none is an error naming the file.
-- Solution loss: the same cross-entropy on the assistant turn (solution + closing `<|im_end|>`) of
-  the first `num_problems` eval rows under the chat template, encoded exactly as SFT encodes its
-  data (`tasks.training.build_sft_examples`: prompt masked, cut to `seq_len`).
-- Accuracy: greedy decoding (ruyi_model/decoding.py: left-padded batches of `decode_batch_size`, stop at
-  `<|im_end|>`, at most `max_new_tokens`) of the first `num_problems` questions, scored with
-  `tasks.data.mathgen.extract_answer` + `answers_match` (exact numeric match of the `#### <answer>` line).
-  `answered` is the share of completions with an extractable answer.
-- Speed: tokens/s of greedy decoding at batch 1 with the KV cache, exactly `speed_new_tokens` new
-  tokens after `speed_warmup` untimed runs, median of `speed_repeats` runs interleaved across the exits
-  (side by side in one process; see ruyi_model/decoding.py). ms_per_token = 1000 / tokens_per_s.
-- Params: member d as a standalone model: token embedding + its decoder layers (backbone part, branch,
-  DaE blocks) + its norm + its head; low-rank matrices count their two factors.
-- Device: CUDA when available (`tasks.training.device_for_training`), else CPU; eval_speed.json records
-  the device and torch's thread count (on a shared CPU, more threads than free cores makes every
-  small op slower: set OMP_NUM_THREADS accordingly).
-- Timings appear in eval.json (the issue's contract) and in eval_speed.json; eval_quality.json holds
-  everything else so that a reproduction can be compared bit for bit.
-- The three metric files are one set: each carries the same `run_id` (eval_quality.json's is the
-  sha256 of its own content without the id, so it stays bitwise reproducible; the other two copy
-  it). They are written as temporary siblings first, then eval.json is removed, eval_quality.json and
-  eval_speed.json are renamed into place and eval.json is renamed last. Whatever point a crash
-  interrupts, eval.json is either absent or belongs to the same run as the other two, and
-  `metric_set_consistent` (all three present with one run_id) tells a complete set from a partial
-  one; DVC reruns the stage when any of them is missing or differs from dvc.lock.
+Reads the checkpoint (`evaluate.checkpoint`, default `artifacts/compress/`), `data/validated/corpus_val.jsonl`
+and `eval.jsonl`. Writes per exit loss, perplexity, solution loss, accuracy, params and speed to
+`metrics/eval.json`, the reproducible part to `metrics/eval_quality.json` and the timings to
+`metrics/eval_speed.json` (one set, one `run_id`), `reports/evaluate/generations.jsonl` and
+`plots/evaluate/tradeoff.{png,csv}`. Definitions and choices: docs/choices.md#evaluate.
 """
 
 from __future__ import annotations
@@ -181,7 +139,7 @@ def _dump(obj: dict) -> str:
 
 
 def write_metric_set(metrics_dir: Path, quality: dict, speed: dict, combined: dict) -> str:
-    """Writes eval_quality.json, eval_speed.json and eval.json as one set (see the module docstring);
+    """Writes eval_quality.json, eval_speed.json and eval.json as one set (see docs/choices.md#evaluate);
     returns the set's run_id."""
     run_id = hashlib.sha256(_dump(quality).encode()).hexdigest()[:16]
     texts = [_dump({**obj, "run_id": run_id}) for obj in (quality, speed, combined)]

@@ -1,44 +1,12 @@
-"""expand: DaE expansion of one member and its continued pre-training (Ruyi2 section 4.4, stage 1).
+"""Stage `expand`: DaE expansion of one member and its continued pre-training (Ruyi2 section 4.4, stage 1).
 
     python -m tasks.expand [--params params.yaml] [--set expand.num_blocks=3 --set expand.init=clone ...]
-    ruyi stage expand ...
 
-Reads   artifacts/cpt/ (the jointly trained family), data/validated/corpus_train.jsonl, corpus_val.jsonl
-Writes  artifacts/expand/ (the expanded, trained family), checkpoints in artifacts/checkpoints/expand/,
-        metrics/expand.json, plots/expand/loss.png + loss.csv
-
-What it does:
-1. `ruyi_model.dae.expand(model, d, expand.num_blocks, expand.init)` on the member `d =
-   params.dae_exit` (`expand.exit_layer`, default the smallest member): zero-residual blocks after
-   its branch layer, so every member is unchanged at first (`init=random`: Gaussian q/k/v/gate/up,
-   the paper; `init=clone`: LLaMA-Pro-style copies, the paper's ablation). The RNG is seeded with
-   `params.seed` right before, so the new blocks are reproducible.
-2. `ruyi_model.dae.freeze_for_dae(model, d)`: only the new blocks, the member's norm and its head
-   train; everything else (embedding, backbone, every other member, the member's own branch layer)
-   is frozen. Single-member loss (`exit_layer=d`).
-3. Continued pre-training on a STEM-heavy stream with general replay. From the data contract:
-   the STEM stream is the corpus documents with `source == "math"` (the SFT problems' worked
-   solutions that prepare_data adds to the corpus), the replay stream the other documents
-   (general text), mixed at exactly `expand.replay_fraction` of the samples (the paper: 10%; see
-   `tasks.training.MixedStream`). Both are packed like cpt's corpus. Validation: the DaE member's loss
-   on the `source == "math"` part of corpus_val (the curve) and, before/after, on its general part.
-4. Check that the other members are bit-identical to the input family (every frozen tensor by
-   sha256 of its bytes, and every other member's logits on a validation batch with torch.equal,
-   `tasks.training.snapshot_members` / `members_unchanged`);
-   a difference is an error, not a flag in the metrics.
-
-Same training machinery as cpt (tasks/training/: AdamW + warmup/cosine, accumulation, bf16,
-clipping, fingerprinted checkpoints with exact resume, curves; data-parallel Ray Train workers with
-`distributed.backend: ray`, tasks/training/distributed.py).
-
-Deviations from the paper: Ruyi2 runs 600B tokens on its 1.7B member with N=3 blocks; the tiny
-default uses `expand.num_blocks` (2) and a few hundred steps. The paper trains the member's "Norm &
-LM Head" with the blocks (Fig. 4), and so do we.
-
-Metrics (`metrics/expand.json`): `exit_<d>` -> {stem_val_loss_before/after, general_val_loss_before/
-after, train_loss}, trainable vs total parameters (and the added ones), other_members_unchanged,
-the replay share actually drawn, steps, tokens, tokens/s, resumed_from_step, wall time.
-`benchmarks/dae_ablation.py` compares `init=random` with `init=clone` using `train_dae`.
+Reads `artifacts/cpt/` and the validated corpus. Writes `artifacts/expand/`, checkpoints in
+`artifacts/checkpoints/expand/`, `metrics/expand.json` (STEM/general losses before and after, trainable
+parameters, `other_members_unchanged`, replay share) and `plots/expand/`. Only the new blocks and the
+member's norm and head train; the other members are checked bit-identical.
+Choices: docs/choices.md#expand.
 """
 
 from __future__ import annotations
@@ -74,7 +42,7 @@ STEM_SOURCE = "math"
 
 @dataclass
 class DaEData:
-    """The DaE CPT stream and its validation sets (see module docstring)."""
+    """The DaE CPT stream and its validation sets (see docs/choices.md#expand)."""
 
     stream: Any
     stem_val: list[dict]
@@ -143,7 +111,7 @@ def resolve_dae_exit(params: Params, model, where: str | Path) -> int:
 def train_dae(base, params: Params, data: DaEData, *, init: str | None = None,
               checkpointer: Checkpointer | None = None,
               callbacks: Sequence[Callable[[int], None]] = ()) -> tuple[Any, TrainResult, dict[str, Any]]:
-    """Expands member `params.dae_exit` of `base` and trains what DaE trains (see module docstring).
+    """Expands member `params.dae_exit` of `base` and trains what DaE trains (see docs/choices.md#expand).
 
     Args:
         base: the family (left unchanged; `expand` returns a new model).

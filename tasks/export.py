@@ -1,35 +1,11 @@
 """Stage `export`: every member of the compressed family as a stock Qwen3 checkpoint, plus the family.
 
-Command line:
-    python -m tasks.export [--params params.yaml] [--set paths.artifacts_dir=...]
-    (or `ruyi stage export ...`)
+    python -m tasks.export [--params params.yaml]
 
-Reads:
-    artifacts/compress/     the compressed family (save_family directory)
-Writes:
-    artifacts/export/       `ruyi_model.export.export_exits`: exit_<d>/ (stock `Qwen3ForCausalLM`
-                            safetensors + tokenizer, loadable by plain transformers, vLLM, SGLang,
-                            llama.cpp converters), family/ (the FamilialForCausalLM checkpoint, low-rank
-                            factors kept) and manifest.json (sha256 and size of every file), written
-                            atomically by export_exits
-    metrics/export.json     members, per member params / bytes / layers / logit parity, family bytes,
-                            total bytes, sha256 of manifest.json
-    plots/export/sizes.png + sizes.csv   parameters and bytes per member
-
-Steps and choices:
-- Before exporting, the family's generation config gets `eos_token_id = <|im_end|>` and
-  `pad_token_id = <|pad|>` (the ids from the checkpoint's tokenizer), so every exported member stops
-  at the end of its chat turn with stock `generate`; export_exits copies it into every export (it is
-  hashed in the manifest, so it is set first, never patched afterwards). Each export's
-  generation_config.json is read back and checked.
-- `verify_export` re-hashes every file against the manifest; a mismatch stops the stage naming the file.
-- Parity: each exit_<d>/ is loaded back from disk with `transformers.Qwen3ForCausalLM.from_pretrained`
-  (missing/unexpected/mismatched keys are an error) and its logits on a fixed chat prompt are compared
-  with the family member's (`max_abs_logit_diff`, must be <= 1e-4 in float32: low-rank factors are
-  multiplied back into dense weights, so only float rounding differs). This costs one forward per
-  member; it proves that what ships is the member that was evaluated.
-- Sizes: stock exports hold dense weights (a stock Qwen3 has no low-rank layers), so the DaE member's
-  export is as large as its dense member; the family checkpoint keeps the compressed factors.
+Reads `artifacts/compress/`. Writes `artifacts/export/` (`exit_<d>/` loadable by plain transformers,
+`family/`, `manifest.json` with sha256 and size of every file; `ruyi_model.export.export_exits`),
+`metrics/export.json` (per member params, bytes, logit parity) and `plots/export/sizes.{png,csv}`.
+Each export is reloaded with `Qwen3ForCausalLM` and its logits compared. Choices: docs/choices.md#export.
 """
 
 from __future__ import annotations

@@ -1,34 +1,11 @@
-"""gates: the model quality gates, checked by the orchestration before export/deploy.
+"""Stage `gates`: the model quality gates, checked before export and deploy.
 
     python -m tasks.gates [--params params.yaml] [--set gates.max_loss=6.0]
-    ruyi stage gates ...        (when the CLI lists it)
 
-Reads `metrics/eval_quality.json` (evaluate) and `metrics/compress.json` (compress), builds one row per exit
-(`data_contracts.gates.gates_frame`) and validates it with the gates suite (Great Expectations):
-every member evaluated; loss finite and below `gates.max_loss`; deeper exits not worse than any
-shallower one by more than `gates.depth_tolerance` (relative); compression's relative loss change
-within `compress.max_relative_loss_increase`; accuracy at least `gates.min_accuracy`.
-
-Writes `metrics/gates.json` (passed, thresholds, the per-exit values, failed expectations with the
-failing exits) and the Data Docs under `reports/gates/data_docs/` (suite "model_gates"), in both
-outcomes; a failed gate then raises `ContractViolation` (a `StageError`) listing every failing
-expectation and exit. Like a data contract failure it is deterministic: the orchestration must not
-retry it.
-
-Design choices:
-- `eval_quality.json`, not `eval.json`: evaluate writes the same `exit_<d>` loss/accuracy to both,
-  but only eval_quality.json is bitwise reproducible (eval.json adds measured tokens/s), and it is
-  what dvc.yaml declares as this stage's dependency, so `dvc repro` re-runs the gates exactly when
-  what they read changes.
-- Its own GX project and Data Docs (`reports/gates/`, a DVC output of this stage), apart from the
-  data contracts' (`reports/contracts/`, an output of validate_data): a stage never writes into
-  another stage's outputs.
-- The metrics are the interface: gates never load a model, so they take about a second plus the
-  GX import, and they judge exactly the figures that are published.
-- A missing metrics file or one without `exit_<d>` entries is a plain `StageError` (a stage did not
-  run); a missing or non-numeric value for one exit is a gate failure naming that exit.
-- The gates are relative to each exit's own shallower siblings, not to a fixed ranking, so they
-  hold for any `model.exit_layers`.
+Reads `metrics/eval_quality.json` and `metrics/compress.json`; validates one row per exit with the GX
+suite of `data_contracts.gates`. Writes `metrics/gates.json` and `reports/gates/data_docs/` in both
+outcomes; a failed gate raises `ContractViolation` (never retried) naming every failing expectation and
+exit. Choices: docs/choices.md#gates.
 """
 
 from __future__ import annotations

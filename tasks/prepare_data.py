@@ -1,65 +1,12 @@
-"""prepare_data: builds the datasets of the pipeline into `data/raw/` (no network needed).
+"""Stage `prepare_data`: builds every dataset of the pipeline into `data/raw/`, without network.
 
     python -m tasks.prepare_data [--params params.yaml] [--set data.num_sft=500 ...]
-    ruyi stage prepare_data ...
 
-Writes (atomically: the whole `data/raw/` directory is replaced only when everything succeeded):
-    corpus_train.jsonl, corpus_val.jsonl   {"id", "text", "source"}: CPT text
-    sft.jsonl    {"id", "prompt", "response", "answer", "level"}: math chat pairs
-    rl.jsonl     {"id", "question", "answer", "level"}: RL prompts (no solution)
-    eval.jsonl   {"id", "question", "solution", "answer", "level"}: held-out evaluation problems
-    manifest.json  row counts and sha256 of every file, sources, seed, filter counts
-plus `metrics/prepare_data.json` and `plots/prepare_data/` (document lengths, math levels per split).
-
-Embedded default (`data.sources: []`), deterministic given `seed` and the Python version:
-1. English corpus from text that ships with Python itself: the docstrings of the standard library
-   (parsed with `ast` from the .py sources, never imported, so no module side effects; files in
-   sorted relative-path order; tests, idlelib, lib2to3, turtledemo, ensurepip, encodings and
-   site-packages skipped) and the language-reference topics of `pydoc_data.topics` (the text of
-   `help("topic")`). Only the Python version matters, not the installed packages, so the corpus is
-   identical on every machine with the same Python (recorded in the manifest). Package README/licence
-   texts were not used: they depend on what is installed in the environment.
-2. Cleaning, in order (each drop is counted in the manifest):
-   - non-printable characters removed (`\\t` becomes a space), reST roles (":class:`X`" -> "X") and
-     double backquotes unwrapped;
-   - split into paragraphs at blank lines; paragraphs with personal data or secrets (the data
-     contract's `data_contracts.suites.SENSITIVE_PATTERNS`: e-mail addresses of stdlib authors,
-     phone numbers, API keys) are removed;
-   - a paragraph is CODE when under 60% of its whitespace
-     tokens are plain words (doctests, signatures, tables, underlines), and is removed;
-   - a document that lost more than half its characters that way is dropped as code-heavy;
-   - remaining paragraphs are reflowed (whitespace collapsed to single spaces), joined by "\\n\\n";
-   - non-English-ish documents are dropped: more than 1% non-ASCII characters, or fewer than 8% of
-     the words among common English function words;
-   - deviation from "drop too long documents": a document longer than `data.max_doc_chars` is cut
-     at paragraph boundaries into pieces (a single paragraph over the limit is dropped), because
-     the longest texts (reference topics) are the best prose; pieces under `data.min_doc_chars` go.
-3. De-duplication: exact (sha1 of the lower-cased, whitespace-normalized text), then near-duplicate:
-   MinHash over word 5-shingles (64 universal hash functions over a fixed crc32+adler32 64-bit
-   shingle hash, so independent of PYTHONHASHSEED)
-   with LSH banding (16 bands x 4 rows) to find candidate pairs, confirmed by the exact Jaccard
-   similarity of the shingle sets >= 0.8. The first document in source order is kept.
-4. Up to `data.max_corpus_docs` documents are sampled with `random.Random(seed)`.
-5. Math: GSM8K-style generated problems (`tasks.data.mathgen`: six templates, levels `data.math_levels`).
-   A pool of distinct problems is split into eval / rl / sft by NUMBER-PATTERN GROUP: problems whose
-   questions differ only in their numbers share a group, and a group never straddles two splits.
-   Then the split is checked (StageError if violated): no eval question's normalized text or number
-   pattern occurs in sft or rl, no rl question is an sft question, and no eval question occurs in
-   the CPT corpus (contamination).
-6. The `####` format must be learnt somewhere before SFT, so the SFT problems' question + worked
-   solution are ALSO added to the CPT corpus as documents with `source: "math"` (split between
-   corpus_train and corpus_val like the rest). Only SFT problems are: RL and eval answers never
-   appear in any training text. Stages that need general text only (DaE replay) filter on
-   `source != "math"`.
-7. corpus_val gets `data.val_fraction` of the general documents and of the math documents.
-
-User data (`data.sources`: local paths or s3:// URIs of JSONL/Parquet, read by `tasks.data.sources`,
-where the row mapping is documented): rows with `text` become corpus documents (cleaned: printable
-characters, whitespace, length pieces, de-duplication; the code/English filters are NOT applied to
-user text), rows with `question` + `answer` join the math pool that is split as above.
-`data.embedded` decides what the embedded data adds: `auto` (default) fills a kind (corpus or math)
-that the user files do not provide, logged and recorded in the manifest; `always` adds both;
-`never` uses only the user files (a missing kind is then an error).
+Reads the embedded sources (Python's own docstrings and language reference; generated math problems) and
+any `data.sources` (local or s3:// JSONL/Parquet). Writes `data/raw/` as a whole (corpus_train/val.jsonl,
+sft.jsonl, rl.jsonl, eval.jsonl, manifest.json with row counts, sha256, sources and filter counts),
+`metrics/prepare_data.json` and `plots/prepare_data/`. Owns cleaning, de-duplication and the
+leakage-free sft/rl/eval split: docs/choices.md#prepare_data.
 """
 
 from __future__ import annotations

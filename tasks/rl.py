@@ -1,72 +1,11 @@
-"""The `rl` stage: on-policy RL with a verifiable math reward on the family's members, GRPO or BPPO.
+"""Stage `rl`: on-policy RL with a verifiable math reward on the family's members, GRPO or BPPO.
 
-Command line:
     python -m tasks.rl [--params params.yaml] [--set rl.algorithm=grpo] [--set rl.members=all] ...
-    ruyi stage rl ...
 
-Reads `artifacts/sft/` (model + tokenizer, `tasks.core.load_family`) and
-`data/validated/rl.jsonl` ({"id", "question", "answer", "level"}). Writes `artifacts/rl/`
-(`save_family`), `metrics/rl.json`, `plots/rl/curves.{png,csv}` and resumable checkpoints in
-`artifacts/checkpoints/rl/step_<n>/`.
-
-What one step does (`RLTrainer.step`), for every trained member d:
-1. takes `prompts_per_step` training prompts (a seeded permutation per epoch), renders them with the
-   chat template (`<|im_start|>assistant\\n` generation prompt) and samples `group_size` responses
-   each at member d, with its own KV cache, up to `max_new_tokens` (BPPO with the adaptive schedule:
-   up to the current budget) or `<|im_end|>`/eos (`tasks.training.rl_algos.sample_completions`);
-2. scores them: 1 for the exact final answer (`tasks.data.mathgen.answers_match` on `extract_answer`) plus
-   `format_reward` for a well-formed final `#### <number>` line; group-normalised advantages as TRL;
-3. GRPO trains on all responses; BPPO on the shortest correct and shortest incorrect response of
-   every non-degenerate group, through their prefixes only (tasks/training/rl_algos.py has the formulas and
-   every choice the papers leave open);
-4. one optimizer step (AdamW, constant lr, no weight decay, gradient clipping) per generation batch,
-   or `num_iterations` steps reusing it with importance ratios against the sampling policy.
-The losses of several members (`members: all`) are summed into one optimizer step.
-
-Why not TRL's GRPOTrainer: it samples with `generate()` under the checkpoint's generation config
-(no member selection, top-k etc. leaking in), owns the training loop and batching, and BPPO's
-row/prefix selection would mean overriding most of it. We keep TRL's loss exactly (the parity test
-compares loss and gradients with `GRPOTrainer.compute_loss`) and write the loop around our
-member-aware sampler.
-
-Design choices and deviations:
-- Members: `dae` trains every member with DaE blocks (normally one: the expanded smallest member),
-  and only `ruyi_model.dae.dae_trainable_parameters` (its DaE blocks, norm and head), so the other
-  members stay bit-identical. A family without DaE blocks falls back to the smallest member and its
-  own parameters (branch layers, norm, untied head), again leaving the others unchanged (logged).
-  `all` (or a list of exit layers) samples and trains each listed member with its own rollouts and
-  trains every parameter of the family: the shared backbone moves for all members.
-- Old log-probs: with `num_iterations: 1` (default, as TRL) the ratio is exactly 1 (old = current,
-  detached); with more iterations the log-probs measured right after sampling are the old ones.
-- Reference model for `beta > 0`: a frozen copy of the SFT model, as TRL's separate ref model.
-- KL in the metrics: k3 to the reference when `beta > 0` (at the step-start policy, on the trained
-  tokens); otherwise k3 of KL(step-start policy || updated policy) on the trained tokens, one extra
-  no-grad forward after the update (the brief's "approx" KL).
-- Evaluation: the last `eval_prompts` rows of rl.jsonl are never trained on; greedy decoding
-  (`ruyi_model.decoding.greedy_generate`, `max_new_tokens`) gives reward and accuracy per member before
-  and after training (`reward_start/end`, `accuracy_start/end` in metrics are their means).
-- Reproducibility: prompt order and every rollout draw from generators seeded by (seed, epoch) and
-  (seed, step, member); no other randomness. Resume is automatic and logged (`resumed_from_step`):
-  a checkpoint holds the weights, the optimizer, the adaptive budgets, the curves and the
-  evaluation before training, so a resumed run equals an uninterrupted one bitwise on CPU (tested).
-  Checkpoints carry a fingerprint of `params.rl` (but `steps`, `checkpoint_every`), the seed,
-  rl.jsonl, the SFT checkpoint and the stage's code (tasks/rl.py, tasks/training/rl_algos.py); one made
-  from different inputs is moved aside to `artifacts/checkpoints/rl.stale-<time>-<random hex>/`
-  (unique even for two set-asides within one second) with a warning, never resumed.
-- Timing: `time_s`, `rollout_s`, `train_s` in the curves count training steps only (rollouts,
-  losses, optimizer, the KL metric), not evaluation or checkpointing; `wall_time_s` is the whole
-  stage, cumulative over resumes like `train_time_s` (the earlier processes' time up to the checkpoint
-  resumed from, stored in it, plus this process; work done after that checkpoint by a killed process
-  was redone and is not counted), and `wall_time_this_run_s` this process alone. They are
-  measurements; every other number in metrics/rl.json is reproducible bitwise on CPU with the same
-  torch thread count.
-- Steps without gradient: a BPPO step where no group has a correct/incorrect pair (or a GRPO step
-  where every group's rewards are equal) carries no learning signal; BPPO then takes no optimizer
-  step. The curves' `has_gradient` (1/0) marks them, and every member's metrics count
-  `steps_with_gradient` and `skipped_steps`. `benchmarks/bppo_vs_grpo.py` counts only steps with
-  gradient as optimizer steps to the target.
-- A checkpoint stores the whole model (simple and robust; with `members: dae` only the DaE
-  parameters change, so a paper-scale run could store just those).
+Reads `artifacts/sft/` and `data/validated/rl.jsonl`. Writes `artifacts/rl/`, resumable checkpoints in
+`artifacts/checkpoints/rl/`, `metrics/rl.json` (reward and accuracy before/after per member, steps with
+gradient, timings) and `plots/rl/curves.{png,csv}`. The step is `tasks.training.rl_trainer.RLTrainer`,
+the losses are in `tasks.training.rl_algos`. Choices: docs/choices.md#rl.
 """
 
 from __future__ import annotations
@@ -213,7 +152,7 @@ def write_curves(history: dict[int, list[dict[str, float]]], out_dir: Path, algo
 
 
 def run(params: Params) -> dict[str, Any]:
-    """Runs the rl stage (see the module docstring); returns its metrics."""
+    """Runs the rl stage (see docs/choices.md#rl); returns its metrics."""
     from tqdm.auto import tqdm
 
     from tasks.training.rl_algos import encode_chat_prompts

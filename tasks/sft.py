@@ -1,44 +1,11 @@
-"""sft: supervised fine-tuning on chat-formatted math problems (Ruyi2 sections 3.2 and 4.4, stage 2).
+"""Stage `sft`: supervised fine-tuning on chat-formatted math problems (Ruyi2 sections 3.2 and 4.4).
 
     python -m tasks.sft [--params params.yaml] [--set sft.scope=family ...]
-    ruyi stage sft ...
 
-Reads   artifacts/expand/ (the expanded family), data/validated/sft.jsonl
-        ({"id", "prompt", "response", "answer", "level"})
-Writes  artifacts/sft/, checkpoints in artifacts/checkpoints/sft/, metrics/sft.json,
-        plots/sft/loss.png + loss.csv
-
-Data: each row becomes the chat `<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n
-{response}<|im_end|>\\n` (the tokenizer's chat template); the loss is on the assistant's tokens only
-(the response and its `<|im_end|>`; the prompt, the trailing newline and the padding are -100), see
-`tasks.training.build_sft_examples`. Rows are right-padded to `sft.seq_len`, longer ones cut (counted
-in the metrics); each batch is trimmed to its longest row. `sft.holdout_fraction` of the rows
-(chosen by a hash of the id) are held out for the before/after loss of every member. Note: prepare_data
-also puts every SFT problem with its solution into the CPT corpus as plain text (so the `####` format
-is seen in pre-training), so the held-out loss measures learning the chat format and the assistant
-turn, not generalisation to unseen problems; that is evaluate's job on eval.jsonl.
-
-Scope (`sft.scope`):
-- `dae` (default): only what DaE trains on member `params.dae_exit` (its added blocks, norm and
-  head), with that member's loss alone; every other member stays bit-identical (checked, as in
-  expand). This is the paper's order for the small member: our chain runs sft after expand, and
-  the paper tunes the whole family before the expansion and the DaE member after it. A model
-  without DaE blocks on that member is an error (run expand, or use scope=family).
-- `family`: every parameter of the family (embedding, backbone, all branch layers, DaE blocks,
-  norms, heads) with the joint multi-exit loss `sum_k w_k CE_k` over all members (weights
-  `sft.exit_weights`, constant 1.0 by default). With a DaE model the DaE member takes part through
-  its blocks like any other member, so the backbone changes under every member, the DaE one
-  included; this is the paper's family SFT, run after expansion instead of before it.
-
-Deviations from the paper: Ruyi2's SFT uses ~4M instruction examples in two curriculum stages, batch
-128, seq 8192, 3 epochs, lr 1e-4 with 1000 warmup steps; here a few hundred steps on generated
-GSM8K-style problems with the tiny model's settings from params.yaml (one process, or data-parallel
-Ray Train workers with `distributed.backend: ray`, tasks/training/distributed.py).
-
-Metrics (`metrics/sft.json`): `exit_<d>` -> {heldout_loss_before, heldout_loss_after, train_loss}
-(train_loss only for the trained members), scope, trained/total parameters, example counts
-(truncated/dropped), steps, tokens, tokens/s, resumed_from_step, wall time, and with scope=dae
-other_members_unchanged.
+Reads `artifacts/expand/` and `data/validated/sft.jsonl`. Writes `artifacts/sft/`, checkpoints in
+`artifacts/checkpoints/sft/`, `metrics/sft.json` (per exit held-out loss before/after, train loss,
+scope, parameter and example counts) and `plots/sft/`. Loss on assistant tokens only;
+`sft.scope: dae | family` decides what trains. Choices: docs/choices.md#sft.
 """
 
 from __future__ import annotations

@@ -1,43 +1,11 @@
-"""tokenizer: trains the family's byte-level BPE tokenizer on the validated data, or adopts the tokenizer
-of the checkpoint the family starts from (`model.init_from`).
+"""Stage `tokenizer`: trains the family's byte-level BPE tokenizer, or adopts the one of `model.init_from`.
 
     python -m tasks.tokenizer [--params params.yaml] [--set tokenizer.vocab_size=4096 ...]
-    ruyi stage tokenizer ...
 
-Reads `data/validated/corpus_train.jsonl` (text) and `data/validated/sft.jsonl` (prompt, response),
-trains `ruyi_model.tokenizer.train_tokenizer` with `tokenizer.vocab_size` / `tokenizer.min_frequency`
-(byte-level BPE, Qwen2 split regex with single digits, special tokens <|endoftext|> <|pad|>
-<|im_start|> <|im_end|> at ids 0..3, Qwen-style chat template; see that module for the design), and
-writes `artifacts/tokenizer/` atomically (tokenizer.json, tokenizer_config.json, chat_template.jinja).
-
-Before publishing, the saved directory is reloaded with `AutoTokenizer` (offline) and checked:
-special-token ids, eos/pad, chat template, and exact round-trip of every validation document and
-SFT pair (byte-level BPE must reproduce any text; a mismatch is a StageError).
-
-Metrics (`metrics/tokenizer.json`): vocabulary size, merges, tokens per document and characters per
-token on the training corpus and on the held-out `corpus_val.jsonl`, and the token length of the
-SFT chat sequences (mean, p95, max; the sequence length of SFT should cover them).
-Plot: `plots/tokenizer/sft_chat_tokens.png` + `.csv` (histogram of SFT chat sequence lengths).
-
-With `model.init_from` (a stock checkpoint, e.g. Qwen3-14B-Base): nothing is trained. The checkpoint's
-embeddings and heads are indexed by its own token ids, so a new BPE would silently scramble them; the
-stage adopts the source's tokenizer instead (`ruyi_model.tokenizer.adopt_tokenizer`: loaded offline
-with AutoTokenizer from that directory, adding only what the pipeline needs and it lacks: `<|pad|>`
-and any other of the four special tokens, the eos/pad roles, our chat template if it has none).
-`tokenizer.vocab_size` / `min_frequency` are not used. A missing or unloadable tokenizer there is an
-error naming the path. The metrics record where it came from (`source`: init_from, the source's class,
-size and fingerprint, the tokens added). The round-trip check becomes a count
-(`round_trip_failures`, warned): a source tokenizer may normalize text (Qwen's applies NFC), and it
-cannot be changed without breaking its ids; more than 10% of the texts of a file failing is still an
-error (that is a broken tokenizer, not normalization). `cpt` checks that `artifacts/tokenizer` is this
-tokenizer of the same `model.init_from` (by fingerprint).
-
-Every run records `fingerprint` (`ruyi_model.tokenizer.tokenizer_fingerprint`) in the metrics; the
-model-producing stages record it in the model config, and `load_family` checks it.
-
-Training text: the corpus documents first, then each SFT prompt and response as separate texts
-(the chat special tokens are added as whole tokens, never learnt). The validation corpus is not
-trained on, so its compression is an honest held-out figure.
+Reads `data/validated/corpus_train.jsonl`, `corpus_val.jsonl` and `sft.jsonl`. Writes `artifacts/tokenizer/`
+(checked by reloading with `AutoTokenizer` before publishing), `metrics/tokenizer.json` (vocabulary, merges,
+characters per token, SFT chat lengths, fingerprint, source) and `plots/tokenizer/`.
+Choices: docs/choices.md#tokenizer.
 """
 
 from __future__ import annotations

@@ -1,47 +1,11 @@
-"""validate_data: checks `data/raw/` against the data contracts and publishes `data/validated/`.
+"""Stage `validate_data`: checks `data/raw/` against the data contracts and publishes `data/validated/`.
 
     python -m tasks.validate_data [--params params.yaml] [--set validate_data.on_violation=quarantine]
-    ruyi stage validate_data ...
 
-Reads `data/raw/` (corpus_train.jsonl, corpus_val.jsonl, sft.jsonl, rl.jsonl, eval.jsonl and
-manifest.json, written by prepare_data) and validates every dataset with its Great Expectations
-suite (`data_contracts/suites.py`: schema and types, nulls, lengths, duplicates, allowed characters,
-answer format, train/eval overlap, secrets and personal data). Writes:
-    data/validated/      the same files (rows that passed) + manifest.json with the validated counts
-    data/quarantine/     <file stem>.jsonl: every quarantined row with the expectation(s) it failed,
-                         and summary.json (counts per file); empty lists when nothing was quarantined
-    reports/contracts/   the GX project (gx/) and its Data Docs (data_docs/index.html)
-    metrics/validate_data.json, plots/validate_data/rows.{png,csv}
-
-On a violation (`validate_data.on_violation`):
-- `fail` (default): the stage raises `ContractViolation` naming every failed expectation, the file
-  and sample rows (`file:line: value`, from GX's `unexpected_index_list` / `unexpected_list`);
-  nothing is published, the Data Docs show every failing row.
-- `quarantine`: exactly the rows that failed row-level expectations go to `data/quarantine/` with
-  their reasons; every other row is published. The stage still fails when the bad rows of a file
-  exceed `max_quarantine_fraction`, or a failure cannot be attributed to rows (the row count).
-`ContractViolation` subclasses `StageError`: contract failures are deterministic, so the
-orchestration must never retry them (unlike infrastructure errors).
-
-Design choices:
-- Integrity first: every raw file must match its manifest entry (rows, sha256); a mismatch means
-  the data changed after prepare_data and is a `ContractViolation`. A malformed JSON line is a
-  `StageError` naming `file:line` (`tasks.core.read_jsonl`); it is not quarantined, since it is
-  not a row at all.
-- Rows are labelled `<data_dir>/raw/<file>:<line>` (the DataFrame index), so errors, quarantine
-  records and Data Docs name the same line numbers an editor shows.
-- The two corpus files are validated as one batch, so duplicates between train and val are found.
-  Datasets are validated in the order corpus, sft, rl, eval: eval's overlap checks use the rows of
-  the training sets (and of the corpus) that passed.
-- Duplicates under quarantine: GX flags every occurrence of a duplicated value; the first occurrence
-  that is otherwise valid is kept and the later ones are quarantined ("duplicate of file:line"),
-  because the first copy is good data. After quarantining, the kept rows are validated again (run
-  "validated" in the Data Docs) and must pass: the published data always satisfies its contract.
-- Published rows are the raw lines, byte for byte (a file without quarantined rows is copied), so
-  validation never re-serialises data; the validated manifest keeps prepare_data's entries and
-  replaces the `files` entries (rows, sha256, bytes) with those of the published files.
-- Only the latest validation of each suite is kept in the GX store, so the Data Docs describe the
-  data on disk (git/DVC keep the history).
+Reads `data/raw/` (the five JSONL files and manifest.json). Writes `data/validated/` (the rows that passed,
+byte for byte, and a manifest), `data/quarantine/` (bad rows with their reasons, under `quarantine`),
+`reports/contracts/` (GX project and Data Docs), `metrics/validate_data.json`, `plots/validate_data/`.
+A violation raises `ContractViolation`, never retried. Choices: docs/choices.md#validate_data.
 """
 
 from __future__ import annotations

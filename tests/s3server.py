@@ -17,7 +17,7 @@ client with a short connect timeout and two attempts, so a dead server fails in 
 `create_bucket(name)`, and the controls `kill()` (SIGKILL: a crash, mid-request if you like),
 `restart()` (same ports, same data directory: objects written before survive), `stop()`.
 
-Design (STACK.md "A real S3 server"):
+Design (a real S3 server, no mock):
 - One `weed server` process runs master, volume, filer and S3 gateway, bound to 127.0.0.1 only
   (`-ip` and `-ip.bind`). Each of its four ports P also opens P+10000 (gRPC), so ports are picked at
   random in 20000-29999 with both P and P+10000 free; that stays clear of Ray's worker port range

@@ -1,16 +1,11 @@
 """Fused early-exit head kernels for familial (shared-backbone, early-exit) language models.
 
-Public API (see :mod:`triton_kernels.ops` for the design notes):
+- `exit_head_loss`: RMSNorm -> LM head -> cross-entropy for K exits at once, weighted sum, without ever
+  holding an N x V logits tensor.
+- `exit_confidence`: RMSNorm -> LM head -> (argmax, max softmax prob, entropy) for one exit, no logits.
+- `ExitHeadLoss`, `ExitConfidence`: thin `nn.Module` wrappers.
 
-- :func:`exit_head_loss`: RMSNorm -> LM head -> cross-entropy for K exits at once, weighted sum of the
-  per-exit losses, without ever holding an N x V logits tensor.
-- :func:`exit_confidence`: RMSNorm -> LM head -> (argmax, max softmax prob, entropy) for one exit, in
-  one pass over the vocabulary, no logits written.
-- :class:`ExitHeadLoss`, :class:`ExitConfidence`: thin ``nn.Module`` wrappers.
-
-Imports are lazy (PEP 562 ``__getattr__``): ``import triton_kernels`` imports neither torch nor triton,
-and triton is imported only when ``impl="triton"`` is actually used (``impl="auto"`` on a CUDA tensor).
-That keeps ``ruyi --help`` instant and lets the CPU paths run where triton cannot.
+Imports are lazy: `import triton_kernels` imports neither torch nor triton. Design: docs/choices.md#kernels.
 """
 
 from __future__ import annotations

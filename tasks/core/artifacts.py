@@ -1,4 +1,9 @@
-"""tasks.core.artifacts: moved from tasks.core (docstring to be written)."""
+"""Saving and loading a family directory (model + tokenizer) with the tokenizer-fingerprint checks.
+
+Library module. `save_family` writes a model and its tokenizer atomically and records the tokenizer's
+fingerprint in the model config; `load_family` loads both and refuses a tokenizer that does not match
+the model (size or fingerprint), naming the directory. Why: docs/choices.md#tokenizer-design.
+"""
 
 from __future__ import annotations
 

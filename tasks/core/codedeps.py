@@ -1,14 +1,10 @@
-"""A stage's code dependencies, derived from its imports: one source for DVC and for checkpoints.
+"""A stage's code dependencies, derived from its imports: one source for dvc.yaml and for checkpoints.
 
-Starting from `tasks/<stage>.py`, every `import` of a module of this repository is followed
-transitively (function-level and `TYPE_CHECKING` imports included, so a lazily imported module counts
-too), with the `__init__.py` of every package on the way. The result feeds both:
+    python -m tasks.core.codedeps --write    # rewrite the code deps of every stage in dvc.yaml
+    python -m tasks.core.codedeps --check    # fail when dvc.yaml disagrees
 
-- `dvc.yaml`: each stage's `deps` list these files (`python -m tasks.core.codedeps --write` rewrites
-  them, `--check` fails when they disagree; a test runs the check);
-- the checkpoint fingerprint (`code_fingerprint`): a checkpoint written by other code is never resumed.
-
-So changing any module a stage imports both reruns the stage under DVC and retires its checkpoints.
+The same closure feeds the checkpoint fingerprint (`code_fingerprint`), so changing any module a stage
+imports both reruns the stage under DVC and retires its checkpoints. Why: docs/choices.md#orchestration.
 """
 
 from __future__ import annotations

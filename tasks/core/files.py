@@ -1,4 +1,9 @@
-"""tasks.core.files: moved from tasks.core (docstring to be written)."""
+"""File helpers of the stages: atomic files and directories, JSON/JSONL, metrics files, figures.
+
+Library module. Outputs are written under a temporary sibling and renamed into place (`atomic_file`,
+`atomic_dir`); `read_jsonl` names `file:line` of a malformed row; `write_metrics` writes
+`metrics/<stage>.json`; `save_figure` writes a PNG atomically.
+"""
 
 from __future__ import annotations
 

@@ -1,11 +1,8 @@
 """The schema of `params.yaml`: every hyperparameter of every stage, validated before any work starts.
 
-One pydantic model per section; every model forbids unknown keys, so a typo is an error that names
-the key instead of a silently ignored setting. `load_params()` is the one entry point the stages use.
-
-Two complete profiles ship with the repo and share this schema:
-- `params.yaml`: the tiny default (the whole chain on 2 CPU cores in about 10 minutes);
-- `params.paper.yaml`: paper scale (Qwen3-14B shapes, members 3/22/40, DaE N=3) for clusters.
+Library module; `load_params()` is the one entry point the stages use. One pydantic model per section,
+unknown keys forbidden, so a typo is an error naming the key. Two complete profiles share this schema:
+`params.yaml` (tiny, the whole chain on 2 CPU cores) and `params.paper.yaml` (paper scale, for clusters).
 """
 
 from __future__ import annotations
@@ -382,7 +379,7 @@ class DistributedParams(_Section):
     timeout_s: PositiveInt = 1800
 
 
-# Ray reserves worker ports 10002-19999 on every node (RL_SERVE_NOTES B4): serving there collides.
+# Ray reserves worker ports 10002-19999 on every node for its workers: serving there collides.
 _RAY_WORKER_PORTS = range(10002, 20000)
 
 

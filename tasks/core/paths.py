@@ -1,4 +1,8 @@
-"""tasks.core.paths: moved from tasks.core (docstring to be written)."""
+"""Where the workspace keeps each stage's inputs and outputs, derived from `params.paths`.
+
+Library module: `stage_dir`, `checkpoint_dir`, `plots_dir`, `validated_path`, `tokenizer_dir`, ... so no
+stage spells a path of another stage's outputs by hand.
+"""
 
 from __future__ import annotations
 

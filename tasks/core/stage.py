@@ -1,9 +1,8 @@
-"""Helpers every stage shares: its command line, atomic outputs, metrics files, seeding, logging.
+"""The stage contract: command line, errors and exit codes, logging, seeding (`stage_main`).
 
-Stage contract (see README): `python -m tasks.<stage> [--params FILE] [--set key=value ...]` reads its
-section of the params file, reads inputs from files and writes outputs, `metrics/<stage>.json` and
-plots. Outputs are published atomically: written under a temporary sibling, then renamed into place,
-so an interrupted stage never leaves a half-written output that looks complete.
+Every stage runs as `python -m tasks.<stage> [--params FILE] [--set key=value ...]`. `StageError`,
+`ParamsError` and `ContractViolation` exit with the user-error code (never retried); `TransientError`
+exits with 75 (retried by the flow). Why: docs/choices.md#orchestration.
 """
 
 from __future__ import annotations

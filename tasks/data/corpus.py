@@ -1,4 +1,9 @@
-"""tasks.data.corpus: moved from tasks.prepare_data (docstring to be written)."""
+"""The embedded English corpus (standard-library docstrings and language reference) and corpus cleaning.
+
+Library module used by prepare_data: `embedded_corpus`, `clean_document`, `pieces` (length limits),
+`deduplicate` (exact, then MinHash/LSH near-duplicates) and `build_corpus`. Deterministic given the Python
+version. Choices and thresholds: docs/choices.md#prepare_data.
+"""
 
 from __future__ import annotations
 

@@ -1,37 +1,9 @@
 """GSM8K-style math word problems with exact answers, and the answer checker RL and evaluation use.
 
-Library module (no command line); prepare_data calls `generate_problems`, the RL reward and the
-evaluation call `extract_answer` / `answers_match`.
-
-Answer format (the data contract): a worked solution ends with a line `#### <answer>`; answers are
-plain numbers written as strings ("42", "-3", "2.5").
-
-- `extract_answer(text)` returns the number after the LAST `####` in `text` (the first number on
-  the rest of that line), canonicalised ("1,000" -> "1000", "$5.00" -> "5", "3/4" -> "0.75"), or
-  None when there is no `####` or no number after it.
-- `answers_match(pred, gold)` compares two answers numerically and exactly (as fractions), so
-  "5", "5.0", "$5" and "5.00" all match "5"; "5 apples" matches too (first number of a free-text
-  prediction); a prediction that is not a number (or None) never matches; a gold answer that is
-  not a number is a ValueError (a data bug, not a wrong prediction). No float tolerance: answers
-  are exact terminating decimals, so "0.3333" does not match "1/3".
-
-Generator design (ours; GSM8K itself cannot be downloaded here):
-- Six templates (shopping with change and discounts, travel legs and average speed, ages,
-  sharing, wages and savings, percentages in a club), each at levels 1..5. Level L takes about L
-  arithmetic steps (the tests check that the mean step count does not fall with the level) and
-  draws larger numbers, prices in quarters from level 3.
-- All arithmetic is on `fractions.Fraction`; a draw whose answer or any intermediate value is
-  negative or has no finite decimal form, or whose money amounts have fractions of cents, is
-  rejected and redrawn, so every answer is an exact clean integer or terminating decimal.
-- Solutions are GSM8K-style: one step per line, "text 3*4 = <<3*4=12>>12 text", last line
-  `#### <answer>`; the expression in each annotation is written from the same operands the value
-  is computed from (the tests re-evaluate every annotation independently and check that every
-  operand comes from the question or an earlier step).
-- `generate_problems(count, levels, seed)` is deterministic in `seed` (one `random.Random`
-  stream, string-seeded, so independent of PYTHONHASHSEED), cycles the levels for balance, draws
-  the template at random, and never returns two problems with the same normalized question.
-- `number_pattern(question)` (numbers replaced by `<n>`) is the key prepare_data uses to keep
-  problems that differ only in their numbers out of different splits.
+Library module: prepare_data calls `generate_problems` and `number_pattern`; the RL reward, evaluation and
+deploy call `extract_answer` / `answers_match`. A worked solution ends with a line `#### <answer>`, an
+answer is a plain number written as a string. Generator design and matching rules:
+docs/choices.md#prepare_data.
 """
 
 from __future__ import annotations

@@ -1,25 +1,10 @@
 """User-supplied data for prepare_data: JSONL or Parquet files at local paths or `s3://bucket/key` URIs.
 
-Used by `python -m tasks.prepare_data --set 'data.sources=[corpus.jsonl, s3://bucket/gsm8k.parquet]'`.
+    python -m tasks.prepare_data --set 'data.sources=[corpus.jsonl, s3://bucket/gsm8k.parquet]'
 
-Formats: the file name decides: `*.jsonl` / `*.jsonl.gz` (one JSON object per line) or `*.parquet`.
-S3 is read with boto3 and the standard AWS configuration: credentials from `AWS_ACCESS_KEY_ID` /
-`AWS_SECRET_ACCESS_KEY` (or a profile), endpoint from `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`
-(SeaweedFS, MinIO; path-style addressing is used with a custom endpoint), botocore "standard" retries.
-
-How rows map into the datasets (`map_rows`):
-- a row with `question` and `answer` is a MATH problem (pooled, then split into sft/rl/eval by
-  prepare_data). `answer` may be a plain number ("72", "$1,000") or, GSM8K style, a worked solution
-  ending in `#### 72`. An optional `solution` holds the worked solution; a solution without a final
-  `#### <answer>` line gets one appended; a row with no worked solution anywhere gets the one-line
-  solution `#### <answer>` (answer-only SFT), counted in the manifest as `math_without_solution`.
-  Optional `level` (int in `data.math_levels`, else an error naming the row); without it, the level
-  of `data.math_levels` nearest to the number of solution lines before `####` (ties: the lower).
-- otherwise a row with `text` is a CORPUS document; its `source` field (if a string) is kept, else
-  the source is `user:<file name>`.
-- any other row, a non-string field, an answer that is not a number, or a solution whose `####`
-  answer disagrees with `answer`, is a StageError naming the file and line (JSONL) or row (Parquet).
-Empty files are errors too: a source that contributes nothing is almost always a wrong path.
+`map_rows` turns rows with `question` + `answer` into math problems and rows with `text` into corpus
+documents; anything else is a StageError naming the file and line or row. S3 uses boto3 with the standard
+AWS configuration. Row mapping rules: docs/choices.md#prepare_data.
 """
 
 from __future__ import annotations
@@ -211,7 +196,7 @@ def _normalize_final_line(solution: str, answer: str) -> str:
 
 
 def map_rows(sources: list[Source], levels: list[int]) -> tuple[list[Document], list[Problem], dict[str, Any]]:
-    """Maps user rows to corpus documents and math problems (see the module docstring).
+    """Maps user rows to corpus documents and math problems (see docs/choices.md#prepare_data).
 
     Args:
         sources: the loaded user files.

@@ -1,0 +1,1 @@
+"""Releasing a model family: the artifact store and the Ray Serve application."""

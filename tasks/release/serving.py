@@ -1,52 +1,11 @@
 """Serving a release with Ray Serve: an OpenAI-style API in which the `model` field picks the exit tier.
 
-Command lines:
-    ruyi serve [--version V] [--host H] [--port P]   # fetch a release from the store, serve until Ctrl-C
-    python -m tasks.deploy                           # publish, serve, smoke-test, stop (tasks/deploy.py)
-    serve deploy infra/serve_config.yaml             # on a running Ray cluster (infra/README.md)
+    ruyi serve [--version V] [--host H] [--port P]   # fetch a release, serve until Ctrl-C
+    serve deploy infra/serve_config.yaml             # on a running Ray cluster
 
-Endpoints (JSON over HTTP, 127.0.0.1 by default):
-    GET  /healthz               {"status": "ok", "release": "ruyi-tiny/v0001", "tiers": [...]}
-    GET  /v1/models             OpenAI model list: one entry per tier, with layers and parameters
-    POST /v1/completions        {"model": "exit_2", "prompt": "...", "max_tokens": 16, "temperature": 0,
-                                 "top_p": 1, "stop": ["\\n"], "seed": 1}
-    POST /v1/chat/completions   {"model": "exit_8", "messages": [{"role": "user", "content": "..."}], ...}
-                                (the release's chat template is applied on the server)
-
-Tiers: `exit_<d>` for every member of the release (the stock Qwen3 checkpoints `exit_<d>/`, loaded with
-plain transformers), the release's model name (e.g. `ruyi-tiny`) as an alias of the deepest member,
-and `dynamic`: the family checkpoint (`family/`) decoding with confidence-based early exit through
-`ruyi_model.generation.dynamic_generate` (greedy; each token from the shallowest member whose max
-softmax probability reaches `threshold`, per request, default `deploy.dynamic_threshold`; exact KV by
-recomputation). Its answers carry `ruyi.choices[i]`: tokens per member, mean exit layer, mean layers
-run. If that function is missing from the installed `ruyi_model`, `dynamic` answers 501 saying so.
-
-Design choices:
-- One deployment holds every tier (RL_SERVE_NOTES B1, design B): on 2 CPU cores it starts in ~4 s
-  instead of ~8-14 s, uses 0.5 logical CPU instead of 1.0 and skips a handle hop per request. The
-  cost: tiers cannot scale separately. On a cluster, the one-deployment-per-tier design of DESIGN.md
-  section 4 is the same `CompletionService` behind one router; `num_replicas` scales this one.
-- The HTTP layer is a plain FastAPI app built by `create_app(service)`, so tests exercise every route
-  with FastAPI's TestClient and no Ray; the Ray deployment builds that same app in each replica
-  (`@serve.ingress()` with `__serve_build_asgi_app__`).
-- Decoding: `generate` with a fresh `GenerationConfig` per request (checkpoint sampling defaults never
-  leak in); `temperature: 0` (the default) is greedy, otherwise sampling with `temperature`/`top_p` and
-  no top-k; `seed` makes sampling repeatable. A completion ends at `<|im_end|>`/`<|endoftext|>`
-  (finish_reason "stop"), at a `stop` string (excluded from the text, as OpenAI does; "stop") or after
-  `max_tokens` ("length"); the dynamic tier applies `stop` strings to the finished text (no early
-  stop). Prompts are decoded one at a time under a lock: on CPU, batching tiny
-  models buys little and the lock keeps `seed` meaningful with concurrent requests.
-- Validation (RL_SERVE_NOTES B2): schema errors (bad JSON, wrong types, unknown fields, `max_tokens` < 1)
-  are 422; an unknown tier is 404; `max_tokens` above `deploy.max_tokens_limit`, `stream: true`,
-  `n` > 1, a prompt longer than the context, `threshold` on a fixed tier, or `temperature` > 0 on the
-  dynamic tier are 400. An unexpected failure is a 500 with the same error shape. Errors have the
-  OpenAI shape `{"error": {"message", "type", "param", "code"}}`; the app stays up after any of them.
-- Ray: started with `num_cpus`, a small object store, no dashboard, `RAY_AUTH_MODE=disabled`, usage stats
-  off, and `RAY_TMPDIR` under a short temporary directory (unix socket paths are limited to 107 bytes)
-  that is removed afterwards; HTTP on 127.0.0.1 unless configured. `ServingSession.stop()` shuts Serve
-  and Ray down (no raylet or worker processes are left; the tests check with pgrep).
-- Each replica calls `torch.set_num_threads(1)`: Ray already sets OMP_NUM_THREADS from num_cpus, and
-  one thread per replica keeps 2-core machines responsive.
+Endpoints: GET /healthz, GET /v1/models, POST /v1/completions, POST /v1/chat/completions. Tiers: `exit_<d>`
+(stock Qwen3), the release's model name (the deepest member) and `dynamic` (confidence-based early exit).
+Design and request validation: docs/choices.md#serving.
 """
 
 from __future__ import annotations

@@ -1,61 +1,15 @@
 """The artifact store: immutable, verified, versioned releases of exported model families.
 
-One interface (`ArtifactStore`), two backends:
-- `LocalStore(root)`: a directory (the embedded default, `store/` in the workspace);
-- `S3Store(bucket, prefix, endpoint_url=...)`: any S3 endpoint through boto3 (AWS, SeaweedFS, MinIO).
-`open_store(params.deploy.store)` builds the configured one. Used by `python -m tasks.deploy` (publish
-`artifacts/export/`) and `ruyi serve` (fetch a release and serve it); from Python:
+Library module used by `python -m tasks.deploy` and `ruyi serve`. `open_store(params.deploy.store)` builds
+a `LocalStore` (a directory) or an `S3Store` (any S3 endpoint); `publish`, `list_versions`, `fetch`,
+`load`. A release is `<model>/<version>/` with `MANIFEST.json` written last:
 
     store = open_store(params.deploy.store)
-    release = store.publish("ruyi-tiny", "artifacts/export")      # -> Release(version="v0001", ...)
-    store.list_versions("ruyi-tiny")                              # ["v0001"]
-    path = store.fetch("ruyi-tiny", dest="/tmp/rel")              # latest version, hashes verified
+    release = store.publish("ruyi-tiny", "artifacts/export")            # -> Release(version="v0001", ...)
+    path = store.fetch("ruyi-tiny", dest=release_dir)                   # latest version, hashes verified
     model, tokenizer = store.load("ruyi-tiny", "v0001", exit_layer=2)   # a stock Qwen3ForCausalLM
 
-Layout: `<model>/<version>/<the export's files>` and `<model>/<version>/MANIFEST.json` (under the
-S3 `prefix`; directly under `root` for the local backend). The manifest (format `ruyi-release/1`)
-lists every file with its size and sha256, the creation time and caller metadata.
-
-Design choices:
-- **Visible only when complete.** The manifest is written last, after every file has been uploaded
-  and verified; `list_versions`/`fetch`/`load` only see versions that have one. Local: files are
-  copied into a hidden `.<version>.tmp-*` directory inside the model directory, verified, the
-  manifest written, then the directory is renamed into place (an atomic rename that fails if the
-  version exists). S3: the manifest is `PutObject`ed with `If-None-Match: *`, so two publishers can
-  never both publish one version.
-- **Immutable versions.** Publishing an existing version is a `StoreError`. Versions are `v0001`,
-  `v0002`, ... (one more than the highest published `v<digits>`) unless the caller names one (letters,
-  digits, `.`, `_`, `-`). `list_versions` sorts in natural order (`v2` < `v10`); "latest" is the last.
-- **Verified.** Local copies are re-hashed after copying. S3 uploads carry a SHA-256 checksum
-  (`ChecksumAlgorithm=SHA256`): the server checks every part on receipt, and after the upload the
-  object's size and server-side checksum (`HeadObject`, `ChecksumMode=ENABLED`; for multipart objects
-  the composite checksum, the SHA-256 of the parts' SHA-256s, computed locally with the same part
-  size as s3transfer) must match the local file. Endpoints that return no checksum are an error
-  unless `verify="download"`, which reads every object back and hashes it. The file's plain sha256 is
-  also stored as object metadata (`x-amz-meta-sha256`). Downloads (`fetch`) are verified against the
-  manifest (size + sha256) before the destination directory appears (written to a temporary sibling,
-  then renamed: `tasks.core.atomic_dir`).
-- **Multipart** through `boto3.s3.transfer.TransferConfig` (threshold and part size configurable;
-  S3 requires parts of at least 5 MiB), always the classic (non-CRT) transfer manager so part sizes
-  are predictable for the checksum check.
-- **Crash and retry.** A publish interrupted at any point (a dead server, a killed process) leaves no
-  visible release. A retry of the same version is idempotent: stale multipart uploads under the
-  version's prefix are aborted, objects already uploaded and verified are kept (resume at file
-  granularity), objects that do not belong to the new file list are deleted, and the manifest comes
-  last. An automatic version number is computed from *published* versions only, so a retry after a
-  crash resumes the same `vNNNN`. This assumes one writer per model at a time (the deploy stage runs
-  serialized under DVC/Prefect); fetched files are always hash-checked, so a violation is detected,
-  never served.
-- **Errors** are `StoreError` (a `tasks.core.StageError`, so stages report them cleanly): rejected
-  credentials (InvalidAccessKeyId / SignatureDoesNotMatch) say so, a missing bucket names the bucket,
-  an unreachable endpoint names the URL (retries: botocore `standard` mode with `max_attempts`; small
-  `connect_timeout` in tests so a dead endpoint fails in seconds).
-- Credentials come from the standard AWS chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profiles,
-  instance roles); they are never read from params.yaml. Addressing is path-style when an
-  `endpoint_url` is given (SeaweedFS/MinIO need it), botocore's default otherwise.
-
-Our own code (no library does it): the release layout, manifest and visibility protocol on top of
-boto3's transfer manager.
+Visibility, verification and retry protocol: docs/choices.md#store.
 """
 
 from __future__ import annotations
@@ -232,7 +186,7 @@ def _utc_now() -> str:
 
 # --- the interface -----------------------------------------------------------------------------
 class ArtifactStore(ABC):
-    """Versioned releases `<model>/<version>/`; see the module docstring for the guarantees."""
+    """Versioned releases `<model>/<version>/`; see docs/choices.md#store for the guarantees."""
 
     #: Where the store lives, e.g. `file:///abs/store` or `s3://bucket/prefix`.
     uri: str

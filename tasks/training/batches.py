@@ -1,4 +1,9 @@
-"""tasks.training.batches: moved from tasks.training (docstring to be written)."""
+"""Tokenized training data: packing, SFT examples with masked prompts, seeded streams, batches.
+
+Library module: `pack_documents` / `pack_corpus`, `build_sft_examples` (labels -100 outside the assistant
+turn), `sft_holdout_split` (by id hash), `BlockStream` / `MixedStream` (the batch of a step is a pure
+function of the step), `fixed_batches`, `check_seq_len`. Why: docs/choices.md#training.
+"""
 
 from __future__ import annotations
 
@@ -234,7 +239,7 @@ def trim_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class BlockStream:
-    """An endless, epoch-shuffled stream over the rows of equal-length tensors (see module docstring).
+    """An endless, epoch-shuffled stream over the rows of equal-length tensors (see docs/choices.md#training).
 
     Args:
         tensors: name -> N x T tensors (e.g. {"input_ids": blocks}).

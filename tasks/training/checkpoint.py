@@ -1,4 +1,9 @@
-"""tasks.training.checkpoint: moved from tasks.training (docstring to be written)."""
+"""Resumable, fingerprinted training checkpoints (`Checkpointer`).
+
+Library module. A checkpoint in `artifacts/checkpoints/<stage>/step_<n>/` holds the model, optimizer,
+scheduler, RNG states and trainer state, written atomically; one whose fingerprint (params, seed,
+inputs, code) differs is set aside, never resumed. Policy and why: docs/choices.md#training.
+"""
 
 from __future__ import annotations
 
@@ -50,7 +55,7 @@ def _code_fingerprint(stage: str) -> dict[str, str]:
 
 def fingerprint_info(stage: str, section: Any, *, seed: int, model: Any = None, inputs: dict[str, Any],
                      extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What a checkpoint must agree on to be resumed (see module docstring)."""
+    """What a checkpoint must agree on to be resumed (see docs/choices.md#training)."""
     params = section.model_dump() if hasattr(section, "model_dump") else dict(section)
     for key in NON_FINGERPRINT_KEYS:
         params.pop(key, None)
@@ -112,7 +117,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 class Checkpointer:
-    """Resumable checkpoints of one stage under `root` (see module docstring).
+    """Resumable checkpoints of one stage under `root` (see docs/choices.md#training).
 
     Args:
         root: `artifacts/checkpoints/<stage>`.
@@ -136,7 +141,7 @@ class Checkpointer:
     def find_resumable(self) -> Path | None:
         """The latest checkpoint of this configuration, or None.
 
-        A checkpoint from different parameters/inputs is set aside (see module docstring); a broken one
+        A checkpoint from different parameters/inputs is set aside (docs/choices.md#training); a broken one
         is an error.
         """
         if self.root.is_dir():  # leftovers of a save interrupted by SIGKILL (atomic_dir's temporaries)

@@ -1,4 +1,4 @@
-"""tasks.training.curves: moved from tasks.training (docstring to be written)."""
+"""Loss curves of a training stage: `loss.png` + `loss.csv` (step, exit, split, loss) for `dvc plots`."""
 
 from __future__ import annotations
 

@@ -1,64 +1,10 @@
 """Data-parallel training of the `cpt`, `expand` and `sft` stages on Ray Train workers (DDP).
 
-Not a stage itself. Selected by the `distributed` section of the params file (tasks/core/params.py
-`DistributedParams`):
-
-    distributed:
-      backend: local        # local: one process (the default, unchanged) | ray: Ray Train TorchTrainer + DDP
-      num_workers: 2        # data-parallel workers; each takes 1/num_workers of every global batch
-      use_gpu: false        # one GPU per worker (backend nccl); false: CPU workers (backend gloo)
-      cpus_per_worker: 1.0  # logical CPUs reserved per worker (Ray sets OMP_NUM_THREADS from it)
-      address: null         # Ray cluster address ("auto", "host:port", "ray://host:port"); null: the Ray
-                            # instance already running in this process, else a local one started here
-      object_store_mib: 512 # object store of the local Ray started here (unused with an address)
-      storage_path: null    # Ray Train's run directory; null: <paths.artifacts_dir>/checkpoints/.ray_train
-      timeout_s: 1800       # process-group timeout of the collectives
-
-How a stage runs with `backend: ray` (SPMD):
-- `python -m tasks.cpt` (the driver: DVC's command) calls `launch(stage, params)`: it connects to /
-  starts Ray, runs a `TorchTrainer` of `num_workers` workers with one attempt (FailureConfig
-  max_failures=0: retries are the flow's business, and every rerun resumes from the latest checkpoint)
-  and returns the metrics of rank 0 (`Result.return_value`).
-- Every worker changes to the driver's working directory, re-validates the same params and calls the
-  stage's own `run(params)` inside `activated(rank, world_size, device)`; `context()` tells
-  `tasks.training` that it is one rank of a data-parallel group. The stage code is the same as the
-  local one; rank 0 alone writes checkpoints, the model directory, metrics and plots (each atomically,
-  as in a local run); `is_main()` guards those writes.
-- In `tasks.training.train_loop`: the model is wrapped in `DistributedDataParallel`
-  (`broadcast_buffers=False`: the buffers are deterministic and equal on every rank, and a forward
-  never communicates, so ranks may run different numbers of forwards). The global batch of a step is
-  exactly the local run's (`batch_size * grad_accum` rows at the same stream positions); rank r takes
-  the contiguous rows [R r / W, R (r+1) / W) of it (R rows, W workers; uneven splits are allowed, R >= W
-  is checked) and runs them in forwards of at most `batch_size` rows (`model.no_sync()` for all but its
-  last forward, whose backward carries DDP's gradient all-reduce). The streams are pure functions of
-  the position, so every rank reads its own rows without any data exchange, and the data position is
-  the local run's at every step.
-- Normalisation: the local loop weights each micro-batch's loss (a token mean) by its share of the
-  step's supervised tokens N, which every rank computes from the whole global batch; a rank weights
-  each of its forwards by (its supervised tokens / N) * W, and DDP's mean over the W ranks gives
-  sum_pieces n_piece / N * grad(mean loss of the piece) = the gradient of the token mean over the global
-  batch: the local gradient up to fp32 summation order (tested: tests/test_distributed.py). A rank's
-  forward without a supervised token is skipped, except its last one (it must join the all-reduce): it
-  runs with one token supervised and weight 0, so its gradient is exactly zero.
-- Logged losses: each rank's weighted sums are all-reduced once per step (float64). Evaluation: the
-  validation batches are dealt round-robin to the ranks and the per-batch sums gathered and added in
-  the local order. Gradient clipping and AdamW then act on identical gradients on every rank, so the
-  replicas stay equal without broadcasts.
-- Resume: rank 0 alone looks for the latest checkpoint (it may set a stale one aside) and broadcasts
-  its choice; every rank loads the same directory (model, optimizer, scheduler, RNG). Checkpoints are
-  the local format, so a run may resume across backends and worker counts (the `distributed` section
-  is not part of the fingerprint; tested both ways).
-- Errors: a worker's StageError/ParamsError is re-raised as is on the driver (the lowest rank's);
-  a lost worker or another Ray failure is a TransientError (exit 75, retried by the flow); anything else
-  a StageError naming the rank. Checked before any worker starts: `use_gpu` without CUDA (local Ray),
-  an unreachable `address` (TCP probe, TransientError), a cluster without the requested CPUs/GPUs
-  (error for the local Ray, a warning for a remote one: it may autoscale); `num_workers` < 1 and
-  R < num_workers are ParamsErrors (tasks/core/params.py).
-
-Cluster requirements (paper profile: `backend: ray, use_gpu: true, num_workers: 8`): the working tree
-and every `paths.*` directory at the same path on every node (a shared filesystem: rank 0 writes the
-artifacts that DVC on the driver reads, and every rank reads the checkpoints), as does `storage_path`
-(Ray Train checks it is reachable from every node; an s3:// URI works too). See infra/README.md.
+Not a stage: selected by `distributed.backend: ray` in the params file (`num_workers`, `use_gpu`,
+`cpus_per_worker`, `address`, `object_store_mib`, `storage_path`, `timeout_s`; tasks/core/params.py).
+`launch(stage, params)` runs the stage's own `run(params)` in every worker; rank 0 writes the outputs.
+The result equals the one-process run up to fp32 summation order. Design, errors and cluster
+requirements: docs/choices.md#distributed and infra/README.md.
 """
 
 from __future__ import annotations
@@ -159,7 +105,7 @@ def _collective_device():
 
 
 def wrap_model(model):
-    """`DistributedDataParallel` over the parameters that require grad (see module docstring)."""
+    """`DistributedDataParallel` over the parameters that require grad (see docs/choices.md#distributed)."""
     import torch
     from torch.nn.parallel import DistributedDataParallel
 
@@ -336,7 +282,7 @@ def _worker_error(stage: str, failures: dict[int, BaseException], ray_error: typ
 
 
 def _worker_main(config: dict[str, Any]) -> dict[str, Any]:
-    """One Ray Train worker: the stage's own `run` as rank r of the group (see module docstring)."""
+    """One Ray Train worker: the stage's own `run` as rank r of the group (docs/choices.md#distributed)."""
     import importlib
 
     import ray.train

@@ -1,4 +1,9 @@
-"""tasks.training.heldout: moved from tasks.evaluate (docstring to be written)."""
+"""Held-out losses and sizes of family members, shared by evaluate and compress.
+
+Library module: `first_blocks` (packed corpus blocks in file order), `solution_examples` (eval solutions
+encoded as SFT encodes them), `member_losses`, `member_params`, `check_family_inputs`.
+Definitions: docs/choices.md#evaluate.
+"""
 
 from __future__ import annotations
 

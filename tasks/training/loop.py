@@ -1,87 +1,10 @@
-"""The training library shared by the `cpt`, `expand` and `sft` stages (one home for the loop).
+"""The training loop shared by the `cpt`, `expand` and `sft` stages (`train_loop`, `exit_weights_at`).
 
-Not a stage itself; the stages are `python -m tasks.cpt`, `python -m tasks.expand`,
-`python -m tasks.sft`. What lives here, and the design choices:
-
-Data
-- `pack_documents`: documents are tokenized without special tokens, each followed by `<|endoftext|>`
-  (the document separator), concatenated in file order and cut into `seq_len` blocks; the last
-  partial block is dropped (fewer than `seq_len` tokens). Attention runs across document
-  boundaries inside a block (as GPT-2/nanoGPT packing does; no per-document mask): cheap, standard,
-  and the eos token marks the boundary for the model.
-- `build_sft_examples`: Qwen-style chat (`apply_chat_template` of [user: prompt, assistant:
-  response]); labels are -100 on the prompt (everything up to and including
-  `<|im_start|>assistant\\n`), supervised on the response and its closing `<|im_end|>`, -100 on the
-  `\\n` after it and on padding. Examples longer than `seq_len` are cut on the right; an example with
-  no supervised token left is dropped. Both are counted, logged and reported in the metrics.
-- `sft_holdout_split`: the held-out SFT slice is chosen by a hash of each row's `id` (stable under
-  re-ordering and additions), so reruns and other stages agree on it without a shared file.
-- `BlockStream` / `MixedStream`: the sample at global position p of a stream of N rows is row
-  `perm_e[p mod N]` of epoch `e = p // N`, where `perm_e` is a permutation drawn from a generator
-  seeded by (seed, stream name, epoch). The batch of any step is therefore a pure function of the
-  step, which makes resume exact without saving any iterator state (the checkpoint still records the
-  data position, checked on resume). `MixedStream` interleaves a replay stream at an exact long-run
-  share: position p is a replay sample iff floor((p+1) f) > floor(p f) (integer arithmetic).
-
-Optimisation
-- AdamW (torch) over the trainable parameters only; weight decay on matrices (dim >= 2), none on
-  norms, as in nanoGPT/HF. Linear warmup over `warmup_steps`, then cosine decay to
-  `min_lr_ratio * lr` at `max_steps` (`lr_factor`, driven by `torch.optim.lr_scheduler.LambdaLR`).
-  Gradient accumulation over `grad_accum` micro-batches: each micro-batch's loss (a mean over its
-  supervised tokens) is weighted by its share of the step's supervised tokens, so the step's gradient
-  is that of the token mean over the whole effective batch, as one batch of `grad_accum * batch_size`
-  rows gives (packed blocks: 1 / grad_accum each; SFT micro-batches differ; tested). Optional bf16
-  autocast (CUDA or CPU; the weights, gradients and optimizer state stay fp32; tested),
-  gradient-norm clipping (0 = off). A non-finite loss stops the stage with
-  an error naming the step (never a silent skip).
-- `exit_weights_at`: the time-dependent weights w_k(t) of Ruyi2 Eq. 1. The paper gives no formula;
-  ours (`params.cpt.exit_weights`): the deepest member has the constant weight `deepest`; every
-  shallower member goes from `start` at the first step to `floor` at the last step, along
-  `kind` = constant (stays at `start`), linear, or cosine (half cosine). Default cosine 1.0 -> 0.3:
-  strong deep supervision early, then the backbone is left mostly to the deepest member, with a
-  floor above 0 so the shallow members keep training (Ruyi2 section 3.1's description).
-
-Checkpoints (`Checkpointer`), in `artifacts/checkpoints/<stage>/step_<n>/`, each written atomically
-(`tasks.core.atomic_dir`), the last `keep` (2) kept, always one at the final step:
-  model.safetensors    every tensor of the model (the frozen ones too: simple, and exact)
-  optimizer.pt         AdamW state (torch.save; loaded with weights_only=True)
-  scheduler.pt         LambdaLR state (weights_only=True)
-  rng.pt               python / numpy / torch (and CUDA) RNG states (weights_only=True)
-  trainer_state.json   step, data position (samples), tokens, loss history, train time, fingerprint
-- Resume is automatic: a stage starts from the latest complete checkpoint whose fingerprint matches
-  and logs it (`resumed_from_step` in the metrics). A run killed and resumed ends with bitwise the
-  same weights on CPU as an uninterrupted one (tested).
-- The fingerprint hashes the stage's parameters (except `checkpoint_every`, `eval_every` and
-  `eval_batches`, which do not change the weights), the model section, the seed, the sha256 of
-  every input file (data, tokenizer, input model) and of the code that trains (the stage module,
-  this file, the model and the loss kernels' entry point). Our call on a mismatch: the stale checkpoint
-  directory is set aside to `artifacts/checkpoints/<stage>.stale/` (replacing an older one) with a
-  warning that names every differing key, and training starts from scratch; the metrics record it
-  (`stale_checkpoint`). An error would block every `dvc repro` after a parameter change, while
-  resuming would silently mix two configurations.
-- A checkpoint directory that is incomplete or unreadable is an error naming the file, never a
-  silent restart.
-
-Loop (`train_loop`): evaluation before the first step and every `eval_every` steps (held-out loss per
-member, each batch weighted by its supervised tokens), a tqdm bar with the loss in the postfix,
-per-step train loss per member, per-eval validation loss per member, `loss.png` + `loss.csv`
-(step, exit, split, loss) for `dvc plots` (`write_loss_curves`). Deterministic given `params.seed`
-(no dropout in the model; data order seeded). The per-step train loss of a mixed stream has a
-visible period (a batch with or without its replay sample); the validation curve is the smooth one.
-
-Data parallelism (`distributed.backend: ray`, tasks/training/distributed.py): inside a Ray Train worker
-`train_loop` wraps the model in DistributedDataParallel, trains this rank's rows of the same global
-batch with the same token normalisation (`_data_parallel_backward`), shards the evaluation, and
-writes checkpoints from rank 0 alone; every rank resumes from the checkpoint rank 0 chose. The local
-path (no context) is unchanged.
-
-Threads: `torch.set_num_threads` is left to the caller (`OMP_NUM_THREADS`). Measured on the
-project's 2-core machine while ~7 other jobs ran: one thread trained the tiny family at about
-700 tokens/s, while two threads made no visible progress in 10 minutes (OpenMP threads spinning
-against the other jobs); on a shared machine run the stages with OMP_NUM_THREADS=1.
-Tiny defaults (params.yaml) on the embedded data, one thread: cpt 150 steps 101 CPU-s (val loss
-5.4 per member against ln V = 7.6), expand 80 steps 25 CPU-s (DaE member STEM loss 3.46 -> 2.38),
-sft 80 steps 34 CPU-s (DaE member held-out assistant loss 2.64 -> 1.84).
+Library module. AdamW with warmup + cosine decay, token-normalised gradient accumulation, optional bf16,
+clipping, evaluation every `eval_every` steps, fingerprinted checkpoints with exact resume
+(tasks.training.checkpoint), loss curves, and data parallelism inside Ray Train workers
+(tasks.training.distributed). Choices (packing, exit-weight schedule, accumulation, threads):
+docs/choices.md#training.
 """
 
 from __future__ import annotations
@@ -138,7 +61,7 @@ def build_optimizer(named_params: Sequence[tuple[str, torch.nn.Parameter]], cfg:
 
 
 def exit_weights_at(schedule: ExitWeightSchedule, exit_layers: Sequence[int], step: int, max_steps: int) -> list[float]:
-    """w_k(t) of Ruyi2 Eq. 1 at 0-based step `step` of `max_steps` (see module docstring).
+    """w_k(t) of Ruyi2 Eq. 1 at 0-based step `step` of `max_steps` (see docs/choices.md#training).
 
     Returns:
         One weight per exit, in `exit_layers` order; the last (deepest) is `schedule.deepest`.

@@ -1,4 +1,8 @@
-"""tasks.training.members: moved from tasks.training (docstring to be written)."""
+"""Member bookkeeping: parameter counts, the training device, and the "other members unchanged" check.
+
+Library module: `snapshot_members` / `members_unchanged` compare every frozen tensor by sha256 and every
+other member's logits with `torch.equal`; `device_for_training` picks CUDA when available, else CPU.
+"""
 
 from __future__ import annotations
 

@@ -1,59 +1,10 @@
-"""The RL algorithms of the `rl` stage as plain functions: rollouts, rewards, advantages, the GRPO and
-BPPO losses and BPPO's adaptive completion schedule. The stage loop lives in `tasks/rl.py`.
+"""The RL algorithms of the `rl` stage as plain functions: rollouts, rewards, GRPO and BPPO losses, budget.
 
-Nothing here reads params or files, so every piece is unit-testable on a micro model; torch is the
-only heavy import (callers import this module lazily).
-
-GRPO (as TRL 1.16 `GRPOTrainer._compute_loss`; `tests/test_grpo_trl_parity.py` checks loss and
-gradients against TRL itself at atol 1e-6, see /work/shared/RL_SERVE_NOTES.md A1-A2):
-- per-token log-probs: `log_softmax(logits / temperature)[next token]` on the completion, 0 where
-  the completion mask is 0;
-- advantages: `(r - mean_group) / (std_group + 1e-4)` with the unbiased (n-1) std ("group" scaling;
-  "batch" divides by the std of the whole batch, "none" does not divide);
-- ratio `exp(logp - old_logp)` per token, PPO clip to `[1 - epsilon, 1 + epsilon_high]`,
-  `loss_t = -min(ratio * A, clip(ratio) * A)`; with `beta > 0` plus `beta * k3 * ratio` where
-  `k3 = exp(ref - logp) - (ref - logp) - 1` (TRL's `use_bias_correction_kl`);
-- aggregation `loss_type`: grpo (mean over sequences of the per-sequence token mean), bnpo (mean over
-  the batch's active tokens), dr_grpo (sum / (rows * max_completion_length)), dapo (sum /
-  num_items_in_batch: the active tokens of the whole generation batch). With one process, no
-  gradient accumulation and one optimizer step per generation batch, dapo equals bnpo.
-- old log-probs default to the current ones detached (TRL with `num_iterations=1`: ratio 1, the
-  clip never fires, the gradient is the plain policy gradient); with reuse of a generation batch
-  (`num_iterations > 1`) the stage passes the log-probs measured right after sampling.
-
-BPPO (Binary Prefix Policy Optimization, Ruyi2.5 / the BPPO paper; PAPERS.md 7.2). Published: full
-group sampled and scored, advantages normalised over the full group, gradient only from the shortest
-correct and the shortest incorrect response, and only through their prefixes; plus an "adaptive
-completion scheduling". Not published, so these are our choices:
-- "correct" is the exact-answer check (`answers_match`), not the shaped reward: the format bonus
-  never makes a wrong answer count as correct. Ties in length go to the earlier sample.
-- Degenerate groups (all correct or all wrong) are skipped: their advantages are 0 anyway.
-- The two selected responses are trained with the same clipped objective, KL term and `loss_type`
-  aggregation as GRPO, over the prefix tokens only. With the default dapo/bnpo this is exactly the
-  reference loss of PAPERS.md 7.2, `-(1 / sum_i P_i) * sum_i sum_{t<P_i} min(...)`.
-- Prefix rules (`prefix_lengths`), P_i for a response of length L_i (stop token included):
-  `fraction`: `ceil(rho * L_i)`; `first_k`: `min(K, L_i)`; `common`: the common token prefix c of the
-  pair plus the first token where they diverge, `min(c + 1, L_i)`. Why the +1: on the shared prefix
-  the two responses have identical tokens and contexts, so their terms combine into
-  `(A_correct + A_incorrect) * grad logp` and the contrast between them lives in the divergence
-  token; an empty common prefix therefore still trains 1 token (the first, where they already
-  differ). Every rule keeps at least 1 token.
-- Only the selected rows are scored, and only up to their longest prefix (causal attention makes the
-  truncation exact); columns that are padding in every selected prompt are dropped too.
-- Adaptive completion schedule (`AdaptiveBudget`): the generation budget (max_new_tokens of the next
-  rollout) is `clamp(ceil(margin * ema), min_tokens, max_new_tokens)`, where `ema` is an exponential
-  moving average (weight `ema_decay` on the past) of the per-step maximum over groups of the
-  shortest-correct length (the max so that the budget still covers the prompt whose shortest correct
-  answer is longest). A step without a single correct response multiplies the budget by `margin`
-  (bounded by max_new_tokens) so a budget that turned out too short cannot lock training in a state
-  with no correct samples. The schedule starts at max_new_tokens. Responses cut by the budget count
-  as sampled (no stop token): they are scored as they are, exactly like GRPO's truncated responses.
-
-Rollouts use our own batched sampler with the member's KV cache (`sample_completions`) rather than
-`GenerationMixin.generate`: generate merges a saved `generation_config` (top_k, min_p, ...) into the
-call, which would make the sampling distribution differ from `softmax(logits / temperature)` that
-the loss assumes; our sampler draws from exactly that distribution (tested against the loss's
-log-probs) and uses an explicit `torch.Generator`, so a run is reproducible per step.
+Library module; nothing here reads params or files, so every piece is unit-testable on a micro model
+(torch is its only heavy import: callers import it lazily).
+`sample_completions` (member-aware batched sampler), rewards and advantages, the GRPO loss (TRL parity),
+BPPO's pair selection and `prefix_lengths`, and `AdaptiveBudget`. Formulas and every choice the papers
+leave open: docs/choices.md#rl.
 """
 
 from __future__ import annotations
@@ -263,7 +214,7 @@ def policy_loss(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tenso
                 beta: float = 0.0, epsilon: float = 0.2, epsilon_high: float | None = None,
                 loss_type: LossType = "dapo", max_completion_length: int | None = None,
                 num_items_in_batch: float | torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The clipped GRPO objective with TRL's aggregation (see the module docstring).
+    """The clipped GRPO objective with TRL's aggregation (see docs/choices.md#rl).
 
     Args:
         logps: B x T per-token log-probs of the current policy (with grad).
@@ -378,7 +329,7 @@ def bppo_select(correct: torch.Tensor, lengths: torch.Tensor, group_size: int) -
 
 def prefix_lengths(completion_ids: torch.Tensor, lengths: torch.Tensor, pairs: Sequence[tuple[int, int]],
                    rule: PrefixRule, *, fraction: float = 0.5, k: int = 16) -> torch.Tensor:
-    """How many leading tokens of each selected response carry gradient (see the module docstring).
+    """How many leading tokens of each selected response carry gradient (see docs/choices.md#rl).
 
     Args:
         completion_ids: N x C completions; lengths: N lengths (stop token included, >= 1).
@@ -423,7 +374,7 @@ def trim_left_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tens
 
 class AdaptiveBudget:
     """BPPO's adaptive completion schedule: the next rollout's max_new_tokens follows the recent
-    shortest-correct lengths (see the module docstring for the rule).
+    shortest-correct lengths (docs/choices.md#rl has the rule).
 
     Args:
         max_new_tokens: the ceiling (and the starting budget).

@@ -1,4 +1,9 @@
-"""tasks.training.rl_trainer: moved from tasks.rl (docstring to be written)."""
+"""The training step of the `rl` stage (`RLTrainer`) and its helpers: members, rows, evaluation.
+
+Library module used by tasks/rl.py: which members and parameters train (`resolve_members`,
+`trainable_parameters`), the held-out split of rl.jsonl, greedy evaluation per member, and one
+sample-score-update step with seeded generators. Choices: docs/choices.md#rl.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ log = logging.getLogger("ruyi.rl")
 
 
 def resolve_members(config, spec: str | list[int]) -> list[int]:
-    """The exit layers RL samples and trains for `rl.members` (see the module docstring)."""
+    """The exit layers RL samples and trains for `rl.members` (see docs/choices.md#rl)."""
     exits = list(config.exit_layers)
     if spec == "all":
         return exits

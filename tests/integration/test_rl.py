@@ -180,7 +180,7 @@ def test_rewards_exact_answer_and_format():
 
 
 def test_group_advantages_formula():
-    # TRL's own numbers (RL_SERVE_NOTES.md A1): unbiased std + 1e-4.
+    # TRL's own numbers (GRPOTrainer._compute_loss): unbiased std + 1e-4.
     adv = A.group_advantages(torch.tensor([1.0, 0.0, 0.5, 2.0]), 2)
     assert torch.allclose(adv, torch.tensor([0.707007, -0.707007, -0.707040, 0.707040]), atol=1e-6)
     r = torch.tensor([0.0, 1.1, 0.1, 1.0, 0.0, 0.0, 0.0, 0.0])
@@ -208,7 +208,7 @@ def statistics_std(values: list[float]) -> float:
 
 
 def test_bppo_loss_is_the_reference_formula():
-    """dapo over the prefix mask = -(1/sum P_i) sum_i sum_{t<P_i} min(r A, clip(r) A) (PAPERS.md 7.2)."""
+    """dapo over the prefix mask = -(1/sum P_i) sum_i sum_{t<P_i} min(r A, clip(r) A) (BPPO paper)."""
     gen = torch.Generator().manual_seed(0)
     logps = torch.randn(4, 6, generator=gen, requires_grad=True)
     old = (logps.detach() + 0.4 * torch.randn(4, 6, generator=gen))
@@ -543,7 +543,7 @@ def test_benchmark_steps_to_target_skip_steps_without_gradient_and_short_runs():
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("bppo_vs_grpo", Path(__file__).parents[2] / "benchmarks/bppo_vs_grpo.py")
+    spec = importlib.util.spec_from_file_location("bppo_vs_grpo", Path(__file__).parents[2] / "benchmarks/experiments/bppo_vs_grpo.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
 

@@ -205,7 +205,7 @@ def test_training_dae_params_changes_only_that_member(d):
 
 # --- low-rank algebra ---------------------------------------------------------------------------
 def test_rank_for_ratio_matches_svd_llm_and_paper_shapes():
-    assert rank_for_ratio(5120, 5120, 0.4) == 1536        # q/o of Qwen3-14B at 40% (PAPERS.md 4.2)
+    assert rank_for_ratio(5120, 5120, 0.4) == 1536        # q/o of Qwen3-14B at 40%
     assert rank_for_ratio(1024, 5120, 0.4) == 512         # k/v
     assert rank_for_ratio(17408, 5120, 0.4) == 2373       # gate/up/down
     assert rank_for_ratio(4, 4, 0.99) == 1 and rank_for_ratio(3, 5, 0.0) == 1   # clipped to >= 1

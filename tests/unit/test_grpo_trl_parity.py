@@ -1,6 +1,6 @@
 """Our GRPO loss (`tasks.training.rl_algos.per_token_logps` + `policy_loss`) equals TRL's `GRPOTrainer` loss.
 
-TRL 1.16's own `compute_loss` runs on a fixed batch (recipe of /work/shared/RL_SERVE_NOTES.md A2):
+TRL 1.16's own `compute_loss` runs on a fixed batch:
 a stock `Qwen3ForCausalLM` saved to a tmp dir, a WordLevel tokenizer, left-padded prompts,
 right-padded completions of different lengths, old log-probs that put 60%+ of the tokens outside the
 clip range (so clipping is exercised), and reference log-probs for beta > 0. Loss and every

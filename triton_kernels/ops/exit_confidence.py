@@ -1,19 +1,9 @@
 """Exit confidence: RMSNorm -> LM head -> (argmax, max softmax probability, entropy) at one exit.
 
-Early-exit decoding asks, for each token, "is this exit confident enough to stop here?". That needs
-softmax statistics over the whole vocabulary, not the logits themselves, so the fused paths never keep
-a B x V logits tensor:
-
-- ``"naive"`` (:func:`exit_confidence_reference`): full logits, ``log_softmax``, ``argmax``.
-- ``"chunked"`` (:func:`exit_confidence_chunked`): the same in chunks of rows; only a chunk x V fp32
-  buffer exists at a time. The CPU default.
-- ``"triton"`` (``exit_confidence_triton.py``): one pass over vocabulary tiles with online statistics
-  (running max ``m``, ``l = sum exp(z - m)``, ``t = sum exp(z - m) * (z - m)``, argmax), then
-  ``max_prob = 1 / l`` and ``entropy = log(l) - t / l``. The vocabulary is split across programs so a
-  small decode batch still fills the GPU; the per-split statistics are merged in torch.
-
-All paths use transformers' Qwen3RMSNorm numerics and return fp32 statistics; argmax ties resolve to
-the lowest token id (as ``torch.argmax``). No gradients: this is an inference-time op.
+Implementations (`impl=`): `"naive"` (full logits), `"chunked"` (chunks of rows, the CPU default) and
+`"triton"` (one pass over vocabulary tiles with online statistics). fp32 statistics with Qwen3RMSNorm
+numerics; argmax ties resolve to the lowest token id; no gradients (inference only).
+Details: docs/choices.md#kernels.
 """
 
 from __future__ import annotations

@@ -1,22 +1,8 @@
-"""Triton path of :func:`triton_kernels.exit_confidence`: softmax statistics in one pass over the vocabulary.
+"""Triton path of `triton_kernels.exit_confidence`: softmax statistics in one pass over the vocabulary.
 
-``_exit_confidence_kernel`` (grid: row tiles x vocabulary splits). A program takes ``BLOCK_B`` rows and
-one contiguous slice of the vocabulary, computes each ``BLOCK_B x BLOCK_V`` logits tile with ``tl.dot``
-(fp32 accumulation over D chunks) and folds it into running statistics per row:
-
-- ``m``: max logit, and its index (a tile's argmax replaces the running one only if strictly larger,
-  so ties keep the lowest id);
-- ``l = sum exp(z - m)`` and ``t = sum exp(z - m) * (z - m)``, rescaled when ``m`` grows
-  (``l' = a l``, ``t' = a (t + (m - m') l)`` with ``a = exp(m - m')``).
-
-Writing ``t`` relative to the running max keeps ``entropy = log(l) - t / l`` free of the cancellation
-that ``lse - E[z]`` would suffer for large logits. The per-split statistics (4 numbers per row and
-split) are merged in torch with the same rescaling. No logits tensor is written.
-
-Splitting the vocabulary is what makes decode batches (B = 1..64, one row tile) use the whole GPU: the
-head read (V x D) is spread over ``splits`` programs.
-
-Imports triton: loaded only for ``impl="triton"``.
+`_exit_confidence_kernel` (grid: row tiles x vocabulary splits) folds each logits tile into running
+max/argmax, `l = sum exp(z - m)` and `t = sum exp(z - m) (z - m)`; the per-split statistics are merged in
+torch. No logits tensor is written. Imported only for `impl="triton"`. Why: docs/choices.md#kernels.
 """
 
 from __future__ import annotations

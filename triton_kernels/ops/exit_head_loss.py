@@ -1,22 +1,10 @@
 """Early-exit head loss: RMSNorm -> LM head -> cross-entropy for K exits, weighted sum.
 
-Three implementations with one contract (see :func:`exit_head_loss`):
-
-- ``"naive"`` (:func:`exit_head_loss_reference`): the reference. Materialises the N x V logits of each
-  exit and uses ``F.cross_entropy``; autograd does the backward. Memory O(K * N * V).
-- ``"chunked"`` (:class:`ChunkedExitHeadLoss`): pure torch, tokens in chunks of ``chunk_size``. Per
-  chunk only a K x chunk x V fp32 buffer exists; the forward keeps the log-sum-exp (K x N fp32) and the
-  backward recomputes each chunk's logits from the saved inputs (4 head matmuls instead of the
-  reference's 3, for ~K*N*V*4 bytes less memory). The CPU default.
-- ``"triton"`` (``exit_head_loss_triton.py``): the same recompute scheme with vocabulary tiles held in
-  registers (online log-sum-exp), fp32 accumulation everywhere. The CUDA default; runs on CPU under
-  ``TRITON_INTERPRET=1`` (slowly: tests only).
-
-Semantics shared by all three: the exit norm is transformers' ``Qwen3RMSNorm`` (normalise in fp32, cast
-to the input dtype, multiply by the weight), the logits are the head matmul in the input dtype upcast
-to fp32 (as transformers' ``ForCausalLMLoss`` does; the Triton path keeps the fp32 accumulator and
-skips that rounding), each exit's loss is the mean over non-ignored tokens, and a batch whose tokens
-are all ignored gives loss 0 and zero gradients (``F.cross_entropy(reduction="mean")`` would give NaN).
+Three implementations with one contract (`exit_head_loss`, `impl=`): `"naive"` (reference, full logits,
+memory O(K*N*V)), `"chunked"` (pure torch, tokens in chunks, backward recomputes the logits; the CPU
+default) and `"triton"` (the CUDA default; CPU only under `TRITON_INTERPRET=1`). All paths share
+Qwen3RMSNorm numerics, fp32 logits, a per-exit token-mean loss and loss 0 with zero gradients when every
+token is ignored. Details: docs/choices.md#kernels.
 """
 
 from __future__ import annotations

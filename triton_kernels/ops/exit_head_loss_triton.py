@@ -1,64 +1,10 @@
-"""Triton path of :func:`triton_kernels.exit_head_loss`: fused head + cross-entropy, no logits in memory.
+"""Triton path of `triton_kernels.exit_head_loss`: fused head + cross-entropy, no logits in memory.
 
-Kernels
--------
-``_exit_ce_fwd_kernel`` (grid: token tiles x exit groups). A program owns ``BLOCK_M = EXITS_PER_PROGRAM *
-BLOCK_N`` rows: with a shared head, the same BLOCK_N tokens for every exit (row r is exit
-``r // BLOCK_N``), so each ``BLOCK_V x BLOCK_D`` weight tile it loads serves all K exits; with per-exit
-heads, one exit per program (grid axis 1 = K). It walks the vocabulary in ``BLOCK_V`` tiles; each logits
-tile is accumulated over D chunks with ``tl.dot`` in fp32 and folded into an online log-sum-exp
-(running max ``m``, sum ``l`` rescaled by ``exp(m_old - m_new)``), picking up the target logit when the
-label falls in the tile. Writes ``lse`` and the per-row loss (``lse - z_target``, 0 for ignored rows).
-
-``_exit_ce_bwd_kernel`` (grid: token tiles x vocab tiles in grouped order, x exit groups). Recomputes its logits tile,
-forms ``dz = scale_k * (exp(z - lse) - onehot)`` (0 on ignored rows and padding), and contracts it at
-once into ``grad_y += dz @ W_tile`` and ``grad_W_tile += dz^T @ y`` with fp32 atomic adds (the
-"Cut Cross-Entropy" scheme): neither kernel needs a tile larger than ``BLOCK_M x BLOCK_V``, so memory is
-O(K*N) beyond the inputs and the fp32 gradient buffers. The atomics make the summation order, and so
-the last bits of the gradients, run-to-run nondeterministic on GPU.
-
-Performance caveat (not yet measured on a GPU): the atomic traffic is (V / BLOCK_V) x |grad_y| +
-(K*N / BLOCK_M) x |grad_W|, terabytes at N=16384, D=4096, V=128256. The grouped launch order keeps
-the target rows in L2, but if the atomics still dominate on an H100, the next step is to write ``dz``
-for a chunk of tokens (bf16, chunk x V) and hand the two contractions to cuBLAS (Liger-Kernel's
-fused-linear-cross-entropy scheme), trading chunk x V memory for GEMM-speed backward.
-
-Numerics: every load is upcast to fp32 right away (also required by the interpreter, whose bf16 is
-wrong). On GPU, fp16/bf16 operands go back to the input dtype just before ``tl.dot`` (exact: they
-came from that dtype; tensor cores, fp32 accumulation); fp32 operands use TF32 only if
-``torch.backends.cuda.matmul.allow_tf32`` is set, as torch's own matmul does.
-
-GPU review notes (the kernels have only run in the interpreter so far)
--------------------------------------------------------------------------
-Changed because it could be verified under the interpreter:
-
-- ``dz`` scaling: the backward casts ``(softmax - onehot) * scale / max|scale|`` (entries in [-1, 1])
-  to the input dtype and multiplies the fp32 dot results by ``max|scale|`` (max over the program's
-  rows). Folding ``scale = upstream * w_k / count`` into the fp16 operand flushed every ``p ~ 1/V``
-  entry to zero at realistic N (6e-5 * 8e-6 is below fp16's smallest subnormal) and overflowed fp16
-  for a loss-scaled upstream over few tokens. The interpreter's fp16 ``tl.dot`` is faithful, so the
-  GPU's fp16 operand path is tested there (``DOT_IN_INPUT_DTYPE=True`` via ``config``) against an fp32
-  oracle at scales 1e-7 .. 2e5. bf16 has fp32's exponent range (no underflow) and is unchanged in
-  effect.
-- RMSNorm uses ``tl.rsqrt`` (one approximate reciprocal square root, like ``torch.rsqrt`` on CUDA)
-  instead of ``1.0 / tl.sqrt`` (approximate sqrt plus a division); identical in the interpreter.
-
-Not changed (cannot be verified without a GPU; check with ``benchmarks/benchmark_exit_head_loss.py
---device cuda`` and the ``triton_cuda`` tests):
-
-- ``num_warps`` / ``num_stages`` are Triton's defaults (4 warps, 3 stages on NVIDIA). Both kernels hold
-  a ``BLOCK_M x BLOCK_V = 64 x 128`` fp32 accumulator (32 KiB: 64 registers per thread at 4 warps) and
-  the backward a ``dz`` tile of the same shape next to it, so 4 warps will likely spill; try
-  ``num_warps=8`` first. Shared memory per pipeline stage is ``(64 + 128) x 64`` operands: 24 KiB in
-  bf16, 48 KiB in fp32, i.e. 144 KiB for fp32 at 3 stages, which fits H100/H200 (228 KiB) and A100
-  (164 KiB) but not 100 KiB parts (sm_86/sm_89): use ``num_stages=2`` there for fp32. Both are
-  accepted as ``config`` overrides (``config=dict(num_warps=8, num_stages=2)``, exercised in the tests).
-- ``tl.exp`` lowers to ``ex2.approx`` (a few ulp); the fp32 oracles' tolerances allow for it.
-- fp32 inputs use ``input_precision="ieee"`` unless ``torch.backends.cuda.matmul.allow_tf32`` (torch's
-  default is off): correct but without tensor cores, far slower than bf16 at the GPU shape.
-- ``EXITS_PER_PROGRAM = next_power_of_2(K)`` wastes a quarter of the rows for K = 3 (shared heads).
-
-Imports triton: loaded only for ``impl="triton"``.
+`_exit_ce_fwd_kernel` (grid: token tiles x exit groups) computes an online log-sum-exp over vocabulary
+tiles and writes `lse` and per-row losses; `_exit_ce_bwd_kernel` (token tiles x vocab tiles in grouped
+order, x exit groups) recomputes each logits tile and contracts `dz` into `grad_y` and `grad_W` with fp32
+atomics. Tile and launch settings can be overridden through `config`. Imported only for `impl="triton"`.
+Numerics, trade-offs and the open GPU-tuning questions: docs/choices.md#kernels.
 """
 
 from __future__ import annotations

@@ -1,12 +1,9 @@
 """Triton RMSNorm forward/backward for the exit norms (Qwen3RMSNorm numerics), rows grouped by exit.
 
-The input is ``(K, N, D)`` viewed as K*N rows; row ``r`` belongs to exit ``r // N`` and uses that
-exit's weight row. The forward writes the normalised states ``y`` (input dtype, what the head matmul
-reads) and ``rstd`` (fp32, for the backward). The backward takes ``grad_y`` in fp32 (accumulated by the
-head kernel) and returns ``grad_x`` plus per-tile fp32 partial sums of ``grad_weight`` that the launcher
-reduces (deterministic, no atomics). Both loop over D in ``BLOCK_D`` chunks, so any D works.
-
-Imports triton: load only for ``impl="triton"``.
+The input is `(K, N, D)` viewed as K*N rows; row `r` uses exit `r // N`'s weight. The forward writes `y`
+(input dtype) and `rstd` (fp32); the backward takes fp32 `grad_y` and returns `grad_x` plus per-tile fp32
+partial sums of `grad_weight`, reduced by the launcher (deterministic, no atomics). Any D works (loops
+over `BLOCK_D` chunks). Imported only for `impl="triton"`.
 """
 
 from __future__ import annotations

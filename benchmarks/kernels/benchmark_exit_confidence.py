@@ -1,13 +1,11 @@
 """Benchmark exit_confidence (inference): peak memory and time of naive, chunked and triton.
 
-    python benchmarks/benchmark_exit_confidence.py                    # CPU shape, naive vs chunked
-    python benchmarks/benchmark_exit_confidence.py --chunk-sizes 64 256
-    python benchmarks/benchmark_exit_confidence.py --device cuda      # + triton, GPU shapes
+    python benchmarks/kernels/benchmark_exit_confidence.py                    # CPU shape, naive vs chunked
+    python benchmarks/kernels/benchmark_exit_confidence.py --chunk-sizes 64 256
+    python benchmarks/kernels/benchmark_exit_confidence.py --device cuda      # + triton, prefill and decode
 
-CPU: each (impl, chunk size) runs in a fresh subprocess; peak memory is the child's ``ru_maxrss``
-minus its RSS just before the measured calls (inputs built), time the best of ``--rounds`` processes
-x ``--repeats`` calls (one warm-up each; rounds interleaved across impls). CUDA: ``torch.cuda.max_memory_allocated`` above the inputs, CUDA events, for a
-prefill-like batch and a decode-like batch (``--B``). Ratios are against naive from the same run.
+Each (impl, chunk size) runs in a fresh subprocess; ratios are against naive from the same run.
+Method: docs/choices.md#benchmarks; figures: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CPU_SHAPE = dict(B=[4096], D=512, V=32000)
 GPU_SHAPE = dict(B=[4096, 64], D=4096, V=128256)
 

@@ -1,40 +1,13 @@
 """Dynamic (confidence-based) early exit against the deepest member: tokens/s and accuracy, side by side.
 
-    python benchmarks/early_exit.py [--checkpoint artifacts/compress] [--thresholds 0.5,0.8,0.9,0.95,0.99,0.999]
-                                    [--num-prompts 100] [--kv-fills recompute,copy] [--synthetic]
+    python benchmarks/experiments/early_exit.py [--checkpoint artifacts/compress]
+        [--thresholds 0.5,0.8,0.9,0.95,0.99,0.999] [--num-prompts 100] [--kv-fills recompute,copy]
+        [--synthetic]
 
-Model: `--checkpoint` (a family saved by `tasks.core.save_family`), by default the pipeline's
-`artifacts/compress`, else `artifacts/sft`. When neither exists (or with `--synthetic`) the script
-trains a quick tiny family itself (L=8, width 64, exits 1/4/8, Ruyi2 layout with one branch layer per
-member; 400 AdamW steps, a few minutes on 2 busy cores) on a learnable synthetic task, and says so:
-reverse a string of 4-9 digits (`3 1 4 1 5 >` -> `5 1 4 1 3 .`). The first answer digit is easy (it
-sits right before `>`), later ones need the offset from `>` (more than one layer), `.` needs counting:
-a mix of easy and hard tokens, which is what early exit exploits. Typical result: member 1 (its branch
-layer alone) gets under 10% of the strings right, members 4 and 8 all of them.
-
-Prompts and accuracy: with a pipeline checkpoint, the first `--num-prompts` questions of
-`data/validated/eval.jsonl` under the chat template, decoded until `<|im_end|>`/`<|endoftext|>`,
-scored with `tasks.data.mathgen.extract_answer` + `answers_match` (exact numeric match); without that file,
-accuracy is agreement with the deepest member's greedy output. Synthetic: fresh digit strings (another
-seed than training), exact match of the reversed string. Every row also reports `agree`: the share of
-prompts whose whole completion equals the deepest member's greedy completion.
-
-What is compared, in one process, timed interleaved (for each prompt every configuration runs once, in
-a rotating order, so a slow phase of this shared machine hits them all alike):
-- `generate@d`: `model.generate(..., exit_layer=d, do_sample=False)` for every member d (the deepest
-  member's row is the baseline: speedup 1.00);
-- `dynamic`: `ruyi_model.generation.dynamic_generate` for every threshold and KV fill strategy
-  ("recompute": exact, pending positions computed later in batches; "copy": CALM propagation), plus a
-  never-triggering threshold (the deepest member through the dynamic code path).
-Columns: tok/s = generated tokens / wall seconds (prefill included); `x gen` = speedup over the
-deepest member's `generate`; `x dyn` = over the never-trigger dynamic path (same code, so the ratio
-isolates the effect of exiting); `layers/tok` = decoder layers run for each token's own position
-(the deepest member runs L; a dynamic decode also runs the own layers of every member it evaluates);
-`rows/tok` = all layer-position forwards per new token (prompt prefill and recomputed pending
-positions included); `exits %` = share of tokens
-emitted per member. Anchors: CALM reports up to 3x, LayerSkip up to 2.16x; our target is >= 1.8x at
-<= 1 point of accuracy loss. Small models on CPU are dominated by per-layer Python overhead and the
-per-member head, so they fall short of the layer ratio: the script prints what is reached, honestly.
+Model: `--checkpoint`, else `artifacts/compress` or `artifacts/sft`, else a tiny family trained here on
+digit-string reversal (said so). Accuracy: exact numeric match on eval.jsonl questions (synthetic: the
+reversed string); `agree` = share identical to the deepest member. Columns: tok/s, `x gen`, `x dyn`,
+`layers/tok`, `rows/tok`, `exits %`. Method: docs/choices.md#benchmarks; figures: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -50,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 

@@ -1,48 +1,13 @@
-"""BPPO vs GRPO from the same SFT checkpoint: wall-clock time and optimizer steps to reach the same
-reward, mean response length, final accuracy, and the adaptive completion schedule's share.
+"""BPPO vs GRPO from the same SFT checkpoint: time and optimizer steps to the same reward, length, accuracy.
 
-Usage:
-    python benchmarks/bppo_vs_grpo.py                      # artifacts/sft + data/validated/rl.jsonl
-    python benchmarks/bppo_vs_grpo.py --sft DIR --data FILE --steps 80 --target 1.0
-    python benchmarks/bppo_vs_grpo.py --synthetic          # force the built-in synthetic task
+    python benchmarks/experiments/bppo_vs_grpo.py                  # artifacts/sft + data/validated/rl.jsonl
+    python benchmarks/experiments/bppo_vs_grpo.py --sft DIR --data FILE --steps 80 --target 1.0
+    python benchmarks/experiments/bppo_vs_grpo.py --synthetic      # force the built-in synthetic task
 
-Three runs share the SFT weights, the seed and therefore the prompt order: `grpo`, `bppo` (adaptive
-completion schedule on) and `bppo-fixed` (schedule off: BPPO's selection and prefixes only). All
-other settings are those of `params.yaml`'s `rl` section (or `--params`), overridable by flags.
-
-Method:
-- The runs advance round-robin, one step each in turn, so a busy phase of a shared machine slows
-  all of them alike; each step's own time is measured (rollouts, loss, optimizer, KL metric; not the
-  evaluations), and a run's clock is the sum of its step times.
-- Reward = the mean sampled reward of a step (exact answer 1 + format bonus); it is smoothed by a
-  moving average over `--window` steps. The target is `--target`, or by default `--target-frac`
-  (0.8) of the way from GRPO's first full window to the best moving average that every run
-  reaches (so the target is a reward all runs attain). A run "reaches" the target at the first step
-  whose moving average is >= target: its optimizer steps and clock there. Optimizer steps count only
-  steps that carried gradient (`has_gradient` in the curves): a BPPO step where no group has a
-  correct/incorrect pair takes no optimizer step and is not progress; such steps are listed
-  ("steps without gradient") and their time stays in the clock. A `--window` longer than `--steps`
-  is capped at `--steps` (said in the report). Single-seed RL curves are
-  noisy: the table also says whether each run still holds the target at the end, and a speedup
-  only counts together with equal final accuracy (a run can touch the target on a noisy peak and
-  then degrade).
-- Speedup = GRPO's time-to-target / the other run's. The adaptive schedule's share is the factor
-  bppo-fixed -> bppo, i.e. speedup(bppo) = speedup(bppo-fixed) x schedule factor, also written as
-  the share of the log-speedup.
-- Final greedy accuracy and reward on a held-out slice (the last `eval_prompts` rows), before and
-  after, per run: "equal final accuracy" is checked there, as |accuracy - GRPO's| <= `--acc-tol`
-  (default 0.02, absolute), and printed next to the speedup together with the issue's target
-  (>= 3x faster in time with equal final accuracy: met / NOT met).
-- Every trained member is reported (`--members all` or a list: one table per member, each with
-  its own target; the runs' clocks are shared by the members, which train in the same steps).
-
-Without a trained SFT checkpoint (or with `--synthetic`) the script builds a learnable synthetic
-task and says so: single-digit additions ("what is 3 plus 4 ?"), a word-level chat tokenizer, a
-small family (exits [2, 4], one zero-initialised DaE block on member 2) and a short supervised
-warm-up on worked answers `so^k a plus b is c #### c` with k uniform in 0..`--filler` (default 12)
-filler tokens, so responses vary in length (7 to 19 tokens plus the stop token) and accuracy starts
-well below 1. The filler is redundant by construction: shortening it never costs accuracy, unlike
-real reasoning. Its figures speak for this micro setting only.
+Three runs (`grpo`, `bppo`, `bppo-fixed`: the adaptive schedule off) share the SFT weights, the seed and
+the prompt order; other settings come from `params.yaml`'s `rl` section (or `--params`), overridable by
+flags. Without a trained SFT checkpoint the script builds a synthetic task and says so.
+Method: docs/choices.md#benchmarks; figures: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -56,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 SPECIALS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
 SYN_WORDS = ["[UNK]", "user", "assistant", "what", "is", "plus", "?", "so", "####"] + [str(i) for i in range(19)]

@@ -1,27 +1,13 @@
 """Benchmark exit_head_loss forward+backward: peak memory and time of naive, chunked and triton.
 
-    python benchmarks/benchmark_exit_head_loss.py                      # CPU shape, naive vs chunked
-    python benchmarks/benchmark_exit_head_loss.py --chunk-sizes 64 128 256   # tune the chunk size
-    python benchmarks/benchmark_exit_head_loss.py --device cuda        # + triton, GPU shape
-    python benchmarks/benchmark_exit_head_loss.py --device cpu --K 2 --N 256 --D 64 --V 1000 --rounds 1
+    python benchmarks/kernels/benchmark_exit_head_loss.py                      # CPU shape, naive vs chunked
+    python benchmarks/kernels/benchmark_exit_head_loss.py --chunk-sizes 64 128 256   # tune the chunk size
+    python benchmarks/kernels/benchmark_exit_head_loss.py --device cuda        # + triton, GPU shape
 
-Impls: ``naive``, ``chunked``, ``triton`` (``--impls``), and ``one-head``: the naive loss with K=1 at
-the same N, D, V, i.e. one materialised N x V head, the baseline of the GPU target ("the fused kernel
-for 4 exits uses no more peak memory than one materialised head and is not slower than the naive torch
-loss"). It runs by default; the summary prints every impl's memory and time against naive and its
-memory against one-head side by side, then a target line for each fused impl.
-
-Every (impl, chunk size) runs in a fresh subprocess (so a crash or an out-of-memory error stays in
-that worker). A worker that fails is recorded, not fatal: its row says ``OOM`` (CUDA out-of-memory,
-or killed by a signal such as the kernel's OOM killer on CPU) or ``failed: <reason>``, in the table
-and in the JSON (``status``, ``error``; ``time_s`` and ``peak_extra_bytes`` null), and the ratios
-against a failed baseline are left out. The exit status is 0 unless every worker failed.
-
-CPU: torch's CPU allocator is not tracked, so the peak is the child's ``ru_maxrss`` minus its RSS just
-before the measured work (inputs already built), i.e. the extra memory the loss needs. Time is the best
-of ``--rounds`` processes x ``--repeats`` runs (each process warms up once; rounds are interleaved
-across impls so a busy machine slows all alike). CUDA: ``torch.cuda.max_memory_allocated`` above the
-inputs, CUDA events. Ratios are against naive and one-head measured in the same invocation.
+Impls (`--impls`): naive, chunked, triton, and `one-head` (naive with K=1: one materialised N x V head,
+the baseline of the memory target). Each (impl, chunk size) runs in a fresh subprocess; a failed or
+OOM worker is recorded, not fatal (exit status 0 unless every worker failed). Method:
+docs/choices.md#benchmarks; figures: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -36,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CPU_SHAPE = dict(K=4, N=4096, D=512, V=32000)
 GPU_SHAPE = dict(K=4, N=16384, D=4096, V=128256)
 IMPLS = ("naive", "chunked", "triton", "one-head")

@@ -1,13 +1,9 @@
 """Greedy decoding speed at each exit of one family, side by side, as a ratio to the deepest member.
 
-    python benchmarks/exit_speed.py [--layers 16 --hidden 1024 --exits 2,4,8,16 --new-tokens 64]
+    python benchmarks/kernels/exit_speed.py [--layers 16 --hidden 1024 --exits 2,4,8,16 --new-tokens 64]
 
-A member of depth d runs d of the family's L layers, so its decoding should be about L/d times
-faster than the deepest member's; the target is at least 0.8 x (L/d). Members are timed
-interleaved (round-robin over several repeats, best-of) in one process, because this machine is
-noisy. Per-token fixed costs (embedding, the LM head, Python and `generate` overhead) do not shrink
-with depth, so small models fall short of L/d: the shallowest member is hit hardest. The default
-shape (16 layers of width 1024, FFN 4096, vocabulary 2048) makes a layer cost several times the head.
+Target: member d at least 0.8 x (L/d) of the deepest member's speed. Members are timed interleaved
+(round-robin, best-of) in one process. Method: docs/choices.md#benchmarks; figures: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations

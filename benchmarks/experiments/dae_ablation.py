@@ -1,26 +1,12 @@
 """DaE ablation: random vs clone initialisation of the expanded blocks, at equal steps (Ruyi2 Fig. 6).
 
-    python benchmarks/dae_ablation.py [--params params.yaml] [--cpt artifacts/cpt] [--steps 400]
-        [--every 50] [--set expand.num_blocks=3 ...] [--out benchmarks/dae_ablation.png] [--threads 1]
+    python benchmarks/experiments/dae_ablation.py [--params params.yaml] [--cpt artifacts/cpt] [--steps 400]
+        [--every 50] [--set expand.num_blocks=3 ...] [--out benchmarks/experiments/dae_ablation.png]
 
-Ruyi2 (section 4.4, Fig. 6) compares its random zero-residual initialisation of the DaE blocks
-with LLaMA-Pro-style cloning ("Identity Copy") over the first 3k CPT steps and reports loss 2.83
-(random) vs 2.89 (clone) at 3k steps; the paper argues that cloning causes "optimization inertia".
-
-This script runs exactly what the expand stage runs (`tasks.expand.train_dae`: expansion of member
-`params.dae_exit`, freezing, single-member CPT on the STEM stream with general replay), once with
-`init=random` and once with `init=clone`, from the same family, with the same data order, seed and
-optimiser settings (`params.expand`, with `max_steps = --steps`), and prints the expanded member's
-loss side by side: the train loss averaged over each `--every`-step window, and the held-out STEM
-loss (the corpus_val `source == "math"` blocks) evaluated every `--every` steps. It writes the
-curves to `--out` (PNG) and the numbers next to it (same name, .json).
-
-The family: `--cpt DIR` (a cpt stage output, e.g. artifacts/cpt), or, without it, a fresh tiny family
-trained here with `params.cpt` for `--cpt-steps` steps from the validated corpus and the tokenizer
-of `--params` (no checkpoints are written). Both need `data/validated/` and `artifacts/tokenizer/`
-(`dvc repro tokenizer`, or `ruyi stage prepare_data`, `validate_data`, `tokenizer`).
-Threads: `--threads` (default 1: the numbers are CPU-deterministic and two threads on a shared
-2-core machine are slower than one).
+Runs the expand stage's `train_dae` twice from the same family (`--cpt DIR`, or a tiny family trained
+here), same data order and seed, and writes both loss curves to `--out` (PNG) and `.json` beside it.
+Needs `data/validated/` and `artifacts/tokenizer/`. `--threads` (default 1) keeps the numbers
+CPU-deterministic. Method: docs/choices.md#benchmarks; figures: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -34,7 +20,7 @@ from pathlib import Path
 from tasks.training.batches import BlockStream, fixed_batches, load_tokenizer, pack_corpus, read_corpus
 from tasks.training.loop import exit_weights_at, multi_exit_loss_fn, train_loop
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 PAPER = {"random": 2.83, "clone": 2.89, "steps": 3000}
 
@@ -84,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpt-steps", type=int, default=None, help="steps of the fresh family (default: cpt.max_steps)")
     parser.add_argument("--steps", type=int, default=400, help="DaE CPT steps per initialisation (default: 400)")
     parser.add_argument("--every", type=int, default=50, help="report/evaluation interval in steps (default: 50)")
-    parser.add_argument("--out", default="benchmarks/dae_ablation.png", help="PNG path (the .json goes beside it)")
+    parser.add_argument("--out", default="benchmarks/experiments/dae_ablation.png", help="PNG path (the .json goes beside it)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
     if args.steps < 2 or args.every < 1 or args.every > args.steps:
