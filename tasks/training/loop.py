@@ -48,6 +48,7 @@ Checkpoints (`Checkpointer`), in `artifacts/checkpoints/<stage>/step_<n>/`, each
   scheduler.pt         LambdaLR state (weights_only=True)
   rng.pt               python / numpy / torch (and CUDA) RNG states (weights_only=True)
   trainer_state.json   step, data position (samples), tokens, loss history, train time, fingerprint
+  checksums.json       sha256 and size of every other file, written last (the completeness marker)
 - Resume is automatic: a stage starts from the latest complete checkpoint whose fingerprint matches
   and logs it (`resumed_from_step` in the metrics). A run killed and resumed ends with bitwise the
   same weights on CPU as an uninterrupted one (tested).
@@ -59,8 +60,10 @@ Checkpoints (`Checkpointer`), in `artifacts/checkpoints/<stage>/step_<n>/`, each
   warning that names every differing key, and training starts from scratch; the metrics record it
   (`stale_checkpoint`). An error would block every `dvc repro` after a parameter change, while
   resuming would silently mix two configurations.
-- A checkpoint directory that is incomplete or unreadable is an error naming the file, never a
-  silent restart.
+- On resume every file is verified against checksums.json: a checkpoint that fails (no manifest, a
+  missing, truncated or corrupt file) is set aside to `<stage>.corrupt/` and skipped for the previous
+  one, with a warning naming the file; `skipped_checkpoints` in the metrics records it. None good: a
+  fresh start, with a warning. (Hence `keep` >= 2.)
 
 Loop (`train_loop`): evaluation before the first step and every `eval_every` steps (held-out loss per
 member, each batch weighted by its supervised tokens), a tqdm bar with the loss in the postfix,
@@ -236,6 +239,7 @@ class TrainResult:
     train_seconds: float = 0.0
     wall_seconds: float = 0.0
     stale_checkpoint: dict[str, Any] | None = None
+    skipped_checkpoints: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -261,7 +265,7 @@ class TrainResult:
         return {"steps": self.steps, "resumed_from_step": self.resumed_from_step, "samples": self.samples,
                 "tokens": self.tokens, "tokens_per_s": round(self.tokens_per_s, 1),
                 "train_seconds": round(self.train_seconds, 2), "wall_s": round(self.wall_seconds, 2),
-                "stale_checkpoint": self.stale_checkpoint}
+                "stale_checkpoint": self.stale_checkpoint, "skipped_checkpoints": self.skipped_checkpoints}
 
 
 def train_loop(*, stage: str, model, cfg: TrainParams, named_params: Sequence[tuple[str, Any]], stream,
@@ -301,9 +305,9 @@ def train_loop(*, stage: str, model, cfg: TrainParams, named_params: Sequence[tu
         if dist_ctx is None:
             latest = checkpointer.find_resumable()
         else:  # rank 0 alone looks (it may set a stale directory aside); every rank loads what it found
-            latest, checkpointer.stale = distributed.broadcast_object(
-                (checkpointer.find_resumable(), checkpointer.stale) if main else None)
-        result.stale_checkpoint = checkpointer.stale
+            latest, checkpointer.stale, checkpointer.skipped = distributed.broadcast_object(
+                (checkpointer.find_resumable(), checkpointer.stale, checkpointer.skipped) if main else None)
+        result.stale_checkpoint, result.skipped_checkpoints = checkpointer.stale, checkpointer.skipped
         if latest is not None:
             state = checkpointer.load(latest, model, optimizer, scheduler)
             start = int(state["step"])
@@ -315,7 +319,6 @@ def train_loop(*, stage: str, model, cfg: TrainParams, named_params: Sequence[tu
             result.samples, result.tokens = int(state["samples"]), int(state["tokens"])
             result.train_seconds = float(state["train_seconds"])
             result.resumed_from_step = start
-            log.info("%s: resumed from %s (step %d of %d)", stage, latest, start, cfg.max_steps)
     if start > cfg.max_steps:
         raise StageError(f"{stage}: checkpoint is at step {start}, beyond max_steps={cfg.max_steps}")
 
