@@ -102,13 +102,15 @@ CURVE_KEYS = ("reward", "accuracy", "length", "kl", "budget", "tokens_generated"
 # --- checkpoints -----------------------------------------------------------------------------------
 
 
-def checkpoint_info(params: Params, rl_path: Path, sft_dir: Path, code_root: Path | None = None) -> dict[str, Any]:
+def checkpoint_info(params: Params, rl_path: Path, sft_dir: Path,
+                    code_root: Path | None = None) -> dict[str, Any]:
     """What an rl checkpoint must agree on (`tasks.training.checkpoint.fingerprint_info`): params.rl, the
     seed, rl.jsonl, the SFT checkpoint and the code of every module this stage imports. `steps` and
     `checkpoint_every` are left out: extending a run resumes it (the lr is constant, so nothing before
     step n depends on the total)."""
+    inputs = {"rl": sha256_file(rl_path), "sft": dir_sha256(sft_dir)}
     return fingerprint_info("rl", params.rl, seed=params.seed, exclude=("steps", "checkpoint_every"),
-                            inputs={"rl": sha256_file(rl_path), "sft": dir_sha256(sft_dir)}, code_root=code_root)
+                            inputs=inputs, code_root=code_root)
 
 
 # --- plots -----------------------------------------------------------------------------------------

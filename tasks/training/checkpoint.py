@@ -213,11 +213,12 @@ class Checkpointer:
         aside.parent.mkdir(parents=True, exist_ok=True)
         path.rename(aside)
         self.skipped.append({"path": str(path), "step": step, "reason": reason, "set_aside_to": str(aside)})
-        log.warning("%s: checkpoint %s fails verification: %s; skipped (set aside to %s), trying the previous "
-                    "one", self.stage, path, reason, aside)
+        log.warning("%s: checkpoint %s fails verification: %s; skipped (set aside to %s), trying the "
+                    "previous one", self.stage, path, reason, aside)
 
     def _set_aside_stale(self, step: int, path: Path, state: dict[str, Any]) -> None:
-        diffs = fingerprint_differences(state.get("fingerprint_info", {}), self.info) or ["(fingerprint format)"]
+        diffs = (fingerprint_differences(state.get("fingerprint_info", {}), self.info)
+                 or ["(fingerprint format)"])
         stale = self.root.with_name(self.root.name + ".stale")
         if stale.exists():
             shutil.rmtree(stale)
@@ -265,8 +266,8 @@ class Checkpointer:
         if missing or unexpected:
             raise StageError(f"{path / 'model.safetensors'} does not match the model: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
-        objects = [("optimizer.pt", optimizer)] + ([("scheduler.pt", scheduler)] if scheduler is not None else [])
-        for name, obj in objects:
+        objects = [("optimizer.pt", optimizer), ("scheduler.pt", scheduler)]
+        for name, obj in [(n, o) for n, o in objects if o is not None]:
             try:
                 obj.load_state_dict(torch.load(path / name, weights_only=True))
             except Exception as e:

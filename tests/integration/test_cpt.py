@@ -88,7 +88,8 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(straight_run, works
     assert metrics["exit_4"] == straight["exit_4"]
 
 
-def test_corrupt_latest_checkpoint_is_skipped_and_the_resume_stays_exact(straight_run, workspace, tmp_path, caplog):
+def test_corrupt_latest_checkpoint_is_skipped_and_the_resume_stays_exact(straight_run, workspace, tmp_path,
+                                                                           caplog):
     """One flipped byte in the latest checkpoint's weights after a kill: the checksum catches it, the run
     resumes from the previous checkpoint (the file named) and ends as the uninterrupted run."""
     params_a, straight = straight_run
@@ -111,7 +112,8 @@ def test_corrupt_latest_checkpoint_is_skipped_and_the_resume_stays_exact(straigh
     metrics = cpt.run(params_b)
     assert metrics["resumed_from_step"] == 4 and "cpt: resumed from step_4" in caplog.text
     assert metrics["skipped_checkpoints"] == [{
-        "path": str(ckpt / "step_8"), "step": 8, "set_aside_to": str(ckpt.with_name("cpt.corrupt") / "step_8"),
+        "path": str(ckpt / "step_8"), "step": 8,
+        "set_aside_to": str(ckpt.with_name("cpt.corrupt") / "step_8"),
         "reason": "model.safetensors does not match its sha256 in checksums.json (corrupt)"}]
     assert f"{ckpt / 'step_8'} fails verification: model.safetensors" in caplog.text
     a, _ = load_family(f"{params_a.paths.artifacts_dir}/cpt")

@@ -270,7 +270,8 @@ def test_checkpoints_record_checksums_of_every_file_and_keep_at_least_two(tmp_pa
     _loop(tmp_path, max_steps=3)
     step = tmp_path / "ckpt" / "step_3"
     files = json.loads((step / "checksums.json").read_text())["files"]
-    assert sorted(files) == ["model.safetensors", "optimizer.pt", "rng.pt", "scheduler.pt", "trainer_state.json"]
+    assert sorted(files) == ["model.safetensors", "optimizer.pt", "rng.pt", "scheduler.pt",
+                             "trainer_state.json"]
     for name, entry in files.items():
         assert entry == {"sha256": sha256_file(step / name), "bytes": (step / name).stat().st_size}
     with pytest.raises(ValueError, match="keep at least 2"):
