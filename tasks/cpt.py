@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.artifacts import check_tokenizer_size, save_family, tokenizer_fingerprint
-from tasks.core.files import require_dir, write_metrics
+from tasks.core.files import require_dir, sha256_file, write_metrics
 from tasks.core.params import Params
 from tasks.core.paths import checkpoint_dir, corpus_inputs, plots_dir, stage_dir, tokenizer_dir
 from tasks.core.stage import StageError, log, seed_everything, stage_main
@@ -30,7 +30,7 @@ from tasks.training.batches import (
     pack_corpus,
     read_corpus,
 )
-from tasks.training.checkpoint import Checkpointer, dir_sha256, file_sha256, fingerprint_info
+from tasks.training.checkpoint import Checkpointer, dir_sha256, fingerprint_info
 from tasks.training.curves import write_loss_curves
 from tasks.training.loop import exit_weights_at, multi_exit_eval, multi_exit_loss_fn, train_loop
 from tasks.training.members import count_params, device_for_training
@@ -145,7 +145,7 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
     def weights(step: int) -> list[float]:
         return exit_weights_at(cfg.exit_weights, exits, step, cfg.max_steps)
 
-    inputs = {"corpus_train": file_sha256(train_path), "corpus_val": file_sha256(val_path),
+    inputs = {"corpus_train": sha256_file(train_path), "corpus_val": sha256_file(val_path),
               "tokenizer": dir_sha256(tok_dir)}
     if params.model.init_from:
         inputs["init_from"] = dir_sha256(params.model.init_from)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.artifacts import load_family, save_family
-from tasks.core.files import write_metrics
+from tasks.core.files import sha256_file, write_metrics
 from tasks.core.params import Params
 from tasks.core.paths import checkpoint_dir, plots_dir, stage_dir
 from tasks.core.stage import StageError, log, seed_everything, stage_main
@@ -31,7 +31,7 @@ from tasks.training.batches import (
     pack_corpus,
     read_corpus,
 )
-from tasks.training.checkpoint import Checkpointer, dir_sha256, file_sha256, fingerprint_info
+from tasks.training.checkpoint import Checkpointer, dir_sha256, fingerprint_info
 from tasks.training.curves import write_loss_curves
 from tasks.training.loop import TrainResult, evaluate, member_eval, member_loss_fn, train_loop
 from tasks.training.members import count_params, device_for_training, members_unchanged, snapshot_members
@@ -96,8 +96,8 @@ def load_dae_data(params: Params, tokenizer) -> DaEData:
     return DaEData(stream=MixedStream(main, replay, cfg.replay_fraction),
                    stem_val=fixed_batches({"input_ids": stem_val_blocks}, cfg.batch_size, cfg.eval_batches),
                    general_val=general_val_batches, counts=counts,
-                   inputs={"corpus_train": file_sha256(train_path),
-                           "corpus_val": file_sha256(val_path)})
+                   inputs={"corpus_train": sha256_file(train_path),
+                           "corpus_val": sha256_file(val_path)})
 
 
 def resolve_dae_exit(params: Params, model, where: str | Path) -> int:

@@ -10,21 +10,17 @@ the losses are in `tasks.training.rl_algos`. Choices: docs/choices.md#rl.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 from tasks.core.artifacts import load_family, save_family
-from tasks.core.codedeps import code_fingerprint
-from tasks.core.files import save_figure, write_json, write_metrics
+from tasks.core.files import save_figure, sha256_file, write_metrics
 from tasks.core.params import Params
 from tasks.core.paths import checkpoint_dir, plots_dir, stage_dir
 from tasks.core.stage import StageError, seed_everything, stage_main
+from tasks.training.checkpoint import Checkpointer, dir_sha256, fingerprint_info
 from tasks.training.rl_trainer import (
     RLTrainer,
     evaluate_members,
@@ -44,67 +40,15 @@ CURVE_KEYS = ("reward", "accuracy", "length", "kl", "budget", "tokens_generated"
 # --- checkpoints -----------------------------------------------------------------------------------
 
 
-def fingerprint(params: Params, rl_path: Path, sft_dir: Path) -> str:
-    """Hash of what a checkpoint depends on: params.rl, the seed, rl.jsonl, the SFT checkpoint and the
-    code of every module this stage imports (`tasks.core.codedeps`)."""
-    h = hashlib.sha256()
-    # `steps` and `checkpoint_every` are left out: extending a run resumes it (the lr is constant, so
-    # nothing before step n depends on the total).
-    rl = params.rl.model_dump(exclude={"steps", "checkpoint_every"})
-    h.update(json.dumps({"rl": rl, "seed": params.seed}, sort_keys=True).encode())
-    h.update(json.dumps(code_fingerprint("rl"), sort_keys=True).encode())
-    for path in [rl_path, *sorted(sft_dir.glob("*.json")), *sorted(sft_dir.glob("*.safetensors"))]:
-        h.update(path.name.encode())
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def save_checkpoint(root: Path, trainer: RLTrainer, extra: dict[str, Any], keep: int = 2) -> Path:
-    """Writes `root/step_<n>/` atomically (weights, optimizer, trainer state) and keeps the last `keep`."""
-    import torch
-    from safetensors.torch import save_file
-
-    from tasks.core.files import atomic_dir
-
-    final = root / f"step_{trainer.step_index:06d}"
-    with atomic_dir(final) as tmp:
-        state = {k: v.detach().contiguous() for k, v in trainer.model.state_dict().items()}
-        save_file(state, tmp / "model.safetensors")
-        torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
-        write_json(tmp / "state.json", {**trainer.state_dict(), **extra})
-    for old in sorted(root.glob("step_*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def try_resume(root: Path, trainer: RLTrainer, fp: str) -> dict[str, Any] | None:
-    """Loads the latest checkpoint with fingerprint `fp` into `trainer`; a stale one is moved aside."""
-    import torch
-    from safetensors.torch import load_file
-
-    ckpts = sorted(root.glob("step_*")) if root.is_dir() else []
-    if not ckpts:
-        return None
-    latest = ckpts[-1]
-    state = json.loads((latest / "state.json").read_text())
-    if state.get("fingerprint") != fp:
-        # Time for the reader, a random suffix for uniqueness (two set-asides within one second).
-        stale = root.with_name(f"{root.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
-        log.warning("checkpoint %s was made from different params, data, SFT model or code; moving %s aside to %s and "
-                    "starting from scratch", latest, root, stale)
-        root.rename(stale)
-        return None
-    weights = load_file(latest / "model.safetensors")
-    missing, unexpected = trainer.model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise StageError(f"checkpoint {latest} does not match the model: missing {missing[:4]}, "
-                         f"unexpected {unexpected[:4]}")
-    trainer.optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
-    trainer.load_state_dict(state)
-    log.info("resumed rl from %s (step %d)", latest, trainer.step_index)
-    return state
+def checkpoint_info(params: Params, rl_path: Path, sft_dir: Path,
+                    code_root: Path | None = None) -> dict[str, Any]:
+    """What an rl checkpoint must agree on (`tasks.training.checkpoint.fingerprint_info`): params.rl, the
+    seed, rl.jsonl, the SFT checkpoint and the code of every module this stage imports. `steps` and
+    `checkpoint_every` are left out: extending a run resumes it (the lr is constant, so nothing before
+    step n depends on the total)."""
+    inputs = {"rl": sha256_file(rl_path), "sft": dir_sha256(sft_dir)}
+    return fingerprint_info("rl", params.rl, seed=params.seed, exclude=("steps", "checkpoint_every"),
+                            inputs=inputs, code_root=code_root)
 
 
 # --- plots -----------------------------------------------------------------------------------------
@@ -177,9 +121,12 @@ def run(params: Params) -> dict[str, Any]:
     log.info("rl: %s on members %s, %d trainable parameters of %d, %d train / %d eval prompts", cfg.algorithm,
              members, n_train, sum(p.numel() for p in model.parameters()), len(train_rows), len(eval_rows))
     trainer = RLTrainer(model, tokenizer, train_rows, cfg, members=members, trainable=trainable, seed=params.seed)
-    ckpt_root = checkpoint_dir(params, "rl")
-    fp = fingerprint(params, rl_path, sft_dir)
-    state = try_resume(ckpt_root, trainer, fp)
+    checkpointer = Checkpointer(checkpoint_dir(params, "rl"), checkpoint_info(params, rl_path, sft_dir))
+    latest = checkpointer.find_resumable()
+    state = None
+    if latest is not None:
+        state = checkpointer.load(latest, model, trainer.optimizer)
+        trainer.load_state_dict(state)
     resumed_from = trainer.step_index if state is not None else None
     # Wall time of the earlier processes up to the checkpoint resumed from (work after it was redone).
     prior_wall_s = float(state.get("wall_time_s", 0.0)) if state is not None else 0.0
@@ -194,11 +141,11 @@ def run(params: Params) -> dict[str, Any]:
         first = stats[members[0]]
         bar.set_postfix(reward=f"{first['reward']:.3f}", len=f"{first['length']:.1f}", kl=f"{first['kl']:.4f}")
         if cfg.checkpoint_every and trainer.step_index % cfg.checkpoint_every == 0 and trainer.step_index < cfg.steps:
-            save_checkpoint(ckpt_root, trainer, {"fingerprint": fp,
-                                                 "eval_before": {str(d): v for d, v in before.items()},
-                                                 "wall_time_s": prior_wall_s + time.perf_counter() - t_start})
+            checkpointer.save(trainer.step_index, model, trainer.optimizer, None,
+                              {**trainer.state_dict(), "eval_before": {str(d): v for d, v in before.items()},
+                               "wall_time_s": prior_wall_s + time.perf_counter() - t_start})
     # DVC declares the checkpoint directory as an output: it exists even when no checkpoint was due.
-    ckpt_root.mkdir(parents=True, exist_ok=True)
+    checkpointer.root.mkdir(parents=True, exist_ok=True)
     after = evaluate_members(model, tokenizer, eval_rows, members, cfg.max_new_tokens, cfg.format_reward)
     save_family(model, tokenizer, stage_dir(params, "rl"))
     write_curves(trainer.history, plots_dir(params, "rl"), cfg.algorithm)
@@ -233,6 +180,8 @@ def run(params: Params) -> dict[str, Any]:
         "eval_prompts": len(eval_rows),
         "train_time_s": trainer.elapsed_s,
         "resumed_from_step": resumed_from,
+        "stale_checkpoint": checkpointer.stale,
+        "skipped_checkpoints": checkpointer.skipped,
         "wall_time_s": prior_wall_s + this_run_s,
         "wall_time_this_run_s": this_run_s,
         **per_member,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.artifacts import load_family, save_family
-from tasks.core.files import write_metrics
+from tasks.core.files import sha256_file, write_metrics
 from tasks.core.params import Params
 from tasks.core.paths import checkpoint_dir, plots_dir, stage_dir
 from tasks.core.stage import StageError, log, stage_main
@@ -29,7 +29,7 @@ from tasks.training.batches import (
     read_sft,
     sft_holdout_split,
 )
-from tasks.training.checkpoint import Checkpointer, dir_sha256, file_sha256, fingerprint_info
+from tasks.training.checkpoint import Checkpointer, dir_sha256, fingerprint_info
 from tasks.training.curves import write_loss_curves
 from tasks.training.loop import (
     exit_weights_at,
@@ -97,7 +97,7 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
     stream = BlockStream(train_ex, params.seed, "sft/train")
     held_batches = fixed_batches(held_ex, cfg.batch_size, cfg.eval_batches)
     info = fingerprint_info(STAGE, cfg, seed=params.seed, model=params.model,
-                                     inputs={"sft": file_sha256(path), "expand": dir_sha256(src)},
+                                     inputs={"sft": sha256_file(path), "expand": dir_sha256(src)},
                                      extra={"dae_exit": params.dae_exit})
     checkpointer = Checkpointer(checkpoint_dir(params, STAGE), info)
     result = train_loop(stage=STAGE, model=model, cfg=cfg, named_params=named, stream=stream,

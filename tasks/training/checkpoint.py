@@ -13,15 +13,12 @@ import logging
 import random
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from tasks.core.files import atomic_dir, write_json
+from tasks.core.files import atomic_dir, sha256_file, write_json
 from tasks.core.stage import StageError
-
-if TYPE_CHECKING:  # heavy imports stay inside the functions (the `ruyi` CLI must start instantly)
-
-    pass
 
 log = logging.getLogger("ruyi")
 #: Parameters that do not change the trained weights (excluded from the checkpoint fingerprint).
@@ -29,38 +26,35 @@ NON_FINGERPRINT_KEYS = ("checkpoint_every", "eval_every", "eval_batches")
 
 
 # --- inputs ----------------------------------------------------------------------------------
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def dir_sha256(path: str | Path) -> dict[str, str]:
     """sha256 of every regular file directly inside `path` (model or tokenizer directories)."""
     path = Path(path)
-    return {p.name: file_sha256(p) for p in sorted(path.iterdir()) if p.is_file()}
+    return {p.name: sha256_file(p) for p in sorted(path.iterdir()) if p.is_file()}
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
-def _code_fingerprint(stage: str) -> dict[str, str]:
+def _code_fingerprint(stage: str, root: Path | None = None) -> dict[str, str]:
     """sha256 of every module the stage imports (`tasks.core.codedeps`, the same list as its dvc.yaml
     deps): a checkpoint written by other code is stale (DVC reruns the stage when that code changes;
-    resuming the old code's checkpoint would mix the two)."""
+    resuming the old code's checkpoint would mix the two). `root`: another copy of the repository."""
     from tasks.core.codedeps import code_fingerprint
 
-    return code_fingerprint(stage)
+    return code_fingerprint(stage) if root is None else code_fingerprint(stage, Path(root))
 
 
 def fingerprint_info(stage: str, section: Any, *, seed: int, model: Any = None, inputs: dict[str, Any],
-                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What a checkpoint must agree on to be resumed (see docs/choices.md#training)."""
+                     extra: dict[str, Any] | None = None, exclude: Sequence[str] = (),
+                     code_root: str | Path | None = None) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed (docs/choices.md#training).
+
+    `exclude`: more parameters of `section` left out (besides `NON_FINGERPRINT_KEYS`), e.g. rl's `steps`
+    (extending a run resumes it); `code_root`: the repository whose code is hashed (default: this one).
+    """
     params = section.model_dump() if hasattr(section, "model_dump") else dict(section)
-    for key in NON_FINGERPRINT_KEYS:
+    for key in (*NON_FINGERPRINT_KEYS, *exclude):
         params.pop(key, None)
     info: dict[str, Any] = {"stage": stage, "seed": seed, "params": params, "inputs": inputs,
-                            "code": _code_fingerprint(stage)}
+                            "code": _code_fingerprint(stage, code_root)}
     if model is not None:
         info["model"] = model.model_dump() if hasattr(model, "model_dump") else model
     if extra:
@@ -87,7 +81,10 @@ def fingerprint_differences(old: dict[str, Any], new: dict[str, Any]) -> list[st
     return lines
 
 
-CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json")
+#: The files every checkpoint has (`scheduler.pt` too when the stage has a scheduler).
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "trainer_state.json")
+#: sha256 and size of every file of a checkpoint, written last: its completeness marker.
+MANIFEST = "checksums.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -116,21 +113,65 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def write_manifest(path: Path) -> None:
+    """Writes `path/checksums.json`: {"files": {name: {"sha256", "bytes"}}} of every other file in `path`."""
+    files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+             for p in sorted(path.iterdir()) if p.is_file() and p.name != MANIFEST}
+    write_json(path / MANIFEST, {"files": files})
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None if every file of the checkpoint `path` matches its manifest, else why not (naming the file)."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return f"{MANIFEST} is missing (an incomplete checkpoint, or one written before checksums)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        entries = {str(name): (str(e["sha256"]), int(e["bytes"])) for name, e in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{MANIFEST} is unreadable ({type(e).__name__}: {e})"
+    for name in CHECKPOINT_FILES:
+        if name not in entries:
+            return f"{MANIFEST} does not list {name}"
+    for name, (digest, size) in sorted(entries.items()):
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        actual = file.stat().st_size
+        if actual != size:
+            return f"{name} has {actual} bytes, {MANIFEST} records {size}"
+        if sha256_file(file) != digest:
+            return f"{name} does not match its sha256 in {MANIFEST} (corrupt)"
+    return None
+
+
 class Checkpointer:
     """Resumable checkpoints of one stage under `root` (see docs/choices.md#training).
 
     Args:
         root: `artifacts/checkpoints/<stage>`.
         info: `fingerprint_info(...)` of this run.
-        keep: how many step directories to keep.
+        keep: how many step directories to keep (at least 2: a checkpoint that fails verification is
+            skipped for the previous one).
+
+    After `find_resumable`: `stale` (the set-aside directory and its differences, or None) and
+    `skipped` ([{"path", "reason"}] of the checkpoints that failed verification, newest first).
     """
 
     def __init__(self, root: str | Path, info: dict[str, Any], keep: int = 2):
+        if keep < 2:
+            raise ValueError(f"Checkpointer keep={keep}: keep at least 2 checkpoints (a corrupt latest one "
+                             f"is skipped for the previous one)")
         self.root = Path(root)
         self.info = info
         self.digest = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()
         self.keep = keep
         self.stale: dict[str, Any] | None = None
+        self.skipped: list[dict[str, str]] = []
+
+    @property
+    def stage(self) -> str:
+        return str(self.info.get("stage", self.root.name))
 
     def step_dirs(self) -> list[tuple[int, Path]]:
         if not self.root.is_dir():
@@ -139,43 +180,61 @@ class Checkpointer:
         return sorted(found)
 
     def find_resumable(self) -> Path | None:
-        """The latest checkpoint of this configuration, or None.
+        """The latest verified checkpoint of this configuration, or None.
 
-        A checkpoint from different parameters/inputs is set aside (docs/choices.md#training); a broken one
-        is an error.
+        Checkpoints are tried newest first: one that fails verification against its manifest is set
+        aside to `<root>.corrupt/` and skipped for the previous one (a warning names the file and why;
+        `skipped` records it); none left: training starts from scratch. A verified checkpoint from
+        different parameters/inputs/code sets the whole directory aside (docs/choices.md#training).
         """
+        self.stale, self.skipped = None, []
         if self.root.is_dir():  # leftovers of a save interrupted by SIGKILL (atomic_dir's temporaries)
             for p in self.root.glob(".step_*.tmp-*"):
                 shutil.rmtree(p, ignore_errors=True)
-        dirs = self.step_dirs()
-        if not dirs:
-            return None
-        step, latest = dirs[-1]
-        state = self._read_state(latest)
-        if state.get("fingerprint") != self.digest:
-            diffs = fingerprint_differences(state.get("fingerprint_info", {}), self.info) or ["(fingerprint format)"]
-            stale = self.root.with_name(self.root.name + ".stale")
-            if stale.exists():
-                shutil.rmtree(stale)
-            self.root.rename(stale)
-            self.stale = {"set_aside_to": str(stale), "step": step, "differences": diffs}
-            log.warning("checkpoint %s was made with different parameters or inputs; set aside to %s and "
-                        "training starts from scratch. Differences:\n  %s", latest, stale, "\n  ".join(diffs))
-            return None
-        return latest
+        for step, path in reversed(self.step_dirs()):
+            reason = verify_checkpoint(path)
+            state: dict[str, Any] = {}
+            if reason is None:
+                try:
+                    state = json.loads((path / "trainer_state.json").read_text())
+                except ValueError as e:
+                    reason = f"trainer_state.json is not valid JSON ({e})"
+            if reason is not None:
+                self._set_aside_corrupt(step, path, reason)
+                continue
+            if state.get("fingerprint") != self.digest:
+                self._set_aside_stale(step, path, state)
+                return None
+            return path
+        if self.skipped:
+            log.warning("%s: no checkpoint in %s passed verification (%s); training starts from scratch",
+                        self.stage, self.root, "; ".join(f"{s['path']}: {s['reason']}" for s in self.skipped))
+        return None
 
-    @staticmethod
-    def _read_state(path: Path) -> dict[str, Any]:
-        for name in CHECKPOINT_FILES:
-            if not (path / name).is_file():
-                raise StageError(f"checkpoint {path} is incomplete: {path / name} is missing "
-                                 f"(delete the directory to start over from the previous checkpoint)")
-        try:
-            return json.loads((path / "trainer_state.json").read_text())
-        except json.JSONDecodeError as e:
-            raise StageError(f"checkpoint {path / 'trainer_state.json'}: not valid JSON ({e.msg})") from None
+    def _set_aside_corrupt(self, step: int, path: Path, reason: str) -> None:
+        aside = self.root.with_name(self.root.name + ".corrupt") / path.name
+        if aside.exists():
+            shutil.rmtree(aside)
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        path.rename(aside)
+        self.skipped.append({"path": str(path), "step": step, "reason": reason, "set_aside_to": str(aside)})
+        log.warning("%s: checkpoint %s fails verification: %s; skipped (set aside to %s), trying the "
+                    "previous one", self.stage, path, reason, aside)
+
+    def _set_aside_stale(self, step: int, path: Path, state: dict[str, Any]) -> None:
+        diffs = (fingerprint_differences(state.get("fingerprint_info", {}), self.info)
+                 or ["(fingerprint format)"])
+        stale = self.root.with_name(self.root.name + ".stale")
+        if stale.exists():
+            shutil.rmtree(stale)
+        self.root.rename(stale)
+        self.stale = {"set_aside_to": str(stale), "step": step, "differences": diffs}
+        log.warning("checkpoint %s was made with different parameters, inputs or code; set aside to %s and "
+                    "training starts from scratch. Differences:\n  %s", path, stale, "\n  ".join(diffs))
 
     def save(self, step: int, model, optimizer, scheduler, state: dict[str, Any]) -> Path:
+        """Writes `root/step_<step>/` atomically: the model, optimizer, scheduler (None: the stage has
+        none), RNG states, `state` (JSON) and, last, the manifest; keeps the newest `keep`."""
         import torch
         from safetensors.torch import save_file
 
@@ -184,20 +243,26 @@ class Checkpointer:
             tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
             save_file(tensors, str(tmp / "model.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            if scheduler is not None:
+                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(_rng_state(), tmp / "rng.pt")
             write_json(tmp / "trainer_state.json",
                        {**state, "step": step, "fingerprint": self.digest, "fingerprint_info": self.info})
+            write_manifest(tmp)
         for _, old in self.step_dirs()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
-    def load(self, path: Path, model, optimizer, scheduler) -> dict[str, Any]:
-        """Restores model, optimizer, scheduler and RNG states; returns the trainer state."""
+    def load(self, path: Path, model, optimizer, scheduler=None) -> dict[str, Any]:
+        """Restores model, optimizer, scheduler (if any) and RNG states from the checkpoint `path` (found
+        and verified by `find_resumable`), logs "resumed from step_<n>"; returns the trainer state."""
         import torch
         from safetensors.torch import load_file
 
-        state = self._read_state(path)
+        try:
+            state = json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError) as e:
+            raise StageError(f"cannot read {path / 'trainer_state.json'}: {e}") from None
         try:
             tensors = load_file(str(path / "model.safetensors"))
             missing, unexpected = model.load_state_dict(tensors, strict=False)
@@ -206,7 +271,8 @@ class Checkpointer:
         if missing or unexpected:
             raise StageError(f"{path / 'model.safetensors'} does not match the model: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
-        for name, obj in (("optimizer.pt", optimizer), ("scheduler.pt", scheduler)):
+        objects = [("optimizer.pt", optimizer), ("scheduler.pt", scheduler)]
+        for name, obj in [(n, o) for n, o in objects if o is not None]:
             try:
                 obj.load_state_dict(torch.load(path / name, weights_only=True))
             except Exception as e:
@@ -215,4 +281,5 @@ class Checkpointer:
             _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
         except Exception as e:
             raise StageError(f"cannot load {path / 'rng.pt'}: {e}") from None
+        log.info("%s: resumed from %s (%s)", self.stage, path.name, path)
         return state

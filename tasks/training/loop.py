@@ -159,6 +159,7 @@ class TrainResult:
     train_seconds: float = 0.0
     wall_seconds: float = 0.0
     stale_checkpoint: dict[str, Any] | None = None
+    skipped_checkpoints: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -184,7 +185,7 @@ class TrainResult:
         return {"steps": self.steps, "resumed_from_step": self.resumed_from_step, "samples": self.samples,
                 "tokens": self.tokens, "tokens_per_s": round(self.tokens_per_s, 1),
                 "train_seconds": round(self.train_seconds, 2), "wall_s": round(self.wall_seconds, 2),
-                "stale_checkpoint": self.stale_checkpoint}
+                "stale_checkpoint": self.stale_checkpoint, "skipped_checkpoints": self.skipped_checkpoints}
 
 
 def train_loop(*, stage: str, model, cfg: TrainParams, named_params: Sequence[tuple[str, Any]], stream,
@@ -224,9 +225,9 @@ def train_loop(*, stage: str, model, cfg: TrainParams, named_params: Sequence[tu
         if dist_ctx is None:
             latest = checkpointer.find_resumable()
         else:  # rank 0 alone looks (it may set a stale directory aside); every rank loads what it found
-            latest, checkpointer.stale = distributed.broadcast_object(
-                (checkpointer.find_resumable(), checkpointer.stale) if main else None)
-        result.stale_checkpoint = checkpointer.stale
+            latest, checkpointer.stale, checkpointer.skipped = distributed.broadcast_object(
+                (checkpointer.find_resumable(), checkpointer.stale, checkpointer.skipped) if main else None)
+        result.stale_checkpoint, result.skipped_checkpoints = checkpointer.stale, checkpointer.skipped
         if latest is not None:
             state = checkpointer.load(latest, model, optimizer, scheduler)
             start = int(state["step"])
@@ -238,7 +239,6 @@ def train_loop(*, stage: str, model, cfg: TrainParams, named_params: Sequence[tu
             result.samples, result.tokens = int(state["samples"]), int(state["tokens"])
             result.train_seconds = float(state["train_seconds"])
             result.resumed_from_step = start
-            log.info("%s: resumed from %s (step %d of %d)", stage, latest, start, cfg.max_steps)
     if start > cfg.max_steps:
         raise StageError(f"{stage}: checkpoint is at step {start}, beyond max_steps={cfg.max_steps}")
 

@@ -88,6 +88,41 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(straight_run, works
     assert metrics["exit_4"] == straight["exit_4"]
 
 
+def test_corrupt_latest_checkpoint_is_skipped_and_the_resume_stays_exact(straight_run, workspace, tmp_path,
+                                                                           caplog):
+    """One flipped byte in the latest checkpoint's weights after a kill: the checksum catches it, the run
+    resumes from the previous checkpoint (the file named) and ends as the uninterrupted run."""
+    params_a, straight = straight_run
+    other = tmp_path / "b"
+    params_b = copy_workspace(workspace, other)
+
+    def kill(done):
+        if done == 10:
+            raise Killed
+
+    with pytest.raises(Killed):
+        cpt.run(params_b, callbacks=[kill])
+    ckpt = other / "artifacts" / "checkpoints" / "cpt"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step_4", "step_8"]
+    weights = ckpt / "step_8" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01  # inside the last tensor: without the checksum it would load silently
+    weights.write_bytes(bytes(data))
+    caplog.set_level("INFO", logger="ruyi")
+    metrics = cpt.run(params_b)
+    assert metrics["resumed_from_step"] == 4 and "cpt: resumed from step_4" in caplog.text
+    assert metrics["skipped_checkpoints"] == [{
+        "path": str(ckpt / "step_8"), "step": 8,
+        "set_aside_to": str(ckpt.with_name("cpt.corrupt") / "step_8"),
+        "reason": "model.safetensors does not match its sha256 in checksums.json (corrupt)"}]
+    assert f"{ckpt / 'step_8'} fails verification: model.safetensors" in caplog.text
+    a, _ = load_family(f"{params_a.paths.artifacts_dir}/cpt")
+    b, _ = load_family(other / "artifacts" / "cpt")
+    for (name, ta), (_, tb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(ta, tb), name
+    assert metrics["exit_4"] == straight["exit_4"]
+
+
 def test_empty_corpus_is_an_error_naming_the_file(workspace, tmp_path):
     params = copy_workspace(workspace, tmp_path)
     path = tmp_path / "data" / "validated" / "corpus_train.jsonl"

@@ -425,7 +425,7 @@ def test_resume_equals_uninterrupted_run(micro, tmp_path):
     # An interrupted run: 3 steps with a checkpoint at step 2, then the same run asked for 4 steps.
     resumed = write_workspace(tmp_path / "resumed", micro[2], rows, {"rl.steps": 3, "rl.checkpoint_every": 2})
     assert main(["--params", str(resumed)]) == 0
-    assert (tmp_path / "resumed" / "artifacts" / "checkpoints" / "rl" / "step_000002").is_dir()
+    assert (tmp_path / "resumed" / "artifacts" / "checkpoints" / "rl" / "step_2").is_dir()
     assert main(["--params", str(resumed), "--set", "rl.steps=4"]) == 0
     m_straight = json.loads((tmp_path / "straight" / "metrics" / "rl.json").read_text())
     m_resumed = json.loads((tmp_path / "resumed" / "metrics" / "rl.json").read_text())
@@ -435,11 +435,14 @@ def test_resume_equals_uninterrupted_run(micro, tmp_path):
     a = load_file(tmp_path / "straight" / "artifacts" / "rl" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "artifacts" / "rl" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    # A checkpoint made with other params is set aside, not resumed.
+    # A checkpoint made with other params is set aside (as cpt's), not resumed.
     assert main(["--params", str(resumed), "--set", "rl.steps=4", "--set", "rl.lr=0.001"]) == 0
     m_other = json.loads((tmp_path / "resumed" / "metrics" / "rl.json").read_text())
     assert m_other["resumed_from_step"] is None
-    assert list((tmp_path / "resumed" / "artifacts" / "checkpoints").glob("rl.stale-*"))
+    stale = tmp_path / "resumed" / "artifacts" / "checkpoints" / "rl.stale"
+    assert m_other["stale_checkpoint"] == {"set_aside_to": str(stale), "step": 2,
+                                           "differences": ["params.lr: 0.005 -> 0.001"]}
+    assert sorted(p.name for p in stale.iterdir()) == ["step_2"]
 
 
 def test_bad_inputs_name_the_file(micro, tmp_path):
@@ -571,18 +574,6 @@ def test_benchmark_steps_to_target_skip_steps_without_gradient_and_short_runs():
     assert sorted(both["members"]) == ["exit_1", "exit_2"]
 
 
-def test_stale_set_aside_is_unique_within_one_second(tmp_path):
-    from tasks.rl import try_resume
-
-    root = tmp_path / "checkpoints" / "rl"
-    for _ in range(3):
-        (root / "step_000001").mkdir(parents=True)
-        (root / "step_000001" / "state.json").write_text(json.dumps({"fingerprint": "old"}))
-        assert try_resume(root, None, "new") is None   # stale: moved aside before the trainer is touched
-        assert not root.exists()
-    assert len(list((tmp_path / "checkpoints").glob("rl.stale-*"))) == 3
-
-
 def test_wall_time_is_cumulative_across_resumes(micro, tmp_path):
     from tasks.rl import main
 
@@ -590,7 +581,7 @@ def test_wall_time_is_cumulative_across_resumes(micro, tmp_path):
     assert main(["--params", str(params)]) == 0
     first = json.loads((tmp_path / "metrics" / "rl.json").read_text())
     assert first["wall_time_s"] == first["wall_time_this_run_s"]
-    state = json.loads((tmp_path / "artifacts/checkpoints/rl/step_000002/state.json").read_text())
+    state = json.loads((tmp_path / "artifacts/checkpoints/rl/step_2/trainer_state.json").read_text())
     assert 0 < state["wall_time_s"] < first["wall_time_s"]
     assert main(["--params", str(params), "--set", "rl.steps=4"]) == 0
     resumed = json.loads((tmp_path / "metrics" / "rl.json").read_text())
@@ -598,3 +589,79 @@ def test_wall_time_is_cumulative_across_resumes(micro, tmp_path):
     assert resumed["wall_time_s"] == pytest.approx(state["wall_time_s"] + resumed["wall_time_this_run_s"], abs=1e-9)
     assert resumed["wall_time_s"] > resumed["wall_time_this_run_s"]
     assert resumed["train_time_s"] > state["elapsed_s"]   # train time: cumulative too
+
+
+def test_corrupt_rl_checkpoints_are_skipped_and_resume_stays_exact(micro, tmp_path, caplog):
+    from safetensors.torch import load_file
+
+    from tasks.rl import main
+
+    def flip_byte(path, offset):
+        data = bytearray(path.read_bytes())
+        data[offset] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+    def final_weights(root):
+        return load_file(root / "artifacts" / "rl" / "model.safetensors")
+
+    rows = rl_rows(20)
+    straight = write_workspace(tmp_path / "straight", micro[2], rows, {"rl.steps": 4})
+    assert main(["--params", str(straight)]) == 0
+    expected = final_weights(tmp_path / "straight")
+    params = write_workspace(tmp_path / "run", micro[2], rows, {"rl.steps": 3, "rl.checkpoint_every": 1})
+    assert main(["--params", str(params)]) == 0
+    ckpt = tmp_path / "run" / "artifacts" / "checkpoints" / "rl"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step_1", "step_2"]
+    # One flipped byte in the latest checkpoint's weights: resumed from the previous one, the file named.
+    flip_byte(ckpt / "step_2" / "model.safetensors", -5)
+    assert main(["--params", str(params), "--set", "rl.steps=4"]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics" / "rl.json").read_text())
+    assert metrics["resumed_from_step"] == 1 and metrics["stale_checkpoint"] is None
+    assert [(s["path"], s["reason"]) for s in metrics["skipped_checkpoints"]] == [
+        (str(ckpt / "step_2"), "model.safetensors does not match its sha256 in checksums.json (corrupt)")]
+    assert f"{ckpt / 'step_2'} fails verification: model.safetensors does not match" in caplog.text
+    got = final_weights(tmp_path / "run")
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    # Every checkpoint bad (a corrupt rng.pt, a missing manifest): a fresh start, still the same result.
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step_2", "step_3"]
+    flip_byte(ckpt / "step_3" / "rng.pt", 100)
+    (ckpt / "step_2" / "checksums.json").unlink()
+    caplog.clear()
+    assert main(["--params", str(params), "--set", "rl.steps=4"]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics" / "rl.json").read_text())
+    assert metrics["resumed_from_step"] is None
+    assert [(s["step"], s["reason"].split()[0]) for s in metrics["skipped_checkpoints"]] == [
+        (3, "rng.pt"), (2, "checksums.json")]
+    assert "no checkpoint in" in caplog.text and "training starts from scratch" in caplog.text
+    got = final_weights(tmp_path / "run")
+    assert all(torch.equal(got[k], expected[k]) for k in got)
+
+
+def test_rl_checkpoint_fingerprint_follows_the_code_it_imports(micro, tmp_path):
+    """rl imports ruyi_model/decoding.py: a change there makes its checkpoints stale (as cpt's)."""
+    import shutil
+
+    from tasks.core import codedeps
+    from tasks.rl import checkpoint_info
+    from tasks.training.checkpoint import Checkpointer, fingerprint_differences
+
+    params_file = write_workspace(tmp_path / "ws", micro[2], rl_rows(20))
+    params = load_params(params_file)
+    rl_path = tmp_path / "ws" / "data" / "validated" / "rl.jsonl"
+    sft_dir = tmp_path / "ws" / "artifacts" / "sft"
+    code = tmp_path / "code"
+    for pkg in codedeps.PACKAGES:
+        shutil.copytree(codedeps.REPO_ROOT / pkg, code / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    here = checkpoint_info(params, rl_path, sft_dir)
+    before = checkpoint_info(params, rl_path, sft_dir, code_root=code)
+    assert before == here and "ruyi_model/decoding.py" in before["code"]
+    with open(code / "ruyi_model" / "decoding.py", "a") as f:
+        f.write("\n# changed\n")
+    after = checkpoint_info(params, rl_path, sft_dir, code_root=code)
+    assert Checkpointer(tmp_path / "c", after).digest != Checkpointer(tmp_path / "c", before).digest
+    [diff] = fingerprint_differences(before, after)
+    assert diff.startswith("code.ruyi_model/decoding.py: ")
+    # Extending the run (steps, checkpoint_every) keeps the fingerprint; the seed does not.
+    longer = load_params(params_file, {"rl.steps": 9, "rl.checkpoint_every": 3})
+    assert checkpoint_info(longer, rl_path, sft_dir) == here
+    assert checkpoint_info(load_params(params_file, {"seed": 4}), rl_path, sft_dir) != here

@@ -105,6 +105,34 @@ def test_sft_resume_is_bitwise_identical(dae_run, workspace, tmp_path):
     assert metrics_b["exit_2"] == metrics_a["exit_2"]
 
 
+def test_sft_corrupt_latest_checkpoint_is_skipped_for_the_previous_one(dae_run, workspace, tmp_path, caplog):
+    params_a, metrics_a = dae_run
+    params_b = copy_workspace(workspace, tmp_path, artifacts=("tokenizer", "expand"))
+
+    def kill(done):
+        if done == 9:
+            raise Killed
+
+    with pytest.raises(Killed):
+        sft.run(params_b, callbacks=[kill])
+    ckpt = tmp_path / "artifacts" / "checkpoints" / "sft"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step_4", "step_8"]
+    optimizer = ckpt / "step_8" / "optimizer.pt"
+    data = bytearray(optimizer.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    optimizer.write_bytes(bytes(data))
+    metrics_b = sft.run(params_b)
+    assert metrics_b["resumed_from_step"] == 4
+    assert [(s["step"], s["reason"]) for s in metrics_b["skipped_checkpoints"]] == [
+        (8, "optimizer.pt does not match its sha256 in checksums.json (corrupt)")]
+    assert f"{ckpt / 'step_8'} fails verification: optimizer.pt" in caplog.text
+    a, _ = load_family(Path(params_a.paths.artifacts_dir) / "sft")
+    b, _ = load_family(tmp_path / "artifacts" / "sft")
+    for (name, ta), (_, tb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(ta, tb), name
+    assert metrics_b["exit_2"] == metrics_a["exit_2"]
+
+
 def test_sft_family_scope_trains_every_member(workspace, tmp_path):
     params = copy_workspace(workspace, tmp_path, artifacts=("tokenizer", "expand"), sft__scope="family")
     metrics = sft.run(params)

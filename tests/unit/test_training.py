@@ -179,11 +179,103 @@ def test_stale_checkpoint_is_set_aside_naming_the_difference(tmp_path):
     assert again.resumed_from_step == 3 and again.stale_checkpoint is None
 
 
-def test_incomplete_checkpoint_is_an_error_naming_the_file(tmp_path):
+def flip_byte(path, offset=None):
+    """Flips every bit of one byte of `path` (default: the middle one) in place."""
+    data = bytearray(path.read_bytes())
+    offset = len(data) // 2 if offset is None else offset
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _assert_same_weights(a, b):
+    for (name, ta), (_, tb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(ta, tb), name
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.pt", "rng.pt"])
+def test_corrupt_latest_checkpoint_is_skipped_for_the_previous_one(tmp_path, caplog, name):
+    caplog.set_level("INFO", logger="ruyi")
+    straight, res_straight, _ = _loop(tmp_path / "a", ckpt=False)
+    with pytest.raises(Kill):
+        _loop(tmp_path / "b", callbacks=[_kill_at(7)])
+    ckpt = tmp_path / "b" / "ckpt"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step_3", "step_6"]
+    flip_byte(ckpt / "step_6" / name)
+    resumed, res_resumed, _ = _loop(tmp_path / "b")
+    assert res_resumed.resumed_from_step == 3
+    [skipped] = res_resumed.skipped_checkpoints
+    assert skipped["path"] == str(ckpt / "step_6") and skipped["reason"].startswith(f"{name} does not match")
+    assert f"{ckpt / 'step_6'} fails verification: {name} does not match its sha256" in caplog.text
+    assert (tmp_path / "b" / "ckpt.corrupt" / "step_6" / name).is_file()  # kept aside, not resumed
+    assert "cpt: resumed from step_3" in caplog.text
+    _assert_same_weights(straight, resumed)  # = the uninterrupted run, as a resume from step 3 is
+    assert res_resumed.history == res_straight.history
+    assert res_resumed.summary()["skipped_checkpoints"] == [skipped]
+
+
+def test_all_checkpoints_corrupt_start_from_scratch(tmp_path, caplog):
+    straight, res_straight, _ = _loop(tmp_path / "a", ckpt=False)
+    with pytest.raises(Kill):
+        _loop(tmp_path / "b", callbacks=[_kill_at(7)])
+    ckpt = tmp_path / "b" / "ckpt"
+    flip_byte(ckpt / "step_6" / "model.safetensors")
+    flip_byte(ckpt / "step_3" / "rng.pt", offset=-1)
+    resumed, result, _ = _loop(tmp_path / "b")
+    assert result.resumed_from_step is None
+    assert [(s["step"], s["reason"].split()[0]) for s in result.skipped_checkpoints] == \
+        [(6, "model.safetensors"), (3, "rng.pt")]
+    assert "no checkpoint in" in caplog.text and "training starts from scratch" in caplog.text
+    _assert_same_weights(straight, resumed)
+    assert result.history == res_straight.history
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step_6", "step_8"]
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("manifest missing", "checksums.json is missing"),
+    ("manifest truncated", "checksums.json is unreadable"),
+    ("manifest without a file", "checksums.json does not list optimizer.pt"),
+    ("file missing", "optimizer.pt is missing"),
+    ("file truncated", "model.safetensors has"),
+])
+def test_checkpoint_without_a_valid_manifest_or_file_is_skipped(tmp_path, caplog, damage, reason):
+    import json
+
+    _loop(tmp_path, max_steps=6)
+    step = tmp_path / "ckpt" / "step_6"
+    manifest = step / "checksums.json"
+    if damage == "manifest missing":
+        manifest.unlink()
+    elif damage == "manifest truncated":
+        manifest.write_bytes(manifest.read_bytes()[:40])
+    elif damage == "manifest without a file":
+        entries = json.loads(manifest.read_text())
+        del entries["files"]["optimizer.pt"]
+        manifest.write_text(json.dumps(entries))
+    elif damage == "file missing":
+        (step / "optimizer.pt").unlink()
+    else:
+        model_file = step / "model.safetensors"
+        model_file.write_bytes(model_file.read_bytes()[:-10])
+    _, result, _ = _loop(tmp_path, max_steps=6)
+    assert result.resumed_from_step == 3
+    assert result.skipped_checkpoints[0]["reason"].startswith(reason)
+    assert f"{step} fails verification: {reason}" in caplog.text
+
+
+def test_checkpoints_record_checksums_of_every_file_and_keep_at_least_two(tmp_path):
+    import json
+
+    from tasks.core.files import sha256_file
+
     _loop(tmp_path, max_steps=3)
-    (tmp_path / "ckpt" / "step_3" / "optimizer.pt").unlink()
-    with pytest.raises(StageError, match=r"step_3/optimizer.pt is missing"):
-        _loop(tmp_path, max_steps=3)
+    step = tmp_path / "ckpt" / "step_3"
+    files = json.loads((step / "checksums.json").read_text())["files"]
+    assert sorted(files) == ["model.safetensors", "optimizer.pt", "rng.pt", "scheduler.pt",
+                             "trainer_state.json"]
+    for name, entry in files.items():
+        assert entry == {"sha256": sha256_file(step / name), "bytes": (step / name).stat().st_size}
+    with pytest.raises(ValueError, match="keep at least 2"):
+        Checkpointer(tmp_path / "x", {}, keep=1)
 
 
 def test_non_finite_loss_stops_with_an_error(tmp_path):
