@@ -151,26 +151,27 @@ def _pre_tokenizer_name(state: dict) -> str:
                 and parts[0].get("pattern", {}).get("Regex") == QWEN2_SPLIT
                 and parts[1].get("type") == "ByteLevel" and not parts[1].get("use_regex", True)):
             return "qwen2"
-    raise ValueError(f"export_gguf: unsupported pre-tokenizer {json.dumps(pre)[:300]} (supported: Qwen2's split "
-                     "regex + byte-level, or GPT-2 byte-level)")
+    raise ValueError(f"export_gguf: unsupported pre-tokenizer {json.dumps(pre)[:300]} "
+                     "(supported: Qwen2's split regex + byte-level, or GPT-2 byte-level)")
 
 
 def _add_tokenizer(writer, gguf, tokenizer, vocab_size: int) -> None:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise TypeError(f"export_gguf needs a fast (tokenizers-backed) tokenizer, got {type(tokenizer).__name__}")
+        raise TypeError("export_gguf needs a fast (tokenizers-backed) tokenizer, "
+                        f"got {type(tokenizer).__name__}")
     state = json.loads(backend.to_str())
     model = state.get("model") or {}
     if model.get("type") != "BPE" or (state.get("decoder") or {}).get("type") != "ByteLevel":
         raise ValueError("export_gguf supports byte-level BPE tokenizers only (tokenizer.ggml.model 'gpt2')")
     if state.get("normalizer") is not None:
-        raise ValueError(f"export_gguf: the tokenizer has a normalizer ({state['normalizer'].get('type')}), which "
-                         "GGUF's gpt2 tokenizer cannot express")
+        raise ValueError(f"export_gguf: the tokenizer has a normalizer ({state['normalizer'].get('type')}), "
+                         "which GGUF's gpt2 tokenizer cannot express")
     pre = _pre_tokenizer_name(state)
     vocab = backend.get_vocab(with_added_tokens=True)
     if len(vocab) > vocab_size or max(vocab.values()) >= vocab_size:
-        raise ValueError(f"the tokenizer has {len(vocab)} tokens (max id {max(vocab.values())}) but the model's "
-                         f"vocab_size is {vocab_size}")
+        raise ValueError(f"the tokenizer has {len(vocab)} tokens (max id {max(vocab.values())}) but the "
+                         f"model's vocab_size is {vocab_size}")
     by_id = {i: t for t, i in vocab.items()}
     added = {i: tok for i, tok in tokenizer.added_tokens_decoder.items()}
     tokens, types = [], []

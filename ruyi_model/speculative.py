@@ -89,9 +89,10 @@ class SpeculativeState:
         self.draft_exit = cfg.check_exit(draft_exit)
         self.target_exit = cfg.exit_layers[-1]
         if self.draft_exit == self.target_exit:
-            raise ValueError(f"draft_exit={draft_exit} is the deepest member; the draft must be a shallower member "
-                             f"(one of {cfg.exit_layers[:-1]})")
-        draft_layers, target_layers = model.member_layers(self.draft_exit), model.member_layers(self.target_exit)
+            raise ValueError(f"draft_exit={draft_exit} is the deepest member; the draft must be a shallower "
+                             f"member (one of {cfg.exit_layers[:-1]})")
+        draft_layers = model.member_layers(self.draft_exit)
+        target_layers = model.member_layers(self.target_exit)
         s = 0
         while s < min(len(draft_layers), len(target_layers)) and draft_layers[s] is target_layers[s]:
             s += 1
@@ -266,7 +267,8 @@ def speculative_generate(
     if not isinstance(model, FamilialForCausalLM):
         raise TypeError(f"speculative_generate needs a FamilialForCausalLM, got {type(model).__name__}")
     if input_ids.ndim != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"speculative_generate supports batch size 1: input_ids has shape {tuple(input_ids.shape)}")
+        raise ValueError("speculative_generate supports batch size 1: input_ids has shape "
+                         f"{tuple(input_ids.shape)}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k (tokens drafted per round) must be an integer >= 1, got {k!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -283,7 +285,10 @@ def speculative_generate(
         prompt = prompt[n_pad:]
     if not prompt:
         raise ValueError("the prompt is empty (no unmasked token)")
-    eos = set() if eos_token_id is None else ({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))
+    if eos_token_id is None:
+        eos = set()
+    else:
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
     state = SpeculativeState(model, draft_exit, do_sample=do_sample, temperature=temperature, top_k=top_k,
                              top_p=top_p, generator=generator)
     out = SpeculativeOutput(sequences=input_ids[:, :0], new_tokens=[])

@@ -23,9 +23,9 @@ def agreeing_family(vocab=97, exits=(1, 2, 3, 4), alpha=0.1, branch=1, shared=Fa
     `alpha`, so drafts are often but not always accepted (both paths get exercised)."""
     torch.manual_seed(seed)
     q = Qwen3ForCausalLM(Qwen3Config(vocab_size=vocab, hidden_size=32, intermediate_size=67,
-                                     num_hidden_layers=max(exits), num_attention_heads=4, num_key_value_heads=2,
-                                     head_dim=8, max_position_embeddings=128, initializer_range=init,
-                                     tie_word_embeddings=False)).eval()
+                                     num_hidden_layers=max(exits), num_attention_heads=4,
+                                     num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                                     initializer_range=init, tie_word_embeddings=False)).eval()
     with torch.no_grad():
         for layer in q.model.layers[1:]:
             layer.self_attn.o_proj.weight.mul_(alpha)
@@ -134,7 +134,8 @@ def test_cache_after_every_round_equals_plain_decoding(do_sample):
     assert seen_reject and seen_full
 
 
-def joint_first_two(fam: FamilialForCausalLM, prompt: list[int], exit_layer: int, temperature: float) -> np.ndarray:
+def joint_first_two(fam: FamilialForCausalLM, prompt: list[int], exit_layer: int,
+                    temperature: float) -> np.ndarray:
     """The exact V x V law of the first two sampled tokens of member `exit_layer`."""
     vocab = fam.config.vocab_size
     with torch.no_grad():
