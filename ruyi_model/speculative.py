@@ -262,7 +262,7 @@ def speculative_generate(
             greedy when do_sample is False.
         eos_token_id: stop after producing this token (or any of these tokens).
         attention_mask: 1 x T, zeros only as left padding (dropped).
-        generator: the torch.Generator for sampling (reproducible runs).
+        generator: the torch.Generator for sampling (reproducible runs), on the model's device.
     """
     if not isinstance(model, FamilialForCausalLM):
         raise TypeError(f"speculative_generate needs a FamilialForCausalLM, got {type(model).__name__}")

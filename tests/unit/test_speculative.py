@@ -63,9 +63,19 @@ def test_greedy_equals_deepest_member_generate(family):
     ref = fam.generate(ids, max_new_tokens=20, do_sample=False, exit_layer=deepest)
     rates, full_rounds, rejections = [], 0, 0
     for d in fam.config.exit_layers[:-1]:
+        with torch.no_grad():  # member d's own next-token choice along the output (no cache)
+            draft_argmax = fam(ref, exit_layer=d, use_cache=False).logits[0].argmax(-1).tolist()
         for k in (1, 2, 3, 5):
             out = speculative_generate(fam, ids, draft_exit=d, k=k, max_new_tokens=20)
             assert out.sequences.tolist() == ref.tolist(), (d, k)
+            # the drafts are member d's real predictions: each round keeps exactly as many as agree
+            seq, pos, made = ref[0].tolist(), ids.shape[1] - 1, 0
+            for got in out.accepted_per_round:
+                k_round, want = min(k, 20 - made - 1), 0
+                while want < k_round and draft_argmax[pos + want] == seq[pos + want + 1]:
+                    want += 1
+                assert got == want, (d, k, out.accepted_per_round)
+                pos, made = pos + want + 1, made + want + 1
             assert len(out.new_tokens) == 20
             assert out.target_forwards == len(out.accepted_per_round)
             assert out.accepted == sum(out.accepted_per_round) <= out.proposed == out.draft_forwards
