@@ -96,6 +96,10 @@ def test_greedy_stops_at_eos_and_handles_left_padding():
     stop = ref.index(eos)
     out = speculative_generate(fam, ids, draft_exit=2, k=3, max_new_tokens=16, eos_token_id=[eos, 10_000])
     assert out.new_tokens == ref[: stop + 1]
+    # sampling through the warpers: top_k=1 makes both laws one-hot, so the output is the greedy one
+    out = speculative_generate(fam, ids, draft_exit=1, k=4, max_new_tokens=16, do_sample=True, top_k=1,
+                               top_p=0.9, temperature=0.7, generator=torch.Generator().manual_seed(0))
+    assert out.new_tokens == ref and 0 < out.accepted < out.proposed
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], dim=1)
     mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 5, dtype=torch.long)], dim=1)
     out = speculative_generate(fam, padded, draft_exit=3, k=2, max_new_tokens=16, attention_mask=mask)
