@@ -6,6 +6,8 @@ Public API:
     decompose                               DaE decomposition (activation-aware SVD of the added blocks)
     export_exits                            each member as a stock Qwen3ForCausalLM checkpoint
     dynamic_generate                        confidence-based dynamic early exit (decoding)
+    speculative_generate                    self-speculative decoding (a shallow member drafts)
+    export_gguf                             a member as a GGUF file (llama.cpp, transformers)
     train_tokenizer, load_tokenizer         byte-level BPE tokenizer with a chat template
 
 This package never imports the pipeline, Prefect, DVC or Ray. Choices: docs/choices.md#model.
@@ -17,7 +19,9 @@ from ruyi_model.config import FamilialConfig
 from ruyi_model.dae import DecomposeReport, dae_trainable_parameters, decompose, expand, freeze_for_dae
 from ruyi_model.export import export_exits, member_to_qwen3, verify_export
 from ruyi_model.generation import DynamicGenerationOutput, dynamic_generate
+from ruyi_model.gguf_export import export_gguf
 from ruyi_model.modeling import FamilialCausalLMOutput, FamilialForCausalLM, LowRankLinear
+from ruyi_model.speculative import speculative_generate
 from ruyi_model.tokenizer import load_tokenizer, train_tokenizer
 
 AutoConfig.register(FamilialConfig.model_type, FamilialConfig, exist_ok=True)
@@ -40,4 +44,6 @@ __all__ = [
     "load_tokenizer",
     "dynamic_generate",
     "DynamicGenerationOutput",
+    "speculative_generate",
+    "export_gguf",
 ]

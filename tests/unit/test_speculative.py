@@ -1,0 +1,210 @@
+"""Self-speculative decoding (`ruyi_model.speculative`) against the deepest member's own decoding.
+
+Greedy output must be token for token `generate(exit_layer=L, do_sample=False)` for every drafting
+member and several k; after every round the shared KV cache must equal plain decoding of the committed
+tokens; under sampling the output distribution must be the deepest member's (exact joint of the first
+two tokens vs a seeded empirical sample, chi-square, with a power check against the draft's own law).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM
+
+from ruyi_model import FamilialForCausalLM, expand, speculative_generate
+from ruyi_model.speculative import SpeculativeState
+
+
+def agreeing_family(vocab=97, exits=(1, 2, 3, 4), alpha=0.1, branch=1, shared=False, init=0.2, seed=0):
+    """A random family whose members mostly agree: layers after the first write a residual scaled by
+    `alpha`, so drafts are often but not always accepted (both paths get exercised)."""
+    torch.manual_seed(seed)
+    q = Qwen3ForCausalLM(Qwen3Config(vocab_size=vocab, hidden_size=32, intermediate_size=67,
+                                     num_hidden_layers=max(exits), num_attention_heads=4,
+                                     num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                                     initializer_range=init, tie_word_embeddings=False)).eval()
+    with torch.no_grad():
+        for layer in q.model.layers[1:]:
+            layer.self_attn.o_proj.weight.mul_(alpha)
+            layer.mlp.down_proj.weight.mul_(alpha)
+    return FamilialForCausalLM.from_qwen3(q, exit_layers=list(exits), exit_branch_layers=branch,
+                                          shared_heads=shared).eval()
+
+
+def with_dae(fam: FamilialForCausalLM) -> FamilialForCausalLM:
+    """DaE blocks on a shallow member and on the deepest, made non-identity (small residuals)."""
+    fam = expand(fam, 2, 2)
+    fam = expand(fam, fam.config.exit_layers[-1], 1).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for d in (2, fam.config.exit_layers[-1]):
+            for layer in fam.exits[str(d)].layers[fam.config.branch_layers(d):]:
+                layer.self_attn.o_proj.weight.normal_(0, 0.01)
+                layer.mlp.down_proj.weight.normal_(0, 0.01)
+    return fam
+
+
+FAMILIES = {
+    "branch1": lambda: agreeing_family(),
+    "branch0_shared_heads": lambda: agreeing_family(exits=(1, 3, 4), branch=0, shared=True),
+    "dae": lambda: with_dae(agreeing_family(exits=(2, 3, 4))),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_greedy_equals_deepest_member_generate(family):
+    fam = FAMILIES[family]()
+    deepest = fam.config.exit_layers[-1]
+    torch.manual_seed(3)
+    ids = torch.randint(0, fam.config.vocab_size, (1, 6))
+    ref = fam.generate(ids, max_new_tokens=20, do_sample=False, exit_layer=deepest)
+    rates, full_rounds, rejections = [], 0, 0
+    for d in fam.config.exit_layers[:-1]:
+        with torch.no_grad():  # member d's own next-token choice along the output (no cache)
+            draft_argmax = fam(ref, exit_layer=d, use_cache=False).logits[0].argmax(-1).tolist()
+        for k in (1, 2, 3, 5):
+            out = speculative_generate(fam, ids, draft_exit=d, k=k, max_new_tokens=20)
+            assert out.sequences.tolist() == ref.tolist(), (d, k)
+            # the drafts are member d's real predictions: each round keeps exactly as many as agree
+            seq, pos, made = ref[0].tolist(), ids.shape[1] - 1, 0
+            for got in out.accepted_per_round:
+                k_round, want = min(k, 20 - made - 1), 0
+                while want < k_round and draft_argmax[pos + want] == seq[pos + want + 1]:
+                    want += 1
+                assert got == want, (d, k, out.accepted_per_round)
+                pos, made = pos + want + 1, made + want + 1
+            assert len(out.new_tokens) == 20
+            assert out.target_forwards == len(out.accepted_per_round)
+            assert out.accepted == sum(out.accepted_per_round) <= out.proposed == out.draft_forwards
+            # every round commits its kept drafts plus one token of the deepest member
+            assert sum(a + 1 for a in out.accepted_per_round) == 20
+            rates.append(out.acceptance_rate)
+            full_rounds += sum(a == min(k, 20) for a in out.accepted_per_round)
+            rejections += sum(a < k for a in out.accepted_per_round[:-1])
+    # the fixture family is built so that both paths (every draft kept / a rejection) occur
+    assert full_rounds > 0 and rejections > 0 and 0 < np.mean(rates) < 1
+
+
+def test_greedy_stops_at_eos_and_handles_left_padding():
+    fam = agreeing_family()
+    ids = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(5))
+    ref = fam.generate(ids, max_new_tokens=16, do_sample=False, exit_layer=4)[0, 5:].tolist()
+    eos = ref[7]
+    stop = ref.index(eos)
+    out = speculative_generate(fam, ids, draft_exit=2, k=3, max_new_tokens=16, eos_token_id=[eos, 10_000])
+    assert out.new_tokens == ref[: stop + 1]
+    # sampling through the warpers: top_k=1 makes both laws one-hot, so the output is the greedy one
+    out = speculative_generate(fam, ids, draft_exit=1, k=4, max_new_tokens=16, do_sample=True, top_k=1,
+                               top_p=0.9, temperature=0.7, generator=torch.Generator().manual_seed(0))
+    assert out.new_tokens == ref and 0 < out.accepted < out.proposed
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 5, dtype=torch.long)], dim=1)
+    out = speculative_generate(fam, padded, draft_exit=3, k=2, max_new_tokens=16, attention_mask=mask)
+    assert out.new_tokens == ref and out.sequences[0, :5].tolist() == ids[0].tolist()
+
+
+def plain_cache(fam: FamilialForCausalLM, tokens: list[int], exit_layer: int) -> DynamicCache:
+    cache = DynamicCache()
+    if tokens:
+        fam(torch.tensor([tokens]), exit_layer=exit_layer, past_key_values=cache, use_cache=True)
+    return cache
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_cache_after_every_round_equals_plain_decoding(do_sample):
+    fam = agreeing_family(exits=(2, 3, 4))
+    torch.manual_seed(11)
+    prompt = torch.randint(0, 97, (7,)).tolist()
+    state = SpeculativeState(fam, draft_exit=2, do_sample=do_sample, temperature=0.7,
+                             generator=torch.Generator().manual_seed(0))
+    state.prefill(prompt)
+    seen_reject = seen_full = False
+    for _ in range(12):
+        k = 3
+        _, accepted = state.step(k)
+        seen_reject |= accepted < k
+        seen_full |= accepted == k
+        committed = state.tokens[:-1]            # the last token is pending: in no cache yet
+        ref_target = plain_cache(fam, committed, 4)
+        for layer in fam.member_layers(4):       # shared backbone slots and the verifier's own slots
+            slot = layer.self_attn.layer_idx
+            got, want = state.cache.layers[slot], ref_target.layers[slot]
+            assert got.get_seq_length() == len(committed)
+            torch.testing.assert_close(got.keys, want.keys, atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(got.values, want.values, atol=2e-5, rtol=1e-4)
+        # the draft's own slots: plain decoding of the tokens it has consumed (all but the backlog)
+        lag = state.backlog.shape[1]
+        ref_draft = plain_cache(fam, committed[: len(committed) - lag], 2)
+        for layer in state.draft_only:
+            slot = layer.self_attn.layer_idx
+            got, want = state.cache.layers[slot], ref_draft.layers[slot]
+            assert got.get_seq_length() == len(committed) - lag
+            torch.testing.assert_close(got.keys, want.keys, atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(got.values, want.values, atol=2e-5, rtol=1e-4)
+        # (the backlog itself is checked through the next round: the draft consumes it into these slots)
+    assert seen_reject and seen_full
+
+
+def joint_first_two(fam: FamilialForCausalLM, prompt: list[int], exit_layer: int,
+                    temperature: float) -> np.ndarray:
+    """The exact V x V law of the first two sampled tokens of member `exit_layer`."""
+    vocab = fam.config.vocab_size
+    with torch.no_grad():
+        batch = torch.tensor([prompt + [a] for a in range(vocab)])
+        logits = fam(batch, exit_layer=exit_layer, use_cache=False).logits.float() / temperature
+    p1 = torch.softmax(logits[0, -2], -1)
+    p2 = torch.softmax(logits[:, -1], -1)
+    return (p1[:, None] * p2).double().numpy()
+
+
+def test_sampling_follows_the_deepest_members_distribution():
+    vocab, temperature, n = 8, 0.8, 1500
+    fam = agreeing_family(vocab=vocab, exits=(1, 2), alpha=0.6, init=0.6, seed=2)
+    prompt = [5]    # one token: no prefill, so each sample is 1-2 rounds (keeps the test fast)
+    target = joint_first_two(fam, prompt, 2, temperature)
+    draft = joint_first_two(fam, prompt, 1, temperature)
+    tv_draft = 0.5 * np.abs(target - draft).sum()
+    assert tv_draft > 0.3, f"the fixture has no power: draft and target laws are {tv_draft:.3f} apart in TV"
+    gen = torch.Generator().manual_seed(1234)
+    ids = torch.tensor([prompt])
+    counts = np.zeros((vocab, vocab))
+    accepted = proposed = 0
+    for _ in range(n):
+        out = speculative_generate(fam, ids, draft_exit=1, k=1, max_new_tokens=2, do_sample=True,
+                                   temperature=temperature, generator=gen)
+        counts[out.new_tokens[0], out.new_tokens[1]] += 1
+        accepted, proposed = accepted + out.accepted, proposed + out.proposed
+    assert 0 < accepted < proposed            # both the accept and the residual-sampling paths ran
+    emp = counts / n
+
+    def chi2_pvalue(law):
+        exp = (law / law.sum() * n).ravel()
+        obs = counts.ravel()
+        big = exp >= 5                         # pool the sparse cells into one
+        obs_c = np.append(obs[big], obs[~big].sum())
+        exp_c = np.append(exp[big], exp[~big].sum())
+        return stats.chisquare(obs_c, exp_c).pvalue
+
+    assert chi2_pvalue(target) > 1e-3
+    assert chi2_pvalue(draft) < 1e-6          # the same sample rejects the draft's own law
+    assert 0.5 * np.abs(emp - target).sum() < 0.1   # (about 0.03 expected at n = 1500)
+
+
+def test_invalid_arguments():
+    fam = agreeing_family(exits=(2, 4))
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match="batch size 1"):
+        speculative_generate(fam, ids.repeat(2, 1), draft_exit=2)
+    with pytest.raises(ValueError, match="deepest member"):
+        speculative_generate(fam, ids, draft_exit=4)
+    with pytest.raises(ValueError):
+        speculative_generate(fam, ids, draft_exit=3)           # not a member
+    with pytest.raises(ValueError, match="k "):
+        speculative_generate(fam, ids, draft_exit=2, k=0)
+    with pytest.raises(ValueError, match="temperature"):
+        speculative_generate(fam, ids, draft_exit=2, do_sample=True, temperature=0.0)
+    with pytest.raises(ValueError, match="left-padding"):
+        speculative_generate(fam, ids, draft_exit=2, attention_mask=torch.tensor([[1, 0, 1]]))
