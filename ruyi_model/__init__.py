@@ -19,13 +19,26 @@ from ruyi_model.config import FamilialConfig
 from ruyi_model.dae import DecomposeReport, dae_trainable_parameters, decompose, expand, freeze_for_dae
 from ruyi_model.export import export_exits, member_to_qwen3, verify_export
 from ruyi_model.generation import DynamicGenerationOutput, dynamic_generate
-from ruyi_model.gguf_export import export_gguf
 from ruyi_model.modeling import FamilialCausalLMOutput, FamilialForCausalLM, LowRankLinear
-from ruyi_model.speculative import speculative_generate
 from ruyi_model.tokenizer import load_tokenizer, train_tokenizer
 
 AutoConfig.register(FamilialConfig.model_type, FamilialConfig, exist_ok=True)
 AutoModelForCausalLM.register(FamilialConfig, FamilialForCausalLM, exist_ok=True)
+
+# Optional features, imported on first use: the pipeline's stages do not need them, so they stay out of the
+# stages' code dependencies (tasks.core.codedeps follows static imports) and out of `import ruyi_model`.
+_LAZY = {"speculative_generate": "ruyi_model.speculative", "export_gguf": "ruyi_model.gguf_export"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ruyi_model' has no attribute {name!r}")
+
 
 __all__ = [
     "FamilialConfig",
