@@ -1,0 +1,160 @@
+"""The family on megatron-core (ruyi_model.megatron.model) against the HF family as the oracle.
+
+Single process (gloo, world size 1, TP=1, PP=1): every member's logits and the multi-exit loss equal
+the HF family's, a training step moves both models the same way (the megatron weights, converted
+back, equal the HF model trained with the same step), and conversions leave the family and its stock
+Qwen3 exports bitwise unchanged.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ruyi_model import FamilialConfig, FamilialForCausalLM
+from ruyi_model.export import export_exits
+from ruyi_model.megatron import convert_hf_to_mcore, convert_mcore_to_hf
+
+VOCAB = 128
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_family(exits=(2, 4), branch=1, shared=False, dae=None, weights=None, seed=0):
+    torch.manual_seed(seed)
+    cfg = FamilialConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                         exit_layers=list(exits), exit_branch_layers=branch, shared_heads=shared, dae_blocks=dae,
+                         exit_loss_weights=weights or [0.3 + 0.2 * k for k in range(len(exits))])
+    fam = FamilialForCausalLM._from_config(cfg).eval()
+    with torch.no_grad():
+        for name, p in fam.named_parameters():
+            if p.ndim == 1:  # norms start at one: make them matter
+                p.normal_(1.0, 0.2)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):  # DaE blocks start at zero
+                p.normal_(0.0, 0.02)
+    return fam
+
+
+@pytest.fixture(scope="module")
+def megatron_world():
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from ruyi_model.megatron import init_parallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    init_parallel(tp=1, pp=1, seed=0)
+    yield
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+def megatron_batch(ids):
+    """HF's `labels=ids` as megatron takes it: targets shifted left, the last position masked."""
+    labels = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)
+    mask = torch.ones_like(ids, dtype=torch.float32)
+    mask[:, -1] = 0
+    return torch.arange(ids.shape[1]).expand_as(ids), labels, mask
+
+
+FAMILIES = [
+    {},                                                     # Ruyi2 layout: branch layer per member
+    {"exits": (1, 3, 4), "dae": [2, 0, 1]},                 # DaE blocks (also on the deepest member)
+    {"exits": (2, 3, 4), "branch": 0},                      # norm + head exits
+    {"exits": (1, 2, 4), "shared": True},                   # one shared head
+]
+
+
+@pytest.mark.parametrize("kw", FAMILIES)
+def test_member_logits_and_multi_exit_loss_match_hf(tmp_path, megatron_world, kw):
+    from ruyi_model.megatron import familial_loss_func, load_model
+
+    fam = make_family(**kw)
+    fam.save_pretrained(tmp_path / "fam")
+    convert_hf_to_mcore(tmp_path / "fam", tmp_path / "mc")
+    model = load_model(tmp_path / "mc").eval()
+    ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))
+    pos, labels, mask = megatron_batch(ids)
+    got: dict = {}
+    with torch.no_grad():
+        deepest = model(ids, pos, exit_logits=got)
+        assert sorted(got) == list(fam.config.exit_layers)
+        assert torch.equal(deepest, got[fam.config.exit_layers[-1]])
+        for d in fam.config.exit_layers:
+            ref = fam(ids, exit_layer=d).logits
+            assert got[d].shape == ref.shape
+            assert (got[d] - ref).abs().max().item() <= 1e-4, d
+        loss, _ = familial_loss_func(mask, model(ids, pos, labels=labels, loss_mask=mask))
+        ref = fam(ids, labels=ids)
+    assert abs(loss.item() - ref.loss.item()) <= 1e-5
+    for d in fam.config.exit_layers:
+        assert abs(model.exit_losses[d].item() - ref.exit_losses[d].item()) <= 1e-5, d
+
+
+def test_training_step_matches_hf_and_saves_back(tmp_path, megatron_world):
+    """One SGD step on the multi-exit loss: megatron weights, converted back to HF, equal the HF step's."""
+    from ruyi_model.megatron import familial_loss_func, load_model
+    from ruyi_model.megatron.convert import finalize_split, save_rank_state_dict
+
+    fam = make_family(exits=(1, 2, 4))
+    fam.save_pretrained(tmp_path / "fam")
+    convert_hf_to_mcore(tmp_path / "fam", tmp_path / "mc")
+    model = load_model(tmp_path / "mc").train()
+    fam.train()
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(2))
+    pos, labels, mask = megatron_batch(ids)
+    opt_m = torch.optim.SGD(model.parameters(), lr=0.5)
+    opt_h = torch.optim.SGD(fam.parameters(), lr=0.5)
+    for _ in range(2):
+        loss_m, _ = familial_loss_func(mask, model(ids, pos, labels=labels, loss_mask=mask))
+        loss_h = fam(ids, labels=ids).loss
+        assert abs(loss_m.item() - loss_h.item()) <= 1e-5
+        for opt, loss in ((opt_m, loss_m), (opt_h, loss_h)):
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    save_rank_state_dict(model.state_dict(), tmp_path / "mc", 0, 0)
+    finalize_split(tmp_path / "mc")
+    convert_mcore_to_hf(tmp_path / "mc", tmp_path / "back")
+    back = load_file(str(tmp_path / "back" / "model.safetensors"))
+    trained = fam.state_dict()
+    assert sorted(back) == sorted(trained)
+    moved = 0
+    for k, v in back.items():
+        assert (v - trained[k]).abs().max().item() <= 1e-5, k
+        moved += not torch.equal(v, load_file(str(tmp_path / "fam" / "model.safetensors"))[k])
+    assert moved == len(back)  # every tensor (each member's head and norm included) was trained
+
+
+def test_conversion_keeps_family_and_stock_exports_bitwise(tmp_path, megatron_world):
+    from ruyi_model.megatron import load_model
+    from ruyi_model.megatron.convert import finalize_split, save_rank_state_dict
+
+    fam = make_family(exits=(1, 3, 4), dae=[1, 0, 0])
+    fam.save_pretrained(tmp_path / "fam")
+    convert_hf_to_mcore(tmp_path / "fam", tmp_path / "mc", tp=2, pp=2)
+    convert_mcore_to_hf(tmp_path / "mc", tmp_path / "back")
+    # a TP=1 megatron model loads and saves its weights unchanged
+    convert_hf_to_mcore(tmp_path / "back", tmp_path / "mc1")
+    model = load_model(tmp_path / "mc1")
+    save_rank_state_dict(model.state_dict(), tmp_path / "mc1", 0, 0)
+    finalize_split(tmp_path / "mc1")
+    convert_mcore_to_hf(tmp_path / "mc1", tmp_path / "back1")
+    again = FamilialForCausalLM.from_pretrained(tmp_path / "back1").eval()
+    ref_sd, got_sd = fam.state_dict(), again.state_dict()
+    assert sorted(ref_sd) == sorted(got_sd)
+    assert all(torch.equal(ref_sd[k], got_sd[k]) for k in ref_sd)
+    export_exits(fam, tmp_path / "exp_ref")
+    export_exits(again, tmp_path / "exp_got")
+    for d in fam.config.exit_layers:
+        a = load_file(str(tmp_path / "exp_ref" / f"exit_{d}" / "model.safetensors"))
+        b = load_file(str(tmp_path / "exp_got" / f"exit_{d}" / "model.safetensors"))
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), d
