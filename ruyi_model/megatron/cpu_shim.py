@@ -94,7 +94,8 @@ class _CpuDeviceMode(TorchFunctionMode):
 
 @contextlib.contextmanager
 def cpu_device_mode():
-    """Within the block, `device="cuda"` tensors are created on the CPU and `Tensor.cuda()` is a no-op.
+    """Within the block, `device="cuda"` tensors are created on the CPU, `Tensor.cuda()` and
+    `torch.cuda.synchronize()` (called by the pipeline's p2p communication) are no-ops.
 
     Needed around megatron's optimizer and pipeline schedules on a CPU-only machine; does nothing when
     CUDA is present."""
@@ -102,13 +103,14 @@ def cpu_device_mode():
         yield
         return
     apply_cpu_shim()
-    orig_cuda = torch.Tensor.cuda
+    orig_cuda, orig_sync = torch.Tensor.cuda, torch.cuda.synchronize
     torch.Tensor.cuda = lambda self, *a, **k: self
+    torch.cuda.synchronize = lambda *a, **k: None
     try:
         with _CpuDeviceMode():
             yield
     finally:
-        torch.Tensor.cuda = orig_cuda
+        torch.Tensor.cuda, torch.cuda.synchronize = orig_cuda, orig_sync
 
 
 __all__ = ["apply_cpu_shim", "install_cpu_rng_tracker", "cpu_device_mode", "cuda_available"]
