@@ -13,8 +13,15 @@ on CPU/gloo through cpu_shim.
 from ruyi_model.megatron.convert import convert_hf_to_mcore, convert_mcore_to_hf, read_split
 from ruyi_model.megatron.layout import SplitLayout, check_split
 
-_MODEL_NAMES = ("FamilialGPTModel", "build_model", "load_model", "init_parallel", "transformer_config",
-                "familial_loss_func", "set_exit_loss_scale")
+_MODEL_NAMES = (
+    "FamilialGPTModel",
+    "build_model",
+    "load_model",
+    "init_parallel",
+    "transformer_config",
+    "familial_loss_func",
+    "set_exit_loss_scale",
+)
 
 
 def __getattr__(name):
@@ -25,4 +32,11 @@ def __getattr__(name):
     raise AttributeError(f"module 'ruyi_model.megatron' has no attribute {name!r}")
 
 
-__all__ = ["convert_hf_to_mcore", "convert_mcore_to_hf", "read_split", "check_split", "SplitLayout", *_MODEL_NAMES]
+__all__ = [
+    "convert_hf_to_mcore",
+    "convert_mcore_to_hf",
+    "read_split",
+    "check_split",
+    "SplitLayout",
+    *_MODEL_NAMES,
+]

@@ -68,14 +68,26 @@ class _Entry:
 def _layer_entries(hf: str, mc: str, stage: int) -> list[_Entry]:
     return [
         _Entry("rep", (f"{hf}.input_layernorm.weight",), f"{mc}.input_layernorm.weight", stage),
-        _Entry("qkv", (f"{hf}.self_attn.q_proj.weight", f"{hf}.self_attn.k_proj.weight",
-                       f"{hf}.self_attn.v_proj.weight"), f"{mc}.self_attention.linear_qkv.weight", stage),
+        _Entry(
+            "qkv",
+            (
+                f"{hf}.self_attn.q_proj.weight",
+                f"{hf}.self_attn.k_proj.weight",
+                f"{hf}.self_attn.v_proj.weight",
+            ),
+            f"{mc}.self_attention.linear_qkv.weight",
+            stage,
+        ),
         _Entry("rep", (f"{hf}.self_attn.q_norm.weight",), f"{mc}.self_attention.q_layernorm.weight", stage),
         _Entry("rep", (f"{hf}.self_attn.k_norm.weight",), f"{mc}.self_attention.k_layernorm.weight", stage),
         _Entry("row", (f"{hf}.self_attn.o_proj.weight",), f"{mc}.self_attention.linear_proj.weight", stage),
         _Entry("rep", (f"{hf}.post_attention_layernorm.weight",), f"{mc}.pre_mlp_layernorm.weight", stage),
-        _Entry("fc1", (f"{hf}.mlp.gate_proj.weight", f"{hf}.mlp.up_proj.weight"), f"{mc}.mlp.linear_fc1.weight",
-               stage),
+        _Entry(
+            "fc1",
+            (f"{hf}.mlp.gate_proj.weight", f"{hf}.mlp.up_proj.weight"),
+            f"{mc}.mlp.linear_fc1.weight",
+            stage,
+        ),
         _Entry("row", (f"{hf}.mlp.down_proj.weight",), f"{mc}.mlp.linear_fc2.weight", stage),
     ]
 
@@ -97,9 +109,13 @@ def conversion_plan(cfg: FamilialConfig, layout: SplitLayout) -> list[_Entry]:
             if not cfg.shared_heads:
                 plan.append(_Entry("col", (f"exits.{d}.lm_head.weight",), "output_layer.weight", last))
         else:
-            plan.append(_Entry("rep", (f"exits.{d}.norm.weight",), f"exits.{d}.final_layernorm.weight", stage))
+            plan.append(
+                _Entry("rep", (f"exits.{d}.norm.weight",), f"exits.{d}.final_layernorm.weight", stage)
+            )
             if not cfg.shared_heads:
-                plan.append(_Entry("col", (f"exits.{d}.lm_head.weight",), f"exits.{d}.output_layer.weight", stage))
+                plan.append(
+                    _Entry("col", (f"exits.{d}.lm_head.weight",), f"exits.{d}.output_layer.weight", stage)
+                )
     if cfg.shared_heads:
         plan.append(_Entry("col", ("lm_head.weight",), "output_layer.weight", last))
     return plan
@@ -109,11 +125,22 @@ def _hf_shapes(cfg: FamilialConfig) -> dict[str, tuple[int, ...]]:
     """Expected shape of every HF tensor name suffix (by the last two name parts)."""
     d, hd, h, g = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
     f, v = cfg.intermediate_size, cfg.vocab_size
-    return {"input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,), "q_norm.weight": (hd,),
-            "k_norm.weight": (hd,), "q_proj.weight": (h * hd, d), "k_proj.weight": (g * hd, d),
-            "v_proj.weight": (g * hd, d), "o_proj.weight": (d, h * hd), "gate_proj.weight": (f, d),
-            "up_proj.weight": (f, d), "down_proj.weight": (d, f), "embed_tokens.weight": (v, d),
-            "lm_head.weight": (v, d), "norm.weight": (d,)}
+    return {
+        "input_layernorm.weight": (d,),
+        "post_attention_layernorm.weight": (d,),
+        "q_norm.weight": (hd,),
+        "k_norm.weight": (hd,),
+        "q_proj.weight": (h * hd, d),
+        "k_proj.weight": (g * hd, d),
+        "v_proj.weight": (g * hd, d),
+        "o_proj.weight": (d, h * hd),
+        "gate_proj.weight": (f, d),
+        "up_proj.weight": (f, d),
+        "down_proj.weight": (d, f),
+        "embed_tokens.weight": (v, d),
+        "lm_head.weight": (v, d),
+        "norm.weight": (d,),
+    }
 
 
 def _expected_shape(cfg: FamilialConfig, hf_key: str) -> tuple[int, ...]:
@@ -138,8 +165,10 @@ def _split(entry: _Entry, tensors: list[torch.Tensor], cfg: FamilialConfig, tp: 
         groups, hd = cfg.num_key_value_heads, cfg.head_dim
         per_group = cfg.num_attention_heads // groups
         dim = q.shape[1]
-        fused = torch.cat([q.reshape(groups, per_group * hd, dim), k.reshape(groups, hd, dim),
-                           v.reshape(groups, hd, dim)], dim=1)
+        fused = torch.cat(
+            [q.reshape(groups, per_group * hd, dim), k.reshape(groups, hd, dim), v.reshape(groups, hd, dim)],
+            dim=1,
+        )
         return [t.reshape(-1, dim).clone() for t in torch.chunk(fused, tp, dim=0)]
     raise AssertionError(entry.kind)
 
@@ -149,7 +178,9 @@ def _join(entry: _Entry, shards: list[torch.Tensor], cfg: FamilialConfig) -> lis
         first = shards[0]
         for r, s in enumerate(shards[1:], start=1):
             if not torch.equal(first, s):
-                raise ValueError(f"{entry.mc_key}: replicated tensor differs between TP rank 0 and TP rank {r}")
+                raise ValueError(
+                    f"{entry.mc_key}: replicated tensor differs between TP rank 0 and TP rank {r}"
+                )
         return [first.clone()]
     if entry.kind == "col":
         return [torch.cat(shards, dim=0)]
@@ -189,8 +220,10 @@ def _hf_weight_files(family_dir: Path) -> list[Path]:
     single = family_dir / "model.safetensors"
     if single.exists():
         return [single]
-    raise ValueError(f"{family_dir}: no model.safetensors or model.safetensors.index.json (only safetensors "
-                     "family checkpoints are converted)")
+    raise ValueError(
+        f"{family_dir}: no model.safetensors or model.safetensors.index.json (only safetensors "
+        "family checkpoints are converted)"
+    )
 
 
 def _check_keys(where: str, have: set[str], want: set[str]) -> None:
@@ -236,7 +269,9 @@ def convert_hf_to_mcore(family_dir: str | Path, out_dir: str | Path, tp: int = 1
                 where[key] = path
     _check_keys(f"{family_dir} (tensors)", set(where), {k for e in plan for k in e.hf_keys})
 
-    shards: dict[tuple[int, int], dict[str, torch.Tensor]] = {(t, p): {} for t in range(tp) for p in range(pp)}
+    shards: dict[tuple[int, int], dict[str, torch.Tensor]] = {
+        (t, p): {} for t in range(tp) for p in range(pp)
+    }
     dtypes = set()
     handles = {path: safe_open(str(path), framework="pt") for path in files}
     for entry in plan:
@@ -244,21 +279,34 @@ def convert_hf_to_mcore(family_dir: str | Path, out_dir: str | Path, tp: int = 1
         for key, t in zip(entry.hf_keys, tensors):
             want = _expected_shape(cfg, key)
             if tuple(t.shape) != want:
-                raise ValueError(f"{family_dir}: tensor {key} has shape {tuple(t.shape)}, its config says {want}")
+                raise ValueError(
+                    f"{family_dir}: tensor {key} has shape {tuple(t.shape)}, its config says {want}"
+                )
             dtypes.add(str(t.dtype).removeprefix("torch."))
         for t_rank, shard in enumerate(_split(entry, tensors, cfg, tp)):
             shards[(t_rank, entry.stage)][entry.mc_key] = shard.contiguous()
     del handles
 
-    description = {"format": FORMAT, "split": layout.to_json(), "dtype": sorted(dtypes),
-                   "familial_config": cfg.to_dict(), "shards": {}}
+    description = {
+        "format": FORMAT,
+        "split": layout.to_json(),
+        "dtype": sorted(dtypes),
+        "familial_config": cfg.to_dict(),
+        "shards": {},
+    }
     with atomic_dir(out_dir) as tmp:
         for (t_rank, p_rank), sd in sorted(shards.items()):
             rel = f"{shard_name(t_rank, p_rank)}/model.safetensors"
             (tmp / rel).parent.mkdir()
-            save_file(sd, str(tmp / rel), metadata={"format": "pt", "tp_rank": str(t_rank), "pp_rank": str(p_rank)})
-            description["shards"][rel] = {"tp_rank": t_rank, "pp_rank": p_rank, "tensors": len(sd),
-                                          "sha256": sha256_file(tmp / rel)}
+            save_file(
+                sd, str(tmp / rel), metadata={"format": "pt", "tp_rank": str(t_rank), "pp_rank": str(p_rank)}
+            )
+            description["shards"][rel] = {
+                "tp_rank": t_rank,
+                "pp_rank": p_rank,
+                "tensors": len(sd),
+                "sha256": sha256_file(tmp / rel),
+            }
         extra = tmp / HF_FILES
         extra.mkdir()
         for path in sorted(family_dir.iterdir()):
@@ -284,8 +332,9 @@ def read_split(mcore_dir: str | Path) -> tuple[dict, FamilialConfig, SplitLayout
     return desc, cfg, layout
 
 
-def load_rank_state_dict(mcore_dir: str | Path, tp_rank: int, pp_rank: int,
-                         verify: bool = True) -> dict[str, torch.Tensor]:
+def load_rank_state_dict(
+    mcore_dir: str | Path, tp_rank: int, pp_rank: int, verify: bool = True
+) -> dict[str, torch.Tensor]:
     """The state dict of one (tp, pp) rank, checked against its recorded sha256 (`verify`), the plan's
     key set and the shard shapes."""
     from safetensors.torch import load_file
@@ -293,22 +342,28 @@ def load_rank_state_dict(mcore_dir: str | Path, tp_rank: int, pp_rank: int,
     mcore_dir = Path(mcore_dir)
     desc, cfg, layout = read_split(mcore_dir)
     if not (0 <= tp_rank < layout.tp and 0 <= pp_rank < layout.pp):
-        raise ValueError(f"rank (tp={tp_rank}, pp={pp_rank}) is outside the split tp={layout.tp}, pp={layout.pp}")
+        raise ValueError(
+            f"rank (tp={tp_rank}, pp={pp_rank}) is outside the split tp={layout.tp}, pp={layout.pp}"
+        )
     rel = f"{shard_name(tp_rank, pp_rank)}/model.safetensors"
     path = mcore_dir / rel
     if not path.is_file():
         raise ValueError(f"{mcore_dir}: shard {rel} is missing")
     recorded = desc.get("shards", {}).get(rel, {}).get("sha256")
     if verify and recorded != sha256_file(path):
-        raise ValueError(f"{path}: sha256 differs from {SPLIT_JSON} (a partial or foreign write; run "
-                         "finalize_split after saving every rank)")
+        raise ValueError(
+            f"{path}: sha256 differs from {SPLIT_JSON} (a partial or foreign write; run "
+            "finalize_split after saving every rank)"
+        )
     sd = load_file(str(path))
     plan = [e for e in conversion_plan(cfg, layout) if e.stage == pp_rank]
     _check_keys(str(path), set(sd), {e.mc_key for e in plan})
     for e in plan:
         want = _shard_shape(e, cfg, layout.tp)
         if tuple(sd[e.mc_key].shape) != want:
-            raise ValueError(f"{path}: tensor {e.mc_key} has shape {tuple(sd[e.mc_key].shape)}, the split says {want}")
+            raise ValueError(
+                f"{path}: tensor {e.mc_key} has shape {tuple(sd[e.mc_key].shape)}, the split says {want}"
+            )
     return sd
 
 
@@ -323,7 +378,9 @@ def convert_mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path) -> Path:
 
     mcore_dir = Path(mcore_dir)
     desc, cfg, layout = read_split(mcore_dir)
-    rank_sds = {(t, p): load_rank_state_dict(mcore_dir, t, p) for t in range(layout.tp) for p in range(layout.pp)}
+    rank_sds = {
+        (t, p): load_rank_state_dict(mcore_dir, t, p) for t in range(layout.tp) for p in range(layout.pp)
+    }
     hf_sd: dict[str, torch.Tensor] = {}
     for entry in conversion_plan(cfg, layout):
         parts = _join(entry, [rank_sds[(t, entry.stage)][entry.mc_key] for t in range(layout.tp)], cfg)
@@ -343,8 +400,9 @@ def convert_mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path) -> Path:
     return Path(out_dir)
 
 
-def save_rank_state_dict(state_dict: dict[str, torch.Tensor], mcore_dir: str | Path, tp_rank: int,
-                         pp_rank: int) -> Path:
+def save_rank_state_dict(
+    state_dict: dict[str, torch.Tensor], mcore_dir: str | Path, tp_rank: int, pp_rank: int
+) -> Path:
     """Writes one rank's `FamilialGPTModel.state_dict()` into an existing megatron checkpoint directory
     (e.g. after training), replacing that rank's shard; `_extra_state` entries are dropped. The split
     description is updated with the new sha256 by the caller through `finalize_split`."""
@@ -375,5 +433,15 @@ def finalize_split(mcore_dir: str | Path) -> dict:
     return desc
 
 
-__all__ = ["convert_hf_to_mcore", "convert_mcore_to_hf", "conversion_plan", "read_split", "load_rank_state_dict",
-           "save_rank_state_dict", "finalize_split", "shard_name", "FORMAT", "SPLIT_JSON"]
+__all__ = [
+    "convert_hf_to_mcore",
+    "convert_mcore_to_hf",
+    "conversion_plan",
+    "read_split",
+    "load_rank_state_dict",
+    "save_rank_state_dict",
+    "finalize_split",
+    "shard_name",
+    "FORMAT",
+    "SPLIT_JSON",
+]

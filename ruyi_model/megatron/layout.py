@@ -53,10 +53,14 @@ class SplitLayout:
         return self.backbone_depths[self.exit_layers.index(exit_layer)]
 
     def to_json(self) -> dict:
-        return {"tp": self.tp, "pp": self.pp, "num_layers": self.num_layers,
-                "layers_per_stage": self.layers_per_stage,
-                "stage_layers": {str(s): [self.stage_start(s), self.stage_start(s + 1)] for s in range(self.pp)},
-                "exit_stage": {str(d): self.exit_stage(d) for d in self.exit_layers}}
+        return {
+            "tp": self.tp,
+            "pp": self.pp,
+            "num_layers": self.num_layers,
+            "layers_per_stage": self.layers_per_stage,
+            "stage_layers": {str(s): [self.stage_start(s), self.stage_start(s + 1)] for s in range(self.pp)},
+            "exit_stage": {str(d): self.exit_stage(d) for d in self.exit_layers},
+        }
 
 
 def _positive_int(name: str, value) -> int:
@@ -75,40 +79,59 @@ def check_split(config, tp: int = 1, pp: int = 1) -> SplitLayout:
     """
     tp, pp = _positive_int("tp", tp), _positive_int("pp", pp)
     heads, groups = config.num_attention_heads, config.num_key_value_heads
-    checks = [("num_attention_heads", heads), ("num_key_value_heads (query groups)", groups),
-              ("intermediate_size", config.intermediate_size), ("vocab_size", config.vocab_size)]
+    checks = [
+        ("num_attention_heads", heads),
+        ("num_key_value_heads (query groups)", groups),
+        ("intermediate_size", config.intermediate_size),
+        ("vocab_size", config.vocab_size),
+    ]
     for name, value in checks:
         if value % tp:
-            raise ValueError(f"tp={tp} does not divide {name}={value}: each tensor-parallel rank needs an equal "
-                             "share")
+            raise ValueError(
+                f"tp={tp} does not divide {name}={value}: each tensor-parallel rank needs an equal share"
+            )
     if heads % groups:
         raise ValueError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={groups}")
     if config.num_hidden_layers % pp:
-        raise ValueError(f"pp={pp} does not divide num_hidden_layers={config.num_hidden_layers}: every pipeline "
-                         "stage holds the same number of backbone layers")
+        raise ValueError(
+            f"pp={pp} does not divide num_hidden_layers={config.num_hidden_layers}: every pipeline "
+            "stage holds the same number of backbone layers"
+        )
     if config.lowrank_ranks:
-        raise ValueError(f"lowrank_ranks={config.lowrank_ranks!r}: the megatron backend holds dense layers only "
-                         "(convert before DaE decomposition)")
+        raise ValueError(
+            f"lowrank_ranks={config.lowrank_ranks!r}: the megatron backend holds dense layers only "
+            "(convert before DaE decomposition)"
+        )
     if getattr(config, "attention_bias", False):
         raise ValueError("attention_bias=True: the megatron backend builds Qwen3 layers without biases")
     if getattr(config, "use_sliding_window", False):
         raise ValueError("use_sliding_window=True is not supported by the megatron backend")
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"rope_parameters={rope!r}: only the default RoPE is supported by the megatron backend")
-    layout = SplitLayout(tp=tp, pp=pp, num_layers=config.num_hidden_layers, exit_layers=tuple(config.exit_layers),
-                         backbone_depths=tuple(config.backbone_depth(d) for d in config.exit_layers))
+        raise ValueError(
+            f"rope_parameters={rope!r}: only the default RoPE is supported by the megatron backend"
+        )
+    layout = SplitLayout(
+        tp=tp,
+        pp=pp,
+        num_layers=config.num_hidden_layers,
+        exit_layers=tuple(config.exit_layers),
+        backbone_depths=tuple(config.backbone_depth(d) for d in config.exit_layers),
+    )
     for d in config.exit_layers:
         stage = layout.exit_stage(d)
         if layout.backbone_depth(d) < layout.stage_start(stage):
             raise ValueError(
-                f"exit_layers: member {d} cannot be placed with pp={pp}: it lives on stage {stage} (layers "
-                f"{layout.stage_start(stage) + 1}..{layout.stage_start(stage + 1)}) but branches after backbone "
-                f"layer {layout.backbone_depth(d)} (exit_branch_layers={config.exit_branch_layers}), which that stage "
-                "never sees")
+                f"exit_layers: member {d} cannot be placed with pp={pp}: it lives on stage {stage} "
+                f"(layers {layout.stage_start(stage) + 1}..{layout.stage_start(stage + 1)}) but branches "
+                f"after backbone layer {layout.backbone_depth(d)} "
+                f"(exit_branch_layers={config.exit_branch_layers}), which that stage never sees"
+            )
     if config.shared_heads and any(layout.exit_stage(d) != pp - 1 for d in config.exit_layers):
-        raise ValueError(f"shared_heads=True with pp={pp}: the shared head lives on the last stage, but exits "
-                         f"{[d for d in config.exit_layers if layout.exit_stage(d) != pp - 1]} are on earlier stages")
+        raise ValueError(
+            f"shared_heads=True with pp={pp}: the shared head lives on the last stage, but exits "
+            f"{[d for d in config.exit_layers if layout.exit_stage(d) != pp - 1]} are on earlier stages"
+        )
     return layout
 
 

@@ -44,21 +44,43 @@ def family_layer_spec() -> ModuleSpec:
     return get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
 
 
-def transformer_config(cfg: FamilialConfig, tp: int = 1, pp: int = 1, dtype: torch.dtype = torch.float32,
-                       **overrides) -> TransformerConfig:
+def transformer_config(
+    cfg: FamilialConfig, tp: int = 1, pp: int = 1, dtype: torch.dtype = torch.float32, **overrides
+) -> TransformerConfig:
     """The megatron `TransformerConfig` of a family's Qwen3 backbone under a TP x PP split."""
     check_split(cfg, tp, pp)
     kw = dict(
-        num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
-        num_query_groups=cfg.num_key_value_heads, kv_channels=cfg.head_dim, ffn_hidden_size=cfg.intermediate_size,
-        normalization="RMSNorm", layernorm_epsilon=cfg.rms_norm_eps, qk_layernorm=True, gated_linear_unit=True,
-        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=False, hidden_dropout=0.0,
-        attention_dropout=float(cfg.attention_dropout), init_method_std=cfg.initializer_range,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=False,
-        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-        use_cpu_initialization=not cuda_available(), gradient_accumulation_fusion=False,
-        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
-        persist_layer_norm=False, apply_rope_fusion=False, cross_entropy_loss_fusion=False,
+        num_layers=cfg.num_hidden_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_key_value_heads,
+        kv_channels=cfg.head_dim,
+        ffn_hidden_size=cfg.intermediate_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.rms_norm_eps,
+        qk_layernorm=True,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=float(cfg.attention_dropout),
+        init_method_std=cfg.initializer_range,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=False,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=not cuda_available(),
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        cross_entropy_loss_fusion=False,
     )
     kw.update(overrides)
     return TransformerConfig(**kw)
@@ -91,40 +113,77 @@ class ExitBranch(MegatronModule):
 
     The deepest member's norm and head are the GPTModel's own, so its branch holds only DaE blocks."""
 
-    def __init__(self, config: TransformerConfig, spec: ModuleSpec, num_layers: int, with_head: bool,
-                 vocab_size: int, pg_collection):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        spec: ModuleSpec,
+        num_layers: int,
+        with_head: bool,
+        vocab_size: int,
+        pg_collection,
+    ):
         super().__init__(config=config)
         # layer_number only keys megatron's inference caches (not used by the family): any valid number.
         self.layers = torch.nn.ModuleList(
-            build_module(spec, config=config, layer_number=1, pg_collection=pg_collection) for _ in range(num_layers))
+            build_module(spec, config=config, layer_number=1, pg_collection=pg_collection)
+            for _ in range(num_layers)
+        )
         if with_head:
-            self.final_layernorm = build_module(spec.submodules.input_layernorm, config=config,
-                                                hidden_size=config.hidden_size, eps=config.layernorm_epsilon)
+            self.final_layernorm = build_module(
+                spec.submodules.input_layernorm,
+                config=config,
+                hidden_size=config.hidden_size,
+                eps=config.layernorm_epsilon,
+            )
             self.output_layer = tensor_parallel.ColumnParallelLinear(
-                config.hidden_size, vocab_size, config=config, init_method=config.init_method, bias=False,
-                skip_bias_add=False, gather_output=False, tp_group=pg_collection.tp)
+                config.hidden_size,
+                vocab_size,
+                config=config,
+                init_method=config.init_method,
+                bias=False,
+                skip_bias_add=False,
+                gather_output=False,
+                tp_group=pg_collection.tp,
+            )
 
 
 class FamilialGPTModel(GPTModel):
     """The family on one pipeline stage (see module docstring)."""
 
-    def __init__(self, family_config: FamilialConfig, config: TransformerConfig, pre_process: bool = True,
-                 post_process: bool = True, pp_rank: int = 0, max_sequence_length: int | None = None):
-        layout = check_split(family_config, config.tensor_model_parallel_size, config.pipeline_model_parallel_size)
+    def __init__(
+        self,
+        family_config: FamilialConfig,
+        config: TransformerConfig,
+        pre_process: bool = True,
+        post_process: bool = True,
+        pp_rank: int = 0,
+        max_sequence_length: int | None = None,
+    ):
+        layout = check_split(
+            family_config, config.tensor_model_parallel_size, config.pipeline_model_parallel_size
+        )
         spec = family_layer_spec()
         rope = family_config.rope_parameters or {}
-        super().__init__(config=config, transformer_layer_spec=spec, vocab_size=family_config.vocab_size,
-                         max_sequence_length=max_sequence_length or family_config.max_position_embeddings,
-                         pre_process=pre_process, post_process=post_process,
-                         share_embeddings_and_output_weights=False, position_embedding_type="rope",
-                         rotary_base=rope.get("rope_theta", 10000.0))
+        super().__init__(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=family_config.vocab_size,
+            max_sequence_length=max_sequence_length or family_config.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="rope",
+            rotary_base=rope.get("rope_theta", 10000.0),
+        )
         self.family_config = family_config
         self.layout: SplitLayout = layout
         self.pp_rank = pp_rank
         self.stage_start = layout.stage_start(pp_rank)
         if len(self.decoder.layers) != layout.layers_per_stage:
-            raise ValueError(f"megatron built {len(self.decoder.layers)} layers on stage {pp_rank}, the split says "
-                             f"{layout.layers_per_stage}")
+            raise ValueError(
+                f"megatron built {len(self.decoder.layers)} layers on stage {pp_rank}, the split says "
+                f"{layout.layers_per_stage}"
+            )
         self.stage_exits = layout.exits_on_stage(pp_rank)
         self.deepest = family_config.exit_layers[-1]
         self.exits = torch.nn.ModuleDict()
@@ -133,12 +192,20 @@ class FamilialGPTModel(GPTModel):
             with_head = d != self.deepest
             if n or with_head:
                 self.exits[str(d)] = ExitBranch(
-                    config, spec, n, with_head and not family_config.shared_heads, family_config.vocab_size,
-                    self.pg_collection)
+                    config,
+                    spec,
+                    n,
+                    with_head and not family_config.shared_heads,
+                    family_config.vocab_size,
+                    self.pg_collection,
+                )
                 if with_head and family_config.shared_heads:
                     self.exits[str(d)].final_layernorm = build_module(
-                        spec.submodules.input_layernorm, config=config, hidden_size=config.hidden_size,
-                        eps=config.layernorm_epsilon)
+                        spec.submodules.input_layernorm,
+                        config=config,
+                        hidden_size=config.hidden_size,
+                        eps=config.layernorm_epsilon,
+                    )
         self.exit_loss_weights = list(family_config.exit_loss_weights)
         self.exit_losses: dict[int, torch.Tensor] = {}
 
@@ -154,15 +221,24 @@ class FamilialGPTModel(GPTModel):
     def _run_member(self, d, hidden, attention_mask, rotary_pos_emb) -> torch.Tensor:
         layers, norm, head = self._member_tail(d)
         for layer in layers:
-            hidden, _ = layer(hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
+            hidden, _ = layer(
+                hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb
+            )
         logits, _ = head(norm(hidden))
         return logits  # T x B x V/tp
 
     # --- forward ----------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor | None, position_ids: torch.Tensor | None,
-                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                loss_mask: torch.Tensor | None = None, exit_logits: dict | None = None,
-                exit_loss_weights: list[float] | None = None, **unused) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+        exit_logits: dict | None = None,
+        exit_loss_weights: list[float] | None = None,
+        **unused,
+    ) -> torch.Tensor:
         """See the module docstring. `attention_mask`: megatron's boolean mask (True = masked), default
         causal."""
         if unused:
@@ -172,15 +248,20 @@ class FamilialGPTModel(GPTModel):
         else:
             hidden = self.decoder.input_tensor
             if hidden is None:
-                raise ValueError(f"stage {self.pp_rank} needs its input tensor (set_input_tensor) from the previous "
-                                 "stage")
+                raise ValueError(
+                    f"stage {self.pp_rank} needs its input tensor (set_input_tensor) from the previous stage"
+                )
         seq = hidden.shape[0]
         if attention_mask is None:
-            attention_mask = torch.triu(torch.ones(seq, seq, dtype=torch.bool, device=hidden.device), 1)[None, None]
+            attention_mask = torch.triu(torch.ones(seq, seq, dtype=torch.bool, device=hidden.device), 1)[
+                None, None
+            ]
         rotary = self.rotary_pos_emb(seq)
         weights = list(self.exit_loss_weights if exit_loss_weights is None else exit_loss_weights)
         if len(weights) != len(self.family_config.exit_layers):
-            raise ValueError(f"exit_loss_weights needs {len(self.family_config.exit_layers)} values, got {weights}")
+            raise ValueError(
+                f"exit_loss_weights needs {len(self.family_config.exit_layers)} values, got {weights}"
+            )
         weight_of = dict(zip(self.family_config.exit_layers, weights))
         branch_at: dict[int, list[int]] = {}
         for d in self.stage_exits:
@@ -192,8 +273,9 @@ class FamilialGPTModel(GPTModel):
                 if d != self.deepest:
                     logits_of[d] = self._run_member(d, hidden, attention_mask, rotary)
             if j < n_local:
-                hidden, _ = self.decoder.layers[j](hidden_states=hidden, attention_mask=attention_mask,
-                                                   rotary_pos_emb=rotary)
+                hidden, _ = self.decoder.layers[j](
+                    hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rotary
+                )
         if self.post_process:
             logits_of[self.deepest] = self._run_member(self.deepest, hidden, attention_mask, rotary)
 
@@ -202,8 +284,11 @@ class FamilialGPTModel(GPTModel):
                 for d, lg in logits_of.items():
                     exit_logits[d] = _gather_vocab(lg).transpose(0, 1).contiguous()
             if self.post_process:
-                return exit_logits[self.deepest] if exit_logits is not None else \
-                    _gather_vocab(logits_of[self.deepest]).transpose(0, 1).contiguous()
+                return (
+                    exit_logits[self.deepest]
+                    if exit_logits is not None
+                    else _gather_vocab(logits_of[self.deepest]).transpose(0, 1).contiguous()
+                )
             return hidden
 
         if loss_mask is None:
@@ -215,7 +300,7 @@ class FamilialGPTModel(GPTModel):
         attached = None
         for d, lg in logits_of.items():
             ce = self.compute_language_model_loss(labels, lg)  # B x T
-            self.exit_losses[d] = ((ce.detach() * loss_mask).sum() / denom)
+            self.exit_losses[d] = (ce.detach() * loss_mask).sum() / denom
             if self.post_process:
                 term = weight_of[d] * ce
                 per_token_last = term if per_token_last is None else per_token_last + term
@@ -243,18 +328,27 @@ def familial_loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss, {"lm loss": loss.detach().clone()}
 
 
-def build_model(cfg: FamilialConfig, dtype: torch.dtype = torch.float32, **config_overrides) -> FamilialGPTModel:
+def build_model(
+    cfg: FamilialConfig, dtype: torch.dtype = torch.float32, **config_overrides
+) -> FamilialGPTModel:
     """This rank's stage of the family (megatron's parallel_state must be initialised: `init_parallel`)."""
     apply_cpu_shim()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     config = transformer_config(cfg, tp, pp, dtype, **config_overrides)
-    return FamilialGPTModel(cfg, config, pre_process=parallel_state.is_pipeline_first_stage(),
-                            post_process=parallel_state.is_pipeline_last_stage(), pp_rank=pp_rank)
+    return FamilialGPTModel(
+        cfg,
+        config,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        pp_rank=pp_rank,
+    )
 
 
-def load_model(mcore_dir: str | Path, dtype: torch.dtype | None = None, **config_overrides) -> FamilialGPTModel:
+def load_model(
+    mcore_dir: str | Path, dtype: torch.dtype | None = None, **config_overrides
+) -> FamilialGPTModel:
     """Builds this rank's stage and loads its shard of a `convert_hf_to_mcore` checkpoint (strictly:
     every tensor filled, none left over). The split of the checkpoint must match parallel_state's."""
     from ruyi_model.megatron.convert import load_rank_state_dict, read_split
@@ -263,17 +357,24 @@ def load_model(mcore_dir: str | Path, dtype: torch.dtype | None = None, **config
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     if (tp, pp) != (layout.tp, layout.pp):
-        raise ValueError(f"{mcore_dir} is split tp={layout.tp}, pp={layout.pp}; this process group is tp={tp}, pp={pp}")
-    sd = load_rank_state_dict(mcore_dir, parallel_state.get_tensor_model_parallel_rank(),
-                              parallel_state.get_pipeline_model_parallel_rank())
+        raise ValueError(
+            f"{mcore_dir} is split tp={layout.tp}, pp={layout.pp}; this process group is tp={tp}, pp={pp}"
+        )
+    sd = load_rank_state_dict(
+        mcore_dir,
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_pipeline_model_parallel_rank(),
+    )
     if dtype is None:
         dtype = next(iter(sd.values())).dtype
     model = build_model(cfg, dtype=dtype, **config_overrides)
     result = model.load_state_dict(sd, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("._extra_state")]
     if missing or result.unexpected_keys:
-        raise ValueError(f"{mcore_dir}: shard does not fill the model: missing {missing[:8]}, "
-                         f"unexpected {list(result.unexpected_keys)[:8]}")
+        raise ValueError(
+            f"{mcore_dir}: shard does not fill the model: missing {missing[:8]}, "
+            f"unexpected {list(result.unexpected_keys)[:8]}"
+        )
     return model
 
 
@@ -284,11 +385,22 @@ def init_parallel(tp: int = 1, pp: int = 1, seed: int = 0) -> None:
     from ruyi_model.megatron.cpu_shim import install_cpu_rng_tracker
 
     if not dist.is_initialized():
-        raise RuntimeError("init_parallel needs torch.distributed initialised (e.g. init_process_group('gloo'))")
+        raise RuntimeError(
+            "init_parallel needs torch.distributed initialised (e.g. init_process_group('gloo'))"
+        )
     apply_cpu_shim()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     install_cpu_rng_tracker(seed)
 
 
-__all__ = ["FamilialGPTModel", "ExitBranch", "family_layer_spec", "transformer_config", "build_model", "load_model",
-           "init_parallel", "familial_loss_func", "set_exit_loss_scale"]
+__all__ = [
+    "FamilialGPTModel",
+    "ExitBranch",
+    "family_layer_spec",
+    "transformer_config",
+    "build_model",
+    "load_model",
+    "init_parallel",
+    "familial_loss_func",
+    "set_exit_loss_scale",
+]

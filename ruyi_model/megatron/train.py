@@ -45,25 +45,44 @@ def batch_from_tokens(input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
     labels = torch.cat([input_ids[:, 1:], torch.zeros_like(input_ids[:, :1])], dim=1)
     loss_mask = torch.ones_like(input_ids, dtype=torch.float32)
     loss_mask[:, -1] = 0
-    return {"input_ids": input_ids, "position_ids": torch.arange(input_ids.shape[1]).expand_as(input_ids),
-            "labels": labels, "loss_mask": loss_mask}
+    return {
+        "input_ids": input_ids,
+        "position_ids": torch.arange(input_ids.shape[1]).expand_as(input_ids),
+        "labels": labels,
+        "loss_mask": loss_mask,
+    }
 
 
 def _unwrap(model) -> FamilialGPTModel:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def wrap_for_training(model: FamilialGPTModel, lr: float, optimizer: str = "adam", weight_decay: float = 0.0,
-                      sgd_momentum: float = 0.0, **optimizer_kw):
+def wrap_for_training(
+    model: FamilialGPTModel,
+    lr: float,
+    optimizer: str = "adam",
+    weight_decay: float = 0.0,
+    sgd_momentum: float = 0.0,
+    **optimizer_kw,
+):
     """megatron DDP around the model and megatron's optimizer over it. Returns (ddp_model, optimizer)."""
     config = model.config
     config.finalize_model_grads_func = finalize_model_grads
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                               use_distributed_optimizer=False)
-    opt_config = OptimizerConfig(optimizer=optimizer, lr=lr, weight_decay=weight_decay, sgd_momentum=sgd_momentum,
-                                 bf16=config.bf16, fp16=config.fp16, params_dtype=config.params_dtype,
-                                 clip_grad=optimizer_kw.pop("clip_grad", 0.0 if not cuda_available() else 1.0),
-                                 use_distributed_optimizer=False, **optimizer_kw)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+    )
+    opt_config = OptimizerConfig(
+        optimizer=optimizer,
+        lr=lr,
+        weight_decay=weight_decay,
+        sgd_momentum=sgd_momentum,
+        bf16=config.bf16,
+        fp16=config.fp16,
+        params_dtype=config.params_dtype,
+        clip_grad=optimizer_kw.pop("clip_grad", 0.0 if not cuda_available() else 1.0),
+        use_distributed_optimizer=False,
+        **optimizer_kw,
+    )
     with cpu_device_mode():
         ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
         opt = get_megatron_optimizer(opt_config, [ddp])
@@ -72,7 +91,9 @@ def wrap_for_training(model: FamilialGPTModel, lr: float, optimizer: str = "adam
 
 def _forward_step(stage_out: dict, data_iterator, model):
     batch = next(data_iterator)
-    output = model(batch["input_ids"], batch["position_ids"], labels=batch["labels"], loss_mask=batch["loss_mask"])
+    output = model(
+        batch["input_ids"], batch["position_ids"], labels=batch["labels"], loss_mask=batch["loss_mask"]
+    )
     stage_out.setdefault("exit_losses", []).append(dict(_unwrap(model).exit_losses))
     return output, partial(familial_loss_func, batch["loss_mask"])
 
@@ -91,8 +112,14 @@ def train_step(ddp_model, optimizer, microbatches: list[dict[str, torch.Tensor]]
         ddp_model.zero_grad_buffer()
         optimizer.zero_grad()
         reduced = get_forward_backward_func()(
-            forward_step_func=partial(_forward_step, stage_out), data_iterator=iter(microbatches), model=[ddp_model],
-            num_microbatches=n, seq_length=seq, micro_batch_size=batch_size, forward_only=False)
+            forward_step_func=partial(_forward_step, stage_out),
+            data_iterator=iter(microbatches),
+            model=[ddp_model],
+            num_microbatches=n,
+            seq_length=seq,
+            micro_batch_size=batch_size,
+            forward_only=False,
+        )
         ok, _, _ = optimizer.step()
     if not ok:
         raise RuntimeError("megatron optimizer step was skipped (non-finite gradients)")
@@ -114,9 +141,15 @@ def forward_exit_logits(model, input_ids: torch.Tensor) -> dict[int, torch.Tenso
         return out, lambda o: (o.float().sum() * 0.0, {})
 
     with cpu_device_mode(), torch.no_grad():
-        get_forward_backward_func()(forward_step_func=step, data_iterator=iter([batch]), model=[model],
-                                    num_microbatches=1, seq_length=input_ids.shape[1],
-                                    micro_batch_size=input_ids.shape[0], forward_only=True)
+        get_forward_backward_func()(
+            forward_step_func=step,
+            data_iterator=iter([batch]),
+            model=[model],
+            num_microbatches=1,
+            seq_length=input_ids.shape[1],
+            micro_batch_size=input_ids.shape[0],
+            forward_only=True,
+        )
     return store
 
 
@@ -126,7 +159,9 @@ def main(argv: list[str] | None = None) -> None:
     from ruyi_model.megatron.convert import finalize_split, save_rank_state_dict
     from ruyi_model.megatron.model import init_parallel, load_model
 
-    p = argparse.ArgumentParser(prog="python -m ruyi_model.megatron.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m ruyi_model.megatron.train", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--mcore-dir", required=True)
     p.add_argument("--tokens", required=True, help="safetensors file with input_ids (B x T)")
     p.add_argument("--tp", type=int, default=1)
@@ -145,14 +180,19 @@ def main(argv: list[str] | None = None) -> None:
         init_parallel(args.tp, args.pp, args.seed)
         ids = load_file(args.tokens)["input_ids"]
         if ids.shape[0] % args.micro_batches:
-            raise ValueError(f"--micro-batches={args.micro_batches} does not divide the batch size {ids.shape[0]}")
+            raise ValueError(
+                f"--micro-batches={args.micro_batches} does not divide the batch size {ids.shape[0]}"
+            )
         model = load_model(args.mcore_dir)
         t_rank = parallel_state.get_tensor_model_parallel_rank()
         p_rank = parallel_state.get_pipeline_model_parallel_rank()
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         logits = forward_exit_logits(model, ids)
-        save_file({str(d): v.contiguous() for d, v in logits.items()}, str(out / f"logits_tp{t_rank}_pp{p_rank}.safetensors"))
+        save_file(
+            {str(d): v.contiguous() for d, v in logits.items()},
+            str(out / f"logits_tp{t_rank}_pp{p_rank}.safetensors"),
+        )
         ddp, opt = wrap_for_training(model.train(), lr=args.lr, optimizer=args.optimizer)
         micro = [batch_from_tokens(c) for c in ids.chunk(args.micro_batches)]
         history = [train_step(ddp, opt, micro) for _ in range(args.steps)]

@@ -29,10 +29,21 @@ def free_port() -> int:
 
 def make_family(exits=(2, 4), branch=1, shared=False, dae=None, weights=None, seed=0):
     torch.manual_seed(seed)
-    cfg = FamilialConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
-                         exit_layers=list(exits), exit_branch_layers=branch, shared_heads=shared, dae_blocks=dae,
-                         exit_loss_weights=weights or [0.3 + 0.2 * k for k in range(len(exits))])
+    cfg = FamilialConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=64,
+        exit_layers=list(exits),
+        exit_branch_layers=branch,
+        shared_heads=shared,
+        dae_blocks=dae,
+        exit_loss_weights=weights or [0.3 + 0.2 * k for k in range(len(exits))],
+    )
     fam = FamilialForCausalLM._from_config(cfg).eval()
     with torch.no_grad():
         for name, p in fam.named_parameters():
@@ -66,10 +77,10 @@ def megatron_batch(ids):
 
 
 FAMILIES = [
-    {},                                                     # Ruyi2 layout: branch layer per member
-    {"exits": (1, 3, 4), "dae": [2, 0, 1]},                 # DaE blocks (also on the deepest member)
-    {"exits": (2, 3, 4), "branch": 0},                      # norm + head exits
-    {"exits": (1, 2, 4), "shared": True},                   # one shared head
+    {},  # Ruyi2 layout: branch layer per member
+    {"exits": (1, 3, 4), "dae": [2, 0, 1]},  # DaE blocks (also on the deepest member)
+    {"exits": (2, 3, 4), "branch": 0},  # norm + head exits
+    {"exits": (1, 2, 4), "shared": True},  # one shared head
 ]
 
 
@@ -189,8 +200,10 @@ def test_megatron_optimizer_and_schedule_match_hf_adamw(tmp_path, megatron_world
     assert (qkv[:, :2].reshape(64, 64) - hf_layer.q_proj.weight).abs().max().item() <= 1e-5
     assert (trained["exits.2.output_layer.weight"] - fam.exits["2"].lm_head.weight).abs().max().item() <= 1e-5
     assert (trained["output_layer.weight"] - fam.exits["4"].lm_head.weight).abs().max().item() <= 1e-5
-    moved = trained["exits.2.final_layernorm.weight"] - load_file(str(tmp_path / "fam" / "model.safetensors"))[
-        "exits.2.norm.weight"]
+    moved = (
+        trained["exits.2.final_layernorm.weight"]
+        - load_file(str(tmp_path / "fam" / "model.safetensors"))["exits.2.norm.weight"]
+    )
     assert moved.abs().max().item() > 1e-4  # the shallow member's own norm was trained
 
 
@@ -214,10 +227,38 @@ def test_two_process_split_matches_hf(tmp_path, tp, pp):
     convert_hf_to_mcore(tmp_path / "fam", tmp_path / "mc", tp=tp, pp=pp)
     ids = torch.randint(0, VOCAB, (4, 9), generator=torch.Generator().manual_seed(4))
     save_file({"input_ids": ids}, str(tmp_path / "tokens.safetensors"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "ruyi_model.megatron.train", "--mcore-dir", str(tmp_path / "mc"),
-           "--tokens", str(tmp_path / "tokens.safetensors"), "--tp", str(tp), "--pp", str(pp), "--steps", "2",
-           "--lr", "0.5", "--optimizer", "sgd", "--micro-batches", "2", "--out", str(tmp_path / "out"), "--save"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "ruyi_model.megatron.train",
+        "--mcore-dir",
+        str(tmp_path / "mc"),
+        "--tokens",
+        str(tmp_path / "tokens.safetensors"),
+        "--tp",
+        str(tp),
+        "--pp",
+        str(pp),
+        "--steps",
+        "2",
+        "--lr",
+        "0.5",
+        "--optimizer",
+        "sgd",
+        "--micro-batches",
+        "2",
+        "--out",
+        str(tmp_path / "out"),
+        "--save",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
