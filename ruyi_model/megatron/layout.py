@@ -107,7 +107,7 @@ def check_split(config, tp: int = 1, pp: int = 1) -> SplitLayout:
     if getattr(config, "use_sliding_window", False):
         raise ValueError("use_sliding_window=True is not supported by the megatron backend")
     rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
+    if rope.get("rope_type", "default") != "default" or set(rope) - {"rope_type", "rope_theta"}:
         raise ValueError(
             f"rope_parameters={rope!r}: only the default RoPE is supported by the megatron backend"
         )

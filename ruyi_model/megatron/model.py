@@ -291,6 +291,15 @@ class FamilialGPTModel(GPTModel):
                 )
             return hidden
 
+        if labels.shape != input_shape_bt(hidden):
+            raise ValueError(
+                f"labels has shape {tuple(labels.shape)}, expected B x T = {input_shape_bt(hidden)}"
+            )
+        if labels.min() < 0:
+            raise ValueError(
+                "labels must be token ids (megatron style: already shifted); leave positions out of "
+                "the loss with loss_mask, not with -100"
+            )
         if loss_mask is None:
             loss_mask = torch.ones_like(labels, dtype=torch.float32)
         loss_mask = loss_mask.float()
@@ -312,6 +321,11 @@ class FamilialGPTModel(GPTModel):
         if attached is not None:
             hidden = _ExitLossAttach.apply(hidden, attached)
         return hidden
+
+
+def input_shape_bt(hidden: torch.Tensor) -> torch.Size:
+    """B x T of a T x B x D hidden state."""
+    return torch.Size((hidden.shape[1], hidden.shape[0]))
 
 
 def _gather_vocab(logits: torch.Tensor) -> torch.Tensor:

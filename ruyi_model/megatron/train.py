@@ -10,10 +10,12 @@ Run on every rank (e.g. `torchrun --nproc_per_node 2 -m ruyi_model.megatron.trai
     python -m ruyi_model.megatron.train --mcore-dir CKPT --tokens batch.safetensors --tp 1 --pp 2 \
         --steps 3 --lr 0.5 --micro-batches 2 --out OUT [--save]
 
-reads `input_ids` (B x T) from `--tokens`, writes per rank `OUT/logits_tp<t>_pp<p>.safetensors` (the
-exit logits of this stage before training), `OUT/losses_tp<t>_pp<p>.json` (per step: the loss of the
-last stage and each member's CE on this stage) and, with `--save`, the trained weights back into
-CKPT (then `convert_mcore_to_hf` gives the trained family).
+reads `input_ids` (B x T) from `--tokens` (split over data-parallel ranks, each share cut into
+`--micro-batches`); data-parallel rank 0 of each (tp, pp) rank writes
+`OUT/logits_tp<t>_pp<p>.safetensors` (the exit logits of this stage before training),
+`OUT/losses_tp<t>_pp<p>.json` (per step: the loss of the last stage and each member's CE on this
+stage) and, with `--save`, its trained weights back into CKPT (then `convert_mcore_to_hf` gives the
+trained family).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def batch_from_tokens(input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
     loss_mask[:, -1] = 0
     return {
         "input_ids": input_ids,
-        "position_ids": torch.arange(input_ids.shape[1]).expand_as(input_ids),
+        "position_ids": torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids),
         "labels": labels,
         "loss_mask": loss_mask,
     }
@@ -63,9 +65,16 @@ def wrap_for_training(
     optimizer: str = "adam",
     weight_decay: float = 0.0,
     sgd_momentum: float = 0.0,
+    clip_grad: float = 0.0,
     **optimizer_kw,
 ):
-    """megatron DDP around the model and megatron's optimizer over it. Returns (ddp_model, optimizer)."""
+    """megatron DDP around the model and megatron's optimizer over it. Returns (ddp_model, optimizer).
+
+    `clip_grad` > 0 needs CUDA (megatron's grad-norm kernels); on the CPU it is refused."""
+    if clip_grad > 0 and not cuda_available():
+        raise ValueError(
+            f"clip_grad={clip_grad}: megatron's gradient clipping needs CUDA; use 0.0 on the CPU"
+        )
     config = model.config
     config.finalize_model_grads_func = finalize_model_grads
     ddp_config = DistributedDataParallelConfig(
@@ -79,7 +88,7 @@ def wrap_for_training(
         bf16=config.bf16,
         fp16=config.fp16,
         params_dtype=config.params_dtype,
-        clip_grad=optimizer_kw.pop("clip_grad", 0.0 if not cuda_available() else 1.0),
+        clip_grad=clip_grad,
         use_distributed_optimizer=False,
         **optimizer_kw,
     )
@@ -175,10 +184,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--save", action="store_true", help="write the trained weights back into --mcore-dir")
     args = p.parse_args(argv)
 
+    if cuda_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda_available() else "gloo")
     try:
         init_parallel(args.tp, args.pp, args.seed)
         ids = load_file(args.tokens)["input_ids"]
+        dp = parallel_state.get_data_parallel_world_size()
+        if ids.shape[0] % dp:
+            raise ValueError(f"the batch size {ids.shape[0]} is not divisible by the data-parallel size {dp}")
+        ids = ids.chunk(dp)[parallel_state.get_data_parallel_rank()]  # each data-parallel rank its share
+        if cuda_available():
+            ids = ids.cuda()
         if ids.shape[0] % args.micro_batches:
             raise ValueError(
                 f"--micro-batches={args.micro_batches} does not divide the batch size {ids.shape[0]}"
@@ -188,17 +205,20 @@ def main(argv: list[str] | None = None) -> None:
         p_rank = parallel_state.get_pipeline_model_parallel_rank()
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
+        first_dp = parallel_state.get_data_parallel_rank() == 0  # writes the files of its (tp, pp) rank
         logits = forward_exit_logits(model, ids)
-        save_file(
-            {str(d): v.contiguous() for d, v in logits.items()},
-            str(out / f"logits_tp{t_rank}_pp{p_rank}.safetensors"),
-        )
+        if first_dp:
+            save_file(
+                {str(d): v.cpu().contiguous() for d, v in logits.items()},
+                str(out / f"logits_tp{t_rank}_pp{p_rank}.safetensors"),
+            )
         ddp, opt = wrap_for_training(model.train(), lr=args.lr, optimizer=args.optimizer)
         micro = [batch_from_tokens(c) for c in ids.chunk(args.micro_batches)]
         history = [train_step(ddp, opt, micro) for _ in range(args.steps)]
-        (out / f"losses_tp{t_rank}_pp{p_rank}.json").write_text(json.dumps(history, indent=1))
+        if first_dp:
+            (out / f"losses_tp{t_rank}_pp{p_rank}.json").write_text(json.dumps(history, indent=1))
         if args.save:
-            if parallel_state.get_data_parallel_rank() == 0:
+            if first_dp:
                 save_rank_state_dict(model.state_dict(), args.mcore_dir, t_rank, p_rank)
             dist.barrier()
             if dist.get_rank() == 0:
@@ -210,5 +230,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     main()

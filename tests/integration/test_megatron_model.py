@@ -110,6 +110,30 @@ def test_member_logits_and_multi_exit_loss_match_hf(tmp_path, megatron_world, kw
         assert abs(model.exit_losses[d].item() - ref.exit_losses[d].item()) <= 1e-5, d
 
 
+def test_bad_inputs_are_clear_errors(tmp_path, megatron_world):
+    from ruyi_model.megatron import load_model
+    from ruyi_model.megatron.train import wrap_for_training
+
+    make_family().save_pretrained(tmp_path / "fam")
+    convert_hf_to_mcore(tmp_path / "fam", tmp_path / "mc")
+    model = load_model(tmp_path / "mc")
+    ids = torch.randint(0, VOCAB, (2, 5))
+    pos, labels, mask = megatron_batch(ids)
+    with pytest.raises(ValueError, match="-100"):
+        model(ids, pos, labels=torch.full_like(labels, -100), loss_mask=mask)
+    with pytest.raises(ValueError, match="labels has shape"):
+        model(ids, pos, labels=labels[:, :3], loss_mask=mask)
+    with pytest.raises(ValueError, match="exit_loss_weights needs 2 values"):
+        model(ids, pos, labels=labels, loss_mask=mask, exit_loss_weights=[1.0])
+    # a checkpoint split for another process layout is refused
+    convert_hf_to_mcore(tmp_path / "fam", tmp_path / "mc2", tp=2)
+    with pytest.raises(ValueError, match="split tp=2, pp=1; this process group is tp=1, pp=1"):
+        load_model(tmp_path / "mc2")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="clip_grad=1.0"):
+            wrap_for_training(model, lr=1e-3, clip_grad=1.0)
+
+
 def test_training_step_matches_hf_and_saves_back(tmp_path, megatron_world):
     """One SGD step on the multi-exit loss: megatron weights, converted back to HF, equal the HF step's."""
     from ruyi_model.megatron import familial_loss_func, load_model

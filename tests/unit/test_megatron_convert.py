@@ -228,3 +228,19 @@ def test_damaged_checkpoints_are_named(tmp_path):
     assert not (tmp_path / "mc2").exists()
     with safe_open(str(tmp_path / "mc" / "mp_rank_00_000" / "model.safetensors"), "pt") as f:
         assert f.metadata()["tp_rank"] == "0"
+
+
+def test_check_split_refuses_rope_scaling():
+    cfg = FamilialConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=4,
+        num_attention_heads=HEADS,
+        num_key_value_heads=GROUPS,
+        head_dim=HEAD_DIM,
+        exit_layers=[2, 4],
+        rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+    )
+    with pytest.raises(ValueError, match="rope_parameters"):
+        check_split(cfg, 1, 1)
