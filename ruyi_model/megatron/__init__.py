@@ -4,6 +4,8 @@
     convert_mcore_to_hf(mcore_dir, out_dir)                # exact inverse (bitwise)
     # on each rank, after torch.distributed.init_process_group:
     init_parallel(tp=2, pp=2); model = load_model(out_dir)  # FamilialGPTModel of this rank's stage
+    # training with megatron's DDP, optimizer and pipeline schedules: ruyi_model.megatron.train
+    # (also `torchrun --nproc_per_node N -m ruyi_model.megatron.train ...`)
 
 The converters (ruyi_model.megatron.convert) and the layout rules (layout) import no megatron code;
 the model (model), imported lazily from here, needs megatron-core; on a machine without CUDA it runs
