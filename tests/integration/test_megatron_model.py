@@ -235,10 +235,11 @@ def test_megatron_optimizer_and_schedule_match_hf_adamw(tmp_path, megatron_world
 @pytest.mark.slow
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
 def test_two_process_split_matches_hf(tmp_path, tp, pp):
-    """torchrun with 2 gloo ranks runs `python -m ruyi_model.megatron.train`: every member's logits
-    (PP=2: member 2 on stage 0, member 4 on stage 1) equal the HF family's to 1e-4 (seen: ~3e-7), and 2
-    SGD steps over 2 micro-batches give the losses and, converted back, the weights of the same steps on
-    the HF family (1e-5)."""
+    """torchrun with 2 gloo ranks runs `python -m ruyi_model.megatron.train`. Every member's logits equal
+    the HF family's to 1e-4 (seen: ~3e-7); with PP=2 member 1 is on stage 0 (branching from the
+    embedding), members 3 and 4 on stage 1 (member 3 branching from the received input). 2 SGD steps
+    over 2 micro-batches give each member's CE and, converted back, the weights of the same steps on the
+    HF family (1e-5)."""
     import json
     import os
     import subprocess
@@ -246,7 +247,7 @@ def test_two_process_split_matches_hf(tmp_path, tp, pp):
 
     from safetensors.torch import save_file
 
-    fam = make_family(exits=(2, 4), weights=[0.4, 1.0])
+    fam = make_family(exits=(1, 3, 4), weights=[0.3, 0.5, 1.0])
     fam.save_pretrained(tmp_path / "fam")
     convert_hf_to_mcore(tmp_path / "fam", tmp_path / "mc", tp=tp, pp=pp)
     ids = torch.randint(0, VOCAB, (4, 9), generator=torch.Generator().manual_seed(4))
@@ -295,7 +296,7 @@ def test_two_process_split_matches_hf(tmp_path, tp, pp):
                 with torch.no_grad():
                     ref = fam(ids, exit_layer=int(d)).logits
                 assert (logits - ref).abs().max().item() <= 1e-4, (t, p, d)
-    assert seen == ({2: [0] * tp, 4: [0] * tp} if pp == 1 else {2: [0], 4: [1]})  # exits on both stages
+    assert seen == ({1: [0] * tp, 3: [0] * tp, 4: [0] * tp} if pp == 1 else {1: [0], 3: [1], 4: [1]})
 
     history = [json.loads((tmp_path / "out" / f"losses_tp0_pp{p}.json").read_text()) for p in range(pp)]
     fam.train()

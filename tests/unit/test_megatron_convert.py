@@ -244,3 +244,22 @@ def test_check_split_refuses_rope_scaling():
     )
     with pytest.raises(ValueError, match="rope_parameters"):
         check_split(cfg, 1, 1)
+
+
+def test_converters_do_not_import_megatron():
+    """The file-level converters run where megatron-core is not importable (or too slow to import)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    code = (
+        "import sys, ruyi_model.megatron as m; m.convert_hf_to_mcore; m.check_split; "
+        "assert not [k for k in sys.modules if k.split('.')[0] == 'megatron'], 'megatron imported'"
+    )
+    env = dict(os.environ, PYTHONPATH=root)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
