@@ -326,7 +326,8 @@ class Setting:
     with `importlib` without registering it in `sys.modules`, which dataclasses need.)"""
 
     def __init__(self, base, tokenizer, rows: list[dict], cfg, description: str):
-        self.base, self.tokenizer, self.rows, self.cfg, self.description = base, tokenizer, rows, cfg, description
+        self.base, self.tokenizer, self.rows = base, tokenizer, rows
+        self.cfg, self.description = cfg, description
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -359,14 +360,16 @@ def main(argv: list[str] | None = None) -> int:
         "bppo": {"algorithm": "bppo", "bppo": cfg.bppo.model_copy(update={"adaptive_budget": True})},
         "bppo-fixed": {"algorithm": "bppo", "bppo": cfg.bppo.model_copy(update={"adaptive_budget": False})},
     }
-    print(f"rl settings: G={cfg.group_size}, prompts/step={cfg.prompts_per_step}, max_new_tokens={cfg.max_new_tokens}, "
-          f"lr={cfg.lr}, loss={cfg.loss_type}, prefix={cfg.bppo.prefix_rule}, members={members}, steps={args.steps}, "
-          f"threads={args.threads}")
-    results = run_all(setting.base, setting.tokenizer, setting.rows, cfg, configs, args.steps, args.seed, members)
+    print(f"rl settings: G={cfg.group_size}, prompts/step={cfg.prompts_per_step}, "
+          f"max_new_tokens={cfg.max_new_tokens}, lr={cfg.lr}, loss={cfg.loss_type}, "
+          f"prefix={cfg.bppo.prefix_rule}, members={members}, steps={args.steps}, threads={args.threads}")
+    results = run_all(setting.base, setting.tokenizer, setting.rows, cfg, configs, args.steps, args.seed,
+                      members)
     summary = summarize(results, args.window, args.target, args.target_frac, args.acc_tol)
     summary.update(setting=setting.description, steps=args.steps, seed=args.seed, rl=cfg.model_dump(),
                    members_spec=members, threads=args.threads,
-                   curves={n: {f"exit_{d}": m["history"] for d, m in r["members"].items()} for n, r in results.items()})
+                   curves={n: {f"exit_{d}": m["history"] for d, m in r["members"].items()}
+                           for n, r in results.items()})
     print_report(summary, setting.description)
     if args.json:
         from tasks.core.files import write_json
@@ -420,8 +423,9 @@ def resummarize(args: argparse.Namespace) -> None:
     results = {}
     for name, curves in saved["curves"].items():
         if isinstance(curves, list):   # a file from before per-member reports: one member
-            results[name] = {"members": {"?": {"history": curves, "before": saved["runs"][name]["eval_before"],
-                                               "after": saved["runs"][name]["eval_after"]}}}
+            run = saved["runs"][name]
+            results[name] = {"members": {"?": {"history": curves, "before": run["eval_before"],
+                                               "after": run["eval_after"]}}}
         else:
             results[name] = {"members": {key.removeprefix("exit_"): {
                 "history": hist, "before": saved["members"][key]["runs"][name]["eval_before"],

@@ -156,8 +156,9 @@ def run_ablation(args: argparse.Namespace) -> Ablation:
 
 def print_table(ablation: Ablation, steps: int, threads: int) -> None:
     cfg, runs, d = ablation.params.expand, ablation.runs, ablation.dae_exit
-    print(f"\nDaE ablation: member {d} of {ablation.source}, +{cfg.num_blocks} blocks, {steps} steps, lr {cfg.lr}, "
-          f"batch {cfg.batch_size}x{cfg.seq_len}, replay {cfg.replay_fraction}, torch threads {threads}")
+    print(f"\nDaE ablation: member {d} of {ablation.source}, +{cfg.num_blocks} blocks, {steps} steps, "
+          f"lr {cfg.lr}, batch {cfg.batch_size}x{cfg.seq_len}, replay {cfg.replay_fraction}, "
+          f"torch threads {threads}")
     print(f"{'step':>6} | {'train random':>12} {'train clone':>12} | {'val random':>10} {'val clone':>10} "
           f"{'clone-random':>12}")
     val_r, val_c = dict(runs["random"]["val"]), dict(runs["clone"]["val"])
@@ -197,8 +198,9 @@ def plot(ablation: Ablation, out: Path) -> None:
 def write_summary(ablation: Ablation, path: Path, steps: int, threads: int) -> None:
     cfg, runs = ablation.params.expand, ablation.runs
     summary = {
-        "source": ablation.source, "dae_exit": ablation.dae_exit, "num_blocks": cfg.num_blocks, "steps": steps,
-        "lr": cfg.lr, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "replay_fraction": cfg.replay_fraction,
+        "source": ablation.source, "dae_exit": ablation.dae_exit, "num_blocks": cfg.num_blocks,
+        "steps": steps, "lr": cfg.lr, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
+        "replay_fraction": cfg.replay_fraction,
         "seed": ablation.params.seed, "torch_threads": threads, "paper": PAPER,
         **{init: {"val": runs[init]["val"], "train_windows": runs[init]["train_windows"],
                   "seconds": round(runs[init]["seconds"], 1), "trainable_params": runs[init]["trainable_params"]}

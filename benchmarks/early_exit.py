@@ -211,15 +211,18 @@ def main(argv: list[str] | None = None) -> int:
     configs = build_configs(cfg.exit_layers, kv_fills, thresholds, never)
     warm_up(subject, configs, args.criterion)
     stats = measure(subject, configs, args.criterion, args.max_new_tokens)
-    print(f"\nmodel: {subject.source}; L={cfg.num_hidden_layers}, exits {cfg.exit_layers}, hidden {cfg.hidden_size}, "
-          f"vocab {cfg.vocab_size}; criterion {args.criterion}; {len(subject.workload.prompts)} prompts, "
+    print(f"\nmodel: {subject.source}; L={cfg.num_hidden_layers}, exits {cfg.exit_layers}, "
+          f"hidden {cfg.hidden_size}, vocab {cfg.vocab_size}; criterion {args.criterion}; "
+          f"{len(subject.workload.prompts)} prompts, "
           f"<= {args.max_new_tokens} new tokens, batch 1, greedy, {args.threads} thread(s)")
-    print(f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"python {platform.python_version()}; accuracy = {subject.workload.name}")
+    print(f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, "
+          f"torch {torch.__version__}, python {platform.python_version()}; "
+          f"accuracy = {subject.workload.name}")
     rows = table(configs, stats, cfg.exit_layers[-1], never is not None)
     print_verdicts(rows, kv_fills, cfg.exit_layers[-1])
     if args.json:
-        args.json.write_text(json.dumps({"model": subject.source, "criterion": args.criterion, "rows": rows}, indent=2))
+        summary = {"model": subject.source, "criterion": args.criterion, "rows": rows}
+        args.json.write_text(json.dumps(summary, indent=2))
     return 0
 
 
@@ -268,11 +271,13 @@ def load_subject(args: argparse.Namespace) -> Subject:
 
     model, tokenizer = load_family(checkpoint)
     model.eval()
-    return Subject(model, pipeline_workload(checkpoint, tokenizer, args.num_prompts, args.eval_file), str(checkpoint))
+    workload = pipeline_workload(checkpoint, tokenizer, args.num_prompts, args.eval_file)
+    return Subject(model, workload, str(checkpoint))
 
 
-def build_configs(exits: list[int], kv_fills: list[str], thresholds: list[float], never: float | None) -> list[Config]:
-    """`generate` at every member, then per KV fill: a never-exiting threshold (max_prob) and each threshold."""
+def build_configs(exits: list[int], kv_fills: list[str], thresholds: list[float],
+                  never: float | None) -> list[Config]:
+    """`generate` at every member, then per KV fill: a never-exiting threshold (max_prob) and each one."""
     configs = [Config(f"generate@{d}", "generate", exit_layer=d) for d in exits]
     for kv in kv_fills:
         if never is not None:

@@ -494,7 +494,7 @@ class _Allocation:
 
 @dataclass
 class _Plan:
-    """The per-matrix outcome: every target's entry, and the ranks and (A, B) factors of those made low rank."""
+    """The per-matrix outcome: every target's entry; ranks and (A, B) factors of those made low rank."""
 
     matrices: list[MatrixDecomposition]
     ranks: dict[str, int]
@@ -537,12 +537,14 @@ def decompose(model: FamilialForCausalLM, ratio: float = 0.4, calibration=None, 
     alloc = _allocate_ratios(targets, shapes, spectra, ratio, allocation)
     plan = _plan_matrices(targets, shapes, spectra, alloc)
     if not plan.ranks:
-        raise ValueError(f"decompose(ratio={ratio}): no target matrix gets smaller at this ratio; raise the ratio")
+        raise ValueError(f"decompose(ratio={ratio}): no target matrix gets smaller at this ratio; "
+                         "raise the ratio")
     new = _build_lowrank(model, plan)
     report = _report(plan, alloc, ratio, allocation, calibration is not None, tokens)
     skipped = [e.path for e in plan.matrices if e.skipped]
-    log.info("decompose: %d matrices, %d -> %d params (%.1f%% removed, target %.1f%%, %s%s)%s", len(plan.ranks),
-             report.params_before, report.params_after, 100 * report.achieved_ratio, 100 * ratio, allocation,
+    log.info("decompose: %d matrices, %d -> %d params (%.1f%% removed, target %.1f%%, %s%s)%s",
+             len(plan.ranks), report.params_before, report.params_after, 100 * report.achieved_ratio,
+             100 * ratio, allocation,
              ", whitened" if calibration is not None else ", plain SVD",
              f"; left dense: {skipped}" if skipped else "")
     return DecomposeResult(new, report)

@@ -220,8 +220,8 @@ def run(params: Params) -> dict[str, Any]:
     t_start = time.perf_counter()
     cfg = params.rl
     inputs = _load_inputs(params)
-    model, tokenizer, members, rl_path, sft_dir = (inputs.model, inputs.tokenizer, inputs.members, inputs.rl_path,
-                                                   inputs.sft_dir)
+    model, tokenizer, members = inputs.model, inputs.tokenizer, inputs.members
+    rl_path, sft_dir = inputs.rl_path, inputs.sft_dir
     train_rows, eval_rows = inputs.train_rows, inputs.eval_rows
     trainable = trainable_parameters(model, cfg.members, members)
     n_train = sum(p.numel() for _, p in trainable)
@@ -256,7 +256,8 @@ def run(params: Params) -> dict[str, Any]:
 
     this_run_s = time.perf_counter() - t_start
     metrics = _metrics(cfg, trainer, members, before, after, n_train=n_train, eval_prompts=len(eval_rows),
-                       resumed_from=resumed_from, wall_time_s=prior_wall_s + this_run_s, this_run_s=this_run_s)
+                       resumed_from=resumed_from, wall_time_s=prior_wall_s + this_run_s,
+                       this_run_s=this_run_s)
     write_metrics(params, "rl", metrics)
     return metrics
 
@@ -292,12 +293,14 @@ def _load_inputs(params: Params) -> _Inputs:
         n_tok = encode_chat_prompts(tokenizer, [row["question"]])[0].shape[1]
         if n_tok + cfg.max_new_tokens > limit:
             raise StageError(f"{rl_path}: row {i} (id={row['id']!r}) has {n_tok} prompt tokens; with "
-                             f"rl.max_new_tokens={cfg.max_new_tokens} it exceeds max_position_embeddings={limit}")
+                             f"rl.max_new_tokens={cfg.max_new_tokens} it exceeds "
+                             f"max_position_embeddings={limit}")
     return _Inputs(model, tokenizer, train_rows, eval_rows, members, rl_path, sft_dir)
 
 
 def _metrics(cfg, trainer: RLTrainer, members: list[int], before: dict, after: dict, *, n_train: int,
-             eval_prompts: int, resumed_from: int | None, wall_time_s: float, this_run_s: float) -> dict[str, Any]:
+             eval_prompts: int, resumed_from: int | None, wall_time_s: float,
+             this_run_s: float) -> dict[str, Any]:
     """Reward and accuracy before/after (mean over members and per member), training curves and times."""
 
     def mean(vals):

@@ -113,8 +113,8 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
     model.to("cpu")
 
     _check_other_members(model, scope)
-    metrics = _metrics(params, model, scope, result, examples=(train_stats, held_stats), heldout_rows=len(held_rows),
-                       held_batches=held_batches)
+    metrics = _metrics(params, model, scope, result, examples=(train_stats, held_stats),
+                       heldout_rows=len(held_rows), held_batches=held_batches)
     if distributed.is_main():  # a data-parallel run writes from rank 0 alone
         write_loss_curves(result.history, plots_dir(params, STAGE),
                                    title=f"sft (scope={cfg.scope}): assistant-token loss per member")
@@ -123,7 +123,8 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
     if distributed.is_main():
         save_family(model, tokenizer, stage_dir(params, STAGE))
         write_metrics(params, STAGE, metrics)
-    log.info("sft: held-out loss per member %s -> %s", {e: round(v, 3) for e, v in result.val_losses(0).items()},
+    log.info("sft: held-out loss per member %s -> %s",
+             {e: round(v, 3) for e, v in result.val_losses(0).items()},
              {e: round(v, 3) for e, v in result.val_losses().items()})
     return metrics
 
@@ -174,8 +175,8 @@ def _check_other_members(model, scope: _Scope) -> None:
         return
     unchanged, changed = members_unchanged(model, scope.snapshot, scope.probe)
     if not unchanged:
-        raise StageError(f"sft: training changed tensors outside the DaE member's trainable set: {changed[:8]} "
-                         f"(nothing was written)")
+        raise StageError(f"sft: training changed tensors outside the DaE member's trainable set: "
+                         f"{changed[:8]} (nothing was written)")
 
 
 def _metrics(params: Params, model, scope: _Scope, result, *, examples: tuple, heldout_rows: int,
@@ -200,7 +201,8 @@ def _metrics(params: Params, model, scope: _Scope, result, *, examples: tuple, h
         "trainable_params": count_params(p for _, p in scope.named),
         "total_params": count_params(model.parameters()),
         "examples": train_stats.to_dict(), "heldout_examples": held_stats.to_dict(),
-        "heldout_rows": heldout_rows, "heldout_evaluated": sum(int(b["input_ids"].shape[0]) for b in held_batches),
+        "heldout_rows": heldout_rows,
+        "heldout_evaluated": sum(int(b["input_ids"].shape[0]) for b in held_batches),
         **result.summary(), "seq_len": cfg.seq_len, "torch_threads": torch.get_num_threads(),
         "ln_vocab": round(math.log(model.config.vocab_size), 4),
     })

@@ -335,8 +335,8 @@ def train_loop(*, stage: str, model, cfg: TrainParams, named_params: Sequence[tu
     if run.start == 0:
         _record_eval(run, val_batches, eval_fn, 0)
     model.train()
-    bar = tqdm(range(run.start, cfg.max_steps), desc=stage, unit="step", initial=run.start, total=cfg.max_steps,
-               mininterval=1.0, dynamic_ncols=True, disable=not run.main)
+    bar = tqdm(range(run.start, cfg.max_steps), desc=stage, unit="step", initial=run.start,
+               total=cfg.max_steps, mininterval=1.0, dynamic_ncols=True, disable=not run.main)
     for step in bar:
         loss = _train_step(run, stream, loss_fn, step)
         done = step + 1
@@ -347,7 +347,8 @@ def train_loop(*, stage: str, model, cfg: TrainParams, named_params: Sequence[tu
             val = _record_eval(run, val_batches, eval_fn, done)
             postfix["val"] = "/".join(f"{v:.2f}" for v in val.values())
         bar.set_postfix(postfix, refresh=False)
-        if checkpointer is not None and run.main and (done % cfg.checkpoint_every == 0 or done == cfg.max_steps):
+        due = done % cfg.checkpoint_every == 0 or done == cfg.max_steps
+        if checkpointer is not None and run.main and due:
             _save_checkpoint(run, checkpointer, done)
         for callback in callbacks:
             callback(done)

@@ -226,7 +226,8 @@ class RLTrainer:
         lengths = scores.lengths
         stats = {"reward": float(scores.rewards.mean()), "accuracy": float(scores.correct.float().mean()),
                  "length": float(lengths.float().mean()), "budget": float(samples.budget),
-                 "tokens_generated": float(lengths.sum()), "truncated": float(samples.truncated.float().mean())}
+                 "tokens_generated": float(lengths.sum()),
+                 "truncated": float(samples.truncated.float().mean())}
         if self.cfg.algorithm == "grpo":
             rollout = Rollout(self._grpo_batch(samples, scores, stats), stats)
         else:

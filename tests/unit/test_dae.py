@@ -16,6 +16,8 @@ from torch import nn
 from ruyi_model import FamilialConfig, FamilialForCausalLM
 from ruyi_model.dae import (
     BLOCK_LINEARS,
+    DecomposeReport,
+    DecomposeResult,
     collect_input_grams,
     dae_trainable_parameters,
     decompose,
@@ -322,7 +324,8 @@ def test_loss_aware_allocation_spares_costly_matrices_and_averages_to_the_ratio(
             if p.ndim == 2:
                 p.mul_(8.0)
     ratio = 0.4
-    rep = decompose(big, ratio=ratio, calibration=calibration_batches(n=6, seq=48), allocation="loss_aware").report
+    rep = decompose(big, ratio=ratio, calibration=calibration_batches(n=6, seq=48),
+                    allocation="loss_aware").report
     by_path = {m.path: m for m in rep.matrices}
     for kind in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
         path1 = next(p for p in by_path if p.startswith("exits.2.layers.1.") and p.endswith(kind))
@@ -400,6 +403,16 @@ def test_decompose_rejects_bad_input():
     again = decompose(big, include_head=False).model
     with pytest.raises(ValueError, match="already low rank"):
         decompose(again, include_head=False)
+
+
+def test_decompose_returns_the_new_model_and_its_report_and_leaves_the_input_alone():
+    big = trained_like(expand(make_family([2, 5]), 2, 1))
+    before = {k: v.clone() for k, v in big.state_dict().items()}
+    result = decompose(big, ratio=0.5, include_head=False)
+    assert isinstance(result, DecomposeResult) and isinstance(result.report, DecomposeReport)
+    assert result.model is not big and not hasattr(result.model, "decompose_report")
+    assert set(result.model.config.lowrank_ranks) == {m.path for m in result.report.matrices if not m.skipped}
+    assert all(torch.equal(before[k], v) for k, v in big.state_dict().items()) and not big.config.lowrank_ranks
 
 
 def test_decompose_one_member_without_dae_blocks_compresses_only_its_head():
