@@ -3,7 +3,8 @@
 Public API:
     FamilialConfig, FamilialForCausalLM     the config and the model (registered with the Auto classes)
     expand, dae_trainable_parameters        DaE expansion (zero-residual blocks on one member)
-    decompose                               DaE decomposition (activation-aware SVD of the added blocks)
+    decompose                               DaE decomposition (activation-aware SVD of the added blocks):
+                                            a DecomposeResult (model, report)
     export_exits                            each member as a stock Qwen3ForCausalLM checkpoint
     dynamic_generate                        confidence-based dynamic early exit (decoding)
     speculative_generate                    self-speculative decoding (a shallow member drafts)
@@ -16,7 +17,14 @@ This package never imports the pipeline, Prefect, DVC or Ray. Choices: docs/choi
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ruyi_model.config import FamilialConfig
-from ruyi_model.dae import DecomposeReport, dae_trainable_parameters, decompose, expand, freeze_for_dae
+from ruyi_model.dae import (
+    DecomposeReport,
+    DecomposeResult,
+    dae_trainable_parameters,
+    decompose,
+    expand,
+    freeze_for_dae,
+)
 from ruyi_model.export import export_exits, member_to_qwen3, verify_export
 from ruyi_model.generation import DynamicGenerationOutput, dynamic_generate
 from ruyi_model.modeling import FamilialCausalLMOutput, FamilialForCausalLM, LowRankLinear
@@ -50,6 +58,7 @@ __all__ = [
     "freeze_for_dae",
     "decompose",
     "DecomposeReport",
+    "DecomposeResult",
     "export_exits",
     "verify_export",
     "member_to_qwen3",

@@ -6,7 +6,7 @@ Used by the `expand` and `compress` stages; callable on any `FamilialForCausalLM
 - `dae_trainable_parameters` / `freeze_for_dae`: what DaE trains (the member's blocks, norm and head).
 - `decompose(model, ratio=0.4, calibration=None, ...)`: activation-whitened SVD (after SVD-LLM v2) of
   the DaE blocks' linears (and head) into `LowRankLinear`s with loss-aware rank allocation; returns a
-  new model with its `DecomposeReport` as `model.decompose_report`.
+  `DecomposeResult` (the new model and its `DecomposeReport`).
 Maths and deviations from the paper: docs/choices.md#expand and #compress.
 """
 
@@ -282,7 +282,7 @@ class MatrixDecomposition:
 
 @dataclass
 class DecomposeReport:
-    """What `decompose` did (attached to the returned model as `model.decompose_report`).
+    """What `decompose` did (`DecomposeResult.report`).
 
     `params_before`/`params_after` count the target matrices only (skipped ones count the same before
     and after); `achieved_ratio = 1 - after / before`; `group_ratios` is the achieved ratio per group.
@@ -420,9 +420,35 @@ def _allocate(scores: list[float], params: list[int], upper: list[float], ratio:
     return [min(hi * s, u) for s, u in zip(scores, upper)]
 
 
+@dataclass
+class DecomposeResult:
+    """What `decompose` returns: the new (compressed) model and the report of what was done."""
+
+    model: FamilialForCausalLM
+    report: DecomposeReport
+
+
+@dataclass
+class _Allocation:
+    """The removed fraction each target matrix is asked for (`ratios`), with the allocation's inputs."""
+
+    groups: dict[str, list[str]]      # "exits.<d>.<type>" -> module paths
+    uniform_loss: dict[str, float]    # truncation loss at the uniform-ratio rank (Eq. 5's L_min)
+    ratios: dict[str, float]
+
+
+@dataclass
+class _Plan:
+    """The per-matrix outcome: every target's entry; ranks and (A, B) factors of those made low rank."""
+
+    matrices: list[MatrixDecomposition]
+    ranks: dict[str, int]
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
 def decompose(model: FamilialForCausalLM, ratio: float = 0.4, calibration=None, allocation: str = "loss_aware",
               include_head: bool = True, exit_layer: int | None = None,
-              damping: float = DEFAULT_DAMPING) -> FamilialForCausalLM:
+              damping: float = DEFAULT_DAMPING) -> DecomposeResult:
     """Replaces the DaE blocks' linear weights (and the member's head) by low-rank factors (DaE "Decompose").
 
     Args:
@@ -437,21 +463,12 @@ def decompose(model: FamilialForCausalLM, ratio: float = 0.4, calibration=None, 
         damping: relative damping of the calibration Gram eigenvalues.
 
     Returns:
-        A new FamilialForCausalLM with `config.lowrank_ranks` extended and a `DecomposeReport` as
-        `.decompose_report`. Matrices that are already low rank are not touched.
+        DecomposeResult: `.model`, a new FamilialForCausalLM with `config.lowrank_ranks` extended
+        (matrices that are already low rank are not touched), and `.report`, its `DecomposeReport`.
     """
     model = _check_model(model)
-    cfg = model.config
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0:
-        raise ValueError(f"decompose(ratio={ratio!r}): must be a fraction in (0, 1) of the parameters to remove")
-    if allocation not in ALLOCATIONS:
-        raise ValueError(f"decompose(allocation={allocation!r}): must be one of {ALLOCATIONS}")
-    if not damping >= 0.0:
-        raise ValueError(f"decompose(damping={damping!r}): must be >= 0")
-    targets = {path: v for path, v in _targets(model, exit_layer, include_head).items()
-               if not isinstance(model.get_submodule(path), LowRankLinear)}
-    if not targets:
-        raise ValueError("decompose: every target matrix is already low rank (config.lowrank_ranks); nothing to do")
+    _check_decompose_args(ratio, allocation, damping)
+    targets = _decompose_targets(model, exit_layer, include_head)
     if calibration is None and allocation == "loss_aware":
         log.warning("decompose: allocation='loss_aware' needs calibration activations; none given, so every "
                     "matrix gets the uniform ratio %.3f (plain SVD)", ratio)
@@ -460,14 +477,56 @@ def decompose(model: FamilialForCausalLM, ratio: float = 0.4, calibration=None, 
     grams, tokens = ({}, 0)
     if calibration is not None:
         grams, tokens = collect_input_grams(model, {p: d for p, (d, _) in targets.items()}, calibration)
+    spectra = _spectra(model, targets, grams, damping)
+    shapes = {p: tuple(model.get_submodule(p).weight.shape) for p in targets}
+    alloc = _allocate_ratios(targets, shapes, spectra, ratio, allocation)
+    plan = _plan_matrices(targets, shapes, spectra, alloc)
+    if not plan.ranks:
+        raise ValueError(f"decompose(ratio={ratio}): no target matrix gets smaller at this ratio; "
+                         "raise the ratio")
+    new = _build_lowrank(model, plan)
+    report = _report(plan, alloc, ratio, allocation, calibration is not None, tokens)
+    skipped = [e.path for e in plan.matrices if e.skipped]
+    log.info("decompose: %d matrices, %d -> %d params (%.1f%% removed, target %.1f%%, %s%s)%s",
+             len(plan.ranks), report.params_before, report.params_after, 100 * report.achieved_ratio,
+             100 * ratio, allocation,
+             ", whitened" if calibration is not None else ", plain SVD",
+             f"; left dense: {skipped}" if skipped else "")
+    return DecomposeResult(new, report)
 
+
+def _check_decompose_args(ratio, allocation: str, damping: float) -> None:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0:
+        raise ValueError(f"decompose(ratio={ratio!r}): must be a fraction in (0, 1) of the parameters to remove")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"decompose(allocation={allocation!r}): must be one of {ALLOCATIONS}")
+    if not damping >= 0.0:
+        raise ValueError(f"decompose(damping={damping!r}): must be >= 0")
+
+
+def _decompose_targets(model: FamilialForCausalLM, exit_layer: int | None,
+                       include_head: bool) -> dict[str, tuple[int, str]]:
+    """`_targets` less the matrices that are already low rank (an error when none is left)."""
+    targets = {path: v for path, v in _targets(model, exit_layer, include_head).items()
+               if not isinstance(model.get_submodule(path), LowRankLinear)}
+    if not targets:
+        raise ValueError("decompose: every target matrix is already low rank (config.lowrank_ranks); nothing to do")
+    return targets
+
+
+def _spectra(model: FamilialForCausalLM, targets: dict[str, tuple[int, str]], grams: dict[str, torch.Tensor],
+             damping: float) -> dict[str, _Spectrum]:
     from tqdm.auto import tqdm
 
     spectra: dict[str, _Spectrum] = {}
     for path in tqdm(targets, desc="decompose: SVD", unit="matrix", disable=None):
         spectra[path] = _spectrum(_dense_weight(model.get_submodule(path)), grams.get(path), damping)
+    return spectra
 
-    shapes = {p: tuple(model.get_submodule(p).weight.shape) for p in targets}
+
+def _allocate_ratios(targets: dict[str, tuple[int, str]], shapes: dict[str, tuple[int, int]],
+                     spectra: dict[str, _Spectrum], ratio: float, allocation: str) -> _Allocation:
+    """Uniform: `ratio` everywhere; loss-aware: Eq. 5-6 within each group (see the module docstring)."""
     uniform_loss = {p: spectra[p].tail_loss(rank_for_ratio(*shapes[p], ratio)) for p in targets}
     allocated = {p: float(ratio) for p in targets}
     groups: dict[str, list[str]] = {}
@@ -480,58 +539,63 @@ def decompose(model: FamilialForCausalLM, ratio: float = 0.4, calibration=None, 
             upper = [1.0 - (shapes[p][0] + shapes[p][1]) / (shapes[p][0] * shapes[p][1]) for p in paths]
             for p, r in zip(paths, _allocate(scores, params, upper, ratio)):
                 allocated[p] = r
+    return _Allocation(groups=groups, uniform_loss=uniform_loss, ratios=allocated)
 
-    matrices, ranks, factors = [], {}, {}
+
+def _plan_matrices(targets: dict[str, tuple[int, str]], shapes: dict[str, tuple[int, int]],
+                   spectra: dict[str, _Spectrum], alloc: _Allocation) -> _Plan:
+    """Each matrix's rank at its allocated ratio; a matrix whose factors would not be smaller stays dense."""
+    plan = _Plan(matrices=[], ranks={}, factors={})
     for path, (d, kind) in targets.items():
         m, n = shapes[path]
         spec = spectra[path]
-        rank = rank_for_ratio(m, n, allocated[path])
+        rank = rank_for_ratio(m, n, alloc.ratios[path])
         total = spec.total()
         entry = MatrixDecomposition(path=path, group=f"exits.{d}.{kind}", exit_layer=d, shape=(m, n), rank=rank,
-                                    allocated_ratio=allocated[path], params_before=m * n, params_after=rank * (m + n),
-                                    truncation_loss=spec.tail_loss(rank), relative_loss=0.0,
-                                    uniform_loss=uniform_loss[path])
+                                    allocated_ratio=alloc.ratios[path], params_before=m * n,
+                                    params_after=rank * (m + n), truncation_loss=spec.tail_loss(rank),
+                                    relative_loss=0.0, uniform_loss=alloc.uniform_loss[path])
         if rank * (m + n) >= m * n:
             entry.rank, entry.params_after, entry.truncation_loss = None, m * n, 0.0
             entry.skipped = f"rank {rank} factors ({rank * (m + n)} params) are not smaller than the dense {m}x{n}"
         else:
-            ranks[path] = rank
-            factors[path] = spec.factors(rank)
+            plan.ranks[path] = rank
+            plan.factors[path] = spec.factors(rank)
         entry.relative_loss = entry.truncation_loss / total if total > 0 else 0.0
-        matrices.append(entry)
-    if not ranks:
-        raise ValueError(f"decompose(ratio={ratio}): no target matrix gets smaller at this ratio; raise the ratio")
+        plan.matrices.append(entry)
+    return plan
 
-    new_cfg = copy.deepcopy(cfg)
-    new_cfg.lowrank_ranks = {**cfg.lowrank_ranks, **ranks}
+
+def _build_lowrank(model: FamilialForCausalLM, plan: _Plan) -> FamilialForCausalLM:
+    """A copy of `model` whose planned matrices are `LowRankLinear`s holding the planned factors."""
+    new_cfg = copy.deepcopy(model.config)
+    new_cfg.lowrank_ranks = {**model.config.lowrank_ranks, **plan.ranks}
     new, missing, unexpected = _rebuild(model, new_cfg)
-    want_missing = {f"{p}.weight_{x}" for p in ranks for x in "ab"}
-    want_unexpected = {f"{p}.weight" for p in ranks}
+    want_missing = {f"{p}.weight_{x}" for p in plan.ranks for x in "ab"}
+    want_unexpected = {f"{p}.weight" for p in plan.ranks}
     if missing != want_missing or unexpected != want_unexpected:
         raise RuntimeError(f"decompose: internal error rebuilding the model: missing={sorted(missing - want_missing)[:8]} "
                            f"unexpected={sorted(unexpected - want_unexpected)[:8]}")
     with torch.no_grad():
-        for path, (a, b) in factors.items():
+        for path, (a, b) in plan.factors.items():
             module = new.get_submodule(path)
             module.weight_a.copy_(a)
             module.weight_b.copy_(b)
+    return new
 
+
+def _report(plan: _Plan, alloc: _Allocation, ratio: float, allocation: str, calibrated: bool,
+            tokens: int) -> DecomposeReport:
+    matrices = plan.matrices
     group_ratios = {}
-    for name, paths in groups.items():
+    for name, paths in alloc.groups.items():
         before = sum(e.params_before for e in matrices if e.path in paths)
         after = sum(e.params_after for e in matrices if e.path in paths)
         group_ratios[name] = 1.0 - after / before
-    report = DecomposeReport(target_ratio=float(ratio), allocation=allocation, calibrated=calibration is not None,
-                             calibration_tokens=tokens, params_before=sum(e.params_before for e in matrices),
-                             params_after=sum(e.params_after for e in matrices), matrices=matrices,
-                             group_ratios=group_ratios)
-    new.decompose_report = report
-    skipped = [e.path for e in matrices if e.skipped]
-    log.info("decompose: %d matrices, %d -> %d params (%.1f%% removed, target %.1f%%, %s%s)%s", len(ranks),
-             report.params_before, report.params_after, 100 * report.achieved_ratio, 100 * ratio, allocation,
-             ", whitened" if calibration is not None else ", plain SVD",
-             f"; left dense: {skipped}" if skipped else "")
-    return new
+    return DecomposeReport(target_ratio=float(ratio), allocation=allocation, calibrated=calibrated,
+                           calibration_tokens=tokens, params_before=sum(e.params_before for e in matrices),
+                           params_after=sum(e.params_after for e in matrices), matrices=matrices,
+                           group_ratios=group_ratios)
 
 
 __all__ = [
@@ -540,6 +604,7 @@ __all__ = [
     "freeze_for_dae",
     "decompose",
     "DecomposeReport",
+    "DecomposeResult",
     "MatrixDecomposition",
     "svd_lowrank",
     "rank_for_ratio",

@@ -71,6 +71,26 @@ class DynamicGenerationOutput:
 
 
 @dataclass
+class _DecodeStep:
+    """One token of a dynamic decode (`_DynamicDecoder.step`) and what it cost."""
+
+    token: int
+    exit_layer: int  # the member that emitted it
+    value: float  # that member's criterion value (max probability or entropy)
+    layers_run: int  # decoder layers run for the current position
+    layer_rows: int  # layer-position forwards (pending positions and prompt included)
+    copied_kv: int  # K/V projections of skipped layers ("copy")
+
+
+@dataclass
+class _Trace:
+    """The steps of one dynamic decode and the time to its first token (from the call's start)."""
+
+    steps: list[_DecodeStep]
+    first_token_seconds: float = 0.0
+
+
+@dataclass
 class _Member:
     """Static facts about one member used by the decoder."""
 
@@ -227,13 +247,8 @@ class _DynamicDecoder:
         return len(skipped)
 
     # --- one decoding step ----------------------------------------------------------------------
-    def step(self, new_ids: torch.LongTensor, t: int, full_prefill: bool) -> tuple[int, int, float, int, int, int]:
-        """Predicts the token after position t; `new_ids` (1 x n) are positions [t-n+1, t], not yet seen.
-
-        Returns:
-            (token, index of the emitting member, its criterion value, layers run for position t,
-             layer-position forwards, K/V projections of skipped layers).
-        """
+    def step(self, new_ids: torch.LongTensor, t: int, full_prefill: bool) -> _DecodeStep:
+        """Predicts the token after position t; `new_ids` (1 x n) are positions [t-n+1, t], not yet seen."""
         self._context_memo.clear()
         self._rows = self._calls = 0
         emb = self.model.model.embed_tokens(new_ids)  # 1 x n x D, depth 0
@@ -257,7 +272,7 @@ class _DynamicDecoder:
         if done > self.stash_start:
             self.stash = self.stash[:, done - self.stash_start:]
             self.stash_start = done
-        return token, k, value, layers_run, self._rows, copied
+        return _DecodeStep(token, self.members[k].exit_layer, value, layers_run, self._rows, copied)
 
 
 def _check_threshold(threshold, criterion: str) -> float:
@@ -339,6 +354,42 @@ def dynamic_generate(
         ValueError: batch size other than 1, bad threshold / criterion / kv_fill / max_new_tokens /
             attention_mask / eos_token_id, token ids outside the vocabulary.
     """
+    threshold = _check_arguments(model, input_ids, max_new_tokens, threshold, criterion, kv_fill)
+    pad = _strip_left_padding(input_ids, attention_mask)
+    eos = _eos_set(eos_token_id, model)
+
+    device = model.model.embed_tokens.weight.device
+    prompt = input_ids[:, pad:].to(device=device, dtype=torch.long)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        decoder = _DynamicDecoder(model, threshold, criterion, kv_fill, confidence_impl)
+        trace = _decode(decoder, prompt, max_new_tokens, eos, start)
+    seconds = time.perf_counter() - start
+
+    def row(attr: str, dtype):
+        return torch.tensor([[getattr(s, attr) for s in trace.steps]], dtype=dtype)
+
+    exits = [s.exit_layer for s in trace.steps]
+    new = row("token", torch.long).to(input_ids.device)
+    return DynamicGenerationOutput(
+        sequences=torch.cat([input_ids.to(torch.long), new], dim=1),
+        exit_layers=row("exit_layer", torch.long),
+        confidences=row("value", torch.float32),
+        layers_run=row("layers_run", torch.long),
+        layer_rows=row("layer_rows", torch.long),
+        copied_kv=row("copied_kv", torch.long),
+        tokens_per_member={d: exits.count(d) for d in model.config.exit_layers},
+        seconds=seconds,
+        first_token_seconds=trace.first_token_seconds,
+        threshold=threshold,
+        criterion=criterion,
+        kv_fill=kv_fill,
+        past_key_values=decoder.cache,
+    )
+
+
+def _check_arguments(model, input_ids, max_new_tokens, threshold, criterion: str, kv_fill: str) -> float:
+    """Validates `dynamic_generate`'s arguments (see its Raises); returns the threshold as a float."""
     if not isinstance(model, FamilialForCausalLM):
         raise ValueError(f"dynamic_generate needs a FamilialForCausalLM, got {type(model).__name__}")
     if criterion not in CRITERIA:
@@ -359,53 +410,25 @@ def dynamic_generate(
     vocab = model.config.vocab_size
     if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
         raise ValueError(f"input_ids hold ids outside the vocabulary [0, {vocab})")
-    pad = _strip_left_padding(input_ids, attention_mask)
-    eos = _eos_set(eos_token_id, model)
+    return threshold
 
-    device = model.model.embed_tokens.weight.device
-    prompt = input_ids[:, pad:].to(device=device, dtype=torch.long)
-    start = time.perf_counter()
-    first_token_seconds = 0.0
-    tokens, exits, values, layers_run, layer_rows, copied = [], [], [], [], [], []
-    with torch.inference_mode():
-        decoder = _DynamicDecoder(model, threshold, criterion, kv_fill, confidence_impl)
-        new_ids, t = prompt, prompt.shape[1] - 1
-        for step in range(max_new_tokens):
-            token, k, value, n_layers, n_rows, n_copied = decoder.step(
-                new_ids, t, full_prefill=(kv_fill == "copy" and step == 0))
-            if step == 0:
-                first_token_seconds = time.perf_counter() - start
-            tokens.append(token)
-            exits.append(decoder.members[k].exit_layer)
-            values.append(value)
-            layers_run.append(n_layers)
-            layer_rows.append(n_rows)
-            copied.append(n_copied)
-            if token in eos:
-                break
-            new_ids = torch.tensor([[token]], dtype=torch.long, device=device)
-            t += 1
-    seconds = time.perf_counter() - start
 
-    def row(values_list, dtype):
-        return torch.tensor([values_list], dtype=dtype)
-
-    new = row(tokens, torch.long).to(input_ids.device)
-    return DynamicGenerationOutput(
-        sequences=torch.cat([input_ids.to(torch.long), new], dim=1),
-        exit_layers=row(exits, torch.long),
-        confidences=row(values, torch.float32),
-        layers_run=row(layers_run, torch.long),
-        layer_rows=row(layer_rows, torch.long),
-        copied_kv=row(copied, torch.long),
-        tokens_per_member={d: exits.count(d) for d in model.config.exit_layers},
-        seconds=seconds,
-        first_token_seconds=first_token_seconds,
-        threshold=threshold,
-        criterion=criterion,
-        kv_fill=kv_fill,
-        past_key_values=decoder.cache,
-    )
+def _decode(decoder: _DynamicDecoder, prompt: torch.LongTensor, max_new_tokens: int, eos: set[int],
+            start: float) -> _Trace:
+    """Up to `max_new_tokens` steps after `prompt` (1 x T, on the model's device), stopping after an eos
+    token; `start` is the call's start time (for the time to first token)."""
+    trace = _Trace(steps=[])
+    new_ids, t = prompt, prompt.shape[1] - 1
+    for i in range(max_new_tokens):
+        step = decoder.step(new_ids, t, full_prefill=(decoder.kv_fill == "copy" and i == 0))
+        if i == 0:
+            trace.first_token_seconds = time.perf_counter() - start
+        trace.steps.append(step)
+        if step.token in eos:
+            break
+        new_ids = torch.tensor([[step.token]], dtype=torch.long, device=prompt.device)
+        t += 1
+    return trace
 
 
 __all__ = ["dynamic_generate", "DynamicGenerationOutput", "CRITERIA", "KV_FILLS"]

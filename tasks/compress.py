@@ -348,11 +348,11 @@ def run(params: Params) -> dict:
                          + ("" if cfg.include_head else " or set compress.include_head=true"))
 
     try:
-        model = decompose(model, ratio=matrix_ratio, calibration=calibration, allocation=cfg.allocation,
-                          include_head=cfg.include_head, exit_layer=d)
+        decomposed = decompose(model, ratio=matrix_ratio, calibration=calibration, allocation=cfg.allocation,
+                               include_head=cfg.include_head, exit_layer=d)
     except ValueError as e:
         raise StageError(f"{source}: cannot decompose member {d}: {e}") from None
-    report = model.decompose_report.to_dict()
+    model, report = decomposed.model, decomposed.report.to_dict()
     model.eval()
     added_after = added_parameters(model, d)
     if 1.0 - added_after / added_before < cfg.ratio:

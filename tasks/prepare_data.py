@@ -17,11 +17,12 @@ import random
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tasks.core.files import atomic_dir, save_figure, sha256_file, write_json, write_jsonl, write_metrics
-from tasks.core.params import Params
+from tasks.core.params import DataParams, Params
 from tasks.core.paths import plots_dir
 from tasks.core.stage import StageError, log, stage_main
 from tasks.data.corpus import _doc_key, build_corpus, embedded_corpus
@@ -167,71 +168,150 @@ def _write_csv(path: Path, header: list[str], rows: list[tuple]) -> None:
 # --- the stage ----------------------------------------------------------------------------------
 
 
+@dataclass
+class _Inputs:
+    """The rows of `data.sources` and whether the embedded corpus / generated math are added."""
+
+    docs: list[Document]
+    problems: list[Problem]
+    stats: dict[str, Any]
+    embed_corpus: bool
+    embed_math: bool
+
+
+@dataclass
+class _Corpus:
+    """The cleaned, de-duplicated general documents and the cleaning statistics per origin."""
+
+    docs: list[Document]
+    stats: dict[str, Any]
+
+
+@dataclass
+class _MathSplits:
+    """The math problems per split (sft / rl / eval) and the user problems dropped as exact duplicates."""
+
+    splits: dict[str, list[Problem]]
+    user_duplicates: int
+
+
+@dataclass
+class _Dataset:
+    """What goes to `data/raw/`: the corpus documents per file and every file's rows."""
+
+    corpus: dict[str, list[Document]]  # corpus_train.jsonl / corpus_val.jsonl
+    rows: dict[str, list[dict[str, Any]]]  # every file of FILES
+    math_docs: int  # sft problems added to the corpus as documents
+    overlap: dict[str, int]
+
+
 def run(params: Params) -> dict[str, Any]:
     data = params.data
     t0 = time.perf_counter()
-    user_docs: list[Document] = []
-    user_problems: list[Problem] = []
-    user_stats: dict[str, Any] = {}
+    inputs = _read_inputs(data)
+    corpus = _build_corpus(inputs, data, params.seed)
+    log.info("corpus: %d documents after cleaning and de-duplication (%.1f s)", len(corpus.docs),
+             time.perf_counter() - t0)
+    maths = _split_math_pool(inputs, data, params.seed)
+    dataset = _assemble(corpus, maths, data.val_fraction, params.seed)
+    files = _write_raw(params, inputs, corpus, maths, dataset)
+    _plot(params, dataset.corpus["corpus_train.jsonl"], maths.splits)
+    metrics = {
+        "corpus_train_docs": files["corpus_train.jsonl"]["rows"],
+        "corpus_val_docs": files["corpus_val.jsonl"]["rows"],
+        "corpus_train_chars": sum(len(d.text) for d in dataset.corpus["corpus_train.jsonl"]),
+        "math_docs_in_corpus": dataset.math_docs,
+        "sft": len(maths.splits["sft"]),
+        "rl": len(maths.splits["rl"]),
+        "eval": len(maths.splits["eval"]),
+        "near_duplicates_removed": sum(s.get("near_duplicates", 0) for s in corpus.stats.values()),
+        "exact_duplicates_removed": sum(s.get("exact_duplicates", 0) for s in corpus.stats.values()),
+    }
+    write_metrics(params, "prepare_data", metrics)
+    log.info("prepare_data: %s (%.1f s)", metrics, time.perf_counter() - t0)
+    return metrics
+
+
+def _read_inputs(data: DataParams) -> _Inputs:
+    """Reads `data.sources` and decides, per `data.embedded`, what embedded data is added."""
+    docs: list[Document] = []
+    problems: list[Problem] = []
+    stats: dict[str, Any] = {}
     if data.sources:
         sources = [load_source(uri) for uri in data.sources]
-        user_docs, user_problems, user_stats = map_rows(sources, data.math_levels)
-    embed_corpus = data.embedded == "always" or (data.embedded == "auto" and not user_docs)
-    embed_math = data.embedded == "always" or (data.embedded == "auto" and not user_problems)
-    if not embed_corpus and not user_docs:
+        docs, problems, stats = map_rows(sources, data.math_levels)
+    embed_corpus = data.embedded == "always" or (data.embedded == "auto" and not docs)
+    embed_math = data.embedded == "always" or (data.embedded == "auto" and not problems)
+    if not embed_corpus and not docs:
         raise StageError("data.embedded is 'never' but no file in data.sources has corpus rows ('text')")
-    if not embed_math and not user_problems:
+    if not embed_math and not problems:
         raise StageError("data.embedded is 'never' but no file in data.sources has math rows ('question'+'answer')")
     if data.sources and (embed_corpus or embed_math):
         log.info("adding embedded %s to the user data (data.embedded=%s)",
                  " and ".join(k for k, on in (("corpus", embed_corpus), ("math", embed_math)) if on), data.embedded)
+    return _Inputs(docs, problems, stats, embed_corpus, embed_math)
 
-    # Corpus: user text first (it wins de-duplication ties), then the embedded text.
-    corpus_stats: dict[str, Any] = {}
+
+def _build_corpus(inputs: _Inputs, data: DataParams, seed: int) -> _Corpus:
+    """User text first (it wins de-duplication ties), then the embedded text; at most
+    `data.max_corpus_docs` documents, a seeded sample kept in order."""
+    stats: dict[str, Any] = {}
     docs: list[Document] = []
-    if user_docs:
-        kept, corpus_stats["user"] = build_corpus(((d.source, d.text) for d in user_docs), data, prose_only=False)
+    if inputs.docs:
+        kept, stats["user"] = build_corpus(((d.source, d.text) for d in inputs.docs), data, prose_only=False)
         docs.extend(kept)
-    if embed_corpus:
-        kept, corpus_stats["embedded"] = embedded_corpus(data.min_doc_chars, data.max_doc_chars)
+    if inputs.embed_corpus:
+        kept, stats["embedded"] = embedded_corpus(data.min_doc_chars, data.max_doc_chars)
         known = {_doc_key(d.text) for d in docs}  # user vs embedded: exact duplicates only
         docs.extend(d for d in kept if _doc_key(d.text) not in known)
     if not docs:
         raise StageError("the corpus is empty after cleaning: check data.min_doc_chars / data.max_doc_chars and the sources")
     order = list(range(len(docs)))
-    random.Random(f"corpus:{params.seed}").shuffle(order)
-    docs = [docs[i] for i in sorted(order[: data.max_corpus_docs])]
-    log.info("corpus: %d documents after cleaning and de-duplication (%.1f s)", len(docs), time.perf_counter() - t0)
+    random.Random(f"corpus:{seed}").shuffle(order)
+    return _Corpus([docs[i] for i in sorted(order[: data.max_corpus_docs])], stats)
 
-    # Math pool: user problems (exact duplicates dropped) and/or generated ones.
+
+def _split_math_pool(inputs: _Inputs, data: DataParams, seed: int) -> _MathSplits:
+    """Math pool: user problems (exact duplicates dropped) and/or generated ones, split by `split_math`."""
     pool: list[Problem] = []
     seen: set[str] = set()
-    for problem in user_problems:
+    for problem in inputs.problems:
         key = normalize_question(problem.question)
         if key not in seen:
             seen.add(key)
             pool.append(problem)
-    user_math_duplicates = len(user_problems) - len(pool)
-    if embed_math:
+    user_duplicates = len(inputs.problems) - len(pool)
+    if inputs.embed_math:
         wanted = data.num_sft + data.num_rl + data.num_eval
         # ~10% headroom: whole groups go to one split, and a split's overflow is dropped.
-        generated = generate_problems(math.ceil(wanted * 1.1) + 20, data.math_levels, params.seed)
+        generated = generate_problems(math.ceil(wanted * 1.1) + 20, data.math_levels, seed)
         pool.extend(p for p in generated if normalize_question(p.question) not in seen)
-    splits = split_math(pool, data.num_eval, data.num_rl, data.num_sft, params.seed)
+    return _MathSplits(split_math(pool, data.num_eval, data.num_rl, data.num_sft, seed), user_duplicates)
 
+
+def _assemble(corpus: _Corpus, maths: _MathSplits, val_fraction: float, seed: int) -> _Dataset:
+    """The rows of every file: general and SFT-math documents split train/val, then the math splits."""
+    splits = maths.splits
     math_docs = [math_document(p) for p in splits["sft"]]
-    general_train, general_val = _split_corpus(docs, data.val_fraction, params.seed, "general")
-    math_train, math_val = _split_corpus(math_docs, data.val_fraction, params.seed, "math")
-    overlap = check_no_overlap(splits, docs)
+    general_train, general_val = _split_corpus(corpus.docs, val_fraction, seed, "general")
+    math_train, math_val = _split_corpus(math_docs, val_fraction, seed, "math")
+    overlap = check_no_overlap(splits, corpus.docs)
 
     corpus_rows = {  # general and math text interleaved (deterministically), not in blocks
-        "corpus_train.jsonl": _shuffled(general_train + math_train, f"train:{params.seed}"),
-        "corpus_val.jsonl": _shuffled(general_val + math_val, f"val:{params.seed}"),
+        "corpus_train.jsonl": _shuffled(general_train + math_train, f"train:{seed}"),
+        "corpus_val.jsonl": _shuffled(general_val + math_val, f"val:{seed}"),
     }
     rows: dict[str, list[dict[str, Any]]] = {
         name: [{"id": _id("doc", d.text), "text": d.text, "source": d.source} for d in ds] for name, ds in corpus_rows.items()
     }
     rows.update(_rows(splits))
+    return _Dataset(corpus_rows, rows, len(math_docs), overlap)
+
+
+def _write_raw(params: Params, inputs: _Inputs, corpus: _Corpus, maths: _MathSplits,
+               dataset: _Dataset) -> dict[str, dict[str, Any]]:
+    """Writes every file and `manifest.json` into `data/raw/` at once; returns the manifest's `files`."""
+    data, rows, splits = params.data, dataset.rows, maths.splits
     raw_dir = Path(params.paths.data_dir) / "raw"
     with atomic_dir(raw_dir) as tmp:
         for name in FILES:
@@ -241,31 +321,18 @@ def run(params: Params) -> dict[str, Any]:
         manifest = {
             "seed": params.seed,
             "python": sys.version.split()[0],
-            "embedded": {"mode": data.embedded, "corpus": embed_corpus, "math": embed_math},
+            "embedded": {"mode": data.embedded, "corpus": inputs.embed_corpus, "math": inputs.embed_math},
             "files": files,
-            "sources": {"user": user_stats, "corpus": corpus_stats,
-                        "corpus_per_source": dict(sorted(Counter(d.source for ds in corpus_rows.values() for d in ds).items())),
+            "sources": {"user": inputs.stats, "corpus": corpus.stats,
+                        "corpus_per_source": dict(sorted(Counter(d.source for ds in dataset.corpus.values()
+                                                                 for d in ds).items())),
                         "math_per_origin": dict(sorted(Counter(p.origin for s in splits.values() for p in s).items())),
-                        "user_math_duplicates": user_math_duplicates},
+                        "user_math_duplicates": maths.user_duplicates},
             "levels": {name: dict(sorted(Counter(p.level for p in s).items())) for name, s in splits.items()},
-            "overlap_check": overlap,
+            "overlap_check": dataset.overlap,
         }
         write_json(tmp / "manifest.json", manifest)
-    _plot(params, corpus_rows["corpus_train.jsonl"], splits)
-    metrics = {
-        "corpus_train_docs": files["corpus_train.jsonl"]["rows"],
-        "corpus_val_docs": files["corpus_val.jsonl"]["rows"],
-        "corpus_train_chars": sum(len(d.text) for d in corpus_rows["corpus_train.jsonl"]),
-        "math_docs_in_corpus": len(math_docs),
-        "sft": len(splits["sft"]),
-        "rl": len(splits["rl"]),
-        "eval": len(splits["eval"]),
-        "near_duplicates_removed": sum(s.get("near_duplicates", 0) for s in corpus_stats.values()),
-        "exact_duplicates_removed": sum(s.get("exact_duplicates", 0) for s in corpus_stats.values()),
-    }
-    write_metrics(params, "prepare_data", metrics)
-    log.info("prepare_data: %s (%.1f s)", metrics, time.perf_counter() - t0)
-    return metrics
+    return files
 
 
 def main(argv: list[str] | None = None) -> int:

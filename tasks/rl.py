@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -99,23 +100,12 @@ def run(params: Params) -> dict[str, Any]:
     """Runs the rl stage (see docs/choices.md#rl); returns its metrics."""
     from tqdm.auto import tqdm
 
-    from tasks.training.rl_algos import encode_chat_prompts
-
     t_start = time.perf_counter()
     cfg = params.rl
-    rl_path = Path(params.paths.data_dir) / "validated" / "rl.jsonl"
-    sft_dir = stage_dir(params, "sft")
-    rows = load_rl_rows(rl_path)
-    train_rows, eval_rows = split_rows(rows, cfg.eval_prompts, rl_path)
-    model, tokenizer = load_family(sft_dir)
-    seed_everything(params.seed)
-    members = resolve_members(model.config, cfg.members)
-    limit = model.config.max_position_embeddings
-    for i, row in enumerate(rows, 1):
-        n_tok = encode_chat_prompts(tokenizer, [row["question"]])[0].shape[1]
-        if n_tok + cfg.max_new_tokens > limit:
-            raise StageError(f"{rl_path}: row {i} (id={row['id']!r}) has {n_tok} prompt tokens; with "
-                             f"rl.max_new_tokens={cfg.max_new_tokens} it exceeds max_position_embeddings={limit}")
+    inputs = _load_inputs(params)
+    model, tokenizer, members = inputs.model, inputs.tokenizer, inputs.members
+    rl_path, sft_dir = inputs.rl_path, inputs.sft_dir
+    train_rows, eval_rows = inputs.train_rows, inputs.eval_rows
     trainable = trainable_parameters(model, cfg.members, members)
     n_train = sum(p.numel() for _, p in trainable)
     log.info("rl: %s on members %s, %d trainable parameters of %d, %d train / %d eval prompts", cfg.algorithm,
@@ -150,6 +140,55 @@ def run(params: Params) -> dict[str, Any]:
     save_family(model, tokenizer, stage_dir(params, "rl"))
     write_curves(trainer.history, plots_dir(params, "rl"), cfg.algorithm)
 
+    this_run_s = time.perf_counter() - t_start
+    metrics = _metrics(cfg, trainer, members, before, after, n_train=n_train, eval_prompts=len(eval_rows),
+                       resumed_from=resumed_from, checkpointer=checkpointer, wall_time_s=prior_wall_s + this_run_s,
+                       this_run_s=this_run_s)
+    write_metrics(params, "rl", metrics)
+    return metrics
+
+
+@dataclass
+class _Inputs:
+    """What the rl stage reads: the SFT family, the prompts split train / eval, the members to train."""
+
+    model: Any
+    tokenizer: Any
+    train_rows: list[dict]
+    eval_rows: list[dict]
+    members: list[int]
+    rl_path: Path
+    sft_dir: Path
+
+
+def _load_inputs(params: Params) -> _Inputs:
+    """Reads rl.jsonl and the SFT family (then seeds everything); a prompt too long for
+    `max_position_embeddings` with `rl.max_new_tokens` is an error naming its row."""
+    from tasks.training.rl_algos import encode_chat_prompts
+
+    cfg = params.rl
+    rl_path = Path(params.paths.data_dir) / "validated" / "rl.jsonl"
+    sft_dir = stage_dir(params, "sft")
+    rows = load_rl_rows(rl_path)
+    train_rows, eval_rows = split_rows(rows, cfg.eval_prompts, rl_path)
+    model, tokenizer = load_family(sft_dir)
+    seed_everything(params.seed)
+    members = resolve_members(model.config, cfg.members)
+    limit = model.config.max_position_embeddings
+    for i, row in enumerate(rows, 1):
+        n_tok = encode_chat_prompts(tokenizer, [row["question"]])[0].shape[1]
+        if n_tok + cfg.max_new_tokens > limit:
+            raise StageError(f"{rl_path}: row {i} (id={row['id']!r}) has {n_tok} prompt tokens; with "
+                             f"rl.max_new_tokens={cfg.max_new_tokens} it exceeds "
+                             f"max_position_embeddings={limit}")
+    return _Inputs(model, tokenizer, train_rows, eval_rows, members, rl_path, sft_dir)
+
+
+def _metrics(cfg, trainer: RLTrainer, members: list[int], before: dict, after: dict, *, n_train: int,
+             eval_prompts: int, resumed_from: int | None, checkpointer: Checkpointer, wall_time_s: float,
+             this_run_s: float) -> dict[str, Any]:
+    """Reward and accuracy before/after (mean over members and per member), training curves and times."""
+
     def mean(vals):
         return float(sum(vals) / len(vals))
 
@@ -167,7 +206,6 @@ def run(params: Params) -> dict[str, Any]:
             "skipped_steps": int(sum(1 - h["has_gradient"] for h in hist)),
             "curves": {k: [h[k] for h in hist] for k in ("step", *CURVE_KEYS)},
         }
-    this_run_s = time.perf_counter() - t_start
     metrics = {
         "algorithm": cfg.algorithm,
         "members": members,
@@ -177,16 +215,15 @@ def run(params: Params) -> dict[str, Any]:
         "reward_end": mean([after[d]["reward"] for d in members]),
         "accuracy_start": mean([before[d]["accuracy"] for d in members]),
         "accuracy_end": mean([after[d]["accuracy"] for d in members]),
-        "eval_prompts": len(eval_rows),
+        "eval_prompts": eval_prompts,
         "train_time_s": trainer.elapsed_s,
         "resumed_from_step": resumed_from,
         "stale_checkpoint": checkpointer.stale,
         "skipped_checkpoints": checkpointer.skipped,
-        "wall_time_s": prior_wall_s + this_run_s,
+        "wall_time_s": wall_time_s,
         "wall_time_this_run_s": this_run_s,
         **per_member,
     }
-    write_metrics(params, "rl", metrics)
     return metrics
 
 

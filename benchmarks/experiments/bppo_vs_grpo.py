@@ -285,7 +285,65 @@ def print_member(summary: dict, setting: str) -> None:
               f"{'met' if r['target_met'] else 'NOT met'}")
 
 
+class Setting:
+    """What the runs start from: the SFT family, its tokenizer, the RL prompts, the base `rl` params and
+    a one-line description for the report. (A plain class, not a dataclass: the tests load this file
+    with `importlib` without registering it in `sys.modules`, which dataclasses need.)"""
+
+    def __init__(self, base, tokenizer, rows: list[dict], cfg, description: str):
+        self.base, self.tokenizer, self.rows = base, tokenizer, rows
+        self.cfg, self.description = cfg, description
+
+
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.window < 1:
+        parser.error(f"--steps ({args.steps}) and --window ({args.window}) must be >= 1")
+    if args.acc_tol < 0:
+        parser.error(f"--acc-tol ({args.acc_tol}) must be >= 0")
+    if args.from_json:
+        resummarize(args)
+        return 0
+
+    import torch
+
+    from tasks.core.stage import seed_everything
+
+    torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    setting = load_setting(args)
+    cfg = with_overrides(setting.cfg, args)
+    members = args.members or cfg.members
+    if isinstance(members, str) and members not in ("dae", "all"):
+        try:
+            members = [int(x) for x in members.split(",")]
+        except ValueError:
+            parser.error(f"--members {args.members!r}: expected dae, all or comma-separated exit layers")
+    configs = {
+        "grpo": {"algorithm": "grpo"},
+        "bppo": {"algorithm": "bppo", "bppo": cfg.bppo.model_copy(update={"adaptive_budget": True})},
+        "bppo-fixed": {"algorithm": "bppo", "bppo": cfg.bppo.model_copy(update={"adaptive_budget": False})},
+    }
+    print(f"rl settings: G={cfg.group_size}, prompts/step={cfg.prompts_per_step}, "
+          f"max_new_tokens={cfg.max_new_tokens}, lr={cfg.lr}, loss={cfg.loss_type}, "
+          f"prefix={cfg.bppo.prefix_rule}, members={members}, steps={args.steps}, threads={args.threads}")
+    results = run_all(setting.base, setting.tokenizer, setting.rows, cfg, configs, args.steps, args.seed,
+                      members)
+    summary = summarize(results, args.window, args.target, args.target_frac, args.acc_tol)
+    summary.update(setting=setting.description, steps=args.steps, seed=args.seed, rl=cfg.model_dump(),
+                   members_spec=members, threads=args.threads,
+                   curves={n: {f"exit_{d}": m["history"] for d, m in r["members"].items()}
+                           for n, r in results.items()})
+    print_report(summary, setting.description)
+    if args.json:
+        from tasks.core.files import write_json
+
+        write_json(args.json, summary)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sft", default="artifacts/sft", help="SFT checkpoint directory (default: artifacts/sft)")
     parser.add_argument("--data", default="data/validated/rl.jsonl", help="RL prompts (default: data/validated/rl.jsonl)")
@@ -321,36 +379,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-prompts", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--json", default=None, help="also write the summary as JSON to this file")
-    args = parser.parse_args(argv)
-    if args.steps < 1 or args.window < 1:
-        parser.error(f"--steps ({args.steps}) and --window ({args.window}) must be >= 1")
-    if args.acc_tol < 0:
-        parser.error(f"--acc-tol ({args.acc_tol}) must be >= 0")
+    return parser
 
-    if args.from_json:
-        saved = json.loads(Path(args.from_json).read_text())
-        results = {}
-        for name, curves in saved["curves"].items():
-            if isinstance(curves, list):   # a file from before per-member reports: one member
-                results[name] = {"members": {"?": {"history": curves, "before": saved["runs"][name]["eval_before"],
-                                                   "after": saved["runs"][name]["eval_after"]}}}
-            else:
-                results[name] = {"members": {key.removeprefix("exit_"): {
-                    "history": hist, "before": saved["members"][key]["runs"][name]["eval_before"],
-                    "after": saved["members"][key]["runs"][name]["eval_after"]} for key, hist in curves.items()}}
-        summary = summarize(results, args.window, args.target, args.target_frac, args.acc_tol)
-        print_report(summary, saved["setting"] + f" (re-summarised from {args.from_json})")
-        return 0
 
-    import torch
+def resummarize(args: argparse.Namespace) -> None:
+    """`--from-json`: the summary of the curves saved by an earlier `--json` run, without training."""
+    saved = json.loads(Path(args.from_json).read_text())
+    results = {}
+    for name, curves in saved["curves"].items():
+        if isinstance(curves, list):   # a file from before per-member reports: one member
+            run = saved["runs"][name]
+            results[name] = {"members": {"?": {"history": curves, "before": run["eval_before"],
+                                               "after": run["eval_after"]}}}
+        else:
+            results[name] = {"members": {key.removeprefix("exit_"): {
+                "history": hist, "before": saved["members"][key]["runs"][name]["eval_before"],
+                "after": saved["members"][key]["runs"][name]["eval_after"]} for key, hist in curves.items()}}
+    summary = summarize(results, args.window, args.target, args.target_frac, args.acc_tol)
+    print_report(summary, saved["setting"] + f" (re-summarised from {args.from_json})")
 
+
+def load_setting(args: argparse.Namespace) -> Setting:
+    """The pipeline's SFT checkpoint and RL prompts, or the built-in synthetic task (`--synthetic`, or
+    when either is missing), with the `rl` section of `--params` (defaults when absent)."""
     from tasks.core.artifacts import load_family
     from tasks.core.params import load_params
-    from tasks.core.stage import seed_everything
     from tasks.training.rl_trainer import load_rl_rows
 
-    torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
     cfg = load_params(args.params).rl if Path(args.params).is_file() else None
     if cfg is None:
         from tasks.core.params import RLParams
@@ -370,46 +425,26 @@ def main(argv: list[str] | None = None) -> int:
 
             save_family(base, tok, args.save_synthetic)
             write_jsonl(Path(args.save_synthetic) / "rl.jsonl", rows)
-        setting = (f"synthetic additions, micro family hidden 64, exits [2, 4], DaE member 2 (+1 block), "
-                   f"{args.sft_steps} SFT steps, filler 0-{args.filler}")
+        description = (f"synthetic additions, micro family hidden 64, exits [2, 4], DaE member 2 (+1 block), "
+                       f"{args.sft_steps} SFT steps, filler 0-{args.filler}")
         cfg = cfg.model_copy(update={"max_new_tokens": 32, "eval_prompts": 64, "lr": 2e-3,
                                      "bppo": cfg.bppo.model_copy(update={"budget_min_tokens": 8})})
     else:
         base, tok = load_family(args.sft)
         rows = load_rl_rows(Path(args.data))
-        setting = f"{args.sft}, {args.data}"
+        description = f"{args.sft}, {args.data}"
     print(f"setup took {time.perf_counter() - t0:.1f} s")
+    return Setting(base, tok, rows, cfg, description)
+
+
+def with_overrides(cfg, args: argparse.Namespace):
+    """`cfg` with the `rl` options given on the command line."""
     update = {k: v for k, v in {"prompts_per_step": args.prompts_per_step, "group_size": args.group_size,
                                 "max_new_tokens": args.max_new_tokens, "lr": args.lr,
                                 "eval_prompts": args.eval_prompts}.items() if v is not None}
     bppo_update = {k: v for k, v in {"prefix_rule": args.prefix_rule, "prefix_fraction": args.prefix_fraction,
                                      "prefix_k": args.prefix_k}.items() if v is not None}
-    cfg = cfg.model_copy(update={**update, "bppo": cfg.bppo.model_copy(update=bppo_update)})
-    members = args.members or cfg.members
-    if isinstance(members, str) and members not in ("dae", "all"):
-        try:
-            members = [int(x) for x in members.split(",")]
-        except ValueError:
-            parser.error(f"--members {args.members!r}: expected dae, all or comma-separated exit layers")
-    configs = {
-        "grpo": {"algorithm": "grpo"},
-        "bppo": {"algorithm": "bppo", "bppo": cfg.bppo.model_copy(update={"adaptive_budget": True})},
-        "bppo-fixed": {"algorithm": "bppo", "bppo": cfg.bppo.model_copy(update={"adaptive_budget": False})},
-    }
-    print(f"rl settings: G={cfg.group_size}, prompts/step={cfg.prompts_per_step}, max_new_tokens={cfg.max_new_tokens}, "
-          f"lr={cfg.lr}, loss={cfg.loss_type}, prefix={cfg.bppo.prefix_rule}, members={members}, steps={args.steps}, "
-          f"threads={args.threads}")
-    results = run_all(base, tok, rows, cfg, configs, args.steps, args.seed, members)
-    summary = summarize(results, args.window, args.target, args.target_frac, args.acc_tol)
-    summary.update(setting=setting, steps=args.steps, seed=args.seed, rl=cfg.model_dump(), members_spec=members,
-                   threads=args.threads,
-                   curves={n: {f"exit_{d}": m["history"] for d, m in r["members"].items()} for n, r in results.items()})
-    print_report(summary, setting)
-    if args.json:
-        from tasks.core.files import write_json
-
-        write_json(args.json, summary)
-    return 0
+    return cfg.model_copy(update={**update, "bppo": cfg.bppo.model_copy(update=bppo_update)})
 
 
 if __name__ == "__main__":

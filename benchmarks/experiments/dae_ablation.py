@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.training.batches import BlockStream, fixed_batches, load_tokenizer, pack_corpus, read_corpus
@@ -60,6 +61,17 @@ def windows(history, d: int, every: int, steps: int) -> list[tuple[int, float]]:
     return out
 
 
+@dataclass
+class Ablation:
+    """Both DaE runs of one member: the params used, the expanded member, the family's origin and
+    per initialisation its history, time, parameter counts, held-out losses and train-loss windows."""
+
+    params: object
+    dae_exit: int
+    source: str
+    runs: dict[str, dict]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -78,42 +90,61 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from tasks import expand
-    from tasks.core.artifacts import load_family
-    from tasks.core.params import ParamsError, load_params
-    from tasks.core.stage import StageError, parse_overrides, setup_logging
+    from tasks.core.params import ParamsError
+    from tasks.core.stage import StageError, setup_logging
 
     setup_logging()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:
-        params = load_params(args.params, parse_overrides(args.overrides))
-        params = params.model_copy(update={"expand": params.expand.model_copy(update={
-            "max_steps": args.steps, "eval_every": args.every,
-            "warmup_steps": min(params.expand.warmup_steps, args.steps - 1)})})
-        if args.cpt:
-            base, tokenizer = load_family(args.cpt)
-            source = args.cpt
-        else:
-            steps = args.cpt_steps or params.cpt.max_steps
-            base, tokenizer = fresh_family(params, steps)
-            source = f"fresh family ({steps} cpt steps)"
-        d = expand.resolve_dae_exit(params, base, source)
-        data = expand.load_dae_data(params, tokenizer)
-        runs = {}
-        for init in ("random", "clone"):
-            t0 = time.perf_counter()
-            _, result, info = expand.train_dae(base, params, data, init=init)
-            runs[init] = {"history": result.history, "seconds": time.perf_counter() - t0, **info,
-                          "val": sorted((r["step"], r["loss"]) for r in result.history if r["split"] == "val"),
-                          "train_windows": windows(result.history, d, args.every, args.steps)}
+        ablation = run_ablation(args)
     except (ParamsError, StageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print_table(ablation, args.steps, torch.get_num_threads())
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot(ablation, out)
+    write_summary(ablation, out.with_suffix(".json"), args.steps, torch.get_num_threads())
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    return 0
 
-    cfg = params.expand
-    print(f"\nDaE ablation: member {d} of {source}, +{cfg.num_blocks} blocks, {args.steps} steps, lr {cfg.lr}, "
-          f"batch {cfg.batch_size}x{cfg.seq_len}, replay {cfg.replay_fraction}, torch threads {torch.get_num_threads()}")
+
+def run_ablation(args: argparse.Namespace) -> Ablation:
+    """Expands the family (`--cpt`, or a fresh one) and trains the new blocks once per initialisation."""
+    from tasks import expand
+    from tasks.core.artifacts import load_family
+    from tasks.core.params import load_params
+    from tasks.core.stage import parse_overrides
+
+    params = load_params(args.params, parse_overrides(args.overrides))
+    params = params.model_copy(update={"expand": params.expand.model_copy(update={
+        "max_steps": args.steps, "eval_every": args.every,
+        "warmup_steps": min(params.expand.warmup_steps, args.steps - 1)})})
+    if args.cpt:
+        base, tokenizer = load_family(args.cpt)
+        source = args.cpt
+    else:
+        steps = args.cpt_steps or params.cpt.max_steps
+        base, tokenizer = fresh_family(params, steps)
+        source = f"fresh family ({steps} cpt steps)"
+    d = expand.resolve_dae_exit(params, base, source)
+    data = expand.load_dae_data(params, tokenizer)
+    runs = {}
+    for init in ("random", "clone"):
+        t0 = time.perf_counter()
+        _, result, info = expand.train_dae(base, params, data, init=init)
+        runs[init] = {"history": result.history, "seconds": time.perf_counter() - t0, **info,
+                      "val": sorted((r["step"], r["loss"]) for r in result.history if r["split"] == "val"),
+                      "train_windows": windows(result.history, d, args.every, args.steps)}
+    return Ablation(params, d, source, runs)
+
+
+def print_table(ablation: Ablation, steps: int, threads: int) -> None:
+    cfg, runs, d = ablation.params.expand, ablation.runs, ablation.dae_exit
+    print(f"\nDaE ablation: member {d} of {ablation.source}, +{cfg.num_blocks} blocks, {steps} steps, "
+          f"lr {cfg.lr}, batch {cfg.batch_size}x{cfg.seq_len}, replay {cfg.replay_fraction}, "
+          f"torch threads {threads}")
     print(f"{'step':>6} | {'train random':>12} {'train clone':>12} | {'val random':>10} {'val clone':>10} "
           f"{'clone-random':>12}")
     val_r, val_c = dict(runs["random"]["val"]), dict(runs["clone"]["val"])
@@ -125,13 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"time: random {runs['random']['seconds']:.0f} s, clone {runs['clone']['seconds']:.0f} s; "
           f"trainable {runs['random']['trainable_params']} of {runs['random']['total_params']} parameters")
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+
+def plot(ablation: Ablation, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    cfg, runs = ablation.params.expand, ablation.runs
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for init, color in (("random", "tab:blue"), ("clone", "tab:orange")):
         hist = runs[init]["history"]
@@ -141,23 +173,26 @@ def main(argv: list[str] | None = None) -> int:
         ax.plot(*zip(*runs[init]["val"]), color=color, lw=2, marker="o", ms=3, label=f"{init}: held-out STEM")
     ax.set_xlabel("DaE CPT step")
     ax.set_ylabel("cross-entropy of the expanded member (nats/token)")
-    ax.set_title(f"DaE ablation: member {d} +{cfg.num_blocks} blocks, random vs clone init")
+    ax.set_title(f"DaE ablation: member {ablation.dae_exit} +{cfg.num_blocks} blocks, random vs clone init")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def write_summary(ablation: Ablation, path: Path, steps: int, threads: int) -> None:
+    cfg, runs = ablation.params.expand, ablation.runs
     summary = {
-        "source": source, "dae_exit": d, "num_blocks": cfg.num_blocks, "steps": args.steps, "lr": cfg.lr,
-        "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "replay_fraction": cfg.replay_fraction,
-        "seed": params.seed, "torch_threads": torch.get_num_threads(), "paper": PAPER,
+        "source": ablation.source, "dae_exit": ablation.dae_exit, "num_blocks": cfg.num_blocks,
+        "steps": steps, "lr": cfg.lr, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
+        "replay_fraction": cfg.replay_fraction,
+        "seed": ablation.params.seed, "torch_threads": threads, "paper": PAPER,
         **{init: {"val": runs[init]["val"], "train_windows": runs[init]["train_windows"],
                   "seconds": round(runs[init]["seconds"], 1), "trainable_params": runs[init]["trainable_params"]}
            for init in runs},
     }
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {out} and {out.with_suffix('.json')}")
-    return 0
+    path.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":

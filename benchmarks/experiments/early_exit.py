@@ -19,6 +19,7 @@ import platform
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -146,7 +147,59 @@ def run_dynamic(model, ids: torch.Tensor, threshold: float, kv_fill: str, criter
                               "exits": out.tokens_per_member}
 
 
+@dataclass
+class Subject:
+    """The model under test, its workload and where it came from (a checkpoint dir or "synthetic")."""
+
+    model: object
+    workload: Workload
+    source: str
+
+
+@dataclass
+class Config:
+    """One decoding configuration: `generate` at member `exit_layer`, or `dynamic` with a threshold."""
+
+    name: str
+    kind: str  # "generate" | "dynamic"
+    exit_layer: int | None = None
+    threshold: float | None = None
+    kv_fill: str | None = None
+
+    def run(self, model, ids: torch.Tensor, criterion: str, max_new: int, workload: Workload):
+        if self.kind == "generate":
+            return run_generate(model, ids, self.exit_layer, max_new, workload.stop_ids, workload.pad_id)
+        return run_dynamic(model, ids, self.threshold, self.kv_fill, criterion, max_new, workload.stop_ids)
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
+    thresholds = [float(x) for x in args.thresholds.split(",") if x.strip()]
+    kv_fills = [x.strip() for x in args.kv_fills.split(",") if x.strip()]
+    subject = load_subject(args)
+    cfg = subject.model.config
+    never = 2.0 if args.criterion == "max_prob" else None
+    configs = build_configs(cfg.exit_layers, kv_fills, thresholds, never)
+    warm_up(subject, configs, args.criterion)
+    stats = measure(subject, configs, args.criterion, args.max_new_tokens)
+    print(f"\nmodel: {subject.source}; L={cfg.num_hidden_layers}, exits {cfg.exit_layers}, "
+          f"hidden {cfg.hidden_size}, vocab {cfg.vocab_size}; criterion {args.criterion}; "
+          f"{len(subject.workload.prompts)} prompts, "
+          f"<= {args.max_new_tokens} new tokens, batch 1, greedy, {args.threads} thread(s)")
+    print(f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, "
+          f"torch {torch.__version__}, python {platform.python_version()}; "
+          f"accuracy = {subject.workload.name}")
+    rows = table(configs, stats, cfg.exit_layers[-1], never is not None)
+    print_verdicts(rows, kv_fills, cfg.exit_layers[-1])
+    if args.json:
+        summary = {"model": subject.source, "criterion": args.criterion, "rows": rows}
+        args.json.write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, default=None,
                     help="family checkpoint dir (default: artifacts/compress, else artifacts/sft, else synthetic)")
@@ -169,12 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("num_prompts", "max_new_tokens", "train_steps", "train_batch", "threads"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(args.threads)
-    from tqdm.auto import tqdm
+    return args
 
-    thresholds = [float(x) for x in args.thresholds.split(",") if x.strip()]
-    kv_fills = [x.strip() for x in args.kv_fills.split(",") if x.strip()]
+
+def load_subject(args: argparse.Namespace) -> Subject:
+    """The pipeline checkpoint (`--checkpoint`, else artifacts/compress or artifacts/sft) and its eval
+    prompts, or the synthetic family trained here and its digit-reversal prompts."""
     checkpoint = args.checkpoint
     if checkpoint is None and not args.synthetic:
         checkpoint = next((REPO / p for p in ("artifacts/compress", "artifacts/sft") if (REPO / p / "config.json").exists()),
@@ -186,45 +239,47 @@ def main(argv: list[str] | None = None) -> int:
         exits = [int(x) for x in args.exits.split(",")]
         model, final_ce = train_synthetic_family(args.train_steps, args.train_batch, args.hidden, args.seed, exits)
         print(f"trained in {time.perf_counter() - t0:.0f} s; final per-exit CE on answers: {final_ce}")
-        workload = synthetic_workload(args.num_prompts, args.seed)
-        source = "synthetic"
-    else:
-        from tasks.core.artifacts import load_family
+        return Subject(model, synthetic_workload(args.num_prompts, args.seed), "synthetic")
+    from tasks.core.artifacts import load_family
 
-        model, tokenizer = load_family(checkpoint)
-        model.eval()
-        workload = pipeline_workload(checkpoint, tokenizer, args.num_prompts, args.eval_file)
-        source = str(checkpoint)
-    cfg = model.config
-    exits, deepest = cfg.exit_layers, cfg.exit_layers[-1]
-    never = 2.0 if args.criterion == "max_prob" else None
-    configs: list[tuple[str, tuple]] = [(f"generate@{d}", ("generate", d)) for d in exits]
+    model, tokenizer = load_family(checkpoint)
+    model.eval()
+    workload = pipeline_workload(checkpoint, tokenizer, args.num_prompts, args.eval_file)
+    return Subject(model, workload, str(checkpoint))
+
+
+def build_configs(exits: list[int], kv_fills: list[str], thresholds: list[float],
+                  never: float | None) -> list[Config]:
+    """`generate` at every member, then per KV fill: a never-exiting threshold (max_prob) and each one."""
+    configs = [Config(f"generate@{d}", "generate", exit_layer=d) for d in exits]
     for kv in kv_fills:
         if never is not None:
-            configs.append((f"dynamic {kv} never", ("dynamic", never, kv)))
-        configs += [(f"dynamic {kv} {t:g}", ("dynamic", t, kv)) for t in thresholds]
+            configs.append(Config(f"dynamic {kv} never", "dynamic", threshold=never, kv_fill=kv))
+        configs += [Config(f"dynamic {kv} {t:g}", "dynamic", threshold=t, kv_fill=kv) for t in thresholds]
+    return configs
 
-    # Warm-up (first calls pay for lazy imports and allocator growth).
-    warm = torch.tensor([workload.prompts[0]])
-    for _, spec in configs:
-        if spec[0] == "generate":
-            run_generate(model, warm, spec[1], 4, workload.stop_ids, workload.pad_id)
-        else:
-            run_dynamic(model, warm, spec[1], spec[2], args.criterion, 4, workload.stop_ids)
 
-    stats = {name: {"seconds": 0.0, "tokens": 0, "layers": 0, "rows": 0, "correct": 0, "scored": 0,
-                    "agree": 0, "exits": {d: 0 for d in exits}, "outputs": []} for name, _ in configs}
+def warm_up(subject: Subject, configs: list[Config], criterion: str) -> None:
+    """First calls pay for lazy imports and allocator growth: one short run of every configuration."""
+    warm = torch.tensor([subject.workload.prompts[0]])
+    for config in configs:
+        config.run(subject.model, warm, criterion, 4, subject.workload)
+
+
+def measure(subject: Subject, configs: list[Config], criterion: str, max_new: int) -> dict[str, dict]:
+    """Every prompt under every configuration (the order rotated per prompt); totals per configuration,
+    with agreement with and accuracy relative to the deepest member's `generate`."""
+    from tqdm.auto import tqdm
+
+    workload, exits = subject.workload, subject.model.config.exit_layers
+    stats = {c.name: {"seconds": 0.0, "tokens": 0, "layers": 0, "rows": 0, "correct": 0, "scored": 0,
+                      "agree": 0, "exits": {d: 0 for d in exits}, "outputs": []} for c in configs}
     for i, prompt in enumerate(tqdm(workload.prompts, desc="prompts x configurations", leave=False)):
         ids = torch.tensor([prompt])
         order = configs[i % len(configs):] + configs[: i % len(configs)]
-        for name, spec in order:
-            if spec[0] == "generate":
-                new, seconds, info = run_generate(model, ids, spec[1], args.max_new_tokens, workload.stop_ids,
-                                                  workload.pad_id)
-            else:
-                new, seconds, info = run_dynamic(model, ids, spec[1], spec[2], args.criterion, args.max_new_tokens,
-                                                 workload.stop_ids)
-            s = stats[name]
+        for config in order:
+            new, seconds, info = config.run(subject.model, ids, criterion, max_new, workload)
+            s = stats[config.name]
             s["seconds"] += seconds
             s["tokens"] += len(new)
             s["layers"] += info["layers"]
@@ -236,27 +291,29 @@ def main(argv: list[str] | None = None) -> int:
             if verdict is not None:
                 s["scored"] += 1
                 s["correct"] += bool(verdict)
-    reference = stats[f"generate@{deepest}"]
+    reference = stats[f"generate@{exits[-1]}"]
     for s in stats.values():
         s["agree"] = sum(a == b for a, b in zip(s["outputs"], reference["outputs"])) / len(workload.prompts)
         s["accuracy"] = s["correct"] / s["scored"] if s["scored"] else s["agree"]
         s["tok_s"] = s["tokens"] / s["seconds"]
+    return stats
+
+
+def table(configs: list[Config], stats: dict[str, dict], deepest: int, has_never: bool) -> list[dict]:
+    """Prints the comparison table; returns its rows (the JSON output)."""
+    reference = stats[f"generate@{deepest}"]
     base_gen = reference["tok_s"]
     rows = []
-    print(f"\nmodel: {source}; L={cfg.num_hidden_layers}, exits {exits}, hidden {cfg.hidden_size}, "
-          f"vocab {cfg.vocab_size}; criterion {args.criterion}; {len(workload.prompts)} prompts, "
-          f"<= {args.max_new_tokens} new tokens, batch 1, greedy, {args.threads} thread(s)")
-    print(f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"python {platform.python_version()}; accuracy = {workload.name}")
     header = (f"{'configuration':<26} {'tok/s':>8} {'x gen':>6} {'x dyn':>6} {'acc':>6} {'d acc':>6} {'agree':>6} "
               f"{'layers/tok':>10} {'rows/tok':>8}  exits %")
     print(header)
     print("-" * len(header))
     acc_ref = reference["accuracy"]
-    for name, spec in configs:
+    for config in configs:
+        name = config.name
         s = stats[name]
-        kv = spec[2] if spec[0] == "dynamic" else None
-        base_dyn = stats[f"dynamic {kv} never"]["tok_s"] if kv and never is not None else None
+        kv = config.kv_fill if config.kind == "dynamic" else None
+        base_dyn = stats[f"dynamic {kv} never"]["tok_s"] if kv and has_never else None
         exits_pct = " ".join(f"{d}:{100 * n / max(1, s['tokens']):.0f}" for d, n in s["exits"].items())
         row = {"configuration": name, "tokens_per_s": s["tok_s"], "speedup_vs_generate": s["tok_s"] / base_gen,
                "speedup_vs_dynamic_never": s["tok_s"] / base_dyn if base_dyn else None,
@@ -268,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<26} {s['tok_s']:>8.1f} {row['speedup_vs_generate']:>6.2f} {x_dyn:>6} {s['accuracy']:>6.3f} "
               f"{row['accuracy_delta']:>+6.3f} {s['agree']:>6.3f} {row['layers_per_token']:>10.2f} "
               f"{row['rows_per_token']:>8.2f}  {exits_pct}")
+    return rows
+
+
+def print_verdicts(rows: list[dict], kv_fills: list[str], deepest: int) -> None:
+    """Per KV fill: the fastest threshold within 1 accuracy point of the deepest member, against 1.8x."""
     for kv in kv_fills:
         ok = [r for r in rows if r["configuration"].startswith(f"dynamic {kv} ") and r["accuracy_delta"] >= -0.01
               and not r["configuration"].endswith("never")]
@@ -278,9 +340,6 @@ def main(argv: list[str] | None = None) -> int:
             verdict = "meets" if best["speedup_vs_generate"] >= 1.8 else "misses"
             print(f"{kv}: best within 1 point of accuracy: {best['configuration']} at "
                   f"{best['speedup_vs_generate']:.2f}x over generate@{deepest} ({verdict} the 1.8x target)")
-    if args.json:
-        args.json.write_text(json.dumps({"model": source, "criterion": args.criterion, "rows": rows}, indent=2))
-    return 0
 
 
 if __name__ == "__main__":

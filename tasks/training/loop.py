@@ -188,6 +188,42 @@ class TrainResult:
                 "stale_checkpoint": self.stale_checkpoint, "skipped_checkpoints": self.skipped_checkpoints}
 
 
+@dataclass
+class StepLoss:
+    """The loss of one optimizer step: the weighted objective (`total`) and the loss of each member,
+    both token-weighted over the step's micro-batches (`add` one micro-batch at a time)."""
+
+    total: float = 0.0
+    per_exit: dict[int, float] = field(default_factory=dict)
+
+    def add(self, loss: float, per_exit: dict[int, float], share: float) -> None:
+        self.total += loss * share
+        for d, v in per_exit.items():
+            self.per_exit[d] = self.per_exit.get(d, 0.0) + v * share
+
+
+@dataclass
+class _Run:
+    """What the pieces of one `train_loop` call share (built by `_setup`)."""
+
+    stage: str
+    model: Any
+    cfg: TrainParams
+    optimizer: Any
+    scheduler: Any
+    params: list[Any]  # the parameters being optimised (clipped together)
+    device: Any
+    dist_ctx: Any  # None: one process (see tasks/training/distributed.py for the data-parallel run)
+    result: TrainResult
+    start: int = 0  # completed steps when the loop starts (> 0 after a resume)
+    train_model: Any = None  # the model the steps run: `model`, or its DDP wrapper
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes checkpoints and shows progress (rank 0, or the only process)."""
+        return self.dist_ctx is None or self.dist_ctx.rank == 0
+
+
 def train_loop(*, stage: str, model, cfg: TrainParams, named_params: Sequence[tuple[str, Any]], stream,
                loss_fn: LossFn, val_batches: Sequence[dict], eval_fn: EvalFn = multi_exit_eval,
                checkpointer: Checkpointer | None = None,
@@ -210,116 +246,169 @@ def train_loop(*, stage: str, model, cfg: TrainParams, named_params: Sequence[tu
     Returns:
         TrainResult (the history includes the steps of earlier, resumed-from runs).
     """
-    import torch
     from tqdm.auto import tqdm
 
     t_wall = time.perf_counter()
-    device = next(model.parameters()).device
-    optimizer, scheduler = build_optimizer(named_params, cfg)
-    params = [p for _, p in named_params if p.requires_grad]
-    result = TrainResult()
-    start = 0
-    dist_ctx = distributed.context()  # None: one process (see tasks/training/distributed.py for the data-parallel run)
-    main = dist_ctx is None or dist_ctx.rank == 0
+    run = _setup(stage, model, cfg, named_params)
     if checkpointer is not None:
-        if dist_ctx is None:
-            latest = checkpointer.find_resumable()
-        else:  # rank 0 alone looks (it may set a stale directory aside); every rank loads what it found
-            latest, checkpointer.stale, checkpointer.skipped = distributed.broadcast_object(
-                (checkpointer.find_resumable(), checkpointer.stale, checkpointer.skipped) if main else None)
-        result.stale_checkpoint, result.skipped_checkpoints = checkpointer.stale, checkpointer.skipped
-        if latest is not None:
-            state = checkpointer.load(latest, model, optimizer, scheduler)
-            start = int(state["step"])
-            expected = start * cfg.grad_accum * cfg.batch_size
-            if int(state["samples"]) != expected:
-                raise StageError(f"{latest / 'trainer_state.json'}: data position {state['samples']} does not "
-                                 f"match step {start} x {cfg.grad_accum} x {cfg.batch_size}")
-            result.history = list(state["history"])
-            result.samples, result.tokens = int(state["samples"]), int(state["tokens"])
-            result.train_seconds = float(state["train_seconds"])
-            result.resumed_from_step = start
-    if start > cfg.max_steps:
-        raise StageError(f"{stage}: checkpoint is at step {start}, beyond max_steps={cfg.max_steps}")
+        _resume(run, checkpointer)
+    if run.start > cfg.max_steps:
+        raise StageError(f"{stage}: checkpoint is at step {run.start}, beyond max_steps={cfg.max_steps}")
+    run.train_model = model if run.dist_ctx is None else distributed.wrap_model(model)
 
-    train_model = model if dist_ctx is None else distributed.wrap_model(model)
-
-    def record_eval(step: int) -> dict[int, float]:
-        if dist_ctx is None:
-            losses = evaluate(model, val_batches, eval_fn, cfg.bf16)
-        else:
-            losses = _sharded_evaluate(model, val_batches, eval_fn, cfg.bf16, dist_ctx)
-        result.history.extend({"step": step, "exit": d, "split": "val", "loss": v} for d, v in losses.items())
-        return losses
-
-    if start == 0:
-        record_eval(0)
+    if run.start == 0:
+        _record_eval(run, val_batches, eval_fn, 0)
     model.train()
-    bar = tqdm(range(start, cfg.max_steps), desc=stage, unit="step", initial=start, total=cfg.max_steps,
-               mininterval=1.0, dynamic_ncols=True, disable=not main)
+    bar = tqdm(range(run.start, cfg.max_steps), desc=stage, unit="step", initial=run.start,
+               total=cfg.max_steps, mininterval=1.0, dynamic_ncols=True, disable=not run.main)
     for step in bar:
-        t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        step_losses: dict[int, float] = {}
-        total = 0.0
-        micro = []
-        for _ in range(cfg.grad_accum):
-            batch = {k: v.to(device) for k, v in stream.batch(result.samples, cfg.batch_size).items()}
-            result.samples += cfg.batch_size
-            mask = batch.get("attention_mask")
-            result.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-            micro.append(batch)
-        # Each micro-batch loss is a mean over its supervised tokens: weighting it by its share of the
-        # step's supervised tokens makes the accumulated gradient that of the token mean over the whole
-        # effective batch (as one big batch would give), also when SFT micro-batches supervise
-        # different numbers of tokens (1 / grad_accum each when they are equal, as packed blocks are).
-        targets = [_targets(b) for b in micro]
-        all_targets = sum(targets)
-        if dist_ctx is not None:  # this rank's shard of the same global batch (tasks/training/distributed.py)
-            total, step_losses = _data_parallel_backward(
-                train_model, stream, result.samples - cfg.grad_accum * cfg.batch_size, cfg, all_targets, loss_fn,
-                step, stage, device, dist_ctx)
-        else:
-            for batch, n in zip(micro, targets):
-                if all_targets and not n:
-                    continue  # nothing supervised: no loss, no gradient
-                share = n / all_targets if all_targets else 1.0 / cfg.grad_accum
-                with _autocast(device, cfg.bf16):
-                    loss, per_exit = loss_fn(model, batch, step)
-                if not torch.isfinite(loss):
-                    raise StageError(_non_finite_message(stage, loss, step))
-                (loss * share).backward()
-                total += float(loss.detach()) * share
-                for d, v in per_exit.items():
-                    step_losses[d] = step_losses.get(d, 0.0) + v * share
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        result.train_seconds += time.perf_counter() - t0
+        loss = _train_step(run, stream, loss_fn, step)
         done = step + 1
-        result.history.extend({"step": done, "exit": d, "split": "train", "loss": v}
-                              for d, v in sorted(step_losses.items()))
-        postfix = {"loss": f"{total:.3f}", "lr": f"{scheduler.get_last_lr()[0]:.2e}"}
+        run.result.history.extend({"step": done, "exit": d, "split": "train", "loss": v}
+                                  for d, v in sorted(loss.per_exit.items()))
+        postfix = {"loss": f"{loss.total:.3f}", "lr": f"{run.scheduler.get_last_lr()[0]:.2e}"}
         if done % cfg.eval_every == 0 or done == cfg.max_steps:
-            val = record_eval(done)
+            val = _record_eval(run, val_batches, eval_fn, done)
             postfix["val"] = "/".join(f"{v:.2f}" for v in val.values())
         bar.set_postfix(postfix, refresh=False)
-        if checkpointer is not None and main and (done % cfg.checkpoint_every == 0 or done == cfg.max_steps):
-            checkpointer.save(done, model, optimizer, scheduler,
-                              {"samples": result.samples, "tokens": result.tokens, "history": result.history,
-                               "train_seconds": result.train_seconds})
+        due = done % cfg.checkpoint_every == 0 or done == cfg.max_steps
+        if checkpointer is not None and run.main and due:
+            _save_checkpoint(run, checkpointer, done)
         for callback in callbacks:
             callback(done)
     bar.close()
-    result.steps = cfg.max_steps
+    return _finish(run, checkpointer, t_wall)
+
+
+# --- setup, resume, checkpoints and finishing ---------------------------------------------------------
+def _setup(stage: str, model, cfg: TrainParams, named_params: Sequence[tuple[str, Any]]) -> _Run:
+    device = next(model.parameters()).device
+    optimizer, scheduler = build_optimizer(named_params, cfg)
+    params = [p for _, p in named_params if p.requires_grad]
+    return _Run(stage=stage, model=model, cfg=cfg, optimizer=optimizer, scheduler=scheduler, params=params,
+                device=device, dist_ctx=distributed.context(), result=TrainResult())
+
+
+def _resume(run: _Run, checkpointer: Checkpointer) -> None:
+    """Loads the latest resumable checkpoint (if any) into the model, optimizer, scheduler and result."""
+    cfg, result = run.cfg, run.result
+    latest = _find_resumable(run, checkpointer)
+    result.stale_checkpoint, result.skipped_checkpoints = checkpointer.stale, checkpointer.skipped
+    if latest is None:
+        return
+    state = _load_checkpoint(run, checkpointer, latest)
+    start = int(state["step"])
+    expected = start * cfg.grad_accum * cfg.batch_size
+    if int(state["samples"]) != expected:
+        raise StageError(f"{latest / 'trainer_state.json'}: data position {state['samples']} does not "
+                         f"match step {start} x {cfg.grad_accum} x {cfg.batch_size}")
+    result.history = list(state["history"])
+    result.samples, result.tokens = int(state["samples"]), int(state["tokens"])
+    result.train_seconds = float(state["train_seconds"])
+    result.resumed_from_step = run.start = start
+
+
+def _find_resumable(run: _Run, checkpointer: Checkpointer):
+    if run.dist_ctx is None:
+        return checkpointer.find_resumable()
+    # Rank 0 alone looks (it may set a stale or corrupt checkpoint aside); every rank loads what it found.
+    latest, checkpointer.stale, checkpointer.skipped = distributed.broadcast_object(
+        (checkpointer.find_resumable(), checkpointer.stale, checkpointer.skipped) if run.main else None)
+    return latest
+
+
+def _load_checkpoint(run: _Run, checkpointer: Checkpointer, latest) -> dict[str, Any]:
+    return checkpointer.load(latest, run.model, run.optimizer, run.scheduler)
+
+
+def _save_checkpoint(run: _Run, checkpointer: Checkpointer, done: int) -> None:
+    result = run.result
+    checkpointer.save(done, run.model, run.optimizer, run.scheduler,
+                      {"samples": result.samples, "tokens": result.tokens, "history": result.history,
+                       "train_seconds": result.train_seconds})
+
+
+def _finish(run: _Run, checkpointer: Checkpointer | None, t_wall: float) -> TrainResult:
+    result = run.result
+    result.steps = run.cfg.max_steps
     result.wall_seconds = time.perf_counter() - t_wall
-    model.eval()
-    if checkpointer is not None and main:
+    run.model.eval()
+    if checkpointer is not None and run.main:
         # DVC declares the checkpoint directory as an output: it must exist even when no
         # checkpoint was due (checkpoint_every > max_steps) or a stale one was set aside.
         checkpointer.root.mkdir(parents=True, exist_ok=True)
     return result
+
+
+# --- one optimizer step and evaluation ----------------------------------------------------------------
+def _train_step(run: _Run, stream, loss_fn: LossFn, step: int) -> StepLoss:
+    """Step `step` (0-based): the next `grad_accum` micro-batches, their backward (this process's
+    share of them when data-parallel), clipping, the optimizer and scheduler steps."""
+    import torch
+
+    cfg = run.cfg
+    t0 = time.perf_counter()
+    run.optimizer.zero_grad(set_to_none=True)
+    micro = _next_micro_batches(run, stream)
+    # Each micro-batch loss is a mean over its supervised tokens: weighting it by its share of the
+    # step's supervised tokens makes the accumulated gradient that of the token mean over the whole
+    # effective batch (as one big batch would give), also when SFT micro-batches supervise
+    # different numbers of tokens (1 / grad_accum each when they are equal, as packed blocks are).
+    targets = [_targets(b) for b in micro]
+    if run.dist_ctx is not None:  # this rank's shard of the same global batch (tasks/training/distributed.py)
+        first = run.result.samples - cfg.grad_accum * cfg.batch_size
+        loss = _data_parallel_backward(run.train_model, stream, first, cfg, sum(targets), loss_fn, step,
+                                       run.stage, run.device, run.dist_ctx)
+    else:
+        loss = _local_backward(run, micro, targets, loss_fn, step)
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.result.train_seconds += time.perf_counter() - t0
+    return loss
+
+
+def _next_micro_batches(run: _Run, stream) -> list[dict]:
+    """The step's `grad_accum` micro-batches, on the device; advances the data position and token count."""
+    cfg, result = run.cfg, run.result
+    micro = []
+    for _ in range(cfg.grad_accum):
+        batch = {k: v.to(run.device) for k, v in stream.batch(result.samples, cfg.batch_size).items()}
+        result.samples += cfg.batch_size
+        mask = batch.get("attention_mask")
+        result.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        micro.append(batch)
+    return micro
+
+
+def _local_backward(run: _Run, micro: list[dict], targets: list[int], loss_fn: LossFn, step: int) -> StepLoss:
+    """Forward and backward of every micro-batch in one process, each weighted by its token share."""
+    import torch
+
+    all_targets = sum(targets)
+    out = StepLoss()
+    for batch, n in zip(micro, targets):
+        if all_targets and not n:
+            continue  # nothing supervised: no loss, no gradient
+        share = n / all_targets if all_targets else 1.0 / run.cfg.grad_accum
+        with _autocast(run.device, run.cfg.bf16):
+            loss, per_exit = loss_fn(run.model, batch, step)
+        if not torch.isfinite(loss):
+            raise StageError(_non_finite_message(run.stage, loss, step))
+        (loss * share).backward()
+        out.add(float(loss.detach()), per_exit, share)
+    return out
+
+
+def _record_eval(run: _Run, val_batches: Sequence[dict], eval_fn: EvalFn, step: int) -> dict[int, float]:
+    """Validation loss per member after `step` steps, appended to the history."""
+    if run.dist_ctx is None:
+        losses = evaluate(run.model, val_batches, eval_fn, run.cfg.bf16)
+    else:
+        losses = _sharded_evaluate(run.model, val_batches, eval_fn, run.cfg.bf16, run.dist_ctx)
+    run.result.history.extend({"step": step, "exit": d, "split": "val", "loss": v} for d, v in losses.items())
+    return losses
 
 
 def _non_finite_message(stage: str, loss, step: int) -> str:
@@ -328,7 +417,7 @@ def _non_finite_message(stage: str, loss, step: int) -> str:
 
 
 def _data_parallel_backward(model, stream, start: int, cfg: TrainParams, all_targets: int, loss_fn: LossFn,
-                            step: int, stage: str, device, ctx) -> tuple[float, dict[int, float]]:
+                            step: int, stage: str, device, ctx) -> StepLoss:
     """One step's forwards/backwards of rank `ctx.rank` (see tasks/training/distributed.py): rows [lo, hi) of the
     global batch that starts at stream position `start`, in forwards of at most `batch_size` rows, each
     weighted by (its supervised tokens / the global batch's `all_targets`) * world_size, DDP's gradient
@@ -346,7 +435,7 @@ def _data_parallel_backward(model, stream, start: int, cfg: TrainParams, all_tar
     # Forwards without a supervised token are skipped (as the local loop skips such micro-batches), except
     # the last: its backward carries the all-reduce that every rank must join.
     run = [i for i, (_, n) in enumerate(pieces) if n or not all_targets or i == len(pieces) - 1]
-    total, step_losses = 0.0, {}
+    mine = StepLoss()
     for i in run:
         batch, n = pieces[i]
         share = n / all_targets if all_targets else int(batch["input_ids"].shape[0]) / rows
@@ -358,12 +447,10 @@ def _data_parallel_backward(model, stream, start: int, cfg: TrainParams, all_tar
             if not torch.isfinite(loss):
                 raise StageError(_non_finite_message(stage, loss, step))
             (loss * (share * ctx.world_size)).backward()
-        total += float(loss.detach()) * share
-        for d, v in per_exit.items():
-            step_losses[d] = step_losses.get(d, 0.0) + v * share
-    keys = sorted(step_losses)
-    sums = distributed.all_reduce_sum([total] + [step_losses[d] for d in keys])
-    return sums[0], dict(zip(keys, sums[1:]))
+        mine.add(float(loss.detach()), per_exit, share)
+    keys = sorted(mine.per_exit)
+    sums = distributed.all_reduce_sum([mine.total] + [mine.per_exit[d] for d in keys])
+    return StepLoss(sums[0], dict(zip(keys, sums[1:])))
 
 
 def _one_target(batch: dict) -> dict:

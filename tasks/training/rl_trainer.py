@@ -11,7 +11,7 @@ import copy
 import hashlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +126,44 @@ class TrainBatch:
     start_logps: Any = None
 
 
+@dataclass
+class Rollout:
+    """One member's rollouts of one step (`RLTrainer._rollout`).
+
+    Attributes:
+        batch: what the member's loss trains on; None when nothing carries a gradient (BPPO without a pair).
+        stats: the step's metrics of this member (completed by `RLTrainer.step`).
+        shortest_correct: per group with a correct response, its shortest correct length (BPPO; the
+            adaptive budget's input), else empty.
+    """
+
+    batch: TrainBatch | None
+    stats: dict[str, float]
+    shortest_correct: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Samples:
+    """A member's sampled completions: each prompt repeated `group_size` times (rows), B x P / B x C."""
+
+    prompt_ids: Any
+    prompt_mask: Any
+    completion_ids: Any
+    completion_mask: Any
+    truncated: Any  # B bools: stopped by the budget, not by a stop token
+    budget: int
+
+
+@dataclass
+class _Scores:
+    """Rewards of sampled completions (B each) and their group advantages."""
+
+    rewards: Any
+    correct: Any
+    advantages: Any
+    lengths: Any  # completion tokens per row
+
+
 def _seed_for(*parts: int) -> int:
     digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
@@ -186,22 +224,29 @@ class RLTrainer:
             out.append(self.rows[self._perms[epoch][k % n]])
         return out
 
-    # -- one member's rollouts --
-    def _rollout(self, rows: list[dict], d: int, step: int) -> tuple[TrainBatch | None, dict[str, float], list[int]]:
+    # -- one member's rollouts: sampling, scoring, selection (GRPO / BPPO), reference log-probs --
+    def _rollout(self, rows: list[dict], d: int, step: int) -> Rollout:
+        samples = self._sample(rows, d, step)
+        scores = self._score(rows, samples)
+        lengths = scores.lengths
+        stats = {"reward": float(scores.rewards.mean()), "accuracy": float(scores.correct.float().mean()),
+                 "length": float(lengths.float().mean()), "budget": float(samples.budget),
+                 "tokens_generated": float(lengths.sum()),
+                 "truncated": float(samples.truncated.float().mean())}
+        if self.cfg.algorithm == "grpo":
+            rollout = Rollout(self._grpo_batch(samples, scores, stats), stats)
+        else:
+            rollout = self._bppo_rollout(samples, scores, stats)
+            if rollout.batch is None:
+                return rollout
+        self._add_fixed_logps(rollout.batch, d)
+        return rollout
+
+    def _sample(self, rows: list[dict], d: int, step: int) -> _Samples:
+        """`group_size` completions of each prompt from member `d`, within its current budget."""
         import torch
 
-        from tasks.training.rl_algos import (
-            bppo_select,
-            decode_completions,
-            encode_chat_prompts,
-            group_advantages,
-            per_token_logps,
-            prefix_lengths,
-            prefix_mask,
-            sample_completions,
-            score_responses,
-            trim_left_padding,
-        )
+        from tasks.training.rl_algos import encode_chat_prompts, sample_completions
 
         cfg, g = self.cfg, self.cfg.group_size
         budget = self.budgets[d].budget if self.budgets[d] is not None else cfg.max_new_tokens
@@ -211,35 +256,59 @@ class RLTrainer:
         comp, cmask, truncated = sample_completions(
             self.model, prompt_ids, prompt_mask, exit_layer=d, max_new_tokens=budget, stop_ids=self.stop_ids,
             pad_id=self.tokenizer.pad_token_id, temperature=cfg.temperature, generator=gen)
-        texts = decode_completions(self.tokenizer, comp, cmask)
+        return _Samples(prompt_ids, prompt_mask, comp, cmask, truncated, budget)
+
+    def _score(self, rows: list[dict], samples: _Samples) -> _Scores:
+        from tasks.training.rl_algos import decode_completions, group_advantages, score_responses
+
+        cfg, g = self.cfg, self.cfg.group_size
+        texts = decode_completions(self.tokenizer, samples.completion_ids, samples.completion_mask)
         golds = [str(r["answer"]) for r in rows for _ in range(g)]
         rewards, correct = score_responses(texts, golds, cfg.format_reward)
         adv = group_advantages(rewards, g, scale=cfg.scale_rewards)
-        lengths = cmask.sum(1)
-        stats = {"reward": float(rewards.mean()), "accuracy": float(correct.float().mean()),
-                 "length": float(lengths.float().mean()), "budget": float(budget),
-                 "tokens_generated": float(lengths.sum()), "truncated": float(truncated.float().mean())}
-        shortest_correct: list[int] = []
-        if cfg.algorithm == "grpo":
-            batch = TrainBatch(prompt_ids, prompt_mask, comp, cmask, cmask, adv, float(cmask.sum()))
-            # Every group degenerate (all rewards equal): no advantage signal, the loss carries no gradient.
-            r = rewards.view(-1, g)
-            stats["has_gradient"] = float(bool((r.max(1).values != r.min(1).values).any()))
-        else:
-            sel = bppo_select(correct, lengths, g)
-            shortest_correct = sel.shortest_correct
-            stats.update(pairs=float(len(sel.pairs)), skipped_groups=float(sel.skipped),
-                         has_gradient=float(bool(sel.pairs)))
-            if not sel.pairs:
-                return None, stats, shortest_correct
-            rows_idx = torch.tensor(sel.rows)
-            plen = prefix_lengths(comp, lengths, sel.pairs, cfg.bppo.prefix_rule,
-                                  fraction=cfg.bppo.prefix_fraction, k=cfg.bppo.prefix_k)
-            width = int(plen.max())
-            pm = prefix_mask(plen, width) * cmask[rows_idx, :width]
-            p_ids, p_mask = trim_left_padding(prompt_ids[rows_idx], prompt_mask[rows_idx])
-            batch = TrainBatch(p_ids, p_mask, comp[rows_idx, :width], cmask[rows_idx, :width], pm, adv[rows_idx],
-                               float(pm.sum()))
+        return _Scores(rewards, correct, adv, samples.completion_mask.sum(1))
+
+    def _grpo_batch(self, samples: _Samples, scores: _Scores, stats: dict[str, float]) -> TrainBatch:
+        """GRPO trains every row on its whole completion."""
+        cmask = samples.completion_mask
+        batch = TrainBatch(samples.prompt_ids, samples.prompt_mask, samples.completion_ids, cmask, cmask,
+                           scores.advantages, float(cmask.sum()))
+        # Every group degenerate (all rewards equal): no advantage signal, the loss carries no gradient.
+        r = scores.rewards.view(-1, self.cfg.group_size)
+        stats["has_gradient"] = float(bool((r.max(1).values != r.min(1).values).any()))
+        return batch
+
+    def _bppo_rollout(self, samples: _Samples, scores: _Scores, stats: dict[str, float]) -> Rollout:
+        """BPPO trains the (shortest correct, shortest incorrect) pair of each group on a prefix."""
+        import torch
+
+        from tasks.training.rl_algos import bppo_select, prefix_lengths, prefix_mask, trim_left_padding
+
+        cfg = self.cfg
+        sel = bppo_select(scores.correct, scores.lengths, cfg.group_size)
+        stats.update(pairs=float(len(sel.pairs)), skipped_groups=float(sel.skipped),
+                     has_gradient=float(bool(sel.pairs)))
+        if not sel.pairs:
+            return Rollout(None, stats, sel.shortest_correct)
+        comp, cmask = samples.completion_ids, samples.completion_mask
+        rows_idx = torch.tensor(sel.rows)
+        plen = prefix_lengths(comp, scores.lengths, sel.pairs, cfg.bppo.prefix_rule,
+                              fraction=cfg.bppo.prefix_fraction, k=cfg.bppo.prefix_k)
+        width = int(plen.max())
+        pm = prefix_mask(plen, width) * cmask[rows_idx, :width]
+        p_ids, p_mask = trim_left_padding(samples.prompt_ids[rows_idx], samples.prompt_mask[rows_idx])
+        batch = TrainBatch(p_ids, p_mask, comp[rows_idx, :width], cmask[rows_idx, :width], pm,
+                           scores.advantages[rows_idx], float(pm.sum()))
+        return Rollout(batch, stats, sel.shortest_correct)
+
+    def _add_fixed_logps(self, batch: TrainBatch, d: int) -> None:
+        """The log-probs that stay fixed during the step: the sampling policy's (for the ratio of
+        `num_iterations > 1`) and the reference model's (for the KL penalty)."""
+        import torch
+
+        from tasks.training.rl_algos import per_token_logps
+
+        cfg = self.cfg
         with torch.no_grad():
             if cfg.num_iterations > 1:
                 batch.old_logps = per_token_logps(self.model, batch.prompt_ids, batch.prompt_mask,
@@ -249,7 +318,6 @@ class RLTrainer:
                 batch.ref_logps = per_token_logps(self.ref_model, batch.prompt_ids, batch.prompt_mask,
                                                   batch.completion_ids, batch.completion_mask, exit_layer=d,
                                                   temperature=cfg.temperature)
-        return batch, stats, shortest_correct
 
     def _loss(self, batch: TrainBatch, d: int):
         from tasks.training.rl_algos import per_token_logps, policy_loss
@@ -263,62 +331,21 @@ class RLTrainer:
                                max_completion_length=cfg.max_new_tokens, num_items_in_batch=batch.num_items)
         return loss, logps, st
 
+    # -- one step --
     def step(self) -> dict[int, dict[str, float]]:
         """One generation batch per member and `num_iterations` optimizer steps; returns the step's
         metrics per member (also appended to `history`)."""
-        import torch
-
-        from tasks.training.rl_algos import k3_kl, per_token_logps
-
         t_step = time.perf_counter()
-        step, cfg = self.step_index, self.cfg
-        rows = self.prompts_for_step(step)
-        batches: dict[int, TrainBatch | None] = {}
-        stats: dict[int, dict[str, float]] = {}
-        for d in self.members:
-            t0 = time.perf_counter()
-            batch, st, shortest_correct = self._rollout(rows, d, step)
-            if self.budgets[d] is not None:
-                self.budgets[d].update(shortest_correct)
-            st.update(rollout_s=time.perf_counter() - t0, train_s=0.0, loss=0.0, clip_ratio=0.0, kl=0.0,
-                      trained_tokens=0.0 if batch is None else batch.num_items)
-            batches[d], stats[d] = batch, st
+        step = self.step_index
+        rollouts = self._collect_rollouts(self.prompts_for_step(step), step)
         self.model.train()
-        for it in range(cfg.num_iterations):
-            self.optimizer.zero_grad(set_to_none=True)
-            stepped = False
-            for d, batch in batches.items():
-                if batch is None:
-                    continue
-                t0 = time.perf_counter()
-                loss, logps, st = self._loss(batch, d)
-                loss.backward()
-                stepped = True
-                stats[d]["train_s"] += time.perf_counter() - t0
-                if it == 0:
-                    batch.start_logps = logps.detach()
-                    stats[d].update(loss=float(loss.detach()), clip_ratio=st["clip_ratio"], kl=st["kl"])
-            if stepped:
-                t0 = time.perf_counter()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
-                self.optimizer.step()
-                share = (time.perf_counter() - t0) / max(1, sum(b is not None for b in batches.values()))
-                for d, batch in batches.items():
-                    if batch is not None:
-                        stats[d]["train_s"] += share
+        for it in range(self.cfg.num_iterations):
+            self._optimize(rollouts, first=it == 0)
         self.optimizer.zero_grad(set_to_none=True)
-        if cfg.beta == 0:
-            with torch.no_grad():
-                for d, batch in batches.items():
-                    if batch is None:
-                        continue
-                    t0 = time.perf_counter()
-                    new = per_token_logps(self.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
-                                          batch.completion_mask, exit_layer=d, temperature=cfg.temperature)
-                    stats[d]["kl"] = k3_kl(batch.start_logps, new, batch.loss_mask)
-                    stats[d]["train_s"] += time.perf_counter() - t0
+        if self.cfg.beta == 0:
+            self._measure_kl(rollouts)
         self.elapsed_s += time.perf_counter() - t_step
+        stats = {d: r.stats for d, r in rollouts.items()}
         for d in self.members:
             stats[d].setdefault("pairs", 0.0)
             stats[d].setdefault("skipped_groups", 0.0)
@@ -326,6 +353,64 @@ class RLTrainer:
             self.history[d].append(stats[d])
         self.step_index += 1
         return stats
+
+    def _collect_rollouts(self, rows: list[dict], step: int) -> dict[int, Rollout]:
+        """Every member's rollouts of the step (in `members` order); updates the adaptive budgets."""
+        rollouts: dict[int, Rollout] = {}
+        for d in self.members:
+            t0 = time.perf_counter()
+            rollout = self._rollout(rows, d, step)
+            if self.budgets[d] is not None:
+                self.budgets[d].update(rollout.shortest_correct)
+            batch = rollout.batch
+            rollout.stats.update(rollout_s=time.perf_counter() - t0, train_s=0.0, loss=0.0, clip_ratio=0.0,
+                                 kl=0.0, trained_tokens=0.0 if batch is None else batch.num_items)
+            rollouts[d] = rollout
+        return rollouts
+
+    def _optimize(self, rollouts: dict[int, Rollout], first: bool) -> None:
+        """One optimizer step on the sum of the members' losses (none when no member has a batch); the
+        first one records each member's loss, clip ratio and KL, and the start log-probs."""
+        import torch
+
+        cfg = self.cfg
+        self.optimizer.zero_grad(set_to_none=True)
+        trained = [(d, r) for d, r in rollouts.items() if r.batch is not None]
+        for d, rollout in trained:
+            t0 = time.perf_counter()
+            loss, logps, st = self._loss(rollout.batch, d)
+            loss.backward()
+            rollout.stats["train_s"] += time.perf_counter() - t0
+            if first:
+                rollout.batch.start_logps = logps.detach()
+                rollout.stats.update(loss=float(loss.detach()), clip_ratio=st["clip_ratio"], kl=st["kl"])
+        if not trained:
+            return
+        t0 = time.perf_counter()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.optimizer.step()
+        share = (time.perf_counter() - t0) / max(1, len(trained))
+        for _, rollout in trained:
+            rollout.stats["train_s"] += share
+
+    def _measure_kl(self, rollouts: dict[int, Rollout]) -> None:
+        """Without a KL penalty: the k3 KL between each member's policy before and after the step."""
+        import torch
+
+        from tasks.training.rl_algos import k3_kl, per_token_logps
+
+        cfg = self.cfg
+        with torch.no_grad():
+            for d, rollout in rollouts.items():
+                batch = rollout.batch
+                if batch is None:
+                    continue
+                t0 = time.perf_counter()
+                new = per_token_logps(self.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                                      batch.completion_mask, exit_layer=d, temperature=cfg.temperature)
+                rollout.stats["kl"] = k3_kl(batch.start_logps, new, batch.loss_mask)
+                rollout.stats["train_s"] += time.perf_counter() - t0
 
     # -- resume --
     def state_dict(self) -> dict[str, Any]:

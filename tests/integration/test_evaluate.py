@@ -141,7 +141,7 @@ def build_workspace(session_tmp: Path, root: Path, compressed: bool = True) -> P
         from tasks.core.artifacts import load_family, save_family
 
         model, tokenizer = load_family(root / "artifacts" / "rl")
-        save_family(decompose(model, ratio=0.4, calibration=None, exit_layer=DAE_EXIT), tokenizer,
+        save_family(decompose(model, ratio=0.4, calibration=None, exit_layer=DAE_EXIT).model, tokenizer,
                     root / "artifacts" / "compress")
     write_params(root)
     return root

@@ -16,6 +16,8 @@ from torch import nn
 from ruyi_model import FamilialConfig, FamilialForCausalLM
 from ruyi_model.dae import (
     BLOCK_LINEARS,
+    DecomposeReport,
+    DecomposeResult,
     collect_input_grams,
     dae_trainable_parameters,
     decompose,
@@ -134,7 +136,7 @@ def test_expand_twice_appends_and_keeps_low_rank_modules():
     with torch.no_grad():   # give the first block a nonzero function so the second expansion is a real test
         for p in once.exits["1"].layers[1].parameters():
             p.normal_(0.0, 0.05)
-    small = decompose(once, ratio=0.5, include_head=False)
+    small = decompose(once, ratio=0.5, include_head=False).model
     before = all_logits(small, ids)
     twice = expand(small, 1, 2)
     assert twice.config.dae_blocks == [3, 0, 0]
@@ -286,7 +288,7 @@ def test_decompose_reproduces_low_rank_weights_exactly(calibrated):
             w = big.get_submodule(path).weight
             w.copy_(torch.randn(w.shape[0], 2, generator=g) @ torch.randn(2, w.shape[1], generator=g) * 0.1)
     ids = torch.randint(0, VOCAB, (2, 9))
-    small = decompose(big, ratio=0.4, calibration=calibration_batches() if calibrated else None)
+    small = decompose(big, ratio=0.4, calibration=calibration_batches() if calibrated else None).model
     assert min(small.config.lowrank_ranks.values()) >= 2
     assert all(isinstance(small.get_submodule(p), LowRankLinear) for p in small.config.lowrank_ranks)
     assert_same_logits(all_logits(big, ids), all_logits(small, ids), atol=1e-5)
@@ -296,8 +298,8 @@ def test_decompose_reproduces_low_rank_weights_exactly(calibrated):
 def test_decompose_reaches_the_ratio_within_rounding(allocation):
     big = trained_like(expand(make_family([2, 5]), 2, 3))
     ratio = 0.4
-    small = decompose(big, ratio=ratio, calibration=calibration_batches(), allocation=allocation)
-    rep = small.decompose_report
+    result = decompose(big, ratio=ratio, calibration=calibration_batches(), allocation=allocation)
+    small, rep = result.model, result.report
     assert rep.allocation == allocation and rep.calibrated and rep.calibration_tokens == 4 * 2 * 32
     assert len(rep.matrices) == 3 * 7 + 1 and not any(m.skipped for m in rep.matrices)
     # the report counts what the model really holds
@@ -322,8 +324,8 @@ def test_loss_aware_allocation_spares_costly_matrices_and_averages_to_the_ratio(
             if p.ndim == 2:
                 p.mul_(8.0)
     ratio = 0.4
-    small = decompose(big, ratio=ratio, calibration=calibration_batches(n=6, seq=48), allocation="loss_aware")
-    rep = small.decompose_report
+    rep = decompose(big, ratio=ratio, calibration=calibration_batches(n=6, seq=48),
+                    allocation="loss_aware").report
     by_path = {m.path: m for m in rep.matrices}
     for kind in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
         path1 = next(p for p in by_path if p.startswith("exits.2.layers.1.") and p.endswith(kind))
@@ -339,10 +341,11 @@ def test_loss_aware_allocation_spares_costly_matrices_and_averages_to_the_ratio(
 def test_whitened_decomposition_beats_plain_svd_on_real_activations():
     big = trained_like(expand(make_family([2, 5]), 2, 2))
     cal = calibration_batches()
-    plain = decompose(big, ratio=0.5, calibration=None)
-    whitened = decompose(big, ratio=0.5, calibration=cal, allocation="uniform")
-    assert plain.decompose_report.allocation == "uniform" and not plain.decompose_report.calibrated
-    paths = {m.path: 2 for m in plain.decompose_report.matrices}
+    plain_result = decompose(big, ratio=0.5, calibration=None)
+    plain, report = plain_result.model, plain_result.report
+    whitened = decompose(big, ratio=0.5, calibration=cal, allocation="uniform").model
+    assert report.allocation == "uniform" and not report.calibrated
+    paths = {m.path: 2 for m in report.matrices}
     grams, _ = collect_input_grams(big, paths, cal)
 
     def act_err(model, path):   # ||(W - W') X^T||_F from the Gram matrix of the original model's inputs
@@ -359,7 +362,8 @@ def test_whitened_decomposition_beats_plain_svd_on_real_activations():
 
 
 def test_decompose_save_load_round_trip(tmp_path):
-    small = decompose(trained_like(expand(make_family([1, 3, 5]), 3, 1)), ratio=0.4, calibration=calibration_batches())
+    small = decompose(trained_like(expand(make_family([1, 3, 5]), 3, 1)), ratio=0.4,
+                      calibration=calibration_batches()).model
     small.save_pretrained(tmp_path / "m")
     loaded = FamilialForCausalLM.from_pretrained(tmp_path / "m")
     assert loaded.config.lowrank_ranks == small.config.lowrank_ranks
@@ -371,8 +375,9 @@ def test_decompose_save_load_round_trip(tmp_path):
 def test_decompose_leaves_matrices_dense_when_factors_would_not_be_smaller():
     # head_dim 1 and one KV head: k_proj / v_proj are 1 x 8, where any factorisation is larger
     big = trained_like(expand(make_family([2, 4], num_layers=4, hidden=8, heads=2, kv=1, head_dim=1), 2, 1))
-    small = decompose(big, ratio=0.4, include_head=False)
-    skipped = {m.path for m in small.decompose_report.matrices if m.skipped}
+    result = decompose(big, ratio=0.4, include_head=False)
+    small = result.model
+    skipped = {m.path for m in result.report.matrices if m.skipped}
     assert skipped == {"exits.2.layers.1.self_attn.k_proj", "exits.2.layers.1.self_attn.v_proj"}
     assert isinstance(small.exits["2"].layers[1].self_attn.k_proj, nn.Linear)
     assert "exits.2.layers.1.self_attn.k_proj" not in small.config.lowrank_ranks
@@ -395,15 +400,25 @@ def test_decompose_rejects_bad_input():
         decompose(big, calibration=torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="nothing to decompose"):
         decompose(big, exit_layer=5, include_head=False)
-    again = decompose(big, include_head=False)
+    again = decompose(big, include_head=False).model
     with pytest.raises(ValueError, match="already low rank"):
         decompose(again, include_head=False)
+
+
+def test_decompose_returns_the_new_model_and_its_report_and_leaves_the_input_alone():
+    big = trained_like(expand(make_family([2, 5]), 2, 1))
+    before = {k: v.clone() for k, v in big.state_dict().items()}
+    result = decompose(big, ratio=0.5, include_head=False)
+    assert isinstance(result, DecomposeResult) and isinstance(result.report, DecomposeReport)
+    assert result.model is not big and not hasattr(result.model, "decompose_report")
+    assert set(result.model.config.lowrank_ranks) == {m.path for m in result.report.matrices if not m.skipped}
+    assert all(torch.equal(before[k], v) for k, v in big.state_dict().items()) and not big.config.lowrank_ranks
 
 
 def test_decompose_one_member_without_dae_blocks_compresses_only_its_head():
     big = expand(make_family([2, 5]), 2, 1)
     ids = torch.randint(0, VOCAB, (2, 6))
-    small = decompose(big, ratio=0.5, exit_layer=5)
+    small = decompose(big, ratio=0.5, exit_layer=5).model
     assert list(small.config.lowrank_ranks) == ["exits.5.lm_head"]
     assert small.config.lowrank_ranks["exits.5.lm_head"] == rank_for_ratio(VOCAB, 32, 0.5)
     assert_same_logits(all_logits(big, ids), all_logits(small, ids), members=[2])

@@ -92,7 +92,7 @@ def test_export_after_expand_and_decompose_matches_and_generates_the_same_tokens
                 w = block.get_submodule(path).weight
                 w.copy_(torch.randn(w.shape, generator=g) * 0.1)
     cal = [torch.randint(0, VOCAB, (2, 16), generator=g) for _ in range(3)]
-    small = decompose(fam, ratio=0.4, calibration=cal)
+    small = decompose(fam, ratio=0.4, calibration=cal).model
     assert len(small.config.lowrank_ranks) == 2 * 7 + 1
     ids = torch.randint(0, VOCAB, (1, 6), generator=g)
     manifest = export_exits(small, tmp_path / "export")

@@ -57,7 +57,7 @@ def family(variant: str) -> FamilialForCausalLM:
         return fam.train()
     if variant == "lowrank-head":
         fam = decompose(make_family(shared=False), ratio=0.4, include_head=True, exit_layer=1,
-                        allocation="uniform")
+                        allocation="uniform").model
         assert isinstance(fam.exits["1"].lm_head, LowRankLinear)
         assert set(fam.config.lowrank_ranks) == {"exits.1.lm_head"}
         return fam.train()
