@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.artifacts import load_family, save_family
-from tasks.core.files import write_metrics
+from tasks.core.files import sha256_file, write_metrics
 from tasks.core.params import Params
 from tasks.core.paths import checkpoint_dir, plots_dir, stage_dir
 from tasks.core.stage import StageError, log, stage_main
