@@ -5,7 +5,8 @@ Used by `python -m tasks.prepare_data --set 'data.sources=[corpus.jsonl, s3://bu
 Formats: the file name decides: `*.jsonl` / `*.jsonl.gz` (one JSON object per line) or `*.parquet`.
 S3 is read with boto3 and the standard AWS configuration: credentials from `AWS_ACCESS_KEY_ID` /
 `AWS_SECRET_ACCESS_KEY` (or a profile), endpoint from `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`
-(SeaweedFS, MinIO; path-style addressing is used with a custom endpoint), botocore "standard" retries.
+(SeaweedFS, MinIO; path-style addressing is used with a custom endpoint), botocore "standard" retries
+(`tasks.release.s3`, shared with the artifact store: a dead endpoint is a transient error, exit code 75).
 
 How rows map into the datasets (`map_rows`):
 - a row with `question` and `answer` is a MATH problem (pooled, then split into sft/rl/eval by
@@ -27,7 +28,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,32 +82,17 @@ def _read_bytes(uri: str) -> bytes:
     return path.read_bytes()
 
 
-def s3_client():
-    """A boto3 S3 client from the standard AWS environment (path-style with a custom endpoint)."""
-    import boto3
-    from botocore.config import Config
-
-    custom_endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    config = Config(retries={"mode": "standard", "max_attempts": 5},
-                    s3={"addressing_style": "path" if custom_endpoint else "auto"})
-    # A fresh session, not boto3's module-level default: that one caches the credentials it saw
-    # first, so a changed environment (rotated keys, another endpoint) would be silently ignored.
-    return boto3.session.Session().client("s3", config=config)
-
-
 def _read_s3(uri: str) -> bytes:
-    from botocore.exceptions import BotoCoreError, ClientError
+    """The object's bytes, through the project's one S3 client (`tasks.release.s3`): the same retries and
+    errors as the artifact store (an unreachable endpoint is a TransientStoreError, a rejected key not)."""
+    from tasks.release.s3 import s3_client, s3_errors
 
     bucket, _, key = uri[len("s3://"):].partition("/")
     if not bucket or not key:
         raise StageError(f"data.sources: {uri}: expected s3://bucket/key")
-    try:
-        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
-    except ClientError as e:
-        code = e.response.get("Error", {}).get("Code", "?")
-        raise StageError(f"data.sources: cannot read {uri}: {code} ({e})") from None
-    except BotoCoreError as e:
-        raise StageError(f"data.sources: cannot read {uri}: {e}") from None
+    client = s3_client()
+    with s3_errors(f"data.sources: cannot read {uri}", endpoint=client.meta.endpoint_url, bucket=bucket, key=key):
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
 def _jsonl_records(uri: str, data: bytes) -> Iterator[Record]:
