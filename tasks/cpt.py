@@ -67,10 +67,9 @@ VOCAB_MULTIPLE = 64
 
 def set_generation_tokens(model, tokenizer) -> None:
     """Generation stops at `<|im_end|>` (end of an assistant turn) or `<|endoftext|>`."""
-    from ruyi_model.tokenizer import IM_END
+    from ruyi_model.decoding import stop_token_ids
 
-    im_end = tokenizer.convert_tokens_to_ids(IM_END)
-    model.generation_config.eos_token_id = [im_end, tokenizer.eos_token_id]
+    model.generation_config.eos_token_id = stop_token_ids(tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = None
 

@@ -52,9 +52,9 @@ PARITY_ATOL = 1e-4
 
 def set_chat_generation_config(model, tokenizer) -> tuple[int, int]:
     """Sets the family's generation config to stop at `<|im_end|>` and pad with `<|pad|>`; returns the ids."""
-    from tasks.training.batches import IM_END_TOKEN
+    from ruyi_model.tokenizer import IM_END
 
-    im_end = tokenizer.convert_tokens_to_ids(IM_END_TOKEN)
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
     model.generation_config.eos_token_id = im_end
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return im_end, tokenizer.pad_token_id
