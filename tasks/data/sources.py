@@ -35,7 +35,16 @@ from typing import Any
 
 from tasks.core.files import iter_jsonl
 from tasks.core.stage import StageError, log
-from tasks.data.mathgen import Problem, extract_answer, format_number, parse_number
+from tasks.data.mathgen import (
+    Problem,
+    answer_line,
+    extract_answer,
+    format_number,
+    has_answer_line,
+    parse_number,
+    with_answer_line,
+    worked_steps,
+)
 
 
 @dataclass(frozen=True)
@@ -154,7 +163,7 @@ def _math_problem(record: Record, origin: str, levels: list[int]) -> tuple[Probl
         raise StageError(f"{record.where}: field 'answer' must be a number or a solution ending in "
                          f"'#### <number>', got {raw_answer!r}")
     solution = _string(record, "solution", required=False)
-    if "####" in raw_answer:  # GSM8K style: the answer field is the worked solution
+    if has_answer_line(raw_answer):  # GSM8K style: the answer field is the worked solution
         if solution is not None:
             raise StageError(f"{record.where}: both 'solution' and a worked solution in 'answer'; keep one")
         solution, answer = raw_answer, extract_answer(raw_answer)
@@ -170,29 +179,24 @@ def _math_problem(record: Record, origin: str, levels: list[int]) -> tuple[Probl
                          "needs plain numbers)")
     had_solution = solution is not None
     if solution is None:
-        solution = f"#### {answer}"
+        solution = answer_line(answer)
     else:
         solution = solution.strip()
         final = extract_answer(solution)
         if final is None:
-            solution = f"{solution}\n#### {answer}"
+            solution = f"{solution}\n{answer_line(answer)}"
         elif parse_number(final) != parse_number(answer):
             raise StageError(f"{record.where}: the solution's final answer {final} differs from answer {answer}")
-        solution = _normalize_final_line(solution, answer)
+        else:  # the canonical final line: "#### $1,000." -> "#### 1000"
+            solution = with_answer_line(solution, answer)
     level = record.row.get("level")
     if level is None:
-        steps = len(solution.split("####")[0].strip().splitlines())
+        steps = len(worked_steps(solution).strip().splitlines())
         level = min(sorted(levels), key=lambda lvl: abs(lvl - steps))
     elif isinstance(level, bool) or not isinstance(level, int) or level not in levels:
         raise StageError(f"{record.where}: field 'level' must be one of data.math_levels {sorted(levels)}, "
                          f"got {level!r} (add the level to data.math_levels or drop the row)")
     return Problem(question=question, solution=solution, answer=answer, level=level, origin=origin), had_solution
-
-
-def _normalize_final_line(solution: str, answer: str) -> str:
-    """Rewrites the text after the last `####` as the canonical answer ("#### $1,000." -> "#### 1000")."""
-    head = solution[: solution.rfind("####")].rstrip()
-    return f"{head}\n#### {answer}" if head else f"#### {answer}"
 
 
 def map_rows(sources: list[Source], levels: list[int]) -> tuple[list[Document], list[Problem], dict[str, Any]]:
