@@ -65,7 +65,8 @@ def member_parity(model, exit_layer: int, export_dir: Path, input_ids) -> float:
     import torch
     from transformers import Qwen3ForCausalLM
 
-    stock, info = Qwen3ForCausalLM.from_pretrained(export_dir, dtype=torch.float32, output_loading_info=True)
+    stock, info = Qwen3ForCausalLM.from_pretrained(export_dir, dtype=torch.float32, output_loading_info=True,
+                                                  local_files_only=True)
     problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if problems:
         raise StageError(f"{export_dir}: the export does not load cleanly as Qwen3ForCausalLM: {problems}")

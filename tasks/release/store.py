@@ -410,8 +410,8 @@ def load_member(release_dir: str | Path, exit_layer: int | None, dtype: str = "f
         raise StoreError(f"{root}: no member exit_{exit_layer} (members: "
                          f"{', '.join(f'exit_{d}' for d in release_exits(root)) or 'none'})")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise StoreError(f"cannot load {path}: {e}") from None
     return model.eval(), tokenizer
