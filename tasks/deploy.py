@@ -59,7 +59,7 @@ from typing import Any
 
 from tasks.core.files import atomic_file, read_jsonl, require_dir, save_figure, write_jsonl, write_metrics
 from tasks.core.params import Params, ParamsError
-from tasks.core.paths import plots_dir, stage_dir
+from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, setup_logging, stage_main
 from tasks.release.store import ArtifactStore, FileEntry, Release, open_store, scan_dir
 
@@ -68,7 +68,7 @@ log = logging.getLogger("ruyi.deploy")
 
 def release_cache_dir(params: Params) -> Path:
     """Where fetched releases are kept: `deploy.store.cache_dir` or `<artifacts_dir>/releases`."""
-    return Path(params.deploy.store.cache_dir or Path(params.paths.artifacts_dir) / "releases")
+    return Path(params.deploy.store.cache_dir or Workspace.from_params(params).releases)
 
 
 def content_digest(files: tuple[FileEntry, ...] | list[FileEntry]) -> str:
@@ -88,7 +88,7 @@ def _git_revision() -> str | None:
 def publish_export(params: Params, store: ArtifactStore) -> tuple[Release, bool]:
     """Publishes `artifacts/export/` (step 1 of the module docstring). Returns `(release, reused)`."""
     cfg = params.deploy
-    export_dir = require_dir(stage_dir(params, "export"), "export (run the export stage first)", marker="manifest.json")
+    export_dir = require_dir(Workspace.from_params(params).artifacts("export"), "export (run the export stage first)", marker="manifest.json")
     files = scan_dir(export_dir)
     known = store.list_versions(cfg.model_name)
     if cfg.version is not None and cfg.version in known:
@@ -213,8 +213,8 @@ def _serving_kwargs(params: Params, host: str | None = None, port: int | None = 
 def run(params: Params) -> dict[str, Any]:
     from tasks.release.serving import start_serving
 
-    cfg = params.deploy
-    eval_path = Path(params.paths.data_dir) / "validated" / "eval.jsonl"
+    cfg, ws = params.deploy, Workspace.from_params(params)
+    eval_path = ws.eval_data
     questions = read_jsonl(eval_path, required=("id", "question", "answer"))[:cfg.smoke_prompts]
     store = open_store(cfg.store, cache_dir=release_cache_dir(params))
     timings: dict[str, float] = {}
@@ -247,8 +247,8 @@ def run(params: Params) -> dict[str, Any]:
                "bytes": release.total_bytes, "content_sha256": digest, "serving_url": session.url,
                "smoke_prompts": len(questions), "smoke_max_tokens": cfg.smoke_max_tokens, "tiers": per_tier,
                "timings": {k: round(v, 3) for k, v in timings.items()}}
-    write_jsonl(Path(params.paths.reports_dir) / "deploy" / "smoke.jsonl", rows)
-    _plot_latency(per_tier, plots_dir(params, "deploy"))
+    write_jsonl(ws.reports("deploy") / "smoke.jsonl", rows)
+    _plot_latency(per_tier, ws.plots("deploy"))
     write_metrics(params, "deploy_smoke", reproducible)
     write_metrics(params, "deploy", metrics)
     log.info("deployed %s (%s): %s", release.uri, "reused" if reused else "new",

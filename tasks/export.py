@@ -41,7 +41,7 @@ from typing import Any
 from tasks.core.artifacts import load_family
 from tasks.core.files import atomic_dir, atomic_file, save_figure, sha256_file, write_metrics
 from tasks.core.params import Params
-from tasks.core.paths import plots_dir, stage_dir
+from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, stage_main
 
 log = logging.getLogger("ruyi.export")
@@ -148,7 +148,8 @@ def run(params: Params) -> dict:
     from ruyi_model.export import export_exits
     from tasks.training.batches import check_tokenizer
 
-    source = stage_dir(params, "compress")
+    ws = Workspace.from_params(params)
+    source = ws.artifacts("compress")
     model, tokenizer = load_family(source)
     model.eval()
     check_tokenizer(tokenizer, source)
@@ -156,10 +157,10 @@ def run(params: Params) -> dict:
 
     # Exported and checked in a temporary sibling, renamed onto artifacts/export only when every check
     # passed: a failed check never leaves an export that looks complete.
-    with atomic_dir(stage_dir(params, "export")) as out:
+    with atomic_dir(ws.artifacts("export")) as out:
         manifest = export_exits(model, out, tokenizer=tokenizer)
         metrics = check_export(model, tokenizer, out, manifest, eos_id, pad_id)
-    _plot(metrics, plots_dir(params, "export"))
+    _plot(metrics, ws.plots("export"))
     write_metrics(params, "export", metrics)
     return metrics
 

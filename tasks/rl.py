@@ -84,7 +84,7 @@ from tasks.core.artifacts import load_family, save_family
 from tasks.core.codedeps import code_fingerprint
 from tasks.core.files import save_figure, write_json, write_metrics
 from tasks.core.params import Params
-from tasks.core.paths import checkpoint_dir, plots_dir, stage_dir
+from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, seed_everything, stage_main
 from tasks.training.rl_trainer import (
     RLTrainer,
@@ -219,9 +219,9 @@ def run(params: Params) -> dict[str, Any]:
     from tasks.training.rl_algos import encode_chat_prompts
 
     t_start = time.perf_counter()
-    cfg = params.rl
-    rl_path = Path(params.paths.data_dir) / "validated" / "rl.jsonl"
-    sft_dir = stage_dir(params, "sft")
+    cfg, ws = params.rl, Workspace.from_params(params)
+    rl_path = ws.rl_data
+    sft_dir = ws.artifacts("sft")
     rows = load_rl_rows(rl_path)
     train_rows, eval_rows = split_rows(rows, cfg.eval_prompts, rl_path)
     model, tokenizer = load_family(sft_dir)
@@ -238,7 +238,7 @@ def run(params: Params) -> dict[str, Any]:
     log.info("rl: %s on members %s, %d trainable parameters of %d, %d train / %d eval prompts", cfg.algorithm,
              members, n_train, sum(p.numel() for p in model.parameters()), len(train_rows), len(eval_rows))
     trainer = RLTrainer(model, tokenizer, train_rows, cfg, members=members, trainable=trainable, seed=params.seed)
-    ckpt_root = checkpoint_dir(params, "rl")
+    ckpt_root = ws.checkpoints("rl")
     fp = fingerprint(params, rl_path, sft_dir)
     state = try_resume(ckpt_root, trainer, fp)
     resumed_from = trainer.step_index if state is not None else None
@@ -261,8 +261,8 @@ def run(params: Params) -> dict[str, Any]:
     # DVC declares the checkpoint directory as an output: it exists even when no checkpoint was due.
     ckpt_root.mkdir(parents=True, exist_ok=True)
     after = evaluate_members(model, tokenizer, eval_rows, members, cfg.max_new_tokens, cfg.format_reward)
-    save_family(model, tokenizer, stage_dir(params, "rl"))
-    write_curves(trainer.history, plots_dir(params, "rl"), cfg.algorithm)
+    save_family(model, tokenizer, ws.artifacts("rl"))
+    write_curves(trainer.history, ws.plots("rl"), cfg.algorithm)
 
     def mean(vals):
         return float(sum(vals) / len(vals))

@@ -76,6 +76,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, TransientError
 
 log = logging.getLogger("ruyi")
@@ -226,7 +227,7 @@ def launch(stage: str, params, callbacks: Sequence[Callable[[int], None]] = ()) 
             raise TransientError(f"distributed.address={cfg.address!r}: cannot start or reach Ray: {e}") from None
         owns_ray = True
     if cfg.storage_path is None:
-        local_root: Path | None = (Path(params.paths.artifacts_dir) / "checkpoints" / ".ray_train").resolve()
+        local_root: Path | None = Workspace.from_params(params).ray_train.resolve()
         storage_path = str(local_root)
     elif "://" in cfg.storage_path:
         local_root, storage_path = None, cfg.storage_path
