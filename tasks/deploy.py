@@ -117,7 +117,7 @@ def smoke_test(url: str, questions: list[dict[str, Any]], max_tokens: int) -> tu
     Returns:
         `(per_tier, rows)`: per tier `{requests, ok, accuracy, answered, completion_tokens_mean,
         latency_ms_p50, latency_ms_max, completions_sha256}` (the dynamic tier also `mean_exit_layer`;
-        `{"available": false}` if it is unavailable) and one row per request.
+        and one row per request.
     """
     from tasks.data.mathgen import answers_match, extract_answer
     from tasks.release.serving import DYNAMIC_TIER, http_json
@@ -130,7 +130,7 @@ def smoke_test(url: str, questions: list[dict[str, Any]], max_tokens: int) -> tu
         raise StageError(f"smoke test: {url}/v1/models answered {status}: {models}")
     tiers = [m["id"] for m in models["data"] if m.get("exit_layer") is not None]
     dynamic = [m for m in models["data"] if m["id"] == DYNAMIC_TIER]
-    if dynamic and dynamic[0].get("available"):
+    if dynamic:
         tiers.append(DYNAMIC_TIER)
     per_tier: dict[str, Any] = {}
     rows: list[dict] = []
@@ -170,9 +170,6 @@ def smoke_test(url: str, questions: list[dict[str, Any]], max_tokens: int) -> tu
             }
             if exit_means:  # dynamic early exit: the average member depth that emitted the tokens
                 per_tier[tier]["mean_exit_layer"] = statistics.fmean(exit_means)
-    if dynamic and DYNAMIC_TIER not in per_tier:
-        per_tier[DYNAMIC_TIER] = {"available": False,
-                                  "reason": "ruyi_model.generation.dynamic_generate is missing (HTTP 501)"}
     return per_tier, rows
 
 
