@@ -41,10 +41,10 @@ Design choices:
   `n` > 1, a prompt longer than the context, `threshold` on a fixed tier, or `temperature` > 0 on the
   dynamic tier are 400. An unexpected failure is a 500 with the same error shape. Errors have the
   OpenAI shape `{"error": {"message", "type", "param", "code"}}`; the app stays up after any of them.
-- Ray: started with `num_cpus`, a small object store, no dashboard, `RAY_AUTH_MODE=disabled`, usage stats
-  off, and `RAY_TMPDIR` under a short temporary directory (unix socket paths are limited to 107 bytes)
-  that is removed afterwards; HTTP on 127.0.0.1 unless configured. `ServingSession.stop()` shuts Serve
-  and Ray down (no raylet or worker processes are left; the tests check with pgrep).
+- Ray: started and stopped by `tasks.core.ray_runtime.RayRuntime` (`num_cpus`, a small object store, no
+  dashboard, a short `RAY_TMPDIR` removed afterwards); HTTP on 127.0.0.1 unless configured.
+  `ServingSession.stop()` (on Ctrl-C and SIGTERM too) shuts Serve down (bounded: SERVE_SHUTDOWN_TIMEOUT_S),
+  then Ray, and reaps every process that Ray started (the tests check none outlives it).
 - Each replica calls `torch.set_num_threads(1)`: Ray already sets OMP_NUM_THREADS from num_cpus, and
   one thread per replica keeps 2-core machines responsive.
 """
