@@ -105,7 +105,7 @@ def _loop_run(ckpt_dir: Path):
     cfg = TrainParams(seq_len=12, batch_size=3, grad_accum=2, max_steps=4, lr=1e-2, warmup_steps=1,
                       checkpoint_every=2, eval_every=2, eval_batches=3)
     stream = BlockStream(tensors, 0, "ddp")
-    info = fingerprint_info("t", cfg, seed=0, inputs={"data": "x"})
+    info = fingerprint_info("cpt", cfg, seed=0, inputs={"data": "x"})
     weights = lambda step: exit_weights_at(CPTParams().exit_weights, [1, 3], step, 4)  # noqa: E731
     val = fixed_batches({k: v[:9] for k, v in tensors.items()}, 3, 3)
     result = train_loop(stage="t", model=model, cfg=cfg, named_params=list(model.named_parameters()),
