@@ -12,7 +12,6 @@ from tasks.data.mathgen import (
     answers_match,
     extract_answer,
     format_number,
-    generate_problems,
     is_well_formed,
     parse_number,
     with_answer_line,
