@@ -292,7 +292,16 @@ def test_store_and_user_sources_fail_alike(aws_env, monkeypatch):
     the user's to fix in both (exit code 2)."""
     server = aws_env
     server.create_bucket("rel-alike")
-    server.client().put_object(Bucket="rel-alike", Key="in/a.jsonl", Body=b'{"text": "a document"}\n')
+    client = server.client()
+    client.put_object(Bucket="rel-alike", Key="in/a.jsonl", Body=b'{"text": "a document"}\n')
+    try:
+        _fail_alike(server, monkeypatch)
+    finally:  # the bucket's volumes back to the server's small pool (-volume.max) for the tests after this one
+        client.delete_object(Bucket="rel-alike", Key="in/a.jsonl")
+        client.delete_bucket(Bucket="rel-alike")
+
+
+def _fail_alike(server, monkeypatch) -> None:
     dead = _dead_endpoint()
 
     def from_store(endpoint, secret=None):
