@@ -111,9 +111,12 @@ class RayRuntime:
                          object_store_memory=self.object_store_mib << 20, configure_logging=False)
             else:
                 ray.init(address=self.address, log_to_driver=self.log_to_driver, configure_logging=False)
-        except BaseException:
+        except BaseException:  # e.g. an unreachable address: nothing half-started is left behind
             self._started = [p for p in _children() if p.pid not in before]
-            self._reap(self._snapshot())
+            processes = self._snapshot()
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+            self._reap(processes)
             self._remove_tmpdir()
             self._restore_sigterm()
             self._running = False
