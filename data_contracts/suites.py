@@ -13,13 +13,14 @@ What every suite checks, and why: docs/choices.md#validate_data.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import great_expectations as gx
 import great_expectations.expectations as gxe
+
+from data_contracts.answer_format import FINAL_LINE_REGEX, final_answer
 
 FIELDS_COLUMN = "_fields"
 FINAL_ANSWER_COLUMN = "_final_answer"
@@ -32,7 +33,6 @@ MATH_SOURCE = "math"
 
 ID_REGEX = r"^[\x21-\x7e]{1,128}\Z"
 ANSWER_REGEX = r"^-?\d+(?:\.\d+)?\Z"
-FINAL_LINE_REGEX = r"(?:\A|\n)#### [^\n]*\S[^\n]*\s*\Z"
 # C0 controls except \t \n \r, DEL, C1 controls, zero-width and bidi controls, BOM, replacement char.
 CONTROL_CHARS_REGEX = "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff\ufffd]"
 
@@ -111,17 +111,6 @@ def question_key(text: Any) -> str | None:
     if not isinstance(text, str):
         return None
     return hashlib.sha1(normalize_question(text).encode("utf-8")).hexdigest()[:16]
-
-
-def final_answer(text: Any) -> str | None:
-    """What follows "#### " on the last non-empty line of `text`; None if that line is not one."""
-    if not isinstance(text, str):
-        return None
-    lines = [line for line in text.strip().split("\n") if line.strip()]
-    if not lines:
-        return None
-    match = re.fullmatch(r"#### (.*)", lines[-1].strip())
-    return match.group(1).strip() if match else None
 
 
 def normalized_corpus(texts: Iterable[Any]) -> str:

@@ -14,7 +14,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+from ruyi_model.tokenizer import EOS_TOKEN, IM_END
+
+#: The tokens that end a completion: the end of an assistant turn, then end of text.
+STOP_TOKENS = (IM_END, EOS_TOKEN)
 
 
 def stop_token_ids(tokenizer) -> list[int]:

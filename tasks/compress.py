@@ -21,7 +21,7 @@ from typing import Any
 from tasks.core.artifacts import load_family, save_family
 from tasks.core.files import atomic_file, read_jsonl, save_figure, write_json, write_metrics
 from tasks.core.params import Params
-from tasks.core.paths import plots_dir, stage_dir, validated_path
+from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, seed_everything, stage_main
 from tasks.training.batches import read_corpus, read_sft
 from tasks.training.heldout import check_family_inputs, first_blocks, member_losses, solution_examples
@@ -99,9 +99,9 @@ def carve_selection(params: Params, tokenizer, corpus_rows: list[dict], sft_rows
     from tasks.data.mathgen import normalize_question
     from tasks.training.batches import pack_documents, tokenize_texts
 
-    cfg = params.compress
+    cfg, ws = params.compress, Workspace.from_params(params)
     n = cfg.loss_batches * cfg.batch_size
-    train_file, sft_file = validated_path(params, "corpus_train.jsonl"), validated_path(params, "sft.jsonl")
+    train_file, sft_file = ws.corpus_train, ws.sft_data
 
     val_texts = {r["text"].strip() for r in val_rows}
     order = sorted((i for i, r in enumerate(corpus_rows) if r["text"].strip() not in val_texts),
@@ -156,12 +156,12 @@ def calibration_data(params: Params, tokenizer, corpus_texts: list[str], sft_row
     rng = random.Random(params.seed)
     parts = []
     if total - n_sft > 0:
-        path = validated_path(params, "corpus_train.jsonl")
+        path = Workspace.from_params(params).corpus_train
         texts = list(corpus_texts)
         rng.shuffle(texts)
         parts.append((path, total - n_sft, texts))
     if n_sft > 0:
-        path = validated_path(params, "sft.jsonl")
+        path = Workspace.from_params(params).sft_data
         rows = list(sft_rows)
         rng.shuffle(rows)
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]},
@@ -296,9 +296,9 @@ def run(params: Params) -> dict:
     from tasks.training.batches import build_sft_examples, fixed_batches
     from tasks.training.members import device_for_training, members_unchanged, snapshot_members
 
-    cfg = params.compress
+    cfg, ws = params.compress, Workspace.from_params(params)
     seed_everything(params.seed)
-    source = stage_dir(params, "rl")
+    source = ws.artifacts("rl")
     model, tokenizer = load_family(source)
     device = device_for_training()
     model.to(device).eval()
@@ -317,8 +317,8 @@ def run(params: Params) -> dict:
     exits = list(mcfg.exit_layers)
 
     # Reported held-out sets (the same batches before and after; they decide nothing).
-    val_file, eval_file = validated_path(params, "corpus_val.jsonl"), validated_path(params, "eval.jsonl")
-    train_file, sft_file = validated_path(params, "corpus_train.jsonl"), validated_path(params, "sft.jsonl")
+    val_file, eval_file = ws.corpus_val, ws.eval_data
+    train_file, sft_file = ws.corpus_train, ws.sft_data
     n_heldout = cfg.loss_batches * cfg.batch_size
     val_rows = read_corpus(val_file)
     corpus = first_blocks(tokenizer, [r["text"] for r in val_rows], cfg.seq_len, n_heldout, val_file)
@@ -430,10 +430,10 @@ def run(params: Params) -> dict:
              added_before, added_after, 100 * metrics["added_params_reduction"], 100 * worst,
              100 * cfg.max_relative_loss_increase, "met" if metrics["within_budget"] else "NOT met")
 
-    save_family(model, tokenizer, stage_dir(params, "compress"))
-    write_json(Path(params.paths.reports_dir) / "compress" / "decompose_report.json", report)
-    write_json(Path(params.paths.reports_dir) / "compress" / "heal_selection.json", split.report)
-    _plot(report, heal_losses, plots_dir(params, "compress"))
+    save_family(model, tokenizer, ws.artifacts("compress"))
+    write_json(ws.reports("compress") / "decompose_report.json", report)
+    write_json(ws.reports("compress") / "heal_selection.json", split.report)
+    _plot(report, heal_losses, ws.plots("compress"))
     write_metrics(params, "compress", metrics)
     return metrics
 

@@ -19,7 +19,7 @@ from typing import Any
 from tasks.core.artifacts import check_tokenizer_size, save_family, tokenizer_fingerprint
 from tasks.core.files import require_dir, sha256_file, write_metrics
 from tasks.core.params import Params
-from tasks.core.paths import checkpoint_dir, corpus_inputs, plots_dir, stage_dir, tokenizer_dir
+from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, log, seed_everything, stage_main
 from tasks.training import distributed
 from tasks.training.batches import (
@@ -41,10 +41,9 @@ VOCAB_MULTIPLE = 64
 
 def set_generation_tokens(model, tokenizer) -> None:
     """Generation stops at `<|im_end|>` (end of an assistant turn) or `<|endoftext|>`."""
-    from ruyi_model.tokenizer import IM_END
+    from ruyi_model.decoding import stop_token_ids
 
-    im_end = tokenizer.convert_tokens_to_ids(IM_END)
-    model.generation_config.eos_token_id = [im_end, tokenizer.eos_token_id]
+    model.generation_config.eos_token_id = stop_token_ids(tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = None
 
@@ -86,7 +85,7 @@ def build_family(params: Params, tokenizer):
                                                    shared_heads=m.shared_heads, loss_impl=m.loss_impl)
         except (ValueError, OSError) as e:
             raise StageError(f"model.init_from={src}: cannot build the family from it: {e}") from None
-        check_source_tokenizer(tokenizer, src, tokenizer_dir(params))
+        check_source_tokenizer(tokenizer, src, Workspace.from_params(params).tokenizer)
         check_tokenizer_size(model, tokenizer, src)
         model.config.pad_token_id = tokenizer.pad_token_id
         model.config.eos_token_id = tokenizer.eos_token_id
@@ -118,10 +117,10 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
         return distributed.launch(STAGE, params, callbacks)  # this same function on every worker
     import torch
 
-    cfg = params.cpt
+    cfg, ws = params.cpt, Workspace.from_params(params)
     seed_everything(params.seed)
-    train_path, val_path = corpus_inputs(params)
-    tok_dir = tokenizer_dir(params)
+    train_path, val_path = ws.corpus_train, ws.corpus_val
+    tok_dir = ws.tokenizer
     tokenizer = load_tokenizer(tok_dir)
     train_rows = read_corpus(train_path)
     val_rows = read_corpus(val_path)
@@ -150,7 +149,7 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
     if params.model.init_from:
         inputs["init_from"] = dir_sha256(params.model.init_from)
     info = fingerprint_info(STAGE, cfg, seed=params.seed, model=params.model, inputs=inputs)
-    checkpointer = Checkpointer(checkpoint_dir(params, STAGE), info)
+    checkpointer = Checkpointer(ws.checkpoints(STAGE), info)
     named = list(model.named_parameters())
     result = train_loop(stage=STAGE, model=model, cfg=cfg, named_params=named, stream=stream,
                                  loss_fn=multi_exit_loss_fn(weights), val_batches=val_batches,
@@ -169,9 +168,9 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
         "torch_threads": torch.get_num_threads(),
     })
     if distributed.is_main():  # a data-parallel run writes from rank 0 alone
-        write_loss_curves(result.history, plots_dir(params, STAGE),
+        write_loss_curves(result.history, ws.plots(STAGE),
                                    title="cpt: joint multi-exit training, loss per member")
-        save_family(model.to("cpu"), tokenizer, stage_dir(params, STAGE))
+        save_family(model.to("cpu"), tokenizer, ws.artifacts(STAGE))
         write_metrics(params, STAGE, metrics)
     log.info("cpt: val loss per member %s (ln V = %.2f)", {d: round(v, 3) for d, v in final.items()},
              math.log(model.config.vocab_size))

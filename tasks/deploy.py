@@ -25,7 +25,7 @@ from typing import Any
 
 from tasks.core.files import atomic_file, read_jsonl, require_dir, save_figure, write_jsonl, write_metrics
 from tasks.core.params import Params, ParamsError
-from tasks.core.paths import plots_dir, stage_dir
+from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, setup_logging, stage_main
 from tasks.release.store import ArtifactStore, FileEntry, Release, open_store, scan_dir
 
@@ -34,7 +34,7 @@ log = logging.getLogger("ruyi.deploy")
 
 def release_cache_dir(params: Params) -> Path:
     """Where fetched releases are kept: `deploy.store.cache_dir` or `<artifacts_dir>/releases`."""
-    return Path(params.deploy.store.cache_dir or Path(params.paths.artifacts_dir) / "releases")
+    return Path(params.deploy.store.cache_dir or Workspace.from_params(params).releases)
 
 
 def content_digest(files: tuple[FileEntry, ...] | list[FileEntry]) -> str:
@@ -54,7 +54,7 @@ def _git_revision() -> str | None:
 def publish_export(params: Params, store: ArtifactStore) -> tuple[Release, bool]:
     """Publishes `artifacts/export/` (docs/choices.md#deploy). Returns `(release, reused)`."""
     cfg = params.deploy
-    export_dir = require_dir(stage_dir(params, "export"), "export (run the export stage first)", marker="manifest.json")
+    export_dir = require_dir(Workspace.from_params(params).artifacts("export"), "export (run the export stage first)", marker="manifest.json")
     files = scan_dir(export_dir)
     known = store.list_versions(cfg.model_name)
     if cfg.version is not None and cfg.version in known:
@@ -83,7 +83,7 @@ def smoke_test(url: str, questions: list[dict[str, Any]], max_tokens: int) -> tu
     Returns:
         `(per_tier, rows)`: per tier `{requests, ok, accuracy, answered, completion_tokens_mean,
         latency_ms_p50, latency_ms_max, completions_sha256}` (the dynamic tier also `mean_exit_layer`;
-        `{"available": false}` if it is unavailable) and one row per request.
+        and one row per request.
     """
     from tasks.data.mathgen import answers_match, extract_answer
     from tasks.release.serving import DYNAMIC_TIER, http_json
@@ -96,7 +96,7 @@ def smoke_test(url: str, questions: list[dict[str, Any]], max_tokens: int) -> tu
         raise StageError(f"smoke test: {url}/v1/models answered {status}: {models}")
     tiers = [m["id"] for m in models["data"] if m.get("exit_layer") is not None]
     dynamic = [m for m in models["data"] if m["id"] == DYNAMIC_TIER]
-    if dynamic and dynamic[0].get("available"):
+    if dynamic:
         tiers.append(DYNAMIC_TIER)
     per_tier: dict[str, Any] = {}
     rows: list[dict] = []
@@ -136,9 +136,6 @@ def smoke_test(url: str, questions: list[dict[str, Any]], max_tokens: int) -> tu
             }
             if exit_means:  # dynamic early exit: the average member depth that emitted the tokens
                 per_tier[tier]["mean_exit_layer"] = statistics.fmean(exit_means)
-    if dynamic and DYNAMIC_TIER not in per_tier:
-        per_tier[DYNAMIC_TIER] = {"available": False,
-                                  "reason": "ruyi_model.generation.dynamic_generate is missing (HTTP 501)"}
     return per_tier, rows
 
 
@@ -179,8 +176,8 @@ def _serving_kwargs(params: Params, host: str | None = None, port: int | None = 
 def run(params: Params) -> dict[str, Any]:
     from tasks.release.serving import start_serving
 
-    cfg = params.deploy
-    eval_path = Path(params.paths.data_dir) / "validated" / "eval.jsonl"
+    cfg, ws = params.deploy, Workspace.from_params(params)
+    eval_path = ws.eval_data
     questions = read_jsonl(eval_path, required=("id", "question", "answer"))[:cfg.smoke_prompts]
     store = open_store(cfg.store, cache_dir=release_cache_dir(params))
     timings: dict[str, float] = {}
@@ -213,8 +210,8 @@ def run(params: Params) -> dict[str, Any]:
                "bytes": release.total_bytes, "content_sha256": digest, "serving_url": session.url,
                "smoke_prompts": len(questions), "smoke_max_tokens": cfg.smoke_max_tokens, "tiers": per_tier,
                "timings": {k: round(v, 3) for k, v in timings.items()}}
-    write_jsonl(Path(params.paths.reports_dir) / "deploy" / "smoke.jsonl", rows)
-    _plot_latency(per_tier, plots_dir(params, "deploy"))
+    write_jsonl(ws.reports("deploy") / "smoke.jsonl", rows)
+    _plot_latency(per_tier, ws.plots("deploy"))
     write_metrics(params, "deploy_smoke", reproducible)
     write_metrics(params, "deploy", metrics)
     log.info("deployed %s (%s): %s", release.uri, "reused" if reused else "new",

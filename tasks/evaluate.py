@@ -23,7 +23,7 @@ from typing import Any
 from tasks.core.artifacts import load_family
 from tasks.core.files import atomic_file, read_jsonl, save_figure, write_jsonl
 from tasks.core.params import Params
-from tasks.core.paths import plots_dir, stage_dir, validated_path
+from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, seed_everything, stage_main
 from tasks.training.batches import read_corpus
 from tasks.training.heldout import (
@@ -180,17 +180,17 @@ def run(params: Params) -> dict:
     from ruyi_model.decoding import encode_prompts, measure_family_tokens_per_s
     from tasks.training.members import device_for_training
 
-    cfg = params.evaluate
+    cfg, ws = params.evaluate, Workspace.from_params(params)
     seed_everything(params.seed)
-    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else stage_dir(params, "compress")
+    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else ws.artifacts("compress")
     model, tokenizer = load_family(checkpoint)
     model.to(device_for_training()).eval()
     check_family_inputs(model, tokenizer, checkpoint, cfg.seq_len, "evaluate.seq_len")
 
-    val_file = validated_path(params, "corpus_val.jsonl")
+    val_file = ws.corpus_val
     corpus = first_blocks(tokenizer, [r["text"] for r in read_corpus(val_file)], cfg.seq_len,
                           cfg.loss_batches * cfg.batch_size, val_file)
-    eval_file = validated_path(params, "eval.jsonl")
+    eval_file = ws.eval_data
     problems = read_jsonl(eval_file, required=("id", "question", "solution", "answer"))[: cfg.num_problems]
     if len(problems) < cfg.num_problems:
         log.warning("%s has only %d problems (evaluate.num_problems=%d)", eval_file, len(problems), cfg.num_problems)
@@ -211,10 +211,10 @@ def run(params: Params) -> dict:
     metrics = {**quality, **{f"exit_{d}": {**quality[f"exit_{d}"],
                                            "tokens_per_s": speed[d]["tokens_per_s"],
                                            "ms_per_token": speed[d]["ms_per_token"]} for d in exits}}
-    metrics["run_id"] = write_metric_set(Path(params.paths.metrics_dir), quality, speed_metrics, metrics)
-    write_jsonl(Path(params.paths.reports_dir) / "evaluate" / "generations.jsonl", generations)
+    metrics["run_id"] = write_metric_set(ws.metrics_dir, quality, speed_metrics, metrics)
+    write_jsonl(ws.reports("evaluate") / "generations.jsonl", generations)
     rows = [{"exit": d, **metrics[f"exit_{d}"]} for d in exits]
-    plot_tradeoff(rows, plots_dir(params, "evaluate"))
+    plot_tradeoff(rows, ws.plots("evaluate"))
     return metrics
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from tasks.core.artifacts import load_family, save_family
 from tasks.core.files import sha256_file, write_metrics
 from tasks.core.params import Params
-from tasks.core.paths import checkpoint_dir, plots_dir, stage_dir
+from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, log, seed_everything, stage_main
 from tasks.training import distributed
 from tasks.training.batches import (
@@ -57,10 +57,8 @@ def load_dae_data(params: Params, tokenizer) -> DaEData:
     Raises:
         StageError: a missing/malformed file, or a stream that the parameters need is empty.
     """
-    from tasks.core.paths import corpus_inputs
-
-    cfg = params.expand
-    train_path, val_path = corpus_inputs(params)
+    cfg, ws = params.expand, Workspace.from_params(params)
+    train_path, val_path = ws.corpus_train, ws.corpus_val
     train_rows, val_rows = read_corpus(train_path), read_corpus(val_path)
 
     def split(rows):
@@ -161,8 +159,8 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
 
     from tasks.training.batches import check_seq_len
 
-    cfg = params.expand
-    src = stage_dir(params, "cpt")
+    cfg, ws = params.expand, Workspace.from_params(params)
+    src = ws.artifacts("cpt")
     base, tokenizer = load_family(src)
     check_tokenizer(tokenizer, src)
     d = resolve_dae_exit(params, base, src)
@@ -178,7 +176,7 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
     info = fingerprint_info(STAGE, cfg, seed=params.seed, model=params.model,
                                      inputs={**data.inputs, "cpt": dir_sha256(src)},
                                      extra={"dae_exit": d})
-    checkpointer = Checkpointer(checkpoint_dir(params, STAGE), info)
+    checkpointer = Checkpointer(ws.checkpoints(STAGE), info)
     model, result, dae_info = train_dae(base, params, data, checkpointer=checkpointer, callbacks=callbacks)
 
     model.to("cpu")
@@ -207,12 +205,12 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
         "ln_vocab": round(math.log(model.config.vocab_size), 4),
     }
     if distributed.is_main():  # a data-parallel run writes from rank 0 alone
-        write_loss_curves(result.history, plots_dir(params, STAGE), exits=[d],
+        write_loss_curves(result.history, ws.plots(STAGE), exits=[d],
                                    title=f"expand: DaE member {d} (+{cfg.num_blocks} {cfg.init} blocks), STEM loss")
     for p in model.parameters():
         p.requires_grad_(True)
     if distributed.is_main():
-        save_family(model, tokenizer, stage_dir(params, STAGE))
+        save_family(model, tokenizer, ws.artifacts(STAGE))
         write_metrics(params, STAGE, metrics)
     log.info("expand: member %d STEM val loss %.3f -> %.3f; %d of %d parameters trained; other members unchanged",
              d, before[d], after[d], dae_info["trainable_params"], dae_info["total_params"])

@@ -17,7 +17,7 @@ from typing import Any
 from tasks.core.artifacts import load_family
 from tasks.core.files import atomic_dir, atomic_file, save_figure, sha256_file, write_metrics
 from tasks.core.params import Params
-from tasks.core.paths import plots_dir, stage_dir
+from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, stage_main
 
 log = logging.getLogger("ruyi.export")
@@ -28,9 +28,9 @@ PARITY_ATOL = 1e-4
 
 def set_chat_generation_config(model, tokenizer) -> tuple[int, int]:
     """Sets the family's generation config to stop at `<|im_end|>` and pad with `<|pad|>`; returns the ids."""
-    from tasks.training.batches import IM_END_TOKEN
+    from ruyi_model.tokenizer import IM_END
 
-    im_end = tokenizer.convert_tokens_to_ids(IM_END_TOKEN)
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
     model.generation_config.eos_token_id = im_end
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return im_end, tokenizer.pad_token_id
@@ -41,7 +41,8 @@ def member_parity(model, exit_layer: int, export_dir: Path, input_ids) -> float:
     import torch
     from transformers import Qwen3ForCausalLM
 
-    stock, info = Qwen3ForCausalLM.from_pretrained(export_dir, dtype=torch.float32, output_loading_info=True)
+    stock, info = Qwen3ForCausalLM.from_pretrained(export_dir, dtype=torch.float32, output_loading_info=True,
+                                                  local_files_only=True)
     problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if problems:
         raise StageError(f"{export_dir}: the export does not load cleanly as Qwen3ForCausalLM: {problems}")
@@ -123,7 +124,8 @@ def run(params: Params) -> dict:
     from ruyi_model.export import export_exits
     from tasks.training.batches import check_tokenizer
 
-    source = stage_dir(params, "compress")
+    ws = Workspace.from_params(params)
+    source = ws.artifacts("compress")
     model, tokenizer = load_family(source)
     model.eval()
     check_tokenizer(tokenizer, source)
@@ -131,10 +133,10 @@ def run(params: Params) -> dict:
 
     # Exported and checked in a temporary sibling, renamed onto artifacts/export only when every check
     # passed: a failed check never leaves an export that looks complete.
-    with atomic_dir(stage_dir(params, "export")) as out:
+    with atomic_dir(ws.artifacts("export")) as out:
         manifest = export_exits(model, out, tokenizer=tokenizer)
         metrics = check_export(model, tokenizer, out, manifest, eos_id, pad_id)
-    _plot(metrics, plots_dir(params, "export"))
+    _plot(metrics, ws.plots("export"))
     write_metrics(params, "export", metrics)
     return metrics
 

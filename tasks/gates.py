@@ -16,6 +16,7 @@ from typing import Any
 
 from tasks.core.files import write_metrics
 from tasks.core.params import Params
+from tasks.core.paths import Workspace
 from tasks.core.stage import ContractViolation, StageError, log, stage_main
 
 STAGE = "gates"
@@ -44,8 +45,8 @@ def check_gates(params: Params) -> dict[str, Any]:
     from data_contracts.context import ContractContext
     from data_contracts.gates import SUITE, gates_frame, gates_suite
 
-    metrics_dir = Path(params.paths.metrics_dir)
-    eval_path, compress_path = metrics_dir / EVAL_METRICS, metrics_dir / "compress.json"
+    ws = Workspace.from_params(params)
+    eval_path, compress_path = ws.metrics_dir / EVAL_METRICS, ws.metrics("compress")
     evals = _read_metrics(eval_path, "evaluate")
     compress = _read_metrics(compress_path, "compress")
     try:
@@ -58,7 +59,7 @@ def check_gates(params: Params) -> dict[str, Any]:
                   "min_accuracy": params.gates.min_accuracy, "exit_layers": list(params.model.exit_layers)}
     suite = gates_suite(params.model.exit_layers, params.gates.max_loss, params.gates.depth_tolerance,
                         params.compress.max_relative_loss_increase, params.gates.min_accuracy)
-    reports = Path(params.paths.reports_dir) / STAGE
+    reports = ws.reports(STAGE)
     ctx = ContractContext(reports)
     ctx.forget(SUITE)
     result = ctx.validate(SUITE, frame, suite, run_name="gates")

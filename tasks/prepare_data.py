@@ -23,7 +23,7 @@ from typing import Any
 
 from tasks.core.files import atomic_dir, save_figure, sha256_file, write_json, write_jsonl, write_metrics
 from tasks.core.params import DataParams, Params
-from tasks.core.paths import plots_dir
+from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, log, stage_main
 from tasks.data.corpus import _doc_key, build_corpus, embedded_corpus
 from tasks.data.mathgen import Problem, generate_problems, normalize_question, number_pattern
@@ -134,7 +134,7 @@ def _plot(params: Params, train: list[Document], splits: dict[str, list[Problem]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = plots_dir(params, "prepare_data")
+    out = Workspace.from_params(params).plots("prepare_data")
     lengths = sorted(len(d.text) for d in train)
     edges = list(range(0, params.data.max_doc_chars + 250, 250))
     counts = [sum(1 for n in lengths if lo <= n < lo + 250) for lo in edges[:-1]]
@@ -312,7 +312,7 @@ def _write_raw(params: Params, inputs: _Inputs, corpus: _Corpus, maths: _MathSpl
                dataset: _Dataset) -> dict[str, dict[str, Any]]:
     """Writes every file and `manifest.json` into `data/raw/` at once; returns the manifest's `files`."""
     data, rows, splits = params.data, dataset.rows, maths.splits
-    raw_dir = Path(params.paths.data_dir) / "raw"
+    raw_dir = Workspace.from_params(params).raw
     with atomic_dir(raw_dir) as tmp:
         for name in FILES:
             write_jsonl(tmp / name, rows[name])

@@ -19,7 +19,7 @@ from typing import Any
 from tasks.core.artifacts import load_family, save_family
 from tasks.core.files import save_figure, sha256_file, write_metrics
 from tasks.core.params import Params
-from tasks.core.paths import checkpoint_dir, plots_dir, stage_dir
+from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, seed_everything, stage_main
 from tasks.training.checkpoint import Checkpointer, dir_sha256, fingerprint_info
 from tasks.training.rl_trainer import (
@@ -101,7 +101,7 @@ def run(params: Params) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
-    cfg = params.rl
+    cfg, ws = params.rl, Workspace.from_params(params)
     inputs = _load_inputs(params)
     model, tokenizer, members = inputs.model, inputs.tokenizer, inputs.members
     rl_path, sft_dir = inputs.rl_path, inputs.sft_dir
@@ -111,7 +111,7 @@ def run(params: Params) -> dict[str, Any]:
     log.info("rl: %s on members %s, %d trainable parameters of %d, %d train / %d eval prompts", cfg.algorithm,
              members, n_train, sum(p.numel() for p in model.parameters()), len(train_rows), len(eval_rows))
     trainer = RLTrainer(model, tokenizer, train_rows, cfg, members=members, trainable=trainable, seed=params.seed)
-    checkpointer = Checkpointer(checkpoint_dir(params, "rl"), checkpoint_info(params, rl_path, sft_dir))
+    checkpointer = Checkpointer(ws.checkpoints("rl"), checkpoint_info(params, rl_path, sft_dir))
     latest = checkpointer.find_resumable()
     state = None
     if latest is not None:
@@ -137,8 +137,8 @@ def run(params: Params) -> dict[str, Any]:
     # DVC declares the checkpoint directory as an output: it exists even when no checkpoint was due.
     checkpointer.root.mkdir(parents=True, exist_ok=True)
     after = evaluate_members(model, tokenizer, eval_rows, members, cfg.max_new_tokens, cfg.format_reward)
-    save_family(model, tokenizer, stage_dir(params, "rl"))
-    write_curves(trainer.history, plots_dir(params, "rl"), cfg.algorithm)
+    save_family(model, tokenizer, ws.artifacts("rl"))
+    write_curves(trainer.history, ws.plots("rl"), cfg.algorithm)
 
     this_run_s = time.perf_counter() - t_start
     metrics = _metrics(cfg, trainer, members, before, after, n_train=n_train, eval_prompts=len(eval_rows),
@@ -167,8 +167,8 @@ def _load_inputs(params: Params) -> _Inputs:
     from tasks.training.rl_algos import encode_chat_prompts
 
     cfg = params.rl
-    rl_path = Path(params.paths.data_dir) / "validated" / "rl.jsonl"
-    sft_dir = stage_dir(params, "sft")
+    ws = Workspace.from_params(params)
+    rl_path, sft_dir = ws.rl_data, ws.artifacts("sft")
     rows = load_rl_rows(rl_path)
     train_rows, eval_rows = split_rows(rows, cfg.eval_prompts, rl_path)
     model, tokenizer = load_family(sft_dir)

@@ -19,7 +19,7 @@ from typing import Any
 from tasks.core.artifacts import load_family, save_family
 from tasks.core.files import sha256_file, write_metrics
 from tasks.core.params import Params
-from tasks.core.paths import checkpoint_dir, plots_dir, stage_dir
+from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, log, stage_main
 from tasks.training import distributed
 from tasks.training.batches import (
@@ -44,22 +44,18 @@ from tasks.training.members import count_params, device_for_training, members_un
 STAGE = "sft"
 
 
-def sft_path(params: Params) -> Path:
-    return Path(params.paths.data_dir) / "validated" / "sft.jsonl"
-
-
 def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict[str, Any]:
     """Fine-tunes the family (or the DaE member) on the SFT chats; writes artifacts/sft, metrics, plots."""
     if params.distributed.backend == "ray" and not distributed.in_worker():
         return distributed.launch(STAGE, params, callbacks)  # this same function on every worker
     from tasks.training.batches import check_seq_len
 
-    cfg = params.sft
-    src = stage_dir(params, "expand")
+    cfg, ws = params.sft, Workspace.from_params(params)
+    src = ws.artifacts("expand")
     model, tokenizer = load_family(src)
     check_tokenizer(tokenizer, src)
     check_seq_len(params, STAGE, cfg.seq_len, model.config.max_position_embeddings)
-    path = sft_path(params)
+    path = ws.sft_data
     rows = read_sft(path)
     train_rows, held_rows = sft_holdout_split(rows, cfg.holdout_fraction)
     train_ex, train_stats = build_sft_examples(tokenizer, train_rows, cfg.seq_len, str(path))
@@ -73,7 +69,7 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
     info = fingerprint_info(STAGE, cfg, seed=params.seed, model=params.model,
                                      inputs={"sft": sha256_file(path), "expand": dir_sha256(src)},
                                      extra={"dae_exit": params.dae_exit})
-    checkpointer = Checkpointer(checkpoint_dir(params, STAGE), info)
+    checkpointer = Checkpointer(ws.checkpoints(STAGE), info)
     result = train_loop(stage=STAGE, model=model, cfg=cfg, named_params=scope.named, stream=stream,
                                  loss_fn=scope.loss_fn, val_batches=held_batches, eval_fn=multi_exit_eval,
                                  checkpointer=checkpointer, callbacks=callbacks)
@@ -83,12 +79,12 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
     metrics = _metrics(params, model, scope, result, examples=(train_stats, held_stats),
                        heldout_rows=len(held_rows), held_batches=held_batches)
     if distributed.is_main():  # a data-parallel run writes from rank 0 alone
-        write_loss_curves(result.history, plots_dir(params, STAGE),
+        write_loss_curves(result.history, ws.plots(STAGE),
                                    title=f"sft (scope={cfg.scope}): assistant-token loss per member")
     for p in model.parameters():
         p.requires_grad_(True)
     if distributed.is_main():
-        save_family(model, tokenizer, stage_dir(params, STAGE))
+        save_family(model, tokenizer, ws.artifacts(STAGE))
         write_metrics(params, STAGE, metrics)
     log.info("sft: held-out loss per member %s -> %s",
              {e: round(v, 3) for e, v in result.val_losses(0).items()},

@@ -17,7 +17,7 @@ from typing import Any
 
 from tasks.core.files import atomic_dir, atomic_file, read_jsonl, save_figure, write_metrics
 from tasks.core.params import Params
-from tasks.core.paths import plots_dir, stage_dir
+from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, log, stage_main
 
 #: Share of texts an adopted tokenizer may fail to reproduce exactly (normalization) before it is an error.
@@ -25,7 +25,7 @@ MAX_ROUND_TRIP_FAILURES = 0.1
 
 
 def _validated(params: Params, name: str) -> Path:
-    path = Path(params.paths.data_dir) / "validated" / name
+    path = Workspace.from_params(params).validated_file(name)
     if not path.is_file():
         raise StageError(f"{path} not found: run prepare_data and validate_data first")
     return path
@@ -92,7 +92,7 @@ def _plot(params: Params, lengths: list[int]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = plots_dir(params, "tokenizer")
+    out = Workspace.from_params(params).plots("tokenizer")
     width = max(8, (max(lengths) // 30 + 7) // 8 * 8)
     edges = list(range(0, max(lengths) + width, width))
     counts = [sum(1 for n in lengths if lo <= n < lo + width) for lo in edges]
@@ -141,7 +141,7 @@ def run(params: Params) -> dict[str, Any]:
         source = {"kind": "trained"}
     strict = source["kind"] == "trained"
 
-    out = stage_dir(params, "tokenizer")
+    out = Workspace.from_params(params).tokenizer
     with atomic_dir(out) as tmp:
         tokenizer.save_pretrained(tmp)
         try:

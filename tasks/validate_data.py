@@ -27,7 +27,7 @@ from tasks.core.files import (
     write_metrics,
 )
 from tasks.core.params import Params
-from tasks.core.paths import plots_dir
+from tasks.core.paths import Workspace
 from tasks.core.stage import ContractViolation, StageError, log, stage_main
 
 STAGE = "validate_data"
@@ -184,13 +184,13 @@ def run(params: Params) -> dict[str, Any]:
     from data_contracts.suites import CONTRACTS, ORDER
 
     settings = params.validate_data
-    data_dir = Path(params.paths.data_dir)
-    raw_dir = data_dir / "raw"
+    ws = Workspace.from_params(params)
+    raw_dir = ws.raw
     if not raw_dir.is_dir():
         raise StageError(f"{raw_dir} not found (run the prepare_data stage first)")
     manifest = read_manifest(raw_dir, [file for name in ORDER for file in CONTRACTS[name].files])
 
-    ctx = ContractContext(Path(params.paths.reports_dir) / "contracts")
+    ctx = ContractContext(ws.reports("contracts"))
     datasets: dict[str, _Dataset] = {}
     suites: dict[str, dict[str, Any]] = {}
     errors: list[str] = []
@@ -252,9 +252,9 @@ def run(params: Params) -> dict[str, Any]:
 
 def _publish(params: Params, raw_dir: Path, manifest: dict[str, Any], datasets: dict[str, _Dataset],
              suites: dict[str, dict[str, Any]], docs: Path) -> dict[str, Any]:
-    data_dir = Path(params.paths.data_dir)
+    ws = Workspace.from_params(params)
     per_file: dict[str, dict[str, int]] = {}
-    with atomic_dir(data_dir / "validated") as out, atomic_dir(data_dir / "quarantine") as qdir:
+    with atomic_dir(ws.validated) as out, atomic_dir(ws.quarantine) as qdir:
         files_entry = {}
         summary = {}
         for dataset in datasets.values():
@@ -290,7 +290,7 @@ def _publish(params: Params, raw_dir: Path, manifest: dict[str, Any], datasets: 
         "expectations_evaluated": sum(s["expectations_evaluated"] for s in suites.values()),
         "expectations_failed": sum(s["expectations_failed"] for s in suites.values()),
         # As configured (not resolved), so the metrics do not depend on where the workspace lives.
-        "data_docs": str(Path(params.paths.reports_dir) / "contracts" / "data_docs" / "index.html"),
+        "data_docs": str(ws.reports("contracts") / "data_docs" / "index.html"),
     }
     write_metrics(params, STAGE, metrics)
     _plot(params, per_file)
@@ -305,7 +305,7 @@ def _plot(params: Params, per_file: dict[str, dict[str, int]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = plots_dir(params, STAGE)
+    out = Workspace.from_params(params).plots(STAGE)
     names = list(per_file)
     with atomic_file(out / "rows.csv") as f:
         f.write("file,rows_passed,rows_quarantined\n")

@@ -29,10 +29,12 @@ PAPER = {"random": 2.83, "clone": 2.89, "steps": 3000}
 def fresh_family(params, steps: int):
     """A tiny family trained with params.cpt (no checkpoints), from the validated corpus."""
     from tasks import cpt
+    from tasks.core.paths import Workspace
     from tasks.core.stage import seed_everything
 
-    tokenizer = load_tokenizer(cpt.tokenizer_dir(params))
-    train_path, val_path = cpt.corpus_inputs(params)
+    ws = Workspace.from_params(params)
+    tokenizer = load_tokenizer(ws.tokenizer)
+    train_path, val_path = ws.corpus_train, ws.corpus_val
     cfg = params.cpt.model_copy(update={"max_steps": steps, "warmup_steps": min(params.cpt.warmup_steps, steps - 1),
                                         "eval_every": steps})
     seed_everything(params.seed)

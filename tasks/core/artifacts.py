@@ -32,7 +32,7 @@ def load_family(path: str | Path, dtype: str = "float32"):
     if not any((path / f).exists() for f in ("model.safetensors", "model.safetensors.index.json")):
         raise StageError(f"model checkpoint at {path} has no model.safetensors")
     try:
-        model = FamilialForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        model = FamilialForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
     except (ValueError, OSError) as e:
         raise StageError(f"cannot load the model at {path}: {e}") from None
     try:

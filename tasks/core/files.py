@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.params import Params
+from tasks.core.paths import Workspace
 from tasks.core.stage import StageError
 
 log = logging.getLogger("ruyi")
@@ -105,7 +106,7 @@ def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
 
 
 def write_metrics(params: Params, stage: str, metrics: dict[str, Any]) -> Path:
-    path = Path(params.paths.metrics_dir) / f"{stage}.json"
+    path = Workspace.from_params(params).metrics(stage)
     write_json(path, metrics)
     return path
 

@@ -1,65 +1,119 @@
-"""Where the workspace keeps each stage's inputs and outputs, derived from `params.paths`.
+"""Where every stage reads and writes: one `Workspace` built from `params.paths`.
 
-Library module: `stage_dir`, `checkpoint_dir`, `plots_dir`, `validated_path`, `tokenizer_dir`, ... so no
-stage spells a path of another stage's outputs by hand.
+    ws = Workspace.from_params(params)
+    ws.corpus_train            # data/validated/corpus_train.jsonl
+    ws.artifacts("cpt")        # artifacts/cpt/ (a model stage's output)
+    ws.checkpoints("cpt")      # artifacts/checkpoints/cpt/ (resumable, DVC persist)
+    ws.plots("cpt")            # plots/cpt/ (created)
+
+Every directory is relative to the working directory unless params.paths says otherwise.
 """
 
 from __future__ import annotations
 
-import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.core.params import Params
 
-log = logging.getLogger("ruyi")
+#: The files of the validated data set (`data/validated/`), as validate_data publishes them.
+VALIDATED_FILES = ("corpus_train.jsonl", "corpus_val.jsonl", "sft.jsonl", "rl.jsonl", "eval.jsonl")
 
 
+@dataclass(frozen=True)
+class Workspace:
+    """The workspace directories of `params.paths` and the named places inside them."""
 
+    data_dir: Path
+    artifacts_dir: Path
+    metrics_dir: Path
+    plots_dir: Path
+    reports_dir: Path
 
-log = logging.getLogger("ruyi.evaluate")
+    @classmethod
+    def from_params(cls, params: Params) -> Workspace:
+        p = params.paths
+        return cls(Path(p.data_dir), Path(p.artifacts_dir), Path(p.metrics_dir), Path(p.plots_dir),
+                   Path(p.reports_dir))
 
+    # --- data -----------------------------------------------------------------------------
+    @property
+    def raw(self) -> Path:
+        """prepare_data's output (`data/raw/`)."""
+        return self.data_dir / "raw"
 
+    @property
+    def validated(self) -> Path:
+        """validate_data's output: the rows that passed the contracts (`data/validated/`)."""
+        return self.data_dir / "validated"
 
+    @property
+    def quarantine(self) -> Path:
+        """validate_data's rejected rows (`data/quarantine/`)."""
+        return self.data_dir / "quarantine"
 
-# --- model artifacts -------------------------------------------------------------------------
-# Every model-producing stage writes `artifacts/<stage>/`: a FamilialForCausalLM `save_pretrained`
-# directory plus the tokenizer files, so each directory is self-contained and loads offline with
-# `load_family` (or transformers' Auto classes after `import ruyi_model`).
+    def validated_file(self, name: str) -> Path:
+        """A file of the validated data set; `name` must be one of VALIDATED_FILES."""
+        if name not in VALIDATED_FILES:
+            raise ValueError(f"unknown validated data file {name!r} (one of {', '.join(VALIDATED_FILES)})")
+        return self.validated / name
 
+    @property
+    def corpus_train(self) -> Path:
+        return self.validated_file("corpus_train.jsonl")
 
-def stage_dir(params: Params, stage: str) -> Path:
-    return Path(params.paths.artifacts_dir) / stage
+    @property
+    def corpus_val(self) -> Path:
+        return self.validated_file("corpus_val.jsonl")
 
+    @property
+    def sft_data(self) -> Path:
+        return self.validated_file("sft.jsonl")
 
-def checkpoint_dir(params: Params, stage: str) -> Path:
-    """Resumable checkpoints of a stage (DVC: persist: true, cache: false)."""
-    return Path(params.paths.artifacts_dir) / "checkpoints" / stage
+    @property
+    def rl_data(self) -> Path:
+        return self.validated_file("rl.jsonl")
 
+    @property
+    def eval_data(self) -> Path:
+        return self.validated_file("eval.jsonl")
 
-def plots_dir(params: Params, stage: str) -> Path:
-    path = Path(params.paths.plots_dir) / stage
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    # --- artifacts ------------------------------------------------------------------------
+    def artifacts(self, stage: str) -> Path:
+        """A stage's output directory (`artifacts/<stage>/`): for the model stages a self-contained
+        `save_pretrained` family plus the tokenizer files (`tasks.core.artifacts.load_family`)."""
+        return self.artifacts_dir / stage
 
+    @property
+    def tokenizer(self) -> Path:
+        """The pipeline tokenizer (`artifacts/tokenizer/`)."""
+        return self.artifacts("tokenizer")
 
+    def checkpoints(self, stage: str) -> Path:
+        """Resumable checkpoints of a stage (`artifacts/checkpoints/<stage>/`; DVC: persist, not cached)."""
+        return self.artifacts_dir / "checkpoints" / stage
 
+    @property
+    def ray_train(self) -> Path:
+        """Ray Train's run directory when `distributed.storage_path` is null (removed after each run)."""
+        return self.checkpoints(".ray_train")
 
-# --- data helpers (also used by tasks.compress) -------------------------------------------------
-def validated_path(params: Params, name: str) -> Path:
-    """A file of the validated data set (`<data_dir>/validated/<name>`)."""
-    return Path(params.paths.data_dir) / "validated" / name
+    @property
+    def releases(self) -> Path:
+        """Where fetched releases are kept when `deploy.store.cache_dir` is null."""
+        return self.artifacts_dir / "releases"
 
+    # --- outputs for people ---------------------------------------------------------------
+    def metrics(self, stage: str) -> Path:
+        """A stage's metrics file (`metrics/<stage>.json`)."""
+        return self.metrics_dir / f"{stage}.json"
 
+    def plots(self, stage: str) -> Path:
+        """A stage's plots directory (`plots/<stage>/`), created if missing."""
+        path = self.plots_dir / stage
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
-
-def validated_dir(params: Params) -> Path:
-    return Path(params.paths.data_dir) / "validated"
-
-
-def tokenizer_dir(params: Params) -> Path:
-    return Path(params.paths.artifacts_dir) / "tokenizer"
-
-
-def corpus_inputs(params: Params) -> tuple[Path, Path]:
-    data = validated_dir(params)
-    return data / "corpus_train.jsonl", data / "corpus_val.jsonl"
+    def reports(self, stage: str) -> Path:
+        """A stage's reports directory (`reports/<stage>/`; not created)."""
+        return self.reports_dir / stage

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
+from data_contracts.answer_format import ANSWER_MARKER
+
 # A number as people and models write it: optional sign and dollar sign, thousands separators,
 # a decimal part or a simple fraction ("3/4"). Unicode minus is accepted as a sign.
 _NUMBER_RE = re.compile(
@@ -79,15 +81,50 @@ def extract_answer(text: str | None) -> str | None:
     """
     if not text:
         return None
-    idx = text.rfind("####")
+    idx = text.rfind(ANSWER_MARKER)
     if idx < 0:
         return None
-    line = text[idx + 4:].split("\n", 1)[0]
+    line = text[idx + len(ANSWER_MARKER):].split("\n", 1)[0]
     match = _NUMBER_RE.search(line)
     if match is None:
         return None
     value = _to_fraction(match)
     return None if value is None else format_number(value)
+
+
+def answer_line(answer: str) -> str:
+    """The final-answer line of a solution: `#### <answer>`."""
+    return f"{ANSWER_MARKER} {answer}"
+
+
+def has_answer_line(text: str) -> bool:
+    """Whether `text` contains the final-answer marker `####` at all."""
+    return ANSWER_MARKER in text
+
+
+def worked_steps(solution: str) -> str:
+    """The worked part of a solution: everything before its last `####` (the whole text without one)."""
+    idx = solution.rfind(ANSWER_MARKER)
+    return solution if idx < 0 else solution[:idx]
+
+
+def with_answer_line(solution: str, answer: str) -> str:
+    """`solution` ending in exactly the line `#### <answer>`: the text after its last `####` is replaced
+    ("... #### $1,000." -> "...\\n#### 1000"); a solution without one gets the line appended."""
+    head = worked_steps(solution).rstrip()
+    return f"{head}\n{answer_line(answer)}" if head else answer_line(answer)
+
+
+def is_well_formed(text: str) -> bool:
+    """True when `text` ends with a final-answer line: `#### <number>` and nothing after the number.
+
+    ("Step 1 ...\\n#### 42" and "so #### 42" are well formed; "#### 42 apples", "#### 42\\nmore" are not.)
+    """
+    text = text.rstrip()
+    idx = text.rfind(ANSWER_MARKER)
+    if idx < 0 or "\n" in text[idx:]:
+        return False
+    return parse_number(text[idx + len(ANSWER_MARKER):]) is not None
 
 
 def answers_match(pred: str | None, gold: str) -> bool:
@@ -201,7 +238,7 @@ class _Solution:
 
     def finish(self, answer: Fraction) -> tuple[str, str]:
         shown = format_number(answer)
-        return "\n".join(self.lines + [f"#### {shown}"]), shown
+        return "\n".join(self.lines + [answer_line(shown)]), shown
 
 
 def _n(value: Fraction | int) -> str:

@@ -4,7 +4,7 @@
 
 `map_rows` turns rows with `question` + `answer` into math problems and rows with `text` into corpus
 documents; anything else is a StageError naming the file and line or row. S3 uses boto3 with the standard
-AWS configuration. Row mapping rules: docs/choices.md#prepare_data.
+AWS configuration and the artifact store's client (`tasks.release.s3`: a dead endpoint is transient, exit 75). Row mapping rules: docs/choices.md#prepare_data.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,16 @@ from typing import Any
 
 from tasks.core.files import iter_jsonl
 from tasks.core.stage import StageError, log
-from tasks.data.mathgen import Problem, extract_answer, format_number, parse_number
+from tasks.data.mathgen import (
+    Problem,
+    answer_line,
+    extract_answer,
+    format_number,
+    has_answer_line,
+    parse_number,
+    with_answer_line,
+    worked_steps,
+)
 
 
 @dataclass(frozen=True)
@@ -67,32 +75,17 @@ def _read_bytes(uri: str) -> bytes:
     return path.read_bytes()
 
 
-def s3_client():
-    """A boto3 S3 client from the standard AWS environment (path-style with a custom endpoint)."""
-    import boto3
-    from botocore.config import Config
-
-    custom_endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    config = Config(retries={"mode": "standard", "max_attempts": 5},
-                    s3={"addressing_style": "path" if custom_endpoint else "auto"})
-    # A fresh session, not boto3's module-level default: that one caches the credentials it saw
-    # first, so a changed environment (rotated keys, another endpoint) would be silently ignored.
-    return boto3.session.Session().client("s3", config=config)
-
-
 def _read_s3(uri: str) -> bytes:
-    from botocore.exceptions import BotoCoreError, ClientError
+    """The object's bytes, through the project's one S3 client (`tasks.release.s3`): the same retries and
+    errors as the artifact store (an unreachable endpoint is a TransientStoreError, a rejected key not)."""
+    from tasks.release.s3 import s3_client, s3_errors
 
     bucket, _, key = uri[len("s3://"):].partition("/")
     if not bucket or not key:
         raise StageError(f"data.sources: {uri}: expected s3://bucket/key")
-    try:
-        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
-    except ClientError as e:
-        code = e.response.get("Error", {}).get("Code", "?")
-        raise StageError(f"data.sources: cannot read {uri}: {code} ({e})") from None
-    except BotoCoreError as e:
-        raise StageError(f"data.sources: cannot read {uri}: {e}") from None
+    client = s3_client()
+    with s3_errors(f"data.sources: cannot read {uri}", endpoint=client.meta.endpoint_url, bucket=bucket, key=key):
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
 def _jsonl_records(uri: str, data: bytes) -> Iterator[Record]:
@@ -154,7 +147,7 @@ def _math_problem(record: Record, origin: str, levels: list[int]) -> tuple[Probl
         raise StageError(f"{record.where}: field 'answer' must be a number or a solution ending in "
                          f"'#### <number>', got {raw_answer!r}")
     solution = _string(record, "solution", required=False)
-    if "####" in raw_answer:  # GSM8K style: the answer field is the worked solution
+    if has_answer_line(raw_answer):  # GSM8K style: the answer field is the worked solution
         if solution is not None:
             raise StageError(f"{record.where}: both 'solution' and a worked solution in 'answer'; keep one")
         solution, answer = raw_answer, extract_answer(raw_answer)
@@ -170,29 +163,24 @@ def _math_problem(record: Record, origin: str, levels: list[int]) -> tuple[Probl
                          "needs plain numbers)")
     had_solution = solution is not None
     if solution is None:
-        solution = f"#### {answer}"
+        solution = answer_line(answer)
     else:
         solution = solution.strip()
         final = extract_answer(solution)
         if final is None:
-            solution = f"{solution}\n#### {answer}"
+            solution = f"{solution}\n{answer_line(answer)}"
         elif parse_number(final) != parse_number(answer):
             raise StageError(f"{record.where}: the solution's final answer {final} differs from answer {answer}")
-        solution = _normalize_final_line(solution, answer)
+        else:  # the canonical final line: "#### $1,000." -> "#### 1000"
+            solution = with_answer_line(solution, answer)
     level = record.row.get("level")
     if level is None:
-        steps = len(solution.split("####")[0].strip().splitlines())
+        steps = len(worked_steps(solution).strip().splitlines())
         level = min(sorted(levels), key=lambda lvl: abs(lvl - steps))
     elif isinstance(level, bool) or not isinstance(level, int) or level not in levels:
         raise StageError(f"{record.where}: field 'level' must be one of data.math_levels {sorted(levels)}, "
                          f"got {level!r} (add the level to data.math_levels or drop the row)")
     return Problem(question=question, solution=solution, answer=answer, level=level, origin=origin), had_solution
-
-
-def _normalize_final_line(solution: str, answer: str) -> str:
-    """Rewrites the text after the last `####` as the canonical answer ("#### $1,000." -> "#### 1000")."""
-    head = solution[: solution.rfind("####")].rstrip()
-    return f"{head}\n#### {answer}" if head else f"#### {answer}"
 
 
 def map_rows(sources: list[Source], levels: list[int]) -> tuple[list[Document], list[Problem], dict[str, Any]]:

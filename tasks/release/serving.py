@@ -10,14 +10,9 @@ Design and request validation: docs/choices.md#serving.
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import json
 import logging
-import os
-import shutil
 import socket
-import tempfile
 import threading
 import time
 import urllib.error
@@ -29,6 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.core.ray_runtime import RayRuntime
 from tasks.core.stage import StageError
 from tasks.release.store import MANIFEST_NAME, load_member, release_exits
 
@@ -99,17 +95,6 @@ class Tier:
         return sum(p.numel() for p in self.model.parameters())
 
 
-def find_dynamic_generate():
-    """`ruyi_model.generation.dynamic_generate`, or None if this installation does not have it."""
-    try:
-        module = importlib.import_module("ruyi_model.generation")
-    except ModuleNotFoundError as e:
-        if e.name != "ruyi_model.generation":
-            raise
-        return None
-    return getattr(module, "dynamic_generate", None)
-
-
 class CompletionService:
     """Loads every tier of a release directory and answers completion requests (no HTTP, no Ray).
 
@@ -153,7 +138,6 @@ class CompletionService:
         if (self.release_dir / "family").is_dir():
             model, tokenizer = load_member(self.release_dir, None, dtype=dtype)
             self.family = Tier(DYNAMIC_TIER, None, model.to(self.device), tokenizer)
-        self.dynamic_generate = find_dynamic_generate()
         self._lock = threading.Lock()
         log.info("serving %s: tiers %s%s", self.release, ", ".join(self.tiers),
                  f", {DYNAMIC_TIER}" if self.family is not None else "")
@@ -172,22 +156,17 @@ class CompletionService:
                      "max_context": cfg.max_position_embeddings}
             if tier.exit_layer is None:
                 entry["exit_layers"] = list(cfg.exit_layers)
-                entry["available"] = self.dynamic_generate is not None
             data.append(entry)
         for alias, target in self.aliases.items():
             data.append({"id": alias, "object": "model", "owned_by": "ruyi", "root": self.release, "alias_of": target})
         return {"object": "list", "data": data}
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "release": self.release, "tiers": self.tier_names(), "device": str(self.device),
-                "dynamic_available": self.family is not None and self.dynamic_generate is not None}
+        return {"status": "ok", "release": self.release, "tiers": self.tier_names(), "device": str(self.device)}
 
     def resolve(self, name: str) -> Tier:
         name = self.aliases.get(name, name)
         if name == DYNAMIC_TIER and self.family is not None:
-            if self.dynamic_generate is None:
-                raise APIError(501, "dynamic early exit is not available: this installation of ruyi_model has no "
-                               "ruyi_model.generation.dynamic_generate", "not_implemented", "model")
             return self.family
         if name in self.tiers:
             return self.tiers[name]
@@ -308,9 +287,11 @@ class CompletionService:
         return out[0, input_ids.shape[1]:].tolist(), {}
 
     def _generate_dynamic(self, tier: Tier, input_ids, req: _GenerationFields, stop_ids: list[int]):
+        from ruyi_model.generation import dynamic_generate
+
         threshold = req.threshold if req.threshold is not None else self.dynamic_threshold
         try:
-            result = self.dynamic_generate(tier.model, input_ids, max_new_tokens=req.max_tokens, threshold=threshold,
+            result = dynamic_generate(tier.model, input_ids, max_new_tokens=req.max_tokens, threshold=threshold,
                                            eos_token_id=stop_ids)
         except ValueError as e:  # the library's own argument checks
             raise APIError(400, f"dynamic decoding rejected the request: {e}", "invalid_request", None) from None
@@ -430,11 +411,6 @@ def build_app(args: dict[str, Any]):
     return deployment.bind(source, options)
 
 
-def _short_tmpdir() -> str:
-    base = tempfile.gettempdir()
-    return tempfile.mkdtemp(prefix="ruyi-ray-", dir=base if len(base) <= 20 else "/tmp")
-
-
 def _check_port_free(host: str, port: int) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -463,36 +439,102 @@ def http_json(url: str, body: dict | None = None, timeout: float = 60.0) -> tupl
 class ServingSession:
     """A running Serve application (and the Ray instance it started); `stop()` ends both."""
 
-    def __init__(self, url: str, owns_ray: bool, ray_tmpdir: str | None):
+    def __init__(self, url: str, runtime: RayRuntime):
         self.url = url
-        self._owns_ray = owns_ray
-        self._ray_tmpdir = ray_tmpdir
+        self.runtime = runtime
         self.stopped = False
 
     def stop(self) -> None:
+        """Deletes the application and Serve; then, if this session started Ray, shuts Ray down and makes
+        sure none of its processes survives (`tasks.core.ray_runtime`). Idempotent."""
         if self.stopped:
             return
         self.stopped = True
-        from ray import serve
-
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        if self._owns_ray:
-            import ray
-
-            ray.shutdown()
-        if self._ray_tmpdir:
-            shutil.rmtree(self._ray_tmpdir, ignore_errors=True)
-            # The variable was set by start_serving for this session only: a later session in the same
-            # process must get a fresh directory, not this deleted one.
-            if os.environ.get("RAY_TMPDIR") == self._ray_tmpdir:
-                del os.environ["RAY_TMPDIR"]
+        try:
+            _shutdown_serve(SERVE_SHUTDOWN_TIMEOUT_S)
+        finally:
+            self.runtime.stop()
 
     def __enter__(self) -> ServingSession:
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+#: Seconds Serve's graceful shutdown may take before Ray itself is shut down (which ends it anyway).
+SERVE_SHUTDOWN_TIMEOUT_S = 10.0
+
+
+def _shutdown_serve(timeout_s: float) -> None:
+    """`serve.shutdown()`, bounded: on a loaded machine its graceful shutdown can take far longer than a
+    process manager waits between SIGTERM and SIGKILL."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        return
+    done = threading.Event()
+
+    def shutdown() -> None:
+        try:
+            serve.shutdown()
+        except Exception as e:  # a Serve that is already half gone: Ray's shutdown ends the rest
+            log.warning("serve.shutdown failed: %s: %s", type(e).__name__, e)
+        finally:
+            done.set()
+
+    threading.Thread(target=shutdown, name="serve-shutdown", daemon=True).start()
+    if not done.wait(timeout_s):
+        log.warning("Ray Serve did not shut down within %.0f s; stopping Ray", timeout_s)
+
+
+def _prepare_source(source: dict[str, Any] | str | Path) -> dict[str, Any]:
+    """The `resolve_release` source with an absolute release_dir, checked here (a clear error instead of a
+    replica crash loop)."""
+    if not isinstance(source, dict):
+        source = {"release_dir": str(Path(source).resolve())}
+    elif source.get("release_dir"):
+        source = {**source, "release_dir": str(Path(source["release_dir"]).resolve())}
+    if source.get("release_dir"):
+        resolve_release(source)
+        if not release_exits(source["release_dir"]):
+            raise StageError(f"{source['release_dir']}: no exit_<d>/ member checkpoints to serve")
+    return source
+
+
+def _start_serve(host: str, port: int) -> None:
+    """Starts Serve's controller and HTTP proxy on host:port (3 attempts, see below)."""
+    import ray
+    from ray import serve
+
+    for attempt in range(3):
+        try:
+            serve.start(http_options={"host": host, "port": port})
+            return
+        except ray.exceptions.RayActorError as e:
+            # Seen on a loaded 2-core box right after a previous Serve instance in the same process shut
+            # down: its controller's retried graceful shutdown kills the new proxy before it starts.
+            if attempt == 2:
+                raise StageError(f"Ray Serve could not start its HTTP proxy on {host}:{port}: {e}") from None
+            log.warning("Ray Serve proxy died while starting (%s); retrying", type(e).__name__)
+            serve.shutdown()
+            time.sleep(2.0)
+
+
+def _wait_healthy(url: str, timeout_s: float) -> dict[str, Any]:
+    """Polls `url/healthz` until it answers ok; returns its body (StageError after `timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            status, body = http_json(f"{url}/healthz", timeout=5)
+            if status == 200 and body.get("status") == "ok":
+                return body
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise StageError(f"the serving application did not become healthy at {url} in {timeout_s:.0f} s")
+        time.sleep(0.3)
 
 
 def start_serving(source: dict[str, Any] | str | Path, *, host: str = "127.0.0.1", port: int = 8124,
@@ -509,67 +551,26 @@ def start_serving(source: dict[str, Any] | str | Path, *, host: str = "127.0.0.1
         A `ServingSession` whose `url` answers once every tier is loaded; call `stop()` (or use `with`).
         With host 0.0.0.0 (every interface) the URL names 127.0.0.1.
     """
-    if not isinstance(source, dict):
-        source = {"release_dir": str(Path(source).resolve())}
-    elif source.get("release_dir"):
-        source = {**source, "release_dir": str(Path(source["release_dir"]).resolve())}
-    if source.get("release_dir"):
-        resolve_release(source)  # a clear error here instead of a replica crash loop
-        if not release_exits(source["release_dir"]):
-            raise StageError(f"{source['release_dir']}: no exit_<d>/ member checkpoints to serve")
-    _check_port_free(host, port)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    created_tmp = None
-    if ray_address is None and not os.environ.get("RAY_TMPDIR"):
-        created_tmp = os.environ["RAY_TMPDIR"] = _short_tmpdir()
-    import ray
     from ray import serve
 
-    owns_ray = False
-    if not ray.is_initialized():
-        t0 = time.perf_counter()
-        if ray_address is None:
-            ray.init(num_cpus=ray_num_cpus, include_dashboard=False, object_store_memory=object_store_mib << 20,
-                     log_to_driver=False, configure_logging=False)
-        else:
-            ray.init(address=ray_address, log_to_driver=False, configure_logging=False)
-        owns_ray = True
+    source = _prepare_source(source)
+    _check_port_free(host, port)
+    t0 = time.perf_counter()
+    runtime = RayRuntime(num_cpus=ray_num_cpus, object_store_mib=object_store_mib, address=ray_address,
+                         log_to_driver=False).start()
+    if runtime.owns_ray:
         log.info("ray started in %.1f s", time.perf_counter() - t0)
     client_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    session = ServingSession(f"http://{client_host}:{port}", owns_ray, created_tmp)
+    session = ServingSession(f"http://{client_host}:{port}", runtime)
     try:
-        for attempt in range(3):
-            try:
-                serve.start(http_options={"host": host, "port": port})
-                break
-            except ray.exceptions.RayActorError as e:
-                # Seen on a loaded 2-core box right after a previous Serve instance in the same process shut
-                # down: its controller's retried graceful shutdown kills the new proxy before it starts.
-                if attempt == 2:
-                    raise StageError(f"Ray Serve could not start its HTTP proxy on {host}:{port}: {e}") from None
-                log.warning("Ray Serve proxy died while starting (%s); retrying", type(e).__name__)
-                serve.shutdown()
-                time.sleep(2.0)
-        options = {"max_tokens_limit": max_tokens_limit, "dynamic_threshold": dynamic_threshold, "device": device,
-                   "dtype": dtype}
-        args = {**source, **options, "num_cpus": replica_num_cpus, "num_gpus": replica_num_gpus}
+        _start_serve(host, port)
+        args = {**source, "max_tokens_limit": max_tokens_limit, "dynamic_threshold": dynamic_threshold,
+                "device": device, "dtype": dtype, "num_cpus": replica_num_cpus, "num_gpus": replica_num_gpus}
         if model_name:
             args["model_name"] = model_name
         t0 = time.perf_counter()
         serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-        deadline = time.monotonic() + ready_timeout_s
-        while True:
-            try:
-                status, body = http_json(f"{session.url}/healthz", timeout=5)
-                if status == 200 and body.get("status") == "ok":
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise StageError(f"the serving application did not become healthy at {session.url} in "
-                                 f"{ready_timeout_s:.0f} s")
-            time.sleep(0.3)
+        body = _wait_healthy(session.url, ready_timeout_s)
         log.info("serving %s at %s (ready in %.1f s)", body.get("release"), session.url, time.perf_counter() - t0)
     except BaseException:
         session.stop()
@@ -579,4 +580,4 @@ def start_serving(source: dict[str, Any] | str | Path, *, host: str = "127.0.0.1
 
 __all__ = ["CompletionRequest", "ChatCompletionRequest", "ChatMessage", "APIError", "CompletionService",
            "create_app", "build_app", "start_serving", "ServingSession", "resolve_release", "http_json",
-           "find_dynamic_generate", "DYNAMIC_TIER"]
+           "DYNAMIC_TIER"]

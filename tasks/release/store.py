@@ -9,13 +9,13 @@ a `LocalStore` (a directory) or an `S3Store` (any S3 endpoint); `publish`, `list
     path = store.fetch("ruyi-tiny", dest=release_dir)                   # latest version, hashes verified
     model, tokenizer = store.load("ruyi-tiny", "v0001", exit_layer=2)   # a stock Qwen3ForCausalLM
 
-Visibility, verification and retry protocol: docs/choices.md#store.
+Visibility, verification and retry protocol: docs/choices.md#store. The S3 client and its error mapping
+(botocore retries; transient vs credential errors) are `tasks.release.s3`'s, shared with user data sources.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
 import logging
@@ -32,7 +32,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.core.files import atomic_dir, sha256_file
-from tasks.core.stage import StageError, TransientError
+from tasks.release.s3 import (
+    StoreError,
+    TransientStoreError,
+    error_code,
+    resolve_endpoint,
+    s3_client,
+    s3_errors,
+)
 
 if TYPE_CHECKING:
     from tasks.core.params import StoreParams
@@ -47,16 +54,6 @@ _AUTO_VERSION_RE = re.compile(r"^v(\d+)$")
 
 #: `callback(relative_path, bytes_transferred_since_last_call)` during publish/fetch.
 ProgressCallback = Callable[[str, int], None]
-
-
-class StoreError(StageError):
-    """The store cannot do what was asked; the message names the store, release, file or setting."""
-
-
-class TransientStoreError(StoreError, TransientError):
-    """The S3 endpoint could not be reached, timed out or asked to slow down: the same call may succeed
-    later, so a stage failing with it exits with TRANSIENT_EXIT_CODE and the flow retries it (a partial
-    upload stays invisible, and the retry resumes it)."""
 
 
 # --- releases ----------------------------------------------------------------------------------
@@ -367,8 +364,8 @@ def load_member(release_dir: str | Path, exit_layer: int | None, dtype: str = "f
         raise StoreError(f"{root}: no member exit_{exit_layer} (members: "
                          f"{', '.join(f'exit_{d}' for d in release_exits(root)) or 'none'})")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise StoreError(f"cannot load {path}: {e}") from None
     return model.eval(), tokenizer
@@ -445,13 +442,6 @@ class LocalStore(ArtifactStore):
 
 
 # --- S3 ---------------------------------------------------------------------------------------
-# Server-side conditions that pass (botocore's own retries already gave up on them): retried by the flow.
-_TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Throttling",
-                    "ThrottlingException", "RequestTimeTooSkewed", "500", "502", "503", "504"}
-_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
-                     "AuthorizationHeaderMalformed"}
-
-
 class S3Store(ArtifactStore):
     """Releases in an S3 bucket: `s3://<bucket>/<prefix>/<model>/<version>/`.
 
@@ -461,7 +451,8 @@ class S3Store(ArtifactStore):
         endpoint_url: the S3 endpoint (None: AWS, from the AWS config).
         region: the signing region (None: from the AWS config, else us-east-1).
         multipart_threshold_mib / multipart_chunksize_mib / max_concurrency: `TransferConfig`.
-        connect_timeout_s / read_timeout_s / max_attempts: botocore `Config` (retry mode standard).
+        connect_timeout_s / read_timeout_s / max_attempts / retry_mode: botocore's `Config`
+            (`tasks.release.s3.s3_client`: botocore retries, "standard" or "adaptive").
         verify: "checksum" (server-side SHA-256, no extra traffic) or "download" (read back and hash).
         addressing_style: "auto" (path-style with an endpoint_url, botocore's default otherwise),
             "path" or "virtual".
@@ -472,7 +463,7 @@ class S3Store(ArtifactStore):
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, region: str | None = None,
                  multipart_threshold_mib: float = 64.0, multipart_chunksize_mib: float = 16.0, max_concurrency: int = 4,
                  connect_timeout_s: float = 5.0, read_timeout_s: float = 60.0, max_attempts: int = 5,
-                 verify: str = "checksum", addressing_style: str = "auto", cache_dir: str | Path | None = None,
+                 retry_mode: str = "standard", verify: str = "checksum", addressing_style: str = "auto", cache_dir: str | Path | None = None,
                  access_key: str | None = None, secret_key: str | None = None):
         super().__init__(cache_dir)
         if not bucket:
@@ -485,15 +476,15 @@ class S3Store(ArtifactStore):
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.endpoint_url = endpoint_url
-        self.endpoint = endpoint_url or "AWS S3"
+        self.endpoint = resolve_endpoint(endpoint_url) or "AWS S3"
         self.region = region
         self.verify = verify
         self.multipart_threshold = max(1, int(multipart_threshold_mib * MIB))
         self.multipart_chunksize = int(multipart_chunksize_mib * MIB)
         self.max_concurrency = max_concurrency
         self._client_kwargs = dict(connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s,
-                                   max_attempts=max_attempts, addressing_style=addressing_style,
-                                   access_key=access_key, secret_key=secret_key)
+                                   max_attempts=max_attempts, retry_mode=retry_mode,
+                                   addressing_style=addressing_style, access_key=access_key, secret_key=secret_key)
         self._client_obj = None
         self.uri = f"s3://{bucket}" + (f"/{self.prefix}" if self.prefix else "")
 
@@ -501,20 +492,7 @@ class S3Store(ArtifactStore):
     @property
     def _client(self):
         if self._client_obj is None:
-            import boto3
-            from botocore.config import Config
-
-            kw = self._client_kwargs
-            style = kw["addressing_style"]
-            if style == "auto":
-                style = "path" if self.endpoint_url else None
-            session = boto3.session.Session(aws_access_key_id=kw["access_key"], aws_secret_access_key=kw["secret_key"],
-                                            region_name=self.region)
-            config = Config(connect_timeout=kw["connect_timeout_s"], read_timeout=kw["read_timeout_s"],
-                            retries={"mode": "standard", "max_attempts": kw["max_attempts"]},
-                            s3={"addressing_style": style} if style else None,
-                            region_name=None if session.region_name else "us-east-1")
-            self._client_obj = session.client("s3", endpoint_url=self.endpoint_url, config=config)
+            self._client_obj = s3_client(endpoint_url=self.endpoint_url, region=self.region, **self._client_kwargs)
         return self._client_obj
 
     def _transfer_config(self):
@@ -524,57 +502,9 @@ class S3Store(ArtifactStore):
                               max_concurrency=self.max_concurrency, use_threads=self.max_concurrency > 1,
                               preferred_transfer_client="classic")
 
-    @contextlib.contextmanager
-    def _errors(self, what: str) -> Iterator[None]:
-        """Translates boto errors into a StoreError that says what went wrong and where."""
-        from boto3.exceptions import Boto3Error
-        from botocore.exceptions import (
-            BotoCoreError,
-            ClientError,
-            ConnectionClosedError,
-            ConnectTimeoutError,
-            EndpointConnectionError,
-            NoCredentialsError,
-            PartialCredentialsError,
-            ReadTimeoutError,
-        )
-
-        try:
-            yield
-        except StoreError:
-            raise
-        except (Boto3Error, BotoCoreError, ClientError) as e:
-            cause: BaseException | None = e
-            while cause is not None and not isinstance(cause, (ClientError, BotoCoreError)):
-                cause = cause.__cause__ or cause.__context__  # S3UploadFailedError wraps the real error
-            cause = cause or e
-            if isinstance(cause, ClientError):
-                err = cause.response.get("Error", {})
-                code = str(err.get("Code", ""))
-                if code in _CREDENTIAL_CODES:
-                    raise StoreError(f"{what}: the S3 credentials were rejected by {self.endpoint} ({code}: "
-                                     f"{err.get('Message', '')}); check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
-                                     "or the AWS profile") from None
-                if code == "NoSuchBucket":
-                    raise StoreError(f"{what}: the bucket {self.bucket!r} does not exist at {self.endpoint}; "
-                                     "create it first (see infra/README.md) or fix deploy.store.bucket") from None
-                if code in ("AccessDenied", "403"):
-                    raise StoreError(f"{what}: access denied to s3://{self.bucket} at {self.endpoint} ({code}); "
-                                     "the credentials lack permission") from None
-                if code in _TRANSIENT_CODES:
-                    raise TransientStoreError(f"{what}: the S3 endpoint {self.endpoint} is unavailable right now "
-                                              f"({code}: {err.get('Message', '')})") from None
-                raise StoreError(f"{what}: S3 error at {self.endpoint} ({code}: {err.get('Message', cause)})") from None
-            if isinstance(cause, (EndpointConnectionError, ConnectTimeoutError, ConnectionClosedError)):
-                raise TransientStoreError(f"{what}: cannot reach the S3 endpoint {self.endpoint} ({cause}); is the "
-                                          "server running and deploy.store.endpoint_url right?") from None
-            if isinstance(cause, ReadTimeoutError):
-                raise TransientStoreError(f"{what}: the S3 endpoint {self.endpoint} did not answer in time "
-                                          f"({cause})") from None
-            if isinstance(cause, (NoCredentialsError, PartialCredentialsError)):
-                raise StoreError(f"{what}: no usable AWS credentials for {self.endpoint} ({cause}); set "
-                                 "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or an AWS profile") from None
-            raise StoreError(f"{what}: S3 failure at {self.endpoint}: {cause}") from None
+    def _errors(self, what: str, key: str | None = None):
+        """Translates boto errors into a StoreError that says what went wrong and where (`tasks.release.s3`)."""
+        return s3_errors(what, endpoint=self.endpoint, bucket=self.bucket, key=key)
 
     def _key(self, *parts: str) -> str:
         return "/".join(p.strip("/") for p in (self.prefix, *parts) if p)
@@ -610,7 +540,7 @@ class S3Store(ArtifactStore):
             try:
                 body = self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
             except ClientError as e:
-                if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                if error_code(e) in ("NoSuchKey", "404"):
                     return None
                 raise
         try:
@@ -642,7 +572,7 @@ class S3Store(ArtifactStore):
         try:
             head = self._client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
         except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            if error_code(e) in ("NoSuchKey", "404"):
                 return False, "missing"
             raise
         if head["ContentLength"] != entry.size:
@@ -716,13 +646,13 @@ class S3Store(ArtifactStore):
             self._client.put_object(Bucket=self.bucket, Key=key, Body=release.manifest_bytes(),
                                     ContentType="application/json", ChecksumAlgorithm="SHA256", IfNoneMatch="*")
         except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+            if error_code(e) in ("PreconditionFailed", "ConditionalRequestConflict"):
                 raise StoreError(f"release {release.uri} was published concurrently by another writer") from None
             raise
 
     def _download(self, release: Release, entry: FileEntry, dest: Path, callback: ProgressCallback | None) -> None:
         key = self._key(release.model, release.version, entry.path)
-        with self._errors(f"downloading s3://{self.bucket}/{key}"):
+        with self._errors(f"downloading s3://{self.bucket}/{key}", key=key):
             self._client.download_file(self.bucket, key, str(dest), Config=self._transfer_config(),
                                        Callback=(lambda n: callback(entry.path, n)) if callback else None)
 
@@ -753,6 +683,6 @@ def open_store(cfg: StoreParams, cache_dir: str | Path | None = None) -> Artifac
     raise StoreError(f"unknown store backend {cfg.backend!r} (deploy.store.backend: local or s3)")
 
 
-__all__ = ["ArtifactStore", "LocalStore", "S3Store", "StoreError", "Release", "FileEntry", "open_store",
-           "scan_dir", "verify_tree", "sha256_file", "natural_key", "check_name", "load_member", "release_exits",
+__all__ = ["ArtifactStore", "LocalStore", "S3Store", "StoreError", "TransientStoreError", "Release", "FileEntry",
+           "open_store", "scan_dir", "verify_tree", "sha256_file", "natural_key", "check_name", "load_member", "release_exits",
            "MANIFEST_NAME"]

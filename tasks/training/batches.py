@@ -28,8 +28,6 @@ log = logging.getLogger("ruyi")
 
 
 IGNORE_INDEX = -100
-#: The end-of-turn token (as `ruyi_model.tokenizer.IM_END`; repeated here so importers stay light).
-IM_END_TOKEN = "<|im_end|>"
 
 
 def load_tokenizer(path: str | Path):

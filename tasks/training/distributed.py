@@ -15,13 +15,14 @@ import math
 import os
 import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tasks.core.paths import Workspace
+from tasks.core.ray_runtime import RayRuntime
 from tasks.core.stage import StageError, TransientError
 
 log = logging.getLogger("ruyi")
@@ -150,29 +151,14 @@ def launch(stage: str, params, callbacks: Sequence[Callable[[int], None]] = ()) 
                              f"{cfg.num_workers} GPUs; this machine has {torch.cuda.device_count()}")
     if cfg.address is not None:
         probe_address(cfg.address)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-
-    created_tmp = None
-    owns_ray = False
-    if not ray.is_initialized():
-        if cfg.address is None and not os.environ.get("RAY_TMPDIR"):
-            base = tempfile.gettempdir()  # unix socket paths are limited to 107 bytes: keep it short
-            created_tmp = os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ruyi-ray-",
-                                                                      dir=base if len(base) <= 20 else "/tmp")
-        try:
-            if cfg.address is None:
-                ray.init(num_cpus=max(1, math.ceil(cfg.num_workers * cfg.cpus_per_worker)), include_dashboard=False,
-                         object_store_memory=cfg.object_store_mib << 20, configure_logging=False)
-            else:
-                ray.init(address=cfg.address, configure_logging=False)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            _cleanup_tmp(created_tmp)
-            raise TransientError(f"distributed.address={cfg.address!r}: cannot start or reach Ray: {e}") from None
-        owns_ray = True
+    runtime = RayRuntime(num_cpus=max(1, math.ceil(cfg.num_workers * cfg.cpus_per_worker)),
+                         object_store_mib=cfg.object_store_mib, address=cfg.address)
+    try:
+        runtime.start()
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise TransientError(f"distributed.address={cfg.address!r}: cannot start or reach Ray: {e}") from None
     if cfg.storage_path is None:
-        local_root: Path | None = (Path(params.paths.artifacts_dir) / "checkpoints" / ".ray_train").resolve()
+        local_root: Path | None = Workspace.from_params(params).ray_train.resolve()
         storage_path = str(local_root)
     elif "://" in cfg.storage_path:
         local_root, storage_path = None, cfg.storage_path
@@ -189,16 +175,7 @@ def launch(stage: str, params, callbacks: Sequence[Callable[[int], None]] = ()) 
             if cfg.storage_path is None:
                 with contextlib.suppress(OSError):
                     local_root.rmdir()  # only when empty
-        if owns_ray:
-            ray.shutdown()
-        _cleanup_tmp(created_tmp)
-
-
-def _cleanup_tmp(created_tmp: str | None) -> None:
-    if created_tmp:
-        shutil.rmtree(created_tmp, ignore_errors=True)
-        if os.environ.get("RAY_TMPDIR") == created_tmp:
-            del os.environ["RAY_TMPDIR"]
+        runtime.stop()  # shuts down a Ray started here (and every process of it); keeps one that was running
 
 
 def probe_address(address: str) -> None:

@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from tasks.data.mathgen import answers_match, extract_answer, parse_number
+from tasks.data.mathgen import answers_match, extract_answer, is_well_formed
 
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 PrefixRule = Literal["fraction", "first_k", "common"]
@@ -131,18 +131,6 @@ def decode_completions(tokenizer, completion_ids: torch.Tensor, completion_mask:
 
 
 # --- rewards and advantages --------------------------------------------------------------------
-
-
-def is_well_formed(text: str) -> bool:
-    """True when `text` ends with a final-answer line: `#### <number>` and nothing after the number.
-
-    ("Step 1 ...\\n#### 42" and "so #### 42" are well formed; "#### 42 apples", "#### 42\\nmore" are not.)
-    """
-    text = text.rstrip()
-    idx = text.rfind("####")
-    if idx < 0 or "\n" in text[idx:]:
-        return False
-    return parse_number(text[idx + 4:]) is not None
 
 
 def score_responses(texts: Sequence[str], golds: Sequence[str], format_reward: float

@@ -161,17 +161,14 @@ def test_train_loop_under_ddp_equals_the_local_loop(tmp_path):
 # --- the cpt stage on Ray Train ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_session():
-    import ray
+    from tasks.core.ray_runtime import ray_runtime
 
     tmpdir = os.environ["RAY_TMPDIR"]  # tests/conftest.py: a short directory of this test session
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 << 20, log_to_driver=False,
-             configure_logging=False)
-    try:
+    with ray_runtime(num_cpus=2, object_store_mib=256, log_to_driver=False) as runtime:
+        assert runtime.owns_ray and runtime.tmpdir is None  # RAY_TMPDIR was set: used, not replaced
         yield
-    finally:
-        ray.shutdown()
-        out = subprocess.run(["pgrep", "-af", tmpdir], capture_output=True, text=True).stdout
-        assert [line for line in out.splitlines() if "pgrep" not in line] == [], out
+    out = subprocess.run(["pgrep", "-af", tmpdir], capture_output=True, text=True).stdout
+    assert [line for line in out.splitlines() if "pgrep" not in line] == [], out
 
 
 class KillAfter:

@@ -288,10 +288,14 @@ def test_s3_source(s3_server, monkeypatch, tmp_path):  # noqa: F811 (the importe
     docs, problems, stats = map_rows([source], [1, 2, 3])
     assert len(docs) == 3 and len(problems) == 2 and problems[0].origin == "user:mixed.jsonl"
     assert source.records[4].where == "s3://user-data/in/mixed.jsonl:5"
-    with pytest.raises(StageError, match=r"cannot read s3://user-data/in/missing\.jsonl: NoSuchKey"):
+    with pytest.raises(StageError, match=r"cannot read s3://user-data/in/missing\.jsonl: "
+                       r"s3://user-data/in/missing\.jsonl does not exist at http://127\.0\.0\.1:\d+ \(NoSuchKey\)"):
         load_source("s3://user-data/in/missing.jsonl")
+    with pytest.raises(StageError, match=r"the bucket 'no-bucket' does not exist at http://127\.0\.0\.1:\d+"):
+        load_source("s3://no-bucket/in/mixed.jsonl")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
-    with pytest.raises(StageError, match=r"cannot read s3://user-data/in/mixed\.jsonl: SignatureDoesNotMatch"):
+    with pytest.raises(StageError, match=r"cannot read s3://user-data/in/mixed\.jsonl: the S3 credentials were "
+                       r"rejected by http://127\.0\.0\.1:\d+ for bucket 'user-data' \(SignatureDoesNotMatch"):
         load_source("s3://user-data/in/mixed.jsonl")
 
 

@@ -21,6 +21,7 @@ from tiny_export import build_tiny_export, private_tmpdir
 
 from tasks.core.params import ParamsError, load_params
 from tasks.core.stage import TRANSIENT_EXIT_CODE, USER_ERROR_EXIT_CODE, TransientError, stage_main
+from tasks.data.sources import load_source
 from tasks.release.store import (
     MANIFEST_NAME,
     LocalStore,
@@ -262,7 +263,7 @@ def test_s3_clear_errors(aws_env, tmp_path, export_dir):
     server.create_bucket("rel-errors")
     bad_key = S3Store("rel-errors", endpoint_url=server.endpoint, access_key="nobody", secret_key=server.secret_key,
                       connect_timeout_s=1, max_attempts=1)
-    with pytest.raises(StoreError, match=r"credentials were rejected by http://127\.0\.0\.1:\d+ \(InvalidAccessKeyId") as info:
+    with pytest.raises(StoreError, match=r"credentials were rejected by http://127\.0\.0\.1:\d+ for bucket .rel-errors. \(InvalidAccessKeyId") as info:
         bad_key.list_versions("fam")
     assert not isinstance(info.value, TransientError)  # a wrong key is the user's to fix: never retried
     bad_secret = S3Store("rel-errors", endpoint_url=server.endpoint, access_key=server.access_key,
@@ -271,14 +272,73 @@ def test_s3_clear_errors(aws_env, tmp_path, export_dir):
         bad_secret.publish("fam", export_dir)
     with pytest.raises(StoreError, match="the bucket 'no-such-bucket' does not exist at http://127.0.0.1"):
         _s3_store(server, "no-such-bucket", tmp_path).publish("fam", export_dir)
-    with socket.socket() as s:  # a port with nothing listening
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    dead = _dead_endpoint()
     t0 = time.monotonic()
     with pytest.raises(TransientStoreError, match=f"cannot reach the S3 endpoint {dead}"):
         S3Store("rel-errors", endpoint_url=dead, connect_timeout_s=1, max_attempts=2).fetch("fam")
     assert time.monotonic() - t0 < 15
     assert _s3_store(server, "rel-errors", tmp_path).list_versions("fam") == []  # nothing was written
+
+
+def _dead_endpoint() -> str:
+    with socket.socket() as s:  # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_store_and_user_sources_fail_alike(aws_env, monkeypatch):
+    """One S3 client and error mapping (tasks.release.s3): a dead endpoint is the same transient error
+    (exit code 75, retried by the flow) from the store and from a user data source; a wrong key is
+    the user's to fix in both (exit code 2)."""
+    server = aws_env
+    server.create_bucket("rel-alike")
+    client = server.client()
+    client.put_object(Bucket="rel-alike", Key="in/a.jsonl", Body=b'{"text": "a document"}\n')
+    try:
+        _fail_alike(server, monkeypatch)
+    finally:  # the bucket's volumes back to the server's small pool (-volume.max) for the tests after this one
+        client.delete_object(Bucket="rel-alike", Key="in/a.jsonl")
+        client.delete_bucket(Bucket="rel-alike")
+
+
+def _fail_alike(server, monkeypatch) -> None:
+    dead = _dead_endpoint()
+
+    def from_store(endpoint, secret=None):
+        return S3Store("rel-alike", endpoint_url=endpoint, secret_key=secret, access_key=secret and server.access_key,
+                       connect_timeout_s=1, max_attempts=2).list_versions("fam")
+
+    def from_source():
+        return load_source("s3://rel-alike/in/a.jsonl")
+
+    assert from_store(server.endpoint) == [] and len(from_source().records) == 1  # both work when the server does
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", dead)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    t0 = time.monotonic()
+    errors = []
+    for call in (lambda: from_store(dead), from_source):
+        with pytest.raises(TransientError) as info:
+            call()
+        errors.append(info.value)
+        assert stage_main("deploy", "doc", lambda params, call=call: call(),
+                          ["--params", str(REPO / "params.yaml")]) == TRANSIENT_EXIT_CODE
+    assert time.monotonic() - t0 < 40
+    assert [type(e) for e in errors] == [TransientStoreError, TransientStoreError]
+    assert all(f"cannot reach the S3 endpoint {dead}" in str(e) for e in errors)
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", server.endpoint)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    errors = []
+    for call in (lambda: from_store(server.endpoint, "wrong-secret"), from_source):
+        with pytest.raises(StoreError) as info:
+            call()
+        errors.append(info.value)
+        assert stage_main("deploy", "doc", lambda params, call=call: call(),
+                          ["--params", str(REPO / "params.yaml")]) == USER_ERROR_EXIT_CODE
+    assert [type(e) for e in errors] == [StoreError, StoreError]
+    assert all(f"credentials were rejected by {server.endpoint} for bucket 'rel-alike' (SignatureDoesNotMatch"
+               in str(e) for e in errors)
 
 
 def test_s3_server_killed_mid_upload_then_retry(aws_env, tmp_path, blob_export):

@@ -6,7 +6,17 @@ from fractions import Fraction
 
 import pytest
 
-from tasks.data.mathgen import answers_match, extract_answer, format_number, parse_number
+from data_contracts.answer_format import FINAL_LINE_REGEX, final_answer
+from tasks.data.mathgen import (
+    answer_line,
+    answers_match,
+    extract_answer,
+    format_number,
+    is_well_formed,
+    parse_number,
+    with_answer_line,
+    worked_steps,
+)
 
 
 @pytest.mark.parametrize(
@@ -58,6 +68,23 @@ def test_answers_match(pred, gold, ok):
 def test_answers_match_rejects_non_numeric_gold():
     with pytest.raises(ValueError, match="gold answer 'abc'"):
         answers_match("5", "abc")
+
+
+def test_one_answer_format_for_generator_contract_and_reward():
+    """mathgen formats, the data contract checks and the RL reward parses the same `#### <answer>` line."""
+    import re
+
+    assert answer_line("42") == "#### 42"
+    assert with_answer_line("a = 2\nso #### $1,000.", "1000") == "a = 2\nso\n#### 1000"
+    assert with_answer_line("a = 2\nb = 3", "3") == "a = 2\nb = 3\n#### 3"
+    assert with_answer_line("#### 5 apples", "5") == "#### 5"
+    assert worked_steps("a\nb\n#### 2") == "a\nb\n" and worked_steps("no line") == "no line"
+    for problem in generate_problems(12, [1, 2, 3], seed=3):
+        assert re.search(FINAL_LINE_REGEX, problem.solution)
+        assert final_answer(problem.solution) == problem.answer == extract_answer(problem.solution)
+        assert is_well_formed(problem.solution)
+    assert is_well_formed("so #### 42") and not is_well_formed("#### 42 apples")
+    assert not is_well_formed("#### 42\nmore") and not is_well_formed("42")
 
 
 def test_format_and_parse_roundtrip():
