@@ -4,7 +4,7 @@
 
 `map_rows` turns rows with `question` + `answer` into math problems and rows with `text` into corpus
 documents; anything else is a StageError naming the file and line or row. S3 uses boto3 with the standard
-AWS configuration and the artifact store's client (`tasks.release.s3`: a dead endpoint is transient, exit 75). Row mapping rules: docs/choices.md#prepare_data.
+AWS configuration and the artifact store's client (`tasks.core.s3`: a dead endpoint is transient, exit 75). Row mapping rules: docs/choices.md#prepare_data.
 """
 
 from __future__ import annotations
@@ -76,9 +76,9 @@ def _read_bytes(uri: str) -> bytes:
 
 
 def _read_s3(uri: str) -> bytes:
-    """The object's bytes, through the project's one S3 client (`tasks.release.s3`): the same retries and
+    """The object's bytes, through the project's one S3 client (`tasks.core.s3`): the same retries and
     errors as the artifact store (an unreachable endpoint is a TransientStoreError, a rejected key not)."""
-    from tasks.release.s3 import s3_client, s3_errors
+    from tasks.core.s3 import s3_client, s3_errors
 
     bucket, _, key = uri[len("s3://"):].partition("/")
     if not bucket or not key:

@@ -10,7 +10,7 @@ a `LocalStore` (a directory) or an `S3Store` (any S3 endpoint); `publish`, `list
     model, tokenizer = store.load("ruyi-tiny", "v0001", exit_layer=2)   # a stock Qwen3ForCausalLM
 
 Visibility, verification and retry protocol: docs/choices.md#store. The S3 client and its error mapping
-(botocore retries; transient vs credential errors) are `tasks.release.s3`'s, shared with user data sources.
+(botocore retries; transient vs credential errors) are `tasks.core.s3`'s, shared with user data sources.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.core.files import atomic_dir, sha256_file
-from tasks.release.s3 import (
+from tasks.core.s3 import (
     StoreError,
     TransientStoreError,
     error_code,
@@ -452,7 +452,7 @@ class S3Store(ArtifactStore):
         region: the signing region (None: from the AWS config, else us-east-1).
         multipart_threshold_mib / multipart_chunksize_mib / max_concurrency: `TransferConfig`.
         connect_timeout_s / read_timeout_s / max_attempts / retry_mode: botocore's `Config`
-            (`tasks.release.s3.s3_client`: botocore retries, "standard" or "adaptive").
+            (`tasks.core.s3.s3_client`: botocore retries, "standard" or "adaptive").
         verify: "checksum" (server-side SHA-256, no extra traffic) or "download" (read back and hash).
         addressing_style: "auto" (path-style with an endpoint_url, botocore's default otherwise),
             "path" or "virtual".
@@ -503,7 +503,7 @@ class S3Store(ArtifactStore):
                               preferred_transfer_client="classic")
 
     def _errors(self, what: str, key: str | None = None):
-        """Translates boto errors into a StoreError that says what went wrong and where (`tasks.release.s3`)."""
+        """Translates boto errors into a StoreError that says what went wrong and where (`tasks.core.s3`)."""
         return s3_errors(what, endpoint=self.endpoint, bucket=self.bucket, key=key)
 
     def _key(self, *parts: str) -> str:

@@ -287,7 +287,7 @@ def _dead_endpoint() -> str:
 
 
 def test_store_and_user_sources_fail_alike(aws_env, monkeypatch):
-    """One S3 client and error mapping (tasks.release.s3): a dead endpoint is the same transient error
+    """One S3 client and error mapping (tasks.core.s3): a dead endpoint is the same transient error
     (exit code 75, retried by the flow) from the store and from a user data source; a wrong key is
     the user's to fix in both (exit code 2)."""
     server = aws_env
