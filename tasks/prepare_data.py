@@ -9,6 +9,8 @@ Writes (atomically: the whole `data/raw/` directory is replaced only when everyt
     rl.jsonl     {"id", "question", "answer", "level"}: RL prompts (no solution)
     eval.jsonl   {"id", "question", "solution", "answer", "level"}: held-out evaluation problems
     manifest.json  row counts and sha256 of every file, sources, seed, filter counts
+    source_quarantine.jsonl  only with validate_data.on_violation=quarantine and bad user rows: those
+                   rows with file:line and reason (published by validate_data in data/quarantine/)
 plus `metrics/prepare_data.json` and `plots/prepare_data/` (document lengths, math levels per split).
 
 Embedded default (`data.sources: []`), deterministic given `seed` and the Python version:
@@ -82,6 +84,7 @@ from tasks.data.mathgen import Problem, generate_problems, normalize_question, n
 from tasks.data.sources import Document, load_source, map_rows
 
 FILES = ("corpus_train.jsonl", "corpus_val.jsonl", "sft.jsonl", "rl.jsonl", "eval.jsonl")
+SOURCE_QUARANTINE = "source_quarantine.jsonl"  # bad user rows set aside (quarantine mode)
 MATH_SOURCE = "math"
 
 
@@ -220,15 +223,38 @@ def _write_csv(path: Path, header: list[str], rows: list[tuple]) -> None:
 # --- the stage ----------------------------------------------------------------------------------
 
 
+def _check_quarantine_limit(user_stats: dict[str, Any], bad_rows: list[dict[str, Any]],
+                            fraction: float) -> None:
+    """Raises StageError when the bad rows of a user file exceed `validate_data.max_quarantine_fraction`."""
+    over = []
+    for uri, entry in user_stats["files"].items():
+        bad, total = entry["quarantined"], entry["rows"]
+        if bad > fraction * total:
+            first = next(r for r in bad_rows if r["file"] == uri)
+            over.append(f"{uri}: {bad} of {total} rows ({bad / total:.1%}) are bad, over "
+                        f"validate_data.max_quarantine_fraction={fraction}; first: {first['where']}: "
+                        f"{first['reasons'][0]['description']}")
+    if over:
+        raise StageError("too many bad rows in data.sources to quarantine:\n  " + "\n  ".join(over))
+    for row in bad_rows:
+        log.warning("quarantined %s: %s", row["where"], row["reasons"][0]["description"])
+    log.info("quarantine: %d bad user rows set aside", len(bad_rows))
+
+
 def run(params: Params) -> dict[str, Any]:
     data = params.data
     t0 = time.perf_counter()
     user_docs: list[Document] = []
     user_problems: list[Problem] = []
     user_stats: dict[str, Any] = {}
+    # Bad user rows: the first one stops the stage (validate_data.on_violation=fail), or they are set
+    # aside with their reasons (quarantine), within the contracts' max_quarantine_fraction per file.
+    bad_rows: list[dict[str, Any]] | None = None if params.validate_data.on_violation == "fail" else []
     if data.sources:
         sources = [load_source(uri) for uri in data.sources]
-        user_docs, user_problems, user_stats = map_rows(sources, data.math_levels)
+        user_docs, user_problems, user_stats = map_rows(sources, data.math_levels, quarantine=bad_rows)
+        if bad_rows:
+            _check_quarantine_limit(user_stats, bad_rows, params.validate_data.max_quarantine_fraction)
     embed_corpus = data.embedded == "always" or (data.embedded == "auto" and not user_docs)
     embed_math = data.embedded == "always" or (data.embedded == "auto" and not user_problems)
     if not embed_corpus and not user_docs:
@@ -289,6 +315,8 @@ def run(params: Params) -> dict[str, Any]:
     with atomic_dir(raw_dir) as tmp:
         for name in FILES:
             write_jsonl(tmp / name, rows[name])
+        if bad_rows:
+            write_jsonl(tmp / SOURCE_QUARANTINE, bad_rows)
         files = {name: {"rows": len(rows[name]), "sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
                  for name in FILES}
         manifest = {
@@ -303,6 +331,9 @@ def run(params: Params) -> dict[str, Any]:
             "levels": {name: dict(sorted(Counter(p.level for p in s).items())) for name, s in splits.items()},
             "overlap_check": overlap,
         }
+        if bad_rows:  # set aside in quarantine mode; validate_data publishes them in data/quarantine/
+            manifest["source_quarantine"] = {"file": SOURCE_QUARANTINE, "rows": len(bad_rows),
+                                             "sha256": sha256_file(tmp / SOURCE_QUARANTINE)}
         write_json(tmp / "manifest.json", manifest)
     _plot(params, corpus_rows["corpus_train.jsonl"], splits)
     metrics = {
@@ -315,6 +346,7 @@ def run(params: Params) -> dict[str, Any]:
         "eval": len(splits["eval"]),
         "near_duplicates_removed": sum(s.get("near_duplicates", 0) for s in corpus_stats.values()),
         "exact_duplicates_removed": sum(s.get("exact_duplicates", 0) for s in corpus_stats.values()),
+        "user_rows_quarantined": len(bad_rows or []),
     }
     write_metrics(params, "prepare_data", metrics)
     log.info("prepare_data: %s (%.1f s)", metrics, time.perf_counter() - t0)
