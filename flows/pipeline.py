@@ -178,19 +178,12 @@ def apply_param_overrides(workspace: Path, overrides: dict[str, Any]) -> list[st
         return []
     from ruamel.yaml import YAML
 
-    from tasks.core.params import apply_overrides, load_params
+    from tasks.core.params import load_params
 
     path = workspace / "params.yaml"
-    # Validate the result first: a bad override is an error naming the key, and nothing is written.
-    import yaml as pyyaml
-
-    merged = apply_overrides(pyyaml.safe_load(path.read_text()) or {}, overrides)
-    tmp = path.with_name(".params.override-check.yaml")
-    try:
-        tmp.write_text(pyyaml.safe_dump(merged))
-        load_params(tmp)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # Validate the result first: a bad override is an error naming params.yaml and the key;
+    # nothing is written.
+    load_params(path, overrides)
     ry = YAML()
     ry.preserve_quotes = True
     doc = ry.load(path.read_text())
