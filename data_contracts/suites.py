@@ -8,7 +8,8 @@ Datasets (the data contract of prepare_data; every field required, no others all
 
 What every suite checks (one expectation each, so an error names exactly what was violated):
 - schema: the exact field set of every row (`_fields` in {the contract's set}); every field not
-  null and of its type (`str`/`int`; note that GX, like Python, counts a JSON `true` as an int);
+  null and of its type (`str`/`int`; GX, like Python, counts a JSON `true` as an int, so the
+  derived `_bool_ints` must also be empty: strict types, a bool is never an integer);
 - ids: printable ASCII without spaces, at most 128 characters, unique;
 - free text (corpus text, prompts, questions, responses, solutions): length within bounds, no
   control characters (C0 except tab/newline/CR, DEL, C1, zero-width and bidi controls, BOM,
@@ -27,7 +28,7 @@ What every suite checks (one expectation each, so an error names exactly what wa
   documents prepare_data adds (`source: "math"`, shorter) within
   `validate_data.min_question_chars`..`data.max_doc_chars` (GX `row_condition` on `source`).
 
-Derived columns: GX checks columns, so four checks run on columns computed from the raw row by
+Derived columns: GX checks columns, so five checks run on columns computed from the raw row by
 `build_frame` (their names start with "_"; the raw data must not use those names):
     _fields         sorted field names of the raw row, comma-joined (exact field set, row-level)
     _final_answer   what follows "#### " on the last non-empty line of the response/solution
@@ -35,6 +36,7 @@ Derived columns: GX checks columns, so four checks run on columns computed from 
                     short hashes keeps the suite JSON and the Data Docs small; collisions at 64 bits
                     are negligible for these sizes)
     _in_corpus      (eval) whether the normalized question occurs in the normalized CPT corpus
+    _bool_ints      the integer fields of the row whose value is a JSON true/false, comma-joined
 
 Design choices and limits:
 - Row-level expectations only (plus the row count): every failure names its rows, so the
@@ -63,7 +65,9 @@ FIELDS_COLUMN = "_fields"
 FINAL_ANSWER_COLUMN = "_final_answer"
 QUESTION_KEY_COLUMN = "_question_key"
 IN_CORPUS_COLUMN = "_in_corpus"
-DERIVED_COLUMNS = (FIELDS_COLUMN, FINAL_ANSWER_COLUMN, QUESTION_KEY_COLUMN, IN_CORPUS_COLUMN)
+BOOL_INTS_COLUMN = "_bool_ints"
+DERIVED_COLUMNS = (FIELDS_COLUMN, FINAL_ANSWER_COLUMN, QUESTION_KEY_COLUMN, IN_CORPUS_COLUMN,
+                   BOOL_INTS_COLUMN)
 # The `source` of the math documents prepare_data adds to the CPT corpus (SFT question + solution):
 # shorter than prose documents, so their lower length bound is the question's.
 MATH_SOURCE = "math"
@@ -200,6 +204,9 @@ def build_frame(contract: DatasetContract, rows: Sequence[dict[str, Any]], label
     columns = list(contract.fields) + extra
     frame = pd.DataFrame(list(rows), columns=columns, dtype=object, index=pd.Index(list(labels), dtype=object))
     frame[FIELDS_COLUMN] = [",".join(sorted(row)) for row in rows]
+    int_fields = [name for name, type_ in contract.fields.items() if type_ == "int"]
+    frame[BOOL_INTS_COLUMN] = [",".join(f for f in int_fields if isinstance(row.get(f), bool))
+                               for row in rows]
     if contract.final_answer_field:
         frame[FINAL_ANSWER_COLUMN] = [final_answer(row.get(contract.final_answer_field)) for row in rows]
     if contract.question_field:
@@ -247,6 +254,11 @@ def build_suite(contract: DatasetContract, params, training_keys: Iterable[str] 
     for name, type_ in contract.fields.items():
         add(gxe.ExpectColumnValuesToNotBeNull(column=name, description=f"{name} present and not null"))
         add(gxe.ExpectColumnValuesToBeOfType(column=name, type_=type_, description=f"{name} is a JSON {_json_type(type_)}"))
+    int_fields = [name for name, type_ in contract.fields.items() if type_ == "int"]
+    if int_fields:
+        add(gxe.ExpectColumnValuesToBeInSet(
+            column=BOOL_INTS_COLUMN, value_set=[""],
+            description=f"{', '.join(int_fields)}: a JSON integer, never true/false (strict types)"))
     add(gxe.ExpectColumnValuesToMatchRegex(
         column="id", regex=ID_REGEX, description="id is 1-128 printable ASCII characters without spaces"))
     for name in contract.unique_fields:
