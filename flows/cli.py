@@ -53,6 +53,11 @@ def run(
 
     Exit codes: 0 done; 2 a stage failed on its input or parameters (not retried); 1 an infrastructure error that persisted through the retries (a killed stage, an unreachable server, a failed push).
     """
+    import os
+
+    # The embedded Prefect server (no PREFECT_API_URL) gets 20 s to start by default, too little on a busy
+    # machine or for several runs starting at once; an explicit setting is kept.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     from flows.pipeline import InfrastructureError, StageFailed, ruyi_pipeline
     from flows.report import print_summary
     from tasks.core.params import ParamsError
@@ -75,7 +80,8 @@ def run(
                    "An infrastructure error, not a problem of the pipeline: run again. Several `ruyi run` "
                    "starting at once with empty Prefect homes each start an embedded server and can time "
                    "out; start one server (`ruyi server`, then PREFECT_API_URL=http://127.0.0.1:4200/api) "
-                   "or raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS on a slow machine.", err=True)
+                   "or raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (ruyi's default: 90).",
+                   err=True)
         raise typer.Exit(1) from None
     print_summary()
 
@@ -88,7 +94,8 @@ def _prefect_unreachable(error: BaseException) -> str | None:
     text = str(error)
     if isinstance(error, RuntimeError) and ("ephemeral Prefect API server" in text
                                             or "Unable to find an available port" in text):
-        return text.split(" stdout:")[0].rstrip(".")  # the server's whole output follows; the first sentence says it
+        # The server's whole output follows; the first sentence says what happened.
+        return text.split(" stdout:")[0].rstrip(".")
     if isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout)):
         return f"{type(error).__name__}: {text}"
     return None

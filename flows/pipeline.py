@@ -7,7 +7,7 @@ Design (DVC owns "is this stage up to date", Prefect owns "when and where"):
   no Prefect result caching (`cache_policy=NONE`): DVC decides what is up to date, so an unchanged
   stage is a no-op taking about a second, and a changed parameter reruns only that stage and those
   downstream of it;
-- retries only for infrastructure errors (DVC's repository lock, a process killed by a signal, a
+- retries only for infrastructure errors (DVC's repository/output locks, a process killed by a signal, a
   stage's TransientError such as an unreachable S3 endpoint, a failed `dvc push`): a failed data
   contract or a bad parameter is never retried;
 - `force=True` reruns the selected stages even when DVC finds them up to date;
@@ -49,6 +49,9 @@ from tasks.core.stage import TRANSIENT_EXIT_CODE, USER_ERROR_EXIT_CODE
 _INFRA_PATTERNS = (
     r"Unable to acquire lock",
     r"is locked by another process",
+    # DVC's per-output read/write lock, held by another `dvc repro` in the same workspace (a run
+    # outside this flow's concurrency limit, e.g. another PREFECT_HOME or a manual `dvc repro`).
+    r"is busy, it is being blocked by",
     r"Connection (refused|reset|aborted)",
     r"EndpointConnectionError",
     r"Could not connect to the endpoint URL",
