@@ -432,6 +432,9 @@ class DeployParams(_Section):
     port: Annotated[int, Field(ge=1024, le=65535)] = 8124
     # Requests asking for more new tokens get HTTP 400.
     max_tokens_limit: PositiveInt = 128
+    # Per request: more prompts get HTTP 413; more new tokens in all (prompts x max_tokens) get 422.
+    max_prompts_per_request: PositiveInt = 16
+    max_total_new_tokens: PositiveInt = 4096
     # Default confidence threshold of the dynamic early-exit tier (model "dynamic").
     dynamic_threshold: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9
     # Smoke test: the first smoke_prompts eval.jsonl questions, greedy, at every tier.
