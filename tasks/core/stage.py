@@ -95,13 +95,16 @@ def resolve_threads(setting: int | str) -> tuple[int, str]:
 
 
 def set_threads(setting: int | str) -> int:
-    """Applies `threads` to torch's intra-op pool (now if torch is loaded, else through OMP_NUM_THREADS and
-    MKL_NUM_THREADS, which torch reads when it is first imported); logs the choice once."""
+    """Applies `threads` to torch's intra-op pool of this process and logs the choice once.
+
+    Every stage loads torch anyway (outputs are written through ruyi_model.fileio). The environment is
+    left alone: Ray Train workers get OMP_NUM_THREADS from `distributed.cpus_per_worker`, which an
+    exported value would override.
+    """
+    import torch
+
     threads, why = resolve_threads(setting)
-    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads)
     log.info("intra-op threads: %d (%s)", threads, why)
     return threads
 
