@@ -387,3 +387,13 @@ def test_prompts_and_new_tokens_per_request_are_capped(export_dir):
     # The defaults come from params.yaml deploy (16 prompts, 4096 new tokens).
     deploy = load_params(REPO / "params.yaml").deploy
     assert (deploy.max_prompts_per_request, deploy.max_total_new_tokens) == (16, 4096)
+
+
+def test_lone_surrogates_elsewhere_are_client_errors(client):
+    for raw in (b'{"model": "\\ud800", "prompt": "hi"}',                                   # unknown model: 404
+                b'{"model": "exit_2", "messages": [{"role": "\\ud800", "content": "x"}]}',  # schema: 422
+                b'{"model": "exit_2", "prompt": "hi", "user": "\\udfff", "nonsense": "\\ud800"}'):
+        path = "/v1/chat/completions" if b"messages" in raw else "/v1/completions"
+        r = client.post(path, content=raw, headers=_JSON)
+        assert 400 <= r.status_code < 500, r.text
+        assert r.json()["error"]["message"]
