@@ -6,7 +6,8 @@
     eval    eval.jsonl  {"id": str, "question": str, "solution": str, "answer": str, "level": int}
 
 Every field required, no others allowed. `build_frame` adds the derived columns the row-level checks need
-(`_fields`, `_final_answer`, `_question_key`, `_in_corpus`; the raw data must not use these names).
+(`_fields`, `_final_answer`, `_question_key`, `_in_corpus`, `_bool_ints`: strict types, a JSON bool is
+never an integer; the raw data must not use these names).
 What every suite checks, and why: docs/choices.md#validate_data.
 """
 
@@ -26,7 +27,9 @@ FIELDS_COLUMN = "_fields"
 FINAL_ANSWER_COLUMN = "_final_answer"
 QUESTION_KEY_COLUMN = "_question_key"
 IN_CORPUS_COLUMN = "_in_corpus"
-DERIVED_COLUMNS = (FIELDS_COLUMN, FINAL_ANSWER_COLUMN, QUESTION_KEY_COLUMN, IN_CORPUS_COLUMN)
+BOOL_INTS_COLUMN = "_bool_ints"
+DERIVED_COLUMNS = (FIELDS_COLUMN, FINAL_ANSWER_COLUMN, QUESTION_KEY_COLUMN, IN_CORPUS_COLUMN,
+                   BOOL_INTS_COLUMN)
 # The `source` of the math documents prepare_data adds to the CPT corpus (SFT question + solution):
 # shorter than prose documents, so their lower length bound is the question's.
 MATH_SOURCE = "math"
@@ -151,6 +154,9 @@ def build_frame(contract: DatasetContract, rows: Sequence[dict[str, Any]], label
     columns = list(contract.fields) + extra
     frame = pd.DataFrame(list(rows), columns=columns, dtype=object, index=pd.Index(list(labels), dtype=object))
     frame[FIELDS_COLUMN] = [",".join(sorted(row)) for row in rows]
+    int_fields = [name for name, type_ in contract.fields.items() if type_ == "int"]
+    frame[BOOL_INTS_COLUMN] = [",".join(f for f in int_fields if isinstance(row.get(f), bool))
+                               for row in rows]
     if contract.final_answer_field:
         frame[FINAL_ANSWER_COLUMN] = [final_answer(row.get(contract.final_answer_field)) for row in rows]
     if contract.question_field:
@@ -198,6 +204,11 @@ def build_suite(contract: DatasetContract, params, training_keys: Iterable[str] 
     for name, type_ in contract.fields.items():
         add(gxe.ExpectColumnValuesToNotBeNull(column=name, description=f"{name} present and not null"))
         add(gxe.ExpectColumnValuesToBeOfType(column=name, type_=type_, description=f"{name} is a JSON {_json_type(type_)}"))
+    int_fields = [name for name, type_ in contract.fields.items() if type_ == "int"]
+    if int_fields:
+        add(gxe.ExpectColumnValuesToBeInSet(
+            column=BOOL_INTS_COLUMN, value_set=[""],
+            description=f"{', '.join(int_fields)}: a JSON integer, never true/false (strict types)"))
     add(gxe.ExpectColumnValuesToMatchRegex(
         column="id", regex=ID_REGEX, description="id is 1-128 printable ASCII characters without spaces"))
     for name in contract.unique_fields:

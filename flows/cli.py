@@ -52,6 +52,11 @@ def run(
 
     Exit codes: 0 done; 2 a stage failed on its input or parameters (not retried); 1 an infrastructure error that persisted through the retries (a killed stage, an unreachable server, a failed push).
     """
+    import os
+
+    # The embedded Prefect server (no PREFECT_API_URL) gets 20 s to start by default, too little on a busy
+    # machine or for several runs starting at once; an explicit setting is kept.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     from flows.pipeline import InfrastructureError, StageFailed, ruyi_pipeline
     from flows.report import print_summary
     from tasks.core.params import ParamsError
@@ -66,7 +71,33 @@ def run(
         typer.echo(f"error: {e}\n(the retries did not help; fix the cause and run again: finished stages are kept)",
                    err=True)
         raise typer.Exit(1) from None
+    except Exception as e:
+        reason = _prefect_unreachable(e)
+        if reason is None:
+            raise
+        typer.echo(f"error: cannot reach the Prefect API ({reason}).\n"
+                   "An infrastructure error, not a problem of the pipeline: run again. Several `ruyi run` "
+                   "starting at once with empty Prefect homes each start an embedded server and can time "
+                   "out; start one server (`ruyi server`, then PREFECT_API_URL=http://127.0.0.1:4200/api) "
+                   "or raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (ruyi's default: 90).",
+                   err=True)
+        raise typer.Exit(1) from None
     print_summary()
+
+
+def _prefect_unreachable(error: BaseException) -> str | None:
+    """Why `error` means the Prefect API could not be reached (embedded server start-up, connection),
+    or None for any other error."""
+    import httpx
+
+    text = str(error)
+    if isinstance(error, RuntimeError) and ("ephemeral Prefect API server" in text
+                                            or "Unable to find an available port" in text):
+        # The server's whole output follows; the first sentence says what happened.
+        return text.split(" stdout:")[0].rstrip(".")
+    if isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout)):
+        return f"{type(error).__name__}: {text}"
+    return None
 
 
 @app.command()
@@ -129,10 +160,15 @@ def server(port: int = typer.Option(4200, help="Prefect server port on 127.0.0.1
             typer.echo(f"error: port {port} on 127.0.0.1 is already in use (another Prefect server?); "
                        "choose another with --port", err=True)
             raise typer.Exit(2)
-    api = f"http://127.0.0.1:{port}/api"
+    host = "127.0.0.1"
+    api = f"http://{host}:{port}/api"
+    # The UI's API URL (GET /ui-settings) follows PREFECT_UI_API_URL, else PREFECT_API_URL, else the
+    # settings' default port 4200, not the --port the server listens on: set it to this server.
+    env = {**os.environ, "PREFECT_UI_API_URL": api, "PREFECT_SERVER_API_HOST": host,
+           "PREFECT_SERVER_API_PORT": str(port)}
     # Its own process group: the server's uvicorn workers go with it however this command is stopped.
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", host,
+                             "--port", str(port)], start_new_session=True, env=env)
 
     def on_sigterm(signum, frame):  # as Ctrl-C: unwind through `finally`, which stops the server
         raise KeyboardInterrupt

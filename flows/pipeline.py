@@ -34,6 +34,9 @@ from tasks.core.stage import TRANSIENT_EXIT_CODE, USER_ERROR_EXIT_CODE
 _INFRA_PATTERNS = (
     r"Unable to acquire lock",
     r"is locked by another process",
+    # DVC's per-output read/write lock, held by another `dvc repro` in the same workspace (a run
+    # outside this flow's concurrency limit, e.g. another PREFECT_HOME or a manual `dvc repro`).
+    r"is busy, it is being blocked by",
     r"Connection (refused|reset|aborted)",
     r"EndpointConnectionError",
     r"Could not connect to the endpoint URL",
@@ -163,19 +166,12 @@ def apply_param_overrides(workspace: Path, overrides: dict[str, Any]) -> list[st
         return []
     from ruamel.yaml import YAML
 
-    from tasks.core.params import apply_overrides, load_params
+    from tasks.core.params import load_params
 
     path = workspace / "params.yaml"
-    # Validate the result first: a bad override is an error naming the key, and nothing is written.
-    import yaml as pyyaml
-
-    merged = apply_overrides(pyyaml.safe_load(path.read_text()) or {}, overrides)
-    tmp = path.with_name(".params.override-check.yaml")
-    try:
-        tmp.write_text(pyyaml.safe_dump(merged))
-        load_params(tmp)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # Validate the result first: a bad override is an error naming params.yaml and the key;
+    # nothing is written.
+    load_params(path, overrides)
     ry = YAML()
     ry.preserve_quotes = True
     doc = ry.load(path.read_text())

@@ -170,7 +170,9 @@ def _serving_kwargs(params: Params, host: str | None = None, port: int | None = 
             "max_tokens_limit": cfg.max_tokens_limit, "dynamic_threshold": cfg.dynamic_threshold,
             "replica_num_cpus": cfg.replica_num_cpus, "replica_num_gpus": cfg.replica_num_gpus,
             "device": cfg.device, "dtype": cfg.dtype, "ray_num_cpus": cfg.ray_num_cpus,
-            "object_store_mib": cfg.ray_object_store_mib, "ray_address": cfg.ray_address}
+            "object_store_mib": cfg.ray_object_store_mib, "ray_address": cfg.ray_address,
+            "max_prompts_per_request": cfg.max_prompts_per_request,
+            "max_total_new_tokens": cfg.max_total_new_tokens}
 
 
 def run(params: Params) -> dict[str, Any]:

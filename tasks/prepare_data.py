@@ -30,6 +30,7 @@ from tasks.data.mathgen import Problem, generate_problems, normalize_question, n
 from tasks.data.sources import Document, load_source, map_rows
 
 FILES = ("corpus_train.jsonl", "corpus_val.jsonl", "sft.jsonl", "rl.jsonl", "eval.jsonl")
+SOURCE_QUARANTINE = "source_quarantine.jsonl"  # bad user rows set aside (quarantine mode)
 MATH_SOURCE = "math"
 
 
@@ -177,6 +178,7 @@ class _Inputs:
     stats: dict[str, Any]
     embed_corpus: bool
     embed_math: bool
+    bad_rows: list[dict[str, Any]]  # bad user rows set aside (quarantine mode; empty otherwise)
 
 
 @dataclass
@@ -205,10 +207,28 @@ class _Dataset:
     overlap: dict[str, int]
 
 
+def _check_quarantine_limit(user_stats: dict[str, Any], bad_rows: list[dict[str, Any]],
+                            fraction: float) -> None:
+    """Raises StageError when the bad rows of a user file exceed `validate_data.max_quarantine_fraction`."""
+    over = []
+    for uri, entry in user_stats["files"].items():
+        bad, total = entry["quarantined"], entry["rows"]
+        if bad > fraction * total:
+            first = next(r for r in bad_rows if r["file"] == uri)
+            over.append(f"{uri}: {bad} of {total} rows ({bad / total:.1%}) are bad, over "
+                        f"validate_data.max_quarantine_fraction={fraction}; first: {first['where']}: "
+                        f"{first['reasons'][0]['description']}")
+    if over:
+        raise StageError("too many bad rows in data.sources to quarantine:\n  " + "\n  ".join(over))
+    for row in bad_rows:
+        log.warning("quarantined %s: %s", row["where"], row["reasons"][0]["description"])
+    log.info("quarantine: %d bad user rows set aside", len(bad_rows))
+
+
 def run(params: Params) -> dict[str, Any]:
     data = params.data
     t0 = time.perf_counter()
-    inputs = _read_inputs(data)
+    inputs = _read_inputs(params)
     corpus = _build_corpus(inputs, data, params.seed)
     log.info("corpus: %d documents after cleaning and de-duplication (%.1f s)", len(corpus.docs),
              time.perf_counter() - t0)
@@ -226,20 +246,27 @@ def run(params: Params) -> dict[str, Any]:
         "eval": len(maths.splits["eval"]),
         "near_duplicates_removed": sum(s.get("near_duplicates", 0) for s in corpus.stats.values()),
         "exact_duplicates_removed": sum(s.get("exact_duplicates", 0) for s in corpus.stats.values()),
+        "user_rows_quarantined": len(inputs.bad_rows),
     }
     write_metrics(params, "prepare_data", metrics)
     log.info("prepare_data: %s (%.1f s)", metrics, time.perf_counter() - t0)
     return metrics
 
 
-def _read_inputs(data: DataParams) -> _Inputs:
+def _read_inputs(params: Params) -> _Inputs:
     """Reads `data.sources` and decides, per `data.embedded`, what embedded data is added."""
+    data = params.data
     docs: list[Document] = []
     problems: list[Problem] = []
     stats: dict[str, Any] = {}
+    # Bad user rows: the first one stops the stage (validate_data.on_violation=fail), or they are set
+    # aside with their reasons (quarantine), within the contracts' max_quarantine_fraction per file.
+    bad_rows: list[dict[str, Any]] | None = None if params.validate_data.on_violation == "fail" else []
     if data.sources:
         sources = [load_source(uri) for uri in data.sources]
-        docs, problems, stats = map_rows(sources, data.math_levels)
+        docs, problems, stats = map_rows(sources, data.math_levels, quarantine=bad_rows)
+        if bad_rows:
+            _check_quarantine_limit(stats, bad_rows, params.validate_data.max_quarantine_fraction)
     embed_corpus = data.embedded == "always" or (data.embedded == "auto" and not docs)
     embed_math = data.embedded == "always" or (data.embedded == "auto" and not problems)
     if not embed_corpus and not docs:
@@ -249,7 +276,7 @@ def _read_inputs(data: DataParams) -> _Inputs:
     if data.sources and (embed_corpus or embed_math):
         log.info("adding embedded %s to the user data (data.embedded=%s)",
                  " and ".join(k for k, on in (("corpus", embed_corpus), ("math", embed_math)) if on), data.embedded)
-    return _Inputs(docs, problems, stats, embed_corpus, embed_math)
+    return _Inputs(docs, problems, stats, embed_corpus, embed_math, bad_rows or [])
 
 
 def _build_corpus(inputs: _Inputs, data: DataParams, seed: int) -> _Corpus:
@@ -311,11 +338,13 @@ def _assemble(corpus: _Corpus, maths: _MathSplits, val_fraction: float, seed: in
 def _write_raw(params: Params, inputs: _Inputs, corpus: _Corpus, maths: _MathSplits,
                dataset: _Dataset) -> dict[str, dict[str, Any]]:
     """Writes every file and `manifest.json` into `data/raw/` at once; returns the manifest's `files`."""
-    data, rows, splits = params.data, dataset.rows, maths.splits
+    data, rows, splits, bad_rows = params.data, dataset.rows, maths.splits, inputs.bad_rows
     raw_dir = Workspace.from_params(params).raw
     with atomic_dir(raw_dir) as tmp:
         for name in FILES:
             write_jsonl(tmp / name, rows[name])
+        if bad_rows:
+            write_jsonl(tmp / SOURCE_QUARANTINE, bad_rows)
         files = {name: {"rows": len(rows[name]), "sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
                  for name in FILES}
         manifest = {
@@ -331,6 +360,9 @@ def _write_raw(params: Params, inputs: _Inputs, corpus: _Corpus, maths: _MathSpl
             "levels": {name: dict(sorted(Counter(p.level for p in s).items())) for name, s in splits.items()},
             "overlap_check": dataset.overlap,
         }
+        if bad_rows:  # set aside in quarantine mode; validate_data publishes them in data/quarantine/
+            manifest["source_quarantine"] = {"file": SOURCE_QUARANTINE, "rows": len(bad_rows),
+                                             "sha256": sha256_file(tmp / SOURCE_QUARANTINE)}
         write_json(tmp / "manifest.json", manifest)
     return files
 

@@ -3,7 +3,8 @@
     python -m tasks.validate_data [--params params.yaml] [--set validate_data.on_violation=quarantine]
 
 Reads `data/raw/` (the five JSONL files and manifest.json). Writes `data/validated/` (the rows that passed,
-byte for byte, and a manifest), `data/quarantine/` (bad rows with their reasons, under `quarantine`),
+byte for byte, and a manifest), `data/quarantine/` (bad rows with their reasons, under `quarantine`; `sources.jsonl`: the bad user rows
+prepare_data set aside),
 `reports/contracts/` (GX project and Data Docs), `metrics/validate_data.json`, `plots/validate_data/`.
 A violation raises `ContractViolation`, never retried. Choices: docs/choices.md#validate_data.
 """
@@ -189,6 +190,7 @@ def run(params: Params) -> dict[str, Any]:
     if not raw_dir.is_dir():
         raise StageError(f"{raw_dir} not found (run the prepare_data stage first)")
     manifest = read_manifest(raw_dir, [file for name in ORDER for file in CONTRACTS[name].files])
+    source_rows = read_source_quarantine(raw_dir, manifest, settings.on_violation)
 
     ctx = ContractContext(ws.reports("contracts"))
     datasets: dict[str, _Dataset] = {}
@@ -247,12 +249,43 @@ def run(params: Params) -> dict[str, Any]:
         raise ContractViolation(
             f"data contract violated (validate_data.on_violation={settings.on_violation}); Data Docs: {docs}\n"
             + "\n".join(errors), records)
-    return _publish(params, raw_dir, manifest, datasets, suites, docs)
+    return _publish(params, raw_dir, manifest, datasets, suites, docs, source_rows)
+
+
+def read_source_quarantine(raw_dir: Path, manifest: dict[str, Any],
+                           on_violation: str) -> list[dict[str, Any]]:
+    """The bad user rows prepare_data set aside in quarantine mode (manifest `source_quarantine`).
+
+    Raises:
+        ContractViolation: the file does not match the manifest, or there are such rows but
+            on_violation is `fail` (data/raw was prepared in quarantine mode: run prepare_data again).
+    """
+    entry = manifest.get("source_quarantine")
+    if not entry:
+        return []
+    path = raw_dir / entry["file"]
+    if not path.is_file() or sha256_file(path) != entry["sha256"]:
+        raise ContractViolation(f"{path}: missing or its sha256 differs from {raw_dir / 'manifest.json'}",
+                                [{"suite": "manifest", "expectation": "sha256 matches manifest.json",
+                                  "rows": [str(path)]}])
+    rows = read_jsonl(path)
+    if on_violation == "fail":
+        first = rows[0]
+        raise ContractViolation(
+            f"{path}: prepare_data set aside {len(rows)} bad user rows (quarantine mode) but "
+            f"validate_data.on_violation is fail; first: {first['where']}: "
+            f"{first['reasons'][0]['description']} "
+            f"(run prepare_data again with the same on_violation)",
+            [{"suite": "sources", "expectation": "user rows are valid",
+              "rows": [r["where"] for r in rows[:5]]}])
+    return rows
 
 
 def _publish(params: Params, raw_dir: Path, manifest: dict[str, Any], datasets: dict[str, _Dataset],
-             suites: dict[str, dict[str, Any]], docs: Path) -> dict[str, Any]:
+             suites: dict[str, dict[str, Any]], docs: Path,
+             source_rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     ws = Workspace.from_params(params)
+    source_rows = source_rows or []
     per_file: dict[str, dict[str, int]] = {}
     with atomic_dir(ws.validated) as out, atomic_dir(ws.quarantine) as qdir:
         files_entry = {}
@@ -278,15 +311,24 @@ def _publish(params: Params, raw_dir: Path, manifest: dict[str, Any], datasets: 
         validated["files"] = files_entry
         validated["validation"] = {"on_violation": params.validate_data.on_violation,
                                    "quarantined": summary, "suites": sorted(suites)}
+        per_source: dict[str, int] = {}
+        for row in source_rows:
+            per_source[row["file"]] = per_source.get(row["file"], 0) + 1
+        if source_rows:
+            validated["validation"]["sources_quarantined"] = per_source
+        write_jsonl(qdir / "sources.jsonl", source_rows)
+        write_json(qdir / "summary.json", {"quarantined": summary, "sources": per_source,
+                                           "on_violation": params.validate_data.on_violation})
         write_json(out / "manifest.json", validated)
-        write_json(qdir / "summary.json", {"quarantined": summary, "on_violation": params.validate_data.on_violation})
     metrics = {
         "passed": True,
         "on_violation": params.validate_data.on_violation,
         "datasets": per_file,
         "suites": suites,
         "rows_checked": sum(v["rows_checked"] for v in per_file.values()),
-        "rows_quarantined": sum(v["rows_quarantined"] for v in per_file.values()),
+        "rows_quarantined": sum(v["rows_quarantined"] for v in per_file.values()) + len(source_rows),
+        # Of those: bad rows of the user's own files (data.sources), set aside by prepare_data.
+        "source_rows_quarantined": len(source_rows),
         "expectations_evaluated": sum(s["expectations_evaluated"] for s in suites.values()),
         "expectations_failed": sum(s["expectations_failed"] for s in suites.values()),
         # As configured (not resolved), so the metrics do not depend on where the workspace lives.

@@ -68,6 +68,17 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
+def decode_utf8(data: bytes, where: str | Path) -> str:
+    """`data` as UTF-8 text; invalid bytes are an error naming `where:line` (and the column, in bytes)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise StageError(f"{where}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {column}: "
+                         f"{e.reason})") from None
+
+
 def iter_jsonl(lines, where: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yields `(line number, object)` for each non-blank JSONL line; a bad line is an error naming where:line."""
     for lineno, line in enumerate(lines, 1):
@@ -88,12 +99,13 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict[st
     if not path.is_file():
         raise StageError(f"input file not found: {path}")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, row in iter_jsonl(f, path):
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise StageError(f"{path}:{lineno}: missing field(s) {missing}")
-            rows.append(row)
+    # Lines end at "\n" only (as editors count them): str.splitlines() would also split at U+2028 etc.,
+    # which JSON strings may hold unescaped.
+    for lineno, row in iter_jsonl(decode_utf8(path.read_bytes(), path).split("\n"), path):
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise StageError(f"{path}:{lineno}: missing field(s) {missing}")
+        rows.append(row)
     if not rows:
         raise StageError(f"{path}: no rows (empty file)")
     return rows

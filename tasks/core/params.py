@@ -1,17 +1,20 @@
 """The schema of `params.yaml`: every hyperparameter of every stage, validated before any work starts.
 
 Library module; `load_params()` is the one entry point the stages use. One pydantic model per section,
-unknown keys forbidden, so a typo is an error naming the key. Two complete profiles share this schema:
+unknown keys forbidden, so a typo is an error naming the key. Types are strict: a bool is never a
+number, "150" is not an int, "no" is not a bool (an int is fine for a float field); YAML is read with
+YAML 1.2 float syntax (`1e-3` is a float, `load_yaml`). Two complete profiles share this schema:
 `params.yaml` (tiny, the whole chain on 2 CPU cores) and `params.paper.yaml` (paper scale, for clusters).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -24,7 +27,37 @@ class ParamsError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats and booleans, as DVC and ruamel.yaml read params.yaml.
+
+    PyYAML follows YAML 1.1: `1e-3` (no dot) is a string there, and yes/no/on/off are booleans.
+    """
+
+
+# YAML 1.1's bool and float resolvers replaced by YAML 1.2's (core schema).
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers
+            if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """`yaml.safe_load` with YAML 1.2 floats and booleans (`1e-3` -> 0.001, `no` -> "no"); reads params
+    files and `--set` values."""
+    return yaml.load(text, Loader=_Yaml12Loader)
 
 
 class PathsParams(_Section):
@@ -396,6 +429,9 @@ class DeployParams(_Section):
     port: Annotated[int, Field(ge=1024, le=65535)] = 8124
     # Requests asking for more new tokens get HTTP 400.
     max_tokens_limit: PositiveInt = 128
+    # Per request: more prompts get HTTP 413; more new tokens in all (prompts x max_tokens) get 422.
+    max_prompts_per_request: PositiveInt = 16
+    max_total_new_tokens: PositiveInt = 4096
     # Default confidence threshold of the dynamic early-exit tier (model "dynamic").
     dynamic_threshold: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9
     # Smoke test: the first smoke_prompts eval.jsonl questions, greedy, at every tier.
@@ -425,6 +461,9 @@ class DeployParams(_Section):
 
 class Params(_Section):
     seed: NonNegInt = 1234
+    # Intra-op (torch/OpenMP) threads of every stage (tasks.core.stage.set_threads): a positive int, or
+    # "auto" = the CPUs this process may use (its affinity), capped by OMP_NUM_THREADS when that is set.
+    threads: Literal["auto"] | PositiveInt = "auto"
     paths: PathsParams = PathsParams()
     model: ModelParams = ModelParams()
     data: DataParams = DataParams()
@@ -439,6 +478,13 @@ class Params(_Section):
     gates: GatesParams = GatesParams()
     deploy: DeployParams = DeployParams()
     distributed: DistributedParams = DistributedParams()
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _check_threads(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            return value
+        raise ValueError("must be 'auto' or a positive integer (intra-op threads of every stage)")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Params:
@@ -500,7 +546,7 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     if not path.is_file():
         raise ParamsError(f"params file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):

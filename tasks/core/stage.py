@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
 import sys
 import time
@@ -53,16 +54,58 @@ def seed_everything(seed: int) -> None:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """Parses `key=value` pairs; values are read as YAML scalars (so 1e-3, true, [2, 4] work)."""
+    """Parses `key=value` pairs; values are YAML 1.2 scalars as in params.yaml (1e-3, true, [2, 4];
+    `'"150"'` is the string "150", which an int parameter refuses)."""
     import yaml
+
+    from tasks.core.params import load_yaml
 
     out = {}
     for item in items:
         if "=" not in item:
             raise ParamsError(f"--set expects key=value, got {item!r}")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = load_yaml(value)
+        except yaml.YAMLError as e:
+            raise ParamsError(f"--set {item}: the value is not a YAML scalar ({e})") from None
     return out
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask; os.cpu_count() where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def resolve_threads(setting: int | str) -> tuple[int, str]:
+    """The intra-op thread count for `threads` (params.yaml) and why: an int is used as given;
+    `auto` is the CPUs this process may use, capped by OMP_NUM_THREADS when that is set."""
+    cpus = available_cpus()
+    if setting != "auto":
+        return int(setting), f"threads={setting}; {cpus} CPUs available to this process"
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) > 0:
+        return min(cpus, int(omp)), (f"threads=auto: {cpus} CPUs available to this process, "
+                                     f"OMP_NUM_THREADS={omp}")
+    return cpus, f"threads=auto: {cpus} CPUs available to this process"
+
+
+def set_threads(setting: int | str) -> int:
+    """Applies `threads` to torch's intra-op pool of this process and logs the choice once.
+
+    Every stage loads torch anyway (outputs are written through ruyi_model.fileio). The environment is
+    left alone: Ray Train workers get OMP_NUM_THREADS from `distributed.cpus_per_worker`, which an
+    exported value would override.
+    """
+    import torch
+
+    threads, why = resolve_threads(setting)
+    torch.set_num_threads(threads)
+    log.info("intra-op threads: %d (%s)", threads, why)
+    return threads
 
 
 def stage_main(name: str, doc: str, run: Callable[[Params], dict[str, Any] | None], argv: list[str] | None = None) -> int:
@@ -76,6 +119,7 @@ def stage_main(name: str, doc: str, run: Callable[[Params], dict[str, Any] | Non
     setup_logging()
     try:
         params = load_params(args.params, parse_overrides(args.overrides))
+        set_threads(params.threads)
         t0 = time.perf_counter()
         run(params)
         log.info("stage %s finished in %.1f s", name, time.perf_counter() - t0)

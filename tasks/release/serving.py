@@ -5,13 +5,15 @@
 
 Endpoints: GET /healthz, GET /v1/models, POST /v1/completions, POST /v1/chat/completions. Tiers: `exit_<d>`
 (stock Qwen3), the release's model name (the deepest member) and `dynamic` (confidence-based early exit).
-Design and request validation: docs/choices.md#serving.
+Bad requests get 4xx (NaN/infinite numbers 422, invalid Unicode 400, too many prompts 413, too many
+new tokens 422). Design and request validation: docs/choices.md#serving.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import socket
 import threading
 import time
@@ -37,7 +39,8 @@ DEPLOYMENT_NAME = "RuyiFamily"
 
 # --- request and response models ---------------------------------------------------------------
 class _GenerationFields(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN/inf are no valid float (a 422 naming the field, not a comparison that lets them through).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str = Field(description="the tier: exit_<d>, the release name (deepest member) or 'dynamic'")
     max_tokens: int = Field(16, ge=1, description="new tokens at most (<= deploy.max_tokens_limit)")
@@ -58,7 +61,7 @@ class CompletionRequest(_GenerationFields):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     role: Literal["system", "user", "assistant"]
     content: str
@@ -102,6 +105,8 @@ class CompletionService:
         release_dir: a fetched release (or an export directory): `exit_<d>/`, optionally `family/`.
         model_name: the release's name (an alias of the deepest member); default from its MANIFEST.json.
         max_tokens_limit: requests asking for more new tokens get 400.
+        max_prompts_per_request: a completion request with more prompts gets 413.
+        max_total_new_tokens: a request whose prompts x max_tokens exceed it gets 422.
         dynamic_threshold: the default `threshold` of the dynamic tier.
         torch_threads: intra-op threads for this process (1 on shared CPUs).
         device: "cpu", "cuda", "cuda:1", or "auto" (cuda when available).
@@ -110,7 +115,7 @@ class CompletionService:
 
     def __init__(self, release_dir: str | Path, *, model_name: str | None = None, max_tokens_limit: int = 128,
                  dynamic_threshold: float = 0.9, torch_threads: int | None = 1, device: str = "cpu",
-                 dtype: str = "float32"):
+                 dtype: str = "float32", max_prompts_per_request: int = 16, max_total_new_tokens: int = 4096):
         import torch
 
         if torch_threads:
@@ -128,6 +133,8 @@ class CompletionService:
         self.version = manifest.get("version")
         self.release = f"{self.model_name}/{self.version}" if self.version else self.model_name
         self.max_tokens_limit = max_tokens_limit
+        self.max_prompts_per_request = max_prompts_per_request
+        self.max_total_new_tokens = max_total_new_tokens
         self.dynamic_threshold = dynamic_threshold
         self.tiers: dict[str, Tier] = {}
         for d in exits:
@@ -192,6 +199,29 @@ class CompletionService:
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise APIError(400, "stop: at most 4 non-empty strings", "invalid_stop", "stop")
+        texts = [("stop", s) for s in stops]
+        if isinstance(req, CompletionRequest):
+            prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+            if len(prompts) > self.max_prompts_per_request:
+                raise APIError(413, f"{len(prompts)} prompts in one request; this server takes at most "
+                               f"{self.max_prompts_per_request}", "too_many_prompts", "prompt")
+            total = len(prompts) * req.max_tokens
+            if total > self.max_total_new_tokens:
+                raise APIError(422, f"{len(prompts)} prompts x max_tokens={req.max_tokens} = {total} new "
+                               f"tokens; this server generates at most {self.max_total_new_tokens} "
+                               "per request",
+                               "too_many_tokens", "max_tokens")
+            texts += [("prompt" if isinstance(req.prompt, str) else f"prompt.{i}", p)
+                      for i, p in enumerate(prompts)]
+        elif isinstance(req, ChatCompletionRequest):
+            texts += [(f"messages.{i}.content", m.content) for i, m in enumerate(req.messages)]
+        for param, text in texts:
+            bad = next((i for i, ch in enumerate(text) if "\ud800" <= ch <= "\udfff"), None)
+            if bad is not None:
+                surrogate = text[bad].encode("unicode_escape").decode()
+                raise APIError(400, f"{param}: not valid Unicode text (a lone surrogate {surrogate} at "
+                               f"character {bad}); send UTF-8 text",
+                               "invalid_text", param)
         return stops
 
     def complete(self, req: CompletionRequest) -> dict[str, Any]:
@@ -303,6 +333,22 @@ class CompletionService:
 
 
 # --- HTTP -------------------------------------------------------------------------------------
+def _json_safe(value: Any) -> Any:
+    """`value` as strict JSON: NaN/inf become their names (JSONResponse refuses them, which made a request
+    with `"temperature": NaN` a 500), lone surrogates are escaped, anything else unknown is its str()."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {str(_json_safe(k)): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return _json_safe(str(value))
+
+
 def create_app(service: CompletionService):
     """The FastAPI application over a `CompletionService` (used as is by tests and inside Ray Serve)."""
     from fastapi import FastAPI, Request
@@ -313,7 +359,7 @@ def create_app(service: CompletionService):
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(_json_safe(exc.body()), status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -321,16 +367,18 @@ def create_app(service: CompletionService):
         first = errors[0] if errors else {}
         loc = [str(p) for p in first.get("loc", ())[1:]]
         param = ".".join(loc) if loc and first.get("type") != "json_invalid" else None
-        message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}" for e in errors)
+        message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}"
+                            for e in errors)
+        message = _json_safe(message)
         body = APIError(422, message or "invalid request", "invalid_request", param).body()
-        body["detail"] = json.loads(json.dumps(errors, default=str))
+        body["detail"] = _json_safe(errors)
         return JSONResponse(body, status_code=422)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
         log.exception("request to %s failed", request.url.path)
         body = APIError(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error").body()
-        return JSONResponse(body, status_code=500)
+        return JSONResponse(_json_safe(body), status_code=500)
 
     @app.get("/healthz")
     def healthz() -> dict:
@@ -390,6 +438,10 @@ def _deployment_class():
     return RuyiFamily
 
 
+# Per-request caps of CompletionService (params.yaml deploy.*), accepted in a Serve config's args.
+_LIMIT_OPTIONS = ("max_prompts_per_request", "max_total_new_tokens")
+
+
 def build_app(args: dict[str, Any]):
     """Ray Serve application builder (`import_path: tasks.release.serving:build_app` in a Serve config).
 
@@ -398,12 +450,13 @@ def build_app(args: dict[str, Any]):
     replica's `num_cpus` (default 0.5), `num_gpus` (default 0) and `num_replicas` (default 1).
     """
     known = {"release_dir", "store", "model_name", "version", "cache_dir", "max_tokens_limit", "dynamic_threshold",
-             "device", "dtype", "num_cpus", "num_gpus", "num_replicas"}
+             "device", "dtype", "num_cpus", "num_gpus", "num_replicas", *_LIMIT_OPTIONS}
     unknown = sorted(set(args) - known)
     if unknown:
         raise StageError(f"serving app args: unknown key(s) {unknown}; known: {sorted(known)}")
     source = {k: args[k] for k in ("release_dir", "store", "model_name", "version", "cache_dir") if k in args}
-    options = {k: args[k] for k in ("max_tokens_limit", "dynamic_threshold", "device", "dtype") if k in args}
+    options = {k: args[k] for k in ("max_tokens_limit", "dynamic_threshold", "device", "dtype",
+                                    *_LIMIT_OPTIONS) if k in args}
     if "model_name" in args:
         options["model_name"] = args["model_name"]
     actor = {"num_cpus": float(args.get("num_cpus", 0.5)), "num_gpus": float(args.get("num_gpus", 0))}
@@ -541,7 +594,8 @@ def start_serving(source: dict[str, Any] | str | Path, *, host: str = "127.0.0.1
                   model_name: str | None = None, max_tokens_limit: int = 128, dynamic_threshold: float = 0.9,
                   replica_num_cpus: float = 0.5, replica_num_gpus: float = 0.0, device: str = "cpu",
                   dtype: str = "float32", ray_num_cpus: int = 2, object_store_mib: int = 256,
-                  ray_address: str | None = None, ready_timeout_s: float = 180.0) -> ServingSession:
+                  ray_address: str | None = None, ready_timeout_s: float = 180.0,
+                  max_prompts_per_request: int = 16, max_total_new_tokens: int = 4096) -> ServingSession:
     """Starts Ray (unless one runs or `ray_address` is given), Serve on host:port, and the application.
 
     Args:
@@ -564,8 +618,10 @@ def start_serving(source: dict[str, Any] | str | Path, *, host: str = "127.0.0.1
     session = ServingSession(f"http://{client_host}:{port}", runtime)
     try:
         _start_serve(host, port)
-        args = {**source, "max_tokens_limit": max_tokens_limit, "dynamic_threshold": dynamic_threshold,
-                "device": device, "dtype": dtype, "num_cpus": replica_num_cpus, "num_gpus": replica_num_gpus}
+        options = {"max_tokens_limit": max_tokens_limit, "dynamic_threshold": dynamic_threshold, "device": device,
+                   "dtype": dtype, "max_prompts_per_request": max_prompts_per_request,
+                   "max_total_new_tokens": max_total_new_tokens}
+        args = {**source, **options, "num_cpus": replica_num_cpus, "num_gpus": replica_num_gpus}
         if model_name:
             args["model_name"] = model_name
         t0 = time.perf_counter()

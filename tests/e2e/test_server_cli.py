@@ -22,7 +22,10 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-RUYI = str(Path(sys.executable).parent / "ruyi")
+REPO = Path(__file__).resolve().parents[2]
+# `ruyi` is the console script of flows.cli:main (pyproject); run as a module so that the checkout under
+# test is what runs, whatever an installed `ruyi` script points at.
+RUYI = [sys.executable, "-m", "flows.cli"]
 
 
 def _free_port() -> int:
@@ -44,9 +47,13 @@ def _processes_naming(port: int) -> list[str]:
 def test_ruyi_server_serves_both_deployments_and_stops_cleanly(tmp_path):
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_LOGGING_LEVEL="WARNING")
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_LOGGING_LEVEL="WARNING",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     env.pop("PREFECT_API_URL", None)
-    proc = subprocess.Popen([RUYI, "server", "--port", str(port), "--cron", "0 3 * * *"], cwd=tmp_path, env=env,
+    env.pop("PREFECT_UI_API_URL", None)
+    assert port != 4200
+    proc = subprocess.Popen([*RUYI, "server", "--port", str(port), "--cron", "0 3 * * *"], cwd=tmp_path,
+                            env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         nightly = rerun = None
@@ -63,9 +70,13 @@ def test_ruyi_server_serves_both_deployments_and_stops_cleanly(tmp_path):
         assert rerun["schedules"] == []
         assert {"from_stage", "to_stage", "overrides", "push"} <= set(rerun["parameters"])
         assert rerun["parameters"]["workspace"] == str(tmp_path.resolve())
+        # The UI talks to the API it is served with (it used the default port 4200: "Can't connect to
+        # Server API").
+        ui = _get(f"http://127.0.0.1:{port}/ui-settings")
+        assert ui["api_url"] == api, ui
 
-        second = subprocess.run([RUYI, "server", "--port", str(port)], env=env, capture_output=True, text=True,
-                                timeout=60)
+        second = subprocess.run([*RUYI, "server", "--port", str(port)], env=env, capture_output=True,
+                                text=True, timeout=60)
         assert second.returncode == 2 and f"port {port} on 127.0.0.1 is already in use" in second.stderr
     finally:
         if proc.poll() is None:

@@ -254,3 +254,17 @@ def test_final_answer_and_question_key():
     assert question_key("How  many\nApples?") == question_key("how many apples?")
     assert question_key("how many pears?") != question_key("how many apples?")
     assert question_key(3) is None
+
+
+def test_strict_types_a_bool_or_a_numeric_string_is_no_integer(contracts):
+    files = valid_datasets()
+    files["rl.jsonl"][1]["level"] = True     # Python (and GX's type check) count True as the int 1
+    files["rl.jsonl"][2]["level"] = False
+    files["rl.jsonl"][3]["level"] = "2"      # a numeric string
+    files["rl.jsonl"][4]["level"] = 2.0      # a float
+    result = contracts("rl", files)
+    flagged = _flagged(result)
+    assert flagged["expect_column_values_to_be_in_set(_bool_ints)"] == {"rl.jsonl:2", "rl.jsonl:3"}
+    assert flagged["expect_column_values_to_be_of_type(level)"] == {"rl.jsonl:4", "rl.jsonl:5"}
+    assert "level: a JSON integer, never true/false (strict types)" in result.describe()
+    assert contracts("corpus", valid_datasets()).success  # no integer fields: nothing to flag

@@ -308,3 +308,105 @@ def test_a_failed_push_is_retried_and_reported(mini_ws, tmp_path, prefect_api):
     push = [t for t in task_runs if t.name.startswith("dvc-push")]
     assert len(push) == 1 and push[0].run_count == 3, [(t.name, t.run_count) for t in task_runs]
     assert runs(mini_ws) == ["a", "b", "c"]  # the stages themselves completed
+
+
+# --- infrastructure: DVC's output locks and an unreachable Prefect API -----------------------------
+
+
+def _hold_stage_b(ws: Path, seconds: float) -> subprocess.Popen:
+    """A real `dvc repro b` outside the flow (as a run with another PREFECT_HOME, which the workspace's
+    concurrency limit cannot see), inside its stage command, so DVC holds the locks of b's outputs."""
+    import os
+    import time
+
+    env = dict(os.environ, MINI_B_SLEEP=str(seconds))
+    before = attempts(ws).count("b")
+    proc = subprocess.Popen([DVC, "repro", "b", "--single-item", "--force"], cwd=ws, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while attempts(ws).count("b") == before:
+        assert proc.poll() is None and time.monotonic() < deadline, "the holding dvc repro never started b"
+        time.sleep(0.2)
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    import os
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=60)
+
+
+def test_dvc_busy_output_lock_is_infrastructure_and_retried(mini_ws, prefect_api):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    ruyi_pipeline(workspace=str(mini_ws), push=False)
+    holder = _hold_stage_b(mini_ws, 120)
+    try:
+        state = ruyi_pipeline(workspace=str(mini_ws), from_stage="b", to_stage="b", force=True, push=False,
+                              return_state=True)
+        # DVC's own words: "failed to reproduce 'b': '<ws>/<an output of b>' is busy, it is being blocked
+        # by: (PID n): dvc repro b ..."
+        busy = (r"(?s)a transient error \(will retry\).*failed to reproduce 'b': '.*' is busy, "
+                r"it is being blocked by")
+        with pytest.raises(InfrastructureError, match=busy):
+            state.result()
+    finally:
+        _stop(holder)
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    b = [t for t in task_runs if t.name == "b"]
+    # one try and two retries
+    assert len(b) == 1 and b[0].run_count == 3, [(t.name, t.run_count) for t in task_runs]
+
+
+def _ruyi_run(ws: Path, tmp_path: Path, *args: str, **env_extra: str) -> subprocess.CompletedProcess:
+    """`ruyi run` as a user starts it (flows.cli:main), with its own empty Prefect home."""
+    import os
+
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), RUYI_QUIET_STAGES="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               **env_extra)
+    env.pop("PREFECT_API_URL", None)
+    return subprocess.run([sys.executable, "-m", "flows.cli", "run", "--no-push", *args], cwd=ws, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_ruyi_run_exits_1_when_the_dvc_lock_persists(mini_ws, tmp_path, prefect_api):
+    ruyi_pipeline(workspace=str(mini_ws), push=False)
+    holder = _hold_stage_b(mini_ws, 300)
+    try:
+        proc = _ruyi_run(mini_ws, tmp_path, "--from-stage", "b", "--to-stage", "b", "--force")
+    finally:
+        _stop(holder)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "is busy, it is being blocked by" in proc.stderr and "the retries did not help" in proc.stderr
+    assert "not retried" not in proc.stderr
+
+
+def test_ruyi_run_reports_an_unreachable_prefect_api_as_infrastructure(mini_ws, tmp_path):
+    # The embedded Prefect server cannot come up in time (as when several runs start together with
+    # empty Prefect homes): Prefect raises a bare RuntimeError; `ruyi run` explains it and exits 1.
+    proc = _ruyi_run(mini_ws, tmp_path, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert ("error: cannot reach the Prefect API (Timed out while attempting to connect to ephemeral "
+            "Prefect API server)") in proc.stderr
+    assert "Traceback" not in proc.stderr and runs(mini_ws) == []
+
+
+def test_param_override_errors_name_params_yaml_and_the_key(mini_ws):
+    before = (mini_ws / "params.yaml").read_text()
+    with pytest.raises(ParamsError) as err:
+        apply_param_overrides(mini_ws, {"cpt.max_steps": "150"})
+    message = str(err.value)
+    assert message.startswith(f"{mini_ws / 'params.yaml'}: invalid parameters")
+    assert "cpt.max_steps: Input should be a valid integer (got '150')" in message
+    assert "override-check" not in message and not list(mini_ws.glob(".params*"))
+    assert (mini_ws / "params.yaml").read_text() == before  # nothing written
+    changed = apply_param_overrides(mini_ws, {"cpt.max_steps": 151, "cpt.lr": 1e-3})
+    assert changed == ["cpt.max_steps", "cpt.lr"]
+    assert "lr: 0.001" in (mini_ws / "params.yaml").read_text()

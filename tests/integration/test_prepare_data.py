@@ -238,7 +238,7 @@ def test_malformed_rows_name_file_and_row(tmp_path):
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text('{"text": "fine"}\n\n{"text": broken}\n')
     with pytest.raises(StageError, match=r"bad\.jsonl:3: not valid JSON"):
-        load_source(str(bad_json))
+        map_rows([load_source(str(bad_json))], [1, 2, 3])
     no_kind = _write_jsonl(tmp_path / "nokind.jsonl", [{"text": "ok"}, {"title": "what is this"}])
     with pytest.raises(StageError, match=r"nokind\.jsonl:2: a row needs 'text'"):
         map_rows([load_source(str(no_kind))], [1, 2, 3])
@@ -314,3 +314,137 @@ def test_gzipped_jsonl_and_gsm8k_rows_without_solution(tmp_path):
     (tmp_path / "broken.jsonl.gz").write_bytes(b"not gzip")
     with pytest.raises(StageError, match=r"broken\.jsonl\.gz: not a valid gzip file"):
         load_source(str(tmp_path / "broken.jsonl.gz"))
+
+
+# --- bad rows in the user's own files: quarantine (validate_data.on_violation) -------------------
+
+
+def _distinct_patterns(count: int, seed: int) -> list[Problem]:
+    """Generated problems with pairwise different number patterns (each its own split group)."""
+    out, seen = [], set()
+    for p in generate_problems(3 * count, [1, 2, 3], seed=seed):
+        if number_pattern(p.question) not in seen:
+            seen.add(number_pattern(p.question))
+            out.append(p)
+    assert len(out) >= count
+    return out[:count]
+
+
+# (raw JSONL line, expected reason) for 12 different kinds of bad row.
+_BAD_LINES = [
+    ('{"question": "Sam has 3 cats and gets 4 more. How many cats?", "answer": "seven"}',
+     "answer 'seven' is not a number"),
+    ('{"question": "How many legs do 2 ducks have?", "answer": ', "not valid JSON"),
+    ("[1, 2, 3]", "expected a JSON object, got list"),
+    ('{"title": "what is this row"}', "a row needs 'text' (corpus) or 'question' + 'answer'"),
+    ('{"question": "", "answer": "3"}', "field 'question' must be a non-empty string"),
+    ('{"question": "Mia reads 5 pages a day. Pages in 9 days?", "answer": "45", "level": 9}',
+     "field 'level' must be one of"),
+    ('{"question": "Leo buys 6 eggs and eats 2. Eggs left?", "answer": "4", "level": true}',
+     "field 'level' must be one of"),
+    ('{"question": "Ana has 2 bags of 7 apples. Apples?", "answer": "2*7\\n#### 14", "solution": "#### 14"}',
+     "both 'solution' and a worked solution"),
+    ('{"question": "Ben runs 8 km a day for 3 days. Km?", "answer": "8*3 = 24\\n#### "}',
+     "no number after '####'"),
+    ('{"question": "Zoe has 9 pens and loses 5. Pens left?", "answer": "5", "solution": "9-5 = 4\\n#### 4"}',
+     "the solution's final answer 4 differs from answer 5"),
+    ('{"question": "Tim has 12 marbles and gives 5 away. Marbles left?", "answer": null}',
+     "field 'answer' must be"),
+    ('{"question": "Split 1 cake among 3 kids. Cake each?", "answer": "1/3"}', "no finite decimal form"),
+]
+
+
+def _dirty_sources(tmp_path: Path) -> tuple[Path, Path, list[Problem], list[dict], dict[str, str]]:
+    """math.jsonl: 240 valid problems with the 12 bad lines spread among them; corpus.parquet: 20 valid
+    documents and one with a null text (row 21). Returns the files, the valid rows and where -> reason."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    problems = _distinct_patterns(240, seed=21)
+    lines = [json.dumps({"question": p.question, "answer": p.solution}) for p in problems]
+    expected = {}
+    for i, (line, _) in enumerate(_BAD_LINES):
+        at = 5 + i * 20  # 0-based position in the file
+        lines.insert(at, line)
+    math_file = tmp_path / "math.jsonl"
+    math_file.write_text("\n".join(lines) + "\n")
+    for lineno, line in enumerate(lines, 1):
+        for bad, reason in _BAD_LINES:
+            if line == bad:
+                expected[f"{math_file}:{lineno}"] = reason
+    docs = [{"text": r["text"], "source": "wiki"} for r in _user_text(20)]
+    docs.append({"text": None, "source": "wiki"})
+    corpus_file = tmp_path / "corpus.parquet"
+    pq.write_table(pa.Table.from_pylist(docs), corpus_file)
+    expected[f"{corpus_file}:row 21"] = "field 'text' must be a non-empty string"
+    return math_file, corpus_file, problems, docs[:20], expected
+
+
+def _source_params(tmp_path: Path, math_file: Path, corpus_file: Path, mode: str, extra: dict | None = None):
+    return load_params(REPO / "params.yaml", _overrides(tmp_path, {
+        "paths.reports_dir": str(tmp_path / "reports"),
+        "data.sources": [str(math_file), str(corpus_file)], "data.embedded": "never",
+        "data.num_sft": 150, "data.num_rl": 50, "data.num_eval": 40, "data.val_fraction": 0.2,
+        "validate_data.on_violation": mode, **(extra or {})}))
+
+
+def test_bad_user_rows_are_quarantined_and_every_valid_row_published(tmp_path):
+    from tasks.validate_data import run as validate
+
+    math_file, corpus_file, problems, docs, expected = _dirty_sources(tmp_path)
+    params = _source_params(tmp_path, math_file, corpus_file, "quarantine")
+    metrics = run(params)
+    assert metrics["user_rows_quarantined"] == 13
+    assert (metrics["sft"], metrics["rl"], metrics["eval"]) == (150, 50, 40)
+    checked = validate(params)
+    assert checked["source_rows_quarantined"] == 13 and checked["rows_quarantined"] == 13
+
+    validated = tmp_path / "data" / "validated"
+    published = ({r["prompt"] for r in read_jsonl(validated / "sft.jsonl")}
+                 | {r["question"] for r in read_jsonl(validated / "rl.jsonl")}
+                 | {r["question"] for r in read_jsonl(validated / "eval.jsonl")})
+    assert published == {p.question for p in problems}  # all 240 valid problems, nothing else
+    corpus = read_jsonl(validated / "corpus_train.jsonl") + read_jsonl(validated / "corpus_val.jsonl")
+    assert sorted(r["text"] for r in corpus if r["source"] == "wiki") == sorted(d["text"] for d in docs)
+
+    quarantined = read_jsonl(tmp_path / "data" / "quarantine" / "sources.jsonl")
+    assert {r["where"]: r["reasons"][0]["description"] for r in quarantined}.keys() == expected.keys()
+    for row in quarantined:
+        assert expected[row["where"]] in row["reasons"][0]["description"], row
+        assert row["file"] in (str(math_file), str(corpus_file)) and row["line"] > 0
+    seven = next(r for r in quarantined if "seven" in r["reasons"][0]["description"])
+    assert seven["row"]["answer"] == "seven" and seven["line"] == 6
+    summary = json.loads((tmp_path / "data" / "quarantine" / "summary.json").read_text())
+    assert summary["sources"] == {str(math_file): 12, str(corpus_file): 1}
+    manifest = json.loads((tmp_path / "data" / "raw" / "manifest.json").read_text())
+    assert manifest["sources"]["user"]["files"][str(math_file)]["quarantined"] == 12
+
+
+def test_bad_user_rows_fail_mode_and_quarantine_limit(tmp_path):
+    math_file, corpus_file, _, _, expected = _dirty_sources(tmp_path)
+    # fail (the default): the first bad row stops the stage, naming file:line; nothing is published.
+    cmd = [sys.executable, "-m", "tasks.prepare_data", "--params", str(REPO / "params.yaml"),
+           "--set", f"paths.data_dir={tmp_path / 'data'}", "--set", "data.embedded=never",
+           "--set", f"data.sources=[{math_file}, {corpus_file}]"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    first = next(iter(expected))
+    assert f"error: {first}: answer 'seven' is not a number" in proc.stderr
+    assert not (tmp_path / "data" / "raw").exists()
+    # quarantine, but more bad rows than validate_data.max_quarantine_fraction allows in a file.
+    params = _source_params(tmp_path, math_file, corpus_file, "quarantine",
+                            {"validate_data.max_quarantine_fraction": 0.04})
+    limit = (rf"{re.escape(str(math_file))}: 12 of 252 rows \(4\.8%\) are bad, over "
+             r"validate_data\.max_quarantine_fraction=0\.04; first: .*math\.jsonl:6")
+    with pytest.raises(StageError, match=limit):
+        run(params)
+    assert not (tmp_path / "data" / "raw").exists()
+
+
+def test_invalid_utf8_is_named_by_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"text": "fine"}\n{"text": "also fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(StageError, match=r"latin1\.jsonl:3: not UTF-8 text \(byte 0xe9 at column 14"):
+        load_source(str(path))
+    with pytest.raises(StageError, match=r"latin1\.jsonl:3: not UTF-8 text"):
+        read_jsonl(path)

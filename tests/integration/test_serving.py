@@ -380,6 +380,80 @@ def test_serve_config_builds_the_app(tmp_path):
     source, options = deployment.init_args
     assert source["model_name"] == "ruyi-tiny" and source["store"]["backend"] == "s3"
     assert options == {"max_tokens_limit": 512, "dynamic_threshold": 0.9, "device": "auto", "dtype": "bfloat16",
-                       "model_name": "ruyi-tiny"}
+                       "model_name": "ruyi-tiny", "max_prompts_per_request": 16, "max_total_new_tokens": 8192}
     with pytest.raises(StageError, match=r"unknown key\(s\) \['num_gpu'\]"):
         build_app({**spec["args"], "num_gpu": 1})
+
+
+# --- requests that used to give 500, and per-request caps -------------------------------------------
+
+_JSON = {"content-type": "application/json"}
+
+
+@pytest.mark.parametrize(("raw", "param"), [
+    (b'{"model": "exit_2", "prompt": "hi", "temperature": NaN}', "temperature"),
+    (b'{"model": "exit_2", "prompt": "hi", "top_p": Infinity}', "top_p"),
+    (b'{"model": "dynamic", "prompt": "hi", "threshold": -Infinity}', "threshold"),
+    (b'{"model": "exit_2", "prompt": "hi", "seed": NaN}', "seed"),
+])
+def test_non_finite_numbers_are_422_naming_the_field(client, raw, param):
+    # Python's JSON parser reads NaN/Infinity; the error body must still be strict JSON (it was a 500).
+    r = client.post("/v1/completions", content=raw, headers=_JSON)
+    assert r.status_code == 422, r.text
+
+    def refuse(constant):
+        raise AssertionError(f"the error body is not strict JSON: {constant}")
+
+    body = json.loads(r.text, parse_constant=refuse)  # NaN/Infinity only as strings
+    assert body["error"]["param"] == param and param in body["error"]["message"]
+    assert "finite number" in body["error"]["message"] or "valid integer" in body["error"]["message"]
+    after = client.post("/v1/completions", json={"model": "exit_2", "prompt": "hi", "max_tokens": 2})
+    assert after.status_code == 200
+
+
+@pytest.mark.parametrize(("path", "raw", "param"), [
+    ("/v1/completions", b'{"model": "exit_2", "prompt": "\\ud800 hi"}', "prompt"),
+    ("/v1/completions", b'{"model": "exit_2", "prompt": ["fine", "bad \\udfff"]}', "prompt.1"),
+    ("/v1/completions", b'{"model": "exit_2", "prompt": "hi", "stop": ["\\ud83d"]}', "stop"),
+    ("/v1/chat/completions",
+     b'{"model": "exit_2", "messages": [{"role": "user", "content": "ok"}, '
+     b'{"role": "assistant", "content": "\\udc00"}]}',
+     "messages.1.content"),
+])
+def test_lone_surrogates_are_400_naming_the_field(client, path, raw, param):
+    r = client.post(path, content=raw, headers=_JSON)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["code"] == "invalid_text"
+    assert error["message"].startswith(f"{param}: not valid Unicode text (a lone surrogate \\u")
+    # a valid emoji (a surrogate *pair* in JSON) is fine
+    ok = client.post("/v1/completions", headers=_JSON,
+                     content=b'{"model": "exit_2", "prompt": "hi \\ud83d\\ude00", "max_tokens": 2}')
+    assert ok.status_code == 200, ok.text
+
+
+def test_prompts_and_new_tokens_per_request_are_capped(export_dir):
+    capped = TestClient(create_app(CompletionService(export_dir, model_name="tiny", max_tokens_limit=64,
+                                                     max_prompts_per_request=3, max_total_new_tokens=100)))
+    r = capped.post("/v1/completions", json={"model": "exit_2", "prompt": list("abcd"), "max_tokens": 1})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_prompts"
+    assert "4 prompts in one request; this server takes at most 3" in r.json()["error"]["message"]
+    r = capped.post("/v1/completions", json={"model": "exit_2", "prompt": ["a", "b", "c"], "max_tokens": 34})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "max_tokens"
+    message = r.json()["error"]["message"]
+    assert "3 prompts x max_tokens=34 = 102 new tokens; this server generates at most 100" in message
+    r = capped.post("/v1/completions", json={"model": "exit_2", "prompt": ["a", "b", "c"], "max_tokens": 2})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 3
+    # The defaults come from params.yaml deploy (16 prompts, 4096 new tokens).
+    deploy = load_params(REPO / "params.yaml").deploy
+    assert (deploy.max_prompts_per_request, deploy.max_total_new_tokens) == (16, 4096)
+
+
+def test_lone_surrogates_elsewhere_are_client_errors(client):
+    for raw in (b'{"model": "\\ud800", "prompt": "hi"}',                                   # unknown model: 404
+                b'{"model": "exit_2", "messages": [{"role": "\\ud800", "content": "x"}]}',  # schema: 422
+                b'{"model": "exit_2", "prompt": "hi", "user": "\\udfff", "nonsense": "\\ud800"}'):
+        path = "/v1/chat/completions" if b"messages" in raw else "/v1/completions"
+        r = client.post(path, content=raw, headers=_JSON)
+        assert 400 <= r.status_code < 500, r.text
+        assert r.json()["error"]["message"]

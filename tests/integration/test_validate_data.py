@@ -160,3 +160,20 @@ def test_raw_file_changed_after_manifest(tmp_path):
 def test_missing_raw_data(tmp_path):
     with pytest.raises(StageError, match="run the prepare_data stage first"):
         run(params_for_tests(tmp_path))
+
+
+def test_bool_level_is_not_published_as_an_integer(tmp_path):
+    files = valid_datasets()
+    files["rl.jsonl"][4]["level"] = True
+    write_raw(tmp_path, files)
+    expected = r"(?s)rl \(rl\.jsonl\).*level: a JSON integer, never true/false.*rl\.jsonl:5: 'level'"
+    with pytest.raises(ContractViolation, match=expected):
+        run(params_for_tests(tmp_path))
+    assert not (tmp_path / "data" / "validated").exists()
+    metrics = run(params_for_tests(tmp_path, **{"validate_data.on_violation": "quarantine",
+                                                "validate_data.max_quarantine_fraction": 0.2}))
+    assert metrics["datasets"]["rl.jsonl"]["rows_quarantined"] == 1
+    published = [json.loads(line) for line in _lines(tmp_path / "data" / "validated" / "rl.jsonl")]
+    assert len(published) == 9 and all(type(r["level"]) is int for r in published)
+    quarantined = [json.loads(line) for line in _lines(tmp_path / "data" / "quarantine" / "rl.jsonl")]
+    assert [q["line"] for q in quarantined] == [5] and quarantined[0]["row"]["level"] is True

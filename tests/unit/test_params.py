@@ -115,3 +115,109 @@ def test_ruyi_help_is_fast():
                          text=True).stderr
     for heavy in ("torch", "transformers", "prefect", "ray", "great_expectations"):
         assert f" {heavy}\n" not in out and f"| {heavy}\n" not in out, f"ruyi imports {heavy} at start-up"
+
+
+# --- strict types and YAML 1.2 scalars -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "key", "shown"), [
+    ('cpt:\n  max_steps: "150"\n', "cpt.max_steps", "'150'"),      # a string is no int
+    ("cpt:\n  max_steps: true\n", "cpt.max_steps", "True"),         # a bool is no int (it was 1)
+    ("cpt:\n  max_steps: 150.0\n", "cpt.max_steps", "150.0"),       # nor is a float
+    ('model:\n  shared_heads: "no"\n', "model.shared_heads", "'no'"),  # a string is no bool
+    ("model:\n  shared_heads: no\n", "model.shared_heads", "'no'"),    # YAML 1.2: `no` is a string
+    ("model:\n  shared_heads: 0\n", "model.shared_heads", "0"),        # an int is no bool
+    ("cpt:\n  lr: true\n", "cpt.lr", "True"),                          # a bool is no float
+    ('cpt:\n  lr: "0.001"\n', "cpt.lr", "'0.001'"),                    # a quoted number is a string
+    ("seed: [1]\n", "seed", "[1]"),
+])
+def test_types_are_strict_and_errors_name_key_and_value(tmp_path, text, key, shown):
+    with pytest.raises(ParamsError) as err:
+        load_params(write(tmp_path, text))
+    assert f"  {key}: " in str(err.value) and f"(got {shown})" in str(err.value)
+    assert str(tmp_path / "params.yaml") in str(err.value)
+
+
+def test_yaml_12_floats_and_ints_for_float_fields(tmp_path):
+    p = load_params(write(tmp_path, "cpt:\n  lr: 1e-3\n  grad_clip: 2\nmodel:\n  rms_norm_eps: 1E-6\n"
+                                    "  shared_heads: true\nrl:\n  temperature: .5\n"))
+    assert (p.cpt.lr, p.cpt.grad_clip, p.model.rms_norm_eps, p.rl.temperature) == (0.001, 2.0, 1e-6, 0.5)
+    assert type(p.cpt.lr) is float and type(p.cpt.grad_clip) is float and p.model.shared_heads is True
+
+
+def test_set_values_are_yaml_scalars_checked_strictly():
+    from tasks.core.stage import parse_overrides
+
+    sets = parse_overrides(["cpt.max_steps=150", "cpt.lr=1e-3", "model.shared_heads=false",
+                            "data.math_levels=[1, 2]"])
+    assert sets == {"cpt.max_steps": 150, "cpt.lr": 0.001, "model.shared_heads": False,
+                    "data.math_levels": [1, 2]}
+    p = load_params(REPO / "params.yaml", sets)
+    assert (p.cpt.max_steps, p.cpt.lr, p.model.shared_heads) == (150, 0.001, False)
+    with pytest.raises(ParamsError, match=r"cpt\.max_steps: Input should be a valid integer \(got '150'\)"):
+        load_params(REPO / "params.yaml", parse_overrides(['cpt.max_steps="150"']))
+
+
+def test_stage_cli_refuses_a_quoted_number_naming_params_yaml_and_key(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "tasks.cpt", "--params", str(REPO / "params.yaml"),
+                           "--set", 'cpt.max_steps="150"'], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2
+    assert f"{REPO / 'params.yaml'}: invalid parameters" in proc.stderr
+    assert "cpt.max_steps: Input should be a valid integer (got '150')" in proc.stderr
+
+
+# --- threads ---------------------------------------------------------------------------------------
+
+_PROBE = """
+import sys
+from tasks.core.stage import stage_main
+
+def run(params):
+    import torch  # imported after stage_main set the threads, as the stages that import it lazily
+    print("torch threads", torch.get_num_threads(), "param", params.threads, flush=True)
+
+sys.exit(stage_main("probe", "", run, sys.argv[1:]))
+"""
+
+
+def _probe(args: list[str], env_omp: str | None, cpus: str | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    if env_omp is not None:
+        env["OMP_NUM_THREADS"] = env_omp
+    env["PYTHONPATH"] = str(REPO)
+    cmd = [sys.executable, "-c", _PROBE, "--params", str(REPO / "params.yaml"), *args]
+    if cpus is not None:
+        cmd = ["taskset", "-c", cpus, *cmd]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_threads_parameter_sets_and_logs_torch_threads():
+    import os
+    import shutil
+
+    proc = _probe(["--set", "threads=1"], env_omp="2")  # the parameter wins over the environment
+    assert proc.returncode == 0, proc.stderr
+    assert "torch threads 1 param 1" in proc.stdout
+    assert proc.stderr.count("intra-op threads: 1 (threads=1;") == 1  # logged once
+    cpus = len(os.sched_getaffinity(0))
+    proc = _probe([], env_omp=None)  # auto: the CPUs this process may use
+    assert f"torch threads {cpus} param auto" in proc.stdout, proc.stderr
+    assert f"intra-op threads: {cpus} (threads=auto: {cpus} CPUs available to this process)" in proc.stderr
+    proc = _probe([], env_omp="1")  # auto, capped by OMP_NUM_THREADS
+    assert "torch threads 1 param auto" in proc.stdout, proc.stderr
+    if shutil.which("taskset") and cpus > 1:  # auto follows the affinity mask, not the machine's cores
+        proc = _probe([], env_omp=None, cpus="0")
+        assert "torch threads 1 param auto" in proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize(("value", "shown"),
+                         [("0", "0"), ("many", "'many'"), ("true", "True"), ('"2"', "'2'")])
+def test_bad_threads_are_named(value, shown):
+    proc = _probe(["--set", f"threads={value}"], env_omp=None)
+    assert proc.returncode == 2
+    assert "threads: Value error, must be 'auto' or a positive integer" in proc.stderr
+    assert f"(got {shown})" in proc.stderr
+    assert "torch threads" not in proc.stdout
