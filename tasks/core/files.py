@@ -117,8 +117,36 @@ def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
             f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
 
 
+#: Words that mark a metric as measured (a timing, a throughput, a run id, whether a run resumed): its
+#: value depends on the machine or the run's history, not only on data, params, code and seeds.
+MEASURED_WORDS = frozenset({"s", "ms", "seconds", "time", "latency", "wall", "elapsed", "run_id"})
+#: Whole keys that are measured although no word of theirs says so.
+MEASURED_KEYS = frozenset({"resumed_from_step", "stale_checkpoint", "skipped_checkpoints", "run_id",
+                           "created", "device", "threads", "torch_threads"})
+
+
+def is_measured(key: str) -> bool:
+    """Whether a metric key names a measured value (`wall_s`, `tokens_per_s`, `latency_ms_p50`, ...)."""
+    return key in MEASURED_KEYS or bool(MEASURED_WORDS & set(key.split("_")))
+
+
+def reproducible_part(metrics: dict[str, Any]) -> dict[str, Any]:
+    """`metrics` without its measured entries (`is_measured`), recursively through nested dicts."""
+    out = {}
+    for key, value in metrics.items():
+        if is_measured(str(key)):
+            continue
+        out[key] = reproducible_part(value) if isinstance(value, dict) else value
+    return out
+
+
 def write_metrics(params: Params, stage: str, metrics: dict[str, Any]) -> Path:
-    path = Workspace.from_params(params).metrics(stage)
+    """Writes `metrics/<stage>.json` (everything, timings included) and its reproducible part,
+    `metrics/reproducible/<stage>.json`: the file dvc.yaml declares as the stage's output and audits
+    compare bitwise (`ruyi audit`); the complete file is a measured, top-level DVC metric."""
+    ws = Workspace.from_params(params)
+    path = ws.metrics(stage)
+    write_json(ws.reproducible_metrics(stage), reproducible_part(metrics))
     write_json(path, metrics)
     return path
 

@@ -108,6 +108,11 @@ class Workspace:
         """A stage's metrics file (`metrics/<stage>.json`)."""
         return self.metrics_dir / f"{stage}.json"
 
+    def reproducible_metrics(self, stage: str) -> Path:
+        """The reproducible part of a stage's metrics (`metrics/reproducible/<stage>.json`): what audits
+        compare (the complete `metrics/<stage>.json` holds timings too)."""
+        return self.metrics_dir / "reproducible" / f"{stage}.json"
+
     def plots(self, stage: str) -> Path:
         """A stage's plots directory (`plots/<stage>/`), created if missing."""
         path = self.plots_dir / stage
