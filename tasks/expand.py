@@ -3,7 +3,7 @@
     python -m tasks.expand [--params params.yaml] [--set expand.num_blocks=3 --set expand.init=clone ...]
     ruyi stage expand ...
 
-Reads   artifacts/cpt/ (the jointly trained family), data/validated/corpus_train.jsonl, corpus_val.jsonl
+Reads   artifacts/family_sft/ (the jointly trained and tuned family), data/validated/corpus_train.jsonl, corpus_val.jsonl
 Writes  artifacts/expand/ (the expanded, trained family), checkpoints in artifacts/checkpoints/expand/,
         metrics/expand.json, plots/expand/loss.png + loss.csv
 
@@ -194,7 +194,7 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
     from tasks.training.batches import check_seq_len
 
     cfg = params.expand
-    src = stage_dir(params, "cpt")
+    src = stage_dir(params, "family_sft")
     base, tokenizer = load_family(src)
     check_tokenizer(tokenizer, src)
     d = resolve_dae_exit(params, base, src)
@@ -204,11 +204,11 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
     others = [e for e in base.config.exit_layers if e != d]
     probe = data.stem_val[0]["input_ids"][:2]
     # Digests are taken on the input family: the frozen tensors and the other members must leave
-    # this stage exactly as they came from cpt.
+    # this stage exactly as they came from family_sft.
     snapshot = snapshot_members(base, others, probe)
 
     info = fingerprint_info(STAGE, cfg, seed=params.seed, model=params.model,
-                                     inputs={**data.inputs, "cpt": dir_sha256(src)},
+                                     inputs={**data.inputs, "family_sft": dir_sha256(src)},
                                      extra={"dae_exit": d})
     checkpointer = Checkpointer(checkpoint_dir(params, STAGE), info)
     model, result, dae_info = train_dae(base, params, data, checkpointer=checkpointer, callbacks=callbacks)
