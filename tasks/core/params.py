@@ -308,6 +308,10 @@ class CompressParams(_Section):
     loss_batches: PositiveInt = 4
     # Quality budget: relative loss increase allowed on every exit (reported, not enforced here).
     max_relative_loss_increase: Fraction = 0.02
+    # Greedy exact-match accuracy of the DaE member before DaE / dense / decomposed on the first this
+    # many eval.jsonl problems (0 = not measured), with at most `max_new_tokens` new tokens each.
+    accuracy_problems: NonNegInt = 100
+    max_new_tokens: PositiveInt = 64
 
 
 class EvaluateParams(_Section):
