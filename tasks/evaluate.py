@@ -12,7 +12,7 @@ Reads:
 Writes:
     metrics/eval.json          per exit `exit_<d>`: loss, perplexity, solution_loss, solution_perplexity,
                                accuracy, answered, accuracy_by_level, params, layers, tokens_per_s,
-                               ms_per_token (what the issue asks for in one file)
+                               ms_per_token; vocab_size and ln_vocab (a uniform model's loss, for the gates)
     metrics/eval_quality.json  the same without the timings: bitwise reproducible on CPU, the file
                                `dvc repro` audits compare
     metrics/eval_speed.json    the timings alone (runs, median, threads): measured, not reproducible
@@ -239,7 +239,8 @@ def run(params: Params) -> dict:
 
     quality, generations = evaluate_family(model, tokenizer, corpus, problems, cfg, eval_file)
     exits = list(model.config.exit_layers)
-    common = {"checkpoint": str(checkpoint), "exits": exits, "num_problems": len(problems)}
+    common = {"checkpoint": str(checkpoint), "exits": exits, "num_problems": len(problems),
+              "vocab_size": model.config.vocab_size, "ln_vocab": round(math.log(model.config.vocab_size), 6)}
     quality = {**common, **quality}
 
     speed_prompt = encode_prompts(tokenizer, [str(problems[0]["question"])])[0]
