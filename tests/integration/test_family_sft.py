@@ -74,3 +74,14 @@ def test_family_sft_trains_every_member(workspace):
 def test_stage1_steps_must_leave_stage2_steps(workspace):
     with pytest.raises(ParamsError, match=r"stage1_steps \(8\) must be < max_steps \(8\)"):
         load(workspace, family_sft__stage1_steps=8)
+
+
+def test_the_tiny_profile_keeps_the_dae_member_cheaper_than_the_next_member():
+    from tasks.core.params import load_params
+
+    params = load_params(Path(__file__).resolve().parents[2] / "params.yaml")
+    exits = list(params.model.exit_layers)
+    d = params.dae_exit
+    deeper = [e for e in exits if e > d]
+    assert deeper and d + params.expand.num_blocks < min(deeper), (exits, d, params.expand.num_blocks)
+    assert params.data.math_levels == [1] and params.family_sft.stage1_steps < params.family_sft.max_steps
