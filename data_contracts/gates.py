@@ -1,7 +1,7 @@
 """Model quality gates as a Great Expectations suite over one row per exit.
 
 `gates_frame` builds the frame (index `exit_<d>`: exit, loss, accuracy, relative_loss_change,
-loss_vs_shallower) from `metrics/eval_quality.json` (or eval.json) and `metrics/compress.json`; a value
+loss_vs_shallower, loss_margin below ln V, accuracy_over_floor, rl_accuracy_change) from `metrics/eval_quality.json` (or eval.json), `metrics/compress.json` and `metrics/rl.json`; a value
 that is missing or not a number becomes null and fails its row; a file without `exit_<d>` entries is a
 ValueError. `gates_suite` holds the gates. Run by `python -m tasks.gates`. The gates: docs/choices.md#gates.
 """
@@ -42,17 +42,22 @@ def _number(value: Any) -> float | None:
 
 
 def gates_frame(eval_metrics: dict[str, Any], compress_metrics: dict[str, Any],
-                where: tuple[str, str] = ("metrics/eval_quality.json", "metrics/compress.json")):
+                where: tuple[str, ...] = ("metrics/eval_quality.json", "metrics/compress.json", "metrics/rl.json"),
+                rl_metrics: dict[str, Any] | None = None, accuracy_floor: Any = None):
     """One row per exit (index "exit_<d>", sorted by depth) with the gated quantities.
 
     Args:
         eval_metrics: the evaluate stage's metrics (`exit_<d>` -> {"loss", "accuracy", ...}).
         compress_metrics: the compress stage's metrics (`exit_<d>` -> {"relative_loss_change", ...}).
         where: the files they came from, for error messages.
+        rl_metrics: the rl stage's metrics (`exit_<d>` -> {"accuracy_start", "accuracy_end"} for the
+            members it trained); None: no rl_accuracy_change.
+        accuracy_floor: `exit -> floor` (callable); None: floor 0.
 
     Returns:
-        DataFrame of shape (exits, 5): exit (int), loss, accuracy, relative_loss_change,
-        loss_vs_shallower (float; NaN where missing or for the shallowest exit).
+        DataFrame of shape (exits, 8): exit (int), loss, accuracy, relative_loss_change,
+        loss_vs_shallower (float; NaN where missing or for the shallowest exit), loss_margin,
+        accuracy_over_floor, rl_accuracy_change (NaN for the members rl did not train).
 
     Raises:
         ValueError: a file is not an object or has no exit entries (message names the file).
@@ -61,25 +66,38 @@ def gates_frame(eval_metrics: dict[str, Any], compress_metrics: dict[str, Any],
 
     evals = _exit_entries(eval_metrics, where[0])
     compress = _exit_entries(compress_metrics, where[1])
+    rl = _exit_entries(rl_metrics, where[2]) if rl_metrics is not None else {}
+    ln_vocab = _number(eval_metrics.get("ln_vocab")) if isinstance(eval_metrics, dict) else None
     exits = sorted(set(evals) | set(compress))
     rows = []
     best: float | None = None
     for d in exits:
         loss = _number(evals.get(d, {}).get("loss"))
+        accuracy = _number(evals.get(d, {}).get("accuracy"))
         ratio = None if best is None or loss is None or best <= 0 else loss / best
-        rows.append({"exit": d, "loss": loss, "accuracy": _number(evals.get(d, {}).get("accuracy")),
+        floor = float(accuracy_floor(d)) if accuracy_floor is not None else 0.0
+        rl_change = None
+        if d in rl:
+            start, end = _number(rl[d].get("accuracy_start")), _number(rl[d].get("accuracy_end"))
+            rl_change = None if start is None or end is None else end - start
+        rows.append({"exit": d, "loss": loss, "accuracy": accuracy,
                      "relative_loss_change": _number(compress.get(d, {}).get("relative_loss_change")),
-                     "loss_vs_shallower": ratio})
+                     "loss_vs_shallower": ratio,
+                     "loss_margin": None if ln_vocab is None or loss is None else ln_vocab - loss,
+                     "accuracy_over_floor": None if accuracy is None else accuracy - floor,
+                     "rl_accuracy_change": rl_change})
         if loss is not None:
             best = loss if best is None else min(best, loss)
     frame = pd.DataFrame(rows, index=pd.Index([f"exit_{d}" for d in exits], dtype=object))
-    for column in ("loss", "accuracy", "relative_loss_change", "loss_vs_shallower"):
+    for column in ("loss", "accuracy", "relative_loss_change", "loss_vs_shallower", "loss_margin",
+                   "accuracy_over_floor", "rl_accuracy_change"):
         frame[column] = frame[column].astype("float64")
     return frame
 
 
 def gates_suite(exit_layers: list[int], max_loss: float, depth_tolerance: float,
-                max_relative_loss_increase: float, min_accuracy: float) -> gx.ExpectationSuite:
+                max_relative_loss_increase: float, min_accuracy: Any, min_loss_margin: float = 0.0,
+                max_rl_accuracy_drop: float = 0.0, rl_members: list[int] | None = None) -> gx.ExpectationSuite:
     """The gates as an expectation suite (docs/choices.md#gates lists each gate)."""
     expectations = [
         gxe.ExpectColumnDistinctValuesToEqualSet(
@@ -99,9 +117,20 @@ def gates_suite(exit_layers: list[int], max_loss: float, depth_tolerance: float,
             column="relative_loss_change", max_value=max_relative_loss_increase,
             description=f"compression within budget: relative loss increase <= "
                         f"compress.max_relative_loss_increase={max_relative_loss_increase}"),
+        gxe.ExpectColumnValuesToNotBeNull(column="loss_margin",
+                                          description="loss margin below ln(vocab) reported (eval metrics' ln_vocab)"),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="loss_margin", min_value=min_loss_margin,
+            description=f"held-out loss at least gates.min_loss_margin={min_loss_margin} nats below ln(vocab_size) "
+                        "(a uniform model's loss)"),
         gxe.ExpectColumnValuesToNotBeNull(column="accuracy", description="accuracy reported"),
         gxe.ExpectColumnValuesToBeBetween(
-            column="accuracy", min_value=min_accuracy, max_value=1.0,
-            description=f"accuracy at least gates.min_accuracy={min_accuracy}"),
+            column="accuracy_over_floor", min_value=0.0,
+            description=f"accuracy at least its floor gates.min_accuracy={min_accuracy}"),
     ]
+    if rl_members:
+        expectations.append(gxe.ExpectColumnValuesToBeBetween(
+            column="rl_accuracy_change", min_value=-max_rl_accuracy_drop,
+            description=f"RL-trained members {list(rl_members)} not worse after rl than before "
+                        f"(drop at most gates.max_rl_accuracy_drop={max_rl_accuracy_drop})"))
     return gx.ExpectationSuite(name=SUITE, expectations=expectations)

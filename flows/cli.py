@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-STAGES = ["prepare_data", "validate_data", "tokenizer", "cpt", "expand", "sft", "rl", "compress",
+STAGES = ["prepare_data", "validate_data", "tokenizer", "cpt", "family_sft", "expand", "sft", "rl", "compress",
           "evaluate", "gates", "export", "deploy"]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,

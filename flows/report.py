@@ -31,6 +31,36 @@ def summary_rows(metrics_dir: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def recipe_lines(metrics_dir: str | Path) -> list[str]:
+    """The recipe's gains in words: DaE (member before vs after expansion), rl (before/after, steps with a
+    gradient) and compression (removed shares, gain retained); a missing metrics file gives no line."""
+    metrics_dir = Path(metrics_dir)
+    comp, rl = _read(metrics_dir / "compress.json"), _read(metrics_dir / "rl.json")
+
+    def pct(v, spec=".1%"):
+        return "-" if v is None else format(v, spec)
+
+    lines = []
+    control = comp.get("dae_control") or {}
+    if control:
+        before, dense, svd = (control.get(k) or {} for k in ("before_dae", "dense", "decomposed"))
+        retained = control.get("gain_retained") or {}
+        lines.append(f"DaE (exit {comp.get('dae_exit')}): accuracy {pct(before.get('accuracy'))} before DaE -> "
+                     f"{pct(dense.get('accuracy'))} dense -> {pct(svd.get('accuracy'))} decomposed; gain retained: "
+                     f"accuracy {pct(retained.get('accuracy'), '.2f')}, solution loss "
+                     f"{pct(retained.get('solution_loss'), '.2f')}")
+    if rl:
+        steps = rl.get("steps") or 0
+        lines.append(f"rl ({rl.get('algorithm')}, members {rl.get('members')}): held-out accuracy "
+                     f"{pct(rl.get('accuracy_start'))} -> {pct(rl.get('accuracy_end'))}; steps with a gradient "
+                     f"{rl.get('steps_with_gradient', '-')}/{steps}")
+    removed = comp.get("removed_fraction") or {}
+    if removed:
+        lines.append(f"compression: removed {pct(removed.get('blocks'))} of the DaE blocks, "
+                     f"{pct(removed.get('head'))} of the head, {pct(removed.get('blocks_and_head'))} of both")
+    return lines
+
+
 def print_summary(params_path: str | Path = "params.yaml") -> None:
     from rich.console import Console
     from rich.table import Table
@@ -49,6 +79,8 @@ def print_summary(params_path: str | Path = "params.yaml") -> None:
         table.add_row(r["exit"], fmt(r["loss"], ".3f"), fmt(r["accuracy"], ".1%"), fmt(r["tokens_per_s"], ".1f"),
                       fmt(r["params"], ","), fmt(r["compress_change"], "+.2%"))
     console.print(table)
+    for line in recipe_lines(params.paths.metrics_dir):
+        console.print(line)
     for name, where in result_paths(params).items():
         console.print(f"[bold]{name}[/bold]: {where}")
 

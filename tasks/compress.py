@@ -4,7 +4,9 @@
 
 Reads `artifacts/rl/` and the validated corpus_train, corpus_val, sft and eval files (calibration, a
 healing-decision slice, reported held-out losses). Writes `artifacts/compress/`, `metrics/compress.json`
-(added parameters before/after, per exit relative loss changes, `within_budget`, healing decision),
+(added parameters before/after, per exit relative loss changes, `within_budget`, healing decision,
+`removed_fraction` of blocks / head / both, and `dae_control`: the DaE member's loss and accuracy before
+DaE (from `artifacts/family_sft/`), dense and after SVD, with `gain_retained`),
 `reports/compress/` (per-matrix ranks, healing-selection ids) and `plots/compress/`.
 Choices (added parameters, allocation, calibration, healing): docs/choices.md#compress.
 """
@@ -31,11 +33,7 @@ log = logging.getLogger("ruyi.compress")
 
 def added_parameters(model, exit_layer: int) -> int:
     """Parameters of member `exit_layer`'s DaE blocks plus its head (low-rank: the two factors)."""
-    cfg = model.config
-    n_branch = cfg.branch_layers(exit_layer)
-    blocks = list(model.exits[str(exit_layer)].layers)[n_branch:n_branch + cfg.num_dae_blocks(exit_layer)]
-    modules = [*blocks, model.exit_head(exit_layer)]
-    return sum(p.numel() for m in modules for p in m.parameters())
+    return sum(added_parts(model, exit_layer).values())
 
 
 def healing_parameters(model, exit_layer: int) -> list[tuple[str, object]]:
@@ -290,18 +288,95 @@ def _plot(report: dict, heal_losses: list[float], out_dir: Path) -> None:
     save_figure(fig, out_dir / "compress.png")
 
 
-def run(params: Params) -> dict:
-    """Decomposes the DaE member of artifacts/rl, heals it, writes artifacts/compress; returns the metrics."""
-    from ruyi_model.dae import dae_trainable_parameters, decompose
-    from tasks.training.batches import build_sft_examples, fixed_batches
-    from tasks.training.members import device_for_training, members_unchanged, snapshot_members
+@dataclass
+class HeldoutSets:
+    """The reported held-out data (the same before and after; they decide nothing)."""
 
-    cfg, ws = params.compress, Workspace.from_params(params)
-    seed_everything(params.seed)
-    source = ws.artifacts("rl")
+    corpus_batches: list
+    solution_batches: list
+    problems: list[dict[str, Any]]     # eval rows for the DaE member's accuracy
+    val_rows: list[dict[str, Any]]
+    eval_rows: list[dict[str, Any]]    # every eval.jsonl row (the selection slice must avoid them all)
+
+
+@dataclass
+class MemberState:
+    """One member's quality in one state: held-out corpus loss, eval-solution loss (nats), accuracy."""
+
+    loss: float
+    solution_loss: float
+    accuracy: float | None
+
+    def to_dict(self) -> dict[str, float | None]:
+        return {"loss": self.loss, "solution_loss": self.solution_loss, "accuracy": self.accuracy}
+
+
+@dataclass
+class HealOutcome:
+    losses: list[float]
+    kept: bool | None
+    selection: dict[str, Any]
+
+
+def gain_retained(before: float | None, dense: float | None, svd: float | None) -> float | None:
+    """`(svd - before) / (dense - before)`: the share of DaE's gain (dense vs before DaE) the decomposed
+    member keeps; 1 for a lossless decomposition, 0 when it falls back to the member before DaE. None when
+    a value is missing or DaE changed nothing (no gain to retain)."""
+    if before is None or dense is None or svd is None or dense == before:
+        return None
+    return (svd - before) / (dense - before)
+
+
+def added_parts(model, exit_layer: int) -> dict[str, int]:
+    """Parameters of member `exit_layer`'s DaE blocks and of its head (low-rank: the two factors)."""
+    cfg = model.config
+    n_branch = cfg.branch_layers(exit_layer)
+    blocks = list(model.exits[str(exit_layer)].layers)[n_branch:n_branch + cfg.num_dae_blocks(exit_layer)]
+    return {"blocks": sum(p.numel() for m in blocks for p in m.parameters()),
+            "head": sum(p.numel() for p in model.exit_head(exit_layer).parameters())}
+
+
+def removed_fractions(before: dict[str, int], after: dict[str, int]) -> dict[str, float]:
+    """Removed share of the DaE blocks alone, of the head alone and of both together."""
+    total_b, total_a = sum(before.values()), sum(after.values())
+    out = {k: 1.0 - after[k] / before[k] if before[k] else 0.0 for k in before}
+    out["blocks_and_head"] = 1.0 - total_a / total_b if total_b else 0.0
+    return out
+
+
+def member_accuracy(model, tokenizer, exit_layer: int, problems: list[dict[str, Any]], max_new_tokens: int,
+                    where: Path) -> float | None:
+    """Greedy exact-match accuracy of one member on `problems` (None without problems)."""
+    from ruyi_model.decoding import greedy_generate
+    from tasks.data.mathgen import answers_match, extract_answer
+
+    if not problems:
+        return None
+    texts = greedy_generate(model, tokenizer, [str(p["question"]) for p in problems], exit_layer, max_new_tokens,
+                            batch_size=32, progress=f"compress: decode exit {exit_layer}")
+    correct = 0
+    for row, (p, text) in enumerate(zip(problems, texts), 1):
+        try:
+            correct += answers_match(extract_answer(text), str(p["answer"]))
+        except ValueError as e:
+            raise StageError(f"{where}: row {row} (id={p['id']!r}): {e}") from None
+    return correct / len(problems)
+
+
+def member_state(model, tokenizer, d: int, held: HeldoutSets, cfg, where: Path) -> MemberState:
+    losses = heldout_losses(model, [d], held.corpus_batches, held.solution_batches)[d]
+    return MemberState(losses["loss"], losses["solution_loss"],
+                       member_accuracy(model, tokenizer, d, held.problems, cfg.max_new_tokens, where))
+
+
+def load_dae_family(params: Params, source: Path):
+    """The family with DaE blocks on `params.dae_exit` (on the training device, eval mode), its tokenizer
+    and the DaE member; errors name the checkpoint and the parameter."""
+    from tasks.training.members import device_for_training
+
+    cfg = params.compress
     model, tokenizer = load_family(source)
-    device = device_for_training()
-    model.to(device).eval()
+    model.to(device_for_training()).eval()
     check_family_inputs(model, tokenizer, source, cfg.seq_len, "compress.seq_len")
     mcfg = model.config
     d = params.dae_exit
@@ -314,31 +389,30 @@ def run(params: Params) -> dict:
     if cfg.include_head and mcfg.shared_heads:
         raise StageError(f"{source}: compress.include_head=true but the family shares one head among all members "
                          "(decomposing it would change every member); set compress.include_head=false")
-    exits = list(mcfg.exit_layers)
+    return model, tokenizer, d
 
-    # Reported held-out sets (the same batches before and after; they decide nothing).
-    val_file, eval_file = ws.corpus_val, ws.eval_data
-    train_file, sft_file = ws.corpus_train, ws.sft_data
-    n_heldout = cfg.loss_batches * cfg.batch_size
+
+def heldout_sets(params: Params, tokenizer) -> HeldoutSets:
+    from tasks.training.batches import fixed_batches
+
+    cfg = params.compress
+    val_file, eval_file = Workspace.from_params(params).validated_file("corpus_val.jsonl"), Workspace.from_params(params).validated_file("eval.jsonl")
+    n = cfg.loss_batches * cfg.batch_size
     val_rows = read_corpus(val_file)
-    corpus = first_blocks(tokenizer, [r["text"] for r in val_rows], cfg.seq_len, n_heldout, val_file)
-    corpus_batches = fixed_batches({"input_ids": corpus}, cfg.batch_size, cfg.loss_batches)
-    all_eval_rows = read_jsonl(eval_file, required=("id", "question", "solution"))
-    eval_rows = all_eval_rows[:n_heldout]
-    solution_batches = fixed_batches(solution_examples(tokenizer, eval_rows, cfg.seq_len, eval_file),
-                                     cfg.batch_size, cfg.loss_batches)
-    # Healing-decision set, carved from the training data, used for nothing else: docs/choices.md#compress.
-    split = carve_selection(params, tokenizer, read_corpus(train_file), read_sft(sft_file), val_rows, all_eval_rows)
-    sel_corpus_batches = fixed_batches({"input_ids": split.corpus_blocks}, cfg.batch_size, cfg.loss_batches)
-    sel_solution_batches = fixed_batches(
-        build_sft_examples(tokenizer, split.selection_sft, cfg.seq_len, str(sft_file))[0], cfg.batch_size,
-        cfg.loss_batches)
-    calibration = calibration_data(params, tokenizer, split.corpus_texts, split.sft_rows)
+    corpus = first_blocks(tokenizer, [r["text"] for r in val_rows], cfg.seq_len, n, val_file)
+    all_eval_rows = read_jsonl(eval_file, required=("id", "question", "solution", "answer"))
+    solutions = solution_examples(tokenizer, all_eval_rows[:n], cfg.seq_len, eval_file)
+    return HeldoutSets(corpus_batches=fixed_batches({"input_ids": corpus}, cfg.batch_size, cfg.loss_batches),
+                       solution_batches=fixed_batches(solutions, cfg.batch_size, cfg.loss_batches),
+                       problems=all_eval_rows[:cfg.accuracy_problems], val_rows=val_rows, eval_rows=all_eval_rows)
 
-    before = heldout_losses(model, exits, corpus_batches, solution_batches)
-    owned = [n for n, _ in dae_trainable_parameters(model, d)]
-    probe = calibration[0].to(device)
-    snapshot = snapshot_members(model, [e for e in exits if e != d], probe, exclude=owned)
+
+def decompose_member(model, params: Params, d: int, calibration: list, source: Path):
+    """Decomposes member `d` so that `compress.ratio` of its added parameters go; returns (model, report,
+    matrix_ratio). Errors name compress.ratio / the checkpoint."""
+    from ruyi_model.dae import decompose
+
+    cfg = params.compress
     added_before = added_parameters(model, d)
     matrix_ratio, removable = matrix_ratio_for(model, d, cfg.ratio, cfg.include_head, added_before)
     if matrix_ratio >= removable:
@@ -346,7 +420,6 @@ def run(params: Params) -> dict:
                          f"parameters needs {matrix_ratio:.3f} of its decomposable matrices, but at most "
                          f"{removable:.3f} can go (include_head={cfg.include_head}); lower compress.ratio"
                          + ("" if cfg.include_head else " or set compress.include_head=true"))
-
     try:
         decomposed = decompose(model, ratio=matrix_ratio, calibration=calibration, allocation=cfg.allocation,
                                include_head=cfg.include_head, exit_layer=d)
@@ -358,39 +431,120 @@ def run(params: Params) -> dict:
     if 1.0 - added_after / added_before < cfg.ratio:
         raise RuntimeError(f"compress: added parameters {added_before} -> {added_after} remove less than "
                            f"compress.ratio={cfg.ratio} (matrix ratio {matrix_ratio})")
-    decomposed = heldout_losses(model, [d], corpus_batches, solution_batches)[d]
+    return model, report, matrix_ratio
 
-    heal_losses = []
-    heal_kept = None
+
+def heal_if_better(model, tokenizer, d: int, params: Params, split: SelectionSplit) -> HealOutcome:
+    """Optional healing (`heal_steps` > 0), kept only if it does not hurt on the selection set (module
+    docstring, step 5); otherwise the decomposed factors are restored."""
+    import torch
+
+    from tasks.training.batches import build_sft_examples, fixed_batches
+
+    cfg = params.compress
+    sft_file = Workspace.from_params(params).validated_file("sft.jsonl")
+    sel_corpus = fixed_batches({"input_ids": split.corpus_blocks}, cfg.batch_size, cfg.loss_batches)
+    sel_solutions = fixed_batches(build_sft_examples(tokenizer, split.selection_sft, cfg.seq_len, str(sft_file))[0],
+                                  cfg.batch_size, cfg.loss_batches)
     selection = {"corpus_blocks": int(split.corpus_blocks.shape[0]), "sft_rows": len(split.selection_sft),
-                 "decomposed": heldout_losses(model, [d], sel_corpus_batches, sel_solution_batches)[d],
+                 "decomposed": heldout_losses(model, [d], sel_corpus, sel_solutions)[d],
                  "healed": None, "worst_ratio": None}
-    if cfg.heal_steps > 0:
-        examples, _ = build_sft_examples(tokenizer, split.sft_rows, cfg.seq_len, str(sft_file))
-        import torch
+    if cfg.heal_steps == 0:
+        return HealOutcome([], None, selection)
+    examples, _ = build_sft_examples(tokenizer, split.sft_rows, cfg.seq_len, str(sft_file))
+    saved = {n: p.detach().clone() for n, p in healing_parameters(model, d)}
+    losses = heal(model, d, examples, cfg, params.seed)
+    model.eval()
+    healed = heldout_losses(model, [d], sel_corpus, sel_solutions)[d]
+    # Kept only if it does not hurt on the selection set (corpus and SFT solutions, worst case): a short
+    # fine-tune of the factors on SFT text can also pull the member away from general text.
+    worst_ratio = max(healed[k] / selection["decomposed"][k] for k in ("loss", "solution_loss"))
+    kept = worst_ratio <= 1.0
+    selection.update(healed=healed, worst_ratio=worst_ratio)
+    if not kept:
+        with torch.no_grad():
+            for n, p in healing_parameters(model, d):
+                p.copy_(saved[n])
+        log.warning("healing made member %d worse on the healing-decision set (%s -> %s): discarded", d,
+                    selection["decomposed"], healed)
+    return HealOutcome(losses, kept, selection)
 
-        saved = {n: p.detach().clone() for n, p in healing_parameters(model, d)}
-        heal_losses = heal(model, d, examples, cfg, params.seed)
-        model.eval()
-        healed = heldout_losses(model, [d], sel_corpus_batches, sel_solution_batches)[d]
-        # Kept only if it does not hurt on the selection set (corpus and SFT solutions, worst case): a short
-        # fine-tune of the factors on SFT text can also pull the member away from general text.
-        worst_ratio = max(healed[k] / selection["decomposed"][k] for k in ("loss", "solution_loss"))
-        heal_kept = worst_ratio <= 1.0
-        selection.update(healed=healed, worst_ratio=worst_ratio)
-        if not heal_kept:
-            with torch.no_grad():
-                for n, p in healing_parameters(model, d):
-                    p.copy_(saved[n])
-            log.warning("healing made member %d worse on the healing-decision set (%s -> %s): discarded", d,
-                        selection["decomposed"], healed)
+
+def exit_entries(exits: list[int], d: int, before: dict, after: dict, decomposed: dict) -> dict[str, dict]:
+    """Per exit: losses before/after and their relative changes (the non-DaE members must not change)."""
+    out = {}
+    for e in exits:
+        entry: dict[str, Any] = {"changed": e == d}
+        for key in ("loss", "solution_loss"):
+            b, a = before[e][key], after[e][key]
+            if e != d and a != b:
+                raise RuntimeError(f"member {e} is not the DaE member but its {key} changed: {b} -> {a}")
+            entry.update({f"{key}_before": b, f"{key}_after": a, f"{key}_relative_change": (a - b) / b})
+        entry["relative_loss_change"] = max(entry["loss_relative_change"], entry["solution_loss_relative_change"])
+        if e == d:
+            entry.update({f"{key}_decomposed": decomposed[key] for key in ("loss", "solution_loss")})
+        out[f"exit_{e}"] = entry
+        log.info("exit %d: loss %.4f -> %.4f (%+.2f%%), solution loss %.4f -> %.4f (%+.2f%%)", e,
+                 entry["loss_before"], entry["loss_after"], 100 * entry["loss_relative_change"],
+                 entry["solution_loss_before"], entry["solution_loss_after"],
+                 100 * entry["solution_loss_relative_change"])
+    return out
+
+
+def dae_control(states: dict[str, MemberState]) -> dict[str, Any]:
+    """The DaE member in three states (before DaE = family_sft's member, dense, decomposed) and the share
+    of DaE's gain the decomposition keeps, per quantity."""
+    before, dense, svd = states["before_dae"], states["dense"], states["decomposed"]
+    return {**{name: st.to_dict() for name, st in states.items()},
+            "gain": {k: (None if getattr(dense, k) is None else getattr(dense, k) - getattr(before, k))
+                     for k in ("loss", "solution_loss", "accuracy")},
+            "gain_retained": {k: gain_retained(getattr(before, k), getattr(dense, k), getattr(svd, k))
+                              for k in ("loss", "solution_loss", "accuracy")}}
+
+
+def run(params: Params) -> dict:
+    """Decomposes the DaE member of artifacts/rl, heals it, writes artifacts/compress; returns the metrics."""
+    from ruyi_model.dae import dae_trainable_parameters
+    from tasks.training.members import members_unchanged, snapshot_members
+
+    cfg = params.compress
+    seed_everything(params.seed)
+    source = Workspace.from_params(params).artifacts("rl")
+    model, tokenizer, d = load_dae_family(params, source)
+    exits = list(model.config.exit_layers)
+    held = heldout_sets(params, tokenizer)
+    eval_file = Workspace.from_params(params).validated_file("eval.jsonl")
+    train_file, sft_file = Workspace.from_params(params).validated_file("corpus_train.jsonl"), Workspace.from_params(params).validated_file("sft.jsonl")
+    # The healing-decision set: carved out of the training data, used for nothing else (docstring, step 3).
+    split = carve_selection(params, tokenizer, read_corpus(train_file), read_sft(sft_file), held.val_rows,
+                            held.eval_rows)
+    calibration = calibration_data(params, tokenizer, split.corpus_texts, split.sft_rows)
+
+    before = heldout_losses(model, exits, held.corpus_batches, held.solution_batches)
+    states = {"dense": MemberState(before[d]["loss"], before[d]["solution_loss"],
+                                   member_accuracy(model, tokenizer, d, held.problems, cfg.max_new_tokens, eval_file))}
+    tuned, _ = load_family(Workspace.from_params(params).artifacts("family_sft"))  # the member before DaE (no blocks)
+    states["before_dae"] = member_state(tuned.to(model.device).eval(), tokenizer, d, held, cfg, eval_file)
+    del tuned
+    owned = [n for n, _ in dae_trainable_parameters(model, d)]
+    probe = calibration[0].to(model.device)
+    snapshot = snapshot_members(model, [e for e in exits if e != d], probe, exclude=owned)
+    parts_before = added_parts(model, d)
+    added_before = added_parameters(model, d)
+
+    model, report, matrix_ratio = decompose_member(model, params, d, calibration, source)
+    decomposed = heldout_losses(model, [d], held.corpus_batches, held.solution_batches)[d]
+    healing = heal_if_better(model, tokenizer, d, params, split)
     unchanged, changed = members_unchanged(model, snapshot, probe)
     if not unchanged:
         raise RuntimeError(f"compress changed tensors or members outside the DaE member {d}: {changed[:8]}")
 
-    after = heldout_losses(model, exits, corpus_batches, solution_batches)
+    after = heldout_losses(model, exits, held.corpus_batches, held.solution_batches)
+    states["decomposed"] = MemberState(after[d]["loss"], after[d]["solution_loss"],
+                                       member_accuracy(model, tokenizer, d, held.problems, cfg.max_new_tokens,
+                                                       eval_file))
+    parts_after = added_parts(model, d)
     added_after = added_parameters(model, d)
-
     metrics = {
         "dae_exit": d,
         "ratio": cfg.ratio,
@@ -401,39 +555,30 @@ def run(params: Params) -> dict:
         "added_params_before": added_before,
         "added_params_after": added_after,
         "added_params_reduction": 1.0 - added_after / added_before,
+        "added_parts_before": parts_before,
+        "added_parts_after": parts_after,
+        "removed_fraction": removed_fractions(parts_before, parts_after),
+        "dae_control": {**dae_control(states), "accuracy_problems": len(held.problems)},
         "heal_steps": cfg.heal_steps,
-        "heal_loss_first": heal_losses[0] if heal_losses else None,
-        "heal_loss_last": heal_losses[-1] if heal_losses else None,
-        "heal_kept": heal_kept,
-        "heal_selection": selection,
+        "heal_loss_first": healing.losses[0] if healing.losses else None,
+        "heal_loss_last": healing.losses[-1] if healing.losses else None,
+        "heal_kept": healing.kept,
+        "heal_selection": healing.selection,
         "max_relative_loss_increase": cfg.max_relative_loss_increase,
+        **exit_entries(exits, d, before, after, decomposed),
     }
-    for e in exits:
-        entry = {"changed": e == d}
-        for key in ("loss", "solution_loss"):
-            b, a = before[e][key], after[e][key]
-            if e != d and a != b:
-                raise RuntimeError(f"member {e} is not the DaE member but its {key} changed: {b} -> {a}")
-            entry.update({f"{key}_before": b, f"{key}_after": a, f"{key}_relative_change": (a - b) / b})
-        entry["relative_loss_change"] = max(entry["loss_relative_change"], entry["solution_loss_relative_change"])
-        if e == d:
-            entry.update({f"{key}_decomposed": decomposed[key] for key in ("loss", "solution_loss")})
-        metrics[f"exit_{e}"] = entry
-        log.info("exit %d: loss %.4f -> %.4f (%+.2f%%), solution loss %.4f -> %.4f (%+.2f%%)", e,
-                 entry["loss_before"], entry["loss_after"], 100 * entry["loss_relative_change"],
-                 entry["solution_loss_before"], entry["solution_loss_after"],
-                 100 * entry["solution_loss_relative_change"])
     worst = max(metrics[f"exit_{e}"]["relative_loss_change"] for e in exits)
     metrics["max_relative_loss_change"] = worst
     metrics["within_budget"] = worst <= cfg.max_relative_loss_increase
-    log.info("added parameters %d -> %d (-%.1f%%); worst relative loss change %+.2f%% (budget %.1f%%: %s)",
-             added_before, added_after, 100 * metrics["added_params_reduction"], 100 * worst,
-             100 * cfg.max_relative_loss_increase, "met" if metrics["within_budget"] else "NOT met")
+    log.info("added parameters %d -> %d (-%.1f%%; blocks -%.1f%%); worst relative loss change %+.2f%% (budget "
+             "%.1f%%: %s); DaE gain retained %s", added_before, added_after, 100 * metrics["added_params_reduction"],
+             100 * metrics["removed_fraction"]["blocks"], 100 * worst, 100 * cfg.max_relative_loss_increase,
+             "met" if metrics["within_budget"] else "NOT met", metrics["dae_control"]["gain_retained"])
 
-    save_family(model, tokenizer, ws.artifacts("compress"))
-    write_json(ws.reports("compress") / "decompose_report.json", report)
-    write_json(ws.reports("compress") / "heal_selection.json", split.report)
-    _plot(report, heal_losses, ws.plots("compress"))
+    save_family(model, tokenizer, Workspace.from_params(params).artifacts("compress"))
+    write_json(Workspace.from_params(params).reports("compress") / "decompose_report.json", report)
+    write_json(Workspace.from_params(params).reports("compress") / "heal_selection.json", split.report)
+    _plot(report, healing.losses, Workspace.from_params(params).plots("compress"))
     write_metrics(params, "compress", metrics)
     return metrics
 

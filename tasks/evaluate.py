@@ -3,7 +3,8 @@
     python -m tasks.evaluate [--params params.yaml] [--set evaluate.checkpoint=artifacts/sft] [--set ...]
 
 Reads the checkpoint (`evaluate.checkpoint`, default `artifacts/compress/`), `data/validated/corpus_val.jsonl`
-and `eval.jsonl`. Writes per exit loss, perplexity, solution loss, accuracy, params and speed to
+and `eval.jsonl`. Writes per exit loss, perplexity, solution loss, accuracy, params and speed (and `ln_vocab`, a uniform
+model's loss, for the gates) to
 `metrics/eval.json`, the reproducible part to `metrics/eval_quality.json` and the timings to
 `metrics/eval_speed.json` (one set, one `run_id`), `reports/evaluate/generations.jsonl` and
 `plots/evaluate/tradeoff.{png,csv}`. Definitions and choices: docs/choices.md#evaluate.
@@ -197,7 +198,8 @@ def run(params: Params) -> dict:
 
     quality, generations = evaluate_family(model, tokenizer, corpus, problems, cfg, eval_file)
     exits = list(model.config.exit_layers)
-    common = {"checkpoint": str(checkpoint), "exits": exits, "num_problems": len(problems)}
+    common = {"checkpoint": str(checkpoint), "exits": exits, "num_problems": len(problems),
+              "vocab_size": model.config.vocab_size, "ln_vocab": round(math.log(model.config.vocab_size), 6)}
     quality = {**common, **quality}
 
     speed_prompt = encode_prompts(tokenizer, [str(problems[0]["question"])])[0]

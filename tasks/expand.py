@@ -2,7 +2,7 @@
 
     python -m tasks.expand [--params params.yaml] [--set expand.num_blocks=3 --set expand.init=clone ...]
 
-Reads `artifacts/cpt/` and the validated corpus. Writes `artifacts/expand/`, checkpoints in
+Reads `artifacts/family_sft/` (the jointly trained and tuned family) and the validated corpus. Writes `artifacts/expand/`, checkpoints in
 `artifacts/checkpoints/expand/`, `metrics/expand.json` (STEM/general losses before and after, trainable
 parameters, `other_members_unchanged`, replay share) and `plots/expand/`. Only the new blocks and the
 member's norm and head train; the other members are checked bit-identical.
@@ -160,7 +160,7 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
     from tasks.training.batches import check_seq_len
 
     cfg, ws = params.expand, Workspace.from_params(params)
-    src = ws.artifacts("cpt")
+    src = ws.artifacts("family_sft")
     base, tokenizer = load_family(src)
     check_tokenizer(tokenizer, src)
     d = resolve_dae_exit(params, base, src)
@@ -170,11 +170,11 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
     others = [e for e in base.config.exit_layers if e != d]
     probe = data.stem_val[0]["input_ids"][:2]
     # Digests are taken on the input family: the frozen tensors and the other members must leave
-    # this stage exactly as they came from cpt.
+    # this stage exactly as they came from family_sft.
     snapshot = snapshot_members(base, others, probe)
 
     info = fingerprint_info(STAGE, cfg, seed=params.seed, model=params.model,
-                                     inputs={**data.inputs, "cpt": dir_sha256(src)},
+                                     inputs={**data.inputs, "family_sft": dir_sha256(src)},
                                      extra={"dae_exit": d})
     checkpointer = Checkpointer(ws.checkpoints(STAGE), info)
     model, result, dae_info = train_dae(base, params, data, checkpointer=checkpointer, callbacks=callbacks)

@@ -2,7 +2,7 @@
 
     python -m tasks.gates [--params params.yaml] [--set gates.max_loss=6.0]
 
-Reads `metrics/eval_quality.json` and `metrics/compress.json`; validates one row per exit with the GX
+Reads `metrics/eval_quality.json`, `metrics/compress.json` and `metrics/rl.json`; validates one row per exit with the GX
 suite of `data_contracts.gates`. Writes `metrics/gates.json` and `reports/gates/data_docs/` in both
 outcomes; a failed gate raises `ContractViolation` (never retried) naming every failing expectation and
 exit. Choices: docs/choices.md#gates.
@@ -47,18 +47,33 @@ def check_gates(params: Params) -> dict[str, Any]:
 
     ws = Workspace.from_params(params)
     eval_path, compress_path = ws.metrics_dir / EVAL_METRICS, ws.metrics("compress")
+    rl_path = ws.metrics("rl")
     evals = _read_metrics(eval_path, "evaluate")
     compress = _read_metrics(compress_path, "compress")
+    rl = _read_metrics(rl_path, "rl")
+    rl_members = rl.get("members") if isinstance(rl, dict) else None
+    if not isinstance(rl_members, list) or not rl_members:
+        raise StageError(f"{rl_path}: no 'members' list (the members rl trained)")
+    for d in rl_members:
+        entry = rl.get(f"exit_{d}")
+        if not isinstance(entry, dict) or not all(k in entry for k in ("accuracy_start", "accuracy_end")):
+            raise StageError(f"{rl_path}: exit_{d} (an rl member) has no accuracy_start/accuracy_end")
+    g = params.gates
     try:
-        frame = gates_frame(evals, compress, where=(str(eval_path), str(compress_path)))
+        frame = gates_frame(evals, compress, where=(str(eval_path), str(compress_path), str(rl_path)),
+                            rl_metrics=rl, accuracy_floor=g.accuracy_floor)
     except ValueError as e:
         raise StageError(str(e)) from None
 
-    thresholds = {"max_loss": params.gates.max_loss, "depth_tolerance": params.gates.depth_tolerance,
+    thresholds = {"max_loss": g.max_loss, "min_loss_margin": g.min_loss_margin,
+                  "depth_tolerance": g.depth_tolerance,
                   "max_relative_loss_increase": params.compress.max_relative_loss_increase,
-                  "min_accuracy": params.gates.min_accuracy, "exit_layers": list(params.model.exit_layers)}
-    suite = gates_suite(params.model.exit_layers, params.gates.max_loss, params.gates.depth_tolerance,
-                        params.compress.max_relative_loss_increase, params.gates.min_accuracy)
+                  "min_accuracy": g.min_accuracy, "max_rl_accuracy_drop": g.max_rl_accuracy_drop,
+                  "rl_members": rl_members, "exit_layers": list(params.model.exit_layers)}
+    suite = gates_suite(params.model.exit_layers, g.max_loss, g.depth_tolerance,
+                        params.compress.max_relative_loss_increase, g.min_accuracy,
+                        min_loss_margin=g.min_loss_margin, max_rl_accuracy_drop=g.max_rl_accuracy_drop,
+                        rl_members=rl_members)
     reports = ws.reports(STAGE)
     ctx = ContractContext(reports)
     ctx.forget(SUITE)
@@ -82,7 +97,7 @@ def check_gates(params: Params) -> dict[str, Any]:
     if not result.success:
         raise ContractViolation(
             f"model quality gates failed ({len(result.failures)} of {result.evaluated} expectations; "
-            f"{eval_path}, {compress_path}); Data Docs: {metrics['data_docs']}\n" + result.describe(),
+            f"{eval_path}, {compress_path}, {rl_path}); Data Docs: {metrics['data_docs']}\n" + result.describe(),
             [{"suite": SUITE, **f} for f in failures])
     log.info("gates passed: %d expectations over exits %s", result.evaluated, list(exits))
     return metrics

@@ -215,6 +215,11 @@ def _metrics(cfg, trainer: RLTrainer, members: list[int], before: dict, after: d
         "reward_end": mean([after[d]["reward"] for d in members]),
         "accuracy_start": mean([before[d]["accuracy"] for d in members]),
         "accuracy_end": mean([after[d]["accuracy"] for d in members]),
+        "accuracy_gain": mean([after[d]["accuracy"] - before[d]["accuracy"] for d in members]),
+        # Optimizer steps whose loss carried a gradient (a non-degenerate group), fewest over the members.
+        "steps_with_gradient": min(per_member[f"exit_{d}"]["steps_with_gradient"] for d in members),
+        "steps_with_gradient_fraction": min(per_member[f"exit_{d}"]["steps_with_gradient"] for d in members)
+        / max(cfg.steps, 1),
         "eval_prompts": eval_prompts,
         "train_time_s": trainer.elapsed_s,
         "resumed_from_step": resumed_from,

@@ -52,6 +52,8 @@ def micro_params(root: Path) -> dict[str, Any]:
                   "exit_layers": [2, 4], "loss_impl": "chunked"},
         "tokenizer": {"vocab_size": 400},
         "cpt": {**train, "exit_weights": {"kind": "cosine", "start": 1.0, "floor": 0.3}},
+        "family_sft": {**train, "seq_len": 128, "max_steps": 8, "stage1_steps": 3, "stage1_examples": 40,
+                       "holdout_fraction": 0.1},
         "expand": {**train, "num_blocks": 2, "init": "random", "replay_fraction": 0.25, "max_steps": 8},
         "sft": {**train, "scope": "dae", "max_steps": 10, "holdout_fraction": 0.1, "seq_len": 128},
     }

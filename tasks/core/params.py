@@ -223,6 +223,28 @@ class ExpandParams(TrainParams):
     eval_every: PositiveInt = 20
 
 
+class FamilySFTParams(TrainParams):
+    """Joint multi-exit SFT of the whole family before DaE (tasks/family_sft.py; Ruyi2 section 4.3.1)."""
+
+    # Optimizer steps of Stage I (general behaviour: chats built from corpus_train's general text);
+    # the remaining max_steps - stage1_steps are Stage II (domain: the math chats of sft.jsonl).
+    stage1_steps: NonNegInt = 20
+    # Share of Stage I chats replayed among the Stage II rows (Ruyi2: "a fixed ratio", not given).
+    replay_fraction: Fraction = 0.1
+    # Stage I chats drawn from the general documents (each document gives at most one).
+    stage1_examples: PositiveInt = 1000
+    # Share of sft.jsonl held out (by id hash, as the sft stage does) for the per-member loss.
+    holdout_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.05
+    exit_weights: ExitWeightSchedule = ExitWeightSchedule()
+
+    @model_validator(mode="after")
+    def _check_stages(self) -> FamilySFTParams:
+        if self.stage1_steps >= self.max_steps:
+            raise ValueError(f"stage1_steps ({self.stage1_steps}) must be < max_steps ({self.max_steps}): "
+                             f"Stage II (math) needs at least one step")
+        return self
+
+
 class SFTParams(TrainParams):
     """Supervised fine-tuning on chat-formatted math pairs (tasks/sft.py)."""
 
@@ -316,6 +338,10 @@ class CompressParams(_Section):
     loss_batches: PositiveInt = 4
     # Quality budget: relative loss increase allowed on every exit (reported, not enforced here).
     max_relative_loss_increase: Fraction = 0.02
+    # Greedy exact-match accuracy of the DaE member before DaE / dense / decomposed on the first this
+    # many eval.jsonl problems (0 = not measured), with at most `max_new_tokens` new tokens each.
+    accuracy_problems: NonNegInt = 100
+    max_new_tokens: PositiveInt = 64
 
 
 class EvaluateParams(_Section):
@@ -344,10 +370,21 @@ class GatesParams(_Section):
     """Model quality gates (data_contracts), checked before export/deploy."""
 
     max_loss: PositiveFloat = 8.0
+    # Every exit's held-out loss must be at least this many nats below ln(vocab_size) (the loss of
+    # a uniform prediction).
+    min_loss_margin: Annotated[float, Field(ge=0.0)] = 0.0
     # A deeper exit may be worse than a shallower one by at most this (relative) tolerance.
     depth_tolerance: Fraction = 0.05
-    # Minimum math accuracy of every exit (0.0: not gated; the tiny model barely solves problems).
-    min_accuracy: Fraction = 0.0
+    # Minimum math accuracy: one floor for every exit, or a floor per exit layer ({8: 0.4, ...};
+    # an exit not listed has floor 0).
+    min_accuracy: Fraction | dict[PositiveInt, Fraction] = 0.0
+    # The RL-trained members' held-out accuracy may drop by at most this much during rl.
+    max_rl_accuracy_drop: Fraction = 0.0
+
+    def accuracy_floor(self, exit_layer: int) -> float:
+        if isinstance(self.min_accuracy, dict):
+            return float(self.min_accuracy.get(exit_layer, 0.0))
+        return float(self.min_accuracy)
 
 
 class StoreParams(_Section):
@@ -470,6 +507,7 @@ class Params(_Section):
     validate_data: ValidateParams = ValidateParams()
     tokenizer: TokenizerParams = TokenizerParams()
     cpt: CPTParams = CPTParams()
+    family_sft: FamilySFTParams = FamilySFTParams()
     expand: ExpandParams = ExpandParams()
     sft: SFTParams = SFTParams()
     rl: RLParams = RLParams()
@@ -489,7 +527,7 @@ class Params(_Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> Params:
         if self.distributed.backend == "ray":
-            for name in ("cpt", "expand", "sft"):
+            for name in ("cpt", "family_sft", "expand", "sft"):
                 section = getattr(self, name)
                 rows = section.batch_size * section.grad_accum
                 if rows < self.distributed.num_workers:

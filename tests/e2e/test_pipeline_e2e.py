@@ -49,6 +49,9 @@ MICRO = {
     "tokenizer.vocab_size": 400,
     "cpt.max_steps": 6, "cpt.seq_len": 64, "cpt.batch_size": 4, "cpt.checkpoint_every": 3, "cpt.eval_every": 3,
     "cpt.eval_batches": 1, "cpt.warmup_steps": 1,
+    "family_sft.max_steps": 4, "family_sft.stage1_steps": 1, "family_sft.stage1_examples": 40,
+    "family_sft.seq_len": 96, "family_sft.batch_size": 4, "family_sft.checkpoint_every": 2,
+    "family_sft.eval_every": 2, "family_sft.eval_batches": 1, "family_sft.warmup_steps": 1,
     "expand.max_steps": 4, "expand.num_blocks": 1, "expand.seq_len": 64, "expand.batch_size": 4,
     "expand.checkpoint_every": 2, "expand.eval_every": 2, "expand.eval_batches": 1, "expand.warmup_steps": 1,
     "sft.max_steps": 4, "sft.seq_len": 96, "sft.batch_size": 4, "sft.checkpoint_every": 2, "sft.eval_every": 2,
@@ -57,7 +60,8 @@ MICRO = {
     "compress.calibration_batches": 2, "compress.heal_steps": 2,
     "evaluate.num_problems": 6, "evaluate.max_new_tokens": 12, "evaluate.loss_batches": 2,
     "evaluate.speed_new_tokens": 4,
-    "gates.max_loss": 50.0, "gates.depth_tolerance": 1.0,
+    "gates.max_loss": 50.0, "gates.depth_tolerance": 1.0, "gates.min_loss_margin": 0.0, "gates.min_accuracy": 0.0,
+    "gates.max_rl_accuracy_drop": 1.0,
     "compress.max_relative_loss_increase": 1.0,
     "deploy.smoke_prompts": 2,
 }
@@ -128,8 +132,8 @@ def store_versions(ws: Path) -> list[str]:
 def test_full_pipeline_runs_every_stage(workspace, first_run):
     results, seconds = first_run
     stages = [r["stage"] for r in results]
-    assert stages == ["prepare_data", "validate_data", "tokenizer", "cpt", "expand", "sft", "rl", "compress",
-                      "evaluate", "gates", "export", "deploy"]
+    assert stages == ["prepare_data", "validate_data", "tokenizer", "cpt", "family_sft", "expand", "sft", "rl",
+                      "compress", "evaluate", "gates", "export", "deploy"]
     assert not any(r["skipped"] for r in results)
     ev = json.loads((workspace / "metrics/eval.json").read_text())
     for d in (2, 4):
@@ -138,10 +142,40 @@ def test_full_pipeline_runs_every_stage(workspace, first_run):
     assert comp["added_params_after"] < comp["added_params_before"]
     rl = json.loads((workspace / "metrics/rl.json").read_text())
     assert rl["algorithm"] in ("grpo", "bppo")
+    assert {"steps_with_gradient", "steps_with_gradient_fraction", "accuracy_start", "accuracy_end"} <= set(rl)
+    assert_other_members_are_the_family_sft_ones(workspace, comp["dae_exit"])
+
     assert len(store_versions(workspace)) == 1
     for d in (2, 4):
         assert (workspace / f"artifacts/export/exit_{d}/model.safetensors").is_file()
     print(f"micro pipeline: {seconds:.0f} s")
+
+
+def assert_other_members_are_the_family_sft_ones(ws: Path, dae_exit: int) -> None:
+    """After compress, every tensor outside the DaE member's own trainable set (its added blocks, norm and
+    head) is bit-identical to family_sft's output, and so are the other members' logits."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tasks.core.artifacts import load_family
+
+    tuned = load_file(ws / "artifacts/family_sft/model.safetensors")
+    final = load_file(ws / "artifacts/compress/model.safetensors")
+    owned = (f"exits.{dae_exit}.norm.", f"exits.{dae_exit}.lm_head.")
+    checked = 0
+    for name, tensor in tuned.items():
+        if name.startswith(owned):
+            continue
+        assert name in final and torch.equal(final[name], tensor), name
+        checked += 1
+    assert checked > len(tuned) // 2
+    a, _ = load_family(ws / "artifacts/family_sft")
+    b, _ = load_family(ws / "artifacts/compress")
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for d in a.config.exit_layers:
+            if d != dae_exit:
+                assert torch.equal(a(ids, exit_layer=d).logits, b(ids, exit_layer=d).logits), d
 
 
 def test_status_up_to_date_and_second_run_is_fast(workspace, first_run, prefect_api):
@@ -301,7 +335,8 @@ def test_audit_clean_clone_pull_and_forced_repro_reproduce_weights_and_quality(w
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     run([DVC, "repro", "--force", "evaluate"], clone, env=env)
     redone = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
-    for stage in ("prepare_data", "validate_data", "tokenizer", "cpt", "expand", "sft", "rl", "compress"):
+    for stage in ("prepare_data", "validate_data", "tokenizer", "cpt", "family_sft", "expand", "sft", "rl",
+                  "compress"):
         for out_rec, out_new in zip(recorded[stage]["outs"], redone[stage]["outs"]):
             if out_rec["path"].startswith(("artifacts/", "data/raw", "data/validated")) and "checkpoints" not in out_rec["path"]:
                 assert out_rec["md5"] == out_new["md5"], f"{stage}: {out_rec['path']} did not reproduce"

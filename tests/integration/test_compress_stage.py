@@ -174,6 +174,7 @@ def _run_without_healing(root: Path, tmp_path: Path, *extra: str) -> tuple[dict,
 
     other = tmp_path / "noheal"
     shutil.copytree(root / "artifacts/rl", other / "rl")
+    shutil.copytree(root / "artifacts/family_sft", other / "family_sft")
     assert main(["--params", str(root / "params.yaml"), "--set", "compress.heal_steps=0", *extra,
                  "--set", f"paths.artifacts_dir={other}", "--set", f"paths.metrics_dir={tmp_path / 'm'}",
                  "--set", f"paths.plots_dir={tmp_path / 'p'}", "--set", f"paths.reports_dir={tmp_path / 'r'}"]) == 0
@@ -280,3 +281,58 @@ def test_bad_inputs_are_named(compressed, tmp_path, capsys):
     (ws / "data/validated/corpus_train.jsonl").write_text('{"id": "x", "text": "tiny", "source": "t"}\n')
     assert main(["--params", str(write_params(ws))]) == 2
     assert str(ws / "data/validated/corpus_train.jsonl") in capsys.readouterr().err
+
+
+def test_gain_retained_formula():
+    from tasks.compress import gain_retained
+
+    assert gain_retained(0.2, 0.6, 0.6) == 1.0
+    assert gain_retained(0.2, 0.6, 0.2) == 0.0
+    assert gain_retained(3.0, 2.0, 2.5) == pytest.approx(0.5)  # losses: a gain is a decrease
+    assert gain_retained(0.2, 0.2, 0.3) is None and gain_retained(None, 0.6, 0.5) is None
+
+
+def test_gain_retained_is_one_lossless_and_zero_with_the_blocks_zeroed(compressed):
+    """On the real models: the dense member as its own 'decomposition' keeps all of DaE's gain; zeroing the
+    blocks' residual outputs (o_proj, down_proj) gives back exactly the member before DaE: none of it."""
+    from tasks.compress import dae_control, heldout_sets, member_state
+    from tasks.core.artifacts import load_family
+    from tasks.core.params import load_params
+
+    root = compressed
+    params = load_params(root / "params.yaml")
+    dense, tokenizer = load_family(root / "artifacts/rl")
+    before, _ = load_family(root / "artifacts/family_sft")
+    held = heldout_sets(params, tokenizer)
+    where = root / "data/validated/eval.jsonl"
+    states = {name: member_state(m.eval(), tokenizer, DAE_EXIT, held, params.compress, where)
+              for name, m in (("before_dae", before), ("dense", dense))}
+    lossless = dae_control({**states, "decomposed": states["dense"]})["gain_retained"]
+    assert lossless["loss"] == 1.0 and lossless["solution_loss"] == 1.0
+    with torch.no_grad():
+        for i in range(1, 1 + dense.config.num_dae_blocks(DAE_EXIT)):
+            block = dense.exits[str(DAE_EXIT)].layers[i]
+            block.self_attn.o_proj.weight.zero_()
+            block.mlp.down_proj.weight.zero_()
+    # the member's norm and head are the same tensors in both micro models, so this is the member before DaE
+    zeroed = member_state(dense, tokenizer, DAE_EXIT, held, params.compress, where)
+    none = dae_control({**states, "decomposed": zeroed})["gain_retained"]
+    assert none["loss"] == 0.0 and none["solution_loss"] == 0.0
+    if states["dense"].accuracy != states["before_dae"].accuracy:
+        assert lossless["accuracy"] == 1.0 and none["accuracy"] == 0.0
+
+
+def test_control_states_and_removed_fractions_are_reported(compressed):
+    m = _metrics(compressed)
+    control = m["dae_control"]
+    assert set(control) >= {"before_dae", "dense", "decomposed", "gain", "gain_retained", "accuracy_problems"}
+    for state in ("before_dae", "dense", "decomposed"):
+        assert set(control[state]) == {"loss", "solution_loss", "accuracy"}
+    assert control["dense"]["loss"] == m[f"exit_{DAE_EXIT}"]["loss_before"]
+    assert control["decomposed"]["loss"] == m[f"exit_{DAE_EXIT}"]["loss_after"]
+    assert control["before_dae"]["loss"] != control["dense"]["loss"]
+    parts_b, parts_a, removed = m["added_parts_before"], m["added_parts_after"], m["removed_fraction"]
+    assert sum(parts_b.values()) == m["added_params_before"] and sum(parts_a.values()) == m["added_params_after"]
+    assert removed["blocks"] == pytest.approx(1 - parts_a["blocks"] / parts_b["blocks"])
+    assert removed["head"] == pytest.approx(1 - parts_a["head"] / parts_b["head"])
+    assert removed["blocks_and_head"] == pytest.approx(m["added_params_reduction"])

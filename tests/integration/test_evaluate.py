@@ -101,6 +101,21 @@ def _build_base(root: Path) -> None:
     tokenizer = _train_tokenizer(texts, root / "artifacts" / "tokenizer")
     model = _train_family(tokenizer, sft_rows[: len(eval_rows)], steps=40)
     save_family(model, tokenizer, root / "artifacts" / "rl")
+    save_family(without_dae_blocks(model), tokenizer, root / "artifacts" / "family_sft")
+
+
+def without_dae_blocks(model):
+    """The family with the DaE member's blocks removed (every other tensor shared): the member before DaE."""
+    from ruyi_model import FamilialConfig, FamilialForCausalLM
+
+    cfg = model.config.to_dict()
+    cfg["dae_blocks"] = [0 for _ in cfg["dae_blocks"]]
+    base = FamilialForCausalLM(FamilialConfig(**cfg))
+    blocks = tuple(f"exits.{DAE_EXIT}.layers.{i}." for i in range(1, 1 + model.config.num_dae_blocks(DAE_EXIT)))
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(blocks)}
+    base.load_state_dict(state, strict=True)
+    base.generation_config = model.generation_config
+    return base.eval()
 
 
 def write_params(root: Path, **sections) -> Path:

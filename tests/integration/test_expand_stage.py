@@ -10,16 +10,17 @@ import pytest
 import torch
 from training_helpers import copy_workspace, load, make_workspace
 
-from tasks import cpt, expand
+from tasks import cpt, expand, family_sft
 from tasks.core.artifacts import load_family
 from tasks.core.stage import StageError
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """A micro workspace with a trained cpt family (6 steps) in it."""
+    """A micro workspace with a trained cpt family (6 steps), tuned by family_sft (4 steps)."""
     path = make_workspace(tmp_path_factory.mktemp("expand"))
     cpt.run(load(path, cpt__max_steps=6))
+    family_sft.run(load(path, family_sft__max_steps=4, family_sft__stage1_steps=1))
     return path
 
 
@@ -32,7 +33,7 @@ def expanded(workspace):
 def test_expand_trains_only_the_dae_member(expanded):
     params, metrics = expanded
     art = Path(params.paths.artifacts_dir)
-    base, _ = load_family(art / "cpt")
+    base, _ = load_family(art / "family_sft")
     model, _ = load_family(art / "expand")
     d = metrics["dae_exit"]
     assert d == 2 and model.config.dae_blocks == [2, 0] and metrics["other_members"] == [4]
@@ -46,7 +47,7 @@ def test_expand_trains_only_the_dae_member(expanded):
     trainable = {n for n, _ in dae_trainable_parameters(model, d)}
     assert metrics["trainable_params"] == sum(p.numel() for n, p in model.named_parameters() if n in trainable)
     assert metrics["added_params"] == sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in base.parameters())
-    # Every tensor outside the DaE trainable set is bit-identical to cpt's, and the trainable ones moved.
+    # Every tensor outside the DaE trainable set is bit-identical to family_sft's, and the trainable ones moved.
     new_sd, old_sd = model.state_dict(), base.state_dict()
     for name, tensor in old_sd.items():
         if name in trainable:
@@ -68,7 +69,7 @@ class Killed(Exception):
 
 def test_expand_resume_is_bitwise_identical(expanded, workspace, tmp_path):
     params_a, metrics_a = expanded
-    params_b = copy_workspace(workspace, tmp_path, artifacts=("tokenizer", "cpt"))
+    params_b = copy_workspace(workspace, tmp_path, artifacts=("tokenizer", "family_sft"))
 
     def kill(done):
         if done == 6:
@@ -86,14 +87,14 @@ def test_expand_resume_is_bitwise_identical(expanded, workspace, tmp_path):
     assert metrics_b["exit_2"] == metrics_a["exit_2"]
 
 
-def test_missing_cpt_checkpoint_is_an_error_naming_it(workspace, tmp_path):
+def test_missing_family_sft_checkpoint_is_an_error_naming_it(workspace, tmp_path):
     params = copy_workspace(workspace, tmp_path)
-    with pytest.raises(StageError, match=f"model checkpoint not found at {tmp_path / 'artifacts' / 'cpt'}"):
+    with pytest.raises(StageError, match=f"model checkpoint not found at {tmp_path / 'artifacts' / 'family_sft'}"):
         expand.run(params)
 
 
 def test_corpus_without_math_documents_is_an_error(workspace, tmp_path):
-    params = copy_workspace(workspace, tmp_path, artifacts=("tokenizer", "cpt"))
+    params = copy_workspace(workspace, tmp_path, artifacts=("tokenizer", "family_sft"))
     path = tmp_path / "data" / "validated" / "corpus_train.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["source"] != "math"))
@@ -108,6 +109,6 @@ def test_dae_exit_must_be_a_member(workspace, tmp_path):
     with pytest.raises(ParamsError, match="expand.exit_layer 3 is not one of"):
         load(workspace, expand__exit_layer=3)
     # Valid params (smallest member 1), but the family on disk has members [2, 4]: named as such.
-    params = copy_workspace(workspace, tmp_path, artifacts=("tokenizer", "cpt"), model__exit_layers=[1, 4])
+    params = copy_workspace(workspace, tmp_path, artifacts=("tokenizer", "family_sft"), model__exit_layers=[1, 4])
     with pytest.raises(StageError, match=r"expand.exit_layer=1 is not a member of the family at .*\[2, 4\]"):
         expand.run(params)

@@ -117,7 +117,8 @@ def test_repository_pipeline_order_is_dvc_dag_order():
 
     for a, b in re.findall(r'"([^"]+)"\s*->\s*"([^"]+)"', dot):
         assert order.index(a) < order.index(b), (a, b)
-    expected_chain = ["prepare_data", "validate_data", "tokenizer", "cpt", "expand", "sft", "rl", "compress",
+    expected_chain = ["prepare_data", "validate_data", "tokenizer", "cpt", "family_sft", "expand", "sft", "rl",
+                      "compress",
                       "evaluate", "gates", "export", "deploy"]
     assert order == expected_chain
 

@@ -11,13 +11,27 @@ from test_data_contracts import params_for_tests
 from tasks.core.stage import ContractViolation, StageError
 from tasks.gates import check_gates, main
 
+LN_VOCAB = math.log(2048)
+EXITS = {"model.exit_layers": [2, 4, 8]}  # the exits of the crafted files (the repo's params may differ)
+
 
 def _eval(losses: dict[int, float], accuracy: float = 0.1) -> dict:
     out = {f"exit_{d}": {"loss": loss, "perplexity": math.exp(loss) if loss == loss else loss,
                          "accuracy": accuracy, "tokens_per_s": 100.0, "params": 1000 * d}
            for d, loss in losses.items()}
     out["checkpoint"] = "artifacts/compress"  # non-exit keys are ignored
+    out["ln_vocab"] = LN_VOCAB
     return out
+
+
+def _rl(start: float = 0.1, end: float = 0.2, member: int = 2) -> dict:
+    return {"members": [member], "accuracy_start": start, "accuracy_end": end,
+            f"exit_{member}": {"accuracy_start": start, "accuracy_end": end, "steps_with_gradient": 30}}
+
+
+def _params(tmp_path, **overrides):
+    return params_for_tests(tmp_path, **{**EXITS, "gates.min_accuracy": 0.0, "gates.min_loss_margin": 0.5,
+                                         "gates.max_rl_accuracy_drop": 0.0, **overrides})
 
 
 def _compress(changes: dict[int, float]) -> dict:
@@ -27,20 +41,21 @@ def _compress(changes: dict[int, float]) -> dict:
     return out
 
 
-def _write(tmp_path, evals, compress):
+def _write(tmp_path, evals, compress, rl=None):
     metrics = tmp_path / "metrics"
     metrics.mkdir(exist_ok=True)
     if evals is not None:
         (metrics / "eval_quality.json").write_text(json.dumps(evals))
     if compress is not None:
         (metrics / "compress.json").write_text(json.dumps(compress))
+    (metrics / "rl.json").write_text(json.dumps(rl if rl is not None else _rl()))
 
 
 def test_gates_pass(tmp_path):
     # exit_8 is 3% worse than exit_4: inside the 5% depth tolerance.
     _write(tmp_path, _eval({2: 4.0, 4: 3.0, 8: 3.09}), _compress({2: 0.015, 4: 0.0, 8: 0.0}))
-    metrics = check_gates(params_for_tests(tmp_path))
-    assert metrics["passed"] and metrics["expectations_failed"] == 0 and metrics["expectations_evaluated"] == 8
+    metrics = check_gates(_params(tmp_path))
+    assert metrics["passed"] and metrics["expectations_failed"] == 0 and metrics["expectations_evaluated"] == 11
     assert metrics["exits"]["exit_8"]["loss_vs_shallower"] == pytest.approx(1.03)
     assert metrics["exits"]["exit_2"]["loss_vs_shallower"] is None
     saved = json.loads((tmp_path / "metrics" / "gates.json").read_text())
@@ -52,7 +67,7 @@ def test_each_failing_gate_is_named_with_its_exit(tmp_path):
     # exit_2 over max_loss; exit_8 10% worse than exit_4 (tolerance 5%); exit_4 over its compression
     # budget (5% > 2%); every exit's accuracy (0.1) below the minimum (0.2).
     _write(tmp_path, _eval({2: 9.0, 4: 3.0, 8: 3.3}), _compress({2: 0.0, 4: 0.05, 8: 0.0}))
-    params = params_for_tests(tmp_path, **{"gates.min_accuracy": 0.2})
+    params = _params(tmp_path, **{"gates.min_accuracy": 0.2})
     with pytest.raises(ContractViolation) as err:
         check_gates(params)
     message = str(err.value)
@@ -62,13 +77,14 @@ def test_each_failing_gate_is_named_with_its_exit(tmp_path):
         ("expect_column_values_to_be_between", "loss"): {"exit_2"},
         ("expect_column_values_to_be_between", "loss_vs_shallower"): {"exit_8"},
         ("expect_column_values_to_be_between", "relative_loss_change"): {"exit_4"},
-        ("expect_column_values_to_be_between", "accuracy"): {"exit_2", "exit_4", "exit_8"},
+        ("expect_column_values_to_be_between", "loss_margin"): {"exit_2"},  # 9.0 > ln 2048 - 0.5
+        ("expect_column_values_to_be_between", "accuracy_over_floor"): {"exit_2", "exit_4", "exit_8"},
     }
     assert "held-out loss below gates.max_loss=8.0" in message and "exit_2: 9\n" in message
     assert "gates.depth_tolerance=0.05" in message and "exit_8: 1.1" in message
     assert "compress.max_relative_loss_increase=0.02" in message and "exit_4: 0.05" in message
     saved = json.loads((tmp_path / "metrics" / "gates.json").read_text())
-    assert not saved["passed"] and saved["expectations_failed"] == 4
+    assert not saved["passed"] and saved["expectations_failed"] == 5
     assert saved["failing_exits"] == ["exit_2", "exit_4", "exit_8"]
     pages = list((tmp_path / "reports" / "gates" / "data_docs" / "validations" / "model_gates").rglob("*.html"))
     assert len(pages) == 1 and "exit_8" in pages[0].read_text()
@@ -78,7 +94,7 @@ def test_nan_loss_and_missing_exit_fail(tmp_path):
     evals = _eval({2: 4.0, 4: float("nan")})        # exit_8 not evaluated, exit_4 diverged
     _write(tmp_path, evals, _compress({2: 0.0, 4: 0.0, 8: 0.0}))
     with pytest.raises(ContractViolation) as err:
-        check_gates(params_for_tests(tmp_path))
+        check_gates(_params(tmp_path))
     names = {f"{f['expectation']}({f['column']})": set(f["rows"]) for f in err.value.failures}
     assert names["expect_column_values_to_not_be_null(loss)"] == {"exit_4", "exit_8"}
     assert names["expect_column_values_to_not_be_null(accuracy)"] == {"exit_8"}
@@ -88,17 +104,17 @@ def test_nan_loss_and_missing_exit_fail(tmp_path):
 def test_exit_set_must_match_the_model(tmp_path):
     _write(tmp_path, _eval({2: 4.0, 8: 3.0}), _compress({2: 0.0, 8: 0.0}))
     with pytest.raises(ContractViolation, match=r"expect_column_distinct_values_to_equal_set\(exit\).*observed: "):
-        check_gates(params_for_tests(tmp_path))
+        check_gates(_params(tmp_path))
 
 
 def test_missing_or_malformed_metrics_are_stage_errors(tmp_path, capsys):
     _write(tmp_path, None, _compress({2: 0.0}))
     with pytest.raises(StageError, match=r"eval_quality.json not found \(run the evaluate stage first\)") as err:
-        check_gates(params_for_tests(tmp_path))
+        check_gates(_params(tmp_path))
     assert not isinstance(err.value, ContractViolation)
     _write(tmp_path, {"loss": 3.0}, _compress({2: 0.0}))
     with pytest.raises(StageError, match=r"eval_quality.json: no exit_<d> entries"):
-        check_gates(params_for_tests(tmp_path))
+        check_gates(_params(tmp_path))
     (tmp_path / "metrics" / "compress.json").write_text("{not json")
     sets = [f"paths.{k}_dir={tmp_path / k}" for k in ("data", "metrics", "plots", "reports")]
     assert main([arg for s in sets for arg in ("--set", s)]) == 2
@@ -115,3 +131,46 @@ def test_gates_frame_ratios():
     assert frame.loc["exit_8", "loss_vs_shallower"] == pytest.approx(1.2)  # vs the best shallower (3.0)
     with pytest.raises(ValueError, match="compress.json: exit_2 must be an object"):
         gates_frame(_eval({2: 1.0}), {"exit_2": 0.5})
+
+
+def test_a_uniform_model_and_an_accuracy_zero_model_fail_the_tiny_defaults(tmp_path):
+    # The repo's own params.yaml (exits, floors, margin): a uniform prediction (loss ln V at every exit,
+    # no correct answer) fails on loss and accuracy; good losses with accuracy 0 fail on accuracy.
+    repo = params_for_tests(tmp_path)
+    exits = list(repo.model.exit_layers)
+    floored = {f"exit_{d}" for d in exits if repo.gates.accuracy_floor(d) > 0}
+    assert repo.gates.min_loss_margin > 0 and floored, "the tiny defaults must be able to fail"
+    no_change = _compress({d: 0.0 for d in exits})
+    _write(tmp_path, _eval({d: LN_VOCAB for d in exits}, accuracy=0.0), no_change, _rl(0.0, 0.0, repo.dae_exit))
+    with pytest.raises(ContractViolation) as err:
+        check_gates(repo)
+    by_column = {f["column"]: set(f["rows"]) for f in err.value.failures}
+    assert by_column["loss_margin"] == {f"exit_{d}" for d in exits}
+    assert by_column["accuracy_over_floor"] == floored
+    assert not json.loads((tmp_path / "metrics" / "gates.json").read_text())["passed"]
+
+    _write(tmp_path, _eval({d: 2.0 - 0.01 * d for d in exits}, accuracy=0.0), no_change,
+           _rl(0.0, 0.0, repo.dae_exit))
+    with pytest.raises(ContractViolation) as err:
+        check_gates(repo)
+    assert {f["column"]: set(f["rows"]) for f in err.value.failures} == {"accuracy_over_floor": floored}
+
+
+def test_accuracy_zero_fails_with_good_losses(tmp_path):
+    _write(tmp_path, _eval({2: 2.0, 4: 1.5, 8: 1.4}, accuracy=0.0), _compress({2: 0.0, 4: 0.0, 8: 0.0}))
+    with pytest.raises(ContractViolation) as err:
+        check_gates(_params(tmp_path, **{"gates.min_accuracy": {4: 0.1, 8: 0.3}}))
+    by_column = {f["column"]: set(f["rows"]) for f in err.value.failures}
+    assert by_column == {"accuracy_over_floor": {"exit_4", "exit_8"}}  # exit_2 has no floor
+    assert "accuracy at least its floor" in str(err.value)
+
+
+def test_rl_making_its_member_worse_fails(tmp_path):
+    _write(tmp_path, _eval({2: 2.0, 4: 1.5, 8: 1.4}), _compress({2: 0.0, 4: 0.0, 8: 0.0}), _rl(0.3, 0.25))
+    with pytest.raises(ContractViolation) as err:
+        check_gates(_params(tmp_path))
+    assert {f["column"]: set(f["rows"]) for f in err.value.failures} == {"rl_accuracy_change": {"exit_2"}}
+    assert check_gates(_params(tmp_path, **{"gates.max_rl_accuracy_drop": 0.06}))["passed"]
+    (tmp_path / "metrics" / "rl.json").write_text(json.dumps({"members": [2], "exit_2": {}}))
+    with pytest.raises(StageError, match="rl.json: exit_2 .*has no accuracy_start/accuracy_end"):
+        check_gates(_params(tmp_path))

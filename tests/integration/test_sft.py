@@ -11,7 +11,7 @@ import pytest
 import torch
 from training_helpers import copy_workspace, load, make_workspace
 
-from tasks import cpt, expand, sft
+from tasks import cpt, expand, family_sft, sft
 from tasks.core.artifacts import load_family
 from tasks.core.stage import StageError
 from tasks.training.batches import build_sft_examples, load_tokenizer
@@ -19,9 +19,10 @@ from tasks.training.batches import build_sft_examples, load_tokenizer
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """A micro workspace with cpt (6 steps) and expand (4 steps) artifacts in it."""
+    """A micro workspace with cpt (6 steps), family_sft (4 steps) and expand (4 steps) artifacts in it."""
     path = make_workspace(tmp_path_factory.mktemp("sft"))
     cpt.run(load(path, cpt__max_steps=6))
+    family_sft.run(load(path, family_sft__max_steps=4, family_sft__stage1_steps=1))
     expand.run(load(path, expand__max_steps=4))
     return path
 

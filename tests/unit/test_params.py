@@ -38,7 +38,7 @@ def test_tiny_default_is_the_defaults_of_the_schema():
     def flat(d, prefix=""):
         out = set()
         for k, v in d.items():
-            if isinstance(v, dict) and v:
+            if isinstance(v, dict) and v and all(isinstance(x, str) for x in v):  # not a value keyed by exit
                 out |= flat(v, f"{prefix}{k}.")
             else:
                 out.add(prefix + k)

@@ -38,3 +38,21 @@ def test_summary_rows_follow_the_metric_files_in_exit_order(tmp_path, capsys):
     print_summary(params_file)
     out = capsys.readouterr().out
     assert "7.250" in out and "25.0%" in out and "+1.25%" in out and "quality gates" in out
+
+
+def test_recipe_lines_show_the_dae_rl_and_compression_gains(tmp_path):
+    from flows.report import recipe_lines
+
+    assert recipe_lines(tmp_path) == []  # nothing run yet
+    comp = {"dae_exit": 2, "removed_fraction": {"blocks": 0.55, "head": 0.3, "blocks_and_head": 0.45},
+            "dae_control": {"before_dae": {"accuracy": 0.1}, "dense": {"accuracy": 0.3},
+                            "decomposed": {"accuracy": 0.29}, "gain_retained": {"accuracy": 0.95,
+                                                                                "solution_loss": 0.9}}}
+    rl = {"algorithm": "bppo", "members": [2], "steps": 30, "steps_with_gradient": 27,
+          "accuracy_start": 0.3, "accuracy_end": 0.36}
+    (tmp_path / "compress.json").write_text(json.dumps(comp))
+    (tmp_path / "rl.json").write_text(json.dumps(rl))
+    dae, rl_line, compression = recipe_lines(tmp_path)
+    assert "10.0% before DaE -> 30.0% dense -> 29.0% decomposed" in dae and "accuracy 0.95" in dae
+    assert "30.0% -> 36.0%" in rl_line and "27/30" in rl_line
+    assert "55.0% of the DaE blocks" in compression and "45.0% of both" in compression

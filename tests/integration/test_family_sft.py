@@ -1,0 +1,87 @@
+"""The family_sft stage: Stage I chats come from general text only, Stage I then Stage II batches,
+every member learns under the joint loss, bad parameters are named."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from training_helpers import load, make_workspace
+
+from tasks import cpt, family_sft
+from tasks.core.artifacts import load_family
+from tasks.core.params import ParamsError
+from tasks.core.stage import StageError
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    path = make_workspace(tmp_path_factory.mktemp("family_sft"))
+    cpt.run(load(path, cpt__max_steps=6))
+    return path
+
+
+def test_stage1_rows_use_general_text_only_and_both_instructions():
+    docs = [{"id": "m1", "source": "math", "text": "Tom has 3 apples. " * 20},
+            {"id": "g1", "source": "docs", "text": "alpha beta gamma delta " * 20},
+            {"id": "g2", "source": "docs", "text": "one two three four five " * 20},
+            {"id": "g3", "source": "docs", "text": "short"}]
+    rows = family_sft.stage1_rows(docs, limit=10)
+    assert [r["id"] for r in rows] == ["stage1-g1", "stage1-g2"]  # no math; g3 has no continuation
+    cont, rep = rows
+    assert cont["prompt"].startswith(family_sft.CONTINUE) and rep["prompt"].startswith(family_sft.REPEAT)
+    head = cont["prompt"][len(family_sft.CONTINUE):]
+    full = " ".join(docs[1]["text"].split())
+    assert full.startswith(head) and full[len(head):].strip().startswith(cont["response"])
+    assert rep["prompt"] == family_sft.REPEAT + rep["response"]
+    assert len(family_sft.stage1_rows(docs, limit=1)) == 1
+
+
+def test_staged_stream_switches_from_stage1_to_stage2():
+    from tasks.training.batches import BlockStream, MixedStream
+
+    g = {"input_ids": torch.zeros(5, 4, dtype=torch.long)}
+    m = {"input_ids": torch.ones(7, 4, dtype=torch.long)}
+    stream = family_sft.StagedStream(BlockStream(g, 1, "g"), MixedStream(BlockStream(m, 1, "m"), None, 0.0), 6)
+    assert stream.batch(0, 3)["input_ids"].sum() == 0 and stream.batch(3, 3)["input_ids"].sum() == 0
+    assert (stream.batch(6, 3)["input_ids"] == 1).all()
+    with pytest.raises(StageError, match="straddles"):
+        stream.batch(5, 3)
+
+
+def test_family_sft_trains_every_member(workspace):
+    params = load(workspace)
+    metrics = family_sft.run(params)
+    art = Path(params.paths.artifacts_dir)
+    before, _ = load_family(art / "cpt")
+    after, _ = load_family(art / "family_sft")
+    old = before.state_dict()
+    moved = [n for n, t in after.state_dict().items() if not torch.equal(t, old[n])]
+    assert metrics["trainable_params"] == sum(p.numel() for p in after.parameters())
+    # every member's own parameters (branch layers, norms, heads) and the shared ones train
+    for d in (2, 4):
+        assert metrics[f"exit_{d}"]["heldout_loss_after"] < metrics[f"exit_{d}"]["heldout_loss_before"] - 0.1
+    assert any("embed" in n for n in moved) and len(moved) > len(old) // 2
+    assert metrics["stage1_steps"] == 3 and metrics["stage2_steps"] == 5 and metrics["steps"] == 8
+    assert metrics["stage1_examples"]["examples"] > 0
+    saved = json.loads((Path(params.paths.metrics_dir) / "family_sft.json").read_text())
+    assert saved["exit_4"] == metrics["exit_4"]
+    assert (Path(params.paths.plots_dir) / "family_sft" / "loss.csv").is_file()
+
+
+def test_stage1_steps_must_leave_stage2_steps(workspace):
+    with pytest.raises(ParamsError, match=r"stage1_steps \(8\) must be < max_steps \(8\)"):
+        load(workspace, family_sft__stage1_steps=8)
+
+
+def test_the_tiny_profile_keeps_the_dae_member_cheaper_than_the_next_member():
+    from tasks.core.params import load_params
+
+    params = load_params(Path(__file__).resolve().parents[2] / "params.yaml")
+    exits = list(params.model.exit_layers)
+    d = params.dae_exit
+    deeper = [e for e in exits if e > d]
+    assert deeper and d + params.expand.num_blocks < min(deeper), (exits, d, params.expand.num_blocks)
+    assert params.data.math_levels == [1] and params.family_sft.stage1_steps < params.family_sft.max_steps
