@@ -159,6 +159,30 @@ def compare(recorded: dict[str, Any], reproduced: dict[str, Any], measured: set[
     return checks
 
 
+def upstream_stages(dvc_yaml: dict[str, Any], target: str) -> set[str]:
+    """`target` and every stage it depends on, transitively (a dep at or under another stage's output)."""
+    stages = dvc_yaml.get("stages", {})
+    if target not in stages:
+        raise AuditError(f"no stage {target!r} in dvc.yaml (stages: {', '.join(stages)})")
+
+    def paths(items) -> list[str]:
+        return [next(iter(i)) if isinstance(i, dict) else str(i) for i in items or []]
+
+    producer = {out: name for name, spec in stages.items()
+                for out in paths(spec.get("outs")) + paths(spec.get("metrics")) + paths(spec.get("plots"))}
+    found, todo = set(), [target]
+    while todo:
+        name = todo.pop()
+        if name in found:
+            continue
+        found.add(name)
+        for dep in paths(stages[name].get("deps")):
+            for out, stage in producer.items():
+                if dep == out or dep.startswith(out.rstrip("/") + "/"):
+                    todo.append(stage)
+    return found
+
+
 def _md5(path: Path) -> str:
     import hashlib
 
@@ -232,9 +256,11 @@ def _stale_and_corrupt(status: dict[str, Any]) -> tuple[list[str], list[str]]:
 
 
 def audit(repo: str | Path = ".", rev: str = "HEAD", remote: str | None = None, pull: bool = True,
-          workdir: str | Path | None = None, keep: bool = False,
+          workdir: str | Path | None = None, keep: bool = False, to_stage: str | None = None,
           log: Callable[[str], None] = print) -> AuditReport:
     """Reproduces the run recorded at `rev` of `repo` in a clean clone (module docstring).
+
+    `to_stage`: reproduce and compare only that stage and its upstream (a quick partial audit).
 
     Raises:
         AuditError: no recording at `rev`, a failed clone/pull (with `remote` named)/stage.
@@ -255,7 +281,10 @@ def audit(repo: str | Path = ".", rev: str = "HEAD", remote: str | None = None, 
         if local_config.is_file():
             shutil.copy(local_config, clone / ".dvc" / "config.local")
         recorded = yaml.safe_load((clone / "dvc.lock").read_text())
-        measured = measured_outputs(yaml.safe_load((clone / "dvc.yaml").read_text()))
+        dvc_yaml = yaml.safe_load((clone / "dvc.yaml").read_text())
+        measured = measured_outputs(dvc_yaml)
+        scope = upstream_stages(dvc_yaml, to_stage) if to_stage else set(dvc_yaml.get("stages", {}))
+        recorded = {**recorded, "stages": {k: v for k, v in recorded.get("stages", {}).items() if k in scope}}
         pulled = False
         if pull:
             cmd = [_bin("dvc"), "pull"] + (["-r", remote] if remote else [])
@@ -265,10 +294,13 @@ def audit(repo: str | Path = ".", rev: str = "HEAD", remote: str | None = None, 
                 log(f"audit: no recorded outputs could be pulled (exit {proc.returncode}); every output is "
                     "reproduced from scratch and compared with dvc.lock")
         report = AuditReport(rev=rev, commit=commit, pulled=pulled)
-        report.stale, corrupt = _stale_and_corrupt(_status(clone))
+        stale, corrupt = _stale_and_corrupt(_status(clone))
+        report.stale = [line for line in stale if line.split(":")[0] in scope]
+        corrupt = [line for line in corrupt if line.split(":")[0] in scope]
         report.corrupt = sorted(set(corrupt) | set(verify_pulled(clone, recorded))) if pulled else []
-        log(f"audit: {rev} ({commit[:12]}): dvc repro --force in {clone}")
-        _run([_bin("dvc"), "repro", "--force"], clone, "dvc repro --force", log=log)
+        cmd = [_bin("dvc"), "repro", "--force"] + ([to_stage] if to_stage else [])
+        log(f"audit: {rev} ({commit[:12]}): {' '.join(cmd[1:])} in {clone}")
+        _run(cmd, clone, " ".join(cmd[1:]), log=log)
         reproduced = yaml.safe_load((clone / "dvc.lock").read_text())
         report.checks = compare(recorded, reproduced, measured, clone / ".dvc" / "cache")
         return report

@@ -107,6 +107,7 @@ def audit(
                                "(default: the configured default remote, if it answers)"),
     pull: bool = typer.Option(True, "--pull/--no-pull", help="pull the recorded outputs before reproducing"),
     keep: bool = typer.Option(False, "--keep", help="keep the temporary clean clone (its path is printed)"),
+    to_stage: str = typer.Option(None, "--to-stage", help="audit only this stage and its upstream (quicker)"),
     json_out: str = typer.Option(None, "--json", help="also write the verdicts to this JSON file"),
 ) -> None:
     """Reproduce a recorded run in a clean clone and compare every output with dvc.lock.
@@ -119,7 +120,8 @@ def audit(
     from flows.audit import audit as run_audit
 
     try:
-        report = run_audit(".", rev=rev, remote=remote, pull=pull, keep=keep, log=lambda line: typer.echo(line))
+        report = run_audit(".", rev=rev, remote=remote, pull=pull, keep=keep, to_stage=to_stage,
+                           log=lambda line: typer.echo(line))
     except AuditError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

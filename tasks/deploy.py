@@ -214,8 +214,8 @@ def run(params: Params) -> dict[str, Any]:
                "timings": {k: round(v, 3) for k, v in timings.items()}}
     write_jsonl(ws.reports("deploy") / "smoke.jsonl", rows)
     _plot_latency(per_tier, ws.plots("deploy"))
-    write_metrics(params, "deploy_smoke", reproducible)
-    write_metrics(params, "deploy", metrics)
+    write_metrics(params, "deploy_smoke", reproducible, split=False)
+    write_metrics(params, "deploy", metrics, split=False)
     log.info("deployed %s (%s): %s", release.uri, "reused" if reused else "new",
              ", ".join(f"{t} p50 {r['latency_ms_p50']:.0f} ms" for t, r in per_tier.items() if "latency_ms_p50" in r))
     return metrics

@@ -2,7 +2,7 @@
 
     python -m tasks.gates [--params params.yaml] [--set gates.max_loss=6.0]
 
-Reads `metrics/eval_quality.json`, `metrics/compress.json` and `metrics/rl.json`; validates one row per exit with the GX
+Reads `metrics/eval_quality.json`, `metrics/reproducible/compress.json` and `metrics/reproducible/rl.json`; validates one row per exit with the GX
 suite of `data_contracts.gates`. Writes `metrics/gates.json` and `reports/gates/data_docs/` in both
 outcomes; a failed gate raises `ContractViolation` (never retried) naming every failing expectation and
 exit. Choices: docs/choices.md#gates.
@@ -46,8 +46,9 @@ def check_gates(params: Params) -> dict[str, Any]:
     from data_contracts.gates import SUITE, gates_frame, gates_suite
 
     ws = Workspace.from_params(params)
-    eval_path, compress_path = ws.metrics_dir / EVAL_METRICS, ws.metrics("compress")
-    rl_path = ws.metrics("rl")
+    # the reproducible parts (what dvc.yaml declares as deps: the gates rerun exactly when they change)
+    eval_path, compress_path = ws.metrics_dir / EVAL_METRICS, ws.reproducible_metrics("compress")
+    rl_path = ws.reproducible_metrics("rl")
     evals = _read_metrics(eval_path, "evaluate")
     compress = _read_metrics(compress_path, "compress")
     rl = _read_metrics(rl_path, "rl")

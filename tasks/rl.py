@@ -134,8 +134,6 @@ def run(params: Params) -> dict[str, Any]:
             checkpointer.save(trainer.step_index, model, trainer.optimizer, None,
                               {**trainer.state_dict(), "eval_before": {str(d): v for d, v in before.items()},
                                "wall_time_s": prior_wall_s + time.perf_counter() - t_start})
-    # DVC declares the checkpoint directory as an output: it exists even when no checkpoint was due.
-    checkpointer.root.mkdir(parents=True, exist_ok=True)
     after = evaluate_members(model, tokenizer, eval_rows, members, cfg.max_new_tokens, cfg.format_reward)
     save_family(model, tokenizer, ws.artifacts("rl"))
     write_curves(trainer.history, ws.plots("rl"), cfg.algorithm)

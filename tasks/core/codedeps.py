@@ -92,7 +92,8 @@ def code_fingerprint(stage: str, root: Path = REPO_ROOT) -> dict[str, str]:
 
 # --- dvc.yaml ----------------------------------------------------------------------------------------
 def _is_code(dep: str) -> bool:
-    return dep.endswith(".py") and dep.split("/")[0] in PACKAGES
+    """A dep inside a code package: a module (or a whole folder, which `--write` replaces by its modules)."""
+    return dep.split("/")[0] in PACKAGES
 
 
 def _stage_of(cmd: str) -> str | None:

@@ -140,13 +140,15 @@ def reproducible_part(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def write_metrics(params: Params, stage: str, metrics: dict[str, Any]) -> Path:
-    """Writes `metrics/<stage>.json` (everything, timings included) and its reproducible part,
-    `metrics/reproducible/<stage>.json`: the file dvc.yaml declares as the stage's output and audits
-    compare bitwise (`ruyi audit`); the complete file is a measured, top-level DVC metric."""
+def write_metrics(params: Params, stage: str, metrics: dict[str, Any], *, split: bool = True) -> Path:
+    """Writes `metrics/<stage>.json` (everything, timings included) and, with `split`, its reproducible
+    part `metrics/reproducible/<stage>.json`: the file dvc.yaml declares as the stage's output and audits
+    compare bitwise (`ruyi audit`); the complete file is a measured, top-level DVC metric. `split=False`
+    for a file that is already one or the other (deploy writes its reproducible smoke results apart)."""
     ws = Workspace.from_params(params)
     path = ws.metrics(stage)
-    write_json(ws.reproducible_metrics(stage), reproducible_part(metrics))
+    if split:
+        write_json(ws.reproducible_metrics(stage), reproducible_part(metrics))
     write_json(path, metrics)
     return path
 

@@ -3,7 +3,7 @@
     ws = Workspace.from_params(params)
     ws.corpus_train            # data/validated/corpus_train.jsonl
     ws.artifacts("cpt")        # artifacts/cpt/ (a model stage's output)
-    ws.checkpoints("cpt")      # artifacts/checkpoints/cpt/ (resumable, DVC persist)
+    ws.checkpoints("cpt")      # artifacts/checkpoints/cpt/ (resumption state, not a DVC output)
     ws.plots("cpt")            # plots/cpt/ (created)
 
 Every directory is relative to the working directory unless params.paths says otherwise.
@@ -90,7 +90,8 @@ class Workspace:
         return self.artifacts("tokenizer")
 
     def checkpoints(self, stage: str) -> Path:
-        """Resumable checkpoints of a stage (`artifacts/checkpoints/<stage>/`; DVC: persist, not cached)."""
+        """Resumable checkpoints of a stage (`artifacts/checkpoints/<stage>/`: resumption state, not a DVC
+        output, so DVC never deletes it and audits do not compare it)."""
         return self.artifacts_dir / "checkpoints" / stage
 
     @property

@@ -333,10 +333,6 @@ def _finish(run: _Run, checkpointer: Checkpointer | None, t_wall: float) -> Trai
     result.steps = run.cfg.max_steps
     result.wall_seconds = time.perf_counter() - t_wall
     run.model.eval()
-    if checkpointer is not None and run.main:
-        # DVC declares the checkpoint directory as an output: it must exist even when no
-        # checkpoint was due (checkpoint_every > max_steps) or a stale one was set aside.
-        checkpointer.root.mkdir(parents=True, exist_ok=True)
     return result
 
 
