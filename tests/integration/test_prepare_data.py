@@ -202,6 +202,7 @@ def test_user_sources_jsonl_and_parquet(tmp_path):
     pq.write_table(pa.Table.from_pylist(math_rows), tmp_path / "math.parquet")
     params = load_params(REPO / "params.yaml", _overrides(tmp_path, {
         "data.sources": [str(text_file), str(tmp_path / "math.parquet")], "data.embedded": "never",
+        "data.math_levels": [1, 2, 3],
         "data.num_sft": 20, "data.num_rl": 8, "data.num_eval": 6, "data.val_fraction": 0.2}))
     metrics = run(params)
     raw = tmp_path / "data" / "raw"

@@ -35,7 +35,7 @@ def test_valid_data_is_published_unchanged(tmp_path, monkeypatch):
     raw = write_raw(tmp_path, valid_datasets())
     monkeypatch.chdir(Path(__file__).parents[2])  # params.yaml of the repo
     sets = [f"paths.{k}_dir={tmp_path / k}" for k in ("data", "metrics", "plots", "reports")]
-    sets += ["data.min_doc_chars=40", "data.max_doc_chars=600"]
+    sets += ["data.min_doc_chars=40", "data.max_doc_chars=600", "data.math_levels=[1, 2, 3]"]
     assert main([arg for s in sets for arg in ("--set", s)]) == 0
 
     validated = tmp_path / "data" / "validated"
