@@ -46,8 +46,9 @@ test: setup lint  ## set up, lint, then run every test tier (unit, integration, 
 test-fast: setup  ## the unit tier only (no servers, no stage runs; under 3 minutes on 2 cores)
 	$(PY) -m pytest -q tests/unit
 
-lint: setup  ## ruff, the import contracts (pyproject.toml [tool.importlinter]), dvc.yaml code deps
+lint: setup  ## ruff (lint + format), the import contracts (pyproject.toml [tool.importlinter]), dvc.yaml code deps
 	$(VENV)/bin/ruff check ruyi_model triton_kernels tasks flows data_contracts tests benchmarks
+	$(VENV)/bin/ruff format --check ruyi_model triton_kernels tasks flows data_contracts tests benchmarks
 	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m tasks.core.codedeps --check
 

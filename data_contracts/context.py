@@ -71,18 +71,29 @@ class ExpectationFailure:
             match = re.search(regex, value)
             if match:
                 start, end = max(0, match.start() - 30), min(len(value), match.end() + 30)
-                return (f"{match.group(0)!r} in " + ("..." if start else "") + repr(value[start:end])
-                        + ("..." if end < len(value) else ""))
+                return (
+                    f"{match.group(0)!r} in "
+                    + ("..." if start else "")
+                    + repr(value[start:end])
+                    + ("..." if end < len(value) else "")
+                )
         if isinstance(value, float):
             return f"{value:.6g}"
         return _short(value)
 
     def to_dict(self, max_rows: int | None = None) -> dict[str, Any]:
         rows = self.rows if max_rows is None else self.rows[:max_rows]
-        return {"expectation": self.expectation, "column": self.column, "description": self.description,
-                "kwargs": self.kwargs, "unexpected_count": len(self.rows),
-                "rows": [str(r) for r in rows], "values": [self.show(v) for v in self.values[:len(rows)]],
-                "observed": _jsonable(self.observed), "exception": self.exception}
+        return {
+            "expectation": self.expectation,
+            "column": self.column,
+            "description": self.description,
+            "kwargs": self.kwargs,
+            "unexpected_count": len(self.rows),
+            "rows": [str(r) for r in rows],
+            "values": [self.show(v) for v in self.values[: len(rows)]],
+            "observed": _jsonable(self.observed),
+            "exception": self.exception,
+        }
 
 
 @dataclass
@@ -142,7 +153,10 @@ class ContractContext:
         self.context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
         site = dict(self.context.get_config().data_docs_sites[DOCS_SITE])
         # Relative to <root>/gx: the site lands in <root>/data_docs.
-        site["store_backend"] = {"class_name": "TupleFilesystemStoreBackend", "base_directory": "../data_docs/"}
+        site["store_backend"] = {
+            "class_name": "TupleFilesystemStoreBackend",
+            "base_directory": "../data_docs/",
+        }
         site["show_how_to_buttons"] = False
         self.context.update_data_docs_site(DOCS_SITE, site)
         self.datasource = self.context.data_sources.add_or_update_pandas(DATASOURCE)
@@ -185,10 +199,13 @@ class ContractContext:
         if batch is None:
             batch = asset.add_batch_definition_whole_dataframe("whole")
         definition = self.context.validation_definitions.add_or_update(
-            gx.ValidationDefinition(name=name, data=batch, suite=suite))
-        result = definition.run(batch_parameters={"dataframe": frame},
-                                result_format={"result_format": "COMPLETE"},
-                                run_id=RunIdentifier(run_name=run_name))
+            gx.ValidationDefinition(name=name, data=batch, suite=suite)
+        )
+        result = definition.run(
+            batch_parameters={"dataframe": frame},
+            result_format={"result_format": "COMPLETE"},
+            run_id=RunIdentifier(run_name=run_name),
+        )
         failures = []
         for r in result.results:
             if r.success:
@@ -200,18 +217,25 @@ class ContractContext:
             info = r.exception_info or {}
             raised = info.get("raised_exception")
             res = r.result or {}
-            failures.append(ExpectationFailure(
-                expectation=config.type,
-                column=config.kwargs.get("column"),
-                description=config.description or "",
-                kwargs=kwargs,
-                rows=list(res.get("unexpected_index_list") or []),
-                values=list(res.get("unexpected_list") or []),
-                observed=res.get("observed_value"),
-                exception=info.get("exception_message") if raised else None,
-            ))
-        return SuiteResult(suite=name, success=bool(result.success), evaluated=len(result.results),
-                           failures=failures, num_rows=len(frame))
+            failures.append(
+                ExpectationFailure(
+                    expectation=config.type,
+                    column=config.kwargs.get("column"),
+                    description=config.description or "",
+                    kwargs=kwargs,
+                    rows=list(res.get("unexpected_index_list") or []),
+                    values=list(res.get("unexpected_list") or []),
+                    observed=res.get("observed_value"),
+                    exception=info.get("exception_message") if raised else None,
+                )
+            )
+        return SuiteResult(
+            suite=name,
+            success=bool(result.success),
+            evaluated=len(result.results),
+            failures=failures,
+            num_rows=len(frame),
+        )
 
     def build_docs(self) -> Path:
         """Rebuilds the Data Docs site from the stored results; returns the path of its index.html."""

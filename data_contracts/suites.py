@@ -28,8 +28,13 @@ FINAL_ANSWER_COLUMN = "_final_answer"
 QUESTION_KEY_COLUMN = "_question_key"
 IN_CORPUS_COLUMN = "_in_corpus"
 BOOL_INTS_COLUMN = "_bool_ints"
-DERIVED_COLUMNS = (FIELDS_COLUMN, FINAL_ANSWER_COLUMN, QUESTION_KEY_COLUMN, IN_CORPUS_COLUMN,
-                   BOOL_INTS_COLUMN)
+DERIVED_COLUMNS = (
+    FIELDS_COLUMN,
+    FINAL_ANSWER_COLUMN,
+    QUESTION_KEY_COLUMN,
+    IN_CORPUS_COLUMN,
+    BOOL_INTS_COLUMN,
+)
 # The `source` of the math documents prepare_data adds to the CPT corpus (SFT question + solution):
 # shorter than prose documents, so their lower length bound is the question's.
 MATH_SOURCE = "math"
@@ -37,18 +42,29 @@ MATH_SOURCE = "math"
 ID_REGEX = r"^[\x21-\x7e]{1,128}\Z"
 ANSWER_REGEX = r"^-?\d+(?:\.\d+)?\Z"
 # C0 controls except \t \n \r, DEL, C1 controls, zero-width and bidi controls, BOM, replacement char.
-CONTROL_CHARS_REGEX = "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff\ufffd]"
+CONTROL_CHARS_REGEX = (
+    "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff\ufffd]"
+)
 
 # (expectation name suffix, regex, description): text that must not appear in any free-text field.
 SENSITIVE_PATTERNS: tuple[tuple[str, str, str], ...] = (
-    ("email", r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",
-     "no e-mail addresses (personal data)"),
-    ("api_key", r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|\bsk-[A-Za-z0-9_-]{20,}|\bgh[pousr]_[A-Za-z0-9]{36}\b"
-                r"|\bxox[abprs]-[A-Za-z0-9-]{10,}",
-     "no API keys (AWS AKIA/ASIA, sk-..., GitHub ghp_..., Slack xox.-...)"),
+    (
+        "email",
+        r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",
+        "no e-mail addresses (personal data)",
+    ),
+    (
+        "api_key",
+        r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|\bsk-[A-Za-z0-9_-]{20,}|\bgh[pousr]_[A-Za-z0-9]{36}\b"
+        r"|\bxox[abprs]-[A-Za-z0-9-]{10,}",
+        "no API keys (AWS AKIA/ASIA, sk-..., GitHub ghp_..., Slack xox.-...)",
+    ),
     ("private_key", r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----", "no private key headers"),
-    ("phone", r"(?<![\w.])(?:\+\d{1,3}[ .-]?)?(?:\(\d{3}\) ?|\d{3}[ .-])\d{3}[ .-]\d{4}(?![\w.])",
-     "no phone numbers (personal data)"),
+    (
+        "phone",
+        r"(?<![\w.])(?:\+\d{1,3}[ .-]?)?(?:\(\d{3}\) ?|\d{3}[ .-])\d{3}[ .-]\d{4}(?![\w.])",
+        "no phone numbers (personal data)",
+    ),
 )
 
 
@@ -81,23 +97,38 @@ class DatasetContract:
 
 CONTRACTS: dict[str, DatasetContract] = {
     "corpus": DatasetContract(
-        name="corpus", files=("corpus_train.jsonl", "corpus_val.jsonl"),
+        name="corpus",
+        files=("corpus_train.jsonl", "corpus_val.jsonl"),
         fields={"id": "str", "text": "str", "source": "str"},
-        text_fields=("text",), unique_fields=("id", "text")),
+        text_fields=("text",),
+        unique_fields=("id", "text"),
+    ),
     "sft": DatasetContract(
-        name="sft", files=("sft.jsonl",),
+        name="sft",
+        files=("sft.jsonl",),
         fields={"id": "str", "prompt": "str", "response": "str", "answer": "str", "level": "int"},
-        text_fields=("prompt", "response"), unique_fields=("id", "prompt"),
-        question_field="prompt", final_answer_field="response"),
+        text_fields=("prompt", "response"),
+        unique_fields=("id", "prompt"),
+        question_field="prompt",
+        final_answer_field="response",
+    ),
     "rl": DatasetContract(
-        name="rl", files=("rl.jsonl",),
+        name="rl",
+        files=("rl.jsonl",),
         fields={"id": "str", "question": "str", "answer": "str", "level": "int"},
-        text_fields=("question",), unique_fields=("id", "question"), question_field="question"),
+        text_fields=("question",),
+        unique_fields=("id", "question"),
+        question_field="question",
+    ),
     "eval": DatasetContract(
-        name="eval", files=("eval.jsonl",),
+        name="eval",
+        files=("eval.jsonl",),
         fields={"id": "str", "question": "str", "solution": "str", "answer": "str", "level": "int"},
-        text_fields=("question", "solution"), unique_fields=("id", "question"),
-        question_field="question", final_answer_field="solution"),
+        text_fields=("question", "solution"),
+        unique_fields=("id", "question"),
+        question_field="question",
+        final_answer_field="solution",
+    ),
 }
 # Validation order: eval's overlap check needs the validated training questions (sft, rl) first.
 ORDER = ("corpus", "sft", "rl", "eval")
@@ -123,8 +154,12 @@ def normalized_corpus(texts: Iterable[Any]) -> str:
     return "\n".join(normalize_question(t) for t in texts if isinstance(t, str))
 
 
-def build_frame(contract: DatasetContract, rows: Sequence[dict[str, Any]], labels: Sequence[str],
-                corpus: str | None = None):
+def build_frame(
+    contract: DatasetContract,
+    rows: Sequence[dict[str, Any]],
+    labels: Sequence[str],
+    corpus: str | None = None,
+):
     """The pandas DataFrame a suite validates: raw fields (as objects) plus the derived columns.
 
     Args:
@@ -152,11 +187,14 @@ def build_frame(contract: DatasetContract, rows: Sequence[dict[str, Any]], label
             raise ValueError(f"{label}: field(s) {reserved} are reserved for derived contract columns")
         extra.extend(k for k in row if k not in contract.fields and k not in extra)
     columns = list(contract.fields) + extra
-    frame = pd.DataFrame(list(rows), columns=columns, dtype=object, index=pd.Index(list(labels), dtype=object))
+    frame = pd.DataFrame(
+        list(rows), columns=columns, dtype=object, index=pd.Index(list(labels), dtype=object)
+    )
     frame[FIELDS_COLUMN] = [",".join(sorted(row)) for row in rows]
     int_fields = [name for name, type_ in contract.fields.items() if type_ == "int"]
-    frame[BOOL_INTS_COLUMN] = [",".join(f for f in int_fields if isinstance(row.get(f), bool))
-                               for row in rows]
+    frame[BOOL_INTS_COLUMN] = [
+        ",".join(f for f in int_fields if isinstance(row.get(f), bool)) for row in rows
+    ]
     if contract.final_answer_field:
         frame[FINAL_ANSWER_COLUMN] = [final_answer(row.get(contract.final_answer_field)) for row in rows]
     if contract.question_field:
@@ -166,8 +204,10 @@ def build_frame(contract: DatasetContract, rows: Sequence[dict[str, Any]], label
             raise ValueError("the eval contract needs the normalized corpus (contamination check)")
         from tasks.data.mathgen import normalize_question
 
-        frame[IN_CORPUS_COLUMN] = [isinstance(q, str) and normalize_question(q) in corpus
-                                   for q in (row.get(contract.question_field) for row in rows)]
+        frame[IN_CORPUS_COLUMN] = [
+            isinstance(q, str) and normalize_question(q) in corpus
+            for q in (row.get(contract.question_field) for row in rows)
+        ]
     return frame
 
 
@@ -181,7 +221,9 @@ def text_bounds(contract: DatasetContract, field: str, params) -> tuple[int, int
     return v.min_question_chars, v.max_question_chars
 
 
-def build_suite(contract: DatasetContract, params, training_keys: Iterable[str] | None = None) -> gx.ExpectationSuite:
+def build_suite(
+    contract: DatasetContract, params, training_keys: Iterable[str] | None = None
+) -> gx.ExpectationSuite:
     """The expectation suite of `contract` for the bounds in `params`.
 
     Args:
@@ -198,63 +240,133 @@ def build_suite(contract: DatasetContract, params, training_keys: Iterable[str] 
     expectations: list = []
     add = expectations.append
     add(gxe.ExpectTableRowCountToBeBetween(min_value=1, description="at least one row"))
-    add(gxe.ExpectColumnValuesToBeInSet(
-        column=FIELDS_COLUMN, value_set=[",".join(sorted(contract.fields))],
-        description=f"exactly the fields {sorted(contract.fields)} in every row"))
+    add(
+        gxe.ExpectColumnValuesToBeInSet(
+            column=FIELDS_COLUMN,
+            value_set=[",".join(sorted(contract.fields))],
+            description=f"exactly the fields {sorted(contract.fields)} in every row",
+        )
+    )
     for name, type_ in contract.fields.items():
         add(gxe.ExpectColumnValuesToNotBeNull(column=name, description=f"{name} present and not null"))
-        add(gxe.ExpectColumnValuesToBeOfType(column=name, type_=type_, description=f"{name} is a JSON {_json_type(type_)}"))
+        add(
+            gxe.ExpectColumnValuesToBeOfType(
+                column=name, type_=type_, description=f"{name} is a JSON {_json_type(type_)}"
+            )
+        )
     int_fields = [name for name, type_ in contract.fields.items() if type_ == "int"]
     if int_fields:
-        add(gxe.ExpectColumnValuesToBeInSet(
-            column=BOOL_INTS_COLUMN, value_set=[""],
-            description=f"{', '.join(int_fields)}: a JSON integer, never true/false (strict types)"))
-    add(gxe.ExpectColumnValuesToMatchRegex(
-        column="id", regex=ID_REGEX, description="id is 1-128 printable ASCII characters without spaces"))
+        add(
+            gxe.ExpectColumnValuesToBeInSet(
+                column=BOOL_INTS_COLUMN,
+                value_set=[""],
+                description=f"{', '.join(int_fields)}: a JSON integer, never true/false (strict types)",
+            )
+        )
+    add(
+        gxe.ExpectColumnValuesToMatchRegex(
+            column="id", regex=ID_REGEX, description="id is 1-128 printable ASCII characters without spaces"
+        )
+    )
     for name in contract.unique_fields:
         add(gxe.ExpectColumnValuesToBeUnique(column=name, description=f"{name} unique (no duplicate rows)"))
     for name in contract.text_fields:
         low, high = text_bounds(contract, name, params)
         if contract.name == "corpus":
-            add(gxe.ExpectColumnValueLengthsToBeBetween(
-                column=name, min_value=low, max_value=high, row_condition=f'source!="{MATH_SOURCE}"',
-                condition_parser="pandas", description=f"{name} has {low}-{high} characters (prose documents)"))
+            add(
+                gxe.ExpectColumnValueLengthsToBeBetween(
+                    column=name,
+                    min_value=low,
+                    max_value=high,
+                    row_condition=f'source!="{MATH_SOURCE}"',
+                    condition_parser="pandas",
+                    description=f"{name} has {low}-{high} characters (prose documents)",
+                )
+            )
             low = params.validate_data.min_question_chars
-            add(gxe.ExpectColumnValueLengthsToBeBetween(
-                column=name, min_value=low, max_value=high, row_condition=f'source=="{MATH_SOURCE}"',
-                condition_parser="pandas",
-                description=f"{name} has {low}-{high} characters (math documents, source '{MATH_SOURCE}')"))
+            add(
+                gxe.ExpectColumnValueLengthsToBeBetween(
+                    column=name,
+                    min_value=low,
+                    max_value=high,
+                    row_condition=f'source=="{MATH_SOURCE}"',
+                    condition_parser="pandas",
+                    description=f"{name} has {low}-{high} characters "
+                    f"(math documents, source '{MATH_SOURCE}')",
+                )
+            )
         else:
-            add(gxe.ExpectColumnValueLengthsToBeBetween(
-                column=name, min_value=low, max_value=high, description=f"{name} has {low}-{high} characters"))
-        add(gxe.ExpectColumnValuesToNotMatchRegex(
-            column=name, regex=CONTROL_CHARS_REGEX,
-            description=f"{name} has no control characters (C0/C1, zero-width, bidi, BOM, U+FFFD)"))
+            add(
+                gxe.ExpectColumnValueLengthsToBeBetween(
+                    column=name,
+                    min_value=low,
+                    max_value=high,
+                    description=f"{name} has {low}-{high} characters",
+                )
+            )
+        add(
+            gxe.ExpectColumnValuesToNotMatchRegex(
+                column=name,
+                regex=CONTROL_CHARS_REGEX,
+                description=f"{name} has no control characters (C0/C1, zero-width, bidi, BOM, U+FFFD)",
+            )
+        )
         for _, regex, what in SENSITIVE_PATTERNS:
-            add(gxe.ExpectColumnValuesToNotMatchRegex(column=name, regex=regex, description=f"{name}: {what}"))
+            add(
+                gxe.ExpectColumnValuesToNotMatchRegex(column=name, regex=regex, description=f"{name}: {what}")
+            )
     if contract.name == "corpus":
-        add(gxe.ExpectColumnValueLengthsToBeBetween(
-            column="source", min_value=1, max_value=200, description="source has 1-200 characters"))
+        add(
+            gxe.ExpectColumnValueLengthsToBeBetween(
+                column="source", min_value=1, max_value=200, description="source has 1-200 characters"
+            )
+        )
     if contract.is_math:
-        add(gxe.ExpectColumnValuesToMatchRegex(
-            column="answer", regex=ANSWER_REGEX, description='answer is a plain number ("42", "-3", "2.5")'))
-        add(gxe.ExpectColumnValuesToBeInSet(
-            column="level", value_set=list(params.data.math_levels),
-            description=f"level is one of data.math_levels {list(params.data.math_levels)}"))
+        add(
+            gxe.ExpectColumnValuesToMatchRegex(
+                column="answer",
+                regex=ANSWER_REGEX,
+                description='answer is a plain number ("42", "-3", "2.5")',
+            )
+        )
+        add(
+            gxe.ExpectColumnValuesToBeInSet(
+                column="level",
+                value_set=list(params.data.math_levels),
+                description=f"level is one of data.math_levels {list(params.data.math_levels)}",
+            )
+        )
     if contract.final_answer_field:
         field = contract.final_answer_field
-        add(gxe.ExpectColumnValuesToMatchRegex(
-            column=field, regex=FINAL_LINE_REGEX, description=f"{field} ends with a line '#### <answer>'"))
-        add(gxe.ExpectColumnPairValuesToBeEqual(
-            column_A="answer", column_B=FINAL_ANSWER_COLUMN, ignore_row_if="both_values_are_missing",
-            description=f"the number after '#### ' at the end of {field} equals answer"))
+        add(
+            gxe.ExpectColumnValuesToMatchRegex(
+                column=field, regex=FINAL_LINE_REGEX, description=f"{field} ends with a line '#### <answer>'"
+            )
+        )
+        add(
+            gxe.ExpectColumnPairValuesToBeEqual(
+                column_A="answer",
+                column_B=FINAL_ANSWER_COLUMN,
+                ignore_row_if="both_values_are_missing",
+                description=f"the number after '#### ' at the end of {field} equals answer",
+            )
+        )
     if contract.name == "eval":
-        add(gxe.ExpectColumnValuesToNotBeInSet(
-            column=QUESTION_KEY_COLUMN, value_set=sorted(set(training_keys or [])),
-            description="question does not overlap training: its normalized text is no SFT prompt or RL question"))
-        add(gxe.ExpectColumnValuesToBeInSet(
-            column=IN_CORPUS_COLUMN, value_set=[False],
-            description="question does not occur in the CPT corpus (normalized substring search)"))
+        add(
+            gxe.ExpectColumnValuesToNotBeInSet(
+                column=QUESTION_KEY_COLUMN,
+                value_set=sorted(set(training_keys or [])),
+                description="question does not overlap training: "
+                "its normalized text is no SFT prompt or RL question",
+            )
+        )
+        add(
+            gxe.ExpectColumnValuesToBeInSet(
+                column=IN_CORPUS_COLUMN,
+                value_set=[False],
+                description="question does not occur in the CPT corpus (normalized substring search)",
+            )
+        )
     # Built from a list, not with suite.add_expectation: that saves the whole suite to the store on
     # every call once a suite of the same name exists there (quadratic; seconds per suite).
     return gx.ExpectationSuite(name=contract.name, expectations=expectations)

@@ -63,16 +63,26 @@ class AuditReport:
 
     @property
     def ok(self) -> bool:
-        return not self.stale and not self.corrupt and all(
-            c.status in ("reproduced", "measured") for c in self.checks)
+        return (
+            not self.stale
+            and not self.corrupt
+            and all(c.status in ("reproduced", "measured") for c in self.checks)
+        )
 
     def counts(self) -> dict[str, int]:
         return {s: sum(c.status == s for c in self.checks) for s in STATUSES}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rev": self.rev, "commit": self.commit, "pulled": self.pulled, "ok": self.ok,
-                "stale": self.stale, "corrupt": self.corrupt, "counts": self.counts(),
-                "outputs": [c.__dict__ | {"files": list(c.files)} for c in self.checks]}
+        return {
+            "rev": self.rev,
+            "commit": self.commit,
+            "pulled": self.pulled,
+            "ok": self.ok,
+            "stale": self.stale,
+            "corrupt": self.corrupt,
+            "counts": self.counts(),
+            "outputs": [c.__dict__ | {"files": list(c.files)} for c in self.checks],
+        }
 
 
 def _bin(name: str) -> str:
@@ -81,13 +91,16 @@ def _bin(name: str) -> str:
     return str(local) if local.exists() else name
 
 
-def _run(cmd: list[str], cwd: Path, what: str, log: Callable[[str], None] | None = None,
-         check: bool = True) -> subprocess.CompletedProcess:
+def _run(
+    cmd: list[str], cwd: Path, what: str, log: Callable[[str], None] | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     if log is None:
         proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     else:  # stream (stage progress) while keeping the output for the error message
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         lines = []
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -140,8 +153,12 @@ def _differing_files(cache: Path, old: str | None, new: str | None) -> tuple[str
     return tuple(sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)))
 
 
-def compare(recorded: dict[str, Any], reproduced: dict[str, Any], measured: set[tuple[str, str]],
-            cache: Path | None = None) -> list[OutputCheck]:
+def compare(
+    recorded: dict[str, Any],
+    reproduced: dict[str, Any],
+    measured: set[tuple[str, str]],
+    cache: Path | None = None,
+) -> list[OutputCheck]:
     """Verdicts for every recorded output, from two parsed dvc.lock files."""
     old, new = _outs(recorded), _outs(reproduced)
     checks = []
@@ -168,8 +185,11 @@ def upstream_stages(dvc_yaml: dict[str, Any], target: str) -> set[str]:
     def paths(items) -> list[str]:
         return [next(iter(i)) if isinstance(i, dict) else str(i) for i in items or []]
 
-    producer = {out: name for name, spec in stages.items()
-                for out in paths(spec.get("outs")) + paths(spec.get("metrics")) + paths(spec.get("plots"))}
+    producer = {
+        out: name
+        for name, spec in stages.items()
+        for out in paths(spec.get("outs")) + paths(spec.get("metrics")) + paths(spec.get("plots"))
+    }
     found, todo = set(), [target]
     while todo:
         name = todo.pop()
@@ -255,9 +275,16 @@ def _stale_and_corrupt(status: dict[str, Any]) -> tuple[list[str], list[str]]:
     return stale, corrupt
 
 
-def audit(repo: str | Path = ".", rev: str = "HEAD", remote: str | None = None, pull: bool = True,
-          workdir: str | Path | None = None, keep: bool = False, to_stage: str | None = None,
-          log: Callable[[str], None] = print) -> AuditReport:
+def audit(
+    repo: str | Path = ".",
+    rev: str = "HEAD",
+    remote: str | None = None,
+    pull: bool = True,
+    workdir: str | Path | None = None,
+    keep: bool = False,
+    to_stage: str | None = None,
+    log: Callable[[str], None] = print,
+) -> AuditReport:
     """Reproduces the run recorded at `rev` of `repo` in a clean clone (module docstring).
 
     `to_stage`: reproduce and compare only that stage and its upstream (a quick partial audit).
@@ -268,15 +295,19 @@ def audit(repo: str | Path = ".", rev: str = "HEAD", remote: str | None = None, 
     import yaml
 
     repo = Path(repo).resolve()
-    commit = _run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], repo, f"git: revision {rev!r}").stdout.strip()
+    commit = _run(
+        ["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], repo, f"git: revision {rev!r}"
+    ).stdout.strip()
     tmp = Path(tempfile.mkdtemp(prefix="ruyi-audit-", dir=workdir))
     clone = tmp / "clone"
     try:
         _run(["git", "clone", "-q", "--no-checkout", str(repo), str(clone)], tmp, "git clone")
         _run(["git", "checkout", "-q", commit], clone, f"git checkout {commit}")
         if not (clone / "dvc.lock").is_file():
-            raise AuditError(f"no recorded run at {rev} ({commit[:12]}): dvc.lock is not committed there "
-                             "(record one: make run, then git add dvc.lock metrics and commit)")
+            raise AuditError(
+                f"no recorded run at {rev} ({commit[:12]}): dvc.lock is not committed there "
+                "(record one: make run, then git add dvc.lock metrics and commit)"
+            )
         local_config = repo / ".dvc" / "config.local"  # remote credentials/endpoints kept out of git
         if local_config.is_file():
             shutil.copy(local_config, clone / ".dvc" / "config.local")
@@ -291,8 +322,10 @@ def audit(repo: str | Path = ".", rev: str = "HEAD", remote: str | None = None, 
             proc = _run(cmd, clone, "dvc pull", check=remote is not None)
             pulled = proc.returncode == 0
             if not pulled:
-                log(f"audit: no recorded outputs could be pulled (exit {proc.returncode}); every output is "
-                    "reproduced from scratch and compared with dvc.lock")
+                log(
+                    f"audit: no recorded outputs could be pulled (exit {proc.returncode}); every output is "
+                    "reproduced from scratch and compared with dvc.lock"
+                )
         report = AuditReport(rev=rev, commit=commit, pulled=pulled)
         stale, corrupt = _stale_and_corrupt(_status(clone))
         report.stale = [line for line in stale if line.split(":")[0] in scope]
@@ -315,17 +348,25 @@ def print_report(report: AuditReport) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"audit of {report.rev} ({report.commit[:12]})"
-                        + (", outputs pulled from the remote" if report.pulled else ", reproduced from scratch"))
+    table = Table(
+        title=f"audit of {report.rev} ({report.commit[:12]})"
+        + (", outputs pulled from the remote" if report.pulled else ", reproduced from scratch")
+    )
     for col in ("stage", "output", "verdict", "detail"):
         table.add_column(col)
     style = {"reproduced": "green", "measured": "cyan", "differs": "red", "missing": "red"}
     for c in report.checks:
-        detail = {"reproduced": "bitwise", "measured": "not compared (labels: [measured])",
-                  "missing": "not produced by the reproduction"}.get(c.status)
+        detail = {
+            "reproduced": "bitwise",
+            "measured": "not compared (labels: [measured])",
+            "missing": "not produced by the reproduction",
+        }.get(c.status)
         if c.status == "differs":
-            detail = ("files: " + ", ".join(c.files[:8]) + (" ..." if len(c.files) > 8 else "")) if c.files \
+            detail = (
+                ("files: " + ", ".join(c.files[:8]) + (" ..." if len(c.files) > 8 else ""))
+                if c.files
                 else f"{c.recorded} -> {c.reproduced}"
+            )
         table.add_row(c.stage, c.path, f"[{style[c.status]}]{c.status}[/]", detail)
     console = Console()
     console.print(table)
@@ -334,8 +375,10 @@ def print_report(report: AuditReport) -> None:
     for line in report.corrupt:
         console.print(f"[red]pulled output does not match dvc.lock[/] {line}")
     counts = report.counts()
-    console.print(", ".join(f"{n} {s}" for s, n in counts.items())
-                  + f": audit {'[green]passed[/]' if report.ok else '[red]FAILED[/]'}")
+    console.print(
+        ", ".join(f"{n} {s}" for s, n in counts.items())
+        + f": audit {'[green]passed[/]' if report.ok else '[red]FAILED[/]'}"
+    )
 
 
 @flow(name="ruyi-audit", log_prints=True)
@@ -345,13 +388,22 @@ def ruyi_audit(workspace: str = ".", rev: str = "HEAD", remote: str | None = Non
     from prefect.artifacts import create_markdown_artifact
 
     report = audit(workspace, rev=rev, remote=remote, pull=pull)
-    rows = "\n".join(f"| {c.stage} | {c.path} | {c.status} | {', '.join(c.files[:5])} |" for c in report.checks)
+    rows = "\n".join(
+        f"| {c.stage} | {c.path} | {c.status} | {', '.join(c.files[:5])} |" for c in report.checks
+    )
     create_markdown_artifact(
-        key="ruyi-audit", description=f"audit of {rev}",
-        markdown=(f"# Audit of {rev} ({report.commit[:12]}): {'passed' if report.ok else 'FAILED'}\n\n"
-                  + "".join(f"- stale: {s}\n" for s in report.stale)
-                  + "".join(f"- corrupt: {s}\n" for s in report.corrupt)
-                  + "\n| stage | output | verdict | files |\n|---|---|---|---|\n" + rows))
+        key="ruyi-audit",
+        description=f"audit of {rev}",
+        markdown=(
+            f"# Audit of {rev} ({report.commit[:12]}): {'passed' if report.ok else 'FAILED'}\n\n"
+            + "".join(f"- stale: {s}\n" for s in report.stale)
+            + "".join(f"- corrupt: {s}\n" for s in report.corrupt)
+            + "\n| stage | output | verdict | files |\n|---|---|---|---|\n"
+            + rows
+        ),
+    )
     if not report.ok:
-        raise AuditError(f"audit of {rev} failed: {report.counts()}; stale {report.stale}; corrupt {report.corrupt}")
+        raise AuditError(
+            f"audit of {rev} failed: {report.counts()}; stale {report.stale}; corrupt {report.corrupt}"
+        )
     return report.to_dict()

@@ -10,21 +10,43 @@ import sys
 
 import typer
 
-STAGES = ["prepare_data", "validate_data", "tokenizer", "cpt", "family_sft", "expand", "sft", "rl", "compress",
-          "evaluate", "gates", "export", "deploy"]
+STAGES = [
+    "prepare_data",
+    "validate_data",
+    "tokenizer",
+    "cpt",
+    "family_sft",
+    "expand",
+    "sft",
+    "rl",
+    "compress",
+    "evaluate",
+    "gates",
+    "export",
+    "deploy",
+]
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="ruyi-pipeline: train once, deploy many (familial Ruyi2-style models).")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="ruyi-pipeline: train once, deploy many (familial Ruyi2-style models).",
+)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
-                               "help_option_names": []})
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+)
 def stage(ctx: typer.Context, name: str = typer.Argument(..., help=f"one of: {', '.join(STAGES)}")) -> None:
     """Run one pipeline stage without Prefect or DVC (`ruyi stage cpt --help` for its options)."""
-    if name in ("--help", "-h"):  # help_option_names is empty so that `ruyi stage cpt --help` reaches the stage
-        typer.echo("Usage: ruyi stage NAME [--params FILE] [--set KEY=VALUE ...]\n\n"
-                   "Run one pipeline stage without Prefect or DVC; `ruyi stage NAME --help` lists its options.\n\n"
-                   f"Stages, in pipeline order: {', '.join(STAGES)}")
+    if name in (
+        "--help",
+        "-h",
+    ):  # help_option_names is empty so that `ruyi stage cpt --help` reaches the stage
+        typer.echo(
+            "Usage: ruyi stage NAME [--params FILE] [--set KEY=VALUE ...]\n\n"
+            "Run one pipeline stage without Prefect or DVC; `ruyi stage NAME --help` lists its options.\n\n"
+            f"Stages, in pipeline order: {', '.join(STAGES)}"
+        )
         raise typer.Exit(0)
     if name not in STAGES:
         typer.echo(f"error: unknown stage {name!r}; stages: {', '.join(STAGES)}", err=True)
@@ -41,16 +63,25 @@ def _parse_sets(items: list[str]) -> dict:
 
 @app.command()
 def run(
-    from_stage: str = typer.Option(None, "--from-stage", help="first stage to run (upstream is not recomputed)"),
+    from_stage: str = typer.Option(
+        None, "--from-stage", help="first stage to run (upstream is not recomputed)"
+    ),
     to_stage: str = typer.Option(None, "--to-stage", help="last stage to run"),
-    overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE",
-                                        help="parameter override written to params.yaml, e.g. cpt.max_steps=50"),
+    overrides: list[str] = typer.Option(
+        [],
+        "--set",
+        metavar="KEY=VALUE",
+        help="parameter override written to params.yaml, e.g. cpt.max_steps=50",
+    ),
     push: bool = typer.Option(True, "--push/--no-push", help="push results to the DVC remote"),
-    force: bool = typer.Option(False, "--force", help="recompute the selected stages even if DVC finds them up to date"),
+    force: bool = typer.Option(
+        False, "--force", help="recompute the selected stages even if DVC finds them up to date"
+    ),
 ) -> None:
     """Run the whole pipeline through Prefect (embedded API, no server needed), then print a summary.
 
-    Exit codes: 0 done; 2 a stage failed on its input or parameters (not retried); 1 an infrastructure error that persisted through the retries (a killed stage, an unreachable server, a failed push).
+    Exit codes: 0 done; 2 a stage failed on its input or parameters (not retried); 1 an infrastructure
+    error that persisted through the retries (a killed stage, an unreachable server, a failed push).
     """
     import os
 
@@ -62,25 +93,30 @@ def run(
     from tasks.core.params import ParamsError
 
     try:
-        ruyi_pipeline(from_stage=from_stage, to_stage=to_stage, overrides=_parse_sets(overrides), push=push,
-                      force=force)
+        ruyi_pipeline(
+            from_stage=from_stage, to_stage=to_stage, overrides=_parse_sets(overrides), push=push, force=force
+        )
     except (StageFailed, ParamsError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     except InfrastructureError as e:
-        typer.echo(f"error: {e}\n(the retries did not help; fix the cause and run again: finished stages are kept)",
-                   err=True)
+        typer.echo(
+            f"error: {e}\n(the retries did not help; fix the cause and run again: finished stages are kept)",
+            err=True,
+        )
         raise typer.Exit(1) from None
     except Exception as e:
         reason = _prefect_unreachable(e)
         if reason is None:
             raise
-        typer.echo(f"error: cannot reach the Prefect API ({reason}).\n"
-                   "An infrastructure error, not a problem of the pipeline: run again. Several `ruyi run` "
-                   "starting at once with empty Prefect homes each start an embedded server and can time "
-                   "out; start one server (`ruyi server`, then PREFECT_API_URL=http://127.0.0.1:4200/api) "
-                   "or raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (ruyi's default: 90).",
-                   err=True)
+        typer.echo(
+            f"error: cannot reach the Prefect API ({reason}).\n"
+            "An infrastructure error, not a problem of the pipeline: run again. Several `ruyi run` "
+            "starting at once with empty Prefect homes each start an embedded server and can time "
+            "out; start one server (`ruyi server`, then PREFECT_API_URL=http://127.0.0.1:4200/api) "
+            "or raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (ruyi's default: 90).",
+            err=True,
+        )
         raise typer.Exit(1) from None
     print_summary()
 
@@ -91,8 +127,9 @@ def _prefect_unreachable(error: BaseException) -> str | None:
     import httpx
 
     text = str(error)
-    if isinstance(error, RuntimeError) and ("ephemeral Prefect API server" in text
-                                            or "Unable to find an available port" in text):
+    if isinstance(error, RuntimeError) and (
+        "ephemeral Prefect API server" in text or "Unable to find an available port" in text
+    ):
         # The server's whole output follows; the first sentence says what happened.
         return text.split(" stdout:")[0].rstrip(".")
     if isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout)):
@@ -102,9 +139,15 @@ def _prefect_unreachable(error: BaseException) -> str | None:
 
 @app.command()
 def audit(
-    rev: str = typer.Option("HEAD", "--rev", help="the git revision whose recorded run (dvc.lock) is audited"),
-    remote: str = typer.Option(None, "--remote", help="DVC remote to pull the recorded outputs from "
-                               "(default: the configured default remote, if it answers)"),
+    rev: str = typer.Option(
+        "HEAD", "--rev", help="the git revision whose recorded run (dvc.lock) is audited"
+    ),
+    remote: str = typer.Option(
+        None,
+        "--remote",
+        help="DVC remote to pull the recorded outputs from "
+        "(default: the configured default remote, if it answers)",
+    ),
     pull: bool = typer.Option(True, "--pull/--no-pull", help="pull the recorded outputs before reproducing"),
     keep: bool = typer.Option(False, "--keep", help="keep the temporary clean clone (its path is printed)"),
     to_stage: str = typer.Option(None, "--to-stage", help="audit only this stage and its upstream (quicker)"),
@@ -112,7 +155,8 @@ def audit(
 ) -> None:
     """Reproduce a recorded run in a clean clone and compare every output with dvc.lock.
 
-    Prints one row per output: reproduced (bitwise), differs (files named), measured (not compared) or missing.
+    Prints one row per output: reproduced (bitwise), differs (files named), measured (not compared)
+    or missing.
     Exit codes: 0 every reproducible output matched; 1 something differs, is missing, stale or corrupt;
     2 the audit could not run (no recording at the revision, a failed pull or stage).
     """
@@ -120,8 +164,15 @@ def audit(
     from flows.audit import audit as run_audit
 
     try:
-        report = run_audit(".", rev=rev, remote=remote, pull=pull, keep=keep, to_stage=to_stage,
-                           log=lambda line: typer.echo(line))
+        report = run_audit(
+            ".",
+            rev=rev,
+            remote=remote,
+            pull=pull,
+            keep=keep,
+            to_stage=to_stage,
+            log=lambda line: typer.echo(line),
+        )
     except AuditError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -143,9 +194,11 @@ def deployments(cron: str = typer.Option("0 2 * * *", help="schedule of the nigh
 
 
 @app.command()
-def server(port: int = typer.Option(4200, help="Prefect server port on 127.0.0.1"),
-           cron: str = typer.Option("0 2 * * *", help="schedule of the nightly deployment"),
-           startup_timeout: float = typer.Option(120.0, help="seconds to wait for the Prefect server to be healthy")) -> None:
+def server(
+    port: int = typer.Option(4200, help="Prefect server port on 127.0.0.1"),
+    cron: str = typer.Option("0 2 * * *", help="schedule of the nightly deployment"),
+    startup_timeout: float = typer.Option(120.0, help="seconds to wait for the Prefect server to be healthy"),
+) -> None:
     """Start a Prefect server on 127.0.0.1 and serve the deployments: open the UI and rerun any stage.
 
     Stops on Ctrl-C or SIGTERM, taking the Prefect server (its whole process group) down with it.
@@ -159,18 +212,28 @@ def server(port: int = typer.Option(4200, help="Prefect server port on 127.0.0.1
 
     with socket.socket() as probe:
         if probe.connect_ex(("127.0.0.1", port)) == 0:
-            typer.echo(f"error: port {port} on 127.0.0.1 is already in use (another Prefect server?); "
-                       "choose another with --port", err=True)
+            typer.echo(
+                f"error: port {port} on 127.0.0.1 is already in use (another Prefect server?); "
+                "choose another with --port",
+                err=True,
+            )
             raise typer.Exit(2)
     host = "127.0.0.1"
     api = f"http://{host}:{port}/api"
     # The UI's API URL (GET /ui-settings) follows PREFECT_UI_API_URL, else PREFECT_API_URL, else the
     # settings' default port 4200, not the --port the server listens on: set it to this server.
-    env = {**os.environ, "PREFECT_UI_API_URL": api, "PREFECT_SERVER_API_HOST": host,
-           "PREFECT_SERVER_API_PORT": str(port)}
+    env = {
+        **os.environ,
+        "PREFECT_UI_API_URL": api,
+        "PREFECT_SERVER_API_HOST": host,
+        "PREFECT_SERVER_API_PORT": str(port),
+    }
     # Its own process group: the server's uvicorn workers go with it however this command is stopped.
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", host,
-                             "--port", str(port)], start_new_session=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
+        start_new_session=True,
+        env=env,
+    )
 
     def on_sigterm(signum, frame):  # as Ctrl-C: unwind through `finally`, which stops the server
         raise KeyboardInterrupt
@@ -187,11 +250,16 @@ def server(port: int = typer.Option(4200, help="Prefect server port on 127.0.0.1
                     typer.echo(f"error: prefect server exited with {proc.returncode}", err=True)
                     raise typer.Exit(1) from None
                 if time.monotonic() > deadline:
-                    typer.echo(f"error: the Prefect server on port {port} was not healthy after {startup_timeout:.0f} s",
-                               err=True)
+                    typer.echo(
+                        f"error: the Prefect server on port {port} was not healthy "
+                        f"after {startup_timeout:.0f} s",
+                        err=True,
+                    )
                     raise typer.Exit(1) from None
                 time.sleep(0.5)
-        typer.echo(f"Prefect UI: http://127.0.0.1:{port}  (deployments: ruyi-pipeline/nightly, ruyi-pipeline/rerun)")
+        typer.echo(
+            f"Prefect UI: http://127.0.0.1:{port}  (deployments: ruyi-pipeline/nightly, ruyi-pipeline/rerun)"
+        )
         os.environ["PREFECT_API_URL"] = api
         from flows.deployments import serve_deployments
 
@@ -215,7 +283,9 @@ def serve(
     host: str = typer.Option(None, "--host", help="HTTP host (default: deploy.host)"),
     port: int = typer.Option(None, "--port", help="HTTP port (default: deploy.port)"),
     params: str = typer.Option("params.yaml", "--params", help="params file (store and serving settings)"),
-    overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="parameter override (repeatable)"),
+    overrides: list[str] = typer.Option(
+        [], "--set", metavar="KEY=VALUE", help="parameter override (repeatable)"
+    ),
 ) -> None:
     """Serve a release from the artifact store with Ray Serve (OpenAI-style API) until Ctrl-C."""
     from tasks.deploy import serve_main

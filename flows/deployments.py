@@ -20,18 +20,27 @@ def build_deployments(workspace: str | Path | None = None, cron: str = NIGHTLY_C
 
     ws = str(Path(workspace or os.getcwd()).resolve())
     nightly = ruyi_pipeline.to_deployment(
-        name="nightly", cron=cron, parameters={"workspace": ws, "push": True},
-        description="The whole pipeline every night; DVC skips what is up to date.", tags=["ruyi", "nightly"])
+        name="nightly",
+        cron=cron,
+        parameters={"workspace": ws, "push": True},
+        description="The whole pipeline every night; DVC skips what is up to date.",
+        tags=["ruyi", "nightly"],
+    )
     rerun = ruyi_pipeline.to_deployment(
-        name="rerun", parameters={"workspace": ws, "from_stage": None, "to_stage": None, "overrides": {}, "push": True},
+        name="rerun",
+        parameters={"workspace": ws, "from_stage": None, "to_stage": None, "overrides": {}, "push": True},
         description="Rerun from any stage with parameter overrides (set from_stage/overrides in the UI).",
-        tags=["ruyi", "rerun"])
+        tags=["ruyi", "rerun"],
+    )
     from flows.audit import ruyi_audit
 
     audit = ruyi_audit.to_deployment(
-        name="audit", cron=AUDIT_CRON, parameters={"workspace": ws, "rev": "HEAD", "remote": None, "pull": True},
+        name="audit",
+        cron=AUDIT_CRON,
+        parameters={"workspace": ws, "rev": "HEAD", "remote": None, "pull": True},
         description="Reproduce the recorded run (dvc.lock at rev) in a clean clone; fails on any difference.",
-        tags=["ruyi", "audit"])
+        tags=["ruyi", "audit"],
+    )
     return [nightly, rerun, audit]
 
 

@@ -68,12 +68,18 @@ def _dvc(args: list[str], workspace: Path, check: bool = True) -> subprocess.Com
     cmd = [str(dvc) if dvc.exists() else "dvc", *args]
     proc = subprocess.run(cmd, cwd=workspace, env=_env(), capture_output=True, text=True)
     if check and proc.returncode != 0:
-        raise RuntimeError(f"`dvc {' '.join(args)}` failed in {workspace}:\n{proc.stderr.strip() or proc.stdout.strip()}")
+        raise RuntimeError(
+            f"`dvc {' '.join(args)}` failed in {workspace}:\n{proc.stderr.strip() or proc.stdout.strip()}"
+        )
     return proc
 
 
-def _dvc_streamed(args: list[str], workspace: Path, keep_bytes: int = 64 * 1024,
-                  on_line: Callable[[str], None] | None = None) -> tuple[int, str]:
+def _dvc_streamed(
+    args: list[str],
+    workspace: Path,
+    keep_bytes: int = 64 * 1024,
+    on_line: Callable[[str], None] | None = None,
+) -> tuple[int, str]:
     """Runs dvc with its output (stage logs, progress bars) shown live; returns (code, output tail).
 
     Raw chunks are passed through to stderr so that carriage-return progress bars render in a
@@ -114,13 +120,20 @@ def _failure_summary(output: str, tail_lines: int = 25, max_error_lines: int = 6
     the line that names the dataset and the Data Docs."""
     lines = output.strip().splitlines()
     tail = lines[-tail_lines:]
-    start = next((i for i, line in enumerate(lines) if line.startswith(("error: ", "error (transient"))), None)
+    start = next(
+        (i for i, line in enumerate(lines) if line.startswith(("error: ", "error (transient"))), None
+    )
     if start is None:
         return "\n".join(tail)
-    end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("ERROR: failed to reproduce")), len(lines))
+    end = next(
+        (j for j in range(start + 1, len(lines)) if lines[j].startswith("ERROR: failed to reproduce")),
+        len(lines),
+    )
     message = lines[start:end]
     if len(message) > max_error_lines:
-        message = message[:max_error_lines] + [f"... ({end - start - max_error_lines} more lines in the stage output)"]
+        message = message[:max_error_lines] + [
+            f"... ({end - start - max_error_lines} more lines in the stage output)"
+        ]
     rest = [line for line in lines[end:] if line not in message][-tail_lines:]
     return "\n".join(message + rest)
 
@@ -257,16 +270,25 @@ def _retry_only_infrastructure(task_obj, task_run, state) -> bool:
     return False
 
 
-@task(name="dvc-stage", task_run_name="{stage}", cache_policy=NONE, retries=2, retry_delay_seconds=3,
-      retry_condition_fn=_retry_only_infrastructure)
+@task(
+    name="dvc-stage",
+    task_run_name="{stage}",
+    cache_policy=NONE,
+    retries=2,
+    retry_delay_seconds=3,
+    retry_condition_fn=_retry_only_infrastructure,
+)
 def run_stage(stage: str, workspace: str, force: bool = False) -> dict[str, Any]:
     """`dvc repro <stage> --single-item [--force]`; publishes the stage's metrics as a table artifact."""
     logger = get_run_logger()
     ws = Path(workspace)
     t0 = time.perf_counter()
     ui_log = _api_only_logger(logger)
-    returncode, output = _dvc_streamed(["repro", stage, "--single-item", *(["--force"] if force else [])], ws,
-                                       on_line=lambda line: ui_log.info("%s | %s", stage, line))
+    returncode, output = _dvc_streamed(
+        ["repro", stage, "--single-item", *(["--force"] if force else [])],
+        ws,
+        on_line=lambda line: ui_log.info("%s | %s", stage, line),
+    )
     elapsed = time.perf_counter() - t0
     if returncode != 0:
         summary = _failure_summary(output)
@@ -274,22 +296,30 @@ def run_stage(stage: str, workspace: str, force: bool = False) -> dict[str, Any]
         code = int(stage_code.group(1)) if stage_code else None
         killer = _killing_signal(code)
         transient = code == TRANSIENT_EXIT_CODE or (
-            code != USER_ERROR_EXIT_CODE and any(re.search(p, output) for p in _INFRA_PATTERNS))
+            code != USER_ERROR_EXIT_CODE and any(re.search(p, output) for p in _INFRA_PATTERNS)
+        )
         if killer or transient:
             if killer:
                 why = f"killed by {killer}" + (" (out of memory?)" if killer == "SIGKILL" else "")
             else:
                 why = "a transient error"
-            raise InfrastructureError(f"stage {stage} hit an infrastructure error, {why} (will retry):\n{summary}")
+            raise InfrastructureError(
+                f"stage {stage} hit an infrastructure error, {why} (will retry):\n{summary}"
+            )
         raise StageFailed(f"stage {stage} failed (not retried):\n{summary}")
     skipped = "didn't change, skipping" in output or "is cached - skipping" in output
     logger.info("stage %s %s in %.1f s", stage, "up to date" if skipped else "ran", elapsed)
     metrics = _stage_metrics(ws, stage)
-    rows = [{"metric": k, "value": v} for name, m in metrics.items() for k, v in _flatten(m, Path(name).stem).items()
-            if isinstance(v, (int, float, str, bool))]
+    rows = [
+        {"metric": k, "value": v}
+        for name, m in metrics.items()
+        for k, v in _flatten(m, Path(name).stem).items()
+        if isinstance(v, (int, float, str, bool))
+    ]
     if rows:
-        create_table_artifact(key=f"metrics-{stage.replace('_', '-')}", table=rows,
-                              description=f"metrics of stage {stage}")
+        create_table_artifact(
+            key=f"metrics-{stage.replace('_', '-')}", table=rows, description=f"metrics of stage {stage}"
+        )
     return {"stage": stage, "skipped": skipped, "seconds": round(elapsed, 2), "metrics": metrics}
 
 
@@ -303,13 +333,22 @@ def _lineage_markdown(workspace: Path, results: list[dict[str, Any]], failed: st
 
     lock_path = workspace / "dvc.lock"
     lock = yaml.safe_load(lock_path.read_text()) if lock_path.is_file() else {}
-    lines = ["# Lineage", "", f"- flow run id: `{flow_run.id}`", f"- git revision: `{git('rev-parse', 'HEAD')}`"
-             + (" (uncommitted changes)" if git("status", "--porcelain") not in ("", "n/a") else ""),
-             "", "| stage | ran | seconds | outputs (md5) |", "|---|---|---|---|"]
+    lines = [
+        "# Lineage",
+        "",
+        f"- flow run id: `{flow_run.id}`",
+        f"- git revision: `{git('rev-parse', 'HEAD')}`"
+        + (" (uncommitted changes)" if git("status", "--porcelain") not in ("", "n/a") else ""),
+        "",
+        "| stage | ran | seconds | outputs (md5) |",
+        "|---|---|---|---|",
+    ]
     for r in results:
         outs = (lock.get("stages", {}).get(r["stage"], {}) or {}).get("outs", [])
         hashes = ", ".join(f"`{o['path']}`: `{o.get('md5', '')[:12]}`" for o in outs)
-        lines.append(f"| {r['stage']} | {'no (up to date)' if r['skipped'] else 'yes'} | {r['seconds']} | {hashes} |")
+        lines.append(
+            f"| {r['stage']} | {'no (up to date)' if r['skipped'] else 'yes'} | {r['seconds']} | {hashes} |"
+        )
     if failed is not None:
         lines.append(f"| {failed} | **failed** | | (no outputs recorded) |")
     return "\n".join(lines)
@@ -319,8 +358,13 @@ def _workspace_limit_name(workspace: Path) -> str:
     return "ruyi-workspace-" + hashlib.sha1(str(workspace.resolve()).encode()).hexdigest()[:10]
 
 
-@task(name="dvc-push", cache_policy=NONE, retries=2, retry_delay_seconds=5,
-      retry_condition_fn=_retry_only_infrastructure)
+@task(
+    name="dvc-push",
+    cache_policy=NONE,
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=_retry_only_infrastructure,
+)
 def push_results(workspace: str) -> None:
     """`dvc push` to the default remote; a failure (unreachable remote, throttling) is retried."""
     proc = _dvc(["push"], Path(workspace), check=False)
@@ -329,9 +373,14 @@ def push_results(workspace: str) -> None:
 
 
 @flow(name="ruyi-pipeline", log_prints=True)
-def ruyi_pipeline(from_stage: str | None = None, to_stage: str | None = None,
-                  overrides: dict[str, Any] | None = None, push: bool = True,
-                  workspace: str | None = None, force: bool = False) -> list[dict[str, Any]]:
+def ruyi_pipeline(
+    from_stage: str | None = None,
+    to_stage: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    push: bool = True,
+    workspace: str | None = None,
+    force: bool = False,
+) -> list[dict[str, Any]]:
     """Runs the pipeline's DVC stages from `from_stage` to `to_stage` (default: all).
 
     Args:
@@ -368,13 +417,23 @@ def ruyi_pipeline(from_stage: str | None = None, to_stage: str | None = None,
             failed = None
         finally:
             # Published for failed runs too: which stages ran, with which outputs, and where it stopped.
-            create_markdown_artifact(key="lineage", markdown=_lineage_markdown(ws, results, failed),
-                                     description="git revision, dvc.lock hashes and flow run of this pipeline run")
+            create_markdown_artifact(
+                key="lineage",
+                markdown=_lineage_markdown(ws, results, failed),
+                description="git revision, dvc.lock hashes and flow run of this pipeline run",
+            )
         if push and _dvc(["remote", "list"], ws).stdout.strip():
             push_results(str(ws))
             logger.info("pushed the results to the DVC remote")
     return results
 
 
-__all__ = ["ruyi_pipeline", "dvc_stage_order", "select_stages", "apply_param_overrides", "StageFailed",
-           "InfrastructureError", "push_results"]
+__all__ = [
+    "ruyi_pipeline",
+    "dvc_stage_order",
+    "select_stages",
+    "apply_param_overrides",
+    "StageFailed",
+    "InfrastructureError",
+    "push_results",
+]

@@ -1,6 +1,6 @@
 """The summary `ruyi run` prints after the pipeline: one row per exit, then where the results are.
 
-    python -m flows.report [--params params.yaml]
+python -m flows.report [--params params.yaml]
 """
 
 from __future__ import annotations
@@ -25,9 +25,16 @@ def summary_rows(metrics_dir: str | Path) -> list[dict[str, Any]]:
     rows = []
     for key in sorted((k for k in ev if k.startswith("exit_")), key=lambda k: int(k.split("_")[1])):
         m = ev[key]
-        rows.append({"exit": key, "loss": m.get("loss"), "accuracy": m.get("accuracy"),
-                     "tokens_per_s": m.get("tokens_per_s"), "params": m.get("params"),
-                     "compress_change": (comp.get(key) or {}).get("relative_loss_change")})
+        rows.append(
+            {
+                "exit": key,
+                "loss": m.get("loss"),
+                "accuracy": m.get("accuracy"),
+                "tokens_per_s": m.get("tokens_per_s"),
+                "params": m.get("params"),
+                "compress_change": (comp.get(key) or {}).get("relative_loss_change"),
+            }
+        )
     return rows
 
 
@@ -45,19 +52,25 @@ def recipe_lines(metrics_dir: str | Path) -> list[str]:
     if control:
         before, dense, svd = (control.get(k) or {} for k in ("before_dae", "dense", "decomposed"))
         retained = control.get("gain_retained") or {}
-        lines.append(f"DaE (exit {comp.get('dae_exit')}): accuracy {pct(before.get('accuracy'))} before DaE -> "
-                     f"{pct(dense.get('accuracy'))} dense -> {pct(svd.get('accuracy'))} decomposed; gain retained: "
-                     f"accuracy {pct(retained.get('accuracy'), '.2f')}, solution loss "
-                     f"{pct(retained.get('solution_loss'), '.2f')}")
+        lines.append(
+            f"DaE (exit {comp.get('dae_exit')}): accuracy {pct(before.get('accuracy'))} before DaE -> "
+            f"{pct(dense.get('accuracy'))} dense -> {pct(svd.get('accuracy'))} decomposed; gain retained: "
+            f"accuracy {pct(retained.get('accuracy'), '.2f')}, solution loss "
+            f"{pct(retained.get('solution_loss'), '.2f')}"
+        )
     if rl:
         steps = rl.get("steps") or 0
-        lines.append(f"rl ({rl.get('algorithm')}, members {rl.get('members')}): held-out accuracy "
-                     f"{pct(rl.get('accuracy_start'))} -> {pct(rl.get('accuracy_end'))}; steps with a gradient "
-                     f"{rl.get('steps_with_gradient', '-')}/{steps}")
+        lines.append(
+            f"rl ({rl.get('algorithm')}, members {rl.get('members')}): held-out accuracy "
+            f"{pct(rl.get('accuracy_start'))} -> {pct(rl.get('accuracy_end'))}; steps with a gradient "
+            f"{rl.get('steps_with_gradient', '-')}/{steps}"
+        )
     removed = comp.get("removed_fraction") or {}
     if removed:
-        lines.append(f"compression: removed {pct(removed.get('blocks'))} of the DaE blocks, "
-                     f"{pct(removed.get('head'))} of the head, {pct(removed.get('blocks_and_head'))} of both")
+        lines.append(
+            f"compression: removed {pct(removed.get('blocks'))} of the DaE blocks, "
+            f"{pct(removed.get('head'))} of the head, {pct(removed.get('blocks_and_head'))} of both"
+        )
     return lines
 
 
@@ -76,8 +89,14 @@ def print_summary(params_path: str | Path = "params.yaml") -> None:
         return "-" if v is None else format(v, spec)
 
     for r in rows:
-        table.add_row(r["exit"], fmt(r["loss"], ".3f"), fmt(r["accuracy"], ".1%"), fmt(r["tokens_per_s"], ".1f"),
-                      fmt(r["params"], ","), fmt(r["compress_change"], "+.2%"))
+        table.add_row(
+            r["exit"],
+            fmt(r["loss"], ".3f"),
+            fmt(r["accuracy"], ".1%"),
+            fmt(r["tokens_per_s"], ".1f"),
+            fmt(r["params"], ","),
+            fmt(r["compress_change"], "+.2%"),
+        )
     console.print(table)
     for line in recipe_lines(params.paths.metrics_dir):
         console.print(line)
@@ -106,8 +125,11 @@ def result_paths(params) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m flows.report", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m flows.report",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     print_summary(args.params)

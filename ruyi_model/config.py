@@ -91,15 +91,23 @@ class FamilialConfig(Qwen3Config):
         if any(b <= a for a, b in zip(exits, exits[1:])):
             raise bad("exit_layers", exits, "must be strictly increasing")
         if exits[0] < 1 or exits[-1] != num_layers:
-            raise bad("exit_layers", exits, f"each must be in 1..{num_layers} and the last must equal "
-                                           f"num_hidden_layers={num_layers}")
+            raise bad(
+                "exit_layers",
+                exits,
+                f"each must be in 1..{num_layers} and the last must equal num_hidden_layers={num_layers}",
+            )
         if not _is_int(self.exit_branch_layers):
-            raise bad("exit_branch_layers", self.exit_branch_layers, "must be an integer (not a float or bool)")
+            raise bad(
+                "exit_branch_layers", self.exit_branch_layers, "must be an integer (not a float or bool)"
+            )
         if self.exit_branch_layers < 0:
             raise bad("exit_branch_layers", self.exit_branch_layers, "must be >= 0")
         if exits[0] < self.exit_branch_layers and exits[0] != num_layers:
-            raise bad("exit_branch_layers", self.exit_branch_layers,
-                      f"a member of depth {exits[0]} cannot own {self.exit_branch_layers} branch layers")
+            raise bad(
+                "exit_branch_layers",
+                self.exit_branch_layers,
+                f"a member of depth {exits[0]} cannot own {self.exit_branch_layers} branch layers",
+            )
         if not isinstance(self.shared_heads, bool):
             raise bad("shared_heads", self.shared_heads, "must be a bool (True or False)")
         weights = self.exit_loss_weights
@@ -113,20 +121,29 @@ class FamilialConfig(Qwen3Config):
         if len(self.dae_blocks) != len(exits) or any(n < 0 for n in self.dae_blocks):
             raise bad("dae_blocks", self.dae_blocks, f"needs one count >= 0 per exit ({len(exits)})")
         ranks = self.lowrank_ranks
-        if not isinstance(ranks, dict) or not all(isinstance(k, str) and _is_int(r) for k, r in ranks.items()):
+        if not isinstance(ranks, dict) or not all(
+            isinstance(k, str) and _is_int(r) for k, r in ranks.items()
+        ):
             raise bad("lowrank_ranks", ranks, "must map module paths (str) to integer ranks")
         if any(r < 1 for r in ranks.values()):
             raise bad("lowrank_ranks", ranks, "ranks must be >= 1")
         if self.shared_heads and "lm_head" in ranks:
             # The shared head is every member's head: factoring it changes all members at once, which
             # DaE never does (decompose(include_head=True) refuses shared heads for the same reason).
-            raise bad("lowrank_ranks", ranks, "names the shared 'lm_head', but with shared_heads=True that head "
-                      "belongs to every member; only per-member heads (exits.<d>.lm_head) can be low rank")
+            raise bad(
+                "lowrank_ranks",
+                ranks,
+                "names the shared 'lm_head', but with shared_heads=True that head "
+                "belongs to every member; only per-member heads (exits.<d>.lm_head) can be low rank",
+            )
         if not isinstance(self.loss_impl, str) or self.loss_impl not in LOSS_IMPLS:
             raise bad("loss_impl", self.loss_impl, f"must be one of {LOSS_IMPLS}")
         if self.tie_word_embeddings:
-            raise bad("tie_word_embeddings", True, "the familial model keeps untied heads (Ruyi2); "
-                      "from_qwen3 unties a tied source model")
+            raise bad(
+                "tie_word_embeddings",
+                True,
+                "the familial model keeps untied heads (Ruyi2); from_qwen3 unties a tied source model",
+            )
         if self.use_sliding_window:
             raise bad("use_sliding_window", True, "sliding-window attention is not supported by the family")
 
@@ -153,14 +170,23 @@ class FamilialConfig(Qwen3Config):
         2.9 to member 2 would silently run another member)."""
         import torch  # lazily: the config module stays importable without torch at CLI start-up
 
-        if isinstance(exit_layer, torch.Tensor) and exit_layer.ndim == 0 and not exit_layer.dtype.is_floating_point \
-                and not exit_layer.dtype.is_complex and exit_layer.dtype != torch.bool:
+        if (
+            isinstance(exit_layer, torch.Tensor)
+            and exit_layer.ndim == 0
+            and not exit_layer.dtype.is_floating_point
+            and not exit_layer.dtype.is_complex
+            and exit_layer.dtype != torch.bool
+        ):
             exit_layer = exit_layer.item()
         if not _is_int(exit_layer):
-            raise ValueError(f"exit_layer={exit_layer!r} must be an integer member depth (not a float, bool or "
-                             f"tensor); exits: {self.exit_layers}")
+            raise ValueError(
+                f"exit_layer={exit_layer!r} must be an integer member depth (not a float, bool or "
+                f"tensor); exits: {self.exit_layers}"
+            )
         if exit_layer not in self.exit_layers:
-            raise ValueError(f"exit_layer={exit_layer!r} is not an exit of this family; exits: {self.exit_layers}")
+            raise ValueError(
+                f"exit_layer={exit_layer!r} is not an exit of this family; exits: {self.exit_layers}"
+            )
         return int(exit_layer)
 
 

@@ -57,7 +57,9 @@ def _dense_weight(module: nn.Module) -> torch.Tensor:
     return module.dense_weight() if isinstance(module, LowRankLinear) else module.weight
 
 
-def _rebuild(model: FamilialForCausalLM, config: FamilialConfig) -> tuple[FamilialForCausalLM, set[str], set[str]]:
+def _rebuild(
+    model: FamilialForCausalLM, config: FamilialConfig
+) -> tuple[FamilialForCausalLM, set[str], set[str]]:
     """Builds a model from `config` (same dtype/device/mode as `model`) and copies every tensor whose
     name matches. Returns the new model, the new keys that were not filled and the old keys not used."""
     config.validate_family()
@@ -77,7 +79,9 @@ def _rebuild(model: FamilialForCausalLM, config: FamilialConfig) -> tuple[Famili
 
 
 # --- expansion --------------------------------------------------------------------------------
-def expand(model: FamilialForCausalLM, exit_layer: int, num_blocks: int, init: str = "random") -> FamilialForCausalLM:
+def expand(
+    model: FamilialForCausalLM, exit_layer: int, num_blocks: int, init: str = "random"
+) -> FamilialForCausalLM:
     """Appends `num_blocks` zero-residual decoder blocks to member `exit_layer` (DaE expansion).
 
     The blocks go after the member's existing layers (branch layer(s) and earlier DaE blocks) and before
@@ -101,7 +105,7 @@ def expand(model: FamilialForCausalLM, exit_layer: int, num_blocks: int, init: s
         raise ValueError(f"expand(num_blocks={num_blocks!r}): must be an integer >= 1")
     if init not in EXPAND_INITS:
         raise ValueError(f"expand(init={init!r}): must be one of {EXPAND_INITS}")
-    source_block = model.member_layers(d)[-1]        # the block right before the new ones
+    source_block = model.member_layers(d)[-1]  # the block right before the new ones
     old_count = len(model.exits[str(d)].layers)
 
     new_cfg = copy.deepcopy(cfg)
@@ -111,8 +115,10 @@ def expand(model: FamilialForCausalLM, exit_layer: int, num_blocks: int, init: s
     new, missing, unexpected = _rebuild(model, new_cfg)
     new_prefixes = tuple(f"exits.{d}.layers.{old_count + k}." for k in range(num_blocks))
     if unexpected or any(not key.startswith(new_prefixes) for key in missing):
-        raise RuntimeError(f"expand: internal error, tensors not carried over: missing={sorted(missing)[:8]} "
-                           f"unexpected={sorted(unexpected)[:8]}")
+        raise RuntimeError(
+            f"expand: internal error, tensors not carried over: missing={sorted(missing)[:8]} "
+            f"unexpected={sorted(unexpected)[:8]}"
+        )
 
     std = cfg.initializer_range
     with torch.no_grad():
@@ -132,8 +138,14 @@ def expand(model: FamilialForCausalLM, exit_layer: int, num_blocks: int, init: s
                     norm_weight.fill_(1.0)
                 else:
                     norm_weight.copy_(source_block.get_submodule(path).weight)
-    log.info("expand: member %d +%d %s zero-residual blocks (dae_blocks %s -> %s)", d, num_blocks, init,
-             cfg.dae_blocks, new_cfg.dae_blocks)
+    log.info(
+        "expand: member %d +%d %s zero-residual blocks (dae_blocks %s -> %s)",
+        d,
+        num_blocks,
+        init,
+        cfg.dae_blocks,
+        new_cfg.dae_blocks,
+    )
     return new
 
 
@@ -151,12 +163,16 @@ def dae_trainable_parameters(model: FamilialForCausalLM, exit_layer: int) -> lis
     cfg = model.config
     d = cfg.check_exit(exit_layer)
     if cfg.shared_heads:
-        raise ValueError("DaE trains the member's LM head, but this family has shared_heads=True: the head is "
-                         "used by every member, so training it would change all of them. Use a family with "
-                         "separate heads (shared_heads=False).")
+        raise ValueError(
+            "DaE trains the member's LM head, but this family has shared_heads=True: the head is "
+            "used by every member, so training it would change all of them. Use a family with "
+            "separate heads (shared_heads=False)."
+        )
     if cfg.num_dae_blocks(d) == 0:
-        raise ValueError(f"member exit_layer={d} has no DaE blocks (config.dae_blocks={cfg.dae_blocks}); "
-                         "call ruyi_model.dae.expand first")
+        raise ValueError(
+            f"member exit_layer={d} has no DaE blocks (config.dae_blocks={cfg.dae_blocks}); "
+            "call ruyi_model.dae.expand first"
+        )
     n_branch = cfg.branch_layers(d)
     prefixes = tuple(f"exits.{d}.layers.{i}." for i in range(n_branch, n_branch + cfg.num_dae_blocks(d)))
     prefixes += (f"exits.{d}.norm.", f"exits.{d}.lm_head.")
@@ -183,7 +199,9 @@ def rank_for_ratio(out_features: int, in_features: int, ratio: float) -> int:
     k = floor((1 - ratio) * m * n / (m + n)), clipped to [1, min(m, n)].
     """
     m, n = out_features, in_features
-    k = math.floor((1.0 - ratio) * m * n / (m + n) + 1e-9)   # the epsilon absorbs float noise at exact integers
+    k = math.floor(
+        (1.0 - ratio) * m * n / (m + n) + 1e-9
+    )  # the epsilon absorbs float noise at exact integers
     return max(1, min(k, m, n))
 
 
@@ -191,9 +209,9 @@ def rank_for_ratio(out_features: int, in_features: int, ratio: float) -> int:
 class _Spectrum:
     """SVD of a (whitened) weight: W' at rank k = u[:, :k] diag(s_k) vh[:k] (vh already mapped back)."""
 
-    u: torch.Tensor        # out x r
-    s: torch.Tensor        # r
-    vh: torch.Tensor       # r x in
+    u: torch.Tensor  # out x r
+    s: torch.Tensor  # r
+    vh: torch.Tensor  # r x in
 
     def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         root = self.s[:rank].sqrt()
@@ -221,8 +239,9 @@ def _spectrum(weight: torch.Tensor, gram: torch.Tensor | None, damping: float) -
     return _Spectrum(u, s, (vh / root[None, :]) @ evecs.T)
 
 
-def svd_lowrank(weight: torch.Tensor, rank: int, gram: torch.Tensor | None = None,
-                damping: float = DEFAULT_DAMPING) -> tuple[torch.Tensor, torch.Tensor, float]:
+def svd_lowrank(
+    weight: torch.Tensor, rank: int, gram: torch.Tensor | None = None, damping: float = DEFAULT_DAMPING
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Rank-`rank` factors of `weight`, plain or activation-aware (whitened by `gram`).
 
     Args:
@@ -239,9 +258,13 @@ def svd_lowrank(weight: torch.Tensor, rank: int, gram: torch.Tensor | None = Non
     if weight.ndim != 2:
         raise ValueError(f"svd_lowrank: weight must be 2-D (out x in), got shape {tuple(weight.shape)}")
     if not 1 <= rank <= min(weight.shape):
-        raise ValueError(f"svd_lowrank: rank={rank} must be in 1..{min(weight.shape)} for shape {tuple(weight.shape)}")
+        raise ValueError(
+            f"svd_lowrank: rank={rank} must be in 1..{min(weight.shape)} for shape {tuple(weight.shape)}"
+        )
     if gram is not None and tuple(gram.shape) != (weight.shape[1],) * 2:
-        raise ValueError(f"svd_lowrank: gram must be {weight.shape[1]} x {weight.shape[1]}, got {tuple(gram.shape)}")
+        raise ValueError(
+            f"svd_lowrank: gram must be {weight.shape[1]} x {weight.shape[1]}, got {tuple(gram.shape)}"
+        )
     spec = _spectrum(weight, gram, damping)
     a, b = spec.factors(rank)
     return a.to(weight.dtype), b.to(weight.dtype), spec.tail_loss(rank)
@@ -307,7 +330,9 @@ class DecomposeReport:
         return out
 
 
-def _targets(model: FamilialForCausalLM, exit_layer: int | None, include_head: bool) -> dict[str, tuple[int, str]]:
+def _targets(
+    model: FamilialForCausalLM, exit_layer: int | None, include_head: bool
+) -> dict[str, tuple[int, str]]:
     """`{module path: (member, group type)}` of the matrices to decompose."""
     cfg = model.config
     if exit_layer is not None:
@@ -315,11 +340,15 @@ def _targets(model: FamilialForCausalLM, exit_layer: int | None, include_head: b
     else:
         members = [d for d in cfg.exit_layers if cfg.num_dae_blocks(d) > 0]
         if not members:
-            raise ValueError(f"decompose: no member has DaE blocks (config.dae_blocks={cfg.dae_blocks}); "
-                             "expand a member first or pass exit_layer=")
+            raise ValueError(
+                f"decompose: no member has DaE blocks (config.dae_blocks={cfg.dae_blocks}); "
+                "expand a member first or pass exit_layer="
+            )
     if include_head and cfg.shared_heads:
-        raise ValueError("decompose(include_head=True) on a family with shared_heads=True would change every "
-                         "member's head; pass include_head=False")
+        raise ValueError(
+            "decompose(include_head=True) on a family with shared_heads=True would change every "
+            "member's head; pass include_head=False"
+        )
     targets: dict[str, tuple[int, str]] = {}
     for d in members:
         n_branch = cfg.branch_layers(d)
@@ -329,8 +358,10 @@ def _targets(model: FamilialForCausalLM, exit_layer: int | None, include_head: b
         if include_head:
             targets[f"exits.{d}.lm_head"] = (d, "lm_head")
     if not targets:
-        raise ValueError(f"decompose: member exit_layer={members[0]} has no DaE blocks and include_head=False: "
-                         "nothing to decompose")
+        raise ValueError(
+            f"decompose: member exit_layer={members[0]} has no DaE blocks and include_head=False: "
+            "nothing to decompose"
+        )
     return targets
 
 
@@ -339,20 +370,34 @@ def _calibration_batches(calibration, vocab_size: int) -> list[torch.Tensor]:
     if not batches:
         raise ValueError("decompose: calibration is empty")
     for i, batch in enumerate(batches):
-        if not isinstance(batch, torch.Tensor) or batch.ndim != 2 or batch.dtype not in (torch.long, torch.int32):
-            what = f"shape {tuple(batch.shape)} {batch.dtype}" if isinstance(batch, torch.Tensor) else type(batch).__name__
-            raise ValueError(f"decompose: calibration batch {i} must be a B x T LongTensor of token ids, got {what}")
+        if (
+            not isinstance(batch, torch.Tensor)
+            or batch.ndim != 2
+            or batch.dtype not in (torch.long, torch.int32)
+        ):
+            what = (
+                f"shape {tuple(batch.shape)} {batch.dtype}"
+                if isinstance(batch, torch.Tensor)
+                else type(batch).__name__
+            )
+            raise ValueError(
+                f"decompose: calibration batch {i} must be a B x T LongTensor of token ids, got {what}"
+            )
         if batch.numel() == 0:
             raise ValueError(f"decompose: calibration batch {i} is empty")
         lo, hi = int(batch.min()), int(batch.max())
         if lo < 0 or hi >= vocab_size:
-            raise ValueError(f"decompose: calibration batch {i} has token ids in [{lo}, {hi}], outside the "
-                             f"vocabulary 0..{vocab_size - 1}")
+            raise ValueError(
+                f"decompose: calibration batch {i} has token ids in [{lo}, {hi}], outside the "
+                f"vocabulary 0..{vocab_size - 1}"
+            )
     return batches
 
 
 @torch.no_grad()
-def collect_input_grams(model: FamilialForCausalLM, paths: dict[str, int], calibration) -> tuple[dict[str, torch.Tensor], int]:
+def collect_input_grams(
+    model: FamilialForCausalLM, paths: dict[str, int], calibration
+) -> tuple[dict[str, torch.Tensor], int]:
     """Runs each member on the calibration tokens and accumulates `X^T X` of each module's input.
 
     Args:
@@ -377,6 +422,7 @@ def collect_input_grams(model: FamilialForCausalLM, paths: dict[str, int], calib
                 return
             x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
             grams[path] = grams[path] + x.T @ x if path in grams else x.T @ x
+
         return hook
 
     for path, member in paths.items():
@@ -404,14 +450,15 @@ def collect_input_grams(model: FamilialForCausalLM, paths: dict[str, int], calib
 
 
 def _allocate(scores: list[float], params: list[int], upper: list[float], ratio: float) -> list[float]:
-    """Ratios r_i = clip(c * scores_i, 0, upper_i) whose parameter-weighted mean is `ratio` (bisection on c)."""
+    """Ratios r_i = clip(c * scores_i, 0, upper_i) whose parameter-weighted mean is `ratio` (bisection
+    on c)."""
     total = sum(params)
 
     def mean_ratio(c: float) -> float:
         return sum(p * min(c * s, u) for s, p, u in zip(scores, params, upper)) / total
 
     hi = max(u / s for s, u in zip(scores, upper))
-    if mean_ratio(hi) <= ratio:             # infeasible or exactly at the bound: everything at rank 1
+    if mean_ratio(hi) <= ratio:  # infeasible or exactly at the bound: everything at rank 1
         return list(upper)
     lo = 0.0
     for _ in range(200):
@@ -432,8 +479,8 @@ class DecomposeResult:
 class _Allocation:
     """The removed fraction each target matrix is asked for (`ratios`), with the allocation's inputs."""
 
-    groups: dict[str, list[str]]      # "exits.<d>.<type>" -> module paths
-    uniform_loss: dict[str, float]    # truncation loss at the uniform-ratio rank (Eq. 5's L_min)
+    groups: dict[str, list[str]]  # "exits.<d>.<type>" -> module paths
+    uniform_loss: dict[str, float]  # truncation loss at the uniform-ratio rank (Eq. 5's L_min)
     ratios: dict[str, float]
 
 
@@ -446,9 +493,15 @@ class _Plan:
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
-def decompose(model: FamilialForCausalLM, ratio: float = 0.4, calibration=None, allocation: str = "loss_aware",
-              include_head: bool = True, exit_layer: int | None = None,
-              damping: float = DEFAULT_DAMPING) -> DecomposeResult:
+def decompose(
+    model: FamilialForCausalLM,
+    ratio: float = 0.4,
+    calibration=None,
+    allocation: str = "loss_aware",
+    include_head: bool = True,
+    exit_layer: int | None = None,
+    damping: float = DEFAULT_DAMPING,
+) -> DecomposeResult:
     """Replaces the DaE blocks' linear weights (and the member's head) by low-rank factors (DaE "Decompose").
 
     Args:
@@ -470,8 +523,11 @@ def decompose(model: FamilialForCausalLM, ratio: float = 0.4, calibration=None, 
     _check_decompose_args(ratio, allocation, damping)
     targets = _decompose_targets(model, exit_layer, include_head)
     if calibration is None and allocation == "loss_aware":
-        log.warning("decompose: allocation='loss_aware' needs calibration activations; none given, so every "
-                    "matrix gets the uniform ratio %.3f (plain SVD)", ratio)
+        log.warning(
+            "decompose: allocation='loss_aware' needs calibration activations; none given, so every "
+            "matrix gets the uniform ratio %.3f (plain SVD)",
+            ratio,
+        )
         allocation = "uniform"
 
     grams, tokens = ({}, 0)
@@ -482,40 +538,59 @@ def decompose(model: FamilialForCausalLM, ratio: float = 0.4, calibration=None, 
     alloc = _allocate_ratios(targets, shapes, spectra, ratio, allocation)
     plan = _plan_matrices(targets, shapes, spectra, alloc)
     if not plan.ranks:
-        raise ValueError(f"decompose(ratio={ratio}): no target matrix gets smaller at this ratio; "
-                         "raise the ratio")
+        raise ValueError(
+            f"decompose(ratio={ratio}): no target matrix gets smaller at this ratio; raise the ratio"
+        )
     new = _build_lowrank(model, plan)
     report = _report(plan, alloc, ratio, allocation, calibration is not None, tokens)
     skipped = [e.path for e in plan.matrices if e.skipped]
-    log.info("decompose: %d matrices, %d -> %d params (%.1f%% removed, target %.1f%%, %s%s)%s",
-             len(plan.ranks), report.params_before, report.params_after, 100 * report.achieved_ratio,
-             100 * ratio, allocation,
-             ", whitened" if calibration is not None else ", plain SVD",
-             f"; left dense: {skipped}" if skipped else "")
+    log.info(
+        "decompose: %d matrices, %d -> %d params (%.1f%% removed, target %.1f%%, %s%s)%s",
+        len(plan.ranks),
+        report.params_before,
+        report.params_after,
+        100 * report.achieved_ratio,
+        100 * ratio,
+        allocation,
+        ", whitened" if calibration is not None else ", plain SVD",
+        f"; left dense: {skipped}" if skipped else "",
+    )
     return DecomposeResult(new, report)
 
 
 def _check_decompose_args(ratio, allocation: str, damping: float) -> None:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0:
-        raise ValueError(f"decompose(ratio={ratio!r}): must be a fraction in (0, 1) of the parameters to remove")
+        raise ValueError(
+            f"decompose(ratio={ratio!r}): must be a fraction in (0, 1) of the parameters to remove"
+        )
     if allocation not in ALLOCATIONS:
         raise ValueError(f"decompose(allocation={allocation!r}): must be one of {ALLOCATIONS}")
     if not damping >= 0.0:
         raise ValueError(f"decompose(damping={damping!r}): must be >= 0")
 
 
-def _decompose_targets(model: FamilialForCausalLM, exit_layer: int | None,
-                       include_head: bool) -> dict[str, tuple[int, str]]:
+def _decompose_targets(
+    model: FamilialForCausalLM, exit_layer: int | None, include_head: bool
+) -> dict[str, tuple[int, str]]:
     """`_targets` less the matrices that are already low rank (an error when none is left)."""
-    targets = {path: v for path, v in _targets(model, exit_layer, include_head).items()
-               if not isinstance(model.get_submodule(path), LowRankLinear)}
+    targets = {
+        path: v
+        for path, v in _targets(model, exit_layer, include_head).items()
+        if not isinstance(model.get_submodule(path), LowRankLinear)
+    }
     if not targets:
-        raise ValueError("decompose: every target matrix is already low rank (config.lowrank_ranks); nothing to do")
+        raise ValueError(
+            "decompose: every target matrix is already low rank (config.lowrank_ranks); nothing to do"
+        )
     return targets
 
 
-def _spectra(model: FamilialForCausalLM, targets: dict[str, tuple[int, str]], grams: dict[str, torch.Tensor],
-             damping: float) -> dict[str, _Spectrum]:
+def _spectra(
+    model: FamilialForCausalLM,
+    targets: dict[str, tuple[int, str]],
+    grams: dict[str, torch.Tensor],
+    damping: float,
+) -> dict[str, _Spectrum]:
     from tqdm.auto import tqdm
 
     spectra: dict[str, _Spectrum] = {}
@@ -524,8 +599,13 @@ def _spectra(model: FamilialForCausalLM, targets: dict[str, tuple[int, str]], gr
     return spectra
 
 
-def _allocate_ratios(targets: dict[str, tuple[int, str]], shapes: dict[str, tuple[int, int]],
-                     spectra: dict[str, _Spectrum], ratio: float, allocation: str) -> _Allocation:
+def _allocate_ratios(
+    targets: dict[str, tuple[int, str]],
+    shapes: dict[str, tuple[int, int]],
+    spectra: dict[str, _Spectrum],
+    ratio: float,
+    allocation: str,
+) -> _Allocation:
     """Uniform: `ratio` everywhere; loss-aware: Eq. 5-6 within each group (see the module docstring)."""
     uniform_loss = {p: spectra[p].tail_loss(rank_for_ratio(*shapes[p], ratio)) for p in targets}
     allocated = {p: float(ratio) for p in targets}
@@ -534,7 +614,7 @@ def _allocate_ratios(targets: dict[str, tuple[int, str]], shapes: dict[str, tupl
         groups.setdefault(f"exits.{d}.{kind}", []).append(path)
     if allocation == "loss_aware":
         for paths in groups.values():
-            scores = [1.0 / math.log(max(uniform_loss[p], math.e)) for p in paths]   # Eq. 6's 1/log, clamped
+            scores = [1.0 / math.log(max(uniform_loss[p], math.e)) for p in paths]  # Eq. 6's 1/log, clamped
             params = [shapes[p][0] * shapes[p][1] for p in paths]
             upper = [1.0 - (shapes[p][0] + shapes[p][1]) / (shapes[p][0] * shapes[p][1]) for p in paths]
             for p, r in zip(paths, _allocate(scores, params, upper, ratio)):
@@ -542,8 +622,12 @@ def _allocate_ratios(targets: dict[str, tuple[int, str]], shapes: dict[str, tupl
     return _Allocation(groups=groups, uniform_loss=uniform_loss, ratios=allocated)
 
 
-def _plan_matrices(targets: dict[str, tuple[int, str]], shapes: dict[str, tuple[int, int]],
-                   spectra: dict[str, _Spectrum], alloc: _Allocation) -> _Plan:
+def _plan_matrices(
+    targets: dict[str, tuple[int, str]],
+    shapes: dict[str, tuple[int, int]],
+    spectra: dict[str, _Spectrum],
+    alloc: _Allocation,
+) -> _Plan:
     """Each matrix's rank at its allocated ratio; a matrix whose factors would not be smaller stays dense."""
     plan = _Plan(matrices=[], ranks={}, factors={})
     for path, (d, kind) in targets.items():
@@ -551,13 +635,24 @@ def _plan_matrices(targets: dict[str, tuple[int, str]], shapes: dict[str, tuple[
         spec = spectra[path]
         rank = rank_for_ratio(m, n, alloc.ratios[path])
         total = spec.total()
-        entry = MatrixDecomposition(path=path, group=f"exits.{d}.{kind}", exit_layer=d, shape=(m, n), rank=rank,
-                                    allocated_ratio=alloc.ratios[path], params_before=m * n,
-                                    params_after=rank * (m + n), truncation_loss=spec.tail_loss(rank),
-                                    relative_loss=0.0, uniform_loss=alloc.uniform_loss[path])
+        entry = MatrixDecomposition(
+            path=path,
+            group=f"exits.{d}.{kind}",
+            exit_layer=d,
+            shape=(m, n),
+            rank=rank,
+            allocated_ratio=alloc.ratios[path],
+            params_before=m * n,
+            params_after=rank * (m + n),
+            truncation_loss=spec.tail_loss(rank),
+            relative_loss=0.0,
+            uniform_loss=alloc.uniform_loss[path],
+        )
         if rank * (m + n) >= m * n:
             entry.rank, entry.params_after, entry.truncation_loss = None, m * n, 0.0
-            entry.skipped = f"rank {rank} factors ({rank * (m + n)} params) are not smaller than the dense {m}x{n}"
+            entry.skipped = (
+                f"rank {rank} factors ({rank * (m + n)} params) are not smaller than the dense {m}x{n}"
+            )
         else:
             plan.ranks[path] = rank
             plan.factors[path] = spec.factors(rank)
@@ -574,8 +669,10 @@ def _build_lowrank(model: FamilialForCausalLM, plan: _Plan) -> FamilialForCausal
     want_missing = {f"{p}.weight_{x}" for p in plan.ranks for x in "ab"}
     want_unexpected = {f"{p}.weight" for p in plan.ranks}
     if missing != want_missing or unexpected != want_unexpected:
-        raise RuntimeError(f"decompose: internal error rebuilding the model: missing={sorted(missing - want_missing)[:8]} "
-                           f"unexpected={sorted(unexpected - want_unexpected)[:8]}")
+        raise RuntimeError(
+            f"decompose: internal error rebuilding the model: missing={sorted(missing - want_missing)[:8]} "
+            f"unexpected={sorted(unexpected - want_unexpected)[:8]}"
+        )
     with torch.no_grad():
         for path, (a, b) in plan.factors.items():
             module = new.get_submodule(path)
@@ -584,18 +681,25 @@ def _build_lowrank(model: FamilialForCausalLM, plan: _Plan) -> FamilialForCausal
     return new
 
 
-def _report(plan: _Plan, alloc: _Allocation, ratio: float, allocation: str, calibrated: bool,
-            tokens: int) -> DecomposeReport:
+def _report(
+    plan: _Plan, alloc: _Allocation, ratio: float, allocation: str, calibrated: bool, tokens: int
+) -> DecomposeReport:
     matrices = plan.matrices
     group_ratios = {}
     for name, paths in alloc.groups.items():
         before = sum(e.params_before for e in matrices if e.path in paths)
         after = sum(e.params_after for e in matrices if e.path in paths)
         group_ratios[name] = 1.0 - after / before
-    return DecomposeReport(target_ratio=float(ratio), allocation=allocation, calibrated=calibrated,
-                           calibration_tokens=tokens, params_before=sum(e.params_before for e in matrices),
-                           params_after=sum(e.params_after for e in matrices), matrices=matrices,
-                           group_ratios=group_ratios)
+    return DecomposeReport(
+        target_ratio=float(ratio),
+        allocation=allocation,
+        calibrated=calibrated,
+        calibration_tokens=tokens,
+        params_before=sum(e.params_before for e in matrices),
+        params_after=sum(e.params_after for e in matrices),
+        matrices=matrices,
+        group_ratios=group_ratios,
+    )
 
 
 __all__ = [

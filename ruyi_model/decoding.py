@@ -47,8 +47,13 @@ def encode_prompts(tokenizer, prompts: Sequence[str], chat: bool = True) -> list
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str) or not prompt:
             raise ValueError(f"prompt {i} is empty or not a string: {prompt!r}")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             tokenize=False) if chat else prompt
+        text = (
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            )
+            if chat
+            else prompt
+        )
         out.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
     return out
 
@@ -60,14 +65,21 @@ def _pad_left(batch: list[list[int]], pad_id: int):
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
     for row, ids in enumerate(batch):
-        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, width - len(ids):] = 1
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids) :] = 1
     return input_ids, attention_mask
 
 
-def greedy_generate_ids(model, prompt_ids: Sequence[Sequence[int]], exit_layer: int, max_new_tokens: int,
-                        batch_size: int = 8, stop_ids: Sequence[int] = (), pad_id: int = 0,
-                        progress: str | None = None) -> list[list[int]]:
+def greedy_generate_ids(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    exit_layer: int,
+    max_new_tokens: int,
+    batch_size: int = 8,
+    stop_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    progress: str | None = None,
+) -> list[list[int]]:
     """Greedy completions of already-encoded prompts at member `exit_layer`, batched with left padding.
 
     Args:
@@ -94,25 +106,35 @@ def greedy_generate_ids(model, prompt_ids: Sequence[Sequence[int]], exit_layer: 
         if not ids:
             raise ValueError(f"prompt {i} encodes to no tokens")
         if len(ids) + max_new_tokens > limit:
-            raise ValueError(f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} it exceeds "
-                             f"the model's max_position_embeddings={limit}")
+            raise ValueError(
+                f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} it exceeds "
+                f"the model's max_position_embeddings={limit}"
+            )
     stops = set(int(s) for s in stop_ids)
-    gen_config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                  eos_token_id=sorted(stops) or None, pad_token_id=pad_id)
+    gen_config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=sorted(stops) or None,
+        pad_token_id=pad_id,
+    )
     order = sorted(range(len(prompt_ids)), key=lambda i: (-len(prompt_ids[i]), i))
     results: list[list[int] | None] = [None] * len(prompt_ids)
-    batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             for batch in tqdm(batches, desc=progress, disable=progress is None, leave=False):
                 input_ids, attention_mask = _pad_left([list(prompt_ids[i]) for i in batch], pad_id)
-                out = model.generate(input_ids=input_ids.to(model.device),
-                                     attention_mask=attention_mask.to(model.device),
-                                     generation_config=gen_config, exit_layer=exit_layer)
+                out = model.generate(
+                    input_ids=input_ids.to(model.device),
+                    attention_mask=attention_mask.to(model.device),
+                    generation_config=gen_config,
+                    exit_layer=exit_layer,
+                )
                 for row, i in enumerate(batch):
-                    new = out[row, input_ids.shape[1]:].tolist()
+                    new = out[row, input_ids.shape[1] :].tolist()
                     cut = next((k for k, t in enumerate(new) if t in stops), len(new))
                     results[i] = new[:cut]
     finally:
@@ -120,8 +142,16 @@ def greedy_generate_ids(model, prompt_ids: Sequence[Sequence[int]], exit_layer: 
     return results  # type: ignore[return-value]
 
 
-def greedy_generate(model, tokenizer, prompts: Sequence[str], exit_layer: int, max_new_tokens: int,
-                    batch_size: int = 8, chat: bool = True, progress: str | None = None) -> list[str]:
+def greedy_generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    exit_layer: int,
+    max_new_tokens: int,
+    batch_size: int = 8,
+    chat: bool = True,
+    progress: str | None = None,
+) -> list[str]:
     """Greedy completions of `prompts` at member `exit_layer` (batched, left-padded, KV cache).
 
     Args:
@@ -139,9 +169,16 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], exit_layer: int, m
     """
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token (<|pad|>); left-padded batches need one")
-    ids = greedy_generate_ids(model, encode_prompts(tokenizer, prompts, chat=chat), exit_layer, max_new_tokens,
-                              batch_size=batch_size, stop_ids=stop_token_ids(tokenizer),
-                              pad_id=tokenizer.pad_token_id, progress=progress)
+    ids = greedy_generate_ids(
+        model,
+        encode_prompts(tokenizer, prompts, chat=chat),
+        exit_layer,
+        max_new_tokens,
+        batch_size=batch_size,
+        stop_ids=stop_token_ids(tokenizer),
+        pad_id=tokenizer.pad_token_id,
+        progress=progress,
+    )
     return [tokenizer.decode(new, skip_special_tokens=True) for new in ids]
 
 
@@ -157,13 +194,21 @@ def _time_decode(model, exit_layer: int, input_ids, gen_config) -> float:
     elapsed = time.perf_counter() - start
     produced = out.shape[1] - input_ids.shape[1]
     if produced != gen_config.max_new_tokens:
-        raise RuntimeError(f"speed run at exit {exit_layer} produced {produced} tokens, "
-                           f"expected {gen_config.max_new_tokens}")
+        raise RuntimeError(
+            f"speed run at exit {exit_layer} produced {produced} tokens, expected {gen_config.max_new_tokens}"
+        )
     return elapsed
 
 
-def measure_family_tokens_per_s(model, exit_layers: Sequence[int], prompt_ids: Sequence[int], new_tokens: int = 32,
-                                warmup: int = 1, repeats: int = 3, pad_id: int = 0) -> dict[int, dict[str, Any]]:
+def measure_family_tokens_per_s(
+    model,
+    exit_layers: Sequence[int],
+    prompt_ids: Sequence[int],
+    new_tokens: int = 32,
+    warmup: int = 1,
+    repeats: int = 3,
+    pad_id: int = 0,
+) -> dict[int, dict[str, Any]]:
     """Greedy decoding speed of several members, measured side by side (interleaved runs).
 
     Args:
@@ -183,12 +228,20 @@ def measure_family_tokens_per_s(model, exit_layers: Sequence[int], prompt_ids: S
     from transformers import GenerationConfig
 
     if new_tokens < 1 or repeats < 1 or warmup < 0:
-        raise ValueError(f"need new_tokens >= 1, repeats >= 1, warmup >= 0 (got {new_tokens}, {repeats}, {warmup})")
+        raise ValueError(
+            f"need new_tokens >= 1, repeats >= 1, warmup >= 0 (got {new_tokens}, {repeats}, {warmup})"
+        )
     if not prompt_ids:
         raise ValueError("the speed prompt has no tokens")
     input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=model.device)
-    gen_config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                  num_beams=1, eos_token_id=None, pad_token_id=pad_id)
+    gen_config = GenerationConfig(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=None,
+        pad_token_id=pad_id,
+    )
     was_training = model.training
     model.eval()
     runs: dict[int, list[float]] = {int(d): [] for d in exit_layers}
@@ -205,13 +258,26 @@ def measure_family_tokens_per_s(model, exit_layers: Sequence[int], prompt_ids: S
     for d, seconds in runs.items():
         median_s = statistics.median(seconds)
         tps = new_tokens / median_s
-        out[d] = {"tokens_per_s": tps, "ms_per_token": 1000.0 / tps, "runs_s": seconds,
-                  "new_tokens": new_tokens, "prompt_tokens": len(prompt_ids)}
+        out[d] = {
+            "tokens_per_s": tps,
+            "ms_per_token": 1000.0 / tps,
+            "runs_s": seconds,
+            "new_tokens": new_tokens,
+            "prompt_tokens": len(prompt_ids),
+        }
     return out
 
 
-def measure_tokens_per_s(model, exit_layer: int, prompt_ids: Sequence[int], new_tokens: int = 32,
-                         warmup: int = 1, repeats: int = 3, pad_id: int = 0) -> float:
+def measure_tokens_per_s(
+    model,
+    exit_layer: int,
+    prompt_ids: Sequence[int],
+    new_tokens: int = 32,
+    warmup: int = 1,
+    repeats: int = 3,
+    pad_id: int = 0,
+) -> float:
     """Greedy decoding speed (tokens/s, median of `repeats`) of one member; docs/choices.md#decoding."""
-    return measure_family_tokens_per_s(model, [exit_layer], prompt_ids, new_tokens, warmup, repeats,
-                                       pad_id)[int(exit_layer)]["tokens_per_s"]
+    return measure_family_tokens_per_s(model, [exit_layer], prompt_ids, new_tokens, warmup, repeats, pad_id)[
+        int(exit_layer)
+    ]["tokens_per_s"]

@@ -39,8 +39,15 @@ def member_qwen3_config(model: FamilialForCausalLM, exit_layer: int) -> Qwen3Con
     d = cfg.check_exit(exit_layer)
     stock_fields = set(Qwen3Config().to_dict())
     fields = {k: v for k, v in cfg.to_dict().items() if k in stock_fields}
-    for key in ("model_type", "architectures", "layer_types", "transformers_version", "_name_or_path", "auto_map",
-                "dtype"):
+    for key in (
+        "model_type",
+        "architectures",
+        "layer_types",
+        "transformers_version",
+        "_name_or_path",
+        "auto_map",
+        "dtype",
+    ):
         fields.pop(key, None)
     fields.update(num_hidden_layers=cfg.member_num_layers(d), tie_word_embeddings=False)
     qcfg = Qwen3Config(**fields)
@@ -59,9 +66,11 @@ def member_state_dict(model: FamilialForCausalLM, exit_layer: int) -> dict[str, 
         `{stock key: tensor}` (detached; dense tensors are shared with `model`, not copied).
     """
     d = model.config.check_exit(exit_layer)
-    sd = {"model.embed_tokens.weight": model.model.embed_tokens.weight.detach(),
-          "model.norm.weight": model.exits[str(d)].norm.weight.detach(),
-          "lm_head.weight": _dense(model.exit_head(d)).detach()}
+    sd = {
+        "model.embed_tokens.weight": model.model.embed_tokens.weight.detach(),
+        "model.norm.weight": model.exits[str(d)].norm.weight.detach(),
+        "lm_head.weight": _dense(model.exit_head(d)).detach(),
+    }
     for i, layer in enumerate(model.member_layers(d)):
         for name, module in layer.named_modules():
             if isinstance(module, LowRankLinear):
@@ -188,7 +197,9 @@ def verify_export(out_dir: str | Path) -> None:
             raise ValueError(f"{path}: corrupted ({size} bytes, manifest says {meta['bytes']})")
         digest = sha256_file(path)
         if digest != meta["sha256"]:
-            raise ValueError(f"{path}: corrupted (sha256 {digest[:12]}..., manifest says {meta['sha256'][:12]}...)")
+            raise ValueError(
+                f"{path}: corrupted (sha256 {digest[:12]}..., manifest says {meta['sha256'][:12]}...)"
+            )
     extra = sorted(set(_list_files(out_dir)) - set(files) - {MANIFEST})
     if extra:
         raise ValueError(f"{out_dir / extra[0]}: not listed in {MANIFEST} (unexpected file in the export)")

@@ -109,8 +109,9 @@ class _DynamicDecoder:
     backbone layers whose cache slot holds p; a slot always holds a prefix of the positions).
     """
 
-    def __init__(self, model: FamilialForCausalLM, threshold: float, criterion: str, kv_fill: str,
-                 confidence_impl: str):
+    def __init__(
+        self, model: FamilialForCausalLM, threshold: float, criterion: str, kv_fill: str, confidence_impl: str
+    ):
         cfg = model.config
         self.model, self.cfg = model, cfg
         self.threshold, self.criterion, self.kv_fill = threshold, criterion, kv_fill
@@ -119,10 +120,17 @@ class _DynamicDecoder:
         self.backbone = list(model.model.layers)
         for i, layer in enumerate(self.backbone):
             if layer.self_attn.layer_idx != i:
-                raise ValueError(f"backbone layer {i} uses cache slot {layer.self_attn.layer_idx}; expected {i}")
+                raise ValueError(
+                    f"backbone layer {i} uses cache slot {layer.self_attn.layer_idx}; expected {i}"
+                )
         self.members = [
-            _Member(d, cfg.backbone_depth(d), list(model.exits[str(d)].layers), model.exits[str(d)].norm,
-                    model.exit_head(d))
+            _Member(
+                d,
+                cfg.backbone_depth(d),
+                list(model.exits[str(d)].layers),
+                model.exits[str(d)].norm,
+                model.exit_head(d),
+            )
             for d in cfg.exit_layers
         ]
         self.cache = DynamicCache()
@@ -158,28 +166,43 @@ class _DynamicDecoder:
             position_ids, _ = self._positions(first, t, like)
             queries = like.new_empty(1, t + 1 - first, like.shape[-1])
             self._context_memo[key] = create_causal_mask(
-                config=self.cfg, inputs_embeds=queries, attention_mask=None, past_key_values=self.cache,
-                position_ids=position_ids, layer_idx=slot)
+                config=self.cfg,
+                inputs_embeds=queries,
+                attention_mask=None,
+                past_key_values=self.cache,
+                position_ids=position_ids,
+                layer_idx=slot,
+            )
         return self._context_memo[key]
 
     def _run_layer(self, layer: nn.Module, x: torch.Tensor, first: int, t: int) -> torch.Tensor:
         slot = layer.self_attn.layer_idx
         if self.filled(slot) != first:
-            raise RuntimeError(f"internal error: slot {slot} holds {self.filled(slot)} positions, expected {first}")
+            raise RuntimeError(
+                f"internal error: slot {slot} holds {self.filled(slot)} positions, expected {first}"
+            )
         position_ids, pos_emb = self._positions(first, t, x)
         mask = self._mask(first, t, x, slot)
         self._rows += x.shape[1]
         self._calls += 1
-        return layer(x, attention_mask=mask, position_embeddings=pos_emb, position_ids=position_ids,
-                     past_key_values=self.cache, use_cache=True)
+        return layer(
+            x,
+            attention_mask=mask,
+            position_embeddings=pos_emb,
+            position_ids=position_ids,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
 
     def _advance_backbone(self, start: int, stop: int, t: int) -> None:
         """Runs backbone layers [start, stop) over every position each of them has not seen yet."""
         for i in range(start, stop):
             first = self.filled(i)
             if first < self.stash_start:
-                raise RuntimeError(f"internal error: backbone layer {i} needs position {first}, "
-                                   f"which is no longer stashed (stash starts at {self.stash_start})")
+                raise RuntimeError(
+                    f"internal error: backbone layer {i} needs position {first}, "
+                    f"which is no longer stashed (stash starts at {self.stash_start})"
+                )
             offset = first - self.stash_start
             out = self._run_layer(self.backbone[i], self.stash[:, offset:], first, t)
             self.stash[:, offset:] = out
@@ -195,8 +218,10 @@ class _DynamicDecoder:
         passed_b_minus_1 = b == 0 or self.filled(b - 1) > t
         not_past_b = b == self.num_layers or self.filled(b) <= first
         if first < self.stash_start or not passed_b_minus_1 or not not_past_b:
-            raise RuntimeError(f"internal error: inputs of member {member.exit_layer} at depth {b} are not available")
-        x = self.stash[:, first - self.stash_start:]
+            raise RuntimeError(
+                f"internal error: inputs of member {member.exit_layer} at depth {b} are not available"
+            )
+        x = self.stash[:, first - self.stash_start :]
         for layer in member.layers:
             x = self._run_layer(layer, x, first, t)
         return x[:, -1]
@@ -209,10 +234,17 @@ class _DynamicDecoder:
         if isinstance(head, LowRankLinear):
             # The model computes B @ (A @ norm(h)); run its first factor, then fuse the last one.
             z = nn.functional.linear(norm(hidden), head.weight_a)
-            token, max_prob, entropy = exit_confidence(z.contiguous(), None, head.weight_b, impl=self.confidence_impl)
+            token, max_prob, entropy = exit_confidence(
+                z.contiguous(), None, head.weight_b, impl=self.confidence_impl
+            )
         else:
-            token, max_prob, entropy = exit_confidence(hidden.contiguous(), norm.weight, head.weight,
-                                                       eps=norm.variance_epsilon, impl=self.confidence_impl)
+            token, max_prob, entropy = exit_confidence(
+                hidden.contiguous(),
+                norm.weight,
+                head.weight,
+                eps=norm.variance_epsilon,
+                impl=self.confidence_impl,
+            )
         if self.criterion == "max_prob":
             value = float(max_prob[0])
             passes = value >= self.threshold
@@ -236,9 +268,9 @@ class _DynamicDecoder:
     def _copy_fill(self, exit_index: int, t: int) -> int:
         """Fills position t of every layer skipped after member `exit_index`; returns how many."""
         member = self.members[exit_index]
-        source = self.stash[:, t - self.stash_start:t - self.stash_start + 1]  # 1 x 1 x D at depth b
-        skipped = self.backbone[member.backbone_depth:]
-        for deeper in self.members[exit_index + 1:]:
+        source = self.stash[:, t - self.stash_start : t - self.stash_start + 1]  # 1 x 1 x D at depth b
+        skipped = self.backbone[member.backbone_depth :]
+        for deeper in self.members[exit_index + 1 :]:
             skipped = skipped + deeper.layers
         for layer in skipped:
             if self.filled(layer.self_attn.layer_idx) != t:
@@ -270,7 +302,7 @@ class _DynamicDecoder:
         # Positions that have passed every backbone layer are no longer needed.
         done = self.filled(self.num_layers - 1)
         if done > self.stash_start:
-            self.stash = self.stash[:, done - self.stash_start:]
+            self.stash = self.stash[:, done - self.stash_start :]
             self.stash_start = done
         return _DecodeStep(token, self.members[k].exit_layer, value, layers_run, self._rows, copied)
 
@@ -280,9 +312,11 @@ def _check_threshold(threshold, criterion: str) -> float:
         raise ValueError(f"threshold must be a number, got {threshold!r}")
     threshold = float(threshold)
     if math.isnan(threshold) or threshold < 0:
-        raise ValueError(f"threshold={threshold!r} is out of range for criterion={criterion!r}: it must be >= 0 "
-                         "(max_prob: 0 = always exit at the shallowest member, > 1 = never exit early; "
-                         "entropy in nats: inf = always exit at the shallowest member)")
+        raise ValueError(
+            f"threshold={threshold!r} is out of range for criterion={criterion!r}: it must be >= 0 "
+            "(max_prob: 0 = always exit at the shallowest member, > 1 = never exit early; "
+            "entropy in nats: inf = always exit at the shallowest member)"
+        )
     return threshold
 
 
@@ -302,7 +336,9 @@ def _strip_left_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     if attention_mask is None:
         return 0
     if tuple(attention_mask.shape) != tuple(input_ids.shape):
-        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}"
+        )
     row = attention_mask[0].tolist()
     if any(v not in (0, 1) for v in row):
         raise ValueError("attention_mask must hold only 0 and 1")
@@ -310,8 +346,10 @@ def _strip_left_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     if pad == len(row):
         raise ValueError("attention_mask masks every input position; nothing to condition on")
     if 0 in row[pad:]:
-        raise ValueError("attention_mask has zeros after the first 1: only left padding is supported "
-                         "(batch size 1 needs no padding at all)")
+        raise ValueError(
+            "attention_mask has zeros after the first 1: only left padding is supported "
+            "(batch size 1 needs no padding at all)"
+        )
     return pad
 
 
@@ -399,12 +437,20 @@ def _check_arguments(model, input_ids, max_new_tokens, threshold, criterion: str
     threshold = _check_threshold(threshold, criterion)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
-        raise ValueError("input_ids must be a 2-D integer tensor of shape 1 x T, got "
-                         f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+    if (
+        not isinstance(input_ids, torch.Tensor)
+        or input_ids.dim() != 2
+        or input_ids.dtype not in (torch.long, torch.int)
+    ):
+        raise ValueError(
+            "input_ids must be a 2-D integer tensor of shape 1 x T, got "
+            f"{getattr(input_ids, 'shape', type(input_ids).__name__)}"
+        )
     if input_ids.shape[0] != 1:
-        raise ValueError(f"dynamic_generate supports batch size 1 only (input_ids has shape {tuple(input_ids.shape)}): "
-                         "rows would exit at different members; call it once per sequence")
+        raise ValueError(
+            f"dynamic_generate supports batch size 1 only (input_ids has shape {tuple(input_ids.shape)}): "
+            "rows would exit at different members; call it once per sequence"
+        )
     if input_ids.shape[1] < 1:
         raise ValueError("input_ids is empty: at least one prompt token is needed")
     vocab = model.config.vocab_size
@@ -413,8 +459,9 @@ def _check_arguments(model, input_ids, max_new_tokens, threshold, criterion: str
     return threshold
 
 
-def _decode(decoder: _DynamicDecoder, prompt: torch.LongTensor, max_new_tokens: int, eos: set[int],
-            start: float) -> _Trace:
+def _decode(
+    decoder: _DynamicDecoder, prompt: torch.LongTensor, max_new_tokens: int, eos: set[int], start: float
+) -> _Trace:
     """Up to `max_new_tokens` steps after `prompt` (1 x T, on the model's device), stopping after an eos
     token; `start` is the call's start time (for the time to first token)."""
     trace = _Trace(steps=[])

@@ -47,8 +47,13 @@ def _gguf():
     return gguf
 
 
-def export_gguf(member_dir_or_model: str | Path | Qwen3ForCausalLM, tokenizer, out_path: str | Path,
-                dtype: str = "f16", name: str | None = None) -> Path:
+def export_gguf(
+    member_dir_or_model: str | Path | Qwen3ForCausalLM,
+    tokenizer,
+    out_path: str | Path,
+    dtype: str = "f16",
+    name: str | None = None,
+) -> Path:
     """Writes one member as a GGUF file; returns `out_path`.
 
     Args:
@@ -71,9 +76,12 @@ def export_gguf(member_dir_or_model: str | Path | Qwen3ForCausalLM, tokenizer, o
     _check_supported(cfg)
     head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
     if head_dim != TRANSFORMERS_GGUF_HEAD_DIM:
-        log.warning("head_dim=%d: llama.cpp reads it from qwen3.attention.key_length, but transformers' GGUF "
-                    "reader assumes %d (load with config= from the member directory there)",
-                    head_dim, TRANSFORMERS_GGUF_HEAD_DIM)
+        log.warning(
+            "head_dim=%d: llama.cpp reads it from qwen3.attention.key_length, but transformers' GGUF "
+            "reader assumes %d (load with config= from the member directory there)",
+            head_dim,
+            TRANSFORMERS_GGUF_HEAD_DIM,
+        )
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     name = name or (src_dir.name if src_dir is not None else "ruyi-member")
@@ -83,8 +91,13 @@ def export_gguf(member_dir_or_model: str | Path | Qwen3ForCausalLM, tokenizer, o
     try:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN3])
         writer.add_name(name)
-        writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
+        writer.add_file_type(
+            {
+                "f32": gguf.LlamaFileType.ALL_F32,
+                "f16": gguf.LlamaFileType.MOSTLY_F16,
+                "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+            }[dtype]
+        )
         if dtype == "q8_0":
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_context_length(cfg.max_position_embeddings)
@@ -121,8 +134,10 @@ def _load_member(member) -> tuple[Qwen3ForCausalLM, Path | None]:
             raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
         model_type = json.loads(cfg_file.read_text()).get("model_type")
         if model_type != "qwen3":
-            raise ValueError(f"{cfg_file}: model_type {model_type!r}; export_gguf takes a stock Qwen3 member "
-                             "(an exit_<d>/ directory written by export_exits), not the family checkpoint")
+            raise ValueError(
+                f"{cfg_file}: model_type {model_type!r}; export_gguf takes a stock Qwen3 member "
+                "(an exit_<d>/ directory written by export_exits), not the family checkpoint"
+            )
         return Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), path
     raise TypeError(f"export_gguf expects a Qwen3ForCausalLM or its directory, got {type(member).__name__}")
 
@@ -147,31 +162,42 @@ def _pre_tokenizer_name(state: dict) -> str:
         return "gpt-2"
     if pre.get("type") == "Sequence":
         parts = pre.get("pretokenizers", [])
-        if (len(parts) == 2 and parts[0].get("type") == "Split"
-                and parts[0].get("pattern", {}).get("Regex") == QWEN2_SPLIT
-                and parts[1].get("type") == "ByteLevel" and not parts[1].get("use_regex", True)):
+        if (
+            len(parts) == 2
+            and parts[0].get("type") == "Split"
+            and parts[0].get("pattern", {}).get("Regex") == QWEN2_SPLIT
+            and parts[1].get("type") == "ByteLevel"
+            and not parts[1].get("use_regex", True)
+        ):
             return "qwen2"
-    raise ValueError(f"export_gguf: unsupported pre-tokenizer {json.dumps(pre)[:300]} "
-                     "(supported: Qwen2's split regex + byte-level, or GPT-2 byte-level)")
+    raise ValueError(
+        f"export_gguf: unsupported pre-tokenizer {json.dumps(pre)[:300]} "
+        "(supported: Qwen2's split regex + byte-level, or GPT-2 byte-level)"
+    )
 
 
 def _add_tokenizer(writer, gguf, tokenizer, vocab_size: int) -> None:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise TypeError("export_gguf needs a fast (tokenizers-backed) tokenizer, "
-                        f"got {type(tokenizer).__name__}")
+        raise TypeError(
+            f"export_gguf needs a fast (tokenizers-backed) tokenizer, got {type(tokenizer).__name__}"
+        )
     state = json.loads(backend.to_str())
     model = state.get("model") or {}
     if model.get("type") != "BPE" or (state.get("decoder") or {}).get("type") != "ByteLevel":
         raise ValueError("export_gguf supports byte-level BPE tokenizers only (tokenizer.ggml.model 'gpt2')")
     if state.get("normalizer") is not None:
-        raise ValueError(f"export_gguf: the tokenizer has a normalizer ({state['normalizer'].get('type')}), "
-                         "which GGUF's gpt2 tokenizer cannot express")
+        raise ValueError(
+            f"export_gguf: the tokenizer has a normalizer ({state['normalizer'].get('type')}), "
+            "which GGUF's gpt2 tokenizer cannot express"
+        )
     pre = _pre_tokenizer_name(state)
     vocab = backend.get_vocab(with_added_tokens=True)
     if len(vocab) > vocab_size or max(vocab.values()) >= vocab_size:
-        raise ValueError(f"the tokenizer has {len(vocab)} tokens (max id {max(vocab.values())}) but the "
-                         f"model's vocab_size is {vocab_size}")
+        raise ValueError(
+            f"the tokenizer has {len(vocab)} tokens (max id {max(vocab.values())}) but the "
+            f"model's vocab_size is {vocab_size}"
+        )
     by_id = {i: t for t, i in vocab.items()}
     added = {i: tok for i, tok in tokenizer.added_tokens_decoder.items()}
     tokens, types = [], []
@@ -191,8 +217,11 @@ def _add_tokenizer(writer, gguf, tokenizer, vocab_size: int) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
-    for role, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
-                      ("pad_token_id", writer.add_pad_token_id)):
+    for role, add in (
+        ("bos_token_id", writer.add_bos_token_id),
+        ("eos_token_id", writer.add_eos_token_id),
+        ("pad_token_id", writer.add_pad_token_id),
+    ):
         token_id = getattr(tokenizer, role, None)
         if token_id is not None:
             add(int(token_id))

@@ -70,8 +70,9 @@ class ExitBranch(nn.Module):
             layer = Qwen3DecoderLayer(config, layer_idx=min(exit_layer, config.num_hidden_layers) - 1)
             layer.self_attn.layer_idx = first_slot + k
             if k >= n_branch:
-                # DaE zero-residual blocks: identity at first (Ruyi2 4.4). Marked here, zeroed in _init_weights
-                # so that neither post_init nor from_pretrained's init of missing keys clobbers it.
+                # DaE zero-residual blocks: identity at first (Ruyi2 4.4). Marked here, zeroed in
+                # _init_weights so that neither post_init nor from_pretrained's init of missing keys
+                # clobbers it.
                 layer.self_attn.o_proj._ruyi_zero_init = True
                 layer.mlp.down_proj._ruyi_zero_init = True
             layers.append(layer)
@@ -149,7 +150,9 @@ class FamilialForCausalLM(PreTrainedModel, GenerationMixin):
     def member_layers(self, exit_layer: int) -> list[nn.Module]:
         """The decoder layers member `exit_layer` runs, in order (a stock Qwen3 model's `layers`)."""
         self.config.check_exit(exit_layer)
-        return list(self.model.layers[: self.config.backbone_depth(exit_layer)]) + list(self.exits[str(exit_layer)].layers)
+        return list(self.model.layers[: self.config.backbone_depth(exit_layer)]) + list(
+            self.exits[str(exit_layer)].layers
+        )
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -181,7 +184,8 @@ class FamilialForCausalLM(PreTrainedModel, GenerationMixin):
         owner = getattr(cache, _CACHE_OWNER_ATTR, None)
         if owner is not None and owner != exit_layer:
             raise ValueError(
-                f"this KV cache was filled by member exit_layer={owner}; member {exit_layer} needs a cache of its "
+                f"this KV cache was filled by member exit_layer={owner}; member {exit_layer} "
+                "needs a cache of its "
                 "own (members never share cache entries). Pass a fresh DynamicCache or past_key_values=None."
             )
         if not isinstance(cache, DynamicCache):
@@ -192,11 +196,15 @@ class FamilialForCausalLM(PreTrainedModel, GenerationMixin):
         setattr(cache, _CACHE_OWNER_ATTR, exit_layer)
         return cache
 
-    def _embed_and_mask(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, first_slot, labels):
+    def _embed_and_mask(
+        self, input_ids, inputs_embeds, attention_mask, position_ids, cache, first_slot, labels
+    ):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if isinstance(attention_mask, dict):
-            raise ValueError("static/compiled caches are not supported by FamilialForCausalLM; use DynamicCache")
+            raise ValueError(
+                "static/compiled caches are not supported by FamilialForCausalLM; use DynamicCache"
+            )
         past = cache.layers[first_slot].get_seq_length() if cache is not None else 0
         _check_shapes(input_ids, inputs_embeds, attention_mask, labels, past)
         h = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -204,8 +212,14 @@ class FamilialForCausalLM(PreTrainedModel, GenerationMixin):
             position_ids = (torch.arange(h.shape[1], device=h.device) + past).unsqueeze(0)
         # The mask is sized from the member's own first cache slot: the shallowest member may never
         # fill slot 0, and the default would silently build a wrong mask under left padding.
-        mask = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=attention_mask,
-                                  past_key_values=cache, position_ids=position_ids, layer_idx=first_slot)
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=h,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            position_ids=position_ids,
+            layer_idx=first_slot,
+        )
         pos_emb = self.model.rotary_emb(h, position_ids)
         return h, mask, position_ids, pos_emb
 
@@ -230,7 +244,8 @@ class FamilialForCausalLM(PreTrainedModel, GenerationMixin):
             input_ids: B x T token ids (or `inputs_embeds`: B x T x D).
             attention_mask: B x (past + T) 0/1 padding mask (past = tokens already in the member's KV
                 cache), or an already prepared 4D mask, passed through as in transformers.
-            labels: B x T (the shape of `input_ids`); shifted inside (pass `labels=input_ids`); -100 is ignored.
+            labels: B x T (the shape of `input_ids`); shifted inside (pass `labels=input_ids`); -100 is
+                ignored.
             exit_layer: the member to run (an int; numpy / 0-d torch integers are accepted, floats and
                 bools are errors); None = the deepest (so `generate()` works unchanged), except with
                 `labels`, where None means the multi-exit loss over every member.
@@ -246,8 +261,9 @@ class FamilialForCausalLM(PreTrainedModel, GenerationMixin):
         CE_k and `logits` is None. For one member's loss (and logits), pass `exit_layer=d`.
         """
         if labels is not None and exit_layer is None:
-            return self._multi_exit_loss(input_ids, inputs_embeds, attention_mask, position_ids, labels,
-                                         exit_loss_weights, **kwargs)
+            return self._multi_exit_loss(
+                input_ids, inputs_embeds, attention_mask, position_ids, labels, exit_loss_weights, **kwargs
+            )
         # check_exit, not int(): int(2.9) or int(True) would silently run another member.
         d = self.config.exit_layers[-1] if exit_layer is None else self.config.check_exit(exit_layer)
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -256,11 +272,19 @@ class FamilialForCausalLM(PreTrainedModel, GenerationMixin):
         cache = self._prepare_cache(past_key_values, bool(use_cache), d)
         layers = self.member_layers(d)
         first_slot = layers[0].self_attn.layer_idx
-        h, mask, position_ids, pos_emb = self._embed_and_mask(input_ids, inputs_embeds, attention_mask,
-                                                              position_ids, cache, first_slot, labels)
+        h, mask, position_ids, pos_emb = self._embed_and_mask(
+            input_ids, inputs_embeds, attention_mask, position_ids, cache, first_slot, labels
+        )
         for layer in layers:
-            h = layer(h, attention_mask=mask, position_embeddings=pos_emb, position_ids=position_ids,
-                      past_key_values=cache, use_cache=use_cache, **kwargs)
+            h = layer(
+                h,
+                attention_mask=mask,
+                position_embeddings=pos_emb,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=use_cache,
+                **kwargs,
+            )
         h = self.exits[str(d)].norm(h)
         if isinstance(logits_to_keep, int):
             h = h[:, -logits_to_keep:, :] if logits_to_keep > 0 else h
@@ -269,19 +293,30 @@ class FamilialForCausalLM(PreTrainedModel, GenerationMixin):
         logits = self.exit_head(d)(h)
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return FamilialCausalLMOutput(loss=loss, logits=logits, past_key_values=cache if use_cache else None,
-                                      exit_layer=d)
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
+            )
+        return FamilialCausalLMOutput(
+            loss=loss, logits=logits, past_key_values=cache if use_cache else None, exit_layer=d
+        )
 
-    def _multi_exit_loss(self, input_ids, inputs_embeds, attention_mask, position_ids, labels,
-                         exit_loss_weights, **kwargs) -> FamilialCausalLMOutput:
+    def _multi_exit_loss(
+        self, input_ids, inputs_embeds, attention_mask, position_ids, labels, exit_loss_weights, **kwargs
+    ) -> FamilialCausalLMOutput:
         from triton_kernels import exit_head_loss
 
         cfg = self.config
-        h, mask, position_ids, pos_emb = self._embed_and_mask(input_ids, inputs_embeds, attention_mask,
-                                                              position_ids, None, 0, labels)
-        layer_kw = dict(attention_mask=mask, position_embeddings=pos_emb, position_ids=position_ids,
-                        past_key_values=None, use_cache=False, **kwargs)
+        h, mask, position_ids, pos_emb = self._embed_and_mask(
+            input_ids, inputs_embeds, attention_mask, position_ids, None, 0, labels
+        )
+        layer_kw = dict(
+            attention_mask=mask,
+            position_embeddings=pos_emb,
+            position_ids=position_ids,
+            past_key_values=None,
+            use_cache=False,
+            **kwargs,
+        )
         # Members are computed from one backbone pass: each branches off where its backbone part ends.
         branch_at: dict[int, list[int]] = {}
         for d in cfg.exit_layers:
@@ -307,8 +342,15 @@ class FamilialForCausalLM(PreTrainedModel, GenerationMixin):
         weights = torch.as_tensor(weights, dtype=torch.float32, device=hidden.device)
         if weights.numel() != len(cfg.exit_layers):
             raise ValueError(f"exit_loss_weights needs {len(cfg.exit_layers)} values, got {weights.numel()}")
-        loss, per_exit = exit_head_loss(hidden, head_w, shift_labels, norm_weights=norm_w, eps=cfg.rms_norm_eps,
-                                        exit_weights=weights, impl=cfg.loss_impl)
+        loss, per_exit = exit_head_loss(
+            hidden,
+            head_w,
+            shift_labels,
+            norm_weights=norm_w,
+            eps=cfg.rms_norm_eps,
+            exit_weights=weights,
+            impl=cfg.loss_impl,
+        )
         exit_losses = {d: per_exit[k].detach() for k, d in enumerate(cfg.exit_layers)}
         return FamilialCausalLMOutput(loss=loss, logits=None, exit_losses=exit_losses)
 
@@ -321,18 +363,30 @@ class FamilialForCausalLM(PreTrainedModel, GenerationMixin):
         if strict:
             # Load mismatched shapes instead of raising transformers' generic error, so that ours names them.
             kwargs.setdefault("ignore_mismatched_sizes", True)
-        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
-        problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+        )
+        problems = {
+            k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")
+        }
         problems = {k: v for k, v in problems.items() if v}
         if strict and problems:
             detail = "; ".join(f"{k}: {v[:8]}{' ...' if len(v) > 8 else ''}" for k, v in problems.items())
-            raise ValueError(f"checkpoint {pretrained_model_name_or_path} does not match its FamilialConfig: {detail}")
+            raise ValueError(
+                f"checkpoint {pretrained_model_name_or_path} does not match its FamilialConfig: {detail}"
+            )
         return (model, info) if want_info else model
 
     @classmethod
-    def from_qwen3(cls, model_or_path: Qwen3ForCausalLM | str | Path, exit_layers: list[int],
-                   exit_branch_layers: int = 1, shared_heads: bool = False,
-                   exit_loss_weights: list[float] | None = None, **config_overrides) -> FamilialForCausalLM:
+    def from_qwen3(
+        cls,
+        model_or_path: Qwen3ForCausalLM | str | Path,
+        exit_layers: list[int],
+        exit_branch_layers: int = 1,
+        shared_heads: bool = False,
+        exit_loss_weights: list[float] | None = None,
+        **config_overrides,
+    ) -> FamilialForCausalLM:
         """Builds a family from a stock Qwen3 checkpoint the way Ruyi2 did.
 
         The backbone is copied; member d's branch layers are copies of backbone layers
@@ -345,13 +399,22 @@ class FamilialForCausalLM(PreTrainedModel, GenerationMixin):
         elif isinstance(model_or_path, Qwen3ForCausalLM):
             src = model_or_path
         else:
-            raise TypeError(f"from_qwen3 expects a Qwen3ForCausalLM or a checkpoint path, got {type(model_or_path).__name__}")
+            raise TypeError(
+                "from_qwen3 expects a Qwen3ForCausalLM or a checkpoint path, "
+                f"got {type(model_or_path).__name__}"
+            )
         src_cfg: Qwen3Config = src.config
         cfg_dict = src_cfg.to_dict()
         for k in ("model_type", "architectures", "layer_types", "transformers_version", "auto_map"):
             cfg_dict.pop(k, None)
-        cfg_dict.update(exit_layers=list(exit_layers), exit_branch_layers=exit_branch_layers, shared_heads=shared_heads,
-                        exit_loss_weights=exit_loss_weights, tie_word_embeddings=False, **config_overrides)
+        cfg_dict.update(
+            exit_layers=list(exit_layers),
+            exit_branch_layers=exit_branch_layers,
+            shared_heads=shared_heads,
+            exit_loss_weights=exit_loss_weights,
+            tie_word_embeddings=False,
+            **config_overrides,
+        )
         config = FamilialConfig(**cfg_dict)
         # Built directly in the source dtype, as from_pretrained does: `cls(config).to(bf16)` would also
         # cast the rotary inv_freq buffers, which the stock model keeps in fp32 (~3e-3 logit drift).
@@ -390,17 +453,23 @@ def _check_shapes(input_ids, inputs_embeds, attention_mask, labels, past: int) -
     or sliced by the mask builder / loss without an error."""
     name, x = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", inputs_embeds)
     if x.ndim != (2 if input_ids is not None else 3):
-        raise ValueError(f"{name} has shape {tuple(x.shape)}: expected B x T" + (" x D" if input_ids is None else ""))
+        raise ValueError(
+            f"{name} has shape {tuple(x.shape)}: expected B x T" + (" x D" if input_ids is None else "")
+        )
     batch, seq = x.shape[0], x.shape[1]
     if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim != 4:  # 4D: prepared, passed through
         want = (batch, past + seq)
         if tuple(attention_mask.shape) != want:
             cached = f" plus {past} cached tokens" if past else ""
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but {name} has shape "
-                             f"{tuple(x.shape)}{cached}: it must be B x (past + T) = {want}")
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but {name} has shape "
+                f"{tuple(x.shape)}{cached}: it must be B x (past + T) = {want}"
+            )
     if labels is not None and tuple(labels.shape) != (batch, seq):
-        raise ValueError(f"labels has shape {tuple(labels.shape)} but {name} has shape {tuple(x.shape)}: "
-                         f"labels must be B x T = {(batch, seq)}")
+        raise ValueError(
+            f"labels has shape {tuple(labels.shape)} but {name} has shape {tuple(x.shape)}: "
+            f"labels must be B x T = {(batch, seq)}"
+        )
 
 
 __all__ = ["FamilialForCausalLM", "FamilialCausalLMOutput", "LowRankLinear"]

@@ -81,16 +81,25 @@ class SpeculativeState:
     (1 x e x hidden) holds the hidden states after the shared layers of positions [N-1-e, N-1).
     """
 
-    def __init__(self, model: FamilialForCausalLM, draft_exit: int, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        model: FamilialForCausalLM,
+        draft_exit: int,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+    ):
         cfg = model.config
         self.model = model
         self.draft_exit = cfg.check_exit(draft_exit)
         self.target_exit = cfg.exit_layers[-1]
         if self.draft_exit == self.target_exit:
-            raise ValueError(f"draft_exit={draft_exit} is the deepest member; the draft must be a shallower "
-                             f"member (one of {cfg.exit_layers[:-1]})")
+            raise ValueError(
+                f"draft_exit={draft_exit} is the deepest member; the draft must be a shallower "
+                f"member (one of {cfg.exit_layers[:-1]})"
+            )
         draft_layers = model.member_layers(self.draft_exit)
         target_layers = model.member_layers(self.target_exit)
         s = 0
@@ -134,15 +143,29 @@ class SpeculativeState:
         first = layers[0].self_attn.layer_idx
         have = self.cache.layers[first].get_seq_length()
         if have != start:  # an internal invariant: the positions must continue the slot exactly
-            raise RuntimeError(f"speculative cache out of step: slot {first} holds {have} positions, "
-                               f"feeding position {start}")
+            raise RuntimeError(
+                f"speculative cache out of step: slot {first} holds {have} positions, "
+                f"feeding position {start}"
+            )
         pos = torch.arange(start, start + h.shape[1], device=h.device).unsqueeze(0)
-        mask = create_causal_mask(config=self.model.config, inputs_embeds=h, attention_mask=None,
-                                  past_key_values=self.cache, position_ids=pos, layer_idx=first)
+        mask = create_causal_mask(
+            config=self.model.config,
+            inputs_embeds=h,
+            attention_mask=None,
+            past_key_values=self.cache,
+            position_ids=pos,
+            layer_idx=first,
+        )
         pos_emb = self.model.model.rotary_emb(h, pos)
         for layer in layers:
-            h = layer(h, attention_mask=mask, position_embeddings=pos_emb, position_ids=pos,
-                      past_key_values=self.cache, use_cache=True)
+            h = layer(
+                h,
+                attention_mask=mask,
+                position_embeddings=pos_emb,
+                position_ids=pos,
+                past_key_values=self.cache,
+                use_cache=True,
+            )
         return h
 
     def _probs(self, exit_layer: int, h: torch.Tensor) -> torch.Tensor:
@@ -215,7 +238,7 @@ class SpeculativeState:
         else:
             pool, pool_start = torch.cat([self.backlog, verify_in], dim=1), n - 1 - backlog_len
         draft_len = self._slot_len(self.draft_only) if self.draft_only else keep
-        self.backlog = pool[:, draft_len - pool_start: keep - pool_start]
+        self.backlog = pool[:, draft_len - pool_start : keep - pool_start]
         self.tokens.extend(new)
         return new, accepted
 
@@ -267,8 +290,9 @@ def speculative_generate(
     if not isinstance(model, FamilialForCausalLM):
         raise TypeError(f"speculative_generate needs a FamilialForCausalLM, got {type(model).__name__}")
     if input_ids.ndim != 2 or input_ids.shape[0] != 1:
-        raise ValueError("speculative_generate supports batch size 1: input_ids has shape "
-                         f"{tuple(input_ids.shape)}")
+        raise ValueError(
+            f"speculative_generate supports batch size 1: input_ids has shape {tuple(input_ids.shape)}"
+        )
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k (tokens drafted per round) must be an integer >= 1, got {k!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -276,8 +300,9 @@ def speculative_generate(
     prompt = input_ids[0].tolist()
     if attention_mask is not None:
         if tuple(attention_mask.shape) != tuple(input_ids.shape):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
-                             f"{tuple(input_ids.shape)}")
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}"
+            )
         mask = attention_mask[0].tolist()
         n_pad = next((i for i, v in enumerate(mask) if v), len(mask))
         if not all(mask[n_pad:]):
@@ -289,8 +314,15 @@ def speculative_generate(
         eos = set()
     else:
         eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
-    state = SpeculativeState(model, draft_exit, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                             top_p=top_p, generator=generator)
+    state = SpeculativeState(
+        model,
+        draft_exit,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        generator=generator,
+    )
     out = SpeculativeOutput(sequences=input_ids[:, :0], new_tokens=[])
     state.prefill(prompt)
     while len(out.new_tokens) < max_new_tokens:

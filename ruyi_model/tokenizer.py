@@ -32,7 +32,8 @@ CHAT_TEMPLATE = (
 
 # Qwen2/Qwen3's pre-tokenization pattern (single digits: `\p{N}` without `+`).
 SPLIT_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
 _MIN_VOCAB = len(SPECIAL_TOKENS) + 256
@@ -58,7 +59,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if vocab_size < _MIN_VOCAB:
-        raise ValueError(f"vocab_size must be at least {_MIN_VOCAB} (4 special tokens + 256 bytes), got {vocab_size}")
+        raise ValueError(
+            f"vocab_size must be at least {_MIN_VOCAB} (4 special tokens + 256 bytes), got {vocab_size}"
+        )
     if min_frequency < 1:
         raise ValueError(f"min_frequency must be >= 1, got {min_frequency}")
     seen = 0
@@ -72,10 +75,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
             yield text
 
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -95,7 +100,9 @@ def _wrap(tokenizer):
 
     for expected_id, token in enumerate(SPECIAL_TOKENS):
         if tokenizer.token_to_id(token) != expected_id:
-            raise ValueError(f"special token {token} has id {tokenizer.token_to_id(token)}, expected {expected_id}")
+            raise ValueError(
+                f"special token {token} has id {tokenizer.token_to_id(token)}, expected {expected_id}"
+            )
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         eos_token=EOS_TOKEN,
@@ -128,8 +135,10 @@ def load_tokenizer(path: str | Path):
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     check_special_tokens(tokenizer, path)
     if tokenizer.eos_token != EOS_TOKEN or tokenizer.pad_token != PAD_TOKEN:
-        raise ValueError(f"{path}: eos/pad are {tokenizer.eos_token!r}/{tokenizer.pad_token!r}, "
-                         f"expected {EOS_TOKEN!r}/{PAD_TOKEN!r}")
+        raise ValueError(
+            f"{path}: eos/pad are {tokenizer.eos_token!r}/{tokenizer.pad_token!r}, "
+            f"expected {EOS_TOKEN!r}/{PAD_TOKEN!r}"
+        )
     if not tokenizer.chat_template:
         raise ValueError(f"{path}: the tokenizer has no chat template")
     return tokenizer
@@ -152,8 +161,10 @@ def check_special_tokens(tokenizer, where: str | Path) -> None:
         if token not in vocab:
             raise ValueError(f"{where}: special token {token} is missing")
         if token not in special:
-            raise ValueError(f"{where}: {token} (id {vocab[token]}) is not a special token: text containing it "
-                             f"would be split by the BPE")
+            raise ValueError(
+                f"{where}: {token} (id {vocab[token]}) is not a special token: text containing it "
+                f"would be split by the BPE"
+            )
     ids = [special[t] for t in SPECIAL_TOKENS]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{where}: special tokens {list(SPECIAL_TOKENS)} share ids {ids}")
@@ -170,9 +181,14 @@ def tokenizer_fingerprint(tokenizer) -> str:
     if merges is not None:  # older files store "a b" strings, newer ones ["a", "b"] pairs
         merges = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in merges]
     canonical = {
-        "model": model, "vocab": vocab, "merges": merges,
-        "added_tokens": sorted((t["id"], t["content"], bool(t.get("special"))) for t in state.get("added_tokens", [])),
-        "normalizer": state.get("normalizer"), "pre_tokenizer": state.get("pre_tokenizer"),
+        "model": model,
+        "vocab": vocab,
+        "merges": merges,
+        "added_tokens": sorted(
+            (t["id"], t["content"], bool(t.get("special"))) for t in state.get("added_tokens", [])
+        ),
+        "normalizer": state.get("normalizer"),
+        "pre_tokenizer": state.get("pre_tokenizer"),
         "decoder": state.get("decoder"),
         "roles": {r: getattr(tokenizer, f"{r}_token", None) for r in ("eos", "pad", "bos", "unk")},
     }
@@ -202,30 +218,48 @@ def adopt_tokenizer(path: str | Path) -> tuple[Any, dict[str, Any]]:
         raise ValueError(f"model.init_from={path}: not a directory")
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         # AutoTokenizer would build an empty tokenizer of the config's model type instead of failing
-        raise ValueError(f"model.init_from={path}: cannot load the checkpoint's tokenizer: none of "
-                         f"{', '.join(TOKENIZER_FILES)} is there; the family must keep the checkpoint's token ids")
+        raise ValueError(
+            f"model.init_from={path}: cannot load the checkpoint's tokenizer: none of "
+            f"{', '.join(TOKENIZER_FILES)} is there; the family must keep the checkpoint's token ids"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as e:  # transformers raises OSError/ValueError/TypeError/KeyError for bad or missing files
-        raise ValueError(f"model.init_from={path}: cannot load the checkpoint's tokenizer with AutoTokenizer "
-                         f"({type(e).__name__}: {e}); the family must keep the checkpoint's token ids") from None
+    except (
+        Exception
+    ) as e:  # transformers raises OSError/ValueError/TypeError/KeyError for bad or missing files
+        raise ValueError(
+            f"model.init_from={path}: cannot load the checkpoint's tokenizer with AutoTokenizer "
+            f"({type(e).__name__}: {e}); the family must keep the checkpoint's token ids"
+        ) from None
     if not getattr(tokenizer, "is_fast", False) or not hasattr(tokenizer, "backend_tokenizer"):
-        raise ValueError(f"model.init_from={path}: the tokenizer ({type(tokenizer).__name__}) is not a fast "
-                         f"(tokenizers) tokenizer")
+        raise ValueError(
+            f"model.init_from={path}: the tokenizer ({type(tokenizer).__name__}) is not a fast "
+            f"(tokenizers) tokenizer"
+        )
     if len(tokenizer) < 256:
-        raise ValueError(f"model.init_from={path}: its tokenizer has only {len(tokenizer)} tokens: empty or "
-                         f"truncated tokenizer files")
-    info: dict[str, Any] = {"init_from": str(path), "source_class": type(tokenizer).__name__,
-                            "source_fingerprint": tokenizer_fingerprint(tokenizer), "source_size": len(tokenizer)}
+        raise ValueError(
+            f"model.init_from={path}: its tokenizer has only {len(tokenizer)} tokens: empty or "
+            f"truncated tokenizer files"
+        )
+    info: dict[str, Any] = {
+        "init_from": str(path),
+        "source_class": type(tokenizer).__name__,
+        "source_fingerprint": tokenizer_fingerprint(tokenizer),
+        "source_size": len(tokenizer),
+    }
     vocab = tokenizer.get_vocab()
     special = _special_ids(tokenizer)
     missing = [t for t in SPECIAL_TOKENS if t not in vocab]
     plain = [t for t in SPECIAL_TOKENS if t in vocab and t not in special]
     if plain:
-        raise ValueError(f"model.init_from={path}: {plain} are ordinary tokens of its tokenizer, not special ones; "
-                         f"the pipeline cannot use them as control tokens")
+        raise ValueError(
+            f"model.init_from={path}: {plain} are ordinary tokens of its tokenizer, not special ones; "
+            f"the pipeline cannot use them as control tokens"
+        )
     if missing:
-        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
+        tokenizer.add_tokens(
+            [AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True
+        )
     roles = {}
     if tokenizer.eos_token != EOS_TOKEN:
         roles["eos"] = [tokenizer.eos_token, EOS_TOKEN]
@@ -238,9 +272,19 @@ def adopt_tokenizer(path: str | Path) -> tuple[Any, dict[str, Any]]:
         tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.padding_side = "right"
     check_special_tokens(tokenizer, path)
-    info.update({"added_tokens": {t: tokenizer.convert_tokens_to_ids(t) for t in missing}, "roles_set": roles,
-                 "chat_template": "source" if source_template else "ruyi"})
+    info.update(
+        {
+            "added_tokens": {t: tokenizer.convert_tokens_to_ids(t) for t in missing},
+            "roles_set": roles,
+            "chat_template": "source" if source_template else "ruyi",
+        }
+    )
     if missing or roles:
-        log.info("adopted the tokenizer of %s (%d tokens): added %s, set roles %s", path, info["source_size"],
-                 info["added_tokens"] or "nothing", roles or "none")
+        log.info(
+            "adopted the tokenizer of %s (%d tokens): added %s, set roles %s",
+            path,
+            info["source_size"],
+            info["added_tokens"] or "nothing",
+            roles or "none",
+        )
     return tokenizer, info

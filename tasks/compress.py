@@ -42,8 +42,12 @@ def healing_parameters(model, exit_layer: int) -> list[tuple[str, object]]:
     from ruyi_model.dae import dae_trainable_parameters
     from ruyi_model.modeling import LowRankLinear
 
-    lowrank = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, LowRankLinear)
-               for p in ("weight_a", "weight_b")}
+    lowrank = {
+        f"{name}.{p}"
+        for name, m in model.named_modules()
+        if isinstance(m, LowRankLinear)
+        for p in ("weight_a", "weight_b")
+    }
     norm = f"exits.{exit_layer}.norm.weight"
     chosen = [(n, p) for n, p in dae_trainable_parameters(model, exit_layer) if n in lowrank or n == norm]
     if not any(n in lowrank for n, _ in chosen):
@@ -78,7 +82,7 @@ class SelectionSplit:
         """What reports/compress/heal_selection.json records: the rule and the ids on each side."""
         return {
             "rule": "corpus_train docs not in corpus_val, by sha256(text); sft rows not in eval.jsonl (id or "
-                    "normalised question), by sha256(id); both excluded from calibration and healing",
+            "normalised question), by sha256(id); both excluded from calibration and healing",
             "corpus_train_ids": [str(r["id"]) for r in self.selection_corpus],
             "sft_ids": [str(r["id"]) for r in self.selection_sft],
             "healing_sft_ids": [str(r["id"]) for r in self.sft_rows],
@@ -86,8 +90,14 @@ class SelectionSplit:
         }
 
 
-def carve_selection(params: Params, tokenizer, corpus_rows: list[dict], sft_rows: list[dict],
-                    val_rows: list[dict], eval_rows: list[dict]) -> SelectionSplit:
+def carve_selection(
+    params: Params,
+    tokenizer,
+    corpus_rows: list[dict],
+    sft_rows: list[dict],
+    val_rows: list[dict],
+    eval_rows: list[dict],
+) -> SelectionSplit:
     """Carves the healing-decision set out of corpus_train and sft.jsonl (deterministic, order-independent).
 
     Documents whose text is in corpus_val and SFT rows whose id or normalised question is in eval.jsonl
@@ -102,11 +112,13 @@ def carve_selection(params: Params, tokenizer, corpus_rows: list[dict], sft_rows
     train_file, sft_file = ws.corpus_train, ws.sft_data
 
     val_texts = {r["text"].strip() for r in val_rows}
-    order = sorted((i for i, r in enumerate(corpus_rows) if r["text"].strip() not in val_texts),
-                   key=lambda i: (_sha(corpus_rows[i]["text"]), i))
+    order = sorted(
+        (i for i, r in enumerate(corpus_rows) if r["text"].strip() not in val_texts),
+        key=lambda i: (_sha(corpus_rows[i]["text"]), i),
+    )
     chosen, token_lists, tokens, need = [], [], 0, n * cfg.seq_len
     for start in range(0, len(order), 64):
-        part = order[start:start + 64]
+        part = order[start : start + 64]
         ids = tokenize_texts(tokenizer, [corpus_rows[i]["text"] for i in part], desc="tokenize selection")
         for i, t in zip(part, ids):
             if tokens >= need:
@@ -118,29 +130,39 @@ def carve_selection(params: Params, tokenizer, corpus_rows: list[dict], sft_rows
             break
     blocks = pack_documents(token_lists, tokenizer.eos_token_id, cfg.seq_len)
     if blocks.shape[0] < n or len(chosen) >= len(corpus_rows):
-        raise StageError(f"{train_file}: too little text outside corpus_val for the healing-decision set "
-                         f"({n} blocks of {cfg.seq_len} tokens = compress.loss_batches x compress.batch_size) "
-                         "plus calibration text; lower compress.loss_batches, compress.batch_size or compress.seq_len")
+        raise StageError(
+            f"{train_file}: too little text outside corpus_val for the healing-decision set "
+            f"({n} blocks of {cfg.seq_len} tokens = compress.loss_batches x compress.batch_size) "
+            "plus calibration text; lower compress.loss_batches, compress.batch_size or compress.seq_len"
+        )
     blocks = blocks[:n]
 
     eval_ids = {str(r["id"]) for r in eval_rows}
     eval_questions = {normalize_question(str(r["question"])) for r in eval_rows}
-    candidates = sorted((i for i, r in enumerate(sft_rows)
-                         if str(r["id"]) not in eval_ids and normalize_question(r["prompt"]) not in eval_questions),
-                        key=lambda i: (_sha(str(sft_rows[i]["id"])), i))
+    candidates = sorted(
+        (
+            i
+            for i, r in enumerate(sft_rows)
+            if str(r["id"]) not in eval_ids and normalize_question(r["prompt"]) not in eval_questions
+        ),
+        key=lambda i: (_sha(str(sft_rows[i]["id"])), i),
+    )
     sft_chosen = candidates[:n]
     if len(sft_chosen) < n or len(sft_chosen) >= len(sft_rows):
-        raise StageError(f"{sft_file}: {len(candidates)} of {len(sft_rows)} rows are not eval.jsonl problems; the "
-                         f"healing-decision set needs {n} (compress.loss_batches x compress.batch_size) and "
-                         "calibration/healing needs at least one more; lower compress.loss_batches or "
-                         "compress.batch_size")
+        raise StageError(
+            f"{sft_file}: {len(candidates)} of {len(sft_rows)} rows are not eval.jsonl problems; the "
+            f"healing-decision set needs {n} (compress.loss_batches x compress.batch_size) and "
+            "calibration/healing needs at least one more; lower compress.loss_batches or "
+            "compress.batch_size"
+        )
     sel_corpus, sel_sft = set(chosen), set(sft_chosen)
     return SelectionSplit(
         corpus_texts=[r["text"] for i, r in enumerate(corpus_rows) if i not in sel_corpus],
         sft_rows=[r for i, r in enumerate(sft_rows) if i not in sel_sft],
         selection_corpus=[corpus_rows[i] for i in chosen],
         selection_sft=[sft_rows[i] for i in sft_chosen],
-        corpus_blocks=blocks)
+        corpus_blocks=blocks,
+    )
 
 
 def calibration_data(params: Params, tokenizer, corpus_texts: list[str], sft_rows: list[dict]) -> list:
@@ -162,36 +184,49 @@ def calibration_data(params: Params, tokenizer, corpus_texts: list[str], sft_row
         path = Workspace.from_params(params).sft_data
         rows = list(sft_rows)
         rng.shuffle(rows)
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]},
-                                                {"role": "assistant", "content": r["response"]}], tokenize=False)
-                 for r in rows]
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}],
+                tokenize=False,
+            )
+            for r in rows
+        ]
         parts.append((path, n_sft, texts))
     blocks = []
     for path, wanted, texts in parts:
         if not texts:
-            raise StageError(f"{path}: no text left for calibration after the healing-decision set; lower "
-                             "compress.loss_batches or compress.batch_size")
+            raise StageError(
+                f"{path}: no text left for calibration after the healing-decision set; lower "
+                "compress.loss_batches or compress.batch_size"
+            )
         got = first_blocks(tokenizer, texts, cfg.seq_len, wanted, path)
         if got.shape[0] < wanted:
-            raise StageError(f"{path}: too little text for {wanted} calibration blocks of {cfg.seq_len} tokens "
-                             f"(got {got.shape[0]}; the healing-decision set is excluded); lower "
-                             "compress.calibration_batches or compress.seq_len")
+            raise StageError(
+                f"{path}: too little text for {wanted} calibration blocks of {cfg.seq_len} tokens "
+                f"(got {got.shape[0]}; the healing-decision set is excluded); lower "
+                "compress.calibration_batches or compress.seq_len"
+            )
         blocks.append(got)
     return list(torch.cat(blocks).split(cfg.batch_size))
 
 
-def matrix_ratio_for(model, exit_layer: int, ratio: float, include_head: bool, added: int) -> tuple[float, float]:
+def matrix_ratio_for(
+    model, exit_layer: int, ratio: float, include_head: bool, added: int
+) -> tuple[float, float]:
     """(ratio to ask `decompose` for, the largest removable share) so that `ratio` of the `added`
     parameters go: the decomposable matrices carry the whole reduction (the norms stay dense)."""
     from ruyi_model.dae import _targets
     from ruyi_model.modeling import LowRankLinear
 
-    shapes = [tuple(model.get_submodule(p).weight.shape) for p in _targets(model, exit_layer, include_head)
-              if not isinstance(model.get_submodule(p), LowRankLinear)]
+    shapes = [
+        tuple(model.get_submodule(p).weight.shape)
+        for p in _targets(model, exit_layer, include_head)
+        if not isinstance(model.get_submodule(p), LowRankLinear)
+    ]
     dense = sum(m * n for m, n in shapes)
     if dense == 0:
         return 1.0, 0.0
-    removable = sum(m * n - (m + n) for m, n in shapes) / dense      # every matrix at rank 1
+    removable = sum(m * n - (m + n) for m, n in shapes) / dense  # every matrix at rank 1
     # 1e-6 absorbs float noise in the allocation's bisection and the rank epsilon (see ruyi_model.dae).
     return ratio * added / dense + 1e-6, removable
 
@@ -262,11 +297,21 @@ def _plot(report: dict, heal_losses: list[float], out_dir: Path) -> None:
     rows = report["matrices"]
     with atomic_file(out_dir / "allocation.csv") as f:
         writer = csv.writer(f)
-        writer.writerow(["matrix", "group", "rank", "allocated_ratio", "params_before", "params_after",
-                         "relative_loss"])
+        writer.writerow(
+            ["matrix", "group", "rank", "allocated_ratio", "params_before", "params_after", "relative_loss"]
+        )
         for m in rows:
-            writer.writerow([m["path"], m["group"], m["rank"], m["allocated_ratio"], m["params_before"],
-                             m["params_after"], m["relative_loss"]])
+            writer.writerow(
+                [
+                    m["path"],
+                    m["group"],
+                    m["rank"],
+                    m["allocated_ratio"],
+                    m["params_before"],
+                    m["params_after"],
+                    m["relative_loss"],
+                ]
+            )
     with atomic_file(out_dir / "heal_loss.csv") as f:
         writer = csv.writer(f)
         writer.writerow(["step", "loss"])
@@ -275,7 +320,9 @@ def _plot(report: dict, heal_losses: list[float], out_dir: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     labels = [m["path"].split(".", 2)[-1] for m in rows]
     kept = [m["params_after"] / m["params_before"] for m in rows]
-    axes[0].bar(range(len(rows)), kept, color=["C1" if m["group"].endswith("lm_head") else "C0" for m in rows])
+    axes[0].bar(
+        range(len(rows)), kept, color=["C1" if m["group"].endswith("lm_head") else "C0" for m in rows]
+    )
     axes[0].set_xticks(range(len(rows)), labels, rotation=90, fontsize=6)
     axes[0].set_ylabel("kept parameter fraction")
     axes[0].set_title("allocation per matrix")
@@ -294,9 +341,9 @@ class HeldoutSets:
 
     corpus_batches: list
     solution_batches: list
-    problems: list[dict[str, Any]]     # eval rows for the DaE member's accuracy
+    problems: list[dict[str, Any]]  # eval rows for the DaE member's accuracy
     val_rows: list[dict[str, Any]]
-    eval_rows: list[dict[str, Any]]    # every eval.jsonl row (the selection slice must avoid them all)
+    eval_rows: list[dict[str, Any]]  # every eval.jsonl row (the selection slice must avoid them all)
 
 
 @dataclass
@@ -331,9 +378,11 @@ def added_parts(model, exit_layer: int) -> dict[str, int]:
     """Parameters of member `exit_layer`'s DaE blocks and of its head (low-rank: the two factors)."""
     cfg = model.config
     n_branch = cfg.branch_layers(exit_layer)
-    blocks = list(model.exits[str(exit_layer)].layers)[n_branch:n_branch + cfg.num_dae_blocks(exit_layer)]
-    return {"blocks": sum(p.numel() for m in blocks for p in m.parameters()),
-            "head": sum(p.numel() for p in model.exit_head(exit_layer).parameters())}
+    blocks = list(model.exits[str(exit_layer)].layers)[n_branch : n_branch + cfg.num_dae_blocks(exit_layer)]
+    return {
+        "blocks": sum(p.numel() for m in blocks for p in m.parameters()),
+        "head": sum(p.numel() for p in model.exit_head(exit_layer).parameters()),
+    }
 
 
 def removed_fractions(before: dict[str, int], after: dict[str, int]) -> dict[str, float]:
@@ -344,16 +393,24 @@ def removed_fractions(before: dict[str, int], after: dict[str, int]) -> dict[str
     return out
 
 
-def member_accuracy(model, tokenizer, exit_layer: int, problems: list[dict[str, Any]], max_new_tokens: int,
-                    where: Path) -> float | None:
+def member_accuracy(
+    model, tokenizer, exit_layer: int, problems: list[dict[str, Any]], max_new_tokens: int, where: Path
+) -> float | None:
     """Greedy exact-match accuracy of one member on `problems` (None without problems)."""
     from ruyi_model.decoding import greedy_generate
     from tasks.data.mathgen import answers_match, extract_answer
 
     if not problems:
         return None
-    texts = greedy_generate(model, tokenizer, [str(p["question"]) for p in problems], exit_layer, max_new_tokens,
-                            batch_size=32, progress=f"compress: decode exit {exit_layer}")
+    texts = greedy_generate(
+        model,
+        tokenizer,
+        [str(p["question"]) for p in problems],
+        exit_layer,
+        max_new_tokens,
+        batch_size=32,
+        progress=f"compress: decode exit {exit_layer}",
+    )
     correct = 0
     for row, (p, text) in enumerate(zip(problems, texts), 1):
         try:
@@ -365,8 +422,11 @@ def member_accuracy(model, tokenizer, exit_layer: int, problems: list[dict[str, 
 
 def member_state(model, tokenizer, d: int, held: HeldoutSets, cfg, where: Path) -> MemberState:
     losses = heldout_losses(model, [d], held.corpus_batches, held.solution_batches)[d]
-    return MemberState(losses["loss"], losses["solution_loss"],
-                       member_accuracy(model, tokenizer, d, held.problems, cfg.max_new_tokens, where))
+    return MemberState(
+        losses["loss"],
+        losses["solution_loss"],
+        member_accuracy(model, tokenizer, d, held.problems, cfg.max_new_tokens, where),
+    )
 
 
 def load_dae_family(params: Params, source: Path):
@@ -381,14 +441,20 @@ def load_dae_family(params: Params, source: Path):
     mcfg = model.config
     d = params.dae_exit
     if d not in mcfg.exit_layers:
-        raise StageError(f"{source}: the DaE member exit_layer={d} (expand.exit_layer) is not an exit of this "
-                         f"family {mcfg.exit_layers}")
+        raise StageError(
+            f"{source}: the DaE member exit_layer={d} (expand.exit_layer) is not an exit of this "
+            f"family {mcfg.exit_layers}"
+        )
     if mcfg.num_dae_blocks(d) == 0:
-        raise StageError(f"{source}: member {d} has no DaE blocks (config.dae_blocks={mcfg.dae_blocks}); "
-                         "run the expand stage first")
+        raise StageError(
+            f"{source}: member {d} has no DaE blocks (config.dae_blocks={mcfg.dae_blocks}); "
+            "run the expand stage first"
+        )
     if cfg.include_head and mcfg.shared_heads:
-        raise StageError(f"{source}: compress.include_head=true but the family shares one head among all members "
-                         "(decomposing it would change every member); set compress.include_head=false")
+        raise StageError(
+            f"{source}: compress.include_head=true but the family shares one head among all members "
+            "(decomposing it would change every member); set compress.include_head=false"
+        )
     return model, tokenizer, d
 
 
@@ -396,15 +462,22 @@ def heldout_sets(params: Params, tokenizer) -> HeldoutSets:
     from tasks.training.batches import fixed_batches
 
     cfg = params.compress
-    val_file, eval_file = Workspace.from_params(params).validated_file("corpus_val.jsonl"), Workspace.from_params(params).validated_file("eval.jsonl")
+    val_file, eval_file = (
+        Workspace.from_params(params).validated_file("corpus_val.jsonl"),
+        Workspace.from_params(params).validated_file("eval.jsonl"),
+    )
     n = cfg.loss_batches * cfg.batch_size
     val_rows = read_corpus(val_file)
     corpus = first_blocks(tokenizer, [r["text"] for r in val_rows], cfg.seq_len, n, val_file)
     all_eval_rows = read_jsonl(eval_file, required=("id", "question", "solution", "answer"))
     solutions = solution_examples(tokenizer, all_eval_rows[:n], cfg.seq_len, eval_file)
-    return HeldoutSets(corpus_batches=fixed_batches({"input_ids": corpus}, cfg.batch_size, cfg.loss_batches),
-                       solution_batches=fixed_batches(solutions, cfg.batch_size, cfg.loss_batches),
-                       problems=all_eval_rows[:cfg.accuracy_problems], val_rows=val_rows, eval_rows=all_eval_rows)
+    return HeldoutSets(
+        corpus_batches=fixed_batches({"input_ids": corpus}, cfg.batch_size, cfg.loss_batches),
+        solution_batches=fixed_batches(solutions, cfg.batch_size, cfg.loss_batches),
+        problems=all_eval_rows[: cfg.accuracy_problems],
+        val_rows=val_rows,
+        eval_rows=all_eval_rows,
+    )
 
 
 def decompose_member(model, params: Params, d: int, calibration: list, source: Path):
@@ -416,21 +489,31 @@ def decompose_member(model, params: Params, d: int, calibration: list, source: P
     added_before = added_parameters(model, d)
     matrix_ratio, removable = matrix_ratio_for(model, d, cfg.ratio, cfg.include_head, added_before)
     if matrix_ratio >= removable:
-        raise StageError(f"compress.ratio={cfg.ratio}: removing that share of member {d}'s {added_before} added "
-                         f"parameters needs {matrix_ratio:.3f} of its decomposable matrices, but at most "
-                         f"{removable:.3f} can go (include_head={cfg.include_head}); lower compress.ratio"
-                         + ("" if cfg.include_head else " or set compress.include_head=true"))
+        raise StageError(
+            f"compress.ratio={cfg.ratio}: removing that share of member {d}'s {added_before} added "
+            f"parameters needs {matrix_ratio:.3f} of its decomposable matrices, but at most "
+            f"{removable:.3f} can go (include_head={cfg.include_head}); lower compress.ratio"
+            + ("" if cfg.include_head else " or set compress.include_head=true")
+        )
     try:
-        decomposed = decompose(model, ratio=matrix_ratio, calibration=calibration, allocation=cfg.allocation,
-                               include_head=cfg.include_head, exit_layer=d)
+        decomposed = decompose(
+            model,
+            ratio=matrix_ratio,
+            calibration=calibration,
+            allocation=cfg.allocation,
+            include_head=cfg.include_head,
+            exit_layer=d,
+        )
     except ValueError as e:
         raise StageError(f"{source}: cannot decompose member {d}: {e}") from None
     model, report = decomposed.model, decomposed.report.to_dict()
     model.eval()
     added_after = added_parameters(model, d)
     if 1.0 - added_after / added_before < cfg.ratio:
-        raise RuntimeError(f"compress: added parameters {added_before} -> {added_after} remove less than "
-                           f"compress.ratio={cfg.ratio} (matrix ratio {matrix_ratio})")
+        raise RuntimeError(
+            f"compress: added parameters {added_before} -> {added_after} remove less than "
+            f"compress.ratio={cfg.ratio} (matrix ratio {matrix_ratio})"
+        )
     return model, report, matrix_ratio
 
 
@@ -444,11 +527,18 @@ def heal_if_better(model, tokenizer, d: int, params: Params, split: SelectionSpl
     cfg = params.compress
     sft_file = Workspace.from_params(params).validated_file("sft.jsonl")
     sel_corpus = fixed_batches({"input_ids": split.corpus_blocks}, cfg.batch_size, cfg.loss_batches)
-    sel_solutions = fixed_batches(build_sft_examples(tokenizer, split.selection_sft, cfg.seq_len, str(sft_file))[0],
-                                  cfg.batch_size, cfg.loss_batches)
-    selection = {"corpus_blocks": int(split.corpus_blocks.shape[0]), "sft_rows": len(split.selection_sft),
-                 "decomposed": heldout_losses(model, [d], sel_corpus, sel_solutions)[d],
-                 "healed": None, "worst_ratio": None}
+    sel_solutions = fixed_batches(
+        build_sft_examples(tokenizer, split.selection_sft, cfg.seq_len, str(sft_file))[0],
+        cfg.batch_size,
+        cfg.loss_batches,
+    )
+    selection = {
+        "corpus_blocks": int(split.corpus_blocks.shape[0]),
+        "sft_rows": len(split.selection_sft),
+        "decomposed": heldout_losses(model, [d], sel_corpus, sel_solutions)[d],
+        "healed": None,
+        "worst_ratio": None,
+    }
     if cfg.heal_steps == 0:
         return HealOutcome([], None, selection)
     examples, _ = build_sft_examples(tokenizer, split.sft_rows, cfg.seq_len, str(sft_file))
@@ -465,8 +555,12 @@ def heal_if_better(model, tokenizer, d: int, params: Params, split: SelectionSpl
         with torch.no_grad():
             for n, p in healing_parameters(model, d):
                 p.copy_(saved[n])
-        log.warning("healing made member %d worse on the healing-decision set (%s -> %s): discarded", d,
-                    selection["decomposed"], healed)
+        log.warning(
+            "healing made member %d worse on the healing-decision set (%s -> %s): discarded",
+            d,
+            selection["decomposed"],
+            healed,
+        )
     return HealOutcome(losses, kept, selection)
 
 
@@ -480,14 +574,22 @@ def exit_entries(exits: list[int], d: int, before: dict, after: dict, decomposed
             if e != d and a != b:
                 raise RuntimeError(f"member {e} is not the DaE member but its {key} changed: {b} -> {a}")
             entry.update({f"{key}_before": b, f"{key}_after": a, f"{key}_relative_change": (a - b) / b})
-        entry["relative_loss_change"] = max(entry["loss_relative_change"], entry["solution_loss_relative_change"])
+        entry["relative_loss_change"] = max(
+            entry["loss_relative_change"], entry["solution_loss_relative_change"]
+        )
         if e == d:
             entry.update({f"{key}_decomposed": decomposed[key] for key in ("loss", "solution_loss")})
         out[f"exit_{e}"] = entry
-        log.info("exit %d: loss %.4f -> %.4f (%+.2f%%), solution loss %.4f -> %.4f (%+.2f%%)", e,
-                 entry["loss_before"], entry["loss_after"], 100 * entry["loss_relative_change"],
-                 entry["solution_loss_before"], entry["solution_loss_after"],
-                 100 * entry["solution_loss_relative_change"])
+        log.info(
+            "exit %d: loss %.4f -> %.4f (%+.2f%%), solution loss %.4f -> %.4f (%+.2f%%)",
+            e,
+            entry["loss_before"],
+            entry["loss_after"],
+            100 * entry["loss_relative_change"],
+            entry["solution_loss_before"],
+            entry["solution_loss_after"],
+            100 * entry["solution_loss_relative_change"],
+        )
     return out
 
 
@@ -495,11 +597,17 @@ def dae_control(states: dict[str, MemberState]) -> dict[str, Any]:
     """The DaE member in three states (before DaE = family_sft's member, dense, decomposed) and the share
     of DaE's gain the decomposition keeps, per quantity."""
     before, dense, svd = states["before_dae"], states["dense"], states["decomposed"]
-    return {**{name: st.to_dict() for name, st in states.items()},
-            "gain": {k: (None if getattr(dense, k) is None else getattr(dense, k) - getattr(before, k))
-                     for k in ("loss", "solution_loss", "accuracy")},
-            "gain_retained": {k: gain_retained(getattr(before, k), getattr(dense, k), getattr(svd, k))
-                              for k in ("loss", "solution_loss", "accuracy")}}
+    return {
+        **{name: st.to_dict() for name, st in states.items()},
+        "gain": {
+            k: (None if getattr(dense, k) is None else getattr(dense, k) - getattr(before, k))
+            for k in ("loss", "solution_loss", "accuracy")
+        },
+        "gain_retained": {
+            k: gain_retained(getattr(before, k), getattr(dense, k), getattr(svd, k))
+            for k in ("loss", "solution_loss", "accuracy")
+        },
+    }
 
 
 def run(params: Params) -> dict:
@@ -514,16 +622,27 @@ def run(params: Params) -> dict:
     exits = list(model.config.exit_layers)
     held = heldout_sets(params, tokenizer)
     eval_file = Workspace.from_params(params).validated_file("eval.jsonl")
-    train_file, sft_file = Workspace.from_params(params).validated_file("corpus_train.jsonl"), Workspace.from_params(params).validated_file("sft.jsonl")
+    train_file, sft_file = (
+        Workspace.from_params(params).validated_file("corpus_train.jsonl"),
+        Workspace.from_params(params).validated_file("sft.jsonl"),
+    )
     # The healing-decision set: carved out of the training data, used for nothing else (docstring, step 3).
-    split = carve_selection(params, tokenizer, read_corpus(train_file), read_sft(sft_file), held.val_rows,
-                            held.eval_rows)
+    split = carve_selection(
+        params, tokenizer, read_corpus(train_file), read_sft(sft_file), held.val_rows, held.eval_rows
+    )
     calibration = calibration_data(params, tokenizer, split.corpus_texts, split.sft_rows)
 
     before = heldout_losses(model, exits, held.corpus_batches, held.solution_batches)
-    states = {"dense": MemberState(before[d]["loss"], before[d]["solution_loss"],
-                                   member_accuracy(model, tokenizer, d, held.problems, cfg.max_new_tokens, eval_file))}
-    tuned, _ = load_family(Workspace.from_params(params).artifacts("family_sft"))  # the member before DaE (no blocks)
+    states = {
+        "dense": MemberState(
+            before[d]["loss"],
+            before[d]["solution_loss"],
+            member_accuracy(model, tokenizer, d, held.problems, cfg.max_new_tokens, eval_file),
+        )
+    }
+    tuned, _ = load_family(
+        Workspace.from_params(params).artifacts("family_sft")
+    )  # the member before DaE (no blocks)
     states["before_dae"] = member_state(tuned.to(model.device).eval(), tokenizer, d, held, cfg, eval_file)
     del tuned
     owned = [n for n, _ in dae_trainable_parameters(model, d)]
@@ -540,9 +659,11 @@ def run(params: Params) -> dict:
         raise RuntimeError(f"compress changed tensors or members outside the DaE member {d}: {changed[:8]}")
 
     after = heldout_losses(model, exits, held.corpus_batches, held.solution_batches)
-    states["decomposed"] = MemberState(after[d]["loss"], after[d]["solution_loss"],
-                                       member_accuracy(model, tokenizer, d, held.problems, cfg.max_new_tokens,
-                                                       eval_file))
+    states["decomposed"] = MemberState(
+        after[d]["loss"],
+        after[d]["solution_loss"],
+        member_accuracy(model, tokenizer, d, held.problems, cfg.max_new_tokens, eval_file),
+    )
     parts_after = added_parts(model, d)
     added_after = added_parameters(model, d)
     metrics = {
@@ -570,10 +691,18 @@ def run(params: Params) -> dict:
     worst = max(metrics[f"exit_{e}"]["relative_loss_change"] for e in exits)
     metrics["max_relative_loss_change"] = worst
     metrics["within_budget"] = worst <= cfg.max_relative_loss_increase
-    log.info("added parameters %d -> %d (-%.1f%%; blocks -%.1f%%); worst relative loss change %+.2f%% (budget "
-             "%.1f%%: %s); DaE gain retained %s", added_before, added_after, 100 * metrics["added_params_reduction"],
-             100 * metrics["removed_fraction"]["blocks"], 100 * worst, 100 * cfg.max_relative_loss_increase,
-             "met" if metrics["within_budget"] else "NOT met", metrics["dae_control"]["gain_retained"])
+    log.info(
+        "added parameters %d -> %d (-%.1f%%; blocks -%.1f%%); worst relative loss change %+.2f%% (budget "
+        "%.1f%%: %s); DaE gain retained %s",
+        added_before,
+        added_after,
+        100 * metrics["added_params_reduction"],
+        100 * metrics["removed_fraction"]["blocks"],
+        100 * worst,
+        100 * cfg.max_relative_loss_increase,
+        "met" if metrics["within_budget"] else "NOT met",
+        metrics["dae_control"]["gain_retained"],
+    )
 
     save_family(model, tokenizer, Workspace.from_params(params).artifacts("compress"))
     write_json(Workspace.from_params(params).reports("compress") / "decompose_report.json", report)

@@ -64,10 +64,12 @@ def check_source_tokenizer(tokenizer, src: Path, tok_dir: Path) -> None:
         raise StageError(str(e)) from None
     want, got = tokenizer_fingerprint(expected), tokenizer_fingerprint(tokenizer)
     if want != got:
-        raise StageError(f"{tok_dir} is not the tokenizer of model.init_from={src} (fingerprint {got}, expected "
-                         f"{want} = the checkpoint's tokenizer, {info['source_size']} tokens, as the tokenizer stage "
-                         f"adopts it): rerun the tokenizer stage with the same model.init_from so the token ids "
-                         f"match the checkpoint's embeddings")
+        raise StageError(
+            f"{tok_dir} is not the tokenizer of model.init_from={src} (fingerprint {got}, expected "
+            f"{want} = the checkpoint's tokenizer, {info['source_size']} tokens, as the tokenizer stage "
+            f"adopts it): rerun the tokenizer stage with the same model.init_from so the token ids "
+            f"match the checkpoint's embeddings"
+        )
 
 
 def build_family(params: Params, tokenizer):
@@ -79,10 +81,17 @@ def build_family(params: Params, tokenizer):
 
     m = params.model
     if m.init_from:
-        src = require_dir(m.init_from, "model.init_from (a stock Qwen3 checkpoint directory)", marker="config.json")
+        src = require_dir(
+            m.init_from, "model.init_from (a stock Qwen3 checkpoint directory)", marker="config.json"
+        )
         try:
-            model = FamilialForCausalLM.from_qwen3(src, m.exit_layers, exit_branch_layers=m.exit_branch_layers,
-                                                   shared_heads=m.shared_heads, loss_impl=m.loss_impl)
+            model = FamilialForCausalLM.from_qwen3(
+                src,
+                m.exit_layers,
+                exit_branch_layers=m.exit_branch_layers,
+                shared_heads=m.shared_heads,
+                loss_impl=m.loss_impl,
+            )
         except (ValueError, OSError) as e:
             raise StageError(f"model.init_from={src}: cannot build the family from it: {e}") from None
         check_source_tokenizer(tokenizer, src, Workspace.from_params(params).tokenizer)
@@ -92,14 +101,25 @@ def build_family(params: Params, tokenizer):
     else:
         vocab = math.ceil(len(tokenizer) / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
         config = FamilialConfig(
-            vocab_size=vocab, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-            num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
-            num_key_value_heads=m.num_key_value_heads, head_dim=m.head_dim,
-            max_position_embeddings=m.max_position_embeddings, rms_norm_eps=m.rms_norm_eps,
+            vocab_size=vocab,
+            hidden_size=m.hidden_size,
+            intermediate_size=m.intermediate_size,
+            num_hidden_layers=m.num_hidden_layers,
+            num_attention_heads=m.num_attention_heads,
+            num_key_value_heads=m.num_key_value_heads,
+            head_dim=m.head_dim,
+            max_position_embeddings=m.max_position_embeddings,
+            rms_norm_eps=m.rms_norm_eps,
             rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-            tie_word_embeddings=False, exit_layers=list(m.exit_layers), exit_branch_layers=m.exit_branch_layers,
-            shared_heads=m.shared_heads, loss_impl=m.loss_impl)
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=None,
+            tie_word_embeddings=False,
+            exit_layers=list(m.exit_layers),
+            exit_branch_layers=m.exit_branch_layers,
+            shared_heads=m.shared_heads,
+            loss_impl=m.loss_impl,
+        )
         model = FamilialForCausalLM(config)
     set_generation_tokens(model, tokenizer)
     return model
@@ -129,13 +149,20 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
     check_seq_len(params, STAGE, cfg.seq_len, model.config.max_position_embeddings)
     device = device_for_training()
     model.to(device)
-    train_blocks = pack_corpus(tokenizer, [r["text"] for r in train_rows], cfg.seq_len, str(train_path),
-                                        desc="pack train")
-    val_blocks = pack_corpus(tokenizer, [r["text"] for r in val_rows], cfg.seq_len, str(val_path),
-                                      desc="pack val")
-    log.info("cpt: %d train blocks, %d val blocks of %d tokens; %d parameters; members %s",
-             train_blocks.shape[0], val_blocks.shape[0], cfg.seq_len, count_params(model.parameters()),
-             model.config.exit_layers)
+    train_blocks = pack_corpus(
+        tokenizer, [r["text"] for r in train_rows], cfg.seq_len, str(train_path), desc="pack train"
+    )
+    val_blocks = pack_corpus(
+        tokenizer, [r["text"] for r in val_rows], cfg.seq_len, str(val_path), desc="pack val"
+    )
+    log.info(
+        "cpt: %d train blocks, %d val blocks of %d tokens; %d parameters; members %s",
+        train_blocks.shape[0],
+        val_blocks.shape[0],
+        cfg.seq_len,
+        count_params(model.parameters()),
+        model.config.exit_layers,
+    )
 
     stream = BlockStream({"input_ids": train_blocks}, params.seed, "cpt/train")
     val_batches = fixed_batches({"input_ids": val_blocks}, cfg.batch_size, cfg.eval_batches)
@@ -144,36 +171,64 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
     def weights(step: int) -> list[float]:
         return exit_weights_at(cfg.exit_weights, exits, step, cfg.max_steps)
 
-    inputs = {"corpus_train": sha256_file(train_path), "corpus_val": sha256_file(val_path),
-              "tokenizer": dir_sha256(tok_dir)}
+    inputs = {
+        "corpus_train": sha256_file(train_path),
+        "corpus_val": sha256_file(val_path),
+        "tokenizer": dir_sha256(tok_dir),
+    }
     if params.model.init_from:
         inputs["init_from"] = dir_sha256(params.model.init_from)
     info = fingerprint_info(STAGE, cfg, seed=params.seed, model=params.model, inputs=inputs)
     checkpointer = Checkpointer(ws.checkpoints(STAGE), info)
     named = list(model.named_parameters())
-    result = train_loop(stage=STAGE, model=model, cfg=cfg, named_params=named, stream=stream,
-                                 loss_fn=multi_exit_loss_fn(weights), val_batches=val_batches,
-                                 eval_fn=multi_exit_eval, checkpointer=checkpointer, callbacks=callbacks)
+    result = train_loop(
+        stage=STAGE,
+        model=model,
+        cfg=cfg,
+        named_params=named,
+        stream=stream,
+        loss_fn=multi_exit_loss_fn(weights),
+        val_batches=val_batches,
+        eval_fn=multi_exit_eval,
+        checkpointer=checkpointer,
+        callbacks=callbacks,
+    )
 
     initial, final, train = result.val_losses(0), result.val_losses(), result.final_train_losses()
     metrics: dict[str, Any] = {
-        f"exit_{d}": {"train_loss": round(train.get(d, float("nan")), 6), "val_loss": round(final[d], 6),
-                      "val_loss_initial": round(initial[d], 6)} for d in exits}
+        f"exit_{d}": {
+            "train_loss": round(train.get(d, float("nan")), 6),
+            "val_loss": round(final[d], 6),
+            "val_loss_initial": round(initial[d], 6),
+        }
+        for d in exits
+    }
     metrics.update(result.summary())
-    metrics.update({
-        "exit_weights_final": weights(cfg.max_steps - 1), "exit_weight_schedule": cfg.exit_weights.model_dump(),
-        "params_total": count_params(model.parameters()), "vocab_size": model.config.vocab_size,
-        "ln_vocab": round(math.log(model.config.vocab_size), 4), "train_blocks": int(train_blocks.shape[0]),
-        "val_blocks": int(val_blocks.shape[0]), "seq_len": cfg.seq_len, "device": str(device),
-        "torch_threads": torch.get_num_threads(),
-    })
+    metrics.update(
+        {
+            "exit_weights_final": weights(cfg.max_steps - 1),
+            "exit_weight_schedule": cfg.exit_weights.model_dump(),
+            "params_total": count_params(model.parameters()),
+            "vocab_size": model.config.vocab_size,
+            "ln_vocab": round(math.log(model.config.vocab_size), 4),
+            "train_blocks": int(train_blocks.shape[0]),
+            "val_blocks": int(val_blocks.shape[0]),
+            "seq_len": cfg.seq_len,
+            "device": str(device),
+            "torch_threads": torch.get_num_threads(),
+        }
+    )
     if distributed.is_main():  # a data-parallel run writes from rank 0 alone
-        write_loss_curves(result.history, ws.plots(STAGE),
-                                   title="cpt: joint multi-exit training, loss per member")
+        write_loss_curves(
+            result.history, ws.plots(STAGE), title="cpt: joint multi-exit training, loss per member"
+        )
         save_family(model.to("cpu"), tokenizer, ws.artifacts(STAGE))
         write_metrics(params, STAGE, metrics)
-    log.info("cpt: val loss per member %s (ln V = %.2f)", {d: round(v, 3) for d, v in final.items()},
-             math.log(model.config.vocab_size))
+    log.info(
+        "cpt: val loss per member %s (ln V = %.2f)",
+        {d: round(v, 3) for d, v in final.items()},
+        math.log(model.config.vocab_size),
+    )
     return metrics
 
 

@@ -54,14 +54,20 @@ def _git_revision() -> str | None:
 def publish_export(params: Params, store: ArtifactStore) -> tuple[Release, bool]:
     """Publishes `artifacts/export/` (docs/choices.md#deploy). Returns `(release, reused)`."""
     cfg = params.deploy
-    export_dir = require_dir(Workspace.from_params(params).artifacts("export"), "export (run the export stage first)", marker="manifest.json")
+    export_dir = require_dir(
+        Workspace.from_params(params).artifacts("export"),
+        "export (run the export stage first)",
+        marker="manifest.json",
+    )
     files = scan_dir(export_dir)
     known = store.list_versions(cfg.model_name)
     if cfg.version is not None and cfg.version in known:
         release = store.get_release(cfg.model_name, cfg.version)
         if sorted(release.files, key=lambda f: f.path) != sorted(files, key=lambda f: f.path):
-            raise StageError(f"deploy.version {cfg.version} already exists in {store.uri} with different content: "
-                             "releases are immutable; choose a new version (or null for the next vNNNN)")
+            raise StageError(
+                f"deploy.version {cfg.version} already exists in {store.uri} with different content: "
+                "releases are immutable; choose a new version (or null for the next vNNNN)"
+            )
         log.info("release %s already holds this export: reusing it", release.uri)
         return release, True
     if cfg.version is None and known:
@@ -70,14 +76,19 @@ def publish_export(params: Params, store: ArtifactStore) -> tuple[Release, bool]
             log.info("the latest release %s already holds this export: reusing it", latest.uri)
             return latest, True
     export_manifest = json.loads((export_dir / "manifest.json").read_text())
-    metadata = {"git_revision": _git_revision(), "seed": params.seed,
-                "exit_layers": export_manifest.get("exit_layers"),
-                "export_manifest_sha256": next(f.sha256 for f in files if f.path == "manifest.json"),
-                "content_sha256": content_digest(files)}
+    metadata = {
+        "git_revision": _git_revision(),
+        "seed": params.seed,
+        "exit_layers": export_manifest.get("exit_layers"),
+        "export_manifest_sha256": next(f.sha256 for f in files if f.path == "manifest.json"),
+        "content_sha256": content_digest(files),
+    }
     return store.publish(cfg.model_name, export_dir, cfg.version, metadata=metadata), False
 
 
-def smoke_test(url: str, questions: list[dict[str, Any]], max_tokens: int) -> tuple[dict[str, Any], list[dict]]:
+def smoke_test(
+    url: str, questions: list[dict[str, Any]], max_tokens: int
+) -> tuple[dict[str, Any], list[dict]]:
     """Sends every question to every tier of the app at `url`.
 
     Returns:
@@ -106,14 +117,20 @@ def smoke_test(url: str, questions: list[dict[str, Any]], max_tokens: int) -> tu
         for tier in tiers:
             latencies, tokens, correct, answered, texts, exit_means = [], [], 0, 0, [], []
             for q in questions:
-                body = {"model": tier, "messages": [{"role": "user", "content": q["question"]}],
-                        "max_tokens": max_tokens, "temperature": 0}
+                body = {
+                    "model": tier,
+                    "messages": [{"role": "user", "content": q["question"]}],
+                    "max_tokens": max_tokens,
+                    "temperature": 0,
+                }
                 t0 = time.perf_counter()
                 status, answer = http_json(f"{url}/v1/chat/completions", body)
                 latency = 1000 * (time.perf_counter() - t0)
                 bar.update(1)
                 if status != 200:
-                    raise StageError(f"smoke test: tier {tier} answered HTTP {status} to question {q['id']}: {answer}")
+                    raise StageError(
+                        f"smoke test: tier {tier} answered HTTP {status} to question {q['id']}: {answer}"
+                    )
                 text = answer["choices"][0]["message"]["content"]
                 pred = extract_answer(text)
                 ok = answers_match(pred, str(q["answer"]))
@@ -124,14 +141,28 @@ def smoke_test(url: str, questions: list[dict[str, Any]], max_tokens: int) -> tu
                 texts.append(text)
                 if tier == DYNAMIC_TIER and answer["ruyi"]["choices"][0].get("mean_exit_layer") is not None:
                     exit_means.append(answer["ruyi"]["choices"][0]["mean_exit_layer"])
-                rows.append({"tier": tier, "id": q["id"], "question": q["question"], "completion": text,
-                             "answer": pred, "gold": str(q["answer"]), "correct": ok,
-                             "finish_reason": answer["choices"][0]["finish_reason"],
-                             "completion_tokens": answer["usage"]["completion_tokens"], "latency_ms": round(latency, 3)})
+                rows.append(
+                    {
+                        "tier": tier,
+                        "id": q["id"],
+                        "question": q["question"],
+                        "completion": text,
+                        "answer": pred,
+                        "gold": str(q["answer"]),
+                        "correct": ok,
+                        "finish_reason": answer["choices"][0]["finish_reason"],
+                        "completion_tokens": answer["usage"]["completion_tokens"],
+                        "latency_ms": round(latency, 3),
+                    }
+                )
             per_tier[tier] = {
-                "requests": len(questions), "ok": len(questions), "accuracy": correct / len(questions),
-                "answered": answered / len(questions), "completion_tokens_mean": statistics.fmean(tokens),
-                "latency_ms_p50": round(statistics.median(latencies), 3), "latency_ms_max": round(max(latencies), 3),
+                "requests": len(questions),
+                "ok": len(questions),
+                "accuracy": correct / len(questions),
+                "answered": answered / len(questions),
+                "completion_tokens_mean": statistics.fmean(tokens),
+                "latency_ms_p50": round(statistics.median(latencies), 3),
+                "latency_ms_max": round(max(latencies), 3),
                 "completions_sha256": hashlib.sha256(json.dumps(texts).encode()).hexdigest(),
             }
             if exit_means:  # dynamic early exit: the average member depth that emitted the tokens
@@ -147,16 +178,31 @@ def _plot_latency(per_tier: dict[str, Any], out_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [{"tier": t, "latency_ms_p50": r["latency_ms_p50"], "latency_ms_max": r["latency_ms_max"],
-             "accuracy": r["accuracy"]} for t, r in per_tier.items() if "latency_ms_p50" in r]
+    rows = [
+        {
+            "tier": t,
+            "latency_ms_p50": r["latency_ms_p50"],
+            "latency_ms_max": r["latency_ms_max"],
+            "accuracy": r["accuracy"],
+        }
+        for t, r in per_tier.items()
+        if "latency_ms_p50" in r
+    ]
     with atomic_file(out_dir / "latency.csv") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["tier"])
         writer.writeheader()
         writer.writerows(rows)
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.bar([r["tier"] for r in rows], [r["latency_ms_p50"] for r in rows], label="p50")
-    ax.scatter([r["tier"] for r in rows], [r["latency_ms_max"] for r in rows], color="black", marker="_", s=200,
-               label="max", zorder=3)
+    ax.scatter(
+        [r["tier"] for r in rows],
+        [r["latency_ms_max"] for r in rows],
+        color="black",
+        marker="_",
+        s=200,
+        label="max",
+        zorder=3,
+    )
     ax.set_ylabel("chat completion latency (ms)")
     ax.set_title("deploy smoke test")
     ax.legend()
@@ -166,13 +212,22 @@ def _plot_latency(per_tier: dict[str, Any], out_dir: Path) -> None:
 
 def _serving_kwargs(params: Params, host: str | None = None, port: int | None = None) -> dict[str, Any]:
     cfg = params.deploy
-    return {"host": host or cfg.host, "port": port or cfg.port, "model_name": cfg.model_name,
-            "max_tokens_limit": cfg.max_tokens_limit, "dynamic_threshold": cfg.dynamic_threshold,
-            "replica_num_cpus": cfg.replica_num_cpus, "replica_num_gpus": cfg.replica_num_gpus,
-            "device": cfg.device, "dtype": cfg.dtype, "ray_num_cpus": cfg.ray_num_cpus,
-            "object_store_mib": cfg.ray_object_store_mib, "ray_address": cfg.ray_address,
-            "max_prompts_per_request": cfg.max_prompts_per_request,
-            "max_total_new_tokens": cfg.max_total_new_tokens}
+    return {
+        "host": host or cfg.host,
+        "port": port or cfg.port,
+        "model_name": cfg.model_name,
+        "max_tokens_limit": cfg.max_tokens_limit,
+        "dynamic_threshold": cfg.dynamic_threshold,
+        "replica_num_cpus": cfg.replica_num_cpus,
+        "replica_num_gpus": cfg.replica_num_gpus,
+        "device": cfg.device,
+        "dtype": cfg.dtype,
+        "ray_num_cpus": cfg.ray_num_cpus,
+        "object_store_mib": cfg.ray_object_store_mib,
+        "ray_address": cfg.ray_address,
+        "max_prompts_per_request": cfg.max_prompts_per_request,
+        "max_total_new_tokens": cfg.max_total_new_tokens,
+    }
 
 
 def run(params: Params) -> dict[str, Any]:
@@ -180,7 +235,7 @@ def run(params: Params) -> dict[str, Any]:
 
     cfg, ws = params.deploy, Workspace.from_params(params)
     eval_path = ws.eval_data
-    questions = read_jsonl(eval_path, required=("id", "question", "answer"))[:cfg.smoke_prompts]
+    questions = read_jsonl(eval_path, required=("id", "question", "answer"))[: cfg.smoke_prompts]
     store = open_store(cfg.store, cache_dir=release_cache_dir(params))
     timings: dict[str, float] = {}
 
@@ -204,25 +259,54 @@ def run(params: Params) -> dict[str, Any]:
         timings["serve_stop_s"] = time.perf_counter() - t0
 
     digest = content_digest(release.files)
-    reproducible = {"model": cfg.model_name, "content_sha256": digest, "smoke_prompts": len(questions),
-                    "smoke_max_tokens": cfg.smoke_max_tokens,
-                    "tiers": {t: {k: v for k, v in r.items() if not k.startswith("latency")} for t, r in per_tier.items()}}
-    metrics = {"model": cfg.model_name, "version": release.version, "release_uri": release.uri, "store_uri": store.uri,
-               "reused_release": reused, "created": release.created, "files": len(release.files),
-               "bytes": release.total_bytes, "content_sha256": digest, "serving_url": session.url,
-               "smoke_prompts": len(questions), "smoke_max_tokens": cfg.smoke_max_tokens, "tiers": per_tier,
-               "timings": {k: round(v, 3) for k, v in timings.items()}}
+    reproducible = {
+        "model": cfg.model_name,
+        "content_sha256": digest,
+        "smoke_prompts": len(questions),
+        "smoke_max_tokens": cfg.smoke_max_tokens,
+        "tiers": {
+            t: {k: v for k, v in r.items() if not k.startswith("latency")} for t, r in per_tier.items()
+        },
+    }
+    metrics = {
+        "model": cfg.model_name,
+        "version": release.version,
+        "release_uri": release.uri,
+        "store_uri": store.uri,
+        "reused_release": reused,
+        "created": release.created,
+        "files": len(release.files),
+        "bytes": release.total_bytes,
+        "content_sha256": digest,
+        "serving_url": session.url,
+        "smoke_prompts": len(questions),
+        "smoke_max_tokens": cfg.smoke_max_tokens,
+        "tiers": per_tier,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+    }
     write_jsonl(ws.reports("deploy") / "smoke.jsonl", rows)
     _plot_latency(per_tier, ws.plots("deploy"))
     write_metrics(params, "deploy_smoke", reproducible, split=False)
     write_metrics(params, "deploy", metrics, split=False)
-    log.info("deployed %s (%s): %s", release.uri, "reused" if reused else "new",
-             ", ".join(f"{t} p50 {r['latency_ms_p50']:.0f} ms" for t, r in per_tier.items() if "latency_ms_p50" in r))
+    log.info(
+        "deployed %s (%s): %s",
+        release.uri,
+        "reused" if reused else "new",
+        ", ".join(
+            f"{t} p50 {r['latency_ms_p50']:.0f} ms" for t, r in per_tier.items() if "latency_ms_p50" in r
+        ),
+    )
     return metrics
 
 
-def serve_release(params: Params, version: str | None = None, host: str | None = None, port: int | None = None,
-                  on_ready: Callable[[str], None] | None = None, stop_event: threading.Event | None = None) -> str:
+def serve_release(
+    params: Params,
+    version: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    on_ready: Callable[[str], None] | None = None,
+    stop_event: threading.Event | None = None,
+) -> str:
     """`ruyi serve`: fetches a release (default the latest) and serves it until Ctrl-C/SIGTERM.
 
     Args:
@@ -244,8 +328,11 @@ def serve_release(params: Params, version: str | None = None, host: str | None =
         previous = signal.signal(signal.SIGTERM, lambda *_: stop_event.set())
     session = start_serving(release_dir, **_serving_kwargs(params, host, port))
     try:
-        print(f"serving {release.uri} at {session.url}  (OpenAI-style: /v1/completions, /v1/chat/completions, "
-              "/v1/models, /healthz; Ctrl-C stops)", flush=True)
+        print(
+            f"serving {release.uri} at {session.url}  (OpenAI-style: /v1/completions, /v1/chat/completions, "
+            "/v1/models, /healthz; Ctrl-C stops)",
+            flush=True,
+        )
         if on_ready is not None:
             on_ready(session.url)
         while not stop_event.wait(0.5):
@@ -259,8 +346,13 @@ def serve_release(params: Params, version: str | None = None, host: str | None =
     return session.url
 
 
-def serve_main(params_path: str = "params.yaml", overrides: list[str] | None = None, version: str | None = None,
-               host: str | None = None, port: int | None = None) -> int:
+def serve_main(
+    params_path: str = "params.yaml",
+    overrides: list[str] | None = None,
+    version: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+) -> int:
     """The `ruyi serve` command: errors are printed (not raised) and give exit code 2.
 
     `host`/`port` are applied as `deploy.host`/`deploy.port` overrides, so they are validated like

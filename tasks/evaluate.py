@@ -3,8 +3,8 @@
     python -m tasks.evaluate [--params params.yaml] [--set evaluate.checkpoint=artifacts/sft] [--set ...]
 
 Reads the checkpoint (`evaluate.checkpoint`, default `artifacts/compress/`), `data/validated/corpus_val.jsonl`
-and `eval.jsonl`. Writes per exit loss, perplexity, solution loss, accuracy, params and speed (and `ln_vocab`, a uniform
-model's loss, for the gates) to
+and `eval.jsonl`. Writes per exit loss, perplexity, solution loss, accuracy, params and speed (and
+`ln_vocab`, a uniform model's loss, for the gates) to
 `metrics/eval.json`, the reproducible part to `metrics/eval_quality.json` and the timings to
 `metrics/eval_speed.json` (one set, one `run_id`), `reports/evaluate/generations.jsonl` and
 `plots/evaluate/tradeoff.{png,csv}`. Definitions and choices: docs/choices.md#evaluate.
@@ -40,8 +40,9 @@ log = logging.getLogger("ruyi.evaluate")
 
 
 # --- the stage -------------------------------------------------------------------------------
-def evaluate_family(model, tokenizer, corpus, problems: list[dict[str, Any]], cfg,
-                    eval_file: str | Path = "eval.jsonl") -> tuple[dict, list[dict]]:
+def evaluate_family(
+    model, tokenizer, corpus, problems: list[dict[str, Any]], cfg, eval_file: str | Path = "eval.jsonl"
+) -> tuple[dict, list[dict]]:
     """Quality and size of every member (no timings).
 
     Args:
@@ -67,9 +68,15 @@ def evaluate_family(model, tokenizer, corpus, problems: list[dict[str, Any]], cf
     solution_losses = member_losses(model, exits, solution_batches)
     results, generations = {}, []
     for d in exits:
-        completions = greedy_generate(model, tokenizer, [str(p["question"]) for p in problems], d,
-                                      cfg.max_new_tokens, batch_size=cfg.decode_batch_size,
-                                      progress=f"decode exit {d}")
+        completions = greedy_generate(
+            model,
+            tokenizer,
+            [str(p["question"]) for p in problems],
+            d,
+            cfg.max_new_tokens,
+            batch_size=cfg.decode_batch_size,
+            progress=f"decode exit {d}",
+        )
         correct, answered, by_level = 0, 0, {}
         for row, (p, text) in enumerate(zip(problems, completions), 1):
             pred = extract_answer(text)
@@ -82,19 +89,39 @@ def evaluate_family(model, tokenizer, corpus, problems: list[dict[str, Any]], cf
             level = by_level.setdefault(str(p.get("level", "?")), [0, 0])
             level[0] += ok
             level[1] += 1
-            generations.append({"id": p["id"], "exit": d, "level": p.get("level"), "answer": str(p["answer"]),
-                                "predicted": pred, "correct": ok, "completion": text})
+            generations.append(
+                {
+                    "id": p["id"],
+                    "exit": d,
+                    "level": p.get("level"),
+                    "answer": str(p["answer"]),
+                    "predicted": pred,
+                    "correct": ok,
+                    "completion": text,
+                }
+            )
         loss, sol_loss = losses[d], solution_losses[d]
         results[f"exit_{d}"] = {
-            "loss": loss, "perplexity": math.exp(loss), "loss_tokens": target_tokens(corpus_batches),
-            "solution_loss": sol_loss, "solution_perplexity": math.exp(sol_loss),
+            "loss": loss,
+            "perplexity": math.exp(loss),
+            "loss_tokens": target_tokens(corpus_batches),
+            "solution_loss": sol_loss,
+            "solution_perplexity": math.exp(sol_loss),
             "solution_tokens": target_tokens(solution_batches),
-            "accuracy": correct / len(problems), "answered": answered / len(problems),
+            "accuracy": correct / len(problems),
+            "answered": answered / len(problems),
             "accuracy_by_level": {k: c / n for k, (c, n) in sorted(by_level.items())},
-            "params": member_params(model, d), "layers": len(model.member_layers(d)),
+            "params": member_params(model, d),
+            "layers": len(model.member_layers(d)),
         }
-        log.info("exit %d: loss %.4f, solution loss %.4f, accuracy %.3f (%d params)", d, loss, sol_loss,
-                 correct / len(problems), results[f"exit_{d}"]["params"])
+        log.info(
+            "exit %d: loss %.4f, solution loss %.4f, accuracy %.3f (%d params)",
+            d,
+            loss,
+            sol_loss,
+            correct / len(problems),
+            results[f"exit_{d}"]["params"],
+        )
     return results, generations
 
 
@@ -116,12 +143,19 @@ def plot_tradeoff(rows: list[dict[str, Any]], out_dir: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     x = [r["ms_per_token"] for r in rows]
-    for ax, key, label in ((axes[0], "accuracy", "math accuracy (exact match)"),
-                           (axes[1], "loss", "held-out loss (corpus_val)")):
+    for ax, key, label in (
+        (axes[0], "accuracy", "math accuracy (exact match)"),
+        (axes[1], "loss", "held-out loss (corpus_val)"),
+    ):
         ax.plot(x, [r[key] for r in rows], "o--", lw=0.8)  # in exit order
         for r in rows:
-            ax.annotate(f"exit {r['exit']}\n{r['params'] / 1e6:.2f}M", (r["ms_per_token"], r[key]),
-                        textcoords="offset points", xytext=(5, 5), fontsize=8)
+            ax.annotate(
+                f"exit {r['exit']}\n{r['params'] / 1e6:.2f}M",
+                (r["ms_per_token"], r[key]),
+                textcoords="offset points",
+                xytext=(5, 5),
+                fontsize=8,
+            )
         ax.set_xlabel("latency (ms/token, batch 1, greedy)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -130,7 +164,7 @@ def plot_tradeoff(rows: list[dict[str, Any]], out_dir: Path) -> None:
     save_figure(fig, out_dir / "tradeoff.png")
 
 
-METRIC_SET = ("eval_quality.json", "eval_speed.json", "eval.json")   # in the order they are put in place
+METRIC_SET = ("eval_quality.json", "eval_speed.json", "eval.json")  # in the order they are put in place
 
 
 def _dump(obj: dict) -> str:
@@ -153,9 +187,9 @@ def write_metric_set(metrics_dir: Path, quality: dict, speed: dict, combined: di
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
-        (metrics_dir / "eval.json").unlink(missing_ok=True)      # from here on, no eval.json of another run
+        (metrics_dir / "eval.json").unlink(missing_ok=True)  # from here on, no eval.json of another run
         for tmp, name in zip(tmps, METRIC_SET):
-            os.replace(tmp, metrics_dir / name)                     # eval.json last
+            os.replace(tmp, metrics_dir / name)  # eval.json last
     finally:
         for tmp in tmps:
             tmp.unlink(missing_ok=True)
@@ -189,30 +223,63 @@ def run(params: Params) -> dict:
     check_family_inputs(model, tokenizer, checkpoint, cfg.seq_len, "evaluate.seq_len")
 
     val_file = ws.corpus_val
-    corpus = first_blocks(tokenizer, [r["text"] for r in read_corpus(val_file)], cfg.seq_len,
-                          cfg.loss_batches * cfg.batch_size, val_file)
+    corpus = first_blocks(
+        tokenizer,
+        [r["text"] for r in read_corpus(val_file)],
+        cfg.seq_len,
+        cfg.loss_batches * cfg.batch_size,
+        val_file,
+    )
     eval_file = ws.eval_data
     problems = read_jsonl(eval_file, required=("id", "question", "solution", "answer"))[: cfg.num_problems]
     if len(problems) < cfg.num_problems:
-        log.warning("%s has only %d problems (evaluate.num_problems=%d)", eval_file, len(problems), cfg.num_problems)
+        log.warning(
+            "%s has only %d problems (evaluate.num_problems=%d)", eval_file, len(problems), cfg.num_problems
+        )
 
     quality, generations = evaluate_family(model, tokenizer, corpus, problems, cfg, eval_file)
     exits = list(model.config.exit_layers)
-    common = {"checkpoint": str(checkpoint), "exits": exits, "num_problems": len(problems),
-              "vocab_size": model.config.vocab_size, "ln_vocab": round(math.log(model.config.vocab_size), 6)}
+    common = {
+        "checkpoint": str(checkpoint),
+        "exits": exits,
+        "num_problems": len(problems),
+        "vocab_size": model.config.vocab_size,
+        "ln_vocab": round(math.log(model.config.vocab_size), 6),
+    }
     quality = {**common, **quality}
 
     speed_prompt = encode_prompts(tokenizer, [str(problems[0]["question"])])[0]
-    speed = measure_family_tokens_per_s(model, exits, speed_prompt, cfg.speed_new_tokens, warmup=cfg.speed_warmup,
-                                        repeats=cfg.speed_repeats, pad_id=tokenizer.pad_token_id)
-    speed_metrics = {**common, "torch_threads": torch.get_num_threads(), "device": str(model.device),
-                     **{f"exit_{d}": speed[d] for d in exits}}
+    speed = measure_family_tokens_per_s(
+        model,
+        exits,
+        speed_prompt,
+        cfg.speed_new_tokens,
+        warmup=cfg.speed_warmup,
+        repeats=cfg.speed_repeats,
+        pad_id=tokenizer.pad_token_id,
+    )
+    speed_metrics = {
+        **common,
+        "torch_threads": torch.get_num_threads(),
+        "device": str(model.device),
+        **{f"exit_{d}": speed[d] for d in exits},
+    }
     for d in exits:
-        log.info("exit %d: %.1f tokens/s (%.2f ms/token)", d, speed[d]["tokens_per_s"], speed[d]["ms_per_token"])
+        log.info(
+            "exit %d: %.1f tokens/s (%.2f ms/token)", d, speed[d]["tokens_per_s"], speed[d]["ms_per_token"]
+        )
 
-    metrics = {**quality, **{f"exit_{d}": {**quality[f"exit_{d}"],
-                                           "tokens_per_s": speed[d]["tokens_per_s"],
-                                           "ms_per_token": speed[d]["ms_per_token"]} for d in exits}}
+    metrics = {
+        **quality,
+        **{
+            f"exit_{d}": {
+                **quality[f"exit_{d}"],
+                "tokens_per_s": speed[d]["tokens_per_s"],
+                "ms_per_token": speed[d]["ms_per_token"],
+            }
+            for d in exits
+        },
+    }
     metrics["run_id"] = write_metric_set(ws.metrics_dir, quality, speed_metrics, metrics)
     write_jsonl(ws.reports("evaluate") / "generations.jsonl", generations)
     rows = [{"exit": d, **metrics[f"exit_{d}"]} for d in exits]

@@ -2,7 +2,8 @@
 
     python -m tasks.expand [--params params.yaml] [--set expand.num_blocks=3 --set expand.init=clone ...]
 
-Reads `artifacts/family_sft/` (the jointly trained and tuned family) and the validated corpus. Writes `artifacts/expand/`, checkpoints in
+Reads `artifacts/family_sft/` (the jointly trained and tuned family) and the validated corpus. Writes
+`artifacts/expand/`, checkpoints in
 `artifacts/checkpoints/expand/`, `metrics/expand.json` (STEM/general losses before and after, trainable
 parameters, `other_members_unchanged`, replay share) and `plots/expand/`. Only the new blocks and the
 member's norm and head train; the other members are checked bit-identical.
@@ -68,12 +69,18 @@ def load_dae_data(params: Params, tokenizer) -> DaEData:
     stem_train, general_train = split(train_rows)
     stem_val, general_val = split(val_rows)
     if cfg.replay_fraction < 1 and not stem_train:
-        raise StageError(f"{train_path}: no documents with source == {STEM_SOURCE!r}; DaE CPT needs the STEM stream")
+        raise StageError(
+            f"{train_path}: no documents with source == {STEM_SOURCE!r}; DaE CPT needs the STEM stream"
+        )
     if cfg.replay_fraction > 0 and not general_train:
-        raise StageError(f"{train_path}: no general documents (source != {STEM_SOURCE!r}) for "
-                         f"expand.replay_fraction={cfg.replay_fraction}")
+        raise StageError(
+            f"{train_path}: no general documents (source != {STEM_SOURCE!r}) for "
+            f"expand.replay_fraction={cfg.replay_fraction}"
+        )
     if not stem_val:
-        raise StageError(f"{val_path}: no documents with source == {STEM_SOURCE!r} to validate the DaE member on")
+        raise StageError(
+            f"{val_path}: no documents with source == {STEM_SOURCE!r} to validate the DaE member on"
+        )
     seq = cfg.seq_len
     main = replay = None
     counts = {}
@@ -91,24 +98,34 @@ def load_dae_data(params: Params, tokenizer) -> DaEData:
         general_blocks = pack_corpus(tokenizer, general_val, seq, f"{val_path} (general)", "pack val")
         general_val_batches = fixed_batches({"input_ids": general_blocks}, cfg.batch_size, cfg.eval_batches)
     counts["stem_val_blocks"] = int(stem_val_blocks.shape[0])
-    return DaEData(stream=MixedStream(main, replay, cfg.replay_fraction),
-                   stem_val=fixed_batches({"input_ids": stem_val_blocks}, cfg.batch_size, cfg.eval_batches),
-                   general_val=general_val_batches, counts=counts,
-                   inputs={"corpus_train": sha256_file(train_path),
-                           "corpus_val": sha256_file(val_path)})
+    return DaEData(
+        stream=MixedStream(main, replay, cfg.replay_fraction),
+        stem_val=fixed_batches({"input_ids": stem_val_blocks}, cfg.batch_size, cfg.eval_batches),
+        general_val=general_val_batches,
+        counts=counts,
+        inputs={"corpus_train": sha256_file(train_path), "corpus_val": sha256_file(val_path)},
+    )
 
 
 def resolve_dae_exit(params: Params, model, where: str | Path) -> int:
     d = params.dae_exit
     if d not in model.config.exit_layers:
-        raise StageError(f"expand.exit_layer={d} is not a member of the family at {where} "
-                         f"(exit_layers {model.config.exit_layers})")
+        raise StageError(
+            f"expand.exit_layer={d} is not a member of the family at {where} "
+            f"(exit_layers {model.config.exit_layers})"
+        )
     return d
 
 
-def train_dae(base, params: Params, data: DaEData, *, init: str | None = None,
-              checkpointer: Checkpointer | None = None,
-              callbacks: Sequence[Callable[[int], None]] = ()) -> tuple[Any, TrainResult, dict[str, Any]]:
+def train_dae(
+    base,
+    params: Params,
+    data: DaEData,
+    *,
+    init: str | None = None,
+    checkpointer: Checkpointer | None = None,
+    callbacks: Sequence[Callable[[int], None]] = (),
+) -> tuple[Any, TrainResult, dict[str, Any]]:
     """Expands member `params.dae_exit` of `base` and trains what DaE trains (see docs/choices.md#expand).
 
     Args:
@@ -140,14 +157,21 @@ def train_dae(base, params: Params, data: DaEData, *, init: str | None = None,
         "added_params": count_params(model.parameters()) - count_params(base.parameters()),
     }
     if data.general_val:
-        info["general_val_loss_before"] = evaluate(model, data.general_val, member_eval(d),
-                                                            cfg.bf16)[d]
-    result = train_loop(stage=STAGE, model=model, cfg=cfg, named_params=trainable, stream=data.stream,
-                                 loss_fn=member_loss_fn(d), val_batches=data.stem_val,
-                                 eval_fn=member_eval(d), checkpointer=checkpointer, callbacks=callbacks)
+        info["general_val_loss_before"] = evaluate(model, data.general_val, member_eval(d), cfg.bf16)[d]
+    result = train_loop(
+        stage=STAGE,
+        model=model,
+        cfg=cfg,
+        named_params=trainable,
+        stream=data.stream,
+        loss_fn=member_loss_fn(d),
+        val_batches=data.stem_val,
+        eval_fn=member_eval(d),
+        checkpointer=checkpointer,
+        callbacks=callbacks,
+    )
     if data.general_val:
-        info["general_val_loss_after"] = evaluate(model, data.general_val, member_eval(d),
-                                                           cfg.bf16)[d]
+        info["general_val_loss_after"] = evaluate(model, data.general_val, member_eval(d), cfg.bf16)[d]
     return model, result, info
 
 
@@ -173,9 +197,14 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
     # this stage exactly as they came from family_sft.
     snapshot = snapshot_members(base, others, probe)
 
-    info = fingerprint_info(STAGE, cfg, seed=params.seed, model=params.model,
-                                     inputs={**data.inputs, "family_sft": dir_sha256(src)},
-                                     extra={"dae_exit": d})
+    info = fingerprint_info(
+        STAGE,
+        cfg,
+        seed=params.seed,
+        model=params.model,
+        inputs={**data.inputs, "family_sft": dir_sha256(src)},
+        extra={"dae_exit": d},
+    )
     checkpointer = Checkpointer(ws.checkpoints(STAGE), info)
     model, result, dae_info = train_dae(base, params, data, checkpointer=checkpointer, callbacks=callbacks)
 
@@ -183,37 +212,60 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
     trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
     unchanged, changed = members_unchanged(model, snapshot, probe, exclude=trainable_names)
     if not unchanged:
-        raise StageError(f"expand: training changed tensors outside the DaE member's trainable set: {changed[:8]} "
-                         f"(nothing was written)")
+        raise StageError(
+            f"expand: training changed tensors outside the DaE member's trainable set: {changed[:8]} "
+            f"(nothing was written)"
+        )
     before, after = result.val_losses(0), result.val_losses()
-    entry = {"stem_val_loss_before": round(before[d], 6), "stem_val_loss_after": round(after[d], 6),
-             "train_loss": round(result.final_train_losses()[d], 6)}
+    entry = {
+        "stem_val_loss_before": round(before[d], 6),
+        "stem_val_loss_after": round(after[d], 6),
+        "train_loss": round(result.final_train_losses()[d], 6),
+    }
     for key in ("general_val_loss_before", "general_val_loss_after"):
         if key in dae_info:
             entry[key] = round(dae_info[key], 6)
     replay_drawn = data.stream.replay_count(0, result.samples)
     metrics: dict[str, Any] = {
-        f"exit_{d}": entry, "dae_exit": d, "init": cfg.init, "num_blocks": cfg.num_blocks,
+        f"exit_{d}": entry,
+        "dae_exit": d,
+        "init": cfg.init,
+        "num_blocks": cfg.num_blocks,
         "dae_blocks": list(model.config.dae_blocks),
-        "trainable_params": dae_info["trainable_params"], "total_params": dae_info["total_params"],
+        "trainable_params": dae_info["trainable_params"],
+        "total_params": dae_info["total_params"],
         "added_params": dae_info["added_params"],
         "trainable_fraction": round(dae_info["trainable_params"] / dae_info["total_params"], 4),
-        "other_members": others, "other_members_unchanged": True,
+        "other_members": others,
+        "other_members_unchanged": True,
         "replay_fraction": cfg.replay_fraction,
         "replay_share_drawn": round(replay_drawn / max(result.samples, 1), 4),
-        **data.counts, **result.summary(), "seq_len": cfg.seq_len, "torch_threads": torch.get_num_threads(),
+        **data.counts,
+        **result.summary(),
+        "seq_len": cfg.seq_len,
+        "torch_threads": torch.get_num_threads(),
         "ln_vocab": round(math.log(model.config.vocab_size), 4),
     }
     if distributed.is_main():  # a data-parallel run writes from rank 0 alone
-        write_loss_curves(result.history, ws.plots(STAGE), exits=[d],
-                                   title=f"expand: DaE member {d} (+{cfg.num_blocks} {cfg.init} blocks), STEM loss")
+        write_loss_curves(
+            result.history,
+            ws.plots(STAGE),
+            exits=[d],
+            title=f"expand: DaE member {d} (+{cfg.num_blocks} {cfg.init} blocks), STEM loss",
+        )
     for p in model.parameters():
         p.requires_grad_(True)
     if distributed.is_main():
         save_family(model, tokenizer, ws.artifacts(STAGE))
         write_metrics(params, STAGE, metrics)
-    log.info("expand: member %d STEM val loss %.3f -> %.3f; %d of %d parameters trained; other members unchanged",
-             d, before[d], after[d], dae_info["trainable_params"], dae_info["total_params"])
+    log.info(
+        "expand: member %d STEM val loss %.3f -> %.3f; %d of %d parameters trained; other members unchanged",
+        d,
+        before[d],
+        after[d],
+        dae_info["trainable_params"],
+        dae_info["total_params"],
+    )
     return metrics
 
 

@@ -41,9 +41,12 @@ def member_parity(model, exit_layer: int, export_dir: Path, input_ids) -> float:
     import torch
     from transformers import Qwen3ForCausalLM
 
-    stock, info = Qwen3ForCausalLM.from_pretrained(export_dir, dtype=torch.float32, output_loading_info=True,
-                                                  local_files_only=True)
-    problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    stock, info = Qwen3ForCausalLM.from_pretrained(
+        export_dir, dtype=torch.float32, output_loading_info=True, local_files_only=True
+    )
+    problems = {
+        k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
+    }
     if problems:
         raise StageError(f"{export_dir}: the export does not load cleanly as Qwen3ForCausalLM: {problems}")
     with torch.inference_mode():
@@ -90,28 +93,47 @@ def check_export(model, tokenizer, out: Path, manifest: dict, eos_id: int, pad_i
     except ValueError as e:
         raise StageError(f"export verification failed: {e}") from None
 
-    probe = tokenizer.apply_chat_template([{"role": "user", "content": PROBE}], add_generation_prompt=True,
-                                          tokenize=False)
+    probe = tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROBE}], add_generation_prompt=True, tokenize=False
+    )
     input_ids = torch.tensor([tokenizer(probe, add_special_tokens=False)["input_ids"]])
     files = manifest["files"]
-    metrics: dict[str, Any] = {"members": list(model.config.exit_layers), "dtype": manifest["dtype"],
-                               "eos_token_id": eos_id, "pad_token_id": pad_id}
+    metrics: dict[str, Any] = {
+        "members": list(model.config.exit_layers),
+        "dtype": manifest["dtype"],
+        "eos_token_id": eos_id,
+        "pad_token_id": pad_id,
+    }
     for d in model.config.exit_layers:
         name = member_dir_name(d)
         member = manifest["members"][str(d)]
         gen = json.loads((out / name / "generation_config.json").read_text())
         if gen.get("eos_token_id") != eos_id or gen.get("pad_token_id") != pad_id:
-            raise StageError(f"{out / name / 'generation_config.json'}: eos/pad ids {gen.get('eos_token_id')}/"
-                             f"{gen.get('pad_token_id')}, expected {eos_id}/{pad_id}")
+            raise StageError(
+                f"{out / name / 'generation_config.json'}: eos/pad ids {gen.get('eos_token_id')}/"
+                f"{gen.get('pad_token_id')}, expected {eos_id}/{pad_id}"
+            )
         diff = member_parity(model, d, out / name, input_ids)
         if not diff <= PARITY_ATOL:
-            raise StageError(f"{out / name}: logits differ from the family member {d} by {diff:.3g} "
-                             f"(> {PARITY_ATOL}); the export is not the evaluated member")
+            raise StageError(
+                f"{out / name}: logits differ from the family member {d} by {diff:.3g} "
+                f"(> {PARITY_ATOL}); the export is not the evaluated member"
+            )
         size = sum(meta["bytes"] for rel, meta in files.items() if rel.startswith(f"{name}/"))
-        metrics[f"exit_{d}"] = {"params": member["num_parameters"], "bytes": size,
-                                "num_hidden_layers": member["num_hidden_layers"], "dae_blocks": member["dae_blocks"],
-                                "max_abs_logit_diff": diff}
-        log.info("exit %d: %d params, %.2f MiB, max |logit diff| %.2e", d, member["num_parameters"], size / 2**20, diff)
+        metrics[f"exit_{d}"] = {
+            "params": member["num_parameters"],
+            "bytes": size,
+            "num_hidden_layers": member["num_hidden_layers"],
+            "dae_blocks": member["dae_blocks"],
+            "max_abs_logit_diff": diff,
+        }
+        log.info(
+            "exit %d: %d params, %.2f MiB, max |logit diff| %.2e",
+            d,
+            member["num_parameters"],
+            size / 2**20,
+            diff,
+        )
     metrics["family_params"] = manifest["family"]["num_parameters"]
     metrics["family_bytes"] = sum(meta["bytes"] for rel, meta in files.items() if rel.startswith("family/"))
     metrics["total_bytes"] = sum(meta["bytes"] for meta in files.values())

@@ -83,7 +83,7 @@ def stage1_rows(corpus_rows: Sequence[dict[str, Any]], limit: int) -> list[dict[
         text = " ".join(str(doc["text"]).split())
         head = _cut(text, PROMPT_CHARS)
         if len(rows) % 2 == 0:
-            rest = text[len(head):].strip()
+            rest = text[len(head) :].strip()
             if len(rest) < 20:
                 continue
             prompt, response = CONTINUE + head, _cut(rest, RESPONSE_CHARS)
@@ -106,7 +106,9 @@ class StagedStream:
         if position + batch_size <= self.switch:
             return self.stage1.batch(position, batch_size)
         if position < self.switch:  # a micro-batch straddling the switch (only with odd batch sizes)
-            raise StageError(f"{STAGE}: a micro-batch straddles the Stage I/II switch at sample {self.switch}")
+            raise StageError(
+                f"{STAGE}: a micro-batch straddles the Stage I/II switch at sample {self.switch}"
+            )
         return self.stage2.batch(position - self.switch, batch_size)
 
 
@@ -125,8 +127,9 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
     sft_path = Workspace.from_params(params).validated_file("sft.jsonl")
     general = stage1_rows(read_corpus(corpus_path), cfg.stage1_examples)
     if not general:
-        raise StageError(f"{corpus_path}: no general documents (source != {STEM_SOURCE!r}) long enough for "
-                         f"Stage I chats")
+        raise StageError(
+            f"{corpus_path}: no general documents (source != {STEM_SOURCE!r}) long enough for Stage I chats"
+        )
     math_rows = read_sft(sft_path)
     train_rows, held_rows = sft_holdout_split(math_rows, cfg.holdout_fraction)
     g_ex, g_stats = build_sft_examples(tokenizer, general, cfg.seq_len, f"{corpus_path} (Stage I chats)")
@@ -134,9 +137,11 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
     h_ex, h_stats = build_sft_examples(tokenizer, held_rows, cfg.seq_len, f"{sft_path} (held-out rows)")
     # Both kinds are padded to seq_len, so a replay row concatenates with math rows (then trimmed).
     stage1 = BlockStream(g_ex, params.seed, f"{STAGE}/stage1")
-    stage2 = MixedStream(BlockStream(m_ex, params.seed, f"{STAGE}/stage2"),
-                         BlockStream(g_ex, params.seed, f"{STAGE}/replay") if cfg.replay_fraction > 0 else None,
-                         cfg.replay_fraction)
+    stage2 = MixedStream(
+        BlockStream(m_ex, params.seed, f"{STAGE}/stage2"),
+        BlockStream(g_ex, params.seed, f"{STAGE}/replay") if cfg.replay_fraction > 0 else None,
+        cfg.replay_fraction,
+    )
     rows_per_step = cfg.batch_size * cfg.grad_accum
     stream = StagedStream(stage1, stage2, cfg.stage1_steps * rows_per_step)
     exits = list(model.config.exit_layers)
@@ -150,16 +155,42 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
     device = device_for_training()
     model.to(device)
     held_batches = fixed_batches(h_ex, cfg.batch_size, cfg.eval_batches)
-    info = fingerprint_info(STAGE, cfg, seed=params.seed, model=params.model,
-                            inputs={"sft": sha256_file(sft_path), "corpus_train": sha256_file(corpus_path),
-                                    "cpt": dir_sha256(src)})
+    info = fingerprint_info(
+        STAGE,
+        cfg,
+        seed=params.seed,
+        model=params.model,
+        inputs={
+            "sft": sha256_file(sft_path),
+            "corpus_train": sha256_file(corpus_path),
+            "cpt": dir_sha256(src),
+        },
+    )
     checkpointer = Checkpointer(Workspace.from_params(params).checkpoints(STAGE), info)
-    log.info("%s: %d Stage I chats, %d Stage II math chats (+%.0f%% replay), %d held out; %d + %d steps; "
-             "members %s", STAGE, g_stats.examples, m_stats.examples, 100 * cfg.replay_fraction, h_stats.examples,
-             cfg.stage1_steps, cfg.max_steps - cfg.stage1_steps, exits)
-    result = train_loop(stage=STAGE, model=model, cfg=cfg, named_params=named, stream=stream,
-                        loss_fn=multi_exit_loss_fn(weights), val_batches=held_batches, eval_fn=multi_exit_eval,
-                        checkpointer=checkpointer, callbacks=callbacks)
+    log.info(
+        "%s: %d Stage I chats, %d Stage II math chats (+%.0f%% replay), %d held out; %d + %d steps; "
+        "members %s",
+        STAGE,
+        g_stats.examples,
+        m_stats.examples,
+        100 * cfg.replay_fraction,
+        h_stats.examples,
+        cfg.stage1_steps,
+        cfg.max_steps - cfg.stage1_steps,
+        exits,
+    )
+    result = train_loop(
+        stage=STAGE,
+        model=model,
+        cfg=cfg,
+        named_params=named,
+        stream=stream,
+        loss_fn=multi_exit_loss_fn(weights),
+        val_batches=held_batches,
+        eval_fn=multi_exit_eval,
+        checkpointer=checkpointer,
+        callbacks=callbacks,
+    )
     model.to("cpu")
 
     before, after, train = result.val_losses(0), result.val_losses(), result.final_train_losses()
@@ -169,21 +200,36 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
         if e in train:
             entry["train_loss"] = round(train[e], 6)
         metrics[f"exit_{e}"] = entry
-    metrics.update({
-        "stage1_steps": cfg.stage1_steps, "stage2_steps": cfg.max_steps - cfg.stage1_steps,
-        "replay_fraction": cfg.replay_fraction, "stage1_examples": g_stats.to_dict(),
-        "stage2_examples": m_stats.to_dict(), "heldout_examples": h_stats.to_dict(),
-        "trainable_params": count_params(p for _, p in named), **result.summary(), "seq_len": cfg.seq_len,
-        "exit_weights_final": weights(cfg.max_steps - 1), "torch_threads": torch.get_num_threads(),
-        "ln_vocab": round(math.log(model.config.vocab_size), 4),
-    })
+    metrics.update(
+        {
+            "stage1_steps": cfg.stage1_steps,
+            "stage2_steps": cfg.max_steps - cfg.stage1_steps,
+            "replay_fraction": cfg.replay_fraction,
+            "stage1_examples": g_stats.to_dict(),
+            "stage2_examples": m_stats.to_dict(),
+            "heldout_examples": h_stats.to_dict(),
+            "trainable_params": count_params(p for _, p in named),
+            **result.summary(),
+            "seq_len": cfg.seq_len,
+            "exit_weights_final": weights(cfg.max_steps - 1),
+            "torch_threads": torch.get_num_threads(),
+            "ln_vocab": round(math.log(model.config.vocab_size), 4),
+        }
+    )
     if distributed.is_main():  # a data-parallel run writes from rank 0 alone
-        write_loss_curves(result.history, Workspace.from_params(params).plots(STAGE),
-                          title="family_sft: joint multi-exit SFT (Stage I general, Stage II math), loss per member")
+        write_loss_curves(
+            result.history,
+            Workspace.from_params(params).plots(STAGE),
+            title="family_sft: joint multi-exit SFT (Stage I general, Stage II math), loss per member",
+        )
         save_family(model, tokenizer, Workspace.from_params(params).artifacts(STAGE))
         write_metrics(params, STAGE, metrics)
-    log.info("%s: held-out math loss per member %s -> %s", STAGE, {e: round(v, 3) for e, v in before.items()},
-             {e: round(v, 3) for e, v in after.items()})
+    log.info(
+        "%s: held-out math loss per member %s -> %s",
+        STAGE,
+        {e: round(v, 3) for e, v in before.items()},
+        {e: round(v, 3) for e, v in after.items()},
+    )
     return metrics
 
 

@@ -2,7 +2,8 @@
 
     python -m tasks.gates [--params params.yaml] [--set gates.max_loss=6.0]
 
-Reads `metrics/eval_quality.json`, `metrics/reproducible/compress.json` and `metrics/reproducible/rl.json`; validates one row per exit with the GX
+Reads `metrics/eval_quality.json`, `metrics/reproducible/compress.json` and `metrics/reproducible/rl.json`;
+validates one row per exit with the GX
 suite of `data_contracts.gates`. Writes `metrics/gates.json` and `reports/gates/data_docs/` in both
 outcomes; a failed gate raises `ContractViolation` (never retried) naming every failing expectation and
 exit. Choices: docs/choices.md#gates.
@@ -61,20 +62,36 @@ def check_gates(params: Params) -> dict[str, Any]:
             raise StageError(f"{rl_path}: exit_{d} (an rl member) has no accuracy_start/accuracy_end")
     g = params.gates
     try:
-        frame = gates_frame(evals, compress, where=(str(eval_path), str(compress_path), str(rl_path)),
-                            rl_metrics=rl, accuracy_floor=g.accuracy_floor)
+        frame = gates_frame(
+            evals,
+            compress,
+            where=(str(eval_path), str(compress_path), str(rl_path)),
+            rl_metrics=rl,
+            accuracy_floor=g.accuracy_floor,
+        )
     except ValueError as e:
         raise StageError(str(e)) from None
 
-    thresholds = {"max_loss": g.max_loss, "min_loss_margin": g.min_loss_margin,
-                  "depth_tolerance": g.depth_tolerance,
-                  "max_relative_loss_increase": params.compress.max_relative_loss_increase,
-                  "min_accuracy": g.min_accuracy, "max_rl_accuracy_drop": g.max_rl_accuracy_drop,
-                  "rl_members": rl_members, "exit_layers": list(params.model.exit_layers)}
-    suite = gates_suite(params.model.exit_layers, g.max_loss, g.depth_tolerance,
-                        params.compress.max_relative_loss_increase, g.min_accuracy,
-                        min_loss_margin=g.min_loss_margin, max_rl_accuracy_drop=g.max_rl_accuracy_drop,
-                        rl_members=rl_members)
+    thresholds = {
+        "max_loss": g.max_loss,
+        "min_loss_margin": g.min_loss_margin,
+        "depth_tolerance": g.depth_tolerance,
+        "max_relative_loss_increase": params.compress.max_relative_loss_increase,
+        "min_accuracy": g.min_accuracy,
+        "max_rl_accuracy_drop": g.max_rl_accuracy_drop,
+        "rl_members": rl_members,
+        "exit_layers": list(params.model.exit_layers),
+    }
+    suite = gates_suite(
+        params.model.exit_layers,
+        g.max_loss,
+        g.depth_tolerance,
+        params.compress.max_relative_loss_increase,
+        g.min_accuracy,
+        min_loss_margin=g.min_loss_margin,
+        max_rl_accuracy_drop=g.max_rl_accuracy_drop,
+        rl_members=rl_members,
+    )
     reports = ws.reports(STAGE)
     ctx = ContractContext(reports)
     ctx.forget(SUITE)
@@ -82,8 +99,10 @@ def check_gates(params: Params) -> dict[str, Any]:
     ctx.build_docs()
 
     failures = [f.to_dict() for f in result.failures]
-    exits = {label: {k: (None if v != v else v) for k, v in row.items()}  # NaN -> null in JSON
-             for label, row in frame.to_dict(orient="index").items()}
+    exits = {
+        label: {k: (None if v != v else v) for k, v in row.items()}  # NaN -> null in JSON
+        for label, row in frame.to_dict(orient="index").items()
+    }
     metrics = {
         "passed": result.success,
         "thresholds": thresholds,
@@ -98,8 +117,10 @@ def check_gates(params: Params) -> dict[str, Any]:
     if not result.success:
         raise ContractViolation(
             f"model quality gates failed ({len(result.failures)} of {result.evaluated} expectations; "
-            f"{eval_path}, {compress_path}, {rl_path}); Data Docs: {metrics['data_docs']}\n" + result.describe(),
-            [{"suite": SUITE, **f} for f in failures])
+            f"{eval_path}, {compress_path}, {rl_path}); Data Docs: {metrics['data_docs']}\n"
+            + result.describe(),
+            [{"suite": SUITE, **f} for f in failures],
+        )
     log.info("gates passed: %d expectations over exits %s", result.evaluated, list(exits))
     return metrics
 

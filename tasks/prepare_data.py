@@ -37,7 +37,9 @@ MATH_SOURCE = "math"
 # --- math splits --------------------------------------------------------------------------------
 
 
-def split_math(pool: list[Problem], num_eval: int, num_rl: int, num_sft: int, seed: int) -> dict[str, list[Problem]]:
+def split_math(
+    pool: list[Problem], num_eval: int, num_rl: int, num_sft: int, seed: int
+) -> dict[str, list[Problem]]:
     """Splits problems into eval / rl / sft by number-pattern group (a group never straddles splits).
 
     Groups are shuffled with `seed`; each group goes whole to the first split (eval, rl, sft) that
@@ -61,9 +63,11 @@ def split_math(pool: list[Problem], num_eval: int, num_rl: int, num_sft: int, se
         splits[room].extend(groups[key])
     for name, target in targets.items():
         if len(splits[name]) < target:
-            raise StageError(f"the math pool has {len(pool)} problems in {len(groups)} number-pattern groups: "
-                             f"too few for data.num_eval={num_eval}, data.num_rl={num_rl}, data.num_sft={num_sft} "
-                             f"({name} got {len(splits[name])}); lower them or add problems")
+            raise StageError(
+                f"the math pool has {len(pool)} problems in {len(groups)} number-pattern groups: "
+                f"too few for data.num_eval={num_eval}, data.num_rl={num_rl}, data.num_sft={num_sft} "
+                f"({name} got {len(splits[name])}); lower them or add problems"
+            )
         del splits[name][target:]
     return splits
 
@@ -80,15 +84,21 @@ def check_no_overlap(splits: dict[str, list[Problem]], corpus: list[Document]) -
     rl_in_sft = [p.question for p in splits["rl"] if normalize_question(p.question) in sft_text]
     corpus_text = "\n".join(" ".join(d.text.lower().split()) for d in corpus)
     contaminated = [p.question for p in splits["eval"] if normalize_question(p.question) in corpus_text]
-    for what, bad in (("eval questions also in sft/rl", same_text),
-                      ("eval questions whose number pattern is in sft/rl", same_pattern),
-                      ("rl questions also in sft", rl_in_sft),
-                      ("eval questions found in the CPT corpus", contaminated)):
+    for what, bad in (
+        ("eval questions also in sft/rl", same_text),
+        ("eval questions whose number pattern is in sft/rl", same_pattern),
+        ("rl questions also in sft", rl_in_sft),
+        ("eval questions found in the CPT corpus", contaminated),
+    ):
         if bad:
             errors.append(f"{len(bad)} {what}, e.g. {bad[0][:120]!r}")
     if errors:
         raise StageError("train/eval overlap: " + "; ".join(errors))
-    return {"eval_checked": len(splits["eval"]), "train_checked": len(train), "corpus_docs_checked": len(corpus)}
+    return {
+        "eval_checked": len(splits["eval"]),
+        "train_checked": len(train),
+        "corpus_docs_checked": len(corpus),
+    }
 
 
 # --- rows ---------------------------------------------------------------------------------------
@@ -105,16 +115,41 @@ def math_document(problem: Problem) -> Document:
 
 def _rows(splits: dict[str, list[Problem]]) -> dict[str, list[dict[str, Any]]]:
     return {
-        "sft.jsonl": [{"id": _id("sft", normalize_question(p.question)), "prompt": p.question, "response": p.solution,
-                       "answer": p.answer, "level": p.level} for p in splits["sft"]],
-        "rl.jsonl": [{"id": _id("rl", normalize_question(p.question)), "question": p.question, "answer": p.answer,
-                      "level": p.level} for p in splits["rl"]],
-        "eval.jsonl": [{"id": _id("eval", normalize_question(p.question)), "question": p.question,
-                        "solution": p.solution, "answer": p.answer, "level": p.level} for p in splits["eval"]],
+        "sft.jsonl": [
+            {
+                "id": _id("sft", normalize_question(p.question)),
+                "prompt": p.question,
+                "response": p.solution,
+                "answer": p.answer,
+                "level": p.level,
+            }
+            for p in splits["sft"]
+        ],
+        "rl.jsonl": [
+            {
+                "id": _id("rl", normalize_question(p.question)),
+                "question": p.question,
+                "answer": p.answer,
+                "level": p.level,
+            }
+            for p in splits["rl"]
+        ],
+        "eval.jsonl": [
+            {
+                "id": _id("eval", normalize_question(p.question)),
+                "question": p.question,
+                "solution": p.solution,
+                "answer": p.answer,
+                "level": p.level,
+            }
+            for p in splits["eval"]
+        ],
     }
 
 
-def _split_corpus(docs: list[Document], val_fraction: float, seed: int, tag: str) -> tuple[list[Document], list[Document]]:
+def _split_corpus(
+    docs: list[Document], val_fraction: float, seed: int, tag: str
+) -> tuple[list[Document], list[Document]]:
     docs = list(docs)
     random.Random(f"val:{tag}:{seed}").shuffle(docs)
     if len(docs) < 2:
@@ -141,7 +176,9 @@ def _plot(params: Params, train: list[Document], splits: dict[str, list[Problem]
     counts = [sum(1 for n in lengths if lo <= n < lo + 250) for lo in edges[:-1]]
     _write_csv(out / "doc_lengths.csv", ["chars", "documents"], list(zip(edges[:-1], counts)))
     levels = sorted({p.level for s in splits.values() for p in s})
-    level_rows = [(lvl, *(sum(1 for p in splits[s] if p.level == lvl) for s in ("sft", "rl", "eval"))) for lvl in levels]
+    level_rows = [
+        (lvl, *(sum(1 for p in splits[s] if p.level == lvl) for s in ("sft", "rl", "eval"))) for lvl in levels
+    ]
     _write_csv(out / "math_levels.csv", ["level", "sft", "rl", "eval"], level_rows)
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -149,7 +186,12 @@ def _plot(params: Params, train: list[Document], splits: dict[str, list[Problem]
     ax1.set(xlabel="characters", ylabel="documents", title="corpus_train document lengths")
     width = 0.27
     for i, split in enumerate(("sft", "rl", "eval")):
-        ax2.bar([lvl + (i - 1) * width for lvl in levels], [row[i + 1] for row in level_rows], width=width, label=split)
+        ax2.bar(
+            [lvl + (i - 1) * width for lvl in levels],
+            [row[i + 1] for row in level_rows],
+            width=width,
+            label=split,
+        )
     ax2.set(xlabel="level", ylabel="problems", title="math problems per level", xticks=levels)
     ax2.legend()
     fig.tight_layout()
@@ -207,17 +249,20 @@ class _Dataset:
     overlap: dict[str, int]
 
 
-def _check_quarantine_limit(user_stats: dict[str, Any], bad_rows: list[dict[str, Any]],
-                            fraction: float) -> None:
+def _check_quarantine_limit(
+    user_stats: dict[str, Any], bad_rows: list[dict[str, Any]], fraction: float
+) -> None:
     """Raises StageError when the bad rows of a user file exceed `validate_data.max_quarantine_fraction`."""
     over = []
     for uri, entry in user_stats["files"].items():
         bad, total = entry["quarantined"], entry["rows"]
         if bad > fraction * total:
             first = next(r for r in bad_rows if r["file"] == uri)
-            over.append(f"{uri}: {bad} of {total} rows ({bad / total:.1%}) are bad, over "
-                        f"validate_data.max_quarantine_fraction={fraction}; first: {first['where']}: "
-                        f"{first['reasons'][0]['description']}")
+            over.append(
+                f"{uri}: {bad} of {total} rows ({bad / total:.1%}) are bad, over "
+                f"validate_data.max_quarantine_fraction={fraction}; first: {first['where']}: "
+                f"{first['reasons'][0]['description']}"
+            )
     if over:
         raise StageError("too many bad rows in data.sources to quarantine:\n  " + "\n  ".join(over))
     for row in bad_rows:
@@ -230,8 +275,11 @@ def run(params: Params) -> dict[str, Any]:
     t0 = time.perf_counter()
     inputs = _read_inputs(params)
     corpus = _build_corpus(inputs, data, params.seed)
-    log.info("corpus: %d documents after cleaning and de-duplication (%.1f s)", len(corpus.docs),
-             time.perf_counter() - t0)
+    log.info(
+        "corpus: %d documents after cleaning and de-duplication (%.1f s)",
+        len(corpus.docs),
+        time.perf_counter() - t0,
+    )
     maths = _split_math_pool(inputs, data, params.seed)
     dataset = _assemble(corpus, maths, data.val_fraction, params.seed)
     files = _write_raw(params, inputs, corpus, maths, dataset)
@@ -272,10 +320,15 @@ def _read_inputs(params: Params) -> _Inputs:
     if not embed_corpus and not docs:
         raise StageError("data.embedded is 'never' but no file in data.sources has corpus rows ('text')")
     if not embed_math and not problems:
-        raise StageError("data.embedded is 'never' but no file in data.sources has math rows ('question'+'answer')")
+        raise StageError(
+            "data.embedded is 'never' but no file in data.sources has math rows ('question'+'answer')"
+        )
     if data.sources and (embed_corpus or embed_math):
-        log.info("adding embedded %s to the user data (data.embedded=%s)",
-                 " and ".join(k for k, on in (("corpus", embed_corpus), ("math", embed_math)) if on), data.embedded)
+        log.info(
+            "adding embedded %s to the user data (data.embedded=%s)",
+            " and ".join(k for k, on in (("corpus", embed_corpus), ("math", embed_math)) if on),
+            data.embedded,
+        )
     return _Inputs(docs, problems, stats, embed_corpus, embed_math, bad_rows or [])
 
 
@@ -292,7 +345,10 @@ def _build_corpus(inputs: _Inputs, data: DataParams, seed: int) -> _Corpus:
         known = {_doc_key(d.text) for d in docs}  # user vs embedded: exact duplicates only
         docs.extend(d for d in kept if _doc_key(d.text) not in known)
     if not docs:
-        raise StageError("the corpus is empty after cleaning: check data.min_doc_chars / data.max_doc_chars and the sources")
+        raise StageError(
+            "the corpus is empty after cleaning: "
+            "check data.min_doc_chars / data.max_doc_chars and the sources"
+        )
     order = list(range(len(docs)))
     random.Random(f"corpus:{seed}").shuffle(order)
     return _Corpus([docs[i] for i in sorted(order[: data.max_corpus_docs])], stats)
@@ -329,14 +385,16 @@ def _assemble(corpus: _Corpus, maths: _MathSplits, val_fraction: float, seed: in
         "corpus_val.jsonl": _shuffled(general_val + math_val, f"val:{seed}"),
     }
     rows: dict[str, list[dict[str, Any]]] = {
-        name: [{"id": _id("doc", d.text), "text": d.text, "source": d.source} for d in ds] for name, ds in corpus_rows.items()
+        name: [{"id": _id("doc", d.text), "text": d.text, "source": d.source} for d in ds]
+        for name, ds in corpus_rows.items()
     }
     rows.update(_rows(splits))
     return _Dataset(corpus_rows, rows, len(math_docs), overlap)
 
 
-def _write_raw(params: Params, inputs: _Inputs, corpus: _Corpus, maths: _MathSplits,
-               dataset: _Dataset) -> dict[str, dict[str, Any]]:
+def _write_raw(
+    params: Params, inputs: _Inputs, corpus: _Corpus, maths: _MathSplits, dataset: _Dataset
+) -> dict[str, dict[str, Any]]:
     """Writes every file and `manifest.json` into `data/raw/` at once; returns the manifest's `files`."""
     data, rows, splits, bad_rows = params.data, dataset.rows, maths.splits, inputs.bad_rows
     raw_dir = Workspace.from_params(params).raw
@@ -345,24 +403,39 @@ def _write_raw(params: Params, inputs: _Inputs, corpus: _Corpus, maths: _MathSpl
             write_jsonl(tmp / name, rows[name])
         if bad_rows:
             write_jsonl(tmp / SOURCE_QUARANTINE, bad_rows)
-        files = {name: {"rows": len(rows[name]), "sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
-                 for name in FILES}
+        files = {
+            name: {
+                "rows": len(rows[name]),
+                "sha256": sha256_file(tmp / name),
+                "bytes": (tmp / name).stat().st_size,
+            }
+            for name in FILES
+        }
         manifest = {
             "seed": params.seed,
             "python": sys.version.split()[0],
             "embedded": {"mode": data.embedded, "corpus": inputs.embed_corpus, "math": inputs.embed_math},
             "files": files,
-            "sources": {"user": inputs.stats, "corpus": corpus.stats,
-                        "corpus_per_source": dict(sorted(Counter(d.source for ds in dataset.corpus.values()
-                                                                 for d in ds).items())),
-                        "math_per_origin": dict(sorted(Counter(p.origin for s in splits.values() for p in s).items())),
-                        "user_math_duplicates": maths.user_duplicates},
+            "sources": {
+                "user": inputs.stats,
+                "corpus": corpus.stats,
+                "corpus_per_source": dict(
+                    sorted(Counter(d.source for ds in dataset.corpus.values() for d in ds).items())
+                ),
+                "math_per_origin": dict(
+                    sorted(Counter(p.origin for s in splits.values() for p in s).items())
+                ),
+                "user_math_duplicates": maths.user_duplicates,
+            },
             "levels": {name: dict(sorted(Counter(p.level for p in s).items())) for name, s in splits.items()},
             "overlap_check": dataset.overlap,
         }
         if bad_rows:  # set aside in quarantine mode; validate_data publishes them in data/quarantine/
-            manifest["source_quarantine"] = {"file": SOURCE_QUARANTINE, "rows": len(bad_rows),
-                                             "sha256": sha256_file(tmp / SOURCE_QUARANTINE)}
+            manifest["source_quarantine"] = {
+                "file": SOURCE_QUARANTINE,
+                "rows": len(bad_rows),
+                "sha256": sha256_file(tmp / SOURCE_QUARANTINE),
+            }
         write_json(tmp / "manifest.json", manifest)
     return files
 

@@ -33,23 +33,45 @@ from tasks.training.rl_trainer import (
 
 log = logging.getLogger("ruyi.rl")
 
-CURVE_KEYS = ("reward", "accuracy", "length", "kl", "budget", "tokens_generated", "trained_tokens",
-              "loss", "clip_ratio", "pairs", "skipped_groups", "has_gradient", "truncated", "rollout_s", "train_s",
-              "time_s")
+CURVE_KEYS = (
+    "reward",
+    "accuracy",
+    "length",
+    "kl",
+    "budget",
+    "tokens_generated",
+    "trained_tokens",
+    "loss",
+    "clip_ratio",
+    "pairs",
+    "skipped_groups",
+    "has_gradient",
+    "truncated",
+    "rollout_s",
+    "train_s",
+    "time_s",
+)
 
 
 # --- checkpoints -----------------------------------------------------------------------------------
 
 
-def checkpoint_info(params: Params, rl_path: Path, sft_dir: Path,
-                    code_root: Path | None = None) -> dict[str, Any]:
+def checkpoint_info(
+    params: Params, rl_path: Path, sft_dir: Path, code_root: Path | None = None
+) -> dict[str, Any]:
     """What an rl checkpoint must agree on (`tasks.training.checkpoint.fingerprint_info`): params.rl, the
     seed, rl.jsonl, the SFT checkpoint and the code of every module this stage imports. `steps` and
     `checkpoint_every` are left out: extending a run resumes it (the lr is constant, so nothing before
     step n depends on the total)."""
     inputs = {"rl": sha256_file(rl_path), "sft": dir_sha256(sft_dir)}
-    return fingerprint_info("rl", params.rl, seed=params.seed, exclude=("steps", "checkpoint_every"),
-                            inputs=inputs, code_root=code_root)
+    return fingerprint_info(
+        "rl",
+        params.rl,
+        seed=params.seed,
+        exclude=("steps", "checkpoint_every"),
+        inputs=inputs,
+        code_root=code_root,
+    )
 
 
 # --- plots -----------------------------------------------------------------------------------------
@@ -72,7 +94,9 @@ def write_curves(history: dict[int, list[dict[str, float]]], out_dir: Path, algo
     writer.writerow(["step", "member", *CURVE_KEYS])
     for d, rows in history.items():
         for r in rows:
-            writer.writerow([int(r["step"]), f"exit_{d}", *[round(float(r.get(k, 0.0)), 6) for k in CURVE_KEYS]])
+            writer.writerow(
+                [int(r["step"]), f"exit_{d}", *[round(float(r.get(k, 0.0)), 6) for k in CURVE_KEYS]]
+            )
     with atomic_file(out_dir / "curves.csv") as f:
         f.write(buf.getvalue())
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
@@ -84,7 +108,9 @@ def write_curves(history: dict[int, list[dict[str, float]]], out_dir: Path, algo
         if any(r["budget"] for r in rows):
             axes[1, 0].plot(steps, [r["budget"] for r in rows], "--", label=f"exit {d} budget")
         axes[1, 1].plot(steps, [r["kl"] for r in rows], label=f"exit {d}")
-    for ax, title in zip(axes.flat, ["reward (sampled)", "accuracy (sampled)", "response length (tokens)", "KL"]):
+    for ax, title in zip(
+        axes.flat, ["reward (sampled)", "accuracy (sampled)", "response length (tokens)", "KL"]
+    ):
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
@@ -108,9 +134,18 @@ def run(params: Params) -> dict[str, Any]:
     train_rows, eval_rows = inputs.train_rows, inputs.eval_rows
     trainable = trainable_parameters(model, cfg.members, members)
     n_train = sum(p.numel() for _, p in trainable)
-    log.info("rl: %s on members %s, %d trainable parameters of %d, %d train / %d eval prompts", cfg.algorithm,
-             members, n_train, sum(p.numel() for p in model.parameters()), len(train_rows), len(eval_rows))
-    trainer = RLTrainer(model, tokenizer, train_rows, cfg, members=members, trainable=trainable, seed=params.seed)
+    log.info(
+        "rl: %s on members %s, %d trainable parameters of %d, %d train / %d eval prompts",
+        cfg.algorithm,
+        members,
+        n_train,
+        sum(p.numel() for p in model.parameters()),
+        len(train_rows),
+        len(eval_rows),
+    )
+    trainer = RLTrainer(
+        model, tokenizer, train_rows, cfg, members=members, trainable=trainable, seed=params.seed
+    )
     checkpointer = Checkpointer(ws.checkpoints("rl"), checkpoint_info(params, rl_path, sft_dir))
     latest = checkpointer.find_resumable()
     state = None
@@ -124,24 +159,52 @@ def run(params: Params) -> dict[str, Any]:
         before = {int(d): v for d, v in state["eval_before"].items()}
     else:
         before = evaluate_members(model, tokenizer, eval_rows, members, cfg.max_new_tokens, cfg.format_reward)
-    bar = tqdm(range(trainer.step_index, cfg.steps), desc=f"rl {cfg.algorithm}", initial=trainer.step_index,
-               total=cfg.steps)
+    bar = tqdm(
+        range(trainer.step_index, cfg.steps),
+        desc=f"rl {cfg.algorithm}",
+        initial=trainer.step_index,
+        total=cfg.steps,
+    )
     for _ in bar:
         stats = trainer.step()
         first = stats[members[0]]
-        bar.set_postfix(reward=f"{first['reward']:.3f}", len=f"{first['length']:.1f}", kl=f"{first['kl']:.4f}")
-        if cfg.checkpoint_every and trainer.step_index % cfg.checkpoint_every == 0 and trainer.step_index < cfg.steps:
-            checkpointer.save(trainer.step_index, model, trainer.optimizer, None,
-                              {**trainer.state_dict(), "eval_before": {str(d): v for d, v in before.items()},
-                               "wall_time_s": prior_wall_s + time.perf_counter() - t_start})
+        bar.set_postfix(
+            reward=f"{first['reward']:.3f}", len=f"{first['length']:.1f}", kl=f"{first['kl']:.4f}"
+        )
+        if (
+            cfg.checkpoint_every
+            and trainer.step_index % cfg.checkpoint_every == 0
+            and trainer.step_index < cfg.steps
+        ):
+            checkpointer.save(
+                trainer.step_index,
+                model,
+                trainer.optimizer,
+                None,
+                {
+                    **trainer.state_dict(),
+                    "eval_before": {str(d): v for d, v in before.items()},
+                    "wall_time_s": prior_wall_s + time.perf_counter() - t_start,
+                },
+            )
     after = evaluate_members(model, tokenizer, eval_rows, members, cfg.max_new_tokens, cfg.format_reward)
     save_family(model, tokenizer, ws.artifacts("rl"))
     write_curves(trainer.history, ws.plots("rl"), cfg.algorithm)
 
     this_run_s = time.perf_counter() - t_start
-    metrics = _metrics(cfg, trainer, members, before, after, n_train=n_train, eval_prompts=len(eval_rows),
-                       resumed_from=resumed_from, checkpointer=checkpointer, wall_time_s=prior_wall_s + this_run_s,
-                       this_run_s=this_run_s)
+    metrics = _metrics(
+        cfg,
+        trainer,
+        members,
+        before,
+        after,
+        n_train=n_train,
+        eval_prompts=len(eval_rows),
+        resumed_from=resumed_from,
+        checkpointer=checkpointer,
+        wall_time_s=prior_wall_s + this_run_s,
+        this_run_s=this_run_s,
+    )
     write_metrics(params, "rl", metrics)
     return metrics
 
@@ -176,15 +239,28 @@ def _load_inputs(params: Params) -> _Inputs:
     for i, row in enumerate(rows, 1):
         n_tok = encode_chat_prompts(tokenizer, [row["question"]])[0].shape[1]
         if n_tok + cfg.max_new_tokens > limit:
-            raise StageError(f"{rl_path}: row {i} (id={row['id']!r}) has {n_tok} prompt tokens; with "
-                             f"rl.max_new_tokens={cfg.max_new_tokens} it exceeds "
-                             f"max_position_embeddings={limit}")
+            raise StageError(
+                f"{rl_path}: row {i} (id={row['id']!r}) has {n_tok} prompt tokens; with "
+                f"rl.max_new_tokens={cfg.max_new_tokens} it exceeds "
+                f"max_position_embeddings={limit}"
+            )
     return _Inputs(model, tokenizer, train_rows, eval_rows, members, rl_path, sft_dir)
 
 
-def _metrics(cfg, trainer: RLTrainer, members: list[int], before: dict, after: dict, *, n_train: int,
-             eval_prompts: int, resumed_from: int | None, checkpointer: Checkpointer, wall_time_s: float,
-             this_run_s: float) -> dict[str, Any]:
+def _metrics(
+    cfg,
+    trainer: RLTrainer,
+    members: list[int],
+    before: dict,
+    after: dict,
+    *,
+    n_train: int,
+    eval_prompts: int,
+    resumed_from: int | None,
+    checkpointer: Checkpointer,
+    wall_time_s: float,
+    this_run_s: float,
+) -> dict[str, Any]:
     """Reward and accuracy before/after (mean over members and per member), training curves and times."""
 
     def mean(vals):
@@ -194,8 +270,10 @@ def _metrics(cfg, trainer: RLTrainer, members: list[int], before: dict, after: d
     for d in members:
         hist = trainer.history[d]
         per_member[f"exit_{d}"] = {
-            "reward_start": before[d]["reward"], "reward_end": after[d]["reward"],
-            "accuracy_start": before[d]["accuracy"], "accuracy_end": after[d]["accuracy"],
+            "reward_start": before[d]["reward"],
+            "reward_end": after[d]["reward"],
+            "accuracy_start": before[d]["accuracy"],
+            "accuracy_end": after[d]["accuracy"],
             "train_reward_first": hist[0]["reward"] if hist else None,
             "train_reward_last": hist[-1]["reward"] if hist else None,
             "mean_response_length": mean([h["length"] for h in hist]) if hist else None,

@@ -66,29 +66,53 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
     model.to(device)
     stream = BlockStream(train_ex, params.seed, "sft/train")
     held_batches = fixed_batches(held_ex, cfg.batch_size, cfg.eval_batches)
-    info = fingerprint_info(STAGE, cfg, seed=params.seed, model=params.model,
-                                     inputs={"sft": sha256_file(path), "expand": dir_sha256(src)},
-                                     extra={"dae_exit": params.dae_exit})
+    info = fingerprint_info(
+        STAGE,
+        cfg,
+        seed=params.seed,
+        model=params.model,
+        inputs={"sft": sha256_file(path), "expand": dir_sha256(src)},
+        extra={"dae_exit": params.dae_exit},
+    )
     checkpointer = Checkpointer(ws.checkpoints(STAGE), info)
-    result = train_loop(stage=STAGE, model=model, cfg=cfg, named_params=scope.named, stream=stream,
-                                 loss_fn=scope.loss_fn, val_batches=held_batches, eval_fn=multi_exit_eval,
-                                 checkpointer=checkpointer, callbacks=callbacks)
+    result = train_loop(
+        stage=STAGE,
+        model=model,
+        cfg=cfg,
+        named_params=scope.named,
+        stream=stream,
+        loss_fn=scope.loss_fn,
+        val_batches=held_batches,
+        eval_fn=multi_exit_eval,
+        checkpointer=checkpointer,
+        callbacks=callbacks,
+    )
     model.to("cpu")
 
     _check_other_members(model, scope)
-    metrics = _metrics(params, model, scope, result, examples=(train_stats, held_stats),
-                       heldout_rows=len(held_rows), held_batches=held_batches)
+    metrics = _metrics(
+        params,
+        model,
+        scope,
+        result,
+        examples=(train_stats, held_stats),
+        heldout_rows=len(held_rows),
+        held_batches=held_batches,
+    )
     if distributed.is_main():  # a data-parallel run writes from rank 0 alone
-        write_loss_curves(result.history, ws.plots(STAGE),
-                                   title=f"sft (scope={cfg.scope}): assistant-token loss per member")
+        write_loss_curves(
+            result.history, ws.plots(STAGE), title=f"sft (scope={cfg.scope}): assistant-token loss per member"
+        )
     for p in model.parameters():
         p.requires_grad_(True)
     if distributed.is_main():
         save_family(model, tokenizer, ws.artifacts(STAGE))
         write_metrics(params, STAGE, metrics)
-    log.info("sft: held-out loss per member %s -> %s",
-             {e: round(v, 3) for e, v in result.val_losses(0).items()},
-             {e: round(v, 3) for e, v in result.val_losses().items()})
+    log.info(
+        "sft: held-out loss per member %s -> %s",
+        {e: round(v, 3) for e, v in result.val_losses(0).items()},
+        {e: round(v, 3) for e, v in result.val_losses().items()},
+    )
     return metrics
 
 
@@ -114,9 +138,11 @@ def _training_scope(params: Params, model, src: Path, held_ex: dict) -> _Scope:
     if cfg.scope == "dae":
         d = params.dae_exit
         if d not in exits or model.config.num_dae_blocks(d) == 0:
-            raise StageError(f"sft.scope=dae: the model at {src} has no DaE blocks on member {d} "
-                             f"(exit_layers {exits}, dae_blocks {model.config.dae_blocks}); run the expand "
-                             f"stage first or set sft.scope=family")
+            raise StageError(
+                f"sft.scope=dae: the model at {src} has no DaE blocks on member {d} "
+                f"(exit_layers {exits}, dae_blocks {model.config.dae_blocks}); run the expand "
+                f"stage first or set sft.scope=family"
+            )
         named = freeze_for_dae(model, d)
         others = [e for e in exits if e != d]
         probe = held_ex["input_ids"][:2, :32]
@@ -138,12 +164,22 @@ def _check_other_members(model, scope: _Scope) -> None:
         return
     unchanged, changed = members_unchanged(model, scope.snapshot, scope.probe)
     if not unchanged:
-        raise StageError(f"sft: training changed tensors outside the DaE member's trainable set: "
-                         f"{changed[:8]} (nothing was written)")
+        raise StageError(
+            f"sft: training changed tensors outside the DaE member's trainable set: "
+            f"{changed[:8]} (nothing was written)"
+        )
 
 
-def _metrics(params: Params, model, scope: _Scope, result, *, examples: tuple, heldout_rows: int,
-             held_batches: list[dict]) -> dict[str, Any]:
+def _metrics(
+    params: Params,
+    model,
+    scope: _Scope,
+    result,
+    *,
+    examples: tuple,
+    heldout_rows: int,
+    held_batches: list[dict],
+) -> dict[str, Any]:
     """Held-out and train loss per member, the scope, parameter counts, example statistics and the
     loop's summary."""
     import torch
@@ -159,16 +195,22 @@ def _metrics(params: Params, model, scope: _Scope, result, *, examples: tuple, h
         if e in train:
             entry["train_loss"] = round(train[e], 6)
         metrics[f"exit_{e}"] = entry
-    metrics.update({
-        "scope": cfg.scope, "trained_members": scope.trained_members,
-        "trainable_params": count_params(p for _, p in scope.named),
-        "total_params": count_params(model.parameters()),
-        "examples": train_stats.to_dict(), "heldout_examples": held_stats.to_dict(),
-        "heldout_rows": heldout_rows,
-        "heldout_evaluated": sum(int(b["input_ids"].shape[0]) for b in held_batches),
-        **result.summary(), "seq_len": cfg.seq_len, "torch_threads": torch.get_num_threads(),
-        "ln_vocab": round(math.log(model.config.vocab_size), 4),
-    })
+    metrics.update(
+        {
+            "scope": cfg.scope,
+            "trained_members": scope.trained_members,
+            "trainable_params": count_params(p for _, p in scope.named),
+            "total_params": count_params(model.parameters()),
+            "examples": train_stats.to_dict(),
+            "heldout_examples": held_stats.to_dict(),
+            "heldout_rows": heldout_rows,
+            "heldout_evaluated": sum(int(b["input_ids"].shape[0]) for b in held_batches),
+            **result.summary(),
+            "seq_len": cfg.seq_len,
+            "torch_threads": torch.get_num_threads(),
+            "ln_vocab": round(math.log(model.config.vocab_size), 4),
+        }
+    )
     return metrics
 
 

@@ -33,9 +33,13 @@ def _validated(params: Params, name: str) -> Path:
 
 def _chat_lengths(tokenizer, sft: list[dict[str, Any]]) -> list[int]:
     """Token count of each SFT pair rendered with the chat template (what SFT trains on)."""
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]},
-                                            {"role": "assistant", "content": row["response"]}], tokenize=False)
-             for row in sft]
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}],
+            tokenize=False,
+        )
+        for row in sft
+    ]
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
@@ -46,11 +50,15 @@ def _check_chat_contract(tokenizer, row: dict[str, Any], where: str) -> None:
 
     user = {"role": "user", "content": row["prompt"]}
     prompt = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template([user, {"role": "assistant", "content": row["response"]}], tokenize=False)
-    if not full.startswith(prompt) or IM_END not in full[len(prompt):]:
-        raise StageError(f"the chat template of {where} does not render the generation prompt as a prefix of the "
-                         f"conversation followed by the response and {IM_END}; SFT cannot mask the prompt "
-                         f"(rendered: {full[:200]!r})")
+    full = tokenizer.apply_chat_template(
+        [user, {"role": "assistant", "content": row["response"]}], tokenize=False
+    )
+    if not full.startswith(prompt) or IM_END not in full[len(prompt) :]:
+        raise StageError(
+            f"the chat template of {where} does not render the generation prompt as a prefix of the "
+            f"conversation followed by the response and {IM_END}; SFT cannot mask the prompt "
+            f"(rendered: {full[:200]!r})"
+        )
 
 
 def _percentile(values: list[int], q: float) -> int:
@@ -61,8 +69,12 @@ def _percentile(values: list[int], q: float) -> int:
 def _compression(tokenizer, texts: list[str]) -> dict[str, float]:
     counts = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     chars = sum(len(t) for t in texts)
-    return {"docs": len(texts), "mean_tokens_per_doc": round(sum(counts) / len(counts), 2),
-            "chars_per_token": round(chars / max(1, sum(counts)), 4), "tokens": sum(counts)}
+    return {
+        "docs": len(texts),
+        "mean_tokens_per_doc": round(sum(counts) / len(counts), 2),
+        "chars_per_token": round(chars / max(1, sum(counts)), 4),
+        "tokens": sum(counts),
+    }
 
 
 def _check_round_trip(tokenizer, texts: list[str], where: str, strict: bool = True) -> int:
@@ -73,16 +85,28 @@ def _check_round_trip(tokenizer, texts: list[str], where: str, strict: bool = Tr
     failures = [(i, t, b) for i, (t, b) in enumerate(zip(texts, decoded)) if b != t]
     if failures and strict:
         index, text, back = failures[0]
-        raise StageError(f"tokenizer does not round-trip {where} item {index}: {text[:80]!r} -> {back[:80]!r}")
+        raise StageError(
+            f"tokenizer does not round-trip {where} item {index}: {text[:80]!r} -> {back[:80]!r}"
+        )
     if len(failures) > MAX_ROUND_TRIP_FAILURES * len(texts):
         index, text, back = failures[0]
-        raise StageError(f"the adopted tokenizer does not reproduce {len(failures)} of {len(texts)} {where} items "
-                         f"(more than {MAX_ROUND_TRIP_FAILURES:.0%}: more than normalization): first item {index} "
-                         f"{text[:80]!r} -> {back[:80]!r}")
+        raise StageError(
+            f"the adopted tokenizer does not reproduce {len(failures)} of {len(texts)} {where} items "
+            f"(more than {MAX_ROUND_TRIP_FAILURES:.0%}: more than normalization): first item {index} "
+            f"{text[:80]!r} -> {back[:80]!r}"
+        )
     if failures:
         index, text, back = failures[0]
-        log.warning("the adopted tokenizer does not reproduce %d of %d %s items exactly (it normalizes text); "
-                    "first: item %d %r -> %r", len(failures), len(texts), where, index, text[:80], back[:80])
+        log.warning(
+            "the adopted tokenizer does not reproduce %d of %d %s items exactly (it normalizes text); "
+            "first: item %d %r -> %r",
+            len(failures),
+            len(texts),
+            where,
+            index,
+            text[:80],
+            back[:80],
+        )
     return len(failures)
 
 
@@ -114,7 +138,9 @@ def run(params: Params) -> dict[str, Any]:
     texts = [r["text"] for r in corpus] + [t for r in sft for t in (r["prompt"], r["response"])]
     bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
     if bad is not None:
-        raise StageError(f"training text {bad} is not a string ({type(texts[bad]).__name__}): check the validated data")
+        raise StageError(
+            f"training text {bad} is not a string ({type(texts[bad]).__name__}): check the validated data"
+        )
     from ruyi_model.tokenizer import (  # heavy (transformers): after input checks
         adopt_tokenizer,
         load_tokenizer,
@@ -124,16 +150,23 @@ def run(params: Params) -> dict[str, Any]:
 
     source: dict[str, Any]
     if params.model.init_from:
-        log.info("model.init_from=%s: adopting that checkpoint's tokenizer (tokenizer.vocab_size and "
-                 "min_frequency are not used)", params.model.init_from)
+        log.info(
+            "model.init_from=%s: adopting that checkpoint's tokenizer (tokenizer.vocab_size and "
+            "min_frequency are not used)",
+            params.model.init_from,
+        )
         try:
             tokenizer, source = adopt_tokenizer(params.model.init_from)
         except ValueError as e:
             raise StageError(str(e)) from None
         source = {"kind": "init_from", **source}
     else:
-        log.info("training a byte-level BPE of %d tokens on %d texts (%d characters)",
-                 params.tokenizer.vocab_size, len(texts), sum(map(len, texts)))
+        log.info(
+            "training a byte-level BPE of %d tokens on %d texts (%d characters)",
+            params.tokenizer.vocab_size,
+            len(texts),
+            sum(map(len, texts)),
+        )
         try:
             tokenizer = train_tokenizer(texts, params.tokenizer.vocab_size, params.tokenizer.min_frequency)
         except ValueError as e:
@@ -150,11 +183,14 @@ def run(params: Params) -> dict[str, Any]:
             raise StageError(f"the saved tokenizer does not load correctly: {e}") from None
         fingerprint = tokenizer_fingerprint(loaded)
         if fingerprint != tokenizer_fingerprint(tokenizer):
-            raise StageError(f"the tokenizer saved to {out} reloads as a different tokenizer (fingerprint "
-                             f"{tokenizer_fingerprint(tokenizer)} -> {fingerprint})")
+            raise StageError(
+                f"the tokenizer saved to {out} reloads as a different tokenizer (fingerprint "
+                f"{tokenizer_fingerprint(tokenizer)} -> {fingerprint})"
+            )
         failures = _check_round_trip(loaded, [r["text"] for r in val], "corpus_val.jsonl", strict)
-        failures += _check_round_trip(loaded, [t for r in sft for t in (r["prompt"], r["response"])], "sft.jsonl",
-                                      strict)
+        failures += _check_round_trip(
+            loaded, [t for r in sft for t in (r["prompt"], r["response"])], "sft.jsonl", strict
+        )
         _check_chat_contract(loaded, sft[0], params.model.init_from or "the trained tokenizer")
         vocab = json.loads((tmp / "tokenizer.json").read_text())["model"]
         lengths = _chat_lengths(loaded, sft)
@@ -167,13 +203,21 @@ def run(params: Params) -> dict[str, Any]:
         "round_trip_failures": failures,
         "train": _compression(loaded, [r["text"] for r in corpus]),
         "val": _compression(loaded, [r["text"] for r in val]),
-        "sft_chat_tokens": {"mean": round(sum(lengths) / len(lengths), 2), "p95": _percentile(lengths, 0.95),
-                            "max": max(lengths), "over_seq_len": sum(1 for n in lengths if n > params.sft.seq_len)},
+        "sft_chat_tokens": {
+            "mean": round(sum(lengths) / len(lengths), 2),
+            "p95": _percentile(lengths, 0.95),
+            "max": max(lengths),
+            "over_seq_len": sum(1 for n in lengths if n > params.sft.seq_len),
+        },
     }
     if strict and metrics["vocab_size"] < params.tokenizer.vocab_size:
-        log.warning("the tokenizer has %d tokens, fewer than tokenizer.vocab_size=%d: the text has too few "
-                    "pairs occurring >= %d times", metrics["vocab_size"], params.tokenizer.vocab_size,
-                    params.tokenizer.min_frequency)
+        log.warning(
+            "the tokenizer has %d tokens, fewer than tokenizer.vocab_size=%d: the text has too few "
+            "pairs occurring >= %d times",
+            metrics["vocab_size"],
+            params.tokenizer.vocab_size,
+            params.tokenizer.min_frequency,
+        )
     _plot(params, lengths)
     write_metrics(params, "tokenizer", metrics)
     log.info("tokenizer: %s", metrics)

@@ -3,8 +3,8 @@
     python -m tasks.validate_data [--params params.yaml] [--set validate_data.on_violation=quarantine]
 
 Reads `data/raw/` (the five JSONL files and manifest.json). Writes `data/validated/` (the rows that passed,
-byte for byte, and a manifest), `data/quarantine/` (bad rows with their reasons, under `quarantine`; `sources.jsonl`: the bad user rows
-prepare_data set aside),
+byte for byte, and a manifest), `data/quarantine/` (bad rows with their reasons, under `quarantine`;
+`sources.jsonl`: the bad user rows prepare_data set aside),
 `reports/contracts/` (GX project and Data Docs), `metrics/validate_data.json`, `plots/validate_data/`.
 A violation raises `ContractViolation`, never retried. Choices: docs/choices.md#validate_data.
 """
@@ -85,9 +85,10 @@ def read_manifest(raw_dir: Path, files: list[str]) -> dict[str, Any]:
         elif sha256_file(file) != entry["sha256"]:
             problems.append(f"{file}: sha256 differs from {path} (the file changed after prepare_data)")
     if problems:
-        raise ContractViolation("raw data does not match its manifest:\n  " + "\n  ".join(problems),
-                                [{"suite": "manifest", "expectation": "sha256 and rows match manifest.json",
-                                  "rows": problems}])
+        raise ContractViolation(
+            "raw data does not match its manifest:\n  " + "\n  ".join(problems),
+            [{"suite": "manifest", "expectation": "sha256 and rows match manifest.json", "rows": problems}],
+        )
     return manifest
 
 
@@ -100,18 +101,26 @@ def load_rows(raw_dir: Path, name: str, manifest: dict[str, Any]) -> list[_Row]:
     path = raw_dir / name
     data = read_jsonl(path)
     with open(path, encoding="utf-8") as f:
-        lines = [(n, text if text.endswith("\n") else text + "\n") for n, text in enumerate(f, 1) if text.strip()]
+        lines = [
+            (n, text if text.endswith("\n") else text + "\n") for n, text in enumerate(f, 1) if text.strip()
+        ]
     if len(lines) != len(data):  # read_jsonl skips exactly the blank lines
         raise StageError(f"{path}: {len(data)} rows but {len(lines)} non-blank lines")
     expected = manifest["files"][name]["rows"]
     if expected != len(data):
-        raise ContractViolation(f"{path}: {len(data)} rows but manifest.json says {expected}",
-                                [{"suite": "manifest", "expectation": "rows match manifest.json", "rows": [str(path)]}])
+        raise ContractViolation(
+            f"{path}: {len(data)} rows but manifest.json says {expected}",
+            [{"suite": "manifest", "expectation": "rows match manifest.json", "rows": [str(path)]}],
+        )
     return [_Row(file=name, line=n, text=text, data=row) for (n, text), row in zip(lines, data)]
 
 
 def _reason(failure, detail: str | None = None) -> dict[str, Any]:
-    reason = {"expectation": failure.expectation, "column": failure.column, "description": failure.description}
+    reason = {
+        "expectation": failure.expectation,
+        "column": failure.column,
+        "description": failure.description,
+    }
     if detail:
         reason["detail"] = detail
     return reason
@@ -144,15 +153,18 @@ def quarantine_rows(dataset: _Dataset, failures: list) -> None:
             keep = next((label for label in labels if label not in dataset.reasons), None)
             for label in labels:
                 if label != keep:
-                    dataset.reasons.setdefault(label, []).append(_reason(f, f"duplicate of {keep or labels[0]}"))
+                    dataset.reasons.setdefault(label, []).append(
+                        _reason(f, f"duplicate of {keep or labels[0]}")
+                    )
 
 
 def _failure_records(suite: str, result, limit: int) -> list[dict[str, Any]]:
     return [{"suite": suite, **f.to_dict(max_rows=limit)} for f in result.failures]
 
 
-def _validate(ctx, params: Params, dataset: _Dataset, datasets: dict[str, _Dataset], labels: list[str],
-              run_name: str):
+def _validate(
+    ctx, params: Params, dataset: _Dataset, datasets: dict[str, _Dataset], labels: list[str], run_name: str
+):
     """Runs the suite of `dataset` on the rows `labels`; eval is checked against the kept training rows."""
     from data_contracts.suites import (
         CONTRACTS,
@@ -166,10 +178,15 @@ def _validate(ctx, params: Params, dataset: _Dataset, datasets: dict[str, _Datas
     contract = CONTRACTS[dataset.name]
     training_keys = corpus = None
     if contract.name == "eval":  # overlap with what passed in the training sets and the corpus
-        keys = (question_key(datasets[t].rows[label].data.get(CONTRACTS[t].question_field))
-                for t in TRAINING for label in datasets[t].kept)
+        keys = (
+            question_key(datasets[t].rows[label].data.get(CONTRACTS[t].question_field))
+            for t in TRAINING
+            for label in datasets[t].kept
+        )
         training_keys = [k for k in keys if k is not None]
-        corpus = normalized_corpus(datasets["corpus"].rows[label].data.get("text") for label in datasets["corpus"].kept)
+        corpus = normalized_corpus(
+            datasets["corpus"].rows[label].data.get("text") for label in datasets["corpus"].kept
+        )
     try:
         frame = build_frame(contract, [dataset.rows[label].data for label in labels], labels, corpus)
     except ValueError as e:
@@ -207,17 +224,25 @@ def run(params: Params) -> dict[str, Any]:
                     dataset.rows[f"{raw_dir / file}:{row.line}"] = row
             ctx.forget(name)
             result = _validate(ctx, params, dataset, datasets, list(dataset.rows), "raw")
-            suites[name] = {"expectations_evaluated": result.evaluated,
-                            "expectations_failed": len(result.failures),
-                            "failed": sorted({f.name for f in result.failures})}
+            suites[name] = {
+                "expectations_evaluated": result.evaluated,
+                "expectations_failed": len(result.failures),
+                "failed": sorted({f.name for f in result.failures}),
+            }
             if result.success:
                 continue
             where = f"{name} ({', '.join(files)})"
             table_level = [f.name for f in result.failures if not f.row_level]
             if settings.on_violation == "fail" or table_level:
-                why = "" if settings.on_violation == "fail" else f"; not attributable to rows: {', '.join(table_level)}"
-                errors.append(f"{where}: {len(result.failures)} of {result.evaluated} expectations failed{why}\n"
-                              + result.describe(sample))
+                why = (
+                    ""
+                    if settings.on_violation == "fail"
+                    else f"; not attributable to rows: {', '.join(table_level)}"
+                )
+                errors.append(
+                    f"{where}: {len(result.failures)} of {result.evaluated} expectations failed{why}\n"
+                    + result.describe(sample)
+                )
                 records += _failure_records(name, result, sample)
                 continue
             quarantine_rows(dataset, result.failures)
@@ -226,17 +251,25 @@ def run(params: Params) -> dict[str, Any]:
                 total = sum(1 for r in dataset.rows.values() if r.file == file)
                 bad = sum(1 for label in dataset.reasons if dataset.rows[label].file == file)
                 if bad > settings.max_quarantine_fraction * total:
-                    over.append(f"{raw_dir / file}: {bad} of {total} rows ({bad / total:.1%}) would be quarantined, "
-                                f"over validate_data.max_quarantine_fraction={settings.max_quarantine_fraction}")
+                    over.append(
+                        f"{raw_dir / file}: {bad} of {total} rows ({bad / total:.1%}) would be quarantined, "
+                        f"over validate_data.max_quarantine_fraction={settings.max_quarantine_fraction}"
+                    )
             if over:
-                errors.append(f"{where}: too many bad rows to quarantine\n  " + "\n  ".join(over)
-                              + "\n" + result.describe(sample))
+                errors.append(
+                    f"{where}: too many bad rows to quarantine\n  "
+                    + "\n  ".join(over)
+                    + "\n"
+                    + result.describe(sample)
+                )
                 records += _failure_records(name, result, sample)
                 continue
             log.info("%s: quarantining %d of %d rows", name, len(dataset.reasons), len(dataset.rows))
             recheck = _validate(ctx, params, dataset, datasets, dataset.kept, "validated")
             if not recheck.success:
-                errors.append(f"{where}: the rows kept after quarantine still fail\n" + recheck.describe(sample))
+                errors.append(
+                    f"{where}: the rows kept after quarantine still fail\n" + recheck.describe(sample)
+                )
                 records += _failure_records(name, recheck, sample)
     finally:
         try:  # the docs show what was validated, also when the stage fails
@@ -247,13 +280,16 @@ def run(params: Params) -> dict[str, Any]:
 
     if errors:
         raise ContractViolation(
-            f"data contract violated (validate_data.on_violation={settings.on_violation}); Data Docs: {docs}\n"
-            + "\n".join(errors), records)
+            f"data contract violated (validate_data.on_violation={settings.on_violation}); "
+            f"Data Docs: {docs}\n" + "\n".join(errors),
+            records,
+        )
     return _publish(params, raw_dir, manifest, datasets, suites, docs, source_rows)
 
 
-def read_source_quarantine(raw_dir: Path, manifest: dict[str, Any],
-                           on_violation: str) -> list[dict[str, Any]]:
+def read_source_quarantine(
+    raw_dir: Path, manifest: dict[str, Any], on_violation: str
+) -> list[dict[str, Any]]:
     """The bad user rows prepare_data set aside in quarantine mode (manifest `source_quarantine`).
 
     Raises:
@@ -265,9 +301,10 @@ def read_source_quarantine(raw_dir: Path, manifest: dict[str, Any],
         return []
     path = raw_dir / entry["file"]
     if not path.is_file() or sha256_file(path) != entry["sha256"]:
-        raise ContractViolation(f"{path}: missing or its sha256 differs from {raw_dir / 'manifest.json'}",
-                                [{"suite": "manifest", "expectation": "sha256 matches manifest.json",
-                                  "rows": [str(path)]}])
+        raise ContractViolation(
+            f"{path}: missing or its sha256 differs from {raw_dir / 'manifest.json'}",
+            [{"suite": "manifest", "expectation": "sha256 matches manifest.json", "rows": [str(path)]}],
+        )
     rows = read_jsonl(path)
     if on_violation == "fail":
         first = rows[0]
@@ -276,14 +313,26 @@ def read_source_quarantine(raw_dir: Path, manifest: dict[str, Any],
             f"validate_data.on_violation is fail; first: {first['where']}: "
             f"{first['reasons'][0]['description']} "
             f"(run prepare_data again with the same on_violation)",
-            [{"suite": "sources", "expectation": "user rows are valid",
-              "rows": [r["where"] for r in rows[:5]]}])
+            [
+                {
+                    "suite": "sources",
+                    "expectation": "user rows are valid",
+                    "rows": [r["where"] for r in rows[:5]],
+                }
+            ],
+        )
     return rows
 
 
-def _publish(params: Params, raw_dir: Path, manifest: dict[str, Any], datasets: dict[str, _Dataset],
-             suites: dict[str, dict[str, Any]], docs: Path,
-             source_rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def _publish(
+    params: Params,
+    raw_dir: Path,
+    manifest: dict[str, Any],
+    datasets: dict[str, _Dataset],
+    suites: dict[str, dict[str, Any]],
+    docs: Path,
+    source_rows: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     ws = Workspace.from_params(params)
     source_rows = source_rows or []
     per_file: dict[str, dict[str, int]] = {}
@@ -296,29 +345,57 @@ def _publish(params: Params, raw_dir: Path, manifest: dict[str, Any], datasets: 
                 bad = [label for label in labels if label in dataset.reasons]
                 if bad:
                     with open(out / file, "w", encoding="utf-8") as f:
-                        f.writelines(dataset.rows[label].text for label in labels if label not in dataset.reasons)
+                        f.writelines(
+                            dataset.rows[label].text for label in labels if label not in dataset.reasons
+                        )
                 else:
                     shutil.copyfile(raw_dir / file, out / file)
-                write_jsonl(qdir / f"{Path(file).stem}.jsonl", [
-                    {"file": file, "line": dataset.rows[label].line, "reasons": dataset.reasons[label],
-                     "row": dataset.rows[label].data} for label in bad])
+                write_jsonl(
+                    qdir / f"{Path(file).stem}.jsonl",
+                    [
+                        {
+                            "file": file,
+                            "line": dataset.rows[label].line,
+                            "reasons": dataset.reasons[label],
+                            "row": dataset.rows[label].data,
+                        }
+                        for label in bad
+                    ],
+                )
                 kept = len(labels) - len(bad)
-                files_entry[file] = {"rows": kept, "sha256": sha256_file(out / file), "bytes": (out / file).stat().st_size}
-                per_file[file] = {"rows_checked": len(labels), "rows_passed": kept, "rows_quarantined": len(bad)}
+                files_entry[file] = {
+                    "rows": kept,
+                    "sha256": sha256_file(out / file),
+                    "bytes": (out / file).stat().st_size,
+                }
+                per_file[file] = {
+                    "rows_checked": len(labels),
+                    "rows_passed": kept,
+                    "rows_quarantined": len(bad),
+                }
                 summary[file] = len(bad)
         validated = dict(manifest)
         validated["raw_files"] = manifest["files"]
         validated["files"] = files_entry
-        validated["validation"] = {"on_violation": params.validate_data.on_violation,
-                                   "quarantined": summary, "suites": sorted(suites)}
+        validated["validation"] = {
+            "on_violation": params.validate_data.on_violation,
+            "quarantined": summary,
+            "suites": sorted(suites),
+        }
         per_source: dict[str, int] = {}
         for row in source_rows:
             per_source[row["file"]] = per_source.get(row["file"], 0) + 1
         if source_rows:
             validated["validation"]["sources_quarantined"] = per_source
         write_jsonl(qdir / "sources.jsonl", source_rows)
-        write_json(qdir / "summary.json", {"quarantined": summary, "sources": per_source,
-                                           "on_violation": params.validate_data.on_violation})
+        write_json(
+            qdir / "summary.json",
+            {
+                "quarantined": summary,
+                "sources": per_source,
+                "on_violation": params.validate_data.on_violation,
+            },
+        )
         write_json(out / "manifest.json", validated)
     metrics = {
         "passed": True,
@@ -336,8 +413,13 @@ def _publish(params: Params, raw_dir: Path, manifest: dict[str, Any], datasets: 
     }
     write_metrics(params, STAGE, metrics)
     _plot(params, per_file)
-    log.info("validate_data: %d rows checked, %d quarantined, %d expectations evaluated; Data Docs: %s",
-             metrics["rows_checked"], metrics["rows_quarantined"], metrics["expectations_evaluated"], docs)
+    log.info(
+        "validate_data: %d rows checked, %d quarantined, %d expectations evaluated; Data Docs: %s",
+        metrics["rows_checked"],
+        metrics["rows_quarantined"],
+        metrics["expectations_evaluated"],
+        docs,
+    )
     return metrics
 
 

@@ -65,8 +65,10 @@ def decide_triton_interpret(environ, cuda_available: bool, triton_imported: bool
     """
     if "TRITON_INTERPRET" not in environ and not cuda_available:
         if triton_imported:
-            raise RuntimeError("tests/conftest.py: triton was imported before TRITON_INTERPRET could be set "
-                               "(a pytest plugin?); set TRITON_INTERPRET=1 in the environment instead")
+            raise RuntimeError(
+                "tests/conftest.py: triton was imported before TRITON_INTERPRET could be set "
+                "(a pytest plugin?); set TRITON_INTERPRET=1 in the environment instead"
+            )
         environ["TRITON_INTERPRET"] = "1"
 
 
@@ -85,17 +87,24 @@ torch.set_num_threads(1)
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "triton_interpreter: Triton on CPU tensors; needs TRITON_INTERPRET=1")
-    config.addinivalue_line("markers", "triton_cuda: compiled Triton kernels on CUDA; needs CUDA and no interpreter")
+    config.addinivalue_line(
+        "markers", "triton_cuda: compiled Triton kernels on CUDA; needs CUDA and no interpreter"
+    )
 
 
 def pytest_collection_modifyitems(config, items):
-    why = ("CUDA is available, so conftest left it unset and the kernels compile" if not TRITON_INTERPRET_FROM_USER
-           else f"it was set to {os.environ.get('TRITON_INTERPRET')!r} before the tests started")
+    why = (
+        "CUDA is available, so conftest left it unset and the kernels compile"
+        if not TRITON_INTERPRET_FROM_USER
+        else f"it was set to {os.environ.get('TRITON_INTERPRET')!r} before the tests started"
+    )
     skip_interp = pytest.mark.skip(reason=f"needs the Triton interpreter (TRITON_INTERPRET=1): {why}")
     if not CUDA_AVAILABLE:
         cuda_reason = "needs CUDA (compiled Triton kernels)"
     else:
-        cuda_reason = "TRITON_INTERPRET=1 is set: the CUDA tests need the compiled kernels, not the interpreter"
+        cuda_reason = (
+            "TRITON_INTERPRET=1 is set: the CUDA tests need the compiled kernels, not the interpreter"
+        )
     skip_cuda = pytest.mark.skip(reason=cuda_reason)
     for item in items:
         tier = next((t for t in TIERS if t in Path(str(item.fspath)).parent.parts[-1:]), None)
@@ -111,8 +120,12 @@ def pytest_collection_modifyitems(config, items):
 def triton_mode() -> SimpleNamespace:
     """How this session runs Triton: ``decide`` (the rule above), ``cuda_available``, ``from_user``
     (TRITON_INTERPRET was set before the tests started), ``interpreting``."""
-    return SimpleNamespace(decide=decide_triton_interpret, cuda_available=CUDA_AVAILABLE,
-                           from_user=TRITON_INTERPRET_FROM_USER, interpreting=TRITON_INTERPRETING)
+    return SimpleNamespace(
+        decide=decide_triton_interpret,
+        cuda_available=CUDA_AVAILABLE,
+        from_user=TRITON_INTERPRET_FROM_USER,
+        interpreting=TRITON_INTERPRETING,
+    )
 
 
 @pytest.fixture(scope="session")

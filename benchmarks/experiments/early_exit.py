@@ -39,7 +39,9 @@ def synthetic_example(rng: random.Random) -> tuple[list[int], list[int]]:
     return digits + [SEP], digits[::-1] + [END]
 
 
-def train_synthetic_family(steps: int, batch_size: int, hidden: int, seed: int, exits: list[int], lr: float = 3e-3):
+def train_synthetic_family(
+    steps: int, batch_size: int, hidden: int, seed: int, exits: list[int], lr: float = 3e-3
+):
     """A tiny family (L=8, one branch layer per non-deepest member) trained on digit reversal."""
     from tqdm.auto import tqdm
 
@@ -48,10 +50,21 @@ def train_synthetic_family(steps: int, batch_size: int, hidden: int, seed: int, 
 
     torch.manual_seed(seed)
     heads = max(2, hidden // 16)
-    cfg = FamilialConfig(vocab_size=16, hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 4 * 4,
-                         num_hidden_layers=8, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-                         head_dim=16, max_position_embeddings=64, exit_layers=exits, exit_branch_layers=1,
-                         pad_token_id=PAD, eos_token_id=END, bos_token_id=None)
+    cfg = FamilialConfig(
+        vocab_size=16,
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 8 / 3) // 4 * 4,
+        num_hidden_layers=8,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        head_dim=16,
+        max_position_embeddings=64,
+        exit_layers=exits,
+        exit_branch_layers=1,
+        pad_token_id=PAD,
+        eos_token_id=END,
+        bos_token_id=None,
+    )
     model = FamilialForCausalLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps // 10, steps, 0.1))
@@ -65,7 +78,7 @@ def train_synthetic_family(steps: int, batch_size: int, hidden: int, seed: int, 
         labels = torch.full((batch_size, width), -100, dtype=torch.long)
         for i, (p, r) in enumerate(rows):
             ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-            labels[i, len(p): len(p) + len(r)] = torch.tensor(r)  # loss on the answer only
+            labels[i, len(p) : len(p) + len(r)] = torch.tensor(r)  # loss on the answer only
         out = model(ids, labels=labels)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -82,7 +95,13 @@ class Workload:
     """Prompts, stop tokens and a scorer for one model."""
 
     def __init__(self, name: str, prompts: list[list[int]], stop_ids: list[int], pad_id: int, scorer):
-        self.name, self.prompts, self.stop_ids, self.pad_id, self.scorer = name, prompts, stop_ids, pad_id, scorer
+        self.name, self.prompts, self.stop_ids, self.pad_id, self.scorer = (
+            name,
+            prompts,
+            stop_ids,
+            pad_id,
+            scorer,
+        )
 
 
 def synthetic_workload(num_prompts: int, seed: int) -> Workload:
@@ -112,39 +131,63 @@ def pipeline_workload(checkpoint: Path, tokenizer, num_prompts: int, eval_file: 
             text = tokenizer.decode([t for t in new_ids if t not in stops], skip_special_tokens=True)
             return answers_match(extract_answer(text), str(rows[i]["answer"]))
 
-        return Workload(f"math exact match on {eval_file}", encode_prompts(tokenizer, [str(r["question"]) for r in rows]),
-                        stops, tokenizer.pad_token_id or 0, score)
+        return Workload(
+            f"math exact match on {eval_file}",
+            encode_prompts(tokenizer, [str(r["question"]) for r in rows]),
+            stops,
+            tokenizer.pad_token_id or 0,
+            score,
+        )
     print(f"note: {eval_file} not found: accuracy = agreement with the deepest member's greedy output")
     prompts = [f"What is {a} + {b}?" for a, b in zip(range(3, 3 + num_prompts), range(11, 11 + num_prompts))]
-    return Workload("agreement with the deepest member", encode_prompts(tokenizer, prompts), stops,
-                    tokenizer.pad_token_id or 0, lambda i, new: None)
+    return Workload(
+        "agreement with the deepest member",
+        encode_prompts(tokenizer, prompts),
+        stops,
+        tokenizer.pad_token_id or 0,
+        lambda i, new: None,
+    )
 
 
 # --- measurement --------------------------------------------------------------------------------
 def run_generate(model, ids: torch.Tensor, d: int, max_new: int, stops: list[int], pad_id: int):
     from transformers import GenerationConfig
 
-    gen_config = GenerationConfig(max_new_tokens=max_new, do_sample=False, num_beams=1, eos_token_id=stops,
-                                  pad_token_id=pad_id)
+    gen_config = GenerationConfig(
+        max_new_tokens=max_new, do_sample=False, num_beams=1, eos_token_id=stops, pad_token_id=pad_id
+    )
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(input_ids=ids, generation_config=gen_config, exit_layer=d)
     seconds = time.perf_counter() - start
-    new = out[0, ids.shape[1]:].tolist()
+    new = out[0, ids.shape[1] :].tolist()
     depth = len(model.member_layers(d))
     # rows: layer-position forwards, the prompt's prefill included (as dynamic_generate counts them)
-    return new, seconds, {"layers": depth * len(new), "rows": depth * (ids.shape[1] + len(new) - 1),
-                          "exits": {d: len(new)}}
+    return (
+        new,
+        seconds,
+        {"layers": depth * len(new), "rows": depth * (ids.shape[1] + len(new) - 1), "exits": {d: len(new)}},
+    )
 
 
-def run_dynamic(model, ids: torch.Tensor, threshold: float, kv_fill: str, criterion: str, max_new: int,
-                stops: list[int]):
+def run_dynamic(
+    model, ids: torch.Tensor, threshold: float, kv_fill: str, criterion: str, max_new: int, stops: list[int]
+):
     from ruyi_model.generation import dynamic_generate
 
-    out = dynamic_generate(model, ids, max_new, threshold, criterion=criterion, eos_token_id=stops, kv_fill=kv_fill)
-    new = out.sequences[0, ids.shape[1]:].tolist()
-    return new, out.seconds, {"layers": int(out.layers_run.sum()), "rows": int(out.layer_rows.sum()),
-                              "exits": out.tokens_per_member}
+    out = dynamic_generate(
+        model, ids, max_new, threshold, criterion=criterion, eos_token_id=stops, kv_fill=kv_fill
+    )
+    new = out.sequences[0, ids.shape[1] :].tolist()
+    return (
+        new,
+        out.seconds,
+        {
+            "layers": int(out.layers_run.sum()),
+            "rows": int(out.layer_rows.sum()),
+            "exits": out.tokens_per_member,
+        },
+    )
 
 
 @dataclass
@@ -184,13 +227,17 @@ def main(argv: list[str] | None = None) -> int:
     configs = build_configs(cfg.exit_layers, kv_fills, thresholds, never)
     warm_up(subject, configs, args.criterion)
     stats = measure(subject, configs, args.criterion, args.max_new_tokens)
-    print(f"\nmodel: {subject.source}; L={cfg.num_hidden_layers}, exits {cfg.exit_layers}, "
-          f"hidden {cfg.hidden_size}, vocab {cfg.vocab_size}; criterion {args.criterion}; "
-          f"{len(subject.workload.prompts)} prompts, "
-          f"<= {args.max_new_tokens} new tokens, batch 1, greedy, {args.threads} thread(s)")
-    print(f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, python {platform.python_version()}; "
-          f"accuracy = {subject.workload.name}")
+    print(
+        f"\nmodel: {subject.source}; L={cfg.num_hidden_layers}, exits {cfg.exit_layers}, "
+        f"hidden {cfg.hidden_size}, vocab {cfg.vocab_size}; criterion {args.criterion}; "
+        f"{len(subject.workload.prompts)} prompts, "
+        f"<= {args.max_new_tokens} new tokens, batch 1, greedy, {args.threads} thread(s)"
+    )
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, python {platform.python_version()}; "
+        f"accuracy = {subject.workload.name}"
+    )
     rows = table(configs, stats, cfg.exit_layers[-1], never is not None)
     print_verdicts(rows, kv_fills, cfg.exit_layers[-1])
     if args.json:
@@ -201,12 +248,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", type=Path, default=None,
-                    help="family checkpoint dir (default: artifacts/compress, else artifacts/sft, else synthetic)")
+    ap.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="family checkpoint dir (default: artifacts/compress, else artifacts/sft, else synthetic)",
+    )
     ap.add_argument("--synthetic", action="store_true", help="train and use the tiny synthetic family")
     ap.add_argument("--eval-file", type=Path, default=REPO / "data" / "validated" / "eval.jsonl")
-    ap.add_argument("--thresholds", default="0.5,0.8,0.9,0.95,0.99,0.999",
-                    help="comma-separated thresholds (max_prob: probabilities; entropy: nats)")
+    ap.add_argument(
+        "--thresholds",
+        default="0.5,0.8,0.9,0.95,0.99,0.999",
+        help="comma-separated thresholds (max_prob: probabilities; entropy: nats)",
+    )
     ap.add_argument("--criterion", default="max_prob", choices=["max_prob", "entropy"])
     ap.add_argument("--kv-fills", default="recompute,copy")
     ap.add_argument("--num-prompts", type=int, default=100)
@@ -216,7 +270,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--hidden", type=int, default=64, help="synthetic family: hidden size")
     ap.add_argument("--exits", default="1,4,8", help="synthetic family: member depths (L = 8)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: steadier timings)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (default 1: steadier timings)"
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the table as JSON here")
     args = ap.parse_args(argv)
     for name in ("num_prompts", "max_new_tokens", "train_steps", "train_batch", "threads"):
@@ -230,14 +286,24 @@ def load_subject(args: argparse.Namespace) -> Subject:
     prompts, or the synthetic family trained here and its digit-reversal prompts."""
     checkpoint = args.checkpoint
     if checkpoint is None and not args.synthetic:
-        checkpoint = next((REPO / p for p in ("artifacts/compress", "artifacts/sft") if (REPO / p / "config.json").exists()),
-                          None)
+        checkpoint = next(
+            (
+                REPO / p
+                for p in ("artifacts/compress", "artifacts/sft")
+                if (REPO / p / "config.json").exists()
+            ),
+            None,
+        )
     if checkpoint is None:
-        print(f"no pipeline checkpoint (artifacts/compress, artifacts/sft): training a tiny synthetic family "
-              f"({args.train_steps} steps, batch {args.train_batch}, hidden {args.hidden}) on digit reversal")
+        print(
+            f"no pipeline checkpoint (artifacts/compress, artifacts/sft): training a tiny synthetic family "
+            f"({args.train_steps} steps, batch {args.train_batch}, hidden {args.hidden}) on digit reversal"
+        )
         t0 = time.perf_counter()
         exits = [int(x) for x in args.exits.split(",")]
-        model, final_ce = train_synthetic_family(args.train_steps, args.train_batch, args.hidden, args.seed, exits)
+        model, final_ce = train_synthetic_family(
+            args.train_steps, args.train_batch, args.hidden, args.seed, exits
+        )
         print(f"trained in {time.perf_counter() - t0:.0f} s; final per-exit CE on answers: {final_ce}")
         return Subject(model, synthetic_workload(args.num_prompts, args.seed), "synthetic")
     from tasks.core.artifacts import load_family
@@ -248,8 +314,9 @@ def load_subject(args: argparse.Namespace) -> Subject:
     return Subject(model, workload, str(checkpoint))
 
 
-def build_configs(exits: list[int], kv_fills: list[str], thresholds: list[float],
-                  never: float | None) -> list[Config]:
+def build_configs(
+    exits: list[int], kv_fills: list[str], thresholds: list[float], never: float | None
+) -> list[Config]:
     """`generate` at every member, then per KV fill: a never-exiting threshold (max_prob) and each one."""
     configs = [Config(f"generate@{d}", "generate", exit_layer=d) for d in exits]
     for kv in kv_fills:
@@ -272,11 +339,23 @@ def measure(subject: Subject, configs: list[Config], criterion: str, max_new: in
     from tqdm.auto import tqdm
 
     workload, exits = subject.workload, subject.model.config.exit_layers
-    stats = {c.name: {"seconds": 0.0, "tokens": 0, "layers": 0, "rows": 0, "correct": 0, "scored": 0,
-                      "agree": 0, "exits": {d: 0 for d in exits}, "outputs": []} for c in configs}
+    stats = {
+        c.name: {
+            "seconds": 0.0,
+            "tokens": 0,
+            "layers": 0,
+            "rows": 0,
+            "correct": 0,
+            "scored": 0,
+            "agree": 0,
+            "exits": {d: 0 for d in exits},
+            "outputs": [],
+        }
+        for c in configs
+    }
     for i, prompt in enumerate(tqdm(workload.prompts, desc="prompts x configurations", leave=False)):
         ids = torch.tensor([prompt])
-        order = configs[i % len(configs):] + configs[: i % len(configs)]
+        order = configs[i % len(configs) :] + configs[: i % len(configs)]
         for config in order:
             new, seconds, info = config.run(subject.model, ids, criterion, max_new, workload)
             s = stats[config.name]
@@ -304,8 +383,10 @@ def table(configs: list[Config], stats: dict[str, dict], deepest: int, has_never
     reference = stats[f"generate@{deepest}"]
     base_gen = reference["tok_s"]
     rows = []
-    header = (f"{'configuration':<26} {'tok/s':>8} {'x gen':>6} {'x dyn':>6} {'acc':>6} {'d acc':>6} {'agree':>6} "
-              f"{'layers/tok':>10} {'rows/tok':>8}  exits %")
+    header = (
+        f"{'configuration':<26} {'tok/s':>8} {'x gen':>6} {'x dyn':>6} {'acc':>6} {'d acc':>6} {'agree':>6} "
+        f"{'layers/tok':>10} {'rows/tok':>8}  exits %"
+    )
     print(header)
     print("-" * len(header))
     acc_ref = reference["accuracy"]
@@ -315,31 +396,49 @@ def table(configs: list[Config], stats: dict[str, dict], deepest: int, has_never
         kv = config.kv_fill if config.kind == "dynamic" else None
         base_dyn = stats[f"dynamic {kv} never"]["tok_s"] if kv and has_never else None
         exits_pct = " ".join(f"{d}:{100 * n / max(1, s['tokens']):.0f}" for d, n in s["exits"].items())
-        row = {"configuration": name, "tokens_per_s": s["tok_s"], "speedup_vs_generate": s["tok_s"] / base_gen,
-               "speedup_vs_dynamic_never": s["tok_s"] / base_dyn if base_dyn else None,
-               "accuracy": s["accuracy"], "accuracy_delta": s["accuracy"] - acc_ref, "agreement": s["agree"],
-               "layers_per_token": s["layers"] / max(1, s["tokens"]), "rows_per_token": s["rows"] / max(1, s["tokens"]),
-               "exit_share": {d: n / max(1, s["tokens"]) for d, n in s["exits"].items()}, "tokens": s["tokens"]}
+        row = {
+            "configuration": name,
+            "tokens_per_s": s["tok_s"],
+            "speedup_vs_generate": s["tok_s"] / base_gen,
+            "speedup_vs_dynamic_never": s["tok_s"] / base_dyn if base_dyn else None,
+            "accuracy": s["accuracy"],
+            "accuracy_delta": s["accuracy"] - acc_ref,
+            "agreement": s["agree"],
+            "layers_per_token": s["layers"] / max(1, s["tokens"]),
+            "rows_per_token": s["rows"] / max(1, s["tokens"]),
+            "exit_share": {d: n / max(1, s["tokens"]) for d, n in s["exits"].items()},
+            "tokens": s["tokens"],
+        }
         rows.append(row)
         x_dyn = f"{row['speedup_vs_dynamic_never']:.2f}" if base_dyn else "-"
-        print(f"{name:<26} {s['tok_s']:>8.1f} {row['speedup_vs_generate']:>6.2f} {x_dyn:>6} {s['accuracy']:>6.3f} "
-              f"{row['accuracy_delta']:>+6.3f} {s['agree']:>6.3f} {row['layers_per_token']:>10.2f} "
-              f"{row['rows_per_token']:>8.2f}  {exits_pct}")
+        print(
+            f"{name:<26} {s['tok_s']:>8.1f} {row['speedup_vs_generate']:>6.2f} {x_dyn:>6} "
+            f"{s['accuracy']:>6.3f} "
+            f"{row['accuracy_delta']:>+6.3f} {s['agree']:>6.3f} {row['layers_per_token']:>10.2f} "
+            f"{row['rows_per_token']:>8.2f}  {exits_pct}"
+        )
     return rows
 
 
 def print_verdicts(rows: list[dict], kv_fills: list[str], deepest: int) -> None:
     """Per KV fill: the fastest threshold within 1 accuracy point of the deepest member, against 1.8x."""
     for kv in kv_fills:
-        ok = [r for r in rows if r["configuration"].startswith(f"dynamic {kv} ") and r["accuracy_delta"] >= -0.01
-              and not r["configuration"].endswith("never")]
+        ok = [
+            r
+            for r in rows
+            if r["configuration"].startswith(f"dynamic {kv} ")
+            and r["accuracy_delta"] >= -0.01
+            and not r["configuration"].endswith("never")
+        ]
         best = max(ok, key=lambda r: r["speedup_vs_generate"], default=None)
         if best is None:
             print(f"{kv}: no threshold keeps accuracy within 1 point of the deepest member")
         else:
             verdict = "meets" if best["speedup_vs_generate"] >= 1.8 else "misses"
-            print(f"{kv}: best within 1 point of accuracy: {best['configuration']} at "
-                  f"{best['speedup_vs_generate']:.2f}x over generate@{deepest} ({verdict} the 1.8x target)")
+            print(
+                f"{kv}: best within 1 point of accuracy: {best['configuration']} at "
+                f"{best['speedup_vs_generate']:.2f}x over generate@{deepest} ({verdict} the 1.8x target)"
+            )
 
 
 if __name__ == "__main__":

@@ -78,15 +78,44 @@ def worker(args) -> None:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
-    print(json.dumps(dict(impl=args.worker, B=rows, chunk_size=chunk, time_s=min(times),
-                          times_s=times, peak_extra_bytes=peak, mean_entropy=out[2].float().mean().item(),
-                          mean_max_prob=out[1].float().mean().item(), threads=torch.get_num_threads())))
+    print(
+        json.dumps(
+            dict(
+                impl=args.worker,
+                B=rows,
+                chunk_size=chunk,
+                time_s=min(times),
+                times_s=times,
+                peak_extra_bytes=peak,
+                mean_entropy=out[2].float().mean().item(),
+                mean_max_prob=out[1].float().mean().item(),
+                threads=torch.get_num_threads(),
+            )
+        )
+    )
 
 
 def _spawn(args, impl, rows, chunk_size) -> dict:
-    cmd = [sys.executable, __file__, "--worker", impl, "--device", args.device, "--dtype", args.dtype,
-           "--B", str(rows), "--D", str(args.D), "--V", str(args.V), "--repeats", str(args.repeats),
-           "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        impl,
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--B",
+        str(rows),
+        "--D",
+        str(args.D),
+        "--V",
+        str(args.V),
+        "--repeats",
+        str(args.repeats),
+        "--threads",
+        str(args.threads),
+    ]
     if chunk_size:
         cmd += ["--chunk-size", str(chunk_size)]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -97,20 +126,39 @@ def _spawn(args, impl, rows, chunk_size) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: fp32 CPU, bf16 CUDA)")
-    parser.add_argument("--B", type=int, nargs="+", default=None,
-                        help="rows (tokens) per call, one or more (default: 4096 CPU; 4096 and 64 CUDA)")
+    parser.add_argument(
+        "--dtype", default=None, help="float32 / bfloat16 / float16 (default: fp32 CPU, bf16 CUDA)"
+    )
+    parser.add_argument(
+        "--B",
+        type=int,
+        nargs="+",
+        default=None,
+        help="rows (tokens) per call, one or more (default: 4096 CPU; 4096 and 64 CUDA)",
+    )
     parser.add_argument("--D", type=int, default=None, help="hidden size (default: 512 CPU, 4096 CUDA)")
     parser.add_argument("--V", type=int, default=None, help="vocabulary (default: 32000 CPU, 128256 CUDA)")
     parser.add_argument("--impls", nargs="+", default=None, help="default: naive chunked, + triton on CUDA")
-    parser.add_argument("--chunk-sizes", nargs="+", type=int, default=[0],
-                        help="chunked path: rows per chunk to try (0 = library default)")
+    parser.add_argument(
+        "--chunk-sizes",
+        nargs="+",
+        type=int,
+        default=[0],
+        help="chunked path: rows per chunk to try (0 = library default)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per process, after one warm-up")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="processes per configuration, interleaved across impls; time = best call")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="processes per configuration, interleaved across impls; time = best call",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--chunk-size", type=int, default=None, help=argparse.SUPPRESS)
@@ -131,12 +179,17 @@ def main(argv=None) -> None:
         return
     impls = args.impls or (["naive", "chunked", "triton"] if args.device == "cuda" else ["naive", "chunked"])
 
-    print(f"exit_confidence  D={args.D} V={args.V} {args.dtype}  device={args.device}  "
-          f"host={platform.processor() or platform.machine()} cpus={os.cpu_count()}")
+    print(
+        f"exit_confidence  D={args.D} V={args.V} {args.dtype}  device={args.device}  "
+        f"host={platform.processor() or platform.machine()} cpus={os.cpu_count()}"
+    )
     all_rows = []
     for rows in args.B:
-        configs = [(impl, chunk_size or None) for impl in impls
-                   for chunk_size in (args.chunk_sizes if impl == "chunked" else [None])]
+        configs = [
+            (impl, chunk_size or None)
+            for impl in impls
+            for chunk_size in (args.chunk_sizes if impl == "chunked" else [None])
+        ]
         runs = {config: [] for config in configs}
         for _ in range(args.rounds):  # interleaved, so load changes hit every impl alike
             for config in configs:
@@ -148,16 +201,22 @@ def main(argv=None) -> None:
             r["times_s"] = [t for x in runs[config] for t in x["times_s"]]
             r["peak_extra_bytes"] = max(x["peak_extra_bytes"] for x in runs[config])
             results.append(r)
-            print(f"  B={rows:<6d} {r['impl']:8s} chunk={str(r['chunk_size'] or '-'):>6s}  time {r['time_s'] * 1e3:9.1f} ms"
-                  f"  peak extra {r['peak_extra_bytes'] / 2**20:8.1f} MiB  mean entropy {r['mean_entropy']:.5f}",
-                  flush=True)
+            print(
+                f"  B={rows:<6d} {r['impl']:8s} chunk={str(r['chunk_size'] or '-'):>6s}  "
+                f"time {r['time_s'] * 1e3:9.1f} ms"
+                f"  peak extra {r['peak_extra_bytes'] / 2**20:8.1f} MiB  "
+                f"mean entropy {r['mean_entropy']:.5f}",
+                flush=True,
+            )
         naive = next((r for r in results if r["impl"] == "naive"), None)
         if naive:
             for r in results:
                 if r is not naive:
-                    print(f"    {r['impl']:8s} chunk={str(r['chunk_size'] or '-'):>6s} vs naive: memory "
-                          f"{naive['peak_extra_bytes'] / max(r['peak_extra_bytes'], 1):6.1f}x less, "
-                          f"time {r['time_s'] / naive['time_s']:5.2f}x")
+                    print(
+                        f"    {r['impl']:8s} chunk={str(r['chunk_size'] or '-'):>6s} vs naive: memory "
+                        f"{naive['peak_extra_bytes'] / max(r['peak_extra_bytes'], 1):6.1f}x less, "
+                        f"time {r['time_s'] / naive['time_s']:5.2f}x"
+                    )
         all_rows += results
     print("JSON " + json.dumps(dict(args=vars(args), results=all_rows)))
 

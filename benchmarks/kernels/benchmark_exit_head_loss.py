@@ -108,22 +108,51 @@ def worker(args) -> None:
     except (torch.OutOfMemoryError, RuntimeError) as exc:  # CPU allocation failures are RuntimeErrors
         if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
             raise
-        print(json.dumps(dict(_failure_row(args.worker, args.chunk_size, args.K, "OOM",
-                                           str(exc).strip().splitlines()[0][:300]),
-                              threads=torch.get_num_threads())))
+        print(
+            json.dumps(
+                dict(
+                    _failure_row(
+                        args.worker, args.chunk_size, args.K, "OOM", str(exc).strip().splitlines()[0][:300]
+                    ),
+                    threads=torch.get_num_threads(),
+                )
+            )
+        )
         return
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = _maxrss_bytes() - rss_before
-    print(json.dumps(dict(impl=args.worker, chunk_size=args.chunk_size, K=args.K, status="ok", error=None,
-                          time_s=min(times), times_s=times, peak_extra_bytes=peak, loss=loss,
-                          threads=torch.get_num_threads())))
+    print(
+        json.dumps(
+            dict(
+                impl=args.worker,
+                chunk_size=args.chunk_size,
+                K=args.K,
+                status="ok",
+                error=None,
+                time_s=min(times),
+                times_s=times,
+                peak_extra_bytes=peak,
+                loss=loss,
+                threads=torch.get_num_threads(),
+            )
+        )
+    )
 
 
 def _failure_row(impl, chunk_size, num_exits, status, error) -> dict:
-    return dict(impl=impl, chunk_size=chunk_size, K=num_exits, status=status, error=error, time_s=None,
-                times_s=[], peak_extra_bytes=None, loss=None)
+    return dict(
+        impl=impl,
+        chunk_size=chunk_size,
+        K=num_exits,
+        status=status,
+        error=error,
+        time_s=None,
+        times_s=[],
+        peak_extra_bytes=None,
+        loss=None,
+    )
 
 
 def _classify_failure(returncode: int, stderr: str) -> tuple[str, str]:
@@ -143,17 +172,37 @@ def _classify_failure(returncode: int, stderr: str) -> tuple[str, str]:
 def _spawn(args, impl, chunk_size) -> dict:
     """Runs one worker; returns its row (``status`` "ok", "OOM" or "failed"), never raises on failure."""
     num_exits = 1 if impl == ONE_HEAD else args.K
-    cmd = [sys.executable, __file__, "--worker", impl, "--device", args.device, "--dtype", args.dtype,
-           "--K", str(num_exits), "--N", str(args.N), "--D", str(args.D), "--V", str(args.V),
-           "--repeats", str(args.repeats), "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        impl,
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--K",
+        str(num_exits),
+        "--N",
+        str(args.N),
+        "--D",
+        str(args.D),
+        "--V",
+        str(args.V),
+        "--repeats",
+        str(args.repeats),
+        "--threads",
+        str(args.threads),
+    ]
     if chunk_size:
         cmd += ["--chunk-size", str(chunk_size)]
     if args.per_exit_heads:
         cmd.append("--per-exit-heads")
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False,
-                             timeout=args.worker_timeout or None)
+        out = subprocess.run(
+            cmd, capture_output=True, text=True, env=env, check=False, timeout=args.worker_timeout or None
+        )
     except subprocess.TimeoutExpired:
         return _failure_row(impl, chunk_size, num_exits, "failed", f"timeout after {args.worker_timeout} s")
     if out.returncode != 0:
@@ -161,7 +210,9 @@ def _spawn(args, impl, chunk_size) -> dict:
     try:
         return json.loads(out.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
-        return _failure_row(impl, chunk_size, num_exits, "failed", f"no result line in the output: {out.stdout[-200:]!r}")
+        return _failure_row(
+            impl, chunk_size, num_exits, "failed", f"no result line in the output: {out.stdout[-200:]!r}"
+        )
 
 
 def _merge(runs: list[dict]) -> dict:
@@ -175,7 +226,9 @@ def _merge(runs: list[dict]) -> dict:
     merged["peak_extra_bytes"] = max(r["peak_extra_bytes"] for r in ok)
     failed = [r for r in runs if r["status"] != "ok"]
     if failed:  # e.g. an OOM in one round only: keep the figures, say so
-        merged["error"] = f"{len(failed)} of {len(runs)} rounds failed: {failed[0]['status']} {failed[0]['error']}"
+        merged["error"] = (
+            f"{len(failed)} of {len(runs)} rounds failed: {failed[0]['status']} {failed[0]['error']}"
+        )
     return merged
 
 
@@ -212,16 +265,21 @@ def summarize(rows: list[dict]) -> list[dict]:
         r["mem_vs_naive"] = _ratio(naive["peak_extra_bytes"], r["peak_extra_bytes"]) if naive and ok else None
         r["time_vs_naive"] = _ratio(r["time_s"], naive["time_s"]) if naive and ok else None
         r["mem_vs_one_head"] = _ratio(r["peak_extra_bytes"], one["peak_extra_bytes"]) if one and ok else None
-    print("summary (time: best run; memory: largest peak; vs naive: naive peak / impl peak and impl time / "
-          "naive time; vs one-head: impl peak / one-head peak, <= 1 meets the GPU target)")
+    print(
+        "summary (time: best run; memory: largest peak; vs naive: naive peak / impl peak and impl time / "
+        "naive time; vs one-head: impl peak / one-head peak, <= 1 meets the GPU target)"
+    )
     for r in rows:
         if r["status"] != "ok":
             print(f"  {_label(r)}  {_status_text(r)}")
             continue
-        print(f"  {_label(r)}  time {r['time_s']:8.3f} s  peak extra {r['peak_extra_bytes'] / 2**20:9.1f} MiB  "
-              f"| vs naive: memory {_fmt(r['mem_vs_naive'], '6.1f')}x less, time {_fmt(r['time_vs_naive'], '5.2f')}x "
-              f"| vs one-head: memory {_fmt(r['mem_vs_one_head'], '5.2f')}x"
-              + (f"  ({r['error']})" if r.get("error") else ""))
+        print(
+            f"  {_label(r)}  time {r['time_s']:8.3f} s  peak extra {r['peak_extra_bytes'] / 2**20:9.1f} MiB  "
+            f"| vs naive: memory {_fmt(r['mem_vs_naive'], '6.1f')}x less, "
+            f"time {_fmt(r['time_vs_naive'], '5.2f')}x "
+            f"| vs one-head: memory {_fmt(r['mem_vs_one_head'], '5.2f')}x"
+            + (f"  ({r['error']})" if r.get("error") else "")
+        )
     for r in rows:
         if r["impl"] not in ("triton", "chunked"):
             continue
@@ -230,35 +288,66 @@ def summarize(rows: list[dict]) -> list[dict]:
             continue
         mem = r["mem_vs_one_head"]
         speed = r["time_vs_naive"]
-        mem_txt = ("one-head not measured" if mem is None
-                   else f"peak {mem:.2f}x one materialised head ({'met' if mem <= 1 else 'missed'})")
-        speed_txt = ("naive not measured" if speed is None
-                     else f"time {speed:.2f}x naive ({'met' if speed <= 1 else 'missed'})")
+        mem_txt = (
+            "one-head not measured"
+            if mem is None
+            else f"peak {mem:.2f}x one materialised head ({'met' if mem <= 1 else 'missed'})"
+        )
+        speed_txt = (
+            "naive not measured"
+            if speed is None
+            else f"time {speed:.2f}x naive ({'met' if speed <= 1 else 'missed'})"
+        )
         print(f"  target ({r['impl']}, chunk={r['chunk_size'] or '-'}): {mem_txt}; {speed_txt}")
     return rows
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: fp32 CPU, bf16 CUDA)")
+    parser.add_argument(
+        "--dtype", default=None, help="float32 / bfloat16 / float16 (default: fp32 CPU, bf16 CUDA)"
+    )
     parser.add_argument("--K", type=int, default=None, help="exits (default: 4)")
     parser.add_argument("--N", type=int, default=None, help="tokens (default: 4096 CPU, 16384 CUDA)")
     parser.add_argument("--D", type=int, default=None, help="hidden size (default: 512 CPU, 4096 CUDA)")
     parser.add_argument("--V", type=int, default=None, help="vocabulary (default: 32000 CPU, 128256 CUDA)")
-    parser.add_argument("--impls", nargs="+", default=None, choices=IMPLS,
-                        help="impls to run (default: naive chunked one-head, + triton on CUDA); one-head = "
-                             "naive with K=1, the 'one materialised head' baseline")
-    parser.add_argument("--chunk-sizes", nargs="+", type=int, default=[0],
-                        help="chunked path: tokens per chunk to try (0 = library default)")
+    parser.add_argument(
+        "--impls",
+        nargs="+",
+        default=None,
+        choices=IMPLS,
+        help="impls to run (default: naive chunked one-head, + triton on CUDA); one-head = "
+        "naive with K=1, the 'one materialised head' baseline",
+    )
+    parser.add_argument(
+        "--chunk-sizes",
+        nargs="+",
+        type=int,
+        default=[0],
+        help="chunked path: tokens per chunk to try (0 = library default)",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per process, after one warm-up")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="processes per configuration, interleaved across impls; time = best run")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="processes per configuration, interleaved across impls; time = best run",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
-    parser.add_argument("--per-exit-heads", action="store_true", help="K x V x D heads instead of a shared V x D")
-    parser.add_argument("--worker-timeout", type=float, default=0,
-                        help="seconds per worker process before it is recorded as failed (0: no limit)")
+    parser.add_argument(
+        "--per-exit-heads", action="store_true", help="K x V x D heads instead of a shared V x D"
+    )
+    parser.add_argument(
+        "--worker-timeout",
+        type=float,
+        default=0,
+        help="seconds per worker process before it is recorded as failed (0: no limit)",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--chunk-size", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -276,14 +365,20 @@ def main(argv=None) -> None:
     if args.worker:
         worker(args)
         return
-    impls = args.impls or (["naive", "chunked", "triton", ONE_HEAD] if args.device == "cuda"
-                           else ["naive", "chunked", ONE_HEAD])
+    impls = args.impls or (
+        ["naive", "chunked", "triton", ONE_HEAD] if args.device == "cuda" else ["naive", "chunked", ONE_HEAD]
+    )
 
-    print(f"exit_head_loss forward+backward  K={args.K} N={args.N} D={args.D} V={args.V} {args.dtype} "
-          f"{'per-exit heads' if args.per_exit_heads else 'shared head'}  device={args.device}  "
-          f"host={platform.processor() or platform.machine()} cpus={os.cpu_count()}")
-    configs = [(impl, chunk_size or None) for impl in impls
-               for chunk_size in (args.chunk_sizes if impl == "chunked" else [None])]
+    print(
+        f"exit_head_loss forward+backward  K={args.K} N={args.N} D={args.D} V={args.V} {args.dtype} "
+        f"{'per-exit heads' if args.per_exit_heads else 'shared head'}  device={args.device}  "
+        f"host={platform.processor() or platform.machine()} cpus={os.cpu_count()}"
+    )
+    configs = [
+        (impl, chunk_size or None)
+        for impl in impls
+        for chunk_size in (args.chunk_sizes if impl == "chunked" else [None])
+    ]
     runs = {config: [] for config in configs}
     for round_index in range(args.rounds):  # interleaved, so load changes hit every impl alike
         for config in configs:
@@ -292,8 +387,11 @@ def main(argv=None) -> None:
             if r["status"] != "ok":
                 print(f"  round {round_index}  {_label(r)}  {_status_text(r)}", flush=True)
                 continue
-            print(f"  round {round_index}  {_label(r)}  time {r['time_s']:8.3f} s  "
-                  f"peak extra {r['peak_extra_bytes'] / 2**20:9.1f} MiB  loss {r['loss']:.6f}", flush=True)
+            print(
+                f"  round {round_index}  {_label(r)}  time {r['time_s']:8.3f} s  "
+                f"peak extra {r['peak_extra_bytes'] / 2**20:9.1f} MiB  loss {r['loss']:.6f}",
+                flush=True,
+            )
     rows = summarize([_merge(runs[config]) for config in configs])
     print("JSON " + json.dumps(dict(args=vars(args), results=rows)))
     if all(r["status"] != "ok" for r in rows):

@@ -19,9 +19,17 @@ def build_family(layers: int, hidden: int, exits: list[int], vocab: int):
     from ruyi_model import FamilialConfig, FamilialForCausalLM
 
     heads = max(1, hidden // 64)
-    cfg = FamilialConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), head_dim=64,
-                         max_position_embeddings=2048, exit_layers=exits)
+    cfg = FamilialConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        head_dim=64,
+        max_position_embeddings=2048,
+        exit_layers=exits,
+    )
     torch.manual_seed(0)
     return FamilialForCausalLM(cfg).eval()
 
@@ -29,8 +37,14 @@ def build_family(layers: int, hidden: int, exits: list[int], vocab: int):
 def time_member(model, ids: torch.Tensor, exit_layer: int, new_tokens: int) -> float:
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             exit_layer=exit_layer, pad_token_id=0)
+        out = model.generate(
+            ids,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            exit_layer=exit_layer,
+            pad_token_id=0,
+        )
     dt = time.perf_counter() - t0
     assert out.shape[1] == ids.shape[1] + new_tokens
     return new_tokens / dt
@@ -45,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: steadier timings)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (default 1: steadier timings)"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     exits = [int(x) for x in args.exits.split(",")]
@@ -59,8 +75,11 @@ def main(argv: list[str] | None = None) -> int:
             samples[d].append(time_member(model, ids, d, args.new_tokens))
     best = {d: max(v) for d, v in samples.items()}
     deepest = exits[-1]
-    print(f"family: L={args.layers} hidden={args.hidden} vocab={args.vocab} exits={exits}; "
-          f"{args.new_tokens} greedy tokens, batch 1, KV cache, best of {args.repeats}, {args.threads} thread(s)")
+    print(
+        f"family: L={args.layers} hidden={args.hidden} vocab={args.vocab} exits={exits}; "
+        f"{args.new_tokens} greedy tokens, batch 1, KV cache, best of {args.repeats}, "
+        f"{args.threads} thread(s)"
+    )
     print(f"{'exit':>5} {'tok/s':>9} {'median':>9} {'ratio':>7} {'L/d':>6} {'target':>7} {'met':>4}")
     failures = 0
     for d in exits:
@@ -69,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         target = 0.8 * ideal
         met = ratio >= target
         failures += not met
-        print(f"{d:>5} {best[d]:>9.1f} {statistics.median(samples[d]):>9.1f} {ratio:>7.2f} {ideal:>6.2f} "
-              f"{target:>7.2f} {'yes' if met else 'no':>4}")
+        print(
+            f"{d:>5} {best[d]:>9.1f} {statistics.median(samples[d]):>9.1f} {ratio:>7.2f} {ideal:>6.2f} "
+            f"{target:>7.2f} {'yes' if met else 'no':>4}"
+        )
     print(f"{len(exits) - failures}/{len(exits)} members meet 0.8 x (L/d)")
     return 0
 

@@ -65,8 +65,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def check_tokenizer_size(model, tokenizer, where: str | Path) -> None:
     """The model's vocabulary must cover every token id of the tokenizer."""
     if len(tokenizer) > model.config.vocab_size:
-        raise StageError(f"{where}: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
-                         f"{model.config.vocab_size} (tokenizer/model mismatch)")
+        raise StageError(
+            f"{where}: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+            f"{model.config.vocab_size} (tokenizer/model mismatch)"
+        )
 
 
 def check_tokenizer_matches(model, tokenizer, where: str | Path) -> None:
@@ -76,15 +78,19 @@ def check_tokenizer_matches(model, tokenizer, where: str | Path) -> None:
     check_tokenizer_size(model, tokenizer, where)
     recorded = getattr(model.config, TOKENIZER_FINGERPRINT_KEY, None)
     if not recorded:
-        log.warning("%s: the model records no tokenizer fingerprint (an artifact from before fingerprints were "
-                    "recorded): only the vocabulary size is checked; rerun the stage that made it to record one",
-                    where)
+        log.warning(
+            "%s: the model records no tokenizer fingerprint (an artifact from before fingerprints were "
+            "recorded): only the vocabulary size is checked; rerun the stage that made it to record one",
+            where,
+        )
         return
     actual = tokenizer_fingerprint(tokenizer)
     if actual != recorded:
-        raise StageError(f"{where}: the tokenizer is not the one the model was trained with (tokenizer/model "
-                         f"mismatch): the model's config records tokenizer fingerprint {recorded}, the tokenizer "
-                         f"files there have fingerprint {actual}")
+        raise StageError(
+            f"{where}: the tokenizer is not the one the model was trained with (tokenizer/model "
+            f"mismatch): the model's config records tokenizer fingerprint {recorded}, the tokenizer "
+            f"files there have fingerprint {actual}"
+        )
 
 
 def save_family(model, tokenizer, path: str | Path) -> Path:
@@ -96,8 +102,13 @@ def save_family(model, tokenizer, path: str | Path) -> Path:
     fingerprint = tokenizer_fingerprint(tokenizer)
     recorded = getattr(model.config, TOKENIZER_FINGERPRINT_KEY, None)
     if recorded and recorded != fingerprint:
-        log.warning("%s: the model was trained with tokenizer fingerprint %s and is saved with a tokenizer of "
-                    "fingerprint %s (recorded from now on)", path, recorded, fingerprint)
+        log.warning(
+            "%s: the model was trained with tokenizer fingerprint %s and is saved with a tokenizer of "
+            "fingerprint %s (recorded from now on)",
+            path,
+            recorded,
+            fingerprint,
+        )
     setattr(model.config, TOKENIZER_FINGERPRINT_KEY, fingerprint)
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)

@@ -152,11 +152,18 @@ def write_dvc_yaml(dvc_yaml: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.core.codedeps", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dvc-yaml", type=Path, default=REPO_ROOT / "dvc.yaml", help="default: the repo's dvc.yaml")
+    parser = argparse.ArgumentParser(
+        prog="python -m tasks.core.codedeps",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--dvc-yaml", type=Path, default=REPO_ROOT / "dvc.yaml", help="default: the repo's dvc.yaml"
+    )
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--check", action="store_true", help="exit 1 if dvc.yaml's code deps differ from the imports")
+    group.add_argument(
+        "--check", action="store_true", help="exit 1 if dvc.yaml's code deps differ from the imports"
+    )
     group.add_argument("--write", action="store_true", help="rewrite dvc.yaml's code deps from the imports")
     parser.add_argument("stage", nargs="?", help="print one stage's code dependencies")
     args = parser.parse_args(argv)

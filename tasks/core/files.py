@@ -75,12 +75,14 @@ def decode_utf8(data: bytes, where: str | Path) -> str:
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-        raise StageError(f"{where}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {column}: "
-                         f"{e.reason})") from None
+        raise StageError(
+            f"{where}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {column}: {e.reason})"
+        ) from None
 
 
 def iter_jsonl(lines, where: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yields `(line number, object)` for each non-blank JSONL line; a bad line is an error naming where:line."""
+    """Yields `(line number, object)` for each non-blank JSONL line; a bad line is an error naming
+    where:line."""
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -121,8 +123,18 @@ def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
 #: value depends on the machine or the run's history, not only on data, params, code and seeds.
 MEASURED_WORDS = frozenset({"s", "ms", "seconds", "time", "latency", "wall", "elapsed", "run_id"})
 #: Whole keys that are measured although no word of theirs says so.
-MEASURED_KEYS = frozenset({"resumed_from_step", "stale_checkpoint", "skipped_checkpoints", "run_id",
-                           "created", "device", "threads", "torch_threads"})
+MEASURED_KEYS = frozenset(
+    {
+        "resumed_from_step",
+        "stale_checkpoint",
+        "skipped_checkpoints",
+        "run_id",
+        "created",
+        "device",
+        "threads",
+        "torch_threads",
+    }
+)
 
 
 def is_measured(key: str) -> bool:

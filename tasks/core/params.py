@@ -39,19 +39,26 @@ class _Yaml12Loader(yaml.SafeLoader):
 
 # YAML 1.1's bool and float resolvers replaced by YAML 1.2's (core schema).
 _Yaml12Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers
-            if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    first: [
+        (tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")
+    ]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
 _Yaml12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 _Yaml12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
                   |[-+]?\.(?:inf|Inf|INF)
-                  |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."))
+                  |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
 
 
 def load_yaml(text: str) -> Any:
@@ -141,8 +148,10 @@ class ValidateParams(_Section):
     @model_validator(mode="after")
     def _check(self) -> ValidateParams:
         if self.min_question_chars > self.max_question_chars:
-            raise ValueError(f"validate_data.min_question_chars ({self.min_question_chars}) exceeds "
-                             f"max_question_chars ({self.max_question_chars})")
+            raise ValueError(
+                f"validate_data.min_question_chars ({self.min_question_chars}) exceeds "
+                f"max_question_chars ({self.max_question_chars})"
+            )
         return self
 
 
@@ -167,8 +176,10 @@ class ExitWeightSchedule(_Section):
     @model_validator(mode="after")
     def _check(self) -> ExitWeightSchedule:
         if self.kind != "constant" and self.floor > self.start:
-            raise ValueError(f"exit_weights.floor ({self.floor}) must be <= exit_weights.start ({self.start}): "
-                             f"the shallower members' weights decay")
+            raise ValueError(
+                f"exit_weights.floor ({self.floor}) must be <= exit_weights.start ({self.start}): "
+                f"the shallower members' weights decay"
+            )
         return self
 
 
@@ -240,8 +251,10 @@ class FamilySFTParams(TrainParams):
     @model_validator(mode="after")
     def _check_stages(self) -> FamilySFTParams:
         if self.stage1_steps >= self.max_steps:
-            raise ValueError(f"stage1_steps ({self.stage1_steps}) must be < max_steps ({self.max_steps}): "
-                             f"Stage II (math) needs at least one step")
+            raise ValueError(
+                f"stage1_steps ({self.stage1_steps}) must be < max_steps ({self.max_steps}): "
+                f"Stage II (math) needs at least one step"
+            )
         return self
 
 
@@ -263,7 +276,8 @@ class SFTParams(TrainParams):
 
 
 class BPPOParams(_Section):
-    """Binary Prefix Policy Optimization (Ruyi2.5); the rules the papers leave open are ours (tasks/training/rl_algos.py)."""
+    """Binary Prefix Policy Optimization (Ruyi2.5); the rules the papers leave open are ours
+    (tasks/training/rl_algos.py)."""
 
     # Which prefix of the two selected responses carries gradient: a fraction of each response's
     # length, its first k tokens, or the pair's common prefix plus the first diverging token.
@@ -312,8 +326,10 @@ class RLParams(_Section):
     @model_validator(mode="after")
     def _check(self) -> RLParams:
         if self.bppo.budget_min_tokens > self.max_new_tokens:
-            raise ValueError(f"rl.bppo.budget_min_tokens ({self.bppo.budget_min_tokens}) must be <= "
-                             f"rl.max_new_tokens ({self.max_new_tokens})")
+            raise ValueError(
+                f"rl.bppo.budget_min_tokens ({self.bppo.budget_min_tokens}) must be <= "
+                f"rl.max_new_tokens ({self.max_new_tokens})"
+            )
         return self
 
 
@@ -422,7 +438,9 @@ class StoreParams(_Section):
         if self.backend == "s3" and not self.bucket:
             raise ValueError("store.bucket is required when store.backend is s3")
         if self.endpoint_url is not None and not self.endpoint_url.startswith(("http://", "https://")):
-            raise ValueError(f"store.endpoint_url must start with http:// or https://, got {self.endpoint_url!r}")
+            raise ValueError(
+                f"store.endpoint_url must start with http:// or https://, got {self.endpoint_url!r}"
+            )
         return self
 
 
@@ -454,7 +472,8 @@ _RAY_WORKER_PORTS = range(10002, 20000)
 
 
 class DeployParams(_Section):
-    """Publishing `artifacts/export/` as a release and serving it (tasks/deploy.py, tasks/release/serving.py)."""
+    """Publishing `artifacts/export/` as a release and serving it (tasks/deploy.py,
+    tasks/release/serving.py)."""
 
     # Release name in the store (letters, digits, '.', '_', '-').
     model_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")] = "ruyi-tiny"
@@ -489,10 +508,14 @@ class DeployParams(_Section):
     @model_validator(mode="after")
     def _check(self) -> DeployParams:
         if self.port in _RAY_WORKER_PORTS:
-            raise ValueError(f"deploy.port {self.port} is in Ray's worker port range 10002-19999; pick another")
+            raise ValueError(
+                f"deploy.port {self.port} is in Ray's worker port range 10002-19999; pick another"
+            )
         if self.replica_num_cpus > self.ray_num_cpus and self.ray_address is None:
-            raise ValueError(f"deploy.replica_num_cpus ({self.replica_num_cpus}) exceeds deploy.ray_num_cpus "
-                             f"({self.ray_num_cpus}): the replica could never be scheduled")
+            raise ValueError(
+                f"deploy.replica_num_cpus ({self.replica_num_cpus}) exceeds deploy.ray_num_cpus "
+                f"({self.ray_num_cpus}): the replica could never be scheduled"
+            )
         return self
 
 
@@ -531,12 +554,16 @@ class Params(_Section):
                 section = getattr(self, name)
                 rows = section.batch_size * section.grad_accum
                 if rows < self.distributed.num_workers:
-                    raise ValueError(f"distributed.num_workers ({self.distributed.num_workers}) exceeds the global "
-                                     f"batch of {name} ({name}.batch_size x {name}.grad_accum = {rows} rows): every "
-                                     f"worker needs at least one row of each step")
+                    raise ValueError(
+                        f"distributed.num_workers ({self.distributed.num_workers}) exceeds the global "
+                        f"batch of {name} ({name}.batch_size x {name}.grad_accum = {rows} rows): every "
+                        f"worker needs at least one row of each step"
+                    )
         exits = self.model.exit_layers
         if self.expand.exit_layer is not None and self.expand.exit_layer not in exits:
-            raise ValueError(f"expand.exit_layer {self.expand.exit_layer} is not one of model.exit_layers {exits}")
+            raise ValueError(
+                f"expand.exit_layer {self.expand.exit_layer} is not one of model.exit_layers {exits}"
+            )
         if isinstance(self.rl.members, list):
             bad = [m for m in self.rl.members if m not in exits]
             if bad:

@@ -33,8 +33,13 @@ class Workspace:
     @classmethod
     def from_params(cls, params: Params) -> Workspace:
         p = params.paths
-        return cls(Path(p.data_dir), Path(p.artifacts_dir), Path(p.metrics_dir), Path(p.plots_dir),
-                   Path(p.reports_dir))
+        return cls(
+            Path(p.data_dir),
+            Path(p.artifacts_dir),
+            Path(p.metrics_dir),
+            Path(p.plots_dir),
+            Path(p.reports_dir),
+        )
 
     # --- data -----------------------------------------------------------------------------
     @property

@@ -58,8 +58,10 @@ def _signals_deferred() -> Iterator[None]:
         yield
         return
     received: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
-                for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+        for sig in (signal.SIGTERM, signal.SIGINT)
+    }
     try:
         yield
     finally:
@@ -79,8 +81,14 @@ class RayRuntime:
         log_to_driver: forward the workers' output to this process.
     """
 
-    def __init__(self, *, num_cpus: int | None = None, object_store_mib: int = 256, address: str | None = None,
-                 log_to_driver: bool = True):
+    def __init__(
+        self,
+        *,
+        num_cpus: int | None = None,
+        object_store_mib: int = 256,
+        address: str | None = None,
+        log_to_driver: bool = True,
+    ):
         self.num_cpus = num_cpus
         self.object_store_mib = object_store_mib
         self.address = address
@@ -92,7 +100,8 @@ class RayRuntime:
         self._running = False
 
     def start(self) -> RayRuntime:
-        """Connects to / starts Ray (nothing if this process already has it). Exceptions of `ray.init` pass."""
+        """Connects to / starts Ray (nothing if this process already has it). Exceptions of `ray.init`
+        pass."""
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         import ray
@@ -107,8 +116,13 @@ class RayRuntime:
         before = {p.pid for p in _children()}
         try:
             if self.address is None:
-                ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=self.log_to_driver,
-                         object_store_memory=self.object_store_mib << 20, configure_logging=False)
+                ray.init(
+                    num_cpus=self.num_cpus,
+                    include_dashboard=False,
+                    log_to_driver=self.log_to_driver,
+                    object_store_memory=self.object_store_mib << 20,
+                    configure_logging=False,
+                )
             else:
                 ray.init(address=self.address, log_to_driver=self.log_to_driver, configure_logging=False)
         except BaseException:  # e.g. an unreachable address: nothing half-started is left behind
@@ -173,8 +187,12 @@ class RayRuntime:
             return
         _, alive = psutil.wait_procs(processes, timeout=STOP_GRACE_S)
         if alive:
-            log.warning("Ray: %d process(es) still running %.0f s after shutdown; killing them: %s", len(alive),
-                        STOP_GRACE_S, ", ".join(f"{p.pid}" for p in alive))
+            log.warning(
+                "Ray: %d process(es) still running %.0f s after shutdown; killing them: %s",
+                len(alive),
+                STOP_GRACE_S,
+                ", ".join(f"{p.pid}" for p in alive),
+            )
             for p in alive:
                 with contextlib.suppress(psutil.Error):
                     p.kill()

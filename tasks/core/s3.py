@@ -33,11 +33,29 @@ DEFAULT_MAX_ATTEMPTS = 5
 RETRY_MODES = ("standard", "adaptive")
 
 # Error codes left after botocore's retries that may pass by themselves (retried by the flow).
-_TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Throttling",
-                    "ThrottlingException", "RequestTimeTooSkewed", "RequestLimitExceeded", "TooManyRequestsException",
-                    "500", "502", "503", "504"}
-_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
-                     "AuthorizationHeaderMalformed", "InvalidClientTokenId"}
+_TRANSIENT_CODES = {
+    "InternalError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "RequestTimeout",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeTooSkewed",
+    "RequestLimitExceeded",
+    "TooManyRequestsException",
+    "500",
+    "502",
+    "503",
+    "504",
+}
+_CREDENTIAL_CODES = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidToken",
+    "ExpiredToken",
+    "AuthorizationHeaderMalformed",
+    "InvalidClientTokenId",
+}
 _MISSING_KEY_CODES = {"NoSuchKey", "404", "NotFound"}
 
 
@@ -52,13 +70,23 @@ class TransientStoreError(StoreError, TransientError):
 
 
 def resolve_endpoint(endpoint_url: str | None = None) -> str | None:
-    """The endpoint a client will use: the argument, else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else None (AWS)."""
+    """The endpoint a client will use: the argument, else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else
+    None (AWS)."""
     return endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
-def s3_client(*, endpoint_url: str | None = None, region: str | None = None, access_key: str | None = None,
-              secret_key: str | None = None, connect_timeout_s: float = 5.0, read_timeout_s: float = 60.0,
-              max_attempts: int | None = None, retry_mode: str = "standard", addressing_style: str = "auto"):
+def s3_client(
+    *,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    access_key: str | None = None,
+    secret_key: str | None = None,
+    connect_timeout_s: float = 5.0,
+    read_timeout_s: float = 60.0,
+    max_attempts: int | None = None,
+    retry_mode: str = "standard",
+    addressing_style: str = "auto",
+):
     """A boto3 S3 client; retries, backoff and timeouts are botocore's configuration.
 
     Args:
@@ -84,13 +112,20 @@ def s3_client(*, endpoint_url: str | None = None, region: str | None = None, acc
     core = botocore.session.Session()
     if max_attempts is None:
         max_attempts = int(core.get_config_variable("max_attempts") or DEFAULT_MAX_ATTEMPTS)
-    session = boto3.session.Session(aws_access_key_id=access_key, aws_secret_access_key=secret_key,
-                                    region_name=region, botocore_session=core)
+    session = boto3.session.Session(
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+        region_name=region,
+        botocore_session=core,
+    )
     style = ("path" if endpoint else None) if addressing_style == "auto" else addressing_style
-    config = Config(connect_timeout=connect_timeout_s, read_timeout=read_timeout_s,
-                    retries={"mode": retry_mode, "max_attempts": max_attempts},
-                    s3={"addressing_style": style} if style else None,
-                    region_name=None if session.region_name else "us-east-1")
+    config = Config(
+        connect_timeout=connect_timeout_s,
+        read_timeout=read_timeout_s,
+        retries={"mode": retry_mode, "max_attempts": max_attempts},
+        s3={"addressing_style": style} if style else None,
+        region_name=None if session.region_name else "us-east-1",
+    )
     return session.client("s3", endpoint_url=endpoint, config=config)
 
 
@@ -112,8 +147,9 @@ def error_code(error: BaseException) -> str:
     return str(cause.response.get("Error", {}).get("Code", "")) if isinstance(cause, ClientError) else ""
 
 
-def translate_error(error: BaseException, what: str, *, endpoint: str | None, bucket: str,
-                    key: str | None = None) -> StoreError:
+def translate_error(
+    error: BaseException, what: str, *, endpoint: str | None, bucket: str, key: str | None = None
+) -> StoreError:
     """The StoreError / TransientStoreError for a boto3/botocore failure of `what` (see the module docstring).
 
     Args:
@@ -138,28 +174,38 @@ def translate_error(error: BaseException, what: str, *, endpoint: str | None, bu
         code, message = str(err.get("Code", "")), err.get("Message", "") or str(cause)
         status = int(cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
         if code in _CREDENTIAL_CODES:
-            return StoreError(f"{what}: the S3 credentials were rejected by {where} for bucket {bucket!r} ({code}: "
-                              f"{message}); check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the AWS profile")
+            return StoreError(
+                f"{what}: the S3 credentials were rejected by {where} for bucket {bucket!r} ({code}: "
+                f"{message}); check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the AWS profile"
+            )
         if code == "NoSuchBucket":
-            return StoreError(f"{what}: the bucket {bucket!r} does not exist at {where} (NoSuchBucket); create it "
-                              "first or fix the bucket name")
+            return StoreError(
+                f"{what}: the bucket {bucket!r} does not exist at {where} (NoSuchBucket); create it "
+                "first or fix the bucket name"
+            )
         if code in _MISSING_KEY_CODES and key is not None:
             return StoreError(f"{what}: s3://{bucket}/{key} does not exist at {where} ({code})")
         if code in ("AccessDenied", "403"):
-            return StoreError(f"{what}: access denied to s3://{bucket} at {where} ({code}); the credentials "
-                              "lack permission")
+            return StoreError(
+                f"{what}: access denied to s3://{bucket} at {where} ({code}); the credentials lack permission"
+            )
         if code in _TRANSIENT_CODES or status >= 500 or status == 429:
-            return TransientStoreError(f"{what}: the S3 endpoint {where} is unavailable right now "
-                                       f"({code or status}: {message})")
+            return TransientStoreError(
+                f"{what}: the S3 endpoint {where} is unavailable right now ({code or status}: {message})"
+            )
         return StoreError(f"{what}: S3 error at {where} for bucket {bucket!r} ({code}: {message})")
     if isinstance(cause, (EndpointConnectionError, ConnectTimeoutError, ConnectionClosedError)):
-        return TransientStoreError(f"{what}: cannot reach the S3 endpoint {where} ({cause}); is the server "
-                                   "running and the endpoint URL right?")
+        return TransientStoreError(
+            f"{what}: cannot reach the S3 endpoint {where} ({cause}); is the server "
+            "running and the endpoint URL right?"
+        )
     if isinstance(cause, ReadTimeoutError):
         return TransientStoreError(f"{what}: the S3 endpoint {where} did not answer in time ({cause})")
     if isinstance(cause, (NoCredentialsError, PartialCredentialsError)):
-        return StoreError(f"{what}: no usable AWS credentials for {where} (bucket {bucket!r}: {cause}); set "
-                          "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or an AWS profile")
+        return StoreError(
+            f"{what}: no usable AWS credentials for {where} (bucket {bucket!r}: {cause}); set "
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or an AWS profile"
+        )
     return StoreError(f"{what}: S3 failure at {where} for bucket {bucket!r}: {cause}")
 
 
@@ -177,5 +223,13 @@ def s3_errors(what: str, *, endpoint: str | None, bucket: str, key: str | None =
         raise translate_error(e, what, endpoint=endpoint, bucket=bucket, key=key) from None
 
 
-__all__ = ["StoreError", "TransientStoreError", "s3_client", "s3_errors", "translate_error", "error_code",
-           "resolve_endpoint", "DEFAULT_MAX_ATTEMPTS"]
+__all__ = [
+    "StoreError",
+    "TransientStoreError",
+    "s3_client",
+    "s3_errors",
+    "translate_error",
+    "error_code",
+    "resolve_endpoint",
+    "DEFAULT_MAX_ATTEMPTS",
+]

@@ -21,9 +21,6 @@ from tasks.core.params import Params, ParamsError, load_params
 log = logging.getLogger("ruyi")
 
 
-
-
-
 class StageError(RuntimeError):
     """A stage cannot proceed: bad input, a missing artifact. The message names the file/row/key."""
 
@@ -41,7 +38,9 @@ TRANSIENT_EXIT_CODE = 75  # EX_TEMPFAIL from sysexits.h: try again later
 
 def setup_logging(level: int = logging.INFO) -> None:
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        logging.basicConfig(
+            level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+        )
 
 
 def seed_everything(seed: int) -> None:
@@ -88,8 +87,9 @@ def resolve_threads(setting: int | str) -> tuple[int, str]:
         return int(setting), f"threads={setting}; {cpus} CPUs available to this process"
     omp = os.environ.get("OMP_NUM_THREADS", "").strip()
     if omp.isdigit() and int(omp) > 0:
-        return min(cpus, int(omp)), (f"threads=auto: {cpus} CPUs available to this process, "
-                                     f"OMP_NUM_THREADS={omp}")
+        return min(cpus, int(omp)), (
+            f"threads=auto: {cpus} CPUs available to this process, OMP_NUM_THREADS={omp}"
+        )
     return cpus, f"threads=auto: {cpus} CPUs available to this process"
 
 
@@ -108,13 +108,22 @@ def set_threads(setting: int | str) -> int:
     return threads
 
 
-def stage_main(name: str, doc: str, run: Callable[[Params], dict[str, Any] | None], argv: list[str] | None = None) -> int:
+def stage_main(
+    name: str, doc: str, run: Callable[[Params], dict[str, Any] | None], argv: list[str] | None = None
+) -> int:
     """The command line of every stage: parse, validate params, run, report errors clearly."""
-    parser = argparse.ArgumentParser(prog=f"python -m tasks.{name}", description=doc,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m tasks.{name}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a parameter, e.g. --set cpt.max_steps=10 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a parameter, e.g. --set cpt.max_steps=10 (repeatable)",
+    )
     args = parser.parse_args(argv)
     setup_logging()
     try:
@@ -130,8 +139,6 @@ def stage_main(name: str, doc: str, run: Callable[[Params], dict[str, Any] | Non
     except (ParamsError, StageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
-
-
 
 
 class ContractViolation(StageError):

@@ -23,15 +23,26 @@ from typing import Any
 from tasks.core.params import DataParams
 from tasks.data.sources import Document
 
-_SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip", "encodings", "site-packages",
-              "__pycache__", "dist-packages"}
-_WORDY_MIN = 0.6          # a paragraph is prose when >= 60% of its tokens are plain words
-_MAX_CODE_LOSS = 0.5      # a document that lost more than half its characters to code is dropped
+_SKIP_DIRS = {
+    "test",
+    "tests",
+    "idlelib",
+    "lib2to3",
+    "turtledemo",
+    "ensurepip",
+    "encodings",
+    "site-packages",
+    "__pycache__",
+    "dist-packages",
+}
+_WORDY_MIN = 0.6  # a paragraph is prose when >= 60% of its tokens are plain words
+_MAX_CODE_LOSS = 0.5  # a document that lost more than half its characters to code is dropped
 _MAX_NON_ASCII = 0.01
 _MIN_FUNCTION_WORDS = 0.08
 _FUNCTION_WORDS = frozenset(
     "the a an of to and or is are was be been in on at for with as by from that this it its if not "
-    "no can will when which than then there these those but into each all any may must should".split())
+    "no can will when which than then there these those but into each all any may must should".split()
+)
 _SHINGLE = 5
 _NUM_PERM, _BANDS = 64, 16
 _NEAR_DUP_JACCARD = 0.8
@@ -53,8 +64,10 @@ def stdlib_texts() -> Iterator[tuple[str, str]]:
     from tqdm.auto import tqdm
 
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted((p for p in root.rglob("*.py") if not _SKIP_DIRS.intersection(p.relative_to(root).parts[:-1])),
-                   key=lambda p: p.relative_to(root).as_posix())
+    files = sorted(
+        (p for p in root.rglob("*.py") if not _SKIP_DIRS.intersection(p.relative_to(root).parts[:-1])),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
     for path in tqdm(files, desc="prepare_data: stdlib docstrings", unit="file", leave=False):
         try:
             tree = ast.parse(path.read_bytes(), filename=str(path))
@@ -74,9 +87,13 @@ def stdlib_texts() -> Iterator[tuple[str, str]]:
 def _printable(text: str) -> str:
     """Drops control/format/private-use/unassigned characters (Unicode category C), keeps newlines."""
     text = text.replace("\t", " ").replace("\r\n", "\n").replace("\r", "\n")
-    return "\n".join(line if line.isprintable() else  # fast path; isprintable() is also False for
-                     "".join(ch for ch in line if not unicodedata.category(ch).startswith("C"))  # Zs != " "
-                     for line in text.split("\n"))
+    return "\n".join(
+        line
+        if line.isprintable()
+        # fast path; isprintable() is also False for
+        else "".join(ch for ch in line if not unicodedata.category(ch).startswith("C"))  # Zs != " "
+        for line in text.split("\n")
+    )
 
 
 def _is_prose(paragraph: str) -> bool:
@@ -93,8 +110,13 @@ def _is_english(text: str) -> bool:
     return bool(words) and sum(1 for w in words if w in _FUNCTION_WORDS) >= _MIN_FUNCTION_WORDS * len(words)
 
 
-def clean_document(text: str, *, prose_only: bool, sensitive: re.Pattern[str] | None = None,
-                   stats: Counter[str] | None = None) -> tuple[list[str], str | None]:
+def clean_document(
+    text: str,
+    *,
+    prose_only: bool,
+    sensitive: re.Pattern[str] | None = None,
+    stats: Counter[str] | None = None,
+) -> tuple[list[str], str | None]:
     """Cleans one raw text into paragraphs.
 
     Args:
@@ -170,7 +192,7 @@ def _shingles(text: str) -> set[str]:
     words = re.findall(r"\w+", text.lower())
     if len(words) < _SHINGLE:
         return {" ".join(words)}
-    return {" ".join(words[i:i + _SHINGLE]) for i in range(len(words) - _SHINGLE + 1)}
+    return {" ".join(words[i : i + _SHINGLE]) for i in range(len(words) - _SHINGLE + 1)}
 
 
 def _hash64(data: bytes) -> int:
@@ -206,10 +228,12 @@ def deduplicate(docs: list[Document]) -> tuple[list[Document], dict[str, int]]:
         hashes = np.fromiter((_hash64(s.encode()) for s in shingles), dtype=np.uint64, count=len(shingles))
         with np.errstate(over="ignore"):
             signature = (hashes[None, :] * mult[:, None] + add[:, None]).min(axis=1)
-        band_keys = [(b, signature[b * rows:(b + 1) * rows].tobytes()) for b in range(_BANDS)]
+        band_keys = [(b, signature[b * rows : (b + 1) * rows].tobytes()) for b in range(_BANDS)]
         candidates = {i for key in band_keys for i in buckets.get(key, ())}
-        if any(len(shingles & shingle_sets[i]) / len(shingles | shingle_sets[i]) >= _NEAR_DUP_JACCARD
-               for i in sorted(candidates)):
+        if any(
+            len(shingles & shingle_sets[i]) / len(shingles | shingle_sets[i]) >= _NEAR_DUP_JACCARD
+            for i in sorted(candidates)
+        ):
             near += 1
             continue
         index = len(kept)
@@ -220,8 +244,13 @@ def deduplicate(docs: list[Document]) -> tuple[list[Document], dict[str, int]]:
     return kept, {"exact_duplicates": exact, "near_duplicates": near}
 
 
-def build_corpus(raw: Iterable[tuple[str, str]], data: DataParams, *, prose_only: bool,
-                 sensitive: re.Pattern[str] | None = None) -> tuple[list[Document], dict[str, Any]]:
+def build_corpus(
+    raw: Iterable[tuple[str, str]],
+    data: DataParams,
+    *,
+    prose_only: bool,
+    sensitive: re.Pattern[str] | None = None,
+) -> tuple[list[Document], dict[str, Any]]:
     """Cleans, cuts and de-duplicates raw `(source, text)` pairs into corpus documents (in order)."""
     stats: Counter[str] = Counter()
     per_source: Counter[str] = Counter()
@@ -239,7 +268,11 @@ def build_corpus(raw: Iterable[tuple[str, str]], data: DataParams, *, prose_only
     stats.update(dup)
     for doc in kept:
         per_source[doc.source] += 1
-    return kept, {**dict(sorted(stats.items())), "documents": len(kept), "per_source": dict(sorted(per_source.items()))}
+    return kept, {
+        **dict(sorted(stats.items())),
+        "documents": len(kept),
+        "per_source": dict(sorted(per_source.items())),
+    }
 
 
 @functools.lru_cache(maxsize=2)

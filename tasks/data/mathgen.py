@@ -84,7 +84,7 @@ def extract_answer(text: str | None) -> str | None:
     idx = text.rfind(ANSWER_MARKER)
     if idx < 0:
         return None
-    line = text[idx + len(ANSWER_MARKER):].split("\n", 1)[0]
+    line = text[idx + len(ANSWER_MARKER) :].split("\n", 1)[0]
     match = _NUMBER_RE.search(line)
     if match is None:
         return None
@@ -124,7 +124,7 @@ def is_well_formed(text: str) -> bool:
     idx = text.rfind(ANSWER_MARKER)
     if idx < 0 or "\n" in text[idx:]:
         return False
-    return parse_number(text[idx + len(ANSWER_MARKER):]) is not None
+    return parse_number(text[idx + len(ANSWER_MARKER) :]) is not None
 
 
 def answers_match(pred: str | None, gold: str) -> bool:
@@ -184,18 +184,79 @@ class Problem:
 
 
 _NAMES = [
-    ("Ava", "she"), ("Liam", "he"), ("Maya", "she"), ("Noah", "he"), ("Zoe", "she"), ("Ethan", "he"),
-    ("Lucy", "she"), ("Omar", "he"), ("Nina", "she"), ("Ravi", "he"), ("Sara", "she"), ("Diego", "he"),
-    ("Hana", "she"), ("Felix", "he"), ("Iris", "she"), ("Jonas", "he"), ("Keiko", "she"), ("Mateo", "he"),
-    ("Priya", "she"), ("Tariq", "he"), ("Elena", "she"), ("Kofi", "he"), ("Mei", "she"), ("Lars", "he"),
-    ("Amara", "she"), ("Pablo", "he"), ("Greta", "she"), ("Yusuf", "he"), ("Chloe", "she"), ("Ben", "he"),
-    ("Fatima", "she"), ("Hugo", "he"), ("Ines", "she"), ("Kai", "he"), ("Leah", "she"), ("Marco", "he"),
+    ("Ava", "she"),
+    ("Liam", "he"),
+    ("Maya", "she"),
+    ("Noah", "he"),
+    ("Zoe", "she"),
+    ("Ethan", "he"),
+    ("Lucy", "she"),
+    ("Omar", "he"),
+    ("Nina", "she"),
+    ("Ravi", "he"),
+    ("Sara", "she"),
+    ("Diego", "he"),
+    ("Hana", "she"),
+    ("Felix", "he"),
+    ("Iris", "she"),
+    ("Jonas", "he"),
+    ("Keiko", "she"),
+    ("Mateo", "he"),
+    ("Priya", "she"),
+    ("Tariq", "he"),
+    ("Elena", "she"),
+    ("Kofi", "he"),
+    ("Mei", "she"),
+    ("Lars", "he"),
+    ("Amara", "she"),
+    ("Pablo", "he"),
+    ("Greta", "she"),
+    ("Yusuf", "he"),
+    ("Chloe", "she"),
+    ("Ben", "he"),
+    ("Fatima", "she"),
+    ("Hugo", "he"),
+    ("Ines", "she"),
+    ("Kai", "he"),
+    ("Leah", "she"),
+    ("Marco", "he"),
 ]
-_GOODS = ["apples", "notebooks", "pencils", "oranges", "stickers", "candles", "mugs", "books", "pens",
-          "cookies", "socks", "plates", "batteries", "markers", "lemons", "rolls of tape", "postcards",
-          "bags of rice", "jars of honey", "packs of cards"]
-_SHARED = ["marbles", "candies", "stickers", "cards", "strawberries", "crayons", "beads", "stamps",
-           "cookies", "seashells", "buttons", "grapes"]
+_GOODS = [
+    "apples",
+    "notebooks",
+    "pencils",
+    "oranges",
+    "stickers",
+    "candles",
+    "mugs",
+    "books",
+    "pens",
+    "cookies",
+    "socks",
+    "plates",
+    "batteries",
+    "markers",
+    "lemons",
+    "rolls of tape",
+    "postcards",
+    "bags of rice",
+    "jars of honey",
+    "packs of cards",
+]
+_SHARED = [
+    "marbles",
+    "candies",
+    "stickers",
+    "cards",
+    "strawberries",
+    "crayons",
+    "beads",
+    "stamps",
+    "cookies",
+    "seashells",
+    "buttons",
+    "grapes",
+]
 _VEHICLES = ["train", "car", "bus", "cyclist", "truck", "boat", "van", "runner"]
 _UNITS = ["km", "miles"]
 _GAMES = ["chess", "football", "tennis", "basketball", "the piano", "the violin", "volleyball", "badminton"]
@@ -255,15 +316,24 @@ def _shopping(rng: random.Random, level: int) -> tuple[str, _Solution, Fraction]
     listed = parts[0] if kinds == 1 else ", ".join(parts[:-1]) + f" and {parts[-1]}"
     sentences = [f"{name} buys {listed}."]
     sol = _Solution()
-    costs = [sol.step(f"The {g} cost ", f"{c}*{_n(p)}", c * p, " dollars.") for c, g, p in zip(counts, goods, prices)]
+    costs = [
+        sol.step(f"The {g} cost ", f"{c}*{_n(p)}", c * p, " dollars.")
+        for c, g, p in zip(counts, goods, prices)
+    ]
     total = costs[0]
     if kinds > 1:
-        total = sol.step("In total that is ", "+".join(_n(c) for c in costs), sum(costs, Fraction(0)), " dollars.")
+        total = sol.step(
+            "In total that is ", "+".join(_n(c) for c in costs), sum(costs, Fraction(0)), " dollars."
+        )
     if level == 5:
         discount = rng.choice([10, 20, 25, 50])
         sentences.append(f"The shop takes {discount}% off the whole bill.")
-        total = sol.step("After the discount the bill is ", f"{_n(total)}*(100-{discount})/100",
-                         total * (100 - discount) / 100, " dollars.")
+        total = sol.step(
+            "After the discount the bill is ",
+            f"{_n(total)}*(100-{discount})/100",
+            total * (100 - discount) / 100,
+            " dollars.",
+        )
         _money(total)  # whole cents only
     if level >= 3:
         bill = next((b for b in (20, 50, 100, 200, 500, 1000, 2000) if b >= total + 1), None)
@@ -271,7 +341,9 @@ def _shopping(rng: random.Random, level: int) -> tuple[str, _Solution, Fraction]
             raise _Reject
         sentences.append(f"{pron.capitalize()} pays with a ${bill} bill.")
         sentences.append(f"How much change does {pron} get, in dollars?")
-        answer = sol.step(f"{pron.capitalize()} gets ", f"{bill}-{_n(total)}", bill - total, " dollars in change.")
+        answer = sol.step(
+            f"{pron.capitalize()} gets ", f"{bill}-{_n(total)}", bill - total, " dollars in change."
+        )
     else:
         sentences.append(f"How much does {pron} spend in total, in dollars?")
         answer = total
@@ -305,8 +377,12 @@ def _travel(rng: random.Random, level: int) -> tuple[str, _Solution, Fraction]:
         distances.append(sol.step(which, f"{speed}*{_n(h)}", speed * h, f" {unit}."))
     total = distances[0]
     if legs > 1:
-        total = sol.step("Altogether it covers ", "+".join(_n(d) for d in distances),
-                         sum(distances, Fraction(0)), f" {unit}.")
+        total = sol.step(
+            "Altogether it covers ",
+            "+".join(_n(d) for d in distances),
+            sum(distances, Fraction(0)),
+            f" {unit}.",
+        )
     if level in (3, 5):
         trip = int(total) + rng.randint(5, 40 * level)
         sentences.append(f"The whole trip is {trip} {unit} long.")
@@ -314,9 +390,12 @@ def _travel(rng: random.Random, level: int) -> tuple[str, _Solution, Fraction]:
         answer = sol.step("The distance left is ", f"{trip}-{_n(total)}", trip - total, f" {unit}.")
     elif level == 4:
         sentences.append(f"What is its average speed over the whole journey, in {unit} per hour?")
-        time_total = sol.step("The journey takes ", "+".join(_n(h) for h in hours), sum(hours, Fraction(0)), " hours.")
-        answer = sol.step("The average speed is ", f"{_n(total)}/{_n(time_total)}", total / time_total,
-                          f" {unit} per hour.")
+        time_total = sol.step(
+            "The journey takes ", "+".join(_n(h) for h in hours), sum(hours, Fraction(0)), " hours."
+        )
+        answer = sol.step(
+            "The average speed is ", f"{_n(total)}/{_n(time_total)}", total / time_total, f" {unit} per hour."
+        )
     else:
         sentences.append(f"How many {unit} does it travel in total?")
         answer = total
@@ -329,12 +408,15 @@ def _ages(rng: random.Random, level: int) -> tuple[str, _Solution, Fraction]:
     older = rng.randint(2, 6 + 3 * level)
     if level == 1:
         age_b = rng.randint(3, 40)
-        q = (f"{a} is {older} years older than {b}. {b} is {age_b} years old. How old is {a}?")
+        q = f"{a} is {older} years older than {b}. {b} is {age_b} years old. How old is {a}?"
         return q, sol, sol.step(f"{a} is ", f"{age_b}+{older}", Fraction(age_b + older), " years old.")
     times = rng.randint(2, 4)
     age_c = rng.randint(2, 6 + 2 * level)
-    sentences = [f"{a} is {older} years older than {b}.", f"{b} is {times} times as old as {c}.",
-                 f"{c} is {age_c} years old."]
+    sentences = [
+        f"{a} is {older} years older than {b}.",
+        f"{b} is {times} times as old as {c}.",
+        f"{c} is {age_c} years old.",
+    ]
     age_b = sol.step(f"{b} is ", f"{times}*{age_c}", Fraction(times * age_c), " years old.")
     age_a = sol.step(f"{a} is ", f"{_n(age_b)}+{older}", age_b + older, " years old.")
     if level == 2:
@@ -343,16 +425,27 @@ def _ages(rng: random.Random, level: int) -> tuple[str, _Solution, Fraction]:
     if level == 3:
         years = rng.randint(2, 15)
         sentences.append(f"How old will {a} be in {years} years?")
-        return " ".join(sentences), sol, sol.step(f"In {years} years {a} will be ", f"{_n(age_a)}+{years}",
-                                                  age_a + years, " years old.")
-    total = sol.step("Together they are ", f"{_n(age_a)}+{_n(age_b)}+{age_c}", age_a + age_b + age_c, " years old.")
+        return (
+            " ".join(sentences),
+            sol,
+            sol.step(f"In {years} years {a} will be ", f"{_n(age_a)}+{years}", age_a + years, " years old."),
+        )
+    total = sol.step(
+        "Together they are ", f"{_n(age_a)}+{_n(age_b)}+{age_c}", age_a + age_b + age_c, " years old."
+    )
     if level == 4:
         sentences.append("What is the sum of their three ages?")
         return " ".join(sentences), sol, total
     years = rng.randint(2, 12)
     sentences.append(f"What will the sum of their three ages be in {years} years?")
-    gain = sol.step("Each of the three gains the same years, so the sum grows by ", f"3*{years}", Fraction(3 * years), ".")
-    return " ".join(sentences), sol, sol.step("The sum will be ", f"{_n(total)}+{_n(gain)}", total + gain, " years.")
+    gain = sol.step(
+        "Each of the three gains the same years, so the sum grows by ", f"3*{years}", Fraction(3 * years), "."
+    )
+    return (
+        " ".join(sentences),
+        sol,
+        sol.step("The sum will be ", f"{_n(total)}+{_n(gain)}", total + gain, " years."),
+    )
 
 
 def _sharing(rng: random.Random, level: int) -> tuple[str, _Solution, Fraction]:
@@ -370,24 +463,34 @@ def _sharing(rng: random.Random, level: int) -> tuple[str, _Solution, Fraction]:
         total = rest * k / (k - 1)
         if total.denominator != 1:
             raise _Reject
-        packs_sentence = f"{name} has {_n(total)} {thing}. {pron.capitalize()} gives 1/{k} of them to a neighbour"
+        packs_sentence = (
+            f"{name} has {_n(total)} {thing}. {pron.capitalize()} gives 1/{k} of them to a neighbour"
+        )
         given = sol.step(f"{name} gives away ", f"{_n(total)}/{k}", total / k, f" {thing}.")
         rest = sol.step("That leaves ", f"{_n(total)}-{_n(given)}", total - given, f" {thing}.")
-        sentences = [packs_sentence + f", keeps {keep} for {'herself' if pron == 'she' else 'himself'}"
-                     f" and shares the rest equally among {friends} friends."]
+        sentences = [
+            packs_sentence + f", keeps {keep} for {'herself' if pron == 'she' else 'himself'}"
+            f" and shares the rest equally among {friends} friends."
+        ]
         left = sol.step("The friends share ", f"{_n(rest)}-{keep}", rest - keep, f" {thing}.")
     elif level >= 3:
         size = rng.choice([d for d in range(3, 13) if (shared + keep) % d == 0] or [0])
         if not size:
             raise _Reject
         packs = (shared + keep) / size
-        sentences = [f"{name} buys {_n(packs)} packs of {thing} with {size} in each pack.",
-                     f"{pron.capitalize()} keeps {keep} and shares the rest equally among {friends} friends."]
+        sentences = [
+            f"{name} buys {_n(packs)} packs of {thing} with {size} in each pack.",
+            f"{pron.capitalize()} keeps {keep} and shares the rest equally among {friends} friends.",
+        ]
         total = sol.step(f"{name} has ", f"{_n(packs)}*{size}", packs * size, f" {thing}.")
         left = sol.step("The friends share ", f"{_n(total)}-{keep}", total - keep, f" {thing}.")
     else:
         total = shared + keep
-        keeps = f" {pron.capitalize()} keeps {keep} and shares the rest" if keep else f" {pron.capitalize()} shares them"
+        keeps = (
+            f" {pron.capitalize()} keeps {keep} and shares the rest"
+            if keep
+            else f" {pron.capitalize()} shares them"
+        )
         sentences = [f"{name} has {_n(total)} {thing}.{keeps} equally among {friends} friends."]
         left = total
         if keep:
@@ -398,10 +501,17 @@ def _sharing(rng: random.Random, level: int) -> tuple[str, _Solution, Fraction]:
         if not eaten:
             raise _Reject
         verb = "uses" if thing in ("stickers", "cards", "beads", "stamps", "buttons", "crayons") else "loses"
-        sentences.append(f"Each friend then {verb} {eaten} of them. How many {thing} do the friends have left altogether?")
+        sentences.append(
+            f"Each friend then {verb} {eaten} of them. How many {thing} do the friends have left altogether?"
+        )
         remaining = sol.step("Each friend has ", f"{_n(per_friend)}-{eaten}", per_friend - eaten, " left.")
-        return " ".join(sentences), sol, sol.step("Altogether they have ", f"{_n(remaining)}*{friends}",
-                                                  remaining * friends, f" {thing}.")
+        return (
+            " ".join(sentences),
+            sol,
+            sol.step(
+                "Altogether they have ", f"{_n(remaining)}*{friends}", remaining * friends, f" {thing}."
+            ),
+        )
     sentences.append(f"How many {thing} does each friend get?")
     return " ".join(sentences), sol, per_friend
 
@@ -414,7 +524,11 @@ def _wages(rng: random.Random, level: int) -> tuple[str, _Solution, Fraction]:
     sentences = [f"{name} earns {_money(rate)} per hour."]
     if level == 1:
         sentences.append(f"How much does {pron} earn in {hours} hours, in dollars?")
-        return " ".join(sentences), sol, sol.step(f"{name} earns ", f"{_n(rate)}*{hours}", rate * hours, " dollars.")
+        return (
+            " ".join(sentences),
+            sol,
+            sol.step(f"{name} earns ", f"{_n(rate)}*{hours}", rate * hours, " dollars."),
+        )
     days = rng.randint(2, 6 + level)
     sentences.append(f"{pron.capitalize()} works {hours} hours a day, {days} days a week.")
     worked = sol.step(f"{name} works ", f"{hours}*{days}", Fraction(hours * days), " hours.")
@@ -424,7 +538,9 @@ def _wages(rng: random.Random, level: int) -> tuple[str, _Solution, Fraction]:
         return " ".join(sentences), sol, earned
     spent = Fraction(rng.randint(1, max(1, int(earned) - 1)))
     sentences.append(f"That week {pron} spends ${_n(spent)} on {rng.choice(_PURCHASES)}.")
-    left = sol.step(f"{pron.capitalize()} has ", f"{_n(earned)}-{_n(spent)}", earned - spent, " dollars left.")
+    left = sol.step(
+        f"{pron.capitalize()} has ", f"{_n(earned)}-{_n(spent)}", earned - spent, " dollars left."
+    )
     if level == 3:
         sentences.append(f"How much money does {pron} have left, in dollars?")
         return " ".join(sentences), sol, left
@@ -437,8 +553,11 @@ def _wages(rng: random.Random, level: int) -> tuple[str, _Solution, Fraction]:
         return " ".join(sentences), sol, saved
     weeks = rng.randint(2, 8)
     sentences.append(f"If every week goes the same way, how many dollars does {pron} save in {weeks} weeks?")
-    return " ".join(sentences), sol, sol.step(f"In {weeks} weeks {pron} saves ", f"{_n(saved)}*{weeks}",
-                                              saved * weeks, " dollars.")
+    return (
+        " ".join(sentences),
+        sol,
+        sol.step(f"In {weeks} weeks {pron} saves ", f"{_n(saved)}*{weeks}", saved * weeks, " dollars."),
+    )
 
 
 def _classroom(rng: random.Random, level: int) -> tuple[str, _Solution, Fraction]:
@@ -465,12 +584,18 @@ def _classroom(rng: random.Random, level: int) -> tuple[str, _Solution, Fraction
         return " ".join(sentences), sol, girls_club
     boys_club = rng.randint(1, max(1, int(boys)))
     sentences.append(f"{boys_club} of the boys play {club} too.")
-    players = sol.step("In all, ", f"{_n(girls_club)}+{boys_club}", girls_club + boys_club, f" members play {club}.")
+    players = sol.step(
+        "In all, ", f"{_n(girls_club)}+{boys_club}", girls_club + boys_club, f" members play {club}."
+    )
     if level == 4:
         sentences.append(f"How many members play {club}?")
         return " ".join(sentences), sol, players
     sentences.append(f"What percent of the members play {club}?")
-    return " ".join(sentences), sol, sol.step("That is ", f"{_n(players)}*100/{students}", players * 100 / students, " percent.")
+    return (
+        " ".join(sentences),
+        sol,
+        sol.step("That is ", f"{_n(players)}*100/{students}", players * 100 / students, " percent."),
+    )
 
 
 TEMPLATES = {
@@ -501,7 +626,9 @@ def generate_problem(rng: random.Random, level: int, template: str, max_tries: i
             continue
         if "/" in shown or answer < 0:
             continue
-        return Problem(question=question, solution=solution, answer=shown, level=level, origin=f"mathgen:{template}")
+        return Problem(
+            question=question, solution=solution, answer=shown, level=level, origin=f"mathgen:{template}"
+        )
     raise ValueError(f"template {template!r} level {level}: no clean problem in {max_tries} draws")
 
 
@@ -538,7 +665,9 @@ def generate_problems(count: int, levels: Sequence[int], seed: int) -> list[Prob
         if key in seen:
             misses += 1
             if misses > 10 * count + 1000:
-                raise ValueError(f"could draw only {len(problems)} distinct problems of levels {list(levels)}")
+                raise ValueError(
+                    f"could draw only {len(problems)} distinct problems of levels {list(levels)}"
+                )
             continue
         seen.add(key)
         problems.append(problem)

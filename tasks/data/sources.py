@@ -4,7 +4,8 @@
 
 `map_rows` turns rows with `question` + `answer` into math problems and rows with `text` into corpus
 documents; anything else is a StageError naming the file and line or row. S3 uses boto3 with the standard
-AWS configuration and the artifact store's client (`tasks.core.s3`: a dead endpoint is transient, exit 75). Row mapping rules: docs/choices.md#prepare_data.
+AWS configuration and the artifact store's client (`tasks.core.s3`: a dead endpoint is transient, exit 75).
+Row mapping rules: docs/choices.md#prepare_data.
 A bad row is a `RowError` naming file:line (JSONL) or row (Parquet): with `on_violation=fail` the first
 one stops the stage, with `quarantine` prepare_data sets bad rows aside; file-level problems (unreadable,
 not JSONL/Parquet, not UTF-8, no usable column, empty) always stop it.
@@ -94,11 +95,13 @@ def _read_s3(uri: str) -> bytes:
     errors as the artifact store (an unreachable endpoint is a TransientStoreError, a rejected key not)."""
     from tasks.core.s3 import s3_client, s3_errors
 
-    bucket, _, key = uri[len("s3://"):].partition("/")
+    bucket, _, key = uri[len("s3://") :].partition("/")
     if not bucket or not key:
         raise StageError(f"data.sources: {uri}: expected s3://bucket/key")
     client = s3_client()
-    with s3_errors(f"data.sources: cannot read {uri}", endpoint=client.meta.endpoint_url, bucket=bucket, key=key):
+    with s3_errors(
+        f"data.sources: cannot read {uri}", endpoint=client.meta.endpoint_url, bucket=bucket, key=key
+    ):
         return client.get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
@@ -119,8 +122,9 @@ def _jsonl_records(uri: str, data: bytes) -> Iterator[Record]:
             yield Record(f"{uri}:{lineno}", {"raw": line}, lineno, f"not valid JSON ({e.msg})")
             continue
         if not isinstance(row, dict):
-            yield Record(f"{uri}:{lineno}", {"raw": line}, lineno,
-                         f"expected a JSON object, got {type(row).__name__}")
+            yield Record(
+                f"{uri}:{lineno}", {"raw": line}, lineno, f"expected a JSON object, got {type(row).__name__}"
+            )
             continue
         yield Record(f"{uri}:{lineno}", row, lineno)
 
@@ -134,8 +138,9 @@ def _parquet_records(uri: str, data: bytes) -> Iterator[Record]:
     except (pa.ArrowException, OSError) as e:
         raise StageError(f"{uri}: not a readable Parquet file ({e})") from None
     if table.num_rows and not {"text", "question"} & set(table.column_names):
-        raise StageError(f"{uri}: no 'text' (corpus) or 'question' (math) column; "
-                         f"columns: {table.column_names}")
+        raise StageError(
+            f"{uri}: no 'text' (corpus) or 'question' (math) column; columns: {table.column_names}"
+        )
     for index, row in enumerate(table.to_pylist(), 1):
         yield Record(f"{uri}:row {index}", row, index)
 
@@ -172,8 +177,10 @@ def _math_problem(record: Record, origin: str, levels: list[int]) -> tuple[Probl
     if isinstance(raw_answer, (int, float)) and not isinstance(raw_answer, bool):
         raw_answer = str(raw_answer)
     if not isinstance(raw_answer, str) or not raw_answer.strip():
-        raise RowError(f"{record.where}: field 'answer' must be a number or a solution ending in "
-                         f"'#### <number>', got {raw_answer!r}")
+        raise RowError(
+            f"{record.where}: field 'answer' must be a number or a solution ending in "
+            f"'#### <number>', got {raw_answer!r}"
+        )
     solution = _string(record, "solution", required=False)
     if has_answer_line(raw_answer):  # GSM8K style: the answer field is the worked solution
         if solution is not None:
@@ -187,8 +194,9 @@ def _math_problem(record: Record, origin: str, levels: list[int]) -> tuple[Probl
             raise RowError(f"{record.where}: answer {raw_answer!r} is not a number")
         answer = format_number(value)
     if "/" in answer:
-        raise RowError(f"{record.where}: answer {answer} has no finite decimal form (the contract "
-                         "needs plain numbers)")
+        raise RowError(
+            f"{record.where}: answer {answer} has no finite decimal form (the contract needs plain numbers)"
+        )
     had_solution = solution is not None
     if solution is None:
         solution = answer_line(answer)
@@ -198,8 +206,9 @@ def _math_problem(record: Record, origin: str, levels: list[int]) -> tuple[Probl
         if final is None:
             solution = f"{solution}\n{answer_line(answer)}"
         elif parse_number(final) != parse_number(answer):
-            raise RowError(f"{record.where}: the solution's final answer {final} differs from "
-                           f"answer {answer}")
+            raise RowError(
+                f"{record.where}: the solution's final answer {final} differs from answer {answer}"
+            )
         else:  # the canonical final line: "#### $1,000." -> "#### 1000"
             solution = with_answer_line(solution, answer)
     level = record.row.get("level")
@@ -207,13 +216,20 @@ def _math_problem(record: Record, origin: str, levels: list[int]) -> tuple[Probl
         steps = len(worked_steps(solution).strip().splitlines())
         level = min(sorted(levels), key=lambda lvl: abs(lvl - steps))
     elif isinstance(level, bool) or not isinstance(level, int) or level not in levels:
-        raise RowError(f"{record.where}: field 'level' must be one of data.math_levels {sorted(levels)}, "
-                         f"got {level!r} (add the level to data.math_levels or drop the row)")
-    return Problem(question=question, solution=solution, answer=answer, level=level, origin=origin), had_solution
+        raise RowError(
+            f"{record.where}: field 'level' must be one of data.math_levels {sorted(levels)}, "
+            f"got {level!r} (add the level to data.math_levels or drop the row)"
+        )
+    return Problem(
+        question=question, solution=solution, answer=answer, level=level, origin=origin
+    ), had_solution
 
 
-def map_rows(sources: list[Source], levels: list[int], quarantine: list[dict[str, Any]] | None = None,
-             ) -> tuple[list[Document], list[Problem], dict[str, Any]]:
+def map_rows(
+    sources: list[Source],
+    levels: list[int],
+    quarantine: list[dict[str, Any]] | None = None,
+) -> tuple[list[Document], list[Problem], dict[str, Any]]:
     """Maps user rows to corpus documents and math problems (see docs/choices.md#prepare_data).
 
     Args:
@@ -253,17 +269,29 @@ def map_rows(sources: list[Source], levels: list[int], quarantine: list[dict[str
                     documents.append(Document(text=text, source=doc_source))
                     counts["corpus"] += 1
                 else:
-                    raise RowError(f"{record.where}: a row needs 'text' (corpus) or 'question' + 'answer' "
-                                   f"(math); "
-                                   f"got keys {sorted(record.row)}")
+                    raise RowError(
+                        f"{record.where}: a row needs 'text' (corpus) or 'question' + 'answer' "
+                        f"(math); "
+                        f"got keys {sorted(record.row)}"
+                    )
             except RowError as e:
                 if quarantine is None:
                     raise
                 reason = str(e).removeprefix(f"{record.where}: ")
-                quarantine.append({"file": source.uri, "line": record.line, "where": record.where,
-                                   "reasons": [{"check": "source row", "description": reason}],
-                                   "row": json.loads(json.dumps(record.row, default=repr))})
+                quarantine.append(
+                    {
+                        "file": source.uri,
+                        "line": record.line,
+                        "where": record.where,
+                        "reasons": [{"check": "source row", "description": reason}],
+                        "row": json.loads(json.dumps(record.row, default=repr)),
+                    }
+                )
                 counts["quarantined"] += 1
-        stats["files"][source.uri] = {"format": source.format, "sha256": source.sha256,
-                                      "rows": len(source.records), **counts}
+        stats["files"][source.uri] = {
+            "format": source.format,
+            "sha256": source.sha256,
+            "rows": len(source.records),
+            **counts,
+        }
     return documents, problems, stats

@@ -50,7 +50,9 @@ class _GenerationFields(BaseModel):
     seed: int | None = Field(None, ge=0, description="makes sampling repeatable")
     n: int = Field(1, ge=1, description="completions per prompt (only 1 is supported)")
     stream: bool = False
-    threshold: float | None = Field(None, gt=0.0, le=1.0, description="dynamic tier: exit confidence threshold")
+    threshold: float | None = Field(
+        None, gt=0.0, le=1.0, description="dynamic tier: exit confidence threshold"
+    )
     user: str | None = None
 
 
@@ -113,9 +115,19 @@ class CompletionService:
         dtype: weights dtype ("float32"; "bfloat16" for large members on GPUs).
     """
 
-    def __init__(self, release_dir: str | Path, *, model_name: str | None = None, max_tokens_limit: int = 128,
-                 dynamic_threshold: float = 0.9, torch_threads: int | None = 1, device: str = "cpu",
-                 dtype: str = "float32", max_prompts_per_request: int = 16, max_total_new_tokens: int = 4096):
+    def __init__(
+        self,
+        release_dir: str | Path,
+        *,
+        model_name: str | None = None,
+        max_tokens_limit: int = 128,
+        dynamic_threshold: float = 0.9,
+        torch_threads: int | None = 1,
+        device: str = "cpu",
+        dtype: str = "float32",
+        max_prompts_per_request: int = 16,
+        max_total_new_tokens: int = 4096,
+    ):
         import torch
 
         if torch_threads:
@@ -146,8 +158,12 @@ class CompletionService:
             model, tokenizer = load_member(self.release_dir, None, dtype=dtype)
             self.family = Tier(DYNAMIC_TIER, None, model.to(self.device), tokenizer)
         self._lock = threading.Lock()
-        log.info("serving %s: tiers %s%s", self.release, ", ".join(self.tiers),
-                 f", {DYNAMIC_TIER}" if self.family is not None else "")
+        log.info(
+            "serving %s: tiers %s%s",
+            self.release,
+            ", ".join(self.tiers),
+            f", {DYNAMIC_TIER}" if self.family is not None else "",
+        )
 
     # catalogue --------------------------------------------------------------------------------
     def tier_names(self) -> list[str]:
@@ -157,19 +173,32 @@ class CompletionService:
         data = []
         for tier in [*self.tiers.values(), *([self.family] if self.family is not None else [])]:
             cfg = tier.model.config
-            entry = {"id": tier.name, "object": "model", "owned_by": "ruyi", "root": self.release,
-                     "exit_layer": tier.exit_layer, "num_parameters": tier.num_parameters,
-                     "num_hidden_layers": cfg.num_hidden_layers,
-                     "max_context": cfg.max_position_embeddings}
+            entry = {
+                "id": tier.name,
+                "object": "model",
+                "owned_by": "ruyi",
+                "root": self.release,
+                "exit_layer": tier.exit_layer,
+                "num_parameters": tier.num_parameters,
+                "num_hidden_layers": cfg.num_hidden_layers,
+                "max_context": cfg.max_position_embeddings,
+            }
             if tier.exit_layer is None:
                 entry["exit_layers"] = list(cfg.exit_layers)
             data.append(entry)
         for alias, target in self.aliases.items():
-            data.append({"id": alias, "object": "model", "owned_by": "ruyi", "root": self.release, "alias_of": target})
+            data.append(
+                {"id": alias, "object": "model", "owned_by": "ruyi", "root": self.release, "alias_of": target}
+            )
         return {"object": "list", "data": data}
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "release": self.release, "tiers": self.tier_names(), "device": str(self.device)}
+        return {
+            "status": "ok",
+            "release": self.release,
+            "tiers": self.tier_names(),
+            "device": str(self.device),
+        }
 
     def resolve(self, name: str) -> Tier:
         name = self.aliases.get(name, name)
@@ -177,25 +206,49 @@ class CompletionService:
             return self.family
         if name in self.tiers:
             return self.tiers[name]
-        raise APIError(404, f"the model {name!r} does not exist; available: {', '.join(self.tier_names())} "
-                       f"(and {', '.join(self.aliases)})", "model_not_found", "model")
+        raise APIError(
+            404,
+            f"the model {name!r} does not exist; available: {', '.join(self.tier_names())} "
+            f"(and {', '.join(self.aliases)})",
+            "model_not_found",
+            "model",
+        )
 
     # requests ---------------------------------------------------------------------------------
     def _check(self, req: _GenerationFields, tier: Tier) -> list[str]:
         if req.stream:
-            raise APIError(400, "streaming is not supported; send stream: false", "unsupported_parameter", "stream")
+            raise APIError(
+                400, "streaming is not supported; send stream: false", "unsupported_parameter", "stream"
+            )
         if req.n != 1:
-            raise APIError(400, f"n={req.n} is not supported; only one completion per prompt (n: 1)",
-                           "unsupported_parameter", "n")
+            raise APIError(
+                400,
+                f"n={req.n} is not supported; only one completion per prompt (n: 1)",
+                "unsupported_parameter",
+                "n",
+            )
         if req.max_tokens > self.max_tokens_limit:
-            raise APIError(400, f"max_tokens={req.max_tokens} exceeds this server's limit of {self.max_tokens_limit}",
-                           "max_tokens_too_large", "max_tokens")
+            raise APIError(
+                400,
+                f"max_tokens={req.max_tokens} exceeds this server's limit of {self.max_tokens_limit}",
+                "max_tokens_too_large",
+                "max_tokens",
+            )
         if tier.exit_layer is None and req.temperature > 0:
-            raise APIError(400, f"the '{DYNAMIC_TIER}' model decodes greedily (each token is the argmax of the "
-                           "emitting member); send temperature: 0", "unsupported_parameter", "temperature")
+            raise APIError(
+                400,
+                f"the '{DYNAMIC_TIER}' model decodes greedily (each token is the argmax of the "
+                "emitting member); send temperature: 0",
+                "unsupported_parameter",
+                "temperature",
+            )
         if req.threshold is not None and tier.exit_layer is not None:
-            raise APIError(400, f"threshold only applies to the '{DYNAMIC_TIER}' model, not {tier.name!r}",
-                           "unsupported_parameter", "threshold")
+            raise APIError(
+                400,
+                f"threshold only applies to the '{DYNAMIC_TIER}' model, not {tier.name!r}",
+                "unsupported_parameter",
+                "threshold",
+            )
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise APIError(400, "stop: at most 4 non-empty strings", "invalid_stop", "stop")
@@ -203,25 +256,39 @@ class CompletionService:
         if isinstance(req, CompletionRequest):
             prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
             if len(prompts) > self.max_prompts_per_request:
-                raise APIError(413, f"{len(prompts)} prompts in one request; this server takes at most "
-                               f"{self.max_prompts_per_request}", "too_many_prompts", "prompt")
+                raise APIError(
+                    413,
+                    f"{len(prompts)} prompts in one request; this server takes at most "
+                    f"{self.max_prompts_per_request}",
+                    "too_many_prompts",
+                    "prompt",
+                )
             total = len(prompts) * req.max_tokens
             if total > self.max_total_new_tokens:
-                raise APIError(422, f"{len(prompts)} prompts x max_tokens={req.max_tokens} = {total} new "
-                               f"tokens; this server generates at most {self.max_total_new_tokens} "
-                               "per request",
-                               "too_many_tokens", "max_tokens")
-            texts += [("prompt" if isinstance(req.prompt, str) else f"prompt.{i}", p)
-                      for i, p in enumerate(prompts)]
+                raise APIError(
+                    422,
+                    f"{len(prompts)} prompts x max_tokens={req.max_tokens} = {total} new "
+                    f"tokens; this server generates at most {self.max_total_new_tokens} "
+                    "per request",
+                    "too_many_tokens",
+                    "max_tokens",
+                )
+            texts += [
+                ("prompt" if isinstance(req.prompt, str) else f"prompt.{i}", p) for i, p in enumerate(prompts)
+            ]
         elif isinstance(req, ChatCompletionRequest):
             texts += [(f"messages.{i}.content", m.content) for i, m in enumerate(req.messages)]
         for param, text in texts:
             bad = next((i for i, ch in enumerate(text) if "\ud800" <= ch <= "\udfff"), None)
             if bad is not None:
                 surrogate = text[bad].encode("unicode_escape").decode()
-                raise APIError(400, f"{param}: not valid Unicode text (a lone surrogate {surrogate} at "
-                               f"character {bad}); send UTF-8 text",
-                               "invalid_text", param)
+                raise APIError(
+                    400,
+                    f"{param}: not valid Unicode text (a lone surrogate {surrogate} at "
+                    f"character {bad}); send UTF-8 text",
+                    "invalid_text",
+                    param,
+                )
         return stops
 
     def complete(self, req: CompletionRequest) -> dict[str, Any]:
@@ -248,24 +315,41 @@ class CompletionService:
         try:
             text = tier.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as e:  # a template that rejects the conversation (e.g. roles out of order)
-            raise APIError(400, f"messages cannot be rendered with the chat template: {e}", "invalid_messages",
-                           "messages") from None
+            raise APIError(
+                400,
+                f"messages cannot be rendered with the chat template: {e}",
+                "invalid_messages",
+                "messages",
+            ) from None
         t0 = time.perf_counter()
         ids = list(tier.tokenizer(text, add_special_tokens=False)["input_ids"])
         content, finish, n_new, extra = self._generate(tier, ids, req, stops)
-        choices = [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}]
+        choices = [
+            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}
+        ]
         usage = {"prompt_tokens": len(ids), "completion_tokens": n_new}
         return self._response("chat.completion", "chatcmpl", tier, req, choices, usage, [extra], t0)
 
     def _response(self, obj, id_prefix, tier, req, choices, usage, extras, t0) -> dict[str, Any]:
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        ruyi = {"release": self.release, "tier": tier.name, "exit_layer": tier.exit_layer,
-                "processing_ms": round(1000 * (time.perf_counter() - t0), 3)}
+        ruyi = {
+            "release": self.release,
+            "tier": tier.name,
+            "exit_layer": tier.exit_layer,
+            "processing_ms": round(1000 * (time.perf_counter() - t0), 3),
+        }
         if tier.exit_layer is None:
             ruyi["threshold"] = req.threshold if req.threshold is not None else self.dynamic_threshold
             ruyi["choices"] = extras
-        return {"id": f"{id_prefix}-{uuid.uuid4().hex[:24]}", "object": obj, "created": int(time.time()),
-                "model": tier.name, "choices": choices, "usage": usage, "ruyi": ruyi}
+        return {
+            "id": f"{id_prefix}-{uuid.uuid4().hex[:24]}",
+            "object": obj,
+            "created": int(time.time()),
+            "model": tier.name,
+            "choices": choices,
+            "usage": usage,
+            "ruyi": ruyi,
+        }
 
     def _stop_ids(self, tokenizer) -> list[int]:
         from ruyi_model.decoding import stop_token_ids
@@ -280,8 +364,13 @@ class CompletionService:
             raise APIError(400, "the prompt encodes to no tokens", "invalid_prompt", "prompt")
         context = tier.model.config.max_position_embeddings
         if len(ids) + req.max_tokens > context:
-            raise APIError(400, f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the context of "
-                           f"{context} tokens", "context_length_exceeded", "max_tokens")
+            raise APIError(
+                400,
+                f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the context of "
+                f"{context} tokens",
+                "context_length_exceeded",
+                "max_tokens",
+            )
         tokenizer = tier.tokenizer
         stop_ids = self._stop_ids(tokenizer)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
@@ -301,35 +390,54 @@ class CompletionService:
             text, finish = text[:cut], "stop"
         return text, finish, len(new), extra
 
-    def _generate_fixed(self, tier: Tier, input_ids, req: _GenerationFields, stop_ids: list[int], stops: list[str]):
+    def _generate_fixed(
+        self, tier: Tier, input_ids, req: _GenerationFields, stop_ids: list[int], stops: list[str]
+    ):
         import torch
         from transformers import GenerationConfig
 
-        kwargs: dict[str, Any] = {"max_new_tokens": req.max_tokens, "eos_token_id": stop_ids,
-                                  "pad_token_id": tier.tokenizer.pad_token_id, "do_sample": req.temperature > 0}
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": req.max_tokens,
+            "eos_token_id": stop_ids,
+            "pad_token_id": tier.tokenizer.pad_token_id,
+            "do_sample": req.temperature > 0,
+        }
         if req.temperature > 0:
             kwargs.update(temperature=req.temperature, top_p=req.top_p, top_k=0)
         if stops:
             kwargs["stop_strings"] = stops
         config = GenerationConfig(**kwargs)
-        out = tier.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config,
-                                  tokenizer=tier.tokenizer if stops else None)
-        return out[0, input_ids.shape[1]:].tolist(), {}
+        out = tier.model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            generation_config=config,
+            tokenizer=tier.tokenizer if stops else None,
+        )
+        return out[0, input_ids.shape[1] :].tolist(), {}
 
     def _generate_dynamic(self, tier: Tier, input_ids, req: _GenerationFields, stop_ids: list[int]):
         from ruyi_model.generation import dynamic_generate
 
         threshold = req.threshold if req.threshold is not None else self.dynamic_threshold
         try:
-            result = dynamic_generate(tier.model, input_ids, max_new_tokens=req.max_tokens, threshold=threshold,
-                                           eos_token_id=stop_ids)
+            result = dynamic_generate(
+                tier.model,
+                input_ids,
+                max_new_tokens=req.max_tokens,
+                threshold=threshold,
+                eos_token_id=stop_ids,
+            )
         except ValueError as e:  # the library's own argument checks
-            raise APIError(400, f"dynamic decoding rejected the request: {e}", "invalid_request", None) from None
+            raise APIError(
+                400, f"dynamic decoding rejected the request: {e}", "invalid_request", None
+            ) from None
         exits = [int(d) for d in result.exit_layers[0].tolist()]
-        stats = {"tokens_per_member": {str(d): n for d, n in result.tokens_per_member.items()},
-                 "mean_exit_layer": sum(exits) / len(exits) if exits else None,
-                 "mean_layers_run": float(result.layers_run.float().mean()) if exits else None}
-        return result.sequences[0, input_ids.shape[1]:].tolist(), stats
+        stats = {
+            "tokens_per_member": {str(d): n for d, n in result.tokens_per_member.items()},
+            "mean_exit_layer": sum(exits) / len(exits) if exits else None,
+            "mean_layers_run": float(result.layers_run.float().mean()) if exits else None,
+        }
+        return result.sequences[0, input_ids.shape[1] :].tolist(), stats
 
 
 # --- HTTP -------------------------------------------------------------------------------------
@@ -367,8 +475,9 @@ def create_app(service: CompletionService):
         first = errors[0] if errors else {}
         loc = [str(p) for p in first.get("loc", ())[1:]]
         param = ".".join(loc) if loc and first.get("type") != "json_invalid" else None
-        message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}"
-                            for e in errors)
+        message = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}" for e in errors
+        )
         message = _json_safe(message)
         body = APIError(422, message or "invalid request", "invalid_request", param).body()
         body["detail"] = _json_safe(errors)
@@ -417,14 +526,17 @@ def resolve_release(source: dict[str, Any]) -> Path:
 
         store = open_store(StoreParams(**source["store"]), cache_dir=source.get("cache_dir"))
         return store.fetch(source["model_name"], source.get("version"))
-    raise StageError(f"serving source needs 'release_dir' or 'store' + 'model_name', got keys {sorted(source)}")
+    raise StageError(
+        f"serving source needs 'release_dir' or 'store' + 'model_name', got keys {sorted(source)}"
+    )
 
 
 def _deployment_class():
     from ray import serve
 
-    @serve.deployment(name=DEPLOYMENT_NAME, max_constructor_retry_count=1, max_ongoing_requests=16,
-                      health_check_period_s=10)
+    @serve.deployment(
+        name=DEPLOYMENT_NAME, max_constructor_retry_count=1, max_ongoing_requests=16, health_check_period_s=10
+    )
     @serve.ingress()
     class RuyiFamily:
         """One replica: every tier of the release (see CompletionService)."""
@@ -449,18 +561,36 @@ def build_app(args: dict[str, Any]):
     and optionally `max_tokens_limit`, `dynamic_threshold`, `device`, `dtype` (CompletionService), and the
     replica's `num_cpus` (default 0.5), `num_gpus` (default 0) and `num_replicas` (default 1).
     """
-    known = {"release_dir", "store", "model_name", "version", "cache_dir", "max_tokens_limit", "dynamic_threshold",
-             "device", "dtype", "num_cpus", "num_gpus", "num_replicas", *_LIMIT_OPTIONS}
+    known = {
+        "release_dir",
+        "store",
+        "model_name",
+        "version",
+        "cache_dir",
+        "max_tokens_limit",
+        "dynamic_threshold",
+        "device",
+        "dtype",
+        "num_cpus",
+        "num_gpus",
+        "num_replicas",
+        *_LIMIT_OPTIONS,
+    }
     unknown = sorted(set(args) - known)
     if unknown:
         raise StageError(f"serving app args: unknown key(s) {unknown}; known: {sorted(known)}")
     source = {k: args[k] for k in ("release_dir", "store", "model_name", "version", "cache_dir") if k in args}
-    options = {k: args[k] for k in ("max_tokens_limit", "dynamic_threshold", "device", "dtype",
-                                    *_LIMIT_OPTIONS) if k in args}
+    options = {
+        k: args[k]
+        for k in ("max_tokens_limit", "dynamic_threshold", "device", "dtype", *_LIMIT_OPTIONS)
+        if k in args
+    }
     if "model_name" in args:
         options["model_name"] = args["model_name"]
     actor = {"num_cpus": float(args.get("num_cpus", 0.5)), "num_gpus": float(args.get("num_gpus", 0))}
-    deployment = _deployment_class().options(ray_actor_options=actor, num_replicas=int(args.get("num_replicas", 1)))
+    deployment = _deployment_class().options(
+        ray_actor_options=actor, num_replicas=int(args.get("num_replicas", 1))
+    )
     return deployment.bind(source, options)
 
 
@@ -476,8 +606,9 @@ def _check_port_free(host: str, port: int) -> None:
 def http_json(url: str, body: dict | None = None, timeout: float = 60.0) -> tuple[int, dict]:
     """GET (or POST `body` as JSON) and return `(status, parsed JSON body)`; never raises on HTTP errors."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
-                                     method="GET" if body is None else "POST")
+    request = urllib.request.Request(
+        url, data=data, headers={"Content-Type": "application/json"}, method="GET" if body is None else "POST"
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as r:
             return r.status, json.loads(r.read() or b"{}")
@@ -590,12 +721,25 @@ def _wait_healthy(url: str, timeout_s: float) -> dict[str, Any]:
         time.sleep(0.3)
 
 
-def start_serving(source: dict[str, Any] | str | Path, *, host: str = "127.0.0.1", port: int = 8124,
-                  model_name: str | None = None, max_tokens_limit: int = 128, dynamic_threshold: float = 0.9,
-                  replica_num_cpus: float = 0.5, replica_num_gpus: float = 0.0, device: str = "cpu",
-                  dtype: str = "float32", ray_num_cpus: int = 2, object_store_mib: int = 256,
-                  ray_address: str | None = None, ready_timeout_s: float = 180.0,
-                  max_prompts_per_request: int = 16, max_total_new_tokens: int = 4096) -> ServingSession:
+def start_serving(
+    source: dict[str, Any] | str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8124,
+    model_name: str | None = None,
+    max_tokens_limit: int = 128,
+    dynamic_threshold: float = 0.9,
+    replica_num_cpus: float = 0.5,
+    replica_num_gpus: float = 0.0,
+    device: str = "cpu",
+    dtype: str = "float32",
+    ray_num_cpus: int = 2,
+    object_store_mib: int = 256,
+    ray_address: str | None = None,
+    ready_timeout_s: float = 180.0,
+    max_prompts_per_request: int = 16,
+    max_total_new_tokens: int = 4096,
+) -> ServingSession:
     """Starts Ray (unless one runs or `ray_address` is given), Serve on host:port, and the application.
 
     Args:
@@ -610,30 +754,49 @@ def start_serving(source: dict[str, Any] | str | Path, *, host: str = "127.0.0.1
     source = _prepare_source(source)
     _check_port_free(host, port)
     t0 = time.perf_counter()
-    runtime = RayRuntime(num_cpus=ray_num_cpus, object_store_mib=object_store_mib, address=ray_address,
-                         log_to_driver=False).start()
+    runtime = RayRuntime(
+        num_cpus=ray_num_cpus, object_store_mib=object_store_mib, address=ray_address, log_to_driver=False
+    ).start()
     if runtime.owns_ray:
         log.info("ray started in %.1f s", time.perf_counter() - t0)
     client_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
     session = ServingSession(f"http://{client_host}:{port}", runtime)
     try:
         _start_serve(host, port)
-        options = {"max_tokens_limit": max_tokens_limit, "dynamic_threshold": dynamic_threshold, "device": device,
-                   "dtype": dtype, "max_prompts_per_request": max_prompts_per_request,
-                   "max_total_new_tokens": max_total_new_tokens}
+        options = {
+            "max_tokens_limit": max_tokens_limit,
+            "dynamic_threshold": dynamic_threshold,
+            "device": device,
+            "dtype": dtype,
+            "max_prompts_per_request": max_prompts_per_request,
+            "max_total_new_tokens": max_total_new_tokens,
+        }
         args = {**source, **options, "num_cpus": replica_num_cpus, "num_gpus": replica_num_gpus}
         if model_name:
             args["model_name"] = model_name
         t0 = time.perf_counter()
         serve.run(build_app(args), name=APP_NAME, route_prefix="/")
         body = _wait_healthy(session.url, ready_timeout_s)
-        log.info("serving %s at %s (ready in %.1f s)", body.get("release"), session.url, time.perf_counter() - t0)
+        log.info(
+            "serving %s at %s (ready in %.1f s)", body.get("release"), session.url, time.perf_counter() - t0
+        )
     except BaseException:
         session.stop()
         raise
     return session
 
 
-__all__ = ["CompletionRequest", "ChatCompletionRequest", "ChatMessage", "APIError", "CompletionService",
-           "create_app", "build_app", "start_serving", "ServingSession", "resolve_release", "http_json",
-           "DYNAMIC_TIER"]
+__all__ = [
+    "CompletionRequest",
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "APIError",
+    "CompletionService",
+    "create_app",
+    "build_app",
+    "start_serving",
+    "ServingSession",
+    "resolve_release",
+    "http_json",
+    "DYNAMIC_TIER",
+]

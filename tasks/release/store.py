@@ -98,9 +98,17 @@ class Release:
         try:
             if manifest.get("format") != MANIFEST_FORMAT:
                 raise ValueError(f"format is {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
-            files = tuple(FileEntry(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in manifest["files"])
-            release = cls(model=str(manifest["model"]), version=str(manifest["version"]), uri=uri, files=files,
-                          created=str(manifest["created"]), metadata=dict(manifest.get("metadata") or {}))
+            files = tuple(
+                FileEntry(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in manifest["files"]
+            )
+            release = cls(
+                model=str(manifest["model"]),
+                version=str(manifest["version"]),
+                uri=uri,
+                files=files,
+                created=str(manifest["created"]),
+                metadata=dict(manifest.get("metadata") or {}),
+            )
         except (AttributeError, KeyError, TypeError, ValueError) as e:
             raise StoreError(f"{where}: not a valid release manifest ({e})") from None
         for f in files:
@@ -120,8 +128,10 @@ def _check_relative_path(path: str, where: str) -> None:
 def check_name(kind: str, name: str) -> str:
     """Checks a model or version name (used as a path component and an S3 key part)."""
     if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise StoreError(f"invalid {kind} name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
-                         "starting with a letter or digit")
+        raise StoreError(
+            f"invalid {kind} name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
     return name
 
 
@@ -147,8 +157,10 @@ def scan_dir(src: str | Path) -> list[FileEntry]:
         if path.is_dir():
             continue
         if rel == MANIFEST_NAME:
-            raise StoreError(f"cannot publish {src}: it already contains a release {MANIFEST_NAME} "
-                             "(publish the export directory, not a fetched release)")
+            raise StoreError(
+                f"cannot publish {src}: it already contains a release {MANIFEST_NAME} "
+                "(publish the export directory, not a fetched release)"
+            )
         entries.append(FileEntry(rel, path.stat().st_size, sha256_file(path)))
     if not entries:
         raise StoreError(f"cannot publish {src}: the directory is empty")
@@ -164,17 +176,23 @@ def verify_tree(root: str | Path, files: tuple[FileEntry, ...] | list[FileEntry]
             raise StoreError(f"{path}: missing (listed in the release manifest)")
         size = path.stat().st_size
         if size != entry.size:
-            raise StoreError(f"{path}: {size} bytes, the release manifest says {entry.size} (corrupted or truncated)")
+            raise StoreError(
+                f"{path}: {size} bytes, the release manifest says {entry.size} (corrupted or truncated)"
+            )
         digest = sha256_file(path)
         if digest != entry.sha256:
-            raise StoreError(f"{path}: sha256 {digest[:16]}... does not match the manifest's "
-                             f"{entry.sha256[:16]}... (corrupted)")
+            raise StoreError(
+                f"{path}: sha256 {digest[:16]}... does not match the manifest's "
+                f"{entry.sha256[:16]}... (corrupted)"
+            )
 
 
 def _progress(total: int, desc: str):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=None, leave=False)
+    return tqdm(
+        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=None, leave=False
+    )
 
 
 def _utc_now() -> str:
@@ -205,7 +223,9 @@ class ArtifactStore(ABC):
         """Uploads/copies every file of `release` from `src`, verifies them, then the manifest, last."""
 
     @abstractmethod
-    def _download(self, release: Release, entry: FileEntry, dest: Path, callback: ProgressCallback | None) -> None:
+    def _download(
+        self, release: Release, entry: FileEntry, dest: Path, callback: ProgressCallback | None
+    ) -> None:
         """Writes one file of a release to `dest` (verified by the caller)."""
 
     def release_uri(self, model: str, version: str) -> str:
@@ -230,13 +250,18 @@ class ArtifactStore(ABC):
         manifest = self._read_manifest(model, version)
         if manifest is None:
             known = self.list_versions(model)
-            raise StoreError(f"release {model}/{version} not found in {self.uri} (published versions: "
-                             f"{', '.join(known) if known else 'none'})")
-        release = Release.from_manifest(manifest, self.release_uri(model, version),
-                                        f"{self.release_uri(model, version)}/{MANIFEST_NAME}")
+            raise StoreError(
+                f"release {model}/{version} not found in {self.uri} (published versions: "
+                f"{', '.join(known) if known else 'none'})"
+            )
+        release = Release.from_manifest(
+            manifest, self.release_uri(model, version), f"{self.release_uri(model, version)}/{MANIFEST_NAME}"
+        )
         if (release.model, release.version) != (model, version):
-            raise StoreError(f"{self.release_uri(model, version)}/{MANIFEST_NAME} describes "
-                             f"{release.model}/{release.version}, not {model}/{version}")
+            raise StoreError(
+                f"{self.release_uri(model, version)}/{MANIFEST_NAME} describes "
+                f"{release.model}/{release.version}, not {model}/{version}"
+            )
         return release
 
     def next_version(self, model: str) -> str:
@@ -252,8 +277,15 @@ class ArtifactStore(ABC):
                 return version
         return None
 
-    def publish(self, model: str, src_dir: str | Path, version: str | None = None, *,
-                metadata: dict[str, Any] | None = None, callback: ProgressCallback | None = None) -> Release:
+    def publish(
+        self,
+        model: str,
+        src_dir: str | Path,
+        version: str | None = None,
+        *,
+        metadata: dict[str, Any] | None = None,
+        callback: ProgressCallback | None = None,
+    ) -> Release:
         """Publishes every file under `src_dir` as the release `model/version`.
 
         Args:
@@ -273,23 +305,42 @@ class ArtifactStore(ABC):
         check_name("model", model)
         version = self.next_version(model) if version is None else check_name("version", version)
         if self._read_manifest(model, version) is not None:
-            raise StoreError(f"release {self.release_uri(model, version)} already exists: releases are "
-                             "immutable; publish a new version")
+            raise StoreError(
+                f"release {self.release_uri(model, version)} already exists: releases are "
+                "immutable; publish a new version"
+            )
         files = scan_dir(src_dir)
         try:
             json.dumps(metadata or {})
         except (TypeError, ValueError) as e:
             raise StoreError(f"release metadata is not JSON-serializable: {e}") from None
-        release = Release(model=model, version=version, uri=self.release_uri(model, version), files=tuple(files),
-                          created=_utc_now(), metadata=dict(metadata or {}))
+        release = Release(
+            model=model,
+            version=version,
+            uri=self.release_uri(model, version),
+            files=tuple(files),
+            created=_utc_now(),
+            metadata=dict(metadata or {}),
+        )
         t0 = time.perf_counter()
         self._write_release(release, Path(src_dir), callback)
-        log.info("published %s (%d files, %.1f MiB) in %.1f s", release.uri, len(files),
-                 release.total_bytes / MIB, time.perf_counter() - t0)
+        log.info(
+            "published %s (%d files, %.1f MiB) in %.1f s",
+            release.uri,
+            len(files),
+            release.total_bytes / MIB,
+            time.perf_counter() - t0,
+        )
         return release
 
-    def fetch(self, model: str, version: str | None = None, dest: str | Path | None = None, *,
-              callback: ProgressCallback | None = None) -> Path:
+    def fetch(
+        self,
+        model: str,
+        version: str | None = None,
+        dest: str | Path | None = None,
+        *,
+        callback: ProgressCallback | None = None,
+    ) -> Path:
         """Downloads a release into `dest` (default `<cache_dir>/<model>/<version>`), verified.
 
         The destination appears only once every file matches the manifest (size + sha256); a
@@ -302,7 +353,9 @@ class ArtifactStore(ABC):
         dest = Path(dest) if dest is not None else self.cache_dir / model / release.version
         if (dest / MANIFEST_NAME).is_file():
             try:
-                cached = Release.from_manifest(json.loads((dest / MANIFEST_NAME).read_text()), release.uri, str(dest))
+                cached = Release.from_manifest(
+                    json.loads((dest / MANIFEST_NAME).read_text()), release.uri, str(dest)
+                )
                 if cached.files == release.files and cached.created == release.created:
                     verify_tree(dest, release.files)
                     log.info("fetch: %s already in %s (verified)", release.uri, dest)
@@ -310,7 +363,11 @@ class ArtifactStore(ABC):
             except (StoreError, json.JSONDecodeError) as e:
                 log.warning("fetch: replacing %s (%s)", dest, e)
         t0 = time.perf_counter()
-        with atomic_dir(dest) as tmp, _progress(release.total_bytes, f"fetch {model}/{release.version}") as bar:
+        with (
+            atomic_dir(dest) as tmp,
+            _progress(release.total_bytes, f"fetch {model}/{release.version}") as bar,
+        ):
+
             def progress(path: str, n: int) -> None:
                 bar.update(n)
                 if callback is not None:
@@ -322,12 +379,24 @@ class ArtifactStore(ABC):
                 self._download(release, entry, target, progress)
             verify_tree(tmp, release.files)
             (tmp / MANIFEST_NAME).write_bytes(release.manifest_bytes())
-        log.info("fetched %s -> %s (%.1f MiB, %.1f s)", release.uri, dest, release.total_bytes / MIB,
-                 time.perf_counter() - t0)
+        log.info(
+            "fetched %s -> %s (%.1f MiB, %.1f s)",
+            release.uri,
+            dest,
+            release.total_bytes / MIB,
+            time.perf_counter() - t0,
+        )
         return dest
 
-    def load(self, model: str, version: str | None = None, exit_layer: int | None = None, *,
-             dest: str | Path | None = None, dtype: str = "float32"):
+    def load(
+        self,
+        model: str,
+        version: str | None = None,
+        exit_layer: int | None = None,
+        *,
+        dest: str | Path | None = None,
+        dtype: str = "float32",
+    ):
         """Fetches a release and loads one member (or the family) with its tokenizer.
 
         Args:
@@ -361,8 +430,10 @@ def load_member(release_dir: str | Path, exit_layer: int | None, dtype: str = "f
         return model.eval(), tokenizer
     path = root / f"exit_{int(exit_layer)}"
     if not path.is_dir():
-        raise StoreError(f"{root}: no member exit_{exit_layer} (members: "
-                         f"{', '.join(f'exit_{d}' for d in release_exits(root)) or 'none'})")
+        raise StoreError(
+            f"{root}: no member exit_{exit_layer} (members: "
+            f"{', '.join(f'exit_{d}' for d in release_exits(root)) or 'none'})"
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -384,8 +455,11 @@ class LocalStore(ArtifactStore):
         model_dir = self.root / model
         if not model_dir.is_dir():
             return []
-        return [p.name for p in model_dir.iterdir()
-                if not p.name.startswith(".") and (p / MANIFEST_NAME).is_file()]
+        return [
+            p.name
+            for p in model_dir.iterdir()
+            if not p.name.startswith(".") and (p / MANIFEST_NAME).is_file()
+        ]
 
     def _read_manifest(self, model: str, version: str) -> dict | None:
         path = self.root / model / version / MANIFEST_NAME
@@ -401,7 +475,9 @@ class LocalStore(ArtifactStore):
         final = model_dir / release.version
         if final.exists():
             # A directory without a manifest is not ours (ours appear by rename, complete).
-            raise StoreError(f"{final} exists but is not a published release; remove it or choose another version")
+            raise StoreError(
+                f"{final} exists but is not a published release; remove it or choose another version"
+            )
         model_dir.mkdir(parents=True, exist_ok=True)
         for stale in model_dir.glob(f".{release.version}.tmp-*"):  # left by a crashed publish of this version
             shutil.rmtree(stale, ignore_errors=True)
@@ -431,7 +507,9 @@ class LocalStore(ArtifactStore):
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
-    def _download(self, release: Release, entry: FileEntry, dest: Path, callback: ProgressCallback | None) -> None:
+    def _download(
+        self, release: Release, entry: FileEntry, dest: Path, callback: ProgressCallback | None
+    ) -> None:
         source = self.root / release.model / release.version / entry.path
         try:
             shutil.copyfile(source, dest)
@@ -460,19 +538,36 @@ class S3Store(ArtifactStore):
         access_key / secret_key: explicit credentials (None: the standard AWS chain; prefer that).
     """
 
-    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, region: str | None = None,
-                 multipart_threshold_mib: float = 64.0, multipart_chunksize_mib: float = 16.0, max_concurrency: int = 4,
-                 connect_timeout_s: float = 5.0, read_timeout_s: float = 60.0, max_attempts: int = 5,
-                 retry_mode: str = "standard", verify: str = "checksum", addressing_style: str = "auto", cache_dir: str | Path | None = None,
-                 access_key: str | None = None, secret_key: str | None = None):
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        multipart_threshold_mib: float = 64.0,
+        multipart_chunksize_mib: float = 16.0,
+        max_concurrency: int = 4,
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 60.0,
+        max_attempts: int = 5,
+        retry_mode: str = "standard",
+        verify: str = "checksum",
+        addressing_style: str = "auto",
+        cache_dir: str | Path | None = None,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+    ):
         super().__init__(cache_dir)
         if not bucket:
             raise StoreError("S3 store: no bucket given (deploy.store.bucket)")
         if verify not in ("checksum", "download"):
             raise StoreError(f"S3 store: verify must be 'checksum' or 'download', got {verify!r}")
         if multipart_chunksize_mib < 5:
-            raise StoreError(f"S3 store: multipart_chunksize_mib must be >= 5 (S3's minimum part size), "
-                             f"got {multipart_chunksize_mib}")
+            raise StoreError(
+                f"S3 store: multipart_chunksize_mib must be >= 5 (S3's minimum part size), "
+                f"got {multipart_chunksize_mib}"
+            )
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.endpoint_url = endpoint_url
@@ -482,9 +577,15 @@ class S3Store(ArtifactStore):
         self.multipart_threshold = max(1, int(multipart_threshold_mib * MIB))
         self.multipart_chunksize = int(multipart_chunksize_mib * MIB)
         self.max_concurrency = max_concurrency
-        self._client_kwargs = dict(connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s,
-                                   max_attempts=max_attempts, retry_mode=retry_mode,
-                                   addressing_style=addressing_style, access_key=access_key, secret_key=secret_key)
+        self._client_kwargs = dict(
+            connect_timeout_s=connect_timeout_s,
+            read_timeout_s=read_timeout_s,
+            max_attempts=max_attempts,
+            retry_mode=retry_mode,
+            addressing_style=addressing_style,
+            access_key=access_key,
+            secret_key=secret_key,
+        )
         self._client_obj = None
         self.uri = f"s3://{bucket}" + (f"/{self.prefix}" if self.prefix else "")
 
@@ -492,15 +593,21 @@ class S3Store(ArtifactStore):
     @property
     def _client(self):
         if self._client_obj is None:
-            self._client_obj = s3_client(endpoint_url=self.endpoint_url, region=self.region, **self._client_kwargs)
+            self._client_obj = s3_client(
+                endpoint_url=self.endpoint_url, region=self.region, **self._client_kwargs
+            )
         return self._client_obj
 
     def _transfer_config(self):
         from boto3.s3.transfer import TransferConfig
 
-        return TransferConfig(multipart_threshold=self.multipart_threshold, multipart_chunksize=self.multipart_chunksize,
-                              max_concurrency=self.max_concurrency, use_threads=self.max_concurrency > 1,
-                              preferred_transfer_client="classic")
+        return TransferConfig(
+            multipart_threshold=self.multipart_threshold,
+            multipart_chunksize=self.multipart_chunksize,
+            max_concurrency=self.max_concurrency,
+            use_threads=self.max_concurrency > 1,
+            preferred_transfer_client="classic",
+        )
 
     def _errors(self, what: str, key: str | None = None):
         """Translates boto errors into a StoreError that says what went wrong and where (`tasks.core.s3`)."""
@@ -525,7 +632,7 @@ class S3Store(ArtifactStore):
         versions = []
         with self._errors(f"listing {self.uri}/{model}"):
             for obj in self._list_keys(base):
-                rest = obj["Key"][len(base):]
+                rest = obj["Key"][len(base) :]
                 version, _, name = rest.partition("/")
                 if name == MANIFEST_NAME:
                     versions.append(version)
@@ -584,16 +691,22 @@ class S3Store(ArtifactStore):
             return (h.hexdigest() == entry.sha256), f"read back sha256 {h.hexdigest()[:16]}..."
         got = head.get("ChecksumSHA256")
         if not got:
-            raise StoreError(f"s3://{self.bucket}/{key}: the endpoint {self.endpoint} returned no SHA-256 checksum, so "
-                             "the upload cannot be verified server-side; set deploy.store.verify: download")
+            raise StoreError(
+                f"s3://{self.bucket}/{key}: the endpoint {self.endpoint} returned no SHA-256 checksum, so "
+                "the upload cannot be verified server-side; set deploy.store.verify: download"
+            )
         want = self.expected_checksum(src, entry.size, entry.sha256)
         return got == want, f"server checksum {got} instead of {want}"
 
     def _abort_stale_uploads(self, prefix: str) -> int:
         aborted = 0
-        for page in self._client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=prefix):
+        for page in self._client.get_paginator("list_multipart_uploads").paginate(
+            Bucket=self.bucket, Prefix=prefix
+        ):
             for upload in page.get("Uploads", []):
-                self._client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                self._client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                )
                 aborted += 1
         if aborted:
             log.info("aborted %d stale multipart upload(s) under s3://%s/%s", aborted, self.bucket, prefix)
@@ -613,8 +726,10 @@ class S3Store(ArtifactStore):
                 raise StoreError(f"release {release.uri} already exists: releases are immutable")
             stale = sorted(existing - wanted)
             for i in range(0, len(stale), 1000):  # objects of an earlier, different attempt
-                self._client.delete_objects(Bucket=self.bucket,
-                                            Delete={"Objects": [{"Key": k} for k in stale[i:i + 1000]], "Quiet": True})
+                self._client.delete_objects(
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": k} for k in stale[i : i + 1000]], "Quiet": True},
+                )
             resumed = 0
             with _progress(release.total_bytes, f"publish {release.model}/{release.version}") as bar:
                 for entry in release.files:
@@ -629,12 +744,19 @@ class S3Store(ArtifactStore):
                         if callback is not None:
                             callback(_path, n)
 
-                    self._client.upload_file(str(path), self.bucket, key, Config=transfer, Callback=progress,
-                                             ExtraArgs={"ChecksumAlgorithm": "SHA256",
-                                                        "Metadata": {"sha256": entry.sha256}})
+                    self._client.upload_file(
+                        str(path),
+                        self.bucket,
+                        key,
+                        Config=transfer,
+                        Callback=progress,
+                        ExtraArgs={"ChecksumAlgorithm": "SHA256", "Metadata": {"sha256": entry.sha256}},
+                    )
                     ok, why = self._object_ok(key, entry, path)
                     if not ok:
-                        raise StoreError(f"{what}: s3://{self.bucket}/{key} failed verification after upload ({why})")
+                        raise StoreError(
+                            f"{what}: s3://{self.bucket}/{key} failed verification after upload ({why})"
+                        )
             if resumed:
                 log.info("%s: %d file(s) already uploaded and verified by an earlier attempt", what, resumed)
             self._put_manifest(manifest_key, release)
@@ -643,21 +765,42 @@ class S3Store(ArtifactStore):
         from botocore.exceptions import ClientError
 
         try:
-            self._client.put_object(Bucket=self.bucket, Key=key, Body=release.manifest_bytes(),
-                                    ContentType="application/json", ChecksumAlgorithm="SHA256", IfNoneMatch="*")
+            self._client.put_object(
+                Bucket=self.bucket,
+                Key=key,
+                Body=release.manifest_bytes(),
+                ContentType="application/json",
+                ChecksumAlgorithm="SHA256",
+                IfNoneMatch="*",
+            )
         except ClientError as e:
             if error_code(e) in ("PreconditionFailed", "ConditionalRequestConflict"):
-                raise StoreError(f"release {release.uri} was published concurrently by another writer") from None
+                raise StoreError(
+                    f"release {release.uri} was published concurrently by another writer"
+                ) from None
             raise
 
-    def _download(self, release: Release, entry: FileEntry, dest: Path, callback: ProgressCallback | None) -> None:
+    def _download(
+        self, release: Release, entry: FileEntry, dest: Path, callback: ProgressCallback | None
+    ) -> None:
         key = self._key(release.model, release.version, entry.path)
         with self._errors(f"downloading s3://{self.bucket}/{key}", key=key):
-            self._client.download_file(self.bucket, key, str(dest), Config=self._transfer_config(),
-                                       Callback=(lambda n: callback(entry.path, n)) if callback else None)
+            self._client.download_file(
+                self.bucket,
+                key,
+                str(dest),
+                Config=self._transfer_config(),
+                Callback=(lambda n: callback(entry.path, n)) if callback else None,
+            )
 
-    def fetch(self, model: str, version: str | None = None, dest: str | Path | None = None, *,
-              callback: ProgressCallback | None = None) -> Path:
+    def fetch(
+        self,
+        model: str,
+        version: str | None = None,
+        dest: str | Path | None = None,
+        *,
+        callback: ProgressCallback | None = None,
+    ) -> Path:
         self._check_bucket(f"fetching {self.uri}/{model}")
         return super().fetch(model, version, dest, callback=callback)
 
@@ -674,15 +817,39 @@ def open_store(cfg: StoreParams, cache_dir: str | Path | None = None) -> Artifac
     if cfg.backend == "local":
         return LocalStore(cfg.root, cache_dir=cache)
     if cfg.backend == "s3":
-        return S3Store(cfg.bucket or "", cfg.prefix, endpoint_url=cfg.endpoint_url, region=cfg.region,
-                       multipart_threshold_mib=cfg.multipart_threshold_mib,
-                       multipart_chunksize_mib=cfg.multipart_chunksize_mib, max_concurrency=cfg.max_concurrency,
-                       connect_timeout_s=cfg.connect_timeout_s, read_timeout_s=cfg.read_timeout_s,
-                       max_attempts=cfg.max_attempts, verify=cfg.verify, addressing_style=cfg.addressing_style,
-                       cache_dir=cache)
+        return S3Store(
+            cfg.bucket or "",
+            cfg.prefix,
+            endpoint_url=cfg.endpoint_url,
+            region=cfg.region,
+            multipart_threshold_mib=cfg.multipart_threshold_mib,
+            multipart_chunksize_mib=cfg.multipart_chunksize_mib,
+            max_concurrency=cfg.max_concurrency,
+            connect_timeout_s=cfg.connect_timeout_s,
+            read_timeout_s=cfg.read_timeout_s,
+            max_attempts=cfg.max_attempts,
+            verify=cfg.verify,
+            addressing_style=cfg.addressing_style,
+            cache_dir=cache,
+        )
     raise StoreError(f"unknown store backend {cfg.backend!r} (deploy.store.backend: local or s3)")
 
 
-__all__ = ["ArtifactStore", "LocalStore", "S3Store", "StoreError", "TransientStoreError", "Release", "FileEntry",
-           "open_store", "scan_dir", "verify_tree", "sha256_file", "natural_key", "check_name", "load_member", "release_exits",
-           "MANIFEST_NAME"]
+__all__ = [
+    "ArtifactStore",
+    "LocalStore",
+    "S3Store",
+    "StoreError",
+    "TransientStoreError",
+    "Release",
+    "FileEntry",
+    "open_store",
+    "scan_dir",
+    "verify_tree",
+    "sha256_file",
+    "natural_key",
+    "check_name",
+    "load_member",
+    "release_exits",
+    "MANIFEST_NAME",
+]

@@ -25,8 +25,6 @@ if TYPE_CHECKING:  # heavy imports stay inside the functions (the `ruyi` CLI mus
 log = logging.getLogger("ruyi")
 
 
-
-
 IGNORE_INDEX = -100
 
 
@@ -51,8 +49,10 @@ def check_tokenizer(tokenizer, where: str | Path) -> None:
     from ruyi_model.tokenizer import EOS_TOKEN, IM_END, PAD_TOKEN
 
     if tokenizer.eos_token != EOS_TOKEN or tokenizer.pad_token != PAD_TOKEN:
-        raise StageError(f"tokenizer at {where}: eos/pad must be {EOS_TOKEN!r}/{PAD_TOKEN!r}, got "
-                         f"{tokenizer.eos_token!r}/{tokenizer.pad_token!r}")
+        raise StageError(
+            f"tokenizer at {where}: eos/pad must be {EOS_TOKEN!r}/{PAD_TOKEN!r}, got "
+            f"{tokenizer.eos_token!r}/{tokenizer.pad_token!r}"
+        )
     im_end = tokenizer.convert_tokens_to_ids(IM_END)
     if im_end is None or im_end == tokenizer.unk_token_id:
         raise StageError(f"tokenizer at {where}: no {IM_END!r} token")
@@ -75,17 +75,21 @@ def read_sft(path: str | Path) -> list[dict[str, Any]]:
     for i, row in enumerate(rows, 1):
         for key in ("id", "prompt", "response"):
             if not isinstance(row[key], str) or not row[key].strip():
-                raise StageError(f"{path}: row {i} (id={row.get('id')!r}): {key!r} must be a non-empty string")
+                raise StageError(
+                    f"{path}: row {i} (id={row.get('id')!r}): {key!r} must be a non-empty string"
+                )
     return rows
 
 
-def tokenize_texts(tokenizer, texts: Sequence[str], batch: int = 512, desc: str = "tokenize") -> list[list[int]]:
+def tokenize_texts(
+    tokenizer, texts: Sequence[str], batch: int = 512, desc: str = "tokenize"
+) -> list[list[int]]:
     """Token ids of each text, without special tokens (batched through the fast tokenizer)."""
     from tqdm.auto import tqdm
 
     out: list[list[int]] = []
     for start in tqdm(range(0, len(texts), batch), desc=desc, unit="batch", leave=False, mininterval=1.0):
-        out.extend(tokenizer(list(texts[start:start + batch]), add_special_tokens=False)["input_ids"])
+        out.extend(tokenizer(list(texts[start : start + batch]), add_special_tokens=False)["input_ids"])
     return out
 
 
@@ -110,12 +114,15 @@ def pack_documents(token_lists: Iterable[Sequence[int]], eos_id: int, seq_len: i
     return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
-def pack_corpus(tokenizer, texts: Sequence[str], seq_len: int, where: str, desc: str = "pack") -> torch.Tensor:
+def pack_corpus(
+    tokenizer, texts: Sequence[str], seq_len: int, where: str, desc: str = "pack"
+) -> torch.Tensor:
     """`pack_documents` of `texts`; an input too small for one block is an error naming it."""
     blocks = pack_documents(tokenize_texts(tokenizer, texts, desc=desc), tokenizer.eos_token_id, seq_len)
     if blocks.shape[0] == 0:
-        raise StageError(f"{where}: too little text for one block of seq_len={seq_len} tokens "
-                         f"({len(texts)} documents)")
+        raise StageError(
+            f"{where}: too little text for one block of seq_len={seq_len} tokens ({len(texts)} documents)"
+        )
     return blocks
 
 
@@ -124,6 +131,7 @@ def sft_holdout_split(rows: Sequence[dict[str, Any]], fraction: float) -> tuple[
 
     At least one row is held out when `fraction` > 0 (and at least one is kept for training).
     """
+
     def key(row: dict) -> float:
         return int(hashlib.sha256(str(row["id"]).encode()).hexdigest()[:12], 16) / 16**12
 
@@ -149,8 +157,9 @@ class SFTStats:
         return dict(self.__dict__)
 
 
-def build_sft_examples(tokenizer, rows: Sequence[dict[str, Any]], seq_len: int,
-                       where: str) -> tuple[dict[str, torch.Tensor], SFTStats]:
+def build_sft_examples(
+    tokenizer, rows: Sequence[dict[str, Any]], seq_len: int, where: str
+) -> tuple[dict[str, torch.Tensor], SFTStats]:
     """Chat-formats SFT pairs and masks everything but the assistant's answer.
 
     Args:
@@ -173,11 +182,14 @@ def build_sft_examples(tokenizer, rows: Sequence[dict[str, Any]], seq_len: int,
     for i, row in enumerate(rows, 1):
         user = {"role": "user", "content": row["prompt"]}
         prompt_text = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
-        full_text = tokenizer.apply_chat_template([user, {"role": "assistant", "content": row["response"]}],
-                                                  tokenize=False)
+        full_text = tokenizer.apply_chat_template(
+            [user, {"role": "assistant", "content": row["response"]}], tokenize=False
+        )
         if not full_text.startswith(prompt_text):
-            raise StageError(f"{where}: row {i} (id={row.get('id')!r}): the chat template does not render the "
-                             f"prompt as a prefix of the conversation; cannot mask the prompt")
+            raise StageError(
+                f"{where}: row {i} (id={row.get('id')!r}): the chat template does not render the "
+                f"prompt as a prefix of the conversation; cannot mask the prompt"
+            )
         prompts.append(prompt_text)
         fulls.append(full_text)
     prompt_ids = tokenize_texts(tokenizer, prompts, desc="sft prompts")
@@ -186,14 +198,18 @@ def build_sft_examples(tokenizer, rows: Sequence[dict[str, Any]], seq_len: int,
     ids_rows, label_rows = [], []
     for i, (p, f) in enumerate(zip(prompt_ids, full_ids), 1):
         if f[: len(p)] != p:
-            raise StageError(f"{where}: row {i} (id={rows[i - 1].get('id')!r}): the prompt tokenizes differently "
-                             f"inside the conversation; cannot mask the prompt")
+            raise StageError(
+                f"{where}: row {i} (id={rows[i - 1].get('id')!r}): the prompt tokenizes differently "
+                f"inside the conversation; cannot mask the prompt"
+            )
         try:
             end = f.index(im_end, len(p)) + 1  # supervise up to and including the closing <|im_end|>
         except ValueError:
-            raise StageError(f"{where}: row {i} (id={rows[i - 1].get('id')!r}): no {IM_END} after the "
-                             f"response; the chat template must close the assistant turn") from None
-        labels = [IGNORE_INDEX] * len(p) + f[len(p):end] + [IGNORE_INDEX] * (len(f) - end)
+            raise StageError(
+                f"{where}: row {i} (id={rows[i - 1].get('id')!r}): no {IM_END} after the "
+                f"response; the chat template must close the assistant turn"
+            ) from None
+        labels = [IGNORE_INDEX] * len(p) + f[len(p) : end] + [IGNORE_INDEX] * (len(f) - end)
         if len(f) > seq_len:
             stats.truncated += 1
             f, labels = f[:seq_len], labels[:seq_len]
@@ -217,8 +233,14 @@ def build_sft_examples(tokenizer, rows: Sequence[dict[str, Any]], seq_len: int,
     stats.total_tokens = int(attention.sum())
     stats.supervised_tokens = int((labels_t[:, 1:] != IGNORE_INDEX).sum())
     if stats.truncated or stats.dropped_no_target:
-        log.warning("%s: %d of %d SFT examples cut to seq_len=%d, %d dropped (no supervised token left)",
-                    where, stats.truncated, len(rows), seq_len, stats.dropped_no_target)
+        log.warning(
+            "%s: %d of %d SFT examples cut to seq_len=%d, %d dropped (no supervised token left)",
+            where,
+            stats.truncated,
+            len(rows),
+            seq_len,
+            stats.dropped_no_target,
+        )
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels_t}, stats
 
 
@@ -247,7 +269,9 @@ class BlockStream:
     def __init__(self, tensors: dict[str, torch.Tensor], seed: int, name: str):
         sizes = {int(t.shape[0]) for t in tensors.values()}
         if len(sizes) != 1 or 0 in sizes:
-            raise ValueError(f"stream {name!r}: tensors must have the same non-zero number of rows, got {sizes}")
+            raise ValueError(
+                f"stream {name!r}: tensors must have the same non-zero number of rows, got {sizes}"
+            )
         self.tensors, self.seed, self.name = tensors, seed, name
         self.num_rows = sizes.pop()
         self._perms: dict[int, torch.Tensor] = {}
@@ -306,15 +330,19 @@ class MixedStream:
         return self._replays_before(position + batch_size) - self._replays_before(position)
 
 
-def fixed_batches(tensors: dict[str, torch.Tensor], batch_size: int, max_batches: int) -> list[dict[str, torch.Tensor]]:
+def fixed_batches(
+    tensors: dict[str, torch.Tensor], batch_size: int, max_batches: int
+) -> list[dict[str, torch.Tensor]]:
     """The first `max_batches * batch_size` rows, in order, as batches (validation sets)."""
     n = int(next(iter(tensors.values())).shape[0])
     n = min(n, batch_size * max_batches)
-    return [trim_batch({k: v[s:s + batch_size] for k, v in tensors.items()}) for s in range(0, n, batch_size)]
-
-
+    return [
+        trim_batch({k: v[s : s + batch_size] for k, v in tensors.items()}) for s in range(0, n, batch_size)
+    ]
 
 
 def check_seq_len(params: Params, section: str, seq_len: int, max_positions: int) -> None:
     if seq_len > max_positions:
-        raise ParamsError(f"{section}.seq_len={seq_len} exceeds the model's max_position_embeddings={max_positions}")
+        raise ParamsError(
+            f"{section}.seq_len={seq_len} exceeds the model's max_position_embeddings={max_positions}"
+        )

@@ -42,9 +42,17 @@ def _code_fingerprint(stage: str, root: Path | None = None) -> dict[str, str]:
     return code_fingerprint(stage) if root is None else code_fingerprint(stage, Path(root))
 
 
-def fingerprint_info(stage: str, section: Any, *, seed: int, model: Any = None, inputs: dict[str, Any],
-                     extra: dict[str, Any] | None = None, exclude: Sequence[str] = (),
-                     code_root: str | Path | None = None) -> dict[str, Any]:
+def fingerprint_info(
+    stage: str,
+    section: Any,
+    *,
+    seed: int,
+    model: Any = None,
+    inputs: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+    exclude: Sequence[str] = (),
+    code_root: str | Path | None = None,
+) -> dict[str, Any]:
     """What a checkpoint must agree on to be resumed (docs/choices.md#training).
 
     `exclude`: more parameters of `section` left out (besides `NON_FINGERPRINT_KEYS`), e.g. rl's `steps`
@@ -53,8 +61,13 @@ def fingerprint_info(stage: str, section: Any, *, seed: int, model: Any = None, 
     params = section.model_dump() if hasattr(section, "model_dump") else dict(section)
     for key in (*NON_FINGERPRINT_KEYS, *exclude):
         params.pop(key, None)
-    info: dict[str, Any] = {"stage": stage, "seed": seed, "params": params, "inputs": inputs,
-                            "code": _code_fingerprint(stage, code_root)}
+    info: dict[str, Any] = {
+        "stage": stage,
+        "seed": seed,
+        "params": params,
+        "inputs": inputs,
+        "code": _code_fingerprint(stage, code_root),
+    }
     if model is not None:
         info["model"] = model.model_dump() if hasattr(model, "model_dump") else model
     if extra:
@@ -93,9 +106,11 @@ def _rng_state() -> dict[str, Any]:
     import torch
 
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(),
-             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -115,8 +130,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def write_manifest(path: Path) -> None:
     """Writes `path/checksums.json`: {"files": {name: {"sha256", "bytes"}}} of every other file in `path`."""
-    files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-             for p in sorted(path.iterdir()) if p.is_file() and p.name != MANIFEST}
+    files = {
+        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(path.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
     write_json(path / MANIFEST, {"files": files})
 
 
@@ -160,8 +178,10 @@ class Checkpointer:
 
     def __init__(self, root: str | Path, info: dict[str, Any], keep: int = 2):
         if keep < 2:
-            raise ValueError(f"Checkpointer keep={keep}: keep at least 2 checkpoints (a corrupt latest one "
-                             f"is skipped for the previous one)")
+            raise ValueError(
+                f"Checkpointer keep={keep}: keep at least 2 checkpoints (a corrupt latest one "
+                f"is skipped for the previous one)"
+            )
         self.root = Path(root)
         self.info = info
         self.digest = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()
@@ -176,7 +196,9 @@ class Checkpointer:
     def step_dirs(self) -> list[tuple[int, Path]]:
         if not self.root.is_dir():
             return []
-        found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+        found = [
+            (int(m.group(1)), p) for p in self.root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()
+        ]
         return sorted(found)
 
     def find_resumable(self) -> Path | None:
@@ -207,8 +229,12 @@ class Checkpointer:
                 return None
             return path
         if self.skipped:
-            log.warning("%s: no checkpoint in %s passed verification (%s); training starts from scratch",
-                        self.stage, self.root, "; ".join(f"{s['path']}: {s['reason']}" for s in self.skipped))
+            log.warning(
+                "%s: no checkpoint in %s passed verification (%s); training starts from scratch",
+                self.stage,
+                self.root,
+                "; ".join(f"{s['path']}: {s['reason']}" for s in self.skipped),
+            )
         return None
 
     def _set_aside_corrupt(self, step: int, path: Path, reason: str) -> None:
@@ -218,19 +244,30 @@ class Checkpointer:
         aside.parent.mkdir(parents=True, exist_ok=True)
         path.rename(aside)
         self.skipped.append({"path": str(path), "step": step, "reason": reason, "set_aside_to": str(aside)})
-        log.warning("%s: checkpoint %s fails verification: %s; skipped (set aside to %s), trying the "
-                    "previous one", self.stage, path, reason, aside)
+        log.warning(
+            "%s: checkpoint %s fails verification: %s; skipped (set aside to %s), trying the previous one",
+            self.stage,
+            path,
+            reason,
+            aside,
+        )
 
     def _set_aside_stale(self, step: int, path: Path, state: dict[str, Any]) -> None:
-        diffs = (fingerprint_differences(state.get("fingerprint_info", {}), self.info)
-                 or ["(fingerprint format)"])
+        diffs = fingerprint_differences(state.get("fingerprint_info", {}), self.info) or [
+            "(fingerprint format)"
+        ]
         stale = self.root.with_name(self.root.name + ".stale")
         if stale.exists():
             shutil.rmtree(stale)
         self.root.rename(stale)
         self.stale = {"set_aside_to": str(stale), "step": step, "differences": diffs}
-        log.warning("checkpoint %s was made with different parameters, inputs or code; set aside to %s and "
-                    "training starts from scratch. Differences:\n  %s", path, stale, "\n  ".join(diffs))
+        log.warning(
+            "checkpoint %s was made with different parameters, inputs or code; set aside to %s and "
+            "training starts from scratch. Differences:\n  %s",
+            path,
+            stale,
+            "\n  ".join(diffs),
+        )
 
     def save(self, step: int, model, optimizer, scheduler, state: dict[str, Any]) -> Path:
         """Writes `root/step_<step>/` atomically: the model, optimizer, scheduler (None: the stage has
@@ -246,8 +283,10 @@ class Checkpointer:
             if scheduler is not None:
                 torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(_rng_state(), tmp / "rng.pt")
-            write_json(tmp / "trainer_state.json",
-                       {**state, "step": step, "fingerprint": self.digest, "fingerprint_info": self.info})
+            write_json(
+                tmp / "trainer_state.json",
+                {**state, "step": step, "fingerprint": self.digest, "fingerprint_info": self.info},
+            )
             write_manifest(tmp)
         for _, old in self.step_dirs()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -269,8 +308,10 @@ class Checkpointer:
         except Exception as e:  # safetensors raises its own error types for corrupt files
             raise StageError(f"cannot load {path / 'model.safetensors'}: {e}") from None
         if missing or unexpected:
-            raise StageError(f"{path / 'model.safetensors'} does not match the model: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+            raise StageError(
+                f"{path / 'model.safetensors'} does not match the model: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
         objects = [("optimizer.pt", optimizer), ("scheduler.pt", scheduler)]
         for name, obj in [(n, o) for n, o in objects if o is not None]:
             try:

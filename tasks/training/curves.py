@@ -8,15 +8,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # heavy imports stay inside the functions (the `ruyi` CLI must start instantly)
-
     pass
 
 log = logging.getLogger("ruyi")
 
 
 # --- plots ----------------------------------------------------------------------------------------
-def write_loss_curves(history: Sequence[dict[str, Any]], out_dir: str | Path, title: str,
-                      exits: Sequence[int] | None = None, name: str = "loss") -> tuple[Path, Path]:
+def write_loss_curves(
+    history: Sequence[dict[str, Any]],
+    out_dir: str | Path,
+    title: str,
+    exits: Sequence[int] | None = None,
+    name: str = "loss",
+) -> tuple[Path, Path]:
     """Writes `<name>.csv` (step, exit, split, loss) and `<name>.png` (one line per member and split).
 
     Args:
@@ -40,7 +44,9 @@ def write_loss_curves(history: Sequence[dict[str, Any]], out_dir: str | Path, ti
         writer = csv.DictWriter(f, fieldnames=["step", "exit", "split", "loss"], lineterminator="\n")
         writer.writeheader()
         for r in rows:
-            writer.writerow({"step": r["step"], "exit": r["exit"], "split": r["split"], "loss": f"{r['loss']:.6f}"})
+            writer.writerow(
+                {"step": r["step"], "exit": r["exit"], "split": r["split"], "loss": f"{r['loss']:.6f}"}
+            )
     fig, ax = plt.subplots(figsize=(7, 4.2))
     members = sorted({r["exit"] for r in rows})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]

@@ -143,16 +143,23 @@ def launch(stage: str, params, callbacks: Sequence[Callable[[int], None]] = ()) 
         import torch
 
         if not torch.cuda.is_available():
-            raise StageError("distributed.use_gpu is true but CUDA is not available on this machine (the workers "
-                             "of the local Ray, distributed.address=null, would have no GPU): set "
-                             "distributed.use_gpu=false or give distributed.address of a GPU cluster")
+            raise StageError(
+                "distributed.use_gpu is true but CUDA is not available on this machine (the workers "
+                "of the local Ray, distributed.address=null, would have no GPU): set "
+                "distributed.use_gpu=false or give distributed.address of a GPU cluster"
+            )
         if torch.cuda.device_count() < cfg.num_workers:
-            raise StageError(f"distributed.num_workers={cfg.num_workers} with distributed.use_gpu=true needs "
-                             f"{cfg.num_workers} GPUs; this machine has {torch.cuda.device_count()}")
+            raise StageError(
+                f"distributed.num_workers={cfg.num_workers} with distributed.use_gpu=true needs "
+                f"{cfg.num_workers} GPUs; this machine has {torch.cuda.device_count()}"
+            )
     if cfg.address is not None:
         probe_address(cfg.address)
-    runtime = RayRuntime(num_cpus=max(1, math.ceil(cfg.num_workers * cfg.cpus_per_worker)),
-                         object_store_mib=cfg.object_store_mib, address=cfg.address)
+    runtime = RayRuntime(
+        num_cpus=max(1, math.ceil(cfg.num_workers * cfg.cpus_per_worker)),
+        object_store_mib=cfg.object_store_mib,
+        address=cfg.address,
+    )
     try:
         runtime.start()
     except (ConnectionError, RuntimeError, ValueError) as e:
@@ -192,9 +199,11 @@ def probe_address(address: str) -> None:
         with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=PROBE_TIMEOUT_S):
             pass
     except OSError as e:
-        raise TransientError(f"distributed.address={address!r}: the Ray cluster is unreachable "
-                             f"({e.strerror or e}); check the address or set distributed.address=null "
-                             f"for a local Ray") from None
+        raise TransientError(
+            f"distributed.address={address!r}: the Ray cluster is unreachable "
+            f"({e.strerror or e}); check the address or set distributed.address=null "
+            f"for a local Ray"
+        ) from None
 
 
 def check_resources(cfg) -> None:
@@ -207,9 +216,13 @@ def check_resources(cfg) -> None:
     need_gpu = cfg.num_workers if cfg.use_gpu else 0
     if have.get("CPU", 0) + 1e-9 >= need_cpu and have.get("GPU", 0) + 1e-9 >= need_gpu:
         return
-    msg = (f"distributed.num_workers={cfg.num_workers} workers need {need_cpu:g} CPUs (distributed.cpus_per_worker="
-           f"{cfg.cpus_per_worker:g})" + (f" and {need_gpu} GPUs (distributed.use_gpu=true)" if need_gpu else "")
-           + f"; the Ray cluster has {have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs")
+    msg = (
+        f"distributed.num_workers={cfg.num_workers} workers need {need_cpu:g} CPUs "
+        "(distributed.cpus_per_worker="
+        f"{cfg.cpus_per_worker:g})"
+        + (f" and {need_gpu} GPUs (distributed.use_gpu=true)" if need_gpu else "")
+        + f"; the Ray cluster has {have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs"
+    )
     if cfg.address is None:
         raise StageError(msg)
     log.warning("%s: waiting for the cluster to scale up", msg)
@@ -223,14 +236,27 @@ def _fit(stage: str, params, callbacks, storage_path: str, run_name: str) -> dic
     cfg = params.distributed
     trainer = TorchTrainer(
         _worker_main,
-        train_loop_config={"stage": stage, "params": params.model_dump(mode="json"), "cwd": os.getcwd(),
-                           "callbacks": list(callbacks), "use_gpu": cfg.use_gpu},
+        train_loop_config={
+            "stage": stage,
+            "params": params.model_dump(mode="json"),
+            "cwd": os.getcwd(),
+            "callbacks": list(callbacks),
+            "use_gpu": cfg.use_gpu,
+        },
         torch_config=TorchConfig(timeout_s=cfg.timeout_s),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=RunConfig(name=run_name, storage_path=storage_path, failure_config=FailureConfig(max_failures=0)))
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage_path, failure_config=FailureConfig(max_failures=0)
+        ),
+    )
     t0 = time.perf_counter()
-    log.info("%s: %d Ray Train workers (%s)", stage, cfg.num_workers, "GPU, nccl" if cfg.use_gpu else "CPU, gloo")
+    log.info(
+        "%s: %d Ray Train workers (%s)", stage, cfg.num_workers, "GPU, nccl" if cfg.use_gpu else "CPU, gloo"
+    )
     try:
         result = trainer.fit()
     except WorkerGroupError as e:
@@ -274,8 +300,10 @@ def _worker_main(config: dict[str, Any]) -> dict[str, Any]:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if config["use_gpu"]:
         if not torch.cuda.is_available():
-            raise StageError(f"distributed.use_gpu is true but worker rank {rank} ({socket.gethostname()}) sees "
-                             f"no CUDA device")
+            raise StageError(
+                f"distributed.use_gpu is true but worker rank {rank} ({socket.gethostname()}) sees "
+                f"no CUDA device"
+            )
         import ray.train.torch
 
         device = str(ray.train.torch.get_device())

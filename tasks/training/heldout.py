@@ -29,7 +29,7 @@ def first_blocks(tokenizer, texts: Sequence[str], seq_len: int, max_blocks: int,
     token_lists: list[list[int]] = []
     tokens, chunk = 0, 256
     for start in range(0, len(texts), chunk):
-        new = tokenize_texts(tokenizer, texts[start:start + chunk], desc=f"tokenize {Path(where).name}")
+        new = tokenize_texts(tokenizer, texts[start : start + chunk], desc=f"tokenize {Path(where).name}")
         token_lists.extend(new)
         tokens += sum(len(ids) + 1 for ids in new)
         if tokens >= seq_len * max_blocks:
@@ -38,7 +38,9 @@ def first_blocks(tokenizer, texts: Sequence[str], seq_len: int, max_blocks: int,
     if blocks.shape[0] == 0:
         raise StageError(f"{where}: too little text for one {seq_len}-token block")
     if blocks.shape[0] < max_blocks:
-        log.warning("%s: only %d of the %d requested %d-token blocks", where, blocks.shape[0], max_blocks, seq_len)
+        log.warning(
+            "%s: only %d of the %d requested %d-token blocks", where, blocks.shape[0], max_blocks, seq_len
+        )
     return blocks
 
 
@@ -67,8 +69,12 @@ def member_losses(model, exits: Sequence[int], batches) -> dict[int, float]:
 
 def member_params(model, exit_layer: int) -> int:
     """Parameters of member `exit_layer` as a standalone model (embedding + layers + norm + head)."""
-    modules = [model.get_input_embeddings(), *model.member_layers(exit_layer),
-               model.exits[str(exit_layer)].norm, model.exit_head(exit_layer)]
+    modules = [
+        model.get_input_embeddings(),
+        *model.member_layers(exit_layer),
+        model.exits[str(exit_layer)].norm,
+        model.exit_head(exit_layer),
+    ]
     return sum(p.numel() for module in modules for p in module.parameters())
 
 
@@ -80,5 +86,7 @@ def check_family_inputs(model, tokenizer, where: str | Path, seq_len: int, seq_l
     if not getattr(tokenizer, "chat_template", None):
         raise StageError(f"tokenizer at {where}: no chat template (build it with the tokenizer stage)")
     if seq_len > model.config.max_position_embeddings:
-        raise StageError(f"{seq_len_key}={seq_len} exceeds the max_position_embeddings="
-                         f"{model.config.max_position_embeddings} of the model at {where}")
+        raise StageError(
+            f"{seq_len_key}={seq_len} exceeds the max_position_embeddings="
+            f"{model.config.max_position_embeddings} of the model at {where}"
+        )

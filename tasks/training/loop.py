@@ -54,13 +54,16 @@ def build_optimizer(named_params: Sequence[tuple[str, torch.nn.Parameter]], cfg:
     no_decay = [p for n, p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-    schedule = functools.partial(lr_factor, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
-                                 min_lr_ratio=cfg.min_lr_ratio)
+    schedule = functools.partial(
+        lr_factor, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, min_lr_ratio=cfg.min_lr_ratio
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     return optimizer, scheduler
 
 
-def exit_weights_at(schedule: ExitWeightSchedule, exit_layers: Sequence[int], step: int, max_steps: int) -> list[float]:
+def exit_weights_at(
+    schedule: ExitWeightSchedule, exit_layers: Sequence[int], step: int, max_steps: int
+) -> list[float]:
     """w_k(t) of Ruyi2 Eq. 1 at 0-based step `step` of `max_steps` (see docs/choices.md#training).
 
     Returns:
@@ -88,40 +91,64 @@ def _targets(batch: dict) -> int:
 
 def multi_exit_loss_fn(weights: Callable[[int], Sequence[float]]) -> LossFn:
     """Joint training of every member: `sum_k w_k(step) CE_k` (the model's multi-exit loss)."""
+
     def fn(model, batch: dict, step: int):
-        out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                    labels=batch.get("labels", batch["input_ids"]), exit_loss_weights=list(weights(step)))
+        out = model(
+            batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            labels=batch.get("labels", batch["input_ids"]),
+            exit_loss_weights=list(weights(step)),
+        )
         return out.loss, {d: float(v) for d, v in out.exit_losses.items()}
+
     return fn
 
 
 def member_loss_fn(exit_layer: int) -> LossFn:
     """Training of one member alone (`exit_layer=d`)."""
+
     def fn(model, batch: dict, step: int):
-        out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                    labels=batch.get("labels", batch["input_ids"]), exit_layer=exit_layer, use_cache=False)
+        out = model(
+            batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            labels=batch.get("labels", batch["input_ids"]),
+            exit_layer=exit_layer,
+            use_cache=False,
+        )
         return out.loss, {exit_layer: float(out.loss.detach())}
+
     return fn
 
 
 def multi_exit_eval(model, batch: dict) -> dict[int, tuple[float, int]]:
     """Per-member (sum of token losses, tokens) of one batch, every member from one backbone pass."""
-    out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                labels=batch.get("labels", batch["input_ids"]))
+    out = model(
+        batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        labels=batch.get("labels", batch["input_ids"]),
+    )
     n = _targets(batch)
     return {d: (float(v) * n, n) for d, v in out.exit_losses.items()}
 
 
 def member_eval(exit_layer: int) -> EvalFn:
     def fn(model, batch: dict) -> dict[int, tuple[float, int]]:
-        out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                    labels=batch.get("labels", batch["input_ids"]), exit_layer=exit_layer, use_cache=False)
+        out = model(
+            batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            labels=batch.get("labels", batch["input_ids"]),
+            exit_layer=exit_layer,
+            use_cache=False,
+        )
         n = _targets(batch)
         return {exit_layer: (float(out.loss) * n, n)}
+
     return fn
 
 
-def evaluate(model, batches: Sequence[dict], eval_fn: EvalFn = multi_exit_eval, bf16: bool = False) -> dict[int, float]:
+def evaluate(
+    model, batches: Sequence[dict], eval_fn: EvalFn = multi_exit_eval, bf16: bool = False
+) -> dict[int, float]:
     """Mean loss per member over `batches` (token-weighted), in eval mode, without gradients."""
     import torch
 
@@ -182,10 +209,17 @@ class TrainResult:
         return {d: sum(v) / len(v) for d, v in sorted(out.items())}
 
     def summary(self) -> dict[str, Any]:
-        return {"steps": self.steps, "resumed_from_step": self.resumed_from_step, "samples": self.samples,
-                "tokens": self.tokens, "tokens_per_s": round(self.tokens_per_s, 1),
-                "train_seconds": round(self.train_seconds, 2), "wall_s": round(self.wall_seconds, 2),
-                "stale_checkpoint": self.stale_checkpoint, "skipped_checkpoints": self.skipped_checkpoints}
+        return {
+            "steps": self.steps,
+            "resumed_from_step": self.resumed_from_step,
+            "samples": self.samples,
+            "tokens": self.tokens,
+            "tokens_per_s": round(self.tokens_per_s, 1),
+            "train_seconds": round(self.train_seconds, 2),
+            "wall_s": round(self.wall_seconds, 2),
+            "stale_checkpoint": self.stale_checkpoint,
+            "skipped_checkpoints": self.skipped_checkpoints,
+        }
 
 
 @dataclass
@@ -224,10 +258,19 @@ class _Run:
         return self.dist_ctx is None or self.dist_ctx.rank == 0
 
 
-def train_loop(*, stage: str, model, cfg: TrainParams, named_params: Sequence[tuple[str, Any]], stream,
-               loss_fn: LossFn, val_batches: Sequence[dict], eval_fn: EvalFn = multi_exit_eval,
-               checkpointer: Checkpointer | None = None,
-               callbacks: Sequence[Callable[[int], None]] = ()) -> TrainResult:
+def train_loop(
+    *,
+    stage: str,
+    model,
+    cfg: TrainParams,
+    named_params: Sequence[tuple[str, Any]],
+    stream,
+    loss_fn: LossFn,
+    val_batches: Sequence[dict],
+    eval_fn: EvalFn = multi_exit_eval,
+    checkpointer: Checkpointer | None = None,
+    callbacks: Sequence[Callable[[int], None]] = (),
+) -> TrainResult:
     """Trains `model` for `cfg.max_steps` optimizer steps, resuming from `checkpointer` if possible.
 
     Args:
@@ -259,13 +302,22 @@ def train_loop(*, stage: str, model, cfg: TrainParams, named_params: Sequence[tu
     if run.start == 0:
         _record_eval(run, val_batches, eval_fn, 0)
     model.train()
-    bar = tqdm(range(run.start, cfg.max_steps), desc=stage, unit="step", initial=run.start,
-               total=cfg.max_steps, mininterval=1.0, dynamic_ncols=True, disable=not run.main)
+    bar = tqdm(
+        range(run.start, cfg.max_steps),
+        desc=stage,
+        unit="step",
+        initial=run.start,
+        total=cfg.max_steps,
+        mininterval=1.0,
+        dynamic_ncols=True,
+        disable=not run.main,
+    )
     for step in bar:
         loss = _train_step(run, stream, loss_fn, step)
         done = step + 1
-        run.result.history.extend({"step": done, "exit": d, "split": "train", "loss": v}
-                                  for d, v in sorted(loss.per_exit.items()))
+        run.result.history.extend(
+            {"step": done, "exit": d, "split": "train", "loss": v} for d, v in sorted(loss.per_exit.items())
+        )
         postfix = {"loss": f"{loss.total:.3f}", "lr": f"{run.scheduler.get_last_lr()[0]:.2e}"}
         if done % cfg.eval_every == 0 or done == cfg.max_steps:
             val = _record_eval(run, val_batches, eval_fn, done)
@@ -285,8 +337,17 @@ def _setup(stage: str, model, cfg: TrainParams, named_params: Sequence[tuple[str
     device = next(model.parameters()).device
     optimizer, scheduler = build_optimizer(named_params, cfg)
     params = [p for _, p in named_params if p.requires_grad]
-    return _Run(stage=stage, model=model, cfg=cfg, optimizer=optimizer, scheduler=scheduler, params=params,
-                device=device, dist_ctx=distributed.context(), result=TrainResult())
+    return _Run(
+        stage=stage,
+        model=model,
+        cfg=cfg,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        params=params,
+        device=device,
+        dist_ctx=distributed.context(),
+        result=TrainResult(),
+    )
 
 
 def _resume(run: _Run, checkpointer: Checkpointer) -> None:
@@ -300,8 +361,10 @@ def _resume(run: _Run, checkpointer: Checkpointer) -> None:
     start = int(state["step"])
     expected = start * cfg.grad_accum * cfg.batch_size
     if int(state["samples"]) != expected:
-        raise StageError(f"{latest / 'trainer_state.json'}: data position {state['samples']} does not "
-                         f"match step {start} x {cfg.grad_accum} x {cfg.batch_size}")
+        raise StageError(
+            f"{latest / 'trainer_state.json'}: data position {state['samples']} does not "
+            f"match step {start} x {cfg.grad_accum} x {cfg.batch_size}"
+        )
     result.history = list(state["history"])
     result.samples, result.tokens = int(state["samples"]), int(state["tokens"])
     result.train_seconds = float(state["train_seconds"])
@@ -313,7 +376,8 @@ def _find_resumable(run: _Run, checkpointer: Checkpointer):
         return checkpointer.find_resumable()
     # Rank 0 alone looks (it may set a stale or corrupt checkpoint aside); every rank loads what it found.
     latest, checkpointer.stale, checkpointer.skipped = distributed.broadcast_object(
-        (checkpointer.find_resumable(), checkpointer.stale, checkpointer.skipped) if run.main else None)
+        (checkpointer.find_resumable(), checkpointer.stale, checkpointer.skipped) if run.main else None
+    )
     return latest
 
 
@@ -323,9 +387,18 @@ def _load_checkpoint(run: _Run, checkpointer: Checkpointer, latest) -> dict[str,
 
 def _save_checkpoint(run: _Run, checkpointer: Checkpointer, done: int) -> None:
     result = run.result
-    checkpointer.save(done, run.model, run.optimizer, run.scheduler,
-                      {"samples": result.samples, "tokens": result.tokens, "history": result.history,
-                       "train_seconds": result.train_seconds})
+    checkpointer.save(
+        done,
+        run.model,
+        run.optimizer,
+        run.scheduler,
+        {
+            "samples": result.samples,
+            "tokens": result.tokens,
+            "history": result.history,
+            "train_seconds": result.train_seconds,
+        },
+    )
 
 
 def _finish(run: _Run, checkpointer: Checkpointer | None, t_wall: float) -> TrainResult:
@@ -353,8 +426,18 @@ def _train_step(run: _Run, stream, loss_fn: LossFn, step: int) -> StepLoss:
     targets = [_targets(b) for b in micro]
     if run.dist_ctx is not None:  # this rank's shard of the same global batch (tasks/training/distributed.py)
         first = run.result.samples - cfg.grad_accum * cfg.batch_size
-        loss = _data_parallel_backward(run.train_model, stream, first, cfg, sum(targets), loss_fn, step,
-                                       run.stage, run.device, run.dist_ctx)
+        loss = _data_parallel_backward(
+            run.train_model,
+            stream,
+            first,
+            cfg,
+            sum(targets),
+            loss_fn,
+            step,
+            run.stage,
+            run.device,
+            run.dist_ctx,
+        )
     else:
         loss = _local_backward(run, micro, targets, loss_fn, step)
     if cfg.grad_clip > 0:
@@ -408,14 +491,26 @@ def _record_eval(run: _Run, val_batches: Sequence[dict], eval_fn: EvalFn, step: 
 
 
 def _non_finite_message(stage: str, loss, step: int) -> str:
-    return (f"{stage}: the loss is {float(loss.detach())} at step {step + 1}; lower {stage}.lr or "
-            f"check the data (nothing was saved for this run)")
+    return (
+        f"{stage}: the loss is {float(loss.detach())} at step {step + 1}; lower {stage}.lr or "
+        f"check the data (nothing was saved for this run)"
+    )
 
 
-def _data_parallel_backward(model, stream, start: int, cfg: TrainParams, all_targets: int, loss_fn: LossFn,
-                            step: int, stage: str, device, ctx) -> StepLoss:
-    """One step's forwards/backwards of rank `ctx.rank` (see tasks/training/distributed.py): rows [lo, hi) of the
-    global batch that starts at stream position `start`, in forwards of at most `batch_size` rows, each
+def _data_parallel_backward(
+    model,
+    stream,
+    start: int,
+    cfg: TrainParams,
+    all_targets: int,
+    loss_fn: LossFn,
+    step: int,
+    stage: str,
+    device,
+    ctx,
+) -> StepLoss:
+    """One step's forwards/backwards of rank `ctx.rank` (see tasks/training/distributed.py): rows [lo, hi) of
+    the global batch that starts at stream position `start`, in forwards of at most `batch_size` rows, each
     weighted by (its supervised tokens / the global batch's `all_targets`) * world_size, DDP's gradient
     all-reduce (a mean) on the last one. Returns the step's loss and per-member losses (all ranks summed)."""
     import contextlib
@@ -452,8 +547,10 @@ def _data_parallel_backward(model, stream, start: int, cfg: TrainParams, all_tar
 def _one_target(batch: dict) -> dict:
     labels = batch.get("labels", batch["input_ids"]).clone()
     if labels.shape[1] < 2:
-        raise StageError("data-parallel step: a shard without any supervised token is too short to stand in "
-                         "for the gradient all-reduce")
+        raise StageError(
+            "data-parallel step: a shard without any supervised token is too short to stand in "
+            "for the gradient all-reduce"
+        )
     labels[0, 1] = batch["input_ids"][0, 1]
     return {**batch, "labels": labels}
 

@@ -41,8 +41,9 @@ def tensor_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def snapshot_members(model, exit_layers: Sequence[int], batch: torch.Tensor,
-                     exclude: Sequence[str] = ()) -> tuple[dict[str, str], dict[int, torch.Tensor]]:
+def snapshot_members(
+    model, exit_layers: Sequence[int], batch: torch.Tensor, exclude: Sequence[str] = ()
+) -> tuple[dict[str, str], dict[int, torch.Tensor]]:
     """Digests of every parameter not named in `exclude` and the logits of `exit_layers` on `batch`
     (B x T ids), to check later that training left those members bit-identical (`members_unchanged`)."""
     import torch
@@ -57,8 +58,12 @@ def snapshot_members(model, exit_layers: Sequence[int], batch: torch.Tensor,
     return digests, logits
 
 
-def members_unchanged(model, snapshot: tuple[dict[str, str], dict[int, torch.Tensor]], batch: torch.Tensor,
-                      exclude: Sequence[str] = ()) -> tuple[bool, list[str]]:
+def members_unchanged(
+    model,
+    snapshot: tuple[dict[str, str], dict[int, torch.Tensor]],
+    batch: torch.Tensor,
+    exclude: Sequence[str] = (),
+) -> tuple[bool, list[str]]:
     """Compares `model` with `snapshot_members(...)`: every snapshotted parameter not in `exclude` by
     digest, the members' logits on `batch` with torch.equal. Returns (all equal, what differs)."""
     import torch
@@ -66,11 +71,18 @@ def members_unchanged(model, snapshot: tuple[dict[str, str], dict[int, torch.Ten
     digests, logits = snapshot
     excluded = set(exclude)
     current = dict(model.named_parameters())
-    changed = [n for n, h in digests.items() if n not in excluded and (n not in current or tensor_digest(current[n]) != h)]
+    changed = [
+        n
+        for n, h in digests.items()
+        if n not in excluded and (n not in current or tensor_digest(current[n]) != h)
+    ]
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        changed += [f"logits of exit {d}" for d, ref in logits.items()
-                    if not torch.equal(model(batch, exit_layer=d, use_cache=False).logits, ref)]
+        changed += [
+            f"logits of exit {d}"
+            for d, ref in logits.items()
+            if not torch.equal(model(batch, exit_layer=d, use_cache=False).logits, ref)
+        ]
     model.train(was_training)
     return not changed, changed

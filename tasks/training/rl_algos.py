@@ -44,8 +44,8 @@ def encode_chat_prompts(tokenizer, questions: Sequence[str]) -> tuple[torch.Tens
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
+        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
     return ids, mask
 
 
@@ -60,16 +60,26 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, exit_layer: int | None,
-                       max_new_tokens: int, stop_ids: Sequence[int], pad_id: int, temperature: float = 1.0,
-                       do_sample: bool = True, generator: torch.Generator | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sample_completions(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    *,
+    exit_layer: int | None,
+    max_new_tokens: int,
+    stop_ids: Sequence[int],
+    pad_id: int,
+    temperature: float = 1.0,
+    do_sample: bool = True,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batched sampling (or greedy decoding) at one member with its own KV cache.
 
     Tokens are drawn from `softmax(logits / temperature)` (no top-k/top-p), so the sampling policy is
     exactly the policy whose log-probs `per_token_logps` computes (drawn by an exponential race, which
-    is exact and cheaper than `torch.multinomial`; tested against the empirical distribution). A row stops at its first stop id
-    (kept in the completion); the loop ends when every row stopped or after `max_new_tokens`.
+    is exact and cheaper than `torch.multinomial`; tested against the empirical distribution). A row
+    stops at its first stop id (kept in the completion); the loop ends when every row stopped or after
+    `max_new_tokens`.
 
     Args:
         prompt_ids, prompt_mask: N x P, left-padded.
@@ -92,8 +102,15 @@ def sample_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
     attn = prompt_mask.clone()
     positions = positions_from_mask(attn)
     cache = DynamicCache()
-    out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=positions, past_key_values=cache,
-                use_cache=True, logits_to_keep=1, **_member_kwargs(exit_layer))
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=attn,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+        **_member_kwargs(exit_layer),
+    )
     next_pos = positions[:, -1:] + 1
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     tokens, live = [], []
@@ -115,8 +132,14 @@ def sample_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
         attn = torch.cat([attn, torch.ones((n, 1), dtype=attn.dtype, device=device)], dim=1)
-        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=cache,
-                    use_cache=True, **_member_kwargs(exit_layer))
+        out = model(
+            input_ids=tok[:, None],
+            attention_mask=attn,
+            position_ids=next_pos,
+            past_key_values=cache,
+            use_cache=True,
+            **_member_kwargs(exit_layer),
+        )
         next_pos = next_pos + 1
     model.train(was_training)
     completion_ids = torch.stack(tokens, dim=1)
@@ -126,15 +149,18 @@ def sample_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
 
 def decode_completions(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:
     """Text of each completion (special tokens such as the stop token dropped)."""
-    return [tokenizer.decode(ids[m.bool()].tolist(), skip_special_tokens=True)
-            for ids, m in zip(completion_ids, completion_mask)]
+    return [
+        tokenizer.decode(ids[m.bool()].tolist(), skip_special_tokens=True)
+        for ids, m in zip(completion_ids, completion_mask)
+    ]
 
 
 # --- rewards and advantages --------------------------------------------------------------------
 
 
-def score_responses(texts: Sequence[str], golds: Sequence[str], format_reward: float
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def score_responses(
+    texts: Sequence[str], golds: Sequence[str], format_reward: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Verifiable reward: 1 for the exact final answer (`answers_match` on `extract_answer`), plus
     `format_reward` when the response ends with a well-formed `#### <number>` line (`is_well_formed`).
 
@@ -143,13 +169,16 @@ def score_responses(texts: Sequence[str], golds: Sequence[str], format_reward: f
     """
     if len(texts) != len(golds):
         raise ValueError(f"{len(texts)} responses but {len(golds)} gold answers")
-    correct = torch.tensor([answers_match(extract_answer(t), g) for t, g in zip(texts, golds)], dtype=torch.bool)
+    correct = torch.tensor(
+        [answers_match(extract_answer(t), g) for t, g in zip(texts, golds)], dtype=torch.bool
+    )
     formed = torch.tensor([is_well_formed(t) for t in texts], dtype=torch.float32)
     return correct.float() + format_reward * formed, correct
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int,
-                     scale: Literal["group", "batch", "none"] = "group") -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale: Literal["group", "batch", "none"] = "group"
+) -> torch.Tensor:
     """GRPO advantages as TRL: `(r - mean_g) / (std + 1e-4)`, std unbiased (n-1).
 
     Args:
@@ -160,7 +189,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int,
         N advantages (float32).
     """
     if group_size < 2 or rewards.numel() % group_size:
-        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size} (group_size >= 2)")
+        raise ValueError(
+            f"{rewards.numel()} rewards do not split into groups of {group_size} (group_size >= 2)"
+        )
     r = rewards.float().view(-1, group_size)
     centered = r - r.mean(dim=1, keepdim=True)
     if scale == "group":
@@ -175,9 +206,16 @@ def group_advantages(rewards: torch.Tensor, group_size: int,
 # --- log-probs and the clipped objective -------------------------------------------------------
 
 
-def per_token_logps(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
-                    completion_mask: torch.Tensor, *, exit_layer: int | None = None,
-                    temperature: float = 1.0) -> torch.Tensor:
+def per_token_logps(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    exit_layer: int | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """Log-probabilities of the completion tokens under `softmax(logits / temperature)`.
 
     Args:
@@ -190,18 +228,33 @@ def per_token_logps(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, 
     ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attn = torch.cat([prompt_mask, completion_mask], dim=1)
     c = completion_ids.shape[1]
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=positions_from_mask(attn), use_cache=False,
-                   logits_to_keep=c + 1, **_member_kwargs(exit_layer)).logits[:, :-1, :]
+    logits = model(
+        input_ids=ids,
+        attention_mask=attn,
+        position_ids=positions_from_mask(attn),
+        use_cache=False,
+        logits_to_keep=c + 1,
+        **_member_kwargs(exit_layer),
+    ).logits[:, :-1, :]
     logps = torch.log_softmax(logits.float() / temperature, dim=-1)
     logps = logps.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
     return logps * completion_mask.to(logps.dtype)
 
 
-def policy_loss(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
-                old_logps: torch.Tensor | None = None, ref_logps: torch.Tensor | None = None,
-                beta: float = 0.0, epsilon: float = 0.2, epsilon_high: float | None = None,
-                loss_type: LossType = "dapo", max_completion_length: int | None = None,
-                num_items_in_batch: float | torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def policy_loss(
+    logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    old_logps: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    beta: float = 0.0,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    loss_type: LossType = "dapo",
+    max_completion_length: int | None = None,
+    num_items_in_batch: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """The clipped GRPO objective with TRL's aggregation (see docs/choices.md#rl).
 
     Args:
@@ -245,7 +298,9 @@ def policy_loss(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tenso
             raise ValueError("loss_type dr_grpo needs max_completion_length")
         loss = s.sum() / (s.shape[0] * max_completion_length)
     else:  # dapo
-        n_items = m.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=s.dtype)
+        n_items = (
+            m.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=s.dtype)
+        )
         loss = s.sum() / n_items.clamp(min=1.0)
     with torch.no_grad():
         is_clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
@@ -297,8 +352,10 @@ def bppo_select(correct: torch.Tensor, lengths: torch.Tensor, group_size: int) -
         BPPOSelection (ties go to the earlier response; all-correct/all-wrong groups are skipped).
     """
     if correct.numel() != lengths.numel() or correct.numel() % group_size:
-        raise ValueError(f"correct ({correct.numel()}) and lengths ({lengths.numel()}) must both hold "
-                         f"groups of {group_size}")
+        raise ValueError(
+            f"correct ({correct.numel()}) and lengths ({lengths.numel()}) must both hold "
+            f"groups of {group_size}"
+        )
     sel = BPPOSelection()
     big = int(lengths.max()) + 1
     for g, (ok, ln) in enumerate(zip(correct.view(-1, group_size), lengths.view(-1, group_size))):
@@ -315,8 +372,15 @@ def bppo_select(correct: torch.Tensor, lengths: torch.Tensor, group_size: int) -
     return sel
 
 
-def prefix_lengths(completion_ids: torch.Tensor, lengths: torch.Tensor, pairs: Sequence[tuple[int, int]],
-                   rule: PrefixRule, *, fraction: float = 0.5, k: int = 16) -> torch.Tensor:
+def prefix_lengths(
+    completion_ids: torch.Tensor,
+    lengths: torch.Tensor,
+    pairs: Sequence[tuple[int, int]],
+    rule: PrefixRule,
+    *,
+    fraction: float = 0.5,
+    k: int = 16,
+) -> torch.Tensor:
     """How many leading tokens of each selected response carry gradient (see docs/choices.md#rl).
 
     Args:
@@ -386,7 +450,9 @@ class AdaptiveBudget:
         returns the budget for the next rollout."""
         if shortest_correct:
             step_len = float(max(shortest_correct))
-            self.ema = step_len if self.ema is None else self.ema_decay * self.ema + (1 - self.ema_decay) * step_len
+            self.ema = (
+                step_len if self.ema is None else self.ema_decay * self.ema + (1 - self.ema_decay) * step_len
+            )
             target = math.ceil(self.margin * self.ema)
         else:
             target = math.ceil(self.margin * self.budget)

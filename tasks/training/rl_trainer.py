@@ -52,8 +52,11 @@ def trainable_parameters(model, spec: str | list[int], members: list[int]) -> li
                 except ValueError as e:
                     raise StageError(f"rl.members=dae: {e}") from None
             else:
-                log.warning("rl.members=dae but the family has no DaE blocks: training member %d's own "
-                            "parameters (branch layers, norm, head); the other members stay unchanged", d)
+                log.warning(
+                    "rl.members=dae but the family has no DaE blocks: training member %d's own "
+                    "parameters (branch layers, norm, head); the other members stay unchanged",
+                    d,
+                )
                 pairs += [(f"exits.{d}.{n}", p) for n, p in model.exits[str(d)].named_parameters()]
     else:
         pairs = list(model.named_parameters())
@@ -84,21 +87,36 @@ def load_rl_rows(path: Path) -> list[dict[str, Any]]:
 def split_rows(rows: list[dict], eval_prompts: int, path: Path) -> tuple[list[dict], list[dict]]:
     """(train, eval): the last `eval_prompts` rows are the fixed held-out evaluation slice."""
     if len(rows) <= eval_prompts:
-        raise StageError(f"{path}: {len(rows)} rows, but rl.eval_prompts={eval_prompts} of them are held out "
-                         "for evaluation; need more rows (or lower rl.eval_prompts)")
+        raise StageError(
+            f"{path}: {len(rows)} rows, but rl.eval_prompts={eval_prompts} of them are held out "
+            "for evaluation; need more rows (or lower rl.eval_prompts)"
+        )
     return rows[:-eval_prompts], rows[-eval_prompts:]
 
 
-def evaluate_members(model, tokenizer, rows: list[dict], members: list[int], max_new_tokens: int,
-                     format_reward: float, batch_size: int = 16) -> dict[int, dict[str, float]]:
+def evaluate_members(
+    model,
+    tokenizer,
+    rows: list[dict],
+    members: list[int],
+    max_new_tokens: int,
+    format_reward: float,
+    batch_size: int = 16,
+) -> dict[int, dict[str, float]]:
     """Greedy reward and accuracy of each member on `rows` (`ruyi_model.decoding.greedy_generate`)."""
     from ruyi_model.decoding import greedy_generate
     from tasks.training.rl_algos import score_responses
 
     out = {}
     for d in members:
-        texts = greedy_generate(model, tokenizer, [r["question"] for r in rows], exit_layer=d,
-                                max_new_tokens=max_new_tokens, batch_size=batch_size)
+        texts = greedy_generate(
+            model,
+            tokenizer,
+            [r["question"] for r in rows],
+            exit_layer=d,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+        )
         rewards, correct = score_responses(texts, [str(r["answer"]) for r in rows], format_reward)
         out[d] = {"reward": float(rewards.mean()), "accuracy": float(correct.float().mean())}
     return out
@@ -182,8 +200,17 @@ class RLTrainer:
         seed: base seed of the prompt order and the rollouts.
     """
 
-    def __init__(self, model, tokenizer, train_rows: list[dict], cfg: RLParams, *, members: list[int],
-                 trainable: list[tuple[str, Any]], seed: int):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        train_rows: list[dict],
+        cfg: RLParams,
+        *,
+        members: list[int],
+        trainable: list[tuple[str, Any]],
+        seed: int,
+    ):
         import torch
 
         from ruyi_model.decoding import stop_token_ids
@@ -202,8 +229,14 @@ class RLTrainer:
             for p in self.ref_model.parameters():
                 p.requires_grad_(False)
         use_budget = cfg.algorithm == "bppo" and cfg.bppo.adaptive_budget
-        self.budgets = {d: AdaptiveBudget(cfg.max_new_tokens, cfg.bppo.budget_min_tokens, cfg.bppo.budget_margin,
-                                          cfg.bppo.budget_ema) if use_budget else None for d in self.members}
+        self.budgets = {
+            d: AdaptiveBudget(
+                cfg.max_new_tokens, cfg.bppo.budget_min_tokens, cfg.bppo.budget_margin, cfg.bppo.budget_ema
+            )
+            if use_budget
+            else None
+            for d in self.members
+        }
         self.history: dict[int, list[dict[str, float]]] = {d: [] for d in self.members}
         self.step_index = 0
         self.elapsed_s = 0.0
@@ -229,10 +262,14 @@ class RLTrainer:
         samples = self._sample(rows, d, step)
         scores = self._score(rows, samples)
         lengths = scores.lengths
-        stats = {"reward": float(scores.rewards.mean()), "accuracy": float(scores.correct.float().mean()),
-                 "length": float(lengths.float().mean()), "budget": float(samples.budget),
-                 "tokens_generated": float(lengths.sum()),
-                 "truncated": float(samples.truncated.float().mean())}
+        stats = {
+            "reward": float(scores.rewards.mean()),
+            "accuracy": float(scores.correct.float().mean()),
+            "length": float(lengths.float().mean()),
+            "budget": float(samples.budget),
+            "tokens_generated": float(lengths.sum()),
+            "truncated": float(samples.truncated.float().mean()),
+        }
         if self.cfg.algorithm == "grpo":
             rollout = Rollout(self._grpo_batch(samples, scores, stats), stats)
         else:
@@ -254,8 +291,16 @@ class RLTrainer:
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(g, 0), prompt_mask.repeat_interleave(g, 0)
         gen = torch.Generator().manual_seed(_seed_for(self.seed, "rollout", step, d))
         comp, cmask, truncated = sample_completions(
-            self.model, prompt_ids, prompt_mask, exit_layer=d, max_new_tokens=budget, stop_ids=self.stop_ids,
-            pad_id=self.tokenizer.pad_token_id, temperature=cfg.temperature, generator=gen)
+            self.model,
+            prompt_ids,
+            prompt_mask,
+            exit_layer=d,
+            max_new_tokens=budget,
+            stop_ids=self.stop_ids,
+            pad_id=self.tokenizer.pad_token_id,
+            temperature=cfg.temperature,
+            generator=gen,
+        )
         return _Samples(prompt_ids, prompt_mask, comp, cmask, truncated, budget)
 
     def _score(self, rows: list[dict], samples: _Samples) -> _Scores:
@@ -271,8 +316,15 @@ class RLTrainer:
     def _grpo_batch(self, samples: _Samples, scores: _Scores, stats: dict[str, float]) -> TrainBatch:
         """GRPO trains every row on its whole completion."""
         cmask = samples.completion_mask
-        batch = TrainBatch(samples.prompt_ids, samples.prompt_mask, samples.completion_ids, cmask, cmask,
-                           scores.advantages, float(cmask.sum()))
+        batch = TrainBatch(
+            samples.prompt_ids,
+            samples.prompt_mask,
+            samples.completion_ids,
+            cmask,
+            cmask,
+            scores.advantages,
+            float(cmask.sum()),
+        )
         # Every group degenerate (all rewards equal): no advantage signal, the loss carries no gradient.
         r = scores.rewards.view(-1, self.cfg.group_size)
         stats["has_gradient"] = float(bool((r.max(1).values != r.min(1).values).any()))
@@ -286,19 +338,35 @@ class RLTrainer:
 
         cfg = self.cfg
         sel = bppo_select(scores.correct, scores.lengths, cfg.group_size)
-        stats.update(pairs=float(len(sel.pairs)), skipped_groups=float(sel.skipped),
-                     has_gradient=float(bool(sel.pairs)))
+        stats.update(
+            pairs=float(len(sel.pairs)),
+            skipped_groups=float(sel.skipped),
+            has_gradient=float(bool(sel.pairs)),
+        )
         if not sel.pairs:
             return Rollout(None, stats, sel.shortest_correct)
         comp, cmask = samples.completion_ids, samples.completion_mask
         rows_idx = torch.tensor(sel.rows)
-        plen = prefix_lengths(comp, scores.lengths, sel.pairs, cfg.bppo.prefix_rule,
-                              fraction=cfg.bppo.prefix_fraction, k=cfg.bppo.prefix_k)
+        plen = prefix_lengths(
+            comp,
+            scores.lengths,
+            sel.pairs,
+            cfg.bppo.prefix_rule,
+            fraction=cfg.bppo.prefix_fraction,
+            k=cfg.bppo.prefix_k,
+        )
         width = int(plen.max())
         pm = prefix_mask(plen, width) * cmask[rows_idx, :width]
         p_ids, p_mask = trim_left_padding(samples.prompt_ids[rows_idx], samples.prompt_mask[rows_idx])
-        batch = TrainBatch(p_ids, p_mask, comp[rows_idx, :width], cmask[rows_idx, :width], pm,
-                           scores.advantages[rows_idx], float(pm.sum()))
+        batch = TrainBatch(
+            p_ids,
+            p_mask,
+            comp[rows_idx, :width],
+            cmask[rows_idx, :width],
+            pm,
+            scores.advantages[rows_idx],
+            float(pm.sum()),
+        )
         return Rollout(batch, stats, sel.shortest_correct)
 
     def _add_fixed_logps(self, batch: TrainBatch, d: int) -> None:
@@ -311,24 +379,52 @@ class RLTrainer:
         cfg = self.cfg
         with torch.no_grad():
             if cfg.num_iterations > 1:
-                batch.old_logps = per_token_logps(self.model, batch.prompt_ids, batch.prompt_mask,
-                                                  batch.completion_ids, batch.completion_mask, exit_layer=d,
-                                                  temperature=cfg.temperature)
+                batch.old_logps = per_token_logps(
+                    self.model,
+                    batch.prompt_ids,
+                    batch.prompt_mask,
+                    batch.completion_ids,
+                    batch.completion_mask,
+                    exit_layer=d,
+                    temperature=cfg.temperature,
+                )
             if self.ref_model is not None:
-                batch.ref_logps = per_token_logps(self.ref_model, batch.prompt_ids, batch.prompt_mask,
-                                                  batch.completion_ids, batch.completion_mask, exit_layer=d,
-                                                  temperature=cfg.temperature)
+                batch.ref_logps = per_token_logps(
+                    self.ref_model,
+                    batch.prompt_ids,
+                    batch.prompt_mask,
+                    batch.completion_ids,
+                    batch.completion_mask,
+                    exit_layer=d,
+                    temperature=cfg.temperature,
+                )
 
     def _loss(self, batch: TrainBatch, d: int):
         from tasks.training.rl_algos import per_token_logps, policy_loss
 
         cfg = self.cfg
-        logps = per_token_logps(self.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
-                                batch.completion_mask, exit_layer=d, temperature=cfg.temperature)
-        loss, st = policy_loss(logps, batch.advantages, batch.loss_mask, old_logps=batch.old_logps,
-                               ref_logps=batch.ref_logps, beta=cfg.beta, epsilon=cfg.epsilon,
-                               epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
-                               max_completion_length=cfg.max_new_tokens, num_items_in_batch=batch.num_items)
+        logps = per_token_logps(
+            self.model,
+            batch.prompt_ids,
+            batch.prompt_mask,
+            batch.completion_ids,
+            batch.completion_mask,
+            exit_layer=d,
+            temperature=cfg.temperature,
+        )
+        loss, st = policy_loss(
+            logps,
+            batch.advantages,
+            batch.loss_mask,
+            old_logps=batch.old_logps,
+            ref_logps=batch.ref_logps,
+            beta=cfg.beta,
+            epsilon=cfg.epsilon,
+            epsilon_high=cfg.epsilon_high,
+            loss_type=cfg.loss_type,
+            max_completion_length=cfg.max_new_tokens,
+            num_items_in_batch=batch.num_items,
+        )
         return loss, logps, st
 
     # -- one step --
@@ -363,8 +459,14 @@ class RLTrainer:
             if self.budgets[d] is not None:
                 self.budgets[d].update(rollout.shortest_correct)
             batch = rollout.batch
-            rollout.stats.update(rollout_s=time.perf_counter() - t0, train_s=0.0, loss=0.0, clip_ratio=0.0,
-                                 kl=0.0, trained_tokens=0.0 if batch is None else batch.num_items)
+            rollout.stats.update(
+                rollout_s=time.perf_counter() - t0,
+                train_s=0.0,
+                loss=0.0,
+                clip_ratio=0.0,
+                kl=0.0,
+                trained_tokens=0.0 if batch is None else batch.num_items,
+            )
             rollouts[d] = rollout
         return rollouts
 
@@ -407,17 +509,27 @@ class RLTrainer:
                 if batch is None:
                     continue
                 t0 = time.perf_counter()
-                new = per_token_logps(self.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
-                                      batch.completion_mask, exit_layer=d, temperature=cfg.temperature)
+                new = per_token_logps(
+                    self.model,
+                    batch.prompt_ids,
+                    batch.prompt_mask,
+                    batch.completion_ids,
+                    batch.completion_mask,
+                    exit_layer=d,
+                    temperature=cfg.temperature,
+                )
                 rollout.stats["kl"] = k3_kl(batch.start_logps, new, batch.loss_mask)
                 rollout.stats["train_s"] += time.perf_counter() - t0
 
     # -- resume --
     def state_dict(self) -> dict[str, Any]:
         """Everything but the weights and the optimizer tensors (JSON-serializable)."""
-        return {"step": self.step_index, "elapsed_s": self.elapsed_s,
-                "budgets": {str(d): b.state_dict() for d, b in self.budgets.items() if b is not None},
-                "history": {str(d): h for d, h in self.history.items()}}
+        return {
+            "step": self.step_index,
+            "elapsed_s": self.elapsed_s,
+            "budgets": {str(d): b.state_dict() for d, b in self.budgets.items() if b is not None},
+            "history": {str(d): h for d, h in self.history.items()},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step_index, self.elapsed_s = int(state["step"]), float(state["elapsed_s"])

@@ -42,35 +42,78 @@ def free_port() -> int:
 
 
 MICRO = {
-    "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_hidden_layers": 4,
-    "model.num_attention_heads": 2, "model.num_key_value_heads": 1, "model.head_dim": 16,
+    "model.hidden_size": 32,
+    "model.intermediate_size": 64,
+    "model.num_hidden_layers": 4,
+    "model.num_attention_heads": 2,
+    "model.num_key_value_heads": 1,
+    "model.head_dim": 16,
     "model.exit_layers": [2, 4],
-    "data.max_corpus_docs": 150, "data.num_sft": 60, "data.num_rl": 24, "data.num_eval": 12,
+    "data.max_corpus_docs": 150,
+    "data.num_sft": 60,
+    "data.num_rl": 24,
+    "data.num_eval": 12,
     "tokenizer.vocab_size": 400,
-    "cpt.max_steps": 6, "cpt.seq_len": 64, "cpt.batch_size": 4, "cpt.checkpoint_every": 3, "cpt.eval_every": 3,
-    "cpt.eval_batches": 1, "cpt.warmup_steps": 1,
-    "family_sft.max_steps": 4, "family_sft.stage1_steps": 1, "family_sft.stage1_examples": 40,
-    "family_sft.seq_len": 96, "family_sft.batch_size": 4, "family_sft.checkpoint_every": 2,
-    "family_sft.eval_every": 2, "family_sft.eval_batches": 1, "family_sft.warmup_steps": 1,
-    "expand.max_steps": 4, "expand.num_blocks": 1, "expand.seq_len": 64, "expand.batch_size": 4,
-    "expand.checkpoint_every": 2, "expand.eval_every": 2, "expand.eval_batches": 1, "expand.warmup_steps": 1,
-    "sft.max_steps": 4, "sft.seq_len": 96, "sft.batch_size": 4, "sft.checkpoint_every": 2, "sft.eval_every": 2,
-    "sft.eval_batches": 1, "sft.warmup_steps": 1,
-    "rl.steps": 2, "rl.prompts_per_step": 2, "rl.group_size": 4, "rl.max_new_tokens": 12, "rl.eval_prompts": 6,
-    "compress.calibration_batches": 2, "compress.heal_steps": 2,
-    "evaluate.num_problems": 6, "evaluate.max_new_tokens": 12, "evaluate.loss_batches": 2,
+    "cpt.max_steps": 6,
+    "cpt.seq_len": 64,
+    "cpt.batch_size": 4,
+    "cpt.checkpoint_every": 3,
+    "cpt.eval_every": 3,
+    "cpt.eval_batches": 1,
+    "cpt.warmup_steps": 1,
+    "family_sft.max_steps": 4,
+    "family_sft.stage1_steps": 1,
+    "family_sft.stage1_examples": 40,
+    "family_sft.seq_len": 96,
+    "family_sft.batch_size": 4,
+    "family_sft.checkpoint_every": 2,
+    "family_sft.eval_every": 2,
+    "family_sft.eval_batches": 1,
+    "family_sft.warmup_steps": 1,
+    "expand.max_steps": 4,
+    "expand.num_blocks": 1,
+    "expand.seq_len": 64,
+    "expand.batch_size": 4,
+    "expand.checkpoint_every": 2,
+    "expand.eval_every": 2,
+    "expand.eval_batches": 1,
+    "expand.warmup_steps": 1,
+    "sft.max_steps": 4,
+    "sft.seq_len": 96,
+    "sft.batch_size": 4,
+    "sft.checkpoint_every": 2,
+    "sft.eval_every": 2,
+    "sft.eval_batches": 1,
+    "sft.warmup_steps": 1,
+    "rl.steps": 2,
+    "rl.prompts_per_step": 2,
+    "rl.group_size": 4,
+    "rl.max_new_tokens": 12,
+    "rl.eval_prompts": 6,
+    "compress.calibration_batches": 2,
+    "compress.heal_steps": 2,
+    "evaluate.num_problems": 6,
+    "evaluate.max_new_tokens": 12,
+    "evaluate.loss_batches": 2,
     "evaluate.speed_new_tokens": 4,
-    "gates.max_loss": 50.0, "gates.depth_tolerance": 1.0, "gates.min_loss_margin": 0.0, "gates.min_accuracy": 0.0,
+    "gates.max_loss": 50.0,
+    "gates.depth_tolerance": 1.0,
+    "gates.min_loss_margin": 0.0,
+    "gates.min_accuracy": 0.0,
     "gates.max_rl_accuracy_drop": 1.0,
     "compress.max_relative_loss_increase": 1.0,
     "deploy.smoke_prompts": 2,
 }
 
 
-def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 
@@ -80,7 +123,9 @@ def git(ws: Path, *args: str) -> str:
 
 def copy_repository(dest: Path) -> None:
     """The repository as a clean clone would have it (tracked + untracked-not-ignored files)."""
-    files = run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], REPO).stdout.split("\0")
+    files = run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], REPO).stdout.split(
+        "\0"
+    )
     for rel in filter(None, files):
         src = REPO / rel
         if src.is_file():
@@ -126,14 +171,31 @@ def first_run(workspace, prefect_api):
 def store_versions(ws: Path) -> list[str]:
     params = yaml.safe_load((ws / "params.yaml").read_text())
     root = Path(params["deploy"]["store"]["root"]) / params["deploy"]["model_name"]
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.exists() else []
+    return (
+        sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if root.exists()
+        else []
+    )
 
 
 def test_full_pipeline_runs_every_stage(workspace, first_run):
     results, seconds = first_run
     stages = [r["stage"] for r in results]
-    assert stages == ["prepare_data", "validate_data", "tokenizer", "cpt", "family_sft", "expand", "sft", "rl",
-                      "compress", "evaluate", "gates", "export", "deploy"]
+    assert stages == [
+        "prepare_data",
+        "validate_data",
+        "tokenizer",
+        "cpt",
+        "family_sft",
+        "expand",
+        "sft",
+        "rl",
+        "compress",
+        "evaluate",
+        "gates",
+        "export",
+        "deploy",
+    ]
     assert not any(r["skipped"] for r in results)
     ev = json.loads((workspace / "metrics/eval.json").read_text())
     for d in (2, 4):
@@ -142,7 +204,9 @@ def test_full_pipeline_runs_every_stage(workspace, first_run):
     assert comp["added_params_after"] < comp["added_params_before"]
     rl = json.loads((workspace / "metrics/rl.json").read_text())
     assert rl["algorithm"] in ("grpo", "bppo")
-    assert {"steps_with_gradient", "steps_with_gradient_fraction", "accuracy_start", "accuracy_end"} <= set(rl)
+    assert {"steps_with_gradient", "steps_with_gradient_fraction", "accuracy_start", "accuracy_end"} <= set(
+        rl
+    )
     assert_other_members_are_the_family_sft_ones(workspace, comp["dae_exit"])
 
     assert len(store_versions(workspace)) == 1
@@ -208,8 +272,12 @@ def _http(method: str, url: str, body: dict | None = None, attempts: int = 20) -
     """One REST call; 503 (the server's SQLite busy under load, which Prefect's own client retries) is
     retried with a short pause, every other error is raised."""
     for attempt in range(attempts):
-        req = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            url,
+            method=method,
+            data=json.dumps(body).encode() if body is not None else None,
+            headers={"Content-Type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
                 return json.loads(resp.read() or b"null")
@@ -223,12 +291,21 @@ def _http(method: str, url: str, body: dict | None = None, attempts: int = 20) -
 def test_rerun_from_compress_through_a_real_prefect_server(workspace, first_run, tmp_path):
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=api,
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING")
+    env = dict(
+        os.environ,
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_API_URL=api,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_LOGGING_LEVEL="WARNING",
+    )
     env.pop("PREFECT_API_KEY", None)
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     served = None
     try:
         for _ in range(240):
@@ -239,8 +316,14 @@ def test_rerun_from_compress_through_a_real_prefect_server(workspace, first_run,
                 time.sleep(0.5)
         else:
             pytest.fail("prefect server did not become healthy")
-        served = subprocess.Popen([str(BIN / "ruyi"), "deployments"], cwd=workspace, env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        served = subprocess.Popen(
+            [str(BIN / "ruyi"), "deployments"],
+            cwd=workspace,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         dep = None
         for _ in range(240):
             try:
@@ -252,9 +335,17 @@ def test_rerun_from_compress_through_a_real_prefect_server(workspace, first_run,
         rl_mtime = (workspace / "artifacts/rl/model.safetensors").stat().st_mtime_ns
         compress_metrics = (workspace / "metrics/compress.json").read_text()
         # as a person would in the dashboard: rerun from compress with one of its parameters changed
-        run_ = _http("POST", f"{api}/deployments/{dep['id']}/create_flow_run",
-                     {"parameters": {"from_stage": "compress", "overrides": {"compress.heal_steps": 3},
-                                     "push": False}})
+        run_ = _http(
+            "POST",
+            f"{api}/deployments/{dep['id']}/create_flow_run",
+            {
+                "parameters": {
+                    "from_stage": "compress",
+                    "overrides": {"compress.heal_steps": 3},
+                    "push": False,
+                }
+            },
+        )
         state = None
         for _ in range(1200):
             state = _http("GET", f"{api}/flow_runs/{run_['id']}")["state"]["type"]
@@ -262,16 +353,22 @@ def test_rerun_from_compress_through_a_real_prefect_server(workspace, first_run,
                 break
             time.sleep(0.5)
         assert state == "COMPLETED", state
-        tasks = _http("POST", f"{api}/task_runs/filter",
-                      {"task_runs": {"flow_run_id": {"any_": [run_["id"]]}}})
+        tasks = _http(
+            "POST", f"{api}/task_runs/filter", {"task_runs": {"flow_run_id": {"any_": [run_["id"]]}}}
+        )
         names = sorted(t["name"] for t in tasks)
         assert names == sorted(["compress", "evaluate", "gates", "export", "deploy"]), names
-        assert (workspace / "artifacts/rl/model.safetensors").stat().st_mtime_ns == rl_mtime  # upstream untouched
-        assert json.loads((workspace / "metrics/compress.json").read_text()) != json.loads(compress_metrics)  # reran
+        assert (
+            workspace / "artifacts/rl/model.safetensors"
+        ).stat().st_mtime_ns == rl_mtime  # upstream untouched
+        assert json.loads((workspace / "metrics/compress.json").read_text()) != json.loads(
+            compress_metrics
+        )  # reran
         assert yaml.safe_load((workspace / "params.yaml").read_text())["compress"]["heal_steps"] == 3
         assert "compress:" not in run([DVC, "status"], workspace).stdout  # and dvc.lock records what ran
-        artifacts = _http("POST", f"{api}/artifacts/filter",
-                          {"artifacts": {"flow_run_id": {"any_": [run_["id"]]}}})
+        artifacts = _http(
+            "POST", f"{api}/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_["id"]]}}}
+        )
         keys = {a["key"] for a in artifacts}
         assert "lineage" in keys and "metrics-compress" in keys, keys
         lineage = next(a for a in artifacts if a["key"] == "lineage")
@@ -303,14 +400,21 @@ def test_a_failed_quality_gate_stops_the_flow_before_export_and_deploy(workspace
     exported = (workspace / "artifacts/export/manifest.json").read_bytes()
     before = yaml.safe_load((workspace / "params.yaml").read_text())["gates"]["max_loss"]
     try:
-        state = ruyi_pipeline(workspace=str(workspace), from_stage="gates", overrides={"gates.max_loss": 0.01},
-                              push=False, return_state=True)
+        state = ruyi_pipeline(
+            workspace=str(workspace),
+            from_stage="gates",
+            overrides={"gates.max_loss": 0.01},
+            push=False,
+            return_state=True,
+        )
         assert state.is_failed()
         with pytest.raises(StageFailed) as info:
             state.result()
         message = str(info.value)
         assert "stage gates failed (not retried)" in message and "gates.max_loss" in message, message
-        assert _task_runs(state.state_details.flow_run_id) == [("gates", 1)]  # no retry, export/deploy never ran
+        assert _task_runs(state.state_details.flow_run_id) == [
+            ("gates", 1)
+        ]  # no retry, export/deploy never ran
         assert (workspace / "artifacts/export/manifest.json").read_bytes() == exported
         assert store_versions(workspace) == versions
     finally:
@@ -336,8 +440,13 @@ def test_audit_clean_clone_pull_and_forced_repro_reproduce_every_output(workspac
     assert report.pulled and report.ok, report.to_dict()
     verdicts = {c.path: c.status for c in report.checks}
     assert set(verdicts.values()) == {"reproduced"}, verdicts
-    for path in ("artifacts/compress", "artifacts/export", "metrics/eval_quality.json",
-                 "metrics/reproducible/cpt.json", "metrics/reproducible/rl.json"):
+    for path in (
+        "artifacts/compress",
+        "artifacts/export",
+        "metrics/eval_quality.json",
+        "metrics/reproducible/cpt.json",
+        "metrics/reproducible/rl.json",
+    ):
         assert verdicts[path] == "reproduced", path
 
 
@@ -349,8 +458,12 @@ def test_malformed_raw_rows_stop_the_flow_at_validate_data(workspace, first_run,
     raw = workspace / "data/raw/sft.jsonl"
     rows = raw.read_text().splitlines()
     bad = json.loads(rows[0])
-    bad.update(id="bad-email", prompt="Write to leak.me@example.com and compute 2+2.",
-               response="2+2=4\n#### 4", answer="4")
+    bad.update(
+        id="bad-email",
+        prompt="Write to leak.me@example.com and compute 2+2.",
+        response="2+2=4\n#### 4",
+        answer="4",
+    )
     bad2 = dict(json.loads(rows[1]), id="bad-answer", answer="four")
     raw.chmod(0o644)
     raw.write_text("\n".join(rows + [json.dumps(bad), json.dumps(bad2)]) + "\n")
@@ -359,7 +472,9 @@ def test_malformed_raw_rows_stop_the_flow_at_validate_data(workspace, first_run,
 
     manifest_path = workspace / "data/raw/manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    manifest["files"]["sft.jsonl"].update(rows=len(rows) + 2, sha256=hashlib.sha256(raw.read_bytes()).hexdigest())
+    manifest["files"]["sft.jsonl"].update(
+        rows=len(rows) + 2, sha256=hashlib.sha256(raw.read_bytes()).hexdigest()
+    )
     manifest_path.chmod(0o644)
     manifest_path.write_text(json.dumps(manifest, indent=2))
     state = ruyi_pipeline(workspace=str(workspace), from_stage="validate_data", push=False, return_state=True)

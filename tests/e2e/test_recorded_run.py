@@ -22,8 +22,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _recorded_revision() -> str:
-    out = subprocess.run(["git", "log", "-1", "--format=%H", "--", "dvc.lock"], cwd=REPO, capture_output=True,
-                         text=True, check=True).stdout.strip()
+    out = subprocess.run(
+        ["git", "log", "-1", "--format=%H", "--", "dvc.lock"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert out, "no recorded run: dvc.lock was never committed (make run, then commit dvc.lock and metrics/)"
     return out
 

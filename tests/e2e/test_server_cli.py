@@ -47,14 +47,24 @@ def _processes_naming(port: int) -> list[str]:
 def test_ruyi_server_serves_both_deployments_and_stops_cleanly(tmp_path):
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_LOGGING_LEVEL="WARNING",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_LOGGING_LEVEL="WARNING",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    )
     env.pop("PREFECT_API_URL", None)
     env.pop("PREFECT_UI_API_URL", None)
     assert port != 4200
-    proc = subprocess.Popen([*RUYI, "server", "--port", str(port), "--cron", "0 3 * * *"], cwd=tmp_path,
-                            env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [*RUYI, "server", "--port", str(port), "--cron", "0 3 * * *"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         nightly = rerun = None
         deadline = time.monotonic() + 180
@@ -75,8 +85,9 @@ def test_ruyi_server_serves_both_deployments_and_stops_cleanly(tmp_path):
         ui = _get(f"http://127.0.0.1:{port}/ui-settings")
         assert ui["api_url"] == api, ui
 
-        second = subprocess.run([*RUYI, "server", "--port", str(port)], env=env, capture_output=True,
-                                text=True, timeout=60)
+        second = subprocess.run(
+            [*RUYI, "server", "--port", str(port)], env=env, capture_output=True, text=True, timeout=60
+        )
         assert second.returncode == 2 and f"port {port} on 127.0.0.1 is already in use" in second.stderr
     finally:
         if proc.poll() is None:

@@ -55,9 +55,20 @@ def recorded(tmp_path) -> Path:
     _run([DVC, "init", "-q"], repo)
     (repo / "gen.py").write_text(GEN)
     (repo / "params.yaml").write_text("scale: 3\n")
-    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"gen": {
-        "cmd": f"{sys.executable} gen.py", "deps": ["gen.py"], "params": ["scale"],
-        "outs": ["out/value.txt", "out/dir", {"out/when.json": {"labels": ["measured"]}}]}}}))
+    (repo / "dvc.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "stages": {
+                    "gen": {
+                        "cmd": f"{sys.executable} gen.py",
+                        "deps": ["gen.py"],
+                        "params": ["scale"],
+                        "outs": ["out/value.txt", "out/dir", {"out/when.json": {"labels": ["measured"]}}],
+                    }
+                }
+            }
+        )
+    )
     _run([DVC, "remote", "add", "-d", "local", str(tmp_path / "remote")], repo)
     _run([DVC, "repro"], repo)
     _run([DVC, "push"], repo)
@@ -123,13 +134,34 @@ def test_a_revision_without_a_recording_is_an_error(tmp_path):
 
 
 def test_compare_and_measured_labels_on_parsed_files():
-    spec = {"stages": {"s": {"outs": ["a", {"b": {"labels": ["measured"]}}],
-                             "metrics": [{"m.json": {"cache": False}}, {"t.json": {"labels": ["measured"]}}]}}}
+    spec = {
+        "stages": {
+            "s": {
+                "outs": ["a", {"b": {"labels": ["measured"]}}],
+                "metrics": [{"m.json": {"cache": False}}, {"t.json": {"labels": ["measured"]}}],
+            }
+        }
+    }
     assert measured_outputs(spec) == {("s", "b"), ("s", "t.json")}
-    old = {"stages": {"s": {"outs": [{"path": "a", "md5": "1"}, {"path": "b", "md5": "2"},
-                                     {"path": "m.json", "md5": "3"}, {"path": "gone", "md5": "4"}]}}}
-    new = {"stages": {"s": {"outs": [{"path": "a", "md5": "1"}, {"path": "b", "md5": "9"},
-                                     {"path": "m.json", "md5": "8"}]}}}
+    old = {
+        "stages": {
+            "s": {
+                "outs": [
+                    {"path": "a", "md5": "1"},
+                    {"path": "b", "md5": "2"},
+                    {"path": "m.json", "md5": "3"},
+                    {"path": "gone", "md5": "4"},
+                ]
+            }
+        }
+    }
+    new = {
+        "stages": {
+            "s": {
+                "outs": [{"path": "a", "md5": "1"}, {"path": "b", "md5": "9"}, {"path": "m.json", "md5": "8"}]
+            }
+        }
+    }
     verdicts = {c.path: c.status for c in compare(old, new, measured_outputs(spec))}
     assert verdicts == {"a": "reproduced", "b": "measured", "m.json": "differs", "gone": "missing"}
     json.dumps([c.__dict__ for c in compare(old, new, set())])  # JSON-able

@@ -61,11 +61,13 @@ def test_added_parameters_and_ratio(compressed):
     # rounded down, so the reduction is at least the target and overshoots only by rounding.
     assert m["added_params_reduction"] >= 0.4
     assert m["added_params_reduction"] < 0.45
-    decomposed_before = sum(r["params_before"] for r in json.loads(
-        (root / "reports/compress/decompose_report.json").read_text())["matrices"])
+    decomposed_before = sum(
+        r["params_before"]
+        for r in json.loads((root / "reports/compress/decompose_report.json").read_text())["matrices"]
+    )
     assert decomposed_before < m["added_params_before"]  # the norms stay dense ...
     assert m["matrix_ratio"] == pytest.approx(0.4 * m["added_params_before"] / decomposed_before, abs=2e-6)
-    assert m["matrix_ratio"] > 0.4                         # ... so the matrices give up more than 40%
+    assert m["matrix_ratio"] > 0.4  # ... so the matrices give up more than 40%
     assert m["calibration_tokens"] == 2 * 4 * 64
     config = json.loads((root / "artifacts/compress/config.json").read_text())
     assert config["lowrank_ranks"] and all(k.startswith(DAE_PREFIX) for k in config["lowrank_ranks"])
@@ -100,12 +102,17 @@ def test_losses_match_stock_qwen3_before_and_after(compressed):
 
     root = compressed
     m = _metrics(root)
-    texts = [json.loads(line)["text"] for line in (root / "data/validated/corpus_val.jsonl").read_text().splitlines()]
+    texts = [
+        json.loads(line)["text"]
+        for line in (root / "data/validated/corpus_val.jsonl").read_text().splitlines()
+    ]
     for stage, when in (("rl", "before"), ("compress", "after")):
         model, tokenizer = load_family(root / "artifacts" / stage)
         blocks = independent_blocks(tokenizer, texts, 64, 2 * 4)
         for d in EXITS:
-            assert m[f"exit_{d}"][f"loss_{when}"] == pytest.approx(stock_loss(stock_member(model, d), blocks), rel=1e-5)
+            assert m[f"exit_{d}"][f"loss_{when}"] == pytest.approx(
+                stock_loss(stock_member(model, d), blocks), rel=1e-5
+            )
     entry = m[f"exit_{DAE_EXIT}"]
     rel = (entry["loss_after"] - entry["loss_before"]) / entry["loss_before"]
     sol_rel = (entry["solution_loss_after"] - entry["solution_loss_before"]) / entry["solution_loss_before"]
@@ -128,7 +135,10 @@ def test_heal_decision_set_is_disjoint_from_reported_sets_and_healing(compressed
     corpus_train = {r["id"]: r["text"] for r in _rows(val / "corpus_train.jsonl")}
     val_texts = {r["text"] for r in _rows(val / "corpus_val.jsonl")}
     eval_rows = _rows(val / "eval.jsonl")
-    eval_ids, eval_questions = {r["id"] for r in eval_rows}, {normalize_question(r["question"]) for r in eval_rows}
+    eval_ids, eval_questions = (
+        {r["id"] for r in eval_rows},
+        {normalize_question(r["question"]) for r in eval_rows},
+    )
     sft = {r["id"]: r for r in _rows(val / "sft.jsonl")}
     m = _metrics(root)["heal_selection"]
     assert m["corpus_blocks"] == 2 * 4 and m["sft_rows"] == 2 * 4 == len(sel["sft_ids"])
@@ -140,7 +150,9 @@ def test_heal_decision_set_is_disjoint_from_reported_sets_and_healing(compressed
     # likely pick some; none is chosen, and the chosen rows are left out of healing.
     assert eval_ids <= sft.keys()
     chosen = set(sel["sft_ids"])
-    assert not chosen & eval_ids and not {normalize_question(sft[i]["prompt"]) for i in chosen} & eval_questions
+    assert (
+        not chosen & eval_ids and not {normalize_question(sft[i]["prompt"]) for i in chosen} & eval_questions
+    )
     assert not chosen & set(sel["healing_sft_ids"])
     assert chosen | set(sel["healing_sft_ids"]) == sft.keys()
     assert eval_ids <= set(sel["healing_sft_ids"])  # the eval problems stay in the (test's) healing data
@@ -164,7 +176,9 @@ def _selection_losses(root: Path, model_dir: Path) -> dict[str, float]:
         p_ids = tokenizer.encode(prompt, add_special_tokens=False)
         a_ids = tokenizer.encode(f"{sft[i]['response']}<|im_end|>", add_special_tokens=False)
         with torch.no_grad():
-            loss = q(input_ids=torch.tensor([p_ids + a_ids]), labels=torch.tensor([[-100] * len(p_ids) + a_ids])).loss
+            loss = q(
+                input_ids=torch.tensor([p_ids + a_ids]), labels=torch.tensor([[-100] * len(p_ids) + a_ids])
+            ).loss
         total, count = total + float(loss) * len(a_ids), count + len(a_ids)
     return {"loss": stock_loss(q, blocks), "solution_loss": total / count}
 
@@ -175,9 +189,26 @@ def _run_without_healing(root: Path, tmp_path: Path, *extra: str) -> tuple[dict,
     other = tmp_path / "noheal"
     shutil.copytree(root / "artifacts/rl", other / "rl")
     shutil.copytree(root / "artifacts/family_sft", other / "family_sft")
-    assert main(["--params", str(root / "params.yaml"), "--set", "compress.heal_steps=0", *extra,
-                 "--set", f"paths.artifacts_dir={other}", "--set", f"paths.metrics_dir={tmp_path / 'm'}",
-                 "--set", f"paths.plots_dir={tmp_path / 'p'}", "--set", f"paths.reports_dir={tmp_path / 'r'}"]) == 0
+    assert (
+        main(
+            [
+                "--params",
+                str(root / "params.yaml"),
+                "--set",
+                "compress.heal_steps=0",
+                *extra,
+                "--set",
+                f"paths.artifacts_dir={other}",
+                "--set",
+                f"paths.metrics_dir={tmp_path / 'm'}",
+                "--set",
+                f"paths.plots_dir={tmp_path / 'p'}",
+                "--set",
+                f"paths.reports_dir={tmp_path / 'r'}",
+            ]
+        )
+        == 0
+    )
     return json.loads((tmp_path / "m/compress.json").read_text()), other / "compress"
 
 
@@ -227,13 +258,36 @@ def test_healing_kept_when_it_helps_the_decision_set(session_tmp, tmp_path):
     root = build_workspace(session_tmp, tmp_path / "ws", compressed=False)
     val = root / "data/validated"
     problems = _problems(80, 300)
-    (val / "sft.jsonl").write_text("".join(json.dumps({"id": r["id"], "prompt": r["question"], "response":
-                                                       r["solution"], "answer": r["answer"], "level": r["level"]})
-                                           + "\n" for r in problems))
-    (val / "corpus_train.jsonl").write_text("".join(json.dumps({"id": f"c{r['id']}", "text": f"{r['question']}\n"
-                                                                f"{r['solution']}", "source": "t"}) + "\n"
-                                                    for r in _problems(60, 200)))
-    extra = ["--set", "compress.ratio=0.9", "--set", "compress.heal_lr=1e-3", "--set", "compress.heal_steps=3"]
+    (val / "sft.jsonl").write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": r["id"],
+                    "prompt": r["question"],
+                    "response": r["solution"],
+                    "answer": r["answer"],
+                    "level": r["level"],
+                }
+            )
+            + "\n"
+            for r in problems
+        )
+    )
+    (val / "corpus_train.jsonl").write_text(
+        "".join(
+            json.dumps({"id": f"c{r['id']}", "text": f"{r['question']}\n{r['solution']}", "source": "t"})
+            + "\n"
+            for r in _problems(60, 200)
+        )
+    )
+    extra = [
+        "--set",
+        "compress.ratio=0.9",
+        "--set",
+        "compress.heal_lr=1e-3",
+        "--set",
+        "compress.heal_steps=3",
+    ]
     assert main(["--params", str(root / "params.yaml"), *extra]) == 0
     m = _metrics(root)
     assert m["added_params_reduction"] >= 0.9
@@ -243,7 +297,9 @@ def test_healing_kept_when_it_helps_the_decision_set(session_tmp, tmp_path):
     unhealed = load_file(unhealed_dir / "model.safetensors")
     differ = {k for k in healed if not torch.equal(healed[k], unhealed[k])}
     assert differ, "healing changed nothing"
-    assert all(k.endswith((".weight_a", ".weight_b")) or k == f"{DAE_PREFIX}norm.weight" for k in differ), differ
+    assert all(k.endswith((".weight_a", ".weight_b")) or k == f"{DAE_PREFIX}norm.weight" for k in differ), (
+        differ
+    )
     # The published (healed) member's decision-set losses are the recorded "healed" ones, and better.
     recomputed = _selection_losses(root, root / "artifacts/compress")
     for k in ("loss", "solution_loss"):
@@ -305,8 +361,10 @@ def test_gain_retained_is_one_lossless_and_zero_with_the_blocks_zeroed(compresse
     before, _ = load_family(root / "artifacts/family_sft")
     held = heldout_sets(params, tokenizer)
     where = root / "data/validated/eval.jsonl"
-    states = {name: member_state(m.eval(), tokenizer, DAE_EXIT, held, params.compress, where)
-              for name, m in (("before_dae", before), ("dense", dense))}
+    states = {
+        name: member_state(m.eval(), tokenizer, DAE_EXIT, held, params.compress, where)
+        for name, m in (("before_dae", before), ("dense", dense))
+    }
     lossless = dae_control({**states, "decomposed": states["dense"]})["gain_retained"]
     assert lossless["loss"] == 1.0 and lossless["solution_loss"] == 1.0
     with torch.no_grad():
@@ -332,7 +390,9 @@ def test_control_states_and_removed_fractions_are_reported(compressed):
     assert control["decomposed"]["loss"] == m[f"exit_{DAE_EXIT}"]["loss_after"]
     assert control["before_dae"]["loss"] != control["dense"]["loss"]
     parts_b, parts_a, removed = m["added_parts_before"], m["added_parts_after"], m["removed_fraction"]
-    assert sum(parts_b.values()) == m["added_params_before"] and sum(parts_a.values()) == m["added_params_after"]
+    assert (
+        sum(parts_b.values()) == m["added_params_before"] and sum(parts_a.values()) == m["added_params_after"]
+    )
     assert removed["blocks"] == pytest.approx(1 - parts_a["blocks"] / parts_b["blocks"])
     assert removed["head"] == pytest.approx(1 - parts_a["head"] / parts_b["head"])
     assert removed["blocks_and_head"] == pytest.approx(m["added_params_reduction"])

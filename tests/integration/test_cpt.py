@@ -49,7 +49,12 @@ def test_cpt_learns_and_writes_its_outputs(straight_run):
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in model.generation_config.eos_token_id
     with open(f"{params.paths.plots_dir}/cpt/loss.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {(r["exit"], r["split"]) for r in rows} == {("2", "train"), ("4", "train"), ("2", "val"), ("4", "val")}
+    assert {(r["exit"], r["split"]) for r in rows} == {
+        ("2", "train"),
+        ("4", "train"),
+        ("2", "val"),
+        ("4", "val"),
+    }
     assert sum(r["split"] == "train" for r in rows) == 24
     assert Path(params.paths.plots_dir, "cpt", "loss.png").read_bytes()[:4] == b"\x89PNG"
     steps = sorted(p.name for p in Path(params.paths.artifacts_dir, "checkpoints", "cpt").iterdir())
@@ -88,8 +93,9 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(straight_run, works
     assert metrics["exit_4"] == straight["exit_4"]
 
 
-def test_corrupt_latest_checkpoint_is_skipped_and_the_resume_stays_exact(straight_run, workspace, tmp_path,
-                                                                           caplog):
+def test_corrupt_latest_checkpoint_is_skipped_and_the_resume_stays_exact(
+    straight_run, workspace, tmp_path, caplog
+):
     """One flipped byte in the latest checkpoint's weights after a kill: the checksum catches it, the run
     resumes from the previous checkpoint (the file named) and ends as the uninterrupted run."""
     params_a, straight = straight_run
@@ -111,10 +117,14 @@ def test_corrupt_latest_checkpoint_is_skipped_and_the_resume_stays_exact(straigh
     caplog.set_level("INFO", logger="ruyi")
     metrics = cpt.run(params_b)
     assert metrics["resumed_from_step"] == 4 and "cpt: resumed from step_4" in caplog.text
-    assert metrics["skipped_checkpoints"] == [{
-        "path": str(ckpt / "step_8"), "step": 8,
-        "set_aside_to": str(ckpt.with_name("cpt.corrupt") / "step_8"),
-        "reason": "model.safetensors does not match its sha256 in checksums.json (corrupt)"}]
+    assert metrics["skipped_checkpoints"] == [
+        {
+            "path": str(ckpt / "step_8"),
+            "step": 8,
+            "set_aside_to": str(ckpt.with_name("cpt.corrupt") / "step_8"),
+            "reason": "model.safetensors does not match its sha256 in checksums.json (corrupt)",
+        }
+    ]
     assert f"{ckpt / 'step_8'} fails verification: model.safetensors" in caplog.text
     a, _ = load_family(f"{params_a.paths.artifacts_dir}/cpt")
     b, _ = load_family(other / "artifacts" / "cpt")
@@ -180,9 +190,19 @@ def _stock_qwen3(path: Path, texts: list[str]):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(0)
-    stock = Qwen3ForCausalLM(Qwen3Config(vocab_size=448, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                         num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                         max_position_embeddings=128, tie_word_embeddings=True)).eval()
+    stock = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=448,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=128,
+            tie_word_embeddings=True,
+        )
+    ).eval()
     stock.save_pretrained(path)
     save_qwen_like_tokenizer(path, texts, vocab_size=380)
     return stock
@@ -197,8 +217,9 @@ def test_init_from_a_stock_qwen3_checkpoint(workspace, tmp_path):
     from tasks.core.artifacts import tokenizer_fingerprint
 
     src = tmp_path / "qwen3"
-    params = copy_workspace(workspace, tmp_path, artifacts=(), cpt__max_steps=2, cpt__warmup_steps=1,
-                            model__init_from=str(src))
+    params = copy_workspace(
+        workspace, tmp_path, artifacts=(), cpt__max_steps=2, cpt__warmup_steps=1, model__init_from=str(src)
+    )
     train = read_corpus(tmp_path / "data" / "validated" / "corpus_train.jsonl")
     stock = _stock_qwen3(src, [r["text"] for r in train])
     tok_metrics = tokenizer_stage.run(params)
@@ -224,11 +245,18 @@ def test_init_from_a_stock_qwen3_checkpoint(workspace, tmp_path):
 def test_init_from_refuses_a_tokenizer_that_is_not_the_checkpoints(workspace, tmp_path):
     """A BPE trained here (the workspace's) with a stock checkpoint would scramble its embeddings: refused."""
     src = tmp_path / "qwen3"
-    _stock_qwen3(src, [r["text"] for r in json_rows(workspace.parent / "data" / "validated" / "corpus_train.jsonl")])
-    params = copy_workspace(workspace, tmp_path / "w", cpt__max_steps=2, cpt__warmup_steps=1, model__init_from=str(src))
+    _stock_qwen3(
+        src, [r["text"] for r in json_rows(workspace.parent / "data" / "validated" / "corpus_train.jsonl")]
+    )
+    params = copy_workspace(
+        workspace, tmp_path / "w", cpt__max_steps=2, cpt__warmup_steps=1, model__init_from=str(src)
+    )
     tok_dir = tmp_path / "w" / "artifacts" / "tokenizer"
-    with pytest.raises(StageError, match=rf"{tok_dir} is not the tokenizer of model.init_from={src} "
-                                         rf"\(fingerprint [0-9a-f]{{64}}, expected [0-9a-f]{{64}}"):
+    with pytest.raises(
+        StageError,
+        match=rf"{tok_dir} is not the tokenizer of model.init_from={src} "
+        rf"\(fingerprint [0-9a-f]{{64}}, expected [0-9a-f]{{64}}",
+    ):
         cpt.run(params)
     assert not (tmp_path / "w" / "artifacts" / "cpt").exists()
     # A checkpoint without tokenizer files: an error naming it (not an empty tokenizer).
@@ -262,16 +290,20 @@ def test_model_dir_with_a_swapped_same_size_tokenizer_is_refused(straight_run, t
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         (swapped / name).unlink(missing_ok=True)
     other.save_pretrained(swapped)
-    with pytest.raises(StageError, match=rf"{swapped}: the tokenizer is not the one the model was trained with .*"
-                                         rf"records tokenizer fingerprint {recorded}, the tokenizer files there have "
-                                         rf"fingerprint {tokenizer_fingerprint(other)}"):
+    with pytest.raises(
+        StageError,
+        match=rf"{swapped}: the tokenizer is not the one the model was trained with .*"
+        rf"records tokenizer fingerprint {recorded}, the tokenizer files there have "
+        rf"fingerprint {tokenizer_fingerprint(other)}",
+    ):
         load_family(swapped)
     # save_family pairing the model with another tokenizer says so, and records the new fingerprint.
     with caplog.at_level("WARNING", logger="ruyi"):
         save_family(model, other, tmp_path / "resaved")
     assert f"trained with tokenizer fingerprint {recorded} and is saved with a tokenizer of" in caplog.text
-    assert json.loads((tmp_path / "resaved" / "config.json").read_text())["tokenizer_fingerprint"] == \
-        tokenizer_fingerprint(other)
+    assert json.loads((tmp_path / "resaved" / "config.json").read_text())[
+        "tokenizer_fingerprint"
+    ] == tokenizer_fingerprint(other)
     caplog.clear()
     # An old artifact without a recorded fingerprint still loads, with a warning.
     old = tmp_path / "old"

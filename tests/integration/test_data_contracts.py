@@ -42,26 +42,42 @@ _PROSE = [
 
 def _sft(i: int) -> dict:
     n = 3 + i
-    return {"id": f"sft-{i:03d}", "prompt": f"Ava buys {n} pens for $2 each. How much does she spend in total?",
-            "response": f"Ava spends {n}*2={2 * n} dollars.\n#### {2 * n}", "answer": str(2 * n), "level": 1 + i % 3}
+    return {
+        "id": f"sft-{i:03d}",
+        "prompt": f"Ava buys {n} pens for $2 each. How much does she spend in total?",
+        "response": f"Ava spends {n}*2={2 * n} dollars.\n#### {2 * n}",
+        "answer": str(2 * n),
+        "level": 1 + i % 3,
+    }
 
 
 def _rl(i: int) -> dict:
     n = 10 + i
-    return {"id": f"rl-{i:03d}", "question": f"Liam has {n} apples and eats 2 of them. How many apples are left?",
-            "answer": str(n - 2), "level": 1 + i % 3}
+    return {
+        "id": f"rl-{i:03d}",
+        "question": f"Liam has {n} apples and eats 2 of them. How many apples are left?",
+        "answer": str(n - 2),
+        "level": 1 + i % 3,
+    }
 
 
 def _eval(i: int) -> dict:
     n = 4 + i
-    return {"id": f"eval-{i:03d}", "question": f"Maya reads {n} pages a day for 3 days. How many pages does she read?",
-            "solution": f"She reads {n}*3={3 * n} pages.\n#### {3 * n}", "answer": str(3 * n), "level": 1 + i % 3}
+    return {
+        "id": f"eval-{i:03d}",
+        "question": f"Maya reads {n} pages a day for 3 days. How many pages does she read?",
+        "solution": f"She reads {n}*3={3 * n} pages.\n#### {3 * n}",
+        "answer": str(3 * n),
+        "level": 1 + i % 3,
+    }
 
 
 def valid_datasets(n_math: int = 10) -> dict[str, list[dict]]:
     """Small datasets that satisfy every contract (file name -> rows)."""
-    corpus = [{"id": f"doc-{i:03d}", "text": f"{text} Paragraph {i} ends here.", "source": "python_docstrings"}
-              for i, text in enumerate(_PROSE)]
+    corpus = [
+        {"id": f"doc-{i:03d}", "text": f"{text} Paragraph {i} ends here.", "source": "python_docstrings"}
+        for i, text in enumerate(_PROSE)
+    ]
     # A math document as prepare_data adds them: shorter than prose (its own length bound).
     corpus.append({"id": "doc-math-0", "text": "Ava buys 3 pens for $2 each.\n#### 6", "source": "math"})
     return {
@@ -96,8 +112,9 @@ def contracts(tmp_path_factory):
             training = training or files
             keys = [suites.question_key(r["prompt"]) for r in training["sft.jsonl"]]
             keys += [suites.question_key(r["question"]) for r in training["rl.jsonl"]]
-            corpus = suites.normalized_corpus(r["text"] for f in ("corpus_train.jsonl", "corpus_val.jsonl")
-                                              for r in training[f])
+            corpus = suites.normalized_corpus(
+                r["text"] for f in ("corpus_train.jsonl", "corpus_val.jsonl") for r in training[f]
+            )
         frame = suites.build_frame(contract, rows, labels, corpus)
         return ctx.validate(name, frame, suites.build_suite(contract, params, keys), run_name="test")
 
@@ -123,19 +140,19 @@ def test_valid_data_passes(contracts, name):
 def _dirty_sft():
     files = valid_datasets()
     rows = files["sft.jsonl"]
-    rows[1]["answer"] = None                                   # null
-    rows[2]["level"] = "2"                                     # wrong type (string for int)
-    rows[3]["id"] = rows[0]["id"]                              # duplicate id
-    rows[4]["prompt"] = rows[0]["prompt"]                      # duplicate prompt
-    rows[5]["prompt"] = "Ava buys 3 pens\x07 for $2 each. How much?"    # control character
+    rows[1]["answer"] = None  # null
+    rows[2]["level"] = "2"  # wrong type (string for int)
+    rows[3]["id"] = rows[0]["id"]  # duplicate id
+    rows[4]["prompt"] = rows[0]["prompt"]  # duplicate prompt
+    rows[5]["prompt"] = "Ava buys 3 pens\x07 for $2 each. How much?"  # control character
     rows[6]["prompt"] += " Write to ava.smith@example.com for hints."  # e-mail
     rows[7]["response"] = rows[7]["response"].replace("\n#### ", "\n#### 1")  # final answer != answer
-    rows[8]["answer"] = "1,000"                                # not a plain number
+    rows[8]["answer"] = "1,000"  # not a plain number
     rows[8]["response"] = "Total 1000.\n#### 1,000"
-    del rows[9]["level"]                                       # missing field
-    rows.append({**_sft(10), "extra": 1})                      # extra field
+    del rows[9]["level"]  # missing field
+    rows.append({**_sft(10), "extra": 1})  # extra field
     rows.append({**_sft(11), "response": "It is 28 dollars."})  # no final answer line
-    rows.append({**_sft(12), "level": 5})                      # level outside data.math_levels
+    rows.append({**_sft(12), "level": 5})  # level outside data.math_levels
     files["sft.jsonl"] = rows
     return files
 
@@ -151,32 +168,43 @@ def test_sft_violations_name_expectation_and_rows(contracts):
         "expect_column_values_to_be_unique(id)": {"sft.jsonl:1", "sft.jsonl:4"},
         "expect_column_values_to_be_unique(prompt)": {"sft.jsonl:1", "sft.jsonl:5"},
         "expect_column_values_to_not_match_regex(prompt)": {"sft.jsonl:6", "sft.jsonl:7"},
-        "expect_column_pair_values_to_be_equal(answer, _final_answer)": {"sft.jsonl:2", "sft.jsonl:8", "sft.jsonl:12"},
+        "expect_column_pair_values_to_be_equal(answer, _final_answer)": {
+            "sft.jsonl:2",
+            "sft.jsonl:8",
+            "sft.jsonl:12",
+        },
         "expect_column_values_to_match_regex(answer)": {"sft.jsonl:9"},
         "expect_column_values_to_match_regex(response)": {"sft.jsonl:12"},
         "expect_column_values_to_be_in_set(_fields)": {"sft.jsonl:10", "sft.jsonl:11"},
     }
     by_description = {f.description: {str(r) for r in f.rows} for f in result.failures}
-    assert by_description["prompt has no control characters (C0/C1, zero-width, bidi, BOM, U+FFFD)"] == {"sft.jsonl:6"}
+    assert by_description["prompt has no control characters (C0/C1, zero-width, bidi, BOM, U+FFFD)"] == {
+        "sft.jsonl:6"
+    }
     assert by_description["prompt: no e-mail addresses (personal data)"] == {"sft.jsonl:7"}
     text = result.describe()
     assert "sft.jsonl:7: 'ava.smith@example.com' in" in text  # the match itself is quoted
     assert "sft.jsonl:3: '2'" in text
 
 
-@pytest.mark.parametrize(("secret", "description"), [
-    ("key AKIAIOSFODNN7EXAMPLE here", "no API keys"),
-    ("token sk-proj-abcdefghijklmnopqrstuvwx", "no API keys"),
-    ("-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA", "no private key headers"),
-    ("call me at (555) 123-4567 tonight", "no phone numbers"),
-    ("or +1 555.123.4567 instead", "no phone numbers"),
-])
+@pytest.mark.parametrize(
+    ("secret", "description"),
+    [
+        ("key AKIAIOSFODNN7EXAMPLE here", "no API keys"),
+        ("token sk-proj-abcdefghijklmnopqrstuvwx", "no API keys"),
+        ("-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA", "no private key headers"),
+        ("call me at (555) 123-4567 tonight", "no phone numbers"),
+        ("or +1 555.123.4567 instead", "no phone numbers"),
+    ],
+)
 def test_secrets_and_personal_data_are_flagged(contracts, secret, description):
     files = valid_datasets()
     files["corpus_val.jsonl"][1]["text"] += " " + secret
     result = contracts("corpus", files)
     flagged = {f.description: {str(r) for r in f.rows} for f in result.failures}
-    assert flagged == {f"text: {next(d for _, _, d in _patterns() if d.startswith(description))}": {"corpus_val.jsonl:2"}}
+    assert flagged == {
+        f"text: {next(d for _, _, d in _patterns() if d.startswith(description))}": {"corpus_val.jsonl:2"}
+    }
 
 
 def _patterns():
@@ -194,13 +222,19 @@ def test_numbers_in_math_text_are_not_phone_numbers(contracts):
 def test_corpus_duplicates_across_train_and_val_and_length_bounds(contracts):
     files = valid_datasets()
     files["corpus_val.jsonl"][0]["text"] = files["corpus_train.jsonl"][0]["text"]  # train/val duplicate
-    files["corpus_train.jsonl"][1]["text"] = "Too short."                           # prose under 40 chars
-    files["corpus_train.jsonl"][2]["text"] = "x " * 400                             # over 600 chars
+    files["corpus_train.jsonl"][1]["text"] = "Too short."  # prose under 40 chars
+    files["corpus_train.jsonl"][2]["text"] = "x " * 400  # over 600 chars
     files["corpus_train.jsonl"][3]["text"] = "\ufeffBOM at the start of a long enough document text."
     result = contracts("corpus", files)
     flagged = _flagged(result)
-    assert flagged["expect_column_values_to_be_unique(text)"] == {"corpus_train.jsonl:1", "corpus_val.jsonl:1"}
-    assert flagged["expect_column_value_lengths_to_be_between(text)"] == {"corpus_train.jsonl:2", "corpus_train.jsonl:3"}
+    assert flagged["expect_column_values_to_be_unique(text)"] == {
+        "corpus_train.jsonl:1",
+        "corpus_val.jsonl:1",
+    }
+    assert flagged["expect_column_value_lengths_to_be_between(text)"] == {
+        "corpus_train.jsonl:2",
+        "corpus_train.jsonl:3",
+    }
     assert flagged["expect_column_values_to_not_match_regex(text)"] == {"corpus_train.jsonl:4"}
     # The short math document (source "math", line 7) passes under its own lower bound.
     assert all("corpus_train.jsonl:7" not in rows for rows in flagged.values())
@@ -213,7 +247,9 @@ def test_eval_overlap_with_training_is_caught(contracts):
     files["eval.jsonl"][2]["question"] = "  AVA buys 5 pens for $2 each.   How much does she spend in total?"
     files["eval.jsonl"][2]["solution"], files["eval.jsonl"][2]["answer"] = "5*2=10\n#### 10", "10"
     # An eval question that appears inside a corpus document (contamination).
-    training["corpus_train.jsonl"][0]["text"] += " Maya reads 9 pages a day for 3 days. How many pages does she read?"
+    training["corpus_train.jsonl"][0]["text"] += (
+        " Maya reads 9 pages a day for 3 days. How many pages does she read?"
+    )
     # A solution whose final answer is not the answer.
     files["eval.jsonl"][3]["solution"] = "She reads 7*3=21 pages.\n#### 22"
     result = contracts("eval", files, training)
@@ -226,10 +262,12 @@ def test_eval_overlap_with_training_is_caught(contracts):
 
 def test_rl_duplicates_and_answers(contracts):
     files = valid_datasets()
-    files["rl.jsonl"][4]["question"] = files["rl.jsonl"][2]["question"].upper()  # unique is exact, not normalized
+    files["rl.jsonl"][4]["question"] = files["rl.jsonl"][2][
+        "question"
+    ].upper()  # unique is exact, not normalized
     files["rl.jsonl"][5]["answer"] = "12 apples"
-    files["rl.jsonl"][6]["question"] = "Short?"                                   # under min_question_chars
-    files["rl.jsonl"][7]["id"] = "rl 007"                                         # space in id
+    files["rl.jsonl"][6]["question"] = "Short?"  # under min_question_chars
+    files["rl.jsonl"][7]["id"] = "rl 007"  # space in id
     result = contracts("rl", files)
     assert _flagged(result) == {
         "expect_column_values_to_match_regex(answer)": {"rl.jsonl:6"},
@@ -258,10 +296,10 @@ def test_final_answer_and_question_key():
 
 def test_strict_types_a_bool_or_a_numeric_string_is_no_integer(contracts):
     files = valid_datasets()
-    files["rl.jsonl"][1]["level"] = True     # Python (and GX's type check) count True as the int 1
+    files["rl.jsonl"][1]["level"] = True  # Python (and GX's type check) count True as the int 1
     files["rl.jsonl"][2]["level"] = False
-    files["rl.jsonl"][3]["level"] = "2"      # a numeric string
-    files["rl.jsonl"][4]["level"] = 2.0      # a float
+    files["rl.jsonl"][3]["level"] = "2"  # a numeric string
+    files["rl.jsonl"][4]["level"] = 2.0  # a float
     result = contracts("rl", files)
     flagged = _flagged(result)
     assert flagged["expect_column_values_to_be_in_set(_bool_ints)"] == {"rl.jsonl:2", "rl.jsonl:3"}

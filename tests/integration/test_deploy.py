@@ -25,11 +25,27 @@ from tasks.release.store import LocalStore, S3Store, open_store, scan_dir
 
 REPO = Path(__file__).resolve().parents[2]
 EVAL_ROWS = [
-    {"id": "e1", "question": "Tom has 3 apples and buys 4 more. How many apples does he have?",
-     "solution": "3 + 4 = 7\n#### 7", "answer": "7", "level": 1},
-    {"id": "e2", "question": "A train travels 60 miles in 2 hours. What is its speed?",
-     "solution": "60 / 2 = 30\n#### 30", "answer": "30", "level": 1},
-    {"id": "e3", "question": "Not used: smoke_prompts is 2.", "solution": "#### 1", "answer": "1", "level": 1},
+    {
+        "id": "e1",
+        "question": "Tom has 3 apples and buys 4 more. How many apples does he have?",
+        "solution": "3 + 4 = 7\n#### 7",
+        "answer": "7",
+        "level": 1,
+    },
+    {
+        "id": "e2",
+        "question": "A train travels 60 miles in 2 hours. What is its speed?",
+        "solution": "60 / 2 = 30\n#### 30",
+        "answer": "30",
+        "level": 1,
+    },
+    {
+        "id": "e3",
+        "question": "Not used: smoke_prompts is 2.",
+        "solution": "#### 1",
+        "answer": "1",
+        "level": 1,
+    },
 ]
 
 
@@ -43,10 +59,16 @@ def _workspace(root: Path, export_src: Path) -> dict:
     """A workspace with artifacts/export and data/validated/eval.jsonl; returns params overrides."""
     shutil.copytree(export_src, root / "artifacts" / "export")
     write_jsonl(root / "data" / "validated" / "eval.jsonl", EVAL_ROWS)
-    return {"paths.data_dir": str(root / "data"), "paths.artifacts_dir": str(root / "artifacts"),
-            "paths.metrics_dir": str(root / "metrics"), "paths.plots_dir": str(root / "plots"),
-            "paths.reports_dir": str(root / "reports"), "deploy.store.root": str(root / "store"),
-            "deploy.smoke_prompts": 2, "deploy.smoke_max_tokens": 8}
+    return {
+        "paths.data_dir": str(root / "data"),
+        "paths.artifacts_dir": str(root / "artifacts"),
+        "paths.metrics_dir": str(root / "metrics"),
+        "paths.plots_dir": str(root / "plots"),
+        "paths.reports_dir": str(root / "reports"),
+        "deploy.store.root": str(root / "store"),
+        "deploy.smoke_prompts": 2,
+        "deploy.smoke_max_tokens": 8,
+    }
 
 
 def _free_port() -> int:
@@ -101,9 +123,15 @@ def test_deploy_stage_s3_end_to_end(tmp_path, export_src, s3_server, monkeypatch
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
     s3_server.create_bucket("releases")
-    overrides = {**_workspace(tmp_path, export_src), "deploy.store.backend": "s3", "deploy.store.bucket": "releases",
-                 "deploy.store.endpoint_url": s3_server.endpoint, "deploy.store.connect_timeout_s": 2,
-                 "deploy.store.max_attempts": 2, "deploy.port": _free_port()}
+    overrides = {
+        **_workspace(tmp_path, export_src),
+        "deploy.store.backend": "s3",
+        "deploy.store.bucket": "releases",
+        "deploy.store.endpoint_url": s3_server.endpoint,
+        "deploy.store.connect_timeout_s": 2,
+        "deploy.store.max_attempts": 2,
+        "deploy.port": _free_port(),
+    }
     params = load_params(REPO / "params.yaml", overrides)
 
     # Wrong credentials: a clear error, before Ray is started.
@@ -114,7 +142,10 @@ def test_deploy_stage_s3_end_to_end(tmp_path, export_src, s3_server, monkeypatch
 
     metrics = run(params)
     assert metrics["version"] == "v0001" and metrics["reused_release"] is False
-    assert metrics["store_uri"] == "s3://releases/ruyi" and metrics["release_uri"] == "s3://releases/ruyi/ruyi-tiny/v0001"
+    assert (
+        metrics["store_uri"] == "s3://releases/ruyi"
+        and metrics["release_uri"] == "s3://releases/ruyi/ruyi-tiny/v0001"
+    )
     assert metrics["serving_url"] == f"http://127.0.0.1:{params.deploy.port}"
     tiers = metrics["tiers"]
     for tier in ("exit_2", "exit_4"):
@@ -127,7 +158,10 @@ def test_deploy_stage_s3_end_to_end(tmp_path, export_src, s3_server, monkeypatch
     smoke = json.loads((tmp_path / "metrics" / "deploy_smoke.json").read_text())
     assert smoke["content_sha256"] == content_digest(scan_dir(tmp_path / "artifacts" / "export"))
     assert "version" not in smoke and all("latency_ms_p50" not in t for t in smoke["tiers"].values())
-    rows = [json.loads(line) for line in (tmp_path / "reports" / "deploy" / "smoke.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "reports" / "deploy" / "smoke.jsonl").read_text().splitlines()
+    ]
     assert {(r["tier"], r["id"]) for r in rows} >= {("exit_2", "e1"), ("exit_4", "e2")}
     assert (tmp_path / "plots" / "deploy" / "latency.png").stat().st_size > 0
     assert (tmp_path / "plots" / "deploy" / "latency.csv").read_text().startswith("tier,")
@@ -154,8 +188,18 @@ def test_ruyi_serve_command_reports_store_errors(tmp_path):
 
     from flows.cli import app
 
-    result = CliRunner().invoke(app, ["serve", "--params", str(REPO / "params.yaml"), "--version", "v0003",
-                                      "--set", f"deploy.store.root={tmp_path / 'empty-store'}"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "serve",
+            "--params",
+            str(REPO / "params.yaml"),
+            "--version",
+            "v0003",
+            "--set",
+            f"deploy.store.root={tmp_path / 'empty-store'}",
+        ],
+    )
     assert result.exit_code == 2
     assert "release ruyi-tiny/v0003 not found" in result.output
     result = CliRunner().invoke(app, ["serve", "--params", str(REPO / "params.yaml"), "--port", "15000"])

@@ -1,4 +1,5 @@
-"""Data-parallel training (tasks/training/distributed.py): the same result as the local loop, exact resume, clear errors.
+"""Data-parallel training (tasks/training/distributed.py): the same result as the local loop, exact
+resume, clear errors.
 
 - `train_loop` under DistributedDataParallel on 2 gloo processes (torch.multiprocessing, no Ray), on
   SFT-like rows whose supervised token counts differ (the case a wrong normalisation gets wrong), with
@@ -50,8 +51,11 @@ def test_distributed_params_are_validated(tmp_path):
     path = make_params_file(tmp_path)
     with pytest.raises(ParamsError, match=r"distributed.num_workers: Input should be greater than 0"):
         load(path, distributed__backend="ray", distributed__num_workers=0)
-    with pytest.raises(ParamsError, match=r"distributed.num_workers \(5\) exceeds the global batch of cpt "
-                                          r"\(cpt.batch_size x cpt.grad_accum = 4 rows\)"):
+    with pytest.raises(
+        ParamsError,
+        match=r"distributed.num_workers \(5\) exceeds the global batch of cpt "
+        r"\(cpt.batch_size x cpt.grad_accum = 4 rows\)",
+    ):
         load(path, distributed__backend="ray", distributed__num_workers=5)
     assert load(path).distributed.backend == "local"  # the default: one process, unchanged
     from tasks.core.params import load_params
@@ -80,9 +84,14 @@ def test_unreachable_address_is_a_transient_error_naming_the_parameter(tmp_path)
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    params = load(make_params_file(tmp_path), distributed__backend="ray", distributed__address=f"127.0.0.1:{port}")
-    with pytest.raises(TransientError, match=rf"distributed.address='127.0.0.1:{port}': the Ray cluster is "
-                                             rf"unreachable"):
+    params = load(
+        make_params_file(tmp_path), distributed__backend="ray", distributed__address=f"127.0.0.1:{port}"
+    )
+    with pytest.raises(
+        TransientError,
+        match=rf"distributed.address='127.0.0.1:{port}': the Ray cluster is "
+        rf"unreachable",
+    ):
         cpt.run(params)
 
 
@@ -91,9 +100,19 @@ def _micro_family():
     from ruyi_model import FamilialConfig, FamilialForCausalLM
 
     torch.manual_seed(0)
-    cfg = FamilialConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=32,
-                         exit_layers=[1, 3], tie_word_embeddings=False, loss_impl="chunked")
+    cfg = FamilialConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=32,
+        exit_layers=[1, 3],
+        tie_word_embeddings=False,
+        loss_impl="chunked",
+    )
     return FamilialForCausalLM(cfg)
 
 
@@ -102,15 +121,31 @@ def _loop_run(ckpt_dir: Path):
     whose supervised token counts differ."""
     tensors = sft_like_rows(n=18)
     model = _micro_family()
-    cfg = TrainParams(seq_len=12, batch_size=3, grad_accum=2, max_steps=4, lr=1e-2, warmup_steps=1,
-                      checkpoint_every=2, eval_every=2, eval_batches=3)
+    cfg = TrainParams(
+        seq_len=12,
+        batch_size=3,
+        grad_accum=2,
+        max_steps=4,
+        lr=1e-2,
+        warmup_steps=1,
+        checkpoint_every=2,
+        eval_every=2,
+        eval_batches=3,
+    )
     stream = BlockStream(tensors, 0, "ddp")
     info = fingerprint_info("cpt", cfg, seed=0, inputs={"data": "x"})  # the code fingerprint of a real stage
     weights = lambda step: exit_weights_at(CPTParams().exit_weights, [1, 3], step, 4)  # noqa: E731
     val = fixed_batches({k: v[:9] for k, v in tensors.items()}, 3, 3)
-    result = train_loop(stage="t", model=model, cfg=cfg, named_params=list(model.named_parameters()),
-                                 stream=stream, loss_fn=multi_exit_loss_fn(weights), val_batches=val,
-                                 checkpointer=Checkpointer(ckpt_dir, info))
+    result = train_loop(
+        stage="t",
+        model=model,
+        cfg=cfg,
+        named_params=list(model.named_parameters()),
+        stream=stream,
+        loss_fn=multi_exit_loss_fn(weights),
+        val_batches=val,
+        checkpointer=Checkpointer(ckpt_dir, info),
+    )
     return model, result
 
 
@@ -122,8 +157,15 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     try:
         with distributed.activated(rank, world, "cpu"):
             model, result = _loop_run(Path(out) / "ckpt")
-        torch.save({"state": model.state_dict(), "history": result.history, "samples": result.samples,
-                    "tokens": result.tokens}, Path(out) / f"rank{rank}.pt")
+        torch.save(
+            {
+                "state": model.state_dict(),
+                "history": result.history,
+                "samples": result.samples,
+                "tokens": result.tokens,
+            },
+            Path(out) / f"rank{rank}.pt",
+        )
     finally:
         dist.destroy_process_group()
 
@@ -150,10 +192,12 @@ def test_train_loop_under_ddp_equals_the_local_loop(tmp_path):
     ddp.load_state_dict(ranks[0]["state"])
     _weights_close(ddp, local)
     assert ranks[0]["samples"] == res_local.samples and ranks[0]["tokens"] == res_local.tokens
-    assert [(r["step"], r["exit"], r["split"]) for r in ranks[0]["history"]] == \
-        [(r["step"], r["exit"], r["split"]) for r in res_local.history]
-    assert [r["loss"] for r in ranks[0]["history"]] == pytest.approx([r["loss"] for r in res_local.history],
-                                                                     rel=LOSS_RTOL)
+    assert [(r["step"], r["exit"], r["split"]) for r in ranks[0]["history"]] == [
+        (r["step"], r["exit"], r["split"]) for r in res_local.history
+    ]
+    assert [r["loss"] for r in ranks[0]["history"]] == pytest.approx(
+        [r["loss"] for r in res_local.history], rel=LOSS_RTOL
+    )
     # rank 0 alone wrote the checkpoints, in the local format
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_2", "step_4"]
 
@@ -205,12 +249,16 @@ def test_cpt_on_ray_workers_equals_the_local_run_and_resumes(ray_session, tmp_pa
     local_metrics = cpt.run(local)
     reference, _ = load_family(Path(local.paths.artifacts_dir) / "cpt")
 
-    params = copy_workspace(workspace, tmp_path / "ray", distributed__backend="ray", distributed__num_workers=2)
+    params = copy_workspace(
+        workspace, tmp_path / "ray", distributed__backend="ray", distributed__num_workers=2
+    )
     ckpt = tmp_path / "ray" / "artifacts" / "checkpoints" / "cpt"
     with pytest.raises(StageError, match="simulated kill after step 6"):
         cpt.run(params, callbacks=[KillAfter(6)])
     assert sorted(p.name for p in ckpt.iterdir()) == ["step_4"]  # written by rank 0, in the local format
-    assert not (tmp_path / "ray" / "artifacts" / "cpt").exists() and not (tmp_path / "ray" / "metrics").exists()
+    assert (
+        not (tmp_path / "ray" / "artifacts" / "cpt").exists() and not (tmp_path / "ray" / "metrics").exists()
+    )
     assert not (tmp_path / "ray" / "artifacts" / "checkpoints" / ".ray_train").exists()
 
     # The local backend resumes from the checkpoint the Ray run wrote.
@@ -230,16 +278,23 @@ def test_cpt_on_ray_workers_equals_the_local_run_and_resumes(ray_session, tmp_pa
     model, _ = load_family(tmp_path / "ray" / "artifacts" / "cpt")
     _weights_close(model, reference)
     state = json.loads((ckpt / "step_12" / "trainer_state.json").read_text())
-    ref_state = json.loads((Path(local.paths.artifacts_dir) / "checkpoints" / "cpt" / "step_12" /
-                            "trainer_state.json").read_text())
+    ref_state = json.loads(
+        (
+            Path(local.paths.artifacts_dir) / "checkpoints" / "cpt" / "step_12" / "trainer_state.json"
+        ).read_text()
+    )
     assert state["samples"] == ref_state["samples"] and state["fingerprint"] == ref_state["fingerprint"]
     ours, ref = _train_losses(state["history"]), _train_losses(ref_state["history"])
     assert [x[:2] for x in ours] == [x[:2] for x in ref] and len(ours) == 24
     assert [x[2] for x in ours] == pytest.approx([x[2] for x in ref], rel=LOSS_RTOL)
     for d in (2, 4):
-        assert metrics[f"exit_{d}"]["val_loss"] == pytest.approx(local_metrics[f"exit_{d}"]["val_loss"], rel=LOSS_RTOL)
+        assert metrics[f"exit_{d}"]["val_loss"] == pytest.approx(
+            local_metrics[f"exit_{d}"]["val_loss"], rel=LOSS_RTOL
+        )
     # The RNG state rank 0 saved is the local run's (the data-parallel run draws nothing extra).
-    rng, ref_rng = (torch.load(p / "step_12" / "rng.pt", weights_only=True)
-                    for p in (ckpt, Path(local.paths.artifacts_dir) / "checkpoints" / "cpt"))
+    rng, ref_rng = (
+        torch.load(p / "step_12" / "rng.pt", weights_only=True)
+        for p in (ckpt, Path(local.paths.artifacts_dir) / "checkpoints" / "cpt")
+    )
     assert torch.equal(rng["torch"], ref_rng["torch"])
     assert sorted(p.name for p in Path(params.paths.plots_dir, "cpt").iterdir()) == ["loss.csv", "loss.png"]

@@ -34,8 +34,10 @@ def s3_workspace(tmp_path, s3_server):  # noqa: F811
     ws.mkdir()
     sh(["git", "init", "-q"], ws, env)
     sh([DVC, "init", "-q"], ws, env)
-    (ws / "stage.py").write_text("import pathlib; pathlib.Path('out').mkdir(exist_ok=True); "
-                                 "pathlib.Path('out/model.bin').write_bytes(bytes(range(256)) * 4096)\n")
+    (ws / "stage.py").write_text(
+        "import pathlib; pathlib.Path('out').mkdir(exist_ok=True); "
+        "pathlib.Path('out/model.bin').write_bytes(bytes(range(256)) * 4096)\n"
+    )
     sh([DVC, "stage", "add", "-q", "-n", "make", "-d", "stage.py", "-o", "out", "python stage.py"], ws, env)
     sh([DVC, "remote", "add", "-d", "s3", f"s3://{bucket}/dvc"], ws, env)
     sh([DVC, "remote", "modify", "s3", "endpointurl", s3_server.endpoint], ws, env)
@@ -65,8 +67,12 @@ def test_wrong_credentials_fail_the_push_clearly(s3_workspace):
     bad = dict(env, AWS_SECRET_ACCESS_KEY="not-the-secret")
     proc = sh([DVC, "push"], ws, bad, check=False)
     assert proc.returncode != 0
-    assert "SignatureDoesNotMatch" in proc.stderr or "Forbidden" in proc.stderr or "Access Denied" in proc.stderr \
-        or "403" in proc.stderr, proc.stderr
+    assert (
+        "SignatureDoesNotMatch" in proc.stderr
+        or "Forbidden" in proc.stderr
+        or "Access Denied" in proc.stderr
+        or "403" in proc.stderr
+    ), proc.stderr
 
 
 def test_flow_pushes_to_the_s3_remote(s3_workspace, s3_server):  # noqa: F811

@@ -30,8 +30,15 @@ def _problems(n: int, offset: int) -> list[dict]:
     for i in range(n):
         a, b = 2 + (7 * i + offset) % 9, 1 + (5 * i + 3 * offset) % 8
         q = f"Tom has {a} apples and gets {b} more. How many apples does Tom have?"
-        rows.append({"id": f"p{offset}-{i}", "question": q, "solution": f"{a} + {b} = {a + b}\n#### {a + b}",
-                     "answer": str(a + b), "level": 1 + i % 2})
+        rows.append(
+            {
+                "id": f"p{offset}-{i}",
+                "question": q,
+                "solution": f"{a} + {b} = {a + b}\n#### {a + b}",
+                "answer": str(a + b),
+                "level": 1 + i % 2,
+            }
+        )
     return rows
 
 
@@ -64,10 +71,20 @@ def _train_family(tokenizer, sft_rows: list[dict], steps: int):
     from tasks.training.batches import build_sft_examples, fixed_batches
 
     torch.manual_seed(0)
-    cfg = FamilialConfig(vocab_size=384, hidden_size=48, intermediate_size=96, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=12, max_position_embeddings=256,
-                         exit_layers=EXITS, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    cfg = FamilialConfig(
+        vocab_size=384,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12,
+        max_position_embeddings=256,
+        exit_layers=EXITS,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
     model = expand(FamilialForCausalLM(cfg), DAE_EXIT, 2)
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -88,14 +105,27 @@ def _build_base(root: Path) -> None:
     from tasks.core.artifacts import save_family
 
     eval_rows = _problems(10, 0)
-    sft_rows = [{"id": r["id"], "prompt": r["question"], "response": r["solution"], "answer": r["answer"],
-                 "level": r["level"]} for r in eval_rows + _problems(14, 100)]
+    sft_rows = [
+        {
+            "id": r["id"],
+            "prompt": r["question"],
+            "response": r["solution"],
+            "answer": r["answer"],
+            "level": r["level"],
+        }
+        for r in eval_rows + _problems(14, 100)
+    ]
     val = root / "data" / "validated"
     _write_jsonl(val / "corpus_train.jsonl", _corpus(30, 0))
     _write_jsonl(val / "corpus_val.jsonl", _corpus(12, 50))
     _write_jsonl(val / "sft.jsonl", sft_rows)
-    _write_jsonl(val / "rl.jsonl", [{"id": r["id"], "question": r["question"], "answer": r["answer"],
-                                     "level": r["level"]} for r in eval_rows])
+    _write_jsonl(
+        val / "rl.jsonl",
+        [
+            {"id": r["id"], "question": r["question"], "answer": r["answer"], "level": r["level"]}
+            for r in eval_rows
+        ],
+    )
     _write_jsonl(val / "eval.jsonl", eval_rows)
     texts = [d["text"] for d in _corpus(30, 0)] + [r["prompt"] + "\n" + r["response"] for r in sft_rows]
     tokenizer = _train_tokenizer(texts, root / "artifacts" / "tokenizer")
@@ -111,7 +141,9 @@ def without_dae_blocks(model):
     cfg = model.config.to_dict()
     cfg["dae_blocks"] = [0 for _ in cfg["dae_blocks"]]
     base = FamilialForCausalLM(FamilialConfig(**cfg))
-    blocks = tuple(f"exits.{DAE_EXIT}.layers.{i}." for i in range(1, 1 + model.config.num_dae_blocks(DAE_EXIT)))
+    blocks = tuple(
+        f"exits.{DAE_EXIT}.layers.{i}." for i in range(1, 1 + model.config.num_dae_blocks(DAE_EXIT))
+    )
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(blocks)}
     base.load_state_dict(state, strict=True)
     base.generation_config = model.generation_config
@@ -122,16 +154,43 @@ def write_params(root: Path, **sections) -> Path:
     """A params file for the micro workspace (paths inside `root`, tiny stage settings)."""
     raw = {
         "seed": 7,
-        "paths": {k: str(root / v) for k, v in (("data_dir", "data"), ("artifacts_dir", "artifacts"),
-                                                ("metrics_dir", "metrics"), ("plots_dir", "plots"),
-                                                ("reports_dir", "reports"))},
-        "model": {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 4, "num_attention_heads": 4,
-                  "num_key_value_heads": 2, "head_dim": 12, "exit_layers": EXITS},
-        "compress": {"calibration_batches": 2, "batch_size": 4, "seq_len": 64, "heal_steps": 3,
-                     "loss_batches": 2},
-        "evaluate": {"num_problems": 8, "max_new_tokens": 20, "loss_batches": 2, "seq_len": 64, "batch_size": 3,
-                     "decode_batch_size": 3,
-                     "speed_new_tokens": 4, "speed_warmup": 1, "speed_repeats": 2},
+        "paths": {
+            k: str(root / v)
+            for k, v in (
+                ("data_dir", "data"),
+                ("artifacts_dir", "artifacts"),
+                ("metrics_dir", "metrics"),
+                ("plots_dir", "plots"),
+                ("reports_dir", "reports"),
+            )
+        },
+        "model": {
+            "hidden_size": 48,
+            "intermediate_size": 96,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 12,
+            "exit_layers": EXITS,
+        },
+        "compress": {
+            "calibration_batches": 2,
+            "batch_size": 4,
+            "seq_len": 64,
+            "heal_steps": 3,
+            "loss_batches": 2,
+        },
+        "evaluate": {
+            "num_problems": 8,
+            "max_new_tokens": 20,
+            "loss_batches": 2,
+            "seq_len": 64,
+            "batch_size": 3,
+            "decode_batch_size": 3,
+            "speed_new_tokens": 4,
+            "speed_warmup": 1,
+            "speed_repeats": 2,
+        },
     }
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
@@ -156,8 +215,11 @@ def build_workspace(session_tmp: Path, root: Path, compressed: bool = True) -> P
         from tasks.core.artifacts import load_family, save_family
 
         model, tokenizer = load_family(root / "artifacts" / "rl")
-        save_family(decompose(model, ratio=0.4, calibration=None, exit_layer=DAE_EXIT).model, tokenizer,
-                    root / "artifacts" / "compress")
+        save_family(
+            decompose(model, ratio=0.4, calibration=None, exit_layer=DAE_EXIT).model,
+            tokenizer,
+            root / "artifacts" / "compress",
+        )
     write_params(root)
     return root
 
@@ -174,13 +236,15 @@ def stock_member(model, d: int):
 def stock_loss(q, blocks: torch.Tensor) -> float:
     with torch.no_grad():
         losses = [q(input_ids=b[None], labels=b[None]).loss for b in blocks]
-    return float(torch.stack(losses).mean())   # equal-length blocks: mean of means = token mean
+    return float(torch.stack(losses).mean())  # equal-length blocks: mean of means = token mean
 
 
 def independent_blocks(tokenizer, texts: list[str], seq_len: int, n: int) -> torch.Tensor:
     ids = []
     for t in texts:
-        ids += tokenizer.encode(t, add_special_tokens=False) + [tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+        ids += tokenizer.encode(t, add_special_tokens=False) + [
+            tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        ]
     n = min(n, len(ids) // seq_len)
     return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
 
@@ -190,9 +254,14 @@ def stock_answer(q, tokenizer, question: str, max_new_tokens: int) -> str:
     ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)])
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     with torch.no_grad():
-        out = q.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=[im_end],
-                         pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        out = q.generate(
+            ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=[im_end],
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 # --- tests ------------------------------------------------------------------------------------
@@ -216,7 +285,10 @@ def test_losses_and_params_match_stock_qwen3(evaluated):
     metrics = _read(root, "eval.json")
     model, tokenizer = load_family(root / "artifacts" / "compress")
     assert metrics["exits"] == EXITS and metrics["checkpoint"] == str(root / "artifacts" / "compress")
-    texts = [json.loads(line)["text"] for line in (root / "data/validated/corpus_val.jsonl").read_text().splitlines()]
+    texts = [
+        json.loads(line)["text"]
+        for line in (root / "data/validated/corpus_val.jsonl").read_text().splitlines()
+    ]
     blocks = independent_blocks(tokenizer, texts, 64, 2 * 3)
     assert blocks.shape == (6, 64)
     for d in EXITS:
@@ -226,9 +298,12 @@ def test_losses_and_params_match_stock_qwen3(evaluated):
         assert m["perplexity"] == pytest.approx(math.exp(m["loss"]), rel=1e-9)
         assert m["loss_tokens"] == 6 * 63
         # The stock export multiplies low-rank factors back; the family counts the factors.
-        saved = sum(mod.in_features * mod.out_features - mod.rank * (mod.in_features + mod.out_features)
-                    for layer in [*model.member_layers(d), model.exit_head(d)]
-                    for mod in layer.modules() if type(mod).__name__ == "LowRankLinear")
+        saved = sum(
+            mod.in_features * mod.out_features - mod.rank * (mod.in_features + mod.out_features)
+            for layer in [*model.member_layers(d), model.exit_head(d)]
+            for mod in layer.modules()
+            if type(mod).__name__ == "LowRankLinear"
+        )
         assert m["params"] == q.num_parameters() - saved
         assert (saved > 0) == (d == DAE_EXIT)
         assert m["layers"] == q.config.num_hidden_layers
@@ -246,7 +321,7 @@ def test_solution_loss_matches_stock_qwen3(evaluated):
         total, count = 0.0, 0
         for r in rows:
             prompt = f"<|im_start|>user\n{r['question']}<|im_end|>\n<|im_start|>assistant\n"
-            answer = f"{r['solution']}<|im_end|>"   # the "\n" after <|im_end|> is not a target
+            answer = f"{r['solution']}<|im_end|>"  # the "\n" after <|im_end|> is not a target
             p_ids = tokenizer.encode(prompt, add_special_tokens=False)
             a_ids = tokenizer.encode(answer, add_special_tokens=False)
             ids = torch.tensor([p_ids + a_ids])
@@ -267,13 +342,17 @@ def test_accuracy_matches_one_by_one_stock_decoding(evaluated):
     metrics = _read(root, "eval.json")
     model, tokenizer = load_family(root / "artifacts" / "compress")
     rows = [json.loads(line) for line in (root / "data/validated/eval.jsonl").read_text().splitlines()][:8]
-    generations = [json.loads(line) for line in (root / "reports/evaluate/generations.jsonl").read_text().splitlines()]
+    generations = [
+        json.loads(line) for line in (root / "reports/evaluate/generations.jsonl").read_text().splitlines()
+    ]
     assert len(generations) == len(EXITS) * len(rows)
     outcomes = []
     for d in EXITS:
         q = stock_member(model, d)
-        correct = [answers_match(extract_answer(stock_answer(q, tokenizer, r["question"], 20)), r["answer"])
-                   for r in rows]
+        correct = [
+            answers_match(extract_answer(stock_answer(q, tokenizer, r["question"], 20)), r["answer"])
+            for r in rows
+        ]
         outcomes += correct
         assert metrics[f"exit_{d}"]["accuracy"] == pytest.approx(sum(correct) / len(rows))
         assert [g["correct"] for g in generations if g["exit"] == d] == correct
@@ -287,13 +366,19 @@ def test_speed_plot_and_reproducible_quality(evaluated):
     from tasks.evaluate import main
 
     root = evaluated
-    metrics, quality, speed = _read(root, "eval.json"), _read(root, "eval_quality.json"), _read(root, "eval_speed.json")
+    metrics, quality, speed = (
+        _read(root, "eval.json"),
+        _read(root, "eval_quality.json"),
+        _read(root, "eval_speed.json"),
+    )
     for d in EXITS:
         m = metrics[f"exit_{d}"]
         assert m["tokens_per_s"] > 0 and m["ms_per_token"] == pytest.approx(1000 / m["tokens_per_s"])
         assert m["tokens_per_s"] == speed[f"exit_{d}"]["tokens_per_s"]
         assert len(speed[f"exit_{d}"]["runs_s"]) == 2
-        assert {k: v for k, v in m.items() if k not in ("tokens_per_s", "ms_per_token")} == quality[f"exit_{d}"]
+        assert {k: v for k, v in m.items() if k not in ("tokens_per_s", "ms_per_token")} == quality[
+            f"exit_{d}"
+        ]
     assert "tokens_per_s" not in json.dumps(quality)
     assert (root / "plots/evaluate/tradeoff.png").stat().st_size > 1000
     with open(root / "plots/evaluate/tradeoff.csv") as f:
@@ -312,7 +397,7 @@ def test_metric_files_are_one_consistent_set(evaluated, tmp_path):
     metrics_dir = root / "metrics"
     ids = {_read(root, name)["run_id"] for name in METRIC_SET}
     assert len(ids) == 1 and metric_set_consistent(metrics_dir)
-    assert not list(metrics_dir.glob(".*tmp*"))   # no temporary siblings left behind
+    assert not list(metrics_dir.glob(".*tmp*"))  # no temporary siblings left behind
 
     # A partial set is told apart from a complete one.
     partial = tmp_path / "partial"
@@ -328,8 +413,14 @@ def test_metric_files_are_one_consistent_set(evaluated, tmp_path):
     out = tmp_path / "m"
     (out / "eval.json").mkdir(parents=True)
     (out / "eval.json" / "blocker").write_text("x")
-    args = ["--params", str(root / "params.yaml"), "--set", f"paths.metrics_dir={out}",
-            "--set", "evaluate.num_problems=2"]
+    args = [
+        "--params",
+        str(root / "params.yaml"),
+        "--set",
+        f"paths.metrics_dir={out}",
+        "--set",
+        "evaluate.num_problems=2",
+    ]
     with pytest.raises(IsADirectoryError):
         main(args)
     assert not metric_set_consistent(out) and not list(out.glob(".*tmp*"))
@@ -345,8 +436,21 @@ def test_checkpoint_parameter_selects_another_stage(evaluated):
 
     root = evaluated
     out = root / "metrics-rl"
-    assert main(["--params", str(root / "params.yaml"), "--set", f"evaluate.checkpoint={root / 'artifacts/rl'}",
-                 "--set", f"paths.metrics_dir={out}", "--set", "evaluate.num_problems=2"]) == 0
+    assert (
+        main(
+            [
+                "--params",
+                str(root / "params.yaml"),
+                "--set",
+                f"evaluate.checkpoint={root / 'artifacts/rl'}",
+                "--set",
+                f"paths.metrics_dir={out}",
+                "--set",
+                "evaluate.num_problems=2",
+            ]
+        )
+        == 0
+    )
     rl, compressed = json.loads((out / "eval.json").read_text()), _read(root, "eval.json")
     assert rl["checkpoint"] == str(root / "artifacts/rl") and rl["num_problems"] == 2
     # Only the DaE member differs between rl and compress (dense vs decomposed).
@@ -391,10 +495,16 @@ def test_batched_greedy_equals_unbatched_and_speed_helper(evaluated):
     from tasks.core.artifacts import load_family
 
     model, tokenizer = load_family(evaluated / "artifacts" / "compress")
-    prompts = ["Tom has 3 apples and gets 4 more. How many apples does Tom have?", "cats", "the sun sets on rivers"]
+    prompts = [
+        "Tom has 3 apples and gets 4 more. How many apples does Tom have?",
+        "cats",
+        "the sun sets on rivers",
+    ]
     for d in EXITS:
         batched = greedy_generate(model, tokenizer, prompts, d, max_new_tokens=12, batch_size=3)
-        single = [greedy_generate(model, tokenizer, [p], d, max_new_tokens=12, batch_size=1)[0] for p in prompts]
+        single = [
+            greedy_generate(model, tokenizer, [p], d, max_new_tokens=12, batch_size=1)[0] for p in prompts
+        ]
         assert batched == single
     ids = encode_prompts(tokenizer, ["cats"])[0]
     assert measure_tokens_per_s(model, 2, ids, new_tokens=3, warmup=0, repeats=1) > 0

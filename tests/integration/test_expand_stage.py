@@ -45,9 +45,14 @@ def test_expand_trains_only_the_dae_member(expanded):
     from ruyi_model.dae import dae_trainable_parameters
 
     trainable = {n for n, _ in dae_trainable_parameters(model, d)}
-    assert metrics["trainable_params"] == sum(p.numel() for n, p in model.named_parameters() if n in trainable)
-    assert metrics["added_params"] == sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in base.parameters())
-    # Every tensor outside the DaE trainable set is bit-identical to family_sft's, and the trainable ones moved.
+    assert metrics["trainable_params"] == sum(
+        p.numel() for n, p in model.named_parameters() if n in trainable
+    )
+    assert metrics["added_params"] == sum(p.numel() for p in model.parameters()) - sum(
+        p.numel() for p in base.parameters()
+    )
+    # Every tensor outside the DaE trainable set is bit-identical to family_sft's, and the trainable ones
+    # moved.
     new_sd, old_sd = model.state_dict(), base.state_dict()
     for name, tensor in old_sd.items():
         if name in trainable:
@@ -89,7 +94,9 @@ def test_expand_resume_is_bitwise_identical(expanded, workspace, tmp_path):
 
 def test_missing_family_sft_checkpoint_is_an_error_naming_it(workspace, tmp_path):
     params = copy_workspace(workspace, tmp_path)
-    with pytest.raises(StageError, match=f"model checkpoint not found at {tmp_path / 'artifacts' / 'family_sft'}"):
+    with pytest.raises(
+        StageError, match=f"model checkpoint not found at {tmp_path / 'artifacts' / 'family_sft'}"
+    ):
         expand.run(params)
 
 
@@ -109,6 +116,8 @@ def test_dae_exit_must_be_a_member(workspace, tmp_path):
     with pytest.raises(ParamsError, match="expand.exit_layer 3 is not one of"):
         load(workspace, expand__exit_layer=3)
     # Valid params (smallest member 1), but the family on disk has members [2, 4]: named as such.
-    params = copy_workspace(workspace, tmp_path, artifacts=("tokenizer", "family_sft"), model__exit_layers=[1, 4])
+    params = copy_workspace(
+        workspace, tmp_path, artifacts=("tokenizer", "family_sft"), model__exit_layers=[1, 4]
+    )
     with pytest.raises(StageError, match=r"expand.exit_layer=1 is not a member of the family at .*\[2, 4\]"):
         expand.run(params)

@@ -69,13 +69,23 @@ def test_members_load_with_plain_transformers_and_generate_like_the_family(expor
         assert m[f"exit_{d}"]["params"] == stock.num_parameters()
         # Only the DaE member was decomposed; its export is dense again (stock Qwen3 has no low-rank layers).
         assert any(k.startswith(f"exits.{d}.") for k in family.config.lowrank_ranks) == (d == DAE_EXIT)
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": "Tom has 3 apples and gets 4 more."}],
-                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Tom has 3 apples and gets 4 more."}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )["input_ids"]
         with torch.no_grad():
             # Stock generate with the exported generation config (greedy by default) vs the family member.
             theirs = stock.generate(ids, max_new_tokens=12, do_sample=False)
-            ours = family.generate(ids, max_new_tokens=12, do_sample=False, exit_layer=d, eos_token_id=im_end,
-                                   pad_token_id=tokenizer.pad_token_id)
+            ours = family.generate(
+                ids,
+                max_new_tokens=12,
+                do_sample=False,
+                exit_layer=d,
+                eos_token_id=im_end,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         assert torch.equal(theirs, ours)
 
 

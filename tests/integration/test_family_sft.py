@@ -24,17 +24,19 @@ def workspace(tmp_path_factory):
 
 
 def test_stage1_rows_use_general_text_only_and_both_instructions():
-    docs = [{"id": "m1", "source": "math", "text": "Tom has 3 apples. " * 20},
-            {"id": "g1", "source": "docs", "text": "alpha beta gamma delta " * 20},
-            {"id": "g2", "source": "docs", "text": "one two three four five " * 20},
-            {"id": "g3", "source": "docs", "text": "short"}]
+    docs = [
+        {"id": "m1", "source": "math", "text": "Tom has 3 apples. " * 20},
+        {"id": "g1", "source": "docs", "text": "alpha beta gamma delta " * 20},
+        {"id": "g2", "source": "docs", "text": "one two three four five " * 20},
+        {"id": "g3", "source": "docs", "text": "short"},
+    ]
     rows = family_sft.stage1_rows(docs, limit=10)
     assert [r["id"] for r in rows] == ["stage1-g1", "stage1-g2"]  # no math; g3 has no continuation
     cont, rep = rows
     assert cont["prompt"].startswith(family_sft.CONTINUE) and rep["prompt"].startswith(family_sft.REPEAT)
-    head = cont["prompt"][len(family_sft.CONTINUE):]
+    head = cont["prompt"][len(family_sft.CONTINUE) :]
     full = " ".join(docs[1]["text"].split())
-    assert full.startswith(head) and full[len(head):].strip().startswith(cont["response"])
+    assert full.startswith(head) and full[len(head) :].strip().startswith(cont["response"])
     assert rep["prompt"] == family_sft.REPEAT + rep["response"]
     assert len(family_sft.stage1_rows(docs, limit=1)) == 1
 
@@ -44,7 +46,9 @@ def test_staged_stream_switches_from_stage1_to_stage2():
 
     g = {"input_ids": torch.zeros(5, 4, dtype=torch.long)}
     m = {"input_ids": torch.ones(7, 4, dtype=torch.long)}
-    stream = family_sft.StagedStream(BlockStream(g, 1, "g"), MixedStream(BlockStream(m, 1, "m"), None, 0.0), 6)
+    stream = family_sft.StagedStream(
+        BlockStream(g, 1, "g"), MixedStream(BlockStream(m, 1, "m"), None, 0.0), 6
+    )
     assert stream.batch(0, 3)["input_ids"].sum() == 0 and stream.batch(3, 3)["input_ids"].sum() == 0
     assert (stream.batch(6, 3)["input_ids"] == 1).all()
     with pytest.raises(StageError, match="straddles"):

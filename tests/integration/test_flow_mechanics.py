@@ -50,7 +50,8 @@ def mini_ws(tmp_path: Path) -> Path:
     ws = tmp_path / "ws"
     ws.mkdir()
     shutil.copy(REPO / "params.yaml", ws / "params.yaml")
-    (ws / "stage.py").write_text(textwrap.dedent("""
+    (ws / "stage.py").write_text(
+        textwrap.dedent("""
         import json, os, sys, pathlib, yaml
         import time
         name = sys.argv[1]
@@ -75,15 +76,22 @@ def mini_ws(tmp_path: Path) -> Path:
         pathlib.Path("metrics").mkdir(exist_ok=True)
         json.dump({"len": len(text), "stage": name}, open(f"metrics/{name}.json", "w"))
         with open("runs.log", "a") as f: f.write(name + "\\n")
-    """))
+    """)  # noqa: E501 - stage.py's text must stay byte for byte
+    )
     stages = {}
     for name, dep in (("a", None), ("b", "out/a.txt"), ("c", "out/b.txt")):
-        stages[name] = {"cmd": f"python stage.py {name}", "deps": ["stage.py"] + ([dep] if dep else []),
-                        "outs": [f"out/{name}.txt"], "metrics": [{f"metrics/{name}.json": {"cache": False}}]}
+        stages[name] = {
+            "cmd": f"python stage.py {name}",
+            "deps": ["stage.py"] + ([dep] if dep else []),
+            "outs": [f"out/{name}.txt"],
+            "metrics": [{f"metrics/{name}.json": {"cache": False}}],
+        }
     stages["b"]["params"] = ["seed"]
     stages["c"]["params"] = ["evaluate.num_problems"]
     # declared out of dependency order on purpose: the flow must follow `dvc dag`, not the file
-    (ws / "dvc.yaml").write_text(yaml.safe_dump({"stages": {k: stages[k] for k in ("c", "a", "b")}}, sort_keys=False))
+    (ws / "dvc.yaml").write_text(
+        yaml.safe_dump({"stages": {k: stages[k] for k in ("c", "a", "b")}}, sort_keys=False)
+    )
     (ws / ".gitignore").write_text("runs.log\nattempts.log\nb_intervals.log\n")
     git(ws, "init", "-q")
     subprocess.run([DVC, "init", "-q"], cwd=ws, check=True)
@@ -117,9 +125,21 @@ def test_repository_pipeline_order_is_dvc_dag_order():
 
     for a, b in re.findall(r'"([^"]+)"\s*->\s*"([^"]+)"', dot):
         assert order.index(a) < order.index(b), (a, b)
-    expected_chain = ["prepare_data", "validate_data", "tokenizer", "cpt", "family_sft", "expand", "sft", "rl",
-                      "compress",
-                      "evaluate", "gates", "export", "deploy"]
+    expected_chain = [
+        "prepare_data",
+        "validate_data",
+        "tokenizer",
+        "cpt",
+        "family_sft",
+        "expand",
+        "sft",
+        "rl",
+        "compress",
+        "evaluate",
+        "gates",
+        "export",
+        "deploy",
+    ]
     assert order == expected_chain
 
 
@@ -173,8 +193,9 @@ def test_user_errors_are_not_retried_and_stop_the_flow(mini_ws, prefect_api):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
-    state = ruyi_pipeline(workspace=str(mini_ws), overrides={"evaluate.num_problems": 13}, push=False,
-                          return_state=True)
+    state = ruyi_pipeline(
+        workspace=str(mini_ws), overrides={"evaluate.num_problems": 13}, push=False, return_state=True
+    )
     with pytest.raises(StageFailed) as info:
         state.result()
     # the stage's own message is kept whole even though its 40 detail lines would push it out of a tail
@@ -183,8 +204,12 @@ def test_user_errors_are_not_retried_and_stop_the_flow(mini_ws, prefect_api):
     assert runs(mini_ws) == ["a", "b"] and attempts(mini_ws) == ["a", "b", "c"]  # c tried once, not retried
     assert not (mini_ws / "out/c.txt").exists()
     with get_client(sync_client=True) as client:
-        lineage = client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=["lineage"]), flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+        lineage = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["lineage"]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]),
+            )
+        )
     assert len(lineage) == 1 and "| c | **failed** |" in lineage[0].data and "| b | yes |" in lineage[0].data
 
 
@@ -209,7 +234,9 @@ def test_stage_output_reaches_the_run_logs(mini_ws, prefect_api):
     state = ruyi_pipeline(workspace=str(mini_ws), push=False, return_state=True)
     APILogHandler().flush()  # send the queued run logs before reading them back
     with get_client(sync_client=True) as client:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+        )
     messages = [log.message for log in logs]
     assert any(m.startswith("b | ") and "python stage.py b" in m for m in messages), messages
 
@@ -236,21 +263,34 @@ def test_two_runs_in_one_workspace_are_serialized(mini_ws, prefect_api, monkeypa
     for t in threads:
         t.join(timeout=240)
     assert not errors, errors
-    intervals = sorted(tuple(map(float, line.split())) for line in (mini_ws / "b_intervals.log").read_text().splitlines())
+    intervals = sorted(
+        tuple(map(float, line.split())) for line in (mini_ws / "b_intervals.log").read_text().splitlines()
+    )
     assert len(intervals) == 2
     (s1, e1), (s2, e2) = intervals
     assert e1 <= s2, f"stage b ran twice at once: {intervals}"
     final_seed = (mini_ws / "out/c.txt").read_text().split("b:")[1].split(";")[0]
-    assert final_seed in ("101", "202") and yaml.safe_load((mini_ws / "params.yaml").read_text())["seed"] == int(final_seed)
+    assert final_seed in ("101", "202") and yaml.safe_load((mini_ws / "params.yaml").read_text())[
+        "seed"
+    ] == int(final_seed)
 
 
 def test_failure_summary_keeps_the_stage_message_and_the_tail():
-    out = "\n".join(["Running stage 'x':", "> python -m tasks.x", *[f"log {i}" for i in range(30)],
-                     "error: data contract violated for sft", *[f"  row {i}" for i in range(100)],
-                     "ERROR: failed to reproduce 'x': failed to run: python -m tasks.x, exited with 2"])
+    out = "\n".join(
+        [
+            "Running stage 'x':",
+            "> python -m tasks.x",
+            *[f"log {i}" for i in range(30)],
+            "error: data contract violated for sft",
+            *[f"  row {i}" for i in range(100)],
+            "ERROR: failed to reproduce 'x': failed to run: python -m tasks.x, exited with 2",
+        ]
+    )
     summary = _failure_summary(out)
     assert summary.splitlines()[0] == "error: data contract violated for sft"
-    assert "more lines in the stage output" in summary and "exited with 2" in summary and "log 3" not in summary
+    assert (
+        "more lines in the stage output" in summary and "exited with 2" in summary and "log 3" not in summary
+    )
     assert _failure_summary("just\nsome\noutput") == "just\nsome\noutput"  # no error line: the tail
 
 
@@ -264,11 +304,29 @@ def test_a_stage_killed_by_a_signal_is_retried_as_infrastructure(mini_ws, prefec
         (mini_ws / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     with pytest.raises(InfrastructureError, match="infrastructure error, killed by SIGKILL"):
         ruyi_pipeline(workspace=str(mini_ws), overrides={"evaluate.num_problems": 17}, push=False)
-    assert runs(mini_ws) == ["a", "b"] and attempts(mini_ws) == ["a", "b", "c", "c", "c"]  # 3 tries, none done
+    assert runs(mini_ws) == ["a", "b"] and attempts(mini_ws) == [
+        "a",
+        "b",
+        "c",
+        "c",
+        "c",
+    ]  # 3 tries, none done
 
 
-@pytest.mark.parametrize(("code", "name"), [(-9, "SIGKILL"), (137, "SIGKILL"), (143, "SIGTERM"), (-11, "SIGSEGV"),
-                                            (1, None), (2, None), (128, None), (255, None), (None, None)])
+@pytest.mark.parametrize(
+    ("code", "name"),
+    [
+        (-9, "SIGKILL"),
+        (137, "SIGKILL"),
+        (143, "SIGTERM"),
+        (-11, "SIGSEGV"),
+        (1, None),
+        (2, None),
+        (128, None),
+        (255, None),
+        (None, None),
+    ],
+)
 def test_killing_signal_reads_both_shell_conventions(code, name):
     assert _killing_signal(code) == name
 
@@ -279,8 +337,12 @@ def test_artifacts_published(mini_ws, prefect_api):
 
     ruyi_pipeline(workspace=str(mini_ws), push=False)
     with get_client(sync_client=True) as client:
-        lineage = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["lineage"])))
-        table = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["metrics-c"])))
+        lineage = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["lineage"]))
+        )
+        table = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["metrics-c"]))
+        )
     assert lineage and "git revision" in lineage[-1].data and "| c |" in lineage[-1].data
     assert table and "c.len" in str(table[-1].data)
 
@@ -305,7 +367,8 @@ def test_a_failed_push_is_retried_and_reported(mini_ws, tmp_path, prefect_api):
         state.result()
     with get_client(sync_client=True) as client:
         task_runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
     push = [t for t in task_runs if t.name.startswith("dvc-push")]
     assert len(push) == 1 and push[0].run_count == 3, [(t.name, t.run_count) for t in task_runs]
     assert runs(mini_ws) == ["a", "b", "c"]  # the stages themselves completed
@@ -322,8 +385,14 @@ def _hold_stage_b(ws: Path, seconds: float) -> subprocess.Popen:
 
     env = dict(os.environ, MINI_B_SLEEP=str(seconds))
     before = attempts(ws).count("b")
-    proc = subprocess.Popen([DVC, "repro", "b", "--single-item", "--force"], cwd=ws, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [DVC, "repro", "b", "--single-item", "--force"],
+        cwd=ws,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     while attempts(ws).count("b") == before:
         assert proc.poll() is None and time.monotonic() < deadline, "the holding dvc repro never started b"
@@ -347,19 +416,23 @@ def test_dvc_busy_output_lock_is_infrastructure_and_retried(mini_ws, prefect_api
     ruyi_pipeline(workspace=str(mini_ws), push=False)
     holder = _hold_stage_b(mini_ws, 120)
     try:
-        state = ruyi_pipeline(workspace=str(mini_ws), from_stage="b", to_stage="b", force=True, push=False,
-                              return_state=True)
+        state = ruyi_pipeline(
+            workspace=str(mini_ws), from_stage="b", to_stage="b", force=True, push=False, return_state=True
+        )
         # DVC's own words: "failed to reproduce 'b': '<ws>/<an output of b>' is busy, it is being blocked
         # by: (PID n): dvc repro b ..."
-        busy = (r"(?s)a transient error \(will retry\).*failed to reproduce 'b': '.*' is busy, "
-                r"it is being blocked by")
+        busy = (
+            r"(?s)a transient error \(will retry\).*failed to reproduce 'b': '.*' is busy, "
+            r"it is being blocked by"
+        )
         with pytest.raises(InfrastructureError, match=busy):
             state.result()
     finally:
         _stop(holder)
     with get_client(sync_client=True) as client:
         task_runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
     b = [t for t in task_runs if t.name == "b"]
     # one try and two retries
     assert len(b) == 1 and b[0].run_count == 3, [(t.name, t.run_count) for t in task_runs]
@@ -369,12 +442,22 @@ def _ruyi_run(ws: Path, tmp_path: Path, *args: str, **env_extra: str) -> subproc
     """`ruyi run` as a user starts it (flows.cli:main), with its own empty Prefect home."""
     import os
 
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), RUYI_QUIET_STAGES="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-               **env_extra)
+    env = dict(
+        os.environ,
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        RUYI_QUIET_STAGES="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        **env_extra,
+    )
     env.pop("PREFECT_API_URL", None)
-    return subprocess.run([sys.executable, "-m", "flows.cli", "run", "--no-push", *args], cwd=ws, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--no-push", *args],
+        cwd=ws,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_ruyi_run_exits_1_when_the_dvc_lock_persists(mini_ws, tmp_path, prefect_api):
@@ -394,8 +477,10 @@ def test_ruyi_run_reports_an_unreachable_prefect_api_as_infrastructure(mini_ws, 
     # empty Prefect homes): Prefect raises a bare RuntimeError; `ruyi run` explains it and exits 1.
     proc = _ruyi_run(mini_ws, tmp_path, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0")
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert ("error: cannot reach the Prefect API (Timed out while attempting to connect to ephemeral "
-            "Prefect API server)") in proc.stderr
+    assert (
+        "error: cannot reach the Prefect API (Timed out while attempting to connect to ephemeral "
+        "Prefect API server)"
+    ) in proc.stderr
     assert "Traceback" not in proc.stderr and runs(mini_ws) == []
 
 

@@ -16,27 +16,48 @@ EXITS = {"model.exit_layers": [2, 4, 8]}  # the exits of the crafted files (the 
 
 
 def _eval(losses: dict[int, float], accuracy: float = 0.1) -> dict:
-    out = {f"exit_{d}": {"loss": loss, "perplexity": math.exp(loss) if loss == loss else loss,
-                         "accuracy": accuracy, "tokens_per_s": 100.0, "params": 1000 * d}
-           for d, loss in losses.items()}
+    out = {
+        f"exit_{d}": {
+            "loss": loss,
+            "perplexity": math.exp(loss) if loss == loss else loss,
+            "accuracy": accuracy,
+            "tokens_per_s": 100.0,
+            "params": 1000 * d,
+        }
+        for d, loss in losses.items()
+    }
     out["checkpoint"] = "artifacts/compress"  # non-exit keys are ignored
     out["ln_vocab"] = LN_VOCAB
     return out
 
 
 def _rl(start: float = 0.1, end: float = 0.2, member: int = 2) -> dict:
-    return {"members": [member], "accuracy_start": start, "accuracy_end": end,
-            f"exit_{member}": {"accuracy_start": start, "accuracy_end": end, "steps_with_gradient": 30}}
+    return {
+        "members": [member],
+        "accuracy_start": start,
+        "accuracy_end": end,
+        f"exit_{member}": {"accuracy_start": start, "accuracy_end": end, "steps_with_gradient": 30},
+    }
 
 
 def _params(tmp_path, **overrides):
-    return params_for_tests(tmp_path, **{**EXITS, "gates.min_accuracy": 0.0, "gates.min_loss_margin": 0.5,
-                                         "gates.max_rl_accuracy_drop": 0.0, **overrides})
+    return params_for_tests(
+        tmp_path,
+        **{
+            **EXITS,
+            "gates.min_accuracy": 0.0,
+            "gates.min_loss_margin": 0.5,
+            "gates.max_rl_accuracy_drop": 0.0,
+            **overrides,
+        },
+    )
 
 
 def _compress(changes: dict[int, float]) -> dict:
-    out = {f"exit_{d}": {"loss_before": 3.0, "loss_after": 3.0 * (1 + c), "relative_loss_change": c}
-           for d, c in changes.items()}
+    out = {
+        f"exit_{d}": {"loss_before": 3.0, "loss_after": 3.0 * (1 + c), "relative_loss_change": c}
+        for d, c in changes.items()
+    }
     out.update({"ratio": 0.4, "within_budget": all(c <= 0.02 for c in changes.values())})
     return out
 
@@ -55,7 +76,9 @@ def test_gates_pass(tmp_path):
     # exit_8 is 3% worse than exit_4: inside the 5% depth tolerance.
     _write(tmp_path, _eval({2: 4.0, 4: 3.0, 8: 3.09}), _compress({2: 0.015, 4: 0.0, 8: 0.0}))
     metrics = check_gates(_params(tmp_path))
-    assert metrics["passed"] and metrics["expectations_failed"] == 0 and metrics["expectations_evaluated"] == 11
+    assert (
+        metrics["passed"] and metrics["expectations_failed"] == 0 and metrics["expectations_evaluated"] == 11
+    )
     assert metrics["exits"]["exit_8"]["loss_vs_shallower"] == pytest.approx(1.03)
     assert metrics["exits"]["exit_2"]["loss_vs_shallower"] is None
     saved = json.loads((tmp_path / "metrics" / "gates.json").read_text())
@@ -86,12 +109,14 @@ def test_each_failing_gate_is_named_with_its_exit(tmp_path):
     saved = json.loads((tmp_path / "metrics" / "gates.json").read_text())
     assert not saved["passed"] and saved["expectations_failed"] == 5
     assert saved["failing_exits"] == ["exit_2", "exit_4", "exit_8"]
-    pages = list((tmp_path / "reports" / "gates" / "data_docs" / "validations" / "model_gates").rglob("*.html"))
+    pages = list(
+        (tmp_path / "reports" / "gates" / "data_docs" / "validations" / "model_gates").rglob("*.html")
+    )
     assert len(pages) == 1 and "exit_8" in pages[0].read_text()
 
 
 def test_nan_loss_and_missing_exit_fail(tmp_path):
-    evals = _eval({2: 4.0, 4: float("nan")})        # exit_8 not evaluated, exit_4 diverged
+    evals = _eval({2: 4.0, 4: float("nan")})  # exit_8 not evaluated, exit_4 diverged
     _write(tmp_path, evals, _compress({2: 0.0, 4: 0.0, 8: 0.0}))
     with pytest.raises(ContractViolation) as err:
         check_gates(_params(tmp_path))
@@ -103,13 +128,17 @@ def test_nan_loss_and_missing_exit_fail(tmp_path):
 
 def test_exit_set_must_match_the_model(tmp_path):
     _write(tmp_path, _eval({2: 4.0, 8: 3.0}), _compress({2: 0.0, 8: 0.0}))
-    with pytest.raises(ContractViolation, match=r"expect_column_distinct_values_to_equal_set\(exit\).*observed: "):
+    with pytest.raises(
+        ContractViolation, match=r"expect_column_distinct_values_to_equal_set\(exit\).*observed: "
+    ):
         check_gates(_params(tmp_path))
 
 
 def test_missing_or_malformed_metrics_are_stage_errors(tmp_path, capsys):
     _write(tmp_path, None, _compress({2: 0.0}))
-    with pytest.raises(StageError, match=r"eval_quality.json not found \(run the evaluate stage first\)") as err:
+    with pytest.raises(
+        StageError, match=r"eval_quality.json not found \(run the evaluate stage first\)"
+    ) as err:
         check_gates(_params(tmp_path))
     assert not isinstance(err.value, ContractViolation)
     _write(tmp_path, {"loss": 3.0}, _compress({2: 0.0}))
@@ -141,7 +170,9 @@ def test_a_uniform_model_and_an_accuracy_zero_model_fail_the_tiny_defaults(tmp_p
     floored = {f"exit_{d}" for d in exits if repo.gates.accuracy_floor(d) > 0}
     assert repo.gates.min_loss_margin > 0 and floored, "the tiny defaults must be able to fail"
     no_change = _compress({d: 0.0 for d in exits})
-    _write(tmp_path, _eval({d: LN_VOCAB for d in exits}, accuracy=0.0), no_change, _rl(0.0, 0.0, repo.dae_exit))
+    _write(
+        tmp_path, _eval({d: LN_VOCAB for d in exits}, accuracy=0.0), no_change, _rl(0.0, 0.0, repo.dae_exit)
+    )
     with pytest.raises(ContractViolation) as err:
         check_gates(repo)
     by_column = {f["column"]: set(f["rows"]) for f in err.value.failures}
@@ -149,8 +180,12 @@ def test_a_uniform_model_and_an_accuracy_zero_model_fail_the_tiny_defaults(tmp_p
     assert by_column["accuracy_over_floor"] == floored
     assert not json.loads((tmp_path / "metrics" / "gates.json").read_text())["passed"]
 
-    _write(tmp_path, _eval({d: 2.0 - 0.01 * d for d in exits}, accuracy=0.0), no_change,
-           _rl(0.0, 0.0, repo.dae_exit))
+    _write(
+        tmp_path,
+        _eval({d: 2.0 - 0.01 * d for d in exits}, accuracy=0.0),
+        no_change,
+        _rl(0.0, 0.0, repo.dae_exit),
+    )
     with pytest.raises(ContractViolation) as err:
         check_gates(repo)
     assert {f["column"]: set(f["rows"]) for f in err.value.failures} == {"accuracy_over_floor": floored}

@@ -1,4 +1,5 @@
-"""prepare_data and tasks.data.sources: the embedded default, user files (local, Parquet, S3), the held-out checks."""
+"""prepare_data and tasks.data.sources: the embedded default, user files (local, Parquet, S3), the
+held-out checks."""
 
 from __future__ import annotations
 
@@ -32,8 +33,13 @@ SMALL = {"data.num_sft": 120, "data.num_rl": 30, "data.num_eval": 20, "data.max_
 
 
 def _overrides(tmp: Path, extra: dict | None = None) -> dict:
-    return {"paths.data_dir": str(tmp / "data"), "paths.metrics_dir": str(tmp / "metrics"),
-            "paths.plots_dir": str(tmp / "plots"), **SMALL, **(extra or {})}
+    return {
+        "paths.data_dir": str(tmp / "data"),
+        "paths.metrics_dir": str(tmp / "metrics"),
+        "paths.plots_dir": str(tmp / "plots"),
+        **SMALL,
+        **(extra or {}),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +73,10 @@ def test_outputs_follow_the_data_contract(cli_run):
     # General documents respect the length limits and are unique; math documents are the SFT problems.
     general = [r for r in train + val if r["source"] != "math"]
     math_docs = [r for r in train + val if r["source"] == "math"]
-    assert 0 < len(general) <= 300 and {r["source"] for r in general} <= {"python_docstrings", "python_reference"}
+    assert 0 < len(general) <= 300 and {r["source"] for r in general} <= {
+        "python_docstrings",
+        "python_reference",
+    }
     assert all(200 <= len(r["text"]) <= 4000 for r in general)
     assert len({normalize_question(r["text"]) for r in general}) == len(general)
     assert sorted(r["text"] for r in math_docs) == sorted(f"{r['prompt']}\n{r['response']}" for r in sft)
@@ -94,7 +103,9 @@ def test_no_train_eval_overlap(cli_run):
     train_questions = [r["prompt"] for r in sft] + [r["question"] for r in rl]
     for key in (normalize_question, number_pattern):
         assert not {key(r["question"]) for r in ev} & {key(q) for q in train_questions}
-    assert not {normalize_question(r["question"]) for r in rl} & {normalize_question(r["prompt"]) for r in sft}
+    assert not {normalize_question(r["question"]) for r in rl} & {
+        normalize_question(r["prompt"]) for r in sft
+    }
     corpus = " ".join(r["text"].lower() for r in read_jsonl(raw / "corpus_train.jsonl"))
     assert not any(normalize_question(r["question"]) in " ".join(corpus.split()) for r in ev)
 
@@ -103,11 +114,17 @@ def test_same_seed_gives_identical_files_in_another_process(cli_run, tmp_path):
     """In-process run (another PYTHONHASHSEED than the CLI's subprocess) -> bitwise identical files."""
     run(load_params(REPO / "params.yaml", _overrides(tmp_path)))
     for name in (*FILES, "manifest.json"):
-        assert (tmp_path / "data" / "raw" / name).read_bytes() == (cli_run / "data" / "raw" / name).read_bytes(), name
-    other = load_params(REPO / "params.yaml", _overrides(tmp_path / "other", {"seed": 99, "data.embedded": "always",
-                                                                               "data.sources": []}))
+        assert (tmp_path / "data" / "raw" / name).read_bytes() == (
+            cli_run / "data" / "raw" / name
+        ).read_bytes(), name
+    other = load_params(
+        REPO / "params.yaml",
+        _overrides(tmp_path / "other", {"seed": 99, "data.embedded": "always", "data.sources": []}),
+    )
     run(other)
-    assert (tmp_path / "other/data/raw/sft.jsonl").read_bytes() != (tmp_path / "data/raw/sft.jsonl").read_bytes()
+    assert (tmp_path / "other/data/raw/sft.jsonl").read_bytes() != (
+        tmp_path / "data/raw/sft.jsonl"
+    ).read_bytes()
 
 
 def test_check_no_overlap_raises_on_violations():
@@ -144,14 +161,22 @@ def test_split_math_keeps_number_pattern_groups_together():
 
 
 def test_cleaning_and_near_duplicate_removal():
-    prose = ("The parser reads the configuration file and returns a mapping of section names to "
-             "dictionaries of options. Each value is a string unless a converter is given.")
+    prose = (
+        "The parser reads the configuration file and returns a mapping of section names to "
+        "dictionaries of options. Each value is a string unless a converter is given."
+    )
     code = ">>> parser = ConfigParser()\n>>> parser.read('example.ini')\n['example.ini']"
-    paragraphs, reason = clean_document(f"{prose}\n\n{code}\n\n:class:`Foo` is used\tby ``bar``.\x07", prose_only=True)
+    paragraphs, reason = clean_document(
+        f"{prose}\n\n{code}\n\n:class:`Foo` is used\tby ``bar``.\x07", prose_only=True
+    )
     assert reason is None and paragraphs == [prose, "Foo is used by bar."]
     assert clean_document(f"{code}\n\n{code}\n\n{code}\n\n{prose}", prose_only=True)[1] == "code_heavy"
-    assert clean_document("Ceci n'est pas une phrase anglaise, mais une phrase française très longue " * 3,
-                          prose_only=True)[1] == "not_english"
+    assert (
+        clean_document(
+            "Ceci n'est pas une phrase anglaise, mais une phrase française très longue " * 3, prose_only=True
+        )[1]
+        == "not_english"
+    )
     assert clean_document(code, prose_only=False)[0] == [" ".join(code.split())]  # user text: kept
     from collections import Counter
 
@@ -160,7 +185,9 @@ def test_cleaning_and_near_duplicate_removal():
     sensitive = re.compile("|".join(f"(?:{regex})" for _, regex, _ in SENSITIVE_PATTERNS))
     counts: Counter[str] = Counter()
     author = "Written by Jane Doe <jane.doe@example.org>; call 555-123-4567 with questions about it."
-    paragraphs, reason = clean_document(f"{prose}\n\n{author}", prose_only=True, sensitive=sensitive, stats=counts)
+    paragraphs, reason = clean_document(
+        f"{prose}\n\n{author}", prose_only=True, sensitive=sensitive, stats=counts
+    )
     assert reason is None and paragraphs == [prose] and counts["paragraphs_sensitive"] == 1
     assert clean_document(author, prose_only=True, sensitive=sensitive)[1] == "empty"
     out, dropped = pieces(["a" * 150, "b" * 150, "c" * 500, "d" * 50], min_chars=100, max_chars=400)
@@ -168,8 +195,14 @@ def test_cleaning_and_near_duplicate_removal():
     long_doc = " ".join(f"word{i} is followed by another word in this sentence" for i in range(40))
     near = long_doc.replace("word7 ", "wordseven ", 1)
     different = " ".join(f"token{i} appears in a different sentence entirely here" for i in range(40))
-    kept, stats = deduplicate([Document(long_doc, "a"), Document(long_doc.upper(), "b"), Document(near, "c"),
-                               Document(different, "d")])
+    kept, stats = deduplicate(
+        [
+            Document(long_doc, "a"),
+            Document(long_doc.upper(), "b"),
+            Document(near, "c"),
+            Document(different, "d"),
+        ]
+    )
     assert [d.source for d in kept] == ["a", "d"]
     assert stats == {"exact_duplicates": 1, "near_duplicates": 1}
 
@@ -179,13 +212,21 @@ def test_cleaning_and_near_duplicate_removal():
 
 def _user_math(count: int, seed: int) -> list[dict]:
     """GSM8K-format rows: the answer field is the worked solution ending in '#### n'."""
-    return [{"question": p.question, "answer": p.solution.replace("#### ", "#### $", 1)}
-            for p in generate_problems(count, [2, 4], seed=seed)]
+    return [
+        {"question": p.question, "answer": p.solution.replace("#### ", "#### $", 1)}
+        for p in generate_problems(count, [2, 4], seed=seed)
+    ]
 
 
 def _user_text(count: int) -> list[dict]:
-    return [{"text": f"Document {i}: " + " ".join(f"user sentence {i}-{j} talks about topic {j * i}." for j in range(30)),
-             "source": "wiki" if i % 2 else None} for i in range(count)]
+    return [
+        {
+            "text": f"Document {i}: "
+            + " ".join(f"user sentence {i}-{j} talks about topic {j * i}." for j in range(30)),
+            "source": "wiki" if i % 2 else None,
+        }
+        for i in range(count)
+    ]
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -200,10 +241,21 @@ def test_user_sources_jsonl_and_parquet(tmp_path):
     text_file = _write_jsonl(tmp_path / "corpus.jsonl", _user_text(12))
     math_rows = _user_math(40, seed=11)
     pq.write_table(pa.Table.from_pylist(math_rows), tmp_path / "math.parquet")
-    params = load_params(REPO / "params.yaml", _overrides(tmp_path, {
-        "data.sources": [str(text_file), str(tmp_path / "math.parquet")], "data.embedded": "never",
-        "data.math_levels": [1, 2, 3],
-        "data.num_sft": 20, "data.num_rl": 8, "data.num_eval": 6, "data.val_fraction": 0.2}))
+    params = load_params(
+        REPO / "params.yaml",
+        _overrides(
+            tmp_path,
+            {
+                "data.sources": [str(text_file), str(tmp_path / "math.parquet")],
+                "data.embedded": "never",
+                "data.math_levels": [1, 2, 3],
+                "data.num_sft": 20,
+                "data.num_rl": 8,
+                "data.num_eval": 6,
+                "data.val_fraction": 0.2,
+            },
+        ),
+    )
     metrics = run(params)
     raw = tmp_path / "data" / "raw"
     sft = read_jsonl(raw / "sft.jsonl")
@@ -227,8 +279,18 @@ def test_user_sources_jsonl_and_parquet(tmp_path):
     assert manifest["embedded"] == {"mode": "never", "corpus": False, "math": False}
 
     # auto: the math-only user file gets the embedded corpus, and nothing is generated.
-    auto = load_params(REPO / "params.yaml", _overrides(tmp_path / "auto", {
-        "data.sources": [str(tmp_path / "math.parquet")], "data.num_sft": 20, "data.num_rl": 8, "data.num_eval": 6}))
+    auto = load_params(
+        REPO / "params.yaml",
+        _overrides(
+            tmp_path / "auto",
+            {
+                "data.sources": [str(tmp_path / "math.parquet")],
+                "data.num_sft": 20,
+                "data.num_rl": 8,
+                "data.num_eval": 6,
+            },
+        ),
+    )
     run(auto)
     auto_manifest = json.loads((tmp_path / "auto/data/raw/manifest.json").read_text())
     assert auto_manifest["embedded"] == {"mode": "auto", "corpus": True, "math": False}
@@ -246,16 +308,23 @@ def test_malformed_rows_name_file_and_row(tmp_path):
     not_number = _write_jsonl(tmp_path / "answer.jsonl", [{"question": "How many?", "answer": "many"}])
     with pytest.raises(StageError, match=r"answer\.jsonl:1: answer 'many' is not a number"):
         map_rows([load_source(str(not_number))], [1, 2, 3])
-    disagree = _write_jsonl(tmp_path / "disagree.jsonl",
-                            [{"question": "2+2?", "answer": "4", "solution": "2+2 = 5\n#### 5"}])
+    disagree = _write_jsonl(
+        tmp_path / "disagree.jsonl", [{"question": "2+2?", "answer": "4", "solution": "2+2 = 5\n#### 5"}]
+    )
     with pytest.raises(StageError, match=r"disagree\.jsonl:1: the solution's final answer 5 differs"):
         map_rows([load_source(str(disagree))], [1, 2, 3])
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.Table.from_pylist([{"question": "q1", "answer": "3", "level": 2},
-                                         {"question": "q2", "answer": "4", "level": 9}]), tmp_path / "lv.parquet")
-    with pytest.raises(StageError, match=r"lv\.parquet:row 2: field 'level' must be one of data.math_levels \[1, 2, 3\]"):
+    pq.write_table(
+        pa.Table.from_pylist(
+            [{"question": "q1", "answer": "3", "level": 2}, {"question": "q2", "answer": "4", "level": 9}]
+        ),
+        tmp_path / "lv.parquet",
+    )
+    with pytest.raises(
+        StageError, match=r"lv\.parquet:row 2: field 'level' must be one of data.math_levels \[1, 2, 3\]"
+    ):
         map_rows([load_source(str(tmp_path / "lv.parquet"))], [1, 2, 3])
     (tmp_path / "notparquet.parquet").write_text("hello")
     with pytest.raises(StageError, match=r"notparquet\.parquet: not a readable Parquet file"):
@@ -271,8 +340,17 @@ def test_empty_missing_and_unsupported_files(tmp_path):
     with pytest.raises(StageError, match="unsupported file type"):
         load_source(str(tmp_path / "data.csv"))
     # The stage's command line reports it as an error naming the file, exit code 2, no output.
-    cmd = [sys.executable, "-m", "tasks.prepare_data", "--params", str(REPO / "params.yaml"),
-           "--set", f"paths.data_dir={tmp_path / 'data'}", "--set", f"data.sources=[{tmp_path / 'empty.jsonl'}]"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tasks.prepare_data",
+        "--params",
+        str(REPO / "params.yaml"),
+        "--set",
+        f"paths.data_dir={tmp_path / 'data'}",
+        "--set",
+        f"data.sources=[{tmp_path / 'empty.jsonl'}]",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "empty.jsonl: no rows" in proc.stderr
     assert not (tmp_path / "data" / "raw").exists()
@@ -289,23 +367,31 @@ def test_s3_source(s3_server, monkeypatch, tmp_path):  # noqa: F811 (the importe
     docs, problems, stats = map_rows([source], [1, 2, 3])
     assert len(docs) == 3 and len(problems) == 2 and problems[0].origin == "user:mixed.jsonl"
     assert source.records[4].where == "s3://user-data/in/mixed.jsonl:5"
-    with pytest.raises(StageError, match=r"cannot read s3://user-data/in/missing\.jsonl: "
-                       r"s3://user-data/in/missing\.jsonl does not exist at http://127\.0\.0\.1:\d+ \(NoSuchKey\)"):
+    with pytest.raises(
+        StageError,
+        match=r"cannot read s3://user-data/in/missing\.jsonl: "
+        r"s3://user-data/in/missing\.jsonl does not exist at http://127\.0\.0\.1:\d+ \(NoSuchKey\)",
+    ):
         load_source("s3://user-data/in/missing.jsonl")
     with pytest.raises(StageError, match=r"the bucket 'no-bucket' does not exist at http://127\.0\.0\.1:\d+"):
         load_source("s3://no-bucket/in/mixed.jsonl")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
-    with pytest.raises(StageError, match=r"cannot read s3://user-data/in/mixed\.jsonl: the S3 credentials were "
-                       r"rejected by http://127\.0\.0\.1:\d+ for bucket 'user-data' \(SignatureDoesNotMatch"):
+    with pytest.raises(
+        StageError,
+        match=r"cannot read s3://user-data/in/mixed\.jsonl: the S3 credentials were "
+        r"rejected by http://127\.0\.0\.1:\d+ for bucket 'user-data' \(SignatureDoesNotMatch",
+    ):
         load_source("s3://user-data/in/mixed.jsonl")
 
 
 def test_gzipped_jsonl_and_gsm8k_rows_without_solution(tmp_path):
     import gzip
 
-    rows = [{"question": "Tom has 3 apples and buys 4 more. How many apples does he have?", "answer": "7"},
-            {"question": "A pen costs $1.50. How much do 2 pens cost?", "answer": 3.0, "level": 2},
-            {"text": "A plain corpus line that is long enough to be a document of its own, hopefully."}]
+    rows = [
+        {"question": "Tom has 3 apples and buys 4 more. How many apples does he have?", "answer": "7"},
+        {"question": "A pen costs $1.50. How much do 2 pens cost?", "answer": 3.0, "level": 2},
+        {"text": "A plain corpus line that is long enough to be a document of its own, hopefully."},
+    ]
     path = tmp_path / "mixed.jsonl.gz"
     path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
     docs, problems, stats = map_rows([load_source(str(path))], [1, 2, 3])
@@ -333,24 +419,40 @@ def _distinct_patterns(count: int, seed: int) -> list[Problem]:
 
 # (raw JSONL line, expected reason) for 12 different kinds of bad row.
 _BAD_LINES = [
-    ('{"question": "Sam has 3 cats and gets 4 more. How many cats?", "answer": "seven"}',
-     "answer 'seven' is not a number"),
+    (
+        '{"question": "Sam has 3 cats and gets 4 more. How many cats?", "answer": "seven"}',
+        "answer 'seven' is not a number",
+    ),
     ('{"question": "How many legs do 2 ducks have?", "answer": ', "not valid JSON"),
     ("[1, 2, 3]", "expected a JSON object, got list"),
     ('{"title": "what is this row"}', "a row needs 'text' (corpus) or 'question' + 'answer'"),
     ('{"question": "", "answer": "3"}', "field 'question' must be a non-empty string"),
-    ('{"question": "Mia reads 5 pages a day. Pages in 9 days?", "answer": "45", "level": 9}',
-     "field 'level' must be one of"),
-    ('{"question": "Leo buys 6 eggs and eats 2. Eggs left?", "answer": "4", "level": true}',
-     "field 'level' must be one of"),
-    ('{"question": "Ana has 2 bags of 7 apples. Apples?", "answer": "2*7\\n#### 14", "solution": "#### 14"}',
-     "both 'solution' and a worked solution"),
-    ('{"question": "Ben runs 8 km a day for 3 days. Km?", "answer": "8*3 = 24\\n#### "}',
-     "no number after '####'"),
-    ('{"question": "Zoe has 9 pens and loses 5. Pens left?", "answer": "5", "solution": "9-5 = 4\\n#### 4"}',
-     "the solution's final answer 4 differs from answer 5"),
-    ('{"question": "Tim has 12 marbles and gives 5 away. Marbles left?", "answer": null}',
-     "field 'answer' must be"),
+    (
+        '{"question": "Mia reads 5 pages a day. Pages in 9 days?", "answer": "45", "level": 9}',
+        "field 'level' must be one of",
+    ),
+    (
+        '{"question": "Leo buys 6 eggs and eats 2. Eggs left?", "answer": "4", "level": true}',
+        "field 'level' must be one of",
+    ),
+    (
+        '{"question": "Ana has 2 bags of 7 apples. Apples?", '
+        '"answer": "2*7\\n#### 14", "solution": "#### 14"}',
+        "both 'solution' and a worked solution",
+    ),
+    (
+        '{"question": "Ben runs 8 km a day for 3 days. Km?", "answer": "8*3 = 24\\n#### "}',
+        "no number after '####'",
+    ),
+    (
+        '{"question": "Zoe has 9 pens and loses 5. Pens left?", '
+        '"answer": "5", "solution": "9-5 = 4\\n#### 4"}',
+        "the solution's final answer 4 differs from answer 5",
+    ),
+    (
+        '{"question": "Tim has 12 marbles and gives 5 away. Marbles left?", "answer": null}',
+        "field 'answer' must be",
+    ),
     ('{"question": "Split 1 cake among 3 kids. Cake each?", "answer": "1/3"}', "no finite decimal form"),
 ]
 
@@ -382,11 +484,23 @@ def _dirty_sources(tmp_path: Path) -> tuple[Path, Path, list[Problem], list[dict
 
 
 def _source_params(tmp_path: Path, math_file: Path, corpus_file: Path, mode: str, extra: dict | None = None):
-    return load_params(REPO / "params.yaml", _overrides(tmp_path, {
-        "paths.reports_dir": str(tmp_path / "reports"),
-        "data.sources": [str(math_file), str(corpus_file)], "data.embedded": "never",
-        "data.num_sft": 150, "data.num_rl": 50, "data.num_eval": 40, "data.val_fraction": 0.2,
-        "validate_data.on_violation": mode, **(extra or {})}))
+    return load_params(
+        REPO / "params.yaml",
+        _overrides(
+            tmp_path,
+            {
+                "paths.reports_dir": str(tmp_path / "reports"),
+                "data.sources": [str(math_file), str(corpus_file)],
+                "data.embedded": "never",
+                "data.num_sft": 150,
+                "data.num_rl": 50,
+                "data.num_eval": 40,
+                "data.val_fraction": 0.2,
+                "validate_data.on_violation": mode,
+                **(extra or {}),
+            },
+        ),
+    )
 
 
 def test_bad_user_rows_are_quarantined_and_every_valid_row_published(tmp_path):
@@ -401,9 +515,11 @@ def test_bad_user_rows_are_quarantined_and_every_valid_row_published(tmp_path):
     assert checked["source_rows_quarantined"] == 13 and checked["rows_quarantined"] == 13
 
     validated = tmp_path / "data" / "validated"
-    published = ({r["prompt"] for r in read_jsonl(validated / "sft.jsonl")}
-                 | {r["question"] for r in read_jsonl(validated / "rl.jsonl")}
-                 | {r["question"] for r in read_jsonl(validated / "eval.jsonl")})
+    published = (
+        {r["prompt"] for r in read_jsonl(validated / "sft.jsonl")}
+        | {r["question"] for r in read_jsonl(validated / "rl.jsonl")}
+        | {r["question"] for r in read_jsonl(validated / "eval.jsonl")}
+    )
     assert published == {p.question for p in problems}  # all 240 valid problems, nothing else
     corpus = read_jsonl(validated / "corpus_train.jsonl") + read_jsonl(validated / "corpus_val.jsonl")
     assert sorted(r["text"] for r in corpus if r["source"] == "wiki") == sorted(d["text"] for d in docs)
@@ -424,19 +540,32 @@ def test_bad_user_rows_are_quarantined_and_every_valid_row_published(tmp_path):
 def test_bad_user_rows_fail_mode_and_quarantine_limit(tmp_path):
     math_file, corpus_file, _, _, expected = _dirty_sources(tmp_path)
     # fail (the default): the first bad row stops the stage, naming file:line; nothing is published.
-    cmd = [sys.executable, "-m", "tasks.prepare_data", "--params", str(REPO / "params.yaml"),
-           "--set", f"paths.data_dir={tmp_path / 'data'}", "--set", "data.embedded=never",
-           "--set", f"data.sources=[{math_file}, {corpus_file}]"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tasks.prepare_data",
+        "--params",
+        str(REPO / "params.yaml"),
+        "--set",
+        f"paths.data_dir={tmp_path / 'data'}",
+        "--set",
+        "data.embedded=never",
+        "--set",
+        f"data.sources=[{math_file}, {corpus_file}]",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     first = next(iter(expected))
     assert f"error: {first}: answer 'seven' is not a number" in proc.stderr
     assert not (tmp_path / "data" / "raw").exists()
     # quarantine, but more bad rows than validate_data.max_quarantine_fraction allows in a file.
-    params = _source_params(tmp_path, math_file, corpus_file, "quarantine",
-                            {"validate_data.max_quarantine_fraction": 0.04})
-    limit = (rf"{re.escape(str(math_file))}: 12 of 252 rows \(4\.8%\) are bad, over "
-             r"validate_data\.max_quarantine_fraction=0\.04; first: .*math\.jsonl:6")
+    params = _source_params(
+        tmp_path, math_file, corpus_file, "quarantine", {"validate_data.max_quarantine_fraction": 0.04}
+    )
+    limit = (
+        rf"{re.escape(str(math_file))}: 12 of 252 rows \(4\.8%\) are bad, over "
+        r"validate_data\.max_quarantine_fraction=0\.04; first: .*math\.jsonl:6"
+    )
     with pytest.raises(StageError, match=limit):
         run(params)
     assert not (tmp_path / "data" / "raw").exists()

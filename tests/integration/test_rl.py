@@ -21,9 +21,13 @@ from tasks.core.stage import StageError
 from tasks.training import rl_algos as A
 
 SPECIALS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
-WORDS = ["[UNK]", "user", "assistant", "what", "is", "the", "answer", "to", "?", "####", "so"] + [str(i) for i in range(10)]
-TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+WORDS = ["[UNK]", "user", "assistant", "what", "is", "the", "answer", "to", "?", "####", "so"] + [
+    str(i) for i in range(10)
+]
+TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def make_tokenizer():
@@ -33,8 +37,13 @@ def make_tokenizer():
     vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|pad|>",
-                                  unk_token="[UNK]", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        eos_token="<|endoftext|>",
+        pad_token="<|pad|>",
+        unk_token="[UNK]",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
     tok.chat_template = TEMPLATE
     return tok
 
@@ -42,10 +51,20 @@ def make_tokenizer():
 def make_model(tok, seed: int = 0):
     from ruyi_model import FamilialConfig, FamilialForCausalLM
 
-    cfg = FamilialConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, exit_layers=[1, 2],
-                         dae_blocks=[1, 0], pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), max_position_embeddings=64)
+    cfg = FamilialConfig(
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        exit_layers=[1, 2],
+        dae_blocks=[1, 0],
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        max_position_embeddings=64,
+    )
     torch.manual_seed(seed)
     return FamilialForCausalLM(cfg)
 
@@ -63,20 +82,26 @@ def sft_warmup(model, tok, steps: int = 40) -> None:
     for s in range(steps):
         ids_list, label_list = [], []
         for q in questions(16, 1000 + s):
-            prompt = tok(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                                 add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+            prompt = tok(
+                tok.apply_chat_template(
+                    [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+                ),
+                add_special_tokens=False,
+            )["input_ids"]
             digit = 3 if rng.random() < 0.3 else rng.randint(0, 9)
             resp = " ".join(["so"] * rng.randint(0, 3) + ["####", str(digit)]) + "<|im_end|>"
             full = prompt + tok(resp, add_special_tokens=False)["input_ids"]
             ids_list.append(full)
-            label_list.append([-100] * len(prompt) + full[len(prompt):])
+            label_list.append([-100] * len(prompt) + full[len(prompt) :])
         width = max(map(len, ids_list))
         ids = torch.full((16, width), tok.pad_token_id)
         labels = torch.full((16, width), -100)
         attn = torch.zeros((16, width), dtype=torch.long)
         for i, (x, y) in enumerate(zip(ids_list, label_list)):
-            ids[i, :len(x)], labels[i, :len(y)], attn[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
-        loss = sum(model(input_ids=ids, attention_mask=attn, labels=labels, exit_layer=d).loss for d in (1, 2))
+            ids[i, : len(x)], labels[i, : len(y)], attn[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+        loss = sum(
+            model(input_ids=ids, attention_mask=attn, labels=labels, exit_layer=d).loss for d in (1, 2)
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -101,7 +126,9 @@ def fresh_model(micro):
 
 
 def rl_rows(n: int, seed: int = 7) -> list[dict]:
-    return [{"id": f"rl-{i}", "question": q, "answer": "7", "level": 1} for i, q in enumerate(questions(n, seed))]
+    return [
+        {"id": f"rl-{i}", "question": q, "answer": "7", "level": 1} for i, q in enumerate(questions(n, seed))
+    ]
 
 
 # --- sampling, rewards, advantages --------------------------------------------------------------
@@ -114,17 +141,34 @@ def test_sampler_equals_uncached_sampling_with_left_padding(micro):
     prompt_ids, prompt_mask = A.encode_chat_prompts(tok, ["what is the answer to 3 ?", "what is 5 ?"])
     assert prompt_mask[1, 0] == 0  # the second prompt is left-padded
     stops = [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
-    comp, cmask, truncated = A.sample_completions(model, prompt_ids, prompt_mask, exit_layer=1, max_new_tokens=6,
-                                                  stop_ids=stops, pad_id=tok.pad_token_id, temperature=0.8,
-                                                  generator=torch.Generator().manual_seed(3))
+    comp, cmask, truncated = A.sample_completions(
+        model,
+        prompt_ids,
+        prompt_mask,
+        exit_layer=1,
+        max_new_tokens=6,
+        stop_ids=stops,
+        pad_id=tok.pad_token_id,
+        temperature=0.8,
+        generator=torch.Generator().manual_seed(3),
+    )
     gen = torch.Generator().manual_seed(3)
     ids, attn = prompt_ids.clone(), prompt_mask.clone()
     done = torch.zeros(2, dtype=torch.bool)
     expected = []
     with torch.no_grad():
         for _ in range(comp.shape[1]):
-            logits = model(input_ids=ids, attention_mask=attn, position_ids=A.positions_from_mask(attn),
-                           exit_layer=1, use_cache=False).logits[:, -1].float()
+            logits = (
+                model(
+                    input_ids=ids,
+                    attention_mask=attn,
+                    position_ids=A.positions_from_mask(attn),
+                    exit_layer=1,
+                    use_cache=False,
+                )
+                .logits[:, -1]
+                .float()
+            )
             probs = torch.softmax(logits / 0.8, -1)
             tok_next = (probs / torch.empty_like(probs).exponential_(1.0, generator=gen)).argmax(-1)
             tok_next = torch.where(done, torch.full_like(tok_next, tok.pad_token_id), tok_next)
@@ -146,9 +190,17 @@ def test_sampler_draws_from_the_softmax_distribution(micro):
     model = fresh_model(micro).eval()
     ids, mask = A.encode_chat_prompts(tok, ["what is the answer to 3 ?"])
     n = 20000
-    comp, _, _ = A.sample_completions(model, ids.expand(n, -1), mask.expand(n, -1), exit_layer=1, max_new_tokens=1,
-                                      stop_ids=[tok.convert_tokens_to_ids("<|im_end|>")], pad_id=tok.pad_token_id,
-                                      temperature=4.0, generator=torch.Generator().manual_seed(0))
+    comp, _, _ = A.sample_completions(
+        model,
+        ids.expand(n, -1),
+        mask.expand(n, -1),
+        exit_layer=1,
+        max_new_tokens=1,
+        stop_ids=[tok.convert_tokens_to_ids("<|im_end|>")],
+        pad_id=tok.pad_token_id,
+        temperature=4.0,
+        generator=torch.Generator().manual_seed(0),
+    )
     with torch.no_grad():
         logits = model(ids, attention_mask=mask, exit_layer=1).logits[0, -1]
     want = torch.softmax(logits / 4.0, -1)
@@ -162,10 +214,25 @@ def test_greedy_sampler_matches_generate(micro):
     model = fresh_model(micro).eval()
     ids, mask = A.encode_chat_prompts(tok, ["what is the answer to 3 ?", "what is 5 ?"])
     stops = [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
-    comp, cmask, _ = A.sample_completions(model, ids, mask, exit_layer=1, max_new_tokens=5, stop_ids=stops,
-                                          pad_id=tok.pad_token_id, do_sample=False)
-    ref = model.generate(ids, attention_mask=mask, exit_layer=1, do_sample=False, max_new_tokens=5,
-                         eos_token_id=stops, pad_token_id=tok.pad_token_id)[:, ids.shape[1]:]
+    comp, cmask, _ = A.sample_completions(
+        model,
+        ids,
+        mask,
+        exit_layer=1,
+        max_new_tokens=5,
+        stop_ids=stops,
+        pad_id=tok.pad_token_id,
+        do_sample=False,
+    )
+    ref = model.generate(
+        ids,
+        attention_mask=mask,
+        exit_layer=1,
+        do_sample=False,
+        max_new_tokens=5,
+        eos_token_id=stops,
+        pad_token_id=tok.pad_token_id,
+    )[:, ids.shape[1] :]
     width = min(ref.shape[1], comp.shape[1])
     assert torch.equal((comp * cmask)[:, :width], (ref[:, :width] * cmask[:, :width]))
 
@@ -186,14 +253,20 @@ def test_group_advantages_formula():
     r = torch.tensor([0.0, 1.1, 0.1, 1.0, 0.0, 0.0, 0.0, 0.0])
     for g in (4, 2):
         groups = r.view(-1, g)
-        want = ((groups - groups.mean(1, keepdim=True)) /
-                (torch.tensor([statistics_std(row) for row in groups.tolist()])[:, None] + 1e-4)).view(-1)
+        want = (
+            (groups - groups.mean(1, keepdim=True))
+            / (torch.tensor([statistics_std(row) for row in groups.tolist()])[:, None] + 1e-4)
+        ).view(-1)
         assert torch.allclose(A.group_advantages(r, g), want, atol=1e-6)
     assert torch.equal(A.group_advantages(torch.zeros(4), 4), torch.zeros(4))  # degenerate group: no signal
     groups = r.view(-1, 4)
-    assert torch.allclose(A.group_advantages(r, 4, scale="none"), (groups - groups.mean(1, keepdim=True)).view(-1))
-    assert torch.allclose(A.group_advantages(r, 4, scale="batch"),
-                          (groups - groups.mean(1, keepdim=True)).view(-1) / (statistics_std(r.tolist()) + 1e-4))
+    assert torch.allclose(
+        A.group_advantages(r, 4, scale="none"), (groups - groups.mean(1, keepdim=True)).view(-1)
+    )
+    assert torch.allclose(
+        A.group_advantages(r, 4, scale="batch"),
+        (groups - groups.mean(1, keepdim=True)).view(-1) / (statistics_std(r.tolist()) + 1e-4),
+    )
     with pytest.raises(ValueError, match="groups of 3"):
         A.group_advantages(r, 3)
 
@@ -211,7 +284,7 @@ def test_bppo_loss_is_the_reference_formula():
     """dapo over the prefix mask = -(1/sum P_i) sum_i sum_{t<P_i} min(r A, clip(r) A) (BPPO paper)."""
     gen = torch.Generator().manual_seed(0)
     logps = torch.randn(4, 6, generator=gen, requires_grad=True)
-    old = (logps.detach() + 0.4 * torch.randn(4, 6, generator=gen))
+    old = logps.detach() + 0.4 * torch.randn(4, 6, generator=gen)
     adv = torch.tensor([1.2, -0.4, 0.8, -1.1])
     plen = torch.tensor([3, 1, 6, 2])
     mask = A.prefix_mask(plen, 6)
@@ -240,8 +313,8 @@ def test_policy_loss_errors():
 
 
 def test_bppo_selects_shortest_correct_and_incorrect_and_skips_degenerate_groups():
-    correct = torch.tensor([0, 1, 1, 0,   1, 1, 1, 1,   0, 0, 0, 0,   1, 0, 0, 1], dtype=torch.bool)
-    lengths = torch.tensor([5, 9, 4, 3,   2, 3, 4, 5,   1, 2, 3, 4,   7, 6, 6, 7])
+    correct = torch.tensor([0, 1, 1, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 0, 0, 1], dtype=torch.bool)
+    lengths = torch.tensor([5, 9, 4, 3, 2, 3, 4, 5, 1, 2, 3, 4, 7, 6, 6, 7])
     sel = A.bppo_select(correct, lengths, 4)
     # group 0: shortest correct row 2 (len 4), shortest incorrect row 3 (len 3); group 3: ties -> earlier.
     assert sel.pairs == [(2, 3), (12, 13)]
@@ -254,12 +327,16 @@ def test_bppo_selects_shortest_correct_and_incorrect_and_skips_degenerate_groups
 
 
 def test_prefix_rules_and_mask():
-    comp = torch.tensor([[5, 6, 7, 8, 9, 1],    # correct, length 6
-                         [5, 6, 2, 2, 1, 0],    # incorrect, length 5: common prefix with row 0 = 2 tokens
-                         [3, 4, 1, 0, 0, 0],    # correct, length 3
-                         [9, 4, 4, 4, 4, 1],    # incorrect, length 6: empty common prefix
-                         [3, 4, 1, 0, 0, 0],    # correct, length 3 (a prefix of row 5)
-                         [3, 4, 1, 5, 5, 5]])   # incorrect, length 6
+    comp = torch.tensor(
+        [
+            [5, 6, 7, 8, 9, 1],  # correct, length 6
+            [5, 6, 2, 2, 1, 0],  # incorrect, length 5: common prefix with row 0 = 2 tokens
+            [3, 4, 1, 0, 0, 0],  # correct, length 3
+            [9, 4, 4, 4, 4, 1],  # incorrect, length 6: empty common prefix
+            [3, 4, 1, 0, 0, 0],  # correct, length 3 (a prefix of row 5)
+            [3, 4, 1, 5, 5, 5],
+        ]
+    )  # incorrect, length 6
     lengths = torch.tensor([6, 5, 3, 6, 3, 6])
     pairs = [(0, 1), (2, 3), (4, 5)]
     frac = A.prefix_lengths(comp, lengths, pairs, "fraction", fraction=0.5)
@@ -277,15 +354,15 @@ def test_prefix_rules_and_mask():
 def test_adaptive_budget_follows_shortest_correct_lengths():
     b = A.AdaptiveBudget(max_new_tokens=48, min_tokens=8, margin=1.5, ema_decay=0.5)
     assert b.budget == 48
-    assert b.update([10, 20, 12]) == 30           # ema = 20 (max of the step), ceil(1.5 * 20)
-    assert b.update([10]) == 23                    # ema = 0.5*20 + 0.5*10 = 15 -> 22.5 -> 23
-    assert b.update([4, 2]) == 15                  # ema = 9.5 -> 14.25 -> 15
+    assert b.update([10, 20, 12]) == 30  # ema = 20 (max of the step), ceil(1.5 * 20)
+    assert b.update([10]) == 23  # ema = 0.5*20 + 0.5*10 = 15 -> 22.5 -> 23
+    assert b.update([4, 2]) == 15  # ema = 9.5 -> 14.25 -> 15
     for _ in range(10):
         b.update([2])
-    assert b.budget == 8                           # floor
-    assert b.update([]) == 12                      # no correct response: grow by the margin
+    assert b.budget == 8  # floor
+    assert b.update([]) == 12  # no correct response: grow by the margin
     assert b.update([]) == 18
-    assert b.update([100]) == 48                   # ceiling
+    assert b.update([100]) == 48  # ceiling
     state = b.state_dict()
     c = A.AdaptiveBudget(48, 8, 1.5, 0.5)
     c.load_state_dict(state)
@@ -305,13 +382,22 @@ def test_rl_raises_reward_and_only_the_dae_member_changes(micro, algorithm):
     model = fresh_model(micro)
     rows = rl_rows(48)
     eval_rows, train_rows = rows[:16], rows[16:]
-    cfg = RLParams(algorithm=algorithm, steps=25, prompts_per_step=4, group_size=8, max_new_tokens=8, lr=5e-3,
-                   eval_prompts=16)
+    cfg = RLParams(
+        algorithm=algorithm,
+        steps=25,
+        prompts_per_step=4,
+        group_size=8,
+        max_new_tokens=8,
+        lr=5e-3,
+        eval_prompts=16,
+    )
     members = resolve_members(model.config, "dae")
     assert members == [1]
     trainable = trainable_parameters(model, "dae", members)
     names = {n for n, _ in trainable}
-    assert names and all(n.startswith(("exits.1.layers.1.", "exits.1.norm.", "exits.1.lm_head.")) for n in names)
+    assert names and all(
+        n.startswith(("exits.1.layers.1.", "exits.1.norm.", "exits.1.lm_head.")) for n in names
+    )
     probe = torch.tensor([[5, 6, 7, 8, 9, 10]])
     with torch.no_grad():
         other_before = model(probe, exit_layer=2).logits.clone()
@@ -339,11 +425,26 @@ def test_adaptive_budget_cuts_generation_in_bppo(micro):
 
     tok = micro[0]
     model = fresh_model(micro)
-    cfg = RLParams(algorithm="bppo", steps=6, prompts_per_step=4, group_size=8, max_new_tokens=24, lr=5e-3,
-                   eval_prompts=1, bppo={"adaptive_budget": True, "budget_min_tokens": 4, "budget_margin": 1.25})
+    cfg = RLParams(
+        algorithm="bppo",
+        steps=6,
+        prompts_per_step=4,
+        group_size=8,
+        max_new_tokens=24,
+        lr=5e-3,
+        eval_prompts=1,
+        bppo={"adaptive_budget": True, "budget_min_tokens": 4, "budget_margin": 1.25},
+    )
     members = resolve_members(model.config, "dae")
-    trainer = RLTrainer(model, tok, rl_rows(40), cfg, members=members,
-                        trainable=trainable_parameters(model, "dae", members), seed=1)
+    trainer = RLTrainer(
+        model,
+        tok,
+        rl_rows(40),
+        cfg,
+        members=members,
+        trainable=trainable_parameters(model, "dae", members),
+        seed=1,
+    )
     for _ in range(cfg.steps):
         trainer.step()
     budgets = [h["budget"] for h in trainer.history[1]]
@@ -364,14 +465,38 @@ def write_workspace(root, sft_dir, rows, overrides: dict | None = None):
             f.write(json.dumps(r) + "\n")
     if sft_dir is not None:
         shutil.copytree(sft_dir, root / "artifacts" / "sft")
-    raw = {"seed": 3,
-           "paths": {k: str(root / v) for k, v in [("data_dir", "data"), ("artifacts_dir", "artifacts"),
-                                                    ("metrics_dir", "metrics"), ("plots_dir", "plots"),
-                                                    ("reports_dir", "reports")]},
-           "model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                     "num_key_value_heads": 2, "head_dim": 8, "exit_layers": [1, 2]},
-           "rl": {"steps": 4, "prompts_per_step": 2, "group_size": 4, "max_new_tokens": 8, "lr": 5e-3,
-                  "eval_prompts": 4, "checkpoint_every": 0, "bppo": {"budget_min_tokens": 4}}}
+    raw = {
+        "seed": 3,
+        "paths": {
+            k: str(root / v)
+            for k, v in [
+                ("data_dir", "data"),
+                ("artifacts_dir", "artifacts"),
+                ("metrics_dir", "metrics"),
+                ("plots_dir", "plots"),
+                ("reports_dir", "reports"),
+            ]
+        },
+        "model": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 8,
+            "exit_layers": [1, 2],
+        },
+        "rl": {
+            "steps": 4,
+            "prompts_per_step": 2,
+            "group_size": 4,
+            "max_new_tokens": 8,
+            "lr": 5e-3,
+            "eval_prompts": 4,
+            "checkpoint_every": 0,
+            "bppo": {"budget_min_tokens": 4},
+        },
+    }
     for key, value in (overrides or {}).items():
         node = raw
         *parents, last = key.split(".")
@@ -404,13 +529,25 @@ def test_stage_writes_model_metrics_and_plots(micro, tmp_path):
 def test_stage_grpo_all_members_with_kl_and_reuse(micro, tmp_path):
     from tasks.rl import main
 
-    params_file = write_workspace(tmp_path, micro[2], rl_rows(20), {
-        "rl.algorithm": "grpo", "rl.members": "all", "rl.beta": 0.04, "rl.num_iterations": 2, "rl.steps": 2,
-        "rl.loss_type": "grpo"})
+    params_file = write_workspace(
+        tmp_path,
+        micro[2],
+        rl_rows(20),
+        {
+            "rl.algorithm": "grpo",
+            "rl.members": "all",
+            "rl.beta": 0.04,
+            "rl.num_iterations": 2,
+            "rl.steps": 2,
+            "rl.loss_type": "grpo",
+        },
+    )
     assert main(["--params", str(params_file)]) == 0
     metrics = json.loads((tmp_path / "metrics" / "rl.json").read_text())
     assert metrics["members"] == [1, 2] and metrics["algorithm"] == "grpo"
-    assert all(k > 0 for k in metrics["exit_2"]["curves"]["kl"][1:])  # KL to the reference once the policy moved
+    assert all(
+        k > 0 for k in metrics["exit_2"]["curves"]["kl"][1:]
+    )  # KL to the reference once the policy moved
     assert metrics["trainable_params"] == sum(p.numel() for p in load_family(micro[2])[0].parameters())
 
 
@@ -440,8 +577,11 @@ def test_resume_equals_uninterrupted_run(micro, tmp_path):
     m_other = json.loads((tmp_path / "resumed" / "metrics" / "rl.json").read_text())
     assert m_other["resumed_from_step"] is None
     stale = tmp_path / "resumed" / "artifacts" / "checkpoints" / "rl.stale"
-    assert m_other["stale_checkpoint"] == {"set_aside_to": str(stale), "step": 2,
-                                           "differences": ["params.lr: 0.005 -> 0.001"]}
+    assert m_other["stale_checkpoint"] == {
+        "set_aside_to": str(stale),
+        "step": 2,
+        "differences": ["params.lr: 0.005 -> 0.001"],
+    }
     assert sorted(p.name for p in stale.iterdir()) == ["step_2"]
 
 
@@ -529,10 +669,13 @@ def test_bppo_steps_without_a_pair_are_counted_and_take_no_optimizer_step(micro)
     tok = micro[0]
     model = fresh_model(micro)
     rows = [{**r, "answer": "12345"} for r in rl_rows(12)]
-    cfg = RLParams(algorithm="bppo", steps=3, prompts_per_step=2, group_size=4, max_new_tokens=8, eval_prompts=1)
+    cfg = RLParams(
+        algorithm="bppo", steps=3, prompts_per_step=2, group_size=4, max_new_tokens=8, eval_prompts=1
+    )
     members = resolve_members(model.config, "dae")
-    trainer = RLTrainer(model, tok, rows, cfg, members=members, trainable=trainable_parameters(model, "dae", members),
-                        seed=0)
+    trainer = RLTrainer(
+        model, tok, rows, cfg, members=members, trainable=trainable_parameters(model, "dae", members), seed=0
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for _ in range(3):
         trainer.step()
@@ -546,26 +689,45 @@ def test_benchmark_steps_to_target_skip_steps_without_gradient_and_short_runs():
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("bppo_vs_grpo", Path(__file__).parents[2] / "benchmarks/experiments/bppo_vs_grpo.py")
+    spec = importlib.util.spec_from_file_location(
+        "bppo_vs_grpo", Path(__file__).parents[2] / "benchmarks/experiments/bppo_vs_grpo.py"
+    )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
 
     def hist(rewards, grads):
-        return [{"reward": r, "has_gradient": g, "time_s": 1.0 * (i + 1), "rollout_s": 0.5, "train_s": 0.5,
-                 "length": 10.0, "tokens_generated": 40.0, "trained_tokens": 8.0} for i, (r, g) in
-                enumerate(zip(rewards, grads))]
+        return [
+            {
+                "reward": r,
+                "has_gradient": g,
+                "time_s": 1.0 * (i + 1),
+                "rollout_s": 0.5,
+                "train_s": 0.5,
+                "length": 10.0,
+                "tokens_generated": 40.0,
+                "trained_tokens": 8.0,
+            }
+            for i, (r, g) in enumerate(zip(rewards, grads))
+        ]
 
     ev = {"reward": 0.5, "accuracy": 0.5}
-    results = {"grpo": {"history": hist([0.0, 0.2, 0.4, 0.6, 1.0], [1] * 5), "before": ev, "after": ev},
-               "bppo": {"history": hist([0.0, 0.0, 0.0, 0.6, 1.0], [0, 0, 0, 1, 1]), "before": ev,
-                        "after": {"reward": 0.5, "accuracy": 0.47}}}
+    results = {
+        "grpo": {"history": hist([0.0, 0.2, 0.4, 0.6, 1.0], [1] * 5), "before": ev, "after": ev},
+        "bppo": {
+            "history": hist([0.0, 0.0, 0.0, 0.6, 1.0], [0, 0, 0, 1, 1]),
+            "before": ev,
+            "after": {"reward": 0.5, "accuracy": 0.47},
+        },
+    }
     out = bench.summarize_member(results, window=1, target=0.6, acc_tol=0.02)
     g, b = out["runs"]["grpo"], out["runs"]["bppo"]
     assert g["steps_to_target"] == 4 and b["sampled_steps_to_target"] == 4
-    assert b["steps_to_target"] == 1 and b["skipped_steps"] == 3   # three steps without gradient: no progress
+    assert b["steps_to_target"] == 1 and b["skipped_steps"] == 3  # three steps without gradient: no progress
     assert b["speedup_steps"] == 4.0 and b["speedup_time"] == 1.0
     assert b["equal_final_accuracy"] is False and b["final_accuracy_diff"] == pytest.approx(-0.03)
-    assert bench.summarize_member(results, 1, 0.6, acc_tol=0.05)["runs"]["bppo"]["equal_final_accuracy"] is True
+    assert (
+        bench.summarize_member(results, 1, 0.6, acc_tol=0.05)["runs"]["bppo"]["equal_final_accuracy"] is True
+    )
     # A window longer than the run (--steps < --window) is capped instead of raising IndexError.
     short = bench.summarize_member(results, window=10, target=None)
     assert short["window"] == 5 and short["requested_window"] == 10
@@ -586,9 +748,11 @@ def test_wall_time_is_cumulative_across_resumes(micro, tmp_path):
     assert main(["--params", str(params), "--set", "rl.steps=4"]) == 0
     resumed = json.loads((tmp_path / "metrics" / "rl.json").read_text())
     assert resumed["resumed_from_step"] == 2
-    assert resumed["wall_time_s"] == pytest.approx(state["wall_time_s"] + resumed["wall_time_this_run_s"], abs=1e-9)
+    assert resumed["wall_time_s"] == pytest.approx(
+        state["wall_time_s"] + resumed["wall_time_this_run_s"], abs=1e-9
+    )
     assert resumed["wall_time_s"] > resumed["wall_time_this_run_s"]
-    assert resumed["train_time_s"] > state["elapsed_s"]   # train time: cumulative too
+    assert resumed["train_time_s"] > state["elapsed_s"]  # train time: cumulative too
 
 
 def test_corrupt_rl_checkpoints_are_skipped_and_resume_stays_exact(micro, tmp_path, caplog):
@@ -618,7 +782,8 @@ def test_corrupt_rl_checkpoints_are_skipped_and_resume_stays_exact(micro, tmp_pa
     metrics = json.loads((tmp_path / "run" / "metrics" / "rl.json").read_text())
     assert metrics["resumed_from_step"] == 1 and metrics["stale_checkpoint"] is None
     assert [(s["path"], s["reason"]) for s in metrics["skipped_checkpoints"]] == [
-        (str(ckpt / "step_2"), "model.safetensors does not match its sha256 in checksums.json (corrupt)")]
+        (str(ckpt / "step_2"), "model.safetensors does not match its sha256 in checksums.json (corrupt)")
+    ]
     assert f"{ckpt / 'step_2'} fails verification: model.safetensors does not match" in caplog.text
     got = final_weights(tmp_path / "run")
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
@@ -631,7 +796,9 @@ def test_corrupt_rl_checkpoints_are_skipped_and_resume_stays_exact(micro, tmp_pa
     metrics = json.loads((tmp_path / "run" / "metrics" / "rl.json").read_text())
     assert metrics["resumed_from_step"] is None
     assert [(s["step"], s["reason"].split()[0]) for s in metrics["skipped_checkpoints"]] == [
-        (3, "rng.pt"), (2, "checksums.json")]
+        (3, "rng.pt"),
+        (2, "checksums.json"),
+    ]
     assert "no checkpoint in" in caplog.text and "training starts from scratch" in caplog.text
     got = final_weights(tmp_path / "run")
     assert all(torch.equal(got[k], expected[k]) for k in got)

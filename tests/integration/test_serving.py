@@ -66,9 +66,15 @@ def _oracle(export_dir: Path, exit_layer: int, prompt: str, max_new_tokens: int)
     ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
     stops = [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
-                             eos_token_id=stops, pad_token_id=tok.pad_token_id)
-    new = out[0, ids.shape[1]:].tolist()
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=stops,
+            pad_token_id=tok.pad_token_id,
+        )
+    new = out[0, ids.shape[1] :].tolist()
     if new and new[-1] in stops:
         new = new[:-1]
     return tok.decode(new, skip_special_tokens=True), len(new)
@@ -82,7 +88,9 @@ def test_health_and_models(client, service):
     assert set(models) == {"exit_2", "exit_4", "dynamic", "tiny"}
     assert models["tiny"]["alias_of"] == "exit_4"
     assert models["exit_2"]["num_hidden_layers"] == 2 and models["exit_4"]["num_hidden_layers"] == 4
-    assert models["exit_2"]["num_parameters"] == sum(p.numel() for p in service.tiers["exit_2"].model.parameters())
+    assert models["exit_2"]["num_parameters"] == sum(
+        p.numel() for p in service.tiers["exit_2"].model.parameters()
+    )
     assert models["exit_2"]["num_parameters"] < models["exit_4"]["num_parameters"]
     assert models["dynamic"]["exit_layers"] == [2, 4]
 
@@ -90,7 +98,9 @@ def test_health_and_models(client, service):
 @pytest.mark.parametrize("exit_layer", [2, 4])
 def test_greedy_completion_matches_transformers(client, export_dir, exit_layer):
     want, n_tokens = _oracle(export_dir, exit_layer, PROMPT, 12)
-    r = client.post("/v1/completions", json={"model": f"exit_{exit_layer}", "prompt": PROMPT, "max_tokens": 12})
+    r = client.post(
+        "/v1/completions", json={"model": f"exit_{exit_layer}", "prompt": PROMPT, "max_tokens": 12}
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "text_completion" and body["model"] == f"exit_{exit_layer}"
@@ -100,7 +110,9 @@ def test_greedy_completion_matches_transformers(client, export_dir, exit_layer):
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + n_tokens
     assert body["ruyi"]["exit_layer"] == exit_layer
     # The release name is the deepest member; a list of prompts gives one choice each, in order.
-    many = client.post("/v1/completions", json={"model": "tiny", "prompt": [PROMPT, "A train"], "max_tokens": 12}).json()
+    many = client.post(
+        "/v1/completions", json={"model": "tiny", "prompt": [PROMPT, "A train"], "max_tokens": 12}
+    ).json()
     assert [c["index"] for c in many["choices"]] == [0, 1]
     if exit_layer == 4:
         assert many["choices"][0]["text"] == want
@@ -112,7 +124,9 @@ def test_chat_completion_applies_the_template(client, export_dir, service):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
-    text = service.tiers["exit_2"].tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = service.tiers["exit_2"].tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False
+    )
     assert text.endswith("<|im_start|>assistant\n")
     assert body["choices"][0]["message"]["content"] == _oracle(export_dir, 2, text, 10)[0]
 
@@ -120,9 +134,11 @@ def test_chat_completion_applies_the_template(client, export_dir, service):
 def test_stop_strings_and_stop_tokens(client, export_dir):
     full = client.post("/v1/completions", json={"model": "exit_4", "prompt": PROMPT, "max_tokens": 16}).json()
     text = full["choices"][0]["text"]
-    stop = text[len(text) // 2:len(text) // 2 + 2]
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
     cut = text.find(stop)
-    r = client.post("/v1/completions", json={"model": "exit_4", "prompt": PROMPT, "max_tokens": 16, "stop": [stop]})
+    r = client.post(
+        "/v1/completions", json={"model": "exit_4", "prompt": PROMPT, "max_tokens": 16, "stop": [stop]}
+    )
     choice = r.json()["choices"][0]
     assert (choice["text"], choice["finish_reason"]) == (text[:cut], "stop")
     assert r.json()["usage"]["completion_tokens"] <= full["usage"]["completion_tokens"]
@@ -136,14 +152,25 @@ def test_stop_strings_and_stop_tokens(client, export_dir):
         model.lm_head.weight.zero_()
         model.lm_head.weight[tok.convert_tokens_to_ids("<|im_end|>"), 0] = 5.0
         model.lm_head.weight[tok.eos_token_id, 0] = -5.0
-    body = TestClient(create_app(service)).post("/v1/completions", json={"model": "exit_2", "prompt": PROMPT}).json()
+    body = (
+        TestClient(create_app(service))
+        .post("/v1/completions", json={"model": "exit_2", "prompt": PROMPT})
+        .json()
+    )
     assert body["choices"][0] == {"text": "", "index": 0, "finish_reason": "stop", "logprobs": None}
     assert body["usage"]["completion_tokens"] == 0
 
 
 def test_sampling_is_seeded(client):
     def sample(seed):
-        body = {"model": "exit_4", "prompt": PROMPT, "max_tokens": 12, "temperature": 1.0, "top_p": 0.95, "seed": seed}
+        body = {
+            "model": "exit_4",
+            "prompt": PROMPT,
+            "max_tokens": 12,
+            "temperature": 1.0,
+            "top_p": 0.95,
+            "seed": seed,
+        }
         r = client.post("/v1/completions", json=body)
         assert r.status_code == 200, r.text
         return r.json()["choices"][0]["text"]
@@ -152,34 +179,42 @@ def test_sampling_is_seeded(client):
     assert len({sample(s) for s in (1, 2, 3)}) > 1
 
 
-@pytest.mark.parametrize(("body", "status", "code"), [
-    ({"model": "gpt-9", "prompt": "hi"}, 404, "model_not_found"),
-    ({"model": "exit_2", "prompt": "hi", "max_tokens": 65}, 400, "max_tokens_too_large"),
-    ({"model": "exit_2", "prompt": "hi", "stream": True}, 400, "unsupported_parameter"),
-    ({"model": "exit_2", "prompt": "hi", "n": 2}, 400, "unsupported_parameter"),
-    ({"model": "exit_2", "prompt": "hi", "threshold": 0.5}, 400, "unsupported_parameter"),
-    ({"model": "exit_2", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_stop"),
-    ({"model": "exit_2", "prompt": "hi " * 250, "max_tokens": 64}, 400, "context_length_exceeded"),
-    ({"model": "exit_2", "prompt": ["ok", ""]}, 400, "invalid_prompt"),
-    ({"prompt": "hi"}, 422, "invalid_request"),
-    ({"model": "exit_2", "prompt": "hi", "max_tokens": "lots"}, 422, "invalid_request"),
-    ({"model": "exit_2", "prompt": "hi", "max_tokens": 0}, 422, "invalid_request"),
-    ({"model": "exit_2", "prompt": "hi", "temperature": -1}, 422, "invalid_request"),
-    ({"model": "exit_2", "prompt": "hi", "logit_bias": {}}, 422, "invalid_request"),
-    ({"model": "exit_2", "prompt": []}, 422, "invalid_request"),
-])
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"model": "gpt-9", "prompt": "hi"}, 404, "model_not_found"),
+        ({"model": "exit_2", "prompt": "hi", "max_tokens": 65}, 400, "max_tokens_too_large"),
+        ({"model": "exit_2", "prompt": "hi", "stream": True}, 400, "unsupported_parameter"),
+        ({"model": "exit_2", "prompt": "hi", "n": 2}, 400, "unsupported_parameter"),
+        ({"model": "exit_2", "prompt": "hi", "threshold": 0.5}, 400, "unsupported_parameter"),
+        ({"model": "exit_2", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_stop"),
+        ({"model": "exit_2", "prompt": "hi " * 250, "max_tokens": 64}, 400, "context_length_exceeded"),
+        ({"model": "exit_2", "prompt": ["ok", ""]}, 400, "invalid_prompt"),
+        ({"prompt": "hi"}, 422, "invalid_request"),
+        ({"model": "exit_2", "prompt": "hi", "max_tokens": "lots"}, 422, "invalid_request"),
+        ({"model": "exit_2", "prompt": "hi", "max_tokens": 0}, 422, "invalid_request"),
+        ({"model": "exit_2", "prompt": "hi", "temperature": -1}, 422, "invalid_request"),
+        ({"model": "exit_2", "prompt": "hi", "logit_bias": {}}, 422, "invalid_request"),
+        ({"model": "exit_2", "prompt": []}, 422, "invalid_request"),
+    ],
+)
 def test_invalid_requests(client, body, status, code):
     r = client.post("/v1/completions", json=body)
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["code"] == code and error["message"]
-    assert client.post("/v1/completions", json={"model": "exit_2", "prompt": "hi", "max_tokens": 2}).status_code == 200
+    assert (
+        client.post("/v1/completions", json={"model": "exit_2", "prompt": "hi", "max_tokens": 2}).status_code
+        == 200
+    )
 
 
 def test_malformed_json_and_bad_chat(client):
     r = client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422 and "JSON" in r.json()["error"]["message"]
-    r = client.post("/v1/chat/completions", json={"model": "exit_2", "messages": [{"role": "robot", "content": "x"}]})
+    r = client.post(
+        "/v1/chat/completions", json={"model": "exit_2", "messages": [{"role": "robot", "content": "x"}]}
+    )
     assert r.status_code == 422 and r.json()["error"]["param"].startswith("messages")
     r = client.post("/v1/chat/completions", json={"model": "exit_2", "messages": []})
     assert r.status_code == 422
@@ -208,8 +243,11 @@ def test_dynamic_tier(client):
 def test_resolve_release(tmp_path, export_dir):
     store = LocalStore(tmp_path / "store")
     store.publish("tiny", export_dir)
-    source = {"store": {"backend": "local", "root": str(tmp_path / "store")}, "model_name": "tiny",
-              "cache_dir": str(tmp_path / "cache")}
+    source = {
+        "store": {"backend": "local", "root": str(tmp_path / "store")},
+        "model_name": "tiny",
+        "cache_dir": str(tmp_path / "cache"),
+    }
     path = resolve_release(source)
     assert path == tmp_path / "cache" / "tiny" / "v0001" and (path / "exit_2" / "model.safetensors").is_file()
     assert resolve_release({"release_dir": str(export_dir)}) == export_dir
@@ -234,7 +272,9 @@ def _ray_processes(ray_tmpdir: str) -> str:
 
 
 def _post_raw(url: str, data: bytes) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST")
+    request = urllib.request.Request(
+        url, data=data, headers={"Content-Type": "application/json"}, method="POST"
+    )
     try:
         with urllib.request.urlopen(request, timeout=60) as r:
             return r.status, json.loads(r.read())
@@ -254,9 +294,14 @@ def test_ruyi_serve_on_ray(tmp_path, export_dir, client, monkeypatch):
 
     LocalStore(tmp_path / "store").publish("ruyi-tiny", export_dir)
     port = _free_port()
-    params = load_params(REPO / "params.yaml", {
-        "paths.artifacts_dir": str(tmp_path / "artifacts"), "deploy.store.root": str(tmp_path / "store"),
-        "deploy.max_tokens_limit": 64})
+    params = load_params(
+        REPO / "params.yaml",
+        {
+            "paths.artifacts_dir": str(tmp_path / "artifacts"),
+            "deploy.store.root": str(tmp_path / "store"),
+            "deploy.max_tokens_limit": 64,
+        },
+    )
     stop = threading.Event()
     seen: dict = {}
 
@@ -267,8 +312,10 @@ def test_ruyi_serve_on_ray(tmp_path, export_dir, client, monkeypatch):
             seen["completion"] = http_json(f"{url}/v1/completions", request)
             seen["unknown"] = http_json(f"{url}/v1/completions", {**request, "model": "exit_3"})
             seen["too_long"] = http_json(f"{url}/v1/completions", {**request, "max_tokens": 65})
-            seen["chat"] = http_json(f"{url}/v1/chat/completions",
-                                     {"model": "ruyi-tiny", "messages": [{"role": "user", "content": "2+2?"}]})
+            seen["chat"] = http_json(
+                f"{url}/v1/chat/completions",
+                {"model": "ruyi-tiny", "messages": [{"role": "user", "content": "2+2?"}]},
+            )
             seen["bad_json"] = _post_raw(f"{url}/v1/completions", b'{"model": "exit_2", "prompt": ')
             seen["ray_tmpdir"] = os.environ["RAY_TMPDIR"]
             seen["processes"] = _ray_processes(seen["ray_tmpdir"])
@@ -282,19 +329,22 @@ def test_ruyi_serve_on_ray(tmp_path, export_dir, client, monkeypatch):
     assert seen["processes"]  # Ray was running under this session's RAY_TMPDIR ...
     status, body = seen["completion"]
     assert status == 200
-    local = client.post("/v1/completions", json={"model": "exit_2", "prompt": PROMPT, "max_tokens": 12}).json()
+    local = client.post(
+        "/v1/completions", json={"model": "exit_2", "prompt": PROMPT, "max_tokens": 12}
+    ).json()
     assert body["choices"] == local["choices"] and body["usage"] == local["usage"]
     assert seen["unknown"][0] == 404 and seen["unknown"][1]["error"]["code"] == "model_not_found"
     assert seen["too_long"][0] == 400
     assert seen["chat"][0] == 200 and seen["chat"][1]["model"] == "exit_4"
-    assert seen["bad_json"][0] == 422 and "JSON" in seen["bad_json"][1]["error"]["message"]  # via the real proxy
+    assert (
+        seen["bad_json"][0] == 422 and "JSON" in seen["bad_json"][1]["error"]["message"]
+    )  # via the real proxy
     assert _ray_processes(seen["ray_tmpdir"]) == ""  # ... and nothing of it is left
     assert not Path(seen["ray_tmpdir"]).exists() and "RAY_TMPDIR" not in os.environ
     with socket.socket() as s:  # nothing listens on the HTTP port any more (TIME_WAIT sockets may remain)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
         s.listen()
-
 
 
 def _ray_descendants(pid: int) -> list:
@@ -322,17 +372,32 @@ def test_signal_stops_ruyi_serve_and_its_ray(tmp_path, export_dir, sig):
     LocalStore(tmp_path / "store").publish("ruyi-tiny", export_dir)
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_TMPDIR"}
-    cmd = [sys.executable, "-m", "flows.cli", "serve", "--params", str(REPO / "params.yaml"), "--port", str(port),
-           "--set", f"paths.artifacts_dir={tmp_path / 'artifacts'}", "--set", f"deploy.store.root={tmp_path / 'store'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "serve",
+        "--params",
+        str(REPO / "params.yaml"),
+        "--port",
+        str(port),
+        "--set",
+        f"paths.artifacts_dir={tmp_path / 'artifacts'}",
+        "--set",
+        f"deploy.store.root={tmp_path / 'store'}",
+    ]
     log_path = tmp_path / "serve.log"
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
     ray_procs: list = []
     try:
         deadline = time.monotonic() + 300
         while True:
-            assert proc.poll() is None, f"ruyi serve exited early ({proc.returncode}):\n{log_path.read_text()[-3000:]}"
+            assert proc.poll() is None, (
+                f"ruyi serve exited early ({proc.returncode}):\n{log_path.read_text()[-3000:]}"
+            )
             with contextlib.suppress(OSError):
                 if http_json(f"http://127.0.0.1:{port}/healthz", timeout=5)[0] == 200:
                     break
@@ -346,8 +411,10 @@ def test_signal_stops_ruyi_serve_and_its_ray(tmp_path, export_dir, sig):
         proc.wait(timeout=60)
         _, alive = psutil.wait_procs(ray_procs, timeout=max(0.5, 15 - (time.monotonic() - t0)))
         elapsed = time.monotonic() - t0
-        assert not alive, (f"{len(alive)} Ray process(es) alive {elapsed:.0f} s after {sig.name}: "
-                           f"{[p.name() for p in alive]}\n{log_path.read_text()[-2000:]}")
+        assert not alive, (
+            f"{len(alive)} Ray process(es) alive {elapsed:.0f} s after {sig.name}: "
+            f"{[p.name() for p in alive]}\n{log_path.read_text()[-2000:]}"
+        )
         assert not _ray_descendants(proc.pid)
         assert proc.returncode in (0, 128 + sig, -sig, sig), proc.returncode
     finally:
@@ -379,8 +446,15 @@ def test_serve_config_builds_the_app(tmp_path):
     assert deployment.ray_actor_options == {"num_cpus": 4.0, "num_gpus": 1.0}
     source, options = deployment.init_args
     assert source["model_name"] == "ruyi-tiny" and source["store"]["backend"] == "s3"
-    assert options == {"max_tokens_limit": 512, "dynamic_threshold": 0.9, "device": "auto", "dtype": "bfloat16",
-                       "model_name": "ruyi-tiny", "max_prompts_per_request": 16, "max_total_new_tokens": 8192}
+    assert options == {
+        "max_tokens_limit": 512,
+        "dynamic_threshold": 0.9,
+        "device": "auto",
+        "dtype": "bfloat16",
+        "model_name": "ruyi-tiny",
+        "max_prompts_per_request": 16,
+        "max_total_new_tokens": 8192,
+    }
     with pytest.raises(StageError, match=r"unknown key\(s\) \['num_gpu'\]"):
         build_app({**spec["args"], "num_gpu": 1})
 
@@ -390,12 +464,15 @@ def test_serve_config_builds_the_app(tmp_path):
 _JSON = {"content-type": "application/json"}
 
 
-@pytest.mark.parametrize(("raw", "param"), [
-    (b'{"model": "exit_2", "prompt": "hi", "temperature": NaN}', "temperature"),
-    (b'{"model": "exit_2", "prompt": "hi", "top_p": Infinity}', "top_p"),
-    (b'{"model": "dynamic", "prompt": "hi", "threshold": -Infinity}', "threshold"),
-    (b'{"model": "exit_2", "prompt": "hi", "seed": NaN}', "seed"),
-])
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [
+        (b'{"model": "exit_2", "prompt": "hi", "temperature": NaN}', "temperature"),
+        (b'{"model": "exit_2", "prompt": "hi", "top_p": Infinity}', "top_p"),
+        (b'{"model": "dynamic", "prompt": "hi", "threshold": -Infinity}', "threshold"),
+        (b'{"model": "exit_2", "prompt": "hi", "seed": NaN}', "seed"),
+    ],
+)
 def test_non_finite_numbers_are_422_naming_the_field(client, raw, param):
     # Python's JSON parser reads NaN/Infinity; the error body must still be strict JSON (it was a 500).
     r = client.post("/v1/completions", content=raw, headers=_JSON)
@@ -411,15 +488,20 @@ def test_non_finite_numbers_are_422_naming_the_field(client, raw, param):
     assert after.status_code == 200
 
 
-@pytest.mark.parametrize(("path", "raw", "param"), [
-    ("/v1/completions", b'{"model": "exit_2", "prompt": "\\ud800 hi"}', "prompt"),
-    ("/v1/completions", b'{"model": "exit_2", "prompt": ["fine", "bad \\udfff"]}', "prompt.1"),
-    ("/v1/completions", b'{"model": "exit_2", "prompt": "hi", "stop": ["\\ud83d"]}', "stop"),
-    ("/v1/chat/completions",
-     b'{"model": "exit_2", "messages": [{"role": "user", "content": "ok"}, '
-     b'{"role": "assistant", "content": "\\udc00"}]}',
-     "messages.1.content"),
-])
+@pytest.mark.parametrize(
+    ("path", "raw", "param"),
+    [
+        ("/v1/completions", b'{"model": "exit_2", "prompt": "\\ud800 hi"}', "prompt"),
+        ("/v1/completions", b'{"model": "exit_2", "prompt": ["fine", "bad \\udfff"]}', "prompt.1"),
+        ("/v1/completions", b'{"model": "exit_2", "prompt": "hi", "stop": ["\\ud83d"]}', "stop"),
+        (
+            "/v1/chat/completions",
+            b'{"model": "exit_2", "messages": [{"role": "user", "content": "ok"}, '
+            b'{"role": "assistant", "content": "\\udc00"}]}',
+            "messages.1.content",
+        ),
+    ],
+)
 def test_lone_surrogates_are_400_naming_the_field(client, path, raw, param):
     r = client.post(path, content=raw, headers=_JSON)
     assert r.status_code == 400, r.text
@@ -427,14 +509,26 @@ def test_lone_surrogates_are_400_naming_the_field(client, path, raw, param):
     assert error["param"] == param and error["code"] == "invalid_text"
     assert error["message"].startswith(f"{param}: not valid Unicode text (a lone surrogate \\u")
     # a valid emoji (a surrogate *pair* in JSON) is fine
-    ok = client.post("/v1/completions", headers=_JSON,
-                     content=b'{"model": "exit_2", "prompt": "hi \\ud83d\\ude00", "max_tokens": 2}')
+    ok = client.post(
+        "/v1/completions",
+        headers=_JSON,
+        content=b'{"model": "exit_2", "prompt": "hi \\ud83d\\ude00", "max_tokens": 2}',
+    )
     assert ok.status_code == 200, ok.text
 
 
 def test_prompts_and_new_tokens_per_request_are_capped(export_dir):
-    capped = TestClient(create_app(CompletionService(export_dir, model_name="tiny", max_tokens_limit=64,
-                                                     max_prompts_per_request=3, max_total_new_tokens=100)))
+    capped = TestClient(
+        create_app(
+            CompletionService(
+                export_dir,
+                model_name="tiny",
+                max_tokens_limit=64,
+                max_prompts_per_request=3,
+                max_total_new_tokens=100,
+            )
+        )
+    )
     r = capped.post("/v1/completions", json={"model": "exit_2", "prompt": list("abcd"), "max_tokens": 1})
     assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_prompts"
     assert "4 prompts in one request; this server takes at most 3" in r.json()["error"]["message"]
@@ -450,9 +544,11 @@ def test_prompts_and_new_tokens_per_request_are_capped(export_dir):
 
 
 def test_lone_surrogates_elsewhere_are_client_errors(client):
-    for raw in (b'{"model": "\\ud800", "prompt": "hi"}',                                   # unknown model: 404
-                b'{"model": "exit_2", "messages": [{"role": "\\ud800", "content": "x"}]}',  # schema: 422
-                b'{"model": "exit_2", "prompt": "hi", "user": "\\udfff", "nonsense": "\\ud800"}'):
+    for raw in (
+        b'{"model": "\\ud800", "prompt": "hi"}',  # unknown model: 404
+        b'{"model": "exit_2", "messages": [{"role": "\\ud800", "content": "x"}]}',  # schema: 422
+        b'{"model": "exit_2", "prompt": "hi", "user": "\\udfff", "nonsense": "\\ud800"}',
+    ):
         path = "/v1/chat/completions" if b"messages" in raw else "/v1/completions"
         r = client.post(path, content=raw, headers=_JSON)
         assert 400 <= r.status_code < 500, r.text

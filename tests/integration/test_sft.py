@@ -33,9 +33,14 @@ def tokenizer(workspace):
 
 
 def test_labels_supervise_exactly_the_assistant_answer(tokenizer):
-    rows = [{"id": "a", "prompt": "Tom has 3 apples and buys 4 more. How many apples?",
-             "response": "3 + 4 = 7\n#### 7"},
-            {"id": "b", "prompt": "What is 10 minus 4?", "response": "10 - 4 = 6\n#### 6"}]
+    rows = [
+        {
+            "id": "a",
+            "prompt": "Tom has 3 apples and buys 4 more. How many apples?",
+            "response": "3 + 4 = 7\n#### 7",
+        },
+        {"id": "b", "prompt": "What is 10 minus 4?", "response": "10 - 4 = 6\n#### 6"},
+    ]
     ex, stats = build_sft_examples(tokenizer, rows, seq_len=96, where="test")
     assert stats.examples == 2 and stats.truncated == 0
     for k, row in enumerate(rows):
@@ -50,8 +55,10 @@ def test_labels_supervise_exactly_the_assistant_answer(tokenizer):
 
 
 def test_truncation_is_counted_and_examples_without_targets_dropped(tokenizer):
-    rows = [{"id": "long", "prompt": "word " * 60, "response": "#### 1"},
-            {"id": "ok", "prompt": "1 + 1?", "response": "#### 2"}]
+    rows = [
+        {"id": "long", "prompt": "word " * 60, "response": "#### 1"},
+        {"id": "ok", "prompt": "1 + 1?", "response": "#### 2"},
+    ]
     ex, stats = build_sft_examples(tokenizer, rows, seq_len=40, where="f.jsonl")
     assert stats.examples == 1 and stats.dropped_no_target == 1 and stats.truncated == 1
     with pytest.raises(StageError, match="f.jsonl: no SFT example has a supervised token"):
@@ -79,7 +86,9 @@ def test_sft_dae_scope_tunes_only_the_dae_member(dae_run):
     for name, t in before.state_dict().items():
         assert torch.equal(after.state_dict()[name], t) == (name not in trainable), name
     assert (Path(params.paths.plots_dir) / "sft" / "loss.png").is_file()
-    assert json.loads((Path(params.paths.metrics_dir) / "sft.json").read_text())["exit_2"] == metrics["exit_2"]
+    assert (
+        json.loads((Path(params.paths.metrics_dir) / "sft.json").read_text())["exit_2"] == metrics["exit_2"]
+    )
 
 
 class Killed(Exception):
@@ -125,7 +134,8 @@ def test_sft_corrupt_latest_checkpoint_is_skipped_for_the_previous_one(dae_run, 
     metrics_b = sft.run(params_b)
     assert metrics_b["resumed_from_step"] == 4
     assert [(s["step"], s["reason"]) for s in metrics_b["skipped_checkpoints"]] == [
-        (8, "optimizer.pt does not match its sha256 in checksums.json (corrupt)")]
+        (8, "optimizer.pt does not match its sha256 in checksums.json (corrupt)")
+    ]
     assert f"{ckpt / 'step_8'} fails verification: optimizer.pt" in caplog.text
     a, _ = load_family(Path(params_a.paths.artifacts_dir) / "sft")
     b, _ = load_family(tmp_path / "artifacts" / "sft")
@@ -172,6 +182,10 @@ def test_malformed_sft_rows_are_errors_naming_the_file(workspace, tmp_path):
 
 def test_missing_expand_checkpoint_is_an_error(workspace, tmp_path):
     params = copy_workspace(workspace, tmp_path)
-    assert sft.main(["--params", str(workspace), "--set", f"paths.artifacts_dir={tmp_path / 'artifacts'}"]) == 2
-    with pytest.raises(StageError, match=f"model checkpoint not found at {tmp_path / 'artifacts' / 'expand'}"):
+    assert (
+        sft.main(["--params", str(workspace), "--set", f"paths.artifacts_dir={tmp_path / 'artifacts'}"]) == 2
+    )
+    with pytest.raises(
+        StageError, match=f"model checkpoint not found at {tmp_path / 'artifacts' / 'expand'}"
+    ):
         sft.run(params)

@@ -161,11 +161,15 @@ def test_fetch_verifies_and_reuses(tmp_path, export_dir):
     first = store.fetch("fam", callback=lambda p, n: seen.append(p))
     assert len(seen) == len(scan_dir(export_dir))
     seen.clear()
-    assert store.fetch("fam", callback=lambda p, n: seen.append(p)) == first and seen == []  # verified cache hit
+    assert (
+        store.fetch("fam", callback=lambda p, n: seen.append(p)) == first and seen == []
+    )  # verified cache hit
     cached = first / "exit_2" / "config.json"
     cached.write_text(cached.read_text() + " ")
     store.fetch("fam", callback=lambda p, n: seen.append(p))  # a damaged cache is downloaded again
-    assert seen and _tree_hashes(first)["exit_2/config.json"] == _tree_hashes(export_dir)["exit_2/config.json"]
+    assert (
+        seen and _tree_hashes(first)["exit_2/config.json"] == _tree_hashes(export_dir)["exit_2/config.json"]
+    )
     # Corruption inside the store is detected and nothing appears at the destination.
     stored = tmp_path / "store" / "fam" / "v0001" / "exit_4" / "model.safetensors"
     data = bytearray(stored.read_bytes())
@@ -197,7 +201,13 @@ def test_find_identical_and_manifest_checks(tmp_path, export_dir):
 
 
 def test_natural_order():
-    assert sorted(["v10", "v2", "v0001", "v1.10", "v1.9"], key=natural_key) == ["v0001", "v1.9", "v1.10", "v2", "v10"]
+    assert sorted(["v10", "v2", "v0001", "v1.10", "v1.9"], key=natural_key) == [
+        "v0001",
+        "v1.9",
+        "v1.10",
+        "v2",
+        "v10",
+    ]
 
 
 def test_store_params(tmp_path):
@@ -210,8 +220,16 @@ def test_store_params(tmp_path):
         load_params("params.yaml", {"deploy.store.multipart_chunksize_mib": 1})
     with pytest.raises(ParamsError, match="worker port range"):
         load_params("params.yaml", {"deploy.port": 15000})
-    s3 = open_store(load_params("params.yaml", {"deploy.store.backend": "s3", "deploy.store.bucket": "b-1",
-                                                "deploy.store.endpoint_url": "http://127.0.0.1:9"}).deploy.store)
+    s3 = open_store(
+        load_params(
+            "params.yaml",
+            {
+                "deploy.store.backend": "s3",
+                "deploy.store.bucket": "b-1",
+                "deploy.store.endpoint_url": "http://127.0.0.1:9",
+            },
+        ).deploy.store
+    )
     assert isinstance(s3, S3Store) and s3.uri == "s3://b-1/ruyi"
 
 
@@ -227,8 +245,14 @@ def aws_env(s3_server, monkeypatch, tmp_path):  # noqa: F811
 
 
 def _s3_store(server, bucket, tmp_path, **kw) -> S3Store:
-    kw = {"multipart_threshold_mib": 1, "multipart_chunksize_mib": 5, "connect_timeout_s": 1, "max_attempts": 2,
-          "cache_dir": tmp_path / "cache", **kw}
+    kw = {
+        "multipart_threshold_mib": 1,
+        "multipart_chunksize_mib": 5,
+        "connect_timeout_s": 1,
+        "max_attempts": 2,
+        "cache_dir": tmp_path / "cache",
+        **kw,
+    }
     return S3Store(bucket, "releases", endpoint_url=server.endpoint, **kw)
 
 
@@ -261,13 +285,29 @@ def test_s3_publish_fetch_load_multipart(aws_env, tmp_path, blob_export):
 def test_s3_clear_errors(aws_env, tmp_path, export_dir):
     server = aws_env
     server.create_bucket("rel-errors")
-    bad_key = S3Store("rel-errors", endpoint_url=server.endpoint, access_key="nobody", secret_key=server.secret_key,
-                      connect_timeout_s=1, max_attempts=1)
-    with pytest.raises(StoreError, match=r"credentials were rejected by http://127\.0\.0\.1:\d+ for bucket .rel-errors. \(InvalidAccessKeyId") as info:
+    bad_key = S3Store(
+        "rel-errors",
+        endpoint_url=server.endpoint,
+        access_key="nobody",
+        secret_key=server.secret_key,
+        connect_timeout_s=1,
+        max_attempts=1,
+    )
+    with pytest.raises(
+        StoreError,
+        match=r"credentials were rejected by http://127\.0\.0\.1:\d+ for bucket .rel-errors. "
+        r"\(InvalidAccessKeyId",
+    ) as info:
         bad_key.list_versions("fam")
     assert not isinstance(info.value, TransientError)  # a wrong key is the user's to fix: never retried
-    bad_secret = S3Store("rel-errors", endpoint_url=server.endpoint, access_key=server.access_key,
-                         secret_key="wrong-secret", connect_timeout_s=1, max_attempts=1)
+    bad_secret = S3Store(
+        "rel-errors",
+        endpoint_url=server.endpoint,
+        access_key=server.access_key,
+        secret_key="wrong-secret",
+        connect_timeout_s=1,
+        max_attempts=1,
+    )
     with pytest.raises(StoreError, match=r"credentials were rejected .*SignatureDoesNotMatch"):
         bad_secret.publish("fam", export_dir)
     with pytest.raises(StoreError, match="the bucket 'no-such-bucket' does not exist at http://127.0.0.1"):
@@ -296,7 +336,8 @@ def test_store_and_user_sources_fail_alike(aws_env, monkeypatch):
     client.put_object(Bucket="rel-alike", Key="in/a.jsonl", Body=b'{"text": "a document"}\n')
     try:
         _fail_alike(server, monkeypatch)
-    finally:  # the bucket's volumes back to the server's small pool (-volume.max) for the tests after this one
+    finally:
+        # the bucket's volumes back to the server's small pool (-volume.max) for the tests after this one
         client.delete_object(Bucket="rel-alike", Key="in/a.jsonl")
         client.delete_bucket(Bucket="rel-alike")
 
@@ -305,13 +346,21 @@ def _fail_alike(server, monkeypatch) -> None:
     dead = _dead_endpoint()
 
     def from_store(endpoint, secret=None):
-        return S3Store("rel-alike", endpoint_url=endpoint, secret_key=secret, access_key=secret and server.access_key,
-                       connect_timeout_s=1, max_attempts=2).list_versions("fam")
+        return S3Store(
+            "rel-alike",
+            endpoint_url=endpoint,
+            secret_key=secret,
+            access_key=secret and server.access_key,
+            connect_timeout_s=1,
+            max_attempts=2,
+        ).list_versions("fam")
 
     def from_source():
         return load_source("s3://rel-alike/in/a.jsonl")
 
-    assert from_store(server.endpoint) == [] and len(from_source().records) == 1  # both work when the server does
+    assert (
+        from_store(server.endpoint) == [] and len(from_source().records) == 1
+    )  # both work when the server does
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", dead)
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
@@ -321,8 +370,12 @@ def _fail_alike(server, monkeypatch) -> None:
         with pytest.raises(TransientError) as info:
             call()
         errors.append(info.value)
-        assert stage_main("deploy", "doc", lambda params, call=call: call(),
-                          ["--params", str(REPO / "params.yaml")]) == TRANSIENT_EXIT_CODE
+        assert (
+            stage_main(
+                "deploy", "doc", lambda params, call=call: call(), ["--params", str(REPO / "params.yaml")]
+            )
+            == TRANSIENT_EXIT_CODE
+        )
     assert time.monotonic() - t0 < 40
     assert [type(e) for e in errors] == [TransientStoreError, TransientStoreError]
     assert all(f"cannot reach the S3 endpoint {dead}" in str(e) for e in errors)
@@ -334,11 +387,18 @@ def _fail_alike(server, monkeypatch) -> None:
         with pytest.raises(StoreError) as info:
             call()
         errors.append(info.value)
-        assert stage_main("deploy", "doc", lambda params, call=call: call(),
-                          ["--params", str(REPO / "params.yaml")]) == USER_ERROR_EXIT_CODE
+        assert (
+            stage_main(
+                "deploy", "doc", lambda params, call=call: call(), ["--params", str(REPO / "params.yaml")]
+            )
+            == USER_ERROR_EXIT_CODE
+        )
     assert [type(e) for e in errors] == [StoreError, StoreError]
-    assert all(f"credentials were rejected by {server.endpoint} for bucket 'rel-alike' (SignatureDoesNotMatch"
-               in str(e) for e in errors)
+    assert all(
+        f"credentials were rejected by {server.endpoint} for bucket 'rel-alike' (SignatureDoesNotMatch"
+        in str(e)
+        for e in errors
+    )
 
 
 def test_s3_server_killed_mid_upload_then_retry(aws_env, tmp_path, blob_export):
@@ -387,7 +447,10 @@ def test_s3_detects_tampering_and_download_verify(aws_env, tmp_path, export_dir)
     client = server.client()
     client.put_object(Bucket="rel-verify", Key="releases/fam/v0002/old-leftover.bin", Body=b"x")
     assert store.publish("fam", export_dir).version == "v0002"
-    keys = {o["Key"] for o in client.list_objects_v2(Bucket="rel-verify", Prefix="releases/fam/v0002/")["Contents"]}
+    keys = {
+        o["Key"]
+        for o in client.list_objects_v2(Bucket="rel-verify", Prefix="releases/fam/v0002/")["Contents"]
+    }
     assert "releases/fam/v0002/old-leftover.bin" not in keys and "releases/fam/v0002/MANIFEST.json" in keys
     client.put_object(Bucket="rel-verify", Key="releases/fam/v0002/exit_2/config.json", Body=b"{}")
     with pytest.raises(StoreError, match=r"exit_2/config.json: 2 bytes, the release manifest says"):
@@ -401,12 +464,16 @@ def test_s3_detects_tampering_and_download_verify(aws_env, tmp_path, export_dir)
     assert got == _tree_hashes(export_dir)
 
 
-@pytest.mark.parametrize(("error", "code"), [
-    (TransientStoreError("s3 down"), TRANSIENT_EXIT_CODE),
-    (StoreError("credentials were rejected"), USER_ERROR_EXIT_CODE),
-])
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (TransientStoreError("s3 down"), TRANSIENT_EXIT_CODE),
+        (StoreError("credentials were rejected"), USER_ERROR_EXIT_CODE),
+    ],
+)
 def test_stage_exit_code_tells_transient_from_user_errors(error, code, capsys):
     """The flow retries exactly the stages that exit with TRANSIENT_EXIT_CODE (flows/pipeline.py)."""
+
     def failing(params):
         raise error
 

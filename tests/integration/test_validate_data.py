@@ -13,7 +13,9 @@ from tasks.core.stage import ContractViolation, StageError
 from tasks.validate_data import main, run
 
 
-def write_raw(tmp_path: Path, files: dict[str, list[dict]], extra_lines: dict[str, str] | None = None) -> Path:
+def write_raw(
+    tmp_path: Path, files: dict[str, list[dict]], extra_lines: dict[str, str] | None = None
+) -> Path:
     """Writes data/raw/*.jsonl and a manifest.json (rows, sha256) as prepare_data does."""
     raw = tmp_path / "data" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
@@ -21,8 +23,10 @@ def write_raw(tmp_path: Path, files: dict[str, list[dict]], extra_lines: dict[st
     for name, rows in files.items():
         text = "".join(json.dumps(r) + "\n" for r in rows) + (extra_lines or {}).get(name, "")
         (raw / name).write_text(text, encoding="utf-8")
-        entries[name] = {"rows": sum(1 for line in text.splitlines() if line.strip()),
-                         "sha256": hashlib.sha256(text.encode()).hexdigest()}
+        entries[name] = {
+            "rows": sum(1 for line in text.splitlines() if line.strip()),
+            "sha256": hashlib.sha256(text.encode()).hexdigest(),
+        }
     (raw / "manifest.json").write_text(json.dumps({"seed": 1, "files": entries}))
     return raw
 
@@ -44,13 +48,21 @@ def test_valid_data_is_published_unchanged(tmp_path, monkeypatch):
     manifest = json.loads((validated / "manifest.json").read_text())
     assert manifest["seed"] == 1  # prepare_data's entries are kept
     assert manifest["files"]["sft.jsonl"]["rows"] == 10
-    assert manifest["files"]["sft.jsonl"]["sha256"] == hashlib.sha256((raw / "sft.jsonl").read_bytes()).hexdigest()
+    assert (
+        manifest["files"]["sft.jsonl"]["sha256"]
+        == hashlib.sha256((raw / "sft.jsonl").read_bytes()).hexdigest()
+    )
     metrics = json.loads((tmp_path / "metrics" / "validate_data.json").read_text())
     assert metrics["passed"] and metrics["rows_quarantined"] == 0
     assert metrics["rows_checked"] == 9 + 30
     assert metrics["expectations_failed"] == 0 and metrics["expectations_evaluated"] > 60
     assert metrics["datasets"]["eval.jsonl"] == {"rows_checked": 10, "rows_passed": 10, "rows_quarantined": 0}
-    assert json.loads((tmp_path / "data" / "quarantine" / "summary.json").read_text())["quarantined"]["sft.jsonl"] == 0
+    assert (
+        json.loads((tmp_path / "data" / "quarantine" / "summary.json").read_text())["quarantined"][
+            "sft.jsonl"
+        ]
+        == 0
+    )
     assert (tmp_path / "data" / "quarantine" / "sft.jsonl").read_text() == ""
     assert (tmp_path / "reports" / "contracts" / "data_docs" / "index.html").is_file()
     assert (tmp_path / "plots" / "validate_data" / "rows.png").stat().st_size > 0
@@ -59,9 +71,9 @@ def test_valid_data_is_published_unchanged(tmp_path, monkeypatch):
 
 def _dirty():
     files = valid_datasets(n_math=20)
-    files["sft.jsonl"][3]["prompt"] += " Mail bob@example.org."          # e-mail
-    files["sft.jsonl"][7]["id"] = files["sft.jsonl"][2]["id"]             # duplicate of line 3
-    files["rl.jsonl"][5]["answer"] = "twelve"                             # bad answer format
+    files["sft.jsonl"][3]["prompt"] += " Mail bob@example.org."  # e-mail
+    files["sft.jsonl"][7]["id"] = files["sft.jsonl"][2]["id"]  # duplicate of line 3
+    files["rl.jsonl"][5]["answer"] = "twelve"  # bad answer format
     files["eval.jsonl"][9]["question"] = files["rl.jsonl"][0]["question"]  # overlap with training
     files["eval.jsonl"][9]["answer"] = files["rl.jsonl"][0]["answer"]
     files["eval.jsonl"][9]["solution"] = f"x\n#### {files['rl.jsonl'][0]['answer']}"
@@ -79,8 +91,14 @@ def test_violation_fails_naming_expectation_file_and_rows(tmp_path):
     assert "expect_column_values_to_not_match_regex(prompt): prompt: no e-mail addresses" in message
     assert f"{raw / 'sft.jsonl'}:4: 'bob@example.org' in" in message
     assert "expect_column_values_to_be_unique(id)" in message and f"{raw / 'sft.jsonl'}:8:" in message
-    assert "expect_column_values_to_match_regex(answer)" in message and f"{raw / 'rl.jsonl'}:6: 'twelve'" in message
-    assert "expect_column_values_to_not_be_in_set(_question_key)" in message and f"{raw / 'eval.jsonl'}:10:" in message
+    assert (
+        "expect_column_values_to_match_regex(answer)" in message
+        and f"{raw / 'rl.jsonl'}:6: 'twelve'" in message
+    )
+    assert (
+        "expect_column_values_to_not_be_in_set(_question_key)" in message
+        and f"{raw / 'eval.jsonl'}:10:" in message
+    )
     assert {r["suite"] for r in err.value.failures} == {"sft", "rl", "eval"}
     assert isinstance(err.value, StageError)
     # Nothing published; the Data Docs list the bad rows.
@@ -95,15 +113,21 @@ def test_violation_fails_naming_expectation_file_and_rows(tmp_path):
 def test_quarantine_moves_exactly_the_bad_rows(tmp_path):
     files = _dirty()
     raw = write_raw(tmp_path, files)
-    params = params_for_tests(tmp_path, **{"validate_data.on_violation": "quarantine",
-                                           "validate_data.max_quarantine_fraction": 0.1})
+    params = params_for_tests(
+        tmp_path, **{"validate_data.on_violation": "quarantine", "validate_data.max_quarantine_fraction": 0.1}
+    )
     metrics = run(params)
 
     quarantine = tmp_path / "data" / "quarantine"
     sft_bad = [json.loads(line) for line in _lines(quarantine / "sft.jsonl")]
     assert [(r["line"], r["row"]["id"]) for r in sft_bad] == [(4, "sft-003"), (8, "sft-002")]
-    assert sft_bad[0]["reasons"] == [{"expectation": "expect_column_values_to_not_match_regex", "column": "prompt",
-                                      "description": "prompt: no e-mail addresses (personal data)"}]
+    assert sft_bad[0]["reasons"] == [
+        {
+            "expectation": "expect_column_values_to_not_match_regex",
+            "column": "prompt",
+            "description": "prompt: no e-mail addresses (personal data)",
+        }
+    ]
     # The first occurrence of the duplicated id (line 3) is kept, the later one quarantined.
     assert sft_bad[1]["reasons"][0]["expectation"] == "expect_column_values_to_be_unique"
     assert sft_bad[1]["reasons"][0]["detail"] == f"duplicate of {raw / 'sft.jsonl'}:3"
@@ -121,11 +145,16 @@ def test_quarantine_moves_exactly_the_bad_rows(tmp_path):
     assert (validated / "corpus_train.jsonl").read_bytes() == (raw / "corpus_train.jsonl").read_bytes()
     manifest = json.loads((validated / "manifest.json").read_text())
     assert manifest["files"]["sft.jsonl"]["rows"] == 18 and manifest["raw_files"]["sft.jsonl"]["rows"] == 20
-    assert manifest["files"]["sft.jsonl"]["sha256"] == hashlib.sha256((validated / "sft.jsonl").read_bytes()).hexdigest()
+    assert (
+        manifest["files"]["sft.jsonl"]["sha256"]
+        == hashlib.sha256((validated / "sft.jsonl").read_bytes()).hexdigest()
+    )
     assert metrics["datasets"]["sft.jsonl"] == {"rows_checked": 20, "rows_passed": 18, "rows_quarantined": 2}
     assert metrics["rows_quarantined"] == 4 and metrics["expectations_failed"] == 4
-    assert metrics["suites"]["sft"]["failed"] == ["expect_column_values_to_be_unique(id)",
-                                                  "expect_column_values_to_not_match_regex(prompt)"]
+    assert metrics["suites"]["sft"]["failed"] == [
+        "expect_column_values_to_be_unique(id)",
+        "expect_column_values_to_not_match_regex(prompt)",
+    ]
     # The kept rows were validated again ("validated" run) and the Data Docs show both runs.
     docs = tmp_path / "reports" / "contracts" / "data_docs" / "validations" / "sft"
     assert sorted(p.name for p in docs.iterdir()) == ["raw", "validated"]
@@ -133,17 +162,22 @@ def test_quarantine_moves_exactly_the_bad_rows(tmp_path):
 
 def test_quarantine_over_the_limit_fails(tmp_path):
     write_raw(tmp_path, _dirty())
-    params = params_for_tests(tmp_path, **{"validate_data.on_violation": "quarantine",
-                                           "validate_data.max_quarantine_fraction": 0.05})
-    with pytest.raises(ContractViolation, match=r"sft.jsonl: 2 of 20 rows \(10.0%\) would be quarantined, over "
-                                                r"validate_data.max_quarantine_fraction=0.05"):
+    params = params_for_tests(
+        tmp_path,
+        **{"validate_data.on_violation": "quarantine", "validate_data.max_quarantine_fraction": 0.05},
+    )
+    with pytest.raises(
+        ContractViolation,
+        match=r"sft.jsonl: 2 of 20 rows \(10.0%\) would be quarantined, over "
+        r"validate_data.max_quarantine_fraction=0.05",
+    ):
         run(params)
     assert not (tmp_path / "data" / "validated").exists()
     assert not (tmp_path / "data" / "quarantine").exists()
 
 
 def test_malformed_jsonl_line_names_file_and_line(tmp_path):
-    write_raw(tmp_path, valid_datasets(), extra_lines={"rl.jsonl": "\n{\"id\": \"rl-x\", \"question\": \n"})
+    write_raw(tmp_path, valid_datasets(), extra_lines={"rl.jsonl": '\n{"id": "rl-x", "question": \n'})
     with pytest.raises(StageError, match=r"rl.jsonl:12: not valid JSON") as err:
         run(params_for_tests(tmp_path, **{"validate_data.on_violation": "quarantine"}))
     assert not isinstance(err.value, ContractViolation)
@@ -170,8 +204,12 @@ def test_bool_level_is_not_published_as_an_integer(tmp_path):
     with pytest.raises(ContractViolation, match=expected):
         run(params_for_tests(tmp_path))
     assert not (tmp_path / "data" / "validated").exists()
-    metrics = run(params_for_tests(tmp_path, **{"validate_data.on_violation": "quarantine",
-                                                "validate_data.max_quarantine_fraction": 0.2}))
+    metrics = run(
+        params_for_tests(
+            tmp_path,
+            **{"validate_data.on_violation": "quarantine", "validate_data.max_quarantine_fraction": 0.2},
+        )
+    )
     assert metrics["datasets"]["rl.jsonl"]["rows_quarantined"] == 1
     published = [json.loads(line) for line in _lines(tmp_path / "data" / "validated" / "rl.jsonl")]
     assert len(published) == 9 and all(type(r["level"]) is int for r in published)

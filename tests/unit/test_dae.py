@@ -33,10 +33,19 @@ VOCAB = 97
 
 def make_family(exits, branch=1, shared=False, seed=0, num_layers=5, heads=4, kv=2, hidden=32, head_dim=8):
     torch.manual_seed(seed)
-    cfg = FamilialConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden + 3,
-                         num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=kv,
-                         head_dim=head_dim, max_position_embeddings=128,
-                         exit_layers=exits, exit_branch_layers=branch, shared_heads=shared)
+    cfg = FamilialConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden + 3,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=head_dim,
+        max_position_embeddings=128,
+        exit_layers=exits,
+        exit_branch_layers=branch,
+        shared_heads=shared,
+    )
     return FamilialForCausalLM(cfg).eval()
 
 
@@ -52,10 +61,10 @@ def assert_same_logits(a: dict, b: dict, members=None, atol=0.0):
 
 SHAPES = [
     # (exits, branch layers, shared heads, shape kwargs)
-    ([1, 3, 5], 1, False, {}),                                                   # GQA, exit at layer 1
-    ([2, 5], 0, False, {}),                                                      # norm+head exits
-    ([1, 2, 3, 4, 5], 1, True, {}),                                              # shared head
-    ([3, 7], 1, False, {"num_layers": 7, "heads": 6, "kv": 3, "hidden": 48}),    # odd layer count
+    ([1, 3, 5], 1, False, {}),  # GQA, exit at layer 1
+    ([2, 5], 0, False, {}),  # norm+head exits
+    ([1, 2, 3, 4, 5], 1, True, {}),  # shared head
+    ([3, 7], 1, False, {"num_layers": 7, "heads": 6, "kv": 3, "hidden": 48}),  # odd layer count
 ]
 
 
@@ -69,7 +78,7 @@ def test_expand_keeps_every_member_identical(exits, branch, shared, shape, which
     d = exits[0] if which == "smallest" else exits[-1]
     torch.manual_seed(1)
     big = expand(fam, d, 2)
-    assert big.config.num_dae_blocks(d) == 2 and fam.config.num_dae_blocks(d) == 0   # input untouched
+    assert big.config.num_dae_blocks(d) == 2 and fam.config.num_dae_blocks(d) == 0  # input untouched
     assert len(big.member_layers(d)) == big.config.member_num_layers(d) == d + 2
     assert_same_logits(before, all_logits(big, ids))
     # generation with the expanded member's own (longer) cache is unchanged too
@@ -94,7 +103,7 @@ def test_expand_keeps_every_member_identical(exits, branch, shared, shape, which
 
 
 def test_expand_is_exact_for_a_bf16_family_cast_with_to():
-    fam = make_family([2, 5]).to(torch.bfloat16)     # `.to` also casts the rotary buffers: they are carried over
+    fam = make_family([2, 5]).to(torch.bfloat16)  # `.to` also casts the rotary buffers: they are carried over
     ids = torch.randint(0, VOCAB, (2, 6))
     big = expand(fam, 2, 1)
     assert big.dtype == torch.bfloat16 and big.model.rotary_emb.inv_freq.dtype == torch.bfloat16
@@ -133,7 +142,7 @@ def test_expand_twice_appends_and_keeps_low_rank_modules():
     fam = make_family([1, 3, 5])
     ids = torch.randint(0, VOCAB, (2, 6))
     once = expand(fam, 1, 1)
-    with torch.no_grad():   # give the first block a nonzero function so the second expansion is a real test
+    with torch.no_grad():  # give the first block a nonzero function so the second expansion is a real test
         for p in once.exits["1"].layers[1].parameters():
             p.normal_(0.0, 0.05)
     small = decompose(once, ratio=0.5, include_head=False).model
@@ -147,8 +156,12 @@ def test_expand_twice_appends_and_keeps_low_rank_modules():
     assert_same_logits(before, all_logits(twice, ids))
     # clone of a decomposed block: its factors are multiplied back into the dense copy
     cloned = expand(small, 1, 1, init="clone")
-    torch.testing.assert_close(cloned.exits["1"].layers[2].mlp.up_proj.weight,
-                               small.exits["1"].layers[1].mlp.up_proj.dense_weight(), atol=0, rtol=0)
+    torch.testing.assert_close(
+        cloned.exits["1"].layers[2].mlp.up_proj.weight,
+        small.exits["1"].layers[1].mlp.up_proj.dense_weight(),
+        atol=0,
+        rtol=0,
+    )
 
 
 def test_expand_rejects_bad_arguments():
@@ -169,10 +182,13 @@ def test_expand_rejects_bad_arguments():
 def test_trainable_set_is_blocks_norm_and_head():
     big = expand(make_family([2, 4, 6], num_layers=6), 2, 2)
     names = [n for n, _ in dae_trainable_parameters(big, 2)]
-    expected = [n for n, _ in big.named_parameters()
-                if n.startswith(("exits.2.layers.1.", "exits.2.layers.2.", "exits.2.norm.", "exits.2.lm_head."))]
+    expected = [
+        n
+        for n, _ in big.named_parameters()
+        if n.startswith(("exits.2.layers.1.", "exits.2.layers.2.", "exits.2.norm.", "exits.2.lm_head."))
+    ]
     assert names == expected and len(names) == 2 * 11 + 2
-    assert not any(n.startswith("exits.2.layers.0.") for n in names)      # the original branch layer is frozen
+    assert not any(n.startswith("exits.2.layers.0.") for n in names)  # the original branch layer is frozen
     with pytest.raises(ValueError, match="no DaE blocks"):
         dae_trainable_parameters(big, 4)
     with pytest.raises(ValueError, match="shared_heads=True"):
@@ -207,19 +223,21 @@ def test_training_dae_params_changes_only_that_member(d):
 
 # --- low-rank algebra ---------------------------------------------------------------------------
 def test_rank_for_ratio_matches_svd_llm_and_paper_shapes():
-    assert rank_for_ratio(5120, 5120, 0.4) == 1536        # q/o of Qwen3-14B at 40%
-    assert rank_for_ratio(1024, 5120, 0.4) == 512         # k/v
-    assert rank_for_ratio(17408, 5120, 0.4) == 2373       # gate/up/down
-    assert rank_for_ratio(4, 4, 0.99) == 1 and rank_for_ratio(3, 5, 0.0) == 1   # clipped to >= 1
+    assert rank_for_ratio(5120, 5120, 0.4) == 1536  # q/o of Qwen3-14B at 40%
+    assert rank_for_ratio(1024, 5120, 0.4) == 512  # k/v
+    assert rank_for_ratio(17408, 5120, 0.4) == 2373  # gate/up/down
+    assert rank_for_ratio(4, 4, 0.99) == 1 and rank_for_ratio(3, 5, 0.0) == 1  # clipped to >= 1
     for m, n, r in [(32, 48, 0.3), (97, 32, 0.4), (16, 32, 0.75)]:
         k = rank_for_ratio(m, n, r)
         assert k * (m + n) <= (1 - r) * m * n < (k + 1) * (m + n)
 
 
-@pytest.mark.parametrize("tokens", [200, 10])   # 10 < 24 features: rank-deficient Gram matrix (damping)
+@pytest.mark.parametrize("tokens", [200, 10])  # 10 < 24 features: rank-deficient Gram matrix (damping)
 def test_svd_lowrank_reproduces_a_low_rank_weight_exactly(tokens):
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(20, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 24, generator=g, dtype=torch.float64)
+    w = torch.randn(20, 3, generator=g, dtype=torch.float64) @ torch.randn(
+        3, 24, generator=g, dtype=torch.float64
+    )
     x = torch.randn(tokens, 24, generator=g, dtype=torch.float64)
     for gram in (None, x.T @ x):
         a, b, loss = svd_lowrank(w, 5, gram)
@@ -232,7 +250,11 @@ def test_whitened_truncation_beats_plain_svd_on_correlated_inputs():
     g = torch.Generator().manual_seed(1)
     w = torch.randn(24, 32, generator=g, dtype=torch.float64)
     # correlated, anisotropic inputs: a few strong latent directions mixed into all features
-    x = torch.randn(500, 4, generator=g, dtype=torch.float64) @ torch.randn(4, 32, generator=g, dtype=torch.float64) * 3
+    x = (
+        torch.randn(500, 4, generator=g, dtype=torch.float64)
+        @ torch.randn(4, 32, generator=g, dtype=torch.float64)
+        * 3
+    )
     x = x + 0.1 * torch.randn(500, 32, generator=g, dtype=torch.float64)
     gram = x.T @ x
     for rank in (2, 4, 8):
@@ -241,9 +263,9 @@ def test_whitened_truncation_beats_plain_svd_on_correlated_inputs():
         err_w = torch.linalg.norm((w - b_w @ a_w) @ x.T).item()
         err_p = torch.linalg.norm((w - b_p @ a_p) @ x.T).item()
         assert err_w < 0.7 * err_p, (rank, err_w, err_p)
-        if rank >= 4:   # the 4 latent directions fit: only the small isotropic noise is left
+        if rank >= 4:  # the 4 latent directions fit: only the small isotropic noise is left
             assert err_w < 0.05 * err_p, (rank, err_w, err_p)
-        assert math.isclose(loss_w, err_w, rel_tol=1e-2), (loss_w, err_w)   # Eq. 5 from the singular values
+        assert math.isclose(loss_w, err_w, rel_tol=1e-2), (loss_w, err_w)  # Eq. 5 from the singular values
 
 
 def test_svd_lowrank_rejects_bad_input():
@@ -319,13 +341,14 @@ def test_decompose_reaches_the_ratio_within_rounding(allocation):
 
 def test_loss_aware_allocation_spares_costly_matrices_and_averages_to_the_ratio():
     big = trained_like(expand(make_family([2, 5], hidden=48, heads=6, kv=3), 2, 2))
-    with torch.no_grad():   # block 2 has much larger weights: larger truncation loss at the same ratio
+    with torch.no_grad():  # block 2 has much larger weights: larger truncation loss at the same ratio
         for p in big.exits["2"].layers[2].parameters():
             if p.ndim == 2:
                 p.mul_(8.0)
     ratio = 0.4
-    rep = decompose(big, ratio=ratio, calibration=calibration_batches(n=6, seq=48),
-                    allocation="loss_aware").report
+    rep = decompose(
+        big, ratio=ratio, calibration=calibration_batches(n=6, seq=48), allocation="loss_aware"
+    ).report
     by_path = {m.path: m for m in rep.matrices}
     for kind in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
         path1 = next(p for p in by_path if p.startswith("exits.2.layers.1.") and p.endswith(kind))
@@ -335,7 +358,7 @@ def test_loss_aware_allocation_spares_costly_matrices_and_averages_to_the_ratio(
         # Eq. 6: the costlier matrix loses fewer parameters; the group's mean ratio is the target
         assert m2.allocated_ratio < m1.allocated_ratio and m2.rank >= m1.rank, kind
         assert abs((m1.allocated_ratio + m2.allocated_ratio) / 2 - ratio) < 1e-6, kind
-    assert by_path["exits.2.lm_head"].allocated_ratio == pytest.approx(ratio)   # a group of one
+    assert by_path["exits.2.lm_head"].allocated_ratio == pytest.approx(ratio)  # a group of one
 
 
 def test_whitened_decomposition_beats_plain_svd_on_real_activations():
@@ -348,7 +371,7 @@ def test_whitened_decomposition_beats_plain_svd_on_real_activations():
     paths = {m.path: 2 for m in report.matrices}
     grams, _ = collect_input_grams(big, paths, cal)
 
-    def act_err(model, path):   # ||(W - W') X^T||_F from the Gram matrix of the original model's inputs
+    def act_err(model, path):  # ||(W - W') X^T||_F from the Gram matrix of the original model's inputs
         diff = big.get_submodule(path).weight.double() - model.get_submodule(path).dense_weight().double()
         return torch.trace(diff @ grams[path] @ diff.T).clamp_min(0).sqrt().item()
 
@@ -362,8 +385,9 @@ def test_whitened_decomposition_beats_plain_svd_on_real_activations():
 
 
 def test_decompose_save_load_round_trip(tmp_path):
-    small = decompose(trained_like(expand(make_family([1, 3, 5]), 3, 1)), ratio=0.4,
-                      calibration=calibration_batches()).model
+    small = decompose(
+        trained_like(expand(make_family([1, 3, 5]), 3, 1)), ratio=0.4, calibration=calibration_batches()
+    ).model
     small.save_pretrained(tmp_path / "m")
     loaded = FamilialForCausalLM.from_pretrained(tmp_path / "m")
     assert loaded.config.lowrank_ranks == small.config.lowrank_ranks
@@ -394,7 +418,9 @@ def test_decompose_rejects_bad_input():
         decompose(make_family([2, 5]))
     with pytest.raises(ValueError, match="shared_heads=True"):
         decompose(expand(make_family([2, 5], shared=True), 2, 1))
-    with pytest.raises(ValueError, match=r"calibration batch 1 has token ids in \[97, 97\], outside the vocabulary 0..96"):
+    with pytest.raises(
+        ValueError, match=r"calibration batch 1 has token ids in \[97, 97\], outside the vocabulary 0..96"
+    ):
         decompose(big, calibration=[torch.zeros(1, 4, dtype=torch.long), torch.full((1, 4), VOCAB)])
     with pytest.raises(ValueError, match="calibration batch 0 must be a B x T LongTensor"):
         decompose(big, calibration=torch.zeros(4, dtype=torch.long))
@@ -412,7 +438,9 @@ def test_decompose_returns_the_new_model_and_its_report_and_leaves_the_input_alo
     assert isinstance(result, DecomposeResult) and isinstance(result.report, DecomposeReport)
     assert result.model is not big and not hasattr(result.model, "decompose_report")
     assert set(result.model.config.lowrank_ranks) == {m.path for m in result.report.matrices if not m.skipped}
-    assert all(torch.equal(before[k], v) for k, v in big.state_dict().items()) and not big.config.lowrank_ranks
+    assert (
+        all(torch.equal(before[k], v) for k, v in big.state_dict().items()) and not big.config.lowrank_ranks
+    )
 
 
 def test_decompose_one_member_without_dae_blocks_compresses_only_its_head():

@@ -57,7 +57,10 @@ def test_a_new_import_is_caught_and_written(tmp_path):
     assert problems and "stage rl" in problems[0] and "tasks/data/extra_helper.py" in problems[0]
     assert codedeps.write_dvc_yaml(root / "dvc.yaml")
     assert codedeps.dvc_yaml_differences(root / "dvc.yaml") == []
-    assert "tasks/data/extra_helper.py" in yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["rl"]["deps"]
+    assert (
+        "tasks/data/extra_helper.py"
+        in yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["rl"]["deps"]
+    )
 
 
 @pytest.mark.parametrize("stage", list(STAGES))

@@ -24,13 +24,26 @@ NEW_TOKENS = 10
 HEAD_SCALE = 30.0  # random heads give near-uniform softmaxes; scaled heads give varied confidences
 
 
-def make_family(exits, branch=1, shared=False, num_layers=5, seed=0, lowrank=None, dae=None) -> FamilialForCausalLM:
+def make_family(
+    exits, branch=1, shared=False, num_layers=5, seed=0, lowrank=None, dae=None
+) -> FamilialForCausalLM:
     """A tiny random family; `dae` = {exit: blocks} adds DaE blocks (made non-identity)."""
     torch.manual_seed(seed)
-    cfg = FamilialConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=67, num_hidden_layers=num_layers,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, exit_layers=exits,
-                         exit_branch_layers=branch, shared_heads=shared, lowrank_ranks=lowrank or {})
+    cfg = FamilialConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=67,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        exit_layers=exits,
+        exit_branch_layers=branch,
+        shared_heads=shared,
+        lowrank_ranks=lowrank or {},
+    )
     model = FamilialForCausalLM(cfg)
     for d, blocks in (dae or {}).items():
         model = expand(model, d, blocks)
@@ -39,7 +52,7 @@ def make_family(exits, branch=1, shared=False, num_layers=5, seed=0, lowrank=Non
             (head.weight_b if isinstance(head, LowRankLinear) else head.weight).mul_(HEAD_SCALE)
         for d in exits:
             # DaE blocks start as identities; give them weights so that they matter.
-            for layer in model.exits[str(d)].layers[model.config.branch_layers(d):]:
+            for layer in model.exits[str(d)].layers[model.config.branch_layers(d) :]:
                 layer.self_attn.o_proj.weight.normal_(0, 0.1)
                 layer.mlp.down_proj.weight.normal_(0, 0.1)
     return model.eval()
@@ -65,8 +78,14 @@ def prompt(seed=1, length=PROMPT_LEN) -> torch.Tensor:
 
 def greedy(model, ids, exit_layer, new_tokens=NEW_TOKENS, eos=None) -> torch.Tensor:
     with torch.no_grad():
-        return model.generate(ids, max_new_tokens=new_tokens, do_sample=False, exit_layer=exit_layer,
-                              pad_token_id=0, eos_token_id=eos)
+        return model.generate(
+            ids,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            exit_layer=exit_layer,
+            pad_token_id=0,
+            eos_token_id=eos,
+        )
 
 
 def full_pass_confidence(model, sequence: torch.Tensor, d: int, start: int):
@@ -98,8 +117,9 @@ def test_always_trigger_equals_shallowest_member_greedy(families, name, kv_fill)
     shallowest = model.config.exit_layers[0]
     expected = greedy(model, ids, shallowest)
     for criterion, threshold in (("max_prob", 0.0), ("entropy", math.inf)):
-        out = dynamic_generate(model, ids, NEW_TOKENS, threshold=threshold, criterion=criterion, kv_fill=kv_fill,
-                               eos_token_id=[])
+        out = dynamic_generate(
+            model, ids, NEW_TOKENS, threshold=threshold, criterion=criterion, kv_fill=kv_fill, eos_token_id=[]
+        )
         assert torch.equal(out.sequences, expected), criterion
         assert out.tokens_per_member[shallowest] == NEW_TOKENS
         # Only the shallowest member runs after the first step.
@@ -114,14 +134,17 @@ def _pick_threshold(values: torch.Tensor, q: float) -> float:
 
 
 @pytest.mark.parametrize("criterion", ["max_prob", "entropy"])
-@pytest.mark.parametrize("name", ["ruyi_branch1", "no_branch", "dae_blocks", "lowrank_head", "shared_heads_every_depth"])
+@pytest.mark.parametrize(
+    "name", ["ruyi_branch1", "no_branch", "dae_blocks", "lowrank_head", "shared_heads_every_depth"]
+)
 def test_recompute_equals_full_pass_oracle_at_any_threshold(families, name, criterion):
     """With exact KV, every token is the argmax of the first member whose full-pass confidence passes."""
     model = families[name]
     exits = model.config.exit_layers
     new_tokens = 14
-    out, threshold = _mixed_run(model, "recompute", criterion=criterion, seed=3, new_tokens=new_tokens,
-                                need_deepest=False)
+    out, threshold = _mixed_run(
+        model, "recompute", criterion=criterion, seed=3, new_tokens=new_tokens, need_deepest=False
+    )
     seq = out.sequences
     oracle = {d: full_pass_confidence(model, seq, d, PROMPT_LEN - 1) for d in exits}
     for j in range(new_tokens):
@@ -133,13 +156,16 @@ def test_recompute_equals_full_pass_oracle_at_any_threshold(families, name, crit
                 break
             assert abs(value - threshold) > 1e-4, "threshold too close to a confidence: pick another one"
         assert abs(value - threshold) > 1e-4 or d == exits[-1]
-        assert int(out.exit_layers[0, j]) == d, f"token {j}: emitted by {int(out.exit_layers[0, j])}, oracle {d}"
+        assert int(out.exit_layers[0, j]) == d, (
+            f"token {j}: emitted by {int(out.exit_layers[0, j])}, oracle {d}"
+        )
         assert int(seq[0, PROMPT_LEN + j]) == int(tok), f"token {j}"
         assert out.confidences[0, j].item() == pytest.approx(value, abs=1e-4)
 
 
-def _mixed_run(model, kv_fill, criterion="max_prob", seed=4, new_tokens=14,
-               need_deepest=True) -> tuple[DynamicGenerationOutput, float]:
+def _mixed_run(
+    model, kv_fill, criterion="max_prob", seed=4, new_tokens=14, need_deepest=True
+) -> tuple[DynamicGenerationOutput, float]:
     """A decode where several members emit (the only interesting case), and its threshold.
 
     With `need_deepest`, the deepest member must be among them (so deep layers catch up pending
@@ -155,8 +181,9 @@ def _mixed_run(model, kv_fill, criterion="max_prob", seed=4, new_tokens=14,
     values = max_prob if criterion == "max_prob" else entropy
     for q in (0.5, 0.35, 0.65, 0.2, 0.8, 0.1, 0.9):
         threshold = _pick_threshold(values, q)
-        out = dynamic_generate(model, ids, new_tokens, threshold=threshold, criterion=criterion, kv_fill=kv_fill,
-                               eos_token_id=[])
+        out = dynamic_generate(
+            model, ids, new_tokens, threshold=threshold, criterion=criterion, kv_fill=kv_fill, eos_token_id=[]
+        )
         used = [d for d, n in out.tokens_per_member.items() if n]
         if len(used) >= 2 and (exits[-1] in used or not need_deepest):
             return out, threshold
@@ -165,7 +192,8 @@ def _mixed_run(model, kv_fill, criterion="max_prob", seed=4, new_tokens=14,
 
 @pytest.mark.parametrize("name", ["ruyi_branch1", "dae_blocks"])
 def test_recompute_kv_equals_full_pass_of_each_member(families, name):
-    """After a mixed-exit decode, every slot holds exactly the K/V of a full pass (pending positions aside)."""
+    """After a mixed-exit decode, every slot holds exactly the K/V of a full pass (pending positions
+    aside)."""
     model = families[name]
     out, _ = _mixed_run(model, "recompute")
     seq = out.sequences[:, :-1]  # the last emitted token has not been processed yet
@@ -180,12 +208,17 @@ def test_recompute_kv_equals_full_pass_of_each_member(families, name):
             n = cache.layers[slot].get_seq_length()
             lengths[slot] = n
             assert 0 < n <= total
-            for got, want in ((cache.layers[slot].keys, ref.layers[slot].keys),
-                              (cache.layers[slot].values, ref.layers[slot].values)):
+            for got, want in (
+                (cache.layers[slot].keys, ref.layers[slot].keys),
+                (cache.layers[slot].values, ref.layers[slot].values),
+            ):
                 torch.testing.assert_close(got, want[:, :, :n], atol=2e-5, rtol=1e-5)
     # The shallowest member's slots saw every position; the deepest backbone layer was caught up past the
     # prompt, and positions that exited early after its last catch-up are still pending there.
-    assert all(lengths[layer.self_attn.layer_idx] == total for layer in model.member_layers(model.config.exit_layers[0]))
+    assert all(
+        lengths[layer.self_attn.layer_idx] == total
+        for layer in model.member_layers(model.config.exit_layers[0])
+    )
     last = model.config.num_hidden_layers - 1
     assert PROMPT_LEN < lengths[last] <= total
     trailing_early = 0
@@ -217,7 +250,9 @@ def test_member_attribution_and_costs_are_consistent(families, name, kv_fill):
             expected_layers = cfg.num_hidden_layers + sum(own.values())
         assert out.layers_run[0, j] == expected_layers
         assert out.layer_rows[0, j] >= out.layers_run[0, j]
-        skipped = cfg.num_hidden_layers - cfg.backbone_depth(d) + sum(own[e] for e in cfg.exit_layers[k + 1:])
+        skipped = (
+            cfg.num_hidden_layers - cfg.backbone_depth(d) + sum(own[e] for e in cfg.exit_layers[k + 1 :])
+        )
         expected_copied = skipped if kv_fill == "copy" and j > 0 else 0
         assert out.copied_kv[0, j] == expected_copied
     if kv_fill == "copy":
@@ -242,12 +277,20 @@ def test_copy_projection_equals_stock_attention_kv(families):
             decoder._project_kv(layer, hidden, t)
             ref_cache = DynamicCache()
             position_ids = torch.tensor([[t]])
-            layer(hidden, attention_mask=None, position_ids=position_ids, past_key_values=ref_cache, use_cache=True,
-                  position_embeddings=model.model.rotary_emb(hidden, position_ids))
-            torch.testing.assert_close(decoder.cache.layers[slot].keys[:, :, t:], ref_cache.layers[slot].keys,
-                                       atol=0, rtol=0)
-            torch.testing.assert_close(decoder.cache.layers[slot].values[:, :, t:], ref_cache.layers[slot].values,
-                                       atol=0, rtol=0)
+            layer(
+                hidden,
+                attention_mask=None,
+                position_ids=position_ids,
+                past_key_values=ref_cache,
+                use_cache=True,
+                position_embeddings=model.model.rotary_emb(hidden, position_ids),
+            )
+            torch.testing.assert_close(
+                decoder.cache.layers[slot].keys[:, :, t:], ref_cache.layers[slot].keys, atol=0, rtol=0
+            )
+            torch.testing.assert_close(
+                decoder.cache.layers[slot].values[:, :, t:], ref_cache.layers[slot].values, atol=0, rtol=0
+            )
 
 
 @pytest.mark.parametrize("kv_fill", ["recompute", "copy"])
@@ -273,20 +316,23 @@ def test_left_padding_is_stripped(families):
     assert torch.equal(out.exit_layers, plain.exit_layers)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(threshold=-0.1), "out of range"),
-    (dict(threshold=float("nan")), "out of range"),
-    (dict(threshold="0.5"), "must be a number"),
-    (dict(threshold=0.5, criterion="margin"), "criterion='margin' is unknown"),
-    (dict(threshold=0.5, kv_fill="zeros"), "kv_fill='zeros' is unknown"),
-    (dict(threshold=0.5, max_new_tokens=0), "max_new_tokens"),
-    (dict(threshold=0.5, input_ids=torch.zeros(2, 4, dtype=torch.long)), "batch size 1"),
-    (dict(threshold=0.5, input_ids=torch.zeros(4, dtype=torch.long)), "2-D"),
-    (dict(threshold=0.5, input_ids=torch.full((1, 4), VOCAB)), "outside the vocabulary"),
-    (dict(threshold=0.5, attention_mask=torch.tensor([[1, 1, 0, 1]])), "only left padding"),
-    (dict(threshold=0.5, attention_mask=torch.tensor([[1, 1, 1]])), "shape"),
-    (dict(threshold=0.5, eos_token_id="eos"), "eos_token_id"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(threshold=-0.1), "out of range"),
+        (dict(threshold=float("nan")), "out of range"),
+        (dict(threshold="0.5"), "must be a number"),
+        (dict(threshold=0.5, criterion="margin"), "criterion='margin' is unknown"),
+        (dict(threshold=0.5, kv_fill="zeros"), "kv_fill='zeros' is unknown"),
+        (dict(threshold=0.5, max_new_tokens=0), "max_new_tokens"),
+        (dict(threshold=0.5, input_ids=torch.zeros(2, 4, dtype=torch.long)), "batch size 1"),
+        (dict(threshold=0.5, input_ids=torch.zeros(4, dtype=torch.long)), "2-D"),
+        (dict(threshold=0.5, input_ids=torch.full((1, 4), VOCAB)), "outside the vocabulary"),
+        (dict(threshold=0.5, attention_mask=torch.tensor([[1, 1, 0, 1]])), "only left padding"),
+        (dict(threshold=0.5, attention_mask=torch.tensor([[1, 1, 1]])), "shape"),
+        (dict(threshold=0.5, eos_token_id="eos"), "eos_token_id"),
+    ],
+)
 def test_bad_arguments_raise(families, kwargs, match):
     args = dict(model=families["ruyi_branch1"], input_ids=torch.tensor([[1, 2, 3, 4]]), max_new_tokens=3)
     args.update(kwargs)

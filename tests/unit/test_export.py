@@ -22,19 +22,40 @@ from ruyi_model.export import export_exits, member_to_qwen3, verify_export
 VOCAB = 97
 
 
-def make_family(exits, branch=1, shared=False, seed=0, num_layers=5, heads=4, kv=2, hidden=32, head_dim=8,
-                dtype=torch.float32):
+def make_family(
+    exits,
+    branch=1,
+    shared=False,
+    seed=0,
+    num_layers=5,
+    heads=4,
+    kv=2,
+    hidden=32,
+    head_dim=8,
+    dtype=torch.float32,
+):
     torch.manual_seed(seed)
-    cfg = FamilialConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden + 3,
-                         num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=kv,
-                         head_dim=head_dim, max_position_embeddings=128,
-                         exit_layers=exits, exit_branch_layers=branch, shared_heads=shared)
+    cfg = FamilialConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden + 3,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=head_dim,
+        max_position_embeddings=128,
+        exit_layers=exits,
+        exit_branch_layers=branch,
+        shared_heads=shared,
+    )
     return FamilialForCausalLM._from_config(cfg, dtype=dtype).eval()
 
 
 def load_stock(path) -> Qwen3ForCausalLM:
     q, info = Qwen3ForCausalLM.from_pretrained(path, output_loading_info=True)
-    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), (
+        info
+    )
     assert type(q) is Qwen3ForCausalLM
     return q.eval()
 
@@ -44,7 +65,11 @@ def assert_export_matches(fam: FamilialForCausalLM, out, ids, new_tokens=0):
     assert manifest["exit_layers"] == fam.config.exit_layers
     for d in fam.config.exit_layers:
         q = load_stock(out / f"exit_{d}")
-        assert q.config.num_hidden_layers == fam.config.member_num_layers(d) == manifest["members"][str(d)]["num_hidden_layers"]
+        assert (
+            q.config.num_hidden_layers
+            == fam.config.member_num_layers(d)
+            == manifest["members"][str(d)]["num_hidden_layers"]
+        )
         assert q.config.tie_word_embeddings is False
         assert len(q.config.layer_types) == q.config.num_hidden_layers
         assert manifest["members"][str(d)]["num_parameters"] == sum(p.numel() for p in q.parameters())
@@ -60,11 +85,11 @@ def assert_export_matches(fam: FamilialForCausalLM, out, ids, new_tokens=0):
 
 SHAPES = [
     # (exits, branch layers, shared heads, shape kwargs)
-    ([1, 3, 5], 1, False, {}),                                                   # GQA, exit at layer 1
-    ([2, 5], 0, False, {}),                                                      # norm+head exits
-    ([1, 2, 3, 4, 5], 1, True, {}),                                              # shared head
-    ([3, 7], 1, False, {"num_layers": 7, "heads": 6, "kv": 3, "hidden": 48}),    # odd layer count
-    ([1, 6], 0, True, {"num_layers": 6, "heads": 4, "kv": 1}),                   # MQA, exit 1 without branch
+    ([1, 3, 5], 1, False, {}),  # GQA, exit at layer 1
+    ([2, 5], 0, False, {}),  # norm+head exits
+    ([1, 2, 3, 4, 5], 1, True, {}),  # shared head
+    ([3, 7], 1, False, {"num_layers": 7, "heads": 6, "kv": 3, "hidden": 48}),  # odd layer count
+    ([1, 6], 0, True, {"num_layers": 6, "heads": 4, "kv": 1}),  # MQA, exit 1 without branch
 ]
 
 
@@ -86,7 +111,7 @@ def test_every_exported_member_is_a_stock_qwen3(tmp_path, exits, branch, shared,
 def test_export_after_expand_and_decompose_matches_and_generates_the_same_tokens(tmp_path):
     fam = expand(make_family([1, 3, 5]), 1, 2)
     g = torch.Generator().manual_seed(3)
-    with torch.no_grad():   # give the DaE blocks a function (fresh ones are the identity)
+    with torch.no_grad():  # give the DaE blocks a function (fresh ones are the identity)
         for block in list(fam.exits["1"].layers)[1:]:
             for path in BLOCK_LINEARS:
                 w = block.get_submodule(path).weight
@@ -101,7 +126,9 @@ def test_export_after_expand_and_decompose_matches_and_generates_the_same_tokens
     assert_export_matches(small, tmp_path / "export", ids, new_tokens=5)
     # the family keeps the saving, the stock export is dense
     family_params = manifest["family"]["num_parameters"]
-    assert family_params == sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in fam.parameters())
+    assert (
+        family_params == sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in fam.parameters())
+    )
     loaded = FamilialForCausalLM.from_pretrained(tmp_path / "export" / "family")
     with torch.no_grad():
         assert torch.equal(loaded(ids, exit_layer=1).logits, small(ids, exit_layer=1).logits)
@@ -122,7 +149,9 @@ def test_member_to_qwen3_in_memory_and_bf16(tmp_path):
         assert torch.equal(reloaded(ids).logits, fam(ids, exit_layer=5).logits)
     with pytest.raises(ValueError, match="exit_layer=4"):
         member_to_qwen3(fam, 4)
-    with pytest.raises(ValueError, match="exit_layer=5.0 must be an integer"):  # a float is refused, not truncated
+    with pytest.raises(
+        ValueError, match="exit_layer=5.0 must be an integer"
+    ):  # a float is refused, not truncated
         member_to_qwen3(fam, 5.0)
 
 
@@ -152,8 +181,13 @@ def test_manifest_hashes_every_file_and_tampering_is_detected(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert sorted(manifest["files"]) + ["manifest.json"] == sorted(on_disk)
-    assert {"exit_2/model.safetensors", "exit_2/config.json", "exit_2/generation_config.json",
-            "family/model.safetensors", "family/config.json"} <= set(manifest["files"])
+    assert {
+        "exit_2/model.safetensors",
+        "exit_2/config.json",
+        "exit_2/generation_config.json",
+        "family/model.safetensors",
+        "family/config.json",
+    } <= set(manifest["files"])
     for rel, meta in manifest["files"].items():
         assert meta["sha256"] == sha256(out / rel) and meta["bytes"] == (out / rel).stat().st_size
     verify_export(out)
@@ -161,7 +195,7 @@ def test_manifest_hashes_every_file_and_tampering_is_detected(tmp_path):
     weights = out / "exit_2" / "model.safetensors"
     original = weights.read_bytes()
     data = bytearray(original)
-    data[-3] ^= 0xFF                                  # same size, different content
+    data[-3] ^= 0xFF  # same size, different content
     weights.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"exit_2/model.safetensors: corrupted \(sha256"):
         verify_export(out)

@@ -27,15 +27,28 @@ gguf = pytest.importorskip("gguf")
 # The bounds below are relative to the largest |logit|, with margin over those figures.
 REL_BOUND = {"f32": 1e-6, "f16": 3e-3, "q8_0": 6e-2}
 PROMPTS = ["Tom has 3 apples and buys 4 more.", "The quick brown fox", "A train travels 60 miles"]
-TEXTS = ["Tom has 3 apples!\n#### 7", "héllo wörld 😀 \t tabs  and  spaces\r\n",
-         "<|im_start|>user\nHow many?<|im_end|>\n<|im_start|>assistant\n", ""]
+TEXTS = [
+    "Tom has 3 apples!\n#### 7",
+    "héllo wörld 😀 \t tabs  and  spaces\r\n",
+    "<|im_start|>user\nHow many?<|im_end|>\n<|im_start|>assistant\n",
+    "",
+]
 
 
 def build_member_dir(root, tokenizer, head_dim=128):
     torch.manual_seed(0)
-    cfg = Qwen3Config(vocab_size=len(tokenizer) + 3, hidden_size=64, intermediate_size=96,
-                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
-                      max_position_embeddings=256, initializer_range=0.1, tie_word_embeddings=False)
+    cfg = Qwen3Config(
+        vocab_size=len(tokenizer) + 3,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=head_dim,
+        max_position_embeddings=256,
+        initializer_range=0.1,
+        tie_word_embeddings=False,
+    )
     family = FamilialForCausalLM.from_qwen3(Qwen3ForCausalLM(cfg).eval(), exit_layers=[2, 3]).eval()
     export_exits(family, root / "export", tokenizer=tokenizer)
     return root / "export" / "exit_2"
@@ -46,8 +59,10 @@ def exported():
     tok = tiny_tokenizer()
     with private_tmpdir("ruyi-gguf-") as root:
         member = build_member_dir(root, tok)
-        files = {dt: export_gguf(member, None, root / f"exit_2.{dt}.gguf", dtype=dt)
-                 for dt in ("f32", "f16", "q8_0")}
+        files = {
+            dt: export_gguf(member, None, root / f"exit_2.{dt}.gguf", dtype=dt)
+            for dt in ("f32", "f16", "q8_0")
+        }
         ref = Qwen3ForCausalLM.from_pretrained(member).eval()
         yield root, files, ref, tok
 
@@ -57,10 +72,18 @@ def test_transformers_loads_the_member_back(exported, dtype):
     root, files, ref, tok = exported
     model = AutoModelForCausalLM.from_pretrained(root, gguf_file=files[dtype].name).eval()
     assert type(model) is Qwen3ForCausalLM
-    for field in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-                  "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings"):
+    for field in (
+        "num_hidden_layers",
+        "hidden_size",
+        "intermediate_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "vocab_size",
+        "max_position_embeddings",
+    ):
         assert getattr(model.config, field) == getattr(ref.config, field), field
-    assert model.config.rms_norm_eps == pytest.approx(ref.config.rms_norm_eps, rel=1e-6)   # GGUF stores f32
+    assert model.config.rms_norm_eps == pytest.approx(ref.config.rms_norm_eps, rel=1e-6)  # GGUF stores f32
     assert model.config.rope_parameters["rope_theta"] == ref.config.rope_parameters["rope_theta"]
     assert model.config.tie_word_embeddings is False
     with torch.no_grad():
@@ -91,8 +114,9 @@ def test_tokenizer_round_trips_with_the_same_ids(exported):
     assert loaded.bos_token is None
     assert loaded.chat_template == tok.chat_template
     msgs = [{"role": "user", "content": "Tom has 3 apples?"}]
-    assert (loaded.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-            == tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
+    assert loaded.apply_chat_template(
+        msgs, add_generation_prompt=True, tokenize=False
+    ) == tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 
 
 def test_file_layout_follows_llama_cpp_qwen3(exported):
@@ -109,19 +133,23 @@ def test_file_layout_follows_llama_cpp_qwen3(exported):
     assert field("qwen3.attention.key_length") == cfg.head_dim == field("qwen3.attention.value_length")
     assert field("qwen3.attention.head_count_kv") == cfg.num_key_value_heads
     assert field("tokenizer.ggml.model") == "gpt2"
-    assert field("tokenizer.ggml.pre") == "gpt-2"          # tiny_tokenizer: GPT-2's byte-level regex
+    assert field("tokenizer.ggml.pre") == "gpt-2"  # tiny_tokenizer: GPT-2's byte-level regex
     tokens = field("tokenizer.ggml.tokens")
     assert len(tokens) == cfg.vocab_size and tokens[-1] == f"[PAD{cfg.vocab_size - 1}]"
     types = field("tokenizer.ggml.token_type")
     assert types[tok.convert_tokens_to_ids("<|im_end|>")] == gguf.TokenType.CONTROL
     assert types[-1] == gguf.TokenType.UNUSED
     assert field("tokenizer.ggml.eot_token_id") == tok.convert_tokens_to_ids("<|im_end|>")
-    allowed = {gguf.TENSOR_NAMES[t].format(bid=i) + ".weight"
-               for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH.QWEN3] for i in range(cfg.num_hidden_layers)}
+    allowed = {
+        gguf.TENSOR_NAMES[t].format(bid=i) + ".weight"
+        for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH.QWEN3]
+        for i in range(cfg.num_hidden_layers)
+    }
     names = {t.name: t for t in reader.tensors}
     assert set(names) <= allowed and len(names) == len(ref.state_dict())
-    assert {"token_embd.weight", "output.weight", "output_norm.weight",
-            "blk.0.attn_q_norm.weight"} <= set(names)
+    assert {"token_embd.weight", "output.weight", "output_norm.weight", "blk.0.attn_q_norm.weight"} <= set(
+        names
+    )
     assert names["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
     assert names["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
     # q8_0 blocks hold 32 values: the size is about a quarter of f32
@@ -140,8 +168,9 @@ def test_project_tokenizer_and_other_head_dim(caplog):
         reader = gguf.GGUFReader(path)
         assert reader.fields["tokenizer.ggml.pre"].contents() == "qwen2"
         ref = Qwen3ForCausalLM.from_pretrained(member).eval()
-        model = AutoModelForCausalLM.from_pretrained(root, gguf_file=path.name,
-                                                     config=AutoConfig.from_pretrained(member)).eval()
+        model = AutoModelForCausalLM.from_pretrained(
+            root, gguf_file=path.name, config=AutoConfig.from_pretrained(member)
+        ).eval()
         loaded = AutoTokenizer.from_pretrained(root, gguf_file=path.name)
         for text in TEXTS:
             assert loaded(text).input_ids == tok(text).input_ids, text
@@ -159,5 +188,5 @@ def test_bad_inputs(exported, tmp_path):
         export_gguf(root / "export" / "family", tok, tmp_path / "x.gguf")
     with pytest.raises(FileNotFoundError, match="config.json"):
         export_gguf(tmp_path, tok, tmp_path / "x.gguf")
-    assert not list(tmp_path.glob("*.gguf*"))          # nothing half-written
+    assert not list(tmp_path.glob("*.gguf*"))  # nothing half-written
     np.testing.assert_equal(len(list(root.glob("*.gguf"))), 3)

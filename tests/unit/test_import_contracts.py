@@ -17,8 +17,9 @@ LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 def _lint(root: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(root)}
-    return subprocess.run([str(LINT_IMPORTS), "--no-cache"], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache"], cwd=root, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def _copy(dst: Path) -> Path:
@@ -34,14 +35,17 @@ def test_the_tree_keeps_every_contract():
     assert "0 broken" in result.stdout
 
 
-@pytest.mark.parametrize(("module", "line", "contract"), [
-    ("ruyi_model/config.py", "import tasks.core.files", "The model never imports the pipeline"),
-    ("triton_kernels/ops/utils.py", "import ruyi_model.fileio", "Kernels never import the model"),
-    ("tasks/core/files.py", "import flows.report", "Tasks never import flows"),
-    ("tasks/cpt.py", "import tasks.evaluate", "A stage never imports another stage"),
-    ("tasks/training/members.py", "import tasks.rl", "Libraries never import a stage"),
-    ("data_contracts/gates.py", "import ruyi_model.config", "Contracts import only the data definitions"),
-])
+@pytest.mark.parametrize(
+    ("module", "line", "contract"),
+    [
+        ("ruyi_model/config.py", "import tasks.core.files", "The model never imports the pipeline"),
+        ("triton_kernels/ops/utils.py", "import ruyi_model.fileio", "Kernels never import the model"),
+        ("tasks/core/files.py", "import flows.report", "Tasks never import flows"),
+        ("tasks/cpt.py", "import tasks.evaluate", "A stage never imports another stage"),
+        ("tasks/training/members.py", "import tasks.rl", "Libraries never import a stage"),
+        ("data_contracts/gates.py", "import ruyi_model.config", "Contracts import only the data definitions"),
+    ],
+)
 def test_a_violation_fails_naming_the_contract(tmp_path, module, line, contract):
     root = _copy(tmp_path)
     with open(root / module, "a") as f:

@@ -50,7 +50,9 @@ def triton_fn(hidden, norm, head, **config):
 
 def assert_stats_close(actual, expected, atol):
     token_ids, max_prob, entropy = actual
-    assert token_ids.dtype == torch.long and max_prob.dtype == torch.float32 and entropy.dtype == torch.float32
+    assert (
+        token_ids.dtype == torch.long and max_prob.dtype == torch.float32 and entropy.dtype == torch.float32
+    )
     assert torch.equal(token_ids, expected[0])
     torch.testing.assert_close(max_prob, expected[1], atol=atol, rtol=atol)
     torch.testing.assert_close(entropy, expected[2], atol=atol, rtol=atol)
@@ -121,7 +123,12 @@ def test_uniform_logits_have_known_statistics(impl):
 
 @pytest.mark.parametrize(
     "dtype,with_norm,chunk_size",
-    [(torch.float32, True, 7), (torch.float32, False, None), (torch.bfloat16, True, 64), (torch.float16, True, 100)],
+    [
+        (torch.float32, True, 7),
+        (torch.float32, False, None),
+        (torch.bfloat16, True, 64),
+        (torch.float16, True, 100),
+    ],
 )
 def test_chunked_matches_reference(dtype, with_norm, chunk_size):
     hidden, norm, head = make_inputs(300, 64, 5000, dtype, with_norm, seed=4)
@@ -146,7 +153,10 @@ def test_auto_and_module_wrapper():
         (dict(impl="fast"), r"impl must be one of .*'fast'"),
         (dict(hidden=torch.randn(2, 5, 8)), r"hidden must be a B x D tensor.*got 2 x 5 x 8"),
         (dict(norm_weight=torch.ones(9)), r"norm_weight must have shape \(D,\) = \(8,\).*got 9"),
-        (dict(lm_head_weight=torch.randn(20, 9)), r"lm_head_weight must be V x D with D=8.*5 x 8.*got 20 x 9"),
+        (
+            dict(lm_head_weight=torch.randn(20, 9)),
+            r"lm_head_weight must be V x D with D=8.*5 x 8.*got 20 x 9",
+        ),
         (dict(lm_head_weight=torch.randn(20, 8).half()), r"lm_head_weight has dtype torch.float16"),
     ],
 )

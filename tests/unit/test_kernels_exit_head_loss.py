@@ -36,13 +36,26 @@ IMPL_PARAMS = [pytest.param("triton", marks=INTERP), "chunked", "naive"]
 
 # Per-dtype tolerances against the naive reference. fp16: the reference rounds logits and gradients
 # to fp16 while the kernels accumulate in fp32, so differences of a few 1e-4 relative are expected.
-LOSS_TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=2e-3, rtol=2e-3),
-            torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+LOSS_TOL = {
+    torch.float32: dict(atol=2e-5, rtol=2e-5),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
 GRAD_REL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
-def make_inputs(num_exits, num_tokens, dim, vocab, dtype, shared=True, with_norm=True, seed=0,
-                logit_scale=1.0, ignore_every=4):
+def make_inputs(
+    num_exits,
+    num_tokens,
+    dim,
+    vocab,
+    dtype,
+    shared=True,
+    with_norm=True,
+    seed=0,
+    logit_scale=1.0,
+    ignore_every=4,
+):
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(num_exits, num_tokens, dim, generator=gen) * 2.0 + 0.5
     head_shape = (vocab, dim) if shared else (num_exits, vocab, dim)
@@ -158,8 +171,9 @@ ALL_IGNORED_CASES = [  # (K, shared head, exit norms)
 @pytest.mark.parametrize("num_exits,shared,with_norm", ALL_IGNORED_CASES)
 def test_all_ignored_gives_zero_loss_and_zero_grads(num_exits, shared, with_norm, dtype, impl):
     # F.cross_entropy(reduction="mean") over no targets is 0/0 = NaN; the contract is 0 and zero grads.
-    hidden, head, labels, norm = make_inputs(num_exits, 23, 33, 57, dtype, shared=shared, with_norm=with_norm,
-                                             seed=num_exits)
+    hidden, head, labels, norm = make_inputs(
+        num_exits, 23, 33, 57, dtype, shared=shared, with_norm=with_norm, seed=num_exits
+    )
     labels = torch.full_like(labels, IGNORE)
     weights = EXIT_WEIGHTS[:num_exits]
     loss, per_exit = exit_head_loss(hidden, head, labels, norm, exit_weights=weights, impl=impl)
@@ -208,7 +222,9 @@ def test_chunked_never_allocates_n_by_v_but_naive_does(shared):
     inputs = make_inputs(2, num_tokens, 48, vocab, torch.float32, shared=shared, with_norm=True, seed=2)
     limit = num_tokens * vocab * 4  # one fp32 N x V logits tensor, in bytes
     chunked = _largest_tensor_of_forward_backward(exit_head_loss_chunked, inputs, [1.0, 0.5], chunk_size=16)
-    assert chunked.max_bytes < limit, f"chunked allocated {chunked.max_bytes} B >= N*V*4 = {limit}: {chunked.where}"
+    assert chunked.max_bytes < limit, (
+        f"chunked allocated {chunked.max_bytes} B >= N*V*4 = {limit}: {chunked.where}"
+    )
     assert chunked.max_bytes <= 4 * max(2 * 16 * vocab, inputs[0].numel(), inputs[1].numel()), chunked.where
     for t in inputs:
         if t is not None and t.requires_grad:
@@ -292,7 +308,9 @@ def test_triton_fp16_dz_neither_underflows_nor_overflows(shared, scale):
     from triton_kernels.ops.exit_head_loss_triton import head_ce_backward, head_ce_forward
 
     num_exits, num_tokens, dim, vocab = 2, 37, 77, 101
-    hidden, head, labels, _ = make_inputs(num_exits, num_tokens, dim, vocab, torch.float16, shared, False, seed=9)
+    hidden, head, labels, _ = make_inputs(
+        num_exits, num_tokens, dim, vocab, torch.float16, shared, False, seed=9
+    )
     y, w = hidden.detach(), head.detach()
     exit_scale = torch.tensor([scale, -0.5 * scale], dtype=torch.float32)
     lse, _ = head_ce_forward(y, w, labels, IGNORE, config=GPU_FP16_DOTS)
@@ -315,6 +333,7 @@ def test_triton_fp16_dz_neither_underflows_nor_overflows(shared, scale):
 
 
 # --- chunked path at larger shapes ---------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "dtype,shared,with_norm,chunk_size",
@@ -339,8 +358,11 @@ def test_auto_is_chunked_on_cpu_and_module_wrapper():
 
     inputs = make_inputs(3, 40, 24, 50, torch.float32, shared=True, with_norm=True)
     expected = run(exit_head_loss_reference, *inputs, [1.0, 0.5, 2.0])
-    actual = run(lambda h, w, lab, nw, eps, ew, ii: exit_head_loss(h, w, lab, nw, eps, ew, ii), *inputs,
-                 [1.0, 0.5, 2.0])
+    actual = run(
+        lambda h, w, lab, nw, eps, ew, ii: exit_head_loss(h, w, lab, nw, eps, ew, ii),
+        *inputs,
+        [1.0, 0.5, 2.0],
+    )
     assert_matches(actual, expected, torch.float32)
     module = ExitHeadLoss(exit_weights=[1.0, 0.5, 2.0], impl="chunked")
     hidden, head, labels, norm = inputs
@@ -350,10 +372,15 @@ def test_auto_is_chunked_on_cpu_and_module_wrapper():
 
 # --- argument errors -----------------------------------------------------------------------------
 
+
 def _good():
     hidden = torch.randn(3, 10, 8)
-    return dict(hidden=hidden, lm_head_weight=torch.randn(20, 8), labels=torch.randint(0, 20, (10,)),
-                norm_weights=torch.ones(3, 8))
+    return dict(
+        hidden=hidden,
+        lm_head_weight=torch.randn(20, 8),
+        labels=torch.randint(0, 20, (10,)),
+        norm_weights=torch.ones(3, 8),
+    )
 
 
 @pytest.mark.parametrize(
@@ -363,13 +390,22 @@ def _good():
         (dict(hidden=torch.randn(10, 8)), r"hidden must be a K x N x D tensor.*got 10 x 8"),
         (dict(norm_weights=torch.ones(2, 8)), r"norm_weights must be K x D = 3 x 8.*got 2 x 8"),
         (dict(norm_weights=torch.ones(3, 9)), r"norm_weights must be K x D = 3 x 8.*got 3 x 9"),
-        (dict(lm_head_weight=torch.randn(20, 9)), r"lm_head_weight must be V x D with D=8.*3 x 10 x 8.*got 20 x 9"),
-        (dict(lm_head_weight=torch.randn(2, 20, 8)), r"per-exit lm_head_weight must be K x V x D with K=3.*got 2 x 20 x 8"),
+        (
+            dict(lm_head_weight=torch.randn(20, 9)),
+            r"lm_head_weight must be V x D with D=8.*3 x 10 x 8.*got 20 x 9",
+        ),
+        (
+            dict(lm_head_weight=torch.randn(2, 20, 8)),
+            r"per-exit lm_head_weight must be K x V x D with K=3.*got 2 x 20 x 8",
+        ),
         (dict(labels=torch.randint(0, 20, (11,))), r"labels must be a 1-D tensor of N=10.*got 11"),
         (dict(labels=torch.randint(0, 20, (2, 5))), r"labels must be a 1-D tensor of N=10.*got 2 x 5"),
         (dict(labels=torch.full((10,), 20)), r"labels must be in \[0, 20\)"),
         (dict(exit_weights=[1.0, 2.0]), r"exit_weights must have K=3 entries.*got 2"),
-        (dict(lm_head_weight=torch.randn(20, 8, dtype=torch.float64)), r"lm_head_weight has dtype torch.float64"),
+        (
+            dict(lm_head_weight=torch.randn(20, 8, dtype=torch.float64)),
+            r"lm_head_weight has dtype torch.float64",
+        ),
     ],
 )
 def test_bad_arguments_raise_value_error(change, pattern):
@@ -398,20 +434,22 @@ def test_import_is_lazy():
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
 
 
 # --- interpreter vs compiled Triton (tests/conftest.py) ----------------------------------------------
 
+
 @pytest.mark.parametrize(
     "environ,cuda,expected",
     [
-        ({}, False, "1"),          # CPU only: the interpreter
-        ({}, True, None),          # a GPU: compiled kernels, the flag stays unset
+        ({}, False, "1"),  # CPU only: the interpreter
+        ({}, True, None),  # a GPU: compiled kernels, the flag stays unset
         ({"TRITON_INTERPRET": "0"}, False, "0"),  # an explicit user value is kept ...
-        ({"TRITON_INTERPRET": "1"}, True, "1"),   # ... either way
+        ({"TRITON_INTERPRET": "1"}, True, "1"),  # ... either way
     ],
 )
 def test_conftest_sets_the_interpreter_only_without_cuda(triton_mode, environ, cuda, expected):
@@ -449,16 +487,20 @@ def test_this_session_follows_the_conftest_rule(triton_mode):
 
 def test_importing_torch_does_not_import_triton():
     # Why conftest may decide TRITON_INTERPRET after `import torch` and torch.cuda.is_available().
-    code = ("import sys, torch\n"
-            "torch.cuda.is_available()\n"
-            "assert 'triton' not in sys.modules, 'import torch imported triton'\n")
+    code = (
+        "import sys, torch\n"
+        "torch.cuda.is_available()\n"
+        "assert 'triton' not in sys.modules, 'import torch imported triton'\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
 
 
 # --- GPU only (skipped on CPU): bf16 and a realistic shape on the compiled kernels -----------------
+
 
 @pytest.mark.triton_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -88,8 +88,15 @@ def test_one_answer_format_for_generator_contract_and_reward():
 
 
 def test_format_and_parse_roundtrip():
-    for value in [Fraction(0), Fraction(42), Fraction(-3), Fraction(5, 2), Fraction(-1, 8), Fraction(1, 3),
-                  Fraction(123456789, 1000)]:
+    for value in [
+        Fraction(0),
+        Fraction(42),
+        Fraction(-3),
+        Fraction(5, 2),
+        Fraction(-1, 8),
+        Fraction(1, 3),
+        Fraction(123456789, 1000),
+    ]:
         assert parse_number(format_number(value)) == value
     assert format_number(Fraction(-1, 8)) == "-0.125"
     assert format_number(Fraction(7, 20)) == "0.35"
@@ -148,7 +155,9 @@ def _check_problem(problem) -> None:
         assert value == Fraction(shown), f"wrong arithmetic in {line!r}: {expr} = {value}"
         assert line.count(f">>{shown}") == 1
         unknown = [o for o in operands if o not in known]
-        assert not unknown, f"operands {unknown} of {expr!r} come from neither the question nor earlier steps:\n{problem}"
+        assert not unknown, (
+            f"operands {unknown} of {expr!r} come from neither the question nor earlier steps:\n{problem}"
+        )
         known.add(value)
         last = value
     if last is None:  # zero-step problems do not exist: every template computes something
@@ -196,7 +205,9 @@ def test_checker_catches_a_wrong_solution():
 
 
 def test_number_pattern_and_bad_arguments():
-    assert number_pattern("Ava buys 12 pens for $2.50 each.") == number_pattern("ava buys 3  pens for $1,000 each.")
+    assert number_pattern("Ava buys 12 pens for $2.50 each.") == number_pattern(
+        "ava buys 3  pens for $1,000 each."
+    )
     assert number_pattern("Ava buys 12 pens.") != number_pattern("Ben buys 12 pens.")
     with pytest.raises(ValueError, match="unknown template"):
         generate_problem(random.Random(0), 1, "geometry")

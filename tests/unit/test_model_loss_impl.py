@@ -32,10 +32,20 @@ GRAD_TOL = dict(atol=1e-6, rtol=1e-4)
 
 def make_family(shared: bool, seed: int = 0) -> FamilialForCausalLM:
     torch.manual_seed(seed)
-    cfg = FamilialConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=67, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-                         exit_layers=EXITS, exit_branch_layers=1, shared_heads=shared)
+    cfg = FamilialConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=67,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        exit_layers=EXITS,
+        exit_branch_layers=1,
+        shared_heads=shared,
+    )
     return FamilialForCausalLM(cfg).train()
 
 
@@ -56,8 +66,9 @@ def family(variant: str) -> FamilialForCausalLM:
         assert fam.config.dae_blocks == [0, 2, 0]
         return fam.train()
     if variant == "lowrank-head":
-        fam = decompose(make_family(shared=False), ratio=0.4, include_head=True, exit_layer=1,
-                        allocation="uniform").model
+        fam = decompose(
+            make_family(shared=False), ratio=0.4, include_head=True, exit_layer=1, allocation="uniform"
+        ).model
         assert isinstance(fam.exits["1"].lm_head, LowRankLinear)
         assert set(fam.config.lowrank_ranks) == {"exits.1.lm_head"}
         return fam.train()

@@ -23,23 +23,42 @@ VOCAB = 97
 
 
 def qwen3_fields(num_layers=5, heads=4, kv=2, hidden=32, head_dim=8):
-    return dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden + 3, num_hidden_layers=num_layers,
-                num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim, max_position_embeddings=128,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    return dict(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden + 3,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=head_dim,
+        max_position_embeddings=128,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
 
 
 def member_as_stock_qwen3(fam: FamilialForCausalLM, d: int) -> Qwen3ForCausalLM:
     """The oracle: a stock Qwen3ForCausalLM assembled by hand from member d's weights."""
     cfg = fam.config
     layers = fam.member_layers(d)
-    q = Qwen3ForCausalLM(Qwen3Config(**{**qwen3_fields(), "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-                                        "intermediate_size": cfg.intermediate_size,
-                                        "num_attention_heads": cfg.num_attention_heads,
-                                        "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
-                                        "num_hidden_layers": len(layers)})).eval()
-    sd = {"model.embed_tokens.weight": fam.model.embed_tokens.weight,
-          "model.norm.weight": fam.exits[str(d)].norm.weight,
-          "lm_head.weight": fam.exit_head(d).weight}
+    q = Qwen3ForCausalLM(
+        Qwen3Config(
+            **{
+                **qwen3_fields(),
+                "vocab_size": cfg.vocab_size,
+                "hidden_size": cfg.hidden_size,
+                "intermediate_size": cfg.intermediate_size,
+                "num_attention_heads": cfg.num_attention_heads,
+                "num_key_value_heads": cfg.num_key_value_heads,
+                "head_dim": cfg.head_dim,
+                "num_hidden_layers": len(layers),
+            }
+        )
+    ).eval()
+    sd = {
+        "model.embed_tokens.weight": fam.model.embed_tokens.weight,
+        "model.norm.weight": fam.exits[str(d)].norm.weight,
+        "lm_head.weight": fam.exit_head(d).weight,
+    }
     for i, layer in enumerate(layers):
         for k, v in layer.state_dict().items():
             sd[f"model.layers.{i}.{k}"] = v
@@ -59,9 +78,9 @@ SHAPES = [
     ([1, 3, 5], 1, False, {}),
     ([2, 5], 0, False, {}),
     ([1, 2, 3, 4, 5], 1, True, {}),
-    ([3, 7], 1, False, {"num_layers": 7, "heads": 6, "kv": 3, "hidden": 48}),   # odd layer count, GQA 2:1
-    ([4], 1, False, {"num_layers": 4, "heads": 4, "kv": 4}),                     # MHA, single member
-    ([1, 6], 0, True, {"num_layers": 6, "heads": 4, "kv": 1}),                   # MQA, exit at 1 with no branch
+    ([3, 7], 1, False, {"num_layers": 7, "heads": 6, "kv": 3, "hidden": 48}),  # odd layer count, GQA 2:1
+    ([4], 1, False, {"num_layers": 4, "heads": 4, "kv": 4}),  # MHA, single member
+    ([1, 6], 0, True, {"num_layers": 6, "heads": 4, "kv": 1}),  # MQA, exit at 1 with no branch
 ]
 
 
@@ -110,9 +129,14 @@ def test_from_qwen3_deepest_equals_source_and_branches_copy_next_layer(tmp_path)
             truncated = member_as_stock_qwen3(fam, d)
             for k, v in truncated.model.layers.state_dict().items():
                 torch.testing.assert_close(v, src.model.layers.state_dict()[k], atol=0, rtol=0)
-            torch.testing.assert_close(fam(ids, exit_layer=d).logits, truncated(ids).logits, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                fam(ids, exit_layer=d).logits, truncated(ids).logits, atol=1e-5, rtol=1e-5
+            )
     # the copies are independent parameters, not aliases
-    assert fam.exits["2"].layers[0].mlp.up_proj.weight.data_ptr() != fam.model.layers[1].mlp.up_proj.weight.data_ptr()
+    assert (
+        fam.exits["2"].layers[0].mlp.up_proj.weight.data_ptr()
+        != fam.model.layers[1].mlp.up_proj.weight.data_ptr()
+    )
 
 
 def test_from_qwen3_unties_a_tied_source():
@@ -135,20 +159,27 @@ def test_save_load_round_trip_and_auto_classes(tmp_path, exits, branch, shared):
     ids = torch.randint(0, VOCAB, (2, 6))
     with torch.no_grad():
         for d in exits:
-            torch.testing.assert_close(loaded(ids, exit_layer=d).logits, fam(ids, exit_layer=d).logits, atol=0, rtol=0)
+            torch.testing.assert_close(
+                loaded(ids, exit_layer=d).logits, fam(ids, exit_layer=d).logits, atol=0, rtol=0
+            )
 
 
 def test_lowrank_structure_survives_save_load(tmp_path):
     torch.manual_seed(3)
-    cfg = FamilialConfig(**qwen3_fields(), exit_layers=[2, 5],
-                         lowrank_ranks={"exits.2.layers.0.mlp.down_proj": 3, "exits.2.lm_head": 4})
+    cfg = FamilialConfig(
+        **qwen3_fields(),
+        exit_layers=[2, 5],
+        lowrank_ranks={"exits.2.layers.0.mlp.down_proj": 3, "exits.2.lm_head": 4},
+    )
     fam = FamilialForCausalLM(cfg).eval()
     assert isinstance(fam.exits["2"].lm_head, LowRankLinear) and fam.exits["2"].lm_head.rank == 4
     fam.save_pretrained(tmp_path)
     loaded = FamilialForCausalLM.from_pretrained(tmp_path)
     ids = torch.randint(0, VOCAB, (1, 6))
     with torch.no_grad():
-        torch.testing.assert_close(loaded(ids, exit_layer=2).logits, fam(ids, exit_layer=2).logits, atol=0, rtol=0)
+        torch.testing.assert_close(
+            loaded(ids, exit_layer=2).logits, fam(ids, exit_layer=2).logits, atol=0, rtol=0
+        )
 
 
 def test_checkpoint_with_missing_or_extra_tensors_is_an_error(tmp_path):
@@ -180,10 +211,18 @@ def test_generate_with_member_cache_equals_no_cache(exits, branch):
     mask[0, :3] = 0  # left padding: the mask must be sized from the member's own cache slot
     for d in exits:
         with torch.no_grad():
-            cached = fam.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, exit_layer=d,
-                                  pad_token_id=0)
-            plain = fam.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, exit_layer=d,
-                                 use_cache=False, pad_token_id=0)
+            cached = fam.generate(
+                ids, attention_mask=mask, max_new_tokens=6, do_sample=False, exit_layer=d, pad_token_id=0
+            )
+            plain = fam.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=6,
+                do_sample=False,
+                exit_layer=d,
+                use_cache=False,
+                pad_token_id=0,
+            )
         assert torch.equal(cached, plain), f"member {d}"
 
 
@@ -223,36 +262,39 @@ def test_exit_layer_that_is_not_an_exit_is_an_error():
         fam.generate(torch.randint(0, VOCAB, (1, 4)), max_new_tokens=2, exit_layer=4)
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("exit_layers", [3, 2, 5], "strictly increasing"),
-    ("exit_layers", [2, 4], "last must equal"),
-    ("exit_layers", [0, 5], r"1\.\.5"),
-    ("exit_layers", [], "at least one exit"),
-    ("exit_layers", [2.5, 5], "list of integers"),         # was silently truncated to [2, 5]
-    ("exit_layers", [1.0, 3, 5], "list of integers"),      # an integral float is still a float
-    ("exit_layers", [True, 3, 5], "list of integers"),     # bool is an int subclass in Python
-    ("exit_layers", "1,3,5", "list of integers"),
-    ("exit_branch_layers", -1, ">= 0"),
-    ("exit_branch_layers", 2, "member of depth 1 cannot own 2 branch layers"),
-    ("exit_branch_layers", 1.5, "must be an integer"),
-    ("exit_branch_layers", True, "must be an integer"),
-    ("shared_heads", "yes", "must be a bool"),
-    ("shared_heads", 1, "must be a bool"),
-    ("exit_loss_weights", [1.0, 2.0], "one weight per exit"),
-    ("exit_loss_weights", [1.0, -0.5, 1.0], "finite and >= 0"),
-    ("exit_loss_weights", [1.0, float("nan"), 1.0], "finite and >= 0"),
-    ("exit_loss_weights", [1.0, True, 1.0], "list of numbers"),
-    ("exit_loss_weights", ["1", 1.0, 1.0], "list of numbers"),
-    ("dae_blocks", [0, -1, 0], "one count >= 0"),
-    ("dae_blocks", [0, 1.5, 0], "list of integers"),
-    ("lowrank_ranks", {"exits.1.lm_head": 0}, "ranks must be >= 1"),
-    ("lowrank_ranks", {"exits.1.lm_head": 2.5}, "integer ranks"),
-    ("lowrank_ranks", {"exits.1.lm_head": True}, "integer ranks"),
-    ("loss_impl", "fast", "must be one of"),
-    ("loss_impl", 3, "must be one of"),
-    ("tie_word_embeddings", True, "untied"),
-    ("use_sliding_window", True, "not supported"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("exit_layers", [3, 2, 5], "strictly increasing"),
+        ("exit_layers", [2, 4], "last must equal"),
+        ("exit_layers", [0, 5], r"1\.\.5"),
+        ("exit_layers", [], "at least one exit"),
+        ("exit_layers", [2.5, 5], "list of integers"),  # was silently truncated to [2, 5]
+        ("exit_layers", [1.0, 3, 5], "list of integers"),  # an integral float is still a float
+        ("exit_layers", [True, 3, 5], "list of integers"),  # bool is an int subclass in Python
+        ("exit_layers", "1,3,5", "list of integers"),
+        ("exit_branch_layers", -1, ">= 0"),
+        ("exit_branch_layers", 2, "member of depth 1 cannot own 2 branch layers"),
+        ("exit_branch_layers", 1.5, "must be an integer"),
+        ("exit_branch_layers", True, "must be an integer"),
+        ("shared_heads", "yes", "must be a bool"),
+        ("shared_heads", 1, "must be a bool"),
+        ("exit_loss_weights", [1.0, 2.0], "one weight per exit"),
+        ("exit_loss_weights", [1.0, -0.5, 1.0], "finite and >= 0"),
+        ("exit_loss_weights", [1.0, float("nan"), 1.0], "finite and >= 0"),
+        ("exit_loss_weights", [1.0, True, 1.0], "list of numbers"),
+        ("exit_loss_weights", ["1", 1.0, 1.0], "list of numbers"),
+        ("dae_blocks", [0, -1, 0], "one count >= 0"),
+        ("dae_blocks", [0, 1.5, 0], "list of integers"),
+        ("lowrank_ranks", {"exits.1.lm_head": 0}, "ranks must be >= 1"),
+        ("lowrank_ranks", {"exits.1.lm_head": 2.5}, "integer ranks"),
+        ("lowrank_ranks", {"exits.1.lm_head": True}, "integer ranks"),
+        ("loss_impl", "fast", "must be one of"),
+        ("loss_impl", 3, "must be one of"),
+        ("tie_word_embeddings", True, "untied"),
+        ("use_sliding_window", True, "not supported"),
+    ],
+)
 def test_bad_config_names_the_field(field, value, match):
     kwargs = dict(qwen3_fields(), exit_layers=[1, 3, 5])
     kwargs[field] = value
@@ -261,9 +303,15 @@ def test_bad_config_names_the_field(field, value, match):
 
 
 def test_valid_config_values_keep_their_meaning_and_canonical_types():
-    # numpy integers and tuples are integers and sequences; int weights are numbers. Stored as plain JSON types.
-    cfg = FamilialConfig(**qwen3_fields(), exit_layers=(np.int64(2), 5), exit_branch_layers=np.int32(1),
-                         exit_loss_weights=[1, 2], dae_blocks=[np.int64(1), 0])
+    # numpy integers and tuples are integers and sequences; int weights are numbers. Stored as plain JSON
+    # types.
+    cfg = FamilialConfig(
+        **qwen3_fields(),
+        exit_layers=(np.int64(2), 5),
+        exit_branch_layers=np.int32(1),
+        exit_loss_weights=[1, 2],
+        dae_blocks=[np.int64(1), 0],
+    )
     assert cfg.exit_layers == [2, 5] and all(type(d) is int for d in cfg.exit_layers)
     assert type(cfg.exit_branch_layers) is int and cfg.dae_blocks == [1, 0]
     assert cfg.exit_loss_weights == [1.0, 2.0] and all(type(w) is float for w in cfg.exit_loss_weights)
@@ -275,21 +323,31 @@ def test_config_json_of_an_earlier_version_still_loads(tmp_path):
     fam = make_family([1, 3, 5])
     fam.save_pretrained(tmp_path)
     raw = json.loads((tmp_path / "config.json").read_text())
-    raw.update(exit_layers=[1, 3, 5], exit_branch_layers=1, shared_heads=False, exit_loss_weights=[1, 2, 1],
-               dae_blocks=[0, 0, 0], lowrank_ranks={})
+    raw.update(
+        exit_layers=[1, 3, 5],
+        exit_branch_layers=1,
+        shared_heads=False,
+        exit_loss_weights=[1, 2, 1],
+        dae_blocks=[0, 0, 0],
+        lowrank_ranks={},
+    )
     (tmp_path / "config.json").write_text(json.dumps(raw))
     cfg = FamilialConfig.from_pretrained(tmp_path)
     assert (cfg.exit_layers, cfg.exit_loss_weights) == ([1, 3, 5], [1.0, 2.0, 1.0])
     loaded = FamilialForCausalLM.from_pretrained(tmp_path)
     ids = torch.randint(0, VOCAB, (1, 5))
     with torch.no_grad():
-        torch.testing.assert_close(loaded(ids, exit_layer=3).logits, fam(ids, exit_layer=3).logits, atol=0, rtol=0)
+        torch.testing.assert_close(
+            loaded(ids, exit_layer=3).logits, fam(ids, exit_layer=3).logits, atol=0, rtol=0
+        )
 
 
 def test_shared_low_rank_head_is_rejected_and_per_member_low_rank_heads_train():
     # decompose(include_head=True) refuses shared heads (the shared head is every member's head); a config
     # asking for it is refused too, instead of crashing in the multi-exit loss.
-    with pytest.raises(ValueError, match=r"FamilialConfig\.lowrank_ranks=\{'lm_head': 4\}: .*shared_heads=True"):
+    with pytest.raises(
+        ValueError, match=r"FamilialConfig\.lowrank_ranks=\{'lm_head': 4\}: .*shared_heads=True"
+    ):
         FamilialConfig(**qwen3_fields(), exit_layers=[2, 5], shared_heads=True, lowrank_ranks={"lm_head": 4})
     torch.manual_seed(4)
     cfg = FamilialConfig(**qwen3_fields(), exit_layers=[2, 5], lowrank_ranks={"exits.2.lm_head": 4})
@@ -302,7 +360,9 @@ def test_shared_low_rank_head_is_rejected_and_per_member_low_rank_heads_train():
 
 def test_lowrank_path_that_is_not_a_module_is_an_error():
     with pytest.raises(ValueError, match="exits.4.lm_head"):
-        FamilialForCausalLM(FamilialConfig(**qwen3_fields(), exit_layers=[1, 5], lowrank_ranks={"exits.4.lm_head": 2}))
+        FamilialForCausalLM(
+            FamilialConfig(**qwen3_fields(), exit_layers=[1, 5], lowrank_ranks={"exits.4.lm_head": 2})
+        )
 
 
 def naive_member_losses(fam, ids, labels):
@@ -380,9 +440,19 @@ def test_attention_mask_with_a_cache_covers_past_and_current_tokens():
         with torch.no_grad():
             cache = DynamicCache()
             fam(ids[:, :5], attention_mask=mask[:, :5], exit_layer=d, past_key_values=cache, use_cache=True)
-            with pytest.raises(ValueError, match=re.escape("(2, 1) but input_ids has shape (2, 1) plus 5 cached")):
-                fam(ids[:, 5:], attention_mask=mask[:, 5:], exit_layer=d, past_key_values=cache, use_cache=True)
-            step = fam(ids[:, 5:], attention_mask=mask, exit_layer=d, past_key_values=cache, use_cache=True).logits
+            with pytest.raises(
+                ValueError, match=re.escape("(2, 1) but input_ids has shape (2, 1) plus 5 cached")
+            ):
+                fam(
+                    ids[:, 5:],
+                    attention_mask=mask[:, 5:],
+                    exit_layer=d,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+            step = fam(
+                ids[:, 5:], attention_mask=mask, exit_layer=d, past_key_values=cache, use_cache=True
+            ).logits
             full = fam(ids, attention_mask=mask, exit_layer=d, use_cache=False).logits
         torch.testing.assert_close(step[:, -1], full[:, -1], atol=1e-5, rtol=1e-5)
 
@@ -427,24 +497,36 @@ def test_from_qwen3_bf16_source_deepest_member_equals_it_exactly(tmp_path, make_
     else:  # .to() casts the rotary buffers as well; the family must then reproduce that source too
         src = src.to(torch.bfloat16)
     src.eval()
-    fam = FamilialForCausalLM.from_qwen3(src, exit_layers=[2, 4], exit_branch_layers=branch, shared_heads=shared).eval()
+    fam = FamilialForCausalLM.from_qwen3(
+        src, exit_layers=[2, 4], exit_branch_layers=branch, shared_heads=shared
+    ).eval()
     assert fam.dtype == torch.bfloat16
     assert fam.model.rotary_emb.inv_freq.dtype == src.model.rotary_emb.inv_freq.dtype
     ids = torch.randint(0, VOCAB, (2, 9))
     with torch.no_grad():
         ref = src(ids).logits
-        torch.testing.assert_close(src(ids).logits, ref, atol=0, rtol=0)  # the stock model is exact against itself
+        torch.testing.assert_close(
+            src(ids).logits, ref, atol=0, rtol=0
+        )  # the stock model is exact against itself
         torch.testing.assert_close(fam(ids).logits, ref, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("exits,branch,shared,dae", [([1, 3, 5], 1, False, [0, 1, 0]), ([2, 5], 0, True, [0, 0])])
+@pytest.mark.parametrize(
+    "exits,branch,shared,dae", [([1, 3, 5], 1, False, [0, 1, 0]), ([2, 5], 0, True, [0, 0])]
+)
 def test_multi_exit_loss_is_one_backbone_pass_and_equals_stock_member_losses(exits, branch, shared, dae):
     torch.manual_seed(6)
-    cfg = FamilialConfig(**qwen3_fields(), exit_layers=exits, exit_branch_layers=branch, shared_heads=shared,
-                         dae_blocks=dae, exit_loss_weights=[0.25 + k for k in range(len(exits))])
+    cfg = FamilialConfig(
+        **qwen3_fields(),
+        exit_layers=exits,
+        exit_branch_layers=branch,
+        shared_heads=shared,
+        dae_blocks=dae,
+        exit_loss_weights=[0.25 + k for k in range(len(exits))],
+    )
     fam = FamilialForCausalLM(cfg).train()
     for d in exits:  # DaE blocks start as identities; give them weights so that they matter
-        for layer in list(fam.exits[str(d)].layers)[cfg.branch_layers(d):]:
+        for layer in list(fam.exits[str(d)].layers)[cfg.branch_layers(d) :]:
             torch.nn.init.normal_(layer.self_attn.o_proj.weight, std=0.02)
             torch.nn.init.normal_(layer.mlp.down_proj.weight, std=0.02)
     calls: dict[str, int] = {}

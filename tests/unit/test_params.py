@@ -50,8 +50,12 @@ def test_tiny_default_is_the_defaults_of_the_schema():
 def test_paper_profile_is_paper_scale():
     p = load_params(REPO / "params.paper.yaml")
     assert p.model.exit_layers == [3, 22, 40]
-    assert (p.model.hidden_size, p.model.num_hidden_layers, p.model.num_attention_heads,
-            p.model.num_key_value_heads) == (5120, 40, 40, 8)
+    assert (
+        p.model.hidden_size,
+        p.model.num_hidden_layers,
+        p.model.num_attention_heads,
+        p.model.num_key_value_heads,
+    ) == (5120, 40, 40, 8)
     assert p.expand.num_blocks == 3
 
 
@@ -93,8 +97,21 @@ def test_overrides_apply_dotted_keys(tmp_path):
 
 
 def test_stage_cli_reports_bad_parameter_before_any_work(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "tasks.cpt", "--params", str(REPO / "params.yaml"),
-                           "--set", "cpt.batch_size=0"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tasks.cpt",
+            "--params",
+            str(REPO / "params.yaml"),
+            "--set",
+            "cpt.batch_size=0",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert "cpt.batch_size" in proc.stderr
     assert not (tmp_path / "artifacts").exists()
@@ -110,9 +127,12 @@ def test_ruyi_help_is_fast():
         proc = subprocess.run([ruyi, "--help"], capture_output=True, text=True, timeout=60)
         times.append(time.perf_counter() - t0)
         assert proc.returncode == 0 and "stage" in proc.stdout, proc.stderr
-    assert min(times) < 1.0, f"ruyi --help took {min(times):.2f} s at best (runs: {[round(t, 2) for t in times]})"
-    out = subprocess.run([sys.executable, "-X", "importtime", "-c", "import flows.cli"], capture_output=True,
-                         text=True).stderr
+    assert min(times) < 1.0, (
+        f"ruyi --help took {min(times):.2f} s at best (runs: {[round(t, 2) for t in times]})"
+    )
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import flows.cli"], capture_output=True, text=True
+    ).stderr
     for heavy in ("torch", "transformers", "prefect", "ray", "great_expectations"):
         assert f" {heavy}\n" not in out and f"| {heavy}\n" not in out, f"ruyi imports {heavy} at start-up"
 
@@ -120,17 +140,20 @@ def test_ruyi_help_is_fast():
 # --- strict types and YAML 1.2 scalars -------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("text", "key", "shown"), [
-    ('cpt:\n  max_steps: "150"\n', "cpt.max_steps", "'150'"),      # a string is no int
-    ("cpt:\n  max_steps: true\n", "cpt.max_steps", "True"),         # a bool is no int (it was 1)
-    ("cpt:\n  max_steps: 150.0\n", "cpt.max_steps", "150.0"),       # nor is a float
-    ('model:\n  shared_heads: "no"\n', "model.shared_heads", "'no'"),  # a string is no bool
-    ("model:\n  shared_heads: no\n", "model.shared_heads", "'no'"),    # YAML 1.2: `no` is a string
-    ("model:\n  shared_heads: 0\n", "model.shared_heads", "0"),        # an int is no bool
-    ("cpt:\n  lr: true\n", "cpt.lr", "True"),                          # a bool is no float
-    ('cpt:\n  lr: "0.001"\n', "cpt.lr", "'0.001'"),                    # a quoted number is a string
-    ("seed: [1]\n", "seed", "[1]"),
-])
+@pytest.mark.parametrize(
+    ("text", "key", "shown"),
+    [
+        ('cpt:\n  max_steps: "150"\n', "cpt.max_steps", "'150'"),  # a string is no int
+        ("cpt:\n  max_steps: true\n", "cpt.max_steps", "True"),  # a bool is no int (it was 1)
+        ("cpt:\n  max_steps: 150.0\n", "cpt.max_steps", "150.0"),  # nor is a float
+        ('model:\n  shared_heads: "no"\n', "model.shared_heads", "'no'"),  # a string is no bool
+        ("model:\n  shared_heads: no\n", "model.shared_heads", "'no'"),  # YAML 1.2: `no` is a string
+        ("model:\n  shared_heads: 0\n", "model.shared_heads", "0"),  # an int is no bool
+        ("cpt:\n  lr: true\n", "cpt.lr", "True"),  # a bool is no float
+        ('cpt:\n  lr: "0.001"\n', "cpt.lr", "'0.001'"),  # a quoted number is a string
+        ("seed: [1]\n", "seed", "[1]"),
+    ],
+)
 def test_types_are_strict_and_errors_name_key_and_value(tmp_path, text, key, shown):
     with pytest.raises(ParamsError) as err:
         load_params(write(tmp_path, text))
@@ -139,8 +162,13 @@ def test_types_are_strict_and_errors_name_key_and_value(tmp_path, text, key, sho
 
 
 def test_yaml_12_floats_and_ints_for_float_fields(tmp_path):
-    p = load_params(write(tmp_path, "cpt:\n  lr: 1e-3\n  grad_clip: 2\nmodel:\n  rms_norm_eps: 1E-6\n"
-                                    "  shared_heads: true\nrl:\n  temperature: .5\n"))
+    p = load_params(
+        write(
+            tmp_path,
+            "cpt:\n  lr: 1e-3\n  grad_clip: 2\nmodel:\n  rms_norm_eps: 1E-6\n"
+            "  shared_heads: true\nrl:\n  temperature: .5\n",
+        )
+    )
     assert (p.cpt.lr, p.cpt.grad_clip, p.model.rms_norm_eps, p.rl.temperature) == (0.001, 2.0, 1e-6, 0.5)
     assert type(p.cpt.lr) is float and type(p.cpt.grad_clip) is float and p.model.shared_heads is True
 
@@ -148,10 +176,15 @@ def test_yaml_12_floats_and_ints_for_float_fields(tmp_path):
 def test_set_values_are_yaml_scalars_checked_strictly():
     from tasks.core.stage import parse_overrides
 
-    sets = parse_overrides(["cpt.max_steps=150", "cpt.lr=1e-3", "model.shared_heads=false",
-                            "data.math_levels=[1, 2]"])
-    assert sets == {"cpt.max_steps": 150, "cpt.lr": 0.001, "model.shared_heads": False,
-                    "data.math_levels": [1, 2]}
+    sets = parse_overrides(
+        ["cpt.max_steps=150", "cpt.lr=1e-3", "model.shared_heads=false", "data.math_levels=[1, 2]"]
+    )
+    assert sets == {
+        "cpt.max_steps": 150,
+        "cpt.lr": 0.001,
+        "model.shared_heads": False,
+        "data.math_levels": [1, 2],
+    }
     p = load_params(REPO / "params.yaml", sets)
     assert (p.cpt.max_steps, p.cpt.lr, p.model.shared_heads) == (150, 0.001, False)
     with pytest.raises(ParamsError, match=r"cpt\.max_steps: Input should be a valid integer \(got '150'\)"):
@@ -159,9 +192,21 @@ def test_set_values_are_yaml_scalars_checked_strictly():
 
 
 def test_stage_cli_refuses_a_quoted_number_naming_params_yaml_and_key(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "tasks.cpt", "--params", str(REPO / "params.yaml"),
-                           "--set", 'cpt.max_steps="150"'], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tasks.cpt",
+            "--params",
+            str(REPO / "params.yaml"),
+            "--set",
+            'cpt.max_steps="150"',
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert f"{REPO / 'params.yaml'}: invalid parameters" in proc.stderr
     assert "cpt.max_steps: Input should be a valid integer (got '150')" in proc.stderr
@@ -213,8 +258,9 @@ def test_threads_parameter_sets_and_logs_torch_threads():
         assert "torch threads 1 param auto" in proc.stdout, proc.stderr
 
 
-@pytest.mark.parametrize(("value", "shown"),
-                         [("0", "0"), ("many", "'many'"), ("true", "True"), ('"2"', "'2'")])
+@pytest.mark.parametrize(
+    ("value", "shown"), [("0", "0"), ("many", "'many'"), ("true", "True"), ('"2"', "'2'")]
+)
 def test_bad_threads_are_named(value, shown):
     proc = _probe(["--set", f"threads={value}"], env_omp=None)
     assert proc.returncode == 2

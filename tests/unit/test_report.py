@@ -14,8 +14,11 @@ REPO = Path(__file__).resolve().parents[2]
 def test_summary_rows_follow_the_metric_files_in_exit_order(tmp_path, capsys):
     metrics = tmp_path / "metrics"
     metrics.mkdir()
-    ev = {"exit_8": {"loss": 5.5, "accuracy": 0.25, "tokens_per_s": 100.0, "params": 2000},
-          "exit_2": {"loss": 7.25, "accuracy": 0.0, "tokens_per_s": 300.0, "params": 1000}, "run_id": "x"}
+    ev = {
+        "exit_8": {"loss": 5.5, "accuracy": 0.25, "tokens_per_s": 100.0, "params": 2000},
+        "exit_2": {"loss": 7.25, "accuracy": 0.0, "tokens_per_s": 300.0, "params": 1000},
+        "run_id": "x",
+    }
     (metrics / "eval.json").write_text(json.dumps(ev))
     (metrics / "compress.json").write_text(json.dumps({"exit_2": {"relative_loss_change": 0.0125}}))
     rows = summary_rows(metrics)
@@ -27,8 +30,12 @@ def test_summary_rows_follow_the_metric_files_in_exit_order(tmp_path, capsys):
     import yaml
 
     doc = yaml.safe_load(params_file.read_text())
-    doc["paths"].update(metrics_dir=str(metrics), reports_dir=str(tmp_path / "reports"),
-                        plots_dir=str(tmp_path / "plots"), artifacts_dir=str(tmp_path / "artifacts"))
+    doc["paths"].update(
+        metrics_dir=str(metrics),
+        reports_dir=str(tmp_path / "reports"),
+        plots_dir=str(tmp_path / "plots"),
+        artifacts_dir=str(tmp_path / "artifacts"),
+    )
     params_file.write_text(yaml.safe_dump(doc))
     (tmp_path / "reports" / "gates").mkdir(parents=True)
     paths = result_paths(load_params(params_file))
@@ -44,12 +51,24 @@ def test_recipe_lines_show_the_dae_rl_and_compression_gains(tmp_path):
     from flows.report import recipe_lines
 
     assert recipe_lines(tmp_path) == []  # nothing run yet
-    comp = {"dae_exit": 2, "removed_fraction": {"blocks": 0.55, "head": 0.3, "blocks_and_head": 0.45},
-            "dae_control": {"before_dae": {"accuracy": 0.1}, "dense": {"accuracy": 0.3},
-                            "decomposed": {"accuracy": 0.29}, "gain_retained": {"accuracy": 0.95,
-                                                                                "solution_loss": 0.9}}}
-    rl = {"algorithm": "bppo", "members": [2], "steps": 30, "steps_with_gradient": 27,
-          "accuracy_start": 0.3, "accuracy_end": 0.36}
+    comp = {
+        "dae_exit": 2,
+        "removed_fraction": {"blocks": 0.55, "head": 0.3, "blocks_and_head": 0.45},
+        "dae_control": {
+            "before_dae": {"accuracy": 0.1},
+            "dense": {"accuracy": 0.3},
+            "decomposed": {"accuracy": 0.29},
+            "gain_retained": {"accuracy": 0.95, "solution_loss": 0.9},
+        },
+    }
+    rl = {
+        "algorithm": "bppo",
+        "members": [2],
+        "steps": 30,
+        "steps_with_gradient": 27,
+        "accuracy_start": 0.3,
+        "accuracy_end": 0.36,
+    }
     (tmp_path / "compress.json").write_text(json.dumps(comp))
     (tmp_path / "rl.json").write_text(json.dumps(rl))
     dae, rl_line, compression = recipe_lines(tmp_path)

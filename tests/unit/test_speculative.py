@@ -22,16 +22,27 @@ def agreeing_family(vocab=97, exits=(1, 2, 3, 4), alpha=0.1, branch=1, shared=Fa
     """A random family whose members mostly agree: layers after the first write a residual scaled by
     `alpha`, so drafts are often but not always accepted (both paths get exercised)."""
     torch.manual_seed(seed)
-    q = Qwen3ForCausalLM(Qwen3Config(vocab_size=vocab, hidden_size=32, intermediate_size=67,
-                                     num_hidden_layers=max(exits), num_attention_heads=4,
-                                     num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-                                     initializer_range=init, tie_word_embeddings=False)).eval()
+    q = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=67,
+            num_hidden_layers=max(exits),
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=128,
+            initializer_range=init,
+            tie_word_embeddings=False,
+        )
+    ).eval()
     with torch.no_grad():
         for layer in q.model.layers[1:]:
             layer.self_attn.o_proj.weight.mul_(alpha)
             layer.mlp.down_proj.weight.mul_(alpha)
-    return FamilialForCausalLM.from_qwen3(q, exit_layers=list(exits), exit_branch_layers=branch,
-                                          shared_heads=shared).eval()
+    return FamilialForCausalLM.from_qwen3(
+        q, exit_layers=list(exits), exit_branch_layers=branch, shared_heads=shared
+    ).eval()
 
 
 def with_dae(fam: FamilialForCausalLM) -> FamilialForCausalLM:
@@ -41,7 +52,7 @@ def with_dae(fam: FamilialForCausalLM) -> FamilialForCausalLM:
     torch.manual_seed(1)
     with torch.no_grad():
         for d in (2, fam.config.exit_layers[-1]):
-            for layer in fam.exits[str(d)].layers[fam.config.branch_layers(d):]:
+            for layer in fam.exits[str(d)].layers[fam.config.branch_layers(d) :]:
                 layer.self_attn.o_proj.weight.normal_(0, 0.01)
                 layer.mlp.down_proj.weight.normal_(0, 0.01)
     return fam
@@ -97,8 +108,18 @@ def test_greedy_stops_at_eos_and_handles_left_padding():
     out = speculative_generate(fam, ids, draft_exit=2, k=3, max_new_tokens=16, eos_token_id=[eos, 10_000])
     assert out.new_tokens == ref[: stop + 1]
     # sampling through the warpers: top_k=1 makes both laws one-hot, so the output is the greedy one
-    out = speculative_generate(fam, ids, draft_exit=1, k=4, max_new_tokens=16, do_sample=True, top_k=1,
-                               top_p=0.9, temperature=0.7, generator=torch.Generator().manual_seed(0))
+    out = speculative_generate(
+        fam,
+        ids,
+        draft_exit=1,
+        k=4,
+        max_new_tokens=16,
+        do_sample=True,
+        top_k=1,
+        top_p=0.9,
+        temperature=0.7,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert out.new_tokens == ref and 0 < out.accepted < out.proposed
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], dim=1)
     mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 5, dtype=torch.long)], dim=1)
@@ -118,8 +139,9 @@ def test_cache_after_every_round_equals_plain_decoding(do_sample):
     fam = agreeing_family(exits=(2, 3, 4))
     torch.manual_seed(11)
     prompt = torch.randint(0, 97, (7,)).tolist()
-    state = SpeculativeState(fam, draft_exit=2, do_sample=do_sample, temperature=0.7,
-                             generator=torch.Generator().manual_seed(0))
+    state = SpeculativeState(
+        fam, draft_exit=2, do_sample=do_sample, temperature=0.7, generator=torch.Generator().manual_seed(0)
+    )
     state.prefill(prompt)
     seen_reject = seen_full = False
     for _ in range(12):
@@ -127,9 +149,9 @@ def test_cache_after_every_round_equals_plain_decoding(do_sample):
         _, accepted = state.step(k)
         seen_reject |= accepted < k
         seen_full |= accepted == k
-        committed = state.tokens[:-1]            # the last token is pending: in no cache yet
+        committed = state.tokens[:-1]  # the last token is pending: in no cache yet
         ref_target = plain_cache(fam, committed, 4)
-        for layer in fam.member_layers(4):       # shared backbone slots and the verifier's own slots
+        for layer in fam.member_layers(4):  # shared backbone slots and the verifier's own slots
             slot = layer.self_attn.layer_idx
             got, want = state.cache.layers[slot], ref_target.layers[slot]
             assert got.get_seq_length() == len(committed)
@@ -148,8 +170,9 @@ def test_cache_after_every_round_equals_plain_decoding(do_sample):
     assert seen_reject and seen_full
 
 
-def joint_first_two(fam: FamilialForCausalLM, prompt: list[int], exit_layer: int,
-                    temperature: float) -> np.ndarray:
+def joint_first_two(
+    fam: FamilialForCausalLM, prompt: list[int], exit_layer: int, temperature: float
+) -> np.ndarray:
     """The exact V x V law of the first two sampled tokens of member `exit_layer`."""
     vocab = fam.config.vocab_size
     with torch.no_grad():
@@ -163,7 +186,7 @@ def joint_first_two(fam: FamilialForCausalLM, prompt: list[int], exit_layer: int
 def test_sampling_follows_the_deepest_members_distribution():
     vocab, temperature, n = 8, 0.8, 1500
     fam = agreeing_family(vocab=vocab, exits=(1, 2), alpha=0.6, init=0.6, seed=2)
-    prompt = [5]    # one token: no prefill, so each sample is 1-2 rounds (keeps the test fast)
+    prompt = [5]  # one token: no prefill, so each sample is 1-2 rounds (keeps the test fast)
     target = joint_first_two(fam, prompt, 2, temperature)
     draft = joint_first_two(fam, prompt, 1, temperature)
     tv_draft = 0.5 * np.abs(target - draft).sum()
@@ -173,24 +196,32 @@ def test_sampling_follows_the_deepest_members_distribution():
     counts = np.zeros((vocab, vocab))
     accepted = proposed = 0
     for _ in range(n):
-        out = speculative_generate(fam, ids, draft_exit=1, k=1, max_new_tokens=2, do_sample=True,
-                                   temperature=temperature, generator=gen)
+        out = speculative_generate(
+            fam,
+            ids,
+            draft_exit=1,
+            k=1,
+            max_new_tokens=2,
+            do_sample=True,
+            temperature=temperature,
+            generator=gen,
+        )
         counts[out.new_tokens[0], out.new_tokens[1]] += 1
         accepted, proposed = accepted + out.accepted, proposed + out.proposed
-    assert 0 < accepted < proposed            # both the accept and the residual-sampling paths ran
+    assert 0 < accepted < proposed  # both the accept and the residual-sampling paths ran
     emp = counts / n
 
     def chi2_pvalue(law):
         exp = (law / law.sum() * n).ravel()
         obs = counts.ravel()
-        big = exp >= 5                         # pool the sparse cells into one
+        big = exp >= 5  # pool the sparse cells into one
         obs_c = np.append(obs[big], obs[~big].sum())
         exp_c = np.append(exp[big], exp[~big].sum())
         return stats.chisquare(obs_c, exp_c).pvalue
 
     assert chi2_pvalue(target) > 1e-3
-    assert chi2_pvalue(draft) < 1e-6          # the same sample rejects the draft's own law
-    assert 0.5 * np.abs(emp - target).sum() < 0.1   # (about 0.03 expected at n = 1500)
+    assert chi2_pvalue(draft) < 1e-6  # the same sample rejects the draft's own law
+    assert 0.5 * np.abs(emp - target).sum() < 0.1  # (about 0.03 expected at n = 1500)
 
 
 def test_invalid_arguments():
@@ -201,7 +232,7 @@ def test_invalid_arguments():
     with pytest.raises(ValueError, match="deepest member"):
         speculative_generate(fam, ids, draft_exit=4)
     with pytest.raises(ValueError):
-        speculative_generate(fam, ids, draft_exit=3)           # not a member
+        speculative_generate(fam, ids, draft_exit=3)  # not a member
     with pytest.raises(ValueError, match="k "):
         speculative_generate(fam, ids, draft_exit=2, k=0)
     with pytest.raises(ValueError, match="temperature"):

@@ -99,8 +99,10 @@ def test_mixed_stream_has_the_exact_replay_share():
 
 
 def test_trim_batch_cuts_common_right_padding():
-    batch = {"input_ids": torch.tensor([[5, 6, 0, 0], [7, 0, 0, 0]]),
-             "attention_mask": torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]])}
+    batch = {
+        "input_ids": torch.tensor([[5, 6, 0, 0], [7, 0, 0, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]]),
+    }
     out = trim_batch(batch)
     assert out["input_ids"].tolist() == [[5, 6], [7, 0]]
 
@@ -121,25 +123,51 @@ def _micro_family(seed=0):
     from ruyi_model import FamilialConfig, FamilialForCausalLM
 
     torch.manual_seed(seed)
-    cfg = FamilialConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=32,
-                         exit_layers=[1, 3], tie_word_embeddings=False, loss_impl="chunked")
+    cfg = FamilialConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=32,
+        exit_layers=[1, 3],
+        tie_word_embeddings=False,
+        loss_impl="chunked",
+    )
     return FamilialForCausalLM(cfg)
 
 
 def _loop(tmp_path, max_steps=8, callbacks=(), ckpt=True, lr=1e-2, **info_extra):
     model = _micro_family()
-    cfg = TrainParams(seq_len=8, batch_size=2, max_steps=max_steps, lr=lr, warmup_steps=1, checkpoint_every=3,
-                      eval_every=4, eval_batches=1)
+    cfg = TrainParams(
+        seq_len=8,
+        batch_size=2,
+        max_steps=max_steps,
+        lr=lr,
+        warmup_steps=1,
+        checkpoint_every=3,
+        eval_every=4,
+        eval_batches=1,
+    )
     g = torch.Generator().manual_seed(0)
     blocks = torch.randint(0, 64, (20, 8), generator=g)
     stream = BlockStream({"input_ids": blocks}, 0, "t")
     info = fingerprint_info("cpt", cfg, seed=0, inputs={"data": "x", **info_extra})
     ckpt_obj = Checkpointer(tmp_path / "ckpt", info) if ckpt else None
     weights = lambda step: exit_weights_at(CPTParams().exit_weights, [1, 3], step, max_steps)  # noqa: E731
-    result = train_loop(stage="t", model=model, cfg=cfg, named_params=list(model.named_parameters()),
-                                  stream=stream, loss_fn=multi_exit_loss_fn(weights),
-                                  val_batches=[{"input_ids": blocks[:2]}], checkpointer=ckpt_obj, callbacks=callbacks)
+    result = train_loop(
+        stage="t",
+        model=model,
+        cfg=cfg,
+        named_params=list(model.named_parameters()),
+        stream=stream,
+        loss_fn=multi_exit_loss_fn(weights),
+        val_batches=[{"input_ids": blocks[:2]}],
+        checkpointer=ckpt_obj,
+        callbacks=callbacks,
+    )
     return model, result, ckpt_obj
 
 
@@ -151,6 +179,7 @@ def _kill_at(step):
     def cb(done):
         if done == step:
             raise Kill(done)
+
     return cb
 
 
@@ -222,21 +251,26 @@ def test_all_checkpoints_corrupt_start_from_scratch(tmp_path, caplog):
     flip_byte(ckpt / "step_3" / "rng.pt", offset=-1)
     resumed, result, _ = _loop(tmp_path / "b")
     assert result.resumed_from_step is None
-    assert [(s["step"], s["reason"].split()[0]) for s in result.skipped_checkpoints] == \
-        [(6, "model.safetensors"), (3, "rng.pt")]
+    assert [(s["step"], s["reason"].split()[0]) for s in result.skipped_checkpoints] == [
+        (6, "model.safetensors"),
+        (3, "rng.pt"),
+    ]
     assert "no checkpoint in" in caplog.text and "training starts from scratch" in caplog.text
     _assert_same_weights(straight, resumed)
     assert result.history == res_straight.history
     assert sorted(p.name for p in ckpt.iterdir()) == ["step_6", "step_8"]
 
 
-@pytest.mark.parametrize("damage, reason", [
-    ("manifest missing", "checksums.json is missing"),
-    ("manifest truncated", "checksums.json is unreadable"),
-    ("manifest without a file", "checksums.json does not list optimizer.pt"),
-    ("file missing", "optimizer.pt is missing"),
-    ("file truncated", "model.safetensors has"),
-])
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        ("manifest missing", "checksums.json is missing"),
+        ("manifest truncated", "checksums.json is unreadable"),
+        ("manifest without a file", "checksums.json does not list optimizer.pt"),
+        ("file missing", "optimizer.pt is missing"),
+        ("file truncated", "model.safetensors has"),
+    ],
+)
 def test_checkpoint_without_a_valid_manifest_or_file_is_skipped(tmp_path, caplog, damage, reason):
     import json
 
@@ -270,8 +304,13 @@ def test_checkpoints_record_checksums_of_every_file_and_keep_at_least_two(tmp_pa
     _loop(tmp_path, max_steps=3)
     step = tmp_path / "ckpt" / "step_3"
     files = json.loads((step / "checksums.json").read_text())["files"]
-    assert sorted(files) == ["model.safetensors", "optimizer.pt", "rng.pt", "scheduler.pt",
-                             "trainer_state.json"]
+    assert sorted(files) == [
+        "model.safetensors",
+        "optimizer.pt",
+        "rng.pt",
+        "scheduler.pt",
+        "trainer_state.json",
+    ]
     for name, entry in files.items():
         assert entry == {"sha256": sha256_file(step / name), "bytes": (step / name).stat().st_size}
     with pytest.raises(ValueError, match="keep at least 2"):
@@ -287,13 +326,30 @@ def _accum_run(tensors, batch_size, grad_accum, steps=2, bf16=False, lr=1e-2):
     """`train_loop` without checkpoints; returns (model, result). grad_clip/weight decay off, so the
     gradient left in `.grad` after the run is exactly the last step's accumulated gradient."""
     model = _micro_family()
-    cfg = TrainParams(seq_len=12, batch_size=batch_size, grad_accum=grad_accum, max_steps=steps, lr=lr,
-                      warmup_steps=0, weight_decay=0.0, grad_clip=0.0, bf16=bf16, eval_every=1000, eval_batches=1)
+    cfg = TrainParams(
+        seq_len=12,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        max_steps=steps,
+        lr=lr,
+        warmup_steps=0,
+        weight_decay=0.0,
+        grad_clip=0.0,
+        bf16=bf16,
+        eval_every=1000,
+        eval_batches=1,
+    )
     stream = BlockStream(tensors, 0, "accum")
     weights = lambda step: [0.5, 1.0]  # noqa: E731
-    result = train_loop(stage="t", model=model, cfg=cfg, named_params=list(model.named_parameters()),
-                                 stream=stream, loss_fn=multi_exit_loss_fn(weights),
-                                 val_batches=[trim_batch({k: v[:4] for k, v in tensors.items()})])
+    result = train_loop(
+        stage="t",
+        model=model,
+        cfg=cfg,
+        named_params=list(model.named_parameters()),
+        stream=stream,
+        loss_fn=multi_exit_loss_fn(weights),
+        val_batches=[trim_batch({k: v[:4] for k, v in tensors.items()})],
+    )
     return model, result, stream
 
 
@@ -314,7 +370,9 @@ def test_grad_accumulation_equals_one_full_batch(data):
     assert res_full.samples == res_accum.samples == 8 and res_full.tokens == res_accum.tokens
     for (name, a), (_, b) in zip(full.named_parameters(), accum.named_parameters()):
         assert a.grad is not None and b.grad is not None, name
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"grad {n}: {m}")
+        torch.testing.assert_close(
+            b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"grad {n}: {m}"
+        )
         # Adam divides by sqrt(v): elements with a near-zero gradient amplify fp32 rounding, so the weights
         # agree to a small fraction of one lr step (1e-2) rather than to rounding.
         torch.testing.assert_close(b, a, rtol=0, atol=5e-5, msg=lambda m, n=name: f"weight {n}: {m}")
@@ -331,12 +389,25 @@ def test_bf16_autocast_trains_with_fp32_weights():
     seen: set[torch.dtype] = set()
     proj = model.model.layers[0].self_attn.q_proj
     proj.register_forward_hook(lambda module, args, out: seen.add(out.dtype) if module.training else None)
-    cfg = TrainParams(seq_len=12, batch_size=4, max_steps=12, lr=1e-2, warmup_steps=1, bf16=True, eval_every=6,
-                      eval_batches=1)
-    result = train_loop(stage="t", model=model, cfg=cfg, named_params=list(model.named_parameters()),
-                                 stream=BlockStream(tensors, 0, "bf16"),
-                                 loss_fn=multi_exit_loss_fn(lambda step: [0.5, 1.0]),
-                                 val_batches=[{"input_ids": tensors["input_ids"][:4]}])
+    cfg = TrainParams(
+        seq_len=12,
+        batch_size=4,
+        max_steps=12,
+        lr=1e-2,
+        warmup_steps=1,
+        bf16=True,
+        eval_every=6,
+        eval_batches=1,
+    )
+    result = train_loop(
+        stage="t",
+        model=model,
+        cfg=cfg,
+        named_params=list(model.named_parameters()),
+        stream=BlockStream(tensors, 0, "bf16"),
+        loss_fn=multi_exit_loss_fn(lambda step: [0.5, 1.0]),
+        val_batches=[{"input_ids": tensors["input_ids"][:4]}],
+    )
     assert seen == {torch.bfloat16}
     for d in (1, 3):
         train = [r["loss"] for r in result.history if r["split"] == "train" and r["exit"] == d]
@@ -351,8 +422,12 @@ def test_bf16_autocast_trains_with_fp32_weights():
 
 
 def test_loss_curves_csv_and_png(tmp_path):
-    history = [{"step": s, "exit": d, "split": sp, "loss": 5.0 - 0.1 * s}
-               for s in range(5) for d in (2, 4) for sp in ("train", "val")]
+    history = [
+        {"step": s, "exit": d, "split": sp, "loss": 5.0 - 0.1 * s}
+        for s in range(5)
+        for d in (2, 4)
+        for sp in ("train", "val")
+    ]
     png, csv_path = write_loss_curves(history, tmp_path, "t")
     lines = csv_path.read_text().splitlines()
     assert lines[0] == "step,exit,split,loss" and len(lines) == 21
@@ -365,7 +440,10 @@ def test_stage_modules_import_no_heavy_library():
     import subprocess
     import sys
 
-    code = ("import sys, tasks.cpt, tasks.expand, tasks.sft, tasks.training; "
-            "print([m for m in ('torch', 'transformers', 'ruyi_model', 'prefect', 'dvc', 'ray') if m in sys.modules])")
+    code = (
+        "import sys, tasks.cpt, tasks.expand, tasks.sft, tasks.training; "
+        "print([m for m in ('torch', 'transformers', 'ruyi_model', 'prefect', 'dvc', 'ray') "
+        "if m in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -21,8 +21,9 @@ class ExitConfidence(nn.Module):
         self.eps = eps
         self.impl = impl
 
-    def forward(self, hidden: torch.Tensor, norm_weight: torch.Tensor | None,
-                lm_head_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, hidden: torch.Tensor, norm_weight: torch.Tensor | None, lm_head_weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Args: hidden ``(B, D)``, norm_weight ``(D,)`` or None, lm_head_weight ``(V, D)``.
         Returns ``(token_ids, max_prob, entropy)``, each ``(B,)`` (int64, fp32, fp32)."""
         return exit_confidence(hidden, norm_weight, lm_head_weight, eps=self.eps, impl=self.impl)

@@ -24,21 +24,41 @@ class ExitHeadLoss(nn.Module):
         impl: ``"auto"``, ``"triton"``, ``"chunked"`` or ``"naive"``.
     """
 
-    def __init__(self, exit_weights: Sequence[float] | torch.Tensor | None = None, eps: float = 1e-6,
-                 ignore_index: int = -100, impl: str = "auto") -> None:
+    def __init__(
+        self,
+        exit_weights: Sequence[float] | torch.Tensor | None = None,
+        eps: float = 1e-6,
+        ignore_index: int = -100,
+        impl: str = "auto",
+    ) -> None:
         super().__init__()
         self.eps = eps
         self.ignore_index = ignore_index
         self.impl = impl
-        weights = None if exit_weights is None else torch.as_tensor(exit_weights, dtype=torch.float32).reshape(-1)
+        weights = (
+            None if exit_weights is None else torch.as_tensor(exit_weights, dtype=torch.float32).reshape(-1)
+        )
         self.register_buffer("exit_weights", weights, persistent=False)
 
-    def forward(self, hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
-                norm_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        lm_head_weight: torch.Tensor,
+        labels: torch.Tensor,
+        norm_weights: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Args: hidden ``(K, N, D)``, lm_head_weight ``(V, D)`` or ``(K, V, D)``, labels ``(N,)``,
         norm_weights ``(K, D)`` or None. Returns ``(loss, per_exit_losses)``: scalar and ``(K,)`` fp32."""
-        return exit_head_loss(hidden, lm_head_weight, labels, norm_weights=norm_weights, eps=self.eps,
-                              exit_weights=self.exit_weights, ignore_index=self.ignore_index, impl=self.impl)
+        return exit_head_loss(
+            hidden,
+            lm_head_weight,
+            labels,
+            norm_weights=norm_weights,
+            eps=self.eps,
+            exit_weights=self.exit_weights,
+            ignore_index=self.ignore_index,
+            impl=self.impl,
+        )
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}, ignore_index={self.ignore_index}, impl={self.impl!r}"

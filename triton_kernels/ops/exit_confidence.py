@@ -112,14 +112,14 @@ def exit_confidence_chunked(
         stop = min(num_rows, start + chunk_size)
         h = hidden[start:stop]
         y = h if norm_weight is None else rms_norm_reference(h, norm_weight, eps)
-        shifted = shifted_buf[:(stop - start) * vocab_size].view(stop - start, vocab_size)
+        shifted = shifted_buf[: (stop - start) * vocab_size].view(stop - start, vocab_size)
         if hidden.dtype == torch.float32:
             torch.mm(y, lm_head_weight.t(), out=shifted)
         else:
             shifted.copy_(F.linear(y, lm_head_weight))
         token_ids[start:stop] = shifted.argmax(-1)
         shifted.sub_(shifted.amax(-1, keepdim=True))  # z - max
-        exp_shifted = torch.exp(shifted, out=exp_buf[:shifted.numel()].view_as(shifted))
+        exp_shifted = torch.exp(shifted, out=exp_buf[: shifted.numel()].view_as(shifted))
         sum_exp = exp_shifted.sum(-1)
         # entropy = log(l) - sum(exp(z - m) * (z - m)) / l, l = sum exp(z - m); max prob = 1 / l
         weighted = exp_shifted.mul_(shifted).sum(-1)

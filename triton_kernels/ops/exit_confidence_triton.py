@@ -18,10 +18,21 @@ from triton_kernels.ops.utils import triton_interpreting
 
 @triton.jit
 def _exit_confidence_kernel(
-    Y, W, PART_MAX, PART_SUM, PART_T, PART_ARG,
-    B, V, D, vocab_per_split,
-    BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_IN_INPUT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    Y,
+    W,
+    PART_MAX,
+    PART_SUM,
+    PART_T,
+    PART_ARG,
+    B,
+    V,
+    D,
+    vocab_per_split,
+    BLOCK_B: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_IN_INPUT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -42,10 +53,14 @@ def _exit_confidence_kernel(
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
             col_mask = cols < D
-            y = tl.load(Y + rows64[:, None] * D + cols[None, :],
-                        mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
-            w = tl.load(W + vocab[:, None].to(tl.int64) * D + cols[None, :],
-                        mask=vocab_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+            y = tl.load(
+                Y + rows64[:, None] * D + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0
+            ).to(tl.float32)
+            w = tl.load(
+                W + vocab[:, None].to(tl.int64) * D + cols[None, :],
+                mask=vocab_mask[:, None] & col_mask[None, :],
+                other=0.0,
+            ).to(tl.float32)
             if DOT_IN_INPUT_DTYPE:
                 acc = tl.dot(y.to(Y.dtype.element_ty), tl.trans(w.to(W.dtype.element_ty)), acc)
             else:
@@ -78,8 +93,13 @@ def _num_splits(row_tiles: int, vocab_tiles: int, device: torch.device) -> int:
 
 
 @torch.no_grad()
-def exit_confidence_triton(hidden: torch.Tensor, norm_weight: torch.Tensor | None, lm_head_weight: torch.Tensor,
-                           eps: float = 1e-6, config: dict | None = None):
+def exit_confidence_triton(
+    hidden: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    lm_head_weight: torch.Tensor,
+    eps: float = 1e-6,
+    config: dict | None = None,
+):
     """Triton path; arguments and returns as :func:`triton_kernels.ops.exit_confidence.exit_confidence`.
 
     Args:
@@ -121,9 +141,19 @@ def exit_confidence_triton(hidden: torch.Tensor, norm_weight: torch.Tensor | Non
     part_t = torch.empty_like(part_max)
     part_arg = torch.empty(splits, num_rows, dtype=torch.int32, device=device)
     _exit_confidence_kernel[(row_tiles, splits)](
-        y, lm_head_weight, part_max, part_sum, part_t, part_arg,
-        num_rows, vocab_size, dim, vocab_per_split,
-        **blocks, **_dot_mode(hidden.dtype), **cfg,
+        y,
+        lm_head_weight,
+        part_max,
+        part_sum,
+        part_t,
+        part_arg,
+        num_rows,
+        vocab_size,
+        dim,
+        vocab_per_split,
+        **blocks,
+        **_dot_mode(hidden.dtype),
+        **cfg,
     )
 
     # Merge the splits: rescale each split's sums to the global max (first split wins ties: lowest id).

@@ -75,9 +75,13 @@ def exit_head_loss(
     weights = exit_weights_tensor(exit_weights, hidden.shape[0], hidden.device)
     check_label_range(labels, lm_head_weight.shape[-2], ignore_index)
     if chosen == "naive":
-        return exit_head_loss_reference(hidden, lm_head_weight, labels, norm_weights, eps, weights, ignore_index)
+        return exit_head_loss_reference(
+            hidden, lm_head_weight, labels, norm_weights, eps, weights, ignore_index
+        )
     if chosen == "chunked":
-        return exit_head_loss_chunked(hidden, lm_head_weight, labels, norm_weights, eps, weights, ignore_index)
+        return exit_head_loss_chunked(
+            hidden, lm_head_weight, labels, norm_weights, eps, weights, ignore_index
+        )
     check_triton_usable(hidden.device)
     from triton_kernels.ops.exit_head_loss_triton import exit_head_loss_triton
 
@@ -136,8 +140,9 @@ def exit_head_loss_chunked(
         chunk_size = default_chunk_size(num_exits, vocab_size)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return ChunkedExitHeadLoss.apply(hidden, lm_head_weight, labels, norm_weights, weights, eps, ignore_index,
-                                     chunk_size)
+    return ChunkedExitHeadLoss.apply(
+        hidden, lm_head_weight, labels, norm_weights, weights, eps, ignore_index, chunk_size
+    )
 
 
 def _normed_chunk(h: torch.Tensor, norm_weights: torch.Tensor | None, eps: float):
@@ -171,8 +176,11 @@ class _LogitsBuffer:
         out = target[:size].view(num_exits, chunk, vocab_size)
         if lm_head_weight.dim() == 2:
             # Shared head: one matmul for all K exits, so the weight streams through the cache once.
-            torch.mm(y.reshape(num_exits * chunk, dim), lm_head_weight.t(),
-                     out=out.view(num_exits * chunk, vocab_size))
+            torch.mm(
+                y.reshape(num_exits * chunk, dim),
+                lm_head_weight.t(),
+                out=out.view(num_exits * chunk, vocab_size),
+            )
         else:
             torch.bmm(y, lm_head_weight.transpose(1, 2), out=out)
         if self.native is None:
@@ -183,7 +191,7 @@ class _LogitsBuffer:
         """fp32 chunk -> the input dtype, in the second buffer (identity for fp32 inputs)."""
         if self.native is None:
             return values
-        return self.native[:values.numel()].view(values.shape).copy_(values)
+        return self.native[: values.numel()].view(values.shape).copy_(values)
 
 
 class ChunkedExitHeadLoss(torch.autograd.Function):
@@ -195,15 +203,18 @@ class ChunkedExitHeadLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, lm_head_weight, labels, norm_weights, exit_weights, eps, ignore_index, chunk_size):
+    def forward(
+        ctx, hidden, lm_head_weight, labels, norm_weights, exit_weights, eps, ignore_index, chunk_size
+    ):
         num_exits, num_tokens, _ = hidden.shape
         valid = labels != ignore_index
         safe_labels = torch.where(valid, labels, 0).long()
         count = valid.sum().clamp_min(1).float()
         loss_sums = torch.zeros(num_exits, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(num_exits, num_tokens, dtype=torch.float32, device=hidden.device)
-        buffer = _LogitsBuffer(num_exits, min(chunk_size, num_tokens), lm_head_weight.shape[-2], hidden.dtype,
-                               hidden.device)
+        buffer = _LogitsBuffer(
+            num_exits, min(chunk_size, num_tokens), lm_head_weight.shape[-2], hidden.dtype, hidden.device
+        )
         with torch.no_grad():
             for start in range(0, num_tokens, chunk_size):
                 stop = min(num_tokens, start + chunk_size)
@@ -241,9 +252,16 @@ class ChunkedExitHeadLoss(torch.autograd.Function):
         valid = labels != ctx.ignore_index
         safe_labels = torch.where(valid, labels, 0).long()
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_head32 = torch.zeros(lm_head_weight.shape, dtype=torch.float32, device=hidden.device) if need_head else None
-        grad_norm32 = (torch.zeros(num_exits, dim, dtype=torch.float32, device=hidden.device)
-                       if need_norm and norm_weights is not None else None)
+        grad_head32 = (
+            torch.zeros(lm_head_weight.shape, dtype=torch.float32, device=hidden.device)
+            if need_head
+            else None
+        )
+        grad_norm32 = (
+            torch.zeros(num_exits, dim, dtype=torch.float32, device=hidden.device)
+            if need_norm and norm_weights is not None
+            else None
+        )
         norm32 = norm_weights.float()[:, None, :] if norm_weights is not None else None
         buffer = _LogitsBuffer(num_exits, min(ctx.chunk_size, num_tokens), vocab_size, dtype, hidden.device)
 
@@ -259,8 +277,9 @@ class ChunkedExitHeadLoss(torch.autograd.Function):
             dlogits = buffer.logits(y, lm_head_weight).sub_(shift[:, :, None]).exp_()
             if bool((row_scale < 0).any()):
                 dlogits.mul_(row_scale.sign()[:, :, None])
-            dlogits.scatter_add_(2, safe_labels[start:stop].view(1, -1, 1).expand(num_exits, -1, 1),
-                                 (-row_scale)[:, :, None])
+            dlogits.scatter_add_(
+                2, safe_labels[start:stop].view(1, -1, 1).expand(num_exits, -1, 1), (-row_scale)[:, :, None]
+            )
             dlogits_in = buffer.to_native(dlogits)
 
             if grad_head32 is not None:

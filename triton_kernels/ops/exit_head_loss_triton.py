@@ -19,10 +19,23 @@ from triton_kernels.ops.utils import triton_interpreting
 
 @triton.jit
 def _exit_ce_fwd_kernel(
-    Y, W, LABELS, LSE, ROW_LOSS,
-    K, N, V, D, stride_w_exit, ignore_index,
-    EXITS_PER_PROGRAM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_IN_INPUT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    Y,
+    W,
+    LABELS,
+    LSE,
+    ROW_LOSS,
+    K,
+    N,
+    V,
+    D,
+    stride_w_exit,
+    ignore_index,
+    EXITS_PER_PROGRAM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_IN_INPUT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -45,10 +58,14 @@ def _exit_ce_fwd_kernel(
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
             col_mask = cols < D
-            y = tl.load(Y + rows[:, None] * D + cols[None, :],
-                        mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
-            w = tl.load(w_base + vocab[:, None].to(tl.int64) * D + cols[None, :],
-                        mask=vocab_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+            y = tl.load(
+                Y + rows[:, None] * D + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0
+            ).to(tl.float32)
+            w = tl.load(
+                w_base + vocab[:, None].to(tl.int64) * D + cols[None, :],
+                mask=vocab_mask[:, None] & col_mask[None, :],
+                other=0.0,
+            ).to(tl.float32)
             if DOT_IN_INPUT_DTYPE:
                 acc = tl.dot(y.to(Y.dtype.element_ty), tl.trans(w.to(W.dtype.element_ty)), acc)
             else:
@@ -69,11 +86,28 @@ def _exit_ce_fwd_kernel(
 
 @triton.jit
 def _exit_ce_bwd_kernel(
-    Y, W, LABELS, LSE, EXIT_SCALE, GRAD_Y, GRAD_W,
-    K, N, V, D, stride_w_exit, ignore_index,
-    EXITS_PER_PROGRAM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    GROUP_N: tl.constexpr, COMPUTE_GRAD_Y: tl.constexpr, COMPUTE_GRAD_W: tl.constexpr,
-    DOT_IN_INPUT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    Y,
+    W,
+    LABELS,
+    LSE,
+    EXIT_SCALE,
+    GRAD_Y,
+    GRAD_W,
+    K,
+    N,
+    V,
+    D,
+    stride_w_exit,
+    ignore_index,
+    EXITS_PER_PROGRAM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    GROUP_N: tl.constexpr,
+    COMPUTE_GRAD_Y: tl.constexpr,
+    COMPUTE_GRAD_W: tl.constexpr,
+    DOT_IN_INPUT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     # Grouped launch order (as in Triton's matmul tutorial): consecutive programs cover GROUP_N token
     # tiles x a run of vocab tiles, so the grad_y rows and grad_W rows they add into stay in L2.
@@ -107,10 +141,14 @@ def _exit_ce_bwd_kernel(
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_mask = cols < D
-        y = tl.load(Y + rows[:, None] * D + cols[None, :],
-                    mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
-        w = tl.load(w_base + vocab[:, None].to(tl.int64) * D + cols[None, :],
-                    mask=vocab_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+        y = tl.load(
+            Y + rows[:, None] * D + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0
+        ).to(tl.float32)
+        w = tl.load(
+            w_base + vocab[:, None].to(tl.int64) * D + cols[None, :],
+            mask=vocab_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
         if DOT_IN_INPUT_DTYPE:
             acc = tl.dot(y.to(Y.dtype.element_ty), tl.trans(w.to(W.dtype.element_ty)), acc)
         else:
@@ -133,23 +171,33 @@ def _exit_ce_bwd_kernel(
         cols = d0 + tl.arange(0, BLOCK_D)
         col_mask = cols < D
         if COMPUTE_GRAD_Y:
-            w = tl.load(w_base + vocab[:, None].to(tl.int64) * D + cols[None, :],
-                        mask=vocab_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+            w = tl.load(
+                w_base + vocab[:, None].to(tl.int64) * D + cols[None, :],
+                mask=vocab_mask[:, None] & col_mask[None, :],
+                other=0.0,
+            ).to(tl.float32)
             if DOT_IN_INPUT_DTYPE:
                 grad_y = tl.dot(dz, w.to(W.dtype.element_ty))
             else:
                 grad_y = tl.dot(dz, w, input_precision=INPUT_PRECISION)
-            tl.atomic_add(GRAD_Y + rows[:, None] * D + cols[None, :], grad_y * max_scale,
-                          mask=row_mask[:, None] & col_mask[None, :])
+            tl.atomic_add(
+                GRAD_Y + rows[:, None] * D + cols[None, :],
+                grad_y * max_scale,
+                mask=row_mask[:, None] & col_mask[None, :],
+            )
         if COMPUTE_GRAD_W:
-            y = tl.load(Y + rows[:, None] * D + cols[None, :],
-                        mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+            y = tl.load(
+                Y + rows[:, None] * D + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0
+            ).to(tl.float32)
             if DOT_IN_INPUT_DTYPE:
                 grad_w = tl.dot(tl.trans(dz), y.to(Y.dtype.element_ty))
             else:
                 grad_w = tl.dot(tl.trans(dz), y, input_precision=INPUT_PRECISION)
-            tl.atomic_add(gw_base + vocab[:, None].to(tl.int64) * D + cols[None, :], grad_w * max_scale,
-                          mask=vocab_mask[:, None] & col_mask[None, :])
+            tl.atomic_add(
+                gw_base + vocab[:, None].to(tl.int64) * D + cols[None, :],
+                grad_w * max_scale,
+                mask=vocab_mask[:, None] & col_mask[None, :],
+            )
 
 
 def _config(num_exits: int, shared: bool, config: dict | None) -> dict:
@@ -174,12 +222,18 @@ def _dot_mode(dtype: torch.dtype) -> dict:
         return dict(DOT_IN_INPUT_DTYPE=False, INPUT_PRECISION="ieee")
     if dtype in (torch.float16, torch.bfloat16):
         return dict(DOT_IN_INPUT_DTYPE=True, INPUT_PRECISION="ieee")
-    return dict(DOT_IN_INPUT_DTYPE=False,
-                INPUT_PRECISION="tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee")
+    return dict(
+        DOT_IN_INPUT_DTYPE=False, INPUT_PRECISION="tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    )
 
 
-def head_ce_forward(y: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, ignore_index: int,
-                    config: dict | None = None):
+def head_ce_forward(
+    y: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    config: dict | None = None,
+):
     """Runs the forward kernel.
 
     Args:
@@ -202,16 +256,33 @@ def head_ce_forward(y: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch
     row_loss = torch.empty_like(lse)
     grid = (triton.cdiv(num_tokens, cfg["BLOCK_N"]), 1 if shared else num_exits)
     _exit_ce_fwd_kernel[grid](
-        y, lm_head_weight, labels, lse, row_loss,
-        num_exits, num_tokens, vocab_size, dim, 0 if shared else vocab_size * dim, ignore_index,
+        y,
+        lm_head_weight,
+        labels,
+        lse,
+        row_loss,
+        num_exits,
+        num_tokens,
+        vocab_size,
+        dim,
+        0 if shared else vocab_size * dim,
+        ignore_index,
         **{**_dot_mode(y.dtype), **cfg},
     )
     return lse, row_loss
 
 
-def head_ce_backward(y: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
-                     exit_scale: torch.Tensor, ignore_index: int, compute_grad_y: bool, compute_grad_w: bool,
-                     config: dict | None = None):
+def head_ce_backward(
+    y: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    exit_scale: torch.Tensor,
+    ignore_index: int,
+    compute_grad_y: bool,
+    compute_grad_w: bool,
+    config: dict | None = None,
+):
     """Runs the backward kernel.
 
     Args:
@@ -229,17 +300,33 @@ def head_ce_backward(y: torch.Tensor, lm_head_weight: torch.Tensor, labels: torc
     cfg = _config(num_exits, shared, config)
     group_n = cfg.pop("GROUP_N")
     grad_y = torch.zeros(y.shape, dtype=torch.float32, device=y.device) if compute_grad_y else None
-    grad_w = torch.zeros(lm_head_weight.shape, dtype=torch.float32, device=y.device) if compute_grad_w else None
+    grad_w = (
+        torch.zeros(lm_head_weight.shape, dtype=torch.float32, device=y.device) if compute_grad_w else None
+    )
     if not (compute_grad_y or compute_grad_w):
         return grad_y, grad_w
     dummy = lse  # never dereferenced when the matching COMPUTE_* flag is off
-    grid = (triton.cdiv(num_tokens, cfg["BLOCK_N"]) * triton.cdiv(vocab_size, cfg["BLOCK_V"]),
-            1 if shared else num_exits)
+    grid = (
+        triton.cdiv(num_tokens, cfg["BLOCK_N"]) * triton.cdiv(vocab_size, cfg["BLOCK_V"]),
+        1 if shared else num_exits,
+    )
     _exit_ce_bwd_kernel[grid](
-        y, lm_head_weight, labels, lse, exit_scale,
-        grad_y if grad_y is not None else dummy, grad_w if grad_w is not None else dummy,
-        num_exits, num_tokens, vocab_size, dim, 0 if shared else vocab_size * dim, ignore_index,
-        GROUP_N=group_n, COMPUTE_GRAD_Y=compute_grad_y, COMPUTE_GRAD_W=compute_grad_w,
+        y,
+        lm_head_weight,
+        labels,
+        lse,
+        exit_scale,
+        grad_y if grad_y is not None else dummy,
+        grad_w if grad_w is not None else dummy,
+        num_exits,
+        num_tokens,
+        vocab_size,
+        dim,
+        0 if shared else vocab_size * dim,
+        ignore_index,
+        GROUP_N=group_n,
+        COMPUTE_GRAD_Y=compute_grad_y,
+        COMPUTE_GRAD_W=compute_grad_w,
         **{**_dot_mode(y.dtype), **cfg},
     )
     return grad_y, grad_w
@@ -292,9 +379,17 @@ class TritonExitHeadLoss(torch.autograd.Function):
             y, rstd = rms_norm_forward(hidden, norm_weights, ctx.eps)
         else:
             y, rstd = hidden, None
-        grad_y, grad_w = head_ce_backward(y, lm_head_weight, labels, lse, exit_scale, ctx.ignore_index,
-                                          compute_grad_y=need_hidden or need_norm, compute_grad_w=need_head,
-                                          config=ctx.config)
+        grad_y, grad_w = head_ce_backward(
+            y,
+            lm_head_weight,
+            labels,
+            lse,
+            exit_scale,
+            ctx.ignore_index,
+            compute_grad_y=need_hidden or need_norm,
+            compute_grad_w=need_head,
+            config=ctx.config,
+        )
         del y
         grad_hidden = grad_norm = None
         if norm_weights is not None and (need_hidden or need_norm):
@@ -308,9 +403,11 @@ class TritonExitHeadLoss(torch.autograd.Function):
         return grad_hidden, grad_head, None, grad_norm, None, None, None, None
 
 
-def exit_head_loss_triton(hidden, lm_head_weight, labels, norm_weights, eps, exit_weights, ignore_index,
-                          config: dict | None = None):
+def exit_head_loss_triton(
+    hidden, lm_head_weight, labels, norm_weights, eps, exit_weights, ignore_index, config: dict | None = None
+):
     """Triton path; arguments as :func:`triton_kernels.ops.exit_head_loss.exit_head_loss` with
     ``exit_weights`` already a ``(K,)`` fp32 tensor. ``config`` overrides tile sizes (tests, tuning)."""
-    return TritonExitHeadLoss.apply(hidden, lm_head_weight, labels, norm_weights, exit_weights, eps,
-                                    ignore_index, config)
+    return TritonExitHeadLoss.apply(
+        hidden, lm_head_weight, labels, norm_weights, exit_weights, eps, ignore_index, config
+    )

@@ -15,9 +15,16 @@ import triton.language as tl
 
 @triton.jit
 def _rms_norm_fwd_kernel(
-    X, NORM_W, Y, RSTD,
-    N, D, eps,
-    HAS_WEIGHT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    X,
+    NORM_W,
+    Y,
+    RSTD,
+    N,
+    D,
+    eps,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # grid: (cdiv(N, BLOCK_R), K); a program normalises BLOCK_R rows of one exit.
     pid_r = tl.program_id(0)
@@ -50,10 +57,18 @@ def _rms_norm_fwd_kernel(
 
 @triton.jit
 def _rms_norm_bwd_kernel(
-    X, NORM_W, RSTD, GRAD_Y, GRAD_X, GRAD_W_PARTIAL,
-    N, D,
-    HAS_WEIGHT: tl.constexpr, COMPUTE_GRAD_W: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    X,
+    NORM_W,
+    RSTD,
+    GRAD_Y,
+    GRAD_X,
+    GRAD_W_PARTIAL,
+    N,
+    D,
+    HAS_WEIGHT: tl.constexpr,
+    COMPUTE_GRAD_W: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # grid: (cdiv(N, BLOCK_R), K). GRAD_Y is fp32; GRAD_W_PARTIAL is (K, cdiv(N, BLOCK_R), D) fp32.
     pid_r = tl.program_id(0)
@@ -119,15 +134,27 @@ def rms_norm_forward(hidden: torch.Tensor, norm_weights: torch.Tensor | None, ep
     block_r, block_d = _row_blocks(dim)
     grid = (triton.cdiv(num_tokens, block_r), num_exits)
     _rms_norm_fwd_kernel[grid](
-        hidden, norm_weights if norm_weights is not None else hidden, y, rstd,
-        num_tokens, dim, eps,
-        HAS_WEIGHT=norm_weights is not None, BLOCK_R=block_r, BLOCK_D=block_d,
+        hidden,
+        norm_weights if norm_weights is not None else hidden,
+        y,
+        rstd,
+        num_tokens,
+        dim,
+        eps,
+        HAS_WEIGHT=norm_weights is not None,
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
     )
     return y, rstd
 
 
-def rms_norm_backward(hidden: torch.Tensor, norm_weights: torch.Tensor | None, rstd: torch.Tensor,
-                      grad_y: torch.Tensor, compute_grad_weight: bool):
+def rms_norm_backward(
+    hidden: torch.Tensor,
+    norm_weights: torch.Tensor | None,
+    rstd: torch.Tensor,
+    grad_y: torch.Tensor,
+    compute_grad_weight: bool,
+):
     """Backward of :func:`rms_norm_forward`.
 
     Args:
@@ -145,12 +172,23 @@ def rms_norm_backward(hidden: torch.Tensor, norm_weights: torch.Tensor | None, r
     tiles = triton.cdiv(num_tokens, block_r)
     grad_x = torch.empty_like(hidden)
     compute_grad_weight = compute_grad_weight and norm_weights is not None
-    partial = (torch.empty(num_exits, tiles, dim, dtype=torch.float32, device=hidden.device)
-               if compute_grad_weight else grad_y)
+    partial = (
+        torch.empty(num_exits, tiles, dim, dtype=torch.float32, device=hidden.device)
+        if compute_grad_weight
+        else grad_y
+    )
     _rms_norm_bwd_kernel[(tiles, num_exits)](
-        hidden, norm_weights if norm_weights is not None else hidden, rstd, grad_y, grad_x, partial,
-        num_tokens, dim,
-        HAS_WEIGHT=norm_weights is not None, COMPUTE_GRAD_W=compute_grad_weight,
-        BLOCK_R=block_r, BLOCK_D=block_d,
+        hidden,
+        norm_weights if norm_weights is not None else hidden,
+        rstd,
+        grad_y,
+        grad_x,
+        partial,
+        num_tokens,
+        dim,
+        HAS_WEIGHT=norm_weights is not None,
+        COMPUTE_GRAD_W=compute_grad_weight,
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
     )
     return grad_x, (partial.sum(1) if compute_grad_weight else None)

@@ -75,8 +75,9 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float)
     return normed if weight is None else weight * normed
 
 
-def exit_weights_tensor(exit_weights: Sequence[float] | torch.Tensor | None, num_exits: int,
-                        device: torch.device) -> torch.Tensor:
+def exit_weights_tensor(
+    exit_weights: Sequence[float] | torch.Tensor | None, num_exits: int, device: torch.device
+) -> torch.Tensor:
     """Returns the per-exit loss weights as a ``(K,)`` fp32 tensor (default all ones), detached.
 
     Raises:
@@ -97,8 +98,12 @@ def _shape(t: torch.Tensor) -> str:
     return " x ".join(str(s) for s in t.shape) if t.dim() else "scalar"
 
 
-def check_exit_head_loss_args(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
-                              norm_weights: torch.Tensor | None) -> None:
+def check_exit_head_loss_args(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    norm_weights: torch.Tensor | None,
+) -> None:
     """Validates the shapes, dtypes and devices of :func:`exit_head_loss` arguments.
 
     Raises:
@@ -125,12 +130,15 @@ def check_exit_head_loss_args(hidden: torch.Tensor, lm_head_weight: torch.Tensor
                 f"got {_shape(lm_head_weight)}"
             )
     else:
-        raise ValueError(f"lm_head_weight must be V x D (shared) or K x V x D (per exit), got {_shape(lm_head_weight)}")
+        raise ValueError(
+            f"lm_head_weight must be V x D (shared) or K x V x D (per exit), got {_shape(lm_head_weight)}"
+        )
     if lm_head_weight.shape[-2] < 1:
         raise ValueError(f"lm_head_weight has an empty vocabulary: {_shape(lm_head_weight)}")
     if labels.dim() != 1 or labels.shape[0] != N:
         raise ValueError(
-            f"labels must be a 1-D tensor of N={N} token ids (hidden is {_shape(hidden)}), got {_shape(labels)}"
+            f"labels must be a 1-D tensor of N={N} token ids (hidden is {_shape(hidden)}), "
+            f"got {_shape(labels)}"
         )
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
@@ -141,8 +149,9 @@ def check_exit_head_loss_args(hidden: torch.Tensor, lm_head_weight: torch.Tensor
     _check_same(hidden, lm_head_weight=lm_head_weight, labels=labels, norm_weights=norm_weights)
 
 
-def check_exit_confidence_args(hidden: torch.Tensor, norm_weight: torch.Tensor | None,
-                               lm_head_weight: torch.Tensor) -> None:
+def check_exit_confidence_args(
+    hidden: torch.Tensor, norm_weight: torch.Tensor | None, lm_head_weight: torch.Tensor
+) -> None:
     """Validates the shapes, dtypes and devices of :func:`exit_confidence` arguments.
 
     Raises:
@@ -156,10 +165,14 @@ def check_exit_confidence_args(hidden: torch.Tensor, norm_weight: torch.Tensor |
     B, D = hidden.shape
     if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != D or lm_head_weight.shape[0] < 1:
         raise ValueError(
-            f"lm_head_weight must be V x D with D={D} (hidden is {_shape(hidden)}), got {_shape(lm_head_weight)}"
+            f"lm_head_weight must be V x D with D={D} (hidden is {_shape(hidden)}), "
+            f"got {_shape(lm_head_weight)}"
         )
     if norm_weight is not None and tuple(norm_weight.shape) != (D,):
-        raise ValueError(f"norm_weight must have shape (D,) = ({D},) (hidden is {_shape(hidden)}), got {_shape(norm_weight)}")
+        raise ValueError(
+            f"norm_weight must have shape (D,) = ({D},) (hidden is {_shape(hidden)}), "
+            f"got {_shape(norm_weight)}"
+        )
     _check_same(hidden, lm_head_weight=lm_head_weight, norm_weight=norm_weight)
 
 
