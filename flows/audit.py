@@ -275,6 +275,23 @@ def _stale_and_corrupt(status: dict[str, Any]) -> tuple[list[str], list[str]]:
     return stale, corrupt
 
 
+def _anchor_local_remotes(repo: Path, clone: Path) -> None:
+    """A local-path remote (the default `.dvc-remote`, configured relative to `.dvc/`) means the folder of the
+    audited repository, not one inside the temporary clone: point the clone's remote at the same folder."""
+    proc = _run([_bin("dvc"), "remote", "list"], repo, "dvc remote list", check=False)
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if len(parts) < 2 or "://" in parts[1]:
+            continue
+        name, url = parts[0], Path(parts[1])
+        absolute = url if url.is_absolute() else (repo / ".dvc" / url).resolve()
+        _run(
+            [_bin("dvc"), "remote", "modify", "--local", name, "url", str(absolute)],
+            clone,
+            f"dvc remote modify {name}",
+        )
+
+
 def audit(
     repo: str | Path = ".",
     rev: str = "HEAD",
@@ -311,6 +328,7 @@ def audit(
         local_config = repo / ".dvc" / "config.local"  # remote credentials/endpoints kept out of git
         if local_config.is_file():
             shutil.copy(local_config, clone / ".dvc" / "config.local")
+        _anchor_local_remotes(repo, clone)
         recorded = yaml.safe_load((clone / "dvc.lock").read_text())
         dvc_yaml = yaml.safe_load((clone / "dvc.yaml").read_text())
         measured = measured_outputs(dvc_yaml)
