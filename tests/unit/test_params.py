@@ -248,13 +248,15 @@ def test_threads_parameter_sets_and_logs_torch_threads():
     assert "torch threads 1 param 1" in proc.stdout
     assert proc.stderr.count("intra-op threads: 1 (threads=1;") == 1  # logged once
     cpus = len(os.sched_getaffinity(0))
-    proc = _probe([], env_omp=None)  # auto: the CPUs this process may use
+    proc = _probe([], env_omp=None)  # the tiny profile pins one thread (bitwise-reproducible recordings)
+    assert "torch threads 1 param 1" in proc.stdout, proc.stderr
+    proc = _probe(["--set", "threads=auto"], env_omp=None)  # auto: the CPUs this process may use
     assert f"torch threads {cpus} param auto" in proc.stdout, proc.stderr
     assert f"intra-op threads: {cpus} (threads=auto: {cpus} CPUs available to this process)" in proc.stderr
-    proc = _probe([], env_omp="1")  # auto, capped by OMP_NUM_THREADS
+    proc = _probe(["--set", "threads=auto"], env_omp="1")  # auto, capped by OMP_NUM_THREADS
     assert "torch threads 1 param auto" in proc.stdout, proc.stderr
     if shutil.which("taskset") and cpus > 1:  # auto follows the affinity mask, not the machine's cores
-        proc = _probe([], env_omp=None, cpus="0")
+        proc = _probe(["--set", "threads=auto"], env_omp=None, cpus="0")
         assert "torch threads 1 param auto" in proc.stdout, proc.stderr
 
 
