@@ -9,7 +9,8 @@ lineage as Prefect artifacts, then `dvc push`. Why: docs/choices.md#orchestratio
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ _INFRA_PATTERNS = (
     r"Unable to acquire lock",
     r"is locked by another process",
     # DVC's per-output read/write lock, held by another `dvc repro` in the same workspace (a run
-    # outside this flow's concurrency limit, e.g. another PREFECT_HOME or a manual `dvc repro`).
+    # outside this flow's workspace lock, e.g. a manual `dvc repro` in the same workspace).
     r"is busy, it is being blocked by",
     r"Connection (refused|reset|aborted)",
     r"EndpointConnectionError",
@@ -354,8 +355,38 @@ def _lineage_markdown(workspace: Path, results: list[dict[str, Any]], failed: st
     return "\n".join(lines)
 
 
-def _workspace_limit_name(workspace: Path) -> str:
-    return "ruyi-workspace-" + hashlib.sha1(str(workspace.resolve()).encode()).hexdigest()[:10]
+#: The lock file that serializes runs of one workspace (DVC's own lock would fail the second run instead).
+WORKSPACE_LOCK = Path(".dvc") / "tmp" / "ruyi-pipeline.lock"
+
+
+@contextlib.contextmanager
+def workspace_lock(workspace: Path, logger: Any = None) -> Iterator[Path]:
+    """One run per workspace at a time: an exclusive `flock` on `.dvc/tmp/ruyi-pipeline.lock`.
+
+    The operating system releases it when the holder exits, however it exits (a killed run never leaves
+    the workspace locked, unlike a server-side concurrency slot whose lease must expire first). A second
+    run waits, logging who holds the lock (pid and start time, written into the file by the holder).
+    """
+    path = workspace / WORKSPACE_LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another run"
+            (logger or logging.getLogger("ruyi")).info(
+                "workspace %s is busy (%s): waiting for that run to finish", workspace, holder
+            )
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        try:
+            yield path
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @task(
@@ -392,19 +423,13 @@ def ruyi_pipeline(
         force: recompute the selected stages even when DVC finds them up to date (`dvc repro --force`),
             e.g. to rerun from a stage in the UI after a change that DVC does not track.
     """
-    from prefect.client.orchestration import get_client
-    from prefect.concurrency.sync import concurrency
-
     logger = get_run_logger()
     ws = Path(workspace or os.environ.get("RUYI_WORKSPACE") or os.getcwd()).resolve()
     if not (ws / "dvc.yaml").is_file():
         raise ValueError(f"workspace {ws} has no dvc.yaml")
     stages = select_stages(dvc_stage_order(ws), from_stage, to_stage)
-    limit = _workspace_limit_name(ws)
-    with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(limit, 1)
     results: list[dict[str, Any]] = []
-    with concurrency(limit, occupy=1, strict=True, lease_duration=3600):
+    with workspace_lock(ws, logger):
         changed = apply_param_overrides(ws, overrides or {})
         if changed:
             logger.info("parameters overridden in params.yaml: %s", ", ".join(changed))

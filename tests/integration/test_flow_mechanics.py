@@ -7,6 +7,7 @@ parameter overrides, retry classification and the published artifacts in seconds
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -242,12 +243,12 @@ def test_stage_output_reaches_the_run_logs(mini_ws, prefect_api):
 
 
 def test_two_runs_in_one_workspace_are_serialized(mini_ws, prefect_api, monkeypatch):
-    """Two flow runs at once in one workspace: the workspace's concurrency limit makes the second wait
+    """Two flow runs at once in one workspace: the workspace lock makes the second wait
     (DVC could not run two repros there anyway), so stage b's two runs never overlap and both finish."""
     import threading
 
     # b holds DVC's repository lock for 8 s, longer than a stage's retries wait in all (2 x 3 s): without
-    # the limit the second run would fail on the lock; with it, it waits its turn.
+    # the workspace lock the second run would fail on DVC's lock; with it, it waits its turn.
     monkeypatch.setenv("MINI_B_SLEEP", "8")
     errors: list[BaseException] = []
 
@@ -273,6 +274,45 @@ def test_two_runs_in_one_workspace_are_serialized(mini_ws, prefect_api, monkeypa
     assert final_seed in ("101", "202") and yaml.safe_load((mini_ws / "params.yaml").read_text())[
         "seed"
     ] == int(final_seed)
+
+
+def test_a_killed_run_never_leaves_the_workspace_locked(tmp_path):
+    """The workspace lock is an OS file lock: a run killed with SIGKILL releases it at once, and a run that
+    finds it held waits (a server-side concurrency slot would stay taken until its lease expired)."""
+    import threading
+
+    from flows.pipeline import workspace_lock
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from flows.pipeline import workspace_lock\n"
+            "with workspace_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(600)\n",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        acquired = threading.Event()
+
+        def second() -> None:
+            with workspace_lock(tmp_path):
+                acquired.set()
+
+        waiter = threading.Thread(target=second, daemon=True)
+        waiter.start()
+        assert not acquired.wait(2.0), "a second run entered while the first held the workspace"
+        assert f"pid {holder.pid}" in (tmp_path / ".dvc/tmp/ruyi-pipeline.lock").read_text()
+        holder.kill()
+        holder.wait()
+        assert acquired.wait(10.0), "the lock of a killed run was not released"
+    finally:
+        if holder.poll() is None:
+            holder.kill()
 
 
 def test_failure_summary_keeps_the_stage_message_and_the_tail():
