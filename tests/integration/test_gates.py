@@ -63,13 +63,15 @@ def _compress(changes: dict[int, float]) -> dict:
 
 
 def _write(tmp_path, evals, compress, rl=None):
+    """The files the gates read: evaluate's eval_quality.json and the reproducible parts of the compress and
+    rl metrics (what dvc.yaml declares as the gates' deps)."""
     metrics = tmp_path / "metrics"
-    metrics.mkdir(exist_ok=True)
+    (metrics / "reproducible").mkdir(parents=True, exist_ok=True)
     if evals is not None:
         (metrics / "eval_quality.json").write_text(json.dumps(evals))
     if compress is not None:
-        (metrics / "compress.json").write_text(json.dumps(compress))
-    (metrics / "rl.json").write_text(json.dumps(rl if rl is not None else _rl()))
+        (metrics / "reproducible" / "compress.json").write_text(json.dumps(compress))
+    (metrics / "reproducible" / "rl.json").write_text(json.dumps(rl if rl is not None else _rl()))
 
 
 def test_gates_pass(tmp_path):
@@ -144,7 +146,7 @@ def test_missing_or_malformed_metrics_are_stage_errors(tmp_path, capsys):
     _write(tmp_path, {"loss": 3.0}, _compress({2: 0.0}))
     with pytest.raises(StageError, match=r"eval_quality.json: no exit_<d> entries"):
         check_gates(_params(tmp_path))
-    (tmp_path / "metrics" / "compress.json").write_text("{not json")
+    (tmp_path / "metrics" / "reproducible" / "compress.json").write_text("{not json")
     sets = [f"paths.{k}_dir={tmp_path / k}" for k in ("data", "metrics", "plots", "reports")]
     assert main([arg for s in sets for arg in ("--set", s)]) == 2
     assert "compress.json: not valid JSON" in capsys.readouterr().err
@@ -206,6 +208,6 @@ def test_rl_making_its_member_worse_fails(tmp_path):
         check_gates(_params(tmp_path))
     assert {f["column"]: set(f["rows"]) for f in err.value.failures} == {"rl_accuracy_change": {"exit_2"}}
     assert check_gates(_params(tmp_path, **{"gates.max_rl_accuracy_drop": 0.06}))["passed"]
-    (tmp_path / "metrics" / "rl.json").write_text(json.dumps({"members": [2], "exit_2": {}}))
+    (tmp_path / "metrics" / "reproducible" / "rl.json").write_text(json.dumps({"members": [2], "exit_2": {}}))
     with pytest.raises(StageError, match="rl.json: exit_2 .*has no accuracy_start/accuracy_end"):
         check_gates(_params(tmp_path))
