@@ -238,40 +238,52 @@ def heldout_losses(model, exits, corpus_batches, solution_batches) -> dict[int, 
     return {d: {"loss": corpus[d], "solution_loss": solutions[d]} for d in exits}
 
 
-def heal(model, exit_layer: int, examples: dict, cfg, seed: int) -> list[float]:
-    """Short fine-tune of the DaE member's low-rank factors + norm on SFT chat examples.
+def heal(model, teacher, exit_layer: int, batches: list, cfg, seed: int) -> list[float]:
+    """Self-distillation of the decomposed member toward its dense self (docs/choices.md#compress).
+
+    Only the DaE member's low-rank factors and final norm train (`healing_parameters`); the loss is the
+    token-mean KL(dense || decomposed) of member `exit_layer`'s next-token distributions, so healing
+    pulls the factors back to what DaE trained instead of fitting any data anew.
 
     Args:
         model: the decomposed family (trained in place; every other parameter is frozen meanwhile).
+        teacher: the dense family before decomposition (frozen, eval mode).
         exit_layer: the DaE member.
-        examples: `tasks.training.build_sft_examples` tensors (N x T input_ids, attention_mask, labels).
-        cfg: `CompressParams` (heal_steps, heal_lr, batch_size).
-        seed: seeds the batch sampler.
+        batches: LongTensor batches of packed token blocks (the calibration batches).
+        cfg: `CompressParams` (heal_steps, heal_lr).
+        seed: seeds the batch order.
 
     Returns:
-        The training loss of every step.
+        The distillation loss (nats per token) of every step.
     """
     import torch
+    import torch.nn.functional as F
     from tqdm.auto import tqdm
-
-    from tasks.training.batches import trim_batch
-    from tasks.training.loop import member_loss_fn
 
     trainable = healing_parameters(model, exit_layer)
     names = {n for n, _ in trainable}
     for name, p in model.named_parameters():
         p.requires_grad_(name in names)
     optimizer = torch.optim.AdamW([p for _, p in trainable], lr=cfg.heal_lr, weight_decay=0.0)
-    loss_fn = member_loss_fn(exit_layer)
     generator = torch.Generator().manual_seed(seed)
-    n = examples["input_ids"].shape[0]
+    order: list[int] = []
     losses = []
+    teacher.eval()
     model.train()
     try:
         for step in tqdm(range(cfg.heal_steps), desc="compress: heal", unit="step"):
-            idx = torch.randint(n, (min(cfg.batch_size, n),), generator=generator)
-            batch = trim_batch({k: v[idx].to(model.device) for k, v in examples.items()})
-            loss, _ = loss_fn(model, batch, step)
+            if not order:  # epochs over the batches, each in a seeded random order
+                order = torch.randperm(len(batches), generator=generator).tolist()
+            ids = batches[order.pop()].to(model.device)
+            with torch.no_grad():
+                target = teacher(ids, exit_layer=exit_layer, use_cache=False).logits.float()
+            logits = model(ids, exit_layer=exit_layer, use_cache=False).logits.float()
+            loss = F.kl_div(
+                F.log_softmax(logits, -1).flatten(0, 1),
+                F.log_softmax(target, -1).flatten(0, 1),
+                log_target=True,
+                reduction="batchmean",
+            )
             if not torch.isfinite(loss):
                 raise StageError(f"healing step {step}: the loss is {float(loss)}; lower compress.heal_lr")
             optimizer.zero_grad(set_to_none=True)
@@ -517,9 +529,12 @@ def decompose_member(model, params: Params, d: int, calibration: list, source: P
     return model, report, matrix_ratio
 
 
-def heal_if_better(model, tokenizer, d: int, params: Params, split: SelectionSplit) -> HealOutcome:
-    """Optional healing (`heal_steps` > 0), kept only if it does not hurt on the selection set (module
-    docstring, step 5); otherwise the decomposed factors are restored."""
+def heal_if_better(
+    model, teacher, tokenizer, d: int, params: Params, split: SelectionSplit, calibration: list
+) -> HealOutcome:
+    """Optional healing (`heal_steps` > 0): distillation from the dense `teacher` on the `calibration`
+    batches, kept only if it does not hurt on the selection set (module docstring, step 5); otherwise the
+    decomposed factors are restored."""
     import torch
 
     from tasks.training.batches import build_sft_examples, fixed_batches
@@ -541,13 +556,12 @@ def heal_if_better(model, tokenizer, d: int, params: Params, split: SelectionSpl
     }
     if cfg.heal_steps == 0:
         return HealOutcome([], None, selection)
-    examples, _ = build_sft_examples(tokenizer, split.sft_rows, cfg.seq_len, str(sft_file))
     saved = {n: p.detach().clone() for n, p in healing_parameters(model, d)}
-    losses = heal(model, d, examples, cfg, params.seed)
+    losses = heal(model, teacher, d, calibration, cfg, params.seed)
     model.eval()
     healed = heldout_losses(model, [d], sel_corpus, sel_solutions)[d]
-    # Kept only if it does not hurt on the selection set (corpus and SFT solutions, worst case): a short
-    # fine-tune of the factors on SFT text can also pull the member away from general text.
+    # Kept only if it does not hurt on the selection set (corpus and SFT solutions, worst case): healing
+    # fits the dense member on calibration text, which need not help on unseen text.
     worst_ratio = max(healed[k] / selection["decomposed"][k] for k in ("loss", "solution_loss"))
     kept = worst_ratio <= 1.0
     selection.update(healed=healed, worst_ratio=worst_ratio)
@@ -651,9 +665,11 @@ def run(params: Params) -> dict:
     parts_before = added_parts(model, d)
     added_before = added_parameters(model, d)
 
-    model, report, matrix_ratio = decompose_member(model, params, d, calibration, source)
+    dense = model  # decompose builds a new model: the dense one is healing's teacher
+    model, report, matrix_ratio = decompose_member(dense, params, d, calibration, source)
     decomposed = heldout_losses(model, [d], held.corpus_batches, held.solution_batches)[d]
-    healing = heal_if_better(model, tokenizer, d, params, split)
+    healing = heal_if_better(model, dense, tokenizer, d, params, split, calibration)
+    del dense
     unchanged, changed = members_unchanged(model, snapshot, probe)
     if not unchanged:
         raise RuntimeError(f"compress changed tensors or members outside the DaE member {d}: {changed[:8]}")
