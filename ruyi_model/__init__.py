@@ -6,6 +6,7 @@ Public API:
     decompose                               DaE decomposition (activation-aware SVD of the added blocks):
                                             a DecomposeResult (model, report)
     export_exits                            each member as a stock Qwen3ForCausalLM checkpoint
+    member_to_familial                      one member alone, low-rank factors kept (what is served)
     dynamic_generate                        confidence-based dynamic early exit (decoding)
     speculative_generate                    self-speculative decoding (a shallow member drafts)
     export_gguf                             a member as a GGUF file (llama.cpp, transformers)
@@ -25,7 +26,7 @@ from ruyi_model.dae import (
     expand,
     freeze_for_dae,
 )
-from ruyi_model.export import export_exits, member_to_qwen3, verify_export
+from ruyi_model.export import export_exits, member_to_familial, member_to_qwen3, verify_export
 from ruyi_model.generation import DynamicGenerationOutput, dynamic_generate
 from ruyi_model.modeling import FamilialCausalLMOutput, FamilialForCausalLM, LowRankLinear
 from ruyi_model.tokenizer import load_tokenizer, train_tokenizer
@@ -62,6 +63,7 @@ __all__ = [
     "export_exits",
     "verify_export",
     "member_to_qwen3",
+    "member_to_familial",
     "train_tokenizer",
     "load_tokenizer",
     "dynamic_generate",

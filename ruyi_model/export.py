@@ -2,9 +2,12 @@
 
     manifest = export_exits(model, "artifacts/export", tokenizer=tok)
     verify_export("artifacts/export")          # re-hash every file against manifest.json
+    one = member_to_familial(model, 2)         # member 2 alone, its low-rank factors kept
 
-Writes `exit_<d>/` (loadable by plain transformers, vLLM, SGLang, llama.cpp converters), `family/` and
-`manifest.json` (written last), atomically. Used by the export stage. Layout: docs/choices.md#export-layout.
+Writes `exit_<d>/` (dense: loadable by plain transformers, vLLM, SGLang, llama.cpp converters), for a
+member with low-rank factors also `exit_<d>_factored/` (a one-member `FamilialForCausalLM` that runs the
+factors), `family/` and `manifest.json` (written last), atomically. Used by the export stage and by
+evaluate's parameter count (`member_num_parameters`). Layout: docs/choices.md#export-layout.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from ruyi_model.config import FamilialConfig
 from ruyi_model.fileio import atomic_dir, sha256_file
 from ruyi_model.modeling import FamilialForCausalLM, LowRankLinear
 
@@ -26,10 +30,45 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FORMAT = "ruyi-export/1"
 FAMILY_DIR = "family"
+FACTORED_SUFFIX = "_factored"
 
 
 def member_dir_name(exit_layer: int) -> str:
     return f"exit_{exit_layer}"
+
+
+def factored_dir_name(exit_layer: int) -> str:
+    """The directory of member `exit_layer`'s factored copy: a sibling of `exit_<d>/` (which stays a pure
+    stock checkpoint)."""
+    return f"exit_{exit_layer}{FACTORED_SUFFIX}"
+
+
+# --- what a member runs ---------------------------------------------------------------------------
+def member_modules(model: FamilialForCausalLM, exit_layer: int) -> list[torch.nn.Module]:
+    """The modules member `exit_layer` runs: embedding, its decoder layers, its norm and its head."""
+    d = model.config.check_exit(exit_layer)
+    return [
+        model.get_input_embeddings(),
+        *model.member_layers(d),
+        model.exits[str(d)].norm,
+        model.exit_head(d),
+    ]
+
+
+def member_num_parameters(model: FamilialForCausalLM, exit_layer: int) -> int:
+    """Parameters member `exit_layer` runs as a standalone model (low-rank factors counted as factors).
+
+    The count `evaluate` reports as `params`; equal to `member_to_familial(model, d).num_parameters()`
+    and, for a member without low-rank modules, to its dense stock export's count.
+    """
+    return sum(p.numel() for module in member_modules(model, exit_layer) for p in module.parameters())
+
+
+def member_has_lowrank(model: FamilialForCausalLM, exit_layer: int) -> bool:
+    """Whether member `exit_layer` runs any `LowRankLinear` (then its stock export is multiplied out)."""
+    return any(
+        isinstance(m, LowRankLinear) for module in member_modules(model, exit_layer) for m in module.modules()
+    )
 
 
 # --- member -> stock Qwen3 ----------------------------------------------------------------------
@@ -95,6 +134,93 @@ def member_to_qwen3(model: FamilialForCausalLM, exit_layer: int) -> Qwen3ForCaus
     return q.eval()
 
 
+# --- member -> one-member family (factors kept) --------------------------------------------------
+def _member_path(config: FamilialConfig, exit_layer: int, path: str) -> str | None:
+    """Where the family's module/tensor `path` lives in member `exit_layer`'s one-member family, or None
+    if the member does not run it.
+
+    The one-member family has `num_hidden_layers = d`: backbone layers `[0, d-b)` keep their index, the
+    member's `b` branch layers become backbone layers `d-b ..`, its DaE blocks are `exits.<d>.layers.*`
+    from 0; norm and head keep their names.
+    """
+    parts = path.split(".")
+    depth, branch = config.backbone_depth(exit_layer), config.branch_layers(exit_layer)
+    if parts[:2] == ["model", "layers"]:
+        return path if int(parts[2]) < depth else None
+    if parts[0] == "exits":
+        if parts[1] != str(exit_layer):
+            return None
+        if parts[2] != "layers":
+            return path
+        j = int(parts[3])
+        if j < branch:
+            return ".".join(["model", "layers", str(depth + j), *parts[4:]])
+        return ".".join(["exits", parts[1], "layers", str(j - branch), *parts[4:]])
+    return path  # the embedding, the shared head
+
+
+def member_familial_config(model: FamilialForCausalLM, exit_layer: int) -> FamilialConfig:
+    """The `FamilialConfig` of member `exit_layer` alone: `exit_layers=[d]`, `num_hidden_layers=d`, its
+    DaE blocks, and the ranks of its low-rank modules under their new paths (so `from_pretrained`
+    rebuilds them); extra attributes (the tokenizer fingerprint) are kept."""
+    cfg = model.config
+    d = cfg.check_exit(exit_layer)
+    fields = cfg.to_dict()
+    for key in ("model_type", "architectures", "layer_types", "transformers_version", "_name_or_path"):
+        fields.pop(key, None)
+    ranks = {}
+    for path, rank in cfg.lowrank_ranks.items():
+        new_path = _member_path(cfg, d, path)
+        if new_path is not None:
+            ranks[new_path] = rank
+    fields.update(
+        num_hidden_layers=d,
+        exit_layers=[d],
+        dae_blocks=[cfg.num_dae_blocks(d)],
+        exit_loss_weights=[cfg.exit_loss_weights[cfg.exit_layers.index(d)]],
+        lowrank_ranks=ranks,
+    )
+    member_cfg = FamilialConfig(**fields)
+    member_cfg._attn_implementation = cfg._attn_implementation
+    return member_cfg
+
+
+def member_to_familial(model: FamilialForCausalLM, exit_layer: int) -> FamilialForCausalLM:
+    """Member `exit_layer` as a one-member `FamilialForCausalLM` that runs exactly what the member runs:
+    the backbone truncated to the member, its branch layers, DaE blocks, norm and head, with every
+    `LowRankLinear` kept at its rank (same dtype, device and train/eval mode as `model`).
+
+    Its parameter count is `member_num_parameters(model, d)` and its logits (and `generate`, whose
+    default member is its only one) are the family's at `exit_layer=d`. Save it with `save_pretrained`;
+    `FamilialForCausalLM.from_pretrained` rebuilds it (ranks from `config.lowrank_ranks`).
+
+    Raises:
+        ValueError: `exit_layer` is not an exit of the family.
+        RuntimeError: if the member's tensors do not fill the one-member model exactly (strict load).
+    """
+    if not isinstance(model, FamilialForCausalLM):
+        raise TypeError(f"member_to_familial expects a FamilialForCausalLM, got {type(model).__name__}")
+    d = model.config.check_exit(exit_layer)
+    member_cfg = member_familial_config(model, d)
+    device = next(model.parameters()).device
+    one = FamilialForCausalLM._from_config(member_cfg, dtype=model.dtype).to(device)
+    state = {}
+    for key, tensor in model.state_dict().items():
+        new_key = _member_path(model.config, d, key)
+        if new_key is not None:
+            state[new_key] = tensor.detach()
+    one.load_state_dict(state, strict=True)
+    # The rotary tables are non-persistent buffers: take the family's as they are (dtype included).
+    for name, buf in model.model.rotary_emb.named_buffers(recurse=False):
+        setattr(one.model.rotary_emb, name, buf.detach().clone())
+    one.generation_config = copy.deepcopy(model.generation_config)
+    one.train(model.training)
+    count, want = sum(p.numel() for p in one.parameters()), member_num_parameters(model, d)
+    if count != want:  # an internal invariant: the one-member model holds exactly what the member runs
+        raise RuntimeError(f"member_to_familial: {count} parameters for member {d}, which runs {want}")
+    return one
+
+
 # --- files ---------------------------------------------------------------------------------
 def _list_files(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
@@ -102,6 +228,9 @@ def _list_files(root: Path) -> list[str]:
 
 def export_exits(model: FamilialForCausalLM, out_dir: str | Path, tokenizer=None) -> dict:
     """Writes every member as a stock Qwen3 checkpoint, the family checkpoint and a manifest.
+
+    A member that runs low-rank factors also gets `exit_<d>_factored/` (`member_to_familial`), and its
+    manifest entry states both counts: `num_parameters` (dense) and `factored.num_parameters`.
 
     Args:
         model: the family (any dtype/device; DaE blocks and low-rank factors allowed).
@@ -134,8 +263,23 @@ def export_exits(model: FamilialForCausalLM, out_dir: str | Path, tokenizer=None
                 "dae_blocks": cfg.num_dae_blocks(d),
                 "num_parameters": sum(p.numel() for p in q.parameters()),
                 "architecture": "Qwen3ForCausalLM",
+                "factored": None,
             }
             del q
+            if member_has_lowrank(model, d):
+                # The dense export multiplies the factors out; this copy runs them (what is served).
+                one = member_to_familial(model, d)
+                one.save_pretrained(tmp / factored_dir_name(d))
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp / factored_dir_name(d))
+                members[str(d)]["factored"] = {
+                    "dir": factored_dir_name(d),
+                    "architecture": type(one).__name__,
+                    "model_type": one.config.model_type,
+                    "num_parameters": sum(p.numel() for p in one.parameters()),
+                    "lowrank_ranks": dict(one.config.lowrank_ranks),
+                }
+                del one
         model.save_pretrained(tmp / FAMILY_DIR)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / FAMILY_DIR)
@@ -205,4 +349,16 @@ def verify_export(out_dir: str | Path) -> None:
         raise ValueError(f"{out_dir / extra[0]}: not listed in {MANIFEST} (unexpected file in the export)")
 
 
-__all__ = ["export_exits", "verify_export", "member_to_qwen3", "member_state_dict", "member_qwen3_config"]
+__all__ = [
+    "export_exits",
+    "verify_export",
+    "member_to_qwen3",
+    "member_state_dict",
+    "member_qwen3_config",
+    "member_to_familial",
+    "member_familial_config",
+    "member_num_parameters",
+    "member_has_lowrank",
+    "member_modules",
+    "factored_dir_name",
+]

@@ -2,9 +2,12 @@
 
     python -m tasks.deploy [--params params.yaml] [--set deploy.version=v7] [--set deploy.store.backend=s3]
 
-Reads `artifacts/export/` and the first `deploy.smoke_prompts` rows of `data/validated/eval.jsonl`.
-Writes the release to the store (`tasks.release.store`), its fetched copy under
-`<artifacts_dir>/releases/`, `metrics/deploy.json` (version, URIs, per-tier smoke results and latency),
+Reads `artifacts/export/`, the first `deploy.smoke_prompts` rows of `data/validated/eval.jsonl` and the
+per exit `params` of `metrics/eval_quality.json` (evaluate's reproducible metrics). Before publishing, the
+factored tiers (`exit_<d>_factored/`) must give the family's logits on a probe; once served, every
+`exit_<d>` tier must run exactly the evaluated member's parameter count (`/v1/models`). Writes the release
+to the store (`tasks.release.store`), its fetched copy under `<artifacts_dir>/releases/`,
+`metrics/deploy.json` (version, URIs, per-tier smoke results, served params and latency),
 `metrics/deploy_smoke.json` (the reproducible part), `reports/deploy/smoke.jsonl` and
 `plots/deploy/latency.{png,csv}`. `ruyi serve` keeps a release running. Choices: docs/choices.md#deploy.
 """
@@ -51,15 +54,20 @@ def _git_revision() -> str | None:
     return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
-def publish_export(params: Params, store: ArtifactStore) -> tuple[Release, bool]:
-    """Publishes `artifacts/export/` (docs/choices.md#deploy). Returns `(release, reused)`."""
-    cfg = params.deploy
-    export_dir = require_dir(
+def export_dir(params: Params) -> Path:
+    """`artifacts/export/` (StageError if it is not a complete export)."""
+    return require_dir(
         Workspace.from_params(params).artifacts("export"),
         "export (run the export stage first)",
         marker="manifest.json",
     )
-    files = scan_dir(export_dir)
+
+
+def publish_export(params: Params, store: ArtifactStore) -> tuple[Release, bool]:
+    """Publishes `artifacts/export/` (docs/choices.md#deploy). Returns `(release, reused)`."""
+    cfg = params.deploy
+    export_dir_ = export_dir(params)
+    files = scan_dir(export_dir_)
     known = store.list_versions(cfg.model_name)
     if cfg.version is not None and cfg.version in known:
         release = store.get_release(cfg.model_name, cfg.version)
@@ -75,7 +83,7 @@ def publish_export(params: Params, store: ArtifactStore) -> tuple[Release, bool]
         if sorted(latest.files, key=lambda f: f.path) == sorted(files, key=lambda f: f.path):
             log.info("the latest release %s already holds this export: reusing it", latest.uri)
             return latest, True
-    export_manifest = json.loads((export_dir / "manifest.json").read_text())
+    export_manifest = json.loads((export_dir_ / "manifest.json").read_text())
     metadata = {
         "git_revision": _git_revision(),
         "seed": params.seed,
@@ -83,7 +91,113 @@ def publish_export(params: Params, store: ArtifactStore) -> tuple[Release, bool]
         "export_manifest_sha256": next(f.sha256 for f in files if f.path == "manifest.json"),
         "content_sha256": content_digest(files),
     }
-    return store.publish(cfg.model_name, export_dir, cfg.version, metadata=metadata), False
+    return store.publish(cfg.model_name, export_dir_, cfg.version, metadata=metadata), False
+
+
+#: Max |logit difference| allowed between a factored tier and the family at its exit (both fp32, CPU).
+FACTORED_PARITY_ATOL = 1e-5
+EVAL_METRICS = "eval_quality.json"  # evaluate's reproducible metrics: per exit `params`
+
+
+def evaluated_params(params: Params, exits: list[int]) -> dict[int, int]:
+    """`{d: params}` of every exit in `metrics/eval_quality.json` (what the evaluated member runs).
+
+    Raises:
+        StageError: the file is missing or unreadable, or lacks an exit's `params` (naming both).
+    """
+    path = Workspace.from_params(params).metrics_dir / EVAL_METRICS
+    if not path.is_file():
+        raise StageError(f"{path} not found (run the evaluate stage first)")
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise StageError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    out = {}
+    for d in exits:
+        value = (metrics.get(f"exit_{d}") or {}).get("params") if isinstance(metrics, dict) else None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise StageError(
+                f"{path}: no integer exit_{d}.params (the export has exits {exits}; evaluated: "
+                f"{metrics.get('exits') if isinstance(metrics, dict) else None}); rerun evaluate"
+            )
+        out[d] = value
+    return out
+
+
+def check_export_tiers(root: Path, eval_params: dict[int, int], question: str) -> dict[str, dict[str, Any]]:
+    """What each `exit_<d>` tier will serve from the export at `root`, checked before anything is published.
+
+    Every tier's parameter count (its factored copy's where the manifest lists one, else the dense
+    export's) must equal the evaluated `params`; each factored tier, loaded as the server loads it
+    (`tasks.release.store.load_member`, fp32), must give the family's logits at its exit on a chat probe
+    (`question`) within `FACTORED_PARITY_ATOL`. Returns per tier `{weights, params, max_abs_logit_diff}`
+    (the last for factored tiers only).
+
+    Raises:
+        StageError: naming the tier and what differs.
+    """
+    import torch
+
+    from tasks.release.store import load_member
+
+    manifest = json.loads((root / "manifest.json").read_text())
+    checks: dict[str, dict[str, Any]] = {}
+    family = None
+    for key, member in sorted(manifest["members"].items(), key=lambda kv: int(kv[0])):
+        d, factored = int(key), member.get("factored")
+        tier = f"exit_{d}"
+        served = factored["num_parameters"] if factored else member["num_parameters"]
+        if served != eval_params[d]:
+            raise StageError(
+                f"tier {tier} would serve {served} parameters ({'factored' if factored else 'dense'}) but "
+                f"the evaluated member runs {eval_params[d]} (metrics/{EVAL_METRICS}): the export is not "
+                "the evaluated family, or its factored copy is missing"
+            )
+        checks[tier] = {"weights": "factored" if factored else "dense", "params": served}
+        if not factored:
+            continue
+        if family is None:
+            family, _ = load_member(root, None, dtype="float32")
+        model, tokenizer = load_member(root, d, dtype="float32")
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+        )
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        with torch.inference_mode():
+            ours = model(input_ids=ids, use_cache=False).logits
+            theirs = family(input_ids=ids, exit_layer=d, use_cache=False).logits
+        diff = float((ours - theirs).abs().max())
+        if not diff <= FACTORED_PARITY_ATOL:
+            raise StageError(
+                f"tier {tier}: the factored weights ({root / factored['dir']}) give logits that differ from "
+                f"the family's at exit {d} by {diff:.3g} (> {FACTORED_PARITY_ATOL})"
+            )
+        checks[tier]["max_abs_logit_diff"] = diff
+        log.info("tier %s: factored, %d params, max |logit diff| vs the family %.2e", tier, served, diff)
+        del model
+    return checks
+
+
+def check_served_params(url: str, eval_params: dict[int, int], expected: dict[str, dict[str, Any]]) -> None:
+    """The running app's `exit_<d>` tiers run the evaluated parameter counts, with the weights (factored or
+    dense) the export check expected (`GET /v1/models`); StageError naming the tier if not."""
+    from tasks.release.serving import http_json
+
+    status, models = http_json(f"{url}/v1/models")
+    if status != 200:
+        raise StageError(f"smoke test: {url}/v1/models answered {status}: {models}")
+    served = {m["id"]: m for m in models["data"] if m.get("exit_layer") is not None}
+    for tier, want in expected.items():
+        entry = served.get(tier)
+        if entry is None:
+            raise StageError(f"smoke test: tier {tier} is not served (served: {sorted(served)})")
+        d = entry["exit_layer"]
+        if entry.get("num_parameters") != eval_params[d] or entry.get("weights") != want["weights"]:
+            raise StageError(
+                f"smoke test: tier {tier} serves {entry.get('num_parameters')} parameters "
+                f"({entry.get('weights')}), but the evaluated member runs {eval_params[d]} "
+                f"(metrics/{EVAL_METRICS}; {want['weights']} weights expected)"
+            )
 
 
 def smoke_test(
@@ -236,8 +350,17 @@ def run(params: Params) -> dict[str, Any]:
     cfg, ws = params.deploy, Workspace.from_params(params)
     eval_path = ws.eval_data
     questions = read_jsonl(eval_path, required=("id", "question", "answer"))[: cfg.smoke_prompts]
+    if not questions:
+        raise StageError(f"{eval_path}: no questions for the smoke test")
     store = open_store(cfg.store, cache_dir=release_cache_dir(params))
     timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    root = export_dir(params)
+    exits = json.loads((root / "manifest.json").read_text())["exit_layers"]
+    eval_params = evaluated_params(params, exits)
+    tier_checks = check_export_tiers(root, eval_params, questions[0]["question"])
+    timings["tier_check_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     release, reused = publish_export(params, store)
@@ -251,7 +374,10 @@ def run(params: Params) -> dict[str, Any]:
     try:
         timings["serve_start_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
+        check_served_params(session.url, eval_params, tier_checks)
         per_tier, rows = smoke_test(session.url, questions, cfg.smoke_max_tokens)
+        for tier, checked in tier_checks.items():
+            per_tier[tier].update(checked)
         timings["smoke_s"] = time.perf_counter() - t0
     finally:
         t0 = time.perf_counter()

@@ -3,8 +3,11 @@
 `build_tiny_export(dir)` makes a 4-layer stock Qwen3 (random weights, seeded), turns it into a family
 with exits 2 and 4 (`FamilialForCausalLM.from_qwen3`, Ruyi2's recipe) and writes it with the real
 `ruyi_model.export.export_exits`: `exit_2/`, `exit_4/` (stock Qwen3ForCausalLM checkpoints with the
-tokenizer), `family/` and `manifest.json`. The tokenizer is a byte-level BPE trained on a few lines,
-with the project's special tokens and Qwen-style chat template, so chat prompts work end to end.
+tokenizer), `family/` and `manifest.json`. With `dae_blocks=n` the shallowest member is DaE-expanded by
+n blocks and decomposed (`ruyi_model.dae.expand` + `decompose`, as the expand/compress stages do), so
+the export also holds its factored copy `exit_2_factored/`. The tokenizer is a byte-level BPE trained
+on a few lines, with the project's special tokens and Qwen-style chat template, so chat prompts work
+end to end.
 """
 
 from __future__ import annotations
@@ -53,8 +56,9 @@ def tiny_tokenizer():
     return fast
 
 
-def build_tiny_family(tokenizer, seed: int = 0, exit_layers=(2, 4)):
-    """`(family, source_qwen3)`: a random stock Qwen3 of 4 layers and the family made from it."""
+def build_tiny_family(tokenizer, seed: int = 0, exit_layers=(2, 4), dae_blocks: int = 0):
+    """`(family, source_qwen3)`: a random stock Qwen3 of 4 layers and the family made from it (its
+    shallowest member DaE-expanded by `dae_blocks` blocks with random weights, then decomposed)."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -74,18 +78,30 @@ def build_tiny_family(tokenizer, seed: int = 0, exit_layers=(2, 4)):
     )
     source = Qwen3ForCausalLM(config).eval()
     family = FamilialForCausalLM.from_qwen3(source, exit_layers=list(exit_layers)).eval()
+    if dae_blocks:
+        from ruyi_model.dae import BLOCK_LINEARS, decompose, expand
+
+        d = min(exit_layers)
+        family = expand(family, d, dae_blocks)
+        with torch.no_grad():  # fresh DaE blocks are the identity: give them a function to keep
+            for block in list(family.exits[str(d)].layers)[family.config.branch_layers(d) :]:
+                for path in BLOCK_LINEARS:
+                    weight = block.get_submodule(path).weight
+                    weight.copy_(torch.randn_like(weight) * 0.1)
+        family = decompose(family, ratio=0.4, allocation="uniform").model.eval()
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     family.generation_config.eos_token_id = [im_end, tokenizer.eos_token_id]
     family.generation_config.pad_token_id = tokenizer.pad_token_id
     return family, source
 
 
-def build_tiny_export(out_dir: str | Path, seed: int = 0, exit_layers=(2, 4)) -> Path:
-    """Writes a tiny export (exit_<d>/, family/, manifest.json) to `out_dir` and returns it."""
+def build_tiny_export(out_dir: str | Path, seed: int = 0, exit_layers=(2, 4), dae_blocks: int = 0) -> Path:
+    """Writes a tiny export (exit_<d>/, family/, manifest.json; exit_<d>_factored/ with `dae_blocks`) to
+    `out_dir` and returns it."""
     from ruyi_model.export import export_exits
 
     tokenizer = tiny_tokenizer()
-    family, _ = build_tiny_family(tokenizer, seed=seed, exit_layers=exit_layers)
+    family, _ = build_tiny_family(tokenizer, seed=seed, exit_layers=exit_layers, dae_blocks=dae_blocks)
     export_exits(family, out_dir, tokenizer=tokenizer)
     return Path(out_dir)
 

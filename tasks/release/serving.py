@@ -4,7 +4,8 @@
     serve deploy infra/serve_config.yaml             # on a running Ray cluster
 
 Endpoints: GET /healthz, GET /v1/models, POST /v1/completions, POST /v1/chat/completions. Tiers: `exit_<d>`
-(stock Qwen3), the release's model name (the deepest member) and `dynamic` (confidence-based early exit).
+(stock Qwen3; the DaE member's factored copy, which runs its low-rank weights, where the release has one),
+the release's model name (the deepest member) and `dynamic` (confidence-based early exit).
 Bad requests get 4xx (NaN/infinite numbers 422, invalid Unicode 400, too many prompts 413, too many
 new tokens 422). Design and request validation: docs/choices.md#serving.
 """
@@ -97,14 +98,29 @@ class Tier:
 
     @property
     def num_parameters(self) -> int:
+        """The parameters this tier runs (for a factored tier: its low-rank factors, not the dense count)."""
         return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def factored(self) -> bool:
+        """A member tier served from its factored copy (a one-member familial model), not a stock Qwen3."""
+        from ruyi_model import FamilialForCausalLM
+
+        return self.exit_layer is not None and isinstance(self.model, FamilialForCausalLM)
+
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers the tier runs (for the dynamic tier: the family's backbone depth)."""
+        cfg = self.model.config
+        return cfg.member_num_layers(self.exit_layer) if self.factored else cfg.num_hidden_layers
 
 
 class CompletionService:
     """Loads every tier of a release directory and answers completion requests (no HTTP, no Ray).
 
     Args:
-        release_dir: a fetched release (or an export directory): `exit_<d>/`, optionally `family/`.
+        release_dir: a fetched release (or an export directory): `exit_<d>/`, optionally
+            `exit_<d>_factored/` (then tier `exit_<d>` serves it: `store.load_member`) and `family/`.
         model_name: the release's name (an alias of the deepest member); default from its MANIFEST.json.
         max_tokens_limit: requests asking for more new tokens get 400.
         max_prompts_per_request: a completion request with more prompts gets 413.
@@ -180,10 +196,12 @@ class CompletionService:
                 "root": self.release,
                 "exit_layer": tier.exit_layer,
                 "num_parameters": tier.num_parameters,
-                "num_hidden_layers": cfg.num_hidden_layers,
+                "num_hidden_layers": tier.num_layers,
                 "max_context": cfg.max_position_embeddings,
             }
-            if tier.exit_layer is None:
+            if tier.exit_layer is not None:
+                entry["weights"] = "factored" if tier.factored else "dense"
+            else:
                 entry["exit_layers"] = list(cfg.exit_layers)
             data.append(entry)
         for alias, target in self.aliases.items():

@@ -7,7 +7,7 @@ a `LocalStore` (a directory) or an `S3Store` (any S3 endpoint); `publish`, `list
     store = open_store(params.deploy.store)
     release = store.publish("ruyi-tiny", "artifacts/export")            # -> Release(version="v0001", ...)
     path = store.fetch("ruyi-tiny", dest=release_dir)                   # latest version, hashes verified
-    model, tokenizer = store.load("ruyi-tiny", "v0001", exit_layer=2)   # a stock Qwen3ForCausalLM
+    model, tokenizer = store.load("ruyi-tiny", "v0001", exit_layer=2)   # what the exit_2 tier serves
 
 Visibility, verification and retry protocol: docs/choices.md#store. The S3 client and its error mapping
 (botocore retries; transient vs credential errors) are `tasks.core.s3`'s, shared with user data sources.
@@ -400,8 +400,9 @@ class ArtifactStore(ABC):
         """Fetches a release and loads one member (or the family) with its tokenizer.
 
         Args:
-            exit_layer: `d` loads `exit_<d>/`, a stock `Qwen3ForCausalLM`; None loads `family/`
-                (a `FamilialForCausalLM`, every member and dynamic early exit).
+            exit_layer: `d` loads member d as `load_member` does (its factored copy if the release has
+                one, else the stock `exit_<d>/`); None loads `family/` (a `FamilialForCausalLM`, every
+                member and dynamic early exit).
 
         Returns:
             `(model, tokenizer)`, the model in eval mode.
@@ -415,11 +416,20 @@ def release_exits(release_dir: str | Path) -> list[int]:
     return sorted(int(p.name[5:]) for p in root.glob("exit_*") if p.is_dir() and p.name[5:].isdigit())
 
 
-def load_member(release_dir: str | Path, exit_layer: int | None, dtype: str = "float32"):
-    """`(model, tokenizer)` of member `exit_layer` (`exit_<d>/`, stock Qwen3) or the family (`family/`)."""
+def load_member(
+    release_dir: str | Path, exit_layer: int | None, dtype: str = "float32", *, factored: bool = True
+):
+    """`(model, tokenizer)` of member `exit_layer` or of the family (`exit_layer=None`, `family/`).
+
+    A member whose release holds a factored copy (`exit_<d>_factored/`, the DaE member's low-rank
+    weights, `ruyi_model.export.member_to_familial`) loads that, a one-member `FamilialForCausalLM`
+    (tokenizer fingerprint checked as for any family); otherwise, or with `factored=False`, the
+    stock `Qwen3ForCausalLM` of `exit_<d>/` (dense; releases made before factored copies existed).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ruyi_model.export import factored_dir_name
     from tasks.core.artifacts import load_family
 
     root = Path(release_dir)
@@ -434,6 +444,15 @@ def load_member(release_dir: str | Path, exit_layer: int | None, dtype: str = "f
             f"{root}: no member exit_{exit_layer} (members: "
             f"{', '.join(f'exit_{d}' for d in release_exits(root)) or 'none'})"
         )
+    factored_path = root / factored_dir_name(int(exit_layer))
+    if factored and factored_path.is_dir():
+        model, tokenizer = load_family(factored_path, dtype=dtype)
+        if model.config.exit_layers != [int(exit_layer)]:
+            raise StoreError(
+                f"{factored_path}: a family with exits {model.config.exit_layers}, not member "
+                f"{exit_layer} alone"
+            )
+        return model.eval(), tokenizer
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

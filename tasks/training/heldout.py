@@ -68,14 +68,11 @@ def member_losses(model, exits: Sequence[int], batches) -> dict[int, float]:
 
 
 def member_params(model, exit_layer: int) -> int:
-    """Parameters of member `exit_layer` as a standalone model (embedding + layers + norm + head)."""
-    modules = [
-        model.get_input_embeddings(),
-        *model.member_layers(exit_layer),
-        model.exits[str(exit_layer)].norm,
-        model.exit_head(exit_layer),
-    ]
-    return sum(p.numel() for module in modules for p in module.parameters())
+    """Parameters of member `exit_layer` as a standalone model (embedding + layers + norm + head, low-rank
+    factors as factors): `ruyi_model.export.member_num_parameters`, the count its served tier runs."""
+    from ruyi_model.export import member_num_parameters
+
+    return member_num_parameters(model, exit_layer)
 
 
 def check_family_inputs(model, tokenizer, where: str | Path, seq_len: int, seq_len_key: str) -> None:

@@ -20,7 +20,7 @@ from tiny_export import build_tiny_export, private_tmpdir
 from tasks.core.files import write_jsonl
 from tasks.core.params import load_params
 from tasks.core.stage import StageError
-from tasks.deploy import content_digest, main, publish_export, run
+from tasks.deploy import check_export_tiers, check_served_params, content_digest, main, publish_export, run
 from tasks.release.store import LocalStore, S3Store, open_store, scan_dir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,14 +51,29 @@ EVAL_ROWS = [
 
 @pytest.fixture(scope="module")
 def export_src():
+    # exit 2 is a decomposed DaE member: the export holds its factored copy, which tier exit_2 serves
     with private_tmpdir("ruyi-deploy-export-") as tmp:
-        yield build_tiny_export(tmp / "export")
+        yield build_tiny_export(tmp / "export", dae_blocks=2)
+
+
+def eval_quality(export: Path) -> dict:
+    """What evaluate writes to metrics/eval_quality.json about sizes: per exit `params`, counted by
+    evaluate's own function on the exported family."""
+    from ruyi_model import FamilialForCausalLM
+    from tasks.training.heldout import member_params
+
+    family = FamilialForCausalLM.from_pretrained(export / "family")
+    exits = list(family.config.exit_layers)
+    return {"exits": exits, **{f"exit_{d}": {"params": member_params(family, d)} for d in exits}}
 
 
 def _workspace(root: Path, export_src: Path) -> dict:
-    """A workspace with artifacts/export and data/validated/eval.jsonl; returns params overrides."""
+    """A workspace with artifacts/export, data/validated/eval.jsonl and metrics/eval_quality.json (the
+    evaluated parameter counts); returns params overrides."""
     shutil.copytree(export_src, root / "artifacts" / "export")
     write_jsonl(root / "data" / "validated" / "eval.jsonl", EVAL_ROWS)
+    (root / "metrics").mkdir()
+    (root / "metrics" / "eval_quality.json").write_text(json.dumps(eval_quality(export_src)))
     return {
         "paths.data_dir": str(root / "data"),
         "paths.artifacts_dir": str(root / "artifacts"),
@@ -114,7 +129,99 @@ def test_deploy_fails_fast_and_clearly(tmp_path, export_src, capsys):
     shutil.copytree(export_src, tmp_path / "artifacts" / "export")
     assert main(["--params", params_file, *sets, "--set", "deploy.store.backend=s3"]) == 2
     assert "store.bucket is required" in capsys.readouterr().err
-    assert not (tmp_path / "metrics").exists()
+
+    quality = tmp_path / "metrics" / "eval_quality.json"
+    evaluated = json.loads(quality.read_text())
+    quality.unlink()
+    assert main(["--params", params_file, *sets]) == 2
+    assert f"{quality} not found (run the evaluate stage first)" in capsys.readouterr().err
+    quality.write_text(json.dumps({**evaluated, "exit_4": {}}))
+    assert main(["--params", params_file, *sets]) == 2
+    assert "no integer exit_4.params" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "metrics").iterdir()) == ["eval_quality.json"]
+    assert not (tmp_path / "store").exists()  # nothing published
+
+
+def test_deploy_refuses_tiers_that_are_not_the_evaluated_members(tmp_path, export_src, capsys):
+    """Before anything is published: a tier whose parameter count is not the evaluated member's, or a
+    factored tier whose logits are not the family's, is a StageError naming the tier."""
+    import torch
+
+    from ruyi_model import FamilialForCausalLM, LowRankLinear
+
+    overrides = _workspace(tmp_path, export_src)
+    sets = [f"--set={k}={v}" for k, v in overrides.items()]
+    params_file = str(REPO / "params.yaml")
+    quality = tmp_path / "metrics" / "eval_quality.json"
+    evaluated = json.loads(quality.read_text())
+    manifest = json.loads((export_src / "manifest.json").read_text())
+
+    # The evaluated member 2 ran its dense weights (e.g. another checkpoint was evaluated).
+    dense = manifest["members"]["2"]["num_parameters"]
+    quality.write_text(json.dumps({**evaluated, "exit_2": {"params": dense}}))
+    assert main(["--params", params_file, *sets]) == 2
+    err = capsys.readouterr().err
+    assert f"tier exit_2 would serve {evaluated['exit_2']['params']} parameters (factored)" in err
+    assert f"the evaluated member runs {dense}" in err
+    quality.write_text(json.dumps(evaluated))
+
+    # The factored copy's weights are not the family's (same shapes, the head's factor changed).
+    factored = tmp_path / "artifacts" / "export" / "exit_2_factored"
+    one = FamilialForCausalLM.from_pretrained(factored)
+    assert isinstance(one.exits["2"].lm_head, LowRankLinear)
+    with torch.no_grad():
+        one.exits["2"].lm_head.weight_a.mul_(1.5)
+    one.save_pretrained(factored)
+    assert main(["--params", params_file, *sets]) == 2
+    err = capsys.readouterr().err
+    assert "tier exit_2: the factored weights" in err and "differ from the family's at exit 2" in err
+    assert not (tmp_path / "store").exists() and not (tmp_path / "metrics" / "deploy.json").exists()
+
+
+def test_served_parameter_counts_are_checked_over_http(tmp_path, export_src):
+    """`check_served_params` reads /v1/models of a running app (uvicorn, no Ray): a release whose DaE tier
+    serves its dense weights is refused, naming the tier."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from tasks.release.serving import CompletionService, create_app
+
+    release = tmp_path / "release"
+    shutil.copytree(export_src, release)
+    evaluated = eval_quality(export_src)
+    eval_params = {d: evaluated[f"exit_{d}"]["params"] for d in evaluated["exits"]}
+    expected = check_export_tiers(release, eval_params, EVAL_ROWS[0]["question"])
+    assert expected["exit_2"]["weights"] == "factored" and expected["exit_4"]["weights"] == "dense"
+    assert expected["exit_2"]["max_abs_logit_diff"] <= 1e-5 and "max_abs_logit_diff" not in expected["exit_4"]
+
+    def serve(service):
+        port = _free_port()
+        server = uvicorn.Server(uvicorn.Config(create_app(service), port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return server, thread, f"http://127.0.0.1:{port}"
+
+    server, thread, url = serve(CompletionService(release, model_name="tiny"))
+    try:
+        check_served_params(url, eval_params, expected)  # the factored tier: passes
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    shutil.rmtree(release / "exit_2_factored")  # an app serving exit_2 dense
+    server, thread, url = serve(CompletionService(release, model_name="tiny"))
+    try:
+        with pytest.raises(
+            StageError, match=r"tier exit_2 serves \d+ parameters \(dense\), but the evaluated"
+        ):
+            check_served_params(url, eval_params, expected)
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def test_deploy_stage_s3_end_to_end(tmp_path, export_src, s3_server, monkeypatch):  # noqa: F811
@@ -153,11 +260,19 @@ def test_deploy_stage_s3_end_to_end(tmp_path, export_src, s3_server, monkeypatch
         assert 0 <= tiers[tier]["accuracy"] <= 1 and tiers[tier]["latency_ms_p50"] > 0
         assert tiers[tier]["completion_tokens_mean"] <= 8
     assert tiers["dynamic"]["ok"] == 2 and 2 <= tiers["dynamic"]["mean_exit_layer"] <= 4
+    # Every member tier ran the evaluated parameter count; the DaE tier its factored weights.
+    evaluated = eval_quality(export_src)
+    for d, weights in ((2, "factored"), (4, "dense")):
+        assert tiers[f"exit_{d}"]["params"] == evaluated[f"exit_{d}"]["params"]
+        assert tiers[f"exit_{d}"]["weights"] == weights
+    assert tiers["exit_2"]["max_abs_logit_diff"] <= 1e-5
     on_disk = json.loads((tmp_path / "metrics" / "deploy.json").read_text())
     assert on_disk["version"] == "v0001" and on_disk["tiers"] == json.loads(json.dumps(tiers))
     smoke = json.loads((tmp_path / "metrics" / "deploy_smoke.json").read_text())
     assert smoke["content_sha256"] == content_digest(scan_dir(tmp_path / "artifacts" / "export"))
     assert "version" not in smoke and all("latency_ms_p50" not in t for t in smoke["tiers"].values())
+    assert smoke["tiers"]["exit_2"]["params"] == evaluated["exit_2"]["params"]
+    assert smoke["tiers"]["exit_2"]["weights"] == "factored"
     rows = [
         json.loads(line)
         for line in (tmp_path / "reports" / "deploy" / "smoke.jsonl").read_text().splitlines()

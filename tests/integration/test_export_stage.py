@@ -89,6 +89,42 @@ def test_members_load_with_plain_transformers_and_generate_like_the_family(expor
         assert torch.equal(theirs, ours)
 
 
+def test_the_dae_member_also_gets_its_factored_copy(exported):
+    """The decomposed member's factored copy: evaluate's parameter count, its low-rank modules, the family's
+    logits; both counts (and sizes) in the manifest and the metrics; the dense export is unchanged."""
+    from ruyi_model import FamilialForCausalLM, LowRankLinear
+    from tasks.core.artifacts import load_family
+    from tasks.training.heldout import member_params
+
+    root = exported
+    out = root / "artifacts/export"
+    family, tokenizer = load_family(root / "artifacts/compress")
+    manifest = json.loads((out / "manifest.json").read_text())
+    m = json.loads((root / "metrics/export.json").read_text())
+    assert sorted(p.name for p in out.glob("*_factored")) == [f"exit_{DAE_EXIT}_factored"]
+    for d in EXITS:
+        member, metrics = manifest["members"][str(d)], m[f"exit_{d}"]
+        if d != DAE_EXIT:
+            assert member["factored"] is None and "params_factored" not in metrics
+            continue
+        factored = member["factored"]
+        assert factored["dir"] == f"exit_{d}_factored"
+        assert metrics["params_factored"] == factored["num_parameters"] == member_params(family, d)
+        assert metrics["params"] == member["num_parameters"] > factored["num_parameters"]
+        fdir = out / factored["dir"]
+        assert metrics["bytes_factored"] == sum(p.stat().st_size for p in fdir.rglob("*") if p.is_file())
+        assert metrics["max_abs_logit_diff_factored"] <= 1e-4
+        one = FamilialForCausalLM.from_pretrained(fdir).eval()
+        assert any(isinstance(mod, LowRankLinear) for mod in one.modules())
+        assert one.config.tokenizer_fingerprint == family.config.tokenizer_fingerprint
+        ids = torch.tensor([tokenizer("Tom has 3 apples and gets 4 more.")["input_ids"]])
+        with torch.no_grad():
+            diff = (one(ids).logits - family(ids, exit_layer=d).logits).abs().max()
+        assert diff <= 1e-5
+    rows = (root / "plots/export/sizes.csv").read_text().splitlines()
+    assert rows[0] == "exit,params,bytes,num_hidden_layers,params_factored,bytes_factored"
+
+
 def test_bad_inputs_are_named(exported, tmp_path, capsys):
     from tasks.export import main
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -93,6 +94,7 @@ def test_health_and_models(client, service):
     )
     assert models["exit_2"]["num_parameters"] < models["exit_4"]["num_parameters"]
     assert models["dynamic"]["exit_layers"] == [2, 4]
+    assert models["exit_2"]["weights"] == models["exit_4"]["weights"] == "dense"  # no low-rank member
 
 
 @pytest.mark.parametrize("exit_layer", [2, 4])
@@ -238,6 +240,77 @@ def test_dynamic_tier(client):
     assert default["ruyi"]["threshold"] == 0.9  # deploy.dynamic_threshold's default
     r = client.post("/v1/completions", json={**body, "temperature": 0.7})
     assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+
+
+def _family_completion(release: Path, exit_layer: int, prompt: str, max_new_tokens: int) -> str:
+    """Greedy completion of `prompt` by the family checkpoint (`family/`) at member `exit_layer`."""
+    from transformers import AutoTokenizer
+
+    from ruyi_model import FamilialForCausalLM
+
+    family = FamilialForCausalLM.from_pretrained(release / "family", dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(release / "family")
+    ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    stops = [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
+    with torch.no_grad():
+        out = family.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            exit_layer=exit_layer,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=stops,
+            pad_token_id=tok.pad_token_id,
+        )
+    new = out[0, ids.shape[1] :].tolist()
+    return tok.decode(new[:-1] if new and new[-1] in stops else new, skip_special_tokens=True)
+
+
+def test_the_dae_tier_runs_its_factored_weights(tmp_path):
+    """A release with a decomposed DaE member: tier exit_2 serves exit_2_factored/ (LowRankLinear modules,
+    the member's factored parameter count, the family's completions); without that directory (an older
+    release) the same tier serves the dense stock exit_2/."""
+    from ruyi_model import FamilialForCausalLM, LowRankLinear
+    from tasks.release.store import load_member
+    from tasks.training.heldout import member_params
+
+    release = build_tiny_export(tmp_path / "export", dae_blocks=2)
+    manifest = json.loads((release / "manifest.json").read_text())
+    family, _ = load_member(release, None)
+    service = CompletionService(release, model_name="tiny", max_tokens_limit=64)
+    tier = service.tiers["exit_2"]
+    assert isinstance(tier.model, FamilialForCausalLM) and tier.model.config.exit_layers == [2]
+    assert sum(isinstance(m, LowRankLinear) for m in tier.model.modules()) == len(
+        manifest["members"]["2"]["factored"]["lowrank_ranks"]
+    )
+    models = {m["id"]: m for m in TestClient(create_app(service)).get("/v1/models").json()["data"]}
+    assert models["exit_2"]["weights"] == "factored" and models["exit_4"]["weights"] == "dense"
+    assert models["exit_2"]["num_parameters"] == member_params(family, 2)
+    assert models["exit_2"]["num_parameters"] == manifest["members"]["2"]["factored"]["num_parameters"]
+    assert models["exit_2"]["num_parameters"] < manifest["members"]["2"]["num_parameters"]
+    assert models["exit_4"]["num_parameters"] == member_params(family, 4)
+    assert models["exit_2"]["num_hidden_layers"] == 4  # 1 backbone + 1 branch layer + 2 DaE blocks
+    client = TestClient(create_app(service))
+    r = client.post("/v1/completions", json={"model": "exit_2", "prompt": PROMPT, "max_tokens": 12})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == _family_completion(release, 2, PROMPT, 12)
+    chat = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "exit_2",
+            "messages": [{"role": "user", "content": "What is 3 + 4?"}],
+            "max_tokens": 6,
+        },
+    )
+    assert chat.status_code == 200, chat.text
+
+    # An older release (no factored copy): the tier serves the dense stock checkpoint.
+    shutil.rmtree(release / "exit_2_factored")
+    older = CompletionService(release, model_name="tiny", max_tokens_limit=64)
+    assert type(older.tiers["exit_2"].model).__name__ == "Qwen3ForCausalLM"
+    listed = {m["id"]: m for m in older.models()["data"]}
+    assert listed["exit_2"]["weights"] == "dense"
+    assert listed["exit_2"]["num_parameters"] == manifest["members"]["2"]["num_parameters"]
 
 
 def test_resolve_release(tmp_path, export_dir):

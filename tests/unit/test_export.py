@@ -3,6 +3,8 @@
 Each exported `exit_<d>/` is loaded by plain `transformers.Qwen3ForCausalLM.from_pretrained` (strictly:
 no missing/unexpected/mismatched keys) and must give the family member's logits and greedy tokens,
 also after DaE expansion and decomposition. The manifest must hash every file; tampering is detected.
+A decomposed member's one-member familial copy (`member_to_familial`, `exit_<d>_factored/`) must run its
+low-rank factors: evaluate's parameter count, the family's logits and greedy tokens at that exit.
 """
 
 from __future__ import annotations
@@ -15,9 +17,16 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen3ForCausalLM
 
-from ruyi_model import FamilialConfig, FamilialForCausalLM
+from ruyi_model import FamilialConfig, FamilialForCausalLM, LowRankLinear
 from ruyi_model.dae import BLOCK_LINEARS, decompose, expand
-from ruyi_model.export import export_exits, member_to_qwen3, verify_export
+from ruyi_model.export import (
+    export_exits,
+    member_has_lowrank,
+    member_num_parameters,
+    member_to_familial,
+    member_to_qwen3,
+    verify_export,
+)
 
 VOCAB = 97
 
@@ -234,3 +243,139 @@ def test_export_is_atomic(tmp_path):
     export_exits(make_family([1, 5], seed=1), out)
     assert sorted(p.name for p in out.iterdir()) == ["exit_1", "exit_5", "family", "manifest.json"]
     verify_export(out)
+
+
+# --- the one-member familial model (the served factored tier) --------------------------------------
+def dae_family(exits, dae_exit, branch=1, shared=False, blocks=2, seed=0, **shape):
+    """A family whose member `dae_exit` got `blocks` DaE blocks with a function, then decomposed."""
+    fam = expand(make_family(exits, branch, shared, seed=seed, **shape), dae_exit, blocks)
+    g = torch.Generator().manual_seed(seed + 11)
+    with torch.no_grad():
+        for block in list(fam.exits[str(dae_exit)].layers)[fam.config.branch_layers(dae_exit) :]:
+            for path in BLOCK_LINEARS:
+                w = block.get_submodule(path).weight
+                w.copy_(torch.randn(w.shape, generator=g) * 0.1)
+    cal = [torch.randint(0, VOCAB, (2, 16), generator=g) for _ in range(2)]
+    return decompose(fam, ratio=0.4, calibration=cal, include_head=not shared).model.eval()
+
+
+def lowrank_paths(model) -> list[str]:
+    return sorted(n for n, m in model.named_modules() if isinstance(m, LowRankLinear))
+
+
+ONE_MEMBER_LAYOUTS = [
+    # (exits, DaE member, branch layers, shared heads)
+    ([2, 3, 5], 2, 1, False),  # Ruyi2: branch layer + DaE blocks on the shallowest member
+    ([1, 3, 5], 1, 1, False),  # member 1: no backbone layer at all
+    ([2, 5], 2, 0, False),  # norm+head exits
+    ([2, 4, 5], 5, 1, False),  # DaE on the deepest member
+    ([2, 5], 2, 1, True),  # shared head (kept dense: a shared head is never factored)
+]
+
+
+@pytest.mark.parametrize("exits,dae_exit,branch,shared", ONE_MEMBER_LAYOUTS)
+def test_member_to_familial_runs_exactly_the_member_with_its_factors(
+    tmp_path, exits, dae_exit, branch, shared
+):
+    from tasks.training.heldout import member_params  # what evaluate reports as `params`
+
+    fam = dae_family(exits, dae_exit, branch, shared)
+    assert member_has_lowrank(fam, dae_exit)
+    one = member_to_familial(fam, dae_exit)
+    cfg = one.config
+    assert cfg.exit_layers == [dae_exit] == [cfg.num_hidden_layers]
+    assert cfg.dae_blocks == [2] and len(one.member_layers(dae_exit)) == fam.config.member_num_layers(
+        dae_exit
+    )
+    # every factor of the member is kept at its rank (renamed into the one-member layout), nothing else
+    member_ranks = {p: r for p, r in fam.config.lowrank_ranks.items() if p.startswith(f"exits.{dae_exit}.")}
+    assert sorted(cfg.lowrank_ranks.values()) == sorted(member_ranks.values()) and cfg.lowrank_ranks
+    assert lowrank_paths(one) == sorted(cfg.lowrank_ranks)
+    # parameters: what evaluate counts for the member, fewer than the dense stock export
+    count = sum(p.numel() for p in one.parameters())
+    assert count == member_params(fam, dae_exit) == member_num_parameters(fam, dae_exit)
+    assert count < sum(p.numel() for p in member_to_qwen3(fam, dae_exit).parameters())
+    # logits and greedy decoding with the KV cache (batch, left padding) equal the family's at the exit
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(2, VOCAB, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding in the second row
+    with torch.no_grad():
+        ref = fam(ids, attention_mask=mask, exit_layer=dae_exit).logits
+        got = one(ids, attention_mask=mask).logits
+        assert torch.allclose(got, ref, atol=1e-5, rtol=0), (got - ref).abs().max()
+        kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=1)
+        g_fam = fam.generate(ids, exit_layer=dae_exit, **kw)
+        g_one = one.generate(ids, **kw)
+        assert torch.equal(g_one, g_fam)
+    # a standard HF checkpoint: from_pretrained rebuilds the LowRankLinear modules from the config
+    one.save_pretrained(tmp_path / "one")
+    saved = json.loads((tmp_path / "one" / "config.json").read_text())
+    assert saved["lowrank_ranks"] == cfg.lowrank_ranks and saved["exit_layers"] == [dae_exit]
+    loaded = FamilialForCausalLM.from_pretrained(tmp_path / "one").eval()
+    assert lowrank_paths(loaded) == lowrank_paths(one)
+    assert sum(p.numel() for p in loaded.parameters()) == count
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, attention_mask=mask).logits, got)
+        assert torch.equal(loaded.generate(ids, **kw), g_one)
+
+
+def test_member_to_familial_of_a_family_without_factors(tmp_path):
+    from tasks.training.heldout import member_params
+
+    fam = make_family([1, 3, 5])
+    ids = torch.randint(0, VOCAB, (2, 6))
+    for d in fam.config.exit_layers:
+        assert not member_has_lowrank(fam, d)
+        one = member_to_familial(fam, d)
+        assert lowrank_paths(one) == [] and one.config.lowrank_ranks == {}
+        count = sum(p.numel() for p in one.parameters())
+        # without factors the member's count is also the dense stock export's
+        assert count == member_params(fam, d) == sum(p.numel() for p in member_to_qwen3(fam, d).parameters())
+        with torch.no_grad():
+            assert torch.allclose(one(ids).logits, fam(ids, exit_layer=d).logits, atol=1e-5, rtol=0)
+    # only members with low-rank modules get a factored copy
+    manifest = export_exits(fam, tmp_path / "export")
+    assert all(m["factored"] is None for m in manifest["members"].values())
+    assert not list((tmp_path / "export").glob("*_factored"))
+    with pytest.raises(ValueError, match="exit_layer=4 is not an exit"):
+        member_to_familial(fam, 4)
+    with pytest.raises(TypeError, match="expects a FamilialForCausalLM"):
+        member_to_familial(member_to_qwen3(fam, 3), 3)
+
+
+def test_export_writes_the_factored_copy_and_states_both_counts(tmp_path):
+    from tasks.training.heldout import member_params
+
+    fam = dae_family([2, 3, 5], 2)
+    out = tmp_path / "export"
+    manifest = export_exits(fam, out, tokenizer=tiny_tokenizer())
+    verify_export(out)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "exit_2",
+        "exit_2_factored",
+        "exit_3",
+        "exit_5",
+        "family",
+        "manifest.json",
+    ]
+    entry = manifest["members"]["2"]
+    factored = entry["factored"]
+    assert factored["dir"] == "exit_2_factored" and factored["architecture"] == "FamilialForCausalLM"
+    assert factored["num_parameters"] == member_params(fam, 2) < entry["num_parameters"]
+    assert manifest["members"]["3"]["factored"] is None and manifest["members"]["5"]["factored"] is None
+    assert any(rel.startswith("exit_2_factored/") for rel in manifest["files"])
+    # exit_2/ is still a plain stock Qwen3 checkpoint (dense) with the member's logits
+    ids = torch.randint(0, VOCAB, (1, 8))
+    assert_export_matches(fam, out, ids, new_tokens=4)
+    assert entry["num_parameters"] == sum(p.numel() for p in load_stock(out / "exit_2").parameters())
+    # the factored copy loads by from_pretrained (and AutoModelForCausalLM), runs its factors, same logits
+    from transformers import AutoModelForCausalLM
+
+    one = AutoModelForCausalLM.from_pretrained(out / "exit_2_factored").eval()
+    assert type(one) is FamilialForCausalLM and lowrank_paths(one)
+    assert sorted(one.config.lowrank_ranks) == sorted(factored["lowrank_ranks"])
+    assert sum(p.numel() for p in one.parameters()) == factored["num_parameters"]
+    with torch.no_grad():
+        assert torch.allclose(one(ids).logits, fam(ids, exit_layer=2).logits, atol=1e-5, rtol=0)
+    assert AutoTokenizer.from_pretrained(out / "exit_2_factored")("w3 w10")["input_ids"] == [5, 12]
