@@ -16,8 +16,8 @@ a busy phase of a shared machine hits every level alike. Printed (and written to
 level, the requests, errors by kind (an HTTP status other than the expected one, `timeout`,
 `connection`), client-side latency p50 / p95 / max, throughput (requests/s and new tokens/s), the
 server-side `processing_ms` p50 (time inside the replica's handler: waiting for the decode lock, then
-decoding; the rest of the latency is HTTP and Ray's proxy), and the same figures per tier. Nothing is retried. Progress and Ray's
-messages go to stderr; stdout is the JSON alone.
+decoding; the rest of the latency is HTTP and Ray's proxy), and the same figures per tier. Nothing is
+retried. Progress and Ray's messages go to stderr; stdout is the JSON alone.
 """
 
 from __future__ import annotations
