@@ -97,6 +97,70 @@ class ErrorResponse(BaseModel):
     detail: list[dict[str, Any]] | None = None
 
 
+# Response bodies, for the OpenAPI schema only (the routes return plain dicts; the fuzzing test checks
+# that real responses match these).
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ServingInfo(BaseModel):
+    """`ruyi`: which release and tier answered; the dynamic tier adds its threshold and per-choice stats."""
+
+    release: str
+    tier: str
+    exit_layer: int | None
+    processing_ms: float
+    threshold: float | None = None
+    choices: list[dict[str, Any]] | None = None
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    finish_reason: Literal["stop", "length"]
+    logprobs: None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str = Field(description="the tier that answered (an alias resolved)")
+    choices: list[CompletionChoice]
+    usage: Usage
+    ruyi: ServingInfo
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str = Field(description="the tier that answered (an alias resolved)")
+    choices: list[ChatChoice]
+    usage: Usage
+    ruyi: ServingInfo
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[dict[str, Any]] = Field(description="one entry per tier (layers, parameters), then aliases")
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    release: str
+    tiers: list[str]
+    device: str
+
+
 #: The error statuses of the completion endpoints, documented in the OpenAPI schema.
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "a request this server or tier cannot serve"},
@@ -541,19 +605,28 @@ def create_app(service: CompletionService):
         body = APIError(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error").body()
         return JSONResponse(_json_safe(body), status_code=500)
 
-    @app.get("/healthz")
+    # response_model=None: the dicts go out as they are; `responses` documents their schema.
+    @app.get("/healthz", response_model=None, responses={200: {"model": Health}})
     def healthz() -> dict:
         return service.health()
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=None, responses={200: {"model": ModelList}})
     def models() -> dict:
         return service.models()
 
-    @app.post("/v1/completions", responses=_ERROR_RESPONSES)
+    @app.post(
+        "/v1/completions",
+        response_model=None,
+        responses={200: {"model": CompletionResponse}, **_ERROR_RESPONSES},
+    )
     def completions(req: CompletionRequest) -> dict:
         return service.complete(req)
 
-    @app.post("/v1/chat/completions", responses=_ERROR_RESPONSES)
+    @app.post(
+        "/v1/chat/completions",
+        response_model=None,
+        responses={200: {"model": ChatCompletionResponse}, **_ERROR_RESPONSES},
+    )
     def chat_completions(req: ChatCompletionRequest) -> dict:
         return service.chat(req)
 

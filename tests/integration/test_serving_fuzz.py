@@ -6,7 +6,8 @@ body, schema-invalid (negative) requests, and each response must pass:
 
 - `not_a_server_error`: no 5xx, whatever the request;
 - `status_code_conformance`, `content_type_conformance`, `response_schema_conformance`: the status is
-  documented and the body matches the documented schema (every error status is `ErrorResponse`);
+  documented and the body matches the documented schema (the completion, chat, model-list and health
+  bodies; every error status is `ErrorResponse`);
 - `negative_data_rejection`: a schema-invalid request gets a 4xx;
 - `error_names_the_field` (below): every 4xx is the app's error shape and names the offending parameter.
 
@@ -221,14 +222,20 @@ def test_fastapi_errors_use_the_error_shape(client):
     assert r.headers["allow"] == "POST"
 
 
-def test_error_statuses_are_documented(client):
+def test_statuses_and_bodies_are_documented(client):
+    """Each status an operation answers has a schema (which the fuzzing checks real responses against)."""
     paths = client.get("/openapi.json").json()["paths"]
-    for path in ("/v1/completions", "/v1/chat/completions"):
-        responses = paths[path]["post"]["responses"]
-        assert set(responses) == {"200", "400", "404", "413", "422"}
+
+    def schema(path, method, status):
+        return paths[path][method]["responses"][status]["content"]["application/json"]["schema"]["$ref"]
+
+    for path, body in (("/v1/completions", "CompletionResponse"), ("/v1/chat/completions", "ChatCompletion")):
+        assert set(paths[path]["post"]["responses"]) == {"200", "400", "404", "413", "422"}
+        assert schema(path, "post", "200").startswith(f"#/components/schemas/{body}")
         for status in ("400", "404", "413", "422"):
-            schema = responses[status]["content"]["application/json"]["schema"]
-            assert schema == {"$ref": "#/components/schemas/ErrorResponse"}
+            assert schema(path, "post", status) == "#/components/schemas/ErrorResponse"
+    assert schema("/healthz", "get", "200") == "#/components/schemas/Health"
+    assert schema("/v1/models", "get", "200") == "#/components/schemas/ModelList"
 
 
 @pytest.mark.parametrize(
