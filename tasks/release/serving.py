@@ -7,7 +7,8 @@ Endpoints: GET /healthz, GET /v1/models, POST /v1/completions, POST /v1/chat/com
 (stock Qwen3; the DaE member's factored copy, which runs its low-rank weights, where the release has one),
 the release's model name (the deepest member) and `dynamic` (confidence-based early exit).
 Bad requests get 4xx (NaN/infinite numbers 422, invalid Unicode 400, too many prompts 413, too many
-new tokens 422). Design and request validation: docs/choices.md#serving.
+new tokens 422), each an OpenAI-shaped error body whose `param` names the offending field (`ErrorResponse`,
+documented in the OpenAPI schema). Design and request validation: docs/choices.md#serving.
 """
 
 from __future__ import annotations
@@ -41,18 +42,25 @@ DEPLOYMENT_NAME = "RuyiFamily"
 # --- request and response models ---------------------------------------------------------------
 class _GenerationFields(BaseModel):
     # NaN/inf are no valid float (a 422 naming the field, not a comparison that lets them through).
+    # Numbers and flags are strict: `"seed": true`, `"max_tokens": "5"` or `"stream": 1` are 422s, not
+    # silently read as 1, 5 and true (an integer field takes no 2.0 either; a float field takes ints).
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str = Field(description="the tier: exit_<d>, the release name (deepest member) or 'dynamic'")
-    max_tokens: int = Field(16, ge=1, description="new tokens at most (<= deploy.max_tokens_limit)")
-    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0: greedy; > 0: sampling")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(
+        16,
+        ge=1,
+        strict=True,
+        description="new tokens at most (<= deploy.max_tokens_limit; omitted: 16 or that limit)",
+    )
+    temperature: float = Field(0.0, ge=0.0, le=2.0, strict=True, description="0: greedy; > 0: sampling")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, strict=True)
     stop: str | list[str] | None = Field(None, description="up to 4 strings that end the completion")
-    seed: int | None = Field(None, ge=0, description="makes sampling repeatable")
-    n: int = Field(1, ge=1, description="completions per prompt (only 1 is supported)")
-    stream: bool = False
+    seed: int | None = Field(None, ge=0, strict=True, description="makes sampling repeatable")
+    n: int = Field(1, ge=1, strict=True, description="completions per prompt (only 1 is supported)")
+    stream: bool = Field(False, strict=True)
     threshold: float | None = Field(
-        None, gt=0.0, le=1.0, description="dynamic tier: exit confidence threshold"
+        None, gt=0.0, le=1.0, strict=True, description="dynamic tier: exit confidence threshold"
     )
     user: str | None = None
 
@@ -74,6 +82,93 @@ class ChatCompletionRequest(_GenerationFields):
     """`POST /v1/chat/completions`: messages rendered with the release's chat template."""
 
     messages: list[ChatMessage] = Field(min_length=1)
+
+
+class ErrorDetail(BaseModel):
+    message: str = Field(description="what is wrong; starts with or names the offending parameter")
+    type: Literal["invalid_request_error", "server_error"]
+    param: str | None = Field(description="the offending parameter ('body': the body as a whole)")
+    code: str
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error response (OpenAI's shape); 422s add pydantic's `detail` list."""
+
+    error: ErrorDetail
+    detail: list[dict[str, Any]] | None = None
+
+
+# Response bodies, for the OpenAPI schema only (the routes return plain dicts; the fuzzing test checks
+# that real responses match these).
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ServingInfo(BaseModel):
+    """`ruyi`: which release and tier answered; the dynamic tier adds its threshold and per-choice stats."""
+
+    release: str
+    tier: str
+    exit_layer: int | None
+    processing_ms: float
+    threshold: float | None = None
+    choices: list[dict[str, Any]] | None = None
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    finish_reason: Literal["stop", "length"]
+    logprobs: None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str = Field(description="the tier that answered (an alias resolved)")
+    choices: list[CompletionChoice]
+    usage: Usage
+    ruyi: ServingInfo
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str = Field(description="the tier that answered (an alias resolved)")
+    choices: list[ChatChoice]
+    usage: Usage
+    ruyi: ServingInfo
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[dict[str, Any]] = Field(description="one entry per tier (layers, parameters), then aliases")
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    release: str
+    tiers: list[str]
+    device: str
+
+
+#: The error statuses of the completion endpoints, documented in the OpenAPI schema.
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "a request this server or tier cannot serve"},
+    404: {"model": ErrorResponse, "description": "unknown model (tier)"},
+    413: {"model": ErrorResponse, "description": "too many prompts in one request"},
+    422: {"model": ErrorResponse, "description": "a request that does not match the schema"},
+}
 
 
 class APIError(Exception):
@@ -234,6 +329,8 @@ class CompletionService:
 
     # requests ---------------------------------------------------------------------------------
     def _check(self, req: _GenerationFields, tier: Tier) -> list[str]:
+        if "max_tokens" not in req.model_fields_set:  # the default never exceeds this server's limit
+            req.max_tokens = min(req.max_tokens, self.max_tokens_limit)
         if req.stream:
             raise APIError(
                 400, "streaming is not supported; send stream: false", "unsupported_parameter", "stream"
@@ -480,6 +577,7 @@ def create_app(service: CompletionService):
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
 
     app = FastAPI(title="ruyi serving", description=f"OpenAI-style completions for {service.release}")
 
@@ -490,16 +588,34 @@ def create_app(service: CompletionService):
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         errors = exc.errors()
-        first = errors[0] if errors else {}
-        loc = [str(p) for p in first.get("loc", ())[1:]]
-        param = ".".join(loc) if loc and first.get("type") != "json_invalid" else None
-        message = "; ".join(
-            f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}" for e in errors
-        )
-        message = _json_safe(message)
-        body = APIError(422, message or "invalid request", "invalid_request", param).body()
+
+        def where(error: dict) -> str:
+            # No field below the body (no JSON: the loc's number is a character offset; not an object;
+            # no body at all): the body itself is at fault.
+            loc = [str(p) for p in error.get("loc", ())[1:]]
+            return ".".join(loc) if loc and error.get("type") != "json_invalid" else "body"
+
+        def describe(error: dict) -> str:
+            text = f"{where(error)}: {error.get('msg')}"
+            if error.get("type") == "json_invalid":
+                offset = error.get("loc", ())[-1]
+                text += f" ({(error.get('ctx') or {}).get('error', 'invalid JSON')} at character {offset})"
+            return text
+
+        param = where(errors[0]) if errors else "body"
+        message = _json_safe("; ".join(describe(e) for e in errors))
+        body = APIError(422, message or "body: invalid request", "invalid_request", param).body()
         body["detail"] = _json_safe(errors)
         return JSONResponse(body, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException):
+        # FastAPI's own errors, in the error shape: its only 400 is a body that is no UTF-8 JSON.
+        param = "body" if exc.status_code == 400 else None
+        message = f"body: {exc.detail}; send a UTF-8 JSON object" if param else str(exc.detail)
+        code = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http")
+        body = APIError(exc.status_code, message, code, param).body()
+        return JSONResponse(_json_safe(body), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
@@ -507,19 +623,28 @@ def create_app(service: CompletionService):
         body = APIError(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error").body()
         return JSONResponse(_json_safe(body), status_code=500)
 
-    @app.get("/healthz")
+    # response_model=None: the dicts go out as they are; `responses` documents their schema.
+    @app.get("/healthz", response_model=None, responses={200: {"model": Health}})
     def healthz() -> dict:
         return service.health()
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=None, responses={200: {"model": ModelList}})
     def models() -> dict:
         return service.models()
 
-    @app.post("/v1/completions")
+    @app.post(
+        "/v1/completions",
+        response_model=None,
+        responses={200: {"model": CompletionResponse}, **_ERROR_RESPONSES},
+    )
     def completions(req: CompletionRequest) -> dict:
         return service.complete(req)
 
-    @app.post("/v1/chat/completions")
+    @app.post(
+        "/v1/chat/completions",
+        response_model=None,
+        responses={200: {"model": ChatCompletionResponse}, **_ERROR_RESPONSES},
+    )
     def chat_completions(req: ChatCompletionRequest) -> dict:
         return service.chat(req)
 
