@@ -356,7 +356,7 @@ class CompressParams(_Section):
     heal_steps: NonNegInt = 20
     heal_lr: PositiveFloat = 1e-3
     # Held-out batches (corpus_val blocks; eval solutions) for the reported before/after losses, and as
-    # many for the keep-healing decision, carved from corpus_train/sft and kept out of calibration/healing.
+    # many for the keep-healing decision (select_corpus.jsonl blocks; select.jsonl rows: data.num_select).
     loss_batches: PositiveInt = 4
     # Quality budget: relative loss increase allowed on every exit (reported, not enforced here).
     max_relative_loss_increase: Fraction = 0.02
