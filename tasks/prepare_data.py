@@ -4,9 +4,10 @@
 
 Reads the embedded sources (Python's own docstrings and language reference; generated math problems) and
 any `data.sources` (local or s3:// JSONL/Parquet). Writes `data/raw/` as a whole (corpus_train/val.jsonl,
-sft.jsonl, rl.jsonl, eval.jsonl, manifest.json with row counts, sha256, sources and filter counts),
+sft.jsonl, rl.jsonl, eval.jsonl, the healing-decision split select_corpus.jsonl and select.jsonl that only
+compress reads, manifest.json with row counts, sha256, sources and filter counts),
 `metrics/prepare_data.json` and `plots/prepare_data/`. Owns cleaning, de-duplication and the
-leakage-free sft/rl/eval split: docs/choices.md#prepare_data.
+leakage-free sft/rl/eval/select split: docs/choices.md#prepare_data.
 """
 
 from __future__ import annotations
@@ -61,9 +62,9 @@ def split_math(
     still has room, and a split that overflows is truncated (the dropped rows' group lives in that
     split only, so truncation cannot create overlap). The select split (compress's healing decision,
     `num_select` rows) then takes the groups left over, in the same order, and after them the `spare`
-    problems whose number pattern is in no other split. A select candidate whose worked solution equals
-    one of eval / rl / sft (another question with the same steps) is skipped: that text would be trained
-    text. `spare` lets the select split grow without changing eval / rl / sft.
+    problems whose number pattern is in no other split. A select candidate that shares a paragraph
+    (`problem_texts`: e.g. another question with the same worked steps) with eval / rl / sft is skipped:
+    that text would be trained text. `spare` lets the select split grow without changing eval / rl / sft.
 
     Raises:
         StageError: when the pool cannot fill the requested counts.
