@@ -3,9 +3,10 @@
     suites      the dataset contracts (`CONTRACTS`, `build_suite`, `build_frame`), as code
     gates       the model quality gates (`gates_frame`, `gates_suite`)
     context     `ContractContext` (a file-mode GX project with Data Docs), `SuiteResult`, `ExpectationFailure`
+    overlap     the paragraph keys of the held-out checks (no GX import: prepare_data builds on it too)
 
-Importing a submodule imports Great Expectations (~2.5 s): `tasks/` modules import them lazily. GX's usage
-statistics are switched off here, before anything imports GX, and its INFO logs muted.
+Importing suites, gates or context imports Great Expectations (~2.5 s): `tasks/` modules import them
+lazily. GX's usage statistics are switched off here, before anything imports GX, and its INFO logs muted.
 Choices: docs/choices.md#validate_data and #gates.
 """
 

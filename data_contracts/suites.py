@@ -4,10 +4,13 @@
     sft     sft.jsonl   {"id": str, "prompt": str, "response": str, "answer": str, "level": int}
     rl      rl.jsonl    {"id": str, "question": str, "answer": str, "level": int}
     eval    eval.jsonl  {"id": str, "question": str, "solution": str, "answer": str, "level": int}
+    select_corpus  select_corpus.jsonl   as corpus   (compress's healing-decision text)
+    select         select.jsonl          as sft      (compress's healing-decision problems)
 
 Every field required, no others allowed. `build_frame` adds the derived columns the row-level checks need
-(`_fields`, `_final_answer`, `_question_key`, `_in_corpus`, `_bool_ints`: strict types, a JSON bool is
-never an integer; the raw data must not use these names).
+(`_fields`, `_final_answer`, `_question_key`, `_in_corpus`, `_shared_text`, `_bool_ints`: strict types, a
+JSON bool is never an integer; the raw data must not use these names). The held-out datasets (eval, the
+select ones) are checked against the rows of the others that passed: `held_out_references`.
 What every suite checks, and why: docs/choices.md#validate_data.
 """
 
@@ -22,18 +25,21 @@ import great_expectations as gx
 import great_expectations.expectations as gxe
 
 from data_contracts.answer_format import FINAL_LINE_REGEX, final_answer
+from data_contracts.overlap import paragraph_keys, paragraphs
 
 FIELDS_COLUMN = "_fields"
 FINAL_ANSWER_COLUMN = "_final_answer"
 QUESTION_KEY_COLUMN = "_question_key"
 IN_CORPUS_COLUMN = "_in_corpus"
 BOOL_INTS_COLUMN = "_bool_ints"
+SHARED_TEXT_COLUMN = "_shared_text"
 DERIVED_COLUMNS = (
     FIELDS_COLUMN,
     FINAL_ANSWER_COLUMN,
     QUESTION_KEY_COLUMN,
     IN_CORPUS_COLUMN,
     BOOL_INTS_COLUMN,
+    SHARED_TEXT_COLUMN,
 )
 # The `source` of the math documents prepare_data adds to the CPT corpus (SFT question + solution):
 # shorter than prose documents, so their lower length bound is the question's.
@@ -80,6 +86,10 @@ class DatasetContract:
         unique_fields: fields whose values must be unique over all files of the dataset.
         question_field: the field whose normalized text is the train/eval overlap key.
         final_answer_field: the field that must end with `#### <answer>` (None: no such field).
+        question_overlap: datasets whose questions this one's must not be (normalized text), and whose
+            corpus (the `corpus` dataset) must not contain them: the held-out check of eval and select.
+        paragraph_overlap: datasets none of whose paragraphs (`data_contracts.overlap`) may occur in this
+            one's text fields (a solution without its final answer line): the select datasets.
     """
 
     name: str
@@ -89,24 +99,37 @@ class DatasetContract:
     unique_fields: tuple[str, ...]
     question_field: str | None = None
     final_answer_field: str | None = None
+    question_overlap: tuple[str, ...] = ()
+    paragraph_overlap: tuple[str, ...] = ()
 
     @property
     def is_math(self) -> bool:
         return "answer" in self.fields
+
+    @property
+    def is_corpus(self) -> bool:
+        return "text" in self.fields
+
+
+_CORPUS_FIELDS = {"id": "str", "text": "str", "source": "str"}
+_SFT_FIELDS = {"id": "str", "prompt": "str", "response": "str", "answer": "str", "level": "int"}
+# Everything a training stage reads, and the reported held-out sets: the select datasets share no text
+# with any of them.
+_ALL_BUT_SELECT = ("corpus", "sft", "rl", "eval")
 
 
 CONTRACTS: dict[str, DatasetContract] = {
     "corpus": DatasetContract(
         name="corpus",
         files=("corpus_train.jsonl", "corpus_val.jsonl"),
-        fields={"id": "str", "text": "str", "source": "str"},
+        fields=_CORPUS_FIELDS,
         text_fields=("text",),
         unique_fields=("id", "text"),
     ),
     "sft": DatasetContract(
         name="sft",
         files=("sft.jsonl",),
-        fields={"id": "str", "prompt": "str", "response": "str", "answer": "str", "level": "int"},
+        fields=_SFT_FIELDS,
         text_fields=("prompt", "response"),
         unique_fields=("id", "prompt"),
         question_field="prompt",
@@ -128,11 +151,88 @@ CONTRACTS: dict[str, DatasetContract] = {
         unique_fields=("id", "question"),
         question_field="question",
         final_answer_field="solution",
+        question_overlap=("sft", "rl"),
+    ),
+    "select_corpus": DatasetContract(
+        name="select_corpus",
+        files=("select_corpus.jsonl",),
+        fields=_CORPUS_FIELDS,
+        text_fields=("text",),
+        unique_fields=("id", "text"),
+        paragraph_overlap=_ALL_BUT_SELECT,
+    ),
+    "select": DatasetContract(
+        name="select",
+        files=("select.jsonl",),
+        fields=_SFT_FIELDS,
+        text_fields=("prompt", "response"),
+        unique_fields=("id", "prompt"),
+        question_field="prompt",
+        final_answer_field="response",
+        question_overlap=("sft", "rl", "eval"),
+        paragraph_overlap=_ALL_BUT_SELECT,
     ),
 }
-# Validation order: eval's overlap check needs the validated training questions (sft, rl) first.
-ORDER = ("corpus", "sft", "rl", "eval")
+# Validation order: a held-out dataset is checked against the rows of the others that passed, so those
+# come first: eval after the training questions (sft, rl) and the corpus; the select datasets last.
+ORDER = ("corpus", "sft", "rl", "eval", "select_corpus", "select")
 TRAINING = ("sft", "rl")
+
+
+@dataclass(frozen=True)
+class HeldOutReferences:
+    """What a held-out dataset is checked against (None: the contract has no such check)."""
+
+    question_keys: list[str] | None = None  # `question_key`s of the `question_overlap` datasets
+    corpus: str | None = None  # `normalized_corpus` of the corpus dataset
+    paragraphs: frozenset[str] | None = None  # paragraph keys of the `paragraph_overlap` datasets
+
+
+def held_out_references(
+    contract: DatasetContract, rows: dict[str, Sequence[dict[str, Any]]]
+) -> HeldOutReferences:
+    """The references of `contract`'s overlap checks from `rows` (dataset name -> the rows that passed)."""
+    keys = corpus = paragraphs = None
+    if contract.question_overlap:
+        found = (
+            question_key(row.get(CONTRACTS[name].question_field))
+            for name in contract.question_overlap
+            for row in rows[name]
+        )
+        keys = [k for k in found if k is not None]
+        corpus = normalized_corpus(row.get("text") for row in rows["corpus"])
+    if contract.paragraph_overlap:
+        paragraphs = frozenset(
+            key
+            for name in contract.paragraph_overlap
+            for row in rows[name]
+            for text in checked_texts(CONTRACTS[name], row)
+            for key in paragraph_keys(text)
+        )
+    return HeldOutReferences(keys, corpus, paragraphs)
+
+
+def checked_texts(contract: DatasetContract, row: dict[str, Any]) -> list[str]:
+    """The free texts of a row that the paragraph-overlap check compares: every text field, a solution
+    without its final `#### <answer>` line (answer lines alone are not shared text)."""
+    from tasks.data.mathgen import worked_steps
+
+    texts = []
+    for name in contract.text_fields:
+        value = row.get(name)
+        if isinstance(value, str):
+            texts.append(worked_steps(value) if name == contract.final_answer_field else value)
+    return texts
+
+
+def shared_text(contract: DatasetContract, row: dict[str, Any], reference: frozenset[str]) -> str:
+    """The first paragraph of `row` (normalized, at most 100 characters) whose key is in `reference`;
+    "" when none is."""
+    for text in checked_texts(contract, row):
+        for key, paragraph in paragraphs(text).items():
+            if key in reference:
+                return paragraph[:100]
+    return ""
 
 
 def question_key(text: Any) -> str | None:
@@ -159,6 +259,7 @@ def build_frame(
     rows: Sequence[dict[str, Any]],
     labels: Sequence[str],
     corpus: str | None = None,
+    paragraph_reference: frozenset[str] | None = None,
 ):
     """The pandas DataFrame a suite validates: raw fields (as objects) plus the derived columns.
 
@@ -166,8 +267,10 @@ def build_frame(
         contract: the dataset's contract.
         rows: raw JSON objects, one per data row.
         labels: one label per row ("sft.jsonl:17"); the frame's index, so failures name rows.
-        corpus: for the eval contract, `normalized_corpus(...)` of the CPT corpus: `_in_corpus`
-            is True when a row's normalized question occurs in it (contamination).
+        corpus: for a contract with `question_overlap` (eval, select), `normalized_corpus(...)` of the
+            CPT corpus: `_in_corpus` is True when a row's normalized question occurs in it (contamination).
+        paragraph_reference: for a contract with `paragraph_overlap` (select_corpus, select), the paragraph
+            keys of the other datasets: `_shared_text` is a row's first shared paragraph ("" for none).
 
     Returns:
         DataFrame of shape (len(rows), fields + extra fields + derived), dtype object. A field a row
@@ -199,22 +302,28 @@ def build_frame(
         frame[FINAL_ANSWER_COLUMN] = [final_answer(row.get(contract.final_answer_field)) for row in rows]
     if contract.question_field:
         frame[QUESTION_KEY_COLUMN] = [question_key(row.get(contract.question_field)) for row in rows]
-    if contract.name == "eval":
+    if contract.question_overlap:
         if corpus is None:
-            raise ValueError("the eval contract needs the normalized corpus (contamination check)")
+            raise ValueError(
+                f"the {contract.name} contract needs the normalized corpus (contamination check)"
+            )
         from tasks.data.mathgen import normalize_question
 
         frame[IN_CORPUS_COLUMN] = [
             isinstance(q, str) and normalize_question(q) in corpus
             for q in (row.get(contract.question_field) for row in rows)
         ]
+    if contract.paragraph_overlap:
+        if paragraph_reference is None:
+            raise ValueError(f"the {contract.name} contract needs the paragraphs of the other datasets")
+        frame[SHARED_TEXT_COLUMN] = [shared_text(contract, row, paragraph_reference) for row in rows]
     return frame
 
 
 def text_bounds(contract: DatasetContract, field: str, params) -> tuple[int, int]:
     """Length bounds (characters) of a free-text field, from params.data and params.validate_data."""
     v = params.validate_data
-    if contract.name == "corpus":  # prose documents; math documents: see build_suite
+    if contract.is_corpus:  # prose documents; math documents: see build_suite
         return params.data.min_doc_chars, params.data.max_doc_chars
     if field in ("response", "solution"):
         return 1, v.max_solution_chars
@@ -229,14 +338,14 @@ def build_suite(
     Args:
         contract: the dataset's contract.
         params: a `tasks.core.params.Params` (uses `data.*` bounds and levels, `validate_data.*` bounds).
-        training_keys: `_question_key`s of the training questions (SFT prompts + RL questions);
-            required for the eval contract (the zero-overlap expectation).
+        training_keys: `_question_key`s of the `question_overlap` datasets' questions (eval: SFT prompts
+            + RL questions; select: also eval questions); required for those contracts (zero overlap).
 
     Returns:
         A `gx.ExpectationSuite` named `contract.name` (not yet added to a context).
     """
-    if contract.name == "eval" and training_keys is None:
-        raise ValueError("the eval contract needs training_keys (the overlap check)")
+    if contract.question_overlap and training_keys is None:
+        raise ValueError(f"the {contract.name} contract needs training_keys (the overlap check)")
     expectations: list = []
     add = expectations.append
     add(gxe.ExpectTableRowCountToBeBetween(min_value=1, description="at least one row"))
@@ -272,7 +381,7 @@ def build_suite(
         add(gxe.ExpectColumnValuesToBeUnique(column=name, description=f"{name} unique (no duplicate rows)"))
     for name in contract.text_fields:
         low, high = text_bounds(contract, name, params)
-        if contract.name == "corpus":
+        if contract.is_corpus:
             add(
                 gxe.ExpectColumnValueLengthsToBeBetween(
                     column=name,
@@ -315,7 +424,7 @@ def build_suite(
             add(
                 gxe.ExpectColumnValuesToNotMatchRegex(column=name, regex=regex, description=f"{name}: {what}")
             )
-    if contract.name == "corpus":
+    if contract.is_corpus:
         add(
             gxe.ExpectColumnValueLengthsToBeBetween(
                 column="source", min_value=1, max_value=200, description="source has 1-200 characters"
@@ -351,25 +460,41 @@ def build_suite(
                 description=f"the number after '#### ' at the end of {field} equals answer",
             )
         )
-    if contract.name == "eval":
+    if contract.question_overlap:
+        field = contract.question_field
+        others = " or ".join(_QUESTION_NAMES[name] for name in contract.question_overlap)
         add(
             gxe.ExpectColumnValuesToNotBeInSet(
                 column=QUESTION_KEY_COLUMN,
                 value_set=sorted(set(training_keys or [])),
-                description="question does not overlap training: "
-                "its normalized text is no SFT prompt or RL question",
+                description=f"{field} does not overlap "
+                + ("training" if contract.name == "eval" else "training or eval")
+                + f": its normalized text is no {others}",
             )
         )
         add(
             gxe.ExpectColumnValuesToBeInSet(
                 column=IN_CORPUS_COLUMN,
                 value_set=[False],
-                description="question does not occur in the CPT corpus (normalized substring search)",
+                description=f"{field} does not occur in the CPT corpus (normalized substring search)",
+            )
+        )
+    if contract.paragraph_overlap:
+        files = ", ".join(f for name in contract.paragraph_overlap for f in CONTRACTS[name].files)
+        add(
+            gxe.ExpectColumnValuesToBeInSet(
+                column=SHARED_TEXT_COLUMN,
+                value_set=[""],
+                description=f"{', '.join(contract.text_fields)} share no paragraph (normalized text) with "
+                f"{files}",
             )
         )
     # Built from a list, not with suite.add_expectation: that saves the whole suite to the store on
     # every call once a suite of the same name exists there (quadratic; seconds per suite).
     return gx.ExpectationSuite(name=contract.name, expectations=expectations)
+
+
+_QUESTION_NAMES = {"sft": "SFT prompt", "rl": "RL question", "eval": "eval question"}
 
 
 def _json_type(type_: str) -> str:

@@ -2,8 +2,9 @@
 
     python -m tasks.compress [--params params.yaml] [--set compress.ratio=0.5] [--set compress.heal_steps=0]
 
-Reads `artifacts/rl/` and the validated corpus_train, corpus_val, sft and eval files (calibration, a
-healing-decision slice, reported held-out losses). Writes `artifacts/compress/`, `metrics/compress.json`
+Reads `artifacts/rl/` and the validated files: corpus_train and sft (calibration, healing), select_corpus and
+select (the healing decision: prepare_data's split that no stage trains on), corpus_val and eval (reported
+held-out losses). Writes `artifacts/compress/`, `metrics/compress.json`
 (added parameters before/after, per exit relative loss changes, `within_budget`, healing decision,
 `removed_fraction` of blocks / head / both, and `dae_control`: the DaE member's loss and accuracy before
 DaE (from `artifacts/family_sft/`), dense and after SVD, with `gain_retained`),
@@ -13,7 +14,6 @@ Choices (added parameters, allocation, calibration, healing): docs/choices.md#co
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 from dataclasses import dataclass
@@ -55,19 +55,18 @@ def healing_parameters(model, exit_layer: int) -> list[tuple[str, object]]:
     return chosen
 
 
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 @dataclass
 class SelectionSplit:
-    """The healing-decision ("selection") slice carved out of the training data (docs/choices.md#compress).
+    """The healing-decision ("selection") data and the training data (docs/choices.md#compress).
+
+    The decision data is prepare_data's select split (select_corpus.jsonl, select.jsonl): no stage trains
+    on it, and validate_data checked that it shares no text with any training file, corpus_val or eval.
 
     Attributes:
-        corpus_texts: corpus_train texts for calibration (the selection documents removed), file order.
-        sft_rows: sft.jsonl rows for calibration and healing (the selection rows removed), file order.
-        selection_corpus: the selection documents, in packing order.
-        selection_sft: the selection SFT rows, in order.
+        corpus_texts: every corpus_train text (calibration), file order.
+        sft_rows: every sft.jsonl row (calibration and healing), file order.
+        selection_corpus: the select_corpus.jsonl documents packed into `corpus_blocks`, file order.
+        selection_sft: the first `loss_batches` x `batch_size` select.jsonl rows.
         corpus_blocks: the selection documents packed into `loss_batches` x `batch_size` blocks.
     """
 
@@ -79,95 +78,75 @@ class SelectionSplit:
 
     @property
     def report(self) -> dict[str, Any]:
-        """What reports/compress/heal_selection.json records: the rule and the ids on each side."""
+        """What reports/compress/heal_selection.json records: the rule and the ids that decided."""
         return {
-            "rule": "corpus_train docs not in corpus_val, by sha256(text); sft rows not in eval.jsonl (id or "
-            "normalised question), by sha256(id); both excluded from calibration and healing",
-            "corpus_train_ids": [str(r["id"]) for r in self.selection_corpus],
-            "sft_ids": [str(r["id"]) for r in self.selection_sft],
-            "healing_sft_ids": [str(r["id"]) for r in self.sft_rows],
+            "rule": "the first select_corpus.jsonl documents (packed) and select.jsonl rows, file order: "
+            "prepare_data's healing-decision split, validated to share no text with corpus_train, "
+            "corpus_val, sft, rl or eval; calibration and healing read the whole corpus_train and sft",
+            "select_corpus_ids": [str(r["id"]) for r in self.selection_corpus],
+            "select_ids": [str(r["id"]) for r in self.selection_sft],
+            "healing_sft_rows": len(self.sft_rows),
             "calibration_corpus_documents": len(self.corpus_texts),
         }
 
 
-def carve_selection(
-    params: Params,
-    tokenizer,
-    corpus_rows: list[dict],
-    sft_rows: list[dict],
-    val_rows: list[dict],
-    eval_rows: list[dict],
+def read_selection(
+    params: Params, tokenizer, corpus_texts: list[str], sft_rows: list[dict]
 ) -> SelectionSplit:
-    """Carves the healing-decision set out of corpus_train and sft.jsonl (deterministic, order-independent).
+    """The healing-decision set from the validated select files: `loss_batches` x `batch_size` packed
+    blocks of select_corpus.jsonl (its first documents) and as many select.jsonl rows (its first rows).
 
-    Documents whose text is in corpus_val and SFT rows whose id or normalised question is in eval.jsonl
-    are never chosen, so the set is disjoint from the reported held-out sets by construction; what is
-    chosen is removed from the calibration and healing data. Errors name the file and the parameters.
+    Args:
+        corpus_texts, sft_rows: the training data (corpus_train texts, sft.jsonl rows), kept whole.
+
+    Raises:
+        StageError: a select file is too small, naming it and the parameters.
     """
-    from tasks.data.mathgen import normalize_question
     from tasks.training.batches import pack_documents, tokenize_texts
 
     cfg, ws = params.compress, Workspace.from_params(params)
     n = cfg.loss_batches * cfg.batch_size
-    train_file, sft_file = ws.corpus_train, ws.sft_data
+    corpus_file, select_file = ws.validated_file("select_corpus.jsonl"), ws.validated_file("select.jsonl")
 
-    val_texts = {r["text"].strip() for r in val_rows}
-    order = sorted(
-        (i for i, r in enumerate(corpus_rows) if r["text"].strip() not in val_texts),
-        key=lambda i: (_sha(corpus_rows[i]["text"]), i),
-    )
+    docs = read_corpus(corpus_file)
     chosen, token_lists, tokens, need = [], [], 0, n * cfg.seq_len
-    for start in range(0, len(order), 64):
-        part = order[start : start + 64]
-        ids = tokenize_texts(tokenizer, [corpus_rows[i]["text"] for i in part], desc="tokenize selection")
-        for i, t in zip(part, ids):
+    for start in range(0, len(docs), 64):
+        part = docs[start : start + 64]
+        ids = tokenize_texts(tokenizer, [r["text"] for r in part], desc="tokenize select_corpus")
+        for row, t in zip(part, ids):
             if tokens >= need:
                 break
-            chosen.append(i)
+            chosen.append(row)
             token_lists.append(t)
             tokens += len(t) + 1
         if tokens >= need:
             break
     blocks = pack_documents(token_lists, tokenizer.eos_token_id, cfg.seq_len)
-    if blocks.shape[0] < n or len(chosen) >= len(corpus_rows):
+    if blocks.shape[0] < n:
         raise StageError(
-            f"{train_file}: too little text outside corpus_val for the healing-decision set "
-            f"({n} blocks of {cfg.seq_len} tokens = compress.loss_batches x compress.batch_size) "
-            "plus calibration text; lower compress.loss_batches, compress.batch_size or compress.seq_len"
+            f"{corpus_file}: its {len(docs)} documents make {blocks.shape[0]} blocks of {cfg.seq_len} "
+            f"tokens; the healing decision needs {n} (compress.loss_batches x compress.batch_size): raise "
+            "data.select_corpus_chars or lower compress.loss_batches, compress.batch_size or compress.seq_len"
         )
-    blocks = blocks[:n]
-
-    eval_ids = {str(r["id"]) for r in eval_rows}
-    eval_questions = {normalize_question(str(r["question"])) for r in eval_rows}
-    candidates = sorted(
-        (
-            i
-            for i, r in enumerate(sft_rows)
-            if str(r["id"]) not in eval_ids and normalize_question(r["prompt"]) not in eval_questions
-        ),
-        key=lambda i: (_sha(str(sft_rows[i]["id"])), i),
-    )
-    sft_chosen = candidates[:n]
-    if len(sft_chosen) < n or len(sft_chosen) >= len(sft_rows):
+    rows = read_sft(select_file)
+    if len(rows) < n:
         raise StageError(
-            f"{sft_file}: {len(candidates)} of {len(sft_rows)} rows are not eval.jsonl problems; the "
-            f"healing-decision set needs {n} (compress.loss_batches x compress.batch_size) and "
-            "calibration/healing needs at least one more; lower compress.loss_batches or "
+            f"{select_file}: {len(rows)} rows; the healing decision needs {n} (compress.loss_batches x "
+            "compress.batch_size): raise data.num_select or lower compress.loss_batches or "
             "compress.batch_size"
         )
-    sel_corpus, sel_sft = set(chosen), set(sft_chosen)
     return SelectionSplit(
-        corpus_texts=[r["text"] for i, r in enumerate(corpus_rows) if i not in sel_corpus],
-        sft_rows=[r for i, r in enumerate(sft_rows) if i not in sel_sft],
-        selection_corpus=[corpus_rows[i] for i in chosen],
-        selection_sft=[sft_rows[i] for i in sft_chosen],
-        corpus_blocks=blocks,
+        corpus_texts=corpus_texts,
+        sft_rows=sft_rows,
+        selection_corpus=chosen,
+        selection_sft=rows[:n],
+        corpus_blocks=blocks[:n],
     )
 
 
 def calibration_data(params: Params, tokenizer, corpus_texts: list[str], sft_rows: list[dict]) -> list:
     """`calibration_batches` LongTensor batches (batch_size x seq_len) mixing corpus_train and SFT chat text
-    (`corpus_texts`, `sft_rows`: what `carve_selection` left for calibration)."""
+    (`corpus_texts`, `sft_rows`: the whole training files; the healing-decision set is a file of its own)."""
     import torch
 
     cfg = params.compress
@@ -195,16 +174,12 @@ def calibration_data(params: Params, tokenizer, corpus_texts: list[str], sft_row
     blocks = []
     for path, wanted, texts in parts:
         if not texts:
-            raise StageError(
-                f"{path}: no text left for calibration after the healing-decision set; lower "
-                "compress.loss_batches or compress.batch_size"
-            )
+            raise StageError(f"{path}: no text for calibration")
         got = first_blocks(tokenizer, texts, cfg.seq_len, wanted, path)
         if got.shape[0] < wanted:
             raise StageError(
                 f"{path}: too little text for {wanted} calibration blocks of {cfg.seq_len} tokens "
-                f"(got {got.shape[0]}; the healing-decision set is excluded); lower "
-                "compress.calibration_batches or compress.seq_len"
+                f"(got {got.shape[0]}); lower compress.calibration_batches or compress.seq_len"
             )
         blocks.append(got)
     return list(torch.cat(blocks).split(cfg.batch_size))
@@ -355,7 +330,7 @@ class HeldoutSets:
     solution_batches: list
     problems: list[dict[str, Any]]  # eval rows for the DaE member's accuracy
     val_rows: list[dict[str, Any]]
-    eval_rows: list[dict[str, Any]]  # every eval.jsonl row (the selection slice must avoid them all)
+    eval_rows: list[dict[str, Any]]  # every eval.jsonl row
 
 
 @dataclass
@@ -640,9 +615,9 @@ def run(params: Params) -> dict:
         Workspace.from_params(params).validated_file("corpus_train.jsonl"),
         Workspace.from_params(params).validated_file("sft.jsonl"),
     )
-    # The healing-decision set: carved out of the training data, used for nothing else (docstring, step 3).
-    split = carve_selection(
-        params, tokenizer, read_corpus(train_file), read_sft(sft_file), held.val_rows, held.eval_rows
+    # The healing-decision set: prepare_data's select split (no stage trains on it), used for nothing else.
+    split = read_selection(
+        params, tokenizer, [r["text"] for r in read_corpus(train_file)], read_sft(sft_file)
     )
     calibration = calibration_data(params, tokenizer, split.corpus_texts, split.sft_rows)
 

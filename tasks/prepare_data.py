@@ -4,9 +4,10 @@
 
 Reads the embedded sources (Python's own docstrings and language reference; generated math problems) and
 any `data.sources` (local or s3:// JSONL/Parquet). Writes `data/raw/` as a whole (corpus_train/val.jsonl,
-sft.jsonl, rl.jsonl, eval.jsonl, manifest.json with row counts, sha256, sources and filter counts),
+sft.jsonl, rl.jsonl, eval.jsonl, the healing-decision split select_corpus.jsonl and select.jsonl that only
+compress reads, manifest.json with row counts, sha256, sources and filter counts),
 `metrics/prepare_data.json` and `plots/prepare_data/`. Owns cleaning, de-duplication and the
-leakage-free sft/rl/eval split: docs/choices.md#prepare_data.
+leakage-free sft/rl/eval/select split: docs/choices.md#prepare_data.
 """
 
 from __future__ import annotations
@@ -21,15 +22,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from data_contracts.overlap import paragraph_keys
 from tasks.core.files import atomic_dir, save_figure, sha256_file, write_json, write_jsonl, write_metrics
 from tasks.core.params import DataParams, Params
 from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, log, stage_main
 from tasks.data.corpus import _doc_key, build_corpus, embedded_corpus
-from tasks.data.mathgen import Problem, generate_problems, normalize_question, number_pattern
+from tasks.data.mathgen import Problem, generate_problems, normalize_question, number_pattern, worked_steps
 from tasks.data.sources import Document, load_source, map_rows
 
-FILES = ("corpus_train.jsonl", "corpus_val.jsonl", "sft.jsonl", "rl.jsonl", "eval.jsonl")
+FILES = (
+    "corpus_train.jsonl",
+    "corpus_val.jsonl",
+    "sft.jsonl",
+    "rl.jsonl",
+    "eval.jsonl",
+    "select_corpus.jsonl",
+    "select.jsonl",
+)
 SOURCE_QUARANTINE = "source_quarantine.jsonl"  # bad user rows set aside (quarantine mode)
 MATH_SOURCE = "math"
 
@@ -38,13 +48,23 @@ MATH_SOURCE = "math"
 
 
 def split_math(
-    pool: list[Problem], num_eval: int, num_rl: int, num_sft: int, seed: int
+    pool: list[Problem],
+    num_eval: int,
+    num_rl: int,
+    num_sft: int,
+    seed: int,
+    num_select: int = 0,
+    spare: list[Problem] | tuple[Problem, ...] = (),
 ) -> dict[str, list[Problem]]:
-    """Splits problems into eval / rl / sft by number-pattern group (a group never straddles splits).
+    """Splits problems into eval / rl / sft / select by number-pattern group (a group never straddles splits).
 
     Groups are shuffled with `seed`; each group goes whole to the first split (eval, rl, sft) that
     still has room, and a split that overflows is truncated (the dropped rows' group lives in that
-    split only, so truncation cannot create overlap).
+    split only, so truncation cannot create overlap). The select split (compress's healing decision,
+    `num_select` rows) then takes the groups left over, in the same order, and after them the `spare`
+    problems whose number pattern is in no other split. A select candidate that shares a paragraph
+    (`problem_texts`: e.g. another question with the same worked steps) with eval / rl / sft is skipped:
+    that text would be trained text. `spare` lets the select split grow without changing eval / rl / sft.
 
     Raises:
         StageError: when the pool cannot fill the requested counts.
@@ -56,11 +76,13 @@ def split_math(
     random.Random(f"split:{seed}").shuffle(order)
     targets = {"eval": num_eval, "rl": num_rl, "sft": num_sft}
     splits: dict[str, list[Problem]] = {name: [] for name in targets}
+    left: list[str] = []  # the groups no split took, in order
     for key in order:
         room = next((name for name in targets if len(splits[name]) < targets[name]), None)
         if room is None:
-            break
-        splits[room].extend(groups[key])
+            left.append(key)
+        else:
+            splits[room].extend(groups[key])
     for name, target in targets.items():
         if len(splits[name]) < target:
             raise StageError(
@@ -69,7 +91,47 @@ def split_math(
                 f"({name} got {len(splits[name])}); lower them or add problems"
             )
         del splits[name][target:]
+    if num_select:
+        splits["select"] = _select_split(splits, [p for key in left for p in groups[key]], spare, num_select)
     return splits
+
+
+def problem_texts(problem: Problem) -> tuple[str, str]:
+    """The texts of a problem the overlap checks compare: its question and its worked solution without
+    the final `#### <answer>` line (an answer line alone, as in answer-only rows, is not shared text)."""
+    return problem.question, worked_steps(problem.solution)
+
+
+def _select_split(
+    splits: dict[str, list[Problem]],
+    left: list[Problem],
+    spare: list[Problem] | tuple[Problem, ...],
+    wanted: int,
+) -> list[Problem]:
+    """`wanted` problems from `left` (whole leftover groups) then `spare`, sharing no question, number
+    pattern or paragraph (`problem_texts`) with `splits`; StageError naming data.num_select when too few
+    remain."""
+    taken = [p for rows in splits.values() for p in rows]
+    patterns = {number_pattern(p.question) for p in taken}
+    taken_text = set().union(*(paragraph_keys(t) for p in taken for t in problem_texts(p)))
+    seen = {normalize_question(p.question) for p in taken}
+    chosen: list[Problem] = []
+    for problem in [*left, *(p for p in spare if number_pattern(p.question) not in patterns)]:
+        if len(chosen) == wanted:
+            break
+        question = normalize_question(problem.question)
+        if question in seen or any(paragraph_keys(t) & taken_text for t in problem_texts(problem)):
+            continue
+        seen.add(question)
+        chosen.append(problem)
+    if len(chosen) < wanted:
+        raise StageError(
+            f"the math pool leaves {len(chosen)} problems for the healing-decision split after eval, rl and "
+            f"sft (whole number-pattern groups, no worked solution shared with them): too few for "
+            f"data.num_select={wanted}; lower data.num_select or data.num_sft/num_rl/num_eval, "
+            "or add problems"
+        )
+    return chosen
 
 
 def check_no_overlap(splits: dict[str, list[Problem]], corpus: list[Document]) -> dict[str, int]:
@@ -84,12 +146,41 @@ def check_no_overlap(splits: dict[str, list[Problem]], corpus: list[Document]) -
     rl_in_sft = [p.question for p in splits["rl"] if normalize_question(p.question) in sft_text]
     corpus_text = "\n".join(" ".join(d.text.lower().split()) for d in corpus)
     contaminated = [p.question for p in splits["eval"] if normalize_question(p.question) in corpus_text]
-    for what, bad in (
+    checks = [
         ("eval questions also in sft/rl", same_text),
         ("eval questions whose number pattern is in sft/rl", same_pattern),
         ("rl questions also in sft", rl_in_sft),
         ("eval questions found in the CPT corpus", contaminated),
-    ):
+    ]
+    select = splits.get("select", [])
+    if select:  # the healing-decision rows: nothing in common with any other split, nor the corpus
+        others = splits["sft"] + splits["rl"] + splits["eval"]
+        other_text = {normalize_question(p.question) for p in others}
+        other_pattern = {number_pattern(p.question) for p in others}
+        other_paragraphs = set().union(*(paragraph_keys(t) for p in others for t in problem_texts(p)))
+        checks += [
+            (
+                "select questions also in sft/rl/eval",
+                [p.question for p in select if normalize_question(p.question) in other_text],
+            ),
+            (
+                "select questions whose number pattern is in sft/rl/eval",
+                [p.question for p in select if number_pattern(p.question) in other_pattern],
+            ),
+            (
+                "select problems sharing a paragraph (question or worked solution) with sft/rl/eval",
+                [
+                    p.solution
+                    for p in select
+                    if any(paragraph_keys(t) & other_paragraphs for t in problem_texts(p))
+                ],
+            ),
+            (
+                "select questions found in the CPT corpus",
+                [p.question for p in select if normalize_question(p.question) in corpus_text],
+            ),
+        ]
+    for what, bad in checks:
         if bad:
             errors.append(f"{len(bad)} {what}, e.g. {bad[0][:120]!r}")
     if errors:
@@ -98,7 +189,58 @@ def check_no_overlap(splits: dict[str, list[Problem]], corpus: list[Document]) -
         "eval_checked": len(splits["eval"]),
         "train_checked": len(train),
         "corpus_docs_checked": len(corpus),
+        "select_checked": len(select),
     }
+
+
+def carve_select_corpus(
+    train: list[Document], others: list[str], chars: int, seed: int
+) -> tuple[list[Document], list[Document]]:
+    """Moves documents of `train` (seeded order) to the select corpus until it has `chars` characters.
+
+    Only a document none of whose paragraphs (`data_contracts.overlap.paragraph_keys`) occurs in another
+    training document or in `others` (every other text of the data set) is eligible, so the select corpus
+    shares no paragraph with anything a stage reads. Returns (train without them, the select documents).
+
+    Raises:
+        StageError: too few eligible documents (naming data.select_corpus_chars).
+    """
+    keys = [paragraph_keys(d.text) for d in train]
+    blocked: set[str] = set().union(*(paragraph_keys(t) for t in others))
+    count = Counter(k for doc_keys in keys for k in doc_keys)
+    order = list(range(len(train)))
+    random.Random(f"select:{seed}").shuffle(order)
+    chosen, total = [], 0
+    for i in order:
+        if total >= chars:
+            break
+        if keys[i] and not keys[i] & blocked and all(count[k] == 1 for k in keys[i]):
+            chosen.append(i)
+            total += len(train[i].text)
+    if total < chars or len(chosen) == len(train):
+        eligible = sum(
+            1 for i in order if keys[i] and not keys[i] & blocked and all(count[k] == 1 for k in keys[i])
+        )
+        raise StageError(
+            f"the corpus has {len(train)} training documents, {eligible} of them sharing no paragraph with "
+            f"other text: too little for data.select_corpus_chars={chars} characters of healing-decision "
+            f"text (got {total}) with training text left; lower data.select_corpus_chars or add documents"
+        )
+    picked = set(chosen)
+    return [d for i, d in enumerate(train) if i not in picked], [train[i] for i in chosen]
+
+
+def check_select_text(select: list[str], texts: list[str]) -> int:
+    """Raises StageError when a select text (documents, `problem_texts`) shares a paragraph with `texts`
+    (every text of the other files); returns the number of select texts checked."""
+    other: set[str] = set().union(*(paragraph_keys(t) for t in texts))
+    bad = [t for t in select if paragraph_keys(t) & other]
+    if bad:
+        raise StageError(
+            f"select overlap: {len(bad)} healing-decision texts share a paragraph with the training or "
+            f"held-out text, e.g. {bad[0][:120]!r}"
+        )
+    return len(select)
 
 
 # --- rows ---------------------------------------------------------------------------------------
@@ -113,18 +255,24 @@ def math_document(problem: Problem) -> Document:
     return Document(text=f"{problem.question}\n{problem.solution}", source=MATH_SOURCE)
 
 
+def _chat_rows(prefix: str, problems: list[Problem]) -> list[dict[str, Any]]:
+    """SFT-format rows (sft.jsonl, select.jsonl): the question as prompt, the worked solution as response."""
+    return [
+        {
+            "id": _id(prefix, normalize_question(p.question)),
+            "prompt": p.question,
+            "response": p.solution,
+            "answer": p.answer,
+            "level": p.level,
+        }
+        for p in problems
+    ]
+
+
 def _rows(splits: dict[str, list[Problem]]) -> dict[str, list[dict[str, Any]]]:
     return {
-        "sft.jsonl": [
-            {
-                "id": _id("sft", normalize_question(p.question)),
-                "prompt": p.question,
-                "response": p.solution,
-                "answer": p.answer,
-                "level": p.level,
-            }
-            for p in splits["sft"]
-        ],
+        "sft.jsonl": _chat_rows("sft", splits["sft"]),
+        "select.jsonl": _chat_rows("select", splits["select"]),
         "rl.jsonl": [
             {
                 "id": _id("rl", normalize_question(p.question)),
@@ -243,7 +391,7 @@ class _MathSplits:
 class _Dataset:
     """What goes to `data/raw/`: the corpus documents per file and every file's rows."""
 
-    corpus: dict[str, list[Document]]  # corpus_train.jsonl / corpus_val.jsonl
+    corpus: dict[str, list[Document]]  # corpus_train.jsonl / corpus_val.jsonl / select_corpus.jsonl
     rows: dict[str, list[dict[str, Any]]]  # every file of FILES
     math_docs: int  # sft problems added to the corpus as documents
     overlap: dict[str, int]
@@ -281,7 +429,7 @@ def run(params: Params) -> dict[str, Any]:
         time.perf_counter() - t0,
     )
     maths = _split_math_pool(inputs, data, params.seed)
-    dataset = _assemble(corpus, maths, data.val_fraction, params.seed)
+    dataset = _assemble(corpus, maths, data, params.seed)
     files = _write_raw(params, inputs, corpus, maths, dataset)
     _plot(params, dataset.corpus["corpus_train.jsonl"], maths.splits)
     metrics = {
@@ -292,6 +440,11 @@ def run(params: Params) -> dict[str, Any]:
         "sft": len(maths.splits["sft"]),
         "rl": len(maths.splits["rl"]),
         "eval": len(maths.splits["eval"]),
+        # The healing-decision split (compress): general documents moved out of corpus_train, and math
+        # problems of their own number-pattern groups; no stage trains on them.
+        "select_corpus_docs": files["select_corpus.jsonl"]["rows"],
+        "select_corpus_chars": sum(len(d.text) for d in dataset.corpus["select_corpus.jsonl"]),
+        "select": len(maths.splits["select"]),
         "near_duplicates_removed": sum(s.get("near_duplicates", 0) for s in corpus.stats.values()),
         "exact_duplicates_removed": sum(s.get("exact_duplicates", 0) for s in corpus.stats.values()),
         "user_rows_quarantined": len(inputs.bad_rows),
@@ -364,25 +517,45 @@ def _split_math_pool(inputs: _Inputs, data: DataParams, seed: int) -> _MathSplit
             seen.add(key)
             pool.append(problem)
     user_duplicates = len(inputs.problems) - len(pool)
+    spare: list[Problem] = []
     if inputs.embed_math:
         wanted = data.num_sft + data.num_rl + data.num_eval
-        # ~10% headroom: whole groups go to one split, and a split's overflow is dropped.
-        generated = generate_problems(math.ceil(wanted * 1.1) + 20, data.math_levels, seed)
-        pool.extend(p for p in generated if normalize_question(p.question) not in seen)
-    return _MathSplits(split_math(pool, data.num_eval, data.num_rl, data.num_sft, seed), user_duplicates)
+        # ~10% headroom: whole groups go to one split, and a split's overflow is dropped. The select
+        # split draws on the leftover groups, then on spare problems generated after the pool (so its size
+        # leaves eval/rl/sft unchanged); most spares share a number pattern or solution with them.
+        main = math.ceil(wanted * 1.1) + 20
+        generated = generate_problems(main + 5 * data.num_select + 100, data.math_levels, seed)
+        pool.extend(p for p in generated[:main] if normalize_question(p.question) not in seen)
+        spare = [p for p in generated[main:] if normalize_question(p.question) not in seen]
+    splits = split_math(
+        pool, data.num_eval, data.num_rl, data.num_sft, seed, num_select=data.num_select, spare=spare
+    )
+    return _MathSplits(splits, user_duplicates)
 
 
-def _assemble(corpus: _Corpus, maths: _MathSplits, val_fraction: float, seed: int) -> _Dataset:
-    """The rows of every file: general and SFT-math documents split train/val, then the math splits."""
+def _assemble(corpus: _Corpus, maths: _MathSplits, data: DataParams, seed: int) -> _Dataset:
+    """The rows of every file: general and SFT-math documents split train/val, general documents for the
+    healing decision moved out of train, then the math splits."""
     splits = maths.splits
     math_docs = [math_document(p) for p in splits["sft"]]
-    general_train, general_val = _split_corpus(corpus.docs, val_fraction, seed, "general")
-    math_train, math_val = _split_corpus(math_docs, val_fraction, seed, "math")
+    general_train, general_val = _split_corpus(corpus.docs, data.val_fraction, seed, "general")
+    math_train, math_val = _split_corpus(math_docs, data.val_fraction, seed, "math")
+    # Every text of the files a stage reads or results are reported on (sft/rl/eval problems, their
+    # corpus documents, corpus_val): the select split shares no paragraph with it.
+    others = [d.text for d in general_val + math_docs] + [
+        text for name in ("sft", "rl", "eval") for p in splits[name] for text in problem_texts(p)
+    ]
+    general_train, select_docs = carve_select_corpus(general_train, others, data.select_corpus_chars, seed)
     overlap = check_no_overlap(splits, corpus.docs)
+    overlap["select_texts_checked"] = check_select_text(
+        [d.text for d in select_docs] + [t for p in splits["select"] for t in problem_texts(p)],
+        others + [d.text for d in general_train],
+    )
 
     corpus_rows = {  # general and math text interleaved (deterministically), not in blocks
         "corpus_train.jsonl": _shuffled(general_train + math_train, f"train:{seed}"),
         "corpus_val.jsonl": _shuffled(general_val + math_val, f"val:{seed}"),
+        "select_corpus.jsonl": select_docs,
     }
     rows: dict[str, list[dict[str, Any]]] = {
         name: [{"id": _id("doc", d.text), "text": d.text, "source": d.source} for d in ds]

@@ -2,7 +2,8 @@
 
     python -m tasks.validate_data [--params params.yaml] [--set validate_data.on_violation=quarantine]
 
-Reads `data/raw/` (the five JSONL files and manifest.json). Writes `data/validated/` (the rows that passed,
+Reads `data/raw/` (the seven JSONL files and manifest.json; the select files are checked to share no
+text with the others). Writes `data/validated/` (the rows that passed,
 byte for byte, and a manifest), `data/quarantine/` (bad rows with their reasons, under `quarantine`;
 `sources.jsonl`: the bad user rows prepare_data set aside),
 `reports/contracts/` (GX project and Data Docs), `metrics/validate_data.json`, `plots/validate_data/`.
@@ -165,33 +166,26 @@ def _failure_records(suite: str, result, limit: int) -> list[dict[str, Any]]:
 def _validate(
     ctx, params: Params, dataset: _Dataset, datasets: dict[str, _Dataset], labels: list[str], run_name: str
 ):
-    """Runs the suite of `dataset` on the rows `labels`; eval is checked against the kept training rows."""
-    from data_contracts.suites import (
-        CONTRACTS,
-        TRAINING,
-        build_frame,
-        build_suite,
-        normalized_corpus,
-        question_key,
-    )
+    """Runs the suite of `dataset` on the rows `labels`; a held-out dataset (eval, select_corpus, select) is
+    checked against the rows of the datasets before it that passed (`suites.held_out_references`)."""
+    from data_contracts.suites import CONTRACTS, build_frame, build_suite, held_out_references
 
     contract = CONTRACTS[dataset.name]
-    training_keys = corpus = None
-    if contract.name == "eval":  # overlap with what passed in the training sets and the corpus
-        keys = (
-            question_key(datasets[t].rows[label].data.get(CONTRACTS[t].question_field))
-            for t in TRAINING
-            for label in datasets[t].kept
-        )
-        training_keys = [k for k in keys if k is not None]
-        corpus = normalized_corpus(
-            datasets["corpus"].rows[label].data.get("text") for label in datasets["corpus"].kept
-        )
+    needed = {*contract.question_overlap, *contract.paragraph_overlap}
+    if contract.question_overlap:
+        needed.add("corpus")
+    refs = held_out_references(
+        contract,
+        {name: [datasets[name].rows[label].data for label in datasets[name].kept] for name in needed},
+    )
     try:
-        frame = build_frame(contract, [dataset.rows[label].data for label in labels], labels, corpus)
+        frame = build_frame(
+            contract, [dataset.rows[label].data for label in labels], labels, refs.corpus, refs.paragraphs
+        )
     except ValueError as e:
         raise ContractViolation(f"{contract.name}: {e}") from None
-    return ctx.validate(contract.name, frame, build_suite(contract, params, training_keys), run_name=run_name)
+    suite = build_suite(contract, params, refs.question_keys)
+    return ctx.validate(contract.name, frame, suite, run_name=run_name)
 
 
 def run(params: Params) -> dict[str, Any]:

@@ -129,6 +129,12 @@ class DataParams(_Section):
     num_eval: PositiveInt = 100
     math_levels: list[Annotated[int, Field(ge=1, le=5)]] = [1, 2, 3]
     val_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.05
+    # The healing-decision split compress judges its healing on (select.jsonl, select_corpus.jsonl; no stage
+    # trains on it): this many math problems of their own number-pattern groups, and general documents
+    # moved out of corpus_train until they hold this many characters. Compress needs
+    # compress.loss_batches x compress.batch_size rows and as many blocks of compress.seq_len tokens.
+    num_select: PositiveInt = 200
+    select_corpus_chars: PositiveInt = 40000
 
 
 class ValidateParams(_Section):
@@ -350,7 +356,7 @@ class CompressParams(_Section):
     heal_steps: NonNegInt = 20
     heal_lr: PositiveFloat = 1e-3
     # Held-out batches (corpus_val blocks; eval solutions) for the reported before/after losses, and as
-    # many for the keep-healing decision, carved from corpus_train/sft and kept out of calibration/healing.
+    # many for the keep-healing decision (select_corpus.jsonl blocks; select.jsonl rows: data.num_select).
     loss_batches: PositiveInt = 4
     # Quality budget: relative loss increase allowed on every exit (reported, not enforced here).
     max_relative_loss_increase: Fraction = 0.02

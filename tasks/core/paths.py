@@ -17,7 +17,15 @@ from pathlib import Path
 from tasks.core.params import Params
 
 #: The files of the validated data set (`data/validated/`), as validate_data publishes them.
-VALIDATED_FILES = ("corpus_train.jsonl", "corpus_val.jsonl", "sft.jsonl", "rl.jsonl", "eval.jsonl")
+VALIDATED_FILES = (
+    "corpus_train.jsonl",
+    "corpus_val.jsonl",
+    "sft.jsonl",
+    "rl.jsonl",
+    "eval.jsonl",
+    "select_corpus.jsonl",  # the healing-decision split: no stage trains on these two
+    "select.jsonl",
+)
 
 
 @dataclass(frozen=True)

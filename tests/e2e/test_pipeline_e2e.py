@@ -53,6 +53,8 @@ MICRO = {
     "data.num_sft": 60,
     "data.num_rl": 24,
     "data.num_eval": 12,
+    "data.num_select": 20,  # compress decides healing on loss_batches x batch_size = 16 of them
+    "data.select_corpus_chars": 20000,  # ... and 16 blocks of 256 tokens
     "tokenizer.vocab_size": 400,
     "cpt.max_steps": 6,
     "cpt.seq_len": 64,

@@ -20,6 +20,7 @@ from test_evaluate import (
     _problems,
     build_workspace,
     independent_blocks,
+    select_problems,
     stock_loss,
     stock_member,
     write_params,
@@ -126,36 +127,30 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_heal_decision_set_is_disjoint_from_reported_sets_and_healing(compressed):
-    from tasks.data.mathgen import normalize_question
-
+def test_heal_decision_set_is_the_select_split(compressed):
+    """The decision set is the first rows of the validated select files (enough documents for the blocks,
+    not more); calibration and healing read the whole training files."""
     root = compressed
     val = root / "data/validated"
     sel = json.loads((root / "reports/compress/heal_selection.json").read_text())
-    corpus_train = {r["id"]: r["text"] for r in _rows(val / "corpus_train.jsonl")}
-    val_texts = {r["text"] for r in _rows(val / "corpus_val.jsonl")}
-    eval_rows = _rows(val / "eval.jsonl")
-    eval_ids, eval_questions = (
-        {r["id"] for r in eval_rows},
-        {normalize_question(r["question"]) for r in eval_rows},
-    )
-    sft = {r["id"]: r for r in _rows(val / "sft.jsonl")}
     m = _metrics(root)["heal_selection"]
-    assert m["corpus_blocks"] == 2 * 4 and m["sft_rows"] == 2 * 4 == len(sel["sft_ids"])
-    # Corpus part: training documents, none of them a reported held-out (corpus_val) document.
-    assert sel["corpus_train_ids"] and set(sel["corpus_train_ids"]) <= corpus_train.keys()
-    assert not {corpus_train[i] for i in sel["corpus_train_ids"]} & val_texts
-    assert sel["calibration_corpus_documents"] == len(corpus_train) - len(sel["corpus_train_ids"])
-    # SFT part: the micro sft.jsonl contains every eval problem, so a carve that ignored eval.jsonl would
-    # likely pick some; none is chosen, and the chosen rows are left out of healing.
-    assert eval_ids <= sft.keys()
-    chosen = set(sel["sft_ids"])
-    assert (
-        not chosen & eval_ids and not {normalize_question(sft[i]["prompt"]) for i in chosen} & eval_questions
-    )
-    assert not chosen & set(sel["healing_sft_ids"])
-    assert chosen | set(sel["healing_sft_ids"]) == sft.keys()
-    assert eval_ids <= set(sel["healing_sft_ids"])  # the eval problems stay in the (test's) healing data
+    assert m["corpus_blocks"] == 2 * 4 and m["sft_rows"] == 2 * 4
+    select = [r["id"] for r in _rows(val / "select.jsonl")]
+    assert sel["select_ids"] == select[:8] and len(select) > 8
+    docs = _rows(val / "select_corpus.jsonl")
+    k = len(sel["select_corpus_ids"])
+    assert 0 < k < len(docs) and sel["select_corpus_ids"] == [r["id"] for r in docs[:k]]
+    from tasks.core.artifacts import load_family
+
+    _, tokenizer = load_family(root / "artifacts/rl")
+    tokens = [len(tokenizer.encode(r["text"], add_special_tokens=False)) + 1 for r in docs[:k]]
+    assert sum(tokens) >= 8 * 64 > sum(tokens[:-1])  # the packed documents: just enough for 8 blocks
+    assert sel["healing_sft_rows"] == len(_rows(val / "sft.jsonl"))
+    assert sel["calibration_corpus_documents"] == len(_rows(val / "corpus_train.jsonl"))
+    training = {
+        r["id"] for f in ("corpus_train", "corpus_val", "sft", "eval") for r in _rows(val / f"{f}.jsonl")
+    }
+    assert not training & {*sel["select_ids"], *sel["select_corpus_ids"]}
 
 
 def _selection_losses(root: Path, model_dir: Path) -> dict[str, float]:
@@ -164,14 +159,14 @@ def _selection_losses(root: Path, model_dir: Path) -> dict[str, float]:
     from tasks.core.artifacts import load_family
 
     sel = json.loads((root / "reports/compress/heal_selection.json").read_text())
-    corpus = {r["id"]: r["text"] for r in _rows(root / "data/validated/corpus_train.jsonl")}
-    sft = {r["id"]: r for r in _rows(root / "data/validated/sft.jsonl")}
+    corpus = {r["id"]: r["text"] for r in _rows(root / "data/validated/select_corpus.jsonl")}
+    sft = {r["id"]: r for r in _rows(root / "data/validated/select.jsonl")}
     model, tokenizer = load_family(model_dir)
     q = stock_member(model, DAE_EXIT)
-    blocks = independent_blocks(tokenizer, [corpus[i] for i in sel["corpus_train_ids"]], 64, 2 * 4)
+    blocks = independent_blocks(tokenizer, [corpus[i] for i in sel["select_corpus_ids"]], 64, 2 * 4)
     assert blocks.shape == (8, 64)
     total, count = 0.0, 0
-    for i in sel["sft_ids"]:
+    for i in sel["select_ids"]:
         prompt = f"<|im_start|>user\n{sft[i]['prompt']}<|im_end|>\n<|im_start|>assistant\n"
         p_ids = tokenizer.encode(prompt, add_special_tokens=False)
         a_ids = tokenizer.encode(f"{sft[i]['response']}<|im_end|>", add_special_tokens=False)
@@ -280,6 +275,15 @@ def test_healing_kept_when_it_helps_the_decision_set(session_tmp, tmp_path):
             for r in _problems(60, 200)
         )
     )
+    # The decision set: fresh problems of the same kind, and math text as its corpus.
+    fresh = select_problems(40, 400)
+    (val / "select.jsonl").write_text("".join(json.dumps(r) + "\n" for r in fresh[:20]))
+    (val / "select_corpus.jsonl").write_text(
+        "".join(
+            json.dumps({"id": f"c{r['id']}", "text": f"{r['prompt']}\n{r['response']}", "source": "t"}) + "\n"
+            for r in fresh[20:]
+        )
+    )
     extra = [
         "--set",
         "compress.ratio=0.9",
@@ -337,6 +341,20 @@ def test_bad_inputs_are_named(compressed, tmp_path, capsys):
     (ws / "data/validated/corpus_train.jsonl").write_text('{"id": "x", "text": "tiny", "source": "t"}\n')
     assert main(["--params", str(write_params(ws))]) == 2
     assert str(ws / "data/validated/corpus_train.jsonl") in capsys.readouterr().err
+
+    # Healing-decision files too small for compress.loss_batches x compress.batch_size (= 8).
+    shutil.copytree(compressed / "data", ws / "data", dirs_exist_ok=True)
+    select = ws / "data/validated/select.jsonl"
+    select.write_text("".join(select.read_text().splitlines(keepends=True)[:7]))
+    assert main(["--params", str(write_params(ws))]) == 2
+    err = capsys.readouterr().err
+    assert f"{select}: 7 rows; the healing decision needs 8" in err and "data.num_select" in err
+    shutil.copytree(compressed / "data", ws / "data", dirs_exist_ok=True)
+    select_corpus = ws / "data/validated/select_corpus.jsonl"
+    select_corpus.write_text("".join(select_corpus.read_text().splitlines(keepends=True)[:2]))
+    assert main(["--params", str(write_params(ws))]) == 2
+    err = capsys.readouterr().err
+    assert f"{select_corpus}: its 2 documents make" in err and "data.select_corpus_chars" in err
 
 
 def test_gain_retained_formula():

@@ -72,6 +72,23 @@ def _eval(i: int) -> dict:
     }
 
 
+_SELECT_PROSE = [
+    "Tuples are immutable sequences, often used to hold records of different kinds.",
+    "The lighthouse keeper wrote a letter every evening while the storm passed by.",
+]
+
+
+def _select(i: int) -> dict:
+    n = 2 + i
+    return {
+        "id": f"select-{i:03d}",
+        "prompt": f"Noah packs {n} boxes with 4 books each. How many books does he pack?",
+        "response": f"He packs {n}*4={4 * n} books.\n#### {4 * n}",
+        "answer": str(4 * n),
+        "level": 1 + i % 3,
+    }
+
+
 def valid_datasets(n_math: int = 10) -> dict[str, list[dict]]:
     """Small datasets that satisfy every contract (file name -> rows)."""
     corpus = [
@@ -86,6 +103,11 @@ def valid_datasets(n_math: int = 10) -> dict[str, list[dict]]:
         "sft.jsonl": [_sft(i) for i in range(n_math)],
         "rl.jsonl": [_rl(i) for i in range(n_math)],
         "eval.jsonl": [_eval(i) for i in range(n_math)],
+        "select_corpus.jsonl": [
+            {"id": f"sel-doc-{i:03d}", "text": text, "source": "python_docstrings"}
+            for i, text in enumerate(_SELECT_PROSE)
+        ],
+        "select.jsonl": [_select(i) for i in range(n_math)],
     }
 
 
@@ -107,16 +129,14 @@ def contracts(tmp_path_factory):
             for line, row in enumerate(files[file], 1):
                 rows.append(row)
                 labels.append(f"{file}:{line}")
-        keys = corpus = None
-        if name == "eval":
-            training = training or files
-            keys = [suites.question_key(r["prompt"]) for r in training["sft.jsonl"]]
-            keys += [suites.question_key(r["question"]) for r in training["rl.jsonl"]]
-            corpus = suites.normalized_corpus(
-                r["text"] for f in ("corpus_train.jsonl", "corpus_val.jsonl") for r in training[f]
-            )
-        frame = suites.build_frame(contract, rows, labels, corpus)
-        return ctx.validate(name, frame, suites.build_suite(contract, params, keys), run_name="test")
+        training = training or files  # the other datasets' rows, by contract
+        refs = suites.held_out_references(
+            contract,
+            {c.name: [r for f in c.files for r in training[f]] for c in suites.CONTRACTS.values()},
+        )
+        frame = suites.build_frame(contract, rows, labels, refs.corpus, refs.paragraphs)
+        suite = suites.build_suite(contract, params, refs.question_keys)
+        return ctx.validate(name, frame, suite, run_name="test")
 
     return validate
 
@@ -129,7 +149,7 @@ def _flagged(result) -> dict[str, set[str]]:
     return out
 
 
-@pytest.mark.parametrize("name", ["corpus", "sft", "rl", "eval"])
+@pytest.mark.parametrize("name", ["corpus", "sft", "rl", "eval", "select_corpus", "select"])
 def test_valid_data_passes(contracts, name):
     result = contracts(name, valid_datasets())
     assert result.success, result.describe()
@@ -258,6 +278,39 @@ def test_eval_overlap_with_training_is_caught(contracts):
         "expect_column_values_to_be_in_set(_in_corpus)": {"eval.jsonl:6"},
         "expect_column_pair_values_to_be_equal(answer, _final_answer)": {"eval.jsonl:4"},
     }
+
+
+def test_select_overlap_with_any_other_file_is_caught(contracts):
+    """The healing-decision files share no question and no paragraph with corpus_train, corpus_val, sft,
+    rl or eval (normalized text); everything else about them is checked as for corpus / sft."""
+    files = valid_datasets()
+    training = copy.deepcopy(files)
+    select, docs = files["select.jsonl"], files["select_corpus.jsonl"]
+    select[1]["prompt"] = training["sft.jsonl"][4]["prompt"].upper()  # an SFT prompt (also a paragraph)
+    select[3]["prompt"] = training["eval.jsonl"][0]["question"]  # an eval question
+    select[5]["prompt"] = training["rl.jsonl"][2]["question"]  # an RL question
+    # Another question whose worked solution is an SFT response's (its final line aside).
+    select[7]["response"] = training["sft.jsonl"][0]["response"].replace("#### 6", "####  6")
+    select[7]["answer"] = "6"
+    # A question inside a corpus document (contamination, as for eval).
+    training["corpus_val.jsonl"][0]["text"] += " " + select[8]["prompt"]
+    docs[0]["text"] = (
+        training["corpus_val.jsonl"][1]["text"] + "\n\n" + docs[0]["text"]
+    )  # a corpus_val paragraph
+    docs.append({"id": "sel-doc-002", "text": training["corpus_train.jsonl"][2]["text"], "source": "x"})
+    question = "expect_column_values_to_not_be_in_set(_question_key)"
+    shared = "expect_column_values_to_be_in_set(_shared_text)"
+    result = contracts("select", files, training)
+    assert _flagged(result) == {
+        question: {"select.jsonl:2", "select.jsonl:4", "select.jsonl:6"},
+        shared: {"select.jsonl:2", "select.jsonl:4", "select.jsonl:6", "select.jsonl:8"},
+        "expect_column_values_to_be_in_set(_in_corpus)": {"select.jsonl:9"},
+    }
+    failure = next(f for f in result.failures if f.name == shared)
+    assert "sft.jsonl" in failure.description and "corpus_val.jsonl" in failure.description
+    result = contracts("select_corpus", files, training)
+    assert _flagged(result) == {shared: {"select_corpus.jsonl:1", "select_corpus.jsonl:3"}}
+    assert contracts("select_corpus", valid_datasets(), valid_datasets()).success
 
 
 def test_rl_duplicates_and_answers(contracts):

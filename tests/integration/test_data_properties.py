@@ -20,13 +20,13 @@ from hypothesis import strategies as st
 from tasks.core.files import read_jsonl
 from tasks.core.params import load_params
 from tasks.core.stage import StageError
-from tasks.data.mathgen import Problem, generate_problems, number_pattern
+from tasks.data.mathgen import Problem, generate_problems, number_pattern, worked_steps
 from tasks.prepare_data import run as prepare
 from tasks.validate_data import run as validate
 
 REPO = Path(__file__).resolve().parents[2]
 LEVELS = [1, 2, 3]
-NUM_EVAL, NUM_RL = 6, 8
+NUM_EVAL, NUM_RL, NUM_SELECT = 6, 8, 3
 PROPERTY_SETTINGS = settings(  # quarantine mode: ~4 s per example on 2 cores (GX); fail mode: ms
     max_examples=10,
     deadline=None,
@@ -36,11 +36,13 @@ PROPERTY_SETTINGS = settings(  # quarantine mode: ~4 s per example on 2 cores (G
 
 
 def _pool(seed: int) -> list[Problem]:
-    """Generated problems with pairwise different number patterns (each one its own split group)."""
+    """Generated problems with pairwise different number patterns (each one its own split group) and
+    worked solutions (so the select split never has to skip one: every valid problem has a place)."""
     out, seen = [], set()
     for p in generate_problems(200, LEVELS, seed=seed):
-        if number_pattern(p.question) not in seen:
-            seen.add(number_pattern(p.question))
+        keys = {number_pattern(p.question), " ".join(worked_steps(p.solution).lower().split())}
+        if not keys & seen:
+            seen |= keys
             out.append(p)
     return out
 
@@ -244,7 +246,9 @@ def _params(tmp: Path, files: list[Path], n_math: int, mode: str):
             "data.math_levels": LEVELS,
             "data.num_eval": NUM_EVAL,
             "data.num_rl": NUM_RL,
-            "data.num_sft": n_math - NUM_EVAL - NUM_RL,  # every valid problem has a place
+            "data.num_sft": n_math - NUM_EVAL - NUM_RL - NUM_SELECT,  # every valid problem has a place
+            "data.num_select": NUM_SELECT,
+            "data.select_corpus_chars": 1,  # one document
             "data.val_fraction": 0.2,
             "data.max_corpus_docs": 300,
             "validate_data.on_violation": mode,
@@ -274,6 +278,7 @@ def test_quarantine_publishes_every_valid_row_and_no_bad_one(tmp_path_factory, s
         "sft": [r["prompt"] for r in read_jsonl(validated / "sft.jsonl")],
         "rl": [r["question"] for r in read_jsonl(validated / "rl.jsonl")],
         "eval": [r["question"] for r in read_jsonl(validated / "eval.jsonl")],
+        "select": [r["prompt"] for r in read_jsonl(validated / "select.jsonl")],
     }
     published = [q for rows in splits.values() for q in rows]
     for question in src["valid_questions"]:  # 0 valid rows lost, each in exactly one split
@@ -281,8 +286,10 @@ def test_quarantine_publishes_every_valid_row_and_no_bad_one(tmp_path_factory, s
     assert sorted(published) == sorted(src["valid_questions"])
     assert not set(published) & src["bad_questions"]
     corpus = read_jsonl(validated / "corpus_train.jsonl") + read_jsonl(validated / "corpus_val.jsonl")
+    select_corpus = read_jsonl(validated / "select_corpus.jsonl")
     general = [r["text"] for r in corpus if r["source"] != "math"]
-    assert sorted(general) == sorted(src["valid_texts"])
+    assert len(select_corpus) == 1 and len(splits["select"]) == NUM_SELECT
+    assert sorted(general + [r["text"] for r in select_corpus]) == sorted(src["valid_texts"])
     assert not {r["source"] for r in corpus} & {"bad"}
     math_text = " ".join(r["text"] for r in corpus if r["source"] == "math")
     assert not any(q in math_text for q in src["bad_questions"])

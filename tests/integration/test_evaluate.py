@@ -42,6 +42,21 @@ def _problems(n: int, offset: int) -> list[dict]:
     return rows
 
 
+def select_problems(n: int, offset: int) -> list[dict]:
+    """Problems in select.jsonl format that no other micro file has (another name, another solution
+    wording): the healing-decision rows compress reads."""
+    return [
+        {
+            "id": f"s{r['id']}",
+            "prompt": r["question"].replace("Tom", "Mia"),
+            "response": "Mia: " + r["solution"],
+            "answer": r["answer"],
+            "level": r["level"],
+        }
+        for r in _problems(n, offset)
+    ]
+
+
 def _corpus(n: int, offset: int) -> list[dict]:
     words = "the model reads a small book about cats dogs rivers and numbers while the sun sets".split()
     docs = []
@@ -127,6 +142,8 @@ def _build_base(root: Path) -> None:
         ],
     )
     _write_jsonl(val / "eval.jsonl", eval_rows)
+    _write_jsonl(val / "select_corpus.jsonl", _corpus(20, 80))
+    _write_jsonl(val / "select.jsonl", select_problems(12, 200))
     texts = [d["text"] for d in _corpus(30, 0)] + [r["prompt"] + "\n" + r["response"] for r in sft_rows]
     tokenizer = _train_tokenizer(texts, root / "artifacts" / "tokenizer")
     model = _train_family(tokenizer, sft_rows[: len(eval_rows)], steps=40)

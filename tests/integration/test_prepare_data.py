@@ -24,6 +24,7 @@ from tasks.data.mathgen import (
     generate_problems,
     normalize_question,
     number_pattern,
+    worked_steps,
 )
 from tasks.data.sources import Document, load_source, map_rows
 from tasks.prepare_data import FILES, check_no_overlap, run, split_math
@@ -62,10 +63,12 @@ def test_outputs_follow_the_data_contract(cli_run):
     sft = read_jsonl(raw / "sft.jsonl", required=("id", "prompt", "response", "answer", "level"))
     rl = read_jsonl(raw / "rl.jsonl", required=("id", "question", "answer", "level"))
     ev = read_jsonl(raw / "eval.jsonl", required=("id", "question", "solution", "answer", "level"))
-    assert (len(sft), len(rl), len(ev)) == (120, 30, 20)
-    for rows in (train, val, sft, rl, ev):
+    select = read_jsonl(raw / "select.jsonl", required=("id", "prompt", "response", "answer", "level"))
+    select_corpus = read_jsonl(raw / "select_corpus.jsonl", required=("id", "text", "source"))
+    assert (len(sft), len(rl), len(ev), len(select)) == (120, 30, 20, 200)
+    for rows in (train, val, sft, rl, ev, select, select_corpus):
         assert len({r["id"] for r in rows}) == len(rows)
-    for row in sft:
+    for row in sft + select:
         assert extract_answer(row["response"]) == row["answer"] and row["level"] in (1, 2, 3)
     for row in ev:
         assert answers_match(extract_answer(row["solution"]), row["answer"])
@@ -92,6 +95,13 @@ def test_outputs_follow_the_data_contract(cli_run):
     assert embedded["raw_texts"] > 1000 and embedded["per_source"]["python_reference"] > 0
     metrics = json.loads((cli_run / "metrics" / "prepare_data.json").read_text())
     assert metrics["sft"] == 120 and metrics["corpus_train_docs"] == len(train)
+    # The healing-decision corpus: general documents (just over data.select_corpus_chars), moved out of
+    # corpus_train; the documents of both together are those of a corpus without the split.
+    chars = sum(len(r["text"]) for r in select_corpus)
+    assert metrics["select_corpus_chars"] == chars and 40000 <= chars < 40000 + 4000
+    assert metrics["select"] == 200 and metrics["select_corpus_docs"] == len(select_corpus)
+    assert {r["source"] for r in select_corpus} <= {"python_docstrings", "python_reference"}
+    assert len(general) + len(select_corpus) == 300
     assert (cli_run / "plots" / "prepare_data" / "prepare_data.png").stat().st_size > 1000
 
 
@@ -108,6 +118,47 @@ def test_no_train_eval_overlap(cli_run):
     }
     corpus = " ".join(r["text"].lower() for r in read_jsonl(raw / "corpus_train.jsonl"))
     assert not any(normalize_question(r["question"]) in " ".join(corpus.split()) for r in ev)
+
+
+def _paragraphs(text: str) -> set[str]:
+    """Normalized paragraphs, computed here without the pipeline's helpers."""
+    return {" ".join(p.lower().split()) for p in re.split(r"\n\s*\n", text)} - {""}
+
+
+def test_select_split_shares_no_text_with_any_other_file(cli_run):
+    """The healing-decision files share no question (normalized text or number pattern), no worked
+    solution and no paragraph with anything a stage trains on, nor with corpus_val / eval."""
+    raw = cli_run / "data" / "raw"
+    rows = {name: read_jsonl(raw / name) for name in FILES}
+    select, select_corpus = rows["select.jsonl"], rows["select_corpus.jsonl"]
+    questions = [r["prompt"] for r in rows["sft.jsonl"]] + [
+        r["question"] for f in ("rl.jsonl", "eval.jsonl") for r in rows[f]
+    ]
+    for key in (normalize_question, number_pattern):
+        assert not {key(r["prompt"]) for r in select} & {key(q) for q in questions}
+    solutions = {normalize_question(worked_steps(r["response"])) for r in rows["sft.jsonl"]}
+    solutions |= {normalize_question(worked_steps(r["solution"])) for r in rows["eval.jsonl"]}
+    assert not {normalize_question(worked_steps(r["response"])) for r in select} & solutions
+    other_texts = (
+        [r["text"] for f in ("corpus_train.jsonl", "corpus_val.jsonl") for r in rows[f]]
+        + [t for r in rows["sft.jsonl"] for t in (r["prompt"], r["response"])]
+        + [
+            t
+            for f in ("rl.jsonl", "eval.jsonl")
+            for r in rows[f]
+            for t in (r["question"], r.get("solution", ""))
+        ]
+    )
+    other = set().union(*map(_paragraphs, other_texts))
+    assert select_corpus and not any(_paragraphs(r["text"]) & other for r in select_corpus)
+    assert not any(_paragraphs(r["prompt"]) & other for r in select)
+    corpus = " ".join(
+        normalize_question(r["text"]) for f in ("corpus_train.jsonl", "corpus_val.jsonl") for r in rows[f]
+    )
+    assert not any(normalize_question(r["prompt"]) in corpus for r in select)
+    # Not even a shared id or an identical document.
+    ids = {r["id"] for f in FILES if not f.startswith("select") for r in rows[f]}
+    assert not ids & {r["id"] for r in select + select_corpus}
 
 
 def test_same_seed_gives_identical_files_in_another_process(cli_run, tmp_path):
@@ -149,15 +200,25 @@ def _renumber(question: str) -> str:
 def test_split_math_keeps_number_pattern_groups_together():
     base = generate_problems(40, [1, 2, 3], seed=5)
     twins = [Problem(_renumber(p.question), p.solution, p.answer, p.level, p.origin) for p in base[:20]]
-    splits = split_math(base + twins, num_eval=10, num_rl=10, num_sft=15, seed=1)
+    splits = split_math(base + twins, num_eval=10, num_rl=10, num_sft=15, seed=1, num_select=8)
     where = {}
     for name, rows in splits.items():
         for p in rows:
             where.setdefault(number_pattern(p.question), set()).add(name)
     assert all(len(s) == 1 for s in where.values())
-    assert [len(splits[k]) for k in ("eval", "rl", "sft")] == [10, 10, 15]
+    assert [len(splits[k]) for k in ("eval", "rl", "sft", "select")] == [10, 10, 15, 8]
+    # Without a select split, eval/rl/sft are the same; spare problems only ever go to select.
+    plain = split_math(base + twins, num_eval=10, num_rl=10, num_sft=15, seed=1)
+    assert set(plain) == {"eval", "rl", "sft"} and all(plain[k] == splits[k] for k in plain)
+    spare = generate_problems(80, [1, 2, 3], seed=6)
+    more = split_math(base + twins, num_eval=10, num_rl=10, num_sft=15, seed=1, num_select=20, spare=spare)
+    assert all(more[k] == splits[k] for k in plain) and len(more["select"]) == 20
+    taken = {number_pattern(p.question) for k in plain for p in more[k]}
+    assert not {number_pattern(p.question) for p in more["select"]} & taken
     with pytest.raises(StageError, match="data.num_sft=100"):
         split_math(base, num_eval=10, num_rl=10, num_sft=100, seed=1)
+    with pytest.raises(StageError, match="too few for data.num_select=500"):
+        split_math(base + twins, num_eval=10, num_rl=10, num_sft=15, seed=1, num_select=500, spare=spare)
 
 
 def test_cleaning_and_near_duplicate_removal():
@@ -252,6 +313,8 @@ def test_user_sources_jsonl_and_parquet(tmp_path):
                 "data.num_sft": 20,
                 "data.num_rl": 8,
                 "data.num_eval": 6,
+                "data.num_select": 3,
+                "data.select_corpus_chars": 300,
                 "data.val_fraction": 0.2,
             },
         ),
@@ -270,8 +333,10 @@ def test_user_sources_jsonl_and_parquet(tmp_path):
         assert row["level"] == min(3, max(1, steps))
     assert {r["question"] for r in ev} <= set(user_questions)
     corpus = read_jsonl(raw / "corpus_train.jsonl") + read_jsonl(raw / "corpus_val.jsonl")
-    general = [r for r in corpus if r["source"] != "math"]
+    select_corpus = read_jsonl(raw / "select_corpus.jsonl")
+    general = [r for r in corpus if r["source"] != "math"] + select_corpus
     assert len(general) == 12 and {r["source"] for r in general} == {"wiki", "user:corpus.jsonl"}
+    assert len(select_corpus) == 1 and metrics["select"] == 3  # a document has >= 300 characters
     manifest = json.loads((raw / "manifest.json").read_text())
     files = manifest["sources"]["user"]["files"]
     assert files[str(text_file)]["corpus"] == 12 and files[str(tmp_path / "math.parquet")]["math"] == 40
@@ -288,6 +353,7 @@ def test_user_sources_jsonl_and_parquet(tmp_path):
                 "data.num_sft": 20,
                 "data.num_rl": 8,
                 "data.num_eval": 6,
+                "data.num_select": 3,
             },
         ),
     )
@@ -492,9 +558,11 @@ def _source_params(tmp_path: Path, math_file: Path, corpus_file: Path, mode: str
                 "paths.reports_dir": str(tmp_path / "reports"),
                 "data.sources": [str(math_file), str(corpus_file)],
                 "data.embedded": "never",
-                "data.num_sft": 150,
+                "data.num_sft": 140,
                 "data.num_rl": 50,
                 "data.num_eval": 40,
+                "data.num_select": 5,
+                "data.select_corpus_chars": 300,
                 "data.val_fraction": 0.2,
                 "validate_data.on_violation": mode,
                 **(extra or {}),
@@ -510,7 +578,7 @@ def test_bad_user_rows_are_quarantined_and_every_valid_row_published(tmp_path):
     params = _source_params(tmp_path, math_file, corpus_file, "quarantine")
     metrics = run(params)
     assert metrics["user_rows_quarantined"] == 13
-    assert (metrics["sft"], metrics["rl"], metrics["eval"]) == (150, 50, 40)
+    assert (metrics["sft"], metrics["rl"], metrics["eval"], metrics["select"]) == (140, 50, 40, 5)
     checked = validate(params)
     assert checked["source_rows_quarantined"] == 13 and checked["rows_quarantined"] == 13
 
@@ -519,9 +587,15 @@ def test_bad_user_rows_are_quarantined_and_every_valid_row_published(tmp_path):
         {r["prompt"] for r in read_jsonl(validated / "sft.jsonl")}
         | {r["question"] for r in read_jsonl(validated / "rl.jsonl")}
         | {r["question"] for r in read_jsonl(validated / "eval.jsonl")}
+        | {r["prompt"] for r in read_jsonl(validated / "select.jsonl")}
     )
-    assert published == {p.question for p in problems}  # all 240 valid problems, nothing else
-    corpus = read_jsonl(validated / "corpus_train.jsonl") + read_jsonl(validated / "corpus_val.jsonl")
+    # Valid problems only, all of them but the 5 leftover ones the select split did not need.
+    assert published <= {p.question for p in problems} and len(published) == 235
+    corpus = [
+        r
+        for f in ("corpus_train", "corpus_val", "select_corpus")
+        for r in read_jsonl(validated / f"{f}.jsonl")
+    ]
     assert sorted(r["text"] for r in corpus if r["source"] == "wiki") == sorted(d["text"] for d in docs)
 
     quarantined = read_jsonl(tmp_path / "data" / "quarantine" / "sources.jsonl")

@@ -54,7 +54,7 @@ def test_valid_data_is_published_unchanged(tmp_path, monkeypatch):
     )
     metrics = json.loads((tmp_path / "metrics" / "validate_data.json").read_text())
     assert metrics["passed"] and metrics["rows_quarantined"] == 0
-    assert metrics["rows_checked"] == 9 + 30
+    assert metrics["rows_checked"] == 9 + 30 + 2 + 10
     assert metrics["expectations_failed"] == 0 and metrics["expectations_evaluated"] > 60
     assert metrics["datasets"]["eval.jsonl"] == {"rows_checked": 10, "rows_passed": 10, "rows_quarantined": 0}
     assert (
@@ -108,6 +108,37 @@ def test_violation_fails_naming_expectation_file_and_rows(tmp_path):
     assert len(pages) == 1
     html = pages[0].read_text()
     assert f"{raw / 'sft.jsonl'}:4" in html and f"{raw / 'sft.jsonl'}:8" in html and "bob@example.org" in html
+
+
+def test_select_row_duplicating_a_training_row_fails_naming_file_and_row(tmp_path):
+    """A healing-decision row that is a training row (another id, same text) fails the stage; under
+    quarantine it is set aside and every other row published."""
+    files = valid_datasets()
+    files["select.jsonl"][6] = {**files["sft.jsonl"][2], "id": "select-dup"}
+    files["select_corpus.jsonl"][1] = {**files["corpus_train.jsonl"][0], "id": "sel-doc-dup"}
+    raw = write_raw(tmp_path, files)
+    with pytest.raises(ContractViolation) as err:
+        run(params_for_tests(tmp_path))
+    message = str(err.value)
+    assert "expect_column_values_to_not_be_in_set(_question_key)" in message
+    assert f"{raw / 'select.jsonl'}:7:" in message and f"{raw / 'select_corpus.jsonl'}:2:" in message
+    assert "expect_column_values_to_be_in_set(_shared_text)" in message
+    assert {r["suite"] for r in err.value.failures} == {"select_corpus", "select"}
+    assert not (tmp_path / "data" / "validated").exists()
+
+    params = params_for_tests(
+        tmp_path, **{"validate_data.on_violation": "quarantine", "validate_data.max_quarantine_fraction": 0.5}
+    )
+    metrics = run(params)
+    quarantine = tmp_path / "data" / "quarantine"
+    assert [json.loads(line)["line"] for line in _lines(quarantine / "select.jsonl")] == [7]
+    assert [json.loads(line)["line"] for line in _lines(quarantine / "select_corpus.jsonl")] == [2]
+    validated = tmp_path / "data" / "validated"
+    assert (
+        len(_lines(validated / "select.jsonl")) == 9 and len(_lines(validated / "select_corpus.jsonl")) == 1
+    )
+    assert (validated / "sft.jsonl").read_bytes() == (raw / "sft.jsonl").read_bytes()
+    assert metrics["rows_quarantined"] == 2
 
 
 def test_quarantine_moves_exactly_the_bad_rows(tmp_path):
