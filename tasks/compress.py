@@ -213,6 +213,32 @@ def heldout_losses(model, exits, corpus_batches, solution_batches) -> dict[int, 
     return {d: {"loss": corpus[d], "solution_loss": solutions[d]} for d in exits}
 
 
+def distillation_kl(model, teacher, exit_layer: int, ids):
+    """Token-mean KL(teacher || model) of member `exit_layer`'s next-token distributions on `ids` (a
+    LongTensor batch); differentiable in `model`'s parameters."""
+    import torch
+    import torch.nn.functional as F
+
+    ids = ids.to(model.device)
+    with torch.no_grad():
+        target = teacher(ids, exit_layer=exit_layer, use_cache=False).logits.float()
+    logits = model(ids, exit_layer=exit_layer, use_cache=False).logits.float()
+    return F.kl_div(
+        F.log_softmax(logits, -1).flatten(0, 1),
+        F.log_softmax(target, -1).flatten(0, 1),
+        log_target=True,
+        reduction="batchmean",
+    )
+
+
+def mean_distillation_kl(model, teacher, exit_layer: int, batches: list) -> float:
+    """`distillation_kl` averaged over `batches` (what healing minimises, measured without training)."""
+    import torch
+
+    with torch.no_grad():
+        return sum(float(distillation_kl(model, teacher, exit_layer, b)) for b in batches) / len(batches)
+
+
 def heal(model, teacher, exit_layer: int, batches: list, cfg, seed: int) -> list[float]:
     """Self-distillation of the decomposed member toward its dense self (docs/choices.md#compress).
 
@@ -232,7 +258,6 @@ def heal(model, teacher, exit_layer: int, batches: list, cfg, seed: int) -> list
         The distillation loss (nats per token) of every step.
     """
     import torch
-    import torch.nn.functional as F
     from tqdm.auto import tqdm
 
     trainable = healing_parameters(model, exit_layer)
@@ -249,16 +274,7 @@ def heal(model, teacher, exit_layer: int, batches: list, cfg, seed: int) -> list
         for step in tqdm(range(cfg.heal_steps), desc="compress: heal", unit="step"):
             if not order:  # epochs over the batches, each in a seeded random order
                 order = torch.randperm(len(batches), generator=generator).tolist()
-            ids = batches[order.pop()].to(model.device)
-            with torch.no_grad():
-                target = teacher(ids, exit_layer=exit_layer, use_cache=False).logits.float()
-            logits = model(ids, exit_layer=exit_layer, use_cache=False).logits.float()
-            loss = F.kl_div(
-                F.log_softmax(logits, -1).flatten(0, 1),
-                F.log_softmax(target, -1).flatten(0, 1),
-                log_target=True,
-                reduction="batchmean",
-            )
+            loss = distillation_kl(model, teacher, exit_layer, batches[order.pop()])
             if not torch.isfinite(loss):
                 raise StageError(f"healing step {step}: the loss is {float(loss)}; lower compress.heal_lr")
             optimizer.zero_grad(set_to_none=True)
@@ -329,8 +345,6 @@ class HeldoutSets:
     corpus_batches: list
     solution_batches: list
     problems: list[dict[str, Any]]  # eval rows for the DaE member's accuracy
-    val_rows: list[dict[str, Any]]
-    eval_rows: list[dict[str, Any]]  # every eval.jsonl row
 
 
 @dataclass
@@ -462,8 +476,6 @@ def heldout_sets(params: Params, tokenizer) -> HeldoutSets:
         corpus_batches=fixed_batches({"input_ids": corpus}, cfg.batch_size, cfg.loss_batches),
         solution_batches=fixed_batches(solutions, cfg.batch_size, cfg.loss_batches),
         problems=all_eval_rows[: cfg.accuracy_problems],
-        val_rows=val_rows,
-        eval_rows=all_eval_rows,
     )
 
 
@@ -515,10 +527,10 @@ def heal_if_better(
     from tasks.training.batches import build_sft_examples, fixed_batches
 
     cfg = params.compress
-    sft_file = Workspace.from_params(params).validated_file("sft.jsonl")
+    select_file = Workspace.from_params(params).validated_file("select.jsonl")
     sel_corpus = fixed_batches({"input_ids": split.corpus_blocks}, cfg.batch_size, cfg.loss_batches)
     sel_solutions = fixed_batches(
-        build_sft_examples(tokenizer, split.selection_sft, cfg.seq_len, str(sft_file))[0],
+        build_sft_examples(tokenizer, split.selection_sft, cfg.seq_len, str(select_file))[0],
         cfg.batch_size,
         cfg.loss_batches,
     )
@@ -528,12 +540,18 @@ def heal_if_better(
         "decomposed": heldout_losses(model, [d], sel_corpus, sel_solutions)[d],
         "healed": None,
         "worst_ratio": None,
+        "calibration_kl": None,
     }
     if cfg.heal_steps == 0:
         return HealOutcome([], None, selection)
     saved = {n: p.detach().clone() for n, p in healing_parameters(model, d)}
+    kl_before = mean_distillation_kl(model, teacher, d, calibration)
     losses = heal(model, teacher, d, calibration, cfg, params.seed)
     model.eval()
+    selection["calibration_kl"] = {
+        "decomposed": kl_before,
+        "healed": mean_distillation_kl(model, teacher, d, calibration),
+    }
     healed = heldout_losses(model, [d], sel_corpus, sel_solutions)[d]
     # Kept only if it does not hurt on the selection set (corpus and SFT solutions, worst case): healing
     # fits the dense member on calibration text, which need not help on unseen text.

@@ -354,7 +354,7 @@ class CompressParams(_Section):
     batch_size: PositiveInt = 4
     # Healing fine-tune of the low-rank factors + the DaE member's norm on SFT chat data (0 = none).
     heal_steps: NonNegInt = 20
-    heal_lr: PositiveFloat = 1e-3
+    heal_lr: PositiveFloat = 1e-5
     # Held-out batches (corpus_val blocks; eval solutions) for the reported before/after losses, and as
     # many for the keep-healing decision (select_corpus.jsonl blocks; select.jsonl rows: data.num_select).
     loss_batches: PositiveInt = 4
