@@ -1,7 +1,7 @@
 """API fuzzing of the serving app (tasks/release/serving.py) with Schemathesis, over its own OpenAPI schema.
 
 The app is the real one (`create_app` over a `CompletionService` on a tiny real export), driven in-process
-through ASGI. Every operation of FastAPI's /openapi.json gets schema-valid (positive) and, where it has a
+through ASGI, and once more (fewer examples, slow) as the real server: Ray Serve on 127.0.0.1 over HTTP. Every operation of FastAPI's /openapi.json gets schema-valid (positive) and, where it has a
 body, schema-invalid (negative) requests, and each response must pass:
 
 - `not_a_server_error`: no 5xx, whatever the request;
@@ -112,14 +112,22 @@ def api_schema(fuzz_service):
     return schemathesis.openapi.from_asgi("/openapi.json", create_app(fuzz_service), config=config)
 
 
-def _fuzz(schema, method: str, path: str, mode: GenerationMode, models: list[str], checks: list) -> dict:
-    """Runs MAX_EXAMPLES generated requests against `method path`; returns {status: count}. A failing check
+def _fuzz(
+    schema,
+    method: str,
+    path: str,
+    mode: GenerationMode,
+    models: list[str],
+    checks: list,
+    examples: int = MAX_EXAMPLES,
+) -> dict:
+    """Runs `examples` generated requests against `method path`; returns {status: count}. A failing check
     raises (Hypothesis shrinks it and reports the request as a curl command)."""
     operation = schema[path][method]
     statuses: dict[int, int] = {}
 
     @settings(
-        max_examples=MAX_EXAMPLES,
+        max_examples=examples,
         derandomize=True,
         database=None,
         deadline=None,
@@ -155,6 +163,42 @@ def test_fuzz_operation(api_schema, fuzz_service, method, path, mode):
             assert statuses.get(200) and any(400 <= s < 500 for s in statuses), statuses
         else:
             assert all(400 <= s < 500 for s in statuses), statuses
+
+
+@pytest.mark.slow
+def test_fuzz_the_real_server_on_loopback():
+    """The same checks against the real server: the Ray Serve app on 127.0.0.1 (HTTP through Serve's
+    proxy, the schema read from its /openapi.json), fewer examples per run; the server is healthy after."""
+    import socket
+
+    from tasks.release.serving import http_json, start_serving
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with private_tmpdir("ruyi-fuzz-real-") as tmp:
+        release = build_tiny_export(tmp / "export")
+        with start_serving(
+            release,
+            host="127.0.0.1",
+            port=port,
+            model_name="tiny",
+            max_tokens_limit=4,
+            max_prompts_per_request=4,
+            max_total_new_tokens=12,
+        ) as session:
+            config = SchemathesisConfig.from_dict({"seed": SEED})
+            schema = schemathesis.openapi.from_url(f"{session.url}/openapi.json", config=config)
+            status, listing = http_json(f"{session.url}/v1/models")
+            assert status == 200, listing
+            models = [m["id"] for m in listing["data"]]
+            seen: dict[int, int] = {}
+            for method, path, mode in RUNS:
+                for code, n in _fuzz(schema, method, path, mode, models, CHECKS, examples=10).items():
+                    seen[code] = seen.get(code, 0) + n
+            assert seen.get(200) and all(code < 500 for code in seen), seen
+            status, health = http_json(f"{session.url}/healthz")
+            assert status == 200, health
 
 
 class _CountBody(BaseModel):
