@@ -13,6 +13,7 @@ leakage-free sft/rl/eval/select split: docs/choices.md#prepare_data.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import random
 import sys
@@ -61,7 +62,8 @@ def split_math(
     Groups are shuffled with `seed`; each group goes whole to the first split (eval, rl, sft) that
     still has room, and a split that overflows is truncated (the dropped rows' group lives in that
     split only, so truncation cannot create overlap). The select split (compress's healing decision,
-    `num_select` rows) then takes the groups left over, in the same order, and after them the `spare`
+    `num_select` rows) then takes the groups left over, round robin in the same order (one problem of each
+    group in turn, so that no one template fills it), and after them the `spare`
     problems whose number pattern is in no other split. A select candidate that shares a paragraph
     (`problem_texts`: e.g. another question with the same worked steps) with eval / rl / sft is skipped:
     that text would be trained text. `spare` lets the select split grow without changing eval / rl / sft.
@@ -92,7 +94,12 @@ def split_math(
             )
         del splits[name][target:]
     if num_select:
-        splits["select"] = _select_split(splits, [p for key in left for p in groups[key]], spare, num_select)
+        # Round robin over the leftover groups (one problem of each in turn), so that the decision rows
+        # spread over many templates instead of filling up with the first leftover group's.
+        rounds = itertools.zip_longest(*(groups[key] for key in left))
+        splits["select"] = _select_split(
+            splits, [p for row in rounds for p in row if p is not None], spare, num_select
+        )
     return splits
 
 
