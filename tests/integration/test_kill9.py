@@ -19,7 +19,7 @@ uninterrupted run (made in this process through the same `main`) bit for bit, an
 ever set aside as corrupt. Then one flipped byte in a random file of the newest checkpoint after a real
 kill (rl) is named in a warning, that checkpoint is skipped, and the result is still bit-identical. The
 seed, the kill points and what each kill hit (the checkpoint files and outputs on disk) are printed,
-shown on failure. About 3-4 minutes on two busy cores (each stage process spends 5-15 s importing).
+shown on failure. About 2-4 minutes on two busy cores (each stage process spends 5-15 s importing).
 """
 
 from __future__ import annotations
