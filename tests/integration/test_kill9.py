@@ -373,13 +373,14 @@ def test_kill9_at_random_points_then_resume_equals_the_uninterrupted_run(
     assert not run.saving(), why()  # the temporaries of saves cut short were cleaned up on resume
 
 
+@pytest.mark.parametrize("seed", [21, 27], ids=["seed21-rng.pt", "seed27-optimizer.pt"])
 def test_flipped_byte_in_the_newest_checkpoint_after_a_kill_is_skipped_and_named(
-    straight, new_workspace, tmp_path
+    seed, straight, new_workspace, tmp_path
 ):
     """rl (cpt and sft have in-process versions): kill inside a save, flip one random byte of one random
-    file of the newest complete checkpoint, rerun: a warning names the checkpoint and the file, the run
-    resumes from the checkpoint before it and ends bit-identical to the uninterrupted run."""
-    seed = 21
+    file of the newest complete checkpoint (the seed draws it: the ids say which), rerun: a warning
+    names the checkpoint and the file, the run resumes from the checkpoint before it and ends
+    bit-identical to the uninterrupted run."""
     rng = random.Random(seed)
     ref = straight("rl")[0]
     spec = STAGES["rl"]
