@@ -10,7 +10,7 @@ SIGKILLing the process (re)started after the previous kill:
   not yet), a random few milliseconds after the save began;
 - `after_save`: as soon as step k's checkpoint is in place (while the oldest one is pruned);
 - `timer`: a random time after the run's first checkpoint activity (training, saving or publishing);
-- `publish`: a random time after the first output appears.
+- `publish`: a random time after the process writes its first output.
 
 After every kill nothing partial is visible: the stage's model directory, metrics and curves are absent
 or the finished ones, and every checkpoint in place passes verification. A last run completes it; its
@@ -163,15 +163,6 @@ class Run:
         """Temporary directories of checkpoint saves in progress (or cut short)."""
         return sorted(self.ckpt.glob(".step_*.tmp-*")) if self.ckpt.is_dir() else []
 
-    def outputs_started(self) -> bool:
-        art = self.model_dir
-        return (
-            (self.root / "plots" / self.stage.name).exists()
-            or art.exists()
-            or any(art.parent.glob(f".{art.name}.tmp-*"))
-            or (self.root / "metrics" / "reproducible" / f"{self.stage.name}.json").exists()
-        )
-
     def outputs(self) -> list[str]:
         """The stage's outputs on disk, finished or not (temporaries of atomic writes included)."""
         name, found = self.stage.name, []
@@ -186,6 +177,17 @@ class Run:
         ]:
             found += [str(p.relative_to(self.root)) for p in (self.root / folder).glob(pattern)]
         return sorted(found)
+
+    def activity(self) -> tuple[set[str], dict[str, int]]:
+        """The checkpoint directory's entries and the modification time (ns) of every output: what a
+        process has done since another `activity()` differs."""
+        times = {}
+        for rel in self.outputs():
+            try:
+                times[rel] = (self.root / rel).stat().st_mtime_ns
+            except FileNotFoundError:  # a temporary renamed meanwhile
+                pass
+        return self.entries(), times
 
     def state(self) -> str:
         """What is on disk now: the checkpoint directories (a save in progress with the files it
@@ -209,15 +211,15 @@ class KillPoint:
         where = f" step {self.step}" if self.kind in ("in_save", "after_save") else ""
         return f"{self.kind}{where} +{self.delay * 1000:.0f}ms"
 
-    def triggered(self, run: Run, before: set[str]) -> bool:
-        """Whether the point is reached; `before`: the checkpoint directory's entries at the start."""
+    def triggered(self, run: Run, before: tuple[set[str], dict[str, int]]) -> bool:
+        """Whether the point is reached; `before`: `run.activity()` when the process started."""
         if self.kind == "in_save":  # its save in progress, or already done (the poll was too slow)
             return any(run.ckpt.glob(f".step_{self.step}.tmp-*")) or (run.ckpt / f"step_{self.step}").is_dir()
         if self.kind == "after_save":
             return (run.ckpt / f"step_{self.step}").is_dir()
         if self.kind == "publish":
-            return run.outputs_started()
-        return bool(run.entries() - before)  # timer: from this run's first checkpoint activity
+            return run.activity()[1] != before[1]  # an output of this process appeared or changed
+        return bool(run.entries() - before[0])  # timer: from this process's first checkpoint activity
 
 
 def watch(proc: subprocess.Popen, run: Run, point: KillPoint | None = None) -> str | None:
@@ -225,7 +227,7 @@ def watch(proc: subprocess.Popen, run: Run, point: KillPoint | None = None) -> s
 
     Returns what the kill hit (`run.state()` right after it), or None if the process exited first.
     """
-    t0, before = time.monotonic(), run.entries()
+    t0, before = time.monotonic(), run.activity()
     fire_at = None
     while proc.poll() is None:
         now = time.monotonic() - t0
