@@ -13,6 +13,7 @@ import logging
 import random
 import re
 import shutil
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -210,7 +211,7 @@ class Checkpointer:
         different parameters/inputs/code sets the whole directory aside (docs/choices.md#training).
         """
         self.stale, self.skipped = None, []
-        if self.root.is_dir():  # leftovers of a save interrupted by SIGKILL (atomic_dir's temporaries)
+        if self.root.is_dir():  # leftovers of a save or a pruning interrupted by SIGKILL (temporaries)
             for p in self.root.glob(".step_*.tmp-*"):
                 shutil.rmtree(p, ignore_errors=True)
         for step, path in reversed(self.step_dirs()):
@@ -289,7 +290,11 @@ class Checkpointer:
             )
             write_manifest(tmp)
         for _, old in self.step_dirs()[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            # Out of sight first (a rename is atomic): a kill while deleting leaves a temporary that the
+            # next `find_resumable` removes, never a half-deleted step directory.
+            doomed = old.with_name(f".{old.name}.tmp-pruned-{uuid.uuid4().hex[:8]}")
+            old.rename(doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
         return final
 
     def load(self, path: Path, model, optimizer, scheduler=None) -> dict[str, Any]:

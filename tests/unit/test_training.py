@@ -317,6 +317,31 @@ def test_checkpoints_record_checksums_of_every_file_and_keep_at_least_two(tmp_pa
         Checkpointer(tmp_path / "x", {}, keep=1)
 
 
+def test_a_pruning_cut_short_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
+    """A kill while the oldest checkpoint is deleted (here: the deletion stops after one file) leaves
+    only complete step directories; the next run removes the leftover and resumes from the newest."""
+    from types import SimpleNamespace
+
+    from tasks.training import checkpoint
+    from tasks.training.checkpoint import verify_checkpoint
+
+    def cut_short(path, ignore_errors=False):
+        min(path.iterdir()).unlink()  # checksums.json first, as a real deletion may
+        raise Kill(path)
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "shutil", SimpleNamespace(rmtree=cut_short))
+        with pytest.raises(Kill):
+            _loop(tmp_path, max_steps=8)  # saves step 3, 6, 8; pruning step_3 is cut short
+    ckpt = tmp_path / "ckpt"
+    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_6", "step_8"]
+    assert all(verify_checkpoint(p) is None for p in ckpt.glob("step_*"))
+    [leftover] = ckpt.glob(".step_3.tmp-*")
+    _, result, _ = _loop(tmp_path, max_steps=8)
+    assert result.resumed_from_step == 8 and result.skipped_checkpoints == []
+    assert not leftover.exists()
+
+
 def test_non_finite_loss_stops_with_an_error(tmp_path):
     with pytest.raises(StageError, match="loss is"):
         _loop(tmp_path, max_steps=3, lr=1e30, ckpt=False)
