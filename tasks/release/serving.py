@@ -5,10 +5,13 @@
 
 Endpoints: GET /healthz, GET /v1/models, POST /v1/completions, POST /v1/chat/completions. Tiers: `exit_<d>`
 (stock Qwen3; the DaE member's factored copy, which runs its low-rank weights, where the release has one),
-the release's model name (the deepest member) and `dynamic` (confidence-based early exit).
-Bad requests get 4xx (NaN/infinite numbers 422, invalid Unicode 400, too many prompts 413, too many
-new tokens 422), each an OpenAI-shaped error body whose `param` names the offending field (`ErrorResponse`,
-documented in the OpenAPI schema). Design and request validation: docs/choices.md#serving.
+the release's model name (the deepest member), and over the family `dynamic` (confidence-based early exit)
+and `speculative` (a shallow member drafts, the deepest verifies: exactly the deepest member's greedy output).
+`stream: true` answers with server-sent events in OpenAI's chunk format (text as it is decoded; a client
+that disconnects stops its decode). Bad requests get 4xx, before any stream starts (NaN/infinite numbers
+422, invalid Unicode 400, too many prompts 413, too many new tokens 422), each an OpenAI-shaped error
+body whose `param` names the offending field (`ErrorResponse`, documented in the OpenAPI schema).
+Design, streaming and request validation: docs/choices.md#serving.
 """
 
 from __future__ import annotations
@@ -1123,15 +1126,22 @@ def _deployment_class():
     return RuyiFamily
 
 
-# Per-request caps of CompletionService (params.yaml deploy.*), accepted in a Serve config's args.
-_LIMIT_OPTIONS = ("max_prompts_per_request", "max_total_new_tokens")
+# CompletionService's per-request caps (params.yaml deploy.*) and speculative-tier defaults, accepted in a
+# Serve config's args.
+_LIMIT_OPTIONS = (
+    "max_prompts_per_request",
+    "max_total_new_tokens",
+    "speculative_draft_exit",
+    "speculative_draft_tokens",
+)
 
 
 def build_app(args: dict[str, Any]):
     """Ray Serve application builder (`import_path: tasks.release.serving:build_app` in a Serve config).
 
     Args (`args:` in the config): `release_dir` or `store` + `model_name` (+ `version`, `cache_dir`),
-    and optionally `max_tokens_limit`, `dynamic_threshold`, `device`, `dtype` (CompletionService), and the
+    and optionally `max_tokens_limit`, `dynamic_threshold`, `device`, `dtype`, `max_prompts_per_request`,
+    `max_total_new_tokens`, `speculative_draft_exit`, `speculative_draft_tokens` (CompletionService), and the
     replica's `num_cpus` (default 0.5), `num_gpus` (default 0) and `num_replicas` (default 1).
     """
     known = {
@@ -1312,6 +1322,8 @@ def start_serving(
     ready_timeout_s: float = 180.0,
     max_prompts_per_request: int = 16,
     max_total_new_tokens: int = 4096,
+    speculative_draft_exit: int | None = None,
+    speculative_draft_tokens: int = 4,
 ) -> ServingSession:
     """Starts Ray (unless one runs or `ray_address` is given), Serve on host:port, and the application.
 
@@ -1343,7 +1355,10 @@ def start_serving(
             "dtype": dtype,
             "max_prompts_per_request": max_prompts_per_request,
             "max_total_new_tokens": max_total_new_tokens,
+            "speculative_draft_tokens": speculative_draft_tokens,
         }
+        if speculative_draft_exit is not None:
+            options["speculative_draft_exit"] = speculative_draft_exit
         args = {**source, **options, "num_cpus": replica_num_cpus, "num_gpus": replica_num_gpus}
         if model_name:
             args["model_name"] = model_name
@@ -1372,4 +1387,6 @@ __all__ = [
     "resolve_release",
     "http_json",
     "DYNAMIC_TIER",
+    "SPECULATIVE_TIER",
+    "EventStream",
 ]

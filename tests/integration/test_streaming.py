@@ -268,3 +268,45 @@ def test_a_client_that_disconnects_mid_stream_frees_the_server(service):
             assert time.monotonic() < deadline, "the abandoned speculative decode never stopped"
             time.sleep(0.01)
         assert client.chat.completions.create(model="dynamic", messages=MESSAGES, max_tokens=3).choices
+
+
+@pytest.mark.slow
+def test_streaming_through_ray_serve(export_dir, client):
+    """The real server: Ray Serve on 127.0.0.1 (`start_serving`), the official client streaming through
+    Serve's HTTP proxy; the chunks add up to the in-process answers, and a client that disconnects leaves
+    the server answering."""
+    from tasks.release.serving import start_serving
+
+    with start_serving(
+        export_dir, host="127.0.0.1", port=_free_port(), model_name="tiny", max_tokens_limit=64
+    ) as session:
+        real = openai.OpenAI(base_url=f"{session.url}/v1", api_key="none", max_retries=0, timeout=120)
+        assert "speculative" in {m.id for m in real.models.list().data}
+        for tier in ("speculative", "exit_2"):
+            local = client.completions.create(model=tier, prompt=PROMPT, max_tokens=24)
+            chunks = list(
+                real.completions.create(
+                    model=tier,
+                    prompt=PROMPT,
+                    max_tokens=24,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+            )
+            assert len(chunks) > 3 and chunks[-1].usage == local.usage
+            assert "".join(c.choices[0].text for c in chunks if c.choices) == local.choices[0].text
+        local = client.chat.completions.create(model="dynamic", messages=MESSAGES, max_tokens=12)
+        chunks = list(
+            real.chat.completions.create(model="dynamic", messages=MESSAGES, max_tokens=12, stream=True)
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == local.choices[0].message.content
+        with pytest.raises(openai.BadRequestError, match="draft_exit"):
+            real.completions.create(
+                model="speculative", prompt=PROMPT, stream=True, extra_body={"draft_exit": 4}
+            )
+        stream = real.completions.create(model="exit_4", prompt="Tom", max_tokens=64, stream=True)
+        next(iter(stream))
+        stream.close()
+        t0 = time.perf_counter()
+        after = real.completions.create(model="exit_2", prompt=PROMPT, max_tokens=4)
+        assert after.usage.completion_tokens == 4 and time.perf_counter() - t0 < 30
