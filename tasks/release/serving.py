@@ -223,28 +223,38 @@ class ChatCompletionChunk(BaseModel):
     ruyi: ServingInfo | None = None
 
 
-#: One server-sent event of a streamed response (OpenAPI 3.1: the event-stream schema describes one event).
-_SSE_EVENT_SCHEMA = {
-    "type": "object",
-    "required": ["data"],
-    "properties": {
-        "data": {
-            "type": "string",
-            "description": "a chunk as JSON (CompletionChunk / ChatCompletionChunk; an error body if "
-            "decoding fails mid-stream), the last event `[DONE]`",
-        },
-        "event": {"type": "string"},
-    },
-}
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 
 def _ok_response(model: type[BaseModel], chunk: type[BaseModel]) -> dict[str, Any]:
-    """A 200 of a completion endpoint: JSON, or with `stream: true` server-sent `chunk`s."""
+    """A 200 of a completion endpoint: JSON, or with `stream: true` server-sent `chunk`s. The event-stream
+    schema describes one event (OpenAPI 3.1): its data is a chunk as JSON (an error body if decoding
+    fails mid-stream), the last one `[DONE]`; `create_app` adds the chunk schemas to the components."""
+    data = {
+        "type": "string",
+        "anyOf": [
+            {"const": "[DONE]"},
+            {
+                "contentMediaType": "application/json",
+                "contentSchema": {"anyOf": [_ref(chunk), _ref(ErrorResponse)]},
+            },
+        ],
+    }
+    event = {
+        "type": "object",
+        "required": ["data"],
+        "properties": {"data": data, "event": {"type": "string"}},
+    }
     return {
         "model": model,
         "description": f"the completion (JSON); with stream: true, server-sent {chunk.__name__} events",
-        "content": {"text/event-stream": {"schema": _SSE_EVENT_SCHEMA}},
+        "content": {"text/event-stream": {"schema": event}},
     }
+
+
+#: The schemas the event streams refer to (no route returns them, so FastAPI does not list them itself).
+_CHUNK_MODELS = (CompletionChunk, ChatCompletionChunk)
 
 
 class ModelList(BaseModel):
@@ -1047,6 +1057,20 @@ def create_app(service: CompletionService):
     @app.get("/v1/models", response_model=None, responses={200: {"model": ModelList}})
     def models() -> dict:
         return service.models()
+
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            components = default_openapi().setdefault("components", {}).setdefault("schemas", {})
+            for model in _CHUNK_MODELS:
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                for name, definition in schema.pop("$defs", {}).items():
+                    components.setdefault(name, definition)
+                components[model.__name__] = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     def sse(stream: EventStream) -> StreamingResponse:
         """Server-sent events: `data: <chunk JSON>` per chunk, then `data: [DONE]`. Each chunk is decoded

@@ -204,6 +204,34 @@ def test_incremental_detokenization_of_multibyte_text_and_stop_strings(service):
         assert decoding.finish == ("stop" if stops else "length")
 
 
+def test_openapi_documents_the_event_streams(service):
+    """Both completion endpoints document text/event-stream events whose data is their chunk (or an error
+    body, or [DONE]); Schemathesis validates real streams against it, event by event."""
+    import schemathesis
+    from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
+
+    app = create_app(service)
+    schemas = TestClient(app).get("/openapi.json").json()["components"]["schemas"]
+    assert {"CompletionChunk", "ChatCompletionChunk", "ChatDelta"} <= set(schemas)
+    api = schemathesis.openapi.from_asgi("/openapi.json", app)
+    for path, body in (
+        ("/v1/completions", {"prompt": PROMPT}),
+        ("/v1/chat/completions", {"messages": MESSAGES}),
+    ):
+        content = api.raw_schema["paths"][path]["post"]["responses"]["200"]["content"]
+        assert set(content) == {"application/json", "text/event-stream"}
+        for tier in ("exit_2", "speculative"):
+            stream = {
+                "model": tier,
+                "max_tokens": 6,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            case = api[path]["POST"].Case(body={**body, **stream})
+            response = case.call_and_validate(checks=[response_schema_conformance, content_type_conformance])
+            assert response.text.count("data: ") >= 4 and response.text.endswith("data: [DONE]\n\n")
+
+
 # --- a real HTTP server ------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
