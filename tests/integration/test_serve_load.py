@@ -95,7 +95,7 @@ def test_bounded_load_against_the_served_app(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert json.loads(proc.stdout[proc.stdout.index('{\n  "release"') :]) == result
-    assert result["tiers"] == ["exit_2", "exit_4", "dynamic"]
+    assert result["tiers"] == ["exit_2", "exit_4", "dynamic", "speculative"]
     assert set(result["concurrency"]) == {"1", "4"}
     for level in result["concurrency"].values():
         assert level["requests"] == 30 and level["server_errors_5xx"] == 0
