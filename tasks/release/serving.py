@@ -575,6 +575,20 @@ class CompletionService:
                 "context_length_exceeded",
                 "max_tokens",
             )
+        if tier.kind == "dynamic":  # the library's own argument checks, before any stream starts
+            import torch
+
+            from ruyi_model.generation import _check_arguments
+
+            threshold = req.threshold if req.threshold is not None else self.dynamic_threshold
+            try:
+                _check_arguments(
+                    tier.model, torch.tensor([ids]), req.max_tokens, threshold, "max_prob", "recompute"
+                )
+            except ValueError as e:
+                raise APIError(
+                    400, f"dynamic decoding rejected the request: {e}", "invalid_request", None
+                ) from None
         return ids
 
     def _completion_prompts(self, req: CompletionRequest, tier: Tier) -> list[list[int]]:
@@ -817,17 +831,9 @@ class CompletionService:
         """`dynamic_generate`'s loop (max_prob criterion, recomputed KV), a token at a time."""
         import torch
 
-        from ruyi_model.generation import _check_arguments, _DynamicDecoder
+        from ruyi_model.generation import _DynamicDecoder
 
-        threshold = req.threshold if req.threshold is not None else self.dynamic_threshold
-        try:
-            threshold = _check_arguments(
-                tier.model, input_ids, req.max_tokens, threshold, "max_prob", "recompute"
-            )
-        except ValueError as e:  # the library's own argument checks
-            raise APIError(
-                400, f"dynamic decoding rejected the request: {e}", "invalid_request", None
-            ) from None
+        threshold = float(req.threshold if req.threshold is not None else self.dynamic_threshold)
         exits, layers = [], []
         with torch.inference_mode():
             decoder = _DynamicDecoder(tier.model, threshold, "max_prob", "recompute", "auto")
