@@ -894,7 +894,9 @@ class _Decoding:
     it (iterating) gives the text they add, detokenized incrementally (text is only handed out once no
     later token can change it: no trailing partial UTF-8 character, nothing that may begin a stop
     string). Decoding stops at a stop token (not counted, not shown), a stop string (the text is cut
-    before it), max_tokens, or once `cancelled` is set (a client gone)."""
+    before it), max_tokens, or once `cancelled` is set (a client gone). Each token re-decodes the
+    completion so far: exact for any tokenizer (no assumption that decoding concatenates), and cheap at
+    this server's max_tokens limits."""
 
     def __init__(self, tokenizer, stop_ids, stops: list[str], max_tokens: int, cancelled: threading.Event):
         self.tokenizer, self.stop_ids, self.stops = tokenizer, set(stop_ids), stops
