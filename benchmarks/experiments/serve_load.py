@@ -7,9 +7,9 @@
 It starts Ray and the Serve app on a release directory (`tasks.release.serving.start_serving`; without
 --release, a tiny random 2-tier family is built with the tests' `tiny_export` helper), then, for each
 concurrency level, that many client threads (stdlib urllib) send a fixed number of `POST /v1/completions`
-requests round-robin over the tiers (`exit_<d>`, `dynamic`), greedy, --max-tokens new tokens each. Every
---invalid-every-th request is a deliberately invalid one (unknown model, max_tokens above the server's
-limit, a string for max_tokens) whose 4xx status is known in advance.
+requests round-robin over the tiers (`exit_<d>`, `dynamic`, `speculative`), greedy, --max-tokens new
+tokens each. Every --invalid-every-th request is a deliberately invalid one (unknown model, max_tokens
+above the server's limit, a string for max_tokens) whose 4xx status is known in advance.
 
 Levels are interleaved: each of --rounds rounds runs every level once with requests/rounds requests, so
 a busy phase of a shared machine hits every level alike. Printed (and written to --out) as JSON: per

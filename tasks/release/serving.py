@@ -5,10 +5,13 @@
 
 Endpoints: GET /healthz, GET /v1/models, POST /v1/completions, POST /v1/chat/completions. Tiers: `exit_<d>`
 (stock Qwen3; the DaE member's factored copy, which runs its low-rank weights, where the release has one),
-the release's model name (the deepest member) and `dynamic` (confidence-based early exit).
-Bad requests get 4xx (NaN/infinite numbers 422, invalid Unicode 400, too many prompts 413, too many
-new tokens 422), each an OpenAI-shaped error body whose `param` names the offending field (`ErrorResponse`,
-documented in the OpenAPI schema). Design and request validation: docs/choices.md#serving.
+the release's model name (the deepest member), and over the family `dynamic` (confidence-based early exit)
+and `speculative` (a shallow member drafts, the deepest verifies: exactly the deepest member's greedy output).
+`stream: true` answers with server-sent events in OpenAI's chunk format (text as it is decoded; a client
+that disconnects stops its decode). Bad requests get 4xx, before any stream starts (NaN/infinite numbers
+422, invalid Unicode 400, too many prompts 413, too many new tokens 422), each an OpenAI-shaped error
+body whose `param` names the offending field (`ErrorResponse`, documented in the OpenAPI schema).
+Design, streaming and request validation: docs/choices.md#serving.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import queue
 import socket
 import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,18 +40,31 @@ from tasks.release.store import MANIFEST_NAME, load_member, release_exits
 log = logging.getLogger("ruyi.serving")
 
 DYNAMIC_TIER = "dynamic"
+SPECULATIVE_TIER = "speculative"
+#: The most tokens a speculative request may draft per round (`draft_tokens`).
+MAX_DRAFT_TOKENS = 16
 APP_NAME = "ruyi"
 DEPLOYMENT_NAME = "RuyiFamily"
 
 
 # --- request and response models ---------------------------------------------------------------
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = Field(
+        False, strict=True, description="a last chunk with `usage` and no choices before `data: [DONE]`"
+    )
+
+
 class _GenerationFields(BaseModel):
     # NaN/inf are no valid float (a 422 naming the field, not a comparison that lets them through).
     # Numbers and flags are strict: `"seed": true`, `"max_tokens": "5"` or `"stream": 1` are 422s, not
     # silently read as 1, 5 and true (an integer field takes no 2.0 either; a float field takes ints).
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    model: str = Field(description="the tier: exit_<d>, the release name (deepest member) or 'dynamic'")
+    model: str = Field(
+        description="the tier: exit_<d>, the release name (deepest member), 'dynamic' or 'speculative'"
+    )
     max_tokens: int = Field(
         16,
         ge=1,
@@ -58,9 +76,18 @@ class _GenerationFields(BaseModel):
     stop: str | list[str] | None = Field(None, description="up to 4 strings that end the completion")
     seed: int | None = Field(None, ge=0, strict=True, description="makes sampling repeatable")
     n: int = Field(1, ge=1, strict=True, description="completions per prompt (only 1 is supported)")
-    stream: bool = Field(False, strict=True)
+    stream: bool = Field(
+        False, strict=True, description="true: server-sent events (OpenAI's chunks), then `data: [DONE]`"
+    )
+    stream_options: StreamOptions | None = Field(None, description="only with stream: true")
     threshold: float | None = Field(
         None, gt=0.0, le=1.0, strict=True, description="dynamic tier: exit confidence threshold"
+    )
+    draft_exit: int | None = Field(
+        None, ge=1, strict=True, description="speculative tier: the drafting member (a shallower exit)"
+    )
+    draft_tokens: int | None = Field(
+        None, ge=1, le=MAX_DRAFT_TOKENS, strict=True, description="speculative tier: tokens drafted per round"
     )
     user: str | None = None
 
@@ -107,13 +134,16 @@ class Usage(BaseModel):
 
 
 class ServingInfo(BaseModel):
-    """`ruyi`: which release and tier answered; the dynamic tier adds its threshold and per-choice stats."""
+    """`ruyi`: which release and tier answered; the dynamic tier adds its threshold and per-choice stats
+    (tokens per member), the speculative tier its draft member, draft length and per-choice acceptance."""
 
     release: str
     tier: str
     exit_layer: int | None
     processing_ms: float
     threshold: float | None = None
+    draft_exit: int | None = None
+    draft_tokens: int | None = None
     choices: list[dict[str, Any]] | None = None
 
 
@@ -148,6 +178,83 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     ruyi: ServingInfo
+
+
+class CompletionChunkChoice(BaseModel):
+    text: str
+    index: int
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None
+
+
+class CompletionChunk(BaseModel):
+    """One `data:` event of a streamed completion (`usage` and `ruyi` on the last one)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+    ruyi: ServingInfo | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One `data:` event of a streamed chat completion (the role first; `usage` and `ruyi` last)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    ruyi: ServingInfo | None = None
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _ok_response(model: type[BaseModel], chunk: type[BaseModel]) -> dict[str, Any]:
+    """A 200 of a completion endpoint: JSON, or with `stream: true` server-sent `chunk`s. The event-stream
+    schema describes one event (OpenAPI 3.1): its data is a chunk as JSON (an error body if decoding
+    fails mid-stream), the last one `[DONE]`; `create_app` adds the chunk schemas to the components."""
+    data = {
+        "type": "string",
+        "anyOf": [
+            {"const": "[DONE]"},
+            {
+                "contentMediaType": "application/json",
+                "contentSchema": {"anyOf": [_ref(chunk), _ref(ErrorResponse)]},
+            },
+        ],
+    }
+    event = {
+        "type": "object",
+        "required": ["data"],
+        "properties": {"data": data, "event": {"type": "string"}},
+    }
+    return {
+        "model": model,
+        "description": f"the completion (JSON); with stream: true, server-sent {chunk.__name__} events",
+        "content": {"text/event-stream": {"schema": event}},
+    }
+
+
+#: The schemas the event streams refer to (no route returns them, so FastAPI does not list them itself).
+_CHUNK_MODELS = (CompletionChunk, ChatCompletionChunk)
 
 
 class ModelList(BaseModel):
@@ -187,9 +294,10 @@ class APIError(Exception):
 @dataclass
 class Tier:
     name: str
-    exit_layer: int | None  # None: the dynamic tier (the family)
+    exit_layer: int | None  # None: a tier over the whole family (dynamic, speculative)
     model: Any
     tokenizer: Any
+    kind: Literal["member", "dynamic", "speculative"] = "member"
 
     @property
     def num_parameters(self) -> int:
@@ -224,6 +332,8 @@ class CompletionService:
         torch_threads: intra-op threads for this process (1 on shared CPUs).
         device: "cpu", "cuda", "cuda:1", or "auto" (cuda when available).
         dtype: weights dtype ("float32"; "bfloat16" for large members on GPUs).
+        speculative_draft_exit: the speculative tier's default drafting member (default: the shallowest).
+        speculative_draft_tokens: the speculative tier's default tokens drafted per round.
     """
 
     def __init__(
@@ -238,6 +348,8 @@ class CompletionService:
         dtype: str = "float32",
         max_prompts_per_request: int = 16,
         max_total_new_tokens: int = 4096,
+        speculative_draft_exit: int | None = None,
+        speculative_draft_tokens: int = 4,
     ):
         import torch
 
@@ -264,25 +376,44 @@ class CompletionService:
             model, tokenizer = load_member(self.release_dir, d, dtype=dtype)
             self.tiers[f"exit_{d}"] = Tier(f"exit_{d}", d, model.to(self.device), tokenizer)
         self.aliases = {self.model_name: f"exit_{exits[-1]}"}
+        # Tiers over the whole family (one model, shared): dynamic early exit; speculative decoding where
+        # the family has a member shallower than its deepest to draft with.
         self.family: Tier | None = None
+        self.family_tiers: dict[str, Tier] = {}
+        self.draft_exit: int | None = None
+        if not 1 <= speculative_draft_tokens <= MAX_DRAFT_TOKENS:
+            raise StageError(
+                f"speculative_draft_tokens={speculative_draft_tokens}: must be in [1, {MAX_DRAFT_TOKENS}]"
+            )
+        self.draft_tokens = speculative_draft_tokens
         if (self.release_dir / "family").is_dir():
             model, tokenizer = load_member(self.release_dir, None, dtype=dtype)
-            self.family = Tier(DYNAMIC_TIER, None, model.to(self.device), tokenizer)
+            model = model.to(self.device)
+            self.family = Tier(DYNAMIC_TIER, None, model, tokenizer, kind="dynamic")
+            self.family_tiers[DYNAMIC_TIER] = self.family
+            drafts = list(model.config.exit_layers)[:-1]
+            if speculative_draft_exit is not None and speculative_draft_exit not in drafts:
+                raise StageError(
+                    f"speculative_draft_exit={speculative_draft_exit}: the draft must be a member "
+                    f"shallower than the deepest, one of {drafts}"
+                )
+            if drafts:
+                self.draft_exit = speculative_draft_exit or drafts[0]
+                self.family_tiers[SPECULATIVE_TIER] = Tier(
+                    SPECULATIVE_TIER, None, model, tokenizer, kind="speculative"
+                )
         self._lock = threading.Lock()
-        log.info(
-            "serving %s: tiers %s%s",
-            self.release,
-            ", ".join(self.tiers),
-            f", {DYNAMIC_TIER}" if self.family is not None else "",
-        )
+        #: Streams whose client went away before the end, and the tokens each had decoded then.
+        self.cancelled_streams: list[int] = []
+        log.info("serving %s: tiers %s", self.release, ", ".join(self.tier_names()))
 
     # catalogue --------------------------------------------------------------------------------
     def tier_names(self) -> list[str]:
-        return list(self.tiers) + ([DYNAMIC_TIER] if self.family is not None else [])
+        return list(self.tiers) + list(self.family_tiers)
 
     def models(self) -> dict[str, Any]:
         data = []
-        for tier in [*self.tiers.values(), *([self.family] if self.family is not None else [])]:
+        for tier in [*self.tiers.values(), *self.family_tiers.values()]:
             cfg = tier.model.config
             entry = {
                 "id": tier.name,
@@ -298,6 +429,8 @@ class CompletionService:
                 entry["weights"] = "factored" if tier.factored else "dense"
             else:
                 entry["exit_layers"] = list(cfg.exit_layers)
+            if tier.kind == "speculative":
+                entry.update(draft_exit=self.draft_exit, draft_tokens=self.draft_tokens)
             data.append(entry)
         for alias, target in self.aliases.items():
             data.append(
@@ -315,8 +448,8 @@ class CompletionService:
 
     def resolve(self, name: str) -> Tier:
         name = self.aliases.get(name, name)
-        if name == DYNAMIC_TIER and self.family is not None:
-            return self.family
+        if name in self.family_tiers:
+            return self.family_tiers[name]
         if name in self.tiers:
             return self.tiers[name]
         raise APIError(
@@ -331,9 +464,12 @@ class CompletionService:
     def _check(self, req: _GenerationFields, tier: Tier) -> list[str]:
         if "max_tokens" not in req.model_fields_set:  # the default never exceeds this server's limit
             req.max_tokens = min(req.max_tokens, self.max_tokens_limit)
-        if req.stream:
+        if req.stream_options is not None and not req.stream:
             raise APIError(
-                400, "streaming is not supported; send stream: false", "unsupported_parameter", "stream"
+                400,
+                "stream_options is only allowed with stream: true",
+                "invalid_stream_options",
+                "stream_options",
             )
         if req.n != 1:
             raise APIError(
@@ -349,7 +485,7 @@ class CompletionService:
                 "max_tokens_too_large",
                 "max_tokens",
             )
-        if tier.exit_layer is None and req.temperature > 0:
+        if tier.kind == "dynamic" and req.temperature > 0:
             raise APIError(
                 400,
                 f"the '{DYNAMIC_TIER}' model decodes greedily (each token is the argmax of the "
@@ -357,13 +493,31 @@ class CompletionService:
                 "unsupported_parameter",
                 "temperature",
             )
-        if req.threshold is not None and tier.exit_layer is not None:
+        if req.threshold is not None and tier.kind != "dynamic":
             raise APIError(
                 400,
                 f"threshold only applies to the '{DYNAMIC_TIER}' model, not {tier.name!r}",
                 "unsupported_parameter",
                 "threshold",
             )
+        for field in ("draft_exit", "draft_tokens"):
+            if getattr(req, field) is not None and tier.kind != "speculative":
+                raise APIError(
+                    400,
+                    f"{field} only applies to the '{SPECULATIVE_TIER}' model, not {tier.name!r}",
+                    "unsupported_parameter",
+                    field,
+                )
+        if tier.kind == "speculative" and req.draft_exit is not None:
+            drafts = list(tier.model.config.exit_layers)[:-1]
+            if req.draft_exit not in drafts:
+                raise APIError(
+                    400,
+                    f"draft_exit={req.draft_exit}: the draft must be a member shallower than the "
+                    f"deepest, one of {drafts}",
+                    "invalid_draft_exit",
+                    "draft_exit",
+                )
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise APIError(400, "stop: at most 4 non-empty strings", "invalid_stop", "stop")
@@ -406,26 +560,44 @@ class CompletionService:
                 )
         return stops
 
-    def complete(self, req: CompletionRequest) -> dict[str, Any]:
-        tier = self.resolve(req.model)
-        stops = self._check(req, tier)
+    def _encode(self, tier: Tier, text: str, req: _GenerationFields, param: str) -> list[int]:
+        """`text`'s token ids, checked against the context and the tier's decoder (errors before any
+        stream starts)."""
+        ids = list(tier.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if not ids:
+            raise APIError(400, f"{param}: the prompt encodes to no tokens", "invalid_prompt", param)
+        context = tier.model.config.max_position_embeddings
+        if len(ids) + req.max_tokens > context:
+            raise APIError(
+                400,
+                f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the context of "
+                f"{context} tokens",
+                "context_length_exceeded",
+                "max_tokens",
+            )
+        if tier.kind == "dynamic":  # the library's own argument checks, before any stream starts
+            import torch
+
+            from ruyi_model.generation import _check_arguments
+
+            threshold = req.threshold if req.threshold is not None else self.dynamic_threshold
+            try:
+                _check_arguments(
+                    tier.model, torch.tensor([ids]), req.max_tokens, threshold, "max_prob", "recompute"
+                )
+            except ValueError as e:
+                raise APIError(
+                    400, f"dynamic decoding rejected the request: {e}", "invalid_request", None
+                ) from None
+        return ids
+
+    def _completion_prompts(self, req: CompletionRequest, tier: Tier) -> list[list[int]]:
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not prompts or any(not p for p in prompts):
             raise APIError(400, "prompt: every prompt must be a non-empty string", "invalid_prompt", "prompt")
-        t0 = time.perf_counter()
-        choices, usage, extras = [], {"prompt_tokens": 0, "completion_tokens": 0}, []
-        for index, prompt in enumerate(prompts):
-            ids = list(tier.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-            text, finish, n_new, extra = self._generate(tier, ids, req, stops)
-            choices.append({"text": text, "index": index, "finish_reason": finish, "logprobs": None})
-            usage["prompt_tokens"] += len(ids)
-            usage["completion_tokens"] += n_new
-            extras.append(extra)
-        return self._response("text_completion", "cmpl", tier, req, choices, usage, extras, t0)
+        return [self._encode(tier, p, req, "prompt") for p in prompts]
 
-    def chat(self, req: ChatCompletionRequest) -> dict[str, Any]:
-        tier = self.resolve(req.model)
-        stops = self._check(req, tier)
+    def _chat_prompt(self, req: ChatCompletionRequest, tier: Tier) -> list[int]:
         messages = [m.model_dump() for m in req.messages]
         try:
             text = tier.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -436,8 +608,27 @@ class CompletionService:
                 "invalid_messages",
                 "messages",
             ) from None
+        return self._encode(tier, text, req, "messages")
+
+    def complete(self, req: CompletionRequest) -> dict[str, Any]:
+        tier = self.resolve(req.model)
+        stops = self._check(req, tier)
+        prompts = self._completion_prompts(req, tier)
         t0 = time.perf_counter()
-        ids = list(tier.tokenizer(text, add_special_tokens=False)["input_ids"])
+        choices, usage, extras = [], {"prompt_tokens": 0, "completion_tokens": 0}, []
+        for index, ids in enumerate(prompts):
+            text, finish, n_new, extra = self._generate(tier, ids, req, stops)
+            choices.append({"text": text, "index": index, "finish_reason": finish, "logprobs": None})
+            usage["prompt_tokens"] += len(ids)
+            usage["completion_tokens"] += n_new
+            extras.append(extra)
+        return self._response("text_completion", "cmpl", tier, req, choices, usage, extras, t0)
+
+    def chat(self, req: ChatCompletionRequest) -> dict[str, Any]:
+        tier = self.resolve(req.model)
+        stops = self._check(req, tier)
+        ids = self._chat_prompt(req, tier)
+        t0 = time.perf_counter()
         content, finish, n_new, extra = self._generate(tier, ids, req, stops)
         choices = [
             {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}
@@ -445,17 +636,103 @@ class CompletionService:
         usage = {"prompt_tokens": len(ids), "completion_tokens": n_new}
         return self._response("chat.completion", "chatcmpl", tier, req, choices, usage, [extra], t0)
 
-    def _response(self, obj, id_prefix, tier, req, choices, usage, extras, t0) -> dict[str, Any]:
+    # streaming --------------------------------------------------------------------------------
+    def complete_stream(self, req: CompletionRequest) -> EventStream:
+        """`stream: true` on /v1/completions: every check runs now (an `APIError` before any event);
+        the returned stream then decodes as it is read."""
+        tier = self.resolve(req.model)
+        stops = self._check(req, tier)
+        prompts = self._completion_prompts(req, tier)
+        return EventStream(
+            lambda cancelled: self._chunks("text_completion", tier, req, stops, prompts, cancelled)
+        )
+
+    def chat_stream(self, req: ChatCompletionRequest) -> EventStream:
+        """`stream: true` on /v1/chat/completions (see `complete_stream`)."""
+        tier = self.resolve(req.model)
+        stops = self._check(req, tier)
+        ids = self._chat_prompt(req, tier)
+        return EventStream(
+            lambda cancelled: self._chunks("chat.completion.chunk", tier, req, stops, [ids], cancelled)
+        )
+
+    def _chunks(self, obj, tier, req, stops, prompts, cancelled: threading.Event) -> Iterator[dict]:
+        """OpenAI's chunk objects for `prompts` decoded one after the other: text as it is decoded (the
+        chat's first chunk names the role), `finish_reason` on each choice's last chunk, then (with
+        stream_options.include_usage) a chunk with `usage` and no choices. `ruyi` rides on the last chunk."""
+        t0 = time.perf_counter()
+        chat = obj == "chat.completion.chunk"
+        head = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+            "object": obj,
+            "created": int(time.time()),
+            "model": tier.name,
+        }
+
+        def chunk(index: int, text: str | None, finish: str | None, role: bool = False) -> dict:
+            if not chat:
+                choice = {"text": text or "", "index": index, "finish_reason": finish, "logprobs": None}
+            else:
+                delta = {"role": "assistant", "content": ""} if role else {}
+                if text is not None:
+                    delta["content"] = text
+                choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+            return {**head, "choices": [choice]}
+
+        usage, extras = {"prompt_tokens": 0, "completion_tokens": 0}, []
+        last: dict | None = None
+        for index, ids in enumerate(prompts):
+            if chat:
+                yield chunk(index, None, None, role=True)
+            decoding = self._start(tier, ids, req, stops, cancelled)
+            held: str | None = None  # one delta behind, so the last one can carry finish_reason
+            try:
+                for delta in decoding:
+                    if held is not None:
+                        yield chunk(index, held, None)
+                    held = delta
+            except APIError as e:
+                yield e.body()
+                return
+            except Exception as e:
+                log.exception("streamed decoding failed")
+                yield APIError(500, f"internal error: {type(e).__name__}: {e}", "internal_error").body()
+                return
+            if cancelled.is_set():
+                return
+            last = chunk(index, held, decoding.finish)
+            usage["prompt_tokens"] += len(ids)
+            usage["completion_tokens"] += len(decoding.tokens)
+            extras.append(decoding.extra)
+            if index < len(prompts) - 1:
+                yield last
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        ruyi = {
+        ruyi = self._info(tier, req, extras, t0)
+        if req.stream_options is not None and req.stream_options.include_usage:
+            yield last
+            yield {**head, "choices": [], "usage": usage, "ruyi": ruyi}
+        else:
+            yield {**last, "ruyi": ruyi}
+
+    # decoding ---------------------------------------------------------------------------------
+    def _info(self, tier: Tier, req: _GenerationFields, extras: list[dict], t0: float) -> dict[str, Any]:
+        ruyi: dict[str, Any] = {
             "release": self.release,
             "tier": tier.name,
             "exit_layer": tier.exit_layer,
             "processing_ms": round(1000 * (time.perf_counter() - t0), 3),
         }
-        if tier.exit_layer is None:
+        if tier.kind == "dynamic":
             ruyi["threshold"] = req.threshold if req.threshold is not None else self.dynamic_threshold
             ruyi["choices"] = extras
+        elif tier.kind == "speculative":
+            ruyi["draft_exit"] = req.draft_exit or self.draft_exit
+            ruyi["draft_tokens"] = req.draft_tokens or self.draft_tokens
+            ruyi["choices"] = extras
+        return ruyi
+
+    def _response(self, obj, id_prefix, tier, req, choices, usage, extras, t0) -> dict[str, Any]:
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return {
             "id": f"{id_prefix}-{uuid.uuid4().hex[:24]}",
             "object": obj,
@@ -463,7 +740,7 @@ class CompletionService:
             "model": tier.name,
             "choices": choices,
             "usage": usage,
-            "ruyi": ruyi,
+            "ruyi": self._info(tier, req, extras, t0),
         }
 
     def _stop_ids(self, tokenizer) -> list[int]:
@@ -472,87 +749,243 @@ class CompletionService:
         return stop_token_ids(tokenizer)
 
     def _generate(self, tier: Tier, ids: list[int], req: _GenerationFields, stops: list[str]):
-        """Decodes one prompt. Returns `(text, finish_reason, completion_tokens, extra)`."""
+        """Decodes one prompt to the end. Returns `(text, finish_reason, completion_tokens, extra)`."""
+        decoding = self._start(tier, ids, req, stops, threading.Event())
+        for _ in decoding:  # the same path as a stream, so both give the same text
+            pass
+        return decoding.text, decoding.finish, len(decoding.tokens), decoding.extra
+
+    def _start(self, tier: Tier, ids: list[int], req, stops: list[str], cancelled) -> _Decoding:
+        """Starts decoding `ids` on a worker thread (which holds the decode lock while it runs)."""
+        decoding = _Decoding(tier.tokenizer, self._stop_ids(tier.tokenizer), stops, req.max_tokens, cancelled)
+        worker = threading.Thread(
+            target=self._decode, args=(tier, ids, req, decoding), name="ruyi-decode", daemon=True
+        )
+        worker.start()
+        return decoding
+
+    def _decode(self, tier: Tier, ids: list[int], req: _GenerationFields, decoding: _Decoding) -> None:
         import torch
 
-        if not ids:
-            raise APIError(400, "the prompt encodes to no tokens", "invalid_prompt", "prompt")
-        context = tier.model.config.max_position_embeddings
-        if len(ids) + req.max_tokens > context:
-            raise APIError(
-                400,
-                f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the context of "
-                f"{context} tokens",
-                "context_length_exceeded",
-                "max_tokens",
-            )
-        tokenizer = tier.tokenizer
-        stop_ids = self._stop_ids(tokenizer)
-        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-        with self._lock, torch.no_grad():
-            if req.seed is not None:
-                torch.manual_seed(req.seed)
-            if tier.exit_layer is None:
-                new, extra = self._generate_dynamic(tier, input_ids, req, stop_ids)
-            else:
-                new, extra = self._generate_fixed(tier, input_ids, req, stop_ids, stops)
-        finish = "length"
-        if new and new[-1] in stop_ids:
-            new, finish = new[:-1], "stop"
-        text = tokenizer.decode(new, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-        if cut >= 0:
-            text, finish = text[:cut], "stop"
-        return text, finish, len(new), extra
+        try:
+            with self._lock, torch.no_grad():
+                if not decoding.cancelled.is_set():
+                    if req.seed is not None:
+                        torch.manual_seed(req.seed)
+                    input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+                    run = {
+                        "member": self._decode_fixed,
+                        "dynamic": self._decode_dynamic,
+                        "speculative": self._decode_speculative,
+                    }[tier.kind]
+                    decoding.extra = run(tier, input_ids, req, decoding)
+            if decoding.cancelled.is_set() and decoding.finish is None:
+                self.cancelled_streams.append(len(decoding.tokens))
+                log.info("stream cancelled (client gone) after %d tokens", len(decoding.tokens))
+            decoding.close()
+        except BaseException as e:  # handed to the reader (a 4xx/5xx, or an error event in a stream)
+            decoding.fail(e)
 
-    def _generate_fixed(
-        self, tier: Tier, input_ids, req: _GenerationFields, stop_ids: list[int], stops: list[str]
-    ):
+    def _decode_fixed(self, tier: Tier, input_ids, req: _GenerationFields, decoding: _Decoding) -> dict:
         import torch
-        from transformers import GenerationConfig
+        from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
+
+        class Streamer(BaseStreamer):
+            """Hands each new token to the decoding (`generate` first puts the prompt: skipped)."""
+
+            prompt_seen = False
+
+            def put(self, value):
+                if self.prompt_seen:
+                    decoding.push(value.reshape(-1).tolist())
+                self.prompt_seen = True
+
+            def end(self):
+                pass
+
+        class Until(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full(
+                    (input_ids.shape[0],), decoding.done, dtype=torch.bool, device=input_ids.device
+                )
 
         kwargs: dict[str, Any] = {
             "max_new_tokens": req.max_tokens,
-            "eos_token_id": stop_ids,
+            "eos_token_id": sorted(decoding.stop_ids),
             "pad_token_id": tier.tokenizer.pad_token_id,
             "do_sample": req.temperature > 0,
         }
         if req.temperature > 0:
             kwargs.update(temperature=req.temperature, top_p=req.top_p, top_k=0)
-        if stops:
-            kwargs["stop_strings"] = stops
-        config = GenerationConfig(**kwargs)
-        out = tier.model.generate(
+        tier.model.generate(
             input_ids,
             attention_mask=torch.ones_like(input_ids),
-            generation_config=config,
-            tokenizer=tier.tokenizer if stops else None,
+            generation_config=GenerationConfig(**kwargs),
+            streamer=Streamer(),
+            stopping_criteria=StoppingCriteriaList([Until()]),
         )
-        return out[0, input_ids.shape[1] :].tolist(), {}
+        return {}
 
-    def _generate_dynamic(self, tier: Tier, input_ids, req: _GenerationFields, stop_ids: list[int]):
-        from ruyi_model.generation import dynamic_generate
+    def _decode_dynamic(self, tier: Tier, input_ids, req: _GenerationFields, decoding: _Decoding) -> dict:
+        """`dynamic_generate`'s loop (max_prob criterion, recomputed KV), a token at a time."""
+        import torch
 
-        threshold = req.threshold if req.threshold is not None else self.dynamic_threshold
-        try:
-            result = dynamic_generate(
-                tier.model,
-                input_ids,
-                max_new_tokens=req.max_tokens,
-                threshold=threshold,
-                eos_token_id=stop_ids,
-            )
-        except ValueError as e:  # the library's own argument checks
-            raise APIError(
-                400, f"dynamic decoding rejected the request: {e}", "invalid_request", None
-            ) from None
-        exits = [int(d) for d in result.exit_layers[0].tolist()]
-        stats = {
-            "tokens_per_member": {str(d): n for d, n in result.tokens_per_member.items()},
+        from ruyi_model.generation import _DynamicDecoder
+
+        threshold = float(req.threshold if req.threshold is not None else self.dynamic_threshold)
+        exits, layers = [], []
+        with torch.inference_mode():
+            decoder = _DynamicDecoder(tier.model, threshold, "max_prob", "recompute", "auto")
+            new_ids, t = input_ids, input_ids.shape[1] - 1
+            for _ in range(req.max_tokens):
+                step = decoder.step(new_ids, t, full_prefill=False)
+                exits.append(step.exit_layer)
+                layers.append(step.layers_run)
+                if decoding.push([step.token]):
+                    break
+                new_ids = torch.tensor([[step.token]], dtype=torch.long, device=input_ids.device)
+                t += 1
+        return {
+            "tokens_per_member": {str(d): exits.count(d) for d in tier.model.config.exit_layers},
             "mean_exit_layer": sum(exits) / len(exits) if exits else None,
-            "mean_layers_run": float(result.layers_run.float().mean()) if exits else None,
+            "mean_layers_run": sum(layers) / len(layers) if layers else None,
         }
-        return result.sequences[0, input_ids.shape[1] :].tolist(), stats
+
+    def _decode_speculative(self, tier: Tier, input_ids, req: _GenerationFields, decoding: _Decoding) -> dict:
+        """`speculative_generate`'s loop, handing each round's committed tokens on as they come."""
+        from ruyi_model.speculative import SpeculativeState
+
+        draft_exit = req.draft_exit or self.draft_exit
+        k = req.draft_tokens or self.draft_tokens
+        sampling = req.temperature > 0
+        state = SpeculativeState(
+            tier.model,
+            draft_exit,
+            do_sample=sampling,
+            temperature=req.temperature if sampling else 1.0,
+            top_p=req.top_p if sampling else 1.0,
+        )
+        state.prefill(input_ids[0].tolist())
+        proposed = accepted = rounds = produced = 0
+        while produced < req.max_tokens:
+            k_round = min(k, req.max_tokens - produced - 1)
+            new, kept = state.step(k_round)
+            proposed, accepted, rounds, produced = (
+                proposed + k_round,
+                accepted + kept,
+                rounds + 1,
+                produced + len(new),
+            )
+            if decoding.push(new):
+                break
+        return {
+            "proposed": proposed,
+            "accepted": accepted,
+            "acceptance_rate": accepted / proposed if proposed else 0.0,
+            "target_forwards": rounds,
+            "draft_forwards": proposed,
+            "tokens_per_target_forward": produced / rounds if rounds else 0.0,
+        }
+
+
+class _Decoding:
+    """One prompt being decoded on a worker thread: the decoder `push`es token ids as they come; reading
+    it (iterating) gives the text they add, detokenized incrementally (text is only handed out once no
+    later token can change it: no trailing partial UTF-8 character, nothing that may begin a stop
+    string). Decoding stops at a stop token (not counted, not shown), a stop string (the text is cut
+    before it), max_tokens, or once `cancelled` is set (a client gone). Each token re-decodes the
+    completion so far: exact for any tokenizer (no assumption that decoding concatenates), and cheap at
+    this server's max_tokens limits."""
+
+    def __init__(self, tokenizer, stop_ids, stops: list[str], max_tokens: int, cancelled: threading.Event):
+        self.tokenizer, self.stop_ids, self.stops = tokenizer, set(stop_ids), stops
+        self.max_tokens, self.cancelled = max_tokens, cancelled
+        self.tokens: list[int] = []
+        self.text = ""  # the completion so far (cut at a stop string)
+        self.sent = ""  # the part of it handed to the reader
+        self.finish: str | None = None
+        self.extra: dict[str, Any] = {}
+        self._hold = max((len(s) for s in stops), default=1) - 1
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+
+    @property
+    def done(self) -> bool:
+        return self.finish is not None or self.cancelled.is_set()
+
+    def push(self, new_ids) -> bool:
+        """The decoder's next token(s); returns True once it should stop."""
+        for token in new_ids:
+            if self.finish is not None:
+                break
+            token = int(token)
+            if token in self.stop_ids:
+                self.finish = "stop"
+                break
+            self.tokens.append(token)
+            text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+            cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+            if cut >= 0:
+                text, self.finish = text[:cut], "stop"
+            elif len(self.tokens) >= self.max_tokens:
+                self.finish = "length"
+            self.text = text
+        if self.finish is None:
+            stable = self.text.rstrip("\ufffd")
+            self._send(stable[: max(0, len(stable) - self._hold)])
+        else:
+            self._send(self.text)
+        return self.done
+
+    def _send(self, text: str) -> None:
+        if len(text) > len(self.sent) and text.startswith(self.sent):
+            self._events.put(("text", text[len(self.sent) :]))
+            self.sent = text
+
+    def close(self) -> None:
+        """The decoder is done: the rest of the text, then the end."""
+        if self.finish is None:
+            self.finish = "length"
+        if not self.text.startswith(self.sent):  # a tokenizer whose decode rewrote earlier text
+            log.warning("streamed text %r is no prefix of the completion %r", self.sent, self.text)
+        self._send(self.text)
+        self._events.put(("end", None))
+
+    def fail(self, error: BaseException) -> None:
+        self._events.put(("error", error))
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            try:
+                kind, value = self._events.get(timeout=0.2)
+            except queue.Empty:
+                if self.cancelled.is_set():
+                    return
+                continue
+            if kind == "text":
+                yield value
+            elif kind == "end":
+                return
+            else:
+                raise value
+
+
+class EventStream:
+    """A streamed response's chunks (dicts) as a sync iterator; `cancel()` (the client went away) stops
+    its decoding, which then releases the decode lock after the token in progress."""
+
+    def __init__(self, make: Callable[[threading.Event], Iterator[dict]]):
+        self.cancelled = threading.Event()
+        self._chunks = make(self.cancelled)
+
+    def __iter__(self) -> EventStream:
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._chunks)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
 
 
 # --- HTTP -------------------------------------------------------------------------------------
@@ -576,7 +1009,8 @@ def create_app(service: CompletionService):
     """The FastAPI application over a `CompletionService` (used as is by tests and inside Ray Serve)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 
     app = FastAPI(title="ruyi serving", description=f"OpenAI-style completions for {service.release}")
@@ -632,21 +1066,52 @@ def create_app(service: CompletionService):
     def models() -> dict:
         return service.models()
 
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            components = default_openapi().setdefault("components", {}).setdefault("schemas", {})
+            for model in _CHUNK_MODELS:
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                for name, definition in schema.pop("$defs", {}).items():
+                    components.setdefault(name, definition)
+                components[model.__name__] = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+    def sse(stream: EventStream) -> StreamingResponse:
+        """Server-sent events: `data: <chunk JSON>` per chunk, then `data: [DONE]`. Each chunk is decoded
+        in the thread pool; when the response ends early (the client disconnected, so the task is
+        cancelled or the generator closed) the stream is cancelled, which stops its decoding."""
+
+        async def events():
+            try:
+                while (chunk := await run_in_threadpool(next, stream, None)) is not None:
+                    yield f"data: {json.dumps(_json_safe(chunk))}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                stream.cancel()
+
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+
     @app.post(
         "/v1/completions",
         response_model=None,
-        responses={200: {"model": CompletionResponse}, **_ERROR_RESPONSES},
+        responses={200: _ok_response(CompletionResponse, CompletionChunk), **_ERROR_RESPONSES},
     )
-    def completions(req: CompletionRequest) -> dict:
-        return service.complete(req)
+    def completions(req: CompletionRequest):
+        return sse(service.complete_stream(req)) if req.stream else service.complete(req)
 
     @app.post(
         "/v1/chat/completions",
         response_model=None,
-        responses={200: {"model": ChatCompletionResponse}, **_ERROR_RESPONSES},
+        responses={200: _ok_response(ChatCompletionResponse, ChatCompletionChunk), **_ERROR_RESPONSES},
     )
-    def chat_completions(req: ChatCompletionRequest) -> dict:
-        return service.chat(req)
+    def chat_completions(req: ChatCompletionRequest):
+        return sse(service.chat_stream(req)) if req.stream else service.chat(req)
 
     return app
 
@@ -693,15 +1158,22 @@ def _deployment_class():
     return RuyiFamily
 
 
-# Per-request caps of CompletionService (params.yaml deploy.*), accepted in a Serve config's args.
-_LIMIT_OPTIONS = ("max_prompts_per_request", "max_total_new_tokens")
+# CompletionService's per-request caps (params.yaml deploy.*) and speculative-tier defaults, accepted in a
+# Serve config's args.
+_LIMIT_OPTIONS = (
+    "max_prompts_per_request",
+    "max_total_new_tokens",
+    "speculative_draft_exit",
+    "speculative_draft_tokens",
+)
 
 
 def build_app(args: dict[str, Any]):
     """Ray Serve application builder (`import_path: tasks.release.serving:build_app` in a Serve config).
 
     Args (`args:` in the config): `release_dir` or `store` + `model_name` (+ `version`, `cache_dir`),
-    and optionally `max_tokens_limit`, `dynamic_threshold`, `device`, `dtype` (CompletionService), and the
+    and optionally `max_tokens_limit`, `dynamic_threshold`, `device`, `dtype`, `max_prompts_per_request`,
+    `max_total_new_tokens`, `speculative_draft_exit`, `speculative_draft_tokens` (CompletionService), and the
     replica's `num_cpus` (default 0.5), `num_gpus` (default 0) and `num_replicas` (default 1).
     """
     known = {
@@ -882,6 +1354,8 @@ def start_serving(
     ready_timeout_s: float = 180.0,
     max_prompts_per_request: int = 16,
     max_total_new_tokens: int = 4096,
+    speculative_draft_exit: int | None = None,
+    speculative_draft_tokens: int = 4,
 ) -> ServingSession:
     """Starts Ray (unless one runs or `ray_address` is given), Serve on host:port, and the application.
 
@@ -913,7 +1387,10 @@ def start_serving(
             "dtype": dtype,
             "max_prompts_per_request": max_prompts_per_request,
             "max_total_new_tokens": max_total_new_tokens,
+            "speculative_draft_tokens": speculative_draft_tokens,
         }
+        if speculative_draft_exit is not None:
+            options["speculative_draft_exit"] = speculative_draft_exit
         args = {**source, **options, "num_cpus": replica_num_cpus, "num_gpus": replica_num_gpus}
         if model_name:
             args["model_name"] = model_name
@@ -942,4 +1419,6 @@ __all__ = [
     "resolve_release",
     "http_json",
     "DYNAMIC_TIER",
+    "SPECULATIVE_TIER",
+    "EventStream",
 ]

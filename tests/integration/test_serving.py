@@ -84,9 +84,9 @@ def _oracle(export_dir: Path, exit_layer: int, prompt: str, max_new_tokens: int)
 def test_health_and_models(client, service):
     health = client.get("/healthz").json()
     assert health["status"] == "ok" and health["release"] == "tiny"
-    assert health["tiers"] == ["exit_2", "exit_4", "dynamic"]
+    assert health["tiers"] == ["exit_2", "exit_4", "dynamic", "speculative"]
     models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
-    assert set(models) == {"exit_2", "exit_4", "dynamic", "tiny"}
+    assert set(models) == {"exit_2", "exit_4", "dynamic", "speculative", "tiny"}
     assert models["tiny"]["alias_of"] == "exit_4"
     assert models["exit_2"]["num_hidden_layers"] == 2 and models["exit_4"]["num_hidden_layers"] == 4
     assert models["exit_2"]["num_parameters"] == sum(
@@ -186,7 +186,14 @@ def test_sampling_is_seeded(client):
     [
         ({"model": "gpt-9", "prompt": "hi"}, 404, "model_not_found"),
         ({"model": "exit_2", "prompt": "hi", "max_tokens": 65}, 400, "max_tokens_too_large"),
-        ({"model": "exit_2", "prompt": "hi", "stream": True}, 400, "unsupported_parameter"),
+        (
+            {"model": "exit_2", "prompt": "hi", "stream_options": {"include_usage": True}},
+            400,
+            "invalid_stream_options",
+        ),
+        ({"model": "exit_2", "prompt": "hi", "draft_exit": 2}, 400, "unsupported_parameter"),
+        ({"model": "speculative", "prompt": "hi", "draft_exit": 4}, 400, "invalid_draft_exit"),
+        ({"model": "speculative", "prompt": "hi", "draft_tokens": 0}, 422, "invalid_request"),
         ({"model": "exit_2", "prompt": "hi", "n": 2}, 400, "unsupported_parameter"),
         ({"model": "exit_2", "prompt": "hi", "threshold": 0.5}, 400, "unsupported_parameter"),
         ({"model": "exit_2", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_stop"),

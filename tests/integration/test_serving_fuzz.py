@@ -1,8 +1,9 @@
 """API fuzzing of the serving app (tasks/release/serving.py) with Schemathesis, over its own OpenAPI schema.
 
 The app is the real one (`create_app` over a `CompletionService` on a tiny real export), driven in-process
-through ASGI, and once more (fewer examples, slow) as the real server: Ray Serve on 127.0.0.1 over HTTP. Every operation of FastAPI's /openapi.json gets schema-valid (positive) and, where it has a
-body, schema-invalid (negative) requests, and each response must pass:
+through ASGI, and once more (fewer examples, slow) as the real server: Ray Serve on 127.0.0.1 over HTTP.
+Every operation of FastAPI's /openapi.json gets schema-valid (positive) and, where it has a body,
+schema-invalid (negative) requests, and each response (a streamed one event by event) must pass:
 
 - `not_a_server_error`: no 5xx, whatever the request;
 - `status_code_conformance`, `content_type_conformance`, `response_schema_conformance`: the status is
@@ -12,8 +13,8 @@ body, schema-invalid (negative) requests, and each response must pass:
 - `error_names_the_field` (below): every 4xx is the app's error shape and names the offending parameter.
 
 Schemathesis' `positive_data_acceptance` is left out: a schema-valid request may still be refused with a
-400 naming the parameter for rules a JSON schema cannot state (this server's max_tokens limit, `stream`
-and `n` unsupported, sampling on the greedy dynamic tier, prompt + max_tokens beyond the context).
+400 naming the parameter for rules a JSON schema cannot state (this server's max_tokens limit, `n`
+unsupported, sampling on the greedy dynamic tier, prompt + max_tokens beyond the context).
 
 Bounded and deterministic: a fixed number of examples per operation and mode, `derandomize=True`, no example
 database; the server's `max_tokens_limit` is 4, so no request decodes more than 4 tokens.
