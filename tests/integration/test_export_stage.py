@@ -208,3 +208,38 @@ def test_every_member_is_exported_as_gguf_and_loads_back_in_transformers(exporte
                 want, have = stock(ids).logits, g(ids).logits
             err = float((have - want).abs().max())
             assert err <= (1e-4 if dtype == "f32" else GGUF_REL_BOUND["q8_0"] * float(want.abs().max()))
+
+
+def test_a_failed_gguf_check_publishes_nothing(exported, tmp_path, capsys, monkeypatch):
+    """A q8_0 bound below the measured error: exit 2 naming the GGUF file; no export appears."""
+    import tasks.export
+    from tasks.export import main
+
+    arts = tmp_path / "artifacts"
+    shutil.copytree(exported / "artifacts/compress", arts / "compress")
+    monkeypatch.setattr(tasks.export, "GGUF_REL_BOUND", {"f16": 1e-9, "q8_0": 1e-9})
+    assert main(["--params", str(exported / "params.yaml"), "--set", f"paths.artifacts_dir={arts}"]) == 2
+    err = capsys.readouterr().err
+    assert f"exit_{EXITS[0]}/model-q8_0.gguf: logits differ" in err and "bound for q8_0" in err
+    assert sorted(p.name for p in arts.iterdir()) == ["compress"]
+
+    # export.gguf_dtypes: [] writes no GGUF file (and checks none)
+    assert (
+        main(
+            [
+                "--params",
+                str(exported / "params.yaml"),
+                "--set",
+                f"paths.artifacts_dir={arts}",
+                "--set",
+                f"paths.metrics_dir={tmp_path / 'metrics'}",
+                "--set",
+                f"paths.plots_dir={tmp_path / 'plots'}",
+                "--set",
+                "export.gguf_dtypes=[]",
+            ]
+        )
+        == 0
+    )
+    assert not list((arts / "export").rglob("*.gguf"))
+    assert json.loads((arts / "export/manifest.json").read_text())["gguf_dtypes"] == []
