@@ -5,10 +5,13 @@
 Reads `artifacts/compress/`. Writes `artifacts/export/` (`exit_<d>/` loadable by plain transformers,
 dense; `exit_<d>_factored/` for the member with low-rank factors (the DaE member), a one-member familial
 checkpoint that runs them; `family/`; `manifest.json` with sha256 and size of every file;
-`ruyi_model.export.export_exits`), `metrics/export.json` (per member params and bytes, dense and
-factored, logit parity) and `plots/export/sizes.{png,csv}`. Each `exit_<d>/` is reloaded with
-`Qwen3ForCausalLM`, each factored copy with `FamilialForCausalLM`, and their logits compared with the
-family member's. Choices: docs/choices.md#export.
+`ruyi_model.export.export_exits`; `exit_<d>/model-<dtype>.gguf` for each dtype of `export.gguf_dtypes`,
+`ruyi_model.gguf_export.export_gguf`), `metrics/export.json` (per member params and bytes, dense and
+factored, logit parity, per GGUF file its errors) and `plots/export/sizes.{png,csv}`. Each `exit_<d>/`
+is reloaded with `Qwen3ForCausalLM`, each factored copy with `FamilialForCausalLM`, and their logits
+compared with the family member's; each GGUF file is reloaded with transformers' GGUF loader and
+compared with its stock member (logits within a per-dtype bound, tokenizer ids).
+Choices: docs/choices.md#export.
 """
 
 from __future__ import annotations
