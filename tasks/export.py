@@ -119,7 +119,10 @@ def write_ggufs(out: Path, manifest: dict, dtypes: list[str]) -> None:
             rel = f"{name}/{gguf_file_name(dtype)}"
             if rel in manifest["files"]:
                 raise StageError(f"{out / rel}: already written by the export (a name clash)")
-            path = export_gguf(out / name, None, out / rel, dtype=dtype, name=name)
+            try:
+                path = export_gguf(out / name, None, out / rel, dtype=dtype, name=name)
+            except (ValueError, TypeError) as e:  # a member or tokenizer GGUF cannot express
+                raise StageError(f"{out / rel}: cannot write the member as GGUF: {e}") from None
             manifest["files"][rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
             entry["gguf"][dtype] = rel
             log.info("exit %d: %s (%.2f MiB)", d, rel, path.stat().st_size / 2**20)
