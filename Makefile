@@ -55,7 +55,7 @@ lint: setup  ## ruff (lint + format), the import contracts (pyproject.toml [tool
 server: setup  ## a Prefect server on 127.0.0.1:4200 serving the deployments (UI reruns)
 	$(VENV)/bin/ruyi server
 
-llama: setup  ## the optional extra `llama` (llama-cpp-python, pinned) into .venv: compiles llama.cpp (~30 min on 2 cores)
+llama: setup  ## the optional extra `llama` (llama-cpp-python, pinned) into .venv: compiles llama.cpp (~15 min on 2 cores)
 	$(PY) -m pip install -c constraints.txt -e ".[dev,llama]"
 	$(PY) -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__)"
 
