@@ -21,7 +21,7 @@ export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup run test test-fast lint server clean help
+.PHONY: setup run test test-fast lint server llama clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -54,6 +54,10 @@ lint: setup  ## ruff (lint + format), the import contracts (pyproject.toml [tool
 
 server: setup  ## a Prefect server on 127.0.0.1:4200 serving the deployments (UI reruns)
 	$(VENV)/bin/ruyi server
+
+llama: setup  ## the optional extra `llama` (llama-cpp-python, pinned) into .venv: compiles llama.cpp (~15 min on 2 cores)
+	$(PY) -m pip install -c constraints.txt -e ".[dev,llama]"
+	$(PY) -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__)"
 
 clean:  ## remove the venv and every generated artifact
 	rm -rf $(VENV) .pytest_cache .ruff_cache

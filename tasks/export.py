@@ -5,10 +5,13 @@
 Reads `artifacts/compress/`. Writes `artifacts/export/` (`exit_<d>/` loadable by plain transformers,
 dense; `exit_<d>_factored/` for the member with low-rank factors (the DaE member), a one-member familial
 checkpoint that runs them; `family/`; `manifest.json` with sha256 and size of every file;
-`ruyi_model.export.export_exits`), `metrics/export.json` (per member params and bytes, dense and
-factored, logit parity) and `plots/export/sizes.{png,csv}`. Each `exit_<d>/` is reloaded with
-`Qwen3ForCausalLM`, each factored copy with `FamilialForCausalLM`, and their logits compared with the
-family member's. Choices: docs/choices.md#export.
+`ruyi_model.export.export_exits`; `exit_<d>/model-<dtype>.gguf` for each dtype of `export.gguf_dtypes`,
+`ruyi_model.gguf_export.export_gguf`), `metrics/export.json` (per member params and bytes, dense and
+factored, logit parity, per GGUF file its errors) and `plots/export/sizes.{png,csv}`. Each `exit_<d>/`
+is reloaded with `Qwen3ForCausalLM`, each factored copy with `FamilialForCausalLM`, and their logits
+compared with the family member's; each GGUF file is reloaded with transformers' GGUF loader and
+compared with its stock member (logits within a per-dtype bound, tokenizer ids).
+Choices: docs/choices.md#export.
 """
 
 from __future__ import annotations
@@ -27,6 +30,13 @@ log = logging.getLogger("ruyi.export")
 
 PROBE = "What is 12 + 30? Show your work."
 PARITY_ATOL = 1e-4
+# GGUF files, loaded back by transformers and compared with the stock member on the probe
+# (docs/choices.md#export): f32 absolutely, f16 and q8_0 relative to the largest |logit| (measured:
+# at most 5.7e-4 / 1.2e-2 on the trained tiny family, 1.3e-3 / 3.2e-2 on random-init models).
+GGUF_F32_ATOL = 1e-4
+GGUF_REL_BOUND = {"f16": 3e-3, "q8_0": 6e-2}
+# Besides the chat probe, the GGUF tokenizer must encode this like the member's tokenizer.
+GGUF_TEXT_PROBE = "Tom has 3 apples!\n#### 7  héllo wörld 😀 \t tabs  and  spaces\r\n"
 
 
 def set_chat_generation_config(model, tokenizer) -> tuple[int, int]:
@@ -39,8 +49,9 @@ def set_chat_generation_config(model, tokenizer) -> tuple[int, int]:
     return im_end, tokenizer.pad_token_id
 
 
-def member_parity(model, exit_layer: int, export_dir: Path, input_ids) -> float:
-    """Max |logit difference| between member `exit_layer` and its export loaded from `export_dir`."""
+def member_parity(model, exit_layer: int, export_dir: Path, input_ids) -> tuple[float, Any]:
+    """Max |logit difference| between member `exit_layer` and its export loaded from `export_dir`, and the
+    export's logits on `input_ids` (the reference of its GGUF files)."""
     import torch
     from transformers import Qwen3ForCausalLM
 
@@ -55,7 +66,7 @@ def member_parity(model, exit_layer: int, export_dir: Path, input_ids) -> float:
     with torch.inference_mode():
         ours = model(input_ids=input_ids, exit_layer=exit_layer, use_cache=False).logits
         theirs = stock.eval()(input_ids=input_ids, use_cache=False).logits
-    return float((ours - theirs).abs().max())
+    return float((ours - theirs).abs().max()), theirs
 
 
 def factored_parity(model, exit_layer: int, factored_dir: Path, input_ids, expect_params: int) -> float:
@@ -84,6 +95,131 @@ def factored_parity(model, exit_layer: int, factored_dir: Path, input_ids, expec
         ours = model(input_ids=input_ids, exit_layer=exit_layer, use_cache=False).logits
         theirs = one.eval()(input_ids=input_ids, use_cache=False).logits
     return float((ours - theirs).abs().max())
+
+
+def gguf_file_name(dtype: str) -> str:
+    """The GGUF file of one member in `dtype`, inside its `exit_<d>/` directory."""
+    return f"model-{dtype}.gguf"
+
+
+def write_ggufs(out: Path, manifest: dict, dtypes: list[str]) -> None:
+    """Writes `exit_<d>/model-<dtype>.gguf` for every member and dtype (from the dense stock export just
+    written, the DaE member's too) and lists them in the manifest (`files`, and per member `gguf`:
+    dtype -> path), which is rewritten. The other files of `exit_<d>/` are left as they are."""
+    import json
+
+    from ruyi_model.export import MANIFEST, member_dir_name
+    from ruyi_model.gguf_export import export_gguf
+
+    for d in manifest["exit_layers"]:
+        name = member_dir_name(d)
+        entry = manifest["members"][str(d)]
+        entry["gguf"] = {}
+        for dtype in dtypes:
+            rel = f"{name}/{gguf_file_name(dtype)}"
+            if rel in manifest["files"]:
+                raise StageError(f"{out / rel}: already written by the export (a name clash)")
+            try:
+                path = export_gguf(out / name, None, out / rel, dtype=dtype, name=name)
+            except (ValueError, TypeError) as e:  # a member or tokenizer GGUF cannot express
+                raise StageError(f"{out / rel}: cannot write the member as GGUF: {e}") from None
+            manifest["files"][rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            entry["gguf"][dtype] = rel
+            log.info("exit %d: %s (%.2f MiB)", d, rel, path.stat().st_size / 2**20)
+    manifest["gguf_dtypes"] = list(dtypes)
+    with atomic_file(out / MANIFEST) as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def check_gguf(path: Path, dtype: str, ref_logits, input_ids, tokenizer, texts: list[str]) -> dict[str, Any]:
+    """Loads the GGUF file `path` back with transformers' GGUF loader (config, weights and tokenizer from
+    the file alone) and compares it with the stock member in `path.parent`: its logits on `input_ids`
+    with `ref_logits` (f32: max |diff| <= GGUF_F32_ATOL; f16/q8_0: max |diff| / max |ref logit| <=
+    GGUF_REL_BOUND[dtype]), the hyperparameters, and the tokenizer (same ids for every text of `texts`,
+    same chat template and eos). Returns its metrics; StageError naming the file on any mismatch."""
+    import os
+    import tempfile
+
+    import gguf
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    member_cfg = AutoConfig.from_pretrained(path.parent, local_files_only=True)
+    # Alone in a directory: next to the member's tokenizer.json, AutoTokenizer would read that file and
+    # ignore the GGUF's tokenizer.
+    with tempfile.TemporaryDirectory(prefix="ruyi-gguf-check-") as tmp:
+        os.symlink(path.resolve(), Path(tmp) / path.name)
+        try:
+            cfg = AutoConfig.from_pretrained(tmp, gguf_file=path.name, local_files_only=True)
+            key_length = gguf.GGUFReader(path).fields["qwen3.attention.key_length"].contents()
+            # transformers' qwen3 GGUF reader ignores key_length (head_dim): the member's config supplies
+            # it, checked above against the file's own field.
+            model = AutoModelForCausalLM.from_pretrained(
+                tmp, gguf_file=path.name, config=member_cfg, dtype=torch.float32, local_files_only=True
+            ).eval()
+            loaded_tok = AutoTokenizer.from_pretrained(tmp, gguf_file=path.name, local_files_only=True)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise StageError(f"{path}: transformers' GGUF loader cannot load it: {e}") from None
+    fields = (
+        "model_type",
+        "num_hidden_layers",
+        "hidden_size",
+        "intermediate_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+    )
+    wrong = {f: (getattr(cfg, f, None), getattr(member_cfg, f)) for f in fields}
+    wrong = {f: v for f, v in wrong.items() if v[0] != v[1]}
+    if key_length != member_cfg.head_dim:
+        wrong["qwen3.attention.key_length"] = (key_length, member_cfg.head_dim)
+    if abs(cfg.rms_norm_eps - member_cfg.rms_norm_eps) > 1e-6 * member_cfg.rms_norm_eps:
+        wrong["rms_norm_eps"] = (cfg.rms_norm_eps, member_cfg.rms_norm_eps)
+    if cfg.rope_parameters["rope_theta"] != member_cfg.rope_parameters["rope_theta"]:
+        wrong["rope_theta"] = (cfg.rope_parameters["rope_theta"], member_cfg.rope_parameters["rope_theta"])
+    if wrong:
+        raise StageError(
+            f"{path}: hyperparameters differ from {path.parent / 'config.json'} (file, member): {wrong}"
+        )
+
+    with torch.inference_mode():
+        logits = model(input_ids=input_ids, use_cache=False).logits
+    diff = float((logits - ref_logits).abs().max())
+    rel = diff / float(ref_logits.abs().max())
+    agree = float((logits.argmax(-1) == ref_logits.argmax(-1)).float().mean())
+    if dtype == "f32":
+        ok, bound = diff <= GGUF_F32_ATOL, f"max |diff| <= {GGUF_F32_ATOL}"
+    else:
+        ok, bound = rel <= GGUF_REL_BOUND[dtype], f"max |diff| / max |logit| <= {GGUF_REL_BOUND[dtype]}"
+    if not ok:
+        raise StageError(
+            f"{path}: logits differ from the stock member {path.parent} by {diff:.3g} "
+            f"(relative {rel:.3g}; bound for {dtype}: {bound}); the GGUF file is not the member"
+        )
+    for text in texts:
+        want = tokenizer(text, add_special_tokens=False)["input_ids"]
+        got = loaded_tok(text, add_special_tokens=False)["input_ids"]
+        if got != want:
+            raise StageError(
+                f"{path}: its tokenizer encodes {text[:60]!r} as {got[:12]}..., not {want[:12]}..."
+            )
+    if loaded_tok.chat_template != tokenizer.chat_template:
+        raise StageError(f"{path}: its chat template differs from the member's")
+    if loaded_tok.eos_token != tokenizer.eos_token:
+        raise StageError(
+            f"{path}: eos token {loaded_tok.eos_token!r}, the member's is {tokenizer.eos_token!r}"
+        )
+    log.info("%s: max |logit diff| %.2e (relative %.2e), argmax agreement %.3f", path, diff, rel, agree)
+    return {
+        "max_abs_logit_diff": diff,
+        "rel_logit_diff": rel,
+        "argmax_agreement": agree,
+        "bound": bound,
+        "tokenizer_texts_checked": len(texts),
+    }
 
 
 def _plot(metrics: dict[str, Any], out_dir: Path) -> None:
@@ -159,18 +295,25 @@ def check_export(model, tokenizer, out: Path, manifest: dict, eos_id: int, pad_i
         "dtype": manifest["dtype"],
         "eos_token_id": eos_id,
         "pad_token_id": pad_id,
+        "gguf_dtypes": manifest.get("gguf_dtypes", []),
     }
     for d in model.config.exit_layers:
         name = member_dir_name(d)
         member = manifest["members"][str(d)]
         check_generation_config(out / name, eos_id, pad_id)
-        diff = member_parity(model, d, out / name, input_ids)
+        diff, stock_logits = member_parity(model, d, out / name, input_ids)
         if not diff <= PARITY_ATOL:
             raise StageError(
                 f"{out / name}: logits differ from the family member {d} by {diff:.3g} "
                 f"(> {PARITY_ATOL}); the export is not the evaluated member"
             )
-        size = sum(meta["bytes"] for rel, meta in files.items() if rel.startswith(f"{name}/"))
+        ggufs = member.get("gguf") or {}
+        # `bytes`: the stock checkpoint (config, weights, tokenizer); the GGUF files are counted apart.
+        size = sum(
+            meta["bytes"]
+            for rel, meta in files.items()
+            if rel.startswith(f"{name}/") and rel not in ggufs.values()
+        )
         metrics[f"exit_{d}"] = {
             "params": member["num_parameters"],
             "bytes": size,
@@ -178,6 +321,18 @@ def check_export(model, tokenizer, out: Path, manifest: dict, eos_id: int, pad_i
             "dae_blocks": member["dae_blocks"],
             "max_abs_logit_diff": diff,
         }
+        if ggufs:
+            metrics[f"exit_{d}"]["gguf"] = {
+                dtype: {
+                    "file": rel,
+                    "bytes": files[rel]["bytes"],
+                    "sha256": files[rel]["sha256"],
+                    **check_gguf(
+                        out / rel, dtype, stock_logits, input_ids, tokenizer, [probe, GGUF_TEXT_PROBE]
+                    ),
+                }
+                for dtype, rel in ggufs.items()
+            }
         log.info(
             "exit %d: %d params, %.2f MiB, max |logit diff| %.2e",
             d,
@@ -248,6 +403,7 @@ def run(params: Params) -> dict:
     # passed: a failed check never leaves an export that looks complete.
     with atomic_dir(ws.artifacts("export")) as out:
         manifest = export_exits(model, out, tokenizer=tokenizer)
+        write_ggufs(out, manifest, params.export.gguf_dtypes)
         metrics = check_export(model, tokenizer, out, manifest, eos_id, pad_id)
     _plot(metrics, ws.plots("export"))
     write_metrics(params, "export", metrics)

@@ -477,6 +477,22 @@ class DistributedParams(_Section):
 _RAY_WORKER_PORTS = range(10002, 20000)
 
 
+class ExportParams(_Section):
+    """The export stage (tasks/export.py): extra formats written next to each stock member."""
+
+    # GGUF files written as exit_<d>/model-<dtype>.gguf for every member (llama.cpp's format, arch
+    # "qwen3"; the DaE member's from its dense export), each loaded back with transformers' GGUF loader
+    # and checked against the member's logits. f32 | f16 | q8_0; [] = none.
+    gguf_dtypes: list[Literal["f32", "f16", "q8_0"]] = ["f32", "q8_0"]
+
+    @field_validator("gguf_dtypes")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"lists a dtype twice: {value}")
+        return value
+
+
 class DeployParams(_Section):
     """Publishing `artifacts/export/` as a release and serving it (tasks/deploy.py,
     tasks/release/serving.py)."""
@@ -543,6 +559,7 @@ class Params(_Section):
     compress: CompressParams = CompressParams()
     evaluate: EvaluateParams = EvaluateParams()
     gates: GatesParams = GatesParams()
+    export: ExportParams = ExportParams()
     deploy: DeployParams = DeployParams()
     distributed: DistributedParams = DistributedParams()
 

@@ -1,8 +1,10 @@
-"""The export stage on a micro compressed family: stock Qwen3 members, manifest, generation configs.
+"""The export stage on a micro compressed family: stock Qwen3 members, manifest, generation configs,
+GGUF files.
 
 Oracle: plain transformers (`AutoModelForCausalLM` / `AutoTokenizer`, no ruyi_model code involved in
-loading) must load every exit_<d>/ and generate exactly what the family member generates; the
-manifest hashes are recomputed here from the files.
+loading) must load every exit_<d>/ and generate exactly what the family member generates, and load
+every exit_<d>/model-<dtype>.gguf alone (its own config, weights and tokenizer) with logits close to the
+member's; the manifest hashes are recomputed here from the files.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ def test_metrics_and_manifest(exported):
         total += len(data)
     assert m["total_bytes"] == total
     for d in EXITS:
-        files = [p for p in (out / f"exit_{d}").rglob("*") if p.is_file()]
+        # `bytes` is the stock checkpoint's; the GGUF files are counted apart
+        files = [p for p in (out / f"exit_{d}").rglob("*") if p.is_file() and p.suffix != ".gguf"]
         assert m[f"exit_{d}"]["bytes"] == sum(p.stat().st_size for p in files)
         assert m[f"exit_{d}"]["max_abs_logit_diff"] <= 1e-4
     assert m["family_bytes"] == sum(p.stat().st_size for p in (out / "family").rglob("*") if p.is_file())
@@ -149,3 +152,94 @@ def test_bad_inputs_are_named(exported, tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(broken / "compress") in err and "<|im_end|>" in err
     assert not (broken / "export").exists()
+
+
+def test_every_member_is_exported_as_gguf_and_loads_back_in_transformers(exported, tmp_path):
+    """params.yaml's export.gguf_dtypes ([f32, q8_0]): exit_<d>/model-<dtype>.gguf for every member (the
+    DaE member's from its dense export), listed with its sha256 and dtype; loaded alone by transformers'
+    GGUF loader its logits match the stock member (f32 to 1e-4; q8_0 within the stated relative bound)
+    and its tokenizer encodes like the member's. The stock directory still loads as before."""
+    import gguf
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.export import GGUF_REL_BOUND
+
+    root = exported
+    out = root / "artifacts/export"
+    manifest = json.loads((out / "manifest.json").read_text())
+    m = json.loads((root / "metrics/export.json").read_text())
+    assert manifest["gguf_dtypes"] == m["gguf_dtypes"] == ["f32", "q8_0"]
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.gguf")) == sorted(
+        f"exit_{d}/model-{dt}.gguf" for d in EXITS for dt in ("f32", "q8_0")
+    )
+    text = "Tom has 3 apples and gets 4 more. #### 7"
+    for d in EXITS:
+        member_dir = out / f"exit_{d}"
+        stock = AutoModelForCausalLM.from_pretrained(member_dir).eval()
+        tokenizer = AutoTokenizer.from_pretrained(member_dir)
+        ids = torch.tensor([tokenizer(text)["input_ids"]])
+        for dtype in ("f32", "q8_0"):
+            rel = f"exit_{d}/model-{dtype}.gguf"
+            assert manifest["members"][str(d)]["gguf"][dtype] == rel
+            data = (out / rel).read_bytes()
+            assert manifest["files"][rel] == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+            got = m[f"exit_{d}"]["gguf"][dtype]
+            assert got["file"] == rel and got["sha256"] == manifest["files"][rel]["sha256"]
+            assert got["bytes"] == len(data)
+            if dtype == "f32":
+                assert got["max_abs_logit_diff"] <= 1e-4
+            else:
+                assert 0 < got["rel_logit_diff"] <= GGUF_REL_BOUND["q8_0"]
+            reader = gguf.GGUFReader(out / rel)
+            assert reader.fields["general.architecture"].contents() == "qwen3"
+            want_type = gguf.GGMLQuantizationType.F32 if dtype == "f32" else gguf.GGMLQuantizationType.Q8_0
+            assert {t.name: t for t in reader.tensors}["blk.0.ffn_down.weight"].tensor_type == want_type
+            # An independent reload: the file alone in a directory, config from the member (head_dim).
+            alone = tmp_path / f"{d}-{dtype}"
+            alone.mkdir()
+            (alone / "m.gguf").write_bytes(data)
+            g = AutoModelForCausalLM.from_pretrained(
+                alone, gguf_file="m.gguf", config=AutoConfig.from_pretrained(member_dir)
+            ).eval()
+            assert (
+                AutoTokenizer.from_pretrained(alone, gguf_file="m.gguf")(text)["input_ids"] == ids[0].tolist()
+            )
+            with torch.no_grad():
+                want, have = stock(ids).logits, g(ids).logits
+            err = float((have - want).abs().max())
+            assert err <= (1e-4 if dtype == "f32" else GGUF_REL_BOUND["q8_0"] * float(want.abs().max()))
+
+
+def test_a_failed_gguf_check_publishes_nothing(exported, tmp_path, capsys, monkeypatch):
+    """A q8_0 bound below the measured error: exit 2 naming the GGUF file; no export appears."""
+    import tasks.export
+    from tasks.export import main
+
+    arts = tmp_path / "artifacts"
+    shutil.copytree(exported / "artifacts/compress", arts / "compress")
+    monkeypatch.setattr(tasks.export, "GGUF_REL_BOUND", {"f16": 1e-9, "q8_0": 1e-9})
+    assert main(["--params", str(exported / "params.yaml"), "--set", f"paths.artifacts_dir={arts}"]) == 2
+    err = capsys.readouterr().err
+    assert f"exit_{EXITS[0]}/model-q8_0.gguf: logits differ" in err and "bound for q8_0" in err
+    assert sorted(p.name for p in arts.iterdir()) == ["compress"]
+
+    # export.gguf_dtypes: [] writes no GGUF file (and checks none)
+    assert (
+        main(
+            [
+                "--params",
+                str(exported / "params.yaml"),
+                "--set",
+                f"paths.artifacts_dir={arts}",
+                "--set",
+                f"paths.metrics_dir={tmp_path / 'metrics'}",
+                "--set",
+                f"paths.plots_dir={tmp_path / 'plots'}",
+                "--set",
+                "export.gguf_dtypes=[]",
+            ]
+        )
+        == 0
+    )
+    assert not list((arts / "export").rglob("*.gguf"))
+    assert json.loads((arts / "export/manifest.json").read_text())["gguf_dtypes"] == []
