@@ -557,16 +557,22 @@ def test_resume_equals_uninterrupted_run(micro, tmp_path):
     from tasks.rl import main
 
     rows = rl_rows(20)
-    straight = write_workspace(tmp_path / "straight", micro[2], rows, {"rl.steps": 4})
+    # 4 prompts x 4 samples: every step has a reward signal (a gradient), so the optimizer state restored
+    # from the checkpoint decides the later steps (with no gradient a lost Adam state would go unseen).
+    signal = {"rl.prompts_per_step": 4, "rl.group_size": 4}
+    straight = write_workspace(tmp_path / "straight", micro[2], rows, {"rl.steps": 4, **signal})
     assert main(["--params", str(straight)]) == 0
     # An interrupted run: 3 steps with a checkpoint at step 2, then the same run asked for 4 steps.
-    resumed = write_workspace(tmp_path / "resumed", micro[2], rows, {"rl.steps": 3, "rl.checkpoint_every": 2})
+    resumed = write_workspace(
+        tmp_path / "resumed", micro[2], rows, {"rl.steps": 3, "rl.checkpoint_every": 2, **signal}
+    )
     assert main(["--params", str(resumed)]) == 0
     assert (tmp_path / "resumed" / "artifacts" / "checkpoints" / "rl" / "step_2").is_dir()
     assert main(["--params", str(resumed), "--set", "rl.steps=4"]) == 0
     m_straight = json.loads((tmp_path / "straight" / "metrics" / "rl.json").read_text())
     m_resumed = json.loads((tmp_path / "resumed" / "metrics" / "rl.json").read_text())
     assert m_resumed["resumed_from_step"] == 2 and m_straight["resumed_from_step"] is None
+    assert m_straight["exit_1"]["curves"]["has_gradient"][2:] == [1.0, 1.0], m_straight["exit_1"]["curves"]
     for key in ("reward", "length", "loss", "kl", "budget"):
         assert m_resumed["exit_1"]["curves"][key] == m_straight["exit_1"]["curves"][key], key
     a = load_file(tmp_path / "straight" / "artifacts" / "rl" / "model.safetensors")
