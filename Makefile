@@ -41,7 +41,7 @@ run: setup  ## set up, then run the whole pipeline on the tiny default
 	$(VENV)/bin/ruyi run
 
 test: setup lint  ## set up, lint, then run every test tier (unit, integration, slow end-to-end)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-fast: setup  ## the unit tier only (no servers, no stage runs; under 3 minutes on 2 cores)
 	$(PY) -m pytest -q tests/unit

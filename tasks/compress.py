@@ -520,8 +520,8 @@ def heal_if_better(
     model, teacher, tokenizer, d: int, params: Params, split: SelectionSplit, calibration: list
 ) -> HealOutcome:
     """Optional healing (`heal_steps` > 0): distillation from the dense `teacher` on the `calibration`
-    batches, kept only if it does not hurt on the selection set (module docstring, step 5); otherwise the
-    decomposed factors are restored."""
+    batches, kept only if it does not hurt on the selection set (select_corpus blocks and select.jsonl
+    solutions, worst case); otherwise the decomposed factors are restored."""
     import torch
 
     from tasks.training.batches import build_sft_examples, fixed_batches

@@ -352,7 +352,8 @@ class CompressParams(_Section):
     calibration_sft_fraction: Fraction = 0.5
     seq_len: PositiveInt = 256
     batch_size: PositiveInt = 4
-    # Healing fine-tune of the low-rank factors + the DaE member's norm on SFT chat data (0 = none).
+    # Healing: distillation of the low-rank factors + the DaE member's norm toward the dense member on the
+    # calibration batches (0 = none).
     heal_steps: NonNegInt = 20
     heal_lr: PositiveFloat = 1e-5
     # Held-out batches (corpus_val blocks; eval solutions) for the reported before/after losses, and as
