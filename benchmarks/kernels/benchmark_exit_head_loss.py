@@ -6,7 +6,7 @@
 
 Impls (`--impls`): naive, chunked, triton, and `one-head` (naive with K=1: one materialised N x V head,
 the baseline of the memory target). Each (impl, chunk size) runs in a fresh subprocess; a failed or
-OOM worker is recorded, not fatal (exit status 0 unless every worker failed). Method:
+OOM worker is recorded, not fatal (exit status 0 unless every worker failed); harness.py. Method:
 docs/choices.md#benchmarks; figures: benchmarks/RESULTS.md.
 """
 
@@ -14,28 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+import harness  # benchmarks/kernels/harness.py (this script's folder is on sys.path)
+
 CPU_SHAPE = dict(K=4, N=4096, D=512, V=32000)
 GPU_SHAPE = dict(K=4, N=16384, D=4096, V=128256)
 IMPLS = ("naive", "chunked", "triton", "one-head")
 ONE_HEAD = "one-head"  # the naive loss with K=1: one materialised N x V head
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _maxrss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 def _make_inputs(shape, dtype, device, shared=True):
@@ -83,46 +68,15 @@ def worker(args) -> None:
 
         args.chunk_size = default_chunk_size(args.K, args.V)
     step = _step_fn("naive" if args.worker == ONE_HEAD else args.worker, args.chunk_size)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    rss_before = _rss_bytes()
-    times = []
-    loss = None
     try:
-        for i in range(args.repeats + 1):
-            if device.type == "cuda":
-                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                loss = step(*inputs)
-                stop.record()
-                torch.cuda.synchronize()
-                elapsed = start.elapsed_time(stop) / 1e3
-            else:
-                t0 = time.perf_counter()
-                loss = step(*inputs)
-                elapsed = time.perf_counter() - t0
-            if i:  # the first run is a warm-up
-                times.append(elapsed)
+        times, peak, loss = harness.measure(lambda: step(*inputs), device, args.repeats)
     except (torch.OutOfMemoryError, RuntimeError) as exc:  # CPU allocation failures are RuntimeErrors
         if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
             raise
-        print(
-            json.dumps(
-                dict(
-                    _failure_row(
-                        args.worker, args.chunk_size, args.K, "OOM", str(exc).strip().splitlines()[0][:300]
-                    ),
-                    threads=torch.get_num_threads(),
-                )
-            )
-        )
+        error = str(exc).strip().splitlines()[0][:300]
+        row = harness.failure_row(_base(args.worker, args.chunk_size, args.K), "OOM", error)
+        print(json.dumps(dict(row, loss=None, threads=torch.get_num_threads())))
         return
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = _maxrss_bytes() - rss_before
     print(
         json.dumps(
             dict(
@@ -141,104 +95,22 @@ def worker(args) -> None:
     )
 
 
-def _failure_row(impl, chunk_size, num_exits, status, error) -> dict:
-    return dict(
-        impl=impl,
-        chunk_size=chunk_size,
-        K=num_exits,
-        status=status,
-        error=error,
-        time_s=None,
-        times_s=[],
-        peak_extra_bytes=None,
-        loss=None,
-    )
-
-
-def _classify_failure(returncode: int, stderr: str) -> tuple[str, str]:
-    """(status, error) of a worker that exited with ``returncode``: "OOM" or "failed"."""
-    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
-    last = lines[-1][:300] if lines else f"exit status {returncode}, no output"
-    lowered = stderr.lower()
-    if "outofmemoryerror" in lowered or "out of memory" in lowered or "can't allocate memory" in lowered:
-        return "OOM", last
-    if returncode == -9:  # SIGKILL: on CPU almost always the kernel's OOM killer
-        return "OOM", "killed by SIGKILL (likely the OOM killer)"
-    if returncode < 0:
-        return "failed", f"killed by signal {-returncode}"
-    return "failed", last
+def _base(impl, chunk_size, num_exits) -> dict:
+    return dict(impl=impl, chunk_size=chunk_size, K=num_exits, loss=None)
 
 
 def _spawn(args, impl, chunk_size) -> dict:
     """Runs one worker; returns its row (``status`` "ok", "OOM" or "failed"), never raises on failure."""
     num_exits = 1 if impl == ONE_HEAD else args.K
-    cmd = [
-        sys.executable,
-        __file__,
-        "--worker",
-        impl,
-        "--device",
-        args.device,
-        "--dtype",
-        args.dtype,
-        "--K",
-        str(num_exits),
-        "--N",
-        str(args.N),
-        "--D",
-        str(args.D),
-        "--V",
-        str(args.V),
-        "--repeats",
-        str(args.repeats),
-        "--threads",
-        str(args.threads),
-    ]
-    if chunk_size:
-        cmd += ["--chunk-size", str(chunk_size)]
+    argv = harness.worker_argv(args, impl, chunk_size, K=num_exits, N=args.N, D=args.D, V=args.V)
     if args.per_exit_heads:
-        cmd.append("--per-exit-heads")
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    try:
-        out = subprocess.run(
-            cmd, capture_output=True, text=True, env=env, check=False, timeout=args.worker_timeout or None
-        )
-    except subprocess.TimeoutExpired:
-        return _failure_row(impl, chunk_size, num_exits, "failed", f"timeout after {args.worker_timeout} s")
-    if out.returncode != 0:
-        return _failure_row(impl, chunk_size, num_exits, *_classify_failure(out.returncode, out.stderr))
-    try:
-        return json.loads(out.stdout.strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError):
-        return _failure_row(
-            impl, chunk_size, num_exits, "failed", f"no result line in the output: {out.stdout[-200:]!r}"
-        )
-
-
-def _merge(runs: list[dict]) -> dict:
-    """One row per configuration: best time and largest peak over the rounds that succeeded."""
-    ok = [r for r in runs if r["status"] == "ok"]
-    if not ok:
-        return dict(runs[0])
-    merged = dict(ok[0])
-    merged["time_s"] = min(r["time_s"] for r in ok)
-    merged["times_s"] = [t for r in ok for t in r["times_s"]]
-    merged["peak_extra_bytes"] = max(r["peak_extra_bytes"] for r in ok)
-    failed = [r for r in runs if r["status"] != "ok"]
-    if failed:  # e.g. an OOM in one round only: keep the figures, say so
-        merged["error"] = (
-            f"{len(failed)} of {len(runs)} rounds failed: {failed[0]['status']} {failed[0]['error']}"
-        )
-    return merged
+        argv.append("--per-exit-heads")
+    return harness.spawn(__file__, argv, _base(impl, chunk_size, num_exits), args.worker_timeout)
 
 
 def _label(r: dict) -> str:
     chunk = str(r["chunk_size"] or "-")
     return f"{r['impl']:8s} K={r['K']} chunk={chunk:>6s}"
-
-
-def _status_text(r: dict) -> str:
-    return "OOM" if r["status"] == "OOM" else f"failed: {r['error']}"
 
 
 def _ratio(numerator, denominator) -> float | None:
@@ -271,7 +143,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     )
     for r in rows:
         if r["status"] != "ok":
-            print(f"  {_label(r)}  {_status_text(r)}")
+            print(f"  {_label(r)}  {harness.status_text(r)}")
             continue
         print(
             f"  {_label(r)}  time {r['time_s']:8.3f} s  peak extra {r['peak_extra_bytes'] / 2**20:9.1f} MiB  "
@@ -284,7 +156,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         if r["impl"] not in ("triton", "chunked"):
             continue
         if r["status"] != "ok":
-            print(f"  target ({r['impl']}, K={r['K']}): not measured, {_status_text(r)}")
+            print(f"  target ({r['impl']}, K={r['K']}): not measured, {harness.status_text(r)}")
             continue
         mem = r["mem_vs_one_head"]
         speed = r["time_vs_naive"]
@@ -308,10 +180,7 @@ def main(argv=None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
     )
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument(
-        "--dtype", default=None, help="float32 / bfloat16 / float16 (default: fp32 CPU, bf16 CUDA)"
-    )
+    harness.add_common_arguments(parser, repeats=1, chunk_help="chunked path: tokens per chunk to try")
     parser.add_argument("--K", type=int, default=None, help="exits (default: 4)")
     parser.add_argument("--N", type=int, default=None, help="tokens (default: 4096 CPU, 16384 CUDA)")
     parser.add_argument("--D", type=int, default=None, help="hidden size (default: 512 CPU, 4096 CUDA)")
@@ -325,43 +194,11 @@ def main(argv=None) -> None:
         "naive with K=1, the 'one materialised head' baseline",
     )
     parser.add_argument(
-        "--chunk-sizes",
-        nargs="+",
-        type=int,
-        default=[0],
-        help="chunked path: tokens per chunk to try (0 = library default)",
-    )
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per process, after one warm-up")
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=2,
-        help="processes per configuration, interleaved across impls; time = best run",
-    )
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
-    parser.add_argument(
         "--per-exit-heads", action="store_true", help="K x V x D heads instead of a shared V x D"
     )
-    parser.add_argument(
-        "--worker-timeout",
-        type=float,
-        default=0,
-        help="seconds per worker process before it is recorded as failed (0: no limit)",
-    )
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--chunk-size", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    if args.device is None:
-        import torch
-
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    shape = GPU_SHAPE if args.device == "cuda" else CPU_SHAPE
-    for key, value in shape.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.dtype is None:
-        args.dtype = "bfloat16" if args.device == "cuda" else "float32"
+    harness.resolve_defaults(args, CPU_SHAPE, GPU_SHAPE)
     if args.worker:
         worker(args)
         return
@@ -371,28 +208,21 @@ def main(argv=None) -> None:
 
     print(
         f"exit_head_loss forward+backward  K={args.K} N={args.N} D={args.D} V={args.V} {args.dtype} "
-        f"{'per-exit heads' if args.per_exit_heads else 'shared head'}  device={args.device}  "
-        f"host={platform.processor() or platform.machine()} cpus={os.cpu_count()}"
+        f"{'per-exit heads' if args.per_exit_heads else 'shared head'}  {harness.host_line(args)}"
     )
-    configs = [
-        (impl, chunk_size or None)
-        for impl in impls
-        for chunk_size in (args.chunk_sizes if impl == "chunked" else [None])
-    ]
-    runs = {config: [] for config in configs}
-    for round_index in range(args.rounds):  # interleaved, so load changes hit every impl alike
-        for config in configs:
-            r = _spawn(args, *config)
-            runs[config].append(r)
-            if r["status"] != "ok":
-                print(f"  round {round_index}  {_label(r)}  {_status_text(r)}", flush=True)
-                continue
-            print(
-                f"  round {round_index}  {_label(r)}  time {r['time_s']:8.3f} s  "
-                f"peak extra {r['peak_extra_bytes'] / 2**20:9.1f} MiB  loss {r['loss']:.6f}",
-                flush=True,
-            )
-    rows = summarize([_merge(runs[config]) for config in configs])
+
+    def report(round_index, r):
+        if r["status"] != "ok":
+            print(f"  round {round_index}  {_label(r)}  {harness.status_text(r)}", flush=True)
+            return
+        print(
+            f"  round {round_index}  {_label(r)}  time {r['time_s']:8.3f} s  "
+            f"peak extra {r['peak_extra_bytes'] / 2**20:9.1f} MiB  loss {r['loss']:.6f}",
+            flush=True,
+        )
+
+    configs = harness.configurations(impls, args.chunk_sizes)
+    rows = summarize(harness.run_interleaved(configs, args.rounds, lambda *c: _spawn(args, *c), report))
     print("JSON " + json.dumps(dict(args=vars(args), results=rows)))
     if all(r["status"] != "ok" for r in rows):
         raise SystemExit("every worker failed")
