@@ -388,6 +388,31 @@ class EvaluateParams(_Section):
     speed_repeats: PositiveInt = 3
 
 
+class RouteParams(_Section):
+    """The difficulty router of the `auto` tier: signal, calibration and report (tasks/route.py)."""
+
+    # Router threshold in [0, 1] (0: always the cheapest member, 1: always the deepest); null = the
+    # operating point calibrated on the select split.
+    threshold: Fraction | None = None
+    # Backbone layers the prompt passes for the signal (0 = the embeddings); null = the layers every
+    # member shares. Counted in every request's cost.
+    probe_layers: NonNegInt | None = None
+    # Calibration: the cheapest threshold whose cross-fitted select accuracy is at most this much below
+    # always-deepest's; also the accuracy loss the goal allows.
+    max_accuracy_loss: Fraction = 0.01
+    # The goal reported in metrics/route.json: at least this relative saving in layers per request.
+    target_layer_saving: Fraction = 0.4
+    # Probe: L2 penalty of the logistic regressions (standardized features) and the cross-fitting folds.
+    l2: PositiveFloat = 10.0
+    folds: Annotated[int, Field(ge=2)] = 5
+    # Calibration rows (first of select.jsonl) and reported rows (first of eval.jsonl).
+    num_select: PositiveInt = 200
+    num_problems: PositiveInt = 200
+    # Greedy decoding of every member on both splits (as evaluate decodes).
+    max_new_tokens: PositiveInt = 64
+    decode_batch_size: PositiveInt = 32
+
+
 class GatesParams(_Section):
     """Model quality gates (data_contracts), checked before export/deploy."""
 
@@ -558,6 +583,7 @@ class Params(_Section):
     rl: RLParams = RLParams()
     compress: CompressParams = CompressParams()
     evaluate: EvaluateParams = EvaluateParams()
+    route: RouteParams = RouteParams()
     gates: GatesParams = GatesParams()
     export: ExportParams = ExportParams()
     deploy: DeployParams = DeployParams()
