@@ -537,6 +537,10 @@ class DeployParams(_Section):
     max_total_new_tokens: PositiveInt = 4096
     # Default confidence threshold of the dynamic early-exit tier (model "dynamic").
     dynamic_threshold: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9
+    # Speculative tier (model "speculative"): the drafting member (null = the shallowest) and the tokens
+    # it drafts per round; a request may override both.
+    speculative_draft_exit: PositiveInt | None = None
+    speculative_draft_tokens: Annotated[int, Field(ge=1, le=16)] = 4
     # Smoke test: the first smoke_prompts eval.jsonl questions, greedy, at every tier.
     smoke_prompts: PositiveInt = 4
     smoke_max_tokens: PositiveInt = 32
@@ -612,6 +616,12 @@ class Params(_Section):
         if self.expand.exit_layer is not None and self.expand.exit_layer not in exits:
             raise ValueError(
                 f"expand.exit_layer {self.expand.exit_layer} is not one of model.exit_layers {exits}"
+            )
+        draft = self.deploy.speculative_draft_exit
+        if draft is not None and draft not in exits[:-1]:
+            raise ValueError(
+                f"deploy.speculative_draft_exit {draft} must be a member shallower than the deepest, one of "
+                f"{exits[:-1]}"
             )
         if isinstance(self.rl.members, list):
             bad = [m for m in self.rl.members if m not in exits]
