@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import openai
 import pytest
 from starlette.testclient import TestClient
-from tiny_export import build_tiny_export, build_tiny_family, private_tmpdir, tiny_tokenizer
+from tiny_export import add_router, build_tiny_export, build_tiny_family, private_tmpdir, tiny_tokenizer
 
 from tasks.core.stage import StageError
-from tasks.release.router import ROUTER_FILE, Router, build_router, fit_probe, prompt_features
+from tasks.release.router import ROUTER_FILE, Router, build_router, prompt_features
 from tasks.release.serving import CompletionService, create_app
-from tasks.release.store import load_member
 
 EASY, HARD = "Tom has 3 apples and buys 4 more.", "A train travels 60 km in 2 hours; how fast"
 OTHERS = ["Mia reads 5 pages a day.", "What is 12 + 30?", "The river is long and"]
@@ -35,12 +33,7 @@ def export_dir():
     """A tiny export plus router.json: a probe fitted so that EASY scores high, HARD low."""
     with private_tmpdir("ruyi-auto-export-") as tmp:
         out = build_tiny_export(tmp / "export", dae_blocks=1)
-        family, tok = load_member(out, None)
-        prompts = [EASY, HARD, *OTHERS]
-        x = prompt_features(family, [_ids(tok, p) for p in prompts], 1)
-        probe = fit_probe(x, np.array([1, 0, 1, 0, 1]), 1e-3)
-        router = build_router(family, {2: probe}, 1, 0.5, _ids(tok, EASY), {"calibration": {"rows": 5}})
-        router.save(out / ROUTER_FILE)
+        add_router(out, [EASY, HARD, *OTHERS], [1, 0, 1, 0, 1], threshold=0.5)
         yield out
 
 
