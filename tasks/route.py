@@ -144,7 +144,7 @@ def plot_curve(
     ax.set_xlabel("decoder layers per request (member + router probe)")
     ax.set_ylabel("math accuracy (exact match)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     ax.set_title("Difficulty router: cost vs quality")
     fig.tight_layout()
     save_figure(fig, out_dir / "cost_quality.png")
