@@ -180,6 +180,12 @@ def test_router_file_round_trip_and_family_check(family, tmp_path):
     other = build_tiny_family(tiny_tokenizer(), seed=1, exit_layers=(2, 4), dae_blocks=1)[0]
     with pytest.raises(ValueError, match="other weights"):
         loaded.check_model(other)
+    # a replica in bfloat16 (paper scale) passes with the 16-bit tolerance; other weights still fail
+    import copy
+
+    loaded.check_model(copy.deepcopy(model).to(torch.bfloat16))
+    with pytest.raises(ValueError, match="other weights"):
+        loaded.check_model(other.to(torch.bfloat16))
 
     raw = json.loads(path.read_text())
     for mutate, match in (
