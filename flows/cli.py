@@ -21,6 +21,7 @@ STAGES = [
     "rl",
     "compress",
     "evaluate",
+    "route",
     "gates",
     "export",
     "deploy",

@@ -40,9 +40,11 @@ def summary_rows(metrics_dir: str | Path) -> list[dict[str, Any]]:
 
 def recipe_lines(metrics_dir: str | Path) -> list[str]:
     """The recipe's gains in words: DaE (member before vs after expansion), rl (before/after, steps with a
-    gradient) and compression (removed shares, gain retained); a missing metrics file gives no line."""
+    gradient), compression (removed shares, gain retained) and the auto tier's router (layers and
+    accuracy vs always-deepest); a missing metrics file gives no line."""
     metrics_dir = Path(metrics_dir)
     comp, rl = _read(metrics_dir / "compress.json"), _read(metrics_dir / "rl.json")
+    route = _read(metrics_dir / "route.json")
 
     def pct(v, spec=".1%"):
         return "-" if v is None else format(v, spec)
@@ -70,6 +72,15 @@ def recipe_lines(metrics_dir: str | Path) -> list[str]:
         lines.append(
             f"compression: removed {pct(removed.get('blocks'))} of the DaE blocks, "
             f"{pct(removed.get('head'))} of the head, {pct(removed.get('blocks_and_head'))} of both"
+        )
+    if route:
+        deep, at = route.get("always_deepest") or {}, route.get("router") or {}
+        goal = "met" if (route.get("goal") or {}).get("met") else "missed"
+        lines.append(
+            f"router (auto tier, threshold {route.get('threshold')}): {at.get('layers_per_request', '-')} "
+            f"layers/request at {pct(at.get('accuracy'))} vs always-deepest "
+            f"{deep.get('layers_per_request', '-')} at {pct(deep.get('accuracy'))}: "
+            f"{pct(route.get('relative_layer_saving'))} fewer layers, goal {goal}"
         )
     return lines
 
@@ -112,6 +123,7 @@ def result_paths(params) -> dict[str, str]:
         "metrics": Path(params.paths.metrics_dir),
         "plots (PNG + CSV per stage)": plots,
         "trade-off plot (quality vs latency per exit)": plots / "evaluate" / "tradeoff.png",
+        "router cost/quality plot (auto tier)": plots / "route" / "cost_quality.png",
         "data contracts (Data Docs)": reports / "contracts",
         "quality gates (Data Docs)": reports / "gates",
         "evaluation report": reports / "evaluate",

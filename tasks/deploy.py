@@ -5,7 +5,9 @@
 Reads `artifacts/export/`, the first `deploy.smoke_prompts` rows of `data/validated/eval.jsonl` and the
 per exit `params` of `metrics/eval_quality.json` (evaluate's reproducible metrics). Before publishing, the
 factored tiers (`exit_<d>_factored/`) must give the family's logits on a probe; once served, every
-`exit_<d>` tier must run exactly the evaluated member's parameter count (`/v1/models`). Writes the release
+`exit_<d>` tier must run exactly the evaluated member's parameter count (`/v1/models`), and every `auto`
+answer must be the output of the member it names (the release ships the route stage's router, so the
+`auto` tier is served; `speculative` too, with `deploy.speculative_draft_*`). Writes the release
 to the store (`tasks.release.store`), its fetched copy under `<artifacts_dir>/releases/`,
 `metrics/deploy.json` (version, URIs, per-tier smoke results, served params and latency),
 `metrics/deploy_smoke.json` (the reproducible part), `reports/deploy/smoke.jsonl` and
@@ -208,10 +210,15 @@ def smoke_test(
     Returns:
         `(per_tier, rows)`: per tier `{requests, ok, accuracy, answered, completion_tokens_mean,
         latency_ms_p50, latency_ms_max, completions_sha256}` (the dynamic tier also `mean_exit_layer`;
-        and one row per request.
+        the speculative tier `same_as_deepest`, the share of its completions equal to the deepest member
+        tier's; the auto tier `members`, requests per member that answered), and one row per request.
+
+    Raises:
+        StageError: a tier answers with an error, or an `auto` completion differs from the completion of
+            the member it names (greedy: it must be that member's own output).
     """
     from tasks.data.mathgen import answers_match, extract_answer
-    from tasks.release.serving import DYNAMIC_TIER, http_json
+    from tasks.release.serving import AUTO_TIER, DYNAMIC_TIER, SPECULATIVE_TIER, http_json
 
     status, health = http_json(f"{url}/healthz")
     if status != 200:
@@ -220,16 +227,17 @@ def smoke_test(
     if status != 200:
         raise StageError(f"smoke test: {url}/v1/models answered {status}: {models}")
     tiers = [m["id"] for m in models["data"] if m.get("exit_layer") is not None]
-    dynamic = [m for m in models["data"] if m["id"] == DYNAMIC_TIER]
-    if dynamic:
-        tiers.append(DYNAMIC_TIER)
+    served = {m["id"] for m in models["data"]}
+    tiers += [t for t in (DYNAMIC_TIER, SPECULATIVE_TIER, AUTO_TIER) if t in served]
     per_tier: dict[str, Any] = {}
     rows: list[dict] = []
+    by_tier: dict[str, dict[str, str]] = {}  # tier -> question id -> completion
     from tqdm.auto import tqdm
 
     with tqdm(total=len(tiers) * len(questions), desc="deploy: smoke test", unit="req", disable=None) as bar:
         for tier in tiers:
             latencies, tokens, correct, answered, texts, exit_means = [], [], 0, 0, [], []
+            members: dict[str, int] = {}
             for q in questions:
                 body = {
                     "model": tier,
@@ -255,6 +263,15 @@ def smoke_test(
                 texts.append(text)
                 if tier == DYNAMIC_TIER and answer["ruyi"]["choices"][0].get("mean_exit_layer") is not None:
                     exit_means.append(answer["ruyi"]["choices"][0]["mean_exit_layer"])
+                by_tier.setdefault(tier, {})[q["id"]] = text
+                member = answer["ruyi"]["choices"][0].get("member") if tier == AUTO_TIER else None
+                if member is not None:
+                    members[member] = members.get(member, 0) + 1
+                    if by_tier.get(member, {}).get(q["id"], text) != text:
+                        raise StageError(
+                            f"smoke test: tier {AUTO_TIER} answered question {q['id']} with member {member}, "
+                            f"but not with its output: {text!r} vs {by_tier[member][q['id']]!r}"
+                        )
                 rows.append(
                     {
                         "tier": tier,
@@ -281,6 +298,13 @@ def smoke_test(
             }
             if exit_means:  # dynamic early exit: the average member depth that emitted the tokens
                 per_tier[tier]["mean_exit_layer"] = statistics.fmean(exit_means)
+            if tier == AUTO_TIER:
+                per_tier[tier]["members"] = dict(sorted(members.items()))
+            if tier == SPECULATIVE_TIER:
+                exits = [t for t in by_tier if t.startswith("exit_")]
+                ref = by_tier[max(exits, key=lambda t: int(t.split("_")[1]))] if exits else {}
+                same = [ref.get(q["id"]) == by_tier[tier][q["id"]] for q in questions]
+                per_tier[tier]["same_as_deepest"] = sum(same) / len(same)
     return per_tier, rows
 
 
@@ -341,6 +365,8 @@ def _serving_kwargs(params: Params, host: str | None = None, port: int | None = 
         "ray_address": cfg.ray_address,
         "max_prompts_per_request": cfg.max_prompts_per_request,
         "max_total_new_tokens": cfg.max_total_new_tokens,
+        "speculative_draft_exit": cfg.speculative_draft_exit,
+        "speculative_draft_tokens": cfg.speculative_draft_tokens,
     }
 
 

@@ -2,9 +2,10 @@
 
     python -m tasks.export [--params params.yaml]
 
-Reads `artifacts/compress/`. Writes `artifacts/export/` (`exit_<d>/` loadable by plain transformers,
-dense; `exit_<d>_factored/` for the member with low-rank factors (the DaE member), a one-member familial
-checkpoint that runs them; `family/`; `manifest.json` with sha256 and size of every file;
+Reads `artifacts/compress/` and the route stage's `artifacts/route/router.json` (shipped as
+`router.json`, checked to belong to the family). Writes `artifacts/export/` (`exit_<d>/` loadable by
+plain transformers, dense; `exit_<d>_factored/` for the member with low-rank factors (the DaE member), a
+one-member familial checkpoint that runs them; `family/`; `manifest.json` with sha256 and size of every file;
 `ruyi_model.export.export_exits`; `exit_<d>/model-<dtype>.gguf` for each dtype of `export.gguf_dtypes`,
 `ruyi_model.gguf_export.export_gguf`), `metrics/export.json` (per member params and bytes, dense and
 factored, logit parity, per GGUF file its errors) and `plots/export/sizes.{png,csv}`. Each `exit_<d>/`
@@ -222,6 +223,36 @@ def check_gguf(path: Path, dtype: str, ref_logits, input_ids, tokenizer, texts: 
     }
 
 
+def write_router(out: Path, manifest: dict, router_file: Path, model) -> dict[str, Any]:
+    """Copies the route stage's router into the export (`router.json`, what the `auto` tier applies),
+    after checking it was calibrated on this family; lists it in the manifest (`files`, `router`), which
+    is rewritten. Returns its metrics entry."""
+    import json
+    import shutil
+
+    from ruyi_model.export import MANIFEST
+    from tasks.release.router import ROUTER_FILE, Router
+
+    if not router_file.is_file():
+        raise StageError(f"router not found at {router_file} (the route stage writes it)")
+    try:
+        router = Router.load(router_file)
+        router.check_model(model)
+    except ValueError as e:
+        raise StageError(f"{router_file}: cannot ship this router with the family: {e}") from None
+    shutil.copyfile(router_file, out / ROUTER_FILE)
+    manifest["files"][ROUTER_FILE] = {
+        "sha256": sha256_file(out / ROUTER_FILE),
+        "bytes": (out / ROUTER_FILE).stat().st_size,
+    }
+    manifest["router"] = ROUTER_FILE
+    with atomic_file(out / MANIFEST) as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+        f.write("\n")
+    log.info("router: threshold %.2f, probe layers %d", router.threshold, router.probe_layers)
+    return {"threshold": router.threshold, "probe_layers": router.probe_layers, "order": list(router.order)}
+
+
 def _plot(metrics: dict[str, Any], out_dir: Path) -> None:
     import csv
 
@@ -404,7 +435,9 @@ def run(params: Params) -> dict:
     with atomic_dir(ws.artifacts("export")) as out:
         manifest = export_exits(model, out, tokenizer=tokenizer)
         write_ggufs(out, manifest, params.export.gguf_dtypes)
+        router = write_router(out, manifest, ws.artifacts("route") / "router.json", model)
         metrics = check_export(model, tokenizer, out, manifest, eos_id, pad_id)
+        metrics["router"] = router
     _plot(metrics, ws.plots("export"))
     write_metrics(params, "export", metrics)
     return metrics

@@ -7,7 +7,7 @@ tokenizer), `family/` and `manifest.json`. With `dae_blocks=n` the shallowest me
 n blocks and decomposed (`ruyi_model.dae.expand` + `decompose`, as the expand/compress stages do), so
 the export also holds its factored copy `exit_2_factored/`. The tokenizer is a byte-level BPE trained
 on a few lines, with the project's special tokens and Qwen-style chat template, so chat prompts work
-end to end.
+end to end. `add_router(dir, ...)` adds the route stage's `router.json` (the `auto` tier's router).
 """
 
 from __future__ import annotations
@@ -104,6 +104,34 @@ def build_tiny_export(out_dir: str | Path, seed: int = 0, exit_layers=(2, 4), da
     family, _ = build_tiny_family(tokenizer, seed=seed, exit_layers=exit_layers, dae_blocks=dae_blocks)
     export_exits(family, out_dir, tokenizer=tokenizer)
     return Path(out_dir)
+
+
+def add_router(export_dir: str | Path, prompts: list[str], labels: list[int], threshold: float = 0.5) -> Path:
+    """Adds `router.json` to a tiny export as the export stage ships it (listed in the manifest): one
+    probe per cheaper member, fitted on `prompts` (raw text) with `labels`, after 1 backbone layer."""
+    import json
+
+    import numpy as np
+
+    from ruyi_model.export import MANIFEST
+    from ruyi_model.fileio import sha256_file
+    from tasks.release.router import ROUTER_FILE, build_router, fit_probe, prompt_features
+    from tasks.release.store import load_member
+
+    out = Path(export_dir)
+    family, tok = load_member(out, None)
+    ids = [list(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    x = prompt_features(family, ids, 1)
+    probes = {d: fit_probe(x, np.asarray(labels), 1e-3) for d in family.config.exit_layers[:-1]}
+    build_router(family, probes, 1, threshold, ids[0], {"calibration": {"rows": len(ids)}}).save(
+        out / ROUTER_FILE
+    )
+    manifest = json.loads((out / MANIFEST).read_text())
+    path = out / ROUTER_FILE
+    manifest["files"][ROUTER_FILE] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    manifest["router"] = ROUTER_FILE
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return path
 
 
 @contextlib.contextmanager

@@ -389,6 +389,31 @@ class EvaluateParams(_Section):
     speed_repeats: PositiveInt = 3
 
 
+class RouteParams(_Section):
+    """The difficulty router of the `auto` tier: signal, calibration and report (tasks/route.py)."""
+
+    # Router threshold in [0, 1] (0: always the cheapest member, 1: always the deepest); null = the
+    # operating point calibrated on the select split.
+    threshold: Fraction | None = None
+    # Backbone layers the prompt passes for the signal (0 = the embeddings); null = the layers every
+    # member shares. Counted in every request's cost.
+    probe_layers: NonNegInt | None = None
+    # Calibration: the cheapest threshold whose cross-fitted select accuracy is at most this much below
+    # always-deepest's; also the accuracy loss the goal allows.
+    max_accuracy_loss: Fraction = 0.01
+    # The goal reported in metrics/route.json: at least this relative saving in layers per request.
+    target_layer_saving: Fraction = 0.4
+    # Probe: L2 penalty of the logistic regressions (standardized features) and the cross-fitting folds.
+    l2: PositiveFloat = 10.0
+    folds: Annotated[int, Field(ge=2)] = 5
+    # Calibration rows (first of select.jsonl) and reported rows (first of eval.jsonl).
+    num_select: PositiveInt = 200
+    num_problems: PositiveInt = 200
+    # Greedy decoding of every member on both splits (as evaluate decodes).
+    max_new_tokens: PositiveInt = 64
+    decode_batch_size: PositiveInt = 32
+
+
 class GatesParams(_Section):
     """Model quality gates (data_contracts), checked before export/deploy."""
 
@@ -513,6 +538,10 @@ class DeployParams(_Section):
     max_total_new_tokens: PositiveInt = 4096
     # Default confidence threshold of the dynamic early-exit tier (model "dynamic").
     dynamic_threshold: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9
+    # Speculative tier (model "speculative"): the drafting member (null = the shallowest) and the tokens
+    # it drafts per round; a request may override both.
+    speculative_draft_exit: PositiveInt | None = None
+    speculative_draft_tokens: Annotated[int, Field(ge=1, le=16)] = 4
     # Smoke test: the first smoke_prompts eval.jsonl questions, greedy, at every tier.
     smoke_prompts: PositiveInt = 4
     smoke_max_tokens: PositiveInt = 32
@@ -559,6 +588,7 @@ class Params(_Section):
     rl: RLParams = RLParams()
     compress: CompressParams = CompressParams()
     evaluate: EvaluateParams = EvaluateParams()
+    route: RouteParams = RouteParams()
     gates: GatesParams = GatesParams()
     export: ExportParams = ExportParams()
     deploy: DeployParams = DeployParams()
@@ -587,6 +617,12 @@ class Params(_Section):
         if self.expand.exit_layer is not None and self.expand.exit_layer not in exits:
             raise ValueError(
                 f"expand.exit_layer {self.expand.exit_layer} is not one of model.exit_layers {exits}"
+            )
+        draft = self.deploy.speculative_draft_exit
+        if draft is not None and draft not in exits[:-1]:
+            raise ValueError(
+                f"deploy.speculative_draft_exit {draft} must be a member shallower than the deepest, one of "
+                f"{exits[:-1]}"
             )
         if isinstance(self.rl.members, list):
             bad = [m for m in self.rl.members if m not in exits]

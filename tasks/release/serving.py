@@ -5,8 +5,10 @@
 
 Endpoints: GET /healthz, GET /v1/models, POST /v1/completions, POST /v1/chat/completions. Tiers: `exit_<d>`
 (stock Qwen3; the DaE member's factored copy, which runs its low-rank weights, where the release has one),
-the release's model name (the deepest member), and over the family `dynamic` (confidence-based early exit)
-and `speculative` (a shallow member drafts, the deepest verifies: exactly the deepest member's greedy output).
+the release's model name (the deepest member), and over the family `dynamic` (confidence-based early exit),
+`speculative` (a shallow member drafts, the deepest verifies: exactly the deepest member's greedy output)
+and, where the release ships the route stage's `router.json`, `auto` (per request the router picks the
+member, which then decodes exactly as its own tier would; `tasks.release.router`).
 `stream: true` answers with server-sent events in OpenAI's chunk format (text as it is decoded; a client
 that disconnects stops its decode). Bad requests get 4xx, before any stream starts (NaN/infinite numbers
 422, invalid Unicode 400, too many prompts 413, too many new tokens 422), each an OpenAI-shaped error
@@ -41,6 +43,7 @@ log = logging.getLogger("ruyi.serving")
 
 DYNAMIC_TIER = "dynamic"
 SPECULATIVE_TIER = "speculative"
+AUTO_TIER = "auto"
 #: The most tokens a speculative request may draft per round (`draft_tokens`).
 MAX_DRAFT_TOKENS = 16
 APP_NAME = "ruyi"
@@ -63,7 +66,9 @@ class _GenerationFields(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str = Field(
-        description="the tier: exit_<d>, the release name (deepest member), 'dynamic' or 'speculative'"
+        description=(
+            "the tier: exit_<d>, the release name (deepest member), 'dynamic', 'speculative' or 'auto'"
+        )
     )
     max_tokens: int = Field(
         16,
@@ -81,7 +86,11 @@ class _GenerationFields(BaseModel):
     )
     stream_options: StreamOptions | None = Field(None, description="only with stream: true")
     threshold: float | None = Field(
-        None, gt=0.0, le=1.0, strict=True, description="dynamic tier: exit confidence threshold"
+        None,
+        gt=0.0,
+        le=1.0,
+        strict=True,
+        description="dynamic tier: exit confidence threshold; auto tier: router threshold (1: the deepest)",
     )
     draft_exit: int | None = Field(
         None, ge=1, strict=True, description="speculative tier: the drafting member (a shallower exit)"
@@ -135,7 +144,8 @@ class Usage(BaseModel):
 
 class ServingInfo(BaseModel):
     """`ruyi`: which release and tier answered; the dynamic tier adds its threshold and per-choice stats
-    (tokens per member), the speculative tier its draft member, draft length and per-choice acceptance."""
+    (tokens per member), the speculative tier its draft member, draft length and per-choice acceptance,
+    the auto tier its threshold and per choice the member that answered (and the router's scores)."""
 
     release: str
     tier: str
@@ -294,10 +304,10 @@ class APIError(Exception):
 @dataclass
 class Tier:
     name: str
-    exit_layer: int | None  # None: a tier over the whole family (dynamic, speculative)
+    exit_layer: int | None  # None: a tier over the whole family (dynamic, speculative, auto)
     model: Any
     tokenizer: Any
-    kind: Literal["member", "dynamic", "speculative"] = "member"
+    kind: Literal["member", "dynamic", "speculative", "auto"] = "member"
 
     @property
     def num_parameters(self) -> int:
@@ -334,6 +344,9 @@ class CompletionService:
         dtype: weights dtype ("float32"; "bfloat16" for large members on GPUs).
         speculative_draft_exit: the speculative tier's default drafting member (default: the shallowest).
         speculative_draft_tokens: the speculative tier's default tokens drafted per round.
+
+    A release with `family/` and `router.json` also serves `auto` (the router is checked against the
+    family first: a router calibrated on other weights is an error).
     """
 
     def __init__(
@@ -381,6 +394,7 @@ class CompletionService:
         self.family: Tier | None = None
         self.family_tiers: dict[str, Tier] = {}
         self.draft_exit: int | None = None
+        self.router = None
         if not 1 <= speculative_draft_tokens <= MAX_DRAFT_TOKENS:
             raise StageError(
                 f"speculative_draft_tokens={speculative_draft_tokens}: must be in [1, {MAX_DRAFT_TOKENS}]"
@@ -402,10 +416,30 @@ class CompletionService:
                 self.family_tiers[SPECULATIVE_TIER] = Tier(
                     SPECULATIVE_TIER, None, model, tokenizer, kind="speculative"
                 )
+            self.router = self._load_router(model)
+            if self.router is not None:
+                self.family_tiers[AUTO_TIER] = Tier(AUTO_TIER, None, model, tokenizer, kind="auto")
         self._lock = threading.Lock()
         #: Streams whose client went away before the end, and the tokens each had decoded then.
         self.cancelled_streams: list[int] = []
         log.info("serving %s: tiers %s", self.release, ", ".join(self.tier_names()))
+
+    def _load_router(self, family):
+        """The release's router (`router.json`), checked against `family`; None when it has none."""
+        from tasks.release.router import ROUTER_FILE, Router
+
+        path = self.release_dir / ROUTER_FILE
+        if not path.is_file():
+            return None
+        try:
+            router = Router.load(path)
+            router.check_model(family)
+        except ValueError as e:
+            raise StageError(f"{path}: cannot serve the auto tier: {e}") from None
+        missing = [d for d in router.exit_layers if f"exit_{d}" not in self.tiers]
+        if missing:
+            raise StageError(f"{path}: the router routes to members {missing} that the release lacks")
+        return router
 
     # catalogue --------------------------------------------------------------------------------
     def tier_names(self) -> list[str]:
@@ -431,6 +465,8 @@ class CompletionService:
                 entry["exit_layers"] = list(cfg.exit_layers)
             if tier.kind == "speculative":
                 entry.update(draft_exit=self.draft_exit, draft_tokens=self.draft_tokens)
+            if tier.kind == "auto":
+                entry.update(threshold=self.router.threshold, probe_layers=self.router.probe_layers)
             data.append(entry)
         for alias, target in self.aliases.items():
             data.append(
@@ -493,10 +529,10 @@ class CompletionService:
                 "unsupported_parameter",
                 "temperature",
             )
-        if req.threshold is not None and tier.kind != "dynamic":
+        if req.threshold is not None and tier.kind not in ("dynamic", "auto"):
             raise APIError(
                 400,
-                f"threshold only applies to the '{DYNAMIC_TIER}' model, not {tier.name!r}",
+                f"threshold only applies to the {DYNAMIC_TIER!r} and {AUTO_TIER!r} models, not {tier.name!r}",
                 "unsupported_parameter",
                 "threshold",
             )
@@ -729,6 +765,9 @@ class CompletionService:
             ruyi["draft_exit"] = req.draft_exit or self.draft_exit
             ruyi["draft_tokens"] = req.draft_tokens or self.draft_tokens
             ruyi["choices"] = extras
+        elif tier.kind == "auto":
+            ruyi["threshold"] = req.threshold if req.threshold is not None else self.router.threshold
+            ruyi["choices"] = extras
         return ruyi
 
     def _response(self, obj, id_prefix, tier, req, choices, usage, extras, t0) -> dict[str, Any]:
@@ -777,6 +816,7 @@ class CompletionService:
                         "member": self._decode_fixed,
                         "dynamic": self._decode_dynamic,
                         "speculative": self._decode_speculative,
+                        "auto": self._decode_auto,
                     }[tier.kind]
                     decoding.extra = run(tier, input_ids, req, decoding)
             if decoding.cancelled.is_set() and decoding.finish is None:
@@ -850,6 +890,27 @@ class CompletionService:
             "tokens_per_member": {str(d): exits.count(d) for d in tier.model.config.exit_layers},
             "mean_exit_layer": sum(exits) / len(exits) if exits else None,
             "mean_layers_run": sum(layers) / len(layers) if layers else None,
+        }
+
+    def _decode_auto(self, tier: Tier, input_ids, req: _GenerationFields, decoding: _Decoding) -> dict:
+        """The router picks the member from the prompt (one pass of its first `probe_layers` backbone
+        layers, skipped at threshold 1), then that member's tier decodes: its own output exactly."""
+        from tasks.release.router import probe_cost, prompt_features
+
+        router = self.router
+        threshold = float(req.threshold if req.threshold is not None else router.threshold)
+        scores: dict[int, float] = {}
+        member = router.deepest
+        if router.needs_signal(threshold):
+            features = prompt_features(tier.model, [input_ids[0].tolist()], router.probe_layers)[0]
+            member, scores = router.choose(features, threshold)
+        self._decode_fixed(self.tiers[f"exit_{member}"], input_ids, req, decoding)
+        return {
+            "member": f"exit_{member}",
+            "exit_layer": member,
+            "scores": {f"exit_{d}": round(p, 6) for d, p in scores.items()},
+            "member_layers": router.costs[member],
+            "router_layers": probe_cost(router.probe_layers, threshold),
         }
 
     def _decode_speculative(self, tier: Tier, input_ids, req: _GenerationFields, decoding: _Decoding) -> dict:
@@ -1419,6 +1480,7 @@ __all__ = [
     "resolve_release",
     "http_json",
     "DYNAMIC_TIER",
+    "AUTO_TIER",
     "SPECULATIVE_TIER",
     "EventStream",
 ]

@@ -98,6 +98,9 @@ MICRO = {
     "evaluate.max_new_tokens": 12,
     "evaluate.loss_batches": 2,
     "evaluate.speed_new_tokens": 4,
+    "route.num_select": 10,
+    "route.num_problems": 6,
+    "route.max_new_tokens": 12,
     "gates.max_loss": 50.0,
     "gates.depth_tolerance": 1.0,
     "gates.min_loss_margin": 0.0,
@@ -194,6 +197,7 @@ def test_full_pipeline_runs_every_stage(workspace, first_run):
         "rl",
         "compress",
         "evaluate",
+        "route",
         "gates",
         "export",
         "deploy",
@@ -360,7 +364,7 @@ def test_rerun_from_compress_through_a_real_prefect_server(workspace, first_run,
             "POST", f"{api}/task_runs/filter", {"task_runs": {"flow_run_id": {"any_": [run_["id"]]}}}
         )
         names = sorted(t["name"] for t in tasks)
-        assert names == sorted(["compress", "evaluate", "gates", "export", "deploy"]), names
+        assert names == sorted(["compress", "evaluate", "route", "gates", "export", "deploy"]), names
         assert (
             workspace / "artifacts/rl/model.safetensors"
         ).stat().st_mtime_ns == rl_mtime  # upstream untouched

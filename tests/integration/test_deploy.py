@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from s3server import s3_server  # noqa: F401  (module-scoped SeaweedFS fixture)
-from tiny_export import build_tiny_export, private_tmpdir
+from tiny_export import add_router, build_tiny_export, private_tmpdir
 
 from tasks.core.files import write_jsonl
 from tasks.core.params import load_params
@@ -53,7 +53,11 @@ EVAL_ROWS = [
 def export_src():
     # exit 2 is a decomposed DaE member: the export holds its factored copy, which tier exit_2 serves
     with private_tmpdir("ruyi-deploy-export-") as tmp:
-        yield build_tiny_export(tmp / "export", dae_blocks=2)
+        out = build_tiny_export(tmp / "export", dae_blocks=2)
+        # the route stage's router, as export ships it. Its exit_2 (two DaE blocks) runs as many layers as
+        # exit_4, so it is no cheaper and the router sends every request to exit_4.
+        add_router(out, [r["question"] for r in EVAL_ROWS], [1, 0, 1], threshold=0.5)
+        yield out
 
 
 def eval_quality(export: Path) -> dict:
@@ -260,6 +264,9 @@ def test_deploy_stage_s3_end_to_end(tmp_path, export_src, s3_server, monkeypatch
         assert 0 <= tiers[tier]["accuracy"] <= 1 and tiers[tier]["latency_ms_p50"] > 0
         assert tiers[tier]["completion_tokens_mean"] <= 8
     assert tiers["dynamic"]["ok"] == 2 and 2 <= tiers["dynamic"]["mean_exit_layer"] <= 4
+    # speculative: the deepest member's greedy output; auto: each answer by the member the router picked
+    assert tiers["speculative"]["ok"] == 2 and tiers["speculative"]["same_as_deepest"] == 1.0
+    assert tiers["auto"]["ok"] == 2 and tiers["auto"]["members"] == {"exit_4": 2}
     # Every member tier ran the evaluated parameter count; the DaE tier its factored weights.
     evaluated = eval_quality(export_src)
     for d, weights in ((2, "factored"), (4, "dense")):

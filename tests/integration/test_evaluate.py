@@ -16,6 +16,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -197,6 +198,13 @@ def write_params(root: Path, **sections) -> Path:
             "heal_steps": 3,
             "loss_batches": 2,
         },
+        "route": {
+            "num_select": 12,
+            "num_problems": 8,
+            "max_new_tokens": 12,
+            "decode_batch_size": 4,
+            "folds": 3,
+        },
         "evaluate": {
             "num_problems": 8,
             "max_new_tokens": 20,
@@ -237,8 +245,27 @@ def build_workspace(session_tmp: Path, root: Path, compressed: bool = True) -> P
             tokenizer,
             root / "artifacts" / "compress",
         )
+        write_micro_router(root)
     write_params(root)
     return root
+
+
+def write_micro_router(root: Path, threshold: float = 0.5) -> Path:
+    """artifacts/route/router.json for artifacts/compress, as the route stage writes it but fitted
+    directly (probes on the select prompts' features with alternating labels): what export ships."""
+    from ruyi_model.decoding import encode_prompts
+    from tasks.core.artifacts import load_family
+    from tasks.release.router import ROUTER_FILE, build_router, fit_probe, prompt_features
+
+    model, tokenizer = load_family(root / "artifacts" / "compress")
+    ids = encode_prompts(tokenizer, [r["prompt"] for r in select_problems(12, 200)])
+    x = prompt_features(model, ids, 1)
+    labels = np.arange(len(ids)) % 2
+    probes = {d: fit_probe(x, labels, 1.0) for d in EXITS[:-1]}
+    router = build_router(model, probes, 1, threshold, ids[0])
+    path = root / "artifacts" / "route" / ROUTER_FILE
+    router.save(path)
+    return path
 
 
 # --- oracle ---------------------------------------------------------------------------------

@@ -154,6 +154,33 @@ def test_bad_inputs_are_named(exported, tmp_path, capsys):
     assert not (broken / "export").exists()
 
 
+def test_the_router_is_shipped_and_must_belong_to_the_family(exported, tmp_path, capsys):
+    from tasks.export import main
+
+    out = exported / "artifacts/export"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["router"] == "router.json" and "router.json" in manifest["files"]
+    shipped = (out / "router.json").read_bytes()
+    assert shipped == (exported / "artifacts/route/router.json").read_bytes()
+    m = json.loads((exported / "metrics/export.json").read_text())
+    assert m["router"]["threshold"] == json.loads(shipped)["threshold"]
+
+    params = str(exported / "params.yaml")
+    arts = tmp_path / "arts"
+    shutil.copytree(exported / "artifacts/compress", arts / "compress")
+    assert main(["--params", params, "--set", f"paths.artifacts_dir={arts}"]) == 2
+    assert f"router not found at {arts / 'route' / 'router.json'}" in capsys.readouterr().err
+    # a router calibrated on other weights (its check prompt's features differ) is refused
+    router = json.loads(shipped)
+    router["check"]["features"] = [v + 0.5 for v in router["check"]["features"]]
+    (arts / "route").mkdir()
+    (arts / "route/router.json").write_text(json.dumps(router))
+    assert main(["--params", params, "--set", f"paths.artifacts_dir={arts}"]) == 2
+    err = capsys.readouterr().err
+    assert "router.json: cannot ship this router" in err and "other weights" in err
+    assert not (arts / "export").exists()
+
+
 def test_every_member_is_exported_as_gguf_and_loads_back_in_transformers(exported, tmp_path):
     """params.yaml's export.gguf_dtypes ([f32, q8_0]): exit_<d>/model-<dtype>.gguf for every member (the
     DaE member's from its dense export), listed with its sha256 and dtype; loaded alone by transformers'
@@ -216,12 +243,13 @@ def test_a_failed_gguf_check_publishes_nothing(exported, tmp_path, capsys, monke
     from tasks.export import main
 
     arts = tmp_path / "artifacts"
-    shutil.copytree(exported / "artifacts/compress", arts / "compress")
+    for stage in ("compress", "route"):
+        shutil.copytree(exported / "artifacts" / stage, arts / stage)
     monkeypatch.setattr(tasks.export, "GGUF_REL_BOUND", {"f16": 1e-9, "q8_0": 1e-9})
     assert main(["--params", str(exported / "params.yaml"), "--set", f"paths.artifacts_dir={arts}"]) == 2
     err = capsys.readouterr().err
     assert f"exit_{EXITS[0]}/model-q8_0.gguf: logits differ" in err and "bound for q8_0" in err
-    assert sorted(p.name for p in arts.iterdir()) == ["compress"]
+    assert sorted(p.name for p in arts.iterdir()) == ["compress", "route"]
 
     # export.gguf_dtypes: [] writes no GGUF file (and checks none)
     assert (

@@ -137,6 +137,7 @@ def test_repository_pipeline_order_is_dvc_dag_order():
         "rl",
         "compress",
         "evaluate",
+        "route",
         "gates",
         "export",
         "deploy",

@@ -82,6 +82,14 @@ def test_cross_field_rules(tmp_path):
         load_params(write(tmp_path, "model:\n  num_hidden_layers: 8\n  exit_layers: [2, 4]\n"))
     with pytest.raises(ParamsError, match=r"expand.exit_layer 3 is not one of model.exit_layers"):
         load_params(write(tmp_path, "expand:\n  exit_layer: 3\n"))
+    with pytest.raises(ParamsError, match=r"deploy.speculative_draft_exit 8 must be a member shallower"):
+        load_params(write(tmp_path, "deploy:\n  speculative_draft_exit: 8\n"))
+    with pytest.raises(ParamsError, match=r"deploy.speculative_draft_tokens"):
+        load_params(write(tmp_path, "deploy:\n  speculative_draft_tokens: 17\n"))
+    with pytest.raises(ParamsError, match=r"route.threshold"):
+        load_params(write(tmp_path, "route:\n  threshold: 1.5\n"))
+    with pytest.raises(ParamsError, match=r"route.folds"):
+        load_params(write(tmp_path, "route:\n  folds: 1\n"))
 
 
 def test_missing_and_malformed_files(tmp_path):

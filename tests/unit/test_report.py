@@ -75,3 +75,16 @@ def test_recipe_lines_show_the_dae_rl_and_compression_gains(tmp_path):
     assert "10.0% before DaE -> 30.0% dense -> 29.0% decomposed" in dae and "accuracy 0.95" in dae
     assert "30.0% -> 36.0%" in rl_line and "27/30" in rl_line
     assert "55.0% of the DaE blocks" in compression and "45.0% of both" in compression
+    route = {
+        "threshold": 0.6,
+        "always_deepest": {"layers_per_request": 8.0, "accuracy": 0.675},
+        "router": {"layers_per_request": 4.5, "accuracy": 0.67},
+        "relative_layer_saving": 0.4375,
+        "goal": {"met": True},
+    }
+    (tmp_path / "route.json").write_text(json.dumps(route))
+    router = recipe_lines(tmp_path)[-1]
+    assert (
+        "threshold 0.6" in router and "4.5 layers/request at 67.0% vs always-deepest 8.0 at 67.5%" in router
+    )
+    assert "43.8% fewer layers, goal met" in router
