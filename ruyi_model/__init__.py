@@ -2,10 +2,15 @@
 
 Public API:
     FamilialConfig, FamilialForCausalLM     the config and the model (registered with the Auto classes)
+    FamilialVLConfig, FamilialVLForConditionalGeneration
+                                            the vision-language family (Ruyi2.5) on Qwen3-VL
+    Qwen3VLImageOnlyProcessor, build_vl_processor
+                                            its processor (images, no torchvision), AutoProcessor-registered
     expand, dae_trainable_parameters        DaE expansion (zero-residual blocks on one member)
     decompose                               DaE decomposition (activation-aware SVD of the added blocks):
                                             a DecomposeResult (model, report)
-    export_exits                            each member as a stock Qwen3ForCausalLM checkpoint
+    export_exits                            each member as a stock Qwen3ForCausalLM (or, for the
+                                            vision-language family, Qwen3VLForConditionalGeneration)
     member_to_familial                      one member alone, low-rank factors kept (what is served)
     dynamic_generate                        confidence-based dynamic early exit (decoding)
     speculative_generate                    self-speculative decoding (a shallow member drafts)
@@ -15,7 +20,13 @@ Public API:
 This package never imports the pipeline, Prefect, DVC or Ray. Choices: docs/choices.md#model.
 """
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    Qwen3VLConfig,
+)
 
 from ruyi_model.config import FamilialConfig
 from ruyi_model.dae import (
@@ -30,9 +41,17 @@ from ruyi_model.export import export_exits, member_to_familial, member_to_qwen3,
 from ruyi_model.generation import DynamicGenerationOutput, dynamic_generate
 from ruyi_model.modeling import FamilialCausalLMOutput, FamilialForCausalLM, LowRankLinear
 from ruyi_model.tokenizer import load_tokenizer, train_tokenizer
+from ruyi_model.vl import FamilialVLConfig, FamilialVLForConditionalGeneration, member_to_qwen3_vl
+from ruyi_model.vl_processor import Qwen3VLImageOnlyProcessor, build_vl_processor
 
 AutoConfig.register(FamilialConfig.model_type, FamilialConfig, exist_ok=True)
 AutoModelForCausalLM.register(FamilialConfig, FamilialForCausalLM, exist_ok=True)
+AutoConfig.register(FamilialVLConfig.model_type, FamilialVLConfig, exist_ok=True)
+AutoModelForImageTextToText.register(FamilialVLConfig, FamilialVLForConditionalGeneration, exist_ok=True)
+# Exported members are stock Qwen3-VL: their processor directory loads with AutoProcessor only once the
+# image-only processor is registered (transformers would otherwise return the bare tokenizer).
+AutoProcessor.register(Qwen3VLConfig, Qwen3VLImageOnlyProcessor, exist_ok=True)
+AutoProcessor.register(FamilialVLConfig, Qwen3VLImageOnlyProcessor, exist_ok=True)
 
 # Optional features, imported on first use: the pipeline's stages do not need them, so they stay out of the
 # stages' code dependencies (tasks.core.codedeps follows static imports) and out of `import ruyi_model`.
@@ -53,6 +72,11 @@ __all__ = [
     "FamilialConfig",
     "FamilialForCausalLM",
     "FamilialCausalLMOutput",
+    "FamilialVLConfig",
+    "FamilialVLForConditionalGeneration",
+    "member_to_qwen3_vl",
+    "Qwen3VLImageOnlyProcessor",
+    "build_vl_processor",
     "LowRankLinear",
     "expand",
     "dae_trainable_parameters",
