@@ -86,18 +86,25 @@ class FamilialVLConfig(Qwen3VLConfig):
         """The text `FamilialConfig` with this family's exits (cached; raises ValueError if invalid)."""
         tc = self.text_config
         weights = self.exit_loss_weights
+        key = (
+            tc.num_hidden_layers,
+            tc.hidden_size,
+            tc.vocab_size,
+            float(tc.rms_norm_eps),
+            _frozen(self.exit_layers),
+            self.exit_branch_layers,
+            self.shared_heads,
+            _frozen(weights),
+            self.loss_impl,
+        )
         try:
-            return _layout(
-                tc.num_hidden_layers,
-                tc.hidden_size,
-                tc.vocab_size,
-                float(tc.rms_norm_eps),
-                _frozen(self.exit_layers),
-                self.exit_branch_layers,
-                self.shared_heads,
-                _frozen(weights),
-                self.loss_impl,
-            )
+            hash(key)
+        except TypeError:  # e.g. a numpy array: checked (and rejected) without the cache
+            build = _layout.__wrapped__
+        else:
+            build = _layout
+        try:
+            return build(*key)
         except ValueError as e:
             raise ValueError(str(e).replace("FamilialConfig.", "FamilialVLConfig.")) from None
 
@@ -153,10 +160,20 @@ class FamilialVLConfig(Qwen3VLConfig):
 
 
 def _frozen(value):
-    return tuple(value) if isinstance(value, list) else value
+    """A hashable cache key that keeps each element's type: 1.0 == 1 and hash(1.0) == hash(1), so a
+    plain tuple would let a cached valid layout answer for exit_layers=[1.0, 4]."""
+    if isinstance(value, (list, tuple)):
+        return ("seq", type(value), tuple((type(v), v) for v in value))
+    return value
 
 
-@functools.lru_cache(maxsize=128)
+def _thawed(value):
+    if isinstance(value, tuple) and value and value[0] == "seq":
+        return value[1](v for _, v in value[2])
+    return value
+
+
+@functools.lru_cache(maxsize=128, typed=True)
 def _layout(num_layers, hidden, vocab, eps, exits, branch, shared, weights, impl) -> FamilialConfig:
     return FamilialConfig(
         vocab_size=vocab,
@@ -167,10 +184,10 @@ def _layout(num_layers, hidden, vocab, eps, exits, branch, shared, weights, impl
         num_key_value_heads=1,
         head_dim=hidden,
         rms_norm_eps=eps,
-        exit_layers=list(exits) if isinstance(exits, tuple) else exits,
+        exit_layers=_thawed(exits),
         exit_branch_layers=branch,
         shared_heads=shared,
-        exit_loss_weights=list(weights) if isinstance(weights, tuple) else weights,
+        exit_loss_weights=_thawed(weights),
         loss_impl=impl,
         tie_word_embeddings=False,
     )
