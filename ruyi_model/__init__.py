@@ -5,7 +5,8 @@ Public API:
     FamilialVLConfig, FamilialVLForConditionalGeneration
                                             the vision-language family (Ruyi2.5) on Qwen3-VL
     Qwen3VLImageOnlyProcessor, build_vl_processor
-                                            its processor (images, no torchvision), AutoProcessor-registered
+                                            its processor (images, no torchvision); importing ruyi_model.vl
+                                            registers the family and this processor with the Auto classes
     expand, dae_trainable_parameters        DaE expansion (zero-residual blocks on one member)
     decompose                               DaE decomposition (activation-aware SVD of the added blocks):
                                             a DecomposeResult (model, report)
@@ -20,13 +21,7 @@ Public API:
 This package never imports the pipeline, Prefect, DVC or Ray. Choices: docs/choices.md#model.
 """
 
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForImageTextToText,
-    AutoProcessor,
-    Qwen3VLConfig,
-)
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from ruyi_model.config import FamilialConfig
 from ruyi_model.dae import (
@@ -41,21 +36,23 @@ from ruyi_model.export import export_exits, member_to_familial, member_to_qwen3,
 from ruyi_model.generation import DynamicGenerationOutput, dynamic_generate
 from ruyi_model.modeling import FamilialCausalLMOutput, FamilialForCausalLM, LowRankLinear
 from ruyi_model.tokenizer import load_tokenizer, train_tokenizer
-from ruyi_model.vl import FamilialVLConfig, FamilialVLForConditionalGeneration, member_to_qwen3_vl
-from ruyi_model.vl_processor import Qwen3VLImageOnlyProcessor, build_vl_processor
 
 AutoConfig.register(FamilialConfig.model_type, FamilialConfig, exist_ok=True)
 AutoModelForCausalLM.register(FamilialConfig, FamilialForCausalLM, exist_ok=True)
-AutoConfig.register(FamilialVLConfig.model_type, FamilialVLConfig, exist_ok=True)
-AutoModelForImageTextToText.register(FamilialVLConfig, FamilialVLForConditionalGeneration, exist_ok=True)
-# Exported members are stock Qwen3-VL: their processor directory loads with AutoProcessor only once the
-# image-only processor is registered (transformers would otherwise return the bare tokenizer).
-AutoProcessor.register(Qwen3VLConfig, Qwen3VLImageOnlyProcessor, exist_ok=True)
-AutoProcessor.register(FamilialVLConfig, Qwen3VLImageOnlyProcessor, exist_ok=True)
 
 # Optional features, imported on first use: the pipeline's stages do not need them, so they stay out of the
 # stages' code dependencies (tasks.core.codedeps follows static imports) and out of `import ruyi_model`.
-_LAZY = {"speculative_generate": "ruyi_model.speculative", "export_gguf": "ruyi_model.gguf_export"}
+# The vision-language family likewise: the text pipeline does not run it, and importing ruyi_model.vl
+# (done by the first access to one of its names) registers it with the Auto classes.
+_LAZY = {
+    "speculative_generate": "ruyi_model.speculative",
+    "export_gguf": "ruyi_model.gguf_export",
+    "FamilialVLConfig": "ruyi_model.vl",
+    "FamilialVLForConditionalGeneration": "ruyi_model.vl",
+    "member_to_qwen3_vl": "ruyi_model.vl",
+    "Qwen3VLImageOnlyProcessor": "ruyi_model.vl_processor",
+    "build_vl_processor": "ruyi_model.vl_processor",
+}
 
 
 def __getattr__(name: str):

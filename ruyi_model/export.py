@@ -19,6 +19,7 @@ import copy
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -27,7 +28,6 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from ruyi_model.config import FamilialConfig
 from ruyi_model.fileio import atomic_dir, sha256_file
 from ruyi_model.modeling import FamilialForCausalLM, LowRankLinear
-from ruyi_model.vl import FamilialVLForConditionalGeneration, member_to_qwen3_vl
 
 log = logging.getLogger(__name__)
 
@@ -233,9 +233,9 @@ def _list_files(root: Path) -> list[str]:
 def export_exits(model, out_dir: str | Path, tokenizer=None, *, processor=None) -> dict:
     """Writes every member as a stock Qwen3 checkpoint, the family checkpoint and a manifest.
 
-    A vision-language family (`FamilialVLForConditionalGeneration`) goes to `_export_vl_exits`: every
-    member as a stock `Qwen3VLForConditionalGeneration` with the processor (passed as `tokenizer` or
-    `processor`), the family, and a manifest with `"modality": "vision-language"`.
+    A vision-language family (`FamilialVLForConditionalGeneration`) goes to `ruyi_model.vl`'s
+    `export_vl_exits`: every member as a stock `Qwen3VLForConditionalGeneration` with the processor
+    (passed as `tokenizer` or `processor`), the family, and a manifest with `"modality"`.
 
     A member that runs low-rank factors also gets `exit_<d>_factored/` (`member_to_familial`), and its
     manifest entry states both counts: `num_parameters` (dense) and `factored.num_parameters`.
@@ -252,8 +252,11 @@ def export_exits(model, out_dir: str | Path, tokenizer=None, *, processor=None) 
 
     if processor is not None and tokenizer is not None:
         raise TypeError("export_exits: pass the processor as tokenizer or as processor, not both")
-    if isinstance(model, FamilialVLForConditionalGeneration):
-        return _export_vl_exits(model, Path(out_dir), processor if processor is not None else tokenizer)
+    # A vision-language family exists only once ruyi_model.vl is imported; looking it up there (not
+    # importing it) keeps the text pipeline's stages free of the VL modules (tasks.core.codedeps).
+    vl = sys.modules.get("ruyi_model.vl")
+    if vl is not None and isinstance(model, vl.FamilialVLForConditionalGeneration):
+        return vl.export_vl_exits(model, out_dir, processor if processor is not None else tokenizer)
     if processor is not None:
         raise TypeError("export_exits: processor= is for vision-language families; pass tokenizer=")
     if not isinstance(model, FamilialForCausalLM):
@@ -328,78 +331,6 @@ def export_exits(model, out_dir: str | Path, tokenizer=None, *, processor=None) 
             f.flush()
             os.fsync(f.fileno())
     log.info("export: %d members + family -> %s (%d files)", len(members), out_dir, len(files))
-    return manifest
-
-
-def _export_vl_exits(model, out_dir: Path, processor) -> dict:
-    """`export_exits` for a vision-language family (members as stock Qwen3-VL, processor beside each)."""
-    from tqdm.auto import tqdm
-
-    if processor is not None and not (
-        hasattr(processor, "save_pretrained") and hasattr(processor, "image_processor")
-    ):
-        raise TypeError(
-            "export_exits: a vision-language family needs its processor (tokenizer + image processor, "
-            f"e.g. ruyi_model.build_vl_processor), got {type(processor).__name__}"
-        )
-    cfg = model.config
-    members = {}
-    with atomic_dir(out_dir) as tmp:
-        for d in tqdm(cfg.exit_layers, desc="export: members", unit="member", disable=None):
-            target = tmp / member_dir_name(d)
-            q = member_to_qwen3_vl(model, d)
-            q.save_pretrained(target)
-            if processor is not None:
-                processor.save_pretrained(target)
-            members[str(d)] = {
-                "dir": member_dir_name(d),
-                "exit_layer": d,
-                "num_hidden_layers": q.config.text_config.num_hidden_layers,
-                "deepstack_visual_indexes": list(q.config.vision_config.deepstack_visual_indexes),
-                "dae_blocks": 0,
-                "num_parameters": sum(p.numel() for p in q.parameters()),
-                "vision_parameters": sum(p.numel() for p in q.model.visual.parameters()),
-                "architecture": type(q).__name__,
-                "factored": None,
-            }
-            del q
-        model.save_pretrained(tmp / FAMILY_DIR)
-        if processor is not None:
-            processor.save_pretrained(tmp / FAMILY_DIR)
-        files = {}
-        for rel in _list_files(tmp):
-            files[rel] = {"sha256": sha256_file(tmp / rel), "bytes": (tmp / rel).stat().st_size}
-        manifest = {
-            "format": FORMAT,
-            "modality": "vision-language",
-            "dtype": str(model.dtype).removeprefix("torch."),
-            "exit_layers": list(cfg.exit_layers),
-            "members": members,
-            "family": {
-                "dir": FAMILY_DIR,
-                "architecture": type(model).__name__,
-                "model_type": cfg.model_type,
-                "num_hidden_layers": cfg.text_config.num_hidden_layers,
-                "vision_depth": cfg.vision_config.depth,
-                "deepstack_visual_indexes": list(cfg.vision_config.deepstack_visual_indexes),
-                "exit_branch_layers": cfg.exit_branch_layers,
-                "shared_heads": cfg.shared_heads,
-                "dae_blocks": [0] * len(cfg.exit_layers),
-                "lowrank_ranks": {},
-                "num_parameters": sum(p.numel() for p in model.parameters()),
-            },
-            "tokenizer": processor is not None,
-            "processor": processor is not None,
-            "files": files,
-        }
-        with open(tmp / MANIFEST, "w") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-    log.info(
-        "export: %d vision-language members + family -> %s (%d files)", len(members), out_dir, len(files)
-    )
     return manifest
 
 

@@ -18,13 +18,22 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+)
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -36,12 +45,17 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import (
 )
 
 from ruyi_model.config import LOSS_IMPLS, FamilialConfig
+from ruyi_model.export import FAMILY_DIR, FORMAT, MANIFEST, _list_files, member_dir_name
+from ruyi_model.fileio import atomic_dir, sha256_file
 from ruyi_model.modeling import (
     _CACHE_OWNER_ATTR,
     ExitBranch,
     FamilialCausalLMOutput,
     multi_exit_head_loss,
 )
+from ruyi_model.vl_processor import Qwen3VLImageOnlyProcessor
+
+log = logging.getLogger(__name__)
 
 FAMILY_FIELDS = ("exit_layers", "exit_branch_layers", "shared_heads", "exit_loss_weights", "loss_impl")
 
@@ -636,6 +650,89 @@ def member_vl_num_parameters(model: FamilialVLForConditionalGeneration, exit_lay
     return sum(t.numel() for t in member_vl_state_dict(model, exit_layer).values())
 
 
+def export_vl_exits(model: FamilialVLForConditionalGeneration, out_dir: str | Path, processor) -> dict:
+    """`ruyi_model.export.export_exits` for a vision-language family (call that): every member as a
+    stock Qwen3-VL with the processor beside it, the family, and the manifest (written last, atomically;
+    layout and fields as the text export's, plus `modality`, deepstack indexes and vision counts)."""
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+
+    if processor is not None and not (
+        hasattr(processor, "save_pretrained") and hasattr(processor, "image_processor")
+    ):
+        raise TypeError(
+            "export_exits: a vision-language family needs its processor (tokenizer + image processor, "
+            f"e.g. ruyi_model.build_vl_processor), got {type(processor).__name__}"
+        )
+    cfg = model.config
+    members = {}
+    with atomic_dir(out_dir) as tmp:
+        for d in tqdm(cfg.exit_layers, desc="export: members", unit="member", disable=None):
+            target = tmp / member_dir_name(d)
+            q = member_to_qwen3_vl(model, d)
+            q.save_pretrained(target)
+            if processor is not None:
+                processor.save_pretrained(target)
+            members[str(d)] = {
+                "dir": member_dir_name(d),
+                "exit_layer": d,
+                "num_hidden_layers": q.config.text_config.num_hidden_layers,
+                "deepstack_visual_indexes": list(q.config.vision_config.deepstack_visual_indexes),
+                "dae_blocks": 0,
+                "num_parameters": sum(p.numel() for p in q.parameters()),
+                "vision_parameters": sum(p.numel() for p in q.model.visual.parameters()),
+                "architecture": type(q).__name__,
+                "factored": None,
+            }
+            del q
+        model.save_pretrained(tmp / FAMILY_DIR)
+        if processor is not None:
+            processor.save_pretrained(tmp / FAMILY_DIR)
+        files = {}
+        for rel in _list_files(tmp):
+            files[rel] = {"sha256": sha256_file(tmp / rel), "bytes": (tmp / rel).stat().st_size}
+        manifest = {
+            "format": FORMAT,
+            "modality": "vision-language",
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "exit_layers": list(cfg.exit_layers),
+            "members": members,
+            "family": {
+                "dir": FAMILY_DIR,
+                "architecture": type(model).__name__,
+                "model_type": cfg.model_type,
+                "num_hidden_layers": cfg.text_config.num_hidden_layers,
+                "vision_depth": cfg.vision_config.depth,
+                "deepstack_visual_indexes": list(cfg.vision_config.deepstack_visual_indexes),
+                "exit_branch_layers": cfg.exit_branch_layers,
+                "shared_heads": cfg.shared_heads,
+                "dae_blocks": [0] * len(cfg.exit_layers),
+                "lowrank_ranks": {},
+                "num_parameters": sum(p.numel() for p in model.parameters()),
+            },
+            "tokenizer": processor is not None,
+            "processor": processor is not None,
+            "files": files,
+        }
+        with open(tmp / MANIFEST, "w") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+    log.info(
+        "export: %d vision-language members + family -> %s (%d files)", len(members), out_dir, len(files)
+    )
+    return manifest
+
+
+# Importing this module registers the family with the Auto classes (and, through vl_processor, the
+# image-only processor for stock Qwen3-VL configs, i.e. the exported members).
+AutoConfig.register(FamilialVLConfig.model_type, FamilialVLConfig, exist_ok=True)
+AutoModelForImageTextToText.register(FamilialVLConfig, FamilialVLForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(FamilialVLConfig, Qwen3VLImageOnlyProcessor, exist_ok=True)
+
+
 __all__ = [
     "FamilialVLConfig",
     "FamilialVLForConditionalGeneration",
@@ -644,4 +741,5 @@ __all__ = [
     "member_vl_state_dict",
     "member_to_qwen3_vl",
     "member_vl_num_parameters",
+    "export_vl_exits",
 ]

@@ -2,8 +2,8 @@
 
 Stock `Qwen3VLProcessor` needs a video processor, which needs torchvision; this project reads images
 only and has no torchvision. `Qwen3VLImageOnlyProcessor` is the stock processor without the video
-part (same tokens, same `pixel_values` / `image_grid_thw` / `mm_token_type_ids`). Importing
-`ruyi_model` registers it with `AutoProcessor` for Qwen3-VL configs, so an exported member's directory
+part (same tokens, same `pixel_values` / `image_grid_thw` / `mm_token_type_ids`). Importing this
+module registers it with `AutoProcessor` for Qwen3-VL configs, so an exported member's directory
 loads with `AutoProcessor.from_pretrained(dir)` (without the registration transformers silently
 returns the bare tokenizer).
 
@@ -13,7 +13,7 @@ returns the bare tokenizer).
 
 from __future__ import annotations
 
-from transformers import Qwen2VLImageProcessorPil
+from transformers import AutoProcessor, Qwen2VLImageProcessorPil, Qwen3VLConfig
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
 # The special tokens the stock processor and a Qwen3-VL config expect (token strings are fixed by the
@@ -78,5 +78,7 @@ def build_vl_processor(tokenizer, model_config, chat_template: str | None = None
         image_processor=image_processor, tokenizer=tokenizer, chat_template=template
     )
 
+
+AutoProcessor.register(Qwen3VLConfig, Qwen3VLImageOnlyProcessor, exist_ok=True)
 
 __all__ = ["Qwen3VLImageOnlyProcessor", "build_image_processor", "build_vl_processor", "VISION_TOKENS"]
