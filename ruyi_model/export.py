@@ -63,8 +63,12 @@ def member_num_parameters(model: FamilialForCausalLM, exit_layer: int) -> int:
     """Parameters member `exit_layer` runs as a standalone model (low-rank factors counted as factors).
 
     The count `evaluate` reports as `params`; equal to `member_to_familial(model, d).num_parameters()`
-    and, for a member without low-rank modules, to its dense stock export's count.
+    and, for a member without low-rank modules, to its dense stock export's count. For a vision-language
+    family: the member's stock Qwen3-VL export's count (vision tower and its deepstack mergers included).
     """
+    vl = sys.modules.get("ruyi_model.vl")  # (see export_exits: found, not imported)
+    if vl is not None and isinstance(model, vl.FamilialVLForConditionalGeneration):
+        return vl.member_vl_num_parameters(model, exit_layer)
     return sum(p.numel() for module in member_modules(model, exit_layer) for p in module.parameters())
 
 

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen3VLForConditionalGeneration
 
 from ruyi_model import FamilialVLForConditionalGeneration, Qwen3VLImageOnlyProcessor, export_exits
-from ruyi_model.export import verify_export
+from ruyi_model.export import member_num_parameters, verify_export
 from ruyi_model.vl_processor import build_vl_processor
 from tests.tiny_vl import (
     CHAT_TEMPLATE,
@@ -75,6 +75,7 @@ def test_members_load_in_plain_transformers_with_equal_logits(family, exported):
             and entry["architecture"] == type(model).__name__
         )
         assert entry["deepstack_visual_indexes"] == [0, 1, 2][:d]
+        assert member_num_parameters(family, d) == entry["num_parameters"]
 
 
 def test_member_generate_equals_family(family, exported):

@@ -377,3 +377,22 @@ def test_training_step_updates_every_group(src, batch):
     opt.step()
     with torch.no_grad():
         assert fam(**batch, labels=labels).loss < first
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(src, batch):
+    labels = masked_labels(batch)
+    grads = []
+    for checkpointing in (False, True):
+        fam = family(src, [1, 2, 4]).train()
+        if checkpointing:
+            fam.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            assert fam.exits["1"].layers[0].gradient_checkpointing
+        out = fam(**batch, labels=labels)
+        out.loss.backward()
+        grads.append(
+            (out.loss.detach(), {n: p.grad for n, p in fam.named_parameters() if p.grad is not None})
+        )
+    (loss_a, grad_a), (loss_b, grad_b) = grads
+    assert torch.equal(loss_a, loss_b) and grad_a.keys() == grad_b.keys()
+    for name in grad_a:
+        torch.testing.assert_close(grad_a[name], grad_b[name], rtol=1e-5, atol=1e-7, msg=name)
