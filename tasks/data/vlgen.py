@@ -6,11 +6,13 @@ read back. Task types (`TASKS`): scene counting, colour, position and relation q
 (alignment), bar / line / pie charts with their values, rendered arithmetic, and simple geometry
 (rectangle and right-triangle areas, a triangle's third angle). The split of an item is a hash of its
 spec, so train and held-out images are disjoint by construction; `check_disjoint` verifies it
-(spec keys and pixel hashes). Nothing is downloaded: shapes are drawn, text uses Pillow's built-in font.
+(spec keys and pixel hashes); `to_record` / `from_record` are the JSON form (image as base64 PNG).
+Nothing is downloaded: shapes are drawn, text uses Pillow's built-in font.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -363,6 +365,49 @@ def generate_vqa(
     return items
 
 
+def to_record(item: VQAItem) -> dict:
+    """A JSON-serialisable record: the image as base64 PNG bytes plus every text field and the spec."""
+    return {
+        "image_png_b64": base64.b64encode(item.png_bytes()).decode("ascii"),
+        "question": item.question,
+        "answer": item.answer,
+        "answer_type": item.answer_type,
+        "task": item.task,
+        "split": item.split,
+        "spec": item.spec,
+    }
+
+
+def from_record(record: dict, where: str = "record") -> VQAItem:
+    """The item of `to_record` (the image decoded and converted to RGB).
+
+    Raises:
+        ValueError: naming `where` and the field, for a missing field, an unknown task, split or answer
+            type, or an image that does not decode.
+    """
+    fields = ("image_png_b64", "question", "answer", "answer_type", "task", "split", "spec")
+    missing = [f for f in fields if f not in record]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {missing}")
+    for name, allowed in (("task", TASKS), ("split", SPLITS), ("answer_type", ANSWER_TYPES)):
+        if record[name] not in allowed:
+            raise ValueError(f"{where}: {name}={record[name]!r} is not one of {sorted(allowed)}")
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(record["image_png_b64"], validate=True)))
+        image.load()
+    except Exception as e:  # binascii.Error, PIL.UnidentifiedImageError, OSError, ...
+        raise ValueError(f"{where}: image_png_b64 does not decode to an image ({e})") from None
+    return VQAItem(
+        image.convert("RGB"),
+        record["question"],
+        record["answer"],
+        record["answer_type"],
+        record["task"],
+        record["spec"],
+        record["split"],
+    )
+
+
 def check_disjoint(train: Sequence[VQAItem], heldout: Sequence[VQAItem]) -> None:
     """Raises ValueError naming the first shared image (same spec or same pixels) of the two splits."""
     specs = {item.spec_key: i for i, item in enumerate(train)}
@@ -376,4 +421,14 @@ def check_disjoint(train: Sequence[VQAItem], heldout: Sequence[VQAItem]) -> None
             raise ValueError(f"held-out item {j} has the pixels of train item {pixels[item.pixel_hash()]}")
 
 
-__all__ = ["VQAItem", "TASKS", "generate_vqa", "check_disjoint", "split_of", "spec_key", "ANSWER_TYPES"]
+__all__ = [
+    "VQAItem",
+    "TASKS",
+    "generate_vqa",
+    "check_disjoint",
+    "split_of",
+    "spec_key",
+    "to_record",
+    "from_record",
+    "ANSWER_TYPES",
+]

@@ -14,8 +14,10 @@ from tasks.data.vlgen import (
     COLOURS,
     TASKS,
     check_disjoint,
+    from_record,
     generate_vqa,
     split_of,
+    to_record,
 )
 
 
@@ -124,3 +126,18 @@ def test_text_answers_are_exact(train):
 def test_bad_arguments_are_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         generate_vqa(4, seed=0, **{"split": "train", **kwargs})
+
+
+def test_record_round_trip_and_bad_records(train):
+    import json
+
+    for x in train[:12]:
+        back = from_record(json.loads(json.dumps(to_record(x))))
+        assert back == x and back.spec == x.spec and back.pixel_hash() == x.pixel_hash()
+    rec = to_record(train[0])
+    with pytest.raises(ValueError, match=r"row 3: missing field\(s\) \['answer'\]"):
+        from_record({k: v for k, v in rec.items() if k != "answer"}, where="row 3")
+    with pytest.raises(ValueError, match="task='ocr'"):
+        from_record({**rec, "task": "ocr"})
+    with pytest.raises(ValueError, match="does not decode"):
+        from_record({**rec, "image_png_b64": "aGVsbG8="})
