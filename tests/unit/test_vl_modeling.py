@@ -396,3 +396,18 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(src, batch):
     assert torch.equal(loss_a, loss_b) and grad_a.keys() == grad_b.keys()
     for name in grad_a:
         torch.testing.assert_close(grad_a[name], grad_b[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_bf16_source_deepest_member_equal_and_rotary_tables_kept(src, batch, tmp_path):
+    src.save_pretrained(tmp_path)
+    bf16 = Qwen3VLForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    bf16.set_attn_implementation("eager")
+    fam = FamilialVLForConditionalGeneration.from_qwen3_vl(bf16, [1, 2, 4]).eval()
+    assert fam.dtype == torch.bfloat16
+    assert fam.model.language_model.rotary_emb.inv_freq.dtype == torch.float32  # as the stock model's
+    with torch.no_grad():
+        assert torch.equal(fam(**batch).logits, bf16(**batch).logits)
+        q = member_to_qwen3_vl(fam, 2)
+        q.set_attn_implementation("eager")
+        assert q.dtype == torch.bfloat16
+        assert torch.equal(q(**batch).logits, fam(**batch, exit_layer=2).logits)
