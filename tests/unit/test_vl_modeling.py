@@ -157,7 +157,9 @@ def test_text_only_input_equals_stock(src):
         )
 
 
-@pytest.mark.parametrize("impl", ["naive", "chunked"])
+@pytest.mark.parametrize(
+    "impl", ["naive", "chunked", pytest.param("triton", marks=pytest.mark.triton_interpreter)]
+)
 def test_multi_exit_loss_equals_weighted_stock_losses(src, batch, impl):
     weights = [0.5, 1.0, 2.0]
     fam = family(src, [1, 2, 4], exit_loss_weights=weights, loss_impl=impl)
