@@ -5,8 +5,10 @@ items, every one rendered with Pillow from a small *spec* (what is drawn) whose 
 read back. Task types (`TASKS`): scene counting, colour, position and relation questions and captions
 (alignment), bar / line / pie charts with their values, rendered arithmetic, and simple geometry
 (rectangle and right-triangle areas, a triangle's third angle). The split of an item is a hash of its
-spec, so train and held-out images are disjoint by construction; `check_disjoint` verifies it
-(spec keys and pixel hashes); `to_record` / `from_record` are the JSON form (image as base64 PNG).
+spec, so train and held-out images are disjoint by construction (`part=` cuts the held-out images
+again into select and eval); `check_disjoint` verifies it (spec keys and pixel hashes);
+`to_record` / `from_record` are the JSON form (image as base64 PNG). The data contract of these
+records: `data_contracts.vl`; the split files: `tasks.data.vldata`.
 Nothing is downloaded: shapes are drawn, text uses Pillow's built-in font.
 """
 
@@ -26,10 +28,16 @@ from PIL import Image, ImageDraw, ImageFont
 from tasks.data.mathgen import format_number
 
 SPLITS = ("train", "heldout")
-ANSWER_TYPES = ("number", "word", "yesno", "caption")
+# The held-out images are cut again, by a second hash of the spec, into the selection set (decisions
+# such as healing) and the reported evaluation set: three disjoint sets of images.
+HELDOUT_PARTS = ("select", "eval")
+# int: "42"; float: a decimal number ("7.5", also "12"); choice: one of the item's `choices`;
+# text: free text (captions).
+ANSWER_TYPES = ("int", "float", "choice", "text")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
 SHAPES = ("square", "circle", "triangle")
 BACKGROUND = (255, 255, 255)
+YES_NO = ("yes", "no")
 
 
 @dataclass(frozen=True)
@@ -40,10 +48,11 @@ class VQAItem:
         image: the rendered RGB image (width and height multiples of `block`).
         question / answer: the prompt and its exact answer (numbers in `format_number` form, words
             lower case, "yes"/"no", or a caption for task "caption").
-        answer_type: one of ANSWER_TYPES.
+        answer_type: one of ANSWER_TYPES, one of the task's `TASK_ANSWER_TYPES`.
         task: the task type (a key of TASKS).
         spec: what was drawn (JSON-serialisable); its canonical JSON decides the split.
         split: "train" or "heldout".
+        choices: the possible answers of a "choice" item (sorted), () otherwise.
     """
 
     image: Image.Image = field(compare=False)
@@ -53,6 +62,7 @@ class VQAItem:
     task: str
     spec: dict = field(compare=False)
     split: str
+    choices: tuple[str, ...] = ()
 
     @property
     def spec_key(self) -> str:
@@ -75,6 +85,12 @@ def split_of(spec: dict, heldout_fraction: float) -> str:
     """The split of a spec: a hash of its canonical JSON, so an image is in exactly one split."""
     digest = int.from_bytes(hashlib.sha256(spec_key(spec).encode()).digest()[:8], "big")
     return "heldout" if digest % 10_000 < round(heldout_fraction * 10_000) else "train"
+
+
+def heldout_part(spec: dict) -> str:
+    """ "select" or "eval" (half each): a second hash of the spec, independent of `split_of`'s."""
+    digest = hashlib.sha256(b"heldout-part:" + spec_key(spec).encode()).digest()
+    return HELDOUT_PARTS[digest[0] % 2]
 
 
 # --- scenes ---------------------------------------------------------------------------------------
@@ -126,31 +142,31 @@ def _scene_questions(spec: dict, rng: random.Random, task: str) -> tuple[str, st
     if task == "scene_count":
         shape = rng.choice(SHAPES)
         count = sum(o["shape"] == shape for o in objs)
-        return f"How many {_plural(shape)} are in the image?", format_number(count), "number"
+        return f"How many {_plural(shape)} are in the image?", format_number(count), "int"
     if task == "scene_colour":
         shapes = [o["shape"] for o in objs]
         unique = [o for o in objs if shapes.count(o["shape"]) == 1]
         if not unique:
             return None
         obj = rng.choice(unique)
-        return f"What colour is the {obj['shape']}?", obj["colour"], "word"
+        return f"What colour is the {obj['shape']}?", obj["colour"], "choice"
     names = [_name(o) for o in objs]
     unique = [o for o in objs if names.count(_name(o)) == 1]
     if task == "scene_position":
         if not unique:
             return None
         obj = rng.choice(unique)
-        return f"Where is the {_name(obj)}?", _CELLS[tuple(obj["cell"])], "word"
+        return f"Where is the {_name(obj)}?", _CELLS[tuple(obj["cell"])], "choice"
     if task == "scene_relation":
         pairs = [(a, b) for a in unique for b in unique if a is not b and a["cell"][1] == b["cell"][1]]
         if not pairs:
             return None
         a, b = rng.choice(pairs)
         answer = "yes" if a["cell"][0] < b["cell"][0] else "no"
-        return f"Is the {_name(a)} to the left of the {_name(b)}?", answer, "yesno"
+        return f"Is the {_name(a)} to the left of the {_name(b)}?", answer, "choice"
     if task == "caption":
         parts = [f"a {_name(o)} at the {_CELLS[tuple(o['cell'])]}" for o in objs]
-        return "Describe the image.", ", ".join(parts) + ".", "caption"
+        return "Describe the image.", ", ".join(parts) + ".", "text"
     raise ValueError(f"not a scene task: {task}")
 
 
@@ -199,13 +215,13 @@ def _render_chart(spec: dict, size: int) -> Image.Image:
 def _chart_question(spec: dict, rng: random.Random) -> tuple[str, str, str]:
     values, colours = spec["values"], spec["colours"]
     if spec["kind"] == "pie":
-        return "Which colour has the largest share of the pie?", colours[values.index(max(values))], "word"
+        return "Which colour has the largest share of the pie?", colours[values.index(max(values))], "choice"
     i = rng.randrange(len(values))
     if spec["kind"] == "bar":
         if values.count(max(values)) == 1 and rng.random() < 0.3:
-            return "Which colour is the tallest bar?", colours[values.index(max(values))], "word"
-        return f"What is the value of the {colours[i]} bar?", format_number(values[i]), "number"
-    return f"What is the value of the {colours[i]} point?", format_number(values[i]), "number"
+            return "Which colour is the tallest bar?", colours[values.index(max(values))], "choice"
+        return f"What is the value of the {colours[i]} bar?", format_number(values[i]), "int"
+    return f"What is the value of the {colours[i]} point?", format_number(values[i]), "int"
 
 
 # --- rendered text: arithmetic and geometry -------------------------------------------------------
@@ -235,7 +251,7 @@ def _arith_spec(rng: random.Random) -> dict:
 def _arith(spec: dict) -> tuple[str, str, str]:
     a, b, op = spec["a"], spec["b"], spec["op"]
     value = a + b if op == "+" else a - b if op == "-" else a * b
-    return "What is the result of the calculation in the image?", format_number(value), "number"
+    return "What is the result of the calculation in the image?", format_number(value), "int"
 
 
 def _geometry_spec(rng: random.Random) -> dict:
@@ -270,10 +286,10 @@ def _render_geometry(spec: dict, size: int) -> Image.Image:
 def _geometry(spec: dict) -> tuple[str, str, str]:
     a, b = spec["a"], spec["b"]
     if spec["kind"] == "rectangle_area":
-        return "What is the area of the rectangle?", format_number(a * b), "number"
+        return "What is the area of the rectangle?", format_number(a * b), "float"
     if spec["kind"] == "triangle_area":
-        return "What is the area of the right triangle?", format_number(Fraction(a * b, 2)), "number"
-    return "What is the third angle of the triangle, in degrees?", format_number(180 - a - b), "number"
+        return "What is the area of the right triangle?", format_number(Fraction(a * b, 2)), "float"
+    return "What is the third angle of the triangle, in degrees?", format_number(180 - a - b), "float"
 
 
 # --- drawing one item -----------------------------------------------------------------------------
@@ -304,6 +320,30 @@ def _geometry_task(rng: random.Random, size: int):
     return spec, _render_geometry(spec, size), _geometry(spec)
 
 
+_COLOUR_NAMES = tuple(sorted(COLOURS))
+_POSITIONS = tuple(sorted(_CELLS.values()))
+# The answer types of each task, and the possible answers of its "choice" questions. Geometry answers
+# are "float" (a triangle's area may be a half); the other numbers are whole.
+TASK_ANSWER_TYPES: dict[str, tuple[str, ...]] = {
+    "scene_count": ("int",),
+    "scene_colour": ("choice",),
+    "scene_position": ("choice",),
+    "scene_relation": ("choice",),
+    "caption": ("text",),
+    "chart_bar": ("int", "choice"),
+    "chart_line": ("int",),
+    "chart_pie": ("choice",),
+    "arithmetic": ("int",),
+    "geometry": ("float",),
+}
+TASK_CHOICES: dict[str, tuple[str, ...]] = {
+    "scene_colour": _COLOUR_NAMES,
+    "scene_position": _POSITIONS,
+    "scene_relation": YES_NO,
+    "chart_bar": _COLOUR_NAMES,
+    "chart_pie": _COLOUR_NAMES,
+}
+
 TASKS: dict[str, Callable] = {
     "scene_count": _scene_task("scene_count"),
     "scene_colour": _scene_task("scene_colour"),
@@ -326,18 +366,22 @@ def generate_vqa(
     size: int = 64,
     block: int = 16,
     heldout_fraction: float = 0.2,
+    part: str | None = None,
 ) -> list[VQAItem]:
     """`count` distinct items of `split`, tasks cycling through `tasks`, deterministic in `seed`.
 
     An item is kept only if its spec hashes to `split` (`split_of`), so the same call with the other
-    split never draws the same image; questions are distinct per (spec, question).
+    split never draws the same image; questions are distinct per (spec, question). With `part`
+    ("select" or "eval", split "heldout" only) the spec must also hash to that part (`heldout_part`).
 
     Raises:
-        ValueError: a bad split, task, size (not a positive multiple of `block`) or fraction, or when
-            `count` distinct items cannot be drawn.
+        ValueError: a bad split, part, task, size (not a positive multiple of `block`) or fraction, or
+            when `count` distinct items cannot be drawn.
     """
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: must be one of {SPLITS}")
+    if part is not None and (split != "heldout" or part not in HELDOUT_PARTS):
+        raise ValueError(f"part={part!r}: must be one of {HELDOUT_PARTS}, with split='heldout'")
     tasks = list(TASKS) if tasks is None else list(tasks)
     unknown = [t for t in tasks if t not in TASKS]
     if not tasks or unknown:
@@ -346,7 +390,7 @@ def generate_vqa(
         raise ValueError(f"size={size}: must be a positive multiple of the patch grid block {block}")
     if not 0 < heldout_fraction < 1:
         raise ValueError(f"heldout_fraction={heldout_fraction}: must be in (0, 1)")
-    rng = random.Random(f"vlgen:{seed}:{split}")
+    rng = random.Random(f"vlgen:{seed}:{split}" + (f":{part}" if part else ""))
     items: list[VQAItem] = []
     seen: set[tuple[str, str]] = set()
     misses = 0
@@ -354,14 +398,16 @@ def generate_vqa(
         task = tasks[len(items) % len(tasks)]
         spec, image, qa = TASKS[task](rng, size)
         key = (spec_key(spec), qa[0] if qa else "")
-        if qa is None or split_of(spec, heldout_fraction) != split or key in seen:
+        wrong_part = part is not None and heldout_part(spec) != part
+        if qa is None or split_of(spec, heldout_fraction) != split or wrong_part or key in seen:
             misses += 1
             if misses > 200 * count + 1000:
                 raise ValueError(f"could draw only {len(items)} distinct {split} items of tasks {tasks}")
             continue
         seen.add(key)
         question, answer, answer_type = qa
-        items.append(VQAItem(image, question, answer, answer_type, task, spec, split))
+        choices = TASK_CHOICES[task] if answer_type == "choice" else ()
+        items.append(VQAItem(image, question, answer, answer_type, task, spec, split, choices))
     return items
 
 
@@ -375,6 +421,7 @@ def to_record(item: VQAItem) -> dict:
         "task": item.task,
         "split": item.split,
         "spec": item.spec,
+        "choices": list(item.choices),
     }
 
 
@@ -405,6 +452,7 @@ def from_record(record: dict, where: str = "record") -> VQAItem:
         record["task"],
         record["spec"],
         record["split"],
+        tuple(record.get("choices") or ()),
     )
 
 
@@ -431,4 +479,8 @@ __all__ = [
     "to_record",
     "from_record",
     "ANSWER_TYPES",
+    "TASK_ANSWER_TYPES",
+    "TASK_CHOICES",
+    "HELDOUT_PARTS",
+    "heldout_part",
 ]

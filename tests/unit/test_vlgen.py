@@ -12,10 +12,12 @@ import pytest
 from tasks.data.vlgen import (
     ANSWER_TYPES,
     COLOURS,
+    TASK_ANSWER_TYPES,
     TASKS,
     check_disjoint,
     from_record,
     generate_vqa,
+    heldout_part,
     split_of,
     to_record,
 )
@@ -40,14 +42,29 @@ def test_deterministic_in_seed():
 def test_items_are_well_formed(train):
     assert collections.Counter(x.task for x in train) == {t: 20 for t in TASKS}
     for x in train:
-        assert x.answer_type in ANSWER_TYPES and x.answer and x.question.endswith(("?", "."))
+        assert x.answer_type in TASK_ANSWER_TYPES[x.task] and x.answer and x.question.endswith(("?", "."))
+        assert x.answer_type in ANSWER_TYPES
         assert x.image.mode == "RGB" and x.image.size == (64, 64)
         assert x.split == "train" == split_of(x.spec, 0.2)
-        if x.answer_type == "number":
+        if x.answer_type in ("int", "float"):
             assert Fraction(x.answer) >= 0
-        if x.answer_type == "yesno":
+        if x.answer_type == "int":
+            assert x.answer.isdigit()
+        assert (x.answer in x.choices) if x.answer_type == "choice" else not x.choices
+        if x.task == "scene_relation":
             assert x.answer in ("yes", "no")
     assert len({(x.spec_key, x.question) for x in train}) == len(train)
+
+
+def test_heldout_parts_are_disjoint_and_balanced():
+    select = generate_vqa(20, seed=3, split="heldout", part="select")
+    evals = generate_vqa(20, seed=3, split="heldout", part="eval")
+    assert {heldout_part(x.spec) for x in select} == {"select"} and {x.split for x in select} == {"heldout"}
+    assert {heldout_part(x.spec) for x in evals} == {"eval"}
+    check_disjoint(select, evals)
+    assert collections.Counter(x.task for x in evals) == {t: 2 for t in TASKS}
+    with pytest.raises(ValueError, match="part='eval'"):
+        generate_vqa(2, seed=3, split="train", part="eval")
 
 
 def test_heldout_is_disjoint_by_construction(train, heldout):
