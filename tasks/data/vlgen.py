@@ -15,6 +15,7 @@ Nothing is downloaded: shapes are drawn, text uses Pillow's built-in font.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import io
 import json
@@ -225,6 +226,7 @@ def _chart_question(spec: dict, rng: random.Random) -> tuple[str, str, str]:
 
 
 # --- rendered text: arithmetic and geometry -------------------------------------------------------
+@functools.lru_cache(maxsize=8)
 def _font(size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=max(8, size // 5))
 
