@@ -148,8 +148,7 @@ def run(params: Params) -> dict[str, Any]:
     """Validates data/raw, publishes data/validated and data/quarantine; returns the metrics."""
     from tqdm import tqdm
 
-    from data_contracts.context import ContractContext
-    from data_contracts.quarantine import quarantine_rows
+    from data_contracts.context import ContractContext, quarantine_rows
     from data_contracts.suites import CONTRACTS, ORDER
 
     settings = params.validate_data

@@ -71,7 +71,7 @@ def check_vl_rows(
             on_violation is "fail", when a failure is not attributable to rows (e.g. no rows), or when
             the kept rows still fail.
     """
-    from data_contracts.quarantine import quarantine_rows
+    from data_contracts.context import quarantine_rows
     from data_contracts.vl import DETAIL_COLUMNS, build_vl_frame, build_vl_suite
 
     if on_violation not in ("quarantine", "fail"):

@@ -27,7 +27,7 @@ from typing import Any
 
 from tasks.core.stage import StageError
 from tasks.data.mathgen import format_number
-from tasks.data.sources import Record, _read_bytes, load_source
+from tasks.data.sources import Record, RowError, _read_bytes, load_source
 from tasks.data.vldata import check_vl_rows, quarantine_entry
 
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"), (b"RIFF", "webp"))
@@ -146,6 +146,7 @@ def load_vl_source(uri: str, ctx, bounds, on_violation: str = "quarantine") -> V
 
     Raises:
         StageError: the file as a whole is bad (missing, not JSONL/Parquet, empty, no usable column).
+        RowError: with on_violation "fail", a line that is not a JSON object (naming file:line).
         ContractViolation: bad rows with on_violation "fail", or a failure not attributable to rows.
     """
     source = load_source(uri)
@@ -156,7 +157,7 @@ def load_vl_source(uri: str, ctx, bounds, on_violation: str = "quarantine") -> V
     for record in source.records:
         if record.error is not None:
             if on_violation == "fail":
-                raise StageError(f"{record.where}: {record.error}")
+                raise RowError(f"{record.where}: {record.error}")
             reason = {"check": "source row", "description": record.error}
             result.quarantined.append(
                 quarantine_entry(record.where, record.row, [reason], file=uri, line=record.line)

@@ -17,6 +17,7 @@ from PIL import Image
 from data_contracts.context import ContractContext
 from data_contracts.vl import ImageBounds
 from tasks.core.stage import ContractViolation
+from tasks.data.sources import RowError
 from tasks.data.vldata import check_vl_rows, read_vl_split, write_vl_splits
 from tasks.data.vlgen import TASKS
 from tasks.data.vlsources import load_vl_source
@@ -186,6 +187,8 @@ def test_user_sources_jsonl_paths_and_base64_parquet_bytes(tmp_path, ctx):
     assert "not valid base64" in bad[7]["reasons"][0]["detail"]
     assert [r["column"] for r in bad[8]["reasons"]] == ["question"]
     assert [r["column"] for r in bad[9]["reasons"]] == ["answer"]
+    with pytest.raises(RowError, match=r"vqa\.jsonl:5: not valid JSON"):
+        load_vl_source(str(src), ctx, BOUNDS, on_violation="fail")
 
     table = pa.table(
         {
