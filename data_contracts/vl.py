@@ -104,7 +104,7 @@ def inspect_image(
     Mode and size are read from the header, so a bad size is reported even when the pixels are not
     decoded (an image over the size bounds is not decoded at all).
     """
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     if not isinstance(value, str) or not value:
         return "no image (a data:image/...;base64 URL or a path)", None, None, None
@@ -125,8 +125,10 @@ def inspect_image(
         return f"{len(data)} bytes, over {bounds.max_bytes}", None, None, None
     try:
         image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-    except Exception:  # UnidentifiedImageError, OSError
+    except UnidentifiedImageError:
         return f"not a {'/'.join(IMAGE_FORMATS)} image ({len(data)} bytes: {data[:8]!r})", None, None, None
+    except Exception as e:  # DecompressionBombError, a corrupt header (OSError, SyntaxError)
+        return f"cannot open ({type(e).__name__}: {e})", None, None, None
     width, height = image.size
     if max(width, height) > bounds.max_side or min(width, height) < bounds.min_side:
         return "", image.mode, width, height  # the size expectations report it
