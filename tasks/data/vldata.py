@@ -128,6 +128,10 @@ def _short(value: Any) -> Any:
     if isinstance(value, str) and len(value) > 200:
         digest = hashlib.sha256(value.encode()).hexdigest()[:16]
         return f"<{len(value)} characters, sha256 {digest}: {value[:40]}...>"
+    if isinstance(value, dict):  # e.g. a datasets {"bytes", "path"} image struct
+        return {str(k): _short(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_short(v) for v in value]
     return json.loads(json.dumps(value, default=repr))
 
 

@@ -83,7 +83,7 @@ def test_generated_splits_pass_the_contract_and_are_disjoint(splits, ctx, tmp_pa
     files, _, reader = read_vl_split(out / "eval.jsonl")
     assert all(r["image"].startswith("data:image/png;base64,") for r in emb)
     assert [_pixels(r, emb_reader) for r in emb] == [_pixels(r, reader) for r in files]
-    # A split that would not be disjoint is refused before anything is written.
+    # An unknown split is refused before anything is written.
     with pytest.raises(ValueError, match="counts="):
         write_vl_splits(tmp_path / "bad", {"test": 3}, seed=5)
     assert not (tmp_path / "bad").exists()
@@ -206,3 +206,18 @@ def test_user_sources_jsonl_paths_and_base64_parquet_bytes(tmp_path, ctx):
     assert bad[3]["reasons"][0]["detail"] == "'32x20'"
     with pytest.raises(ContractViolation, match=r"vqa\.parquet:row 2"):
         load_vl_source(str(tmp_path / "vqa.parquet"), ctx, BOUNDS, on_violation="fail")
+    # Hugging Face datasets' Image feature: a {"bytes", "path"} struct (bytes, or a path beside the file).
+    images = [
+        {"bytes": good, "path": None},
+        {"bytes": None, "path": "img/a.png"},
+        {"bytes": b"xx", "path": None},
+    ]
+    pq.write_table(
+        pa.table({"image": images, "question": ["A?", "B?", "C?"], "answer": ["1", "2", "3"]}),
+        tmp_path / "hf.parquet",
+    )
+    result = load_vl_source(str(tmp_path / "hf.parquet"), ctx, BOUNDS)
+    assert [r["question"] for r in result.rows] == ["A?", "B?"]
+    assert [(q["line"], q["row"]["image"]["bytes"]) for q in result.quarantined] == [
+        (3, "<2 bytes, sha256 " + hashlib.sha256(b"xx").hexdigest()[:16] + ">")
+    ]
