@@ -145,7 +145,8 @@ def load_vl_source(uri: str, ctx, bounds, on_violation: str = "quarantine") -> V
         on_violation: "quarantine" or "fail" (the first run with bad rows raises, naming them).
 
     Raises:
-        StageError: the file as a whole is bad (missing, not JSONL/Parquet, empty, no usable column).
+        StageError: the file as a whole is bad (missing, not JSONL/Parquet, empty, no usable column,
+            no valid row).
         RowError: with on_violation "fail", a line that is not a JSON object (naming file:line).
         ContractViolation: bad rows with on_violation "fail", or a failure not attributable to rows.
     """
@@ -181,4 +182,11 @@ def load_vl_source(uri: str, ctx, bounds, on_violation: str = "quarantine") -> V
         else:
             result.rows.append(by_label[label])
     result.quarantined.sort(key=lambda q: q["line"])
+    if not result.rows:  # a source that contributes nothing is almost always a wrong path or format
+        first = result.quarantined[0]
+        reason = first["reasons"][0]
+        raise StageError(
+            f"{uri}: every row is bad, none kept; first: {first['where']}: {reason['description']}"
+            + (f" ({reason['detail']})" if reason.get("detail") else "")
+        )
     return result

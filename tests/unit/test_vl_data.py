@@ -16,7 +16,7 @@ from PIL import Image
 
 from data_contracts.context import ContractContext
 from data_contracts.vl import ImageBounds
-from tasks.core.stage import ContractViolation
+from tasks.core.stage import ContractViolation, StageError
 from tasks.data.sources import RowError
 from tasks.data.vldata import check_vl_rows, read_vl_split, write_vl_splits
 from tasks.data.vlgen import TASKS
@@ -187,6 +187,11 @@ def test_user_sources_jsonl_paths_and_base64_parquet_bytes(tmp_path, ctx):
     assert "not valid base64" in bad[7]["reasons"][0]["detail"]
     assert [r["column"] for r in bad[8]["reasons"]] == ["question"]
     assert [r["column"] for r in bad[9]["reasons"]] == ["answer"]
+    (tmp_path / "moved.jsonl").write_text(
+        json.dumps({"image": "a.png", "question": "Q?", "answer": "a"}) + "\n"
+    )
+    with pytest.raises(StageError, match=r"every row is bad.*moved\.jsonl:1: image decodes.*'a\.png'"):
+        load_vl_source(str(tmp_path / "moved.jsonl"), ctx, BOUNDS)
     with pytest.raises(RowError, match=r"vqa\.jsonl:5: not valid JSON"):
         load_vl_source(str(src), ctx, BOUNDS, on_violation="fail")
 
