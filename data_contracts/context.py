@@ -5,14 +5,18 @@
     index_html = ctx.build_docs()
 
 A file-mode GX project at `<root>/gx/` with its Data Docs at `<root>/data_docs/`, rewritten from the suites
-in code on every run; only the latest run of each suite is kept. Why: docs/choices.md#validate_data.
+in code on every run; only the latest run of each suite is kept. `quarantine_rows` turns a run's
+row-level failures into per-row quarantine reasons (validate_data, the image-text contract).
+Why: docs/choices.md#validate_data.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -245,3 +249,63 @@ class ContractContext:
         index = self.docs_dir / "index.html"
         log.info("Data Docs: %s", index)
         return index
+
+
+# --- quarantine: which rows a failed suite run sets aside, and why (every dataset contract) ---------
+UNIQUE_EXPECTATION = "expect_column_values_to_be_unique"
+
+
+def failure_reason(failure, detail: str | None = None) -> dict[str, Any]:
+    """The quarantine reason of one failed expectation (`context.ExpectationFailure`)."""
+    reason = {
+        "expectation": failure.expectation,
+        "column": failure.column,
+        "description": failure.description,
+    }
+    if detail:
+        reason["detail"] = detail
+    return reason
+
+
+def _value_key(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=repr)
+
+
+def quarantine_rows(
+    reasons: dict[str, list[dict[str, Any]]],
+    order: Sequence[str],
+    failures: Iterable,
+    detail_columns: Iterable[str] = (),
+) -> None:
+    """Adds to `reasons` (row label -> reasons) the rows to quarantine for the row-level `failures`.
+
+    Args:
+        reasons: updated in place; labels already in it count as bad.
+        order: every row label in data order (the first occurrence of a duplicate is the one kept).
+        failures: `ExpectationFailure`s of one suite run.
+        detail_columns: columns whose failing value is itself the explanation (a derived error
+            message, a size): it becomes the reason's `detail`.
+    """
+    failures = list(failures)
+    detail_columns = set(detail_columns)
+    for f in failures:
+        if f.expectation != UNIQUE_EXPECTATION:
+            values = list(f.values) + [None] * (len(f.rows) - len(f.values))  # every failing row counts
+            for label, value in zip(f.rows, values):
+                detail = f.show(value) if f.column in detail_columns else None
+                reasons.setdefault(label, []).append(failure_reason(f, detail))
+    position = {label: i for i, label in enumerate(order)}
+    for f in failures:
+        if f.expectation != UNIQUE_EXPECTATION:
+            continue
+        groups: dict[str, list[str]] = {}
+        for label, value in zip(f.rows, f.values):
+            groups.setdefault(_value_key(value), []).append(label)
+        for labels in groups.values():
+            labels.sort(key=position.__getitem__)
+            keep = next((label for label in labels if label not in reasons), None)
+            for label in labels:
+                if label != keep:
+                    reasons.setdefault(label, []).append(
+                        failure_reason(f, f"duplicate of {keep or labels[0]}")
+                    )

@@ -1,5 +1,8 @@
 """Export: every member of a family as a stock `Qwen3ForCausalLM` checkpoint, plus the family itself.
 
+A vision-language family's members are stock `Qwen3VLForConditionalGeneration` checkpoints with the
+processor beside each (`export_exits(vl_model, out_dir, processor)`, manifest `"modality"`).
+
     manifest = export_exits(model, "artifacts/export", tokenizer=tok)
     verify_export("artifacts/export")          # re-hash every file against manifest.json
     one = member_to_familial(model, 2)         # member 2 alone, its low-rank factors kept
@@ -16,6 +19,7 @@ import copy
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -59,8 +63,12 @@ def member_num_parameters(model: FamilialForCausalLM, exit_layer: int) -> int:
     """Parameters member `exit_layer` runs as a standalone model (low-rank factors counted as factors).
 
     The count `evaluate` reports as `params`; equal to `member_to_familial(model, d).num_parameters()`
-    and, for a member without low-rank modules, to its dense stock export's count.
+    and, for a member without low-rank modules, to its dense stock export's count. For a vision-language
+    family: the member's stock Qwen3-VL export's count (vision tower and its deepstack mergers included).
     """
+    vl = sys.modules.get("ruyi_model.vl")  # (see export_exits: found, not imported)
+    if vl is not None and isinstance(model, vl.FamilialVLForConditionalGeneration):
+        return vl.member_vl_num_parameters(model, exit_layer)
     return sum(p.numel() for module in member_modules(model, exit_layer) for p in module.parameters())
 
 
@@ -226,8 +234,12 @@ def _list_files(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
 
-def export_exits(model: FamilialForCausalLM, out_dir: str | Path, tokenizer=None) -> dict:
+def export_exits(model, out_dir: str | Path, tokenizer=None, *, processor=None) -> dict:
     """Writes every member as a stock Qwen3 checkpoint, the family checkpoint and a manifest.
+
+    A vision-language family (`FamilialVLForConditionalGeneration`) goes to `ruyi_model.vl`'s
+    `export_vl_exits`: every member as a stock `Qwen3VLForConditionalGeneration` with the processor
+    (passed as `tokenizer` or `processor`), the family, and a manifest with `"modality"`.
 
     A member that runs low-rank factors also gets `exit_<d>_factored/` (`member_to_familial`), and its
     manifest entry states both counts: `num_parameters` (dense) and `factored.num_parameters`.
@@ -242,8 +254,20 @@ def export_exits(model: FamilialForCausalLM, out_dir: str | Path, tokenizer=None
     """
     from tqdm.auto import tqdm
 
+    if processor is not None and tokenizer is not None:
+        raise TypeError("export_exits: pass the processor as tokenizer or as processor, not both")
+    # A vision-language family exists only once ruyi_model.vl is imported; looking it up there (not
+    # importing it) keeps the text pipeline's stages free of the VL modules (tasks.core.codedeps).
+    vl = sys.modules.get("ruyi_model.vl")
+    if vl is not None and isinstance(model, vl.FamilialVLForConditionalGeneration):
+        return vl.export_vl_exits(model, out_dir, processor if processor is not None else tokenizer)
+    if processor is not None:
+        raise TypeError("export_exits: processor= is for vision-language families; pass tokenizer=")
     if not isinstance(model, FamilialForCausalLM):
-        raise TypeError(f"export_exits expects a FamilialForCausalLM, got {type(model).__name__}")
+        raise TypeError(
+            "export_exits expects a FamilialForCausalLM or FamilialVLForConditionalGeneration, "
+            f"got {type(model).__name__}"
+        )
     if tokenizer is not None and not hasattr(tokenizer, "save_pretrained"):
         raise TypeError(f"export_exits: tokenizer must have save_pretrained, got {type(tokenizer).__name__}")
     cfg = model.config

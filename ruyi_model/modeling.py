@@ -61,13 +61,23 @@ class FamilialBackbone(nn.Module):
 class ExitBranch(nn.Module):
     """What one member owns: branch layers + DaE blocks (`layers`), its norm and (unless shared) head."""
 
-    def __init__(self, config: FamilialConfig, exit_layer: int, first_slot: int):
+    def __init__(
+        self,
+        config: FamilialConfig,
+        exit_layer: int,
+        first_slot: int,
+        layer_cls: type[nn.Module] = Qwen3DecoderLayer,
+        layer_config=None,
+        norm_cls: type[nn.Module] = Qwen3RMSNorm,
+    ):
+        """`layer_cls(layer_config or config, layer_idx)` builds each layer and `norm_cls` the norm: the
+        vision-language family (ruyi_model.vl) passes its Qwen3-VL text decoder layer, config and norm."""
         super().__init__()
         n_branch, n_dae = config.branch_layers(exit_layer), config.num_dae_blocks(exit_layer)
         layers = []
         for k in range(n_branch + n_dae):
             # Any valid layer_idx builds the layer (it only selects layer_types); the cache slot is set after.
-            layer = Qwen3DecoderLayer(config, layer_idx=min(exit_layer, config.num_hidden_layers) - 1)
+            layer = layer_cls(layer_config or config, layer_idx=min(exit_layer, config.num_hidden_layers) - 1)
             layer.self_attn.layer_idx = first_slot + k
             if k >= n_branch:
                 # DaE zero-residual blocks: identity at first (Ruyi2 4.4). Marked here, zeroed in
@@ -77,7 +87,7 @@ class ExitBranch(nn.Module):
                 layer.mlp.down_proj._ruyi_zero_init = True
             layers.append(layer)
         self.layers = nn.ModuleList(layers)
-        self.norm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = norm_cls(config.hidden_size, eps=config.rms_norm_eps)
         if not config.shared_heads:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
@@ -303,8 +313,6 @@ class FamilialForCausalLM(PreTrainedModel, GenerationMixin):
     def _multi_exit_loss(
         self, input_ids, inputs_embeds, attention_mask, position_ids, labels, exit_loss_weights, **kwargs
     ) -> FamilialCausalLMOutput:
-        from triton_kernels import exit_head_loss
-
         cfg = self.config
         h, mask, position_ids, pos_emb = self._embed_and_mask(
             input_ids, inputs_embeds, attention_mask, position_ids, None, 0, labels
@@ -330,28 +338,20 @@ class FamilialForCausalLM(PreTrainedModel, GenerationMixin):
                 finals[d] = x
             if i < cfg.num_hidden_layers:
                 h = self.model.layers[i](h, **layer_kw)
-        # Next-token targets: position t predicts token t+1 (as transformers' ForCausalLMLoss).
-        shift_labels = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1)
-        hidden = torch.stack([finals[d].reshape(-1, cfg.hidden_size) for d in cfg.exit_layers])
-        norm_w = torch.stack([self.exits[str(d)].norm.weight for d in cfg.exit_layers])
         if cfg.shared_heads:
             head_w = _dense_weight(self.lm_head)  # one V x D head for every member
         else:
-            head_w = torch.stack([_dense_weight(self.exit_head(d)) for d in cfg.exit_layers])
+            head_w = [_dense_weight(self.exit_head(d)) for d in cfg.exit_layers]
         weights = cfg.exit_loss_weights if exit_loss_weights is None else exit_loss_weights
-        weights = torch.as_tensor(weights, dtype=torch.float32, device=hidden.device)
-        if weights.numel() != len(cfg.exit_layers):
-            raise ValueError(f"exit_loss_weights needs {len(cfg.exit_layers)} values, got {weights.numel()}")
-        loss, per_exit = exit_head_loss(
-            hidden,
-            head_w,
-            shift_labels,
-            norm_weights=norm_w,
+        loss, exit_losses = multi_exit_head_loss(
+            {d: finals[d] for d in cfg.exit_layers},
+            labels,
+            norm_weights=[self.exits[str(d)].norm.weight for d in cfg.exit_layers],
+            head_weights=head_w,
             eps=cfg.rms_norm_eps,
             exit_weights=weights,
             impl=cfg.loss_impl,
         )
-        exit_losses = {d: per_exit[k].detach() for k, d in enumerate(cfg.exit_layers)}
         return FamilialCausalLMOutput(loss=loss, logits=None, exit_losses=exit_losses)
 
     # --- loading -----------------------------------------------------------------------------
@@ -441,6 +441,47 @@ class FamilialForCausalLM(PreTrainedModel, GenerationMixin):
                 model.lm_head.weight.copy_(head)
         model.generation_config = copy.deepcopy(src.generation_config)
         return model
+
+
+def multi_exit_head_loss(
+    finals: dict[int, torch.Tensor],
+    labels: torch.Tensor,
+    norm_weights: list[torch.Tensor],
+    head_weights: torch.Tensor | list[torch.Tensor],
+    eps: float,
+    exit_weights,
+    impl: str,
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """The exit heads' part of the multi-exit loss, through `triton_kernels.exit_head_loss`.
+
+    Args:
+        finals: `{exit_layer: B x T x D}` each member's last hidden state before its norm, in exit order.
+        labels: B x T, unshifted (position t predicts token t+1, as transformers' ForCausalLMLoss).
+        norm_weights / head_weights: each member's RMSNorm weight and V x D head (one tensor if shared).
+        exit_weights: the weights `w_k` (one per exit).
+
+    Returns:
+        `(sum_k w_k * CE_k, {exit_layer: CE_k detached})`. Shared by the text and vision-language families.
+    """
+    from triton_kernels import exit_head_loss
+
+    exits = list(finals)
+    shift_labels = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1)
+    hidden = torch.stack([finals[d].reshape(-1, finals[d].shape[-1]) for d in exits])
+    head_w = head_weights if isinstance(head_weights, torch.Tensor) else torch.stack(list(head_weights))
+    weights = torch.as_tensor(exit_weights, dtype=torch.float32, device=hidden.device)
+    if weights.numel() != len(exits):
+        raise ValueError(f"exit_loss_weights needs {len(exits)} values, got {weights.numel()}")
+    loss, per_exit = exit_head_loss(
+        hidden,
+        head_w,
+        shift_labels,
+        norm_weights=torch.stack(list(norm_weights)),
+        eps=eps,
+        exit_weights=weights,
+        impl=impl,
+    )
+    return loss, {d: per_exit[k].detach() for k, d in enumerate(exits)}
 
 
 def _dense_weight(head: nn.Linear | LowRankLinear) -> torch.Tensor:

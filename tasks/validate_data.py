@@ -33,7 +33,6 @@ from tasks.core.paths import Workspace
 from tasks.core.stage import ContractViolation, StageError, log, stage_main
 
 STAGE = "validate_data"
-UNIQUE_EXPECTATION = "expect_column_values_to_be_unique"
 
 
 @dataclass
@@ -116,49 +115,6 @@ def load_rows(raw_dir: Path, name: str, manifest: dict[str, Any]) -> list[_Row]:
     return [_Row(file=name, line=n, text=text, data=row) for (n, text), row in zip(lines, data)]
 
 
-def _reason(failure, detail: str | None = None) -> dict[str, Any]:
-    reason = {
-        "expectation": failure.expectation,
-        "column": failure.column,
-        "description": failure.description,
-    }
-    if detail:
-        reason["detail"] = detail
-    return reason
-
-
-def _value_key(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=repr)
-
-
-def quarantine_rows(dataset: _Dataset, failures: list) -> None:
-    """Records in `dataset.reasons` the rows to quarantine for the row-level `failures`.
-
-    Every failing row of a non-uniqueness expectation is bad. For a uniqueness expectation, the
-    first occurrence of each value that is not bad for another reason is kept and the later ones
-    are quarantined as duplicates of it.
-    """
-    for f in failures:
-        if f.expectation != UNIQUE_EXPECTATION:
-            for label in f.rows:
-                dataset.reasons.setdefault(label, []).append(_reason(f))
-    for f in failures:
-        if f.expectation != UNIQUE_EXPECTATION:
-            continue
-        groups: dict[str, list[str]] = {}
-        for label, value in zip(f.rows, f.values):
-            groups.setdefault(_value_key(value), []).append(label)
-        order = {label: i for i, label in enumerate(dataset.rows)}
-        for labels in groups.values():
-            labels.sort(key=order.__getitem__)
-            keep = next((label for label in labels if label not in dataset.reasons), None)
-            for label in labels:
-                if label != keep:
-                    dataset.reasons.setdefault(label, []).append(
-                        _reason(f, f"duplicate of {keep or labels[0]}")
-                    )
-
-
 def _failure_records(suite: str, result, limit: int) -> list[dict[str, Any]]:
     return [{"suite": suite, **f.to_dict(max_rows=limit)} for f in result.failures]
 
@@ -192,7 +148,7 @@ def run(params: Params) -> dict[str, Any]:
     """Validates data/raw, publishes data/validated and data/quarantine; returns the metrics."""
     from tqdm import tqdm
 
-    from data_contracts.context import ContractContext
+    from data_contracts.context import ContractContext, quarantine_rows
     from data_contracts.suites import CONTRACTS, ORDER
 
     settings = params.validate_data
@@ -239,7 +195,7 @@ def run(params: Params) -> dict[str, Any]:
                 )
                 records += _failure_records(name, result, sample)
                 continue
-            quarantine_rows(dataset, result.failures)
+            quarantine_rows(dataset.reasons, list(dataset.rows), result.failures)
             over = []
             for file in files:
                 total = sum(1 for r in dataset.rows.values() if r.file == file)
