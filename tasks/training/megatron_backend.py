@@ -31,6 +31,7 @@ import socket
 import tempfile
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,33 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def _checkpoint_helpers_die_with(rank_pid: int) -> None:
+    """dist_checkpointing's writer forks one process per file it writes and collects results through a
+    multiprocessing Manager (a server process, spawned on the first save). Both get
+    `_die_with_parent(<this rank>)` here, so a killed rank leaves no process behind."""
+    import functools
+    import multiprocessing
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    writer = filesystem_async.FileSystemWriterAsync
+    if not getattr(writer.write_preloaded_data, "_dies_with_rank", False):
+        write = writer.write_preloaded_data
+
+        @functools.wraps(write)
+        def write_preloaded_data(*args, **kwargs):  # runs in the forked writer process
+            _die_with_parent(rank_pid)
+            return write(*args, **kwargs)
+
+        write_preloaded_data._dies_with_rank = True
+        writer.write_preloaded_data = staticmethod(write_preloaded_data)
+    if filesystem_async._results_queue is None:
+        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        manager.start(initializer=_die_with_parent, initargs=(rank_pid,))
+        filesystem_async._results_queue = manager.Queue()
+
+
 def _local_rank(rank: int, job: MegatronJob, port: int, parent: int) -> None:
     import torch
     import torch.distributed as dist
@@ -210,6 +238,8 @@ def _local_rank(rank: int, job: MegatronJob, port: int, parent: int) -> None:
     from tasks.core.stage import setup_logging
 
     setup_logging()
+    warnings.filterwarnings("ignore", module="megatron")  # "TE/Apex not installed: fallback" and the like
+    _checkpoint_helpers_die_with(os.getpid())
     torch.set_num_threads(job.threads)
     cuda = torch.cuda.is_available()
     if cuda:
