@@ -482,6 +482,8 @@ class MegatronLayout(_Section):
     pp: PositiveInt = 1
     # Data parallelism: every micro-batch (batch_size rows) is split over dp ranks (dp | batch_size).
     dp: PositiveInt = 1
+    # Recompute every decoder layer's activations in the backward pass (keeps only layer inputs).
+    recompute: bool = False
 
 
 class TrainingParams(_Section):

@@ -65,6 +65,7 @@ class MegatronJob:
     info: dict[str, Any]
     result_dir: str
     threads: int = 1
+    recompute: bool = False
     callbacks: list = field(default_factory=list)
 
     @property
@@ -87,9 +88,16 @@ def train_family(
 ) -> TrainResult:
     """Trains `model` (a FamilialForCausalLM, on the CPU) in place on the megatron backend; see the
     module docstring. Raises StageError for a bad split or a failed rank (its error and traceback)."""
+    import torch
+
     from ruyi_model.megatron import convert_hf_to_mcore, convert_mcore_to_hf
 
     lay = params.training.megatron
+    if cfg.bf16 and not torch.cuda.is_available():
+        raise StageError(
+            f"{stage}.bf16=true with training.backend=megatron needs CUDA (megatron's mixed-precision "
+            f"optimizer wraps CUDA tensors only); set {stage}.bf16=false on this CPU-only machine"
+        )
     checkpoint_root = Path(checkpoint_root).resolve()
     checkpoint_root.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{stage}.megatron-", dir=checkpoint_root.parent))
@@ -114,6 +122,7 @@ def train_family(
             info=info,
             result_dir=str(work),
             threads=max(1, (os.cpu_count() or 1) // (lay.tp * lay.pp * lay.dp)),
+            recompute=lay.recompute,
             callbacks=list(callbacks),
         )
         log.info(
@@ -314,7 +323,9 @@ class _Rank:
 
         self.job, self.cfg = job, job.cfg
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-        self.model = load_model(job.mcore_dir)
+        # bf16: megatron's mixed precision (bf16 weights and compute, fp32 main weights, fp32 grads).
+        self.model = load_model(job.mcore_dir, dtype=torch.bfloat16 if self.cfg.bf16 else torch.float32)
+        self.model.recompute_layers = job.recompute
         if self.device is not None:
             self.model.cuda()
         self.ddp, self.opt = wrap_for_training(

@@ -254,6 +254,26 @@ def test_megatron_grad_clipping_matches_torch(tmp_path, megatron_world):
     assert (trained["exits.2.output_layer.weight"] - fam.exits["2"].lm_head.weight).abs().max().item() <= 1e-5
 
 
+def test_layer_recompute_gives_the_same_step(tmp_path, megatron_world):
+    """`recompute_layers` (activation recomputation) changes memory, not the numbers: same losses and
+    weights after 2 steps (bitwise on the CPU)."""
+    from ruyi_model.megatron import load_model
+    from ruyi_model.megatron.train import batch_from_tokens, train_step, wrap_for_training
+
+    make_family(exits=(2, 4), weights=[0.4, 1.0]).save_pretrained(tmp_path / "fam")
+    convert_hf_to_mcore(tmp_path / "fam", tmp_path / "mc")
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(6))
+    runs = []
+    for recompute in (False, True):
+        model = load_model(tmp_path / "mc").train()
+        model.recompute_layers = recompute
+        ddp, opt = wrap_for_training(model, lr=1e-2, weight_decay=0.1)
+        losses = [train_step(ddp, opt, [batch_from_tokens(ids)]) for _ in range(2)]
+        runs.append((losses, {k: v.clone() for k, v in model.state_dict().items() if "_extra" not in k}))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
+
+
 # --- two processes (gloo): TP=2 and PP=2 -------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
