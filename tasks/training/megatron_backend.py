@@ -279,6 +279,8 @@ def _ray_rank(config: dict[str, Any]) -> None:
 
     os.chdir(config["cwd"])
     setup_logging()
+    warnings.filterwarnings("ignore", module="megatron")
+    _checkpoint_helpers_die_with(os.getpid())
     job: MegatronJob = config["job"]
     if torch.cuda.is_available() and config.get("use_gpu"):
         import ray.train.torch
