@@ -3,6 +3,8 @@
 Not a stage: selected by `distributed.backend: ray` in the params file (`num_workers`, `use_gpu`,
 `cpus_per_worker`, `address`, `object_store_mib`, `storage_path`, `timeout_s`; tasks/core/params.py).
 `launch(stage, params)` runs the stage's own `run(params)` in every worker; rank 0 writes the outputs.
+`launch_function` runs another function on the workers (the megatron backend's ranks,
+tasks/training/megatron_backend.py).
 The result equals the one-process run up to fp32 summation order. Design, errors and cluster
 requirements: docs/choices.md#distributed and infra/README.md.
 """

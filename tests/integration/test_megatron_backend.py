@@ -7,6 +7,7 @@ On the micro workspace (tests/training_helpers.py), 2 gloo processes each:
   and the family's export loads in stock transformers with the same logits;
 - family_sft with DP=2 (SFT rows with -100 labels and right padding, so the micro-batches supervise
   different numbers of tokens: the token-share weighting is exercised): the curve equals hf's to 1e-5;
+- the same cpt on Ray Train workers (`distributed.backend: ray`, a local Ray) equals the spawned run;
 - a real `kill -9` of the megatron cpt stage (a subprocess) right after a checkpoint: no process is
   left behind, the rerun resumes from megatron's dist_checkpointing checkpoint and its curve, metrics
   and family equal the uninterrupted run bit for bit.
@@ -143,6 +144,23 @@ def test_family_sft_dp2_matches_hf(base, hf_cpt, tmp_path):
     a = family_tensors(roots["hf"] / "artifacts" / "family_sft")
     b = family_tensors(roots["mc"] / "artifacts" / "family_sft")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= TOL_WEIGHTS
+
+
+@pytest.mark.slow
+def test_cpt_on_ray_train_workers_equals_local(base, mc_cpt, tmp_path):
+    """`distributed.backend: ray`: the 2 megatron ranks are Ray Train workers (a local Ray, gloo);
+    the curve and the family equal the locally spawned run's bit for bit."""
+    # RAY_TMPDIR and RAY_AUTH_MODE: tests/conftest.py
+    params = copy_workspace(
+        base, tmp_path / "ws", **CPT, **PP2, distributed__backend="ray", distributed__num_workers=2
+    )
+    t0 = time.perf_counter()
+    cpt.run(params)
+    print(f"megatron cpt on Ray Train (pp=2): {time.perf_counter() - t0:.1f} s")
+    assert curve(tmp_path / "ws", "cpt") == curve(mc_cpt, "cpt")
+    a = family_tensors(tmp_path / "ws" / "artifacts" / "cpt")
+    b = family_tensors(mc_cpt / "artifacts" / "cpt")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _descendants(pid: int) -> list[int]:
