@@ -121,7 +121,8 @@ def train_family(
             checkpoint_root=str(checkpoint_root),
             info=info,
             result_dir=str(work),
-            threads=max(1, (os.cpu_count() or 1) // (lay.tp * lay.pp * lay.dp)),
+            # the stage's intra-op threads (params.threads) shared by its ranks
+            threads=max(1, torch.get_num_threads() // (lay.tp * lay.pp * lay.dp)),
             recompute=lay.recompute,
             callbacks=list(callbacks),
         )
