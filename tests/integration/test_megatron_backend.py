@@ -116,7 +116,10 @@ def test_cpt_pp2_matches_hf_and_exports_stock_qwen3(hf_cpt, mc_cpt, tmp_path):
     assert sorted(a) == sorted(b)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= TOL_WEIGHTS
     metrics = json.loads((mc_cpt / "metrics" / "cpt.json").read_text())
-    assert metrics["megatron"] == {"tp": 1, "pp": 2, "dp": 1} and metrics["steps"] == CPT["cpt__max_steps"]
+    assert (
+        metrics["megatron"] == {"tp": 1, "pp": 2, "dp": 1, "recompute": False}
+        and metrics["steps"] == CPT["cpt__max_steps"]
+    )
     family = FamilialForCausalLM.from_pretrained(mc_cpt / "artifacts" / "cpt").eval()
     export_exits(family, tmp_path / "export")
     ids = torch.randint(0, family.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
