@@ -2,7 +2,8 @@
 
 megatron-core assumes a GPU in a few places that the family's model needs: tensors are allocated on
 `torch.cuda.current_device()`, the tensor-parallel RNG tracker forks CUDA generator states, and the
-optimizer / pipeline schedules create `device="cuda"` tensors and call `Tensor.cuda()`. Nothing here
+optimizer / pipeline schedules create `device="cuda"` tensors and call `Tensor.cuda()`, and gradient
+clipping asserts CUDA gradients. Nothing here
 changes the numerics of megatron-core; it only redirects device placement and RNG bookkeeping to the
 CPU. Every function is a no-op when CUDA is present, so the same code runs unchanged on GPUs.
 
@@ -32,8 +33,28 @@ def apply_cpu_shim() -> bool:
         return False
     if not _applied:
         torch.cuda.current_device = lambda: "cpu"
+        _patch_grad_clipping()
         _applied = True
     return True
+
+
+def _patch_grad_clipping() -> None:
+    """megatron's `clip_grad_by_total_norm_fp32` asserts `torch.cuda.FloatTensor` gradients; on the CPU
+    the optimizer gets the same scaling (`max_norm / (total_norm + 1e-6)`, only when < 1) without
+    the assertion. The norm itself is megatron's own `get_grad_norm_fp32` (its local multi-tensor
+    fallback, under `cpu_device_mode`)."""
+    from megatron.core.optimizer import optimizer as moptimizer
+
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        attr = "decoupled_grad" if use_decoupled_grad else "grad"
+        grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+        clip_coeff = max_norm / (total_norm + 1.0e-6)
+        if clip_coeff < 1.0 and grads:
+            torch._foreach_mul_(grads, clip_coeff)
+
+    moptimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
 
 
 def _cpu_rng_tracker_class():

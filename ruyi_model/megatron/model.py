@@ -19,6 +19,8 @@ Forward (one pipeline stage; `input_ids`/`position_ids` are used on the first st
     `sum w_k CE_k` to the stage output (the MoE/MTP aux-loss trick), so the pipeline backward carries
     their gradient; `set_exit_loss_scale(1 / num_microbatches)` matches the schedule's averaging.
     Each member's CE_k (detached) is in `model.exit_losses` after the forward.
+`model.recompute_layers = True` recomputes every decoder layer's activations in the backward pass
+(only layer inputs are kept while training: what long sequences need without fused attention).
 """
 
 from __future__ import annotations
@@ -208,6 +210,8 @@ class FamilialGPTModel(GPTModel):
                     )
         self.exit_loss_weights = list(family_config.exit_loss_weights)
         self.exit_losses: dict[int, torch.Tensor] = {}
+        #: Full activation recomputation of every decoder layer (backbone, branches, DaE blocks).
+        self.recompute_layers = False
 
     # --- pieces of a member -----------------------------------------------------------------------
     def _member_tail(self, d: int):
@@ -218,12 +222,23 @@ class FamilialGPTModel(GPTModel):
         head = self.output_layer if self.family_config.shared_heads else branch.output_layer
         return layers, branch.final_layernorm, head
 
+    def _run_layer(self, layer, hidden, attention_mask, rotary_pos_emb) -> torch.Tensor:
+        """One decoder layer; with `recompute_layers` (training) its activations are recomputed in the
+        backward pass (torch.utils.checkpoint: only the layer input is kept)."""
+
+        def run(h):
+            return layer(hidden_states=h, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)[0]
+
+        if self.recompute_layers and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(run, hidden, use_reentrant=False)
+        return run(hidden)
+
     def _run_member(self, d, hidden, attention_mask, rotary_pos_emb) -> torch.Tensor:
         layers, norm, head = self._member_tail(d)
         for layer in layers:
-            hidden, _ = layer(
-                hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb
-            )
+            hidden = self._run_layer(layer, hidden, attention_mask, rotary_pos_emb)
         logits, _ = head(norm(hidden))
         return logits  # T x B x V/tp
 
@@ -273,9 +288,7 @@ class FamilialGPTModel(GPTModel):
                 if d != self.deepest:
                     logits_of[d] = self._run_member(d, hidden, attention_mask, rotary)
             if j < n_local:
-                hidden, _ = self.decoder.layers[j](
-                    hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rotary
-                )
+                hidden = self._run_layer(self.decoder.layers[j], hidden, attention_mask, rotary)
         if self.post_process:
             logits_of[self.deepest] = self._run_member(self.deepest, hidden, attention_mask, rotary)
 

@@ -3,7 +3,7 @@
 megatron's `DistributedDataParallel`, `get_megatron_optimizer` and pipeline schedules
 (`get_forward_backward_func`) drive the family; the loss is the multi-exit loss of the model
 (ruyi_model.megatron.model). On a machine without CUDA everything runs on gloo inside
-`cpu_shim.cpu_device_mode()` (no gradient clipping and no distributed optimizer there).
+`cpu_shim.cpu_device_mode()` (no distributed optimizer there).
 
 Run on every rank (e.g. `torchrun --nproc_per_node 2 -m ruyi_model.megatron.train ...`):
 
@@ -70,11 +70,7 @@ def wrap_for_training(
 ):
     """megatron DDP around the model and megatron's optimizer over it. Returns (ddp_model, optimizer).
 
-    `clip_grad` > 0 needs CUDA (megatron's grad-norm kernels); on the CPU it is refused."""
-    if clip_grad > 0 and not cuda_available():
-        raise ValueError(
-            f"clip_grad={clip_grad}: megatron's gradient clipping needs CUDA; use 0.0 on the CPU"
-        )
+    `clip_grad` > 0: megatron's global-norm clipping (on the CPU through cpu_shim)."""
     config = model.config
     config.finalize_model_grads_func = finalize_model_grads
     ddp_config = DistributedDataParallelConfig(

@@ -499,6 +499,33 @@ class DistributedParams(_Section):
     timeout_s: PositiveInt = 1800
 
 
+class MegatronLayout(_Section):
+    """The TP x PP x DP split of the megatron backend (world size tp * pp * dp processes)."""
+
+    # Tensor parallelism: must divide the attention heads, KV heads, FFN width and vocabulary.
+    tp: PositiveInt = 1
+    # Pipeline parallelism: equal stages; must divide the layers; each member lives on its exit's stage.
+    pp: PositiveInt = 1
+    # Data parallelism: every micro-batch (batch_size rows) is split over dp ranks (dp | batch_size).
+    dp: PositiveInt = 1
+    # Recompute every decoder layer's activations in the backward pass (keeps only layer inputs).
+    recompute: bool = False
+
+
+class TrainingParams(_Section):
+    """Training engine of the family stages cpt and family_sft (docs/choices.md#training).
+
+    hf: the FamilialForCausalLM in one process or Ray Train DDP workers (tasks/training/loop.py);
+    megatron: megatron-core GPTModel family (ruyi_model.megatron) on tp x pp x dp processes with
+    megatron's DDP, optimizer, 1F1B pipeline schedule and dist_checkpointing
+    (tasks/training/megatron_backend.py); same batches, multi-exit loss, weight and lr schedules.
+    The DaE stages (expand, sft, rl) always use hf: they train a few blocks of one member.
+    """
+
+    backend: Literal["hf", "megatron"] = "hf"
+    megatron: MegatronLayout = MegatronLayout()
+
+
 # Ray reserves worker ports 10002-19999 on every node for its workers: serving there collides.
 _RAY_WORKER_PORTS = range(10002, 20000)
 
@@ -593,6 +620,7 @@ class Params(_Section):
     export: ExportParams = ExportParams()
     deploy: DeployParams = DeployParams()
     distributed: DistributedParams = DistributedParams()
+    training: TrainingParams = TrainingParams()
 
     @field_validator("threads", mode="before")
     @classmethod
@@ -613,6 +641,8 @@ class Params(_Section):
                         f"batch of {name} ({name}.batch_size x {name}.grad_accum = {rows} rows): every "
                         f"worker needs at least one row of each step"
                     )
+        if self.training.backend == "megatron":
+            self._check_megatron()
         exits = self.model.exit_layers
         if self.expand.exit_layer is not None and self.expand.exit_layer not in exits:
             raise ValueError(
@@ -631,6 +661,44 @@ class Params(_Section):
         if self.tokenizer.vocab_size > 1 << 20:
             raise ValueError("tokenizer.vocab_size is unreasonably large")
         return self
+
+    def _check_megatron(self) -> None:
+        lay = self.training.megatron
+        world = lay.tp * lay.pp * lay.dp
+        if self.distributed.backend == "ray" and self.distributed.num_workers != world:
+            raise ValueError(
+                f"distributed.num_workers ({self.distributed.num_workers}) must equal the megatron world "
+                f"size training.megatron.tp x pp x dp = {lay.tp} x {lay.pp} x {lay.dp} = {world}"
+            )
+        for name in ("cpt", "family_sft"):
+            section = getattr(self, name)
+            if section.batch_size % lay.dp:
+                raise ValueError(
+                    f"training.megatron.dp ({lay.dp}) must divide {name}.batch_size ({section.batch_size}): "
+                    f"each micro-batch is split over the data-parallel ranks"
+                )
+        if self.model.init_from is None:
+            from types import SimpleNamespace
+
+            from ruyi_model.megatron.layout import check_split
+
+            m = self.model
+            shape = SimpleNamespace(
+                num_attention_heads=m.num_attention_heads,
+                num_key_value_heads=m.num_key_value_heads,
+                intermediate_size=m.intermediate_size,
+                vocab_size=64 * lay.tp,  # the vocabulary is checked on the built family
+                num_hidden_layers=m.num_hidden_layers,
+                lowrank_ranks=None,
+                exit_layers=list(m.exit_layers),
+                exit_branch_layers=m.exit_branch_layers,
+                shared_heads=m.shared_heads,
+                backbone_depth=lambda d: d if d == m.exit_layers[-1] else d - m.exit_branch_layers,
+            )
+            try:
+                check_split(shape, lay.tp, lay.pp)
+            except ValueError as e:
+                raise ValueError(f"training.megatron (tp={lay.tp}, pp={lay.pp}): {e}") from None
 
     @property
     def dae_exit(self) -> int:

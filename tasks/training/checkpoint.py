@@ -139,8 +139,9 @@ def write_manifest(path: Path) -> None:
     write_json(path / MANIFEST, {"files": files})
 
 
-def verify_checkpoint(path: Path) -> str | None:
-    """None if every file of the checkpoint `path` matches its manifest, else why not (naming the file)."""
+def verify_checkpoint(path: Path, required: Sequence[str] = CHECKPOINT_FILES) -> str | None:
+    """None if every file of the checkpoint `path` matches its manifest, else why not (naming the file).
+    `required`: the files the manifest must list (another layout: the megatron backend's)."""
     manifest = path / MANIFEST
     if not manifest.is_file():
         return f"{MANIFEST} is missing (an incomplete checkpoint, or one written before checksums)"
@@ -149,7 +150,7 @@ def verify_checkpoint(path: Path) -> str | None:
         entries = {str(name): (str(e["sha256"]), int(e["bytes"])) for name, e in files.items()}
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         return f"{MANIFEST} is unreadable ({type(e).__name__}: {e})"
-    for name in CHECKPOINT_FILES:
+    for name in required:
         if name not in entries:
             return f"{MANIFEST} does not list {name}"
     for name, (digest, size) in sorted(entries.items()):
@@ -172,12 +173,19 @@ class Checkpointer:
         info: `fingerprint_info(...)` of this run.
         keep: how many step directories to keep (at least 2: a checkpoint that fails verification is
             skipped for the previous one).
+        required: the files a complete checkpoint has (default: this class's own `save` layout).
 
     After `find_resumable`: `stale` (the set-aside directory and its differences, or None) and
     `skipped` ([{"path", "reason"}] of the checkpoints that failed verification, newest first).
     """
 
-    def __init__(self, root: str | Path, info: dict[str, Any], keep: int = 2):
+    def __init__(
+        self,
+        root: str | Path,
+        info: dict[str, Any],
+        keep: int = 2,
+        required: Sequence[str] = CHECKPOINT_FILES,
+    ):
         if keep < 2:
             raise ValueError(
                 f"Checkpointer keep={keep}: keep at least 2 checkpoints (a corrupt latest one "
@@ -187,6 +195,7 @@ class Checkpointer:
         self.info = info
         self.digest = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()
         self.keep = keep
+        self.required = tuple(required)
         self.stale: dict[str, Any] | None = None
         self.skipped: list[dict[str, str]] = []
 
@@ -215,7 +224,7 @@ class Checkpointer:
             for p in self.root.glob(".step_*.tmp-*"):
                 shutil.rmtree(p, ignore_errors=True)
         for step, path in reversed(self.step_dirs()):
-            reason = verify_checkpoint(path)
+            reason = verify_checkpoint(path, self.required)
             state: dict[str, Any] = {}
             if reason is None:
                 try:

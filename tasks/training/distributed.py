@@ -3,6 +3,8 @@
 Not a stage: selected by `distributed.backend: ray` in the params file (`num_workers`, `use_gpu`,
 `cpus_per_worker`, `address`, `object_store_mib`, `storage_path`, `timeout_s`; tasks/core/params.py).
 `launch(stage, params)` runs the stage's own `run(params)` in every worker; rank 0 writes the outputs.
+`launch_function` runs another function on the workers (the megatron backend's ranks,
+tasks/training/megatron_backend.py).
 The result equals the one-process run up to fp32 summation order. Design, errors and cluster
 requirements: docs/choices.md#distributed and infra/README.md.
 """
@@ -123,13 +125,27 @@ def shard_bounds(rows: int, rank: int, world_size: int) -> tuple[int, int]:
 
 
 # --- the driver ----------------------------------------------------------------------------------------
-def launch(stage: str, params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict[str, Any]:
+def launch_function(name: str, params, fn: Callable[[dict[str, Any]], Any], config: dict[str, Any]) -> Any:
+    """Runs `fn(config)` on `params.distributed.num_workers` Ray Train workers (the process group is Ray
+    Train's; `config` gains "use_gpu" and "cwd") with the same cluster handling as `launch`; returns
+    rank 0's return value. Used by the megatron backend (tasks/training/megatron_backend.py)."""
+    return launch(name, params, (), worker=fn, worker_config=config)
+
+
+def launch(
+    stage: str,
+    params,
+    callbacks: Sequence[Callable[[int], None]] = (),
+    worker: Callable[[dict[str, Any]], Any] | None = None,
+    worker_config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Runs `tasks.<stage>.run(params, callbacks)` on `params.distributed.num_workers` Ray Train workers.
 
     Args:
         stage: "cpt", "expand" or "sft".
         params: validated Params with `distributed.backend == "ray"`.
         callbacks: picklable callables, called on every rank after each step (as in a local run).
+        worker, worker_config: another function to run on the workers, with its config (`launch_function`).
 
     Returns:
         The metrics of rank 0 (what the stage's `run` returns).
@@ -175,7 +191,7 @@ def launch(stage: str, params, callbacks: Sequence[Callable[[int], None]] = ()) 
     run_name = f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     try:
         check_resources(cfg)
-        return _fit(stage, params, callbacks, storage_path, run_name)
+        return _fit(stage, params, callbacks, storage_path, run_name, worker, worker_config)
     finally:
         if local_root is not None:  # Ray Train's run directory holds nothing we need (no Ray checkpoints)
             shutil.rmtree(local_root / run_name, ignore_errors=True)
@@ -228,21 +244,24 @@ def check_resources(cfg) -> None:
     log.warning("%s: waiting for the cluster to scale up", msg)
 
 
-def _fit(stage: str, params, callbacks, storage_path: str, run_name: str) -> dict[str, Any]:
+def _fit(
+    stage: str, params, callbacks, storage_path: str, run_name: str, worker=None, worker_config=None
+) -> dict[str, Any]:
     import ray.exceptions
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError, WorkerGroupError
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = params.distributed
-    trainer = TorchTrainer(
-        _worker_main,
-        train_loop_config={
+    if worker is None:
+        worker = _worker_main
+        worker_config = {
             "stage": stage,
             "params": params.model_dump(mode="json"),
-            "cwd": os.getcwd(),
             "callbacks": list(callbacks),
-            "use_gpu": cfg.use_gpu,
-        },
+        }
+    trainer = TorchTrainer(
+        worker,
+        train_loop_config={**worker_config, "cwd": os.getcwd(), "use_gpu": cfg.use_gpu},
         torch_config=TorchConfig(timeout_s=cfg.timeout_s),
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
