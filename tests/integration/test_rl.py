@@ -237,6 +237,86 @@ def test_greedy_sampler_matches_generate(micro):
     assert torch.equal((comp * cmask)[:, :width], (ref[:, :width] * cmask[:, :width]))
 
 
+def _sample(model, tok, questions_, g, seed, **kw):
+    ids, mask = A.encode_chat_prompts(tok, questions_)
+    return A.sample_completions(
+        model,
+        ids.repeat_interleave(g, 0),
+        mask.repeat_interleave(g, 0),
+        exit_layer=1,
+        max_new_tokens=kw.pop("max_new_tokens", 8),
+        stop_ids=[tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id],
+        pad_id=tok.pad_token_id,
+        group_size=g,
+        generator=torch.Generator().manual_seed(seed),
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("do_sample", [True, False])
+def test_shared_prefill_and_compaction_keep_the_samples(micro, do_sample):
+    """Prefilling each prompt once for its G rows and dropping finished rows from the decoded batch
+    change the work only: same tokens, masks and truncation flags for a fixed seed."""
+    tok = micro[0]
+    model = fresh_model(micro).eval()
+    qs = ["what is the answer to 3 ?", "what is 5 ?", "what is the 2 ?"]  # left padding included
+    plain = _sample(model, tok, qs, 4, 11, do_sample=do_sample)
+    lengths = plain[1].sum(1)
+    assert lengths.min() < lengths.max()  # rows finish at different steps: compaction happens
+    for share, compact in [(True, False), (False, True), (True, True)]:
+        fast = _sample(model, tok, qs, 4, 11, do_sample=do_sample, share_prefill=share, compact=compact)
+        for a, b in zip(plain, fast):
+            assert torch.equal(a, b), (share, compact)
+    ids, mask = A.encode_chat_prompts(tok, qs)
+    with pytest.raises(ValueError, match="repeated group_size times"):
+        A.sample_completions(
+            model,
+            ids[:2],
+            mask[:2],
+            exit_layer=1,
+            max_new_tokens=2,
+            stop_ids=[0],
+            pad_id=1,
+            group_size=2,
+            share_prefill=True,
+        )
+
+
+def test_group_early_stop_keeps_the_bppo_pair(micro):
+    """The early group stop cuts only rows that can no longer be selected: every other row and the
+    (shortest correct, shortest incorrect) pair of each group are those of the full rollout."""
+    tok = micro[0]
+    model = fresh_model(micro).eval()
+    qs = [f"what is the answer to {i} ?" for i in range(6)]
+    g = 8
+    golds = ["3"] * (len(qs) * g)  # the warmed-up member answers 3 about 30% of the time
+
+    def judge(idx, ids, mask):
+        texts = A.decode_completions(tok, ids, mask)
+        return A.score_responses(texts, [golds[i] for i in idx], 0.0)[1]
+
+    full = _sample(model, tok, qs, g, 5, max_new_tokens=12, share_prefill=True, compact=True)
+    stopper = A.GroupEarlyStop(g, judge)
+    cut = _sample(
+        model, tok, qs, g, 5, max_new_tokens=12, share_prefill=True, compact=True, early_stop=stopper
+    )
+    stopped = stopper.stopped
+    assert stopped.any() and not stopped.all()
+    n_full, n_cut = full[1].sum(1), cut[1].sum(1)
+    assert torch.equal(n_full[~stopped], n_cut[~stopped])
+    for row in range(len(golds)):  # a stopped row is the start of the full rollout's row
+        m = int(n_cut[row])
+        assert torch.equal(cut[0][row, :m], full[0][row, :m])
+        if stopped[row]:
+            assert bool(cut[2][row]) and m < int(n_full[row])
+    correct_full = judge(list(range(len(golds))), full[0], full[1])
+    correct_cut = judge(list(range(len(golds))), cut[0], cut[1])
+    sel_full = A.bppo_select(correct_full, n_full, g)
+    sel_cut = A.bppo_select(correct_cut, n_cut, g, eligible=~stopped)
+    assert sel_full.pairs == sel_cut.pairs and sel_full.pairs
+    assert cut[1].sum() < full[1].sum()  # fewer tokens decoded
+
+
 def test_rewards_exact_answer_and_format():
     texts = ["so #### 7", "#### 7 apples", "#### 3", "7", "#### 7.0\n", "####", "#### 7\nso"]
     rewards, correct = A.score_responses(texts, ["7"] * 7, format_reward=0.1)
