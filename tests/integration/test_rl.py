@@ -771,7 +771,7 @@ def test_bppo_steps_without_a_pair_are_counted_and_take_no_optimizer_step(micro)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_benchmark_steps_to_target_skip_steps_without_gradient_and_short_runs():
+def test_benchmark_time_to_grpo_final_accuracy_over_seeds():
     import importlib.util
     from pathlib import Path
 
@@ -781,45 +781,57 @@ def test_benchmark_steps_to_target_skip_steps_without_gradient_and_short_runs():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
 
-    def hist(rewards, grads):
-        return [
+    def run(evals, step_s, grads=None):
+        hist = [
             {
-                "reward": r,
-                "has_gradient": g,
-                "time_s": 1.0 * (i + 1),
-                "rollout_s": 0.5,
-                "train_s": 0.5,
-                "length": 10.0,
+                "reward": 0.5,
+                "has_gradient": 1.0 if grads is None else grads[i],
+                "time_s": step_s * (i + 1),
+                "rollout_s": 0.6 * step_s,
+                "train_s": 0.4 * step_s,
+                "loss_s": 0.3 * step_s,
+                "optim_s": 0.1 * step_s,
+                "length": 10.0 if step_s > 0.5 else 6.0,
                 "tokens_generated": 40.0,
                 "trained_tokens": 8.0,
             }
-            for i, (r, g) in enumerate(zip(rewards, grads))
+            for i in range(4)
         ]
+        return {"history": {"2": hist}, "evals": [(0, 0.0, 0.40)] + [(s, s * step_s, a) for s, a in evals]}
 
-    ev = {"reward": 0.5, "accuracy": 0.5}
-    results = {
-        "grpo": {"history": hist([0.0, 0.2, 0.4, 0.6, 1.0], [1] * 5), "before": ev, "after": ev},
-        "bppo": {
-            "history": hist([0.0, 0.0, 0.0, 0.6, 1.0], [0, 0, 0, 1, 1]),
-            "before": ev,
-            "after": {"reward": 0.5, "accuracy": 0.47},
+    per_seed = {
+        # GRPO reaches its final 0.50 at step 2 (2 s); BPPO at step 2 too, in 0.5 s: 4x.
+        0: {"grpo": run([(2, 0.50), (4, 0.50)], 1.0), "bppo": run([(2, 0.52), (4, 0.48)], 0.25)},
+        # GRPO 0.46 at step 4 (4 s); BPPO never reaches it.
+        1: {
+            "grpo": run([(2, 0.44), (4, 0.46)], 1.0),
+            "bppo": run([(2, 0.41), (4, 0.45)], 0.25, [0, 1, 1, 1]),
         },
     }
-    out = bench.summarize_member(results, window=1, target=0.6, acc_tol=0.02)
-    g, b = out["runs"]["grpo"], out["runs"]["bppo"]
-    assert g["steps_to_target"] == 4 and b["sampled_steps_to_target"] == 4
-    assert b["steps_to_target"] == 1 and b["skipped_steps"] == 3  # three steps without gradient: no progress
-    assert b["speedup_steps"] == 4.0 and b["speedup_time"] == 1.0
-    assert b["equal_final_accuracy"] is False and b["final_accuracy_diff"] == pytest.approx(-0.03)
-    assert (
-        bench.summarize_member(results, 1, 0.6, acc_tol=0.05)["runs"]["bppo"]["equal_final_accuracy"] is True
+    out = bench.summarize(per_seed, acc_tol=0.03)
+    b, g = out["runs"]["bppo"], out["runs"]["grpo"]
+    assert [r["time_to_target_s"] for r in b["per_seed"]] == [0.5, None]
+    assert b["per_seed"][0]["speedup_time"] == 4.0 and b["speedups"] == [4.0]
+    assert b["reached"] == 1 and g["reached"] == 2
+    assert b["final_accuracy_mean"] == pytest.approx(0.465) and g["final_accuracy_mean"] == pytest.approx(
+        0.48
     )
-    # A window longer than the run (--steps < --window) is capped instead of raising IndexError.
-    short = bench.summarize_member(results, window=10, target=None)
-    assert short["window"] == 5 and short["requested_window"] == 10
-    # Every member is summarised.
-    both = bench.summarize({n: {"members": {1: r, 2: r}} for n, r in results.items()}, 1, 0.6)
-    assert sorted(both["members"]) == ["exit_1", "exit_2"]
+    assert b["equal_accuracy"] is True  # |0.465 - 0.48| <= 0.03
+    assert b["target_met"] is False  # one seed never reached GRPO's accuracy
+    assert bench.summarize(per_seed, acc_tol=0.01)["runs"]["bppo"]["equal_accuracy"] is False
+    assert b["length_change"] == pytest.approx(-0.4)
+    assert b["loss_s_per_step"] == pytest.approx(0.075) and b["rollout_s_per_step"] == pytest.approx(0.15)
+    assert out["grpo_improved"] == [True, True]
+    assert bench.parse_run("x=bppo,bppo.prefix_rule=divergent,lr=1e-4") == (
+        "x",
+        {"algorithm": "bppo", "bppo.prefix_rule": "divergent", "lr": 1e-4},
+    )
+    cfg = bench.apply_overrides(RLParams(), {"algorithm": "grpo", "bppo.early_stop": True})
+    assert cfg.algorithm == "grpo" and cfg.bppo.early_stop is True
+    with pytest.raises(ValueError, match="unknown rl parameter"):
+        bench.apply_overrides(RLParams(), {"bppo.nope": 1})
+    with pytest.raises(ValueError, match="NAME=grpo"):
+        bench.parse_run("x=ppo")
 
 
 def test_wall_time_is_cumulative_across_resumes(micro, tmp_path):
