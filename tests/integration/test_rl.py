@@ -822,6 +822,10 @@ def test_benchmark_time_to_grpo_final_accuracy_over_seeds():
     assert b["length_change"] == pytest.approx(-0.4)
     assert b["loss_s_per_step"] == pytest.approx(0.075) and b["rollout_s_per_step"] == pytest.approx(0.15)
     assert out["grpo_improved"] == [True, True]
+    # A seed where GRPO ends below its start is a failed RL run: no speedup is computed from it.
+    failed = {0: {"grpo": run([(2, 0.38), (4, 0.39)], 1.0), "bppo": run([(2, 0.45), (4, 0.45)], 0.25)}}
+    out_failed = bench.summarize(failed, acc_tol=0.03)
+    assert out_failed["grpo_improved"] == [False] and out_failed["runs"]["bppo"]["speedup_time"] is None
     assert bench.parse_run("x=bppo,bppo.prefix_rule=divergent,lr=1e-4") == (
         "x",
         {"algorithm": "bppo", "bppo.prefix_rule": "divergent", "lr": 1e-4},
