@@ -598,6 +598,14 @@ def test_stage_writes_model_metrics_and_plots(micro, tmp_path):
         assert key in metrics
     assert metrics["algorithm"] == "bppo" and metrics["members"] == [1]
     curves = metrics["exit_1"]["curves"]
+    # Where the time and the work went (dvc metrics diff between grpo and bppo runs).
+    assert metrics["tokens_generated"] == pytest.approx(sum(curves["tokens_generated"]))
+    assert metrics["tokens_trained"] == pytest.approx(sum(curves["trained_tokens"]))
+    assert 0 <= metrics["tokens_trained"] < metrics["tokens_generated"]  # BPPO: prefixes of 2 rows at most
+    assert (
+        metrics["rollout_time_s"] == pytest.approx(sum(curves["rollout_s"])) and metrics["rollout_time_s"] > 0
+    )
+    assert 0 <= metrics["loss_time_s"] + metrics["optimizer_time_s"] <= metrics["update_time_s"] + 1e-9
     assert len(curves["reward"]) == 4 and len(curves["length"]) == 4 and len(curves["kl"]) == 4
     assert (tmp_path / "plots" / "rl" / "curves.png").stat().st_size > 0
     lines = (tmp_path / "plots" / "rl" / "curves.csv").read_text().splitlines()
