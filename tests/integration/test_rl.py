@@ -779,6 +779,47 @@ def test_bppo_steps_without_a_pair_are_counted_and_take_no_optimizer_step(micro)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_bppo_early_stop_in_the_trainer_keeps_the_pairs(micro):
+    """With rl.bppo.early_stop the trainer stops decided groups early, decodes fewer tokens and still
+    trains the same (shortest correct, shortest incorrect) pairs as without it (same seed)."""
+    from tasks.training.rl_trainer import RLTrainer, resolve_members, trainable_parameters
+
+    tok = micro[0]
+    rows = [{**r, "answer": "3"} for r in rl_rows(24)]  # the warmed-up member answers 3 about 30%
+    out = {}
+    for early in (False, True):
+        model = fresh_model(micro)
+        cfg = RLParams(
+            algorithm="bppo",
+            steps=2,
+            prompts_per_step=6,
+            group_size=8,
+            max_new_tokens=12,
+            eval_prompts=1,
+            bppo={"early_stop": early, "adaptive_budget": False},
+        )
+        members = resolve_members(model.config, "dae")
+        trainer = RLTrainer(
+            model,
+            tok,
+            rows,
+            cfg,
+            members=members,
+            trainable=trainable_parameters(model, "dae", members),
+            seed=0,
+        )
+        samples = trainer._sample(trainer.prompts_for_step(0), 1, 0)
+        scores = trainer._score(trainer.prompts_for_step(0), samples)
+        rollout = trainer._bppo_rollout(samples, scores, {})
+        out[early] = (samples, rollout)
+    (s_full, r_full), (s_cut, r_cut) = out[False], out[True]
+    assert s_cut.stopped is not None and bool(s_cut.stopped.any())
+    assert s_cut.completion_mask.sum() < s_full.completion_mask.sum()
+    assert r_full.stats["pairs"] == r_cut.stats["pairs"] > 0
+    assert torch.equal(r_full.batch.completion_ids, r_cut.batch.completion_ids)
+    assert torch.equal(r_full.batch.loss_mask, r_cut.batch.loss_mask)
+
+
 def test_benchmark_time_to_grpo_final_accuracy_over_seeds():
     import importlib.util
     from pathlib import Path
