@@ -503,8 +503,9 @@ class RLTrainer:
             t0 = time.perf_counter()
             loss, logps, st = self._loss(rollout.batch, d)
             loss.backward()
-            rollout.stats["train_s"] += time.perf_counter() - t0
-            rollout.stats["loss_s"] += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            rollout.stats["train_s"] += dt
+            rollout.stats["loss_s"] += dt
             if first:
                 rollout.batch.start_logps = logps.detach()
                 rollout.stats.update(loss=float(loss.detach()), clip_ratio=st["clip_ratio"], kl=st["kl"])
