@@ -47,8 +47,11 @@ CURVE_KEYS = (
     "skipped_groups",
     "has_gradient",
     "truncated",
+    "stopped_early",
     "rollout_s",
     "train_s",
+    "loss_s",
+    "optim_s",
     "time_s",
 )
 
@@ -278,6 +281,9 @@ def _metrics(
             "train_reward_last": hist[-1]["reward"] if hist else None,
             "mean_response_length": mean([h["length"] for h in hist]) if hist else None,
             "tokens_generated": sum(h["tokens_generated"] for h in hist),
+            "tokens_trained": sum(h["trained_tokens"] for h in hist),
+            "rollout_time_s": sum(h["rollout_s"] for h in hist),
+            "train_time_s": sum(h["train_s"] for h in hist),
             "steps_with_gradient": int(sum(h["has_gradient"] for h in hist)),
             "skipped_steps": int(sum(1 - h["has_gradient"] for h in hist)),
             "curves": {k: [h[k] for h in hist] for k in ("step", *CURVE_KEYS)},
@@ -298,6 +304,16 @@ def _metrics(
         / max(cfg.steps, 1),
         "eval_prompts": eval_prompts,
         "train_time_s": trainer.elapsed_s,
+        # Where the time and the work went, summed over members and steps (`dvc metrics diff` shows
+        # them side by side for rl.algorithm=grpo and bppo): rollouts (sampling, scoring, selection),
+        # training (loss forward/backward + optimizer, as loss_time_s + optimizer_time_s, and the KL
+        # measurement), tokens decoded and tokens that carried loss.
+        "rollout_time_s": sum(h["rollout_s"] for d in members for h in trainer.history[d]),
+        "loss_time_s": sum(h.get("loss_s", 0.0) for d in members for h in trainer.history[d]),
+        "optimizer_time_s": sum(h.get("optim_s", 0.0) for d in members for h in trainer.history[d]),
+        "update_time_s": sum(h["train_s"] for d in members for h in trainer.history[d]),
+        "tokens_generated": sum(h["tokens_generated"] for d in members for h in trainer.history[d]),
+        "tokens_trained": sum(h["trained_tokens"] for d in members for h in trainer.history[d]),
         "resumed_from_step": resumed_from,
         "stale_checkpoint": checkpointer.stale,
         "skipped_checkpoints": checkpointer.skipped,

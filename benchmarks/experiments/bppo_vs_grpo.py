@@ -1,13 +1,19 @@
-"""BPPO vs GRPO from the same SFT checkpoint: time and optimizer steps to the same reward, length, accuracy.
+"""BPPO vs GRPO from the pipeline's SFT checkpoint over seeds: time and steps to GRPO's final held-out
+accuracy, final accuracy, response length, tokens generated / trained, where the step time goes.
 
     python benchmarks/experiments/bppo_vs_grpo.py                  # artifacts/sft + data/validated/rl.jsonl
-    python benchmarks/experiments/bppo_vs_grpo.py --sft DIR --data FILE --steps 80 --target 1.0
-    python benchmarks/experiments/bppo_vs_grpo.py --synthetic      # force the built-in synthetic task
+    python benchmarks/experiments/bppo_vs_grpo.py --sft DIR --data FILE --params FILE --seeds 0,1,2
+    python benchmarks/experiments/bppo_vs_grpo.py --run bppo-div=bppo,bppo.prefix_rule=divergent
+    python benchmarks/experiments/bppo_vs_grpo.py --synthetic      # the built-in synthetic task
 
-Three runs (`grpo`, `bppo`, `bppo-fixed`: the adaptive schedule off) share the SFT weights, the seed and
-the prompt order; other settings come from `params.yaml`'s `rl` section (or `--params`), overridable by
-flags. Without a trained SFT checkpoint the script builds a synthetic task and says so.
-Method: docs/choices.md#benchmarks; figures: benchmarks/RESULTS.md.
+Per seed, every run (default `grpo` and `bppo`, each with the committed `rl` params of `--params`;
+`--run NAME=ALGORITHM,KEY=VALUE,...` adds variants, KEY an `rl` field or `bppo.<field>`) starts from
+the same SFT weights and advances round-robin, one step each, so load spikes hit them alike; a run's
+clock is the sum of its own step times (rollouts, loss, optimizer, KL metric; evaluation excluded).
+Every `--eval-every` steps each run is evaluated greedily on the held-out prompts (the rl stage's own
+evaluation). The target of a seed is GRPO's final held-out accuracy; the time and steps to it are
+those of the first evaluation at or above it. Method: docs/choices.md#benchmarks; figures:
+benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -130,29 +136,55 @@ def synthetic_sft(steps: int, seed: int, filler: int = 12, batch: int = 32):
 # --- measurement -----------------------------------------------------------------------------------
 
 
-def moving_average(values: list[float], window: int) -> list[float]:
-    out = []
-    for i in range(len(values)):
-        chunk = values[max(0, i - window + 1) : i + 1]
-        out.append(sum(chunk) / len(chunk))
-    return out
+def parse_run(spec: str) -> tuple[str, dict]:
+    """`NAME=ALGORITHM[,KEY=VALUE...]` -> (name, rl overrides); KEY an rl field or `bppo.<field>`."""
+    import yaml
+
+    name, sep, rest = spec.partition("=")
+    parts = [p for p in rest.split(",") if p]
+    if not sep or not name or not parts or parts[0] not in ("grpo", "bppo"):
+        raise ValueError(f"--run {spec!r}: expected NAME=grpo|bppo[,KEY=VALUE...]")
+    update: dict = {"algorithm": parts[0]}
+    for item in parts[1:]:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"--run {spec!r}: {item!r} is not KEY=VALUE")
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML 1.1 reads 1e-4 as a string
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        update[key] = parsed
+    return name, update
 
 
-def first_reach(ma: list[float], target: float, window: int) -> int | None:
-    """Index of the first step whose moving average (over a full window) is >= target."""
-    for i in range(window - 1, len(ma)):
-        if ma[i] >= target:
-            return i
-    return None
+def apply_overrides(cfg, update: dict):
+    """`cfg` (RLParams) with dotted overrides applied and validated."""
+    from tasks.core.params import RLParams
+
+    data = cfg.model_dump()
+    for key, value in update.items():
+        node = data
+        *path, last = key.split(".")
+        for k in path:
+            node = node[k]
+        if last not in node:
+            raise ValueError(f"unknown rl parameter {key!r}")
+        node[last] = value
+    return RLParams.model_validate(data)
 
 
-def run_all(
-    base_model, tok, rows: list[dict], cfg, configs: dict[str, dict], steps: int, seed: int, members_spec
-) -> dict[str, dict]:
-    """Trains one copy of `base_model` per config, round-robin; returns, per run, every member's history
-    and greedy evaluation before/after: `{run: {"members": {d: {"history", "before", "after"}}}}`."""
+def mean_accuracy(ev: dict) -> float:
+    return sum(v["accuracy"] for v in ev.values()) / len(ev)
+
+
+def run_seed(setting, cfg, runs: dict[str, dict], steps: int, seed: int, eval_every: int, members_spec):
+    """One seed: every run from a copy of the SFT weights, round-robin; returns per run the history of
+    every member and the evaluations `[(step, time_s, accuracy)]` (accuracy: mean over members)."""
     from tqdm.auto import tqdm
 
+    from tasks.core.stage import seed_everything
     from tasks.training.rl_trainer import (
         RLTrainer,
         evaluate_members,
@@ -161,227 +193,220 @@ def run_all(
         trainable_parameters,
     )
 
-    train_rows, eval_rows = split_rows(rows, cfg.eval_prompts, Path("<rl rows>"))
-    runs = {}
-    for name, overrides in configs.items():
-        model = copy.deepcopy(base_model)
-        run_cfg = cfg.model_copy(update=overrides)
+    seed_everything(seed)
+    train_rows, eval_rows = split_rows(setting.rows, cfg.eval_prompts, Path("<rl rows>"))
+    state = {}
+    for name, update in runs.items():
+        model = copy.deepcopy(setting.base)
+        run_cfg = apply_overrides(cfg, update)
         members = resolve_members(model.config, members_spec)
         trainable = trainable_parameters(model, members_spec, members)
-        runs[name] = {
-            "trainer": RLTrainer(
-                model, tok, train_rows, run_cfg, members=members, trainable=trainable, seed=seed
-            ),
-            "model": model,
-            "members": members,
-        }
-    first = next(iter(runs.values()))
-    before = evaluate_members(
-        first["model"], tok, eval_rows, first["members"], cfg.max_new_tokens, cfg.format_reward
-    )
-    for _ in tqdm(range(steps), desc="steps (round-robin over runs)"):
-        for run in runs.values():
-            run["trainer"].step()
-    out = {}
-    for name, run in runs.items():
-        after = evaluate_members(
-            run["model"], tok, eval_rows, run["members"], cfg.max_new_tokens, cfg.format_reward
+        trainer = RLTrainer(
+            model, setting.tokenizer, train_rows, run_cfg, members=members, trainable=trainable, seed=seed
         )
-        out[name] = {
-            "members": {
-                d: {"history": run["trainer"].history[d], "before": before[d], "after": after[d]}
-                for d in run["members"]
-            }
+        state[name] = {"trainer": trainer, "model": model, "members": members, "cfg": run_cfg}
+
+    def evaluate(name):
+        st = state[name]
+        return evaluate_members(
+            st["model"], setting.tokenizer, eval_rows, st["members"], cfg.max_new_tokens, cfg.format_reward
+        )
+
+    first = next(iter(state))
+    before = mean_accuracy(evaluate(first))
+    evals = {name: [(0, 0.0, before)] for name in state}
+    for step in tqdm(range(1, steps + 1), desc=f"seed {seed}: steps (round-robin over runs)"):
+        for name, st in state.items():
+            st["trainer"].step()
+            if step % eval_every == 0 or step == steps:
+                evals[name].append((step, st["trainer"].elapsed_s, mean_accuracy(evaluate(name))))
+    return {
+        name: {
+            "history": {str(d): st["trainer"].history[d] for d in st["members"]},
+            "evals": evals[name],
+            "rl": st["cfg"].model_dump(),
         }
+        for name, st in state.items()
+    }
+
+
+def first_at_or_above(evals: list, target: float) -> tuple[int, float] | None:
+    """(step, time_s) of the first evaluation after step 0 whose accuracy is >= target."""
+    for step, t, acc in evals[1:]:
+        if acc >= target - 1e-9:
+            return step, t
+    return None
+
+
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return m, sd
+
+
+def summarize(per_seed: dict[int, dict], acc_tol: float) -> dict:
+    """Per run over seeds: time/steps to GRPO's final accuracy, final accuracy, lengths, tokens, the
+    step time split; `per_seed` maps seed -> `run_seed`'s result (which must contain a `grpo` run)."""
+    names = list(next(iter(per_seed.values())))
+    if "grpo" not in names:
+        raise ValueError("the comparison needs a run named grpo")
+    out: dict = {"acc_tol": acc_tol, "seeds": sorted(per_seed), "runs": {}}
+    for name in names:
+        rows = []
+        for seed, res in per_seed.items():
+            run, grpo = res[name], res["grpo"]
+            start, target = grpo["evals"][0][2], grpo["evals"][-1][2]
+            hit = first_at_or_above(run["evals"], target)
+            g_hit = first_at_or_above(grpo["evals"], target)
+            hists = list(run["history"].values())
+            steps = [h for hist in hists for h in hist]
+            n = len(hists[0])
+            grad = [h.get("has_gradient", 1.0) for h in hists[0]]
+            rows.append(
+                {
+                    "seed": seed,
+                    "start_accuracy": start,
+                    "target": target,
+                    "grpo_improved": target > start,
+                    "final_accuracy": run["evals"][-1][2],
+                    "steps_to_target": None if hit is None else hit[0],
+                    "optimizer_steps_to_target": None if hit is None else int(sum(grad[: hit[0]])),
+                    "time_to_target_s": None if hit is None else hit[1],
+                    # Only where GRPO improved on the start: otherwise the target is no RL progress.
+                    "speedup_time": g_hit[1] / hit[1]
+                    if hit and g_hit and hit[1] > 0 and target > start
+                    else None,
+                    "total_time_s": run["evals"][-1][1],
+                    "mean_length": sum(h["length"] for h in steps) / len(steps),
+                    "tokens_generated": sum(h["tokens_generated"] for h in steps),
+                    "tokens_trained": sum(h["trained_tokens"] for h in steps),
+                    "rollout_s_per_step": sum(h["rollout_s"] for h in steps) / n,
+                    "loss_s_per_step": sum(h.get("loss_s", 0.0) for h in steps) / n,
+                    "optim_s_per_step": sum(h.get("optim_s", 0.0) for h in steps) / n,
+                    "train_s_per_step": sum(h["train_s"] for h in steps) / n,
+                    "stopped_early": sum(h.get("stopped_early", 0.0) for h in steps) / len(steps),
+                }
+            )
+        out["runs"][name] = {"per_seed": rows}
+    g_rows = out["runs"]["grpo"]["per_seed"]
+    for run in out["runs"].values():
+        rows = run["per_seed"]
+        acc_m, acc_sd = _mean_sd([r["final_accuracy"] for r in rows])
+        reached = [r for r in rows if r["time_to_target_s"] is not None]
+        speedups = [r["speedup_time"] for r in rows if r["speedup_time"] is not None]
+        g_reached = [r for r in g_rows if r["time_to_target_s"] is not None]
+
+        def avg(key, rs=rows):
+            return sum(r[key] for r in rs) / len(rs) if rs else None
+
+        g_len = avg("mean_length", g_rows)
+        diff = acc_m - _mean_sd([r["final_accuracy"] for r in g_rows])[0]
+        run.update(
+            final_accuracy_mean=acc_m,
+            final_accuracy_sd=acc_sd,
+            start_accuracy=avg("start_accuracy"),
+            accuracy_diff=diff,
+            equal_accuracy=abs(diff) <= acc_tol + 1e-9,
+            reached=len(reached),
+            time_to_target_s=avg("time_to_target_s", reached),
+            steps_to_target=avg("steps_to_target", reached),
+            # Ratio of mean times over the seeds where both reached the target, and per-seed ratios.
+            speedup_time=(
+                sum(g["time_to_target_s"] for g, r in zip(g_rows, rows) if r["speedup_time"])
+                / sum(r["time_to_target_s"] for r in rows if r["speedup_time"])
+                if speedups
+                else None
+            ),
+            speedups=speedups,
+            grpo_reached=len(g_reached),
+            total_time_s=avg("total_time_s"),
+            mean_length=avg("mean_length"),
+            length_change=avg("mean_length") / g_len - 1.0 if g_len else None,
+            tokens_generated=avg("tokens_generated"),
+            tokens_trained=avg("tokens_trained"),
+            rollout_s_per_step=avg("rollout_s_per_step"),
+            loss_s_per_step=avg("loss_s_per_step"),
+            optim_s_per_step=avg("optim_s_per_step"),
+            train_s_per_step=avg("train_s_per_step"),
+            stopped_early=avg("stopped_early"),
+        )
+        run["target_met"] = bool(
+            run["equal_accuracy"]
+            and run["speedup_time"] is not None
+            and run["speedup_time"] >= 3.0
+            and run["reached"] == len(rows)
+        )
+    out["grpo_improved"] = [r["grpo_improved"] for r in g_rows]
     return out
 
 
-def summarize_member(
-    results: dict[str, dict],
-    window: int,
-    target: float | None,
-    target_frac: float = 0.8,
-    acc_tol: float = 0.02,
-) -> dict:
-    """The comparison for one member: `results` maps run name -> {"history", "before", "after"}."""
-    n_steps = min(len(r["history"]) for r in results.values())
-    if n_steps == 0:
-        raise ValueError("no training steps recorded; run with --steps >= 1")
-    requested = window
-    window = min(window, n_steps)  # a window longer than the run: one window over all steps
-    ma = {name: moving_average([h["reward"] for h in r["history"]], window) for name, r in results.items()}
-    start = ma["grpo"][window - 1]
-    if target is None:
-        # The same reward for every run: `target_frac` of the way from the first full window to the
-        # best moving average that EVERY run reaches (the minimum over runs of their best).
-        common_best = min(max(m[window - 1 :]) for m in ma.values())
-        target = start + target_frac * (common_best - start)
-    table = {}
-    for name, r in results.items():
-        hist = r["history"]
-        idx = first_reach(ma[name], target, window)
-        # Only steps that carried gradient are optimizer steps: a BPPO step without any correct/incorrect
-        # pair (has_gradient 0) takes none and is not progress (curves from before the flag: all count).
-        grad = [h.get("has_gradient", 1.0) for h in hist]
-        table[name] = {
-            "steps_to_target": None if idx is None else int(sum(grad[: idx + 1])),
-            "sampled_steps_to_target": None if idx is None else idx + 1,
-            "skipped_steps": int(len(hist) - sum(grad)),
-            "time_to_target_s": None if idx is None else hist[idx]["time_s"],
-            "total_time_s": hist[-1]["time_s"],
-            "mean_step_s": hist[-1]["time_s"] / len(hist),
-            "rollout_s_per_step": sum(h["rollout_s"] for h in hist) / len(hist),
-            "train_s_per_step": sum(h["train_s"] for h in hist) / len(hist),
-            "mean_length": sum(h["length"] for h in hist) / len(hist),
-            "final_length": sum(h["length"] for h in hist[-window:]) / min(window, len(hist)),
-            "tokens_generated": sum(h["tokens_generated"] for h in hist),
-            "trained_tokens": sum(h["trained_tokens"] for h in hist),
-            "final_ma_reward": ma[name][-1],
-            "holds_target_at_end": ma[name][-1] >= target,
-            "eval_before": r["before"],
-            "eval_after": r["after"],
-        }
-    g = table["grpo"]
-    for row in table.values():
-        ok = row["time_to_target_s"] is not None and g["time_to_target_s"] is not None
-        row["speedup_time"] = g["time_to_target_s"] / row["time_to_target_s"] if ok else None
-        ok_steps = ok and row["steps_to_target"] and g["steps_to_target"]
-        row["speedup_steps"] = g["steps_to_target"] / row["steps_to_target"] if ok_steps else None
-        row["length_change"] = row["mean_length"] / g["mean_length"] - 1.0 if g["mean_length"] else None
-        diff = row["eval_after"]["accuracy"] - g["eval_after"]["accuracy"]
-        row["final_accuracy_diff"] = diff
-        row["equal_final_accuracy"] = abs(diff) <= acc_tol + 1e-12
-        row["target_met"] = bool(
-            row["speedup_time"] is not None and row["speedup_time"] >= 3.0 and row["equal_final_accuracy"]
-        )
-    schedule = None
-    full, fixed = table.get("bppo", {}).get("speedup_time"), table.get("bppo-fixed", {}).get("speedup_time")
-    if full and fixed:
-        factor = full / fixed
-        schedule = {
-            "factor": factor,
-            "share_of_log_speedup": math.log(factor) / math.log(full) if full > 1 else None,
-        }
-    return {
-        "target": target,
-        "window": window,
-        "requested_window": requested,
-        "start_ma": start,
-        "acc_tol": acc_tol,
-        "runs": table,
-        "schedule": schedule,
-    }
-
-
-def summarize(
-    results: dict[str, dict],
-    window: int,
-    target: float | None,
-    target_frac: float = 0.8,
-    acc_tol: float = 0.02,
-) -> dict:
-    """Per member (`exit_<d>`), the comparison of `summarize_member`; `results` as `run_all` returns it."""
-    names = list(results)
-    members = list(results[names[0]]["members"])
-    return {
-        "members": {
-            f"exit_{d}": summarize_member(
-                {n: results[n]["members"][d] for n in names}, window, target, target_frac, acc_tol
-            )
-            for d in members
-        }
-    }
-
-
-def fmt(x, spec=".2f", none="not reached"):
+def fmt(x, spec=".2f", none="-"):
     return none if x is None else format(x, spec)
 
 
 def print_report(summary: dict, setting: str) -> None:
-    for member, msum in summary["members"].items():
-        print_member(msum, f"{setting}; member {member}")
-
-
-def print_member(summary: dict, setting: str) -> None:
     runs = summary["runs"]
-    names = sorted(
-        runs, key=lambda n: (n != "grpo", list(runs).index(n))
-    )  # GRPO first (a JSON file sorts keys)
-    print(f"\nBPPO vs GRPO ({setting})")
-    note = (
-        ""
-        if summary["window"] == summary["requested_window"]
-        else f"; --window {summary['requested_window']} is longer than the run, so one window of all steps"
-    )
-    print(
-        f"target: moving-average reward >= {summary['target']:.3f} (window {summary['window']}{note}; "
-        f"GRPO starts at {summary['start_ma']:.3f})\n"
-    )
+    names = sorted(runs, key=lambda n: (n != "grpo", list(runs).index(n)))
+    seeds = summary["seeds"]
+    print(f"\nBPPO vs GRPO ({setting}); seeds {seeds}")
+    for seed, ok in zip(seeds, summary["grpo_improved"]):
+        g = runs["grpo"]["per_seed"][seeds.index(seed)]
+        note = "" if ok else "  <- GRPO did not improve held-out accuracy: a failed RL run, not a baseline"
+        print(
+            f"seed {seed}: held-out accuracy before RL {g['start_accuracy']:.3f}, target = GRPO's final "
+            f"{g['target']:.3f}{note}"
+        )
     rows = [
-        ("steps to target (w/ grad)", lambda r: fmt(r["steps_to_target"], "d")),
-        ("  sampled steps to target", lambda r: fmt(r["sampled_steps_to_target"], "d")),
-        ("steps without gradient", lambda r: f"{r['skipped_steps']}"),
-        ("time to target (s)", lambda r: fmt(r["time_to_target_s"])),
+        ("reached GRPO's final acc", lambda r: f"{r['reached']}/{len(seeds)}"),
+        ("time to it (s, mean)", lambda r: fmt(r["time_to_target_s"])),
+        ("steps to it (mean)", lambda r: fmt(r["steps_to_target"], ".1f")),
         (
             "speedup vs GRPO, time",
             lambda r: "-" if r["speedup_time"] is None else f"{r['speedup_time']:.2f}x",
         ),
+        ("  per seed", lambda r: " ".join(f"{x:.2f}" for x in r["speedups"]) or "-"),
         (
-            "speedup vs GRPO, steps",
-            lambda r: "-" if r["speedup_steps"] is None else f"{r['speedup_steps']:.2f}x",
+            "final acc (mean +- sd)",
+            lambda r: f"{r['final_accuracy_mean']:.3f} +- {r['final_accuracy_sd']:.3f}",
         ),
-        ("mean step time (s)", lambda r: f"{r['mean_step_s']:.3f}"),
-        ("  rollout / train (s)", lambda r: f"{r['rollout_s_per_step']:.3f} / {r['train_s_per_step']:.3f}"),
+        (
+            "acc = GRPO's (tolerance)",
+            lambda r: f"{'yes' if r['equal_accuracy'] else 'NO'} ({r['accuracy_diff']:+.3f})",
+        ),
         ("mean response length", lambda r: f"{r['mean_length']:.1f}"),
         (
             "length vs GRPO",
             lambda r: "-" if r["length_change"] is None else f"{100 * r['length_change']:+.0f}%",
         ),
-        ("final-window length", lambda r: f"{r['final_length']:.1f}"),
-        ("tokens generated", lambda r: f"{int(r['tokens_generated'])}"),
-        ("tokens trained", lambda r: f"{int(r['trained_tokens'])}"),
-        ("final MA reward", lambda r: f"{r['final_ma_reward']:.3f}"),
-        ("still >= target at the end", lambda r: "yes" if r["holds_target_at_end"] else "NO"),
+        ("tokens generated / run", lambda r: f"{r['tokens_generated']:.0f}"),
+        ("tokens trained / run", lambda r: f"{r['tokens_trained']:.0f}"),
+        ("step time (s)", lambda r: f"{r['rollout_s_per_step'] + r['train_s_per_step']:.3f}"),
         (
-            "greedy acc before -> after",
-            lambda r: f"{r['eval_before']['accuracy']:.3f} -> {r['eval_after']['accuracy']:.3f}",
+            "  rollout / loss / optim",
+            lambda r: (
+                f"{r['rollout_s_per_step']:.3f} / {r['loss_s_per_step']:.3f} / {r['optim_s_per_step']:.3f}"
+            ),
         ),
-        (
-            "final acc = GRPO's?",
-            lambda r: f"{'yes' if r['equal_final_accuracy'] else 'NO'} ({r['final_accuracy_diff']:+.3f})",
-        ),
+        ("total train time (s)", lambda r: f"{r['total_time_s']:.1f}"),
+        ("rows stopped early", lambda r: f"{100 * r['stopped_early']:.0f}%"),
     ]
-    width = 28
-    print("| " + "metric".ljust(width) + " | " + " | ".join(n.ljust(14) for n in names) + " |")
-    print("|" + "-" * (width + 2) + "|" + "|".join("-" * 16 for _ in names) + "|")
+    width = 26
+    col = max(16, *(len(n) + 2 for n in names))
+    print("\n| " + "metric".ljust(width) + " | " + " | ".join(n.ljust(col) for n in names) + " |")
+    print("|" + "-" * (width + 2) + "|" + "|".join("-" * (col + 2) for _ in names) + "|")
     for label, fn in rows:
-        print("| " + label.ljust(width) + " | " + " | ".join(fn(runs[n]).ljust(14) for n in names) + " |")
-    sched = summary["schedule"]
-    if sched:
-        share = sched["share_of_log_speedup"]
-        print(
-            f"\nadaptive completion schedule: x{sched['factor']:.2f} of BPPO's speedup"
-            + (f" ({100 * share:.0f}% of the log-speedup)" if share is not None else "")
-        )
+        print("| " + label.ljust(width) + " | " + " | ".join(fn(runs[n]).ljust(col) for n in names) + " |")
     tol = summary["acc_tol"]
+    print(f"\nequal accuracy: |mean final accuracy - GRPO's| <= {tol:.3f} over the seeds")
     for name in names:
         if name == "grpo":
             continue
         r = runs[name]
-        speed = (
-            "not measurable (a run did not reach the target)"
-            if r["speedup_time"] is None
-            else f"{r['speedup_time']:.2f}x faster in time"
-        )
-        acc = (
-            f"final greedy accuracy {r['eval_after']['accuracy']:.3f} vs GRPO "
-            f"{runs['grpo']['eval_after']['accuracy']:.3f}: |diff| {abs(r['final_accuracy_diff']):.3f} "
-            f"{'<=' if r['equal_final_accuracy'] else '>'} tolerance {tol:.3f} -> "
-            f"{'equal' if r['equal_final_accuracy'] else 'NOT equal'}"
-        )
         print(
-            f"{name}: {speed}; {acc}; target (>= 3x with equal final accuracy): "
-            f"{'met' if r['target_met'] else 'NOT met'}"
+            f"{name}: speedup {fmt(r['speedup_time'], '.2f')}x, accuracy "
+            f"{'equal' if r['equal_accuracy'] else 'NOT equal'} ({r['accuracy_diff']:+.3f}), length "
+            f"{fmt(r['length_change'] and 100 * r['length_change'], '+.0f')}%; target (>= 3x, equal "
+            f"accuracy, every seed reaching it): {'met' if r['target_met'] else 'NOT met'}"
         )
 
 
@@ -398,56 +423,61 @@ class Setting:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.window < 1:
-        parser.error(f"--steps ({args.steps}) and --window ({args.window}) must be >= 1")
+    if (args.steps is not None and args.steps < 1) or args.eval_every < 1:
+        parser.error(f"--steps ({args.steps}) and --eval-every ({args.eval_every}) must be >= 1")
     if args.acc_tol < 0:
         parser.error(f"--acc-tol ({args.acc_tol}) must be >= 0")
+    try:
+        seeds = [int(x) for x in args.seeds.split(",")]
+        runs = dict(parse_run(s) for s in (args.run or ["grpo=grpo", "bppo=bppo"]))
+    except ValueError as e:
+        parser.error(str(e))
+    if "grpo" not in runs:
+        parser.error("one --run must be named grpo (the baseline)")
     if args.from_json:
-        resummarize(args)
+        saved = json.loads(Path(args.from_json).read_text())
+        per_seed = {int(k): v for k, v in saved["results"].items()}
+        print_report(summarize(per_seed, args.acc_tol), saved["setting"] + f" (from {args.from_json})")
         return 0
 
     import torch
 
-    from tasks.core.stage import seed_everything
-
     torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
     setting = load_setting(args)
     cfg = with_overrides(setting.cfg, args)
+    args.steps = args.steps or cfg.steps
+    for update in runs.values():
+        apply_overrides(cfg, update)  # fail before any training on a bad --run
     members = args.members or cfg.members
     if isinstance(members, str) and members not in ("dae", "all"):
         try:
             members = [int(x) for x in members.split(",")]
         except ValueError:
             parser.error(f"--members {args.members!r}: expected dae, all or comma-separated exit layers")
-    configs = {
-        "grpo": {"algorithm": "grpo"},
-        "bppo": {"algorithm": "bppo", "bppo": cfg.bppo.model_copy(update={"adaptive_budget": True})},
-        "bppo-fixed": {"algorithm": "bppo", "bppo": cfg.bppo.model_copy(update={"adaptive_budget": False})},
-    }
     print(
         f"rl settings: G={cfg.group_size}, prompts/step={cfg.prompts_per_step}, "
         f"max_new_tokens={cfg.max_new_tokens}, lr={cfg.lr}, loss={cfg.loss_type}, "
-        f"prefix={cfg.bppo.prefix_rule}, members={members}, steps={args.steps}, threads={args.threads}"
+        f"prefix={cfg.bppo.prefix_rule}, members={members}, steps={args.steps}, threads={args.threads}, "
+        f"runs={runs}"
     )
-    results = run_all(
-        setting.base, setting.tokenizer, setting.rows, cfg, configs, args.steps, args.seed, members
-    )
-    summary = summarize(results, args.window, args.target, args.target_frac, args.acc_tol)
-    summary.update(
-        setting=setting.description,
-        steps=args.steps,
-        seed=args.seed,
-        rl=cfg.model_dump(),
-        members_spec=members,
-        threads=args.threads,
-        curves={n: {f"exit_{d}": m["history"] for d, m in r["members"].items()} for n, r in results.items()},
-    )
-    print_report(summary, setting.description)
-    if args.json:
-        from tasks.core.files import write_json
+    per_seed = {}
+    for seed in seeds:
+        per_seed[seed] = run_seed(setting, cfg, runs, args.steps, seed, args.eval_every, members)
+        if args.json:  # after every seed, so a cut-short run keeps what it measured
+            from tasks.core.files import write_json
 
-        write_json(args.json, summary)
+            write_json(
+                args.json,
+                {
+                    "setting": setting.description,
+                    "runs": runs,
+                    "steps": args.steps,
+                    "threads": args.threads,
+                    "results": {str(k): v for k, v in per_seed.items()},
+                },
+            )
+    summary = summarize(per_seed, args.acc_tol)
+    print_report(summary, setting.description)
     return 0
 
 
@@ -480,84 +510,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="save the synthetic SFT family to DIR (and its prompts to DIR/rl.jsonl) for reuse "
         "with --sft DIR --data DIR/rl.jsonl",
     )
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     parser.add_argument(
-        "--steps",
-        type=int,
-        default=60,
-        help="training steps (generation batches) per run; steps "
-        "without gradient are not counted as optimizer steps to the target",
+        "--run",
+        action="append",
+        default=None,
+        metavar="NAME=ALG[,KEY=VALUE...]",
+        help="a run (repeatable; default grpo=grpo and bppo=bppo); KEY is an rl field or bppo.<field>",
     )
     parser.add_argument(
-        "--window", type=int, default=10, help="moving-average window of the reward (capped at --steps)"
+        "--steps", type=int, default=None, help="training steps per run (default: rl.steps of --params)"
     )
-    parser.add_argument(
-        "--target", type=float, default=None, help="target moving-average reward (default: see --target-frac)"
-    )
-    parser.add_argument(
-        "--target-frac",
-        type=float,
-        default=0.8,
-        help="default target: this fraction of the way "
-        "from GRPO's first window to the best moving average every run reaches",
-    )
+    parser.add_argument("--eval-every", type=int, default=10, help="held-out evaluation every n steps")
     parser.add_argument(
         "--acc-tol",
         type=float,
-        default=0.02,
-        help="final greedy accuracies within this absolute "
-        "difference of GRPO's count as equal (default 0.02)",
+        default=0.03,
+        help="mean final accuracies within this absolute difference of GRPO's count as equal (default 0.03)",
     )
     parser.add_argument(
-        "--from-json",
-        default=None,
-        metavar="FILE",
-        help="re-summarise the curves saved by an earlier --json run (no training)",
+        "--from-json", default=None, metavar="FILE", help="re-summarise an earlier --json file (no training)"
     )
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--members",
         default=None,
-        help="rl.members override: dae | all | comma-separated exit "
-        "layers (e.g. 2,4); every trained member is reported",
+        help="rl.members override: dae | all | comma-separated exit layers (accuracy: mean over members)",
     )
     parser.add_argument("--prompts-per-step", type=int, default=None)
     parser.add_argument("--group-size", type=int, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--prefix-rule", choices=["fraction", "first_k", "common"], default=None)
-    parser.add_argument("--prefix-fraction", type=float, default=None)
-    parser.add_argument("--prefix-k", type=int, default=None)
     parser.add_argument("--eval-prompts", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    parser.add_argument("--json", default=None, help="also write the summary as JSON to this file")
+    parser.add_argument("--json", default=None, help="also write every curve and evaluation to this file")
     return parser
-
-
-def resummarize(args: argparse.Namespace) -> None:
-    """`--from-json`: the summary of the curves saved by an earlier `--json` run, without training."""
-    saved = json.loads(Path(args.from_json).read_text())
-    results = {}
-    for name, curves in saved["curves"].items():
-        if isinstance(curves, list):  # a file from before per-member reports: one member
-            run = saved["runs"][name]
-            results[name] = {
-                "members": {
-                    "?": {"history": curves, "before": run["eval_before"], "after": run["eval_after"]}
-                }
-            }
-        else:
-            results[name] = {
-                "members": {
-                    key.removeprefix("exit_"): {
-                        "history": hist,
-                        "before": saved["members"][key]["runs"][name]["eval_before"],
-                        "after": saved["members"][key]["runs"][name]["eval_after"],
-                    }
-                    for key, hist in curves.items()
-                }
-            }
-    summary = summarize(results, args.window, args.target, args.target_frac, args.acc_tol)
-    print_report(summary, saved["setting"] + f" (re-summarised from {args.from_json})")
 
 
 def load_setting(args: argparse.Namespace) -> Setting:
@@ -627,16 +613,7 @@ def with_overrides(cfg, args: argparse.Namespace):
         }.items()
         if v is not None
     }
-    bppo_update = {
-        k: v
-        for k, v in {
-            "prefix_rule": args.prefix_rule,
-            "prefix_fraction": args.prefix_fraction,
-            "prefix_k": args.prefix_k,
-        }.items()
-        if v is not None
-    }
-    return cfg.model_copy(update={**update, "bppo": cfg.bppo.model_copy(update=bppo_update)})
+    return cfg.model_copy(update=update)
 
 
 if __name__ == "__main__":

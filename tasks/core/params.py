@@ -285,9 +285,11 @@ class BPPOParams(_Section):
     """Binary Prefix Policy Optimization (Ruyi2.5); the rules the papers leave open are ours
     (tasks/training/rl_algos.py)."""
 
-    # Which prefix of the two selected responses carries gradient: a fraction of each response's
-    # length, its first k tokens, or the pair's common prefix plus the first diverging token.
-    prefix_rule: Literal["fraction", "first_k", "common"] = "common"
+    # Which tokens of the two selected responses carry gradient: a fraction of each response's
+    # length, its first k tokens, the pair's common prefix plus the first diverging token (on both),
+    # the common prefix once on the correct response plus k tokens past the divergence on each
+    # (shared_correct), or only k tokens past the divergence (divergent).
+    prefix_rule: Literal["fraction", "first_k", "common", "shared_correct", "divergent"] = "common"
     prefix_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
     prefix_k: PositiveInt = 16
     # Adaptive completion schedule: the generation budget follows recent shortest-correct lengths,
@@ -297,6 +299,9 @@ class BPPOParams(_Section):
     budget_min_tokens: PositiveInt = 8
     # Weight of the past in the EMA of the per-step shortest-correct length.
     budget_ema: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
+    # Early group stop: once a group has a finished correct and a finished incorrect response, its
+    # unfinished responses stop (scored like a response cut by the budget; never selected).
+    early_stop: bool = False
 
 
 class RLParams(_Section):
@@ -313,6 +318,10 @@ class RLParams(_Section):
     temperature: PositiveFloat = 1.0
     lr: PositiveFloat = 5e-4
     grad_clip: Annotated[float, Field(ge=0.0)] = 1.0
+    # Rollout work (both algorithms; the sampled tokens stay the same): prefill each prompt once for
+    # its group_size samples and repeat its KV cache; drop finished rows from the decoded batch.
+    share_prefill: bool = True
+    compact_rollouts: bool = True
     # Optimizer steps per generation batch (TRL's num_iterations); > 1 reuses the batch with
     # importance ratios against the sampling policy, so the PPO clip becomes active.
     num_iterations: PositiveInt = 1

@@ -2,15 +2,16 @@
 
 Library module; nothing here reads params or files, so every piece is unit-testable on a micro model
 (torch is its only heavy import: callers import it lazily).
-`sample_completions` (member-aware batched sampler), rewards and advantages, the GRPO loss (TRL parity),
-BPPO's pair selection and `prefix_lengths`, and `AdaptiveBudget`. Formulas and every choice the papers
+`sample_completions` (member-aware batched sampler: shared prompt prefill, batch compaction, an
+early-stop hook), rewards and advantages, the GRPO loss (TRL parity), BPPO's pair selection,
+`prefix_spans`, `GroupEarlyStop` and `AdaptiveBudget`. Formulas and every choice the papers
 leave open: docs/choices.md#rl.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -19,9 +20,12 @@ import torch
 from tasks.data.mathgen import answers_match, extract_answer, is_well_formed
 
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
-PrefixRule = Literal["fraction", "first_k", "common"]
+PrefixRule = Literal["fraction", "first_k", "common", "shared_correct", "divergent"]
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-PREFIX_RULES = ("fraction", "first_k", "common")
+PREFIX_RULES = ("fraction", "first_k", "common", "shared_correct", "divergent")
+# sample_completions' early-stop hook: (completion ids so far N x t, their mask N x t, finished N) ->
+# N bool of the rows to stop now.
+EarlyStop = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 ADV_EPS = 1e-4  # TRL's constant in (r - mean) / (std + eps)
 
 
@@ -72,6 +76,10 @@ def sample_completions(
     temperature: float = 1.0,
     do_sample: bool = True,
     generator: torch.Generator | None = None,
+    group_size: int = 1,
+    share_prefill: bool = False,
+    compact: bool = False,
+    early_stop: EarlyStop | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batched sampling (or greedy decoding) at one member with its own KV cache.
 
@@ -81,70 +89,112 @@ def sample_completions(
     stops at its first stop id (kept in the completion); the loop ends when every row stopped or after
     `max_new_tokens`.
 
+    The two rollout optimisations change the work, not the draws: the race noise is drawn for all N rows
+    at every step whichever rows are still decoded, so a fixed generator gives the same tokens.
+    `share_prefill` runs the prompt forward once per group of `group_size` identical consecutive rows
+    and repeats its KV cache; `compact` drops finished rows from the decoded batch (and the cache).
+
     Args:
-        prompt_ids, prompt_mask: N x P, left-padded.
+        prompt_ids, prompt_mask: N x P, left-padded (with `share_prefill`, each prompt repeated
+            `group_size` times in consecutive rows).
         exit_layer: the member to decode with (None for a stock causal LM).
+        early_stop: called after each decoding step (see `EarlyStop`, e.g. `GroupEarlyStop`); the rows
+            it returns stop there without a stop token (marked truncated).
 
     Returns:
         completion_ids: N x C (C <= max_new_tokens), `pad_id` after a row's stop token;
         completion_mask: N x C, 1 up to and including the stop token;
-        truncated: N bool, rows that never produced a stop id.
+        truncated: N bool, rows that never produced a stop id (budget reached, or stopped early).
     """
     from transformers.cache_utils import DynamicCache
 
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    n = prompt_ids.shape[0]
+    if share_prefill and group_size > 1:
+        if n % group_size:
+            raise ValueError(f"share_prefill: {n} rows do not split into groups of {group_size}")
+        grouped_ids = prompt_ids.view(-1, group_size, prompt_ids.shape[1])
+        grouped_mask = prompt_mask.view(-1, group_size, prompt_mask.shape[1])
+        if not (
+            torch.equal(grouped_ids, grouped_ids[:, :1].expand_as(grouped_ids))
+            and torch.equal(grouped_mask, grouped_mask[:, :1].expand_as(grouped_mask))
+        ):
+            raise ValueError("share_prefill needs each prompt repeated group_size times in consecutive rows")
+        prefill_ids, prefill_mask = prompt_ids[::group_size], prompt_mask[::group_size]
+    else:
+        group_size, prefill_ids, prefill_mask = 1, prompt_ids, prompt_mask
     was_training = model.training
     model.eval()
-    n = prompt_ids.shape[0]
     device = prompt_ids.device
     stops = torch.tensor(list(stop_ids), device=device)
     attn = prompt_mask.clone()
     positions = positions_from_mask(attn)
     cache = DynamicCache()
     out = model(
-        input_ids=prompt_ids,
-        attention_mask=attn,
-        position_ids=positions,
+        input_ids=prefill_ids,
+        attention_mask=prefill_mask,
+        position_ids=positions_from_mask(prefill_mask),
         past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,
         **_member_kwargs(exit_layer),
     )
+    logits = out.logits[:, -1, :]
+    if group_size > 1:
+        logits = logits.repeat_interleave(group_size, 0)
+        for layer in cache.layers:
+            layer.batch_repeat_interleave(group_size)
     next_pos = positions[:, -1:] + 1
     finished = torch.zeros(n, dtype=torch.bool, device=device)
+    active = torch.arange(n, device=device)  # rows in the decoded batch (all of them without `compact`)
     tokens, live = [], []
     for step in range(max_new_tokens):
-        logits = out.logits[:, -1, :].float()
+        logits = logits.float()
         if do_sample:
             # Exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) i.i.d. draws i with probability
             # p_i exactly (the Gumbel-max trick in another form); ~10x cheaper than torch.multinomial
-            # over a vocabulary on CPU.
+            # over a vocabulary on CPU. The noise of all N rows is drawn (same stream with compaction).
             probs = torch.softmax(logits / temperature, dim=-1)
-            race = torch.empty_like(probs).exponential_(1.0, generator=generator)
-            tok = (probs / race).argmax(-1)
+            race = torch.empty((n, probs.shape[-1]), dtype=probs.dtype, device=device)
+            race.exponential_(1.0, generator=generator)
+            tok_active = (probs / race[active]).argmax(-1)
         else:
-            tok = logits.argmax(-1)
+            tok_active = logits.argmax(-1)
+        tok = torch.full((n,), pad_id, dtype=torch.long, device=device)
+        tok[active] = tok_active
         live.append(~finished)
         tok = torch.where(finished, torch.full_like(tok, pad_id), tok)
         tokens.append(tok)
         finished = finished | torch.isin(tok, stops)
+        if early_stop is not None and step < max_new_tokens - 1 and not bool(finished.all()):
+            stopped = early_stop(torch.stack(tokens, dim=1), torch.stack(live, dim=1), finished)
+            finished = finished | stopped
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
+        if compact:
+            keep = ~finished[active]
+            if not bool(keep.all()):
+                idx = keep.nonzero().squeeze(1)
+                for layer in cache.layers:
+                    layer.batch_select_indices(idx)
+                active = active[idx]
         attn = torch.cat([attn, torch.ones((n, 1), dtype=attn.dtype, device=device)], dim=1)
         out = model(
-            input_ids=tok[:, None],
-            attention_mask=attn,
-            position_ids=next_pos,
+            input_ids=tok[active][:, None],
+            attention_mask=attn[active],
+            position_ids=next_pos[active],
             past_key_values=cache,
             use_cache=True,
             **_member_kwargs(exit_layer),
         )
+        logits = out.logits[:, -1, :]
         next_pos = next_pos + 1
     model.train(was_training)
     completion_ids = torch.stack(tokens, dim=1)
     completion_mask = torch.stack(live, dim=1).long()
-    return completion_ids, completion_mask, ~finished
+    has_stop = (torch.isin(completion_ids, stops) & completion_mask.bool()).any(dim=1)
+    return completion_ids, completion_mask, ~has_stop
 
 
 def decode_completions(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:
@@ -341,12 +391,16 @@ class BPPOSelection:
         return [r for pair in self.pairs for r in pair]
 
 
-def bppo_select(correct: torch.Tensor, lengths: torch.Tensor, group_size: int) -> BPPOSelection:
+def bppo_select(
+    correct: torch.Tensor, lengths: torch.Tensor, group_size: int, eligible: torch.Tensor | None = None
+) -> BPPOSelection:
     """Picks the shortest correct and the shortest incorrect response of every group.
 
     Args:
         correct: N bool (N = groups * group_size, groups consecutive).
         lengths: N response lengths in tokens (stop token included).
+        eligible: N bool, rows that may be picked (None = all); rows stopped early by `GroupEarlyStop`
+            are not (they still count for `shortest_correct` only if eligible).
 
     Returns:
         BPPOSelection (ties go to the earlier response; all-correct/all-wrong groups are skipped).
@@ -358,18 +412,86 @@ def bppo_select(correct: torch.Tensor, lengths: torch.Tensor, group_size: int) -
         )
     sel = BPPOSelection()
     big = int(lengths.max()) + 1
+    if eligible is not None:
+        # An ineligible row can never be picked: it is neither correct nor incorrect for the pair.
+        lengths = torch.where(eligible, lengths, torch.full_like(lengths, big))
+        big += 1
     for g, (ok, ln) in enumerate(zip(correct.view(-1, group_size), lengths.view(-1, group_size))):
-        if bool(ok.any()):
+        if eligible is not None:
+            el = eligible.view(-1, group_size)[g]
+            ok_c, ok_w = ok & el, ~ok & el
+        else:
+            ok_c, ok_w = ok, ~ok
+        if bool(ok_c.any()):
             # argmin returns the first minimum: the earlier response wins ties.
-            sel.shortest_correct.append(int(ln[ok].min()))
-        if bool(ok.all()) or not bool(ok.any()):
+            sel.shortest_correct.append(int(ln[ok_c].min()))
+        if not bool(ok_c.any()) or not bool(ok_w.any()):
             sel.skipped += 1
             continue
-        c = int(torch.where(ok, ln, torch.full_like(ln, big)).argmin())
-        w = int(torch.where(~ok, ln, torch.full_like(ln, big)).argmin())
+        c = int(torch.where(ok_c, ln, torch.full_like(ln, big)).argmin())
+        w = int(torch.where(ok_w, ln, torch.full_like(ln, big)).argmin())
         sel.pairs.append((g * group_size + c, g * group_size + w))
         sel.groups.append(g)
     return sel
+
+
+def prefix_spans(
+    completion_ids: torch.Tensor,
+    lengths: torch.Tensor,
+    pairs: Sequence[tuple[int, int]],
+    rule: PrefixRule,
+    *,
+    fraction: float = 0.5,
+    k: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which tokens `[start, end)` of each selected response carry gradient (see docs/choices.md#rl).
+
+    With c the length of the pair's common prefix (its first c tokens are identical):
+    - "fraction": `[0, ceil(fraction * L))`; "first_k": `[0, min(k, L))`;
+    - "common": `[0, min(c + 1, L))` for both: the shared prefix is trained on both rows, so it gets
+      `A_correct + A_incorrect` (the group's accuracy decides its sign, not which answer was right);
+    - "shared_correct": the shared prefix once, on the correct response (its advantage A_correct > 0),
+      plus k tokens past the divergence on each: correct `[0, c + k)`, incorrect `[c, c + k)`;
+    - "divergent": only past the divergence, k tokens each: `[c, c + k)` on both.
+    Ends are clipped to L, and every span holds >= 1 token (an incorrect response that is a prefix of
+    the correct one trains its last token).
+
+    Args:
+        completion_ids: N x C completions; lengths: N lengths (stop token included, >= 1).
+        pairs: `(correct_row, incorrect_row)` pairs from `bppo_select`.
+
+    Returns:
+        (starts, ends): LongTensors of 2 * len(pairs), in `BPPOSelection.rows` order, 0 <= start < end <= L.
+    """
+    if rule not in PREFIX_RULES:
+        raise ValueError(f"prefix rule must be one of {PREFIX_RULES}, got {rule!r}")
+    if not 0.0 < fraction <= 1.0 or k < 1:
+        raise ValueError(f"prefix fraction must be in (0, 1] and k >= 1; got {fraction}, {k}")
+    starts, ends = [], []
+    for a, b in pairs:
+        la, lb = int(lengths[a]), int(lengths[b])
+        if min(la, lb) < 1:
+            raise ValueError(f"responses {a}, {b} have lengths {la}, {lb}: every response has >= 1 token")
+        if rule == "fraction":
+            starts += [0, 0]
+            ends += [max(1, math.ceil(fraction * la)), max(1, math.ceil(fraction * lb))]
+            continue
+        if rule == "first_k":
+            starts += [0, 0]
+            ends += [min(k, la), min(k, lb)]
+            continue
+        n = min(la, lb)
+        same = (completion_ids[a, :n] == completion_ids[b, :n]).long()
+        common = int(same.cumprod(0).sum())
+        if rule == "common":
+            starts += [0, 0]
+            ends += [min(common + 1, la), min(common + 1, lb)]
+            continue
+        sa, sb = min(common, la - 1), min(common, lb - 1)
+        ea, eb = max(sa + 1, min(common + k, la)), max(sb + 1, min(common + k, lb))
+        starts += [0 if rule == "shared_correct" else sa, sb]
+        ends += [ea, eb]
+    return torch.tensor(starts, dtype=torch.long), torch.tensor(ends, dtype=torch.long)
 
 
 def prefix_lengths(
@@ -381,36 +503,14 @@ def prefix_lengths(
     fraction: float = 0.5,
     k: int = 16,
 ) -> torch.Tensor:
-    """How many leading tokens of each selected response carry gradient (see docs/choices.md#rl).
+    """The span ends of `prefix_spans` (the prefix lengths of the rules whose spans start at 0)."""
+    return prefix_spans(completion_ids, lengths, pairs, rule, fraction=fraction, k=k)[1]
 
-    Args:
-        completion_ids: N x C completions; lengths: N lengths (stop token included, >= 1).
-        pairs: `(correct_row, incorrect_row)` pairs from `bppo_select`.
-        rule: "fraction" (`ceil(fraction * L)`), "first_k" (`min(k, L)`) or "common" (common prefix of
-            the pair plus the first diverging token, `min(c + 1, L)`).
 
-    Returns:
-        LongTensor of 2 * len(pairs) prefix lengths, in `BPPOSelection.rows` order, each in [1, L].
-    """
-    if rule not in PREFIX_RULES:
-        raise ValueError(f"prefix rule must be one of {PREFIX_RULES}, got {rule!r}")
-    if not 0.0 < fraction <= 1.0 or k < 1:
-        raise ValueError(f"prefix fraction must be in (0, 1] and k >= 1; got {fraction}, {k}")
-    out = []
-    for a, b in pairs:
-        la, lb = int(lengths[a]), int(lengths[b])
-        if min(la, lb) < 1:
-            raise ValueError(f"responses {a}, {b} have lengths {la}, {lb}: every response has >= 1 token")
-        if rule == "fraction":
-            out += [max(1, math.ceil(fraction * la)), max(1, math.ceil(fraction * lb))]
-        elif rule == "first_k":
-            out += [min(k, la), min(k, lb)]
-        else:
-            n = min(la, lb)
-            same = (completion_ids[a, :n] == completion_ids[b, :n]).long()
-            common = int(same.cumprod(0).sum())
-            out += [min(common + 1, la), min(common + 1, lb)]
-    return torch.tensor(out, dtype=torch.long)
+def span_mask(starts: torch.Tensor, ends: torch.Tensor, width: int) -> torch.Tensor:
+    """M x width 0/1 mask with positions `starts[i] <= t < ends[i]` of row i set."""
+    t = torch.arange(width).unsqueeze(0)
+    return ((t >= starts.unsqueeze(1)) & (t < ends.unsqueeze(1))).long()
 
 
 def prefix_mask(prefix_lens: torch.Tensor, width: int) -> torch.Tensor:
@@ -422,6 +522,46 @@ def trim_left_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tens
     """Drops leading columns that are padding in every row (exact: masked keys are never attended)."""
     keep = int(mask.any(dim=0).long().argmax()) if bool(mask.any()) else 0
     return ids[:, keep:], mask[:, keep:]
+
+
+class GroupEarlyStop:
+    """BPPO's early group stop, the `early_stop` hook of `sample_completions`.
+
+    Once a group has a finished (stop-token) correct response and a finished incorrect one, its pair is
+    decided: every unfinished response would be longer than both, so `bppo_select` can never pick it.
+    Those rows stop at once; they are scored like a response cut by the budget (their partial text),
+    and `stopped` marks them so the selection leaves them out.
+
+    Args:
+        group_size: G (groups are consecutive rows).
+        judge: `judge(rows, completion_ids, completion_mask) -> bool tensor`, whether each of the given
+            finished rows is correct (decodes and scores them).
+    """
+
+    def __init__(
+        self, group_size: int, judge: Callable[[list[int], torch.Tensor, torch.Tensor], torch.Tensor]
+    ):
+        self.group_size, self.judge = group_size, judge
+        self.judged: dict[int, bool] = {}
+        self.stopped: torch.Tensor | None = None
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
+        n, g = finished.numel(), self.group_size
+        if self.stopped is None:
+            self.stopped = torch.zeros(n, dtype=torch.bool)
+        new = [i for i in finished.nonzero().squeeze(1).tolist() if i not in self.judged]
+        new = [i for i in new if not bool(self.stopped[i])]
+        if new:
+            for i, ok in zip(new, self.judge(new, ids[new], mask[new]).tolist()):
+                self.judged[i] = bool(ok)
+        stop = torch.zeros(n, dtype=torch.bool)
+        for grp in range(n // g):
+            verdicts = [self.judged[i] for i in range(grp * g, (grp + 1) * g) if i in self.judged]
+            if any(verdicts) and not all(verdicts):
+                rows = slice(grp * g, (grp + 1) * g)
+                stop[rows] = ~finished[rows]
+        self.stopped |= stop
+        return stop
 
 
 class AdaptiveBudget:

@@ -168,8 +168,9 @@ class _Samples:
     prompt_mask: Any
     completion_ids: Any
     completion_mask: Any
-    truncated: Any  # B bools: stopped by the budget, not by a stop token
+    truncated: Any  # B bools: stopped by the budget (or early), not by a stop token
     budget: int
+    stopped: Any = None  # B bools: stopped by BPPO's early group stop (None: not used)
 
 
 @dataclass
@@ -269,6 +270,7 @@ class RLTrainer:
             "budget": float(samples.budget),
             "tokens_generated": float(lengths.sum()),
             "truncated": float(samples.truncated.float().mean()),
+            "stopped_early": 0.0 if samples.stopped is None else float(samples.stopped.float().mean()),
         }
         if self.cfg.algorithm == "grpo":
             rollout = Rollout(self._grpo_batch(samples, scores, stats), stats)
@@ -283,13 +285,17 @@ class RLTrainer:
         """`group_size` completions of each prompt from member `d`, within its current budget."""
         import torch
 
-        from tasks.training.rl_algos import encode_chat_prompts, sample_completions
+        from tasks.training.rl_algos import GroupEarlyStop, encode_chat_prompts, sample_completions
 
         cfg, g = self.cfg, self.cfg.group_size
         budget = self.budgets[d].budget if self.budgets[d] is not None else cfg.max_new_tokens
         prompt_ids, prompt_mask = encode_chat_prompts(self.tokenizer, [r["question"] for r in rows])
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(g, 0), prompt_mask.repeat_interleave(g, 0)
         gen = torch.Generator().manual_seed(_seed_for(self.seed, "rollout", step, d))
+        stopper = None
+        if cfg.algorithm == "bppo" and cfg.bppo.early_stop:
+            golds = [str(r["answer"]) for r in rows for _ in range(g)]
+            stopper = GroupEarlyStop(g, lambda idx, ids, mask: self._judge(idx, ids, mask, golds))
         comp, cmask, truncated = sample_completions(
             self.model,
             prompt_ids,
@@ -300,8 +306,20 @@ class RLTrainer:
             pad_id=self.tokenizer.pad_token_id,
             temperature=cfg.temperature,
             generator=gen,
+            group_size=g,
+            share_prefill=cfg.share_prefill,
+            compact=cfg.compact_rollouts,
+            early_stop=stopper,
         )
-        return _Samples(prompt_ids, prompt_mask, comp, cmask, truncated, budget)
+        stopped = stopper.stopped if stopper is not None and stopper.stopped is not None else None
+        return _Samples(prompt_ids, prompt_mask, comp, cmask, truncated, budget, stopped)
+
+    def _judge(self, idx: list[int], ids, mask, golds: list[str]):
+        """Whether the given finished rows are correct (the early group stop's judge)."""
+        from tasks.training.rl_algos import decode_completions, score_responses
+
+        texts = decode_completions(self.tokenizer, ids, mask)
+        return score_responses(texts, [golds[i] for i in idx], self.cfg.format_reward)[1]
 
     def _score(self, rows: list[dict], samples: _Samples) -> _Scores:
         from tasks.training.rl_algos import decode_completions, group_advantages, score_responses
@@ -334,10 +352,11 @@ class RLTrainer:
         """BPPO trains the (shortest correct, shortest incorrect) pair of each group on a prefix."""
         import torch
 
-        from tasks.training.rl_algos import bppo_select, prefix_lengths, prefix_mask, trim_left_padding
+        from tasks.training.rl_algos import bppo_select, prefix_spans, span_mask, trim_left_padding
 
         cfg = self.cfg
-        sel = bppo_select(scores.correct, scores.lengths, cfg.group_size)
+        eligible = None if samples.stopped is None else ~samples.stopped
+        sel = bppo_select(scores.correct, scores.lengths, cfg.group_size, eligible)
         stats.update(
             pairs=float(len(sel.pairs)),
             skipped_groups=float(sel.skipped),
@@ -347,7 +366,7 @@ class RLTrainer:
             return Rollout(None, stats, sel.shortest_correct)
         comp, cmask = samples.completion_ids, samples.completion_mask
         rows_idx = torch.tensor(sel.rows)
-        plen = prefix_lengths(
+        starts, ends = prefix_spans(
             comp,
             scores.lengths,
             sel.pairs,
@@ -355,8 +374,8 @@ class RLTrainer:
             fraction=cfg.bppo.prefix_fraction,
             k=cfg.bppo.prefix_k,
         )
-        width = int(plen.max())
-        pm = prefix_mask(plen, width) * cmask[rows_idx, :width]
+        width = int(ends.max())
+        pm = span_mask(starts, ends, width) * cmask[rows_idx, :width]
         p_ids, p_mask = trim_left_padding(samples.prompt_ids[rows_idx], samples.prompt_mask[rows_idx])
         batch = TrainBatch(
             p_ids,
@@ -462,6 +481,8 @@ class RLTrainer:
             rollout.stats.update(
                 rollout_s=time.perf_counter() - t0,
                 train_s=0.0,
+                loss_s=0.0,
+                optim_s=0.0,
                 loss=0.0,
                 clip_ratio=0.0,
                 kl=0.0,
@@ -482,7 +503,9 @@ class RLTrainer:
             t0 = time.perf_counter()
             loss, logps, st = self._loss(rollout.batch, d)
             loss.backward()
-            rollout.stats["train_s"] += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            rollout.stats["train_s"] += dt
+            rollout.stats["loss_s"] += dt
             if first:
                 rollout.batch.start_logps = logps.detach()
                 rollout.stats.update(loss=float(loss.detach()), clip_ratio=st["clip_ratio"], kl=st["kl"])
@@ -495,6 +518,7 @@ class RLTrainer:
         share = (time.perf_counter() - t0) / max(1, len(trained))
         for _, rollout in trained:
             rollout.stats["train_s"] += share
+            rollout.stats["optim_s"] += share
 
     def _measure_kl(self, rollouts: dict[int, Rollout]) -> None:
         """Without a KL penalty: the k3 KL between each member's policy before and after the step."""

@@ -237,6 +237,86 @@ def test_greedy_sampler_matches_generate(micro):
     assert torch.equal((comp * cmask)[:, :width], (ref[:, :width] * cmask[:, :width]))
 
 
+def _sample(model, tok, questions_, g, seed, **kw):
+    ids, mask = A.encode_chat_prompts(tok, questions_)
+    return A.sample_completions(
+        model,
+        ids.repeat_interleave(g, 0),
+        mask.repeat_interleave(g, 0),
+        exit_layer=1,
+        max_new_tokens=kw.pop("max_new_tokens", 8),
+        stop_ids=[tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id],
+        pad_id=tok.pad_token_id,
+        group_size=g,
+        generator=torch.Generator().manual_seed(seed),
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("do_sample", [True, False])
+def test_shared_prefill_and_compaction_keep_the_samples(micro, do_sample):
+    """Prefilling each prompt once for its G rows and dropping finished rows from the decoded batch
+    change the work only: same tokens, masks and truncation flags for a fixed seed."""
+    tok = micro[0]
+    model = fresh_model(micro).eval()
+    qs = ["what is the answer to 3 ?", "what is 5 ?", "what is the 2 ?"]  # left padding included
+    plain = _sample(model, tok, qs, 4, 11, do_sample=do_sample)
+    lengths = plain[1].sum(1)
+    assert lengths.min() < lengths.max()  # rows finish at different steps: compaction happens
+    for share, compact in [(True, False), (False, True), (True, True)]:
+        fast = _sample(model, tok, qs, 4, 11, do_sample=do_sample, share_prefill=share, compact=compact)
+        for a, b in zip(plain, fast):
+            assert torch.equal(a, b), (share, compact)
+    ids, mask = A.encode_chat_prompts(tok, qs)
+    with pytest.raises(ValueError, match="repeated group_size times"):
+        A.sample_completions(
+            model,
+            ids[:2],
+            mask[:2],
+            exit_layer=1,
+            max_new_tokens=2,
+            stop_ids=[0],
+            pad_id=1,
+            group_size=2,
+            share_prefill=True,
+        )
+
+
+def test_group_early_stop_keeps_the_bppo_pair(micro):
+    """The early group stop cuts only rows that can no longer be selected: every other row and the
+    (shortest correct, shortest incorrect) pair of each group are those of the full rollout."""
+    tok = micro[0]
+    model = fresh_model(micro).eval()
+    qs = [f"what is the answer to {i} ?" for i in range(6)]
+    g = 8
+    golds = ["3"] * (len(qs) * g)  # the warmed-up member answers 3 about 30% of the time
+
+    def judge(idx, ids, mask):
+        texts = A.decode_completions(tok, ids, mask)
+        return A.score_responses(texts, [golds[i] for i in idx], 0.0)[1]
+
+    full = _sample(model, tok, qs, g, 5, max_new_tokens=12, share_prefill=True, compact=True)
+    stopper = A.GroupEarlyStop(g, judge)
+    cut = _sample(
+        model, tok, qs, g, 5, max_new_tokens=12, share_prefill=True, compact=True, early_stop=stopper
+    )
+    stopped = stopper.stopped
+    assert stopped.any() and not stopped.all()
+    n_full, n_cut = full[1].sum(1), cut[1].sum(1)
+    assert torch.equal(n_full[~stopped], n_cut[~stopped])
+    for row in range(len(golds)):  # a stopped row is the start of the full rollout's row
+        m = int(n_cut[row])
+        assert torch.equal(cut[0][row, :m], full[0][row, :m])
+        if stopped[row]:
+            assert bool(cut[2][row]) and m < int(n_full[row])
+    correct_full = judge(list(range(len(golds))), full[0], full[1])
+    correct_cut = judge(list(range(len(golds))), cut[0], cut[1])
+    sel_full = A.bppo_select(correct_full, n_full, g)
+    sel_cut = A.bppo_select(correct_cut, n_cut, g, eligible=~stopped)
+    assert sel_full.pairs == sel_cut.pairs and sel_full.pairs
+    assert cut[1].sum() < full[1].sum()  # fewer tokens decoded
+
+
 def test_rewards_exact_answer_and_format():
     texts = ["so #### 7", "#### 7 apples", "#### 3", "7", "#### 7.0\n", "####", "#### 7\nso"]
     rewards, correct = A.score_responses(texts, ["7"] * 7, format_reward=0.1)
@@ -518,6 +598,14 @@ def test_stage_writes_model_metrics_and_plots(micro, tmp_path):
         assert key in metrics
     assert metrics["algorithm"] == "bppo" and metrics["members"] == [1]
     curves = metrics["exit_1"]["curves"]
+    # Where the time and the work went (dvc metrics diff between grpo and bppo runs).
+    assert metrics["tokens_generated"] == pytest.approx(sum(curves["tokens_generated"]))
+    assert metrics["tokens_trained"] == pytest.approx(sum(curves["trained_tokens"]))
+    assert 0 <= metrics["tokens_trained"] < metrics["tokens_generated"]  # BPPO: prefixes of 2 rows at most
+    assert (
+        metrics["rollout_time_s"] == pytest.approx(sum(curves["rollout_s"])) and metrics["rollout_time_s"] > 0
+    )
+    assert 0 <= metrics["loss_time_s"] + metrics["optimizer_time_s"] <= metrics["update_time_s"] + 1e-9
     assert len(curves["reward"]) == 4 and len(curves["length"]) == 4 and len(curves["kl"]) == 4
     assert (tmp_path / "plots" / "rl" / "curves.png").stat().st_size > 0
     lines = (tmp_path / "plots" / "rl" / "curves.csv").read_text().splitlines()
@@ -691,7 +779,48 @@ def test_bppo_steps_without_a_pair_are_counted_and_take_no_optimizer_step(micro)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_benchmark_steps_to_target_skip_steps_without_gradient_and_short_runs():
+def test_bppo_early_stop_in_the_trainer_keeps_the_pairs(micro):
+    """With rl.bppo.early_stop the trainer stops decided groups early, decodes fewer tokens and still
+    trains the same (shortest correct, shortest incorrect) pairs as without it (same seed)."""
+    from tasks.training.rl_trainer import RLTrainer, resolve_members, trainable_parameters
+
+    tok = micro[0]
+    rows = [{**r, "answer": "3"} for r in rl_rows(24)]  # the warmed-up member answers 3 about 30%
+    out = {}
+    for early in (False, True):
+        model = fresh_model(micro)
+        cfg = RLParams(
+            algorithm="bppo",
+            steps=2,
+            prompts_per_step=6,
+            group_size=8,
+            max_new_tokens=12,
+            eval_prompts=1,
+            bppo={"early_stop": early, "adaptive_budget": False},
+        )
+        members = resolve_members(model.config, "dae")
+        trainer = RLTrainer(
+            model,
+            tok,
+            rows,
+            cfg,
+            members=members,
+            trainable=trainable_parameters(model, "dae", members),
+            seed=0,
+        )
+        samples = trainer._sample(trainer.prompts_for_step(0), 1, 0)
+        scores = trainer._score(trainer.prompts_for_step(0), samples)
+        rollout = trainer._bppo_rollout(samples, scores, {})
+        out[early] = (samples, rollout)
+    (s_full, r_full), (s_cut, r_cut) = out[False], out[True]
+    assert s_cut.stopped is not None and bool(s_cut.stopped.any())
+    assert s_cut.completion_mask.sum() < s_full.completion_mask.sum()
+    assert r_full.stats["pairs"] == r_cut.stats["pairs"] > 0
+    assert torch.equal(r_full.batch.completion_ids, r_cut.batch.completion_ids)
+    assert torch.equal(r_full.batch.loss_mask, r_cut.batch.loss_mask)
+
+
+def test_benchmark_time_to_grpo_final_accuracy_over_seeds():
     import importlib.util
     from pathlib import Path
 
@@ -701,45 +830,61 @@ def test_benchmark_steps_to_target_skip_steps_without_gradient_and_short_runs():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
 
-    def hist(rewards, grads):
-        return [
+    def run(evals, step_s, grads=None):
+        hist = [
             {
-                "reward": r,
-                "has_gradient": g,
-                "time_s": 1.0 * (i + 1),
-                "rollout_s": 0.5,
-                "train_s": 0.5,
-                "length": 10.0,
+                "reward": 0.5,
+                "has_gradient": 1.0 if grads is None else grads[i],
+                "time_s": step_s * (i + 1),
+                "rollout_s": 0.6 * step_s,
+                "train_s": 0.4 * step_s,
+                "loss_s": 0.3 * step_s,
+                "optim_s": 0.1 * step_s,
+                "length": 10.0 if step_s > 0.5 else 6.0,
                 "tokens_generated": 40.0,
                 "trained_tokens": 8.0,
             }
-            for i, (r, g) in enumerate(zip(rewards, grads))
+            for i in range(4)
         ]
+        return {"history": {"2": hist}, "evals": [(0, 0.0, 0.40)] + [(s, s * step_s, a) for s, a in evals]}
 
-    ev = {"reward": 0.5, "accuracy": 0.5}
-    results = {
-        "grpo": {"history": hist([0.0, 0.2, 0.4, 0.6, 1.0], [1] * 5), "before": ev, "after": ev},
-        "bppo": {
-            "history": hist([0.0, 0.0, 0.0, 0.6, 1.0], [0, 0, 0, 1, 1]),
-            "before": ev,
-            "after": {"reward": 0.5, "accuracy": 0.47},
+    per_seed = {
+        # GRPO reaches its final 0.50 at step 2 (2 s); BPPO at step 2 too, in 0.5 s: 4x.
+        0: {"grpo": run([(2, 0.50), (4, 0.50)], 1.0), "bppo": run([(2, 0.52), (4, 0.48)], 0.25)},
+        # GRPO 0.46 at step 4 (4 s); BPPO never reaches it.
+        1: {
+            "grpo": run([(2, 0.44), (4, 0.46)], 1.0),
+            "bppo": run([(2, 0.41), (4, 0.45)], 0.25, [0, 1, 1, 1]),
         },
     }
-    out = bench.summarize_member(results, window=1, target=0.6, acc_tol=0.02)
-    g, b = out["runs"]["grpo"], out["runs"]["bppo"]
-    assert g["steps_to_target"] == 4 and b["sampled_steps_to_target"] == 4
-    assert b["steps_to_target"] == 1 and b["skipped_steps"] == 3  # three steps without gradient: no progress
-    assert b["speedup_steps"] == 4.0 and b["speedup_time"] == 1.0
-    assert b["equal_final_accuracy"] is False and b["final_accuracy_diff"] == pytest.approx(-0.03)
-    assert (
-        bench.summarize_member(results, 1, 0.6, acc_tol=0.05)["runs"]["bppo"]["equal_final_accuracy"] is True
+    out = bench.summarize(per_seed, acc_tol=0.03)
+    b, g = out["runs"]["bppo"], out["runs"]["grpo"]
+    assert [r["time_to_target_s"] for r in b["per_seed"]] == [0.5, None]
+    assert b["per_seed"][0]["speedup_time"] == 4.0 and b["speedups"] == [4.0]
+    assert b["reached"] == 1 and g["reached"] == 2
+    assert b["final_accuracy_mean"] == pytest.approx(0.465) and g["final_accuracy_mean"] == pytest.approx(
+        0.48
     )
-    # A window longer than the run (--steps < --window) is capped instead of raising IndexError.
-    short = bench.summarize_member(results, window=10, target=None)
-    assert short["window"] == 5 and short["requested_window"] == 10
-    # Every member is summarised.
-    both = bench.summarize({n: {"members": {1: r, 2: r}} for n, r in results.items()}, 1, 0.6)
-    assert sorted(both["members"]) == ["exit_1", "exit_2"]
+    assert b["equal_accuracy"] is True  # |0.465 - 0.48| <= 0.03
+    assert b["target_met"] is False  # one seed never reached GRPO's accuracy
+    assert bench.summarize(per_seed, acc_tol=0.01)["runs"]["bppo"]["equal_accuracy"] is False
+    assert b["length_change"] == pytest.approx(-0.4)
+    assert b["loss_s_per_step"] == pytest.approx(0.075) and b["rollout_s_per_step"] == pytest.approx(0.15)
+    assert out["grpo_improved"] == [True, True]
+    # A seed where GRPO ends below its start is a failed RL run: no speedup is computed from it.
+    failed = {0: {"grpo": run([(2, 0.38), (4, 0.39)], 1.0), "bppo": run([(2, 0.45), (4, 0.45)], 0.25)}}
+    out_failed = bench.summarize(failed, acc_tol=0.03)
+    assert out_failed["grpo_improved"] == [False] and out_failed["runs"]["bppo"]["speedup_time"] is None
+    assert bench.parse_run("x=bppo,bppo.prefix_rule=divergent,lr=1e-4") == (
+        "x",
+        {"algorithm": "bppo", "bppo.prefix_rule": "divergent", "lr": 1e-4},
+    )
+    cfg = bench.apply_overrides(RLParams(), {"algorithm": "grpo", "bppo.early_stop": True})
+    assert cfg.algorithm == "grpo" and cfg.bppo.early_stop is True
+    with pytest.raises(ValueError, match="unknown rl parameter"):
+        bench.apply_overrides(RLParams(), {"bppo.nope": 1})
+    with pytest.raises(ValueError, match="NAME=grpo"):
+        bench.parse_run("x=ppo")
 
 
 def test_wall_time_is_cumulative_across_resumes(micro, tmp_path):
