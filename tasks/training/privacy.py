@@ -529,8 +529,11 @@ def beta_sweep(
     on_row: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Per beta: train the mapping (base config otherwise), then behaviour F1 and every attack."""
+    import time
+
     rows = []
     for beta in betas:
+        t0 = time.time()
         cfg = MappingConfig(**{**asdict(base), "beta": float(beta)})
         trained = train_mapping(
             data.train_features,
@@ -550,6 +553,7 @@ def beta_sweep(
         }
         row.update(audit(trained.release_fn(), data, identifier, attack, inversion=inversion, quiet=quiet))
         row["_trained"] = trained
+        row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
         if on_row is not None:
             on_row(row)
