@@ -140,7 +140,7 @@ class PrivacyMapping(nn.Module):
         self.mu = nn.Linear(hidden, out_dim)
         self.logvar = nn.Linear(hidden, out_dim)
         nn.init.zeros_(self.logvar.weight)
-        nn.init.constant_(self.logvar.bias, -2.0)
+        nn.init.constant_(self.logvar.bias, -4.0)  # noise std 0.14 at the start
 
     @torch.no_grad()
     def set_standardization(self, features: torch.Tensor) -> None:

@@ -17,6 +17,7 @@ Method and figures: docs/choices.md#privacy.
 from __future__ import annotations
 
 import copy
+import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -222,6 +223,7 @@ class AttackConfig:
     batch_size: int = 128
     draws: int = 4
     decoder_epochs: int = 30
+    decoder_width: int = 64
     decoder_lr: float = 2e-3
     seed: int = 0
 
@@ -351,24 +353,24 @@ class FrameDecoder(nn.Module):
 
 
 class FrameIdentifier(nn.Module):
-    """The inversion audit's identity classifier: a small CNN on a clip's frames [N, T*3, S, S]."""
+    """The inversion audit's identity classifier: a small CNN on a clip's frames [N, T*3, S, S]
+    (batch-normalised convolutions, global max and mean pooling: identity is mostly colours and
+    small glyphs, wherever the person stands)."""
 
     def __init__(self, channels: int, n_identities: int) -> None:
         super().__init__()
+
+        def block(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
+            return [nn.Conv2d(c_in, c_out, 3, stride, 1), nn.BatchNorm2d(c_out), nn.GELU()]
+
         self.net = nn.Sequential(
-            nn.Conv2d(channels, 32, 3, 2, 1),
-            nn.GELU(),
-            nn.Conv2d(32, 64, 3, 2, 1),
-            nn.GELU(),
-            nn.Conv2d(64, 64, 3, 2, 1),
-            nn.GELU(),
-            nn.AdaptiveAvgPool2d(2),
-            nn.Flatten(),
-            nn.Linear(256, n_identities),
+            *block(channels, 32, 2), *block(32, 64, 1), nn.MaxPool2d(2), *block(64, 64, 1)
         )
+        self.fc = nn.Linear(128, n_identities)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        return self.net(frames * 2 - 1)
+        h = self.net(frames * 2 - 1)
+        return self.fc(torch.cat([h.amax((2, 3)), h.mean((2, 3))], 1))
 
 
 def clip_tensor(frames) -> torch.Tensor:
@@ -386,10 +388,12 @@ def train_frame_identifier(
     seed: int = 0,
     quiet: bool = True,
 ) -> FrameIdentifier:
-    """A raw-frame identity classifier (trained on the training clips' pixels)."""
+    """A raw-frame identity classifier trained on the training clips' pixels (Adam, one-cycle schedule)."""
     torch.manual_seed(seed)
     model = FrameIdentifier(frames.shape[1], n_identities)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    batches = math.ceil(len(identity) / 64)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * batches)
     g = torch.Generator().manual_seed(seed)
     model.train()
     for _ in _bar(range(epochs), "raw-frame identifier", quiet):
@@ -400,6 +404,7 @@ def train_frame_identifier(
             opt.zero_grad()
             loss.backward()
             opt.step()
+            sched.step()
     return model.eval()
 
 
@@ -425,7 +430,7 @@ def inversion_attack(
     clips: PSNR/SSIM vs the raw frames and the raw-frame identifier's accuracy on the rebuilt frames."""
     torch.manual_seed(cfg.seed)
     k = _release_draws(release, train_features[:1], 1, 0).shape[-1]
-    decoder = FrameDecoder(k, train_frames.shape[1], train_frames.shape[-1])
+    decoder = FrameDecoder(k, train_frames.shape[1], train_frames.shape[-1], cfg.decoder_width)
     opt = torch.optim.Adam(decoder.parameters(), lr=cfg.decoder_lr)
     g = torch.Generator().manual_seed(cfg.seed + 3)
     n = len(train_frames)
