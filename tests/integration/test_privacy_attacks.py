@@ -33,7 +33,7 @@ from tasks.training.privacy import (
 
 N_IDS = 8
 ATTACK = AttackConfig(
-    max_epochs=150, patience=6, eval_every=5, draws=2, decoder_epochs=100, decoder_width=32, decoder_lr=4e-3
+    max_epochs=150, patience=6, eval_every=5, draws=2, decoder_epochs=200, decoder_width=32, decoder_lr=2e-3
 )
 
 
