@@ -9,9 +9,11 @@ offline (`Qwen3VLVisionModel`, random init, seeded: no trained tower exists yet)
 image processor, flattens each clip's merged tokens into one edge feature vector, then for each beta
 trains the mapping (task CE + beta*KL + identity adversary) and runs the attacks: behaviour F1 private
 vs raw, re-identification by an MLP and a linear probe vs chance, white-box inversion (PSNR/SSIM and
-the re-identification of rebuilt frames by a raw-frame classifier). Prints a table, writes the rows to
-`--out` with `.json` beside it, and the privacy-utility curve to `--out` (PNG). Method and figures:
-docs/choices.md#privacy.
+the re-identification of rebuilt frames by a raw-frame classifier). A first row trains the same
+mapping with beta = 0 and no adversary (the no-privacy reference). Prints a table and whether the
+targets (F1 >= 0.9 x raw, re-identification and reconstruction re-identification <= chance + 5
+points) are met; writes the rows as JSON beside `--out` and the privacy-utility curve to `--out`
+(PNG). Progress bars unless `--quiet`. Method and figures: docs/choices.md#privacy.
 """
 
 from __future__ import annotations
