@@ -123,3 +123,36 @@ def test_metrics() -> None:
     pred, target = torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 1, 2])
     # class 0: tp1 fp1 -> 2/3; class 1: tp1 fn1 -> 2/3; class 2: 1
     assert macro_f1(pred, target, 3) == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+
+
+def test_tradeoff_experiment_runs_end_to_end(tmp_path, capsys) -> None:
+    """The experiment script on a tiny configuration: the random-init Qwen3-VL tower, the reference row,
+    one beta, the JSON with the issue's keys and the curve PNG."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks/experiments/privacy_tradeoff.py"
+    spec = importlib.util.spec_from_file_location("privacy_tradeoff", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "curve.png"
+    argv = ["--train", "42", "--test", "21", "--identities", "7", "--frames", "2", "--size", "32"]
+    argv += ["--steps", "20", "--decoder-epochs", "1", "--betas", "0.01", "--quiet", "--out", str(out)]
+    assert module.main(argv) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    row = report["rows"][0]
+    for key in (
+        "behaviour_f1",
+        "behaviour_f1_raw",
+        "reid_accuracy",
+        "reid_chance",
+        "inversion_psnr",
+        "inversion_reid_accuracy",
+        "beta",
+    ):
+        assert key in row and key in report["no_privacy"]
+    assert report["no_privacy"]["adv_weight"] == 0.0 and row["beta"] == 0.01
+    assert report["raw"]["behaviour_f1_raw"] == row["behaviour_f1_raw"]
+    assert out.stat().st_size > 10_000
+    assert "targets met" in capsys.readouterr().out
