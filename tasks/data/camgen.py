@@ -416,10 +416,10 @@ def generate_split(
             crng = random.Random(f"camgen:{seed}:{name}:{i}:{attempt}")
             extra = crng.randint(0, max_extra_people) if max_extra_people else 0
             people = _people_for(what[i], who[i], identities[who[i]].height, k, extra, crng)
-            bg = tuple(crng.randint(90, 200) for _ in range(3))
+            bg = (crng.randint(90, 200), crng.randint(90, 200), crng.randint(90, 200))
             floor = _shade(bg, crng.uniform(0.55, 0.75))
-            frames = render_clip(people, identities, n_frames, size, bg, floor)  # type: ignore[arg-type]
-            clip = Clip(f"{name}-{i:06d}", frames, what[i], who[i], people, questions_for(people), bg, floor)  # type: ignore[arg-type]
+            frames = render_clip(people, identities, n_frames, size, bg, floor)
+            clip = Clip(f"{name}-{i:06d}", frames, what[i], who[i], people, questions_for(people), bg, floor)
             if clip.content_hash() not in exclude and not exclude.intersection(clip.frame_hashes()):
                 break
             if attempt > 20:
