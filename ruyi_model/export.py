@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -252,7 +253,6 @@ def export_exits(model, out_dir: str | Path, tokenizer=None, *, processor=None) 
     Returns:
         The manifest (also written to `out_dir/manifest.json`).
     """
-    from tqdm.auto import tqdm
 
     if processor is not None and tokenizer is not None:
         raise TypeError("export_exits: pass the processor as tokenizer or as processor, not both")
@@ -271,62 +271,89 @@ def export_exits(model, out_dir: str | Path, tokenizer=None, *, processor=None) 
     if tokenizer is not None and not hasattr(tokenizer, "save_pretrained"):
         raise TypeError(f"export_exits: tokenizer must have save_pretrained, got {type(tokenizer).__name__}")
     cfg = model.config
+
+    def export_member(tmp: Path, d: int) -> dict:
+        q = member_to_qwen3(model, d)
+        save_with(q, tokenizer, tmp / member_dir_name(d))
+        entry = {
+            "dir": member_dir_name(d),
+            "exit_layer": d,
+            "num_hidden_layers": q.config.num_hidden_layers,
+            "dae_blocks": cfg.num_dae_blocks(d),
+            "num_parameters": sum(p.numel() for p in q.parameters()),
+            "architecture": "Qwen3ForCausalLM",
+            "factored": None,
+        }
+        del q
+        if member_has_lowrank(model, d):
+            # The dense export multiplies the factors out; this copy runs them (what is served).
+            one = member_to_familial(model, d)
+            save_with(one, tokenizer, tmp / factored_dir_name(d))
+            entry["factored"] = {
+                "dir": factored_dir_name(d),
+                "architecture": type(one).__name__,
+                "model_type": one.config.model_type,
+                "num_parameters": sum(p.numel() for p in one.parameters()),
+                "lowrank_ranks": dict(one.config.lowrank_ranks),
+            }
+        return entry
+
+    return write_export(
+        model,
+        out_dir,
+        export_member,
+        tokenizer,
+        family={
+            "num_hidden_layers": cfg.num_hidden_layers,
+            "exit_branch_layers": cfg.exit_branch_layers,
+            "shared_heads": cfg.shared_heads,
+            "dae_blocks": list(cfg.dae_blocks),
+            "lowrank_ranks": dict(cfg.lowrank_ranks),
+        },
+        extra={"tokenizer": tokenizer is not None},
+    )
+
+
+def save_with(model, companion, target: Path) -> None:
+    """`model.save_pretrained(target)` and, when given, its tokenizer / processor beside it."""
+    model.save_pretrained(target)
+    if companion is not None:
+        companion.save_pretrained(target)
+
+
+def write_export(model, out_dir: str | Path, export_member, companion, family: dict, extra: dict) -> dict:
+    """The export's frame, shared by text and vision-language families, in one atomic directory:
+    `export_member(tmp, d)` writes member d and returns its manifest entry; then the family checkpoint
+    (+ `companion`, its tokenizer or processor), every file's sha256, and the manifest, written last.
+
+    Args:
+        family: the manifest's family fields besides dir, architecture, model_type and num_parameters.
+        extra: top-level manifest fields (e.g. `tokenizer`, `modality`).
+    """
+    from tqdm.auto import tqdm
+
     out_dir = Path(out_dir)
     members = {}
     with atomic_dir(out_dir) as tmp:
-        for d in tqdm(cfg.exit_layers, desc="export: members", unit="member", disable=None):
-            target = tmp / member_dir_name(d)
-            q = member_to_qwen3(model, d)
-            q.save_pretrained(target)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(target)
-            members[str(d)] = {
-                "dir": member_dir_name(d),
-                "exit_layer": d,
-                "num_hidden_layers": q.config.num_hidden_layers,
-                "dae_blocks": cfg.num_dae_blocks(d),
-                "num_parameters": sum(p.numel() for p in q.parameters()),
-                "architecture": "Qwen3ForCausalLM",
-                "factored": None,
-            }
-            del q
-            if member_has_lowrank(model, d):
-                # The dense export multiplies the factors out; this copy runs them (what is served).
-                one = member_to_familial(model, d)
-                one.save_pretrained(tmp / factored_dir_name(d))
-                if tokenizer is not None:
-                    tokenizer.save_pretrained(tmp / factored_dir_name(d))
-                members[str(d)]["factored"] = {
-                    "dir": factored_dir_name(d),
-                    "architecture": type(one).__name__,
-                    "model_type": one.config.model_type,
-                    "num_parameters": sum(p.numel() for p in one.parameters()),
-                    "lowrank_ranks": dict(one.config.lowrank_ranks),
-                }
-                del one
-        model.save_pretrained(tmp / FAMILY_DIR)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp / FAMILY_DIR)
+        for d in tqdm(model.config.exit_layers, desc="export: members", unit="member", disable=None):
+            members[str(d)] = export_member(tmp, d)
+        save_with(model, companion, tmp / FAMILY_DIR)
         files = {}
         for rel in _list_files(tmp):
             files[rel] = {"sha256": sha256_file(tmp / rel), "bytes": (tmp / rel).stat().st_size}
         manifest = {
             "format": FORMAT,
             "dtype": str(model.dtype).removeprefix("torch."),
-            "exit_layers": list(cfg.exit_layers),
+            "exit_layers": list(model.config.exit_layers),
             "members": members,
             "family": {
                 "dir": FAMILY_DIR,
                 "architecture": type(model).__name__,
-                "model_type": cfg.model_type,
-                "num_hidden_layers": cfg.num_hidden_layers,
-                "exit_branch_layers": cfg.exit_branch_layers,
-                "shared_heads": cfg.shared_heads,
-                "dae_blocks": list(cfg.dae_blocks),
-                "lowrank_ranks": dict(cfg.lowrank_ranks),
+                "model_type": model.config.model_type,
+                **family,
                 "num_parameters": sum(p.numel() for p in model.parameters()),
             },
-            "tokenizer": tokenizer is not None,
+            **extra,
             "files": files,
         }
         with open(tmp / MANIFEST, "w") as f:
@@ -334,12 +361,17 @@ def export_exits(model, out_dir: str | Path, tokenizer=None, *, processor=None) 
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-    log.info("export: %d members + family -> %s (%d files)", len(members), out_dir, len(files))
+    kind = "vision-language " if manifest.get("modality") == "vision-language" else ""
+    log.info("export: %d %smembers + family -> %s (%d files)", len(members), kind, out_dir, len(files))
     return manifest
 
 
-def verify_export(out_dir: str | Path) -> None:
+def verify_export(out_dir: str | Path, extra_files: Iterable[str] = ()) -> None:
     """Re-hashes every file of an export against its manifest.
+
+    Args:
+        extra_files: paths (relative to `out_dir`) that another layer added around the export and that
+            the export's manifest cannot list, e.g. a fetched release's store manifest `MANIFEST.json`.
 
     Raises:
         ValueError: naming the manifest if it is missing or unreadable, or the first file that is missing,
@@ -368,7 +400,7 @@ def verify_export(out_dir: str | Path) -> None:
             raise ValueError(
                 f"{path}: corrupted (sha256 {digest[:12]}..., manifest says {meta['sha256'][:12]}...)"
             )
-    extra = sorted(set(_list_files(out_dir)) - set(files) - {MANIFEST})
+    extra = sorted(set(_list_files(out_dir)) - set(files) - {MANIFEST} - set(extra_files))
     if extra:
         raise ValueError(f"{out_dir / extra[0]}: not listed in {MANIFEST} (unexpected file in the export)")
 

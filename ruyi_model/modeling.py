@@ -106,6 +106,23 @@ class FamilialCausalLMOutput(CausalLMOutputWithPast):
     exit_layer: int | None = None
 
 
+def strict_from_pretrained(load, path, config_name: str, *args, strict: bool = True, **kwargs):
+    """Runs a `from_pretrained` (`load`, the parent class's bound method) and, when `strict`, turns
+    transformers' logged missing / unexpected / mismatched tensors into a ValueError naming them and
+    the checkpoint (shared by the text and the VL family classes)."""
+    want_info = kwargs.pop("output_loading_info", False)
+    if strict:
+        # Load mismatched shapes instead of raising transformers' generic error, so that ours names them.
+        kwargs.setdefault("ignore_mismatched_sizes", True)
+    model, info = load(path, *args, output_loading_info=True, **kwargs)
+    problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    problems = {k: v for k, v in problems.items() if v}
+    if strict and problems:
+        detail = "; ".join(f"{k}: {v[:8]}{' ...' if len(v) > 8 else ''}" for k, v in problems.items())
+        raise ValueError(f"checkpoint {path} does not match its {config_name}: {detail}")
+    return (model, info) if want_info else model
+
+
 class FamilialForCausalLM(PreTrainedModel, GenerationMixin):
     """A Hugging Face causal LM holding a whole family of Qwen3 members (docs/choices.md#model)."""
 
@@ -359,23 +376,14 @@ class FamilialForCausalLM(PreTrainedModel, GenerationMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, strict: bool = True, **kwargs):
         """As `PreTrainedModel.from_pretrained`, but a checkpoint with missing, extra or mismatched
         tensors is an error (transformers only logs it and initialises missing weights randomly)."""
-        want_info = kwargs.pop("output_loading_info", False)
-        if strict:
-            # Load mismatched shapes instead of raising transformers' generic error, so that ours names them.
-            kwargs.setdefault("ignore_mismatched_sizes", True)
-        model, info = super().from_pretrained(
-            pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+        return strict_from_pretrained(
+            super().from_pretrained,
+            pretrained_model_name_or_path,
+            "FamilialConfig",
+            *args,
+            strict=strict,
+            **kwargs,
         )
-        problems = {
-            k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")
-        }
-        problems = {k: v for k, v in problems.items() if v}
-        if strict and problems:
-            detail = "; ".join(f"{k}: {v[:8]}{' ...' if len(v) > 8 else ''}" for k, v in problems.items())
-            raise ValueError(
-                f"checkpoint {pretrained_model_name_or_path} does not match its FamilialConfig: {detail}"
-            )
-        return (model, info) if want_info else model
 
     @classmethod
     def from_qwen3(

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,13 +43,13 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import (
 )
 
 from ruyi_model.config import LOSS_IMPLS, FamilialConfig
-from ruyi_model.export import FAMILY_DIR, FORMAT, MANIFEST, _list_files, member_dir_name
-from ruyi_model.fileio import atomic_dir, sha256_file
+from ruyi_model.export import member_dir_name, save_with, write_export
 from ruyi_model.modeling import (
     _CACHE_OWNER_ATTR,
     ExitBranch,
     FamilialCausalLMOutput,
     multi_exit_head_loss,
+    strict_from_pretrained,
 )
 from ruyi_model.vl_processor import Qwen3VLImageOnlyProcessor
 
@@ -505,22 +503,14 @@ class FamilialVLForConditionalGeneration(Qwen3VLForConditionalGeneration):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, strict: bool = True, **kwargs):
         """As `PreTrainedModel.from_pretrained`, but a checkpoint with missing, extra or mismatched
         tensors is an error (transformers only logs it and initialises missing weights randomly)."""
-        want_info = kwargs.pop("output_loading_info", False)
-        if strict:
-            kwargs.setdefault("ignore_mismatched_sizes", True)
-        model, info = super().from_pretrained(
-            pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+        return strict_from_pretrained(
+            super().from_pretrained,
+            pretrained_model_name_or_path,
+            "FamilialVLConfig",
+            *args,
+            strict=strict,
+            **kwargs,
         )
-        problems = {
-            k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")
-        }
-        problems = {k: v for k, v in problems.items() if v}
-        if strict and problems:
-            detail = "; ".join(f"{k}: {v[:8]}{' ...' if len(v) > 8 else ''}" for k, v in problems.items())
-            raise ValueError(
-                f"checkpoint {pretrained_model_name_or_path} does not match its FamilialVLConfig: {detail}"
-            )
-        return (model, info) if want_info else model
 
     @classmethod
     def from_qwen3_vl(
@@ -654,10 +644,6 @@ def export_vl_exits(model: FamilialVLForConditionalGeneration, out_dir: str | Pa
     """`ruyi_model.export.export_exits` for a vision-language family (call that): every member as a
     stock Qwen3-VL with the processor beside it, the family, and the manifest (written last, atomically;
     layout and fields as the text export's, plus `modality`, deepstack indexes and vision counts)."""
-    from tqdm.auto import tqdm
-
-    out_dir = Path(out_dir)
-
     if processor is not None and not (
         hasattr(processor, "save_pretrained") and hasattr(processor, "image_processor")
     ):
@@ -666,64 +652,42 @@ def export_vl_exits(model: FamilialVLForConditionalGeneration, out_dir: str | Pa
             f"e.g. ruyi_model.build_vl_processor), got {type(processor).__name__}"
         )
     cfg = model.config
-    members = {}
-    with atomic_dir(out_dir) as tmp:
-        for d in tqdm(cfg.exit_layers, desc="export: members", unit="member", disable=None):
-            target = tmp / member_dir_name(d)
-            q = member_to_qwen3_vl(model, d)
-            q.save_pretrained(target)
-            if processor is not None:
-                processor.save_pretrained(target)
-            members[str(d)] = {
-                "dir": member_dir_name(d),
-                "exit_layer": d,
-                "num_hidden_layers": q.config.text_config.num_hidden_layers,
-                "deepstack_visual_indexes": list(q.config.vision_config.deepstack_visual_indexes),
-                "dae_blocks": 0,
-                "num_parameters": sum(p.numel() for p in q.parameters()),
-                "vision_parameters": sum(p.numel() for p in q.model.visual.parameters()),
-                "architecture": type(q).__name__,
-                "factored": None,
-            }
-            del q
-        model.save_pretrained(tmp / FAMILY_DIR)
-        if processor is not None:
-            processor.save_pretrained(tmp / FAMILY_DIR)
-        files = {}
-        for rel in _list_files(tmp):
-            files[rel] = {"sha256": sha256_file(tmp / rel), "bytes": (tmp / rel).stat().st_size}
-        manifest = {
-            "format": FORMAT,
+
+    def export_member(tmp: Path, d: int) -> dict:
+        q = member_to_qwen3_vl(model, d)
+        save_with(q, processor, tmp / member_dir_name(d))
+        return {
+            "dir": member_dir_name(d),
+            "exit_layer": d,
+            "num_hidden_layers": q.config.text_config.num_hidden_layers,
+            "deepstack_visual_indexes": list(q.config.vision_config.deepstack_visual_indexes),
+            "dae_blocks": 0,
+            "num_parameters": sum(p.numel() for p in q.parameters()),
+            "vision_parameters": sum(p.numel() for p in q.model.visual.parameters()),
+            "architecture": type(q).__name__,
+            "factored": None,
+        }
+
+    return write_export(
+        model,
+        out_dir,
+        export_member,
+        processor,
+        family={
+            "num_hidden_layers": cfg.text_config.num_hidden_layers,
+            "vision_depth": cfg.vision_config.depth,
+            "deepstack_visual_indexes": list(cfg.vision_config.deepstack_visual_indexes),
+            "exit_branch_layers": cfg.exit_branch_layers,
+            "shared_heads": cfg.shared_heads,
+            "dae_blocks": [0] * len(cfg.exit_layers),
+            "lowrank_ranks": {},
+        },
+        extra={
             "modality": "vision-language",
-            "dtype": str(model.dtype).removeprefix("torch."),
-            "exit_layers": list(cfg.exit_layers),
-            "members": members,
-            "family": {
-                "dir": FAMILY_DIR,
-                "architecture": type(model).__name__,
-                "model_type": cfg.model_type,
-                "num_hidden_layers": cfg.text_config.num_hidden_layers,
-                "vision_depth": cfg.vision_config.depth,
-                "deepstack_visual_indexes": list(cfg.vision_config.deepstack_visual_indexes),
-                "exit_branch_layers": cfg.exit_branch_layers,
-                "shared_heads": cfg.shared_heads,
-                "dae_blocks": [0] * len(cfg.exit_layers),
-                "lowrank_ranks": {},
-                "num_parameters": sum(p.numel() for p in model.parameters()),
-            },
             "tokenizer": processor is not None,
             "processor": processor is not None,
-            "files": files,
-        }
-        with open(tmp / MANIFEST, "w") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-    log.info(
-        "export: %d vision-language members + family -> %s (%d files)", len(members), out_dir, len(files)
+        },
     )
-    return manifest
 
 
 # Importing this module registers the family with the Auto classes (and, through vl_processor, the

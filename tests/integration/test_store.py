@@ -19,6 +19,7 @@ import torch
 from s3server import s3_server  # noqa: F401  (module-scoped SeaweedFS fixture)
 from tiny_export import build_tiny_export, private_tmpdir
 
+from ruyi_model.export import verify_export
 from tasks.core.params import ParamsError, load_params
 from tasks.core.stage import TRANSIENT_EXIT_CODE, USER_ERROR_EXIT_CODE, TransientError, stage_main
 from tasks.data.sources import load_source
@@ -92,6 +93,7 @@ def test_local_publish_list_fetch_load(tmp_path, export_dir):
     manifest = json.loads((fetched / MANIFEST_NAME).read_text())
     assert manifest["metadata"] == {"git": "abc"} and manifest["version"] == "v0001"
     assert {f["path"]: f["sha256"] for f in manifest["files"]} == expected
+    verify_export(fetched, extra_files=[MANIFEST_NAME])  # the export inside the release is intact
 
     model, tokenizer = store.load("fam", "v0001", exit_layer=2)
     assert type(model).__name__ == "Qwen3ForCausalLM" and model.config.num_hidden_layers == 2

@@ -219,6 +219,7 @@ def test_manifest_hashes_every_file_and_tampering_is_detected(tmp_path):
     (out / "family" / "stray.bin").write_bytes(b"x")
     with pytest.raises(ValueError, match="family/stray.bin: not listed"):
         verify_export(out)
+    verify_export(out, extra_files=["family/stray.bin"])  # e.g. a fetched release's MANIFEST.json
     (out / "manifest.json").unlink()
     with pytest.raises(ValueError, match="no export manifest"):
         verify_export(out)
