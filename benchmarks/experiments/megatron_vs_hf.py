@@ -5,7 +5,7 @@
 
 One run, one table: tokens/s of full training steps (forward, backward, AdamW; no evaluation or
 checkpoint time) for the family on the hf backend (`train_loop`, one process) and on the megatron
-backend (`tasks.training.megatron_backend.train_family`, one row per TP x PP x DP layout, ranks spawned
+backend (`tasks.training.megatron_backend.train`, one row per TP x PP x DP layout, ranks spawned
 on this machine: gloo on CPU, NCCL on GPU), then the same depth with a single exit (the deepest) on hf
 and megatron 1x1x1: the measured multi-exit overhead next to the one its extra FLOPs predict
 (6 x parameters of the matmuls + attention scores, per token: the branch layers and heads of the
@@ -129,9 +129,9 @@ def run_one(args, exits: list[int], layout: tuple[int, int, int] | None) -> dict
                 checkpointer=None,
             )
         else:
-            from tasks.training.megatron_backend import train_family
+            from tasks.training.megatron_backend import train
 
-            result = train_family(
+            result = train(
                 stage="bench",
                 params=params,
                 cfg=section,
