@@ -6,8 +6,8 @@ Reads `data/validated/corpus_train.jsonl`, `corpus_val.jsonl` and `artifacts/tok
 `model.init_from` if set). Writes `artifacts/cpt/` (`tasks.core.artifacts.save_family`), resumable
 checkpoints in `artifacts/checkpoints/cpt/`, `metrics/cpt.json` (per exit train/val loss, steps, tokens,
 exit weights, parameter counts) and `plots/cpt/`. The loss is `sum_k w_k(t) CE_k`; the training machinery
-is tasks/training (`training.backend`: hf = train_loop, megatron = megatron_backend on TP x PP x DP
-ranks). Choices: docs/choices.md#cpt and #training.
+is tasks/training (`family.train_family`: `training.backend` hf = train_loop, megatron = megatron-core
+TP x PP x DP ranks). Choices: docs/choices.md#cpt and #training.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tasks.core.files import require_dir, sha256_file, write_metrics
 from tasks.core.params import Params
 from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, log, seed_everything, stage_main
-from tasks.training import distributed, megatron_backend
+from tasks.training import distributed, family
 from tasks.training.batches import (
     BlockStream,
     check_seq_len,
@@ -31,9 +31,9 @@ from tasks.training.batches import (
     pack_corpus,
     read_corpus,
 )
-from tasks.training.checkpoint import Checkpointer, dir_sha256, fingerprint_info
+from tasks.training.checkpoint import dir_sha256
 from tasks.training.curves import write_loss_curves
-from tasks.training.loop import exit_weights_at, multi_exit_eval, multi_exit_loss_fn, train_loop
+from tasks.training.loop import exit_weights_at
 from tasks.training.members import count_params, device_for_training
 
 STAGE = "cpt"
@@ -134,11 +134,7 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
         callbacks: called with the completed step count after each step (tests use one to stop a run
             mid-way, as a kill would).
     """
-    if (
-        params.distributed.backend == "ray"
-        and params.training.backend == "hf"
-        and not distributed.in_worker()
-    ):
+    if family.launch_on_workers(params):
         return distributed.launch(STAGE, params, callbacks)  # this same function on every worker
     import torch
 
@@ -183,33 +179,16 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
     }
     if params.model.init_from:
         inputs["init_from"] = dir_sha256(params.model.init_from)
-    extra = megatron_backend.fingerprint_extra(params)
-    info = fingerprint_info(STAGE, cfg, seed=params.seed, model=params.model, inputs=inputs, extra=extra)
-    if params.training.backend == "megatron":  # tasks/training/megatron_backend.py
-        result = megatron_backend.train_family(
-            stage=STAGE,
-            params=params,
-            cfg=cfg,
-            model=model,
-            stream=stream,
-            val_batches=val_batches,
-            checkpoint_root=ws.checkpoints(STAGE),
-            info=info,
-            callbacks=callbacks,
-        )
-    else:
-        result = train_loop(
-            stage=STAGE,
-            model=model,
-            cfg=cfg,
-            named_params=list(model.named_parameters()),
-            stream=stream,
-            loss_fn=multi_exit_loss_fn(weights),
-            val_batches=val_batches,
-            eval_fn=multi_exit_eval,
-            checkpointer=Checkpointer(ws.checkpoints(STAGE), info),
-            callbacks=callbacks,
-        )
+    result = family.train_family(
+        stage=STAGE,
+        params=params,
+        cfg=cfg,
+        model=model,
+        stream=stream,
+        val_batches=val_batches,
+        inputs=inputs,
+        callbacks=callbacks,
+    )
 
     initial, final, train = result.val_losses(0), result.val_losses(), result.final_train_losses()
     metrics: dict[str, Any] = {
@@ -235,8 +214,7 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
             "torch_threads": torch.get_num_threads(),
         }
     )
-    if params.training.backend == "megatron":
-        metrics["megatron"] = params.training.megatron.model_dump()
+    metrics.update(family.backend_metrics(params))
     if distributed.is_main():  # a data-parallel run writes from rank 0 alone
         write_loss_curves(
             result.history, ws.plots(STAGE), title="cpt: joint multi-exit training, loss per member"

@@ -20,7 +20,7 @@ all members (`family_sft.exit_weights`), on the assistant tokens only:
   being Stage I chats (experience replay).
 One learning-rate schedule spans both stages. The batch of every step is a pure function of the step,
 so a resumed run is exact (as in the other training stages). `training.backend: megatron` trains the
-same steps on megatron-core ranks (tasks/training/megatron_backend.py). `holdout_fraction` of sft.jsonl (by id
+same steps on megatron-core ranks (tasks/training/family.py). `holdout_fraction` of sft.jsonl (by id
 hash, the same rule as the sft stage) is held out: its loss per member is reported before and after.
 
 Metrics (`metrics/family_sft.json`): `exit_<d>` -> {heldout_loss_before, heldout_loss_after,
@@ -38,7 +38,7 @@ from tasks.core.files import sha256_file, write_metrics
 from tasks.core.params import Params
 from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, log, stage_main
-from tasks.training import distributed, megatron_backend
+from tasks.training import distributed, family
 from tasks.training.batches import (
     BlockStream,
     MixedStream,
@@ -50,9 +50,9 @@ from tasks.training.batches import (
     read_sft,
     sft_holdout_split,
 )
-from tasks.training.checkpoint import Checkpointer, dir_sha256, fingerprint_info
+from tasks.training.checkpoint import dir_sha256
 from tasks.training.curves import write_loss_curves
-from tasks.training.loop import exit_weights_at, multi_exit_eval, multi_exit_loss_fn, train_loop
+from tasks.training.loop import exit_weights_at
 from tasks.training.members import count_params, device_for_training
 
 STAGE = "family_sft"
@@ -115,11 +115,7 @@ class StagedStream:
 
 def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict[str, Any]:
     """Tunes the whole family (Stage I, then Stage II); writes artifacts/family_sft, metrics, plots."""
-    if (
-        params.distributed.backend == "ray"
-        and params.training.backend == "hf"
-        and not distributed.in_worker()
-    ):
+    if family.launch_on_workers(params):
         return distributed.launch(STAGE, params, callbacks)  # this same function on every worker
     import torch
 
@@ -160,19 +156,7 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
     device = device_for_training()
     model.to(device)
     held_batches = fixed_batches(h_ex, cfg.batch_size, cfg.eval_batches)
-    info = fingerprint_info(
-        STAGE,
-        cfg,
-        seed=params.seed,
-        model=params.model,
-        inputs={
-            "sft": sha256_file(sft_path),
-            "corpus_train": sha256_file(corpus_path),
-            "cpt": dir_sha256(src),
-        },
-        extra=megatron_backend.fingerprint_extra(params),
-    )
-    ckpt_root = Workspace.from_params(params).checkpoints(STAGE)
+    inputs = {"sft": sha256_file(sft_path), "corpus_train": sha256_file(corpus_path), "cpt": dir_sha256(src)}
     log.info(
         "%s: %d Stage I chats, %d Stage II math chats (+%.0f%% replay), %d held out; %d + %d steps; "
         "members %s",
@@ -185,31 +169,16 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
         cfg.max_steps - cfg.stage1_steps,
         exits,
     )
-    if params.training.backend == "megatron":  # tasks/training/megatron_backend.py
-        result = megatron_backend.train_family(
-            stage=STAGE,
-            params=params,
-            cfg=cfg,
-            model=model,
-            stream=stream,
-            val_batches=held_batches,
-            checkpoint_root=ckpt_root,
-            info=info,
-            callbacks=callbacks,
-        )
-    else:
-        result = train_loop(
-            stage=STAGE,
-            model=model,
-            cfg=cfg,
-            named_params=named,
-            stream=stream,
-            loss_fn=multi_exit_loss_fn(weights),
-            val_batches=held_batches,
-            eval_fn=multi_exit_eval,
-            checkpointer=Checkpointer(ckpt_root, info),
-            callbacks=callbacks,
-        )
+    result = family.train_family(
+        stage=STAGE,
+        params=params,
+        cfg=cfg,
+        model=model,
+        stream=stream,
+        val_batches=held_batches,
+        inputs=inputs,
+        callbacks=callbacks,
+    )
     model.to("cpu")
 
     before, after, train = result.val_losses(0), result.val_losses(), result.final_train_losses()
@@ -235,8 +204,7 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
             "ln_vocab": round(math.log(model.config.vocab_size), 4),
         }
     )
-    if params.training.backend == "megatron":
-        metrics["megatron"] = params.training.megatron.model_dump()
+    metrics.update(family.backend_metrics(params))
     if distributed.is_main():  # a data-parallel run writes from rank 0 alone
         write_loss_curves(
             result.history,

@@ -1,15 +1,20 @@
 """Training throughput of the same tiny family on the hf and megatron backends, and the multi-exit overhead.
 
     python benchmarks/experiments/megatron_vs_hf.py [--steps 8] [--hidden 256] [--layers 8] [--exits 2,4,8]
-        [--layouts 1x1x1,2x1x1,1x2x1,1x1x2] [--seq-len 128] [--batch-size 8] [--json out.json]
+        [--layouts 1x1x1,2x1x1,1x2x1,1x1x2] [--seq-len 128] [--batch-size 8] [--cpu-rounds 10]
+        [--json out.json]
 
 One run, one table: tokens/s of full training steps (forward, backward, AdamW; no evaluation or
 checkpoint time) for the family on the hf backend (`train_loop`, one process) and on the megatron
-backend (`tasks.training.megatron_backend.train_family`, one row per TP x PP x DP layout, ranks spawned
+backend (`tasks.training.megatron_backend.train`, one row per TP x PP x DP layout, ranks spawned
 on this machine: gloo on CPU, NCCL on GPU), then the same depth with a single exit (the deepest) on hf
 and megatron 1x1x1: the measured multi-exit overhead next to the one its extra FLOPs predict
 (6 x parameters of the matmuls + attention scores, per token: the branch layers and heads of the
 shallow members over the single-exit model). Random tokens (throughput does not depend on them).
+On a shared machine the wall-clock rows move by tens of points with the load, so the hf overhead is
+also measured in CPU time (`time.process_time`, which does not count the time the process waits for
+a core): one forward + backward of the multi-exit loss (no optimizer) of each model, the two models
+alternating for `--cpu-rounds` rounds, the fastest and the lower-quartile round of each.
 Figures: benchmarks/RESULTS.md#megatron-vs-hf.
 """
 
@@ -129,9 +134,9 @@ def run_one(args, exits: list[int], layout: tuple[int, int, int] | None) -> dict
                 checkpointer=None,
             )
         else:
-            from tasks.training.megatron_backend import train_family
+            from tasks.training.megatron_backend import train
 
-            result = train_family(
+            result = train(
                 stage="bench",
                 params=params,
                 cfg=section,
@@ -153,6 +158,40 @@ def run_one(args, exits: list[int], layout: tuple[int, int, int] | None) -> dict
     }
 
 
+def hf_cpu_overhead(args, exits: list[int], single: list[int], rounds: int) -> dict:
+    """CPU seconds of one forward + backward (batch_size x seq_len tokens) of the family and of the
+    single-exit model, alternating, `rounds` times each; their min and lower quartile, and the overheads."""
+    import torch
+
+    from ruyi_model import FamilialForCausalLM
+
+    ids = torch.randint(0, VOCAB, (args.batch_size, args.seq_len), generator=torch.Generator().manual_seed(1))
+    models = {}
+    for ex in (exits, single):
+        torch.manual_seed(0)
+        models[tuple(ex)] = FamilialForCausalLM(family_config(args, ex)).train()
+
+    def step(model) -> float:
+        t0 = time.process_time()
+        out = model(ids, labels=ids, exit_loss_weights=[1.0] * len(model.config.exit_layers))
+        out.loss.backward()
+        seconds = time.process_time() - t0
+        model.zero_grad(set_to_none=True)
+        return seconds
+
+    for model in models.values():
+        step(model)  # warm-up
+    times: dict[tuple, list[float]] = {k: [] for k in models}
+    for _ in range(rounds):
+        for k, model in models.items():
+            times[k].append(step(model))
+    out = {}
+    for name, pick in (("min", lambda v: sorted(v)[0]), ("q1", lambda v: sorted(v)[len(v) // 4])):
+        multi, one = pick(times[tuple(exits)]), pick(times[tuple(single)])
+        out[name] = {"multi_s": multi, "single_s": one, "overhead": multi / one - 1}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=8)
@@ -163,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--grad-accum", type=int, default=2, help="micro-batches per step (the 1F1B schedule's)")
+    p.add_argument(
+        "--cpu-rounds", type=int, default=10, help="rounds of the hf CPU-time overhead measurement (0: skip)"
+    )
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -203,9 +245,20 @@ def main(argv: list[str] | None = None) -> int:
         f"\nmulti-exit overhead (time per token, exits {exits} vs {single}): "
         f"predicted by FLOPs {predicted:+.1%}; " + "; ".join(f"{k} {v:+.1%}" for k, v in overhead.items())
     )
+    cpu = hf_cpu_overhead(args, exits, single, args.cpu_rounds) if args.cpu_rounds > 0 else None
+    if cpu:
+        print(
+            f"hf multi-exit overhead in CPU time (forward + backward, {args.cpu_rounds} alternating rounds): "
+            + "; ".join(
+                f"{k} {v['multi_s']:.3f} s / {v['single_s']:.3f} s = {v['overhead']:+.1%}"
+                for k, v in cpu.items()
+            )
+        )
     if args.json:
         args.json.write_text(
-            json.dumps({"rows": rows, "predicted": predicted, "overhead": overhead}, indent=1)
+            json.dumps(
+                {"rows": rows, "predicted": predicted, "overhead": overhead, "hf_cpu_overhead": cpu}, indent=1
+            )
         )
     return 0
 

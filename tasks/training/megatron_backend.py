@@ -1,7 +1,7 @@
 """The megatron-core backend of the family stages (`training.backend: megatron` for cpt, family_sft).
 
-Library module. `train_family(...)` takes the stage's HF family, its batch stream, validation batches
-and checkpoint fingerprint (what `train_loop` takes) and:
+Library module, called by `tasks.training.family.train_family`. `train(...)` takes the stage's HF
+family, its batch stream, validation batches and checkpoint fingerprint (what `train_loop` takes) and:
   1. converts the family to megatron shards (`ruyi_model.megatron.convert_hf_to_mcore`, the
      configured TP x PP) in a temporary directory beside the stage's checkpoints;
   2. runs tp x pp x dp ranks: `distributed.backend: local` spawns them on this machine (torch
@@ -74,7 +74,7 @@ class MegatronJob:
 
 
 # --- the driver (the stage's process) -------------------------------------------------------------
-def train_family(
+def train(
     *,
     stage: str,
     params,
@@ -699,7 +699,7 @@ def run_rank(job: MegatronJob) -> None:
 
 __all__ = [
     "MegatronJob",
-    "train_family",
+    "train",
     "fingerprint_extra",
     "run_rank",
     "megatron_batch",

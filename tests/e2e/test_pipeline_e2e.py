@@ -5,7 +5,8 @@ module, in order: the full run; `dvc status` up to date and a fast second run; a
 that reruns only what depends on it; a rerun from `compress` created through a real Prefect
 server's REST API; the audit (clean clone + dvc pull + forced repro reproduces weights and quality
 metrics exactly); a failed quality gate that stops the flow before export and deploy; malformed raw
-rows that stop the flow at validate_data.
+rows that stop the flow at validate_data; last, cpt and family_sft through the flow with
+`training.backend=megatron` (2 ranks, pp=2): the family's export loads in stock transformers.
 """
 
 from __future__ import annotations
@@ -500,3 +501,49 @@ def test_malformed_raw_rows_stop_the_flow_at_validate_data(workspace, first_run,
     assert (workspace / "metrics/tokenizer.json").stat().st_mtime_ns == tok_metrics
     docs = "\n".join(p.read_text(errors="replace") for p in (workspace / "reports/contracts").rglob("*.html"))
     assert "leak.me@example.com" in docs and "four" in docs  # the Data Docs list both bad rows
+
+
+def test_the_flow_with_the_megatron_backend_gives_a_family_that_exports_to_stock_qwen3(
+    workspace, first_run, prefect_api, tmp_path
+):
+    """`training.backend=megatron` with pp=2 (2 gloo ranks, member 2 on pipeline stage 0, member 4 on
+    stage 1) through the flow (Prefect -> `dvc repro` -> the stage subprocess -> its spawned ranks):
+    cpt and family_sft rerun on megatron-core and DVC records them; the family they produce exports
+    (`export_exits`, the export stage's writer) to members that load in stock transformers with the
+    family's logits. Last in the module: it reuses the micro workspace from `cpt` on. The stages after
+    family_sft only read the HF family that family_sft writes (the same `save_family` on both backends),
+    so they are not rerun here (the micro flow from cpt to export takes several minutes)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from flows.pipeline import ruyi_pipeline
+    from ruyi_model.export import export_exits
+    from tasks.core.artifacts import load_family
+
+    t0 = time.perf_counter()
+    results = ruyi_pipeline(
+        workspace=str(workspace),
+        from_stage="cpt",
+        to_stage="family_sft",
+        overrides={"training.backend": "megatron", "training.megatron.pp": 2},
+        push=False,
+    )
+    seconds = time.perf_counter() - t0
+    assert [(r["stage"], r["skipped"]) for r in results] == [("cpt", False), ("family_sft", False)]
+    for stage in ("cpt", "family_sft"):
+        metrics = json.loads((workspace / f"metrics/{stage}.json").read_text())
+        assert metrics["megatron"] == {"tp": 1, "pp": 2, "dp": 1, "recompute": False}, stage
+        assert metrics["steps"] == MICRO[f"{stage}.max_steps"], stage
+    status = run([DVC, "status"], workspace).stdout
+    assert "cpt:" not in status and "family_sft:" not in status, status  # dvc.lock records both runs
+    family, tokenizer = load_family(workspace / "artifacts/family_sft")
+    family.eval()
+    export_exits(family, tmp_path / "export", tokenizer)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    for d in family.config.exit_layers:
+        stock = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / f"exit_{d}").eval()
+        assert type(stock).__name__ == "Qwen3ForCausalLM"
+        with torch.no_grad():
+            diff = (stock(ids).logits - family(ids, exit_layer=d).logits).abs().max().item()
+        assert diff <= 1e-5, (d, diff)
+    print(f"micro flow cpt + family_sft on megatron pp=2: {seconds:.0f} s")

@@ -343,6 +343,7 @@ def test_triton_fp16_dz_neither_underflows_nor_overflows(shared, scale):
         (torch.float32, False, True, 100),
         (torch.float32, True, False, 7),
         (torch.bfloat16, True, True, 128),
+        (torch.bfloat16, False, True, None),  # one chunk: the backward reuses the forward's logits
         (torch.float16, False, False, 50),
     ],
 )
@@ -351,6 +352,20 @@ def test_chunked_matches_reference(dtype, shared, with_norm, chunk_size):
     expected = run(exit_head_loss_reference, *inputs, EXIT_WEIGHTS)
     actual = run(exit_head_loss_chunked, *inputs, EXIT_WEIGHTS, chunk_size=chunk_size)
     assert_matches(actual, expected, dtype)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-exit"])
+def test_chunked_single_chunk_kept_logits_survive_a_second_backward(shared):
+    # One chunk (N <= chunk_size): the first backward consumes the forward's kept logits in place; a
+    # second backward of the same graph (retain_graph) must recompute them and give the same gradients.
+    hidden, head, labels, norm = make_inputs(3, 61, 24, 97, torch.float32, shared, True, seed=5)
+    loss, per_exit = exit_head_loss_chunked(hidden, head, labels, norm, 1e-6, EXIT_WEIGHTS[:3], IGNORE)
+    (loss + 0.3 * per_exit[-1]).backward(retain_graph=True)
+    first = [t.grad.clone() for t in (hidden, head, norm)]
+    for t in (hidden, head, norm):
+        t.grad = None
+    (loss + 0.3 * per_exit[-1]).backward()
+    assert all(torch.equal(a, t.grad) for a, t in zip(first, (hidden, head, norm)))
 
 
 def test_auto_is_chunked_on_cpu_and_module_wrapper():
