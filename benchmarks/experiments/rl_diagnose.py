@@ -166,6 +166,8 @@ def main(argv=None) -> int:
             first = rates["train"][temps[0]]
             train = [r for r, q in zip(train, first) if a.mid <= q <= 1 - a.mid]
             print(f"--mid {a.mid}: training on {len(train)} prompts")
+            if not train:
+                raise SystemExit(f"--mid {a.mid}: no train prompt has a pass rate in [{a.mid}, {1 - a.mid}]")
     if a.train:
         seed_everything(a.seed)
         members = [member]
