@@ -983,3 +983,30 @@ def test_rl_checkpoint_fingerprint_follows_the_code_it_imports(micro, tmp_path):
     longer = load_params(params_file, {"rl.steps": 9, "rl.checkpoint_every": 3})
     assert checkpoint_info(longer, rl_path, sft_dir) == here
     assert checkpoint_info(load_params(params_file, {"seed": 4}), rl_path, sft_dir) != here
+
+
+def test_rl_diagnose_script_reports_pass_rates_and_an_rl_run(micro, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "rl_diagnose", Path(__file__).parents[2] / "benchmarks/experiments/rl_diagnose.py"
+    )
+    diag = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diag)
+    assert diag.kind("Nina is 5 years older than Maya. Maya is 6 years old. How old?") == "add (older)"
+    assert diag.kind("Sara buys 6 books for $6 each. How much does she spend?") == "mul (buys each)"
+    params_file = write_workspace(tmp_path, micro[2], rl_rows(12))
+    data = tmp_path / "data" / "validated" / "rl.jsonl"
+    common = ["--sft", str(tmp_path / "artifacts" / "sft"), "--data", str(data)]
+    common += ["--params", str(params_file), "--samples", "2", "--json", str(tmp_path / "out.jsonl")]
+    assert diag.main(common) == 0
+    out = capsys.readouterr().out
+    assert "eval: 4 prompts, greedy accuracy" in out and "train: 8 prompts" in out and "all wrong" in out
+    assert diag.main([*common, "--train", "--set", "steps=2", "--set", "lr=1e-3", "--eval-every", "1"]) == 0
+    runs = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert len(runs) == 2 and "curve" not in runs[0]
+    curve = runs[1]["curve"]
+    assert [c[0] for c in curve] == [0, 1, 2] and all(0 <= a <= 1 for c in curve for a in c[1:])
+    assert runs[1]["gain"] == pytest.approx(curve[-1][1] - curve[0][1])
+    assert 0 <= runs[1]["steps_with_gradient"] <= 2 and runs[1]["set"] == ["steps=2", "lr=1e-3"]
