@@ -137,6 +137,12 @@ def decode_image_url(url: str, param: str, limits: ImageLimits):
         raise ImageRejected(400, f"{param}: the image is empty (0 bytes)", "empty_image", param)
     if len(raw) > limits.max_image_bytes:
         raise ImageRejected(413, too_large, "image_too_large", param)
+    if raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR":  # Pillow only says "cannot identify"
+        width, height = int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
+        if not width or not height:
+            raise ImageRejected(
+                400, f"{param}: the image is {width}x{height} pixels (empty)", "empty_image", param
+            )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
