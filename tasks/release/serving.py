@@ -760,8 +760,10 @@ class CompletionService:
         try:
             if tier.processor is not None:
                 ids, vision = vl_prompt_inputs(tier.processor, messages, images)
-                return self._check_ids(tier, _Prompt(ids, vision), req, "messages")
-            text = tier.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            else:
+                text = tier.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=False
+                )
         except ImageRejected as e:
             raise APIError(e.status, e.message, e.code, e.param) from None
         except Exception as e:  # a template that rejects the conversation (e.g. roles out of order)
@@ -771,6 +773,8 @@ class CompletionService:
                 "invalid_messages",
                 "messages",
             ) from None
+        if tier.processor is not None:
+            return self._check_ids(tier, _Prompt(ids, vision), req, "messages")
         return self._encode(tier, text, req, "messages")
 
     def complete(self, req: CompletionRequest) -> dict[str, Any]:

@@ -191,6 +191,33 @@ def decode_image_url(url: str, param: str, limits: ImageLimits):
         ) from None
 
 
+#: What a Qwen3-VL chat template writes for an image part (the processor expands the pad to the image's
+#: tokens).
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def render_vl_chat(tokenizer, messages: list[dict[str, Any]], n_images: int) -> str:
+    """The chat as text: the tokenizer's template with the parts as they are when it renders every image
+    as `IMAGE_PLACEHOLDER` (Qwen3-VL's templates do); otherwise (a text-only template) each message's
+    parts flattened into one string, an image as the placeholder where it stands."""
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if text.count(IMAGE_PLACEHOLDER) == n_images:
+            return text
+    except Exception:  # a template that only takes string contents
+        pass
+    flat = [
+        {
+            **m,
+            "content": m["content"]
+            if isinstance(m["content"], str)
+            else "".join(IMAGE_PLACEHOLDER if p["type"] == "image" else p["text"] for p in m["content"]),
+        }
+        for m in messages
+    ]
+    return tokenizer.apply_chat_template(flat, add_generation_prompt=True, tokenize=False)
+
+
 def vl_prompt_inputs(processor, messages: list[dict[str, Any]], images: list) -> tuple[list[int], dict]:
     """`(input_ids, extra generate inputs)` of a chat for a Qwen3-VL member.
 
@@ -203,7 +230,7 @@ def vl_prompt_inputs(processor, messages: list[dict[str, Any]], images: list) ->
         ImageRejected: the processor refuses an image (param "messages").
         ValueError: the chat template rejects the conversation.
     """
-    text = processor.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = render_vl_chat(processor.tokenizer, messages, len(images))
     try:
         batch = processor(text=[text], images=images or None, return_tensors="pt")
     except ValueError as e:
@@ -236,7 +263,7 @@ def stock_member_answer(
     processor = AutoProcessor.from_pretrained(member_dir, local_files_only=True)
     tok = processor.tokenizer
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = render_vl_chat(tok, messages, 1)
     image = Image.open(io.BytesIO(png)).convert("RGB")
     batch = processor(text=[text], images=[image], return_tensors="pt")
     stops = stop_token_ids(tok)
@@ -307,12 +334,14 @@ def vl_smoke_test(url: str, export_root: str | Path, question: str, png: bytes, 
 
 __all__ = [
     "VL_MODALITY",
+    "IMAGE_PLACEHOLDER",
     "ImageLimits",
     "ImageRejected",
     "decode_image_url",
     "image_data_url",
     "is_vl_release",
     "load_vl_member",
+    "render_vl_chat",
     "stock_member_answer",
     "vl_prompt_inputs",
     "vl_smoke_test",

@@ -242,3 +242,19 @@ def test_an_image_to_a_text_release_is_400(tmp_path):
     plain = client.post("/v1/chat/completions", json=_chat("exit_2", "What is 3 + 4?"))
     assert parts.status_code == plain.status_code == 200, parts.text
     assert parts.json()["choices"] == plain.json()["choices"]
+
+
+def test_a_text_only_chat_template_gets_the_image_placeholders_inline():
+    """The project's text chat template cannot render content parts: images become the placeholder where
+    they stand, exactly what Qwen3-VL's template writes."""
+    from tiny_vl import tiny_tokenizer
+
+    from ruyi_model.tokenizer import CHAT_TEMPLATE
+    from tasks.release.vision import render_vl_chat
+
+    tok = tiny_tokenizer()  # its template renders parts
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "how many?"}]}]
+    want = render_vl_chat(tok, messages, 1)
+    assert "<|vision_start|><|image_pad|><|vision_end|>how many?" in want
+    tok.chat_template = CHAT_TEMPLATE
+    assert render_vl_chat(tok, messages, 1) == want
