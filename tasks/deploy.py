@@ -7,7 +7,9 @@ per exit `params` of `metrics/eval_quality.json` (evaluate's reproducible metric
 factored tiers (`exit_<d>_factored/`) must give the family's logits on a probe; once served, every
 `exit_<d>` tier must run exactly the evaluated member's parameter count (`/v1/models`), and every `auto`
 answer must be the output of the member it names (the release ships the route stage's router, so the
-`auto` tier is served; `speculative` too, with `deploy.speculative_draft_*`). Writes the release
+`auto` tier is served; `speculative` too, with `deploy.speculative_draft_*`). For a vision-language export
+every tier also answers a generated image question exactly as its exported stock member does under plain
+transformers (`tasks.release.vision.vl_smoke_test`). Writes the release
 to the store (`tasks.release.store`), its fetched copy under `<artifacts_dir>/releases/`,
 `metrics/deploy.json` (version, URIs, per-tier smoke results, served params and latency),
 `metrics/deploy_smoke.json` (the reproducible part), `reports/deploy/smoke.jsonl` and
@@ -33,6 +35,7 @@ from tasks.core.params import Params, ParamsError
 from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, setup_logging, stage_main
 from tasks.release.store import ArtifactStore, FileEntry, Release, open_store, scan_dir
+from tasks.release.vision import is_vl_release, vl_smoke_test
 
 log = logging.getLogger("ruyi.deploy")
 
@@ -367,6 +370,9 @@ def _serving_kwargs(params: Params, host: str | None = None, port: int | None = 
         "max_total_new_tokens": cfg.max_total_new_tokens,
         "speculative_draft_exit": cfg.speculative_draft_exit,
         "speculative_draft_tokens": cfg.speculative_draft_tokens,
+        "max_image_bytes": cfg.max_image_bytes,
+        "max_image_pixels": cfg.max_image_pixels,
+        "max_images_per_request": cfg.max_images_per_request,
     }
 
 
@@ -402,6 +408,13 @@ def run(params: Params) -> dict[str, Any]:
         t0 = time.perf_counter()
         check_served_params(session.url, eval_params, tier_checks)
         per_tier, rows = smoke_test(session.url, questions, cfg.smoke_max_tokens)
+        if is_vl_release(root):  # an image request per tier, answered exactly as its exported member does
+            from tasks.data.vlgen import generate_vqa
+
+            item = generate_vqa(1, params.seed, "heldout")[0]
+            vl = vl_smoke_test(session.url, root, item.question, item.png_bytes(), cfg.smoke_max_tokens)
+            for tier, checked in vl.items():
+                per_tier[tier].update(checked)
         for tier, checked in tier_checks.items():
             per_tier[tier].update(checked)
         timings["smoke_s"] = time.perf_counter() - t0

@@ -578,6 +578,11 @@ class DeployParams(_Section):
     # it drafts per round; a request may override both.
     speculative_draft_exit: PositiveInt | None = None
     speculative_draft_tokens: Annotated[int, Field(ge=1, le=16)] = 4
+    # Vision-language releases: images (base64 data URLs) per chat request, and each image's size in
+    # bytes and decoded pixels; more get HTTP 413. A text release refuses images whatever these say.
+    max_images_per_request: PositiveInt = 4
+    max_image_bytes: PositiveInt = 8 * 2**20
+    max_image_pixels: PositiveInt = 4096 * 4096
     # Smoke test: the first smoke_prompts eval.jsonl questions, greedy, at every tier.
     smoke_prompts: PositiveInt = 4
     smoke_max_tokens: PositiveInt = 32

@@ -13,6 +13,9 @@ member, which then decodes exactly as its own tier would; `tasks.release.router`
 that disconnects stops its decode). Bad requests get 4xx, before any stream starts (NaN/infinite numbers
 422, invalid Unicode 400, too many prompts 413, too many new tokens 422), each an OpenAI-shaped error
 body whose `param` names the offending field (`ErrorResponse`, documented in the OpenAPI schema).
+A vision-language release (stock Qwen3-VL members) takes OpenAI-style `image_url` content parts in chat
+messages: base64 data URLs only, never fetched; bad images get 4xx (`tasks.release.vision`); its tiers are
+the members and the release name. A text release refuses image parts with 400.
 Design, streaming and request validation: docs/choices.md#serving.
 """
 
@@ -31,13 +34,22 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.core.ray_runtime import RayRuntime
 from tasks.core.stage import StageError
 from tasks.release.store import MANIFEST_NAME, load_member, release_exits
+from tasks.release.vision import (
+    VL_MODALITY,
+    ImageLimits,
+    ImageRejected,
+    decode_image_url,
+    is_vl_release,
+    load_vl_member,
+    vl_prompt_inputs,
+)
 
 log = logging.getLogger("ruyi.serving")
 
@@ -107,10 +119,43 @@ class CompletionRequest(_GenerationFields):
     prompt: str | list[str] = Field(min_length=1)
 
 
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(description="a base64 data URL (data:image/png;base64,...); other URLs are refused")
+    detail: Literal["auto", "low", "high"] | None = Field(None, description="accepted and ignored")
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(BaseModel):
+    """An image (vision-language releases only; tasks.release.vision)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     role: Literal["system", "user", "assistant"]
+    content: str | list[ContentPart] = Field(
+        description="text, or OpenAI-style parts: text and (vision-language releases) image_url"
+    )
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
     content: str
 
 
@@ -176,7 +221,7 @@ class CompletionResponse(BaseModel):
 
 class ChatChoice(BaseModel):
     index: int
-    message: ChatMessage
+    message: AssistantMessage
     finish_reason: Literal["stop", "length"]
 
 
@@ -277,13 +322,14 @@ class Health(BaseModel):
     release: str
     tiers: list[str]
     device: str
+    modality: Literal["text", "vision-language"]
 
 
 #: The error statuses of the completion endpoints, documented in the OpenAPI schema.
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "a request this server or tier cannot serve"},
     404: {"model": ErrorResponse, "description": "unknown model (tier)"},
-    413: {"model": ErrorResponse, "description": "too many prompts in one request"},
+    413: {"model": ErrorResponse, "description": "too many prompts or images, or an image too large"},
     422: {"model": ErrorResponse, "description": "a request that does not match the schema"},
 }
 
@@ -308,6 +354,12 @@ class Tier:
     model: Any
     tokenizer: Any
     kind: Literal["member", "dynamic", "speculative", "auto"] = "member"
+    processor: Any = None  # a vision-language member's processor (tokenizer + image processor)
+
+    @property
+    def text_config(self):
+        """The decoder's config (a vision-language member's `text_config`)."""
+        return self.model.config.get_text_config()
 
     @property
     def num_parameters(self) -> int:
@@ -325,7 +377,7 @@ class Tier:
     def num_layers(self) -> int:
         """Decoder layers the tier runs (for the dynamic tier: the family's backbone depth)."""
         cfg = self.model.config
-        return cfg.member_num_layers(self.exit_layer) if self.factored else cfg.num_hidden_layers
+        return cfg.member_num_layers(self.exit_layer) if self.factored else self.text_config.num_hidden_layers
 
 
 class CompletionService:
@@ -344,9 +396,13 @@ class CompletionService:
         dtype: weights dtype ("float32"; "bfloat16" for large members on GPUs).
         speculative_draft_exit: the speculative tier's default drafting member (default: the shallowest).
         speculative_draft_tokens: the speculative tier's default tokens drafted per round.
+        max_image_bytes, max_image_pixels, max_images_per_request: image limits of a vision-language
+            release (`tasks.release.vision`; larger images or more of them get 413).
 
     A release with `family/` and `router.json` also serves `auto` (the router is checked against the
-    family first: a router calibrated on other weights is an error).
+    family first: a router calibrated on other weights is an error). A vision-language release (manifest
+    `modality`) serves its stock Qwen3-VL members (`exit_<d>` and the release name) and takes images in
+    chat messages; the tiers over the whole family are text-only and not served for it.
     """
 
     def __init__(
@@ -363,6 +419,9 @@ class CompletionService:
         max_total_new_tokens: int = 4096,
         speculative_draft_exit: int | None = None,
         speculative_draft_tokens: int = 4,
+        max_image_bytes: int = ImageLimits.max_image_bytes,
+        max_image_pixels: int = ImageLimits.max_image_pixels,
+        max_images_per_request: int = ImageLimits.max_images_per_request,
     ):
         import torch
 
@@ -384,10 +443,17 @@ class CompletionService:
         self.max_prompts_per_request = max_prompts_per_request
         self.max_total_new_tokens = max_total_new_tokens
         self.dynamic_threshold = dynamic_threshold
+        self.image_limits = ImageLimits(max_image_bytes, max_image_pixels, max_images_per_request)
+        self.vision = is_vl_release(self.release_dir)  # the export's manifest.json (in every release)
         self.tiers: dict[str, Tier] = {}
         for d in exits:
-            model, tokenizer = load_member(self.release_dir, d, dtype=dtype)
-            self.tiers[f"exit_{d}"] = Tier(f"exit_{d}", d, model.to(self.device), tokenizer)
+            if self.vision:
+                model, processor = load_vl_member(self.release_dir, d, dtype=dtype)
+                tier = Tier(f"exit_{d}", d, model.to(self.device), processor.tokenizer, processor=processor)
+            else:
+                model, tokenizer = load_member(self.release_dir, d, dtype=dtype)
+                tier = Tier(f"exit_{d}", d, model.to(self.device), tokenizer)
+            self.tiers[f"exit_{d}"] = tier
         self.aliases = {self.model_name: f"exit_{exits[-1]}"}
         # Tiers over the whole family (one model, shared): dynamic early exit; speculative decoding where
         # the family has a member shallower than its deepest to draft with.
@@ -400,7 +466,7 @@ class CompletionService:
                 f"speculative_draft_tokens={speculative_draft_tokens}: must be in [1, {MAX_DRAFT_TOKENS}]"
             )
         self.draft_tokens = speculative_draft_tokens
-        if (self.release_dir / "family").is_dir():
+        if (self.release_dir / "family").is_dir() and not self.vision:
             model, tokenizer = load_member(self.release_dir, None, dtype=dtype)
             model = model.to(self.device)
             self.family = Tier(DYNAMIC_TIER, None, model, tokenizer, kind="dynamic")
@@ -457,7 +523,8 @@ class CompletionService:
                 "exit_layer": tier.exit_layer,
                 "num_parameters": tier.num_parameters,
                 "num_hidden_layers": tier.num_layers,
-                "max_context": cfg.max_position_embeddings,
+                "max_context": tier.text_config.max_position_embeddings,
+                "input_modalities": ["text", "image"] if tier.processor is not None else ["text"],
             }
             if tier.exit_layer is not None:
                 entry["weights"] = "factored" if tier.factored else "dense"
@@ -480,6 +547,7 @@ class CompletionService:
             "release": self.release,
             "tiers": self.tier_names(),
             "device": str(self.device),
+            "modality": VL_MODALITY if self.vision else "text",
         }
 
     def resolve(self, name: str) -> Tier:
@@ -582,7 +650,15 @@ class CompletionService:
                 ("prompt" if isinstance(req.prompt, str) else f"prompt.{i}", p) for i, p in enumerate(prompts)
             ]
         elif isinstance(req, ChatCompletionRequest):
-            texts += [(f"messages.{i}.content", m.content) for i, m in enumerate(req.messages)]
+            for i, m in enumerate(req.messages):
+                if isinstance(m.content, str):
+                    texts.append((f"messages.{i}.content", m.content))
+                else:
+                    texts += [
+                        (f"messages.{i}.content.{j}.text", part.text)
+                        for j, part in enumerate(m.content)
+                        if isinstance(part, TextPart)
+                    ]
         for param, text in texts:
             bad = next((i for i, ch in enumerate(text) if "\ud800" <= ch <= "\udfff"), None)
             if bad is not None:
@@ -599,10 +675,14 @@ class CompletionService:
     def _encode(self, tier: Tier, text: str, req: _GenerationFields, param: str) -> list[int]:
         """`text`'s token ids, checked against the context and the tier's decoder (errors before any
         stream starts)."""
-        ids = list(tier.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self._check_ids(
+            tier, list(tier.tokenizer(text, add_special_tokens=False)["input_ids"]), req, param
+        )
+
+    def _check_ids(self, tier: Tier, ids: list[int], req: _GenerationFields, param: str) -> list[int]:
         if not ids:
             raise APIError(400, f"{param}: the prompt encodes to no tokens", "invalid_prompt", param)
-        context = tier.model.config.max_position_embeddings
+        context = tier.text_config.max_position_embeddings
         if len(ids) + req.max_tokens > context:
             raise APIError(
                 400,
@@ -633,10 +713,59 @@ class CompletionService:
             raise APIError(400, "prompt: every prompt must be a non-empty string", "invalid_prompt", "prompt")
         return [self._encode(tier, p, req, "prompt") for p in prompts]
 
+    def _chat_messages(self, req: ChatCompletionRequest, tier: Tier) -> tuple[list[dict], list]:
+        """The messages for the chat template and the decoded images (in order). A text tier takes text
+        parts (joined by newlines) and refuses images; a vision-language tier gets `{"type": "image"}`
+        parts and each image decoded from its data URL (`tasks.release.vision`; nothing is fetched)."""
+        messages, images = [], []
+        for i, m in enumerate(req.messages):
+            if isinstance(m.content, str):
+                messages.append({"role": m.role, "content": m.content})
+                continue
+            parts = []
+            for j, part in enumerate(m.content):
+                param = f"messages.{i}.content.{j}"
+                if isinstance(part, TextPart):
+                    parts.append({"type": "text", "text": part.text})
+                    continue
+                if tier.processor is None:
+                    raise APIError(
+                        400,
+                        f"{param}: the model {tier.name!r} of {self.release} takes text only, no images",
+                        "images_not_supported",
+                        param,
+                    )
+                if len(images) == self.image_limits.max_images_per_request:
+                    raise APIError(
+                        413,
+                        f"{param}: more than {self.image_limits.max_images_per_request} images in one "
+                        "request (deploy.max_images_per_request)",
+                        "too_many_images",
+                        param,
+                    )
+                try:
+                    images.append(
+                        decode_image_url(part.image_url.url, f"{param}.image_url.url", self.image_limits)
+                    )
+                except ImageRejected as e:
+                    raise APIError(e.status, e.message, e.code, e.param) from None
+                parts.append({"type": "image"})
+            if tier.processor is None:
+                parts = "\n".join(p["text"] for p in parts)
+            messages.append({"role": m.role, "content": parts})
+        return messages, images
+
     def _chat_prompt(self, req: ChatCompletionRequest, tier: Tier) -> list[int]:
-        messages = [m.model_dump() for m in req.messages]
+        messages, images = self._chat_messages(req, tier)
         try:
-            text = tier.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            if tier.processor is not None:
+                ids, vision = vl_prompt_inputs(tier.processor, messages, images)
+            else:
+                text = tier.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=False
+                )
+        except ImageRejected as e:
+            raise APIError(e.status, e.message, e.code, e.param) from None
         except Exception as e:  # a template that rejects the conversation (e.g. roles out of order)
             raise APIError(
                 400,
@@ -644,6 +773,8 @@ class CompletionService:
                 "invalid_messages",
                 "messages",
             ) from None
+        if tier.processor is not None:
+            return self._check_ids(tier, _Prompt(ids, vision), req, "messages")
         return self._encode(tier, text, req, "messages")
 
     def complete(self, req: CompletionRequest) -> dict[str, Any]:
@@ -812,13 +943,16 @@ class CompletionService:
                     if req.seed is not None:
                         torch.manual_seed(req.seed)
                     input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-                    run = {
-                        "member": self._decode_fixed,
-                        "dynamic": self._decode_dynamic,
-                        "speculative": self._decode_speculative,
-                        "auto": self._decode_auto,
-                    }[tier.kind]
-                    decoding.extra = run(tier, input_ids, req, decoding)
+                    if isinstance(ids, _Prompt):  # a vision-language member's chat (images, M-RoPE inputs)
+                        decoding.extra = self._decode_fixed(tier, input_ids, req, decoding, ids.vision)
+                    else:
+                        run = {
+                            "member": self._decode_fixed,
+                            "dynamic": self._decode_dynamic,
+                            "speculative": self._decode_speculative,
+                            "auto": self._decode_auto,
+                        }[tier.kind]
+                        decoding.extra = run(tier, input_ids, req, decoding)
             if decoding.cancelled.is_set() and decoding.finish is None:
                 self.cancelled_streams.append(len(decoding.tokens))
                 log.info("stream cancelled (client gone) after %d tokens", len(decoding.tokens))
@@ -826,7 +960,11 @@ class CompletionService:
         except BaseException as e:  # handed to the reader (a 4xx/5xx, or an error event in a stream)
             decoding.fail(e)
 
-    def _decode_fixed(self, tier: Tier, input_ids, req: _GenerationFields, decoding: _Decoding) -> dict:
+    def _decode_fixed(
+        self, tier: Tier, input_ids, req: _GenerationFields, decoding: _Decoding, vision=None
+    ) -> dict:
+        """One member's `generate` (`vision`: a vision-language prompt's pixel values, image grid and
+        token types from its processor)."""
         import torch
         from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
@@ -861,6 +999,7 @@ class CompletionService:
         tier.model.generate(
             input_ids,
             attention_mask=torch.ones_like(input_ids),
+            **{k: v.to(self.device) for k, v in (vision or {}).items()},
             generation_config=GenerationConfig(**kwargs),
             streamer=Streamer(),
             stopping_criteria=StoppingCriteriaList([Until()]),
@@ -948,6 +1087,15 @@ class CompletionService:
             "draft_forwards": proposed,
             "tokens_per_target_forward": produced / rounds if rounds else 0.0,
         }
+
+
+class _Prompt(list):
+    """A vision-language prompt's token ids, with the processor's other inputs (`vision`: pixel values,
+    image grid, token types) that its member's `generate` needs."""
+
+    def __init__(self, ids: list[int], vision: dict[str, Any]):
+        super().__init__(ids)
+        self.vision = vision
 
 
 class _Decoding:
@@ -1226,6 +1374,9 @@ _LIMIT_OPTIONS = (
     "max_total_new_tokens",
     "speculative_draft_exit",
     "speculative_draft_tokens",
+    "max_image_bytes",
+    "max_image_pixels",
+    "max_images_per_request",
 )
 
 
@@ -1234,7 +1385,8 @@ def build_app(args: dict[str, Any]):
 
     Args (`args:` in the config): `release_dir` or `store` + `model_name` (+ `version`, `cache_dir`),
     and optionally `max_tokens_limit`, `dynamic_threshold`, `device`, `dtype`, `max_prompts_per_request`,
-    `max_total_new_tokens`, `speculative_draft_exit`, `speculative_draft_tokens` (CompletionService), and the
+    `max_total_new_tokens`, `speculative_draft_exit`, `speculative_draft_tokens`, `max_image_bytes`,
+    `max_image_pixels`, `max_images_per_request` (CompletionService), and the
     replica's `num_cpus` (default 0.5), `num_gpus` (default 0) and `num_replicas` (default 1).
     """
     known = {
@@ -1417,6 +1569,9 @@ def start_serving(
     max_total_new_tokens: int = 4096,
     speculative_draft_exit: int | None = None,
     speculative_draft_tokens: int = 4,
+    max_image_bytes: int = ImageLimits.max_image_bytes,
+    max_image_pixels: int = ImageLimits.max_image_pixels,
+    max_images_per_request: int = ImageLimits.max_images_per_request,
 ) -> ServingSession:
     """Starts Ray (unless one runs or `ray_address` is given), Serve on host:port, and the application.
 
@@ -1449,6 +1604,9 @@ def start_serving(
             "max_prompts_per_request": max_prompts_per_request,
             "max_total_new_tokens": max_total_new_tokens,
             "speculative_draft_tokens": speculative_draft_tokens,
+            "max_image_bytes": max_image_bytes,
+            "max_image_pixels": max_image_pixels,
+            "max_images_per_request": max_images_per_request,
         }
         if speculative_draft_exit is not None:
             options["speculative_draft_exit"] = speculative_draft_exit
