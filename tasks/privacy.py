@@ -31,6 +31,7 @@ from dataclasses import asdict
 
 import torch
 
+from ruyi_model.camera import EdgeEncoder, build_tiny_tower, save_camera_artifact
 from tasks.core.files import atomic_dir, require_dir, save_figure, write_metrics
 from tasks.core.params import Params, PrivacyParams
 from tasks.core.paths import Workspace
@@ -39,16 +40,13 @@ from tasks.data.camgen import BEHAVIOURS, make_splits
 from tasks.training.privacy import (
     AttackConfig,
     AuditData,
-    EdgeEncoder,
     MappingConfig,
     TrainedMapping,
     accuracy,
     audit,
-    build_tiny_tower,
     clip_tensor,
     macro_f1,
     qa_accuracy,
-    save_camera_artifact,
     train_frame_identifier,
     train_mapping,
     train_raw_head,
@@ -327,7 +325,15 @@ def run(params: Params) -> dict:
         )
     }
     with atomic_dir(out) as tmp:
-        save_camera_artifact(tmp, encoder, trained, BEHAVIOURS, {**summary, "tower": tower_desc})
+        save_camera_artifact(
+            tmp,
+            encoder,
+            trained.mapping,
+            trained.head,
+            pp.hidden,
+            BEHAVIOURS,
+            {**summary, "tower": tower_desc},
+        )
     write_metrics(params, "privacy", metrics)
     log.info(
         "privacy gate passed: F1 %.3f (raw %.3f), re-id %.3f, reconstruction re-id %.3f (chance %.3f) -> %s",

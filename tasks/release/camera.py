@@ -94,7 +94,7 @@ def _deployments(art_dir: str):
         """Frames in, mapped features out: the only place that sees pixels."""
 
         def __init__(self, art_dir: str) -> None:
-            from tasks.training.privacy import load_edge
+            from ruyi_model.camera import load_edge
 
             torch.set_num_threads(1)
             self.encoder, self.mapping = load_edge(art_dir)
@@ -122,13 +122,13 @@ def _deployments(art_dir: str):
         """Mapped features in, behaviours and answers out; never accepts anything else."""
 
         def __init__(self, art_dir: str) -> None:
-            from tasks.training.privacy import load_cloud
+            from ruyi_model.camera import load_cloud
 
             torch.set_num_threads(1)
             self.head, self.contract, self.behaviours = load_cloud(art_dir)
 
         async def __call__(self, request: Request):
-            from tasks.training.privacy import answers_for
+            from tasks.data.camgen import answers_for
 
             if request.method == "GET":
                 return JSONResponse({"status": "ok", "role": "cloud", "contract": self.contract.to_dict()})
