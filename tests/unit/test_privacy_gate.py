@@ -1,6 +1,7 @@
 """The privacy stage's gate (tasks/privacy.py), the camera wire contract (tasks/release/camera.py, no
 Ray here), the answers the cloud derives, and the camera release's edge/cloud split on the real tiny
-Qwen3-VL tower (irreversibility on the real edge feature dimension, save/load round trip)."""
+Qwen3-VL tower (irreversibility on the real edge feature dimension, save/load round trip) and on a saved
+vision-language family's tower (`privacy.family_dir`)."""
 
 from __future__ import annotations
 
@@ -141,3 +142,22 @@ def test_release_round_trip_and_the_cloud_part_holds_nothing_of_the_edge(release
         "head.json",
         "head.safetensors",
     ]
+
+
+def test_the_edge_runs_a_family_checkpoints_vision_tower_frozen(tmp_path) -> None:
+    from ruyi_model.vl import FamilialVLForConditionalGeneration
+    from tasks.core.params import PrivacyParams
+    from tasks.privacy import edge_encoder
+    from tests.tiny_vl import tiny_qwen3_vl
+
+    src = tiny_qwen3_vl(seed=0)
+    fam = FamilialVLForConditionalGeneration.from_qwen3_vl(src, [2, 4]).eval()
+    fam.save_pretrained(tmp_path / "fam")
+    encoder, desc = edge_encoder(PrivacyParams(family_dir=str(tmp_path / "fam"), frames=2), 0)
+    assert "frozen" in desc and not any(p.requires_grad for p in encoder.tower.parameters())
+    frames = make_splits(4, 2, n_identities=2, n_frames=2, size=32, seed=0).train.frames
+    feats = encoder(frames)
+    assert feats.shape == (4, 2 * 4 * fam.config.vision_config.out_hidden_size * 4)
+    assert torch.allclose(feats, EdgeEncoder(fam.model.visual, 2, 32)(frames), atol=1e-5)  # the saved tower
+    with pytest.raises(StageError, match="privacy.family_dir"):
+        edge_encoder(PrivacyParams(family_dir=str(tmp_path / "missing")), 0)
