@@ -612,6 +612,47 @@ class DeployParams(_Section):
         return self
 
 
+class PrivacyParams(_Section):
+    """The edge-cloud camera's privacy stage (tasks/privacy.py): not part of the default text pipeline."""
+
+    # A vision-language family checkpoint (FamilialVLForConditionalGeneration.save_pretrained) whose
+    # vision tower the edge runs (frozen); null = the stage builds the tiny Qwen3-VL tower and trains it
+    # on the clips' behaviour labels for `tower_steps` steps (a trained tower, not a random one).
+    family_dir: str | None = None
+    tower_steps: NonNegInt = 300
+    tower_lr: PositiveFloat = 1e-3
+    # The generated camera clips (tasks/data/camgen.py): identities (>= 20 in the tiny profile),
+    # training / held-out clips (held-out clips show the same identities, never the same clip).
+    identities: Annotated[int, Field(ge=2)] = 24
+    train_clips: PositiveInt = 600
+    test_clips: PositiveInt = 240
+    frames: Annotated[int, Field(ge=2, le=4)] = 3
+    size: Annotated[int, Field(ge=16, multiple_of=16)] = 32
+    # The mapping (ruyi_model/privacy.py): released dimension, width, training steps, the KL weight
+    # `beta` (the gated mapping) and the identity adversary's weight (0 = none).
+    out_dim: PositiveInt = 16
+    hidden: PositiveInt = 128
+    steps: PositiveInt = 600
+    beta: Annotated[float, Field(ge=0.0)] = 0.01
+    adv_weight: Annotated[float, Field(ge=0.0)] = 1.0
+    # The privacy-utility curve: one mapping per beta, each audited by every attack ([] = none).
+    betas: list[Annotated[float, Field(ge=0.0)]] = [0.0, 0.001, 0.01, 0.1, 1.0]
+    # Also audit the no-privacy reference: the same mapping with beta = 0 and no adversary (metrics
+    # `no_privacy`; dimension reduction and task training only).
+    audit_reference: bool = True
+    # Attackers: epoch cap and patience (convergence on a held-out fifth of the training clips),
+    # releases per training clip, the inversion decoder's epochs, the raw-frame identifier's epochs.
+    attack_max_epochs: PositiveInt = 400
+    attack_patience: PositiveInt = 20
+    attack_draws: PositiveInt = 4
+    decoder_epochs: PositiveInt = 30
+    identifier_epochs: PositiveInt = 15
+    # The gate: behaviour F1 >= min_f1_ratio x the raw-feature F1; re-identification (best attacker)
+    # and identity on reconstructions <= chance + reid_margin.
+    min_f1_ratio: Fraction = 0.9
+    reid_margin: Fraction = 0.05
+
+
 class Params(_Section):
     seed: NonNegInt = 1234
     # Intra-op (torch/OpenMP) threads of every stage (tasks.core.stage.set_threads): a positive int, or
@@ -635,6 +676,7 @@ class Params(_Section):
     deploy: DeployParams = DeployParams()
     distributed: DistributedParams = DistributedParams()
     training: TrainingParams = TrainingParams()
+    privacy: PrivacyParams = PrivacyParams()
 
     @field_validator("threads", mode="before")
     @classmethod

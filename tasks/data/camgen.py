@@ -176,6 +176,13 @@ def questions_for(people: tuple[Person, ...]) -> tuple[tuple[str, str], ...]:
     return tuple(zip(_QUESTIONS, answers, strict=True))
 
 
+def answers_for(behaviour: str) -> tuple[tuple[str, str], ...]:
+    """The standard questions' answers for a clip whose only event is `behaviour` (a fight has two
+    people, every other behaviour one): how the cloud answers from its behaviour prediction."""
+    n = 2 if behaviour == "fight" else 1
+    return questions_for(tuple(Person(i, behaviour, 0.5, 0.0, 1) for i in range(n)))
+
+
 # ---------------------------------------------------------------------------------------------- drawing
 def _shade(rgb: tuple[int, int, int], f: float) -> tuple[int, int, int]:
     return tuple(max(0, min(255, int(c * f))) for c in rgb)  # type: ignore[return-value]

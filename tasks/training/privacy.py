@@ -1,6 +1,6 @@
 """Training the edge's privacy mapping and auditing it by attacks.
 
-Library module (used by benchmarks/experiments/privacy_tradeoff.py and its tests):
+Library module (used by the privacy stage, tasks/privacy.py, and benchmarks/experiments/privacy_tradeoff.py):
 - `train_mapping`: a `ruyi_model.privacy.PrivacyMapping` plus a behaviour head (the cloud's task
   stand-in) trained with task cross-entropy + `beta * KL` + an identity adversary (alternating
   min-max: the adversary learns identity from z, the mapping is pushed to make its prediction uniform,
@@ -11,6 +11,8 @@ Library module (used by benchmarks/experiments/privacy_tradeoff.py and its tests
   `inversion_attack` (a white-box decoder rebuilding frames from released features: PSNR, SSIM, and
   the identity accuracy of a raw-frame classifier on the reconstructions), `audit` (all of them plus
   behaviour F1), and `beta_sweep` (the privacy-utility curve data).
+- `train_tower`: trains the edge's vision tower (ruyi_model.camera.EdgeEncoder) on behaviour labels;
+  `qa_accuracy`: the clips' questions answered from predicted behaviours.
 Method and figures: docs/choices.md#privacy.
 """
 
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ruyi_model.camera import mlp
 from ruyi_model.privacy import PrivacyMapping
 
 ReleaseFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -39,10 +42,7 @@ def _bar(iterable, desc: str, quiet: bool, total: int | None = None):
     return tqdm(iterable, desc=desc, total=total, leave=False, mininterval=1.0)
 
 
-def _mlp(d_in: int, d_out: int, hidden: int) -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, d_out)
-    )
+_mlp = mlp  # the cloud head / adversary / attacker architecture (ruyi_model.camera)
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -575,3 +575,51 @@ def meets_targets(row: dict, f1_ratio: float = 0.9, margin: float = 0.05) -> dic
         checks["inversion"] = row["inversion_reid_accuracy"] <= row["reid_chance"] + margin
     checks["all"] = all(checks.values())
     return checks
+
+
+# ------------------------------------------------------------------------------ the edge tower, QA
+def train_tower(
+    encoder,
+    pixel_values: torch.Tensor,
+    grid: torch.Tensor,
+    behaviour: torch.Tensor,
+    n_behaviours: int,
+    steps: int,
+    lr: float = 1e-3,
+    batch_size: int = 32,
+    seed: int = 0,
+    quiet: bool = True,
+) -> list[float]:
+    """Trains the tower (and a linear head on its edge features, then dropped) on the clips' behaviour
+    labels: a tower that has learned the task, not a random one. Returns the loss every 10 steps."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        dim = encoder.features_from_pixels(pixel_values[:1], grid).shape[1]
+    head = nn.Linear(dim, n_behaviours)
+    opt = torch.optim.AdamW([*encoder.tower.parameters(), *head.parameters()], lr=lr, weight_decay=0.01)
+    g = torch.Generator().manual_seed(seed)
+    encoder.tower.train()
+    losses = []
+    for step in _bar(range(steps), "vision tower", quiet):
+        idx = torch.randint(0, len(behaviour), (min(batch_size, len(behaviour)),), generator=g)
+        loss = F.cross_entropy(head(encoder.features_from_pixels(pixel_values[idx], grid)), behaviour[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 10 == 0 or step == steps - 1:
+            losses.append(round(loss.item(), 4))
+    encoder.tower.eval()
+    return losses
+
+
+def qa_accuracy(pred_behaviour: torch.Tensor, questions: Sequence[Sequence[tuple[str, str]]]) -> float:
+    """Share of the clips' questions answered exactly from the predicted behaviours."""
+    from tasks.data.camgen import BEHAVIOURS, answers_for
+
+    right = total = 0
+    for b, qa in zip(pred_behaviour.tolist(), questions, strict=True):
+        answers = dict(answers_for(BEHAVIOURS[b]))
+        for q, a in qa:
+            right += answers.get(q) == a
+            total += 1
+    return right / max(total, 1)

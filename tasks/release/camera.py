@@ -1,0 +1,230 @@
+"""Serving the camera release (artifacts/privacy/ of the privacy stage): `edge` and `cloud` on Ray Serve.
+
+    with start_camera("artifacts/privacy", port=8130) as session:
+        result = send_clip(session.url, frames)   # uint8 [N, T, S, S, 3] -> edge -> cloud
+        result.answers, result.sent_to_cloud      # the cloud's JSON; the exact bytes the cloud received
+
+Wire format: safetensors bytes (`application/octet-stream`), never pickles.
+- POST /edge: one uint8 tensor `frames` [N, T, S, S, 3] (the release's T and S) -> one float tensor
+  `features` [N, k]: a sample of the mapping's release, and nothing else (no tower output, no mu).
+- POST /cloud: exactly one tensor `features` that satisfies the release's `FeatureContract` ([N, k],
+  dtype, finite) -> JSON {"behaviours": [...], "answers": [[[question, answer], ...], ...]}. A body that
+  is not safetensors is refused with 400, other or extra tensors, raw pixels, a wrong shape or dtype
+  with 422, a body over `MAX_BODY_BYTES` with 413.
+The cloud replica loads only the release's cloud/ part (behaviour head and contract): it holds no
+tower and no mapping. `GET /edge` and `GET /cloud` answer health. Why: docs/choices.md#privacy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tasks.core.stage import StageError
+from tasks.release.serving import ServingSession, _check_port_free, _start_serve
+
+log = logging.getLogger("ruyi.camera")
+
+#: Largest request body either deployment reads.
+MAX_BODY_BYTES = 64 << 20
+EDGE_APP, CLOUD_APP = "camera-edge", "camera-cloud"
+
+
+class WireError(ValueError):
+    """A request body the deployment refuses; `status` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def encode_tensors(tensors: dict) -> bytes:
+    """safetensors bytes of `{name: tensor}`."""
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in tensors.items()})
+
+
+def decode_tensors(body: bytes) -> dict:
+    """The tensors of a safetensors body (WireError 400 if it is not one, 413 if too large)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    if len(body) > MAX_BODY_BYTES:
+        raise WireError(413, f"body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
+    try:
+        return load(body)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise WireError(400, f"body is not a safetensors file: {e}") from None
+
+
+def cloud_features(body: bytes, contract) -> Any:
+    """The released features in a cloud request, checked against `contract` (WireError otherwise)."""
+    from ruyi_model.privacy import FeatureContractError
+
+    tensors = decode_tensors(body)
+    if set(tensors) != {"features"}:
+        raise WireError(422, f"expected exactly one tensor named 'features', got {sorted(tensors)}")
+    try:
+        return contract.check(tensors["features"], "features")
+    except FeatureContractError as e:
+        raise WireError(422, str(e)) from None
+
+
+def _deployments(art_dir: str):
+    import torch
+    from ray import serve
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+
+    async def read(request: Request) -> bytes:
+        size = int(request.headers.get("content-length") or 0)
+        if size > MAX_BODY_BYTES:
+            raise WireError(413, f"body of {size} bytes exceeds {MAX_BODY_BYTES}")
+        return await request.body()
+
+    @serve.deployment(name="edge", max_ongoing_requests=8, ray_actor_options={"num_cpus": 0.5})
+    class Edge:
+        """Frames in, mapped features out: the only place that sees pixels."""
+
+        def __init__(self, art_dir: str) -> None:
+            from ruyi_model.camera import load_edge
+
+            torch.set_num_threads(1)
+            self.encoder, self.mapping = load_edge(art_dir)
+            self.generator = torch.Generator().manual_seed(int(time.time_ns() % (1 << 62)))
+
+        async def __call__(self, request: Request):
+            if request.method == "GET":
+                return JSONResponse({"status": "ok", "role": "edge", "released_dim": self.mapping.out_dim})
+            try:
+                tensors = decode_tensors(await read(request))
+                if set(tensors) != {"frames"}:
+                    raise WireError(422, f"expected exactly one tensor named 'frames', got {sorted(tensors)}")
+                try:
+                    frames = self.encoder.check_frames(tensors["frames"])
+                except ValueError as e:
+                    raise WireError(422, str(e)) from None
+                with torch.no_grad():
+                    z = self.mapping.release(self.encoder(frames), generator=self.generator)
+            except WireError as e:
+                return JSONResponse({"error": str(e)}, status_code=e.status)
+            return Response(encode_tensors({"features": z}), media_type="application/octet-stream")
+
+    @serve.deployment(name="cloud", max_ongoing_requests=8, ray_actor_options={"num_cpus": 0.5})
+    class Cloud:
+        """Mapped features in, behaviours and answers out; never accepts anything else."""
+
+        def __init__(self, art_dir: str) -> None:
+            from ruyi_model.camera import load_cloud
+
+            torch.set_num_threads(1)
+            self.head, self.contract, self.behaviours = load_cloud(art_dir)
+
+        async def __call__(self, request: Request):
+            from tasks.data.camgen import answers_for
+
+            if request.method == "GET":
+                return JSONResponse({"status": "ok", "role": "cloud", "contract": self.contract.to_dict()})
+            try:
+                z = cloud_features(await read(request), self.contract)
+            except WireError as e:
+                return JSONResponse({"error": str(e)}, status_code=e.status)
+            with torch.no_grad():
+                pred = [self.behaviours[i] for i in self.head(z).argmax(-1).tolist()]
+            return JSONResponse({"behaviours": pred, "answers": [answers_for(b) for b in pred]})
+
+    return Edge.bind(art_dir), Cloud.bind(art_dir)
+
+
+def post_bytes(url: str, body: bytes, timeout: float = 60.0) -> tuple[int, bytes]:
+    """POST `body` as application/octet-stream; `(status, response body)`, never raises on HTTP errors."""
+    request = urllib.request.Request(
+        url, data=body, headers={"Content-Type": "application/octet-stream"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+@dataclass
+class CameraResult:
+    answers: dict  # the cloud's JSON
+    sent_to_cloud: bytes  # exactly what crossed from the edge to the cloud
+
+
+def send_clip(url: str, frames, timeout: float = 60.0) -> CameraResult:
+    """Sends clips (uint8 [N, T, S, S, 3]) to the edge, forwards the edge's bytes unchanged to the cloud."""
+    import torch
+
+    status, released = post_bytes(f"{url}/edge", encode_tensors({"frames": torch.as_tensor(frames)}), timeout)
+    if status != 200:
+        raise StageError(f"edge refused the clip: HTTP {status}: {released[:300].decode(errors='replace')}")
+    status, body = post_bytes(f"{url}/cloud", released, timeout)
+    if status != 200:
+        raise StageError(
+            f"cloud refused the edge's features: HTTP {status}: {body[:300].decode(errors='replace')}"
+        )
+    return CameraResult(json.loads(body), released)
+
+
+def _wait_ready(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    for role in ("edge", "cloud"):
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/{role}", timeout=5) as r:
+                    if r.status == 200 and json.loads(r.read()).get("status") == "ok":
+                        break
+            except (OSError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise StageError(f"camera {role} did not become ready at {url}/{role} in {timeout_s:.0f} s")
+            time.sleep(0.3)
+
+
+def start_camera(
+    art_dir: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8130,
+    ray_num_cpus: int = 2,
+    ready_timeout_s: float = 180.0,
+) -> ServingSession:
+    """Starts Ray (unless one runs), Serve on host:port, and both deployments (`/edge`, `/cloud`)."""
+    from ray import serve
+
+    from tasks.core.ray_runtime import RayRuntime
+
+    art = Path(art_dir).resolve()
+    for part in ("edge/mapping.safetensors", "cloud/contract.json"):
+        if not (art / part).is_file():
+            raise StageError(f"{art}: not a camera release (missing {part}; the privacy stage writes it)")
+    _check_port_free(host, port)
+    runtime = RayRuntime(num_cpus=ray_num_cpus, log_to_driver=False).start()
+    client_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    session = ServingSession(f"http://{client_host}:{port}", runtime)
+    try:
+        _start_serve(host, port)
+        edge, cloud = _deployments(str(art))
+        # both applications deployed together (one wait, not two)
+        serve.run_many(
+            [
+                serve.RunTarget(edge, name=EDGE_APP, route_prefix="/edge"),
+                serve.RunTarget(cloud, name=CLOUD_APP, route_prefix="/cloud"),
+            ]
+        )
+        _wait_ready(session.url, ready_timeout_s)
+    except BaseException:
+        session.stop()
+        raise
+    log.info("camera edge and cloud serving %s at %s", art, session.url)
+    return session
