@@ -653,6 +653,9 @@ class VLParams(_Section):
     num_select: PositiveInt = 200
     num_eval: PositiveInt = 200
     max_answer_tokens: PositiveInt = 6
+    # family_sft also trains on the captions (every object's colour, shape and cell: dense supervision
+    # of the vision tower; they are never evaluated)
+    sft_captions: bool = True
     vision: VisionParams = VisionParams()
 
     @model_validator(mode="after")

@@ -55,7 +55,8 @@ def prepare_data(params: Params) -> dict[str, Any]:
 
     ws = Workspace.from_params(params)
     v = params.vl
-    tasks = list(dict.fromkeys([*v.tasks, CAPTION])) if params.cpt.max_steps > 0 else list(v.tasks)
+    captions = params.cpt.max_steps > 0 or v.sft_captions
+    tasks = list(dict.fromkeys([*v.tasks, CAPTION])) if captions else list(v.tasks)
     manifest = write_vl_splits(
         ws.raw,
         _split_counts(params),
@@ -418,7 +419,8 @@ def family_sft(params: Params) -> dict[str, Any]:
     model = load_family(params, "cpt")
     model.requires_grad_(True)
     named = list(model.named_parameters())
-    rows = _rows(params, "train", params.vl.tasks)
+    tasks = [*params.vl.tasks, *([CAPTION] if params.vl.sft_captions else [])]
+    rows = _rows(params, "train", tasks)
     val = _rows(params, "select", params.vl.tasks)
     metrics = _train(params, "family_sft", model, params.family_sft, named, rows, val, {"part": "sft"})
     _save_family(params, "family_sft", model)
