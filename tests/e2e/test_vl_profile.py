@@ -70,6 +70,7 @@ def test_vl_profile_runs_through_the_flow_and_leaves_the_text_run_alone(workspac
 
     text_lock = (workspace / "dvc.lock").read_bytes()
     text_params = (workspace / "params.yaml").read_bytes()
+    text_metrics = {p: p.read_bytes() for p in (workspace / "metrics").glob("*.json")}
     t0 = time.perf_counter()
     with prefect_test_harness(server_startup_timeout=90):
         results = ruyi_pipeline(workspace=str(workspace), profile="vl", overrides=MICRO_VL, push=False)
@@ -108,7 +109,8 @@ def test_vl_profile_runs_through_the_flow_and_leaves_the_text_run_alone(workspac
     # The text profile: its lock, params and outputs are untouched; the VL lock is its own.
     assert (workspace / "dvc.lock").read_bytes() == text_lock
     assert (workspace / "params.yaml").read_bytes() == text_params
-    assert not (workspace / "data" / "raw").exists() and not (workspace / "metrics" / "eval.json").exists()
+    assert not (workspace / "data" / "raw").exists()
+    assert {p: p.read_bytes() for p in (workspace / "metrics").glob("*.json")} == text_metrics
     vl_lock = yaml.safe_load((workspace / "profiles" / "vl" / "dvc.lock").read_text())
     assert set(vl_lock["stages"]) == set(stages)
     status = run([DVC, "status", "profiles/vl/dvc.yaml"], workspace).stdout
