@@ -426,9 +426,10 @@ def workspace_lock(workspace: Path, logger: Any = None) -> Iterator[Path]:
     retry_delay_seconds=5,
     retry_condition_fn=_retry_only_infrastructure,
 )
-def push_results(workspace: str) -> None:
-    """`dvc push` to the default remote; a failure (unreachable remote, throttling) is retried."""
-    proc = _dvc(["push"], Path(workspace), check=False)
+def push_results(workspace: str, dvc_file: str = "dvc.yaml") -> None:
+    """`dvc push <dvc_file>` (that pipeline's outputs) to the default remote; a failure (unreachable
+    remote, throttling) is retried."""
+    proc = _dvc(["push", dvc_file], Path(workspace), check=False)
     if proc.returncode != 0:
         raise InfrastructureError(f"dvc push failed:\n{(proc.stderr.strip() or proc.stdout.strip())[-2000:]}")
 
@@ -481,7 +482,7 @@ def ruyi_pipeline(
                 description="git revision, dvc.lock hashes and flow run of this pipeline run",
             )
         if push and _dvc(["remote", "list"], ws).stdout.strip():
-            push_results(str(ws))
+            push_results(str(ws), dvc_file)
             logger.info("pushed the results to the DVC remote")
     return results
 
