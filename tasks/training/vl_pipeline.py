@@ -559,6 +559,8 @@ def rl(params: Params) -> dict[str, Any]:
         raise StageError(
             "rl.algorithm: the VL profile runs grpo (BPPO's prefix selection needs longer answers)"
         )
+    if cfg.beta != 0.0 or cfg.num_iterations != 1:
+        raise StageError("rl.beta and rl.num_iterations: the VL profile's GRPO runs beta 0, one iteration")
     model = load_family(params, "family_sft")
     processor = load_processor(params)
     members = _rl_members(params)
