@@ -336,7 +336,8 @@ def audit(
         recorded = {**recorded, "stages": {k: v for k, v in recorded.get("stages", {}).items() if k in scope}}
         pulled = False
         if pull:
-            cmd = [_bin("dvc"), "pull"] + (["-r", remote] if remote else [])
+            # the text pipeline's outputs only (dvc.yaml): another pipeline file's (profiles/vl) may be absent
+            cmd = [_bin("dvc"), "pull", "dvc.yaml"] + (["-r", remote] if remote else [])
             proc = _run(cmd, clone, "dvc pull", check=remote is not None)
             pulled = proc.returncode == 0
             if not pulled:

@@ -78,6 +78,11 @@ def run(
     force: bool = typer.Option(
         False, "--force", help="recompute the selected stages even if DVC finds them up to date"
     ),
+    profile: str = typer.Option(
+        "text",
+        "--profile",
+        help="text (dvc.yaml, params.yaml) | vl (profiles/vl/dvc.yaml, params.vl.yaml: vision-language)",
+    ),
 ) -> None:
     """Run the whole pipeline through Prefect (embedded API, no server needed), then print a summary.
 
@@ -89,13 +94,19 @@ def run(
     # The embedded Prefect server (no PREFECT_API_URL) gets 20 s to start by default, too little on a busy
     # machine or for several runs starting at once; an explicit setting is kept.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-    from flows.pipeline import InfrastructureError, StageFailed, ruyi_pipeline
-    from flows.report import print_summary
+    from flows.pipeline import InfrastructureError, StageFailed, profile_files, ruyi_pipeline
+    from flows.report import print_summary, print_vl_summary
     from tasks.core.params import ParamsError
 
     try:
+        params_file = profile_files(profile)[1]
         ruyi_pipeline(
-            from_stage=from_stage, to_stage=to_stage, overrides=_parse_sets(overrides), push=push, force=force
+            from_stage=from_stage,
+            to_stage=to_stage,
+            overrides=_parse_sets(overrides),
+            push=push,
+            force=force,
+            profile=profile,
         )
     except (StageFailed, ParamsError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
@@ -119,7 +130,10 @@ def run(
             err=True,
         )
         raise typer.Exit(1) from None
-    print_summary()
+    if profile == "vl":
+        print_vl_summary(params_file)
+    else:
+        print_summary(params_file)
 
 
 def _prefect_unreachable(error: BaseException) -> str | None:

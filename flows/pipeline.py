@@ -1,10 +1,12 @@
 """The Prefect flow that chains the DVC stages: what `make run`, the deployments and the UI run.
 
-    ruyi run [--from-stage S] [--to-stage S] [--set key=value ...] [--no-push] [--force]
+    ruyi run [--profile text|vl] [--from-stage S] [--to-stage S] [--set key=value ...] [--no-push] [--force]
 
 One task per stage running `dvc repro <stage> --single-item` in `dvc dag` order, retries for
 infrastructure errors only, one run per workspace, overrides written to params.yaml first, metrics and
-lineage as Prefect artifacts, then `dvc push`. Why: docs/choices.md#orchestration.
+lineage as Prefect artifacts, then `dvc push`. A profile (`PROFILES`) is a DVC pipeline file and its
+params file: `text` (dvc.yaml + params.yaml, the default) or `vl` (profiles/vl/dvc.yaml + params.vl.yaml,
+docs/choices.md#vision-language-profile). Why: docs/choices.md#orchestration.
 """
 
 from __future__ import annotations
@@ -44,6 +46,24 @@ _INFRA_PATTERNS = (
     r"Temporary failure in name resolution",
     r"timed out",
 )
+
+
+#: profile -> (its DVC pipeline file, its params file), relative to the workspace.
+PROFILES: dict[str, tuple[str, str]] = {
+    "text": ("dvc.yaml", "params.yaml"),
+    "vl": ("profiles/vl/dvc.yaml", "params.vl.yaml"),
+}
+
+
+def profile_files(profile: str) -> tuple[str, str]:
+    if profile not in PROFILES:
+        raise ValueError(f"profile={profile!r} is not a profile; profiles: {', '.join(PROFILES)}")
+    return PROFILES[profile]
+
+
+def stage_target(stage: str, dvc_file: str = "dvc.yaml") -> str:
+    """The `dvc repro` target of a stage: its name in the root dvc.yaml, `<file>:<name>` elsewhere."""
+    return stage if dvc_file == "dvc.yaml" else f"{dvc_file}:{stage}"
 
 
 class StageFailed(RuntimeError):
@@ -139,18 +159,23 @@ def _failure_summary(output: str, tail_lines: int = 25, max_error_lines: int = 6
     return "\n".join(message + rest)
 
 
-def dvc_stage_order(workspace: str | Path) -> list[str]:
-    """The stages of `dvc.yaml` in `dvc dag` order (a topological order; ties in dvc.yaml order)."""
+def dvc_stage_order(workspace: str | Path, dvc_file: str = "dvc.yaml") -> list[str]:
+    """The stages of `dvc_file` in `dvc dag` order (a topological order; ties in file order)."""
     import yaml
 
     workspace = Path(workspace)
-    declared = list((yaml.safe_load((workspace / "dvc.yaml").read_text()) or {}).get("stages", {}))
+    declared = list((yaml.safe_load((workspace / dvc_file).read_text()) or {}).get("stages", {}))
     dot = _dvc(["dag", "--dot"], workspace).stdout
     edges = re.findall(r'"([^"]+)"\s*->\s*"([^"]+)"', dot)
     nodes = set(re.findall(r'^\s*"([^"]+)"\s*;?\s*$', dot, flags=re.M)) | {n for e in edges for n in e}
+    # `dvc dag` shows every pipeline of the repository; a stage of another dvc.yaml is `<file>:<name>`
+    prefix = "" if dvc_file == "dvc.yaml" else f"{dvc_file}:"
+    mine = {n for n in nodes if (":" not in n) == (not prefix) and n.startswith(prefix)}
+    nodes = {n.removeprefix(prefix) for n in mine}
+    edges = [(a.removeprefix(prefix), b.removeprefix(prefix)) for a, b in edges if a in mine and b in mine]
     unknown = nodes - set(declared)
     if unknown:
-        raise RuntimeError(f"`dvc dag` lists stages that dvc.yaml does not: {sorted(unknown)}")
+        raise RuntimeError(f"`dvc dag` lists stages that {dvc_file} does not: {sorted(unknown)}")
     preds: dict[str, set[str]] = {s: set() for s in declared}
     for a, b in edges:
         preds[b].add(a)
@@ -174,15 +199,17 @@ def select_stages(order: list[str], from_stage: str | None, to_stage: str | None
     return order[lo : hi + 1]
 
 
-def apply_param_overrides(workspace: Path, overrides: dict[str, Any]) -> list[str]:
-    """Validates dotted-key overrides and writes them into params.yaml, keeping its comments."""
+def apply_param_overrides(
+    workspace: Path, overrides: dict[str, Any], params_file: str = "params.yaml"
+) -> list[str]:
+    """Validates dotted-key overrides and writes them into `params_file`, keeping its comments."""
     if not overrides:
         return []
     from ruamel.yaml import YAML
 
     from tasks.core.params import load_params
 
-    path = workspace / "params.yaml"
+    path = workspace / params_file
     # Validate the result first: a bad override is an error naming params.yaml and the key;
     # nothing is written.
     load_params(path, overrides)
@@ -207,10 +234,10 @@ def apply_param_overrides(workspace: Path, overrides: dict[str, Any]) -> list[st
     return changed
 
 
-def _stage_metrics(workspace: Path, stage: str) -> dict[str, Any]:
+def _stage_metrics(workspace: Path, stage: str, dvc_file: str = "dvc.yaml") -> dict[str, Any]:
     import yaml
 
-    spec = (yaml.safe_load((workspace / "dvc.yaml").read_text()) or {})["stages"][stage]
+    spec = (yaml.safe_load((workspace / dvc_file).read_text()) or {})["stages"][stage]
     out: dict[str, Any] = {}
     for entry in spec.get("metrics", []):
         name = next(iter(entry)) if isinstance(entry, dict) else entry
@@ -279,14 +306,15 @@ def _retry_only_infrastructure(task_obj, task_run, state) -> bool:
     retry_delay_seconds=3,
     retry_condition_fn=_retry_only_infrastructure,
 )
-def run_stage(stage: str, workspace: str, force: bool = False) -> dict[str, Any]:
-    """`dvc repro <stage> --single-item [--force]`; publishes the stage's metrics as a table artifact."""
+def run_stage(stage: str, workspace: str, force: bool = False, dvc_file: str = "dvc.yaml") -> dict[str, Any]:
+    """`dvc repro <stage> --single-item [--force]` (of `dvc_file`); publishes the stage's metrics as a
+    table artifact."""
     logger = get_run_logger()
     ws = Path(workspace)
     t0 = time.perf_counter()
     ui_log = _api_only_logger(logger)
     returncode, output = _dvc_streamed(
-        ["repro", stage, "--single-item", *(["--force"] if force else [])],
+        ["repro", stage_target(stage, dvc_file), "--single-item", *(["--force"] if force else [])],
         ws,
         on_line=lambda line: ui_log.info("%s | %s", stage, line),
     )
@@ -310,7 +338,7 @@ def run_stage(stage: str, workspace: str, force: bool = False) -> dict[str, Any]
         raise StageFailed(f"stage {stage} failed (not retried):\n{summary}")
     skipped = "didn't change, skipping" in output or "is cached - skipping" in output
     logger.info("stage %s %s in %.1f s", stage, "up to date" if skipped else "ran", elapsed)
-    metrics = _stage_metrics(ws, stage)
+    metrics = _stage_metrics(ws, stage, dvc_file)
     rows = [
         {"metric": k, "value": v}
         for name, m in metrics.items()
@@ -324,7 +352,9 @@ def run_stage(stage: str, workspace: str, force: bool = False) -> dict[str, Any]
     return {"stage": stage, "skipped": skipped, "seconds": round(elapsed, 2), "metrics": metrics}
 
 
-def _lineage_markdown(workspace: Path, results: list[dict[str, Any]], failed: str | None = None) -> str:
+def _lineage_markdown(
+    workspace: Path, results: list[dict[str, Any]], failed: str | None = None, dvc_file: str = "dvc.yaml"
+) -> str:
     import yaml
     from prefect.runtime import flow_run
 
@@ -332,7 +362,7 @@ def _lineage_markdown(workspace: Path, results: list[dict[str, Any]], failed: st
         p = subprocess.run(["git", *args], cwd=workspace, capture_output=True, text=True)
         return p.stdout.strip() if p.returncode == 0 else "n/a"
 
-    lock_path = workspace / "dvc.lock"
+    lock_path = workspace / Path(dvc_file).with_suffix(".lock")
     lock = yaml.safe_load(lock_path.read_text()) if lock_path.is_file() else {}
     lines = [
         "# Lineage",
@@ -396,9 +426,10 @@ def workspace_lock(workspace: Path, logger: Any = None) -> Iterator[Path]:
     retry_delay_seconds=5,
     retry_condition_fn=_retry_only_infrastructure,
 )
-def push_results(workspace: str) -> None:
-    """`dvc push` to the default remote; a failure (unreachable remote, throttling) is retried."""
-    proc = _dvc(["push"], Path(workspace), check=False)
+def push_results(workspace: str, dvc_file: str = "dvc.yaml") -> None:
+    """`dvc push <dvc_file>` (that pipeline's outputs) to the default remote; a failure (unreachable
+    remote, throttling) is retried."""
+    proc = _dvc(["push", dvc_file], Path(workspace), check=False)
     if proc.returncode != 0:
         raise InfrastructureError(f"dvc push failed:\n{(proc.stderr.strip() or proc.stdout.strip())[-2000:]}")
 
@@ -411,6 +442,7 @@ def ruyi_pipeline(
     push: bool = True,
     workspace: str | None = None,
     force: bool = False,
+    profile: str = "text",
 ) -> list[dict[str, Any]]:
     """Runs the pipeline's DVC stages from `from_stage` to `to_stage` (default: all).
 
@@ -422,33 +454,35 @@ def ruyi_pipeline(
         workspace: the repository to run in (default: $RUYI_WORKSPACE or the current directory).
         force: recompute the selected stages even when DVC finds them up to date (`dvc repro --force`),
             e.g. to rerun from a stage in the UI after a change that DVC does not track.
+        profile: "text" (dvc.yaml, params.yaml) or "vl" (profiles/vl/dvc.yaml, params.vl.yaml): `PROFILES`.
     """
     logger = get_run_logger()
     ws = Path(workspace or os.environ.get("RUYI_WORKSPACE") or os.getcwd()).resolve()
-    if not (ws / "dvc.yaml").is_file():
-        raise ValueError(f"workspace {ws} has no dvc.yaml")
-    stages = select_stages(dvc_stage_order(ws), from_stage, to_stage)
+    dvc_file, params_file = profile_files(profile)
+    if not (ws / dvc_file).is_file():
+        raise ValueError(f"workspace {ws} has no {dvc_file}")
+    stages = select_stages(dvc_stage_order(ws, dvc_file), from_stage, to_stage)
     results: list[dict[str, Any]] = []
     with workspace_lock(ws, logger):
-        changed = apply_param_overrides(ws, overrides or {})
+        changed = apply_param_overrides(ws, overrides or {}, params_file)
         if changed:
-            logger.info("parameters overridden in params.yaml: %s", ", ".join(changed))
+            logger.info("parameters overridden in %s: %s", params_file, ", ".join(changed))
         logger.info("stages to run in %s: %s%s", ws, " -> ".join(stages), " (forced)" if force else "")
         failed: str | None = None
         try:
             for stage in stages:
                 failed = stage
-                results.append(run_stage(stage, str(ws), force=force))
+                results.append(run_stage(stage, str(ws), force=force, dvc_file=dvc_file))
             failed = None
         finally:
             # Published for failed runs too: which stages ran, with which outputs, and where it stopped.
             create_markdown_artifact(
                 key="lineage",
-                markdown=_lineage_markdown(ws, results, failed),
+                markdown=_lineage_markdown(ws, results, failed, dvc_file),
                 description="git revision, dvc.lock hashes and flow run of this pipeline run",
             )
         if push and _dvc(["remote", "list"], ws).stdout.strip():
-            push_results(str(ws))
+            push_results(str(ws), dvc_file)
             logger.info("pushed the results to the DVC remote")
     return results
 
@@ -457,6 +491,9 @@ __all__ = [
     "ruyi_pipeline",
     "dvc_stage_order",
     "select_stages",
+    "PROFILES",
+    "profile_files",
+    "stage_target",
     "apply_param_overrides",
     "StageFailed",
     "InfrastructureError",

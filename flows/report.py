@@ -115,6 +115,19 @@ def print_summary(params_path: str | Path = "params.yaml") -> None:
         console.print(f"[bold]{name}[/bold]: {where}")
 
 
+def print_vl_summary(params_path: str | Path = "params.vl.yaml") -> None:
+    """The vision-language profile's table: accuracy per exit and task type, tokens/s, parameters."""
+    from tasks.training.vl_pipeline import format_table
+
+    params = load_params(params_path)
+    path = Path(params_path).parent / params.paths.metrics_dir / "eval.json"  # paths are workspace-relative
+    if not path.is_file():
+        print(f"(no {path}: the evaluate stage has not run)")
+        return
+    print(f"VL family, held-out generated VQA, accuracy % per exit and task type ({path}):")
+    print(format_table(json.loads(path.read_text()), params.model.exit_layers))
+
+
 def result_paths(params) -> dict[str, str]:
     """Where a person finds each result of the run; what a partial run has not written is marked."""
     deploy = _read(Path(params.paths.metrics_dir) / "deploy.json")

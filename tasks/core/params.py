@@ -95,6 +95,9 @@ class ModelParams(_Section):
     init_from: str | None = None
     # Multi-exit loss implementation: auto | naive | chunked | triton (see triton_kernels).
     loss_impl: Literal["auto", "naive", "chunked", "triton"] = "auto"
+    # text: a Qwen3 text family (params.yaml); vl: a Qwen3-VL family whose text backbone is this section
+    # and whose vision tower is the `vl` section (params.vl.yaml, tasks/training/vl_pipeline.py).
+    modality: Literal["text", "vl"] = "text"
 
     @model_validator(mode="after")
     def _check(self) -> ModelParams:
@@ -653,6 +656,70 @@ class PrivacyParams(_Section):
     reid_margin: Fraction = 0.05
 
 
+class VisionParams(_Section):
+    """The Qwen3-VL vision tower shared by every member of a VL family (its output width is
+    model.hidden_size)."""
+
+    depth: PositiveInt = 2
+    hidden_size: PositiveInt = 64
+    intermediate_size: PositiveInt = 128
+    num_heads: PositiveInt = 4
+    patch_size: PositiveInt = 8
+    spatial_merge_size: PositiveInt = 2
+    num_position_embeddings: PositiveInt = 64
+    deepstack_visual_indexes: list[NonNegInt] = [0]
+    # M-RoPE split of the text head's rotary frequencies over (t, h, w): sums to model.head_dim / 2
+    mrope_section: list[NonNegInt] = [4, 6, 6]
+
+    @model_validator(mode="after")
+    def _check(self) -> VisionParams:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"vl.vision.hidden_size {self.hidden_size} must be a multiple of num_heads")
+        bad = [i for i in self.deepstack_visual_indexes if i >= self.depth]
+        if bad:
+            raise ValueError(
+                f"vl.vision.deepstack_visual_indexes {bad} are not blocks of a depth-{self.depth} tower"
+            )
+        return self
+
+
+VL_TASKS = (
+    "scene_count", "scene_colour", "scene_position", "scene_relation", "caption",
+    "chart_bar", "chart_line", "chart_pie", "arithmetic", "geometry",
+)  # fmt: skip
+
+
+class VLParams(_Section):
+    """The vision-language profile (model.modality: vl): generated VQA data and the vision tower."""
+
+    tasks: list[str] = ["scene_count", "scene_colour", "scene_position", "scene_relation"]
+    rl_tasks: list[str] = ["scene_count"]
+    image_size: PositiveInt = 32
+    num_train: PositiveInt = 4000
+    num_select: PositiveInt = 200
+    num_eval: PositiveInt = 200
+    max_answer_tokens: PositiveInt = 6
+    # family_sft also trains on the captions (every object's colour, shape and cell: dense supervision
+    # of the vision tower; they are never evaluated)
+    sft_captions: bool = True
+    vision: VisionParams = VisionParams()
+
+    @model_validator(mode="after")
+    def _check(self) -> VLParams:
+        for name in ("tasks", "rl_tasks"):
+            bad = [t for t in getattr(self, name) if t not in VL_TASKS or t == "caption"]
+            if bad or not getattr(self, name):
+                raise ValueError(
+                    f"vl.{name} {bad}: must be a non-empty list of {[t for t in VL_TASKS if t != 'caption']}"
+                )
+        if not set(self.rl_tasks) <= set(self.tasks):
+            raise ValueError(f"vl.rl_tasks {self.rl_tasks} must be among vl.tasks {self.tasks}")
+        grid = self.vision.patch_size * self.vision.spatial_merge_size
+        if self.image_size % grid:
+            raise ValueError(f"vl.image_size {self.image_size} must be a multiple of patch x merge = {grid}")
+        return self
+
+
 class Params(_Section):
     seed: NonNegInt = 1234
     # Intra-op (torch/OpenMP) threads of every stage (tasks.core.stage.set_threads): a positive int, or
@@ -677,6 +744,8 @@ class Params(_Section):
     distributed: DistributedParams = DistributedParams()
     training: TrainingParams = TrainingParams()
     privacy: PrivacyParams = PrivacyParams()
+
+    vl: VLParams = VLParams()
 
     @field_validator("threads", mode="before")
     @classmethod
@@ -716,7 +785,22 @@ class Params(_Section):
                 raise ValueError(f"rl.members {bad} are not in model.exit_layers {exits}")
         if self.tokenizer.vocab_size > 1 << 20:
             raise ValueError("tokenizer.vocab_size is unreasonably large")
+        if self.model.modality == "vl":
+            self._check_vl()
         return self
+
+    def _check_vl(self) -> None:
+        m, v = self.model, self.vl
+        if sum(v.vision.mrope_section) * 2 != m.head_dim:
+            raise ValueError(
+                f"vl.vision.mrope_section {v.vision.mrope_section} must sum to model.head_dim / 2 "
+                f"= {m.head_dim // 2}"
+            )
+        for key, value in (("model.init_from", m.init_from), ("training.backend", self.training.backend)):
+            if value not in (None, "hf"):
+                raise ValueError(f"{key}={value!r}: the VL profile builds a fresh family on the hf backend")
+        if self.distributed.backend != "local":
+            raise ValueError("distributed.backend: the VL profile trains in one process (local)")
 
     def _check_megatron(self) -> None:
         lay = self.training.megatron

@@ -2,12 +2,15 @@
 
 Every stage runs as `python -m tasks.<stage> [--params FILE] [--set key=value ...]`. `StageError`,
 `ParamsError` and `ContractViolation` exit with the user-error code (never retried); `TransientError`
-exits with 75 (retried by the flow). Why: docs/choices.md#orchestration.
+exits with 75 (retried by the flow). With `model.modality: vl` (params.vl.yaml) the stage runs its
+vision-language body from `tasks.training.vl_pipeline`. Why: docs/choices.md#orchestration.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import logging
 import os
 import random
@@ -19,6 +22,8 @@ from typing import Any
 from tasks.core.params import Params, ParamsError, load_params
 
 log = logging.getLogger("ruyi")
+#: The module with the vision-language body of each stage (`run_stage(name, params)`).
+VL_PIPELINE = "tasks.training.vl_pipeline"
 
 
 class StageError(RuntimeError):
@@ -130,6 +135,10 @@ def stage_main(
         params = load_params(args.params, parse_overrides(args.overrides))
         set_threads(params.threads)
         t0 = time.perf_counter()
+        if params.model.modality == "vl":
+            # The vision-language profile: same stage, VL body (imported by name so that the text
+            # stages' code deps, tasks.core.codedeps, stay free of the VL modules).
+            run = functools.partial(importlib.import_module(VL_PIPELINE).run_stage, name)
         run(params)
         log.info("stage %s finished in %.1f s", name, time.perf_counter() - t0)
         return 0

@@ -9,7 +9,8 @@ of the held-out range (`vlgen.heldout_part`), checks that no two splits share a 
 writes one JSONL per split (images embedded as PNG data URLs, or PNG files under `images/<split>/`)
 plus `manifest.json` (rows, sha256, the task mix of each split), atomically. `check_vl_rows` runs
 the `data_contracts.vl` suite (real GX) and quarantines bad rows with their reasons, as
-validate_data does for text rows. No stage uses these yet. Choices: docs/choices.md#vision-language-family.
+validate_data does for text rows. The VL profile's prepare_data and validate_data run them
+(tasks/training/vl_pipeline.py). Choices: docs/choices.md#vision-language-family.
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
 """Generated vision-language data with exact answers: rendered scenes, charts, arithmetic and geometry.
 
-Library module (no stage imports it yet): `generate_vqa(count, seed, split)` draws image-question-answer
-items, every one rendered with Pillow from a small *spec* (what is drawn) whose answer is computed, not
-read back. Task types (`TASKS`): scene counting, colour, position and relation questions and captions
-(alignment), bar / line / pie charts with their values, rendered arithmetic, and simple geometry
-(rectangle and right-triangle areas, a triangle's third angle). The split of an item is a hash of its
-spec, so train and held-out images are disjoint by construction (`part=` cuts the held-out images
-again into select and eval); `check_disjoint` verifies it (spec keys and pixel hashes);
-`to_record` / `from_record` are the JSON form (image as base64 PNG). The data contract of these
-records: `data_contracts.vl`; the split files: `tasks.data.vldata`.
+Library module (the VL profile's data, via tasks.data.vldata): `generate_vqa(count, seed, split)` draws
+image-question-answer items, every one rendered with Pillow from a small *spec* (what is drawn) whose
+answer is computed, not read back. Task types (`TASKS`): scene counting, colour, position and relation
+questions and captions (alignment), bar / line / pie charts with their values, rendered arithmetic, and
+simple geometry (rectangle and right-triangle areas, a triangle's third angle). The split of an item is
+a hash of its spec, so train and held-out images are disjoint by construction (`part=` cuts the held-out
+images again into select and eval); `check_disjoint` verifies it (spec keys and pixel hashes);
+`to_record` / `from_record` are the JSON form (image as base64 PNG). The data contract of these records:
+`data_contracts.vl`; the split files: `tasks.data.vldata`.
 Nothing is downloaded: shapes are drawn, text uses Pillow's built-in font.
 """
 

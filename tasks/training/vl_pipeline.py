@@ -1,0 +1,816 @@
+"""The vision-language profile's stage bodies (`model.modality: vl`, params.vl.yaml).
+
+Library module: `tasks.core.stage.stage_main` runs `STAGES[<stage>](params)` instead of the text stage
+when the params say `model.modality: vl`, so `python -m tasks.<stage> --params params.vl.yaml` is the
+VL stage (profiles/vl/dvc.yaml, `ruyi run --profile vl`). Data: generated VQA splits
+(`tasks.data.vldata`) checked by the GX image contract; the family: `ruyi_model.vl`. Stages:
+prepare_data, validate_data, tokenizer (BPE + processor), cpt (alignment: merger and deepstack mergers
+only, on captions), family_sft (joint multi-exit SFT, `train_loop`), rl (GRPO on the verifiable
+subset, `rl_algos`), evaluate (per exit and task type), gates (`data_contracts.gates`), export
+(`export_exits`). Choices: docs/choices.md#vision-language-profile.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tasks.core.files import read_jsonl, write_json, write_jsonl, write_metrics
+from tasks.core.paths import Workspace
+from tasks.core.stage import StageError, log
+
+if TYPE_CHECKING:
+    from tasks.core.params import Params
+
+CAPTION = "caption"
+VL_SPECIALS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif part['type'] == 'text' %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+IGNORE = -100
+
+
+# --- data ------------------------------------------------------------------------------------------
+def _split_counts(params: Params) -> dict[str, int]:
+    v = params.vl
+    return {"train": v.num_train, "select": v.num_select, "eval": v.num_eval}
+
+
+def _grid(params: Params) -> int:
+    return params.vl.vision.patch_size * params.vl.vision.spatial_merge_size
+
+
+def prepare_data(params: Params) -> dict[str, Any]:
+    """Generated VQA splits (train / select / eval, disjoint images) under `<data_dir>/raw`."""
+    from tasks.data.vldata import write_vl_splits
+
+    ws = Workspace.from_params(params)
+    v = params.vl
+    captions = params.cpt.max_steps > 0 or v.sft_captions
+    tasks = list(dict.fromkeys([*v.tasks, CAPTION])) if captions else list(v.tasks)
+    manifest = write_vl_splits(
+        ws.raw,
+        _split_counts(params),
+        params.seed,
+        embed=True,
+        size=v.image_size,
+        block=_grid(params),
+        tasks=tasks,
+    )
+    metrics = {"files": manifest["files"], "mix": manifest["mix"], "image_size": v.image_size}
+    write_metrics(params, "prepare_data", metrics)
+    return metrics
+
+
+def validate_data(params: Params) -> dict[str, Any]:
+    """The `data_contracts.vl` suite (real GX) on every split; bad rows quarantined with their reasons."""
+    from data_contracts.context import ContractContext
+    from data_contracts.vl import ImageBounds
+    from tasks.core.files import atomic_dir
+    from tasks.data.vldata import VL_SPLIT_NAMES, check_vl_rows, quarantine_entry, read_vl_split
+
+    ws = Workspace.from_params(params)
+    cv = params.validate_data
+    bounds = ImageBounds(grid=_grid(params), max_question_chars=cv.max_question_chars)
+    ctx = ContractContext(ws.reports("contracts"))
+    metrics: dict[str, Any] = {"files": {}}
+    with atomic_dir(ws.validated) as out, atomic_dir(ws.quarantine) as quarantine:
+        for split in VL_SPLIT_NAMES:
+            path = ws.raw / f"{split}.jsonl"
+            if not path.is_file():
+                raise StageError(f"{path} not found (run prepare_data with the VL profile first)")
+            rows, labels, reader = read_vl_split(path)
+            check = check_vl_rows(
+                ctx,
+                rows,
+                labels,
+                bounds,
+                reader,
+                cv.on_violation,
+                name=f"vl_{split}",
+                sample_rows=cv.sample_rows,
+            )
+            by_label = dict(zip(labels, rows))
+            if len(check.reasons) > cv.max_quarantine_fraction * max(len(rows), 1):
+                raise StageError(
+                    f"{path}: {len(check.reasons)} of {len(rows)} rows failed the VL contract, more than "
+                    f"validate_data.max_quarantine_fraction={cv.max_quarantine_fraction}"
+                )
+            write_jsonl(out / f"{split}.jsonl", [by_label[label] for label in check.kept])
+            write_jsonl(
+                quarantine / f"{split}.jsonl",
+                [quarantine_entry(lb, by_label[lb], r, file=str(path)) for lb, r in check.reasons.items()],
+            )
+            metrics["files"][split] = {
+                "rows": len(rows),
+                "kept": len(check.kept),
+                "quarantined": len(check.reasons),
+                "expectations": check.evaluated,
+            }
+    ctx.build_docs()
+    write_metrics(params, "validate_data", metrics)
+    return metrics
+
+
+def _rows(params: Params, split: str, tasks: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    path = Workspace.from_params(params).validated / f"{split}.jsonl"
+    if not path.is_file():
+        raise StageError(f"{path} not found (run validate_data with the VL profile first)")
+    rows = read_jsonl(path, required=("image", "question", "answer", "task"))
+    return [r for r in rows if tasks is None or r["task"] in tasks]
+
+
+def _image(row: dict[str, Any]):
+    import base64
+    import io
+
+    from PIL import Image
+
+    data = row["image"]
+    if not data.startswith("data:image/png;base64,"):
+        raise StageError(f"row {row.get('id')}: the VL profile expects embedded PNG data URLs")
+    return Image.open(io.BytesIO(base64.b64decode(data.split(",", 1)[1]))).convert("RGB")
+
+
+# --- tokenizer, processor, model -------------------------------------------------------------------
+def tokenizer(params: Params) -> dict[str, Any]:
+    """A byte-level BPE (digits split, the text tokenizer's pre-tokenizer) with the vision tokens, and
+    the image-only processor, saved under `<artifacts_dir>/tokenizer`."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from ruyi_model.tokenizer import EOS_TOKEN, IM_END, IM_START, PAD_TOKEN, SPECIAL_TOKENS, SPLIT_PATTERN
+
+    texts = [f"{r['question']} {r['answer']}" for r in _rows(params, "train")]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=params.tokenizer.vocab_size,
+        min_frequency=params.tokenizer.min_frequency,
+        special_tokens=[*SPECIAL_TOKENS, *VL_SPECIALS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tk.train_from_iterator(texts, trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        extra_special_tokens=[IM_START, IM_END, *VL_SPECIALS],
+        clean_up_tokenization_spaces=False,
+        chat_template=VL_CHAT_TEMPLATE,
+    )
+    processor = build_processor(params, tok)
+    out = Workspace.from_params(params).tokenizer
+    from tasks.core.files import atomic_dir
+
+    with atomic_dir(out) as tmp:
+        processor.save_pretrained(tmp)
+    metrics = {"vocab_size": len(tok), "train_texts": len(texts)}
+    write_metrics(params, "tokenizer", metrics)
+    return metrics
+
+
+def vl_config(params: Params, tok):
+    """The stock `Qwen3VLConfig` of the family's deepest member from `model` (text) and `vl.vision`."""
+    from transformers import Qwen3VLConfig
+
+    m, vis = params.model, params.vl.vision
+    ids = {t: tok.convert_tokens_to_ids(t) for t in VL_SPECIALS}
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_hidden_layers,
+        num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_key_value_heads,
+        head_dim=m.head_dim,
+        max_position_embeddings=m.max_position_embeddings,
+        rms_norm_eps=m.rms_norm_eps,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": m.rope_theta,
+            "mrope_section": vis.mrope_section,
+        },
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+    )
+    vision = dict(
+        depth=vis.depth,
+        hidden_size=vis.hidden_size,
+        intermediate_size=vis.intermediate_size,
+        num_heads=vis.num_heads,
+        patch_size=vis.patch_size,
+        spatial_merge_size=vis.spatial_merge_size,
+        temporal_patch_size=2,
+        out_hidden_size=m.hidden_size,
+        num_position_embeddings=vis.num_position_embeddings,
+        deepstack_visual_indexes=list(vis.deepstack_visual_indexes),
+    )
+    cfg = Qwen3VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def build_processor(params: Params, tok):
+    from ruyi_model.vl_processor import build_vl_processor
+
+    side = params.vl.image_size
+    return build_vl_processor(
+        tok, vl_config(params, tok), VL_CHAT_TEMPLATE, min_pixels=side * side, max_pixels=side * side
+    )
+
+
+def load_processor(params: Params):
+    from ruyi_model.vl_processor import Qwen3VLImageOnlyProcessor
+
+    path = Workspace.from_params(params).tokenizer
+    if not (path / "processor_config.json").is_file():
+        raise StageError(f"no VL processor at {path}: run the tokenizer stage with the VL profile")
+    proc = Qwen3VLImageOnlyProcessor.from_pretrained(path)
+    proc.tokenizer.padding_side = "left"
+    return proc
+
+
+def load_family(params: Params, stage: str):
+    import torch
+
+    from ruyi_model.vl import FamilialVLForConditionalGeneration
+
+    path = Workspace.from_params(params).artifacts(stage)
+    if not (path / "config.json").is_file():
+        raise StageError(f"no VL family at {path}: run the {stage} stage with the VL profile first")
+    return FamilialVLForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+
+
+def _save_family(params: Params, stage: str, model) -> Path:
+    from tasks.core.files import atomic_dir
+
+    out = Workspace.from_params(params).artifacts(stage)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+    return out
+
+
+# --- batches ---------------------------------------------------------------------------------------
+def _prompt(processor, question: str, answer: str | None = None) -> str:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    if answer is None:
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    messages.append({"role": "assistant", "content": answer})
+    return processor.apply_chat_template(messages, tokenize=False)
+
+
+def encode_sft(processor, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """A left-padded batch of chats with one image each; labels only on the answer (and its <|im_end|>)."""
+    import torch
+
+    prompts = [_prompt(processor, r["question"]) for r in rows]
+    full = [_prompt(processor, r["question"], r["answer"]) for r in rows]
+    images = [_image(r) for r in rows]
+    batch = processor(text=full, images=images, padding=True, return_tensors="pt")
+    plen = processor(text=prompts, images=images, padding=False)["input_ids"]
+    labels = torch.full_like(batch["input_ids"], IGNORE)
+    ids, width = batch["input_ids"], batch["input_ids"].shape[1]
+    end_id = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for i, p in enumerate(plen):
+        start = width - int(batch["attention_mask"][i].sum()) + len(p)
+        ends = (ids[i, start:] == end_id).nonzero()
+        stop = start + int(ends[0]) + 1 if len(ends) else width  # not the template's newline after it
+        labels[i, start:stop] = ids[i, start:stop]
+    return {**dict(batch), "labels": labels}
+
+
+class VLStream:
+    """`.batch(position, batch_size)` over shuffled epochs of rows (train_loop's stream protocol)."""
+
+    def __init__(self, processor, rows: Sequence[dict[str, Any]], seed: int):
+        if not rows:
+            raise StageError("no training rows for this VL stage (check vl.tasks and the data counts)")
+        self.processor, self.rows, self.seed = processor, list(rows), seed
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.rows)))
+        random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        return order
+
+    def batch(self, position: int, batch_size: int) -> dict[str, Any]:
+        n = len(self.rows)
+        picked = [self.rows[self._order(p // n)[p % n]] for p in range(position, position + batch_size)]
+        return encode_sft(self.processor, picked)
+
+
+def vl_multi_exit_loss_fn(weights: Callable[[int], Sequence[float]]):
+    """`sum_k w_k(step) CE_k` of a VL batch from one backbone pass (train_loop's LossFn)."""
+
+    def fn(model, batch: dict, step: int):
+        out = model(**batch, exit_loss_weights=list(weights(step)))
+        return out.loss, {d: float(v) for d, v in out.exit_losses.items()}
+
+    return fn
+
+
+def vl_multi_exit_eval(model, batch: dict) -> dict[int, tuple[float, int]]:
+    out = model(**batch)
+    n = int((batch["labels"][:, 1:] != IGNORE).sum())
+    return {d: (float(v) * n, n) for d, v in out.exit_losses.items()}
+
+
+def _train(params: Params, stage: str, model, cfg, named, rows, val_rows, extra: dict[str, Any]):
+    from tasks.training.checkpoint import Checkpointer, fingerprint_info
+    from tasks.training.loop import exit_weights_at, train_loop
+
+    processor = load_processor(params)
+    stream = VLStream(processor, rows, params.seed)
+    val = [
+        encode_sft(processor, val_rows[i : i + cfg.batch_size])
+        for i in range(0, len(val_rows), cfg.batch_size)
+    ]
+    val = val[: cfg.eval_batches]
+    exits = list(params.model.exit_layers)
+    ws = Workspace.from_params(params)
+    info = fingerprint_info(
+        stage, cfg, seed=params.seed, model=params.model, inputs={"vl": params.vl.model_dump()}, extra=extra
+    )
+    result = train_loop(
+        stage=stage,
+        model=model,
+        cfg=cfg,
+        named_params=named,
+        stream=stream,
+        loss_fn=vl_multi_exit_loss_fn(lambda s: exit_weights_at(cfg.exit_weights, exits, s, cfg.max_steps)),
+        val_batches=val,
+        eval_fn=vl_multi_exit_eval,
+        checkpointer=Checkpointer(ws.checkpoints(stage), info),
+    )
+    initial, final, train = result.val_losses(0), result.val_losses(), result.final_train_losses()
+    metrics: dict[str, Any] = {
+        f"exit_{d}": {
+            "train_loss": round(train.get(d, float("nan")), 6),
+            "val_loss_start": round(initial[d], 6),
+            "val_loss": round(final[d], 6),
+        }
+        for d in exits
+    }
+    metrics.update(
+        result.summary(), train_rows=len(rows), trainable_parameters=sum(p.numel() for _, p in named)
+    )
+    return metrics
+
+
+def cpt(params: Params) -> dict[str, Any]:
+    """Alignment: a fresh family (seeded), only the merger and the deepstack mergers train, on captions."""
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from ruyi_model.vl import FamilialVLForConditionalGeneration
+
+    torch.manual_seed(params.seed)
+    processor = load_processor(params)
+    src = Qwen3VLForConditionalGeneration(vl_config(params, processor.tokenizer))
+    m = params.model
+    model = FamilialVLForConditionalGeneration.from_qwen3_vl(
+        src,
+        list(m.exit_layers),
+        exit_branch_layers=m.exit_branch_layers,
+        shared_heads=m.shared_heads,
+        loss_impl=m.loss_impl,
+    )
+    model.requires_grad_(False)
+    visual = model.model.visual
+    for module in (visual.merger, visual.deepstack_merger_list):
+        module.requires_grad_(True)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    metrics: dict[str, Any] = {"trained": "merger + deepstack mergers", "steps": params.cpt.max_steps}
+    if params.cpt.max_steps > 0:
+        rows = _rows(params, "train", [CAPTION])
+        val = _rows(params, "select", [CAPTION])
+        metrics = {**metrics, **_train(params, "cpt", model, params.cpt, named, rows, val, {"part": "align"})}
+    _save_family(params, "cpt", model)
+    write_metrics(params, "cpt", metrics)
+    return metrics
+
+
+def family_sft(params: Params) -> dict[str, Any]:
+    """Joint multi-exit SFT of every parameter (vision tower included) on the VQA tasks."""
+    model = load_family(params, "cpt")
+    model.requires_grad_(True)
+    named = list(model.named_parameters())
+    tasks = [*params.vl.tasks, *([CAPTION] if params.vl.sft_captions else [])]
+    rows = _rows(params, "train", tasks)
+    val = _rows(params, "select", params.vl.tasks)
+    metrics = _train(params, "family_sft", model, params.family_sft, named, rows, val, {"part": "sft"})
+    _save_family(params, "family_sft", model)
+    write_metrics(params, "family_sft", metrics)
+    return metrics
+
+
+# --- answers, greedy decoding and accuracy ----------------------------------------------------------
+def normalise(text: str) -> str:
+    return " ".join(text.strip().lower().rstrip(".").split())
+
+
+def is_correct(response: str, answer: str) -> bool:
+    """Exact match after normalisation (case, spaces, a trailing full stop); numbers compared as numbers."""
+    a, b = normalise(response), normalise(answer)
+    if a == b:
+        return True
+    try:
+        return math.isclose(float(a), float(b), rel_tol=0, abs_tol=1e-9)
+    except ValueError:
+        return False
+
+
+def generate_answers(
+    model,
+    processor,
+    rows,
+    exit_layer: int,
+    max_new_tokens: int,
+    batch_size: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+):
+    """Greedy (or sampled) answers of member `exit_layer` for `rows`, with the generated token ids."""
+    import torch
+
+    answers, outputs = [], []
+    tok = processor.tokenizer
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        batch = processor(
+            text=[_prompt(processor, r["question"]) for r in chunk],
+            images=[_image(r) for r in chunk],
+            padding=True,
+            return_tensors="pt",
+        )
+        with torch.no_grad():
+            out = model.generate(
+                **batch,
+                exit_layer=exit_layer,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature if do_sample else None,
+                top_k=None,
+                top_p=None,
+                eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+                pad_token_id=tok.pad_token_id,
+            )
+        new = out[:, batch["input_ids"].shape[1] :]
+        answers += tok.batch_decode(new, skip_special_tokens=True)
+        outputs.append((batch, new))
+    return answers, outputs
+
+
+def accuracy_table(rows, answers) -> dict[str, Any]:
+    """{"accuracy", "n", "by_task": {task: {"accuracy", "n"}}} of answers against the rows' answers."""
+    by: dict[str, list[int]] = {}
+    for r, a in zip(rows, answers, strict=True):
+        by.setdefault(r["task"], []).append(int(is_correct(a, r["answer"])))
+    total = [x for v in by.values() for x in v]
+    return {
+        "accuracy": round(sum(total) / max(len(total), 1), 6),
+        "n": len(total),
+        "by_task": {t: {"accuracy": round(sum(v) / len(v), 6), "n": len(v)} for t, v in sorted(by.items())},
+    }
+
+
+def format_table(metrics: dict[str, Any], exits: Sequence[int]) -> str:
+    """The per-exit, per-task-type accuracy table (markdown) of evaluate's metrics."""
+    tasks = sorted({t for d in exits for t in metrics[f"exit_{d}"]["by_task"]})
+    head = "| exit | params | tokens/s | all | " + " | ".join(tasks) + " |"
+    lines = [head, "|" + "---|" * (4 + len(tasks))]
+    for d in exits:
+        e = metrics[f"exit_{d}"]
+        cells = [f"{100 * e['by_task'][t]['accuracy']:.1f}" if t in e["by_task"] else "-" for t in tasks]
+        tps = e.get("tokens_per_s")
+        lines.append(
+            f"| {d} | {e['num_parameters']:,} | {'-' if tps is None else f'{tps:.0f}'} | "
+            f"{100 * e['accuracy']:.1f} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines)
+
+
+# --- RL ----------------------------------------------------------------------------------------------
+def _completion_logps(model, batch, completion, completion_mask, exit_layer: int, temperature: float):
+    import torch
+
+    ids = torch.cat([batch["input_ids"], completion], dim=1)
+    attn = torch.cat([batch["attention_mask"], completion_mask], dim=1)
+    mm = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(completion)], dim=1)
+    c = completion.shape[1]
+    logits = model(
+        input_ids=ids,
+        attention_mask=attn,
+        pixel_values=batch["pixel_values"],
+        image_grid_thw=batch["image_grid_thw"],
+        mm_token_type_ids=mm,
+        exit_layer=exit_layer,
+        use_cache=False,
+        logits_to_keep=c + 1,
+    ).logits[:, :-1, :]
+    logps = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return logps.gather(-1, completion.unsqueeze(-1)).squeeze(-1) * completion_mask
+
+
+def _rl_members(params: Params) -> list[int]:
+    members = params.rl.members
+    if members == "all":
+        return list(params.model.exit_layers)
+    if members == "dae":
+        raise StageError(
+            "rl.members: dae needs a DaE member, which the VL profile does not build; use all or a list"
+        )
+    return list(members)
+
+
+def rl(params: Params) -> dict[str, Any]:
+    """GRPO with a verifiable reward (exact answer) on `vl.rl_tasks`: per step one member (in turn)
+    samples `group_size` answers per prompt; the clipped objective and advantages of `rl_algos`."""
+    import torch
+
+    from tasks.training.rl_algos import group_advantages, policy_loss
+
+    cfg, v = params.rl, params.vl
+    if cfg.algorithm != "grpo":
+        raise StageError(
+            "rl.algorithm: the VL profile runs grpo (BPPO's prefix selection needs longer answers)"
+        )
+    if cfg.beta != 0.0 or cfg.num_iterations != 1:
+        raise StageError("rl.beta and rl.num_iterations: the VL profile's GRPO runs beta 0, one iteration")
+    model = load_family(params, "family_sft")
+    processor = load_processor(params)
+    members = _rl_members(params)
+    train_rows = _rows(params, "train", v.rl_tasks)
+    held = _rows(params, "select", v.rl_tasks)[: cfg.eval_prompts]
+    if not train_rows or not held:
+        raise StageError(f"vl.rl_tasks {v.rl_tasks}: no train or select rows")
+    budget = min(cfg.max_new_tokens, v.max_answer_tokens)
+
+    def held_accuracy() -> dict[int, float]:
+        model.eval()
+        return {
+            d: accuracy_table(held, generate_answers(model, processor, held, d, budget, 32)[0])["accuracy"]
+            for d in members
+        }
+
+    start = held_accuracy()
+    torch.manual_seed(params.seed)
+    opt = torch.optim.AdamW([p for p in model.parameters()], lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    rng = random.Random(f"{params.seed}:vl-rl")
+    history, t0 = [], time.perf_counter()
+    for step in range(cfg.steps):
+        d = members[step % len(members)]
+        prompts = rng.sample(train_rows, min(cfg.prompts_per_step, len(train_rows)))
+        group = [r for r in prompts for _ in range(cfg.group_size)]
+        model.eval()
+        answers, outs = generate_answers(
+            model, processor, group, d, budget, len(group), True, cfg.temperature
+        )
+        ((batch, completion),) = outs
+        eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        pad = processor.tokenizer.pad_token_id
+        mask = torch.ones_like(completion, dtype=torch.float32)
+        for i in range(completion.shape[0]):  # tokens after the first <|im_end|> carry no loss
+            hits = (completion[i] == eos).nonzero()
+            if len(hits):
+                mask[i, int(hits[0]) + 1 :] = 0
+        completion = completion.masked_fill(mask == 0, pad)
+        rewards = torch.tensor(
+            [float(is_correct(a, r["answer"])) for a, r in zip(answers, group, strict=True)]
+        )
+        adv = group_advantages(rewards, cfg.group_size, cfg.scale_rewards)
+        model.train()
+        logps = _completion_logps(model, batch, completion, mask, d, cfg.temperature)
+        loss, stats = policy_loss(
+            logps, adv, mask, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type
+        )
+        opt.zero_grad(set_to_none=True)
+        if bool((adv != 0).any()):
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+        history.append({"step": step + 1, "exit": d, "reward": float(rewards.mean()), "loss": float(loss)})
+        log.info("vl rl step %d/%d exit %d: reward %.3f", step + 1, cfg.steps, d, float(rewards.mean()))
+    end = held_accuracy()
+    _save_family(params, "rl", model)
+    metrics: dict[str, Any] = {
+        "algorithm": "grpo",
+        "members": members,
+        "tasks": list(v.rl_tasks),
+        "eval_prompts": len(held),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "mean_reward": round(sum(h["reward"] for h in history) / max(len(history), 1), 6),
+        **{f"exit_{d}": {"accuracy_start": start[d], "accuracy_end": end[d]} for d in members},
+    }
+    write_metrics(params, "rl", metrics)
+    write_json(Workspace.from_params(params).plots("rl") / "history.json", history)
+    return metrics
+
+
+# --- evaluate, gates, export -------------------------------------------------------------------------
+def _tokens_per_s(model, processor, row, exit_layer: int, new_tokens: int, repeats: int) -> float:
+    import statistics
+
+    import torch
+
+    batch = processor(text=[_prompt(processor, row["question"])], images=[_image(row)], return_tensors="pt")
+    times = []
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        with torch.no_grad():
+            model.generate(
+                **batch,
+                exit_layer=exit_layer,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=processor.tokenizer.pad_token_id,
+            )
+        times.append(time.perf_counter() - t)
+    return new_tokens / statistics.median(times[1:])
+
+
+def evaluate(params: Params) -> dict[str, Any]:
+    """Per exit: greedy VQA accuracy by task type on the eval split, tokens/s, parameters, answer loss."""
+    from ruyi_model.vl import member_vl_num_parameters
+
+    ev = params.evaluate
+    ws = Workspace.from_params(params)
+    model = load_family(params, Path(ev.checkpoint).name if ev.checkpoint else "rl").eval()
+    processor = load_processor(params)
+    rows = _rows(params, "eval", params.vl.tasks)[: ev.num_problems]
+    exits = list(params.model.exit_layers)
+    losses: dict[int, list[float]] = {}
+    for i in range(0, len(rows), ev.batch_size):
+        for d, (s, n) in vl_multi_exit_eval(
+            model, encode_sft(processor, rows[i : i + ev.batch_size])
+        ).items():
+            acc = losses.setdefault(d, [0.0, 0])
+            acc[0], acc[1] = acc[0] + s, acc[1] + n
+    metrics: dict[str, Any] = {
+        "num_problems": len(rows),
+        "ln_vocab": math.log(model.config.text_config.vocab_size),
+    }
+    for d in exits:
+        answers, _ = generate_answers(
+            model, processor, rows, d, params.vl.max_answer_tokens, ev.decode_batch_size
+        )
+        entry = accuracy_table(rows, answers)
+        entry["loss"] = round(losses[d][0] / max(losses[d][1], 1), 6)
+        entry["num_parameters"] = member_vl_num_parameters(model, d)
+        entry["samples"] = [
+            {"q": r["question"], "a": r["answer"], "got": a} for r, a in zip(rows[:3], answers)
+        ]
+        metrics[f"exit_{d}"] = entry
+    for d in exits:
+        tps = _tokens_per_s(model, processor, rows[0], d, ev.speed_new_tokens, ev.speed_repeats)
+        metrics[f"exit_{d}"]["tokens_per_s"] = round(tps, 1)
+    table = format_table(metrics, exits)
+    print(f"\nVL evaluation ({len(rows)} held-out problems), accuracy % per exit and task type:\n{table}\n")
+    write_metrics(params, "eval", metrics, split=False)
+    quality = {
+        k: ({kk: vv for kk, vv in v.items() if kk != "tokens_per_s"} if isinstance(v, dict) else v)
+        for k, v in metrics.items()
+    }
+    write_json(ws.metrics_dir / "eval_quality.json", quality)
+    (ws.metrics_dir / "eval_table.md").write_text(table + "\n")
+    return metrics
+
+
+def gates(params: Params) -> dict[str, Any]:
+    """The `data_contracts.gates` suite on the VL metrics; the VL profile compresses nothing, so each
+    exit's relative loss change is 0 by construction (`compression: none` in the metrics)."""
+    import json
+
+    from data_contracts.context import ContractContext
+    from data_contracts.gates import SUITE, gates_frame, gates_suite
+    from tasks.core.stage import ContractViolation
+
+    ws = Workspace.from_params(params)
+    paths = (ws.metrics_dir / "eval_quality.json", ws.reproducible_metrics("rl"))
+    for p in paths:
+        if not p.is_file():
+            raise StageError(f"{p} not found (run evaluate and rl with the VL profile first)")
+    evals, rlm = (json.loads(p.read_text()) for p in paths)
+    exits, g = list(params.model.exit_layers), params.gates
+    compress = {f"exit_{d}": {"relative_loss_change": 0.0} for d in exits}
+    frame = gates_frame(
+        evals,
+        compress,
+        where=(str(paths[0]), "no compression", str(paths[1])),
+        rl_metrics=rlm,
+        accuracy_floor=g.accuracy_floor,
+    )
+    suite = gates_suite(
+        exits,
+        g.max_loss,
+        g.depth_tolerance,
+        params.compress.max_relative_loss_increase,
+        g.min_accuracy,
+        min_loss_margin=g.min_loss_margin,
+        max_rl_accuracy_drop=g.max_rl_accuracy_drop,
+        rl_members=rlm["members"],
+    )
+    ctx = ContractContext(ws.reports("gates"))
+    ctx.forget(SUITE)
+    result = ctx.validate(SUITE, frame, suite, run_name="gates")
+    ctx.build_docs()
+    metrics = {
+        "passed": result.success,
+        "compression": "none",
+        "exits": {
+            k: {kk: (None if vv != vv else vv) for kk, vv in row.items()}
+            for k, row in frame.to_dict(orient="index").items()
+        },
+        "expectations_evaluated": result.evaluated,
+        "failures": [f.to_dict() for f in result.failures],
+    }
+    write_metrics(params, "gates", metrics)
+    if not result.success:
+        raise ContractViolation(
+            f"VL model quality gates failed:\n{result.describe()}",
+            [{"suite": SUITE, **f.to_dict()} for f in result.failures],
+        )
+    return metrics
+
+
+def export(params: Params) -> dict[str, Any]:
+    """Every member as a stock Qwen3VLForConditionalGeneration + the processor (`export_exits`), each
+    reloaded with `AutoModelForImageTextToText` and checked against the family's logits."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from ruyi_model.export import export_exits
+
+    if params.export.gguf_dtypes:
+        raise StageError(
+            "export.gguf_dtypes: llama.cpp has no Qwen3-VL converter here; set [] in the VL profile"
+        )
+    ws = Workspace.from_params(params)
+    model = load_family(params, "rl").eval()
+    processor = load_processor(params)
+    out = ws.artifacts("export")
+    manifest = export_exits(model, out, processor=processor)
+    row = _rows(params, "eval", params.vl.tasks)[0]
+    batch = processor(text=[_prompt(processor, row["question"])], images=[_image(row)], return_tensors="pt")
+    diffs = {}
+    for d in params.model.exit_layers:
+        stock = AutoModelForImageTextToText.from_pretrained(out / manifest["members"][str(d)]["dir"]).eval()
+        with torch.no_grad():
+            diff = (stock(**batch).logits - model(**batch, exit_layer=d).logits).abs().max().item()
+        if type(stock).__name__ != "Qwen3VLForConditionalGeneration" or diff > 1e-4:
+            raise StageError(f"export: member {d} reloads as {type(stock).__name__}, max logit diff {diff}")
+        diffs[f"exit_{d}"] = {
+            "max_logit_diff": diff,
+            "num_parameters": manifest["members"][str(d)]["num_parameters"],
+        }
+    metrics = {"modality": manifest["modality"], "members": diffs}
+    write_metrics(params, "export", metrics)
+    return metrics
+
+
+STAGES: dict[str, Callable[[Params], dict[str, Any]]] = {
+    "prepare_data": prepare_data,
+    "validate_data": validate_data,
+    "tokenizer": tokenizer,
+    "cpt": cpt,
+    "family_sft": family_sft,
+    "rl": rl,
+    "evaluate": evaluate,
+    "gates": gates,
+    "export": export,
+}
+
+
+def run_stage(name: str, params: Params) -> dict[str, Any]:
+    if name not in STAGES:
+        raise StageError(
+            f"stage {name} has no vision-language version (model.modality: vl runs {', '.join(STAGES)}; "
+            "docs/choices.md#vision-language-profile says why)"
+        )
+    return STAGES[name](params)

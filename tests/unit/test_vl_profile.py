@@ -1,0 +1,111 @@
+"""The vision-language profile: params.vl.yaml and its schema, the flow's profiles, the stage dispatch,
+SFT labels on answers only, and the per-exit / per-task-type accuracy table."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import pytest
+
+from tasks.core.params import ParamsError, load_params
+from tasks.training.vl_pipeline import accuracy_table, encode_sft, format_table, is_correct
+
+REPO = Path(__file__).resolve().parents[2]
+VL = REPO / "params.vl.yaml"
+
+
+def test_the_vl_profile_validates_and_the_text_profile_stays_text():
+    p = load_params(VL)
+    assert p.model.modality == "vl" and p.model.exit_layers == [1, 2, 4]
+    assert p.paths.data_dir == "data/vl" and p.paths.artifacts_dir == "artifacts/vl"
+    assert p.paths.metrics_dir == "metrics/vl" and p.export.gguf_dtypes == []
+    assert set(p.vl.rl_tasks) <= set(p.vl.tasks)
+    assert load_params(REPO / "params.yaml").model.modality == "text"
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ({"vl.tasks": ["scene_count", "jigsaw"]}, "vl.tasks"),
+        ({"vl.rl_tasks": ["geometry"]}, "vl.rl_tasks"),
+        ({"vl.image_size": 40}, "vl.image_size"),
+        ({"vl.vision.mrope_section": [2, 2, 2]}, "mrope_section"),
+        ({"vl.vision.deepstack_visual_indexes": [0, 5]}, "deepstack_visual_indexes"),
+        ({"model.modality": "audio"}, "model.modality"),
+    ],
+)
+def test_bad_vl_parameters_are_errors_naming_the_key(override, key):
+    with pytest.raises(ParamsError) as info:
+        load_params(VL, override)
+    assert "params.vl.yaml" in str(info.value) and key in str(info.value)
+
+
+def test_flow_profiles_name_their_pipeline_and_params_files():
+    from flows.pipeline import profile_files, stage_target
+
+    assert profile_files("text") == ("dvc.yaml", "params.yaml")
+    assert profile_files("vl") == ("profiles/vl/dvc.yaml", "params.vl.yaml")
+    assert stage_target("cpt") == "cpt"
+    assert stage_target("cpt", "profiles/vl/dvc.yaml") == "profiles/vl/dvc.yaml:cpt"
+    with pytest.raises(ValueError, match="profiles: text, vl"):
+        profile_files("audio")
+
+
+def test_a_stage_without_a_vl_body_is_a_clear_user_error(capsys):
+    from tasks import expand
+
+    assert expand.main(["--params", str(VL)]) == 2
+    assert "stage expand has no vision-language version" in capsys.readouterr().err
+
+
+def test_answers_are_compared_exactly_after_normalisation():
+    assert is_correct(" Red.", "red") and is_correct("3", "3") and is_correct("3.0", "3")
+    assert not is_correct("4", "3") and not is_correct("top left", "top right") and not is_correct("", "0")
+
+
+def test_accuracy_table_per_task_type_and_its_printed_form():
+    rows = [
+        {"task": "scene_count", "answer": "2"},
+        {"task": "scene_count", "answer": "1"},
+        {"task": "scene_colour", "answer": "red"},
+    ]
+    table = accuracy_table(rows, ["2", "3", "red"])
+    assert table["n"] == 3 and table["accuracy"] == pytest.approx(2 / 3, abs=1e-6)
+    assert table["by_task"] == {
+        "scene_colour": {"accuracy": 1.0, "n": 1},
+        "scene_count": {"accuracy": 0.5, "n": 2},
+    }
+    with pytest.raises(ValueError):
+        accuracy_table(rows, ["2"])  # one answer per row
+    metrics = {
+        "exit_1": {**accuracy_table(rows, ["0", "0", "blue"]), "num_parameters": 1000, "tokens_per_s": 50.0},
+        "exit_2": {**table, "num_parameters": 2000, "tokens_per_s": 40.0},
+    }
+    lines = format_table(metrics, [1, 2]).splitlines()
+    assert lines[0] == "| exit | params | tokens/s | all | scene_colour | scene_count |"
+    assert lines[2] == "| 1 | 1,000 | 50 | 0.0 | 0.0 | 0.0 |"
+    assert lines[3] == "| 2 | 2,000 | 40 | 66.7 | 100.0 | 50.0 |"
+
+
+def test_sft_labels_cover_the_answer_and_its_end_token_only():
+    from tasks.data.vlgen import generate_vqa
+    from tests.tiny_vl import tiny_vl_processor
+
+    processor = tiny_vl_processor()
+    processor.tokenizer.padding_side = "left"
+    items = generate_vqa(3, seed=0, split="train", tasks=["scene_count", "scene_position"], size=32)
+    rows = [
+        {
+            "question": it.question,
+            "answer": it.answer,
+            "image": "data:image/png;base64," + base64.b64encode(it.png_bytes()).decode(),
+        }
+        for it in items
+    ]
+    batch = encode_sft(processor, rows)
+    tok = processor.tokenizer
+    for i, row in enumerate(rows):
+        labelled = batch["labels"][i][batch["labels"][i] != -100]
+        assert tok.decode(labelled) == row["answer"] + "<|im_end|>"
+        assert not (batch["labels"][i][batch["mm_token_type_ids"][i] == 1] != -100).any()
