@@ -1,7 +1,11 @@
 """A stage's code dependencies, derived from its imports: one source for dvc.yaml and for checkpoints.
 
-    python -m tasks.core.codedeps --write    # rewrite the code deps of every stage in dvc.yaml
-    python -m tasks.core.codedeps --check    # fail when dvc.yaml disagrees
+    python -m tasks.core.codedeps --write    # rewrite the code deps of every stage of every pipeline file
+    python -m tasks.core.codedeps --check    # fail when a pipeline file disagrees
+
+The pipeline files are `PIPELINES`: dvc.yaml (the text profile) and profiles/vl/dvc.yaml (the
+vision-language profile, whose stages run with `wdir` at the repository root and also import
+`tasks.training.vl_pipeline` by name, see tasks/core/stage.py).
 
 The same closure feeds the checkpoint fingerprint (`code_fingerprint`), so changing any module a stage
 imports both reruns the stage under DVC and retires its checkpoints. Why: docs/choices.md#orchestration.
@@ -17,6 +21,11 @@ from pathlib import Path
 
 #: The repository root (the folder that holds `tasks/`).
 REPO_ROOT = Path(__file__).resolve().parents[2]
+#: Every DVC pipeline file (repository-relative) -> modules its stages load besides `tasks.<stage>`.
+PIPELINES: dict[str, tuple[str, ...]] = {
+    "dvc.yaml": (),
+    "profiles/vl/dvc.yaml": ("tasks.training.vl_pipeline",),
+}
 #: Top-level packages of this repository whose modules count as code dependencies.
 PACKAGES = ("tasks", "ruyi_model", "triton_kernels", "data_contracts", "flows")
 
@@ -101,19 +110,34 @@ def _stage_of(cmd: str) -> str | None:
     return cmd.split()[2].removeprefix("tasks.") if cmd.startswith(prefix) else None
 
 
+def _stage_code(spec, dvc_yaml: Path) -> tuple[Path, list[str]] | None:
+    """(the stage's working directory, its derived code deps) for a `python -m tasks.<stage>` stage."""
+    stage = _stage_of(str(spec["cmd"]))
+    if stage is None:
+        return None
+    root = (dvc_yaml.parent / str(spec.get("wdir", "."))).resolve()
+    try:
+        extra = PIPELINES.get(dvc_yaml.resolve().relative_to(root).as_posix(), ())
+    except ValueError:
+        extra = ()
+    deps = set(stage_deps(stage, root))
+    for module in extra:
+        deps |= set(module_deps(module, root))
+    return root, sorted(deps)
+
+
 def dvc_yaml_differences(dvc_yaml: Path) -> list[str]:
     """Lines naming every stage whose code deps in `dvc_yaml` differ from its imports (empty: agree)."""
     import yaml
 
     stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
-    root = dvc_yaml.parent
     out = []
     for name, spec in stages.items():
-        stage = _stage_of(spec["cmd"])
-        if stage is None:
+        code = _stage_code(spec, dvc_yaml)
+        if code is None:
             continue
         listed = {str(d) for d in spec.get("deps", []) if _is_code(str(d))}
-        derived = set(stage_deps(stage, root))
+        derived = set(code[1])
         if listed != derived:
             missing, extra = sorted(derived - listed), sorted(listed - derived)
             out.append(f"{dvc_yaml}: stage {name}: missing {missing or '[]'}, not imported {extra or '[]'}")
@@ -123,6 +147,8 @@ def dvc_yaml_differences(dvc_yaml: Path) -> list[str]:
 def write_dvc_yaml(dvc_yaml: Path) -> bool:
     """Rewrites each stage's code deps in `dvc_yaml` from its imports (comments and other deps kept);
     True if the file changed."""
+    import io
+
     from ruamel.yaml import YAML
 
     y = YAML()
@@ -132,17 +158,13 @@ def write_dvc_yaml(dvc_yaml: Path) -> bool:
     text = dvc_yaml.read_text()
     doc = y.load(text)
     for spec in doc["stages"].values():
-        stage = _stage_of(str(spec["cmd"]))
-        if stage is None:
+        code = _stage_code(spec, dvc_yaml)
+        if code is None:
             continue
         deps = spec["deps"]
         data = [d for d in deps if not _is_code(str(d))]
-        code = list(stage_deps(stage, dvc_yaml.parent))
-        keep_data = list(data)
         deps.clear()
-        deps.extend(keep_data + code)
-    import io
-
+        deps.extend(data + code[1])
     buf = io.StringIO()
     y.dump(doc, buf)
     if buf.getvalue() == text:
@@ -158,23 +180,28 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--dvc-yaml", type=Path, default=REPO_ROOT / "dvc.yaml", help="default: the repo's dvc.yaml"
+        "--dvc-yaml",
+        type=Path,
+        action="append",
+        help="a pipeline file (repeatable); default: every file of PIPELINES",
     )
     group = parser.add_mutually_exclusive_group()
     group.add_argument(
-        "--check", action="store_true", help="exit 1 if dvc.yaml's code deps differ from the imports"
+        "--check", action="store_true", help="exit 1 if a file's code deps differ from the imports"
     )
-    group.add_argument("--write", action="store_true", help="rewrite dvc.yaml's code deps from the imports")
+    group.add_argument("--write", action="store_true", help="rewrite the files' code deps from the imports")
     parser.add_argument("stage", nargs="?", help="print one stage's code dependencies")
     args = parser.parse_args(argv)
     if args.stage:
         print("\n".join(stage_deps(args.stage)))
         return 0
+    files = args.dvc_yaml or [REPO_ROOT / rel for rel in PIPELINES]
     if args.write:
-        print(f"{args.dvc_yaml}: {'updated' if write_dvc_yaml(args.dvc_yaml) else 'already current'}")
+        for f in files:
+            print(f"{f}: {'updated' if write_dvc_yaml(f) else 'already current'}")
         return 0
-    problems = dvc_yaml_differences(args.dvc_yaml)
-    print("\n".join(problems) or f"{args.dvc_yaml}: every stage's code deps match its imports")
+    problems = [line for f in files for line in dvc_yaml_differences(f)]
+    print("\n".join(problems) or "every stage's code deps match its imports: " + ", ".join(map(str, files)))
     return 1 if problems else 0
 
 

@@ -25,6 +25,16 @@ def test_dvc_yaml_code_deps_are_the_imports():
     assert codedeps.dvc_yaml_differences(REPO / "dvc.yaml") == []
 
 
+def test_vl_profile_code_deps_include_the_vl_bodies():
+    """The VL pipeline file's stages run from the repository root and load tasks.training.vl_pipeline
+    by name: its closure counts, so editing it reruns those stages (and not the text ones)."""
+    vl_file = REPO / "profiles" / "vl" / "dvc.yaml"
+    assert codedeps.dvc_yaml_differences(vl_file) == []
+    stages = yaml.safe_load(vl_file.read_text())["stages"]
+    assert all("tasks/training/vl_pipeline.py" in spec["deps"] for spec in stages.values())
+    assert "tasks/training/vl_pipeline.py" not in codedeps.stage_deps("cpt")
+
+
 def test_rl_depends_on_decoding_transitively():
     deps = codedeps.stage_deps("rl")
     assert "ruyi_model/decoding.py" in deps and "tasks/training/rl_algos.py" in deps
