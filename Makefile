@@ -46,7 +46,9 @@ test: setup lint  ## set up, lint, then run every test tier (unit, integration, 
 test-fast: setup  ## the unit tier only (no servers, no stage runs; under 3 minutes on 2 cores)
 	$(PY) -m pytest -q tests/unit
 
-lint: setup  ## ruff (lint + format), the import contracts (pyproject.toml [tool.importlinter]), dvc.yaml code deps
+lint: setup  ## ruff (lint + format), the import contracts (pyproject.toml [tool.importlinter]), dvc.yaml code deps, unique test names
+	# pytest imports test modules by basename (rootdir mode): two files of one name abort collection.
+	dup=$$(find tests -name 'test_*.py' -printf '%f\n' | sort | uniq -d); [ -z "$$dup" ] || { echo "error: test file names used twice under tests/: $$dup"; exit 1; }
 	$(VENV)/bin/ruff check ruyi_model triton_kernels tasks flows data_contracts tests benchmarks
 	$(VENV)/bin/ruff format --check ruyi_model triton_kernels tasks flows data_contracts tests benchmarks
 	$(VENV)/bin/lint-imports --no-cache
