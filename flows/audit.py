@@ -242,7 +242,8 @@ def verify_pulled(clone: Path, recorded: dict[str, Any]) -> list[str]:
 
 
 def _status(clone: Path) -> dict[str, Any]:
-    proc = _run([_bin("dvc"), "status", "--json"], clone, "dvc status")
+    # the text pipeline's file only: another pipeline file (profiles/vl) has its own lock and outputs
+    proc = _run([_bin("dvc"), "status", "dvc.yaml", "--json"], clone, "dvc status dvc.yaml")
     return json.loads(proc.stdout or "{}")
 
 

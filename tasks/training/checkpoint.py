@@ -165,6 +165,16 @@ def verify_checkpoint(path: Path, required: Sequence[str] = CHECKPOINT_FILES) ->
     return None
 
 
+def _other_layout(path: Path, required: Sequence[str]) -> bool:
+    """True if `path` is an intact checkpoint of another layout: its manifest lists exactly the files
+    present, every one matches, and a file that `required` names is absent (not merely unlisted)."""
+    if verify_checkpoint(path, ()) is not None:
+        return False
+    listed = set(json.loads((path / MANIFEST).read_text())["files"])
+    present = {p.name for p in path.iterdir() if p.is_file() and p.name != MANIFEST}
+    return listed == present and any(name not in present for name in required)
+
+
 class Checkpointer:
     """Resumable checkpoints of one stage under `root` (see docs/choices.md#training).
 
@@ -217,7 +227,8 @@ class Checkpointer:
         Checkpoints are tried newest first: one that fails verification against its manifest is set
         aside to `<root>.corrupt/` and skipped for the previous one (a warning names the file and why;
         `skipped` records it); none left: training starts from scratch. A verified checkpoint from
-        different parameters/inputs/code sets the whole directory aside (docs/choices.md#training).
+        different parameters/inputs/code sets the whole directory aside (docs/choices.md#training), and so
+        does an intact checkpoint of another layout (written by the other `training.backend`).
         """
         self.stale, self.skipped = None, []
         if self.root.is_dir():  # leftovers of a save or a pruning interrupted by SIGKILL (temporaries)
@@ -225,12 +236,14 @@ class Checkpointer:
                 shutil.rmtree(p, ignore_errors=True)
         for step, path in reversed(self.step_dirs()):
             reason = verify_checkpoint(path, self.required)
+            if reason is not None and _other_layout(path, self.required):
+                reason = None  # intact, written by the other training backend: stale, not corrupt
             state: dict[str, Any] = {}
             if reason is None:
                 try:
                     state = json.loads((path / "trainer_state.json").read_text())
-                except ValueError as e:
-                    reason = f"trainer_state.json is not valid JSON ({e})"
+                except (OSError, ValueError) as e:
+                    reason = f"trainer_state.json is missing or not valid JSON ({e})"
             if reason is not None:
                 self._set_aside_corrupt(step, path, reason)
                 continue

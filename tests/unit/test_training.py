@@ -208,6 +208,22 @@ def test_stale_checkpoint_is_set_aside_naming_the_difference(tmp_path):
     assert again.resumed_from_step == 3 and again.stale_checkpoint is None
 
 
+def test_an_intact_checkpoint_of_the_other_backend_is_stale_not_corrupt(tmp_path, caplog):
+    """Switching `training.backend` leaves the other layout's checkpoints behind: they verify against
+    their own manifest, so they are set aside as stale (naming the difference), never as corrupt."""
+    from tasks.training.megatron_backend import CHECKPOINT_FILES as MEGATRON_FILES
+
+    _loop(tmp_path, max_steps=3)  # an hf-layout checkpoint at step_3
+    cfg = TrainParams(seq_len=8, batch_size=2, max_steps=3, lr=1e-2, warmup_steps=1, checkpoint_every=3)
+    info = fingerprint_info("cpt", cfg, seed=0, inputs={"data": "x"}, extra={"backend": "megatron"})
+    ckpt = Checkpointer(tmp_path / "ckpt", info, required=MEGATRON_FILES)
+    assert ckpt.find_resumable() is None
+    assert ckpt.skipped == [] and "fails verification" not in caplog.text
+    assert ckpt.stale is not None and any("backend" in d for d in ckpt.stale["differences"])
+    assert (tmp_path / "ckpt.stale" / "step_3" / "model.safetensors").is_file()
+    assert not (tmp_path / "ckpt.corrupt").exists()
+
+
 def flip_byte(path, offset=None):
     """Flips every bit of one byte of `path` (default: the middle one) in place."""
     data = bytearray(path.read_bytes())
