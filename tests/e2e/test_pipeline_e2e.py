@@ -475,34 +475,47 @@ def test_malformed_raw_rows_stop_the_flow_at_validate_data(workspace, first_run,
         answer="4",
     )
     bad2 = dict(json.loads(rows[1]), id="bad-answer", answer="four")
-    raw.chmod(0o644)
-    raw.write_text("\n".join(rows + [json.dumps(bad), json.dumps(bad2)]) + "\n")
-    # as if an upstream producer wrote the bad rows: the manifest agrees with the files, the contracts do not
-    import hashlib
-
     manifest_path = workspace / "data/raw/manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["files"]["sft.jsonl"].update(
-        rows=len(rows) + 2, sha256=hashlib.sha256(raw.read_bytes()).hexdigest()
-    )
-    manifest_path.chmod(0o644)
-    manifest_path.write_text(json.dumps(manifest, indent=2))
-    state = ruyi_pipeline(workspace=str(workspace), from_stage="validate_data", push=False, return_state=True)
-    assert state.is_failed()
-    with pytest.raises(StageFailed) as info:
-        state.result()
-    message = str(info.value)
-    print(message)
-    assert "stage validate_data failed (not retried)" in message and "data contract violated" in message
-    assert "Data Docs:" in message and "sft.jsonl" in message  # where to look, and which file
-    assert "expect_" in message  # the expectation that failed
-    assert "leak.me@example.com" in message and "four" in message  # sample rows, both of them
-    # one attempt (contract failures are never retried) and no later stage ran
-    assert _task_runs(state.state_details.flow_run_id) == [("validate_data", 1)]
-    assert store_versions(workspace) == versions
-    assert (workspace / "metrics/tokenizer.json").stat().st_mtime_ns == tok_metrics
-    docs = "\n".join(p.read_text(errors="replace") for p in (workspace / "reports/contracts").rglob("*.html"))
-    assert "leak.me@example.com" in docs and "four" in docs  # the Data Docs list both bad rows
+    originals = {p: p.read_bytes() for p in (raw, manifest_path)}
+    try:
+        raw.chmod(0o644)
+        raw.write_text("\n".join(rows + [json.dumps(bad), json.dumps(bad2)]) + "\n")
+        # as if an upstream producer wrote the bad rows: the manifest agrees with the files, the contracts
+        # do not
+        import hashlib
+
+        manifest = json.loads(manifest_path.read_text())
+        manifest["files"]["sft.jsonl"].update(
+            rows=len(rows) + 2, sha256=hashlib.sha256(raw.read_bytes()).hexdigest()
+        )
+        manifest_path.chmod(0o644)
+        manifest_path.write_text(json.dumps(manifest, indent=2))
+        state = ruyi_pipeline(
+            workspace=str(workspace), from_stage="validate_data", push=False, return_state=True
+        )
+        assert state.is_failed()
+        with pytest.raises(StageFailed) as info:
+            state.result()
+        message = str(info.value)
+        print(message)
+        assert "stage validate_data failed (not retried)" in message and "data contract violated" in message
+        assert "Data Docs:" in message and "sft.jsonl" in message  # where to look, and which file
+        assert "expect_" in message  # the expectation that failed
+        assert "leak.me@example.com" in message and "four" in message  # sample rows, both of them
+        # one attempt (contract failures are never retried) and no later stage ran
+        assert _task_runs(state.state_details.flow_run_id) == [("validate_data", 1)]
+        assert store_versions(workspace) == versions
+        assert (workspace / "metrics/tokenizer.json").stat().st_mtime_ns == tok_metrics
+        docs = "\n".join(
+            p.read_text(errors="replace") for p in (workspace / "reports/contracts").rglob("*.html")
+        )
+        assert "leak.me@example.com" in docs and "four" in docs  # the Data Docs list both bad rows
+    finally:  # the raw data as recorded, and the validated data its lock entry names (the later tests)
+        for path, data in originals.items():
+            path.chmod(0o644)
+            path.write_bytes(data)
+        run([DVC, "checkout", "--force", "dvc.yaml"], workspace)
+    assert "up to date" in run([DVC, "status", "dvc.yaml"], workspace).stdout
 
 
 def test_the_whole_flow_on_the_megatron_backend_exports_stock_qwen3_members(
