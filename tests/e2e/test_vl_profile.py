@@ -232,6 +232,7 @@ def test_vl_profile_runs_through_the_flow_and_leaves_the_text_run_alone(workspac
     print_vl_summary(workspace / "params.vl.yaml")
     out = capsys.readouterr().out
     assert "| exit | params | tokens/s | all |" in out and "scene_count" in out
+    assert "privacy gate passed" in out and "camera release: file://" in out
 
 
 def test_camera_serving_contract_and_what_crosses_to_the_cloud(workspace: Path, flow) -> None:
