@@ -824,13 +824,14 @@ def _png(row: dict[str, Any]) -> bytes:
 def _camera_smoke(params: Params, url: str, camera_dir: Path) -> dict[str, Any]:
     """Adds a fetched camera release to the Serve instance at `url` (`tasks.release.camera.add_camera`)
     and sends it fresh clips: the cloud must answer every clip with the behaviours its head gives the
-    exact bytes the edge sent (one float tensor `[N, k]`)."""
+    exact bytes the edge sent (one float tensor `[N, k]`), and refuse (4xx) the clips' pixels and
+    features of another shape or dtype."""
     import torch
     from safetensors.torch import load
 
     from ruyi_model.camera import load_cloud
     from tasks.data.camgen import generate_split, make_identities
-    from tasks.release.camera import add_camera, send_clip
+    from tasks.release.camera import add_camera, encode_tensors, post_bytes, send_clip
 
     pp, n = params.privacy, params.deploy.smoke_prompts
     identities = make_identities(pp.identities, params.seed)
@@ -849,10 +850,25 @@ def _camera_smoke(params: Params, url: str, camera_dir: Path) -> dict[str, Any]:
     if got != want:
         raise StageError(f"camera smoke test: the cloud answered {got}, its head on the edge's bytes {want}")
     correct = sum(b == behaviours[i] for b, i in zip(got, clips.behaviour, strict=True))
+    # what the cloud must refuse: the clips' pixels (as a tensor, as float, under the edge's name, as
+    # raw bytes) and features of another width or dtype
+    pixels = torch.as_tensor(clips.frames)
+    refused = {
+        "pixels": encode_tensors({"features": pixels}),
+        "float_pixels": encode_tensors({"features": pixels.float()}),
+        "frames": encode_tensors({"frames": pixels}),
+        "wrong_width": encode_tensors({"features": torch.zeros(len(clips), contract.dim - 1)}),
+        "float64": encode_tensors({"features": torch.zeros(len(clips), contract.dim, dtype=torch.float64)}),
+        "raw_bytes": pixels.numpy().tobytes(),
+    }
+    statuses = {name: post_bytes(f"{url}/cloud", body)[0] for name, body in refused.items()}
+    if any(status < 400 for status in statuses.values()):
+        raise StageError(f"camera smoke test: the cloud accepted what it must refuse: {statuses}")
     return {
         "clips": len(clips),
         "released_dim": contract.dim,
         "bytes_to_cloud": len(result.sent_to_cloud),
+        "cloud_refused": statuses,
         "behaviour_accuracy": correct / len(clips),
         "start_and_round_trip_s": round(latency, 3),
     }
@@ -870,7 +886,7 @@ def deploy(params: Params) -> dict[str, Any]:
     their questions as OpenAI `image_url` data-URL parts: each answer must be exactly its exported stock
     member's under plain transformers (`tasks.release.vision.vl_smoke_test`). Then the fetched camera
     release joins the same Serve instance (`/edge`, `/cloud`: `tasks.release.camera`) and is sent fresh
-    clips, edge -> cloud."""
+    clips, edge -> cloud, and what the cloud must refuse (`_camera_smoke`)."""
     import json
     import statistics
 
@@ -945,7 +961,7 @@ def deploy(params: Params) -> dict[str, Any]:
         "smoke_max_tokens": cfg.smoke_max_tokens,
         "tiers": {t: {k: v for k, v in r.items() if k != "request_s_mean"} for t, r in per_tier.items()},
         # the edge samples its release with a fresh seed: the cloud's answers are not reproducible
-        "camera": {k: camera_smoke[k] for k in ("clips", "released_dim", "bytes_to_cloud")},
+        "camera": {k: camera_smoke[k] for k in ("clips", "released_dim", "bytes_to_cloud", "cloud_refused")},
     }
     metrics = {
         **reproducible,

@@ -5,8 +5,8 @@ camera release it publishes.
 Small params: 240 training / 96 held-out clips of 24 identities, the tiny tower trained 100 steps, no
 beta sweep beyond the gated beta. At this size the private head's F1 is about 0.8-0.85 x the raw one,
 so the run sets `min_f1_ratio=0.7` (the tiny defaults' figures are in benchmarks/RESULTS.md). The same
-stage body on a vision-language family's tower, the failing gate stopping the flow, the camera release
-served (edge -> cloud, the wire contract, attackers on what crosses) and its deploy are
+stage body on a vision-language family's tower, the failing gate stopping the flow, and the camera
+release published and served by the deploy (edge -> cloud, the cloud's wire contract) are
 tests/e2e/test_vl_profile.py's.
 """
 
@@ -30,7 +30,8 @@ SMALL = [
     "privacy.tower_steps=100",
     "privacy.steps=300",
     "privacy.betas=[]",
-    "privacy.decoder_epochs=5",
+    "privacy.decoder_epochs=3",
+    "privacy.identifier_epochs=5",
     "privacy.audit_reference=false",
 ]
 KEYS = (
