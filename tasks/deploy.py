@@ -15,7 +15,7 @@ to the store (`tasks.release.store`), its fetched copy under `<artifacts_dir>/re
 `metrics/deploy_smoke.json` (the reproducible part), `reports/deploy/smoke.jsonl` and
 `plots/deploy/latency.{png,csv}`. `ruyi serve` keeps a release running. Publishing (reuse of identical
 content) is `tasks.release.store.publish_dir`, the serving arguments and the served-parameter check are
-`tasks.release.serving`'s: the vision-language profile's deploy (`--params params.vl.yaml`,
+`tasks.release.serving`'s: the vision-language profile's deploy (`model.modality: vl`,
 `tasks.training.vl_pipeline.deploy`) is built from the same pieces. Choices: docs/choices.md#deploy.
 """
 
