@@ -61,7 +61,7 @@ def gate_failures(metrics: dict, min_f1_ratio: float, reid_margin: float) -> lis
         ("reid_accuracy", "re-identification from released features (best attacker)"),
         ("inversion_reid_accuracy", "identity accuracy on white-box reconstructions"),
     ):
-        if metrics[key] > limit + 1e-9:  # an accuracy equal to the limit passes (float noise aside)
+        if metrics[key] > limit + 1e-6:  # an accuracy equal to the limit passes (float32 noise aside)
             failures.append(
                 {
                     "check": key,

@@ -64,6 +64,8 @@ MICRO_VL = {
     "privacy.steps": 300,
     "privacy.betas": [],
     "privacy.audit_reference": False,
+    "privacy.attack_draws": 2,
+    "privacy.attack_max_epochs": 150,
 }
 #: The profile's mapping and targets (params.vl.yaml), with a cheaper inversion decoder.
 PRIVATE = {
@@ -84,6 +86,8 @@ LEAKY = {
     "privacy.reid_margin": 0.0,
     "privacy.decoder_epochs": 1,
     "privacy.identifier_epochs": 2,
+    "privacy.attack_draws": 1,
+    "privacy.attack_max_epochs": 100,
 }
 STAGES = [
     "prepare_data", "validate_data", "tokenizer", "cpt", "family_sft",
