@@ -26,6 +26,8 @@ STAGES = [
     "export",
     "deploy",
 ]
+#: Stages that only the vision-language profile runs (profiles/vl/dvc.yaml).
+VL_ONLY_STAGES = ["privacy"]
 
 app = typer.Typer(
     add_completion=False,
@@ -37,7 +39,10 @@ app = typer.Typer(
 @app.command(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 )
-def stage(ctx: typer.Context, name: str = typer.Argument(..., help=f"one of: {', '.join(STAGES)}")) -> None:
+def stage(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help=f"one of: {', '.join(STAGES + VL_ONLY_STAGES)}"),
+) -> None:
     """Run one pipeline stage without Prefect or DVC (`ruyi stage cpt --help` for its options)."""
     if name in (
         "--help",
@@ -46,11 +51,12 @@ def stage(ctx: typer.Context, name: str = typer.Argument(..., help=f"one of: {',
         typer.echo(
             "Usage: ruyi stage NAME [--params FILE] [--set KEY=VALUE ...]\n\n"
             "Run one pipeline stage without Prefect or DVC; `ruyi stage NAME --help` lists its options.\n\n"
-            f"Stages, in pipeline order: {', '.join(STAGES)}"
+            f"Stages, in pipeline order: {', '.join(STAGES)}; the vision-language profile also runs "
+            f"{', '.join(VL_ONLY_STAGES)} (--params params.vl.yaml)"
         )
         raise typer.Exit(0)
-    if name not in STAGES:
-        typer.echo(f"error: unknown stage {name!r}; stages: {', '.join(STAGES)}", err=True)
+    if name not in STAGES + VL_ONLY_STAGES:
+        typer.echo(f"error: unknown stage {name!r}; stages: {', '.join(STAGES + VL_ONLY_STAGES)}", err=True)
         raise typer.Exit(2)
     module = importlib.import_module(f"tasks.{name}")
     raise typer.Exit(module.main(list(ctx.args)))

@@ -116,7 +116,8 @@ def print_summary(params_path: str | Path = "params.yaml") -> None:
 
 
 def print_vl_summary(params_path: str | Path = "params.vl.yaml") -> None:
-    """The vision-language profile's table: accuracy per exit and task type, tokens/s, parameters."""
+    """The vision-language profile's table (accuracy per exit and task type, tokens/s, parameters), the
+    privacy gate's figures and the releases, once those stages have run."""
     from tasks.training.vl_pipeline import format_table
 
     params = load_params(params_path)
@@ -126,6 +127,17 @@ def print_vl_summary(params_path: str | Path = "params.vl.yaml") -> None:
         return
     print(f"VL family, held-out generated VQA, accuracy % per exit and task type ({path}):")
     print(format_table(json.loads(path.read_text()), params.model.exit_layers))
+    privacy = _read(path.parent / "privacy.json")
+    if privacy:
+        print(
+            f"privacy gate {'passed' if privacy['passed'] else 'FAILED'} ({path.parent / 'privacy.json'}): "
+            f"behaviour F1 {privacy['behaviour_f1']:.3f} (raw features {privacy['behaviour_f1_raw']:.3f}), "
+            f"re-identification {privacy['reid_accuracy']:.3f} and on reconstructions "
+            f"{privacy['inversion_reid_accuracy']:.3f} (chance {privacy['reid_chance']:.3f})"
+        )
+    deploy = _read(path.parent / "deploy.json")
+    if deploy:
+        print(f"release: {deploy['release_uri']}; camera release: {deploy['camera_release_uri']}")
 
 
 def result_paths(params) -> dict[str, str]:

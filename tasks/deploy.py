@@ -13,7 +13,10 @@ transformers (`tasks.release.vision.vl_smoke_test`). Writes the release
 to the store (`tasks.release.store`), its fetched copy under `<artifacts_dir>/releases/`,
 `metrics/deploy.json` (version, URIs, per-tier smoke results, served params and latency),
 `metrics/deploy_smoke.json` (the reproducible part), `reports/deploy/smoke.jsonl` and
-`plots/deploy/latency.{png,csv}`. `ruyi serve` keeps a release running. Choices: docs/choices.md#deploy.
+`plots/deploy/latency.{png,csv}`. `ruyi serve` keeps a release running. Publishing (reuse of identical
+content) is `tasks.release.store.publish_dir`, the serving arguments and the served-parameter check are
+`tasks.release.serving`'s: the vision-language profile's deploy (`model.modality: vl`,
+`tasks.training.vl_pipeline.deploy`) is built from the same pieces. Choices: docs/choices.md#deploy.
 """
 
 from __future__ import annotations
@@ -30,11 +33,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tasks.core.files import atomic_file, read_jsonl, require_dir, save_figure, write_jsonl, write_metrics
+from tasks.core.files import (
+    atomic_file,
+    read_jsonl,
+    require_dir,
+    save_figure,
+    sha256_file,
+    write_jsonl,
+    write_metrics,
+)
 from tasks.core.params import Params, ParamsError
 from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, setup_logging, stage_main
-from tasks.release.store import ArtifactStore, FileEntry, Release, open_store, scan_dir
+from tasks.release.store import ArtifactStore, Release, content_digest, open_store, publish_dir
 from tasks.release.vision import is_vl_release, vl_smoke_test
 
 log = logging.getLogger("ruyi.deploy")
@@ -43,12 +54,6 @@ log = logging.getLogger("ruyi.deploy")
 def release_cache_dir(params: Params) -> Path:
     """Where fetched releases are kept: `deploy.store.cache_dir` or `<artifacts_dir>/releases`."""
     return Path(params.deploy.store.cache_dir or Workspace.from_params(params).releases)
-
-
-def content_digest(files: tuple[FileEntry, ...] | list[FileEntry]) -> str:
-    """sha256 over the sorted `path size sha256` lines of a release: its identity, version aside."""
-    lines = "".join(f"{f.path} {f.size} {f.sha256}\n" for f in sorted(files, key=lambda f: f.path))
-    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def _git_revision() -> str | None:
@@ -69,34 +74,17 @@ def export_dir(params: Params) -> Path:
 
 
 def publish_export(params: Params, store: ArtifactStore) -> tuple[Release, bool]:
-    """Publishes `artifacts/export/` (docs/choices.md#deploy). Returns `(release, reused)`."""
+    """Publishes `artifacts/export/` (`tasks.release.store.publish_dir`). Returns `(release, reused)`."""
     cfg = params.deploy
     export_dir_ = export_dir(params)
-    files = scan_dir(export_dir_)
-    known = store.list_versions(cfg.model_name)
-    if cfg.version is not None and cfg.version in known:
-        release = store.get_release(cfg.model_name, cfg.version)
-        if sorted(release.files, key=lambda f: f.path) != sorted(files, key=lambda f: f.path):
-            raise StageError(
-                f"deploy.version {cfg.version} already exists in {store.uri} with different content: "
-                "releases are immutable; choose a new version (or null for the next vNNNN)"
-            )
-        log.info("release %s already holds this export: reusing it", release.uri)
-        return release, True
-    if cfg.version is None and known:
-        latest = store.get_release(cfg.model_name, known[-1])
-        if sorted(latest.files, key=lambda f: f.path) == sorted(files, key=lambda f: f.path):
-            log.info("the latest release %s already holds this export: reusing it", latest.uri)
-            return latest, True
     export_manifest = json.loads((export_dir_ / "manifest.json").read_text())
     metadata = {
         "git_revision": _git_revision(),
         "seed": params.seed,
         "exit_layers": export_manifest.get("exit_layers"),
-        "export_manifest_sha256": next(f.sha256 for f in files if f.path == "manifest.json"),
-        "content_sha256": content_digest(files),
+        "export_manifest_sha256": sha256_file(export_dir_ / "manifest.json"),
     }
-    return store.publish(cfg.model_name, export_dir_, cfg.version, metadata=metadata), False
+    return publish_dir(store, cfg.model_name, export_dir_, cfg.version, metadata)
 
 
 #: Max |logit difference| allowed between a factored tier and the family at its exit (both fp32, CPU).
@@ -184,25 +172,10 @@ def check_export_tiers(root: Path, eval_params: dict[int, int], question: str) -
 
 
 def check_served_params(url: str, eval_params: dict[int, int], expected: dict[str, dict[str, Any]]) -> None:
-    """The running app's `exit_<d>` tiers run the evaluated parameter counts, with the weights (factored or
-    dense) the export check expected (`GET /v1/models`); StageError naming the tier if not."""
-    from tasks.release.serving import http_json
+    """`tasks.release.serving.check_served_params` against `metrics/eval_quality.json`'s counts."""
+    from tasks.release.serving import check_served_params as check
 
-    status, models = http_json(f"{url}/v1/models")
-    if status != 200:
-        raise StageError(f"smoke test: {url}/v1/models answered {status}: {models}")
-    served = {m["id"]: m for m in models["data"] if m.get("exit_layer") is not None}
-    for tier, want in expected.items():
-        entry = served.get(tier)
-        if entry is None:
-            raise StageError(f"smoke test: tier {tier} is not served (served: {sorted(served)})")
-        d = entry["exit_layer"]
-        if entry.get("num_parameters") != eval_params[d] or entry.get("weights") != want["weights"]:
-            raise StageError(
-                f"smoke test: tier {tier} serves {entry.get('num_parameters')} parameters "
-                f"({entry.get('weights')}), but the evaluated member runs {eval_params[d]} "
-                f"(metrics/{EVAL_METRICS}; {want['weights']} weights expected)"
-            )
+    check(url, eval_params, expected, where=f"metrics/{EVAL_METRICS}")
 
 
 def smoke_test(
@@ -352,28 +325,9 @@ def _plot_latency(per_tier: dict[str, Any], out_dir: Path) -> None:
 
 
 def _serving_kwargs(params: Params, host: str | None = None, port: int | None = None) -> dict[str, Any]:
-    cfg = params.deploy
-    return {
-        "host": host or cfg.host,
-        "port": port or cfg.port,
-        "model_name": cfg.model_name,
-        "max_tokens_limit": cfg.max_tokens_limit,
-        "dynamic_threshold": cfg.dynamic_threshold,
-        "replica_num_cpus": cfg.replica_num_cpus,
-        "replica_num_gpus": cfg.replica_num_gpus,
-        "device": cfg.device,
-        "dtype": cfg.dtype,
-        "ray_num_cpus": cfg.ray_num_cpus,
-        "object_store_mib": cfg.ray_object_store_mib,
-        "ray_address": cfg.ray_address,
-        "max_prompts_per_request": cfg.max_prompts_per_request,
-        "max_total_new_tokens": cfg.max_total_new_tokens,
-        "speculative_draft_exit": cfg.speculative_draft_exit,
-        "speculative_draft_tokens": cfg.speculative_draft_tokens,
-        "max_image_bytes": cfg.max_image_bytes,
-        "max_image_pixels": cfg.max_image_pixels,
-        "max_images_per_request": cfg.max_images_per_request,
-    }
+    from tasks.release.serving import serving_kwargs
+
+    return serving_kwargs(params.deploy, host, port)
 
 
 def run(params: Params) -> dict[str, Any]:

@@ -200,31 +200,44 @@ def start_camera(
     ready_timeout_s: float = 180.0,
 ) -> ServingSession:
     """Starts Ray (unless one runs), Serve on host:port, and both deployments (`/edge`, `/cloud`)."""
-    from ray import serve
-
     from tasks.core.ray_runtime import RayRuntime
 
-    art = Path(art_dir).resolve()
-    for part in ("edge/mapping.safetensors", "cloud/contract.json"):
-        if not (art / part).is_file():
-            raise StageError(f"{art}: not a camera release (missing {part}; the privacy stage writes it)")
+    art = _camera_dir(art_dir)
     _check_port_free(host, port)
     runtime = RayRuntime(num_cpus=ray_num_cpus, log_to_driver=False).start()
     client_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
     session = ServingSession(f"http://{client_host}:{port}", runtime)
     try:
         _start_serve(host, port)
-        edge, cloud = _deployments(str(art))
-        # both applications deployed together (one wait, not two)
-        serve.run_many(
-            [
-                serve.RunTarget(edge, name=EDGE_APP, route_prefix="/edge"),
-                serve.RunTarget(cloud, name=CLOUD_APP, route_prefix="/cloud"),
-            ]
-        )
-        _wait_ready(session.url, ready_timeout_s)
+        add_camera(art, session.url, ready_timeout_s)
     except BaseException:
         session.stop()
         raise
-    log.info("camera edge and cloud serving %s at %s", art, session.url)
     return session
+
+
+def _camera_dir(art_dir: str | Path) -> Path:
+    art = Path(art_dir).resolve()
+    for part in ("edge/mapping.safetensors", "cloud/contract.json"):
+        if not (art / part).is_file():
+            raise StageError(f"{art}: not a camera release (missing {part}; the privacy stage writes it)")
+    return art
+
+
+def add_camera(art_dir: str | Path, url: str, ready_timeout_s: float = 180.0) -> None:
+    """Deploys the camera's `/edge` and `/cloud` applications into the Serve instance already running at
+    `url` (`start_camera`'s, or a `tasks.release.serving` session's: its app keeps `/`, Serve routes by
+    the longest prefix), and waits until both answer."""
+    from ray import serve
+
+    art = _camera_dir(art_dir)
+    edge, cloud = _deployments(str(art))
+    # both applications deployed together (one wait, not two)
+    serve.run_many(
+        [
+            serve.RunTarget(edge, name=EDGE_APP, route_prefix="/edge"),
+            serve.RunTarget(cloud, name=CLOUD_APP, route_prefix="/cloud"),
+        ]
+    )
+    _wait_ready(url, ready_timeout_s)
+    log.info("camera edge and cloud serving %s at %s", art, url)

@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -50,6 +50,9 @@ from tasks.release.vision import (
     load_vl_member,
     vl_prompt_inputs,
 )
+
+if TYPE_CHECKING:
+    from tasks.core.params import DeployParams
 
 log = logging.getLogger("ruyi.serving")
 
@@ -1547,6 +1550,54 @@ def _wait_healthy(url: str, timeout_s: float) -> dict[str, Any]:
         if time.monotonic() > deadline:
             raise StageError(f"the serving application did not become healthy at {url} in {timeout_s:.0f} s")
         time.sleep(0.3)
+
+
+def serving_kwargs(cfg: DeployParams, host: str | None = None, port: int | None = None) -> dict[str, Any]:
+    """`start_serving`'s keyword arguments from the `deploy` params (host/port overridable)."""
+    return {
+        "host": host or cfg.host,
+        "port": port or cfg.port,
+        "model_name": cfg.model_name,
+        "max_tokens_limit": cfg.max_tokens_limit,
+        "dynamic_threshold": cfg.dynamic_threshold,
+        "replica_num_cpus": cfg.replica_num_cpus,
+        "replica_num_gpus": cfg.replica_num_gpus,
+        "device": cfg.device,
+        "dtype": cfg.dtype,
+        "ray_num_cpus": cfg.ray_num_cpus,
+        "object_store_mib": cfg.ray_object_store_mib,
+        "ray_address": cfg.ray_address,
+        "max_prompts_per_request": cfg.max_prompts_per_request,
+        "max_total_new_tokens": cfg.max_total_new_tokens,
+        "speculative_draft_exit": cfg.speculative_draft_exit,
+        "speculative_draft_tokens": cfg.speculative_draft_tokens,
+        "max_image_bytes": cfg.max_image_bytes,
+        "max_image_pixels": cfg.max_image_pixels,
+        "max_images_per_request": cfg.max_images_per_request,
+    }
+
+
+def check_served_params(
+    url: str, eval_params: dict[int, int], expected: dict[str, dict[str, Any]], where: str
+) -> None:
+    """The running app's `exit_<d>` tiers run the evaluated parameter counts (`eval_params`, read from
+    `where`), with the weights (factored or dense) `expected` names (`GET /v1/models`); StageError
+    naming the tier if not."""
+    status, models = http_json(f"{url}/v1/models")
+    if status != 200:
+        raise StageError(f"smoke test: {url}/v1/models answered {status}: {models}")
+    served = {m["id"]: m for m in models["data"] if m.get("exit_layer") is not None}
+    for tier, want in expected.items():
+        entry = served.get(tier)
+        if entry is None:
+            raise StageError(f"smoke test: tier {tier} is not served (served: {sorted(served)})")
+        d = entry["exit_layer"]
+        if entry.get("num_parameters") != eval_params[d] or entry.get("weights") != want["weights"]:
+            raise StageError(
+                f"smoke test: tier {tier} serves {entry.get('num_parameters')} parameters "
+                f"({entry.get('weights')}), but the evaluated member runs {eval_params[d]} "
+                f"({where}; {want['weights']} weights expected)"
+            )
 
 
 def start_serving(

@@ -410,6 +410,41 @@ class ArtifactStore(ABC):
         return load_member(self.fetch(model, version, dest), exit_layer, dtype=dtype)
 
 
+def content_digest(files: tuple[FileEntry, ...] | list[FileEntry]) -> str:
+    """sha256 over the sorted `path size sha256` lines of a release: its identity, version aside."""
+    lines = "".join(f"{f.path} {f.size} {f.sha256}\n" for f in sorted(files, key=lambda f: f.path))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def publish_dir(
+    store: ArtifactStore, model: str, src_dir: str | Path, version: str | None, metadata: dict[str, Any]
+) -> tuple[Release, bool]:
+    """Publishes `src_dir` as `model` unless the store already holds that content (docs/choices.md#deploy).
+
+    `version` None: the latest release is reused when its files are identical, else the next vNNNN is
+    published; a fixed `version` that exists is reused when identical and refused otherwise (releases
+    are immutable). `metadata` gets `content_sha256`. Returns `(release, reused)`.
+    """
+    files = scan_dir(src_dir)
+    known = store.list_versions(model)
+    if version is not None and version in known:
+        release = store.get_release(model, version)
+        if sorted(release.files, key=lambda f: f.path) != sorted(files, key=lambda f: f.path):
+            raise StoreError(
+                f"deploy.version {version} already exists in {store.uri} with different content: "
+                "releases are immutable; choose a new version (or null for the next vNNNN)"
+            )
+        log.info("release %s already holds %s: reusing it", release.uri, src_dir)
+        return release, True
+    if version is None and known:
+        latest = store.get_release(model, known[-1])
+        if sorted(latest.files, key=lambda f: f.path) == sorted(files, key=lambda f: f.path):
+            log.info("the latest release %s already holds %s: reusing it", latest.uri, src_dir)
+            return latest, True
+    metadata = {**metadata, "content_sha256": content_digest(files)}
+    return store.publish(model, src_dir, version, metadata=metadata), False
+
+
 def release_exits(release_dir: str | Path) -> list[int]:
     """Exit layers that a release/export directory has a stock checkpoint for (`exit_<d>/`), sorted."""
     root = Path(release_dir)

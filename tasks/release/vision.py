@@ -286,7 +286,8 @@ def vl_smoke_test(url: str, export_root: str | Path, question: str, png: bytes, 
     the app at `url`, whose answer must equal the exported stock member's (`stock_member_answer`).
 
     Returns:
-        Per tier `{image_requests: 1, image_answer_matches_export: True, image_completion_tokens}`.
+        Per tier `{image_requests: 1, image_answer_matches_export: True, image_completion_tokens,
+        image_answer}`.
 
     Raises:
         StageError: a tier answers with an error, or otherwise than its exported member.
@@ -325,6 +326,7 @@ def vl_smoke_test(url: str, export_root: str | Path, question: str, png: bytes, 
             "image_requests": 1,
             "image_answer_matches_export": True,
             "image_completion_tokens": n_tokens,
+            "image_answer": got,
         }
         log.info(
             "image smoke test: tier %s answers as its exported member (%d tokens)", entry["id"], n_tokens

@@ -6,8 +6,11 @@ VL stage (profiles/vl/dvc.yaml, `ruyi run --profile vl`). Data: generated VQA sp
 (`tasks.data.vldata`) checked by the GX image contract; the family: `ruyi_model.vl`. Stages:
 prepare_data, validate_data, tokenizer (BPE + processor), cpt (alignment: merger and deepstack mergers
 only, on captions), family_sft (joint multi-exit SFT, `train_loop`), rl (GRPO on the verifiable
-subset, `rl_algos`), evaluate (per exit and task type), gates (`data_contracts.gates`), export
-(`export_exits`). Choices: docs/choices.md#vision-language-profile.
+subset, `rl_algos`), evaluate (per exit and task type), gates (`data_contracts.gates`), privacy (the
+edge-cloud camera on this family's vision tower: `tasks.training.privacy_run.run_privacy`, the body of
+`python -m tasks.privacy` too), export (`export_exits`), deploy (the export and the camera release
+published with `tasks.release.store.publish_dir`, served by `tasks.release.serving`, smoke-tested with
+images, then the camera's edge -> cloud). Choices: docs/choices.md#vision-language-profile.
 """
 
 from __future__ import annotations
@@ -794,6 +797,199 @@ def export(params: Params) -> dict[str, Any]:
     return metrics
 
 
+def privacy(params: Params) -> dict[str, Any]:
+    """The edge-cloud camera's privacy stage (`tasks.training.privacy_run.run_privacy`, the body of
+    `python -m tasks.privacy`) on this profile's family: the edge runs the vision tower of
+    `privacy.family_dir` (null: the profile's final family, `<artifacts_dir>/rl`), frozen. A failed gate
+    raises ContractViolation after writing its metrics: nothing under `<artifacts_dir>/privacy`, so export
+    and deploy (which depend on it) never run."""
+    from tasks.training.privacy_run import run_privacy
+
+    if params.privacy.family_dir is None:
+        family = Workspace.from_params(params).artifacts("rl")
+        params = params.model_copy(
+            update={"privacy": params.privacy.model_copy(update={"family_dir": str(family)})}
+        )
+    return run_privacy(params)
+
+
+def _png(row: dict[str, Any]) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    _image(row).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _camera_smoke(params: Params, url: str, camera_dir: Path) -> dict[str, Any]:
+    """Adds a fetched camera release to the Serve instance at `url` (`tasks.release.camera.add_camera`)
+    and sends it fresh clips: the cloud must answer every clip with the behaviours its head gives the
+    exact bytes the edge sent (one float tensor `[N, k]`), and refuse (4xx) the clips' pixels and
+    features of another shape or dtype."""
+    import torch
+    from safetensors.torch import load
+
+    from ruyi_model.camera import load_cloud
+    from tasks.data.camgen import generate_split, make_identities
+    from tasks.release.camera import add_camera, encode_tensors, post_bytes, send_clip
+
+    pp, n = params.privacy, params.deploy.smoke_prompts
+    identities = make_identities(pp.identities, params.seed)
+    clips = generate_split("deploy", n, identities, n_frames=pp.frames, size=pp.size, seed=params.seed + 1)
+    head, contract, behaviours = load_cloud(camera_dir)
+    t0 = time.perf_counter()
+    add_camera(camera_dir, url)
+    result = send_clip(url, clips.frames)
+    latency = time.perf_counter() - t0
+    z = load(result.sent_to_cloud)
+    if list(z) != ["features"] or tuple(z["features"].shape) != (len(clips), contract.dim):
+        raise StageError(f"camera smoke test: the edge sent {[(k, tuple(v.shape)) for k, v in z.items()]}")
+    with torch.no_grad():
+        want = [behaviours[i] for i in head(z["features"]).argmax(-1).tolist()]
+    got = result.answers.get("behaviours")
+    if got != want:
+        raise StageError(f"camera smoke test: the cloud answered {got}, its head on the edge's bytes {want}")
+    correct = sum(b == behaviours[i] for b, i in zip(got, clips.behaviour, strict=True))
+    # what the cloud must refuse: the clips' pixels (as a tensor, as float, under the edge's name, as
+    # raw bytes) and features of another width or dtype
+    pixels = torch.as_tensor(clips.frames)
+    refused = {
+        "pixels": encode_tensors({"features": pixels}),
+        "float_pixels": encode_tensors({"features": pixels.float()}),
+        "frames": encode_tensors({"frames": pixels}),
+        "wrong_width": encode_tensors({"features": torch.zeros(len(clips), contract.dim - 1)}),
+        "float64": encode_tensors({"features": torch.zeros(len(clips), contract.dim, dtype=torch.float64)}),
+        "raw_bytes": pixels.numpy().tobytes(),
+    }
+    statuses = {name: post_bytes(f"{url}/cloud", body)[0] for name, body in refused.items()}
+    if any(status < 400 for status in statuses.values()):
+        raise StageError(f"camera smoke test: the cloud accepted what it must refuse: {statuses}")
+    return {
+        "clips": len(clips),
+        "released_dim": contract.dim,
+        "bytes_to_cloud": len(result.sent_to_cloud),
+        "cloud_refused": statuses,
+        "behaviour_accuracy": correct / len(clips),
+        "start_and_round_trip_s": round(latency, 3),
+    }
+
+
+def deploy(params: Params) -> dict[str, Any]:
+    """Publishes the export and the camera release, serves the export, smoke-tests it with images.
+
+    The text deploy stage's pieces (tasks/deploy.py): `tasks.release.store.publish_dir` publishes
+    `<artifacts_dir>/export` as `deploy.model_name` and the privacy stage's camera release
+    (`<artifacts_dir>/privacy`: edge tower + mapping, cloud head + contract) as `<model_name>-camera`
+    (each reused when the store already holds that content); the fetched export is served by
+    `tasks.release.serving` (`serving_kwargs`), every `exit_<d>` tier must run the evaluated parameter
+    count (metrics eval.json), and every tier gets the first `deploy.smoke_prompts` eval images with
+    their questions as OpenAI `image_url` data-URL parts: each answer must be exactly its exported stock
+    member's under plain transformers (`tasks.release.vision.vl_smoke_test`). Then the fetched camera
+    release joins the same Serve instance (`/edge`, `/cloud`: `tasks.release.camera`) and is sent fresh
+    clips, edge -> cloud, and what the cloud must refuse (`_camera_smoke`)."""
+    import json
+    import statistics
+
+    from tasks.core.files import require_dir
+    from tasks.release.serving import check_served_params, serving_kwargs, start_serving
+    from tasks.release.store import content_digest, open_store, publish_dir
+    from tasks.release.vision import vl_smoke_test
+
+    cfg, ws = params.deploy, Workspace.from_params(params)
+    root = require_dir(ws.artifacts("export"), "VL export (run the export stage)", "manifest.json")
+    camera_dir = require_dir(
+        ws.artifacts("privacy"), "camera release (run the privacy stage)", "manifest.json"
+    )
+    manifest = json.loads((root / "manifest.json").read_text())
+    exits = manifest["exit_layers"]
+    eval_path = ws.metrics_dir / "eval.json"
+    if not eval_path.is_file():
+        raise StageError(f"{eval_path} not found (run evaluate with the VL profile first)")
+    evaluated = json.loads(eval_path.read_text())
+    eval_params = {d: evaluated[f"exit_{d}"]["num_parameters"] for d in exits}
+    rows = _rows(params, "eval", params.vl.tasks)[: cfg.smoke_prompts]
+    if not rows:
+        raise StageError(f"{ws.validated / 'eval.jsonl'}: no VQA rows for the smoke test")
+    store = open_store(cfg.store, cache_dir=cfg.store.cache_dir or ws.releases)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    meta = {"seed": params.seed, "exit_layers": exits, "modality": manifest["modality"]}
+    release, reused = publish_dir(store, cfg.model_name, root, cfg.version, meta)
+    camera_name = f"{cfg.model_name}-camera"
+    camera, camera_reused = publish_dir(store, camera_name, camera_dir, cfg.version, {"seed": params.seed})
+    release_dir = store.fetch(cfg.model_name, release.version)
+    camera_release_dir = store.fetch(camera_name, camera.version)
+    timings["publish_fetch_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    session = start_serving(release_dir, **serving_kwargs(cfg))
+    per_tier: dict[str, dict[str, Any]] = {}
+    try:
+        timings["serve_start_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        tiers = {f"exit_{d}": {"weights": "dense"} for d in exits}
+        check_served_params(session.url, eval_params, tiers, where=str(eval_path))
+        latencies: dict[str, list[float]] = {t: [] for t in tiers}
+        for row in rows:
+            t1 = time.perf_counter()
+            answers = vl_smoke_test(session.url, root, row["question"], _png(row), cfg.smoke_max_tokens)
+            for tier, got in answers.items():
+                entry = per_tier.setdefault(tier, {"requests": 0, "correct": 0, "answers": []})
+                entry["requests"] += 1
+                entry["correct"] += is_correct(got["image_answer"], row["answer"])
+                entry["answers"].append(got["image_answer"])
+                latencies[tier].append((time.perf_counter() - t1) / len(answers))
+        timings["smoke_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        camera_smoke = _camera_smoke(params, session.url, camera_release_dir)
+        timings["camera_s"] = time.perf_counter() - t0
+    finally:
+        t0 = time.perf_counter()
+        session.stop()
+        timings["serve_stop_s"] = time.perf_counter() - t0
+    for tier, entry in per_tier.items():
+        entry.update(
+            accuracy=entry.pop("correct") / entry["requests"],
+            answers_match_export=True,
+            params=eval_params[int(tier.split("_")[1])],
+            request_s_mean=round(statistics.fmean(latencies[tier]), 3),
+        )
+    reproducible = {
+        "model": cfg.model_name,
+        "content_sha256": content_digest(release.files),
+        "camera_content_sha256": content_digest(camera.files),
+        "smoke_prompts": len(rows),
+        "smoke_max_tokens": cfg.smoke_max_tokens,
+        "tiers": {t: {k: v for k, v in r.items() if k != "request_s_mean"} for t, r in per_tier.items()},
+        # the edge samples its release with a fresh seed: the cloud's answers are not reproducible
+        "camera": {k: camera_smoke[k] for k in ("clips", "released_dim", "bytes_to_cloud", "cloud_refused")},
+    }
+    metrics = {
+        **reproducible,
+        "version": release.version,
+        "release_uri": release.uri,
+        "reused_release": reused,
+        "camera_release_uri": camera.uri,
+        "camera_reused_release": camera_reused,
+        "store_uri": store.uri,
+        "serving_url": session.url,
+        "tiers": per_tier,
+        "camera": camera_smoke,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+    }
+    write_json(ws.reports("deploy") / "smoke.json", {"rows": [r["id"] for r in rows], "tiers": per_tier})
+    write_metrics(params, "deploy_smoke", reproducible, split=False)
+    write_metrics(params, "deploy", metrics, split=False)
+    log.info(
+        "deployed %s (%s) and %s: %s; camera started and answered in %.1f s",
+        release.uri,
+        "reused" if reused else "new",
+        camera.uri,
+        ", ".join(f"{t} {r['accuracy']:.0%}" for t, r in per_tier.items()),
+        camera_smoke["start_and_round_trip_s"],
+    )
+    return metrics
+
+
 STAGES: dict[str, Callable[[Params], dict[str, Any]]] = {
     "prepare_data": prepare_data,
     "validate_data": validate_data,
@@ -803,7 +999,9 @@ STAGES: dict[str, Callable[[Params], dict[str, Any]]] = {
     "rl": rl,
     "evaluate": evaluate,
     "gates": gates,
+    "privacy": privacy,
     "export": export,
+    "deploy": deploy,
 }
 
 

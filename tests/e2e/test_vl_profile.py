@@ -2,8 +2,19 @@
 
 A copy of this repository (git + DVC) runs `ruyi_pipeline(profile="vl")` on a micro version of
 params.vl.yaml: generated VQA data through the GX image contract, alignment, joint multi-exit SFT,
-GRPO, the per-exit / per-task-type evaluation, the gates and the export of stock Qwen3-VL members
-(reloaded with plain transformers). The text profile's outputs and lock file must stay untouched.
+GRPO, the per-exit / per-task-type evaluation, the gates, the privacy stage (the edge-cloud camera's
+mapping on this family's vision tower, audited by attacks, gated), the export of stock Qwen3-VL members
+(reloaded with plain transformers) and the deploy (the export and the camera release published to a
+local store, served by Ray Serve over HTTP, every tier sent images). The text profile's outputs and lock
+file must stay untouched.
+
+The first run's privacy target is strict (`reid_margin` 0) and its mapping has no privacy (beta 0, no
+adversary, a 256-wide waist): the privacy gate fails, the flow stops there, nothing is exported or
+deployed. The second run (`from_stage="privacy"`), with the profile's mapping and targets, passes the
+gate (at this size the released features' re-identification is about 6/96 against the 0.092 limit,
+behaviour F1 about 0.93 x the raw features'), exports and deploys; its camera smoke test sends clips
+edge -> cloud over HTTP and checks that the cloud refuses pixels and features of another shape or
+dtype.
 """
 
 from __future__ import annotations
@@ -15,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e.test_pipeline_e2e import DVC, copy_repository, git, run
+from tests.e2e.test_pipeline_e2e import DVC, copy_repository, free_port, git, run
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +59,40 @@ MICRO_VL = {
     "gates.min_loss_margin": 0.0,
     "gates.min_accuracy": 0.0,
     "gates.max_rl_accuracy_drop": 1.0,
+    "privacy.train_clips": 240,
+    "privacy.test_clips": 96,
+    "privacy.steps": 300,
+    "privacy.betas": [],
+    "privacy.audit_reference": False,
+    "privacy.attack_draws": 2,
+    "privacy.attack_max_epochs": 150,
 }
+#: The profile's mapping and targets (params.vl.yaml), with a cheaper inversion decoder.
+PRIVATE = {
+    "privacy.beta": 0.01,
+    "privacy.adv_weight": 1.0,
+    "privacy.out_dim": 16,
+    "privacy.hidden": 128,
+    "privacy.reid_margin": 0.05,
+    "privacy.decoder_epochs": 5,
+    "privacy.identifier_epochs": 15,
+}
+#: No privacy (beta 0, no adversary, a wide waist) against a strict target: the gate must fail.
+LEAKY = {
+    "privacy.beta": 0.0,
+    "privacy.adv_weight": 0.0,
+    "privacy.out_dim": 256,
+    "privacy.hidden": 256,
+    "privacy.reid_margin": 0.0,
+    "privacy.decoder_epochs": 1,
+    "privacy.identifier_epochs": 2,
+    "privacy.attack_draws": 1,
+    "privacy.attack_max_epochs": 100,
+}
+STAGES = [
+    "prepare_data", "validate_data", "tokenizer", "cpt", "family_sft",
+    "rl", "evaluate", "gates", "privacy", "export", "deploy",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -62,26 +106,64 @@ def workspace(tmp_path_factory) -> Path:
     return ws
 
 
-def test_vl_profile_runs_through_the_flow_and_leaves_the_text_run_alone(workspace, capsys):
+@pytest.fixture(scope="module")
+def flow(workspace: Path) -> dict:
+    """Both flow runs (the failing privacy gate, then the passing one) and what the first one left."""
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.pipeline import ruyi_pipeline
-    from flows.report import print_vl_summary
+    from flows.pipeline import StageFailed, ruyi_pipeline
 
-    text_lock = (workspace / "dvc.lock").read_bytes()
-    text_params = (workspace / "params.yaml").read_bytes()
-    text_metrics = {p: p.read_bytes() for p in (workspace / "metrics").glob("*.json")}
+    before = {
+        "text_lock": (workspace / "dvc.lock").read_bytes(),
+        "text_params": (workspace / "params.yaml").read_bytes(),
+        "text_metrics": {p: p.read_bytes() for p in (workspace / "metrics").glob("*.json")},
+    }
+    store = workspace.parent / "store"
+    deploy = {"deploy.port": free_port(), "deploy.store.root": str(store)}
+    vl, metrics = workspace / "artifacts" / "vl", workspace / "metrics" / "vl"
     t0 = time.perf_counter()
     with prefect_test_harness(server_startup_timeout=90):
-        results = ruyi_pipeline(workspace=str(workspace), profile="vl", overrides=MICRO_VL, push=False)
-    print(f"VL micro profile through the flow: {time.perf_counter() - t0:.1f} s")
-    stages = [r["stage"] for r in results]
-    assert stages == [
-        "prepare_data", "validate_data", "tokenizer", "cpt", "family_sft",
-        "rl", "evaluate", "gates", "export",
-    ]  # fmt: skip
-    assert not any(r["skipped"] for r in results)
+        with pytest.raises(StageFailed) as info:
+            ruyi_pipeline(
+                workspace=str(workspace), profile="vl", overrides={**MICRO_VL, **LEAKY, **deploy}, push=False
+            )
+        failed = {
+            "error": str(info.value),
+            "privacy": json.loads((metrics / "privacy.json").read_text()),
+            "outputs": sorted(p.name for p in vl.iterdir()),
+            "deployed": (metrics / "deploy.json").exists(),
+            "store": store.exists(),
+        }
+        t1 = time.perf_counter()
+        results = ruyi_pipeline(
+            workspace=str(workspace),
+            profile="vl",
+            from_stage="privacy",
+            overrides={**MICRO_VL, **PRIVATE, **deploy},
+            push=False,
+        )
+    print(f"VL micro flow: {t1 - t0:.1f} s to the failed privacy gate, {time.perf_counter() - t1:.1f} s more")
+    return {**before, "failed": failed, "results": results}
 
+
+def test_a_failing_privacy_gate_stops_the_flow_before_export_and_deploy(flow) -> None:
+    failed = flow["failed"]
+    assert "privacy" in failed["error"], failed["error"]
+    m = failed["privacy"]
+    assert m["passed"] is False and "reid_accuracy" in [f["check"] for f in m["failures"]]
+    assert m["reid_accuracy"] > m["reid_chance"] and m["tower"] == "vision tower of artifacts/vl/rl (frozen)"
+    assert (
+        "rl" in failed["outputs"] and "privacy" not in failed["outputs"] and "export" not in failed["outputs"]
+    )
+    assert not failed["deployed"] and not failed["store"]
+
+
+def test_vl_profile_runs_through_the_flow_and_leaves_the_text_run_alone(workspace, flow, capsys):
+    from flows.report import print_vl_summary
+
+    results = flow["results"]
+    assert [r["stage"] for r in results] == ["privacy", "export", "deploy"]
+    assert not any(r["skipped"] for r in results)
     metrics = workspace / "metrics" / "vl"
     validated = json.loads((metrics / "validate_data.json").read_text())["files"]
     assert validated["eval"]["kept"] == 16 and validated["train"]["kept"] == 120
@@ -106,13 +188,53 @@ def test_vl_profile_runs_through_the_flow_and_leaves_the_text_run_alone(workspac
 
     assert AutoConfig.from_pretrained(export / "exit_2").model_type == "qwen3_vl"
 
+    # privacy: the gate passed on this family's tower; the camera release is what deploy published
+    p = json.loads((metrics / "privacy.json").read_text())
+    assert (
+        p["passed"] is True
+        and p["failures"] == []
+        and p["tower"].startswith("vision tower of artifacts/vl/rl")
+    )
+    assert (
+        p["reid_accuracy"] <= p["reid_chance"] + 0.05
+        and p["inversion_reid_accuracy"] <= p["reid_chance"] + 0.05
+    )
+    assert (
+        p["behaviour_f1"] >= 0.9 * p["behaviour_f1_raw"]
+        and p["reid_accuracy_raw_features"] > p["reid_accuracy"]
+    )
+    assert json.loads((workspace / "artifacts/vl/privacy/cloud/contract.json").read_text())["dim"] == 16
+
+    # deploy: both releases in the store, every tier served over HTTP answered images as its stock member
+    d = json.loads((metrics / "deploy.json").read_text())
+    store = workspace.parent / "store"
+    assert d["release_uri"] == (store / "ruyi-vl-tiny" / "v0001").as_uri() and not d["reused_release"]
+    assert d["camera_release_uri"] == (store / "ruyi-vl-tiny-camera" / "v0001").as_uri()
+    assert (store / "ruyi-vl-tiny-camera" / "v0001" / "edge" / "tower.safetensors").is_file()
+    assert set(d["tiers"]) == {"exit_1", "exit_2", "exit_4"}
+    for d_, tier in ((1, "exit_1"), (2, "exit_2"), (4, "exit_4")):
+        entry = d["tiers"][tier]
+        assert entry["requests"] == 4 and entry["answers_match_export"] is True and len(entry["answers"]) == 4
+        assert entry["params"] == ev[f"exit_{d_}"]["num_parameters"] and 0.0 <= entry["accuracy"] <= 1.0
+    assert d["camera"]["clips"] == 4 and d["camera"]["released_dim"] == 16
+    # the served cloud refused the clips' pixels (any form) and features of another shape or dtype
+    refused = d["camera"]["cloud_refused"]
+    assert refused == {
+        **dict.fromkeys(("pixels", "float_pixels", "frames", "wrong_width", "float64"), 422),
+        "raw_bytes": 400,
+    }
+    assert (
+        json.loads((metrics / "deploy_smoke.json").read_text())["tiers"]["exit_4"]["answers"]
+        == d["tiers"]["exit_4"]["answers"]
+    )
+
     # The text profile: its lock, params and outputs are untouched; the VL lock is its own.
-    assert (workspace / "dvc.lock").read_bytes() == text_lock
-    assert (workspace / "params.yaml").read_bytes() == text_params
+    assert (workspace / "dvc.lock").read_bytes() == flow["text_lock"]
+    assert (workspace / "params.yaml").read_bytes() == flow["text_params"]
     assert not (workspace / "data" / "raw").exists()
-    assert {p: p.read_bytes() for p in (workspace / "metrics").glob("*.json")} == text_metrics
+    assert {p: p.read_bytes() for p in (workspace / "metrics").glob("*.json")} == flow["text_metrics"]
     vl_lock = yaml.safe_load((workspace / "profiles" / "vl" / "dvc.lock").read_text())
-    assert set(vl_lock["stages"]) == set(stages)
+    assert set(vl_lock["stages"]) == set(STAGES)  # the first run's stages before privacy are recorded
     status = run([DVC, "status", "profiles/vl/dvc.yaml"], workspace).stdout
     assert "up to date" in status, status
 
@@ -120,3 +242,4 @@ def test_vl_profile_runs_through_the_flow_and_leaves_the_text_run_alone(workspac
     print_vl_summary(workspace / "params.vl.yaml")
     out = capsys.readouterr().out
     assert "| exit | params | tokens/s | all |" in out and "scene_count" in out
+    assert "privacy gate passed" in out and "camera release: file://" in out
