@@ -476,7 +476,12 @@ def test_malformed_raw_rows_stop_the_flow_at_validate_data(workspace, first_run,
     )
     bad2 = dict(json.loads(rows[1]), id="bad-answer", answer="four")
     manifest_path = workspace / "data/raw/manifest.json"
-    originals = {p: p.read_bytes() for p in (raw, manifest_path)}
+    kept = (
+        raw,
+        manifest_path,
+        workspace / "metrics/reproducible/validate_data.json",
+    )  # the last: cache: false
+    originals = {p: p.read_bytes() for p in kept}
     try:
         raw.chmod(0o644)
         raw.write_text("\n".join(rows + [json.dumps(bad), json.dumps(bad2)]) + "\n")
