@@ -517,7 +517,8 @@ def test_malformed_raw_rows_stop_the_flow_at_validate_data(workspace, first_run,
         assert "leak.me@example.com" in docs and "four" in docs  # the Data Docs list both bad rows
     finally:  # the raw data as recorded, and the validated data its lock entry names (the later tests)
         for path, data in originals.items():
-            path.chmod(0o644)
+            if path.exists():  # the metrics file is gone (DVC removes a stage's outputs before it runs)
+                path.chmod(0o644)
             path.write_bytes(data)
         run([DVC, "checkout", "--force", "dvc.yaml"], workspace)
     assert "up to date" in run([DVC, "status", "dvc.yaml"], workspace).stdout
