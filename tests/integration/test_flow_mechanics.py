@@ -138,7 +138,9 @@ def test_repository_pipeline_order_is_dvc_dag_order():
         "rl",
         "evaluate",
         "gates",
+        "privacy",
         "export",
+        "deploy",
     ]
     for a, b in edges:
         if a.startswith("profiles/vl/dvc.yaml:"):
