@@ -20,6 +20,7 @@ dtype.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -100,6 +101,9 @@ def workspace(tmp_path_factory) -> Path:
     ws = tmp_path_factory.mktemp("vl") / "ws"
     ws.mkdir()
     copy_repository(ws)
+    # the recorded VL run's metrics are committed; this workspace starts the VL profile from nothing, so
+    # what a failed run leaves (no deploy.json, no privacy artifact) is what the flow wrote
+    shutil.rmtree(ws / "metrics" / "vl")
     git(ws, "init", "-q")
     git(ws, "add", "-A")
     git(ws, "commit", "-qm", "snapshot")
