@@ -135,6 +135,13 @@ def print_vl_summary(params_path: str | Path = "params.vl.yaml") -> None:
             f"re-identification {privacy['reid_accuracy']:.3f} and on reconstructions "
             f"{privacy['inversion_reid_accuracy']:.3f} (chance {privacy['reid_chance']:.3f})"
         )
+        if "qa_accuracy_member" in privacy:
+            print(
+                f"cloud member ({privacy['cloud_member']['description']}): QA accuracy "
+                f"{privacy['qa_accuracy_member']:.3f} on released features, "
+                f"{privacy['qa_accuracy_member_raw']:.3f} on raw features "
+                f"(best constant answers {privacy['qa_chance_member']:.3f})"
+            )
     deploy = _read(path.parent / "deploy.json")
     if deploy:
         print(f"release: {deploy['release_uri']}; camera release: {deploy['camera_release_uri']}")

@@ -13,15 +13,19 @@ before anything is exported or deployed. The body is `tasks.training.privacy_run
    Qwen3-VL tower built here and trained on the training clips' behaviour labels (`tower_steps`), so the
    audit judges a trained tower. Edge features per clip: merged tokens and every deepstack feature.
 3. The mapping (ruyi_model/privacy.py) trained with task CE + `beta` x KL + identity adversary; the
-   cloud's behaviour head on the released features answers behaviour and the clips' questions.
+   cloud's behaviour head on the released features answers behaviour. With `privacy.cloud_member`, the
+   family's deepest member (ruyi_model.camera.CloudMember) learns to answer the clips' questions in text
+   from the released features (soft tokens in place of an image), and the same member on raw edge
+   features is its reference.
 4. The audit (tasks/training/privacy.py): re-identification by fresh MLP and linear attackers trained to
    convergence on released features of the training clips, tested on held-out clips; white-box inversion
    (PSNR/SSIM and a raw-frame identity classifier on the reconstructions); the same for every
    `privacy.betas` (the privacy-utility curve, <plots_dir>/privacy/privacy_utility.png) and for the no-privacy
    reference (beta = 0, no adversary; `no_privacy` in the metrics).
 5. The gate: behaviour F1 >= min_f1_ratio x raw-feature F1, re-identification and identity on
-   reconstructions <= chance + reid_margin. Passed: <artifacts_dir>/privacy/ (edge: tower + mapping;
-   cloud: head + feature contract; served by tasks/release/camera.py). Failed: <metrics_dir>/privacy.json
+   reconstructions <= chance + reid_margin, and (with the member) its QA accuracy >= min_qa_ratio x its
+   raw-feature reference's. Passed: <artifacts_dir>/privacy/ (edge: tower + mapping; cloud: head, feature
+   contract and the member; served by tasks/release/camera.py). Failed: <metrics_dir>/privacy.json
    is still written (atomically, `"passed": false` and the failed checks), any earlier
    <artifacts_dir>/privacy/ is removed, and the stage exits with the contract-failure code: nothing to
    export or deploy.

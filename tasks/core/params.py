@@ -654,6 +654,18 @@ class PrivacyParams(_Section):
     # and identity on reconstructions <= chance + reid_margin.
     min_f1_ratio: Fraction = 0.9
     reid_margin: Fraction = 0.05
+    # The cloud's deep member (ruyi_model.camera.CloudMember; needs family_dir): the family's deepest
+    # member reads the released features as `cloud_tokens` soft tokens in place of an image and answers
+    # the clips' questions in text; trained `cloud_steps` AdamW steps of `cloud_batch` clips (every
+    # question) at `cloud_lr`, and the same member on raw edge features as the non-private reference.
+    # The gate then also asks QA accuracy >= min_qa_ratio x that reference's. false: the cloud is the
+    # behaviour head alone (its answers follow from the predicted behaviour).
+    cloud_member: bool = False
+    cloud_tokens: PositiveInt = 4
+    cloud_steps: PositiveInt = 200
+    cloud_batch: PositiveInt = 16
+    cloud_lr: PositiveFloat = 1e-3
+    min_qa_ratio: Fraction = 0.9
 
 
 class VisionParams(_Section):

@@ -42,7 +42,8 @@ _TROUSERS = ((30, 30, 90), (60, 60, 60), (120, 80, 40), (10, 10, 10), (100, 130,
 PATTERNS = ("solid", "stripes", "dots", "checks")
 GLYPHS = ("dots", "visor", "glasses", "beard")
 _HEIGHTS = (0.42, 0.5, 0.58)  # person height as a fraction of the frame height
-_QUESTIONS = (
+#: The standard questions every clip carries (answers: `questions_for`).
+QUESTIONS = (
     "Did anyone fall?",
     "Is anyone fighting?",
     "Is anyone sitting down?",
@@ -173,7 +174,7 @@ def questions_for(people: tuple[Person, ...]) -> tuple[tuple[str, str], ...]:
         str(counts["walk_right"]),
         str(len(people)),
     )
-    return tuple(zip(_QUESTIONS, answers, strict=True))
+    return tuple(zip(QUESTIONS, answers, strict=True))
 
 
 def answers_for(behaviour: str) -> tuple[tuple[str, str], ...]:

@@ -8,11 +8,14 @@ Wire format: safetensors bytes (`application/octet-stream`), never pickles.
 - POST /edge: one uint8 tensor `frames` [N, T, S, S, 3] (the release's T and S) -> one float tensor
   `features` [N, k]: a sample of the mapping's release, and nothing else (no tower output, no mu).
 - POST /cloud: exactly one tensor `features` that satisfies the release's `FeatureContract` ([N, k],
-  dtype, finite) -> JSON {"behaviours": [...], "answers": [[[question, answer], ...], ...]}. A body that
-  is not safetensors is refused with 400, other or extra tensors, raw pixels, a wrong shape or dtype
-  with 422, a body over `MAX_BODY_BYTES` with 413.
-The cloud replica loads only the release's cloud/ part (behaviour head and contract): it holds no
-tower and no mapping. `GET /edge` and `GET /cloud` answer health. Why: docs/choices.md#privacy.
+  dtype, finite), optionally header metadata `questions` (a JSON list of strings; default: the clips'
+  standard questions) -> JSON {"behaviours": [...], "answers": [[[question, answer], ...], ...],
+  "answered_by": "member" | "head"}. The answers are the deep member's (text, greedy) when the release
+  has one, else they follow from the head's behaviour. A body that is not safetensors is refused with
+  400, other or extra tensors, other metadata, raw pixels, a wrong shape or dtype with 422, a body over
+  `MAX_BODY_BYTES` with 413.
+The cloud replica loads only the release's cloud/ part (behaviour head, contract, deep member): it
+holds no tower and no mapping. `GET /edge` and `GET /cloud` answer health. Why: docs/choices.md#privacy.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ log = logging.getLogger("ruyi.camera")
 
 #: Largest request body either deployment reads.
 MAX_BODY_BYTES = 64 << 20
+#: Most questions one cloud request may ask, and the longest question.
+MAX_QUESTIONS, MAX_QUESTION_CHARS = 16, 200
 EDGE_APP, CLOUD_APP = "camera-edge", "camera-cloud"
 
 
@@ -44,11 +49,42 @@ class WireError(ValueError):
         self.status = status
 
 
-def encode_tensors(tensors: dict) -> bytes:
-    """safetensors bytes of `{name: tensor}`."""
+def encode_tensors(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """safetensors bytes of `{name: tensor}` (with string `metadata` in the header, if given)."""
     from safetensors.torch import save
 
-    return save({k: v.contiguous() for k, v in tensors.items()})
+    return save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+
+
+def body_metadata(body: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors body that `decode_tensors` accepted ({} when it has none)."""
+    size = int.from_bytes(body[:8], "little")
+    return json.loads(body[8 : 8 + size]).get("__metadata__") or {}
+
+
+def cloud_questions(body: bytes) -> list[str] | None:
+    """The questions a cloud request asks (header metadata `questions`: a JSON list of strings), None
+    when it asks none (the standard questions are answered). WireError 422 on anything else."""
+    meta = body_metadata(body)
+    if set(meta) - {"questions"}:
+        raise WireError(422, f"unexpected metadata {sorted(set(meta) - {'questions'})}: only 'questions'")
+    if "questions" not in meta:
+        return None
+    try:
+        questions = json.loads(meta["questions"])
+    except ValueError:
+        questions = None
+    if (
+        not isinstance(questions, list)
+        or not 0 < len(questions) <= MAX_QUESTIONS
+        or not all(isinstance(q, str) and 0 < len(q.strip()) <= MAX_QUESTION_CHARS for q in questions)
+    ):
+        raise WireError(
+            422,
+            f"metadata 'questions' must be a JSON list of 1-{MAX_QUESTIONS} non-empty strings of at most "
+            f"{MAX_QUESTION_CHARS} characters",
+        )
+    return questions
 
 
 def decode_tensors(body: bytes) -> dict:
@@ -122,25 +158,56 @@ def _deployments(art_dir: str):
         """Mapped features in, behaviours and answers out; never accepts anything else."""
 
         def __init__(self, art_dir: str) -> None:
-            from ruyi_model.camera import load_cloud
+            from ruyi_model.camera import load_cloud, load_cloud_member
 
             torch.set_num_threads(1)
             self.head, self.contract, self.behaviours = load_cloud(art_dir)
+            self.member = load_cloud_member(Path(art_dir) / "cloud")
 
         async def __call__(self, request: Request):
-            from tasks.data.camgen import answers_for
-
             if request.method == "GET":
-                return JSONResponse({"status": "ok", "role": "cloud", "contract": self.contract.to_dict()})
+                return JSONResponse(
+                    {
+                        "status": "ok",
+                        "role": "cloud",
+                        "contract": self.contract.to_dict(),
+                        "answered_by": "member" if self.member is not None else "head",
+                    }
+                )
             try:
-                z = cloud_features(await read(request), self.contract)
+                body = await read(request)
+                z = cloud_features(body, self.contract)
+                questions = cloud_questions(body)
+                with torch.no_grad():
+                    pred = [self.behaviours[i] for i in self.head(z).argmax(-1).tolist()]
+                answers = cloud_answers(self.member, z, pred, questions)
             except WireError as e:
                 return JSONResponse({"error": str(e)}, status_code=e.status)
-            with torch.no_grad():
-                pred = [self.behaviours[i] for i in self.head(z).argmax(-1).tolist()]
-            return JSONResponse({"behaviours": pred, "answers": [answers_for(b) for b in pred]})
+            return JSONResponse(
+                {
+                    "behaviours": pred,
+                    "answers": answers,
+                    "answered_by": "member" if self.member is not None else "head",
+                }
+            )
 
     return Edge.bind(art_dir), Cloud.bind(art_dir)
+
+
+def cloud_answers(member, z, behaviours: list[str], questions: list[str] | None) -> list[list[list[str]]]:
+    """Per clip, `[question, answer]` pairs: the deep member's greedy answers from `z` when the release
+    has one (any question), else the answers that follow from the head's predicted behaviour (the
+    standard questions only: WireError 422 for another)."""
+    from tasks.data.camgen import QUESTIONS, answers_for
+
+    asked = list(questions or QUESTIONS)
+    if member is None:
+        unknown = [q for q in asked if q not in QUESTIONS]
+        if unknown:
+            raise WireError(422, f"this release's cloud (a behaviour head) answers only {list(QUESTIONS)}")
+        return [[[q, dict(answers_for(b))[q]] for q in asked] for b in behaviours]
+    flat = member.answer(z.repeat_interleave(len(asked), 0), asked * len(z))
+    return [[[q, flat[i * len(asked) + j]] for j, q in enumerate(asked)] for i in range(len(z))]
 
 
 def post_bytes(url: str, body: bytes, timeout: float = 60.0) -> tuple[int, bytes]:
@@ -161,13 +228,16 @@ class CameraResult:
     sent_to_cloud: bytes  # exactly what crossed from the edge to the cloud
 
 
-def send_clip(url: str, frames, timeout: float = 60.0) -> CameraResult:
-    """Sends clips (uint8 [N, T, S, S, 3]) to the edge, forwards the edge's bytes unchanged to the cloud."""
+def send_clip(url: str, frames, timeout: float = 60.0, questions: list[str] | None = None) -> CameraResult:
+    """Sends clips (uint8 [N, T, S, S, 3]) to the edge and forwards the edge's bytes unchanged to the
+    cloud; with `questions`, the edge's `features` tensor is re-sent unchanged with them in its header."""
     import torch
 
     status, released = post_bytes(f"{url}/edge", encode_tensors({"frames": torch.as_tensor(frames)}), timeout)
     if status != 200:
         raise StageError(f"edge refused the clip: HTTP {status}: {released[:300].decode(errors='replace')}")
+    if questions is not None:
+        released = encode_tensors(decode_tensors(released), {"questions": json.dumps(questions)})
     status, body = post_bytes(f"{url}/cloud", released, timeout)
     if status != 200:
         raise StageError(

@@ -623,3 +623,71 @@ def qa_accuracy(pred_behaviour: torch.Tensor, questions: Sequence[Sequence[tuple
             right += answers.get(q) == a
             total += 1
     return right / max(total, 1)
+
+
+# ----------------------------------------------------------------------------------------- the cloud member
+@dataclass
+class CloudConfig:
+    """Training of the cloud's deep member (`ruyi_model.camera.CloudMember`): `steps` AdamW steps of
+    `batch_size` clips x every question of each clip, teacher-forced cross-entropy on the answers;
+    projector and member train together (the cloud's copy; the family is left unchanged)."""
+
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 1e-3
+    max_new_tokens: int = 4
+    seed: int = 0
+
+
+def train_cloud_member(
+    cloud,
+    release: ReleaseFn,
+    features: torch.Tensor,
+    questions: Sequence[Sequence[tuple[str, str]]],
+    cfg: CloudConfig,
+    quiet: bool = True,
+) -> list[float]:
+    """Trains `cloud` (a CloudMember whose standardiser is already fitted) to answer the clips'
+    `questions` from `release(features)`: a fresh release draw per batch, as the edge sends them.
+    Returns the loss per step."""
+    torch.manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW([p for p in cloud.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    losses = []
+    cloud.train()
+    for _ in _bar(range(cfg.steps), "cloud member", quiet):
+        idx = torch.randint(0, features.shape[0], (min(cfg.batch_size, features.shape[0]),), generator=g)
+        with torch.no_grad():
+            z = release(features[idx], g)
+        rows = [(i, q, a) for i, clip in enumerate(idx.tolist()) for q, a in questions[clip]]
+        ids, mask, labels = cloud.encode([q for _, q, _ in rows], [a for _, _, a in rows])
+        logits = cloud(z[[i for i, _, _ in rows]], ids, mask)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    cloud.eval()
+    return losses
+
+
+@torch.no_grad()
+def cloud_qa(
+    cloud, z: torch.Tensor, questions: Sequence[Sequence[tuple[str, str]]], max_new_tokens: int = 4
+) -> dict:
+    """The cloud member's greedy answers to every clip's questions from its released `z`: exact-match
+    accuracy overall and per question, and the first answers (for the report)."""
+    rows = [(i, q, a) for i, clip in enumerate(questions) for q, a in clip]
+    got: list[str] = []
+    for s in range(0, len(rows), 256):
+        chunk = rows[s : s + 256]
+        got += cloud.answer(z[[i for i, _, _ in chunk]], [q for _, q, _ in chunk], max_new_tokens)
+    per_q: dict[str, list[bool]] = {}
+    for (_, q, a), g in zip(rows, got, strict=True):
+        per_q.setdefault(q, []).append(g == a)
+    right = sum(sum(v) for v in per_q.values())
+    return {
+        "accuracy": right / max(len(rows), 1),
+        "by_question": {q: sum(v) / len(v) for q, v in per_q.items()},
+        "examples": [[q, a, g] for (_, q, a), g in list(zip(rows, got, strict=True))[:6]],
+    }

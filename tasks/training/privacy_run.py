@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections import Counter
 from dataclasses import asdict
 
 import torch
@@ -25,13 +26,16 @@ from tasks.data.camgen import BEHAVIOURS, make_splits
 from tasks.training.privacy import (
     AttackConfig,
     AuditData,
+    CloudConfig,
     MappingConfig,
     TrainedMapping,
     accuracy,
     audit,
     clip_tensor,
+    cloud_qa,
     macro_f1,
     qa_accuracy,
+    train_cloud_member,
     train_frame_identifier,
     train_mapping,
     train_raw_head,
@@ -44,8 +48,11 @@ log = logging.getLogger("ruyi.privacy")
 GATED = ("behaviour_f1", "reid_accuracy", "inversion_reid_accuracy")
 
 
-def gate_failures(metrics: dict, min_f1_ratio: float, reid_margin: float) -> list[dict]:
-    """The privacy gate's failed checks on `metrics` (empty when every target is met)."""
+def gate_failures(
+    metrics: dict, min_f1_ratio: float, reid_margin: float, min_qa_ratio: float = 0.9
+) -> list[dict]:
+    """The privacy gate's failed checks on `metrics` (empty when every target is met); the cloud
+    member's QA check applies when the metrics have one (`qa_accuracy_member`)."""
     failures = []
     bar = min_f1_ratio * metrics["behaviour_f1_raw"]
     if metrics["behaviour_f1"] < bar:
@@ -56,6 +63,17 @@ def gate_failures(metrics: dict, min_f1_ratio: float, reid_margin: float) -> lis
                 f"F1 {metrics['behaviour_f1_raw']:.3f} = {bar:.3f}",
             }
         )
+    if "qa_accuracy_member" in metrics:
+        qa_bar = min_qa_ratio * metrics["qa_accuracy_member_raw"]
+        if metrics["qa_accuracy_member"] < qa_bar:
+            failures.append(
+                {
+                    "check": "utility_qa",
+                    "description": f"cloud member QA accuracy {metrics['qa_accuracy_member']:.3f} < "
+                    f"{min_qa_ratio:g} x its accuracy on raw features "
+                    f"{metrics['qa_accuracy_member_raw']:.3f} = {qa_bar:.3f}",
+                }
+            )
     limit = metrics["reid_chance"] + reid_margin
     for key, what in (
         ("reid_accuracy", "re-identification from released features (best attacker)"),
@@ -72,9 +90,9 @@ def gate_failures(metrics: dict, min_f1_ratio: float, reid_margin: float) -> lis
     return failures
 
 
-def check_gate(metrics: dict, min_f1_ratio: float, reid_margin: float) -> None:
+def check_gate(metrics: dict, min_f1_ratio: float, reid_margin: float, min_qa_ratio: float = 0.9) -> None:
     """Raises ContractViolation naming every failed check of the privacy gate."""
-    failures = gate_failures(metrics, min_f1_ratio, reid_margin)
+    failures = gate_failures(metrics, min_f1_ratio, reid_margin, min_qa_ratio)
     if failures:
         raise ContractViolation(
             "privacy gate failed (nothing published): " + "; ".join(f["description"] for f in failures),
@@ -115,6 +133,86 @@ def _row(trained: TrainedMapping, data: AuditData, questions, identifier, attack
         {k: v for k, v in audit(trained.release_fn(), data, identifier, attack).items() if k[0] != "_"}
     )
     return row
+
+
+def cloud_tokenizer_dir(pp: PrivacyParams, params: Params):
+    """Where the cloud member's tokenizer is: `family_dir` if it holds one, else `<artifacts_dir>/tokenizer`
+    (the vision-language profile's tokenizer stage)."""
+    from pathlib import Path
+
+    family = Path(pp.family_dir)
+    if (family / "tokenizer.json").is_file():
+        return family
+    return require_dir(
+        Workspace.from_params(params).artifacts("tokenizer"),
+        "the cloud member's tokenizer (privacy.cloud_member: true; family_dir holds none)",
+        "tokenizer.json",
+    )
+
+
+def cloud_member(
+    pp: PrivacyParams, params: Params, seed: int, trained: TrainedMapping, feats_train, feats_test, data
+):
+    """The cloud's deep member (`ruyi_model.camera.CloudMember`, the family's deepest member) trained to
+    answer the clips' questions from the gated mapping's releases, and the same member trained on raw
+    edge features (the non-private reference). Returns the private one and its metrics."""
+    from transformers import AutoTokenizer
+
+    from ruyi_model.camera import CloudMember
+    from ruyi_model.vl import FamilialVLForConditionalGeneration
+
+    if pp.family_dir is None:
+        raise StageError(
+            "privacy.cloud_member: true needs privacy.family_dir (a vision-language family whose deepest "
+            "member becomes the cloud); set family_dir or cloud_member: false"
+        )
+    family = FamilialVLForConditionalGeneration.from_pretrained(pp.family_dir)
+    exit_layer = max(family.config.exit_layers)
+    tokenizer = AutoTokenizer.from_pretrained(cloud_tokenizer_dir(pp, params))
+    cfg = CloudConfig(steps=pp.cloud_steps, batch_size=pp.cloud_batch, lr=pp.cloud_lr, seed=seed)
+    q_train = [c.questions for c in data.train.clips]
+    q_test = [c.questions for c in data.test.clips]
+    out, members = {}, {}
+    for name, release in (("private", trained.release_fn()), ("raw", lambda x, g: x)):
+        member = CloudMember.from_family(
+            family,
+            exit_layer,
+            tokenizer,
+            pp.out_dim if name == "private" else feats_train.shape[1],
+            pp.cloud_tokens,
+        )
+        with torch.no_grad():
+            member.fit_standardiser(release(feats_train, torch.Generator().manual_seed(seed + 1)))
+        losses = train_cloud_member(member, release, feats_train, q_train, cfg)
+        z = release(feats_test, torch.Generator().manual_seed(0))
+        out[name] = {
+            **cloud_qa(member, z, q_test, cfg.max_new_tokens),
+            "loss_first": losses[0],
+            "loss_last": losses[-1],
+        }
+        members[name] = member
+        log.info(
+            "cloud member (exit %d) on %s features: QA accuracy %.3f", exit_layer, name, out[name]["accuracy"]
+        )
+    # the best constant answer per question (what a member that ignores the features can reach)
+    majority = [
+        Counter(a for clip in q_test for q2, a in clip if q2 == q).most_common(1)[0][1] for q, _ in q_test[0]
+    ]
+    description = f"deepest member exit_{exit_layer} of {pp.family_dir} reading {pp.cloud_tokens} soft tokens"
+    return members["private"], {
+        "qa_accuracy_member": out["private"]["accuracy"],
+        "qa_accuracy_member_raw": out["raw"]["accuracy"],
+        "qa_chance_member": sum(majority) / (len(q_test) * len(q_test[0])),
+        "cloud_member": {
+            "description": description,
+            "exit_layer": exit_layer,
+            "soft_tokens": pp.cloud_tokens,
+            "steps": pp.cloud_steps,
+            "parameters": sum(p.numel() for p in members["private"].parameters()),
+            "private": out["private"],
+            "raw": out["raw"],
+        },
+    }
 
 
 def plot_curve(rows: list[dict], metrics: dict, path) -> None:
@@ -276,11 +374,19 @@ def run_privacy(params: Params) -> dict:
             ref["behaviour_f1"],
             ref["reid_accuracy"],
         )
-    failures = gate_failures(metrics, pp.min_f1_ratio, pp.reid_margin)
+    cloud = None
+    if pp.cloud_member:
+        cloud, member_metrics = cloud_member(pp, params, seed, trained, feats_train, feats_test, data)
+        metrics.update(member_metrics)
+    failures = gate_failures(metrics, pp.min_f1_ratio, pp.reid_margin, pp.min_qa_ratio)
     metrics.update(
         passed=not failures,
         failures=failures,
-        gate={"min_f1_ratio": pp.min_f1_ratio, "reid_margin": pp.reid_margin},
+        gate={
+            "min_f1_ratio": pp.min_f1_ratio,
+            "reid_margin": pp.reid_margin,
+            "min_qa_ratio": pp.min_qa_ratio,
+        },
         tower=tower_desc,
         tower_loss=tower_losses[-1] if tower_losses else None,
         edge_feature_dim=feats_train.shape[1],
@@ -300,7 +406,7 @@ def run_privacy(params: Params) -> dict:
             shutil.rmtree(out)
             log.warning("removed the earlier camera release %s: this mapping failed the gate", out)
         write_metrics(params, "privacy", metrics)
-        check_gate(metrics, pp.min_f1_ratio, pp.reid_margin)
+        check_gate(metrics, pp.min_f1_ratio, pp.reid_margin, pp.min_qa_ratio)
     summary = {
         k: metrics[k]
         for k in (
@@ -321,7 +427,13 @@ def run_privacy(params: Params) -> dict:
             trained.head,
             pp.hidden,
             BEHAVIOURS,
-            {**summary, "tower": tower_desc},
+            {
+                **summary,
+                "tower": tower_desc,
+                "cloud": metrics.get("cloud_member", {}).get("description", "behaviour head"),
+                "cloud_exit_layer": metrics.get("cloud_member", {}).get("exit_layer"),
+            },
+            cloud_member=cloud,
         )
     write_metrics(params, "privacy", metrics)
     log.info(

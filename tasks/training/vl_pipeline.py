@@ -824,14 +824,14 @@ def _png(row: dict[str, Any]) -> bytes:
 def _camera_smoke(params: Params, url: str, camera_dir: Path) -> dict[str, Any]:
     """Adds a fetched camera release to the Serve instance at `url` (`tasks.release.camera.add_camera`)
     and sends it fresh clips: the cloud must answer every clip with the behaviours its head gives the
-    exact bytes the edge sent (one float tensor `[N, k]`), and refuse (4xx) the clips' pixels and
-    features of another shape or dtype."""
+    exact bytes the edge sent (one float tensor `[N, k]`) and the answers its deep member gives them
+    (`cloud_answers`), and refuse (4xx) the clips' pixels and features of another shape or dtype."""
     import torch
     from safetensors.torch import load
 
-    from ruyi_model.camera import load_cloud
+    from ruyi_model.camera import load_cloud, load_cloud_member
     from tasks.data.camgen import generate_split, make_identities
-    from tasks.release.camera import add_camera, encode_tensors, post_bytes, send_clip
+    from tasks.release.camera import add_camera, cloud_answers, encode_tensors, post_bytes, send_clip
 
     pp, n = params.privacy, params.deploy.smoke_prompts
     identities = make_identities(pp.identities, params.seed)
@@ -850,6 +850,19 @@ def _camera_smoke(params: Params, url: str, camera_dir: Path) -> dict[str, Any]:
     if got != want:
         raise StageError(f"camera smoke test: the cloud answered {got}, its head on the edge's bytes {want}")
     correct = sum(b == behaviours[i] for b, i in zip(got, clips.behaviour, strict=True))
+    # the answers: the deep member's own greedy answers on the same bytes (or the head's rules)
+    member = load_cloud_member(camera_dir / "cloud")
+    want_answers = cloud_answers(member, z["features"], want, None)
+    if result.answers.get("answers") != want_answers:
+        raise StageError(
+            f"camera smoke test: the cloud's answers {result.answers.get('answers')} differ from its "
+            f"{'member' if member is not None else 'head'} on the edge's bytes {want_answers}"
+        )
+    qa = [
+        a == gold
+        for clip, pairs in zip(clips.clips, want_answers, strict=True)
+        for (_, a), (_, gold) in zip(pairs, clip.questions, strict=True)
+    ]
     # what the cloud must refuse: the clips' pixels (as a tensor, as float, under the edge's name, as
     # raw bytes) and features of another width or dtype
     pixels = torch.as_tensor(clips.frames)
@@ -870,6 +883,8 @@ def _camera_smoke(params: Params, url: str, camera_dir: Path) -> dict[str, Any]:
         "bytes_to_cloud": len(result.sent_to_cloud),
         "cloud_refused": statuses,
         "behaviour_accuracy": correct / len(clips),
+        "answered_by": result.answers.get("answered_by"),
+        "qa_accuracy": sum(qa) / len(qa),
         "start_and_round_trip_s": round(latency, 3),
     }
 
@@ -961,7 +976,10 @@ def deploy(params: Params) -> dict[str, Any]:
         "smoke_max_tokens": cfg.smoke_max_tokens,
         "tiers": {t: {k: v for k, v in r.items() if k != "request_s_mean"} for t, r in per_tier.items()},
         # the edge samples its release with a fresh seed: the cloud's answers are not reproducible
-        "camera": {k: camera_smoke[k] for k in ("clips", "released_dim", "bytes_to_cloud", "cloud_refused")},
+        "camera": {
+            k: camera_smoke[k]
+            for k in ("clips", "released_dim", "bytes_to_cloud", "cloud_refused", "answered_by")
+        },
     }
     metrics = {
         **reproducible,
