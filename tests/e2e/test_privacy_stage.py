@@ -66,10 +66,17 @@ def run_stage(workdir: Path, *overrides: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_the_stage_trains_its_tower_audits_gates_and_publishes(tmp_path: Path) -> None:
-    proc = run_stage(tmp_path, "privacy.min_f1_ratio=0.7")
+@pytest.fixture(scope="module")
+def published(tmp_path_factory) -> Path:
+    """A workspace where the stage ran with SMALL params and published its camera release."""
+    workspace = tmp_path_factory.mktemp("privacy")
+    proc = run_stage(workspace, "privacy.min_f1_ratio=0.7")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    workspace = tmp_path
+    return workspace
+
+
+def test_the_stage_trains_its_tower_audits_gates_and_publishes(published: Path) -> None:
+    workspace = published
     m = json.loads((workspace / "metrics/privacy.json").read_text())
     assert all(isinstance(m[k], float) for k in KEYS), {k: m.get(k) for k in KEYS}
     assert m["passed"] is True and m["failures"] == []
@@ -84,3 +91,62 @@ def test_the_stage_trains_its_tower_audits_gates_and_publishes(tmp_path: Path) -
     art = workspace / "artifacts/privacy"
     assert json.loads((art / "cloud/contract.json").read_text())["dim"] == 16
     assert (art / "edge/tower.safetensors").is_file() and (art / "manifest.json").is_file()
+
+
+def test_what_the_served_edge_sends_the_cloud_re_identifies_no_one(published: Path) -> None:
+    """The attacker of the audit, trained and tested on the bytes that actually cross from the served
+    edge to the cloud (every training clip sent `draws` times: a fresh release each), stays within the
+    target; every body is one float tensor `features` [N, k] and never pixels."""
+    import torch
+    import yaml
+    from safetensors.torch import load
+
+    from tasks.core.params import load_params
+    from tasks.data.camgen import make_splits
+    from tasks.release.camera import encode_tensors, post_bytes, start_camera
+    from tasks.training.privacy import AttackConfig, reid_attack
+    from tests.e2e.test_pipeline_e2e import free_port
+
+    params = load_params(
+        REPO / "params.yaml", {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in SMALL)}
+    )
+    pp = params.privacy
+    data = make_splits(
+        pp.train_clips,
+        pp.test_clips,
+        n_identities=pp.identities,
+        n_frames=pp.frames,
+        size=pp.size,
+        seed=params.seed,
+    )
+    bodies: list[bytes] = []
+    with start_camera(published / "artifacts/privacy", port=free_port(), ray_num_cpus=1) as session:
+
+        def served(frames: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+            status, body = post_bytes(f"{session.url}/edge", encode_tensors({"frames": frames}))
+            assert status == 200, body[:300]
+            bodies.append(body)
+            return load(body)["features"]
+
+        cfg = AttackConfig(max_epochs=pp.attack_max_epochs, patience=pp.attack_patience, draws=2, seed=0)
+        train, test = torch.as_tensor(data.train.frames), torch.as_tensor(data.test.frames)
+        results = {
+            kind: reid_attack(
+                served,
+                train,
+                torch.as_tensor(data.train.identity),
+                test,
+                torch.as_tensor(data.test.identity),
+                pp.identities,
+                kind,
+                cfg,
+            )
+            for kind in ("mlp", "linear")
+        }
+    for body in bodies:
+        tensors = load(body)
+        assert list(tensors) == ["features"]
+        z = tensors["features"]
+        assert z.dtype == torch.float32 and z.dim() == 2 and z.shape[1] == pp.out_dim
+    for kind, r in results.items():
+        assert r["accuracy"] <= r["chance"] + pp.reid_margin, (kind, r)
