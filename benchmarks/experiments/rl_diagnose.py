@@ -5,6 +5,8 @@ on the RL prompts before RL, and what an RL run with given settings does to the 
     python benchmarks/experiments/rl_diagnose.py --sft DIR --data FILE --params FILE --samples 16
     python benchmarks/experiments/rl_diagnose.py --train --seed 0 --set lr=1e-3 --set bppo.prefix_k=1
     python benchmarks/experiments/rl_diagnose.py --train --mid 0.1 --set algorithm=grpo
+    python benchmarks/experiments/rl_diagnose.py --train --fresh 2700 --eval-data data/validated/eval.jsonl \
+        --no-train-eval --set steps=150 --set algorithm=grpo --set lr=5.0e-4 --eval-every 50
 
 Without `--train` it prints, for the member `rl.members` selects, on the held-out slice (the last
 `rl.eval_prompts` rows, as the stage) and the train slice: greedy accuracy per kind of problem (the
@@ -13,7 +15,9 @@ each `--temperatures` (the stage's own sampler): how many prompts are all wrong 
 signal in a group) and how many greedy-wrong prompts are ever sampled right. With `--train` it runs
 the stage's `RLTrainer` (params.yaml `rl` with `--set` overrides) from the same start and prints the
 greedy accuracy on both slices every `--eval-every` steps; `--mid P` trains only on the train prompts
-whose pass rate (first temperature) is in [P, 1 - P] (a difficulty filter). Figures: benchmarks/RESULTS.md.
+whose pass rate (first temperature) is in [P, 1 - P] (a difficulty filter); `--fresh N` adds N newly
+generated problems to the train prompts (no prompt repeats within the run) and `--eval-data` the eval
+split to the held-out slice. Figures: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -76,6 +80,24 @@ def pass_rates(model, tok, rows, member, samples, temperature, max_new_tokens, s
     return out
 
 
+def fresh_problems(n: int, rl_rows: list[dict], heldout: list[dict], sft_path: Path) -> list[dict]:
+    """`n` generated level-1 problems (seed 777) sharing no question with sft/rl/held-out and no number
+    pattern with the held-out slice (so training on them cannot leak held-out answers)."""
+    from tasks.data.mathgen import generate_problems, normalize_question, number_pattern
+
+    sft = [json.loads(line)["prompt"] for line in sft_path.read_text().splitlines() if line.strip()]
+    seen = {normalize_question(q) for q in [*sft, *(r["question"] for r in [*rl_rows, *heldout])]}
+    held = {number_pattern(r["question"]) for r in heldout}
+    out: list[dict] = []
+    for p in generate_problems(4 * n + 1000, [1], seed=777):
+        if normalize_question(p.question) in seen or number_pattern(p.question) in held:
+            continue
+        out.append({"id": f"fresh-{len(out)}", "question": p.question, "answer": p.answer, "level": 1})
+        if len(out) == n:
+            return out
+    raise SystemExit(f"--fresh {n}: only {len(out)} new problems could be drawn")
+
+
 def greedy_correct(model, tok, rows, member, max_new_tokens):
     from ruyi_model.decoding import greedy_generate
     from tasks.training.rl_algos import score_responses
@@ -132,6 +154,20 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None, help="append the result as one JSON line to this file")
+    p.add_argument(
+        "--fresh",
+        type=int,
+        default=0,
+        help="also train on N freshly generated level-1 problems (none shares a question with sft/rl/eval "
+        "or a number pattern with the held-out slice), so that prompts need not repeat",
+    )
+    p.add_argument(
+        "--eval-data",
+        default=None,
+        help="add this file's problems (e.g. data/validated/eval.jsonl) to the held-out slice",
+    )
+    p.add_argument("--sft-data", default="data/validated/sft.jsonl", help="the questions --fresh avoids")
+    p.add_argument("--no-train-eval", action="store_true", help="evaluate only the held-out slice")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     raw = yaml.safe_load(Path(a.params).read_text())["rl"]
@@ -150,6 +186,11 @@ def main(argv=None) -> int:
     cfg = RLParams(**raw)
     rows = load_rl_rows(Path(a.data))
     train, heldout = split_rows(rows, cfg.eval_prompts, Path(a.data))
+    if a.eval_data:
+        heldout = heldout + load_rl_rows(Path(a.eval_data))
+    if a.fresh:
+        train = train + fresh_problems(a.fresh, rows, heldout, Path(a.sft_data))
+        print(f"training on {len(train)} prompts ({a.fresh} freshly generated)")
     model, tok = load_family(Path(a.sft))
     member = resolve_members(model.config, cfg.members)[0]
     temps = [float(t) for t in a.temperatures.split(",")]
@@ -184,8 +225,8 @@ def main(argv=None) -> int:
         def evaluate():
             return [
                 sum(greedy_correct(model, tok, rs, member, cfg.max_new_tokens)) / len(rs)
-                for rs in (heldout, train)
-            ]
+                for rs in ((heldout,) if a.no_train_eval else (heldout, train))
+            ] + ([float("nan")] if a.no_train_eval else [])
 
         curve, t0 = [[0, *evaluate()]], time.perf_counter()
         for step in range(1, cfg.steps + 1):
@@ -194,6 +235,11 @@ def main(argv=None) -> int:
                 curve.append([step, *evaluate()])
                 print(f"step {step}: greedy accuracy eval {curve[-1][1]:.3f}, train {curve[-1][2]:.3f}")
         hist = trainer.history[member]
+        tenth = max(1, len(hist) // 10)
+        result.update(
+            sampled_reward_first=sum(h["reward"] for h in hist[:tenth]) / tenth,
+            sampled_reward_last=sum(h["reward"] for h in hist[-tenth:]) / tenth,
+        )
         result.update(
             curve=curve,
             gain=curve[-1][1] - curve[0][1],
