@@ -28,6 +28,8 @@ STAGES = [
 ]
 #: Stages that only the vision-language profile runs (profiles/vl/dvc.yaml).
 VL_ONLY_STAGES = ["privacy"]
+#: Every stage `ruyi stage NAME` runs.
+RUNNABLE = STAGES + VL_ONLY_STAGES
 
 app = typer.Typer(
     add_completion=False,
@@ -41,7 +43,7 @@ app = typer.Typer(
 )
 def stage(
     ctx: typer.Context,
-    name: str = typer.Argument(..., help=f"one of: {', '.join(STAGES + VL_ONLY_STAGES)}"),
+    name: str = typer.Argument(..., help=f"one of: {', '.join(RUNNABLE)}"),
 ) -> None:
     """Run one pipeline stage without Prefect or DVC (`ruyi stage cpt --help` for its options)."""
     if name in (
@@ -55,8 +57,8 @@ def stage(
             f"{', '.join(VL_ONLY_STAGES)} (--params params.vl.yaml)"
         )
         raise typer.Exit(0)
-    if name not in STAGES + VL_ONLY_STAGES:
-        typer.echo(f"error: unknown stage {name!r}; stages: {', '.join(STAGES + VL_ONLY_STAGES)}", err=True)
+    if name not in RUNNABLE:
+        typer.echo(f"error: unknown stage {name!r}; stages: {', '.join(RUNNABLE)}", err=True)
         raise typer.Exit(2)
     module = importlib.import_module(f"tasks.{name}")
     raise typer.Exit(module.main(list(ctx.args)))
