@@ -81,6 +81,8 @@ PRIVATE = {
     "privacy.reid_margin": 0.05,
     "privacy.decoder_epochs": 5,
     "privacy.identifier_epochs": 15,
+    # overrides are written into the workspace's params.vl.yaml, so the LEAKY run's False would stay
+    "privacy.cloud_member": True,
 }
 #: No privacy (beta 0, no adversary, a wide waist) against a strict target: the gate must fail.
 LEAKY = {
