@@ -7,6 +7,8 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# `make test` workers (pytest-xdist); TEST_WORKERS=0 runs the suite serially in the pytest process.
+TEST_WORKERS ?= 2
 # The venv is rebuilt only when what it is made from changes, so a second `make setup` takes seconds.
 DEPS   := pyproject.toml constraints.txt
 
@@ -41,7 +43,10 @@ run: setup  ## set up, then run the whole pipeline on the tiny default
 	$(VENV)/bin/ruyi run
 
 test: setup lint  ## set up, lint, then run every test tier (unit, integration, slow end-to-end)
-	$(PY) -m pytest -q --durations=25
+	# Two pytest workers (TEST_WORKERS=0: serial), a test file per worker at a time (--dist loadfile:
+	# module fixtures are built once); the e2e files come first in collection order, so the longest
+	# files start first. Stage subprocesses use one thread each (tests/conftest.py), so 2 workers fit 2 cores.
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 test-fast: setup  ## the unit tier only (no servers, no stage runs; under 3 minutes on 2 cores)
 	$(PY) -m pytest -q tests/unit
