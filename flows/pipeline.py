@@ -4,9 +4,12 @@
 
 One task per stage running `dvc repro <stage> --single-item` in `dvc dag` order, retries for
 infrastructure errors only, one run per workspace, overrides written to params.yaml first, metrics and
-lineage as Prefect artifacts, then `dvc push`. A profile (`PROFILES`) is a DVC pipeline file and its
-params file: `text` (dvc.yaml + params.yaml, the default) or `vl` (profiles/vl/dvc.yaml + params.vl.yaml,
-docs/choices.md#vision-language-profile). Why: docs/choices.md#orchestration.
+lineage as Prefect artifacts, then `dvc push`. A stage whose `meta.local_effect` (`LOCAL_EFFECT_KEY`: the
+gates' Data Docs, the deploy's smoke report) is missing on this machine runs even when DVC finds it up
+to date, so a fresh clone of a recorded run still gates, publishes and smoke-tests. A profile
+(`PROFILES`) is a DVC pipeline file and its params file: `text` (dvc.yaml + params.yaml, the default) or
+`vl` (profiles/vl/dvc.yaml + params.vl.yaml, docs/choices.md#vision-language-profile). Why:
+docs/choices.md#orchestration.
 """
 
 from __future__ import annotations
@@ -186,6 +189,40 @@ def dvc_stage_order(workspace: str | Path, dvc_file: str = "dvc.yaml") -> list[s
             raise RuntimeError("dvc.yaml has a dependency cycle")
         order.append(ready[0])
     return order
+
+
+#: A stage's `meta` key in a DVC pipeline file naming what the stage leaves on the machine that runs it
+#: outside DVC's outputs (the gates' Data Docs, the deploy's smoke report). DVC finds such a stage up to
+#: date in a fresh clone of a recorded run (its only outputs are committed metrics), so without this a
+#: first `make run` would neither write the gate report nor publish and smoke-test a release.
+LOCAL_EFFECT_KEY = "local_effect"
+
+
+def missing_local_effects(workspace: str | Path, stage: str, dvc_file: str = "dvc.yaml") -> list[str]:
+    """The paths of `stage`'s `meta.local_effect` (a path or a list, relative to the stage's `wdir`, as
+    DVC's own paths) that do not exist in `workspace`, workspace-relative; [] when none is missing or
+    the stage declares none.
+
+    Raises:
+        ValueError: `stage` is not in `dvc_file`, or its `meta.local_effect` is not a path or a list of paths.
+    """
+    import yaml
+
+    workspace = Path(workspace).resolve()
+    stages = (yaml.safe_load((workspace / dvc_file).read_text()) or {}).get("stages", {})
+    if stage not in stages:
+        raise ValueError(f"{dvc_file} has no stage {stage!r}")
+    spec = stages[stage]
+    declared = (spec.get("meta") or {}).get(LOCAL_EFFECT_KEY, [])
+    paths = [declared] if isinstance(declared, str) else declared
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+        raise ValueError(
+            f"{dvc_file}: stage {stage}: meta.{LOCAL_EFFECT_KEY} must be a path or a list of paths, "
+            f"got {declared!r}"
+        )
+    wdir = ((workspace / dvc_file).parent / str(spec.get("wdir", "."))).resolve()
+    missing = [wdir / p for p in paths if not (wdir / p).exists()]
+    return [os.path.relpath(p, workspace) for p in missing]
 
 
 def select_stages(order: list[str], from_stage: str | None, to_stage: str | None) -> list[str]:
@@ -472,7 +509,16 @@ def ruyi_pipeline(
         try:
             for stage in stages:
                 failed = stage
-                results.append(run_stage(stage, str(ws), force=force, dvc_file=dvc_file))
+                missing = [] if force else missing_local_effects(ws, stage, dvc_file)
+                if missing:
+                    logger.info(
+                        "stage %s: %s not on this machine (not a DVC output): running it even if DVC "
+                        "finds it up to date",
+                        stage,
+                        ", ".join(missing),
+                    )
+                result = run_stage(stage, str(ws), force=force or bool(missing), dvc_file=dvc_file)
+                results.append({**result, "forced_for": missing} if missing else result)
             failed = None
         finally:
             # Published for failed runs too: which stages ran, with which outputs, and where it stopped.
@@ -498,4 +544,6 @@ __all__ = [
     "StageFailed",
     "InfrastructureError",
     "push_results",
+    "missing_local_effects",
+    "LOCAL_EFFECT_KEY",
 ]

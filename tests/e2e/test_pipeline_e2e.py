@@ -204,6 +204,10 @@ def test_full_pipeline_runs_every_stage(workspace, first_run):
         "deploy",
     ]
     assert not any(r["skipped"] for r in results)
+    # what gates and deploy leave outside DVC's outputs is where dvc.yaml says (flows.pipeline)
+    from flows.pipeline import missing_local_effects
+
+    assert all(missing_local_effects(workspace, s) == [] for s in stages)
     ev = json.loads((workspace / "metrics/eval.json").read_text())
     for d in (2, 4):
         assert {"loss", "accuracy", "tokens_per_s", "params"} <= set(ev[f"exit_{d}"])

@@ -189,6 +189,10 @@ def test_vl_profile_runs_through_the_flow_and_leaves_the_text_run_alone(workspac
     rl = json.loads((metrics / "reproducible" / "rl.json").read_text())
     assert rl["members"] == [1, 2, 4] and rl["algorithm"] == "grpo"
     assert json.loads((metrics / "gates.json").read_text())["passed"] is True
+    from flows.pipeline import missing_local_effects
+
+    for stage in ("gates", "deploy"):  # the reports dvc.yaml names as their effects on this machine
+        assert missing_local_effects(workspace, stage, "profiles/vl/dvc.yaml") == [], stage
 
     export = workspace / "artifacts" / "vl" / "export"
     manifest = json.loads((export / "manifest.json").read_text())

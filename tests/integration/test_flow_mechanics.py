@@ -24,6 +24,7 @@ from flows.pipeline import (
     _killing_signal,
     apply_param_overrides,
     dvc_stage_order,
+    missing_local_effects,
     ruyi_pipeline,
     select_stages,
 )
@@ -245,6 +246,75 @@ def test_force_recomputes_up_to_date_stages(mini_ws, prefect_api):
     results = ruyi_pipeline(workspace=str(mini_ws), from_stage="b", force=True, push=False)
     assert [r["skipped"] for r in results] == [False, False]
     assert runs(mini_ws) == ["a", "b", "c", "b", "c"]
+
+
+def _declare_local_effect(ws: Path, stage: str, effect) -> None:
+    spec = yaml.safe_load((ws / "dvc.yaml").read_text())
+    spec["stages"][stage]["meta"] = {"local_effect": effect}
+    (ws / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+
+
+def test_a_stage_whose_local_effect_is_missing_runs_although_dvc_finds_it_up_to_date(mini_ws, prefect_api):
+    # c stands for gates/deploy: what it leaves on this machine (a report) is not a DVC output, so a
+    # fresh clone of a recorded run has the lock and the committed metrics but not the report.
+    _declare_local_effect(mini_ws, "c", "reports/c.html")
+    ruyi_pipeline(workspace=str(mini_ws), push=False)
+    assert runs(mini_ws) == ["a", "b", "c"]
+    status = subprocess.run([DVC, "status"], cwd=mini_ws, capture_output=True, text=True).stdout
+    assert "up to date" in status  # DVC alone would skip c from now on
+
+    results = ruyi_pipeline(workspace=str(mini_ws), push=False)
+    assert [r["skipped"] for r in results] == [True, True, False]
+    assert results[2]["forced_for"] == ["reports/c.html"]
+    assert runs(mini_ws) == ["a", "b", "c", "c"]
+
+    (mini_ws / "reports").mkdir()
+    (mini_ws / "reports/c.html").write_text("<html></html>")
+    results = ruyi_pipeline(workspace=str(mini_ws), push=False)
+    assert all(r["skipped"] for r in results) and "forced_for" not in results[2]
+    assert runs(mini_ws) == ["a", "b", "c", "c"]
+
+    # a stage outside the selection is never forced
+    (mini_ws / "reports/c.html").unlink()
+    ruyi_pipeline(workspace=str(mini_ws), to_stage="b", push=False)
+    assert runs(mini_ws) == ["a", "b", "c", "c"]
+
+
+def test_local_effects_resolve_against_the_stage_wdir_and_reject_bad_declarations(tmp_path):
+    ws = tmp_path / "ws"
+    (ws / "profiles/p").mkdir(parents=True)
+    (ws / "reports").mkdir()
+    (ws / "reports/here.txt").write_text("x")
+    spec = {
+        "stages": {
+            "one": {
+                "cmd": "true",
+                "wdir": "../..",
+                "meta": {"local_effect": ["reports/here.txt", "reports/gone"]},
+            },
+            "two": {"cmd": "true", "meta": {"local_effect": "reports/here.txt"}},
+            "plain": {"cmd": "true"},
+            "bad": {"cmd": "true", "meta": {"local_effect": {"path": "x"}}},
+        }
+    }
+    (ws / "profiles/p/dvc.yaml").write_text(yaml.safe_dump(spec))
+    assert missing_local_effects(ws, "one", "profiles/p/dvc.yaml") == ["reports/gone"]
+    assert missing_local_effects(ws, "two", "profiles/p/dvc.yaml") == ["profiles/p/reports/here.txt"]
+    assert missing_local_effects(ws, "plain", "profiles/p/dvc.yaml") == []
+    with pytest.raises(ValueError, match="stage bad: meta.local_effect must be a path or a list of paths"):
+        missing_local_effects(ws, "bad", "profiles/p/dvc.yaml")
+    with pytest.raises(ValueError, match="has no stage 'nope'"):
+        missing_local_effects(ws, "nope", "profiles/p/dvc.yaml")
+
+
+@pytest.mark.parametrize("dvc_file", ["dvc.yaml", "profiles/vl/dvc.yaml"])
+def test_the_pipelines_declare_the_gate_and_deploy_reports_as_local_effects(dvc_file):
+    """The paths must be what the stages write (checked after real runs in the e2e tests)."""
+    stages = yaml.safe_load((REPO / dvc_file).read_text())["stages"]
+    for name in ("gates", "deploy"):
+        assert stages[name].get("meta", {}).get("local_effect"), (dvc_file, name)
+        cached = [o for o in stages[name].get("outs", []) if not isinstance(o, dict)]
+        assert not cached, f"{dvc_file}: {name} has cached outputs: a fresh clone reruns it anyway"
 
 
 def test_stage_output_reaches_the_run_logs(mini_ws, prefect_api):
