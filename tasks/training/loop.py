@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -41,19 +41,47 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float)
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(named_params: Sequence[tuple[str, torch.nn.Parameter]], cfg: TrainParams):
-    """AdamW with weight decay on matrices only, and its warmup + cosine LambdaLR scheduler."""
+def lr_scale_of(name: str, lr_scales: Mapping[str, float]) -> float:
+    """The multiplier of parameter `name`: that of the longest prefix in `lr_scales` it has, else 1."""
+    prefixes = [p for p in lr_scales if name.startswith(p)]
+    return lr_scales[max(prefixes, key=len)] if prefixes else 1.0
+
+
+def build_optimizer(
+    named_params: Sequence[tuple[str, torch.nn.Parameter]],
+    cfg: TrainParams,
+    lr_scales: Mapping[str, float] | None = None,
+):
+    """AdamW with weight decay on matrices only, and its warmup + cosine LambdaLR scheduler.
+
+    `lr_scales` maps parameter-name prefixes to multipliers of `cfg.lr` (the longest matching prefix
+    wins; one parameter group per weight-decay class and multiplier, all on the same schedule).
+
+    Raises:
+        StageError: nothing requires grad; a multiplier not > 0; a prefix that names no trained parameter.
+    """
     import functools
 
     import torch
 
+    lr_scales = dict(lr_scales or {})
     params = [(n, p) for n, p in named_params if p.requires_grad]
     if not params:
         raise StageError("nothing to train: no parameter requires grad")
-    decay = [p for n, p in params if p.dim() >= 2]
-    no_decay = [p for n, p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    bad = {k: v for k, v in lr_scales.items() if not v > 0}
+    unused = [k for k in lr_scales if not any(n.startswith(k) for n, _ in params)]
+    if bad or unused:
+        raise StageError(
+            f"lr scales: multipliers must be > 0 (got {bad}); prefixes must name trained parameters "
+            f"(none starts with {unused})"
+        )
+    groups = []
+    for matrices, weight_decay in ((True, cfg.weight_decay), (False, 0.0)):
+        of_class = [(n, p) for n, p in params if (p.dim() >= 2) == matrices]
+        for scale in sorted({lr_scale_of(n, lr_scales) for n, _ in of_class}, reverse=True):
+            chosen = [p for n, p in of_class if lr_scale_of(n, lr_scales) == scale]
+            groups.append({"params": chosen, "weight_decay": weight_decay, "lr": cfg.lr * scale})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
     schedule = functools.partial(
         lr_factor, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, min_lr_ratio=cfg.min_lr_ratio
     )
@@ -270,6 +298,7 @@ def train_loop(
     eval_fn: EvalFn = multi_exit_eval,
     checkpointer: Checkpointer | None = None,
     callbacks: Sequence[Callable[[int], None]] = (),
+    lr_scales: Mapping[str, float] | None = None,
 ) -> TrainResult:
     """Trains `model` for `cfg.max_steps` optimizer steps, resuming from `checkpointer` if possible.
 
@@ -285,6 +314,7 @@ def train_loop(
             `eval_every` steps and at the end.
         checkpointer: None disables checkpoints (benchmarks); else resume + save every `checkpoint_every`.
         callbacks: called with the number of completed steps after each step (after any checkpoint).
+        lr_scales: parameter-name prefix -> multiplier of `cfg.lr` (`build_optimizer`).
 
     Returns:
         TrainResult (the history includes the steps of earlier, resumed-from runs).
@@ -292,7 +322,7 @@ def train_loop(
     from tqdm.auto import tqdm
 
     t_wall = time.perf_counter()
-    run = _setup(stage, model, cfg, named_params)
+    run = _setup(stage, model, cfg, named_params, lr_scales)
     if checkpointer is not None:
         _resume(run, checkpointer)
     if run.start > cfg.max_steps:
@@ -333,9 +363,15 @@ def train_loop(
 
 
 # --- setup, resume, checkpoints and finishing ---------------------------------------------------------
-def _setup(stage: str, model, cfg: TrainParams, named_params: Sequence[tuple[str, Any]]) -> _Run:
+def _setup(
+    stage: str,
+    model,
+    cfg: TrainParams,
+    named_params: Sequence[tuple[str, Any]],
+    lr_scales: Mapping[str, float] | None = None,
+) -> _Run:
     device = next(model.parameters()).device
-    optimizer, scheduler = build_optimizer(named_params, cfg)
+    optimizer, scheduler = build_optimizer(named_params, cfg, lr_scales)
     params = [p for _, p in named_params if p.requires_grad]
     return _Run(
         stage=stage,

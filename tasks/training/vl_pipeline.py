@@ -342,7 +342,21 @@ def vl_multi_exit_eval(model, batch: dict) -> dict[int, tuple[float, int]]:
     return {d: (float(v) * n, n) for d, v in out.exit_losses.items()}
 
 
-def _train(params: Params, stage: str, model, cfg, named, rows, val_rows, extra: dict[str, Any]):
+#: The parameters of the vision tower and its mergers (`vl.sft_vision_lr_scale` in family_sft).
+VISION_PREFIX = "model.visual."
+
+
+def _train(
+    params: Params,
+    stage: str,
+    model,
+    cfg,
+    named,
+    rows,
+    val_rows,
+    extra: dict[str, Any],
+    lr_scales: dict[str, float] | None = None,
+):
     from tasks.training.checkpoint import Checkpointer, fingerprint_info
     from tasks.training.loop import exit_weights_at, train_loop
 
@@ -368,6 +382,7 @@ def _train(params: Params, stage: str, model, cfg, named, rows, val_rows, extra:
         val_batches=val,
         eval_fn=vl_multi_exit_eval,
         checkpointer=Checkpointer(ws.checkpoints(stage), info),
+        lr_scales=lr_scales,
     )
     initial, final, train = result.val_losses(0), result.val_losses(), result.final_train_losses()
     metrics: dict[str, Any] = {
@@ -418,14 +433,20 @@ def cpt(params: Params) -> dict[str, Any]:
 
 
 def family_sft(params: Params) -> dict[str, Any]:
-    """Joint multi-exit SFT of every parameter (vision tower included) on the VQA tasks."""
+    """Joint multi-exit SFT of every parameter (vision tower included) on the VQA tasks; the vision tower
+    and its mergers at `vl.sft_vision_lr_scale` times the lr."""
     model = load_family(params, "cpt")
     model.requires_grad_(True)
     named = list(model.named_parameters())
     tasks = [*params.vl.tasks, *([CAPTION] if params.vl.sft_captions else [])]
     rows = _rows(params, "train", tasks)
     val = _rows(params, "select", params.vl.tasks)
-    metrics = _train(params, "family_sft", model, params.family_sft, named, rows, val, {"part": "sft"})
+    scale = params.vl.sft_vision_lr_scale
+    lr_scales = {VISION_PREFIX: scale} if scale != 1.0 else None
+    metrics = _train(
+        params, "family_sft", model, params.family_sft, named, rows, val, {"part": "sft"}, lr_scales
+    )
+    metrics["vision_lr"] = params.family_sft.lr * scale
     _save_family(params, "family_sft", model)
     write_metrics(params, "family_sft", metrics)
     return metrics

@@ -188,6 +188,12 @@ def test_vl_profile_runs_through_the_flow_and_leaves_the_text_run_alone(workspac
     assert ev["exit_1"]["num_parameters"] < ev["exit_2"]["num_parameters"] < ev["exit_4"]["num_parameters"]
     rl = json.loads((metrics / "reproducible" / "rl.json").read_text())
     assert rl["members"] == [1, 2, 4] and rl["algorithm"] == "grpo"
+    sft, p = (
+        json.loads((metrics / "family_sft.json").read_text()),
+        yaml.safe_load((workspace / "params.vl.yaml").read_text()),
+    )
+    assert 0 < p["vl"]["sft_vision_lr_scale"] < 1  # the profile trains the tower slower (RESULTS.md)
+    assert sft["vision_lr"] == pytest.approx(p["family_sft"]["lr"] * p["vl"]["sft_vision_lr_scale"])
     assert json.loads((metrics / "gates.json").read_text())["passed"] is True
     from flows.pipeline import missing_local_effects
 

@@ -14,7 +14,15 @@ from tasks.core.stage import StageError
 from tasks.training.batches import BlockStream, MixedStream, pack_documents, sft_holdout_split, trim_batch
 from tasks.training.checkpoint import Checkpointer, fingerprint_info
 from tasks.training.curves import write_loss_curves
-from tasks.training.loop import _targets, exit_weights_at, lr_factor, multi_exit_loss_fn, train_loop
+from tasks.training.loop import (
+    _targets,
+    build_optimizer,
+    exit_weights_at,
+    lr_factor,
+    lr_scale_of,
+    multi_exit_loss_fn,
+    train_loop,
+)
 
 
 def test_pack_documents_joins_with_eos_and_drops_the_partial_block():
@@ -34,6 +42,69 @@ def test_lr_schedule_warmup_then_cosine_to_the_floor():
     assert f(20) == pytest.approx(0.1)
     values = [f(s) for s in range(4, 21)]
     assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_lr_scales_give_prefixed_parameters_their_own_groups_on_the_same_schedule():
+    torch.manual_seed(0)
+    net = torch.nn.ModuleDict(
+        {
+            "text": torch.nn.Linear(3, 3),
+            "visual": torch.nn.ModuleDict({"blocks": torch.nn.Linear(3, 3), "merger": torch.nn.Linear(3, 3)}),
+        }
+    )
+    named = list(net.named_parameters())
+    cfg = TrainParams(seq_len=8, batch_size=2, max_steps=10, lr=1e-2, warmup_steps=2, weight_decay=0.1)
+    scales = {"visual.": 0.1, "visual.merger.": 0.5}
+    assert lr_scale_of("visual.merger.weight", scales) == 0.5  # the longest prefix wins
+    assert lr_scale_of("visual.blocks.bias", scales) == 0.1 and lr_scale_of("text.weight", scales) == 1.0
+    opt, sched = build_optimizer(named, cfg, scales)
+    by_id = {id(p): n for n, p in named}
+    groups = {
+        (g["weight_decay"], g["initial_lr"]): sorted(by_id[id(p)] for p in g["params"])
+        for g in opt.param_groups
+    }
+    assert groups == {
+        (0.1, 1e-2): ["text.weight"],
+        (0.1, 5e-3): ["visual.merger.weight"],
+        (0.1, 1e-3): ["visual.blocks.weight"],
+        (0.0, 1e-2): ["text.bias"],
+        (0.0, 5e-3): ["visual.merger.bias"],
+        (0.0, 1e-3): ["visual.blocks.bias"],
+    }
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    factor = lr_factor(4, 2, 10, cfg.min_lr_ratio)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx(
+        [g["initial_lr"] * factor for g in opt.param_groups]
+    )
+
+    # without scales: the two weight-decay groups of before, at cfg.lr
+    plain, _ = build_optimizer(named, cfg)
+    assert [(g["weight_decay"], g["initial_lr"], len(g["params"])) for g in plain.param_groups] == [
+        (0.1, 1e-2, 3),
+        (0.0, 1e-2, 3),
+    ]
+
+    # a scaled parameter moves less: one step from the same gradient, Adam's first step is lr-sized
+    for p in net.parameters():
+        p.grad = torch.ones_like(p)
+    before = {n: p.detach().clone() for n, p in named}
+    opt, _ = build_optimizer(named, cfg, {"visual.": 0.1})
+    opt.step()
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in named}
+    assert moved["visual.blocks.bias"] == pytest.approx(0.1 * moved["text.bias"], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("scales", "message"),
+    [({"visual.": 0.0}, "must be > 0"), ({"vision.": 0.1}, "none starts with \\['vision.'\\]")],
+)
+def test_lr_scales_reject_a_zero_multiplier_and_a_prefix_that_names_nothing(scales, message):
+    net = torch.nn.ModuleDict({"text": torch.nn.Linear(2, 2), "visual": torch.nn.Linear(2, 2)})
+    cfg = TrainParams(seq_len=8, batch_size=2, max_steps=4, lr=1e-2, warmup_steps=1)
+    with pytest.raises(StageError, match=message):
+        build_optimizer(list(net.named_parameters()), cfg, scales)
 
 
 @pytest.mark.parametrize("kind,mid", [("constant", 1.0), ("linear", 0.6), ("cosine", 0.6)])
