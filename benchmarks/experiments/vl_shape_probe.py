@@ -18,12 +18,12 @@ benchmarks/RESULTS.md ("VL profile", "Is the tower shape-blind").
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def cell_examples(rows: list[dict], grid: int) -> list[tuple[dict, list[tuple[int, str, str]]]]:
@@ -109,15 +109,9 @@ def gather(feats, examples, labels_of):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
-    )
-    ap.add_argument(
-        "--params", default="params.vl.yaml", help="the VL profile's params file (default %(default)s)"
-    )
-    ap.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="params override (repeatable)"
-    )
+    from vl_scratch import vl_argparser
+
+    ap = vl_argparser(__doc__)
     ap.add_argument(
         "--families",
         nargs="+",
