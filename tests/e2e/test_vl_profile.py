@@ -71,6 +71,9 @@ MICRO_VL = {
     # loosened here; the profile's figures are the recorded run's
     "privacy.cloud_steps": 40,
     "privacy.min_qa_ratio": 0.5,
+    # the micro family's tower (4 SFT steps) gives raw-feature behaviour F1 near 0.5 and the mapping's
+    # ratio to it varied 0.76-0.9 between runs: the flow mechanics are tested, not the profile's target
+    "privacy.min_f1_ratio": 0.5,
 }
 #: The profile's mapping and targets (params.vl.yaml), with a cheaper inversion decoder.
 PRIVATE = {
