@@ -342,7 +342,7 @@ def vl_multi_exit_eval(model, batch: dict) -> dict[int, tuple[float, int]]:
     return {d: (float(v) * n, n) for d, v in out.exit_losses.items()}
 
 
-#: The parameters of the vision tower and its mergers (`vl.vision_lr_scale` in family_sft and rl).
+#: The parameters of the vision tower and its mergers (`vl.sft_vision_lr_scale` in family_sft).
 VISION_PREFIX = "model.visual."
 
 
@@ -434,14 +434,14 @@ def cpt(params: Params) -> dict[str, Any]:
 
 def family_sft(params: Params) -> dict[str, Any]:
     """Joint multi-exit SFT of every parameter (vision tower included) on the VQA tasks; the vision tower
-    and its mergers at `vl.vision_lr_scale` times the lr."""
+    and its mergers at `vl.sft_vision_lr_scale` times the lr."""
     model = load_family(params, "cpt")
     model.requires_grad_(True)
     named = list(model.named_parameters())
     tasks = [*params.vl.tasks, *([CAPTION] if params.vl.sft_captions else [])]
     rows = _rows(params, "train", tasks)
     val = _rows(params, "select", params.vl.tasks)
-    scale = params.vl.vision_lr_scale
+    scale = params.vl.sft_vision_lr_scale
     lr_scales = {VISION_PREFIX: scale} if scale != 1.0 else None
     metrics = _train(
         params, "family_sft", model, params.family_sft, named, rows, val, {"part": "sft"}, lr_scales
@@ -603,14 +603,7 @@ def rl(params: Params) -> dict[str, Any]:
 
     start = held_accuracy()
     torch.manual_seed(params.seed)
-    # the vision tower and its mergers at vl.vision_lr_scale x the lr, as in family_sft: at the full lr
-    # these 12 steps moved the tower enough to cost the deepest member 5.6 points (RESULTS.md)
-    named = list(model.named_parameters())
-    groups = [{"params": [p for n, p in named if not n.startswith(VISION_PREFIX)]}]
-    vision = [p for n, p in named if n.startswith(VISION_PREFIX)]
-    if vision:
-        groups.append({"params": vision, "lr": cfg.lr * v.vision_lr_scale})
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in model.parameters()], lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     rng = random.Random(f"{params.seed}:vl-rl")
     history, t0 = [], time.perf_counter()
     for step in range(cfg.steps):
@@ -656,7 +649,6 @@ def rl(params: Params) -> dict[str, Any]:
         "eval_prompts": len(held),
         "seconds": round(time.perf_counter() - t0, 2),
         "mean_reward": round(sum(h["reward"] for h in history) / max(len(history), 1), 6),
-        "vision_lr": cfg.lr * v.vision_lr_scale,
         **{f"exit_{d}": {"accuracy_start": start[d], "accuracy_end": end[d]} for d in members},
     }
     write_metrics(params, "rl", metrics)
