@@ -74,6 +74,10 @@ MICRO_VL = {
     # the micro family's tower (4 SFT steps) gives raw-feature behaviour F1 near 0.5 and the mapping's
     # ratio to it varied 0.76-0.9 between runs: the flow mechanics are tested, not the profile's target
     "privacy.min_f1_ratio": 0.5,
+    # the micro tower trains at the full lr: the failing-gate run needs a tower that leaks identity
+    # after 4 steps, which the profile's 0.1 x does not (re-identification at chance); the profile's
+    # own multiplier is measured in its recorded run
+    "vl.sft_vision_lr_scale": 1.0,
 }
 #: The profile's mapping and targets (params.vl.yaml), with a cheaper inversion decoder.
 PRIVATE = {
@@ -195,7 +199,6 @@ def test_vl_profile_runs_through_the_flow_and_leaves_the_text_run_alone(workspac
         json.loads((metrics / "family_sft.json").read_text()),
         yaml.safe_load((workspace / "params.vl.yaml").read_text()),
     )
-    assert 0 < p["vl"]["sft_vision_lr_scale"] < 1  # the profile trains the tower slower (RESULTS.md)
     assert sft["vision_lr"] == pytest.approx(p["family_sft"]["lr"] * p["vl"]["sft_vision_lr_scale"])
     assert json.loads((metrics / "gates.json").read_text())["passed"] is True
     from flows.pipeline import missing_local_effects
