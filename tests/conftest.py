@@ -30,18 +30,34 @@ from types import SimpleNamespace
 
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="ruyi-tests-"))
 
+#: Names of the variables this file set itself (not the user), passed down in the environment. A
+#: pytest-xdist worker inherits the controller's environment: it drops those values and sets its own,
+#: so that two workers never share a Prefect database, a DVC site cache or a Ray session directory (a
+#: test that checks no Ray process is left under RAY_TMPDIR would see the other worker's Ray).
+_SET_HERE_VAR = "RUYI_TESTS_SET_BY_CONFTEST"
+for _name in filter(None, os.environ.pop(_SET_HERE_VAR, "").split(",")):
+    os.environ.pop(_name, None)
+_set_here: list[str] = []
+
+
+def _default(name: str, value: str) -> None:
+    if name not in os.environ:
+        os.environ[name] = value
+        _set_here.append(name)
+
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("PREFECT_HOME", str(_SESSION_TMP / "prefect"))
+_default("PREFECT_HOME", str(_SESSION_TMP / "prefect"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-os.environ.setdefault("DVC_SITE_CACHE_DIR", str(_SESSION_TMP / "dvc-site"))
+_default("DVC_SITE_CACHE_DIR", str(_SESSION_TMP / "dvc-site"))
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_TMPDIR", str(_SESSION_TMP / "ray"))
+_default("RAY_TMPDIR", str(_SESSION_TMP / "ray"))
 os.environ.setdefault("MPLBACKEND", "Agg")
 # Stage subprocesses started by tests (DVC, Prefect) share 2 cores with the test process and servers:
 # one intra-op thread each avoids oversubscription, which slows torch on CPU by an order of magnitude.
@@ -77,6 +93,9 @@ TRITON_INTERPRET_FROM_USER = "TRITON_INTERPRET" in os.environ
 #: Whether a CUDA device is usable (decides interpreter vs compiled Triton).
 CUDA_AVAILABLE = torch.cuda.is_available()
 decide_triton_interpret(os.environ, CUDA_AVAILABLE, triton_imported="triton" in sys.modules)
+if not TRITON_INTERPRET_FROM_USER and "TRITON_INTERPRET" in os.environ:
+    _set_here.append("TRITON_INTERPRET")
+os.environ[_SET_HERE_VAR] = ",".join(_set_here)
 #: Whether Triton kernels run in the interpreter in this session.
 TRITON_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
