@@ -66,7 +66,7 @@ def worker(args) -> None:
     if args.worker == "chunked" and not args.chunk_size:
         from triton_kernels.ops.exit_head_loss import default_chunk_size
 
-        args.chunk_size = default_chunk_size(args.K, args.V)
+        args.chunk_size = default_chunk_size(args.K, args.V, device.type)
     step = _step_fn("naive" if args.worker == ONE_HEAD else args.worker, args.chunk_size)
     try:
         times, peak, loss = harness.measure(lambda: step(*inputs), device, args.repeats)

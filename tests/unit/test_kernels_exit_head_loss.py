@@ -385,6 +385,33 @@ def test_auto_is_chunked_on_cpu_and_module_wrapper():
     torch.testing.assert_close(loss.detach(), expected[0], atol=2e-5, rtol=2e-5)
 
 
+def test_auto_resolves_per_device_and_the_chunk_budget_is_per_device():
+    """`auto` runs the chunked loss on CUDA too (the Triton backward's atomics measured 12x the naive
+    loss on an H200) and exit_confidence's kernel on CUDA; a CUDA chunk is 32x the CPU chunk (cuBLAS
+    needs hundreds of rows), and never below 16 tokens."""
+    from triton_kernels.ops import exit_head_loss as ehl
+    from triton_kernels.ops.utils import resolve_impl
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert ehl.CUDA_DEFAULT_IMPL == "chunked"
+    assert resolve_impl("auto", cuda, cuda_default=ehl.CUDA_DEFAULT_IMPL) == "chunked"
+    assert resolve_impl("auto", cuda) == "triton" and resolve_impl("auto", cpu) == "chunked"
+    assert resolve_impl("triton", cpu, cuda_default="chunked") == "triton"  # explicit choices stand
+    assert ehl.default_chunk_size(4, 128256, "cuda") == 2**29 // (4 * 128256) == 1046
+    assert ehl.default_chunk_size(4, 128256) == ehl.default_chunk_size(4, 128256, "cpu") == 32
+    assert ehl.default_chunk_size(64, 2**20, "cuda") == 16
+
+
+@pytest.mark.triton_cuda
+def test_auto_on_cuda_is_the_chunked_loss():
+    hidden, head, labels, norm = make_inputs(4, 1001, 257, 5003, torch.bfloat16, True, True, seed=3)
+    to_cuda = lambda t: t.detach().cuda()  # noqa: E731
+    args = (to_cuda(hidden), to_cuda(head), labels.cuda(), to_cuda(norm))
+    auto, _ = exit_head_loss(*args, impl="auto")
+    chunked, _ = exit_head_loss_chunked(*args, chunk_size=2**29 // (4 * 5003))
+    assert torch.equal(auto, chunked)
+
+
 # --- argument errors -----------------------------------------------------------------------------
 
 

@@ -2,10 +2,11 @@
 
 Three implementations with one contract (`exit_head_loss`, `impl=`): `"naive"` (reference, full logits,
 memory O(K*N*V)), `"chunked"` (pure torch, tokens in chunks, backward recomputes the logits unless all
-tokens fit in one chunk, whose logits it then keeps; the CPU default) and `"triton"` (the CUDA default;
-CPU only under `TRITON_INTERPRET=1`). All paths share Qwen3RMSNorm numerics, fp32 logits, a per-exit
-token-mean loss and loss 0 with zero gradients when every token is ignored. Details:
-docs/choices.md#kernels.
+tokens fit in one chunk, whose logits it then keeps; the default on CPU and on CUDA, with a chunk budget
+per device) and `"triton"` (fused kernels, the least memory, but its backward's atomics make it slow on
+a GPU: `CUDA_DEFAULT_IMPL`; CPU only under `TRITON_INTERPRET=1`). All paths share Qwen3RMSNorm
+numerics, fp32 logits, a per-exit token-mean loss and loss 0 with zero gradients when every token is
+ignored. Details: docs/choices.md#kernels.
 """
 
 from __future__ import annotations
@@ -27,11 +28,22 @@ from triton_kernels.ops.utils import (
 #: Target size, in fp32 elements, of the per-chunk logits buffer of the chunked path (K x chunk x V).
 #: 2**24 elements = 64 MiB; see benchmarks/RESULTS.md for the measured memory/time trade-off.
 DEFAULT_CHUNK_ELEMENTS = 2**24
+#: The same on CUDA: 2**29 elements (2 GiB). A chunk's tokens are the rows of the head's GEMMs and
+#: cuBLAS needs hundreds of them: on an H200 (K=4, N=16384, D=4096, V=128256, bf16) forward + backward
+#: took 1.88 s at 32 tokens a chunk (the CPU budget), 0.68 s at 256, 0.58 s at 1024 (this budget: peak
+#: 6.9 GB, 0.28x one materialised head) and 0.56 s at 4096; the naive loss 0.41 s at 50 GB.
+CUDA_CHUNK_ELEMENTS = 2**29
+#: What ``impl="auto"`` runs on CUDA. Not "triton": its backward adds every logits tile into grad_hidden
+#: and grad_W with fp32 atomics and took 4.99 s at the shape above (12x the naive loss; its forward alone
+#: 0.19 s; the best tile settings tried, 3.30 s). benchmarks/RESULTS.md ("Triton path").
+CUDA_DEFAULT_IMPL = "chunked"
 
 
-def default_chunk_size(num_exits: int, vocab_size: int) -> int:
-    """Tokens per chunk so that a K x chunk x V fp32 logits buffer holds about DEFAULT_CHUNK_ELEMENTS."""
-    return max(16, DEFAULT_CHUNK_ELEMENTS // (num_exits * vocab_size))
+def default_chunk_size(num_exits: int, vocab_size: int, device_type: str = "cpu") -> int:
+    """Tokens per chunk so that a K x chunk x V fp32 logits buffer holds about DEFAULT_CHUNK_ELEMENTS
+    (CUDA_CHUNK_ELEMENTS when `device_type` is ``"cuda"``)."""
+    budget = CUDA_CHUNK_ELEMENTS if device_type == "cuda" else DEFAULT_CHUNK_ELEMENTS
+    return max(16, budget // (num_exits * vocab_size))
 
 
 def exit_head_loss(
@@ -60,7 +72,8 @@ def exit_head_loss(
         exit_weights: K floats (list or tensor), the weight of each exit's loss; default all 1.
             Treated as constants (no gradient).
         ignore_index: label value that contributes neither loss nor gradient.
-        impl: ``"triton"``, ``"chunked"``, ``"naive"`` or ``"auto"`` (triton on CUDA, chunked elsewhere).
+        impl: ``"triton"``, ``"chunked"``, ``"naive"`` or ``"auto"`` (chunked on every device:
+            :data:`CUDA_DEFAULT_IMPL`).
 
     Returns:
         ``(loss, per_exit_losses)``: a scalar fp32 tensor and a ``(K,)`` fp32 tensor; both are
@@ -72,7 +85,7 @@ def exit_head_loss(
         RuntimeError: ``impl="triton"`` on CPU without ``TRITON_INTERPRET=1``.
     """
     check_exit_head_loss_args(hidden, lm_head_weight, labels, norm_weights)
-    chosen = resolve_impl(impl, hidden.device)
+    chosen = resolve_impl(impl, hidden.device, cuda_default=CUDA_DEFAULT_IMPL)
     weights = exit_weights_tensor(exit_weights, hidden.shape[0], hidden.device)
     check_label_range(labels, lm_head_weight.shape[-2], ignore_index)
     if chosen == "naive":
@@ -142,7 +155,7 @@ def exit_head_loss_chunked(
     vocab_size = lm_head_weight.shape[-2]
     weights = exit_weights_tensor(exit_weights, num_exits, hidden.device)
     if chunk_size is None:
-        chunk_size = default_chunk_size(num_exits, vocab_size)
+        chunk_size = default_chunk_size(num_exits, vocab_size, hidden.device.type)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     return ChunkedExitHeadLoss.apply(

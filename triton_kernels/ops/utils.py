@@ -14,12 +14,14 @@ import torch
 IMPLS = ("auto", "triton", "chunked", "naive")
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
+def resolve_impl(impl: str, device: torch.device, cuda_default: str = "triton") -> str:
     """Maps ``impl`` to a concrete implementation.
 
     Args:
         impl: one of :data:`IMPLS`.
-        device: device of the inputs; ``"auto"`` picks ``"triton"`` on CUDA and ``"chunked"`` elsewhere.
+        device: device of the inputs; ``"auto"`` picks ``cuda_default`` on CUDA and ``"chunked"``
+            elsewhere.
+        cuda_default: what ``"auto"`` runs on CUDA (each op's measured best; benchmarks/RESULTS.md).
 
     Returns:
         ``"triton"``, ``"chunked"`` or ``"naive"``.
@@ -30,7 +32,7 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "triton" if device.type == "cuda" else "chunked"
+        return cuda_default if device.type == "cuda" else "chunked"
     return impl
 
 
