@@ -8,7 +8,7 @@ Needs the VL profile's validate_data, tokenizer and cpt outputs (`ruyi run --pro
 profiles/vl/dvc.yaml:cpt`). It trains exactly as the profile's family_sft stage (`vl_pipeline._train`:
 same data, stream, schedule and multi-exit loss) from `<artifacts_dir>/cpt`, except that the vision
 blocks, patch and position embeddings do not train (the merger, the deepstack mergers and the text
-backbone do, every one at the full lr: this was measured before `vl.sft_vision_lr_scale`). Everything it
+backbone do, every one at the full lr: this was measured before `vl.vision_lr_scale`). Everything it
 writes goes under `--out` (checkpoints, the family, metrics, the evaluation table); the workspace's
 artifacts are only read. Figures: benchmarks/RESULTS.md ("Is the tower shape-blind?").
 """

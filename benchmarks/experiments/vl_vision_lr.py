@@ -1,4 +1,4 @@
-"""The VL profile's family_sft at several vision-tower lr multipliers (`vl.sft_vision_lr_scale`), then
+"""The VL profile's family_sft at several vision-tower lr multipliers (`vl.vision_lr_scale`), then
 evaluate, and what each leaves in the tower's features: does the tower's lr decide whether the members
 read shape?
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for scale in scales:
         out = Path(args.out) / f"scale_{scale:g}"
-        params = scratch_params(args.params, {**sets, "vl.sft_vision_lr_scale": scale}, out)
+        params = scratch_params(args.params, {**sets, "vl.vision_lr_scale": scale}, out)
         set_threads(params.threads)
         sft = vp.family_sft(params)
         ev = vp.evaluate(params)

@@ -714,10 +714,10 @@ class VLParams(_Section):
     # family_sft also trains on the captions (every object's colour, shape and cell: dense supervision
     # of the vision tower; they are never evaluated)
     sft_captions: bool = True
-    # family_sft's lr multiplier for the vision tower and its mergers (`model.visual.*`): at the text
-    # backbone's lr they grew their features ~100x (norm 1 -> 100, text embeddings 0.3) along colour and
-    # cell, and the members never learned to read shape (counting at the shape-blind 40%)
-    sft_vision_lr_scale: Annotated[float, Field(gt=0.0)] = 1.0
+    # family_sft's and rl's lr multiplier for the vision tower and its mergers (`model.visual.*`): at the
+    # text backbone's lr they grew their features ~100x (norm 1 -> 100, text embeddings 0.3) along colour
+    # and cell, and the members never learned to read shape (counting at the shape-blind 40%)
+    vision_lr_scale: Annotated[float, Field(gt=0.0)] = 1.0
     vision: VisionParams = VisionParams()
 
     @model_validator(mode="after")

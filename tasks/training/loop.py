@@ -47,23 +47,19 @@ def lr_scale_of(name: str, lr_scales: Mapping[str, float]) -> float:
     return lr_scales[max(prefixes, key=len)] if prefixes else 1.0
 
 
-def build_optimizer(
+def param_groups(
     named_params: Sequence[tuple[str, torch.nn.Parameter]],
-    cfg: TrainParams,
+    lr: float,
+    weight_decay: float,
     lr_scales: Mapping[str, float] | None = None,
-):
-    """AdamW with weight decay on matrices only, and its warmup + cosine LambdaLR scheduler.
-
-    `lr_scales` maps parameter-name prefixes to multipliers of `cfg.lr` (the longest matching prefix
-    wins; one parameter group per weight-decay class and multiplier, all on the same schedule).
+) -> list[dict]:
+    """AdamW parameter groups of the parameters that require grad: `weight_decay` on matrices only, and
+    `lr_scales` mapping parameter-name prefixes to multipliers of `lr` (the longest matching prefix wins;
+    one group per weight-decay class and multiplier).
 
     Raises:
         StageError: nothing requires grad; a multiplier not > 0; a prefix that names no trained parameter.
     """
-    import functools
-
-    import torch
-
     lr_scales = dict(lr_scales or {})
     params = [(n, p) for n, p in named_params if p.requires_grad]
     if not params:
@@ -75,12 +71,32 @@ def build_optimizer(
             f"lr scales: multipliers must be > 0 (got {bad}); prefixes must name trained parameters "
             f"(none starts with {unused})"
         )
+    scale_of = {n: lr_scale_of(n, lr_scales) for n, _ in params}
     groups = []
-    for matrices, weight_decay in ((True, cfg.weight_decay), (False, 0.0)):
+    for matrices, decay in ((True, weight_decay), (False, 0.0)):
         of_class = [(n, p) for n, p in params if (p.dim() >= 2) == matrices]
-        for scale in sorted({lr_scale_of(n, lr_scales) for n, _ in of_class}, reverse=True):
-            chosen = [p for n, p in of_class if lr_scale_of(n, lr_scales) == scale]
-            groups.append({"params": chosen, "weight_decay": weight_decay, "lr": cfg.lr * scale})
+        for scale in sorted({scale_of[n] for n, _ in of_class}, reverse=True):
+            chosen = [p for n, p in of_class if scale_of[n] == scale]
+            groups.append({"params": chosen, "weight_decay": decay, "lr": lr * scale})
+    return groups
+
+
+def build_optimizer(
+    named_params: Sequence[tuple[str, torch.nn.Parameter]],
+    cfg: TrainParams,
+    lr_scales: Mapping[str, float] | None = None,
+):
+    """AdamW over :func:`param_groups` (`cfg.lr`, `cfg.weight_decay`, `lr_scales`), and its warmup + cosine
+    LambdaLR scheduler (every group on the same schedule).
+
+    Raises:
+        StageError: as :func:`param_groups`.
+    """
+    import functools
+
+    import torch
+
+    groups = param_groups(named_params, cfg.lr, cfg.weight_decay, lr_scales)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
     schedule = functools.partial(
         lr_factor, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, min_lr_ratio=cfg.min_lr_ratio

@@ -342,8 +342,13 @@ def vl_multi_exit_eval(model, batch: dict) -> dict[int, tuple[float, int]]:
     return {d: (float(v) * n, n) for d, v in out.exit_losses.items()}
 
 
-#: The parameters of the vision tower and its mergers (`vl.sft_vision_lr_scale` in family_sft).
+#: The parameters of the vision tower and its mergers (`vl.vision_lr_scale` in family_sft and rl).
 VISION_PREFIX = "model.visual."
+
+
+def _vision_lr_scales(params: Params) -> dict[str, float]:
+    """The lr multipliers of family_sft and rl: the vision tower and its mergers at `vl.vision_lr_scale`."""
+    return {VISION_PREFIX: params.vl.vision_lr_scale}
 
 
 def _train(
@@ -434,19 +439,18 @@ def cpt(params: Params) -> dict[str, Any]:
 
 def family_sft(params: Params) -> dict[str, Any]:
     """Joint multi-exit SFT of every parameter (vision tower included) on the VQA tasks; the vision tower
-    and its mergers at `vl.sft_vision_lr_scale` times the lr."""
+    and its mergers at `vl.vision_lr_scale` times the lr."""
     model = load_family(params, "cpt")
     model.requires_grad_(True)
     named = list(model.named_parameters())
     tasks = [*params.vl.tasks, *([CAPTION] if params.vl.sft_captions else [])]
     rows = _rows(params, "train", tasks)
     val = _rows(params, "select", params.vl.tasks)
-    scale = params.vl.sft_vision_lr_scale
-    lr_scales = {VISION_PREFIX: scale} if scale != 1.0 else None
+    lr_scales = _vision_lr_scales(params)
     metrics = _train(
         params, "family_sft", model, params.family_sft, named, rows, val, {"part": "sft"}, lr_scales
     )
-    metrics["vision_lr"] = params.family_sft.lr * scale
+    metrics["vision_lr"] = params.family_sft.lr * params.vl.vision_lr_scale
     _save_family(params, "family_sft", model)
     write_metrics(params, "family_sft", metrics)
     return metrics
@@ -576,6 +580,7 @@ def rl(params: Params) -> dict[str, Any]:
     samples `group_size` answers per prompt; the clipped objective and advantages of `rl_algos`."""
     import torch
 
+    from tasks.training.loop import param_groups
     from tasks.training.rl_algos import group_advantages, policy_loss
 
     cfg, v = params.rl, params.vl
@@ -603,7 +608,10 @@ def rl(params: Params) -> dict[str, Any]:
 
     start = held_accuracy()
     torch.manual_seed(params.seed)
-    opt = torch.optim.AdamW([p for p in model.parameters()], lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    # the vision tower and its mergers at vl.vision_lr_scale x the lr, as in family_sft: at the full lr the
+    # 12 steps of a 0.03x-trained family moved the tower and cost the deepest member 5.6 points (RESULTS.md)
+    groups = param_groups(list(model.named_parameters()), cfg.lr, 0.0, _vision_lr_scales(params))
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     rng = random.Random(f"{params.seed}:vl-rl")
     history, t0 = [], time.perf_counter()
     for step in range(cfg.steps):
@@ -649,6 +657,7 @@ def rl(params: Params) -> dict[str, Any]:
         "eval_prompts": len(held),
         "seconds": round(time.perf_counter() - t0, 2),
         "mean_reward": round(sum(h["reward"] for h in history) / max(len(history), 1), 6),
+        "vision_lr": cfg.lr * v.vision_lr_scale,
         **{f"exit_{d}": {"accuracy_start": start[d], "accuracy_end": end[d]} for d in members},
     }
     write_metrics(params, "rl", metrics)

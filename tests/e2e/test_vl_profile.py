@@ -77,7 +77,7 @@ MICRO_VL = {
     # the micro tower trains at the full lr: the failing-gate run needs a tower that leaks identity
     # after 4 steps, which the profile's 0.1 x does not (re-identification at chance); the profile's
     # own multiplier is measured in its recorded run
-    "vl.sft_vision_lr_scale": 1.0,
+    "vl.vision_lr_scale": 1.0,
 }
 #: The profile's mapping and targets (params.vl.yaml), with a cheaper inversion decoder.
 PRIVATE = {
@@ -199,7 +199,9 @@ def test_vl_profile_runs_through_the_flow_and_leaves_the_text_run_alone(workspac
         json.loads((metrics / "family_sft.json").read_text()),
         yaml.safe_load((workspace / "params.vl.yaml").read_text()),
     )
-    assert sft["vision_lr"] == pytest.approx(p["family_sft"]["lr"] * p["vl"]["sft_vision_lr_scale"])
+    assert sft["vision_lr"] == pytest.approx(p["family_sft"]["lr"] * p["vl"]["vision_lr_scale"])
+    rl_all = json.loads((metrics / "rl.json").read_text())  # rl trains the tower at the same multiplier
+    assert rl_all["vision_lr"] == pytest.approx(p["rl"]["lr"] * p["vl"]["vision_lr_scale"])
     assert json.loads((metrics / "gates.json").read_text())["passed"] is True
     from flows.pipeline import missing_local_effects
 

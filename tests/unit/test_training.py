@@ -21,6 +21,7 @@ from tasks.training.loop import (
     lr_factor,
     lr_scale_of,
     multi_exit_loss_fn,
+    param_groups,
     train_loop,
 )
 
@@ -94,6 +95,15 @@ def test_lr_scales_give_prefixed_parameters_their_own_groups_on_the_same_schedul
     opt.step()
     moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in named}
     assert moved["visual.blocks.bias"] == pytest.approx(0.1 * moved["text.bias"], rel=1e-4)
+
+    # the groups alone (the VL rl stage's AdamW: its own lr, no weight decay); frozen parameters left out
+    net["text"].bias.requires_grad_(False)
+    groups = param_groups(named, 1e-4, 0.0, {"visual.": 0.03})
+    assert [(g["weight_decay"], g["lr"], sorted(by_id[id(p)] for p in g["params"])) for g in groups] == [
+        (0.0, pytest.approx(1e-4), ["text.weight"]),
+        (0.0, pytest.approx(3e-6), ["visual.blocks.weight", "visual.merger.weight"]),
+        (0.0, pytest.approx(3e-6), ["visual.blocks.bias", "visual.merger.bias"]),
+    ]
 
 
 @pytest.mark.parametrize(

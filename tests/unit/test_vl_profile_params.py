@@ -33,7 +33,7 @@ def test_the_vl_profile_validates_and_the_text_profile_stays_text():
         ({"vl.vision.mrope_section": [2, 2, 2]}, "mrope_section"),
         ({"vl.vision.deepstack_visual_indexes": [0, 5]}, "deepstack_visual_indexes"),
         ({"model.modality": "audio"}, "model.modality"),
-        ({"vl.sft_vision_lr_scale": 0.0}, "vl.sft_vision_lr_scale"),
+        ({"vl.vision_lr_scale": 0.0}, "vl.vision_lr_scale"),
     ],
 )
 def test_bad_vl_parameters_are_errors_naming_the_key(override, key):
