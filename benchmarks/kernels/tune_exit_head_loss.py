@@ -16,6 +16,7 @@ import argparse
 import json
 from functools import partial
 
+import harness  # benchmarks/kernels/harness.py (this script's folder is on sys.path)
 import torch
 
 #: The grid tried by default: the defaults first (the reference of the gradient check), then larger
@@ -33,17 +34,9 @@ GRID = [
 
 
 def _time(call, repeats: int) -> tuple[float, object]:
-    out = call()  # warm-up: compiles this config
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = call()
-        stop.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(stop) / 1e3)
-    return best, out
+    """Best of `repeats` timed calls after a warm-up that compiles the config (harness.measure)."""
+    times, _, out = harness.measure(call, torch.device("cuda"), repeats)
+    return min(times), out
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
