@@ -308,21 +308,30 @@ def encode_sft(processor, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 class VLStream:
-    """`.batch(position, batch_size)` over shuffled epochs of rows (train_loop's stream protocol)."""
+    """`.batch(position, batch_size)` over shuffled epochs of rows (train_loop's stream protocol).
+
+    Epoch `e` visits the rows in the order of `random.Random(f"{seed}:{e}").shuffle`; the orders of the
+    last epochs are kept (a batch spans at most two), so a step costs no shuffle of its own."""
 
     def __init__(self, processor, rows: Sequence[dict[str, Any]], seed: int):
         if not rows:
             raise StageError("no training rows for this VL stage (check vl.tasks and the data counts)")
         self.processor, self.rows, self.seed = processor, list(rows), seed
+        self._orders: dict[int, list[int]] = {}
 
-    def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.rows)))
-        random.Random(f"{self.seed}:{epoch}").shuffle(order)
-        return order
+    def order(self, epoch: int) -> list[int]:
+        """The row indices of `epoch`, in the order it visits them."""
+        if epoch not in self._orders:
+            if len(self._orders) > 2:
+                self._orders.clear()
+            order = list(range(len(self.rows)))
+            random.Random(f"{self.seed}:{epoch}").shuffle(order)
+            self._orders[epoch] = order
+        return self._orders[epoch]
 
     def batch(self, position: int, batch_size: int) -> dict[str, Any]:
         n = len(self.rows)
-        picked = [self.rows[self._order(p // n)[p % n]] for p in range(position, position + batch_size)]
+        picked = [self.rows[self.order(p // n)[p % n]] for p in range(position, position + batch_size)]
         return encode_sft(self.processor, picked)
 
 
@@ -450,7 +459,7 @@ def family_sft(params: Params) -> dict[str, Any]:
     metrics = _train(
         params, "family_sft", model, params.family_sft, named, rows, val, {"part": "sft"}, lr_scales
     )
-    metrics["vision_lr"] = params.family_sft.lr * params.vl.vision_lr_scale
+    metrics["vision_lr"] = params.family_sft.lr * lr_scales[VISION_PREFIX]
     _save_family(params, "family_sft", model)
     write_metrics(params, "family_sft", metrics)
     return metrics
@@ -610,8 +619,9 @@ def rl(params: Params) -> dict[str, Any]:
     torch.manual_seed(params.seed)
     # the vision tower and its mergers at vl.vision_lr_scale x the lr, as in family_sft: at the full lr the
     # 12 steps of a 0.03x-trained family moved the tower and cost the deepest member 5.6 points (RESULTS.md)
-    groups = param_groups(list(model.named_parameters()), cfg.lr, 0.0, _vision_lr_scales(params))
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    lr_scales = _vision_lr_scales(params)
+    groups = param_groups(list(model.named_parameters()), cfg.lr, 0.0, lr_scales)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99))  # each group sets its weight decay
     rng = random.Random(f"{params.seed}:vl-rl")
     history, t0 = [], time.perf_counter()
     for step in range(cfg.steps):
@@ -657,7 +667,7 @@ def rl(params: Params) -> dict[str, Any]:
         "eval_prompts": len(held),
         "seconds": round(time.perf_counter() - t0, 2),
         "mean_reward": round(sum(h["reward"] for h in history) / max(len(history), 1), 6),
-        "vision_lr": cfg.lr * v.vision_lr_scale,
+        "vision_lr": cfg.lr * lr_scales[VISION_PREFIX],
         **{f"exit_{d}": {"accuracy_start": start[d], "accuracy_end": end[d]} for d in members},
     }
     write_metrics(params, "rl", metrics)

@@ -110,3 +110,38 @@ def test_sft_labels_cover_the_answer_and_its_end_token_only():
         labelled = batch["labels"][i][batch["labels"][i] != -100]
         assert tok.decode(labelled) == row["answer"] + "<|im_end|>"
         assert not (batch["labels"][i][batch["mm_token_type_ids"][i] == 1] != -100).any()
+
+
+def test_vl_stream_visits_every_row_once_per_epoch_in_its_seeded_order():
+    import random
+
+    import torch
+
+    from tasks.data.vlgen import generate_vqa
+    from tasks.training.vl_pipeline import VLStream
+    from tests.tiny_vl import tiny_vl_processor
+
+    processor = tiny_vl_processor()
+    processor.tokenizer.padding_side = "left"
+    items = generate_vqa(5, seed=0, split="train", tasks=["scene_count", "scene_colour"], size=32)
+    rows = [
+        {
+            "question": it.question,
+            "answer": it.answer,
+            "image": "data:image/png;base64," + base64.b64encode(it.png_bytes()).decode(),
+        }
+        for it in items
+    ]
+    stream = VLStream(processor, rows, seed=7)
+    for epoch in range(3):
+        expected = list(range(5))
+        random.Random(f"7:{epoch}").shuffle(expected)
+        assert stream.order(epoch) == expected
+    assert stream.order(1) is stream.order(1)  # kept, not shuffled again per sample
+    # positions 3..9 span the end of epoch 0, all of epoch 1: the rows of the orders, in sequence
+    visited = [stream.order(p // 5)[p % 5] for p in range(3, 10)]
+    batch = stream.batch(3, 7)
+    assert torch.equal(batch["input_ids"], encode_sft(processor, [rows[i] for i in visited])["input_ids"])
+    assert sorted(visited[2:]) == list(range(5))
+    with pytest.raises(Exception, match="no training rows"):
+        VLStream(processor, [], seed=7)
