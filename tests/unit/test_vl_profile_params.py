@@ -89,14 +89,9 @@ def test_accuracy_table_per_task_type_and_its_printed_form():
     assert lines[3] == "| 2 | 2,000 | 40 | 66.7 | 100.0 | 50.0 |"
 
 
-def test_sft_labels_cover_the_answer_and_its_end_token_only():
-    from tasks.data.vlgen import generate_vqa
-    from tests.tiny_vl import tiny_vl_processor
-
-    processor = tiny_vl_processor()
-    processor.tokenizer.padding_side = "left"
-    items = generate_vqa(3, seed=0, split="train", tasks=["scene_count", "scene_position"], size=32)
-    rows = [
+def _rows(items) -> list[dict]:
+    """The VL stages' rows of generated items: question, answer and the image as a PNG data URL."""
+    return [
         {
             "question": it.question,
             "answer": it.answer,
@@ -104,6 +99,16 @@ def test_sft_labels_cover_the_answer_and_its_end_token_only():
         }
         for it in items
     ]
+
+
+def test_sft_labels_cover_the_answer_and_its_end_token_only():
+    from tasks.data.vlgen import generate_vqa
+    from tests.tiny_vl import tiny_vl_processor
+
+    processor = tiny_vl_processor()
+    processor.tokenizer.padding_side = "left"
+    items = generate_vqa(3, seed=0, split="train", tasks=["scene_count", "scene_position"], size=32)
+    rows = _rows(items)
     batch = encode_sft(processor, rows)
     tok = processor.tokenizer
     for i, row in enumerate(rows):
@@ -124,14 +129,7 @@ def test_vl_stream_visits_every_row_once_per_epoch_in_its_seeded_order():
     processor = tiny_vl_processor()
     processor.tokenizer.padding_side = "left"
     items = generate_vqa(5, seed=0, split="train", tasks=["scene_count", "scene_colour"], size=32)
-    rows = [
-        {
-            "question": it.question,
-            "answer": it.answer,
-            "image": "data:image/png;base64," + base64.b64encode(it.png_bytes()).decode(),
-        }
-        for it in items
-    ]
+    rows = _rows(items)
     stream = VLStream(processor, rows, seed=7)
     for epoch in range(3):
         expected = list(range(5))
