@@ -37,7 +37,8 @@ def exit_confidence(
         lm_head_weight: ``(V, D)`` head weight, same dtype as ``hidden``.
         eps: RMSNorm epsilon.
         impl: ``"triton"``, ``"chunked"``, ``"naive"`` or ``"auto"`` (triton on CUDA, chunked elsewhere;
-            on an H200 the kernel matched the naive path's time at 4096 rows and took 0.69x of it at 64).
+            on an H200 the kernel took 1.03x the naive path's time at 4096 rows and 0.79x at 64; an earlier
+            run: 1.01x and 0.69x; benchmarks/RESULTS.md).
 
     Returns:
         ``(token_ids, max_prob, entropy)``: ``(B,)`` int64 argmax ids (ties: lowest id), ``(B,)`` fp32
