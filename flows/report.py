@@ -115,6 +115,16 @@ def print_summary(params_path: str | Path = "params.yaml") -> None:
         console.print(f"[bold]{name}[/bold]: {where}")
 
 
+#: The VL profile's figures under its plots_dir (profiles/vl/dvc.yaml lists them for `dvc plots show`).
+VL_PLOTS = (
+    "cpt/loss.png",
+    "family_sft/loss.png",
+    "rl/curves.png",
+    "evaluate/tradeoff.png",
+    "privacy/privacy_utility.png",
+)
+
+
 def print_vl_summary(params_path: str | Path = "params.vl.yaml") -> None:
     """The vision-language profile's table (accuracy per exit and task type, tokens/s, parameters), the
     privacy gate's figures and the releases, once those stages have run."""
@@ -142,6 +152,10 @@ def print_vl_summary(params_path: str | Path = "params.vl.yaml") -> None:
                 f"{privacy['qa_accuracy_member_raw']:.3f} on raw features "
                 f"(best constant answers {privacy['qa_chance_member']:.3f})"
             )
+    plots = Path(params_path).parent / params.paths.plots_dir
+    written = [p for p in VL_PLOTS if (plots / p).is_file()]
+    if written:
+        print(f"plots ({plots}): " + ", ".join(written))
     deploy = _read(path.parent / "deploy.json")
     if deploy:
         print(f"release: {deploy['release_uri']}; camera release: {deploy['camera_release_uri']}")

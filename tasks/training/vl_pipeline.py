@@ -369,9 +369,13 @@ def _train(
     rows,
     val_rows,
     extra: dict[str, Any],
+    title: str,
     lr_scales: dict[str, float] | None = None,
 ):
+    """`train_loop` on the rows (validation: the first `eval_batches` batches of `val_rows`); writes the
+    loss curves (`plots/vl/<stage>/loss.png` + `loss.csv`) and returns the stage's metrics."""
     from tasks.training.checkpoint import Checkpointer, fingerprint_info
+    from tasks.training.curves import write_loss_curves
     from tasks.training.loop import exit_weights_at, train_loop
 
     processor = load_processor(params)
@@ -398,6 +402,7 @@ def _train(
         checkpointer=Checkpointer(ws.checkpoints(stage), info),
         lr_scales=lr_scales,
     )
+    write_loss_curves(result.history, ws.plots(stage), title=title)
     initial, final, train = result.val_losses(0), result.val_losses(), result.final_train_losses()
     metrics: dict[str, Any] = {
         f"exit_{d}": {
@@ -440,7 +445,11 @@ def cpt(params: Params) -> dict[str, Any]:
     if params.cpt.max_steps > 0:
         rows = _rows(params, "train", [CAPTION])
         val = _rows(params, "select", [CAPTION])
-        metrics = {**metrics, **_train(params, "cpt", model, params.cpt, named, rows, val, {"part": "align"})}
+        title = "cpt (VL alignment: merger + deepstack mergers on captions), loss per member"
+        metrics = {
+            **metrics,
+            **_train(params, "cpt", model, params.cpt, named, rows, val, {"part": "align"}, title),
+        }
     _save_family(params, "cpt", model)
     write_metrics(params, "cpt", metrics)
     return metrics
@@ -456,8 +465,9 @@ def family_sft(params: Params) -> dict[str, Any]:
     rows = _rows(params, "train", tasks)
     val = _rows(params, "select", params.vl.tasks)
     lr_scales = _vision_lr_scales(params)
+    title = "family_sft (VL): joint multi-exit SFT on VQA, loss per member (val: select split)"
     metrics = _train(
-        params, "family_sft", model, params.family_sft, named, rows, val, {"part": "sft"}, lr_scales
+        params, "family_sft", model, params.family_sft, named, rows, val, {"part": "sft"}, title, lr_scales
     )
     metrics["vision_lr"] = params.family_sft.lr * lr_scales[VISION_PREFIX]
     _save_family(params, "family_sft", model)
@@ -671,8 +681,50 @@ def rl(params: Params) -> dict[str, Any]:
         **{f"exit_{d}": {"accuracy_start": start[d], "accuracy_end": end[d]} for d in members},
     }
     write_metrics(params, "rl", metrics)
-    write_json(Workspace.from_params(params).plots("rl") / "history.json", history)
+    out = Workspace.from_params(params).plots("rl")
+    write_json(out / "history.json", history)
+    plot_rl(history, start, end, out)
     return metrics
+
+
+def plot_rl(
+    history: Sequence[dict[str, Any]], start: dict[int, float], end: dict[int, float], out_dir: Path
+) -> Path:
+    """`curves.png` of the VL rl stage: each member's sampled reward per step (its running mean over its
+    last 5 steps drawn through the points) and its greedy held-out accuracy before and after rl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tasks.core.files import save_figure
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    members = sorted({int(h["exit"]) for h in history} | set(start))
+    for d in members:
+        pts = [(h["step"], h["reward"]) for h in history if h["exit"] == d]
+        if not pts:
+            continue
+        steps, rewards = zip(*pts)
+        mean = [
+            sum(rewards[max(0, i - 4) : i + 1]) / len(rewards[max(0, i - 4) : i + 1])
+            for i in range(len(rewards))
+        ]
+        (line,) = ax1.plot(steps, mean, lw=1.6, label=f"exit {d}")
+        ax1.plot(steps, rewards, "o", ms=3, alpha=0.4, color=line.get_color())
+    ax1.set(xlabel="step", ylabel="reward (sampled, exact answer)", title="reward per step (line: mean of 5)")
+    width = 0.38
+    xs = range(len(members))
+    ax2.bar([x - width / 2 for x in xs], [start.get(d, 0.0) for d in members], width, label="before rl")
+    ax2.bar([x + width / 2 for x in xs], [end.get(d, 0.0) for d in members], width, label="after rl")
+    ax2.set_xticks(list(xs), [f"exit {d}" for d in members])
+    ax2.set(ylim=(0, 1), ylabel="greedy accuracy", title="held-out accuracy (select split)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("rl (VL, grpo)")
+    fig.tight_layout()
+    return save_figure(fig, out_dir / "curves.png")
 
 
 # --- evaluate, gates, export -------------------------------------------------------------------------
@@ -742,7 +794,49 @@ def evaluate(params: Params) -> dict[str, Any]:
     }
     write_json(ws.metrics_dir / "eval_quality.json", quality)
     (ws.metrics_dir / "eval_table.md").write_text(table + "\n")
+    plot_tradeoff(metrics, exits, ws.plots("evaluate"))
     return metrics
+
+
+def plot_tradeoff(metrics: dict[str, Any], exits: Sequence[int], out_dir: Path) -> Path:
+    """`tradeoff.png` + `tradeoff.csv` of the VL evaluate stage: per exit, greedy accuracy (all and per
+    task type) against the member's parameters, and its decoding speed (tokens/s, batch 1)."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tasks.core.files import atomic_file, save_figure
+
+    entries = [metrics[f"exit_{d}"] for d in exits]
+    tasks = sorted({t for e in entries for t in e["by_task"]})
+    with atomic_file(out_dir / "tradeoff.csv", "w") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["exit", "num_parameters", "tokens_per_s", "loss", "accuracy", *tasks])
+        for d, e in zip(exits, entries):
+            by = [e["by_task"][t]["accuracy"] if t in e["by_task"] else "" for t in tasks]
+            writer.writerow(
+                [d, e["num_parameters"], e.get("tokens_per_s", ""), e["loss"], e["accuracy"], *by]
+            )
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    params_m = [e["num_parameters"] / 1e6 for e in entries]
+    ax1.plot(params_m, [e["accuracy"] for e in entries], "ko-", lw=2, label="all")
+    for t in tasks:
+        pts = [(x, e["by_task"][t]["accuracy"]) for x, e in zip(params_m, entries) if t in e["by_task"]]
+        ax1.plot(*zip(*pts), "o--", lw=0.9, label=t)
+    for d, x, e in zip(exits, params_m, entries):
+        ax1.annotate(f"exit {d}", (x, e["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax1.set(xlabel="member parameters (M)", ylabel="greedy accuracy (held-out VQA)", ylim=(0, 1.02))
+    ax1.legend(fontsize=7)
+    ax2.bar([f"exit {d}" for d in exits], [e.get("tokens_per_s", 0.0) for e in entries])
+    ax2.set(ylabel="tokens/s (batch 1, greedy, with image)", title="decoding speed")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    fig.suptitle("VL family trade-off: accuracy and speed per exit")
+    fig.tight_layout()
+    return save_figure(fig, out_dir / "tradeoff.png")
 
 
 def gates(params: Params) -> dict[str, Any]:

@@ -176,7 +176,7 @@ def test_a_failing_privacy_gate_stops_the_flow_before_export_and_deploy(flow) ->
     assert not failed["deployed"] and not failed["store"]
 
 
-def test_vl_profile_runs_through_the_flow_and_leaves_the_text_run_alone(workspace, flow, capsys):
+def test_vl_profile_runs_through_the_flow_and_leaves_the_text_run_alone(workspace, flow, capsys, tmp_path):
     from flows.report import print_vl_summary
 
     results = flow["results"]
@@ -274,9 +274,20 @@ def test_vl_profile_runs_through_the_flow_and_leaves_the_text_run_alone(workspac
     assert set(vl_lock["stages"]) == set(STAGES)  # the first run's stages before privacy are recorded
     status = run([DVC, "status", "profiles/vl/dvc.yaml"], workspace).stdout
     assert "up to date" in status, status
+    # the profile's figures: written by the stages, and rendered by `dvc plots show` without an error
+    from flows.report import VL_PLOTS
+
+    cmd = [DVC, "plots", "show", "--json", "-o", str(tmp_path / "dvc_plots"), "profiles/vl/dvc.yaml"]
+    shown = json.loads(run(cmd, workspace).stdout)
+    assert "errors" not in shown, shown["errors"]
+    images = {k for k, v in shown["data"].items() if any(r["type"] == "image" for r in v)}
+    assert images == {f"plots/vl/{p}" for p in VL_PLOTS}  # (the target itself is listed too, as no image)
+    loss = (workspace / "plots/vl/family_sft/loss.csv").read_text().splitlines()
+    assert loss[0] == "step,exit,split,loss" and {line.split(",")[2] for line in loss[1:]} == {"train", "val"}
 
     capsys.readouterr()
     print_vl_summary(workspace / "params.vl.yaml")
     out = capsys.readouterr().out
     assert "| exit | params | tokens/s | all |" in out and "scene_count" in out
     assert "privacy gate passed" in out and "camera release: file://" in out
+    assert "family_sft/loss.png" in out and "evaluate/tradeoff.png" in out
