@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.artifacts import load_family, save_family
-from tasks.core.files import atomic_file, read_jsonl, save_figure, write_json, write_metrics
+from tasks.core.files import atomic_file, pyplot, read_jsonl, save_figure, write_json, write_metrics
 from tasks.core.params import Params
 from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, seed_everything, stage_main
@@ -292,10 +292,7 @@ def heal(model, teacher, exit_layer: int, batches: list, cfg, seed: int) -> list
 def _plot(report: dict, heal_losses: list[float], out_dir: Path) -> None:
     import csv
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = report["matrices"]
     with atomic_file(out_dir / "allocation.csv") as f:

@@ -35,6 +35,7 @@ from typing import Any
 
 from tasks.core.files import (
     atomic_file,
+    pyplot,
     read_jsonl,
     require_dir,
     save_figure,
@@ -287,10 +288,7 @@ def smoke_test(
 def _plot_latency(per_tier: dict[str, Any], out_dir: Path) -> None:
     import csv
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [
         {

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.artifacts import load_family
-from tasks.core.files import atomic_file, read_jsonl, save_figure, write_jsonl
+from tasks.core.files import atomic_file, pyplot, read_jsonl, save_figure, write_jsonl
 from tasks.core.params import Params
 from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, seed_everything, stage_main
@@ -129,10 +129,7 @@ def plot_tradeoff(rows: list[dict[str, Any]], out_dir: Path) -> None:
     """plots/evaluate/tradeoff.png (accuracy and loss vs ms/token per exit) and tradeoff.csv."""
     import csv
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fields = ["exit", "params", "ms_per_token", "tokens_per_s", "accuracy", "loss", "solution_loss"]
     with atomic_file(out_dir / "tradeoff.csv") as f:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.artifacts import load_family
-from tasks.core.files import atomic_dir, atomic_file, save_figure, sha256_file, write_metrics
+from tasks.core.files import atomic_dir, atomic_file, pyplot, save_figure, sha256_file, write_metrics
 from tasks.core.params import Params
 from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, stage_main
@@ -256,10 +256,7 @@ def write_router(out: Path, manifest: dict, router_file: Path, model) -> dict[st
 def _plot(metrics: dict[str, Any], out_dir: Path) -> None:
     import csv
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fields = ["params", "bytes", "num_hidden_layers", "params_factored", "bytes_factored"]
     # A member without low-rank factors has no factored copy: empty cells (CSV), no factored bar (figure).

@@ -24,7 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from data_contracts.overlap import paragraph_keys
-from tasks.core.files import atomic_dir, save_figure, sha256_file, write_json, write_jsonl, write_metrics
+from tasks.core.files import (
+    atomic_dir,
+    pyplot,
+    save_figure,
+    sha256_file,
+    write_json,
+    write_jsonl,
+    write_metrics,
+)
 from tasks.core.params import DataParams, Params
 from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, log, stage_main
@@ -320,10 +328,7 @@ def _shuffled(docs: list[Document], seed: str) -> list[Document]:
 
 
 def _plot(params: Params, train: list[Document], splits: dict[str, list[Problem]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out = Workspace.from_params(params).plots("prepare_data")
     lengths = sorted(len(d.text) for d in train)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.artifacts import load_family, save_family
-from tasks.core.files import save_figure, sha256_file, write_metrics
+from tasks.core.files import pyplot, save_figure, sha256_file, write_metrics
 from tasks.core.params import Params
 from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, seed_everything, stage_main
@@ -85,10 +85,7 @@ def write_curves(history: dict[int, list[dict[str, float]]], out_dir: Path, algo
     import csv
     import io
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from tasks.core.files import atomic_file
 

@@ -23,7 +23,15 @@ from typing import Any
 import numpy as np
 
 from tasks.core.artifacts import load_family
-from tasks.core.files import atomic_dir, atomic_file, read_jsonl, save_figure, write_jsonl, write_metrics
+from tasks.core.files import (
+    atomic_dir,
+    atomic_file,
+    pyplot,
+    read_jsonl,
+    save_figure,
+    write_jsonl,
+    write_metrics,
+)
 from tasks.core.params import Params
 from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, seed_everything, stage_main
@@ -90,10 +98,7 @@ def plot_curve(
     member, the oracle and the operating point marked) and cost_quality.csv (both curves)."""
     import csv
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     with atomic_file(out_dir / "cost_quality.csv") as f:
         writer = csv.writer(f)

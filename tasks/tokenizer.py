@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tasks.core.files import atomic_dir, atomic_file, read_jsonl, save_figure, write_metrics
+from tasks.core.files import atomic_dir, atomic_file, pyplot, read_jsonl, save_figure, write_metrics
 from tasks.core.params import Params
 from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, log, stage_main
@@ -111,10 +111,7 @@ def _check_round_trip(tokenizer, texts: list[str], where: str, strict: bool = Tr
 
 
 def _plot(params: Params, lengths: list[int]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out = Workspace.from_params(params).plots("tokenizer")
     width = max(8, (max(lengths) // 30 + 7) // 8 * 8)

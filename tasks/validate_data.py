@@ -21,6 +21,7 @@ from typing import Any
 from tasks.core.files import (
     atomic_dir,
     atomic_file,
+    pyplot,
     read_jsonl,
     save_figure,
     sha256_file,
@@ -374,10 +375,7 @@ def _publish(
 
 
 def _plot(params: Params, per_file: dict[str, dict[str, int]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out = Workspace.from_params(params).plots(STAGE)
     names = list(per_file)

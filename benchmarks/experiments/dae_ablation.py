@@ -207,10 +207,9 @@ def print_table(ablation: Ablation, steps: int, threads: int) -> None:
 
 
 def plot(ablation: Ablation, out: Path) -> None:
-    import matplotlib
+    from tasks.core.files import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cfg, runs = ablation.params.expand, ablation.runs
     fig, ax = plt.subplots(figsize=(7, 4.2))

@@ -94,7 +94,9 @@ def tower_features(frames, seed: int, size: int, quiet: bool) -> torch.Tensor:
 
 
 def plot(rows: list[dict], raw: dict, no_privacy: dict, path: Path) -> None:
-    import matplotlib.pyplot as plt
+    from tasks.core.files import pyplot
+
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     betas = [r["beta"] for r in rows]

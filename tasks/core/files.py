@@ -173,6 +173,18 @@ def require_dir(path: str | Path, what: str, marker: str | None = None) -> Path:
     return path
 
 
+def pyplot():
+    """`matplotlib.pyplot` on the Agg backend: every figure of the project is a file, so no display is
+    opened or needed (a stage on a headless node, a test worker). Import it inside the plotting function:
+    `plt = pyplot()`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
     """Saves a matplotlib figure as PNG atomically (temporary sibling, then rename) and closes it."""
     import matplotlib.pyplot as plt

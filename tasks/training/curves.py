@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # heavy imports stay inside the functions (the `ruyi` CLI must start instantly)
-    pass
+from tasks.core.files import atomic_file, pyplot, save_figure
 
 log = logging.getLogger("ruyi")
 
@@ -28,15 +28,7 @@ def write_loss_curves(
         out_dir: `plots/<stage>/`.
         exits: members to plot (default: all in the history).
     """
-    import csv
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from tasks.core.files import atomic_file, save_figure
-
+    plt = pyplot()
     out_dir = Path(out_dir)
     rows = [r for r in history if exits is None or r["exit"] in exits]
     csv_path, png_path = out_dir / f"{name}.csv", out_dir / f"{name}.png"
@@ -58,7 +50,9 @@ def write_loss_curves(
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, color=color, label=f"exit {d} {split}", **style)
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    # log scale: the first steps (near ln V nats) would otherwise flatten everything after them
+    ax.set_yscale("log")
+    ax.set_ylabel("cross-entropy (nats/token, log scale)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)

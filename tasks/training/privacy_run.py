@@ -18,7 +18,7 @@ from dataclasses import asdict
 import torch
 
 from ruyi_model.camera import EdgeEncoder, build_tiny_tower, save_camera_artifact
-from tasks.core.files import atomic_dir, require_dir, save_figure, write_metrics
+from tasks.core.files import atomic_dir, pyplot, require_dir, save_figure, write_metrics
 from tasks.core.params import Params, PrivacyParams
 from tasks.core.paths import Workspace
 from tasks.core.stage import ContractViolation, StageError, seed_everything
@@ -216,7 +216,7 @@ def cloud_member(
 
 
 def plot_curve(rows: list[dict], metrics: dict, path) -> None:
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     rows = sorted(rows, key=lambda r: r["beta"])

@@ -22,7 +22,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.core.files import read_jsonl, write_json, write_jsonl, write_metrics
+from tasks.core.files import (
+    atomic_dir,
+    atomic_file,
+    pyplot,
+    read_jsonl,
+    require_dir,
+    save_figure,
+    write_json,
+    write_jsonl,
+    write_metrics,
+)
 from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, log
 
@@ -78,7 +88,6 @@ def validate_data(params: Params) -> dict[str, Any]:
     """The `data_contracts.vl` suite (real GX) on every split; bad rows quarantined with their reasons."""
     from data_contracts.context import ContractContext
     from data_contracts.vl import ImageBounds
-    from tasks.core.files import atomic_dir
     from tasks.data.vldata import VL_SPLIT_NAMES, check_vl_rows, quarantine_entry, read_vl_split
 
     ws = Workspace.from_params(params)
@@ -180,8 +189,6 @@ def tokenizer(params: Params) -> dict[str, Any]:
     )
     processor = build_processor(params, tok)
     out = Workspace.from_params(params).tokenizer
-    from tasks.core.files import atomic_dir
-
     with atomic_dir(out) as tmp:
         processor.save_pretrained(tmp)
     metrics = {"vocab_size": len(tok), "train_texts": len(texts)}
@@ -270,8 +277,6 @@ def load_family(params: Params, stage: str):
 
 
 def _save_family(params: Params, stage: str, model) -> Path:
-    from tasks.core.files import atomic_dir
-
     out = Workspace.from_params(params).artifacts(stage)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
@@ -683,22 +688,23 @@ def rl(params: Params) -> dict[str, Any]:
     write_metrics(params, "rl", metrics)
     out = Workspace.from_params(params).plots("rl")
     write_json(out / "history.json", history)
-    plot_rl(history, start, end, out)
+    plot_rl(history, start, end, out, tasks=v.rl_tasks)
     return metrics
 
 
 def plot_rl(
-    history: Sequence[dict[str, Any]], start: dict[int, float], end: dict[int, float], out_dir: Path
+    history: Sequence[dict[str, Any]],
+    start: dict[int, float],
+    end: dict[int, float],
+    out_dir: Path,
+    tasks: Sequence[str] = (),
 ) -> Path:
     """`curves.png` of the VL rl stage: each member's sampled reward per step (its running mean over its
-    last 5 steps drawn through the points) and its greedy held-out accuracy before and after rl."""
-    import matplotlib
+    last 5 steps drawn through the points) and its greedy held-out accuracy before and after rl, on the
+    select split's rows of `tasks` (`vl.rl_tasks`, named in the panel's title)."""
+    import statistics
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from tasks.core.files import save_figure
-
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     members = sorted({int(h["exit"]) for h in history} | set(start))
     for d in members:
@@ -706,10 +712,7 @@ def plot_rl(
         if not pts:
             continue
         steps, rewards = zip(*pts)
-        mean = [
-            sum(rewards[max(0, i - 4) : i + 1]) / len(rewards[max(0, i - 4) : i + 1])
-            for i in range(len(rewards))
-        ]
+        mean = [statistics.fmean(rewards[max(0, i - 4) : i + 1]) for i in range(len(rewards))]
         (line,) = ax1.plot(steps, mean, lw=1.6, label=f"exit {d}")
         ax1.plot(steps, rewards, "o", ms=3, alpha=0.4, color=line.get_color())
     ax1.set(xlabel="step", ylabel="reward (sampled, exact answer)", title="reward per step (line: mean of 5)")
@@ -718,7 +721,8 @@ def plot_rl(
     ax2.bar([x - width / 2 for x in xs], [start.get(d, 0.0) for d in members], width, label="before rl")
     ax2.bar([x + width / 2 for x in xs], [end.get(d, 0.0) for d in members], width, label="after rl")
     ax2.set_xticks(list(xs), [f"exit {d}" for d in members])
-    ax2.set(ylim=(0, 1), ylabel="greedy accuracy", title="held-out accuracy (select split)")
+    held_out = "select split" + (f", {' / '.join(tasks)}" if tasks else "")
+    ax2.set(ylim=(0, 1), ylabel="greedy accuracy", title=f"held-out accuracy ({held_out})")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -803,12 +807,7 @@ def plot_tradeoff(metrics: dict[str, Any], exits: Sequence[int], out_dir: Path) 
     task type) against the member's parameters, and its decoding speed (tokens/s, batch 1)."""
     import csv
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from tasks.core.files import atomic_file, save_figure
+    plt = pyplot()
 
     entries = [metrics[f"exit_{d}"] for d in exits]
     tasks = sorted({t for e in entries for t in e["by_task"]})
@@ -1039,7 +1038,6 @@ def deploy(params: Params) -> dict[str, Any]:
     import json
     import statistics
 
-    from tasks.core.files import require_dir
     from tasks.release.serving import check_served_params, serving_kwargs, start_serving
     from tasks.release.store import content_digest, open_store, publish_dir
     from tasks.release.vision import vl_smoke_test

@@ -78,7 +78,9 @@ def test_rl_curves_plot_every_member_that_trained(tmp_path):
     history = [
         {"step": s + 1, "exit": (1, 2, 4)[s % 3], "reward": (s % 4) / 4, "loss": 0.1} for s in range(12)
     ]
-    png = plot_rl(history, {1: 0.4, 2: 0.5, 4: 0.6}, {1: 0.45, 2: 0.5, 4: 0.65}, tmp_path)
+    png = plot_rl(
+        history, {1: 0.4, 2: 0.5, 4: 0.6}, {1: 0.45, 2: 0.5, 4: 0.65}, tmp_path, tasks=("counting",)
+    )
     w, h = _png(png)
     assert png == tmp_path / "curves.png" and w > h > 0
 
@@ -90,3 +92,15 @@ def test_the_vl_pipeline_lists_the_figures_the_summary_names():
     for p in VL_PLOTS:  # every figure but evaluate's (tokens/s is measured, not reproduced) is a stage output
         stage_dir = f"plots/vl/{p.split('/')[0]}"
         assert (stage_dir in outs) == (p != "evaluate/tradeoff.png"), p
+
+
+def test_pyplot_draws_off_screen_whatever_the_environment_asks():
+    """A headless node whose environment names an interactive backend still gets Agg (a figure is a file)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from tasks.core.files import pyplot; print(pyplot().get_backend())"
+    env = dict(os.environ, MPLBACKEND="TkAgg", PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().lower() == "agg", out.stderr
