@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tasks.core.params import ParamsError, load_params
+from tasks.core.stage import StageError
 from tasks.training.vl_pipeline import accuracy_table, encode_sft, format_table, is_correct
 
 REPO = Path(__file__).resolve().parents[2]
@@ -141,5 +142,5 @@ def test_vl_stream_visits_every_row_once_per_epoch_in_its_seeded_order():
     batch = stream.batch(3, 7)
     assert torch.equal(batch["input_ids"], encode_sft(processor, [rows[i] for i in visited])["input_ids"])
     assert sorted(visited[2:]) == list(range(5))
-    with pytest.raises(Exception, match="no training rows"):
+    with pytest.raises(StageError, match="no training rows"):  # a user error: never retried by the flow
         VLStream(processor, [], seed=7)
