@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ def write_loss_curves(
     # log scale: the first steps (near ln V nats) would otherwise flatten everything after them
     ax.set_yscale("log")
     ax.set_ylabel("cross-entropy (nats/token, log scale)")
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, 72))  # a 7-inch figure cuts a longer line (family_sft's did)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
