@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.artifacts import load_family, save_family
-from tasks.core.files import pyplot, save_figure, sha256_file, write_metrics
+from tasks.core.files import atomic_file, pyplot, save_figure, sha256_file, write_metrics
 from tasks.core.params import Params
 from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, seed_everything, stage_main
@@ -80,15 +80,24 @@ def checkpoint_info(
 # --- plots -----------------------------------------------------------------------------------------
 
 
-def write_curves(history: dict[int, list[dict[str, float]]], out_dir: Path, algorithm: str) -> None:
-    """`curves.csv` (step, member and every curve) and `curves.png` (reward, accuracy, length, KL)."""
+def write_curves(
+    history: dict[int, list[dict[str, float]]],
+    out_dir: Path,
+    algorithm: str,
+    held_out: dict[int, tuple[float, float]] | None = None,
+    window: int = 10,
+) -> None:
+    """`curves.csv` (step, member and every curve) and `curves.png` (reward, accuracy, length, KL).
+
+    Reward and sampled accuracy move a lot from step to step (8 prompts a step): each member's steps are
+    faint points with their running mean over the last `window` steps drawn through them. `held_out`
+    (member -> greedy accuracy on the held-out prompts before and after rl) is drawn on the accuracy
+    panel, so the figure shows what rl changed where it counts, beside what it sampled."""
     import csv
     import io
+    import statistics
 
     plt = pyplot()
-
-    from tasks.core.files import atomic_file
-
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["step", "member", *CURVE_KEYS])
@@ -102,17 +111,27 @@ def write_curves(history: dict[int, list[dict[str, float]]], out_dir: Path, algo
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for d, rows in history.items():
         steps = [r["step"] for r in rows]
-        axes[0, 0].plot(steps, [r["reward"] for r in rows], label=f"exit {d}")
-        axes[0, 1].plot(steps, [r["accuracy"] for r in rows], label=f"exit {d}")
+        for ax, key in ((axes[0, 0], "reward"), (axes[0, 1], "accuracy")):
+            values = [r[key] for r in rows]
+            mean = [statistics.fmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+            (line,) = ax.plot(steps, mean, lw=1.6, label=f"exit {d} (mean of {window})")
+            ax.plot(steps, values, "o", ms=2.5, alpha=0.35, color=line.get_color())
+        if held_out and d in held_out and steps:
+            start, end = held_out[d]
+            axes[0, 1].plot(
+                [0, steps[-1]], [start, end], "s--", color=line.get_color(), label=f"exit {d} held-out greedy"
+            )
         axes[1, 0].plot(steps, [r["length"] for r in rows], label=f"exit {d} mean length")
         if any(r["budget"] for r in rows):
             axes[1, 0].plot(steps, [r["budget"] for r in rows], "--", label=f"exit {d} budget")
         axes[1, 1].plot(steps, [r["kl"] for r in rows], label=f"exit {d}")
     for ax, title in zip(
-        axes.flat, ["reward (sampled)", "accuracy (sampled)", "response length (tokens)", "KL"]
+        axes.flat,
+        ["reward (sampled)", "accuracy (sampled; held-out: greedy)", "response length (tokens)", "KL"],
     ):
         ax.set_title(title)
         ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"rl ({algorithm})")
     fig.tight_layout()
@@ -189,7 +208,8 @@ def run(params: Params) -> dict[str, Any]:
             )
     after = evaluate_members(model, tokenizer, eval_rows, members, cfg.max_new_tokens, cfg.format_reward)
     save_family(model, tokenizer, ws.artifacts("rl"))
-    write_curves(trainer.history, ws.plots("rl"), cfg.algorithm)
+    held_out = {d: (before[d]["accuracy"], after[d]["accuracy"]) for d in members}
+    write_curves(trainer.history, ws.plots("rl"), cfg.algorithm, held_out)
 
     this_run_s = time.perf_counter() - t_start
     metrics = _metrics(
