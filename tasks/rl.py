@@ -22,6 +22,7 @@ from tasks.core.params import Params
 from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, seed_everything, stage_main
 from tasks.training.checkpoint import Checkpointer, dir_sha256, fingerprint_info
+from tasks.training.curves import running_mean
 from tasks.training.rl_trainer import (
     RLTrainer,
     evaluate_members,
@@ -95,7 +96,6 @@ def write_curves(
     panel, so the figure shows what rl changed where it counts, beside what it sampled."""
     import csv
     import io
-    import statistics
 
     plt = pyplot()
     buf = io.StringIO()
@@ -113,8 +113,9 @@ def write_curves(
         steps = [r["step"] for r in rows]
         for ax, key in ((axes[0, 0], "reward"), (axes[0, 1], "accuracy")):
             values = [r[key] for r in rows]
-            mean = [statistics.fmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
-            (line,) = ax.plot(steps, mean, lw=1.6, label=f"exit {d} (mean of {window})")
+            (line,) = ax.plot(
+                steps, running_mean(values, window), lw=1.6, label=f"exit {d} (mean of {window})"
+            )
             ax.plot(steps, values, "o", ms=2.5, alpha=0.35, color=line.get_color())
         if held_out and d in held_out and steps:
             start, end = held_out[d]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import statistics
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,12 @@ log = logging.getLogger("ruyi")
 
 
 # --- plots ----------------------------------------------------------------------------------------
+def running_mean(values: Sequence[float], window: int) -> list[float]:
+    """Each value's mean with the `window - 1` before it (fewer at the start): the line drawn through a
+    noisy per-step curve (the rl figures' reward and sampled accuracy)."""
+    return [statistics.fmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+
+
 def write_loss_curves(
     history: Sequence[dict[str, Any]],
     out_dir: str | Path,

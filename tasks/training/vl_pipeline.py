@@ -702,7 +702,7 @@ def plot_rl(
     """`curves.png` of the VL rl stage: each member's sampled reward per step (its running mean over its
     last 5 steps drawn through the points) and its greedy held-out accuracy before and after rl, on the
     select split's rows of `tasks` (`vl.rl_tasks`, named in the panel's title)."""
-    import statistics
+    from tasks.training.curves import running_mean
 
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -712,8 +712,7 @@ def plot_rl(
         if not pts:
             continue
         steps, rewards = zip(*pts)
-        mean = [statistics.fmean(rewards[max(0, i - 4) : i + 1]) for i in range(len(rewards))]
-        (line,) = ax1.plot(steps, mean, lw=1.6, label=f"exit {d}")
+        (line,) = ax1.plot(steps, running_mean(rewards, 5), lw=1.6, label=f"exit {d}")
         ax1.plot(steps, rewards, "o", ms=3, alpha=0.4, color=line.get_color())
     ax1.set(xlabel="step", ylabel="reward (sampled, exact answer)", title="reward per step (line: mean of 5)")
     width = 0.38
