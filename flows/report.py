@@ -62,10 +62,20 @@ def recipe_lines(metrics_dir: str | Path) -> list[str]:
         )
     if rl:
         steps = rl.get("steps") or 0
+        # The first member's held-out curve, when rl evaluated between the ends (rl.eval_every).
+        members = rl.get("members") or []
+        first = rl.get(f"exit_{members[0]}") if members else None
+        held = (first or {}).get("held_out_curve") or {}
+        between = ""
+        if len(held.get("step") or []) > 2:
+            points = ", ".join(
+                f"{int(s)}: {pct(a, '.0%')}" for s, a in zip(held["step"], held["accuracy"], strict=True)
+            )
+            between = f" (exit {members[0]} by step: {points})"
         lines.append(
-            f"rl ({rl.get('algorithm')}, members {rl.get('members')}): held-out accuracy "
-            f"{pct(rl.get('accuracy_start'))} -> {pct(rl.get('accuracy_end'))}; steps with a gradient "
-            f"{rl.get('steps_with_gradient', '-')}/{steps}"
+            f"rl ({rl.get('algorithm')}, members {members}): held-out accuracy "
+            f"{pct(rl.get('accuracy_start'))} -> {pct(rl.get('accuracy_end'))}{between}; steps with a "
+            f"gradient {rl.get('steps_with_gradient', '-')}/{steps}"
         )
     removed = comp.get("removed_fraction") or {}
     if removed:

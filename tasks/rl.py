@@ -66,13 +66,13 @@ def checkpoint_info(
     """What an rl checkpoint must agree on (`tasks.training.checkpoint.fingerprint_info`): params.rl, the
     seed, rl.jsonl, the SFT checkpoint and the code of every module this stage imports. `steps` and
     `checkpoint_every` are left out: extending a run resumes it (the lr is constant, so nothing before
-    step n depends on the total)."""
+    step n depends on the total); so is `eval_every` (greedy evaluation never changes training)."""
     inputs = {"rl": sha256_file(rl_path), "sft": dir_sha256(sft_dir)}
     return fingerprint_info(
         "rl",
         params.rl,
         seed=params.seed,
-        exclude=("steps", "checkpoint_every"),
+        exclude=("steps", "checkpoint_every", "eval_every"),
         inputs=inputs,
         code_root=code_root,
     )
@@ -85,15 +85,16 @@ def write_curves(
     history: dict[int, list[dict[str, float]]],
     out_dir: Path,
     algorithm: str,
-    held_out: dict[int, tuple[float, float]] | None = None,
+    held_out: dict[int, list[dict[str, float]]] | None = None,
     window: int = 10,
 ) -> None:
     """`curves.csv` (step, member and every curve) and `curves.png` (reward, accuracy, length, KL).
 
     Reward and sampled accuracy move a lot from step to step (8 prompts a step): each member's steps are
     faint points with their running mean over the last `window` steps drawn through them. `held_out`
-    (member -> greedy accuracy on the held-out prompts before and after rl) is drawn on the accuracy
-    panel, so the figure shows what rl changed where it counts, beside what it sampled."""
+    (member -> its held-out evaluations, `{"step", "accuracy", ...}` each: before rl, every
+    `rl.eval_every` steps, after rl) is drawn on the accuracy panel, so the figure shows what rl changed
+    where it counts, beside what it sampled."""
     import csv
     import io
 
@@ -117,10 +118,14 @@ def write_curves(
                 steps, running_mean(values, window), lw=1.6, label=f"exit {d} (mean of {window})"
             )
             ax.plot(steps, values, "o", ms=2.5, alpha=0.35, color=line.get_color())
-        if held_out and d in held_out and steps:
-            start, end = held_out[d]
+        if held_out and held_out.get(d):
+            points = held_out[d]
             axes[0, 1].plot(
-                [0, steps[-1]], [start, end], "s--", color=line.get_color(), label=f"exit {d} held-out greedy"
+                [p["step"] for p in points],
+                [p["accuracy"] for p in points],
+                "s--",
+                color=line.get_color(),
+                label=f"exit {d} held-out greedy",
             )
         axes[1, 0].plot(steps, [r["length"] for r in rows], label=f"exit {d} mean length")
         if any(r["budget"] for r in rows):
@@ -175,21 +180,38 @@ def run(params: Params) -> dict[str, Any]:
     resumed_from = trainer.step_index if state is not None else None
     # Wall time of the earlier processes up to the checkpoint resumed from (work after it was redone).
     prior_wall_s = float(state.get("wall_time_s", 0.0)) if state is not None else 0.0
+
+    def held_out_eval() -> dict[int, dict[str, float]]:
+        return evaluate_members(model, tokenizer, eval_rows, members, cfg.max_new_tokens, cfg.format_reward)
+
     if state is not None:
         before = {int(d): v for d, v in state["eval_before"].items()}
+        curve = {int(d): list(points) for d, points in state.get("held_out_curve", {}).items()}
     else:
-        before = evaluate_members(model, tokenizer, eval_rows, members, cfg.max_new_tokens, cfg.format_reward)
+        before = held_out_eval()
+        curve = {}
+    if not curve:  # a fresh run (or a checkpoint of a run that kept no curve): the curve starts at step 0
+        curve = {d: [{"step": 0, **before[d]}] for d in members}
     bar = tqdm(
         range(trainer.step_index, cfg.steps),
         desc=f"rl {cfg.algorithm}",
         initial=trainer.step_index,
         total=cfg.steps,
     )
+    held = f"{curve[members[0]][-1]['accuracy']:.2f}"
     for _ in bar:
         stats = trainer.step()
+        if cfg.eval_every and trainer.step_index % cfg.eval_every == 0 and trainer.step_index < cfg.steps:
+            result = held_out_eval()
+            for d in members:
+                curve[d].append({"step": trainer.step_index, **result[d]})
+            held = f"{result[members[0]]['accuracy']:.2f}"
         first = stats[members[0]]
         bar.set_postfix(
-            reward=f"{first['reward']:.3f}", len=f"{first['length']:.1f}", kl=f"{first['kl']:.4f}"
+            reward=f"{first['reward']:.3f}",
+            len=f"{first['length']:.1f}",
+            kl=f"{first['kl']:.4f}",
+            held_out=held,
         )
         if (
             cfg.checkpoint_every
@@ -204,13 +226,15 @@ def run(params: Params) -> dict[str, Any]:
                 {
                     **trainer.state_dict(),
                     "eval_before": {str(d): v for d, v in before.items()},
+                    "held_out_curve": {str(d): points for d, points in curve.items()},
                     "wall_time_s": prior_wall_s + time.perf_counter() - t_start,
                 },
             )
-    after = evaluate_members(model, tokenizer, eval_rows, members, cfg.max_new_tokens, cfg.format_reward)
+    after = held_out_eval()
+    for d in members:
+        curve[d].append({"step": trainer.step_index, **after[d]})
     save_family(model, tokenizer, ws.artifacts("rl"))
-    held_out = {d: (before[d]["accuracy"], after[d]["accuracy"]) for d in members}
-    write_curves(trainer.history, ws.plots("rl"), cfg.algorithm, held_out)
+    write_curves(trainer.history, ws.plots("rl"), cfg.algorithm, curve)
 
     this_run_s = time.perf_counter() - t_start
     metrics = _metrics(
@@ -219,6 +243,7 @@ def run(params: Params) -> dict[str, Any]:
         members,
         before,
         after,
+        curve,
         n_train=n_train,
         eval_prompts=len(eval_rows),
         resumed_from=resumed_from,
@@ -274,6 +299,7 @@ def _metrics(
     members: list[int],
     before: dict,
     after: dict,
+    curve: dict[int, list[dict[str, float]]],
     *,
     n_train: int,
     eval_prompts: int,
@@ -282,7 +308,8 @@ def _metrics(
     wall_time_s: float,
     this_run_s: float,
 ) -> dict[str, Any]:
-    """Reward and accuracy before/after (mean over members and per member), training curves and times."""
+    """Reward and accuracy before/after (mean over members and per member), the held-out curve (greedy,
+    before rl, every `rl.eval_every` steps and after), training curves and times."""
 
     def mean(vals):
         return float(sum(vals) / len(vals))
@@ -304,6 +331,7 @@ def _metrics(
             "train_time_s": sum(h["train_s"] for h in hist),
             "steps_with_gradient": int(sum(h["has_gradient"] for h in hist)),
             "skipped_steps": int(sum(1 - h["has_gradient"] for h in hist)),
+            "held_out_curve": {k: [p[k] for p in curve[d]] for k in ("step", "accuracy", "reward")},
             "curves": {k: [h[k] for h in hist] for k in ("step", *CURVE_KEYS)},
         }
     metrics = {

@@ -337,6 +337,9 @@ class RLParams(_Section):
     format_reward: Annotated[float, Field(ge=0.0)] = 0.1
     # The last eval_prompts rows of rl.jsonl are held out: greedy reward/accuracy before and after.
     eval_prompts: PositiveInt = 32
+    # ... and every eval_every steps between (0 = before and after only): the held-out curve of
+    # metrics/rl.json and plots/rl. Greedy decoding draws no random numbers, so it never changes training.
+    eval_every: NonNegInt = 10
     # Resumable checkpoints every n steps into artifacts/checkpoints/rl (0 = none).
     checkpoint_every: NonNegInt = 10
     bppo: BPPOParams = BPPOParams()

@@ -631,6 +631,7 @@ def rl(params: Params) -> dict[str, Any]:
         }
 
     start = held_accuracy()
+    curve = [{"step": 0, **start}]  # the held-out accuracy before rl, every rl.eval_every steps, after rl
     torch.manual_seed(params.seed)
     # the vision tower and its mergers at vl.vision_lr_scale x the lr, as in family_sft: at the full lr the
     # 12 steps of a 0.03x-trained family moved the tower and cost the deepest member 5.6 points (RESULTS.md)
@@ -673,7 +674,10 @@ def rl(params: Params) -> dict[str, Any]:
             opt.step()
         history.append({"step": step + 1, "exit": d, "reward": float(rewards.mean()), "loss": float(loss)})
         log.info("vl rl step %d/%d exit %d: reward %.3f", step + 1, cfg.steps, d, float(rewards.mean()))
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            curve.append({"step": step + 1, **held_accuracy()})
     end = held_accuracy()
+    curve.append({"step": cfg.steps, **end})
     _save_family(params, "rl", model)
     metrics: dict[str, Any] = {
         "algorithm": "grpo",
@@ -683,45 +687,51 @@ def rl(params: Params) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - t0, 2),
         "mean_reward": round(sum(h["reward"] for h in history) / max(len(history), 1), 6),
         "vision_lr": cfg.lr * lr_scales[VISION_PREFIX],
-        **{f"exit_{d}": {"accuracy_start": start[d], "accuracy_end": end[d]} for d in members},
+        **{
+            f"exit_{d}": {
+                "accuracy_start": start[d],
+                "accuracy_end": end[d],
+                "held_out_curve": {"step": [p["step"] for p in curve], "accuracy": [p[d] for p in curve]},
+            }
+            for d in members
+        },
     }
     write_metrics(params, "rl", metrics)
     out = Workspace.from_params(params).plots("rl")
     write_json(out / "history.json", history)
-    plot_rl(history, start, end, out, tasks=v.rl_tasks)
+    plot_rl(history, curve, out, tasks=v.rl_tasks)
     return metrics
 
 
 def plot_rl(
     history: Sequence[dict[str, Any]],
-    start: dict[int, float],
-    end: dict[int, float],
+    curve: Sequence[dict[str, Any]],
     out_dir: Path,
     tasks: Sequence[str] = (),
 ) -> Path:
     """`curves.png` of the VL rl stage: each member's sampled reward per step (its running mean over its
-    last 5 steps drawn through the points) and its greedy held-out accuracy before and after rl, on the
-    select split's rows of `tasks` (`vl.rl_tasks`, named in the panel's title)."""
+    last 5 steps drawn through the points) and its greedy held-out accuracy over the steps (`curve`: one
+    `{"step": s, <exit>: accuracy, ...}` per evaluation, before rl, every `rl.eval_every` steps and after),
+    on the select split's rows of `tasks` (`vl.rl_tasks`, named in the panel's title)."""
     from tasks.training.curves import running_mean
 
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    members = sorted({int(h["exit"]) for h in history} | set(start))
+    members = sorted({int(h["exit"]) for h in history} | {k for p in curve for k in p if k != "step"})
     for d in members:
+        color = None
         pts = [(h["step"], h["reward"]) for h in history if h["exit"] == d]
-        if not pts:
-            continue
-        steps, rewards = zip(*pts)
-        (line,) = ax1.plot(steps, running_mean(rewards, 5), lw=1.6, label=f"exit {d}")
-        ax1.plot(steps, rewards, "o", ms=3, alpha=0.4, color=line.get_color())
+        if pts:
+            steps, rewards = zip(*pts)
+            (line,) = ax1.plot(steps, running_mean(rewards, 5), lw=1.6, label=f"exit {d}")
+            ax1.plot(steps, rewards, "o", ms=3, alpha=0.4, color=line.get_color())
+            color = line.get_color()
+        held = [(p["step"], p[d]) for p in curve if d in p]
+        if held:
+            ax2.plot(*zip(*held), "s-", color=color, label=f"exit {d}")
     ax1.set(xlabel="step", ylabel="reward (sampled, exact answer)", title="reward per step (line: mean of 5)")
-    width = 0.38
-    xs = range(len(members))
-    ax2.bar([x - width / 2 for x in xs], [start.get(d, 0.0) for d in members], width, label="before rl")
-    ax2.bar([x + width / 2 for x in xs], [end.get(d, 0.0) for d in members], width, label="after rl")
-    ax2.set_xticks(list(xs), [f"exit {d}" for d in members])
     held_out = "select split" + (f", {' / '.join(tasks)}" if tasks else "")
-    ax2.set(ylim=(0, 1), ylabel="greedy accuracy", title=f"held-out accuracy ({held_out})")
+    ax2.set(ylim=(0, 1), xlabel="step", ylabel="greedy accuracy", title=f"held-out accuracy ({held_out})")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -52,6 +52,7 @@ MICRO_VL = {
     "rl.prompts_per_step": 2,
     "rl.group_size": 2,
     "rl.eval_prompts": 6,
+    "rl.eval_every": 1,
     "evaluate.num_problems": 12,
     "evaluate.speed_new_tokens": 4,
     "evaluate.speed_repeats": 1,
@@ -195,6 +196,11 @@ def test_vl_profile_runs_through_the_flow_and_leaves_the_text_run_alone(workspac
     assert ev["exit_1"]["num_parameters"] < ev["exit_2"]["num_parameters"] < ev["exit_4"]["num_parameters"]
     rl = json.loads((metrics / "reproducible" / "rl.json").read_text())
     assert rl["members"] == [1, 2, 4] and rl["algorithm"] == "grpo"
+    for d in (1, 2, 4):  # the held-out curve: before rl, after step 1 (rl.eval_every 1), after rl
+        entry = rl[f"exit_{d}"]
+        assert entry["held_out_curve"]["step"] == [0, 1, 2]
+        acc = entry["held_out_curve"]["accuracy"]
+        assert (acc[0], acc[-1]) == (entry["accuracy_start"], entry["accuracy_end"])
     sft, p = (
         json.loads((metrics / "family_sft.json").read_text()),
         yaml.safe_load((workspace / "params.vl.yaml").read_text()),

@@ -591,11 +591,20 @@ def write_workspace(root, sft_dir, rows, overrides: dict | None = None):
 def test_stage_writes_model_metrics_and_plots(micro, tmp_path):
     from tasks.rl import main
 
-    params_file = write_workspace(tmp_path, micro[2], rl_rows(20))
+    params_file = write_workspace(tmp_path, micro[2], rl_rows(20), {"rl.eval_every": 3})
     assert main(["--params", str(params_file)]) == 0
     metrics = json.loads((tmp_path / "metrics" / "rl.json").read_text())
     for key in ("algorithm", "reward_start", "reward_end", "accuracy_start", "accuracy_end", "wall_time_s"):
         assert key in metrics
+    # The held-out curve: before rl, every rl.eval_every steps (not at the last: that is "after"), after rl.
+    held = metrics["exit_1"]["held_out_curve"]
+    assert held["step"] == [0, 3, 4]
+    assert (
+        held["accuracy"][0] == metrics["accuracy_start"] and held["accuracy"][-1] == metrics["accuracy_end"]
+    )
+    assert held["reward"][0] == metrics["reward_start"] and held["reward"][-1] == metrics["reward_end"]
+    reproducible = json.loads((tmp_path / "metrics" / "reproducible" / "rl.json").read_text())
+    assert reproducible["exit_1"]["held_out_curve"] == held
     assert metrics["algorithm"] == "bppo" and metrics["members"] == [1]
     curves = metrics["exit_1"]["curves"]
     # Where the time and the work went (dvc metrics diff between grpo and bppo runs).
@@ -647,9 +656,12 @@ def test_resume_equals_uninterrupted_run(micro, tmp_path):
     rows = rl_rows(20)
     # 4 prompts x 4 samples: every step has a reward signal (a gradient), so the optimizer state restored
     # from the checkpoint decides the later steps (with no gradient a lost Adam state would go unseen).
-    signal = {"rl.prompts_per_step": 4, "rl.group_size": 4}
+    signal = {"rl.prompts_per_step": 4, "rl.group_size": 4, "rl.eval_every": 1}
     straight = write_workspace(tmp_path / "straight", micro[2], rows, {"rl.steps": 4, **signal})
     assert main(["--params", str(straight)]) == 0
+    # The held-out evaluations between steps never change training: the same run without them.
+    quiet = write_workspace(tmp_path / "quiet", micro[2], rows, {"rl.steps": 4, **signal, "rl.eval_every": 0})
+    assert main(["--params", str(quiet)]) == 0
     # An interrupted run: 3 steps with a checkpoint at step 2, then the same run asked for 4 steps.
     resumed = write_workspace(
         tmp_path / "resumed", micro[2], rows, {"rl.steps": 3, "rl.checkpoint_every": 2, **signal}
@@ -663,9 +675,15 @@ def test_resume_equals_uninterrupted_run(micro, tmp_path):
     assert m_straight["exit_1"]["curves"]["has_gradient"][2:] == [1.0, 1.0], m_straight["exit_1"]["curves"]
     for key in ("reward", "length", "loss", "kl", "budget"):
         assert m_resumed["exit_1"]["curves"][key] == m_straight["exit_1"]["curves"][key], key
+    # The held-out curve survives the resume: steps 0-2 from the checkpoint, 3 and 4 after it.
+    assert m_straight["exit_1"]["held_out_curve"]["step"] == [0, 1, 2, 3, 4]
+    assert m_resumed["exit_1"]["held_out_curve"] == m_straight["exit_1"]["held_out_curve"]
+    m_quiet = json.loads((tmp_path / "quiet" / "metrics" / "rl.json").read_text())
+    assert m_quiet["exit_1"]["held_out_curve"]["step"] == [0, 4]
     a = load_file(tmp_path / "straight" / "artifacts" / "rl" / "model.safetensors")
-    b = load_file(tmp_path / "resumed" / "artifacts" / "rl" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for other in ("resumed", "quiet"):
+        b = load_file(tmp_path / other / "artifacts" / "rl" / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), other
     # A checkpoint made with other params is set aside (as cpt's), not resumed.
     assert main(["--params", str(resumed), "--set", "rl.steps=4", "--set", "rl.lr=0.001"]) == 0
     m_other = json.loads((tmp_path / "resumed" / "metrics" / "rl.json").read_text())

@@ -73,7 +73,11 @@ def test_recipe_lines_show_the_dae_rl_and_compression_gains(tmp_path):
     (tmp_path / "rl.json").write_text(json.dumps(rl))
     dae, rl_line, compression = recipe_lines(tmp_path)
     assert "10.0% before DaE -> 30.0% dense -> 29.0% decomposed" in dae and "accuracy 0.95" in dae
-    assert "30.0% -> 36.0%" in rl_line and "27/30" in rl_line
+    assert "30.0% -> 36.0%; steps" in rl_line and "27/30" in rl_line  # no curve between: none printed
+    rl["exit_2"] = {"held_out_curve": {"step": [0, 10, 20, 30], "accuracy": [0.3, 0.32, 0.35, 0.36]}}
+    (tmp_path / "rl.json").write_text(json.dumps(rl))
+    rl_line = recipe_lines(tmp_path)[1]
+    assert "30.0% -> 36.0% (exit 2 by step: 0: 30%, 10: 32%, 20: 35%, 30: 36%); steps" in rl_line
     assert "55.0% of the DaE blocks" in compression and "45.0% of both" in compression
     route = {
         "threshold": 0.6,

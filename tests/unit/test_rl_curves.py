@@ -18,7 +18,10 @@ def _history(members=(2, 5), steps=12):
 
 def test_rl_curves_keep_every_step_of_every_member_and_draw_the_held_out_accuracy(tmp_path):
     history = _history()
-    write_curves(history, tmp_path, "bppo", held_out={2: (0.48, 0.5)}, window=5)  # member 5 has none
+    held_out = {
+        2: [{"step": s, "accuracy": a, "reward": a + 0.1} for s, a in ((0, 0.48), (6, 0.45), (12, 0.5))]
+    }
+    write_curves(history, tmp_path, "bppo", held_out=held_out, window=5)  # member 5 has none
     with open(tmp_path / "curves.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(int(r["step"]), r["member"]) for r in rows] == [
@@ -30,6 +33,6 @@ def test_rl_curves_keep_every_step_of_every_member_and_draw_the_held_out_accurac
 
 
 def test_a_member_without_steps_still_gets_a_figure(tmp_path):
-    write_curves({2: []}, tmp_path, "grpo", held_out={2: (0.4, 0.4)})
+    write_curves({2: []}, tmp_path, "grpo", held_out={2: [{"step": 0, "accuracy": 0.4, "reward": 0.5}]})
     assert (tmp_path / "curves.png").stat().st_size > 0
     assert (tmp_path / "curves.csv").read_text().splitlines() == ["step,member," + ",".join(CURVE_KEYS)]
