@@ -29,14 +29,14 @@ def write_loss_curves(
     exits: Sequence[int] | None = None,
     name: str = "loss",
 ) -> tuple[Path, Path]:
-    """Writes `<name>.csv` (step, exit, split, loss) and `<name>.png` (one line per member and split).
+    """Writes `<name>.csv` (step, exit, split, loss: every logged value, raw) and `<name>.png`
+    (`loss_figure`).
 
     Args:
         history: TrainResult.history rows.
         out_dir: `plots/<stage>/`.
         exits: members to plot (default: all in the history).
     """
-    plt = pyplot()
     out_dir = Path(out_dir)
     rows = [r for r in history if exits is None or r["exit"] in exits]
     csv_path, png_path = out_dir / f"{name}.csv", out_dir / f"{name}.png"
@@ -47,16 +47,44 @@ def write_loss_curves(
             writer.writerow(
                 {"step": r["step"], "exit": r["exit"], "split": r["split"], "loss": f"{r['loss']:.6f}"}
             )
+    save_figure(loss_figure(rows, title), png_path, dpi=110)
+    return png_path, csv_path
+
+
+#: Train losses are smoothed over about 1/TRAIN_POINTS of a member's logged steps.
+TRAIN_POINTS = 40
+
+
+def loss_figure(rows: Sequence[dict[str, Any]], title: str):
+    """One colour per member: its validation loss (points joined by a line) and its train loss. A train
+    loss is one batch's: it swings with the batch's content (a mixture's general-text and math batches
+    differ by a factor of 3), and the members' raw lines hide each other. So the raw values are drawn
+    faint and their running mean over `len // TRAIN_POINTS` steps (`running_mean`) through them, labelled
+    with its window; short histories (under 2 x TRAIN_POINTS steps) are drawn raw. Returns the figure."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     members = sorted({r["exit"] for r in rows})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, d in enumerate(members):
         color = colors[i % len(colors)]
-        for split, style in (("train", dict(lw=0.8, alpha=0.55)), ("val", dict(lw=1.8, marker="o", ms=3))):
-            pts = [(r["step"], r["loss"]) for r in rows if r["exit"] == d and r["split"] == split]
-            if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, color=color, label=f"exit {d} {split}", **style)
+        train = [(r["step"], r["loss"]) for r in rows if r["exit"] == d and r["split"] == "train"]
+        if train:
+            xs, ys = zip(*train)
+            window = len(ys) // TRAIN_POINTS
+            if window >= 2:
+                ax.plot(xs, ys, color=color, lw=0.5, alpha=0.15)
+                ax.plot(
+                    xs,
+                    running_mean(ys, window),
+                    color=color,
+                    lw=1.0,
+                    label=f"exit {d} train (mean of {window})",
+                )
+            else:
+                ax.plot(xs, ys, color=color, lw=0.8, alpha=0.55, label=f"exit {d} train")
+        val = [(r["step"], r["loss"]) for r in rows if r["exit"] == d and r["split"] == "val"]
+        if val:
+            ax.plot(*zip(*val), color=color, lw=1.8, marker="o", ms=3, label=f"exit {d} val")
     ax.set_xlabel("step")
     # log scale: the first steps (near ln V nats) would otherwise flatten everything after them
     ax.set_yscale("log")
@@ -65,5 +93,4 @@ def write_loss_curves(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    save_figure(fig, png_path, dpi=110)
-    return png_path, csv_path
+    return fig

@@ -557,6 +557,30 @@ def test_loss_curves_csv_and_png(tmp_path):
     assert math.isclose(float(lines[1].split(",")[3]), 5.0)
 
 
+def test_loss_figure_smooths_long_train_curves_and_keeps_validation_points():
+    from tasks.training.curves import TRAIN_POINTS, loss_figure, running_mean
+
+    n = 10 * TRAIN_POINTS
+    swing = [(1.5 if s % 3 else 0.4) * (2 - s / n) for s in range(n)]  # two kinds of batch, falling
+    rows = [
+        {"step": s, "exit": d, "split": "train", "loss": swing[s] * d / 2} for s in range(n) for d in (2, 4)
+    ]
+    rows += [{"step": s, "exit": 2, "split": "val", "loss": 1.0 - s / (2 * n)} for s in range(0, n, 100)]
+    rows += [{"step": s, "exit": 8, "split": "train", "loss": 1.0} for s in range(5)]  # short: raw
+    fig = loss_figure(rows, "t")
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert set(lines) >= {
+        "exit 2 train (mean of 10)",
+        "exit 4 train (mean of 10)",
+        "exit 2 val",
+        "exit 8 train",
+    }
+    mean = lines["exit 4 train (mean of 10)"].get_ydata()
+    assert list(mean) == running_mean([v * 2 for v in swing], 10)  # exit 4's raw values are 2x swing
+    assert list(lines["exit 2 val"].get_xdata()) == list(range(0, n, 100))
+    assert list(lines["exit 8 train"].get_ydata()) == [1.0] * 5
+
+
 def test_stage_modules_import_no_heavy_library():
     """`python -m tasks.cpt --help` must answer instantly: torch/transformers are imported lazily."""
     import subprocess
