@@ -80,7 +80,10 @@ def run(
         [],
         "--set",
         metavar="KEY=VALUE",
-        help="parameter override written to params.yaml, e.g. cpt.max_steps=50",
+        help=(
+            "parameter override written to the profile's params file (params.yaml; --profile vl: "
+            "params.vl.yaml), e.g. cpt.max_steps=50"
+        ),
     ),
     push: bool = typer.Option(True, "--push/--no-push", help="push results to the DVC remote"),
     force: bool = typer.Option(
@@ -210,7 +213,7 @@ def audit(
 
 @app.command()
 def deployments(cron: str = typer.Option("0 2 * * *", help="schedule of the nightly deployment")) -> None:
-    """Serve the `nightly` and `rerun` deployments against PREFECT_API_URL (blocks)."""
+    """Serve the `nightly`, `rerun` and `audit` deployments against PREFECT_API_URL (blocks)."""
     from flows.deployments import serve_deployments
 
     serve_deployments(cron=cron)
@@ -281,7 +284,8 @@ def server(
                     raise typer.Exit(1) from None
                 time.sleep(0.5)
         typer.echo(
-            f"Prefect UI: http://127.0.0.1:{port}  (deployments: ruyi-pipeline/nightly, ruyi-pipeline/rerun)"
+            f"Prefect UI: http://127.0.0.1:{port}  (deployments: ruyi-pipeline/nightly, ruyi-pipeline/rerun, "
+            "ruyi-audit/audit)"
         )
         os.environ["PREFECT_API_URL"] = api
         from flows.deployments import serve_deployments

@@ -1,7 +1,7 @@
 """Prefect deployments: `nightly` (cron), `rerun` (parameters set in the UI) and `audit` (weekly).
 
-    ruyi server                 # a Prefect server on 127.0.0.1 + both deployments served (UI reruns)
-    ruyi deployments [--cron]   # serve both deployments against an existing PREFECT_API_URL
+    ruyi server                 # a Prefect server on 127.0.0.1 + the three deployments served (UI reruns)
+    ruyi deployments [--cron]   # serve the three deployments against an existing PREFECT_API_URL
 
 The same deployments are declared in prefect.yaml for `prefect deploy`. Why: docs/choices.md#orchestration.
 """

@@ -4,8 +4,9 @@
 
 Reads the embedded sources (Python's own docstrings and language reference; generated math problems) and
 any `data.sources` (local or s3:// JSONL/Parquet). Writes `data/raw/` as a whole (corpus_train/val.jsonl,
-sft.jsonl, rl.jsonl, eval.jsonl, the healing-decision split select_corpus.jsonl and select.jsonl that only
-compress reads, manifest.json with row counts, sha256, sources and filter counts),
+sft.jsonl, rl.jsonl, eval.jsonl, the healing-decision split select_corpus.jsonl and select.jsonl that no
+stage trains on (compress decides its healing on them; route calibrates its router on select.jsonl),
+manifest.json with row counts, sha256, sources and filter counts),
 `metrics/prepare_data.json` and `plots/prepare_data/`. Owns cleaning, de-duplication and the
 leakage-free sft/rl/eval/select split: docs/choices.md#prepare_data.
 """

@@ -1,6 +1,6 @@
 """Stage privacy: the edge-cloud camera's de-identifying mapping, trained, audited by attacks, gated.
 
-    python -m tasks.privacy [--set privacy.beta=0.01 --set privacy.family_dir=artifacts/vl_family ...]
+    python -m tasks.privacy [--set privacy.beta=0.01 --set privacy.family_dir=artifacts/vl/rl ...]
     python -m tasks.privacy --params params.vl.yaml    # the vision-language profile's privacy stage
 
 Not a stage of the default text pipeline (dvc.yaml). The vision-language profile (profiles/vl/dvc.yaml)

@@ -193,7 +193,8 @@ class ExitWeightSchedule(_Section):
 
 
 class TrainParams(_Section):
-    """Optimisation settings shared by the training stages (cpt, expand, sft); see tasks/training/."""
+    """Optimisation settings shared by the training stages (cpt, family_sft, expand, sft); see
+    tasks/training/."""
 
     seq_len: PositiveInt = 128
     batch_size: PositiveInt = 8
@@ -311,9 +312,11 @@ class RLParams(_Section):
     """On-policy RL with a verifiable reward (tasks/rl.py): GRPO as TRL computes it, or BPPO."""
 
     algorithm: Literal["grpo", "bppo"] = "bppo"
-    # Which members are sampled and trained: "dae" (the DaE member, as in the paper), "all", or a
-    # list of exit layers.
+    # Which members are sampled and trained: "dae" (the DaE member, as in the paper: only its DaE
+    # parameters train), "all", or a list of exit layers (these two train every parameter, the shared
+    # backbone included, so every member changes).
     members: Literal["dae", "all"] | list[PositiveInt] = "dae"
+    # Generation batches, each followed by num_iterations optimizer steps.
     steps: PositiveInt = 30
     prompts_per_step: PositiveInt = 4
     group_size: Annotated[int, Field(ge=2)] = 8
@@ -385,7 +388,8 @@ class CompressParams(_Section):
 class EvaluateParams(_Section):
     """Per-exit quality, speed and size of one checkpoint; see tasks/evaluate.py."""
 
-    # Family checkpoint directory to evaluate; null = <artifacts_dir>/compress.
+    # Family checkpoint directory to evaluate; null = <artifacts_dir>/compress (the VL profile:
+    # <artifacts_dir>/rl).
     checkpoint: str | None = None
     # Math accuracy and solution loss on the first `num_problems` rows of eval.jsonl.
     num_problems: PositiveInt = 100
@@ -460,7 +464,8 @@ class StoreParams(_Section):
     # AWS chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profiles), never from this file.
     bucket: str | None = None
     prefix: str = "ruyi"
-    # null: AWS; e.g. http://127.0.0.1:8333 for SeaweedFS or MinIO.
+    # null: $AWS_ENDPOINT_URL_S3, else $AWS_ENDPOINT_URL, else AWS; e.g. http://127.0.0.1:8333 for SeaweedFS
+    # or MinIO.
     endpoint_url: str | None = None
     # Signing region; null: from the AWS config, else us-east-1.
     region: str | None = None
@@ -492,7 +497,8 @@ class StoreParams(_Section):
 
 
 class DistributedParams(_Section):
-    """Data parallelism of the training stages cpt, expand and sft (tasks/training/distributed.py)."""
+    """Data parallelism of the training stages cpt, family_sft, expand and sft
+    (tasks/training/distributed.py)."""
 
     # local: one process (the default); ray: Ray Train TorchTrainer workers with DistributedDataParallel.
     backend: Literal["local", "ray"] = "local"

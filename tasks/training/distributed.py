@@ -1,4 +1,4 @@
-"""Data-parallel training of the `cpt`, `expand` and `sft` stages on Ray Train workers (DDP).
+"""Data-parallel training of the `cpt`, `family_sft`, `expand` and `sft` stages on Ray Train workers (DDP).
 
 Not a stage: selected by `distributed.backend: ray` in the params file (`num_workers`, `use_gpu`,
 `cpus_per_worker`, `address`, `object_store_mib`, `storage_path`, `timeout_s`; tasks/core/params.py).

@@ -265,14 +265,22 @@ def load_processor(params: Params):
     return proc
 
 
-def load_family(params: Params, stage: str):
+def load_family(params: Params, stage: str, path: str | Path | None = None):
+    """The VL family `stage` wrote (`<artifacts_dir>/<stage>`), or the one at `path` when given (a
+    parameter such as `evaluate.checkpoint`, named by `stage`)."""
     import torch
 
     from ruyi_model.vl import FamilialVLForConditionalGeneration
 
-    path = Workspace.from_params(params).artifacts(stage)
+    if path is None:
+        path, hint = (
+            Workspace.from_params(params).artifacts(stage),
+            f"run the {stage} stage with the VL profile first",
+        )
+    else:
+        path, hint = Path(path), f"{stage} names a directory without a saved VL family"
     if not (path / "config.json").is_file():
-        raise StageError(f"no VL family at {path}: run the {stage} stage with the VL profile first")
+        raise StageError(f"no VL family at {path}: {hint}")
     return FamilialVLForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
 
 
@@ -769,7 +777,12 @@ def evaluate(params: Params) -> dict[str, Any]:
 
     ev = params.evaluate
     ws = Workspace.from_params(params)
-    model = load_family(params, Path(ev.checkpoint).name if ev.checkpoint else "rl").eval()
+    model = (
+        load_family(params, "evaluate.checkpoint", ev.checkpoint)
+        if ev.checkpoint
+        else load_family(params, "rl")
+    )
+    model.eval()
     processor = load_processor(params)
     rows = _rows(params, "eval", params.vl.tasks)[: ev.num_problems]
     exits = list(params.model.exit_layers)

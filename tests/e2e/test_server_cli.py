@@ -80,6 +80,8 @@ def test_ruyi_server_serves_both_deployments_and_stops_cleanly(tmp_path):
         assert rerun["schedules"] == []
         assert {"from_stage", "to_stage", "overrides", "push"} <= set(rerun["parameters"])
         assert rerun["parameters"]["workspace"] == str(tmp_path.resolve())
+        audit = _get(f"{api}/deployments/name/ruyi-audit/audit")  # served too, as the banner says
+        assert [s["schedule"]["cron"] for s in audit["schedules"]] == ["0 4 * * 0"]
         # The UI talks to the API it is served with (it used the default port 4200: "Can't connect to
         # Server API").
         ui = _get(f"http://127.0.0.1:{port}/ui-settings")

@@ -54,6 +54,17 @@ def test_flow_profiles_name_their_pipeline_and_params_files():
         profile_files("audio")
 
 
+def test_vl_evaluate_reads_the_checkpoint_it_is_given(tmp_path):
+    """evaluate.checkpoint is a directory, used as given (it once kept only its last name and read
+    <artifacts_dir>/<name> instead)."""
+    from tasks.training.vl_pipeline import evaluate
+
+    (tmp_path / "rl").mkdir()  # the default's name, elsewhere: not a family
+    params = load_params(VL, {"evaluate.checkpoint": str(tmp_path / "rl")})
+    with pytest.raises(StageError, match=f"no VL family at {tmp_path / 'rl'}: evaluate.checkpoint names"):
+        evaluate(params)
+
+
 def test_a_stage_without_a_vl_body_is_a_clear_user_error(capsys):
     from tasks import expand
 
