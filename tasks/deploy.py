@@ -75,9 +75,20 @@ def export_dir(params: Params) -> Path:
 
 
 def publish_export(params: Params, store: ArtifactStore) -> tuple[Release, bool]:
-    """Publishes `artifacts/export/` (`tasks.release.store.publish_dir`). Returns `(release, reused)`."""
+    """Publishes `artifacts/export/` (`tasks.release.store.publish_dir`) once every file is what the export
+    stage listed in its manifest (`ruyi_model.export.verify_export`: a file changed, added or lost since is
+    a StageError naming it, and nothing is published). Returns `(release, reused)`."""
+    from ruyi_model.export import verify_export
+
     cfg = params.deploy
     export_dir_ = export_dir(params)
+    try:
+        verify_export(export_dir_)
+    except ValueError as e:
+        raise StageError(
+            f"{export_dir_} does not match its export manifest, so it is not published: {e}; re-run the "
+            "export stage"
+        ) from None
     export_manifest = json.loads((export_dir_ / "manifest.json").read_text())
     metadata = {
         "git_revision": _git_revision(),

@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.artifacts import load_family
-from tasks.core.files import atomic_dir, atomic_file, pyplot, save_figure, sha256_file, write_metrics
+from tasks.core.files import (
+    LOAD_ERRORS,
+    atomic_dir,
+    atomic_file,
+    pyplot,
+    save_figure,
+    sha256_file,
+    write_metrics,
+)
 from tasks.core.params import Params
 from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, stage_main
@@ -80,7 +88,7 @@ def factored_parity(model, exit_layer: int, factored_dir: Path, input_ids, expec
 
     try:
         one = FamilialForCausalLM.from_pretrained(factored_dir, dtype=torch.float32, local_files_only=True)
-    except (OSError, ValueError) as e:
+    except LOAD_ERRORS as e:
         raise StageError(
             f"{factored_dir}: the factored copy does not load as FamilialForCausalLM: {e}"
         ) from None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from tasks.core.files import atomic_dir, require_dir
+from tasks.core.files import LOAD_ERRORS, atomic_dir, require_dir
 from tasks.core.stage import StageError
 
 log = logging.getLogger("ruyi")
@@ -33,7 +33,7 @@ def load_family(path: str | Path, dtype: str = "float32"):
         raise StageError(f"model checkpoint at {path} has no model.safetensors")
     try:
         model = FamilialForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
-    except (ValueError, OSError) as e:
+    except LOAD_ERRORS as e:
         raise StageError(f"cannot load the model at {path}: {e}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -16,9 +16,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
+
 from tasks.core.params import Params
 from tasks.core.paths import Workspace
 from tasks.core.stage import StageError
+
+#: What loading a saved model raises for a missing, unreadable or corrupt file: transformers' loader lets a
+#: truncated or foreign model.safetensors raise SafetensorError, which is neither an OSError nor a ValueError.
+LOAD_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, SafetensorError)
 
 log = logging.getLogger("ruyi")
 

@@ -130,13 +130,20 @@ def s3_client(
 
 
 def _root_cause(error: BaseException) -> BaseException:
-    """The botocore error inside a boto3 wrapper (S3UploadFailedError wraps the real one)."""
+    """The botocore error inside a boto3 wrapper: S3UploadFailedError chains the real one; a download
+    whose retries ran out (RetriesExceededError, boto3's and s3transfer's) carries it as
+    `last_exception`, which may also be a socket timeout or reset (a builtin TimeoutError /
+    ConnectionError, returned when the chain holds no botocore error). Else `error` itself."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     cause: BaseException | None = error
-    while cause is not None and not isinstance(cause, (ClientError, BotoCoreError)):
-        cause = cause.__cause__ or cause.__context__
-    return cause or error
+    seen: list[BaseException] = []
+    while cause is not None and not any(cause is s for s in seen):
+        if isinstance(cause, (ClientError, BotoCoreError)):
+            return cause
+        seen.append(cause)
+        cause = getattr(cause, "last_exception", None) or cause.__cause__ or cause.__context__
+    return next((c for c in seen if isinstance(c, (TimeoutError, ConnectionError))), error)
 
 
 def error_code(error: BaseException) -> str:
@@ -162,6 +169,8 @@ def translate_error(
         ConnectionClosedError,
         ConnectTimeoutError,
         EndpointConnectionError,
+        HTTPClientError,
+        IncompleteReadError,
         NoCredentialsError,
         PartialCredentialsError,
         ReadTimeoutError,
@@ -199,8 +208,14 @@ def translate_error(
             f"{what}: cannot reach the S3 endpoint {where} ({cause}); is the server "
             "running and the endpoint URL right?"
         )
-    if isinstance(cause, ReadTimeoutError):
+    if isinstance(cause, (ReadTimeoutError, TimeoutError)):
         return TransientStoreError(f"{what}: the S3 endpoint {where} did not answer in time ({cause})")
+    if isinstance(cause, (HTTPClientError, IncompleteReadError, ConnectionError)):
+        # a connection reset or a body cut short while reading (ResponseStreamingError, ...), also as
+        # the last error of a download whose retries ran out: the same call may succeed later
+        return TransientStoreError(
+            f"{what}: the connection to the S3 endpoint {where} broke off ({type(cause).__name__}: {cause})"
+        )
     if isinstance(cause, (NoCredentialsError, PartialCredentialsError)):
         return StoreError(
             f"{what}: no usable AWS credentials for {where} (bucket {bucket!r}: {cause}); set "

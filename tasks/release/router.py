@@ -334,15 +334,18 @@ class Router:
             check_ids = tuple(int(x) for x in d["check"]["input_ids"])
             check_features = tuple(float(x) for x in d["check"]["features"])
             raw_probes = d["probes"]
+            if not isinstance(raw_probes, dict) or not all(isinstance(v, dict) for v in raw_probes.values()):
+                raise TypeError("probes must map each member to its probe's fields")
+            probe_members = sorted(int(k) for k in raw_probes)
+            dim = len(next(iter(raw_probes.values()))["mean"]) if raw_probes else 0
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"{where}: malformed router ({type(e).__name__}: {e})") from None
         if not exits or sorted(costs) != sorted(exits) or not set(order) <= set(exits[:-1]):
             raise ValueError(f"{where}: exit_layers, member_layers and order disagree")
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"{where}: threshold {threshold} is not in [0, 1]")
-        if sorted(int(k) for k in raw_probes) != sorted(order):
+        if probe_members != sorted(order):
             raise ValueError(f"{where}: probes must be given for exactly the members of order {list(order)}")
-        dim = len(next(iter(raw_probes.values()))["mean"]) if raw_probes else 0
         probes = {int(k): Probe.from_dict(v, dim, f"{where}: probe {k}") for k, v in raw_probes.items()}
         known = {"format", "signal", "probe_layers", "exit_layers", "member_layers", "order", "threshold"}
         info = {k: v for k, v in d.items() if k not in known | {"probes", "check"}}

@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.core.files import atomic_dir, sha256_file
+from tasks.core.files import LOAD_ERRORS, atomic_dir, sha256_file
 from tasks.core.s3 import (
     StoreError,
     TransientStoreError,
@@ -491,7 +491,7 @@ def load_member(
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
+    except LOAD_ERRORS as e:
         raise StoreError(f"cannot load {path}: {e}") from None
     return model.eval(), tokenizer
 
@@ -828,11 +828,19 @@ class S3Store(ArtifactStore):
                 IfNoneMatch="*",
             )
         except ClientError as e:
-            if error_code(e) in ("PreconditionFailed", "ConditionalRequestConflict"):
+            if error_code(e) not in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise
+            # A manifest is there already. botocore retries a PUT that timed out or got a 5xx, so it may be
+            # ours, stored by the attempt whose answer was lost: the same bytes are our release, published.
+            try:
+                existing = self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            except ClientError:
+                existing = None
+            if existing != release.manifest_bytes():
                 raise StoreError(
                     f"release {release.uri} was published concurrently by another writer"
                 ) from None
-            raise
+            log.info("%s: the manifest stored by an earlier attempt of this PUT is ours", release.uri)
 
     def _download(
         self, release: Release, entry: FileEntry, dest: Path, callback: ProgressCallback | None

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from tasks.core.files import LOAD_ERRORS
 from tasks.core.stage import StageError
 
 log = logging.getLogger("ruyi.serving")
@@ -78,7 +79,7 @@ def load_vl_member(release_dir: str | Path, exit_layer: int, dtype: str = "float
             path, dtype=getattr(torch, dtype), local_files_only=True
         )
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
+    except LOAD_ERRORS as e:
         raise StageError(f"cannot load the vision-language member {path}: {e}") from None
     if not isinstance(processor, Qwen3VLImageOnlyProcessor):
         raise StageError(

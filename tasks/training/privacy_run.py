@@ -18,7 +18,7 @@ from dataclasses import asdict
 import torch
 
 from ruyi_model.camera import EdgeEncoder, build_tiny_tower, save_camera_artifact
-from tasks.core.files import atomic_dir, pyplot, require_dir, save_figure, write_metrics
+from tasks.core.files import LOAD_ERRORS, atomic_dir, pyplot, require_dir, save_figure, write_metrics
 from tasks.core.params import Params, PrivacyParams
 from tasks.core.paths import Workspace
 from tasks.core.stage import ContractViolation, StageError, seed_everything
@@ -109,7 +109,7 @@ def edge_encoder(pp: PrivacyParams, seed: int) -> tuple[EdgeEncoder, str]:
     path = require_dir(pp.family_dir, "privacy.family_dir (a vision-language family)", "config.json")
     try:
         family = FamilialVLForConditionalGeneration.from_pretrained(path)
-    except (OSError, ValueError) as e:
+    except LOAD_ERRORS as e:
         raise StageError(
             f"privacy.family_dir={path}: not a vision-language family checkpoint ({e})"
         ) from None

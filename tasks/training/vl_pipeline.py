@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.core.files import (
+    LOAD_ERRORS,
     atomic_dir,
     atomic_file,
     pyplot,
@@ -281,7 +282,10 @@ def load_family(params: Params, stage: str, path: str | Path | None = None):
         path, hint = Path(path), f"{stage} names a directory without a saved VL family"
     if not (path / "config.json").is_file():
         raise StageError(f"no VL family at {path}: {hint}")
-    return FamilialVLForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    try:
+        return FamilialVLForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    except LOAD_ERRORS as e:
+        raise StageError(f"cannot load the VL family at {path}: {e}") from None
 
 
 def _save_family(params: Params, stage: str, model) -> Path:

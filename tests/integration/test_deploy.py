@@ -17,7 +17,7 @@ import pytest
 from s3server import s3_server  # noqa: F401  (module-scoped SeaweedFS fixture)
 from tiny_export import add_router, build_tiny_export, private_tmpdir
 
-from tasks.core.files import write_jsonl
+from tasks.core.files import sha256_file, write_jsonl
 from tasks.core.params import load_params
 from tasks.core.stage import StageError
 from tasks.deploy import check_export_tiers, check_served_params, content_digest, main, publish_export, run
@@ -108,7 +108,16 @@ def test_publish_export_reuses_identical_releases(tmp_path, export_src):
     assert (again.version, reused) == ("v0001", True)
     fixed = load_params(REPO / "params.yaml", {**overrides, "deploy.version": "v0001"})
     assert publish_export(fixed, store)[1] is True
-    (tmp_path / "artifacts" / "export" / "NOTES.txt").write_text("a changed export\n")
+    export = tmp_path / "artifacts" / "export"
+    (export / "NOTES.txt").write_text("a changed export\n")
+    # a file the export stage did not list (or one changed since) is refused before anything is published
+    with pytest.raises(StageError, match=r"NOTES\.txt: not listed in manifest\.json .*re-run the export"):
+        publish_export(params, store)
+    assert store.list_versions("ruyi-tiny") == ["v0001"]
+    manifest = json.loads((export / "manifest.json").read_text())  # an export that lists it is a new one
+    notes = export / "NOTES.txt"
+    manifest["files"]["NOTES.txt"] = {"bytes": notes.stat().st_size, "sha256": sha256_file(notes)}
+    (export / "manifest.json").write_text(json.dumps(manifest))
     changed, reused = publish_export(params, store)
     assert (changed.version, reused) == ("v0002", False)
     with pytest.raises(StageError, match="v0001 already exists .* with different content"):

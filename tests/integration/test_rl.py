@@ -718,6 +718,12 @@ def test_bad_inputs_name_the_file(micro, tmp_path):
     with pytest.raises(Exception, match="budget_min_tokens"):
         load_params(write_workspace(tmp_path / "p", None, [], {"rl.bppo.budget_min_tokens": 9}))
     assert not (tmp_path / "bad" / "artifacts" / "rl").exists()
+    # weights that are not safetensors (a truncated copy, a text file): the error names the checkpoint
+    params = load_params(write_workspace(tmp_path / "corrupt", micro[2], rl_rows(20)))
+    weights = tmp_path / "corrupt" / "artifacts" / "sft" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(StageError, match=f"cannot load the model at {weights.parent}: "):
+        run(params)
 
 
 # --- members, skipped steps, timing, set-asides -------------------------------------------------------

@@ -7,6 +7,7 @@ source export (bitwise logits) and with the family checkpoint (every member = a 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -282,6 +283,15 @@ def test_s3_publish_fetch_load_multipart(aws_env, tmp_path, blob_export):
         assert torch.equal(model(_ids()).logits, _stock_logits(blob_export / "exit_4"))
     with pytest.raises(StoreError, match="immutable"):
         store.publish("fam", blob_export, version="v0001")
+    # The manifest's conditional PUT, retried by botocore after a lost answer, finds its own bytes stored:
+    # published, not "concurrent". Another writer's manifest is a conflict.
+    manifest_key = "releases/fam/v0001/" + MANIFEST_NAME
+    stored = client.get_object(Bucket="rel-main", Key=manifest_key)["Body"].read()
+    store._put_manifest(manifest_key, rel)
+    other = dataclasses.replace(rel, metadata={**rel.metadata, "writer": "another"})
+    with pytest.raises(StoreError, match="published concurrently by another writer"):
+        store._put_manifest(manifest_key, other)
+    assert client.get_object(Bucket="rel-main", Key=manifest_key)["Body"].read() == stored
 
 
 def test_s3_clear_errors(aws_env, tmp_path, export_dir):

@@ -194,6 +194,11 @@ def test_router_file_round_trip_and_family_check(family, tmp_path):
         (lambda d: d["probes"]["2"].update(weights=[1.0]), "finite numbers"),
         (lambda d: d["probes"].pop("2"), "probes must be given"),
         (lambda d: d.pop("check"), "malformed"),
+        # the probes' shapes are read inside the checks too: a malformed router, not a KeyError/TypeError
+        (lambda d: d["probes"]["2"].pop("mean"), "malformed"),
+        (lambda d: d["probes"]["2"].update(mean=3.0), "malformed"),
+        (lambda d: d.update(probes=list(d["probes"].values())), "malformed"),
+        (lambda d: d["probes"].update({"2": [1.0]}), "malformed"),
     ):
         bad = json.loads(json.dumps(raw))
         mutate(bad)
