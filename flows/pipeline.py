@@ -239,17 +239,20 @@ def select_stages(order: list[str], from_stage: str | None, to_stage: str | None
 def apply_param_overrides(
     workspace: Path, overrides: dict[str, Any], params_file: str = "params.yaml"
 ) -> list[str]:
-    """Validates dotted-key overrides and writes them into `params_file`, keeping its comments."""
-    if not overrides:
-        return []
-    from ruamel.yaml import YAML
+    """Validates `params_file` with the dotted-key overrides and writes them into it, keeping its comments.
 
+    The file is validated even without overrides: a misspelt section or a bad value that no stage's
+    `params:` tracks would otherwise let every stage report "up to date" and the run pass."""
     from tasks.core.params import load_params
 
     path = workspace / params_file
     # Validate the result first: a bad override is an error naming params.yaml and the key;
     # nothing is written.
     load_params(path, overrides)
+    if not overrides:
+        return []
+    from ruamel.yaml import YAML
+
     ry = YAML()
     ry.preserve_quotes = True
     doc = ry.load(path.read_text())
@@ -312,6 +315,21 @@ def _killing_signal(code: int | None) -> str | None:
         return f"signal {number}"
 
 
+def classify_failure(output: str, returncode: int) -> tuple[str | None, bool]:
+    """`(signal, transient)` of a failed `dvc repro`: the signal that killed the stage (or None) and
+    whether the failure is an infrastructure error worth a retry.
+
+    The stage's exit code is the *last* "exited with N" of the output (DVC's own line comes after the
+    stage's log, which may quote one); without one, DVC itself ended by `returncode` (killed: `-9`)."""
+    codes = re.findall(r"exited with (-?\d+)", output)
+    code = int(codes[-1]) if codes else None
+    killer = _killing_signal(code if code is not None else returncode)
+    transient = code == TRANSIENT_EXIT_CODE or (
+        code != USER_ERROR_EXIT_CODE and any(re.search(p, output) for p in _INFRA_PATTERNS)
+    )
+    return killer, transient
+
+
 def _api_only_logger(run_logger: logging.LoggerAdapter) -> logging.LoggerAdapter:
     """A logger for the run's log in the Prefect UI only: the console already shows the stage's raw
     output (progress bars included), so its lines must not be printed a second time there."""
@@ -358,12 +376,7 @@ def run_stage(stage: str, workspace: str, force: bool = False, dvc_file: str = "
     elapsed = time.perf_counter() - t0
     if returncode != 0:
         summary = _failure_summary(output)
-        stage_code = re.search(r"exited with (-?\d+)", output)
-        code = int(stage_code.group(1)) if stage_code else None
-        killer = _killing_signal(code)
-        transient = code == TRANSIENT_EXIT_CODE or (
-            code != USER_ERROR_EXIT_CODE and any(re.search(p, output) for p in _INFRA_PATTERNS)
-        )
+        killer, transient = classify_failure(output, returncode)
         if killer or transient:
             if killer:
                 why = f"killed by {killer}" + (" (out of memory?)" if killer == "SIGKILL" else "")

@@ -883,7 +883,10 @@ def _format_errors(err: ValidationError) -> str:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
-    """Returns a copy of `raw` with dotted-key `overrides` applied ({"cpt.lr": 1e-3})."""
+    """Returns a copy of `raw` with dotted-key `overrides` applied ({"cpt.lr": 1e-3}).
+
+    A mapping for a section the file already has (`cpt={max_steps: 600}`) is refused: it would replace the
+    whole section, its other keys falling back to the schema's defaults (not the file's values)."""
     import copy
 
     out = copy.deepcopy(raw)
@@ -894,6 +897,13 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | None) -> di
             if not isinstance(node.setdefault(part, {}), dict):
                 raise ParamsError(f"override {dotted!r}: {part!r} is not a section")
             node = node[part]
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            example = next(iter(value), "key")
+            raise ParamsError(
+                f"override {dotted!r}: a mapping would replace the whole section (its other keys would "
+                f"take the schema's defaults, not this file's); set its keys one by one, e.g. "
+                f"{dotted}.{example}=..."
+            )
         node[parts[-1]] = value
     return out
 

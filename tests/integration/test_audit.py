@@ -31,6 +31,7 @@ d = pathlib.Path("out/dir"); d.mkdir(exist_ok=True)
 for i in range(3):
     (d / f"part{i}.txt").write_text(f"{i * p['scale']}\\n")
 pathlib.Path("out/when.json").write_text(json.dumps({"time": time.time()}))
+pathlib.Path("count.json").write_text(json.dumps({"parts": 3}))
 """
 
 
@@ -63,7 +64,12 @@ def recorded(tmp_path) -> Path:
                         "cmd": f"{sys.executable} gen.py",
                         "deps": ["gen.py"],
                         "params": ["scale"],
-                        "outs": ["out/value.txt", "out/dir", {"out/when.json": {"labels": ["measured"]}}],
+                        "outs": [
+                            "out/value.txt",
+                            "out/dir",
+                            {"out/when.json": {"labels": ["measured"]}},
+                            {"count.json": {"cache": False}},  # git-tracked, as metrics/reproducible/
+                        ],
                     }
                 }
             }
@@ -81,12 +87,26 @@ def test_a_recorded_run_reproduces(recorded, tmp_path):
     report = audit(recorded, log=lambda _: None, workdir=tmp_path)
     assert report.pulled and report.ok, report.to_dict()
     verdicts = {c.path: c.status for c in report.checks}
-    assert verdicts == {"out/value.txt": "reproduced", "out/dir": "reproduced", "out/when.json": "measured"}
+    assert verdicts == {
+        "out/value.txt": "reproduced",
+        "out/dir": "reproduced",
+        "out/when.json": "measured",
+        "count.json": "reproduced",
+    }
 
 
 def test_from_scratch_without_a_remote(recorded, tmp_path):
     report = audit(recorded, pull=False, log=lambda _: None, workdir=tmp_path)
     assert not report.pulled and report.ok, report.to_dict()
+
+
+def test_a_committed_output_that_disagrees_with_the_lock_fails_without_a_pull(recorded, tmp_path):
+    """A git-tracked output edited (or committed from another run) without its dvc.lock entry: the forced
+    reproduction rewrites it to the recorded value, so only the status check before it can tell."""
+    (recorded / "count.json").write_text('{"parts": 4}')
+    _git(recorded, "commit", "-qam", "a figure edited by hand")
+    report = audit(recorded, pull=False, log=lambda _: None, workdir=tmp_path)
+    assert not report.ok and report.corrupt == ["gen: count.json"], report.to_dict()
 
 
 def test_a_nondeterministic_output_differs_naming_the_files(recorded, tmp_path):

@@ -23,6 +23,7 @@ from flows.pipeline import (
     _failure_summary,
     _killing_signal,
     apply_param_overrides,
+    classify_failure,
     dvc_stage_order,
     missing_local_effects,
     ruyi_pipeline,
@@ -187,6 +188,12 @@ def test_overrides_are_validated_and_keep_comments(mini_ws):
     assert "# every stage derives its RNG seeds from this" in after
     loaded = yaml.safe_load(after)
     assert loaded["cpt"]["max_steps"] == 70 and loaded["seed"] == 5
+    # no overrides: the file is still validated (a misspelt section no stage tracks must not pass)
+    (mini_ws / "params.yaml").write_text(after + "evalute:\n  num_problems: 3\n")
+    with pytest.raises(ParamsError, match="evalute"):
+        apply_param_overrides(mini_ws, {})
+    (mini_ws / "params.yaml").write_text(after)
+    assert apply_param_overrides(mini_ws, {}) == []
 
 
 def test_flow_runs_in_dag_order_skips_up_to_date_and_reruns_downstream_only(mini_ws, prefect_api):
@@ -459,6 +466,19 @@ def test_a_stage_killed_by_a_signal_is_retried_as_infrastructure(mini_ws, prefec
 )
 def test_killing_signal_reads_both_shell_conventions(code, name):
     assert _killing_signal(code) == name
+
+
+def test_failures_are_classified_by_dvcs_last_exit_line_or_its_own_death():
+    dvc_line = "ERROR: failed to reproduce 'x': failed to run: python -m tasks.x, exited with {}"
+    # the stage's log quotes an exit code before DVC's own line: DVC's (the last) decides
+    quoted = "worker exited with 75 earlier, recovered\n" + dvc_line.format(2)
+    assert classify_failure(quoted, 1) == (None, False)
+    assert classify_failure("note: exited with 2\n" + dvc_line.format(137), 1) == ("SIGKILL", False)
+    assert classify_failure(dvc_line.format(75), 1) == (None, True)
+    # dvc itself killed (no "exited with" line): its own return code tells
+    assert classify_failure("Running stage 'x':\n> python -m tasks.x\n", -9) == ("SIGKILL", False)
+    assert classify_failure("ERROR: unexpected error\n", 1) == (None, False)
+    assert classify_failure("Connection refused\n", 1) == (None, True)
 
 
 def test_artifacts_published(mini_ws, prefect_api):

@@ -108,6 +108,18 @@ def test_overrides_apply_dotted_keys(tmp_path):
     assert p.cpt.max_steps == 70 and p.rl.bppo.prefix_k == 3
 
 
+def test_a_mapping_for_a_section_is_refused_not_reset_to_defaults():
+    """`--set 'cpt={max_steps: 600}'` would have replaced params.vl.yaml's cpt section with the schema's
+    defaults plus max_steps (lr 2e-4 -> 3e-3 there): refused, naming the dotted way."""
+    with pytest.raises(ParamsError, match=r"override 'cpt': a mapping would replace .*cpt\.max_steps=\.\.\."):
+        load_params(REPO / "params.vl.yaml", {"cpt": {"max_steps": 600}})
+    with pytest.raises(ParamsError, match=r"override 'rl\.bppo'"):
+        load_params(REPO / "params.yaml", {"rl.bppo": {"prefix_k": 8}})
+    assert load_params(REPO / "params.vl.yaml", {"cpt.max_steps": 600}).cpt.max_steps == 600
+    # a list value is a value, not a section
+    assert load_params(REPO / "params.yaml", {"model.exit_layers": [2, 8]}).model.exit_layers == [2, 8]
+
+
 def test_stage_cli_reports_bad_parameter_before_any_work(tmp_path):
     proc = subprocess.run(
         [
