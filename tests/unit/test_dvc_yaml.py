@@ -73,6 +73,19 @@ def test_a_new_import_is_caught_and_written(tmp_path):
     )
 
 
+@pytest.mark.parametrize("pipeline", ["dvc.yaml", "profiles/vl/dvc.yaml"])
+def test_every_stage_tracks_the_thread_count(pipeline):
+    """`threads` is read by every stage (tasks.core.stage) and decides bitwise CPU results: a change must
+    rerun the stages and show in the audit, so each stage's params list it."""
+    stages = yaml.safe_load((REPO / pipeline).read_text())["stages"]
+    for name, stage in stages.items():
+        declared = [p for p in stage.get("params", []) if isinstance(p, str)]
+        declared += [
+            k for p in stage.get("params", []) if isinstance(p, dict) for k in next(iter(p.values()))
+        ]
+        assert "threads" in declared, f"{pipeline}: stage {name} does not track threads"
+
+
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_stage_params_include_every_section_it_reads(stage):
     source = (REPO / f"tasks/{stage}.py").read_text()
