@@ -141,10 +141,14 @@ def run(
             err=True,
         )
         raise typer.Exit(1) from None
+    # the summary reads the workspace the flow ran in (RUYI_WORKSPACE, else here)
+    from pathlib import Path
+
+    params_path = Path(os.environ.get("RUYI_WORKSPACE") or ".") / params_file
     if profile == "vl":
-        print_vl_summary(params_file)
+        print_vl_summary(params_path)
     else:
-        print_summary(params_file)
+        print_summary(params_path)
 
 
 def _prefect_unreachable(error: BaseException) -> str | None:

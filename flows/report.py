@@ -100,8 +100,9 @@ def print_summary(params_path: str | Path = "params.yaml") -> None:
     from rich.table import Table
 
     params = load_params(params_path)
+    base = Path(params_path).parent  # the workspace: its paths are workspace-relative
     console = Console()
-    rows = summary_rows(params.paths.metrics_dir)
+    rows = summary_rows(base / params.paths.metrics_dir)
     table = Table(title="ruyi family: one row per exit (member)")
     for col in ("exit", "held-out loss", "math accuracy", "tokens/s", "params", "compression loss change"):
         table.add_column(col, justify="right")
@@ -119,9 +120,9 @@ def print_summary(params_path: str | Path = "params.yaml") -> None:
             fmt(r["compress_change"], "+.2%"),
         )
     console.print(table)
-    for line in recipe_lines(params.paths.metrics_dir):
+    for line in recipe_lines(base / params.paths.metrics_dir):
         console.print(line)
-    for name, where in result_paths(params).items():
+    for name, where in result_paths(params, base).items():
         console.print(f"[bold]{name}[/bold]: {where}")
 
 
@@ -171,12 +172,14 @@ def print_vl_summary(params_path: str | Path = "params.vl.yaml") -> None:
         print(f"release: {deploy['release_uri']}; camera release: {deploy['camera_release_uri']}")
 
 
-def result_paths(params) -> dict[str, str]:
-    """Where a person finds each result of the run; what a partial run has not written is marked."""
-    deploy = _read(Path(params.paths.metrics_dir) / "deploy.json")
-    reports, plots = Path(params.paths.reports_dir), Path(params.paths.plots_dir)
+def result_paths(params, base: str | Path = ".") -> dict[str, str]:
+    """Where a person finds each result of the run (its paths taken relative to the workspace `base`);
+    what a partial run has not written is marked."""
+    base = Path(base)
+    deploy = _read(base / params.paths.metrics_dir / "deploy.json")
+    reports, plots = base / params.paths.reports_dir, base / params.paths.plots_dir
     local = {
-        "metrics": Path(params.paths.metrics_dir),
+        "metrics": base / params.paths.metrics_dir,
         "plots (PNG + CSV per stage)": plots,
         "trade-off plot (quality vs latency per exit)": plots / "evaluate" / "tradeoff.png",
         "router cost/quality plot (auto tier)": plots / "route" / "cost_quality.png",
@@ -185,7 +188,7 @@ def result_paths(params) -> dict[str, str]:
         "evaluation report": reports / "evaluate",
         "compression report": reports / "compress",
         "deploy smoke test": reports / "deploy",
-        "exports (stock Qwen3 per exit)": Path(params.paths.artifacts_dir) / "export",
+        "exports (stock Qwen3 per exit)": base / params.paths.artifacts_dir / "export",
     }
     out = {name: str(path) + ("" if path.exists() else " (not written yet)") for name, path in local.items()}
     out["release"] = deploy.get("release_uri") or deploy.get("store_uri") or "- (not deployed yet)"

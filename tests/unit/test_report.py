@@ -47,6 +47,24 @@ def test_summary_rows_follow_the_metric_files_in_exit_order(tmp_path, capsys):
     assert "7.250" in out and "25.0%" in out and "+1.25%" in out and "quality gates" in out
 
 
+def test_the_summary_reads_the_workspace_of_its_params_file(tmp_path, monkeypatch, capsys):
+    """`RUYI_WORKSPACE=/ws ruyi run` from elsewhere: the workspace-relative paths of /ws/params.yaml are
+    /ws's, not the current directory's."""
+    ws = tmp_path / "ws"
+    (ws / "metrics").mkdir(parents=True)
+    (ws / "params.yaml").write_text((REPO / "params.yaml").read_text())  # paths: metrics, reports, ...
+    ev = {"exit_2": {"loss": 7.125, "accuracy": 0.5, "tokens_per_s": 10.0, "params": 10}}
+    (ws / "metrics" / "eval.json").write_text(json.dumps(ev))
+    (ws / "reports" / "gates").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    print_summary(ws / "params.yaml")
+    out = capsys.readouterr().out
+    assert "7.125" in out and "50.0%" in out
+    paths = result_paths(load_params(ws / "params.yaml"), ws)
+    assert paths["quality gates (Data Docs)"] == str(ws / "reports" / "gates")
+    assert paths["metrics"] == str(ws / "metrics")
+
+
 def test_recipe_lines_show_the_dae_rl_and_compression_gains(tmp_path):
     from flows.report import recipe_lines
 
