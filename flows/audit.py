@@ -33,7 +33,7 @@ from prefect import flow
 
 #: dvc.yaml label that declares an output measured (timings, timestamps): reported, never compared.
 MEASURED_LABEL = "measured"
-STATUSES = ("reproduced", "differs", "measured", "missing")
+STATUSES = ("reproduced", "differs", "measured", "missing", "unrecorded")
 
 
 class AuditError(RuntimeError):
@@ -159,7 +159,9 @@ def compare(
     measured: set[tuple[str, str]],
     cache: Path | None = None,
 ) -> list[OutputCheck]:
-    """Verdicts for every recorded output, from two parsed dvc.lock files."""
+    """Verdicts for every recorded output, from two parsed dvc.lock files; and `unrecorded` for an output
+    the reproduction wrote for a recorded stage that the recording has no hash of (dvc.yaml gained it
+    after the run was recorded: the recording says nothing about it, so the audit cannot pass)."""
     old, new = _outs(recorded), _outs(reproduced)
     checks = []
     for key, digest in old.items():
@@ -173,6 +175,11 @@ def compare(
             status = "reproduced" if now == digest else "differs"
         files = _differing_files(cache, digest, now) if status == "differs" and cache else ()
         checks.append(OutputCheck(stage, path, status, digest, now, files))
+    stages = set(recorded.get("stages", {}))  # the audited scope; the reproduced lock keeps the others
+    for key, now in new.items():
+        if key not in old and key[0] in stages:
+            status = "measured" if key in measured else "unrecorded"
+            checks.append(OutputCheck(key[0], key[1], status, None, now, ()))
     return checks
 
 
@@ -376,12 +383,19 @@ def print_report(report: AuditReport) -> None:
     )
     for col in ("stage", "output", "verdict", "detail"):
         table.add_column(col)
-    style = {"reproduced": "green", "measured": "cyan", "differs": "red", "missing": "red"}
+    style = {
+        "reproduced": "green",
+        "measured": "cyan",
+        "differs": "red",
+        "missing": "red",
+        "unrecorded": "red",
+    }
     for c in report.checks:
         detail = {
             "reproduced": "bitwise",
             "measured": "not compared (labels: [measured])",
             "missing": "not produced by the reproduction",
+            "unrecorded": "not in the recorded dvc.lock (added to dvc.yaml since): re-record the run",
         }.get(c.status)
         if c.status == "differs":
             detail = (

@@ -178,10 +178,22 @@ def test_compare_and_measured_labels_on_parsed_files():
     new = {
         "stages": {
             "s": {
-                "outs": [{"path": "a", "md5": "1"}, {"path": "b", "md5": "9"}, {"path": "m.json", "md5": "8"}]
-            }
+                "outs": [
+                    {"path": "a", "md5": "1"},
+                    {"path": "b", "md5": "9"},
+                    {"path": "m.json", "md5": "8"},
+                    {"path": "added", "md5": "5"},  # dvc.yaml gained it after the recording
+                ]
+            },
+            "outside": {"outs": [{"path": "x", "md5": "4"}]},  # a stage outside the audited scope
         }
     }
     verdicts = {c.path: c.status for c in compare(old, new, measured_outputs(spec))}
-    assert verdicts == {"a": "reproduced", "b": "measured", "m.json": "differs", "gone": "missing"}
+    assert verdicts == {
+        "a": "reproduced",
+        "b": "measured",
+        "m.json": "differs",
+        "gone": "missing",
+        "added": "unrecorded",
+    }
     json.dumps([c.__dict__ for c in compare(old, new, set())])  # JSON-able
