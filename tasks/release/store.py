@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import time
-import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -532,10 +531,17 @@ class LocalStore(ArtifactStore):
             raise StoreError(
                 f"{final} exists but is not a published release; remove it or choose another version"
             )
+        from ruyi_model.fileio import sweep_stale_siblings, temp_sibling
+
         model_dir.mkdir(parents=True, exist_ok=True)
-        for stale in model_dir.glob(f".{release.version}.tmp-*"):  # left by a crashed publish of this version
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = model_dir / f".{release.version}.tmp-{uuid.uuid4().hex[:8]}"
+        # What a killed publisher of this version left (its pid is in the name and gone); a live
+        # publisher's copy is kept: it fails at its rename, or this one does, never with files missing.
+        sweep_stale_siblings(final)
+        legacy = re.compile(rf"\.{re.escape(release.version)}\.tmp-[0-9a-f]{{8}}")  # names without a pid
+        for stale in model_dir.iterdir():
+            if legacy.fullmatch(stale.name):
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = temp_sibling(final)
         tmp.mkdir()
         try:
             with _progress(release.total_bytes, f"publish {release.model}/{release.version}") as bar:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import shutil
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -149,12 +152,20 @@ def test_local_interrupted_publish_is_invisible(tmp_path, export_dir):
         store.publish("fam", export_dir, callback=crash)
     assert store.list_versions("fam") == []
     assert list((tmp_path / "store" / "fam").iterdir()) == []  # the temporary copy is gone
-    # A SIGKILLed publisher leaves its hidden temporary directory: invisible, cleaned by the retry.
-    leftover = tmp_path / "store" / "fam" / ".v0001.tmp-deadbeef"
-    shutil.copytree(export_dir, leftover)
+    # A SIGKILLed publisher leaves its hidden temporary directory: invisible, cleaned by the retry. One of a
+    # publisher still running (its pid alive: here the test's parent) is left alone.
+    fam = tmp_path / "store" / "fam"
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    leftovers = [fam / f".v0001.tmp-{int(dead.stdout)}-deadbeef", fam / ".v0001.tmp-0badf00d"]  # pid, legacy
+    for leftover in leftovers:
+        shutil.copytree(export_dir, leftover)
+    live = fam / f".v0001.tmp-{os.getppid()}-0123abcd"
+    live.mkdir()
     assert store.list_versions("fam") == []
     assert store.publish("fam", export_dir).version == "v0001"
-    assert sorted(p.name for p in (tmp_path / "store" / "fam").iterdir()) == ["v0001"]
+    assert sorted(p.name for p in fam.iterdir()) == sorted(["v0001", live.name])
 
 
 def test_fetch_verifies_and_reuses(tmp_path, export_dir):
