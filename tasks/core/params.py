@@ -882,6 +882,20 @@ def _format_errors(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def _is_section(parts: list[str]) -> bool:
+    """Whether the dotted key `parts` names a section of the schema (a model of its own, e.g. `cpt` or
+    `rl.bppo`), not a field whose value is a mapping (e.g. `gates.min_accuracy`)."""
+    model: Any = Params
+    for part in parts:
+        field = (
+            model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        )
+        if field is None:
+            return False
+        model = field.annotation
+    return isinstance(model, type) and issubclass(model, BaseModel)
+
+
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
     """Returns a copy of `raw` with dotted-key `overrides` applied ({"cpt.lr": 1e-3}).
 
@@ -897,7 +911,7 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | None) -> di
             if not isinstance(node.setdefault(part, {}), dict):
                 raise ParamsError(f"override {dotted!r}: {part!r} is not a section")
             node = node[part]
-        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict) and _is_section(parts):
             example = next(iter(value), "key")
             raise ParamsError(
                 f"override {dotted!r}: a mapping would replace the whole section (its other keys would "

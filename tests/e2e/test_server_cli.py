@@ -66,21 +66,21 @@ def test_ruyi_server_serves_both_deployments_and_stops_cleanly(tmp_path):
         start_new_session=True,
     )
     try:
-        nightly = rerun = None
+        nightly = rerun = audit = None
         deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and (nightly is None or rerun is None):
+        while time.monotonic() < deadline and None in (nightly, rerun, audit):
             assert proc.poll() is None, proc.stdout.read()
-            try:
+            try:  # registered one after the other: all three, as the banner says
                 nightly = _get(f"{api}/deployments/name/ruyi-pipeline/nightly")
                 rerun = _get(f"{api}/deployments/name/ruyi-pipeline/rerun")
+                audit = _get(f"{api}/deployments/name/ruyi-audit/audit")
             except (OSError, urllib.error.HTTPError):
                 time.sleep(1)
-        assert nightly and rerun, "the deployments never registered"
+        assert nightly and rerun and audit, "the deployments never registered"
         assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 3 * * *"]
         assert rerun["schedules"] == []
         assert {"from_stage", "to_stage", "overrides", "push"} <= set(rerun["parameters"])
         assert rerun["parameters"]["workspace"] == str(tmp_path.resolve())
-        audit = _get(f"{api}/deployments/name/ruyi-audit/audit")  # served too, as the banner says
         assert [s["schedule"]["cron"] for s in audit["schedules"]] == ["0 4 * * 0"]
         # The UI talks to the API it is served with (it used the default port 4200: "Can't connect to
         # Server API").

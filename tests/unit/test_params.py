@@ -118,6 +118,9 @@ def test_a_mapping_for_a_section_is_refused_not_reset_to_defaults():
     assert load_params(REPO / "params.vl.yaml", {"cpt.max_steps": 600}).cpt.max_steps == 600
     # a list value is a value, not a section
     assert load_params(REPO / "params.yaml", {"model.exit_layers": [2, 8]}).model.exit_layers == [2, 8]
+    # a field whose value is a mapping is a value too (exit -> accuracy floor), not a section
+    floors = load_params(REPO / "params.yaml", {"gates.min_accuracy": {5: 0.1, 8: 0.3}}).gates.min_accuracy
+    assert floors == {5: 0.1, 8: 0.3}
 
 
 def test_stage_cli_reports_bad_parameter_before_any_work(tmp_path):
