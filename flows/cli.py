@@ -310,7 +310,11 @@ def server(
 
 @app.command()
 def serve(
-    version: str = typer.Option(None, "--version", help="release version to serve (default: the latest)"),
+    version: str = typer.Option(
+        None,
+        "--version",
+        help="release version to serve (default: the newest release that passed the deploy smoke test)",
+    ),
     host: str = typer.Option(None, "--host", help="HTTP host (default: deploy.host)"),
     port: int = typer.Option(None, "--port", help="HTTP port (default: deploy.port)"),
     params: str = typer.Option("params.yaml", "--params", help="params file (store and serving settings)"),

@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -366,12 +366,17 @@ def write_export(model, out_dir: str | Path, export_member, companion, family: d
     return manifest
 
 
-def verify_export(out_dir: str | Path, extra_files: Iterable[str] = ()) -> None:
+def verify_export(
+    out_dir: str | Path, extra_files: Iterable[str] = (), hashes: Mapping[str, str] | None = None
+) -> None:
     """Re-hashes every file of an export against its manifest.
 
     Args:
         extra_files: paths (relative to `out_dir`) that another layer added around the export and that
             the export's manifest cannot list, e.g. a fetched release's store manifest `MANIFEST.json`.
+        hashes: sha256 per relative path that the caller has just computed over these very files (the
+            deploy stage's scan for the release manifest): used instead of hashing each file again, so a
+            large export is read once; a listed file missing from it is hashed here.
 
     Raises:
         ValueError: naming the manifest if it is missing or unreadable, or the first file that is missing,
@@ -395,7 +400,7 @@ def verify_export(out_dir: str | Path, extra_files: Iterable[str] = ()) -> None:
         size = path.stat().st_size
         if size != meta["bytes"]:
             raise ValueError(f"{path}: corrupted ({size} bytes, manifest says {meta['bytes']})")
-        digest = sha256_file(path)
+        digest = hashes[rel] if hashes is not None and rel in hashes else sha256_file(path)
         if digest != meta["sha256"]:
             raise ValueError(
                 f"{path}: corrupted (sha256 {digest[:12]}..., manifest says {meta['sha256'][:12]}...)"

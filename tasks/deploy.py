@@ -11,7 +11,10 @@ answer must be the output of the member it names (the release ships the route st
 every tier also answers a generated image question exactly as its exported stock member does under plain
 transformers (`tasks.release.vision.vl_smoke_test`). Writes the release
 to the store (`tasks.release.store`), its fetched copy under `<artifacts_dir>/releases/`,
-`metrics/deploy.json` (version, URIs, per-tier smoke results, served params and latency),
+`metrics/deploy.json` (version, URIs, per-tier smoke results, served params and latency), and, once every
+check passed, marks the release validated in the store (`VALIDATED.json`: what `ruyi serve` and a serve
+config with `version: null` follow; a release that failed its smoke test is published but never served
+by default),
 `metrics/deploy_smoke.json` (the reproducible part), `reports/deploy/smoke.jsonl` and
 `plots/deploy/latency.{png,csv}`. `ruyi serve` keeps a release running. Publishing (reuse of identical
 content) is `tasks.release.store.publish_dir`, the serving arguments and the served-parameter check are
@@ -46,7 +49,7 @@ from tasks.core.files import (
 from tasks.core.params import Params, ParamsError
 from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, setup_logging, stage_main
-from tasks.release.store import ArtifactStore, Release, content_digest, open_store, publish_dir
+from tasks.release.store import ArtifactStore, Release, content_digest, open_store, publish_dir, scan_dir
 from tasks.release.vision import is_vl_release, vl_smoke_test
 
 log = logging.getLogger("ruyi.deploy")
@@ -77,13 +80,15 @@ def export_dir(params: Params) -> Path:
 def publish_export(params: Params, store: ArtifactStore) -> tuple[Release, bool]:
     """Publishes `artifacts/export/` (`tasks.release.store.publish_dir`) once every file is what the export
     stage listed in its manifest (`ruyi_model.export.verify_export`: a file changed, added or lost since is
-    a StageError naming it, and nothing is published). Returns `(release, reused)`."""
+    a StageError naming it, and nothing is published). The export is hashed once (`scan_dir`), for both
+    the check and the release manifest. Returns `(release, reused)`."""
     from ruyi_model.export import verify_export
 
     cfg = params.deploy
     export_dir_ = export_dir(params)
+    files = scan_dir(export_dir_)
     try:
-        verify_export(export_dir_)
+        verify_export(export_dir_, hashes={f.path: f.sha256 for f in files})
     except ValueError as e:
         raise StageError(
             f"{export_dir_} does not match its export manifest, so it is not published: {e}; re-run the "
@@ -96,7 +101,7 @@ def publish_export(params: Params, store: ArtifactStore) -> tuple[Release, bool]
         "exit_layers": export_manifest.get("exit_layers"),
         "export_manifest_sha256": sha256_file(export_dir_ / "manifest.json"),
     }
-    return publish_dir(store, cfg.model_name, export_dir_, cfg.version, metadata)
+    return publish_dir(store, cfg.model_name, export_dir_, cfg.version, metadata, files)
 
 
 #: Max |logit difference| allowed between a factored tier and the family at its exit (both fp32, CPU).
@@ -386,6 +391,18 @@ def run(params: Params) -> dict[str, Any]:
         session.stop()
         timings["serve_stop_s"] = time.perf_counter() - t0
 
+    # Only now does `ruyi serve` (no --version) or a serve config with `version: null` follow this release.
+    validation = store.mark_validated(
+        cfg.model_name,
+        release.version,
+        {
+            "stage": "deploy",
+            "git_revision": _git_revision(),
+            "smoke_prompts": len(questions),
+            "smoke_max_tokens": cfg.smoke_max_tokens,
+            "tiers": sorted(per_tier),
+        },
+    )
     digest = content_digest(release.files)
     reproducible = {
         "model": cfg.model_name,
@@ -403,6 +420,7 @@ def run(params: Params) -> dict[str, Any]:
         "store_uri": store.uri,
         "reused_release": reused,
         "created": release.created,
+        "validated": validation["validated"],
         "files": len(release.files),
         "bytes": release.total_bytes,
         "content_sha256": digest,
@@ -435,7 +453,10 @@ def serve_release(
     on_ready: Callable[[str], None] | None = None,
     stop_event: threading.Event | None = None,
 ) -> str:
-    """`ruyi serve`: fetches a release (default the latest) and serves it until Ctrl-C/SIGTERM.
+    """`ruyi serve`: fetches a release and serves it until Ctrl-C/SIGTERM.
+
+    `version` None serves the newest release that passed the deploy stage's smoke test (its
+    `VALIDATED.json`); a named version is served as it is, validated or not (a warning says which).
 
     Args:
         on_ready: called with the base URL once the app answers (in this thread).
@@ -448,7 +469,9 @@ def serve_release(
 
     cfg = params.deploy
     store = open_store(cfg.store, cache_dir=release_cache_dir(params))
-    release = store.get_release(cfg.model_name, version)
+    release = store.get_release(cfg.model_name, version, validated=True)
+    if store.validation(cfg.model_name, release.version) is None:
+        log.warning("serving %s, which has not passed the deploy smoke test (named explicitly)", release.uri)
     release_dir = store.fetch(cfg.model_name, release.version)
     stop_event = stop_event or threading.Event()
     previous = None

@@ -22,7 +22,7 @@ from tasks.core.params import Params
 from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, seed_everything, stage_main
 from tasks.training.checkpoint import Checkpointer, dir_sha256, fingerprint_info
-from tasks.training.curves import running_mean
+from tasks.training.curves import HeldOut, draw_held_out, held_out_columns, running_mean
 from tasks.training.rl_trainer import (
     RLTrainer,
     evaluate_members,
@@ -85,7 +85,7 @@ def write_curves(
     history: dict[int, list[dict[str, float]]],
     out_dir: Path,
     algorithm: str,
-    held_out: dict[int, list[dict[str, float]]] | None = None,
+    held_out: HeldOut | None = None,
     window: int = 10,
 ) -> None:
     """`curves.csv` (step, member and every curve) and `curves.png` (reward, accuracy, length, KL).
@@ -110,6 +110,7 @@ def write_curves(
     with atomic_file(out_dir / "curves.csv") as f:
         f.write(buf.getvalue())
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    colors = {}
     for d, rows in history.items():
         steps = [r["step"] for r in rows]
         for ax, key in ((axes[0, 0], "reward"), (axes[0, 1], "accuracy")):
@@ -118,19 +119,12 @@ def write_curves(
                 steps, running_mean(values, window), lw=1.6, label=f"exit {d} (mean of {window})"
             )
             ax.plot(steps, values, "o", ms=2.5, alpha=0.35, color=line.get_color())
-        if held_out and held_out.get(d):
-            points = held_out[d]
-            axes[0, 1].plot(
-                [p["step"] for p in points],
-                [p["accuracy"] for p in points],
-                "s--",
-                color=line.get_color(),
-                label=f"exit {d} held-out greedy",
-            )
+        colors[d] = line.get_color()
         axes[1, 0].plot(steps, [r["length"] for r in rows], label=f"exit {d} mean length")
         if any(r["budget"] for r in rows):
             axes[1, 0].plot(steps, [r["budget"] for r in rows], "--", label=f"exit {d} budget")
         axes[1, 1].plot(steps, [r["kl"] for r in rows], label=f"exit {d}")
+    draw_held_out(axes[0, 1], held_out or {}, colors)
     for ax, title in zip(
         axes.flat,
         ["reward (sampled)", "accuracy (sampled; held-out: greedy)", "response length (tokens)", "KL"],
@@ -184,13 +178,13 @@ def run(params: Params) -> dict[str, Any]:
     def held_out_eval() -> dict[int, dict[str, float]]:
         return evaluate_members(model, tokenizer, eval_rows, members, cfg.max_new_tokens, cfg.format_reward)
 
-    if state is not None:
-        before = {int(d): v for d, v in state["eval_before"].items()}
-        curve = {int(d): list(points) for d, points in state.get("held_out_curve", {}).items()}
-    else:
+    # Each member's held-out evaluations: step 0 (before rl), every rl.eval_every steps, after rl. Its first
+    # and last points are the before/after figures; a checkpoint keeps it whole.
+    curve = {int(d): list(points) for d, points in (state or {}).get("held_out_curve", {}).items()}
+    if not curve and state is not None and "eval_before" in state:  # a checkpoint from before the curve
+        curve = {int(d): [{"step": 0, **v}] for d, v in state["eval_before"].items()}
+    if not curve:
         before = held_out_eval()
-        curve = {}
-    if not curve:  # a fresh run (or a checkpoint of a run that kept no curve): the curve starts at step 0
         curve = {d: [{"step": 0, **before[d]}] for d in members}
     bar = tqdm(
         range(trainer.step_index, cfg.steps),
@@ -225,7 +219,6 @@ def run(params: Params) -> dict[str, Any]:
                 None,
                 {
                     **trainer.state_dict(),
-                    "eval_before": {str(d): v for d, v in before.items()},
                     "held_out_curve": {str(d): points for d, points in curve.items()},
                     "wall_time_s": prior_wall_s + time.perf_counter() - t_start,
                 },
@@ -241,8 +234,6 @@ def run(params: Params) -> dict[str, Any]:
         cfg,
         trainer,
         members,
-        before,
-        after,
         curve,
         n_train=n_train,
         eval_prompts=len(eval_rows),
@@ -297,9 +288,7 @@ def _metrics(
     cfg,
     trainer: RLTrainer,
     members: list[int],
-    before: dict,
-    after: dict,
-    curve: dict[int, list[dict[str, float]]],
+    curve: HeldOut,
     *,
     n_train: int,
     eval_prompts: int,
@@ -308,11 +297,15 @@ def _metrics(
     wall_time_s: float,
     this_run_s: float,
 ) -> dict[str, Any]:
-    """Reward and accuracy before/after (mean over members and per member), the held-out curve (greedy,
-    before rl, every `rl.eval_every` steps and after), training curves and times."""
+    """Reward and accuracy before/after (mean over members and per member: the first and last points of
+    the held-out curve, greedy, before rl, every `rl.eval_every` steps and after), the curve, training
+    curves and times."""
 
     def mean(vals):
         return float(sum(vals) / len(vals))
+
+    before = {d: curve[d][0] for d in members}
+    after = {d: curve[d][-1] for d in members}
 
     per_member = {}
     for d in members:
@@ -331,7 +324,7 @@ def _metrics(
             "train_time_s": sum(h["train_s"] for h in hist),
             "steps_with_gradient": int(sum(h["has_gradient"] for h in hist)),
             "skipped_steps": int(sum(1 - h["has_gradient"] for h in hist)),
-            "held_out_curve": {k: [p[k] for p in curve[d]] for k in ("step", "accuracy", "reward")},
+            "held_out_curve": held_out_columns(curve[d], ("step", "accuracy", "reward")),
             "curves": {k: [h[k] for h in hist] for k in ("step", *CURVE_KEYS)},
         }
     metrics = {

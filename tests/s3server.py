@@ -156,7 +156,9 @@ class S3Server:
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             "-master.volumeSizeLimitMB=64",
-            "-volume.max=20",
+            # A bucket is a collection that takes volumes of its own (several at its first write) from this
+            # pool; 40 leaves room for the store tests' buckets (volumes are not preallocated on disk).
+            "-volume.max=40",
             "-master.electionTimeout=1s",
         ]
         env = dict(os.environ, TMPDIR=str(self.tmp_dir))

@@ -2,9 +2,10 @@
 
 Library module; `load_params()` is the one entry point the stages use. One pydantic model per section,
 unknown keys forbidden, so a typo is an error naming the key. Types are strict: a bool is never a
-number, "150" is not an int, "no" is not a bool (an int is fine for a float field); YAML is read with
-YAML 1.2 float syntax (`1e-3` is a float, `load_yaml`). Two complete profiles share this schema:
-`params.yaml` (tiny, the whole chain on 2 CPU cores) and `params.paper.yaml` (paper scale, for clusters).
+number, "150" is not an int, "no" is not a bool (an int is fine for a float field); YAML is read as
+YAML 1.2, the way DVC reads it (`1e-3` is a float, `010` is 10, `1:30` a string: `load_yaml`). Two
+complete profiles share this schema: `params.yaml` (tiny, the whole chain on 2 CPU cores) and
+`params.paper.yaml` (paper scale, for clusters).
 """
 
 from __future__ import annotations
@@ -31,19 +32,46 @@ class _Section(BaseModel):
 
 
 class _Yaml12Loader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2 floats and booleans, as DVC and ruamel.yaml read params.yaml.
+    """PyYAML's safe loader with YAML 1.2 booleans, floats and integers, read exactly as DVC reads
+    params.yaml (ruamel.yaml, `typ="safe"`; a test compares the two on every tricky form).
 
-    PyYAML follows YAML 1.1: `1e-3` (no dot) is a string there, and yes/no/on/off are booleans.
+    PyYAML follows YAML 1.1: `1e-3` (no dot) is a string there, yes/no/on/off are booleans, `010` is
+    octal 8 and `1:30` is the sexagesimal 90; YAML 1.2 (and DVC) read 0.001, strings, 10 and "1:30".
     """
 
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        """YAML 1.2 integers as ruamel.yaml constructs them: `0b`/`0o`/`0x` prefixes, `_` separators,
+        and leading zeros are decimal (`010` is 10)."""
+        text = str(self.construct_scalar(node)).replace("_", "")
+        sign = -1 if text.startswith("-") else 1
+        digits = text.lstrip("+-")
+        base = {"0b": 2, "0o": 8, "0x": 16}.get(digits[:2], 10)
+        try:
+            return sign * int(digits[2:] if base != 10 else digits, base)
+        except ValueError:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value!r} is not an integer", node.start_mark
+            ) from None
 
-# YAML 1.1's bool and float resolvers replaced by YAML 1.2's (core schema).
+
+# YAML 1.1's bool, float and int resolvers replaced by YAML 1.2's (ruamel.yaml's, which DVC uses).
+_YAML11_TAGS = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float", "tag:yaml.org,2002:int")
 _Yaml12Loader.yaml_implicit_resolvers = {
-    first: [
-        (tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")
-    ]
+    first: [(tag, rx) for tag, rx in resolvers if tag not in _YAML11_TAGS]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+_Yaml12Loader.add_constructor("tag:yaml.org,2002:int", _Yaml12Loader.construct_yaml_int)
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(
+        r"""^(?:[-+]?0b[0-1_]+
+                  |[-+]?0o?[0-7_]+
+                  |[-+]?[0-9_]+
+                  |[-+]?0x[0-9a-fA-F_]+)$""",
+        re.X,
+    ),
+    list("-+0123456789"),
+)
 _Yaml12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
 )
@@ -62,8 +90,8 @@ _Yaml12Loader.add_implicit_resolver(
 
 
 def load_yaml(text: str) -> Any:
-    """`yaml.safe_load` with YAML 1.2 floats and booleans (`1e-3` -> 0.001, `no` -> "no"); reads params
-    files and `--set` values."""
+    """`yaml.safe_load` with YAML 1.2 booleans, floats and integers (`1e-3` -> 0.001, `no` -> "no", `010` ->
+    10, `1:30` -> "1:30"), as DVC reads params.yaml; reads params files and `--set` values."""
     return yaml.load(text, Loader=_Yaml12Loader)
 
 

@@ -1333,7 +1333,8 @@ def resolve_release(source: dict[str, Any]) -> Path:
     """The local release directory described by `source` (in the replica that serves it).
 
     `{"release_dir": path}` (already on this machine) or `{"store": <StoreParams fields>,
-    "model_name": name, "version": v or None, "cache_dir": dir or None}` (fetched, verified, here).
+    "model_name": name, "version": v or None, "cache_dir": dir or None}` (fetched, verified, here;
+    version None: the newest validated release, `ArtifactStore.latest_version(validated=True)`).
     """
     if source.get("release_dir"):
         path = Path(source["release_dir"])
@@ -1345,7 +1346,8 @@ def resolve_release(source: dict[str, Any]) -> Path:
         from tasks.release.store import open_store
 
         store = open_store(StoreParams(**source["store"]), cache_dir=source.get("cache_dir"))
-        return store.fetch(source["model_name"], source.get("version"))
+        # version None: the newest release that passed the deploy smoke test, never a failed one
+        return store.fetch(source["model_name"], source.get("version"), validated=True)
     raise StageError(
         f"serving source needs 'release_dir' or 'store' + 'model_name', got keys {sorted(source)}"
     )

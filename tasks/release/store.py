@@ -2,11 +2,15 @@
 
 Library module used by `python -m tasks.deploy` and `ruyi serve`. `open_store(params.deploy.store)` builds
 a `LocalStore` (a directory) or an `S3Store` (any S3 endpoint); `publish`, `list_versions`, `fetch`,
-`load`. A release is `<model>/<version>/` with `MANIFEST.json` written last:
+`load`. A release is `<model>/<version>/` with `MANIFEST.json` written last; the deploy stage adds
+`VALIDATED.json` beside it once the release served and passed its smoke test (`mark_validated`), and what
+serves "the latest" without naming a version follows the newest *validated* release (`validated=True`):
 
     store = open_store(params.deploy.store)
     release = store.publish("ruyi-tiny", "artifacts/export")            # -> Release(version="v0001", ...)
     path = store.fetch("ruyi-tiny", dest=release_dir)                   # latest version, hashes verified
+    store.mark_validated("ruyi-tiny", "v0001", {"smoke_prompts": 8})     # deploy, after its smoke test
+    store.latest_version("ruyi-tiny", validated=True)                   # -> "v0001": what serving follows
     model, tokenizer = store.load("ruyi-tiny", "v0001", exit_layer=2)   # what the exit_2 tier serves
 
 Visibility, verification and retry protocol: docs/choices.md#store. The S3 client and its error mapping
@@ -16,12 +20,14 @@ Visibility, verification and retry protocol: docs/choices.md#store. The S3 clien
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import socket
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -30,7 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.core.files import LOAD_ERRORS, atomic_dir, sha256_file
+from tasks.core.files import LOAD_ERRORS, atomic_dir, atomic_file, sha256_file
 from tasks.core.s3 import (
     StoreError,
     TransientStoreError,
@@ -45,8 +51,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ruyi.store")
 
+
+class VersionTakenError(StoreError):
+    """Another writer published, or is publishing other content as, the version being written."""
+
+
 MANIFEST_NAME = "MANIFEST.json"
 MANIFEST_FORMAT = "ruyi-release/1"
+VALIDATED_NAME = "VALIDATED.json"
+VALIDATED_FORMAT = "ruyi-validated/1"
+CLAIM_NAME = ".publishing.json"  # S3: which content a version is being published with (docs/choices.md#store)
+#: `publish(version=None)` moves on to the next vNNNN this many times when another writer took one.
+MAX_VERSION_TRIES = 20
 MIB = 1 << 20
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _AUTO_VERSION_RE = re.compile(r"^v(\d+)$")
@@ -227,6 +243,14 @@ class ArtifactStore(ABC):
     ) -> None:
         """Writes one file of a release to `dest` (verified by the caller)."""
 
+    @abstractmethod
+    def _read_validation(self, model: str, version: str) -> bytes | None:
+        """The raw `VALIDATED.json` of a version, or None if it has none."""
+
+    @abstractmethod
+    def _write_validation(self, model: str, version: str, data: bytes) -> None:
+        """Writes (atomically, replacing any earlier one) the `VALIDATED.json` of a published version."""
+
     def release_uri(self, model: str, version: str) -> str:
         return f"{self.uri}/{model}/{version}"
 
@@ -236,16 +260,84 @@ class ArtifactStore(ABC):
         check_name("model", model)
         return sorted(self._published_versions(model), key=natural_key)
 
-    def latest_version(self, model: str) -> str:
+    def latest_version(self, model: str, *, validated: bool = False) -> str:
+        """The newest published version of `model`; with `validated`, the newest that passed the deploy
+        smoke test (`mark_validated`). StoreError if there is none, naming what is published."""
         versions = self.list_versions(model)
         if not versions:
             raise StoreError(f"no published release of model {model!r} in {self.uri}")
-        return versions[-1]
+        if not validated:
+            return versions[-1]
+        for version in reversed(versions):
+            if self.validation(model, version) is not None:
+                return version
+        raise StoreError(
+            f"no release of model {model!r} in {self.uri} has passed the deploy smoke test (published, "
+            f"not validated: {', '.join(versions)}); run the deploy stage, or name a version explicitly "
+            "(e.g. `ruyi serve --version " + versions[-1] + "`)"
+        )
 
-    def get_release(self, model: str, version: str | None = None) -> Release:
-        """The release `model/version` (None: the latest); StoreError if it is not published."""
+    def validation(self, model: str, version: str) -> dict[str, Any] | None:
+        """The validation record of a published version (`VALIDATED.json`: what its deploy smoke test
+        attested), or None if it was never validated.
+
+        Raises:
+            StoreError: the record is unreadable, or it attests other content than the release holds
+                (its `content_sha256` is not the release's `content_digest`).
+        """
+        data = self._read_validation(check_name("model", model), check_name("version", version))
+        if data is None:
+            return None
+        where = f"{self.release_uri(model, version)}/{VALIDATED_NAME}"
+        try:
+            record = json.loads(data)
+            if record.get("format") != VALIDATED_FORMAT:
+                raise ValueError(f"format is {record.get('format')!r}, expected {VALIDATED_FORMAT!r}")
+            claimed = (record["model"], record["version"], record["content_sha256"])
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise StoreError(f"{where}: not a valid validation record ({e})") from None
+        digest = content_digest(self.get_release(model, version).files)
+        if claimed != (model, version, digest):
+            raise StoreError(
+                f"{where} attests {claimed[0]}/{claimed[1]} with content {str(claimed[2])[:16]}..., but the "
+                f"release is {model}/{version} with content {digest[:16]}...: remove the record and deploy "
+                "again"
+            )
+        return record
+
+    def mark_validated(self, model: str, version: str, evidence: dict[str, Any]) -> dict[str, Any]:
+        """Records that the published release `model/version` served and passed its smoke test.
+
+        `evidence` (JSON-serializable: what was checked) goes into the record with the release's
+        `content_sha256` and the time; a later validation of the same release replaces the record.
+        Returns the record. StoreError if the version is not published.
+        """
+        release = self.get_release(model, version)
+        record = {
+            "format": VALIDATED_FORMAT,
+            "model": model,
+            "version": release.version,
+            "content_sha256": content_digest(release.files),
+            "validated": _utc_now(),
+            "evidence": evidence,
+        }
+        try:
+            data = (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
+        except (TypeError, ValueError) as e:
+            raise StoreError(f"validation evidence is not JSON-serializable: {e}") from None
+        self._write_validation(model, release.version, data)
+        log.info("marked %s validated", release.uri)
+        return record
+
+    def get_release(self, model: str, version: str | None = None, *, validated: bool = False) -> Release:
+        """The release `model/version` (None: the latest, or the latest validated one with `validated`);
+        StoreError if it is not published."""
         check_name("model", model)
-        version = self.latest_version(model) if version is None else check_name("version", version)
+        version = (
+            self.latest_version(model, validated=validated)
+            if version is None
+            else check_name("version", version)
+        )
         manifest = self._read_manifest(model, version)
         if manifest is None:
             known = self.list_versions(model)
@@ -284,6 +376,7 @@ class ArtifactStore(ABC):
         *,
         metadata: dict[str, Any] | None = None,
         callback: ProgressCallback | None = None,
+        files: list[FileEntry] | None = None,
     ) -> Release:
         """Publishes every file under `src_dir` as the release `model/version`.
 
@@ -293,6 +386,8 @@ class ArtifactStore(ABC):
             version: the version name; None: the next `vNNNN`.
             metadata: JSON-serializable facts stored in the manifest (git revision, source manifest).
             callback: called as `callback(path, nbytes)` while bytes are transferred.
+            files: `scan_dir(src_dir)` if the caller has just computed it (not scanned again); every copy
+                is still verified against it, so a file changed since is an error.
 
         Returns:
             The published release.
@@ -302,27 +397,39 @@ class ArtifactStore(ABC):
                 backend failure (nothing becomes visible then; a retry resumes).
         """
         check_name("model", model)
-        version = self.next_version(model) if version is None else check_name("version", version)
+        auto = version is None
+        version = self.next_version(model) if auto else check_name("version", version)
         if self._read_manifest(model, version) is not None:
             raise StoreError(
                 f"release {self.release_uri(model, version)} already exists: releases are "
                 "immutable; publish a new version"
             )
-        files = scan_dir(src_dir)
+        files = scan_dir(src_dir) if files is None else files
         try:
             json.dumps(metadata or {})
         except (TypeError, ValueError) as e:
             raise StoreError(f"release metadata is not JSON-serializable: {e}") from None
-        release = Release(
-            model=model,
-            version=version,
-            uri=self.release_uri(model, version),
-            files=tuple(files),
-            created=_utc_now(),
-            metadata=dict(metadata or {}),
-        )
         t0 = time.perf_counter()
-        self._write_release(release, Path(src_dir), callback)
+        for attempt in range(MAX_VERSION_TRIES):
+            release = Release(
+                model=model,
+                version=version,
+                uri=self.release_uri(model, version),
+                files=tuple(files),
+                created=_utc_now(),
+                metadata=dict(metadata or {}),
+            )
+            try:
+                self._write_release(release, Path(src_dir), callback)
+                break
+            except VersionTakenError as e:
+                # Two writers chose the same next vNNNN (e.g. a scheduled run and a rerun deploying at
+                # once): the one that did not get it takes the next number; a fixed version is an error.
+                if not auto or attempt == MAX_VERSION_TRIES - 1:
+                    raise
+                log.warning("%s; publishing as the next version instead", e)
+                match = _AUTO_VERSION_RE.match(version)
+                version = f"v{int(match.group(1)) + 1:04d}" if match else self.next_version(model)
         log.info(
             "published %s (%d files, %.1f MiB) in %.1f s",
             release.uri,
@@ -339,16 +446,18 @@ class ArtifactStore(ABC):
         dest: str | Path | None = None,
         *,
         callback: ProgressCallback | None = None,
+        validated: bool = False,
     ) -> Path:
         """Downloads a release into `dest` (default `<cache_dir>/<model>/<version>`), verified.
 
         The destination appears only once every file matches the manifest (size + sha256); a
         destination that already holds this exact, intact release is reused without downloading.
+        `version` None: the latest published one, or with `validated` the latest validated one.
 
         Returns:
             The release directory (its files plus `MANIFEST.json`).
         """
-        release = self.get_release(model, version)
+        release = self.get_release(model, version, validated=validated)
         dest = Path(dest) if dest is not None else self.cache_dir / model / release.version
         if (dest / MANIFEST_NAME).is_file():
             try:
@@ -416,15 +525,21 @@ def content_digest(files: tuple[FileEntry, ...] | list[FileEntry]) -> str:
 
 
 def publish_dir(
-    store: ArtifactStore, model: str, src_dir: str | Path, version: str | None, metadata: dict[str, Any]
+    store: ArtifactStore,
+    model: str,
+    src_dir: str | Path,
+    version: str | None,
+    metadata: dict[str, Any],
+    files: list[FileEntry] | None = None,
 ) -> tuple[Release, bool]:
     """Publishes `src_dir` as `model` unless the store already holds that content (docs/choices.md#deploy).
 
     `version` None: the latest release is reused when its files are identical, else the next vNNNN is
     published; a fixed `version` that exists is reused when identical and refused otherwise (releases
-    are immutable). `metadata` gets `content_sha256`. Returns `(release, reused)`.
+    are immutable). `metadata` gets `content_sha256`. `files`: `scan_dir(src_dir)` if the caller has it
+    (the directory is then read once to hash it, and once more to copy it). Returns `(release, reused)`.
     """
-    files = scan_dir(src_dir)
+    files = scan_dir(src_dir) if files is None else files
     known = store.list_versions(model)
     if version is not None and version in known:
         release = store.get_release(model, version)
@@ -441,7 +556,7 @@ def publish_dir(
             log.info("the latest release %s already holds %s: reusing it", latest.uri, src_dir)
             return latest, True
     metadata = {**metadata, "content_sha256": content_digest(files)}
-    return store.publish(model, src_dir, version, metadata=metadata), False
+    return store.publish(model, src_dir, version, metadata=metadata, files=files), False
 
 
 def release_exits(release_dir: str | Path) -> list[int]:
@@ -523,9 +638,28 @@ class LocalStore(ArtifactStore):
         except (OSError, json.JSONDecodeError) as e:
             raise StoreError(f"{path}: unreadable release manifest ({e})") from None
 
+    def _read_validation(self, model: str, version: str) -> bytes | None:
+        path = self.root / model / version / VALIDATED_NAME
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StoreError(f"{path}: unreadable validation record ({e})") from None
+
+    def _write_validation(self, model: str, version: str, data: bytes) -> None:
+        path = self.root / model / version / VALIDATED_NAME
+        try:
+            with atomic_file(path, "wb") as f:
+                f.write(data)
+        except OSError as e:
+            raise StoreError(f"cannot write {path}: {e}") from None
+
     def _write_release(self, release: Release, src: Path, callback: ProgressCallback | None) -> None:
         model_dir = self.root / release.model
         final = model_dir / release.version
+        if (final / MANIFEST_NAME).is_file():
+            raise VersionTakenError(f"release {release.uri} was published concurrently by another writer")
         if final.exists():
             # A directory without a manifest is not ours (ours appear by rename, complete).
             raise StoreError(
@@ -562,7 +696,11 @@ class LocalStore(ArtifactStore):
             try:
                 os.rename(tmp, final)  # atomic; fails if another publisher created the version meanwhile
             except OSError as e:
-                raise StoreError(f"cannot publish {final}: {e} (was it published concurrently?)") from None
+                if (final / MANIFEST_NAME).is_file():
+                    raise VersionTakenError(
+                        f"release {release.uri} was published concurrently by another writer"
+                    ) from None
+                raise StoreError(f"cannot publish {final}: {e}") from None
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -715,21 +853,53 @@ class S3Store(ArtifactStore):
         except json.JSONDecodeError as e:
             raise StoreError(f"s3://{self.bucket}/{key}: unreadable release manifest ({e})") from None
 
+    def _read_validation(self, model: str, version: str) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        key = self._key(model, version, VALIDATED_NAME)
+        with self._errors(f"reading s3://{self.bucket}/{key}"):
+            try:
+                return self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            except ClientError as e:
+                if error_code(e) in ("NoSuchKey", "404"):
+                    return None
+                raise
+
+    def _write_validation(self, model: str, version: str, data: bytes) -> None:
+        key = self._key(model, version, VALIDATED_NAME)
+        with self._errors(f"writing s3://{self.bucket}/{key}", key=key):
+            self._client.put_object(
+                Bucket=self.bucket,
+                Key=key,
+                Body=data,
+                ContentType="application/json",
+                ChecksumAlgorithm="SHA256",
+            )
+
     def expected_checksum(self, path: Path, size: int, sha256_hex: str) -> str:
         """The `ChecksumSHA256` S3 reports for `path` uploaded with our TransferConfig (base64).
 
-        Single-part: the SHA-256 of the file. Multipart: the SHA-256 of the concatenated part
-        SHA-256s, suffixed `-<number of parts>`, with s3transfer's part size for this file size.
+        Single-part: the SHA-256 of the file, i.e. `sha256_hex` (the scanned one). Multipart: the SHA-256
+        of the concatenated part SHA-256s, suffixed `-<number of parts>`, with s3transfer's part size for
+        this file size. The parts are hashed in the same pass as the whole file, which must still be
+        `sha256_hex`: a file rewritten since the scan (same size or not) is a StoreError, so a multipart
+        object is verified against the scanned content, not against whatever the file now holds.
         """
         if size < self.multipart_threshold:
             return base64.b64encode(bytes.fromhex(sha256_hex)).decode()
         from s3transfer.utils import ChunksizeAdjuster
 
         part_size = ChunksizeAdjuster().adjust_chunksize(self.multipart_chunksize, size)
-        digests = []
+        digests, whole = [], hashlib.sha256()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(part_size), b""):
+                whole.update(block)
                 digests.append(hashlib.sha256(block).digest())
+        if whole.hexdigest() != sha256_hex:
+            raise StoreError(
+                f"{path}: sha256 {whole.hexdigest()[:16]}... is not the {sha256_hex[:16]}... scanned for the "
+                "release manifest: the file changed while it was being published; nothing was published"
+            )
         return base64.b64encode(hashlib.sha256(b"".join(digests)).digest()).decode() + f"-{len(digests)}"
 
     def _object_ok(self, key: str, entry: FileEntry, src: Path) -> tuple[bool, str]:
@@ -776,15 +946,37 @@ class S3Store(ArtifactStore):
         what = f"publishing {release.uri}"
         self._check_bucket(what)
         base = self._key(release.model, release.version) + "/"
-        manifest_key = base + MANIFEST_NAME
+        claim_key = base + CLAIM_NAME
         wanted = {base + f.path for f in release.files}
+        with self._errors(what):
+            # Claim the version for this content before touching anything under it: a writer of other
+            # content (a concurrent deploy that chose the same vNNNN) must never abort our uploads, delete
+            # or overwrite our objects; one of the same content (a retry after a crash) resumes.
+            self._claim(claim_key, release)
+            try:
+                self._publish_claimed(release, src, callback, base, wanted)
+            except TransientStoreError:
+                raise  # the flow retries with the same content: it resumes under the claim
+            except StoreError:
+                # This writer gives the version up (its file changed, a checksum failed, another writer
+                # published it): its claim must not make the next writer of other content skip it.
+                with contextlib.suppress(Exception):
+                    self._client.delete_object(Bucket=self.bucket, Key=claim_key)
+                raise
+
+    def _publish_claimed(
+        self, release: Release, src: Path, callback: ProgressCallback | None, base: str, wanted: set[str]
+    ) -> None:
+        """The upload part of `_write_release`, once the version is claimed for this content."""
+        what = f"publishing {release.uri}"
+        manifest_key, claim_key = base + MANIFEST_NAME, base + CLAIM_NAME
         transfer = self._transfer_config()
         with self._errors(what):
             self._abort_stale_uploads(base)
             existing = {obj["Key"] for obj in self._list_keys(base)}
             if manifest_key in existing:
-                raise StoreError(f"release {release.uri} already exists: releases are immutable")
-            stale = sorted(existing - wanted)
+                raise VersionTakenError(f"release {release.uri} already exists: releases are immutable")
+            stale = sorted(existing - wanted - {claim_key})
             for i in range(0, len(stale), 1000):  # objects of an earlier, different attempt
                 self._client.delete_objects(
                     Bucket=self.bucket,
@@ -820,6 +1012,49 @@ class S3Store(ArtifactStore):
             if resumed:
                 log.info("%s: %d file(s) already uploaded and verified by an earlier attempt", what, resumed)
             self._put_manifest(manifest_key, release)
+            self._client.delete_object(Bucket=self.bucket, Key=claim_key)  # published: the claim is done
+
+    def _claim(self, key: str, release: Release) -> None:
+        """Creates the version's claim (`CLAIM_NAME`, a conditional PUT that only one writer wins), or
+        accepts an existing claim for the same content; VersionTakenError if it is for other content."""
+        from botocore.exceptions import ClientError
+
+        digest = content_digest(release.files)
+        claim = {
+            "content_sha256": digest,
+            "writer": f"{socket.gethostname()}:{os.getpid()}",
+            "created": _utc_now(),
+        }
+        try:
+            self._client.put_object(
+                Bucket=self.bucket, Key=key, Body=json.dumps(claim).encode(), IfNoneMatch="*"
+            )
+            return
+        except ClientError as e:
+            if error_code(e) not in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise
+        try:
+            held = json.loads(self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read())
+        except ClientError as e:
+            if error_code(e) in ("NoSuchKey", "404"):  # released between our PUT and GET: published
+                raise VersionTakenError(
+                    f"release {release.uri} was published concurrently by another writer"
+                ) from None
+            raise
+        except json.JSONDecodeError:
+            held = {}
+        if held.get("content_sha256") == digest:
+            log.info(
+                "%s: resuming the publication of the same content claimed at %s",
+                release.uri,
+                held.get("created"),
+            )
+            return
+        writer, created = held.get("writer", "another writer"), held.get("created", "at an unknown time")
+        raise VersionTakenError(
+            f"release {release.uri} is being published with other content by {writer} (claimed {created}, "
+            f"s3://{self.bucket}/{key}); choose another version, or delete that object if its writer is dead"
+        )
 
     def _put_manifest(self, key: str, release: Release) -> None:
         from botocore.exceptions import ClientError
@@ -868,9 +1103,10 @@ class S3Store(ArtifactStore):
         dest: str | Path | None = None,
         *,
         callback: ProgressCallback | None = None,
+        validated: bool = False,
     ) -> Path:
         self._check_bucket(f"fetching {self.uri}/{model}")
-        return super().fetch(model, version, dest, callback=callback)
+        return super().fetch(model, version, dest, callback=callback, validated=validated)
 
     def abort_incomplete(self, model: str) -> int:
         """Aborts every pending multipart upload of `model` (e.g. after a crash); returns the count."""
@@ -920,4 +1156,6 @@ __all__ = [
     "load_member",
     "release_exits",
     "MANIFEST_NAME",
+    "VALIDATED_NAME",
+    "VersionTakenError",
 ]

@@ -36,6 +36,7 @@ from tasks.core.files import (
 )
 from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, log
+from tasks.training.curves import HeldOut, draw_held_out, held_out_columns, running_mean, write_loss_curves
 
 if TYPE_CHECKING:
     from tasks.core.params import Params
@@ -392,7 +393,6 @@ def _train(
     """`train_loop` on the rows (validation: the first `eval_batches` batches of `val_rows`); writes the
     loss curves (`plots/vl/<stage>/loss.png` + `loss.csv`) and returns the stage's metrics."""
     from tasks.training.checkpoint import Checkpointer, fingerprint_info
-    from tasks.training.curves import write_loss_curves
     from tasks.training.loop import exit_weights_at, train_loop
 
     processor = load_processor(params)
@@ -642,8 +642,14 @@ def rl(params: Params) -> dict[str, Any]:
             for d in members
         }
 
-    start = held_accuracy()
-    curve = [{"step": 0, **start}]  # the held-out accuracy before rl, every rl.eval_every steps, after rl
+    # each member's held-out accuracy before rl, every rl.eval_every steps and after (as the text rl's)
+    curve: HeldOut = {d: [] for d in members}
+
+    def evaluate_held_out(step: int) -> None:
+        for d, accuracy in held_accuracy().items():
+            curve[d].append({"step": step, "accuracy": accuracy})
+
+    evaluate_held_out(0)
     torch.manual_seed(params.seed)
     # the vision tower and its mergers at vl.vision_lr_scale x the lr, as in family_sft: at the full lr the
     # 12 steps of a 0.03x-trained family moved the tower and cost the deepest member 5.6 points (RESULTS.md)
@@ -687,9 +693,8 @@ def rl(params: Params) -> dict[str, Any]:
         history.append({"step": step + 1, "exit": d, "reward": float(rewards.mean()), "loss": float(loss)})
         log.info("vl rl step %d/%d exit %d: reward %.3f", step + 1, cfg.steps, d, float(rewards.mean()))
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            curve.append({"step": step + 1, **held_accuracy()})
-    end = held_accuracy()
-    curve.append({"step": cfg.steps, **end})
+            evaluate_held_out(step + 1)
+    evaluate_held_out(cfg.steps)
     _save_family(params, "rl", model)
     metrics: dict[str, Any] = {
         "algorithm": "grpo",
@@ -701,9 +706,9 @@ def rl(params: Params) -> dict[str, Any]:
         "vision_lr": cfg.lr * lr_scales[VISION_PREFIX],
         **{
             f"exit_{d}": {
-                "accuracy_start": start[d],
-                "accuracy_end": end[d],
-                "held_out_curve": {"step": [p["step"] for p in curve], "accuracy": [p[d] for p in curve]},
+                "accuracy_start": curve[d][0]["accuracy"],
+                "accuracy_end": curve[d][-1]["accuracy"],
+                "held_out_curve": held_out_columns(curve[d], ("step", "accuracy")),
             }
             for d in members
         },
@@ -717,30 +722,23 @@ def rl(params: Params) -> dict[str, Any]:
 
 def plot_rl(
     history: Sequence[dict[str, Any]],
-    curve: Sequence[dict[str, Any]],
+    curve: HeldOut,
     out_dir: Path,
     tasks: Sequence[str] = (),
 ) -> Path:
     """`curves.png` of the VL rl stage: each member's sampled reward per step (its running mean over its
-    last 5 steps drawn through the points) and its greedy held-out accuracy over the steps (`curve`: one
-    `{"step": s, <exit>: accuracy, ...}` per evaluation, before rl, every `rl.eval_every` steps and after),
+    last 5 steps drawn through the points) and its greedy held-out accuracy over the steps (`curve`, the
+    text rl's shape `tasks.training.curves.HeldOut`: before rl, every `rl.eval_every` steps and after),
     on the select split's rows of `tasks` (`vl.rl_tasks`, named in the panel's title)."""
-    from tasks.training.curves import running_mean
-
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    members = sorted({int(h["exit"]) for h in history} | {k for p in curve for k in p if k != "step"})
-    for d in members:
-        color = None
-        pts = [(h["step"], h["reward"]) for h in history if h["exit"] == d]
-        if pts:
-            steps, rewards = zip(*pts)
-            (line,) = ax1.plot(steps, running_mean(rewards, 5), lw=1.6, label=f"exit {d}")
-            ax1.plot(steps, rewards, "o", ms=3, alpha=0.4, color=line.get_color())
-            color = line.get_color()
-        held = [(p["step"], p[d]) for p in curve if d in p]
-        if held:
-            ax2.plot(*zip(*held), "s-", color=color, label=f"exit {d}")
+    colors = {}
+    for d in sorted({int(h["exit"]) for h in history}):
+        steps, rewards = zip(*((h["step"], h["reward"]) for h in history if h["exit"] == d))
+        (line,) = ax1.plot(steps, running_mean(rewards, 5), lw=1.6, label=f"exit {d}")
+        ax1.plot(steps, rewards, "o", ms=3, alpha=0.4, color=line.get_color())
+        colors[d] = line.get_color()
+    draw_held_out(ax2, curve, colors, style="s-")
     ax1.set(xlabel="step", ylabel="reward (sampled, exact answer)", title="reward per step (line: mean of 5)")
     held_out = "select split" + (f", {' / '.join(tasks)}" if tasks else "")
     ax2.set(ylim=(0, 1), xlabel="step", ylabel="greedy accuracy", title=f"held-out accuracy ({held_out})")
@@ -1060,7 +1058,9 @@ def deploy(params: Params) -> dict[str, Any]:
     their questions as OpenAI `image_url` data-URL parts: each answer must be exactly its exported stock
     member's under plain transformers (`tasks.release.vision.vl_smoke_test`). Then the fetched camera
     release joins the same Serve instance (`/edge`, `/cloud`: `tasks.release.camera`) and is sent fresh
-    clips, edge -> cloud, and what the cloud must refuse (`_camera_smoke`)."""
+    clips, edge -> cloud, and what the cloud must refuse (`_camera_smoke`). Once all of that passed, both
+    releases are marked validated in the store (`ArtifactStore.mark_validated`), which is what serving
+    "the latest" follows."""
     import json
     import statistics
 
@@ -1119,6 +1119,9 @@ def deploy(params: Params) -> dict[str, Any]:
         t0 = time.perf_counter()
         session.stop()
         timings["serve_stop_s"] = time.perf_counter() - t0
+    evidence = {"stage": "deploy", "smoke_prompts": len(rows), "smoke_max_tokens": cfg.smoke_max_tokens}
+    store.mark_validated(cfg.model_name, release.version, {**evidence, "tiers": sorted(per_tier)})
+    store.mark_validated(camera_name, camera.version, {**evidence, "camera_clips": camera_smoke["clips"]})
     for tier, entry in per_tier.items():
         entry.update(
             accuracy=entry.pop("correct") / entry["requests"],

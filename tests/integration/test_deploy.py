@@ -191,6 +191,39 @@ def test_deploy_refuses_tiers_that_are_not_the_evaluated_members(tmp_path, expor
     assert not (tmp_path / "store").exists() and not (tmp_path / "metrics" / "deploy.json").exists()
 
 
+def test_a_release_that_fails_to_serve_is_published_but_never_served_by_default(tmp_path, export_src):
+    """deploy publishes before it serves: when serving or the smoke test fails, the release exists but is
+    not validated, so `ruyi serve` without --version (and a serve config with version null) keeps
+    following the last validated release instead of the failed one."""
+    from tasks.deploy import serve_release
+    from tasks.release.store import StoreError
+
+    params = load_params(
+        REPO / "params.yaml", {**_workspace(tmp_path, export_src), "deploy.port": _free_port()}
+    )
+    store = open_store(params.deploy.store)
+    with socket.socket() as busy:  # serving cannot start: its port is taken (checked before Ray starts)
+        busy.bind(("127.0.0.1", params.deploy.port))
+        busy.listen()
+        with pytest.raises(StageError, match=f"cannot serve on 127.0.0.1:{params.deploy.port}"):
+            run(params)
+    assert store.list_versions("ruyi-tiny") == ["v0001"] and store.validation("ruyi-tiny", "v0001") is None
+    assert not (tmp_path / "metrics" / "deploy.json").exists()
+    with pytest.raises(
+        StoreError, match=r"has passed the deploy smoke test \(published, not validated: v0001\)"
+    ):
+        serve_release(params)
+    # the same content validated by an earlier deploy, then a new release that failed: the old one is served
+    store.mark_validated("ruyi-tiny", "v0001", {"stage": "test"})
+    newer = tmp_path / "newer"
+    shutil.copytree(export_src, newer)
+    (newer / "NOTES.txt").write_text("another release\n")
+    assert store.publish("ruyi-tiny", newer).version == "v0002"
+    assert store.latest_version("ruyi-tiny") == "v0002"
+    assert store.latest_version("ruyi-tiny", validated=True) == "v0001"
+    assert store.get_release("ruyi-tiny", validated=True).version == "v0001"
+
+
 def test_served_parameter_counts_are_checked_over_http(tmp_path, export_src):
     """`check_served_params` reads /v1/models of a running app (uvicorn, no Ray): a release whose DaE tier
     serves its dense weights is refused, naming the tier."""
@@ -300,6 +333,12 @@ def test_deploy_stage_s3_end_to_end(tmp_path, export_src, s3_server, monkeypatch
     # The release is in S3 and complete; what was served is the verified copy fetched back.
     store = open_store(params.deploy.store)
     assert isinstance(store, S3Store) and store.list_versions("ruyi-tiny") == ["v0001"]
+    # it passed: validated in the store, which is what serving "the latest" follows
+    record = store.validation("ruyi-tiny", "v0001")
+    assert record is not None and record["validated"] == metrics["validated"]
+    assert record["content_sha256"] == smoke["content_sha256"]
+    assert record["evidence"]["smoke_prompts"] == 2 and "auto" in record["evidence"]["tiers"]
+    assert store.latest_version("ruyi-tiny", validated=True) == "v0001"
     served = tmp_path / "artifacts" / "releases" / "ruyi-tiny" / "v0001"
     assert (served / "MANIFEST.json").is_file() and (served / "exit_2" / "model.safetensors").is_file()
     # Nothing of Ray is left (its processes carry this session's RAY_TMPDIR in their command lines).

@@ -328,8 +328,14 @@ def test_resolve_release(tmp_path, export_dir):
         "model_name": "tiny",
         "cache_dir": str(tmp_path / "cache"),
     }
+    # version null follows the newest validated release: none has passed a deploy smoke test yet
+    with pytest.raises(StageError, match="no release of model 'tiny' .* has passed the deploy smoke test"):
+        resolve_release(source)
+    store.mark_validated("tiny", "v0001", {"stage": "test"})
+    store.publish("tiny", export_dir, "v0002")  # newer, not validated: not what version null serves
     path = resolve_release(source)
     assert path == tmp_path / "cache" / "tiny" / "v0001" and (path / "exit_2" / "model.safetensors").is_file()
+    assert resolve_release({**source, "version": "v0002"}) == tmp_path / "cache" / "tiny" / "v0002"
     assert resolve_release({"release_dir": str(export_dir)}) == export_dir
     with pytest.raises(StageError, match="release directory not found"):
         resolve_release({"release_dir": str(tmp_path / "nope")})
@@ -372,7 +378,9 @@ def test_ruyi_serve_on_ray(tmp_path, export_dir, client, monkeypatch):
 
     monkeypatch.delenv("RAY_TMPDIR")
 
-    LocalStore(tmp_path / "store").publish("ruyi-tiny", export_dir)
+    store = LocalStore(tmp_path / "store")
+    store.publish("ruyi-tiny", export_dir)
+    store.mark_validated("ruyi-tiny", "v0001", {"stage": "test"})  # what serving the latest follows
     port = _free_port()
     params = load_params(
         REPO / "params.yaml",
@@ -449,7 +457,9 @@ def test_signal_stops_ruyi_serve_and_its_ray(tmp_path, export_dir, sig):
     more than ~15 s."""
     import psutil
 
-    LocalStore(tmp_path / "store").publish("ruyi-tiny", export_dir)
+    store = LocalStore(tmp_path / "store")
+    store.publish("ruyi-tiny", export_dir)
+    store.mark_validated("ruyi-tiny", "v0001", {"stage": "test"})  # `ruyi serve` follows the validated latest
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_TMPDIR"}
     cmd = [

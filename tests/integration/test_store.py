@@ -214,6 +214,58 @@ def test_find_identical_and_manifest_checks(tmp_path, export_dir):
         store.get_release("fam", "v0001")
 
 
+def _check_validation_records(store, export_dir, tmp_path) -> None:
+    """What both backends must do with `VALIDATED.json` (`mark_validated`, `validation`, `validated=`)."""
+    store.publish("fam", export_dir)
+    store.publish("fam", export_dir)
+    assert store.validation("fam", "v0001") is None
+    with pytest.raises(
+        StoreError, match=r"has passed the deploy smoke test \(published, not validated: v0001, v0002\)"
+    ):
+        store.latest_version("fam", validated=True)
+    record = store.mark_validated("fam", "v0001", {"smoke_prompts": 3})
+    assert store.validation("fam", "v0001") == record and record["evidence"] == {"smoke_prompts": 3}
+    assert (store.latest_version("fam"), store.latest_version("fam", validated=True)) == ("v0002", "v0001")
+    assert store.fetch("fam", validated=True, dest=tmp_path / "validated").name == "validated"
+    assert json.loads((tmp_path / "validated" / MANIFEST_NAME).read_text())["version"] == "v0001"
+    assert "VALIDATED.json" not in {p.name for p in (tmp_path / "validated").iterdir()}  # not release content
+    assert store.get_release("fam", "v0001").files == store.get_release("fam", "v0002").files
+    with pytest.raises(StoreError, match="release fam/v0009 not found"):
+        store.mark_validated("fam", "v0009", {})
+    with pytest.raises(StoreError, match="not JSON-serializable"):
+        store.mark_validated("fam", "v0002", {"when": object()})
+    assert store.validation("fam", "v0002") is None  # nothing written by the refused call
+    # a record that attests another release's content, or is not a record, is an error naming it
+    store._write_validation("fam", "v0002", json.dumps({**record, "content_sha256": "0" * 64}).encode())
+    with pytest.raises(StoreError, match=r"fam/v0002/VALIDATED.json attests fam/v0001 with content 0000"):
+        store.validation("fam", "v0002")
+    store._write_validation("fam", "v0002", b"{not json")
+    with pytest.raises(StoreError, match="v0002/VALIDATED.json: not a valid validation record"):
+        store.latest_version("fam", validated=True)
+
+
+def test_local_validation_records(tmp_path, export_dir):
+    store = LocalStore(tmp_path / "store", cache_dir=tmp_path / "cache")
+    _check_validation_records(store, export_dir, tmp_path)
+    assert (tmp_path / "store" / "fam" / "v0001" / "VALIDATED.json").is_file()
+
+
+def test_publish_with_the_callers_scan_still_verifies_every_copy(tmp_path, export_dir):
+    """`publish(files=scan_dir(src))` does not hash the source again, but a file changed since that scan
+    is caught by the copy's verification, and nothing is published."""
+    store = LocalStore(tmp_path / "store")
+    src = tmp_path / "export"
+    shutil.copytree(export_dir, src)
+    files = scan_dir(src)
+    (src / "exit_2" / "config.json").write_text(
+        (src / "exit_2" / "config.json").read_text().replace("{", "{ ", 1)
+    )
+    with pytest.raises(StoreError, match=r"exit_2/config.json: \d+ bytes, the release manifest says"):
+        store.publish("fam", src, files=files)
+    assert store.list_versions("fam") == []
+    assert store.publish("fam", src, files=scan_dir(src)).version == "v0001"
+
+
 def test_natural_order():
     assert sorted(["v10", "v2", "v0001", "v1.10", "v1.9"], key=natural_key) == [
         "v0001",
@@ -258,7 +310,20 @@ def aws_env(s3_server, monkeypatch, tmp_path):  # noqa: F811
     return s3_server
 
 
-def _s3_store(server, bucket, tmp_path, **kw) -> S3Store:
+def _shared_bucket(server) -> str:
+    """One bucket for the tests that need no bucket of their own (each uses its own model names): a
+    SeaweedFS bucket is a collection with volumes of its own, from the server's pool (`-volume.max`)."""
+    from botocore.exceptions import ClientError
+
+    try:
+        server.create_bucket("rel-shared")
+    except ClientError as e:
+        if e.response["Error"]["Code"] not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+            raise
+    return "rel-shared"
+
+
+def _s3_store(server, bucket, tmp_path, prefix="releases", **kw) -> S3Store:
     kw = {
         "multipart_threshold_mib": 1,
         "multipart_chunksize_mib": 5,
@@ -267,7 +332,7 @@ def _s3_store(server, bucket, tmp_path, **kw) -> S3Store:
         "cache_dir": tmp_path / "cache",
         **kw,
     }
-    return S3Store(bucket, "releases", endpoint_url=server.endpoint, **kw)
+    return S3Store(bucket, prefix, endpoint_url=server.endpoint, **kw)
 
 
 def test_s3_publish_fetch_load_multipart(aws_env, tmp_path, blob_export):
@@ -303,6 +368,15 @@ def test_s3_publish_fetch_load_multipart(aws_env, tmp_path, blob_export):
     with pytest.raises(StoreError, match="published concurrently by another writer"):
         store._put_manifest(manifest_key, other)
     assert client.get_object(Bucket="rel-main", Key=manifest_key)["Body"].read() == stored
+
+
+def test_s3_validation_records(aws_env, tmp_path, export_dir):
+    bucket = _shared_bucket(aws_env)
+    store = _s3_store(aws_env, bucket, tmp_path, "valid")
+    _check_validation_records(store, export_dir, tmp_path)
+    head = aws_env.client().head_object(Bucket=bucket, Key="valid/fam/v0001/VALIDATED.json")
+    assert head["ContentType"] == "application/json"
+    assert store.list_versions("fam") == ["v0001", "v0002"]  # a record is not a version
 
 
 def test_s3_clear_errors(aws_env, tmp_path, export_dir):
@@ -459,6 +533,82 @@ def test_s3_server_killed_mid_upload_then_retry(aws_env, tmp_path, blob_export):
     got = _tree_hashes(store.fetch("fam"))
     got.pop(MANIFEST_NAME)
     assert got == _tree_hashes(blob_export)
+
+
+def test_s3_multipart_file_rewritten_after_the_scan_is_refused(aws_env, tmp_path, blob_export):
+    """A multipart object is verified against the sha256 scanned for the manifest: the blob rewritten (same
+    size) while earlier files upload would otherwise be stored, pass its part checksums (computed from
+    the new bytes) and be published under the old sha256."""
+    store = _s3_store(aws_env, _shared_bucket(aws_env), tmp_path, "rewrite", max_concurrency=1)
+    src = tmp_path / "export"
+    shutil.copytree(blob_export, src)
+    blob = src / "zz_blob.bin"
+
+    def rewrite_blob(path: str, n: int) -> None:
+        if path != blob.name and blob.read_bytes()[:4] != b"NEW!":  # the blob is uploaded last
+            with open(blob, "r+b") as f:
+                f.write(b"NEW!")
+
+    with pytest.raises(StoreError, match=r"zz_blob.bin: sha256 .* is not the .* scanned .* changed while"):
+        store.publish("fam", src, callback=rewrite_blob)
+    assert store.list_versions("fam") == []  # nothing published
+    assert store.publish("fam", src).version == "v0001"  # the file as it is now: a new scan, published
+    got = _tree_hashes(store.fetch("fam"))
+    assert got["zz_blob.bin"] == sha256_file(blob)
+
+
+def _other_blob(src: Path, dest: Path) -> Path:
+    """A copy of `src` whose blob has other bytes (same size): other content under the same paths."""
+    shutil.copytree(src, dest)
+    (dest / "zz_blob.bin").write_bytes(random.Random(1).randbytes(BLOB_MIB << 20))
+    return dest
+
+
+def test_s3_two_writers_of_one_version(aws_env, tmp_path, blob_export):
+    """Two deploys that pick the same next vNNNN at once: the second finds the first's claim (other
+    content) and publishes as the next version, without touching the first's objects; a fixed version
+    claimed by another writer is an error naming the claim. Both releases fetch back verified."""
+    bucket = _shared_bucket(aws_env)
+    store = _s3_store(aws_env, bucket, tmp_path, "race", max_concurrency=1)
+    other = _other_blob(blob_export, tmp_path / "other")
+    seen: dict = {}
+
+    def second_writer(path: str, n: int) -> None:  # runs while the first writer uploads its first file
+        if "second" not in seen:
+            seen["second"] = store.publish("fam", other)
+            with pytest.raises(
+                StoreError, match=r"race/fam/v0001 is being published with other content by .*:\d+"
+            ):
+                store.publish("fam", other, version="v0001")
+
+    first = store.publish("fam", blob_export, callback=second_writer)
+    assert (first.version, seen["second"].version) == ("v0001", "v0002")
+    assert store.list_versions("fam") == ["v0001", "v0002"]
+    for version, src in (("v0001", blob_export), ("v0002", other)):
+        got = _tree_hashes(store.fetch("fam", version))
+        got.pop(MANIFEST_NAME)
+        assert got == _tree_hashes(src)
+    keys = {o["Key"] for o in aws_env.client().list_objects_v2(Bucket=bucket, Prefix="race/")["Contents"]}
+    assert not [k for k in keys if k.endswith("/.publishing.json")]  # claims end with the publication
+
+
+def test_local_two_writers_of_one_version(tmp_path, blob_export):
+    store = LocalStore(tmp_path / "store")
+    other = _other_blob(blob_export, tmp_path / "other")
+    seen: dict = {}
+
+    def second_writer(path: str, n: int) -> None:
+        if "second" not in seen:
+            seen["second"] = store.publish("fam", other)  # also v0001: renamed into place first
+
+    first = store.publish("fam", blob_export, callback=second_writer)
+    assert (seen["second"].version, first.version) == ("v0001", "v0002")
+    assert _tree_hashes(store.fetch("fam", "v0002", dest=tmp_path / "a"))["zz_blob.bin"] == sha256_file(
+        blob_export / "zz_blob.bin"
+    )
+    assert _tree_hashes(store.fetch("fam", "v0001", dest=tmp_path / "b"))["zz_blob.bin"] == sha256_file(
+        other / "zz_blob.bin"
+    )
 
 
 def test_s3_detects_tampering_and_download_verify(aws_env, tmp_path, export_dir):

@@ -208,6 +208,14 @@ def test_manifest_hashes_every_file_and_tampering_is_detected(tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"exit_2/model.safetensors: corrupted \(sha256"):
         verify_export(out)
+    # the caller's own fresh hashes of these files (deploy's scan) stand in for hashing them again
+    scanned = {rel: sha256(out / rel) for rel in manifest["files"]}
+    with pytest.raises(ValueError, match=r"exit_2/model.safetensors: corrupted \(sha256"):
+        verify_export(out, hashes=scanned)
+    weights.write_bytes(original)
+    verify_export(out, hashes={rel: meta["sha256"] for rel, meta in manifest["files"].items()})
+    with pytest.raises(ValueError, match=r"exit_2/model.safetensors: corrupted \(sha256"):
+        verify_export(out, hashes={**scanned, "exit_2/model.safetensors": "0" * 64})
     weights.write_bytes(original[:-1])
     with pytest.raises(ValueError, match=r"exit_2/model.safetensors: corrupted \(\d+ bytes"):
         verify_export(out)

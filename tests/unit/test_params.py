@@ -202,6 +202,29 @@ def test_yaml_12_floats_and_ints_for_float_fields(tmp_path):
     assert type(p.cpt.lr) is float and type(p.cpt.grad_clip) is float and p.model.shared_heads is True
 
 
+@pytest.mark.parametrize(
+    "text",
+    "010 -010 08 00 0o10 +0o7 0x1F 0x_1 0b11 1_000 1__0 0_1 1:30 12:30:00 1e3 1e-3 1E3 1. .5 1_0.5 -.inf "
+    "yes no on True null ~ 0x - 1e".split(),
+)
+def test_yaml_scalars_read_as_dvc_reads_them(text):
+    """params.yaml is read the way DVC reads it (ruamel.yaml, YAML 1.2), so the values a stage runs with
+    are the values dvc.lock records: PyYAML's YAML 1.1 reads `010` as 8 and `1:30` as 90."""
+    import ruamel.yaml
+
+    from tasks.core.params import load_yaml
+
+    ours, dvc = load_yaml(text), ruamel.yaml.YAML(typ="safe", pure=True).load(text)
+    assert (type(ours), ours) == (type(dvc), dvc)
+
+
+def test_yaml_12_integers_in_params(tmp_path):
+    p = load_params(write(tmp_path, "cpt:\n  max_steps: 0150\n  batch_size: 1_6\n"))
+    assert (p.cpt.max_steps, p.cpt.batch_size) == (150, 16)  # YAML 1.1 would read 0150 as octal 104
+    with pytest.raises(ParamsError, match=r"cpt\.max_steps: Input should be a valid integer \(got '1:30'\)"):
+        load_params(write(tmp_path, "cpt:\n  max_steps: 1:30\n"))
+
+
 def test_set_values_are_yaml_scalars_checked_strictly():
     from tasks.core.stage import parse_overrides
 

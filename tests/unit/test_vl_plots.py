@@ -78,11 +78,10 @@ def test_rl_curves_plot_every_member_that_trained(tmp_path):
     history = [
         {"step": s + 1, "exit": (1, 2, 4)[s % 3], "reward": (s % 4) / 4, "loss": 0.1} for s in range(12)
     ]
-    curve = [
-        {"step": 0, 1: 0.4, 2: 0.5, 4: 0.6},
-        {"step": 6, 1: 0.42, 2: 0.45, 4: 0.6},
-        {"step": 12, 1: 0.45, 2: 0.5, 4: 0.65},
-    ]
+    curve = {
+        d: [{"step": s, "accuracy": a} for s, a in zip((0, 6, 12), accuracies, strict=True)]
+        for d, accuracies in ((1, (0.4, 0.42, 0.45)), (2, (0.5, 0.45, 0.5)), (4, (0.6, 0.6, 0.65)))
+    }
     png = plot_rl(history, curve, tmp_path, tasks=("counting",))
     w, h = _png(png)
     assert png == tmp_path / "curves.png" and w > h > 0
