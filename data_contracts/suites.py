@@ -84,9 +84,9 @@ class DatasetContract:
         fields: exact field set with GX type names ("str" or "int").
         text_fields: free-text fields: lengths, allowed characters, secrets and personal data.
         unique_fields: fields whose values must be unique over all files of the dataset.
-        question_field: the field whose normalized text is the train/eval overlap key.
+        question_field: the field whose `question_key` (`mathgen.problem_key`) is the train/eval overlap key.
         final_answer_field: the field that must end with `#### <answer>` (None: no such field).
-        question_overlap: datasets whose questions this one's must not be (normalized text), and whose
+        question_overlap: datasets whose problems this one's must not be (`question_key`), and whose
             corpus (the `corpus` dataset) must not contain them: the held-out check of eval and select.
         paragraph_overlap: datasets none of whose paragraphs (`data_contracts.overlap`) may occur in this
             one's text fields (a solution without its final answer line): the select datasets.
@@ -236,15 +236,17 @@ def shared_text(contract: DatasetContract, row: dict[str, Any], reference: froze
 
 
 def question_key(text: Any) -> str | None:
-    """The overlap key of a question: sha1 of `mathgen.normalize_question(text)`, 16 hex digits.
+    """The overlap key of a question: sha1 of `mathgen.problem_key(text)` (its normalized text with the
+    generator's names, goods and other interchangeable words masked, numbers kept), 16 hex digits, so an
+    eval question that is a training question with other names is refused like an exact copy.
 
     Returns None for a non-string (that row fails its type expectation instead).
     """
-    from tasks.data.mathgen import normalize_question
+    from tasks.data.mathgen import problem_key
 
     if not isinstance(text, str):
         return None
-    return hashlib.sha1(normalize_question(text).encode("utf-8")).hexdigest()[:16]
+    return hashlib.sha1(problem_key(text).encode("utf-8")).hexdigest()[:16]
 
 
 def normalized_corpus(texts: Iterable[Any]) -> str:
@@ -469,7 +471,7 @@ def build_suite(
                 value_set=sorted(set(training_keys or [])),
                 description=f"{field} does not overlap "
                 + ("training" if contract.name == "eval" else "training or eval")
-                + f": its normalized text is no {others}",
+                + f": its problem (normalized text, names and goods aside: `problem_key`) is no {others}",
             )
         )
         add(

@@ -20,7 +20,7 @@ import random
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from tasks.core.params import DataParams, Params
 from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, log, stage_main
 from tasks.data.corpus import _doc_key, build_corpus, embedded_corpus
-from tasks.data.mathgen import Problem, generate_problems, normalize_question, number_pattern, worked_steps
+from tasks.data.mathgen import Problem, generate_problems, normalize_question, problem_key, worked_steps
 from tasks.data.sources import Document, load_source, map_rows
 
 FILES = (
@@ -65,24 +65,30 @@ def split_math(
     seed: int,
     num_select: int = 0,
     spare: list[Problem] | tuple[Problem, ...] = (),
+    num_val: int = 0,
 ) -> dict[str, list[Problem]]:
-    """Splits problems into eval / rl / sft / select by number-pattern group (a group never straddles splits).
+    """Splits problems into eval / rl / sft / select by problem group (`problem_key`: the same template with
+    the same numbers, names and goods aside; a group never straddles splits).
 
     Groups are shuffled with `seed`; each group goes whole to the first split (eval, rl, sft) that
     still has room, and a split that overflows is truncated (the dropped rows' group lives in that
     split only, so truncation cannot create overlap). The select split (compress's healing decision,
     `num_select` rows) then takes the groups left over, round robin in the same order (one problem of each
     group in turn, so that no one template fills it), and after them the `spare`
-    problems whose number pattern is in no other split. A select candidate that shares a paragraph
+    problems whose problem key is in no other split. A select candidate that shares a paragraph
     (`problem_texts`: e.g. another question with the same worked steps) with eval / rl / sft is skipped:
     that text would be trained text. `spare` lets the select split grow without changing eval / rl / sft.
+    With `num_val`, a "val" split (the problems whose documents validate the corpus: corpus_val's math
+    text, which no stage trains on) is chosen the same way from what is left after select; when too few
+    are left (a user pool without spare problems), the shortfall is carved off the end of sft as whole
+    problem groups, so sft then holds fewer than `num_sft` problems (logged).
 
     Raises:
         StageError: when the pool cannot fill the requested counts.
     """
     groups: dict[str, list[Problem]] = {}
     for problem in pool:
-        groups.setdefault(number_pattern(problem.question), []).append(problem)
+        groups.setdefault(problem_key(problem.question), []).append(problem)
     order = sorted(groups)
     random.Random(f"split:{seed}").shuffle(order)
     targets = {"eval": num_eval, "rl": num_rl, "sft": num_sft}
@@ -97,7 +103,7 @@ def split_math(
     for name, target in targets.items():
         if len(splits[name]) < target:
             raise StageError(
-                f"the math pool has {len(pool)} problems in {len(groups)} number-pattern groups: "
+                f"the math pool has {len(pool)} problems in {len(groups)} problem groups: "
                 f"too few for data.num_eval={num_eval}, data.num_rl={num_rl}, data.num_sft={num_sft} "
                 f"({name} got {len(splits[name])}); lower them or add problems"
             )
@@ -106,10 +112,31 @@ def split_math(
         # Round robin over the leftover groups (one problem of each in turn), so that the decision rows
         # spread over many templates instead of filling up with the first leftover group's.
         rounds = itertools.zip_longest(*(groups[key] for key in left))
-        splits["select"] = _select_split(
-            splits, [p for row in rounds for p in row if p is not None], spare, num_select
-        )
+        leftovers = [p for row in rounds for p in row if p is not None]
+        splits["select"] = _select_split(splits, leftovers, spare, num_select)
+    if num_val:
+        flat = [p for key in left for p in groups[key]]
+        val = _select_split(splits, flat, spare, num_val, what=None)
+        if len(val) < num_val:
+            splits["sft"], carved = _carve_groups(splits["sft"], num_val - len(val))
+            log.warning(
+                "corpus_val's math documents: %d held-out problems left after the splits, %d more carved "
+                "off sft (which now has %d problems, data.num_sft=%d)",
+                len(val),
+                len(carved),
+                len(splits["sft"]),
+                num_sft,
+            )
+            val += carved
+        splits["val"] = val
     return splits
+
+
+def _carve_groups(problems: list[Problem], count: int) -> tuple[list[Problem], list[Problem]]:
+    """(kept, carved): at least `count` problems off the end of `problems`, as whole problem groups."""
+    carved_keys = {problem_key(p.question) for p in problems[len(problems) - count :]}
+    kept = [p for p in problems if problem_key(p.question) not in carved_keys]
+    return kept, [p for p in problems if problem_key(p.question) in carved_keys]
 
 
 def problem_texts(problem: Problem) -> tuple[str, str]:
@@ -123,16 +150,17 @@ def _select_split(
     left: list[Problem],
     spare: list[Problem] | tuple[Problem, ...],
     wanted: int,
+    what: str | None = "data.num_select",
 ) -> list[Problem]:
-    """`wanted` problems from `left` (whole leftover groups) then `spare`, sharing no question, number
-    pattern or paragraph (`problem_texts`) with `splits`; StageError naming data.num_select when too few
-    remain."""
+    """`wanted` problems from `left` (whole leftover groups) then `spare`, sharing no question, problem
+    key or paragraph (`problem_texts`) with `splits`; StageError naming `what` (the parameter) when too
+    few remain, or, with `what` None, as many as there are."""
     taken = [p for rows in splits.values() for p in rows]
-    patterns = {number_pattern(p.question) for p in taken}
+    patterns = {problem_key(p.question) for p in taken}
     taken_text = set().union(*(paragraph_keys(t) for p in taken for t in problem_texts(p)))
     seen = {normalize_question(p.question) for p in taken}
     chosen: list[Problem] = []
-    for problem in [*left, *(p for p in spare if number_pattern(p.question) not in patterns)]:
+    for problem in (p for p in [*left, *spare] if problem_key(p.question) not in patterns):
         if len(chosen) == wanted:
             break
         question = normalize_question(problem.question)
@@ -140,31 +168,34 @@ def _select_split(
             continue
         seen.add(question)
         chosen.append(problem)
-    if len(chosen) < wanted:
+    if len(chosen) < wanted and what is not None:
         raise StageError(
             f"the math pool leaves {len(chosen)} problems for the healing-decision split after eval, rl and "
-            f"sft (whole number-pattern groups, no worked solution shared with them): too few for "
+            f"sft (whole problem groups, no worked solution shared with them): too few for "
             f"data.num_select={wanted}; lower data.num_select or data.num_sft/num_rl/num_eval, "
             "or add problems"
         )
     return chosen
 
 
-def check_no_overlap(splits: dict[str, list[Problem]], corpus: list[Document]) -> dict[str, int]:
-    """Verifies the held-out guarantees (see the module docstring); raises StageError on a violation."""
+def check_no_overlap(
+    splits: dict[str, list[Problem]], corpus: list[Document], val: list[Problem] | tuple[Problem, ...] = ()
+) -> dict[str, int]:
+    """Verifies the held-out guarantees (see the module docstring); raises StageError on a violation.
+    `val`: the problems whose documents are corpus_val's math text (no problem of theirs in another split)."""
     train = splits["sft"] + splits["rl"]
     train_text = {normalize_question(p.question) for p in train}
-    train_pattern = {number_pattern(p.question) for p in train}
+    train_pattern = {problem_key(p.question) for p in train}
     errors = []
     same_text = [p.question for p in splits["eval"] if normalize_question(p.question) in train_text]
-    same_pattern = [p.question for p in splits["eval"] if number_pattern(p.question) in train_pattern]
+    same_pattern = [p.question for p in splits["eval"] if problem_key(p.question) in train_pattern]
     sft_text = {normalize_question(p.question) for p in splits["sft"]}
     rl_in_sft = [p.question for p in splits["rl"] if normalize_question(p.question) in sft_text]
     corpus_text = "\n".join(" ".join(d.text.lower().split()) for d in corpus)
     contaminated = [p.question for p in splits["eval"] if normalize_question(p.question) in corpus_text]
     checks = [
         ("eval questions also in sft/rl", same_text),
-        ("eval questions whose number pattern is in sft/rl", same_pattern),
+        ("eval problems also in sft/rl with other names or goods (problem_key)", same_pattern),
         ("rl questions also in sft", rl_in_sft),
         ("eval questions found in the CPT corpus", contaminated),
     ]
@@ -172,7 +203,7 @@ def check_no_overlap(splits: dict[str, list[Problem]], corpus: list[Document]) -
     if select:  # the healing-decision rows: nothing in common with any other split, nor the corpus
         others = splits["sft"] + splits["rl"] + splits["eval"]
         other_text = {normalize_question(p.question) for p in others}
-        other_pattern = {number_pattern(p.question) for p in others}
+        other_pattern = {problem_key(p.question) for p in others}
         other_paragraphs = set().union(*(paragraph_keys(t) for p in others for t in problem_texts(p)))
         checks += [
             (
@@ -180,8 +211,8 @@ def check_no_overlap(splits: dict[str, list[Problem]], corpus: list[Document]) -
                 [p.question for p in select if normalize_question(p.question) in other_text],
             ),
             (
-                "select questions whose number pattern is in sft/rl/eval",
-                [p.question for p in select if number_pattern(p.question) in other_pattern],
+                "select problems also in sft/rl/eval with other names or goods (problem_key)",
+                [p.question for p in select if problem_key(p.question) in other_pattern],
             ),
             (
                 "select problems sharing a paragraph (question or worked solution) with sft/rl/eval",
@@ -196,6 +227,14 @@ def check_no_overlap(splits: dict[str, list[Problem]], corpus: list[Document]) -
                 [p.question for p in select if normalize_question(p.question) in corpus_text],
             ),
         ]
+    if val:
+        elsewhere = {problem_key(p.question) for rows in splits.values() for p in rows}
+        checks.append(
+            (
+                "corpus_val math problems also in sft/rl/eval/select (problem_key)",
+                [p.question for p in val if problem_key(p.question) in elsewhere],
+            )
+        )
     for what, bad in checks:
         if bad:
             errors.append(f"{len(bad)} {what}, e.g. {bad[0][:120]!r}")
@@ -206,6 +245,7 @@ def check_no_overlap(splits: dict[str, list[Problem]], corpus: list[Document]) -
         "train_checked": len(train),
         "corpus_docs_checked": len(corpus),
         "select_checked": len(select),
+        "corpus_val_math_checked": len(val),
     }
 
 
@@ -394,10 +434,13 @@ class _Corpus:
 
 @dataclass
 class _MathSplits:
-    """The math problems per split (sft / rl / eval) and the user problems dropped as exact duplicates."""
+    """The math problems per split (sft / rl / eval / select), the problems whose documents validate the
+    corpus (`val`: whole problem groups carved off sft, so corpus_val holds no trained text), and the user
+    problems dropped as exact duplicates."""
 
     splits: dict[str, list[Problem]]
     user_duplicates: int
+    val: list[Problem] = field(default_factory=list)
 
 
 @dataclass
@@ -406,7 +449,7 @@ class _Dataset:
 
     corpus: dict[str, list[Document]]  # corpus_train.jsonl / corpus_val.jsonl / select_corpus.jsonl
     rows: dict[str, list[dict[str, Any]]]  # every file of FILES
-    math_docs: int  # sft problems added to the corpus as documents
+    math_docs: int  # math problems added to the corpus as documents (sft in train, held-out groups in val)
     overlap: dict[str, int]
 
 
@@ -453,8 +496,10 @@ def run(params: Params) -> dict[str, Any]:
         "sft": len(maths.splits["sft"]),
         "rl": len(maths.splits["rl"]),
         "eval": len(maths.splits["eval"]),
+        # corpus_val's math documents: problems of their own groups that no split holds
+        "corpus_val_math": len(maths.val),
         # The healing-decision split (compress): general documents moved out of corpus_train, and math
-        # problems of their own number-pattern groups; no stage trains on them.
+        # problems of their own problem groups; no stage trains on them.
         "select_corpus_docs": files["select_corpus.jsonl"]["rows"],
         "select_corpus_chars": sum(len(d.text) for d in dataset.corpus["select_corpus.jsonl"]),
         "select": len(maths.splits["select"]),
@@ -535,31 +580,43 @@ def _split_math_pool(inputs: _Inputs, data: DataParams, seed: int) -> _MathSplit
         wanted = data.num_sft + data.num_rl + data.num_eval
         # ~10% headroom: whole groups go to one split, and a split's overflow is dropped. The select
         # split draws on the leftover groups, then on spare problems generated after the pool (so its size
-        # leaves eval/rl/sft unchanged); most spares share a number pattern or solution with them.
+        # leaves eval/rl/sft unchanged); spares whose problem key or solution is in them are skipped.
         main = math.ceil(wanted * 1.1) + 20
-        generated = generate_problems(main + 5 * data.num_select + 100, data.math_levels, seed)
+        n_val = math.ceil(data.val_fraction * data.num_sft)
+        generated = generate_problems(main + 5 * data.num_select + 100 + 5 * n_val, data.math_levels, seed)
         pool.extend(p for p in generated[:main] if normalize_question(p.question) not in seen)
         spare = [p for p in generated[main:] if normalize_question(p.question) not in seen]
     splits = split_math(
-        pool, data.num_eval, data.num_rl, data.num_sft, seed, num_select=data.num_select, spare=spare
+        pool,
+        data.num_eval,
+        data.num_rl,
+        data.num_sft,
+        seed,
+        num_select=data.num_select,
+        spare=spare,
+        num_val=math.ceil(data.val_fraction * data.num_sft),
     )
-    return _MathSplits(splits, user_duplicates)
+    val = splits.pop("val")
+    return _MathSplits(splits, user_duplicates, val)
 
 
 def _assemble(corpus: _Corpus, maths: _MathSplits, data: DataParams, seed: int) -> _Dataset:
     """The rows of every file: general and SFT-math documents split train/val, general documents for the
     healing decision moved out of train, then the math splits."""
     splits = maths.splits
-    math_docs = [math_document(p) for p in splits["sft"]]
+    # corpus_train's math documents are the SFT problems (trained on anyway); corpus_val's are problems of
+    # groups no split trains on (`_MathSplits.val`), so the held-out corpus loss holds no trained text.
+    math_train = [math_document(p) for p in splits["sft"]]
+    math_val = [math_document(p) for p in maths.val]
+    math_docs = math_train + math_val
     general_train, general_val = _split_corpus(corpus.docs, data.val_fraction, seed, "general")
-    math_train, math_val = _split_corpus(math_docs, data.val_fraction, seed, "math")
     # Every text of the files a stage reads or results are reported on (sft/rl/eval problems, their
     # corpus documents, corpus_val): the select split shares no paragraph with it.
     others = [d.text for d in general_val + math_docs] + [
         text for name in ("sft", "rl", "eval") for p in splits[name] for text in problem_texts(p)
     ]
     general_train, select_docs = carve_select_corpus(general_train, others, data.select_corpus_chars, seed)
-    overlap = check_no_overlap(splits, corpus.docs)
+    overlap = check_no_overlap(splits, corpus.docs, maths.val)
     overlap["select_texts_checked"] = check_select_text(
         [d.text for d in select_docs] + [t for p in splits["select"] for t in problem_texts(p)],
         others + [d.text for d in general_train],

@@ -81,16 +81,16 @@ def pass_rates(model, tok, rows, member, samples, temperature, max_new_tokens, s
 
 
 def fresh_problems(n: int, rl_rows: list[dict], heldout: list[dict], sft_path: Path) -> list[dict]:
-    """`n` generated level-1 problems (seed 777) sharing no question with sft/rl/held-out and no number
-    pattern with the held-out slice (so training on them cannot leak held-out answers)."""
-    from tasks.data.mathgen import generate_problems, normalize_question, number_pattern
+    """`n` generated level-1 problems (seed 777) sharing no question with sft/rl/held-out and no problem
+    (`problem_key`) with the held-out slice (so training on them cannot leak held-out answers)."""
+    from tasks.data.mathgen import generate_problems, normalize_question, problem_key
 
     sft = [json.loads(line)["prompt"] for line in sft_path.read_text().splitlines() if line.strip()]
     seen = {normalize_question(q) for q in [*sft, *(r["question"] for r in [*rl_rows, *heldout])]}
-    held = {number_pattern(r["question"]) for r in heldout}
+    held = {problem_key(r["question"]) for r in heldout}
     out: list[dict] = []
     for p in generate_problems(4 * n + 1000, [1], seed=777):
-        if normalize_question(p.question) in seen or number_pattern(p.question) in held:
+        if normalize_question(p.question) in seen or problem_key(p.question) in held:
             continue
         out.append({"id": f"fresh-{len(out)}", "question": p.question, "answer": p.answer, "level": 1})
         if len(out) == n:
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
         type=int,
         default=0,
         help="also train on N freshly generated level-1 problems (none shares a question with sft/rl/eval "
-        "or a number pattern with the held-out slice), so that prompts need not repeat",
+        "or a problem (problem_key) with the held-out slice), so that prompts need not repeat",
     )
     p.add_argument(
         "--eval-data",

@@ -161,8 +161,8 @@ class DataParams(_Section):
     math_levels: list[Annotated[int, Field(ge=1, le=5)]] = [1, 2, 3]
     val_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.05
     # The healing-decision split compress judges its healing on (select.jsonl, select_corpus.jsonl; no stage
-    # trains on it): this many math problems of their own number-pattern groups, and general documents
-    # moved out of corpus_train until they hold this many characters. Compress needs
+    # trains on it): this many math problems of their own problem groups (`problem_key`), and general
+    # documents moved out of corpus_train until they hold this many characters. Compress needs
     # compress.loss_batches x compress.batch_size rows and as many blocks of compress.seq_len tokens.
     num_select: PositiveInt = 200
     select_corpus_chars: PositiveInt = 40000

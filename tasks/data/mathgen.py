@@ -1,6 +1,6 @@
 """GSM8K-style math word problems with exact answers, and the answer checker RL and evaluation use.
 
-Library module: prepare_data calls `generate_problems` and `number_pattern`; the RL reward, evaluation and
+Library module: prepare_data calls `generate_problems` and `problem_key`; the RL reward, evaluation and
 deploy call `extract_answer` / `answers_match`. A worked solution ends with a line `#### <answer>`, an
 answer is a plain number written as a string. Generator design and matching rules:
 docs/choices.md#prepare_data.
@@ -637,10 +637,37 @@ def normalize_question(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def number_pattern(text: str) -> str:
-    """The question with every number replaced by `<n>`: problems that differ only in their numbers
-    share it ("Ava buys <n> pens for $<n> each ..."), so train/eval overlap checks catch them."""
-    return re.sub(r"\d+(?:[.,]\d+)*", "<n>", normalize_question(text))
+# The generator's interchangeable words: names and their pronouns, goods, vehicles, units, pastimes.
+_SURFACE_WORDS = sorted(
+    {
+        *(name for name, _ in _NAMES),
+        "he",
+        "she",
+        "his",
+        "her",
+        "him",
+        *_GOODS,
+        *_SHARED,
+        *_VEHICLES,
+        *_UNITS,
+        *_GAMES,
+        *_PURCHASES,
+    },
+    key=lambda w: (-len(w), w),  # longest first: "rolls of tape" before "tape"
+)
+_SURFACE_RE = re.compile(r"\b(?:" + "|".join(re.escape(w.lower()) for w in _SURFACE_WORDS) + r")\b")
+
+
+def problem_key(text: str) -> str:
+    """The problem a question poses: its normalized text with the generator's interchangeable words
+    (names, pronouns, goods, vehicles, units, pastimes) replaced by `<w>` and its numbers kept.
+
+    "Mei is 8 years older than Yusuf. Yusuf is 11 ..." and "Maya is 8 years older than Noah. Noah is
+    11 ..." share it: the same template with the same numbers has the same answer, so a model that
+    trained on one has seen the other. The same template with other numbers is another problem (another
+    answer). prepare_data keeps problems of one key in one split and the contracts refuse an eval or
+    select question whose key is in a training split (docs/choices.md#prepare_data)."""
+    return _SURFACE_RE.sub("<w>", normalize_question(text))
 
 
 def generate_problems(count: int, levels: Sequence[int], seed: int) -> list[Problem]:

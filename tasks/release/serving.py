@@ -21,6 +21,7 @@ Design, streaming and request validation: docs/choices.md#serving.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -94,7 +95,13 @@ class _GenerationFields(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=2.0, strict=True, description="0: greedy; > 0: sampling")
     top_p: float = Field(1.0, gt=0.0, le=1.0, strict=True)
     stop: str | list[str] | None = Field(None, description="up to 4 strings that end the completion")
-    seed: int | None = Field(None, ge=0, strict=True, description="makes sampling repeatable")
+    seed: int | None = Field(
+        None,
+        ge=0,
+        le=2**64 - 1,
+        strict=True,
+        description="makes sampling repeatable (0 to 2^64 - 1, torch's range)",
+    )
     n: int = Field(1, ge=1, strict=True, description="completions per prompt (only 1 is supported)")
     stream: bool = Field(
         False, strict=True, description="true: server-sent events (OpenAI's chunks), then `data: [DONE]`"
@@ -490,7 +497,9 @@ class CompletionService:
                 self.family_tiers[AUTO_TIER] = Tier(AUTO_TIER, None, model, tokenizer, kind="auto")
         self._lock = threading.Lock()
         #: Streams whose client went away before the end, and the tokens each had decoded then.
-        self.cancelled_streams: list[int] = []
+        # tokens decoded by each of the last 64 streams whose client went away (a long-lived replica keeps
+        # only these, for the health of the service and its tests)
+        self.cancelled_streams: collections.deque[int] = collections.deque(maxlen=64)
         log.info("serving %s: tiers %s", self.release, ", ".join(self.tier_names()))
 
     def _load_router(self, family):

@@ -101,7 +101,10 @@ def decode_image_url(url: str, param: str, limits: ImageLimits):
 
     url = url.strip()
     if not url[:5].lower() == "data:":
-        scheme = urlsplit(url[:64]).scheme
+        try:
+            scheme = urlsplit(url[:64]).scheme
+        except ValueError:  # e.g. an unbalanced IPv6 bracket ("http://[x"): still a URL we do not fetch
+            scheme = url.split(":", 1)[0][:16] if ":" in url[:64] else ""
         raise ImageRejected(
             400,
             f"{param}: only base64 data URLs (data:image/png;base64,...) are accepted; this "

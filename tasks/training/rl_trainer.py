@@ -85,13 +85,24 @@ def load_rl_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def split_rows(rows: list[dict], eval_prompts: int, path: Path) -> tuple[list[dict], list[dict]]:
-    """(train, eval): the last `eval_prompts` rows are the fixed held-out evaluation slice."""
+    """(train, eval): the last `eval_prompts` rows are the fixed held-out evaluation slice, together with
+    any earlier row that poses the same problem as one of them (`mathgen.problem_key`: the same template
+    and numbers with other names or goods, i.e. the same answer), so no held-out problem is trained on."""
+    from tasks.data.mathgen import problem_key
+
     if len(rows) <= eval_prompts:
         raise StageError(
             f"{path}: {len(rows)} rows, but rl.eval_prompts={eval_prompts} of them are held out "
             "for evaluation; need more rows (or lower rl.eval_prompts)"
         )
-    return rows[:-eval_prompts], rows[-eval_prompts:]
+    held = {problem_key(r["question"]) for r in rows[-eval_prompts:]}
+    twins = [r for r in rows[:-eval_prompts] if problem_key(r["question"]) in held]
+    train = [r for r in rows[:-eval_prompts] if problem_key(r["question"]) not in held]
+    if not train:
+        raise StageError(
+            f"{path}: every row poses a held-out problem; need more rows (or lower rl.eval_prompts)"
+        )
+    return train, twins + rows[-eval_prompts:]
 
 
 def evaluate_members(

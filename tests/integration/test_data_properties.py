@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from tasks.core.files import read_jsonl
 from tasks.core.params import load_params
 from tasks.core.stage import StageError
-from tasks.data.mathgen import Problem, generate_problems, number_pattern, worked_steps
+from tasks.data.mathgen import Problem, generate_problems, problem_key, worked_steps
 from tasks.prepare_data import run as prepare
 from tasks.validate_data import run as validate
 
@@ -36,11 +36,11 @@ PROPERTY_SETTINGS = settings(  # quarantine mode: ~4 s per example on 2 cores (G
 
 
 def _pool(seed: int) -> list[Problem]:
-    """Generated problems with pairwise different number patterns (each one its own split group) and
+    """Generated problems with pairwise different problem keys (each one its own split group) and
     worked solutions (so the select split never has to skip one: every valid problem has a place)."""
     out, seen = [], set()
     for p in generate_problems(200, LEVELS, seed=seed):
-        keys = {number_pattern(p.question), " ".join(worked_steps(p.solution).lower().split())}
+        keys = {problem_key(p.question), " ".join(worked_steps(p.solution).lower().split())}
         if not keys & seen:
             seen |= keys
             out.append(p)
@@ -280,6 +280,10 @@ def test_quarantine_publishes_every_valid_row_and_no_bad_one(tmp_path_factory, s
         "eval": [r["question"] for r in read_jsonl(validated / "eval.jsonl")],
         "select": [r["prompt"] for r in read_jsonl(validated / "select.jsonl")],
     }
+    # corpus_val's math documents (question, then solution): held-out problems of their own groups
+    splits["corpus_val"] = [
+        r["text"].split("\n")[0] for r in read_jsonl(validated / "corpus_val.jsonl") if r["source"] == "math"
+    ]
     published = [q for rows in splits.values() for q in rows]
     for question in src["valid_questions"]:  # 0 valid rows lost, each in exactly one split
         assert published.count(question) == 1, question

@@ -23,7 +23,7 @@ from tasks.data.mathgen import (
     extract_answer,
     generate_problems,
     normalize_question,
-    number_pattern,
+    problem_key,
     worked_steps,
 )
 from tasks.data.sources import Document, load_source, map_rows
@@ -75,14 +75,20 @@ def test_outputs_follow_the_data_contract(cli_run):
     assert set(rl[0]) == {"id", "question", "answer", "level"}  # RL prompts carry no solution
     # General documents respect the length limits and are unique; math documents are the SFT problems.
     general = [r for r in train + val if r["source"] != "math"]
-    math_docs = [r for r in train + val if r["source"] == "math"]
     assert 0 < len(general) <= 300 and {r["source"] for r in general} <= {
         "python_docstrings",
         "python_reference",
     }
     assert all(200 <= len(r["text"]) <= 4000 for r in general)
     assert len({normalize_question(r["text"]) for r in general}) == len(general)
-    assert sorted(r["text"] for r in math_docs) == sorted(f"{r['prompt']}\n{r['response']}" for r in sft)
+    # corpus_train's math documents are the SFT problems; corpus_val's are problems no split holds (its
+    # own problem groups), so the held-out corpus loss is measured on no trained text
+    sft_docs = sorted(f"{r['prompt']}\n{r['response']}" for r in sft)
+    assert sorted(r["text"] for r in train if r["source"] == "math") == sft_docs
+    val_math = [r["text"] for r in val if r["source"] == "math"]
+    assert len(val_math) >= 6  # ceil(0.05 x 120)
+    questions = [r["prompt"] for r in sft + select] + [r["question"] for r in rl + ev]
+    assert not {problem_key(t.split("\n")[0]) for t in val_math} & {problem_key(q) for q in questions}
     assert {"math", "python_docstrings"} <= {r["source"] for r in val}  # val holds both kinds of text
     assert not {r["text"] for r in val} & {r["text"] for r in train}
     manifest = json.loads((raw / "manifest.json").read_text())
@@ -111,7 +117,7 @@ def test_no_train_eval_overlap(cli_run):
     rl = read_jsonl(raw / "rl.jsonl")
     ev = read_jsonl(raw / "eval.jsonl")
     train_questions = [r["prompt"] for r in sft] + [r["question"] for r in rl]
-    for key in (normalize_question, number_pattern):
+    for key in (normalize_question, problem_key):
         assert not {key(r["question"]) for r in ev} & {key(q) for q in train_questions}
     assert not {normalize_question(r["question"]) for r in rl} & {
         normalize_question(r["prompt"]) for r in sft
@@ -126,7 +132,7 @@ def _paragraphs(text: str) -> set[str]:
 
 
 def test_select_split_shares_no_text_with_any_other_file(cli_run):
-    """The healing-decision files share no question (normalized text or number pattern), no worked
+    """The healing-decision files share no question (normalized text or problem key), no worked
     solution and no paragraph with anything a stage trains on, nor with corpus_val / eval."""
     raw = cli_run / "data" / "raw"
     rows = {name: read_jsonl(raw / name) for name in FILES}
@@ -134,7 +140,7 @@ def test_select_split_shares_no_text_with_any_other_file(cli_run):
     questions = [r["prompt"] for r in rows["sft.jsonl"]] + [
         r["question"] for f in ("rl.jsonl", "eval.jsonl") for r in rows[f]
     ]
-    for key in (normalize_question, number_pattern):
+    for key in (normalize_question, problem_key):
         assert not {key(r["prompt"]) for r in select} & {key(q) for q in questions}
     solutions = {normalize_question(worked_steps(r["response"])) for r in rows["sft.jsonl"]}
     solutions |= {normalize_question(worked_steps(r["solution"])) for r in rows["eval.jsonl"]}
@@ -182,29 +188,48 @@ def test_check_no_overlap_raises_on_violations():
     problems = generate_problems(12, [1, 2], seed=3)
     splits = {"eval": problems[:2], "rl": problems[2:5], "sft": problems[5:]}
     assert check_no_overlap(splits, [])["eval_checked"] == 2
-    twin = Problem(_renumber(problems[0].question), "#### 1", "1", 1, "test")  # eval's question, new numbers
-    with pytest.raises(StageError, match="number pattern is in sft/rl"):
+    named = next(p for p in splits["eval"] + splits["sft"] if _rename(p.question) != p.question)
+    splits = {**splits, "eval": [named], "sft": [p for p in splits["sft"] if p is not named]}
+    twin = Problem(_rename(named.question), "#### 1", "1", 1, "test")  # eval's problem, other names
+    with pytest.raises(StageError, match=r"eval problems also in sft/rl with other names or goods"):
         check_no_overlap({**splits, "sft": splits["sft"] + [twin]}, [])
+    # the same template with other numbers is another problem (another answer): allowed
+    renumbered = Problem(_renumber(named.question), "#### 1", "1", 1, "test")
+    check_no_overlap({**splits, "sft": splits["sft"] + [renumbered]}, [])
     with pytest.raises(StageError, match="eval questions also in sft/rl"):
-        check_no_overlap({**splits, "rl": splits["rl"] + [problems[1]]}, [])
+        check_no_overlap({**splits, "rl": splits["rl"] + [named]}, [])
     with pytest.raises(StageError, match="rl questions also in sft"):
         check_no_overlap({**splits, "sft": splits["sft"] + [problems[2]]}, [])
     with pytest.raises(StageError, match="found in the CPT corpus"):
-        check_no_overlap(splits, [Document(f"Some text. {problems[1].question.upper()} More.", "user:x")])
+        check_no_overlap(splits, [Document(f"Some text. {named.question.upper()} More.", "user:x")])
 
 
 def _renumber(question: str) -> str:
     return re.sub(r"\d+", lambda m: str(int(m.group()) + 1), question)
 
 
-def test_split_math_keeps_number_pattern_groups_together():
+def _rename(question: str) -> str:
+    """The question with other generator names and goods: the same problem, the same answer."""
+    from tasks.data.mathgen import _NAMES
+
+    names = [n for n, _ in _NAMES]
+    swap = {a: names[(i + 7) % len(names)] for i, a in enumerate(names)}
+    return re.sub(r"\b(" + "|".join(names) + r")\b", lambda m: swap[m.group()], question)
+
+
+def test_split_math_keeps_problem_groups_together():
     base = generate_problems(40, [1, 2, 3], seed=5)
-    twins = [Problem(_renumber(p.question), p.solution, p.answer, p.level, p.origin) for p in base[:20]]
+    twins = [
+        Problem(_rename(p.question), p.solution, p.answer, p.level, p.origin)
+        for p in base
+        if _rename(p.question) != p.question
+    ][:20]
+    assert len(twins) >= 10
     splits = split_math(base + twins, num_eval=10, num_rl=10, num_sft=15, seed=1, num_select=8)
     where = {}
     for name, rows in splits.items():
         for p in rows:
-            where.setdefault(number_pattern(p.question), set()).add(name)
+            where.setdefault(problem_key(p.question), set()).add(name)
     assert all(len(s) == 1 for s in where.values())
     assert [len(splits[k]) for k in ("eval", "rl", "sft", "select")] == [10, 10, 15, 8]
     # Without a select split, eval/rl/sft are the same; spare problems only ever go to select.
@@ -213,8 +238,8 @@ def test_split_math_keeps_number_pattern_groups_together():
     spare = generate_problems(80, [1, 2, 3], seed=6)
     more = split_math(base + twins, num_eval=10, num_rl=10, num_sft=15, seed=1, num_select=20, spare=spare)
     assert all(more[k] == splits[k] for k in plain) and len(more["select"]) == 20
-    taken = {number_pattern(p.question) for k in plain for p in more[k]}
-    assert not {number_pattern(p.question) for p in more["select"]} & taken
+    taken = {problem_key(p.question) for k in plain for p in more[k]}
+    assert not {problem_key(p.question) for p in more["select"]} & taken
     with pytest.raises(StageError, match="data.num_sft=100"):
         split_math(base, num_eval=10, num_rl=10, num_sft=100, seed=1)
     with pytest.raises(StageError, match="too few for data.num_select=500"):
@@ -323,7 +348,8 @@ def test_user_sources_jsonl_and_parquet(tmp_path):
     raw = tmp_path / "data" / "raw"
     sft = read_jsonl(raw / "sft.jsonl")
     ev = read_jsonl(raw / "eval.jsonl")
-    assert (metrics["sft"], metrics["rl"], metrics["eval"]) == (20, 8, 6)
+    # corpus_val's math documents (0.2 x 20 = 4): the 3 problems the splits left and one carved off sft
+    assert (metrics["sft"], metrics["rl"], metrics["eval"], metrics["corpus_val_math"]) == (19, 8, 6, 4)
     user_questions = {r["question"]: r for r in math_rows}
     for row in sft:
         original = user_questions[row["prompt"]]
@@ -473,11 +499,11 @@ def test_gzipped_jsonl_and_gsm8k_rows_without_solution(tmp_path):
 
 
 def _distinct_patterns(count: int, seed: int) -> list[Problem]:
-    """Generated problems with pairwise different number patterns (each its own split group)."""
+    """Generated problems with pairwise different problem keys (each its own split group)."""
     out, seen = [], set()
     for p in generate_problems(3 * count, [1, 2, 3], seed=seed):
-        if number_pattern(p.question) not in seen:
-            seen.add(number_pattern(p.question))
+        if problem_key(p.question) not in seen:
+            seen.add(problem_key(p.question))
             out.append(p)
     assert len(out) >= count
     return out[:count]
@@ -578,7 +604,10 @@ def test_bad_user_rows_are_quarantined_and_every_valid_row_published(tmp_path):
     params = _source_params(tmp_path, math_file, corpus_file, "quarantine")
     metrics = run(params)
     assert metrics["user_rows_quarantined"] == 13
-    assert (metrics["sft"], metrics["rl"], metrics["eval"], metrics["select"]) == (140, 50, 40, 5)
+    # 240 valid problems: rl, eval and select as asked; corpus_val's math documents (0.2 x 140 = 28) take
+    # the 5 problems the splits left and 23 whole problem groups carved off sft (no spare problems here)
+    assert (metrics["rl"], metrics["eval"], metrics["select"], metrics["corpus_val_math"]) == (50, 40, 5, 28)
+    assert metrics["sft"] == 240 - 50 - 40 - 5 - 28
     checked = validate(params)
     assert checked["source_rows_quarantined"] == 13 and checked["rows_quarantined"] == 13
 
@@ -589,8 +618,11 @@ def test_bad_user_rows_are_quarantined_and_every_valid_row_published(tmp_path):
         | {r["question"] for r in read_jsonl(validated / "eval.jsonl")}
         | {r["prompt"] for r in read_jsonl(validated / "select.jsonl")}
     )
-    # Valid problems only, all of them but the 5 leftover ones the select split did not need.
-    assert published <= {p.question for p in problems} and len(published) == 235
+    val_math = {
+        r["text"].split("\n")[0] for r in read_jsonl(validated / "corpus_val.jsonl") if r["source"] == "math"
+    }
+    # Valid problems only, every one of them: in a split or as a corpus_val document, never both.
+    assert not published & val_math and (published | val_math) == {p.question for p in problems}
     corpus = [
         r
         for f in ("corpus_train", "corpus_val", "select_corpus")

@@ -588,6 +588,18 @@ def test_non_finite_numbers_are_422_naming_the_field(client, raw, param):
     assert after.status_code == 200
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_seed_beyond_torchs_range_is_422_before_any_decoding(client, path):
+    """torch.manual_seed takes 0..2^64-1; a larger seed was a 500 from the decode worker (after a streamed
+    response had already started)."""
+    body = {"model": "exit_2", "max_tokens": 2, "seed": 2**64}
+    body.update({"prompt": "hi"} if "chat" not in path else {"messages": [{"role": "user", "content": "hi"}]})
+    for stream in (False, True):
+        r = client.post(path, json={**body, "stream": stream})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "seed", r.text
+    assert client.post(path, json={**body, "seed": 2**64 - 1}).status_code == 200
+
+
 @pytest.mark.parametrize(
     ("path", "raw", "param"),
     [

@@ -110,7 +110,7 @@ import operator  # noqa: E402
 import random  # noqa: E402
 import re  # noqa: E402
 
-from tasks.data.mathgen import LEVELS, TEMPLATES, generate_problem, generate_problems, number_pattern  # noqa: E402
+from tasks.data.mathgen import LEVELS, TEMPLATES, generate_problem, generate_problems, problem_key  # noqa: E402
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 _ANNOTATION = re.compile(r"<<([^=<>]+)=([^<>]+)>>")
@@ -204,11 +204,18 @@ def test_checker_catches_a_wrong_solution():
         _check_problem(type(problem)(problem.question, broken, problem.answer, problem.level, problem.origin))
 
 
-def test_number_pattern_and_bad_arguments():
-    assert number_pattern("Ava buys 12 pens for $2.50 each.") == number_pattern(
-        "ava buys 3  pens for $1,000 each."
+def test_problem_key_and_bad_arguments():
+    # other names, pronouns, goods, vehicles: the same problem (the same numbers, the same answer)
+    assert problem_key("Ava buys 12 pens for $2.50 each. She pays.") == problem_key(
+        "ben  buys 12 rolls of tape for $2.50 each. He pays."
     )
-    assert number_pattern("Ava buys 12 pens.") != number_pattern("Ben buys 12 pens.")
+    assert problem_key("A train travels 60 km in 2 hours.") == problem_key(
+        "A cyclist travels 60 miles in 2 hours."
+    )
+    # other numbers or another template: another problem
+    assert problem_key("Ava buys 12 pens.") != problem_key("Ava buys 13 pens.")
+    assert problem_key("Ava buys 12 pens.") != problem_key("Ava sells 12 pens.")
+    assert problem_key("Avalon buys 12 pens.") != problem_key("Ben buys 12 pens.")  # whole words only
     with pytest.raises(ValueError, match="unknown template"):
         generate_problem(random.Random(0), 1, "geometry")
     with pytest.raises(ValueError, match="level"):
