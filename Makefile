@@ -66,5 +66,5 @@ llama: setup  ## the optional extra `llama` (llama-cpp-python, pinned) into .ven
 	$(PY) -m pip install -c constraints.txt -e ".[dev,llama]"
 	$(PY) -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__)"
 
-clean:  ## remove the venv and every generated artifact
+clean:  ## remove the venv and the tool caches (pytest, ruff); DVC outputs stay (dvc gc / git clean for those)
 	rm -rf $(VENV) .pytest_cache .ruff_cache

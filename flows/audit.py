@@ -300,6 +300,33 @@ def _anchor_local_remotes(repo: Path, clone: Path) -> None:
         )
 
 
+def sandbox_deploy(clone: Path, tmp: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Points the clone's deploy stage at a store of its own (a local directory under `tmp`) and a free port.
+
+    The audit re-runs deploy, which publishes a release and serves it: against the recorded
+    `deploy.store` (e.g. the team's S3 bucket) a reproduction would publish, and validate, a release there,
+    and on `deploy.port` it would fail whenever `ruyi serve` runs on this machine. What deploy's
+    reproducible output holds (content digest, smoke answers, served parameter counts) depends on
+    neither, so the clone's params.yaml gets `deploy.store.backend: local`, `deploy.store.root` under
+    `tmp` and a free `deploy.port`. Returns the overrides."""
+    import socket
+
+    from flows.pipeline import apply_param_overrides
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    overrides = {
+        "deploy.store.backend": "local",
+        "deploy.store.root": str(tmp / "store"),
+        "deploy.store.cache_dir": str(tmp / "releases"),
+        "deploy.port": port,
+    }
+    apply_param_overrides(clone, overrides)
+    log(f"audit: deploy publishes to {tmp / 'store'} and serves on port {port}, not the recorded store/port")
+    return overrides
+
+
 def audit(
     repo: str | Path = ".",
     rev: str = "HEAD",
@@ -360,6 +387,8 @@ def audit(
         # without a pull, the cached outputs are absent ("deleted", not counted); a git-tracked output
         # (cache: false, e.g. metrics/reproducible/*.json) is there all the same and must match dvc.lock
         report.corrupt = sorted(set(corrupt) | (set(verify_pulled(clone, recorded)) if pulled else set()))
+        if "deploy" in scope:
+            sandbox_deploy(clone, tmp, log)
         cmd = [_bin("dvc"), "repro", "--force"] + ([to_stage] if to_stage else [])
         log(f"audit: {rev} ({commit[:12]}): {' '.join(cmd[1:])} in {clone}")
         _run(cmd, clone, " ".join(cmd[1:]), log=log)

@@ -105,16 +105,32 @@ def run(
     # The embedded Prefect server (no PREFECT_API_URL) gets 20 s to start by default, too little on a busy
     # machine or for several runs starting at once; an explicit setting is kept.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-    from flows.pipeline import InfrastructureError, StageFailed, profile_files, ruyi_pipeline
+    from pathlib import Path
+
+    from flows.pipeline import (
+        InfrastructureError,
+        StageFailed,
+        dvc_stage_order,
+        profile_files,
+        ruyi_pipeline,
+        select_stages,
+    )
     from flows.report import print_summary, print_vl_summary
-    from tasks.core.params import ParamsError
+    from tasks.core.params import ParamsError, load_params
 
     try:
-        params_file = profile_files(profile)[1]
+        dvc_file, params_file = profile_files(profile)
+        sets = _parse_sets(overrides)
+        # What the flow would refuse, refused here first: inside the flow Prefect logs a traceback with it.
+        workspace = Path(os.environ.get("RUYI_WORKSPACE") or ".").resolve()
+        if not (workspace / dvc_file).is_file():
+            raise ValueError(f"workspace {workspace} has no {dvc_file}")
+        select_stages(dvc_stage_order(workspace, dvc_file), from_stage, to_stage)
+        load_params(workspace / params_file, sets)
         ruyi_pipeline(
             from_stage=from_stage,
             to_stage=to_stage,
-            overrides=_parse_sets(overrides),
+            overrides=sets,
             push=push,
             force=force,
             profile=profile,
@@ -142,8 +158,6 @@ def run(
         )
         raise typer.Exit(1) from None
     # the summary reads the workspace the flow ran in (RUYI_WORKSPACE, else here)
-    from pathlib import Path
-
     params_path = Path(os.environ.get("RUYI_WORKSPACE") or ".") / params_file
     if profile == "vl":
         print_vl_summary(params_path)
@@ -185,9 +199,11 @@ def audit(
 ) -> None:
     """Reproduce a recorded run in a clean clone and compare every output with dvc.lock.
 
-    Prints one row per output: reproduced (bitwise), differs (files named), measured (not compared)
-    or missing.
-    Exit codes: 0 every reproducible output matched; 1 something differs, is missing, stale or corrupt;
+    Prints one row per output: reproduced (bitwise), differs (files named), measured (not compared),
+    missing, or unrecorded (an output dvc.yaml gained after the run was recorded). The reproduced deploy
+    publishes to a store inside the clone and serves on a free port, never the recorded store or port.
+    Exit codes: 0 every reproducible output matched; 1 something differs, is missing, unrecorded, stale or
+    corrupt;
     2 the audit could not run (no recording at the revision, a failed pull or stage).
     """
     from flows.audit import AuditError, print_report
@@ -217,9 +233,22 @@ def audit(
 
 @app.command()
 def deployments(cron: str = typer.Option("0 2 * * *", help="schedule of the nightly deployment")) -> None:
-    """Serve the `nightly`, `rerun` and `audit` deployments against PREFECT_API_URL (blocks)."""
+    """Serve the `nightly`, `rerun` and `audit` deployments against PREFECT_API_URL (blocks).
+
+    Without an API URL (environment or Prefect profile) it exits 2: Prefect would serve them on a
+    throwaway embedded API that runs no scheduler (the crons never fire) and that no UI can see."""
+    from prefect.settings import get_current_settings
+
     from flows.deployments import serve_deployments
 
+    if not get_current_settings().api.url:
+        typer.echo(
+            "error: PREFECT_API_URL is not set: the deployments need a Prefect server to register with "
+            "(its scheduler runs the crons, its UI the reruns). Start one and serve them with `ruyi server`, "
+            "or set PREFECT_API_URL=http://<host>:4200/api",
+            err=True,
+        )
+        raise typer.Exit(2)
     serve_deployments(cron=cron)
 
 

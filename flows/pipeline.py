@@ -167,8 +167,14 @@ def dvc_stage_order(workspace: str | Path, dvc_file: str = "dvc.yaml") -> list[s
     import yaml
 
     workspace = Path(workspace)
-    declared = list((yaml.safe_load((workspace / dvc_file).read_text()) or {}).get("stages", {}))
-    dot = _dvc(["dag", "--dot"], workspace).stdout
+    try:
+        declared = list((yaml.safe_load((workspace / dvc_file).read_text()) or {}).get("stages", {}))
+    except (yaml.YAMLError, AttributeError) as e:
+        raise ValueError(f"{workspace / dvc_file}: not a valid pipeline file ({e})") from None
+    try:
+        dot = _dvc(["dag", "--dot"], workspace).stdout
+    except RuntimeError as e:  # DVC refuses the pipeline (a bad stage, a missing .dvc/): the user's to fix
+        raise ValueError(f"{workspace / dvc_file}: {e}") from None
     edges = re.findall(r'"([^"]+)"\s*->\s*"([^"]+)"', dot)
     nodes = set(re.findall(r'^\s*"([^"]+)"\s*;?\s*$', dot, flags=re.M)) | {n for e in edges for n in e}
     # `dvc dag` shows every pipeline of the repository; a stage of another dvc.yaml is `<file>:<name>`
@@ -283,7 +289,10 @@ def _stage_metrics(workspace: Path, stage: str, dvc_file: str = "dvc.yaml") -> d
         name = next(iter(entry)) if isinstance(entry, dict) else entry
         path = workspace / name
         if path.is_file():
-            out[name] = json.loads(path.read_text())
+            try:
+                out[name] = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: stage {stage}'s metrics file is not valid JSON ({e})") from None
     return out
 
 
@@ -362,14 +371,25 @@ def _retry_only_infrastructure(task_obj, task_run, state) -> bool:
     retry_condition_fn=_retry_only_infrastructure,
 )
 def run_stage(stage: str, workspace: str, force: bool = False, dvc_file: str = "dvc.yaml") -> dict[str, Any]:
-    """`dvc repro <stage> --single-item [--force]` (of `dvc_file`); publishes the stage's metrics as a
-    table artifact."""
+    """`dvc repro <stage> --single-item --no-run-cache [--force]` (of `dvc_file`); publishes the stage's
+    metrics as a table artifact.
+
+    `--no-run-cache`: DVC would otherwise restore a stage's declared outputs without running it when its
+    inputs match any earlier run (not only the recorded one), while what the stage writes beside them
+    (`metrics/eval.json`, the gates' Data Docs, the deploy smoke report, the published release) would stay
+    from another run. An up-to-date stage (dvc.lock matches) is still skipped."""
     logger = get_run_logger()
     ws = Path(workspace)
     t0 = time.perf_counter()
     ui_log = _api_only_logger(logger)
     returncode, output = _dvc_streamed(
-        ["repro", stage_target(stage, dvc_file), "--single-item", *(["--force"] if force else [])],
+        [
+            "repro",
+            stage_target(stage, dvc_file),
+            "--single-item",
+            "--no-run-cache",
+            *(["--force"] if force else []),
+        ],
         ws,
         on_line=lambda line: ui_log.info("%s | %s", stage, line),
     )

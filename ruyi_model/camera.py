@@ -62,12 +62,13 @@ class EdgeEncoder(nn.Module):
         self.processor = build_image_processor(tower.config, min_pixels=size * size, max_pixels=size * size)
 
     def check_frames(self, frames) -> torch.Tensor:
-        """`frames` as a uint8 tensor `[N, T, H, W, 3]` of this encoder's T and size, else ValueError."""
+        """`frames` as a uint8 tensor `[N, T, H, W, 3]` (N >= 1) of this encoder's T and size, else
+        ValueError."""
         t = torch.as_tensor(frames)
         want = [self.frames, self.size, self.size, 3]
-        if t.dtype != torch.uint8 or t.dim() != 5 or list(t.shape[1:]) != want:
+        if t.dtype != torch.uint8 or t.dim() != 5 or list(t.shape[1:]) != want or t.shape[0] < 1:
             raise ValueError(
-                f"frames: expected uint8 [N, {', '.join(map(str, want))}], got {t.dtype} {list(t.shape)}"
+                f"frames: expected uint8 [N >= 1, {', '.join(map(str, want))}], got {t.dtype} {list(t.shape)}"
             )
         return t
 

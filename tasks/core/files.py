@@ -75,9 +75,10 @@ def _json_default(o: Any) -> Any:
 
 
 def decode_utf8(data: bytes, where: str | Path) -> str:
-    """`data` as UTF-8 text; invalid bytes are an error naming `where:line` (and the column, in bytes)."""
+    """`data` as UTF-8 text, without the byte order mark that Excel and PowerShell put first (it would
+    make line 1 invalid JSON); invalid bytes are an error naming `where:line` (and the column, in bytes)."""
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1

@@ -167,6 +167,17 @@ class DataParams(_Section):
     num_select: PositiveInt = 200
     select_corpus_chars: PositiveInt = 40000
 
+    @model_validator(mode="after")
+    def _check(self) -> DataParams:
+        if not self.math_levels:
+            raise ValueError("data.math_levels must name at least one level (1-5)")
+        if self.min_doc_chars > self.max_doc_chars:
+            raise ValueError(
+                f"data.min_doc_chars ({self.min_doc_chars}) must not exceed data.max_doc_chars "
+                f"({self.max_doc_chars}): every document would be dropped"
+            )
+        return self
+
 
 class ValidateParams(_Section):
     """Great Expectations data contracts (data_contracts/)."""
@@ -648,6 +659,12 @@ class DeployParams(_Section):
             raise ValueError(
                 f"deploy.replica_num_cpus ({self.replica_num_cpus}) exceeds deploy.ray_num_cpus "
                 f"({self.ray_num_cpus}): the replica could never be scheduled"
+            )
+        if self.max_tokens_limit > self.max_total_new_tokens:
+            raise ValueError(
+                f"deploy.max_tokens_limit ({self.max_tokens_limit}) exceeds deploy.max_total_new_tokens "
+                f"({self.max_total_new_tokens}): a one-prompt request (every chat) could ask for more than "
+                "the server's total"
             )
         return self
 

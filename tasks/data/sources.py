@@ -17,6 +17,8 @@ import gzip
 import hashlib
 import io
 import json
+import math
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,18 +89,29 @@ def _read_bytes(uri: str) -> bytes:
     path = Path(uri)
     if not path.is_file():
         raise StageError(f"data.sources: file not found: {uri}")
-    return path.read_bytes()
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise StageError(f"data.sources: cannot read {uri}: {e.strerror or e}") from None
 
 
 def _read_s3(uri: str) -> bytes:
     """The object's bytes, through the project's one S3 client (`tasks.core.s3`): the same retries and
     errors as the artifact store (an unreachable endpoint is a TransientStoreError, a rejected key not)."""
+    from botocore.exceptions import BotoCoreError
+
     from tasks.core.s3 import s3_client, s3_errors
 
     bucket, _, key = uri[len("s3://") :].partition("/")
     if not bucket or not key:
         raise StageError(f"data.sources: {uri}: expected s3://bucket/key")
-    client = s3_client()
+    try:
+        client = s3_client()
+    except (ValueError, BotoCoreError) as e:  # e.g. AWS_PROFILE names no profile, a malformed endpoint
+        raise StageError(
+            f"data.sources: cannot read {uri}: the S3 client cannot be configured from the environment "
+            f"(AWS_PROFILE, AWS_ENDPOINT_URL*, AWS_MAX_ATTEMPTS, ...): {e}"
+        ) from None
     with s3_errors(
         f"data.sources: cannot read {uri}", endpoint=client.meta.endpoint_url, bucket=bucket, key=key
     ):
@@ -109,7 +122,7 @@ def _jsonl_records(uri: str, data: bytes) -> Iterator[Record]:
     if uri.lower().endswith(".gz"):
         try:
             data = gzip.decompress(data)
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zlib.error) as e:
             raise StageError(f"{uri}: not a valid gzip file ({e})") from None
     text = decode_utf8(data, uri)
     # Lines end at "\n" only (as editors count them): str.splitlines() would also split at U+2028 etc.
@@ -214,6 +227,10 @@ def _math_problem(record: Record, origin: str, levels: list[int]) -> tuple[Probl
         else:  # the canonical final line: "#### $1,000." -> "#### 1000"
             solution = with_answer_line(solution, answer)
     level = record.row.get("level")
+    if isinstance(level, float) and math.isnan(level):  # a missing value of a pandas-written column
+        level = None
+    elif isinstance(level, float) and level.is_integer():  # a nullable int column is stored as floats
+        level = int(level)
     if level is None:
         steps = len(worked_steps(solution).strip().splitlines())
         level = min(sorted(levels), key=lambda lvl: abs(lvl - steps))
@@ -258,7 +275,7 @@ def map_rows(
             try:
                 if record.error is not None:
                     raise RowError(f"{record.where}: {record.error}")
-                if "question" in record.row:
+                if record.row.get("question") is not None:  # a Parquet corpus row has question None
                     problem, had_solution = _math_problem(record, origin, levels)
                     problems.append(problem)
                     stats["math_without_solution"] += int(not had_solution)

@@ -38,6 +38,10 @@ log = logging.getLogger("ruyi.camera")
 MAX_BODY_BYTES = 64 << 20
 #: Most questions one cloud request may ask, and the longest question.
 MAX_QUESTIONS, MAX_QUESTION_CHARS = 16, 200
+#: clips one edge request may send (the cloud's feature contract takes at most 4096 rows)
+MAX_CLIPS = 4096
+#: (clip, question) pairs one cloud request may have its deep member answer; they are decoded in chunks
+MAX_ANSWER_ROWS, ANSWER_CHUNK = 1024, 64
 EDGE_APP, CLOUD_APP = "camera-edge", "camera-cloud"
 
 
@@ -77,13 +81,15 @@ def cloud_questions(body: bytes) -> list[str] | None:
     if (
         not isinstance(questions, list)
         or not 0 < len(questions) <= MAX_QUESTIONS
-        or not all(isinstance(q, str) and 0 < len(q.strip()) <= MAX_QUESTION_CHARS for q in questions)
+        or not all(isinstance(q, str) and q.strip() and len(q) <= MAX_QUESTION_CHARS for q in questions)
     ):
         raise WireError(
             422,
             f"metadata 'questions' must be a JSON list of 1-{MAX_QUESTIONS} non-empty strings of at most "
             f"{MAX_QUESTION_CHARS} characters",
         )
+    if any("<|" in q for q in questions):  # the member's control tokens (chat turns, image placeholders)
+        raise WireError(422, "a question may not contain control tokens ('<|...|>')")
     return questions
 
 
@@ -123,7 +129,12 @@ def _deployments(art_dir: str):
         size = int(request.headers.get("content-length") or 0)
         if size > MAX_BODY_BYTES:
             raise WireError(413, f"body of {size} bytes exceeds {MAX_BODY_BYTES}")
-        return await request.body()
+        body = bytearray()
+        async for chunk in request.stream():  # a chunked upload states no length: stop at the limit
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise WireError(413, f"body exceeds {MAX_BODY_BYTES} bytes")
+        return bytes(body)
 
     @serve.deployment(name="edge", max_ongoing_requests=8, ray_actor_options={"num_cpus": 0.5})
     class Edge:
@@ -147,6 +158,8 @@ def _deployments(art_dir: str):
                     frames = self.encoder.check_frames(tensors["frames"])
                 except ValueError as e:
                     raise WireError(422, str(e)) from None
+                if len(frames) > MAX_CLIPS:
+                    raise WireError(413, f"{len(frames)} clips exceed {MAX_CLIPS} per request")
                 with torch.no_grad():
                     z = self.mapping.release(self.encoder(frames), generator=self.generator)
             except WireError as e:
@@ -206,7 +219,17 @@ def cloud_answers(member, z, behaviours: list[str], questions: list[str] | None)
         if unknown:
             raise WireError(422, f"this release's cloud (a behaviour head) answers only {list(QUESTIONS)}")
         return [[[q, dict(answers_for(b))[q]] for q in asked] for b in behaviours]
-    flat = member.answer(z.repeat_interleave(len(asked), 0), asked * len(z))
+    rows = len(z) * len(asked)
+    if rows > MAX_ANSWER_ROWS:
+        raise WireError(
+            413,
+            f"{len(z)} clips x {len(asked)} questions = {rows} answers exceed {MAX_ANSWER_ROWS} per request: "
+            "send fewer clips or questions at once",
+        )
+    features, prompts = z.repeat_interleave(len(asked), 0), asked * len(z)
+    flat: list[str] = []
+    for i in range(0, rows, ANSWER_CHUNK):  # bounded memory: the member decodes without a KV cache
+        flat += member.answer(features[i : i + ANSWER_CHUNK], prompts[i : i + ANSWER_CHUNK])
     return [[[q, flat[i * len(asked) + j]] for j, q in enumerate(asked)] for i in range(len(z))]
 
 

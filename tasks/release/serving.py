@@ -357,6 +357,30 @@ class APIError(Exception):
 
 
 # --- the model side ----------------------------------------------------------------------------
+def _control_tokens(tokenizer) -> tuple[str, ...]:
+    """The tokenizer's special tokens (`<|im_start|>`, `<|im_end|>`, image placeholders, ...): text that the
+    chat template's own markup is made of."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    specials = {t.content for t in added.values() if getattr(t, "special", False)}
+    specials.update(getattr(tokenizer, "all_special_tokens", []) or [])
+    return tuple(sorted(t for t in specials if t))
+
+
+def _refuse_control_tokens(tier: Tier, text: str, param: str) -> None:
+    """A message whose text holds a control token would forge chat turns (`...<|im_end|>\n<|im_start|>system
+    ...`: the rendered prompt is tokenized with special tokens parsed) or break a VL prompt's image count:
+    a 400 naming the field and the token."""
+    tokenizer = tier.processor.tokenizer if tier.processor is not None else tier.tokenizer
+    for token in _control_tokens(tokenizer):
+        if token in text:
+            raise APIError(
+                400,
+                f"{param} contains the control token {token!r}, which only the chat template may write",
+                "invalid_content",
+                param,
+            )
+
+
 @dataclass
 class Tier:
     name: str
@@ -732,12 +756,14 @@ class CompletionService:
         messages, images = [], []
         for i, m in enumerate(req.messages):
             if isinstance(m.content, str):
+                _refuse_control_tokens(tier, m.content, f"messages.{i}.content")
                 messages.append({"role": m.role, "content": m.content})
                 continue
             parts = []
             for j, part in enumerate(m.content):
                 param = f"messages.{i}.content.{j}"
                 if isinstance(part, TextPart):
+                    _refuse_control_tokens(tier, part.text, f"{param}.text")
                     parts.append({"type": "text", "text": part.text})
                     continue
                 if tier.processor is None:
@@ -856,8 +882,10 @@ class CompletionService:
                 if text is not None:
                     delta["content"] = text
                 choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
-            return {**head, "choices": [choice]}
+            # with include_usage, OpenAI's chunks carry `"usage": null` until the last one has it
+            return {**head, "choices": [choice], **({"usage": None} if with_usage else {})}
 
+        with_usage = req.stream_options is not None and req.stream_options.include_usage
         usage, extras = {"prompt_tokens": 0, "completion_tokens": 0}, []
         last: dict | None = None
         for index, ids in enumerate(prompts):
@@ -887,7 +915,7 @@ class CompletionService:
                 yield last
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         ruyi = self._info(tier, req, extras, t0)
-        if req.stream_options is not None and req.stream_options.include_usage:
+        if with_usage:
             yield last
             yield {**head, "choices": [], "usage": usage, "ruyi": ruyi}
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,8 @@ import pytest
 import yaml
 
 from flows.audit import AuditError, audit, compare, measured_outputs
+
+REPO = Path(__file__).resolve().parents[2]
 
 BIN = Path(sys.executable).parent
 DVC = str(BIN / "dvc")
@@ -197,3 +200,28 @@ def test_compare_and_measured_labels_on_parsed_files():
         "added": "unrecorded",
     }
     json.dumps([c.__dict__ for c in compare(old, new, set())])  # JSON-able
+
+
+def test_the_reproduced_deploy_publishes_to_a_store_of_its_own(tmp_path):
+    """The audit re-runs deploy: with params.yaml's S3 store it would publish (and validate) a release in
+    the team's bucket, and on deploy.port it fails while `ruyi serve` runs. The clone's deploy gets a
+    local store under the audit's directory and a free port; nothing else in params.yaml changes."""
+    from flows.audit import sandbox_deploy
+    from tasks.core.params import load_params
+
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    shutil.copy(REPO / "params.yaml", clone / "params.yaml")
+    before = load_params(
+        clone / "params.yaml",
+        {"deploy.store.backend": "s3", "deploy.store.bucket": "team-releases"},
+    )
+    from flows.pipeline import apply_param_overrides
+
+    apply_param_overrides(clone, {"deploy.store.backend": "s3", "deploy.store.bucket": "team-releases"})
+    sandbox_deploy(clone, tmp_path, log=lambda _: None)
+    after = load_params(clone / "params.yaml")
+    assert after.deploy.store.backend == "local" and after.deploy.store.root == str(tmp_path / "store")
+    assert after.deploy.port != before.deploy.port and after.deploy.port >= 1024
+    assert after.model_dump(exclude={"deploy"}) == before.model_dump(exclude={"deploy"})
+    assert "# " in (clone / "params.yaml").read_text()  # comments kept

@@ -218,6 +218,18 @@ def test_flow_runs_in_dag_order_skips_up_to_date_and_reruns_downstream_only(mini
     assert runs(mini_ws) == ["a", "b", "c", "b", "c", "c"]
 
 
+def test_a_stage_whose_inputs_match_an_earlier_run_runs_again(mini_ws, prefect_api):
+    """DVC's run cache would restore b's and c's declared outputs without running them when their inputs
+    match an earlier run's, leaving what a stage writes beside them (the summary's metrics, the gates'
+    Data Docs, a published release) from another run: the flow's stages always run."""
+    seed = yaml.safe_load((mini_ws / "params.yaml").read_text())["seed"]
+    ruyi_pipeline(workspace=str(mini_ws), push=False)
+    ruyi_pipeline(workspace=str(mini_ws), overrides={"seed": 99}, push=False)
+    ruyi_pipeline(workspace=str(mini_ws), overrides={"seed": seed}, push=False)  # back to the first inputs
+    assert runs(mini_ws) == ["a", "b", "c", "b", "c", "b", "c"]
+    assert f"b:{seed};" in (mini_ws / "out/c.txt").read_text()
+
+
 def test_user_errors_are_not_retried_and_stop_the_flow(mini_ws, prefect_api):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
@@ -635,6 +647,23 @@ def test_ruyi_run_reports_an_unreachable_prefect_api_as_infrastructure(mini_ws, 
         "error: cannot reach the Prefect API (Timed out while attempting to connect to ephemeral "
         "Prefect API server)"
     ) in proc.stderr
+    assert "Traceback" not in proc.stderr and runs(mini_ws) == []
+
+
+def test_ruyi_run_user_errors_are_one_clear_line_without_a_traceback(mini_ws, tmp_path):
+    """A bad stage name, override or pipeline file is refused before the flow starts (inside it, Prefect
+    logs every exception with its traceback), exit 2, and nothing runs."""
+    cases = [
+        (("--from-stage", "bogus"), "bogus"),
+        (("--set", 'cpt.max_steps="x"'), "cpt.max_steps: Input should be a valid integer"),
+    ]
+    for args, message in cases:
+        proc = _ruyi_run(mini_ws, tmp_path, *args)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (mini_ws / "dvc.yaml").write_text("stages: [not, a, mapping\n")
+    proc = _ruyi_run(mini_ws, tmp_path)
+    assert proc.returncode == 2 and f"{mini_ws / 'dvc.yaml'}: not a valid pipeline file" in proc.stderr
     assert "Traceback" not in proc.stderr and runs(mini_ws) == []
 
 

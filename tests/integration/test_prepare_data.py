@@ -684,3 +684,53 @@ def test_invalid_utf8_is_named_by_line(tmp_path):
         load_source(str(path))
     with pytest.raises(StageError, match=r"latin1\.jsonl:3: not UTF-8 text"):
         read_jsonl(path)
+
+
+def test_user_files_as_spreadsheets_and_pandas_write_them(tmp_path, monkeypatch):
+    """A byte order mark before line 1 (Excel, PowerShell), a Parquet file holding corpus and math rows
+    (every row has every column: a document's question is None) with a nullable level column (floats),
+    a damaged gzip and an S3 client the environment cannot configure: rows read, or one clear error."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(
+        b"\xef\xbb\xbf" + json.dumps({"question": "What is 2+3?", "answer": "5"}).encode() + b"\n"
+    )
+    docs, problems, _ = map_rows([load_source(str(bom))], [1, 2, 3])
+    assert [p.question for p in problems] == ["What is 2+3?"]
+    doc = "A corpus document in a mixed Parquet file, long enough to be kept as one." * 3
+    table = pa.table(
+        {
+            "text": [doc, None, None],
+            "question": [None, "What is 4+4?", "What is 6+1?"],
+            "answer": [None, "8", "7"],
+            "level": pa.array([None, 2.0, None], type=pa.float64()),
+        }
+    )
+    pq.write_table(table, tmp_path / "mixed.parquet")
+    docs, problems, _ = map_rows([load_source(str(tmp_path / "mixed.parquet"))], [1, 2, 3])
+    assert [d.text for d in docs] == [doc] and [(p.question, p.level) for p in problems][0] == (
+        "What is 4+4?",
+        2,
+    )
+    data = bytearray(gzip.compress(b'{"text": "' + b"x" * 4000 + b'"}\n'))
+    broken = 0
+    for i in range(10, len(data) - 8):  # every damaged byte of the deflate stream: an error naming the file
+        damaged = bytearray(data)
+        damaged[i] ^= 0xFF
+        (tmp_path / "damaged.jsonl.gz").write_bytes(bytes(damaged))
+        try:
+            load_source(str(tmp_path / "damaged.jsonl.gz"))
+        except StageError as e:
+            assert "damaged.jsonl.gz: not a valid gzip file" in str(e)
+            broken += 1
+    assert broken > 0
+    monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    with pytest.raises(
+        StageError, match=r"s3://bucket/k.jsonl: the S3 client cannot be configured .*no-such-profile"
+    ):
+        load_source("s3://bucket/k.jsonl")

@@ -77,6 +77,7 @@ def test_streamed_completion_equals_the_plain_one(client, tier):
         full.choices[0].finish_reason
     ]
     assert last.choices == [] and last.usage == full.usage
+    assert all("usage" in c.to_dict() and c.usage is None for c in content)  # `"usage": null`, as OpenAI's
     assert last.model_extra["ruyi"]["tier"] == full.model
     # Without include_usage no usage chunk: the stats ride on the last content chunk.
     plain = list(client.completions.create(model=tier, prompt=PROMPT, max_tokens=24, stream=True))

@@ -135,3 +135,26 @@ def test_the_cloud_reads_questions_from_the_header_and_refuses_others():
     assert dict(answers[0])["Did anyone fall?"] == "yes" and dict(answers[1])["Did anyone fall?"] == "no"
     with pytest.raises(WireError, match="answers only"):
         cloud_answers(None, z["features"], ["fall", "sit"], asked)
+
+
+def test_the_cloud_bounds_the_work_of_a_request(family, monkeypatch):
+    """A question is measured as sent (padding counts), control tokens are refused (an image placeholder
+    crashed the member with a 500), the answers per request are capped and decoded in chunks, each chunk's
+    answers what the whole batch's would be."""
+    import tasks.release.camera as camera
+    from tasks.release.camera import WireError, cloud_answers, cloud_questions, encode_tensors
+
+    z = torch.randn(3, 6)
+    for questions in ([" " * 500 + "Did anyone fall?"], ["What is <|image_pad|> here?"]):
+        with pytest.raises(WireError) as info:
+            cloud_questions(encode_tensors({"features": z}, {"questions": json.dumps(questions)}))
+        assert info.value.status == 422
+    cloud = _cloud(family)
+    asked = ["how many?", "what colour?"]
+    whole = cloud_answers(cloud, z, ["x"] * 3, asked)
+    monkeypatch.setattr(camera, "ANSWER_CHUNK", 4)  # 6 answers in chunks of 4 and 2
+    assert cloud_answers(cloud, z, ["x"] * 3, asked) == whole
+    monkeypatch.setattr(camera, "MAX_ANSWER_ROWS", 5)
+    with pytest.raises(WireError, match="3 clips x 2 questions = 6 answers exceed 5") as info:
+        cloud_answers(cloud, z, ["x"] * 3, asked)
+    assert info.value.status == 413

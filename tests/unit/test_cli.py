@@ -14,8 +14,11 @@ REPO = Path(__file__).resolve().parents[2]
 RUYI = str(Path(sys.executable).parent / "ruyi")
 
 
-def ruyi(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([RUYI, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+def ruyi(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    environ = {**os.environ, **(env or {})}
+    return subprocess.run([RUYI, *args], cwd=REPO, capture_output=True, text=True, timeout=120, env=environ)
 
 
 def test_stage_help_lists_the_stages():
@@ -51,3 +54,11 @@ def test_a_bad_override_is_an_error_naming_the_key():
 def test_commands_have_help(command):
     proc = ruyi(command, "--help")
     assert proc.returncode == 0 and "Usage: ruyi " + command in proc.stdout, proc.stderr
+
+
+def test_deployments_without_a_prefect_server_is_a_clear_error(tmp_path):
+    """Without PREFECT_API_URL Prefect would serve the deployments on a throwaway API with no scheduler."""
+    proc = ruyi("deployments", env={"PREFECT_API_URL": "", "PREFECT_HOME": str(tmp_path)})
+    assert (
+        proc.returncode == 2 and "PREFECT_API_URL is not set" in proc.stderr and "ruyi server" in proc.stderr
+    )

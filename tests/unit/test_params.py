@@ -321,3 +321,19 @@ def test_bad_threads_are_named(value, shown):
     assert "threads: Value error, must be 'auto' or a positive integer" in proc.stderr
     assert f"(got {shown})" in proc.stderr
     assert "torch threads" not in proc.stdout
+
+
+def test_data_section_refuses_settings_that_leave_no_data():
+    with pytest.raises(ParamsError, match=r"data.math_levels must name at least one level"):
+        load_params(REPO / "params.yaml", {"data.math_levels": []})
+    with pytest.raises(ParamsError, match=r"data.min_doc_chars \(5000\) must not exceed data.max_doc_chars"):
+        load_params(REPO / "params.yaml", {"data.min_doc_chars": 5000, "data.max_doc_chars": 100})
+
+
+def test_the_per_request_token_limit_fits_the_total():
+    with pytest.raises(
+        ParamsError, match=r"deploy.max_tokens_limit \(8192\) exceeds deploy.max_total_new_tokens"
+    ):
+        load_params(
+            REPO / "params.yaml", {"deploy.max_tokens_limit": 8192, "deploy.max_total_new_tokens": 4096}
+        )

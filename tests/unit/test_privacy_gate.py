@@ -110,8 +110,10 @@ def test_edge_features_include_every_deepstack_feature(release) -> None:
     # 2 frames x (32/8/2)^2 = 4 merged tokens x 64 wide x (merger + 3 deepstack mergers)
     assert encoder.n_deepstack == 3
     assert feats.shape == (len(data.train), 2 * 4 * 64 * 4)
-    with pytest.raises(ValueError, match=r"expected uint8 \[N, 2, 32, 32, 3\]"):
+    with pytest.raises(ValueError, match=r"expected uint8 \[N >= 1, 2, 32, 32, 3\]"):
         encoder(torch.zeros(1, 2, 32, 32, 3))
+    with pytest.raises(ValueError, match=r"got torch.uint8 \[0, 2, 32, 32, 3\]"):  # no clip: was a 500
+        encoder(torch.zeros(0, 2, 32, 32, 3, dtype=torch.uint8))
 
 
 def test_the_real_edge_features_have_no_left_inverse(release) -> None:
