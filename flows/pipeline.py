@@ -329,12 +329,20 @@ def classify_failure(output: str, returncode: int) -> tuple[str | None, bool]:
     whether the failure is an infrastructure error worth a retry.
 
     The stage's exit code is the *last* "exited with N" of the output (DVC's own line comes after the
-    stage's log, which may quote one); without one, DVC itself ended by `returncode` (killed: `-9`)."""
+    stage's log, which may quote one); without one, DVC itself ended by `returncode` (killed: `-9`).
+    The infrastructure patterns (`_INFRA_PATTERNS`) are looked for in DVC's own failure when no stage
+    exit code is there, and otherwise only in the stage's last lines (its final exception): a stage
+    that crashed on a bug after logging a warning such as "timed out" is not retried as transient."""
     codes = re.findall(r"exited with (-?\d+)", output)
     code = int(codes[-1]) if codes else None
     killer = _killing_signal(code if code is not None else returncode)
+    if code is None:
+        searched = output
+    else:  # the stage's output up to DVC's last "exited with" line, its last 6 non-blank lines
+        before = output[: output.rfind("exited with")].splitlines()
+        searched = "\n".join([line for line in before if line.strip()][-6:])
     transient = code == TRANSIENT_EXIT_CODE or (
-        code != USER_ERROR_EXIT_CODE and any(re.search(p, output) for p in _INFRA_PATTERNS)
+        code != USER_ERROR_EXIT_CODE and any(re.search(p, searched) for p in _INFRA_PATTERNS)
     )
     return killer, transient
 

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import queue
+import re
 import socket
 import threading
 import time
@@ -357,6 +358,21 @@ class APIError(Exception):
 
 
 # --- the model side ----------------------------------------------------------------------------
+_UNION_BRANCH = re.compile(r"^(str|int|float|bool|list|dict|none)$|\[")
+
+
+def _field_path(loc) -> list[str]:
+    """A pydantic error location as the request's field path: the union branches pydantic names
+    (`str`, `list[...]`, `tagged-union[...]`) dropped, and a tagged union's tag, which repeats the field it
+    selects (`content.0.image_url.image_url.url`), said once."""
+    path: list[str] = []
+    for part in map(str, loc):
+        if _UNION_BRANCH.search(part) or (path and part == path[-1] and not part.isdigit()):
+            continue
+        path.append(part)
+    return path
+
+
 def _control_tokens(tokenizer) -> tuple[str, ...]:
     """The tokenizer's special tokens (`<|im_start|>`, `<|im_end|>`, image placeholders, ...): text that the
     chat template's own markup is made of."""
@@ -1275,7 +1291,7 @@ def create_app(service: CompletionService):
         def where(error: dict) -> str:
             # No field below the body (no JSON: the loc's number is a character offset; not an object;
             # no body at all): the body itself is at fault.
-            loc = [str(p) for p in error.get("loc", ())[1:]]
+            loc = _field_path(error.get("loc", ())[1:])
             return ".".join(loc) if loc and error.get("type") != "json_invalid" else "body"
 
         def describe(error: dict) -> str:
@@ -1285,7 +1301,9 @@ def create_app(service: CompletionService):
                 text += f" ({(error.get('ctx') or {}).get('error', 'invalid JSON')} at character {offset})"
             return text
 
-        param = where(errors[0]) if errors else "body"
+        # A value that fits no branch of a union gets an error per branch; the deepest one is about the
+        # branch the value's JSON type chose (a list of parts, not "should be a valid string").
+        param = where(max(errors, key=lambda e: len(_field_path(e.get("loc", ()))))) if errors else "body"
         message = _json_safe("; ".join(describe(e) for e in errors))
         body = APIError(422, message or "body: invalid request", "invalid_request", param).body()
         body["detail"] = _json_safe(errors)

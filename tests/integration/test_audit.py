@@ -145,6 +145,23 @@ def test_a_corrupt_object_in_the_remote_is_caught(recorded, tmp_path):
     assert report.corrupt == ["gen: out/value.txt"], report.corrupt
 
 
+def test_a_corrupt_object_is_caught_when_another_is_missing_from_the_remote(recorded, tmp_path):
+    """One object missing on the remote fails `dvc pull`; the audit used to skip verifying everything it
+    did pull, so a flipped byte in another output passed."""
+    lock = yaml.safe_load((recorded / "dvc.lock").read_text())
+    outs = {o["path"]: o["md5"] for o in lock["stages"]["gen"]["outs"] if "md5" in o}
+    remote = tmp_path / "remote" / "files" / "md5"
+    (remote / outs["out/when.json"][:2] / outs["out/when.json"][2:]).unlink()  # missing: the pull fails
+    obj = remote / outs["out/value.txt"][:2] / outs["out/value.txt"][2:]
+    data = bytearray(obj.read_bytes())
+    data[0] ^= 0x01
+    obj.write_bytes(bytes(data))
+    lines: list[str] = []
+    report = audit(recorded, log=lines.append, workdir=tmp_path)
+    assert report.corrupt == ["gen: out/value.txt"], report.corrupt
+    assert not report.ok and not report.pulled and any("the pull failed" in line for line in lines)
+
+
 def test_a_revision_without_a_recording_is_an_error(tmp_path):
     repo = tmp_path / "empty"
     repo.mkdir()

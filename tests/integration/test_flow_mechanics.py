@@ -491,6 +491,14 @@ def test_failures_are_classified_by_dvcs_last_exit_line_or_its_own_death():
     assert classify_failure("Running stage 'x':\n> python -m tasks.x\n", -9) == ("SIGKILL", False)
     assert classify_failure("ERROR: unexpected error\n", 1) == (None, False)
     assert classify_failure("Connection refused\n", 1) == (None, True)
+    # a stage that crashed on a bug (exit 1) after a warning that looks like infrastructure: not transient;
+    # one whose final exception is a connection error: transient
+    bug = "WARNING ray: health check timed out, retrying\n" + "\n".join(f"step {i}" for i in range(20))
+    bug += "\nTraceback (most recent call last):\n  File 'x.py'\nKeyError: 'exit_9'\n" + dvc_line.format(1)
+    assert classify_failure(bug, 1) == (None, False)
+    network = "Traceback (most recent call last):\nbotocore.exceptions.EndpointConnectionError: Could not "
+    network += "connect to the endpoint URL\n" + dvc_line.format(1)
+    assert classify_failure(network, 1) == (None, True)
 
 
 def test_artifacts_published(mini_ws, prefect_api):

@@ -588,6 +588,33 @@ def test_non_finite_numbers_are_422_naming_the_field(client, raw, param):
     assert after.status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", {"model": "exit_2", "prompt": 5}, "prompt"),
+        (
+            "/v1/chat/completions",
+            {"model": "exit_2", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+            "messages.0.content.0.text",
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "model": "exit_2",
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": 5}}]}],
+            },
+            "messages.0.content.0.image_url.url",
+        ),
+    ],
+)
+def test_a_422_names_the_field_not_pydantics_union_branch(client, path, body, param):
+    """pydantic reports an error per union branch (`content.str`, `content.list[tagged-union[...]]...`):
+    `param` is the request's own path to the bad value, in the branch its JSON type chose."""
+    r = client.post(path, json=body)
+    assert r.status_code == 422 and r.json()["error"]["param"] == param, r.text
+    assert "[" not in r.json()["error"]["message"].split(":")[0]
+
+
 def test_chat_content_cannot_forge_turns_with_control_tokens(client):
     """The rendered chat is tokenized with special tokens parsed: `<|im_end|>` in a user's text would end
     the turn and let it write a system turn of its own. A 400 naming the field and the token."""
