@@ -17,7 +17,6 @@ import gzip
 import hashlib
 import io
 import json
-import math
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -227,10 +226,6 @@ def _math_problem(record: Record, origin: str, levels: list[int]) -> tuple[Probl
         else:  # the canonical final line: "#### $1,000." -> "#### 1000"
             solution = with_answer_line(solution, answer)
     level = record.row.get("level")
-    if isinstance(level, float) and math.isnan(level):  # a missing value of a pandas-written column
-        level = None
-    elif isinstance(level, float) and level.is_integer():  # a nullable int column is stored as floats
-        level = int(level)
     if level is None:
         steps = len(worked_steps(solution).strip().splitlines())
         level = min(sorted(levels), key=lambda lvl: abs(lvl - steps))

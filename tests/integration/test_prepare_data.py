@@ -688,8 +688,8 @@ def test_invalid_utf8_is_named_by_line(tmp_path):
 
 def test_user_files_as_spreadsheets_and_pandas_write_them(tmp_path, monkeypatch):
     """A byte order mark before line 1 (Excel, PowerShell), a Parquet file holding corpus and math rows
-    (every row has every column: a document's question is None) with a nullable level column (floats),
-    a damaged gzip and an S3 client the environment cannot configure: rows read, or one clear error."""
+    (every row has every column: a document's question is None), a damaged gzip and an S3 client the
+    environment cannot configure: rows read, or one clear error."""
     import gzip
 
     import pyarrow as pa
@@ -707,7 +707,7 @@ def test_user_files_as_spreadsheets_and_pandas_write_them(tmp_path, monkeypatch)
             "text": [doc, None, None],
             "question": [None, "What is 4+4?", "What is 6+1?"],
             "answer": [None, "8", "7"],
-            "level": pa.array([None, 2.0, None], type=pa.float64()),
+            "level": pa.array([None, 2, None], type=pa.int64()),
         }
     )
     pq.write_table(table, tmp_path / "mixed.parquet")

@@ -1026,7 +1026,13 @@ def test_rl_diagnose_script_reports_pass_rates_and_an_rl_run(micro, tmp_path, ca
     common += ["--params", str(params_file), "--samples", "2", "--json", str(tmp_path / "out.jsonl")]
     assert diag.main(common) == 0
     out = capsys.readouterr().out
-    assert "eval: 4 prompts, greedy accuracy" in out and "train: 8 prompts" in out and "all wrong" in out
+    # the last rl.eval_prompts (4) rows are held out with every row posing one of their problems (split_rows)
+    from tasks.training.rl_trainer import split_rows
+
+    train, held = split_rows(rl_rows(12), 4, data)
+    assert len(held) >= 4 and len(train) + len(held) == 12
+    assert f"eval: {len(held)} prompts, greedy accuracy" in out and f"train: {len(train)} prompts" in out
+    assert "all wrong" in out
     assert diag.main([*common, "--train", "--set", "steps=2", "--set", "lr=1e-3", "--eval-every", "1"]) == 0
     runs = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert len(runs) == 2 and "curve" not in runs[0]
