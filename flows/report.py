@@ -95,6 +95,86 @@ def recipe_lines(metrics_dir: str | Path) -> list[str]:
     return lines
 
 
+#: What the tiny default run is meant to reach (benchmarks/RESULTS.md reports each, met or missed):
+#: the deepest member's held-out accuracy; how far a deeper member may fall below a shallower one; the
+#: DaE member's gain over itself before DaE; rl's held-out gain and its share of steps with a gradient;
+#: the share of the DaE blocks SVD removes and the accuracy gain it keeps.
+TARGETS = {
+    "deepest_accuracy": 0.50,
+    "depth_slack": 0.02,
+    "dae_gain": 0.10,
+    "rl_gain": 0.05,
+    "rl_gradient_share": 0.80,
+    "svd_removed_blocks": 0.50,
+    "svd_gain_retained": 0.95,
+}
+
+
+def target_lines(metrics_dir: str | Path) -> list[str]:
+    """One line per target of `TARGETS`: the measured value and whether it is met (a target whose
+    metrics file is missing gives no line)."""
+    metrics_dir = Path(metrics_dir)
+    ev, comp, rl = (_read(metrics_dir / f) for f in ("eval.json", "compress.json", "rl.json"))
+    t, out = TARGETS, []
+
+    def line(name: str, measured: str, met: bool) -> None:
+        out.append(f"target {name}: {measured} -> {'met' if met else 'MISSED'}")
+
+    accs = [
+        (int(k.split("_")[1]), v.get("accuracy"))
+        for k, v in ev.items()
+        if k.startswith("exit_") and isinstance(v, dict) and v.get("accuracy") is not None
+    ]
+    if accs:
+        accs.sort()
+        deepest = accs[-1][1]
+        line(
+            f"deepest member >= {t['deepest_accuracy']:.0%}",
+            f"{deepest:.1%}",
+            deepest >= t["deepest_accuracy"],
+        )
+        drops = [a - b for i, (_, a) in enumerate(accs) for _, b in accs[i + 1 :]]
+        worst = max(drops, default=0.0)
+        line(
+            f"deeper never more than {t['depth_slack'] * 100:.0f} points below shallower",
+            f"worst {max(worst, 0.0) * 100:.1f} points below",
+            worst <= t["depth_slack"] + 1e-9,
+        )
+    control = comp.get("dae_control") or {}
+    before, dense = (control.get(k) or {} for k in ("before_dae", "dense"))
+    if before.get("accuracy") is not None and dense.get("accuracy") is not None:
+        gain = dense["accuracy"] - before["accuracy"]
+        line(
+            f"DaE gain >= {t['dae_gain'] * 100:.0f} points",
+            f"{gain * 100:+.1f} points",
+            gain >= t["dae_gain"] - 1e-9,
+        )
+    if rl.get("accuracy_start") is not None and rl.get("accuracy_end") is not None:
+        gain = rl["accuracy_end"] - rl["accuracy_start"]
+        line(
+            f"rl gain >= {t['rl_gain'] * 100:.0f} points",
+            f"{gain * 100:+.1f} points",
+            gain >= t["rl_gain"] - 1e-9,
+        )
+        steps, with_grad = rl.get("steps") or 0, rl.get("steps_with_gradient") or 0
+        share = with_grad / steps if steps else 0.0
+        line(
+            f"rl steps with a gradient >= {t['rl_gradient_share']:.0%}",
+            f"{with_grad}/{steps}",
+            share >= t["rl_gradient_share"] - 1e-9,
+        )
+    removed = (comp.get("removed_fraction") or {}).get("blocks")
+    retained = ((control.get("gain_retained") or {}) if control else {}).get("accuracy")
+    if removed is not None and retained is not None:
+        line(
+            f"SVD removes >= {t['svd_removed_blocks']:.0%} of the DaE blocks keeping >= "
+            f"{t['svd_gain_retained']:.2f} of the accuracy gain",
+            f"{removed:.1%} removed, {retained:.2f} kept",
+            removed >= t["svd_removed_blocks"] and retained >= t["svd_gain_retained"],
+        )
+    return out
+
+
 def print_summary(params_path: str | Path = "params.yaml") -> None:
     from rich.console import Console
     from rich.table import Table
@@ -122,6 +202,8 @@ def print_summary(params_path: str | Path = "params.yaml") -> None:
     console.print(table)
     for line in recipe_lines(base / params.paths.metrics_dir):
         console.print(line)
+    for line in target_lines(base / params.paths.metrics_dir):
+        console.print(line, markup=False)
     for name, where in result_paths(params, base).items():
         console.print(f"[bold]{name}[/bold]: {where}")
 

@@ -38,7 +38,14 @@ from tasks.core.params import DataParams, Params
 from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, log, stage_main
 from tasks.data.corpus import _doc_key, build_corpus, embedded_corpus
-from tasks.data.mathgen import Problem, generate_problems, normalize_question, problem_key, worked_steps
+from tasks.data.mathgen import (
+    Problem,
+    equation_key,
+    generate_problems,
+    normalize_question,
+    problem_key,
+    worked_steps,
+)
 from tasks.data.sources import Document, load_source, map_rows
 
 FILES = (
@@ -72,7 +79,10 @@ def split_math(
 
     Groups are shuffled with `seed`; each group goes whole to the first split (eval, rl, sft) that
     still has room, and a split that overflows is truncated (the dropped rows' group lives in that
-    split only, so truncation cannot create overlap). The select split (compress's healing decision,
+    split only, so truncation cannot create overlap). Eval takes one row of each of its groups (one row
+    per problem; the twins are dropped), and a group whose worked arithmetic (`equation_key`: the same
+    sum told in another story) is an eval problem's goes to no training split: it is left over for
+    select / val. The select split (compress's healing decision,
     `num_select` rows) then takes the groups left over, round robin in the same order (one problem of each
     group in turn, so that no one template fills it), and after them the `spare`
     problems whose problem key is in no other split. A select candidate that shares a paragraph
@@ -94,10 +104,17 @@ def split_math(
     targets = {"eval": num_eval, "rl": num_rl, "sft": num_sft}
     splits: dict[str, list[Problem]] = {name: [] for name in targets}
     left: list[str] = []  # the groups no split took, in order
+    eval_arithmetic: set[str] = set()  # the equations of the eval problems (`equation_key`)
     for key in order:
         room = next((name for name in targets if len(splits[name]) < targets[name]), None)
-        if room is None:
-            left.append(key)
+        arithmetic = set().union(*(equation_key(p.solution) for p in groups[key]))
+        if room == "eval":
+            # One row per problem (its twins, other names or goods, are dropped), and its arithmetic
+            # is kept out of the training splits below.
+            splits["eval"].append(groups[key][0])
+            eval_arithmetic |= arithmetic
+        elif room is None or arithmetic & eval_arithmetic:
+            left.append(key)  # select / corpus_val may take a problem that shares eval's arithmetic
         else:
             splits[room].extend(groups[key])
     for name, target in targets.items():
@@ -189,6 +206,8 @@ def check_no_overlap(
     errors = []
     same_text = [p.question for p in splits["eval"] if normalize_question(p.question) in train_text]
     same_pattern = [p.question for p in splits["eval"] if problem_key(p.question) in train_pattern]
+    train_arithmetic = set().union(*(equation_key(p.solution) for p in train))
+    same_arithmetic = [p.solution for p in splits["eval"] if equation_key(p.solution) & train_arithmetic]
     sft_text = {normalize_question(p.question) for p in splits["sft"]}
     rl_in_sft = [p.question for p in splits["rl"] if normalize_question(p.question) in sft_text]
     corpus_text = "\n".join(" ".join(d.text.lower().split()) for d in corpus)
@@ -196,6 +215,7 @@ def check_no_overlap(
     checks = [
         ("eval questions also in sft/rl", same_text),
         ("eval problems also in sft/rl with other names or goods (problem_key)", same_pattern),
+        ("eval problems whose worked arithmetic is in sft/rl (equation_key)", same_arithmetic),
         ("rl questions also in sft", rl_in_sft),
         ("eval questions found in the CPT corpus", contaminated),
     ]
@@ -578,10 +598,12 @@ def _split_math_pool(inputs: _Inputs, data: DataParams, seed: int) -> _MathSplit
     spare: list[Problem] = []
     if inputs.embed_math:
         wanted = data.num_sft + data.num_rl + data.num_eval
-        # ~10% headroom: whole groups go to one split, and a split's overflow is dropped. The select
-        # split draws on the leftover groups, then on spare problems generated after the pool (so its size
-        # leaves eval/rl/sft unchanged); spares whose problem key or solution is in them are skipped.
-        main = math.ceil(wanted * 1.1) + 20
+        # ~30% headroom: whole groups go to one split, a split's overflow is dropped, eval keeps one row
+        # per problem and the groups that share an eval problem's arithmetic train nowhere (level 1: about
+        # five problems per sum). The select split draws on the leftover groups, then on spare problems
+        # generated after the pool (so its size leaves eval/rl/sft unchanged); spares whose problem key or
+        # solution is in them are skipped.
+        main = math.ceil(wanted * 1.3) + 20
         n_val = math.ceil(data.val_fraction * data.num_sft)
         generated = generate_problems(main + 5 * data.num_select + 100 + 5 * n_val, data.math_levels, seed)
         pool.extend(p for p in generated[:main] if normalize_question(p.question) not in seen)

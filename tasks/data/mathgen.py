@@ -297,6 +297,24 @@ class _Solution:
         self.lines.append(f"{before}{expr} = <<{expr}={shown}>>{shown}{after}")
         return value
 
+    def column_step(self, before: str, a: int, op: str, b: int, after: str = "") -> Fraction:
+        """`a+b` or `a-b` (whole numbers below 100) worked in columns, ones then tens, then the step:
+        "Ones: 8+9 = 17. Tens: 3+0+1 = 4." / "Ones: 12-5 = 7. Tens: 4-0-1 = 3." (a borrowed ten)."""
+        if not (0 <= a < 100 and 0 <= b < 100) or op not in "+-":
+            raise ValueError(f"column_step: {a}{op}{b} is not a sum/difference of numbers below 100")
+        (at, au), (bt, bu) = divmod(a, 10), divmod(b, 10)
+        if op == "+":
+            ones = au + bu
+            work = f"Ones: {au}+{bu} = {ones}. Tens: {at}+{bt}+{ones // 10} = {at + bt + ones // 10}."
+            value = a + b
+        else:
+            borrow = int(au < bu)
+            top = 10 * borrow + au  # the ones digit, with a borrowed ten when it is the smaller
+            work = f"Ones: {top}-{bu} = {top - bu}. Tens: {at}-{bt}-{borrow} = {at - bt - borrow}."
+            value = a - b
+        self.lines.append(work)
+        return self.step(before, f"{a}{op}{b}", Fraction(value), after)
+
     def finish(self, answer: Fraction) -> tuple[str, str]:
         shown = format_number(answer)
         return "\n".join(self.lines + [answer_line(shown)]), shown
@@ -306,8 +324,23 @@ def _n(value: Fraction | int) -> str:
     return format_number(Fraction(value))
 
 
+def _two_digit_pair(rng: random.Random, low: int, high: int) -> tuple[int, int]:
+    """A two-digit number in [low, high] and a one-digit number in [2, 9], in random order."""
+    pair = (rng.randint(low, high), rng.randint(2, 9))
+    return pair if rng.random() < 0.5 else (pair[1], pair[0])
+
+
 def _shopping(rng: random.Random, level: int) -> tuple[str, _Solution, Fraction]:
     name, pron = rng.choice(_NAMES)
+    if level == 1:  # two prices added
+        first, second = rng.sample(_GOODS, 2)
+        a, b = _two_digit_pair(rng, 10, 60)
+        sol = _Solution()
+        question = (
+            f"{name} spends ${a} on {first} and ${b} on {second}. "
+            f"How much does {pron} spend in total, in dollars?"
+        )
+        return question, sol, sol.column_step("In total that is ", a, "+", b, " dollars.")
     kinds = 1 if level == 1 else 2 if level <= 3 else 3
     goods = rng.sample(_GOODS, kinds)
     counts = [_quantity(rng, min(level, 3)) for _ in goods]
@@ -352,7 +385,15 @@ def _shopping(rng: random.Random, level: int) -> tuple[str, _Solution, Fraction]
 
 def _travel(rng: random.Random, level: int) -> tuple[str, _Solution, Fraction]:
     vehicle, unit = rng.choice(_VEHICLES), rng.choice(_UNITS)
-    legs = 1 if level == 1 else 2 if level <= 4 else 3
+    if level == 1:  # two distances added
+        a, b = _two_digit_pair(rng, 10, 95)
+        sol = _Solution()
+        question = (
+            f"A {vehicle} travels {a} {unit} in the morning and {b} {unit} in the afternoon. "
+            f"How many {unit} does it travel in total?"
+        )
+        return question, sol, sol.column_step("It travels ", a, "+", b, f" {unit}.")
+    legs = 2 if level <= 4 else 3
     speeds = [rng.randint(3, (20, 40, 60, 90, 120)[level - 1]) for _ in range(legs)]
     sol = _Solution()
     sentences, distances, hours = [], [], []
@@ -405,11 +446,11 @@ def _travel(rng: random.Random, level: int) -> tuple[str, _Solution, Fraction]:
 def _ages(rng: random.Random, level: int) -> tuple[str, _Solution, Fraction]:
     (a, _), (b, _), (c, _) = rng.sample(_NAMES, 3)
     sol = _Solution()
-    older = rng.randint(2, 6 + 3 * level)
-    if level == 1:
-        age_b = rng.randint(3, 40)
+    if level == 1:  # an age added
+        age_b, older = rng.randint(10, 60), rng.randint(2, 9)
         q = f"{a} is {older} years older than {b}. {b} is {age_b} years old. How old is {a}?"
-        return q, sol, sol.step(f"{a} is ", f"{age_b}+{older}", Fraction(age_b + older), " years old.")
+        return q, sol, sol.column_step(f"{a} is ", age_b, "+", older, " years old.")
+    older = rng.randint(2, 6 + 3 * level)
     times = rng.randint(2, 4)
     age_c = rng.randint(2, 6 + 2 * level)
     sentences = [
@@ -451,6 +492,18 @@ def _ages(rng: random.Random, level: int) -> tuple[str, _Solution, Fraction]:
 def _sharing(rng: random.Random, level: int) -> tuple[str, _Solution, Fraction]:
     name, pron = rng.choice(_NAMES)
     thing = rng.choice(_SHARED)
+    if level == 1:  # some given away
+        total, given = rng.randint(12, 99), rng.randint(2, 9)
+        sol = _Solution()
+        question = (
+            f"{name} has {total} {thing} and gives {given} of them to a friend. "
+            f"How many {thing} does {pron} have left?"
+        )
+        return (
+            question,
+            sol,
+            sol.column_step(f"{name} has ", total, "-", given, f" {thing} left."),
+        )
     friends = rng.randint(2, 3 + 2 * level)
     each = rng.randint(2, (6, 10, 15, 25, 40)[level - 1])
     keep = rng.randint(1, 5 * level) if level >= 2 else 0
@@ -518,17 +571,22 @@ def _sharing(rng: random.Random, level: int) -> tuple[str, _Solution, Fraction]:
 
 def _wages(rng: random.Random, level: int) -> tuple[str, _Solution, Fraction]:
     name, pron = rng.choice(_NAMES)
+    if level == 1:  # spent out of savings
+        saved, spent = rng.randint(12, 99), rng.randint(2, 9)
+        sol = _Solution()
+        question = (
+            f"{name} has saved ${saved} and spends ${spent} on {rng.choice(_PURCHASES)}. "
+            f"How much money does {pron} have left, in dollars?"
+        )
+        return (
+            question,
+            sol,
+            sol.column_step(f"{pron.capitalize()} has ", saved, "-", spent, " dollars left."),
+        )
     rate = _price(rng, level) if level >= 3 else Fraction(rng.randint(5, 25))
     hours = rng.randint(2, 8)
     sol = _Solution()
     sentences = [f"{name} earns {_money(rate)} per hour."]
-    if level == 1:
-        sentences.append(f"How much does {pron} earn in {hours} hours, in dollars?")
-        return (
-            " ".join(sentences),
-            sol,
-            sol.step(f"{name} earns ", f"{_n(rate)}*{hours}", rate * hours, " dollars."),
-        )
     days = rng.randint(2, 6 + level)
     sentences.append(f"{pron.capitalize()} works {hours} hours a day, {days} days a week.")
     worked = sol.step(f"{name} works ", f"{hours}*{days}", Fraction(hours * days), " hours.")
@@ -561,15 +619,24 @@ def _wages(rng: random.Random, level: int) -> tuple[str, _Solution, Fraction]:
 
 
 def _classroom(rng: random.Random, level: int) -> tuple[str, _Solution, Fraction]:
+    if level == 1:  # the boys are the rest
+        members, girls = rng.randint(12, 99), rng.randint(2, 9)
+        sol = _Solution()
+        question = (
+            f"A school club has {members} members, and {girls} of them are girls. "
+            "How many boys are in the club?"
+        )
+        return (
+            question,
+            sol,
+            sol.column_step("There are ", members, "-", girls, " boys."),
+        )
     pct = rng.choice([10, 20, 25, 30, 40, 50, 60, 75, 80])
     students = rng.choice([n for n in range(10, 20 + 40 * level) if n * pct % 100 == 0])
     club = rng.choice(_GAMES)
     sol = _Solution()
     sentences = [f"A school club has {students} members, and {pct}% of them are girls."]
     girls = sol.step("There are ", f"{students}*{pct}/100", Fraction(students * pct, 100), " girls.")
-    if level == 1:
-        sentences.append("How many girls are in the club?")
-        return " ".join(sentences), sol, girls
     boys = sol.step("There are ", f"{students}-{_n(girls)}", students - girls, " boys.")
     if level == 2:
         sentences.append("How many boys are in the club?")
@@ -668,6 +735,29 @@ def problem_key(text: str) -> str:
     answer). prepare_data keeps problems of one key in one split and the contracts refuse an eval or
     select question whose key is in a training split (docs/choices.md#prepare_data)."""
     return _SURFACE_RE.sub("<w>", normalize_question(text))
+
+
+_EQUATION_RE = re.compile(r"<<([^=<>]+)=[^<>]*>>")
+
+
+def equation_key(solution: str) -> frozenset[str]:
+    """The arithmetic a worked solution does: the set of its `<<expr=value>>` expressions, spaces removed,
+    the operands of a pure sum or product sorted ("<<9+38=47>>" and "<<38+9=47>>" are one sum). Empty
+    for a solution without GSM8K calculator marks.
+
+    prepare_data keeps an eval problem's arithmetic out of every training split: "A van travels 38 km and
+    then 9 km" (eval) and "Kai spends $38 and then $9" (sft) are two problems with one sum, and a model
+    that memorised 38+9=47 from the second would look as if it could add (docs/choices.md#prepare_data)."""
+    keys = set()
+    for expr in _EQUATION_RE.findall(solution):
+        expr = "".join(expr.split())
+        for op in "+*":
+            parts = expr.split(op)
+            if len(parts) > 1 and all(part.isdigit() for part in parts):
+                expr = op.join(sorted(parts, key=int))
+                break
+        keys.add(expr)
+    return frozenset(keys)
 
 
 def generate_problems(count: int, levels: Sequence[int], seed: int) -> list[Problem]:

@@ -20,6 +20,7 @@ from tasks.data.corpus import clean_document, deduplicate, pieces
 from tasks.data.mathgen import (
     Problem,
     answers_match,
+    equation_key,
     extract_answer,
     generate_problems,
     normalize_question,
@@ -119,6 +120,11 @@ def test_no_train_eval_overlap(cli_run):
     train_questions = [r["prompt"] for r in sft] + [r["question"] for r in rl]
     for key in (normalize_question, problem_key):
         assert not {key(r["question"]) for r in ev} & {key(q) for q in train_questions}
+    # ... nor the arithmetic of an eval problem (its equations, operands of a sum in either order)
+    train_arithmetic = set().union(*(equation_key(r["response"]) for r in sft))
+    assert all(equation_key(r["solution"]) for r in ev)
+    assert not set().union(*(equation_key(r["solution"]) for r in ev)) & train_arithmetic
+    assert len({problem_key(r["question"]) for r in ev}) == len(ev)  # one row per problem
     assert not {normalize_question(r["question"]) for r in rl} & {
         normalize_question(r["prompt"]) for r in sft
     }
@@ -244,6 +250,35 @@ def test_split_math_keeps_problem_groups_together():
         split_math(base, num_eval=10, num_rl=10, num_sft=100, seed=1)
     with pytest.raises(StageError, match="too few for data.num_select=500"):
         split_math(base + twins, num_eval=10, num_rl=10, num_sft=15, seed=1, num_select=500, spare=spare)
+
+
+def test_split_math_keeps_eval_arithmetic_out_of_training():
+    """An eval problem's sum is in no training split, told in another story or with its operands
+    swapped; the eval keeps one row per problem; and check_no_overlap names a violation."""
+
+    def sum_problem(story: str, a: int, b: int) -> Problem:
+        solution = f"That is {a}+{b} = <<{a}+{b}={a + b}>>{a + b}.\n#### {a + b}"
+        return Problem(story.format(a=a, b=b), solution, str(a + b), 1, "user:test")
+
+    stories = ["A van goes {a} km, then {b} km. How far?", "Kai pays ${a} and ${b}. How much?"]
+    pool = [sum_problem(s, a, b) for a in range(10, 40) for b in (3, 4) for s in stories]
+    pool += [sum_problem(stories[0], b, a) for a in range(10, 40) for b in (3, 4)]  # operands swapped
+    twins = [Problem(p.question.replace("Kai", "Mei"), p.solution, p.answer, 1, p.origin) for p in pool]
+    splits = split_math(pool + twins, num_eval=8, num_rl=10, num_sft=60, seed=3)
+    held = set().union(*(equation_key(p.solution) for p in splits["eval"]))
+    assert len(held) == 8 and len({problem_key(p.question) for p in splits["eval"]}) == 8
+    for name in ("rl", "sft"):
+        assert not held & set().union(*(equation_key(p.solution) for p in splits[name])), name
+    check_no_overlap(splits, [])
+    leaked = dict(
+        splits,
+        sft=[
+            *splits["sft"],
+            sum_problem("{a} and {b} make?", *sorted(int(x) for x in next(iter(held)).split("+"))),
+        ],
+    )
+    with pytest.raises(StageError, match=r"eval problems whose worked arithmetic is in sft/rl"):
+        check_no_overlap(leaked, [])
 
 
 def test_cleaning_and_near_duplicate_removal():

@@ -110,11 +110,19 @@ import operator  # noqa: E402
 import random  # noqa: E402
 import re  # noqa: E402
 
-from tasks.data.mathgen import LEVELS, TEMPLATES, generate_problem, generate_problems, problem_key  # noqa: E402
+from tasks.data.mathgen import (  # noqa: E402
+    LEVELS,
+    TEMPLATES,
+    equation_key,
+    generate_problem,
+    generate_problems,
+    problem_key,
+)
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 _ANNOTATION = re.compile(r"<<([^=<>]+)=([^<>]+)>>")
 _WORD_NUMBERS = {"three": 3}
+_COLUMN = re.compile(r"Ones: (\d+[+-]\d+) = (\d+)\. Tens: (\d+[+-]\d+[+-]\d+) = (\d+)\.")
 
 
 def _evaluate(expr: str) -> tuple[Fraction, list[Fraction]]:
@@ -147,12 +155,23 @@ def _check_problem(problem) -> None:
     assert lines[-1] == f"#### {problem.answer}", problem.solution
     known = _question_numbers(problem.question) | {Fraction(60), Fraction(100)}  # minutes/hour, percent
     last = None
+    column = None  # the "Ones: ... Tens: ..." work of the next step: (ones, tens, op)
     for line in lines[:-1]:
+        work = _COLUMN.fullmatch(line)
+        if work:
+            ones_expr, ones, tens_expr, tens = work.groups()
+            assert _evaluate(ones_expr)[0] == int(ones) and _evaluate(tens_expr)[0] == int(tens), line
+            column = (int(ones), int(tens), "+" if "+" in ones_expr else "-")
+            continue
         found = _ANNOTATION.findall(line)
         assert len(found) == 1, f"one <<expr=value>> per line expected: {line!r}"
         expr, shown = found[0]
         value, operands = _evaluate(expr)
         assert value == Fraction(shown), f"wrong arithmetic in {line!r}: {expr} = {value}"
+        if column:  # the columns make the step's result: tens, then the ones digit
+            ones, tens, op = column
+            assert op in expr and value == 10 * tens + (ones % 10 if op == "+" else ones), (line, column)
+            column = None
         assert line.count(f">>{shown}") == 1
         unknown = [o for o in operands if o not in known]
         assert not unknown, (
@@ -177,7 +196,7 @@ def test_every_template_and_level_is_correct(template):
             problem = generate_problem(rng, level, template)
             assert problem.level == level and problem.origin == f"mathgen:{template}"
             _check_problem(problem)
-            steps.append(len(problem.solution.splitlines()) - 1)
+            steps.append(len(_ANNOTATION.findall(problem.solution)))
         # Difficulty grows with the level: more steps on average than the level below.
         if level > 1:
             assert sum(steps) / len(steps) >= prev_mean, (template, level)
@@ -220,3 +239,31 @@ def test_problem_key_and_bad_arguments():
         generate_problem(random.Random(0), 1, "geometry")
     with pytest.raises(ValueError, match="level"):
         generate_problem(random.Random(0), 6, "ages")
+
+
+def test_level_one_is_one_sum_or_difference_worked_in_columns():
+    """Level 1: one addition or subtraction on numbers of up to two digits, worked ones then tens, over
+    thousands of distinct problems (a held-out split needs problems a model cannot have seen)."""
+    problems = generate_problems(3000, [1], seed=11)
+    assert len({problem_key(p.question) for p in problems}) > 2000
+    assert len({equation_key(p.solution) for p in problems}) > 1000
+    for p in problems:
+        lines = p.solution.splitlines()
+        assert len(lines) == 3 and _COLUMN.fullmatch(lines[0]), p.solution
+        ((expr, _),) = _ANNOTATION.findall(lines[1])
+        value, operands = _evaluate(expr)
+        assert len(operands) == 2 and all(0 < o < 100 for o in operands) and ("+" in expr or "-" in expr)
+        _check_problem(p)
+    # a column line that does not make the step's result is caught
+    p = problems[0]
+    wrong = p.solution.replace("Tens: ", "Tens: 1+", 1).replace(" = ", " = 1", 1)
+    with pytest.raises(AssertionError):
+        _check_problem(type(p)(p.question, wrong, p.answer, p.level, p.origin))
+
+
+def test_equation_key_is_the_arithmetic_whatever_the_story():
+    assert equation_key("a 38+9 = <<38+9=47>>47 b") == equation_key("x <<9+38=47>>47") == {"9+38"}
+    assert equation_key("<< 3 * 12 =36>>") == {"3*12"}
+    assert equation_key("<<38-9=29>>") != equation_key("<<9-38=-29>>")  # a difference keeps its order
+    assert equation_key("<<12*3/4=9>>\n<<9+1=10>>") == {"12*3/4", "1+9"}
+    assert equation_key("no calculator marks") == frozenset()

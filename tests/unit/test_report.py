@@ -110,3 +110,35 @@ def test_recipe_lines_show_the_dae_rl_and_compression_gains(tmp_path):
         "threshold 0.6" in router and "4.5 layers/request at 67.0% vs always-deepest 8.0 at 67.5%" in router
     )
     assert "43.8% fewer layers, goal met" in router
+
+
+def test_target_lines_say_met_or_missed_with_the_measured_value(tmp_path):
+    from flows.report import target_lines
+
+    assert target_lines(tmp_path) == []  # nothing run yet
+    ev = {"exit_2": {"accuracy": 0.30}, "exit_5": {"accuracy": 0.52}, "exit_8": {"accuracy": 0.51}}
+    comp = {
+        "removed_fraction": {"blocks": 0.55},
+        "dae_control": {
+            "before_dae": {"accuracy": 0.18},
+            "dense": {"accuracy": 0.30},
+            "gain_retained": {"accuracy": 0.96},
+        },
+    }
+    rl = {"steps": 60, "steps_with_gradient": 47, "accuracy_start": 0.30, "accuracy_end": 0.34}
+    for name, data in (("eval.json", ev), ("compress.json", comp), ("rl.json", rl)):
+        (tmp_path / name).write_text(json.dumps(data))
+    lines = target_lines(tmp_path)
+    assert lines == [
+        "target deepest member >= 50%: 51.0% -> met",
+        "target deeper never more than 2 points below shallower: worst 1.0 points below -> met",
+        "target DaE gain >= 10 points: +12.0 points -> met",
+        "target rl gain >= 5 points: +4.0 points -> MISSED",
+        "target rl steps with a gradient >= 80%: 47/60 -> MISSED",
+        "target SVD removes >= 50% of the DaE blocks keeping >= 0.95 of the accuracy gain: 55.0% removed, "
+        "0.96 kept -> met",
+    ]
+    ev["exit_8"]["accuracy"] = 0.49  # 3 points below exit 5, and under 50%
+    (tmp_path / "eval.json").write_text(json.dumps(ev))
+    lines = target_lines(tmp_path)
+    assert lines[0].endswith("49.0% -> MISSED") and lines[1].endswith("worst 3.0 points below -> MISSED")
