@@ -46,6 +46,7 @@ from tasks.training.batches import (
     check_seq_len,
     check_tokenizer,
     fixed_batches,
+    pack_corpus,
     read_corpus,
     read_sft,
     sft_holdout_split,
@@ -126,7 +127,8 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
     check_seq_len(params, STAGE, cfg.seq_len, model.config.max_position_embeddings)
     corpus_path = Workspace.from_params(params).corpus_train
     sft_path = Workspace.from_params(params).validated_file("sft.jsonl")
-    general = stage1_rows(read_corpus(corpus_path), cfg.stage1_examples)
+    corpus_rows = read_corpus(corpus_path)
+    general = stage1_rows(corpus_rows, cfg.stage1_examples)
     if not general:
         raise StageError(
             f"{corpus_path}: no general documents (source != {STEM_SOURCE!r}) long enough for Stage I chats"
@@ -143,6 +145,16 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
         BlockStream(g_ex, params.seed, f"{STAGE}/replay") if cfg.replay_fraction > 0 else None,
         cfg.replay_fraction,
     )
+    if cfg.text_replay_fraction > 0:
+        import torch
+
+        blocks = pack_corpus(
+            tokenizer, [r["text"] for r in corpus_rows], cfg.seq_len, f"{corpus_path} (text replay)"
+        )
+        text = {"input_ids": blocks, "attention_mask": torch.ones_like(blocks), "labels": blocks.clone()}
+        stage2 = MixedStream(
+            stage2, BlockStream(text, params.seed, f"{STAGE}/text_replay"), cfg.text_replay_fraction
+        )
     rows_per_step = cfg.batch_size * cfg.grad_accum
     stream = StagedStream(stage1, stage2, cfg.stage1_steps * rows_per_step)
     exits = list(model.config.exit_layers)
@@ -158,12 +170,13 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
     held_batches = fixed_batches(h_ex, cfg.batch_size, cfg.eval_batches)
     inputs = {"sft": sha256_file(sft_path), "corpus_train": sha256_file(corpus_path), "cpt": dir_sha256(src)}
     log.info(
-        "%s: %d Stage I chats, %d Stage II math chats (+%.0f%% replay), %d held out; %d + %d steps; "
-        "members %s",
+        "%s: %d Stage I chats, %d Stage II math chats (+%.0f%% chat replay, %.0f%% text replay), %d held "
+        "out; %d + %d steps; members %s",
         STAGE,
         g_stats.examples,
         m_stats.examples,
         100 * cfg.replay_fraction,
+        100 * cfg.text_replay_fraction,
         h_stats.examples,
         cfg.stage1_steps,
         cfg.max_steps - cfg.stage1_steps,
@@ -193,6 +206,7 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
             "stage1_steps": cfg.stage1_steps,
             "stage2_steps": cfg.max_steps - cfg.stage1_steps,
             "replay_fraction": cfg.replay_fraction,
+            "text_replay_fraction": cfg.text_replay_fraction,
             "stage1_examples": g_stats.to_dict(),
             "stage2_examples": m_stats.to_dict(),
             "heldout_examples": h_stats.to_dict(),

@@ -291,6 +291,10 @@ class FamilySFTParams(TrainParams):
     stage1_steps: NonNegInt = 20
     # Share of Stage I chats replayed among the Stage II rows (Ruyi2: "a fixed ratio", not given).
     replay_fraction: Fraction = 0.1
+    # Share of Stage II rows that are plain corpus_train text (packed seq_len blocks, loss on every
+    # token: the pre-training stream replayed, so the members keep modelling text); replay_fraction is
+    # then a share of the other rows.
+    text_replay_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     # Stage I chats drawn from the general documents (each document gives at most one).
     stage1_examples: PositiveInt = 1000
     # Share of sft.jsonl held out (by id hash, as the sft stage does) for the per-member loss.

@@ -295,17 +295,27 @@ class BlockStream:
         idx = torch.tensor(list(indices), dtype=torch.long)
         return {k: v.index_select(0, idx) for k, v in self.tensors.items()}
 
+    def rows_at(self, positions: Iterable[int]) -> dict[str, torch.Tensor]:
+        """The rows at these stream positions, untrimmed."""
+        return self.rows(self.row_indices(positions))
+
     def batch(self, position: int, batch_size: int) -> dict[str, torch.Tensor]:
         """Rows at stream positions `position .. position+batch_size-1`."""
-        return trim_batch(self.rows(self.row_indices(range(position, position + batch_size))))
+        return trim_batch(self.rows_at(range(position, position + batch_size)))
 
 
 class MixedStream:
-    """A main stream with a replay stream interleaved at the exact long-run share `replay_fraction`."""
+    """A main stream with a replay stream interleaved at the exact long-run share `replay_fraction`.
+    Either may itself be a MixedStream (a three-way mixture: the inner shares are of the outer main)."""
 
     RESOLUTION = 1_000_000
 
-    def __init__(self, main: BlockStream | None, replay: BlockStream | None, replay_fraction: float):
+    def __init__(
+        self,
+        main: BlockStream | MixedStream | None,
+        replay: BlockStream | MixedStream | None,
+        replay_fraction: float,
+    ):
         self.num = round(replay_fraction * self.RESOLUTION)
         if (main is None and self.num < self.RESOLUTION) or (replay is None and self.num > 0):
             raise ValueError("MixedStream: a stream with a non-zero share is missing")
@@ -314,17 +324,21 @@ class MixedStream:
     def _replays_before(self, p: int) -> int:
         return p * self.num // self.RESOLUTION
 
-    def batch(self, position: int, batch_size: int) -> dict[str, torch.Tensor]:
+    def rows_at(self, positions: Iterable[int]) -> dict[str, torch.Tensor]:
+        """The rows at these stream positions, untrimmed (both streams' rows have one width)."""
         import torch
 
         parts: list[dict[str, torch.Tensor]] = []
-        for p in range(position, position + batch_size):
+        for p in positions:
             r = self._replays_before(p)
             if self._replays_before(p + 1) > r:
-                parts.append(self.replay.rows(self.replay.row_indices([r])))
+                parts.append(self.replay.rows_at([r]))
             else:
-                parts.append(self.main.rows(self.main.row_indices([p - r])))
-        return trim_batch({k: torch.cat([part[k] for part in parts]) for k in parts[0]})
+                parts.append(self.main.rows_at([p - r]))
+        return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
+
+    def batch(self, position: int, batch_size: int) -> dict[str, torch.Tensor]:
+        return trim_batch(self.rows_at(range(position, position + batch_size)))
 
     def replay_count(self, position: int, batch_size: int) -> int:
         return self._replays_before(position + batch_size) - self._replays_before(position)

@@ -14,6 +14,7 @@ from tasks import cpt, family_sft
 from tasks.core.artifacts import load_family
 from tasks.core.params import ParamsError
 from tasks.core.stage import StageError
+from tasks.training import family
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +74,31 @@ def test_family_sft_trains_every_member(workspace):
     saved = json.loads((Path(params.paths.metrics_dir) / "family_sft.json").read_text())
     assert saved["exit_4"] == metrics["exit_4"]
     assert (Path(params.paths.plots_dir) / "family_sft" / "loss.csv").is_file()
+
+
+def test_text_replay_feeds_plain_corpus_blocks_into_stage_two(workspace, monkeypatch):
+    """With text_replay_fraction, that share of the Stage II rows are packed corpus_train blocks whose
+    every token is a label (the pre-training stream), the rest the math chats and chat replay."""
+    seen = []
+    original = family.train_family
+
+    def spy(**kwargs):
+        stream = kwargs["stream"]
+        switch = stream.switch
+        for position in range(switch, switch + 40, 8):
+            seen.append(stream.batch(position, 8))
+        return original(**kwargs)
+
+    monkeypatch.setattr(family, "train_family", spy)
+    params = load(workspace, family_sft__text_replay_fraction=0.25, family_sft__replay_fraction=0.0)
+    metrics = family_sft.run(params)
+    assert metrics["text_replay_fraction"] == 0.25
+    rows = [(b["labels"][i], b["input_ids"][i]) for b in seen for i in range(b["input_ids"].shape[0])]
+    text_rows = [(lab, ids) for lab, ids in rows if bool((lab != -100).all())]
+    assert len(text_rows) == 10 and len(rows) == 40  # exactly a quarter of 40 rows
+    assert all(torch.equal(lab, ids) for lab, ids in text_rows)
+    with pytest.raises(ParamsError, match="text_replay_fraction"):
+        load(workspace, family_sft__text_replay_fraction=1.0)
 
 
 def test_stage1_steps_must_leave_stage2_steps(workspace):

@@ -177,6 +177,13 @@ def test_mixed_stream_has_the_exact_replay_share():
     assert int(only_main.batch(0, 50)["input_ids"].sum()) == 0
     with pytest.raises(ValueError):
         MixedStream(main, None, 0.1)
+    # three-way (family_sft's text replay): 20% text (2) outside, 10% of the rest chats (1)
+    text = BlockStream({"input_ids": torch.full((3, 2), 2, dtype=torch.long)}, 0, "text")
+    three = MixedStream(mixed, text, 0.2)
+    rows = torch.cat([three.batch(p, 8)["input_ids"][:, 0] for p in range(0, 1000, 8)])
+    assert [int((rows == v).sum()) for v in (0, 1, 2)] == [720, 80, 200]
+    # and the two-way stream's rows are those it gave before it could nest (the same order)
+    assert torch.equal(mixed.rows_at(range(16))["input_ids"], mixed.batch(0, 16)["input_ids"])
 
 
 def test_trim_batch_cuts_common_right_padding():
