@@ -33,6 +33,7 @@ QUESTION_KEY_COLUMN = "_question_key"
 IN_CORPUS_COLUMN = "_in_corpus"
 BOOL_INTS_COLUMN = "_bool_ints"
 SHARED_TEXT_COLUMN = "_shared_text"
+SHARED_ARITHMETIC_COLUMN = "_shared_arithmetic"
 DERIVED_COLUMNS = (
     FIELDS_COLUMN,
     FINAL_ANSWER_COLUMN,
@@ -40,6 +41,7 @@ DERIVED_COLUMNS = (
     IN_CORPUS_COLUMN,
     BOOL_INTS_COLUMN,
     SHARED_TEXT_COLUMN,
+    SHARED_ARITHMETIC_COLUMN,
 )
 # The `source` of the math documents prepare_data adds to the CPT corpus (SFT question + solution):
 # shorter than prose documents, so their lower length bound is the question's.
@@ -90,6 +92,9 @@ class DatasetContract:
             corpus (the `corpus` dataset) must not contain them: the held-out check of eval and select.
         paragraph_overlap: datasets none of whose paragraphs (`data_contracts.overlap`) may occur in this
             one's text fields (a solution without its final answer line): the select datasets.
+        arithmetic_overlap: datasets whose worked solutions may not do the arithmetic of one of this one's
+            (`mathgen.equation_key`: its set of `<<expr=...>>` expressions, a sum's operands in either
+            order): eval, against sft (rl rows carry no solution).
     """
 
     name: str
@@ -101,6 +106,7 @@ class DatasetContract:
     final_answer_field: str | None = None
     question_overlap: tuple[str, ...] = ()
     paragraph_overlap: tuple[str, ...] = ()
+    arithmetic_overlap: tuple[str, ...] = ()
 
     @property
     def is_math(self) -> bool:
@@ -152,6 +158,7 @@ CONTRACTS: dict[str, DatasetContract] = {
         question_field="question",
         final_answer_field="solution",
         question_overlap=("sft", "rl"),
+        arithmetic_overlap=("sft",),
     ),
     "select_corpus": DatasetContract(
         name="select_corpus",
@@ -186,13 +193,16 @@ class HeldOutReferences:
     question_keys: list[str] | None = None  # `question_key`s of the `question_overlap` datasets
     corpus: str | None = None  # `normalized_corpus` of the corpus dataset
     paragraphs: frozenset[str] | None = None  # paragraph keys of the `paragraph_overlap` datasets
+    arithmetic: frozenset[frozenset[str]] | None = (
+        None  # `equation_key`s of the `arithmetic_overlap` datasets
+    )
 
 
 def held_out_references(
     contract: DatasetContract, rows: dict[str, Sequence[dict[str, Any]]]
 ) -> HeldOutReferences:
     """The references of `contract`'s overlap checks from `rows` (dataset name -> the rows that passed)."""
-    keys = corpus = paragraphs = None
+    keys = corpus = paragraphs = arithmetic = None
     if contract.question_overlap:
         found = (
             question_key(row.get(CONTRACTS[name].question_field))
@@ -209,7 +219,22 @@ def held_out_references(
             for text in checked_texts(CONTRACTS[name], row)
             for key in paragraph_keys(text)
         )
-    return HeldOutReferences(keys, corpus, paragraphs)
+    if contract.arithmetic_overlap:
+        arithmetic = frozenset(
+            worked_arithmetic(CONTRACTS[name], row)
+            for name in contract.arithmetic_overlap
+            for row in rows[name]
+        ) - {frozenset()}
+    return HeldOutReferences(keys, corpus, paragraphs, arithmetic)
+
+
+def worked_arithmetic(contract: DatasetContract, row: dict[str, Any]) -> frozenset[str]:
+    """The arithmetic of a row's worked solution (`mathgen.equation_key` of its final-answer field);
+    empty without one (or without calculator marks)."""
+    from tasks.data.mathgen import equation_key
+
+    value = row.get(contract.final_answer_field) if contract.final_answer_field else None
+    return equation_key(value) if isinstance(value, str) else frozenset()
 
 
 def checked_texts(contract: DatasetContract, row: dict[str, Any]) -> list[str]:
@@ -262,6 +287,7 @@ def build_frame(
     labels: Sequence[str],
     corpus: str | None = None,
     paragraph_reference: frozenset[str] | None = None,
+    arithmetic_reference: frozenset[frozenset[str]] | None = None,
 ):
     """The pandas DataFrame a suite validates: raw fields (as objects) plus the derived columns.
 
@@ -273,6 +299,9 @@ def build_frame(
             CPT corpus: `_in_corpus` is True when a row's normalized question occurs in it (contamination).
         paragraph_reference: for a contract with `paragraph_overlap` (select_corpus, select), the paragraph
             keys of the other datasets: `_shared_text` is a row's first shared paragraph ("" for none).
+        arithmetic_reference: for a contract with `arithmetic_overlap` (eval), the `equation_key`s of those
+            datasets' solutions: `_shared_arithmetic` names a row's arithmetic when one of them does it
+            ("" otherwise).
 
     Returns:
         DataFrame of shape (len(rows), fields + extra fields + derived), dtype object. A field a row
@@ -319,6 +348,13 @@ def build_frame(
         if paragraph_reference is None:
             raise ValueError(f"the {contract.name} contract needs the paragraphs of the other datasets")
         frame[SHARED_TEXT_COLUMN] = [shared_text(contract, row, paragraph_reference) for row in rows]
+    if contract.arithmetic_overlap:
+        if arithmetic_reference is None:
+            raise ValueError(f"the {contract.name} contract needs the arithmetic of the other datasets")
+        keys = [worked_arithmetic(contract, row) for row in rows]
+        frame[SHARED_ARITHMETIC_COLUMN] = [
+            ", ".join(sorted(k)) if k in arithmetic_reference else "" for k in keys
+        ]
     return frame
 
 
@@ -489,6 +525,16 @@ def build_suite(
                 value_set=[""],
                 description=f"{', '.join(contract.text_fields)} share no paragraph (normalized text) with "
                 f"{files}",
+            )
+        )
+    if contract.arithmetic_overlap:
+        files = ", ".join(f for name in contract.arithmetic_overlap for f in CONTRACTS[name].files)
+        add(
+            gxe.ExpectColumnValuesToBeInSet(
+                column=SHARED_ARITHMETIC_COLUMN,
+                value_set=[""],
+                description=f"{contract.final_answer_field} does not do the arithmetic of a solution in "
+                f"{files} (`equation_key`: its <<expr=...>> expressions, a sum's operands in either order)",
             )
         )
     # Built from a list, not with suite.add_expectation: that saves the whole suite to the store on

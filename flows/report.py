@@ -201,9 +201,9 @@ def print_summary(params_path: str | Path = "params.yaml") -> None:
         )
     console.print(table)
     for line in recipe_lines(base / params.paths.metrics_dir):
-        console.print(line)
+        console.print(line, soft_wrap=True)  # one line each, as logs and greps expect
     for line in target_lines(base / params.paths.metrics_dir):
-        console.print(line, markup=False)
+        console.print(line, markup=False, soft_wrap=True)
     for name, where in result_paths(params, base).items():
         console.print(f"[bold]{name}[/bold]: {where}")
 

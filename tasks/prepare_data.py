@@ -79,12 +79,12 @@ def split_math(
 
     Groups are shuffled with `seed`; each group goes whole to the first split (eval, rl, sft) that
     still has room, and a split that overflows is truncated (the dropped rows' group lives in that
-    split only, so truncation cannot create overlap). Eval takes one row of each of its groups (one row
-    per problem; the twins are dropped), and a group whose worked arithmetic (`equation_key`: the same
-    sum told in another story) is an eval problem's goes to no training split: it is left over for
-    select / val. The select split (compress's healing decision,
-    `num_select` rows) then takes the groups left over, round robin in the same order (one problem of each
-    group in turn, so that no one template fills it), and after them the `spare`
+    split only, so truncation cannot create overlap). A group (`problem_groups`) also takes along every
+    problem that does the same worked arithmetic (`equation_key`: one sum told in another story), so no
+    training split does an eval problem's arithmetic; eval keeps one generated problem of each group
+    (its rows are distinct problems; a user's rows are all kept). The select split (compress's healing
+    decision, `num_select` rows) then takes the groups left over, round robin in the same order (one
+    problem of each group in turn, so that no one template fills it), and after them the `spare`
     problems whose problem key is in no other split. A select candidate that shares a paragraph
     (`problem_texts`: e.g. another question with the same worked steps) with eval / rl / sft is skipped:
     that text would be trained text. `spare` lets the select split grow without changing eval / rl / sft.
@@ -96,25 +96,21 @@ def split_math(
     Raises:
         StageError: when the pool cannot fill the requested counts.
     """
-    groups: dict[str, list[Problem]] = {}
-    for problem in pool:
-        groups.setdefault(problem_key(problem.question), []).append(problem)
+    groups = problem_groups(pool)
     order = sorted(groups)
     random.Random(f"split:{seed}").shuffle(order)
     targets = {"eval": num_eval, "rl": num_rl, "sft": num_sft}
     splits: dict[str, list[Problem]] = {name: [] for name in targets}
     left: list[str] = []  # the groups no split took, in order
-    eval_arithmetic: set[str] = set()  # the equations of the eval problems (`equation_key`)
     for key in order:
         room = next((name for name in targets if len(splits[name]) < targets[name]), None)
-        arithmetic = set().union(*(equation_key(p.solution) for p in groups[key]))
-        if room == "eval":
-            # One row per problem (its twins, other names or goods, are dropped), and its arithmetic
-            # is kept out of the training splits below.
-            splits["eval"].append(groups[key][0])
-            eval_arithmetic |= arithmetic
-        elif room is None or arithmetic & eval_arithmetic:
-            left.append(key)  # select / corpus_val may take a problem that shares eval's arithmetic
+        if room is None:
+            left.append(key)
+        elif room == "eval":
+            # One generated problem per group (the others pose the same problem or do the same
+            # arithmetic: generated, so dropped); a user's rows are all kept.
+            generated = [p for p in groups[key] if p.origin.startswith("mathgen:")]
+            splits["eval"].extend(generated[:1] + [p for p in groups[key] if p not in generated])
         else:
             splits[room].extend(groups[key])
     for name, target in targets.items():
@@ -147,6 +143,32 @@ def split_math(
             val += carved
         splits["val"] = val
     return splits
+
+
+def problem_groups(pool: list[Problem]) -> dict[str, list[Problem]]:
+    """The pool's problem groups: problems linked by the same `problem_key` (one problem under other
+    names or goods) or the same worked arithmetic (`equation_key`, when the solution has calculator
+    marks: one sum told in two stories), transitively; keyed by the group's smallest problem key, each
+    group's problems in pool order."""
+    parent = list(range(len(pool)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[tuple[str, Any], int] = {}
+    for i, problem in enumerate(pool):
+        arithmetic = equation_key(problem.solution)
+        for link in (("q", problem_key(problem.question)), ("e", arithmetic) if arithmetic else None):
+            if link is not None:
+                j = find(first.setdefault(link, i))
+                parent[find(i)] = j
+    members: dict[int, list[Problem]] = {}
+    for i, problem in enumerate(pool):
+        members.setdefault(find(i), []).append(problem)
+    return {min(problem_key(p.question) for p in rows): rows for rows in members.values()}
 
 
 def _carve_groups(problems: list[Problem], count: int) -> tuple[list[Problem], list[Problem]]:
@@ -206,8 +228,8 @@ def check_no_overlap(
     errors = []
     same_text = [p.question for p in splits["eval"] if normalize_question(p.question) in train_text]
     same_pattern = [p.question for p in splits["eval"] if problem_key(p.question) in train_pattern]
-    train_arithmetic = set().union(*(equation_key(p.solution) for p in train))
-    same_arithmetic = [p.solution for p in splits["eval"] if equation_key(p.solution) & train_arithmetic]
+    train_arithmetic = {equation_key(p.solution) for p in train} - {frozenset()}
+    same_arithmetic = [p.solution for p in splits["eval"] if equation_key(p.solution) in train_arithmetic]
     sft_text = {normalize_question(p.question) for p in splits["sft"]}
     rl_in_sft = [p.question for p in splits["rl"] if normalize_question(p.question) in sft_text]
     corpus_text = "\n".join(" ".join(d.text.lower().split()) for d in corpus)

@@ -128,7 +128,7 @@ def _validate(
     from data_contracts.suites import CONTRACTS, build_frame, build_suite, held_out_references
 
     contract = CONTRACTS[dataset.name]
-    needed = {*contract.question_overlap, *contract.paragraph_overlap}
+    needed = {*contract.question_overlap, *contract.paragraph_overlap, *contract.arithmetic_overlap}
     if contract.question_overlap:
         needed.add("corpus")
     refs = held_out_references(
@@ -137,7 +137,12 @@ def _validate(
     )
     try:
         frame = build_frame(
-            contract, [dataset.rows[label].data for label in labels], labels, refs.corpus, refs.paragraphs
+            contract,
+            [dataset.rows[label].data for label in labels],
+            labels,
+            refs.corpus,
+            refs.paragraphs,
+            refs.arithmetic,
         )
     except ValueError as e:
         raise ContractViolation(f"{contract.name}: {e}") from None

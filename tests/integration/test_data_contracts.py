@@ -134,7 +134,7 @@ def contracts(tmp_path_factory):
             contract,
             {c.name: [r for f in c.files for r in training[f]] for c in suites.CONTRACTS.values()},
         )
-        frame = suites.build_frame(contract, rows, labels, refs.corpus, refs.paragraphs)
+        frame = suites.build_frame(contract, rows, labels, refs.corpus, refs.paragraphs, refs.arithmetic)
         suite = suites.build_suite(contract, params, refs.question_keys)
         return ctx.validate(name, frame, suite, run_name="test")
 
@@ -272,11 +272,19 @@ def test_eval_overlap_with_training_is_caught(contracts):
     )
     # A solution whose final answer is not the answer.
     files["eval.jsonl"][3]["solution"] = "She reads 7*3=21 pages.\n#### 22"
+    # The arithmetic of an SFT solution (the sum's operands swapped) in another story.
+    training["sft.jsonl"][0]["response"] = "Ava spends 3+38 = <<3+38=41>>41 dollars.\n#### 41"
+    training["sft.jsonl"][0]["answer"] = "41"
+    files["eval.jsonl"][6]["solution"] = "She reads 38+3 = <<38+3=41>>41 pages.\n#### 41"
+    files["eval.jsonl"][6]["answer"] = "41"
+    files["eval.jsonl"][7]["solution"] = "She reads 38-3 = <<38-3=35>>35 pages.\n#### 35"  # another sum
+    files["eval.jsonl"][7]["answer"] = "35"
     result = contracts("eval", files, training)
     assert _flagged(result) == {
         "expect_column_values_to_not_be_in_set(_question_key)": {"eval.jsonl:3"},
         "expect_column_values_to_be_in_set(_in_corpus)": {"eval.jsonl:6"},
         "expect_column_pair_values_to_be_equal(answer, _final_answer)": {"eval.jsonl:4"},
+        "expect_column_values_to_be_in_set(_shared_arithmetic)": {"eval.jsonl:7"},
     }
 
 

@@ -256,9 +256,9 @@ def test_split_math_keeps_eval_arithmetic_out_of_training():
     """An eval problem's sum is in no training split, told in another story or with its operands
     swapped; the eval keeps one row per problem; and check_no_overlap names a violation."""
 
-    def sum_problem(story: str, a: int, b: int) -> Problem:
+    def sum_problem(story: str, a: int, b: int, origin: str = "mathgen:test") -> Problem:
         solution = f"That is {a}+{b} = <<{a}+{b}={a + b}>>{a + b}.\n#### {a + b}"
-        return Problem(story.format(a=a, b=b), solution, str(a + b), 1, "user:test")
+        return Problem(story.format(a=a, b=b), solution, str(a + b), 1, origin)
 
     stories = ["A van goes {a} km, then {b} km. How far?", "Kai pays ${a} and ${b}. How much?"]
     pool = [sum_problem(s, a, b) for a in range(10, 40) for b in (3, 4) for s in stories]
@@ -279,6 +279,11 @@ def test_split_math_keeps_eval_arithmetic_out_of_training():
     )
     with pytest.raises(StageError, match=r"eval problems whose worked arithmetic is in sft/rl"):
         check_no_overlap(leaked, [])
+    # A user's problems are never dropped: an eval group keeps all of its user rows.
+    users = [sum_problem(s, a, b, "user:mine.jsonl") for a in range(10, 40) for b in (3, 4) for s in stories]
+    splits = split_math(users, num_eval=8, num_rl=10, num_sft=60, seed=3)
+    assert len(splits["eval"]) >= 8 and len({equation_key(p.solution) for p in splits["eval"]}) < 8
+    check_no_overlap(splits, [])
 
 
 def test_cleaning_and_near_duplicate_removal():
