@@ -63,10 +63,11 @@ CLAIMS = [
     ("README.md", r"rl \((\w+), members \[(\d+)\]\)", ["rl.algorithm", "dae_exit"], "scalar"),
     (
         "README.md",
-        r"on (\d+) held-out GSM-style problems \(one operation",
+        r"on (\d+) held-out GSM-style problems: one sum or difference",
         ["evaluate.num_problems"],
         "scalar",
     ),
+    ("README.md", r"`compress\.ratio` lowered to ([\d.]+)", ["compress.ratio"], "scalar"),
     ("benchmarks/RESULTS.md", r"`data\.math_levels: (\[[\d, ]+\])`", ["data.math_levels"], "scalar"),
 ]
 
