@@ -140,22 +140,23 @@ def target_lines(metrics_dir: str | Path) -> list[str]:
             f"worst {max(worst, 0.0) * 100:.1f} points below",
             worst <= t["depth_slack"] + 1e-9,
         )
+
+    def gain_line(name: str, start: float | None, end: float | None, target: str) -> bool:
+        """The line of an accuracy gain in points; False (no line) when either end is missing."""
+        if start is None or end is None:
+            return False
+        gain = end - start
+        line(
+            f"{name} gain >= {t[target] * 100:.0f} points",
+            f"{gain * 100:+.1f} points",
+            gain >= t[target] - 1e-9,
+        )
+        return True
+
     control = comp.get("dae_control") or {}
     before, dense = (control.get(k) or {} for k in ("before_dae", "dense"))
-    if before.get("accuracy") is not None and dense.get("accuracy") is not None:
-        gain = dense["accuracy"] - before["accuracy"]
-        line(
-            f"DaE gain >= {t['dae_gain'] * 100:.0f} points",
-            f"{gain * 100:+.1f} points",
-            gain >= t["dae_gain"] - 1e-9,
-        )
-    if rl.get("accuracy_start") is not None and rl.get("accuracy_end") is not None:
-        gain = rl["accuracy_end"] - rl["accuracy_start"]
-        line(
-            f"rl gain >= {t['rl_gain'] * 100:.0f} points",
-            f"{gain * 100:+.1f} points",
-            gain >= t["rl_gain"] - 1e-9,
-        )
+    gain_line("DaE", before.get("accuracy"), dense.get("accuracy"), "dae_gain")
+    if gain_line("rl", rl.get("accuracy_start"), rl.get("accuracy_end"), "rl_gain"):
         steps, with_grad = rl.get("steps") or 0, rl.get("steps_with_gradient") or 0
         share = with_grad / steps if steps else 0.0
         line(
