@@ -10,14 +10,17 @@ Writes  artifacts/family_sft/, checkpoints in artifacts/checkpoints/family_sft/,
 Ruyi2 (Fig. 2, section 4.3.1) tunes the whole family after CPT and before DaE, in two curriculum
 stages: Stage I general behaviour, Stage II domain capability with replay of Stage I data at a fixed
 (unpublished) ratio. Here every parameter trains with the joint multi-exit loss `sum_k w_k CE_k` over
-all members (`family_sft.exit_weights`), on the assistant tokens only:
+all members (`family_sft.exit_weights`), on the assistant tokens of the chats:
 - Stage I (the first `stage1_steps` optimizer steps): chats built from the general documents of
   corpus_train (`source != "math"`), one per document, alternating two instructions: "Continue this
   text" (prompt: the first part of the document, response: the text that follows it) and "Repeat this
   text exactly" (prompt and response: the same passage). They teach the chat turn structure and
   `<|im_end|>` on text that is not math.
-- Stage II (the remaining steps): the math chats of sft.jsonl, with `replay_fraction` of the rows
-  being Stage I chats (experience replay).
+- Stage II (the remaining steps): the math chats of sft.jsonl, with `text_replay_fraction` of the rows
+  plain corpus_train text (packed blocks of `text_replay_seq_len` tokens, every token a label: the
+  pre-training stream replayed, so the members keep modelling text) and `replay_fraction` of the
+  other rows Stage I chats (experience replay). A batch is trimmed to its longest row, so replay
+  blocks no longer than the math chats cost no padding.
 One learning-rate schedule spans both stages. The batch of every step is a pure function of the step,
 so a resumed run is exact (as in the other training stages). `training.backend: megatron` trains the
 same steps on megatron-core ranks (tasks/training/family.py). `holdout_fraction` of sft.jsonl (by id
@@ -47,6 +50,7 @@ from tasks.training.batches import (
     check_tokenizer,
     fixed_batches,
     pack_corpus,
+    padded_blocks,
     read_corpus,
     read_sft,
     sft_holdout_split,
@@ -148,10 +152,11 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
     if cfg.text_replay_fraction > 0:
         import torch
 
+        block_len = cfg.text_replay_seq_len or cfg.seq_len
         blocks = pack_corpus(
-            tokenizer, [r["text"] for r in corpus_rows], cfg.seq_len, f"{corpus_path} (text replay)"
+            tokenizer, [r["text"] for r in corpus_rows], block_len, f"{corpus_path} (text replay)"
         )
-        text = {"input_ids": blocks, "attention_mask": torch.ones_like(blocks), "labels": blocks.clone()}
+        text = padded_blocks(blocks, cfg.seq_len, tokenizer.pad_token_id)
         stage2 = MixedStream(
             stage2, BlockStream(text, params.seed, f"{STAGE}/text_replay"), cfg.text_replay_fraction
         )

@@ -295,6 +295,9 @@ class FamilySFTParams(TrainParams):
     # token: the pre-training stream replayed, so the members keep modelling text); replay_fraction is
     # then a share of the other rows.
     text_replay_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    # Tokens per text-replay block (right-padded to seq_len; null = seq_len). A block no longer than the
+    # math chats never widens a batch, which is trimmed to its longest row.
+    text_replay_seq_len: PositiveInt | None = None
     # Stage I chats drawn from the general documents (each document gives at most one).
     stage1_examples: PositiveInt = 1000
     # Share of sft.jsonl held out (by id hash, as the sft stage does) for the per-member loss.
@@ -303,6 +306,11 @@ class FamilySFTParams(TrainParams):
 
     @model_validator(mode="after")
     def _check_stages(self) -> FamilySFTParams:
+        if self.text_replay_seq_len is not None and self.text_replay_seq_len > self.seq_len:
+            raise ValueError(
+                f"text_replay_seq_len ({self.text_replay_seq_len}) must be <= seq_len ({self.seq_len}): "
+                f"a replay block is one row of a batch"
+            )
         if self.stage1_steps >= self.max_steps:
             raise ValueError(
                 f"stage1_steps ({self.stage1_steps}) must be < max_steps ({self.max_steps}): "

@@ -157,6 +157,22 @@ class SFTStats:
         return dict(self.__dict__)
 
 
+def padded_blocks(blocks: torch.Tensor, seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Packed N x T text blocks as LM rows of width `seq_len` >= T: every block token attended and a
+    label, right padding (pad id, attention 0, label -100) as `build_sft_examples` pads, so the rows
+    batch with SFT rows and `trim_batch` cuts the padding."""
+    import torch
+
+    n, t = blocks.shape
+    if t > seq_len:
+        raise ValueError(f"blocks of {t} tokens do not fit rows of seq_len={seq_len}")
+    input_ids = torch.full((n, seq_len), pad_id, dtype=torch.long)
+    attention = torch.zeros((n, seq_len), dtype=torch.long)
+    labels = torch.full((n, seq_len), IGNORE_INDEX, dtype=torch.long)
+    input_ids[:, :t], attention[:, :t], labels[:, :t] = blocks, 1, blocks
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
 def build_sft_examples(
     tokenizer, rows: Sequence[dict[str, Any]], seq_len: int, where: str
 ) -> tuple[dict[str, torch.Tensor], SFTStats]:

@@ -101,6 +101,42 @@ def test_text_replay_feeds_plain_corpus_blocks_into_stage_two(workspace, monkeyp
         load(workspace, family_sft__text_replay_fraction=1.0)
 
 
+def test_short_text_replay_blocks_are_padded_and_never_widen_a_batch(workspace, monkeypatch):
+    """text_replay_seq_len packs the replayed text in shorter blocks: each replay row holds exactly that
+    many attended, labelled tokens and then padding, so a batch is as wide as its longest chat."""
+    seen = []
+    original = family.train_family
+
+    def spy(**kwargs):
+        stream = kwargs["stream"]
+        for position in range(stream.switch, stream.switch + 40, 8):
+            untrimmed = stream.stage2.rows_at(range(position - stream.switch, position - stream.switch + 8))
+            seen.append((untrimmed, stream.batch(position, 8)))
+        return original(**kwargs)
+
+    monkeypatch.setattr(family, "train_family", spy)
+    params = load(
+        workspace,
+        family_sft__text_replay_fraction=0.25,
+        family_sft__replay_fraction=0.0,
+        family_sft__text_replay_seq_len=12,
+    )
+    family_sft.run(params)
+    text_rows = 0
+    for untrimmed, batch in seen:
+        mask, labels = untrimmed["attention_mask"], untrimmed["labels"]
+        is_text = [bool((labels[i, :12] != -100).all()) and int(mask[i].sum()) == 12 for i in range(8)]
+        text_rows += sum(is_text)
+        chats = [int(mask[i].sum()) for i in range(8) if not is_text[i]]
+        assert batch["input_ids"].shape[1] == max(chats)  # the text rows (12 tokens) never set the width
+        for i in (i for i in range(8) if is_text[i]):
+            assert torch.equal(labels[i, :12], untrimmed["input_ids"][i, :12])
+            assert bool((labels[i, 12:] == -100).all()) and int(mask[i, 12:].sum()) == 0
+    assert text_rows == 10  # a quarter of 40 rows, as with full-width blocks
+    with pytest.raises(ParamsError, match=r"text_replay_seq_len \(99\) must be <= seq_len"):
+        load(workspace, family_sft__text_replay_seq_len=99, family_sft__seq_len=64)
+
+
 def test_stage1_steps_must_leave_stage2_steps(workspace):
     with pytest.raises(ParamsError, match=r"stage1_steps \(8\) must be < max_steps \(8\)"):
         load(workspace, family_sft__stage1_steps=8)

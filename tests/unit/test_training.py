@@ -11,7 +11,14 @@ from training_helpers import sft_like_rows
 
 from tasks.core.params import CPTParams, ExitWeightSchedule, ParamsError, TrainParams
 from tasks.core.stage import StageError
-from tasks.training.batches import BlockStream, MixedStream, pack_documents, sft_holdout_split, trim_batch
+from tasks.training.batches import (
+    BlockStream,
+    MixedStream,
+    pack_documents,
+    padded_blocks,
+    sft_holdout_split,
+    trim_batch,
+)
 from tasks.training.checkpoint import Checkpointer, fingerprint_info
 from tasks.training.curves import write_loss_curves
 from tasks.training.loop import (
@@ -193,6 +200,20 @@ def test_trim_batch_cuts_common_right_padding():
     }
     out = trim_batch(batch)
     assert out["input_ids"].tolist() == [[5, 6], [7, 0]]
+
+
+def test_padded_blocks_pad_like_sft_rows_and_full_width_blocks_are_unchanged():
+    blocks = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    rows = padded_blocks(blocks, seq_len=5, pad_id=0)
+    assert rows["input_ids"].tolist() == [[5, 6, 7, 0, 0], [8, 9, 10, 0, 0]]
+    assert rows["attention_mask"].tolist() == [[1, 1, 1, 0, 0]] * 2
+    assert rows["labels"].tolist() == [[5, 6, 7, -100, -100], [8, 9, 10, -100, -100]]
+    assert trim_batch(rows)["input_ids"].shape == (2, 3)
+    full = padded_blocks(blocks, seq_len=3, pad_id=0)  # the width of the rows: the blocks as they are
+    assert torch.equal(full["input_ids"], blocks) and torch.equal(full["labels"], blocks)
+    assert bool((full["attention_mask"] == 1).all())
+    with pytest.raises(ValueError, match="do not fit"):
+        padded_blocks(blocks, seq_len=2, pad_id=0)
 
 
 def test_sft_holdout_split_is_stable_and_disjoint():
