@@ -41,7 +41,15 @@ def _schema_default(dotted: str):
 
 
 def _as_value(text: str):
-    return yaml.safe_load(text)
+    """A stated value as params.yaml would hold it; prose numbers too ("3e-4", "1,700")."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            number = float(text.replace(",", ""))
+        except ValueError:
+            return value
+        return int(number) if number.is_integer() and "e" not in text.lower() else number
+    return value
 
 
 # (file, regex with one group per stated value, param paths in the group order, how to parse a group)
@@ -67,7 +75,20 @@ CLAIMS = [
         ["evaluate.num_problems"],
         "scalar",
     ),
-    ("README.md", r"`compress\.ratio` lowered to ([\d.]+)", ["compress.ratio"], "scalar"),
+    ("README.md", r"at `compress\.ratio` ([\d.]+), ", ["compress.ratio"], "scalar"),
+    ("README.md", r"`rl\.lr` ([\d.e-]+), the mean", ["rl.lr"], "scalar"),
+    (
+        "benchmarks/RESULTS.md",
+        r"`family_sft\.text_replay_seq_len`\s+\(new, (\d+) in the tiny profile\)",
+        ["family_sft.text_replay_seq_len"],
+        "scalar",
+    ),
+    (
+        "benchmarks/RESULTS.md",
+        r"`max_steps` went from 1,300 to ([\d,]+) for",
+        ["family_sft.max_steps"],
+        "scalar",
+    ),
     ("benchmarks/RESULTS.md", r"`data\.math_levels: (\[[\d, ]+\])`", ["data.math_levels"], "scalar"),
 ]
 
