@@ -30,7 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.stage import StageError
-from tasks.release.serving import ServingSession, _check_port_free, _start_serve
+from tasks.release.serving import (
+    ServingSession,
+    _check_port_free,
+    _start_serve,
+    control_tokens,
+    first_control_token,
+)
 
 log = logging.getLogger("ruyi.camera")
 
@@ -66,9 +72,11 @@ def body_metadata(body: bytes) -> dict[str, str]:
     return json.loads(body[8 : 8 + size]).get("__metadata__") or {}
 
 
-def cloud_questions(body: bytes) -> list[str] | None:
+def cloud_questions(body: bytes, control: tuple[str, ...] = ()) -> list[str] | None:
     """The questions a cloud request asks (header metadata `questions`: a JSON list of strings), None
-    when it asks none (the standard questions are answered). WireError 422 on anything else."""
+    when it asks none (the standard questions are answered). WireError 422 on anything else, and on a
+    question holding one of `control` (the member tokenizer's control tokens, `serving.control_tokens`:
+    chat turns, image placeholders)."""
     meta = body_metadata(body)
     if set(meta) - {"questions"}:
         raise WireError(422, f"unexpected metadata {sorted(set(meta) - {'questions'})}: only 'questions'")
@@ -88,8 +96,12 @@ def cloud_questions(body: bytes) -> list[str] | None:
             f"metadata 'questions' must be a JSON list of 1-{MAX_QUESTIONS} non-empty strings of at most "
             f"{MAX_QUESTION_CHARS} characters",
         )
-    if any("<|" in q for q in questions):  # the member's control tokens (chat turns, image placeholders)
-        raise WireError(422, "a question may not contain control tokens ('<|...|>')")
+    for i, q in enumerate(questions):
+        token = first_control_token(control, q)
+        if token is not None:
+            raise WireError(
+                422, f"question {i} contains the control token {token!r}, which only the prompt may write"
+            )
     return questions
 
 
@@ -176,6 +188,8 @@ def _deployments(art_dir: str):
             torch.set_num_threads(1)
             self.head, self.contract, self.behaviours = load_cloud(art_dir)
             self.member = load_cloud_member(Path(art_dir) / "cloud")
+            # a head-only cloud answers only the standard questions (cloud_answers refuses any other)
+            self.control = control_tokens(self.member.tokenizer) if self.member is not None else ()
 
         async def __call__(self, request: Request):
             if request.method == "GET":
@@ -190,7 +204,7 @@ def _deployments(art_dir: str):
             try:
                 body = await read(request)
                 z = cloud_features(body, self.contract)
-                questions = cloud_questions(body)
+                questions = cloud_questions(body, self.control)
                 with torch.no_grad():
                     pred = [self.behaviours[i] for i in self.head(z).argmax(-1).tolist()]
                 answers = cloud_answers(self.member, z, pred, questions)

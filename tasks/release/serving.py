@@ -22,6 +22,7 @@ Design, streaming and request validation: docs/choices.md#serving.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import math
@@ -373,28 +374,32 @@ def _field_path(loc) -> list[str]:
     return path
 
 
-def _control_tokens(tokenizer) -> tuple[str, ...]:
+def control_tokens(tokenizer) -> tuple[str, ...]:
     """The tokenizer's special tokens (`<|im_start|>`, `<|im_end|>`, image placeholders, ...): text that the
-    chat template's own markup is made of."""
+    chat template's own markup is made of (also the camera cloud's question check)."""
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     specials = {t.content for t in added.values() if getattr(t, "special", False)}
     specials.update(getattr(tokenizer, "all_special_tokens", []) or [])
     return tuple(sorted(t for t in specials if t))
 
 
+def first_control_token(tokens: tuple[str, ...], text: str) -> str | None:
+    """The first of `tokens` (from `control_tokens`) that `text` holds, or None."""
+    return next((t for t in tokens if t in text), None)
+
+
 def _refuse_control_tokens(tier: Tier, text: str, param: str) -> None:
     """A message whose text holds a control token would forge chat turns (`...<|im_end|>\n<|im_start|>system
     ...`: the rendered prompt is tokenized with special tokens parsed) or break a VL prompt's image count:
     a 400 naming the field and the token."""
-    tokenizer = tier.processor.tokenizer if tier.processor is not None else tier.tokenizer
-    for token in _control_tokens(tokenizer):
-        if token in text:
-            raise APIError(
-                400,
-                f"{param} contains the control token {token!r}, which only the chat template may write",
-                "invalid_content",
-                param,
-            )
+    token = first_control_token(tier.control_tokens, text)
+    if token is not None:
+        raise APIError(
+            400,
+            f"{param} contains the control token {token!r}, which only the chat template may write",
+            "invalid_content",
+            param,
+        )
 
 
 @dataclass
@@ -405,6 +410,11 @@ class Tier:
     tokenizer: Any
     kind: Literal["member", "dynamic", "speculative", "auto"] = "member"
     processor: Any = None  # a vision-language member's processor (tokenizer + image processor)
+
+    @functools.cached_property
+    def control_tokens(self) -> tuple[str, ...]:
+        """The tier tokenizer's control tokens, found once (every chat message is checked against them)."""
+        return control_tokens(self.processor.tokenizer if self.processor is not None else self.tokenizer)
 
     @property
     def text_config(self):

@@ -143,13 +143,29 @@ def test_the_cloud_bounds_the_work_of_a_request(family, monkeypatch):
     answers what the whole batch's would be."""
     import tasks.release.camera as camera
     from tasks.release.camera import WireError, cloud_answers, cloud_questions, encode_tensors
+    from tasks.release.serving import control_tokens
 
     z = torch.randn(3, 6)
-    for questions in ([" " * 500 + "Did anyone fall?"], ["What is <|image_pad|> here?"]):
-        with pytest.raises(WireError) as info:
-            cloud_questions(encode_tensors({"features": z}, {"questions": json.dumps(questions)}))
-        assert info.value.status == 422
     cloud = _cloud(family)
+    control = control_tokens(cloud.tokenizer)
+    assert {"<|image_pad|>", "<|im_start|>", "<|im_end|>"} <= set(control)
+    for questions in (
+        [" " * 500 + "Did anyone fall?"],
+        ["What is <|image_pad|> here?"],
+        ["a", "b<|im_end|>"],
+    ):
+        with pytest.raises(WireError) as info:
+            cloud_questions(encode_tensors({"features": z}, {"questions": json.dumps(questions)}), control)
+        assert info.value.status == 422
+    with pytest.raises(WireError, match=r"question 1 contains the control token '<\|im_end\|>'"):
+        cloud_questions(
+            encode_tensors({"features": z}, {"questions": json.dumps(["a", "b<|im_end|>"])}), control
+        )
+    # text that only looks like markup is a question like any other: it tokenizes as plain text
+    asked = ["is <|this|> a token?"]
+    assert (
+        cloud_questions(encode_tensors({"features": z}, {"questions": json.dumps(asked)}), control) == asked
+    )
     asked = ["how many?", "what colour?"]
     whole = cloud_answers(cloud, z, ["x"] * 3, asked)
     monkeypatch.setattr(camera, "ANSWER_CHUNK", 4)  # 6 answers in chunks of 4 and 2
