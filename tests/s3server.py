@@ -28,8 +28,10 @@ Design (a real S3 server, no mock):
   nevertheless creates as /tmp/seaweedfs-<component>-<P+10000>.sock are removed on stop.
 - `-master.electionTimeout=1s`: with the default 10 s, a restart on existing data waits ~14 s for the
   single master to elect itself; with 1 s a restart is ready in ~4 s like a first start.
-- Ready when `list_buckets` answers (3-4 s). Stop: SIGTERM, 2 s grace, then SIGKILL (a graceful stop
-  takes ~15 s, which tests do not need). The process is always killed by its PID in a finalizer.
+- Ready when `list_buckets` answers and the master lists the volume server with every volume on disk
+  (3-4 s): after a restart the gateway answers before the volume server has re-registered, and a read
+  or write in that window fails with InternalError. Stop: SIGTERM, 2 s grace, then SIGKILL (a graceful
+  stop takes ~15 s, which tests do not need). The process is always killed by its PID in a finalizer.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -180,6 +183,7 @@ class S3Server:
 
         deadline = time.monotonic() + timeout
         client = self.client(connect_timeout=1, read_timeout=3, max_attempts=1)
+        on_disk = len(list(self.data_dir.glob("*.dat")))  # volumes written before a restart
         last: Exception | None = None
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -189,14 +193,42 @@ class S3Server:
                 )
             try:
                 client.list_buckets()
-                return
             except (BotoCoreError, ClientError) as e:
                 last = e
                 time.sleep(0.3)
+                continue
+            registered = self._registered_volumes()
+            if registered is not None and registered >= on_disk:
+                return
+            last = RuntimeError(
+                f"the master lists {registered if registered is not None else 'no volume server and'} "
+                f"of the {on_disk} volumes on disk"
+            )
+            time.sleep(0.3)
         self.kill()
         raise RuntimeError(
             f"SeaweedFS not ready after {timeout:.0f} s ({last}); log tail:\n{self.log_tail()}"
         )
+
+    def _registered_volumes(self) -> int | None:
+        """How many volumes the master knows from the volume server's heartbeat; None before it has one.
+
+        The S3 gateway answers `list_buckets` from the filer alone, before the volume server has
+        registered with the master (its first heartbeat can meet a master that is not yet leader):
+        until then every object read or write fails with InternalError ("volume N not found")."""
+        url = f"http://127.0.0.1:{self.master_port}/dir/status"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                topology = json.loads(response.read())["Topology"]
+        except (OSError, ValueError, KeyError):
+            return None
+        nodes = [
+            node
+            for dc in topology.get("DataCenters") or []
+            for rack in dc.get("Racks") or []
+            for node in rack.get("DataNodes") or []
+        ]
+        return sum(node.get("Volumes", 0) for node in nodes) if nodes else None
 
     def kill(self) -> None:
         """SIGKILL, like a crash: no graceful shutdown. Safe to call from any thread."""

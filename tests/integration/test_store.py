@@ -524,6 +524,9 @@ def test_s3_server_killed_mid_upload_then_retry(aws_env, tmp_path, blob_export):
     assert [u["Key"] for u in pending] == ["releases/fam/v0001/zz_blob.bin"]  # the crash was mid-multipart
     small_files = {p for p in uploaded if p != "zz_blob.bin"}
     assert small_files  # these completed before the crash
+    first = sorted(small_files)[0]  # readable at once: restart() waits for the volume server's volumes
+    got = client.get_object(Bucket="rel-crash", Key=f"releases/fam/v0001/{first}")["Body"].read()
+    assert got == (blob_export / first).read_bytes()
 
     retried: set[str] = set()
     rel = store.publish("fam", blob_export, callback=lambda p, n: retried.add(p))
