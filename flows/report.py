@@ -39,9 +39,10 @@ def summary_rows(metrics_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def recipe_lines(metrics_dir: str | Path) -> list[str]:
-    """The recipe's gains in words: DaE (member before vs after expansion), rl (before/after, steps with a
-    gradient), compression (removed shares, gain retained) and the auto tier's router (layers and
-    accuracy vs always-deepest); a missing metrics file gives no line."""
+    """The recipe's gains in words: DaE (member before vs after expansion), rl (before/after, the step
+    whose weights were kept, steps with a gradient), compression (removed shares, gain retained) and
+    the auto tier's router (layers and accuracy vs always-deepest); a missing metrics file gives no
+    line."""
     metrics_dir = Path(metrics_dir)
     comp, rl = _read(metrics_dir / "compress.json"), _read(metrics_dir / "rl.json")
     route = _read(metrics_dir / "route.json")
@@ -72,9 +73,18 @@ def recipe_lines(metrics_dir: str | Path) -> list[str]:
                 f"{int(s)}: {pct(a, '.0%')}" for s, a in zip(held["step"], held["accuracy"], strict=True)
             )
             between = f" (exit {members[0]} by step: {points})"
+        # rl.select_prompts: the weights kept are those of the best point on select, maybe not the last.
+        selection = rl.get("selection") or {}
+        kept = ""
+        if selection:
+            kept = (
+                f"; kept step {selection.get('kept_step')} (best on {selection.get('prompts')} select "
+                f"problems: {pct(selection.get('kept_accuracy'))}; the last step scored "
+                f"{pct(rl.get('accuracy_last_step'))} held-out)"
+            )
         lines.append(
             f"rl ({rl.get('algorithm')}, members {members}): held-out accuracy "
-            f"{pct(rl.get('accuracy_start'))} -> {pct(rl.get('accuracy_end'))}{between}; steps with a "
+            f"{pct(rl.get('accuracy_start'))} -> {pct(rl.get('accuracy_end'))}{between}{kept}; steps with a "
             f"gradient {rl.get('steps_with_gradient', '-')}/{steps}"
         )
     removed = comp.get("removed_fraction") or {}

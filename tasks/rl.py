@@ -2,10 +2,13 @@
 
     python -m tasks.rl [--params params.yaml] [--set rl.algorithm=grpo] [--set rl.members=all] ...
 
-Reads `artifacts/sft/` and `data/validated/rl.jsonl`. Writes `artifacts/rl/`, resumable checkpoints in
-`artifacts/checkpoints/rl/`, `metrics/rl.json` (reward and accuracy before/after per member, steps with
-gradient, timings) and `plots/rl/curves.{png,csv}`. The step is `tasks.training.rl_trainer.RLTrainer`,
-the losses are in `tasks.training.rl_algos`. Choices: docs/choices.md#rl.
+Reads `artifacts/sft/`, `data/validated/rl.jsonl` and, with `rl.select_prompts`, `select.jsonl` (the
+checkpoint selection: the weights of the held-out evaluation point, step 0 included, that answers the
+most select problems are kept). Writes `artifacts/rl/`, resumable checkpoints in
+`artifacts/checkpoints/rl/`, `metrics/rl.json` (reward and accuracy before/after per member, the kept
+step, steps with gradient, timings) and `plots/rl/curves.{png,csv}`. The step is
+`tasks.training.rl_trainer.RLTrainer`, the losses are in `tasks.training.rl_algos`. Choices:
+docs/choices.md#rl.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from tasks.training.rl_trainer import (
     RLTrainer,
     evaluate_members,
     load_rl_rows,
+    load_select_rows,
     resolve_members,
     split_rows,
     trainable_parameters,
@@ -61,21 +65,90 @@ CURVE_KEYS = (
 
 
 def checkpoint_info(
-    params: Params, rl_path: Path, sft_dir: Path, code_root: Path | None = None
+    params: Params,
+    rl_path: Path,
+    sft_dir: Path,
+    code_root: Path | None = None,
+    select_path: Path | None = None,
 ) -> dict[str, Any]:
     """What an rl checkpoint must agree on (`tasks.training.checkpoint.fingerprint_info`): params.rl, the
     seed, rl.jsonl, the SFT checkpoint and the code of every module this stage imports. `steps` and
     `checkpoint_every` are left out: extending a run resumes it (the lr is constant, so nothing before
-    step n depends on the total); so is `eval_every` (greedy evaluation never changes training)."""
+    step n depends on the total); so is `eval_every` (greedy evaluation never changes training), unless
+    `rl.select_prompts` selects among its points: then it and select.jsonl (`select_path`) count."""
     inputs = {"rl": sha256_file(rl_path), "sft": dir_sha256(sft_dir)}
+    extra = None
+    if params.rl.select_prompts:
+        if select_path is None:
+            raise ValueError("rl.select_prompts is set: checkpoint_info needs select_path")
+        inputs["select"] = sha256_file(select_path)
+        extra = {"selection_eval_every": params.rl.eval_every}
     return fingerprint_info(
         "rl",
         params.rl,
         seed=params.seed,
         exclude=("steps", "checkpoint_every", "eval_every"),
         inputs=inputs,
+        extra=extra,
         code_root=code_root,
     )
+
+
+# --- checkpoint selection --------------------------------------------------------------------------
+
+
+class Selection:
+    """rl's checkpoint selection (`rl.select_prompts`): at each held-out evaluation point the members'
+    mean greedy accuracy on the select rows; keeps a copy of the trainable weights of the best point so
+    far (the earliest of equals: fewer rl steps for the same score, step 0 being the SFT weights)."""
+
+    def __init__(self, rows: list[dict], trainable: list[tuple[str, Any]]):
+        self.rows = rows
+        self.trainable = trainable
+        self.curve: list[dict[str, float]] = []
+        self.best: dict[str, float] | None = None
+        self.weights: dict[str, Any] = {}
+
+    def observe(self, step: int, model, tokenizer, members: list[int], cfg) -> None:
+        result = evaluate_members(model, tokenizer, self.rows, members, cfg.max_new_tokens, cfg.format_reward)
+        point = {
+            "step": step,
+            "accuracy": sum(result[d]["accuracy"] for d in members) / len(members),
+            "reward": sum(result[d]["reward"] for d in members) / len(members),
+        }
+        self.curve.append(point)
+        if self.best is None or point["accuracy"] > self.best["accuracy"]:
+            self.best = point
+            self.weights = {name: p.detach().clone() for name, p in self.trainable}
+        log.info(
+            "rl: select accuracy %.3f at step %d (best %.3f, step %d)",
+            point["accuracy"],
+            step,
+            self.best["accuracy"],
+            self.best["step"],
+        )
+
+    def restore(self) -> None:
+        """Copies the kept weights into the trainable parameters."""
+        import torch
+
+        with torch.no_grad():
+            for name, p in self.trainable:
+                p.copy_(self.weights[name])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"selection_curve": self.curve, "selection_best": self.best}
+
+    def load(self, state: dict[str, Any], tensors: dict[str, Any], where: Path) -> None:
+        self.curve = list(state.get("selection_curve") or [])
+        self.best = state.get("selection_best")
+        names = {name for name, _ in self.trainable}
+        if self.best is not None and set(tensors) != names:
+            raise StageError(
+                f"{where}: the kept weights hold {sorted(set(tensors) ^ names)[:5]} unlike the trainable "
+                "parameters; delete the checkpoint to start over"
+            )
+        self.weights = dict(tensors)
 
 
 # --- plots -----------------------------------------------------------------------------------------
@@ -87,6 +160,7 @@ def write_curves(
     algorithm: str,
     held_out: HeldOut | None = None,
     window: int = 10,
+    selection: Selection | None = None,
 ) -> None:
     """`curves.csv` (step, member and every curve) and `curves.png` (reward, accuracy, length, KL).
 
@@ -94,7 +168,8 @@ def write_curves(
     faint points with their running mean over the last `window` steps drawn through them. `held_out`
     (member -> its held-out evaluations, `{"step", "accuracy", ...}` each: before rl, every
     `rl.eval_every` steps, after rl) is drawn on the accuracy panel, so the figure shows what rl changed
-    where it counts, beside what it sampled."""
+    where it counts, beside what it sampled; so is the checkpoint selection's select curve, with the
+    kept step marked."""
     import csv
     import io
 
@@ -125,6 +200,24 @@ def write_curves(
             axes[1, 0].plot(steps, [r["budget"] for r in rows], "--", label=f"exit {d} budget")
         axes[1, 1].plot(steps, [r["kl"] for r in rows], label=f"exit {d}")
     draw_held_out(axes[0, 1], held_out or {}, colors)
+    if selection is not None and selection.curve:
+        ax = axes[0, 1]
+        ax.plot(
+            [p["step"] for p in selection.curve],
+            [p["accuracy"] for p in selection.curve],
+            "k:",
+            marker="s",
+            ms=3,
+            label="select (greedy, mean of members)",
+        )
+        ax.axvline(selection.best["step"], color="k", lw=0.8, alpha=0.5)
+        ax.annotate(
+            f"kept: step {selection.best['step']}",
+            (selection.best["step"], selection.best["accuracy"]),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
     for ax, title in zip(
         axes.flat,
         ["reward (sampled)", "accuracy (sampled; held-out: greedy)", "response length (tokens)", "KL"],
@@ -165,17 +258,27 @@ def run(params: Params) -> dict[str, Any]:
     trainer = RLTrainer(
         model, tokenizer, train_rows, cfg, members=members, trainable=trainable, seed=params.seed
     )
-    checkpointer = Checkpointer(ws.checkpoints("rl"), checkpoint_info(params, rl_path, sft_dir))
+    select_path = ws.validated_file("select.jsonl") if cfg.select_prompts else None
+    selection = (
+        Selection(load_select_rows(select_path, cfg.select_prompts), trainable) if select_path else None
+    )
+    checkpointer = Checkpointer(
+        ws.checkpoints("rl"), checkpoint_info(params, rl_path, sft_dir, select_path=select_path)
+    )
     latest = checkpointer.find_resumable()
     state = None
     if latest is not None:
         state = checkpointer.load(latest, model, trainer.optimizer)
         trainer.load_state_dict(state)
+        if selection is not None:
+            selection.load(state, checkpointer.load_tensors(latest), latest)
     resumed_from = trainer.step_index if state is not None else None
     # Wall time of the earlier processes up to the checkpoint resumed from (work after it was redone).
     prior_wall_s = float(state.get("wall_time_s", 0.0)) if state is not None else 0.0
 
     def held_out_eval() -> dict[int, dict[str, float]]:
+        if selection is not None:
+            selection.observe(trainer.step_index, model, tokenizer, members, cfg)
         return evaluate_members(model, tokenizer, eval_rows, members, cfg.max_new_tokens, cfg.format_reward)
 
     # Each member's held-out evaluations: step 0 (before rl), every rl.eval_every steps, after rl. Its first
@@ -219,15 +322,25 @@ def run(params: Params) -> dict[str, Any]:
                 None,
                 {
                     **trainer.state_dict(),
+                    **(selection.state_dict() if selection is not None else {}),
                     "held_out_curve": {str(d): points for d, points in curve.items()},
                     "wall_time_s": prior_wall_s + time.perf_counter() - t_start,
                 },
+                tensors=selection.weights if selection is not None else None,
             )
     after = held_out_eval()
     for d in members:
         curve[d].append({"step": trainer.step_index, **after[d]})
+    kept = trainer.step_index
+    if selection is not None:
+        kept = int(selection.best["step"])
+        if kept != trainer.step_index:
+            selection.restore()
+            log.info(
+                "rl: kept the weights of step %d (select accuracy %.3f)", kept, selection.best["accuracy"]
+            )
     save_family(model, tokenizer, ws.artifacts("rl"))
-    write_curves(trainer.history, ws.plots("rl"), cfg.algorithm, curve)
+    write_curves(trainer.history, ws.plots("rl"), cfg.algorithm, curve, selection=selection)
 
     this_run_s = time.perf_counter() - t_start
     metrics = _metrics(
@@ -241,6 +354,8 @@ def run(params: Params) -> dict[str, Any]:
         checkpointer=checkpointer,
         wall_time_s=prior_wall_s + this_run_s,
         this_run_s=this_run_s,
+        kept_step=kept,
+        selection=selection,
     )
     write_metrics(params, "rl", metrics)
     return metrics
@@ -296,16 +411,19 @@ def _metrics(
     checkpointer: Checkpointer,
     wall_time_s: float,
     this_run_s: float,
+    kept_step: int,
+    selection: Selection | None = None,
 ) -> dict[str, Any]:
-    """Reward and accuracy before/after (mean over members and per member: the first and last points of
-    the held-out curve, greedy, before rl, every `rl.eval_every` steps and after), the curve, training
-    curves and times."""
+    """Reward and accuracy before/after (mean over members and per member: the held-out curve's first
+    point and its point at `kept_step`, the weights the stage saved; greedy, before rl, every
+    `rl.eval_every` steps and after), the curve, training curves and times."""
 
     def mean(vals):
         return float(sum(vals) / len(vals))
 
     before = {d: curve[d][0] for d in members}
-    after = {d: curve[d][-1] for d in members}
+    after = {d: next(p for p in curve[d] if p["step"] == kept_step) for d in members}
+    last = {d: curve[d][-1] for d in members}
 
     per_member = {}
     for d in members:
@@ -315,6 +433,7 @@ def _metrics(
             "reward_end": after[d]["reward"],
             "accuracy_start": before[d]["accuracy"],
             "accuracy_end": after[d]["accuracy"],
+            "accuracy_last_step": last[d]["accuracy"],
             "train_reward_first": hist[0]["reward"] if hist else None,
             "train_reward_last": hist[-1]["reward"] if hist else None,
             "mean_response_length": mean([h["length"] for h in hist]) if hist else None,
@@ -337,6 +456,18 @@ def _metrics(
         "accuracy_start": mean([before[d]["accuracy"] for d in members]),
         "accuracy_end": mean([after[d]["accuracy"] for d in members]),
         "accuracy_gain": mean([after[d]["accuracy"] - before[d]["accuracy"] for d in members]),
+        # The weights saved: those after kept_step steps (the last step unless rl.select_prompts chose).
+        "kept_step": kept_step,
+        "accuracy_last_step": mean([last[d]["accuracy"] for d in members]),
+        "selection": None
+        if selection is None
+        else {
+            "split": "select.jsonl",
+            "prompts": len(selection.rows),
+            "curve": held_out_columns(selection.curve, ("step", "accuracy", "reward")),
+            "kept_step": kept_step,
+            "kept_accuracy": selection.best["accuracy"],
+        },
         # Optimizer steps whose loss carried a gradient (a non-degenerate group), fewest over the members.
         "steps_with_gradient": min(per_member[f"exit_{d}"]["steps_with_gradient"] for d in members),
         "steps_with_gradient_fraction": min(per_member[f"exit_{d}"]["steps_with_gradient"] for d in members)

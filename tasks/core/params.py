@@ -394,6 +394,11 @@ class RLParams(_Section):
     # ... and every eval_every steps between (0 = before and after only): the held-out curve of
     # metrics/rl.json and plots/rl. Greedy decoding draws no random numbers, so it never changes training.
     eval_every: NonNegInt = 10
+    # Checkpoint selection: at each held-out evaluation (step 0 included) the members' mean greedy
+    # accuracy on the first select_prompts rows of select.jsonl (a split no stage trains on); the stage
+    # keeps the weights of the best point (the earliest of equals), so rl may keep the SFT weights.
+    # 0 = keep the last step's weights.
+    select_prompts: NonNegInt = 0
     # Resumable checkpoints every n steps into artifacts/checkpoints/rl (0 = none).
     checkpoint_every: NonNegInt = 10
     bppo: BPPOParams = BPPOParams()

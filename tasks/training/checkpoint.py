@@ -99,6 +99,8 @@ def fingerprint_differences(old: dict[str, Any], new: dict[str, Any]) -> list[st
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "trainer_state.json")
 #: sha256 and size of every file of a checkpoint, written last: its completeness marker.
 MANIFEST = "checksums.json"
+#: A stage's other tensors, when it saves some (`Checkpointer.save(tensors=...)`).
+EXTRA_TENSORS = "extra.safetensors"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -292,16 +294,31 @@ class Checkpointer:
             "\n  ".join(diffs),
         )
 
-    def save(self, step: int, model, optimizer, scheduler, state: dict[str, Any]) -> Path:
+    def save(
+        self,
+        step: int,
+        model,
+        optimizer,
+        scheduler,
+        state: dict[str, Any],
+        tensors: dict[str, Any] | None = None,
+    ) -> Path:
         """Writes `root/step_<step>/` atomically: the model, optimizer, scheduler (None: the stage has
-        none), RNG states, `state` (JSON) and, last, the manifest; keeps the newest `keep`."""
+        none), RNG states, `state` (JSON), `tensors` (a stage's other tensors, e.g. the weights it keeps
+        from an earlier step: `extra.safetensors`, read back by `load_tensors`) and, last, the manifest;
+        keeps the newest `keep`."""
         import torch
         from safetensors.torch import save_file
 
         final = self.root / f"step_{step}"
         with atomic_dir(final) as tmp:
-            tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-            save_file(tensors, str(tmp / "model.safetensors"))
+            weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            save_file(weights, str(tmp / "model.safetensors"))
+            if tensors:
+                save_file(
+                    {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                    str(tmp / EXTRA_TENSORS),
+                )
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             if scheduler is not None:
                 torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -351,3 +368,16 @@ class Checkpointer:
             raise StageError(f"cannot load {path / 'rng.pt'}: {e}") from None
         log.info("%s: resumed from %s (%s)", self.stage, path.name, path)
         return state
+
+    @staticmethod
+    def load_tensors(path: Path) -> dict[str, Any]:
+        """The `tensors` saved with the checkpoint `path` (empty when it has none)."""
+        from safetensors.torch import load_file
+
+        file = path / EXTRA_TENSORS
+        if not file.is_file():
+            return {}
+        try:
+            return load_file(str(file))
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise StageError(f"cannot load {file}: {e}") from None

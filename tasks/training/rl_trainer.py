@@ -84,6 +84,22 @@ def load_rl_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def load_select_rows(path: Path, n: int) -> list[dict[str, Any]]:
+    """The first `n` rows of select.jsonl (`prompt`, `answer`) as rl rows (`question`, `answer`): rl's
+    checkpoint selection (`rl.select_prompts`); fewer rows than `n` is an error naming the file."""
+    from tasks.data.mathgen import parse_number
+
+    rows = read_jsonl(path, required=("id", "prompt", "answer"))
+    if len(rows) < n:
+        raise StageError(f"{path}: {len(rows)} rows, but rl.select_prompts={n}; lower it (0 = no selection)")
+    out = []
+    for i, row in enumerate(rows[:n], 1):
+        if parse_number(str(row["answer"])) is None:
+            raise StageError(f"{path}: row {i} (id={row['id']!r}): answer {row['answer']!r} is not a number")
+        out.append({"id": row["id"], "question": str(row["prompt"]), "answer": row["answer"]})
+    return out
+
+
 def split_rows(rows: list[dict], eval_prompts: int, path: Path) -> tuple[list[dict], list[dict]]:
     """(train, eval): the last `eval_prompts` rows are the fixed held-out evaluation slice, together with
     any earlier row that poses the same problem as one of them (`mathgen.problem_key`: the same template

@@ -626,6 +626,11 @@ def rl(params: Params) -> dict[str, Any]:
         )
     if cfg.beta != 0.0 or cfg.num_iterations != 1:
         raise StageError("rl.beta and rl.num_iterations: the VL profile's GRPO runs beta 0, one iteration")
+    if cfg.select_prompts:
+        raise StageError(
+            "rl.select_prompts: the VL profile keeps its last step (its select split is rl's held-out "
+            "slice); set it to 0"
+        )
     model = load_family(params, "family_sft")
     processor = load_processor(params)
     members = _rl_members(params)

@@ -697,6 +697,121 @@ def test_resume_equals_uninterrupted_run(micro, tmp_path):
     assert sorted(p.name for p in stale.iterdir()) == ["step_2"]
 
 
+def write_select(root, questions_: list[str], answer: str) -> None:
+    """select.jsonl (the split rl's checkpoint selection scores) with these questions, one answer each."""
+    with open(root / "data" / "validated" / "select.jsonl", "w") as f:
+        for i, q in enumerate(questions_):
+            f.write(json.dumps({"id": f"select-{i}", "prompt": q, "answer": answer, "level": 1}) + "\n")
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(path / "model.safetensors")
+
+
+def _same_weights(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+SELECT_SIGNAL = {"rl.prompts_per_step": 4, "rl.group_size": 4, "rl.eval_every": 1, "rl.steps": 4}
+#: Settings under which rl moves the micro task's greedy answers from 3 to its rewarded 7 (GRPO learns it
+#: between steps 4 and 8 and keeps it, so a selection keeps step 8: neither the first nor the last).
+LEARNING = {
+    "rl.algorithm": "grpo",
+    "rl.prompts_per_step": 4,
+    "rl.group_size": 8,
+    "rl.eval_every": 4,
+    "rl.steps": 12,
+    "rl.eval_prompts": 8,
+}
+
+
+def test_selection_keeps_the_weights_of_the_best_select_point(micro, tmp_path):
+    from tasks.rl import main
+
+    rows = rl_rows(40)
+    root = tmp_path / "sel"
+    # rl teaches the task's answer (7) where SFT answers 3 greedily: the select problems' accuracy rises.
+    settings = {**LEARNING, "rl.select_prompts": 6}
+    params_file = write_workspace(root, micro[2], rows, settings)
+    write_select(root, questions(8, 99), "7")
+    assert main(["--params", str(params_file)]) == 0
+    m = json.loads((root / "metrics" / "rl.json").read_text())
+    curve = m["selection"]["curve"]
+    assert curve["step"] == [0, 4, 8, 12] and m["selection"]["prompts"] == 6
+    best = max(curve["accuracy"])
+    kept = curve["step"][curve["accuracy"].index(best)]  # the earliest of equals
+    assert 0 < kept < 12, curve  # neither the SFT weights (the next test keeps those) nor the last step
+    assert (m["kept_step"], m["selection"]["kept_step"], m["selection"]["kept_accuracy"]) == (
+        kept,
+        kept,
+        best,
+    )
+    held = m["exit_1"]["held_out_curve"]
+    assert m["accuracy_end"] == held["accuracy"][held["step"].index(kept)]  # before/after: the saved weights
+    assert m["accuracy_last_step"] == held["accuracy"][-1] and m["accuracy_start"] == held["accuracy"][0]
+    # The saved weights are those after `kept` steps: the same run stopped there, without selection (the
+    # greedy evaluations draw no random numbers), or the SFT weights for step 0.
+    if kept == 0:
+        reference = _weights(micro[2])
+    else:
+        ref_root = tmp_path / "ref"
+        ref = write_workspace(ref_root, micro[2], rows, {**LEARNING, "rl.steps": kept})
+        assert main(["--params", str(ref)]) == 0
+        reference = _weights(ref_root / "artifacts" / "rl")
+        off = json.loads((ref_root / "metrics" / "rl.json").read_text())
+        assert off["selection"] is None and off["kept_step"] == off["steps"] == kept  # no selection: the last
+    assert _same_weights(_weights(root / "artifacts" / "rl"), reference)
+    assert (root / "plots" / "rl" / "curves.png").stat().st_size > 0
+
+
+def test_selection_can_keep_the_sft_weights_and_survives_a_resume(micro, tmp_path):
+    from tasks.rl import main
+
+    rows = rl_rows(20)
+    # Answers no model of the task gives: every point scores 0, so the earliest (step 0) is kept.
+    settings = {**SELECT_SIGNAL, "rl.select_prompts": 5}
+    straight = write_workspace(tmp_path / "straight", micro[2], rows, settings)
+    write_select(tmp_path / "straight", questions(6, 99), "12345")
+    assert main(["--params", str(straight)]) == 0
+    m = json.loads((tmp_path / "straight" / "metrics" / "rl.json").read_text())
+    assert m["selection"]["curve"]["accuracy"] == [0.0] * 5 and m["kept_step"] == 0
+    assert m["exit_1"]["steps_with_gradient"] > 0  # rl did train; its weights were not kept
+    assert m["accuracy_end"] == m["accuracy_start"]
+    assert _same_weights(_weights(tmp_path / "straight" / "artifacts" / "rl"), _weights(micro[2]))
+    # Interrupted after a checkpoint at step 2: the kept weights travel in it, the result is the same.
+    resumed = write_workspace(
+        tmp_path / "resumed", micro[2], rows, {**settings, "rl.steps": 3, "rl.checkpoint_every": 2}
+    )
+    write_select(tmp_path / "resumed", questions(6, 99), "12345")
+    assert main(["--params", str(resumed)]) == 0
+    ckpt = tmp_path / "resumed" / "artifacts" / "checkpoints" / "rl" / "step_2"
+    assert (ckpt / "extra.safetensors").is_file()
+    assert main(["--params", str(resumed), "--set", "rl.steps=4"]) == 0
+    m_resumed = json.loads((tmp_path / "resumed" / "metrics" / "rl.json").read_text())
+    assert m_resumed["resumed_from_step"] == 2
+    assert m_resumed["selection"] == m["selection"]
+    assert m_resumed["exit_1"]["curves"]["loss"] == m["exit_1"]["curves"]["loss"]
+    assert _same_weights(_weights(tmp_path / "resumed" / "artifacts" / "rl"), _weights(micro[2]))
+    # With selection on, eval_every decides the candidates: a checkpoint made with another is stale.
+    assert main(["--params", str(resumed), "--set", "rl.steps=4", "--set", "rl.eval_every=2"]) == 0
+    stale = json.loads((tmp_path / "resumed" / "metrics" / "rl.json").read_text())["stale_checkpoint"]
+    assert stale["differences"] == ["extra.selection_eval_every: 1 -> 2"], stale
+
+
+def test_selection_needs_enough_select_rows(micro, tmp_path):
+    from tasks.rl import run
+
+    params = load_params(write_workspace(tmp_path, micro[2], rl_rows(20), {"rl.select_prompts": 9}))
+    with pytest.raises(StageError, match=r"select\.jsonl"):
+        run(params)  # no select.jsonl at all
+    write_select(tmp_path, questions(4, 99), "7")
+    with pytest.raises(StageError, match=r"select\.jsonl: 4 rows, but rl\.select_prompts=9"):
+        run(params)
+    assert not (tmp_path / "artifacts" / "rl").exists()
+
+
 def test_bad_inputs_name_the_file(micro, tmp_path):
     from tasks.rl import run
 

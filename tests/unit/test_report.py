@@ -96,6 +96,15 @@ def test_recipe_lines_show_the_dae_rl_and_compression_gains(tmp_path):
     (tmp_path / "rl.json").write_text(json.dumps(rl))
     rl_line = recipe_lines(tmp_path)[1]
     assert "30.0% -> 36.0% (exit 2 by step: 0: 30%, 10: 32%, 20: 35%, 30: 36%); steps" in rl_line
+    # rl.select_prompts kept an earlier step's weights: which, why, and what the last step scored.
+    rl.update(accuracy_end=0.35, accuracy_last_step=0.36)
+    rl["selection"] = {"prompts": 200, "kept_step": 20, "kept_accuracy": 0.415}
+    (tmp_path / "rl.json").write_text(json.dumps(rl))
+    rl_line = recipe_lines(tmp_path)[1]
+    assert (
+        "30.0% -> 35.0% (exit 2 by step: 0: 30%, 10: 32%, 20: 35%, 30: 36%); kept step 20 (best on 200 "
+        "select problems: 41.5%; the last step scored 36.0% held-out); steps with a gradient 27/30"
+    ) in rl_line
     assert "55.0% of the DaE blocks" in compression and "45.0% of both" in compression
     route = {
         "threshold": 0.6,

@@ -72,6 +72,21 @@ def test_a_stage_without_a_vl_body_is_a_clear_user_error(capsys):
     assert "stage expand has no vision-language version" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ({"rl.algorithm": "bppo"}, "rl.algorithm: the VL profile runs grpo"),
+        ({"rl.beta": 0.04}, "rl.beta and rl.num_iterations"),
+        ({"rl.select_prompts": 50}, "rl.select_prompts: the VL profile keeps its last step"),
+    ],
+)
+def test_vl_rl_refuses_text_only_settings_before_loading_anything(override, match):
+    from tasks.training.vl_pipeline import rl
+
+    with pytest.raises(StageError, match=match):
+        rl(load_params(VL, override))
+
+
 def test_answers_are_compared_exactly_after_normalisation():
     assert is_correct(" Red.", "red") and is_correct("3", "3") and is_correct("3.0", "3")
     assert not is_correct("4", "3") and not is_correct("top left", "top right") and not is_correct("", "0")
