@@ -150,8 +150,6 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
         cfg.replay_fraction,
     )
     if cfg.text_replay_fraction > 0:
-        import torch
-
         block_len = cfg.text_replay_seq_len or cfg.seq_len
         blocks = pack_corpus(
             tokenizer, [r["text"] for r in corpus_rows], block_len, f"{corpus_path} (text replay)"
@@ -212,6 +210,9 @@ def run(params: Params, callbacks: Sequence[Callable[[int], None]] = ()) -> dict
             "stage2_steps": cfg.max_steps - cfg.stage1_steps,
             "replay_fraction": cfg.replay_fraction,
             "text_replay_fraction": cfg.text_replay_fraction,
+            "text_replay_seq_len": (cfg.text_replay_seq_len or cfg.seq_len)
+            if cfg.text_replay_fraction
+            else None,
             "stage1_examples": g_stats.to_dict(),
             "stage2_examples": m_stats.to_dict(),
             "heldout_examples": h_stats.to_dict(),

@@ -93,6 +93,7 @@ def test_text_replay_feeds_plain_corpus_blocks_into_stage_two(workspace, monkeyp
     params = load(workspace, family_sft__text_replay_fraction=0.25, family_sft__replay_fraction=0.0)
     metrics = family_sft.run(params)
     assert metrics["text_replay_fraction"] == 0.25
+    assert metrics["text_replay_seq_len"] == params.family_sft.seq_len  # null: blocks of seq_len
     rows = [(b["labels"][i], b["input_ids"][i]) for b in seen for i in range(b["input_ids"].shape[0])]
     text_rows = [(lab, ids) for lab, ids in rows if bool((lab != -100).all())]
     assert len(text_rows) == 10 and len(rows) == 40  # exactly a quarter of 40 rows
@@ -121,7 +122,8 @@ def test_short_text_replay_blocks_are_padded_and_never_widen_a_batch(workspace, 
         family_sft__replay_fraction=0.0,
         family_sft__text_replay_seq_len=12,
     )
-    family_sft.run(params)
+    metrics = family_sft.run(params)
+    assert (metrics["text_replay_fraction"], metrics["text_replay_seq_len"]) == (0.25, 12)
     text_rows = 0
     for untrimmed, batch in seen:
         mask, labels = untrimmed["attention_mask"], untrimmed["labels"]
