@@ -1,0 +1,95 @@
+"""What rl does to its member where it can be seen: greedy accuracy on three slices every n steps.
+
+    python benchmarks/experiments/rl_slices.py --seed 0                      # in a recorded run's directory
+    python benchmarks/experiments/rl_slices.py --seed 1 --set rl.lr=3e-4 --set rl.algorithm=grpo --json o.json
+
+Runs the rl stage's own trainer (`tasks.training.rl_trainer.RLTrainer`, params.yaml with `--set`
+overrides, `--seed` as the stage's `seed`) from `artifacts/sft` without checkpoint selection, and
+every `--every` steps (and at step 0) scores the RL-trained members greedily (`evaluate_members`, as
+the stage) on: rl's held-out slice (the last `rl.eval_prompts` rows of rl.jsonl), the first `--select`
+rows of select.jsonl (the split `rl.select_prompts` selects on) and the first `--eval` rows of
+eval.jsonl (what evaluate and compress's DaE control report). Prints one line per point and writes the
+three curves as JSON. Figures: benchmarks/RESULTS.md ("rl measured where it can be seen").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml", help="params file of the run (default: params.yaml)")
+    ap.add_argument("--seed", type=int, required=True, help="the stage's seed (rl sampling)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params override")
+    ap.add_argument("--every", type=int, default=10, help="steps between evaluations (default 10)")
+    ap.add_argument("--select", type=int, default=200, help="rows of select.jsonl (default 200)")
+    ap.add_argument("--eval", type=int, default=200, help="rows of eval.jsonl (default 200)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    ap.add_argument("--json", type=Path, help="write the curves here")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from tasks.core.files import read_jsonl
+    from tasks.core.params import load_params
+    from tasks.core.paths import Workspace
+    from tasks.core.stage import parse_overrides
+    from tasks.rl import _load_inputs
+    from tasks.training.rl_trainer import (
+        RLTrainer,
+        evaluate_members,
+        load_select_rows,
+        trainable_parameters,
+    )
+
+    torch.set_num_threads(args.threads)
+    overrides = {**parse_overrides(args.set), "seed": args.seed, "rl.select_prompts": 0}
+    params = load_params(args.params, overrides)
+    cfg, ws = params.rl, Workspace.from_params(params)
+    inputs = _load_inputs(params)
+    model, tokenizer, members = inputs.model, inputs.tokenizer, inputs.members
+    slices = {
+        "held": inputs.eval_rows,
+        "select": load_select_rows(ws.validated_file("select.jsonl"), args.select),
+        "eval": [
+            {"id": r["id"], "question": r["question"], "answer": r["answer"]}
+            for r in read_jsonl(ws.eval_data, required=("id", "question", "answer"))[: args.eval]
+        ],
+    }
+    trainable = trainable_parameters(model, cfg.members, members)
+    trainer = RLTrainer(
+        model, tokenizer, inputs.train_rows, cfg, members=members, trainable=trainable, seed=params.seed
+    )
+    curves: dict[str, list] = {"step": [], **{name: [] for name in slices}}
+
+    def score() -> None:
+        t0 = time.perf_counter()
+        curves["step"].append(trainer.step_index)
+        for name, rows in slices.items():
+            result = evaluate_members(model, tokenizer, rows, members, cfg.max_new_tokens, cfg.format_reward)
+            curves[name].append(sum(result[d]["accuracy"] for d in members) / len(members))
+        points = "  ".join(f"{name} {curves[name][-1]:.3f}" for name in slices)
+        print(f"step {trainer.step_index:4d}  {points}  ({time.perf_counter() - t0:.1f} s)", flush=True)
+
+    score()
+    while trainer.step_index < cfg.steps:
+        trainer.step()
+        if trainer.step_index % args.every == 0 or trainer.step_index == cfg.steps:
+            score()
+    if args.json:
+        rows = {name: len(rows) for name, rows in slices.items()}
+        args.json.write_text(
+            json.dumps({"seed": args.seed, "set": args.set, "rows": rows, "curves": curves}, indent=1)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
