@@ -76,7 +76,8 @@ CLAIMS = [
         "scalar",
     ),
     ("README.md", r"at `compress\.ratio` ([\d.]+), ", ["compress.ratio"], "scalar"),
-    ("README.md", r"`rl\.lr` ([\d.e-]+), the mean", ["rl.lr"], "scalar"),
+    ("README.md", r"`rl\.lr` is ([\d.e-]+), where", ["rl.lr"], "scalar"),
+    ("README.md", r"best point on (\d+) select problems", ["rl.select_prompts"], "scalar"),
     (
         "benchmarks/RESULTS.md",
         r"`family_sft\.text_replay_seq_len`\s+\(new, (\d+) in the tiny profile\)",
