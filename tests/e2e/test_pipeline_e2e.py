@@ -93,6 +93,7 @@ MICRO = {
     "rl.group_size": 4,
     "rl.max_new_tokens": 12,
     "rl.eval_prompts": 6,
+    "rl.select_prompts": 10,  # of data.num_select's 20 (params.yaml's 200 would be refused, naming the file)
     "compress.calibration_batches": 2,
     "compress.heal_steps": 2,
     "evaluate.num_problems": 6,
@@ -218,6 +219,10 @@ def test_full_pipeline_runs_every_stage(workspace, first_run):
     assert {"steps_with_gradient", "steps_with_gradient_fraction", "accuracy_start", "accuracy_end"} <= set(
         rl
     )
+    # checkpoint selection: candidates at steps 0 and 2 (eval_every 10 > steps), the kept one is the best
+    sel = rl["selection"]
+    assert sel["prompts"] == 10 and sel["curve"]["step"] == [0, 2]
+    assert sel["kept_accuracy"] == max(sel["curve"]["accuracy"]) and rl["kept_step"] == sel["kept_step"]
     assert_other_members_are_the_family_sft_ones(workspace, comp["dae_exit"])
 
     assert len(store_versions(workspace)) == 1
