@@ -809,7 +809,30 @@ def test_selection_needs_enough_select_rows(micro, tmp_path):
     write_select(tmp_path, questions(4, 99), "7")
     with pytest.raises(StageError, match=r"select\.jsonl: 4 rows, but rl\.select_prompts=9"):
         run(params)
+    # A select answer that is not a number cannot be scored: the error names the file, row and id.
+    write_select(tmp_path, questions(10, 99), "7")
+    path = tmp_path / "data" / "validated" / "select.jsonl"
+    lines = path.read_text().splitlines()
+    lines[2] = lines[2].replace('"answer": "7"', '"answer": "seven"')
+    path.write_text("\n".join(lines) + "\n")
+    bad = r"select\.jsonl: row 3 \(id='select-2'\): answer 'seven' is not a number"
+    with pytest.raises(StageError, match=bad):
+        run(params)
     assert not (tmp_path / "artifacts" / "rl").exists()
+
+
+def test_selection_refuses_kept_weights_unlike_the_trainable_parameters(tmp_path):
+    from tasks.rl import Selection
+
+    trainable = [("model.head.weight", torch.zeros(2, 2)), ("model.norm.weight", torch.zeros(2))]
+    state = {"selection_curve": [{"step": 0, "accuracy": 0.5, "reward": 0.5}], "selection_best": {"step": 0}}
+    good = {"model.head.weight": torch.ones(2, 2), "model.norm.weight": torch.ones(2)}
+    sel = Selection([], trainable)
+    sel.load(state, good, tmp_path)
+    sel.restore()
+    assert all(torch.equal(p, torch.ones_like(p)) for _, p in trainable)
+    with pytest.raises(StageError, match=r"kept weights hold \['model\.other'\] unlike the trainable"):
+        Selection([], trainable).load(state, {**good, "model.other": torch.ones(1)}, tmp_path)
 
 
 def test_bad_inputs_name_the_file(micro, tmp_path):
