@@ -2,6 +2,7 @@
 
     python benchmarks/experiments/rl_slices.py --seed 0                      # in a recorded run's directory
     python benchmarks/experiments/rl_slices.py --seed 1 --set rl.lr=3e-4 --set rl.algorithm=grpo --json o.json
+    python benchmarks/experiments/rl_slices.py --seed 0 --control sft   # the same steps, gold chains
 
 Runs the rl stage's own trainer (`tasks.training.rl_trainer.RLTrainer`, params.yaml with `--set`
 overrides, `--seed` as the stage's `seed`) from `artifacts/sft` without checkpoint selection, and
@@ -10,6 +11,12 @@ the stage) on: rl's held-out slice (the last `rl.eval_prompts` rows of rl.jsonl)
 rows of select.jsonl (the split `rl.select_prompts` selects on) and the first `--eval` rows of
 eval.jsonl (what evaluate and compress's DaE control report). Prints one line per point and writes the
 three curves as JSON. Figures: benchmarks/RESULTS.md ("rl measured where it can be seen").
+
+`--control sft` replaces rl by its supervised control: the same trainable parameters, optimizer
+(AdamW at `rl.lr`, no weight decay, `rl.grad_clip`) and number of steps, each step the assistant-token
+loss of `rl.prompts_per_step` gold chats drawn from sft.jsonl (the member's own SFT data; `--control
+eval` draws from the eval problems' gold solutions instead, which makes the eval slice a training slice).
+It answers whether a fall on select comes from rl's reward or from any further training of the member.
 """
 
 from __future__ import annotations
@@ -33,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval", type=int, default=200, help="rows of eval.jsonl (default 200)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     ap.add_argument("--json", type=Path, help="write the curves here")
+    ap.add_argument(
+        "--control",
+        choices=["sft", "eval"],
+        help="train on gold chats of sft.jsonl (or of eval.jsonl) instead of rl: the supervised control",
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -64,9 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         ],
     }
     trainable = trainable_parameters(model, cfg.members, members)
-    trainer = RLTrainer(
-        model, tokenizer, inputs.train_rows, cfg, members=members, trainable=trainable, seed=params.seed
-    )
+    if args.control:
+        source = ws.sft_data if args.control == "sft" else ws.eval_data
+        trainer = SupervisedControl(model, tokenizer, source, params, members, trainable)
+    else:
+        trainer = RLTrainer(
+            model, tokenizer, inputs.train_rows, cfg, members=members, trainable=trainable, seed=params.seed
+        )
     curves: dict[str, list] = {"step": [], **{name: [] for name in slices}}
 
     def score() -> None:
@@ -85,10 +101,54 @@ def main(argv: list[str] | None = None) -> int:
             score()
     if args.json:
         rows = {name: len(rows) for name, rows in slices.items()}
-        args.json.write_text(
-            json.dumps({"seed": args.seed, "set": args.set, "rows": rows, "curves": curves}, indent=1)
-        )
+        out = {"seed": args.seed, "set": args.set, "control": args.control, "rows": rows, "curves": curves}
+        args.json.write_text(json.dumps(out, indent=1))
     return 0
+
+
+class SupervisedControl:
+    """rl's supervised control: `step()` takes one AdamW step (as `RLTrainer`: `rl.lr`, no weight decay,
+    `rl.grad_clip`) on the mean assistant-token loss of the members over `rl.prompts_per_step` gold chats
+    of `source` (sft.jsonl rows, or eval.jsonl's question/solution), drawn with the stage's seed."""
+
+    def __init__(self, model, tokenizer, source: Path, params, members: list[int], trainable):
+        import torch
+
+        from tasks.core.files import read_jsonl
+        from tasks.training.batches import build_sft_examples
+        from tasks.training.loop import member_loss_fn
+
+        if source.name == "eval.jsonl":
+            rows = [
+                {"id": r["id"], "prompt": r["question"], "response": r["solution"]}
+                for r in read_jsonl(source, required=("id", "question", "solution"))
+            ]
+        else:
+            rows = read_jsonl(source, required=("id", "prompt", "response"))
+        self.examples, _ = build_sft_examples(tokenizer, rows, params.sft.seq_len, str(source))
+        self.model, self.cfg = model, params.rl
+        self.losses = [member_loss_fn(d) for d in members]
+        self.params = [p for _, p in trainable]
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=0.0)
+        self.generator = torch.Generator().manual_seed(params.seed)
+        self.step_index = 0
+
+    def step(self) -> None:
+        import torch
+
+        from tasks.training.batches import trim_batch
+
+        n = self.examples["input_ids"].shape[0]
+        idx = torch.randint(n, (self.cfg.prompts_per_step,), generator=self.generator)
+        batch = trim_batch({k: v[idx] for k, v in self.examples.items()})
+        self.model.train()
+        loss = sum(fn(self.model, batch, self.step_index)[0] for fn in self.losses) / len(self.losses)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        self.optimizer.step()
+        self.step_index += 1
 
 
 if __name__ == "__main__":

@@ -1178,3 +1178,60 @@ def test_rl_diagnose_script_reports_pass_rates_and_an_rl_run(micro, tmp_path, ca
     assert [c[0] for c in curve] == [0, 1, 2] and all(0 <= a <= 1 for c in curve for a in c[1:])
     assert runs[1]["gain"] == pytest.approx(curve[-1][1] - curve[0][1])
     assert 0 <= runs[1]["steps_with_gradient"] <= 2 and runs[1]["set"] == ["steps=2", "lr=1e-3"]
+
+
+def test_rl_slices_script_scores_three_slices_and_runs_the_supervised_control(micro, tmp_path):
+    """benchmarks/experiments/rl_slices.py: rl (or its supervised control on gold chats) from
+    artifacts/sft, greedy accuracy on rl's held-out slice, select and eval at step 0 and every n steps;
+    the control moves only the trainable parameters, with AdamW at rl.lr."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "rl_slices", Path(__file__).parents[2] / "benchmarks/experiments/rl_slices.py"
+    )
+    slices = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(slices)
+    params_file = write_workspace(tmp_path, micro[2], rl_rows(12), {"rl.steps": 2})
+    write_select(tmp_path, questions(6, 99), "7")
+    validated = tmp_path / "data" / "validated"
+    gold = [{"q": q, "a": "7", "s": "so #### 7"} for q in questions(5, 98)]
+    with open(validated / "eval.jsonl", "w") as f:
+        for i, g in enumerate(gold):
+            row = {"id": f"eval-{i}", "question": g["q"], "answer": g["a"], "solution": g["s"], "level": 1}
+            f.write(json.dumps(row) + "\n")
+    with open(validated / "sft.jsonl", "w") as f:
+        for i, g in enumerate(gold):
+            row = {"id": f"sft-{i}", "prompt": g["q"], "response": g["s"], "answer": g["a"], "level": 1}
+            f.write(json.dumps(row) + "\n")
+    before = _weights(tmp_path / "artifacts" / "sft")
+    from tasks.training.rl_trainer import split_rows
+
+    _, held = split_rows(rl_rows(12), 4, validated / "rl.jsonl")
+    for control in (None, "sft", "eval"):
+        out = tmp_path / f"curves-{control}.json"
+        argv = ["--params", str(params_file), "--seed", "0", "--every", "1", "--select", "4", "--eval", "3"]
+        assert slices.main([*argv, "--json", str(out), *(["--control", control] if control else [])]) == 0
+        got = json.loads(out.read_text())
+        assert got["control"] == control and got["rows"] == {"held": len(held), "select": 4, "eval": 3}
+        assert got["curves"]["step"] == [0, 1, 2]
+        for name in got["rows"]:
+            assert len(got["curves"][name]) == 3 and all(0 <= a <= 1 for a in got["curves"][name])
+    # The script trains in memory: artifacts/sft is left as it was.
+    assert _same_weights(_weights(tmp_path / "artifacts" / "sft"), before)
+    # The control's step moves the trainable parameters of rl.members, and only those.
+    from tasks.core.paths import Workspace
+    from tasks.training.rl_trainer import resolve_members, trainable_parameters
+
+    params = load_params(params_file)
+    model, tok = load_family(tmp_path / "artifacts" / "sft")
+    members = resolve_members(model.config, params.rl.members)
+    trainable = trainable_parameters(model, params.rl.members, members)
+    names = {n for n, _ in trainable}
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sft_file = Workspace.from_params(params).sft_data
+    ctl = slices.SupervisedControl(model, tok, sft_file, params, members, trainable)
+    ctl.step()
+    assert ctl.step_index == 1
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, start[n])}
+    assert moved and moved <= names < set(start)
