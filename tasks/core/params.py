@@ -870,11 +870,27 @@ class Params(_Section):
             bad = [m for m in self.rl.members if m not in exits]
             if bad:
                 raise ValueError(f"rl.members {bad} are not in model.exit_layers {exits}")
+        if self.model.modality == "text":
+            self._check_select_rows()
         if self.tokenizer.vocab_size > 1 << 20:
             raise ValueError("tokenizer.vocab_size is unreasonably large")
         if self.model.modality == "vl":
             self._check_vl()
         return self
+
+    def _check_select_rows(self) -> None:
+        # select.jsonl holds data.num_select rows (fewer only if validation quarantines some: the stages
+        # check the file itself); what reads it a fixed number of rows must fit in it.
+        have, compress = self.data.num_select, self.compress
+        for key, need in (
+            ("rl.select_prompts", self.rl.select_prompts),
+            ("compress.loss_batches x compress.batch_size", compress.loss_batches * compress.batch_size),
+        ):
+            if need > have:
+                raise ValueError(
+                    f"{key} = {need} exceeds data.num_select = {have} (the rows of select.jsonl): raise "
+                    f"data.num_select or lower {key}"
+                )
 
     def _check_vl(self) -> None:
         m, v = self.model, self.vl
@@ -940,7 +956,10 @@ def _format_errors(err: ValidationError) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling and section)"
-        lines.append(f"  {key}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" else ""))
+        # A model validator's input is its whole section (or, at the root, every parameter): its message
+        # names the values, so only a single field's input is quoted.
+        quote = e["type"] != "extra_forbidden" and not isinstance(e["input"], dict)
+        lines.append(f"  {key}: {msg}" + (f" (got {e['input']!r})" if quote else ""))
     return "\n".join(lines)
 
 

@@ -71,33 +71,34 @@ def trainable_parameters(model, spec: str | list[int], members: list[int]) -> li
 # --- data ----------------------------------------------------------------------------------------
 
 
-def load_rl_rows(path: Path) -> list[dict[str, Any]]:
-    """Reads rl.jsonl; an empty question or a non-numeric answer is an error naming file and row."""
+def _check_problems(path: Path, rows: list[dict[str, Any]], question: str) -> None:
+    """An empty `question` field or a non-numeric answer is an error naming file, row and id."""
     from tasks.data.mathgen import parse_number
 
-    rows = read_jsonl(path, required=("id", "question", "answer"))
     for i, row in enumerate(rows, 1):
-        if not isinstance(row["question"], str) or not row["question"].strip():
-            raise StageError(f"{path}: row {i} (id={row['id']!r}): empty question")
+        if not isinstance(row[question], str) or not row[question].strip():
+            raise StageError(f"{path}: row {i} (id={row['id']!r}): empty {question}")
         if parse_number(str(row["answer"])) is None:
             raise StageError(f"{path}: row {i} (id={row['id']!r}): answer {row['answer']!r} is not a number")
+
+
+def load_rl_rows(path: Path) -> list[dict[str, Any]]:
+    """Reads rl.jsonl; an empty question or a non-numeric answer is an error naming file and row."""
+    rows = read_jsonl(path, required=("id", "question", "answer"))
+    _check_problems(path, rows, "question")
     return rows
 
 
 def load_select_rows(path: Path, n: int) -> list[dict[str, Any]]:
     """The first `n` rows of select.jsonl (`prompt`, `answer`) as rl rows (`question`, `answer`): rl's
-    checkpoint selection (`rl.select_prompts`); fewer rows than `n` is an error naming the file."""
-    from tasks.data.mathgen import parse_number
-
+    checkpoint selection (`rl.select_prompts`); fewer rows than `n`, an empty prompt or a non-numeric
+    answer is an error naming the file (and row)."""
     rows = read_jsonl(path, required=("id", "prompt", "answer"))
     if len(rows) < n:
         raise StageError(f"{path}: {len(rows)} rows, but rl.select_prompts={n}; lower it (0 = no selection)")
-    out = []
-    for i, row in enumerate(rows[:n], 1):
-        if parse_number(str(row["answer"])) is None:
-            raise StageError(f"{path}: row {i} (id={row['id']!r}): answer {row['answer']!r} is not a number")
-        out.append({"id": row["id"], "question": str(row["prompt"]), "answer": row["answer"]})
-    return out
+    rows = rows[:n]
+    _check_problems(path, rows, "prompt")
+    return [{"id": row["id"], "question": row["prompt"], "answer": row["answer"]} for row in rows]
 
 
 def split_rows(rows: list[dict], eval_prompts: int, path: Path) -> tuple[list[dict], list[dict]]:

@@ -32,6 +32,9 @@ from tasks.prepare_data import FILES, check_no_overlap, run, split_math
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = {"data.num_sft": 120, "data.num_rl": 30, "data.num_eval": 20, "data.max_corpus_docs": 300}
+#: What reads a fixed number of select.jsonl rows (rl's selection, compress's healing decision) must fit in
+#: the few data.num_select rows of these tests (load_params checks it).
+FEW_SELECT = {"rl.select_prompts": 0, "compress.loss_batches": 1, "compress.batch_size": 1}
 
 
 def _overrides(tmp: Path, extra: dict | None = None) -> dict:
@@ -379,6 +382,7 @@ def test_user_sources_jsonl_and_parquet(tmp_path):
                 "data.num_rl": 8,
                 "data.num_eval": 6,
                 "data.num_select": 3,
+                **FEW_SELECT,
                 "data.select_corpus_chars": 300,
                 "data.val_fraction": 0.2,
             },
@@ -420,6 +424,7 @@ def test_user_sources_jsonl_and_parquet(tmp_path):
                 "data.num_rl": 8,
                 "data.num_eval": 6,
                 "data.num_select": 3,
+                **FEW_SELECT,
             },
         ),
     )
@@ -628,6 +633,7 @@ def _source_params(tmp_path: Path, math_file: Path, corpus_file: Path, mode: str
                 "data.num_rl": 50,
                 "data.num_eval": 40,
                 "data.num_select": 5,
+                **FEW_SELECT,
                 "data.select_corpus_chars": 300,
                 "data.val_fraction": 0.2,
                 "validate_data.on_violation": mode,

@@ -818,6 +818,11 @@ def test_selection_needs_enough_select_rows(micro, tmp_path):
     bad = r"select\.jsonl: row 3 \(id='select-2'\): answer 'seven' is not a number"
     with pytest.raises(StageError, match=bad):
         run(params)
+    lines[2] = lines[2].replace('"answer": "seven"', '"answer": "7"')
+    lines[2] = lines[2].replace(json.dumps(questions(10, 99)[2]), '"  "')
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(StageError, match=r"select\.jsonl: row 3 \(id='select-2'\): empty prompt"):
+        run(params)
     assert not (tmp_path / "artifacts" / "rl").exists()
 
 
@@ -849,6 +854,10 @@ def test_bad_inputs_name_the_file(micro, tmp_path):
     bad[5]["answer"] = "seven"
     params = load_params(write_workspace(tmp_path / "bad", micro[2], bad))
     with pytest.raises(StageError, match=r"rl\.jsonl: row 6 .*'seven' is not a number"):
+        run(params)
+    bad[5]["answer"], bad[2]["question"] = "7", ""
+    params = load_params(write_workspace(tmp_path / "bad_q", micro[2], bad))
+    with pytest.raises(StageError, match=r"rl\.jsonl: row 3 \(id='rl-2'\): empty question"):
         run(params)
     params = load_params(write_workspace(tmp_path / "few", micro[2], rl_rows(4)))
     with pytest.raises(StageError, match=r"rl\.jsonl: 4 rows, but rl\.eval_prompts=4"):

@@ -96,6 +96,22 @@ def test_cross_field_rules(tmp_path):
         load_params(write(tmp_path, "route:\n  folds: 1\n"))
 
 
+def test_what_reads_select_rows_must_fit_in_data_num_select(tmp_path):
+    # The schema defaults (select_prompts 0, compress 4 x 4 = 16) fit 20 rows; the tiny profile's 200 do not.
+    load_params(write(tmp_path, "data:\n  num_select: 20\n"))
+    with pytest.raises(ParamsError) as err:
+        load_params(write(tmp_path, "data:\n  num_select: 20\nrl:\n  select_prompts: 21\n"))
+    assert "rl.select_prompts = 21 exceeds data.num_select = 20 (the rows of select.jsonl)" in str(err.value)
+    assert "(got {" not in str(err.value)  # the root's input (every parameter) is not dumped
+    compress = r"compress.loss_batches x compress.batch_size = 24 exceeds data.num_select = 20"
+    with pytest.raises(ParamsError, match=compress):
+        load_params(write(tmp_path, "data:\n  num_select: 20\ncompress:\n  batch_size: 6\n"))
+    tiny = Path(__file__).parents[2] / "params.yaml"
+    with pytest.raises(ParamsError, match=r"rl.select_prompts = 200 exceeds data.num_select = 20"):
+        load_params(tiny, {"data.num_select": 20})
+    assert load_params(tiny, {"data.num_select": 20, "rl.select_prompts": 20}).rl.select_prompts == 20
+
+
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ParamsError, match="params file not found"):
         load_params(tmp_path / "nope.yaml")
