@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.core.ray_runtime import RayRuntime
 from tasks.core.stage import StageError
@@ -82,6 +82,16 @@ class _GenerationFields(BaseModel):
     # Numbers and flags are strict: `"seed": true`, `"max_tokens": "5"` or `"stream": 1` are 422s, not
     # silently read as 1, 5 and true (an integer field takes no 2.0 either; a float field takes ints).
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        # OpenAI's API reads `null` as "not given" for its optional parameters (clients that serialise
+        # every field send them): such a field takes its default, and a required one stays missing.
+        if isinstance(data, dict):
+            optional = {name for name, field in cls.model_fields.items() if not field.is_required()}
+            return {k: v for k, v in data.items() if v is not None or k not in optional}
+        return data
 
     model: str = Field(
         description=(
@@ -160,7 +170,9 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        description="developer: OpenAI's newer name of system, rendered as a system turn"
+    )
     content: str | list[ContentPart] = Field(
         description="text, or OpenAI-style parts: text and (vision-language releases) image_url"
     )
@@ -175,6 +187,20 @@ class ChatCompletionRequest(_GenerationFields):
     """`POST /v1/chat/completions`: messages rendered with the release's chat template."""
 
     messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(
+        None, ge=1, strict=True, description="OpenAI's newer name of max_tokens (either; both must agree)"
+    )
+
+    @model_validator(mode="after")
+    def _one_token_budget(self) -> ChatCompletionRequest:
+        budget = self.max_completion_tokens
+        if budget is not None:
+            if "max_tokens" in self.model_fields_set and self.max_tokens != budget:
+                raise ValueError(
+                    f"max_tokens ({self.max_tokens}) and max_completion_tokens ({budget}) differ; send one"
+                )
+            self.max_tokens = budget
+        return self
 
 
 class ErrorDetail(BaseModel):
@@ -570,6 +596,14 @@ class CompletionService:
         return router
 
     # catalogue --------------------------------------------------------------------------------
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest request body read: the most images a request may carry, each at the size limit
+        as base64 (4/3 of its bytes), plus 1 MiB for text and JSON. A longer body gets 413 before it is
+        parsed (a prompt that long exceeds any member's context anyway)."""
+        lim = self.image_limits
+        return lim.max_images_per_request * math.ceil(lim.max_image_bytes * 4 / 3) + 2**20
+
     def tier_names(self) -> list[str]:
         return list(self.tiers) + list(self.family_tiers)
 
@@ -645,11 +679,12 @@ class CompletionService:
                 "n",
             )
         if req.max_tokens > self.max_tokens_limit:
+            key = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
             raise APIError(
                 400,
-                f"max_tokens={req.max_tokens} exceeds this server's limit of {self.max_tokens_limit}",
+                f"{key}={req.max_tokens} exceeds this server's limit of {self.max_tokens_limit}",
                 "max_tokens_too_large",
-                "max_tokens",
+                key,
             )
         if tier.kind == "dynamic" and req.temperature > 0:
             raise APIError(
@@ -781,9 +816,10 @@ class CompletionService:
         parts and each image decoded from its data URL (`tasks.release.vision`; nothing is fetched)."""
         messages, images = [], []
         for i, m in enumerate(req.messages):
+            role = "system" if m.role == "developer" else m.role
             if isinstance(m.content, str):
                 _refuse_control_tokens(tier, m.content, f"messages.{i}.content")
-                messages.append({"role": m.role, "content": m.content})
+                messages.append({"role": role, "content": m.content})
                 continue
             parts = []
             for j, part in enumerate(m.content):
@@ -816,7 +852,7 @@ class CompletionService:
                 parts.append({"type": "image"})
             if tier.processor is None:
                 parts = "\n".join(p["text"] for p in parts)
-            messages.append({"role": m.role, "content": parts})
+            messages.append({"role": role, "content": parts})
         return messages, images
 
     def _chat_prompt(self, req: ChatCompletionRequest, tier: Tier) -> list[int]:
@@ -1280,6 +1316,40 @@ def _json_safe(value: Any) -> Any:
     return _json_safe(str(value))
 
 
+class _BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is refused with 413 (the error shape, by the
+    app's HTTPException handler) while it is read: a declared `content-length` over the limit before any
+    of it is read, a chunked body as soon as the bytes received pass it. Nothing larger is buffered."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from starlette.exceptions import HTTPException
+
+        limit = self.limit
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        received = 0
+
+        def too_large(size: str) -> HTTPException:
+            return HTTPException(413, f"{size} exceeds this server's limit of {limit} bytes")
+
+        async def limited():
+            nonlocal received
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                raise too_large(f"content-length {int(declared)}")
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise too_large(f"{received} bytes and more")
+            return message
+
+        await self.app(scope, limited, send)
+
+
 def create_app(service: CompletionService):
     """The FastAPI application over a `CompletionService` (used as is by tests and inside Ray Serve)."""
     from fastapi import FastAPI, Request
@@ -1289,6 +1359,7 @@ def create_app(service: CompletionService):
     from starlette.exceptions import HTTPException
 
     app = FastAPI(title="ruyi serving", description=f"OpenAI-style completions for {service.release}")
+    app.add_middleware(_BodyLimit, limit=service.max_body_bytes)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -1321,10 +1392,16 @@ def create_app(service: CompletionService):
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException):
-        # FastAPI's own errors, in the error shape: its only 400 is a body that is no UTF-8 JSON.
-        param = "body" if exc.status_code == 400 else None
-        message = f"body: {exc.detail}; send a UTF-8 JSON object" if param else str(exc.detail)
-        code = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http")
+        # FastAPI's own errors, in the error shape: its only 400 is a body that is no UTF-8 JSON; a 413 is
+        # a body over the size limit (_BodyLimit).
+        param = "body" if exc.status_code in (400, 413) else None
+        if exc.status_code == 400:
+            message = f"body: {exc.detail}; send a UTF-8 JSON object"
+        else:
+            message = f"body: {exc.detail}" if param else str(exc.detail)
+        code = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
+            exc.status_code, "http"
+        )
         body = APIError(exc.status_code, message, code, param).body()
         return JSONResponse(_json_safe(body), status_code=exc.status_code, headers=exc.headers)
 

@@ -717,3 +717,88 @@ def test_lone_surrogates_elsewhere_are_client_errors(client):
         r = client.post(path, content=raw, headers=_JSON)
         assert 400 <= r.status_code < 500, r.text
         assert r.json()["error"]["message"]
+
+
+def test_openai_nulls_developer_role_and_max_completion_tokens(client, export_dir, service):
+    """What OpenAI's API accepts and clients send: `null` for an optional parameter (its default), the
+    `developer` role (a system turn) and chat's `max_completion_tokens` (max_tokens' newer name)."""
+    plain = {"model": "exit_2", "prompt": PROMPT, "max_tokens": 6}
+    nulls = dict.fromkeys(("temperature", "top_p", "n", "stream", "stop", "seed", "user", "stream_options"))
+    r = client.post("/v1/completions", json={**plain, **nulls})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == _oracle(export_dir, 2, PROMPT, 6)[0]
+    # max_tokens null: the default (16, within this server's 64)
+    r = client.post("/v1/completions", json={"model": "exit_2", "prompt": PROMPT, "max_tokens": None})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 16
+    r = client.post("/v1/completions", json={"model": None, "prompt": PROMPT})  # required: no default
+    assert r.status_code == 422 and r.json()["error"]["param"] == "model"
+
+    def chat(messages, **extra):
+        r = client.post("/v1/chat/completions", json={"model": "exit_2", "messages": messages, **extra})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    turn = [{"role": "user", "content": "What is 3 + 4?"}]
+    developer = chat([{"role": "developer", "content": "Answer briefly."}, *turn], max_tokens=8)
+    system = [{"role": "system", "content": "Answer briefly."}, *turn]
+    text = service.tiers["exit_2"].tokenizer.apply_chat_template(
+        system, add_generation_prompt=True, tokenize=False
+    )
+    assert "<|im_start|>system\nAnswer briefly." in text
+    assert developer["choices"][0]["message"]["content"] == _oracle(export_dir, 2, text, 8)[0]
+    assert developer["choices"] == chat(system, max_tokens=8)["choices"]
+
+    by_new_name = chat(turn, max_completion_tokens=3)
+    assert by_new_name["usage"]["completion_tokens"] <= 3
+    assert by_new_name["choices"] == chat(turn, max_tokens=3)["choices"]
+    assert chat(turn, max_tokens=3, max_completion_tokens=3)["choices"] == by_new_name["choices"]
+    r = client.post(
+        "/v1/chat/completions",
+        json={"model": "exit_2", "messages": turn, "max_tokens": 3, "max_completion_tokens": 4},
+    )
+    assert (
+        r.status_code == 422
+        and "max_tokens (3) and max_completion_tokens (4) differ" in r.json()["error"]["message"]
+    )
+    r = client.post(
+        "/v1/chat/completions", json={"model": "exit_2", "messages": turn, "max_completion_tokens": 65}
+    )
+    error = r.json()["error"]
+    assert r.status_code == 400 and (error["code"], error["param"]) == (
+        "max_tokens_too_large",
+        "max_completion_tokens",
+    )
+    # Completions have no such field (as OpenAI's).
+    r = client.post("/v1/completions", json={**plain, "max_completion_tokens": 3})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "max_completion_tokens"
+
+
+def test_a_body_over_the_limit_is_413_before_it_is_read(export_dir):
+    """The body limit follows the image limits (max_images_per_request x base64 of max_image_bytes, plus
+    1 MiB): a larger declared content-length, or a chunked body that grows past it, is 413 naming the body."""
+    service = CompletionService(export_dir, model_name="tiny", max_image_bytes=3000, max_images_per_request=2)
+    assert service.max_body_bytes == 2 * 4000 + 2**20
+    limited = TestClient(create_app(service))
+    ok = {"model": "exit_2", "prompt": "hi", "max_tokens": 2}
+    assert limited.post("/v1/completions", json=ok).status_code == 200
+    big = json.dumps({**ok, "user": "x" * service.max_body_bytes}).encode()
+    r = limited.post("/v1/completions", content=big, headers={"content-type": "application/json"})
+    error = r.json()["error"]
+    assert r.status_code == 413 and (error["code"], error["param"]) == ("body_too_large", "body")
+    assert (
+        f"body: content-length {len(big)} exceeds this server's limit of {service.max_body_bytes} bytes"
+        in error["message"]
+    )
+
+    def chunks():  # no content-length: transfer-encoding chunked
+        for i in range(0, len(big), 65536):
+            yield big[i : i + 65536]
+
+    r = limited.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    assert f"exceeds this server's limit of {service.max_body_bytes} bytes" in r.json()["error"]["message"]
+    # A body just within the limit is read (and judged on its content).
+    near = json.dumps({**ok, "user": "x" * (service.max_body_bytes - 200)}).encode()
+    assert len(near) <= service.max_body_bytes
+    r = limited.post("/v1/completions", content=near, headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
