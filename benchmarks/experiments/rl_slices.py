@@ -67,18 +67,23 @@ def main(argv: list[str] | None = None) -> int:
     cfg, ws = params.rl, Workspace.from_params(params)
     inputs = _load_inputs(params)
     model, tokenizer, members = inputs.model, inputs.tokenizer, inputs.members
+    solution = ("solution",) if args.control == "eval" else ()
+    eval_rows = read_jsonl(ws.eval_data, required=("id", "question", "answer", *solution))
     slices = {
         "held": inputs.eval_rows,
         "select": load_select_rows(ws.validated_file("select.jsonl"), args.select),
         "eval": [
-            {"id": r["id"], "question": r["question"], "answer": r["answer"]}
-            for r in read_jsonl(ws.eval_data, required=("id", "question", "answer"))[: args.eval]
+            {"id": r["id"], "question": r["question"], "answer": r["answer"]} for r in eval_rows[: args.eval]
         ],
     }
     trainable = trainable_parameters(model, cfg.members, members)
     if args.control:
+        if args.control == "sft":
+            gold = read_jsonl(ws.sft_data, required=("id", "prompt", "response"))
+        else:
+            gold = [{"id": r["id"], "prompt": r["question"], "response": r["solution"]} for r in eval_rows]
         source = ws.sft_data if args.control == "sft" else ws.eval_data
-        trainer = SupervisedControl(model, tokenizer, source, params, members, trainable)
+        trainer = SupervisedControl(model, tokenizer, gold, str(source), params, members, trainable)
     else:
         trainer = RLTrainer(
             model, tokenizer, inputs.train_rows, cfg, members=members, trainable=trainable, seed=params.seed
@@ -108,24 +113,17 @@ def main(argv: list[str] | None = None) -> int:
 
 class SupervisedControl:
     """rl's supervised control: `step()` takes one AdamW step (as `RLTrainer`: `rl.lr`, no weight decay,
-    `rl.grad_clip`) on the mean assistant-token loss of the members over `rl.prompts_per_step` gold chats
-    of `source` (sft.jsonl rows, or eval.jsonl's question/solution), drawn with the stage's seed."""
+    `rl.grad_clip`) on the mean assistant-token loss of the members over `rl.prompts_per_step` of the
+    gold chats `rows` ({"prompt", "response"}; `where` names their file in errors), drawn with the
+    stage's seed."""
 
-    def __init__(self, model, tokenizer, source: Path, params, members: list[int], trainable):
+    def __init__(self, model, tokenizer, rows: list[dict], where: str, params, members: list[int], trainable):
         import torch
 
-        from tasks.core.files import read_jsonl
         from tasks.training.batches import build_sft_examples
         from tasks.training.loop import member_loss_fn
 
-        if source.name == "eval.jsonl":
-            rows = [
-                {"id": r["id"], "prompt": r["question"], "response": r["solution"]}
-                for r in read_jsonl(source, required=("id", "question", "solution"))
-            ]
-        else:
-            rows = read_jsonl(source, required=("id", "prompt", "response"))
-        self.examples, _ = build_sft_examples(tokenizer, rows, params.sft.seq_len, str(source))
+        self.examples, _ = build_sft_examples(tokenizer, rows, params.sft.seq_len, where)
         self.model, self.cfg = model, params.rl
         self.losses = [member_loss_fn(d) for d in members]
         self.params = [p for _, p in trainable]

@@ -93,7 +93,7 @@ MICRO = {
     "rl.group_size": 4,
     "rl.max_new_tokens": 12,
     "rl.eval_prompts": 6,
-    "rl.select_prompts": 10,  # of data.num_select's 20 (params.yaml's 200 would be refused, naming the file)
+    "rl.select_prompts": 10,  # of data.num_select's 20 (params.yaml's 200 is refused when the params load)
     "compress.calibration_batches": 2,
     "compress.heal_steps": 2,
     "evaluate.num_problems": 6,

@@ -1229,6 +1229,7 @@ def test_rl_slices_script_scores_three_slices_and_runs_the_supervised_control(mi
     # The script trains in memory: artifacts/sft is left as it was.
     assert _same_weights(_weights(tmp_path / "artifacts" / "sft"), before)
     # The control's step moves the trainable parameters of rl.members, and only those.
+    from tasks.core.files import read_jsonl
     from tasks.core.paths import Workspace
     from tasks.training.rl_trainer import resolve_members, trainable_parameters
 
@@ -1239,7 +1240,8 @@ def test_rl_slices_script_scores_three_slices_and_runs_the_supervised_control(mi
     names = {n for n, _ in trainable}
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     sft_file = Workspace.from_params(params).sft_data
-    ctl = slices.SupervisedControl(model, tok, sft_file, params, members, trainable)
+    gold = read_jsonl(sft_file, required=("id", "prompt", "response"))
+    ctl = slices.SupervisedControl(model, tok, gold, str(sft_file), params, members, trainable)
     ctl.step()
     assert ctl.step_index == 1
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, start[n])}
