@@ -223,12 +223,11 @@ def distillation_kl(model, teacher, exit_layer: int, ids):
     with torch.no_grad():
         target = teacher(ids, exit_layer=exit_layer, use_cache=False).logits.float()
     logits = model(ids, exit_layer=exit_layer, use_cache=False).logits.float()
-    return F.kl_div(
-        F.log_softmax(logits, -1).flatten(0, 1),
-        F.log_softmax(target, -1).flatten(0, 1),
-        log_target=True,
-        reduction="batchmean",
-    )
+    kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(target, -1), log_target=True, reduction="none")
+    # Summed over the vocabulary per position, then averaged over positions (= "batchmean" over the
+    # flattened positions): each sum is one thread's work, so the value does not depend on the thread
+    # count, while one flat sum over every element is split between threads (tests/unit/test_thread_count.py).
+    return kl.sum(-1).mean()
 
 
 def mean_distillation_kl(model, teacher, exit_layer: int, batches: list) -> float:

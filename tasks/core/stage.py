@@ -85,17 +85,22 @@ def available_cpus() -> int:
 
 
 def resolve_threads(setting: int | str) -> tuple[int, str]:
-    """The intra-op thread count for `threads` (params.yaml) and why: an int is used as given;
-    `auto` is the CPUs this process may use, capped by OMP_NUM_THREADS when that is set."""
+    """The intra-op thread count for `threads` (params.yaml) and why: `auto` is the CPUs this process
+    may use; an int is used as given. Either is capped by those CPUs and by OMP_NUM_THREADS when that is
+    set (the environment's ceiling per process: the test suite and Ray Train workers set it), so a stage
+    never starts more threads than it has cores: OpenMP threads spinning against each other make every
+    op far slower (benchmarks/RESULTS.md, "Training throughput and threads"). A cap changes no result
+    where outputs do not depend on the thread count, as in the tiny profile
+    (docs/choices.md#orchestration)."""
     cpus = available_cpus()
-    if setting != "auto":
-        return int(setting), f"threads={setting}; {cpus} CPUs available to this process"
     omp = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if omp.isdigit() and int(omp) > 0:
-        return min(cpus, int(omp)), (
-            f"threads=auto: {cpus} CPUs available to this process, OMP_NUM_THREADS={omp}"
-        )
-    return cpus, f"threads=auto: {cpus} CPUs available to this process"
+    omp_cap = int(omp) if omp.isdigit() and int(omp) > 0 else None
+    wanted = cpus if setting == "auto" else int(setting)
+    threads = min(wanted, cpus, omp_cap or wanted)
+    notes = [f"threads={setting}", f"{cpus} CPU{'s' if cpus != 1 else ''} available to this process"]
+    if omp_cap is not None:
+        notes.append(f"OMP_NUM_THREADS={omp}")
+    return threads, "; ".join(notes)
 
 
 def set_threads(setting: int | str) -> int:

@@ -311,21 +311,33 @@ def test_threads_parameter_sets_and_logs_torch_threads():
     import os
     import shutil
 
-    proc = _probe(["--set", "threads=1"], env_omp="2")  # the parameter wins over the environment
+    cpus = len(os.sched_getaffinity(0))
+    proc = _probe(["--set", "threads=1"], env_omp="2")  # an int below the environment's ceiling is used
     assert proc.returncode == 0, proc.stderr
     assert "torch threads 1 param 1" in proc.stdout
-    assert proc.stderr.count("intra-op threads: 1 (threads=1;") == 1  # logged once
-    cpus = len(os.sched_getaffinity(0))
-    proc = _probe([], env_omp=None)  # the tiny profile pins one thread (bitwise-reproducible recordings)
-    assert "torch threads 1 param 1" in proc.stdout, proc.stderr
+    assert (
+        proc.stderr.count(
+            f"intra-op threads: 1 (threads=1; {cpus} CPUs available to this process; OMP_NUM_THREADS=2)"
+        )
+        == 1
+    )  # logged once
+    # The tiny profile asks for 2 threads (its outputs do not depend on the count: test_thread_count.py);
+    # OMP_NUM_THREADS (the test suite sets 1) and the CPUs this process may use cap it.
+    proc = _probe([], env_omp=None)
+    assert f"torch threads {min(2, cpus)} param 2" in proc.stdout, proc.stderr
+    proc = _probe([], env_omp="1")
+    assert "torch threads 1 param 2" in proc.stdout, proc.stderr
+    assert "intra-op threads: 1 (threads=2; " in proc.stderr and "OMP_NUM_THREADS=1)" in proc.stderr
     proc = _probe(["--set", "threads=auto"], env_omp=None)  # auto: the CPUs this process may use
     assert f"torch threads {cpus} param auto" in proc.stdout, proc.stderr
-    assert f"intra-op threads: {cpus} (threads=auto: {cpus} CPUs available to this process)" in proc.stderr
+    assert f"intra-op threads: {cpus} (threads=auto; {cpus} CPUs available to this process)" in proc.stderr
     proc = _probe(["--set", "threads=auto"], env_omp="1")  # auto, capped by OMP_NUM_THREADS
     assert "torch threads 1 param auto" in proc.stdout, proc.stderr
-    if shutil.which("taskset") and cpus > 1:  # auto follows the affinity mask, not the machine's cores
-        proc = _probe(["--set", "threads=auto"], env_omp=None, cpus="0")
-        assert "torch threads 1 param auto" in proc.stdout, proc.stderr
+    if shutil.which("taskset") and cpus > 1:  # the affinity mask caps both, not the machine's cores
+        for setting in ("auto", "2"):
+            proc = _probe(["--set", f"threads={setting}"], env_omp=None, cpus="0")
+            assert f"torch threads 1 param {setting}" in proc.stdout, proc.stderr
+            assert f"(threads={setting}; 1 CPU available to this process)" in proc.stderr
 
 
 @pytest.mark.parametrize(
