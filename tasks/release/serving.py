@@ -89,9 +89,20 @@ class _GenerationFields(BaseModel):
         # OpenAI's API reads `null` as "not given" for its optional parameters (clients that serialise
         # every field send them): such a field takes its default, and a required one stays missing.
         if isinstance(data, dict):
-            optional = {name for name, field in cls.model_fields.items() if not field.is_required()}
+            optional = cls._optional_fields()
             return {k: v for k, v in data.items() if v is not None or k not in optional}
         return data
+
+    @classmethod
+    @functools.cache
+    def _optional_fields(cls) -> frozenset[str]:
+        """The fields with a default (per request class, computed once)."""
+        return frozenset(name for name, field in cls.model_fields.items() if not field.is_required())
+
+    @property
+    def token_budget_param(self) -> str:
+        """The name under which the client sent the token budget (errors name what was sent)."""
+        return "max_tokens"
 
     model: str = Field(
         description=(
@@ -201,6 +212,10 @@ class ChatCompletionRequest(_GenerationFields):
                 )
             self.max_tokens = budget
         return self
+
+    @property
+    def token_budget_param(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
 
 class ErrorDetail(BaseModel):
@@ -679,7 +694,7 @@ class CompletionService:
                 "n",
             )
         if req.max_tokens > self.max_tokens_limit:
-            key = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+            key = req.token_budget_param
             raise APIError(
                 400,
                 f"{key}={req.max_tokens} exceeds this server's limit of {self.max_tokens_limit}",
@@ -1336,10 +1351,15 @@ class _BodyLimit:
         def too_large(size: str) -> HTTPException:
             return HTTPException(413, f"{size} exceeds this server's limit of {limit} bytes")
 
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+
+            async def refused():  # the app's first read of the body raises, before any of it is read
+                raise too_large(f"content-length {int(declared)}")
+
+            return await self.app(scope, refused, send)
+
         async def limited():
             nonlocal received
-            if declared is not None and declared.isdigit() and int(declared) > limit:
-                raise too_large(f"content-length {int(declared)}")
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
