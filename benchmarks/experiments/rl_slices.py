@@ -77,13 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         ],
     }
     trainable = trainable_parameters(model, cfg.members, members)
-    if args.control:
-        if args.control == "sft":
-            gold = read_jsonl(ws.sft_data, required=("id", "prompt", "response"))
-        else:
-            gold = [{"id": r["id"], "prompt": r["question"], "response": r["solution"]} for r in eval_rows]
-        source = ws.sft_data if args.control == "sft" else ws.eval_data
-        trainer = SupervisedControl(model, tokenizer, gold, str(source), params, members, trainable)
+    if args.control == "sft":
+        gold = read_jsonl(ws.sft_data, required=("id", "prompt", "response"))
+        trainer = SupervisedControl(model, tokenizer, gold, str(ws.sft_data), params, members, trainable)
+    elif args.control == "eval":
+        gold = [{"id": r["id"], "prompt": r["question"], "response": r["solution"]} for r in eval_rows]
+        trainer = SupervisedControl(model, tokenizer, gold, str(ws.eval_data), params, members, trainable)
     else:
         trainer = RLTrainer(
             model, tokenizer, inputs.train_rows, cfg, members=members, trainable=trainable, seed=params.seed
