@@ -34,7 +34,7 @@ $(STAMP): $(DEPS)
 	# torch is named explicitly so pip takes the local CPU wheel, never a CUDA build.
 	$(PY) -m pip install -q --no-compile -c constraints.txt "torch==2.13.0" -e ".[dev]" 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	# Bytecode on every core afterwards: pip compiles one file at a time (install 148 s on 2 cores,
-	# against 83 s + 35 s this way; the same 27k .pyc files). As pip does, a file that is not valid
+	# against 83 s + 35 s this way; as many .pyc files, 27k). As pip does, a file that is not valid
 	# Python 3.11 stays uncompiled (torch ships a test helper in 3.12 syntax), hence `|| true`.
 	$(PY) -m compileall -qq -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" || true
 	$(PY) -m pip check
