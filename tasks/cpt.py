@@ -19,7 +19,7 @@ from typing import Any
 
 from tasks.core.artifacts import check_tokenizer_size, save_family, tokenizer_fingerprint
 from tasks.core.files import require_dir, sha256_file, write_metrics
-from tasks.core.params import Params
+from tasks.core.params import ModelParams, Params
 from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, log, seed_everything, stage_main
 from tasks.training import distributed, family
@@ -73,12 +73,39 @@ def check_source_tokenizer(tokenizer, src: Path, tok_dir: Path) -> None:
         )
 
 
+def family_config(m: ModelParams, vocab_size: int, pad_token_id: int, eos_token_id: int):
+    """The `FamilialConfig` of a fresh family of shape `m` (`params.model`): Qwen3 fields, no BOS, untied
+    embeddings, default RoPE, and the family's exits, branches, head sharing and loss kernel."""
+    from ruyi_model import FamilialConfig
+
+    return FamilialConfig(
+        vocab_size=vocab_size,
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_hidden_layers,
+        num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_key_value_heads,
+        head_dim=m.head_dim,
+        max_position_embeddings=m.max_position_embeddings,
+        rms_norm_eps=m.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+        exit_layers=list(m.exit_layers),
+        exit_branch_layers=m.exit_branch_layers,
+        shared_heads=m.shared_heads,
+        loss_impl=m.loss_impl,
+    )
+
+
 def build_family(params: Params, tokenizer):
     """A fresh FamilialForCausalLM from `params.model` (or `from_qwen3` with `model.init_from`).
 
     Call `seed_everything` first: the random initialisation uses torch's global RNG.
     """
-    from ruyi_model import FamilialConfig, FamilialForCausalLM
+    from ruyi_model import FamilialForCausalLM
 
     m = params.model
     if m.init_from:
@@ -101,26 +128,7 @@ def build_family(params: Params, tokenizer):
         model.config.eos_token_id = tokenizer.eos_token_id
     else:
         vocab = math.ceil(len(tokenizer) / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-        config = FamilialConfig(
-            vocab_size=vocab,
-            hidden_size=m.hidden_size,
-            intermediate_size=m.intermediate_size,
-            num_hidden_layers=m.num_hidden_layers,
-            num_attention_heads=m.num_attention_heads,
-            num_key_value_heads=m.num_key_value_heads,
-            head_dim=m.head_dim,
-            max_position_embeddings=m.max_position_embeddings,
-            rms_norm_eps=m.rms_norm_eps,
-            rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            bos_token_id=None,
-            tie_word_embeddings=False,
-            exit_layers=list(m.exit_layers),
-            exit_branch_layers=m.exit_branch_layers,
-            shared_heads=m.shared_heads,
-            loss_impl=m.loss_impl,
-        )
+        config = family_config(m, vocab, tokenizer.pad_token_id, tokenizer.eos_token_id)
         model = FamilialForCausalLM(config)
     set_generation_tokens(model, tokenizer)
     return model

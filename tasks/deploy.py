@@ -2,11 +2,13 @@
 
     python -m tasks.deploy [--params params.yaml] [--set deploy.version=v7] [--set deploy.store.backend=s3]
 
-Reads `artifacts/export/`, the first `deploy.smoke_prompts` rows of `data/validated/eval.jsonl` and the
-per exit `params` of `metrics/eval_quality.json` (evaluate's reproducible metrics). Before publishing, the
-factored tiers (`exit_<d>_factored/`) must give the family's logits on a probe; once served, every
-`exit_<d>` tier must run exactly the evaluated member's parameter count (`/v1/models`), and every `auto`
-answer must be the output of the member it names (the release ships the route stage's router, so the
+Reads `artifacts/export/`, the first `deploy.smoke_prompts` rows of `data/validated/eval.jsonl`, the
+per exit `params` of `metrics/eval_quality.json` (evaluate's reproducible metrics) and evaluate's greedy
+completions (`reports/evaluate/generations.jsonl`). Before publishing, the factored tiers
+(`exit_<d>_factored/`) must give the family's logits on a probe; once served, every `exit_<d>` tier must
+run exactly the evaluated member's parameter count (`/v1/models`) and answer each smoke question with
+evaluate's completion of it (served in float32; in another dtype a difference is logged), and every
+`auto` answer must be the output of the member it names (the release ships the route stage's router, so the
 `auto` tier is served; `speculative` too, with `deploy.speculative_draft_*`). For a vision-language export
 every tier also answers a generated image question exactly as its exported stock member does under plain
 transformers (`tasks.release.vision.vl_smoke_test`). Writes the release
@@ -188,6 +190,82 @@ def check_export_tiers(root: Path, eval_params: dict[int, int], question: str) -
     return checks
 
 
+EVAL_GENERATIONS = "generations.jsonl"  # evaluate's greedy completions, under reports/evaluate/
+
+
+def evaluated_completions(params: Params) -> tuple[Path, dict[tuple[int, str], str]]:
+    """evaluate's greedy completions, `(path, {(exit, question id): text})`
+    (`reports/evaluate/generations.jsonl`).
+
+    Raises:
+        StageError: the file is missing or a row is malformed (naming the file and row).
+    """
+    path = Workspace.from_params(params).reports_dir / "evaluate" / EVAL_GENERATIONS
+    if not path.is_file():
+        raise StageError(f"{path} not found (run the evaluate stage first)")
+    out: dict[tuple[int, str], str] = {}
+    for row, r in enumerate(read_jsonl(path, required=("id", "exit", "completion")), 1):
+        d, text = r["exit"], r["completion"]
+        if isinstance(d, bool) or not isinstance(d, int) or not isinstance(text, str):
+            raise StageError(f"{path}: row {row}: `exit` must be an integer and `completion` a string")
+        out[(d, str(r["id"]))] = text
+    return path, out
+
+
+def compare_with_evaluate(
+    rows: list[dict[str, Any]], evaluated: dict[tuple[int, str], str], same_budget: bool
+) -> dict[str, dict[str, Any]]:
+    """Per `exit_<d>` tier of the smoke rows: does the served greedy answer equal evaluate's completion
+    of the same question by member d? With the same token budget the two texts must be equal; with
+    different budgets the shorter one must begin the longer (one greedy decoding cut at two lengths).
+
+    Returns per tier `{same_as_evaluate: share of the compared questions, compared: their number}` and,
+    where one differs, `first_difference: {id, served, evaluated}`; questions evaluate did not decode
+    (beyond `evaluate.num_problems`) are not compared.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        tier = r["tier"]
+        if not tier.startswith("exit_") or not tier[5:].isdigit():
+            continue
+        ref = evaluated.get((int(tier[5:]), r["id"]))
+        entry = out.setdefault(tier, {"same": 0, "compared": 0})
+        if ref is None:
+            continue
+        served = r["completion"]
+        same = served == ref if same_budget else served.startswith(ref) or ref.startswith(served)
+        entry["compared"] += 1
+        entry["same"] += same
+        if not same and "first_difference" not in entry:
+            entry["first_difference"] = {"id": r["id"], "served": served, "evaluated": ref}
+    for e in out.values():
+        same = e.pop("same")
+        e["same_as_evaluate"] = same / e["compared"] if e["compared"] else None
+    return out
+
+
+def check_same_as_evaluate(tier: str, checked: dict[str, Any], path: Path, strict: bool) -> None:
+    """A served `exit_<d>` tier must answer the smoke questions exactly as evaluate's greedy decoding of
+    member d did (`compare_with_evaluate`): the same weights, tokenizer, chat template and stop tokens
+    through the release, the store and HTTP. `strict` (serving in float32, as evaluate decodes on CPU):
+    a difference is a StageError, raised before the release is marked validated. In a lower precision the
+    greedy path may fork at a near tie, so a difference is logged, not raised."""
+    diff = checked.get("first_difference")
+    if diff is None:
+        return
+    message = (
+        f"smoke test: tier {tier} answered question {diff['id']} with {diff['served']!r}, but evaluate's "
+        f"greedy decoding of that member ({path}) was {diff['evaluated']!r} "
+        f"({checked['same_as_evaluate']:.0%} of {checked['compared']} questions the same)"
+    )
+    if strict:
+        raise StageError(
+            f"{message}: the release does not serve the evaluated member (its weights, tokenizer, chat "
+            "template or stop tokens differ); it is not marked validated"
+        )
+    log.warning("%s (deploy.dtype is not float32: a near tie may fork the greedy path)", message)
+
+
 def check_served_params(url: str, eval_params: dict[int, int], expected: dict[str, dict[str, Any]]) -> None:
     """`tasks.release.serving.check_served_params` against `metrics/eval_quality.json`'s counts."""
     from tasks.release.serving import check_served_params as check
@@ -359,6 +437,7 @@ def run(params: Params) -> dict[str, Any]:
     root = export_dir(params)
     exits = json.loads((root / "manifest.json").read_text())["exit_layers"]
     eval_params = evaluated_params(params, exits)
+    generations_path, evaluated = evaluated_completions(params)
     tier_checks = check_export_tiers(root, eval_params, questions[0]["question"])
     timings["tier_check_s"] = time.perf_counter() - t0
 
@@ -385,6 +464,11 @@ def run(params: Params) -> dict[str, Any]:
                 per_tier[tier].update(checked)
         for tier, checked in tier_checks.items():
             per_tier[tier].update(checked)
+        for tier, checked in compare_with_evaluate(
+            rows, evaluated, cfg.smoke_max_tokens == params.evaluate.max_new_tokens
+        ).items():
+            per_tier[tier].update(checked)
+            check_same_as_evaluate(tier, checked, generations_path, strict=cfg.dtype == "float32")
         timings["smoke_s"] = time.perf_counter() - t0
     finally:
         t0 = time.perf_counter()

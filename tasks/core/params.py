@@ -651,9 +651,11 @@ class DeployParams(_Section):
     max_images_per_request: PositiveInt = 4
     max_image_bytes: PositiveInt = 8 * 2**20
     max_image_pixels: PositiveInt = 4096 * 4096
-    # Smoke test: the first smoke_prompts eval.jsonl questions, greedy, at every tier.
+    # Smoke test: the first smoke_prompts eval.jsonl questions, greedy, at every tier, with at most
+    # smoke_max_tokens new tokens. Each exit tier's answer is compared with evaluate's completion of the
+    # question: whole at evaluate.max_new_tokens (the default), else the shorter cut begins the longer.
     smoke_prompts: PositiveInt = 4
-    smoke_max_tokens: PositiveInt = 32
+    smoke_max_tokens: PositiveInt = 128
     # Resources of the one serving replica (a GPU per replica at paper scale), where it puts the
     # models ("auto": cuda when the replica has one) and in which dtype.
     replica_num_cpus: Annotated[float, Field(gt=0.0, le=64.0)] = 0.5

@@ -6,6 +6,7 @@ others stop before Ray starts (bad inputs must fail fast and clearly).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -71,13 +72,36 @@ def eval_quality(export: Path) -> dict:
     return {"exits": exits, **{f"exit_{d}": {"params": member_params(family, d)} for d in exits}}
 
 
-def _workspace(root: Path, export_src: Path) -> dict:
-    """A workspace with artifacts/export, data/validated/eval.jsonl and metrics/eval_quality.json (the
-    evaluated parameter counts); returns params overrides."""
+SMOKE_TOKENS = 8  # deploy.smoke_max_tokens = evaluate.max_new_tokens in these workspaces
+
+
+def eval_generations(export: Path, max_new_tokens: int = SMOKE_TOKENS) -> list[dict]:
+    """What evaluate writes to reports/evaluate/generations.jsonl: every member's greedy completion of
+    each eval question, decoded by evaluate's own function (left-padded batches) on the exported family."""
+    from ruyi_model.decoding import greedy_generate
+    from tasks.core.artifacts import load_family
+
+    family, tokenizer = load_family(export / "family")
+    rows = []
+    for d in family.config.exit_layers:
+        texts = greedy_generate(family, tokenizer, [r["question"] for r in EVAL_ROWS], d, max_new_tokens)
+        rows += [{"id": r["id"], "exit": d, "completion": t} for r, t in zip(EVAL_ROWS, texts)]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def generations(export_src):
+    return eval_generations(export_src)
+
+
+def _workspace(root: Path, export_src: Path, generations: list[dict]) -> dict:
+    """A workspace with artifacts/export, data/validated/eval.jsonl, metrics/eval_quality.json (the
+    evaluated parameter counts) and reports/evaluate/generations.jsonl; returns params overrides."""
     shutil.copytree(export_src, root / "artifacts" / "export")
     write_jsonl(root / "data" / "validated" / "eval.jsonl", EVAL_ROWS)
     (root / "metrics").mkdir()
     (root / "metrics" / "eval_quality.json").write_text(json.dumps(eval_quality(export_src)))
+    write_jsonl(root / "reports" / "evaluate" / "generations.jsonl", generations)
     return {
         "paths.data_dir": str(root / "data"),
         "paths.artifacts_dir": str(root / "artifacts"),
@@ -86,7 +110,8 @@ def _workspace(root: Path, export_src: Path) -> dict:
         "paths.reports_dir": str(root / "reports"),
         "deploy.store.root": str(root / "store"),
         "deploy.smoke_prompts": 2,
-        "deploy.smoke_max_tokens": 8,
+        "deploy.smoke_max_tokens": SMOKE_TOKENS,
+        "evaluate.max_new_tokens": SMOKE_TOKENS,
     }
 
 
@@ -96,8 +121,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_publish_export_reuses_identical_releases(tmp_path, export_src):
-    overrides = _workspace(tmp_path, export_src)
+def test_publish_export_reuses_identical_releases(tmp_path, export_src, generations):
+    overrides = _workspace(tmp_path, export_src, generations)
     params = load_params(REPO / "params.yaml", overrides)
     store = open_store(params.deploy.store)
     first, reused = publish_export(params, store)
@@ -125,8 +150,8 @@ def test_publish_export_reuses_identical_releases(tmp_path, export_src):
     assert store.list_versions("ruyi-tiny") == ["v0001", "v0002"]
 
 
-def test_deploy_fails_fast_and_clearly(tmp_path, export_src, capsys):
-    overrides = _workspace(tmp_path, export_src)
+def test_deploy_fails_fast_and_clearly(tmp_path, export_src, generations, capsys):
+    overrides = _workspace(tmp_path, export_src, generations)
     sets = [f"--set={k}={v}" for k, v in overrides.items()]
     params_file = str(REPO / "params.yaml")
 
@@ -151,18 +176,27 @@ def test_deploy_fails_fast_and_clearly(tmp_path, export_src, capsys):
     quality.write_text(json.dumps({**evaluated, "exit_4": {}}))
     assert main(["--params", params_file, *sets]) == 2
     assert "no integer exit_4.params" in capsys.readouterr().err
+    quality.write_text(json.dumps(evaluated))
+
+    completions = tmp_path / "reports" / "evaluate" / "generations.jsonl"
+    completions.unlink()
+    assert main(["--params", params_file, *sets]) == 2
+    assert f"{completions} not found (run the evaluate stage first)" in capsys.readouterr().err
+    write_jsonl(completions, [*generations[:1], {**generations[1], "exit": "4"}])
+    assert main(["--params", params_file, *sets]) == 2
+    assert f"{completions}: row 2: `exit` must be an integer" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "metrics").iterdir()) == ["eval_quality.json"]
     assert not (tmp_path / "store").exists()  # nothing published
 
 
-def test_deploy_refuses_tiers_that_are_not_the_evaluated_members(tmp_path, export_src, capsys):
+def test_deploy_refuses_tiers_that_are_not_the_evaluated_members(tmp_path, export_src, generations, capsys):
     """Before anything is published: a tier whose parameter count is not the evaluated member's, or a
     factored tier whose logits are not the family's, is a StageError naming the tier."""
     import torch
 
     from ruyi_model import FamilialForCausalLM, LowRankLinear
 
-    overrides = _workspace(tmp_path, export_src)
+    overrides = _workspace(tmp_path, export_src, generations)
     sets = [f"--set={k}={v}" for k, v in overrides.items()]
     params_file = str(REPO / "params.yaml")
     quality = tmp_path / "metrics" / "eval_quality.json"
@@ -191,7 +225,9 @@ def test_deploy_refuses_tiers_that_are_not_the_evaluated_members(tmp_path, expor
     assert not (tmp_path / "store").exists() and not (tmp_path / "metrics" / "deploy.json").exists()
 
 
-def test_a_release_that_fails_to_serve_is_published_but_never_served_by_default(tmp_path, export_src):
+def test_a_release_that_fails_to_serve_is_published_but_never_served_by_default(
+    tmp_path, export_src, generations
+):
     """deploy publishes before it serves: when serving or the smoke test fails, the release exists but is
     not validated, so `ruyi serve` without --version (and a serve config with version null) keeps
     following the last validated release instead of the failed one."""
@@ -199,7 +235,7 @@ def test_a_release_that_fails_to_serve_is_published_but_never_served_by_default(
     from tasks.release.store import StoreError
 
     params = load_params(
-        REPO / "params.yaml", {**_workspace(tmp_path, export_src), "deploy.port": _free_port()}
+        REPO / "params.yaml", {**_workspace(tmp_path, export_src, generations), "deploy.port": _free_port()}
     )
     store = open_store(params.deploy.store)
     with socket.socket() as busy:  # serving cannot start: its port is taken (checked before Ray starts)
@@ -224,9 +260,9 @@ def test_a_release_that_fails_to_serve_is_published_but_never_served_by_default(
     assert store.get_release("ruyi-tiny", validated=True).version == "v0001"
 
 
-def test_served_parameter_counts_are_checked_over_http(tmp_path, export_src):
-    """`check_served_params` reads /v1/models of a running app (uvicorn, no Ray): a release whose DaE tier
-    serves its dense weights is refused, naming the tier."""
+@contextlib.contextmanager
+def _uvicorn(release: Path):
+    """The serving app of `release` (CompletionService, no Ray) on a free port; yields its URL."""
     import threading
     import time
 
@@ -234,6 +270,24 @@ def test_served_parameter_counts_are_checked_over_http(tmp_path, export_src):
 
     from tasks.release.serving import CompletionService, create_app
 
+    port = _free_port()
+    app = create_app(CompletionService(release, model_name="tiny"))
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_served_parameter_counts_are_checked_over_http(tmp_path, export_src):
+    """`check_served_params` reads /v1/models of a running app (uvicorn, no Ray): a release whose DaE tier
+    serves its dense weights is refused, naming the tier."""
     release = tmp_path / "release"
     shutil.copytree(export_src, release)
     evaluated = eval_quality(export_src)
@@ -242,42 +296,77 @@ def test_served_parameter_counts_are_checked_over_http(tmp_path, export_src):
     assert expected["exit_2"]["weights"] == "factored" and expected["exit_4"]["weights"] == "dense"
     assert expected["exit_2"]["max_abs_logit_diff"] <= 1e-5 and "max_abs_logit_diff" not in expected["exit_4"]
 
-    def serve(service):
-        port = _free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(service), port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return server, thread, f"http://127.0.0.1:{port}"
-
-    server, thread, url = serve(CompletionService(release, model_name="tiny"))
-    try:
+    with _uvicorn(release) as url:
         check_served_params(url, eval_params, expected)  # the factored tier: passes
-    finally:
-        server.should_exit = True
-        thread.join(10)
     shutil.rmtree(release / "exit_2_factored")  # an app serving exit_2 dense
-    server, thread, url = serve(CompletionService(release, model_name="tiny"))
-    try:
+    with _uvicorn(release) as url:
         with pytest.raises(
             StageError, match=r"tier exit_2 serves \d+ parameters \(dense\), but the evaluated"
         ):
             check_served_params(url, eval_params, expected)
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
-def test_deploy_stage_s3_end_to_end(tmp_path, export_src, s3_server, monkeypatch):  # noqa: F811
+def test_served_answers_are_compared_with_evaluates(tmp_path, export_src, generations, caplog):
+    """Each exit tier's smoke answer over HTTP must be evaluate's greedy completion (its own batched
+    decoding of the family). A release whose member ships another chat template passes the logit probe
+    and the parameter counts, and is caught here; in float32 that is a StageError naming the tier, the
+    question and the file; otherwise a warning."""
+    from tasks.deploy import check_same_as_evaluate, compare_with_evaluate, smoke_test
+
+    evaluated = {(r["exit"], r["id"]): r["completion"] for r in generations}
+    questions = EVAL_ROWS[:2]
+    release = tmp_path / "release"
+    shutil.copytree(export_src, release)
+    with _uvicorn(release) as url:
+        _, rows = smoke_test(url, questions, SMOKE_TOKENS)
+    same = compare_with_evaluate(rows, evaluated, same_budget=True)
+    assert {t: (c["same_as_evaluate"], c["compared"]) for t, c in same.items()} == {
+        "exit_2": (1.0, 2),
+        "exit_4": (1.0, 2),
+    }
+    assert all("first_difference" not in c for c in same.values())
+    # a shorter budget: each served answer is the start of evaluate's (one greedy decoding, cut earlier)
+    with _uvicorn(release) as url:
+        _, short = smoke_test(url, questions, 3)
+    assert all(r["completion_tokens"] <= 3 for r in short)
+    cut = compare_with_evaluate(short, evaluated, same_budget=False)
+    assert [c["same_as_evaluate"] for c in cut.values()] == [1.0, 1.0]
+    assert compare_with_evaluate(short, evaluated, same_budget=True)["exit_4"]["same_as_evaluate"] < 1
+    # a question evaluate did not decode is not compared
+    assert compare_with_evaluate(rows, {}, same_budget=True)["exit_4"] == {
+        "same_as_evaluate": None,
+        "compared": 0,
+    }
+
+    templates = sorted(release.glob("*/chat_template.jinja"))  # every member's and the family's
+    assert len(templates) >= 3
+    for template in templates:
+        template.write_text("<|im_start|>system\nAnswer in French.<|im_end|>\n" + template.read_text())
+    with _uvicorn(release) as url:
+        _, rows = smoke_test(url, questions, SMOKE_TOKENS)
+    same = compare_with_evaluate(rows, evaluated, same_budget=True)
+    assert same["exit_2"]["same_as_evaluate"] < 1.0 and same["exit_4"]["same_as_evaluate"] < 1.0
+    diff = same["exit_4"]["first_difference"]
+    assert diff["served"] != diff["evaluated"] == evaluated[(4, diff["id"])]
+    path = tmp_path / "generations.jsonl"
+    with pytest.raises(
+        StageError, match=rf"tier exit_4 answered question {diff['id']} .*{path}.*not marked validated"
+    ):
+        check_same_as_evaluate("exit_4", same["exit_4"], path, strict=True)
+    check_same_as_evaluate("exit_4", {"same_as_evaluate": 1.0, "compared": 2}, path, strict=True)
+    with caplog.at_level("WARNING", logger="ruyi.deploy"):
+        check_same_as_evaluate("exit_4", same["exit_4"], path, strict=False)
+    assert "tier exit_4 answered question" in caplog.text and "near tie" in caplog.text
+
+
+def test_deploy_stage_s3_end_to_end(tmp_path, export_src, generations, s3_server, monkeypatch):  # noqa: F811
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
     s3_server.create_bucket("releases")
     overrides = {
-        **_workspace(tmp_path, export_src),
+        **_workspace(tmp_path, export_src, generations),
         "deploy.store.backend": "s3",
         "deploy.store.bucket": "releases",
         "deploy.store.endpoint_url": s3_server.endpoint,
@@ -315,6 +404,9 @@ def test_deploy_stage_s3_end_to_end(tmp_path, export_src, s3_server, monkeypatch
         assert tiers[f"exit_{d}"]["params"] == evaluated[f"exit_{d}"]["params"]
         assert tiers[f"exit_{d}"]["weights"] == weights
     assert tiers["exit_2"]["max_abs_logit_diff"] <= 1e-5
+    # each member tier answered as evaluate decoded that member (whole texts: the same budget)
+    for tier in ("exit_2", "exit_4"):
+        assert (tiers[tier]["same_as_evaluate"], tiers[tier]["compared"]) == (1.0, 2)
     on_disk = json.loads((tmp_path / "metrics" / "deploy.json").read_text())
     assert on_disk["version"] == "v0001" and on_disk["tiers"] == json.loads(json.dumps(tiers))
     smoke = json.loads((tmp_path / "metrics" / "deploy_smoke.json").read_text())

@@ -6,7 +6,7 @@ recorded run and its audit only agree if every result is the same bitwise at eit
 over the whole chain once (benchmarks/RESULTS.md); here the operations that chain is made of run at the
 tiny profile's shapes in two processes, one per thread count, and must agree bitwise:
 - three joint multi-exit training steps (family_sft's loss, AdamW, clipping, schedule) of the family
-  built from params.yaml's `model` section;
+  built from params.yaml's `model` section (cpt's `family_config`, a 2048-token vocabulary);
 - sampled and greedy generation of every member;
 - compress's distillation KL (its value is reported; a flat sum over every logit was not invariant).
 A control shows that the second thread was used: flat sums over two million floats differ.
@@ -29,8 +29,9 @@ import hashlib, json, sys
 import torch
 
 torch.set_num_threads(int(sys.argv[1]))
-from ruyi_model import FamilialConfig, FamilialForCausalLM
+from ruyi_model import FamilialForCausalLM
 from tasks.compress import distillation_kl
+from tasks.cpt import family_config
 from tasks.core.params import load_params
 from tasks.training.loop import build_optimizer, multi_exit_loss_fn
 
@@ -46,16 +47,7 @@ def digest(*tensors):
 
 
 torch.manual_seed(0)
-config = FamilialConfig(
-    vocab_size=2048, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-    num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
-    num_key_value_heads=m.num_key_value_heads, head_dim=m.head_dim,
-    max_position_embeddings=m.max_position_embeddings, rms_norm_eps=m.rms_norm_eps,
-    rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
-    pad_token_id=0, eos_token_id=1, bos_token_id=None, tie_word_embeddings=False,
-    exit_layers=list(m.exit_layers), exit_branch_layers=m.exit_branch_layers,
-    shared_heads=m.shared_heads, loss_impl=m.loss_impl,
-)
+config = family_config(m, vocab_size=2048, pad_token_id=0, eos_token_id=1)
 model = FamilialForCausalLM(config)
 teacher = FamilialForCausalLM(config)
 teacher.load_state_dict(model.state_dict())
