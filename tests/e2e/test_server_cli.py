@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from local_http import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -26,12 +27,6 @@ REPO = Path(__file__).resolve().parents[2]
 # `ruyi` is the console script of flows.cli:main (pyproject); run as a module so that the checkout under
 # test is what runs, whatever an installed `ruyi` script points at.
 RUYI = [sys.executable, "-m", "flows.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str):
@@ -45,7 +40,7 @@ def _processes_naming(port: int) -> list[str]:
 
 
 def test_ruyi_server_serves_both_deployments_and_stops_cleanly(tmp_path):
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = dict(
         os.environ,

@@ -6,7 +6,6 @@ others stop before Ray starts (bad inputs must fail fast and clearly).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -15,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from local_http import free_port, serve_app
 from s3server import s3_server  # noqa: F401  (module-scoped SeaweedFS fixture)
 from tiny_export import add_router, build_tiny_export, private_tmpdir
 
@@ -113,12 +113,6 @@ def _workspace(root: Path, export_src: Path, generations: list[dict]) -> dict:
         "deploy.smoke_max_tokens": SMOKE_TOKENS,
         "evaluate.max_new_tokens": SMOKE_TOKENS,
     }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_publish_export_reuses_identical_releases(tmp_path, export_src, generations):
@@ -235,7 +229,7 @@ def test_a_release_that_fails_to_serve_is_published_but_never_served_by_default(
     from tasks.release.store import StoreError
 
     params = load_params(
-        REPO / "params.yaml", {**_workspace(tmp_path, export_src, generations), "deploy.port": _free_port()}
+        REPO / "params.yaml", {**_workspace(tmp_path, export_src, generations), "deploy.port": free_port()}
     )
     store = open_store(params.deploy.store)
     with socket.socket() as busy:  # serving cannot start: its port is taken (checked before Ray starts)
@@ -260,29 +254,11 @@ def test_a_release_that_fails_to_serve_is_published_but_never_served_by_default(
     assert store.get_release("ruyi-tiny", validated=True).version == "v0001"
 
 
-@contextlib.contextmanager
 def _uvicorn(release: Path):
-    """The serving app of `release` (CompletionService, no Ray) on a free port; yields its URL."""
-    import threading
-    import time
-
-    import uvicorn
-
+    """The serving app of `release` (CompletionService, no Ray) on a free port: a context yielding its URL."""
     from tasks.release.serving import CompletionService, create_app
 
-    port = _free_port()
-    app = create_app(CompletionService(release, model_name="tiny"))
-    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    return serve_app(create_app(CompletionService(release, model_name="tiny")))
 
 
 def test_served_parameter_counts_are_checked_over_http(tmp_path, export_src):
@@ -372,7 +348,7 @@ def test_deploy_stage_s3_end_to_end(tmp_path, export_src, generations, s3_server
         "deploy.store.endpoint_url": s3_server.endpoint,
         "deploy.store.connect_timeout_s": 2,
         "deploy.store.max_attempts": 2,
-        "deploy.port": _free_port(),
+        "deploy.port": free_port(),
     }
     params = load_params(REPO / "params.yaml", overrides)
 

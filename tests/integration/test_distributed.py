@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from local_http import free_port
 from training_helpers import copy_workspace, load, make_workspace, sft_like_rows
 
 from tasks import cpt
@@ -170,12 +171,6 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_train_loop_under_ddp_equals_the_local_loop(tmp_path):
     import torch.multiprocessing as mp
 
@@ -183,7 +178,7 @@ def test_train_loop_under_ddp_equals_the_local_loop(tmp_path):
     shards = [_targets(stream.batch(3 * h, 3)) for h in range(2)]
     assert shards[0] != shards[1], shards  # the ranks supervise different numbers of tokens
     local, res_local = _loop_run(tmp_path / "local")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for name, ref in local.state_dict().items():
         assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), name  # replicas stay identical

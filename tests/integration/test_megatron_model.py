@@ -8,10 +8,9 @@ Qwen3 exports bitwise unchanged.
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
+from local_http import free_port
 from safetensors.torch import load_file
 
 from ruyi_model import FamilialConfig, FamilialForCausalLM
@@ -19,12 +18,6 @@ from ruyi_model.export import export_exits
 from ruyi_model.megatron import convert_hf_to_mcore, convert_mcore_to_hf
 
 VOCAB = 128
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_family(exits=(2, 4), branch=1, shared=False, dae=None, weights=None, seed=0):

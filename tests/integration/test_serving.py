@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from local_http import free_port
 from tiny_export import build_tiny_export, private_tmpdir
 
 from tasks.core.params import load_params
@@ -345,12 +346,6 @@ def test_resolve_release(tmp_path, export_dir):
         CompletionService(tmp_path / "store")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ray_processes(ray_tmpdir: str) -> str:
     """Processes of the Ray instance that runs under `ray_tmpdir` (their command lines name it)."""
     out = subprocess.run(["pgrep", "-af", ray_tmpdir], capture_output=True, text=True).stdout
@@ -381,7 +376,7 @@ def test_ruyi_serve_on_ray(tmp_path, export_dir, client, monkeypatch):
     store = LocalStore(tmp_path / "store")
     store.publish("ruyi-tiny", export_dir)
     store.mark_validated("ruyi-tiny", "v0001", {"stage": "test"})  # what serving the latest follows
-    port = _free_port()
+    port = free_port()
     params = load_params(
         REPO / "params.yaml",
         {
@@ -460,7 +455,7 @@ def test_signal_stops_ruyi_serve_and_its_ray(tmp_path, export_dir, sig):
     store = LocalStore(tmp_path / "store")
     store.publish("ruyi-tiny", export_dir)
     store.mark_validated("ruyi-tiny", "v0001", {"stage": "test"})  # `ruyi serve` follows the validated latest
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_TMPDIR"}
     cmd = [
         sys.executable,

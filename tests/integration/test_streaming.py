@@ -9,15 +9,13 @@ on 127.0.0.1) for a client that disconnects mid-stream, and once on Ray Serve (s
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import threading
 import time
-from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
+from local_http import free_port, serve_app
 from starlette.testclient import TestClient
 from tiny_export import build_tiny_export, private_tmpdir
 
@@ -234,35 +232,12 @@ def test_openapi_documents_the_event_streams(service):
 
 
 # --- a real HTTP server ------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _uvicorn(app) -> Iterator[str]:
-    import uvicorn
-
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
 
 
 def test_a_client_that_disconnects_mid_stream_frees_the_server(service):
     """A client reads one chunk and closes the connection: the decode stops (long before its max_tokens)
     and releases the decode lock, so the next request is answered at once."""
-    with _uvicorn(create_app(service)) as url:
+    with serve_app(create_app(service)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
         t0 = time.perf_counter()
         whole = client.completions.create(model="exit_4", prompt="Tom", max_tokens=LONG)
@@ -307,7 +282,7 @@ def test_streaming_through_ray_serve(export_dir, client):
     from tasks.release.serving import start_serving
 
     with start_serving(
-        export_dir, host="127.0.0.1", port=_free_port(), model_name="tiny", max_tokens_limit=64
+        export_dir, host="127.0.0.1", port=free_port(), model_name="tiny", max_tokens_limit=64
     ) as session:
         real = openai.OpenAI(base_url=f"{session.url}/v1", api_key="none", max_retries=0, timeout=120)
         assert "speculative" in {m.id for m in real.models.list().data}
