@@ -80,14 +80,7 @@ def family_config(m: ModelParams, vocab_size: int, pad_token_id: int, eos_token_
 
     return FamilialConfig(
         vocab_size=vocab_size,
-        hidden_size=m.hidden_size,
-        intermediate_size=m.intermediate_size,
-        num_hidden_layers=m.num_hidden_layers,
-        num_attention_heads=m.num_attention_heads,
-        num_key_value_heads=m.num_key_value_heads,
-        head_dim=m.head_dim,
-        max_position_embeddings=m.max_position_embeddings,
-        rms_norm_eps=m.rms_norm_eps,
+        **m.qwen3_text_fields(),
         rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
         pad_token_id=pad_token_id,
         eos_token_id=eos_token_id,

@@ -127,6 +127,21 @@ class ModelParams(_Section):
     # and whose vision tower is the `vl` section (params.vl.yaml, tasks/training/vl_pipeline.py).
     modality: Literal["text", "vl"] = "text"
 
+    def qwen3_text_fields(self) -> dict[str, int | float]:
+        """The Qwen3 text-config fields this section sets: sizes, heads, positions and the norm's eps. One
+        source for the text family (`tasks.cpt.family_config`) and the VL family's text model
+        (`tasks.training.vl_pipeline.vl_config`), which each add RoPE (the VL one with M-RoPE sections)."""
+        return {
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+        }
+
     @model_validator(mode="after")
     def _check(self) -> ModelParams:
         if self.num_attention_heads % self.num_key_value_heads:

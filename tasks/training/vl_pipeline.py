@@ -206,14 +206,7 @@ def vl_config(params: Params, tok):
     ids = {t: tok.convert_tokens_to_ids(t) for t in VL_SPECIALS}
     text = dict(
         vocab_size=len(tok),
-        hidden_size=m.hidden_size,
-        intermediate_size=m.intermediate_size,
-        num_hidden_layers=m.num_hidden_layers,
-        num_attention_heads=m.num_attention_heads,
-        num_key_value_heads=m.num_key_value_heads,
-        head_dim=m.head_dim,
-        max_position_embeddings=m.max_position_embeddings,
-        rms_norm_eps=m.rms_norm_eps,
+        **m.qwen3_text_fields(),
         rope_parameters={
             "rope_type": "default",
             "rope_theta": m.rope_theta,
