@@ -25,13 +25,6 @@ from pathlib import Path
 import torch
 
 
-def chat_ids(tokenizer, question: str) -> list[int]:
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
-    )
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -57,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
 
+    from ruyi_model.decoding import _pad_left, encode_prompts
     from tasks.core.artifacts import load_family
     from tasks.core.files import read_jsonl
     from tasks.core.stage import StageError
@@ -74,11 +68,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{max(args.num_prompts, args.batch_prompts)}"
         )
     model.eval()
-    encoded = [chat_ids(tokenizer, q) for q in questions[: args.batch_prompts]]
-    width = max(map(len, encoded))
-    pad = tokenizer.pad_token_id
-    batch = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
-    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    # evaluate's own prompt encoding and left padding (ruyi_model.decoding, greedy_generate_ids)
+    encoded = encode_prompts(tokenizer, questions[: args.batch_prompts])
+    batch, mask = _pad_left(encoded, tokenizer.pad_token_id)
 
     print(
         f"model: {args.checkpoint} ({args.dtype}), exits {list(model.config.exit_layers)}; greedy paths of "
