@@ -58,8 +58,14 @@ def encode_prompts(tokenizer, prompts: Sequence[str], chat: bool = True) -> list
     return out
 
 
-def _pad_left(batch: list[list[int]], pad_id: int):
+def pad_left(batch: Sequence[Sequence[int]], pad_id: int):
+    """Left-pads token-id rows into one batch (decoding appends on the right, so every row's last
+    prompt token sits in the last column): `(input_ids, attention_mask)`, both N x P LongTensors, the
+    mask 1 on real tokens."""
     import torch
+
+    if not batch:
+        raise ValueError("pad_left: no rows to pad")
 
     width = max(len(ids) for ids in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -126,7 +132,7 @@ def greedy_generate_ids(
     try:
         with torch.inference_mode():
             for batch in tqdm(batches, desc=progress, disable=progress is None, leave=False):
-                input_ids, attention_mask = _pad_left([list(prompt_ids[i]) for i in batch], pad_id)
+                input_ids, attention_mask = pad_left([list(prompt_ids[i]) for i in batch], pad_id)
                 out = model.generate(
                     input_ids=input_ids.to(model.device),
                     attention_mask=attention_mask.to(model.device),

@@ -51,6 +51,7 @@ from tasks.core.files import (
 from tasks.core.params import Params, ParamsError
 from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, setup_logging, stage_main
+from tasks.release.smoke import check_same_as_evaluate, compare_with_evaluate, evaluated_completions
 from tasks.release.store import ArtifactStore, Release, content_digest, open_store, publish_dir, scan_dir
 from tasks.release.vision import is_vl_release, vl_smoke_test
 
@@ -190,82 +191,6 @@ def check_export_tiers(root: Path, eval_params: dict[int, int], question: str) -
     return checks
 
 
-EVAL_GENERATIONS = "generations.jsonl"  # evaluate's greedy completions, under reports/evaluate/
-
-
-def evaluated_completions(params: Params) -> tuple[Path, dict[tuple[int, str], str]]:
-    """evaluate's greedy completions, `(path, {(exit, question id): text})`
-    (`reports/evaluate/generations.jsonl`).
-
-    Raises:
-        StageError: the file is missing or a row is malformed (naming the file and row).
-    """
-    path = Workspace.from_params(params).reports_dir / "evaluate" / EVAL_GENERATIONS
-    if not path.is_file():
-        raise StageError(f"{path} not found (run the evaluate stage first)")
-    out: dict[tuple[int, str], str] = {}
-    for row, r in enumerate(read_jsonl(path, required=("id", "exit", "completion")), 1):
-        d, text = r["exit"], r["completion"]
-        if isinstance(d, bool) or not isinstance(d, int) or not isinstance(text, str):
-            raise StageError(f"{path}: row {row}: `exit` must be an integer and `completion` a string")
-        out[(d, str(r["id"]))] = text
-    return path, out
-
-
-def compare_with_evaluate(
-    rows: list[dict[str, Any]], evaluated: dict[tuple[int, str], str], same_budget: bool
-) -> dict[str, dict[str, Any]]:
-    """Per `exit_<d>` tier of the smoke rows: does the served greedy answer equal evaluate's completion
-    of the same question by member d? With the same token budget the two texts must be equal; with
-    different budgets the shorter one must begin the longer (one greedy decoding cut at two lengths).
-
-    Returns per tier `{same_as_evaluate: share of the compared questions, compared: their number}` and,
-    where one differs, `first_difference: {id, served, evaluated}`; questions evaluate did not decode
-    (beyond `evaluate.num_problems`) are not compared.
-    """
-    out: dict[str, dict[str, Any]] = {}
-    for r in rows:
-        tier = r["tier"]
-        if not tier.startswith("exit_") or not tier[5:].isdigit():
-            continue
-        ref = evaluated.get((int(tier[5:]), r["id"]))
-        entry = out.setdefault(tier, {"same": 0, "compared": 0})
-        if ref is None:
-            continue
-        served = r["completion"]
-        same = served == ref if same_budget else served.startswith(ref) or ref.startswith(served)
-        entry["compared"] += 1
-        entry["same"] += same
-        if not same and "first_difference" not in entry:
-            entry["first_difference"] = {"id": r["id"], "served": served, "evaluated": ref}
-    for e in out.values():
-        same = e.pop("same")
-        e["same_as_evaluate"] = same / e["compared"] if e["compared"] else None
-    return out
-
-
-def check_same_as_evaluate(tier: str, checked: dict[str, Any], path: Path, strict: bool) -> None:
-    """A served `exit_<d>` tier must answer the smoke questions exactly as evaluate's greedy decoding of
-    member d did (`compare_with_evaluate`): the same weights, tokenizer, chat template and stop tokens
-    through the release, the store and HTTP. `strict` (serving in float32, as evaluate decodes on CPU):
-    a difference is a StageError, raised before the release is marked validated. In a lower precision the
-    greedy path may fork at a near tie, so a difference is logged, not raised."""
-    diff = checked.get("first_difference")
-    if diff is None:
-        return
-    message = (
-        f"smoke test: tier {tier} answered question {diff['id']} with {diff['served']!r}, but evaluate's "
-        f"greedy decoding of that member ({path}) was {diff['evaluated']!r} "
-        f"({checked['same_as_evaluate']:.0%} of {checked['compared']} questions the same)"
-    )
-    if strict:
-        raise StageError(
-            f"{message}: the release does not serve the evaluated member (its weights, tokenizer, chat "
-            "template or stop tokens differ); it is not marked validated"
-        )
-    log.warning("%s (deploy.dtype is not float32: a near tie may fork the greedy path)", message)
-
-
 def check_served_params(url: str, eval_params: dict[int, int], expected: dict[str, dict[str, Any]]) -> None:
     """`tasks.release.serving.check_served_params` against `metrics/eval_quality.json`'s counts."""
     from tasks.release.serving import check_served_params as check
@@ -297,7 +222,8 @@ def smoke_test(
     status, models = http_json(f"{url}/v1/models")
     if status != 200:
         raise StageError(f"smoke test: {url}/v1/models answered {status}: {models}")
-    tiers = [m["id"] for m in models["data"] if m.get("exit_layer") is not None]
+    exit_of = {m["id"]: m.get("exit_layer") for m in models["data"]}
+    tiers = [t for t, d in exit_of.items() if d is not None]
     served = {m["id"] for m in models["data"]}
     tiers += [t for t in (DYNAMIC_TIER, SPECULATIVE_TIER, AUTO_TIER) if t in served]
     per_tier: dict[str, Any] = {}
@@ -346,6 +272,7 @@ def smoke_test(
                 rows.append(
                     {
                         "tier": tier,
+                        "exit_layer": exit_of[tier],
                         "id": q["id"],
                         "question": q["question"],
                         "completion": text,

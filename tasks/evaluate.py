@@ -278,7 +278,7 @@ def run(params: Params) -> dict:
         },
     }
     metrics["run_id"] = write_metric_set(ws.metrics_dir, quality, speed_metrics, metrics)
-    write_jsonl(ws.reports("evaluate") / "generations.jsonl", generations)
+    write_jsonl(ws.eval_generations, generations)
     rows = [{"exit": d, **metrics[f"exit_{d}"]} for d in exits]
     plot_tradeoff(rows, ws.plots("evaluate"))
     return metrics

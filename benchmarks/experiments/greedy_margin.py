@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
 
-    from ruyi_model.decoding import _pad_left, encode_prompts
+    from ruyi_model.decoding import encode_prompts, pad_left
     from tasks.core.artifacts import load_family
     from tasks.core.files import read_jsonl
     from tasks.core.stage import StageError
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     # evaluate's own prompt encoding and left padding (ruyi_model.decoding, greedy_generate_ids)
     encoded = encode_prompts(tokenizer, questions[: args.batch_prompts])
-    batch, mask = _pad_left(encoded, tokenizer.pad_token_id)
+    batch, mask = pad_left(encoded, tokenizer.pad_token_id)
 
     print(
         f"model: {args.checkpoint} ({args.dtype}), exits {list(model.config.exit_layers)}; greedy paths of "

@@ -136,3 +136,9 @@ class Workspace:
     def reports(self, stage: str) -> Path:
         """A stage's reports directory (`reports/<stage>/`; not created)."""
         return self.reports_dir / stage
+
+    @property
+    def eval_generations(self) -> Path:
+        """evaluate's per-item greedy completions, one row per (member, problem)
+        (`reports/evaluate/generations.jsonl`): what deploy's served members must answer."""
+        return self.reports("evaluate") / "generations.jsonl"

@@ -290,8 +290,8 @@ def vl_smoke_test(url: str, export_root: str | Path, question: str, png: bytes, 
     the app at `url`, whose answer must equal the exported stock member's (`stock_member_answer`).
 
     Returns:
-        Per tier `{image_requests: 1, image_answer_matches_export: True, image_completion_tokens,
-        image_answer}`.
+        Per tier `{exit_layer, image_requests: 1, image_answer_matches_export: True,
+        image_completion_tokens, image_answer}`.
 
     Raises:
         StageError: a tier answers with an error, or otherwise than its exported member.
@@ -327,6 +327,7 @@ def vl_smoke_test(url: str, export_root: str | Path, question: str, png: bytes, 
                 f"exit_{d} answers {want!r} (plain transformers, greedy)"
             )
         out[entry["id"]] = {
+            "exit_layer": d,
             "image_requests": 1,
             "image_answer_matches_export": True,
             "image_completion_tokens": n_tokens,

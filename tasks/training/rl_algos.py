@@ -34,23 +34,16 @@ ADV_EPS = 1e-4  # TRL's constant in (r - mean) / (std + eps)
 
 def encode_chat_prompts(tokenizer, questions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Chat-templated prompts (`ruyi_model.decoding.encode_prompts`: user turn + `<|im_start|>assistant\\n`),
-    left-padded with the tokenizer's pad token.
+    left-padded with the tokenizer's pad token (`ruyi_model.decoding.pad_left`).
 
     Returns:
         ids: N x P LongTensor (pad on the left), mask: N x P LongTensor (1 on real tokens).
     """
-    from ruyi_model.decoding import encode_prompts
+    from ruyi_model.decoding import encode_prompts, pad_left
 
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token (<|pad|>); left-padded batches need one")
-    rows = encode_prompts(tokenizer, questions, chat=True)
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r) :] = 1
-    return ids, mask
+    return pad_left(encode_prompts(tokenizer, questions, chat=True), tokenizer.pad_token_id)
 
 
 def _member_kwargs(exit_layer: int | None) -> dict:

@@ -772,7 +772,9 @@ def _tokens_per_s(model, processor, row, exit_layer: int, new_tokens: int, repea
 
 
 def evaluate(params: Params) -> dict[str, Any]:
-    """Per exit: greedy VQA accuracy by task type on the eval split, tokens/s, parameters, answer loss."""
+    """Per exit: greedy VQA accuracy by task type on the eval split, tokens/s, parameters, answer loss;
+    every member's answer to every problem in `reports/vl/evaluate/generations.jsonl`
+    (`Workspace.eval_generations`: what the deploy stage's served members must answer)."""
     from ruyi_model.vl import member_vl_num_parameters
 
     ev = params.evaluate
@@ -797,10 +799,22 @@ def evaluate(params: Params) -> dict[str, Any]:
         "num_problems": len(rows),
         "ln_vocab": math.log(model.config.text_config.vocab_size),
     }
+    generations: list[dict[str, Any]] = []
     for d in exits:
         answers, _ = generate_answers(
             model, processor, rows, d, params.vl.max_answer_tokens, ev.decode_batch_size
         )
+        generations += [
+            {
+                "id": r["id"],
+                "exit": d,
+                "task": r["task"],
+                "answer": r["answer"],
+                "correct": is_correct(a, r["answer"]),
+                "completion": a,
+            }
+            for r, a in zip(rows, answers, strict=True)
+        ]
         entry = accuracy_table(rows, answers)
         entry["loss"] = round(losses[d][0] / max(losses[d][1], 1), 6)
         entry["num_parameters"] = member_vl_num_parameters(model, d)
@@ -819,6 +833,7 @@ def evaluate(params: Params) -> dict[str, Any]:
         for k, v in metrics.items()
     }
     write_json(ws.metrics_dir / "eval_quality.json", quality)
+    write_jsonl(ws.eval_generations, generations)
     (ws.metrics_dir / "eval_table.md").write_text(table + "\n")
     plot_tradeoff(metrics, exits, ws.plots("evaluate"))
     return metrics
@@ -1054,7 +1069,9 @@ def deploy(params: Params) -> dict[str, Any]:
     `tasks.release.serving` (`serving_kwargs`), every `exit_<d>` tier must run the evaluated parameter
     count (metrics eval.json), and every tier gets the first `deploy.smoke_prompts` eval images with
     their questions as OpenAI `image_url` data-URL parts: each answer must be exactly its exported stock
-    member's under plain transformers (`tasks.release.vision.vl_smoke_test`). Then the fetched camera
+    member's under plain transformers (`tasks.release.vision.vl_smoke_test`) and the evaluate stage's
+    answer of that member to that item (`reports/vl/evaluate/generations.jsonl`,
+    `tasks.release.smoke`: a StageError in float32, a warning otherwise). Then the fetched camera
     release joins the same Serve instance (`/edge`, `/cloud`: `tasks.release.camera`) and is sent fresh
     clips, edge -> cloud, and what the cloud must refuse (`_camera_smoke`). Once all of that passed, both
     releases are marked validated in the store (`ArtifactStore.mark_validated`), which is what serving
@@ -1063,6 +1080,7 @@ def deploy(params: Params) -> dict[str, Any]:
     import statistics
 
     from tasks.release.serving import check_served_params, serving_kwargs, start_serving
+    from tasks.release.smoke import check_same_as_evaluate, compare_with_evaluate, evaluated_completions
     from tasks.release.store import content_digest, open_store, publish_dir
     from tasks.release.vision import vl_smoke_test
 
@@ -1078,6 +1096,7 @@ def deploy(params: Params) -> dict[str, Any]:
         raise StageError(f"{eval_path} not found (run evaluate with the VL profile first)")
     evaluated = json.loads(eval_path.read_text())
     eval_params = {d: evaluated[f"exit_{d}"]["num_parameters"] for d in exits}
+    generations_path, evaluated_answers = evaluated_completions(params)
     rows = _rows(params, "eval", params.vl.tasks)[: cfg.smoke_prompts]
     if not rows:
         raise StageError(f"{ws.validated / 'eval.jsonl'}: no VQA rows for the smoke test")
@@ -1100,15 +1119,32 @@ def deploy(params: Params) -> dict[str, Any]:
         tiers = {f"exit_{d}": {"weights": "dense"} for d in exits}
         check_served_params(session.url, eval_params, tiers, where=str(eval_path))
         latencies: dict[str, list[float]] = {t: [] for t in tiers}
+        served: list[dict[str, Any]] = []  # one row per (tier, smoke item), as the text smoke test's
         for row in rows:
             t1 = time.perf_counter()
             answers = vl_smoke_test(session.url, root, row["question"], _png(row), cfg.smoke_max_tokens)
             for tier, got in answers.items():
-                entry = per_tier.setdefault(tier, {"requests": 0, "correct": 0, "answers": []})
+                entry = per_tier.setdefault(
+                    tier, {"exit_layer": got["exit_layer"], "requests": 0, "correct": 0, "answers": []}
+                )
                 entry["requests"] += 1
                 entry["correct"] += is_correct(got["image_answer"], row["answer"])
                 entry["answers"].append(got["image_answer"])
                 latencies[tier].append((time.perf_counter() - t1) / len(answers))
+                served.append(
+                    {
+                        "tier": tier,
+                        "exit_layer": got["exit_layer"],
+                        "id": row["id"],
+                        "completion": got["image_answer"],
+                    }
+                )
+        # every member must answer as evaluate's (batched, in-training-processor) greedy decoding did:
+        # the export's processor and chat template are the ones the family was evaluated with
+        same_budget = cfg.smoke_max_tokens == params.vl.max_answer_tokens
+        for tier, checked in compare_with_evaluate(served, evaluated_answers, same_budget).items():
+            per_tier[tier].update(checked)
+            check_same_as_evaluate(tier, checked, generations_path, strict=cfg.dtype == "float32")
         timings["smoke_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         camera_smoke = _camera_smoke(params, session.url, camera_release_dir)

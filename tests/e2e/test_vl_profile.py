@@ -194,6 +194,16 @@ def test_vl_profile_runs_through_the_flow_and_leaves_the_text_run_alone(workspac
         assert sum(t["n"] for t in entry["by_task"].values()) == 12
         assert entry["tokens_per_s"] > 0 and entry["num_parameters"] > 0
     assert ev["exit_1"]["num_parameters"] < ev["exit_2"]["num_parameters"] < ev["exit_4"]["num_parameters"]
+    # evaluate's answers, one row per (member, problem): what the deploy stage's served members must answer
+    gens = [
+        json.loads(x) for x in (workspace / "reports/vl/evaluate/generations.jsonl").read_text().splitlines()
+    ]
+    assert len(gens) == 3 * 12 and {g["exit"] for g in gens} == {1, 2, 4}
+    for d in (1, 2, 4):
+        assert sum(g["correct"] for g in gens if g["exit"] == d) == round(ev[f"exit_{d}"]["accuracy"] * 12)
+        assert [g["completion"] for g in gens if g["exit"] == d][:3] == [
+            s["got"] for s in ev[f"exit_{d}"]["samples"]
+        ]
     rl = json.loads((metrics / "reproducible" / "rl.json").read_text())
     assert rl["members"] == [1, 2, 4] and rl["algorithm"] == "grpo"
     for d in (1, 2, 4):  # the held-out curve: before rl, after step 1 (rl.eval_every 1), after rl
@@ -256,6 +266,9 @@ def test_vl_profile_runs_through_the_flow_and_leaves_the_text_run_alone(workspac
     for d_, tier in ((1, "exit_1"), (2, "exit_2"), (4, "exit_4")):
         entry = d["tiers"][tier]
         assert entry["requests"] == 4 and entry["answers_match_export"] is True and len(entry["answers"]) == 4
+        # served over HTTP = evaluate's answers (float32: a difference would have failed the stage)
+        assert (entry["exit_layer"], entry["same_as_evaluate"], entry["compared"]) == (d_, 1.0, 4)
+        assert entry["answers"] == [g["completion"] for g in gens if g["exit"] == d_][:4]
         assert entry["params"] == ev[f"exit_{d_}"]["num_parameters"] and 0.0 <= entry["accuracy"] <= 1.0
     assert d["camera"]["clips"] == 4 and d["camera"]["released_dim"] == 16
     # the served cloud's answers are its member's greedy answers on the edge's bytes (checked by deploy)

@@ -287,7 +287,8 @@ def test_served_answers_are_compared_with_evaluates(tmp_path, export_src, genera
     decoding of the family). A release whose member ships another chat template passes the logit probe
     and the parameter counts, and is caught here; in float32 that is a StageError naming the tier, the
     question and the file; otherwise a warning."""
-    from tasks.deploy import check_same_as_evaluate, compare_with_evaluate, smoke_test
+    from tasks.deploy import smoke_test
+    from tasks.release.smoke import check_same_as_evaluate, compare_with_evaluate
 
     evaluated = {(r["exit"], r["id"]): r["completion"] for r in generations}
     questions = EVAL_ROWS[:2]
@@ -295,6 +296,12 @@ def test_served_answers_are_compared_with_evaluates(tmp_path, export_src, genera
     shutil.copytree(export_src, release)
     with _uvicorn(release) as url:
         _, rows = smoke_test(url, questions, SMOKE_TOKENS)
+    # each row names the member it was served by, as /v1/models lists it (None for composite tiers)
+    assert {(r["tier"], r["exit_layer"]) for r in rows if r["exit_layer"] is not None} == {
+        ("exit_2", 2),
+        ("exit_4", 4),
+    }
+    assert all(r["tier"] in ("dynamic", "speculative", "auto") for r in rows if r["exit_layer"] is None)
     same = compare_with_evaluate(rows, evaluated, same_budget=True)
     assert {t: (c["same_as_evaluate"], c["compared"]) for t, c in same.items()} == {
         "exit_2": (1.0, 2),

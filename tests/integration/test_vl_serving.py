@@ -259,3 +259,55 @@ def test_a_text_only_chat_template_gets_the_image_placeholders_inline():
     assert "<|vision_start|><|image_pad|><|vision_end|>how many?" in want
     tok.chat_template = CHAT_TEMPLATE
     assert render_vl_chat(tok, messages, 1) == want
+
+
+def test_a_drifted_chat_template_matches_its_export_but_not_evaluate(vl_release, tmp_path):
+    """Why the VL deploy compares served answers with evaluate's too: a release whose members ship another
+    chat template answers as its own exported stock member (the server and the oracle load the same
+    drifted processor), so `vl_smoke_test` passes; evaluate's answers (the processor the family was
+    trained with, here: the untouched export's) differ, and in float32 that stops the deploy."""
+    import shutil
+
+    from local_http import serve_app
+
+    from tasks.core.stage import StageError
+    from tasks.release.serving import CompletionService, create_app
+    from tasks.release.smoke import check_same_as_evaluate, compare_with_evaluate
+
+    pngs = {f"q{i}": _png(32, 32, seed=10 + i) for i in range(3)}
+    evaluated = {
+        (d, q): _oracle(vl_release / f"exit_{d}", png, QUESTION, 6) for d in EXITS for q, png in pngs.items()
+    }
+    drifted = tmp_path / "release"
+    shutil.copytree(vl_release, drifted)
+    templates = sorted(drifted.glob("exit_*/chat_template.jinja"))
+    assert len(templates) == len(EXITS)
+    for template in templates:
+        template.write_text("<|im_start|>system\nAnswer in French.<|im_end|>\n" + template.read_text())
+    rows = []
+    with serve_app(create_app(CompletionService(drifted, model_name="tiny-vl"))) as url:
+        for q, png in pngs.items():
+            checks = vl_smoke_test(url, drifted, QUESTION, png, 6)  # passes: served = drifted export
+            assert {t: c["exit_layer"] for t, c in checks.items()} == {"exit_2": 2, "exit_4": 4}
+            rows += [
+                {"tier": t, "exit_layer": c["exit_layer"], "id": q, "completion": c["image_answer"]}
+                for t, c in checks.items()
+            ]
+    compared = compare_with_evaluate(rows, evaluated, same_budget=True)
+    assert {t: c["compared"] for t, c in compared.items()} == {"exit_2": 3, "exit_4": 3}
+    differs = [t for t, c in compared.items() if c["same_as_evaluate"] < 1.0]
+    assert differs, compared
+    with pytest.raises(StageError, match=rf"tier {differs[0]} answered question q\d .*not marked validated"):
+        check_same_as_evaluate(differs[0], compared[differs[0]], tmp_path / "generations.jsonl", strict=True)
+    # the untouched release, through the same path, is evaluate's answer for answer
+    rows = []
+    with serve_app(create_app(CompletionService(vl_release, model_name="tiny-vl"))) as url:
+        for q, png in pngs.items():
+            rows += [
+                {"tier": t, "exit_layer": c["exit_layer"], "id": q, "completion": c["image_answer"]}
+                for t, c in vl_smoke_test(url, vl_release, QUESTION, png, 6).items()
+            ]
+    assert {t: c["same_as_evaluate"] for t, c in compare_with_evaluate(rows, evaluated, True).items()} == {
+        "exit_2": 1.0,
+        "exit_4": 1.0,
+    }

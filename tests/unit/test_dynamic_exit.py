@@ -343,3 +343,16 @@ def test_bad_arguments_raise(families, kwargs, match):
 def test_not_a_family_raises():
     with pytest.raises(ValueError, match="FamilialForCausalLM"):
         dynamic_generate(torch.nn.Linear(2, 2), torch.tensor([[1]]), 1, threshold=0.5)
+
+
+def test_pad_left_aligns_every_prompt_on_the_last_column():
+    """The one left-padder of evaluate's batched greedy decoding and rl's sampler
+    (`tasks.training.rl_algos.encode_chat_prompts`)."""
+    from ruyi_model.decoding import pad_left
+
+    ids, mask = pad_left([[5, 6, 7], [8], (9, 10)], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 9, 10]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+    assert ids.dtype == mask.dtype == torch.long
+    with pytest.raises(ValueError, match="no rows"):
+        pad_left([], pad_id=0)
