@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tasks.core.params import DYNAMIC_THRESHOLD
 from tasks.core.ray_runtime import RayRuntime
 from tasks.core.stage import StageError
 from tasks.release.store import MANIFEST_NAME, load_member, release_exits
@@ -512,7 +513,7 @@ class CompletionService:
         *,
         model_name: str | None = None,
         max_tokens_limit: int = 128,
-        dynamic_threshold: float = 0.9,
+        dynamic_threshold: float = DYNAMIC_THRESHOLD,
         torch_threads: int | None = 1,
         device: str = "cpu",
         dtype: str = "float32",
@@ -1771,7 +1772,7 @@ def start_serving(
     port: int = 8124,
     model_name: str | None = None,
     max_tokens_limit: int = 128,
-    dynamic_threshold: float = 0.9,
+    dynamic_threshold: float = DYNAMIC_THRESHOLD,
     replica_num_cpus: float = 0.5,
     replica_num_gpus: float = 0.0,
     device: str = "cpu",

@@ -28,7 +28,7 @@ from fastapi.testclient import TestClient
 from local_http import free_port
 from tiny_export import build_tiny_export, private_tmpdir
 
-from tasks.core.params import load_params
+from tasks.core.params import DYNAMIC_THRESHOLD, load_params
 from tasks.core.stage import StageError
 from tasks.release.serving import (
     CompletionService,
@@ -245,7 +245,7 @@ def test_dynamic_tier(client):
     assert shallow["choices"][0]["text"] == fixed[2]["choices"][0]["text"]
     assert shallow["ruyi"]["choices"][0]["mean_exit_layer"] == 2.0
     default = client.post("/v1/completions", json=body).json()
-    assert default["ruyi"]["threshold"] == 0.9  # deploy.dynamic_threshold's default
+    assert default["ruyi"]["threshold"] == DYNAMIC_THRESHOLD == 0.95  # deploy.dynamic_threshold's default
     r = client.post("/v1/completions", json={**body, "temperature": 0.7})
     assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
 
@@ -541,7 +541,7 @@ def test_serve_config_builds_the_app(tmp_path):
     assert source["model_name"] == "ruyi-tiny" and source["store"]["backend"] == "s3"
     assert options == {
         "max_tokens_limit": 512,
-        "dynamic_threshold": 0.9,
+        "dynamic_threshold": 0.95,
         "device": "auto",
         "dtype": "bfloat16",
         "model_name": "ruyi-tiny",
