@@ -299,8 +299,8 @@ def smoke_test(
             if tier == AUTO_TIER:
                 per_tier[tier]["members"] = dict(sorted(members.items()))
             if tier == SPECULATIVE_TIER:
-                exits = [t for t in by_tier if t.startswith("exit_")]
-                ref = by_tier[max(exits, key=lambda t: int(t.split("_")[1]))] if exits else {}
+                member_tiers = [t for t in by_tier if exit_of[t] is not None]
+                ref = by_tier[max(member_tiers, key=lambda t: exit_of[t])] if member_tiers else {}
                 same = [ref.get(q["id"]) == by_tier[tier][q["id"]] for q in questions]
                 per_tier[tier]["same_as_deepest"] = sum(same) / len(same)
     return per_tier, rows
