@@ -20,8 +20,9 @@ by default),
 `metrics/deploy_smoke.json` (the reproducible part), `reports/deploy/smoke.jsonl` and
 `plots/deploy/latency.{png,csv}`. `ruyi serve` keeps a release running. Publishing (reuse of identical
 content) is `tasks.release.store.publish_dir`, the serving arguments and the served-parameter check are
-`tasks.release.serving`'s: the vision-language profile's deploy (`model.modality: vl`,
-`tasks.training.vl_pipeline.deploy`) is built from the same pieces. Choices: docs/choices.md#deploy.
+`tasks.release.serving`'s, the comparison with evaluate's completions `tasks.release.smoke`'s: the
+vision-language profile's deploy (`model.modality: vl`, `tasks.training.vl_pipeline.deploy`) is built
+from the same pieces. Choices: docs/choices.md#deploy.
 """
 
 from __future__ import annotations
