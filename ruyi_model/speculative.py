@@ -1,6 +1,7 @@
 """Self-speculative decoding: a shallow member of the family drafts, the deepest member verifies.
 
     out = speculative_generate(model, ids, draft_exit=2, k=4, max_new_tokens=64)
+    out = speculative_generate(model, ids, draft_exit=2, k=16, draft_threshold=0.95)  # adaptive length
     out.sequences, out.acceptance_rate, out.target_forwards
 
 Each round the draft member proposes `k` tokens one at a time; the deepest member scores all k+1
@@ -10,6 +11,11 @@ kept, plus the deepest member's own next token, so the output is token for token
 2023, Chen et al. 2023): drafted y is kept with probability min(1, p(y)/q(y)), a rejection is replaced
 by a sample of norm(max(0, p - q)), and a round with every draft kept adds a bonus token from p; the
 output then follows the deepest member's distribution (p, q after the same temperature/top-k/top-p).
+
+Draft length: `k` drafts per round, or, with `draft_threshold`, up to `k` drafts that stop after the
+first one the draft member is less sure of than the threshold (its probability of the token it drafted):
+long rounds where the draft agrees with the deepest member, short ones where it is likely to be wrong.
+The rule reads only the draft's own distributions, so the verification (and losslessness) is unchanged.
 
 Backbone reuse: both members write into ONE DynamicCache (every decoder layer of a family owns its own
 slot). The layers the two members share, backbone layers [0, s) with s = `backbone_depth(draft_exit)`,
@@ -25,6 +31,7 @@ Batch size 1 only (a left-padded prompt is accepted; its padding is dropped). Dy
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +59,7 @@ class SpeculativeOutput:
         target_forwards: verification forwards of the deepest member (the prompt prefill not counted).
         draft_forwards: single-token forwards of the draft member.
         accepted_per_round: drafted tokens kept in each round.
+        proposed_per_round: tokens drafted in each round (below k where `draft_threshold` stopped it).
     """
 
     sequences: torch.LongTensor
@@ -61,6 +69,7 @@ class SpeculativeOutput:
     target_forwards: int = 0
     draft_forwards: int = 0
     accepted_per_round: list[int] = field(default_factory=list)
+    proposed_per_round: list[int] = field(default_factory=list)
 
     @property
     def acceptance_rate(self) -> float:
@@ -90,6 +99,7 @@ class SpeculativeState:
         top_k: int = 0,
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
+        draft_threshold: float | None = None,
     ):
         cfg = model.config
         self.model = model
@@ -107,6 +117,9 @@ class SpeculativeState:
             s += 1
         self.shared, self.draft_only, self.target_only = draft_layers[:s], draft_layers[s:], target_layers[s:]
         self.do_sample, self.generator = do_sample, generator
+        if draft_threshold is not None and not 0.0 <= draft_threshold <= 1.0:
+            raise ValueError(f"draft_threshold must be in [0, 1] (or None: off), got {draft_threshold}")
+        self.draft_threshold = draft_threshold
         warpers = LogitsProcessorList()
         if do_sample:
             if not temperature > 0:
@@ -202,8 +215,10 @@ class SpeculativeState:
         self.backlog = h[:, :0]
 
     @torch.no_grad()
-    def step(self, k: int) -> tuple[list[int], int]:
-        """One round: drafts k tokens, verifies them; returns (committed new tokens, drafts accepted)."""
+    def step(self, k: int) -> tuple[list[int], int, int]:
+        """One round: drafts up to k tokens, verifies them; returns (committed new tokens, drafts
+        accepted, drafts proposed). With `draft_threshold`, drafting stops after the first token the
+        draft member gives a probability below it (that token is still verified)."""
         n = len(self.tokens)
         last = self.tokens[-1]
         backlog_len = self.backlog.shape[1]
@@ -221,6 +236,9 @@ class SpeculativeState:
             q = self._probs(self.draft_exit, out[:, -1:])[0]
             q_rows.append(q)
             drafted.append(self._pick(q))
+            if self.draft_threshold is not None and float(q[drafted[-1]]) < self.draft_threshold:
+                break
+        k = len(drafted)
         # Verify: the shared layers still need the last drafted token (or `last` when k == 0).
         h = self._run(self.shared, self._embed([drafted[-1] if k else last]), n - 1 + k)
         hiddens.append(h)
@@ -240,7 +258,17 @@ class SpeculativeState:
         draft_len = self._slot_len(self.draft_only) if self.draft_only else keep
         self.backlog = pool[:, draft_len - pool_start : keep - pool_start]
         self.tokens.extend(new)
-        return new, accepted
+        return new, accepted, k
+
+    def rounds(self, max_new_tokens: int, k: int) -> Iterator[tuple[list[int], int, int]]:
+        """Decodes (after `prefill`) up to `max_new_tokens` tokens in rounds of up to `k` drafts, the
+        last round drafting fewer so as not to overshoot; yields each round's `step` result. A caller
+        that stops at a stop token leaves the loop."""
+        produced = 0
+        while produced < max_new_tokens:
+            new, accepted, proposed = self.step(min(k, max_new_tokens - produced - 1))
+            produced += len(new)
+            yield new, accepted, proposed
 
     def _accept(self, drafted: list[int], q_rows: list[torch.Tensor], p: torch.Tensor) -> tuple[int, int]:
         """(number of drafts kept, next token) under greedy or speculative sampling."""
@@ -274,6 +302,7 @@ def speculative_generate(
     eos_token_id: int | list[int] | None = None,
     attention_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    draft_threshold: float | None = None,
 ) -> SpeculativeOutput:
     """Generates with the deepest member of `model`, drafted by member `draft_exit` (see module docstring).
 
@@ -281,6 +310,11 @@ def speculative_generate(
         input_ids: 1 x T prompt (batch size 1).
         draft_exit: the drafting member (any member but the deepest).
         k: tokens drafted per round (>= 1); the last round drafts fewer so as not to overshoot.
+        draft_threshold: confidence-gated draft length: a round stops drafting after the first token
+            to which the draft member gives a probability below this (that token is still verified),
+            so rounds are long where the draft is sure and short where it is not. None: always k.
+            Greedy output and the sampled distribution are unchanged (the stopping rule reads only the
+            draft's own distributions).
         do_sample, temperature, top_k, top_p: sampling as in `generate` (top_k=0 / top_p=1: off);
             greedy when do_sample is False.
         eos_token_id: stop after producing this token (or any of these tokens).
@@ -322,17 +356,17 @@ def speculative_generate(
         top_k=top_k,
         top_p=top_p,
         generator=generator,
+        draft_threshold=draft_threshold,
     )
     out = SpeculativeOutput(sequences=input_ids[:, :0], new_tokens=[])
     state.prefill(prompt)
-    while len(out.new_tokens) < max_new_tokens:
-        k_round = min(k, max_new_tokens - len(out.new_tokens) - 1)
-        new, accepted = state.step(k_round)
-        out.proposed += k_round
+    for new, accepted, proposed in state.rounds(max_new_tokens, k):
+        out.proposed += proposed
         out.accepted += accepted
-        out.draft_forwards += k_round
+        out.draft_forwards += proposed
         out.target_forwards += 1
         out.accepted_per_round.append(accepted)
+        out.proposed_per_round.append(proposed)
         hit = next((i for i, t in enumerate(new) if t in eos), None)
         out.new_tokens.extend(new if hit is None else new[: hit + 1])
         if hit is not None:

@@ -1,179 +1,313 @@
-"""Self-speculative decoding vs the deepest member's own greedy decoding, side by side in one run.
+"""Self-speculative decoding against the deepest member's own greedy decoding, side by side in one run.
 
-    python benchmarks/experiments/speculative.py [MODEL_DIR] [--k 2,4,6] [--drafts 2,4] [--new-tokens 64]
+    python benchmarks/experiments/speculative.py [MODEL_DIR] [--num-prompts 100] [--drafts 2,5]
+        [--k 4,16] [--thresholds 0,0.95] [--max-new-tokens 64] [--json spec.json]
     python benchmarks/experiments/speculative.py --random-init      # smoke run, no trained model needed
 
-MODEL_DIR is a family checkpoint (default: artifacts/export/family, else artifacts/compress of a
-pipeline run). For every drafting member and k it prints tokens/s, the speed-up over
-`generate(exit_layer=L, do_sample=False)`, the acceptance rate, tokens per verification forward, and
-whether the tokens equal the baseline's (they must, in greedy mode). Runs are interleaved round-robin
-over --repeats and the best time is kept (a shared machine is noisy). EOS is disabled so that every
-run produces --new-tokens tokens. A random-init family's members disagree, so acceptance is near 0
-there and speculative decoding is slower: use it to check the script, not to measure.
+MODEL_DIR is a family checkpoint (default: artifacts/compress, else artifacts/export/family). The
+workload is the pipeline's own: the first --num-prompts eval.jsonl questions in the chat template,
+greedy, batch 1, stopping at the tokenizer's stop tokens as `evaluate` and the served tiers do
+(--no-eos: fixed-length runs that continue past the answer, the workload of the earlier measurements).
+
+Configurations, interleaved prompt by prompt (the order rotated per prompt; a shared machine is noisy):
+- `generate@L`, the deepest member's `generate(exit_layer=L, do_sample=False)`: the control;
+- `loop@L`, the deepest member alone in speculative decoding's own loop (rounds of no drafts): what the
+  loop costs or saves before any drafting (the same loop for every speculative configuration);
+- `spec d/k/t`: member d drafts up to k tokens per round, a round stopping after a draft the member
+  gives a probability below t (t = 0: always k), the deepest member verifies.
+Per configuration: tokens/s, speed-up over `generate@L` and over `loop@L`, the acceptance rate, drafts
+per committed token, committed tokens per verification forward, accuracy (exact numeric match) and
+whether every completion equals the control's (greedy speculative decoding must: the exit status is 1
+otherwise). Method: docs/choices.md#benchmarks; figures: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-DEFAULT_DIRS = ("artifacts/export/family", "artifacts/compress")
-PROMPTS = [
-    "Tom has 3 apples and buys 4 more. How many apples does he have now?",
-    "A train travels 60 miles in 2 hours. What is its speed in miles per hour?",
-    "Sara had 12 pencils. She gave 5 to her friend. How many pencils does she have left?",
-]
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+for path in (REPO, HERE):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from early_exit import Workload, pipeline_workload, run_generate  # noqa: E402
+
+DEFAULT_DIRS = ("artifacts/compress", "artifacts/export/family")
+
+
+@dataclass
+class Config:
+    """`generate` (the control), `loop` (the deepest member in speculative decoding's loop, no drafts)
+    or `spec` (member `draft` drafts up to `k` tokens, gated at `threshold`)."""
+
+    kind: str
+    draft: int | None = None
+    k: int | None = None
+    threshold: float | None = None
+
+    def name(self, deepest: int) -> str:
+        if self.kind == "spec":
+            return f"spec {self.draft}/{self.k}/{self.threshold:g}"
+        return f"{self.kind}@{deepest}"
+
+
+def run_loop(model, prompt: list[int], max_new: int, stops: set[int]) -> list[int]:
+    """The deepest member alone through `SpeculativeState`'s rounds with no drafts (the state is built
+    for the member with the fewest layers of its own, which then holds no backlog to carry)."""
+    from ruyi_model.speculative import SpeculativeState
+
+    deepest = set(map(id, model.member_layers(model.config.exit_layers[-1])))
+    member = min(
+        model.config.exit_layers[:-1],
+        key=lambda d: sum(id(layer) not in deepest for layer in model.member_layers(d)),
+    )
+    state = SpeculativeState(model, member)
+    state.prefill(prompt)
+    out: list[int] = []
+    for new, _, _ in state.rounds(max_new, 0):
+        hit = next((i for i, t in enumerate(new) if t in stops), None)
+        out += new if hit is None else new[: hit + 1]
+        if hit is not None:
+            break
+    return out
+
+
+def run_config(config: Config, model, prompt: list[int], max_new: int, workload: Workload) -> dict:
+    from ruyi_model import speculative_generate
+
+    ids = torch.tensor([prompt])
+    stops = set(workload.stop_ids)
+    with torch.inference_mode():
+        if config.kind == "generate":
+            new, seconds, _ = run_generate(
+                model, ids, model.config.exit_layers[-1], max_new, workload.stop_ids, workload.pad_id
+            )
+            return {"new": new, "seconds": seconds, "proposed": 0, "accepted": 0, "verifies": 0}
+        start = time.perf_counter()
+        if config.kind == "loop":
+            new = run_loop(model, prompt, max_new, stops)
+            return {
+                "new": new,
+                "seconds": time.perf_counter() - start,
+                "proposed": 0,
+                "accepted": 0,
+                "verifies": 0,
+            }
+        out = speculative_generate(
+            model,
+            ids,
+            draft_exit=config.draft,
+            k=config.k,
+            max_new_tokens=max_new,
+            eos_token_id=sorted(stops) or None,
+            draft_threshold=config.threshold or None,
+        )
+        return {
+            "new": out.new_tokens,
+            "seconds": time.perf_counter() - start,
+            "proposed": out.proposed,
+            "accepted": out.accepted,
+            "verifies": out.target_forwards,
+        }
+
+
+def random_family(hidden: int, exits: list[int], num_prompts: int):
+    from ruyi_model import FamilialConfig, FamilialForCausalLM
+
+    cfg = FamilialConfig(
+        vocab_size=512,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=exits[-1],
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 128),
+        head_dim=64,
+        max_position_embeddings=2048,
+        exit_layers=exits,
+    )
+    torch.manual_seed(0)
+    model = FamilialForCausalLM(cfg).eval()
+    prompts = [torch.randint(4, 512, (24,)).tolist() for _ in range(num_prompts)]
+    return model, Workload("agreement with the deepest member", prompts, [], 0, lambda i, new: None)
 
 
 def load(args):
-    from ruyi_model import FamilialConfig, FamilialForCausalLM
-
+    """(model, workload, source): the checkpoint and its eval prompts, or a random-init family."""
     if args.random_init:
         exits = [int(x) for x in args.random_exits.split(",")]
-        cfg = FamilialConfig(
-            vocab_size=512,
-            hidden_size=args.hidden,
-            intermediate_size=4 * args.hidden,
-            num_hidden_layers=exits[-1],
-            num_attention_heads=max(1, args.hidden // 64),
-            num_key_value_heads=max(1, args.hidden // 128),
-            head_dim=64,
-            max_position_embeddings=2048,
-            exit_layers=exits,
-        )
-        torch.manual_seed(0)
-        model = FamilialForCausalLM(cfg).eval()
-        prompts = [torch.randint(4, 512, (1, 24)) for _ in PROMPTS]
-        return model, prompts, "random-init"
-    candidates = [args.model_dir] if args.model_dir else list(DEFAULT_DIRS)
+        model, workload = random_family(args.hidden, exits, args.num_prompts)
+        return model, workload, "random-init"
+    from tasks.core.artifacts import load_family
+
+    candidates = [args.model_dir] if args.model_dir else [REPO / p for p in DEFAULT_DIRS]
     path = next((Path(p) for p in candidates if (Path(p) / "config.json").is_file()), None)
     if path is None:
         sys.exit(
-            f"no family checkpoint in {candidates} (run the pipeline, pass MODEL_DIR, or use --random-init)"
+            f"no family checkpoint in {[str(c) for c in candidates]} (run the pipeline, pass MODEL_DIR, "
+            "or use --random-init)"
         )
-    from transformers import AutoTokenizer
-
-    model = FamilialForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(path)
-    prompts = []
-    for text in PROMPTS:
-        if tok.chat_template:
-            text = tok.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
-            )
-        prompts.append(tok(text, return_tensors="pt").input_ids)
-    return model, prompts, str(path)
+    model, tokenizer = load_family(path)
+    model.eval()
+    workload = pipeline_workload(path, tokenizer, args.num_prompts, args.eval_file)
+    return model, workload, str(path)
 
 
-def run_baseline(model, prompts, new_tokens):
-    t0 = time.perf_counter()
-    outs = []
-    with torch.inference_mode():
-        for ids in prompts:
-            outs.append(
-                model.generate(
-                    ids,
-                    max_new_tokens=new_tokens,
-                    do_sample=False,
-                    pad_token_id=0,
-                    exit_layer=model.config.exit_layers[-1],
-                )[0, ids.shape[1] :].tolist()
-            )
-    return time.perf_counter() - t0, outs
+def measure(model, workload: Workload, configs: list[Config], max_new: int) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    totals = [
+        {
+            "seconds": 0.0,
+            "tokens": 0,
+            "proposed": 0,
+            "accepted": 0,
+            "verifies": 0,
+            "correct": 0,
+            "scored": 0,
+            "outputs": [],
+        }
+        for _ in configs
+    ]
+    order = list(range(len(configs)))
+    for i, prompt in enumerate(tqdm(workload.prompts, desc="prompts x configurations", leave=False)):
+        shift = i % len(configs)
+        for c in order[shift:] + order[:shift]:
+            r = run_config(configs[c], model, prompt, max_new, workload)
+            t = totals[c]
+            t["seconds"] += r["seconds"]
+            t["tokens"] += len(r["new"])
+            for key in ("proposed", "accepted", "verifies"):
+                t[key] += r[key]
+            t["outputs"].append(r["new"])
+            verdict = workload.scorer(i, r["new"])
+            if verdict is not None:
+                t["scored"] += 1
+                t["correct"] += bool(verdict)
+    return totals
 
 
-def run_speculative(model, prompts, new_tokens, draft, k):
-    from ruyi_model import speculative_generate
+def table(configs: list[Config], totals: list[dict], deepest: int) -> list[dict]:
+    base, loop = totals[0], totals[1]
+    base_tps, loop_tps = base["tokens"] / base["seconds"], loop["tokens"] / loop["seconds"]
+    header = (
+        f"{'configuration':<18} {'tok/s':>8} {'x gen':>6} {'x loop':>6} {'accept':>7} {'drafts/tok':>10} "
+        f"{'tok/verify':>10} {'acc':>6} same"
+    )
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for config, t in zip(configs, totals):
+        tps = t["tokens"] / t["seconds"]
+        row = {
+            "configuration": config.name(deepest),
+            "kind": config.kind,
+            "draft_exit": config.draft,
+            "k": config.k,
+            "draft_threshold": config.threshold,
+            "tokens": t["tokens"],
+            "tokens_per_s": round(tps, 2),
+            "speedup_vs_generate": round(tps / base_tps, 3),
+            "speedup_vs_loop": round(tps / loop_tps, 3),
+            "acceptance_rate": round(t["accepted"] / t["proposed"], 4) if t["proposed"] else None,
+            "drafts_per_token": round(t["proposed"] / t["tokens"], 3) if config.kind == "spec" else None,
+            "tokens_per_verify": round(t["tokens"] / t["verifies"], 3) if t["verifies"] else None,
+            "accuracy": t["correct"] / t["scored"] if t["scored"] else None,
+            "same_tokens": t["outputs"] == base["outputs"],
+        }
+        rows.append(row)
 
-    t0 = time.perf_counter()
-    outs, proposed, accepted, forwards = [], 0, 0, 0
-    with torch.inference_mode():
-        for ids in prompts:
-            out = speculative_generate(model, ids, draft_exit=draft, k=k, max_new_tokens=new_tokens)
-            outs.append(out.new_tokens)
-            proposed, accepted = proposed + out.proposed, accepted + out.accepted
-            forwards += out.target_forwards
-    return time.perf_counter() - t0, outs, (accepted / proposed if proposed else 0.0), forwards
+        def fmt(value, spec):
+            return "-" if value is None else format(value, spec)
+
+        print(
+            f"{row['configuration']:<18} {tps:8.1f} {row['speedup_vs_generate']:6.2f} "
+            f"{row['speedup_vs_loop']:6.2f} {fmt(row['acceptance_rate'], '.3f'):>7} "
+            f"{fmt(row['drafts_per_token'], '.2f'):>10} {fmt(row['tokens_per_verify'], '.2f'):>10} "
+            f"{fmt(row['accuracy'], '.3f'):>6} {row['same_tokens']}"
+        )
+    return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir", nargs="?", help=f"family checkpoint dir (default: first of {DEFAULT_DIRS})")
-    ap.add_argument("--k", default="2,4,6", help="comma-separated draft lengths")
+    ap.add_argument("--eval-file", type=Path, default=REPO / "data" / "validated" / "eval.jsonl")
+    ap.add_argument("--num-prompts", type=int, default=100, help="first eval.jsonl questions (default 100)")
+    ap.add_argument("--max-new-tokens", type=int, default=64, help="per prompt (evaluate's budget: 64)")
     ap.add_argument(
-        "--drafts", default=None, help="comma-separated drafting members (default: every shallow member)"
+        "--drafts", default=None, help="comma-separated drafting members (default: every shallow one)"
     )
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--k", default="4,16", help="comma-separated most drafts per round")
+    ap.add_argument(
+        "--thresholds", default="0,0.95", help="comma-separated draft confidence gates (0: always k drafts)"
+    )
+    ap.add_argument("--no-eos", action="store_true", help="fixed-length runs: no stop tokens")
     ap.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads (default 1: steadier timings)"
     )
-    ap.add_argument(
-        "--random-init", action="store_true", help="random family instead of a checkpoint (smoke run)"
-    )
+    ap.add_argument("--random-init", action="store_true", help="random family instead of a checkpoint")
     ap.add_argument("--random-exits", default="2,4,8", help="member depths of the --random-init family")
-    ap.add_argument("--hidden", type=int, default=256, help="width of the --random-init family")
+    ap.add_argument("--hidden", type=int, default=128, help="width of the --random-init family")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
+    for name in ("num_prompts", "max_new_tokens", "threads"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    try:
+        args.k_values = [int(x) for x in args.k.split(",")]
+        args.threshold_values = [float(x) for x in args.thresholds.split(",")]
+        args.draft_values = [int(x) for x in args.drafts.split(",")] if args.drafts else None
+    except ValueError as exc:
+        ap.error(f"--k, --thresholds and --drafts are comma-separated numbers: {exc}")
+    if any(k < 1 for k in args.k_values):
+        ap.error(f"--k values must be >= 1, got {args.k}")
+    if any(not 0 <= t <= 1 for t in args.threshold_values):
+        ap.error(f"--thresholds must be in [0, 1], got {args.thresholds}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
-    model, prompts, source = load(args)
-    model.generation_config.eos_token_id = None  # fixed-length runs on both sides
-    exits = model.config.exit_layers
-    drafts = [int(x) for x in args.drafts.split(",")] if args.drafts else exits[:-1]
-    ks = [int(x) for x in args.k.split(",")]
-    configs = [("baseline", None, None)] + [("speculative", d, k) for d in drafts for k in ks]
-    best: dict[tuple, float] = {}
-    info: dict[tuple, tuple] = {}
-    run_baseline(model, prompts, 4)  # warm-up
-    for _ in range(args.repeats):
-        for cfg in configs:
-            if cfg[0] == "baseline":
-                dt, outs = run_baseline(model, prompts, args.new_tokens)
-                info[cfg] = (outs, None, None)
-            else:
-                dt, outs, rate, fwd = run_speculative(model, prompts, args.new_tokens, cfg[1], cfg[2])
-                info[cfg] = (outs, rate, fwd)
-            best[cfg] = min(best.get(cfg, float("inf")), dt)
-    total = args.new_tokens * len(prompts)
-    base_tps = total / best[configs[0]]
-    base_outs = info[configs[0]][0]
+    model, workload, source = load(args)
+    exits = list(model.config.exit_layers)
+    drafts = args.draft_values or exits[:-1]
+    bad = [d for d in drafts if d not in exits[:-1]]
+    if bad:
+        sys.exit(f"--drafts {bad}: a drafting member must be shallower than the deepest, one of {exits[:-1]}")
+    if args.no_eos:
+        workload.stop_ids = []
+    configs = [Config("generate"), Config("loop")] + [
+        Config("spec", d, k, t) for d in drafts for k in args.k_values for t in args.threshold_values
+    ]
+    warm = workload.prompts[0]
+    for config in configs:  # first calls pay for lazy imports and allocator growth
+        run_config(config, model, warm, 4, workload)
+    totals = measure(model, workload, configs, args.max_new_tokens)
     print(
-        f"model: {source}  members {exits}  prompts {len(prompts)} x {args.new_tokens} new tokens, "
-        f"best of {args.repeats}, {args.threads} thread(s)"
+        f"\nmodel: {source}; members {exits}; {len(workload.prompts)} prompts, <= {args.max_new_tokens} new "
+        f"tokens, {'no stop tokens' if args.no_eos else 'stop tokens on'}, batch 1, greedy, {args.threads} "
+        f"thread(s)\nmachine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}; "
+        f"accuracy = {workload.name}"
     )
-    print(
-        f"{'mode':<12} {'draft':>5} {'k':>3} {'tok/s':>9} {'speed-up':>9} {'accept':>7} "
-        f"{'tok/verify':>10} same"
-    )
-    rows = []
-    for cfg in configs:
-        outs, rate, fwd = info[cfg]
-        tps = total / best[cfg]
-        row = {
-            "mode": cfg[0],
-            "draft_exit": cfg[1],
-            "k": cfg[2],
-            "tokens_per_s": round(tps, 2),
-            "speedup": round(tps / base_tps, 3),
-            "acceptance_rate": None if rate is None else round(rate, 4),
-            "tokens_per_verify": None if fwd is None else round(total / fwd, 3),
-            "same_tokens": outs == base_outs,
-        }
-        rows.append(row)
-        rate_s = "-" if rate is None else f"{rate:.2f}"
-        per_verify = "-" if fwd is None else f"{total / fwd:.2f}"
-        print(
-            f"{cfg[0]:<12} {cfg[1] or '-':>5} {cfg[2] or '-':>3} {tps:9.1f} {row['speedup']:9.2f} "
-            f"{rate_s:>7} {per_verify:>10} {row['same_tokens']}"
-        )
+    rows = table(configs, totals, exits[-1])
     if args.json:
-        args.json.write_text(json.dumps({"model": source, "rows": rows}, indent=2))
-    return 0 if all(r["same_tokens"] for r in rows) else 1
+        args.json.write_text(json.dumps({"model": source, "workload": workload.name, "rows": rows}, indent=2))
+    lossy = [r["configuration"] for r in rows if not r["same_tokens"]]
+    if lossy:
+        print(f"NOT LOSSLESS: {lossy} differ from generate@{exits[-1]}")
+    return 1 if lossy else 0
 
 
 if __name__ == "__main__":

@@ -645,6 +645,15 @@ class ExportParams(_Section):
 #: completions (94.8% against 91.3%); 0.99 keeps 98.7% at 1.77x.
 DYNAMIC_THRESHOLD = 0.95
 
+#: The speculative tier's defaults (`deploy.speculative_draft_tokens` / `_threshold`, and the serving
+#: app's): up to SPECULATIVE_DRAFT_TOKENS drafts per round, a round stopping after a draft the draft
+#: member gives a probability below SPECULATIVE_DRAFT_THRESHOLD. Measured on the recorded tiny family's
+#: first 200 eval problems (benchmarks/RESULTS.md, "Self-speculative decoding with a confidence-gated
+#: draft length"): 1.70x the deepest member's `generate` with exit 2 drafting, against 1.45x for a fixed
+#: 4 or 16 drafts; 0.9 measured 1.67x (within the noise), 0.95 was ahead in both runs.
+SPECULATIVE_DRAFT_TOKENS = 16
+SPECULATIVE_DRAFT_THRESHOLD = 0.95
+
 
 class DeployParams(_Section):
     """Publishing `artifacts/export/` as a release and serving it (tasks/deploy.py,
@@ -666,10 +675,13 @@ class DeployParams(_Section):
     # Default confidence threshold of the dynamic early-exit tier (model "dynamic"); why 0.95:
     # DYNAMIC_THRESHOLD.
     dynamic_threshold: Annotated[float, Field(gt=0.0, le=1.0)] = DYNAMIC_THRESHOLD
-    # Speculative tier (model "speculative"): the drafting member (null = the shallowest) and the tokens
-    # it drafts per round; a request may override both.
+    # Speculative tier (model "speculative"): the drafting member (null = the shallowest), the most
+    # tokens it drafts per round, and its confidence gate: a round stops drafting after a token the draft
+    # gives a probability below the threshold (0: always the most). A request may override all three;
+    # why 16 and 0.95: SPECULATIVE_DRAFT_TOKENS.
     speculative_draft_exit: PositiveInt | None = None
-    speculative_draft_tokens: Annotated[int, Field(ge=1, le=16)] = 4
+    speculative_draft_tokens: Annotated[int, Field(ge=1, le=16)] = SPECULATIVE_DRAFT_TOKENS
+    speculative_draft_threshold: Annotated[float, Field(ge=0.0, le=1.0)] = SPECULATIVE_DRAFT_THRESHOLD
     # Vision-language releases: images (base64 data URLs) per chat request, and each image's size in
     # bytes and decoded pixels; more get HTTP 413. A text release refuses images whatever these say.
     max_images_per_request: PositiveInt = 4

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.core.params import DYNAMIC_THRESHOLD
+from tasks.core.params import DYNAMIC_THRESHOLD, SPECULATIVE_DRAFT_THRESHOLD, SPECULATIVE_DRAFT_TOKENS
 from tasks.core.ray_runtime import RayRuntime
 from tasks.core.stage import StageError
 from tasks.release.store import MANIFEST_NAME, load_member, release_exits
@@ -143,6 +143,14 @@ class _GenerationFields(BaseModel):
     )
     draft_tokens: int | None = Field(
         None, ge=1, le=MAX_DRAFT_TOKENS, strict=True, description="speculative tier: tokens drafted per round"
+    )
+    draft_threshold: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        strict=True,
+        description="speculative tier: a round stops drafting after a token the draft gives a probability "
+        "below this (0: always draft_tokens)",
     )
     user: str | None = None
 
@@ -253,6 +261,7 @@ class ServingInfo(BaseModel):
     threshold: float | None = None
     draft_exit: int | None = None
     draft_tokens: int | None = None
+    draft_threshold: float | None = None
     choices: list[dict[str, Any]] | None = None
 
 
@@ -497,7 +506,9 @@ class CompletionService:
         device: "cpu", "cuda", "cuda:1", or "auto" (cuda when available).
         dtype: weights dtype ("float32"; "bfloat16" for large members on GPUs).
         speculative_draft_exit: the speculative tier's default drafting member (default: the shallowest).
-        speculative_draft_tokens: the speculative tier's default tokens drafted per round.
+        speculative_draft_tokens: the speculative tier's default most tokens drafted per round.
+        speculative_draft_threshold: the speculative tier's default draft confidence threshold (a round
+            stops drafting after a token the draft gives a probability below it; 0: always the most).
         max_image_bytes, max_image_pixels, max_images_per_request: image limits of a vision-language
             release (`tasks.release.vision`; larger images or more of them get 413).
 
@@ -520,7 +531,8 @@ class CompletionService:
         max_prompts_per_request: int = 16,
         max_total_new_tokens: int = 4096,
         speculative_draft_exit: int | None = None,
-        speculative_draft_tokens: int = 4,
+        speculative_draft_tokens: int = SPECULATIVE_DRAFT_TOKENS,
+        speculative_draft_threshold: float = SPECULATIVE_DRAFT_THRESHOLD,
         max_image_bytes: int = ImageLimits.max_image_bytes,
         max_image_pixels: int = ImageLimits.max_image_pixels,
         max_images_per_request: int = ImageLimits.max_images_per_request,
@@ -568,6 +580,9 @@ class CompletionService:
                 f"speculative_draft_tokens={speculative_draft_tokens}: must be in [1, {MAX_DRAFT_TOKENS}]"
             )
         self.draft_tokens = speculative_draft_tokens
+        if not 0.0 <= speculative_draft_threshold <= 1.0:
+            raise StageError(f"speculative_draft_threshold={speculative_draft_threshold}: must be in [0, 1]")
+        self.draft_threshold = float(speculative_draft_threshold)
         if (self.release_dir / "family").is_dir() and not self.vision:
             model, tokenizer = load_member(self.release_dir, None, dtype=dtype)
             model = model.to(self.device)
@@ -643,7 +658,11 @@ class CompletionService:
             else:
                 entry["exit_layers"] = list(cfg.exit_layers)
             if tier.kind == "speculative":
-                entry.update(draft_exit=self.draft_exit, draft_tokens=self.draft_tokens)
+                entry.update(
+                    draft_exit=self.draft_exit,
+                    draft_tokens=self.draft_tokens,
+                    draft_threshold=self.draft_threshold,
+                )
             if tier.kind == "auto":
                 entry.update(threshold=self.router.threshold, probe_layers=self.router.probe_layers)
             data.append(entry)
@@ -717,7 +736,7 @@ class CompletionService:
                 "unsupported_parameter",
                 "threshold",
             )
-        for field in ("draft_exit", "draft_tokens"):
+        for field in ("draft_exit", "draft_tokens", "draft_threshold"):
             if getattr(req, field) is not None and tier.kind != "speculative":
                 raise APIError(
                     400,
@@ -1013,6 +1032,7 @@ class CompletionService:
         elif tier.kind == "speculative":
             ruyi["draft_exit"] = req.draft_exit or self.draft_exit
             ruyi["draft_tokens"] = req.draft_tokens or self.draft_tokens
+            ruyi["draft_threshold"] = self._draft_threshold(req)
             ruyi["choices"] = extras
         elif tier.kind == "auto":
             ruyi["threshold"] = req.threshold if req.threshold is not None else self.router.threshold
@@ -1170,6 +1190,9 @@ class CompletionService:
             "router_layers": probe_cost(router.probe_layers, threshold),
         }
 
+    def _draft_threshold(self, req: _GenerationFields) -> float:
+        return req.draft_threshold if req.draft_threshold is not None else self.draft_threshold
+
     def _decode_speculative(self, tier: Tier, input_ids, req: _GenerationFields, decoding: _Decoding) -> dict:
         """`speculative_generate`'s loop, handing each round's committed tokens on as they come."""
         from ruyi_model.speculative import SpeculativeState
@@ -1183,14 +1206,13 @@ class CompletionService:
             do_sample=sampling,
             temperature=req.temperature if sampling else 1.0,
             top_p=req.top_p if sampling else 1.0,
+            draft_threshold=self._draft_threshold(req),
         )
         state.prefill(input_ids[0].tolist())
         proposed = accepted = rounds = produced = 0
-        while produced < req.max_tokens:
-            k_round = min(k, req.max_tokens - produced - 1)
-            new, kept = state.step(k_round)
+        for new, kept, drafted in state.rounds(req.max_tokens, k):
             proposed, accepted, rounds, produced = (
-                proposed + k_round,
+                proposed + drafted,
                 accepted + kept,
                 rounds + 1,
                 produced + len(new),
@@ -1542,6 +1564,7 @@ _LIMIT_OPTIONS = (
     "max_total_new_tokens",
     "speculative_draft_exit",
     "speculative_draft_tokens",
+    "speculative_draft_threshold",
     "max_image_bytes",
     "max_image_pixels",
     "max_images_per_request",
@@ -1553,8 +1576,9 @@ def build_app(args: dict[str, Any]):
 
     Args (`args:` in the config): `release_dir` or `store` + `model_name` (+ `version`, `cache_dir`),
     and optionally `max_tokens_limit`, `dynamic_threshold`, `device`, `dtype`, `max_prompts_per_request`,
-    `max_total_new_tokens`, `speculative_draft_exit`, `speculative_draft_tokens`, `max_image_bytes`,
-    `max_image_pixels`, `max_images_per_request` (CompletionService), and the
+    `max_total_new_tokens`, `speculative_draft_exit`, `speculative_draft_tokens`,
+    `speculative_draft_threshold`, `max_image_bytes`, `max_image_pixels`, `max_images_per_request`
+    (CompletionService), and the
     replica's `num_cpus` (default 0.5), `num_gpus` (default 0) and `num_replicas` (default 1).
     """
     known = {
@@ -1736,6 +1760,7 @@ def serving_kwargs(cfg: DeployParams, host: str | None = None, port: int | None 
         "max_total_new_tokens": cfg.max_total_new_tokens,
         "speculative_draft_exit": cfg.speculative_draft_exit,
         "speculative_draft_tokens": cfg.speculative_draft_tokens,
+        "speculative_draft_threshold": cfg.speculative_draft_threshold,
         "max_image_bytes": cfg.max_image_bytes,
         "max_image_pixels": cfg.max_image_pixels,
         "max_images_per_request": cfg.max_images_per_request,
@@ -1784,7 +1809,8 @@ def start_serving(
     max_prompts_per_request: int = 16,
     max_total_new_tokens: int = 4096,
     speculative_draft_exit: int | None = None,
-    speculative_draft_tokens: int = 4,
+    speculative_draft_tokens: int = SPECULATIVE_DRAFT_TOKENS,
+    speculative_draft_threshold: float = SPECULATIVE_DRAFT_THRESHOLD,
     max_image_bytes: int = ImageLimits.max_image_bytes,
     max_image_pixels: int = ImageLimits.max_image_pixels,
     max_images_per_request: int = ImageLimits.max_images_per_request,
@@ -1820,6 +1846,7 @@ def start_serving(
             "max_prompts_per_request": max_prompts_per_request,
             "max_total_new_tokens": max_total_new_tokens,
             "speculative_draft_tokens": speculative_draft_tokens,
+            "speculative_draft_threshold": speculative_draft_threshold,
             "max_image_bytes": max_image_bytes,
             "max_image_pixels": max_image_pixels,
             "max_images_per_request": max_images_per_request,

@@ -548,7 +548,8 @@ def test_serve_config_builds_the_app(tmp_path):
         "max_prompts_per_request": 16,
         "max_total_new_tokens": 8192,
         "speculative_draft_exit": None,
-        "speculative_draft_tokens": 4,
+        "speculative_draft_tokens": 16,
+        "speculative_draft_threshold": 0.95,
     }
     with pytest.raises(StageError, match=r"unknown key\(s\) \['num_gpu'\]"):
         build_app({**spec["args"], "num_gpu": 1})

@@ -54,7 +54,8 @@ def _tiers(service) -> list[str]:
 def test_speculative_tier_is_listed(client, service):
     models = {m.id: m.model_extra for m in client.models.list().data}
     assert "speculative" in models and models["speculative"]["draft_exit"] == 2
-    assert models["speculative"]["draft_tokens"] == 4 and models["speculative"]["exit_layers"] == [2, 4]
+    assert models["speculative"]["draft_tokens"] == 16 and models["speculative"]["exit_layers"] == [2, 4]
+    assert models["speculative"]["draft_threshold"] == 0.95
     assert models["exit_2"]["weights"] == "factored"  # the DaE member runs its low-rank copy
 
 
@@ -126,16 +127,31 @@ def test_stop_strings_and_several_prompts_stream_like_the_plain_response(client)
 
 def test_speculative_tier_equals_the_deepest_member(client):
     deep = client.completions.create(model="exit_4", prompt=PROMPT, max_tokens=40)
-    for extra in ({}, {"draft_tokens": 1}, {"draft_tokens": 7}, {"draft_exit": 2, "draft_tokens": 16}):
+    proposed = {}
+    for extra in (
+        {},
+        {"draft_tokens": 1},
+        {"draft_tokens": 7, "draft_threshold": 0},
+        {"draft_exit": 2, "draft_tokens": 16},
+        {"draft_tokens": 16, "draft_threshold": 0},
+        {"draft_tokens": 16, "draft_threshold": 1},
+    ):
         spec = client.completions.create(model="speculative", prompt=PROMPT, max_tokens=40, extra_body=extra)
         assert spec.choices[0].text == deep.choices[0].text, extra
         assert spec.usage == deep.usage
         ruyi = spec.model_extra["ruyi"]
-        assert ruyi["draft_exit"] == 2 and ruyi["draft_tokens"] == extra.get("draft_tokens", 4)
+        assert ruyi["draft_exit"] == 2 and ruyi["draft_tokens"] == extra.get("draft_tokens", 16)
+        assert ruyi["draft_threshold"] == extra.get("draft_threshold", 0.95)
         stats = ruyi["choices"][0]
+        proposed[tuple(extra.items())] = (stats["proposed"], stats["target_forwards"])
         assert 0 <= stats["accepted"] <= stats["proposed"] and stats["target_forwards"] >= 1
         assert stats["acceptance_rate"] == pytest.approx(stats["accepted"] / stats["proposed"])
         assert stats["tokens_per_target_forward"] >= 1.0
+    # The gate: threshold 1 drafts one token per round (the last round none), 0 the most each round.
+    drafts, rounds = proposed[(("draft_tokens", 16), ("draft_threshold", 1))]
+    assert drafts == rounds - 1
+    drafts, rounds = proposed[(("draft_tokens", 16), ("draft_threshold", 0))]
+    assert drafts > rounds
     # Sampling is speculative sampling: seeded, it repeats.
     a, b = (
         client.completions.create(model="speculative", prompt=PROMPT, max_tokens=12, temperature=0.8, seed=3)
@@ -152,6 +168,8 @@ def test_speculative_tier_equals_the_deepest_member(client):
         ({"model": "speculative", "draft_tokens": 0}, 422, "draft_tokens"),
         ({"model": "speculative", "draft_tokens": 17}, 422, "draft_tokens"),
         ({"model": "speculative", "draft_tokens": "4"}, 422, "draft_tokens"),
+        ({"model": "speculative", "draft_threshold": 1.5}, 422, "draft_threshold"),
+        ({"model": "exit_4", "draft_threshold": 0.5}, 400, "draft_threshold"),
         ({"model": "exit_4", "draft_tokens": 2}, 400, "draft_tokens"),
         ({"model": "dynamic", "draft_exit": 2}, 400, "draft_exit"),
         ({"model": "speculative", "threshold": 0.5}, 400, "threshold"),

@@ -8,6 +8,11 @@ two tokens vs a seeded empirical sample, chi-square, with a power check against 
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -99,6 +104,50 @@ def test_greedy_equals_deepest_member_generate(family):
     assert full_rounds > 0 and rejections > 0 and 0 < np.mean(rates) < 1
 
 
+@pytest.mark.parametrize("family", ["branch1", "dae"])
+def test_confidence_gated_draft_length_is_lossless_and_stops_where_the_draft_is_unsure(family):
+    """With `draft_threshold` a round drafts until (and including) the first token the draft member gives
+    a probability below it: the output is still the deepest member's; 0 drafts k, 1 drafts one."""
+    fam = FAMILIES[family]()
+    deepest = fam.config.exit_layers[-1]
+    torch.manual_seed(3)
+    ids = torch.randint(0, fam.config.vocab_size, (1, 6))
+    n = 20
+    ref = fam.generate(ids, max_new_tokens=n, do_sample=False, exit_layer=deepest)
+    lengths_seen = set()
+    for d in fam.config.exit_layers[:-1]:
+        with torch.no_grad():  # member d's next-token law along the output (no cache)
+            probs = torch.softmax(fam(ref, exit_layer=d, use_cache=False).logits[0].float(), -1)
+        conf = probs.max(-1).values.tolist()
+        # a gate between two neighbouring confidences near the median (gates some rounds, not all; no
+        # confidence sits on it, so the cache path's rounding cannot flip a comparison)
+        along = sorted(conf[ids.shape[1] - 1 :])
+        threshold = (along[len(along) // 2 - 1] + along[len(along) // 2]) / 2
+        for k in (3, 8):
+            for t, rule in ((threshold, "gated"), (0.0, "always k"), (1.0, "one")):
+                out = speculative_generate(fam, ids, draft_exit=d, k=k, max_new_tokens=n, draft_threshold=t)
+                assert out.sequences.tolist() == ref.tolist(), (d, k, t)
+                assert out.proposed == sum(out.proposed_per_round) == out.draft_forwards
+                pos, made = ids.shape[1] - 1, 0
+                for got, kept in zip(out.proposed_per_round, out.accepted_per_round):
+                    k_round = min(k, n - made - 1)
+                    if rule == "always k":
+                        assert got == k_round
+                    elif rule == "one":
+                        assert got == min(1, k_round)
+                    else:
+                        assert 0 < got <= k_round or got == k_round == 0
+                        # the kept drafts are the output's tokens: every one but the round's last was
+                        # drafted with confidence >= t, and a round cut short ends on one below t
+                        for j in range(min(kept, got - 1)):
+                            assert conf[pos + j] >= t, (d, k, pos, j)
+                        if kept == got and got < k_round:
+                            assert conf[pos + got - 1] < t, (d, k, pos, got)
+                        lengths_seen.add(got)
+                    pos, made = pos + kept + 1, made + kept + 1
+    assert len(lengths_seen) > 2, lengths_seen  # the gate produced rounds of several lengths
+
+
 def test_greedy_stops_at_eos_and_handles_left_padding():
     fam = agreeing_family()
     ids = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(5))
@@ -134,21 +183,29 @@ def plain_cache(fam: FamilialForCausalLM, tokens: list[int], exit_layer: int) ->
     return cache
 
 
-@pytest.mark.parametrize("do_sample", [False, True])
-def test_cache_after_every_round_equals_plain_decoding(do_sample):
+@pytest.mark.parametrize(
+    "do_sample,draft_threshold", [(False, None), (True, None), (False, 0.5), (True, 0.5)]
+)
+def test_cache_after_every_round_equals_plain_decoding(do_sample, draft_threshold):
     fam = agreeing_family(exits=(2, 3, 4))
     torch.manual_seed(11)
     prompt = torch.randint(0, 97, (7,)).tolist()
     state = SpeculativeState(
-        fam, draft_exit=2, do_sample=do_sample, temperature=0.7, generator=torch.Generator().manual_seed(0)
+        fam,
+        draft_exit=2,
+        do_sample=do_sample,
+        temperature=0.7,
+        generator=torch.Generator().manual_seed(0),
+        draft_threshold=draft_threshold,
     )
     state.prefill(prompt)
     seen_reject = seen_full = False
     for _ in range(12):
-        k = 3
-        _, accepted = state.step(k)
-        seen_reject |= accepted < k
-        seen_full |= accepted == k
+        k = 3 if draft_threshold is None else 6
+        _, accepted, proposed = state.step(k)
+        assert 0 < proposed <= k and accepted <= proposed
+        seen_reject |= accepted < proposed
+        seen_full |= accepted == proposed
         committed = state.tokens[:-1]  # the last token is pending: in no cache yet
         ref_target = plain_cache(fam, committed, 4)
         for layer in fam.member_layers(4):  # shared backbone slots and the verifier's own slots
@@ -183,7 +240,10 @@ def joint_first_two(
     return (p1[:, None] * p2).double().numpy()
 
 
-def test_sampling_follows_the_deepest_members_distribution():
+@pytest.mark.parametrize("k,draft_threshold", [(1, None), (2, 0.3)])
+def test_sampling_follows_the_deepest_members_distribution(k, draft_threshold):
+    """k = 2 gated at 0.3: the first round drafts one or two tokens depending on the draft's confidence,
+    and the joint law of the first two tokens must still be the deepest member's."""
     vocab, temperature, n = 8, 0.8, 1500
     fam = agreeing_family(vocab=vocab, exits=(1, 2), alpha=0.6, init=0.6, seed=2)
     prompt = [5]  # one token: no prefill, so each sample is 1-2 rounds (keeps the test fast)
@@ -195,20 +255,24 @@ def test_sampling_follows_the_deepest_members_distribution():
     ids = torch.tensor([prompt])
     counts = np.zeros((vocab, vocab))
     accepted = proposed = 0
+    lengths = set()
     for _ in range(n):
         out = speculative_generate(
             fam,
             ids,
             draft_exit=1,
-            k=1,
-            max_new_tokens=2,
+            k=k,
+            max_new_tokens=3 if draft_threshold else 2,
             do_sample=True,
             temperature=temperature,
             generator=gen,
+            draft_threshold=draft_threshold,
         )
         counts[out.new_tokens[0], out.new_tokens[1]] += 1
         accepted, proposed = accepted + out.accepted, proposed + out.proposed
+        lengths.add(out.proposed_per_round[0])
     assert 0 < accepted < proposed  # both the accept and the residual-sampling paths ran
+    assert lengths == ({1} if draft_threshold is None else {1, 2})  # the gate cut some first rounds
     emp = counts / n
 
     def chi2_pvalue(law):
@@ -239,3 +303,32 @@ def test_invalid_arguments():
         speculative_generate(fam, ids, draft_exit=2, do_sample=True, temperature=0.0)
     with pytest.raises(ValueError, match="left-padding"):
         speculative_generate(fam, ids, draft_exit=2, attention_mask=torch.tensor([[1, 0, 1]]))
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="draft_threshold"):
+            speculative_generate(fam, ids, draft_exit=2, draft_threshold=bad)
+
+
+def test_benchmark_script_runs_every_configuration(tmp_path, monkeypatch):
+    """benchmarks/experiments/speculative.py on a random family: the controls and every draft x k x gate
+    configuration decode the same tokens (exit status 0), and the JSON rows say so."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks/experiments/speculative.py"
+    spec = importlib.util.spec_from_file_location("speculative_bench", script)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    out = tmp_path / "spec.json"
+    argv = ["--random-init", "--num-prompts", "2", "--max-new-tokens", "6", "--drafts", "2", "--k", "1,3"]
+    assert module.main([*argv, "--thresholds", "0,0.5", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["configuration"] for r in rows] == [
+        "generate@8",
+        "loop@8",
+        "spec 2/1/0",
+        "spec 2/1/0.5",
+        "spec 2/3/0",
+        "spec 2/3/0.5",
+    ]
+    assert all(r["same_tokens"] and r["tokens"] == 12 for r in rows)
+    assert rows[4]["drafts_per_token"] > rows[2]["drafts_per_token"]  # k = 3 drafts more than k = 1
+    with pytest.raises(SystemExit, match="--drafts"):
+        module.main([*argv, "--drafts", "8"])
