@@ -78,6 +78,14 @@ CLAIMS = [
     ("README.md", r"at `compress\.ratio` ([\d.]+), ", ["compress.ratio"], "scalar"),
     ("README.md", r"`rl\.lr` is ([\d.e-]+), where", ["rl.lr"], "scalar"),
     ("README.md", r"best point on (\d+) select problems", ["rl.select_prompts"], "scalar"),
+    ("README.md", r"`dynamic` at its default threshold ([\d.]+)", ["deploy.dynamic_threshold"], "scalar"),
+    (
+        "README.md",
+        r"member drafts up to (\d+) tokens a round, the round stopping after a draft"
+        r" it is less than\s+([\d.]+) sure",
+        ["deploy.speculative_draft_tokens", "deploy.speculative_draft_threshold"],
+        "scalar",
+    ),
     (
         "benchmarks/RESULTS.md",
         r"`family_sft\.text_replay_seq_len`\s+\(new, (\d+) in the tiny profile\)",
@@ -145,7 +153,15 @@ def test_schema_and_committed_params_agree_on_the_documented_choices():
     """The choices the docs describe as defaults are also the schema's defaults, so a profile that leaves
     them out gets what the docs say."""
     params = _committed()
-    for key in ("rl.algorithm", "rl.bppo.prefix_rule", "rl.loss_type", "sft.scope"):
+    for key in (
+        "rl.algorithm",
+        "rl.bppo.prefix_rule",
+        "rl.loss_type",
+        "sft.scope",
+        "deploy.dynamic_threshold",
+        "deploy.speculative_draft_tokens",
+        "deploy.speculative_draft_threshold",
+    ):
         default = _schema_default(key)
         assert default is not None, f"{key} has no schema default"
         assert _get(params, key) == default, (
