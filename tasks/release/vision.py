@@ -339,6 +339,15 @@ def vl_smoke_test(url: str, export_root: str | Path, question: str, png: bytes, 
     return out
 
 
+def vl_smoke_rows(checks: dict[str, dict[str, Any]], question_id: str) -> list[dict[str, Any]]:
+    """`vl_smoke_test`'s answers to one eval item as smoke rows, `{tier, exit_layer, id, completion}` per
+    tier: what `tasks.release.smoke.compare_with_evaluate` compares with evaluate's completions."""
+    return [
+        {"tier": tier, "exit_layer": c["exit_layer"], "id": question_id, "completion": c["image_answer"]}
+        for tier, c in checks.items()
+    ]
+
+
 __all__ = [
     "VL_MODALITY",
     "IMAGE_PLACEHOLDER",
@@ -351,5 +360,6 @@ __all__ = [
     "render_vl_chat",
     "stock_member_answer",
     "vl_prompt_inputs",
+    "vl_smoke_rows",
     "vl_smoke_test",
 ]

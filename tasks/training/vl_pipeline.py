@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -544,9 +544,14 @@ def generate_answers(
 
 def accuracy_table(rows, answers) -> dict[str, Any]:
     """{"accuracy", "n", "by_task": {task: {"accuracy", "n"}}} of answers against the rows' answers."""
+    return graded_table((r["task"], is_correct(a, r["answer"])) for r, a in zip(rows, answers, strict=True))
+
+
+def graded_table(graded: Iterable[tuple[str, bool]]) -> dict[str, Any]:
+    """`accuracy_table` of already graded answers, `(task, correct)` pairs."""
     by: dict[str, list[int]] = {}
-    for r, a in zip(rows, answers, strict=True):
-        by.setdefault(r["task"], []).append(int(is_correct(a, r["answer"])))
+    for task, correct in graded:
+        by.setdefault(task, []).append(int(correct))
     total = [x for v in by.values() for x in v]
     return {
         "accuracy": round(sum(total) / max(len(total), 1), 6),
@@ -804,7 +809,7 @@ def evaluate(params: Params) -> dict[str, Any]:
         answers, _ = generate_answers(
             model, processor, rows, d, params.vl.max_answer_tokens, ev.decode_batch_size
         )
-        generations += [
+        graded = [
             {
                 "id": r["id"],
                 "exit": d,
@@ -815,7 +820,8 @@ def evaluate(params: Params) -> dict[str, Any]:
             }
             for r, a in zip(rows, answers, strict=True)
         ]
-        entry = accuracy_table(rows, answers)
+        generations += graded
+        entry = graded_table((g["task"], g["correct"]) for g in graded)
         entry["loss"] = round(losses[d][0] / max(losses[d][1], 1), 6)
         entry["num_parameters"] = member_vl_num_parameters(model, d)
         entry["samples"] = [
@@ -1082,7 +1088,7 @@ def deploy(params: Params) -> dict[str, Any]:
     from tasks.release.serving import check_served_params, serving_kwargs, start_serving
     from tasks.release.smoke import check_same_as_evaluate, compare_with_evaluate, evaluated_completions
     from tasks.release.store import content_digest, open_store, publish_dir
-    from tasks.release.vision import vl_smoke_test
+    from tasks.release.vision import vl_smoke_rows, vl_smoke_test
 
     cfg, ws = params.deploy, Workspace.from_params(params)
     root = require_dir(ws.artifacts("export"), "VL export (run the export stage)", "manifest.json")
@@ -1131,14 +1137,7 @@ def deploy(params: Params) -> dict[str, Any]:
                 entry["correct"] += is_correct(got["image_answer"], row["answer"])
                 entry["answers"].append(got["image_answer"])
                 latencies[tier].append((time.perf_counter() - t1) / len(answers))
-                served.append(
-                    {
-                        "tier": tier,
-                        "exit_layer": got["exit_layer"],
-                        "id": row["id"],
-                        "completion": got["image_answer"],
-                    }
-                )
+            served += vl_smoke_rows(answers, row["id"])
         # every member must answer as evaluate's (batched, in-training-processor) greedy decoding did:
         # the export's processor and chat template are the ones the family was evaluated with
         same_budget = cfg.smoke_max_tokens == params.vl.max_answer_tokens

@@ -27,7 +27,7 @@ from tiny_vl import tiny_qwen3_vl, tiny_vl_processor
 
 from ruyi_model import FamilialVLForConditionalGeneration, export_exits
 from tasks.release.serving import http_json, start_serving
-from tasks.release.vision import vl_smoke_test
+from tasks.release.vision import vl_smoke_rows, vl_smoke_test
 
 EXITS = [2, 4]
 QUESTION = "how many triangles are there?"
@@ -289,10 +289,7 @@ def test_a_drifted_chat_template_matches_its_export_but_not_evaluate(vl_release,
         for q, png in pngs.items():
             checks = vl_smoke_test(url, drifted, QUESTION, png, 6)  # passes: served = drifted export
             assert {t: c["exit_layer"] for t, c in checks.items()} == {"exit_2": 2, "exit_4": 4}
-            rows += [
-                {"tier": t, "exit_layer": c["exit_layer"], "id": q, "completion": c["image_answer"]}
-                for t, c in checks.items()
-            ]
+            rows += vl_smoke_rows(checks, q)
     compared = compare_with_evaluate(rows, evaluated, same_budget=True)
     assert {t: c["compared"] for t, c in compared.items()} == {"exit_2": 3, "exit_4": 3}
     differs = [t for t, c in compared.items() if c["same_as_evaluate"] < 1.0]
@@ -303,10 +300,7 @@ def test_a_drifted_chat_template_matches_its_export_but_not_evaluate(vl_release,
     rows = []
     with serve_app(create_app(CompletionService(vl_release, model_name="tiny-vl"))) as url:
         for q, png in pngs.items():
-            rows += [
-                {"tier": t, "exit_layer": c["exit_layer"], "id": q, "completion": c["image_answer"]}
-                for t, c in vl_smoke_test(url, vl_release, QUESTION, png, 6).items()
-            ]
+            rows += vl_smoke_rows(vl_smoke_test(url, vl_release, QUESTION, png, 6), q)
     assert {t: c["same_as_evaluate"] for t, c in compare_with_evaluate(rows, evaluated, True).items()} == {
         "exit_2": 1.0,
         "exit_4": 1.0,

@@ -10,7 +10,7 @@ import pytest
 
 from tasks.core.params import ParamsError, load_params
 from tasks.core.stage import StageError
-from tasks.training.vl_pipeline import accuracy_table, encode_sft, format_table, is_correct
+from tasks.training.vl_pipeline import accuracy_table, encode_sft, format_table, graded_table, is_correct
 
 REPO = Path(__file__).resolve().parents[2]
 VL = REPO / "params.vl.yaml"
@@ -104,6 +104,8 @@ def test_accuracy_table_per_task_type_and_its_printed_form():
         "scene_colour": {"accuracy": 1.0, "n": 1},
         "scene_count": {"accuracy": 0.5, "n": 2},
     }
+    # evaluate grades each answer once (its generations rows) and tables those grades: the same table
+    assert graded_table([("scene_count", True), ("scene_count", False), ("scene_colour", True)]) == table
     with pytest.raises(ValueError):
         accuracy_table(rows, ["2"])  # one answer per row
     metrics = {
