@@ -208,7 +208,9 @@ def smoke_test(
         `(per_tier, rows)`: per tier `{requests, ok, accuracy, answered, completion_tokens_mean,
         latency_ms_p50, latency_ms_max, completions_sha256}` (the dynamic tier also `mean_exit_layer`;
         the speculative tier `same_as_deepest`, the share of its completions equal to the deepest member
-        tier's; the auto tier `members`, requests per member that answered), and one row per request.
+        tier's, its `acceptance_rate`, `drafts_per_token` and `verifications` (the deepest member's
+        verification forwards, over all questions); the auto tier `members`, requests per member that
+        answered), and one row per request.
 
     Raises:
         StageError: a tier answers with an error, or an `auto` completion differs from the completion of
@@ -236,6 +238,7 @@ def smoke_test(
         for tier in tiers:
             latencies, tokens, correct, answered, texts, exit_means = [], [], 0, 0, [], []
             members: dict[str, int] = {}
+            drafts = {"proposed": 0, "accepted": 0, "target_forwards": 0, "tokens": 0}
             for q in questions:
                 body = {
                     "model": tier,
@@ -262,6 +265,11 @@ def smoke_test(
                 if tier == DYNAMIC_TIER and answer["ruyi"]["choices"][0].get("mean_exit_layer") is not None:
                     exit_means.append(answer["ruyi"]["choices"][0]["mean_exit_layer"])
                 by_tier.setdefault(tier, {})[q["id"]] = text
+                if tier == SPECULATIVE_TIER:
+                    stats = answer["ruyi"]["choices"][0]
+                    for key in ("proposed", "accepted", "target_forwards"):
+                        drafts[key] += stats[key]
+                    drafts["tokens"] += answer["usage"]["completion_tokens"]
                 member = answer["ruyi"]["choices"][0].get("member") if tier == AUTO_TIER else None
                 if member is not None:
                     members[member] = members.get(member, 0) + 1
@@ -304,6 +312,12 @@ def smoke_test(
                 ref = by_tier[max(member_tiers, key=lambda t: exit_of[t])] if member_tiers else {}
                 same = [ref.get(q["id"]) == by_tier[tier][q["id"]] for q in questions]
                 per_tier[tier]["same_as_deepest"] = sum(same) / len(same)
+                per_tier[tier]["acceptance_rate"] = (
+                    drafts["accepted"] / drafts["proposed"] if drafts["proposed"] else None
+                )
+                # drafts per completion token: below 1 where rounds were cut by the gate or a rejection
+                per_tier[tier]["drafts_per_token"] = drafts["proposed"] / max(drafts["tokens"], 1)
+                per_tier[tier]["verifications"] = drafts["target_forwards"]
     return per_tier, rows
 
 

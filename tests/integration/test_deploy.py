@@ -380,6 +380,8 @@ def test_deploy_stage_s3_end_to_end(tmp_path, export_src, generations, s3_server
     assert tiers["dynamic"]["ok"] == 2 and 2 <= tiers["dynamic"]["mean_exit_layer"] <= 4
     # speculative: the deepest member's greedy output; auto: each answer by the member the router picked
     assert tiers["speculative"]["ok"] == 2 and tiers["speculative"]["same_as_deepest"] == 1.0
+    spec = tiers["speculative"]
+    assert 0 <= spec["acceptance_rate"] <= 1 and spec["verifications"] >= 2 and spec["drafts_per_token"] > 0
     assert tiers["auto"]["ok"] == 2 and tiers["auto"]["members"] == {"exit_4": 2}
     # Every member tier ran the evaluated parameter count; the DaE tier its factored weights.
     evaluated = eval_quality(export_src)
