@@ -83,42 +83,38 @@ def run_loop(model, prompt: list[int], max_new: int, stops: set[int]) -> list[in
 
 
 def run_config(config: Config, model, prompt: list[int], max_new: int, workload: Workload) -> dict:
+    """One prompt under one configuration: its new tokens, seconds and draft counts (0 for the controls)."""
     from ruyi_model import speculative_generate
 
     ids = torch.tensor([prompt])
-    stops = set(workload.stop_ids)
+    counts = {"proposed": 0, "accepted": 0, "verifies": 0}
     with torch.inference_mode():
         if config.kind == "generate":
             new, seconds, _ = run_generate(
-                model, ids, model.config.exit_layers[-1], max_new, workload.stop_ids, workload.pad_id
+                model,
+                ids,
+                model.config.exit_layers[-1],
+                max_new,
+                workload.stop_ids,
+                workload.pad_id,
             )
-            return {"new": new, "seconds": seconds, "proposed": 0, "accepted": 0, "verifies": 0}
+            return {"new": new, "seconds": seconds, **counts}
         start = time.perf_counter()
         if config.kind == "loop":
-            new = run_loop(model, prompt, max_new, stops)
-            return {
-                "new": new,
-                "seconds": time.perf_counter() - start,
-                "proposed": 0,
-                "accepted": 0,
-                "verifies": 0,
-            }
-        out = speculative_generate(
-            model,
-            ids,
-            draft_exit=config.draft,
-            k=config.k,
-            max_new_tokens=max_new,
-            eos_token_id=sorted(stops) or None,
-            draft_threshold=config.threshold or None,
-        )
-        return {
-            "new": out.new_tokens,
-            "seconds": time.perf_counter() - start,
-            "proposed": out.proposed,
-            "accepted": out.accepted,
-            "verifies": out.target_forwards,
-        }
+            new = run_loop(model, prompt, max_new, set(workload.stop_ids))
+        else:
+            out = speculative_generate(
+                model,
+                ids,
+                draft_exit=config.draft,
+                k=config.k,
+                max_new_tokens=max_new,
+                eos_token_id=sorted(workload.stop_ids) or None,
+                draft_threshold=config.threshold or None,
+            )
+            new = out.new_tokens
+            counts = {"proposed": out.proposed, "accepted": out.accepted, "verifies": out.target_forwards}
+        return {"new": new, "seconds": time.perf_counter() - start, **counts}
 
 
 def random_family(hidden: int, exits: list[int], num_prompts: int):
