@@ -2,6 +2,7 @@
 
     out = speculative_generate(model, ids, draft_exit=2, k=4, max_new_tokens=64)
     out = speculative_generate(model, ids, draft_exit=2, k=16, draft_threshold=0.95)  # adaptive length
+    out = speculative_generate(model, ids, draft_exit=2, k=16, draft_threshold=0.95, draft_blocks=False)
     out.sequences, out.acceptance_rate, out.target_forwards
 
 Each round the draft member proposes `k` tokens one at a time; the deepest member scores all k+1
@@ -16,6 +17,11 @@ Draft length: `k` drafts per round, or, with `draft_threshold`, up to `k` drafts
 first one the draft member is less sure of than the threshold (its probability of the token it drafted):
 long rounds where the draft agrees with the deepest member, short ones where it is likely to be wrong.
 The rule reads only the draft's own distributions, so the verification (and losslessness) is unchanged.
+
+Draft depth: with `draft_blocks=False` a DaE member drafts without its DaE blocks, i.e. with the layers
+it had before expansion (its backbone and branch layers) and its own norm and head: a cheaper draft
+that agrees with the deepest member almost as often (the blocks' gain is on the few tokens that decide
+an answer, which the verifier decides anyway). A member without DaE blocks drafts as it is.
 
 Backbone reuse: both members write into ONE DynamicCache (every decoder layer of a family owns its own
 slot). The layers the two members share, backbone layers [0, s) with s = `backbone_depth(draft_exit)`,
@@ -85,6 +91,8 @@ class SpeculativeState:
     """The decoding state of one sequence: the shared cache, committed tokens and the draft backlog.
 
     `prefill(prompt)` then `step(k)` (one draft/verify round; returns the committed new tokens).
+    The arguments are `speculative_generate`'s (`draft_blocks=False`: the draft runs its member's layers
+    but its DaE blocks).
     Invariant between rounds (N = len(tokens), the last token is not yet in any cache): the shared
     and verifier slots hold positions [0, N-1); the draft's own slots hold [0, N-1-e), and `backlog`
     (1 x e x hidden) holds the hidden states after the shared layers of positions [N-1-e, N-1).
@@ -100,10 +108,13 @@ class SpeculativeState:
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
         draft_threshold: float | None = None,
+        draft_blocks: bool = True,
     ):
         cfg = model.config
         self.model = model
         self.draft_exit = cfg.check_exit(draft_exit)
+        if not isinstance(draft_blocks, bool):
+            raise TypeError(f"draft_blocks must be True or False, got {draft_blocks!r}")
         self.target_exit = cfg.exit_layers[-1]
         if self.draft_exit == self.target_exit:
             raise ValueError(
@@ -111,6 +122,9 @@ class SpeculativeState:
                 f"member (one of {cfg.exit_layers[:-1]})"
             )
         draft_layers = model.member_layers(self.draft_exit)
+        blocks = cfg.num_dae_blocks(self.draft_exit)
+        if not draft_blocks and blocks:  # the member as it was before DaE: its blocks are its last layers
+            draft_layers = draft_layers[:-blocks]
         target_layers = model.member_layers(self.target_exit)
         s = 0
         while s < min(len(draft_layers), len(target_layers)) and draft_layers[s] is target_layers[s]:
@@ -149,10 +163,11 @@ class SpeculativeState:
     def _slot_len(self, layers) -> int:
         return self.cache.layers[layers[0].self_attn.layer_idx].get_seq_length() if layers else 0
 
-    def _run(self, layers, h: torch.Tensor, start: int) -> torch.Tensor:
-        """Runs `layers` over h (positions start..), appending their KV to the cache."""
+    def _run(self, layers, h: torch.Tensor, start: int, tap: int | None = None):
+        """Runs `layers` over h (positions start..), appending their KV to the cache. With `tap`, returns
+        (hidden state after layers[:tap], after all of them): one mask and one rotary table for both."""
         if not layers or h.shape[1] == 0:
-            return h
+            return h if tap is None else (h, h)
         first = layers[0].self_attn.layer_idx
         have = self.cache.layers[first].get_seq_length()
         if have != start:  # an internal invariant: the positions must continue the slot exactly
@@ -170,7 +185,10 @@ class SpeculativeState:
             layer_idx=first,
         )
         pos_emb = self.model.model.rotary_emb(h, pos)
-        for layer in layers:
+        tapped = h
+        for i, layer in enumerate(layers):
+            if i == tap:
+                tapped = h
             h = layer(
                 h,
                 attention_mask=mask,
@@ -179,7 +197,9 @@ class SpeculativeState:
                 past_key_values=self.cache,
                 use_cache=True,
             )
-        return h
+        if tap is None:
+            return h
+        return (h if tap >= len(layers) else tapped), h
 
     def _probs(self, exit_layer: int, h: torch.Tensor) -> torch.Tensor:
         """Member `exit_layer`'s next-token distributions (T x V, float32) at every position of h."""
@@ -227,12 +247,13 @@ class SpeculativeState:
         hiddens: list[torch.Tensor] = []
         for j in range(k):
             pos = n - 1 + j
-            h = self._run(self.shared, self._embed([last if j == 0 else drafted[-1]]), pos)
-            hiddens.append(h)
-            if j == 0:  # positions the draft's own layers have not seen yet, then this one
+            x = self._embed([last if j == 0 else drafted[-1]])
+            if j == 0 and backlog_len:  # positions the draft's own layers have not seen yet, then this one
+                h = self._run(self.shared, x, pos)
                 out = self._run(self.draft_only, torch.cat([self.backlog, h], dim=1), pos - backlog_len)
-            else:
-                out = self._run(self.draft_only, h, pos)
+            else:  # every slot of the draft is at `pos`: the shared and own layers in one pass
+                h, out = self._run(self.shared + self.draft_only, x, pos, tap=len(self.shared))
+            hiddens.append(h)
             q = self._probs(self.draft_exit, out[:, -1:])[0]
             q_rows.append(q)
             drafted.append(self._pick(q))
@@ -303,6 +324,7 @@ def speculative_generate(
     attention_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     draft_threshold: float | None = None,
+    draft_blocks: bool = True,
 ) -> SpeculativeOutput:
     """Generates with the deepest member of `model`, drafted by member `draft_exit` (see module docstring).
 
@@ -315,6 +337,9 @@ def speculative_generate(
             so rounds are long where the draft is sure and short where it is not. None: always k.
             Greedy output and the sampled distribution are unchanged (the stopping rule reads only the
             draft's own distributions).
+        draft_blocks: False: a DaE member drafts without its DaE blocks (its layers before expansion,
+            then its own norm and head), a cheaper draft; no effect on a member without blocks. The
+            output is the deepest member's either way.
         do_sample, temperature, top_k, top_p: sampling as in `generate` (top_k=0 / top_p=1: off);
             greedy when do_sample is False.
         eos_token_id: stop after producing this token (or any of these tokens).
@@ -357,6 +382,7 @@ def speculative_generate(
         top_p=top_p,
         generator=generator,
         draft_threshold=draft_threshold,
+        draft_blocks=draft_blocks,
     )
     out = SpeculativeOutput(sequences=input_ids[:, :0], new_tokens=[])
     state.prefill(prompt)

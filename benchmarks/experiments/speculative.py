@@ -1,7 +1,7 @@
 """Self-speculative decoding against the deepest member's own greedy decoding, side by side in one run.
 
     python benchmarks/experiments/speculative.py [MODEL_DIR] [--num-prompts 100] [--drafts 2,5]
-        [--k 4,16] [--thresholds 0,0.95] [--max-new-tokens 64] [--json spec.json]
+        [--k 4,16] [--thresholds 0,0.95] [--draft-blocks on,off] [--max-new-tokens 64] [--json spec.json]
     python benchmarks/experiments/speculative.py --random-init      # smoke run, no trained model needed
 
 MODEL_DIR is a family checkpoint (default: artifacts/compress, else artifacts/export/family). The
@@ -14,7 +14,9 @@ Configurations, interleaved prompt by prompt (the order rotated per prompt; a sh
 - `loop@L`, the deepest member alone in speculative decoding's own loop (rounds of no drafts): what the
   loop costs or saves before any drafting (the same loop for every speculative configuration);
 - `spec d/k/t`: member d drafts up to k tokens per round, a round stopping after a draft the member
-  gives a probability below t (t = 0: always k), the deepest member verifies.
+  gives a probability below t (t = 0: always k), the deepest member verifies; `spec d-dae/k/t`: the
+  same with member d drafting without its DaE blocks (`draft_blocks=False`; listed only for a member
+  that has blocks).
 Per configuration: tokens/s, speed-up over `generate@L` and over `loop@L`, the acceptance rate, drafts
 per committed token, committed tokens per verification forward, accuracy (exact numeric match) and
 whether every completion equals the control's (greedy speculative decoding must: the exit status is 1
@@ -54,10 +56,11 @@ class Config:
     draft: int | None = None
     k: int | None = None
     threshold: float | None = None
+    blocks: bool = True
 
     def name(self, deepest: int) -> str:
         if self.kind == "spec":
-            return f"spec {self.draft}/{self.k}/{self.threshold:g}"
+            return f"spec {self.draft}{'' if self.blocks else '-dae'}/{self.k}/{self.threshold:g}"
         return f"{self.kind}@{deepest}"
 
 
@@ -111,6 +114,7 @@ def run_config(config: Config, model, prompt: list[int], max_new: int, workload:
                 max_new_tokens=max_new,
                 eos_token_id=sorted(workload.stop_ids) or None,
                 draft_threshold=config.threshold or None,
+                draft_blocks=config.blocks,
             )
             new = out.new_tokens
             counts = {"proposed": out.proposed, "accepted": out.accepted, "verifies": out.target_forwards}
@@ -130,6 +134,8 @@ def random_family(hidden: int, exits: list[int], num_prompts: int):
         head_dim=64,
         max_position_embeddings=2048,
         exit_layers=exits,
+        dae_blocks=[2]
+        + [0] * (len(exits) - 1),  # as the tiny profile's DaE member: 2 blocks on the shallowest
     )
     torch.manual_seed(0)
     model = FamilialForCausalLM(cfg).eval()
@@ -196,7 +202,7 @@ def table(configs: list[Config], totals: list[dict], deepest: int) -> list[dict]
     base, loop = totals[0], totals[1]
     base_tps, loop_tps = base["tokens"] / base["seconds"], loop["tokens"] / loop["seconds"]
     header = (
-        f"{'configuration':<18} {'tok/s':>8} {'x gen':>6} {'x loop':>6} {'accept':>7} {'drafts/tok':>10} "
+        f"{'configuration':<22} {'tok/s':>8} {'x gen':>6} {'x loop':>6} {'accept':>7} {'drafts/tok':>10} "
         f"{'tok/verify':>10} {'acc':>6} same"
     )
     print(header)
@@ -210,6 +216,7 @@ def table(configs: list[Config], totals: list[dict], deepest: int) -> list[dict]
             "draft_exit": config.draft,
             "k": config.k,
             "draft_threshold": config.threshold,
+            "draft_blocks": config.blocks,
             "tokens": t["tokens"],
             "tokens_per_s": round(tps, 2),
             "speedup_vs_generate": round(tps / base_tps, 3),
@@ -226,7 +233,7 @@ def table(configs: list[Config], totals: list[dict], deepest: int) -> list[dict]
             return "-" if value is None else format(value, spec)
 
         print(
-            f"{row['configuration']:<18} {tps:8.1f} {row['speedup_vs_generate']:6.2f} "
+            f"{row['configuration']:<22} {tps:8.1f} {row['speedup_vs_generate']:6.2f} "
             f"{row['speedup_vs_loop']:6.2f} {fmt(row['acceptance_rate'], '.3f'):>7} "
             f"{fmt(row['drafts_per_token'], '.2f'):>10} {fmt(row['tokens_per_verify'], '.2f'):>10} "
             f"{fmt(row['accuracy'], '.3f'):>6} {row['same_tokens']}"
@@ -247,11 +254,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--thresholds", default="0,0.95", help="comma-separated draft confidence gates (0: always k drafts)"
     )
+    ap.add_argument(
+        "--draft-blocks",
+        default="on,off",
+        help="comma-separated on/off: draft with the member's DaE blocks, without them, or both (default)",
+    )
     ap.add_argument("--no-eos", action="store_true", help="fixed-length runs: no stop tokens")
     ap.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads (default 1: steadier timings)"
     )
-    ap.add_argument("--random-init", action="store_true", help="random family instead of a checkpoint")
+    ap.add_argument(
+        "--random-init",
+        action="store_true",
+        help="random family (2 DaE blocks on its shallowest member) instead of a checkpoint",
+    )
     ap.add_argument("--random-exits", default="2,4,8", help="member depths of the --random-init family")
     ap.add_argument("--hidden", type=int, default=128, help="width of the --random-init family")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
@@ -269,6 +285,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"--k values must be >= 1, got {args.k}")
     if any(not 0 <= t <= 1 for t in args.threshold_values):
         ap.error(f"--thresholds must be in [0, 1], got {args.thresholds}")
+    switch = {"on": True, "off": False}
+    words = args.draft_blocks.split(",")
+    if not words or any(w not in switch for w in words):
+        ap.error(f"--draft-blocks takes on, off or on,off, got {args.draft_blocks!r}")
+    args.block_values = [switch[w] for w in dict.fromkeys(words)]
     return args
 
 
@@ -285,8 +306,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_eos:
         workload.stop_ids = []
     configs = [Config("generate"), Config("loop")] + [
-        Config("spec", d, k, t) for d in drafts for k in args.k_values for t in args.threshold_values
+        Config("spec", d, k, t, blocks)
+        for d in drafts
+        for blocks in args.block_values
+        if blocks or model.config.num_dae_blocks(d)  # without blocks, a member without any is itself
+        for k in args.k_values
+        for t in args.threshold_values
     ]
+    if len(configs) == 2:
+        sys.exit(f"--draft-blocks off: none of the drafting members {drafts} has DaE blocks")
     warm = workload.prompts[0]
     for config in configs:  # first calls pay for lazy imports and allocator growth
         run_config(config, model, warm, 4, workload)

@@ -645,14 +645,17 @@ class ExportParams(_Section):
 #: completions (94.8% against 91.3%); 0.99 keeps 98.7% at 1.77x.
 DYNAMIC_THRESHOLD = 0.95
 
-#: The speculative tier's defaults (`deploy.speculative_draft_tokens` / `_threshold`, and the serving
-#: app's): up to SPECULATIVE_DRAFT_TOKENS drafts per round, a round stopping after a draft the draft
-#: member gives a probability below SPECULATIVE_DRAFT_THRESHOLD. Measured on the recorded tiny family's
-#: first 200 eval problems (benchmarks/RESULTS.md, "Self-speculative decoding with a confidence-gated
-#: draft length"): 1.70x the deepest member's `generate` with exit 2 drafting, against 1.45x for a fixed
-#: 4 or 16 drafts; 0.9 measured 1.67x (within the noise), 0.95 was ahead in both runs.
+#: The speculative tier's defaults (`deploy.speculative_draft_tokens` / `_threshold` / `_blocks`, and the
+#: serving app's): up to SPECULATIVE_DRAFT_TOKENS drafts per round, a round stopping after a draft the
+#: draft member gives a probability below SPECULATIVE_DRAFT_THRESHOLD, the draft member running its DaE
+#: blocks only if SPECULATIVE_DRAFT_BLOCKS. Measured on the first 200 eval problems of the tiny families
+#: of three data seeds (benchmarks/RESULTS.md, "Self-speculative decoding past 2x"), exit 2 drafting:
+#: without its DaE blocks 2.44x the deepest member's `generate` on average (2.43-2.45x; 0.9 measured
+#: the same within the noise), with them 1.65x; every completion identical to the deepest member's.
+#: Gated rounds beat fixed lengths (the recorded family: 1.70x against 1.44x for a fixed 4 drafts).
 SPECULATIVE_DRAFT_TOKENS = 16
 SPECULATIVE_DRAFT_THRESHOLD = 0.95
+SPECULATIVE_DRAFT_BLOCKS = False
 
 
 class DeployParams(_Section):
@@ -676,12 +679,14 @@ class DeployParams(_Section):
     # DYNAMIC_THRESHOLD.
     dynamic_threshold: Annotated[float, Field(gt=0.0, le=1.0)] = DYNAMIC_THRESHOLD
     # Speculative tier (model "speculative"): the drafting member (null = the shallowest), the most
-    # tokens it drafts per round, and its confidence gate: a round stops drafting after a token the draft
-    # gives a probability below the threshold (0: always the most). A request may override all three;
-    # why 16 and 0.95: SPECULATIVE_DRAFT_TOKENS.
+    # tokens it drafts per round, its confidence gate (a round stops drafting after a token the draft
+    # gives a probability below the threshold; 0: always the most), and whether it drafts with its DaE
+    # blocks (false: with its layers before expansion, a cheaper draft; the output is the deepest
+    # member's either way). A request may override all four; why these: SPECULATIVE_DRAFT_TOKENS.
     speculative_draft_exit: PositiveInt | None = None
     speculative_draft_tokens: Annotated[int, Field(ge=1, le=16)] = SPECULATIVE_DRAFT_TOKENS
     speculative_draft_threshold: Annotated[float, Field(ge=0.0, le=1.0)] = SPECULATIVE_DRAFT_THRESHOLD
+    speculative_draft_blocks: bool = SPECULATIVE_DRAFT_BLOCKS
     # Vision-language releases: images (base64 data URLs) per chat request, and each image's size in
     # bytes and decoded pixels; more get HTTP 413. A text release refuses images whatever these say.
     max_images_per_request: PositiveInt = 4

@@ -41,7 +41,12 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.core.params import DYNAMIC_THRESHOLD, SPECULATIVE_DRAFT_THRESHOLD, SPECULATIVE_DRAFT_TOKENS
+from tasks.core.params import (
+    DYNAMIC_THRESHOLD,
+    SPECULATIVE_DRAFT_BLOCKS,
+    SPECULATIVE_DRAFT_THRESHOLD,
+    SPECULATIVE_DRAFT_TOKENS,
+)
 from tasks.core.ray_runtime import RayRuntime
 from tasks.core.stage import StageError
 from tasks.release.store import MANIFEST_NAME, load_member, release_exits
@@ -151,6 +156,12 @@ class _GenerationFields(BaseModel):
         strict=True,
         description="speculative tier: a round stops drafting after a token the draft gives a probability "
         "below this (0: always draft_tokens)",
+    )
+    draft_blocks: bool | None = Field(
+        None,
+        strict=True,
+        description="speculative tier: false drafts without the drafting member's DaE blocks (its layers "
+        "before expansion), true with them",
     )
     user: str | None = None
 
@@ -262,6 +273,7 @@ class ServingInfo(BaseModel):
     draft_exit: int | None = None
     draft_tokens: int | None = None
     draft_threshold: float | None = None
+    draft_blocks: bool | None = None
     choices: list[dict[str, Any]] | None = None
 
 
@@ -509,6 +521,8 @@ class CompletionService:
         speculative_draft_tokens: the speculative tier's default most tokens drafted per round.
         speculative_draft_threshold: the speculative tier's default draft confidence threshold (a round
             stops drafting after a token the draft gives a probability below it; 0: always the most).
+        speculative_draft_blocks: whether the drafting member runs its DaE blocks by default (False: it
+            drafts with its layers before expansion, a cheaper draft; no effect on a member without blocks).
         max_image_bytes, max_image_pixels, max_images_per_request: image limits of a vision-language
             release (`tasks.release.vision`; larger images or more of them get 413).
 
@@ -533,6 +547,7 @@ class CompletionService:
         speculative_draft_exit: int | None = None,
         speculative_draft_tokens: int = SPECULATIVE_DRAFT_TOKENS,
         speculative_draft_threshold: float = SPECULATIVE_DRAFT_THRESHOLD,
+        speculative_draft_blocks: bool = SPECULATIVE_DRAFT_BLOCKS,
         max_image_bytes: int = ImageLimits.max_image_bytes,
         max_image_pixels: int = ImageLimits.max_image_pixels,
         max_images_per_request: int = ImageLimits.max_images_per_request,
@@ -583,6 +598,9 @@ class CompletionService:
         if not 0.0 <= speculative_draft_threshold <= 1.0:
             raise StageError(f"speculative_draft_threshold={speculative_draft_threshold}: must be in [0, 1]")
         self.draft_threshold = float(speculative_draft_threshold)
+        if not isinstance(speculative_draft_blocks, bool):
+            raise StageError(f"speculative_draft_blocks={speculative_draft_blocks!r}: must be true or false")
+        self.draft_blocks = speculative_draft_blocks
         if (self.release_dir / "family").is_dir() and not self.vision:
             model, tokenizer = load_member(self.release_dir, None, dtype=dtype)
             model = model.to(self.device)
@@ -662,6 +680,7 @@ class CompletionService:
                     draft_exit=self.draft_exit,
                     draft_tokens=self.draft_tokens,
                     draft_threshold=self.draft_threshold,
+                    draft_blocks=self.draft_blocks,
                 )
             if tier.kind == "auto":
                 entry.update(threshold=self.router.threshold, probe_layers=self.router.probe_layers)
@@ -736,7 +755,7 @@ class CompletionService:
                 "unsupported_parameter",
                 "threshold",
             )
-        for field in ("draft_exit", "draft_tokens", "draft_threshold"):
+        for field in ("draft_exit", "draft_tokens", "draft_threshold", "draft_blocks"):
             if getattr(req, field) is not None and tier.kind != "speculative":
                 raise APIError(
                     400,
@@ -1033,6 +1052,7 @@ class CompletionService:
             ruyi["draft_exit"] = req.draft_exit or self.draft_exit
             ruyi["draft_tokens"] = req.draft_tokens or self.draft_tokens
             ruyi["draft_threshold"] = self._draft_threshold(req)
+            ruyi["draft_blocks"] = self._draft_blocks(req)
             ruyi["choices"] = extras
         elif tier.kind == "auto":
             ruyi["threshold"] = req.threshold if req.threshold is not None else self.router.threshold
@@ -1193,6 +1213,9 @@ class CompletionService:
     def _draft_threshold(self, req: _GenerationFields) -> float:
         return req.draft_threshold if req.draft_threshold is not None else self.draft_threshold
 
+    def _draft_blocks(self, req: _GenerationFields) -> bool:
+        return req.draft_blocks if req.draft_blocks is not None else self.draft_blocks
+
     def _decode_speculative(self, tier: Tier, input_ids, req: _GenerationFields, decoding: _Decoding) -> dict:
         """`speculative_generate`'s loop, handing each round's committed tokens on as they come."""
         from ruyi_model.speculative import SpeculativeState
@@ -1207,6 +1230,7 @@ class CompletionService:
             temperature=req.temperature if sampling else 1.0,
             top_p=req.top_p if sampling else 1.0,
             draft_threshold=self._draft_threshold(req),
+            draft_blocks=self._draft_blocks(req),
         )
         state.prefill(input_ids[0].tolist())
         proposed = accepted = rounds = produced = 0
@@ -1565,6 +1589,7 @@ _LIMIT_OPTIONS = (
     "speculative_draft_exit",
     "speculative_draft_tokens",
     "speculative_draft_threshold",
+    "speculative_draft_blocks",
     "max_image_bytes",
     "max_image_pixels",
     "max_images_per_request",
@@ -1577,9 +1602,9 @@ def build_app(args: dict[str, Any]):
     Args (`args:` in the config): `release_dir` or `store` + `model_name` (+ `version`, `cache_dir`),
     and optionally `max_tokens_limit`, `dynamic_threshold`, `device`, `dtype`, `max_prompts_per_request`,
     `max_total_new_tokens`, `speculative_draft_exit`, `speculative_draft_tokens`,
-    `speculative_draft_threshold`, `max_image_bytes`, `max_image_pixels`, `max_images_per_request`
-    (CompletionService), and the
-    replica's `num_cpus` (default 0.5), `num_gpus` (default 0) and `num_replicas` (default 1).
+    `speculative_draft_threshold`, `speculative_draft_blocks`, `max_image_bytes`, `max_image_pixels`,
+    `max_images_per_request` (CompletionService), and the replica's `num_cpus` (default 0.5), `num_gpus`
+    (default 0) and `num_replicas` (default 1).
     """
     known = {
         "release_dir",
@@ -1761,6 +1786,7 @@ def serving_kwargs(cfg: DeployParams, host: str | None = None, port: int | None 
         "speculative_draft_exit": cfg.speculative_draft_exit,
         "speculative_draft_tokens": cfg.speculative_draft_tokens,
         "speculative_draft_threshold": cfg.speculative_draft_threshold,
+        "speculative_draft_blocks": cfg.speculative_draft_blocks,
         "max_image_bytes": cfg.max_image_bytes,
         "max_image_pixels": cfg.max_image_pixels,
         "max_images_per_request": cfg.max_images_per_request,
@@ -1811,6 +1837,7 @@ def start_serving(
     speculative_draft_exit: int | None = None,
     speculative_draft_tokens: int = SPECULATIVE_DRAFT_TOKENS,
     speculative_draft_threshold: float = SPECULATIVE_DRAFT_THRESHOLD,
+    speculative_draft_blocks: bool = SPECULATIVE_DRAFT_BLOCKS,
     max_image_bytes: int = ImageLimits.max_image_bytes,
     max_image_pixels: int = ImageLimits.max_image_pixels,
     max_images_per_request: int = ImageLimits.max_images_per_request,
@@ -1847,6 +1874,7 @@ def start_serving(
             "max_total_new_tokens": max_total_new_tokens,
             "speculative_draft_tokens": speculative_draft_tokens,
             "speculative_draft_threshold": speculative_draft_threshold,
+            "speculative_draft_blocks": speculative_draft_blocks,
             "max_image_bytes": max_image_bytes,
             "max_image_pixels": max_image_pixels,
             "max_images_per_request": max_images_per_request,

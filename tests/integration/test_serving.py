@@ -550,6 +550,7 @@ def test_serve_config_builds_the_app(tmp_path):
         "speculative_draft_exit": None,
         "speculative_draft_tokens": 16,
         "speculative_draft_threshold": 0.95,
+        "speculative_draft_blocks": False,
     }
     with pytest.raises(StageError, match=r"unknown key\(s\) \['num_gpu'\]"):
         build_app({**spec["args"], "num_gpu": 1})

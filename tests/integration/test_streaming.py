@@ -55,7 +55,7 @@ def test_speculative_tier_is_listed(client, service):
     models = {m.id: m.model_extra for m in client.models.list().data}
     assert "speculative" in models and models["speculative"]["draft_exit"] == 2
     assert models["speculative"]["draft_tokens"] == 16 and models["speculative"]["exit_layers"] == [2, 4]
-    assert models["speculative"]["draft_threshold"] == 0.95
+    assert models["speculative"]["draft_threshold"] == 0.95 and models["speculative"]["draft_blocks"] is False
     assert models["exit_2"]["weights"] == "factored"  # the DaE member runs its low-rank copy
 
 
@@ -135,6 +135,9 @@ def test_speculative_tier_equals_the_deepest_member(client):
         {"draft_exit": 2, "draft_tokens": 16},
         {"draft_tokens": 16, "draft_threshold": 0},
         {"draft_tokens": 16, "draft_threshold": 1},
+        {"draft_blocks": True},
+        {"draft_blocks": True, "draft_tokens": 16, "draft_threshold": 0},
+        {"draft_blocks": False, "draft_tokens": 16, "draft_threshold": 0},
     ):
         spec = client.completions.create(model="speculative", prompt=PROMPT, max_tokens=40, extra_body=extra)
         assert spec.choices[0].text == deep.choices[0].text, extra
@@ -142,6 +145,7 @@ def test_speculative_tier_equals_the_deepest_member(client):
         ruyi = spec.model_extra["ruyi"]
         assert ruyi["draft_exit"] == 2 and ruyi["draft_tokens"] == extra.get("draft_tokens", 16)
         assert ruyi["draft_threshold"] == extra.get("draft_threshold", 0.95)
+        assert ruyi["draft_blocks"] is extra.get("draft_blocks", False)
         stats = ruyi["choices"][0]
         proposed[tuple(extra.items())] = (stats["proposed"], stats["target_forwards"])
         assert 0 <= stats["accepted"] <= stats["proposed"] and stats["target_forwards"] >= 1
@@ -171,6 +175,8 @@ def test_speculative_tier_equals_the_deepest_member(client):
         ({"model": "speculative", "draft_threshold": 1.5}, 422, "draft_threshold"),
         ({"model": "exit_4", "draft_threshold": 0.5}, 400, "draft_threshold"),
         ({"model": "exit_4", "draft_tokens": 2}, 400, "draft_tokens"),
+        ({"model": "speculative", "draft_blocks": "no"}, 422, "draft_blocks"),
+        ({"model": "exit_2", "draft_blocks": True}, 400, "draft_blocks"),
         ({"model": "dynamic", "draft_exit": 2}, 400, "draft_exit"),
         ({"model": "speculative", "threshold": 0.5}, 400, "threshold"),
         ({"model": "exit_4", "stream_options": {"include_usage": True}}, 400, "stream_options"),

@@ -161,6 +161,7 @@ def test_schema_and_committed_params_agree_on_the_documented_choices():
         "deploy.dynamic_threshold",
         "deploy.speculative_draft_tokens",
         "deploy.speculative_draft_threshold",
+        "deploy.speculative_draft_blocks",
     ):
         default = _schema_default(key)
         assert default is not None, f"{key} has no schema default"

@@ -92,6 +92,8 @@ def test_cross_field_rules(tmp_path):
         load_params(write(tmp_path, "deploy:\n  speculative_draft_tokens: 17\n"))
     with pytest.raises(ParamsError, match=r"deploy.speculative_draft_threshold"):
         load_params(write(tmp_path, "deploy:\n  speculative_draft_threshold: 1.2\n"))
+    with pytest.raises(ParamsError, match=r"deploy.speculative_draft_blocks"):
+        load_params(write(tmp_path, "deploy:\n  speculative_draft_blocks: 0\n"))
     with pytest.raises(ParamsError, match=r"route.threshold"):
         load_params(write(tmp_path, "route:\n  threshold: 1.5\n"))
     with pytest.raises(ParamsError, match=r"route.folds"):

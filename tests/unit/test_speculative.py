@@ -19,7 +19,7 @@ import torch
 from scipy import stats
 from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM
 
-from ruyi_model import FamilialForCausalLM, expand, speculative_generate
+from ruyi_model import FamilialConfig, FamilialForCausalLM, expand, speculative_generate
 from ruyi_model.speculative import SpeculativeState
 
 
@@ -70,6 +70,26 @@ FAMILIES = {
 }
 
 
+def assert_drafts_are(out, draft_argmax: list[int], ref: torch.Tensor, prompt_len: int, k: int) -> None:
+    """The drafts of a greedy run are `draft_argmax`'s (the drafter's own next-token choice along the
+    output `ref`): each round keeps exactly as many as agree with the output."""
+    seq, pos, made, n = ref[0].tolist(), prompt_len - 1, 0, ref.shape[1] - prompt_len
+    for got in out.accepted_per_round:
+        k_round, want = min(k, n - made - 1), 0
+        while want < k_round and draft_argmax[pos + want] == seq[pos + want + 1]:
+            want += 1
+        assert got == want, (k, out.accepted_per_round)
+        pos, made = pos + want + 1, made + want + 1
+
+
+def without_blocks(fam: FamilialForCausalLM) -> FamilialForCausalLM:
+    """The family with every DaE block removed (each member as it was before DaE; norms and heads kept)."""
+    plain = FamilialForCausalLM(FamilialConfig(**{**fam.config.to_dict(), "dae_blocks": None})).eval()
+    missing, unexpected = plain.load_state_dict(fam.state_dict(), strict=False)
+    assert not missing and unexpected and all(".layers." in key for key in unexpected)
+    return plain
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_greedy_equals_deepest_member_generate(family):
     fam = FAMILIES[family]()
@@ -84,14 +104,7 @@ def test_greedy_equals_deepest_member_generate(family):
         for k in (1, 2, 3, 5):
             out = speculative_generate(fam, ids, draft_exit=d, k=k, max_new_tokens=20)
             assert out.sequences.tolist() == ref.tolist(), (d, k)
-            # the drafts are member d's real predictions: each round keeps exactly as many as agree
-            seq, pos, made = ref[0].tolist(), ids.shape[1] - 1, 0
-            for got in out.accepted_per_round:
-                k_round, want = min(k, 20 - made - 1), 0
-                while want < k_round and draft_argmax[pos + want] == seq[pos + want + 1]:
-                    want += 1
-                assert got == want, (d, k, out.accepted_per_round)
-                pos, made = pos + want + 1, made + want + 1
+            assert_drafts_are(out, draft_argmax, ref, ids.shape[1], k)
             assert len(out.new_tokens) == 20
             assert out.target_forwards == len(out.accepted_per_round)
             assert out.accepted == sum(out.accepted_per_round) <= out.proposed == out.draft_forwards
@@ -146,6 +159,50 @@ def test_confidence_gated_draft_length_is_lossless_and_stops_where_the_draft_is_
                         lengths_seen.add(got)
                     pos, made = pos + kept + 1, made + kept + 1
     assert len(lengths_seen) > 2, lengths_seen  # the gate produced rounds of several lengths
+
+
+def test_draft_without_dae_blocks_is_lossless_and_drafts_the_member_before_dae():
+    """`draft_blocks=False`: the DaE member drafts with its layers before expansion (its norm and head
+    kept); the output is still the deepest member's, the blocks' cache slots stay empty, and a member
+    without blocks drafts as it is."""
+    fam = FAMILIES["dae"]()  # exits (2, 3, 4): two blocks on member 2, one on the deepest
+    plain = without_blocks(fam)
+    torch.manual_seed(3)
+    ids = torch.randint(0, fam.config.vocab_size, (1, 6))
+    n = 20
+    ref = fam.generate(ids, max_new_tokens=n, do_sample=False, exit_layer=4)
+    with torch.no_grad():
+        before = plain(ref, exit_layer=2, use_cache=False).logits[0].argmax(-1).tolist()
+        dense = fam(ref, exit_layer=2, use_cache=False).logits[0].argmax(-1).tolist()
+        member3 = fam(ref, exit_layer=3, use_cache=False).logits[0].argmax(-1).tolist()
+    assert before != dense  # the fixture's blocks change some drafts: the test can tell them apart
+    blocks = [layer.self_attn.layer_idx for layer in fam.exits["2"].layers[fam.config.branch_layers(2) :]]
+    for k in (2, 5):
+        out = speculative_generate(fam, ids, draft_exit=2, k=k, max_new_tokens=n, draft_blocks=False)
+        assert out.sequences.tolist() == ref.tolist(), k
+        assert_drafts_are(out, before, ref, ids.shape[1], k)
+        for drafter_blocks in (True, False):  # member 3 has no blocks: the switch changes nothing
+            out = speculative_generate(
+                fam, ids, draft_exit=3, k=k, max_new_tokens=n, draft_blocks=drafter_blocks
+            )
+            assert out.sequences.tolist() == ref.tolist()
+            assert_drafts_are(out, member3, ref, ids.shape[1], k)
+    # The cache: the draft's own slots hold plain decoding of the member before DaE; the blocks' none.
+    state = SpeculativeState(fam, draft_exit=2, draft_blocks=False)
+    state.prefill(ids[0].tolist())
+    for _ in range(4):
+        state.step(3)
+        consumed = state.tokens[: len(state.tokens) - 1 - state.backlog.shape[1]]
+        want = plain_cache(plain, consumed, 2)
+        for mine, theirs in zip(state.draft_only, plain.member_layers(2)[len(state.shared) :], strict=True):
+            got, expected = (
+                state.cache.layers[mine.self_attn.layer_idx],
+                want.layers[theirs.self_attn.layer_idx],
+            )
+            torch.testing.assert_close(got.keys, expected.keys, atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(got.values, expected.values, atol=2e-5, rtol=1e-4)
+        assert all(state.cache.layers[slot].get_seq_length() == 0 for slot in blocks)
+    assert state.draft_only and not set(blocks) & {layer.self_attn.layer_idx for layer in state.draft_only}
 
 
 def test_greedy_stops_at_eos_and_handles_left_padding():
@@ -306,6 +363,8 @@ def test_invalid_arguments():
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="draft_threshold"):
             speculative_generate(fam, ids, draft_exit=2, draft_threshold=bad)
+    with pytest.raises(TypeError, match="draft_blocks"):
+        speculative_generate(fam, ids, draft_exit=2, draft_blocks="no")
 
 
 def test_benchmark_script_runs_every_configuration(tmp_path, monkeypatch):
@@ -327,8 +386,18 @@ def test_benchmark_script_runs_every_configuration(tmp_path, monkeypatch):
         "spec 2/1/0.5",
         "spec 2/3/0",
         "spec 2/3/0.5",
+        "spec 2-dae/1/0",
+        "spec 2-dae/1/0.5",
+        "spec 2-dae/3/0",
+        "spec 2-dae/3/0.5",
     ]
     assert all(r["same_tokens"] and r["tokens"] == 12 for r in rows)
+    assert [r["draft_blocks"] for r in rows[2:]] == [True] * 4 + [False] * 4
     assert rows[4]["drafts_per_token"] > rows[2]["drafts_per_token"]  # k = 3 drafts more than k = 1
     with pytest.raises(SystemExit, match="--drafts"):
         module.main([*argv, "--drafts", "8"])
+    # member 4 of the random family has no DaE blocks: nothing to draft without them
+    with pytest.raises(SystemExit, match="none of the drafting members"):
+        module.main([*argv, "--drafts", "4", "--draft-blocks", "off"])
+    with pytest.raises(SystemExit):
+        module.parse_args(["--draft-blocks", "maybe"])
