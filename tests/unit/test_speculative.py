@@ -297,15 +297,31 @@ def joint_first_two(
     return (p1[:, None] * p2).double().numpy()
 
 
-@pytest.mark.parametrize("k,draft_threshold", [(1, None), (2, 0.3)])
-def test_sampling_follows_the_deepest_members_distribution(k, draft_threshold):
+@pytest.mark.parametrize(
+    "k,draft_threshold,draft_blocks", [(1, None, True), (2, 0.3, True), (1, None, False)]
+)
+def test_sampling_follows_the_deepest_members_distribution(k, draft_threshold, draft_blocks):
     """k = 2 gated at 0.3: the first round drafts one or two tokens depending on the draft's confidence,
-    and the joint law of the first two tokens must still be the deepest member's."""
+    and the joint law of the first two tokens must still be the deepest member's. draft_blocks=False: the
+    drafting member has DaE blocks and drafts without them (its law before DaE is the one rejected)."""
     vocab, temperature, n = 8, 0.8, 1500
     fam = agreeing_family(vocab=vocab, exits=(1, 2), alpha=0.6, init=0.6, seed=2)
+    drafter = fam
+    if not draft_blocks:
+        fam = expand(fam, 1, 2).eval()
+        torch.manual_seed(4)
+        with torch.no_grad():  # blocks that move member 1's law (zero-residual blocks would not)
+            for layer in fam.exits["1"].layers[fam.config.branch_layers(1) :]:
+                layer.self_attn.o_proj.weight.normal_(0, 0.3)
+                layer.mlp.down_proj.weight.normal_(0, 0.3)
+        drafter = without_blocks(fam)
+        moved = 0.5 * np.abs(
+            joint_first_two(fam, [5], 1, temperature) - joint_first_two(drafter, [5], 1, temperature)
+        )
+        assert moved.sum() > 0.05  # the blocks change member 1's law: the drafter is not the dense member
     prompt = [5]  # one token: no prefill, so each sample is 1-2 rounds (keeps the test fast)
     target = joint_first_two(fam, prompt, 2, temperature)
-    draft = joint_first_two(fam, prompt, 1, temperature)
+    draft = joint_first_two(drafter, prompt, 1, temperature)
     tv_draft = 0.5 * np.abs(target - draft).sum()
     assert tv_draft > 0.3, f"the fixture has no power: draft and target laws are {tv_draft:.3f} apart in TV"
     gen = torch.Generator().manual_seed(1234)
@@ -324,6 +340,7 @@ def test_sampling_follows_the_deepest_members_distribution(k, draft_threshold):
             temperature=temperature,
             generator=gen,
             draft_threshold=draft_threshold,
+            draft_blocks=draft_blocks,
         )
         counts[out.new_tokens[0], out.new_tokens[1]] += 1
         accepted, proposed = accepted + out.accepted, proposed + out.proposed
