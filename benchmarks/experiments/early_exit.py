@@ -150,11 +150,21 @@ def pipeline_workload(checkpoint: Path, tokenizer, num_prompts: int, eval_file: 
 
 
 # --- measurement --------------------------------------------------------------------------------
-def run_generate(model, ids: torch.Tensor, d: int, max_new: int, stops: list[int], pad_id: int):
+def run_generate(
+    model, ids: torch.Tensor, d: int, max_new: int, stops: list[int], pad_id: int, temperature: float = 0.0
+):
+    """Member d's own `generate`: greedy, or (temperature > 0) plain sampling at that temperature with
+    top-k and top-p off (torch's global RNG: seed it before the call)."""
     from transformers import GenerationConfig
 
+    sampling = {"temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature else {}
     gen_config = GenerationConfig(
-        max_new_tokens=max_new, do_sample=False, num_beams=1, eos_token_id=stops, pad_token_id=pad_id
+        max_new_tokens=max_new,
+        do_sample=bool(temperature),
+        num_beams=1,
+        eos_token_id=stops,
+        pad_token_id=pad_id,
+        **sampling,
     )
     start = time.perf_counter()
     with torch.inference_mode():

@@ -1,7 +1,8 @@
-"""Self-speculative decoding against the deepest member's own greedy decoding, side by side in one run.
+"""Self-speculative decoding against the deepest member's own decoding, side by side in one run.
 
     python benchmarks/experiments/speculative.py [MODEL_DIR] [--num-prompts 100] [--drafts 2,5]
         [--k 4,16] [--thresholds 0,0.95] [--draft-blocks on,off] [--max-new-tokens 64] [--json spec.json]
+        [--temperature 0.7]                                         # sampling instead of greedy
     python benchmarks/experiments/speculative.py --random-init      # smoke run, no trained model needed
 
 MODEL_DIR is a family checkpoint (default: artifacts/compress, else artifacts/export/family). The
@@ -20,7 +21,11 @@ Configurations, interleaved prompt by prompt (the order rotated per prompt; a sh
 Per configuration: tokens/s, speed-up over `generate@L` and over `loop@L`, the acceptance rate, drafts
 per committed token, committed tokens per verification forward, accuracy (exact numeric match) and
 whether every completion equals the control's (greedy speculative decoding must: the exit status is 1
-otherwise). Method: docs/choices.md#benchmarks; figures: benchmarks/RESULTS.md.
+otherwise). With --temperature T > 0 every configuration samples at T (top-k and top-p off; seeded per
+prompt): `generate@L` plain sampling, the speculative ones speculative sampling, whose law is the
+deepest member's (tested in tests/unit/test_speculative.py) but whose samples differ, so the completions
+are not compared; accuracy is then that of one sample per problem. Method: docs/choices.md#benchmarks;
+figures: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -64,9 +69,12 @@ class Config:
         return f"{self.kind}@{deepest}"
 
 
-def run_loop(model, prompt: list[int], max_new: int, stops: set[int]) -> list[int]:
+def run_loop(
+    model, prompt: list[int], max_new: int, stops: set[int], temperature: float = 0.0, seed: int = 0
+) -> list[int]:
     """The deepest member alone through `SpeculativeState`'s rounds with no drafts (the state is built
-    for the member with the fewest layers of its own, which then holds no backlog to carry)."""
+    for the member with the fewest layers of its own, which then holds no backlog to carry); greedy, or
+    sampling at `temperature` > 0."""
     from ruyi_model.speculative import SpeculativeState
 
     deepest = set(map(id, model.member_layers(model.config.exit_layers[-1])))
@@ -74,7 +82,7 @@ def run_loop(model, prompt: list[int], max_new: int, stops: set[int]) -> list[in
         model.config.exit_layers[:-1],
         key=lambda d: sum(id(layer) not in deepest for layer in model.member_layers(d)),
     )
-    state = SpeculativeState(model, member)
+    state = SpeculativeState(model, member, **sampling_kwargs(temperature, seed))
     state.prefill(prompt)
     out: list[int] = []
     for new, _, _ in state.rounds(max_new, 0):
@@ -85,14 +93,31 @@ def run_loop(model, prompt: list[int], max_new: int, stops: set[int]) -> list[in
     return out
 
 
-def run_config(config: Config, model, prompt: list[int], max_new: int, workload: Workload) -> dict:
-    """One prompt under one configuration: its new tokens, seconds and draft counts (0 for the controls)."""
+def sampling_kwargs(temperature: float, seed: int) -> dict:
+    """`SpeculativeState` / `speculative_generate` arguments: greedy at 0, else seeded sampling."""
+    if not temperature:
+        return {}
+    return {"do_sample": True, "temperature": temperature, "generator": torch.Generator().manual_seed(seed)}
+
+
+def run_config(
+    config: Config,
+    model,
+    prompt: list[int],
+    max_new: int,
+    workload: Workload,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> dict:
+    """One prompt under one configuration: its new tokens, seconds and draft counts (0 for the controls);
+    greedy, or sampling at `temperature` seeded with `seed`."""
     from ruyi_model import speculative_generate
 
     ids = torch.tensor([prompt])
     counts = {"proposed": 0, "accepted": 0, "verifies": 0}
     with torch.inference_mode():
         if config.kind == "generate":
+            torch.manual_seed(seed)  # generate samples from torch's global RNG
             new, seconds, _ = run_generate(
                 model,
                 ids,
@@ -100,11 +125,12 @@ def run_config(config: Config, model, prompt: list[int], max_new: int, workload:
                 max_new,
                 workload.stop_ids,
                 workload.pad_id,
+                temperature,
             )
             return {"new": new, "seconds": seconds, **counts}
         start = time.perf_counter()
         if config.kind == "loop":
-            new = run_loop(model, prompt, max_new, set(workload.stop_ids))
+            new = run_loop(model, prompt, max_new, set(workload.stop_ids), temperature, seed)
         else:
             out = speculative_generate(
                 model,
@@ -115,6 +141,7 @@ def run_config(config: Config, model, prompt: list[int], max_new: int, workload:
                 eos_token_id=sorted(workload.stop_ids) or None,
                 draft_threshold=config.threshold or None,
                 draft_blocks=config.blocks,
+                **sampling_kwargs(temperature, seed),
             )
             new = out.new_tokens
             counts = {"proposed": out.proposed, "accepted": out.accepted, "verifies": out.target_forwards}
@@ -164,7 +191,9 @@ def load(args):
     return model, workload, str(path)
 
 
-def measure(model, workload: Workload, configs: list[Config], max_new: int) -> list[dict]:
+def measure(
+    model, workload: Workload, configs: list[Config], max_new: int, temperature: float = 0.0
+) -> list[dict]:
     from tqdm.auto import tqdm
 
     totals = [
@@ -184,7 +213,7 @@ def measure(model, workload: Workload, configs: list[Config], max_new: int) -> l
     for i, prompt in enumerate(tqdm(workload.prompts, desc="prompts x configurations", leave=False)):
         shift = i % len(configs)
         for c in order[shift:] + order[:shift]:
-            r = run_config(configs[c], model, prompt, max_new, workload)
+            r = run_config(configs[c], model, prompt, max_new, workload, temperature, seed=i)
             t = totals[c]
             t["seconds"] += r["seconds"]
             t["tokens"] += len(r["new"])
@@ -198,7 +227,9 @@ def measure(model, workload: Workload, configs: list[Config], max_new: int) -> l
     return totals
 
 
-def table(configs: list[Config], totals: list[dict], deepest: int) -> list[dict]:
+def table(configs: list[Config], totals: list[dict], deepest: int, sampled: bool = False) -> list[dict]:
+    """Prints and returns one row per configuration; `same_tokens` is None for sampled runs (their
+    completions are draws, not a deterministic output to compare)."""
     base, loop = totals[0], totals[1]
     base_tps, loop_tps = base["tokens"] / base["seconds"], loop["tokens"] / loop["seconds"]
     header = (
@@ -225,7 +256,7 @@ def table(configs: list[Config], totals: list[dict], deepest: int) -> list[dict]
             "drafts_per_token": round(t["proposed"] / t["tokens"], 3) if config.kind == "spec" else None,
             "tokens_per_verify": round(t["tokens"] / t["verifies"], 3) if t["verifies"] else None,
             "accuracy": t["correct"] / t["scored"] if t["scored"] else None,
-            "same_tokens": t["outputs"] == base["outputs"],
+            "same_tokens": None if sampled else t["outputs"] == base["outputs"],
         }
         rows.append(row)
 
@@ -236,7 +267,7 @@ def table(configs: list[Config], totals: list[dict], deepest: int) -> list[dict]
             f"{row['configuration']:<22} {tps:8.1f} {row['speedup_vs_generate']:6.2f} "
             f"{row['speedup_vs_loop']:6.2f} {fmt(row['acceptance_rate'], '.3f'):>7} "
             f"{fmt(row['drafts_per_token'], '.2f'):>10} {fmt(row['tokens_per_verify'], '.2f'):>10} "
-            f"{fmt(row['accuracy'], '.3f'):>6} {row['same_tokens']}"
+            f"{fmt(row['accuracy'], '.3f'):>6} {fmt(row['same_tokens'], '')}"
         )
     return rows
 
@@ -261,6 +292,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--no-eos", action="store_true", help="fixed-length runs: no stop tokens")
     ap.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0: greedy (default; completions must equal the control's); > 0: every configuration samples "
+        "at this temperature, seeded per prompt (completions not compared)",
+    )
+    ap.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads (default 1: steadier timings)"
     )
     ap.add_argument(
@@ -283,6 +321,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"--k, --thresholds and --drafts are comma-separated numbers: {exc}")
     if any(k < 1 for k in args.k_values):
         ap.error(f"--k values must be >= 1, got {args.k}")
+    if not 0 <= args.temperature <= 10:
+        ap.error(f"--temperature must be in [0, 10] (0: greedy), got {args.temperature}")
     if any(not 0 <= t <= 1 for t in args.threshold_values):
         ap.error(f"--thresholds must be in [0, 1], got {args.thresholds}")
     switch = {"on": True, "off": False}
@@ -317,18 +357,24 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"--draft-blocks off: none of the drafting members {drafts} has DaE blocks")
     warm = workload.prompts[0]
     for config in configs:  # first calls pay for lazy imports and allocator growth
-        run_config(config, model, warm, 4, workload)
-    totals = measure(model, workload, configs, args.max_new_tokens)
+        run_config(config, model, warm, 4, workload, args.temperature)
+    totals = measure(model, workload, configs, args.max_new_tokens, args.temperature)
+    decoding = f"sampling at T = {args.temperature:g}" if args.temperature else "greedy"
     print(
         f"\nmodel: {source}; members {exits}; {len(workload.prompts)} prompts, <= {args.max_new_tokens} new "
-        f"tokens, {'no stop tokens' if args.no_eos else 'stop tokens on'}, batch 1, greedy, {args.threads} "
-        f"thread(s)\nmachine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}; "
-        f"accuracy = {workload.name}"
+        f"tokens, {'no stop tokens' if args.no_eos else 'stop tokens on'}, batch 1, {decoding}, "
+        f"{args.threads} thread(s)\nmachine: {platform.machine()} {os.cpu_count()} cores, "
+        f"torch {torch.__version__}; accuracy = {workload.name}"
     )
-    rows = table(configs, totals, exits[-1])
+    rows = table(configs, totals, exits[-1], sampled=bool(args.temperature))
     if args.json:
-        args.json.write_text(json.dumps({"model": source, "workload": workload.name, "rows": rows}, indent=2))
-    lossy = [r["configuration"] for r in rows if not r["same_tokens"]]
+        args.json.write_text(
+            json.dumps(
+                {"model": source, "workload": workload.name, "temperature": args.temperature, "rows": rows},
+                indent=2,
+            )
+        )
+    lossy = [r["configuration"] for r in rows if r["same_tokens"] is False]
     if lossy:
         print(f"NOT LOSSLESS: {lossy} differ from generate@{exits[-1]}")
     return 1 if lossy else 0

@@ -418,3 +418,10 @@ def test_benchmark_script_runs_every_configuration(tmp_path, monkeypatch):
         module.main([*argv, "--drafts", "4", "--draft-blocks", "off"])
     with pytest.raises(SystemExit):
         module.parse_args(["--draft-blocks", "maybe"])
+    # Sampling: every configuration samples (seeded per prompt); completions are not compared.
+    assert module.main([*argv, "--thresholds", "0.5", "--temperature", "0.8", "--json", str(out)]) == 0
+    sampled = json.loads(out.read_text())
+    assert sampled["temperature"] == 0.8 and len(sampled["rows"]) == 6
+    assert all(r["same_tokens"] is None and r["tokens"] == 12 for r in sampled["rows"])
+    with pytest.raises(SystemExit):
+        module.parse_args(["--temperature", "-1"])
