@@ -41,11 +41,13 @@ def summary_rows(metrics_dir: str | Path) -> list[dict[str, Any]]:
 def recipe_lines(metrics_dir: str | Path) -> list[str]:
     """The recipe's gains in words: DaE (member before vs after expansion), rl (before/after, the step
     whose weights were kept, steps with a gradient), compression (removed shares, gain retained) and
-    the auto tier's router (layers and accuracy vs always-deepest); a missing metrics file gives no
-    line."""
+    the auto tier's router (layers and accuracy vs always-deepest) and the served speculative tier (the
+    deploy smoke test's questions: completions equal to the deepest member's, drafts accepted, tokens per
+    deepest-member forward); a missing metrics file gives no line."""
     metrics_dir = Path(metrics_dir)
     comp, rl = _read(metrics_dir / "compress.json"), _read(metrics_dir / "rl.json")
     route = _read(metrics_dir / "route.json")
+    spec = (_read(metrics_dir / "deploy_smoke.json").get("tiers") or {}).get("speculative") or {}
 
     def pct(v, spec=".1%"):
         return "-" if v is None else format(v, spec)
@@ -101,6 +103,16 @@ def recipe_lines(metrics_dir: str | Path) -> list[str]:
             f"layers/request at {pct(at.get('accuracy'))} vs always-deepest "
             f"{deep.get('layers_per_request', '-')} at {pct(deep.get('accuracy'))}: "
             f"{pct(route.get('relative_layer_saving'))} fewer layers, goal {goal}"
+        )
+    if spec.get("verifications"):
+        requests = spec.get("requests") or 0
+        tokens = round((spec.get("completion_tokens_mean") or 0) * requests)
+        lines.append(
+            f"speculative tier (deploy smoke test, {requests} questions): "
+            f"{pct(spec.get('same_as_deepest'), '.0%')} of the completions equal to the deepest member's; "
+            f"{pct(spec.get('acceptance_rate'))} of the drafts accepted, {tokens} tokens in "
+            f"{spec['verifications']} deepest-member forwards "
+            f"({tokens / spec['verifications']:.1f} each)"
         )
     return lines
 

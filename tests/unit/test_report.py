@@ -119,6 +119,25 @@ def test_recipe_lines_show_the_dae_rl_and_compression_gains(tmp_path):
         "threshold 0.6" in router and "4.5 layers/request at 67.0% vs always-deepest 8.0 at 67.5%" in router
     )
     assert "43.8% fewer layers, goal met" in router
+    # The served speculative tier, from the deploy smoke test's record.
+    smoke = {
+        "tiers": {
+            "exit_8": {"requests": 4},
+            "speculative": {
+                "requests": 4,
+                "completion_tokens_mean": 48.5,
+                "same_as_deepest": 1.0,
+                "acceptance_rate": 0.9728,
+                "verifications": 20,
+            },
+        }
+    }
+    (tmp_path / "deploy_smoke.json").write_text(json.dumps(smoke))
+    assert recipe_lines(tmp_path)[-2] == router
+    assert recipe_lines(tmp_path)[-1] == (
+        "speculative tier (deploy smoke test, 4 questions): 100% of the completions equal to the deepest "
+        "member's; 97.3% of the drafts accepted, 194 tokens in 20 deepest-member forwards (9.7 each)"
+    )
 
 
 def test_target_lines_say_met_or_missed_with_the_measured_value(tmp_path):
