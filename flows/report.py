@@ -47,7 +47,7 @@ def recipe_lines(metrics_dir: str | Path) -> list[str]:
     metrics_dir = Path(metrics_dir)
     comp, rl = _read(metrics_dir / "compress.json"), _read(metrics_dir / "rl.json")
     route = _read(metrics_dir / "route.json")
-    spec = (_read(metrics_dir / "deploy_smoke.json").get("tiers") or {}).get("speculative") or {}
+    speculative = (_read(metrics_dir / "deploy_smoke.json").get("tiers") or {}).get("speculative") or {}
 
     def pct(v, spec=".1%"):
         return "-" if v is None else format(v, spec)
@@ -104,15 +104,15 @@ def recipe_lines(metrics_dir: str | Path) -> list[str]:
             f"{deep.get('layers_per_request', '-')} at {pct(deep.get('accuracy'))}: "
             f"{pct(route.get('relative_layer_saving'))} fewer layers, goal {goal}"
         )
-    if spec.get("verifications"):
-        requests = spec.get("requests") or 0
-        tokens = round((spec.get("completion_tokens_mean") or 0) * requests)
+    if speculative.get("verifications"):
+        requests = speculative.get("requests") or 0
+        tokens = round((speculative.get("completion_tokens_mean") or 0) * requests)
         lines.append(
             f"speculative tier (deploy smoke test, {requests} questions): "
-            f"{pct(spec.get('same_as_deepest'), '.0%')} of the completions equal to the deepest member's; "
-            f"{pct(spec.get('acceptance_rate'))} of the drafts accepted, {tokens} tokens in "
-            f"{spec['verifications']} deepest-member forwards "
-            f"({tokens / spec['verifications']:.1f} each)"
+            f"{pct(speculative.get('same_as_deepest'), '.0%')} of the completions equal to the deepest "
+            f"member's; {pct(speculative.get('acceptance_rate'))} of the drafts accepted, {tokens} tokens in "
+            f"{speculative['verifications']} deepest-member forwards "
+            f"({tokens / speculative['verifications']:.1f} each)"
         )
     return lines
 

@@ -161,8 +161,8 @@ def random_family(hidden: int, exits: list[int], num_prompts: int):
         head_dim=64,
         max_position_embeddings=2048,
         exit_layers=exits,
-        dae_blocks=[2]
-        + [0] * (len(exits) - 1),  # as the tiny profile's DaE member: 2 blocks on the shallowest
+        # as the tiny profile's DaE member: 2 blocks on the shallowest
+        dae_blocks=[2] + [0] * (len(exits) - 1),
     )
     torch.manual_seed(0)
     model = FamilialForCausalLM(cfg).eval()
@@ -327,7 +327,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"--thresholds must be in [0, 1], got {args.thresholds}")
     switch = {"on": True, "off": False}
     words = args.draft_blocks.split(",")
-    if not words or any(w not in switch for w in words):
+    if any(w not in switch for w in words):
         ap.error(f"--draft-blocks takes on, off or on,off, got {args.draft_blocks!r}")
     args.block_values = [switch[w] for w in dict.fromkeys(words)]
     return args
