@@ -17,10 +17,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from data_contracts.overlap import paragraph_keys
 from tasks.core.files import read_jsonl
 from tasks.core.params import load_params
 from tasks.core.stage import StageError
-from tasks.data.mathgen import Problem, generate_problems, problem_key, worked_steps
+from tasks.data.mathgen import Problem, generate_problems, problem_key
+from tasks.prepare_data import problem_texts
 from tasks.prepare_data import run as prepare
 from tasks.validate_data import run as validate
 
@@ -36,11 +38,12 @@ PROPERTY_SETTINGS = settings(  # quarantine mode: ~4 s per example on 2 cores (G
 
 
 def _pool(seed: int) -> list[Problem]:
-    """Generated problems with pairwise different problem keys (each one its own split group) and
-    worked solutions (so the select split never has to skip one: every valid problem has a place)."""
+    """Generated problems with pairwise different problem keys (each one its own split group) and no
+    paragraph of their question or worked solution in common (prepare_data's overlap rule, so the select
+    split never has to skip one: every valid problem has a place)."""
     out, seen = [], set()
     for p in generate_problems(200, LEVELS, seed=seed):
-        keys = {problem_key(p.question), " ".join(worked_steps(p.solution).lower().split())}
+        keys = {problem_key(p.question)}.union(*(paragraph_keys(t) for t in problem_texts(p)))
         if not keys & seen:
             seen |= keys
             out.append(p)
