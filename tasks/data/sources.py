@@ -145,12 +145,19 @@ def _parquet_records(uri: str, data: bytes) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
     try:
-        # Arrow reads the bytes natively (a BufferReader, not a Python file object), all in the calling
-        # thread (no IO or decode threads: use_threads, pre_buffer off). When its IO threads called back
-        # into Python's BytesIO, a process that stopped on a bad row soon after
-        # the read aborted at exit ("terminate called without an active exception", SIGABRT: an Arrow
-        # thread taking the GIL during interpreter shutdown) in 14 of 90 runs under load; 0 of 60 now.
-        table = pq.read_table(pa.BufferReader(data), use_threads=False, pre_buffer=False)
+        # Arrow must never own a Python object here. A BufferReader over the Python bytes holds them
+        # (an arrow::py::PyBuffer), and pq.read_table's dataset scanner finishes on Arrow's IO thread
+        # pool even with use_threads off: the last reference to that buffer was then dropped on an
+        # Arrow thread, which takes the GIL to free it. In a process that stopped on a bad row right
+        # after the read, that thread met interpreter shutdown and aborted the process ("terminate
+        # called without an active exception", SIGABRT; core dump: PyBuffer::~PyBuffer in
+        # PyGILState_Ensure on an Arrow ThreadPool worker). So the bytes are copied into Arrow's own
+        # memory, and the file is read by ParquetFile in the calling thread (no scanner, no
+        # pre-buffering, no decode threads).
+        sink = pa.BufferOutputStream()
+        sink.write(data)
+        with pq.ParquetFile(pa.BufferReader(sink.getvalue()), pre_buffer=False) as parquet:
+            table = parquet.read(use_threads=False)
     except (pa.ArrowException, OSError) as e:
         raise StageError(f"{uri}: not a readable Parquet file ({e})") from None
     if table.num_rows and not {"text", "question"} & set(table.column_names):
