@@ -394,6 +394,10 @@ class RLParams(_Section):
     # its group_size samples and repeat its KV cache; drop finished rows from the decoded batch.
     share_prefill: bool = True
     compact_rollouts: bool = True
+    # How a rollout token is drawn from softmax(logits / temperature) (rl_algos.draw_tokens):
+    # inverse_cdf (one uniform per row and step) or race (an exponential per vocabulary entry, the
+    # sampler until 2026-12-06: 1.37x slower rollouts of the tiny default, RESULTS.md).
+    sampler: Literal["inverse_cdf", "race"] = "inverse_cdf"
     # Optimizer steps per generation batch (TRL's num_iterations); > 1 reuses the batch with
     # importance ratios against the sampling policy, so the PPO clip becomes active.
     num_iterations: PositiveInt = 1

@@ -23,6 +23,8 @@ LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 PrefixRule = Literal["fraction", "first_k", "common", "shared_correct", "divergent"]
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 PREFIX_RULES = ("fraction", "first_k", "common", "shared_correct", "divergent")
+Sampler = Literal["inverse_cdf", "race"]
+SAMPLERS = ("inverse_cdf", "race")
 # sample_completions' early-stop hook: (completion ids so far N x t, their mask N x t, finished N) ->
 # N bool of the rows to stop now.
 EarlyStop = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -73,17 +75,18 @@ def sample_completions(
     share_prefill: bool = False,
     compact: bool = False,
     early_stop: EarlyStop | None = None,
+    sampler: Sampler = "inverse_cdf",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batched sampling (or greedy decoding) at one member with its own KV cache.
 
     Tokens are drawn from `softmax(logits / temperature)` (no top-k/top-p), so the sampling policy is
-    exactly the policy whose log-probs `per_token_logps` computes (drawn by an exponential race, which
-    is exact and cheaper than `torch.multinomial`; tested against the empirical distribution). A row
+    the policy whose log-probs `per_token_logps` computes (`draw_tokens`: one uniform per row and
+    step by default, or the exponential race; tested against the empirical distribution). A row
     stops at its first stop id (kept in the completion); the loop ends when every row stopped or after
     `max_new_tokens`.
 
-    The two rollout optimisations change the work, not the draws: the race noise is drawn for all N rows
-    at every step whichever rows are still decoded, so a fixed generator gives the same tokens.
+    The two rollout optimisations change the work, not the draws: the random numbers are drawn for all
+    N rows at every step whichever rows are still decoded, so a fixed generator gives the same tokens.
     `share_prefill` runs the prompt forward once per group of `group_size` identical consecutive rows
     and repeats its KV cache; `compact` drops finished rows from the decoded batch (and the cache).
 
@@ -93,6 +96,8 @@ def sample_completions(
         exit_layer: the member to decode with (None for a stock causal LM).
         early_stop: called after each decoding step (see `EarlyStop`, e.g. `GroupEarlyStop`); the rows
             it returns stop there without a stop token (marked truncated).
+        sampler: how a sampled token is drawn (`draw_tokens`); a fixed generator gives other tokens
+            with the other sampler.
 
     Returns:
         completion_ids: N x C (C <= max_new_tokens), `pad_id` after a row's stop token;
@@ -103,6 +108,8 @@ def sample_completions(
 
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     n = prompt_ids.shape[0]
     if share_prefill and group_size > 1:
         if n % group_size:
@@ -145,13 +152,8 @@ def sample_completions(
     for step in range(max_new_tokens):
         logits = logits.float()
         if do_sample:
-            # Exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) i.i.d. draws i with probability
-            # p_i exactly (the Gumbel-max trick in another form); ~10x cheaper than torch.multinomial
-            # over a vocabulary on CPU. The noise of all N rows is drawn (same stream with compaction).
             probs = torch.softmax(logits / temperature, dim=-1)
-            race = torch.empty((n, probs.shape[-1]), dtype=probs.dtype, device=device)
-            race.exponential_(1.0, generator=generator)
-            tok_active = (probs / race[active]).argmax(-1)
+            tok_active = draw_tokens(probs, active, n, generator, sampler)
         else:
             tok_active = logits.argmax(-1)
         tok = torch.full((n,), pad_id, dtype=torch.long, device=device)
@@ -188,6 +190,38 @@ def sample_completions(
     completion_mask = torch.stack(live, dim=1).long()
     has_stop = (torch.isin(completion_ids, stops) & completion_mask.bool()).any(dim=1)
     return completion_ids, completion_mask, ~has_stop
+
+
+def draw_tokens(
+    probs: torch.Tensor,
+    rows: torch.Tensor,
+    n: int,
+    generator: torch.Generator | None,
+    sampler: Sampler = "inverse_cdf",
+) -> torch.Tensor:
+    """One token per row of `probs` (len(rows) x V, each row a distribution), drawn with probability
+    `probs[r, i]`. The random numbers are drawn for `n` rows and row `rows[r]`'s are used, so which
+    rows are decoded never changes the draws.
+
+    - `inverse_cdf` (default): one uniform u per row; the token is the first i whose cumulative
+      probability exceeds u * total, in float64 (the float32 probabilities are exact there, the sums
+      round at 1e-16, so the law differs from `probs` by well under 1e-12 per token). N uniforms
+      per step: 0.15 ms for 64 rows x 2048 tokens on one CPU thread.
+    - `race` (the exponential race): argmax_i p_i / E_i with E_i ~ Exp(1) i.i.d. (the Gumbel-max
+      trick in another form), exact; but it draws N x V exponentials per step, 2.6 ms for 64 x 2048
+      (as slow as `torch.multinomial` there), a quarter of a tiny-default rollout.
+    """
+    if sampler == "race":
+        race = torch.empty((n, probs.shape[-1]), dtype=probs.dtype, device=probs.device)
+        race.exponential_(1.0, generator=generator)
+        return (probs / race[rows]).argmax(-1)
+    u = torch.rand((n, 1), dtype=torch.float64, device=probs.device, generator=generator)[rows]
+    cdf = probs.double().cumsum(-1)
+    total = cdf[:, -1:]
+    # u < 1, but u * total may round up to total: keep the target strictly below it, so the chosen
+    # token is one whose own probability is > 0 (its cumulative sum rises past the target)
+    target = torch.minimum(u * total, total.nextafter(torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(1)
 
 
 def decode_completions(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:

@@ -338,6 +338,7 @@ class RLTrainer:
             share_prefill=cfg.share_prefill,
             compact=cfg.compact_rollouts,
             early_stop=stopper,
+            sampler=cfg.sampler,
         )
         stopped = stopper.stopped if stopper is not None and stopper.stopped is not None else None
         return _Samples(prompt_ids, prompt_mask, comp, cmask, truncated, budget, stopped)
