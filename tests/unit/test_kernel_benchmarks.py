@@ -58,3 +58,15 @@ def test_a_worker_past_its_timeout_is_a_recorded_failure():
     assert out.returncode != 0 and "every worker failed" in out.stderr
     (row,) = result["results"]
     assert row["status"] == "failed" and "timeout after 0.01 s" in row["error"]
+
+
+def test_draw_tokens_benchmark_times_both_samplers():
+    script = str(KERNELS / "draw_tokens.py")
+    out = subprocess.run(
+        [sys.executable, script, "--rows", "4", "--vocab", "32", "--repeats", "3"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "inverse_cdf " in out.stdout and "race " in out.stdout and "race / inverse_cdf: " in out.stdout
+    bad = subprocess.run([sys.executable, script, "--rows", "0"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--rows, --vocab, --repeats and --threads must be >= 1" in bad.stderr
