@@ -95,18 +95,25 @@ def run(
         help="text (dvc.yaml, params.yaml) | vl (profiles/vl/dvc.yaml, params.vl.yaml: vision-language)",
     ),
 ) -> None:
-    """Run the whole pipeline through Prefect (embedded API, no server needed), then print a summary.
+    """Run the whole pipeline through Prefect (its own API server, nothing to start), then print a summary.
+
+    Without PREFECT_API_URL the run starts a private Prefect server on a free port (the UI's address is
+    printed) and stops it at the end; with it, the run reports to that server. Ctrl-C or SIGTERM stops
+    the run within seconds: the running stage is interrupted and not recorded, finished stages are kept,
+    and the next run resumes from there.
 
     Exit codes: 0 done; 2 a stage failed on its input or parameters (not retried); 1 an infrastructure
-    error that persisted through the retries (a killed stage, an unreachable server, a failed push).
+    error that persisted through the retries (a killed stage, an unreachable server, a failed push);
+    130 interrupted by Ctrl-C (SIGINT), 143 by SIGTERM.
     """
+    import atexit
     import os
-
-    # The embedded Prefect server (no PREFECT_API_URL) gets 20 s to start by default, too little on a busy
-    # machine or for several runs starting at once; an explicit setting is kept.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    import signal
+    import tempfile
+    from contextlib import nullcontext
     from pathlib import Path
 
+    from flows import prefect_server
     from flows.pipeline import (
         InfrastructureError,
         StageFailed,
@@ -118,6 +125,14 @@ def run(
     from flows.report import print_summary, print_vl_summary
     from tasks.core.params import ParamsError, load_params
 
+    received: list[int] = []
+
+    def on_sigterm(signum, frame):  # as Ctrl-C: unwind through the flow and `finally`
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    server = log_file = None
     try:
         dvc_file, params_file = profile_files(profile)
         sets = _parse_sets(overrides)
@@ -127,14 +142,41 @@ def run(
             raise ValueError(f"workspace {workspace} has no {dvc_file}")
         select_stages(dvc_stage_order(workspace, dvc_file), from_stage, to_stage)
         load_params(workspace / params_file, sets)
-        ruyi_pipeline(
-            from_stage=from_stage,
-            to_stage=to_stage,
-            overrides=sets,
-            push=push,
-            force=force,
-            profile=profile,
+        api_settings = nullcontext()
+        if not os.environ.get("PREFECT_API_URL"):
+            from prefect.settings import PREFECT_API_URL, temporary_settings
+
+            # The same setting as Prefect's embedded server (default raised from its 20 s: a busy
+            # machine, or several runs starting at once with empty Prefect homes).
+            timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90"))
+            fd, name = tempfile.mkstemp(prefix="ruyi-prefect-server-", suffix=".log")
+            os.close(fd)
+            log_file = Path(name)
+            port = prefect_server.free_port()
+            server = prefect_server.start(port, timeout, log_file=log_file)
+            # Stopped at interpreter exit, after Prefect's log and event workers have drained into it
+            # (they drain in threading's exit hooks, which run before atexit's): stopped earlier, it
+            # left them retrying against a closed port for a minute.
+            atexit.register(_stop_run_server, server, log_file)
+            typer.echo(f"Prefect UI of this run: http://127.0.0.1:{port} (until the run ends)", err=True)
+            api_settings = temporary_settings({PREFECT_API_URL: prefect_server.api_url(port)})
+        with api_settings:
+            ruyi_pipeline(
+                from_stage=from_stage,
+                to_stage=to_stage,
+                overrides=sets,
+                push=push,
+                force=force,
+                profile=profile,
+            )
+    except KeyboardInterrupt:
+        name = "SIGTERM" if received else "Ctrl-C (SIGINT)"
+        typer.echo(
+            f"interrupted by {name}: the running stage was stopped and is not recorded; finished stages "
+            "are kept, and `ruyi run` resumes from the first stage that is not up to date",
+            err=True,
         )
+        raise typer.Exit(143 if received else 130) from None
     except (StageFailed, ParamsError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -151,12 +193,17 @@ def run(
         typer.echo(
             f"error: cannot reach the Prefect API ({reason}).\n"
             "An infrastructure error, not a problem of the pipeline: run again. Several `ruyi run` "
-            "starting at once with empty Prefect homes each start an embedded server and can time "
-            "out; start one server (`ruyi server`, then PREFECT_API_URL=http://127.0.0.1:4200/api) "
+            "starting at once with empty Prefect homes can each take long to start their server; start one "
+            "(`ruyi server`, then PREFECT_API_URL=http://127.0.0.1:4200/api) "
             "or raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (ruyi's default: 90).",
             err=True,
         )
         raise typer.Exit(1) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        # a server that failed to start keeps its log (the error names it); an empty one goes
+        if log_file is not None and server is None and not log_file.stat().st_size:
+            log_file.unlink(missing_ok=True)
     # the summary reads the workspace the flow ran in (RUYI_WORKSPACE, else here)
     params_path = Path(os.environ.get("RUYI_WORKSPACE") or ".") / params_file
     if profile == "vl":
@@ -165,17 +212,24 @@ def run(
         print_summary(params_path)
 
 
+def _stop_run_server(server, log_file) -> None:
+    """`ruyi run`'s exit hook: stops its Prefect server and deletes the server's log."""
+    from flows import prefect_server
+
+    prefect_server.stop(server)
+    log_file.unlink(missing_ok=True)
+
+
 def _prefect_unreachable(error: BaseException) -> str | None:
-    """Why `error` means the Prefect API could not be reached (embedded server start-up, connection),
-    or None for any other error."""
+    """Why `error` means the Prefect API could not be reached (the run's server did not start, a
+    connection failed), or None for any other error."""
     import httpx
 
+    from flows.prefect_server import ServerError
+
     text = str(error)
-    if isinstance(error, RuntimeError) and (
-        "ephemeral Prefect API server" in text or "Unable to find an available port" in text
-    ):
-        # The server's whole output follows; the first sentence says what happened.
-        return text.split(" stdout:")[0].rstrip(".")
+    if isinstance(error, ServerError):
+        return text
     if isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout)):
         return f"{type(error).__name__}: {text}"
     return None
@@ -264,63 +318,33 @@ def server(
     """
     import os
     import signal
-    import socket
-    import subprocess
-    import time
-    import urllib.request
 
-    with socket.socket() as probe:
-        if probe.connect_ex(("127.0.0.1", port)) == 0:
-            typer.echo(
-                f"error: port {port} on 127.0.0.1 is already in use (another Prefect server?); "
-                "choose another with --port",
-                err=True,
-            )
-            raise typer.Exit(2)
-    host = "127.0.0.1"
-    api = f"http://{host}:{port}/api"
-    # The UI's API URL (GET /ui-settings) follows PREFECT_UI_API_URL, else PREFECT_API_URL, else the
-    # settings' default port 4200, not the --port the server listens on: set it to this server.
-    env = {
-        **os.environ,
-        "PREFECT_UI_API_URL": api,
-        "PREFECT_SERVER_API_HOST": host,
-        "PREFECT_SERVER_API_PORT": str(port),
-    }
-    # Its own process group: the server's uvicorn workers go with it however this command is stopped.
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
-        start_new_session=True,
-        env=env,
-    )
+    from flows import prefect_server
+
+    if prefect_server.port_in_use(port):
+        typer.echo(
+            f"error: port {port} on 127.0.0.1 is already in use (another Prefect server?); "
+            "choose another with --port",
+            err=True,
+        )
+        raise typer.Exit(2)
 
     def on_sigterm(signum, frame):  # as Ctrl-C: unwind through `finally`, which stops the server
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
+    proc = None
     try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            try:
-                urllib.request.urlopen(f"{api}/health", timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    typer.echo(f"error: prefect server exited with {proc.returncode}", err=True)
-                    raise typer.Exit(1) from None
-                if time.monotonic() > deadline:
-                    typer.echo(
-                        f"error: the Prefect server on port {port} was not healthy "
-                        f"after {startup_timeout:.0f} s",
-                        err=True,
-                    )
-                    raise typer.Exit(1) from None
-                time.sleep(0.5)
+        try:
+            proc = prefect_server.start(port, startup_timeout)
+        except prefect_server.ServerError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None
         typer.echo(
             f"Prefect UI: http://127.0.0.1:{port}  (deployments: ruyi-pipeline/nightly, ruyi-pipeline/rerun, "
             "ruyi-audit/audit)"
         )
-        os.environ["PREFECT_API_URL"] = api
+        os.environ["PREFECT_API_URL"] = prefect_server.api_url(port)
         from flows.deployments import serve_deployments
 
         serve_deployments(cron=cron)
@@ -328,13 +352,8 @@ def server(
         typer.echo("stopping the deployments and the Prefect server", err=True)
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        if proc is not None:
+            prefect_server.stop(proc)
 
 
 @app.command()

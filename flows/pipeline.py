@@ -113,28 +113,64 @@ def _dvc_streamed(
     """
     dvc = Path(sys.executable).parent / "dvc"
     cmd = [str(dvc) if dvc.exists() else "dvc", *args]
-    proc = subprocess.Popen(cmd, cwd=workspace, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # Its own session: a signal meant for the run (Ctrl-C in the terminal, a SIGTERM to the run or to
+    # its process group) reaches DVC and the stage through `_interrupt`, once, whichever way it came.
+    proc = subprocess.Popen(
+        cmd,
+        cwd=workspace,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     tail = bytearray()
     pending = bytearray()
     out = getattr(sys.stderr, "buffer", None)
     assert proc.stdout is not None
-    while chunk := os.read(proc.stdout.fileno(), 65536):
-        if out is not None and os.environ.get("RUYI_QUIET_STAGES") != "1":
-            out.write(chunk)
-            out.flush()
-        tail += chunk
-        del tail[:-keep_bytes]
-        if on_line is not None:
-            pending += chunk
-            *lines, rest = pending.split(b"\n")
-            pending = bytearray(rest[-keep_bytes:])
-            for raw in lines:
-                line = raw.split(b"\r")[-1].decode("utf-8", errors="replace").rstrip()
-                if line:
-                    on_line(line)
+    try:
+        while chunk := os.read(proc.stdout.fileno(), 65536):
+            if out is not None and os.environ.get("RUYI_QUIET_STAGES") != "1":
+                out.write(chunk)
+                out.flush()
+            tail += chunk
+            del tail[:-keep_bytes]
+            if on_line is not None:
+                pending += chunk
+                *lines, rest = pending.split(b"\n")
+                pending = bytearray(rest[-keep_bytes:])
+                for raw in lines:
+                    line = raw.split(b"\r")[-1].decode("utf-8", errors="replace").rstrip()
+                    if line:
+                        on_line(line)
+        code = proc.wait()
+    except BaseException:  # the run is interrupted (KeyboardInterrupt, Prefect's TerminationSignal)
+        _interrupt(proc)
+        raise
+    finally:
+        proc.stdout.close()
     if on_line is not None and (line := pending.split(b"\r")[-1].decode("utf-8", errors="replace").rstrip()):
         on_line(line)
-    return proc.wait(), tail.decode("utf-8", errors="replace")
+    return code, tail.decode("utf-8", errors="replace")
+
+
+def _interrupt(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """Stops a running `dvc repro` and its stage: SIGINT to its process group, as Ctrl-C would (the
+    stage stops, DVC records nothing for it and releases its locks); SIGTERM after `grace_s` seconds
+    (a process started with SIGINT ignored, as under `nohup ... &`, never sees the first); SIGKILL after
+    as long again. A lock left by a killed DVC names a dead process, which the next DVC releases."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait(timeout=grace_s)
 
 
 def _failure_summary(output: str, tail_lines: int = 25, max_error_lines: int = 60) -> str:

@@ -647,15 +647,93 @@ def test_ruyi_run_exits_1_when_the_dvc_lock_persists(mini_ws, tmp_path, prefect_
 
 
 def test_ruyi_run_reports_an_unreachable_prefect_api_as_infrastructure(mini_ws, tmp_path):
-    # The embedded Prefect server cannot come up in time (as when several runs start together with
-    # empty Prefect homes): Prefect raises a bare RuntimeError; `ruyi run` explains it and exits 1.
+    # The run's Prefect server cannot come up in time (as when several runs start together with empty
+    # Prefect homes): `ruyi run` explains it, exits 1 and leaves no server behind.
     proc = _ruyi_run(mini_ws, tmp_path, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0")
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert (
-        "error: cannot reach the Prefect API (Timed out while attempting to connect to ephemeral "
-        "Prefect API server)"
-    ) in proc.stderr
+    assert "error: cannot reach the Prefect API (the Prefect server on port " in proc.stderr
+    assert "was not healthy after 0 s" in proc.stderr
+    assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in proc.stderr
     assert "Traceback" not in proc.stderr and runs(mini_ws) == []
+    assert _processes_in(mini_ws) == []
+
+
+def _processes_in(ws: Path, wait_s: float = 15.0) -> list[str]:
+    """Command lines of live processes whose working directory is `ws` (the run's Prefect server, DVC and
+    the stage all start there), after up to `wait_s` seconds for them to go."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if Path(f"/proc/{pid}/cwd").resolve() != ws.resolve():
+                    continue
+                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue  # a zombie waiting for its parent's wait(): not running
+                found.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+            except OSError:
+                continue
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_ruyi_run_stops_within_seconds_on_ctrl_c_or_sigterm_and_then_resumes(mini_ws, tmp_path, signame):
+    """Ctrl-C in a terminal (SIGINT to the run's process group) or a SIGTERM to it (`timeout`, a CI
+    cancel, a batch scheduler) stops the run in seconds, with 130 / 143 and one line saying so: the
+    running stage is stopped and not recorded, nothing of the run is left running (its Prefect server,
+    DVC, the stage), and the next run resumes at that stage. Before, the signal killed Prefect's embedded
+    server with the run, and the run spent minutes retrying to report to it (still alive after 5)."""
+    import signal
+    import time
+
+    sig = getattr(signal, signame)
+    env = dict(
+        os.environ,
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        RUYI_QUIET_STAGES="1",
+        MINI_B_SLEEP="600",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    )
+    env.pop("PREFECT_API_URL", None)
+    with open(tmp_path / "run.err", "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "run", "--no-push"],
+            cwd=mini_ws,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,  # its own process group, as a terminal's foreground job
+            # a worker may have been started with SIGINT ignored, which a child inherits
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+    try:
+        deadline = time.monotonic() + 180
+        while "b" not in attempts(mini_ws):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "run.err").read_text()
+            time.sleep(0.2)
+        time.sleep(1.0)  # b is in its sleep
+        start = time.monotonic()
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=120)
+        took = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    stderr = (tmp_path / "run.err").read_text()
+    assert proc.returncode == {"SIGINT": 130, "SIGTERM": 143}[signame], stderr[-3000:]
+    assert took < 30, (took, stderr[-3000:])
+    said = {"SIGINT": "interrupted by Ctrl-C (SIGINT)", "SIGTERM": "interrupted by SIGTERM"}[signame]
+    assert said in stderr and "the running stage was stopped and is not recorded" in stderr
+    assert _processes_in(mini_ws) == []
+    assert runs(mini_ws) == ["a"]  # b never finished
+    again = _ruyi_run(mini_ws, tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert runs(mini_ws) == ["a", "b", "c"]  # resumed at b; a stayed up to date
 
 
 def test_ruyi_run_user_errors_are_one_clear_line_without_a_traceback(mini_ws, tmp_path):
