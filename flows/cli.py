@@ -133,6 +133,7 @@ def run(
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     server = log_file = None
+    failed_start = False
     try:
         dvc_file, params_file = profile_files(profile)
         sets = _parse_sets(overrides)
@@ -190,6 +191,7 @@ def run(
         reason = _prefect_unreachable(e)
         if reason is None:
             raise
+        failed_start = isinstance(e, prefect_server.ServerError)
         typer.echo(
             f"error: cannot reach the Prefect API ({reason}).\n"
             "An infrastructure error, not a problem of the pipeline: run again. Several `ruyi run` "
@@ -201,8 +203,9 @@ def run(
         raise typer.Exit(1) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
-        # a server that failed to start keeps its log (the error names it); an empty one goes
-        if log_file is not None and server is None and not log_file.stat().st_size:
+        # Only a server that failed to start keeps its log (the error names it); one interrupted while
+        # starting was stopped, and its log goes (a started server's goes at exit, _stop_run_server).
+        if log_file is not None and server is None and not failed_start:
             log_file.unlink(missing_ok=True)
     # the summary reads the workspace the flow ran in (RUYI_WORKSPACE, else here)
     params_path = Path(os.environ.get("RUYI_WORKSPACE") or ".") / params_file

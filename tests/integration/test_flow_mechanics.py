@@ -8,6 +8,7 @@ parameter overrides, retry classification and the published artifacts in seconds
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -656,6 +657,9 @@ def test_ruyi_run_reports_an_unreachable_prefect_api_as_infrastructure(mini_ws, 
     assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in proc.stderr
     assert "Traceback" not in proc.stderr and runs(mini_ws) == []
     assert _processes_in(mini_ws) == []
+    log = re.search(r"its log,? (/\S+\.log)", proc.stderr)  # the server's log is kept and named
+    assert log and Path(log.group(1)).is_file(), proc.stderr[-3000:]
+    Path(log.group(1)).unlink()
 
 
 def _processes_in(ws: Path, wait_s: float = 15.0) -> list[str]:
