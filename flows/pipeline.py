@@ -158,19 +158,9 @@ def _interrupt(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     stage stops, DVC records nothing for it and releases its locks); SIGTERM after `grace_s` seconds
     (a process started with SIGINT ignored, as under `nohup ... &`, never sees the first); SIGKILL after
     as long again. A lock left by a killed DVC names a dead process, which the next DVC releases."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
-        if proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=grace_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-    proc.wait(timeout=grace_s)
+    from flows.processes import stop_group
+
+    stop_group(proc, (signal.SIGINT, signal.SIGTERM, signal.SIGKILL), grace_s)
 
 
 def _failure_summary(output: str, tail_lines: int = 25, max_error_lines: int = 60) -> str:

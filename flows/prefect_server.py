@@ -20,6 +20,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from flows.processes import stop_group
+
 HOST = "127.0.0.1"
 
 
@@ -97,16 +99,7 @@ def start(port: int, startup_timeout: float, log_file: Path | None = None) -> su
 
 def stop(proc: subprocess.Popen) -> None:
     """SIGTERM to the server's whole process group (its uvicorn workers too), SIGKILL after 30 s."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    except ProcessLookupError:
-        proc.wait(timeout=10)
+    stop_group(proc, (signal.SIGTERM, signal.SIGKILL), 30.0)
 
 
 def _tail(log_file: Path | None, lines: int = 15) -> str:
