@@ -94,24 +94,40 @@ def _bin(name: str) -> str:
 def _run(
     cmd: list[str], cwd: Path, what: str, log: Callable[[str], None] | None = None, check: bool = True
 ) -> subprocess.CompletedProcess:
+    """Runs `cmd` in a session of its own; with `log`, its output (stdout and stderr together) is streamed
+    there line by line (stage progress), and kept for the error message either way.
+
+    Interrupted (Ctrl-C, SIGTERM through `sigterm_as_interrupt`, Prefect cancelling the flow), it stops
+    the command's whole process group (`flows.processes.interrupt`: a `dvc repro` and its stage), so the
+    audit's `finally` removes a clone that nothing writes into any more."""
+    from flows.processes import interrupt
+
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    if log is None:
-        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    else:  # stream (stage progress) while keeping the output for the error message
-        proc = subprocess.Popen(
-            cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        lines = []
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            log(line.rstrip("\n"))
-        proc.wait()
-        proc = subprocess.CompletedProcess(cmd, proc.returncode, "".join(lines), "")
+    stderr = subprocess.STDOUT if log is not None else subprocess.PIPE
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True
+    )
+    try:
+        if log is None:
+            out, err = proc.communicate()
+        else:
+            lines = []
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.append(line)
+                log(line.rstrip("\n"))
+            out, err = "".join(lines), ""
+            proc.wait()
+    except BaseException:
+        interrupt(proc)
+        raise
+    finally:
+        if proc.stdout is not None:
+            proc.stdout.close()
     if check and proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr)[-3000:]
+        tail = (out + err)[-3000:]
         raise AuditError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
-    return proc
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _outs(lock: dict[str, Any]) -> dict[tuple[str, str], str | None]:

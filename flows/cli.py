@@ -108,7 +108,6 @@ def run(
     """
     import atexit
     import os
-    import signal
     import tempfile
     from contextlib import nullcontext
     from pathlib import Path
@@ -122,91 +121,87 @@ def run(
         ruyi_pipeline,
         select_stages,
     )
+    from flows.processes import sigterm_as_interrupt
     from flows.report import print_summary, print_vl_summary
     from tasks.core.params import ParamsError, load_params
 
-    received: list[int] = []
-
-    def on_sigterm(signum, frame):  # as Ctrl-C: unwind through the flow and `finally`
-        received.append(signum)
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
     server = log_file = None
     failed_start = False
-    try:
-        dvc_file, params_file = profile_files(profile)
-        sets = _parse_sets(overrides)
-        # What the flow would refuse, refused here first: inside the flow Prefect logs a traceback with it.
-        workspace = Path(os.environ.get("RUYI_WORKSPACE") or ".").resolve()
-        if not (workspace / dvc_file).is_file():
-            raise ValueError(f"workspace {workspace} has no {dvc_file}")
-        select_stages(dvc_stage_order(workspace, dvc_file), from_stage, to_stage)
-        load_params(workspace / params_file, sets)
-        api_settings = nullcontext()
-        if not os.environ.get("PREFECT_API_URL"):
-            from prefect.settings import PREFECT_API_URL, temporary_settings
+    with sigterm_as_interrupt() as received:  # SIGTERM as Ctrl-C: unwind through the flow and `finally`
+        try:
+            dvc_file, params_file = profile_files(profile)
+            sets = _parse_sets(overrides)
+            # What the flow would refuse, refused here first: inside the flow Prefect logs a traceback.
+            workspace = Path(os.environ.get("RUYI_WORKSPACE") or ".").resolve()
+            if not (workspace / dvc_file).is_file():
+                raise ValueError(f"workspace {workspace} has no {dvc_file}")
+            select_stages(dvc_stage_order(workspace, dvc_file), from_stage, to_stage)
+            load_params(workspace / params_file, sets)
+            api_settings = nullcontext()
+            if not os.environ.get("PREFECT_API_URL"):
+                from prefect.settings import PREFECT_API_URL, temporary_settings
 
-            # The same setting as Prefect's embedded server (default raised from its 20 s: a busy
-            # machine, or several runs starting at once with empty Prefect homes).
-            timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90"))
-            fd, name = tempfile.mkstemp(prefix="ruyi-prefect-server-", suffix=".log")
-            os.close(fd)
-            log_file = Path(name)
-            port = prefect_server.free_port()
-            server = prefect_server.start(port, timeout, log_file=log_file)
-            # Stopped at interpreter exit, after Prefect's log and event workers have drained into it
-            # (they drain in threading's exit hooks, which run before atexit's): stopped earlier, it
-            # left them retrying against a closed port for a minute.
-            atexit.register(_stop_run_server, server, log_file)
-            typer.echo(f"Prefect UI of this run: http://127.0.0.1:{port} (until the run ends)", err=True)
-            api_settings = temporary_settings({PREFECT_API_URL: prefect_server.api_url(port)})
-        with api_settings:
-            ruyi_pipeline(
-                from_stage=from_stage,
-                to_stage=to_stage,
-                overrides=sets,
-                push=push,
-                force=force,
-                profile=profile,
+                # The same setting as Prefect's embedded server (default raised from its 20 s: a busy
+                # machine, or several runs starting at once with empty Prefect homes).
+                timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90"))
+                fd, name = tempfile.mkstemp(prefix="ruyi-prefect-server-", suffix=".log")
+                os.close(fd)
+                log_file = Path(name)
+                port = prefect_server.free_port()
+                server = prefect_server.start(port, timeout, log_file=log_file)
+                # Stopped at interpreter exit, after Prefect's log and event workers have drained into
+                # it (they drain in threading's exit hooks, which run before atexit's): stopped earlier,
+                # it left them retrying against a closed port for a minute.
+                atexit.register(_stop_run_server, server, log_file)
+                typer.echo(f"Prefect UI of this run: http://127.0.0.1:{port} (until the run ends)", err=True)
+                api_settings = temporary_settings({PREFECT_API_URL: prefect_server.api_url(port)})
+            with api_settings:
+                ruyi_pipeline(
+                    from_stage=from_stage,
+                    to_stage=to_stage,
+                    overrides=sets,
+                    push=push,
+                    force=force,
+                    profile=profile,
+                )
+        except KeyboardInterrupt:
+            name = "SIGTERM" if received else "Ctrl-C (SIGINT)"
+            typer.echo(
+                f"interrupted by {name}: the running stage was stopped and is not recorded; finished "
+                "stages are kept, and `ruyi run` resumes from the first stage that is not up to date",
+                err=True,
             )
-    except KeyboardInterrupt:
-        name = "SIGTERM" if received else "Ctrl-C (SIGINT)"
-        typer.echo(
-            f"interrupted by {name}: the running stage was stopped and is not recorded; finished stages "
-            "are kept, and `ruyi run` resumes from the first stage that is not up to date",
-            err=True,
-        )
-        raise typer.Exit(143 if received else 130) from None
-    except (StageFailed, ParamsError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-    except InfrastructureError as e:
-        typer.echo(
-            f"error: {e}\n(the retries did not help; fix the cause and run again: finished stages are kept)",
-            err=True,
-        )
-        raise typer.Exit(1) from None
-    except Exception as e:
-        reason = _prefect_unreachable(e)
-        if reason is None:
-            raise
-        failed_start = isinstance(e, prefect_server.ServerError)
-        typer.echo(
-            f"error: cannot reach the Prefect API ({reason}).\n"
-            "An infrastructure error, not a problem of the pipeline: run again. Several `ruyi run` "
-            "starting at once with empty Prefect homes can each take long to start their server; start one "
-            "(`ruyi server`, then PREFECT_API_URL=http://127.0.0.1:4200/api) "
-            "or raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (ruyi's default: 90).",
-            err=True,
-        )
-        raise typer.Exit(1) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        # Only a server that failed to start keeps its log (the error names it); one interrupted while
-        # starting was stopped, and its log goes (a started server's goes at exit, _stop_run_server).
-        if log_file is not None and server is None and not failed_start:
-            log_file.unlink(missing_ok=True)
+            raise typer.Exit(143 if received else 130) from None
+        except (StageFailed, ParamsError, ValueError) as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except InfrastructureError as e:
+            typer.echo(
+                f"error: {e}\n(the retries did not help; fix the cause and run again: finished stages "
+                "are kept)",
+                err=True,
+            )
+            raise typer.Exit(1) from None
+        except Exception as e:
+            reason = _prefect_unreachable(e)
+            if reason is None:
+                raise
+            failed_start = isinstance(e, prefect_server.ServerError)
+            typer.echo(
+                f"error: cannot reach the Prefect API ({reason}).\n"
+                "An infrastructure error, not a problem of the pipeline: run again. Several `ruyi run` "
+                "starting at once with empty Prefect homes can each take long to start their server; start "
+                "one (`ruyi server`, then PREFECT_API_URL=http://127.0.0.1:4200/api) "
+                "or raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (ruyi's default: 90).",
+                err=True,
+            )
+            raise typer.Exit(1) from None
+        finally:
+            # Only a server that failed to start keeps its log (the error names it); one interrupted
+            # while starting was stopped, and its log goes (a started server's goes at exit,
+            # _stop_run_server).
+            if log_file is not None and server is None and not failed_start:
+                log_file.unlink(missing_ok=True)
     # the summary reads the workspace the flow ran in (RUYI_WORKSPACE, else here)
     params_path = Path(os.environ.get("RUYI_WORKSPACE") or ".") / params_file
     if profile == "vl":
@@ -259,26 +254,35 @@ def audit(
     Prints one row per output: reproduced (bitwise), differs (files named), measured (not compared),
     missing, or unrecorded (an output dvc.yaml gained after the run was recorded). The reproduced deploy
     publishes to a store inside the clone and serves on a free port, never the recorded store or port.
+    Ctrl-C or SIGTERM stops the reproduction (DVC and its stage) within seconds and removes the clone
+    (unless --keep).
     Exit codes: 0 every reproducible output matched; 1 something differs, is missing, unrecorded, stale or
     corrupt;
-    2 the audit could not run (no recording at the revision, a failed pull or stage).
+    2 the audit could not run (no recording at the revision, a failed pull or stage); 130 interrupted by
+    Ctrl-C (SIGINT), 143 by SIGTERM.
     """
     from flows.audit import AuditError, print_report
     from flows.audit import audit as run_audit
+    from flows.processes import sigterm_as_interrupt
 
-    try:
-        report = run_audit(
-            ".",
-            rev=rev,
-            remote=remote,
-            pull=pull,
-            keep=keep,
-            to_stage=to_stage,
-            log=lambda line: typer.echo(line),
-        )
-    except AuditError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    with sigterm_as_interrupt() as received:  # SIGTERM as Ctrl-C: the audit's `finally` removes the clone
+        try:
+            report = run_audit(
+                ".",
+                rev=rev,
+                remote=remote,
+                pull=pull,
+                keep=keep,
+                to_stage=to_stage,
+                log=lambda line: typer.echo(line),
+            )
+        except AuditError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            name = "SIGTERM" if received else "Ctrl-C (SIGINT)"
+            typer.echo(f"interrupted by {name}: the audit stopped, nothing was compared", err=True)
+            raise typer.Exit(143 if received else 130) from None
     print_report(report)
     if json_out:
         import json
@@ -320,9 +324,9 @@ def server(
     Stops on Ctrl-C or SIGTERM, taking the Prefect server (its whole process group) down with it.
     """
     import os
-    import signal
 
     from flows import prefect_server
+    from flows.processes import sigterm_as_interrupt
 
     if prefect_server.port_in_use(port):
         typer.echo(
@@ -332,31 +336,27 @@ def server(
         )
         raise typer.Exit(2)
 
-    def on_sigterm(signum, frame):  # as Ctrl-C: unwind through `finally`, which stops the server
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
     proc = None
-    try:
+    with sigterm_as_interrupt():  # SIGTERM as Ctrl-C: `finally` stops the server
         try:
-            proc = prefect_server.start(port, startup_timeout)
-        except prefect_server.ServerError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(1) from None
-        typer.echo(
-            f"Prefect UI: http://127.0.0.1:{port}  (deployments: ruyi-pipeline/nightly, ruyi-pipeline/rerun, "
-            "ruyi-audit/audit)"
-        )
-        os.environ["PREFECT_API_URL"] = prefect_server.api_url(port)
-        from flows.deployments import serve_deployments
+            try:
+                proc = prefect_server.start(port, startup_timeout)
+            except prefect_server.ServerError as e:
+                typer.echo(f"error: {e}", err=True)
+                raise typer.Exit(1) from None
+            typer.echo(
+                f"Prefect UI: http://127.0.0.1:{port}  (deployments: ruyi-pipeline/nightly, "
+                "ruyi-pipeline/rerun, ruyi-audit/audit)"
+            )
+            os.environ["PREFECT_API_URL"] = prefect_server.api_url(port)
+            from flows.deployments import serve_deployments
 
-        serve_deployments(cron=cron)
-    except KeyboardInterrupt:
-        typer.echo("stopping the deployments and the Prefect server", err=True)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if proc is not None:
-            prefect_server.stop(proc)
+            serve_deployments(cron=cron)
+        except KeyboardInterrupt:
+            typer.echo("stopping the deployments and the Prefect server", err=True)
+        finally:
+            if proc is not None:
+                prefect_server.stop(proc)
 
 
 @app.command()

@@ -32,6 +32,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
+from flows.processes import interrupt
 from tasks.core.stage import TRANSIENT_EXIT_CODE, USER_ERROR_EXIT_CODE
 
 # Exit codes of `python -m tasks.<stage>` (tasks.core.stage_main): USER_ERROR_EXIT_CODE for bad input
@@ -114,7 +115,7 @@ def _dvc_streamed(
     dvc = Path(sys.executable).parent / "dvc"
     cmd = [str(dvc) if dvc.exists() else "dvc", *args]
     # Its own session: a signal meant for the run (Ctrl-C in the terminal, a SIGTERM to the run or to
-    # its process group) reaches DVC and the stage through `_interrupt`, once, whichever way it came.
+    # its process group) reaches DVC and the stage through `interrupt`, once, whichever way it came.
     proc = subprocess.Popen(
         cmd,
         cwd=workspace,
@@ -144,23 +145,13 @@ def _dvc_streamed(
                         on_line(line)
         code = proc.wait()
     except BaseException:  # the run is interrupted (KeyboardInterrupt, Prefect's TerminationSignal)
-        _interrupt(proc)
+        interrupt(proc)
         raise
     finally:
         proc.stdout.close()
     if on_line is not None and (line := pending.split(b"\r")[-1].decode("utf-8", errors="replace").rstrip()):
         on_line(line)
     return code, tail.decode("utf-8", errors="replace")
-
-
-def _interrupt(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """Stops a running `dvc repro` and its stage: SIGINT to its process group, as Ctrl-C would (the
-    stage stops, DVC records nothing for it and releases its locks); SIGTERM after `grace_s` seconds
-    (a process started with SIGINT ignored, as under `nohup ... &`, never sees the first); SIGKILL after
-    as long again. A lock left by a killed DVC names a dead process, which the next DVC releases."""
-    from flows.processes import stop_group
-
-    stop_group(proc, (signal.SIGINT, signal.SIGTERM, signal.SIGKILL), grace_s)
 
 
 def _failure_summary(output: str, tail_lines: int = 25, max_error_lines: int = 60) -> str:

@@ -1,11 +1,13 @@
-"""Stopping a child process together with its whole process group (it was started in its own session)."""
+"""Child processes in a session of their own, stopped together with their whole process group, and
+SIGTERM handled as Ctrl-C: one home for how `ruyi run`, `ruyi audit` and `ruyi server` stop."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 
 def stop_group(proc: subprocess.Popen, signals: Sequence[signal.Signals], grace_s: float) -> None:
@@ -24,3 +26,30 @@ def stop_group(proc: subprocess.Popen, signals: Sequence[signal.Signals], grace_
         except subprocess.TimeoutExpired:
             continue
     proc.wait(timeout=grace_s)
+
+
+def interrupt(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """Stops a child started with `start_new_session=True` (a `dvc repro` and its stage): SIGINT to its
+    process group, as Ctrl-C would (the stage stops, DVC records nothing for it and releases its locks);
+    SIGTERM after `grace_s` seconds (a process started with SIGINT ignored, as under `nohup ... &`, never
+    sees the first); SIGKILL after as long again. A lock left by a killed DVC names a dead process, which
+    the next DVC releases."""
+    stop_group(proc, (signal.SIGINT, signal.SIGTERM, signal.SIGKILL), grace_s)
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[list[int]]:
+    """While inside, SIGTERM raises KeyboardInterrupt in the main thread as Ctrl-C does, so `finally`
+    blocks run and children are stopped (Python's default for SIGTERM is to die on the spot, leaving them
+    running). Yields the list of SIGTERMs received: empty when an interruption was a Ctrl-C."""
+    received: list[int] = []
+
+    def on_sigterm(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -26,7 +26,7 @@ BIN = Path(sys.executable).parent
 DVC = str(BIN / "dvc")
 
 GEN = """
-import json, pathlib, sys, time, yaml
+import json, os, pathlib, sys, time, yaml
 p = yaml.safe_load(open("params.yaml"))
 pathlib.Path("out").mkdir(exist_ok=True)
 pathlib.Path("out/value.txt").write_text(str(p["scale"] * 7) + "\\n")
@@ -35,6 +35,9 @@ for i in range(3):
     (d / f"part{i}.txt").write_text(f"{i * p['scale']}\\n")
 pathlib.Path("out/when.json").write_text(json.dumps({"time": time.time()}))
 pathlib.Path("count.json").write_text(json.dumps({"parts": 3}))
+if os.environ.get("AUDIT_TEST_PIDFILE"):  # the interruption test: a long stage
+    pathlib.Path(os.environ["AUDIT_TEST_PIDFILE"]).write_text(str(os.getpid()))
+    time.sleep(600)
 """
 
 
@@ -242,3 +245,74 @@ def test_the_reproduced_deploy_publishes_to_a_store_of_its_own(tmp_path):
     assert after.deploy.port != before.deploy.port and after.deploy.port >= 1024
     assert after.model_dump(exclude={"deploy"}) == before.model_dump(exclude={"deploy"})
     assert "# " in (clone / "params.yaml").read_text()  # comments kept
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize(
+    "signame,target", [("SIGINT", "group"), ("SIGTERM", "group"), ("SIGTERM", "process")]
+)
+def test_ruyi_audit_stops_within_seconds_on_ctrl_c_or_sigterm_and_removes_its_clone(
+    recorded, tmp_path, signame, target
+):
+    """Ctrl-C (SIGINT to the foreground group), a SIGTERM to the group (`timeout`, a CI cancel) or to the
+    `ruyi audit` process alone: exit 130 / 143 with one line, the reproduction's DVC and stage stopped,
+    and the temporary clone removed. Before, DVC ran in the caller's process group: a SIGTERM to the
+    process left the stage running and the clone behind, and a Ctrl-C ended in click's "Aborted!"."""
+    import signal
+    import time
+
+    sig = getattr(signal, signame)
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    pidfile = tmp_path / "stage.pid"
+    env = dict(
+        os.environ,
+        TMPDIR=str(tmpdir),
+        AUDIT_TEST_PIDFILE=str(pidfile),
+        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    )
+    with open(tmp_path / "audit.err", "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "audit", "--no-pull"],
+            cwd=recorded,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,  # its own process group, as a terminal's foreground job
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while not pidfile.is_file() or not pidfile.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "audit.err").read_text()
+            time.sleep(0.2)
+        stage_pid = int(pidfile.read_text())
+        assert any(tmpdir.iterdir())  # the clone the audit reproduces in
+        start = time.monotonic()
+        if target == "group":
+            os.killpg(proc.pid, sig)
+        else:
+            os.kill(proc.pid, sig)
+        proc.wait(timeout=90)
+        took = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    stderr = (tmp_path / "audit.err").read_text()
+    assert proc.returncode == {"SIGINT": 130, "SIGTERM": 143}[signame], stderr[-3000:]
+    assert took < 30, (took, stderr[-3000:])
+    said = {"SIGINT": "interrupted by Ctrl-C (SIGINT)", "SIGTERM": "interrupted by SIGTERM"}[signame]
+    assert said in stderr, stderr[-3000:]
+    deadline = time.monotonic() + 10
+    while _alive(stage_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(stage_pid), f"the stage (pid {stage_pid}) still runs"
+    assert list(tmpdir.iterdir()) == []
