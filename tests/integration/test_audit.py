@@ -247,13 +247,6 @@ def test_the_reproduced_deploy_publishes_to_a_store_of_its_own(tmp_path):
     assert "# " in (clone / "params.yaml").read_text()  # comments kept
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize(
     "signame,target", [("SIGINT", "group"), ("SIGTERM", "group"), ("SIGTERM", "process")]
 )
@@ -263,56 +256,40 @@ def test_ruyi_audit_stops_within_seconds_on_ctrl_c_or_sigterm_and_removes_its_cl
     """Ctrl-C (SIGINT to the foreground group), a SIGTERM to the group (`timeout`, a CI cancel) or to the
     `ruyi audit` process alone: exit 130 / 143 with one line, the reproduction's DVC and stage stopped,
     and the temporary clone removed. Before, DVC ran in the caller's process group: a SIGTERM to the
-    process left the stage running and the clone behind, and a Ctrl-C ended in click's "Aborted!"."""
+    process left the stage running and the clone behind, and a Ctrl-C ended without a word."""
     import signal
     import time
 
-    sig = getattr(signal, signame)
+    from cli_signals import cli_env, interrupt_cli, running
+
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
     pidfile = tmp_path / "stage.pid"
-    env = dict(
-        os.environ,
-        TMPDIR=str(tmpdir),
-        AUDIT_TEST_PIDFILE=str(pidfile),
-        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    env = cli_env(
+        TMPDIR=str(tmpdir), AUDIT_TEST_PIDFILE=str(pidfile), PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}"
     )
-    with open(tmp_path / "audit.err", "w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "audit", "--no-pull"],
-            cwd=recorded,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-            start_new_session=True,  # its own process group, as a terminal's foreground job
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        )
-    try:
-        deadline = time.monotonic() + 120
-        while not pidfile.is_file() or not pidfile.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "audit.err").read_text()
-            time.sleep(0.2)
-        stage_pid = int(pidfile.read_text())
-        assert any(tmpdir.iterdir())  # the clone the audit reproduces in
-        start = time.monotonic()
-        if target == "group":
-            os.killpg(proc.pid, sig)
-        else:
-            os.kill(proc.pid, sig)
-        proc.wait(timeout=90)
-        took = time.monotonic() - start
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+
+    def stage_runs() -> bool:
+        return pidfile.is_file() and bool(pidfile.read_text()) and any(tmpdir.iterdir())
+
+    returncode, took = interrupt_cli(
+        ["audit", "--no-pull"],
+        recorded,
+        env,
+        tmp_path / "audit.err",
+        stage_runs,
+        getattr(signal, signame),
+        to_group=target == "group",
+        ready_timeout_s=120,
+    )
     stderr = (tmp_path / "audit.err").read_text()
-    assert proc.returncode == {"SIGINT": 130, "SIGTERM": 143}[signame], stderr[-3000:]
+    assert returncode == {"SIGINT": 130, "SIGTERM": 143}[signame], stderr[-3000:]
     assert took < 30, (took, stderr[-3000:])
     said = {"SIGINT": "interrupted by Ctrl-C (SIGINT)", "SIGTERM": "interrupted by SIGTERM"}[signame]
     assert said in stderr, stderr[-3000:]
+    stage_pid = int(pidfile.read_text())
     deadline = time.monotonic() + 10
-    while _alive(stage_pid) and time.monotonic() < deadline:
+    while running(stage_pid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not _alive(stage_pid), f"the stage (pid {stage_pid}) still runs"
+    assert not running(stage_pid), f"the stage (pid {stage_pid}) still runs"
     assert list(tmpdir.iterdir()) == []

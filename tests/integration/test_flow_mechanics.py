@@ -667,15 +667,15 @@ def _processes_in(ws: Path, wait_s: float = 15.0) -> list[str]:
     the stage all start there), after up to `wait_s` seconds for them to go."""
     import time
 
+    from cli_signals import running
+
     deadline = time.monotonic() + wait_s
     while True:
         found = []
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
-                if Path(f"/proc/{pid}/cwd").resolve() != ws.resolve():
+                if Path(f"/proc/{pid}/cwd").resolve() != ws.resolve() or not running(int(pid)):
                     continue
-                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                    continue  # a zombie waiting for its parent's wait(): not running
                 found.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
             except OSError:
                 continue
@@ -694,42 +694,22 @@ def test_ruyi_run_stops_within_seconds_on_ctrl_c_or_sigterm_and_then_resumes(min
     import signal
     import time
 
-    sig = getattr(signal, signame)
-    env = dict(
-        os.environ,
-        PREFECT_HOME=str(tmp_path / "prefect-home"),
-        RUYI_QUIET_STAGES="1",
-        MINI_B_SLEEP="600",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    )
+    from cli_signals import cli_env, interrupt_cli
+
+    env = cli_env(PREFECT_HOME=str(tmp_path / "prefect-home"), RUYI_QUIET_STAGES="1", MINI_B_SLEEP="600")
     env.pop("PREFECT_API_URL", None)
-    with open(tmp_path / "run.err", "w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "run", "--no-push"],
-            cwd=mini_ws,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-            start_new_session=True,  # its own process group, as a terminal's foreground job
-            # a worker may have been started with SIGINT ignored, which a child inherits
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        )
-    try:
-        deadline = time.monotonic() + 180
-        while "b" not in attempts(mini_ws):
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "run.err").read_text()
-            time.sleep(0.2)
-        time.sleep(1.0)  # b is in its sleep
-        start = time.monotonic()
-        os.killpg(proc.pid, sig)
-        proc.wait(timeout=120)
-        took = time.monotonic() - start
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    started: list[float] = []
+
+    def b_sleeps() -> bool:  # b has started; then a second more, so that it is in its sleep
+        if "b" in attempts(mini_ws) and not started:
+            started.append(time.monotonic())
+        return bool(started) and time.monotonic() - started[0] > 1.0
+
+    returncode, took = interrupt_cli(
+        ["run", "--no-push"], mini_ws, env, tmp_path / "run.err", b_sleeps, getattr(signal, signame)
+    )
     stderr = (tmp_path / "run.err").read_text()
-    assert proc.returncode == {"SIGINT": 130, "SIGTERM": 143}[signame], stderr[-3000:]
+    assert returncode == {"SIGINT": 130, "SIGTERM": 143}[signame], stderr[-3000:]
     assert took < 30, (took, stderr[-3000:])
     said = {"SIGINT": "interrupted by Ctrl-C (SIGINT)", "SIGTERM": "interrupted by SIGTERM"}[signame]
     assert said in stderr and "the running stage was stopped and is not recorded" in stderr
