@@ -21,12 +21,13 @@ member's decoding does not reuse them); at threshold 1 the probe is not run and 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -89,6 +90,32 @@ def prompt_features(model, prompts: Sequence[Sequence[int]], probe_layers: int) 
 
 
 # --- the probe ---------------------------------------------------------------------------------
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+@functools.cache
+def _numpy_blas():
+    """numpy's BLAS (OpenBLAS in its wheel), found once; torch's thread pool is not among them."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController().select(user_api="blas")
+
+
+def _one_blas_thread(fn: _F) -> _F:
+    """Run `fn` with numpy's BLAS on one thread, so the probe's numbers do not depend on the thread count.
+
+    OpenBLAS splits a product's sums over its threads (OMP_NUM_THREADS), so the fit's last digits
+    differed between 1 and 2 threads and `ruyi audit` found the route stage's output changed
+    (docs/choices.md#route). The matrices here are at most a few hundred wide: one thread costs nothing."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _numpy_blas().limit(limits=1):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * z))  # exact in [0, 1], no overflow warning
 
@@ -102,6 +129,7 @@ class Probe:
     weights: np.ndarray
     bias: float
 
+    @_one_blas_thread
     def predict(self, features: np.ndarray) -> np.ndarray:
         z = ((np.atleast_2d(features) - self.mean) / self.scale) @ self.weights + self.bias
         return _sigmoid(z)
@@ -128,8 +156,10 @@ class Probe:
         return cls(*arrays, bias)
 
 
+@_one_blas_thread
 def fit_probe(features: np.ndarray, labels: np.ndarray, l2: float, iters: int = 50) -> Probe:
-    """L2-regularised logistic regression (Newton's method; the bias is not penalised), deterministic.
+    """L2-regularised logistic regression (Newton's method; the bias is not penalised), deterministic:
+    the same bits at any thread count.
 
     A label that never varies gives a constant probe (weights 0, the bias of the smoothed base rate)."""
     x = np.asarray(features, dtype=np.float64)
@@ -160,6 +190,7 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, l2: float, iters: int = 
     return Probe(mean, scale, w[:-1].copy(), float(w[-1]))
 
 
+@_one_blas_thread
 def cross_fitted(features: np.ndarray, labels: np.ndarray, l2: float, folds: int, seed: int) -> np.ndarray:
     """Out-of-fold probabilities: each row scored by a probe fitted without it (`folds` folds of a
     seeded permutation), so a threshold calibrated on them is not tuned on the probe's own training rows."""

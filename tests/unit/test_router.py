@@ -211,3 +211,31 @@ def test_probe_refuses_bad_arrays():
         Probe.from_dict({"mean": [0.0], "scale": [0.0], "weights": [1.0], "bias": 0.0}, 1, "p")
     with pytest.raises(ValueError, match="needs mean"):
         Probe.from_dict({"mean": [0.0]}, 1, "p")
+
+
+def test_probe_fit_has_the_same_bits_at_one_and_two_threads():
+    """OpenBLAS splits a product's sums over OMP_NUM_THREADS threads: without the one-thread limit the
+    fit's last digits differed between 1 and 2 threads (ruyi audit found the route stage changed)."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import hashlib, numpy as np\n"
+        "from tasks.release.router import cross_fitted, fit_probe\n"
+        "rng = np.random.default_rng(0)\n"
+        "x = rng.normal(size=(200, 256)); y = (rng.random(200) < 0.4).astype(float)\n"
+        "p = fit_probe(x, y, 1.0)\n"
+        "blob = p.weights.tobytes() + np.float64(p.bias).tobytes() + p.predict(x).tobytes()\n"
+        "blob += cross_fitted(x, y, 1.0, 5, 0).tobytes()\n"
+        "print(hashlib.sha256(blob).hexdigest())\n"
+    )
+    digests = set()
+    for threads in ("1", "2"):
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
+        cmd = [sys.executable, "-c", script]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+        digests.add(out.stdout.strip())
+    assert len(digests) == 1, digests
+    assert hashlib.sha256(b"").hexdigest() not in digests
