@@ -37,7 +37,7 @@ Batch size 1 only (a left-padded prompt is accepted; its padding is dropped). Dy
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -281,15 +281,21 @@ class SpeculativeState:
         self.tokens.extend(new)
         return new, accepted, k
 
-    def rounds(self, max_new_tokens: int, k: int) -> Iterator[tuple[list[int], int, int]]:
+    def rounds(
+        self, max_new_tokens: int, k: int, stops: Collection[int] = ()
+    ) -> Iterator[tuple[list[int], int, int]]:
         """Decodes (after `prefill`) up to `max_new_tokens` tokens in rounds of up to `k` drafts, the
-        last round drafting fewer so as not to overshoot; yields each round's `step` result. A caller
-        that stops at a stop token leaves the loop."""
+        last round drafting fewer so as not to overshoot; yields each round's `step` result. With
+        `stops`, the round that produces a stop token yields its tokens up to and including the first
+        one, and is the last (a caller with other stop rules, a stop string, leaves the loop itself)."""
         produced = 0
         while produced < max_new_tokens:
             new, accepted, proposed = self.step(min(k, max_new_tokens - produced - 1))
             produced += len(new)
-            yield new, accepted, proposed
+            hit = next((i for i, t in enumerate(new) if t in stops), None)
+            yield (new if hit is None else new[: hit + 1]), accepted, proposed
+            if hit is not None:
+                return
 
     def _accept(self, drafted: list[int], q_rows: list[torch.Tensor], p: torch.Tensor) -> tuple[int, int]:
         """(number of drafts kept, next token) under greedy or speculative sampling."""
@@ -386,17 +392,14 @@ def speculative_generate(
     )
     out = SpeculativeOutput(sequences=input_ids[:, :0], new_tokens=[])
     state.prefill(prompt)
-    for new, accepted, proposed in state.rounds(max_new_tokens, k):
+    for new, accepted, proposed in state.rounds(max_new_tokens, k, stops=eos):
         out.proposed += proposed
         out.accepted += accepted
         out.draft_forwards += proposed
         out.target_forwards += 1
         out.accepted_per_round.append(accepted)
         out.proposed_per_round.append(proposed)
-        hit = next((i for i, t in enumerate(new) if t in eos), None)
-        out.new_tokens.extend(new if hit is None else new[: hit + 1])
-        if hit is not None:
-            break
+        out.new_tokens.extend(new)
     out.sequences = torch.tensor([prompt + out.new_tokens], dtype=torch.long, device=input_ids.device)
     return out
 

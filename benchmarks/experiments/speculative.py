@@ -84,13 +84,7 @@ def run_loop(
     )
     state = SpeculativeState(model, member, **sampling_kwargs(temperature, seed))
     state.prefill(prompt)
-    out: list[int] = []
-    for new, _, _ in state.rounds(max_new, 0):
-        hit = next((i for i, t in enumerate(new) if t in stops), None)
-        out += new if hit is None else new[: hit + 1]
-        if hit is not None:
-            break
-    return out
+    return [t for new, _, _ in state.rounds(max_new, 0, stops=stops) for t in new]
 
 
 def sampling_kwargs(temperature: float, seed: int) -> dict:

@@ -213,6 +213,11 @@ def test_greedy_stops_at_eos_and_handles_left_padding():
     stop = ref.index(eos)
     out = speculative_generate(fam, ids, draft_exit=2, k=3, max_new_tokens=16, eos_token_id=[eos, 10_000])
     assert out.new_tokens == ref[: stop + 1]
+    # the rounds themselves: the one that produces the stop token ends with it and is the last
+    state = SpeculativeState(fam, draft_exit=2)
+    state.prefill(ids[0].tolist())
+    rounds = [new for new, _, _ in state.rounds(16, 3, stops={eos})]
+    assert sum(rounds, []) == ref[: stop + 1] and rounds[-1][-1] == eos and eos not in sum(rounds[:-1], [])
     # sampling through the warpers: top_k=1 makes both laws one-hot, so the output is the greedy one
     out = speculative_generate(
         fam,
