@@ -22,6 +22,7 @@ from torch import nn
 
 from ruyi_model.config import FamilialConfig
 from ruyi_model.modeling import FamilialForCausalLM, LowRankLinear
+from ruyi_model.threads import one_thread
 
 log = logging.getLogger(__name__)
 
@@ -225,18 +226,20 @@ class _Spectrum:
 
 
 def _spectrum(weight: torch.Tensor, gram: torch.Tensor | None, damping: float) -> _Spectrum:
+    """The (whitened) SVD in float64, on one thread: the same bits at any thread count."""
     w = weight.detach().to(torch.float64)
-    if gram is None:
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        return _Spectrum(u, s, vh)
-    gram = gram.to(device=w.device, dtype=torch.float64)
-    gram = 0.5 * (gram + gram.T)
-    evals, evecs = torch.linalg.eigh(gram)
-    evals = evals.clamp_min(0.0)
-    evals = evals + damping * max(float(evals.mean()), torch.finfo(torch.float64).tiny)
-    root = evals.sqrt()
-    u, s, vh = torch.linalg.svd(w @ (evecs * root[None, :]), full_matrices=False)
-    return _Spectrum(u, s, (vh / root[None, :]) @ evecs.T)
+    with one_thread():
+        if gram is None:
+            u, s, vh = torch.linalg.svd(w, full_matrices=False)
+            return _Spectrum(u, s, vh)
+        gram = gram.to(device=w.device, dtype=torch.float64)
+        gram = 0.5 * (gram + gram.T)
+        evals, evecs = torch.linalg.eigh(gram)
+        evals = evals.clamp_min(0.0)
+        evals = evals + damping * max(float(evals.mean()), torch.finfo(torch.float64).tiny)
+        root = evals.sqrt()
+        u, s, vh = torch.linalg.svd(w @ (evecs * root[None, :]), full_matrices=False)
+        return _Spectrum(u, s, (vh / root[None, :]) @ evecs.T)
 
 
 def svd_lowrank(

@@ -44,6 +44,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ruyi_model.threads import one_thread
+
 
 class FeatureContractError(ValueError):
     """A tensor offered to the cloud side is not a released-feature tensor of the expected kind."""
@@ -186,7 +188,8 @@ class PrivacyMapping(nn.Module):
         `x -> P diag(1/scale) (x - shift)` (r = rank(P) <= out_dim). Moving an input along these
         directions changes nothing downstream: the output distribution is the same."""
         w = self.waist.weight.detach().double() / self.scale.double()
-        _, s, vh = torch.linalg.svd(w, full_matrices=True)
+        with one_thread():  # the same basis at any thread count
+            _, s, vh = torch.linalg.svd(w, full_matrices=True)
         rank = int((s > s.max() * 1e-10).sum())
         return vh[rank:]
 

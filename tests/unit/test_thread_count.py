@@ -8,7 +8,9 @@ tiny profile's shapes in two processes, one per thread count, and must agree bit
 - three joint multi-exit training steps (family_sft's loss, AdamW, clipping, schedule) of the family
   built from params.yaml's `model` section (cpt's `family_config`, a 2048-token vocabulary);
 - sampled and greedy generation of every member;
-- compress's distillation KL (its value is reported; a flat sum over every logit was not invariant).
+- compress's distillation KL (its value is reported; a flat sum over every logit was not invariant);
+- compress's SVD, plain and activation-aware (torch's LAPACK differs in the last digits at 2 threads
+  unless held on one: ruyi_model.threads).
 A control shows that the second thread was used: flat sums over two million floats differ.
 """
 
@@ -87,6 +89,18 @@ with torch.no_grad():  # compress's calibration batches: 4 x 256 tokens, the DaE
     kls = [distillation_kl(model, teacher, m.exit_layers[0], ids) for ids in batches]
 out["distillation_kl"] = [repr(float(v)) for v in kls]
 
+# compress's SVD (plain and activation-aware: eigh of the Gram, then the whitened SVD) at the DaE
+# blocks' shapes; LAPACK splits these over threads unless ruyi_model.threads.one_thread holds them
+from ruyi_model.dae import svd_lowrank
+
+g = torch.Generator().manual_seed(3)
+for shape in [(128, 128), (512, 128), (128, 512)]:
+    w = torch.randn(*shape, generator=g)
+    x = torch.randn(1024, shape[1], generator=g, dtype=torch.float64)
+    for name, gram in (("plain", None), ("calibrated", x.T @ x)):
+        a, b, loss = svd_lowrank(w, 40, gram)
+        out[f"svd_{name}_{shape[0]}x{shape[1]}"] = [digest(a, b), repr(loss)]
+
 # The control: flat sums over two million floats, which the second thread splits (some of them round
 # differently at 2 threads; which ones depends on the values)
 torch.manual_seed(2)
@@ -117,3 +131,22 @@ def test_tiny_profile_results_are_the_same_at_one_and_two_threads():
     control = one.pop("control_flat_sums"), two.pop("control_flat_sums")
     assert control[0] != control[1], "every control sum agreed: the second thread did not run"
     assert one == two
+
+
+def test_one_thread_holds_torch_at_one_thread_and_restores_the_pool():
+    import torch
+
+    from ruyi_model.threads import one_thread
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with one_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="inside"):
+            with one_thread():
+                raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
