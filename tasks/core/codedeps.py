@@ -21,10 +21,13 @@ from pathlib import Path
 
 #: The repository root (the folder that holds `tasks/`).
 REPO_ROOT = Path(__file__).resolve().parents[2]
-#: Every DVC pipeline file (repository-relative) -> modules its stages load besides `tasks.<stage>`.
+#: The text profile's and the vision-language profile's pipeline files (repository-relative).
+TEXT_PIPELINE = "dvc.yaml"
+VL_PIPELINE = "profiles/vl/dvc.yaml"
+#: Every DVC pipeline file -> modules its stages load besides `tasks.<stage>`.
 PIPELINES: dict[str, tuple[str, ...]] = {
-    "dvc.yaml": (),
-    "profiles/vl/dvc.yaml": ("tasks.training.vl_pipeline",),
+    TEXT_PIPELINE: (),
+    VL_PIPELINE: ("tasks.training.vl_pipeline",),
 }
 #: Top-level packages of this repository whose modules count as code dependencies.
 PACKAGES = ("tasks", "ruyi_model", "triton_kernels", "data_contracts", "flows")
@@ -87,16 +90,23 @@ def module_deps(module: str, root: Path = REPO_ROOT) -> tuple[str, ...]:
     return tuple(sorted(p.relative_to(root).as_posix() for p in seen.values()))
 
 
-def stage_deps(stage: str, root: Path = REPO_ROOT) -> tuple[str, ...]:
-    """The code dependencies of the stage `python -m tasks.<stage>`."""
-    return module_deps(f"tasks.{stage}", root)
+def stage_deps(stage: str, root: Path = REPO_ROOT, pipeline: str = TEXT_PIPELINE) -> tuple[str, ...]:
+    """The code dependencies of the stage `python -m tasks.<stage>` as `pipeline` (a key of
+    `PIPELINES`) runs it: its own imports and those of the modules that pipeline's stages load."""
+    if pipeline not in PIPELINES:
+        raise ValueError(f"unknown pipeline file {pipeline!r} (one of {', '.join(PIPELINES)})")
+    deps = set(module_deps(f"tasks.{stage}", root))
+    for module in PIPELINES[pipeline]:
+        deps |= set(module_deps(module, root))
+    return tuple(sorted(deps))
 
 
-def code_fingerprint(stage: str, root: Path = REPO_ROOT) -> dict[str, str]:
-    """sha256 of every file of `stage_deps(stage)`: what a resumable checkpoint must agree on."""
+def code_fingerprint(stage: str, root: Path = REPO_ROOT, pipeline: str = TEXT_PIPELINE) -> dict[str, str]:
+    """sha256 of every file of `stage_deps(stage, root, pipeline)`: what a resumable checkpoint must
+    agree on (the same files as the stage's code deps in that pipeline file)."""
     from ruyi_model.fileio import sha256_file
 
-    return {rel: sha256_file(root / rel) for rel in stage_deps(stage, root)}
+    return {rel: sha256_file(root / rel) for rel in stage_deps(stage, root, pipeline)}
 
 
 # --- dvc.yaml ----------------------------------------------------------------------------------------
@@ -117,13 +127,10 @@ def _stage_code(spec, dvc_yaml: Path) -> tuple[Path, list[str]] | None:
         return None
     root = (dvc_yaml.parent / str(spec.get("wdir", "."))).resolve()
     try:
-        extra = PIPELINES.get(dvc_yaml.resolve().relative_to(root).as_posix(), ())
+        pipeline = dvc_yaml.resolve().relative_to(root).as_posix()
     except ValueError:
-        extra = ()
-    deps = set(stage_deps(stage, root))
-    for module in extra:
-        deps |= set(module_deps(module, root))
-    return root, sorted(deps)
+        pipeline = TEXT_PIPELINE
+    return root, list(stage_deps(stage, root, pipeline if pipeline in PIPELINES else TEXT_PIPELINE))
 
 
 def dvc_yaml_differences(dvc_yaml: Path) -> list[str]:

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tasks.core.codedeps import REPO_ROOT, TEXT_PIPELINE, code_fingerprint
 from tasks.core.files import atomic_dir, sha256_file, write_json
 from tasks.core.stage import StageError
 
@@ -34,13 +35,12 @@ def dir_sha256(path: str | Path) -> dict[str, str]:
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
-def _code_fingerprint(stage: str, root: Path | None = None) -> dict[str, str]:
-    """sha256 of every module the stage imports (`tasks.core.codedeps`, the same list as its dvc.yaml
-    deps): a checkpoint written by other code is stale (DVC reruns the stage when that code changes;
-    resuming the old code's checkpoint would mix the two). `root`: another copy of the repository."""
-    from tasks.core.codedeps import code_fingerprint
-
-    return code_fingerprint(stage) if root is None else code_fingerprint(stage, Path(root))
+def _code_fingerprint(stage: str, root: Path | None, pipeline: str) -> dict[str, str]:
+    """sha256 of every module the stage imports as `pipeline` runs it (`tasks.core.codedeps`, the same
+    list as its deps in that pipeline file): a checkpoint written by other code is stale (DVC reruns the
+    stage when that code changes; resuming the old code's checkpoint would mix the two). `root`: another
+    copy of the repository."""
+    return code_fingerprint(stage, REPO_ROOT if root is None else Path(root), pipeline)
 
 
 def fingerprint_info(
@@ -53,11 +53,14 @@ def fingerprint_info(
     extra: dict[str, Any] | None = None,
     exclude: Sequence[str] = (),
     code_root: str | Path | None = None,
+    pipeline: str = TEXT_PIPELINE,
 ) -> dict[str, Any]:
     """What a checkpoint must agree on to be resumed (docs/choices.md#training).
 
     `exclude`: more parameters of `section` left out (besides `NON_FINGERPRINT_KEYS`), e.g. rl's `steps`
-    (extending a run resumes it); `code_root`: the repository whose code is hashed (default: this one).
+    (extending a run resumes it); `code_root`: the repository whose code is hashed (default: this one);
+    `pipeline`: the pipeline file that runs the stage (`tasks.core.codedeps.PIPELINES`: the VL profile's
+    stages also run `tasks.training.vl_pipeline`, whose code counts too).
     """
     params = section.model_dump() if hasattr(section, "model_dump") else dict(section)
     for key in (*NON_FINGERPRINT_KEYS, *exclude):
@@ -67,7 +70,7 @@ def fingerprint_info(
         "seed": seed,
         "params": params,
         "inputs": inputs,
-        "code": _code_fingerprint(stage, code_root),
+        "code": _code_fingerprint(stage, code_root, pipeline),
     }
     if model is not None:
         info["model"] = model.model_dump() if hasattr(model, "model_dump") else model

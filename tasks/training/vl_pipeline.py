@@ -30,6 +30,7 @@ from tasks.core.files import (
     read_jsonl,
     require_dir,
     save_figure,
+    sha256_file,
     write_json,
     write_jsonl,
     write_metrics,
@@ -371,6 +372,23 @@ def _vision_lr_scales(params: Params) -> dict[str, float]:
     return {VISION_PREFIX: params.vl.vision_lr_scale}
 
 
+def train_inputs(params: Params, stage: str) -> dict[str, Any]:
+    """What a VL training stage's checkpoint must agree on besides its parameters and code: the `vl`
+    section, digests of the validated splits it reads (train, select), of the tokenizer / processor, and
+    for family_sft of the family cpt wrote (its starting point: a retrained cpt retires family_sft's
+    checkpoints)."""
+    from tasks.training.checkpoint import dir_sha256
+
+    ws = Workspace.from_params(params)
+    inputs: dict[str, Any] = {"vl": params.vl.model_dump()}
+    for split in ("train", "select"):
+        inputs[split] = sha256_file(ws.validated / f"{split}.jsonl")
+    inputs["tokenizer"] = dir_sha256(ws.tokenizer)
+    if stage == "family_sft":
+        inputs["cpt"] = dir_sha256(ws.artifacts("cpt"))
+    return inputs
+
+
 def _train(
     params: Params,
     stage: str,
@@ -385,6 +403,7 @@ def _train(
 ):
     """`train_loop` on the rows (validation: the first `eval_batches` batches of `val_rows`); writes the
     loss curves (`plots/vl/<stage>/loss.png` + `loss.csv`) and returns the stage's metrics."""
+    from tasks.core.codedeps import VL_PIPELINE
     from tasks.training.checkpoint import Checkpointer, fingerprint_info
     from tasks.training.loop import exit_weights_at, train_loop
 
@@ -398,7 +417,13 @@ def _train(
     exits = list(params.model.exit_layers)
     ws = Workspace.from_params(params)
     info = fingerprint_info(
-        stage, cfg, seed=params.seed, model=params.model, inputs={"vl": params.vl.model_dump()}, extra=extra
+        stage,
+        cfg,
+        seed=params.seed,
+        model=params.model,
+        inputs=train_inputs(params, stage),
+        extra=extra,
+        pipeline=VL_PIPELINE,
     )
     result = train_loop(
         stage=stage,

@@ -35,6 +35,21 @@ def test_vl_profile_code_deps_include_the_vl_bodies():
     assert "tasks/training/vl_pipeline.py" not in codedeps.stage_deps("cpt")
 
 
+@pytest.mark.parametrize("pipeline", sorted(codedeps.PIPELINES))
+def test_checkpoint_fingerprints_hash_the_stages_code_deps(pipeline):
+    """A resumable checkpoint is stale when any code dependency of its stage changed, in the pipeline file
+    that runs it: the VL stages' checkpoints once hashed only `tasks.<stage>`'s closure, so an edit to
+    tasks/training/vl_pipeline.py (their training code) reran them under DVC and they resumed the old
+    code's finished checkpoint."""
+    stages = yaml.safe_load((REPO / pipeline).read_text())["stages"]
+    for name, spec in stages.items():
+        stage = spec["cmd"].split()[2].removeprefix("tasks.")
+        listed = {d for d in spec["deps"] if d.split("/")[0] in codedeps.PACKAGES}
+        assert set(codedeps.code_fingerprint(stage, REPO, pipeline)) == listed, name
+    with pytest.raises(ValueError, match="unknown pipeline file"):
+        codedeps.stage_deps("cpt", REPO, "profiles/nope/dvc.yaml")
+
+
 def test_rl_depends_on_decoding_transitively():
     deps = codedeps.stage_deps("rl")
     assert "ruyi_model/decoding.py" in deps and "tasks/training/rl_algos.py" in deps

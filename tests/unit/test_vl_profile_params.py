@@ -172,3 +172,39 @@ def test_vl_stream_visits_every_row_once_per_epoch_in_its_seeded_order():
     assert sorted(visited[2:]) == list(range(5))
     with pytest.raises(StageError, match="no training rows"):  # a user error: never retried by the flow
         VLStream(processor, [], seed=7)
+
+
+def test_vl_training_checkpoints_are_stale_when_their_inputs_change(tmp_path):
+    """A VL checkpoint resumes only on the same data, tokenizer and (for family_sft) the same cpt family:
+    they once agreed on parameters alone, so a retrained cpt (say, another `cpt.lr`) left family_sft
+    resuming its finished checkpoint, trained from the old cpt, and publishing it."""
+    from tasks.training.vl_pipeline import train_inputs
+
+    paths = {"paths.data_dir": str(tmp_path / "data"), "paths.artifacts_dir": str(tmp_path / "a")}
+    p = load_params(VL, paths)
+    validated, tok, cpt = (
+        tmp_path / "data" / "validated",
+        tmp_path / "a" / "tokenizer",
+        tmp_path / "a" / "cpt",
+    )
+    for d in (validated, tok, cpt):
+        d.mkdir(parents=True)
+    for name in ("train.jsonl", "select.jsonl", "eval.jsonl"):
+        (validated / name).write_text(f"{name}\n")
+    (tok / "tokenizer.json").write_text("{}")
+    (cpt / "model.safetensors").write_bytes(b"weights")
+    assert "cpt" not in train_inputs(p, "cpt")
+    before = {stage: train_inputs(p, stage) for stage in ("cpt", "family_sft")}
+    for path, stages in [
+        (validated / "train.jsonl", ("cpt", "family_sft")),
+        (validated / "select.jsonl", ("cpt", "family_sft")),
+        (tok / "tokenizer.json", ("cpt", "family_sft")),
+        (cpt / "model.safetensors", ("family_sft",)),
+        (validated / "eval.jsonl", ()),  # no training stage reads it
+    ]:
+        original = path.read_bytes()
+        path.write_bytes(original + b"changed")
+        changed = {s for s in before if train_inputs(p, s) != before[s]}
+        assert changed == set(stages), (path, changed)
+        path.write_bytes(original)
+    assert train_inputs(p, "cpt") != train_inputs(load_params(VL, {**paths, "vl.num_train": 7}), "cpt")
