@@ -1,9 +1,10 @@
 """`ruyi audit`: reproduce a recorded run in a clean clone and compare it, output by output.
 
-    ruyi audit [--rev REV] [--remote NAME] [--no-pull] [--keep]
+    ruyi audit [--profile text|vl] [--rev REV] [--remote NAME] [--no-pull] [--to-stage S] [--keep]
 
 The recorded run is what git holds at REV: `dvc.lock` (every output's hash, the params and code deps it was
-made from) and the small metric files. In a temporary clean clone at REV the audit
+made from; `profiles/vl/dvc.lock` for the vision-language profile) and the small metric files. In a
+temporary clean clone at REV the audit
 1. pulls the recorded outputs from the DVC remote (when one is configured or named) and checks that what
    it pulled is what `dvc.lock` records (`dvc status`: a modified output is a corrupt remote copy);
 2. checks that the recording is current: a stage whose code, params or inputs changed after it ran
@@ -199,11 +200,11 @@ def compare(
     return checks
 
 
-def upstream_stages(dvc_yaml: dict[str, Any], target: str) -> set[str]:
+def upstream_stages(dvc_yaml: dict[str, Any], target: str, where: str = "dvc.yaml") -> set[str]:
     """`target` and every stage it depends on, transitively (a dep at or under another stage's output)."""
     stages = dvc_yaml.get("stages", {})
     if target not in stages:
-        raise AuditError(f"no stage {target!r} in dvc.yaml (stages: {', '.join(stages)})")
+        raise AuditError(f"no stage {target!r} in {where} (stages: {', '.join(stages)})")
 
     def paths(items) -> list[str]:
         return [next(iter(i)) if isinstance(i, dict) else str(i) for i in items or []]
@@ -267,10 +268,11 @@ def verify_pulled(clone: Path, recorded: dict[str, Any], partial: bool = False) 
     return bad
 
 
-def _status(clone: Path) -> dict[str, Any]:
-    # the text pipeline's file only: another pipeline file (profiles/vl) has its own lock and outputs
-    proc = _run([_bin("dvc"), "status", "dvc.yaml", "--json"], clone, "dvc status dvc.yaml")
-    return json.loads(proc.stdout or "{}")
+def _status(clone: Path, dvc_file: str = "dvc.yaml") -> dict[str, Any]:
+    """`dvc status --json` of the audited pipeline file only (another one has its own lock and outputs),
+    keyed by stage name (DVC names a stage of a file other than the root dvc.yaml `<file>:<stage>`)."""
+    proc = _run([_bin("dvc"), "status", dvc_file, "--json"], clone, f"dvc status {dvc_file}")
+    return {key.removeprefix(f"{dvc_file}:"): v for key, v in json.loads(proc.stdout or "{}").items()}
 
 
 def _stale_and_corrupt(status: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -319,14 +321,16 @@ def _anchor_local_remotes(repo: Path, clone: Path) -> None:
         )
 
 
-def sandbox_deploy(clone: Path, tmp: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+def sandbox_deploy(
+    clone: Path, tmp: Path, log: Callable[[str], None] = print, params_file: str = "params.yaml"
+) -> dict[str, Any]:
     """Points the clone's deploy stage at a store of its own (a local directory under `tmp`) and a free port.
 
     The audit re-runs deploy, which publishes a release and serves it: against the recorded
     `deploy.store` (e.g. the team's S3 bucket) a reproduction would publish, and validate, a release there,
     and on `deploy.port` it would fail whenever `ruyi serve` runs on this machine. What deploy's
     reproducible output holds (content digest, smoke answers, served parameter counts) depends on
-    neither, so the clone's params.yaml gets `deploy.store.backend: local`, `deploy.store.root` under
+    neither, so the clone's `params_file` gets `deploy.store.backend: local`, `deploy.store.root` under
     `tmp` and a free `deploy.port`. Returns the overrides."""
     import socket
 
@@ -341,7 +345,7 @@ def sandbox_deploy(clone: Path, tmp: Path, log: Callable[[str], None] = print) -
         "deploy.store.cache_dir": str(tmp / "releases"),
         "deploy.port": port,
     }
-    apply_param_overrides(clone, overrides)
+    apply_param_overrides(clone, overrides, params_file)
     log(f"audit: deploy publishes to {tmp / 'store'} and serves on port {port}, not the recorded store/port")
     return overrides
 
@@ -355,16 +359,24 @@ def audit(
     keep: bool = False,
     to_stage: str | None = None,
     log: Callable[[str], None] = print,
+    profile: str = "text",
 ) -> AuditReport:
     """Reproduces the run recorded at `rev` of `repo` in a clean clone (module docstring).
 
-    `to_stage`: reproduce and compare only that stage and its upstream (a quick partial audit).
+    `to_stage`: reproduce and compare only that stage and its upstream (a quick partial audit);
+    `profile`: the pipeline audited (`flows.pipeline.PROFILES`: text = dvc.yaml and its dvc.lock, vl =
+    profiles/vl/dvc.yaml and its lock); another profile's stages are neither run nor compared.
 
     Raises:
         AuditError: no recording at `rev`, a failed clone/pull (with `remote` named)/stage.
+        ValueError: an unknown profile.
     """
     import yaml
 
+    from flows.pipeline import profile_files, stage_target
+
+    dvc_file, params_file = profile_files(profile)
+    lock_file = str(Path(dvc_file).with_suffix(".lock"))
     repo = Path(repo).resolve()
     commit = _run(
         ["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], repo, f"git: revision {rev!r}"
@@ -374,24 +386,25 @@ def audit(
     try:
         _run(["git", "clone", "-q", "--no-checkout", str(repo), str(clone)], tmp, "git clone")
         _run(["git", "checkout", "-q", commit], clone, f"git checkout {commit}")
-        if not (clone / "dvc.lock").is_file():
+        if not (clone / lock_file).is_file():
             raise AuditError(
-                f"no recorded run at {rev} ({commit[:12]}): dvc.lock is not committed there "
-                "(record one: make run, then git add dvc.lock metrics and commit)"
+                f"no recorded run of the {profile} profile at {rev} ({commit[:12]}): {lock_file} is not "
+                f"committed there (record one: ruyi run --profile {profile}, then git add {lock_file} "
+                "metrics and commit)"
             )
         local_config = repo / ".dvc" / "config.local"  # remote credentials/endpoints kept out of git
         if local_config.is_file():
             shutil.copy(local_config, clone / ".dvc" / "config.local")
         _anchor_local_remotes(repo, clone)
-        recorded = yaml.safe_load((clone / "dvc.lock").read_text())
-        dvc_yaml = yaml.safe_load((clone / "dvc.yaml").read_text())
+        recorded = yaml.safe_load((clone / lock_file).read_text())
+        dvc_yaml = yaml.safe_load((clone / dvc_file).read_text())
         measured = measured_outputs(dvc_yaml)
-        scope = upstream_stages(dvc_yaml, to_stage) if to_stage else set(dvc_yaml.get("stages", {}))
+        scope = upstream_stages(dvc_yaml, to_stage, dvc_file) if to_stage else set(dvc_yaml.get("stages", {}))
         recorded = {**recorded, "stages": {k: v for k, v in recorded.get("stages", {}).items() if k in scope}}
         pulled = partial = False
         if pull:
-            # the text pipeline's outputs only (dvc.yaml): another pipeline file's (profiles/vl) may be absent
-            cmd = [_bin("dvc"), "pull", "dvc.yaml"] + (["-r", remote] if remote else [])
+            # the audited pipeline's outputs only: another pipeline file's may be absent from the remote
+            cmd = [_bin("dvc"), "pull", dvc_file] + (["-r", remote] if remote else [])
             proc = _run(cmd, clone, "dvc pull", check=remote is not None)
             pulled = proc.returncode == 0
             if not pulled:
@@ -403,7 +416,7 @@ def audit(
                     "output is reproduced from scratch and compared with dvc.lock"
                 )
         report = AuditReport(rev=rev, commit=commit, pulled=pulled)
-        stale, corrupt = _stale_and_corrupt(_status(clone))
+        stale, corrupt = _stale_and_corrupt(_status(clone, dvc_file))
         report.stale = [line for line in stale if line.split(":")[0] in scope]
         corrupt = [line for line in corrupt if line.split(":")[0] in scope]
         # without a pull, the cached outputs are absent ("deleted", not counted); a git-tracked output
@@ -411,11 +424,11 @@ def audit(
         checked = set(verify_pulled(clone, recorded, partial=partial)) if pulled or partial else set()
         report.corrupt = sorted(set(corrupt) | checked)
         if "deploy" in scope:
-            sandbox_deploy(clone, tmp, log)
-        cmd = [_bin("dvc"), "repro", "--force"] + ([to_stage] if to_stage else [])
+            sandbox_deploy(clone, tmp, log, params_file)
+        cmd = [_bin("dvc"), "repro", "--force", stage_target(to_stage, dvc_file) if to_stage else dvc_file]
         log(f"audit: {rev} ({commit[:12]}): {' '.join(cmd[1:])} in {clone}")
         _run(cmd, clone, " ".join(cmd[1:]), log=log)
-        reproduced = yaml.safe_load((clone / "dvc.lock").read_text())
+        reproduced = yaml.safe_load((clone / lock_file).read_text())
         report.checks = compare(recorded, reproduced, measured, clone / ".dvc" / "cache")
         return report
     finally:
@@ -470,12 +483,18 @@ def print_report(report: AuditReport) -> None:
 
 
 @flow(name="ruyi-audit", log_prints=True)
-def ruyi_audit(workspace: str = ".", rev: str = "HEAD", remote: str | None = None, pull: bool = True) -> dict:
-    """Reproduce the run recorded at `rev` in a clean clone; the run fails unless every reproducible output
-    matched. The verdicts are published as a markdown artifact (`ruyi-audit`)."""
+def ruyi_audit(
+    workspace: str = ".",
+    rev: str = "HEAD",
+    remote: str | None = None,
+    pull: bool = True,
+    profile: str = "text",
+) -> dict:
+    """Reproduce the run of `profile` recorded at `rev` in a clean clone; the run fails unless every
+    reproducible output matched. The verdicts are published as a markdown artifact (`ruyi-audit`)."""
     from prefect.artifacts import create_markdown_artifact
 
-    report = audit(workspace, rev=rev, remote=remote, pull=pull)
+    report = audit(workspace, rev=rev, remote=remote, pull=pull, profile=profile)
     rows = "\n".join(
         f"| {c.stage} | {c.path} | {c.status} | {', '.join(c.files[:5])} |" for c in report.checks
     )
@@ -483,7 +502,8 @@ def ruyi_audit(workspace: str = ".", rev: str = "HEAD", remote: str | None = Non
         key="ruyi-audit",
         description=f"audit of {rev}",
         markdown=(
-            f"# Audit of {rev} ({report.commit[:12]}): {'passed' if report.ok else 'FAILED'}\n\n"
+            f"# Audit of {rev} ({report.commit[:12]}, {profile} profile): "
+            f"{'passed' if report.ok else 'FAILED'}\n\n"
             + "".join(f"- stale: {s}\n" for s in report.stale)
             + "".join(f"- corrupt: {s}\n" for s in report.corrupt)
             + "\n| stage | output | verdict | files |\n|---|---|---|---|\n"

@@ -248,8 +248,13 @@ def audit(
     keep: bool = typer.Option(False, "--keep", help="keep the temporary clean clone (its path is printed)"),
     to_stage: str = typer.Option(None, "--to-stage", help="audit only this stage and its upstream (quicker)"),
     json_out: str = typer.Option(None, "--json", help="also write the verdicts to this JSON file"),
+    profile: str = typer.Option(
+        "text",
+        "--profile",
+        help="text (dvc.yaml, dvc.lock) | vl (profiles/vl/dvc.yaml and its lock: vision-language)",
+    ),
 ) -> None:
-    """Reproduce a recorded run in a clean clone and compare every output with dvc.lock.
+    """Reproduce a recorded run in a clean clone and compare every output with its lock file.
 
     Prints one row per output: reproduced (bitwise), differs (files named), measured (not compared),
     missing, or unrecorded (an output dvc.yaml gained after the run was recorded). The reproduced deploy
@@ -275,8 +280,9 @@ def audit(
                 keep=keep,
                 to_stage=to_stage,
                 log=lambda line: typer.echo(line),
+                profile=profile,
             )
-        except AuditError as e:
+        except (AuditError, ValueError) as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:

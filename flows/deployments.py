@@ -37,8 +37,11 @@ def build_deployments(workspace: str | Path | None = None, cron: str = NIGHTLY_C
     audit = ruyi_audit.to_deployment(
         name="audit",
         cron=AUDIT_CRON,
-        parameters={"workspace": ws, "rev": "HEAD", "remote": None, "pull": True},
-        description="Reproduce the recorded run (dvc.lock at rev) in a clean clone; fails on any difference.",
+        parameters={"workspace": ws, "rev": "HEAD", "remote": None, "pull": True, "profile": "text"},
+        description=(
+            "Reproduce the recorded run (the profile's lock file at rev; profile text or vl) in a clean "
+            "clone; fails on any difference."
+        ),
         tags=["ruyi", "audit"],
     )
     return [nightly, rerun, audit]

@@ -165,6 +165,66 @@ def test_a_corrupt_object_is_caught_when_another_is_missing_from_the_remote(reco
     assert not report.ok and not report.pulled and any("the pull failed" in line for line in lines)
 
 
+def _record_vl(repo: Path) -> None:
+    """Adds a second pipeline file as the VL profile has it (`profiles/vl/dvc.yaml`, run from the root,
+    params in params.vl.yaml, its own lock), records and pushes its run, and commits."""
+    gen = (
+        GEN.replace('"params.yaml"', '"params.vl.yaml"')
+        .replace("out/", "out_vl/")
+        .replace('"out"', '"out_vl"')
+    )
+    gen = gen.replace("count.json", "count_vl.json")
+    (repo / "gen_vl.py").write_text(gen)
+    (repo / "params.vl.yaml").write_text("scale: 5\n")
+    (repo / "profiles" / "vl").mkdir(parents=True)
+    stage = {
+        "cmd": f"{sys.executable} gen_vl.py",
+        "wdir": "../..",
+        "deps": ["gen_vl.py"],
+        "params": [{"params.vl.yaml": ["scale"]}],
+        "outs": [
+            "out_vl/value.txt",
+            "out_vl/dir",
+            {"out_vl/when.json": {"labels": ["measured"]}},
+            {"count_vl.json": {"cache": False}},
+        ],
+    }
+    (repo / "profiles" / "vl" / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"gen": stage}}))
+    _run([DVC, "repro", "profiles/vl/dvc.yaml"], repo)
+    _run([DVC, "push", "profiles/vl/dvc.yaml"], repo)
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "recorded VL run")
+
+
+def test_the_vl_profile_is_audited_against_its_own_lock(recorded, tmp_path):
+    """`profile="vl"` pulls, checks, reproduces and compares the pipeline of profiles/vl/dvc.yaml against
+    profiles/vl/dvc.lock, and leaves the text pipeline alone (it once audited dvc.yaml only)."""
+    with pytest.raises(AuditError, match="profiles/vl/dvc.lock is not committed"):
+        audit(recorded, log=lambda _: None, workdir=tmp_path, profile="vl")
+    _record_vl(recorded)
+    lines: list[str] = []
+    report = audit(recorded, log=lines.append, workdir=tmp_path, profile="vl")
+    assert report.pulled and report.ok, report.to_dict()
+    assert {c.path: c.status for c in report.checks} == {
+        "out_vl/value.txt": "reproduced",
+        "out_vl/dir": "reproduced",
+        "out_vl/when.json": "measured",
+        "count_vl.json": "reproduced",
+    }
+    assert any("Running stage 'profiles/vl/dvc.yaml:gen':" in line for line in lines)
+    assert not any("Running stage 'gen':" in line for line in lines)  # the text stage did not run
+    assert audit(recorded, log=lambda _: None, workdir=tmp_path, to_stage="gen", profile="vl").ok
+    # a VL change that is not re-recorded fails the VL audit, naming it, and not the text one
+    (recorded / "gen_vl.py").write_text((recorded / "gen_vl.py").read_text().replace("i * p", "(i + 1) * p"))
+    _git(recorded, "commit", "-qam", "VL code changed, run not re-recorded")
+    report = audit(recorded, log=lambda _: None, workdir=tmp_path, profile="vl")
+    assert not report.ok and any(s.startswith("gen: changed deps: gen_vl.py") for s in report.stale)
+    assert {c.path for c in report.checks if c.status == "differs"} == {"out_vl/dir"}
+    assert audit(recorded, log=lambda _: None, workdir=tmp_path).ok
+    with pytest.raises(ValueError, match="profiles: text, vl"):
+        audit(recorded, log=lambda _: None, workdir=tmp_path, profile="audio")
+
+
 def test_a_revision_without_a_recording_is_an_error(tmp_path):
     repo = tmp_path / "empty"
     repo.mkdir()
