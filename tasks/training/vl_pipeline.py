@@ -1098,7 +1098,7 @@ def deploy(params: Params) -> dict[str, Any]:
     (`<artifacts_dir>/privacy`: edge tower + mapping, cloud head + contract) as `<model_name>-camera`
     (each reused when the store already holds that content); the fetched export is served by
     `tasks.release.serving` (`serving_kwargs`), every `exit_<d>` tier must run the evaluated parameter
-    count (metrics eval.json), and every tier gets the first `deploy.smoke_prompts` eval images with
+    count (`metrics/vl/eval_quality.json`), and every tier gets the first `deploy.smoke_prompts` eval images with
     their questions as OpenAI `image_url` data-URL parts: each answer must be exactly its exported stock
     member's under plain transformers (`tasks.release.vision.vl_smoke_test`) and the evaluate stage's
     answer of that member to that item (`reports/vl/evaluate/generations.jsonl`,
@@ -1122,7 +1122,8 @@ def deploy(params: Params) -> dict[str, Any]:
     )
     manifest = json.loads((root / "manifest.json").read_text())
     exits = manifest["exit_layers"]
-    eval_path = ws.metrics_dir / "eval.json"
+    # the reproducible part of evaluate's metrics (eval.json adds the measured tokens/s: not an output)
+    eval_path = ws.metrics_dir / "eval_quality.json"
     if not eval_path.is_file():
         raise StageError(f"{eval_path} not found (run evaluate with the VL profile first)")
     evaluated = json.loads(eval_path.read_text())

@@ -101,6 +101,24 @@ def test_every_stage_tracks_the_thread_count(pipeline):
         assert "threads" in declared, f"{pipeline}: stage {name} does not track threads"
 
 
+@pytest.mark.parametrize("pipeline", sorted(codedeps.PIPELINES))
+def test_measured_metric_files_are_neither_stage_outputs_nor_inputs(pipeline):
+    """The complete metric files (the file's top-level `metrics`: timings, tokens/s) change on every run:
+    as a stage output `ruyi audit` would find them different, as a stage input they would rerun it. The
+    VL profile's evaluate once output metrics/vl/eval.json (tokens/s) and its deploy read it."""
+    spec = yaml.safe_load((REPO / pipeline).read_text())
+    folder = (REPO / pipeline).parent
+    measured = {(folder / m).resolve().relative_to(REPO).as_posix() for m in spec.get("metrics", [])}
+    assert measured, f"{pipeline} lists no measured metric files"
+    for name, stage in spec["stages"].items():
+        touched = {
+            next(iter(x)) if isinstance(x, dict) else str(x)
+            for kind in ("deps", "outs", "metrics", "plots")
+            for x in stage.get(kind, []) or []
+        }
+        assert not touched & measured, f"{pipeline}: stage {name} outputs or reads {touched & measured}"
+
+
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_stage_params_include_every_section_it_reads(stage):
     source = (REPO / f"tasks/{stage}.py").read_text()
