@@ -20,7 +20,6 @@ matched and nothing was stale or corrupt. The same audit runs as the Prefect dep
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -101,9 +100,10 @@ def _run(
     Interrupted (Ctrl-C, SIGTERM through `sigterm_as_interrupt`, Prefect cancelling the flow), it stops
     the command's whole process group (`flows.processes.interrupt`: a `dvc repro` and its stage), so the
     audit's `finally` removes a clone that nothing writes into any more."""
+    from flows.pipeline import stage_env
     from flows.processes import interrupt
 
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = stage_env()  # the environment `ruyi run` gives DVC and the stages (HF_HUB_OFFLINE=1, ...)
     stderr = subprocess.STDOUT if log is not None else subprocess.PIPE
     proc = subprocess.Popen(
         cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True

@@ -78,7 +78,9 @@ class InfrastructureError(RuntimeError):
     """A transient failure around a stage (lock, signal, network): retried."""
 
 
-def _env() -> dict[str, str]:
+def stage_env() -> dict[str, str]:
+    """The environment of DVC and the stages it runs, for `ruyi run` and `ruyi audit` alike: offline, no
+    analytics, this interpreter's tools first on PATH (a variable the caller set is kept)."""
     env = dict(os.environ)
     env.setdefault("DVC_NO_ANALYTICS", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -91,7 +93,7 @@ def _env() -> dict[str, str]:
 def _dvc(args: list[str], workspace: Path, check: bool = True) -> subprocess.CompletedProcess:
     dvc = Path(sys.executable).parent / "dvc"
     cmd = [str(dvc) if dvc.exists() else "dvc", *args]
-    proc = subprocess.run(cmd, cwd=workspace, env=_env(), capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=workspace, env=stage_env(), capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise RuntimeError(
             f"`dvc {' '.join(args)}` failed in {workspace}:\n{proc.stderr.strip() or proc.stdout.strip()}"
@@ -119,7 +121,7 @@ def _dvc_streamed(
     proc = subprocess.Popen(
         cmd,
         cwd=workspace,
-        env=_env(),
+        env=stage_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,

@@ -256,7 +256,10 @@ def load_processor(params: Params):
     path = Workspace.from_params(params).tokenizer
     if not (path / "processor_config.json").is_file():
         raise StageError(f"no VL processor at {path}: run the tokenizer stage with the VL profile")
-    proc = Qwen3VLImageOnlyProcessor.from_pretrained(path)
+    # local_files_only explicit, as every load here: under HF_HUB_OFFLINE=1 transformers sets it anyway and
+    # the tokenizer saves the value into the configs that privacy and export write, so without it those
+    # outputs depended on the environment (the first VL audit found them different)
+    proc = Qwen3VLImageOnlyProcessor.from_pretrained(path, local_files_only=True)
     proc.tokenizer.padding_side = "left"
     return proc
 
@@ -1098,10 +1101,10 @@ def deploy(params: Params) -> dict[str, Any]:
     (`<artifacts_dir>/privacy`: edge tower + mapping, cloud head + contract) as `<model_name>-camera`
     (each reused when the store already holds that content); the fetched export is served by
     `tasks.release.serving` (`serving_kwargs`), every `exit_<d>` tier must run the evaluated parameter
-    count (`metrics/vl/eval_quality.json`), and every tier gets the first `deploy.smoke_prompts` eval images with
-    their questions as OpenAI `image_url` data-URL parts: each answer must be exactly its exported stock
-    member's under plain transformers (`tasks.release.vision.vl_smoke_test`) and the evaluate stage's
-    answer of that member to that item (`reports/vl/evaluate/generations.jsonl`,
+    count (`metrics/vl/eval_quality.json`), and every tier gets the first `deploy.smoke_prompts` eval
+    images with their questions as OpenAI `image_url` data-URL parts: each answer must be exactly its
+    exported stock member's under plain transformers (`tasks.release.vision.vl_smoke_test`) and the
+    evaluate stage's answer of that member to that item (`reports/vl/evaluate/generations.jsonl`,
     `tasks.release.smoke`: a StageError in float32, a warning otherwise). Then the fetched camera
     release joins the same Serve instance (`/edge`, `/cloud`: `tasks.release.camera`) and is sent fresh
     clips, edge -> cloud, and what the cloud must refuse (`_camera_smoke`). Once all of that passed, both

@@ -208,3 +208,35 @@ def test_vl_training_checkpoints_are_stale_when_their_inputs_change(tmp_path):
         assert changed == set(stages), (path, changed)
         path.write_bytes(original)
     assert train_inputs(p, "cpt") != train_inputs(load_params(VL, {**paths, "vl.num_train": 7}), "cpt")
+
+
+def test_a_loaded_processor_saves_the_same_files_online_or_offline(tmp_path):
+    """load_processor passes local_files_only itself: transformers sets it under HF_HUB_OFFLINE=1 and
+    the tokenizer saves it into the configs that privacy and export write, so those outputs once
+    depended on the environment (the first VL audit, whose stages ran without HF_HUB_OFFLINE, found
+    artifacts/vl/privacy and export different)."""
+    import os
+    import subprocess
+    import sys
+
+    from tiny_vl import tiny_vl_processor
+
+    tiny_vl_processor().save_pretrained(tmp_path / "a" / "tokenizer")
+    script = (
+        "import sys\n"
+        "from tasks.core.params import load_params\n"
+        "from tasks.training.vl_pipeline import load_processor\n"
+        "p = load_params(sys.argv[1], {'paths.artifacts_dir': sys.argv[2]})\n"
+        "load_processor(p).save_pretrained(sys.argv[3])\n"
+    )
+    saved = {}
+    for offline in ("1", None):
+        env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+        if offline:
+            env["HF_HUB_OFFLINE"] = offline
+        out = tmp_path / f"out-{offline}"
+        cmd = [sys.executable, "-c", script, str(VL), str(tmp_path / "a"), str(out)]
+        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        saved[offline] = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+    assert saved["1"] and saved["1"] == saved[None]
