@@ -373,10 +373,11 @@ def audit(
     """
     import yaml
 
+    from flows.pipeline import lock_file as lock_of
     from flows.pipeline import profile_files, stage_target
 
     dvc_file, params_file = profile_files(profile)
-    lock_file = str(Path(dvc_file).with_suffix(".lock"))
+    lock_file = lock_of(dvc_file)
     repo = Path(repo).resolve()
     commit = _run(
         ["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], repo, f"git: revision {rev!r}"
@@ -413,7 +414,7 @@ def audit(
                 partial = True
                 log(
                     f"audit: the pull failed (exit {proc.returncode}): what was pulled is verified, every "
-                    "output is reproduced from scratch and compared with dvc.lock"
+                    f"output is reproduced from scratch and compared with {lock_file}"
                 )
         report = AuditReport(rev=rev, commit=commit, pulled=pulled)
         stale, corrupt = _stale_and_corrupt(_status(clone, dvc_file))

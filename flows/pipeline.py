@@ -33,6 +33,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 from flows.processes import interrupt
+from tasks.core.codedeps import TEXT_PIPELINE, VL_PIPELINE
 from tasks.core.stage import TRANSIENT_EXIT_CODE, USER_ERROR_EXIT_CODE
 
 # Exit codes of `python -m tasks.<stage>` (tasks.core.stage_main): USER_ERROR_EXIT_CODE for bad input
@@ -54,8 +55,8 @@ _INFRA_PATTERNS = (
 
 #: profile -> (its DVC pipeline file, its params file), relative to the workspace.
 PROFILES: dict[str, tuple[str, str]] = {
-    "text": ("dvc.yaml", "params.yaml"),
-    "vl": ("profiles/vl/dvc.yaml", "params.vl.yaml"),
+    "text": (TEXT_PIPELINE, "params.yaml"),
+    "vl": (VL_PIPELINE, "params.vl.yaml"),
 }
 
 
@@ -63,6 +64,11 @@ def profile_files(profile: str) -> tuple[str, str]:
     if profile not in PROFILES:
         raise ValueError(f"profile={profile!r} is not a profile; profiles: {', '.join(PROFILES)}")
     return PROFILES[profile]
+
+
+def lock_file(dvc_file: str) -> str:
+    """The lock file DVC writes beside a pipeline file (`dvc.yaml` -> `dvc.lock`)."""
+    return Path(dvc_file).with_suffix(".lock").as_posix()
 
 
 def stage_target(stage: str, dvc_file: str = "dvc.yaml") -> str:
@@ -459,7 +465,7 @@ def _lineage_markdown(
         p = subprocess.run(["git", *args], cwd=workspace, capture_output=True, text=True)
         return p.stdout.strip() if p.returncode == 0 else "n/a"
 
-    lock_path = workspace / Path(dvc_file).with_suffix(".lock")
+    lock_path = workspace / lock_file(dvc_file)
     lock = yaml.safe_load(lock_path.read_text()) if lock_path.is_file() else {}
     lines = [
         "# Lineage",
