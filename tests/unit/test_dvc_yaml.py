@@ -119,6 +119,31 @@ def test_measured_metric_files_are_neither_stage_outputs_nor_inputs(pipeline):
         assert not touched & measured, f"{pipeline}: stage {name} outputs or reads {touched & measured}"
 
 
+@pytest.mark.parametrize("pipeline", sorted(codedeps.PIPELINES))
+def test_every_complete_metric_file_is_a_top_level_metric(pipeline):
+    """`write_metrics` writes a stage's reproducible part (the stage output `.../reproducible/<x>.json`)
+    and beside it the complete file `<x>.json`, which `dvc metrics show` shows only when the pipeline
+    file lists it: the VL file once listed evaluate's alone, leaving its training stages' timings and
+    run ids out of `dvc metrics show`/`diff`. Deploy's complete file is written beside its smoke record."""
+    spec = yaml.safe_load((REPO / pipeline).read_text())
+    folder = (REPO / pipeline).parent
+    listed = {(folder / m).resolve().relative_to(REPO).as_posix() for m in spec.get("metrics", [])}
+    complete = {"/".join(Path(m).parts[:-2] + (Path(m).name,)) for m in _outputs(spec, "/reproducible/")}
+    complete |= {m.replace("deploy_smoke.json", "deploy.json") for m in _outputs(spec, "deploy_smoke")}
+    assert len(complete) >= 10, complete
+    assert complete <= listed, f"{pipeline}: add to its top-level metrics: {sorted(complete - listed)}"
+
+
+def _outputs(spec: dict, marker: str) -> set[str]:
+    return {
+        next(iter(x)) if isinstance(x, dict) else str(x)
+        for stage in spec["stages"].values()
+        for kind in ("outs", "metrics")
+        for x in stage.get(kind, []) or []
+        if marker in (next(iter(x)) if isinstance(x, dict) else str(x))
+    }
+
+
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_stage_params_include_every_section_it_reads(stage):
     source = (REPO / f"tasks/{stage}.py").read_text()
