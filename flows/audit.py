@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
+
+from flows.processes import env_tool
 
 #: dvc.yaml label that declares an output measured (timings, timestamps): reported, never compared.
 MEASURED_LABEL = "measured"
@@ -83,12 +84,6 @@ class AuditReport:
             "counts": self.counts(),
             "outputs": [c.__dict__ | {"files": list(c.files)} for c in self.checks],
         }
-
-
-def _bin(name: str) -> str:
-    """A tool of this environment (dvc, git): beside the interpreter first, then PATH."""
-    local = Path(sys.executable).with_name(name)
-    return str(local) if local.exists() else name
 
 
 def _run(
@@ -271,7 +266,7 @@ def verify_pulled(clone: Path, recorded: dict[str, Any], partial: bool = False) 
 def _status(clone: Path, dvc_file: str = "dvc.yaml") -> dict[str, Any]:
     """`dvc status --json` of the audited pipeline file only (another one has its own lock and outputs),
     keyed by stage name (DVC names a stage of a file other than the root dvc.yaml `<file>:<stage>`)."""
-    proc = _run([_bin("dvc"), "status", dvc_file, "--json"], clone, f"dvc status {dvc_file}")
+    proc = _run([env_tool("dvc"), "status", dvc_file, "--json"], clone, f"dvc status {dvc_file}")
     return {key.removeprefix(f"{dvc_file}:"): v for key, v in json.loads(proc.stdout or "{}").items()}
 
 
@@ -307,7 +302,7 @@ def _stale_and_corrupt(status: dict[str, Any]) -> tuple[list[str], list[str]]:
 def _anchor_local_remotes(repo: Path, clone: Path) -> None:
     """A local-path remote (the default `.dvc-remote`, configured relative to `.dvc/`) means the folder of the
     audited repository, not one inside the temporary clone: point the clone's remote at the same folder."""
-    proc = _run([_bin("dvc"), "remote", "list"], repo, "dvc remote list", check=False)
+    proc = _run([env_tool("dvc"), "remote", "list"], repo, "dvc remote list", check=False)
     for line in proc.stdout.splitlines():
         parts = line.split()
         if len(parts) < 2 or "://" in parts[1]:
@@ -315,7 +310,7 @@ def _anchor_local_remotes(repo: Path, clone: Path) -> None:
         name, url = parts[0], Path(parts[1])
         absolute = url if url.is_absolute() else (repo / ".dvc" / url).resolve()
         _run(
-            [_bin("dvc"), "remote", "modify", "--local", name, "url", str(absolute)],
+            [env_tool("dvc"), "remote", "modify", "--local", name, "url", str(absolute)],
             clone,
             f"dvc remote modify {name}",
         )
@@ -405,7 +400,7 @@ def audit(
         pulled = partial = False
         if pull:
             # the audited pipeline's outputs only: another pipeline file's may be absent from the remote
-            cmd = [_bin("dvc"), "pull", dvc_file] + (["-r", remote] if remote else [])
+            cmd = [env_tool("dvc"), "pull", dvc_file] + (["-r", remote] if remote else [])
             proc = _run(cmd, clone, "dvc pull", check=remote is not None)
             pulled = proc.returncode == 0
             if not pulled:
@@ -426,7 +421,12 @@ def audit(
         report.corrupt = sorted(set(corrupt) | checked)
         if "deploy" in scope:
             sandbox_deploy(clone, tmp, log, params_file)
-        cmd = [_bin("dvc"), "repro", "--force", stage_target(to_stage, dvc_file) if to_stage else dvc_file]
+        cmd = [
+            env_tool("dvc"),
+            "repro",
+            "--force",
+            stage_target(to_stage, dvc_file) if to_stage else dvc_file,
+        ]
         log(f"audit: {rev} ({commit[:12]}): {' '.join(cmd[1:])} in {clone}")
         _run(cmd, clone, " ".join(cmd[1:]), log=log)
         reproduced = yaml.safe_load((clone / lock_file).read_text())

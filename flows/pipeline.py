@@ -32,7 +32,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
-from flows.processes import interrupt
+from flows.processes import env_tool, interrupt
 from tasks.core.codedeps import TEXT_PIPELINE, VL_PIPELINE
 from tasks.core.stage import TRANSIENT_EXIT_CODE, USER_ERROR_EXIT_CODE
 
@@ -97,8 +97,7 @@ def stage_env() -> dict[str, str]:
 
 
 def _dvc(args: list[str], workspace: Path, check: bool = True) -> subprocess.CompletedProcess:
-    dvc = Path(sys.executable).parent / "dvc"
-    cmd = [str(dvc) if dvc.exists() else "dvc", *args]
+    cmd = [env_tool("dvc"), *args]
     proc = subprocess.run(cmd, cwd=workspace, env=stage_env(), capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise RuntimeError(
@@ -120,8 +119,7 @@ def _dvc_streamed(
     the flow sends to the Prefect run logger, so the stage's progress shows in the UI. The last
     `keep_bytes` are kept for the error message of a failed stage.
     """
-    dvc = Path(sys.executable).parent / "dvc"
-    cmd = [str(dvc) if dvc.exists() else "dvc", *args]
+    cmd = [env_tool("dvc"), *args]
     # Its own session: a signal meant for the run (Ctrl-C in the terminal, a SIGTERM to the run or to
     # its process group) reaches DVC and the stage through `interrupt`, once, whichever way it came.
     proc = subprocess.Popen(

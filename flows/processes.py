@@ -6,8 +6,16 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
+
+
+def env_tool(name: str) -> str:
+    """A command of this environment (dvc): the one beside the interpreter, else PATH's."""
+    local = Path(sys.executable).with_name(name)
+    return str(local) if local.exists() else name
 
 
 def stop_group(proc: subprocess.Popen, signals: Sequence[signal.Signals], grace_s: float) -> None:
