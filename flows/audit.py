@@ -368,8 +368,10 @@ def audit(
     """
     import yaml
 
+    from flows.machine import check_threads
     from flows.pipeline import lock_file as lock_of
     from flows.pipeline import profile_files, stage_target
+    from tasks.core.params import load_params
 
     dvc_file, params_file = profile_files(profile)
     lock_file = lock_of(dvc_file)
@@ -421,6 +423,8 @@ def audit(
         report.corrupt = sorted(set(corrupt) | checked)
         if "deploy" in scope:
             sandbox_deploy(clone, tmp, log, params_file)
+        if warning := check_threads(load_params(clone / params_file).threads, params_file):
+            log(f"audit: {warning}")
         cmd = [
             env_tool("dvc"),
             "repro",

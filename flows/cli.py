@@ -113,6 +113,7 @@ def run(
     from pathlib import Path
 
     from flows import prefect_server
+    from flows.machine import check_threads
     from flows.pipeline import (
         InfrastructureError,
         StageFailed,
@@ -136,7 +137,9 @@ def run(
             if not (workspace / dvc_file).is_file():
                 raise ValueError(f"workspace {workspace} has no {dvc_file}")
             select_stages(dvc_stage_order(workspace, dvc_file), from_stage, to_stage)
-            load_params(workspace / params_file, sets)
+            params = load_params(workspace / params_file, sets)
+            if warning := check_threads(params.threads, params_file):
+                typer.echo(warning, err=True)
             api_settings = nullcontext()
             if not os.environ.get("PREFECT_API_URL"):
                 from prefect.settings import PREFECT_API_URL, temporary_settings

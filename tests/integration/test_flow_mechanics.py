@@ -662,6 +662,33 @@ def test_ruyi_run_reports_an_unreachable_prefect_api_as_infrastructure(mini_ws, 
     Path(log.group(1)).unlink()
 
 
+def test_ruyi_run_warns_when_its_threads_would_compete_with_other_work(mini_ws, tmp_path):
+    """With every CPU busy, a run of `threads: 2` (params.yaml) says so before it starts, and how to run on
+    one thread; at one thread (OMP_NUM_THREADS=1) it says nothing. (The run then stops at its Prefect
+    server's start, as in the test above: the warning comes first.)"""
+    from spinners import spinners, stop
+
+    procs = spinners(sorted(os.sched_getaffinity(0)))
+    try:
+        busy = _ruyi_run(
+            mini_ws, tmp_path, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0", OMP_NUM_THREADS=""
+        )
+        one = _ruyi_run(
+            mini_ws, tmp_path, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0", OMP_NUM_THREADS="1"
+        )
+    finally:
+        stop(procs)
+    for proc in (busy, one):
+        assert proc.returncode == 1 and "cannot reach the Prefect API" in proc.stderr, proc.stderr[-3000:]
+        log = re.search(r"its log,? (/\S+\.log)", proc.stderr)
+        if log:
+            Path(log.group(1)).unlink(missing_ok=True)
+    assert "warning: the machine is busy: other work is using" in busy.stderr, busy.stderr[-3000:]
+    assert "2 intra-op threads (`threads: 2` in params.yaml)" in busy.stderr
+    assert "With OMP_NUM_THREADS=1 the stages run on one thread" in busy.stderr
+    assert "the machine is busy" not in one.stderr
+
+
 def _processes_in(ws: Path, wait_s: float = 15.0) -> list[str]:
     """Command lines of live processes whose working directory is `ws` (the run's Prefect server, DVC and
     the stage all start there), after up to `wait_s` seconds for them to go."""

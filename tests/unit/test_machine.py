@@ -1,0 +1,54 @@
+"""flows.machine: the CPU time other work takes, measured from /proc/stat, and when `ruyi run` / `ruyi
+audit` warn that the stages' threads would compete with it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from spinners import spinners, stop
+
+from flows.machine import busy_cpus, oversubscription_warning
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads /proc/stat (Linux)")
+
+
+def test_a_spinning_process_is_counted_on_its_cpu():
+    cpu = min(os.sched_getaffinity(0))
+    procs = spinners([cpu])
+    try:
+        assert busy_cpus([cpu], sample_s=0.2) is not None  # the spinner has started
+        busy = busy_cpus([cpu], sample_s=1.0)
+    finally:
+        stop(procs)
+    assert busy is not None and 0.8 <= busy <= 1.0, busy
+
+
+def test_every_usable_cpu_spinning_counts_them_all():
+    usable = sorted(os.sched_getaffinity(0))
+    procs = spinners(usable)
+    try:
+        busy_cpus(sample_s=0.2)
+        busy = busy_cpus(sample_s=1.0)
+    finally:
+        stop(procs)
+    assert busy is not None and busy >= 0.8 * len(usable), (busy, usable)
+
+
+def test_no_proc_stat_no_figure(tmp_path):
+    assert busy_cpus(stat=tmp_path / "stat", sample_s=0.0) is None
+    (tmp_path / "stat").write_text("intr 1 2 3\n")  # no per-CPU lines
+    assert busy_cpus(stat=tmp_path / "stat", sample_s=0.0) is None
+
+
+def test_the_warning_rule():
+    where = "`threads: 2` in params.yaml"
+    # two threads on two CPUs: warned once other work takes more than half a CPU
+    assert oversubscription_warning(2, 0.3, 2, where) is None
+    said = oversubscription_warning(2, 1.0, 2, where)
+    assert said and "1.0 of the 2 CPUs" in said and "2 intra-op threads (`threads: 2` in params.yaml)" in said
+    assert "OMP_NUM_THREADS=1" in said and "same outputs, bit for bit" in said
+    assert oversubscription_warning(1, 2.0, 2, where) is None  # one thread does not spin against others
+    assert oversubscription_warning(2, 5.0, 8, where) is None  # room left
+    assert oversubscription_warning(4, 5.0, 8, where)
+    assert oversubscription_warning(2, None, 2, where) is None  # nothing measured (no /proc/stat)
