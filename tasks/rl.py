@@ -74,8 +74,9 @@ def checkpoint_info(
     """What an rl checkpoint must agree on (`tasks.training.checkpoint.fingerprint_info`): params.rl, the
     seed, rl.jsonl, the SFT checkpoint and the code of every module this stage imports. `steps` and
     `checkpoint_every` are left out: extending a run resumes it (the lr is constant, so nothing before
-    step n depends on the total); so is `eval_every` (greedy evaluation never changes training), unless
-    `rl.select_prompts` selects among its points: then it and select.jsonl (`select_path`) count."""
+    step n depends on the total); so are `kl_every` (the KL metric's pass draws nothing and trains
+    nothing) and `eval_every` (greedy evaluation never changes training), unless `rl.select_prompts`
+    selects among its points: then it and select.jsonl (`select_path`) count."""
     inputs = {"rl": sha256_file(rl_path), "sft": dir_sha256(sft_dir)}
     extra = None
     if params.rl.select_prompts:
@@ -87,7 +88,7 @@ def checkpoint_info(
         "rl",
         params.rl,
         seed=params.seed,
-        exclude=("steps", "checkpoint_every", "eval_every"),
+        exclude=("steps", "checkpoint_every", "eval_every", "kl_every"),
         inputs=inputs,
         extra=extra,
         code_root=code_root,
@@ -154,6 +155,11 @@ class Selection:
 # --- plots -----------------------------------------------------------------------------------------
 
 
+def _cell(value: float | None) -> float | str:
+    """A curves.csv cell: the value to 6 decimals, empty where a step did not measure it (kl)."""
+    return "" if value is None else round(float(value), 6)
+
+
 def write_curves(
     history: dict[int, list[dict[str, float]]],
     out_dir: Path,
@@ -179,9 +185,7 @@ def write_curves(
     writer.writerow(["step", "member", *CURVE_KEYS])
     for d, rows in history.items():
         for r in rows:
-            writer.writerow(
-                [int(r["step"]), f"exit_{d}", *[round(float(r.get(k, 0.0)), 6) for k in CURVE_KEYS]]
-            )
+            writer.writerow([int(r["step"]), f"exit_{d}", *[_cell(r.get(k, 0.0)) for k in CURVE_KEYS]])
     with atomic_file(out_dir / "curves.csv") as f:
         f.write(buf.getvalue())
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
@@ -198,7 +202,10 @@ def write_curves(
         axes[1, 0].plot(steps, [r["length"] for r in rows], label=f"exit {d} mean length")
         if any(r["budget"] for r in rows):
             axes[1, 0].plot(steps, [r["budget"] for r in rows], "--", label=f"exit {d} budget")
-        axes[1, 1].plot(steps, [r["kl"] for r in rows], label=f"exit {d}")
+        measured = [r for r in rows if r["kl"] is not None]  # every rl.kl_every-th step (beta 0)
+        axes[1, 1].plot(
+            [r["step"] for r in measured], [r["kl"] for r in measured], "o-", ms=3, label=f"exit {d}"
+        )
     draw_held_out(axes[0, 1], held_out or {}, colors)
     if selection is not None and selection.curve:
         ax = axes[0, 1]
@@ -296,6 +303,7 @@ def run(params: Params) -> dict[str, Any]:
         total=cfg.steps,
     )
     held = f"{curve[members[0]][-1]['accuracy']:.2f}"
+    kl = "-"  # the last measured KL (rl.kl_every)
     for _ in bar:
         stats = trainer.step()
         if cfg.eval_every and trainer.step_index % cfg.eval_every == 0 and trainer.step_index < cfg.steps:
@@ -304,12 +312,9 @@ def run(params: Params) -> dict[str, Any]:
                 curve[d].append({"step": trainer.step_index, **result[d]})
             held = f"{result[members[0]]['accuracy']:.2f}"
         first = stats[members[0]]
-        bar.set_postfix(
-            reward=f"{first['reward']:.3f}",
-            len=f"{first['length']:.1f}",
-            kl=f"{first['kl']:.4f}",
-            held_out=held,
-        )
+        if first["kl"] is not None:
+            kl = f"{first['kl']:.4f}"
+        bar.set_postfix(reward=f"{first['reward']:.3f}", len=f"{first['length']:.1f}", kl=kl, held_out=held)
         if (
             cfg.checkpoint_every
             and trainer.step_index % cfg.checkpoint_every == 0

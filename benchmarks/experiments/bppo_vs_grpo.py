@@ -9,7 +9,8 @@ accuracy, final accuracy, response length, tokens generated / trained, where the
 Per seed, every run (default `grpo` and `bppo`, each with the committed `rl` params of `--params`;
 `--run NAME=ALGORITHM,KEY=VALUE,...` adds variants, KEY an `rl` field or `bppo.<field>`) starts from
 the same SFT weights and advances round-robin, one step each, so load spikes hit them alike; a run's
-clock is the sum of its own step times (rollouts, loss, optimizer, KL metric; evaluation excluded).
+clock is the sum of its own step times (rollouts, loss, optimizer, the KL metric on every `rl.kl_every`-th
+step; evaluation excluded).
 Every `--eval-every` steps each run is evaluated greedily on the held-out prompts (the rl stage's own
 evaluation). The target of a seed is GRPO's final held-out accuracy; the time and steps to it are
 those of the first evaluation at or above it. Method: docs/choices.md#benchmarks; figures:

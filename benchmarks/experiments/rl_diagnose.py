@@ -247,13 +247,17 @@ def main(argv=None) -> int:
             train_time_s=trainer.elapsed_s,
             wall_s=time.perf_counter() - t0,
             steps_with_gradient=sum(h["has_gradient"] for h in hist),
-            mean_kl=sum(h["kl"] for h in hist) / len(hist),
+            mean_kl=_mean([h["kl"] for h in hist if h["kl"] is not None]),  # measured steps (rl.kl_every)
         )
         print(json.dumps(result))
     if a.json:
         with open(a.json, "a") as f:
             f.write(json.dumps(result) + "\n")
     return 0
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 if __name__ == "__main__":

@@ -396,7 +396,7 @@ class RLParams(_Section):
     compact_rollouts: bool = True
     # How a rollout token is drawn from softmax(logits / temperature) (rl_algos.draw_tokens):
     # inverse_cdf (one uniform per row and step) or race (an exponential per vocabulary entry, the
-    # sampler until 2026-12-06: 1.37x slower rollouts of the tiny default, RESULTS.md).
+    # sampler until 2026-12-06: rollouts of the tiny default 1.4x slower, RESULTS.md "Rollout draws").
     sampler: Literal["inverse_cdf", "race"] = "inverse_cdf"
     # Optimizer steps per generation batch (TRL's num_iterations); > 1 reuses the batch with
     # importance ratios against the sampling policy, so the PPO clip becomes active.
@@ -404,6 +404,10 @@ class RLParams(_Section):
     epsilon: PositiveFloat = 0.2
     epsilon_high: PositiveFloat = 0.28
     beta: Annotated[float, Field(ge=0.0)] = 0.0
+    # With beta = 0, the KL metric (k3 between the step's starting and updated policy on its trained
+    # tokens) costs one extra no-grad forward: measured on every kl_every-th step (0 = never); the
+    # others report none. With beta > 0 the loss computes the KL to the reference on every step anyway.
+    kl_every: NonNegInt = 10
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
     # Advantage scaling as TRL's scale_rewards: group std, batch std or none.
     scale_rewards: Literal["group", "batch", "none"] = "group"

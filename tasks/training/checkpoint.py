@@ -35,14 +35,6 @@ def dir_sha256(path: str | Path) -> dict[str, str]:
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
-def _code_fingerprint(stage: str, root: Path | None, pipeline: str) -> dict[str, str]:
-    """sha256 of every module the stage imports as `pipeline` runs it (`tasks.core.codedeps`, the same
-    list as its deps in that pipeline file): a checkpoint written by other code is stale (DVC reruns the
-    stage when that code changes; resuming the old code's checkpoint would mix the two). `root`: another
-    copy of the repository."""
-    return code_fingerprint(stage, REPO_ROOT if root is None else Path(root), pipeline)
-
-
 def fingerprint_info(
     stage: str,
     section: Any,
@@ -61,6 +53,10 @@ def fingerprint_info(
     (extending a run resumes it); `code_root`: the repository whose code is hashed (default: this one);
     `pipeline`: the pipeline file that runs the stage (`tasks.core.codedeps.PIPELINES`: the VL profile's
     stages also run `tasks.training.vl_pipeline`, whose code counts too).
+
+    The code is the sha256 of every module the stage imports as `pipeline` runs it (the same list as its
+    deps in that pipeline file): a checkpoint written by other code is stale (DVC reruns the stage when
+    that code changes; resuming the old code's checkpoint would mix the two).
     """
     params = section.model_dump() if hasattr(section, "model_dump") else dict(section)
     for key in (*NON_FINGERPRINT_KEYS, *exclude):
@@ -70,7 +66,7 @@ def fingerprint_info(
         "seed": seed,
         "params": params,
         "inputs": inputs,
-        "code": _code_fingerprint(stage, code_root, pipeline),
+        "code": code_fingerprint(stage, REPO_ROOT if code_root is None else Path(code_root), pipeline),
     }
     if model is not None:
         info["model"] = model.model_dump() if hasattr(model, "model_dump") else model

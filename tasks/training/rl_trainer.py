@@ -184,7 +184,7 @@ class Rollout:
     """
 
     batch: TrainBatch | None
-    stats: dict[str, float]
+    stats: dict[str, float | None]  # `kl` is None on a step that does not measure it (rl.kl_every)
     shortest_correct: list[int] = field(default_factory=list)
 
 
@@ -476,9 +476,9 @@ class RLTrainer:
         return loss, logps, st
 
     # -- one step --
-    def step(self) -> dict[int, dict[str, float]]:
+    def step(self) -> dict[int, dict[str, float | None]]:
         """One generation batch per member and `num_iterations` optimizer steps; returns the step's
-        metrics per member (also appended to `history`)."""
+        metrics per member (also appended to `history`; `kl` None where rl.kl_every skips it)."""
         t_step = time.perf_counter()
         step = self.step_index
         rollouts = self._collect_rollouts(self.prompts_for_step(step), step)
@@ -487,7 +487,11 @@ class RLTrainer:
             self._optimize(rollouts, first=it == 0)
         self.optimizer.zero_grad(set_to_none=True)
         if self.cfg.beta == 0:
-            self._measure_kl(rollouts)
+            if self.cfg.kl_every and (step + 1) % self.cfg.kl_every == 0:
+                self._measure_kl(rollouts)
+            else:  # not measured this step (rl.kl_every): none, rather than a 0 that reads as a measure
+                for rollout in rollouts.values():
+                    rollout.stats["kl"] = None
         self.elapsed_s += time.perf_counter() - t_step
         stats = {d: r.stats for d, r in rollouts.items()}
         for d in self.members:

@@ -914,6 +914,40 @@ def test_bad_inputs_name_the_file(micro, tmp_path):
         run(params)
 
 
+def test_kl_metric_every_n_steps_changes_no_training(micro, tmp_path):
+    """rl.kl_every (beta 0): the KL metric's extra no-grad pass runs on every n-th step only (20% of a
+    GRPO step when it ran on all); the other steps report none (null in rl.json, an empty cell in
+    curves.csv), never a 0 that reads as a measure, and the training is the same bits."""
+    from safetensors.torch import load_file
+
+    from tasks.rl import main
+
+    rows = rl_rows(20)
+    base = {"rl.prompts_per_step": 4, "rl.group_size": 8, "rl.steps": 4, "rl.eval_every": 0}
+    kl, weights = {}, {}
+    for every in (1, 2, 0):
+        root = tmp_path / f"every_{every}"
+        assert (
+            main(["--params", str(write_workspace(root, micro[2], rows, {**base, "rl.kl_every": every}))])
+            == 0
+        )
+        kl[every] = json.loads((root / "metrics" / "rl.json").read_text())["exit_1"]["curves"]["kl"]
+        weights[every] = load_file(root / "artifacts" / "rl" / "model.safetensors")
+    assert all(k is not None and k >= 0 for k in kl[1]) and max(kl[1]) > 0, kl[1]
+    assert kl[2] == [None, kl[1][1], None, kl[1][3]]
+    assert kl[0] == [None] * 4
+    header, *lines = (tmp_path / "every_2" / "plots" / "rl" / "curves.csv").read_text().splitlines()
+    column = header.split(",").index("kl")
+    assert [line.split(",")[column] for line in lines] == [
+        "",
+        str(round(kl[1][1], 6)),
+        "",
+        str(round(kl[1][3], 6)),
+    ]
+    for every in (2, 0):
+        assert all(torch.equal(weights[1][k], weights[every][k]) for k in weights[1]), every
+
+
 # --- members, skipped steps, timing, set-asides -------------------------------------------------------
 
 
