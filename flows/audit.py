@@ -371,7 +371,6 @@ def audit(
     from flows.machine import check_threads
     from flows.pipeline import lock_file as lock_of
     from flows.pipeline import profile_files, stage_target
-    from tasks.core.params import load_params
 
     dvc_file, params_file = profile_files(profile)
     lock_file = lock_of(dvc_file)
@@ -423,7 +422,10 @@ def audit(
         report.corrupt = sorted(set(corrupt) | checked)
         if "deploy" in scope:
             sandbox_deploy(clone, tmp, log, params_file)
-        if warning := check_threads(load_params(clone / params_file).threads, params_file):
+        # the audited revision's params may predate this code's schema: its `threads` alone is read
+        recorded_params = yaml.safe_load((clone / params_file).read_text()) or {}
+        threads = recorded_params.get("threads", "auto") if isinstance(recorded_params, dict) else "auto"
+        if warning := check_threads(threads, params_file):
             log(f"audit: {warning}")
         cmd = [
             env_tool("dvc"),

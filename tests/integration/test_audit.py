@@ -101,6 +101,31 @@ def test_a_recorded_run_reproduces(recorded, tmp_path):
     }
 
 
+@pytest.mark.parametrize("threads", [2, "lots"])
+def test_a_busy_machine_is_named_before_the_reproduction(recorded, tmp_path, monkeypatch, threads):
+    """The audited revision's `threads` is read from its own params file (it may predate this code's
+    schema: a value the schema would refuse is no error here, the stages refuse it themselves); with
+    every CPU spinning, 2 threads are warned about before the reproduction, with the remedy."""
+    from spinners import spinners, stop
+
+    (recorded / "params.yaml").write_text(f"scale: 3\nthreads: {threads}\n")
+    _git(recorded, "commit", "-qam", "threads")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    lines: list[str] = []
+    procs = spinners(sorted(os.sched_getaffinity(0)))
+    try:
+        report = audit(recorded, pull=False, log=lines.append, workdir=tmp_path)
+    finally:
+        stop(procs)
+    assert report.ok, report.to_dict()
+    warned = [line for line in lines if "the machine is busy" in line]
+    if threads == 2:
+        assert len(warned) == 1 and "`threads: 2` in params.yaml" in warned[0], lines
+        assert "OMP_NUM_THREADS=1" in warned[0]
+    else:
+        assert warned == [], lines
+
+
 def test_from_scratch_without_a_remote(recorded, tmp_path):
     report = audit(recorded, pull=False, log=lambda _: None, workdir=tmp_path)
     assert not report.pulled and report.ok, report.to_dict()

@@ -8,7 +8,7 @@ import os
 import pytest
 from spinners import spinners, stop
 
-from flows.machine import busy_cpus, oversubscription_warning
+from flows.machine import busy_cpus, check_threads, oversubscription_warning
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads /proc/stat (Linux)")
 
@@ -52,3 +52,8 @@ def test_the_warning_rule():
     assert oversubscription_warning(2, 5.0, 8, where) is None  # room left
     assert oversubscription_warning(4, 5.0, 8, where)
     assert oversubscription_warning(2, None, 2, where) is None  # nothing measured (no /proc/stat)
+
+
+@pytest.mark.parametrize("setting", [0, -1, "lots", 1.5, True, None])
+def test_a_setting_the_stages_would_refuse_is_not_an_error_here(setting):
+    assert check_threads(setting, "params.yaml") is None
