@@ -79,9 +79,12 @@ def check_threads(setting: int | str, where: str) -> str | None:
     """The oversubscription warning for the `threads` setting of `where` (a params file) on this
     machine now, or None (also for a setting that is not `auto` or a positive integer: the stages will
     refuse it themselves); samples the machine for half a second."""
+    from tasks.core.params import Params
     from tasks.core.stage import resolve_threads
 
-    if setting != "auto" and not (isinstance(setting, int) and not isinstance(setting, bool) and setting > 0):
+    try:
+        Params._check_threads(setting)  # the schema's one rule for `threads`
+    except ValueError:
         return None
     threads, _ = resolve_threads(setting)
     if threads <= 1:
