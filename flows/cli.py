@@ -100,7 +100,8 @@ def run(
     Without PREFECT_API_URL the run starts a private Prefect server on a free port (the UI's address is
     printed) and stops it at the end; with it, the run reports to that server. Ctrl-C or SIGTERM stops
     the run within seconds: the running stage is interrupted and not recorded, finished stages are kept,
-    and the next run resumes from there.
+    and the next run resumes from there. On a machine whose other work leaves too few CPUs for the params'
+    `threads`, it warns first (OMP_NUM_THREADS=1 gives the same outputs in the tiny profile).
 
     Exit codes: 0 done; 2 a stage failed on its input or parameters (not retried); 1 an infrastructure
     error that persisted through the retries (a killed stage, an unreachable server, a failed push);
@@ -262,6 +263,7 @@ def audit(
     Prints one row per output: reproduced (bitwise), differs (files named), measured (not compared),
     missing, or unrecorded (an output dvc.yaml gained after the run was recorded). The reproduced deploy
     publishes to a store inside the clone and serves on a free port, never the recorded store or port.
+    On a machine too busy for the audited params' `threads`, it warns before the reproduction.
     Ctrl-C or SIGTERM stops the reproduction (DVC and its stage) within seconds and removes the clone
     (unless --keep).
     Exit codes: 0 every reproducible output matched; 1 something differs, is missing, unrecorded, stale or
