@@ -1,6 +1,10 @@
 """What else the machine is doing: the CPU time other work takes now, and the warning `ruyi run` and
 `ruyi audit` print when the stages' intra-op threads would compete with it.
 
+Two limits are checked: the CPUs of this process's affinity mask, whose load /proc/stat shows, and,
+inside a container with a CPU quota (tasks.core.cpus), the quota, whose use the cgroup's own CPU time
+counter shows (/proc/stat counts the host's CPUs there, not the container's share of them).
+
 Why: OpenMP threads spin while they wait for each other, so a 2-thread stage beside other work gets
 several times slower per step, not twice (benchmarks/RESULTS.md, "Threads on a busy machine";
 `benchmarks/experiments/thread_contention.py`). One thread is immune, and gives the same bits in every
@@ -9,10 +13,11 @@ output (`OMP_NUM_THREADS=1 ruyi audit` of a 2-thread recording).
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
+
+from tasks.core.cpus import CpuQuota, cgroup_cpu_seconds, cpu_quota, usable_cpu_set
 
 PROC_STAT = Path("/proc/stat")
 
@@ -42,33 +47,43 @@ def busy_cpus(
 ) -> float | None:
     """How many CPUs' worth of work ran on `cpus` (default: those this process may use) during the next
     `sample_s` seconds, this process sleeping meanwhile; None where there is no /proc/stat (not Linux)."""
-    wanted = set(cpus) if cpus is not None else _usable_cpus()
+    return busy(cpus, None, sample_s, stat)[0]
+
+
+def busy(
+    cpus: Iterable[int] | None, quota: CpuQuota | None, sample_s: float = 0.5, stat: Path = PROC_STAT
+) -> tuple[float | None, float | None]:
+    """(CPUs' worth of work on `cpus`, per /proc/stat; CPUs' worth of work in the cgroup that sets
+    `quota`, per its CPU time counter) over one window of `sample_s` seconds, this process sleeping
+    meanwhile; either is None where it cannot be measured (no /proc/stat, no quota or no counter)."""
+    wanted = set(cpus) if cpus is not None else usable_cpu_set()
     first = _cpu_times(wanted, stat)
-    if first is None:
-        return None
+    cg_first = cgroup_cpu_seconds(quota) if quota is not None else None
+    start = time.monotonic()
     time.sleep(sample_s)
     second = _cpu_times(wanted, stat)
-    if second is None or second[1] <= first[1]:
-        return None
-    share = (second[0] - first[0]) / (second[1] - first[1])
-    return max(0.0, share * len(wanted))
+    cg_second = cgroup_cpu_seconds(quota) if quota is not None and cg_first is not None else None
+    elapsed = time.monotonic() - start
+    host = None
+    if first is not None and second is not None and second[1] > first[1]:
+        host = max(0.0, (second[0] - first[0]) / (second[1] - first[1]) * len(wanted))
+    in_cgroup = None
+    if cg_first is not None and cg_second is not None and elapsed > 0:
+        in_cgroup = max(0.0, (cg_second - cg_first) / elapsed)
+    return host, in_cgroup
 
 
-def _usable_cpus() -> set[int]:
-    if hasattr(os, "sched_getaffinity"):
-        return set(os.sched_getaffinity(0))
-    return set(range(os.cpu_count() or 1))
-
-
-def oversubscription_warning(threads: int, busy: float | None, cpus: int, setting: str) -> str | None:
+def oversubscription_warning(
+    threads: int, busy: float | None, cpus: float, setting: str, limit: str = "CPUs this process may use"
+) -> str | None:
     """The warning for stages of `threads` intra-op threads on `cpus` CPUs of which other work keeps
     `busy` (busy_cpus), or None: one thread never warns, nor do threads that fit the CPUs left free with
-    half a CPU to spare."""
+    half a CPU to spare. `limit` says what the `cpus` are (the affinity mask's, or a CPU quota)."""
     if busy is None or threads <= 1 or busy + threads <= cpus + 0.5:
         return None
     return (
-        f"warning: the machine is busy: other work is using {busy:.1f} of the {cpus} CPUs this process "
-        f"may use, and the stages run {threads} intra-op threads ({setting}). Threads spinning against "
+        f"warning: the machine is busy: other work is using {busy:.1f} of the {cpus:g} {limit}, "
+        f"and the stages run {threads} intra-op threads ({setting}). Threads spinning against "
         'other work can make every training step several times slower (benchmarks/RESULTS.md, "Threads '
         'on a busy machine"). With OMP_NUM_THREADS=1 the stages run on one thread and give the same '
         "outputs, bit for bit."
@@ -78,7 +93,8 @@ def oversubscription_warning(threads: int, busy: float | None, cpus: int, settin
 def check_threads(setting: int | str, where: str) -> str | None:
     """The oversubscription warning for the `threads` setting of `where` (a params file) on this
     machine now, or None (also for a setting that is not `auto` or a positive integer: the stages will
-    refuse it themselves); samples the machine for half a second."""
+    refuse it themselves); samples the machine for half a second. Both limits are checked: the
+    affinity mask's CPUs against their load, and a cgroup CPU quota against its cgroup's use."""
     from tasks.core.params import Params
     from tasks.core.stage import resolve_threads
 
@@ -89,5 +105,12 @@ def check_threads(setting: int | str, where: str) -> str | None:
     threads, _ = resolve_threads(setting)
     if threads <= 1:
         return None
-    cpus = _usable_cpus()
-    return oversubscription_warning(threads, busy_cpus(cpus), len(cpus), f"`threads: {setting}` in {where}")
+    cpus, quota = usable_cpu_set(), cpu_quota()
+    on_host, in_cgroup = busy(cpus, quota)
+    said = f"`threads: {setting}` in {where}"
+    warning = oversubscription_warning(threads, on_host, len(cpus), said)
+    if warning is None and quota is not None:
+        warning = oversubscription_warning(
+            threads, in_cgroup, quota.cpus, said, f"CPUs of this process's CPU quota (set at {quota.path})"
+        )
+    return warning

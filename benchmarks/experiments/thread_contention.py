@@ -1,7 +1,7 @@
 """Training at 1 and 2 intra-op threads, alone and beside other work: why `ruyi run` warns on a busy machine.
 
     python benchmarks/experiments/thread_contention.py [--steps 30] [--seq-len 100] [--wait-policy]
-        [--json out.json]
+        [--quota] [--json out.json]
 
 Each scenario runs family_sft-shaped training steps (the tiny family of params.yaml, `family_sft`'s
 batch size and optimizer, random tokens of `--seq-len`, the multi-exit loss) in a fresh process at a
@@ -11,7 +11,11 @@ given torch thread count, and reports the median seconds per step after three wa
 - `beside a 1-thread job`: a neighbour at one thread trains the same model for the whole measurement.
 The ratio is each row's median over `2 threads, alone` (the tiny default's `threads: 2`).
 `--wait-policy` adds the same rows under OMP_WAIT_POLICY=PASSIVE (OpenMP threads sleep instead of
-spinning while they wait). Figures: benchmarks/RESULTS.md, "Threads on a busy machine".
+spinning while they wait). `--quota` adds rows for a job alone in a real cgroup v1 `cpu` cgroup with a
+quota of one CPU (`docker run --cpus 1`, a Kubernetes limit of 1; needs root and a writable cgroup v1
+`cpu` hierarchy): at 2 threads (what `threads: auto` or `threads: 2` started there before the quota
+was counted) and at the threads the stages now pick there (tasks.core.cpus, resolved in the job).
+Figures: benchmarks/RESULTS.md, "Threads on a busy machine" and "CPU quotas".
 """
 
 from __future__ import annotations
@@ -29,9 +33,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def worker(threads: int, steps: int, seq_len: int) -> dict:
-    """Times `steps` training steps at `threads` intra-op threads in this process."""
+    """Times `steps` training steps at `threads` intra-op threads in this process (0: the stages' own
+    choice for `threads: auto` here, tasks.core.stage.resolve_threads)."""
     import torch
 
+    if threads == 0:
+        from tasks.core.stage import resolve_threads
+
+        threads = resolve_threads("auto")[0]
     torch.set_num_threads(threads)
     from ruyi_model import FamilialForCausalLM
     from tasks.core.params import load_params
@@ -62,25 +71,72 @@ def worker(threads: int, steps: int, seq_len: int) -> dict:
     return {"threads": threads, "steps": steps, "median_s": statistics.median(times[3:])}
 
 
-def _start(threads: int, steps: int, seq_len: int, env: dict[str, str]) -> subprocess.Popen:
+def _start(threads: int, steps: int, seq_len: int, env: dict[str, str], preexec=None) -> subprocess.Popen:
     cmd = [sys.executable, __file__, "--worker", str(threads), "--steps", str(steps)]
     cmd += ["--seq-len", str(seq_len)]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, preexec_fn=preexec)
 
 
-def _result(proc: subprocess.Popen) -> float:
+def _report(proc: subprocess.Popen) -> dict:
     out, _ = proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"worker failed with exit code {proc.returncode}")
-    return float(json.loads(out.strip().splitlines()[-1])["median_s"])
+    return json.loads(out.strip().splitlines()[-1])
 
 
-def scenario(name: str, threads: int, steps: int, seq_len: int, policy: str | None) -> dict:
-    """One row: the measured job at `threads`, with the neighbours `name` says."""
+def _result(proc: subprocess.Popen) -> float:
+    return float(_report(proc)["median_s"])
+
+
+def _env(policy: str | None = None) -> dict[str, str]:
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
     env.pop("OMP_NUM_THREADS", None)  # the job sets its threads itself; a cap would hide the effect
     if policy:
         env["OMP_WAIT_POLICY"] = policy
+    return env
+
+
+def quota_parent() -> Path | None:
+    """This process's cgroup in a writable cgroup v1 `cpu` hierarchy, or None."""
+    from tasks.core.cpus import cgroup_dirs
+
+    v1 = [d for version, d, _, _ in cgroup_dirs() if version == 1]
+    return v1[0] if v1 and os.access(v1[0], os.W_OK) else None
+
+
+def quota_rows(parent: Path, steps: int, seq_len: int) -> list[dict]:
+    """The job alone in a new cgroup below `parent` with a quota of one CPU: at 2 threads, and at the
+    stages' own choice there (worker 0); the cgroup is removed afterwards."""
+    cgroup = parent / f"ruyi-bench-{os.getpid()}"
+    cgroup.mkdir()
+    rows = []
+    try:
+        (cgroup / "cpu.cfs_period_us").write_text("100000")
+        (cgroup / "cpu.cfs_quota_us").write_text("100000")  # one CPU's worth of time per period
+
+        def enter() -> None:
+            (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
+        for threads in (2, 0):
+            report = _report(_start(threads, steps, seq_len, _env(), enter))
+            rows.append(
+                {
+                    "scenario": "alone, a quota of 1 CPU",
+                    "threads": report["threads"],
+                    "wait_policy": "default",
+                    "median_s": round(report["median_s"], 4),
+                    "other_job_median_s": [],
+                    "chosen_by": "the stages (auto)" if threads == 0 else "set",
+                }
+            )
+    finally:
+        cgroup.rmdir()
+    return rows
+
+
+def scenario(name: str, threads: int, steps: int, seq_len: int, policy: str | None) -> dict:
+    """One row: the measured job at `threads`, with the neighbours `name` says."""
+    env = _env(policy)
     neighbour = None
     if name == "two at once":
         neighbour = _start(threads, steps, seq_len, env)
@@ -113,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--wait-policy", action="store_true", help="also run every row under OMP_WAIT_POLICY=PASSIVE"
     )
+    parser.add_argument(
+        "--quota", action="store_true", help="also run the job alone in a cgroup with a 1-CPU quota (root)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the rows here too")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -121,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker is not None:
         print(json.dumps(worker(args.worker, args.steps, args.seq_len)))
         return 0
+    parent = quota_parent() if args.quota else None
+    if args.quota and parent is None:
+        parser.error("--quota needs a writable cgroup v1 cpu hierarchy (root on a cgroup v1 or hybrid host)")
     print(f"{os.cpu_count()} CPUs, {len(os.sched_getaffinity(0))} usable; {args.steps} steps per job")
     rows = []
     for policy in [None, "PASSIVE"] if args.wait_policy else [None]:
@@ -129,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(scenario(name, threads, args.steps, args.seq_len, policy))
                 r = rows[-1]
                 print(f"  {r['wait_policy']:8s} {name:22s} {threads} thread(s): {r['median_s']:.3f} s/step")
+    if parent is not None:
+        for r in quota_rows(parent, args.steps, args.seq_len):
+            rows.append(r)
+            how = f"{r['threads']} thread(s), {r['chosen_by']}"
+            print(f"  {r['scenario']:31s} {how}: {r['median_s']:.3f} s/step")
     base = next(r["median_s"] for r in rows if r["scenario"] == "alone" and r["threads"] == 2)
     for r in rows:
         r["ratio_to_2_threads_alone"] = round(r["median_s"] / base, 2)

@@ -861,7 +861,8 @@ class VLParams(_Section):
 class Params(_Section):
     seed: NonNegInt = 1234
     # Intra-op (torch/OpenMP) threads of every stage (tasks.core.stage.set_threads): a positive int, or
-    # "auto" = the CPUs this process may use (its affinity), capped by OMP_NUM_THREADS when that is set.
+    # "auto" = the CPUs this process may use (its affinity, capped by its cgroup CPU quota:
+    # tasks.core.cpus), capped by OMP_NUM_THREADS when that is set.
     threads: Literal["auto"] | PositiveInt = "auto"
     paths: PathsParams = PathsParams()
     model: ModelParams = ModelParams()

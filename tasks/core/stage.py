@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from tasks.core.cpus import available_cpus, cpu_quota
 from tasks.core.params import Params, ParamsError, load_params
 
 log = logging.getLogger("ruyi")
@@ -76,20 +77,13 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask; os.cpu_count() where that is unknown)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 def resolve_threads(setting: int | str) -> tuple[int, str]:
     """The intra-op thread count for `threads` (params.yaml) and why: `auto` is the CPUs this process
-    may use; an int is used as given. Either is capped by those CPUs and by OMP_NUM_THREADS when that is
-    set (the environment's ceiling per process: the test suite and Ray Train workers set it), so a stage
-    never starts more threads than it has cores: OpenMP threads spinning against each other make every
-    op far slower (benchmarks/RESULTS.md, "Training throughput and threads"). A cap changes no result
+    may use (its affinity mask, capped by its cgroup's CPU quota: tasks.core.cpus); an int is used as
+    given. Either is capped by those CPUs and by OMP_NUM_THREADS when that is set (the environment's
+    ceiling per process: the test suite and Ray Train workers set it), so a stage never starts more
+    threads than it has cores: OpenMP threads spinning against each other make every op far slower
+    (benchmarks/RESULTS.md, "Training throughput and threads", "CPU quotas"). A cap changes no result
     where outputs do not depend on the thread count, as in the tiny profile
     (docs/choices.md#orchestration)."""
     cpus = available_cpus()
@@ -98,6 +92,9 @@ def resolve_threads(setting: int | str) -> tuple[int, str]:
     wanted = cpus if setting == "auto" else int(setting)
     threads = min(wanted, cpus, omp_cap or wanted)
     notes = [f"threads={setting}", f"{cpus} CPU{'s' if cpus != 1 else ''} available to this process"]
+    quota = cpu_quota()
+    if quota is not None:
+        notes.append(f"a CPU quota of {quota.cpus:g} at {quota.path}")
     if omp_cap is not None:
         notes.append(f"OMP_NUM_THREADS={omp}")
     return threads, "; ".join(notes)

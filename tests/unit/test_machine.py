@@ -52,6 +52,11 @@ def test_the_warning_rule():
     assert oversubscription_warning(2, 5.0, 8, where) is None  # room left
     assert oversubscription_warning(4, 5.0, 8, where)
     assert oversubscription_warning(2, None, 2, where) is None  # nothing measured (no /proc/stat)
+    # inside a CPU quota: its CPUs and where it is set are named
+    limit = "CPUs of this process's CPU quota (set at /sys/fs/cgroup/cpu/job)"
+    said = oversubscription_warning(2, 1.2, 2.5, where, limit)
+    assert said and "1.2 of the 2.5 CPUs of this process's CPU quota (set at /sys/fs/cgroup/cpu/job)" in said
+    assert oversubscription_warning(2, 0.4, 2.5, where, limit) is None
 
 
 @pytest.mark.parametrize("setting", [0, -1, "lots", 1.5, True, None])
