@@ -91,9 +91,15 @@ def recipe_lines(metrics_dir: str | Path) -> list[str]:
         )
     removed = comp.get("removed_fraction") or {}
     if removed:
+        used, asked = comp.get("ratio_used"), comp.get("ratio")
+        lowered = (
+            f" (ratio {used} of the {asked} asked: the largest within the loss budget on the decision set)"
+            if used is not None and asked is not None and used < asked
+            else ""
+        )
         lines.append(
             f"compression: removed {pct(removed.get('blocks'))} of the DaE blocks, "
-            f"{pct(removed.get('head'))} of the head, {pct(removed.get('blocks_and_head'))} of both"
+            f"{pct(removed.get('head'))} of the head, {pct(removed.get('blocks_and_head'))} of both{lowered}"
         )
     if route:
         deep, at = route.get("always_deepest") or {}, route.get("router") or {}

@@ -475,17 +475,20 @@ def heldout_sets(params: Params, tokenizer) -> HeldoutSets:
     )
 
 
-def decompose_member(model, params: Params, d: int, calibration: list, source: Path):
-    """Decomposes member `d` so that `compress.ratio` of its added parameters go; returns (model, report,
-    matrix_ratio). Errors name compress.ratio / the checkpoint."""
+def decompose_member(
+    model, params: Params, d: int, calibration: list, source: Path, ratio: float | None = None
+):
+    """Decomposes member `d` so that `ratio` (default `compress.ratio`) of its added parameters go; returns
+    a new (model, report, matrix_ratio), `model` unchanged. Errors name compress.ratio / the checkpoint."""
     from ruyi_model.dae import decompose
 
     cfg = params.compress
+    ratio = cfg.ratio if ratio is None else ratio
     added_before = added_parameters(model, d)
-    matrix_ratio, removable = matrix_ratio_for(model, d, cfg.ratio, cfg.include_head, added_before)
+    matrix_ratio, removable = matrix_ratio_for(model, d, ratio, cfg.include_head, added_before)
     if matrix_ratio >= removable:
         raise StageError(
-            f"compress.ratio={cfg.ratio}: removing that share of member {d}'s {added_before} added "
+            f"compress.ratio={ratio}: removing that share of member {d}'s {added_before} added "
             f"parameters needs {matrix_ratio:.3f} of its decomposable matrices, but at most "
             f"{removable:.3f} can go (include_head={cfg.include_head}); lower compress.ratio"
             + ("" if cfg.include_head else " or set compress.include_head=true")
@@ -504,22 +507,75 @@ def decompose_member(model, params: Params, d: int, calibration: list, source: P
     model, report = decomposed.model, decomposed.report.to_dict()
     model.eval()
     added_after = added_parameters(model, d)
-    if 1.0 - added_after / added_before < cfg.ratio:
+    if 1.0 - added_after / added_before < ratio:
         raise RuntimeError(
             f"compress: added parameters {added_before} -> {added_after} remove less than "
-            f"compress.ratio={cfg.ratio} (matrix ratio {matrix_ratio})"
+            f"the ratio {ratio} (matrix ratio {matrix_ratio})"
         )
     return model, report, matrix_ratio
 
 
-def heal_if_better(
-    model, teacher, tokenizer, d: int, params: Params, split: SelectionSplit, calibration: list
-) -> HealOutcome:
-    """Optional healing (`heal_steps` > 0): distillation from the dense `teacher` on the `calibration`
-    batches, kept only if it does not hurt on the selection set (select_corpus blocks and select.jsonl
-    solutions, worst case); otherwise the decomposed factors are restored."""
-    import torch
+def relative_increase(losses: dict[str, float], reference: dict[str, float]) -> float:
+    """The larger relative increase of the corpus and the solution loss over `reference` (the budget's
+    measure, as `relative_loss_change` in the metrics)."""
+    return max((losses[k] - reference[k]) / reference[k] for k in ("loss", "solution_loss"))
 
+
+def budget_ratios(cfg) -> list[float]:
+    """The ratios the budget search tries, largest first: `ratio`, then down by `ratio_step` to no less
+    than `min_ratio`; `ratio` alone without `fit_budget`."""
+    if not cfg.fit_budget:
+        return [cfg.ratio]
+    out, i = [], 0
+    while (r := round(cfg.ratio - i * cfg.ratio_step, 6)) >= cfg.min_ratio - 1e-9:
+        out.append(r)
+        i += 1
+    return out
+
+
+def fit_to_budget(
+    dense, params: Params, d: int, calibration: list, source: Path, selection: tuple[list, list]
+):
+    """Decomposes member `d` at the largest ratio of `budget_ratios` whose loss increase on the
+    healing-decision set (`selection`: its corpus and solution batches) is within
+    `max_relative_loss_increase` (the smallest ratio tried when none is); returns (model, report,
+    matrix_ratio, search), `search` listing every ratio tried with its increase."""
+    cfg = params.compress
+    reference = heldout_losses(dense, [d], *selection)[d]
+    search: dict[str, Any] = {"selection_dense": reference, "tried": [], "ratio_used": None}
+    for ratio in budget_ratios(cfg):
+        model, report, matrix_ratio = decompose_member(dense, params, d, calibration, source, ratio)
+        losses = heldout_losses(model, [d], *selection)[d]
+        increase = relative_increase(losses, reference)
+        fits = increase <= cfg.max_relative_loss_increase
+        search["tried"].append(
+            {"ratio": ratio, "selection": losses, "relative_increase": increase, "fits": fits}
+        )
+        log.info(
+            "ratio %.3f: loss increase on the healing-decision set %+.2f%% (budget %.1f%%)%s",
+            ratio,
+            100 * increase,
+            100 * cfg.max_relative_loss_increase,
+            "" if fits or not cfg.fit_budget else ": over, trying a smaller ratio",
+        )
+        if fits:
+            break
+    search["ratio_used"] = ratio
+    search["fits"] = fits
+    if not fits and cfg.fit_budget:
+        log.warning(
+            "no ratio down to compress.min_ratio=%s keeps member %d within the budget on the "
+            "healing-decision set; publishing ratio %s for the gates to judge",
+            cfg.min_ratio,
+            d,
+            ratio,
+        )
+    return model, report, matrix_ratio, search
+
+
+def selection_batches(params: Params, tokenizer, split: SelectionSplit) -> tuple[list, list]:
+    """The healing-decision set as (corpus batches, solution batches): `loss_batches` batches of
+    `batch_size` select_corpus blocks and select.jsonl rows."""
     from tasks.training.batches import build_sft_examples, fixed_batches
 
     cfg = params.compress
@@ -530,6 +586,25 @@ def heal_if_better(
         cfg.batch_size,
         cfg.loss_batches,
     )
+    return sel_corpus, sel_solutions
+
+
+def heal_if_better(
+    model,
+    teacher,
+    d: int,
+    params: Params,
+    split: SelectionSplit,
+    selection_set: tuple[list, list],
+    calibration: list,
+) -> HealOutcome:
+    """Optional healing (`heal_steps` > 0): distillation from the dense `teacher` on the `calibration`
+    batches, kept only if it does not hurt on the selection set (`selection_set`: select_corpus blocks
+    and select.jsonl solutions, worst case); otherwise the decomposed factors are restored."""
+    import torch
+
+    cfg = params.compress
+    sel_corpus, sel_solutions = selection_set
     selection = {
         "corpus_blocks": int(split.corpus_blocks.shape[0]),
         "sft_rows": len(split.selection_sft),
@@ -655,9 +730,10 @@ def run(params: Params) -> dict:
     added_before = added_parameters(model, d)
 
     dense = model  # decompose builds a new model: the dense one is healing's teacher
-    model, report, matrix_ratio = decompose_member(dense, params, d, calibration, source)
+    selection_set = selection_batches(params, tokenizer, split)
+    model, report, matrix_ratio, search = fit_to_budget(dense, params, d, calibration, source, selection_set)
     decomposed = heldout_losses(model, [d], held.corpus_batches, held.solution_batches)[d]
-    healing = heal_if_better(model, dense, tokenizer, d, params, split, calibration)
+    healing = heal_if_better(model, dense, d, params, split, selection_set, calibration)
     del dense
     unchanged, changed = members_unchanged(model, snapshot, probe)
     if not unchanged:
@@ -674,6 +750,8 @@ def run(params: Params) -> dict:
     metrics = {
         "dae_exit": d,
         "ratio": cfg.ratio,
+        "ratio_used": search["ratio_used"],
+        "budget_search": search,
         "matrix_ratio": matrix_ratio,
         "allocation": report["allocation"],
         "achieved_ratio": report["achieved_ratio"],

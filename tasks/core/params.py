@@ -456,12 +456,28 @@ class CompressParams(_Section):
     # Held-out batches (corpus_val blocks; eval solutions) for the reported before/after losses, and as
     # many for the keep-healing decision (select_corpus.jsonl blocks; select.jsonl rows: data.num_select).
     loss_batches: PositiveInt = 4
-    # Quality budget: relative loss increase allowed on every exit (reported, not enforced here).
+    # Quality budget: relative loss increase allowed on every exit (the gates check it on the reported
+    # held-out losses).
     max_relative_loss_increase: Fraction = 0.02
+    # Budget search: when the decomposition at `ratio` raises the DaE member's loss on the healing-decision
+    # set (select files, trained by no stage) by more than the budget, retry `ratio_step` lower, down to
+    # `min_ratio`; the largest ratio within the budget is published (false: `ratio` as given).
+    fit_budget: bool = True
+    min_ratio: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
+    ratio_step: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.02
     # Greedy exact-match accuracy of the DaE member before DaE / dense / decomposed on the first this
     # many eval.jsonl problems (0 = not measured), with at most `max_new_tokens` new tokens each.
     accuracy_problems: NonNegInt = 100
     max_new_tokens: PositiveInt = 64
+
+    @model_validator(mode="after")
+    def _check(self) -> CompressParams:
+        if self.fit_budget and self.min_ratio > self.ratio:
+            raise ValueError(
+                f"compress.min_ratio ({self.min_ratio}) must not exceed compress.ratio ({self.ratio}): the "
+                "budget search lowers the ratio from compress.ratio down to compress.min_ratio"
+            )
+        return self
 
 
 class EvaluateParams(_Section):

@@ -356,3 +356,76 @@ def test_control_states_and_removed_fractions_are_reported(compressed):
     assert removed["blocks"] == pytest.approx(1 - parts_a["blocks"] / parts_b["blocks"])
     assert removed["head"] == pytest.approx(1 - parts_a["head"] / parts_b["head"])
     assert removed["blocks_and_head"] == pytest.approx(m["added_params_reduction"])
+
+
+def test_budget_search_publishes_the_largest_ratio_within_the_budget(compressed, tmp_path):
+    """Over the budget on the healing-decision set at `ratio`, the stage retries `ratio_step` lower and
+    publishes the first ratio that fits: exactly the weights of a plain run at that ratio. The budget is
+    set between two measured increases, so which ratio fits is known before the run."""
+    root = compressed
+    sweep = [
+        "--set",
+        "compress.ratio=0.5",
+        "--set",
+        "compress.ratio_step=0.1",
+        "--set",
+        "compress.min_ratio=0.3",
+    ]
+    none_fit, smallest_dir = _run_elsewhere(
+        root, tmp_path / "none", *sweep, "--set", "compress.max_relative_loss_increase=0"
+    )
+    search = none_fit["budget_search"]
+    tried = [t["ratio"] for t in search["tried"]]
+    increases = [t["relative_increase"] for t in search["tried"]]
+    assert tried == [0.5, 0.4, 0.3], tried
+    assert all(t["fits"] is (t["relative_increase"] <= 0) for t in search["tried"])
+    assert increases[0] > increases[1] > 0, f"the test needs 0.5 to cost more than 0.4 here: {increases}"
+    # none fits: the smallest ratio tried is published, and the gates judge it
+    assert search["fits"] is False and search["ratio_used"] == none_fit["ratio_used"] == 0.3
+    assert none_fit["ratio"] == 0.5 and none_fit["added_params_reduction"] >= 0.3
+    # each increase is the larger relative change of the two decision-set losses over the dense member
+    dense = search["selection_dense"]
+    for t in search["tried"]:
+        sel = t["selection"]
+        expected = max((sel[k] - dense[k]) / dense[k] for k in ("loss", "solution_loss"))
+        assert t["relative_increase"] == pytest.approx(expected, rel=1e-12)
+
+    budget = (increases[0] + increases[1]) / 2
+    fit, fit_dir = _run_elsewhere(
+        root, tmp_path / "fit", *sweep, "--set", f"compress.max_relative_loss_increase={budget}"
+    )
+    assert [t["ratio"] for t in fit["budget_search"]["tried"]] == [0.5, 0.4]
+    assert fit["budget_search"]["fits"] is True and fit["ratio_used"] == 0.4
+    assert 0.4 <= fit["added_params_reduction"] < 0.45
+
+    plain, plain_dir = _run_elsewhere(
+        root, tmp_path / "plain", "--set", "compress.ratio=0.4", "--set", "compress.fit_budget=false"
+    )
+    assert [t["ratio"] for t in plain["budget_search"]["tried"]] == [0.4] and plain["ratio_used"] == 0.4
+    published, reference = (
+        load_file(fit_dir / "model.safetensors"),
+        load_file(plain_dir / "model.safetensors"),
+    )
+    assert published.keys() == reference.keys()
+    assert all(torch.equal(published[k], reference[k]) for k in published)
+    smallest = load_file(smallest_dir / "model.safetensors")  # the control: another ratio, other weights
+    assert any(k not in smallest or not torch.equal(smallest[k], published[k]) for k in published)
+
+
+def test_budget_ratios_and_their_parameters():
+    from tasks.compress import budget_ratios
+    from tasks.core.params import CompressParams
+
+    assert budget_ratios(CompressParams(ratio=0.31, ratio_step=0.02, min_ratio=0.25)) == [
+        0.31,
+        0.29,
+        0.27,
+        0.25,
+    ]
+    assert budget_ratios(CompressParams(ratio=0.4, ratio_step=0.1, min_ratio=0.1)) == [0.4, 0.3, 0.2, 0.1]
+    assert budget_ratios(CompressParams(ratio=0.3, min_ratio=0.3)) == [0.3]
+    assert budget_ratios(CompressParams(ratio=0.3, fit_budget=False, min_ratio=0.5)) == [0.3]
+    with pytest.raises(
+        ValueError, match=r"compress.min_ratio \(0.5\) must not exceed compress.ratio \(0.3\)"
+    ):
+        CompressParams(ratio=0.3, min_ratio=0.5)

@@ -106,6 +106,15 @@ def test_recipe_lines_show_the_dae_rl_and_compression_gains(tmp_path):
         "select problems: 41.5%; the last step scored 36.0% held-out); steps with a gradient 27/30"
     ) in rl_line
     assert "55.0% of the DaE blocks" in compression and "45.0% of both" in compression
+    assert "ratio" not in compression  # no ratio in the metrics, or the one asked: nothing to say
+    comp.update(ratio=0.31, ratio_used=0.31)
+    (tmp_path / "compress.json").write_text(json.dumps(comp))
+    assert "ratio" not in recipe_lines(tmp_path)[2]
+    comp["ratio_used"] = 0.27  # the budget search lowered it
+    (tmp_path / "compress.json").write_text(json.dumps(comp))
+    assert recipe_lines(tmp_path)[2].endswith(
+        "45.0% of both (ratio 0.27 of the 0.31 asked: the largest within the loss budget on the decision set)"
+    )
     route = {
         "threshold": 0.6,
         "always_deepest": {"layers_per_request": 8.0, "accuracy": 0.675},
