@@ -181,3 +181,39 @@ def cgroup_cpu_seconds(quota: CpuQuota) -> float | None:
                 return int(value) / 1e6
         return None
     return int(text.strip()) / 1e9 if text.strip().isdigit() else None
+
+
+#: The CPU kernels every numeric library of the stages dispatches to, pinned to x86-64-v3 (AVX2 + FMA)
+#: where the CPU has it, so that a recording made on a CPU with AVX-512 reproduces bit for bit on one
+#: without, and the other way round (docs/choices.md, "Bits across machines"): torch's own kernels
+#: (reductions, softmax, the optimizers), MKL's code path (its conditional numerical reproducibility
+#: mode, which also fixes its blocking across CPU models), numpy's OpenBLAS kernels and numpy's own SIMD
+#: loops. A variable already set is left as it is (ATEN_CPU_CAPABILITY=avx512 buys speed back).
+KERNEL_PINS = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_CBWR": "AVX2",
+    "OPENBLAS_CORETYPE": "Haswell",
+    "NPY_DISABLE_CPU_FEATURES": "X86_V4,AVX512_ICL,AVX512_SPR",
+}
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_flags(cpuinfo: Path = CPUINFO) -> set[str] | None:
+    """The first CPU's feature flags from /proc/cpuinfo, or None where it cannot be read."""
+    for line in (_read(cpuinfo) or "").splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return None
+
+
+def pin_cpu_kernels(environ: dict | None = None, cpuinfo: Path = CPUINFO) -> dict[str, str]:
+    """Sets each of KERNEL_PINS that `environ` (default: os.environ) lacks, where the CPU has AVX2 and
+    FMA; returns what it set. Must run before torch and numpy are imported: they read these once."""
+    env = os.environ if environ is None else environ
+    flags = cpu_flags(cpuinfo)
+    if flags is None or not {"avx2", "fma"} <= flags:
+        return {}
+    set_now = {k: v for k, v in KERNEL_PINS.items() if k not in env}
+    env.update(set_now)
+    return set_now

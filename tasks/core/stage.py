@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tasks.core.cpus import available_cpus, cpu_quota
+from tasks.core.cpus import KERNEL_PINS, available_cpus, cpu_quota
 from tasks.core.params import Params, ParamsError, load_params
 
 log = logging.getLogger("ruyi")
@@ -112,6 +112,8 @@ def set_threads(setting: int | str) -> int:
     threads, why = resolve_threads(setting)
     torch.set_num_threads(threads)
     log.info("intra-op threads: %d (%s)", threads, why)
+    pins = ", ".join(f"{k}={os.environ[k]}" for k in KERNEL_PINS if k in os.environ)
+    log.info("CPU kernels: torch %s (%s)", torch.backends.cpu.get_cpu_capability(), pins or "none pinned")
     return threads
 
 

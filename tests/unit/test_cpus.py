@@ -19,11 +19,14 @@ import pytest
 from spinners import SPIN
 
 from tasks.core.cpus import (
+    KERNEL_PINS,
     CpuQuota,
     available_cpus,
     cgroup_cpu_seconds,
     cgroup_dirs,
+    cpu_flags,
     cpu_quota,
+    pin_cpu_kernels,
     usable_cpu_set,
 )
 
@@ -199,7 +202,14 @@ def test_a_real_quota_caps_a_stages_threads(quota_cgroup):
     assert _threads()[0] == f"{cpus} {min(2, cpus)}"
 
 
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def test_a_cgroups_cpu_time_counts_the_work_inside_it_only(quota_cgroup):
+    """The cgroup's counter grows by the CPU time of the process inside it, whatever else runs (the
+    machine may be busy: the spinner's own share is the reference), and not by the one beside it."""
     from flows.machine import busy
 
     cgroup = quota_cgroup(1.0)
@@ -208,11 +218,73 @@ def test_a_cgroups_cpu_time_counts_the_work_inside_it_only(quota_cgroup):
     try:
         quota = cpu_quota(Path(f"/proc/{inside.pid}"))  # the spinner's own view of its cgroup
         assert quota is not None and quota.path == cgroup.dirs[0] and quota.usage is not None
-        busy(None, quota, sample_s=0.3)  # both spinners have started
-        on_host, in_cgroup = busy(None, quota, sample_s=1.0)
+        time.sleep(0.3)  # both spinners have started
+        counter = cgroup_cpu_seconds(quota)
+        spun, spun_beside = _cpu_seconds(inside.pid), _cpu_seconds(beside.pid)
+        time.sleep(1.0)
+        counted = cgroup_cpu_seconds(quota) - counter
+        spun, spun_beside = _cpu_seconds(inside.pid) - spun, _cpu_seconds(beside.pid) - spun_beside
+        on_host, in_cgroup = busy(None, quota, sample_s=0.5)
     finally:
         for p in (inside, beside):
             p.kill()
             p.wait()
-    assert in_cgroup is not None and 0.8 <= in_cgroup <= 1.1, in_cgroup  # one spinner, at most its quota
-    assert on_host is not None and on_host >= 1.6, on_host  # /proc/stat sees both
+    assert spun > 0.2 and spun_beside > 0.2, (spun, spun_beside)  # both ran
+    assert abs(counted - spun) <= 0.05 + 0.1 * spun, (counted, spun)  # the inside one alone, in full
+    assert in_cgroup is not None and 0.2 <= in_cgroup <= 1.1, in_cgroup  # at most its quota of one CPU
+    assert on_host is not None and on_host >= in_cgroup, (on_host, in_cgroup)  # /proc/stat sees both
+
+
+def _cpuinfo(tmp_path: Path, flags: str) -> Path:
+    path = tmp_path / "cpuinfo"
+    path.write_text(f"processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+    return path
+
+
+def test_kernel_pins_are_set_on_x86_64_v3_and_never_over_the_users(tmp_path):
+    v3 = _cpuinfo(tmp_path, "fpu sse sse2 avx avx2 fma bmi2 avx512f avx512bw")
+    env: dict[str, str] = {"ATEN_CPU_CAPABILITY": "avx512", "PATH": "/bin"}
+    set_now = pin_cpu_kernels(env, v3)
+    assert env["ATEN_CPU_CAPABILITY"] == "avx512"  # the user's choice (speed over portable bits) stays
+    assert set_now == {k: v for k, v in KERNEL_PINS.items() if k != "ATEN_CPU_CAPABILITY"}
+    assert {k: env[k] for k in set_now} == set_now
+    assert pin_cpu_kernels(env, v3) == {}  # idempotent
+    # a CPU without AVX2 + FMA would fault in the pinned kernels: nothing is set; nor without a cpuinfo
+    for cpuinfo in (_cpuinfo(tmp_path, "fpu sse sse2 avx"), tmp_path / "missing"):
+        env = {}
+        assert pin_cpu_kernels(env, cpuinfo) == {} and env == {}
+
+
+KERNELS = (
+    "import os, hashlib, tasks, torch\n"
+    "torch.set_num_threads(1)\n"
+    "torch.manual_seed(0)\n"
+    "w = torch.randn(64, 300, requires_grad=True)\n"
+    "x = torch.randn(300, 257)\n"
+    "loss = torch.log_softmax(w @ x, dim=-1).sum() + (w * w).sum()\n"
+    "loss.backward()\n"
+    "print(torch.backends.cpu.get_cpu_capability(), os.environ.get('MKL_CBWR'))\n"
+    "print(hashlib.sha256(w.grad.numpy().tobytes()).hexdigest())"
+)
+
+
+def _kernels(**env: str) -> list[str]:
+    base = {k: v for k, v in os.environ.items() if k not in KERNEL_PINS}
+    out = subprocess.run(
+        [sys.executable, "-c", KERNELS],
+        env={**base, "PYTHONPATH": str(REPO), **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.splitlines()
+
+
+@pytest.mark.skipif(not {"avx2", "fma"} <= (cpu_flags() or set()), reason="needs an x86-64-v3 CPU")
+def test_a_stage_process_runs_the_pinned_kernels_which_decide_the_bits():
+    pinned = _kernels()
+    assert pinned[0] == "AVX2 AVX2", pinned  # on a CPU with AVX-512 too: that is the point
+    assert _kernels(**KERNEL_PINS) == pinned  # the pins are what it ran
+    # the control: other kernels give other bits, which is why a recording names the kernels it ran
+    other = _kernels(ATEN_CPU_CAPABILITY="default", MKL_CBWR="COMPATIBLE")
+    assert other[0] == "DEFAULT COMPATIBLE" and other[1] != pinned[1], other
