@@ -161,7 +161,7 @@ def _cell(value: float | None) -> float | str:
 
 
 def write_curves(
-    history: dict[int, list[dict[str, float]]],
+    history: dict[int, list[dict[str, float | None]]],
     out_dir: Path,
     algorithm: str,
     held_out: HeldOut | None = None,

@@ -266,7 +266,7 @@ class RLTrainer:
             else None
             for d in self.members
         }
-        self.history: dict[int, list[dict[str, float]]] = {d: [] for d in self.members}
+        self.history: dict[int, list[dict[str, float | None]]] = {d: [] for d in self.members}
         self.step_index = 0
         self.elapsed_s = 0.0
         self._perms: dict[int, list[int]] = {}
