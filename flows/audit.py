@@ -73,6 +73,30 @@ class AuditReport:
     def counts(self) -> dict[str, int]:
         return {s: sum(c.status == s for c in self.checks) for s in STATUSES}
 
+    def hint(self) -> str | None:
+        """Where to look when outputs differ though the recording is not stale (the code, params and
+        inputs are those recorded): the first output that differs, in the lock's stage order, and the
+        two causes seen in practice. None when nothing differs, or when staleness explains it."""
+        first = next((c for c in self.checks if c.status == "differs"), None)
+        if first is None or self.stale:
+            return None
+        prior = self.checks[: self.checks.index(first)]
+        ok = {"reproduced", "measured"}
+        before = [
+            stage
+            for stage in dict.fromkeys(c.stage for c in prior if c.stage != first.stage)
+            if all(c.status in ok for c in prior if c.stage == stage)
+        ]
+        return (
+            f"the first output that differs is {first.stage}: {first.path}"
+            + (f" (the stages before it reproduced: {', '.join(before)})" if before else "")
+            + ". With the recorded code, params and inputs, CPU results are the same bits only at the same "
+            "thread count (the params' `threads`, capped by OMP_NUM_THREADS and the CPUs available) and on "
+            "the same CPU kernels: each stage logs both (`intra-op threads:` and `CPU kernels:` lines), and "
+            'a recording made on other kernels does not reproduce here (docs/choices.md, "Bits across '
+            'machines")'
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "rev": self.rev,
@@ -82,6 +106,7 @@ class AuditReport:
             "stale": self.stale,
             "corrupt": self.corrupt,
             "counts": self.counts(),
+            "hint": self.hint(),
             "outputs": [c.__dict__ | {"files": list(c.files)} for c in self.checks],
         }
 
@@ -482,6 +507,8 @@ def print_report(report: AuditReport) -> None:
         console.print(f"[red]stale recording[/] {line}")
     for line in report.corrupt:
         console.print(f"[red]pulled output does not match dvc.lock[/] {line}")
+    if hint := report.hint():
+        console.print(f"[yellow]where to look[/]: {hint}", markup=True, highlight=False)
     counts = report.counts()
     console.print(
         ", ".join(f"{n} {s}" for s, n in counts.items())
