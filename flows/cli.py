@@ -261,8 +261,10 @@ def audit(
     """Reproduce a recorded run in a clean clone and compare every output with its lock file.
 
     Prints one row per output: reproduced (bitwise), differs (files named), measured (not compared),
-    missing, or unrecorded (an output dvc.yaml gained after the run was recorded). The reproduced deploy
-    publishes to a store inside the clone and serves on a free port, never the recorded store or port.
+    missing, or unrecorded (an output dvc.yaml gained after the run was recorded); where outputs differ
+    though nothing recorded changed, the first one and where to look (threads, CPU kernels). The
+    reproduced deploy publishes to a store inside the clone and serves on a free port, never the
+    recorded store or port.
     On a machine too busy for the audited params' `threads`, it warns before the reproduction.
     Ctrl-C or SIGTERM stops the reproduction (DVC and its stage) within seconds and removes the clone
     (unless --keep).
