@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from tasks.core.cpus import CpuQuota, cgroup_cpu_seconds, cpu_quota, usable_cpu_set
+from tasks.core.cpus import CpuQuota, cgroup_cpu_seconds, cpu_limit, usable_cpu_set
 
 PROC_STAT = Path("/proc/stat")
 
@@ -42,20 +42,13 @@ def _cpu_times(cpus: set[int], stat: Path) -> tuple[int, int] | None:
     return (busy, total) if seen else None
 
 
-def busy_cpus(
-    cpus: Iterable[int] | None = None, sample_s: float = 0.5, stat: Path = PROC_STAT
-) -> float | None:
-    """How many CPUs' worth of work ran on `cpus` (default: those this process may use) during the next
-    `sample_s` seconds, this process sleeping meanwhile; None where there is no /proc/stat (not Linux)."""
-    return busy(cpus, None, sample_s, stat)[0]
-
-
 def busy(
     cpus: Iterable[int] | None, quota: CpuQuota | None, sample_s: float = 0.5, stat: Path = PROC_STAT
 ) -> tuple[float | None, float | None]:
     """(CPUs' worth of work on `cpus`, per /proc/stat; CPUs' worth of work in the cgroup that sets
     `quota`, per its CPU time counter) over one window of `sample_s` seconds, this process sleeping
-    meanwhile; either is None where it cannot be measured (no /proc/stat, no quota or no counter)."""
+    meanwhile; either is None where it cannot be measured (no /proc/stat, no quota or no counter).
+    `cpus` None: those this process may use."""
     wanted = set(cpus) if cpus is not None else usable_cpu_set()
     first = _cpu_times(wanted, stat)
     cg_first = cgroup_cpu_seconds(quota) if quota is not None else None
@@ -77,7 +70,7 @@ def oversubscription_warning(
     threads: int, busy: float | None, cpus: float, setting: str, limit: str = "CPUs this process may use"
 ) -> str | None:
     """The warning for stages of `threads` intra-op threads on `cpus` CPUs of which other work keeps
-    `busy` (busy_cpus), or None: one thread never warns, nor do threads that fit the CPUs left free with
+    `busy` (`busy`), or None: one thread never warns, nor do threads that fit the CPUs left free with
     half a CPU to spare. `limit` says what the `cpus` are (the affinity mask's, or a CPU quota)."""
     if busy is None or threads <= 1 or busy + threads <= cpus + 0.5:
         return None
@@ -102,10 +95,11 @@ def check_threads(setting: int | str, where: str) -> str | None:
         Params._check_threads(setting)  # the schema's one rule for `threads`
     except ValueError:
         return None
-    threads, _ = resolve_threads(setting)
+    limit = cpu_limit()
+    threads, _ = resolve_threads(setting, limit)
     if threads <= 1:
         return None
-    cpus, quota = usable_cpu_set(), cpu_quota()
+    cpus, quota = usable_cpu_set(), limit[1]
     on_host, in_cgroup = busy(cpus, quota)
     said = f"`threads: {setting}` in {where}"
     warning = oversubscription_warning(threads, on_host, len(cpus), said)

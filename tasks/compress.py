@@ -479,7 +479,8 @@ def decompose_member(
     model, params: Params, d: int, calibration: list, source: Path, ratio: float | None = None
 ):
     """Decomposes member `d` so that `ratio` (default `compress.ratio`) of its added parameters go; returns
-    a new (model, report, matrix_ratio), `model` unchanged. Errors name compress.ratio / the checkpoint."""
+    a new (model, report, matrix_ratio), `model` unchanged. Errors name compress.ratio (and the budget
+    search's ratio where it is another) / the checkpoint."""
     from ruyi_model.dae import decompose
 
     cfg = params.compress
@@ -487,8 +488,11 @@ def decompose_member(
     added_before = added_parameters(model, d)
     matrix_ratio, removable = matrix_ratio_for(model, d, ratio, cfg.include_head, added_before)
     if matrix_ratio >= removable:
+        asked = f"compress.ratio={cfg.ratio}" + (
+            "" if ratio == cfg.ratio else f" (the budget search's ratio {ratio})"
+        )
         raise StageError(
-            f"compress.ratio={ratio}: removing that share of member {d}'s {added_before} added "
+            f"{asked}: removing that share of member {d}'s {added_before} added "
             f"parameters needs {matrix_ratio:.3f} of its decomposable matrices, but at most "
             f"{removable:.3f} can go (include_head={cfg.include_head}); lower compress.ratio"
             + ("" if cfg.include_head else " or set compress.include_head=true")
@@ -597,10 +601,12 @@ def heal_if_better(
     split: SelectionSplit,
     selection_set: tuple[list, list],
     calibration: list,
+    decomposed: dict[str, float],
 ) -> HealOutcome:
     """Optional healing (`heal_steps` > 0): distillation from the dense `teacher` on the `calibration`
     batches, kept only if it does not hurt on the selection set (`selection_set`: select_corpus blocks
-    and select.jsonl solutions, worst case); otherwise the decomposed factors are restored."""
+    and select.jsonl solutions, worst case); otherwise the decomposed factors are restored.
+    `decomposed`: `model`'s losses on the selection set as it comes (the budget search measured them)."""
     import torch
 
     cfg = params.compress
@@ -608,7 +614,7 @@ def heal_if_better(
     selection = {
         "corpus_blocks": int(split.corpus_blocks.shape[0]),
         "sft_rows": len(split.selection_sft),
-        "decomposed": heldout_losses(model, [d], sel_corpus, sel_solutions)[d],
+        "decomposed": decomposed,
         "healed": None,
         "worst_ratio": None,
         "calibration_kl": None,
@@ -733,7 +739,9 @@ def run(params: Params) -> dict:
     selection_set = selection_batches(params, tokenizer, split)
     model, report, matrix_ratio, search = fit_to_budget(dense, params, d, calibration, source, selection_set)
     decomposed = heldout_losses(model, [d], held.corpus_batches, held.solution_batches)[d]
-    healing = heal_if_better(model, dense, d, params, split, selection_set, calibration)
+    healing = heal_if_better(
+        model, dense, d, params, split, selection_set, calibration, search["tried"][-1]["selection"]
+    )
     del dense
     unchanged, changed = members_unchanged(model, snapshot, probe)
     if not unchanged:

@@ -50,11 +50,17 @@ def usable_cpu_set() -> set[int]:
         return set(range(os.cpu_count() or 1))
 
 
-def available_cpus(proc: Path = PROC_SELF) -> int:
-    """CPUs this process may use: its affinity mask, capped by its cgroup CPU quota (`cpu_quota`)."""
+def cpu_limit(proc: Path = PROC_SELF) -> tuple[int, CpuQuota | None]:
+    """(CPUs this process may use: its affinity mask capped by its cgroup CPU quota; that quota, or None
+    where none binds), from one read of the cgroup files."""
     cpus = len(usable_cpu_set())
     quota = cpu_quota(proc)
-    return min(cpus, quota.threads) if quota else cpus
+    return (min(cpus, quota.threads) if quota else cpus), quota
+
+
+def available_cpus(proc: Path = PROC_SELF) -> int:
+    """CPUs this process may use: its affinity mask, capped by its cgroup CPU quota (`cpu_limit`)."""
+    return cpu_limit(proc)[0]
 
 
 def _unescape(field: str) -> str:

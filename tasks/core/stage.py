@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tasks.core.cpus import KERNEL_PINS, available_cpus, cpu_quota
+from tasks.core.cpus import KERNEL_PINS, CpuQuota, cpu_limit
 from tasks.core.params import Params, ParamsError, load_params
 
 log = logging.getLogger("ruyi")
@@ -77,7 +77,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def resolve_threads(setting: int | str) -> tuple[int, str]:
+def resolve_threads(setting: int | str, limit: tuple[int, CpuQuota | None] | None = None) -> tuple[int, str]:
     """The intra-op thread count for `threads` (params.yaml) and why: `auto` is the CPUs this process
     may use (its affinity mask, capped by its cgroup's CPU quota: tasks.core.cpus); an int is used as
     given. Either is capped by those CPUs and by OMP_NUM_THREADS when that is set (the environment's
@@ -85,14 +85,14 @@ def resolve_threads(setting: int | str) -> tuple[int, str]:
     threads than it has cores: OpenMP threads spinning against each other make every op far slower
     (benchmarks/RESULTS.md, "Training throughput and threads", "CPU quotas"). A cap changes no result
     where outputs do not depend on the thread count, as in the tiny profile
-    (docs/choices.md#orchestration)."""
-    cpus = available_cpus()
+    (docs/choices.md#orchestration). `limit`: `tasks.core.cpus.cpu_limit()` where the caller has read it
+    already (the default reads it)."""
+    cpus, quota = limit if limit is not None else cpu_limit()
     omp = os.environ.get("OMP_NUM_THREADS", "").strip()
     omp_cap = int(omp) if omp.isdigit() and int(omp) > 0 else None
     wanted = cpus if setting == "auto" else int(setting)
     threads = min(wanted, cpus, omp_cap or wanted)
     notes = [f"threads={setting}", f"{cpus} CPU{'s' if cpus != 1 else ''} available to this process"]
-    quota = cpu_quota()
     if quota is not None:
         notes.append(f"a CPU quota of {quota.cpus:g} at {quota.path}")
     if omp_cap is not None:

@@ -276,6 +276,20 @@ def test_bad_inputs_are_named(compressed, tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(plain / "rl") in err and "no DaE blocks" in err
 
+    # A ratio past what the decomposable matrices can give (the head dense): named, with its fix, and
+    # nothing published.
+    over = tmp_path / "over"
+    shutil.copytree(compressed / "artifacts/rl", over / "a/rl")
+    shutil.copytree(compressed / "artifacts/family_sft", over / "a/family_sft")
+    args = ["--params", str(compressed / "params.yaml"), "--set", "compress.ratio=0.99"]
+    for k in ("metrics", "plots", "reports"):
+        args += ["--set", f"paths.{k}_dir={over / k}"]
+    assert main([*args, "--set", f"paths.artifacts_dir={over / 'a'}"]) == 2
+    err = capsys.readouterr().err
+    assert "compress.ratio=0.99: removing that share of member" in err and "lower compress.ratio" in err, err
+    assert "budget search" not in err  # the first ratio tried is compress.ratio itself
+    assert not (over / "a/compress").exists() and not (over / "metrics/compress.json").exists()
+
     # Too little calibration text.
     ws = tmp_path / "ws"
     shutil.copytree(compressed / "data", ws / "data")

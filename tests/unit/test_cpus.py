@@ -25,6 +25,7 @@ from tasks.core.cpus import (
     cgroup_cpu_seconds,
     cgroup_dirs,
     cpu_flags,
+    cpu_limit,
     cpu_quota,
     pin_cpu_kernels,
     usable_cpu_set,
@@ -76,6 +77,7 @@ def test_v2_the_smallest_quota_on_the_way_up_binds(tmp_path):
     assert quota is not None and (quota.cpus, quota.path) == (2.0, mount / "kubepods" / "pod1")
     assert quota.threads == 2
     assert available_cpus(proc) == min(2, len(usable_cpu_set()))
+    assert cpu_limit(proc) == (available_cpus(proc), quota)  # the count and the quota behind it, read once
 
 
 @pytest.mark.parametrize(
@@ -89,6 +91,7 @@ def test_v2_no_quota_where_none_is_set_or_it_cannot_be_read(tmp_path, cpu_max):
     proc = _proc(tmp_path, [_v2_mount(mount)], ["0::/"])
     assert cpu_quota(proc) is None
     assert available_cpus(proc) == len(usable_cpu_set())
+    assert cpu_limit(proc) == (len(usable_cpu_set()), None)
 
 
 def test_v1_docker_without_a_cgroup_namespace_sees_its_cgroup_at_the_mount_point(tmp_path):

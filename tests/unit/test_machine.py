@@ -8,7 +8,7 @@ import os
 import pytest
 from spinners import spinners, stop
 
-from flows.machine import busy_cpus, check_threads, oversubscription_warning
+from flows.machine import busy, check_threads, oversubscription_warning
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads /proc/stat (Linux)")
 
@@ -17,28 +17,29 @@ def test_a_spinning_process_is_counted_on_its_cpu():
     cpu = min(os.sched_getaffinity(0))
     procs = spinners([cpu])
     try:
-        assert busy_cpus([cpu], sample_s=0.2) is not None  # the spinner has started
-        busy = busy_cpus([cpu], sample_s=1.0)
+        assert busy([cpu], None, sample_s=0.2)[0] is not None  # the spinner has started
+        on_host, in_cgroup = busy([cpu], None, sample_s=1.0)
     finally:
         stop(procs)
-    assert busy is not None and 0.8 <= busy <= 1.0, busy
+    assert on_host is not None and 0.8 <= on_host <= 1.0, on_host
+    assert in_cgroup is None  # no quota given: nothing to measure it against
 
 
 def test_every_usable_cpu_spinning_counts_them_all():
     usable = sorted(os.sched_getaffinity(0))
     procs = spinners(usable)
     try:
-        busy_cpus(sample_s=0.2)
-        busy = busy_cpus(sample_s=1.0)
+        busy(None, None, sample_s=0.2)
+        on_host = busy(None, None, sample_s=1.0)[0]
     finally:
         stop(procs)
-    assert busy is not None and busy >= 0.8 * len(usable), (busy, usable)
+    assert on_host is not None and on_host >= 0.8 * len(usable), (on_host, usable)
 
 
 def test_no_proc_stat_no_figure(tmp_path):
-    assert busy_cpus(stat=tmp_path / "stat", sample_s=0.0) is None
+    assert busy(None, None, sample_s=0.0, stat=tmp_path / "stat") == (None, None)
     (tmp_path / "stat").write_text("intr 1 2 3\n")  # no per-CPU lines
-    assert busy_cpus(stat=tmp_path / "stat", sample_s=0.0) is None
+    assert busy(None, None, sample_s=0.0, stat=tmp_path / "stat") == (None, None)
 
 
 def test_the_warning_rule():
