@@ -66,7 +66,7 @@ class SelectionSplit:
         corpus_texts: every corpus_train text (calibration), file order.
         sft_rows: every sft.jsonl row (calibration and healing), file order.
         selection_corpus: the select_corpus.jsonl documents packed into `corpus_blocks`, file order.
-        selection_sft: the first `loss_batches` x `batch_size` select.jsonl rows.
+        selection_sft: the first `solution_rows` select.jsonl rows.
         corpus_blocks: the selection documents packed into `loss_batches` x `batch_size` blocks.
     """
 
@@ -94,7 +94,7 @@ def read_selection(
     params: Params, tokenizer, corpus_texts: list[str], sft_rows: list[dict]
 ) -> SelectionSplit:
     """The healing-decision set from the validated select files: `loss_batches` x `batch_size` packed
-    blocks of select_corpus.jsonl (its first documents) and as many select.jsonl rows (its first rows).
+    blocks of select_corpus.jsonl (its first documents) and `solution_rows` select.jsonl rows (its first).
 
     Args:
         corpus_texts, sft_rows: the training data (corpus_train texts, sft.jsonl rows), kept whole.
@@ -129,17 +129,16 @@ def read_selection(
             "data.select_corpus_chars or lower compress.loss_batches, compress.batch_size or compress.seq_len"
         )
     rows = read_sft(select_file)
-    if len(rows) < n:
+    if len(rows) < cfg.solution_rows:
         raise StageError(
-            f"{select_file}: {len(rows)} rows; the healing decision needs {n} (compress.loss_batches x "
-            "compress.batch_size): raise data.num_select or lower compress.loss_batches or "
-            "compress.batch_size"
+            f"{select_file}: {len(rows)} rows; the healing decision needs {cfg.solution_rows} "
+            "(compress.solution_rows): raise data.num_select or lower compress.solution_rows"
         )
     return SelectionSplit(
         corpus_texts=corpus_texts,
         sft_rows=sft_rows,
         selection_corpus=chosen,
-        selection_sft=rows[:n],
+        selection_sft=rows[: cfg.solution_rows],
         corpus_blocks=blocks[:n],
     )
 
@@ -467,12 +466,26 @@ def heldout_sets(params: Params, tokenizer) -> HeldoutSets:
     val_rows = read_corpus(val_file)
     corpus = first_blocks(tokenizer, [r["text"] for r in val_rows], cfg.seq_len, n, val_file)
     all_eval_rows = read_jsonl(eval_file, required=("id", "question", "solution", "answer"))
-    solutions = solution_examples(tokenizer, all_eval_rows[:n], cfg.seq_len, eval_file)
+    if len(all_eval_rows) < cfg.solution_rows:
+        log.warning(
+            "%s has only %d rows (compress.solution_rows=%d): the reported solution losses use them all",
+            eval_file,
+            len(all_eval_rows),
+            cfg.solution_rows,
+        )
+    solutions = solution_examples(tokenizer, all_eval_rows[: cfg.solution_rows], cfg.seq_len, eval_file)
     return HeldoutSets(
         corpus_batches=fixed_batches({"input_ids": corpus}, cfg.batch_size, cfg.loss_batches),
-        solution_batches=fixed_batches(solutions, cfg.batch_size, cfg.loss_batches),
+        solution_batches=solution_batches(solutions, cfg),
         problems=all_eval_rows[: cfg.accuracy_problems],
     )
+
+
+def solution_batches(examples: dict, cfg) -> list:
+    """The first `compress.solution_rows` solution examples in batches of `compress.batch_size`."""
+    from tasks.training.batches import fixed_batches
+
+    return fixed_batches(examples, cfg.batch_size, -(-cfg.solution_rows // cfg.batch_size))
 
 
 def decompose_member(
@@ -579,16 +592,14 @@ def fit_to_budget(
 
 def selection_batches(params: Params, tokenizer, split: SelectionSplit) -> tuple[list, list]:
     """The healing-decision set as (corpus batches, solution batches): `loss_batches` batches of
-    `batch_size` select_corpus blocks and select.jsonl rows."""
+    `batch_size` select_corpus blocks, and the first `solution_rows` select.jsonl rows in batches."""
     from tasks.training.batches import build_sft_examples, fixed_batches
 
     cfg = params.compress
     select_file = Workspace.from_params(params).validated_file("select.jsonl")
     sel_corpus = fixed_batches({"input_ids": split.corpus_blocks}, cfg.batch_size, cfg.loss_batches)
-    sel_solutions = fixed_batches(
-        build_sft_examples(tokenizer, split.selection_sft, cfg.seq_len, str(select_file))[0],
-        cfg.batch_size,
-        cfg.loss_batches,
+    sel_solutions = solution_batches(
+        build_sft_examples(tokenizer, split.selection_sft, cfg.seq_len, str(select_file))[0], cfg
     )
     return sel_corpus, sel_solutions
 
@@ -771,6 +782,10 @@ def run(params: Params) -> dict:
         "added_parts_after": parts_after,
         "removed_fraction": removed_fractions(parts_before, parts_after),
         "dae_control": {**dae_control(states), "accuracy_problems": len(held.problems)},
+        "solution_rows": {
+            "eval": sum(int(b["input_ids"].shape[0]) for b in held.solution_batches),
+            "select": sum(int(b["input_ids"].shape[0]) for b in selection_set[1]),
+        },
         "heal_steps": cfg.heal_steps,
         "heal_loss_first": healing.losses[0] if healing.losses else None,
         "heal_loss_last": healing.losses[-1] if healing.losses else None,

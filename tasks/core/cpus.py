@@ -58,11 +58,6 @@ def cpu_limit(proc: Path = PROC_SELF) -> tuple[int, CpuQuota | None]:
     return (min(cpus, quota.threads) if quota else cpus), quota
 
 
-def available_cpus(proc: Path = PROC_SELF) -> int:
-    """CPUs this process may use: its affinity mask, capped by its cgroup CPU quota (`cpu_limit`)."""
-    return cpu_limit(proc)[0]
-
-
 def _unescape(field: str) -> str:
     """A mountinfo path field with its octal escapes (`\\040` for a space) decoded."""
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)

@@ -178,7 +178,8 @@ class DataParams(_Section):
     # The healing-decision split compress judges its healing on (select.jsonl, select_corpus.jsonl; no stage
     # trains on it): this many math problems of their own problem groups (`problem_key`), and general
     # documents moved out of corpus_train until they hold this many characters. Compress needs
-    # compress.loss_batches x compress.batch_size rows and as many blocks of compress.seq_len tokens.
+    # compress.solution_rows rows and compress.loss_batches x compress.batch_size blocks of
+    # compress.seq_len tokens.
     num_select: PositiveInt = 200
     select_corpus_chars: PositiveInt = 40000
 
@@ -453,9 +454,15 @@ class CompressParams(_Section):
     # calibration batches (0 = none).
     heal_steps: NonNegInt = 20
     heal_lr: PositiveFloat = 1e-5
-    # Held-out batches (corpus_val blocks; eval solutions) for the reported before/after losses, and as
-    # many for the keep-healing decision (select_corpus.jsonl blocks; select.jsonl rows: data.num_select).
+    # Held-out corpus batches: `loss_batches` x `batch_size` corpus_val blocks for the reported
+    # before/after losses, and as many select_corpus.jsonl blocks for the budget search and the
+    # keep-healing decision.
     loss_batches: PositiveInt = 4
+    # Solution rows (batched by `batch_size`): the first this many eval.jsonl solutions for the reported
+    # before/after losses, and the first this many select.jsonl rows (data.num_select) for the budget
+    # search and the keep-healing decision. A solution loss is a few hundredths of a nat per token, so a
+    # 2% budget is about 0.001 nats: 16 rows measured it with noise as large as the budget (RESULTS).
+    solution_rows: PositiveInt = 100
     # Quality budget: relative loss increase allowed on every exit (the gates check it on the reported
     # held-out losses).
     max_relative_loss_increase: Fraction = 0.02
@@ -952,7 +959,7 @@ class Params(_Section):
         have, compress = self.data.num_select, self.compress
         for key, need in (
             ("rl.select_prompts", self.rl.select_prompts),
-            ("compress.loss_batches x compress.batch_size", compress.loss_batches * compress.batch_size),
+            ("compress.solution_rows", compress.solution_rows),
         ):
             if need > have:
                 raise ValueError(

@@ -54,7 +54,7 @@ MICRO = {
     "data.num_sft": 60,
     "data.num_rl": 24,
     "data.num_eval": 12,
-    "data.num_select": 20,  # compress decides healing on loss_batches x batch_size = 16 of them
+    "data.num_select": 20,  # compress decides on compress.solution_rows = 16 of them
     "data.select_corpus_chars": 20000,  # ... and 16 blocks of 256 tokens
     "tokenizer.vocab_size": 400,
     "cpt.max_steps": 6,
@@ -95,6 +95,7 @@ MICRO = {
     "rl.eval_prompts": 6,
     "rl.select_prompts": 10,  # of data.num_select's 20 (params.yaml's 200 is refused when the params load)
     "compress.calibration_batches": 2,
+    "compress.solution_rows": 16,  # of data.num_select's 20 (as rl.select_prompts)
     "compress.heal_steps": 2,
     "evaluate.num_problems": 6,
     "evaluate.max_new_tokens": 12,

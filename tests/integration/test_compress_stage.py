@@ -132,9 +132,11 @@ def test_heal_decision_set_is_the_select_split(compressed):
     val = root / "data/validated"
     sel = json.loads((root / "reports/compress/heal_selection.json").read_text())
     m = _metrics(root)["heal_selection"]
-    assert m["corpus_blocks"] == 2 * 4 and m["sft_rows"] == 2 * 4
+    assert m["corpus_blocks"] == 2 * 4 and m["sft_rows"] == 10  # loss_batches x batch_size; solution_rows
     select = [r["id"] for r in _rows(val / "select.jsonl")]
-    assert sel["select_ids"] == select[:8] and len(select) > 8
+    assert sel["select_ids"] == select[:10] and len(select) > 10
+    eval_rows = len(_rows(val / "eval.jsonl"))
+    assert _metrics(root)["solution_rows"] == {"eval": min(10, eval_rows), "select": 10}
     docs = _rows(val / "select_corpus.jsonl")
     k = len(sel["select_corpus_ids"])
     assert 0 < k < len(docs) and sel["select_corpus_ids"] == [r["id"] for r in docs[:k]]
@@ -298,13 +300,15 @@ def test_bad_inputs_are_named(compressed, tmp_path, capsys):
     assert main(["--params", str(write_params(ws))]) == 2
     assert str(ws / "data/validated/corpus_train.jsonl") in capsys.readouterr().err
 
-    # Healing-decision files too small for compress.loss_batches x compress.batch_size (= 8).
+    # Healing-decision files too small: select.jsonl for compress.solution_rows (= 10), select_corpus.jsonl
+    # for compress.loss_batches x compress.batch_size (= 8) blocks.
     shutil.copytree(compressed / "data", ws / "data", dirs_exist_ok=True)
     select = ws / "data/validated/select.jsonl"
-    select.write_text("".join(select.read_text().splitlines(keepends=True)[:7]))
+    select.write_text("".join(select.read_text().splitlines(keepends=True)[:9]))
     assert main(["--params", str(write_params(ws))]) == 2
     err = capsys.readouterr().err
-    assert f"{select}: 7 rows; the healing decision needs 8" in err and "data.num_select" in err
+    assert f"{select}: 9 rows; the healing decision needs 10 (compress.solution_rows)" in err
+    assert "data.num_select" in err
     shutil.copytree(compressed / "data", ws / "data", dirs_exist_ok=True)
     select_corpus = ws / "data/validated/select_corpus.jsonl"
     select_corpus.write_text("".join(select_corpus.read_text().splitlines(keepends=True)[:2]))

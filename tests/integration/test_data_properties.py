@@ -253,8 +253,7 @@ def _params(tmp: Path, files: list[Path], n_math: int, mode: str):
             "data.num_select": NUM_SELECT,
             # what reads a fixed number of select rows (rl's selection, compress's healing) fits in them
             "rl.select_prompts": 0,
-            "compress.loss_batches": 1,
-            "compress.batch_size": 1,
+            "compress.solution_rows": 1,
             "data.select_corpus_chars": 1,  # one document
             "data.val_fraction": 0.2,
             "data.max_corpus_docs": 300,

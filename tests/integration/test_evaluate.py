@@ -197,6 +197,7 @@ def write_params(root: Path, **sections) -> Path:
             "seq_len": 64,
             "heal_steps": 3,
             "loss_batches": 2,
+            "solution_rows": 10,  # not a multiple of batch_size: the last batch holds 2
         },
         "route": {
             "num_select": 12,

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 SMALL = {"data.num_sft": 120, "data.num_rl": 30, "data.num_eval": 20, "data.max_corpus_docs": 300}
 #: What reads a fixed number of select.jsonl rows (rl's selection, compress's healing decision) must fit in
 #: the few data.num_select rows of these tests (load_params checks it).
-FEW_SELECT = {"rl.select_prompts": 0, "compress.loss_batches": 1, "compress.batch_size": 1}
+FEW_SELECT = {"rl.select_prompts": 0, "compress.solution_rows": 1}
 
 
 def _overrides(tmp: Path, extra: dict | None = None) -> dict:

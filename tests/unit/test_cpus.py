@@ -21,7 +21,6 @@ from spinners import SPIN
 from tasks.core.cpus import (
     KERNEL_PINS,
     CpuQuota,
-    available_cpus,
     cgroup_cpu_seconds,
     cgroup_dirs,
     cpu_flags,
@@ -64,7 +63,7 @@ def test_v2_in_a_cgroup_namespace_reads_cpu_max_at_the_root(tmp_path):
     assert quota == CpuQuota(1.5, mount, 2, mount / "cpu.stat")
     assert quota.threads == 1  # rounded down: a second thread would be throttled
     assert cgroup_cpu_seconds(quota) == 2.5
-    assert available_cpus(proc) == 1
+    assert cpu_limit(proc)[0] == 1
 
 
 def test_v2_the_smallest_quota_on_the_way_up_binds(tmp_path):
@@ -76,8 +75,8 @@ def test_v2_the_smallest_quota_on_the_way_up_binds(tmp_path):
     quota = cpu_quota(proc)
     assert quota is not None and (quota.cpus, quota.path) == (2.0, mount / "kubepods" / "pod1")
     assert quota.threads == 2
-    assert available_cpus(proc) == min(2, len(usable_cpu_set()))
-    assert cpu_limit(proc) == (available_cpus(proc), quota)  # the count and the quota behind it, read once
+    assert cpu_limit(proc)[0] == min(2, len(usable_cpu_set()))
+    assert cpu_limit(proc)[1] == quota  # the count and the quota behind it, read once
 
 
 @pytest.mark.parametrize(
@@ -90,7 +89,6 @@ def test_v2_no_quota_where_none_is_set_or_it_cannot_be_read(tmp_path, cpu_max):
         (mount / "cpu.max").write_text(cpu_max)
     proc = _proc(tmp_path, [_v2_mount(mount)], ["0::/"])
     assert cpu_quota(proc) is None
-    assert available_cpus(proc) == len(usable_cpu_set())
     assert cpu_limit(proc) == (len(usable_cpu_set()), None)
 
 

@@ -101,19 +101,25 @@ def test_cross_field_rules(tmp_path):
 
 
 def test_what_reads_select_rows_must_fit_in_data_num_select(tmp_path):
-    # The schema defaults (select_prompts 0, compress 4 x 4 = 16) fit 20 rows; the tiny profile's 200 do not.
-    load_params(write(tmp_path, "data:\n  num_select: 20\n"))
+    # The schema defaults (select_prompts 0, compress.solution_rows 100) fit 100 rows; the tiny profile's
+    # 200 do not.
+    load_params(write(tmp_path, "data:\n  num_select: 100\n"))
+    few = "data:\n  num_select: 20\ncompress:\n  solution_rows: 20\n"
+    load_params(write(tmp_path, few))
     with pytest.raises(ParamsError) as err:
-        load_params(write(tmp_path, "data:\n  num_select: 20\nrl:\n  select_prompts: 21\n"))
+        load_params(write(tmp_path, few + "rl:\n  select_prompts: 21\n"))
     assert "rl.select_prompts = 21 exceeds data.num_select = 20 (the rows of select.jsonl)" in str(err.value)
     assert "(got {" not in str(err.value)  # the root's input (every parameter) is not dumped
-    compress = r"compress.loss_batches x compress.batch_size = 24 exceeds data.num_select = 20"
+    compress = r"compress.solution_rows = 100 exceeds data.num_select = 20 .*lower compress.solution_rows"
     with pytest.raises(ParamsError, match=compress):
-        load_params(write(tmp_path, "data:\n  num_select: 20\ncompress:\n  batch_size: 6\n"))
+        load_params(write(tmp_path, "data:\n  num_select: 20\n"))
     tiny = Path(__file__).parents[2] / "params.yaml"
     with pytest.raises(ParamsError, match=r"rl.select_prompts = 200 exceeds data.num_select = 20"):
         load_params(tiny, {"data.num_select": 20})
-    assert load_params(tiny, {"data.num_select": 20, "rl.select_prompts": 20}).rl.select_prompts == 20
+    with pytest.raises(ParamsError, match=r"compress.solution_rows = 200 exceeds data.num_select = 20"):
+        load_params(tiny, {"data.num_select": 20, "rl.select_prompts": 20})
+    small = load_params(tiny, {"data.num_select": 20, "rl.select_prompts": 20, "compress.solution_rows": 20})
+    assert (small.rl.select_prompts, small.compress.solution_rows) == (20, 20)
 
 
 def test_missing_and_malformed_files(tmp_path):
