@@ -482,10 +482,12 @@ def heldout_sets(params: Params, tokenizer) -> HeldoutSets:
 
 
 def solution_batches(examples: dict, cfg) -> list:
-    """The first `compress.solution_rows` solution examples in batches of `compress.batch_size`."""
+    """Every solution example, in order, in batches of `compress.batch_size` (the last one may be
+    partial); the callers choose the rows (the first `compress.solution_rows` of their file)."""
     from tasks.training.batches import fixed_batches
 
-    return fixed_batches(examples, cfg.batch_size, -(-cfg.solution_rows // cfg.batch_size))
+    rows = int(examples["input_ids"].shape[0])
+    return fixed_batches(examples, cfg.batch_size, -(-rows // cfg.batch_size))
 
 
 def decompose_member(
@@ -782,10 +784,8 @@ def run(params: Params) -> dict:
         "added_parts_after": parts_after,
         "removed_fraction": removed_fractions(parts_before, parts_after),
         "dae_control": {**dae_control(states), "accuracy_problems": len(held.problems)},
-        "solution_rows": {
-            "eval": sum(int(b["input_ids"].shape[0]) for b in held.solution_batches),
-            "select": sum(int(b["input_ids"].shape[0]) for b in selection_set[1]),
-        },
+        # the reported losses' eval rows (the decision's select rows: heal_selection.sft_rows)
+        "eval_solution_rows": sum(int(b["input_ids"].shape[0]) for b in held.solution_batches),
         "heal_steps": cfg.heal_steps,
         "heal_loss_first": healing.losses[0] if healing.losses else None,
         "heal_loss_last": healing.losses[-1] if healing.losses else None,

@@ -136,7 +136,7 @@ def test_heal_decision_set_is_the_select_split(compressed):
     select = [r["id"] for r in _rows(val / "select.jsonl")]
     assert sel["select_ids"] == select[:10] and len(select) > 10
     eval_rows = len(_rows(val / "eval.jsonl"))
-    assert _metrics(root)["solution_rows"] == {"eval": min(10, eval_rows), "select": 10}
+    assert _metrics(root)["eval_solution_rows"] == min(10, eval_rows)  # the select rows: sft_rows above
     docs = _rows(val / "select_corpus.jsonl")
     k = len(sel["select_corpus_ids"])
     assert 0 < k < len(docs) and sel["select_corpus_ids"] == [r["id"] for r in docs[:k]]
