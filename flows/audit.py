@@ -24,13 +24,16 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow
 
 from flows.processes import env_tool
+
+if TYPE_CHECKING:
+    from flows.machine import OtherWork
 
 #: dvc.yaml label that declares an output measured (timings, timestamps): reported, never compared.
 MEASURED_LABEL = "measured"
@@ -61,6 +64,7 @@ class AuditReport:
     checks: list[OutputCheck] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)  # "stage: what changed"
     corrupt: list[str] = field(default_factory=list)  # pulled outputs that do not match dvc.lock
+    other_work: OtherWork | None = None  # what else used the CPUs during the reproduction
 
     @property
     def ok(self) -> bool:
@@ -108,6 +112,13 @@ class AuditReport:
             "counts": self.counts(),
             "hint": self.hint(),
             "outputs": [c.__dict__ | {"files": list(c.files)} for c in self.checks],
+            "other_work": None
+            if self.other_work is None
+            else {
+                **asdict(self.other_work),
+                "average": self.other_work.average,
+                "alone": self.other_work.alone,
+            },
         }
 
 
@@ -393,7 +404,7 @@ def audit(
     """
     import yaml
 
-    from flows.machine import check_threads
+    from flows.machine import check_threads, watch_run
     from flows.pipeline import lock_file as lock_of
     from flows.pipeline import profile_files, stage_target
 
@@ -459,7 +470,12 @@ def audit(
             stage_target(to_stage, dvc_file) if to_stage else dvc_file,
         ]
         log(f"audit: {rev} ({commit[:12]}): {' '.join(cmd[1:])} in {clone}")
-        _run(cmd, clone, " ".join(cmd[1:]), log=log)
+        watch = watch_run(threads, params_file, lambda m: log(f"audit: {m}"))
+        with watch:
+            _run(cmd, clone, " ".join(cmd[1:]), log=log)
+        report.other_work = watch.result()
+        if report.other_work is not None:
+            log(f"audit: {report.other_work.line('the reproduction')}")
         reproduced = yaml.safe_load((clone / lock_file).read_text())
         report.checks = compare(recorded, reproduced, measured, clone / ".dvc" / "cache")
         return report

@@ -101,7 +101,8 @@ def run(
     printed) and stops it at the end; with it, the run reports to that server. Ctrl-C or SIGTERM stops
     the run within seconds: the running stage is interrupted and not recorded, finished stages are kept,
     and the next run resumes from there. On a machine whose other work leaves too few CPUs for the params'
-    `threads`, it warns first (OMP_NUM_THREADS=1 gives the same outputs in the tiny profile).
+    `threads`, it warns first, or when that happens later in the run (OMP_NUM_THREADS=1 gives the same
+    outputs in the tiny profile); the last line says how much CPU other work took during the run.
 
     Exit codes: 0 done; 2 a stage failed on its input or parameters (not retried); 1 an infrastructure
     error that persisted through the retries (a killed stage, an unreachable server, a failed push);
@@ -114,7 +115,7 @@ def run(
     from pathlib import Path
 
     from flows import prefect_server
-    from flows.machine import check_threads
+    from flows.machine import check_threads, watch_run
     from flows.pipeline import (
         InfrastructureError,
         StageFailed,
@@ -127,7 +128,7 @@ def run(
     from flows.report import print_summary, print_vl_summary
     from tasks.core.params import ParamsError, load_params
 
-    server = log_file = None
+    server = log_file = watch = None
     failed_start = False
     with sigterm_as_interrupt() as received:  # SIGTERM as Ctrl-C: unwind through the flow and `finally`
         try:
@@ -141,33 +142,39 @@ def run(
             params = load_params(workspace / params_file, sets)
             if warning := check_threads(params.threads, params_file):
                 typer.echo(warning, err=True)
-            api_settings = nullcontext()
-            if not os.environ.get("PREFECT_API_URL"):
-                from prefect.settings import PREFECT_API_URL, temporary_settings
+            # what else used the CPUs meanwhile: said once if it starts competing with the stages'
+            # threads, and after the summary for the whole run
+            watch = watch_run(params.threads, params_file, lambda m: typer.echo(m, err=True))
+            with watch:
+                api_settings = nullcontext()
+                if not os.environ.get("PREFECT_API_URL"):
+                    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-                # The same setting as Prefect's embedded server (default raised from its 20 s: a busy
-                # machine, or several runs starting at once with empty Prefect homes).
-                timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90"))
-                fd, name = tempfile.mkstemp(prefix="ruyi-prefect-server-", suffix=".log")
-                os.close(fd)
-                log_file = Path(name)
-                port = prefect_server.free_port()
-                server = prefect_server.start(port, timeout, log_file=log_file)
-                # Stopped at interpreter exit, after Prefect's log and event workers have drained into
-                # it (they drain in threading's exit hooks, which run before atexit's): stopped earlier,
-                # it left them retrying against a closed port for a minute.
-                atexit.register(_stop_run_server, server, log_file)
-                typer.echo(f"Prefect UI of this run: http://127.0.0.1:{port} (until the run ends)", err=True)
-                api_settings = temporary_settings({PREFECT_API_URL: prefect_server.api_url(port)})
-            with api_settings:
-                ruyi_pipeline(
-                    from_stage=from_stage,
-                    to_stage=to_stage,
-                    overrides=sets,
-                    push=push,
-                    force=force,
-                    profile=profile,
-                )
+                    # The same setting as Prefect's embedded server (default raised from its 20 s: a busy
+                    # machine, or several runs starting at once with empty Prefect homes).
+                    timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90"))
+                    fd, name = tempfile.mkstemp(prefix="ruyi-prefect-server-", suffix=".log")
+                    os.close(fd)
+                    log_file = Path(name)
+                    port = prefect_server.free_port()
+                    server = prefect_server.start(port, timeout, log_file=log_file)
+                    # Stopped at interpreter exit, after Prefect's log and event workers have drained into
+                    # it (they drain in threading's exit hooks, which run before atexit's): stopped earlier,
+                    # it left them retrying against a closed port for a minute.
+                    atexit.register(_stop_run_server, server, log_file)
+                    typer.echo(
+                        f"Prefect UI of this run: http://127.0.0.1:{port} (until the run ends)", err=True
+                    )
+                    api_settings = temporary_settings({PREFECT_API_URL: prefect_server.api_url(port)})
+                with api_settings:
+                    ruyi_pipeline(
+                        from_stage=from_stage,
+                        to_stage=to_stage,
+                        overrides=sets,
+                        push=push,
+                        force=force,
+                        profile=profile,
+                    )
         except KeyboardInterrupt:
             name = "SIGTERM" if received else "Ctrl-C (SIGINT)"
             typer.echo(
@@ -212,6 +219,8 @@ def run(
         print_vl_summary(params_path)
     else:
         print_summary(params_path)
+    if watch is not None and (other := watch.result()) is not None:
+        typer.echo(other.line())
 
 
 def _stop_run_server(server, log_file) -> None:

@@ -13,8 +13,11 @@ output (`OMP_NUM_THREADS=1 ruyi audit` of a 2-thread recording).
 
 from __future__ import annotations
 
+import os
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.core.cpus import CpuQuota, cgroup_cpu_seconds, cpu_limit, usable_cpu_set
@@ -108,3 +111,203 @@ def check_threads(setting: int | str, where: str) -> str | None:
             threads, in_cgroup, quota.cpus, said, f"CPUs of this process's CPU quota (set at {quota.path})"
         )
     return warning
+
+
+# Other work over a whole run. A run is a process tree (ruyi run, its Prefect server, `dvc repro` and the
+# stage processes under it); other work is whatever else used the CPUs meanwhile: the CPUs' busy time
+# (/proc/stat) less the tree's CPU time. Why: a stage time is an idle machine's only when nothing else ran
+# (benchmarks/RESULTS.md, "Threads on a busy machine"); the check at the start sees one moment, and the
+# figures in RESULTS were said to be made "alone" on the author's word.
+QUIET_AVERAGE = 0.1  # CPUs of other work, on average over the run, below which a run counts as alone
+QUIET_PEAK = 0.5  # ... and over any one window
+
+
+def _tree_times(root: int, ours: set[tuple[int, float]]) -> dict[tuple[int, float], tuple[int, float]]:
+    """(pid, create_time) -> (ppid, CPU seconds) of `root`'s process tree now: its descendants and every
+    process of `ours` (once in the tree, a process stays counted after its parent exits). A process's CPU
+    seconds include what its exited, waited-for children used (the kernel adds it on `wait`)."""
+    import psutil
+
+    table: dict[int, tuple[float, int, float]] = {}
+    for p in psutil.process_iter(["pid", "ppid", "create_time", "cpu_times"]):
+        info, times = p.info, p.info.get("cpu_times")
+        if times is None or info.get("create_time") is None:
+            continue
+        total = times.user + times.system + times.children_user + times.children_system
+        table[info["pid"]] = (info["create_time"], info["ppid"], total)
+    children: dict[int, list[int]] = {}
+    for pid, (_, ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found: dict[tuple[int, float], tuple[int, float]] = {}
+    stack = [root]
+    while stack:
+        pid = stack.pop()
+        if pid not in table:
+            continue
+        created, ppid, total = table[pid]
+        found[(pid, created)] = (ppid, total)
+        stack.extend(children.get(pid, []))
+    for pid, (created, ppid, total) in table.items():
+        if (pid, created) in ours and (pid, created) not in found:
+            found[(pid, created)] = (ppid, total)
+    return found
+
+
+@dataclass(frozen=True)
+class OtherWork:
+    """What other work did while a process tree ran: `cpu_seconds` of CPU time outside the tree over
+    `seconds` of wall time on `cpus` CPUs (the affinity mask's), at most `peak` CPUs over one window of
+    `window_s`; `own_cpu_seconds` the tree's. None where /proc/stat or psutil cannot tell."""
+
+    seconds: float
+    cpus: int
+    cpu_seconds: float
+    own_cpu_seconds: float
+    peak: float
+    window_s: float
+
+    @property
+    def average(self) -> float:
+        return self.cpu_seconds / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def alone(self) -> bool:
+        return self.average < QUIET_AVERAGE and self.peak < QUIET_PEAK
+
+    def line(self, what: str = "the run") -> str:
+        minutes, secs = divmod(round(self.seconds), 60)
+        head = (
+            f"other work during {what}: {self.average:.2f} of {self.cpus} CPUs on average "
+            f"({self.cpu_seconds:.0f} CPU-s in {minutes} min {secs} s; {self.own_cpu_seconds:.0f} CPU-s "
+            f"were {what}'s own), at most {self.peak:.2f} over {self.window_s:g} s"
+        )
+        if self.alone:
+            return head + ": the machine was otherwise idle, so its times are an idle machine's"
+        return (
+            head + ": the machine was shared, so its stage times are not an idle machine's "
+            '(benchmarks/RESULTS.md, "Threads on a busy machine")'
+        )
+
+
+class OtherWorkWatch:
+    """Samples, every `interval_s` in a background thread, the CPUs' busy time and the CPU time of
+    `root`'s process tree (default: this process), for `OtherWork` at the end (`result`). `on_window`
+    is called with the other work's average (CPUs) over each completed window of `window_s` (e.g. to
+    warn once that threads now compete with it). Use as a context manager.
+
+    Counted as the tree's: every process seen in it, after its parent exits too, and what exited
+    children used once their parent waited for them. Not counted (so it shows as other work): what a
+    process of the tree used in its last interval when it exits after its parent did (an orphan reaped
+    by init). Other processes whose CPUs lie outside this process's affinity mask are not seen."""
+
+    def __init__(
+        self,
+        root: int | None = None,
+        interval_s: float = 1.0,
+        window_s: float = 10.0,
+        on_window: Callable[[float], None] | None = None,
+        stat: Path = PROC_STAT,
+    ) -> None:
+        self.root = os.getpid() if root is None else root
+        self.interval_s, self.window_s, self.on_window, self.stat = interval_s, window_s, on_window, stat
+        self.cpus = usable_cpu_set()
+        self._hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._ours: set[tuple[int, float]] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._own = self._busy = self._peak = 0.0
+        self._window_other = self._window_start = 0.0
+        self._usable = True
+
+    def _sample(self) -> tuple[tuple[int, int] | None, dict, float]:
+        return _cpu_times(self.cpus, self.stat), _tree_times(self.root, self._ours), time.monotonic()
+
+    def _advance(self) -> None:
+        machine, tree, now = self._sample()
+        if machine is None or self._machine is None:
+            self._usable = False
+            return
+        own = 0.0
+        for key, (_, total) in tree.items():
+            before = self._tree.get(key)
+            # a process new since the last sample: all its time is in this interval
+            own += total - (before[1] if before is not None else 0.0)
+        live = {key[0] for key in tree}
+        for key, (ppid, total) in self._tree.items():
+            if key not in tree and ppid in live:
+                # exited and waited for: its parent's time now includes all of it, counted before up to here
+                own -= total
+        self._ours |= set(tree)
+        busy_s = (machine[0] - self._machine[0]) / self._hz
+        # Totals over the run are exact sums; one interval's share can be off where a process exited
+        # in it and its parent has not yet waited for it (counted in the next interval instead).
+        self._own += own
+        self._busy += busy_s
+        self._window_other += max(0.0, busy_s - own)
+        if now - self._window_start >= self.window_s:
+            average = self._window_other / (now - self._window_start)
+            self._peak = max(self._peak, average)
+            if self.on_window is not None:
+                self.on_window(average)
+            self._window_other, self._window_start = 0.0, now
+        self._machine, self._tree = machine, tree
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._advance()
+
+    def __enter__(self) -> OtherWorkWatch:
+        self._machine, self._tree, self._start = self._sample()
+        self._ours |= set(self._tree)
+        self._window_start = self._start
+        self._thread = threading.Thread(target=self._loop, name="other-work-watch", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._advance()
+        self._end = time.monotonic()
+        if self._end - self._window_start >= self.window_s / 2:  # a last window, if it is not a sliver
+            self._peak = max(self._peak, self._window_other / (self._end - self._window_start))
+
+    def result(self) -> OtherWork | None:
+        """What other work did over the watched span (after the `with` block), or None where the CPUs'
+        busy time could not be read (no /proc/stat)."""
+        if not self._usable or self._machine is None:
+            return None
+        return OtherWork(
+            seconds=self._end - self._start,
+            cpus=len(self.cpus),
+            cpu_seconds=max(0.0, self._busy - self._own),
+            own_cpu_seconds=max(0.0, self._own),
+            peak=self._peak,
+            window_s=self.window_s,
+        )
+
+
+def watch_run(setting: int | str, where: str, echo: Callable[[str], None]) -> OtherWorkWatch:
+    """The watch `ruyi run` and `ruyi audit` keep over their whole run (this process's tree): at the
+    end, `result().line()` says what other work did; meanwhile, the first window in which other work
+    leaves too few of the affinity mask's CPUs for the stages' threads (`threads: setting` of `where`;
+    the rule of `oversubscription_warning`) is said once through `echo`."""
+    from tasks.core.params import Params
+    from tasks.core.stage import resolve_threads
+
+    try:
+        Params._check_threads(setting)
+        threads, _ = resolve_threads(setting, cpu_limit())
+    except ValueError:
+        threads = 1  # the stages will refuse the setting themselves
+    cpus = len(usable_cpu_set())
+    said: list[str] = []
+
+    def on_window(other: float) -> None:
+        warning = oversubscription_warning(threads, other, cpus, f"`threads: {setting}` in {where}")
+        if warning is not None and not said:
+            said.append(warning)
+            echo(warning.replace("warning: the machine is busy:", "warning: the machine became busy:", 1))
+
+    return OtherWorkWatch(on_window=on_window)

@@ -99,6 +99,10 @@ def test_a_recorded_run_reproduces(recorded, tmp_path):
         "out/when.json": "measured",
         "count.json": "reproduced",
     }
+    # what else used the CPUs during the reproduction is measured and reported (the stages' own time too)
+    said = report.to_dict()["other_work"]
+    assert said is not None and said["own_cpu_seconds"] > 0 and said["seconds"] > 0, said
+    assert set(said) >= {"cpu_seconds", "average", "peak", "alone", "cpus"}
 
 
 @pytest.mark.parametrize("threads", [2, "lots"])

@@ -4,11 +4,14 @@ audit` warn that the stages' threads would compete with it."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 from spinners import spinners, stop
 
-from flows.machine import busy, check_threads, oversubscription_warning
+from flows.machine import OtherWork, OtherWorkWatch, busy, check_threads, oversubscription_warning, watch_run
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads /proc/stat (Linux)")
 
@@ -63,3 +66,105 @@ def test_the_warning_rule():
 @pytest.mark.parametrize("setting", [0, -1, "lots", 1.5, True, None])
 def test_a_setting_the_stages_would_refuse_is_not_an_error_here(setting):
     assert check_threads(setting, "params.yaml") is None
+
+
+def _burn(seconds: float) -> str:
+    """Python code that uses `seconds` of CPU time, then exits."""
+    return f"import time\nt = time.process_time()\nwhile time.process_time() - t < {seconds}: pass"
+
+
+def test_a_process_outside_the_tree_is_other_work():
+    # the watched run sleeps; a process beside it (not its descendant) uses 1.5 CPU-seconds
+    run = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        watch = OtherWorkWatch(root=run.pid, interval_s=0.2, window_s=1.0)
+        with watch:
+            subprocess.run([sys.executable, "-c", _burn(1.5)], check=True)
+    finally:
+        run.kill()
+        run.wait()
+    other = watch.result()
+    assert other is not None and other.cpus == len(os.sched_getaffinity(0))
+    # the machine's other load (the suite's other worker) only adds to it
+    assert other.cpu_seconds >= 1.3 and other.own_cpu_seconds <= 0.1, other
+    assert other.peak >= 0.5 and not other.alone, other
+
+
+RUN = """
+import os, resource, subprocess, sys, time
+burn, orphaner = sys.argv[1], sys.argv[2]
+subprocess.run([sys.executable, burn, "1.0"])  # a child, waited for
+for _ in range(4):  # children shorter than the watch's interval: seen only in their parent's time
+    subprocess.run([sys.executable, burn, "0.05"])
+# a child left behind by its parent, which init reaps: waited for here by its pid
+orphan = int(subprocess.run([sys.executable, orphaner, burn], capture_output=True, text=True).stdout)
+while os.path.exists(f"/proc/{orphan}"):
+    time.sleep(0.05)
+mine = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+print(sum(r.ru_utime + r.ru_stime for r in mine), flush=True)
+time.sleep(0.5)
+"""
+BURN = "import sys, time\nt = time.process_time()\nwhile time.process_time() - t < float(sys.argv[1]): pass\n"
+ORPHANER = """
+import subprocess, sys, time
+print(subprocess.Popen([sys.executable, sys.argv[1], "1.0"], stdout=subprocess.DEVNULL).pid, flush=True)
+time.sleep(0.6)
+"""
+
+
+def test_the_runs_own_tree_is_not_other_work(tmp_path):
+    """Children waited for, children too short to be sampled and an orphan seen in the tree all count as
+    the run's own CPU time (the orphan's last interval excepted)."""
+    files = {}
+    for name, text in (("run.py", RUN), ("burn.py", BURN), ("orphaner.py", ORPHANER)):
+        files[name] = tmp_path / name
+        files[name].write_text(text)
+    run = subprocess.Popen(
+        [sys.executable, files["run.py"], files["burn.py"], files["orphaner.py"]],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    watch = OtherWorkWatch(root=run.pid, interval_s=0.1, window_s=1.0)
+    with watch:
+        waited = float(run.stdout.readline())  # the run's own and its waited children's CPU time
+        run.wait()
+    other = watch.result()
+    assert other is not None
+    # the orphan's 1.0 s is not in `waited`; at most its last 0.1 s interval (a tick more) is lost
+    assert waited + 1.0 - 0.25 <= other.own_cpu_seconds <= waited + 1.0 + 0.1, (waited, other)
+
+
+def test_other_work_verdict_and_line():
+    quiet = OtherWork(
+        seconds=769.0, cpus=2, cpu_seconds=15.4, own_cpu_seconds=1190.0, peak=0.3, window_s=10.0
+    )
+    assert quiet.alone and quiet.average == pytest.approx(15.4 / 769.0)
+    line = quiet.line()
+    assert line.startswith("other work during the run: 0.02 of 2 CPUs on average (15 CPU-s in 12 min 49 s;")
+    assert "1190 CPU-s were the run's own), at most 0.30 over 10 s" in line and "otherwise idle" in line
+    for shared in (
+        OtherWork(seconds=769.0, cpus=2, cpu_seconds=15.4, own_cpu_seconds=1190.0, peak=0.6, window_s=10.0),
+        OtherWork(seconds=100.0, cpus=2, cpu_seconds=12.0, own_cpu_seconds=150.0, peak=0.2, window_s=10.0),
+    ):
+        assert not shared.alone and "the machine was shared" in shared.line("the reproduction")
+
+
+def test_the_run_watch_warns_once_when_other_work_competes():
+    said: list[str] = []
+    watch = watch_run(2, "params.yaml", said.append)
+    cpus = len(os.sched_getaffinity(0))
+    watch.on_window(0.0)
+    assert said == []
+    watch.on_window(float(cpus))  # every CPU taken by other work
+    watch.on_window(float(cpus))
+    if cpus >= 2 and (os.environ.get("OMP_NUM_THREADS") or "2") != "1":
+        assert len(said) == 1 and said[0].startswith("warning: the machine became busy: other work is using")
+    else:  # one thread (a 1-CPU machine, or OMP_NUM_THREADS=1) never competes
+        assert said == []
+
+
+def test_no_proc_stat_no_verdict(tmp_path):
+    watch = OtherWorkWatch(interval_s=0.05, stat=tmp_path / "stat")
+    with watch:
+        time.sleep(0.1)
+    assert watch.result() is None
