@@ -474,8 +474,7 @@ def audit(
         with watch:
             _run(cmd, clone, " ".join(cmd[1:]), log=log)
         report.other_work = watch.result()
-        if report.other_work is not None:
-            log(f"audit: {report.other_work.line('the reproduction')}")
+        log(f"audit: {watch.summary('the reproduction')}")
         reproduced = yaml.safe_load((clone / lock_file).read_text())
         report.checks = compare(recorded, reproduced, measured, clone / ".dvc" / "cache")
         return report

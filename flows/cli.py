@@ -219,8 +219,8 @@ def run(
         print_vl_summary(params_path)
     else:
         print_summary(params_path)
-    if watch is not None and (other := watch.result()) is not None:
-        typer.echo(other.line())
+    if watch is not None:
+        typer.echo(watch.summary())
 
 
 def _stop_run_server(server, log_file) -> None:

@@ -218,6 +218,7 @@ class OtherWorkWatch:
         self._own = self._busy = self._peak = 0.0
         self._window_other = self._window_start = 0.0
         self._usable = True
+        self.error: str | None = None  # why the watch stopped measuring, if it did
 
     def _sample(self) -> tuple[tuple[int, int] | None, dict, float]:
         return _cpu_times(self.cpus, self.stat), _tree_times(self.root, self._ours), time.monotonic()
@@ -254,7 +255,18 @@ class OtherWorkWatch:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
+            self._guarded_advance()
+
+    def _guarded_advance(self) -> None:
+        """One sample; an error (a /proc race psutil does not absorb) ends the watch without a figure
+        rather than leaving a partial one: the run itself goes on."""
+        if not self._usable:
+            return
+        try:
             self._advance()
+        except Exception as e:  # noqa: BLE001 - a measurement aid must never stop the run it watches
+            self._usable = False
+            self.error = f"{type(e).__name__}: {e}"
 
     def __enter__(self) -> OtherWorkWatch:
         self._machine, self._tree, self._start = self._sample()
@@ -268,14 +280,21 @@ class OtherWorkWatch:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self._advance()
+        self._guarded_advance()
         self._end = time.monotonic()
         if self._end - self._window_start >= self.window_s / 2:  # a last window, if it is not a sliver
             self._peak = max(self._peak, self._window_other / (self._end - self._window_start))
 
+    def summary(self, what: str = "the run") -> str:
+        """`result().line(what)`, or why there is no figure."""
+        other = self.result()
+        if other is not None:
+            return other.line(what)
+        return f"other work during {what}: not measured ({self.error or 'no /proc/stat on this system'})"
+
     def result(self) -> OtherWork | None:
         """What other work did over the watched span (after the `with` block), or None where the CPUs'
-        busy time could not be read (no /proc/stat)."""
+        busy time could not be read (no /proc/stat) or a sample failed (`error`)."""
         if not self._usable or self._machine is None:
             return None
         return OtherWork(

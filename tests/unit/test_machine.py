@@ -173,3 +173,21 @@ def test_no_proc_stat_no_verdict(tmp_path):
     with watch:
         time.sleep(0.1)
     assert watch.result() is None
+    assert watch.summary() == "other work during the run: not measured (no /proc/stat on this system)"
+
+
+def test_a_failing_sample_ends_the_watch_without_a_figure(monkeypatch):
+    """A sample that raises (a /proc race) stops the measuring, not the run: no partial figure."""
+    import flows.machine
+
+    watch = OtherWorkWatch(interval_s=0.05)
+    with watch:
+        time.sleep(0.12)  # some good samples first
+
+        def vanished(root, ours):
+            raise ProcessLookupError("the process table changed under us")
+
+        monkeypatch.setattr(flows.machine, "_tree_times", vanished)
+        time.sleep(0.12)
+    assert watch.result() is None and watch.error is not None
+    assert "not measured (ProcessLookupError: the process table changed under us)" in watch.summary()
