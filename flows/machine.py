@@ -233,10 +233,12 @@ class OtherWorkWatch:
             before = self._tree.get(key)
             # a process new since the last sample: all its time is in this interval
             own += total - (before[1] if before is not None else 0.0)
-        live = {key[0] for key in tree}
+        # an exited process whose parent is (or was, at the last sample) of the tree was waited for within
+        # the tree: its parent's time, or, where the parent exited too, an ancestor's, now includes all
+        # of it, of which the part up to the last sample was counted already
+        tree_pids = {key[0] for key in tree} | {key[0] for key in self._tree}
         for key, (ppid, total) in self._tree.items():
-            if key not in tree and ppid in live:
-                # exited and waited for: its parent's time now includes all of it, counted before up to here
+            if key not in tree and ppid in tree_pids:
                 own -= total
         self._ours |= set(tree)
         busy_s = (machine[0] - self._machine[0]) / self._hz

@@ -139,6 +139,33 @@ def test_the_runs_own_tree_is_not_other_work(tmp_path):
     assert waited + 1.0 - 0.25 <= other.own_cpu_seconds <= waited + 1.0 + 0.1, (waited, other)
 
 
+def test_a_child_and_its_parent_exiting_in_one_interval_count_once(tmp_path):
+    """The run waits for a process that waits for a 1.5 CPU-s child and exits at once: both leave the
+    tree within one sampling interval, the child's time reaching the run through its parent's."""
+    (tmp_path / "burn.py").write_text(BURN)
+    nested = f"import subprocess, sys; subprocess.run([sys.executable, {str(tmp_path / 'burn.py')!r}, '1.5'])"
+    code = (
+        "import resource, subprocess, sys, time\n"
+        "sys.stdin.readline()\n"
+        f"subprocess.run([sys.executable, '-c', {nested!r}])\n"
+        "r = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+        "print(sum(x.ru_utime + x.ru_stime for x in r), flush=True)\n"
+        "time.sleep(1.2)\n"
+    )
+    run = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    watch = OtherWorkWatch(root=run.pid, interval_s=1.0, window_s=2.0)
+    with watch:
+        run.stdin.write("go\n")
+        run.stdin.flush()
+        waited = float(run.stdout.readline())
+        run.wait()
+    other = watch.result()
+    assert other is not None
+    assert waited - 0.25 <= other.own_cpu_seconds <= waited + 0.1, (waited, other)
+
+
 def test_other_work_verdict_and_line():
     quiet = OtherWork(
         seconds=769.0, cpus=2, cpu_seconds=15.4, own_cpu_seconds=1190.0, peak=0.3, window_s=10.0
