@@ -122,34 +122,35 @@ QUIET_AVERAGE = 0.1  # CPUs of other work, on average over the run, below which 
 QUIET_PEAK = 0.5  # ... and over any one window
 
 
-def _tree_times(root: int, ours: set[tuple[int, float]]) -> dict[tuple[int, float], tuple[int, float]]:
-    """(pid, create_time) -> (ppid, CPU seconds) of `root`'s process tree now: its descendants and every
-    process of `ours` (once in the tree, a process stays counted after its parent exits). A process's CPU
-    seconds include what its exited, waited-for children used (the kernel adds it on `wait`)."""
+def _tree_times(root: int, ours: set[tuple[int, float]]) -> dict[tuple[int, float], tuple[int, float, float]]:
+    """(pid, create_time) -> (ppid, own CPU seconds, children's CPU seconds) of `root`'s process tree now:
+    its descendants and every process of `ours` (once in the tree, a process stays counted after its
+    parent exits). The children's seconds are what its exited children used, each counted when it waited
+    for them (the kernel adds a child's own and children's time to its parent's on `wait`)."""
     import psutil
 
-    table: dict[int, tuple[float, int, float]] = {}
+    table: dict[int, tuple[float, tuple[int, float, float]]] = {}
     for p in psutil.process_iter(["pid", "ppid", "create_time", "cpu_times"]):
         info, times = p.info, p.info.get("cpu_times")
         if times is None or info.get("create_time") is None:
             continue
-        total = times.user + times.system + times.children_user + times.children_system
-        table[info["pid"]] = (info["create_time"], info["ppid"], total)
+        own, waited = times.user + times.system, times.children_user + times.children_system
+        table[info["pid"]] = (info["create_time"], (info["ppid"], own, waited))
     children: dict[int, list[int]] = {}
-    for pid, (_, ppid, _) in table.items():
+    for pid, (_, (ppid, _, _)) in table.items():
         children.setdefault(ppid, []).append(pid)
-    found: dict[tuple[int, float], tuple[int, float]] = {}
+    found: dict[tuple[int, float], tuple[int, float, float]] = {}
     stack = [root]
     while stack:
         pid = stack.pop()
         if pid not in table:
             continue
-        created, ppid, total = table[pid]
-        found[(pid, created)] = (ppid, total)
+        created, entry = table[pid]
+        found[(pid, created)] = entry
         stack.extend(children.get(pid, []))
-    for pid, (created, ppid, total) in table.items():
+    for pid, (created, entry) in table.items():
         if (pid, created) in ours and (pid, created) not in found:
-            found[(pid, created)] = (ppid, total)
+            found[(pid, created)] = entry
     return found
 
 
@@ -157,13 +158,14 @@ def _tree_times(root: int, ours: set[tuple[int, float]]) -> dict[tuple[int, floa
 class OtherWork:
     """What other work did while a process tree ran: `cpu_seconds` of CPU time outside the tree over
     `seconds` of wall time on `cpus` CPUs (the affinity mask's), at most `peak` CPUs over one window of
-    `window_s`; `own_cpu_seconds` the tree's. None where /proc/stat or psutil cannot tell."""
+    `window_s`, the window that ended `peak_at` seconds into the span; `own_cpu_seconds` the tree's."""
 
     seconds: float
     cpus: int
     cpu_seconds: float
     own_cpu_seconds: float
     peak: float
+    peak_at: float
     window_s: float
 
     @property
@@ -179,7 +181,8 @@ class OtherWork:
         head = (
             f"other work during {what}: {self.average:.2f} of {self.cpus} CPUs on average "
             f"({self.cpu_seconds:.0f} CPU-s in {minutes} min {secs} s; {self.own_cpu_seconds:.0f} CPU-s "
-            f"were {what}'s own), at most {self.peak:.2f} over {self.window_s:g} s"
+            f"were {what}'s own), at most {self.peak:.2f} over {self.window_s:g} s "
+            f"(the window to {int(self.peak_at // 60)} min {round(self.peak_at % 60)} s)"
         )
         if self.alone:
             return head + ": the machine was otherwise idle, so its times are an idle machine's"
@@ -215,7 +218,7 @@ class OtherWorkWatch:
         self._ours: set[tuple[int, float]] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._own = self._busy = self._peak = 0.0
+        self._own = self._busy = self._peak = self._peak_at = 0.0
         self._window_other = self._window_start = 0.0
         self._usable = True
         self.error: str | None = None  # why the watch stopped measuring, if it did
@@ -229,17 +232,11 @@ class OtherWorkWatch:
             self._usable = False
             return
         own = 0.0
-        for key, (_, total) in tree.items():
+        for key, (_, mine, waited) in tree.items():
             before = self._tree.get(key)
             # a process new since the last sample: all its time is in this interval
-            own += total - (before[1] if before is not None else 0.0)
-        # an exited process whose parent is (or was, at the last sample) of the tree was waited for within
-        # the tree: its parent's time, or, where the parent exited too, an ancestor's, now includes all
-        # of it, of which the part up to the last sample was counted already
-        tree_pids = {key[0] for key in tree} | {key[0] for key in self._tree}
-        for key, (ppid, total) in self._tree.items():
-            if key not in tree and ppid in tree_pids:
-                own -= total
+            own += mine + waited - (before[1] + before[2] if before is not None else 0.0)
+        own -= self._absorbed(tree)
         self._ours |= set(tree)
         busy_s = (machine[0] - self._machine[0]) / self._hz
         # Totals over the run are exact sums; one interval's share can be off where a process exited
@@ -249,11 +246,43 @@ class OtherWorkWatch:
         self._window_other += max(0.0, busy_s - own)
         if now - self._window_start >= self.window_s:
             average = self._window_other / (now - self._window_start)
-            self._peak = max(self._peak, average)
+            if average > self._peak:
+                self._peak, self._peak_at = average, now - self._start
             if self.on_window is not None:
                 self.on_window(average)
             self._window_other, self._window_start = 0.0, now
         self._machine, self._tree = machine, tree
+
+    def _absorbed(self, tree: dict) -> float:
+        """What the processes that left the tree since the last sample had used up to it (counted then)
+        and what a live process of the tree now counts again among its children's time.
+
+        A process that exited is counted again in the children's time of its nearest live ancestor if
+        every process between them waited for its child: certainly when its own parent is alive (a
+        process is reaped by its parent while that lives), and otherwise only if it fits in what that
+        ancestor's children's time grew by. A process reaped by init (its parent gone without waiting)
+        is not, and is not subtracted: what it used up to the last sample stays counted."""
+        live = {key[0]: key for key in tree}
+        before = {key[0]: entry for key, entry in self._tree.items()}
+        groups: dict[tuple[int, float], list[tuple[bool, float]]] = {}
+        for key, (ppid, mine, waited) in self._tree.items():
+            if key in tree:
+                continue
+            parent, direct, seen = ppid, True, set()
+            while parent not in live and parent in before and parent not in seen:
+                seen.add(parent)
+                parent, direct = before[parent][0], False
+            if parent in live:
+                groups.setdefault(live[parent], []).append((direct, mine + waited))
+        absorbed = 0.0
+        for ancestor, gone in groups.items():
+            prior = self._tree.get(ancestor)
+            room = tree[ancestor][2] - (prior[2] if prior is not None else 0.0)
+            for direct, counted in sorted(gone, key=lambda g: (not g[0], -g[1])):
+                if direct or counted <= room + 0.05:
+                    absorbed += counted
+                    room -= counted
+        return absorbed
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -285,7 +314,9 @@ class OtherWorkWatch:
         self._guarded_advance()
         self._end = time.monotonic()
         if self._end - self._window_start >= self.window_s / 2:  # a last window, if it is not a sliver
-            self._peak = max(self._peak, self._window_other / (self._end - self._window_start))
+            last = self._window_other / (self._end - self._window_start)
+            if last > self._peak:
+                self._peak, self._peak_at = last, self._end - self._start
 
     def summary(self, what: str = "the run") -> str:
         """`result().line(what)`, or why there is no figure."""
@@ -305,6 +336,7 @@ class OtherWorkWatch:
             cpu_seconds=max(0.0, self._busy - self._own),
             own_cpu_seconds=max(0.0, self._own),
             peak=self._peak,
+            peak_at=self._peak_at,
             window_s=self.window_s,
         )
 

@@ -88,6 +88,7 @@ def test_a_process_outside_the_tree_is_other_work():
     # the machine's other load (the suite's other worker) only adds to it
     assert other.cpu_seconds >= 1.3 and other.own_cpu_seconds <= 0.1, other
     assert other.peak >= 0.5 and not other.alone, other
+    assert 0 < other.peak_at <= other.seconds + 1e-6, other  # when the busiest window ended
 
 
 RUN = """
@@ -166,17 +167,93 @@ def test_a_child_and_its_parent_exiting_in_one_interval_count_once(tmp_path):
     assert waited - 0.25 <= other.own_cpu_seconds <= waited + 0.1, (waited, other)
 
 
+SPINNER = "while True: pass\n"
+KILLED = """
+import os, signal, subprocess, sys, time
+sys.stdin.readline()
+# a parent and its spinning child killed together (as `ray.shutdown` ends raylet and its workers): the
+# child is reaped by init, so its time never reaches the run's
+parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time\\n"
+                           "print(subprocess.Popen([sys.executable, sys.argv[1]]).pid, flush=True)\\n"
+                           "time.sleep(60)", sys.argv[1]], stdout=subprocess.PIPE, text=True)
+child = int(parent.stdout.readline())
+def cpu(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+while cpu(child) < 1.0:
+    time.sleep(0.05)
+spun = cpu(child)
+os.kill(child, signal.SIGKILL)
+parent.kill()
+parent.wait()
+while os.path.exists(f"/proc/{child}"):
+    time.sleep(0.01)
+import resource
+r = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+print(sum(x.ru_utime + x.ru_stime for x in r), spun, flush=True)
+time.sleep(1.2)
+"""
+
+
+def test_a_child_reaped_by_init_keeps_what_was_counted(tmp_path):
+    """A parent killed with its child: the child's time up to the last sample stays the run's (its
+    last interval is lost), and is not taken off as if the parent's time held it."""
+    (tmp_path / "spin.py").write_text(SPINNER)
+    (tmp_path / "killed.py").write_text(KILLED)
+    run = subprocess.Popen(
+        [sys.executable, str(tmp_path / "killed.py"), str(tmp_path / "spin.py")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    watch = OtherWorkWatch(root=run.pid, interval_s=1.0, window_s=2.0)
+    with watch:
+        run.stdin.write("go\n")
+        run.stdin.flush()
+        waited, spun = (float(x) for x in run.stdout.readline().split())
+        run.wait()
+    other = watch.result()
+    assert other is not None
+    # at most the child's last 1-s interval (and a tick) is lost
+    assert waited + spun - 1.1 <= other.own_cpu_seconds <= waited + spun + 0.1, (waited, spun, other)
+
+
 def test_other_work_verdict_and_line():
     quiet = OtherWork(
-        seconds=769.0, cpus=2, cpu_seconds=15.4, own_cpu_seconds=1190.0, peak=0.3, window_s=10.0
+        seconds=769.0,
+        cpus=2,
+        cpu_seconds=15.4,
+        own_cpu_seconds=1190.0,
+        peak=0.3,
+        peak_at=130.0,
+        window_s=10.0,
     )
     assert quiet.alone and quiet.average == pytest.approx(15.4 / 769.0)
     line = quiet.line()
     assert line.startswith("other work during the run: 0.02 of 2 CPUs on average (15 CPU-s in 12 min 49 s;")
-    assert "1190 CPU-s were the run's own), at most 0.30 over 10 s" in line and "otherwise idle" in line
+    assert (
+        "1190 CPU-s were the run's own), at most 0.30 over 10 s (the window to 2 min 10 s)" in line
+        and "otherwise idle" in line
+    )
     for shared in (
-        OtherWork(seconds=769.0, cpus=2, cpu_seconds=15.4, own_cpu_seconds=1190.0, peak=0.6, window_s=10.0),
-        OtherWork(seconds=100.0, cpus=2, cpu_seconds=12.0, own_cpu_seconds=150.0, peak=0.2, window_s=10.0),
+        OtherWork(
+            seconds=769.0,
+            cpus=2,
+            cpu_seconds=15.4,
+            own_cpu_seconds=1190.0,
+            peak=0.6,
+            peak_at=130.0,
+            window_s=10.0,
+        ),
+        OtherWork(
+            seconds=100.0,
+            cpus=2,
+            cpu_seconds=12.0,
+            own_cpu_seconds=150.0,
+            peak=0.2,
+            peak_at=130.0,
+            window_s=10.0,
+        ),
     ):
         assert not shared.alone and "the machine was shared" in shared.line("the reproduction")
 
