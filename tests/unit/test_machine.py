@@ -73,6 +73,23 @@ def _burn(seconds: float) -> str:
     return f"import time\nt = time.process_time()\nwhile time.process_time() - t < {seconds}: pass"
 
 
+def _watched(args: list, interval_s: float, window_s: float) -> tuple[str, OtherWork]:
+    """Runs `python *args` as the watched tree: it starts its work on a line from the watch (after the
+    first sample) and prints one line, returned with what the watch measured."""
+    run = subprocess.Popen(
+        [sys.executable, *map(str, args)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    watch = OtherWorkWatch(root=run.pid, interval_s=interval_s, window_s=window_s)
+    with watch:
+        run.stdin.write("go\n")
+        run.stdin.flush()
+        line = run.stdout.readline()
+        run.wait()
+    other = watch.result()
+    assert other is not None
+    return line, other
+
+
 def test_a_process_outside_the_tree_is_other_work():
     # the watched run sleeps; a process beside it (not its descendant) uses 1.5 CPU-seconds
     run = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
@@ -121,20 +138,8 @@ def test_the_runs_own_tree_is_not_other_work(tmp_path):
     for name, text in (("run.py", RUN), ("burn.py", BURN), ("orphaner.py", ORPHANER)):
         files[name] = tmp_path / name
         files[name].write_text(text)
-    run = subprocess.Popen(
-        [sys.executable, files["run.py"], files["burn.py"], files["orphaner.py"]],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    watch = OtherWorkWatch(root=run.pid, interval_s=0.1, window_s=1.0)
-    with watch:
-        run.stdin.write("go\n")
-        run.stdin.flush()
-        waited = float(run.stdout.readline())  # the run's own and its waited children's CPU time
-        run.wait()
-    other = watch.result()
-    assert other is not None
+    line, other = _watched([files["run.py"], files["burn.py"], files["orphaner.py"]], 0.1, 1.0)
+    waited = float(line)  # the run's own and its waited children's CPU time
     # the orphan's 1.0 s is not in `waited`; at most its last 0.1 s interval (a tick more) is lost, and
     # the run's start-up before the watch's first sample (in `waited`, not in the watched span)
     assert waited + 1.0 - 0.25 <= other.own_cpu_seconds <= waited + 1.0 + 0.1, (waited, other)
@@ -153,17 +158,8 @@ def test_a_child_and_its_parent_exiting_in_one_interval_count_once(tmp_path):
         "print(sum(x.ru_utime + x.ru_stime for x in r), flush=True)\n"
         "time.sleep(1.2)\n"
     )
-    run = subprocess.Popen(
-        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    watch = OtherWorkWatch(root=run.pid, interval_s=1.0, window_s=2.0)
-    with watch:
-        run.stdin.write("go\n")
-        run.stdin.flush()
-        waited = float(run.stdout.readline())
-        run.wait()
-    other = watch.result()
-    assert other is not None
+    line, other = _watched(["-c", code], 1.0, 2.0)
+    waited = float(line)
     assert waited - 0.25 <= other.own_cpu_seconds <= waited + 0.1, (waited, other)
 
 
@@ -200,20 +196,8 @@ def test_a_child_reaped_by_init_keeps_what_was_counted(tmp_path):
     last interval is lost), and is not taken off as if the parent's time held it."""
     (tmp_path / "spin.py").write_text(SPINNER)
     (tmp_path / "killed.py").write_text(KILLED)
-    run = subprocess.Popen(
-        [sys.executable, str(tmp_path / "killed.py"), str(tmp_path / "spin.py")],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    watch = OtherWorkWatch(root=run.pid, interval_s=1.0, window_s=2.0)
-    with watch:
-        run.stdin.write("go\n")
-        run.stdin.flush()
-        waited, spun = (float(x) for x in run.stdout.readline().split())
-        run.wait()
-    other = watch.result()
-    assert other is not None
+    line, other = _watched([tmp_path / "killed.py", tmp_path / "spin.py"], 1.0, 2.0)
+    waited, spun = (float(x) for x in line.split())
     # at most the child's last 1-s interval (and a tick) is lost
     assert waited + spun - 1.1 <= other.own_cpu_seconds <= waited + spun + 0.1, (waited, spun, other)
 
