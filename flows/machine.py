@@ -200,8 +200,9 @@ class OtherWorkWatch:
 
     Counted as the tree's: every process seen in it, after its parent exits too, and what exited
     children used once their parent waited for them. Not counted (so it shows as other work): what a
-    process of the tree used in its last interval when it exits after its parent did (an orphan reaped
-    by init). Other processes whose CPUs lie outside this process's affinity mask are not seen."""
+    process of the tree used in its last interval when its time reaches no live process of the tree
+    (an orphan reaped by init, a child of a parent that ignores SIGCHLD). Other processes whose CPUs lie
+    outside this process's affinity mask are not seen."""
 
     def __init__(
         self,
@@ -216,6 +217,7 @@ class OtherWorkWatch:
         self.cpus = usable_cpu_set()
         self._hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         self._ours: set[tuple[int, float]] = set()
+        self._retry: list[tuple[tuple[int, float], float]] = []  # children not yet found in a parent's time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._own = self._busy = self._peak = self._peak_at = 0.0
@@ -257,31 +259,38 @@ class OtherWorkWatch:
         """What the processes that left the tree since the last sample had used up to it (counted then)
         and what a live process of the tree now counts again among its children's time.
 
-        A process that exited is counted again in the children's time of its nearest live ancestor if
-        every process between them waited for its child: certainly when its own parent is alive (a
-        process is reaped by its parent while that lives), and otherwise only if it fits in what that
-        ancestor's children's time grew by. A process reaped by init (its parent gone without waiting)
-        is not, and is not subtracted: what it used up to the last sample stays counted."""
+        Each process that left is matched, whole or not at all, against the growth of its nearest live
+        ancestor's children's time: first those whose own parent is that ancestor (a process is counted
+        in its parent's time when the parent waits for it; where the parent is alive and its growth did
+        not hold it, once more at the next sample, for a parent read just before it waited), then those
+        whose parent left with them (their time reaches the ancestor only if every process between
+        waited), fewer hops and smaller first. What no growth holds stays counted: a child reaped by init
+        after its parent was killed (`ray.shutdown`'s workers), or one whose parent ignores SIGCHLD
+        (raylet), whose time the kernel adds to no one's."""
         live = {key[0]: key for key in tree}
         before = {key[0]: entry for key, entry in self._tree.items()}
-        groups: dict[tuple[int, float], list[tuple[bool, float]]] = {}
+        # (ancestor, hops between, CPU seconds counted, retried); last sample's unmatched children first
+        gone = [(ancestor, 0, counted, True) for ancestor, counted in self._retry if ancestor in tree]
         for key, (ppid, mine, waited) in self._tree.items():
             if key in tree:
                 continue
-            parent, direct, seen = ppid, True, set()
+            parent, hops, seen = ppid, 0, set()
             while parent not in live and parent in before and parent not in seen:
                 seen.add(parent)
-                parent, direct = before[parent][0], False
+                parent, hops = before[parent][0], hops + 1
             if parent in live:
-                groups.setdefault(live[parent], []).append((direct, mine + waited))
-        absorbed = 0.0
-        for ancestor, gone in groups.items():
+                gone.append((live[parent], hops, mine + waited, False))
+        room: dict[tuple[int, float], float] = {}
+        for ancestor in {g[0] for g in gone}:
             prior = self._tree.get(ancestor)
-            room = tree[ancestor][2] - (prior[2] if prior is not None else 0.0)
-            for direct, counted in sorted(gone, key=lambda g: (not g[0], -g[1])):
-                if direct or counted <= room + 0.05:
-                    absorbed += counted
-                    room -= counted
+            room[ancestor] = tree[ancestor][2] - (prior[2] if prior is not None else 0.0)
+        absorbed, self._retry = 0.0, []
+        for ancestor, hops, counted, retried in sorted(gone, key=lambda g: (not g[3], g[1], g[2])):
+            if counted <= room[ancestor] + 0.05:
+                absorbed += counted
+                room[ancestor] -= counted
+            elif hops == 0 and not retried:
+                self._retry.append((ancestor, counted))
         return absorbed
 
     def _loop(self) -> None:

@@ -202,6 +202,34 @@ def test_a_child_reaped_by_init_keeps_what_was_counted(tmp_path):
     assert waited + spun - 1.1 <= other.own_cpu_seconds <= waited + spun + 0.1, (waited, spun, other)
 
 
+IGNORING = """
+import signal, subprocess, sys, time
+sys.stdin.readline()
+# a parent that ignores SIGCHLD (as raylet does): its child is reaped at exit with its time added to no
+# one's, while the parent lives on
+code = ("import signal, subprocess, sys, time\\n"
+        "signal.signal(signal.SIGCHLD, signal.SIG_IGN)\\n"
+        "subprocess.Popen([sys.executable, sys.argv[1], '3.0'])\\n"
+        "time.sleep(6.0)\\n")
+subprocess.run([sys.executable, "-c", code, sys.argv[1]])
+import resource
+r = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+print(sum(x.ru_utime + x.ru_stime for x in r), flush=True)
+time.sleep(1.2)
+"""
+
+
+def test_a_child_whose_parent_ignores_sigchld_keeps_what_was_counted(tmp_path):
+    """The child of a parent that ignores SIGCHLD exits while the parent lives: its 3 CPU-s reach no
+    one's children's time, so what was counted of it stays the run's (the rule before took it off
+    because its parent was alive, losing 2-3 CPU-s)."""
+    (tmp_path / "burn.py").write_text(BURN)
+    (tmp_path / "ignoring.py").write_text(IGNORING)
+    line, other = _watched([tmp_path / "ignoring.py", tmp_path / "burn.py"], 1.0, 2.0)
+    waited = float(line)  # the run's and the parent's own time: not the child's
+    assert waited + 3.0 - 1.1 <= other.own_cpu_seconds <= waited + 3.0 + 0.1, (waited, other)
+
+
 def test_other_work_verdict_and_line():
     quiet = OtherWork(
         seconds=769.0,
