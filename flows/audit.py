@@ -65,6 +65,7 @@ class AuditReport:
     stale: list[str] = field(default_factory=list)  # "stage: what changed"
     corrupt: list[str] = field(default_factory=list)  # pulled outputs that do not match dvc.lock
     other_work: OtherWork | None = None  # what else used the CPUs during the reproduction
+    cpu: str | None = None  # the CPU the reproduction ran on (flows.machine.cpu_name)
 
     @property
     def ok(self) -> bool:
@@ -97,8 +98,10 @@ class AuditReport:
             + ". With the recorded code, params and inputs, CPU results are the same bits only at the same "
             "thread count (the params' `threads`, capped by OMP_NUM_THREADS and the CPUs available) and on "
             "the same CPU kernels: each stage logs both (`intra-op threads:` and `CPU kernels:` lines), and "
-            'a recording made on other kernels does not reproduce here (docs/choices.md, "Bits across '
-            'machines")'
+            "a recording made on other kernels does not reproduce here. The CPU model decides too: with the "
+            "same pinned kernels, an Intel AVX-512 CPU gave other bits than the AMD AVX2 one that made the "
+            'recording (docs/choices.md, "Bits across machines")'
+            + (f"; this audit ran on {self.cpu}" if self.cpu else "")
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,6 +114,7 @@ class AuditReport:
             "corrupt": self.corrupt,
             "counts": self.counts(),
             "hint": self.hint(),
+            "cpu": self.cpu,
             "outputs": [c.__dict__ | {"files": list(c.files)} for c in self.checks],
             "other_work": None
             if self.other_work is None
@@ -404,7 +408,7 @@ def audit(
     """
     import yaml
 
-    from flows.machine import check_threads, watch_run
+    from flows.machine import check_threads, cpu_name, watch_run
     from flows.pipeline import lock_file as lock_of
     from flows.pipeline import profile_files, stage_target
 
@@ -448,7 +452,7 @@ def audit(
                     f"audit: the pull failed (exit {proc.returncode}): what was pulled is verified, every "
                     f"output is reproduced from scratch and compared with {lock_file}"
                 )
-        report = AuditReport(rev=rev, commit=commit, pulled=pulled)
+        report = AuditReport(rev=rev, commit=commit, pulled=pulled, cpu=cpu_name())
         stale, corrupt = _stale_and_corrupt(_status(clone, dvc_file))
         report.stale = [line for line in stale if line.split(":")[0] in scope]
         corrupt = [line for line in corrupt if line.split(":")[0] in scope]

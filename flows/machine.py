@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.core.cpus import CpuQuota, cgroup_cpu_seconds, cpu_limit, usable_cpu_set
+from tasks.core.cpus import CPUINFO, CpuQuota, cgroup_cpu_seconds, cpu_flags, cpu_limit, usable_cpu_set
 
 PROC_STAT = Path("/proc/stat")
 
@@ -190,6 +190,29 @@ class OtherWork:
             head + ": the machine was shared, so its stage times are not an idle machine's "
             '(benchmarks/RESULTS.md, "Threads on a busy machine")'
         )
+
+
+def cpu_name(cpuinfo: Path = CPUINFO) -> str | None:
+    """This machine's CPU as /proc/cpuinfo names it, with its widest x86 vector set (e.g. "AMD EPYC
+    7B13, AVX2"), or None where it cannot be read. The same pinned kernels can give other bits on
+    another CPU model (docs/choices.md, "Bits across machines"), so an audit names the one it ran on."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return None
+    name = next(
+        (
+            v.strip()
+            for k, _, v in (line.partition(":") for line in text.splitlines())
+            if k.strip() == "model name"
+        ),
+        None,
+    )
+    if name is None:
+        return None
+    flags = cpu_flags(cpuinfo) or set()
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+    return f"{name}, {isa}" if isa else name
 
 
 class OtherWorkWatch:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from flows.audit import AuditReport, OutputCheck, print_report
+from flows.machine import cpu_name
 
 
-def _report(statuses: list[tuple[str, str, str]], stale: list[str] | None = None) -> AuditReport:
+def _report(
+    statuses: list[tuple[str, str, str]], stale: list[str] | None = None, cpu: str | None = None
+) -> AuditReport:
     checks = [
         OutputCheck(stage, path, status, "a", "a" if status == "reproduced" else "b")
         for stage, path, status in statuses
     ]
-    return AuditReport("HEAD", "0123456789abcdef", pulled=True, checks=checks, stale=stale or [])
+    return AuditReport("HEAD", "0123456789abcdef", pulled=True, checks=checks, stale=stale or [], cpu=cpu)
 
 
 CHAIN = [
@@ -29,6 +32,9 @@ def test_the_first_differing_output_and_the_stages_before_it_are_named(capsys):
     assert hint is not None and hint.startswith("the first output that differs is cpt: artifacts/cpt")
     assert "(the stages before it reproduced: prepare_data, tokenizer)" in hint
     assert "thread count" in hint and "CPU kernels:" in hint and "Bits across machines" in hint
+    assert "The CPU model decides too" in hint and "this audit ran on" not in hint
+    named = _report(CHAIN, cpu="AMD EPYC 7B13, AVX2").hint()
+    assert named is not None and named.endswith("; this audit ran on AMD EPYC 7B13, AVX2")
     assert report.to_dict()["hint"] == hint
     print_report(report)
     out = " ".join(capsys.readouterr().out.split())
@@ -46,3 +52,18 @@ def test_a_stage_with_a_missing_output_is_not_called_reproduced():
     hint = _report([*chain, ("cpt", "artifacts/cpt", "differs")]).hint()
     assert hint is not None and "(the stages before it reproduced: tokenizer)" in hint
     assert "reproduced" not in _report([("cpt", "artifacts/cpt", "differs")]).hint().split(".")[0]
+
+
+def test_the_cpu_is_named_from_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text(
+        "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu avx2 fma avx512f\n\n"
+        "processor\t: 1\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu avx2 fma avx512f\n"
+    )
+    assert cpu_name(info) == "Intel(R) Xeon(R) Processor, AVX-512"
+    info.write_text("model name\t: AMD EPYC 7B13 64-Core Processor\nflags\t\t: fpu avx2 fma\n")
+    assert cpu_name(info) == "AMD EPYC 7B13 64-Core Processor, AVX2"
+    info.write_text("processor\t: 0\nflags\t\t: fpu\n")  # no model name (some ARM kernels)
+    assert cpu_name(info) is None
+    assert cpu_name(tmp_path / "absent") is None
+    assert _report(CHAIN, cpu=cpu_name()).to_dict()["cpu"] == cpu_name()
