@@ -102,7 +102,7 @@ def run(
     the run within seconds: the running stage is interrupted and not recorded, finished stages are kept,
     and the next run resumes from there. On a machine whose other work leaves too few CPUs for the params'
     `threads`, it warns first, or when that happens later in the run (OMP_NUM_THREADS=1 gives the same
-    outputs in the tiny profile); the last line says how much CPU other work took during the run.
+    outputs in the tiny profile on AVX2 CPUs); the last line says how much CPU other work took during the run.
 
     Exit codes: 0 done; 2 a stage failed on its input or parameters (not retried); 1 an infrastructure
     error that persisted through the retries (a killed stage, an unreachable server, a failed push);

@@ -7,9 +7,9 @@ counter shows (/proc/stat counts the host's CPUs there, not the container's shar
 
 Why: OpenMP threads spin while they wait for each other, so a 2-thread stage beside other work gets
 several times slower per step, not twice (benchmarks/RESULTS.md, "Threads on a busy machine";
-`benchmarks/experiments/thread_contention.py`). One thread is immune, and gives the same bits in every
-output (`OMP_NUM_THREADS=1 ruyi audit` of a 2-thread recording).
-"""
+`benchmarks/experiments/thread_contention.py`). One thread is immune, and on AVX2 CPUs gives the same bits
+in every output (`OMP_NUM_THREADS=1 ruyi audit` of a 2-thread recording); on an AVX-512 Intel CPU it did
+not (docs/choices.md, "Bits across machines")."""
 
 from __future__ import annotations
 
@@ -70,19 +70,34 @@ def busy(
 
 
 def oversubscription_warning(
-    threads: int, busy: float | None, cpus: float, setting: str, limit: str = "CPUs this process may use"
+    threads: int,
+    busy: float | None,
+    cpus: float,
+    setting: str,
+    limit: str = "CPUs this process may use",
+    avx512: bool | None = None,
 ) -> str | None:
     """The warning for stages of `threads` intra-op threads on `cpus` CPUs of which other work keeps
     `busy` (`busy`), or None: one thread never warns, nor do threads that fit the CPUs left free with
-    half a CPU to spare. `limit` says what the `cpus` are (the affinity mask's, or a CPU quota)."""
+    half a CPU to spare. `limit` says what the `cpus` are (the affinity mask's, or a CPU quota).
+    `avx512` (default: this CPU's flags) says whether one thread's outputs are claimed to be two
+    threads' bits: measured so on AVX2 CPUs, not on an AVX-512 one (docs/choices.md, "Bits across
+    machines")."""
     if busy is None or threads <= 1 or busy + threads <= cpus + 0.5:
         return None
+    if avx512 is None:
+        avx512 = "avx512f" in (cpu_flags() or set())
+    bits = (
+        "; on this AVX-512 CPU its outputs can differ from more threads' in the last bits (measured on an "
+        "Intel Xeon, where MKL_CBWR=AVX2,STRICT set as well made one and two threads agree)"
+        if avx512
+        else " and give the same outputs, bit for bit"
+    )
     return (
         f"warning: the machine is busy: other work is using {busy:.1f} of the {cpus:g} {limit}, "
         f"and the stages run {threads} intra-op threads ({setting}). Threads spinning against "
         'other work can make every training step several times slower (benchmarks/RESULTS.md, "Threads '
-        'on a busy machine"). With OMP_NUM_THREADS=1 the stages run on one thread and give the same '
-        "outputs, bit for bit."
+        f'on a busy machine"). With OMP_NUM_THREADS=1 the stages run on one thread{bits}.'
     )
 
 

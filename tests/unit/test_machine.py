@@ -49,9 +49,12 @@ def test_the_warning_rule():
     where = "`threads: 2` in params.yaml"
     # two threads on two CPUs: warned once other work takes more than half a CPU
     assert oversubscription_warning(2, 0.3, 2, where) is None
-    said = oversubscription_warning(2, 1.0, 2, where)
+    said = oversubscription_warning(2, 1.0, 2, where, avx512=False)
     assert said and "1.0 of the 2 CPUs" in said and "2 intra-op threads (`threads: 2` in params.yaml)" in said
     assert "OMP_NUM_THREADS=1" in said and "same outputs, bit for bit" in said
+    # one thread's bits were not two threads' on an AVX-512 CPU: the warning does not claim them there
+    wide = oversubscription_warning(2, 1.0, 2, where, avx512=True)
+    assert wide and "bit for bit" not in wide and "can differ" in wide and "MKL_CBWR=AVX2,STRICT" in wide
     assert oversubscription_warning(1, 2.0, 2, where) is None  # one thread does not spin against others
     assert oversubscription_warning(2, 5.0, 8, where) is None  # room left
     assert oversubscription_warning(4, 5.0, 8, where)
