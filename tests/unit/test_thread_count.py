@@ -12,6 +12,11 @@ tiny profile's shapes in two processes, one per thread count, and must agree bit
 - compress's SVD, plain and activation-aware (torch's LAPACK differs in the last digits at 2 threads
   unless held on one: ruyi_model.threads).
 A control shows that the second thread was used: flat sums over two million floats differ.
+
+On a CPU with AVX-512 the probes also set `MKL_CBWR=AVX2,STRICT`: on an Intel Xeon with AVX-512 the
+stages' pins alone gave other weights, Adam state, distillation KL and calibrated SVD at 1 and 2
+threads (MKL's non-strict mode splits sums by thread count there), and strict mode made them agree
+(docs/choices.md, "Bits across machines": why it is not the stages' pin yet).
 """
 
 from __future__ import annotations
@@ -24,10 +29,13 @@ from pathlib import Path
 
 import pytest
 
+from tasks.core.cpus import cpu_flags
+
 REPO = Path(__file__).resolve().parents[2]
 
 _PROBE = r"""
 import hashlib, json, sys
+import tasks  # noqa: F401  the stages' CPU kernel pins, set before torch is imported (as in every stage)
 import torch
 
 torch.set_num_threads(int(sys.argv[1]))
@@ -111,6 +119,8 @@ print(json.dumps(out))
 
 def _probe(threads: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    if "avx512f" in (cpu_flags() or set()):
+        env["MKL_CBWR"] = "AVX2,STRICT"  # see the module docstring
     env["PYTHONPATH"] = str(REPO)
     env["OMP_WAIT_POLICY"] = "PASSIVE"  # the other xdist worker owns a core: no spinning against it
     proc = subprocess.run(
