@@ -408,7 +408,7 @@ def audit(
     """
     import yaml
 
-    from flows.machine import check_threads, cpu_name, watch_run
+    from flows.machine import check_threads, cpu_name, machine_line, watch_run
     from flows.pipeline import lock_file as lock_of
     from flows.pipeline import profile_files, stage_target
 
@@ -478,6 +478,7 @@ def audit(
         with watch:
             _run(cmd, clone, " ".join(cmd[1:]), log=log)
         report.other_work = watch.result()
+        log(f"audit: {machine_line()}")
         log(f"audit: {watch.summary('the reproduction')}")
         reproduced = yaml.safe_load((clone / lock_file).read_text())
         report.checks = compare(recorded, reproduced, measured, clone / ".dvc" / "cache")

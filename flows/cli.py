@@ -102,7 +102,8 @@ def run(
     the run within seconds: the running stage is interrupted and not recorded, finished stages are kept,
     and the next run resumes from there. On a machine whose other work leaves too few CPUs for the params'
     `threads`, it warns first, or when that happens later in the run (OMP_NUM_THREADS=1 gives the same
-    outputs in the tiny profile on AVX2 CPUs); the last line says how much CPU other work took during the run.
+    outputs in the tiny profile on AVX2 CPUs); the last lines name the machine (its CPU) and say how
+    much CPU other work took during the run.
 
     Exit codes: 0 done; 2 a stage failed on its input or parameters (not retried); 1 an infrastructure
     error that persisted through the retries (a killed stage, an unreachable server, a failed push);
@@ -115,7 +116,7 @@ def run(
     from pathlib import Path
 
     from flows import prefect_server
-    from flows.machine import check_threads, watch_run
+    from flows.machine import check_threads, machine_line, watch_run
     from flows.pipeline import (
         InfrastructureError,
         StageFailed,
@@ -220,6 +221,7 @@ def run(
     else:
         print_summary(params_path)
     if watch is not None:
+        typer.echo(machine_line())
         typer.echo(watch.summary())
 
 

@@ -230,6 +230,16 @@ def cpu_name(cpuinfo: Path = CPUINFO) -> str | None:
     return f"{name}, {isa}" if isa else name
 
 
+def machine_line(cpuinfo: Path = CPUINFO) -> str:
+    """One line naming the machine a run's times and bits come from: its CPU (`cpu_name`) and how many
+    CPUs this process may use (the affinity mask's, capped by a CPU quota)."""
+    count, quota = cpu_limit()
+    where = (
+        f" (a CPU quota caps the {len(usable_cpu_set())} of the affinity mask)" if quota is not None else ""
+    )
+    return f"machine: {cpu_name(cpuinfo) or 'a CPU /proc/cpuinfo does not name'}; {count} CPUs usable{where}"
+
+
 class OtherWorkWatch:
     """Samples, every `interval_s` in a background thread, the CPUs' busy time and the CPU time of
     `root`'s process tree (default: this process), for `OtherWork` at the end (`result`). `on_window`

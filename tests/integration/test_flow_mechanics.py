@@ -745,8 +745,11 @@ def test_ruyi_run_stops_within_seconds_on_ctrl_c_or_sigterm_and_then_resumes(min
     again = _ruyi_run(mini_ws, tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert runs(mini_ws) == ["a", "b", "c"]  # resumed at b; a stayed up to date
-    # the last line: what else used the CPUs during the run, against the run's own CPU time
-    assert re.search(r"other work during the run: [\d.]+ of \d+ CPUs on average", again.stdout), again.stdout
+    # the last lines: the machine, and what else used the CPUs during the run against the run's own time
+    assert re.search(
+        r"machine: .+; \d+ CPUs usable\nother work during the run: [\d.]+ of \d+ CPUs on average",
+        again.stdout,
+    ), again.stdout
 
 
 def test_ruyi_run_user_errors_are_one_clear_line_without_a_traceback(mini_ws, tmp_path):

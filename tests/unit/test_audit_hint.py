@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 from flows.audit import AuditReport, OutputCheck, print_report
-from flows.machine import cpu_name
+from flows.machine import cpu_name, machine_line
 
 
 def _report(
@@ -67,3 +69,13 @@ def test_the_cpu_is_named_from_cpuinfo(tmp_path):
     assert cpu_name(info) is None
     assert cpu_name(tmp_path / "absent") is None
     assert _report(CHAIN, cpu=cpu_name()).to_dict()["cpu"] == cpu_name()
+
+
+def test_the_machine_line_names_the_cpu_and_the_usable_cpus(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("model name\t: AMD EPYC 7B13 64-Core Processor\nflags\t\t: fpu avx2 fma\n")
+    usable = len(os.sched_getaffinity(0))
+    line = machine_line(info)
+    assert line.startswith("machine: AMD EPYC 7B13 64-Core Processor, AVX2; ") and "CPUs usable" in line
+    assert int(line.split("; ")[1].split()[0]) <= usable
+    assert machine_line(tmp_path / "absent").startswith("machine: a CPU /proc/cpuinfo does not name; ")
