@@ -82,7 +82,8 @@ def run(
         metavar="KEY=VALUE",
         help=(
             "parameter override written to the profile's params file (params.yaml; --profile vl: "
-            "params.vl.yaml), e.g. cpt.max_steps=50"
+            "params.vl.yaml), e.g. cpt.max_steps=50; the line's comment then starts with the value it "
+            "replaced, '(--set: max_steps was 100)', until the file's value is set again"
         ),
     ),
     push: bool = typer.Option(True, "--push/--no-push", help="push results to the DVC remote"),
@@ -139,7 +140,7 @@ def run(
             workspace = Path(os.environ.get("RUYI_WORKSPACE") or ".").resolve()
             if not (workspace / dvc_file).is_file():
                 raise ValueError(f"workspace {workspace} has no {dvc_file}")
-            select_stages(dvc_stage_order(workspace, dvc_file), from_stage, to_stage)
+            selected = select_stages(dvc_stage_order(workspace, dvc_file), from_stage, to_stage)
             params = load_params(workspace / params_file, sets)
             if warning := check_threads(params.threads, params_file):
                 typer.echo(warning, err=True)
@@ -217,9 +218,9 @@ def run(
     # the summary reads the workspace the flow ran in (RUYI_WORKSPACE, else here)
     params_path = Path(os.environ.get("RUYI_WORKSPACE") or ".") / params_file
     if profile == "vl":
-        print_vl_summary(params_path)
+        print_vl_summary(params_path, ran=selected, dvc_file=dvc_file)
     else:
-        print_summary(params_path)
+        print_summary(params_path, ran=selected, dvc_file=dvc_file)
     if watch is not None:
         typer.echo(machine_line())
         typer.echo(watch.summary())

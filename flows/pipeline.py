@@ -254,6 +254,49 @@ def missing_local_effects(workspace: str | Path, stage: str, dvc_file: str = "dv
     return [os.path.relpath(p, workspace) for p in missing]
 
 
+def stage_freshness(workspace: str | Path, stages: list[str], dvc_file: str = "dvc.yaml") -> dict[str, str]:
+    """DVC's view of each of `stages` in `workspace`, in words: "up to date"; "out of date (...)" when a
+    dependency (changed or missing), a parameter or the command differs from what dvc.lock recorded
+    (its figures describe another model); "not run here (...)" when only its outputs are missing (the
+    figures in the checkout are the recorded ones, e.g. a clone that never ran the stage). One `dvc
+    status` call."""
+    if not stages:
+        return {}
+    workspace = Path(workspace)
+    proc = _dvc(["status", "--json", *(stage_target(s, dvc_file) for s in stages)], workspace)
+    try:
+        report = json.loads(proc.stdout or "{}")
+    except json.JSONDecodeError as e:
+        raise RuntimeError(
+            f"`dvc status --json` in {workspace} printed no JSON ({e}): {proc.stdout[:200]!r}"
+        ) from None
+    out: dict[str, str] = {}
+    for stage in stages:
+        changed: list[str] = []
+        missing: list[str] = []
+        for entry in report.get(stage_target(stage, dvc_file), []):
+            if isinstance(entry, str):  # "changed command", "always changed"
+                changed.append(entry.removeprefix("changed ").strip())
+                continue
+            for kind, paths in entry.items():
+                for path, state in (paths or {}).items():
+                    if isinstance(state, dict):  # a params file: {key: state}
+                        changed += [f"{key} ({st})" for key, st in state.items()]
+                    elif kind == "changed outs" and state == "deleted":
+                        missing.append(path)
+                    elif state != "not in cache":  # outputs present but not cached: still current
+                        changed.append(f"{path} ({state})")
+        if changed:
+            out[stage] = "out of date (its recorded inputs or command differ: " + ", ".join(changed) + ")"
+        elif missing:
+            out[stage] = (
+                "not run here (its outputs are missing: " + ", ".join(missing) + "): the recorded figures"
+            )
+        else:
+            out[stage] = "up to date"
+    return out
+
+
 def select_stages(order: list[str], from_stage: str | None, to_stage: str | None) -> list[str]:
     for name, value in (("from_stage", from_stage), ("to_stage", to_stage)):
         if value is not None and value not in order:
@@ -281,26 +324,134 @@ def apply_param_overrides(
     if not overrides:
         return []
     from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedMap
 
     ry = YAML()
     ry.preserve_quotes = True
+    # null stays `null` (ruamel's round trip writes an empty value)
+    ry.representer.add_representer(
+        type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
     doc = ry.load(path.read_text())
     changed = []
     for dotted, value in overrides.items():
         node = doc
         *parents, leaf = dotted.split(".")
+        # The line's comment belongs to the last block-style mapping on the path: a flow-style value
+        # (`exit_weights: {..., deepest: 2.0}  # ...`) shares its key's line and comment.
+        owner, owner_key = doc, dotted.split(".")[0]
         for part in parents:
             if part not in node or node[part] is None:
-                node[part] = {}
+                node[part] = CommentedMap()
+            if not _flow_style(node):
+                owner, owner_key = node, part
             node = node[part]
+        if not _flow_style(node):
+            owner, owner_key = node, leaf
         if node.get(leaf) != value:
-            node[leaf] = value
+            old = node[leaf] if leaf in node else _ABSENT
+            restored = None
+            if isinstance(owner, CommentedMap):
+                restored = _mark_override(ry, owner, owner_key, leaf, old, value)
+            # set back to the file's own value: its own spelling too (`3.0e-5`, not `3e-05`)
+            node[leaf] = _in_style_of(old, value) if restored is None else ry.load(restored)
             changed.append(dotted)
     from tasks.core.files import atomic_file
 
     with atomic_file(path) as f:
         ry.dump(doc, f)
     return changed
+
+
+def _flow_style(node: Any) -> bool:
+    fa = getattr(node, "fa", None)
+    return bool(fa is not None and fa.flow_style())
+
+
+_ABSENT = object()
+
+
+def _plain(value: Any) -> Any:
+    """ruamel's round-trip types (CommentedMap, ScalarFloat, ...) as the builtins they stand for."""
+    from ruamel.yaml.scalarbool import ScalarBoolean
+
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    for kind in (ScalarBoolean, bool, float, int, str):
+        if isinstance(value, kind):
+            return bool(value) if kind is ScalarBoolean else kind(value)
+    return value
+
+
+def _in_style_of(old: Any, new: Any) -> Any:
+    """`new` in `old`'s flow style where `old` was a flow-style mapping or list (`{2: 0.12, ...}`)."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    if not _flow_style(old) or not isinstance(new, (dict, list)):
+        return new
+    styled = CommentedMap(new) if isinstance(new, dict) else CommentedSeq(new)
+    styled.fa.set_flow_style()
+    return styled
+
+
+def _yaml_text(ry: Any, value: Any) -> str:
+    """`value` on one line as YAML: a scalar as the file spells it (`3.0e-5`), a collection in flow style."""
+    import io
+
+    from ruamel.yaml import YAML
+
+    buf = io.StringIO()
+    if isinstance(value, (dict, list)):
+        one_line = YAML(typ="safe", pure=True)
+        one_line.default_flow_style = True
+        one_line.width = 1_000_000
+        one_line.dump(_plain(value), buf)
+    else:
+        ry.dump(value, buf)
+    text = buf.getvalue().strip()
+    return text[: -len("...")].strip() if text.endswith("...") else text
+
+
+# "(--set: lr was 3.0e-5; ...)" at the start of a line's comment: what `ruyi run --set` replaced, so a
+# comment written for the file's own value is not read as describing the new one.
+_OVERRIDE_MARK = re.compile(r"^\(--set: (?P<items>.*?)\)(?: |$)")
+
+
+def _mark_override(ry: Any, owner: Any, owner_key: str, leaf: str, old: Any, new: Any) -> str | None:
+    """Notes on the line of `owner[owner_key]` that `leaf` was `old` before `--set`.
+
+    The first `--set` of a key records the file's value; later ones keep it, and setting the key back
+    to it removes the note and returns the value's recorded text. The rest of the comment (the
+    value's documentation) is kept as it is."""
+    import yaml
+
+    slot = owner.ca.items.get(owner_key)
+    token = slot[2] if slot and len(slot) > 2 else None
+    first, nl, rest = (token.value if token is not None else "").partition("\n")
+    text = first.strip()
+    text = text[1:].strip() if text.startswith("#") else text
+    items: dict[str, str] = {}
+    if m := _OVERRIDE_MARK.match(text):
+        for item in m.group("items").split("; "):
+            key, sep, was = item.partition(" was ")
+            if sep:
+                items[key] = was
+        text = text[m.end() :]
+    items.setdefault(leaf, "absent" if old is _ABSENT else _yaml_text(ry, old))
+    restored = None
+    if items[leaf] != "absent" and yaml.safe_load(items[leaf]) == _plain(new):
+        restored = items.pop(leaf)
+    mark = "(--set: " + "; ".join(f"{k} was {v}" for k, v in items.items()) + ")" if items else ""
+    line = " ".join(part for part in (mark, text) if part)
+    if token is not None and (line or rest):
+        token.value = f"# {line}{nl}{rest}" if line else f"{nl}{rest}"
+    elif token is not None:
+        slot[2] = None
+    elif line:
+        owner.yaml_add_eol_comment(f"# {line}", owner_key)
+    return restored
 
 
 def _stage_metrics(workspace: Path, stage: str, dvc_file: str = "dvc.yaml") -> dict[str, Any]:
@@ -609,5 +760,6 @@ __all__ = [
     "InfrastructureError",
     "push_results",
     "missing_local_effects",
+    "stage_freshness",
     "LOCAL_EFFECT_KEY",
 ]

@@ -204,7 +204,45 @@ def target_lines(metrics_dir: str | Path) -> list[str]:
     return out
 
 
-def print_summary(params_path: str | Path = "params.yaml") -> None:
+#: The stages whose metrics each summary prints (table, recipe and target lines, release).
+TEXT_FIGURE_STAGES = ("rl", "compress", "route", "evaluate", "deploy")
+VL_FIGURE_STAGES = ("evaluate", "privacy", "deploy")
+
+
+def not_this_run(
+    workspace: str | Path,
+    ran: list[str] | None,
+    figure_stages: tuple[str, ...],
+    metrics: dict[str, Path],
+    dvc_file: str,
+) -> dict[str, str]:
+    """For each stage of `figure_stages` outside `ran` (the stages this run covered; None: a summary
+    without a run) whose metrics file (`metrics[stage]`) exists: DVC's word on it (`stage_freshness`)."""
+    if ran is None:
+        return {}
+    others = [s for s in figure_stages if s not in ran and metrics[s].is_file()]
+    if not others:
+        return {}
+    from flows.pipeline import stage_freshness
+
+    try:
+        return stage_freshness(workspace, others, dvc_file)
+    except RuntimeError as e:  # the summary still prints; the figures are named as unchecked
+        first = str(e).splitlines()[0]
+        return {s: f"not checked: {first}" for s in others}
+
+
+def not_this_run_line(status: dict[str, str]) -> str | None:
+    if not status:
+        return None
+    return "figures not from this run: " + "; ".join(f"{stage}: {why}" for stage, why in status.items())
+
+
+def print_summary(
+    params_path: str | Path = "params.yaml", ran: list[str] | None = None, dvc_file: str = "dvc.yaml"
+) -> None:
+    """The text profile's summary. `ran`: the stages this run covered; the figures of the others are
+    named with DVC's word on them (up to date, out of date, not run here)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -235,6 +273,11 @@ def print_summary(params_path: str | Path = "params.yaml") -> None:
         console.print(line, markup=False, soft_wrap=True)
     for name, where in result_paths(params, base).items():
         console.print(f"[bold]{name}[/bold]: {where}")
+    m = base / params.paths.metrics_dir
+    files = {"rl": "rl.json", "compress": "compress.json", "route": "route.json", "evaluate": "eval.json"}
+    metrics = {stage: m / name for stage, name in files.items()} | {"deploy": m / "deploy_smoke.json"}
+    if line := not_this_run_line(not_this_run(base, ran, TEXT_FIGURE_STAGES, metrics, dvc_file)):
+        console.print(line, markup=False, soft_wrap=True)
 
 
 #: The VL profile's figures under its plots_dir (profiles/vl/dvc.yaml lists them for `dvc plots show`).
@@ -247,22 +290,40 @@ VL_PLOTS = (
 )
 
 
-def print_vl_summary(params_path: str | Path = "params.vl.yaml") -> None:
+def print_vl_summary(
+    params_path: str | Path = "params.vl.yaml",
+    ran: list[str] | None = None,
+    dvc_file: str = "profiles/vl/dvc.yaml",
+) -> None:
     """The vision-language profile's table (accuracy per exit and task type, tokens/s, parameters), the
-    privacy gate's figures and the releases, once those stages have run."""
+    privacy gate's figures and the releases, once those stages have run. `ran`: the stages this run
+    covered; a figure of another stage says so, with DVC's word on it (up to date, out of date, not run
+    here)."""
     from tasks.training.vl_pipeline import format_table
 
     params = load_params(params_path)
-    path = Path(params_path).parent / params.paths.metrics_dir / "eval.json"  # paths are workspace-relative
+    base = Path(params_path).parent  # the workspace: its paths are workspace-relative
+    path = base / params.paths.metrics_dir / "eval.json"
     if not path.is_file():
         print(f"(no {path}: the evaluate stage has not run)")
         return
-    print(f"VL family, held-out generated VQA, accuracy % per exit and task type ({path}):")
+    metrics = {
+        "evaluate": path,
+        "privacy": path.parent / "privacy.json",
+        "deploy": path.parent / "deploy.json",
+    }
+    status = not_this_run(base, ran, VL_FIGURE_STAGES, metrics, dvc_file)
+
+    def tag(stage: str) -> str:
+        return f" [not from this run: {status[stage]}]" if stage in status else ""
+
+    print(f"VL family, held-out generated VQA, accuracy % per exit and task type ({path}){tag('evaluate')}:")
     print(format_table(json.loads(path.read_text()), params.model.exit_layers))
     privacy = _read(path.parent / "privacy.json")
     if privacy:
         print(
-            f"privacy gate {'passed' if privacy['passed'] else 'FAILED'} ({path.parent / 'privacy.json'}): "
+            f"privacy gate {'passed' if privacy['passed'] else 'FAILED'} ({path.parent / 'privacy.json'}"
+            f"{tag('privacy')}): "
             f"behaviour F1 {privacy['behaviour_f1']:.3f} (raw features {privacy['behaviour_f1_raw']:.3f}), "
             f"re-identification {privacy['reid_accuracy']:.3f} and on reconstructions "
             f"{privacy['inversion_reid_accuracy']:.3f} (chance {privacy['reid_chance']:.3f})"
@@ -280,7 +341,9 @@ def print_vl_summary(params_path: str | Path = "params.vl.yaml") -> None:
         print(f"plots ({plots}): " + ", ".join(written))
     deploy = _read(path.parent / "deploy.json")
     if deploy:
-        print(f"release: {deploy['release_uri']}; camera release: {deploy['camera_release_uri']}")
+        print(
+            f"release: {deploy['release_uri']}; camera release: {deploy['camera_release_uri']}{tag('deploy')}"
+        )
 
 
 def result_paths(params, base: str | Path = ".") -> dict[str, str]:

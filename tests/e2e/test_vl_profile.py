@@ -312,3 +312,12 @@ def test_vl_profile_runs_through_the_flow_and_leaves_the_text_run_alone(workspac
     assert "| exit | params | tokens/s | all |" in out and "scene_count" in out
     assert "privacy gate passed" in out and "camera release: file://" in out
     assert "family_sft/loss.png" in out and "evaluate/tradeoff.png" in out
+    assert "not from this run" not in out  # no run named: a plain summary
+    # as `ruyi run --profile vl --to-stage gates` prints it: the later stages' figures are named, with
+    # DVC's word on them (a real `dvc status`; here they are this family's)
+    print_vl_summary(workspace / "params.vl.yaml", ran=STAGES[: STAGES.index("gates") + 1])
+    lines = capsys.readouterr().out.splitlines()
+    privacy_line = next(line for line in lines if line.startswith("privacy gate"))
+    assert "privacy.json [not from this run: up to date]): " in privacy_line
+    assert lines[-1].startswith("release: ") and lines[-1].endswith(" [not from this run: up to date]")
+    assert not lines[0].endswith("[not from this run: up to date]:")  # evaluate ran in it

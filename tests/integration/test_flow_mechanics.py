@@ -29,7 +29,9 @@ from flows.pipeline import (
     missing_local_effects,
     ruyi_pipeline,
     select_stages,
+    stage_freshness,
 )
+from flows.report import not_this_run, not_this_run_line
 from tasks.core.params import ParamsError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -186,7 +188,7 @@ def test_overrides_are_validated_and_keep_comments(mini_ws):
     assert (mini_ws / "params.yaml").read_text() == before  # nothing written on error
     assert apply_param_overrides(mini_ws, {"cpt.max_steps": 70, "seed": 5}) == ["cpt.max_steps", "seed"]
     after = (mini_ws / "params.yaml").read_text()
-    assert "# every stage derives its RNG seeds from this" in after
+    assert "# (--set: seed was 1234) every stage derives its RNG seeds from this" in after
     loaded = yaml.safe_load(after)
     assert loaded["cpt"]["max_steps"] == 70 and loaded["seed"] == 5
     # no overrides: the file is still validated (a misspelt section no stage tracks must not pass)
@@ -195,6 +197,41 @@ def test_overrides_are_validated_and_keep_comments(mini_ws):
         apply_param_overrides(mini_ws, {})
     (mini_ws / "params.yaml").write_text(after)
     assert apply_param_overrides(mini_ws, {}) == []
+
+
+def test_figures_of_stages_outside_the_run_are_named_with_dvc_s_word_on_them(mini_ws):
+    """`ruyi run --to-stage S` prints a summary from metrics files that later stages may have written
+    for another model: each such stage is named as up to date, out of date, or not run here."""
+    repro = [DVC, "repro", "--no-run-cache"]
+    subprocess.run(repro, cwd=mini_ws, check=True, capture_output=True)
+    assert stage_freshness(mini_ws, ["a", "b", "c"]) == dict.fromkeys("abc", "up to date")
+    metrics = {s: mini_ws / "metrics" / f"{s}.json" for s in "abc"}
+    assert not_this_run(mini_ws, None, ("b", "c"), metrics, "dvc.yaml") == {}  # no run: nothing said
+    assert not_this_run(mini_ws, ["a", "b", "c"], ("b", "c"), metrics, "dvc.yaml") == {}
+    assert not_this_run_line({}) is None
+
+    # a run to b with a new seed: c's figures are the old b's
+    apply_param_overrides(mini_ws, {"seed": 42})
+    subprocess.run([*repro, "b"], cwd=mini_ws, check=True, capture_output=True)
+    status = not_this_run(mini_ws, ["a", "b"], ("b", "c"), metrics, "dvc.yaml")
+    assert list(status) == ["c"]
+    assert status["c"].startswith("out of date") and "out/b.txt (modified)" in status["c"]
+    line = not_this_run_line(status)
+    assert line.startswith("figures not from this run: c: out of date")
+
+    # a changed parameter of the stage itself
+    apply_param_overrides(mini_ws, {"evaluate.num_problems": 11})
+    assert "evaluate.num_problems (modified)" in stage_freshness(mini_ws, ["c"])["c"]
+
+    # c run again, then its output removed (a clone that has the recorded metrics but never ran c)
+    subprocess.run([*repro, "c"], cwd=mini_ws, check=True, capture_output=True)
+    (mini_ws / "out" / "c.txt").unlink()
+    assert stage_freshness(mini_ws, ["c"]) == {
+        "c": "not run here (its outputs are missing: out/c.txt): the recorded figures"
+    }
+    # a stage without its metrics file is not named (nothing of it is printed)
+    (mini_ws / "metrics" / "c.json").unlink()
+    assert not_this_run(mini_ws, ["a"], ("b", "c"), metrics, "dvc.yaml") == {"b": "up to date"}
 
 
 def test_flow_runs_in_dag_order_skips_up_to_date_and_reruns_downstream_only(mini_ws, prefect_api):
