@@ -65,9 +65,32 @@ def stage(
 
 
 def _parse_sets(items: list[str]) -> dict:
+    """`--set` pairs as `parse_overrides` reads them; a flow mapping written without the space YAML
+    needs after `:` (`{2:0.1}`, a key "2:0.1" with no value) is refused with the spelling that works."""
+    from tasks.core.params import ParamsError
     from tasks.core.stage import parse_overrides
 
-    return parse_overrides(items)
+    sets = parse_overrides(items)
+    for item in items:
+        key = item.split("=", 1)[0].strip()
+        if glued := _glued_key(sets.get(key)):
+            raise ParamsError(
+                f"--set {item}: {glued!r} reads as a mapping key without a value; YAML needs a space "
+                f"after ':' in a mapping, e.g. {key}={{2: 0.1}}"
+            )
+    return sets
+
+
+def _glued_key(value) -> str | None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if isinstance(k, str) and ":" in k and v is None:
+                return k
+            if found := _glued_key(v):
+                return found
+    if isinstance(value, list):
+        return next((found for v in value if (found := _glued_key(v))), None)
+    return None
 
 
 @app.command()

@@ -62,3 +62,12 @@ def test_deployments_without_a_prefect_server_is_a_clear_error(tmp_path):
     assert (
         proc.returncode == 2 and "PREFECT_API_URL is not set" in proc.stderr and "ruyi server" in proc.stderr
     )
+
+
+def test_a_flow_mapping_without_the_space_after_the_colon_is_refused_with_the_spelling_that_works():
+    before = (REPO / "params.yaml").read_bytes()
+    proc = ruyi("run", "--no-push", "--set", "gates.min_accuracy={2:0.1}")
+    assert proc.returncode == 2, proc.stderr
+    assert "'2:0.1' reads as a mapping key without a value" in proc.stderr
+    assert "e.g. gates.min_accuracy={2: 0.1}" in proc.stderr
+    assert (REPO / "params.yaml").read_bytes() == before  # refused before anything is written
