@@ -1,6 +1,7 @@
 """The summary `ruyi run` prints after the pipeline: one row per exit, then where the results are.
 
-python -m flows.report [--params params.yaml]
+python -m flows.report [--params params.yaml]      # the text profile's
+python -m flows.report --params params.vl.yaml     # the vision-language profile's (model.modality: vl)
 """
 
 from __future__ import annotations
@@ -375,9 +376,20 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument(
+        "--params",
+        default="params.yaml",
+        help=(
+            "the run's params file (default params.yaml); its paths are relative to the file's folder. "
+            "A vision-language profile's (model.modality: vl, e.g. params.vl.yaml) prints that profile's "
+            "summary"
+        ),
+    )
     args = ap.parse_args(argv)
-    print_summary(args.params)
+    if load_params(args.params).model.modality == "vl":
+        print_vl_summary(args.params)
+    else:
+        print_summary(args.params)
     return 0
 
 

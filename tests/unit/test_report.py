@@ -179,3 +179,17 @@ def test_target_lines_say_met_or_missed_with_the_measured_value(tmp_path):
     (tmp_path / "eval.json").write_text(json.dumps(ev))
     lines = target_lines(tmp_path)
     assert lines[0].endswith("49.0% -> MISSED") and lines[1].endswith("worst 3.0 points below -> MISSED")
+
+
+def test_the_report_command_prints_the_vl_profile_s_own_summary(capsys):
+    """`python -m flows.report --params params.vl.yaml` printed the text summary (math accuracy, the
+    router's plot) from the VL metrics; it now prints the VL profile's, from the committed recording."""
+    from flows.report import main
+
+    assert main(["--params", str(REPO / "params.vl.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "VL family, held-out generated VQA, accuracy % per exit and task type" in out
+    assert "scene_count" in out and "math accuracy" not in out and "router" not in out
+    assert main(["--params", str(REPO / "params.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "math accuracy" in out and "VL family" not in out
