@@ -334,7 +334,7 @@ def print_vl_summary(
                 f"cloud member ({privacy['cloud_member']['description']}): QA accuracy "
                 f"{privacy['qa_accuracy_member']:.3f} on released features, "
                 f"{privacy['qa_accuracy_member_raw']:.3f} on raw features "
-                f"(best constant answers {privacy['qa_chance_member']:.3f})"
+                f"(best constant answers {privacy['qa_chance_member']:.3f}){tag('privacy')}"
             )
     plots = Path(params_path).parent / params.paths.plots_dir
     written = [p for p in VL_PLOTS if (plots / p).is_file()]

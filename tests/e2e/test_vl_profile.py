@@ -319,5 +319,7 @@ def test_vl_profile_runs_through_the_flow_and_leaves_the_text_run_alone(workspac
     lines = capsys.readouterr().out.splitlines()
     privacy_line = next(line for line in lines if line.startswith("privacy gate"))
     assert "privacy.json [not from this run: up to date]): " in privacy_line
+    cloud_line = next(line for line in lines if line.startswith("cloud member"))
+    assert cloud_line.endswith(" [not from this run: up to date]")  # privacy.json's figures too
     assert lines[-1].startswith("release: ") and lines[-1].endswith(" [not from this run: up to date]")
     assert not lines[0].endswith("[not from this run: up to date]:")  # evaluate ran in it
