@@ -425,7 +425,7 @@ def _mark_override(ry: Any, owner: Any, owner_key: str, leaf: str, old: Any, new
     The first `--set` of a key records the file's value; later ones keep it, and setting the key back
     to it removes the note and returns the value's recorded text. The rest of the comment (the
     value's documentation) is kept as it is."""
-    import yaml
+    from tasks.core.params import load_yaml  # YAML 1.2, as the params file is read (`1e-4` a float)
 
     slot = owner.ca.items.get(owner_key)
     token = slot[2] if slot and len(slot) > 2 else None
@@ -441,7 +441,7 @@ def _mark_override(ry: Any, owner: Any, owner_key: str, leaf: str, old: Any, new
         text = text[m.end() :]
     items.setdefault(leaf, "absent" if old is _ABSENT else _yaml_text(ry, old))
     restored = None
-    if items[leaf] != "absent" and yaml.safe_load(items[leaf]) == _plain(new):
+    if items[leaf] != "absent" and load_yaml(items[leaf]) == _plain(new):
         restored = items.pop(leaf)
     mark = "(--set: " + "; ".join(f"{k} was {v}" for k, v in items.items()) + ")" if items else ""
     line = " ".join(part for part in (mark, text) if part)

@@ -104,3 +104,19 @@ def test_a_key_without_a_comment_gets_one_and_loses_it_when_set_back(tmp_path):
     assert new.split("#", 1)[1].strip() == "(--set: deepest was 1.0)"
     apply_param_overrides(tmp_path, {"family_sft.exit_weights.deepest": 1.0})
     assert path.read_text() == original
+
+
+def test_a_value_spelled_the_yaml_1_2_way_is_restored_and_the_next_comment_lines_stay(tmp_path):
+    """`1e-4` is a float under YAML 1.2 (as params files are read), a string under PyYAML's 1.1; and a
+    key followed by full-line comments carries them in the same comment slot as its own."""
+    path = tmp_path / "params.yaml"
+    text = (ROOT / "params.yaml").read_text()
+    text = text.replace(
+        "  lr: 3.0e-5                    # AdamW", "  lr: 1e-4\n  # a comment line\n  # AdamW", 1
+    )
+    path.write_text(text)
+    apply_param_overrides(tmp_path, {"rl.lr": 2e-4})
+    after = path.read_text()
+    assert "  lr: 0.0002 # (--set: lr was 1e-4)\n  # a comment line\n  # AdamW" in after
+    apply_param_overrides(tmp_path, {"rl.lr": 1e-4})
+    assert path.read_text() == text
