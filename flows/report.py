@@ -205,23 +205,15 @@ def target_lines(metrics_dir: str | Path) -> list[str]:
     return out
 
 
-#: The stages whose metrics each summary prints (table, recipe and target lines, release).
-TEXT_FIGURE_STAGES = ("rl", "compress", "route", "evaluate", "deploy")
-VL_FIGURE_STAGES = ("evaluate", "privacy", "deploy")
-
-
 def not_this_run(
-    workspace: str | Path,
-    ran: list[str] | None,
-    figure_stages: tuple[str, ...],
-    metrics: dict[str, Path],
-    dvc_file: str,
+    workspace: str | Path, ran: list[str] | None, metrics: dict[str, Path], dvc_file: str
 ) -> dict[str, str]:
-    """For each stage of `figure_stages` outside `ran` (the stages this run covered; None: a summary
-    without a run) whose metrics file (`metrics[stage]`) exists: DVC's word on it (`stage_freshness`)."""
+    """For each stage of `metrics` (stage -> the metrics file a summary prints from) outside `ran` (the
+    stages this run covered; None: a summary without a run) whose file exists: DVC's word on it
+    (`stage_freshness`)."""
     if ran is None:
         return {}
-    others = [s for s in figure_stages if s not in ran and metrics[s].is_file()]
+    others = [s for s, path in metrics.items() if s not in ran and path.is_file()]
     if not others:
         return {}
     from flows.pipeline import stage_freshness
@@ -277,7 +269,7 @@ def print_summary(
     m = base / params.paths.metrics_dir
     files = {"rl": "rl.json", "compress": "compress.json", "route": "route.json", "evaluate": "eval.json"}
     metrics = {stage: m / name for stage, name in files.items()} | {"deploy": m / "deploy_smoke.json"}
-    if line := not_this_run_line(not_this_run(base, ran, TEXT_FIGURE_STAGES, metrics, dvc_file)):
+    if line := not_this_run_line(not_this_run(base, ran, metrics, dvc_file)):
         console.print(line, markup=False, soft_wrap=True)
 
 
@@ -313,17 +305,17 @@ def print_vl_summary(
         "privacy": path.parent / "privacy.json",
         "deploy": path.parent / "deploy.json",
     }
-    status = not_this_run(base, ran, VL_FIGURE_STAGES, metrics, dvc_file)
+    status = not_this_run(base, ran, metrics, dvc_file)
 
     def tag(stage: str) -> str:
         return f" [not from this run: {status[stage]}]" if stage in status else ""
 
     print(f"VL family, held-out generated VQA, accuracy % per exit and task type ({path}){tag('evaluate')}:")
     print(format_table(json.loads(path.read_text()), params.model.exit_layers))
-    privacy = _read(path.parent / "privacy.json")
+    privacy = _read(metrics["privacy"])
     if privacy:
         print(
-            f"privacy gate {'passed' if privacy['passed'] else 'FAILED'} ({path.parent / 'privacy.json'}"
+            f"privacy gate {'passed' if privacy['passed'] else 'FAILED'} ({metrics['privacy']}"
             f"{tag('privacy')}): "
             f"behaviour F1 {privacy['behaviour_f1']:.3f} (raw features {privacy['behaviour_f1_raw']:.3f}), "
             f"re-identification {privacy['reid_accuracy']:.3f} and on reconstructions "
@@ -340,7 +332,7 @@ def print_vl_summary(
     written = [p for p in VL_PLOTS if (plots / p).is_file()]
     if written:
         print(f"plots ({plots}): " + ", ".join(written))
-    deploy = _read(path.parent / "deploy.json")
+    deploy = _read(metrics["deploy"])
     if deploy:
         print(
             f"release: {deploy['release_uri']}; camera release: {deploy['camera_release_uri']}{tag('deploy')}"
