@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -354,7 +355,7 @@ def apply_param_overrides(
             if isinstance(owner, CommentedMap):
                 restored = _mark_override(ry, owner, owner_key, leaf, old, value)
             # set back to the file's own value: its own spelling too (`3.0e-5`, not `3e-05`)
-            node[leaf] = _in_style_of(old, value) if restored is None else ry.load(restored)
+            node[leaf] = _in_style_of(ry, old, value) if restored is None else ry.load(restored)
             changed.append(dotted)
     from tasks.core.files import atomic_file
 
@@ -385,15 +386,36 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _in_style_of(old: Any, new: Any) -> Any:
-    """`new` in `old`'s flow style where `old` was a flow-style mapping or list (`{2: 0.12, ...}`)."""
+def _in_style_of(ry: Any, old: Any, new: Any) -> Any:
+    """`new` in the style of `old`, the value it replaces: a collection in `old`'s flow style where `old`
+    was a flow-style mapping or list (`{2: 0.12, ...}`); a float in exponent notation where `old` was
+    spelled so or Python would spell `new` so (`lr: 3.0e-5` set to 1e-4 reads `1.0e-4`, not `0.0001`),
+    inside a collection too."""
     from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
-    if not _flow_style(old) or not isinstance(new, (dict, list)):
+    if isinstance(new, float) and math.isfinite(new):
+        was_exponent = isinstance(old, float) and "e" in _yaml_text(ry, old).lower()
+        return ry.load(_exponent_text(new)) if was_exponent or "e" in repr(new) else new
+    if isinstance(new, dict):
+        styled = CommentedMap({k: _in_style_of(ry, None, v) for k, v in new.items()})
+    elif isinstance(new, list):
+        styled = CommentedSeq([_in_style_of(ry, None, v) for v in new])
+    else:
         return new
-    styled = CommentedMap(new) if isinstance(new, dict) else CommentedSeq(new)
-    styled.fa.set_flow_style()
+    if _flow_style(old):
+        styled.fa.set_flow_style()
     return styled
+
+
+def _exponent_text(value: float) -> str:
+    """`value` in exponent notation with the fewest digits that read back exactly, spelled so that YAML
+    1.1 (PyYAML) reads a float too, not only YAML 1.2: a point in the mantissa and a signed exponent
+    (`1.0e-4`, `2.5e-7`, `1.0e+20`; Python's `1e-05` is a string under YAML 1.1)."""
+    digits = next(n for n in range(17) if float(f"{value:.{n}e}") == value)
+    mantissa, exponent = f"{value:.{digits}e}".split("e")
+    if "." not in mantissa:
+        mantissa += ".0"
+    return f"{mantissa}e{int(exponent):+d}"
 
 
 def _yaml_text(ry: Any, value: Any) -> str:

@@ -45,7 +45,7 @@ def test_set_marks_the_comment_and_setting_back_restores_the_file(tmp_path):
     assert len(_changed_lines(original, once)) == 5  # the five lines set, nothing else (nulls stay `null`)
     assert _line(once, "seed:").startswith("seed: 7 ")
     assert "# (--set: seed was 1234) every stage derives its RNG seeds from this" in _line(once, "seed:")
-    lr = _line(once, "  lr: 0.0001")
+    lr = _line(once, "  lr: 1.0e-4 ")  # the notation of the value it replaced
     assert "# (--set: lr was 3.0e-5) AdamW, constant." in lr
     assert "(--set: early_stop was false) stop a group's" in _line(once, "    early_stop:")
     floors = _line(once, "  min_accuracy:")
@@ -58,7 +58,7 @@ def test_set_marks_the_comment_and_setting_back_restores_the_file(tmp_path):
 
     # a second --set keeps the file's value as the one it replaced
     apply_param_overrides(tmp_path, {"rl.lr": 2e-4})
-    assert "# (--set: lr was 3.0e-5) AdamW" in _line(path.read_text(), "  lr: 0.0002")
+    assert "# (--set: lr was 3.0e-5) AdamW" in _line(path.read_text(), "  lr: 2.0e-4 ")
 
     # back to the file's values: the file as it was, spelling included (3.0e-5, not 3e-05)
     apply_param_overrides(
@@ -117,6 +117,51 @@ def test_a_value_spelled_the_yaml_1_2_way_is_restored_and_the_next_comment_lines
     path.write_text(text)
     apply_param_overrides(tmp_path, {"rl.lr": 2e-4})
     after = path.read_text()
-    assert "  lr: 0.0002 # (--set: lr was 1e-4)\n  # a comment line\n  # AdamW" in after
+    assert "  lr: 2.0e-4 # (--set: lr was 1e-4)\n  # a comment line\n  # AdamW" in after
     apply_param_overrides(tmp_path, {"rl.lr": 1e-4})
     assert path.read_text() == text
+
+
+def test_floats_are_written_as_the_file_spells_them_and_yaml_1_1_reads_them_as_floats(tmp_path):
+    """A float replacing one in exponent notation is written so too (`heal_lr: 1.0e-5` set to 0.001 reads
+    `1.0e-3`); a decimal stays a decimal; and a float Python spells with an exponent (`1e-05`, a string
+    to PyYAML's YAML 1.1) gets a point and a signed exponent, alone or inside a flow mapping."""
+    path, original = _copy(tmp_path, "params.yaml")
+    apply_param_overrides(
+        tmp_path,
+        {
+            "compress.heal_lr": 0.001,
+            "rl.temperature": 0.7,
+            "privacy.beta": 1e-5,
+            "gates.min_accuracy": {2: 1e-5, 5: 0.25, 8: 0.3},
+        },
+    )
+    after = path.read_text()
+    assert _line(after, "  heal_lr:").startswith("  heal_lr: 1.0e-3 ")
+    assert _line(after, "  temperature:").startswith("  temperature: 0.7 ")
+    assert "\n  beta: 1.0e-5 " in after  # privacy.beta (rl.beta is another line)
+    assert _line(after, "  min_accuracy:").startswith("  min_accuracy: {2: 1.0e-5, 5: 0.25, 8: 0.3}")
+    loaded = yaml.safe_load(after)  # YAML 1.1
+    assert loaded["compress"]["heal_lr"] == 0.001 and loaded["privacy"]["beta"] == 1e-5
+    assert loaded["gates"]["min_accuracy"] == {2: 1e-5, 5: 0.25, 8: 0.3}
+    apply_param_overrides(
+        tmp_path,
+        {
+            "compress.heal_lr": 1e-5,
+            "rl.temperature": 1.0,
+            "privacy.beta": 0.01,
+            "gates.min_accuracy": {2: 0.12, 5: 0.24, 8: 0.26},
+        },
+    )
+    assert path.read_text() == original
+
+
+def test_exponent_text_reads_back_exactly():
+    from flows.pipeline import _exponent_text
+
+    cases = {1e-4: "1.0e-4", 3e-5: "3.0e-5", 2.5e-7: "2.5e-7", 1e20: "1.0e+20", 0.1: "1.0e-1"}
+    for value, text in cases.items():
+        assert _exponent_text(value) == text
+    for value in (1.2345678901234567e-8, 5e-324, 1.7976931348623157e308, 1 / 3):
+        assert float(_exponent_text(value)) == value
+        assert yaml.safe_load(f"x: {_exponent_text(value)}")["x"] == value
