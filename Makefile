@@ -54,9 +54,12 @@ run: setup  ## set up, then run the whole pipeline on the tiny default
 
 test: setup lint  ## set up, lint, then run every test tier (unit, integration, slow end-to-end)
 	# Two pytest workers (TEST_WORKERS=0: serial), a test file per worker at a time (--dist loadfile:
-	# module fixtures are built once); the e2e files come first in collection order, so the longest
-	# files start first. Stage subprocesses use one thread each (tests/conftest.py), so 2 workers fit 2 cores.
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
+	# module fixtures are built once). Files are handed out in collection order, so the e2e files, the
+	# longest (tests/e2e/test_pipeline_e2e.py: 644 of the suite's 2294 test-seconds), start first;
+	# xdist's default (--loadscope-reorder) hands out the files with the most tests first and started
+	# that file at 92% of the run. Stage subprocesses use one thread each (tests/conftest.py), so 2
+	# workers fit 2 cores.
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
 test-fast: setup  ## the unit tier only (no servers, no stage runs; under 3 minutes on 2 cores)
 	$(PY) -m pytest -q tests/unit
