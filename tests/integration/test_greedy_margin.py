@@ -3,24 +3,19 @@ gaps and the batched-vs-single logit difference; bad arguments name what is wron
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 from tiny_export import build_tiny_export, private_tmpdir
 
 from tasks.core.files import write_jsonl
+from tests.scripts import load_script
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks/experiments/greedy_margin.py"
 QUESTIONS = ["Tom has 3 apples and buys 4 more. How many?", "What is 12 - 5?", "Sara has 7 pens and 2 more."]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("greedy_margin", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/experiments/greedy_margin.py")
 
 
 def test_greedy_margin_measures_every_member(tmp_path, capsys):

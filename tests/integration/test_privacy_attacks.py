@@ -30,6 +30,7 @@ from tasks.training.privacy import (
     train_frame_identifier,
     train_mapping,
 )
+from tests.scripts import load_script
 
 N_IDS = 8
 ATTACK = AttackConfig(
@@ -128,14 +129,9 @@ def test_metrics() -> None:
 def test_tradeoff_experiment_runs_end_to_end(tmp_path, capsys) -> None:
     """The experiment script on a tiny configuration: the random-init Qwen3-VL tower, the reference row,
     one beta, the JSON with the issue's keys and the curve PNG."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks/experiments/privacy_tradeoff.py"
-    spec = importlib.util.spec_from_file_location("privacy_tradeoff", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("benchmarks/experiments/privacy_tradeoff.py")
     out = tmp_path / "curve.png"
     argv = ["--train", "42", "--test", "21", "--identities", "7", "--frames", "2", "--size", "32"]
     argv += ["--steps", "20", "--decoder-epochs", "1", "--betas", "0.01", "--quiet", "--out", str(out)]

@@ -19,6 +19,7 @@ from tasks.core.artifacts import load_family, save_family
 from tasks.core.params import RLParams, load_params
 from tasks.core.stage import StageError
 from tasks.training import rl_algos as A
+from tests.scripts import load_script
 
 SPECIALS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
 WORDS = ["[UNK]", "user", "assistant", "what", "is", "the", "answer", "to", "?", "####", "so"] + [
@@ -1067,14 +1068,7 @@ def test_bppo_early_stop_in_the_trainer_keeps_the_pairs(micro):
 
 
 def test_benchmark_time_to_grpo_final_accuracy_over_seeds():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "bppo_vs_grpo", Path(__file__).parents[2] / "benchmarks/experiments/bppo_vs_grpo.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/experiments/bppo_vs_grpo.py")
 
     def run(evals, step_s, grads=None):
         hist = [
@@ -1232,14 +1226,7 @@ def test_rl_checkpoint_fingerprint_follows_the_code_it_imports(micro, tmp_path):
 
 
 def test_rl_diagnose_script_reports_pass_rates_and_an_rl_run(micro, tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "rl_diagnose", Path(__file__).parents[2] / "benchmarks/experiments/rl_diagnose.py"
-    )
-    diag = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(diag)
+    diag = load_script("benchmarks/experiments/rl_diagnose.py")
     assert diag.kind("Nina is 5 years older than Maya. Maya is 6 years old. How old?") == "add (older)"
     assert diag.kind("Sara buys 6 books for $6 each. How much does she spend?") == "mul (buys each)"
     params_file = write_workspace(tmp_path, micro[2], rl_rows(12))
@@ -1268,14 +1255,7 @@ def test_rl_slices_script_scores_three_slices_and_runs_the_supervised_control(mi
     """benchmarks/experiments/rl_slices.py: rl (or its supervised control on gold chats) from
     artifacts/sft, greedy accuracy on rl's held-out slice, select and eval at step 0 and every n steps;
     the control moves only the trainable parameters, with AdamW at rl.lr."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "rl_slices", Path(__file__).parents[2] / "benchmarks/experiments/rl_slices.py"
-    )
-    slices = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(slices)
+    slices = load_script("benchmarks/experiments/rl_slices.py")
     params_file = write_workspace(tmp_path, micro[2], rl_rows(12), {"rl.steps": 2})
     write_select(tmp_path, questions(6, 99), "7")
     validated = tmp_path / "data" / "validated"

@@ -8,7 +8,6 @@ tier. The percentile and request-plan helpers are checked against numpy and by c
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,15 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.scripts import load_script
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "experiments" / "serve_load.py"
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("serve_load", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/experiments/serve_load.py")
 
 
 def test_percentile_matches_numpy():

@@ -4,22 +4,19 @@ recorded VL run's), and the summary reports the failed checks as the stage's gat
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from tests.scripts import load_script
+
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "benchmarks/experiments/privacy_gate_seeds.py"
 
 
 @pytest.fixture(scope="module")
 def module():
-    spec = importlib.util.spec_from_file_location("privacy_gate_seeds", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/experiments/privacy_gate_seeds.py")
 
 
 @pytest.fixture(scope="module")

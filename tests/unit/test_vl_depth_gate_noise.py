@@ -5,23 +5,18 @@ narrows with the items as it should."""
 from __future__ import annotations
 
 import base64
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "benchmarks/experiments/vl_depth_gate_noise.py"
+from tests.scripts import load_script
+
 EXITS = [1, 2, 4]
 
 
 @pytest.fixture(scope="module")
 def noise():
-    spec = importlib.util.spec_from_file_location("vl_depth_gate_noise", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/experiments/vl_depth_gate_noise.py")
 
 
 def test_item_losses_add_up_to_the_batched_figure_of_a_real_family(noise):

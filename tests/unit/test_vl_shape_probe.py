@@ -3,20 +3,15 @@ the probe separates what is separable and not what is not."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+
+from tests.scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def probe_module():
-    path = Path(__file__).resolve().parents[2] / "benchmarks/experiments/vl_shape_probe.py"
-    spec = importlib.util.spec_from_file_location("vl_shape_probe", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/experiments/vl_shape_probe.py")
 
 
 def test_each_example_is_the_cell_its_object_is_drawn_in(probe_module) -> None:

@@ -3,12 +3,13 @@ places the features, near 0 when the label is unrelated to them."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.scripts import load_script
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "benchmarks/experiments"
 
@@ -16,10 +17,7 @@ EXPERIMENTS = Path(__file__).resolve().parents[2] / "benchmarks/experiments"
 @pytest.fixture(scope="module")
 def module():
     sys.path.insert(0, str(EXPERIMENTS))
-    spec = importlib.util.spec_from_file_location("vl_vision_lr", EXPERIMENTS / "vl_vision_lr.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/experiments/vl_vision_lr.py")
 
 
 def test_shape_share_is_one_when_the_label_places_the_features_and_small_when_unrelated(module):
