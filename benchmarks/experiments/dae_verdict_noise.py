@@ -127,7 +127,14 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
 
-    params = load_params(Path(args.params))
+    from tasks.core.params import ParamsError
+
+    try:
+        params = load_params(Path(args.params))
+    except ParamsError as e:
+        ap.error(str(e))
+    if params.model.modality != "text":
+        ap.error(f"--params {args.params}: model.modality is {params.model.modality!r}; DaE is text-only")
     ws = Workspace.from_params(params)
     for stage in STATES.values():
         if not (ws.artifacts(stage) / "config.json").is_file():

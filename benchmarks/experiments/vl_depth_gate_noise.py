@@ -142,19 +142,22 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from tasks.core.params import load_params
+    from tasks.core.params import ParamsError, load_params
     from tasks.core.paths import Workspace
+    from tasks.core.stage import StageError
     from tasks.training.vl_pipeline import _rows, encode_sft, load_family, load_processor, vl_multi_exit_eval
 
     torch.set_num_threads(args.threads)
-    params = load_params(Path(args.params))
-    if params.model.modality != "vl":
-        ap.error(f"--params {args.params}: model.modality is {params.model.modality!r}, not 'vl'")
-    model = (
-        load_family(params, "--family", args.family) if args.family else load_family(params, "rl")
-    ).eval()
-    processor = load_processor(params)
-    rows = _rows(params, "eval", params.vl.tasks)[: params.evaluate.num_problems]
+    try:
+        params = load_params(Path(args.params))
+        if params.model.modality != "vl":
+            ap.error(f"--params {args.params}: model.modality is {params.model.modality!r}, not 'vl'")
+        family = load_family(params, "--family", args.family) if args.family else load_family(params, "rl")
+        processor = load_processor(params)
+        rows = _rows(params, "eval", params.vl.tasks)[: params.evaluate.num_problems]
+    except (ParamsError, StageError) as e:
+        ap.error(str(e))
+    model = family.eval()
     exits = list(params.model.exit_layers)
     t0 = time.perf_counter()
     with torch.no_grad():

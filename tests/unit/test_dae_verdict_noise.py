@@ -66,3 +66,14 @@ def test_a_gain_on_the_target_is_undecided(noise):
     out = noise.summarise(correct, noise.resample(correct, 1000, 0), {"gain": 0.10, "gain_retained": 0.95})
     assert abs(out["gain"]["value"] - 0.10) < 0.05
     assert not out["gain"]["decided"] and 0.05 < out["gain"]["p_below_target"] < 0.95
+
+
+def test_bad_arguments_are_refused_naming_what_is_wrong(noise, tmp_path, capsys):
+    for argv, message in (
+        (["--params", str(tmp_path / "nope.yaml")], "params file not found"),
+        (["--params", "params.vl.yaml"], "model.modality is 'vl'; DaE is text-only"),
+        (["--boot", "5"], "at least 100 resamples"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            noise.main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err, argv

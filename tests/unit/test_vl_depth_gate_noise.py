@@ -90,3 +90,15 @@ def test_an_item_set_without_spread_gives_the_point_itself(noise):
     (row2, row4) = noise.summarise(noise.gate_ratios(sums, tokens, EXITS), draws, 0.05, 20)
     assert row4["ci95"] == pytest.approx([1.1, 1.1]) and not row4["passes"] and row4["decided"]
     assert row4["items_to_decide"] == 0 and row2["p_over_bar"] == 0.0
+
+
+def test_bad_arguments_are_refused_naming_what_is_wrong(noise, tmp_path, capsys):
+    for argv, message in (
+        (["--params", str(tmp_path / "nope.yaml")], "params file not found"),
+        (["--params", "params.yaml"], "model.modality is 'text', not 'vl'"),
+        (["--params", "params.vl.yaml", "--family", str(tmp_path)], f"no VL family at {tmp_path}"),
+        (["--boot", "5"], "at least 100 resamples"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            noise.main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err, argv
