@@ -30,6 +30,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from paired_bootstrap import add_arguments, check_arguments, interval95, resamples  # noqa: E402
 
 STATES = {"before_dae": "family_sft", "dense": "rl", "decomposed": "compress"}  # state -> stage output
 
@@ -39,12 +42,9 @@ def resample(correct: dict[str, np.ndarray], boots: int, seed: int) -> dict[str,
     the same problems); NaN where a resample has no gain to retain."""
     from tasks.compress import gain_retained
 
-    rng = np.random.default_rng(seed)
     b, d, s = (np.asarray(correct[k], dtype=float) for k in STATES)
-    n = len(b)
     gains, kept = np.empty(boots), np.empty(boots)
-    for k in range(boots):
-        i = rng.integers(0, n, n)
+    for k, i in enumerate(resamples(len(b), boots, seed)):
         before, dense, svd = b[i].mean(), d[i].mean(), s[i].mean()
         gains[k] = dense - before
         r = gain_retained(before, dense, svd)
@@ -66,7 +66,7 @@ def summarise(
     out: dict = {"accuracy": acc, "problems": len(correct["dense"])}
     for name, target in targets.items():
         x = draws[name][~np.isnan(draws[name])]
-        lo, hi = (float(v) for v in np.quantile(x, [0.025, 0.975]))
+        lo, hi = interval95(x)
         out[name] = {
             "value": point[name],
             "target": target,
@@ -109,26 +109,20 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--params", default="params.yaml", help="the text params file of the workspace")
-    ap.add_argument("--boot", type=int, default=4000, help="bootstrap resamples of the problems")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the resampling")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    add_arguments(ap, boot=4000, items="problems")
     ap.add_argument("--json", default=None, help="also write the figures and each problem's verdicts here")
     args = ap.parse_args(argv)
-    if args.boot < 100:
-        ap.error(f"--boot {args.boot}: at least 100 resamples are needed for a 95% interval")
+    check_arguments(ap, args)
 
     import torch
 
     from flows.report import TARGETS
     from tasks.core.artifacts import load_family
     from tasks.core.files import read_jsonl
-    from tasks.core.params import load_params
+    from tasks.core.params import ParamsError, load_params
     from tasks.core.paths import Workspace
 
     torch.set_num_threads(args.threads)
-
-    from tasks.core.params import ParamsError
-
     try:
         params = load_params(Path(args.params))
     except ParamsError as e:

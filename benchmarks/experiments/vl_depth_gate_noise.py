@@ -33,6 +33,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from paired_bootstrap import add_arguments, check_arguments, interval95, resamples  # noqa: E402
 
 # (summed answer loss, answer tokens) per exit for a batch of eval rows: `vl_multi_exit_eval`'s contract
 EvalBatch = Callable[[Sequence[dict]], dict[int, tuple[float, int]]]
@@ -73,11 +76,8 @@ def bootstrap(
 ) -> dict[int, np.ndarray]:
     """The gate's ratios over `boots` resamples of the items (with replacement; every exit on the same
     items)."""
-    rng = np.random.default_rng(seed)
-    n = len(tokens)
     draws: dict[int, list[float]] = {d: [] for d in exits[1:]}
-    for _ in range(boots):
-        idx = rng.integers(0, n, n)
+    for idx in resamples(len(tokens), boots, seed):
         for d, r in gate_ratios(sums[idx], tokens[idx], exits).items():
             draws[d].append(r)
     return {d: np.asarray(v) for d, v in draws.items()}
@@ -91,7 +91,7 @@ def summarise(
     bar = 1.0 + tolerance
     rows = []
     for d, ratio in point.items():
-        lo, hi = (float(x) for x in np.quantile(draws[d], [0.025, 0.975]))
+        lo, hi = interval95(draws[d])
         half = (hi - lo) / 2
         distance = abs(ratio - bar)
         rows.append(
@@ -132,13 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         "--params", default="params.vl.yaml", help="the VL params file (its paths, eval split, tolerance)"
     )
     ap.add_argument("--family", default=None, help="a VL family checkpoint (default: <artifacts_dir>/rl)")
-    ap.add_argument("--boot", type=int, default=2000, help="bootstrap resamples of the eval items")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the resampling")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    add_arguments(ap, boot=2000, items="eval items")
     ap.add_argument("--json", default=None, help="also write the rows and per-item losses here")
     args = ap.parse_args(argv)
-    if args.boot < 100:
-        ap.error(f"--boot {args.boot}: at least 100 resamples are needed for a 95% interval")
+    check_arguments(ap, args)
 
     import torch
 
