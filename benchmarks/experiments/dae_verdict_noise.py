@@ -105,9 +105,7 @@ def verdicts(texts: Sequence[str], problems: Sequence[dict]) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml", help="the text params file of the workspace")
     add_arguments(ap, boot=4000, items="problems")
     ap.add_argument("--json", default=None, help="also write the figures and each problem's verdicts here")

@@ -125,9 +125,7 @@ def _format(rows: list[dict], tolerance: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--params", default="params.vl.yaml", help="the VL params file (its paths, eval split, tolerance)"
     )
