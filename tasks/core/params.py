@@ -399,6 +399,11 @@ class RLParams(_Section):
     # inverse_cdf (one uniform per row and step) or race (an exponential per vocabulary entry, the
     # sampler until 2026-12-06: rollouts of the tiny default 1.4x slower, RESULTS.md "Rollout draws").
     sampler: Literal["inverse_cdf", "race"] = "inverse_cdf"
+    # What runs a rollout's decoding steps after the prompt's prefill (rl_algos.sample_completions):
+    # hf (the model's forward with its DynamicCache) or static (ruyi_model.static_decode: a
+    # preallocated cache and fused projections, the same layers up to float rounding; text family
+    # only). docs/choices.md#rl has its measured effect.
+    rollout_engine: Literal["hf", "static"] = "hf"
     # Optimizer steps per generation batch (TRL's num_iterations); > 1 reuses the batch with
     # importance ratios against the sampling policy, so the PPO clip becomes active.
     num_iterations: PositiveInt = 1

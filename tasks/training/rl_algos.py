@@ -25,6 +25,9 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 PREFIX_RULES = ("fraction", "first_k", "common", "shared_correct", "divergent")
 Sampler = Literal["inverse_cdf", "race"]
 SAMPLERS = ("inverse_cdf", "race")
+# What runs a rollout's decoding steps (`sample_completions`): the model's forward, or the static decoder.
+Engine = Literal["hf", "static"]
+ENGINES = ("hf", "static")
 # sample_completions' early-stop hook: (completion ids so far N x t, their mask N x t, finished N) ->
 # N bool of the rows to stop now.
 EarlyStop = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -76,6 +79,7 @@ def sample_completions(
     compact: bool = False,
     early_stop: EarlyStop | None = None,
     sampler: Sampler = "inverse_cdf",
+    engine: Engine = "hf",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batched sampling (or greedy decoding) at one member with its own KV cache.
 
@@ -98,6 +102,11 @@ def sample_completions(
             it returns stop there without a stop token (marked truncated).
         sampler: how a sampled token is drawn (`draw_tokens`); a fixed generator gives other tokens
             with the other sampler.
+        engine: what runs the decoding steps after the prompt's prefill (the prefill is always the
+            model's forward): `hf`, the model's forward with its `DynamicCache`; `static`,
+            `ruyi_model.static_decode.StaticMemberDecoder` (a preallocated cache, fused projections;
+            the same layers up to float rounding, so the same tokens unless a draw falls within
+            rounding of a boundary). `static` needs a family member (`exit_layer`).
 
     Returns:
         completion_ids: N x C (C <= max_new_tokens), `pad_id` after a row's stop token;
@@ -110,6 +119,10 @@ def sample_completions(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "static" and exit_layer is None:
+        raise ValueError("engine 'static' decodes a family member: pass exit_layer")
     n = prompt_ids.shape[0]
     if share_prefill and group_size > 1:
         if n % group_size:
@@ -145,6 +158,18 @@ def sample_completions(
         logits = logits.repeat_interleave(group_size, 0)
         for layer in cache.layers:
             layer.batch_repeat_interleave(group_size)
+    decoder = None
+    if engine == "static":
+        from ruyi_model.static_decode import StaticMemberDecoder
+
+        try:
+            decoder = StaticMemberDecoder(
+                model, exit_layer, cache, prompt_mask, capacity=prompt_ids.shape[1] + max_new_tokens
+            )
+        except ValueError:
+            model.train(was_training)
+            raise
+        cache = None  # the decoder holds copies of the filled slots
     next_pos = positions[:, -1:] + 1
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     active = torch.arange(n, device=device)  # rows in the decoded batch (all of them without `compact`)
@@ -171,19 +196,25 @@ def sample_completions(
             keep = ~finished[active]
             if not bool(keep.all()):
                 idx = keep.nonzero().squeeze(1)
-                for layer in cache.layers:
-                    layer.batch_select_indices(idx)
+                if decoder is not None:
+                    decoder.select_rows(idx)
+                else:
+                    for layer in cache.layers:
+                        layer.batch_select_indices(idx)
                 active = active[idx]
-        attn = torch.cat([attn, torch.ones((n, 1), dtype=attn.dtype, device=device)], dim=1)
-        out = model(
-            input_ids=tok[active][:, None],
-            attention_mask=attn[active],
-            position_ids=next_pos[active],
-            past_key_values=cache,
-            use_cache=True,
-            **_member_kwargs(exit_layer),
-        )
-        logits = out.logits[:, -1, :]
+        if decoder is not None:
+            logits = decoder.step(tok[active], next_pos[active])
+        else:
+            attn = torch.cat([attn, torch.ones((n, 1), dtype=attn.dtype, device=device)], dim=1)
+            out = model(
+                input_ids=tok[active][:, None],
+                attention_mask=attn[active],
+                position_ids=next_pos[active],
+                past_key_values=cache,
+                use_cache=True,
+                **_member_kwargs(exit_layer),
+            )
+            logits = out.logits[:, -1, :]
         next_pos = next_pos + 1
     model.train(was_training)
     completion_ids = torch.stack(tokens, dim=1)

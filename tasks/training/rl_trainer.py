@@ -339,6 +339,7 @@ class RLTrainer:
             compact=cfg.compact_rollouts,
             early_stop=stopper,
             sampler=cfg.sampler,
+            engine=cfg.rollout_engine,
         )
         stopped = stopper.stopped if stopper is not None and stopper.stopped is not None else None
         return _Samples(prompt_ids, prompt_mask, comp, cmask, truncated, budget, stopped)

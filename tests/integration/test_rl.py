@@ -292,20 +292,32 @@ def _sample(model, tok, questions_, g, seed, **kw):
 
 @pytest.mark.parametrize("do_sample,sampler", [(True, "inverse_cdf"), (True, "race"), (False, "inverse_cdf")])
 def test_shared_prefill_and_compaction_keep_the_samples(micro, do_sample, sampler):
-    """Prefilling each prompt once for its G rows and dropping finished rows from the decoded batch
-    change the work only: same tokens, masks and truncation flags for a fixed seed."""
+    """Prefilling each prompt once for its G rows, dropping finished rows from the decoded batch and
+    decoding with the static decoder change the work only: same tokens, masks and truncation flags
+    for a fixed seed."""
     tok = micro[0]
     model = fresh_model(micro).eval()
     qs = ["what is the answer to 3 ?", "what is 5 ?", "what is the 2 ?"]  # left padding included
     plain = _sample(model, tok, qs, 4, 11, do_sample=do_sample, sampler=sampler)
     lengths = plain[1].sum(1)
     assert lengths.min() < lengths.max()  # rows finish at different steps: compaction happens
-    for share, compact in [(True, False), (False, True), (True, True)]:
+    settings = [(True, False, "hf"), (False, True, "hf"), (True, True, "hf")]
+    settings += [(False, False, "static"), (True, True, "static")]
+    for share, compact, engine in settings:
         fast = _sample(
-            model, tok, qs, 4, 11, do_sample=do_sample, share_prefill=share, compact=compact, sampler=sampler
+            model,
+            tok,
+            qs,
+            4,
+            11,
+            do_sample=do_sample,
+            share_prefill=share,
+            compact=compact,
+            sampler=sampler,
+            engine=engine,
         )
         for a, b in zip(plain, fast):
-            assert torch.equal(a, b), (share, compact)
+            assert torch.equal(a, b), (share, compact, engine)
     ids, mask = A.encode_chat_prompts(tok, qs)
     with pytest.raises(ValueError, match="repeated group_size times"):
         A.sample_completions(
@@ -319,9 +331,45 @@ def test_shared_prefill_and_compaction_keep_the_samples(micro, do_sample, sample
             group_size=2,
             share_prefill=True,
         )
+    with pytest.raises(ValueError, match="engine must be one of"):
+        _sample(model, tok, qs, 4, 11, engine="vllm")
+    stock = _stock_causal_lm(tok)
+    with pytest.raises(ValueError, match="engine 'static' decodes a family member: pass exit_layer"):
+        A.sample_completions(
+            stock, ids, mask, exit_layer=None, max_new_tokens=2, stop_ids=[0], pad_id=1, engine="static"
+        )
 
 
-def test_group_early_stop_keeps_the_bppo_pair(micro):
+def _stock_causal_lm(tok):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            pad_token_id=tok.pad_token_id,
+        )
+    )
+
+
+def test_a_refused_static_decoder_leaves_the_model_in_training_mode(micro):
+    """A model the static decoder refuses is named, and sample_completions hands it back in the mode
+    it came in (training here), as after a normal rollout."""
+    tok = micro[0]
+    model = fresh_model(micro).train()
+    model.exits["1"].layers[0].self_attn.sliding_window = 3
+    with pytest.raises(ValueError, match="sliding-window attention is not supported by the static decoder"):
+        _sample(model, tok, ["what is 5 ?"], 2, 0, share_prefill=True, engine="static")
+    assert model.training
+
+
+@pytest.mark.parametrize("engine", A.ENGINES)
+def test_group_early_stop_keeps_the_bppo_pair(micro, engine):
     """The early group stop cuts only rows that can no longer be selected: every other row and the
     (shortest correct, shortest incorrect) pair of each group are those of the full rollout."""
     tok = micro[0]
@@ -334,10 +382,19 @@ def test_group_early_stop_keeps_the_bppo_pair(micro):
         texts = A.decode_completions(tok, ids, mask)
         return A.score_responses(texts, [golds[i] for i in idx], 0.0)[1]
 
-    full = _sample(model, tok, qs, g, 5, max_new_tokens=12, share_prefill=True, compact=True)
+    full = _sample(model, tok, qs, g, 5, max_new_tokens=12, share_prefill=True, compact=True, engine=engine)
     stopper = A.GroupEarlyStop(g, judge)
     cut = _sample(
-        model, tok, qs, g, 5, max_new_tokens=12, share_prefill=True, compact=True, early_stop=stopper
+        model,
+        tok,
+        qs,
+        g,
+        5,
+        max_new_tokens=12,
+        share_prefill=True,
+        compact=True,
+        early_stop=stopper,
+        engine=engine,
     )
     stopped = stopper.stopped
     assert stopped.any() and not stopped.all()
@@ -1065,6 +1122,50 @@ def test_bppo_early_stop_in_the_trainer_keeps_the_pairs(micro):
     assert r_full.stats["pairs"] == r_cut.stats["pairs"] > 0
     assert torch.equal(r_full.batch.completion_ids, r_cut.batch.completion_ids)
     assert torch.equal(r_full.batch.loss_mask, r_cut.batch.loss_mask)
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "bppo"])
+def test_static_rollout_engine_trains_as_the_model_path(micro, algorithm):
+    """rl.rollout_engine: static draws the same rollouts as the model's forward for a fixed seed, so
+    three steps of either algorithm end with the same stats and bitwise the same weights."""
+    from tasks.training.rl_trainer import RLTrainer, resolve_members, trainable_parameters
+
+    tok = micro[0]
+    rows = [{**r, "answer": "3"} for r in rl_rows(24)]
+    out = {}
+    for engine in A.ENGINES:
+        model = fresh_model(micro)
+        cfg = RLParams(
+            algorithm=algorithm,
+            steps=3,
+            prompts_per_step=4,
+            group_size=6,
+            max_new_tokens=10,
+            eval_prompts=1,
+            rollout_engine=engine,
+        )
+        members = resolve_members(model.config, "dae")
+        trainer = RLTrainer(
+            model,
+            tok,
+            rows,
+            cfg,
+            members=members,
+            trainable=trainable_parameters(model, "dae", members),
+            seed=1,
+        )
+        stats = [trainer.step() for _ in range(3)]
+        out[engine] = (stats, {k: v.clone() for k, v in model.state_dict().items()})
+    (s_hf, w_hf), (s_static, w_static) = out["hf"], out["static"]
+    timing = {"rollout_s", "train_s", "loss_s", "optim_s", "time_s"}
+    for a, b in zip(s_hf, s_static):
+        for d in a:
+            assert {k: v for k, v in a[d].items() if k not in timing} == {
+                k: v for k, v in b[d].items() if k not in timing
+            }
+    assert any(a[d]["tokens_generated"] > 0 for a in s_hf for d in a)
+    assert all(torch.equal(w_hf[k], w_static[k]) for k in w_hf)
+    assert not all(torch.equal(w_hf[k], fresh_model(micro).state_dict()[k]) for k in w_hf)  # it trained
 
 
 def test_benchmark_time_to_grpo_final_accuracy_over_seeds():
