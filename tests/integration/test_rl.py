@@ -274,6 +274,22 @@ def test_greedy_sampler_matches_generate(micro):
     assert torch.equal((comp * cmask)[:, :width], (ref[:, :width] * cmask[:, :width]))
 
 
+def dae_trainer(model, tok, rows: list[dict], cfg: RLParams, seed: int):
+    """An RLTrainer of the DaE member (`rl.members: dae`), as the stage builds it."""
+    from tasks.training.rl_trainer import RLTrainer, resolve_members, trainable_parameters
+
+    members = resolve_members(model.config, "dae")
+    return RLTrainer(
+        model,
+        tok,
+        rows,
+        cfg,
+        members=members,
+        trainable=trainable_parameters(model, "dae", members),
+        seed=seed,
+    )
+
+
 def _sample(model, tok, questions_, g, seed, **kw):
     ids, mask = A.encode_chat_prompts(tok, questions_)
     return A.sample_completions(
@@ -600,7 +616,6 @@ def test_rl_raises_reward_and_only_the_dae_member_changes(micro, algorithm):
 
 
 def test_adaptive_budget_cuts_generation_in_bppo(micro):
-    from tasks.training.rl_trainer import RLTrainer, resolve_members, trainable_parameters
 
     tok = micro[0]
     model = fresh_model(micro)
@@ -614,16 +629,7 @@ def test_adaptive_budget_cuts_generation_in_bppo(micro):
         eval_prompts=1,
         bppo={"adaptive_budget": True, "budget_min_tokens": 4, "budget_margin": 1.25},
     )
-    members = resolve_members(model.config, "dae")
-    trainer = RLTrainer(
-        model,
-        tok,
-        rl_rows(40),
-        cfg,
-        members=members,
-        trainable=trainable_parameters(model, "dae", members),
-        seed=1,
-    )
+    trainer = dae_trainer(model, tok, rl_rows(40), cfg, seed=1)
     for _ in range(cfg.steps):
         trainer.step()
     budgets = [h["budget"] for h in trainer.history[1]]
@@ -1062,7 +1068,6 @@ def test_stage_members_as_a_list_of_exits(micro, tmp_path):
 def test_bppo_steps_without_a_pair_are_counted_and_take_no_optimizer_step(micro):
     """An answer the model never produces: no group has a correct response, so every BPPO step is
     skipped (no pair, no optimizer step, weights unchanged) and the metrics say so."""
-    from tasks.training.rl_trainer import RLTrainer, resolve_members, trainable_parameters
 
     tok = micro[0]
     model = fresh_model(micro)
@@ -1070,10 +1075,7 @@ def test_bppo_steps_without_a_pair_are_counted_and_take_no_optimizer_step(micro)
     cfg = RLParams(
         algorithm="bppo", steps=3, prompts_per_step=2, group_size=4, max_new_tokens=8, eval_prompts=1
     )
-    members = resolve_members(model.config, "dae")
-    trainer = RLTrainer(
-        model, tok, rows, cfg, members=members, trainable=trainable_parameters(model, "dae", members), seed=0
-    )
+    trainer = dae_trainer(model, tok, rows, cfg, seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for _ in range(3):
         trainer.step()
@@ -1086,7 +1088,6 @@ def test_bppo_steps_without_a_pair_are_counted_and_take_no_optimizer_step(micro)
 def test_bppo_early_stop_in_the_trainer_keeps_the_pairs(micro):
     """With rl.bppo.early_stop the trainer stops decided groups early, decodes fewer tokens and still
     trains the same (shortest correct, shortest incorrect) pairs as without it (same seed)."""
-    from tasks.training.rl_trainer import RLTrainer, resolve_members, trainable_parameters
 
     tok = micro[0]
     rows = [{**r, "answer": "3"} for r in rl_rows(24)]  # the warmed-up member answers 3 about 30%
@@ -1102,16 +1103,7 @@ def test_bppo_early_stop_in_the_trainer_keeps_the_pairs(micro):
             eval_prompts=1,
             bppo={"early_stop": early, "adaptive_budget": False},
         )
-        members = resolve_members(model.config, "dae")
-        trainer = RLTrainer(
-            model,
-            tok,
-            rows,
-            cfg,
-            members=members,
-            trainable=trainable_parameters(model, "dae", members),
-            seed=0,
-        )
+        trainer = dae_trainer(model, tok, rows, cfg, seed=0)
         samples = trainer._sample(trainer.prompts_for_step(0), 1, 0)
         scores = trainer._score(trainer.prompts_for_step(0), samples)
         rollout = trainer._bppo_rollout(samples, scores, {})
@@ -1128,7 +1120,6 @@ def test_bppo_early_stop_in_the_trainer_keeps_the_pairs(micro):
 def test_static_rollout_engine_trains_as_the_model_path(micro, algorithm):
     """rl.rollout_engine: static draws the same rollouts as the model's forward for a fixed seed, so
     three steps of either algorithm end with the same stats and bitwise the same weights."""
-    from tasks.training.rl_trainer import RLTrainer, resolve_members, trainable_parameters
 
     tok = micro[0]
     rows = [{**r, "answer": "3"} for r in rl_rows(24)]
@@ -1144,16 +1135,7 @@ def test_static_rollout_engine_trains_as_the_model_path(micro, algorithm):
             eval_prompts=1,
             rollout_engine=engine,
         )
-        members = resolve_members(model.config, "dae")
-        trainer = RLTrainer(
-            model,
-            tok,
-            rows,
-            cfg,
-            members=members,
-            trainable=trainable_parameters(model, "dae", members),
-            seed=1,
-        )
+        trainer = dae_trainer(model, tok, rows, cfg, seed=1)
         stats = [trainer.step() for _ in range(3)]
         out[engine] = (stats, {k: v.clone() for k, v in model.state_dict().items()})
     (s_hf, w_hf), (s_static, w_static) = out["hf"], out["static"]
@@ -1402,3 +1384,40 @@ def test_rl_slices_script_scores_three_slices_and_runs_the_supervised_control(mi
     assert ctl.step_index == 1
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, start[n])}
     assert moved and moved <= names < set(start)
+
+
+def test_rollout_engine_benchmark_times_both_engines_on_a_family(micro, tmp_path, capsys):
+    bench = load_script("benchmarks/kernels/rollout_engine.py")
+    data = tmp_path / "rl.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rl_rows(6)))
+    out_json = tmp_path / "engines.json"
+    args = [
+        "--family",
+        str(micro[2]),
+        "--data",
+        str(data),
+        "--batches",
+        "3",
+        "--prompts",
+        "2",
+        "--group",
+        "3",
+    ]
+    assert bench.main([*args, "--max-new-tokens", "8", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    members = json.loads(out_json.read_text())["members"]
+    assert set(members) == {"1", "2"}
+    for d, row in members.items():
+        assert row["rows"] == 3 * 2 * 3 and row["rows_identical"] == row["rows"]
+        assert row["ratio"] == pytest.approx(row["hf_s"] / row["static_s"])
+        assert f"member {d}: hf " in out and f"same tokens in {row['rows']} of {row['rows']} rows" in out
+    assert bench.main(["--family", str(tmp_path / "none"), *args[2:]]) == 2  # no family there
+    assert bench.main([*args[:3], str(tmp_path / "none.jsonl"), *args[4:]]) == 2
+    assert bench.main([*args[:7], "30"]) == 2  # 3 x 30 questions needed, 6 there
+    err = capsys.readouterr().err
+    assert (
+        "no saved family" in err and "not RL rows with a question" in err and "6 questions, 90 needed" in err
+    )
+    with pytest.raises(SystemExit) as e:
+        bench.main([*args, "--members", "3"])
+    assert e.value.code == 2 and "[3] are not exits" in capsys.readouterr().err
