@@ -365,7 +365,8 @@ class BPPOParams(_Section):
     prefix_k: PositiveInt = 16
     # Adaptive completion schedule: the generation budget follows recent shortest-correct lengths,
     # budget = clamp(ceil(budget_margin * EMA), budget_min_tokens, rl.max_new_tokens).
-    adaptive_budget: bool = True
+    # Off by default: with the tiny default's responses it never left max_new_tokens (docs/choices.md#rl).
+    adaptive_budget: bool = False
     budget_margin: Annotated[float, Field(ge=1.0)] = 1.5
     budget_min_tokens: PositiveInt = 8
     # Weight of the past in the EMA of the per-step shortest-correct length.

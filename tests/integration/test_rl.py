@@ -679,7 +679,8 @@ def write_workspace(root, sft_dir, rows, overrides: dict | None = None):
             "lr": 5e-3,
             "eval_prompts": 4,
             "checkpoint_every": 0,
-            "bppo": {"budget_min_tokens": 4},
+            # the adaptive budget on (off by default), so that resumes and kills cover its state
+            "bppo": {"adaptive_budget": True, "budget_min_tokens": 4},
         },
     }
     for key, value in (overrides or {}).items():
