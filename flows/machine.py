@@ -20,7 +20,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.core.cpus import CPUINFO, CpuQuota, cgroup_cpu_seconds, cpu_flags, cpu_limit, usable_cpu_set
+from tasks.core.cpus import (
+    CPUINFO,
+    CpuQuota,
+    cgroup_cpu_seconds,
+    cpu_flags,
+    cpu_limit,
+    cpuinfo_field,
+    usable_cpu_set,
+)
 
 PROC_STAT = Path("/proc/stat")
 
@@ -215,17 +223,10 @@ def cpu_name(cpuinfo: Path = CPUINFO) -> str | None:
         text = cpuinfo.read_text()
     except OSError:
         return None
-    name = next(
-        (
-            v.strip()
-            for k, _, v in (line.partition(":") for line in text.splitlines())
-            if k.strip() == "model name"
-        ),
-        None,
-    )
+    name = cpuinfo_field(text, "model name")
     if name is None:
         return None
-    flags = cpu_flags(cpuinfo) or set()
+    flags = set((cpuinfo_field(text, "flags") or "").split())  # the text read above, not the file again
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
     return f"{name}, {isa}" if isa else name
 

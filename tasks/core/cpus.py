@@ -199,13 +199,19 @@ KERNEL_PINS = {
 CPUINFO = Path("/proc/cpuinfo")
 
 
+def cpuinfo_field(text: str, field: str) -> str | None:
+    """The first CPU's `field` (e.g. "flags", "model name") in /proc/cpuinfo's text, or None."""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == field:
+            return value.strip()
+    return None
+
+
 def cpu_flags(cpuinfo: Path = CPUINFO) -> set[str] | None:
     """The first CPU's feature flags from /proc/cpuinfo, or None where it cannot be read."""
-    for line in (_read(cpuinfo) or "").splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return set(value.split())
-    return None
+    flags = cpuinfo_field(_read(cpuinfo) or "", "flags")
+    return None if flags is None else set(flags.split())
 
 
 def pin_cpu_kernels(environ: dict | None = None, cpuinfo: Path = CPUINFO) -> dict[str, str]:
