@@ -657,6 +657,11 @@ def rl(params: Params) -> dict[str, Any]:
             "rl.select_prompts: the VL profile keeps its last step (its select split is rl's held-out "
             "slice); set it to 0"
         )
+    if cfg.rollout_engine != "hf":
+        raise StageError(
+            "rl.rollout_engine: the VL profile samples with its own loop (the static decoder runs the "
+            "text family's members); set it to hf"
+        )
     model = load_family(params, "family_sft")
     processor = load_processor(params)
     members = _rl_members(params)

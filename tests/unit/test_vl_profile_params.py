@@ -78,6 +78,7 @@ def test_a_stage_without_a_vl_body_is_a_clear_user_error(capsys):
         ({"rl.algorithm": "bppo"}, "rl.algorithm: the VL profile runs grpo"),
         ({"rl.beta": 0.04}, "rl.beta and rl.num_iterations"),
         ({"rl.select_prompts": 50}, "rl.select_prompts: the VL profile keeps its last step"),
+        ({"rl.rollout_engine": "static"}, "rl.rollout_engine: the VL profile samples with its own loop"),
     ],
 )
 def test_vl_rl_refuses_text_only_settings_before_loading_anything(override, match):
