@@ -6,8 +6,8 @@ concatenation of the whole K and V cache (`torch.cat`) and the Python of the tra
 `StaticMemberDecoder` takes over after the prompt's prefill (which stays the model's own forward): it
 copies the member's filled cache slots into buffers sized for the whole completion, writes each new
 K/V in place, fuses the q/k/v and gate/up projections into one matmul each, and runs the member's
-layers as plain tensor code. It computes what the model computes (the same layers, norms, rotary
-embedding and head), up to the rounding of the fused matmuls and of its attention (a masked softmax
+layers as plain tensor code around the model's own norms, rotary embedding and head. It computes
+what the model computes, up to the rounding of the fused matmuls and of its attention (a masked softmax
 over the filled positions, where the model uses torch's SDPA): tested against the model's forward
 within float tolerance, and token for token against `sample_completions`' model path.
 
@@ -22,15 +22,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
 from ruyi_model.modeling import FamilialForCausalLM, LowRankLinear
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Qwen3RMSNorm's arithmetic (normalise in float32, scale in the input dtype)."""
-    xf = x.to(torch.float32)
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
 
 
 class _Projection:
@@ -73,10 +67,8 @@ class _Layer:
         self.slot = attn.layer_idx
         self.scaling = attn.scaling
         self.head_dim = attn.head_dim
-        self.ln1 = (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
-        self.ln2 = (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
-        self.q_norm = (attn.q_norm.weight, attn.q_norm.variance_epsilon)
-        self.k_norm = (attn.k_norm.weight, attn.k_norm.variance_epsilon)
+        self.ln1, self.ln2 = layer.input_layernorm, layer.post_attention_layernorm
+        self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
         self.qkv = _Projection([attn.q_proj, attn.k_proj, attn.v_proj], where)
         self.o = _Projection([attn.o_proj], where)
         self.gate_up = _Projection([mlp.gate_proj, mlp.up_proj], where)
@@ -117,7 +109,7 @@ class StaticMemberDecoder:
         ]
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         branch = model.exits[str(d)]
-        self.norm = (branch.norm.weight, branch.norm.variance_epsilon)
+        self.norm = branch.norm
         self.head = model.exit_head(d)
         self.embed = model.model.embed_tokens
         self.rotary = model.model.rotary_emb
@@ -170,19 +162,16 @@ class StaticMemberDecoder:
         if t >= self.capacity:
             raise ValueError(f"the decoder is full ({self.capacity} positions)")
         x = self.embed(token_ids[:, None])  # n x 1 x D
-        cos, sin = self.rotary(x, position_ids)
-        cos, sin = cos[:, None], sin[:, None]  # n x 1 x 1 x hd
+        cos, sin = self.rotary(x, position_ids)  # n x 1 x hd
         h, kv = self.heads, self.kv_heads
         masked = ~self.valid[:, None, None, : t + 1]
         for i, layer in enumerate(self.layers):
             hd = layer.head_dim
-            half = hd // 2
-            q, k, v = layer.qkv(_rms_norm(x, *layer.ln1))
-            q = _rms_norm(q.view(n, 1, h, hd), *layer.q_norm).transpose(1, 2)
-            k = _rms_norm(k.view(n, 1, kv, hd), *layer.k_norm).transpose(1, 2)
+            q, k, v = layer.qkv(layer.ln1(x))
+            q = layer.q_norm(q.view(n, 1, h, hd)).transpose(1, 2)
+            k = layer.k_norm(k.view(n, 1, kv, hd)).transpose(1, 2)
             v = v.view(n, 1, kv, hd).transpose(1, 2)
-            q = q * cos + torch.cat((-q[..., half:], q[..., :half]), -1) * sin
-            k = k * cos + torch.cat((-k[..., half:], k[..., :half]), -1) * sin
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
             self.keys[i][:, :, t : t + 1] = k
             self.values[i][:, :, t : t + 1] = v
             # grouped-query attention: the h // kv query heads of a group read one K/V head
@@ -194,7 +183,7 @@ class StaticMemberDecoder:
             probs = torch.softmax(scores.float() if low else scores, -1).to(v.dtype)
             attn = torch.matmul(probs, self.values[i][:, :, : t + 1]).reshape(n, 1, h * hd)
             x = x + layer.o(attn)[0]
-            gate, up = layer.gate_up(_rms_norm(x, *layer.ln2))
+            gate, up = layer.gate_up(layer.ln2(x))
             x = x + layer.down(F.silu(gate) * up)[0]
         self.length = t + 1
-        return self.head(_rms_norm(x, *self.norm))[:, -1]
+        return self.head(self.norm(x))[:, -1]

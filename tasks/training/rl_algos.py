@@ -139,84 +139,82 @@ def sample_completions(
         group_size, prefill_ids, prefill_mask = 1, prompt_ids, prompt_mask
     was_training = model.training
     model.eval()
-    device = prompt_ids.device
-    stops = torch.tensor(list(stop_ids), device=device)
-    attn = prompt_mask.clone()
-    positions = positions_from_mask(attn)
-    cache = DynamicCache()
-    out = model(
-        input_ids=prefill_ids,
-        attention_mask=prefill_mask,
-        position_ids=positions_from_mask(prefill_mask),
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-        **_member_kwargs(exit_layer),
-    )
-    logits = out.logits[:, -1, :]
-    if group_size > 1:
-        logits = logits.repeat_interleave(group_size, 0)
-        for layer in cache.layers:
-            layer.batch_repeat_interleave(group_size)
-    decoder = None
-    if engine == "static":
-        from ruyi_model.static_decode import StaticMemberDecoder
+    try:
+        device = prompt_ids.device
+        stops = torch.tensor(list(stop_ids), device=device)
+        attn = prompt_mask.clone()
+        positions = positions_from_mask(attn)
+        cache = DynamicCache()
+        out = model(
+            input_ids=prefill_ids,
+            attention_mask=prefill_mask,
+            position_ids=positions_from_mask(prefill_mask),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **_member_kwargs(exit_layer),
+        )
+        logits = out.logits[:, -1, :]
+        if group_size > 1:
+            logits = logits.repeat_interleave(group_size, 0)
+            for layer in cache.layers:
+                layer.batch_repeat_interleave(group_size)
+        decoder = None
+        if engine == "static":
+            from ruyi_model.static_decode import StaticMemberDecoder
 
-        try:
             decoder = StaticMemberDecoder(
                 model, exit_layer, cache, prompt_mask, capacity=prompt_ids.shape[1] + max_new_tokens
             )
-        except ValueError:
-            model.train(was_training)
-            raise
-        cache = None  # the decoder holds copies of the filled slots
-    next_pos = positions[:, -1:] + 1
-    finished = torch.zeros(n, dtype=torch.bool, device=device)
-    active = torch.arange(n, device=device)  # rows in the decoded batch (all of them without `compact`)
-    tokens, live = [], []
-    for step in range(max_new_tokens):
-        logits = logits.float()
-        if do_sample:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            tok_active = draw_tokens(probs, active, n, generator, sampler)
-        else:
-            tok_active = logits.argmax(-1)
-        tok = torch.full((n,), pad_id, dtype=torch.long, device=device)
-        tok[active] = tok_active
-        live.append(~finished)
-        tok = torch.where(finished, torch.full_like(tok, pad_id), tok)
-        tokens.append(tok)
-        finished = finished | torch.isin(tok, stops)
-        if early_stop is not None and step < max_new_tokens - 1 and not bool(finished.all()):
-            stopped = early_stop(torch.stack(tokens, dim=1), torch.stack(live, dim=1), finished)
-            finished = finished | stopped
-        if bool(finished.all()) or step == max_new_tokens - 1:
-            break
-        if compact:
-            keep = ~finished[active]
-            if not bool(keep.all()):
-                idx = keep.nonzero().squeeze(1)
-                if decoder is not None:
-                    decoder.select_rows(idx)
-                else:
-                    for layer in cache.layers:
-                        layer.batch_select_indices(idx)
-                active = active[idx]
-        if decoder is not None:
-            logits = decoder.step(tok[active], next_pos[active])
-        else:
-            attn = torch.cat([attn, torch.ones((n, 1), dtype=attn.dtype, device=device)], dim=1)
-            out = model(
-                input_ids=tok[active][:, None],
-                attention_mask=attn[active],
-                position_ids=next_pos[active],
-                past_key_values=cache,
-                use_cache=True,
-                **_member_kwargs(exit_layer),
-            )
-            logits = out.logits[:, -1, :]
-        next_pos = next_pos + 1
-    model.train(was_training)
+            cache = None  # the decoder holds copies of the filled slots
+        next_pos = positions[:, -1:] + 1
+        finished = torch.zeros(n, dtype=torch.bool, device=device)
+        active = torch.arange(n, device=device)  # rows in the decoded batch (all of them without `compact`)
+        tokens, live = [], []
+        for step in range(max_new_tokens):
+            logits = logits.float()
+            if do_sample:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                tok_active = draw_tokens(probs, active, n, generator, sampler)
+            else:
+                tok_active = logits.argmax(-1)
+            tok = torch.full((n,), pad_id, dtype=torch.long, device=device)
+            tok[active] = tok_active
+            live.append(~finished)
+            tok = torch.where(finished, torch.full_like(tok, pad_id), tok)
+            tokens.append(tok)
+            finished = finished | torch.isin(tok, stops)
+            if early_stop is not None and step < max_new_tokens - 1 and not bool(finished.all()):
+                stopped = early_stop(torch.stack(tokens, dim=1), torch.stack(live, dim=1), finished)
+                finished = finished | stopped
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                break
+            if compact:
+                keep = ~finished[active]
+                if not bool(keep.all()):
+                    idx = keep.nonzero().squeeze(1)
+                    if decoder is not None:
+                        decoder.select_rows(idx)
+                    else:
+                        for layer in cache.layers:
+                            layer.batch_select_indices(idx)
+                    active = active[idx]
+            if decoder is not None:
+                logits = decoder.step(tok[active], next_pos[active])
+            else:
+                attn = torch.cat([attn, torch.ones((n, 1), dtype=attn.dtype, device=device)], dim=1)
+                out = model(
+                    input_ids=tok[active][:, None],
+                    attention_mask=attn[active],
+                    position_ids=next_pos[active],
+                    past_key_values=cache,
+                    use_cache=True,
+                    **_member_kwargs(exit_layer),
+                )
+                logits = out.logits[:, -1, :]
+            next_pos = next_pos + 1
+    finally:
+        model.train(was_training)
     completion_ids = torch.stack(tokens, dim=1)
     completion_mask = torch.stack(live, dim=1).long()
     has_stop = (torch.isin(completion_ids, stops) & completion_mask.bool()).any(dim=1)
