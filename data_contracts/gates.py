@@ -4,20 +4,42 @@
 loss_vs_shallower, loss_margin below ln V, accuracy_over_floor, rl_accuracy_change) from
 `metrics/eval_quality.json` (or eval.json), `metrics/compress.json` and `metrics/rl.json`; a value
 that is missing or not a number becomes null and fails its row; a file without `exit_<d>` entries is a
-ValueError. `gates_suite` holds the gates. Run by `python -m tasks.gates`. The gates: docs/choices.md#gates.
+ValueError. From the evaluate stage's per-item results (`data_contracts.items`), `gate_intervals`
+computes each per-item statistic's paired bootstrap interval, `with_intervals` adds them to the frame
+(`<column>_low`, `<column>_high`), and `undecided` lists the gates whose interval straddles the bar.
+`gates_suite` holds the gates: on the estimates (`verdict="point"`) or on the interval's bound nearest
+the bar (`verdict="interval"`: a gate fails only when the whole interval lies past its bar). Run by
+`python -m tasks.gates`. The gates: docs/choices.md#gates.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 import great_expectations as gx
 import great_expectations.expectations as gxe
+import numpy as np
+
+from data_contracts.bootstrap import interval, resample_matrix
+from data_contracts.items import ItemResults
 
 SUITE = "model_gates"
 _EXIT_KEY = re.compile(r"exit_(\d+)")
+Verdict = Literal["point", "interval"]
+#: The gates on per-item estimates: column -> which side of its bar passes ("max": at most the bar,
+#: "min": at least it). The bars themselves: `gate_bars`.
+ITEM_GATES: dict[str, str] = {
+    "loss": "max",
+    "loss_vs_shallower": "max",
+    "loss_margin": "min",
+    "accuracy_over_floor": "min",
+}
+#: Agreement asked of the per-item losses' token mean with the reported loss (one forward per exit
+#: against the stage's own pass: float rounding only).
+ITEM_LOSS_RTOL = 1e-4
 
 
 def _exit_entries(metrics: Any, where: str) -> dict[int, dict[str, Any]]:
@@ -40,6 +62,125 @@ def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return None if math.isnan(value) else float(value)
+
+
+def loss_vs_shallower(losses: np.ndarray) -> np.ndarray:
+    """The depth gate's ratio, `loss / min(shallower losses)`, along the last axis (exits by depth).
+
+    NaN for the shallowest exit, where a loss is missing (NaN; the missing loss is skipped as a
+    shallower one), and where the best shallower loss is not positive. Any leading axes (resamples)
+    are kept.
+    """
+    losses = np.asarray(losses, dtype=float)
+    best = np.fmin.accumulate(losses, axis=-1)  # running minimum, NaN skipped
+    shallower = np.concatenate([np.full(losses.shape[:-1] + (1,), np.nan), best[..., :-1]], axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = losses / shallower
+    ratio[~(shallower > 0)] = np.nan
+    return ratio
+
+
+def check_items_match(items: ItemResults, eval_metrics: dict[str, Any], where: tuple[str, str]) -> None:
+    """The per-item results are those of the reported metrics: the same exits, each exit's token-mean
+    loss within `ITEM_LOSS_RTOL` and its accuracy equal.
+
+    Raises:
+        ValueError: naming both files (`where`: items file, metrics file) and the first disagreement.
+    """
+    evals = _exit_entries(eval_metrics, where[1])
+    if sorted(evals) != list(items.exits):
+        raise ValueError(f"{where[0]} has exits {list(items.exits)}, {where[1]} has {sorted(evals)}")
+    for d, loss, acc in zip(items.exits, items.losses(), items.accuracies(), strict=True):
+        reported_loss, reported_acc = _number(evals[d].get("loss")), _number(evals[d].get("accuracy"))
+        if reported_loss is not None and not math.isclose(loss, reported_loss, rel_tol=ITEM_LOSS_RTOL):
+            raise ValueError(
+                f"{where[0]}: exit {d}'s per-item losses average {loss:.6f}, but {where[1]} reports "
+                f"{reported_loss:.6f} (not the same evaluation: run the evaluate stage again)"
+            )
+        if reported_acc is not None and abs(acc - reported_acc) > 1e-9:
+            raise ValueError(
+                f"{where[0]}: exit {d}'s per-item accuracy is {acc:.4f}, but {where[1]} reports "
+                f"{reported_acc:.4f} (not the same evaluation: run the evaluate stage again)"
+            )
+
+
+def gate_intervals(
+    items: ItemResults,
+    ln_vocab: float | None,
+    accuracy_floor: Callable[[int], float] | None,
+    resamples: int,
+    confidence: float,
+    seed: int,
+) -> dict[int, dict[str, tuple[float, float]]]:
+    """Paired bootstrap intervals of every per-item gate statistic (`ITEM_GATES`), per exit.
+
+    The loss items and the problems are resampled independently (`resamples` draws each, seeds `seed`
+    and `seed + 1`), every member on the same draw; each statistic is computed on each draw as
+    `gates_frame` computes it (token-mean losses, `loss_vs_shallower`, ln V - loss, accuracy - floor).
+
+    Returns:
+        {exit: {column: (low, high)}}: the central `confidence` interval (NaN where undefined, e.g.
+        `loss_vs_shallower` of the shallowest exit, or `loss_margin` without ln V).
+    """
+    exits = list(items.exits)
+    idx = resample_matrix(len(items.loss_items), resamples, seed)
+    losses = items.loss_sums[idx].sum(axis=1) / items.tokens[idx].sum(axis=1)[:, None]  # draws x exits
+    ratios = loss_vs_shallower(losses)
+    margins = ln_vocab - losses if ln_vocab is not None else np.full_like(losses, np.nan)
+    idx = resample_matrix(len(items.accuracy_items), resamples, seed + 1)
+    floors = np.array([float(accuracy_floor(d)) if accuracy_floor is not None else 0.0 for d in exits])
+    over = items.correct[idx].mean(axis=1) - floors
+    out = {}
+    for k, d in enumerate(exits):
+        out[d] = {
+            column: interval(draws[:, k], confidence)
+            for column, draws in (
+                ("loss", losses),
+                ("loss_vs_shallower", ratios),
+                ("loss_margin", margins),
+                ("accuracy_over_floor", over),
+            )
+        }
+    return out
+
+
+def gate_bars(max_loss: float, depth_tolerance: float, min_loss_margin: float) -> dict[str, float]:
+    """The bar of each per-item gate (`ITEM_GATES` says which side of it passes)."""
+    return {
+        "loss": max_loss,
+        "loss_vs_shallower": 1.0 + depth_tolerance,
+        "loss_margin": min_loss_margin,
+        "accuracy_over_floor": 0.0,
+    }
+
+
+def undecided(frame, bars: dict[str, float]) -> list[dict[str, Any]]:
+    """The per-item gates whose interval straddles the bar: their verdict is the draw of the items.
+
+    Returns:
+        One entry per (exit, gate): exit label, gate (column), estimate, interval, bar, and whether the
+        estimate passes.
+    """
+    out = []
+    for label, row in frame.iterrows():
+        for column, bar in bars.items():
+            lo, hi, estimate = row.get(f"{column}_low"), row.get(f"{column}_high"), row.get(column)
+            if any(v is None or v != v for v in (lo, hi, estimate)):
+                continue
+            upper = ITEM_GATES[column] == "max"
+            decided = (hi <= bar or lo > bar) if upper else (lo >= bar or hi < bar)
+            if not decided:
+                out.append(
+                    {
+                        "exit": str(label),
+                        "gate": column,
+                        "estimate": float(estimate),
+                        "interval": [float(lo), float(hi)],
+                        "bar": float(bar),
+                        "passes": bool(estimate <= bar if upper else estimate >= bar),
+                    }
+                )
+    return out
 
 
 def gates_frame(
@@ -74,12 +215,11 @@ def gates_frame(
     rl = _exit_entries(rl_metrics, where[2]) if rl_metrics is not None else {}
     ln_vocab = _number(eval_metrics.get("ln_vocab")) if isinstance(eval_metrics, dict) else None
     exits = sorted(set(evals) | set(compress))
+    losses = [_number(evals.get(d, {}).get("loss")) for d in exits]
+    ratios = loss_vs_shallower(np.array([np.nan if v is None else v for v in losses]))
     rows = []
-    best: float | None = None
-    for d in exits:
-        loss = _number(evals.get(d, {}).get("loss"))
+    for d, loss, ratio in zip(exits, losses, ratios, strict=True):
         accuracy = _number(evals.get(d, {}).get("accuracy"))
-        ratio = None if best is None or loss is None or best <= 0 else loss / best
         floor = float(accuracy_floor(d)) if accuracy_floor is not None else 0.0
         rl_change = None
         if d in rl:
@@ -91,25 +231,28 @@ def gates_frame(
                 "loss": loss,
                 "accuracy": accuracy,
                 "relative_loss_change": _number(compress.get(d, {}).get("relative_loss_change")),
-                "loss_vs_shallower": ratio,
+                "loss_vs_shallower": None if math.isnan(ratio) else float(ratio),
                 "loss_margin": None if ln_vocab is None or loss is None else ln_vocab - loss,
                 "accuracy_over_floor": None if accuracy is None else accuracy - floor,
                 "rl_accuracy_change": rl_change,
             }
         )
-        if loss is not None:
-            best = loss if best is None else min(best, loss)
     frame = pd.DataFrame(rows, index=pd.Index([f"exit_{d}" for d in exits], dtype=object))
-    for column in (
-        "loss",
-        "accuracy",
-        "relative_loss_change",
-        "loss_vs_shallower",
-        "loss_margin",
-        "accuracy_over_floor",
-        "rl_accuracy_change",
-    ):
-        frame[column] = frame[column].astype("float64")
+    for column in frame.columns:
+        if column != "exit":
+            frame[column] = frame[column].astype("float64")
+    return frame
+
+
+def with_intervals(frame, intervals: dict[int, dict[str, tuple[float, float]]]):
+    """`frame` (from `gates_frame`) with `<column>_low` and `<column>_high` for every column of
+    `ITEM_GATES`, from `gate_intervals`' output (NaN for an exit or statistic it does not cover)."""
+    frame = frame.copy()
+    for column in ITEM_GATES:
+        for k, suffix in enumerate(("low", "high")):
+            frame[f"{column}_{suffix}"] = [
+                float(intervals.get(int(d), {}).get(column, (np.nan, np.nan))[k]) for d in frame["exit"]
+            ]
     return frame
 
 
@@ -122,8 +265,25 @@ def gates_suite(
     min_loss_margin: float = 0.0,
     max_rl_accuracy_drop: float = 0.0,
     rl_members: list[int] | None = None,
+    verdict: Verdict = "point",
 ) -> gx.ExpectationSuite:
-    """The gates as an expectation suite (docs/choices.md#gates lists each gate)."""
+    """The gates as an expectation suite (docs/choices.md#gates lists each gate).
+
+    `verdict="point"` checks the estimates. `verdict="interval"` checks each per-item gate
+    (`ITEM_GATES`) on its interval's bound nearest the bar (the frame's `<column>_low` for an upper bar,
+    `_high` for a lower one), so it fails only when the whole interval lies past the bar; the interval
+    columns must then be present (not null).
+    """
+    if verdict not in ("point", "interval"):
+        raise ValueError(f"verdict must be 'point' or 'interval', got {verdict!r}")
+    interval_gate = verdict == "interval"
+
+    def gated(column: str) -> str:
+        if not interval_gate:
+            return column
+        return f"{column}_low" if ITEM_GATES[column] == "max" else f"{column}_high"
+
+    on = " (the interval's bound nearest the bar)" if interval_gate else ""
     expectations = [
         gxe.ExpectColumnDistinctValuesToEqualSet(
             column="exit",
@@ -132,18 +292,18 @@ def gates_suite(
         ),
         gxe.ExpectColumnValuesToNotBeNull(column="loss", description="loss reported and not NaN"),
         gxe.ExpectColumnValuesToBeBetween(
-            column="loss",
+            column=gated("loss"),
             min_value=0.0,
             max_value=max_loss,
             strict_max=True,
-            description=f"held-out loss below gates.max_loss={max_loss}",
+            description=f"held-out loss below gates.max_loss={max_loss}{on}",
         ),
         gxe.ExpectColumnValuesToBeBetween(
-            column="loss_vs_shallower",
+            column=gated("loss_vs_shallower"),
             max_value=1.0 + depth_tolerance,
             description="not worse than any shallower exit by more than "
             f"gates.depth_tolerance={depth_tolerance} "
-            "(loss / best shallower loss)",
+            f"(loss / best shallower loss){on}",
         ),
         gxe.ExpectColumnValuesToNotBeNull(
             column="relative_loss_change", description="compression's relative loss change reported"
@@ -158,19 +318,25 @@ def gates_suite(
             column="loss_margin", description="loss margin below ln(vocab) reported (eval metrics' ln_vocab)"
         ),
         gxe.ExpectColumnValuesToBeBetween(
-            column="loss_margin",
+            column=gated("loss_margin"),
             min_value=min_loss_margin,
             description=f"held-out loss at least gates.min_loss_margin={min_loss_margin} nats "
-            "below ln(vocab_size) "
-            "(a uniform model's loss)",
+            f"below ln(vocab_size) (a uniform model's loss){on}",
         ),
         gxe.ExpectColumnValuesToNotBeNull(column="accuracy", description="accuracy reported"),
         gxe.ExpectColumnValuesToBeBetween(
-            column="accuracy_over_floor",
+            column=gated("accuracy_over_floor"),
             min_value=0.0,
-            description=f"accuracy at least its floor gates.min_accuracy={min_accuracy}",
+            description=f"accuracy at least its floor gates.min_accuracy={min_accuracy}{on}",
         ),
     ]
+    if interval_gate:
+        expectations += [
+            gxe.ExpectColumnValuesToNotBeNull(
+                column=gated(column), description=f"the per-item interval of {column} computed"
+            )
+            for column in ("loss", "loss_margin", "accuracy_over_floor")
+        ]
     if rl_members:
         expectations.append(
             gxe.ExpectColumnValuesToBeBetween(

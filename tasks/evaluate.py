@@ -6,8 +6,9 @@ Reads the checkpoint (`evaluate.checkpoint`, default `artifacts/compress/`), `da
 and `eval.jsonl`. Writes per exit loss, perplexity, solution loss, accuracy, params and speed (and
 `ln_vocab`, a uniform model's loss, for the gates) to
 `metrics/eval.json`, the reproducible part to `metrics/eval_quality.json` and the timings to
-`metrics/eval_speed.json` (one set, one `run_id`), `reports/evaluate/generations.jsonl` and
-`plots/evaluate/tradeoff.{png,csv}`. Definitions and choices: docs/choices.md#evaluate.
+`metrics/eval_speed.json` (one set, one `run_id`), `reports/evaluate/generations.jsonl`, the per-item
+results the gates resample (`reports/evaluate/items.jsonl`: each corpus block's loss and each problem's
+verdict, per exit) and `plots/evaluate/tradeoff.{png,csv}`. Definitions and choices: docs/choices.md#evaluate.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from tasks.training.heldout import (
     first_blocks,
     member_losses,
     member_params,
+    member_row_losses,
     solution_examples,
     target_tokens,
 )
@@ -42,7 +44,7 @@ log = logging.getLogger("ruyi.evaluate")
 # --- the stage -------------------------------------------------------------------------------
 def evaluate_family(
     model, tokenizer, corpus, problems: list[dict[str, Any]], cfg, eval_file: str | Path = "eval.jsonl"
-) -> tuple[dict, list[dict]]:
+) -> tuple[dict, list[dict], list[dict]]:
     """Quality and size of every member (no timings).
 
     Args:
@@ -54,8 +56,10 @@ def evaluate_family(
         eval_file: where `problems` come from (named in errors).
 
     Returns:
-        ({"exit_<d>": metrics}, generation rows).
+        ({"exit_<d>": metrics}, generation rows, per-item rows (`data_contracts.gates.item_row`: the
+        loss of every corpus block and the verdict on every problem, per exit)).
     """
+    from data_contracts.items import item_row
     from ruyi_model.decoding import greedy_generate
     from tasks.data.mathgen import answers_match, extract_answer
     from tasks.training.batches import fixed_batches
@@ -64,9 +68,14 @@ def evaluate_family(
     corpus_batches = fixed_batches({"input_ids": corpus}, cfg.batch_size, cfg.loss_batches)
     solutions = solution_examples(tokenizer, problems, cfg.seq_len, eval_file)
     solution_batches = fixed_batches(solutions, cfg.batch_size, len(problems))
-    losses = member_losses(model, exits, corpus_batches)
+    losses, block_losses = member_row_losses(model, exits, corpus_batches)
     solution_losses = member_losses(model, exits, solution_batches)
-    results, generations = {}, []
+    results, generations, items = {}, [], []
+    for d in exits:
+        items += [
+            item_row("loss", f"corpus_val block {i}", d, loss_sum=s, tokens=n)
+            for i, (s, n) in enumerate(block_losses[d])
+        ]
     for d in exits:
         completions = greedy_generate(
             model,
@@ -89,6 +98,7 @@ def evaluate_family(
             level = by_level.setdefault(str(p.get("level", "?")), [0, 0])
             level[0] += ok
             level[1] += 1
+            items.append(item_row("accuracy", p["id"], d, correct=bool(ok)))
             generations.append(
                 {
                     "id": p["id"],
@@ -122,7 +132,7 @@ def evaluate_family(
             correct / len(problems),
             results[f"exit_{d}"]["params"],
         )
-    return results, generations
+    return results, generations, items
 
 
 def plot_tradeoff(rows: list[dict[str, Any]], out_dir: Path) -> None:
@@ -234,7 +244,7 @@ def run(params: Params) -> dict:
             "%s has only %d problems (evaluate.num_problems=%d)", eval_file, len(problems), cfg.num_problems
         )
 
-    quality, generations = evaluate_family(model, tokenizer, corpus, problems, cfg, eval_file)
+    quality, generations, items = evaluate_family(model, tokenizer, corpus, problems, cfg, eval_file)
     exits = list(model.config.exit_layers)
     common = {
         "checkpoint": str(checkpoint),
@@ -279,6 +289,7 @@ def run(params: Params) -> dict:
     }
     metrics["run_id"] = write_metric_set(ws.metrics_dir, quality, speed_metrics, metrics)
     write_jsonl(ws.eval_generations, generations)
+    write_jsonl(ws.eval_items, items)
     rows = [{"exit": d, **metrics[f"exit_{d}"]} for d in exits]
     plot_tradeoff(rows, ws.plots("evaluate"))
     return metrics

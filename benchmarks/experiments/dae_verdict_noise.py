@@ -32,7 +32,9 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from paired_bootstrap import add_arguments, check_arguments, interval95, resamples  # noqa: E402
+from paired_bootstrap import add_arguments, check_arguments  # noqa: E402
+
+from data_contracts.bootstrap import interval95, resamples  # noqa: E402
 
 STATES = {"before_dae": "family_sft", "dense": "rl", "decomposed": "compress"}  # state -> stage output
 

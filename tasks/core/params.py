@@ -555,6 +555,16 @@ class GatesParams(_Section):
     min_accuracy: Fraction | dict[PositiveInt, Fraction] = 0.0
     # The RL-trained members' held-out accuracy may drop by at most this much during rl.
     max_rl_accuracy_drop: Fraction = 0.0
+    # How the gates on per-item estimates (loss, depth, loss margin, accuracy floor) decide: interval =
+    # a gate fails only when the whole paired bootstrap interval of its statistic (over the evaluate
+    # stage's items) lies past its bar, and one whose interval straddles the bar passes and is
+    # reported undecided; point = the estimate decides. rl's and compress's figures are estimates
+    # either way (their stages write no per-item results).
+    verdict: Literal["point", "interval"] = "interval"
+    # Bootstrap resamples of the items (the seed is the run's `seed`).
+    resamples: Annotated[int, Field(ge=100)] = 2000
+    # Coverage of the interval.
+    confidence: Annotated[float, Field(gt=0.5, lt=1.0)] = 0.95
 
     def accuracy_floor(self, exit_layer: int) -> float:
         if isinstance(self.min_accuracy, dict):

@@ -142,3 +142,9 @@ class Workspace:
         """evaluate's per-item greedy completions, one row per (member, problem)
         (`reports/evaluate/generations.jsonl`): what deploy's served members must answer."""
         return self.reports("evaluate") / "generations.jsonl"
+
+    @property
+    def eval_items(self) -> Path:
+        """evaluate's per-item results, one row per (member, item) (`reports/evaluate/items.jsonl`,
+        `data_contracts.gates.item_row`): what the gates resample for their intervals."""
+        return self.reports("evaluate") / "items.jsonl"

@@ -1,7 +1,7 @@
 """Held-out losses and sizes of family members, shared by evaluate and compress.
 
 Library module: `first_blocks` (packed corpus blocks in file order), `solution_examples` (eval solutions
-encoded as SFT encodes them), `member_losses`, `member_params`, `check_family_inputs`.
+encoded as SFT encodes them), `member_losses`, `member_row_losses`, `member_params`, `check_family_inputs`.
 Definitions: docs/choices.md#evaluate.
 """
 
@@ -65,6 +65,18 @@ def member_losses(model, exits: Sequence[int], batches) -> dict[int, float]:
     from tasks.training.loop import evaluate, member_eval
 
     return {d: evaluate(model, batches, member_eval(d))[d] for d in exits}
+
+
+def member_row_losses(
+    model, exits: Sequence[int], batches
+) -> tuple[dict[int, float], dict[int, list[tuple[float, int]]]]:
+    """`member_losses` (the same figures) and, from the same forwards, each member's per-row
+    (summed loss, targets) over the rows of `batches` in order (`tasks.training.loop.row_losses`)."""
+    from tasks.training.loop import evaluate, member_eval
+
+    rows: dict[int, list[tuple[float, int]]] = {d: [] for d in exits}
+    means = {d: evaluate(model, batches, member_eval(d, rows[d]))[d] for d in exits}
+    return means, rows
 
 
 def member_params(model, exit_layer: int) -> int:

@@ -175,15 +175,34 @@ def multi_exit_eval(model, batch: dict) -> dict[int, tuple[float, int]]:
     return {d: (float(v) * n, n) for d, v in out.exit_losses.items()}
 
 
-def member_eval(exit_layer: int) -> EvalFn:
+def row_losses(logits: torch.Tensor, labels: torch.Tensor) -> list[tuple[float, int]]:
+    """Per row of a batch: the summed next-token cross-entropy (nats, float32 as the model's loss) and
+    the targets it covers (`labels` unshifted, IGNORE_INDEX masked). The per-item results of evaluate."""
+    import torch
+
+    targets = labels[:, 1:]
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    counts = (targets != IGNORE_INDEX).sum(dim=1)
+    return [(float(s), int(n)) for s, n in zip(ce.double().sum(dim=1).tolist(), counts.tolist())]
+
+
+def member_eval(exit_layer: int, rows: list[tuple[float, int]] | None = None) -> EvalFn:
+    """One member's loss on a batch (`exit_layer=d`); with `rows`, also each row's `row_losses`
+    appended to it, from the same forward."""
+
     def fn(model, batch: dict) -> dict[int, tuple[float, int]]:
+        labels = batch.get("labels", batch["input_ids"])
         out = model(
             batch["input_ids"],
             attention_mask=batch.get("attention_mask"),
-            labels=batch.get("labels", batch["input_ids"]),
+            labels=labels,
             exit_layer=exit_layer,
             use_cache=False,
         )
+        if rows is not None:
+            rows.extend(row_losses(out.logits, labels))
         n = _targets(batch)
         return {exit_layer: (float(out.loss) * n, n)}
 

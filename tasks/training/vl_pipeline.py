@@ -366,6 +366,22 @@ def vl_multi_exit_eval(model, batch: dict) -> dict[int, tuple[float, int]]:
     return {d: (float(v) * n, n) for d, v in out.exit_losses.items()}
 
 
+def vl_member_row_losses(model, batch: dict, exits: Sequence[int]) -> dict[int, list[tuple[float, int]]]:
+    """Per member (run alone, `exit_layer=d`): each row's summed answer loss and answer tokens
+    (`tasks.training.loop.row_losses`): the evaluate stage's per-item losses. Their token mean equals the
+    multi-exit pass's `vl_multi_exit_eval` up to float rounding."""
+    import torch
+
+    from tasks.training.loop import row_losses
+
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        return {
+            d: row_losses(model(**inputs, exit_layer=d, use_cache=False).logits, batch["labels"])
+            for d in exits
+        }
+
+
 #: The parameters of the vision tower and its mergers (`vl.vision_lr_scale` in family_sft and rl).
 VISION_PREFIX = "model.visual."
 
@@ -812,7 +828,10 @@ def _tokens_per_s(model, processor, row, exit_layer: int, new_tokens: int, repea
 def evaluate(params: Params) -> dict[str, Any]:
     """Per exit: greedy VQA accuracy by task type on the eval split, tokens/s, parameters, answer loss;
     every member's answer to every problem in `reports/vl/evaluate/generations.jsonl`
-    (`Workspace.eval_generations`: what the deploy stage's served members must answer)."""
+    (`Workspace.eval_generations`: what the deploy stage's served members must answer) and the per-item
+    results the gates resample in `reports/vl/evaluate/items.jsonl` (`Workspace.eval_items`: each eval
+    item's answer loss and verdict per member)."""
+    from data_contracts.items import item_row
     from ruyi_model.vl import member_vl_num_parameters
 
     ev = params.evaluate
@@ -827,12 +846,17 @@ def evaluate(params: Params) -> dict[str, Any]:
     rows = _rows(params, "eval", params.vl.tasks)[: ev.num_problems]
     exits = list(params.model.exit_layers)
     losses: dict[int, list[float]] = {}
+    items: list[dict[str, Any]] = []
     for i in range(0, len(rows), ev.batch_size):
-        for d, (s, n) in vl_multi_exit_eval(
-            model, encode_sft(processor, rows[i : i + ev.batch_size])
-        ).items():
+        batch = encode_sft(processor, rows[i : i + ev.batch_size])
+        for d, (s, n) in vl_multi_exit_eval(model, batch).items():
             acc = losses.setdefault(d, [0.0, 0])
             acc[0], acc[1] = acc[0] + s, acc[1] + n
+        for d, per_row in vl_member_row_losses(model, batch, exits).items():
+            items += [
+                item_row("loss", r["id"], d, loss_sum=s, tokens=n)
+                for r, (s, n) in zip(rows[i : i + ev.batch_size], per_row, strict=True)
+            ]
     metrics: dict[str, Any] = {
         "num_problems": len(rows),
         "ln_vocab": math.log(model.config.text_config.vocab_size),
@@ -854,6 +878,7 @@ def evaluate(params: Params) -> dict[str, Any]:
             for r, a in zip(rows, answers, strict=True)
         ]
         generations += graded
+        items += [item_row("accuracy", g["id"], d, correct=bool(g["correct"])) for g in graded]
         entry = graded_table((g["task"], g["correct"]) for g in graded)
         entry["loss"] = round(losses[d][0] / max(losses[d][1], 1), 6)
         entry["num_parameters"] = member_vl_num_parameters(model, d)
@@ -873,6 +898,7 @@ def evaluate(params: Params) -> dict[str, Any]:
     }
     write_json(ws.metrics_dir / "eval_quality.json", quality)
     write_jsonl(ws.eval_generations, generations)
+    write_jsonl(ws.eval_items, items)
     (ws.metrics_dir / "eval_table.md").write_text(table + "\n")
     plot_tradeoff(metrics, exits, ws.plots("evaluate"))
     return metrics
@@ -915,13 +941,14 @@ def plot_tradeoff(metrics: dict[str, Any], exits: Sequence[int], out_dir: Path) 
 
 
 def gates(params: Params) -> dict[str, Any]:
-    """The `data_contracts.gates` suite on the VL metrics; the VL profile compresses nothing, so each
-    exit's relative loss change is 0 by construction (`compression: none` in the metrics)."""
+    """The text profile's gates (`tasks.release.gates.judge`: the same suite, per-item intervals and verdict)
+    on the VL metrics; the VL profile compresses nothing, so each exit's relative loss change is 0 by
+    construction (`compression: none` in the metrics)."""
     import json
 
-    from data_contracts.context import ContractContext
-    from data_contracts.gates import SUITE, gates_frame, gates_suite
+    from data_contracts.gates import SUITE
     from tasks.core.stage import ContractViolation
+    from tasks.release.gates import judge
 
     ws = Workspace.from_params(params)
     paths = (ws.metrics_dir / "eval_quality.json", ws.reproducible_metrics("rl"))
@@ -929,44 +956,15 @@ def gates(params: Params) -> dict[str, Any]:
         if not p.is_file():
             raise StageError(f"{p} not found (run evaluate and rl with the VL profile first)")
     evals, rlm = (json.loads(p.read_text()) for p in paths)
-    exits, g = list(params.model.exit_layers), params.gates
-    compress = {f"exit_{d}": {"relative_loss_change": 0.0} for d in exits}
-    frame = gates_frame(
-        evals,
-        compress,
-        where=(str(paths[0]), "no compression", str(paths[1])),
-        rl_metrics=rlm,
-        accuracy_floor=g.accuracy_floor,
-    )
-    suite = gates_suite(
-        exits,
-        g.max_loss,
-        g.depth_tolerance,
-        params.compress.max_relative_loss_increase,
-        g.min_accuracy,
-        min_loss_margin=g.min_loss_margin,
-        max_rl_accuracy_drop=g.max_rl_accuracy_drop,
-        rl_members=rlm["members"],
-    )
-    ctx = ContractContext(ws.reports("gates"))
-    ctx.forget(SUITE)
-    result = ctx.validate(SUITE, frame, suite, run_name="gates")
-    ctx.build_docs()
-    metrics = {
-        "passed": result.success,
-        "compression": "none",
-        "exits": {
-            k: {kk: (None if vv != vv else vv) for kk, vv in row.items()}
-            for k, row in frame.to_dict(orient="index").items()
-        },
-        "expectations_evaluated": result.evaluated,
-        "failures": [f.to_dict() for f in result.failures],
-    }
+    compress = {f"exit_{d}": {"relative_loss_change": 0.0} for d in params.model.exit_layers}
+    where = (str(paths[0]), "no compression", str(paths[1]))
+    result, _, metrics = judge(params, evals, compress, rlm, where, ws.eval_items)
+    metrics["compression"] = "none"
     write_metrics(params, "gates", metrics)
     if not result.success:
         raise ContractViolation(
-            f"VL model quality gates failed:\n{result.describe()}",
-            [{"suite": SUITE, **f.to_dict()} for f in result.failures],
+            f"VL model quality gates failed (verdict {metrics['verdict']}):\n{result.describe()}",
+            [{"suite": SUITE, **f} for f in metrics["failures"]],
         )
     return metrics
 

@@ -405,6 +405,41 @@ def test_accuracy_matches_one_by_one_stock_decoding(evaluated):
     assert any(outcomes) and not all(outcomes)
 
 
+def test_per_item_results_are_each_blocks_stock_loss_and_each_problems_verdict(evaluated):
+    # reports/evaluate/items.jsonl, what the gates resample: a corpus block's loss is that block's stock
+    # Qwen3 loss, a problem's verdict is generations.jsonl's, and together they are eval_quality.json's
+    from data_contracts.gates import check_items_match
+    from data_contracts.items import read_items
+    from tasks.core.artifacts import load_family
+
+    root = evaluated
+    path = root / "reports/evaluate/items.jsonl"
+    items = read_items(path)
+    quality = _read(root, "eval_quality.json")
+    check_items_match(items, quality, (str(path), "eval_quality.json"))
+    assert items.exits == tuple(EXITS) and len(items.loss_items) == 6 and set(items.tokens) == {63.0}
+    model, tokenizer = load_family(root / "artifacts" / "compress")
+    texts = [
+        json.loads(line)["text"]
+        for line in (root / "data/validated/corpus_val.jsonl").read_text().splitlines()
+    ]
+    blocks = independent_blocks(tokenizer, texts, 64, 6)
+    generations = [
+        json.loads(line) for line in (root / "reports/evaluate/generations.jsonl").read_text().splitlines()
+    ]
+    for k, d in enumerate(EXITS):
+        q = stock_member(model, d)
+        with torch.no_grad():
+            stock = [float(q(input_ids=b[None], labels=b[None]).loss) for b in blocks]
+        assert items.loss_sums[:, k] / items.tokens == pytest.approx(stock, rel=1e-5, abs=1e-6)
+        by_id = {str(g["id"]): g["correct"] for g in generations if g["exit"] == d}
+        assert [bool(c) for c in items.correct[:, k]] == [by_id[i] for i in items.accuracy_items]
+    # the gates name a per-item file that is not this evaluation's
+    other = dict(quality, **{f"exit_{EXITS[0]}": dict(quality[f"exit_{EXITS[0]}"], loss=1.0)})
+    with pytest.raises(ValueError, match=r"exit \d+.s per-item losses average .* \(not the same evaluation"):
+        check_items_match(items, other, (str(path), "eval_quality.json"))
+
+
 def test_speed_plot_and_reproducible_quality(evaluated):
     import csv
 

@@ -62,13 +62,38 @@ def _compress(changes: dict[int, float]) -> dict:
     return out
 
 
-def _write(tmp_path, evals, compress, rl=None):
-    """The files the gates read: evaluate's eval_quality.json and the reproducible parts of the compress and
-    rl metrics (what dvc.yaml declares as the gates' deps)."""
+def _items(evals: dict, blocks: int = 4, problems: int = 200, spread: float = 0.0) -> list[dict]:
+    """Per-item results that agree with `evals` (as evaluate writes them): `blocks` corpus blocks of 100
+    targets whose losses alternate +-`spread` (relative) around each exit's loss, and `problems` problems
+    of which the first accuracy x problems are right."""
+    from data_contracts.items import item_row
+
+    rows = []
+    for key, m in evals.items():
+        if not (key.startswith("exit_") and isinstance(m, dict)):
+            continue
+        d, loss = int(key[5:]), m.get("loss", float("nan"))
+        rows += [
+            item_row("loss", f"block {i}", d, loss_sum=100 * loss * (1 + spread * (-1) ** i), tokens=100)
+            for i in range(blocks)
+        ]
+        right = round(m.get("accuracy", 0.0) * problems)
+        rows += [item_row("accuracy", f"p{i}", d, correct=i < right) for i in range(problems)]
+    return rows
+
+
+def _write(tmp_path, evals, compress, rl=None, items=None):
+    """The files the gates read: evaluate's eval_quality.json and per-item results (`items`, default
+    `_items(evals)`), and the reproducible parts of the compress and rl metrics (what dvc.yaml declares as
+    the gates' deps)."""
     metrics = tmp_path / "metrics"
     (metrics / "reproducible").mkdir(parents=True, exist_ok=True)
     if evals is not None:
         (metrics / "eval_quality.json").write_text(json.dumps(evals))
+        evaluate = tmp_path / "reports" / "evaluate"
+        evaluate.mkdir(parents=True, exist_ok=True)
+        rows = _items(evals) if items is None else items
+        (evaluate / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if compress is not None:
         (metrics / "reproducible" / "compress.json").write_text(json.dumps(compress))
     (metrics / "reproducible" / "rl.json").write_text(json.dumps(rl if rl is not None else _rl()))
@@ -79,7 +104,7 @@ def test_gates_pass(tmp_path):
     _write(tmp_path, _eval({2: 4.0, 4: 3.0, 8: 3.09}), _compress({2: 0.015, 4: 0.0, 8: 0.0}))
     metrics = check_gates(_params(tmp_path))
     assert (
-        metrics["passed"] and metrics["expectations_failed"] == 0 and metrics["expectations_evaluated"] == 11
+        metrics["passed"] and metrics["expectations_failed"] == 0 and metrics["expectations_evaluated"] == 14
     )
     assert metrics["exits"]["exit_8"]["loss_vs_shallower"] == pytest.approx(1.03)
     assert metrics["exits"]["exit_2"]["loss_vs_shallower"] is None
@@ -98,12 +123,13 @@ def test_each_failing_gate_is_named_with_its_exit(tmp_path):
     message = str(err.value)
     assert "model quality gates failed" in message
     by_column = {(f["expectation"], f["column"]): set(f["rows"]) for f in err.value.failures}
+    # the per-item gates judge the interval's bound nearest the bar (items without spread: the value)
     assert by_column == {
-        ("expect_column_values_to_be_between", "loss"): {"exit_2"},
-        ("expect_column_values_to_be_between", "loss_vs_shallower"): {"exit_8"},
+        ("expect_column_values_to_be_between", "loss_low"): {"exit_2"},
+        ("expect_column_values_to_be_between", "loss_vs_shallower_low"): {"exit_8"},
         ("expect_column_values_to_be_between", "relative_loss_change"): {"exit_4"},
-        ("expect_column_values_to_be_between", "loss_margin"): {"exit_2"},  # 9.0 > ln 2048 - 0.5
-        ("expect_column_values_to_be_between", "accuracy_over_floor"): {"exit_2", "exit_4", "exit_8"},
+        ("expect_column_values_to_be_between", "loss_margin_high"): {"exit_2"},  # 9.0 > ln 2048 - 0.5
+        ("expect_column_values_to_be_between", "accuracy_over_floor_high"): {"exit_2", "exit_4", "exit_8"},
     }
     assert "held-out loss below gates.max_loss=8.0" in message and "exit_2: 9\n" in message
     assert "gates.depth_tolerance=0.05" in message and "exit_8: 1.1" in message
@@ -178,8 +204,8 @@ def test_a_uniform_model_and_an_accuracy_zero_model_fail_the_tiny_defaults(tmp_p
     with pytest.raises(ContractViolation) as err:
         check_gates(repo)
     by_column = {f["column"]: set(f["rows"]) for f in err.value.failures}
-    assert by_column["loss_margin"] == {f"exit_{d}" for d in exits}
-    assert by_column["accuracy_over_floor"] == floored
+    assert by_column["loss_margin_high"] == {f"exit_{d}" for d in exits}
+    assert by_column["accuracy_over_floor_high"] == floored
     assert not json.loads((tmp_path / "metrics" / "gates.json").read_text())["passed"]
 
     _write(
@@ -190,7 +216,7 @@ def test_a_uniform_model_and_an_accuracy_zero_model_fail_the_tiny_defaults(tmp_p
     )
     with pytest.raises(ContractViolation) as err:
         check_gates(repo)
-    assert {f["column"]: set(f["rows"]) for f in err.value.failures} == {"accuracy_over_floor": floored}
+    assert {f["column"]: set(f["rows"]) for f in err.value.failures} == {"accuracy_over_floor_high": floored}
 
 
 def test_accuracy_zero_fails_with_good_losses(tmp_path):
@@ -198,7 +224,7 @@ def test_accuracy_zero_fails_with_good_losses(tmp_path):
     with pytest.raises(ContractViolation) as err:
         check_gates(_params(tmp_path, **{"gates.min_accuracy": {4: 0.1, 8: 0.3}}))
     by_column = {f["column"]: set(f["rows"]) for f in err.value.failures}
-    assert by_column == {"accuracy_over_floor": {"exit_4", "exit_8"}}  # exit_2 has no floor
+    assert by_column == {"accuracy_over_floor_high": {"exit_4", "exit_8"}}  # exit_2 has no floor
     assert "accuracy at least its floor" in str(err.value)
 
 
@@ -211,3 +237,75 @@ def test_rl_making_its_member_worse_fails(tmp_path):
     (tmp_path / "metrics" / "reproducible" / "rl.json").write_text(json.dumps({"members": [2], "exit_2": {}}))
     with pytest.raises(StageError, match="rl.json: exit_2 .*has no accuracy_start/accuracy_end"):
         check_gates(_params(tmp_path))
+
+
+def _noisy_deepest(evals: dict, deepest: int, spread: float) -> list[dict]:
+    """`_items(evals)` with the deepest exit's block losses alternating +-`spread` (relative) around its
+    loss: the other members stay flat, so the pairing cannot cancel the deepest member's noise."""
+    rows = _items(evals)
+    noisy = _items({f"exit_{deepest}": evals[f"exit_{deepest}"]}, spread=spread)
+    return [r for r in rows if not (r["exit"] == deepest and r["set"] == "loss")] + [
+        r for r in noisy if r["set"] == "loss"
+    ]
+
+
+def test_a_depth_ratio_whose_interval_straddles_the_bar_passes_undecided_and_fails_on_its_estimate(tmp_path):
+    # exit_8 is 10% worse than exit_4 (tolerance 5%), but its 4 blocks' losses scatter +-50%: the items
+    # cannot tell 1.10 from 1.05, so the interval verdict passes it, reported undecided; the point
+    # verdict fails it. Without the scatter the interval is the estimate and both verdicts fail it.
+    evals = _eval({2: 4.0, 4: 3.0, 8: 3.3})
+    _write(tmp_path, evals, _compress({2: 0.0, 4: 0.0, 8: 0.0}), items=_noisy_deepest(evals, 8, 0.5))
+    metrics = check_gates(_params(tmp_path))
+    assert metrics["passed"] and metrics["verdict"] == "interval"
+    [open_call] = metrics["undecided"]
+    assert (open_call["exit"], open_call["gate"], open_call["passes"]) == (
+        "exit_8",
+        "loss_vs_shallower",
+        False,
+    )
+    lo, hi = open_call["interval"]
+    assert lo < 1.05 < hi and open_call["estimate"] == pytest.approx(1.1) and open_call["bar"] == 1.05
+    row = metrics["exits"]["exit_8"]
+    assert (row["loss_vs_shallower_low"], row["loss_vs_shallower_high"]) == (lo, hi)
+    assert metrics["intervals"] == {
+        "confidence": 0.95,
+        "resamples": 2000,
+        "seed": _params(tmp_path).seed,
+        "loss_items": 4,
+        "problems": 200,
+    }
+    with pytest.raises(ContractViolation, match="verdict point") as err:
+        check_gates(_params(tmp_path, **{"gates.verdict": "point"}))
+    assert {f["column"]: set(f["rows"]) for f in err.value.failures} == {"loss_vs_shallower": {"exit_8"}}
+    saved = json.loads((tmp_path / "metrics" / "gates.json").read_text())
+    assert not saved["passed"] and [u["exit"] for u in saved["undecided"]] == ["exit_8"]
+
+    _write(tmp_path, evals, _compress({2: 0.0, 4: 0.0, 8: 0.0}))
+    with pytest.raises(ContractViolation) as err:
+        check_gates(_params(tmp_path))
+    assert {f["column"]: set(f["rows"]) for f in err.value.failures} == {"loss_vs_shallower_low": {"exit_8"}}
+    assert json.loads((tmp_path / "metrics" / "gates.json").read_text())["undecided"] == []
+
+
+def test_missing_malformed_or_foreign_per_item_results_are_stage_errors(tmp_path):
+    evals = _eval({2: 4.0, 4: 3.0, 8: 3.09})
+    _write(tmp_path, evals, _compress({2: 0.0, 4: 0.0, 8: 0.0}))
+    items = tmp_path / "reports" / "evaluate" / "items.jsonl"
+    good = items.read_text()
+    items.unlink()
+    with pytest.raises(StageError, match=r"items.jsonl not found \(run the evaluate stage"):
+        check_gates(_params(tmp_path))
+    lines = good.splitlines()
+    items.write_text("\n".join([*lines[:2], '{"set": "loss", "item": "block 9", "exit": 2}', *lines[2:]]))
+    with pytest.raises(StageError, match=r"items.jsonl: line 3: 'loss_sum' must be a number >= 0 or NaN"):
+        check_gates(_params(tmp_path))
+    items.write_text("\n".join(line for line in lines if '"block 1"' not in line or '"exit": 8' not in line))
+    with pytest.raises(
+        StageError, match=r"loss item 'block 1' has results for exits \[2, 4\], not for every"
+    ):
+        check_gates(_params(tmp_path))
+    # the items of another evaluation (another accuracy) are not judged against these metrics
+    items.write_text("".join(json.dumps(r) + "\n" for r in _items(_eval({2: 4.0, 4: 3.0, 8: 3.09}, 0.5))))
+    with pytest.raises(StageError, match=r"exit 2's per-item accuracy is 0.5000, but .* reports 0.1000"):
+        check_gates(_params(tmp_path))
+    assert not (tmp_path / "metrics" / "gates.json").exists()  # no verdict on inputs that do not agree

@@ -1,6 +1,6 @@
 """benchmarks/experiments/vl_depth_gate_noise.py: per-item answer losses add up to the evaluate stage's
-figure on a real VL family, the ratio is the gate's own (`gates_frame`), and the bootstrap interval
-narrows with the items as it should."""
+figure on a real VL family (and equal the per-item losses the stage now writes for the gates), the ratio
+is the gate's own (`gates_frame`), and the bootstrap interval narrows with the items as it should."""
 
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ def noise():
     return load_script("benchmarks/experiments/vl_depth_gate_noise.py")
 
 
-def test_item_losses_add_up_to_the_batched_figure_of_a_real_family(noise):
-    import torch
-
+@pytest.fixture(scope="module")
+def vl_family():
+    """A real familial VL model (members 1, 2, 4 of a tiny stock Qwen3-VL), its processor and six eval
+    rows as the evaluate stage reads them."""
     from ruyi_model import FamilialVLForConditionalGeneration
     from tasks.data.vlgen import generate_vqa
-    from tasks.training.vl_pipeline import encode_sft, vl_multi_exit_eval
     from tests.tiny_vl import tiny_qwen3_vl, tiny_vl_processor
 
     src = tiny_qwen3_vl(seed=0)
@@ -41,6 +41,15 @@ def test_item_losses_add_up_to_the_batched_figure_of_a_real_family(noise):
         }
         for i, it in enumerate(items)
     ]
+    return model, processor, rows
+
+
+def test_item_losses_add_up_to_the_batched_figure_of_a_real_family(noise, vl_family):
+    import torch
+
+    from tasks.training.vl_pipeline import encode_sft, vl_multi_exit_eval
+
+    model, processor, rows = vl_family
     with torch.no_grad():
         sums, tokens = noise.item_losses(
             lambda b: vl_multi_exit_eval(model, encode_sft(processor, b)), rows, EXITS
@@ -51,6 +60,29 @@ def test_item_losses_add_up_to_the_batched_figure_of_a_real_family(noise):
         assert sums[:, k].sum() / tokens.sum() == pytest.approx(batched[d][0] / batched[d][1], rel=1e-5)
     with pytest.raises(ValueError, match=r"eval item 0 \(0\): no loss for exits \[4\]"):
         noise.item_losses(lambda b: {1: (1.0, 2), 2: (1.0, 2)}, rows[:1], EXITS)
+
+
+def test_the_stages_per_item_losses_are_each_items_own_and_add_up_to_its_figure(noise, vl_family):
+    # the VL evaluate stage reports each member's answer loss from one multi-exit pass and writes the
+    # per-item losses the gates resample from one pass per member (`vl_member_row_losses`): the same
+    # figure up to float rounding, and item by item the loss this script computes alone
+    import torch
+
+    from tasks.training.vl_pipeline import encode_sft, vl_member_row_losses, vl_multi_exit_eval
+
+    model, processor, rows = vl_family
+    batch = encode_sft(processor, rows)
+    per_row = vl_member_row_losses(model, batch, EXITS)
+    with torch.no_grad():
+        batched = vl_multi_exit_eval(model, batch)
+        sums, tokens = noise.item_losses(
+            lambda b: vl_multi_exit_eval(model, encode_sft(processor, b)), rows, EXITS
+        )
+    for k, d in enumerate(EXITS):
+        assert [n for _, n in per_row[d]] == tokens.tolist() and sum(tokens) == batched[d][1]
+        assert [s for s, _ in per_row[d]] == pytest.approx(sums[:, k].tolist(), rel=1e-4)
+        total = sum(s for s, _ in per_row[d])
+        assert total / batched[d][1] == pytest.approx(batched[d][0] / batched[d][1], rel=1e-5)
 
 
 def test_the_ratio_is_the_gates_own_loss_over_the_best_shallower_member(noise):
