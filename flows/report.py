@@ -205,6 +205,29 @@ def target_lines(metrics_dir: str | Path) -> list[str]:
     return out
 
 
+def gates_line(metrics_dir: str | Path) -> str | None:
+    """The quality gates' verdict in one line: passed or FAILED (with the failing exits), the rule
+    (`gates.verdict`), and every gate whose interval straddles its bar (estimate, interval, bar); None
+    before the gates ran."""
+    g = _read(Path(metrics_dir) / "gates.json")
+    if not g:
+        return None
+    head = "quality gates passed" if g.get("passed") else "quality gates FAILED"
+    if not g.get("passed") and g.get("failing_exits"):
+        head += f" ({', '.join(g['failing_exits'])})"
+    head += f", verdict {g.get('verdict', 'point')}"
+    conf = (g.get("intervals") or {}).get("confidence")
+    open_calls = g.get("undecided") or []
+    if not open_calls:
+        return head + (f"; every per-item gate decided at {conf:.0%}" if conf else "")
+    calls = [
+        f"{u['exit']} {u['gate']} {u['estimate']:.3f} [{u['interval'][0]:.3f}, {u['interval'][1]:.3f}] "
+        f"vs {u['bar']:.3f}"
+        for u in open_calls
+    ]
+    return head + f"; undecided at {conf:.0%} (the draw of the items): " + "; ".join(calls)
+
+
 def not_this_run(
     workspace: str | Path, ran: list[str] | None, metrics: dict[str, Path], dvc_file: str
 ) -> dict[str, str]:
@@ -264,10 +287,18 @@ def print_summary(
         console.print(line, soft_wrap=True)  # one line each, as logs and greps expect
     for line in target_lines(base / params.paths.metrics_dir):
         console.print(line, markup=False, soft_wrap=True)
+    if line := gates_line(base / params.paths.metrics_dir):
+        console.print(line, markup=False, soft_wrap=True)
     for name, where in result_paths(params, base).items():
         console.print(f"[bold]{name}[/bold]: {where}")
     m = base / params.paths.metrics_dir
-    files = {"rl": "rl.json", "compress": "compress.json", "route": "route.json", "evaluate": "eval.json"}
+    files = {
+        "rl": "rl.json",
+        "compress": "compress.json",
+        "route": "route.json",
+        "evaluate": "eval.json",
+        "gates": "gates.json",
+    }
     metrics = {stage: m / name for stage, name in files.items()} | {"deploy": m / "deploy_smoke.json"}
     if line := not_this_run_line(not_this_run(base, ran, metrics, dvc_file)):
         console.print(line, markup=False, soft_wrap=True)
@@ -302,6 +333,7 @@ def print_vl_summary(
         return
     metrics = {
         "evaluate": path,
+        "gates": path.parent / "gates.json",
         "privacy": path.parent / "privacy.json",
         "deploy": path.parent / "deploy.json",
     }
@@ -312,6 +344,8 @@ def print_vl_summary(
 
     print(f"VL family, held-out generated VQA, accuracy % per exit and task type ({path}){tag('evaluate')}:")
     print(format_table(json.loads(path.read_text()), params.model.exit_layers))
+    if line := gates_line(path.parent):
+        print(line + tag("gates"))
     privacy = _read(metrics["privacy"])
     if privacy:
         print(

@@ -181,6 +181,42 @@ def test_target_lines_say_met_or_missed_with_the_measured_value(tmp_path):
     assert lines[0].endswith("49.0% -> MISSED") and lines[1].endswith("worst 3.0 points below -> MISSED")
 
 
+def test_the_gates_line_says_the_verdict_and_every_undecided_gate(tmp_path):
+    # the line reads the gates stage's own metrics file, as tasks.release.gates.judge writes it
+    from flows.report import gates_line
+
+    assert gates_line(tmp_path) is None  # the gates have not run
+    gates = {
+        "passed": True,
+        "verdict": "interval",
+        "intervals": {"confidence": 0.95, "resamples": 2000},
+        "failing_exits": [],
+        "undecided": [],
+    }
+    (tmp_path / "gates.json").write_text(json.dumps(gates))
+    assert gates_line(tmp_path) == (
+        "quality gates passed, verdict interval; every per-item gate decided at 95%"
+    )
+    gates["undecided"] = [
+        {
+            "exit": "exit_8",
+            "gate": "loss_vs_shallower",
+            "estimate": 1.0333,
+            "interval": [0.981, 1.092],
+            "bar": 1.05,
+            "passes": True,
+        }
+    ]
+    (tmp_path / "gates.json").write_text(json.dumps(gates))
+    assert gates_line(tmp_path) == (
+        "quality gates passed, verdict interval; undecided at 95% (the draw of the items): "
+        "exit_8 loss_vs_shallower 1.033 [0.981, 1.092] vs 1.050"
+    )
+    gates.update(passed=False, failing_exits=["exit_2"], undecided=[])
+    (tmp_path / "gates.json").write_text(json.dumps(gates))
+    assert gates_line(tmp_path).startswith("quality gates FAILED (exit_2), verdict interval;")
+
+
 def test_the_report_command_prints_the_vl_profile_s_own_summary(capsys):
     """`python -m flows.report --params params.vl.yaml` printed the text summary (math accuracy, the
     router's plot) from the VL metrics; it now prints the VL profile's, from the committed recording."""
