@@ -155,3 +155,29 @@ def test_stage_params_include_every_section_it_reads(stage):
             if not any(d == key or d.startswith(key + ".") or key.startswith(d + ".") for d in declared):
                 missing.append(key)
     assert not missing, f"dvc.yaml stage {stage}: add params {missing} (read by tasks/{stage}.py)"
+
+
+@pytest.mark.parametrize("pipeline", sorted(codedeps.PIPELINES))
+def test_every_declared_param_is_in_its_params_file(pipeline):
+    """DVC refuses a stage whose declared param key is missing from its params file ("Parameters ...
+    are missing"), which only a full `dvc repro` would show: each key must be written in the file the
+    stage names (params.yaml by default), not only be a schema default."""
+    stages = yaml.safe_load((REPO / pipeline).read_text())["stages"]
+    missing = []
+    for name, stage in stages.items():
+        wdir = (REPO / pipeline).parent / stage.get("wdir", ".")
+        for entry in stage.get("params", []):
+            file, keys = next(iter(entry.items())) if isinstance(entry, dict) else ("params.yaml", [entry])
+            values = yaml.safe_load((wdir / file).read_text())
+            missing += [f"{name}: {file}: {key}" for key in keys if not _has_key(values, str(key))]
+    assert not missing, f"{pipeline}: declared params missing from their files: {missing}"
+
+
+def _has_key(values: dict, key: str) -> bool:
+    """`key` (dotted) is present in `values`, whatever its value (null included)."""
+    *parents, last = key.split(".")
+    for part in parents:
+        values = values.get(part)
+        if not isinstance(values, dict):
+            return False
+    return last in values
