@@ -277,6 +277,7 @@ def gates_suite(
     if verdict not in ("point", "interval"):
         raise ValueError(f"verdict must be 'point' or 'interval', got {verdict!r}")
     interval_gate = verdict == "interval"
+    bars = gate_bars(max_loss, depth_tolerance, min_loss_margin)
 
     def gated(column: str) -> str:
         if not interval_gate:
@@ -294,13 +295,13 @@ def gates_suite(
         gxe.ExpectColumnValuesToBeBetween(
             column=gated("loss"),
             min_value=0.0,
-            max_value=max_loss,
+            max_value=bars["loss"],
             strict_max=True,
             description=f"held-out loss below gates.max_loss={max_loss}{on}",
         ),
         gxe.ExpectColumnValuesToBeBetween(
             column=gated("loss_vs_shallower"),
-            max_value=1.0 + depth_tolerance,
+            max_value=bars["loss_vs_shallower"],
             description="not worse than any shallower exit by more than "
             f"gates.depth_tolerance={depth_tolerance} "
             f"(loss / best shallower loss){on}",
@@ -319,14 +320,14 @@ def gates_suite(
         ),
         gxe.ExpectColumnValuesToBeBetween(
             column=gated("loss_margin"),
-            min_value=min_loss_margin,
+            min_value=bars["loss_margin"],
             description=f"held-out loss at least gates.min_loss_margin={min_loss_margin} nats "
             f"below ln(vocab_size) (a uniform model's loss){on}",
         ),
         gxe.ExpectColumnValuesToNotBeNull(column="accuracy", description="accuracy reported"),
         gxe.ExpectColumnValuesToBeBetween(
             column=gated("accuracy_over_floor"),
-            min_value=0.0,
+            min_value=bars["accuracy_over_floor"],
             description=f"accuracy at least its floor gates.min_accuracy={min_accuracy}{on}",
         ),
     ]

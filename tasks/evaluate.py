@@ -56,7 +56,7 @@ def evaluate_family(
         eval_file: where `problems` come from (named in errors).
 
     Returns:
-        ({"exit_<d>": metrics}, generation rows, per-item rows (`data_contracts.gates.item_row`: the
+        ({"exit_<d>": metrics}, generation rows, per-item rows (`data_contracts.items.item_row`: the
         loss of every corpus block and the verdict on every problem, per exit)).
     """
     from data_contracts.items import item_row

@@ -63,7 +63,7 @@ def check_gates(params: Params) -> dict[str, Any]:
         if not isinstance(entry, dict) or not all(k in entry for k in ("accuracy_start", "accuracy_end")):
             raise StageError(f"{rl_path}: exit_{d} (an rl member) has no accuracy_start/accuracy_end")
     where = (str(eval_path), str(compress_path), str(rl_path))
-    result, _, metrics = judge(params, evals, compress, rl, where, ws.eval_items)
+    result, metrics = judge(params, evals, compress, rl, where, ws.eval_items)
     write_metrics(params, STAGE, metrics)
     if not result.success:
         raise ContractViolation(

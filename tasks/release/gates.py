@@ -35,8 +35,9 @@ def judge(
         where: the files of `evals`, `compress` and `rl`, for messages.
 
     Returns:
-        (SuiteResult, the frame, the metrics common to both profiles: passed, verdict, thresholds,
-        exits, expectations_evaluated, failures, failing_exits, undecided, data_docs).
+        (SuiteResult, the metrics common to both profiles: passed, verdict, thresholds, intervals,
+        exits (the frame, interval columns included), expectations_evaluated, failures, failing_exits,
+        undecided, data_docs).
 
     Raises:
         StageError: the per-item results are missing, malformed or not those of `evals`, or a metrics
@@ -141,4 +142,4 @@ def judge(
         "undecided": open_calls,
         "data_docs": str(reports / "data_docs" / "index.html"),
     }
-    return result, frame, metrics
+    return result, metrics

@@ -958,7 +958,7 @@ def gates(params: Params) -> dict[str, Any]:
     evals, rlm = (json.loads(p.read_text()) for p in paths)
     compress = {f"exit_{d}": {"relative_loss_change": 0.0} for d in params.model.exit_layers}
     where = (str(paths[0]), "no compression", str(paths[1]))
-    result, _, metrics = judge(params, evals, compress, rlm, where, ws.eval_items)
+    result, metrics = judge(params, evals, compress, rlm, where, ws.eval_items)
     metrics["compression"] = "none"
     write_metrics(params, "gates", metrics)
     if not result.success:
