@@ -4,9 +4,10 @@
 loss_vs_shallower, loss_margin below ln V, accuracy_over_floor, rl_accuracy_change) from
 `metrics/eval_quality.json` (or eval.json), `metrics/compress.json` and `metrics/rl.json`; a value
 that is missing or not a number becomes null and fails its row; a file without `exit_<d>` entries is a
-ValueError. From the evaluate stage's per-item results (`data_contracts.items`), `gate_intervals`
-computes each per-item statistic's paired bootstrap interval, `with_intervals` adds them to the frame
-(`<column>_low`, `<column>_high`), and `undecided` lists the gates whose interval straddles the bar.
+ValueError. From the evaluate stage's per-item results and the rl stage's per-prompt verdicts
+(`data_contracts.items`), `gate_intervals` computes each per-item statistic's paired bootstrap interval,
+`with_intervals` adds them to the frame (`<column>_low`, `<column>_high`), and `undecided` lists the
+gates whose interval straddles the bar.
 `gates_suite` holds the gates: on the estimates (`verdict="point"`) or on the interval's bound nearest
 the bar (`verdict="interval"`: a gate fails only when the whole interval lies past its bar). Run by
 `python -m tasks.gates`. The gates: docs/choices.md#gates.
@@ -24,7 +25,7 @@ import great_expectations.expectations as gxe
 import numpy as np
 
 from data_contracts.bootstrap import interval, resample_matrix
-from data_contracts.items import ItemResults
+from data_contracts.items import ItemResults, RLItemResults
 
 SUITE = "model_gates"
 _EXIT_KEY = re.compile(r"exit_(\d+)")
@@ -36,10 +37,14 @@ ITEM_GATES: dict[str, str] = {
     "loss_vs_shallower": "max",
     "loss_margin": "min",
     "accuracy_over_floor": "min",
+    "rl_accuracy_change": "min",
 }
 #: Agreement asked of the per-item losses' token mean with the reported loss (one forward per exit
 #: against the stage's own pass: float rounding only).
 ITEM_LOSS_RTOL = 1e-4
+#: Agreement asked of rl's per-prompt verdicts with its reported accuracies (stored as float32, or
+#: rounded to 6 decimals by the VL body).
+RL_ACCURACY_ATOL = 1e-6
 
 
 def _exit_entries(metrics: Any, where: str) -> dict[int, dict[str, Any]]:
@@ -104,6 +109,30 @@ def check_items_match(items: ItemResults, eval_metrics: dict[str, Any], where: t
             )
 
 
+def check_rl_items_match(items: RLItemResults, rl_metrics: dict[str, Any], where: tuple[str, str]) -> None:
+    """rl's per-prompt verdicts are those of its reported metrics: the members it trained (the exits
+    `rl_metrics` has entries for), each one's accuracy before rl and at the kept step within
+    `RL_ACCURACY_ATOL` of `accuracy_start` and `accuracy_end`.
+
+    Raises:
+        ValueError: naming both files (`where`: items file, metrics file) and the first disagreement.
+    """
+    reported = _exit_entries(rl_metrics, where[1])
+    if sorted(reported) != list(items.exits):
+        raise ValueError(f"{where[0]} has members {list(items.exits)}, {where[1]} has {sorted(reported)}")
+    for k, d in enumerate(items.exits):
+        for key, verdicts in (("accuracy_start", items.start), ("accuracy_end", items.end)):
+            value = _number(reported[d].get(key))
+            if value is None:
+                raise ValueError(f"{where[1]}: exit_{d} has no {key} (a number)")
+            mean = float(verdicts[:, k].mean())
+            if abs(mean - value) > RL_ACCURACY_ATOL:
+                raise ValueError(
+                    f"{where[0]}: exit {d}'s per-prompt {key} is {mean:.4f}, but {where[1]} reports "
+                    f"{value:.4f} (not the same rl run: run the rl stage again)"
+                )
+
+
 def gate_intervals(
     items: ItemResults,
     ln_vocab: float | None,
@@ -111,16 +140,20 @@ def gate_intervals(
     resamples: int,
     confidence: float,
     seed: int,
+    rl_items: RLItemResults | None = None,
 ) -> dict[int, dict[str, tuple[float, float]]]:
     """Paired bootstrap intervals of every per-item gate statistic (`ITEM_GATES`), per exit.
 
-    The loss items and the problems are resampled independently (`resamples` draws each, seeds `seed`
-    and `seed + 1`), every member on the same draw; each statistic is computed on each draw as
-    `gates_frame` computes it (token-mean losses, `loss_vs_shallower`, ln V - loss, accuracy - floor).
+    The loss items, the problems and rl's held-out prompts are resampled independently (`resamples`
+    draws each, seeds `seed`, `seed + 1` and `seed + 2`), every member on the same draw and each rl
+    prompt's two verdicts (before rl, at the kept step) together; each statistic is computed on each
+    draw as `gates_frame` computes it (token-mean losses, `loss_vs_shallower`, ln V - loss, accuracy -
+    floor, accuracy at the kept step - before).
 
     Returns:
         {exit: {column: (low, high)}}: the central `confidence` interval (NaN where undefined, e.g.
-        `loss_vs_shallower` of the shallowest exit, or `loss_margin` without ln V).
+        `loss_vs_shallower` of the shallowest exit, or `loss_margin` without ln V);
+        `rl_accuracy_change` for the members of `rl_items` only.
     """
     exits = list(items.exits)
     idx = resample_matrix(len(items.loss_items), resamples, seed)
@@ -141,16 +174,24 @@ def gate_intervals(
                 ("accuracy_over_floor", over),
             )
         }
+    if rl_items is not None:
+        idx = resample_matrix(len(rl_items.items), resamples, seed + 2)
+        change = rl_items.end[idx].mean(axis=1) - rl_items.start[idx].mean(axis=1)  # draws x rl members
+        for k, d in enumerate(rl_items.exits):
+            out.setdefault(d, {})["rl_accuracy_change"] = interval(change[:, k], confidence)
     return out
 
 
-def gate_bars(max_loss: float, depth_tolerance: float, min_loss_margin: float) -> dict[str, float]:
+def gate_bars(
+    max_loss: float, depth_tolerance: float, min_loss_margin: float, max_rl_accuracy_drop: float = 0.0
+) -> dict[str, float]:
     """The bar of each per-item gate (`ITEM_GATES` says which side of it passes)."""
     return {
         "loss": max_loss,
         "loss_vs_shallower": 1.0 + depth_tolerance,
         "loss_margin": min_loss_margin,
         "accuracy_over_floor": 0.0,
+        "rl_accuracy_change": 0.0 - max_rl_accuracy_drop,  # not -0.0 for a bar of 0
     }
 
 
@@ -277,7 +318,7 @@ def gates_suite(
     if verdict not in ("point", "interval"):
         raise ValueError(f"verdict must be 'point' or 'interval', got {verdict!r}")
     interval_gate = verdict == "interval"
-    bars = gate_bars(max_loss, depth_tolerance, min_loss_margin)
+    bars = gate_bars(max_loss, depth_tolerance, min_loss_margin, max_rl_accuracy_drop)
 
     def gated(column: str) -> str:
         if not interval_gate:
@@ -339,12 +380,22 @@ def gates_suite(
             for column in ("loss", "loss_margin", "accuracy_over_floor")
         ]
     if rl_members:
+        trained = f"exit in {sorted(int(d) for d in rl_members)}"  # the rows of the RL-trained members
+        expectations += [
+            gxe.ExpectColumnValuesToNotBeNull(
+                column=column,
+                row_condition=trained,
+                condition_parser="pandas",
+                description=f"RL-trained members {list(rl_members)}: {column} reported",
+            )
+            for column in dict.fromkeys(("rl_accuracy_change", gated("rl_accuracy_change")))
+        ]
         expectations.append(
             gxe.ExpectColumnValuesToBeBetween(
-                column="rl_accuracy_change",
-                min_value=-max_rl_accuracy_drop,
+                column=gated("rl_accuracy_change"),
+                min_value=bars["rl_accuracy_change"],
                 description=f"RL-trained members {list(rl_members)} not worse after rl than before "
-                f"(drop at most gates.max_rl_accuracy_drop={max_rl_accuracy_drop})",
+                f"(drop at most gates.max_rl_accuracy_drop={max_rl_accuracy_drop}){on}",
             )
         )
     return gx.ExpectationSuite(name=SUITE, expectations=expectations)

@@ -1,13 +1,20 @@
-"""The evaluate stage's per-item results (`reports/evaluate/items.jsonl` and the VL profile's
-counterpart): one JSON line per (member, item), written with `item_row` and read back, checked, as
-`ItemResults` by `read_items`. The gates resample them (`data_contracts.gates.gate_intervals`). No GX
-import: the evaluate stage writes them without loading Great Expectations.
+"""Per-item results the gates resample (`data_contracts.gates.gate_intervals`): one JSON line per
+(member, item), written with `item_row`.
+
+- The evaluate stage's (`reports/evaluate/items.jsonl` and the VL profile's counterpart): sets "loss"
+  and "accuracy", read back, checked, as `ItemResults` by `read_items`.
+- The rl stage's (`reports/rl/items.jsonl` and the VL profile's counterpart): set "rl", each held-out
+  prompt's greedy verdict before rl and at the step whose weights the stage kept, read back as
+  `RLItemResults` by `read_rl_items`.
+
+No GX import: the stages write them without loading Great Expectations.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,9 +51,47 @@ class ItemResults:
 
 
 def item_row(item_set: str, item: str, exit_layer: int, **values: Any) -> dict[str, Any]:
-    """One row of the per-item file: `set` "loss" with `loss_sum` and `tokens`, or "accuracy" with
-    `correct` (what `read_items` reads back)."""
+    """One row of a per-item file: `set` "loss" with `loss_sum` and `tokens`, or "accuracy" with
+    `correct` (what `read_items` reads back); "rl" with `correct_start` and `correct_end` (what
+    `read_rl_items` reads back)."""
     return {"set": item_set, "item": str(item), "exit": int(exit_layer), **values}
+
+
+def rl_item_rows(
+    curve: dict[int, list[dict[str, Any]]],
+    members: Sequence[int],
+    rows: Sequence[dict[str, Any]],
+    kept_step: int,
+) -> list[dict[str, Any]]:
+    """rl's per-prompt verdicts, one `item_row("rl", ...)` per (member, held-out prompt): the greedy
+    verdict before rl (the curve's first point) and at `kept_step` (the weights the stage saved); the
+    gates resample them for the interval of rl's accuracy change (`read_rl_items` reads them back).
+
+    Args:
+        curve: each member's held-out evaluations (`tasks.training.curves.HeldOut`), each point with
+            `correct`, a verdict per row of `rows`.
+        rows: the held-out prompts (their `id`s name the items).
+
+    Raises:
+        ValueError: a member has no point at `kept_step`, or a point's verdicts are not one per row.
+    """
+    out = []
+    for d in members:
+        start = curve[d][0]
+        end = next((p for p in curve[d] if p["step"] == kept_step), None)
+        if end is None:
+            raise ValueError(f"exit {d} has no held-out evaluation at the kept step {kept_step}")
+        for point in (start, end):
+            if len(point.get("correct") or ()) != len(rows):
+                raise ValueError(
+                    f"exit {d}'s held-out evaluation at step {point['step']} holds "
+                    f"{len(point.get('correct') or ())} verdicts for {len(rows)} prompts"
+                )
+        out += [
+            item_row("rl", r["id"], d, correct_start=bool(a), correct_end=bool(b))
+            for r, a, b in zip(rows, start["correct"], end["correct"], strict=True)
+        ]
+    return out
 
 
 def read_items(path: str | Path) -> ItemResults:
@@ -58,32 +103,9 @@ def read_items(path: str | Path) -> ItemResults:
             on the same items).
     """
     path = Path(path)
-    try:
-        # "\n" only, as write_jsonl ends lines: str.splitlines() would also split inside an id at U+2028
-        lines = path.read_bytes().decode("utf-8").split("\n")
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read the per-item results ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     values: dict[str, dict[str, dict[int, tuple]]] = {"loss": {}, "accuracy": {}}
     exits: set[int] = set()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}: line {n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object")
-        item_set, item, d = row.get("set"), row.get("item"), row.get("exit")
-        if item_set not in values:
-            raise ValueError(f"{where}: 'set' must be 'loss' or 'accuracy', got {item_set!r}")
-        if not isinstance(item, str) or not item:
-            raise ValueError(f"{where}: 'item' must be a non-empty string, got {item!r}")
-        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
-            raise ValueError(f"{where}: 'exit' must be a positive integer, got {d!r}")
+    for where, item_set, item, d, row in _item_lines(path, tuple(values)):
         if item_set == "loss":
             s, t = row.get("loss_sum"), row.get("tokens")
             # NaN is a result (a member that diverged): its gates fail, the file is not malformed
@@ -93,24 +115,11 @@ def read_items(path: str | Path) -> ItemResults:
                 raise ValueError(f"{where}: 'tokens' must be a positive integer, got {t!r}")
             value: tuple = (s, t)
         else:
-            c = row.get("correct")
-            if not isinstance(c, bool):
-                raise ValueError(f"{where}: 'correct' must be true or false, got {c!r}")
-            value = (float(c),)
-        by_exit = values[item_set].setdefault(item, {})
-        if d in by_exit:
-            raise ValueError(f"{where}: {item_set} item {item!r} of exit {d} appears twice")
-        by_exit[d] = value
+            value = (float(_verdict(row, "correct", where)),)
+        _put(values[item_set], item, d, value, where, item_set)
         exits.add(d)
     for item_set, items in values.items():
-        if not items:
-            raise ValueError(f"{path}: no {item_set!r} items")
-        for item, by_exit in items.items():
-            if set(by_exit) != exits:
-                raise ValueError(
-                    f"{path}: {item_set} item {item!r} has results for exits {sorted(by_exit)}, not for "
-                    f"every exit {sorted(exits)} (members must be scored on the same items)"
-                )
+        _check_paired(path, item_set, items, exits)
     order = sorted(exits)
     loss_ids = tuple(values["loss"])
     tokens = []
@@ -128,3 +137,108 @@ def read_items(path: str | Path) -> ItemResults:
         accuracy_items=acc_ids,
         correct=np.array([[values["accuracy"][i][d][0] for d in order] for i in acc_ids]),
     )
+
+
+@dataclass(frozen=True)
+class RLItemResults:
+    """The rl stage's per-prompt verdicts (`read_rl_items`), every trained member on the same prompts.
+
+    Attributes:
+        exits: the members rl trained, by depth.
+        items: ids of the held-out prompts.
+        start: prompts x exits, 1.0 where the member's greedy answer was right before rl.
+        end: prompts x exits, the same at the step whose weights the stage kept.
+    """
+
+    exits: tuple[int, ...]
+    items: tuple[str, ...]
+    start: np.ndarray
+    end: np.ndarray
+
+    def changes(self) -> np.ndarray:
+        """Per exit: held-out accuracy at the kept step minus before rl."""
+        return self.end.mean(axis=0) - self.start.mean(axis=0)
+
+
+def read_rl_items(path: str | Path) -> RLItemResults:
+    """Reads the rl stage's per-prompt file (JSON lines of `item_row("rl", id, exit, correct_start=...,
+    correct_end=...)`).
+
+    Raises:
+        ValueError: as `read_items`: unreadable, a malformed line (by number), a prompt twice for a
+            member, members not scored on the same prompts, or no prompts at all.
+    """
+    path = Path(path)
+    values: dict[str, dict[int, tuple]] = {}
+    exits: set[int] = set()
+    for where, _, item, d, row in _item_lines(path, ("rl",)):
+        value = (float(_verdict(row, "correct_start", where)), float(_verdict(row, "correct_end", where)))
+        _put(values, item, d, value, where, "rl")
+        exits.add(d)
+    _check_paired(path, "rl", values, exits)
+    order = sorted(exits)
+    ids = tuple(values)
+    return RLItemResults(
+        exits=tuple(order),
+        items=ids,
+        start=np.array([[values[i][d][0] for d in order] for i in ids]),
+        end=np.array([[values[i][d][1] for d in order] for i in ids]),
+    )
+
+
+def _item_lines(path: Path, sets: tuple[str, ...]) -> Iterator[tuple[str, str, str, int, dict]]:
+    """(where, set, item, exit, row) of each non-blank line of a per-item file, its common fields checked."""
+    try:
+        # "\n" only, as write_jsonl ends lines: str.splitlines() would also split inside an id at U+2028
+        lines = path.read_bytes().decode("utf-8").split("\n")
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the per-item results ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}: line {n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object")
+        item_set, item, d = row.get("set"), row.get("item"), row.get("exit")
+        if item_set not in sets:
+            named = " or ".join(repr(s) for s in sets)
+            raise ValueError(f"{where}: 'set' must be {named}, got {item_set!r}")
+        if not isinstance(item, str) or not item:
+            raise ValueError(f"{where}: 'item' must be a non-empty string, got {item!r}")
+        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+            raise ValueError(f"{where}: 'exit' must be a positive integer, got {d!r}")
+        yield where, item_set, item, d, row
+
+
+def _verdict(row: dict, key: str, where: str) -> bool:
+    value = row.get(key)
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}: {key!r} must be true or false, got {value!r}")
+    return value
+
+
+def _put(
+    items: dict[str, dict[int, tuple]], item: str, d: int, value: tuple, where: str, item_set: str
+) -> None:
+    by_exit = items.setdefault(item, {})
+    if d in by_exit:
+        raise ValueError(f"{where}: {item_set} item {item!r} of exit {d} appears twice")
+    by_exit[d] = value
+
+
+def _check_paired(path: Path, item_set: str, items: dict[str, dict[int, tuple]], exits: set[int]) -> None:
+    """Items of `item_set` exist, and every one has a result for every exit."""
+    if not items:
+        raise ValueError(f"{path}: no {item_set!r} items")
+    for item, by_exit in items.items():
+        if set(by_exit) != exits:
+            raise ValueError(
+                f"{path}: {item_set} item {item!r} has results for exits {sorted(by_exit)}, not for "
+                f"every exit {sorted(exits)} (members must be scored on the same items)"
+            )

@@ -2,13 +2,13 @@
 
     python -m tasks.gates [--params params.yaml] [--set gates.max_loss=6.0]
 
-Reads `metrics/eval_quality.json`, `metrics/reproducible/compress.json`, `metrics/reproducible/rl.json`
-and the evaluate stage's per-item results (`reports/evaluate/items.jsonl`, resampled for each per-item
-gate's paired bootstrap interval); validates one row per exit with the GX suite of
-`data_contracts.gates` (`gates.verdict`: on the interval, or on the estimate). Writes
-`metrics/gates.json` (with the gates whose interval straddles their bar: `undecided`) and
-`reports/gates/data_docs/` in both outcomes; a failed gate raises `ContractViolation` (never retried)
-naming every failing expectation and exit. Choices: docs/choices.md#gates.
+Reads `metrics/eval_quality.json`, `metrics/reproducible/compress.json`, `metrics/reproducible/rl.json`,
+the evaluate stage's per-item results (`reports/evaluate/items.jsonl`) and rl's per-prompt verdicts
+(`reports/rl/items.jsonl`), resampled for each per-item gate's paired bootstrap interval; validates one
+row per exit with the GX suite of `data_contracts.gates` (`gates.verdict`: on the interval, or on the
+estimate). Writes `metrics/gates.json` (with the gates whose interval straddles their bar: `undecided`)
+and `reports/gates/data_docs/` in both outcomes; a failed gate raises `ContractViolation` (never
+retried) naming every failing expectation and exit. Choices: docs/choices.md#gates.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def check_gates(params: Params) -> dict[str, Any]:
         if not isinstance(entry, dict) or not all(k in entry for k in ("accuracy_start", "accuracy_end")):
             raise StageError(f"{rl_path}: exit_{d} (an rl member) has no accuracy_start/accuracy_end")
     where = (str(eval_path), str(compress_path), str(rl_path))
-    result, metrics = judge(params, evals, compress, rl, where, ws.eval_items)
+    result, metrics = judge(params, evals, compress, rl, where, ws.eval_items, ws.rl_items)
     write_metrics(params, STAGE, metrics)
     if not result.success:
         raise ContractViolation(

@@ -6,8 +6,9 @@ Reads `artifacts/sft/`, `data/validated/rl.jsonl` and, with `rl.select_prompts`,
 checkpoint selection: the weights of the held-out evaluation point, step 0 included, that answers the
 most select problems are kept). Writes `artifacts/rl/`, resumable checkpoints in
 `artifacts/checkpoints/rl/`, `metrics/rl.json` (reward and accuracy before/after per member, the kept
-step, steps with gradient, timings) and `plots/rl/curves.{png,csv}`. The step is
-`tasks.training.rl_trainer.RLTrainer`, the losses are in `tasks.training.rl_algos`. Choices:
+step, steps with gradient, timings), `reports/rl/items.jsonl` (each held-out prompt's greedy verdict
+before rl and at the kept step, per member: what the gates resample) and `plots/rl/curves.{png,csv}`.
+The step is `tasks.training.rl_trainer.RLTrainer`, the losses are in `tasks.training.rl_algos`. Choices:
 docs/choices.md#rl.
 """
 
@@ -19,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from data_contracts.items import rl_item_rows
 from tasks.core.artifacts import load_family, save_family
-from tasks.core.files import atomic_file, pyplot, save_figure, sha256_file, write_metrics
+from tasks.core.files import atomic_file, pyplot, save_figure, sha256_file, write_jsonl, write_metrics
 from tasks.core.params import Params
 from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, seed_everything, stage_main
@@ -291,8 +293,6 @@ def run(params: Params) -> dict[str, Any]:
     # Each member's held-out evaluations: step 0 (before rl), every rl.eval_every steps, after rl. Its first
     # and last points are the before/after figures; a checkpoint keeps it whole.
     curve = {int(d): list(points) for d, points in (state or {}).get("held_out_curve", {}).items()}
-    if not curve and state is not None and "eval_before" in state:  # a checkpoint from before the curve
-        curve = {int(d): [{"step": 0, **v}] for d, v in state["eval_before"].items()}
     if not curve:
         before = held_out_eval()
         curve = {d: [{"step": 0, **before[d]}] for d in members}
@@ -345,6 +345,7 @@ def run(params: Params) -> dict[str, Any]:
                 "rl: kept the weights of step %d (select accuracy %.3f)", kept, selection.best["accuracy"]
             )
     save_family(model, tokenizer, ws.artifacts("rl"))
+    write_jsonl(ws.rl_items, rl_item_rows(curve, members, eval_rows, kept))
     write_curves(trainer.history, ws.plots("rl"), cfg.algorithm, curve, selection=selection)
 
     this_run_s = time.perf_counter() - t_start

@@ -553,13 +553,15 @@ class GatesParams(_Section):
     # Minimum math accuracy: one floor for every exit, or a floor per exit layer ({8: 0.4, ...};
     # an exit not listed has floor 0).
     min_accuracy: Fraction | dict[PositiveInt, Fraction] = 0.0
-    # The RL-trained members' held-out accuracy may drop by at most this much during rl.
+    # The RL-trained members' held-out accuracy may drop by at most this much during rl (before rl ->
+    # the kept step). Under verdict interval the interval carries the prompts' noise, so 0 means "not
+    # worse"; under point, set a noise margin.
     max_rl_accuracy_drop: Fraction = 0.0
-    # How the gates on per-item estimates (loss, depth, loss margin, accuracy floor) decide: interval =
-    # a gate fails only when the whole paired bootstrap interval of its statistic (over the evaluate
-    # stage's items) lies past its bar, and one whose interval straddles the bar passes and is
-    # reported undecided; point = the estimate decides. rl's and compress's figures are estimates
-    # either way (their stages write no per-item results).
+    # How the gates on per-item estimates (loss, depth, loss margin, accuracy floor, rl's accuracy
+    # change) decide: interval = a gate fails only when the whole paired bootstrap interval of its
+    # statistic (over the evaluate stage's items, or rl's held-out prompts) lies past its bar, and one
+    # whose interval straddles the bar passes and is reported undecided; point = the estimate decides.
+    # compress's relative loss change is an estimate either way (that stage writes no per-item results).
     verdict: Literal["point", "interval"] = "interval"
     # Bootstrap resamples of the items (the seed is the run's `seed`).
     resamples: Annotated[int, Field(ge=100)] = 2000

@@ -148,3 +148,10 @@ class Workspace:
         """evaluate's per-item results, one row per (member, item) (`reports/evaluate/items.jsonl`,
         `data_contracts.gates.item_row`): what the gates resample for their intervals."""
         return self.reports("evaluate") / "items.jsonl"
+
+    @property
+    def rl_items(self) -> Path:
+        """rl's per-prompt greedy verdicts on its held-out prompts, before rl and at the kept step, one
+        row per (trained member, prompt) (`reports/rl/items.jsonl`, `data_contracts.items.item_row`):
+        what the gates resample for the interval of rl's accuracy change."""
+        return self.reports("rl") / "items.jsonl"

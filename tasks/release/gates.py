@@ -1,7 +1,7 @@
 """The model quality gates' verdict on one set of metrics (`judge`), shared by the text gates stage
-(`tasks.gates`) and the VL profile's (`tasks.training.vl_pipeline.gates`): the per-item results of
-the evaluate stage, their paired bootstrap intervals, and the `data_contracts.gates` suite under
-`gates.verdict`. Choices: docs/choices.md#gates.
+(`tasks.gates`) and the VL profile's (`tasks.training.vl_pipeline.gates`): the per-item results of the
+evaluate stage and rl's per-prompt verdicts, their paired bootstrap intervals, and the
+`data_contracts.gates` suite under `gates.verdict`. Choices: docs/choices.md#gates.
 """
 
 from __future__ import annotations
@@ -24,11 +24,13 @@ def judge(
     rl: dict[str, Any],
     where: tuple[str, str, str],
     items_path: Path,
+    rl_items_path: Path,
 ):
     """The gates' verdict on one set of metrics, shared by the text and the VL profile.
 
-    Reads the evaluate stage's per-item results (`items_path`), checks that they are those of `evals`,
-    computes every per-item gate's paired bootstrap interval, and validates the frame with the
+    Reads the evaluate stage's per-item results (`items_path`) and the rl stage's per-prompt verdicts
+    (`rl_items_path`), checks that they are those of `evals` and `rl`, computes every per-item gate's
+    paired bootstrap interval (rl's accuracy change included), and validates the frame with the
     `gates.verdict` suite in the stage's own GX project (`reports/<profile>/gates/`, Data Docs built).
 
     Args:
@@ -40,13 +42,14 @@ def judge(
         undecided, data_docs).
 
     Raises:
-        StageError: the per-item results are missing, malformed or not those of `evals`, or a metrics
-            file is malformed.
+        StageError: the per-item results or verdicts are missing, malformed or not those of `evals` /
+            `rl`, or a metrics file is malformed.
     """
     from data_contracts.context import ContractContext
     from data_contracts.gates import (
         SUITE,
         check_items_match,
+        check_rl_items_match,
         gate_bars,
         gate_intervals,
         gates_frame,
@@ -54,18 +57,21 @@ def judge(
         undecided,
         with_intervals,
     )
-    from data_contracts.items import read_items
+    from data_contracts.items import read_items, read_rl_items
 
     g = params.gates
     try:
         frame = gates_frame(evals, compress, where=where, rl_metrics=rl, accuracy_floor=g.accuracy_floor)
     except ValueError as e:
         raise StageError(str(e)) from None
-    if not items_path.is_file():
-        raise StageError(f"{items_path} not found (run the evaluate stage: it writes the per-item results)")
+    for path, stage in ((items_path, "evaluate"), (rl_items_path, "rl")):
+        if not path.is_file():
+            raise StageError(f"{path} not found (run the {stage} stage: it writes the per-item results)")
     try:
         items = read_items(items_path)
         check_items_match(items, evals, (str(items_path), where[0]))
+        rl_items = read_rl_items(rl_items_path)
+        check_rl_items_match(rl_items, rl, (str(rl_items_path), where[2]))
     except ValueError as e:
         raise StageError(str(e)) from None
     ln_vocab = evals.get("ln_vocab")
@@ -76,6 +82,7 @@ def judge(
         g.resamples,
         g.confidence,
         params.seed,
+        rl_items=rl_items,
     )
     frame = with_intervals(frame, intervals)
     rl_members = list(rl["members"])
@@ -95,11 +102,13 @@ def judge(
     ctx.forget(SUITE)
     result = ctx.validate(SUITE, frame, suite, run_name="gates")
     ctx.build_docs()
-    open_calls = undecided(frame, gate_bars(g.max_loss, g.depth_tolerance, g.min_loss_margin))
+    open_calls = undecided(
+        frame, gate_bars(g.max_loss, g.depth_tolerance, g.min_loss_margin, g.max_rl_accuracy_drop)
+    )
     for u in open_calls:
         log.warning(
             "gate %s of %s is undecided: %.4f, %.0f%% interval [%.4f, %.4f] straddles the bar %.4f (%s by "
-            "the estimate; %d loss items, %d problems)",
+            "the estimate; %d loss items, %d problems, %d rl prompts)",
             u["gate"],
             u["exit"],
             u["estimate"],
@@ -109,6 +118,7 @@ def judge(
             "passes" if u["passes"] else "fails",
             len(items.loss_items),
             len(items.accuracy_items),
+            len(rl_items.items),
         )
     failures = [f.to_dict() for f in result.failures]
     metrics = {
@@ -130,6 +140,7 @@ def judge(
             "seed": params.seed,
             "loss_items": len(items.loss_items),
             "problems": len(items.accuracy_items),
+            "rl_prompts": len(rl_items.items),
         },
         "exits": {
             label: {k: (None if v != v else v) for k, v in row.items()}  # NaN -> null in JSON

@@ -22,12 +22,13 @@ def running_mean(values: Sequence[float], window: int) -> list[float]:
     return [statistics.fmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
 
 
-HeldOut = dict[int, list[dict[str, float]]]
-"""Each member's held-out greedy evaluations during rl: `{exit: [{"step": s, "accuracy": a, ...}, ...]}`,
-before rl (step 0), every `rl.eval_every` steps and after; the text and VL rl stages both keep this shape."""
+HeldOut = dict[int, list[dict[str, Any]]]
+"""Each member's held-out greedy evaluations during rl: `{exit: [{"step": s, "accuracy": a, "correct":
+[a bool per held-out prompt], ...}, ...]}`, before rl (step 0), every `rl.eval_every` steps and after;
+the text and VL rl stages both keep this shape."""
 
 
-def held_out_columns(points: Sequence[dict[str, float]], keys: Sequence[str]) -> dict[str, list[float]]:
+def held_out_columns(points: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[str, list[float]]:
     """A member's held-out evaluations as the columns `metrics/rl.json` stores: `{key: [value per point]}`."""
     return {k: [p[k] for p in points] for k in keys}
 

@@ -130,8 +130,9 @@ def evaluate_members(
     max_new_tokens: int,
     format_reward: float,
     batch_size: int = 16,
-) -> dict[int, dict[str, float]]:
-    """Greedy reward and accuracy of each member on `rows` (`ruyi_model.decoding.greedy_generate`)."""
+) -> dict[int, dict[str, Any]]:
+    """Greedy reward and accuracy of each member on `rows` (`ruyi_model.decoding.greedy_generate`), and
+    its verdict on each row (`correct`: a bool per row, in order)."""
     from ruyi_model.decoding import greedy_generate
     from tasks.training.rl_algos import score_responses
 
@@ -146,7 +147,11 @@ def evaluate_members(
             batch_size=batch_size,
         )
         rewards, correct = score_responses(texts, [str(r["answer"]) for r in rows], format_reward)
-        out[d] = {"reward": float(rewards.mean()), "accuracy": float(correct.float().mean())}
+        out[d] = {
+            "reward": float(rewards.mean()),
+            "accuracy": float(correct.float().mean()),
+            "correct": [bool(c) for c in correct],
+        }
     return out
 
 

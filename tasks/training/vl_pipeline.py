@@ -37,7 +37,13 @@ from tasks.core.files import (
 )
 from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, log
-from tasks.training.curves import HeldOut, draw_held_out, held_out_columns, running_mean, write_loss_curves
+from tasks.training.curves import (
+    HeldOut,
+    draw_held_out,
+    held_out_columns,
+    running_mean,
+    write_loss_curves,
+)
 
 if TYPE_CHECKING:
     from tasks.core.params import Params
@@ -586,13 +592,9 @@ def generate_answers(
     return answers, outputs
 
 
-def accuracy_table(rows, answers) -> dict[str, Any]:
-    """{"accuracy", "n", "by_task": {task: {"accuracy", "n"}}} of answers against the rows' answers."""
-    return graded_table((r["task"], is_correct(a, r["answer"])) for r, a in zip(rows, answers, strict=True))
-
-
 def graded_table(graded: Iterable[tuple[str, bool]]) -> dict[str, Any]:
-    """`accuracy_table` of already graded answers, `(task, correct)` pairs."""
+    """{"accuracy", "n", "by_task": {task: {"accuracy", "n"}}} of graded answers, `(task, correct)` pairs
+    (each answer graded once by `is_correct`)."""
     by: dict[str, list[int]] = {}
     for task, correct in graded:
         by.setdefault(task, []).append(int(correct))
@@ -655,9 +657,12 @@ def _rl_members(params: Params) -> list[int]:
 
 def rl(params: Params) -> dict[str, Any]:
     """GRPO with a verifiable reward (exact answer) on `vl.rl_tasks`: per step one member (in turn)
-    samples `group_size` answers per prompt; the clipped objective and advantages of `rl_algos`."""
+    samples `group_size` answers per prompt; the clipped objective and advantages of `rl_algos`. Writes
+    the family, `metrics/vl/rl.json`, its plots and `reports/vl/rl/items.jsonl` (`Workspace.rl_items`:
+    each held-out prompt's greedy verdict before rl and after, per member: what the gates resample)."""
     import torch
 
+    from data_contracts.items import rl_item_rows
     from tasks.training.loop import param_groups
     from tasks.training.rl_algos import group_advantages, policy_loss
 
@@ -687,19 +692,17 @@ def rl(params: Params) -> dict[str, Any]:
         raise StageError(f"vl.rl_tasks {v.rl_tasks}: no train or select rows")
     budget = min(cfg.max_new_tokens, v.max_answer_tokens)
 
-    def held_accuracy() -> dict[int, float]:
-        model.eval()
-        return {
-            d: accuracy_table(held, generate_answers(model, processor, held, d, budget, 32)[0])["accuracy"]
-            for d in members
-        }
-
-    # each member's held-out accuracy before rl, every rl.eval_every steps and after (as the text rl's)
+    # each member's held-out accuracy before rl, every rl.eval_every steps and after, with its verdict
+    # on each prompt (as the text rl's)
     curve: HeldOut = {d: [] for d in members}
 
     def evaluate_held_out(step: int) -> None:
-        for d, accuracy in held_accuracy().items():
-            curve[d].append({"step": step, "accuracy": accuracy})
+        model.eval()
+        for d in members:
+            answers = generate_answers(model, processor, held, d, budget, 32)[0]
+            correct = [is_correct(a, r["answer"]) for a, r in zip(answers, held, strict=True)]
+            accuracy = graded_table((r["task"], c) for r, c in zip(held, correct, strict=True))["accuracy"]
+            curve[d].append({"step": step, "accuracy": accuracy, "correct": correct})
 
     evaluate_held_out(0)
     torch.manual_seed(params.seed)
@@ -748,6 +751,8 @@ def rl(params: Params) -> dict[str, Any]:
             evaluate_held_out(step + 1)
     evaluate_held_out(cfg.steps)
     _save_family(params, "rl", model)
+    ws = Workspace.from_params(params)
+    write_jsonl(ws.rl_items, rl_item_rows(curve, members, held, cfg.steps))
     metrics: dict[str, Any] = {
         "algorithm": "grpo",
         "members": members,
@@ -766,7 +771,7 @@ def rl(params: Params) -> dict[str, Any]:
         },
     }
     write_metrics(params, "rl", metrics)
-    out = Workspace.from_params(params).plots("rl")
+    out = ws.plots("rl")
     write_json(out / "history.json", history)
     plot_rl(history, curve, out, tasks=v.rl_tasks)
     return metrics
@@ -958,7 +963,7 @@ def gates(params: Params) -> dict[str, Any]:
     evals, rlm = (json.loads(p.read_text()) for p in paths)
     compress = {f"exit_{d}": {"relative_loss_change": 0.0} for d in params.model.exit_layers}
     where = (str(paths[0]), "no compression", str(paths[1]))
-    result, metrics = judge(params, evals, compress, rlm, where, ws.eval_items)
+    result, metrics = judge(params, evals, compress, rlm, where, ws.eval_items, ws.rl_items)
     metrics["compression"] = "none"
     write_metrics(params, "gates", metrics)
     if not result.success:

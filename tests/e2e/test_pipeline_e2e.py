@@ -226,6 +226,18 @@ def test_full_pipeline_runs_every_stage(workspace, first_run):
     assert sel["prompts"] == 10 and sel["curve"]["step"] == [0, 2]
     assert sel["kept_accuracy"] == max(sel["curve"]["accuracy"]) and rl["kept_step"] == sel["kept_step"]
     assert_other_members_are_the_family_sft_ones(workspace, comp["dae_exit"])
+    # rl's per-prompt verdicts at step 0 and at the kept step: the gates' interval of its accuracy change
+    from data_contracts.items import read_rl_items
+
+    verdicts = read_rl_items(workspace / "reports/rl/items.jsonl")
+    gates = json.loads((workspace / "metrics/gates.json").read_text())
+    assert list(verdicts.exits) == rl["members"] and gates["intervals"]["rl_prompts"] == len(verdicts.items)
+    for k, d in enumerate(verdicts.exits):
+        assert verdicts.changes()[k] == pytest.approx(
+            rl[f"exit_{d}"]["accuracy_end"] - rl[f"exit_{d}"]["accuracy_start"]
+        )
+        low, high = (gates["exits"][f"exit_{d}"][f"rl_accuracy_change_{s}"] for s in ("low", "high"))
+        assert low <= verdicts.changes()[k] <= high
 
     assert len(store_versions(workspace)) == 1
     smoke = json.loads((workspace / "metrics/deploy_smoke.json").read_text())

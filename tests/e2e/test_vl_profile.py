@@ -218,7 +218,17 @@ def test_vl_profile_runs_through_the_flow_and_leaves_the_text_run_alone(workspac
     assert sft["vision_lr"] == pytest.approx(p["family_sft"]["lr"] * p["vl"]["vision_lr_scale"])
     rl_all = json.loads((metrics / "rl.json").read_text())  # rl trains the tower at the same multiplier
     assert rl_all["vision_lr"] == pytest.approx(p["rl"]["lr"] * p["vl"]["vision_lr_scale"])
-    assert json.loads((metrics / "gates.json").read_text())["passed"] is True
+    gates = json.loads((metrics / "gates.json").read_text())
+    assert gates["passed"] is True
+    # rl's per-prompt verdicts (before rl, after it) gave each trained member's accuracy change its interval
+    from data_contracts.items import read_rl_items
+
+    verdicts = read_rl_items(workspace / "reports" / "vl" / "rl" / "items.jsonl")
+    assert verdicts.exits == (1, 2, 4) and gates["intervals"]["rl_prompts"] == len(verdicts.items)
+    for k, d in enumerate((1, 2, 4)):
+        row = gates["exits"][f"exit_{d}"]
+        assert row["rl_accuracy_change"] == pytest.approx(verdicts.changes()[k], abs=1e-6)
+        assert row["rl_accuracy_change_low"] <= row["rl_accuracy_change"] <= row["rl_accuracy_change_high"]
     from flows.pipeline import missing_local_effects
 
     for stage in ("gates", "deploy"):  # the reports dvc.yaml names as their effects on this machine

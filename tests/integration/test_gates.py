@@ -82,10 +82,29 @@ def _items(evals: dict, blocks: int = 4, problems: int = 200, spread: float = 0.
     return rows
 
 
-def _write(tmp_path, evals, compress, rl=None, items=None):
+def _rl_items(rl: dict, prompts: int = 100, gained: int = 0) -> list[dict]:
+    """rl's per-prompt verdicts that agree with `rl` (as the rl stage writes them): per member, the first
+    accuracy_start x `prompts` prompts right before rl; at the kept step the right ones shifted by
+    `gained` prompts (0: the same prompts from the first, as few changed verdicts as the change allows;
+    more: `gained` newly right and as many more lost)."""
+    from data_contracts.items import item_row
+
+    rows = []
+    for d in rl["members"]:
+        m = rl[f"exit_{d}"]
+        before, after = round(m["accuracy_start"] * prompts), round(m["accuracy_end"] * prompts)
+        lost = max(before - after, 0) + gained  # the first `lost` of the right ones turn wrong
+        rows += [
+            item_row("rl", f"q{i}", d, correct_start=i < before, correct_end=lost <= i < lost + after)
+            for i in range(prompts)
+        ]
+    return rows
+
+
+def _write(tmp_path, evals, compress, rl=None, items=None, rl_items=None):
     """The files the gates read: evaluate's eval_quality.json and per-item results (`items`, default
-    `_items(evals)`), and the reproducible parts of the compress and rl metrics (what dvc.yaml declares as
-    the gates' deps)."""
+    `_items(evals)`), the reproducible parts of the compress and rl metrics (what dvc.yaml declares as
+    the gates' deps) and rl's per-prompt verdicts (`rl_items`, default `_rl_items(rl)`)."""
     metrics = tmp_path / "metrics"
     (metrics / "reproducible").mkdir(parents=True, exist_ok=True)
     if evals is not None:
@@ -96,7 +115,12 @@ def _write(tmp_path, evals, compress, rl=None, items=None):
         (evaluate / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if compress is not None:
         (metrics / "reproducible" / "compress.json").write_text(json.dumps(compress))
-    (metrics / "reproducible" / "rl.json").write_text(json.dumps(rl if rl is not None else _rl()))
+    rl = rl if rl is not None else _rl()
+    (metrics / "reproducible" / "rl.json").write_text(json.dumps(rl))
+    reports = tmp_path / "reports" / "rl"
+    reports.mkdir(parents=True, exist_ok=True)
+    rows = _rl_items(rl) if rl_items is None else rl_items
+    (reports / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def test_gates_pass(tmp_path):
@@ -104,7 +128,7 @@ def test_gates_pass(tmp_path):
     _write(tmp_path, _eval({2: 4.0, 4: 3.0, 8: 3.09}), _compress({2: 0.015, 4: 0.0, 8: 0.0}))
     metrics = check_gates(_params(tmp_path))
     assert (
-        metrics["passed"] and metrics["expectations_failed"] == 0 and metrics["expectations_evaluated"] == 14
+        metrics["passed"] and metrics["expectations_failed"] == 0 and metrics["expectations_evaluated"] == 16
     )
     assert metrics["exits"]["exit_8"]["loss_vs_shallower"] == pytest.approx(1.03)
     assert metrics["exits"]["exit_2"]["loss_vs_shallower"] is None
@@ -232,7 +256,11 @@ def test_rl_making_its_member_worse_fails(tmp_path):
     _write(tmp_path, _eval({2: 2.0, 4: 1.5, 8: 1.4}), _compress({2: 0.0, 4: 0.0, 8: 0.0}), _rl(0.3, 0.25))
     with pytest.raises(ContractViolation) as err:
         check_gates(_params(tmp_path))
-    assert {f["column"]: set(f["rows"]) for f in err.value.failures} == {"rl_accuracy_change": {"exit_2"}}
+    # 5 of the 30 prompts it answered turn wrong, none turns right: the whole interval lies below 0
+    assert {f["column"]: set(f["rows"]) for f in err.value.failures} == {
+        "rl_accuracy_change_high": {"exit_2"}
+    }
+    assert "not worse after rl than before" in str(err.value)
     assert check_gates(_params(tmp_path, **{"gates.max_rl_accuracy_drop": 0.06}))["passed"]
     (tmp_path / "metrics" / "reproducible" / "rl.json").write_text(json.dumps({"members": [2], "exit_2": {}}))
     with pytest.raises(StageError, match="rl.json: exit_2 .*has no accuracy_start/accuracy_end"):
@@ -273,6 +301,7 @@ def test_a_depth_ratio_whose_interval_straddles_the_bar_passes_undecided_and_fai
         "seed": _params(tmp_path).seed,
         "loss_items": 4,
         "problems": 200,
+        "rl_prompts": 100,
     }
     with pytest.raises(ContractViolation, match="verdict point") as err:
         check_gates(_params(tmp_path, **{"gates.verdict": "point"}))
@@ -309,3 +338,56 @@ def test_missing_malformed_or_foreign_per_item_results_are_stage_errors(tmp_path
     with pytest.raises(StageError, match=r"exit 2's per-item accuracy is 0.5000, but .* reports 0.1000"):
         check_gates(_params(tmp_path))
     assert not (tmp_path / "metrics" / "gates.json").exists()  # no verdict on inputs that do not agree
+
+
+def test_an_rl_drop_whose_interval_straddles_zero_passes_undecided_and_fails_on_its_estimate(tmp_path):
+    # 30 -> 28 of 100 prompts, 5 lost and 3 gained: the prompts cannot tell the 2-point drop from none, so
+    # the interval verdict passes it, reported undecided; the point verdict fails it (bar 0).
+    evals, compress = _eval({2: 2.0, 4: 1.5, 8: 1.4}), _compress({2: 0.0, 4: 0.0, 8: 0.0})
+    rl = _rl(0.3, 0.28)
+    _write(tmp_path, evals, compress, rl, rl_items=_rl_items(rl, gained=3))
+    metrics = check_gates(_params(tmp_path))
+    [open_call] = metrics["undecided"]
+    assert (open_call["exit"], open_call["gate"], open_call["passes"], open_call["bar"]) == (
+        "exit_2",
+        "rl_accuracy_change",
+        False,
+        0.0,
+    )
+    lo, hi = open_call["interval"]
+    assert lo < -0.02 < 0.0 < hi and open_call["estimate"] == pytest.approx(-0.02)
+    row = metrics["exits"]["exit_2"]
+    assert (row["rl_accuracy_change_low"], row["rl_accuracy_change_high"]) == (lo, hi)
+    assert (
+        row["rl_accuracy_change_low"] is not None
+        and metrics["exits"]["exit_4"]["rl_accuracy_change_low"] is None
+    )
+    with pytest.raises(ContractViolation) as err:
+        check_gates(_params(tmp_path, **{"gates.verdict": "point"}))
+    assert {f["column"]: set(f["rows"]) for f in err.value.failures} == {"rl_accuracy_change": {"exit_2"}}
+
+
+def test_missing_malformed_or_foreign_rl_verdicts_are_stage_errors(tmp_path):
+    evals, compress = _eval({2: 2.0, 4: 1.5, 8: 1.4}), _compress({2: 0.0, 4: 0.0, 8: 0.0})
+    _write(tmp_path, evals, compress)
+    items = tmp_path / "reports" / "rl" / "items.jsonl"
+    good = items.read_text()
+    items.unlink()
+    with pytest.raises(StageError, match=r"rl/items.jsonl not found \(run the rl stage"):
+        check_gates(_params(tmp_path))
+    lines = good.splitlines()
+    items.write_text("\n".join([*lines[:4], lines[4].replace("true", "1").replace("false", "0"), *lines[5:]]))
+    with pytest.raises(
+        StageError, match=r"items.jsonl: line 5: 'correct_start' must be true or false, got [01]"
+    ):
+        check_gates(_params(tmp_path))
+    # another run's verdicts (another accuracy at the kept step), or another member's
+    items.write_text("".join(json.dumps(r) + "\n" for r in _rl_items(_rl(0.1, 0.3))))
+    with pytest.raises(
+        StageError, match=r"exit 2's per-prompt accuracy_end is 0.3000, but .*rl.json reports 0.2000"
+    ):
+        check_gates(_params(tmp_path))
+    items.write_text("".join(json.dumps(r) + "\n" for r in _rl_items(_rl(member=4))))
+    with pytest.raises(StageError, match=r"items.jsonl has members \[4\], .*rl.json has \[2\]"):
+        check_gates(_params(tmp_path))
+    assert not (tmp_path / "metrics" / "gates.json").exists()

@@ -727,6 +727,20 @@ def test_stage_writes_model_metrics_and_plots(micro, tmp_path):
     assert lines[0].startswith("step,member,reward") and len(lines) == 5
     model, tok = load_family(tmp_path / "artifacts" / "rl")
     assert model.config.exit_layers == [1, 2]
+    # Each held-out prompt's verdict before rl and at the kept step (the last here): what greedy decoding of
+    # the SFT family and of the saved family answers on the held-out slice, and the means rl.json reports.
+    from data_contracts.gates import check_rl_items_match
+    from data_contracts.items import read_rl_items
+    from tasks.training.rl_trainer import evaluate_members, split_rows
+
+    items = read_rl_items(tmp_path / "reports" / "rl" / "items.jsonl")
+    check_rl_items_match(items, reproducible, ("items.jsonl", "rl.json"))
+    _, held_rows = split_rows(rl_rows(20), 4, tmp_path)  # rl.eval_prompts of write_workspace
+    assert items.exits == (1,) and items.items == tuple(r["id"] for r in held_rows)
+    for weights, column in ((micro[2], items.start), (tmp_path / "artifacts" / "rl", items.end)):
+        family, tok = load_family(weights)
+        greedy = evaluate_members(family, tok, held_rows, [1], 8, 0.1)[1]["correct"]
+        assert column[:, 0].tolist() == [float(c) for c in greedy], weights
 
 
 def test_stage_grpo_all_members_with_kl_and_reuse(micro, tmp_path):
@@ -786,6 +800,11 @@ def test_resume_equals_uninterrupted_run(micro, tmp_path):
     assert m_resumed["exit_1"]["held_out_curve"] == m_straight["exit_1"]["held_out_curve"]
     m_quiet = json.loads((tmp_path / "quiet" / "metrics" / "rl.json").read_text())
     assert m_quiet["exit_1"]["held_out_curve"]["step"] == [0, 4]
+    # the per-prompt verdicts too: the step-0 ones travel in the checkpoint
+    items = {
+        r: (tmp_path / r / "reports" / "rl" / "items.jsonl").read_bytes() for r in ("straight", "resumed")
+    }
+    assert items["resumed"] == items["straight"]
     a = load_file(tmp_path / "straight" / "artifacts" / "rl" / "model.safetensors")
     for other in ("resumed", "quiet"):
         b = load_file(tmp_path / other / "artifacts" / "rl" / "model.safetensors")
@@ -856,6 +875,12 @@ def test_selection_keeps_the_weights_of_the_best_select_point(micro, tmp_path):
     )
     held = m["exit_1"]["held_out_curve"]
     assert m["accuracy_end"] == held["accuracy"][held["step"].index(kept)]  # before/after: the saved weights
+    from data_contracts.gates import check_rl_items_match
+    from data_contracts.items import read_rl_items
+
+    # the per-prompt verdicts "after" are those of the kept step, not of the last
+    items = read_rl_items(root / "reports" / "rl" / "items.jsonl")
+    check_rl_items_match(items, m, ("items.jsonl", "rl.json"))
     assert m["accuracy_last_step"] == held["accuracy"][-1] and m["accuracy_start"] == held["accuracy"][0]
     # The saved weights are those after `kept` steps: the same run stopped there, without selection (the
     # greedy evaluations draw no random numbers), or the SFT weights for step 0.

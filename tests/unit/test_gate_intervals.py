@@ -1,5 +1,6 @@
 """data_contracts.bootstrap, data_contracts.items and the interval helpers of data_contracts.gates:
-the resampling, the per-item file and the intervals the gates judge, against direct computations."""
+the resampling, the per-item files (evaluate's and rl's) and the intervals the gates judge, against
+direct computations."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from data_contracts.bootstrap import interval, resample_matrix, resamples
-from data_contracts.items import item_row, read_items
+from data_contracts.items import item_row, read_items, read_rl_items
 
 
 def _write(path, rows):
@@ -193,3 +194,131 @@ def test_members_must_share_their_items_and_token_counts(tmp_path):
         _write(tmp_path / "d.jsonl", [item_row("loss", "b0", 1, loss_sum=float("nan"), tokens=2), rows[2]])
     )
     assert math.isnan(nan.losses()[0]) and nan.accuracies().tolist() == [1.0]
+
+
+def _rl_results(tmp_path, start, end, exits=(2, 5)):
+    rows = [
+        item_row("rl", f"q{i}", d, correct_start=bool(start[i][k]), correct_end=bool(end[i][k]))
+        for k, d in enumerate(exits)
+        for i in range(len(start))
+    ]
+    return read_rl_items(_write(tmp_path / "rl_items.jsonl", rows))
+
+
+def test_rl_change_intervals_resample_each_prompts_two_verdicts_together(tmp_path):
+    from data_contracts.gates import check_rl_items_match, gate_intervals
+
+    rng = np.random.default_rng(1)
+    start = rng.random((80, 2)) < 0.4
+    end = start ^ (rng.random((80, 2)) < 0.15)  # 15% of the verdicts flip
+    rl = _rl_results(tmp_path, start, end)
+    assert rl.exits == (2, 5) and rl.items[:2] == ("q0", "q1")
+    np.testing.assert_allclose(rl.changes(), end.mean(0) - start.mean(0))
+    evaluate = _results(tmp_path, np.full((3, 3), 6.0), np.full(3, 3), np.ones((5, 3), bool), exits=(2, 5, 8))
+    out = gate_intervals(evaluate, None, None, 400, 0.9, seed=4, rl_items=rl)
+    idx = resample_matrix(80, 400, 6)  # seed + 2
+    change = np.stack([end[i].mean(0) - start[i].mean(0) for i in idx])
+    for k, d in enumerate((2, 5)):
+        assert out[d]["rl_accuracy_change"] == pytest.approx(interval(change[:, k], 0.9))
+    assert "rl_accuracy_change" not in out[8]  # a member rl did not train
+    # unpaired, the same verdicts would give a wider interval: the pairing is what the gate reads
+    unpaired = np.stack(
+        [end[i].mean(0) - start[j].mean(0) for i, j in zip(idx, resample_matrix(80, 400, 7), strict=True)]
+    )
+    lo, hi = out[2]["rl_accuracy_change"]
+    assert hi - lo < np.subtract(*interval(unpaired[:, 0], 0.9)[::-1])
+
+    metrics = {
+        "members": [2, 5],
+        **{
+            f"exit_{d}": {
+                "accuracy_start": float(start[:, k].mean()),
+                "accuracy_end": float(end[:, k].mean()),
+            }
+            for k, d in enumerate((2, 5))
+        },
+    }
+    check_rl_items_match(rl, metrics, ("items", "rl.json"))
+    metrics["exit_5"]["accuracy_end"] += 0.01
+    with pytest.raises(ValueError, match="exit 5's per-prompt accuracy_end"):
+        check_rl_items_match(rl, metrics, ("items", "rl.json"))
+    del metrics["exit_5"]["accuracy_end"]
+    with pytest.raises(ValueError, match="rl.json: exit_5 has no accuracy_end"):
+        check_rl_items_match(rl, metrics, ("items", "rl.json"))
+
+
+def test_an_rl_change_straddling_its_bar_is_undecided():
+    import pandas as pd
+
+    from data_contracts.gates import gate_bars, undecided
+
+    frame = pd.DataFrame(
+        {
+            "exit": [2, 5, 8],
+            "rl_accuracy_change": [-0.02, -0.12, np.nan],
+            "rl_accuracy_change_low": [-0.08, -0.2, np.nan],
+            "rl_accuracy_change_high": [0.04, -0.05, np.nan],
+        },
+        index=["exit_2", "exit_5", "exit_8"],
+    )
+    bars = gate_bars(8.0, 0.05, 0.2, max_rl_accuracy_drop=0.0)
+    assert bars["rl_accuracy_change"] == 0.0 and math.copysign(1, bars["rl_accuracy_change"]) == 1
+    [call] = undecided(frame, bars)  # exit 5 decided (wholly below 0), exit 8 not trained
+    assert (call["exit"], call["gate"], call["passes"], call["interval"]) == (
+        "exit_2",
+        "rl_accuracy_change",
+        False,
+        [-0.08, 0.04],
+    )
+    assert undecided(frame, gate_bars(8.0, 0.05, 0.2, max_rl_accuracy_drop=0.1))[0]["exit"] == "exit_5"
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"set": "accuracy", "item": "q1", "exit": 2, "correct": true}', "line 2: 'set' must be 'rl', got"),
+        (
+            '{"set": "rl", "item": "q1", "exit": 2, "correct_start": true}',
+            "'correct_end' must be true or false",
+        ),
+        (
+            '{"set": "rl", "item": "q0", "exit": 2, "correct_start": true, "correct_end": true}',
+            "'q0' of exit 2 appears twice",
+        ),
+        (
+            '{"set": "rl", "item": "q1", "exit": 5, "correct_start": true, "correct_end": true}',
+            "rl item 'q0' has results for exits \\[2\\], not",
+        ),
+    ],
+)
+def test_a_malformed_rl_line_is_named(tmp_path, line, message):
+    first = json.dumps(item_row("rl", "q0", 2, correct_start=True, correct_end=False))
+    path = tmp_path / "items.jsonl"
+    path.write_text(f"{first}\n{line}\n")
+    with pytest.raises(ValueError, match=message) as err:
+        read_rl_items(path)
+    assert str(path) in str(err.value)
+    path.write_text("\n")
+    with pytest.raises(ValueError, match="no 'rl' items"):
+        read_rl_items(path)
+
+
+def test_rl_item_rows_pair_step_0_with_the_kept_step_and_read_back(tmp_path):
+    from data_contracts.items import rl_item_rows
+
+    rows = [{"id": f"rl-{i}"} for i in range(3)]
+    curve = {
+        2: [
+            {"step": 0, "accuracy": 1 / 3, "correct": [True, False, False]},
+            {"step": 5, "accuracy": 2 / 3, "correct": [True, True, False]},
+            {"step": 10, "accuracy": 0.0, "correct": [False, False, False]},
+        ]
+    }
+    items = read_rl_items(_write(tmp_path / "rl.jsonl", rl_item_rows(curve, [2], rows, kept_step=5)))
+    assert items.items == ("rl-0", "rl-1", "rl-2") and items.exits == (2,)
+    assert items.start[:, 0].tolist() == [1.0, 0.0, 0.0] and items.end[:, 0].tolist() == [1.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="exit 2 has no held-out evaluation at the kept step 7"):
+        rl_item_rows(curve, [2], rows, kept_step=7)
+    curve[2][0] = {"step": 0, "accuracy": 0.0}  # a point without its verdicts
+    with pytest.raises(ValueError, match="at step 0 holds 0 verdicts for 3 prompts"):
+        rl_item_rows(curve, [2], rows, kept_step=5)

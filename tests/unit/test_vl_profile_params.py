@@ -10,7 +10,7 @@ import pytest
 
 from tasks.core.params import ParamsError, load_params
 from tasks.core.stage import StageError
-from tasks.training.vl_pipeline import accuracy_table, encode_sft, format_table, graded_table, is_correct
+from tasks.training.vl_pipeline import encode_sft, format_table, graded_table, is_correct
 
 REPO = Path(__file__).resolve().parents[2]
 VL = REPO / "params.vl.yaml"
@@ -93,24 +93,27 @@ def test_answers_are_compared_exactly_after_normalisation():
     assert not is_correct("4", "3") and not is_correct("top left", "top right") and not is_correct("", "0")
 
 
-def test_accuracy_table_per_task_type_and_its_printed_form():
+def test_graded_table_per_task_type_and_its_printed_form():
     rows = [
         {"task": "scene_count", "answer": "2"},
         {"task": "scene_count", "answer": "1"},
         {"task": "scene_colour", "answer": "red"},
     ]
-    table = accuracy_table(rows, ["2", "3", "red"])
+
+    def table_of(answers):
+        return graded_table(
+            (r["task"], is_correct(a, r["answer"])) for r, a in zip(rows, answers, strict=True)
+        )
+
+    table = table_of(["2", "3", "red"])
     assert table["n"] == 3 and table["accuracy"] == pytest.approx(2 / 3, abs=1e-6)
     assert table["by_task"] == {
         "scene_colour": {"accuracy": 1.0, "n": 1},
         "scene_count": {"accuracy": 0.5, "n": 2},
     }
-    # evaluate grades each answer once (its generations rows) and tables those grades: the same table
-    assert graded_table([("scene_count", True), ("scene_count", False), ("scene_colour", True)]) == table
-    with pytest.raises(ValueError):
-        accuracy_table(rows, ["2"])  # one answer per row
+    assert graded_table([]) == {"accuracy": 0.0, "n": 0, "by_task": {}}
     metrics = {
-        "exit_1": {**accuracy_table(rows, ["0", "0", "blue"]), "num_parameters": 1000, "tokens_per_s": 50.0},
+        "exit_1": {**table_of(["0", "0", "blue"]), "num_parameters": 1000, "tokens_per_s": 50.0},
         "exit_2": {**table, "num_parameters": 2000, "tokens_per_s": 40.0},
     }
     lines = format_table(metrics, [1, 2]).splitlines()
