@@ -313,7 +313,8 @@ def gates_suite(
     `verdict="point"` checks the estimates. `verdict="interval"` checks each per-item gate
     (`ITEM_GATES`) on its interval's bound nearest the bar (the frame's `<column>_low` for an upper bar,
     `_high` for a lower one), so it fails only when the whole interval lies past the bar; the interval
-    columns must then be present (not null).
+    columns must then be present (not null), rl's for the rows of `rl_members` only (as its estimate,
+    under either verdict).
     """
     if verdict not in ("point", "interval"):
         raise ValueError(f"verdict must be 'point' or 'interval', got {verdict!r}")

@@ -257,10 +257,11 @@ def missing_local_effects(workspace: str | Path, stage: str, dvc_file: str = "dv
 
 def stage_freshness(workspace: str | Path, stages: list[str], dvc_file: str = "dvc.yaml") -> dict[str, str]:
     """DVC's view of each of `stages` in `workspace`, in words: "up to date"; "out of date (...)" when a
-    dependency (changed or missing), a parameter or the command differs from what dvc.lock recorded
-    (its figures describe another model); "not run here (...)" when only its outputs are missing (the
-    figures in the checkout are the recorded ones, e.g. a clone that never ran the stage). One `dvc
-    status` call."""
+    dependency (changed, or a source file deleted), a parameter or the command differs from what
+    dvc.lock recorded (its figures describe another model); "not run here (...)" when only files are
+    missing: its outputs, or inputs that are other stages' outputs (the figures in the checkout are the
+    recorded ones, e.g. a clone that never ran the pipeline: nothing says they describe another model).
+    One `dvc status` call."""
     if not stages:
         return {}
     workspace = Path(workspace)
@@ -271,10 +272,12 @@ def stage_freshness(workspace: str | Path, stages: list[str], dvc_file: str = "d
         raise RuntimeError(
             f"`dvc status --json` in {workspace} printed no JSON ({e}): {proc.stdout[:200]!r}"
         ) from None
+    produced = _stage_outputs(workspace / dvc_file)
     out: dict[str, str] = {}
     for stage in stages:
         changed: list[str] = []
         missing: list[str] = []
+        upstream: list[str] = []
         for entry in report.get(stage_target(stage, dvc_file), []):
             if isinstance(entry, str):  # "changed command", "always changed"
                 changed.append(entry.removeprefix("changed ").strip())
@@ -285,17 +288,39 @@ def stage_freshness(workspace: str | Path, stages: list[str], dvc_file: str = "d
                         changed += [f"{key} ({st})" for key, st in state.items()]
                     elif kind == "changed outs" and state == "deleted":
                         missing.append(path)
+                    elif kind == "changed deps" and state == "deleted" and _under(path, produced):
+                        upstream.append(path)  # another stage's output, not produced in this checkout
                     elif state != "not in cache":  # outputs present but not cached: still current
                         changed.append(f"{path} ({state})")
         if changed:
             out[stage] = "out of date (its recorded inputs or command differ: " + ", ".join(changed) + ")"
-        elif missing:
-            out[stage] = (
-                "not run here (its outputs are missing: " + ", ".join(missing) + "): the recorded figures"
+        elif missing or upstream:
+            what = ([f"its outputs are missing: {', '.join(missing)}"] if missing else []) + (
+                [f"inputs other stages make are missing: {', '.join(upstream)}"] if upstream else []
             )
+            out[stage] = "not run here (" + "; ".join(what) + "): the recorded figures"
         else:
             out[stage] = "up to date"
     return out
+
+
+def _stage_outputs(dvc_path: Path) -> set[str]:
+    """Every path a stage of `dvc_path` writes (outs, metrics, plots), relative to the workspace."""
+    import yaml
+
+    stages = (yaml.safe_load(dvc_path.read_text()) or {}).get("stages") or {}
+    paths = set()
+    for spec in stages.values():
+        for key in ("outs", "metrics", "plots"):
+            for entry in (spec or {}).get(key) or []:
+                paths |= set(entry) if isinstance(entry, dict) else {str(entry)}
+    return {p.rstrip("/") for p in paths}
+
+
+def _under(path: str, outputs: set[str]) -> bool:
+    """`path` is one of `outputs` or lies inside one (a directory output)."""
+    parts = Path(path).parts
+    return any(Path(*parts[:n]).as_posix() in outputs for n in range(1, len(parts) + 1))
 
 
 def select_stages(order: list[str], from_stage: str | None, to_stage: str | None) -> list[str]:

@@ -229,6 +229,23 @@ def test_figures_of_stages_outside_the_run_are_named_with_dvc_s_word_on_them(min
     assert stage_freshness(mini_ws, ["c"]) == {
         "c": "not run here (its outputs are missing: out/c.txt): the recorded figures"
     }
+    # a fresh clone: no stage's outputs; c's input is b's output, missing, not changed
+    b_out = (mini_ws / "out" / "b.txt").read_bytes()
+    (mini_ws / "out" / "b.txt").unlink()
+    assert stage_freshness(mini_ws, ["b", "c"]) == {
+        "b": "not run here (its outputs are missing: out/b.txt): the recorded figures",
+        "c": "not run here (its outputs are missing: out/c.txt; inputs other stages make are missing: "
+        "out/b.txt): the recorded figures",
+    }
+    # a deleted source file is a changed input: out of date
+    code = (mini_ws / "stage.py").read_bytes()
+    (mini_ws / "stage.py").unlink()
+    assert (
+        stage_freshness(mini_ws, ["c"])["c"].startswith("out of date")
+        and "stage.py (deleted)" in (stage_freshness(mini_ws, ["c"])["c"])
+    )
+    (mini_ws / "stage.py").write_bytes(code)
+    (mini_ws / "out" / "b.txt").write_bytes(b_out)
     # a stage without its metrics file is not named (nothing of it is printed)
     (mini_ws / "metrics" / "c.json").unlink()
     assert not_this_run(mini_ws, ["a"], bc, "dvc.yaml") == {"b": "up to date"}
