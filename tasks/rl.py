@@ -290,8 +290,9 @@ def run(params: Params) -> dict[str, Any]:
             selection.observe(trainer.step_index, model, tokenizer, members, cfg)
         return evaluate_members(model, tokenizer, eval_rows, members, cfg.max_new_tokens, cfg.format_reward)
 
-    # Each member's held-out evaluations: step 0 (before rl), every rl.eval_every steps, after rl. Its first
-    # and last points are the before/after figures; a checkpoint keeps it whole.
+    # Each member's held-out evaluations: step 0 (before rl), every rl.eval_every steps, after rl, each with
+    # its per-prompt verdicts. Its first point and the kept step's are the before/after figures (and the
+    # gates' per-prompt file); a checkpoint keeps it whole.
     curve = {int(d): list(points) for d, points in (state or {}).get("held_out_curve", {}).items()}
     if not curve:
         before = held_out_eval()

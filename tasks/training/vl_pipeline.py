@@ -37,13 +37,7 @@ from tasks.core.files import (
 )
 from tasks.core.paths import Workspace
 from tasks.core.stage import StageError, log
-from tasks.training.curves import (
-    HeldOut,
-    draw_held_out,
-    held_out_columns,
-    running_mean,
-    write_loss_curves,
-)
+from tasks.training.curves import HeldOut, draw_held_out, held_out_columns, running_mean, write_loss_curves
 
 if TYPE_CHECKING:
     from tasks.core.params import Params
