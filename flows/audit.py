@@ -241,24 +241,19 @@ def upstream_stages(dvc_yaml: dict[str, Any], target: str, where: str = "dvc.yam
     if target not in stages:
         raise AuditError(f"no stage {target!r} in {where} (stages: {', '.join(stages)})")
 
-    def paths(items) -> list[str]:
-        return [next(iter(i)) if isinstance(i, dict) else str(i) for i in items or []]
+    from flows.pipeline import output_producers, producer_of
 
-    producer = {
-        out: name
-        for name, spec in stages.items()
-        for out in paths(spec.get("outs")) + paths(spec.get("metrics")) + paths(spec.get("plots"))
-    }
+    producers = output_producers(dvc_yaml)
     found, todo = set(), [target]
     while todo:
         name = todo.pop()
         if name in found:
             continue
         found.add(name)
-        for dep in paths(stages[name].get("deps")):
-            for out, stage in producer.items():
-                if dep == out or dep.startswith(out.rstrip("/") + "/"):
-                    todo.append(stage)
+        for dep in stages[name].get("deps") or []:
+            stage = producer_of(next(iter(dep)) if isinstance(dep, dict) else str(dep), producers)
+            if stage is not None:
+                todo.append(stage)
     return found
 
 

@@ -262,6 +262,8 @@ def stage_freshness(workspace: str | Path, stages: list[str], dvc_file: str = "d
     missing: its outputs, or inputs that are other stages' outputs (the figures in the checkout are the
     recorded ones, e.g. a clone that never ran the pipeline: nothing says they describe another model).
     One `dvc status` call."""
+    import yaml
+
     if not stages:
         return {}
     workspace = Path(workspace)
@@ -272,7 +274,7 @@ def stage_freshness(workspace: str | Path, stages: list[str], dvc_file: str = "d
         raise RuntimeError(
             f"`dvc status --json` in {workspace} printed no JSON ({e}): {proc.stdout[:200]!r}"
         ) from None
-    produced = _stage_outputs(workspace / dvc_file)
+    produced = output_producers(yaml.safe_load((workspace / dvc_file).read_text()) or {})
     out: dict[str, str] = {}
     for stage in stages:
         changed: list[str] = []
@@ -288,7 +290,7 @@ def stage_freshness(workspace: str | Path, stages: list[str], dvc_file: str = "d
                         changed += [f"{key} ({st})" for key, st in state.items()]
                     elif kind == "changed outs" and state == "deleted":
                         missing.append(path)
-                    elif kind == "changed deps" and state == "deleted" and _under(path, produced):
+                    elif kind == "changed deps" and state == "deleted" and producer_of(path, produced):
                         upstream.append(path)  # another stage's output, not produced in this checkout
                     elif state != "not in cache":  # outputs present but not cached: still current
                         changed.append(f"{path} ({state})")
@@ -304,23 +306,27 @@ def stage_freshness(workspace: str | Path, stages: list[str], dvc_file: str = "d
     return out
 
 
-def _stage_outputs(dvc_path: Path) -> set[str]:
-    """Every path a stage of `dvc_path` writes (outs, metrics, plots), relative to the workspace."""
-    import yaml
+def output_producers(dvc_yaml: dict[str, Any]) -> dict[str, str]:
+    """Every path a stage of a parsed dvc file writes (outs, metrics, plots, as the file writes them,
+    without a trailing "/") -> that stage."""
 
-    stages = (yaml.safe_load(dvc_path.read_text()) or {}).get("stages") or {}
-    paths = set()
-    for spec in stages.values():
-        for key in ("outs", "metrics", "plots"):
-            for entry in (spec or {}).get(key) or []:
-                paths |= set(entry) if isinstance(entry, dict) else {str(entry)}
-    return {p.rstrip("/") for p in paths}
+    def paths(items) -> list[str]:
+        return [next(iter(i)) if isinstance(i, dict) else str(i) for i in items or []]
+
+    return {
+        path.rstrip("/"): name
+        for name, spec in (dvc_yaml.get("stages") or {}).items()
+        for key in ("outs", "metrics", "plots")
+        for path in paths((spec or {}).get(key))
+    }
 
 
-def _under(path: str, outputs: set[str]) -> bool:
-    """`path` is one of `outputs` or lies inside one (a directory output)."""
-    parts = Path(path).parts
-    return any(Path(*parts[:n]).as_posix() in outputs for n in range(1, len(parts) + 1))
+def producer_of(path: str, producers: dict[str, str]) -> str | None:
+    """The stage whose output `path` is or lies inside (a directory output), from `output_producers`;
+    None for a file no stage writes (a source file)."""
+    return next(
+        (stage for out, stage in producers.items() if path == out or path.startswith(out + "/")), None
+    )
 
 
 def select_stages(order: list[str], from_stage: str | None, to_stage: str | None) -> list[str]:
